@@ -1,0 +1,58 @@
+"""The `residency` command line: argparse subcommands, `main() -> int`.
+
+Exit codes: 0 ok, 1 runtime/bad-file error, 2 usage; subcommands may define more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from residency.errors import ResidencyError
+from residency.commands import COMMANDS
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default prints usage + exits 2; keep 2, add a hint
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        print(f"hint: run '{self.prog} --help' for the options", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="residency", description="Plan and run diffusion world models on consumer GPUs.")
+    parser.add_argument("--version", action="version", version=f"residency {__import__('residency').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def report(err: ResidencyError) -> int:
+    print(f"error: {err.message}", file=sys.stderr)
+    if err.hint:
+        print(f"hint: {err.hint}", file=sys.stderr)
+    return err.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.run(args))
+    except ResidencyError as err:
+        return report(err)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

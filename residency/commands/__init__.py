@@ -1,0 +1,5 @@
+"""Subcommands of the CLI, one module each, each with `add_parser(subparsers)`."""
+
+from residency.commands import inspect_cmd
+
+COMMANDS = [inspect_cmd]

@@ -1,0 +1,46 @@
+"""Resolve what a user names on the command line: a checkpoint path or a built-in model.
+
+Built-in models are instantiated on the meta device, so inspecting them costs no memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from residency.errors import ResidencyError
+from residency.inventory import Inventory, TensorInfo, group_tensors, inventory_from_module
+
+
+def builtin_model_names() -> list[str]:
+    from pipelines.world_model import PRESETS
+
+    return list(PRESETS)
+
+
+def _looks_like_path(text: str) -> bool:
+    return any(sep in text for sep in ("/", "\\")) or text.endswith((".safetensors", ".gguf")) or Path(text).exists()
+
+
+def load_inventory(name_or_path: str) -> Inventory:
+    if _looks_like_path(name_or_path):
+        path = Path(name_or_path)
+        if not path.exists():
+            raise ResidencyError(
+                f"{name_or_path}: no such file or directory",
+                hint="give a .safetensors or .gguf file, a directory of shards, or a built-in model name",
+            )
+        from residency.checkpoint import open_checkpoint
+
+        with open_checkpoint(path) as ckpt:
+            infos = [TensorInfo(e.name, tuple(e.shape), e.format, e.nbytes) for e in ckpt.entries.values()]
+        return group_tensors(str(path), infos)
+    names = builtin_model_names()
+    if name_or_path not in names:
+        raise ResidencyError(
+            f"unknown model {name_or_path!r}",
+            hint="built-in models: " + ", ".join(names) + "; or give a path to a .safetensors/.gguf checkpoint",
+        )
+    from pipelines.world_model import WorldModelPipeline
+
+    pipe = WorldModelPipeline.from_config(name_or_path, device="meta")
+    return inventory_from_module(name_or_path, pipe)

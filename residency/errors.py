@@ -1,0 +1,30 @@
+"""Error types for user-facing mistakes: each carries a message and a hint.
+
+The CLI prints them as `error: …` / `hint: …` without a traceback; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class ResidencyError(Exception):
+    """A problem the user can fix: bad input, bad file, a budget that cannot hold."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(ResidencyError):
+    """A malformed command line or argument value (exit 2)."""
+
+    exit_code = 2
+
+
+class FormatError(ResidencyError):
+    """An unknown storage format, or a shape the format cannot hold."""

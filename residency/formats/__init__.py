@@ -1,0 +1,87 @@
+"""The registry of weight storage formats: byte size, host-side pack, device-side unpack.
+
+One dequant path per format; everything else (planner, runtime, checkpoint I/O) looks
+formats up here by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from residency.errors import FormatError
+from residency.formats.base import OUT_DTYPES, StorageFormat, relative_rms_error
+from residency.formats.compiled import use_compiled
+from residency.formats.float_formats import FP8RowFormat, PlainFormat
+from residency.formats.gguf_block import GGUFBlockFormat
+try:  # TEMP-GUARD while the K-quant modules are being written
+    from residency.formats.gguf_kquants import DEQUANT_K
+except ImportError:
+    DEQUANT_K = {n: None for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
+from residency.formats.gguf_legacy import DEQUANT_LEGACY, QUANT_LEGACY
+try:  # TEMP-GUARD
+    from residency.formats.kquant_pack import QUANT_K
+except ImportError:
+    QUANT_K = {}
+from residency.formats.nf4 import NF4Format
+
+
+def _gguf(name: str) -> GGUFBlockFormat:
+    qtype = GGMLQuantizationType[name]
+    block_weights, block_bytes = GGML_QUANT_SIZES[qtype]
+    dequant = DEQUANT_LEGACY.get(name) or DEQUANT_K[name]
+    quant = QUANT_LEGACY.get(name) or QUANT_K.get(name)
+    return GGUFBlockFormat(
+        name=name,
+        block_weights=block_weights,
+        block_bytes=block_bytes,
+        gguf_type=int(qtype),
+        can_pack=quant is not None,
+        dequant_kernel=dequant,
+        quant_kernel=quant,
+    )
+
+
+def _build() -> dict[str, StorageFormat]:
+    formats: list[StorageFormat] = [
+        PlainFormat("F32", 1, 4, int(GGMLQuantizationType.F32), torch_dtype=torch.float32),
+        PlainFormat("F16", 1, 2, int(GGMLQuantizationType.F16), torch_dtype=torch.float16),
+        PlainFormat("BF16", 1, 2, int(GGMLQuantizationType.BF16), torch_dtype=torch.bfloat16),
+        # block_bytes=1 counts the e4m3 bytes; nbytes() adds the 4-byte scale per row.
+        FP8RowFormat("FP8", 1, 1, None),
+    ]
+    formats += [_gguf(n) for n in ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K")]
+    # 64 weights → 32 bytes of codes + one float32 absmax.
+    formats.append(NF4Format("NF4", 64, 36, None))
+    return {f.name: f for f in formats}
+
+
+FORMATS: dict[str, StorageFormat] = _build()
+_BY_GGUF_TYPE = {f.gguf_type: f for f in FORMATS.values() if f.gguf_type is not None}
+
+
+def get_format(name: str) -> StorageFormat:
+    """Look a format up by name, case-insensitively (`q4_k`, `Q4_K`, `bf16`)."""
+    fmt = FORMATS.get(str(name).upper())
+    if fmt is None:
+        raise FormatError(
+            f"unknown storage format {name!r}",
+            hint="known formats: " + ", ".join(FORMATS),
+        )
+    return fmt
+
+
+def format_for_gguf_type(gguf_type: int) -> StorageFormat | None:
+    return _BY_GGUF_TYPE.get(int(gguf_type))
+
+
+__all__ = [
+    "FORMATS",
+    "OUT_DTYPES",
+    "StorageFormat",
+    "FormatError",
+    "get_format",
+    "format_for_gguf_type",
+    "relative_rms_error",
+    "use_compiled",
+]

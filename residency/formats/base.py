@@ -1,0 +1,115 @@
+"""The storage-format contract: exact byte size, host-side pack, device-side unpack.
+
+A packed tensor is one flat uint8 blob (what GGUF stores and what the runtime streams).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from residency.errors import FormatError
+
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class StorageFormat:
+    """How a weight tensor is kept. Subclasses implement `_pack` and `_unpack_into`.
+
+    Quantized formats group `block_weights` consecutive weights of the last dimension
+    into one block of `block_bytes` bytes; float formats have block_weights == 1.
+    """
+
+    name: str
+    block_weights: int  # weights per block, along the last dim
+    block_bytes: int  # bytes per block (data + scales)
+    gguf_type: int | None  # GGMLQuantizationType value, None if GGUF has no such type
+    can_pack: bool = True  # False for dequant-only formats (Q2_K, Q3_K)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.block_bytes / self.block_weights
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.block_weights > 1 or self.name in ("FP8",)
+
+    def supports(self, shape: Sequence[int]) -> bool:
+        return len(shape) >= 1 and all(int(d) >= 0 for d in shape) and int(shape[-1]) % self.block_weights == 0
+
+    def nbytes(self, shape: Sequence[int]) -> int:
+        """Exact packed size in bytes of a tensor of `shape` (torch order)."""
+        self.check_shape(shape)
+        return math.prod(int(d) for d in shape) // self.block_weights * self.block_bytes
+
+    def nbytes_or_none(self, shape: Sequence[int]) -> int | None:
+        return self.nbytes(shape) if self.supports(shape) else None
+
+    def check_shape(self, shape: Sequence[int]) -> None:
+        if not self.supports(shape):
+            raise FormatError(
+                f"{self.name} cannot store a tensor of shape {tuple(shape)}: "
+                f"its last dimension must be a multiple of {self.block_weights}",
+                hint="keep this tensor in BF16/F16/F32, or pick a format with a smaller block",
+            )
+
+    # --- host side -------------------------------------------------------
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """Quantize a float tensor (any device) into a flat uint8 CPU tensor of nbytes(shape)."""
+        if not self.can_pack:
+            raise FormatError(
+                f"{self.name} is dequant-only: residency reads it from GGUF files but does not quantize to it",
+                hint="use Q4_K, Q5_K or Q6_K to quantize",
+            )
+        self.check_shape(tuple(weight.shape))
+        packed = self._pack(weight.detach().to("cpu", torch.float32).contiguous())
+        assert packed.dtype == torch.uint8 and packed.numel() == self.nbytes(tuple(weight.shape))
+        return packed.reshape(-1)
+
+    # --- device side -----------------------------------------------------
+    def unpack(self, packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Dequantize `packed` (uint8, on the device) into the preallocated `out`.
+
+        `out` gives the shape and the compute dtype (fp32, fp16 or bf16); nothing of
+        output size is allocated beyond it.
+        """
+        if out.dtype not in OUT_DTYPES:
+            raise FormatError(f"{self.name}: cannot unpack into dtype {out.dtype}", hint="use float32, float16 or bfloat16")
+        expect = self.nbytes(tuple(out.shape))
+        if packed.dtype != torch.uint8 or packed.numel() != expect:
+            raise FormatError(
+                f"{self.name}: packed buffer holds {packed.numel()} {packed.dtype} elements, "
+                f"expected {expect} uint8 for shape {tuple(out.shape)}"
+            )
+        if not out.is_contiguous():
+            raise FormatError(f"{self.name}: output buffer must be contiguous")
+        self._unpack_into(packed.reshape(-1), out)
+        return out
+
+    def dequantize(self, packed: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Convenience: allocate the output and unpack into it (not for hot paths)."""
+        out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+        return self.unpack(packed, out)
+
+    def roundtrip(self, weight: torch.Tensor) -> torch.Tensor:
+        """pack then unpack in fp32 on the CPU: the values this format really stores."""
+        return self.dequantize(self.pack(weight), tuple(weight.shape), torch.float32)
+
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _unpack_into(self, packed: torch.Tensor, out: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def relative_rms_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """‖w − ŵ‖₂ / ‖w‖₂ in float64: the default sensitivity proxy of a format on a block."""
+    w = weight.detach().double()
+    denom = torch.linalg.vector_norm(w).item()
+    if denom == 0.0:
+        return 0.0
+    return torch.linalg.vector_norm(w - approx.detach().double()).item() / denom

@@ -1,0 +1,28 @@
+"""The one rule for which format a tensor really gets, and so how many bytes it takes.
+
+Quantized formats hold matrices (≥ 2-D) whose last dimension fits their block; vectors
+(norms, biases) and odd shapes fall back to BF16, as quantizing them saves nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from residency.formats.base import StorageFormat
+
+FALLBACK_FORMAT = "BF16"
+
+
+def effective_format(fmt: StorageFormat, shape: Sequence[int]) -> StorageFormat:
+    from residency.formats import FORMATS
+
+    if fmt.block_weights == 1 and fmt.name != "FP8":
+        return fmt
+    if len(shape) >= 2 and fmt.supports(shape):
+        return fmt
+    return FORMATS[FALLBACK_FORMAT]
+
+
+def tensor_bytes(shape: Sequence[int], fmt: StorageFormat) -> int:
+    """Bytes of a tensor of `shape` stored as `fmt` (after the fallback rule)."""
+    return effective_format(fmt, shape).nbytes(shape)

@@ -1,0 +1,135 @@
+"""A model's tensors grouped into blocks and components, with bytes per storage format.
+
+The block is the unit of residency: `dit.blocks.7`, `blk.3`, `vae.decoder.blocks.0`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from residency.formats import FORMATS, get_format
+from residency.formats.sizing import tensor_bytes
+
+COMPARE_FORMATS = ("BF16", "Q8_0", "Q6_K", "Q4_K")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order
+    format: str  # storage format as stored
+    nbytes: int  # bytes as stored
+
+    @property
+    def params(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class BlockInfo:
+    name: str  # e.g. "dit.blocks.7"
+    component: str  # e.g. "dit"
+    tensors: list[TensorInfo] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(t.params for t in self.tensors)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def bytes_as(self, fmt_name: str) -> int:
+        fmt = get_format(fmt_name)
+        return sum(tensor_bytes(t.shape, fmt) for t in self.tensors)
+
+    @property
+    def formats(self) -> list[str]:
+        return sorted({t.format for t in self.tensors})
+
+
+@dataclass
+class Inventory:
+    source: str  # path or model name
+    blocks: list[BlockInfo]  # in first-seen (file or execution) order
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        return [t for b in self.blocks for t in b.tensors]
+
+    @property
+    def components(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for b in self.blocks:
+            seen.setdefault(b.component, None)
+        return list(seen)
+
+    def blocks_of(self, component: str) -> list[BlockInfo]:
+        return [b for b in self.blocks if b.component == component]
+
+    @property
+    def params(self) -> int:
+        return sum(b.params for b in self.blocks)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(b.stored_bytes for b in self.blocks)
+
+    def bytes_as(self, fmt_name: str) -> int:
+        return sum(b.bytes_as(fmt_name) for b in self.blocks)
+
+    def largest_block(self) -> BlockInfo | None:
+        """The least that must fit on the device when everything else streams."""
+        return max(self.blocks, key=lambda b: b.stored_bytes, default=None)
+
+
+def block_of(name: str) -> tuple[str, str]:
+    """(component, block) of a tensor name.
+
+    The block ends at the first numeric path segment (`dit.blocks.7`); tensors outside
+    numbered lists group by their first two segments (`dit.x_embed`).
+    """
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            block = ".".join(parts[: i + 1])
+            component = parts[0] if i >= 2 else (parts[0] if i == 1 else "model")
+            return component, block
+    if len(parts) <= 2:
+        return "model", parts[0]
+    return parts[0], ".".join(parts[:2])
+
+
+def group_tensors(source: str, tensors: Iterable[TensorInfo]) -> Inventory:
+    blocks: dict[str, BlockInfo] = {}
+    for t in tensors:
+        component, block = block_of(t.name)
+        b = blocks.get(block)
+        if b is None:
+            b = blocks[block] = BlockInfo(block, component)
+        b.tensors.append(t)
+    return Inventory(source, list(blocks.values()))
+
+
+def inventory_from_named_shapes(
+    source: str, named: Iterable[tuple[str, Sequence[int], torch.dtype | str]]
+) -> Inventory:
+    """From (name, shape, dtype-or-format) triples, e.g. a module's meta-device parameters."""
+    dtype_to_format = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    infos = []
+    for name, shape, dtype in named:
+        fmt_name = dtype if isinstance(dtype, str) else dtype_to_format.get(dtype, "F32")
+        shape = tuple(int(d) for d in shape)
+        infos.append(TensorInfo(name, shape, fmt_name, tensor_bytes(shape, FORMATS[fmt_name])))
+    return group_tensors(source, infos)
+
+
+def inventory_from_module(source: str, module: torch.nn.Module) -> Inventory:
+    """Parameters and buffers of a module (works on the meta device: no memory needed)."""
+    named = [(n, p.shape, p.dtype) for n, p in module.named_parameters()]
+    named += [(n, b.shape, b.dtype) for n, b in module.named_buffers() if b.is_floating_point()]
+    return inventory_from_named_shapes(source, named)

@@ -1,0 +1,56 @@
+"""GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0: our torch unpack equals gguf's numpy reference bit for bit."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from residency.formats import get_format
+
+LEGACY = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+# Byte offsets of the fp16 fields (d, and m where present) that must be finite.
+F16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2]}
+
+
+def random_blocks(name: str, n_blocks: int, seed: int) -> np.ndarray:
+    """Random bytes are valid blocks once the fp16 scale fields hold finite values."""
+    fmt = get_format(name)
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n_blocks, fmt.block_bytes), dtype=np.uint8)
+    for off in F16_FIELDS[name]:
+        vals = (rng.standard_normal(n_blocks) * 10.0 ** rng.integers(-6, 3, n_blocks)).astype(np.float16)
+        raw[:, off : off + 2] = vals.view(np.uint8).reshape(n_blocks, 2)
+    return raw
+
+
+@pytest.mark.parametrize("name", LEGACY)
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 6), blocks_per_row=st.integers(1, 5), seed=st.integers(0, 2**32 - 1))
+def test_unpack_equals_gguf_reference_bitwise(name, rows, blocks_per_row, seed):
+    fmt = get_format(name)
+    raw = random_blocks(name, rows * blocks_per_row, seed).reshape(rows, -1)
+    ref = gguf_quants.dequantize(raw, GGMLQuantizationType[name])
+    ours = fmt.dequantize(torch.from_numpy(raw.copy()).reshape(-1), (rows, blocks_per_row * fmt.block_weights))
+    assert np.array_equal(ours.numpy().view(np.int32), ref.astype(np.float32).view(np.int32))
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_pack_produces_gguf_reference_bytes(name):
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(1))
+    ours = get_format(name).pack(w).numpy().reshape(8, -1)
+    ref = gguf_quants.quantize(w.numpy(), GGMLQuantizationType[name])
+    assert np.array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("name", LEGACY)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_outputs_are_the_rounded_fp32_result(name, dtype):
+    fmt = get_format(name)
+    w = torch.randn(16, 128)
+    packed = fmt.pack(w)
+    out = torch.empty(16, 128, dtype=dtype)
+    fmt.unpack(packed, out)
+    assert torch.equal(out, fmt.dequantize(packed, (16, 128)).to(dtype))
