@@ -1,0 +1,128 @@
+"""The per-block temporal KV cache: an anchor slot plus a ring of recent latent frames.
+
+Slot 0 holds the anchor (the start image's frame) forever; frames 1, 2, … fill slots
+1..S-1 and then overwrite the oldest intermediate frame — O(1), nothing is shifted.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from pipelines.world_model.config import WorldModelConfig
+from pipelines.world_model.temporal_rope import relative_position, rope_tables, rotate_
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+class KVCache:
+    """K and V of `context_frames` latent frames for every DiT block; implements TemporalContext.
+
+    K is stored un-rotated: RoPE is applied on read with positions relative to the frame
+    being generated, so eviction re-indexes positions by rewriting an S-row table, not memory.
+    Reads copy the window into a compute-dtype scratch shared by all blocks (upcast + rotate
+    in one pass): O(S·T·dim) elementwise per block per pass, ~1/T of the attention FLOPs.
+    """
+
+    def __init__(
+        self,
+        config: WorldModelConfig,
+        batch: int = 1,
+        device: torch.device | str = "cpu",
+        compute_dtype: torch.dtype = torch.float32,
+    ):
+        c = config
+        self.config = config
+        self.slots = c.context_frames
+        self.tokens = c.tokens_per_frame
+        self.storage_dtype = c.kv_storage_dtype
+        shape = (batch, c.heads, self.slots, self.tokens, c.head_dim)
+        self.keys = [torch.zeros(shape, dtype=self.storage_dtype, device=device) for _ in range(c.depth)]
+        self.values = [torch.zeros(shape, dtype=self.storage_dtype, device=device) for _ in range(c.depth)]
+        # Scratch: the window plus the current frame, in compute dtype (activation memory).
+        window = (batch, c.heads, (self.slots + 1) * self.tokens, c.head_dim)
+        self._k_read = torch.empty(window, dtype=compute_dtype, device=device)
+        self._v_read = torch.empty(window, dtype=compute_dtype, device=device)
+        self._half = torch.empty(shape[:-1] + (c.head_dim // 2,), dtype=compute_dtype, device=device)
+        self._cos = torch.ones(self.slots, 1, c.head_dim // 2, dtype=compute_dtype, device=device)
+        self._sin = torch.zeros(self.slots, 1, c.head_dim // 2, dtype=compute_dtype, device=device)
+        self.slot_frames: list[int] = [-1] * self.slots  # frame index held by each slot, -1 = empty
+        self.count = 0  # valid slots; always the prefix [0, count)
+        self.current_frame = 0  # the frame that reads (and a commit) are for
+        self._write_slot: int | None = None
+
+    # --- policy ---
+    def slot_for(self, frame: int) -> int:
+        """Anchor -> slot 0; frame m >= 1 -> ring slot 1 + (m-1) mod (S-1), evicting frame m-(S-1)."""
+        return 0 if frame == 0 else 1 + (frame - 1) % (self.slots - 1)
+
+    def window(self) -> list[int]:
+        """Frame indices held, oldest first (anchor first)."""
+        return sorted(f for f in self.slot_frames if f >= 0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    # --- writes: a commit pass stores the K/V every block computes for `frame` ---
+    def begin_write(self, frame: int) -> int:
+        if frame != self.current_frame:
+            raise ValueError(f"commit of frame {frame} while the cache expects frame {self.current_frame}")
+        self._write_slot = self.slot_for(frame)
+        return self._write_slot
+
+    def end_write(self) -> None:
+        slot, self._write_slot = self._write_slot, None
+        self.slot_frames[slot] = self.current_frame
+        self.count = min(self.count + 1, self.slots)
+        self._set_current(self.current_frame + 1)
+
+    def clear(self) -> None:
+        self.slot_frames = [-1] * self.slots
+        self.count = 0
+        self._write_slot = None
+        self._set_current(0)
+
+    def truncate_to_anchor(self) -> None:
+        """Forget every generated frame, keep the anchor (session reset): no recompute needed."""
+        if self.slot_frames[0] != 0:
+            raise ValueError("no anchor frame in the cache")
+        self.slot_frames = [0] + [-1] * (self.slots - 1)
+        self.count = 1
+        self._write_slot = None
+        self._set_current(1)
+
+    def _set_current(self, frame: int) -> None:
+        self.current_frame = frame
+        if self.count == 0:
+            return
+        positions = torch.tensor(
+            [relative_position(frame, f, self.slots) for f in self.slot_frames[: self.count]]
+        )
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta, self._cos.dtype)
+        self._cos[: self.count].copy_(cos)
+        self._sin[: self.count].copy_(sin)
+
+    # --- reads (TemporalContext) ---
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n, t = self.count, self.tokens
+        k_all = self._k_read[:, :, : (n + 1) * t]
+        v_all = self._v_read[:, :, : (n + 1) * t]
+        if n:
+            k_win = k_all[:, :, : n * t].unflatten(2, (n, t))
+            k_win.copy_(self.keys[layer][:, :, :n])
+            rotate_(k_win, self._half[:, :, :n], self._cos[:n], self._sin[:n])
+            v_all[:, :, : n * t].unflatten(2, (n, t)).copy_(self.values[layer][:, :, :n])
+        k_all[:, :, n * t :].copy_(k)  # the current frame sits at position 0: no rotation
+        v_all[:, :, n * t :].copy_(v)
+        out = F.scaled_dot_product_attention(q, k_all, v_all)
+        if self._write_slot is not None:
+            # After the read above: when full, the slot written is the victim still being read.
+            self._store(self.keys[layer], k)
+            self._store(self.values[layer], v)
+        return out
+
+    def _store(self, store: torch.Tensor, x: torch.Tensor) -> None:
+        if self.storage_dtype == torch.float8_e4m3fn:
+            x = x.clamp(-FP8_MAX, FP8_MAX)  # e4m3fn has no inf: out-of-range would become NaN
+        store[:, :, self._write_slot].copy_(x)

@@ -1,0 +1,87 @@
+"""save_pretrained / from_pretrained: the pipeline's weights and config through residency.checkpoint.
+
+A directory holds config.json + model.safetensors; a single .gguf (or .safetensors) file
+carries the config JSON in its metadata key `residency.config`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from pipelines.world_model.config import WorldModelConfig
+from residency.checkpoint import open_checkpoint, save_checkpoint
+from residency.errors import ResidencyError
+
+CONFIG_KEY = "residency.config"  # checkpoint metadata key holding the config JSON
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_pretrained(pipe, path: str | os.PathLike[str], format: str | Mapping[str, str] = "F32") -> Path:
+    """Write `pipe` to `path`: a .gguf/.safetensors file, or else a directory (created if needed).
+
+    `format` is a residency storage format for every tensor ("F32", "BF16", "Q8_0", …) or a
+    {tensor name: format} mapping with a "*" default; tensors a quantized format cannot hold
+    (norms, biases, 3x3 convs) fall back to F32. Cost: the packed checkpoint is held in memory.
+    """
+    path = Path(os.fspath(path))
+    config_json = json.dumps(pipe.config.to_dict(), indent=2)
+    tensors = {name: t.detach().cpu() for name, t in pipe.state_dict().items()}
+    metadata = {CONFIG_KEY: config_json}
+    if path.suffix.lower() in (".gguf", ".safetensors"):
+        return save_checkpoint(path, tensors, formats=format, metadata=metadata)
+    path.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path / WEIGHTS_FILE, tensors, formats=format, metadata=metadata)
+    (path / CONFIG_FILE).write_text(config_json + "\n")
+    return path
+
+
+def load_config(path: Path, metadata: Mapping[str, str]) -> WorldModelConfig:
+    config_file = path / CONFIG_FILE if path.is_dir() else None
+    if config_file is not None and config_file.exists():
+        text, source = config_file.read_text(), str(config_file)
+    elif CONFIG_KEY in metadata:
+        text, source = metadata[CONFIG_KEY], f"{path} metadata key {CONFIG_KEY!r}"
+    else:
+        raise ResidencyError(f"{path}: no world model config found",
+                             hint=f"expected {CONFIG_FILE} beside the weights or a {CONFIG_KEY!r} metadata key")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ResidencyError(f"{source}: config is not valid JSON ({e})") from None
+    return WorldModelConfig.from_dict(data)
+
+
+def load_pretrained(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32):
+    """Build `cls` on the meta device and assign dequantized tensors: no random init, one copy each."""
+    path = Path(os.fspath(path))
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    with open_checkpoint(weights) as checkpoint:
+        config = load_config(path, checkpoint.metadata)
+        with torch.device("meta"):
+            pipe = cls(config)
+        expected = set(pipe.state_dict())
+        missing, unexpected = sorted(expected - set(checkpoint.entries)), sorted(set(checkpoint.entries) - expected)
+        if missing or unexpected:
+            raise ResidencyError(
+                f"{weights}: tensors do not match config {config.name!r}: "
+                f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}",
+                hint="the checkpoint was written for another config or model",
+            )
+        state = {}
+        for name, meta_tensor in pipe.state_dict().items():
+            entry = checkpoint.entry(name)
+            if tuple(entry.shape) != tuple(meta_tensor.shape):
+                raise ResidencyError(f"{weights}: tensor {name!r} has shape {tuple(entry.shape)}, the config "
+                                     f"needs {tuple(meta_tensor.shape)}")
+            state[name] = checkpoint.read_tensor(name, dtype).to(device)
+    pipe.load_state_dict(state, assign=True)
+    pipe.init_buffers()
+    return pipe.eval()

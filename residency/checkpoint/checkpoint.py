@@ -1,0 +1,168 @@
+"""Checkpoint: a validated inventory of tensors over memory-mapped files, and open_checkpoint.
+
+Opening reads only headers; tensor bytes are reached through copy-on-write memory maps,
+so read_packed costs page faults on first touch, not a read of the whole file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from residency.checkpoint.entry import E4M3, TensorEntry
+from residency.checkpoint.errors import broken
+from residency.checkpoint.gguf_io import read_gguf
+from residency.checkpoint.safetensors_io import read_safetensors
+from residency.formats import get_format
+
+_READERS = {".safetensors": read_safetensors, ".gguf": read_gguf}
+
+
+class Checkpoint:
+    """Tensors of one file or one directory of shards. Use as a context manager, or close()."""
+
+    def __init__(self, paths: list[Path], entries: dict[str, TensorEntry], metadata: dict[str, str]):
+        self.paths = paths
+        self.entries = entries  # in file order (shards in sorted order)
+        self.metadata = metadata  # merged; on a key clash the first shard wins
+        self._maps: dict[Path, np.memmap] | None = {}
+        ends = {p: 0 for p in paths}
+        for e in entries.values():
+            ends[e.path] = max(ends[e.path], e.offset + e.nbytes)
+        for p, end in ends.items():
+            if end == 0:
+                continue
+            # mode "c": copy-on-write. Tensors handed out are writable without warnings;
+            # writing to one changes this process's view only, never the file.
+            mm = np.memmap(p, mode="c")
+            if len(mm) < end:  # the file shrank after its header was checked
+                raise broken(p, f"file is now {len(mm)} bytes but its tensors end at byte {end}")
+            self._maps[p] = mm
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data as stored, summed over all entries."""
+        return sum(e.nbytes for e in self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = self.paths[0] if len(self.paths) == 1 else f"{len(self.paths)} files"
+        return f"Checkpoint({where}, {len(self.entries)} tensors, {self.total_bytes} bytes)"
+
+    def close(self) -> None:
+        """Drop the file maps. Tensors already returned keep their pages mapped until freed."""
+        self._maps = None
+
+    def entry(self, name: str) -> TensorEntry:
+        e = self.entries.get(name)
+        if e is None:
+            where = ", ".join(str(p) for p in self.paths[:3])
+            raise broken(where, f"no tensor named {name!r:.80}", hint=None)
+        return e
+
+    def read_packed(self, name: str) -> torch.Tensor:
+        """The packed blob of `name`: a flat uint8 CPU tensor of the format's packed size.
+
+        Zero-copy over the memory map (entry.zero_copy); raw F8_E4M3 tensors are rebuilt
+        into the FP8 layout (rows × float32 scale 1.0, then the bytes): one copy.
+        Hazard: if the file is truncated by someone else while mapped, touching the pages raises SIGBUS.
+        """
+        e = self.entry(name)
+        if self._maps is None:
+            raise broken(e.path, "checkpoint is closed", hint="read tensors before close(), or reopen it")
+        if e.nbytes == 0:
+            raw = torch.empty(0, dtype=torch.uint8)
+        else:
+            raw = torch.from_numpy(self._maps[e.path][e.offset : e.offset + e.nbytes])
+        if e.encoding != E4M3:
+            return raw
+        rows = math.prod(e.shape[:-1])  # FP8 keeps one scale per row; () and (n,) are one row
+        out = torch.empty(rows * 4 + e.nbytes, dtype=torch.uint8)
+        out[: rows * 4].view(torch.float32).fill_(1.0)
+        out[rows * 4 :].copy_(raw)
+        return out
+
+    def read_tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantize `name` into a new CPU tensor of its torch shape (allocates output size)."""
+        e = self.entry(name)
+        fmt = get_format(e.format)
+        shape = e.shape if e.shape else (1,)
+        return fmt.dequantize(self.read_packed(name), shape, dtype).reshape(e.shape)
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.suffix.lower() in _READERS and p.is_file() and not p.name.startswith(".")
+        )
+        if not files:
+            raise broken(
+                path,
+                "directory holds no .safetensors or .gguf files",
+                hint="point at a checkpoint file or shard directory",
+            )
+        return files
+    if not path.exists():
+        raise broken(path, "no such file or directory", hint=None)
+    if path.suffix.lower() not in _READERS:
+        raise broken(
+            path,
+            f"unknown checkpoint extension {path.suffix!r}",
+            hint="expected .safetensors, .gguf or a directory",
+        )
+    return [path]
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a .safetensors file, a .gguf file, or a directory of shards (both kinds, sorted by name).
+
+    Every header is validated before anything is mapped; any problem is a CheckpointError
+    naming the file. Duplicate tensor names across shards are an error.
+    """
+    root = Path(os.fspath(path))
+    entries: dict[str, TensorEntry] = {}
+    metadata: dict[str, str] = {}
+    files = _checkpoint_files(root)
+    for file in files:
+        try:
+            size = file.stat().st_size
+            found, meta = _READERS[file.suffix.lower()](file, size)
+        except OSError as e:
+            raise broken(
+                file, f"cannot read it ({e.strerror or e})", hint="check the path and its permissions"
+            ) from None
+        for e in found:
+            if e.name in entries:
+                raise broken(
+                    file,
+                    f"tensor {e.name!r:.80} is also in {entries[e.name].path}",
+                    hint="remove the duplicate shard",
+                )
+            entries[e.name] = e
+        for key, value in meta.items():
+            metadata.setdefault(key, value)
+    try:
+        return Checkpoint(files, entries, metadata)
+    except (OSError, ValueError) as e:
+        raise broken(root, f"cannot memory-map it ({e})", hint=None) from None

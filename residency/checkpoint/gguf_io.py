@@ -1,0 +1,111 @@
+"""GGUF: our bounded header parser to read, gguf-py's GGUFWriter to write.
+
+ggml lists dimensions fastest-first; everything here converts to torch order at the edge.
+FP8 and NF4 have no ggml type: they travel as I8 bytes plus residency.* string metadata.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter
+
+from residency.checkpoint.entry import (
+    FORMAT_KEY,
+    SHAPE_KEY,
+    TensorEntry,
+    check_layout,
+    is_reserved_key,
+    resolve,
+    shape_to_str,
+)
+from residency.checkpoint.errors import broken
+from residency.checkpoint.gguf_header import STRING, parse_gguf_header
+from residency.checkpoint.packing import PackedTensor
+from residency.formats import format_for_gguf_type, get_format
+
+ARCH_KEY = "general.architecture"
+DEFAULT_ARCH = "residency"
+_RAW_TYPE = GGMLQuantizationType.I8
+
+
+def read_gguf(path: Path, file_size: int) -> tuple[list[TensorEntry], dict[str, str]]:
+    """Entries (in data order, torch shapes) and metadata (as strings) of one .gguf file.
+
+    Long metadata arrays (tokenizer tables) are skipped; short ones become JSON text.
+    """
+    if file_size < 24:
+        raise broken(path, f"file is {file_size} bytes, too short for a GGUF header")
+    try:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except ValueError:  # an empty file cannot be mapped (it shrank since stat)
+        raise broken(path, "file is empty") from None
+    with mm:
+        header = parse_gguf_header(path, mm, min(file_size, len(mm)))
+    meta: dict[str, str] = {}
+    overrides: dict[str, str] = {}
+    for key, (vtype, text) in header.fields.items():
+        if is_reserved_key(key):
+            if vtype != STRING:
+                raise broken(path, f"GGUF metadata {key!r:.80} must be a string")
+            overrides[key] = text or ""
+        elif text is not None:
+            meta[key] = text
+    entries = []
+    for t in header.tensors:
+        try:
+            qtype = GGMLQuantizationType(t.ggml_type)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise broken(path, f"tensor {t.name!r:.80}: unknown ggml type {t.ggml_type}") from None
+        if t.dims and t.dims[0] % block:
+            raise broken(
+                path, f"tensor {t.name!r:.80}: row of {t.dims[0]} is not a multiple of the {qtype.name} block"
+            )
+        nbytes = math.prod(t.dims) // block * type_size  # ≤ 32 dims < 2^64: a cheap exact int
+        base = format_for_gguf_type(int(qtype))
+        stored_shape = tuple(reversed(t.dims))
+        fmt_name, shape = resolve(
+            path, t.name, base, stored_shape, nbytes, overrides, qtype == _RAW_TYPE, qtype.name
+        )
+        entries.append(TensorEntry(t.name, shape, fmt_name, nbytes, path, header.data_offset + t.offset))
+    check_layout(path, entries, header.data_offset, file_size)
+    entries.sort(key=lambda e: e.offset)
+    return entries, meta
+
+
+def _add_string(writer: GGUFWriter, key: str, value: str) -> None:
+    # GGUFWriter.add_string silently drops empty strings; "" is a real value (a scalar's shape).
+    writer.add_key_value(key, value, GGUFValueType.STRING)
+
+
+def write_gguf(path: Path, tensors: Sequence[PackedTensor], metadata: Mapping[str, str]) -> None:
+    """Write one .gguf at `path` (a temp path: the caller commits it). Tensor data is not copied."""
+    writer = GGUFWriter(path, arch=metadata.get(ARCH_KEY, DEFAULT_ARCH))
+    try:
+        for key, value in metadata.items():
+            if key != ARCH_KEY:
+                _add_string(writer, key, value)
+        for t in tensors:
+            fmt = get_format(t.format)
+            shape = t.shape if t.shape else (1,)
+            data = t.data.numpy()
+            if fmt.gguf_type is None:
+                _add_string(writer, FORMAT_KEY + t.name, fmt.name)
+                _add_string(writer, SHAPE_KEY + t.name, shape_to_str(t.shape))
+                writer.add_tensor(t.name, data, raw_dtype=_RAW_TYPE)
+                continue
+            if not t.shape:
+                _add_string(writer, SHAPE_KEY + t.name, "")
+            # GGUFWriter infers the ggml shape of a raw uint8 array from its byte shape.
+            byte_shape = (*shape[:-1], shape[-1] // fmt.block_weights * fmt.block_bytes)
+            writer.add_tensor(t.name, data.reshape(byte_shape), raw_dtype=GGMLQuantizationType(fmt.gguf_type))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()

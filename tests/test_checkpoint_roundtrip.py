@@ -1,0 +1,221 @@
+"""Round trips through .safetensors and .gguf: exact floats, bit-identical packed blobs, torch shapes.
+
+Also cross-checks against files written by the reference libraries (safetensors, gguf-py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from residency.checkpoint import CheckpointError, open_checkpoint, save_checkpoint, write_packed
+from residency.formats import FORMATS
+
+EXTS = ["safetensors", "gguf"]
+
+
+def packable(name: str):
+    """The format, or skip when the registry cannot pack it yet."""
+    fmt = FORMATS.get(name)
+    if fmt is None or not fmt.can_pack:
+        pytest.skip(f"{name} has no pack implementation in the registry yet")
+    try:
+        fmt.pack(torch.randn(2, 256))
+    except (NotImplementedError, ImportError) as e:
+        pytest.skip(f"{name} pack unavailable: {e}")
+    return fmt
+
+
+@pytest.fixture
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "blocks.0.attn.weight": torch.randn(3, 256, generator=g),  # non-square 2-D
+        "blocks.0.ff.weight": torch.randn(2, 4, 256, generator=g),  # 3-D
+        "blocks.0.norm.bias": torch.randn(256, generator=g),  # 1-D: falls back for quantized defaults
+        "logit_scale": torch.tensor(2.5),  # 0-D
+    }
+
+
+@pytest.mark.parametrize("ext", EXTS)
+@pytest.mark.parametrize("fmt", ["F32", "F16", "BF16"])
+def test_float_formats_round_trip_exactly(tmp_path, tensors, ext, fmt):
+    path = save_checkpoint(tmp_path / f"m.{ext}", tensors, fmt, {"origin": "test"})
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[fmt]
+    with open_checkpoint(path) as ck:
+        assert list(ck.entries) == list(tensors)
+        assert ck.metadata["origin"] == "test"
+        for name, t in tensors.items():
+            e = ck.entries[name]
+            assert (e.shape, e.format, e.path) == (tuple(t.shape), fmt, path)
+            got = ck.read_tensor(name, dtype)
+            assert got.dtype == dtype and torch.equal(got, t.to(dtype))
+        assert ck.total_bytes == sum(t.numel() * dtype.itemsize for t in tensors.values())
+
+
+@pytest.mark.parametrize("ext", EXTS)
+@pytest.mark.parametrize("fmt_name", ["Q8_0", "Q4_K", "Q6_K", "FP8", "NF4"])
+def test_quantized_blobs_read_back_bit_identical(tmp_path, tensors, ext, fmt_name):
+    fmt = packable(fmt_name)
+    path = save_checkpoint(tmp_path / f"m.{ext}", tensors, fmt_name)
+    with open_checkpoint(path) as ck:
+        for name, t in tensors.items():
+            e = ck.entries[name]
+            expect_fmt = fmt if t.dim() >= 2 else FORMATS["F32"]  # default fallback for 0-D/1-D
+            assert e.format == expect_fmt.name and e.shape == tuple(t.shape)
+            packed = ck.read_packed(name)
+            want = expect_fmt.pack(t.reshape(t.shape if t.dim() else (1,)))
+            assert packed.dtype == torch.uint8 and torch.equal(packed, want)
+            assert e.nbytes == packed.numel()
+            assert torch.equal(
+                ck.read_tensor(name), expect_fmt.dequantize(want, e.shape or (1,)).reshape(e.shape)
+            )
+
+
+def test_gguf_shapes_are_torch_order_and_ggml_dims_reversed(tmp_path, tensors):
+    path = save_checkpoint(tmp_path / "m.gguf", tensors, "Q8_0")
+    raw = {t.name: [int(d) for d in t.shape] for t in GGUFReader(path).tensors}
+    assert raw["blocks.0.attn.weight"] == [256, 3]
+    assert raw["blocks.0.ff.weight"] == [256, 4, 2]
+    with open_checkpoint(path) as ck:
+        assert ck.entries["blocks.0.attn.weight"].shape == (3, 256)
+        assert ck.entries["blocks.0.ff.weight"].shape == (2, 4, 256)
+
+
+def test_reads_gguf_written_by_gguf_py_with_reference_quantizer(tmp_path):
+    w = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    q = gguf_quantize(w, GGMLQuantizationType.Q8_0)
+    writer = GGUFWriter(tmp_path / "ref.gguf", arch="llama")
+    writer.add_uint32("llama.block_count", 7)
+    writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(200)])  # long array: skipped
+    writer.add_array("small", [1, 2, 3])
+    writer.add_tensor("w", q, raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.add_tensor("v", w[0])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with open_checkpoint(tmp_path / "ref.gguf") as ck:
+        assert ck.metadata["general.architecture"] == "llama"
+        assert ck.metadata["llama.block_count"] == "7"
+        assert ck.metadata["small"] == "[1, 2, 3]"
+        assert "tokenizer.ggml.tokens" not in ck.metadata
+        assert ck.entries["w"].shape == (5, 64) and ck.entries["w"].format == "Q8_0"
+        assert np.array_equal(ck.read_packed("w").numpy(), q.reshape(-1))
+        assert np.array_equal(ck.read_tensor("w").numpy(), gguf_dequantize(q, GGMLQuantizationType.Q8_0))
+        assert np.array_equal(ck.read_tensor("v").numpy(), w[0])
+
+
+def test_safetensors_interoperates_with_the_reference_library(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ref = {
+        "a": torch.randn(4, 8),
+        "b": torch.randn(3, 5).to(torch.bfloat16),
+        "c": torch.randn(2, 6).to(torch.float8_e4m3fn),
+    }
+    save_file(ref, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+    with open_checkpoint(tmp_path / "ref.safetensors") as ck:
+        assert ck.metadata == {"format": "pt"}
+        assert torch.equal(ck.read_tensor("a"), ref["a"])
+        assert torch.equal(ck.read_tensor("b", torch.bfloat16), ref["b"])
+        e = ck.entries["c"]
+        assert (e.format, e.nbytes, e.zero_copy) == ("FP8", 12, False)  # raw e4m3: unit scales rebuilt
+        assert ck.read_packed("c").numel() == FORMATS["FP8"].nbytes((2, 6))
+        assert torch.equal(ck.read_tensor("c"), ref["c"].float())
+    ours = save_checkpoint(
+        tmp_path / "ours.safetensors",
+        {"x": torch.randn(3, 64), "y": torch.randn(3, 64)},
+        {"x": "F16", "*": "Q8_0"},
+    )
+    with safe_open(ours, "pt") as f:
+        assert f.get_tensor("x").dtype == torch.float16
+        assert f.get_tensor("y").dtype == torch.uint8
+        assert f.metadata()["residency.format.y"] == "Q8_0"
+        assert f.metadata()["residency.shape.y"] == "3,64"
+
+
+@pytest.mark.parametrize("ext", EXTS)
+def test_directory_of_mixed_shards_in_sorted_order(tmp_path, ext):
+    a, b = torch.randn(2, 32), torch.randn(4, 32)
+    save_checkpoint(tmp_path / f"model-00002.{ext}", {"b": b}, metadata={"shard": "2"})
+    save_checkpoint(tmp_path / "model-00001.safetensors", {"a": a}, metadata={"shard": "1", "only1": "x"})
+    (tmp_path / "notes.txt").write_text("ignored")
+    with open_checkpoint(tmp_path) as ck:
+        assert [p.name for p in ck.paths] == ["model-00001.safetensors", f"model-00002.{ext}"]
+        assert list(ck.entries) == ["a", "b"]
+        assert ck.metadata["shard"] == "1" and ck.metadata["only1"] == "x"
+        assert torch.equal(ck.read_tensor("b"), b)
+        assert ck.entries["b"].path.name == f"model-00002.{ext}"
+
+
+def test_duplicate_names_across_shards(tmp_path):
+    save_checkpoint(tmp_path / "a.safetensors", {"w": torch.randn(2, 2)})
+    save_checkpoint(tmp_path / "b.gguf", {"w": torch.randn(2, 2)})
+    with pytest.raises(CheckpointError, match="b.gguf") as err:
+        open_checkpoint(tmp_path)
+    assert "a.safetensors" in err.value.message
+
+
+@pytest.mark.parametrize("ext", EXTS)
+def test_write_packed_and_empty_tensors(tmp_path, ext):
+    fmt = FORMATS["Q8_0"]
+    w = torch.randn(2, 64)
+    path = write_packed(
+        tmp_path / f"p.{ext}",
+        {"q": (fmt.pack(w), (2, 64), "q8_0"), "empty": (torch.empty(0, dtype=torch.uint8), (0, 32), "Q8_0")},
+        {"k": ""},
+    )
+    with open_checkpoint(path) as ck:
+        assert torch.equal(ck.read_packed("q"), fmt.pack(w))
+        assert ck.read_tensor("empty").shape == (0, 32)
+        assert ck.metadata["k"] == ""
+
+
+def test_read_packed_is_a_view_not_a_copy_and_close_is_safe(tmp_path):
+    path = save_checkpoint(tmp_path / "m.safetensors", {"w": torch.arange(8.0).reshape(2, 4)})
+    ck = open_checkpoint(path)
+    first = ck.read_packed("w")
+    assert first.untyped_storage().nbytes() == 32  # exactly its bytes of the map, not a file-sized read
+    ck.close()
+    assert torch.equal(first.view(torch.float32), torch.arange(8.0))  # still valid after close
+    with pytest.raises(CheckpointError, match="closed"):
+        ck.read_packed("w")
+    with pytest.raises(CheckpointError, match="no tensor named"):
+        ck.entry("missing")
+
+
+def test_header_parser_agrees_with_gguf_reader(tmp_path, tensors):
+    path = save_checkpoint(
+        tmp_path / "m.gguf", tensors, {"*": "Q6_K", "blocks.0.ff.weight": "FP8"}, {"k": "v"}
+    )
+    ref = {t.name: t for t in GGUFReader(path).tensors}
+    with open_checkpoint(path) as ck:
+        assert set(ck.entries) == set(ref)
+        for name, e in ck.entries.items():
+            assert e.offset == ref[name].data_offset and e.nbytes == ref[name].n_bytes
+
+
+def test_long_metadata_arrays_are_skipped_fast(tmp_path):
+    import time
+
+    writer = GGUFWriter(tmp_path / "vocab.gguf", arch="llama")
+    writer.add_array("tokenizer.ggml.scores", [0.5] * 300_000)
+    writer.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(100_000)])
+    writer.add_float32("rope.freq_base", 0.1)
+    writer.add_bool("flag", True)
+    writer.add_tensor("w", np.ones((2, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    t0 = time.monotonic()
+    with open_checkpoint(tmp_path / "vocab.gguf") as ck:
+        assert time.monotonic() - t0 < 2.0  # GGUFReader would build 400k numpy objects here
+        assert ck.metadata == {"general.architecture": "llama", "rope.freq_base": "0.1", "flag": "true"}
+        assert torch.equal(ck.read_tensor("w"), torch.ones(2, 8))

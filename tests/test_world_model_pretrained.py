@@ -1,0 +1,84 @@
+"""save_pretrained / from_pretrained: a directory or one file, the config travelling with the weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.world_model import PRESETS, WorldModelPipeline
+from pipelines.world_model.pretrained import CONFIG_KEY
+from residency.checkpoint import open_checkpoint, save_checkpoint
+from residency.errors import ResidencyError
+
+CONFIG = PRESETS["tiny"].replace(name="tiny-small", dim=64, heads=2, depth=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_compute_thread():
+    """One intra-op thread, as the runtime computes beside its copy engine; 2 threads thrash when shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return WorldModelPipeline.from_config(CONFIG, seed=3)
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_directory_round_trip_is_exact_in_f32(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text()) == CONFIG.to_dict()
+    loaded = WorldModelPipeline.from_pretrained(tmp_path / "model")
+    assert loaded.config == CONFIG and _same_weights(pipe, loaded)
+
+
+@pytest.mark.parametrize("suffix", [".gguf", ".safetensors"])
+def test_single_file_carries_the_config_in_metadata(pipe, tmp_path, suffix):
+    path = pipe.save_pretrained(tmp_path / f"model{suffix}")
+    with open_checkpoint(path) as checkpoint:
+        assert json.loads(checkpoint.metadata[CONFIG_KEY]) == CONFIG.to_dict()
+    assert _same_weights(pipe, WorldModelPipeline.from_pretrained(path))
+
+
+def test_loaded_pipeline_generates_the_same_frames(pipe, tmp_path):
+    loaded = WorldModelPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "m.gguf"))
+    image = np.full((CONFIG.height, CONFIG.width, 3), 90, np.uint8)
+    assert np.array_equal(pipe.start(image, seed=1).step("up"), loaded.start(image, seed=1).step("up"))
+
+
+def test_bf16_storage_loads_close_to_the_original(pipe, tmp_path):
+    loaded = WorldModelPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "m", format="BF16"))
+    for (name, a), b in zip(pipe.state_dict().items(), loaded.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, atol=0, rtol=2**-8, msg=name)
+
+
+def test_q8_0_storage_quantizes_matrices_and_keeps_vectors_exact(pipe, tmp_path):
+    path = pipe.save_pretrained(tmp_path / "q8.gguf", format="Q8_0")
+    with open_checkpoint(path) as checkpoint:
+        formats = {name: e.format for name, e in checkpoint.entries.items()}
+    assert formats["dit.blocks.0.mlp.fc1.weight"] == "Q8_0"
+    assert formats["dit.blocks.0.mlp.fc1.bias"] == "F32"
+    loaded = WorldModelPipeline.from_pretrained(path)
+    image = np.zeros((CONFIG.height, CONFIG.width, 3), np.uint8)
+    assert loaded.start(image).step("up").shape == (1, CONFIG.height, CONFIG.width, 3)
+
+
+def test_checkpoint_of_another_config_is_refused(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_text(json.dumps(CONFIG.replace(depth=3).to_dict()))
+    with pytest.raises(ResidencyError, match="missing"):
+        WorldModelPipeline.from_pretrained(tmp_path / "model")
+
+
+def test_missing_config_is_a_clear_error(pipe, tmp_path):
+    path = save_checkpoint(tmp_path / "bare.safetensors", pipe.state_dict())
+    with pytest.raises(ResidencyError, match="no world model config"):
+        WorldModelPipeline.from_pretrained(path)
