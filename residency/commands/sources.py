@@ -17,6 +17,30 @@ def builtin_model_names() -> list[str]:
     return list(PRESETS)
 
 
+def catalog_names() -> list[str]:
+    from pipelines.catalog import catalog_paths
+
+    return list(catalog_paths())
+
+
+def resolve_workload(name_or_path: str, steps: int | None = None, context_frames: int | None = None):
+    """A catalog entry by name, or a catalog JSON file by path, at the given generation parameters."""
+    from pipelines.catalog import catalog_paths
+    from residency.workload import load_workload_file
+
+    paths = catalog_paths()
+    if name_or_path in paths:
+        workload = load_workload_file(paths[name_or_path])
+    elif name_or_path.endswith(".json") and Path(name_or_path).exists():
+        workload = load_workload_file(name_or_path)
+    else:
+        raise ResidencyError(
+            f"unknown model {name_or_path!r}",
+            hint="catalog models: " + ", ".join(paths) + "; or a catalog .json file (tools/gen_catalog.py)",
+        )
+    return workload.with_params(steps=steps, context_frames=context_frames)
+
+
 def _looks_like_path(text: str) -> bool:
     return any(sep in text for sep in ("/", "\\")) or text.endswith((".safetensors", ".gguf")) or Path(text).exists()
 

@@ -1,0 +1,98 @@
+"""DeviceProfile: the planner's picture of one machine — memory, link curves, compute and dequant rates.
+
+Every number carries its provenance (measured with a command, or datasheet with source and derating).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+BACKENDS = ("cuda", "rocm", "cpu")
+COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+LINK_DIRECTIONS = ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")
+PROVENANCE_KINDS = ("measured", "datasheet")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    kind: str  # "measured" | "datasheet"
+    source: str  # the command that measured it, or the spec page / document it came from
+    derating: str = ""  # how a datasheet peak became an achievable figure ("" when measured)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A rate sampled at increasing sizes; log-size interpolation between samples, flat beyond them.
+
+    Used for link bandwidth over transfer size (x = bytes, y = GB/s) and matmul throughput over
+    token rows (x = rows, y = TFLOP/s).
+    """
+
+    x: tuple[float, ...]  # increasing, > 0
+    y: tuple[float, ...]  # > 0, same length
+    spread: tuple[float, ...] = ()  # (p90 - p10) / median of each sample when measured; () for datasheet
+
+    def at(self, x: float) -> float:
+        xs, ys = self.x, self.y
+        if x <= xs[0]:
+            return ys[0]
+        if x >= xs[-1]:
+            return ys[-1]
+        i = bisect.bisect_right(xs, x)
+        lo, hi = math.log(xs[i - 1]), math.log(xs[i])
+        w = (math.log(x) - lo) / (hi - lo)
+        return ys[i - 1] + w * (ys[i] - ys[i - 1])
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    # --- identity ---
+    name: str  # "Radeon RX 7800 XT", "cpu (2 cores)"
+    vendor: str  # "AMD", "NVIDIA", "cpu"
+    backend: str  # "cuda" | "rocm" | "cpu"
+    torch_version: str  # torch that measured it; "" for datasheet profiles
+    cuda_version: str  # torch.version.cuda, "" when none
+    hip_version: str  # torch.version.hip, "" when none
+    driver: str  # driver version where readable, else ""
+    date: str  # ISO date the numbers were measured or looked up
+    # --- memory ---
+    memory_total_bytes: int  # device memory (CPU backend: the budgetable RAM)
+    memory_reserve_bytes: int  # kept free for the driver, other apps, fragmentation
+    memory_usable_bytes: int  # free at measurement time minus the reserve
+    # --- transfers: GB/s (1e9 B/s) over transfer size in bytes ---
+    link: dict[str, Curve]  # keys: LINK_DIRECTIONS
+    device_memory_gbps: float  # device-memory read+write bandwidth, GB/s
+    # --- compute ---
+    matmul_tflops: dict[str, Curve]  # compute dtype -> TFLOP/s over token rows (weight matrix dim×dim)
+    dequant_gweights_per_s: dict[str, float]  # storage format -> 1e9 weights/s dequantized on the device
+    copy_compute_overlap: float  # fraction of a side-stream copy hidden under concurrent compute, 0..1
+    launch_overhead_us: float  # per kernel launch (CPU: per torch op dispatch), µs
+    compute_threads: int = 0  # CPU backend: intra-op threads of compute (one core left to the copy engine)
+    provenance: dict[str, Provenance] = field(default_factory=dict)  # top-level field -> where it came from
+
+    # --- derived figures the cost model uses ---
+    def h2d_gbps(self, nbytes: int, pinned: bool = True) -> float:
+        return self.link["h2d_pinned" if pinned else "h2d_pageable"].at(max(nbytes, 1))
+
+    def h2d_s(self, nbytes: int, pinned: bool = True) -> float:
+        """Seconds to move `nbytes` host→device in one transfer."""
+        return 0.0 if nbytes <= 0 else nbytes / (self.h2d_gbps(nbytes, pinned) * 1e9)
+
+    def matmul_s(self, flops: float, rows: int, dtype: str) -> float:
+        return flops / (self.matmul_tflops[dtype].at(max(rows, 1)) * 1e12)
+
+    def dequant_s(self, weights: int, fmt: str) -> float:
+        return weights / (self.dequant_gweights_per_s[fmt] * 1e9)
+
+    def fingerprint(self) -> str:
+        """Changes when any number of the profile changes (identity and provenance text excluded)."""
+        doc = {k: v for k, v in asdict(self).items() if k not in ("provenance", "date", "driver")}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.backend in ("cuda", "rocm")

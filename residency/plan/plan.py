@@ -1,0 +1,133 @@
+"""Plan: per block placement, storage format and compute dtype; slots, KV dtype, phases; the prediction.
+
+A plan is tied to one workload and one device profile by their fingerprints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+from residency.errors import ResidencyError
+
+PLACEMENTS = ("resident", "resident-quantized", "streamed")
+LIFETIMES = ("session", "phase")  # resident blocks: loaded once for the session, or per run of their phase
+COPY_MODES = ("async", "sync")  # copy engine beside compute, or blocking copies on the compute stream
+DEQUANT_ON = ("compute", "copy")  # where a streamed block is dequantized: compute stream, or copy engine
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    name: str  # block name in the workload
+    placement: str  # "resident" | "resident-quantized" | "streamed"
+    format: str  # storage format: host store for streamed, device for resident-quantized, load source for resident
+    compute_dtype: str = "bf16"  # "bf16" | "fp16" | "fp32"
+    lifetime: str = "session"  # resident kinds: "session" or "phase" (evicted when its phase ends)
+    dequant_on: str = "compute"  # streamed quantized blocks: "compute" (slot holds packed bytes) or "copy"
+
+    def __post_init__(self) -> None:
+        for what, value, allowed in (("placement", self.placement, PLACEMENTS),
+                                     ("lifetime", self.lifetime, LIFETIMES),
+                                     ("dequant_on", self.dequant_on, DEQUANT_ON),
+                                     ("compute_dtype", self.compute_dtype, ("bf16", "fp16", "fp32"))):
+            if value not in allowed:
+                raise ResidencyError(f"block {self.name}: {what} {value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How copies are issued: ours, or a peer's documented behaviour."""
+
+    copy_mode: str = "async"  # "async": copy engine/stream beside compute; "sync": blocking, on the compute stream
+    prefetch_depth: int = 1  # streamed blocks whose copy may run ahead of the one computing; slots = depth + 1
+    lookahead_from_compute_start: bool = False  # a copy may only start once the previous block began computing
+    pinned: bool = True  # host blobs staged through pinned memory (else pageable bandwidth)
+    per_tensor_copies: bool = False  # one transfer per tensor (leaf-module hooks) instead of one per block
+    host_sync_per_onload_us: float = 0.0  # host-side wait per streamed block (peers that synchronize)
+
+    def __post_init__(self) -> None:
+        if self.copy_mode not in COPY_MODES:
+            raise ResidencyError(f"copy_mode {self.copy_mode!r} is not one of {', '.join(COPY_MODES)}")
+        if self.prefetch_depth < 0:
+            raise ResidencyError(f"prefetch_depth must be >= 0, got {self.prefetch_depth}")
+
+    @property
+    def slots(self) -> int:
+        return self.prefetch_depth + 1
+
+
+@dataclass(frozen=True)
+class Budget:
+    vram_bytes: int  # device bytes the plan may use (excludes the profile's reserve)
+    frame_ms: float | None = None  # ms per latent frame; None = no latency target
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The simulator's figures for this plan (filled by residency.simulate)."""
+
+    frame_ms: float  # steady-state latent frame
+    first_frame_ms: float  # session start (phase loads, encode) plus the first latent frame
+    stall_ms: float  # per steady frame: compute waiting for copies
+    copy_ms: float  # per steady frame: copy-engine busy time
+    compute_ms: float  # per steady frame: compute-stream busy time
+    link_bytes_per_frame: int  # host->device bytes per steady frame
+    peak_bytes: dict[str, int]  # device memory by kind at the peak
+    lower_bound_ms: float  # physical floor for this workload, device, budget and precisions
+    quality_loss: float  # Σ sensitivity × format error
+
+    @property
+    def peak_total_bytes(self) -> int:
+        return sum(v for k, v in self.peak_bytes.items() if k != "reserve")
+
+    @property
+    def fps(self) -> float:
+        return 1000.0 / self.frame_ms if self.frame_ms > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    workload_fingerprint: str
+    profile: str  # profile name
+    profile_fingerprint: str
+    policy: str  # "ours", "accelerate-sequential", …
+    budget: Budget
+    blocks: tuple[BlockPlan, ...]  # in the workload's block order
+    execution: Execution = field(default_factory=Execution)
+    kv_dtype: str = "bf16"
+    steps: int = 4
+    context_frames: int = 0
+    prediction: Prediction | None = None
+    notes: tuple[str, ...] = ()  # verdict, gap statement, peer caveats
+
+    @cached_property
+    def by_name(self) -> dict[str, BlockPlan]:
+        return {b.name: b for b in self.blocks}
+
+    def placement_of(self, block: str) -> str:
+        return self.by_name[block].placement
+
+    def streamed(self) -> list[BlockPlan]:
+        return [b for b in self.blocks if b.placement == "streamed"]
+
+    def with_prediction(self, prediction: Prediction) -> Plan:
+        return replace(self, prediction=prediction)
+
+    def check_matches(self, workload_fingerprint: str, what: str = "this model") -> None:
+        """Refuse to apply the plan to a workload it was not made for."""
+        if workload_fingerprint != self.workload_fingerprint:
+            raise ResidencyError(
+                f"the plan was made for model {self.model!r} (fingerprint {self.workload_fingerprint}), "
+                f"not for {what} (fingerprint {workload_fingerprint})",
+                hint="make a new plan for this model with `residency plan`",
+            )
+
+    @property
+    def holds_budget(self) -> bool:
+        p = self.prediction
+        if p is None:
+            return False
+        fits = p.peak_total_bytes <= self.budget.vram_bytes
+        fast = self.budget.frame_ms is None or p.frame_ms <= self.budget.frame_ms
+        return fits and fast

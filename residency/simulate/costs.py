@@ -1,0 +1,105 @@
+"""Per-call costs of one block under a plan on a device: copy, dequant and compute seconds.
+
+Compute is a roofline: max(FLOPs ÷ matmul rate at this row count, bytes read ÷ device bandwidth).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from residency.device.profile import DeviceProfile
+from residency.formats import get_format
+from residency.plan.plan import BlockPlan, Execution
+from residency.workload.spec import COMPUTE_DTYPE_BYTES, BlockSpec
+
+DTYPE_FORMAT = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+# Kernel launches per block call: about two per weight tensor (matmul/conv + bias/norm epilogue)
+# plus the attention and elementwise glue; a stated estimate, used only for the launch overhead.
+KERNELS_PER_TENSOR = 2
+KERNELS_PER_BLOCK = 6
+
+
+@dataclass(frozen=True)
+class CallCost:
+    copy_s: float  # copy-engine work (async) for this call; 0 for resident blocks
+    copy_bytes: int  # host->device bytes of this call
+    dequant_s: float  # dequantization, on the compute stream unless dequant_on == "copy"
+    compute_s: float  # compute-stream work, including dequant on compute and synchronous copies
+    streamed: bool  # occupies a slot
+
+
+def dequant_s(block: BlockSpec, fmt: str, compute_dtype: str, profile: DeviceProfile) -> float:
+    """Time to turn the stored blob into compute-dtype weights (0 when they are already that)."""
+    if get_format(fmt).name == DTYPE_FORMAT[compute_dtype]:
+        return 0.0
+    rate = profile.dequant_gweights_per_s.get(fmt)
+    if rate is None:
+        from residency.errors import ResidencyError
+
+        raise ResidencyError(f"profile {profile.name!r} has no dequant rate for {fmt}",
+                             hint="re-run `residency profile`, or plan without that format")
+    return block.quantized_weights(fmt) / (rate * 1e9)
+
+
+def copy_s(block: BlockSpec, fmt: str, profile: DeviceProfile, execution: Execution) -> float:
+    if not execution.per_tensor_copies:
+        return profile.h2d_s(block.nbytes(fmt), execution.pinned)
+    from residency.formats.sizing import tensor_bytes
+
+    f = get_format(fmt)
+    return sum(profile.h2d_s(tensor_bytes(shape, f), execution.pinned) for _, shape in block.tensors)
+
+
+def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_frames: int,
+              kv_read: bool, kv_dtype: str, batch: int) -> float:
+    weight_bytes = block.params * COMPUTE_DTYPE_BYTES[bp.compute_dtype]
+    kv_bytes = context_frames * block.kv_bytes_per_frame(kv_dtype, batch) if kv_read else 0
+    flops = block.flops(context_frames if kv_read else 0, batch)
+    roof = max(profile.matmul_s(flops, block.tokens * batch, bp.compute_dtype),
+               (weight_bytes + kv_bytes) / (profile.device_memory_gbps * 1e9))
+    kernels = KERNELS_PER_TENSOR * len(block.tensors) + KERNELS_PER_BLOCK
+    return roof + kernels * profile.launch_overhead_us * 1e-6
+
+
+def call_cost(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, execution: Execution,
+              context_frames: int, kv_read: bool, kv_dtype: str, batch: int) -> CallCost:
+    base = compute_s(block, bp, profile, context_frames, kv_read, kv_dtype, batch)
+    if bp.placement == "resident":
+        return CallCost(0.0, 0, 0.0, base, False)
+    deq = dequant_s(block, bp.format, bp.compute_dtype, profile)
+    if bp.placement == "resident-quantized":
+        return CallCost(0.0, 0, deq, base + deq, False)
+    nbytes = block.nbytes(bp.format)
+    move = copy_s(block, bp.format, profile, execution)
+    sync_wait = execution.host_sync_per_onload_us * 1e-6
+    if execution.copy_mode == "sync":
+        return CallCost(0.0, nbytes, deq, move + deq + base + sync_wait, True)
+    if bp.dequant_on == "copy":
+        return CallCost(move + deq, nbytes, deq, base + sync_wait, True)
+    return CallCost(move, nbytes, deq, base + deq + sync_wait, True)
+
+
+def load_cost(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, execution: Execution) -> float:
+    """Loading a resident block: copy its blob, and dequantize it once if it lives dequantized."""
+    move = copy_s(block, bp.format, profile, execution)
+    if bp.placement == "resident":
+        move += dequant_s(block, bp.format, bp.compute_dtype, profile)
+    return move
+
+
+def resident_bytes(block: BlockSpec, bp: BlockPlan) -> int:
+    """Device bytes a resident block holds: dequantized weights, or its packed blob."""
+    if bp.placement == "resident":
+        fallback = block.nbytes(DTYPE_FORMAT[bp.compute_dtype])
+        return fallback
+    return block.nbytes(bp.format)
+
+
+def scratch_bytes(block: BlockSpec, bp: BlockPlan) -> int:
+    """Compute-dtype buffer a per-call dequant writes into (0 when none is needed)."""
+    if bp.placement == "resident":
+        return 0
+    if get_format(bp.format).name == DTYPE_FORMAT[bp.compute_dtype]:
+        return 0
+    return int(math.ceil(block.quantized_weights(bp.format) * COMPUTE_DTYPE_BYTES[bp.compute_dtype]))

@@ -1,0 +1,56 @@
+"""Peak device memory of a plan, by kind: resident weights, slots, dequant scratch, KV, activations.
+
+Phase-lifetime blocks count only while their phase runs, so the peak is the worst phase.
+"""
+
+from __future__ import annotations
+
+from residency.device.profile import DeviceProfile
+from residency.plan.plan import Plan
+from residency.simulate.costs import DTYPE_FORMAT, resident_bytes, scratch_bytes
+from residency.workload.spec import Workload
+
+KINDS = ("resident", "resident_quantized", "slots", "dequant_scratch", "kv_cache", "activations", "workspace",
+         "reserve")
+# Matmul libraries' workspace (cuBLAS/hipBLASLt) and allocator slack on a GPU; none on the CPU backend.
+GPU_WORKSPACE_BYTES = 128 * 2**20
+
+
+def slot_bytes(workload: Workload, plan: Plan) -> int:
+    """One slot fits the largest streamed block as it lands: packed, or dequantized by the copy engine."""
+    sizes = [workload.by_name[b.name].nbytes(DTYPE_FORMAT[b.compute_dtype] if b.dequant_on == "copy" else b.format)
+             for b in plan.streamed()]
+    return max(sizes, default=0)
+
+
+def peak_bytes(workload: Workload, plan: Plan, profile: DeviceProfile) -> dict[str, int]:
+    by_kind = {k: 0 for k in KINDS}
+    session = {"resident": 0, "resident-quantized": 0}
+    per_phase: dict[str, dict[str, int]] = {ph.name: {"resident": 0, "resident-quantized": 0}
+                                            for ph in workload.phases}
+    phases_of: dict[str, list[str]] = {}
+    for ph in workload.phases:
+        for b in ph.blocks:
+            phases_of.setdefault(b, []).append(ph.name)
+    scratch = 0
+    for bp in plan.blocks:
+        block = workload.by_name[bp.name]
+        scratch = max(scratch, scratch_bytes(block, bp) if not (bp.placement == "streamed"
+                                                                 and bp.dequant_on == "copy") else 0)
+        if bp.placement == "streamed":
+            continue
+        targets = [session] if bp.lifetime == "session" else [per_phase[p] for p in phases_of.get(bp.name, ())]
+        for target in targets:
+            target[bp.placement] += resident_bytes(block, bp)
+    worst = max(per_phase.values(), key=lambda d: d["resident"] + d["resident-quantized"],
+                default={"resident": 0, "resident-quantized": 0})
+    by_kind["resident"] = session["resident"] + worst["resident"]
+    by_kind["resident_quantized"] = session["resident-quantized"] + worst["resident-quantized"]
+    by_kind["slots"] = plan.execution.slots * slot_bytes(workload, plan) if plan.streamed() else 0
+    by_kind["dequant_scratch"] = scratch
+    by_kind["kv_cache"] = workload.kv_cache_bytes(plan.kv_dtype)
+    by_kind["activations"] = max((workload.by_name[b.name].activation_bytes(b.compute_dtype, workload.batch)
+                                  for b in plan.blocks), default=0)
+    by_kind["workspace"] = GPU_WORKSPACE_BYTES if profile.is_gpu else 0
+    by_kind["reserve"] = profile.memory_reserve_bytes  # outside the plan's budget; shown for the whole card
+    return by_kind

@@ -1,0 +1,145 @@
+"""simulate(workload, plan, profile): the timeline of a session start and of steady latent frames.
+
+The one cost model: planners score candidates with it, and the runtime's measurements are checked
+against it. Frames from the second on are taken at a full KV window (the steady state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from residency.device.profile import DeviceProfile
+from residency.plan.plan import Plan, Prediction
+from residency.simulate.bounds import lower_bound_s
+from residency.simulate.costs import CallCost, call_cost, load_cost
+from residency.simulate.engine import Job, run
+from residency.simulate.memory import peak_bytes
+from residency.simulate.quality import quality_loss
+from residency.workload.spec import Workload
+
+MIN_STEADY_FRAME = 3  # session start + frame 1 (first), frame 2, frame 3 (steady) at the least
+MAX_STEADY_FRAME = 12
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    track: str  # "copy" | "dequant" | "compute"
+    label: str  # block name ("load <block>" for a resident block's load)
+    frame: int  # 0 = session start
+    phase: str
+    start_ms: float
+    end_ms: float
+    nbytes: int = 0  # bytes moved (copy track)
+
+
+@dataclass(frozen=True)
+class Simulation:
+    prediction: Prediction
+    events: tuple[TimelineEvent, ...]  # every frame simulated, in time order per track
+    steady_frame: int  # the frame the prediction's steady figures come from
+
+
+class _JobBuilder:
+    def __init__(self, workload: Workload, plan: Plan, profile: DeviceProfile):
+        self.w, self.plan, self.profile = workload, plan, profile
+        self.jobs: list[Job] = []
+        self._costs: dict[tuple[str, bool, int], CallCost] = {}
+
+    def cost(self, block: str, kv_read: bool, ctx: int) -> CallCost:
+        key = (block, kv_read, ctx)
+        c = self._costs.get(key)
+        if c is None:
+            c = self._costs[key] = call_cost(self.w.by_name[block], self.plan.by_name[block], self.profile,
+                                             self.plan.execution, ctx, kv_read, self.plan.kv_dtype, self.w.batch)
+        return c
+
+    def load(self, block: str, frame: int, phase: str) -> None:
+        bp = self.plan.by_name[block]
+        self.jobs.append(Job(label=f"load {block}", frame=frame, phase=phase, compute_s=0.0,
+                             copy_s=max(load_cost(self.w.by_name[block], bp, self.profile, self.plan.execution),
+                                        1e-12),
+                             copy_bytes=self.w.by_name[block].nbytes(bp.format)))
+
+    def phase(self, ph, frame: int, ctx: int, loaded: set[str]) -> None:
+        in_phase: set[str] = set()
+        for p in ph.passes:
+            kv_read = p.kv != "none"
+            for _ in range(self.w.count(p)):
+                for name in p.blocks:
+                    bp = self.plan.by_name[name]
+                    if bp.placement != "streamed":
+                        scope = loaded if bp.lifetime == "session" else in_phase
+                        if name not in scope:
+                            self.load(name, frame, ph.name)
+                            scope.add(name)
+                    c = self.cost(name, kv_read, ctx)
+                    self.jobs.append(Job(
+                        label=name, frame=frame, phase=ph.name, compute_s=c.compute_s,
+                        dequant_s=c.dequant_s if bp.dequant_on == "compute" or not c.streamed else 0.0,
+                        copy_s=c.copy_s, copy_bytes=c.copy_bytes, uses_slot=c.streamed,
+                        copy_dequant_s=c.dequant_s if c.streamed and bp.dequant_on == "copy" else 0.0))
+
+
+def _events(jobs: list[Job]) -> tuple[TimelineEvent, ...]:
+    out = []
+    for j in jobs:
+        if j.copy_start >= 0 and j.copy_end > j.copy_start:
+            out.append(TimelineEvent("copy", j.label, j.frame, j.phase, j.copy_start * 1e3, j.copy_end * 1e3,
+                                     j.copy_bytes))
+        if j.end > j.start and j.compute_s > 0:
+            stretch = (j.end - j.start) / j.compute_s
+            split = j.start + j.dequant_s * stretch
+            if j.dequant_s > 0:
+                out.append(TimelineEvent("dequant", j.label, j.frame, j.phase, j.start * 1e3, split * 1e3))
+            out.append(TimelineEvent("compute", j.label, j.frame, j.phase, split * 1e3, j.end * 1e3))
+    return tuple(out)
+
+
+def simulate(workload: Workload, plan: Plan, profile: DeviceProfile,
+             sensitivity: Mapping[str, Mapping[str, float]] | None = None, frames: int | None = None) -> Simulation:
+    plan.check_matches(workload.fingerprint(), f"workload {workload.name!r}")
+    # Copies can run up to `slots` streamed calls ahead of compute; with few streamed calls per frame
+    # that lead spans frames. The steady frame is measured once the lead is built up, and frames
+    # after it are simulated too, so that the copies they prefetch interfere with it as they would.
+    per_frame = sum(workload.count(p) for ph in workload.frame_phases() for p in ph.passes
+                    for n in p.blocks if plan.by_name[n].placement == "streamed")
+    lead = -(-plan.execution.slots // per_frame) if per_frame else 0
+    steady = min(MAX_STEADY_FRAME, max(MIN_STEADY_FRAME, 2 + lead))
+    frames = steady + lead if frames is None else frames
+    steady = min(steady, frames)
+    b = _JobBuilder(workload, plan, profile)
+    loaded: set[str] = set()
+    for ph in workload.session_phases():
+        b.phase(ph, 0, 0, loaded)
+    for frame in range(1, frames + 1):
+        ctx = min(frame, workload.context_frames) if frame == 1 else workload.context_frames
+        for ph in workload.frame_phases():
+            b.phase(ph, frame, ctx, loaded)
+    jobs = b.jobs
+    run(jobs, plan.execution.slots, profile.copy_compute_overlap, plan.execution.lookahead_from_compute_start)
+
+    ends = {f: max(j.end for j in jobs if j.frame == f) for f in range(1, frames + 1)}
+    t0 = ends[steady - 1] if steady > 1 else 0.0
+    t1 = ends[steady]
+    frame_jobs = [j for j in jobs if j.frame == steady]
+    compute_busy = sum(j.end - j.start for j in frame_jobs)
+    copy_busy = sum(j.copy_end - j.copy_start for j in frame_jobs if j.copy_start >= 0)
+    prediction = Prediction(
+        frame_ms=(t1 - t0) * 1e3,
+        first_frame_ms=ends[1] * 1e3,
+        stall_ms=max(0.0, (t1 - t0) - compute_busy) * 1e3,
+        copy_ms=copy_busy * 1e3,
+        compute_ms=compute_busy * 1e3,
+        link_bytes_per_frame=sum(j.copy_bytes for j in frame_jobs),
+        peak_bytes=peak_bytes(workload, plan, profile),
+        lower_bound_ms=lower_bound_s(workload, plan, profile) * 1e3,
+        quality_loss=quality_loss(workload, plan, sensitivity),
+    )
+    return Simulation(prediction, _events(jobs), steady)
+
+
+def predict(workload: Workload, plan: Plan, profile: DeviceProfile,
+            sensitivity: Mapping[str, Mapping[str, float]] | None = None) -> Plan:
+    """The plan with the simulator's prediction filled in."""
+    return plan.with_prediction(simulate(workload, plan, profile, sensitivity).prediction)

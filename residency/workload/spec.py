@@ -1,0 +1,199 @@
+"""Workload: a model's blocks in execution order with bytes per format, FLOPs and memory, plus its phases.
+
+The planner and the simulator see a model only through this: no torch module is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+
+from residency.errors import ResidencyError
+from residency.formats import FORMATS
+from residency.formats.sizing import effective_format
+
+KV_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+COMPUTE_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+PERS = ("session", "latent_frame")  # how often a phase runs: once per session/prompt, or per latent frame
+KV_ACCESS = ("none", "read", "read+write")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One unit of residency. FLOPs of one call at batch 1 and `c` cached context frames:
+
+    fixed_flops + flops_per_token·t + self_attn_flops_per_token_pair·t² + context_attn_flops_per_token_pair·t·c·f
+    with t = tokens and f = context_tokens_per_frame; batch B multiplies the whole.
+    """
+
+    name: str  # "dit.blocks.7"
+    component: str  # "encoder" | "dit" | "decoder" | "text_encoder" | …
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]  # (name relative to the block, torch shape)
+    tokens: int  # rows each call processes (tokens; latent pixels for conv blocks), batch 1
+    flops_per_token: float  # dense matmul/conv FLOPs (+ fixed-length cross-attention) per token
+    fixed_flops: float = 0.0  # per call, independent of tokens (adaLN projections of the conditioning)
+    self_attn_flops_per_token_pair: float = 0.0  # Σ 4·width over self-attention layers
+    context_attn_flops_per_token_pair: float = 0.0  # Σ 4·width over attention to cached frames
+    context_tokens_per_frame: int = 0  # tokens a cached frame contributes to this block's context
+    kv_channels_per_token: int = 0  # K+V channels cached per token (0: the block keeps no KV)
+    activation_bytes_per_token: float = 0.0  # peak live activations per token at 2-byte compute dtype
+
+    @cached_property
+    def params(self) -> int:
+        return sum(math.prod(s) for _, s in self.tensors)
+
+    def nbytes(self, fmt: str) -> int:
+        """Bytes of the block's weights stored as `fmt` (vectors and odd shapes fall back to BF16)."""
+        return self._bytes_by_format[fmt]
+
+    def quantized_weights(self, fmt: str) -> int:
+        """Weights that really take `fmt` (the rest fall back): what a dequant kernel processes."""
+        return self._quantized_by_format[fmt]
+
+    @cached_property
+    def _bytes_by_format(self) -> dict[str, int]:
+        out = {}
+        for name, f in FORMATS.items():
+            out[name] = sum(effective_format(f, s).nbytes(s) for _, s in self.tensors)
+        return out
+
+    @cached_property
+    def _quantized_by_format(self) -> dict[str, int]:
+        return {name: sum(math.prod(s) for _, s in self.tensors if effective_format(f, s) is f)
+                for name, f in FORMATS.items()}
+
+    def flops(self, context_frames: int, batch: int = 1) -> float:
+        t = self.tokens
+        ctx = context_frames * self.context_tokens_per_frame
+        per_item = (self.fixed_flops + self.flops_per_token * t + self.self_attn_flops_per_token_pair * t * t
+                    + self.context_attn_flops_per_token_pair * t * ctx)
+        return batch * per_item
+
+    def kv_bytes_per_frame(self, kv_dtype: str, batch: int = 1) -> int:
+        """Bytes one cached latent frame takes in this block's KV slots."""
+        return batch * self.context_tokens_per_frame * self.kv_channels_per_token * KV_DTYPE_BYTES[kv_dtype]
+
+    def activation_bytes(self, compute_dtype: str, batch: int = 1) -> int:
+        scale = COMPUTE_DTYPE_BYTES[compute_dtype] / 2
+        return int(math.ceil(batch * self.tokens * self.activation_bytes_per_token * scale))
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    blocks: tuple[str, ...]  # block names in execution order
+    per_step: bool = False  # True: runs once per denoise step (×steps); False: once per phase run
+    kv: str = "none"  # "none" | "read" | "read+write" of the temporal KV cache
+    purpose: str = ""
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    name: str  # "encode" | "denoise" | "decode"
+    per: str  # "session" | "latent_frame"
+    passes: tuple[PassSpec, ...]
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        """Distinct blocks of the phase, first-use order."""
+        return tuple(dict.fromkeys(b for p in self.passes for b in p.blocks))
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str  # model name, e.g. "lucid-500m"
+    blocks: tuple[BlockSpec, ...]  # in execution order
+    phases: tuple[PhaseSpec, ...]  # in execution order
+    steps: int  # denoise steps per latent frame
+    context_frames: int  # KV slots per block, latent frames (0: no temporal cache)
+    batch: int = 1
+    kv_dtype: str = "bf16"  # default KV storage
+    video_frames_per_latent: int = 1  # temporal compression: video frames one latent frame decodes to
+    source: str = ""  # where the inventory came from
+    extra: dict = field(default_factory=dict, compare=False)  # free-form descriptive facts
+
+    def __post_init__(self) -> None:
+        names = [b.name for b in self.blocks]
+        if len(set(names)) != len(names):
+            raise ResidencyError(f"workload {self.name}: duplicate block names")
+        known = set(names)
+        for phase in self.phases:
+            if phase.per not in PERS:
+                raise ResidencyError(f"workload {self.name}: phase {phase.name} has per={phase.per!r}",
+                                     hint=f"one of {', '.join(PERS)}")
+            for p in phase.passes:
+                missing = [b for b in p.blocks if b not in known]
+                if missing:
+                    raise ResidencyError(f"workload {self.name}: phase {phase.name} names unknown blocks "
+                                         f"{missing[:3]}")
+                if p.kv not in KV_ACCESS:
+                    raise ResidencyError(f"workload {self.name}: pass kv={p.kv!r}", hint=", ".join(KV_ACCESS))
+
+    @cached_property
+    def by_name(self) -> dict[str, BlockSpec]:
+        return {b.name: b for b in self.blocks}
+
+    @property
+    def components(self) -> list[str]:
+        return list(dict.fromkeys(b.component for b in self.blocks))
+
+    @property
+    def params(self) -> int:
+        return sum(b.params for b in self.blocks)
+
+    def nbytes(self, fmt: str) -> int:
+        return sum(b.nbytes(fmt) for b in self.blocks)
+
+    def kv_cache_bytes(self, kv_dtype: str | None = None) -> int:
+        """KV slots of every block at the full window: context_frames frames each."""
+        dtype = kv_dtype or self.kv_dtype
+        return self.context_frames * sum(b.kv_bytes_per_frame(dtype, self.batch) for b in self.blocks)
+
+    def phase(self, name: str) -> PhaseSpec:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise ResidencyError(f"workload {self.name} has no phase {name!r}")
+
+    def frame_phases(self) -> tuple[PhaseSpec, ...]:
+        return tuple(p for p in self.phases if p.per == "latent_frame")
+
+    def session_phases(self) -> tuple[PhaseSpec, ...]:
+        return tuple(p for p in self.phases if p.per == "session")
+
+    def count(self, p: PassSpec) -> int:
+        """Runs of a pass per run of its phase."""
+        return self.steps if p.per_step else 1
+
+    def calls_per_frame(self, block: str) -> int:
+        return sum(self.count(p) for ph in self.frame_phases() for p in ph.passes if block in p.blocks)
+
+    def flops_per_frame(self) -> float:
+        """Steady state: every cached slot full."""
+        return sum(self.by_name[b].flops(self.context_frames, self.batch) * self.count(p)
+                   for ph in self.frame_phases() for p in ph.passes for b in p.blocks)
+
+    def with_params(self, steps: int | None = None, context_frames: int | None = None,
+                    batch: int | None = None) -> Workload:
+        """The same model at other generation parameters."""
+        for what, v in (("steps", steps), ("batch", batch)):
+            if v is not None and v < 1:
+                raise ResidencyError(f"{what} must be at least 1, got {v}")
+        if context_frames is not None and context_frames < 0:
+            raise ResidencyError(f"context_frames must be at least 0, got {context_frames}")
+        return replace(self, steps=self.steps if steps is None else steps,
+                       context_frames=self.context_frames if context_frames is None else context_frames,
+                       batch=self.batch if batch is None else batch)
+
+    def fingerprint(self) -> str:
+        """Changes when any block's tensors, tokens or FLOP coefficients, or the schedule, change."""
+        doc = {
+            "blocks": [[b.name, b.component, [[n, list(s)] for n, s in b.tensors], b.tokens, b.fixed_flops, b.flops_per_token,
+                        b.self_attn_flops_per_token_pair, b.context_attn_flops_per_token_pair,
+                        b.context_tokens_per_frame, b.kv_channels_per_token] for b in self.blocks],
+            "phases": [[ph.name, ph.per, [[list(p.blocks), p.per_step, p.kv] for p in ph.passes]] for ph in self.phases],
+            "params": [self.steps, self.context_frames, self.batch],
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,151 @@
+"""The cost model on hand-checkable workloads: resident sums, hidden copies, interference, memory, bounds."""
+
+import pytest
+from sim_helpers import chain_workload, flat_profile, make_plan
+
+from residency.simulate import lower_bound_s, simulate
+
+DIM, TOKENS = 1024, 256
+COMPUTE_MS = 2.0 * DIM * DIM * TOKENS / 1e12 * 1e3  # one block at 1 TFLOP/s
+COPY_MS = DIM * DIM * 2 / 10e9 * 1e3  # one BF16 block at 10 GB/s
+
+
+def test_all_resident_frame_is_the_sum_of_compute_times():
+    profile, work = flat_profile(), chain_workload(n=4)
+    pred = simulate(work, make_plan(work, profile), profile).prediction
+    assert pred.frame_ms == pytest.approx(4 * COMPUTE_MS)
+    assert pred.stall_ms == pytest.approx(0.0, abs=1e-9)
+    assert pred.link_bytes_per_frame == 0
+
+
+def test_launch_overhead_adds_per_kernel():
+    profile, work = flat_profile(launch_us=10.0), chain_workload(n=4)
+    pred = simulate(work, make_plan(work, profile), profile).prediction
+    kernels = 2 * 1 + 6  # two per tensor plus the block's glue
+    assert pred.frame_ms == pytest.approx(4 * (COMPUTE_MS + kernels * 10e-3))
+
+
+def test_streamed_block_with_a_slot_ahead_hides_its_copy_under_compute():
+    profile, work = flat_profile(overlap=1.0), chain_workload(n=4)
+    pred = simulate(work, make_plan(work, profile, {"dit.blocks.2": "streamed"}, depth=1), profile).prediction
+    assert COPY_MS < COMPUTE_MS
+    assert pred.frame_ms == pytest.approx(4 * COMPUTE_MS)
+    assert pred.stall_ms == pytest.approx(0.0, abs=1e-6)
+    assert pred.link_bytes_per_frame == DIM * DIM * 2
+
+
+def test_with_zero_overlap_a_copy_beside_compute_costs_its_full_time():
+    profile, work = flat_profile(overlap=0.0), chain_workload(n=4)
+    pred = simulate(work, make_plan(work, profile, {"dit.blocks.2": "streamed"}, depth=1), profile).prediction
+    assert pred.frame_ms == pytest.approx(4 * COMPUTE_MS + COPY_MS)
+
+
+def test_partial_overlap_lands_between():
+    work = chain_workload(n=4)
+    times = []
+    for overlap in (0.0, 0.5, 1.0):
+        profile = flat_profile(overlap=overlap)
+        plan = make_plan(work, profile, {"dit.blocks.2": "streamed"}, depth=1)
+        times.append(simulate(work, plan, profile).prediction.frame_ms)
+    assert times[0] > times[1] > times[2]
+    assert times[1] == pytest.approx(4 * COMPUTE_MS + 0.5 * COPY_MS)
+
+
+def test_without_prefetch_a_streamed_block_stalls_for_its_copy():
+    profile, work = flat_profile(), chain_workload(n=4)
+    plan = make_plan(work, profile, {"dit.blocks.2": "streamed"}, depth=0, copy_mode="sync")
+    pred = simulate(work, plan, profile).prediction
+    assert pred.frame_ms == pytest.approx(4 * COMPUTE_MS + COPY_MS)
+
+
+def test_copy_bound_stream_runs_at_link_speed():
+    # Slow link: every block streamed, copies (4 × 10·COPY) dominate compute.
+    profile, work = flat_profile(link_gbps=1.0), chain_workload(n=4)
+    plan = make_plan(work, profile, {f"dit.blocks.{i}": "streamed" for i in range(4)}, depth=2)
+    pred = simulate(work, plan, profile).prediction
+    assert pred.frame_ms == pytest.approx(4 * 10 * COPY_MS, rel=1e-6)
+    assert pred.stall_ms == pytest.approx(4 * 10 * COPY_MS - 4 * COMPUTE_MS, rel=1e-6)
+
+
+def test_quantized_streaming_moves_fewer_bytes_and_pays_dequant():
+    profile, work = flat_profile(link_gbps=1.0, dequant_gw=100.0), chain_workload(n=4)
+    streamed = {f"dit.blocks.{i}": "streamed" for i in range(4)}
+    bf16 = simulate(work, make_plan(work, profile, streamed, depth=2), profile).prediction
+    q4 = simulate(work, make_plan(work, profile, streamed, fmt="Q4_K", depth=2), profile).prediction
+    assert q4.link_bytes_per_frame == 4 * DIM * DIM * 144 // 256
+    assert q4.frame_ms < bf16.frame_ms
+    assert q4.quality_loss > bf16.quality_loss
+
+
+def test_memory_peaks_by_kind_add_up():
+    profile, work = flat_profile(), chain_workload(n=4)
+    plan = make_plan(work, profile, {"dit.blocks.3": "streamed", "dit.blocks.2": "resident-quantized"},
+                     fmt="Q8_0", depth=2)
+    pred = simulate(work, plan, profile).prediction
+    q8 = DIM * DIM // 32 * 34
+    assert pred.peak_bytes["resident"] == 2 * DIM * DIM * 2  # dequantized at load, bf16
+    assert pred.peak_bytes["resident_quantized"] == q8
+    assert pred.peak_bytes["slots"] == 3 * q8
+    assert pred.peak_bytes["dequant_scratch"] == DIM * DIM * 2
+    assert pred.peak_total_bytes == sum(v for k, v in pred.peak_bytes.items() if k != "reserve")
+
+
+def test_lower_bound_is_never_above_the_simulated_frame():
+    work = chain_workload(n=6)
+    for link in (1.0, 10.0, 100.0):
+        profile = flat_profile(link_gbps=link)
+        for k in range(7):
+            plan = make_plan(work, profile, {f"dit.blocks.{i}": "streamed" for i in range(k)}, depth=2,
+                             vram=(6 - k + 2) * DIM * DIM * 2 + 128 * 2**20)
+            sim = simulate(work, plan, profile)
+            assert lower_bound_s(work, plan, profile) * 1e3 <= sim.prediction.frame_ms * (1 + 1e-9)
+
+
+def test_timeline_has_copy_and_compute_tracks_in_order():
+    profile, work = flat_profile(dequant_gw=1.0), chain_workload(n=3)
+    plan = make_plan(work, profile, {"dit.blocks.1": "streamed"}, fmt="Q4_K")
+    sim = simulate(work, plan, profile)
+    tracks = {e.track for e in sim.events}
+    assert tracks == {"copy", "dequant", "compute"}
+    computes = [e for e in sim.events if e.track == "compute"]
+    assert all(a.end_ms <= b.start_ms + 1e-9 for a, b in zip(computes, computes[1:], strict=False))
+    for e in sim.events:
+        if e.track == "compute" and e.label == "dit.blocks.1":
+            copy = next(c for c in sim.events if c.track == "copy" and c.label == e.label and c.frame == e.frame)
+            assert copy.end_ms <= e.start_ms + 1e-9
+
+
+def test_plan_for_another_workload_is_refused():
+    from residency.errors import ResidencyError
+
+    profile = flat_profile()
+    plan = make_plan(chain_workload(n=4), profile)
+    with pytest.raises(ResidencyError, match="fingerprint"):
+        simulate(chain_workload(n=5), plan, profile)
+
+
+def test_plan_round_trips_through_json(tmp_path):
+    from residency.plan import load_plan, save_plan
+    from residency.simulate import predict
+
+    profile, work = flat_profile(), chain_workload(n=3)
+    plan = predict(work, make_plan(work, profile, {"dit.blocks.1": "streamed"}, fmt="Q4_K", depth=2), profile)
+    path = save_plan(plan, tmp_path / "plan.json")
+    again = load_plan(path)
+    assert again == plan
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_broken_plan_file_names_the_field(tmp_path):
+    import json
+
+    from residency.errors import ResidencyError
+    from residency.plan import load_plan, plan_to_dict
+
+    profile, work = flat_profile(), chain_workload(n=2)
+    doc = plan_to_dict(make_plan(work, profile))
+    doc["blocks"][1]["placement"] = "on-the-moon"
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ResidencyError, match=r"plan.json: blocks\[1\].*placement 'on-the-moon'"):
+        load_plan(path)
