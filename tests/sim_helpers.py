@@ -12,10 +12,10 @@ from residency.workload import BlockSpec, PassSpec, PhaseSpec, Workload
 
 
 def flat_profile(link_gbps=10.0, tflops=1.0, memory_gbps=1e6, overlap=1.0, launch_us=0.0, dequant_gw=1.0,
-                 memory_bytes=2**34, name="flat") -> DeviceProfile:
+                 memory_bytes=2**34, name="flat", backend="cuda") -> DeviceProfile:
     flat = Curve((1.0, 2.0**40), (link_gbps, link_gbps))
     return DeviceProfile(
-        name=name, vendor="test", backend="cuda", torch_version="", cuda_version="", hip_version="", driver="",
+        name=name, vendor="test", backend=backend, torch_version="", cuda_version="", hip_version="", driver="",
         date="2026-11-23", memory_total_bytes=memory_bytes, memory_reserve_bytes=0, memory_usable_bytes=memory_bytes,
         link={d: flat for d in LINK_DIRECTIONS}, device_memory_gbps=memory_gbps,
         matmul_tflops={d: Curve((1.0, 1e6), (tflops, tflops)) for d in COMPUTE_DTYPES},

@@ -18,11 +18,19 @@ def test_all_resident_frame_is_the_sum_of_compute_times():
     assert pred.link_bytes_per_frame == 0
 
 
-def test_launch_overhead_adds_per_kernel():
-    profile, work = flat_profile(launch_us=10.0), chain_workload(n=4)
+def test_launch_overhead_adds_per_kernel_on_the_cpu_backend():
+    profile, work = flat_profile(launch_us=10.0, backend="cpu"), chain_workload(n=4)
     pred = simulate(work, make_plan(work, profile), profile).prediction
-    kernels = 2 * 1 + 6  # two per tensor plus the block's glue
+    kernels = 2 * 1 + 10  # two per matrix plus the block's glue
     assert pred.frame_ms == pytest.approx(4 * (COMPUTE_MS + kernels * 10e-3))
+
+
+def test_gpu_launch_overhead_hides_under_device_work_unless_longer():
+    work = chain_workload(n=4)
+    hidden = flat_profile(launch_us=10.0)
+    assert simulate(work, make_plan(work, hidden), hidden).prediction.frame_ms == pytest.approx(4 * COMPUTE_MS)
+    exposed = flat_profile(launch_us=100.0)  # 12 kernels × 100 µs > 0.54 ms of work
+    assert simulate(work, make_plan(work, exposed), exposed).prediction.frame_ms == pytest.approx(4 * 12 * 0.1)
 
 
 def test_streamed_block_with_a_slot_ahead_hides_its_copy_under_compute():

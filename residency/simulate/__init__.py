@@ -5,7 +5,7 @@
 
 from residency.simulate.bounds import compute_floor_s, lower_bound_s, min_link_bytes
 from residency.simulate.memory import KINDS, peak_bytes, slot_bytes
-from residency.simulate.quality import block_error, format_errors, quality_loss
+from residency.simulate.quality import block_error, format_error, format_errors, quality_loss
 from residency.simulate.simulate import Simulation, TimelineEvent, predict, simulate
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "TimelineEvent",
     "block_error",
     "compute_floor_s",
+    "format_error",
     "format_errors",
     "lower_bound_s",
     "min_link_bytes",

@@ -1,4 +1,4 @@
-"""The physical floor of a steady latent frame: max(compute floor, fewest link bytes ÷ peak link rate).
+"""The physical floor of a steady latent frame from the compute floor and the fewest link bytes.
 
 No plan at the same precisions and budget can beat it; plans are measured against it.
 """
@@ -50,5 +50,10 @@ def min_link_bytes(workload: Workload, plan: Plan, profile: DeviceProfile) -> fl
 
 
 def lower_bound_s(workload: Workload, plan: Plan, profile: DeviceProfile) -> float:
+    """max(K + (1−o)·C, C + (1−o)·K) for the compute floor K and the fewest link seconds C: even a
+    perfectly pipelined plan pays the device's measured copy/compute interference (overlap o)."""
     link_peak = max(profile.link["h2d_pinned"].y) * 1e9
-    return max(compute_floor_s(workload, plan, profile), min_link_bytes(workload, plan, profile) / link_peak)
+    k = compute_floor_s(workload, plan, profile)
+    c = min_link_bytes(workload, plan, profile) / link_peak
+    shared = 1.0 - profile.copy_compute_overlap
+    return max(k + shared * c, c + shared * k)

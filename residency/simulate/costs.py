@@ -14,10 +14,11 @@ from residency.plan.plan import BlockPlan, Execution
 from residency.workload.spec import COMPUTE_DTYPE_BYTES, BlockSpec
 
 DTYPE_FORMAT = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-# Kernel launches per block call: about two per weight tensor (matmul/conv + bias/norm epilogue)
-# plus the attention and elementwise glue; a stated estimate, used only for the launch overhead.
-KERNELS_PER_TENSOR = 2
-KERNELS_PER_BLOCK = 6
+# Kernel launches per block call in eager PyTorch: about two per weight matrix (matmul/conv, then its
+# bias/activation epilogue; vectors ride along) plus ~10 for norms, attention and residual glue.
+# A stated estimate, used only for the launch overhead.
+KERNELS_PER_MATRIX = 2
+KERNELS_PER_BLOCK = 10
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,11 @@ def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_f
     flops = block.flops(context_frames if kv_read else 0, batch)
     roof = max(profile.matmul_s(flops, block.tokens * batch, bp.compute_dtype),
                (weight_bytes + kv_bytes) / (profile.device_memory_gbps * 1e9))
-    kernels = KERNELS_PER_TENSOR * len(block.tensors) + KERNELS_PER_BLOCK
-    return roof + kernels * profile.launch_overhead_us * 1e-6
+    matrices = sum(1 for _, shape in block.tensors if len(shape) >= 2)
+    launch = (KERNELS_PER_MATRIX * matrices + KERNELS_PER_BLOCK) * profile.launch_overhead_us * 1e-6
+    # A GPU queues kernels asynchronously: the host's launch time hides under device work unless it is
+    # the longer of the two. On the CPU backend dispatch runs on the computing thread: it adds.
+    return max(roof, launch) if profile.is_gpu else roof + launch
 
 
 def call_cost(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, execution: Execution,

@@ -6,7 +6,7 @@ Default sensitivity is 1 and the error is the format's relative RMS weight error
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 
@@ -16,36 +16,43 @@ from residency.plan.plan import Plan
 from residency.workload.spec import Workload
 
 # Probe matrix for the default error: Student-t(ν=5) weights, heavier-tailed than a Gaussian like
-# trained weights are. 64×1024 keeps the measurement of all formats well under a second.
-_PROBE_SHAPE = (64, 1024)
+# trained weights are. 16×1024 (64 K-quant super-blocks) gives the error to a few percent, and the
+# K-quant scale search on it costs ~0.1 s per format; each format is measured on first use only.
+_PROBE_SHAPE = (16, 1024)
 
 
 @lru_cache(maxsize=1)
-def format_errors() -> dict[str, float]:
-    """Relative RMS error of every packable format on the probe matrix (cached per process)."""
+def _probe() -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     normal = torch.randn(_PROBE_SHAPE, generator=gen)
     chi = torch.randn((5,) + _PROBE_SHAPE, generator=gen).pow(2).mean(0)
-    w = normal / chi.sqrt()  # Student-t with 5 degrees of freedom, from a seeded generator
-    out = {}
-    for name, fmt in FORMATS.items():
-        if fmt.can_pack:
-            out[name] = relative_rms_error(w, fmt.roundtrip(w))
-    # Dequant-only formats are never chosen by a planner; when read from a file, bound them by the
-    # next coarser packable format we know (Q2_K/Q3_K are coarser than Q4_0).
-    out.setdefault("Q3_K", 2.0 * out["Q4_0"])
-    out.setdefault("Q2_K", 4.0 * out["Q4_0"])
-    return out
+    return normal / chi.sqrt()  # Student-t with 5 degrees of freedom, from a seeded generator
+
+
+@cache
+def format_error(name: str) -> float:
+    """Relative RMS error of a format on the probe matrix (cached per process)."""
+    fmt = FORMATS[name]
+    if not fmt.can_pack:
+        # Dequant-only formats (Q2_K, Q3_K) are never chosen by a planner; when read from a file, bound
+        # them by the coarsest packable format of their family, scaled by the missing bits.
+        return format_error("Q4_K") * 2 ** (4.5 - fmt.bits_per_weight)
+    return relative_rms_error(_probe(), fmt.roundtrip(_probe()))
+
+
+def format_errors() -> dict[str, float]:
+    """Every format's error on the probe matrix."""
+    return {name: format_error(name) for name in FORMATS}
 
 
 def block_error(workload: Workload, block: str, fmt: str) -> float:
     """Weights-weighted error: tensors that fall back to BF16 carry BF16's error."""
     spec = workload.by_name[block]
-    errors = format_errors()
     if spec.params == 0:
         return 0.0
     q = spec.quantized_weights(fmt)
-    return (q * errors[fmt] + (spec.params - q) * errors["BF16"]) / spec.params
+    rest = format_error("BF16") if spec.params - q else 0.0
+    return (q * (format_error(fmt) if q else 0.0) + (spec.params - q) * rest) / spec.params
 
 
 def quality_loss(workload: Workload, plan: Plan, sensitivity: Mapping[str, Mapping[str, float]] | None = None) -> float:

@@ -1,0 +1,66 @@
+"""The policy contract: a PlanRequest in, a predicted Plan out; shared helpers to build and score plans.
+
+Every policy (ours and the peers') is scored by the same simulator, so their numbers compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from residency.device.profile import DeviceProfile
+from residency.plan import BlockPlan, Budget, Execution, Plan
+from residency.simulate import predict
+from residency.units import fmt_bytes
+from residency.workload import Workload
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    workload: Workload  # at the generation parameters to plan for (steps, context frames)
+    profile: DeviceProfile
+    budget: Budget  # VRAM bytes the plan may use; ms per latent frame (None: fastest that fits)
+    sensitivity: Mapping[str, Mapping[str, float]] | None = None  # measured block × format loss, if shipped
+    host_bytes_available: int | None = None  # host RAM for the store and pinned ring (None: not limited)
+    compute_dtype: str = "bf16"  # what the matmuls run in
+    kv_dtype: str | None = None  # None: the workload's default
+    options: dict = field(default_factory=dict, compare=False)  # policy-specific knobs
+
+
+def build_plan(req: PlanRequest, policy: str, blocks: Sequence[BlockPlan], execution: Execution,
+               notes: Sequence[str] = (), kv_dtype: str | None = None) -> Plan:
+    """A Plan for the request with the simulator's prediction and, when it does not fit, a note."""
+    w = req.workload
+    plan = Plan(model=w.name, workload_fingerprint=w.fingerprint(), profile=req.profile.name,
+                profile_fingerprint=req.profile.fingerprint(), policy=policy, budget=req.budget,
+                blocks=tuple(blocks), execution=execution, kv_dtype=kv_dtype or req.kv_dtype or w.kv_dtype,
+                steps=w.steps, context_frames=w.context_frames, notes=tuple(notes))
+    plan = predict(w, plan, req.profile, req.sensitivity)
+    if not fits_memory(plan):
+        need = plan.prediction.peak_total_bytes
+        plan = _with_note(plan, f"does not fit: needs {fmt_bytes(need)} of device memory, budget "
+                                f"{fmt_bytes(req.budget.vram_bytes)}")
+    return plan
+
+
+def _with_note(plan: Plan, note: str) -> Plan:
+    from dataclasses import replace
+
+    return replace(plan, notes=plan.notes + (note,))
+
+
+def fits_memory(plan: Plan) -> bool:
+    return plan.prediction is not None and plan.prediction.peak_total_bytes <= plan.budget.vram_bytes
+
+
+def uniform_blocks(workload: Workload, placement: str, fmt: str, compute_dtype: str = "bf16",
+                   overrides: Mapping[str, str] | None = None, lifetime: str = "session") -> list[BlockPlan]:
+    """Every block at one placement and format; `overrides` maps block -> placement."""
+    overrides = overrides or {}
+    return [BlockPlan(b.name, overrides.get(b.name, placement), fmt, compute_dtype, lifetime)
+            for b in workload.blocks]
+
+
+def weights_format(compute_dtype: str) -> str:
+    """The storage format that needs no dequant for a compute dtype (peers keep weights as they are)."""
+    return {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[compute_dtype]

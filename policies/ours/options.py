@@ -1,0 +1,122 @@
+"""What each block could be: (placement, format, dequant side) with its per-frame time, memory and loss.
+
+Identical blocks (same tensors, tokens, FLOP coefficients and calls) form one class, so the solver
+chooses how many of a class take each option instead of one binary per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from policies.base import PlanRequest, weights_format
+from residency.plan import BlockPlan, Execution
+from residency.simulate.costs import DTYPE_FORMAT, compute_s, copy_s, dequant_s, scratch_bytes
+from residency.simulate.quality import block_error
+from residency.workload import BlockSpec, Workload
+
+# Formats the planner considers, best quality first. Dominated ones are left out: legacy Q4_0/Q4_1/
+# Q5_0/Q5_1 and NF4 have a higher error than the K-quant of equal or fewer bits (NF4: 4.5 bits,
+# ~0.10 relative RMS vs Q4_K's ~0.08 on the probe matrix of residency.simulate.quality).
+CANDIDATE_FORMATS = ("BF16", "FP8", "Q8_0", "Q6_K", "Q5_K", "Q4_K")
+
+
+@dataclass(frozen=True)
+class Option:
+    placement: str  # resident | resident-quantized | streamed
+    format: str
+    dequant_on: str  # compute | copy
+    compute_s: float  # per frame on the compute stream (all calls of one block)
+    copy_s: float  # per frame on the copy engine
+    device_bytes: int  # resident memory of one block (0 when streamed)
+    slot_bytes: int  # what one slot must hold for this block (0 unless streamed)
+    scratch_bytes: int  # dequant scratch this block needs (0 when none)
+    loss: float  # quality loss of one block
+
+    def block_plan(self, name: str, compute_dtype: str, lifetime: str) -> BlockPlan:
+        return BlockPlan(name, self.placement, self.format, compute_dtype, lifetime, self.dequant_on)
+
+
+@dataclass(frozen=True)
+class BlockClass:
+    blocks: tuple[str, ...]  # members in execution order
+    calls_per_frame: int  # 0: used only in session phases (encode)
+    options: tuple[Option, ...]
+
+
+def _signature(w: Workload, b: BlockSpec) -> tuple:
+    return (b.component, tuple(s for _, s in b.tensors), b.tokens, b.fixed_flops, b.flops_per_token,
+            b.self_attn_flops_per_token_pair, b.context_attn_flops_per_token_pair, b.context_tokens_per_frame,
+            b.kv_channels_per_token, w.calls_per_frame(b.name))
+
+
+def _frame_compute_s(w: Workload, b: BlockSpec, bp: BlockPlan, req: PlanRequest, kv_dtype: str) -> float:
+    total = 0.0
+    for ph in w.frame_phases():
+        for p in ph.passes:
+            if b.name in p.blocks:
+                total += w.count(p) * compute_s(b, bp, req.profile, w.context_frames, p.kv != "none", kv_dtype,
+                                                w.batch)
+    return total
+
+
+def block_options(w: Workload, b: BlockSpec, req: PlanRequest, execution: Execution, kv_dtype: str,
+                  formats: tuple[str, ...]) -> list[Option]:
+    dtype = req.compute_dtype
+    plain = weights_format(dtype)
+    calls = w.calls_per_frame(b.name)
+    base = BlockPlan(b.name, "resident", plain, dtype)
+    k = _frame_compute_s(w, b, base, req, kv_dtype)
+    sens = req.sensitivity or {}
+
+    def loss(fmt: str) -> float:
+        measured = sens.get(b.name, {}).get(fmt)
+        return measured if measured is not None else block_error(w, b.name, fmt)
+
+    compute_bytes = b.nbytes(plain)
+    out = [Option("resident", plain, "compute", k, 0.0, compute_bytes, 0, 0, loss(plain))]
+    for fmt in formats:
+        if fmt != plain and (fmt not in req.profile.dequant_gweights_per_s or not b.quantized_weights(fmt)):
+            continue  # no rate on this device, or every tensor would fall back to BF16 anyway
+        deq = calls * dequant_s(b, fmt, dtype, req.profile)
+        scratch = scratch_bytes(b, BlockPlan(b.name, "streamed", fmt, dtype))
+        move = calls * copy_s(b, fmt, req.profile, execution)
+        if fmt != plain:
+            out.append(Option("resident-quantized", fmt, "compute", k + deq, 0.0, b.nbytes(fmt), 0, scratch,
+                              loss(fmt)))
+        out.append(Option("streamed", fmt, "compute", k + deq, move, 0, b.nbytes(fmt), scratch, loss(fmt)))
+        if fmt != plain and execution.copy_mode == "async":
+            # dequant beside compute on the copy engine: the slot then holds compute-dtype weights
+            out.append(Option("streamed", fmt, "copy", k, move + deq, 0, compute_bytes, 0, loss(fmt)))
+    return out
+
+
+def session_options(b: BlockSpec, req: PlanRequest, w: Workload) -> list[Option]:
+    """Blocks used only at session start: resident for their phase at full precision, else streamed."""
+    plain = weights_format(req.compute_dtype)
+    return [Option("resident", plain, "compute", 0.0, 0.0, b.nbytes(plain), 0, 0, block_error(w, b.name, plain)),
+            Option("streamed", plain, "compute", 0.0, 0.0, 0, b.nbytes(plain), 0, block_error(w, b.name, plain))]
+
+
+def block_classes(w: Workload, req: PlanRequest, execution: Execution, kv_dtype: str,
+                  formats: tuple[str, ...] = CANDIDATE_FORMATS) -> list[BlockClass]:
+    groups: dict[tuple, list[BlockSpec]] = {}
+    for b in w.blocks:
+        groups.setdefault(_signature(w, b), []).append(b)
+    classes = []
+    for members in groups.values():
+        first = members[0]
+        calls = w.calls_per_frame(first.name)
+        if calls:
+            opts = block_options(w, first, req, execution, kv_dtype, formats)
+        else:
+            opts = session_options(first, req, w)
+        if req.sensitivity:  # measured losses are per block: a class holds identical blocks only if equal
+            classes += [BlockClass((m.name,), calls, tuple(block_options(w, m, req, execution, kv_dtype, formats)
+                                                           if calls else session_options(m, req, w)))
+                        for m in members]
+        else:
+            classes.append(BlockClass(tuple(m.name for m in members), calls, tuple(opts)))
+    return classes
+
+
+__all__ = ["CANDIDATE_FORMATS", "DTYPE_FORMAT", "BlockClass", "Option", "block_classes"]

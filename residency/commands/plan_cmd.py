@@ -1,0 +1,107 @@
+"""`residency plan MODEL --profile P`: choose per block placement and format for a VRAM and frame budget.
+
+Exit 0 when the budget holds, 3 when it cannot (the best plan is still printed and written), 1 on
+errors, 2 on usage.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from residency.commands.plan_render import render_comparison, render_plan
+from residency.commands.sources import resolve_workload
+from residency.errors import UsageError
+from residency.units import parse_size
+
+EXIT_BUDGET_NOT_MET = 3
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="plan residency and precision per block for a VRAM and frame-time budget",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("model", metavar="MODEL", help="catalog model (e.g. lucid-500m, flux-schnell) or a catalog .json")
+    p.add_argument("--profile", required=True, metavar="NAME|PATH",
+                   help="shipped device profile (see `residency profiles`) or a profile JSON")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument("--fps", type=float, metavar="N",
+                       help="video frames per second to hold (a latent frame decodes to the model's video frames)")
+    speed.add_argument("--frame-ms", type=float, metavar="MS", help="milliseconds per latent frame to hold")
+    p.add_argument("--vram", metavar="SIZE", help="device memory the plan may use, e.g. 6GiB (default: the "
+                   "profile's usable memory)")
+    p.add_argument("--steps", type=int, metavar="N", help="denoise steps per latent frame (default: the model's)")
+    p.add_argument("--policy", default="ours", metavar="NAME", help="ours (default), a peer's name, or all")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("-o", "--output", metavar="PATH", help="write the plan as JSON (atomically)")
+    p.set_defaults(run=run)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    plan: object  # the chosen policy's Plan
+    others: list  # (with --policy all) every policy's Plan, ours first
+
+
+def frame_budget_ms(args, video_frames_per_latent: int) -> float | None:
+    if args.fps is not None:
+        if not args.fps > 0:
+            raise UsageError(f"--fps must be positive, got {args.fps}", hint="e.g. --fps 60")
+        return 1000.0 * video_frames_per_latent / args.fps
+    if args.frame_ms is not None:
+        if not args.frame_ms > 0:
+            raise UsageError(f"--frame-ms must be positive, got {args.frame_ms}", hint="e.g. --frame-ms 66.7")
+        return args.frame_ms
+    return None
+
+
+def make_request(args):
+    from policies import PlanRequest
+    from residency.device import resolve_profile
+    from residency.hostmem import host_available_bytes
+    from residency.plan import Budget
+
+    if args.steps is not None and not 1 <= args.steps <= 64:
+        raise UsageError(f"--steps must be between 1 and 64, got {args.steps}", hint="e.g. --steps 4")
+    workload = resolve_workload(args.model, steps=args.steps)
+    profile = resolve_profile(args.profile)
+    vram = parse_size(args.vram, "--vram") if args.vram else profile.memory_usable_bytes
+    budget = Budget(vram, frame_budget_ms(args, workload.video_frames_per_latent))
+    return PlanRequest(workload, profile, budget, host_bytes_available=host_available_bytes())
+
+
+def run(args) -> int:
+    from policies import get_policy, registry
+
+    if args.policy != "all":
+        get_policy(args.policy)  # an unknown name is a usage error before any work
+    req = make_request(args)
+    if args.policy == "all":
+        plans = [fn(req) for fn in registry().values()]
+        chosen = plans[0]
+    else:
+        chosen = get_policy(args.policy)(req)
+        plans = [chosen]
+    if args.output:
+        from residency.plan import save_plan
+
+        save_plan(chosen, args.output)
+    if args.json:
+        from residency.plan import plan_to_dict
+
+        doc = plan_to_dict(chosen)
+        doc["holds_budget"] = chosen.holds_budget
+        if len(plans) > 1:
+            doc["policies"] = {p.policy if i else "ours": plan_to_dict(p) for i, p in enumerate(plans)}
+        json.dump(doc, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        console = Console()
+        render_plan(console, req.workload, chosen, req.profile)
+        if len(plans) > 1:
+            render_comparison(console, plans, req)
+        if args.output:
+            console.print(f"plan written to [bold]{args.output}[/bold]")
+    return 0 if chosen.holds_budget else EXIT_BUDGET_NOT_MET

@@ -1,0 +1,114 @@
+"""Rich tables for a plan: blocks per component (equal neighbours grouped), VRAM by kind, the verdict.
+
+Per-block milliseconds come from the simulator's steady frame, the same figures the plan reports.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from rich.console import Console
+from rich.table import Table
+
+from residency.plan import Plan
+from residency.simulate import simulate
+from residency.units import fmt_bytes
+from residency.workload import Workload
+
+
+def _per_block_ms(workload: Workload, plan: Plan, profile) -> dict[str, dict[str, float]]:
+    sim = simulate(workload, plan, profile)
+    out: dict[str, dict[str, float]] = defaultdict(lambda: {"copy": 0.0, "dequant": 0.0, "compute": 0.0})
+    for e in sim.events:
+        if e.frame == sim.steady_frame:
+            out[e.label.removeprefix("load ")][e.track] += e.end_ms - e.start_ms
+    return out
+
+
+def _group_label(names: list[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    head, _, first = names[0].rpartition(".")
+    last = names[-1].rpartition(".")[2]
+    return f"{head}.{first}–{last} (×{len(names)})"
+
+
+def render_plan(console: Console, workload: Workload, plan: Plan, profile) -> None:
+    ms = _per_block_ms(workload, plan, profile)
+    pred = plan.prediction
+    budget = plan.budget
+    fps_budget = f", {budget.frame_ms:.1f} ms/latent frame" if budget.frame_ms else ""
+    console.print(f"[bold]{plan.model}[/bold] on [bold]{plan.profile}[/bold] — policy {plan.policy}, "
+                  f"budget {fmt_bytes(budget.vram_bytes)}{fps_budget}, {workload.steps} steps")
+    for component in workload.components:
+        blocks = [b for b in workload.blocks if b.component == component]
+        table = Table(title=component, title_justify="left")
+        for col, justify in (("blocks", "left"), ("placement", "left"), ("format", "left"), ("MB each", "right"),
+                             ("copy ms", "right"), ("dequant ms", "right"), ("compute ms", "right")):
+            table.add_column(col, justify=justify)
+        rows: list[tuple[tuple, list[str]]] = []
+        for b in blocks:
+            bp = plan.by_name[b.name]
+            t = ms[b.name]
+            key = (bp.placement, bp.format, b.nbytes(bp.format), round(t["copy"], 3), round(t["dequant"], 3),
+                   round(t["compute"], 3))
+            same_list = rows and rows[-1][0] == key and rows[-1][1][-1].rpartition(".")[0] == b.name.rpartition(".")[0]
+            if same_list:
+                rows[-1][1].append(b.name)
+            else:
+                rows.append((key, [b.name]))
+        for key, names in rows:
+            placement, fmt, nbytes, copy_ms, deq_ms, comp_ms = key
+            table.add_row(_group_label(names), placement, fmt, f"{nbytes / 1e6:.1f}", f"{copy_ms:.2f}",
+                          f"{deq_ms:.2f}", f"{comp_ms:.2f}")
+        console.print(table)
+    if pred is None:
+        return
+    mem = Table(title="device memory at the peak", title_justify="left")
+    mem.add_column("kind")
+    mem.add_column("bytes", justify="right")
+    mem.add_column("of budget", justify="right")
+    for kind, nbytes in pred.peak_bytes.items():
+        if nbytes:
+            share = "outside" if kind == "reserve" else f"{100 * nbytes / budget.vram_bytes:.0f}%"
+            mem.add_row(kind, fmt_bytes(nbytes), share)
+    mem.add_row("[bold]total[/bold]", f"[bold]{fmt_bytes(pred.peak_total_bytes)}[/bold]",
+                f"{100 * pred.peak_total_bytes / budget.vram_bytes:.0f}%")
+    console.print(mem)
+    video_fps = 1000.0 * workload.video_frames_per_latent / pred.frame_ms
+    console.print(f"predicted: [bold]{pred.frame_ms:.2f} ms[/bold] per latent frame ({video_fps:.1f} video fps); "
+                  f"first frame {pred.first_frame_ms:.1f} ms; stall {pred.stall_ms:.2f} ms; "
+                  f"{pred.link_bytes_per_frame / 1e6:.1f} MB over the link per frame; "
+                  f"lower bound {pred.lower_bound_ms:.2f} ms; quality loss {pred.quality_loss:.3f}")
+    console.print(verdict(plan))
+    for note in plan.notes:
+        console.print(f"  note: {note}")
+
+
+def verdict(plan: Plan) -> str:
+    pred, budget = plan.prediction, plan.budget
+    within = f"within {fmt_bytes(budget.vram_bytes)}"
+    if pred.peak_total_bytes > budget.vram_bytes:
+        return f"[red]✗ does not fit:[/red] needs {fmt_bytes(pred.peak_total_bytes)}, budget {fmt_bytes(budget.vram_bytes)}"
+    if budget.frame_ms is None:
+        return f"[green]✓ fits[/green] {within} at {pred.frame_ms:.2f} ms per latent frame (no frame budget given)"
+    if pred.frame_ms <= budget.frame_ms:
+        return f"[green]✓ holds:[/green] {pred.frame_ms:.2f} ms ≤ {budget.frame_ms:.2f} ms per latent frame {within}"
+    return f"[red]✗ misses the frame budget:[/red] {pred.frame_ms:.2f} ms > {budget.frame_ms:.2f} ms {within}"
+
+
+def render_comparison(console: Console, plans: list[Plan], req) -> None:
+    table = Table(title="policies side by side (same simulator)", title_justify="left")
+    for col, justify in (("policy", "left"), ("ms/frame", "right"), ("video fps", "right"), ("peak VRAM", "right"),
+                         ("link MB/frame", "right"), ("quality loss", "right"), ("verdict", "left")):
+        table.add_column(col, justify=justify)
+    for plan in plans:
+        p = plan.prediction
+        fits = p.peak_total_bytes <= plan.budget.vram_bytes
+        holds = fits and (plan.budget.frame_ms is None or p.frame_ms <= plan.budget.frame_ms)
+        word = "[green]holds[/green]" if holds else ("[yellow]too slow[/yellow]" if fits else "[red]does not fit[/red]")
+        table.add_row(plan.policy, f"{p.frame_ms:.2f}" if fits else "—",
+                      f"{1000 * req.workload.video_frames_per_latent / p.frame_ms:.1f}" if fits else "—",
+                      fmt_bytes(p.peak_total_bytes), f"{p.link_bytes_per_frame / 1e6:.1f}" if fits else "—",
+                      f"{p.quality_loss:.3f}", word)
+    console.print(table)
