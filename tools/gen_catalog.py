@@ -17,6 +17,8 @@ if __package__ in (None, ""):  # run as a file from a checkout: make the reposit
 from pipelines.catalog import catalog_dir  # noqa: E402
 from residency.checkpoint.atomic import atomic_output  # noqa: E402
 from residency.workload import workload_from_dict  # noqa: E402
+from tools.catalog_flux import catalog_entry as flux_catalog_entry  # noqa: E402
+from tools.catalog_wan import catalog_entry as wan_catalog_entry  # noqa: E402
 
 
 def _world_model(name: str) -> Callable[[], dict]:
@@ -32,6 +34,9 @@ GENERATORS: dict[str, Callable[[], dict]] = {
     "tiny": _world_model("tiny"),
     "lucid-500m": _world_model("lucid-500m"),
     "lucid-800m": _world_model("lucid-800m"),
+    # real third-party architectures: need the `catalog` extra (diffusers, transformers) when called
+    "flux-schnell": flux_catalog_entry,
+    "wan-causal-1.3b": wan_catalog_entry,
 }
 
 

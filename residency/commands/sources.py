@@ -8,7 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from residency.errors import ResidencyError
-from residency.inventory import Inventory, TensorInfo, group_tensors, inventory_from_module
+from residency.inventory import (
+    BlockInfo,
+    Inventory,
+    TensorInfo,
+    group_tensors,
+    inventory_from_module,
+    inventory_from_named_shapes,
+)
 
 
 def builtin_model_names() -> list[str]:
@@ -41,6 +48,20 @@ def resolve_workload(name_or_path: str, steps: int | None = None, context_frames
     return workload.with_params(steps=steps, context_frames=context_frames)
 
 
+def _catalog_inventory(name: str) -> Inventory:
+    """A catalog entry's tensors as stored at BF16, grouped by the catalog's own blocks and components.
+
+    Names are prefixed with the block so they read as checkpoint keys; the grouping is taken from the
+    catalog, not re-derived from names (a block like `transformer.embed` holds keys with digits in them).
+    """
+    workload = resolve_workload(name)
+    blocks = []
+    for b in workload.blocks:
+        named = [(f"{b.name}.{n}", shape, "BF16") for n, shape in b.tensors]
+        blocks.append(BlockInfo(b.name, b.component, inventory_from_named_shapes(name, named).tensors))
+    return Inventory(name, blocks)
+
+
 def _looks_like_path(text: str) -> bool:
     return any(sep in text for sep in ("/", "\\")) or text.endswith((".safetensors", ".gguf")) or Path(text).exists()
 
@@ -60,9 +81,13 @@ def load_inventory(name_or_path: str) -> Inventory:
         return group_tensors(str(path), infos)
     names = builtin_model_names()
     if name_or_path not in names:
+        catalog = [n for n in catalog_names() if n not in names]
+        if name_or_path in catalog:
+            return _catalog_inventory(name_or_path)
         raise ResidencyError(
             f"unknown model {name_or_path!r}",
-            hint="built-in models: " + ", ".join(names) + "; or give a path to a .safetensors/.gguf checkpoint",
+            hint="built-in models: " + ", ".join(names) + "; catalog models: " + ", ".join(catalog)
+            + "; or give a path to a .safetensors/.gguf checkpoint",
         )
     from pipelines.world_model import WorldModelPipeline
 

@@ -1,0 +1,123 @@
+"""The model catalog: every entry loads, real architectures have their published sizes, FLOPs match torch.
+
+Needs no diffusers/transformers: tests that regenerate the external entries skip without them.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipelines.catalog import catalog_paths
+from residency.cli import main as cli_main
+from residency.workload import load_workload_file
+
+REPO = Path(__file__).resolve().parents[1]
+WORLD_MODEL_ENTRIES = ("tiny", "lucid-500m", "lucid-800m")
+
+# Parameters per component, (low, high): published sizes of the real checkpoints.
+EXPECTED_PARAMS = {
+    "flux-schnell": {
+        "transformer": (11.85e9, 11.95e9),  # FLUX.1 MMDiT "12B": 11.89B
+        "t5": (4.70e9, 4.80e9),  # T5-v1.1-XXL encoder: 4.76B
+        "clip": (120e6, 126e6),  # CLIP-L text tower: 123M
+        "vae_decoder": (48e6, 52e6),  # Flux AutoencoderKL decoder: 49.5M
+    },
+    "wan-causal-1.3b": {
+        "transformer": (1.40e9, 1.44e9),  # Wan2.1 "1.3B" DiT: 1.419B with embeddings and head
+        "umt5": (5.60e9, 5.75e9),  # umT5-XXL encoder (256k vocabulary): 5.68B
+        "vae_encoder": (50e6, 58e6),  # Wan 2.1 VAE encoder: 53.6M
+        "vae_decoder": (70e6, 77e6),  # Wan 2.1 VAE decoder: 73.3M
+    },
+}
+
+
+def _gen_catalog():
+    """tools/gen_catalog.py as a module (tools/ is not an installed package)."""
+    spec = importlib.util.spec_from_file_location("gen_catalog", REPO / "tools" / "gen_catalog.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", sorted(catalog_paths()))
+def test_every_catalog_entry_loads_as_a_workload(name):
+    workload = load_workload_file(catalog_paths()[name])
+    assert workload.name == name
+    assert workload.params > 0 and workload.flops_per_frame() > 0
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
+def test_external_entries_have_the_published_parameter_counts(name):
+    workload = load_workload_file(catalog_paths()[name])
+    got = {c: sum(b.params for b in workload.blocks if b.component == c) for c in workload.components}
+    assert set(got) == set(EXPECTED_PARAMS[name])
+    for component, (low, high) in EXPECTED_PARAMS[name].items():
+        assert low <= got[component] <= high, (component, got[component])
+
+
+def test_external_entries_stay_small_enough_to_commit():
+    for name in EXPECTED_PARAMS:
+        assert catalog_paths()[name].stat().st_size < 400_000
+
+
+def test_wan_denoise_reads_the_cache_and_writes_it_once_per_frame():
+    w = load_workload_file(catalog_paths()["wan-causal-1.3b"])
+    passes = w.phase("denoise").passes
+    assert [(p.per_step, p.kv) for p in passes] == [(True, "read"), (False, "read+write")]
+    assert w.video_frames_per_latent == 4 and w.context_frames == 6
+    block = w.by_name["transformer.blocks.0"]
+    assert block.tokens == block.context_tokens_per_frame == 60 * 104 // 4
+
+
+def test_committed_world_model_entries_equal_a_regeneration():
+    assert _gen_catalog().main(["--check", *WORLD_MODEL_ENTRIES]) == 0
+
+
+@pytest.mark.slow
+def test_committed_external_entries_equal_a_regeneration():
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    # the generators also assert their analytic FLOPs against FlopCounterMode on the meta device
+    assert _gen_catalog().main(["--check", *EXPECTED_PARAMS]) == 0
+
+
+def test_tiny_dit_flops_at_a_full_cache_match_flop_counter():
+    from pipelines.world_model import WorldModelPipeline
+
+    workload = load_workload_file(catalog_paths()["tiny"])
+    pipe = WorldModelPipeline.from_config("tiny")
+    c = pipe.config
+    image = np.random.default_rng(0).integers(0, 256, (c.height, c.width, 3), dtype=np.uint8)
+    session = pipe.start(image, seed=0)
+    while len(session.window()) < c.context_frames:  # the anchor plus generated frames fill the ring
+        session.step("idle")
+    latent = torch.zeros(1, c.latent_channels, c.latent_height, c.latent_width)
+    t, action = torch.full((1,), 0.5), torch.zeros(1, dtype=torch.long)
+    # FlopCounterMode has no formula for CPU's fused flash attention (it would count 0): use the math kernel
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        pipe.dit(latent, t, action, session.cache)
+    predicted = sum(b.flops(workload.context_frames) for b in workload.blocks if b.component == "dit")
+    assert predicted == pytest.approx(counter.get_total_flops(), rel=0.02)
+
+
+def test_inspect_json_of_a_catalog_model_groups_by_its_blocks(capsys):
+    assert cli_main(["inspect", "flux-schnell", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    workload = load_workload_file(catalog_paths()["flux-schnell"])
+    assert doc["params"] == workload.params
+    assert [c["name"] for c in doc["components"]] == workload.components
+    blocks = [b["name"] for c in doc["components"] for b in c["blocks"]]
+    assert blocks == [b.name for b in workload.blocks]
+    assert doc["bytes_by_format"]["BF16"] == workload.nbytes("BF16")
+
+
+def test_inspect_unknown_model_lists_catalog_names(capsys):
+    assert cli_main(["inspect", "no-such-model"]) == 1
+    err = capsys.readouterr().err
+    assert "flux-schnell" in err and "wan-causal-1.3b" in err
