@@ -156,7 +156,10 @@ def _vae_decoder_entries(vae) -> list[dict]:
 
 
 def catalog_entry() -> dict[str, Any]:
-    """The flux-schnell catalog document (JSON-ready): one image per 'latent_frame', one prompt per session."""
+    """The flux-schnell catalog document (JSON-ready): one image per 'latent_frame', each with its own prompt.
+
+    Text-to-image users change the prompt per image, so the encoders run in every frame: keeping them
+    resident (quantized) competes with the transformer for VRAM — the trade-off the planner must weigh."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -183,7 +186,7 @@ def catalog_entry() -> dict[str, Any]:
         "video_frames_per_latent": 1,
         "blocks": blocks,
         "phases": [
-            {"name": "encode", "per": "session", "passes": [
+            {"name": "encode", "per": "latent_frame", "passes": [
                 transformer_pass(clip_blocks + t5_blocks, False, "none",
                                  "prompt -> pooled CLIP-L vector and 256 T5-XXL token embeddings")]},
             {"name": "denoise", "per": "latent_frame", "passes": [

@@ -3,7 +3,7 @@
 `simulate(workload, plan, profile)` gives the timeline and the Prediction; `predict` fills a plan's.
 """
 
-from residency.simulate.bounds import compute_floor_s, lower_bound_s, min_link_bytes
+from residency.simulate.bounds import compute_floor_s, lower_bound_s
 from residency.simulate.memory import KINDS, peak_bytes, slot_bytes
 from residency.simulate.quality import block_error, format_error, format_errors, quality_loss
 from residency.simulate.simulate import Simulation, TimelineEvent, predict, simulate
@@ -17,7 +17,6 @@ __all__ = [
     "format_error",
     "format_errors",
     "lower_bound_s",
-    "min_link_bytes",
     "peak_bytes",
     "predict",
     "quality_loss",

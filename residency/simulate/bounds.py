@@ -1,59 +1,68 @@
-"""The physical floor of a steady latent frame from the compute floor and the fewest link bytes.
+"""The physical floor of a steady latent frame: a linear relaxation over where each block could live.
 
-No plan at the same precisions and budget can beat it; plans are measured against it.
+At the plan's storage formats, each block may be resident (dequantized), resident packed (dequantized
+per call) or streamed (copied per call at peak link rate), in any fraction; no real plan beats that.
 """
 
 from __future__ import annotations
 
+import numpy as np
+from scipy.optimize import linprog
+
 from residency.device.profile import DeviceProfile
 from residency.plan.plan import Plan
-from residency.simulate.costs import compute_s
+from residency.simulate.costs import DTYPE_FORMAT, compute_s, dequant_s
 from residency.simulate.memory import GPU_WORKSPACE_BYTES
 from residency.workload.spec import Workload
 
 
-def compute_floor_s(workload: Workload, plan: Plan, profile: DeviceProfile) -> float:
-    """Every call as if its block were resident at the plan's compute dtype: no copy, no dequant."""
+def compute_floor_s(workload: Workload, plan: Plan, profile: DeviceProfile, block: str | None = None) -> float:
+    """Calls of a frame (of one block, or all) as if resident at the plan's compute dtype."""
     total = 0.0
     for ph in workload.frame_phases():
         for p in ph.passes:
             kv_read = p.kv != "none"
             for name in p.blocks:
-                total += workload.count(p) * compute_s(workload.by_name[name], plan.by_name[name], profile,
-                                                       workload.context_frames, kv_read, plan.kv_dtype,
-                                                       workload.batch)
+                if block is None or name == block:
+                    total += workload.count(p) * compute_s(workload.by_name[name], plan.by_name[name], profile,
+                                                           workload.context_frames, kv_read, plan.kv_dtype,
+                                                           workload.batch)
     return total
 
 
-def min_link_bytes(workload: Workload, plan: Plan, profile: DeviceProfile) -> float:
-    """Fewest bytes per frame that must cross the link when the frame's weights (packed, at the plan's
-    formats) exceed the memory left by KV, activations and workspace: the blocks called least are
-    streamed first, fractionally."""
+def lower_bound_s(workload: Workload, plan: Plan, profile: DeviceProfile) -> float:
+    """min T over fractional placements with T ≥ K + (1−o)·C and T ≥ C + (1−o)·K: compute K, copy C and
+    the device's measured overlap o — even a perfect pipeline pays the interference it measured."""
     frame_blocks = list(dict.fromkeys(b for ph in workload.frame_phases() for b in ph.blocks))
     fixed = workload.kv_cache_bytes(plan.kv_dtype) + max(
         (workload.by_name[b].activation_bytes(plan.by_name[b].compute_dtype, workload.batch) for b in frame_blocks),
-        default=0)
-    fixed += GPU_WORKSPACE_BYTES if profile.is_gpu else 0
+        default=0) + (GPU_WORKSPACE_BYTES if profile.is_gpu else 0)
     room = plan.budget.vram_bytes - fixed
-    sizes = {b: workload.by_name[b].nbytes(plan.by_name[b].format) for b in frame_blocks}
-    excess = sum(sizes.values()) - room
-    if excess <= 0:
-        return 0.0
-    moved = 0.0
-    for b in sorted(frame_blocks, key=workload.calls_per_frame):
-        if excess <= 0:
-            break
-        part = min(sizes[b], excess)
-        moved += part * workload.calls_per_frame(b)
-        excess -= part
-    return moved
-
-
-def lower_bound_s(workload: Workload, plan: Plan, profile: DeviceProfile) -> float:
-    """max(K + (1−o)·C, C + (1−o)·K) for the compute floor K and the fewest link seconds C: even a
-    perfectly pipelined plan pays the device's measured copy/compute interference (overlap o)."""
-    link_peak = max(profile.link["h2d_pinned"].y) * 1e9
-    k = compute_floor_s(workload, plan, profile)
-    c = min_link_bytes(workload, plan, profile) / link_peak
+    link = max(profile.link["h2d_pinned"].y) * 1e9
     shared = 1.0 - profile.copy_compute_overlap
-    return max(k + shared * c, c + shared * k)
+    # variables: per block fractions resident, packed, streamed (dequant on compute), streamed (dequant
+    # on the copy engine); then T in ms
+    n, m = len(frame_blocks), 4
+    cost_k, cost_c, mem = np.zeros(m * n), np.zeros(m * n), np.zeros(m * n)
+    for i, name in enumerate(frame_blocks):
+        block, bp = workload.by_name[name], plan.by_name[name]
+        calls = workload.calls_per_frame(name)
+        k = compute_floor_s(workload, plan, profile, name) * 1e3
+        d = calls * dequant_s(block, bp.format, bp.compute_dtype, profile) * 1e3
+        move = calls * block.nbytes(bp.format) / link * 1e3
+        cost_k[m * i: m * i + m] = (k, k + d, k + d, k)
+        cost_c[m * i + 2: m * i + m] = (move, move + d)
+        mem[m * i: m * i + 2] = (block.nbytes(DTYPE_FORMAT[bp.compute_dtype]) / 2**30, block.nbytes(bp.format) / 2**30)
+    c_obj = np.zeros(m * n + 1)
+    c_obj[-1] = 1.0
+    a_ub = np.array([np.append(cost_k + shared * cost_c, -1.0), np.append(cost_c + shared * cost_k, -1.0),
+                     np.append(mem, 0.0)])
+    b_ub = np.array([0.0, 0.0, max(room, 0) / 2**30])
+    a_eq = np.zeros((n, m * n + 1))
+    for i in range(n):
+        a_eq[i, m * i: m * i + m] = 1.0
+    res = linprog(c_obj, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=np.ones(n), bounds=(0, None), method="highs")
+    if res.status != 0:  # nothing fits (room < 0): everything streams
+        k, c = cost_k[2::m].sum(), cost_c[2::m].sum()
+        return max(k + shared * c, c + shared * k) / 1e3
+    return res.fun / 1e3

@@ -56,10 +56,14 @@ class _JobBuilder:
 
     def load(self, block: str, frame: int, phase: str) -> None:
         bp = self.plan.by_name[block]
-        self.jobs.append(Job(label=f"load {block}", frame=frame, phase=phase, compute_s=0.0,
-                             copy_s=max(load_cost(self.w.by_name[block], bp, self.profile, self.plan.execution),
-                                        1e-12),
-                             copy_bytes=self.w.by_name[block].nbytes(bp.format)))
+        seconds = load_cost(self.w.by_name[block], bp, self.profile, self.plan.execution)
+        nbytes = self.w.by_name[block].nbytes(bp.format)
+        if self.plan.execution.copy_mode == "sync":  # a blocking load holds the compute stream
+            self.jobs.append(Job(label=f"load {block}", frame=frame, phase=phase, compute_s=seconds,
+                                 copy_bytes=nbytes))
+        else:
+            self.jobs.append(Job(label=f"load {block}", frame=frame, phase=phase, compute_s=0.0,
+                                 copy_s=max(seconds, 1e-12), copy_bytes=nbytes))
 
     def phase(self, ph, frame: int, ctx: int, loaded: set[str]) -> None:
         in_phase: set[str] = set()

@@ -1,0 +1,25 @@
+"""Peer `accelerate-sequential`: accelerate `cpu_offload` / diffusers `enable_sequential_cpu_offload`
+(ANCHORS.md, rows "accelerate" and "diffusers enable_sequential_cpu_offload").
+
+Everything is offloaded; each leaf module's pre-forward hook copies its weights in, blocking, every call.
+"""
+
+from __future__ import annotations
+
+from policies.base import PlanRequest, build_plan, uniform_blocks, weights_format
+from residency.plan import Execution, Plan
+
+NAME = "accelerate-sequential"
+# AlignDevicesHook: `set_module_tensor_to_device(..., non_blocking=False)` per tensor in each leaf module's
+# pre_forward, then back to meta after forward, so every call re-copies every tensor:
+# - per_tensor_copies: one transfer per tensor (leaf-module granularity) on the transfer-size curve;
+# - copy_mode "sync", depth 0: the copy runs on the compute stream, nothing is prefetched;
+# - pinned=False: the offloaded state dict is ordinary (pageable) host memory.
+EXECUTION = Execution(copy_mode="sync", prefetch_depth=0, pinned=False, per_tensor_copies=True)
+
+
+def plan(req: PlanRequest) -> Plan:
+    fmt = weights_format(req.compute_dtype)  # accelerate keeps weights as loaded: no quantization
+    blocks = uniform_blocks(req.workload, "streamed", fmt, req.compute_dtype)
+    return build_plan(req, NAME, blocks, EXECUTION,
+                      notes=(f"every block streamed at {fmt}, tensor by tensor, blocking, from pageable memory",))

@@ -1,0 +1,19 @@
+"""Peer `all-resident`: the no-offload baseline of every runtime in ANCHORS.md (a plain `model.to(device)`;
+ComfyUI's full load when the model fits): every block resident at the compute dtype's format, nothing streamed.
+"""
+
+from __future__ import annotations
+
+from policies.base import PlanRequest, build_plan, uniform_blocks, weights_format
+from residency.plan import Execution, Plan
+
+NAME = "all-resident"
+# `model.to(device)` from the pageable state dict, one copy per tensor, before the first call: it only
+# shapes the session start, never a steady frame.
+EXECUTION = Execution(copy_mode="sync", prefetch_depth=0, pinned=False, per_tensor_copies=True)
+
+
+def plan(req: PlanRequest) -> Plan:
+    fmt = weights_format(req.compute_dtype)
+    blocks = uniform_blocks(req.workload, "resident", fmt, req.compute_dtype)
+    return build_plan(req, NAME, blocks, EXECUTION, notes=(f"every block resident at {fmt}",))

@@ -1,0 +1,41 @@
+"""Peer `forge`: Forge's "GPU weights" budget (ANCHORS.md, row "Forge"): max(available/1.3, available −
+1.25 GiB) for weights, smallest modules resident first, the rest moved and cast on a mover stream.
+"""
+
+from __future__ import annotations
+
+from policies.base import PlanRequest, build_plan, weights_format
+from policies.peers._common import fill_greedy, inference_bytes, split_blocks
+from residency.plan import Execution, Plan
+from residency.units import fmt_bytes
+
+NAME = "forge"
+INFERENCE_MARGIN_BYTES = int(1.25 * 2**30)
+INFERENCE_RATIO = 1.3
+# Swapped modules: `.to(device, non_blocking=True)` of each weight and bias on the `mover_stream`
+# (one transfer per tensor) with the cast/dequant there too (dequant_on="copy"), an event the compute
+# stream waits on, the tensors held until the compute event completes (two in flight: depth 1). The copy
+# is issued from the module's own forward, so it runs ahead only as far as the CPU does
+# (lookahead_from_compute_start). Swapped weights live in shared (pinned) memory.
+EXECUTION = Execution(copy_mode="async", prefetch_depth=1, lookahead_from_compute_start=True, pinned=True,
+                      per_tensor_copies=True)
+
+
+def gpu_weights_budget(req: PlanRequest) -> int:
+    """max(available/1.3, available − 1.25 GiB), available = the VRAM budget less KV and activations."""
+    available = req.budget.vram_bytes - inference_bytes(req)
+    return max(0, int(max(available / INFERENCE_RATIO, available - INFERENCE_MARGIN_BYTES)))
+
+
+def plan(req: PlanRequest) -> Plan:
+    w = req.workload
+    fmt = weights_format(req.compute_dtype)
+    budget = gpu_weights_budget(req)
+    # Smallest first (ties: run order) until the next one would reach the budget.
+    order = sorted((b.name for b in w.blocks), key=lambda n: w.by_name[n].nbytes(fmt))
+    resident = fill_greedy(w, fmt, order, budget, stop_at_first_miss=True)
+    blocks = split_blocks(w, resident, fmt, req.compute_dtype, dequant_on="copy")
+    used = sum(w.by_name[n].nbytes(fmt) for n in resident)
+    notes = (f"GPU weights {fmt_bytes(budget)}: {len(resident)} of {len(w.blocks)} blocks resident "
+             f"({fmt_bytes(used)}), smallest first; the rest on the mover stream at {fmt}",)
+    return build_plan(req, NAME, blocks, EXECUTION, notes=notes)
