@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
+from residency.commands.console import make_console
 from residency.commands.sources import load_inventory
 from residency.inventory import COMPARE_FORMATS, BlockInfo, Inventory
 from residency.units import fmt_bytes, fmt_count
@@ -133,5 +134,5 @@ def run(args) -> int:
         json.dump(to_json(inv), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        render(inv, Console())
+        render(inv, make_console())
     return 0

@@ -10,8 +10,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from rich.console import Console
-
+from residency.commands.console import make_console
 from residency.commands.plan_render import render_comparison, render_plan
 from residency.commands.sources import resolve_workload
 from residency.errors import UsageError
@@ -98,7 +97,7 @@ def run(args) -> int:
         json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        console = Console()
+        console = make_console()
         render_plan(console, req.workload, chosen, req.profile)
         if len(plans) > 1:
             render_comparison(console, plans, req)

@@ -25,12 +25,35 @@ def _per_block_ms(workload: Workload, plan: Plan, profile) -> dict[str, dict[str
     return out
 
 
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0–2,5,7–8"."""
+    out, start = [], indices[0]
+    for prev, cur in zip(indices, indices[1:] + [None], strict=True):
+        if cur != prev + 1:
+            out.append(str(start) if start == prev else f"{start}–{prev}")
+            start = cur
+    return ",".join(out)
+
+
 def _group_label(names: list[str]) -> str:
     if len(names) == 1:
         return names[0]
-    head, _, first = names[0].rpartition(".")
-    last = names[-1].rpartition(".")[2]
-    return f"{head}.{first}–{last} (×{len(names)})"
+    head = names[0].rpartition(".")[0]
+    return f"{head}.{_ranges([int(n.rpartition('.')[2]) for n in names])} (×{len(names)})"
+
+
+def _grouped(workload: Workload, plan: Plan, blocks, ms) -> list[tuple[tuple, list[str]]]:
+    """Blocks of one numbered list with equal placement, format, size and FLOPs share a row."""
+    rows: dict[tuple, list[str]] = {}
+    for b in blocks:
+        bp = plan.by_name[b.name]
+        head, _, idx = b.name.rpartition(".")
+        # Timings are not part of the key: a copy's time shifts with its place in the prefetch pipeline
+        # (interference with whichever block computes beside it); the row shows the group's mean.
+        key = (head if idx.isdigit() else b.name, bp.placement, bp.format, b.nbytes(bp.format),
+               b.flops(workload.context_frames))
+        rows.setdefault(key, []).append(b.name)
+    return list(rows.items())
 
 
 def render_plan(console: Console, workload: Workload, plan: Plan, profile) -> None:
@@ -42,25 +65,16 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile) -> No
                   f"budget {fmt_bytes(budget.vram_bytes)}{fps_budget}, {workload.steps} steps")
     for component in workload.components:
         blocks = [b for b in workload.blocks if b.component == component]
-        table = Table(title=component, title_justify="left")
-        for col, justify in (("blocks", "left"), ("placement", "left"), ("format", "left"), ("MB each", "right"),
-                             ("copy ms", "right"), ("dequant ms", "right"), ("compute ms", "right")):
+        table = Table(title=f"{component} — ms per block in a steady latent frame", title_justify="left")
+        table.add_column("blocks", no_wrap=True)
+        for col, justify in (("placement", "left"), ("format", "left"), ("MB", "right"), ("copy", "right"),
+                             ("dequant", "right"), ("compute", "right")):
             table.add_column(col, justify=justify)
-        rows: list[tuple[tuple, list[str]]] = []
-        for b in blocks:
-            bp = plan.by_name[b.name]
-            t = ms[b.name]
-            key = (bp.placement, bp.format, b.nbytes(bp.format), round(t["copy"], 3), round(t["dequant"], 3),
-                   round(t["compute"], 3))
-            same_list = rows and rows[-1][0] == key and rows[-1][1][-1].rpartition(".")[0] == b.name.rpartition(".")[0]
-            if same_list:
-                rows[-1][1].append(b.name)
-            else:
-                rows.append((key, [b.name]))
-        for key, names in rows:
-            placement, fmt, nbytes, copy_ms, deq_ms, comp_ms = key
-            table.add_row(_group_label(names), placement, fmt, f"{nbytes / 1e6:.1f}", f"{copy_ms:.2f}",
-                          f"{deq_ms:.2f}", f"{comp_ms:.2f}")
+        for key, names in _grouped(workload, plan, blocks, ms):
+            _, placement, fmt, nbytes = key[:4]
+            mean = {k: sum(ms[n][k] for n in names) / len(names) for k in ("copy", "dequant", "compute")}
+            table.add_row(_group_label(names), placement, fmt, f"{nbytes / 1e6:.1f}", f"{mean['copy']:.2f}",
+                          f"{mean['dequant']:.2f}", f"{mean['compute']:.2f}")
         console.print(table)
     if pred is None:
         return

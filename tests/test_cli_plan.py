@@ -1,0 +1,82 @@
+"""`residency plan`: exit codes, sizes, JSON, the written plan, and every bad input's error and hint."""
+
+import json
+
+import pytest
+
+from residency.cli import main
+from residency.plan import load_plan
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_budget_that_holds_exits_0_and_writes_the_plan(capsys, tmp_path):
+    out_path = tmp_path / "plan.json"
+    code, out, err = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt", "--fps", "30", "--vram", "2GiB",
+                         "-o", str(out_path))
+    assert code == 0, err
+    assert "✓ holds" in out and "device memory at the peak" in out
+    plan = load_plan(out_path)
+    assert plan.model == "tiny" and plan.budget.vram_bytes == 2 * 2**30
+    assert plan.budget.frame_ms == pytest.approx(1000 / 30)  # tiny: one video frame per latent frame
+
+
+def test_an_unreachable_frame_budget_exits_3_with_the_gap_and_still_writes(capsys, tmp_path):
+    out_path = tmp_path / "plan.json"
+    code, out, _ = run(capsys, "plan", "lucid-500m", "--profile", "rtx-3060-12gb", "--frame-ms", "1",
+                       "-o", str(out_path))
+    assert code == 3
+    assert "misses the frame budget" in out and "needs " in out
+    assert out_path.exists()
+
+
+def test_json_output_is_one_document_with_the_prediction(capsys):
+    code, out, _ = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--vram", "6000MB", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["budget"]["vram_bytes"] == 6000 * 10**6
+    assert doc["prediction"]["frame_ms"] > 0 and doc["holds_budget"] is True
+
+
+def test_policy_all_compares_every_peer(capsys):
+    code, out, _ = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt", "--policy", "all")
+    assert code == 0
+    for name in ("accelerate-sequential", "diffusers-group-offload", "comfyui-partial", "forge", "flexgen-lp"):
+        assert name in out
+
+
+def test_steps_change_the_plan(capsys):
+    _, out2, _ = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--steps", "2", "--json")
+    _, out8, _ = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--steps", "8", "--json")
+    assert json.loads(out8)["prediction"]["frame_ms"] > json.loads(out2)["prediction"]["frame_ms"]
+
+
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        (["plan", "no-such-model", "--profile", "rtx-5090"], 1, "unknown model 'no-such-model'"),
+        (["plan", "tiny", "--profile", "no-such-gpu"], 1, "no-such-gpu"),
+        (["plan", "tiny", "--profile", "rtx-5090", "--vram", "lots"], 2, "cannot read --vram 'lots'"),
+        (["plan", "tiny", "--profile", "rtx-5090", "--fps", "-5"], 2, "--fps must be positive"),
+        (["plan", "tiny", "--profile", "rtx-5090", "--steps", "0"], 2, "--steps must be between"),
+        (["plan", "tiny", "--profile", "rtx-5090", "--policy", "magic"], 1, "unknown policy 'magic'"),
+        (["plan", "tiny"], 2, "--profile"),
+        (["plan", "tiny", "--profile", "rtx-5090", "--fps", "30", "--frame-ms", "10"], 2, "not allowed"),
+    ],
+)
+def test_bad_input_gets_an_error_and_a_hint_without_traceback(capsys, argv, code, message):
+    got, _, err = run(capsys, *argv)
+    assert got == code
+    assert message in err
+    assert "hint:" in err and "Traceback" not in err
+
+
+def test_an_unwritable_output_leaves_no_file(capsys, tmp_path):
+    target = tmp_path / "missing-dir" / "plan.json"
+    code, _, err = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "-o", str(target))
+    assert code == 1 and "error:" in err and "hint:" in err
+    assert not target.exists() and not target.parent.exists()
