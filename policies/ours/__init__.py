@@ -19,7 +19,7 @@ from residency.workload import Workload
 
 DEPTHS = (1, 2)  # prefetch depths tried; deeper rarely pays for its slot memory on a world model
 REPAIRS = 4  # re-solves with a tightened linear budget when the simulator disagrees
-QUALITY_SLACK = 1.02  # without a frame budget: best quality within 2% of the fastest plan
+QUALITY_SLACK = 1.10  # without a frame budget: the best quality within 10% of the fastest plan
 
 
 def fixed_bytes(req: PlanRequest, kv_dtype: str) -> int:

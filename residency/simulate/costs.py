@@ -46,10 +46,7 @@ def dequant_s(block: BlockSpec, fmt: str, compute_dtype: str, profile: DevicePro
 def copy_s(block: BlockSpec, fmt: str, profile: DeviceProfile, execution: Execution) -> float:
     if not execution.per_tensor_copies:
         return profile.h2d_s(block.nbytes(fmt), execution.pinned)
-    from residency.formats.sizing import tensor_bytes
-
-    f = get_format(fmt)
-    return sum(profile.h2d_s(tensor_bytes(shape, f), execution.pinned) for _, shape in block.tensors)
+    return sum(profile.h2d_s(n, execution.pinned) for n in block.tensor_nbytes(fmt))
 
 
 def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_frames: int,

@@ -53,12 +53,17 @@ class BlockSpec:
         """Weights that really take `fmt` (the rest fall back): what a dequant kernel processes."""
         return self._quantized_by_format[fmt]
 
+    def tensor_nbytes(self, fmt: str) -> tuple[int, ...]:
+        """Bytes of each tensor stored as `fmt` (after the fallback rule), in tensor order."""
+        return self._tensor_bytes_by_format[fmt]
+
+    @cached_property
+    def _tensor_bytes_by_format(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(effective_format(f, s).nbytes(s) for _, s in self.tensors) for name, f in FORMATS.items()}
+
     @cached_property
     def _bytes_by_format(self) -> dict[str, int]:
-        out = {}
-        for name, f in FORMATS.items():
-            out[name] = sum(effective_format(f, s).nbytes(s) for _, s in self.tensors)
-        return out
+        return {name: sum(sizes) for name, sizes in self._tensor_bytes_by_format.items()}
 
     @cached_property
     def _quantized_by_format(self) -> dict[str, int]:
