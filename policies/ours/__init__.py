@@ -18,7 +18,7 @@ from residency.simulate.memory import GPU_WORKSPACE_BYTES
 from residency.workload import Workload
 
 DEPTHS = (1, 2)  # prefetch depths tried; deeper rarely pays for its slot memory on a world model
-REPAIRS = 4  # re-solves with a tightened linear budget when the simulator disagrees
+REPAIRS = 5  # bisection steps on the linear frame budget when the simulator disagrees
 QUALITY_SLACK = 1.10  # without a frame budget: the best quality within 10% of the fastest plan
 
 
@@ -89,18 +89,23 @@ def _search(req: PlanRequest, kv_dtype: str, depth: int) -> list[Plan]:
     if target_ms is None:
         # best quality within the slack of the fastest, measured by the simulator
         target_ms = plans[0].prediction.frame_ms * QUALITY_SLACK
-    linear_s = target_ms / 1e3
+    # Bisection on the linear model's frame budget: the simulator sees stalls the linear model does
+    # not, so the largest linear budget whose plan the simulator confirms is searched for.
+    lo, hi = fastest.frame_s, target_ms / 1e3
+    linear_s = hi
     for _ in range(REPAIRS):
         sol = solve(replace(base, objective="loss", frame_s=linear_s))
         if sol is None:
             break
         candidate = _to_plan(req, classes, sol, execution, kv_dtype)
         plans.append(candidate)
-        sim_ms = candidate.prediction.frame_ms
-        if sim_ms <= target_ms * (1 + 1e-9) and fits_memory(candidate):
-            break
-        # the simulator sees stalls the linear model does not: aim lower by the disagreement
-        linear_s *= min(0.98, target_ms / max(sim_ms, 1e-12))
+        if candidate.prediction.frame_ms <= target_ms * (1 + 1e-9) and fits_memory(candidate):
+            if linear_s >= target_ms / 1e3 * (1 - 1e-9):
+                break  # confirmed at the full budget: nothing better to find
+            lo = linear_s
+        else:
+            hi = linear_s
+        linear_s = (lo + hi) / 2
     return plans
 
 
