@@ -59,7 +59,7 @@ def frame_budget_ms(args, video_frames_per_latent: int) -> float | None:
 def make_request(args):
     from policies import PlanRequest
     from residency.device import resolve_profile
-    from residency.hostmem import host_available_bytes
+    from residency.device.host_memory import host_memory
     from residency.plan import Budget
 
     if args.steps is not None and not 1 <= args.steps <= 64:
@@ -68,7 +68,7 @@ def make_request(args):
     profile = resolve_profile(args.profile)
     vram = parse_size(args.vram, "--vram") if args.vram else profile.memory_usable_bytes
     budget = Budget(vram, frame_budget_ms(args, workload.video_frames_per_latent))
-    return PlanRequest(workload, profile, budget, host_bytes_available=host_available_bytes())
+    return PlanRequest(workload, profile, budget, host_bytes_available=host_memory().available_bytes)
 
 
 def run(args) -> int:

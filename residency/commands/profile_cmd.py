@@ -1,0 +1,109 @@
+"""`residency profile`: measure this machine (a GPU, or the CPU backend) and write its DeviceProfile.
+
+A progress bar on stderr while measuring, then a summary table, then the profile file, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from residency.commands.console import make_console
+from residency.device import DeviceProfile, default_device, measure_profile, profile_to_dict, save_profile
+from residency.device.measure import parse_device
+from residency.errors import ResidencyError
+from residency.units import fmt_bytes
+
+SUMMARY_LINK_SIZES_BYTES = (64 * 2**10, 2**20, 64 * 2**20)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("profile", help="measure this machine's link, memory, matmul and dequant rates")
+    p.add_argument("--device", default=None, help="cuda:N or cpu (default: cuda:0 if a GPU is visible, else cpu)")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (under a minute on the CPU)")
+    p.add_argument("-o", "--output", metavar="PATH", default=None,
+                   help="where to write the profile JSON (default: ./profile-<device>.json)")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON instead of the summary table")
+    p.set_defaults(run=run)
+
+
+def default_output(device: str) -> Path:
+    return Path(f"profile-{re.sub(r'[^a-z0-9]+', '', device.lower())}.json")
+
+
+def _check_output(path: Path) -> None:
+    # Checked before measuring: a bad -o should not cost a minute of measurement.
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ResidencyError(f"{path}: directory {str(parent)!r} does not exist",
+                             hint="create it first, or give -o a path in an existing directory")
+    if path.is_dir():
+        raise ResidencyError(f"{path}: is a directory", hint="give -o a file name, e.g. -o profile.json")
+
+
+def _pct(spread: float) -> str:
+    return f"±{50 * spread:.0f}%"  # half the p10–p90 width, relative to the median
+
+
+def render(profile: DeviceProfile, console: Console) -> None:
+    table = Table(title=f"{profile.name} ({profile.backend})", title_justify="left")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_column("p10–p90 / 2", justify="right")
+    table.add_row("memory total / usable", f"{fmt_bytes(profile.memory_total_bytes)} / "
+                  f"{fmt_bytes(profile.memory_usable_bytes)}", "")
+    for direction in ("h2d_pinned", "h2d_pageable", "d2h_pinned"):
+        curve = profile.link[direction]
+        for n in SUMMARY_LINK_SIZES_BYTES:
+            i = min(range(len(curve.x)), key=lambda j: abs(curve.x[j] - n))
+            spread = _pct(curve.spread[i]) if curve.spread and curve.x[i] == n else ""
+            table.add_row(f"link {direction} @ {fmt_bytes(n)}", f"{curve.at(n):.2f} GB/s", spread)
+    table.add_row("device memory (read + write)", f"{profile.device_memory_gbps:.1f} GB/s", "")
+    for dtype, curve in profile.matmul_tflops.items():
+        for i in sorted({0, len(curve.x) - 1}):
+            spread = _pct(curve.spread[i]) if curve.spread else ""
+            table.add_row(f"matmul {dtype} @ {int(curve.x[i])} rows", f"{curve.y[i]:.3g} TFLOP/s", spread)
+    for fmt, rate in profile.dequant_gweights_per_s.items():
+        table.add_row(f"dequant {fmt} → bf16", f"{rate:.3g} G weights/s", "")
+    table.add_row("copy/compute overlap", f"{profile.copy_compute_overlap:.2f}", "")
+    table.add_row("launch overhead", f"{profile.launch_overhead_us:.2f} µs", "")
+    if profile.compute_threads:
+        table.add_row("compute threads", str(profile.compute_threads), "")
+    console.print(table)
+
+
+def run(args) -> int:
+    device = args.device or default_device()
+    parse_device(device)
+    output = Path(args.output) if args.output else default_output(device)
+    _check_output(output)
+    source = f"residency profile --device {device}" + (" --quick" if args.quick else "")
+    err = Console(stderr=True)
+    started = time.perf_counter()
+    with Progress(TextColumn("{task.description:<22}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(f"measuring {device}", total=None)
+
+        def progress(label: str, done: int, total: int) -> None:
+            bar.update(task, description=label, completed=done, total=total)
+
+        profile = measure_profile(device, args.quick, progress, source)
+    elapsed_s = time.perf_counter() - started
+    path = save_profile(profile, output)
+    if args.json:
+        json.dump(profile_to_dict(profile), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        print(f"wrote {path} ({elapsed_s:.1f} s of measurement)", file=sys.stderr)
+    else:
+        console = make_console()
+        render(profile, console)
+        console.print(f"wrote [bold]{path}[/bold] ({elapsed_s:.1f} s of measurement); "
+                      f"plan with --profile {path}")
+    return 0

@@ -1,0 +1,32 @@
+"""Inputs for the dequant measurement: one packed blob per storage format, made on the host.
+
+Dequant-only formats (Q2_K, Q3_K) get random valid blocks with small finite fp16 scales.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from residency.formats import FORMATS, StorageFormat
+
+# Q2_K/Q3_K keep their fp16 super-block scales (d, dmin or d) in the last 4 bytes of a block.
+_KQUANT_SCALE_BYTES = 4
+
+
+def packed_sample(fmt: StorageFormat, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """A flat uint8 blob of `fmt.nbytes((rows, cols))` bytes that unpacks to finite weights."""
+    if fmt.can_pack:
+        gen = torch.Generator().manual_seed(seed)
+        return fmt.pack(torch.randn(rows, cols, generator=gen))
+    blocks = rows * cols // fmt.block_weights
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(blocks, fmt.block_bytes), dtype=np.uint8)
+    scales = (rng.standard_normal((blocks, 2)) * 1e-2).astype(np.float16)
+    raw[:, -_KQUANT_SCALE_BYTES:] = scales.view(np.uint8)
+    return torch.from_numpy(raw.reshape(-1))
+
+
+def measured_formats() -> list[str]:
+    """Every registered format; each has an unpack path on every device."""
+    return list(FORMATS)

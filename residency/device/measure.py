@@ -1,0 +1,48 @@
+"""`measure_profile(device, quick)`: measure this machine's CPU backend or one GPU into a DeviceProfile.
+
+Picks the CPU or the torch.cuda (CUDA or ROCm) measurement; a GPU asked for but absent is a user error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from residency.device.profile import DeviceProfile
+from residency.device.timing import ProgressFn
+from residency.errors import ResidencyError, UsageError
+
+
+def default_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """("cpu", 0) or ("cuda", index) from `cpu`, `cuda` or `cuda:N` (ROCm GPUs are `cuda` in torch too)."""
+    text = device.strip().lower()
+    if text == "cpu":
+        return "cpu", 0
+    kind, _, index = text.partition(":")
+    if kind == "cuda" and (index == "" or index.isdigit()):
+        return "cuda", int(index or 0)
+    raise UsageError(f"unknown device {device!r}", hint="use cpu, cuda or cuda:N (ROCm GPUs are cuda:N too)")
+
+
+def measure_profile(device: str, quick: bool, progress: ProgressFn | None = None,
+                    source: str | None = None) -> DeviceProfile:
+    """Measure `device`; `source` is the command recorded in every number's provenance."""
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        from residency.device import measure_cpu
+
+        return measure_cpu.measure(quick, progress, source)
+    if not torch.cuda.is_available():
+        raise ResidencyError(f"cannot measure {device}: torch sees no CUDA or ROCm GPU "
+                             f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, "
+                             f"HIP {getattr(torch.version, 'hip', None) or 'none'})",
+                             hint="measure the CPU backend with --device cpu, or install a CUDA/ROCm build of torch")
+    if index >= torch.cuda.device_count():
+        raise ResidencyError(f"cannot measure {device}: only {torch.cuda.device_count()} GPU(s) visible",
+                             hint="pick one of " + ", ".join(f"cuda:{i}" for i in range(torch.cuda.device_count())))
+    from residency.device import measure_cuda
+
+    return measure_cuda.measure(index, quick, progress, source)

@@ -1,0 +1,304 @@
+"""Measure the CPU backend: RAM as device memory, a copy thread as the link, compute on cores − 1.
+
+The copy engine is a worker thread doing `dst.copy_(src)` (torch releases the GIL), as the runtime's is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from residency.device.bench_inputs import measured_formats, packed_sample
+from residency.device.host_memory import cpu_reserve_bytes, host_memory
+from residency.device.profile import COMPUTE_DTYPES, LINK_DIRECTIONS, Curve, DeviceProfile, Provenance
+from residency.device.timing import ProgressFn, Timing, overlap_fraction, repeats_for, summarize, time_samples
+from residency.errors import ResidencyError
+from residency.formats import get_format
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KIB, MIB = 2**10, 2**20
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """How much to measure: sizes, shapes and a time budget per sample point."""
+
+    link_sizes_bytes: tuple[int, ...]
+    link_point_s: float  # time spent per transfer size and direction
+    memcpy_bytes: int  # one device-memory copy
+    matmul_dim: int
+    matmul_rows: tuple[int, ...]
+    matmul_point_s: float
+    matmul_max_call_s: float  # stop growing rows once one call takes longer (CPU fp16 runs ~1 GFLOP/s)
+    dequant_shape: tuple[int, int]
+    dequant_point_s: float
+    overlap_job_s: float  # length of each of the copy and compute jobs
+    overlap_repeats: int
+
+
+QUICK = CpuPlan((64 * KIB, MIB, 16 * MIB, 64 * MIB), 0.12, 64 * MIB, 1024, (16, 256, 4096), 0.3, 0.25,
+                (256, 4096), 0.12, 0.15, 5)
+FULL = CpuPlan((64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB), 0.5, 256 * MIB, 1024,
+               (16, 64, 256, 512, 4096), 1.0, 2.0, (1024, 4096), 0.5, 0.4, 7)
+
+
+class CopyThread:
+    """A worker thread that runs copy jobs one at a time: the CPU backend's copy engine."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="residency-profile-copy", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+                self._done.put(None)
+            except BaseException as e:  # handed to the waiting thread, which re-raises it
+                self._done.put(e)
+
+    def submit(self, job: Callable[[], object]) -> None:
+        self._jobs.put(job)
+
+    def wait(self) -> None:
+        err = self._done.get()
+        if err is not None:
+            raise err
+
+    def run(self, job: Callable[[], object]) -> float:
+        """Seconds from hand-off to completion, as a caller of the copy engine sees it."""
+        t0 = time.perf_counter()
+        self.submit(job)
+        self.wait()
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _filled(nbytes: int) -> torch.Tensor:
+    # fill_ faults every page in now, so no timed copy pays first-touch page faults.
+    return torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+
+
+def measure_link(engine: CopyThread, plan: CpuPlan) -> dict[str, Curve]:
+    """h2d = host store → slot, d2h = slot → host store, each a copy on the engine thread."""
+    largest = max(plan.link_sizes_bytes)
+    store, slot = _filled(largest), _filled(largest)
+    curves = {}
+    for direction, (src_all, dst_all) in (("h2d", (store, slot)), ("d2h", (slot, store))):
+        gbps, spread = [], []
+        for n in plan.link_sizes_bytes:
+            src, dst = src_all[:n], dst_all[:n]
+            first = engine.run(lambda s=src, d=dst: d.copy_(s))
+            reps = repeats_for(first, plan.link_point_s, lo=5, hi=200)
+            t = summarize([engine.run(lambda s=src, d=dst: d.copy_(s)) for _ in range(reps)])
+            gbps.append(n / t.median_s / 1e9)
+            spread.append(round(t.spread, 4))
+        curves[direction] = Curve(tuple(float(n) for n in plan.link_sizes_bytes), tuple(gbps), tuple(spread))
+    # One host memory: pinned and pageable are the same buffers on the CPU backend.
+    return {d: curves[d.split("_")[0]] for d in LINK_DIRECTIONS}
+
+
+def measure_memcpy_gbps(plan: CpuPlan) -> tuple[float, Timing]:
+    src, dst = _filled(plan.memcpy_bytes), _filled(plan.memcpy_bytes)
+    t = time_samples(lambda: dst.copy_(src), repeats=5)
+    return 2 * plan.memcpy_bytes / t.median_s / 1e9, t  # bytes read plus bytes written
+
+
+def measure_matmul(dtype: str, plan: CpuPlan) -> Curve:
+    """TFLOP/s of x (rows × dim) @ W (dim × dim); rows grow until one call exceeds the cap."""
+    dim, tdtype = plan.matmul_dim, TORCH_DTYPES[dtype]
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(dim, dim, generator=gen).to(tdtype)
+    xs, ys, spread = [], [], []
+    for rows in plan.matmul_rows:
+        x = torch.randn(rows, dim, generator=gen).to(tdtype)
+        out = torch.empty(rows, dim, dtype=tdtype)
+        t0 = time.perf_counter()
+        torch.matmul(x, w, out=out)
+        first = time.perf_counter() - t0
+        t = time_samples(lambda x=x, out=out: torch.matmul(x, w, out=out),
+                         repeats_for(first, plan.matmul_point_s, lo=3, hi=30), warmup=0)
+        xs.append(float(rows))
+        ys.append(2.0 * rows * dim * dim / t.median_s / 1e12)
+        spread.append(round(t.spread, 4))
+        if first > plan.matmul_max_call_s:
+            break
+    return Curve(tuple(xs), tuple(ys), tuple(spread))
+
+
+def measure_dequant(name: str, plan: CpuPlan) -> float:
+    """1e9 weights/s unpacked into a preallocated bf16 buffer (the path `residency.formats` takes)."""
+    fmt = get_format(name)
+    rows, cols = plan.dequant_shape
+    packed = packed_sample(fmt, rows, cols)
+    out = torch.empty(rows, cols, dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    fmt.unpack(packed, out)
+    first = time.perf_counter() - t0
+    t = time_samples(lambda: fmt.unpack(packed, out), repeats_for(first, plan.dequant_point_s, lo=3, hi=30))
+    return rows * cols / t.median_s / 1e9
+
+
+def measure_overlap(engine: CopyThread, plan: CpuPlan) -> float:
+    """Copy on the engine thread alone, matmuls alone, then both at once; see timing.overlap_fraction."""
+    chunk = 16 * MIB
+    src, dst = _filled(chunk), _filled(chunk)
+    dim = plan.matmul_dim
+    x, w = torch.randn(256, dim), torch.randn(dim, dim)
+    out = torch.empty(256, dim)
+    one_copy_s = summarize([engine.run(lambda: dst.copy_(src)) for _ in range(5)]).median_s
+    one_matmul_s = time_samples(lambda: torch.matmul(x, w, out=out), repeats=5).median_s
+    copies = max(1, round(plan.overlap_job_s / one_copy_s))
+    matmuls = max(1, round(plan.overlap_job_s / one_matmul_s))
+
+    def copy_job() -> None:
+        for _ in range(copies):
+            dst.copy_(src)
+
+    def compute_job() -> None:
+        for _ in range(matmuls):
+            torch.matmul(x, w, out=out)
+
+    copy_s, compute_s, both_s = [], [], []
+    for _ in range(plan.overlap_repeats):
+        copy_s.append(engine.run(copy_job))
+        t0 = time.perf_counter()
+        compute_job()
+        compute_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        engine.submit(copy_job)
+        compute_job()
+        engine.wait()
+        both_s.append(time.perf_counter() - t0)
+    return overlap_fraction(summarize(copy_s).median_s, summarize(compute_s).median_s, summarize(both_s).median_s)
+
+
+def measure_launch_us() -> float:
+    """Median cost of dispatching one tiny torch op (an in-place add on one element)."""
+    a, b = torch.zeros(1), torch.ones(1)
+    ops = 2000
+
+    def burst() -> None:
+        for _ in range(ops):
+            a.add_(b)
+
+    return time_samples(burst, repeats=7).median_s / ops * 1e6
+
+
+def measure(quick: bool, progress: ProgressFn | None = None, source: str | None = None) -> DeviceProfile:
+    plan = QUICK if quick else FULL
+    source = source or f"residency profile --device cpu{' --quick' if quick else ''}"
+    formats = measured_formats()
+    steps = ["memory", "link", "device memory", *(f"matmul {d}" for d in COMPUTE_DTYPES),
+             *(f"dequant {f}" for f in formats), "overlap", "launch overhead"]
+    done = 0
+
+    def step(label: str) -> None:
+        nonlocal done
+        if progress is not None:
+            progress(label, done, len(steps))
+        done += 1
+
+    cores = cpu_cores()
+    compute_threads = max(1, cores - 1)
+    previous_threads = torch.get_num_threads()
+    # Compute keeps cores − 1 threads; the copy thread's copy_ then runs inline on its own core.
+    torch.set_num_threads(compute_threads)
+    engine = CopyThread()
+    try:
+        step("memory")
+        mem = host_memory()
+        reserve = cpu_reserve_bytes(mem.total_bytes)
+        usable = mem.available_bytes - reserve
+        if usable <= 0:
+            raise ResidencyError(f"only {mem.available_bytes} bytes of RAM are available, less than the "
+                                 f"{reserve}-byte reserve", hint="close other programs and measure again")
+        step("link")
+        link = measure_link(engine, plan)
+        step("device memory")
+        memcpy_gbps, _ = measure_memcpy_gbps(plan)
+        matmul = {}
+        for d in COMPUTE_DTYPES:
+            step(f"matmul {d}")
+            matmul[d] = measure_matmul(d, plan)
+        dequant = {}
+        for f in formats:
+            step(f"dequant {f}")
+            dequant[f] = measure_dequant(f, plan)
+        step("overlap")
+        overlap = measure_overlap(engine, plan)
+        step("launch overhead")
+        launch_us = measure_launch_us()
+    finally:
+        engine.close()
+        torch.set_num_threads(previous_threads)
+    if progress is not None:
+        progress("done", len(steps), len(steps))
+
+    def measured(note: str = "") -> Provenance:
+        return Provenance("measured", f"{source} — {note}" if note else source)
+
+    rows, cols = plan.dequant_shape
+    provenance = {
+        "memory": measured(f"RAM via psutil, limited by {mem.limited_by}; usable = available − reserve "
+                           "(10 % of total, within 0.5–2 GiB)"),
+        "link": measured("copy thread doing dst.copy_(src) between host buffers; pinned and pageable are the "
+                         "same host memory on the CPU backend, so each direction is measured once and recorded "
+                         "for both"),
+        "device_memory_gbps": measured(f"{plan.memcpy_bytes} B copy, read + write bytes counted"),
+        "matmul_tflops": measured(f"x (rows × {plan.matmul_dim}) @ W ({plan.matmul_dim}²) on {compute_threads} "
+                                  f"threads; rows stop growing once one call exceeds {plan.matmul_max_call_s} s"),
+        "dequant_gweights_per_s": measured(f"unpack of a {rows}×{cols} matrix into bf16; Q2_K/Q3_K from random "
+                                           "valid blocks"),
+        "copy_compute_overlap": measured("copy thread alone, matmul loop alone, both at once"),
+        "launch_overhead_us": measured("in-place add on a 1-element tensor"),
+    }
+    return DeviceProfile(
+        name=f"{cpu_model()} ({cores} cores)",
+        vendor="cpu",
+        backend="cpu",
+        torch_version=torch.__version__,
+        cuda_version=torch.version.cuda or "",
+        hip_version=getattr(torch.version, "hip", None) or "",
+        driver="",
+        date=datetime.date.today().isoformat(),
+        memory_total_bytes=mem.total_bytes,
+        memory_reserve_bytes=reserve,
+        memory_usable_bytes=usable,
+        link=link,
+        device_memory_gbps=memcpy_gbps,
+        matmul_tflops=matmul,
+        dequant_gweights_per_s=dequant,
+        copy_compute_overlap=overlap,
+        launch_overhead_us=launch_us,
+        compute_threads=compute_threads,
+        provenance=provenance,
+    )

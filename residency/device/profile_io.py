@@ -1,0 +1,310 @@
+"""DeviceProfile <-> JSON: a versioned document with units in its field names, written atomically.
+
+Loading validates every number; errors name the file, the field, the value and the unit expected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from profiles import profiles_dir, shipped_profile_paths
+from residency.checkpoint.atomic import atomic_output
+from residency.device.profile import (
+    BACKENDS,
+    COMPUTE_DTYPES,
+    LINK_DIRECTIONS,
+    PROVENANCE_KINDS,
+    Curve,
+    DeviceProfile,
+    Provenance,
+)
+from residency.errors import ResidencyError
+
+PROFILE_SCHEMA_VERSION = 1
+# Top-level groups of numbers that must each say where they came from.
+PROVENANCE_FIELDS = (
+    "memory",
+    "link",
+    "device_memory_gbps",
+    "matmul_tflops",
+    "dequant_gweights_per_s",
+    "copy_compute_overlap",
+    "launch_overhead_us",
+)
+# JSON names of a curve's axes: link curves are GB/s over transfer bytes, matmul curves TFLOP/s over rows.
+LINK_AXES = ("sizes_bytes", "gbps")
+MATMUL_AXES = ("rows", "tflops")
+# What each unit suffix means, for messages that say which unit is expected.
+UNIT_TEXT = {
+    "bytes": "bytes",
+    "gbps": "GB/s (1e9 bytes per second)",
+    "tflops": "TFLOP/s (1e12 per second)",
+    "us": "microseconds",
+    "gweights_per_s": "1e9 weights per second",
+    "rows": "token rows",
+}
+_STRINGS = ("name", "vendor", "backend", "torch_version", "cuda_version", "hip_version", "driver", "date")
+_MEMORY = ("memory_total_bytes", "memory_reserve_bytes", "memory_usable_bytes")
+_TOP_KEYS = ("schema_version", *_STRINGS, *_MEMORY, "link", "device_memory_gbps", "matmul_tflops",
+             "dequant_gweights_per_s", "copy_compute_overlap", "launch_overhead_us", "compute_threads", "provenance")
+_FIX_HINT = "re-create it with `residency profile -o`, or fix the field by hand"
+
+
+# ---------------------------------------------------------------- writing
+def _curve_to_dict(curve: Curve, axes: tuple[str, str]) -> dict[str, list[float]]:
+    # Sizes and rows are whole numbers: write 65536, not 65536.0 (the value read back is the same).
+    xs = [int(x) if float(x).is_integer() else x for x in curve.x]
+    return {axes[0]: xs, axes[1]: list(curve.y), "spread": list(curve.spread)}
+
+
+def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
+    doc: dict[str, Any] = {"schema_version": PROFILE_SCHEMA_VERSION}
+    doc.update({k: getattr(profile, k) for k in _STRINGS + _MEMORY})
+    doc["link"] = {d: _curve_to_dict(c, LINK_AXES) for d, c in profile.link.items()}
+    doc["device_memory_gbps"] = profile.device_memory_gbps
+    doc["matmul_tflops"] = {d: _curve_to_dict(c, MATMUL_AXES) for d, c in profile.matmul_tflops.items()}
+    doc["dequant_gweights_per_s"] = dict(profile.dequant_gweights_per_s)
+    doc["copy_compute_overlap"] = profile.copy_compute_overlap
+    doc["launch_overhead_us"] = profile.launch_overhead_us
+    doc["compute_threads"] = profile.compute_threads
+    doc["provenance"] = {
+        k: {"kind": p.kind, "source": p.source, "derating": p.derating} for k, p in profile.provenance.items()
+    }
+    return doc
+
+
+def save_profile(profile: DeviceProfile, path: str | os.PathLike[str]) -> Path:
+    """Write `profile` as JSON to `path` atomically (the old file or the new one, never half of one)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ResidencyError(f"{path}: directory {str(path.parent)!r} does not exist",
+                             hint="create it first, or give -o a path in an existing directory")
+    text = json.dumps(profile_to_dict(profile), indent=2) + "\n"
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- reading
+class _Reader:
+    """Validates one document; every error names the file and the dotted field path."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, field: str, problem: str, hint: str = _FIX_HINT) -> ResidencyError:
+        return ResidencyError(f"{self.source}: field '{field}' {problem}", hint=hint)
+
+    def obj(self, value: Any, field: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(field, f"= {value!r}: expected a JSON object")
+        return value
+
+    def get(self, doc: dict[str, Any], key: str, where: str = "") -> Any:
+        if key not in doc:
+            raise self.fail(f"{where}.{key}" if where else key, "is missing")
+        return doc[key]
+
+    def number(self, value: Any, field: str, unit: str, minimum: float = 0.0, strict: bool = True,
+               integer: bool = False) -> float:
+        what = f"a number in {UNIT_TEXT.get(unit, unit)}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(field, f"= {value!r}: expected {what}",
+                            hint=f"write a bare JSON number in {UNIT_TEXT.get(unit, unit)}, without a unit")
+        if not math.isfinite(value):
+            raise self.fail(field, f"= {value!r}: expected a finite number")
+        if integer and int(value) != value:
+            raise self.fail(field, f"= {value!r}: expected a whole number of {UNIT_TEXT.get(unit, unit)}")
+        if (strict and value <= minimum) or (not strict and value < minimum):
+            relation = "positive" if (strict and minimum == 0) else f"{'>' if strict else '≥'} {minimum}"
+            raise self.fail(field, f"= {value!r}: must be {relation} ({UNIT_TEXT.get(unit, unit)})")
+        return int(value) if integer else float(value)
+
+    def string(self, doc: dict[str, Any], key: str) -> str:
+        value = self.get(doc, key)
+        if not isinstance(value, str):
+            raise self.fail(key, f"= {value!r}: expected a string")
+        return value
+
+    def curve(self, value: Any, field: str, axes: tuple[str, str]) -> Curve:
+        doc = self.obj(value, field)
+        _no_extra(self, doc, (*axes, "spread"), field)
+        xs = self.numbers(self.get(doc, axes[0], field), f"{field}.{axes[0]}", axes[0])
+        ys = self.numbers(self.get(doc, axes[1], field), f"{field}.{axes[1]}", axes[1])
+        spread_raw = doc.get("spread", [])
+        spread = self.numbers(spread_raw, f"{field}.spread", "spread", strict=False, allow_empty=True)
+        if len(xs) != len(ys):
+            raise self.fail(field, f"has {len(xs)} {axes[0]} but {len(ys)} {axes[1]}: the lists must have equal length")
+        if spread and len(spread) != len(xs):
+            raise self.fail(f"{field}.spread", f"has {len(spread)} entries for {len(xs)} samples",
+                            hint="give one spread per sample, or an empty list")
+        for i in range(1, len(xs)):
+            if xs[i] <= xs[i - 1]:
+                raise self.fail(f"{field}.{axes[0]}", f"= {list(xs)!r}: must be strictly increasing "
+                                f"({xs[i - 1]!r} then {xs[i]!r})", hint="sort the samples by size")
+        return Curve(tuple(xs), tuple(ys), tuple(spread))
+
+    def numbers(self, value: Any, field: str, unit: str, strict: bool = True, allow_empty: bool = False) -> list[float]:
+        if not isinstance(value, list) or (not value and not allow_empty):
+            raise self.fail(field, f"= {value!r}: expected a non-empty list of numbers in {UNIT_TEXT.get(unit, unit)}")
+        return [self.number(v, f"{field}[{i}]", unit, strict=strict) for i, v in enumerate(value)]
+
+    def provenance(self, value: Any, field: str) -> Provenance:
+        doc = self.obj(value, field)
+        kind = doc.get("kind")
+        if kind not in PROVENANCE_KINDS:
+            raise self.fail(f"{field}.kind", f"= {kind!r}: expected one of {', '.join(PROVENANCE_KINDS)}")
+        source = doc.get("source")
+        if not isinstance(source, str) or not source.strip():
+            raise self.fail(f"{field}.source", f"= {source!r}: say which command measured it or which page it came from")
+        derating = doc.get("derating", "")
+        if not isinstance(derating, str) or (kind == "datasheet" and not derating.strip()):
+            raise self.fail(f"{field}.derating", f"= {derating!r}: a datasheet figure must state how it was derated")
+        return Provenance(kind, source, derating)
+
+
+def _unit_of(key: str) -> str:
+    for unit in sorted(UNIT_TEXT, key=len, reverse=True):
+        if key.endswith("_" + unit) or key == unit:
+            return unit
+    return ""
+
+
+def profile_from_dict(data: Any, source: str) -> DeviceProfile:
+    """Build and validate a DeviceProfile from a parsed JSON document; `source` names it in errors."""
+    r = _Reader(source)
+    if not isinstance(data, dict):
+        raise ResidencyError(f"{source}: expected a JSON object, got {type(data).__name__}",
+                             hint="give a file written by `residency profile -o`")
+    version = data.get("schema_version")
+    if version != PROFILE_SCHEMA_VERSION:
+        raise r.fail("schema_version", f"= {version!r}: this version of residency reads schema_version "
+                     f"{PROFILE_SCHEMA_VERSION}", hint="re-create the profile with this version of `residency profile`")
+    _no_extra(r, data, _TOP_KEYS, "")
+    strings = {k: r.string(data, k) for k in _STRINGS}
+    if strings["backend"] not in BACKENDS:
+        raise r.fail("backend", f"= {strings['backend']!r}: expected one of {', '.join(BACKENDS)}")
+    total = r.number(r.get(data, "memory_total_bytes"), "memory_total_bytes", "bytes", integer=True)
+    reserve = r.number(r.get(data, "memory_reserve_bytes"), "memory_reserve_bytes", "bytes", strict=False, integer=True)
+    usable = r.number(r.get(data, "memory_usable_bytes"), "memory_usable_bytes", "bytes", integer=True)
+    if usable > total:
+        raise r.fail("memory_usable_bytes", f"= {usable}: exceeds memory_total_bytes = {total}")
+
+    link_doc = r.obj(r.get(data, "link"), "link")
+    _no_extra(r, link_doc, LINK_DIRECTIONS, "link")
+    link = {d: r.curve(r.get(link_doc, d, "link"), f"link.{d}", LINK_AXES) for d in LINK_DIRECTIONS}
+    matmul_doc = r.obj(r.get(data, "matmul_tflops"), "matmul_tflops")
+    _no_extra(r, matmul_doc, COMPUTE_DTYPES, "matmul_tflops")
+    matmul = {d: r.curve(r.get(matmul_doc, d, "matmul_tflops"), f"matmul_tflops.{d}", MATMUL_AXES)
+              for d in COMPUTE_DTYPES}
+
+    from residency.formats import FORMATS
+
+    dequant_doc = r.obj(r.get(data, "dequant_gweights_per_s"), "dequant_gweights_per_s")
+    if not dequant_doc:
+        raise r.fail("dequant_gweights_per_s", "is empty: give a rate for each storage format")
+    _no_extra(r, dequant_doc, tuple(FORMATS), "dequant_gweights_per_s")
+    dequant = {f: r.number(v, f"dequant_gweights_per_s.{f}", "gweights_per_s") for f, v in dequant_doc.items()}
+
+    overlap = r.number(r.get(data, "copy_compute_overlap"), "copy_compute_overlap", "fraction 0..1", strict=False)
+    if overlap > 1.0:
+        raise r.fail("copy_compute_overlap", f"= {overlap!r}: must lie in [0, 1] (a fraction of the copy hidden)")
+    prov_doc = r.obj(r.get(data, "provenance"), "provenance")
+    for key in PROVENANCE_FIELDS:
+        if key not in prov_doc:
+            raise r.fail(f"provenance.{key}", "is missing: every number must say where it came from",
+                         hint="add {\"kind\": \"measured\"|\"datasheet\", \"source\": …, \"derating\": …}")
+    provenance = {k: r.provenance(v, f"provenance.{k}") for k, v in prov_doc.items()}
+    return DeviceProfile(
+        **strings,
+        memory_total_bytes=int(total),
+        memory_reserve_bytes=int(reserve),
+        memory_usable_bytes=int(usable),
+        link=link,
+        device_memory_gbps=r.number(r.get(data, "device_memory_gbps"), "device_memory_gbps", "gbps"),
+        matmul_tflops=matmul,
+        dequant_gweights_per_s=dequant,
+        copy_compute_overlap=overlap,
+        launch_overhead_us=r.number(r.get(data, "launch_overhead_us"), "launch_overhead_us", "us", strict=False),
+        compute_threads=int(r.number(data.get("compute_threads", 0), "compute_threads", "threads",
+                                     strict=False, integer=True)),
+        provenance=provenance,
+    )
+
+
+def _no_extra(r: _Reader, doc: dict[str, Any], known: tuple[str, ...], field: str) -> None:
+    """Reject keys this schema does not know; one that differs from a known key only in unit says so."""
+    for key in doc:
+        if key in known:
+            continue
+        where = f"{field}.{key}" if field else str(key)
+        expected = _same_stem(str(key), known)
+        if expected is not None:
+            unit = UNIT_TEXT[_unit_of(expected)]
+            raise r.fail(where, f"= {doc[key]!r} is in the wrong unit: expected '{expected}' in {unit}",
+                         hint=f"rename it to '{expected}' and convert the value to {unit}")
+        described = ", ".join(f"{k} ({UNIT_TEXT[_unit_of(k)]})" if _unit_of(k) else k for k in known)
+        raise r.fail(where, "is not known", hint=f"expected keys: {described}")
+
+
+def _same_stem(key: str, known: tuple[str, ...]) -> str | None:
+    """The known key that `key` matches but for its unit suffix (device_memory_mbps → device_memory_gbps)."""
+    for k in known:
+        unit = _unit_of(k)
+        if unit and k != unit and key.startswith(k[: -len(unit)]):
+            return k
+    return None
+
+
+def read_profile(path: str | os.PathLike[str]) -> DeviceProfile:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ResidencyError(f"{path}: cannot read the profile ({reason})",
+                             hint="check the path; `residency profiles` lists the shipped ones") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ResidencyError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})",
+                             hint="give a file written by `residency profile -o`") from None
+    return profile_from_dict(data, str(path))
+
+
+def shipped_profile_names() -> list[str]:
+    return [p.stem for p in shipped_profile_paths()]
+
+
+def profile_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """A shipped profile's file by name (`rx-7800-xt`), or the given path when it names a file."""
+    text = os.fspath(name_or_path)
+    candidate = Path(text)
+    if candidate.is_file():
+        return candidate
+    shipped = profiles_dir() / f"{text}.json"
+    if os.sep not in text and "/" not in text and shipped.is_file():
+        return shipped
+    if candidate.suffix == ".json" or os.sep in text or "/" in text:
+        raise ResidencyError(f"{text}: no such profile file",
+                             hint="check the path, or give a shipped profile name: "
+                             + ", ".join(shipped_profile_names()))
+    raise ResidencyError(f"unknown profile {text!r}",
+                         hint="shipped profiles: " + ", ".join(shipped_profile_names())
+                         + "; or measure this machine with `residency profile -o PATH`")
+
+
+def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
+    """Load and validate a shipped profile by name, or a profile file by path."""
+    return read_profile(profile_path(name_or_path))
+
+
+def resolve_profile(name_or_path: str | os.PathLike[str] | DeviceProfile) -> DeviceProfile:
+    """What `--profile NAME|PATH` means everywhere; a DeviceProfile passes through unchanged."""
+    if isinstance(name_or_path, DeviceProfile):
+        return name_or_path
+    return load_profile(name_or_path)

@@ -1,0 +1,63 @@
+"""`residency profile` and `residency profiles` through the CLI entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from residency.cli import main
+from residency.device import PROVENANCE_KINDS, load_profile, shipped_profile_names
+from residency.device.profile_io import PROVENANCE_FIELDS
+
+
+def test_quick_cpu_profile_end_to_end(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    out = tmp_path / "cpu.json"
+    assert main(["profile", "--device", "cpu", "--quick", "-o", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # measurement restores torch's thread count
+    profile = load_profile(out)
+    assert profile.backend == "cpu"
+    assert 1 <= profile.compute_threads
+    assert 0 < profile.memory_usable_bytes < profile.memory_total_bytes
+    assert set(PROVENANCE_FIELDS) <= set(profile.provenance)
+    assert all(p.kind == "measured" and p.source.startswith("residency profile --device cpu --quick")
+               for p in profile.provenance.values())
+    assert all(len(c.spread) == len(c.x) for c in (*profile.link.values(), *profile.matmul_tflops.values()))
+    assert str(out) in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_profile_cuda_without_gpu_exits_1_with_hint(tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    assert main(["profile", "--device", "cuda:0", "--quick", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "hint:" in err
+    assert not out.exists()
+
+
+def test_profile_into_missing_directory_exits_1_before_measuring(tmp_path, capsys):
+    out = tmp_path / "missing" / "p.json"
+    assert main(["profile", "--device", "cpu", "--quick", "-o", str(out)]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not out.parent.exists()
+
+
+def test_profile_unknown_device_is_a_usage_error(capsys):
+    assert main(["profile", "--device", "tpu", "--quick"]) == 2
+    assert "unknown device" in capsys.readouterr().err
+
+
+def test_profiles_json_lists_every_shipped_profile(capsys):
+    assert main(["profiles", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["profiles"]
+    assert [r["name"] for r in rows] == shipped_profile_names()
+    assert all(r["link_h2d_pinned_gbps_at_64mib"] > 0 and r["device_memory_gbps"] > 0 for r in rows)
+    assert all(set(r["provenance"]) <= set(PROVENANCE_KINDS) for r in rows)
+
+
+def test_profiles_table_names_each_profile(capsys):
+    assert main(["profiles"]) == 0
+    out = capsys.readouterr().out
+    assert all(name[:8] in out for name in shipped_profile_names())

@@ -1,0 +1,176 @@
+"""DeviceProfile JSON: round trip, shipped profiles, and one clear error per kind of bad file."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from profiles import profiles_dir, shipped_profile_paths
+from residency.device import (
+    Curve,
+    load_profile,
+    profile_from_dict,
+    profile_to_dict,
+    resolve_profile,
+    save_profile,
+    shipped_profile_names,
+)
+from residency.errors import ResidencyError
+
+
+@pytest.fixture
+def doc() -> dict:
+    return profile_to_dict(load_profile("rx-7800-xt"))
+
+
+def _load_doc(tmp_path, doc, name="bad.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))
+    return load_profile(path)
+
+
+def test_save_then_load_gives_the_same_profile(tmp_path):
+    profile = load_profile("rtx-4060-ti-16gb")
+    path = save_profile(profile, tmp_path / "p.json")
+    again = load_profile(path)
+    assert again == profile
+    assert again.fingerprint() == profile.fingerprint()
+
+
+def test_dict_round_trip_keeps_curves_and_spread():
+    profile = load_profile("rtx-4090")
+    doc = profile_to_dict(profile)
+    doc["link"]["h2d_pinned"]["spread"] = [0.1] * len(doc["link"]["h2d_pinned"]["gbps"])
+    back = profile_from_dict(doc, "mem")
+    assert back.link["h2d_pinned"].spread == (0.1,) * len(back.link["h2d_pinned"].x)
+    assert profile_to_dict(back) == doc
+
+
+def test_json_names_carry_units(doc):
+    assert {"sizes_bytes", "gbps", "spread"} == set(doc["link"]["h2d_pinned"])
+    assert {"rows", "tflops", "spread"} == set(doc["matmul_tflops"]["bf16"])
+    assert doc["schema_version"] == 1
+
+
+def test_every_shipped_profile_loads_from_profiles_dir():
+    paths = shipped_profile_paths()
+    assert {p.stem for p in paths} >= {"rx-7800-xt", "rx-7900-xtx", "rx-9070-xt", "rtx-5090", "rtx-4090",
+                                        "rtx-4060-ti-16gb", "rtx-3060-12gb"}
+    for path in paths:
+        assert path.parent == profiles_dir()
+        profile = load_profile(path.stem)
+        assert profile.memory_usable_bytes < profile.memory_total_bytes
+        assert all(p.kind == "datasheet" for p in profile.provenance.values())
+
+
+def test_unknown_profile_name_lists_the_shipped_ones():
+    with pytest.raises(ResidencyError) as e:
+        load_profile("rtx-9999")
+    assert "rtx-9999" in e.value.message
+    assert all(name in e.value.hint for name in shipped_profile_names())
+
+
+def test_missing_profile_path_says_no_such_file(tmp_path):
+    with pytest.raises(ResidencyError, match="no such profile file"):
+        load_profile(tmp_path / "absent.json")
+
+
+def test_resolve_profile_accepts_name_path_or_profile(tmp_path):
+    profile = resolve_profile("rx-9070-xt")
+    assert resolve_profile(profile) is profile
+    assert resolve_profile(str(save_profile(profile, tmp_path / "x.json"))) == profile
+
+
+def _drop(d, *keys):
+    for k in keys[:-1]:
+        d = d[k]
+    del d[keys[-1]]
+
+
+def _set(d, value, *keys):
+    for k in keys[:-1]:
+        d = d[k]
+    d[keys[-1]] = value
+
+
+BAD = {
+    "missing field": (lambda d: _drop(d, "device_memory_gbps"), "device_memory_gbps", "missing"),
+    "missing curve": (lambda d: _drop(d, "link", "d2h_pageable"), "link.d2h_pageable", "missing"),
+    "zero rate": (lambda d: _set(d, 0, "link", "h2d_pinned", "gbps", 2), "link.h2d_pinned.gbps[2]", "positive"),
+    "negative size": (lambda d: _set(d, -5, "memory_total_bytes"), "memory_total_bytes", "positive"),
+    "zero dequant": (lambda d: _set(d, 0.0, "dequant_gweights_per_s", "Q4_K"), "dequant_gweights_per_s.Q4_K",
+                     "positive"),
+    "wrong unit key": (lambda d: d.update(device_memory_mbps=d.pop("device_memory_gbps") * 1e3),
+                       "device_memory_mbps", "GB/s"),
+    "unit in a string": (lambda d: _set(d, "25 GB/s", "device_memory_gbps"), "device_memory_gbps",
+                         "expected a number in GB/s"),
+    "schema version": (lambda d: _set(d, 2, "schema_version"), "schema_version", "2"),
+    "backend": (lambda d: _set(d, "metal", "backend"), "backend", "metal"),
+    "unsorted x": (lambda d: _set(d, [4096, 16, 64, 256, 512], "matmul_tflops", "fp16", "rows"),
+                   "matmul_tflops.fp16.rows", "increasing"),
+    "lengths": (lambda d: d["link"]["h2d_pinned"]["gbps"].pop(), "link.h2d_pinned", "equal length"),
+    "overlap above 1": (lambda d: _set(d, 1.5, "copy_compute_overlap"), "copy_compute_overlap", "[0, 1]"),
+    "overlap below 0": (lambda d: _set(d, -0.1, "copy_compute_overlap"), "copy_compute_overlap", "-0.1"),
+    "no provenance": (lambda d: _drop(d, "provenance", "matmul_tflops"), "provenance.matmul_tflops", "missing"),
+    "bad provenance kind": (lambda d: _set(d, "guessed", "provenance", "link", "kind"), "provenance.link.kind",
+                            "guessed"),
+    "unknown format": (lambda d: _set(d, 1.0, "dequant_gweights_per_s", "Q9_9"), "dequant_gweights_per_s.Q9_9",
+                       "not known"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_field_names_file_field_and_problem(tmp_path, doc, case):
+    mutate, field, words = BAD[case]
+    bad = copy.deepcopy(doc)
+    mutate(bad)
+    with pytest.raises(ResidencyError) as e:
+        _load_doc(tmp_path, bad)
+    assert "bad.json" in e.value.message
+    assert f"'{field}'" in e.value.message
+    assert words in e.value.message
+    assert e.value.hint
+
+
+def test_non_json_file_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "garbage.json"
+    path.write_text("{not json")
+    with pytest.raises(ResidencyError, match=r"garbage\.json: not valid JSON"):
+        load_profile(path)
+
+
+def test_unreadable_file_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "binary.json"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ResidencyError, match=r"binary\.json: cannot read"):
+        load_profile(path)
+
+
+def test_save_into_missing_directory_fails_without_a_file(tmp_path):
+    target = tmp_path / "nope" / "p.json"
+    with pytest.raises(ResidencyError, match="does not exist"):
+        save_profile(load_profile("rtx-4090"), target)
+    assert not target.parent.exists()
+
+
+def test_save_replaces_an_existing_file_whole(tmp_path):
+    target = tmp_path / "p.json"
+    target.write_text("old")
+    save_profile(load_profile("rtx-4090"), target)
+    assert load_profile(target).name == "GeForce RTX 4090"
+    assert [p.name for p in tmp_path.iterdir()] == ["p.json"]  # no temp file left behind
+
+
+def test_curve_interpolates_in_log_size_and_is_flat_beyond():
+    c = Curve((2.0**16, 2.0**26), (1.0, 11.0))
+    assert c.at(2.0**21) == pytest.approx(6.0)  # halfway in log size
+    assert c.at(1.0) == 1.0 and c.at(2.0**40) == 11.0
+
+
+def test_profile_h2d_time_uses_the_curve_at_the_transfer_size():
+    p = load_profile("rtx-4090")
+    small, large = p.h2d_gbps(64 * 2**10), p.h2d_gbps(256 * 2**20)
+    assert small < large
+    assert p.h2d_s(2**20) == pytest.approx(2**20 / (p.link["h2d_pinned"].at(2**20) * 1e9))
