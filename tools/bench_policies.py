@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--devices", nargs="*", default=list(DEVICES))
     args = parser.parse_args(argv)
-    console = Console(stderr=False)
+    console = Console(width=220)  # wide: one row per cell, every policy a column
     cells = []
     for model in args.models:
         for device in args.devices:

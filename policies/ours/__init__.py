@@ -15,10 +15,10 @@ from policies.ours.milp import Problem, Solution, solve
 from policies.ours.options import BlockClass, block_classes
 from residency.plan import BlockPlan, Execution, Plan
 from residency.simulate.memory import GPU_WORKSPACE_BYTES
-from residency.workload import Workload
 
 DEPTHS = (1, 2)  # prefetch depths tried; deeper rarely pays for its slot memory on a world model
 REPAIRS = 5  # bisection steps on the linear frame budget when the simulator disagrees
+KV_FALLBACK = "fp8"
 QUALITY_SLACK = 1.10  # without a frame budget: the best quality within 10% of the fastest plan
 
 
@@ -64,7 +64,8 @@ def _better(a: Plan | None, b: Plan, frame_ms: float | None) -> bool:
         return fits_memory(b)
     if frame_ms is None:
         if max(pa.frame_ms, pb.frame_ms) <= min(pa.frame_ms, pb.frame_ms) * QUALITY_SLACK:
-            return _lt(pb.quality_loss, pa.quality_loss)
+            return _lt(pb.quality_loss, pa.quality_loss) or (
+                not _lt(pa.quality_loss, pb.quality_loss) and _lt(pb.frame_ms, pa.frame_ms))
         return _lt(pb.frame_ms, pa.frame_ms)
     holds_a, holds_b = pa.frame_ms <= frame_ms, pb.frame_ms <= frame_ms
     if holds_a != holds_b:
@@ -119,18 +120,28 @@ def plan(req: PlanRequest) -> Plan:
     t0 = time.perf_counter()
     kv_dtype = req.kv_dtype or req.workload.kv_dtype
     best: Plan | None = None
-    for depth in DEPTHS:
-        for candidate in _search(req, kv_dtype, depth):
-            if _better(best, candidate, req.budget.frame_ms):
-                best = candidate
+    kv_choices = [kv_dtype]
+    if req.kv_dtype is None and kv_dtype != KV_FALLBACK and req.workload.kv_cache_bytes():
+        kv_choices.append(KV_FALLBACK)  # halves the cache; taken only when nothing fits without it
+    kv_note = None
+    for kv in kv_choices:
+        for depth in DEPTHS:
+            for candidate in _search(req, kv, depth):
+                if _better(best, candidate, req.budget.frame_ms):
+                    best = candidate
+        if best is not None and fits_memory(best):
+            break
+        kv_note = f"KV cache stored as {KV_FALLBACK} (e4m3): nothing fits with {kv_dtype}"
+    kv_dtype = best.kv_dtype if best is not None and fits_memory(best) else kv_dtype
+    if best is None or not fits_memory(best) or best.kv_dtype == kv_choices[0]:
+        kv_note = None
     adopted = None
     for peer in _peers(req):  # ours could always pick a peer's plan: never do worse than one that fits
         if fits_memory(peer) and _better(best, peer, req.budget.frame_ms):
             best, adopted = peer, peer.policy
-    if best is None:  # not even a fully streamed plan fits: say what the smallest would need
-        best = build_plan(req, "ours", streamed_everything(req.workload, req), Execution(prefetch_depth=1),
-                          kv_dtype=kv_dtype)
-    notes = list(best.notes)
+    if best is None:  # no plan fits: show the one that needs the least memory, and how much that is
+        best = least_memory_plan(req, kv_dtype)
+    notes = list(best.notes) + ([kv_note] if kv_note and not adopted else [])
     if adopted:
         notes.append(f"the placement of the {adopted} policy scored best; adopted")
     best = replace(best, policy="ours", notes=tuple(notes))
@@ -140,8 +151,12 @@ def plan(req: PlanRequest) -> Plan:
     return replace(best, notes=tuple(notes))
 
 
-def streamed_everything(w: Workload, req: PlanRequest) -> list[BlockPlan]:
-    return [BlockPlan(b.name, "streamed", "Q4_K", req.compute_dtype) for b in w.blocks]
+def least_memory_plan(req: PlanRequest, kv_dtype: str) -> Plan:
+    execution = Execution(prefetch_depth=1)
+    classes = block_classes(req.workload, req, execution, kv_dtype)
+    sol = solve(Problem(classes, execution.slots, req.profile.copy_compute_overlap, fixed_bytes(req, kv_dtype),
+                        None, None, "memory"))
+    return _to_plan(req, classes, sol, execution, kv_dtype)
 
 
-__all__ = ["plan", "spread", "fixed_bytes"]
+__all__ = ["plan", "spread", "fixed_bytes", "least_memory_plan"]

@@ -35,14 +35,14 @@ class Solution:
     counts: list[list[int]]  # per class, per option: how many blocks take it
     frame_s: float  # the linearised T
     loss: float
-    device_bytes: int  # linearised steady-state peak
+    device_bytes: int  # linearised peak over the frame and session phases
 
 
 def solve(p: Problem) -> Solution | None:
-    # Variable layout: n[c,o] (integer), y[c,o] (binary: option used), T, M_slot, M_scratch.
+    # Variable layout: n[c,o] (integer), y[c,o] (binary: option used), T, M_slot, M_scratch, M_peak.
     index = [(ci, oi) for ci, c in enumerate(p.classes) for oi in range(len(c.options))]
-    nv = 2 * len(index) + 3
-    t_i, slot_i, scr_i = nv - 3, nv - 2, nv - 1
+    nv = 2 * len(index) + 4
+    t_i, slot_i, scr_i, peak_i = nv - 4, nv - 3, nv - 2, nv - 1
     y0 = len(index)
     lo, hi = np.zeros(nv), np.full(nv, np.inf)
     integrality = np.zeros(nv)
@@ -82,10 +82,10 @@ def solve(p: Problem) -> Solution | None:
     peak_frame = dict(memory_terms)
     peak_session = {**memory_terms, **session_mem}
     fixed = p.fixed_bytes * MEM_SCALE
+    add({**peak_frame, peak_i: -1.0}, -np.inf, 0.0)  # M_peak: the worse of the frame and session phases
+    add({**peak_session, peak_i: -1.0}, -np.inf, 0.0)
     if p.vram_bytes is not None:
-        cap = p.vram_bytes * MEM_SCALE - fixed
-        add(peak_frame, -np.inf, cap)
-        add(peak_session, -np.inf, cap)
+        add({peak_i: 1.0}, -np.inf, p.vram_bytes * MEM_SCALE - fixed)
     if p.frame_s is not None:
         add({t_i: 1.0}, -np.inf, p.frame_s * TIME_SCALE)
     if p.time_cap_s is not None:
@@ -103,10 +103,8 @@ def solve(p: Problem) -> Solution | None:
         for k, v in loss.items():
             c_obj[k] = 1e-6 * v
     else:  # memory: the least VRAM that holds the other constraints
-        for i, v in {**frame_mem, slot_i: float(p.slots), scr_i: 1.0}.items():
-            c_obj[i] += v
-        for k, v in session_mem.items():
-            c_obj[k] += 1e-3 * v
+        c_obj[peak_i] = 1.0
+        c_obj[t_i] = 1e-6
     result = milp(c_obj, constraints=LinearConstraint(np.array(rows), lbs, ubs), integrality=integrality,
                   bounds=Bounds(lo, hi), options={"time_limit": 1.0, "mip_rel_gap": 1e-4})
     if result.x is None:
@@ -115,6 +113,5 @@ def solve(p: Problem) -> Solution | None:
     counts = [[0] * len(c.options) for c in p.classes]
     for k, (ci, oi) in enumerate(index):
         counts[ci][oi] = int(round(x[k]))
-    device = sum(frame_mem[k] * x[k] for k in frame_mem) + p.slots * x[slot_i] + x[scr_i]
     return Solution(counts, x[t_i] / TIME_SCALE, float(sum(loss[k] * x[k] for k in loss)),
-                    int((device + fixed) / MEM_SCALE))
+                    int((x[peak_i] + fixed) / MEM_SCALE))
