@@ -17,6 +17,7 @@ from residency.plan import BlockPlan, Execution, Plan
 from residency.simulate.memory import GPU_WORKSPACE_BYTES
 
 DEPTHS = (1, 2)  # prefetch depths tried; deeper rarely pays for its slot memory on a world model
+DEEPER_IF_STALL = 0.02  # try the deeper ring only when the best plan stalls > 2% of its frame
 REPAIRS = 5  # bisection steps on the linear frame budget when the simulator disagrees
 KV_FALLBACK = "fp8"
 QUALITY_SLACK = 1.10  # without a frame budget: the best quality within 10% of the fastest plan
@@ -126,6 +127,9 @@ def plan(req: PlanRequest) -> Plan:
     kv_note = None
     for kv in kv_choices:
         for depth in DEPTHS:
+            if depth > DEPTHS[0] and best is not None and fits_memory(best) and (
+                    best.prediction.stall_ms <= DEEPER_IF_STALL * best.prediction.frame_ms):
+                break  # a deeper ring costs slot memory and only pays where copies stall compute
             for candidate in _search(req, kv, depth):
                 if _better(best, candidate, req.budget.frame_ms):
                     best = candidate
