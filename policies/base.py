@@ -29,13 +29,15 @@ class PlanRequest:
 
 def build_plan(req: PlanRequest, policy: str, blocks: Sequence[BlockPlan], execution: Execution,
                notes: Sequence[str] = (), kv_dtype: str | None = None) -> Plan:
-    """A Plan for the request with the simulator's prediction and, when it does not fit, a note."""
+    """A Plan for the request with the simulator's prediction and, when it does not fit, a note.
+
+    `req.options["bound"] = False` skips the lower bound (candidates scored in bulk by our planner)."""
     w = req.workload
     plan = Plan(model=w.name, workload_fingerprint=w.fingerprint(), profile=req.profile.name,
                 profile_fingerprint=req.profile.fingerprint(), policy=policy, budget=req.budget,
                 blocks=tuple(blocks), execution=execution, kv_dtype=kv_dtype or req.kv_dtype or w.kv_dtype,
                 steps=w.steps, context_frames=w.context_frames, notes=tuple(notes))
-    plan = predict(w, plan, req.profile, req.sensitivity)
+    plan = predict(w, plan, req.profile, req.sensitivity, bound=req.options.get("bound", True))
     if not fits_memory(plan):
         need = plan.prediction.peak_total_bytes
         plan = _with_note(plan, f"does not fit: needs {fmt_bytes(need)} of device memory, budget "

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from residency.errors import ResidencyError
 from residency.commands import COMMANDS
+from residency.errors import ResidencyError
 
 
 class _Parser(argparse.ArgumentParser):

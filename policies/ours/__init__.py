@@ -14,6 +14,7 @@ from policies.ours.gap import gap_statement
 from policies.ours.milp import Problem, Solution, solve
 from policies.ours.options import BlockClass, block_classes
 from residency.plan import BlockPlan, Execution, Plan
+from residency.simulate import predict
 from residency.simulate.memory import GPU_WORKSPACE_BYTES
 
 DEPTHS = (1, 2)  # prefetch depths tried; deeper rarely pays for its slot memory on a world model
@@ -119,6 +120,8 @@ def _peers(req: PlanRequest) -> list[Plan]:
 
 def plan(req: PlanRequest) -> Plan:
     t0 = time.perf_counter()
+    final_req = req
+    req = replace(req, options={**req.options, "bound": False})  # candidates: no lower-bound LP each
     kv_dtype = req.kv_dtype or req.workload.kv_dtype
     best: Plan | None = None
     kv_choices = [kv_dtype]
@@ -149,6 +152,7 @@ def plan(req: PlanRequest) -> Plan:
     if adopted:
         notes.append(f"the placement of the {adopted} policy scored best; adopted")
     best = replace(best, policy="ours", notes=tuple(notes))
+    best = predict(final_req.workload, best, final_req.profile, final_req.sensitivity)  # with its bound
     gap = gap_statement(req, best, kv_dtype)
     notes = list(best.notes) + ([gap] if gap else [])
     notes.append(f"planned in {time.perf_counter() - t0:.2f} s")

@@ -106,7 +106,7 @@ def solve(p: Problem) -> Solution | None:
         c_obj[peak_i] = 1.0
         c_obj[t_i] = 1e-6
     result = milp(c_obj, constraints=LinearConstraint(np.array(rows), lbs, ubs), integrality=integrality,
-                  bounds=Bounds(lo, hi), options={"time_limit": 1.0, "mip_rel_gap": 1e-4})
+                  bounds=Bounds(lo, hi), options={"time_limit": 0.5, "mip_rel_gap": 2e-3})
     if result.x is None:
         return None
     x = result.x

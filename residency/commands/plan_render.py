@@ -94,6 +94,11 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile) -> No
                   f"first frame {pred.first_frame_ms:.1f} ms; stall {pred.stall_ms:.2f} ms; "
                   f"{pred.link_bytes_per_frame / 1e6:.1f} MB over the link per frame; "
                   f"lower bound {pred.lower_bound_ms:.2f} ms; quality loss {pred.quality_loss:.3f}")
+    for phase, evicted in plan.phase_actions([(ph.name, ph.blocks) for ph in workload.phases]):
+        if evicted:
+            console.print(f"after {phase}: evict {len(evicted)} block(s) "
+                          f"({fmt_bytes(sum(workload.by_name[b].nbytes(plan.by_name[b].format) for b in evicted))}"
+                          f" as loaded): {_group_label(list(evicted)) if len(evicted) > 1 else evicted[0]}")
     console.print(verdict(plan))
     for note in plan.notes:
         console.print(f"  note: {note}")

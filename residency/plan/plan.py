@@ -111,6 +111,13 @@ class Plan:
     def streamed(self) -> list[BlockPlan]:
         return [b for b in self.blocks if b.placement == "streamed"]
 
+    def phase_actions(self, phases: list[tuple[str, tuple[str, ...]]]) -> list[tuple[str, tuple[str, ...]]]:
+        """(phase, blocks evicted when it ends) for phases given as (name, blocks used), in order.
+
+        Phase-lifetime blocks are loaded when a phase that uses them starts and evicted when it ends."""
+        return [(name, tuple(b for b in blocks if b in self.by_name and self.by_name[b].placement != "streamed"
+                             and self.by_name[b].lifetime == "phase")) for name, blocks in phases]
+
     def with_prediction(self, prediction: Prediction) -> Plan:
         return replace(self, prediction=prediction)
 

@@ -101,7 +101,9 @@ def _events(jobs: list[Job]) -> tuple[TimelineEvent, ...]:
 
 
 def simulate(workload: Workload, plan: Plan, profile: DeviceProfile,
-             sensitivity: Mapping[str, Mapping[str, float]] | None = None, frames: int | None = None) -> Simulation:
+             sensitivity: Mapping[str, Mapping[str, float]] | None = None, frames: int | None = None,
+             bound: bool = True) -> Simulation:
+    """bound=False skips the lower bound (an LP, ~10–80 ms) and reports NaN: for scoring many candidates."""
     plan.check_matches(workload.fingerprint(), f"workload {workload.name!r}")
     # Copies can run up to `slots` streamed calls ahead of compute; with few streamed calls per frame
     # that lead spans frames. The steady frame is measured once the lead is built up, and frames
@@ -137,13 +139,13 @@ def simulate(workload: Workload, plan: Plan, profile: DeviceProfile,
         compute_ms=compute_busy * 1e3,
         link_bytes_per_frame=sum(j.copy_bytes for j in frame_jobs),
         peak_bytes=peak_bytes(workload, plan, profile),
-        lower_bound_ms=lower_bound_s(workload, plan, profile) * 1e3,
+        lower_bound_ms=lower_bound_s(workload, plan, profile) * 1e3 if bound else float("nan"),
         quality_loss=quality_loss(workload, plan, sensitivity),
     )
     return Simulation(prediction, _events(jobs), steady)
 
 
 def predict(workload: Workload, plan: Plan, profile: DeviceProfile,
-            sensitivity: Mapping[str, Mapping[str, float]] | None = None) -> Plan:
+            sensitivity: Mapping[str, Mapping[str, float]] | None = None, bound: bool = True) -> Plan:
     """The plan with the simulator's prediction filled in."""
-    return plan.with_prediction(simulate(workload, plan, profile, sensitivity).prediction)
+    return plan.with_prediction(simulate(workload, plan, profile, sensitivity, bound=bound).prediction)
