@@ -1,0 +1,79 @@
+"""The copy engine's worker thread: runs loads in submission order beside compute, tickets in order.
+
+torch releases the GIL inside copies and dequant kernels, so the worker overlaps the main thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from residency.runtime.backend import LoadRecipe
+
+MARK_RING = 4096  # tickets whose timing marks are kept (far more than are ever in flight)
+
+
+class CopyWorker:
+    """FIFO executor: `submit` returns ticket n; `wait(n)` returns once loads 1..n have run."""
+
+    def __init__(self, execute: Callable[[LoadRecipe, int], tuple[float, float, float]], name: str,
+                 on_start: Callable[[], None] | None = None):
+        self._on_start = on_start  # runs first on the worker thread (its own intra-op settings)
+        self._started = threading.Event()
+        self._execute = execute  # (recipe, ticket) -> (start, copied, end) marks
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._submitted = 0
+        self._done = 0
+        self._error: BaseException | None = None
+        self.marks = np.zeros((MARK_RING, 3))  # written by the worker before it publishes the ticket
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait()
+
+    def submit(self, recipe: LoadRecipe) -> int:
+        self._submitted += 1
+        self._queue.put((self._submitted, recipe))
+        return self._submitted
+
+    def wait(self, ticket: int) -> None:
+        if self._done >= ticket:  # fast path: an int read is atomic under the GIL
+            return
+        with self._cond:
+            while self._done < ticket and self._error is None:
+                self._cond.wait()
+        if self._error is not None:
+            raise self._error
+
+    def drain(self) -> None:
+        self.wait(self._submitted)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            if self._on_start is not None:
+                self._on_start()
+        finally:
+            self._started.set()
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            ticket, recipe = item
+            try:
+                if self._error is None:  # after a failure, later loads are skipped, not run on bad state
+                    self.marks[ticket % MARK_RING] = self._execute(recipe, ticket)
+            except BaseException as e:  # reported to the waiting thread, which re-raises it
+                self._error = e
+            with self._cond:
+                self._done = ticket
+                self._cond.notify_all()

@@ -1,0 +1,184 @@
+"""Device memory of one attach: resident buffers, a phase arena, slots and dequant scratch, made once.
+
+Each block gets bindings: parameter views into those buffers plus the per-call dequant that fills them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from residency.formats import get_format
+from residency.plan import BlockPlan, Plan
+from residency.runtime.backend import Backend, LoadRecipe
+from residency.runtime.host_store import BlockBlob
+from residency.runtime.ledger import Ledger
+from residency.simulate.costs import DTYPE_FORMAT
+from residency.simulate.memory import GPU_WORKSPACE_BYTES
+from residency.workload import COMPUTE_DTYPE_BYTES, Workload
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ARENA_ALIGN = 64  # bytes; blocks in the phase arena start on a cache line
+
+
+@dataclass
+class Binding:
+    """What makes a block computable from one place in device memory."""
+
+    views: tuple[torch.Tensor, ...]  # what each of the block's tensors' .data becomes, workload order
+    unpacks: tuple = ()  # (format, packed view, scratch view): per-call dequant on the compute side
+    dequant_weights: int = 0  # weights the unpacks produce (telemetry)
+
+
+def _kind(bp: BlockPlan) -> str:
+    return "resident" if bp.placement == "resident" else "resident_quantized"
+
+
+def compute_bytes(blob: BlockBlob, compute_dtype: str) -> int:
+    return sum(math.prod(e.shape) for e in blob.layout.entries) * COMPUTE_DTYPE_BYTES[compute_dtype]
+
+
+def _needs_unpack(blob: BlockBlob, compute_dtype: str) -> list:
+    """Entries that cannot be viewed in place as the compute dtype (quantized, or another float type)."""
+    direct = DTYPE_FORMAT[compute_dtype]
+    return [e for e in blob.layout.entries if e.format != direct]
+
+
+class DeviceMemory:
+    """Sizes, reserves (ledger first), allocates and binds; never allocates after construction."""
+
+    def __init__(self, backend: Backend, ledger: Ledger, workload: Workload, plan: Plan,
+                 blobs: dict[str, BlockBlob]):
+        self.backend, self.ledger, self.plan, self.blobs = backend, ledger, plan, blobs
+        self.dtype_of = {bp.name: TORCH_DTYPES[bp.compute_dtype] for bp in plan.blocks}
+        streamed = plan.streamed()
+        # --- sizes, from the same blobs the loads will move ---
+        self.slot_bytes = max((self._landed_bytes(bp) for bp in streamed), default=0)
+        self.slot_count = plan.execution.slots if streamed else 0
+        per_call = [bp for bp in plan.blocks if bp.placement == "resident-quantized"
+                    or (bp.placement == "streamed" and bp.dequant_on == "compute")]
+        self.scratch_bytes = max((sum(math.prod(e.shape) for e in _needs_unpack(blobs[bp.name], bp.compute_dtype))
+                                  * COMPUTE_DTYPE_BYTES[bp.compute_dtype] for bp in per_call), default=0)
+        on_device_unpack = [self.blobs[bp.name].nbytes for bp in plan.blocks
+                            if bp.placement == "resident" or (bp.placement == "streamed" and bp.dequant_on == "copy")]
+        self.staging_bytes = backend.unpack_staging_bytes(max(on_device_unpack, default=0))
+        self.session_bytes = {bp.name: self._held_bytes(bp) for bp in plan.blocks
+                              if bp.placement != "streamed" and bp.lifetime == "session"}
+        self.phase_layout, self.arena_bytes, arena_split = self._phase_layouts(workload)
+        self.kv_bytes = workload.kv_cache_bytes(plan.kv_dtype)
+        self.activation_bytes = max((workload.by_name[bp.name].activation_bytes(bp.compute_dtype, workload.batch)
+                                     for bp in plan.blocks), default=0)
+        self.workspace_bytes = GPU_WORKSPACE_BYTES if backend.device.type == "cuda" else 0
+        kinds = {"resident": arena_split[0], "resident_quantized": arena_split[1],
+                 "slots": self.slot_count * self.slot_bytes,
+                 "dequant_scratch": self.scratch_bytes + self.staging_bytes,
+                 "kv_cache": self.kv_bytes, "activations": self.activation_bytes,
+                 "workspace": self.workspace_bytes}
+        for name, n in self.session_bytes.items():
+            kinds[_kind(plan.by_name[name])] += n
+        self.reserved = kinds
+        total = sum(kinds.values())
+        if total > ledger.budget_bytes:  # refuse before allocating anything, with the whole picture
+            ledger.reserve("resident", total, f"the plan ({', '.join(f'{k} {v}' for k, v in kinds.items() if v)})")
+        for kind, n in kinds.items():
+            ledger.reserve(kind, n, kind)
+        # --- allocation: once, here ---
+        self.session = {name: backend.alloc(n) for name, n in self.session_bytes.items()}
+        self.arena = backend.alloc(self.arena_bytes) if self.arena_bytes else None
+        self.slots = [backend.alloc(self.slot_bytes) for _ in range(self.slot_count)]
+        self.scratch = backend.alloc(self.scratch_bytes) if self.scratch_bytes else None
+        if self.staging_bytes:
+            backend.set_unpack_staging(backend.alloc(self.staging_bytes))
+
+    # --- sizes ---
+    def _landed_bytes(self, bp: BlockPlan) -> int:
+        """Bytes a streamed block takes in a slot: its blob, or its compute-dtype weights if unpacked on copy."""
+        blob = self.blobs[bp.name]
+        return compute_bytes(blob, bp.compute_dtype) if bp.dequant_on == "copy" else blob.nbytes
+
+    def _held_bytes(self, bp: BlockPlan) -> int:
+        blob = self.blobs[bp.name]
+        return compute_bytes(blob, bp.compute_dtype) if bp.placement == "resident" else blob.nbytes
+
+    def _phase_layouts(self, workload: Workload):
+        """Per phase: offsets of its phase-lifetime blocks in one arena sized by the worst phase."""
+        layout: dict[str, dict[str, int]] = {}
+        worst, split = 0, (0, 0)
+        for ph in workload.phases:
+            offset, res, rq = 0, 0, 0
+            layout[ph.name] = {}
+            for name in ph.blocks:
+                bp = self.plan.by_name[name]
+                if bp.placement == "streamed" or bp.lifetime != "phase":
+                    continue
+                offset += -offset % ARENA_ALIGN
+                layout[ph.name][name] = offset
+                n = self._held_bytes(bp)
+                offset += n
+                res, rq = (res + n, rq) if bp.placement == "resident" else (res, rq + n)
+            if offset > worst:
+                worst, split = offset, (offset - rq, rq)  # alignment padding is counted as resident
+        return layout, worst, split
+
+    # --- views ---
+    def _compute_views(self, name: str, base: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        dtype, views, offset = self.dtype_of[name], [], 0
+        size = torch.tensor([], dtype=dtype).element_size()
+        for e in self.blobs[name].layout.entries:
+            n = math.prod(e.shape) * size
+            views.append(base[offset:offset + n].view(dtype).view(e.shape))
+            offset += n
+        return tuple(views)
+
+    def _packed_binding(self, name: str, base: torch.Tensor) -> Binding:
+        """Views into a packed blob on the device: in place where the format is the compute dtype,
+        else a dequant into the scratch before each call."""
+        bp = self.plan.by_name[name]
+        dtype, direct = self.dtype_of[name], DTYPE_FORMAT[bp.compute_dtype]
+        size = COMPUTE_DTYPE_BYTES[bp.compute_dtype]
+        views, unpacks, s_off, weights = [], [], 0, 0
+        for e in self.blobs[name].layout.entries:
+            packed = base[e.offset:e.offset + e.nbytes]
+            if e.format == direct:
+                views.append(packed.view(dtype).view(e.shape))
+                continue
+            n = math.prod(e.shape)
+            out = self.scratch[s_off:s_off + n * size].view(dtype).view(e.shape)
+            s_off += n * size
+            unpacks.append((get_format(e.format), packed, out))
+            views.append(out)
+            weights += n
+        return Binding(tuple(views), tuple(unpacks), weights)
+
+    def binding(self, name: str, base: torch.Tensor) -> Binding:
+        """The block computed from `base` (its own buffer, its arena region, or a slot)."""
+        bp = self.plan.by_name[name]
+        landed_unpacked = bp.placement == "resident" or (bp.placement == "streamed" and bp.dequant_on == "copy")
+        return Binding(self._compute_views(name, base)) if landed_unpacked else self._packed_binding(name, base)
+
+    def recipe(self, name: str, base: torch.Tensor, label: str) -> LoadRecipe:
+        """The load that fills `base` for the block: a whole-blob copy, or an unpack into compute dtype."""
+        bp = self.plan.by_name[name]
+        blob = self.blobs[name]
+        if not (bp.placement == "resident" or (bp.placement == "streamed" and bp.dequant_on == "copy")):
+            return self.backend.make_recipe(label, blob.data, base, [], 0)
+        direct = DTYPE_FORMAT[bp.compute_dtype]
+        items = list(zip(blob.layout.entries, self._compute_views(name, base), strict=True))
+        items.sort(key=lambda it: it[0].format != direct)  # plain copies first: timed as copy
+        plain = sum(e.format == direct for e, _ in items)
+        return self.backend.make_recipe(label, blob.data, None,
+                                        [(get_format(e.format), e.offset, e.nbytes, v) for e, v in items], plain)
+
+    def arena_region(self, phase: str, name: str) -> torch.Tensor:
+        return self.arena[self.phase_layout[phase][name]:]
+
+    def release(self) -> None:
+        """Drop every buffer (freed when the last view goes) and the ledger's reservations."""
+        self.session.clear()
+        self.slots.clear()
+        self.arena = self.scratch = None
+        for kind, n in self.reserved.items():
+            self.ledger.release(kind, n)
+        self.reserved = {}

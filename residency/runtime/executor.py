@@ -1,0 +1,191 @@
+"""The per-call engine behind the hooks: follows the schedule, rotates streamed blocks through the slots,
+loads and evicts phase blocks, binds parameters to device memory, and records telemetry.
+
+Per call it allocates no tensor and never synchronises; a call out of schedule loads synchronously.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from residency.plan import Plan
+from residency.runtime.backend import Backend
+from residency.runtime.device_memory import Binding, DeviceMemory
+from residency.runtime.ledger import Ledger
+from residency.runtime.schedule import Call, CallSchedule
+from residency.telemetry.recorder import Recorder
+
+
+class Executor:
+    def __init__(self, plan: Plan, schedule: CallSchedule, memory: DeviceMemory, backend: Backend,
+                 ledger: Ledger, recorder: Recorder, tensors: dict[str, tuple[torch.Tensor, ...]]):
+        self.plan, self.schedule, self.memory, self.backend = plan, schedule, memory, backend
+        self.ledger, self.recorder, self.tensors = ledger, recorder, tensors
+        self.index = {bp.name: i for i, bp in enumerate(plan.blocks)}
+        self.sync = plan.execution.copy_mode == "sync"
+        self.nslots = memory.slot_count
+        self.bound: dict[str, Binding] = {}
+        self.first_phase = {}
+        for phase, names in memory.phase_layout.items():
+            for name in names:
+                self.first_phase.setdefault(name, phase)
+        # --- bindings and recipes: made once, here ---
+        self.session_binding = {n: memory.binding(n, base) for n, base in memory.session.items()}
+        for name, base in memory.session.items():  # session blocks load now, once
+            backend.run_now(memory.recipe(name, base, f"load {name}"))
+        self.phase_binding, self.phase_recipes = {}, {}
+        for phase, names in memory.phase_layout.items():
+            self.phase_recipes[phase] = [memory.recipe(n, memory.arena_region(phase, n), f"load {n}") for n in names]
+            for n in names:
+                self.phase_binding[(phase, n)] = memory.binding(n, memory.arena_region(phase, n))
+        self.phase_bytes = {ph: sum(r.link_bytes for r in rs) for ph, rs in self.phase_recipes.items()}
+        self.slot_binding, self.slot_recipe = {}, {}
+        for bp in plan.streamed():
+            for s, base in enumerate(memory.slots):
+                self.slot_binding[(bp.name, s)] = memory.binding(bp.name, base)
+                self.slot_recipe[(bp.name, s)] = memory.recipe(bp.name, base, bp.name)
+        # Every parameter points at device memory from the start (so pipe.device is the device).
+        for bp in plan.blocks:
+            if bp.name in self.session_binding:
+                self._bind(bp.name, self.session_binding[bp.name])
+            elif bp.placement == "streamed":
+                self._bind(bp.name, self.slot_binding[(bp.name, 0)])
+            else:
+                self._bind(bp.name, self.phase_binding[(self.first_phase[bp.name], bp.name)])
+        # --- the cursor and the ring ---
+        self.p = 0  # expected position in the call stream
+        self.m = 0  # streamed calls before p
+        self.run_key: tuple[int, int] | None = None  # the phase run in progress
+        self.arena_key: tuple | None = None  # the phase run whose blocks the arena holds
+        self.slot_tag = [-1] * self.nslots  # streamed ordinal each slot holds (or is being loaded with)
+        self.slot_block = [""] * self.nslots
+        self.slot_ticket = [0] * self.nslots
+        self.frame_open = False
+        self._pending: tuple = ()
+        self.out_of_schedule_calls = 0
+        self.resyncs = 0
+        if self.nslots and not self.sync:
+            self._prime(0)
+
+    # --- parameter binding ---
+    def _bind(self, name: str, binding: Binding) -> None:
+        if self.bound.get(name) is not binding:
+            # A metadata swap (set_data): the parameter object stays, only its storage changes.
+            for t, v in zip(self.tensors[name], binding.views, strict=True):
+                t.data = v
+            self.bound[name] = binding
+
+    # --- the ring of slots ---
+    def _submit(self, k: int) -> None:
+        sch = self.schedule
+        if k >= sch.start_streamed and sch.frame_streamed == 0:
+            return
+        block = sch.call(sch.streamed_position(k)).block
+        s = k % self.nslots
+        self.slot_ticket[s] = self.backend.submit(self.slot_recipe[(block, s)])
+        self.slot_tag[s], self.slot_block[s] = k, block
+
+    def _prime(self, m0: int) -> None:
+        """Refill every slot from streamed call m0 on (after a resynchronisation; all slots are free)."""
+        self.backend.drain()
+        self.slot_tag = [-1] * self.nslots
+        for k in range(m0, m0 + self.nslots):
+            self._submit(k)
+
+    def _take_slot(self, name: str, m: int, in_schedule: bool):
+        s = m % self.nslots
+        b = self.backend
+        if self.sync:
+            b.run_now(self.slot_recipe[(name, s)])  # accelerate-style: blocking copy, then compute
+            return self.slot_binding[(name, s)], b.copy_marks(0), False
+        if in_schedule and self.slot_tag[s] == m and self.slot_block[s] == name:
+            b.wait(self.slot_ticket[s])
+            return self.slot_binding[(name, s)], b.copy_marks(self.slot_ticket[s]), False
+        # The ring does not hold this call: load it synchronously, never compute on a wrong slot.
+        b.drain()
+        self.slot_tag[s] = -1
+        b.run_now(self.slot_recipe[(name, s)])
+        return self.slot_binding[(name, s)], b.copy_marks(0), True
+
+    # --- phases ---
+    def _phase_block(self, name: str, phase: str, key: tuple):
+        """Load the phase's blocks into the arena at the first call of the run that needs them."""
+        copy, nbytes = None, 0
+        if self.arena_key != key:
+            b = self.backend
+            recipes = self.phase_recipes[phase]
+            if self.sync:
+                for r in recipes:
+                    b.run_now(r)
+                copy = b.copy_marks(0)
+            else:
+                tickets = [b.submit(r) for r in recipes]
+                b.wait(tickets[-1])
+                first, last = b.copy_marks(tickets[0]), b.copy_marks(tickets[-1])
+                copy = (first[0], last[1], last[2])
+            nbytes = self.phase_bytes[phase]
+            self.arena_key = key
+        return self.phase_binding[(phase, name)], copy, nbytes
+
+    # --- the hook entry points ---
+    def before(self, name: str) -> None:
+        if self.ledger.over_budget:
+            self.ledger.check()  # a budget cut: raise here, the runtime recovers
+        b, sch = self.backend, self.schedule
+        t0 = b.clock()
+        call: Call = sch.call(self.p)
+        in_schedule = call.block == name
+        if not in_schedule:
+            q = sch.resync(self.p, name)
+            if q is not None:
+                self.resyncs += 1
+                self.p, self.m, in_schedule = q, sch.streamed_ordinal(q), True
+                call = sch.call(q)
+            else:
+                self.out_of_schedule_calls += 1
+        if in_schedule:
+            if self.frame_open and (self.p == 0 or sch.is_frame_start(self.p)):
+                self.recorder.end_frame(b.resolve, self.ledger.total_bytes, self.ledger.peak_total_bytes, t0)
+            key = sch.run_key(self.p)
+            if key != self.run_key:
+                self.run_key, self.arena_key = key, None  # the previous run's phase blocks are evicted
+        self.frame_open = True
+        bp = self.plan.by_name[name]
+        copy, nbytes, reprime = None, 0, False
+        if bp.placement == "streamed":
+            binding, copy, reprime = self._take_slot(name, self.m, in_schedule)
+            nbytes = self.memory.blobs[name].nbytes
+        elif bp.lifetime == "phase":
+            phase = call.phase if in_schedule else self.first_phase[name]
+            binding, copy, nbytes = self._phase_block(name, phase, self.run_key if in_schedule else ("oos", phase))
+        else:
+            binding = self.session_binding[name]
+        t_ready = b.clock()
+        for fmt, src, out in binding.unpacks:  # dequant on the compute side, into the scratch
+            fmt.unpack(src, out)
+        self._bind(name, binding)
+        self._pending = (self.index[name], t0, t_ready, b.clock(), copy, nbytes, in_schedule, reprime,
+                         bp.placement == "streamed")
+
+    def after(self, name: str) -> None:
+        b = self.backend
+        t_end = b.clock()
+        block, t0, t_ready, t_deq, copy, nbytes, in_schedule, reprime, streamed = self._pending
+        self.recorder.record(self.schedule.frame_of(self.p), block, t0, t_ready, t_deq, t_end, copy, nbytes)
+        if streamed and not self.sync:
+            if not in_schedule or reprime:
+                self._prime(self.m + 1 if in_schedule else self.m)
+            else:
+                self._submit(self.m + self.nslots)  # the call that reuses the slot this one just released
+        if in_schedule:
+            self.p += 1
+            self.m += streamed
+
+    def close_frame(self) -> None:
+        """End the open frame's record now (detach, snapshot)."""
+        if self.frame_open:
+            self.recorder.end_frame(self.backend.resolve, self.ledger.total_bytes, self.ledger.peak_total_bytes)
+            self.frame_open = False
+
+    def stop(self) -> None:
+        self.backend.drain()

@@ -1,0 +1,159 @@
+"""The host store: each block's weights packed once into one contiguous uint8 blob in its plan format.
+
+Blobs are cached per block module (weakly) and format, so frames, sessions and re-attaches reuse them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from residency.device.host_memory import host_memory
+from residency.errors import ResidencyError
+from residency.formats import get_format
+from residency.formats.sizing import effective_format
+from residency.units import fmt_bytes
+from residency.workload import BlockSpec
+
+# Byte alignment a tensor's start needs so that it can be viewed as its element type in place.
+_ALIGN_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "FP8": 4}
+HOST_HEADROOM = 0.9  # use at most this fraction of the RAM available now (page cache, the interpreter)
+
+
+class HostMemoryExceeded(ResidencyError):
+    """The host store (plus, on the CPU backend, the device memory) does not fit in the RAM available."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str  # relative to the block module, as in the workload's tensors
+    offset: int  # bytes from the start of the blob
+    nbytes: int
+    shape: tuple[int, ...]
+    format: str  # the effective storage format (vectors and odd shapes fall back to BF16)
+
+
+@dataclass(frozen=True)
+class BlobLayout:
+    entries: tuple[TensorEntry, ...]  # in the workload's tensor order
+    nbytes: int  # blob size, padding included
+    padding_bytes: int  # alignment padding (0 for every format of the shipped models)
+
+
+@dataclass(frozen=True)
+class BlockBlob:
+    block: str
+    format: str  # the plan's storage format for the block
+    layout: BlobLayout
+    data: torch.Tensor  # flat uint8, CPU, layout.nbytes long
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
+
+
+def blob_layout(spec: BlockSpec, fmt_name: str) -> BlobLayout:
+    """Offsets of the block's tensors in its blob: most-aligned tensors first, so padding is rare."""
+    fmt = get_format(fmt_name)
+    items = []
+    for name, shape in spec.tensors:
+        eff = effective_format(fmt, shape)
+        items.append((name, tuple(shape), eff.name, eff.nbytes(shape), _ALIGN_BYTES.get(eff.name, 1)))
+    offsets: dict[str, int] = {}
+    offset = padding = 0
+    for name, _, _, nbytes, align in sorted(items, key=lambda it: -it[4]):
+        pad = -offset % align
+        offset += pad
+        padding += pad
+        offsets[name] = offset
+        offset += nbytes
+    entries = tuple(TensorEntry(name, offsets[name], nbytes, shape, eff) for name, shape, eff, nbytes, _ in items)
+    return BlobLayout(entries, offset, padding)
+
+
+def block_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """A block's parameter or persistent buffer by its relative name."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        return owner._parameters[attr]
+    if attr in owner._buffers:
+        return owner._buffers[attr]
+    raise ResidencyError(f"block has no tensor {name!r}", hint="the workload does not describe this model")
+
+
+def pack_block(block: str, module: nn.Module, spec: BlockSpec, fmt_name: str,
+               tensors: dict[str, torch.Tensor] | None = None) -> BlockBlob:
+    """Quantize every tensor of the block with its effective format into one blob (host, seconds for K-quants)."""
+    layout = blob_layout(spec, fmt_name)
+    data = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    for e in layout.entries:
+        weight = tensors[e.name] if tensors is not None else block_tensor(module, e.name)
+        if tuple(weight.shape) != e.shape:
+            raise ResidencyError(f"block {block}: tensor {e.name} has shape {tuple(weight.shape)}, the workload "
+                                 f"says {e.shape}", hint="the plan's workload does not describe this model")
+        data[e.offset:e.offset + e.nbytes].copy_(get_format(e.format).pack(weight))
+    return BlockBlob(block, fmt_name, layout, data)
+
+
+# block module -> {(workload fingerprint, format): (weights token, blob)}; an entry dies with its model.
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], tuple[tuple, BlockBlob]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def clear_host_cache() -> None:
+    """Drop every cached blob (they are otherwise kept as long as their model lives)."""
+    _CACHE.clear()
+
+
+def _weights_token(tensors: dict[str, torch.Tensor]) -> tuple:
+    # Storage address and version counter (shared by detach(), not by .data): an in-place weight
+    # update (load_state_dict, copy_) changes it.
+    return tuple((n, t.data_ptr(), t._version) for n, t in sorted(tensors.items()))
+
+
+class HostStore:
+    """The blobs of one attach: block name -> BlockBlob, built from the cache or packed now."""
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = fingerprint
+        self.blobs: dict[str, BlockBlob] = {}
+        self.packed_now_bytes = 0  # bytes packed by this attach (0 on a warm re-attach)
+        self.reused_bytes = 0
+
+    def build(self, wanted: list[tuple[str, nn.Module, BlockSpec, str, dict[str, torch.Tensor]]],
+              extra_host_bytes: int = 0, host_budget_bytes: int | None = None) -> None:
+        """Pack (or reuse) one blob per (block, module, spec, format, original tensors).
+
+        `extra_host_bytes` is other host memory the attach will take (the CPU backend's device memory,
+        pinned staging); all of it is checked against the RAM available before anything is packed.
+        """
+        todo = []
+        for block, module, spec, fmt, tensors in wanted:
+            hit = _CACHE.get(module, {}).get((self.fingerprint, fmt))
+            if hit is not None and hit[0] == _weights_token(tensors):
+                self.blobs[block] = hit[1]
+                self.reused_bytes += hit[1].nbytes
+            else:
+                todo.append((block, module, spec, fmt, tensors))
+        need = sum(blob_layout(spec, fmt).nbytes for _, _, spec, fmt, _ in todo) + extra_host_bytes
+        available = host_memory().available_bytes * HOST_HEADROOM
+        if host_budget_bytes is not None:
+            available = min(available, host_budget_bytes)
+        if need > available:
+            raise HostMemoryExceeded(
+                f"the host store needs {fmt_bytes(need)} of RAM, {fmt_bytes(available)} is available "
+                "(MemAvailable or the cgroup memory.max, whichever is lower)",
+                hint="close other programs, raise the container's memory limit, or plan with smaller formats")
+        for block, module, spec, fmt, tensors in todo:
+            blob = pack_block(block, module, spec, fmt, tensors)
+            _CACHE.setdefault(module, {})[(self.fingerprint, fmt)] = (_weights_token(tensors), blob)
+            self.blobs[block] = blob
+            self.packed_now_bytes += blob.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.blobs.values())

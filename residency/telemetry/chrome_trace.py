@@ -1,0 +1,67 @@
+"""Chrome trace JSON (Perfetto, chrome://tracing) of recorded frames: copy, dequant and compute tracks.
+
+Device memory is a counter track; the file is written atomically (readers never see half a trace).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from residency.telemetry.recorder import (
+    BLOCK,
+    C_COPIED,
+    C_END,
+    C_START,
+    HAS_COPY,
+    LINK_BYTES,
+    T_DEQUANT,
+    T_END,
+    T_READY,
+    T_START,
+    TelemetrySnapshot,
+)
+
+PID = 1
+TIDS = {"copy": 1, "dequant": 2, "compute": 3, "stall": 4}
+
+
+def _span(name: str, track: str, start_s: float, end_s: float, t0: float, args: dict) -> dict:
+    return {"name": name, "cat": track, "ph": "X", "pid": PID, "tid": TIDS[track],
+            "ts": (start_s - t0) * 1e6, "dur": max(0.0, end_s - start_s) * 1e6, "args": args}
+
+
+def chrome_trace(snapshot: TelemetrySnapshot) -> dict:
+    """The trace document: one complete event ("X") per copy, dequant, compute and stall span."""
+    events: list[dict] = [{"name": "process_name", "ph": "M", "pid": PID, "args": {"name": "residency runtime"}}]
+    events += [{"name": "thread_name", "ph": "M", "pid": PID, "tid": tid, "args": {"name": track}}
+               for track, tid in TIDS.items()]
+    starts = [float(rows[0, T_START]) for rows in snapshot.rows if len(rows)]
+    t0 = min(starts, default=0.0)
+    for frame, rows in zip(snapshot.frames, snapshot.rows, strict=False):
+        for r in rows:
+            name = snapshot.block_names[int(r[BLOCK])]
+            args = {"frame": frame.frame}
+            if r[HAS_COPY] > 0:
+                events.append(_span(name, "copy", r[C_START], r[C_COPIED], t0, {**args, "bytes": int(r[LINK_BYTES])}))
+                if r[C_END] > r[C_COPIED]:
+                    events.append(_span(name, "dequant", r[C_COPIED], r[C_END], t0, args))
+            if r[T_READY] > r[T_START]:
+                events.append(_span(name, "stall", r[T_START], r[T_READY], t0, args))
+            if r[T_DEQUANT] > r[T_READY]:
+                events.append(_span(name, "dequant", r[T_READY], r[T_DEQUANT], t0, args))
+            events.append(_span(name, "compute", r[T_DEQUANT], r[T_END], t0, args))
+        events.append({"name": "device memory", "ph": "C", "pid": PID, "ts": (frame.start_s - t0) * 1e6,
+                       "args": {"bytes": frame.device_bytes, "peak_bytes": frame.device_peak_bytes}})
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"predicted_frame_ms": snapshot.prediction.frame_ms if snapshot.prediction else None}}
+
+
+def write_chrome_trace(snapshot: TelemetrySnapshot, path: str | os.PathLike[str]) -> Path:
+    from residency.checkpoint.atomic import atomic_output
+
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(chrome_trace(snapshot)))
+    return path

@@ -1,0 +1,133 @@
+"""The recorder: one row of raw timestamp marks per block call, summarised once per latent frame.
+
+Rows live in a preallocated numpy ring; marks are resolved to seconds (GPU: CUDA events) at frame end.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from residency.plan import Prediction
+
+# Columns of a call row. t_*: compute-side marks; c_*: the copy engine's marks for the call's load.
+FRAME, BLOCK, T_START, T_READY, T_DEQUANT, T_END, C_START, C_COPIED, C_END, LINK_BYTES, HAS_COPY = range(11)
+COLUMNS = 11
+RING_CALLS = 1 << 15  # rows kept; a world-model frame makes ~100–200 calls
+KEEP_FRAMES = 256  # frame records (and resolved rows, for traces) kept
+
+
+@dataclass(frozen=True)
+class BlockTiming:
+    block: str
+    calls: int
+    copy_ms: float  # copy-engine time of this block's loads (host->device bytes)
+    dequant_ms: float  # dequantization, on the copy engine or before the call on the compute side
+    compute_ms: float  # the block's forward (its own dequant excluded)
+    stall_ms: float  # compute waiting for a load that had not landed
+    link_bytes: int
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    frame: int  # 0 = session start, 1.. = latent frames
+    start_s: float  # first call's start, on the backend's clock
+    frame_ms: float  # from this frame's first call to the next frame's first call (or its own last end)
+    compute_ms: float
+    copy_ms: float
+    dequant_ms: float
+    stall_ms: float
+    link_bytes: int
+    device_bytes: int  # ledger total at the frame's end
+    device_peak_bytes: int  # ledger high-water mark so far
+    blocks: tuple[BlockTiming, ...]
+    predicted_frame_ms: float | None  # the plan's steady-frame prediction, when it has one
+
+
+@dataclass(frozen=True)
+class TelemetrySnapshot:
+    frames: tuple[FrameRecord, ...]  # oldest first
+    rows: tuple[np.ndarray, ...]  # resolved call rows per kept frame (seconds), read-only
+    block_names: tuple[str, ...]
+    prediction: Prediction | None
+    memory: tuple[tuple[str, int], ...]  # ledger bytes by kind at the snapshot
+
+    def steady_frame_ms(self, skip: int = 2) -> float:
+        """Median measured ms of latent frames after the first `skip` (session start excluded)."""
+        ms = sorted(f.frame_ms for f in self.frames if f.frame > skip)
+        return ms[len(ms) // 2] if ms else float("nan")
+
+
+class Recorder:
+    def __init__(self, block_names: list[str], prediction: Prediction | None):
+        self.block_names = tuple(block_names)
+        self.prediction = prediction
+        self._rows = np.zeros((RING_CALLS, COLUMNS))
+        self._n = 0  # rows written ever
+        self._frame_first_row = 0
+        self.frames: deque[FrameRecord] = deque(maxlen=KEEP_FRAMES)
+        self._resolved: deque[np.ndarray] = deque(maxlen=KEEP_FRAMES)
+
+    def record(self, frame: int, block: int, t_start: float, t_ready: float, t_dequant: float, t_end: float,
+               copy: tuple[float, float, float] | None, link_bytes: int) -> None:
+        row = self._rows[self._n % RING_CALLS]
+        row[FRAME], row[BLOCK], row[T_START], row[T_READY], row[T_DEQUANT], row[T_END] = (
+            frame, block, t_start, t_ready, t_dequant, t_end)
+        if copy is None:
+            row[HAS_COPY] = row[LINK_BYTES] = 0.0
+        else:
+            row[C_START], row[C_COPIED], row[C_END] = copy
+            row[HAS_COPY], row[LINK_BYTES] = 1.0, link_bytes
+        self._n += 1
+
+    def end_frame(self, resolve: Callable[[np.ndarray], np.ndarray], device_bytes: int, device_peak_bytes: int,
+                  next_start_mark: float | None = None) -> FrameRecord | None:
+        """Summarise the rows since the last call; once per frame (resolving GPU marks costs a pass over them)."""
+        first, last = max(self._frame_first_row, self._n - RING_CALLS), self._n
+        self._frame_first_row = last
+        if last == first:
+            return None
+        idx = np.arange(first, last) % RING_CALLS
+        raw = self._rows[idx]
+        rows = raw.copy()
+        time_cols = [T_START, T_READY, T_DEQUANT, T_END]
+        rows[:, time_cols] = resolve(raw[:, time_cols])
+        has_copy = raw[:, HAS_COPY] > 0
+        if has_copy.any():
+            rows[np.ix_(has_copy, [C_START, C_COPIED, C_END])] = resolve(raw[np.ix_(has_copy, [C_START, C_COPIED, C_END])])
+        rows.setflags(write=False)
+        self._resolved.append(rows)
+        next_start_s = None if next_start_mark is None else float(resolve(np.array([next_start_mark]))[0])
+        record = self._summarise(rows, device_bytes, device_peak_bytes, next_start_s)
+        self.frames.append(record)
+        return record
+
+    def _summarise(self, rows: np.ndarray, device_bytes: int, device_peak_bytes: int,
+                   next_start_s: float | None) -> FrameRecord:
+        has_copy = rows[:, HAS_COPY] > 0
+        copy_s = np.where(has_copy, rows[:, C_COPIED] - rows[:, C_START], 0.0)
+        copy_dq_s = np.where(has_copy, rows[:, C_END] - rows[:, C_COPIED], 0.0)
+        stall_s = rows[:, T_READY] - rows[:, T_START]
+        dq_s = rows[:, T_DEQUANT] - rows[:, T_READY]
+        comp_s = rows[:, T_END] - rows[:, T_DEQUANT]
+        blocks = []
+        for b in np.unique(rows[:, BLOCK]).astype(int):
+            m = rows[:, BLOCK] == b
+            blocks.append(BlockTiming(self.block_names[b], int(m.sum()), float(copy_s[m].sum() * 1e3),
+                                      float((copy_dq_s[m] + dq_s[m]).sum() * 1e3), float(comp_s[m].sum() * 1e3),
+                                      float(stall_s[m].sum() * 1e3), int(rows[m, LINK_BYTES].sum())))
+        start = float(rows[0, T_START])
+        end = next_start_s if next_start_s is not None else float(rows[-1, T_END])
+        return FrameRecord(
+            frame=int(rows[0, FRAME]), start_s=start, frame_ms=(end - start) * 1e3,
+            compute_ms=float(comp_s.sum() * 1e3), copy_ms=float(copy_s.sum() * 1e3),
+            dequant_ms=float((copy_dq_s.sum() + dq_s.sum()) * 1e3), stall_ms=float(stall_s.sum() * 1e3),
+            link_bytes=int(rows[:, LINK_BYTES].sum()), device_bytes=device_bytes,
+            device_peak_bytes=device_peak_bytes, blocks=tuple(blocks),
+            predicted_frame_ms=self.prediction.frame_ms if self.prediction else None)
+
+    def snapshot(self, memory: tuple[tuple[str, int], ...] = ()) -> TelemetrySnapshot:
+        return TelemetrySnapshot(tuple(self.frames), tuple(self._resolved), self.block_names, self.prediction, memory)

@@ -1,0 +1,224 @@
+"""The runtime on the CPU backend: outputs equal the plain pipeline, memory is accounted, detach restores."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sim_helpers import flat_profile
+
+from pipelines.world_model import WorldModelPipeline
+from pipelines.world_model.workload import catalog_entry
+from residency.formats import get_format
+from residency.formats.sizing import effective_format
+from residency.plan import BlockPlan, Budget, Execution, Plan
+from residency.runtime import DeviceBudgetExceeded, HostMemoryExceeded, Runtime, clear_host_cache
+from residency.runtime.host_store import block_tensor
+from residency.simulate import simulate
+from residency.workload import workload_from_dict
+
+ACTIONS = ["up", "left", "idle", "jump"]
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return workload_from_dict(catalog_entry("tiny"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The runtime computes at cores-1 threads; references must use the same count to be bitwise equal.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+def tiny_plan(w, placement="resident", fmt="F32", depth=1, vram=2**31, overrides=None, lifetime="session",
+              dequant_on="compute", **execution) -> Plan:
+    overrides = overrides or {}
+    blocks = tuple(BlockPlan(b.name, overrides.get(b.name, placement), fmt, "fp32", lifetime, dequant_on)
+                   for b in w.blocks)
+    return Plan(model=w.name, workload_fingerprint=w.fingerprint(), profile="test", profile_fingerprint="test",
+                policy="test", budget=Budget(vram), blocks=blocks,
+                execution=Execution(prefetch_depth=depth, **execution), steps=w.steps,
+                context_frames=w.context_frames)
+
+
+def run_plain(pipe, image, actions=ACTIONS, seed=3):
+    s = pipe.start(image, seed=seed)
+    return [s.step(a) for a in actions]
+
+
+def run_attached(pipe, image, workload, plan, actions=ACTIONS, seed=3):
+    rt = Runtime(plan, "cpu", workload=workload).attach(pipe)
+    try:
+        s = pipe.start(image, seed=seed)
+        out = [rt.step(s, a) for a in actions]
+        assert rt.ledger.peak_total_bytes <= rt.ledger.budget_bytes
+        return out, rt
+    finally:
+        rt.detach()
+
+
+@pytest.mark.parametrize("placement,depth", [("resident", 1), ("streamed", 0), ("streamed", 1), ("streamed", 3),
+                                             ("resident-quantized", 1)])
+def test_same_precision_plan_is_bitwise_equal_to_the_plain_pipeline(workload, image, placement, depth):
+    pipe = WorldModelPipeline.from_config("tiny")
+    expected = run_plain(pipe, image)
+    got, _ = run_attached(pipe, image, workload, tiny_plan(workload, placement, depth=depth))
+    for a, b in zip(got, expected, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_mixed_plan_with_phase_lifetimes_and_sync_copies_is_bitwise_equal(workload, image):
+    pipe = WorldModelPipeline.from_config("tiny")
+    expected = run_plain(pipe, image)
+    names = [b.name for b in workload.blocks]
+    overrides = {n: "streamed" for n in names if n.startswith("dit.blocks")}
+    overrides.update({n: "resident-quantized" for n in names if n.startswith("vae.decoder")})
+    for plan in (tiny_plan(workload, "resident", overrides=overrides, lifetime="phase"),
+                 tiny_plan(workload, "streamed", copy_mode="sync")):
+        got, _ = run_attached(pipe, image, workload, plan)
+        for a, b in zip(got, expected, strict=True):
+            assert np.array_equal(a, b)
+
+
+def _roundtrip_weights(pipe, workload, fmt_name):
+    """The values a format really stores, written into a plain pipeline's weights."""
+    fmt = get_format(fmt_name)
+    modules = {n: m for n, m, _ in pipe.blocks()}
+    with torch.no_grad():
+        for b in workload.blocks:
+            for name, shape in b.tensors:
+                t = block_tensor(modules[b.name], name)
+                t.copy_(effective_format(fmt, shape).roundtrip(t).view(shape))
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K"])
+@pytest.mark.parametrize("placement,dequant_on", [("streamed", "compute"), ("streamed", "copy"),
+                                                  ("resident", "compute"), ("resident-quantized", "compute")])
+def test_quantized_plan_computes_exactly_the_formats_stored_weights(workload, image, fmt, placement, dequant_on):
+    pipe = WorldModelPipeline.from_config("tiny")
+    got, _ = run_attached(pipe, image, workload, tiny_plan(workload, placement, fmt, dequant_on=dequant_on))
+    exact = run_plain(pipe, image)
+    _roundtrip_weights(pipe, workload, fmt)  # after the attached run: the host store saw the originals
+    expected = run_plain(pipe, image)
+    for a, b in zip(got, expected, strict=True):
+        assert np.array_equal(a, b)
+    # and the format's error is visible, but small, against the full-precision pipeline
+    diff = np.mean([np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(got, exact, strict=True)])
+    assert 0 < diff < 8
+
+
+def test_ledger_holds_what_the_simulator_predicts(workload):
+    pipe = WorldModelPipeline.from_config("tiny")
+    profile = flat_profile()
+    for plan in (tiny_plan(workload, "resident"), tiny_plan(workload, "streamed", depth=2),
+                 tiny_plan(workload, "resident-quantized", "F32")):
+        predicted = simulate(workload, plan, profile).prediction.peak_bytes
+        rt = Runtime(plan, "cpu", workload=workload).attach(pipe)
+        held = dict(rt.ledger.snapshot().current_bytes)
+        rt.detach()
+        for kind in ("resident", "resident_quantized", "slots", "dequant_scratch", "kv_cache", "activations"):
+            assert held[kind] == predicted[kind], kind
+        assert held["workspace"] == 0  # the CPU backend has no matmul workspace
+        assert rt.ledger.total_bytes == 0  # everything released on detach
+
+
+def test_a_plan_that_cannot_fit_is_refused_at_attach(workload):
+    pipe = WorldModelPipeline.from_config("tiny")
+    before = [p.data_ptr() for p in pipe.parameters()]
+    rt = Runtime(tiny_plan(workload, "resident", vram=4 * 2**20), "cpu", workload=workload)
+    with pytest.raises(DeviceBudgetExceeded, match="budget"):
+        rt.attach(pipe)
+    assert [p.data_ptr() for p in pipe.parameters()] == before
+    assert rt.ledger.peak_total_bytes == 0 and torch.get_num_threads() == 1
+    assert not any(m._forward_pre_hooks for m in pipe.modules())
+
+
+def test_detach_restores_weights_devices_hooks_and_threads(workload, image):
+    pipe = WorldModelPipeline.from_config("tiny")
+    state = {k: v.clone() for k, v in pipe.state_dict().items()}
+    ptrs = [p.data_ptr() for p in pipe.parameters()]
+    rt = Runtime(tiny_plan(workload, "streamed", "Q8_0"), "cpu", workload=workload).attach(pipe)
+    assert torch.get_num_threads() == rt.backend.compute_threads
+    assert [p.data_ptr() for p in pipe.parameters()] != ptrs
+    rt.step(pipe.start(image, seed=0), "up")
+    rt.detach()
+    assert [p.data_ptr() for p in pipe.parameters()] == ptrs
+    for k, v in pipe.state_dict().items():
+        assert torch.equal(v, state[k]) and v.device.type == "cpu", k
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in pipe.modules())
+    assert not any(hasattr(m, "_residency_hook") for m in pipe.modules())
+    assert torch.get_num_threads() == 1
+
+
+def test_reattach_reuses_the_host_store(workload):
+    clear_host_cache()
+    pipe = WorldModelPipeline.from_config("tiny")
+    plan = tiny_plan(workload, "streamed", "Q8_0")
+    rt = Runtime(plan, "cpu", workload=workload).attach(pipe)
+    assert rt.store.packed_now_bytes > 0
+    rt.detach()
+    rt2 = Runtime(plan, "cpu", workload=workload).attach(pipe)
+    assert rt2.store.packed_now_bytes == 0 and rt2.store.reused_bytes == rt.store.packed_now_bytes
+    rt2.detach()
+    with torch.no_grad():  # an in-place weight update invalidates the cached blob of that block
+        pipe.dit.final.proj.weight.add_(1.0)
+    rt3 = Runtime(plan, "cpu", workload=workload).attach(pipe)
+    assert 0 < rt3.store.packed_now_bytes < rt.store.packed_now_bytes
+    rt3.detach()
+
+
+def test_host_store_that_cannot_fit_is_a_clear_error(workload):
+    clear_host_cache()
+    pipe = WorldModelPipeline.from_config("tiny")
+    rt = Runtime(tiny_plan(workload, "streamed"), "cpu", workload=workload, host_budget_bytes=2**20)
+    with pytest.raises(HostMemoryExceeded, match="host store needs"):
+        rt.attach(pipe)
+
+
+def test_out_of_schedule_calls_load_synchronously_and_resynchronise(workload, image):
+    pipe = WorldModelPipeline.from_config("tiny")
+    plain = run_plain(pipe, image, ACTIONS[:2])
+    latent = torch.randn(1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected_decode = pipe.vae.decoder(latent)
+    rt = Runtime(tiny_plan(workload, "streamed", depth=2), "cpu", workload=workload).attach(pipe)
+    try:
+        s = pipe.start(image, seed=3)
+        first = rt.step(s, ACTIONS[0])
+        with torch.inference_mode():
+            decoded = pipe.vae.decoder(latent)  # the decoder, mid-stream: not what the schedule expects
+        second = rt.step(s, ACTIONS[1])
+        assert rt.executor_stats["resyncs"] + rt.executor_stats["out_of_schedule_calls"] > 0
+    finally:
+        rt.detach()
+    assert torch.equal(decoded, expected_decode)
+    assert np.array_equal(first, plain[0]) and np.array_equal(second, plain[1])
+
+
+def test_phase_blocks_are_loaded_per_phase_run(workload, image):
+    pipe = WorldModelPipeline.from_config("tiny")
+    plan = tiny_plan(workload, "resident", lifetime="phase")
+    rt = Runtime(plan, "cpu", workload=workload).attach(pipe)
+    try:
+        s = pipe.start(image, seed=3)
+        for a in ACTIONS:
+            rt.step(s, a)
+        frames = rt.telemetry().frames
+    finally:
+        rt.detach()
+    dit_bytes = sum(workload.by_name[b].nbytes("F32") for b in workload.phase("denoise").blocks)
+    dec_bytes = sum(workload.by_name[b].nbytes("F32") for b in workload.phase("decode").blocks)
+    # every latent frame reloads the denoise and the decode phase's blocks, and nothing else
+    assert [f.link_bytes for f in frames if f.frame >= 1] == [dit_bytes + dec_bytes] * (len(ACTIONS) - 1)
+    assert math.isclose(frames[-1].device_peak_bytes, rt.ledger.peak_total_bytes)

@@ -1,0 +1,144 @@
+"""Benchmark: the runtime on this CPU — overlap of copies with compute, simulator vs measurement, hook overhead.
+
+Measured ms per latent frame for `tiny` and a ≥200 MB world model; a human table, then one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from pipelines.world_model import WorldModelPipeline, get_config  # noqa: E402
+from pipelines.world_model.workload import catalog_entry  # noqa: E402
+from residency.device import measure_profile  # noqa: E402
+from residency.plan import BlockPlan, Budget, Execution, Plan  # noqa: E402
+from residency.runtime import Runtime  # noqa: E402
+from residency.simulate import simulate  # noqa: E402
+from residency.workload import workload_from_dict  # noqa: E402
+
+# dim 768 × depth 6: 6 DiT blocks of ~52 MB in F32, 331 MB of weights — copies take real time here.
+BIG = get_config("tiny").replace(name="bench-330m", dim=768, depth=6, heads=6)
+TARGETS = {"overlap": 1.15, "prediction": 0.15, "overhead": 0.03}
+
+
+def _plan(w, placement: str, fmt: str = "F32", copy_mode: str = "async", depth: int = 1) -> Plan:
+    blocks = tuple(BlockPlan(b.name, placement, fmt, "fp32") for b in w.blocks)
+    return Plan(model=w.name, workload_fingerprint=w.fingerprint(), profile="cpu", profile_fingerprint="-",
+                policy="bench", budget=Budget(2**34), blocks=blocks,
+                execution=Execution(copy_mode=copy_mode, prefetch_depth=depth), steps=w.steps,
+                context_frames=w.context_frames)
+
+
+def _time_frames(step, frames: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(frames):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def bench_model(config, profile, frames: int, warmup: int, console: Console) -> dict:
+    w = workload_from_dict(catalog_entry(config))
+    pipe = WorldModelPipeline.from_config(config)
+    image = np.random.default_rng(0).integers(0, 256, (config.height, config.width, 3), dtype=np.uint8)
+    threads = max(1, profile.compute_threads or 1)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the plain pipeline at the runtime's compute thread count: a fair baseline
+    s = pipe.start(image, seed=0)
+    plain_ms = _time_frames(lambda: s.step("up"), frames, warmup)
+    torch.set_num_threads(saved)
+    rows = {}
+    cases = {"resident": _plan(w, "resident"), "streamed": _plan(w, "streamed"),
+             "streamed-sync": _plan(w, "streamed", copy_mode="sync"),
+             "streamed-Q8_0": _plan(w, "streamed", "Q8_0")}
+    for label, plan in cases.items():
+        console.log(f"{w.name}: {label}")
+        rt = Runtime(plan, "cpu", workload=w).attach(pipe)
+        s = pipe.start(image, seed=0)
+        measured = _time_frames(lambda rt=rt, s=s: rt.step(s, "up"), frames, warmup)
+        rt.step(s, "up")  # closes the last timed frame's record
+        tel = [f for f in rt.telemetry().frames if f.frame > warmup]
+        rt.detach()
+        pred = simulate(w, plan, profile).prediction
+        rows[label] = {
+            "measured_ms": measured, "simulated_ms": pred.frame_ms,
+            "error": (pred.frame_ms - measured) / measured,
+            "copy_ms": statistics.median(f.copy_ms for f in tel), "sim_copy_ms": pred.copy_ms,
+            "compute_ms": statistics.median(f.compute_ms for f in tel), "sim_compute_ms": pred.compute_ms,
+            "dequant_ms": statistics.median(f.dequant_ms for f in tel),
+            "stall_ms": statistics.median(f.stall_ms for f in tel), "sim_stall_ms": pred.stall_ms,
+            "peak_bytes": rt.ledger.peak_total_bytes, "sim_peak_bytes": pred.peak_total_bytes,
+        }
+    compute_only = rows["resident"]["measured_ms"]
+    copy_only = rows["streamed-sync"]["copy_ms"]  # the sync run's copies ran alone, on the compute thread
+    return {"model": w.name, "weights_bytes": w.nbytes("F32"), "plain_ms": plain_ms, "rows": rows,
+            "compute_only_ms": compute_only, "copy_only_ms": copy_only,
+            "overlap_ratio": rows["streamed"]["measured_ms"] / max(compute_only, copy_only),
+            "overhead": rows["resident"]["measured_ms"] / plain_ms - 1.0}
+
+
+def _table(results: list[dict]) -> Table:
+    t = Table(title="residency runtime on this CPU (ms per latent frame, median)")
+    for col in ("model", "plan", "measured", "simulated", "error", "copy (sim)", "compute (sim)", "dequant",
+                "stall (sim)"):
+        t.add_column(col, justify="right" if col not in ("model", "plan") else "left")
+    for r in results:
+        t.add_row(r["model"], "plain pipeline", f"{r['plain_ms']:.1f}", "", "", "", "", "", "")
+        for label, x in r["rows"].items():
+            t.add_row("", label, f"{x['measured_ms']:.1f}", f"{x['simulated_ms']:.1f}", f"{x['error']:+.0%}",
+                      f"{x['copy_ms']:.1f} ({x['sim_copy_ms']:.1f})", f"{x['compute_ms']:.1f} ({x['sim_compute_ms']:.1f})",
+                      f"{x['dequant_ms']:.1f}", f"{x['stall_ms']:.1f} ({x['sim_stall_ms']:.1f})")
+        t.add_row("", "overlap: streamed / max(compute, copy)",
+                  f"{r['overlap_ratio']:.2f}", f"≤ {TARGETS['overlap']}", "", f"{r['copy_only_ms']:.1f}",
+                  f"{r['compute_only_ms']:.1f}", "", "")
+        t.add_row("", "overhead: resident vs plain", f"{r['overhead']:+.1%}", f"≤ {TARGETS['overhead']:.0%}",
+                  "", "", "", "", "")
+    return t
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--frames", type=int, default=12, help="timed frames per case (tiny); the big model takes 1/3")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--skip-big", action="store_true", help="only the tiny model")
+    args = parser.parse_args()
+    console = Console(stderr=True)
+    console.log("measuring the CPU profile: residency.device.measure_profile('cpu', quick=True)")
+    profile = measure_profile("cpu", quick=True)
+    results = [bench_model(get_config("tiny"), profile, args.frames, args.warmup, console)]
+    if not args.skip_big:
+        results.append(bench_model(BIG, profile, max(3, args.frames // 3), 2, console))
+    Console(width=170).print(_table(results))
+    summary = {
+        "profile": {"name": profile.name, "compute_threads": profile.compute_threads,
+                    "copy_compute_overlap": profile.copy_compute_overlap},
+        "models": results,
+        "targets": TARGETS,
+        "pass": {
+            "overlap": all(r["overlap_ratio"] <= TARGETS["overlap"] for r in results),
+            "prediction": all(abs(x["error"]) <= TARGETS["prediction"] for r in results
+                              for k, x in r["rows"].items() if k != "streamed-sync"),
+            "overhead": all(r["overhead"] <= TARGETS["overhead"] for r in results),
+        },
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
