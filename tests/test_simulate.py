@@ -18,11 +18,25 @@ def test_all_resident_frame_is_the_sum_of_compute_times():
     assert pred.link_bytes_per_frame == 0
 
 
-def test_launch_overhead_adds_per_kernel_on_the_cpu_backend():
+def test_dispatch_cost_adds_per_op_on_the_cpu_backend():
     profile, work = flat_profile(launch_us=10.0, backend="cpu"), chain_workload(n=4)
     pred = simulate(work, make_plan(work, profile), profile).prediction
-    kernels = 2 * 1 + 10  # two per matrix plus the block's glue
-    assert pred.frame_ms == pytest.approx(4 * (COMPUTE_MS + kernels * 10e-3))
+    ops = 2 * (2 * 1 + 10)  # estimate without a count: two per matrix plus the block's glue, views twice that
+    assert pred.frame_ms == pytest.approx(4 * (COMPUTE_MS + ops * 10e-3))
+
+
+def test_counted_ops_replace_the_estimate():
+    from dataclasses import replace
+
+    from residency.workload import Workload
+
+    profile, base = flat_profile(launch_us=10.0, backend="cpu"), chain_workload(n=4)
+    work = Workload(base.name, tuple(replace(b, ops_per_call=100, kernels_per_call=40) for b in base.blocks),
+                    base.phases, base.steps, base.context_frames)
+    pred = simulate(work, make_plan(work, profile), profile).prediction
+    assert pred.frame_ms == pytest.approx(4 * (COMPUTE_MS + 100 * 10e-3))
+    gpu = flat_profile(launch_us=100.0)  # 40 kernels × 100 µs = 4 ms > 0.54 ms of work
+    assert simulate(work, make_plan(work, gpu), gpu).prediction.frame_ms == pytest.approx(4 * 40 * 0.1)
 
 
 def test_gpu_launch_overhead_hides_under_device_work_unless_longer():

@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipelines.world_model.config import WorldModelConfig, get_config
+from pipelines.world_model.kv_cache import KVCache
 from pipelines.world_model.pipeline import WorldModelPipeline
 
 CATALOG_SCHEMA_VERSION = 1
@@ -23,10 +25,31 @@ def _tensors(module: nn.Module) -> list[list[Any]]:
     return [[n, list(t.shape)] for n, t in module.state_dict(keep_vars=True).items() if t.is_floating_point()]
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops a call dispatches (on the meta device: nothing runs), and those that are not
+    views — on a GPU each of those launches a kernel; on the CPU every op pays the dispatch cost."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.kernels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.kernels += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def _count_ops(run) -> tuple[dict[str, int], object]:
+    with _OpCounter() as counter:
+        out = run()
+    return {"ops_per_call": counter.ops, "kernels_per_call": counter.kernels}, out
+
+
 def _conv_block_entry(name: str, component: str, module: nn.Module, x: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """VAE blocks: FLOPs counted on the meta device; 'tokens' are the block's output pixels."""
     with FlopCounterMode(display=False) as counter:
         y = module(x)
+    ops, _ = _count_ops(lambda: module(x))
     pixels = y.shape[-2] * y.shape[-1]
     widest = max(x.shape[1] * x.shape[-2] * x.shape[-1], y.shape[1] * pixels)
     entry = {
@@ -34,17 +57,36 @@ def _conv_block_entry(name: str, component: str, module: nn.Module, x: torch.Ten
         "flops_per_token": counter.get_total_flops() / pixels,
         # input + output + one intermediate of the widest size live at once
         "activation_bytes_per_token": 3 * widest * _ACT_BYTES / pixels,
+        **ops,
     }
     return entry, y
 
 
+def _dit_ops(c: WorldModelConfig, pipe: WorldModelPipeline) -> dict[str, dict[str, int]]:
+    """Ops per call of each DiT module, the blocks with a full KV window (the steady state)."""
+    cache = KVCache(c, device="meta")
+    cache.count = c.context_frames
+    t = torch.zeros(1, device="meta")
+    action = torch.zeros(1, dtype=torch.long, device="meta")
+    latent = torch.empty(1, c.latent_channels, c.latent_height, c.latent_width, device="meta")
+    out = {}
+    out["dit.cond_embed"], cond = _count_ops(lambda: pipe.dit.cond_embed(t, action))
+    out["dit.patch_embed"], x = _count_ops(lambda: pipe.dit.patch_embed(latent))
+    out["dit.blocks"], x = _count_ops(lambda: pipe.dit.blocks[0](x, cond, cache))
+    out["dit.final"], _ = _count_ops(lambda: pipe.dit.final(x, cond))
+    return out
+
+
 def _dit_entries(c: WorldModelConfig, pipe: WorldModelPipeline) -> list[dict]:
     d, h, t = c.dim, c.mlp_hidden, c.tokens_per_frame
+    ops = _dit_ops(c, pipe)
     out = [
         {"name": "dit.cond_embed", "component": "dit", "tensors": _tensors(pipe.dit.cond_embed), "tokens": 1,
-         "flops_per_token": 2.0 * (c.timestep_freq_dim * d + d * d), "activation_bytes_per_token": 4 * d * _ACT_BYTES},
+         "flops_per_token": 2.0 * (c.timestep_freq_dim * d + d * d), "activation_bytes_per_token": 4 * d * _ACT_BYTES,
+         **ops["dit.cond_embed"]},
         {"name": "dit.patch_embed", "component": "dit", "tensors": _tensors(pipe.dit.patch_embed), "tokens": t,
-         "flops_per_token": 2.0 * c.patch_dim * d, "activation_bytes_per_token": (c.patch_dim + 2 * d) * _ACT_BYTES},
+         "flops_per_token": 2.0 * c.patch_dim * d, "activation_bytes_per_token": (c.patch_dim + 2 * d) * _ACT_BYTES,
+         **ops["dit.patch_embed"]},
     ]
     for i, block in enumerate(pipe.dit.blocks):
         out.append({
@@ -59,10 +101,11 @@ def _dit_entries(c: WorldModelConfig, pipe: WorldModelPipeline) -> list[dict]:
             "kv_channels_per_token": 2 * d,
             # x, the residual, qkv (3d) and the MLP hidden live together at the peak
             "activation_bytes_per_token": (2 * d + 3 * d + h) * _ACT_BYTES,
+            **ops["dit.blocks"],
         })
     out.append({"name": "dit.final", "component": "dit", "tensors": _tensors(pipe.dit.final), "tokens": t,
                 "flops_per_token": 2.0 * d * c.patch_dim, "fixed_flops": 2.0 * d * 2 * d,
-                "activation_bytes_per_token": (2 * d + c.patch_dim) * _ACT_BYTES})
+                "activation_bytes_per_token": (2 * d + c.patch_dim) * _ACT_BYTES, **ops["dit.final"]})
     return out
 
 

@@ -14,11 +14,13 @@ from residency.plan.plan import BlockPlan, Execution
 from residency.workload.spec import COMPUTE_DTYPE_BYTES, BlockSpec
 
 DTYPE_FORMAT = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-# Kernel launches per block call in eager PyTorch: about two per weight matrix (matmul/conv, then its
-# bias/activation epilogue; vectors ride along) plus ~10 for norms, attention and residual glue.
-# A stated estimate, used only for the launch overhead.
+# When a catalog entry has no counted ops: kernel launches per call in eager PyTorch estimated as two
+# per weight matrix (matmul/conv, then its epilogue) plus ~10 of norm, attention and residual glue;
+# dispatched ops (views included) as twice that. Counted figures (pipelines/world_model/workload.py
+# counts aten ops on the meta device) replace these.
 KERNELS_PER_MATRIX = 2
 KERNELS_PER_BLOCK = 10
+OPS_PER_KERNEL = 2
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,22 @@ def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_f
     flops = block.flops(context_frames if kv_read else 0, batch)
     roof = max(profile.matmul_s(flops, block.tokens * batch, bp.compute_dtype),
                (weight_bytes + kv_bytes) / (profile.device_memory_gbps * 1e9))
-    matrices = sum(1 for _, shape in block.tensors if len(shape) >= 2)
-    launch = (KERNELS_PER_MATRIX * matrices + KERNELS_PER_BLOCK) * profile.launch_overhead_us * 1e-6
     # A GPU queues kernels asynchronously: the host's launch time hides under device work unless it is
-    # the longer of the two. On the CPU backend dispatch runs on the computing thread: it adds.
-    return max(roof, launch) if profile.is_gpu else roof + launch
+    # the longer of the two. On the CPU backend every dispatched op (views too) runs on the computing
+    # thread, at the profile's measured per-op cost: it adds.
+    if profile.is_gpu:
+        return max(roof, kernels_per_call(block) * profile.launch_overhead_us * 1e-6)
+    return roof + ops_per_call(block) * profile.launch_overhead_us * 1e-6
+
+
+def kernels_per_call(block: BlockSpec) -> int:
+    if block.kernels_per_call:
+        return block.kernels_per_call
+    return KERNELS_PER_MATRIX * sum(1 for _, shape in block.tensors if len(shape) >= 2) + KERNELS_PER_BLOCK
+
+
+def ops_per_call(block: BlockSpec) -> int:
+    return block.ops_per_call or OPS_PER_KERNEL * kernels_per_call(block)
 
 
 def call_cost(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, execution: Execution,

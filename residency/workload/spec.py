@@ -40,6 +40,8 @@ class BlockSpec:
     context_tokens_per_frame: int = 0  # tokens a cached frame contributes to this block's context
     kv_channels_per_token: int = 0  # K+V channels cached per token (0: the block keeps no KV)
     activation_bytes_per_token: float = 0.0  # peak live activations per token at 2-byte compute dtype
+    ops_per_call: int = 0  # aten ops one call dispatches, views included (0: unknown, estimated)
+    kernels_per_call: int = 0  # of which launch a kernel (not views) (0: unknown, estimated)
 
     @cached_property
     def params(self) -> int:
@@ -197,7 +199,8 @@ class Workload:
         doc = {
             "blocks": [[b.name, b.component, [[n, list(s)] for n, s in b.tensors], b.tokens, b.fixed_flops, b.flops_per_token,
                         b.self_attn_flops_per_token_pair, b.context_attn_flops_per_token_pair,
-                        b.context_tokens_per_frame, b.kv_channels_per_token] for b in self.blocks],
+                        b.context_tokens_per_frame, b.kv_channels_per_token, b.ops_per_call, b.kernels_per_call]
+                       for b in self.blocks],
             "phases": [[ph.name, ph.per, [[list(p.blocks), p.per_step, p.kv] for p in ph.passes]] for ph in self.phases],
             "params": [self.steps, self.context_frames, self.batch],
         }
