@@ -120,7 +120,7 @@ def test_quantized_plan_computes_exactly_the_formats_stored_weights(workload, im
 
 def test_ledger_holds_what_the_simulator_predicts(workload):
     pipe = WorldModelPipeline.from_config("tiny")
-    profile = flat_profile()
+    profile = flat_profile(backend="cpu")  # the runtime below is the CPU backend: no GPU staging or workspace
     for plan in (tiny_plan(workload, "resident"), tiny_plan(workload, "streamed", depth=2),
                  tiny_plan(workload, "resident-quantized", "F32")):
         predicted = simulate(workload, plan, profile).prediction.peak_bytes

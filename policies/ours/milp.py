@@ -39,10 +39,10 @@ class Solution:
 
 
 def solve(p: Problem) -> Solution | None:
-    # Variable layout: n[c,o] (integer), y[c,o] (binary: option used), T, M_slot, M_scratch, M_peak.
+    # Variable layout: n[c,o] (integer), y[c,o] (binary: option used), T, M_slot, M_scratch, M_stage, M_peak.
     index = [(ci, oi) for ci, c in enumerate(p.classes) for oi in range(len(c.options))]
-    nv = 2 * len(index) + 4
-    t_i, slot_i, scr_i, peak_i = nv - 4, nv - 3, nv - 2, nv - 1
+    nv = 2 * len(index) + 5
+    t_i, slot_i, scr_i, stage_i, peak_i = nv - 5, nv - 4, nv - 3, nv - 2, nv - 1
     y0 = len(index)
     lo, hi = np.zeros(nv), np.full(nv, np.inf)
     integrality = np.zeros(nv)
@@ -70,6 +70,8 @@ def solve(p: Problem) -> Solution | None:
             add({slot_i: 1.0, y0 + k: -o.slot_bytes * MEM_SCALE}, 0.0, np.inf)
         if o.scratch_bytes:
             add({scr_i: 1.0, y0 + k: -o.scratch_bytes * MEM_SCALE}, 0.0, np.inf)
+        if o.staging_bytes:
+            add({stage_i: 1.0, y0 + k: -o.staging_bytes * MEM_SCALE}, 0.0, np.inf)
         compute[k] = o.compute_s * TIME_SCALE
         copy[k] = o.copy_s * TIME_SCALE
         loss[k] = o.loss
@@ -78,7 +80,7 @@ def solve(p: Problem) -> Solution | None:
     shared = 1.0 - p.overlap
     add({**{k: compute[k] + shared * copy[k] for k in compute}, t_i: -1.0}, -np.inf, 0.0)
     add({**{k: copy[k] + shared * compute[k] for k in compute}, t_i: -1.0}, -np.inf, 0.0)
-    memory_terms = {**frame_mem, slot_i: float(p.slots), scr_i: 1.0}
+    memory_terms = {**frame_mem, slot_i: float(p.slots), scr_i: 1.0, stage_i: 1.0}
     peak_frame = dict(memory_terms)
     peak_session = {**memory_terms, **session_mem}
     fixed = p.fixed_bytes * MEM_SCALE

@@ -31,6 +31,7 @@ class Option:
     slot_bytes: int  # what one slot must hold for this block (0 unless streamed)
     scratch_bytes: int  # dequant scratch this block needs (0 when none)
     loss: float  # quality loss of one block
+    staging_bytes: int = 0  # GPU: device buffer its packed blob lands in to be unpacked (0 when none)
 
     def block_plan(self, name: str, compute_dtype: str, lifetime: str) -> BlockPlan:
         return BlockPlan(name, self.placement, self.format, compute_dtype, lifetime, self.dequant_on)
@@ -85,8 +86,10 @@ def block_options(w: Workload, b: BlockSpec, req: PlanRequest, execution: Execut
                               loss(fmt)))
         out.append(Option("streamed", fmt, "compute", k + deq, move, 0, b.nbytes(fmt), scratch, loss(fmt)))
         if fmt != plain and execution.copy_mode == "async":
-            # dequant beside compute on the copy engine: the slot then holds compute-dtype weights
-            out.append(Option("streamed", fmt, "copy", k, move + deq, 0, compute_bytes, 0, loss(fmt)))
+            # dequant beside compute on the copy engine: the slot then holds compute-dtype weights, and a
+            # GPU stages the packed blob on the device first (residency.simulate.memory.needs_staging)
+            stage = b.nbytes(fmt) if req.profile.is_gpu else 0
+            out.append(Option("streamed", fmt, "copy", k, move + deq, 0, compute_bytes, 0, loss(fmt), stage))
     return out
 
 

@@ -16,7 +16,7 @@ from residency.runtime.backend import Backend, LoadRecipe
 from residency.runtime.host_store import BlockBlob
 from residency.runtime.ledger import Ledger
 from residency.simulate.costs import DTYPE_FORMAT
-from residency.simulate.memory import GPU_WORKSPACE_BYTES
+from residency.simulate.memory import GPU_WORKSPACE_BYTES, needs_staging
 from residency.workload import COMPUTE_DTYPE_BYTES, Workload
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -61,8 +61,7 @@ class DeviceMemory:
                     or (bp.placement == "streamed" and bp.dequant_on == "compute")]
         self.scratch_bytes = max((sum(math.prod(e.shape) for e in _needs_unpack(blobs[bp.name], bp.compute_dtype))
                                   * COMPUTE_DTYPE_BYTES[bp.compute_dtype] for bp in per_call), default=0)
-        on_device_unpack = [self.blobs[bp.name].nbytes for bp in plan.blocks
-                            if bp.placement == "resident" or (bp.placement == "streamed" and bp.dequant_on == "copy")]
+        on_device_unpack = [self.blobs[bp.name].nbytes for bp in plan.blocks if needs_staging(bp)]
         self.staging_bytes = backend.unpack_staging_bytes(max(on_device_unpack, default=0))
         self.session_bytes = {bp.name: self._held_bytes(bp) for bp in plan.blocks
                               if bp.placement != "streamed" and bp.lifetime == "session"}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from residency.device.profile import DeviceProfile
 from residency.formats import get_format
+from residency.formats.sizing import effective_format
 from residency.plan.plan import BlockPlan, Execution
 from residency.workload.spec import COMPUTE_DTYPE_BYTES, BlockSpec
 
@@ -111,9 +112,10 @@ def resident_bytes(block: BlockSpec, bp: BlockPlan) -> int:
 
 
 def scratch_bytes(block: BlockSpec, bp: BlockPlan) -> int:
-    """Compute-dtype buffer a per-call dequant writes into (0 when none is needed)."""
+    """Compute-dtype buffer a per-call dequant writes into (0 when none is needed): every tensor whose
+    stored format is not the compute dtype — quantized ones, and BF16 fallback vectors under fp32."""
     if bp.placement == "resident":
         return 0
-    if get_format(bp.format).name == DTYPE_FORMAT[bp.compute_dtype]:
-        return 0
-    return int(math.ceil(block.quantized_weights(bp.format) * COMPUTE_DTYPE_BYTES[bp.compute_dtype]))
+    fmt, direct = get_format(bp.format), DTYPE_FORMAT[bp.compute_dtype]
+    converted = sum(math.prod(shape) for _, shape in block.tensors if effective_format(fmt, shape).name != direct)
+    return converted * COMPUTE_DTYPE_BYTES[bp.compute_dtype]

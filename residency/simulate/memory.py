@@ -16,6 +16,12 @@ KINDS = ("resident", "resident_quantized", "slots", "dequant_scratch", "kv_cache
 GPU_WORKSPACE_BYTES = 128 * 2**20
 
 
+def needs_staging(bp) -> bool:
+    """Unpacked on the device at load: resident from another format, or streamed, dequant on copy."""
+    unpacked = bp.placement == "resident" or (bp.placement == "streamed" and bp.dequant_on == "copy")
+    return unpacked and bp.format != DTYPE_FORMAT[bp.compute_dtype]
+
+
 def slot_bytes(workload: Workload, plan: Plan) -> int:
     """One slot fits the largest streamed block as it lands: packed, or dequantized by the copy engine."""
     sizes = [workload.by_name[b.name].nbytes(DTYPE_FORMAT[b.compute_dtype] if b.dequant_on == "copy" else b.format)
@@ -47,7 +53,11 @@ def peak_bytes(workload: Workload, plan: Plan, profile: DeviceProfile) -> dict[s
     by_kind["resident"] = session["resident"] + worst["resident"]
     by_kind["resident_quantized"] = session["resident-quantized"] + worst["resident-quantized"]
     by_kind["slots"] = plan.execution.slots * slot_bytes(workload, plan) if plan.streamed() else 0
-    by_kind["dequant_scratch"] = scratch
+    # A GPU unpacks on the device: the packed blob of a block dequantized on load (resident) or by the
+    # copy engine lands in a staging buffer first. The CPU backend unpacks straight from host memory.
+    staging = max((workload.by_name[b.name].nbytes(b.format) for b in plan.blocks if needs_staging(b)),
+                  default=0) if profile.is_gpu else 0
+    by_kind["dequant_scratch"] = scratch + staging
     by_kind["kv_cache"] = workload.kv_cache_bytes(plan.kv_dtype)
     by_kind["activations"] = max((workload.by_name[b.name].activation_bytes(b.compute_dtype, workload.batch)
                                   for b in plan.blocks), default=0)
