@@ -14,17 +14,9 @@ from residency.formats.base import OUT_DTYPES, StorageFormat, relative_rms_error
 from residency.formats.compiled import use_compiled
 from residency.formats.float_formats import FP8RowFormat, PlainFormat
 from residency.formats.gguf_block import GGUFBlockFormat
-
-try:  # TEMP-GUARD while the K-quant modules are being written
-    from residency.formats.gguf_kquants import DEQUANT_K
-except ImportError:
-    DEQUANT_K = {n: None for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
+from residency.formats.gguf_kquants import DEQUANT_K
 from residency.formats.gguf_legacy import DEQUANT_LEGACY, QUANT_LEGACY
-
-try:  # TEMP-GUARD
-    from residency.formats.kquant_pack import QUANT_K
-except ImportError:
-    QUANT_K = {}
+from residency.formats.kquant_pack import QUANT_K
 from residency.formats.nf4 import NF4Format
 
 
