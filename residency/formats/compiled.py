@@ -41,6 +41,10 @@ def _build(fmt, dtype: torch.dtype) -> UnpackFn:
     def fn(blocks: torch.Tensor, out2d: torch.Tensor) -> None:
         fmt.eager_unpack(blocks, out2d)
 
+    # Dynamo caches and counts recompilations per code object: with one shared `fn`, formats × dtypes
+    # exhaust its recompile limit (8) and later formats silently run eager. A code object of its own
+    # per (format, dtype) gives each kernel its own cache.
+    fn.__code__ = fn.__code__.replace(co_name=f"unpack_{fmt.name}_{str(dtype).removeprefix('torch.')}")
     # dynamic=True: one kernel for every tensor size of this format and dtype.
     return torch.compile(fn, dynamic=True, fullgraph=True)
 
