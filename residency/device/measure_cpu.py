@@ -19,7 +19,15 @@ import torch
 from residency.device.bench_inputs import measured_formats, packed_sample
 from residency.device.host_memory import cpu_reserve_bytes, host_memory
 from residency.device.profile import COMPUTE_DTYPES, LINK_DIRECTIONS, Curve, DeviceProfile, Provenance
-from residency.device.timing import ProgressFn, Timing, overlap_fraction, repeats_for, summarize, time_samples
+from residency.device.timing import (
+    ProgressFn,
+    Steps,
+    Timing,
+    overlap_fraction,
+    repeats_for,
+    summarize,
+    time_samples,
+)
 from residency.errors import ResidencyError
 from residency.formats import get_format
 
@@ -226,15 +234,7 @@ def measure(quick: bool, progress: ProgressFn | None = None, source: str | None 
     plan = QUICK if quick else FULL
     source = source or f"residency profile --device cpu{' --quick' if quick else ''}"
     formats = measured_formats()
-    steps = ["memory", "link", "device memory", *(f"matmul {d}" for d in COMPUTE_DTYPES),
-             *(f"dequant {f}" for f in formats), "overlap", "launch overhead"]
-    done = 0
-
-    def step(label: str) -> None:
-        nonlocal done
-        if progress is not None:
-            progress(label, done, len(steps))
-        done += 1
+    step = Steps(formats, COMPUTE_DTYPES, progress)
 
     cores = cpu_cores()
     compute_threads = max(1, cores - 1)
@@ -269,8 +269,7 @@ def measure(quick: bool, progress: ProgressFn | None = None, source: str | None 
     finally:
         engine.close()
         torch.set_num_threads(previous_threads)
-    if progress is not None:
-        progress("done", len(steps), len(steps))
+    step.finish()
 
     def measured(note: str = "") -> Provenance:
         return Provenance("measured", f"{source} — {note}" if note else source)

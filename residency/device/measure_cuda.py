@@ -15,7 +15,7 @@ import torch
 
 from residency.device.bench_inputs import measured_formats, packed_sample
 from residency.device.profile import COMPUTE_DTYPES, Curve, DeviceProfile, Provenance
-from residency.device.timing import ProgressFn, Timing, overlap_fraction, summarize
+from residency.device.timing import ProgressFn, Steps, Timing, overlap_fraction, summarize
 from residency.formats import get_format
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -199,15 +199,7 @@ def measure(index: int, quick: bool, progress: ProgressFn | None = None, source:
     source = source or f"residency profile --device cuda:{index}{' --quick' if quick else ''}"
     hip = getattr(torch.version, "hip", None) or ""
     formats = measured_formats()
-    steps = ["memory", "link", "device memory", *(f"matmul {d}" for d in COMPUTE_DTYPES),
-             *(f"dequant {f}" for f in formats), "overlap", "launch overhead"]
-    done = 0
-
-    def step(label: str) -> None:
-        nonlocal done
-        if progress is not None:
-            progress(label, done, len(steps))
-        done += 1
+    step = Steps(formats, COMPUTE_DTYPES, progress)
 
     with torch.cuda.device(dev):
         step("memory")
@@ -232,8 +224,7 @@ def measure(index: int, quick: bool, progress: ProgressFn | None = None, source:
         step("launch overhead")
         launch_us = measure_launch_us(dev)
         torch.cuda.empty_cache()
-    if progress is not None:
-        progress("done", len(steps), len(steps))
+    step.finish()
 
     def measured(note: str) -> Provenance:
         return Provenance("measured", f"{source} — {note}")

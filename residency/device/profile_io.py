@@ -23,6 +23,7 @@ from residency.device.profile import (
     Provenance,
 )
 from residency.errors import ResidencyError
+from residency.jsonfile import read_json
 
 PROFILE_SCHEMA_VERSION = 1
 # Top-level groups of numbers that must each say where they came from.
@@ -261,18 +262,8 @@ def _same_stem(key: str, known: tuple[str, ...]) -> str | None:
 
 
 def read_profile(path: str | os.PathLike[str]) -> DeviceProfile:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ResidencyError(f"{path}: cannot read the profile ({reason})",
-                             hint="check the path; `residency profiles` lists the shipped ones") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ResidencyError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})",
-                             hint="give a file written by `residency profile -o`") from None
+    data = read_json(path, "the profile", "check the path; `residency profiles` lists the shipped ones, "
+                     "`residency profile -o` writes one")
     return profile_from_dict(data, str(path))
 
 

@@ -82,3 +82,22 @@ def overlap_fraction(copy_s: float, compute_s: float, both_s: float) -> float:
         return 0.0
     return min(1.0, max(0.0, (copy_s + compute_s - both_s) / shorter))
 
+
+
+class Steps:
+    """The measurement steps of a profile, reported to a progress callback as each one starts."""
+
+    def __init__(self, formats: list[str], compute_dtypes: tuple[str, ...], progress: ProgressFn | None):
+        self.labels = ["memory", "link", "device memory", *(f"matmul {d}" for d in compute_dtypes),
+                       *(f"dequant {f}" for f in formats), "overlap", "launch overhead"]
+        self.progress = progress
+        self.done = 0
+
+    def __call__(self, label: str) -> None:
+        if self.progress is not None:
+            self.progress(label, self.done, len(self.labels))
+        self.done += 1
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress("done", len(self.labels), len(self.labels))

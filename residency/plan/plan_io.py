@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from residency.errors import ResidencyError
+from residency.jsonfile import read_json
 from residency.plan.plan import BlockPlan, Budget, Execution, Plan, Prediction
 
 PLAN_SCHEMA_VERSION = 1
@@ -95,11 +96,5 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except OSError as e:
-        raise ResidencyError(f"{path}: cannot read the plan ({e.strerror})", hint="check the path") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResidencyError(f"{path}: not a JSON plan ({e})", hint="give a file written by `residency plan -o`") from None
+    doc = read_json(path, "the plan", "give a file written by `residency plan -o`")
     return plan_from_dict(doc, str(path))

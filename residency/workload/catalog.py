@@ -5,12 +5,11 @@ A catalog entry is the inventory of a real architecture plus its call schedule, 
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 from residency.errors import ResidencyError
+from residency.jsonfile import read_json
 from residency.workload.spec import BlockSpec, PassSpec, PhaseSpec, Workload
 
 CATALOG_SCHEMA_VERSION = 1
@@ -104,11 +103,5 @@ def workload_to_dict(w: Workload) -> dict[str, Any]:
 
 
 def load_workload_file(path: str | os.PathLike[str]) -> Workload:
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except OSError as e:
-        raise ResidencyError(f"{path}: cannot read ({e.strerror})", hint="check the path") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResidencyError(f"{path}: not valid JSON ({e})", hint="regenerate it with tools/gen_catalog.py") from None
+    doc = read_json(path, "the catalog entry", "regenerate it with tools/gen_catalog.py")
     return workload_from_dict(doc, str(path))
