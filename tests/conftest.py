@@ -16,3 +16,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("RESIDENCY_TEST", "1")
+
+
+@pytest.fixture(scope="module")
+def one_compute_thread():
+    """One intra-op thread, as the runtime computes beside its copy engine; 2 threads thrash when shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,14 +8,7 @@ from hypothesis import strategies as st
 
 from pipelines.world_model import PRESETS, KVCache, WorldModelPipeline
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_compute_thread():
-    """One intra-op thread, as the runtime computes beside its copy engine; 2 threads thrash when shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 # One token per frame, one block, one step: 100 frames in well under a second.
 MICRO = PRESETS["tiny"].replace(

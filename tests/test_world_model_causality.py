@@ -9,14 +9,7 @@ from hypothesis import strategies as st
 from pipelines.world_model import PRESETS, KVCache, WorldModelPipeline
 from pipelines.world_model.reference import reference_forward, reference_rollout
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_compute_thread():
-    """One intra-op thread, as the runtime computes beside its copy engine; 2 threads thrash when shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 CONFIG = PRESETS["tiny"].replace(kv_dtype="fp32", context_frames=6)
 TOL = 1e-5  # fp32; a cached pass and a recomputation differ only in summation order

@@ -14,13 +14,7 @@ from residency.errors import ResidencyError
 CONFIG = PRESETS["tiny"].replace(name="tiny-small", dim=64, heads=2, depth=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_compute_thread():
-    """One intra-op thread, as the runtime computes beside its copy engine; 2 threads thrash when shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 @pytest.fixture(scope="module")

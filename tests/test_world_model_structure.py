@@ -2,18 +2,10 @@
 
 import numpy as np
 import pytest
-import torch
 
 from pipelines.world_model import PHASES, WorldModelPipeline
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_compute_thread():
-    """One intra-op thread, as the runtime computes beside its copy engine; 2 threads thrash when shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 @pytest.fixture(scope="module")
