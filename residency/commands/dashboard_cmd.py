@@ -1,0 +1,48 @@
+"""`residency dashboard TRACE`: replay a trace written by `run --trace` or `demo` in the live dashboard.
+
+`--once` prints the final render as text (works in pipes); the live view needs a terminal (else exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from residency.commands.console import make_console
+
+MAX_REPLAY_FRAME_S = 0.5  # a slow recorded frame is shown for at most this long, so replays stay short
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("dashboard", help="replay a rollout's trace in the dashboard (or --once: print it)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("trace", metavar="TRACE", help="a trace JSON from `residency run --trace` or `residency demo`")
+    p.add_argument("--once", action="store_true", help="print one render of the whole trace as text and exit")
+    p.add_argument("--speed", type=float, default=1.0, metavar="X", help="replay speed (default 1: as recorded)")
+    p.set_defaults(run=run)
+
+
+def replay(board, snapshot, speed: float) -> None:
+    """Feed the dashboard growing prefixes of the recorded frames at their recorded pace."""
+    for n in range(1, len(snapshot.frames) + 1):
+        board.update(dataclasses.replace(snapshot, frames=snapshot.frames[:n], rows=snapshot.rows[:n]))
+        time.sleep(min(MAX_REPLAY_FRAME_S, snapshot.frames[n - 1].frame_ms / 1e3 / speed))
+
+
+def run(args) -> int:
+    from residency.dashboard import Dashboard, build, live, read_trace, require_terminal
+    from residency.errors import UsageError
+
+    console = make_console()
+    if not args.once:
+        require_terminal(console, "the live dashboard")
+    if not args.speed > 0:
+        raise UsageError(f"--speed must be positive, got {args.speed}", hint="e.g. --speed 2")
+    snapshot, context = read_trace(args.trace)
+    if args.once:
+        console.print(build(snapshot, context))
+        return 0
+    board = Dashboard(context)
+    with live(console, board):
+        replay(board, snapshot, args.speed)
+    return 0

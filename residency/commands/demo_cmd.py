@@ -1,0 +1,97 @@
+"""`residency demo`: the main job — the shipped world model planned under a VRAM budget that forces
+streaming, a scripted rollout with the dashboard, then demo.gif and demo-trace.json.
+
+No GPU: the CPU backend with this machine's cached profile (measured in quick mode the first time).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+
+from residency.commands import run_cmd
+from residency.commands.console import make_console
+from residency.errors import ResidencyError, UsageError
+
+DEMO_FPS = 15.0  # video frames per second the plan must hold
+VRAM_FRACTION = 0.75  # of the model's weight bytes at the compute dtype: too small to keep every block resident
+# 56 latent frames of varied actions: long enough for a steady median, ~5 s of compute on 2 cores.
+SCRIPT = "right*8,down*6,jump*2,left*8,up*6,use*2,down_right*6,up_left*6,idle*4,right*8"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="plan and run the shipped world model under a small VRAM budget; write a GIF "
+                       "and a trace", description=__doc__.split("\n\n")[0])
+    p.add_argument("-o", "--output-dir", default=".", metavar="DIR", help="where demo.gif and demo-trace.json go")
+    p.add_argument("--frames", type=int, metavar="N", help="latent frames (default: the 56 of the script)")
+    p.add_argument("--once", action="store_true", help="no live dashboard: print its final render (the default "
+                   "when stdout is not a terminal)")
+    p.set_defaults(run=run)
+
+
+def _settings(args, model):
+    """Demo planning: this machine's profile, DEMO_FPS, and a budget below the model's weight bytes."""
+    weights_bytes = model.workload.nbytes("F32" if run_cmd.device_kind() == "cpu" else "BF16")
+    args.plan, args.profile, args.fps, args.vram = None, None, DEMO_FPS, None
+    return int(weights_bytes * VRAM_FRACTION)
+
+
+def _plan_line(plan) -> str:
+    placements = Counter(b.placement for b in plan.blocks)
+    parts = ", ".join(f"{n} {kind}" for kind, n in placements.most_common())
+    p = plan.prediction
+    return (f"plan ({plan.policy}, {plan.profile}): {parts} of {len(plan.blocks)} blocks within "
+            f"{plan.budget.vram_bytes / 2**20:.1f} MiB; predicted {p.frame_ms:.1f} ms per latent frame "
+            f"({'holds' if plan.holds_budget else 'misses'} {plan.budget.frame_ms:.1f} ms)")
+
+
+def run(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from residency.dashboard import Dashboard, build, live, write_trace
+    from residency.media import check_output_path, write_frames
+
+    console, err = make_console(), make_console(stderr=True)
+    if args.frames is not None and not 1 <= args.frames <= 10_000:
+        raise UsageError(f"--frames must be between 1 and 10000, got {args.frames}", hint="e.g. --frames 16")
+    out_dir = Path(args.output_dir)
+    if not out_dir.is_dir():
+        raise ResidencyError(f"{out_dir}: no such directory", hint="create it first, or pick another -o")
+    gif = check_output_path(out_dir / "demo.gif")
+    trace = run_cmd.check_trace_path(str(out_dir / "demo-trace.json"))
+    live_view = console.is_terminal and not args.once
+    model = run_cmd.load_model("default")
+    if model.note:
+        err.print(f"note: {model.note}")
+    script = SCRIPT.split(",")
+    actions = list(itertools.islice(itertools.cycle(run_cmd.parse_actions(",".join(script),
+                                                                           model.pipe.config.actions)),
+                                    args.frames or 56))
+    vram = _settings(args, model)
+    plan, replan = run_cmd.make_plan(model, args, err, vram_bytes=vram)
+    console.print(_plan_line(plan))
+    context = run_cmd.context_for(model, plan)
+    board = Dashboard(context)
+    runtime = run_cmd.attach(model, plan, replan)
+    image = model.start_image
+    try:
+        if live_view:
+            with live(console, board):
+                video = run_cmd.rollout(runtime, model.pipe, image, actions, 0, lambda i, s: board.update(s))
+        else:
+            with Progress(TextColumn("latent frames"), BarColumn(), MofNCompleteColumn(), console=err,
+                          transient=True) as progress:
+                task = progress.add_task("demo", total=len(actions))
+                video = run_cmd.rollout(runtime, model.pipe, image, actions, 0, lambda i, s: progress.advance(task))
+    finally:
+        snapshot = run_cmd.final_snapshot(runtime)
+    if not live_view:
+        console.print(build(snapshot, context))
+    write_frames(video, gif, DEMO_FPS)
+    write_trace(snapshot, context, trace)
+    run_cmd.report_speed(console, snapshot)
+    console.print(f"wrote {gif} ({len(video)} frames) and {trace}")
+    console.print(f"replay the telemetry:  residency dashboard {trace}")
+    console.print("play it yourself:      residency play      (arrows/WASD, space, e; q quits)")
+    return 0

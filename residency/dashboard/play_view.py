@@ -1,0 +1,80 @@
+"""The screen of `residency play`: the frame in half-blocks, the dashboard beside it, a status line below.
+
+The game loop sets the frame and status; the Live thread renders whatever was set last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.segment import Segment
+from rich.text import Text
+
+from residency.dashboard.dashboard import WIDTH_CELLS, Dashboard
+from residency.dashboard.frame_view import FrameView
+from residency.dashboard.keyboard import HELP
+
+FRAME_MAX_ROWS = 32  # cells; a 64×64 frame is 64 columns × 32 rows
+GAP_CELLS = 2  # between the frame and the dashboard
+
+
+@dataclass(frozen=True)
+class Status:
+    frame: int  # latent frames generated in this session
+    action: str  # what the last frame was asked to do
+    step_ms: float  # wall time of the last step (runtime.step, decode included)
+    target_fps: float  # video frames per second the loop paces to
+    achieved_fps: float  # video frames per second over the recent frames
+    behind: bool  # the machine cannot hold target_fps
+
+    def text(self) -> Text:
+        line = Text(f"frame {self.frame} · {self.action:<10} · step {self.step_ms:.1f} ms · "
+                    f"{self.achieved_fps:.1f} of {self.target_fps:.0f} fps")
+        if self.behind:
+            line.append(f"  this machine cannot hold {self.target_fps:.0f} fps: running as fast as it can",
+                        style="bold red")
+        return line
+
+
+class SideBySide:
+    """The frame's rows with the dashboard's rendered rows beside them, joined without a rich Table.
+
+    A Table measures and renders both sides twice per refresh (~40 ms for a 64×64 frame here)."""
+
+    def __init__(self, frame: FrameView, board: Dashboard | None):
+        self.frame, self.board = frame, board
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        rows = self.frame.rows()
+        gap = Segment(" " * GAP_CELLS)
+        board = self.board.lines(console, options.update(width=WIDTH_CELLS)) if self.board else []
+        blank = [Segment(" " * self.frame.cols)]
+        for i in range(max(len(rows), len(board))):
+            yield from rows[i] if i < len(rows) else blank
+            if i < len(board):
+                yield gap
+                yield from board[i]
+            yield Segment.line()
+
+
+class PlayView:
+    def __init__(self, board: Dashboard, frame: np.ndarray, width_cells: int):
+        self.board = board
+        self.show_board = width_cells >= FRAME_MAX_ROWS * 2 + GAP_CELLS + WIDTH_CELLS
+        self.frame_view = FrameView(frame, max_cols=min(width_cells, 2 * FRAME_MAX_ROWS), max_rows=FRAME_MAX_ROWS)
+        self.status: Status | None = None
+
+    def set_frame(self, frame: np.ndarray) -> None:
+        self.frame_view = FrameView(frame, max_cols=self.frame_view.cols, max_rows=FRAME_MAX_ROWS)
+
+    def __rich__(self) -> RenderableType:
+        lines: list[RenderableType] = [SideBySide(self.frame_view, self.board if self.show_board else None),
+                                       Text(HELP, style="dim")]
+        if self.status is not None:
+            lines.append(self.status.text())
+        if not self.show_board:
+            lines.append(Text(f"(widen the terminal to {FRAME_MAX_ROWS * 2 + GAP_CELLS + WIDTH_CELLS} columns for the "
+                              "dashboard)", style="dim"))
+        return Group(*lines)

@@ -1,0 +1,102 @@
+"""`residency run` end to end on tiny, and the bad-input matrix of run/play/dashboard/demo.
+
+Every bad input exits 1 or 2 with `error:` and `hint:` on stderr, no traceback, and no output file.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.world_model.trained import GAME_CONFIG
+from pipelines.world_model.workload import catalog_entry
+from residency.cli import main
+from residency.device.profile_io import profile_path
+from residency.plan import BlockPlan, Budget, Plan, save_plan
+from residency.workload import workload_from_dict
+
+PROFILE = ["--profile", "rx-7800-xt"]  # a shipped profile: no measurement in tests
+
+
+@pytest.fixture()
+def files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # demo plans with this machine's cached profile: seed the cache so no test measures one (~15 s)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "residency").mkdir(parents=True)
+    shutil.copy(profile_path("rx-7800-xt"), tmp_path / "cache" / "residency" / "profile-cpu.json")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "start.png")
+    Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+    (tmp_path / "notimage.png").write_text("hello")
+    w = workload_from_dict(catalog_entry(GAME_CONFIG))  # another model than tiny
+    save_plan(Plan(model=w.name, workload_fingerprint=w.fingerprint(), profile="x", profile_fingerprint="-",
+                   policy="test", budget=Budget(2**30), blocks=tuple(BlockPlan(b.name, "resident", "F32", "fp32")
+                                                                    for b in w.blocks),
+                   steps=w.steps, context_frames=w.context_frames), tmp_path / "other-plan.json")
+    return tmp_path
+
+
+def listing(d: Path) -> set[str]:
+    return {str(p.relative_to(d)) for p in d.rglob("*")}
+
+
+def test_run_writes_a_gif_and_a_trace_the_dashboard_renders(files, capsys):
+    code = main(["run", "tiny", "--image", "start.png", *PROFILE, "--vram", "24MiB", "--fps", "15",
+                 "--actions", "right*2,jump", "--frames", "4", "-o", "out.gif", "--trace", "trace.json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    with Image.open(files / "out.gif") as gif:
+        assert gif.n_frames == 4 and gif.size == (64, 64)
+    assert "measured" in out and "predicted" in out
+    assert main(["dashboard", "trace.json", "--once"]) == 0
+    text = capsys.readouterr().out
+    assert "frame 4 · tiny" in text and "fps" in text and "dit.blocks.0" in text and "kv_cache" in text
+
+
+def test_run_writes_numbered_pngs(files):
+    assert main(["run", "tiny", "--image", "start.png", *PROFILE, "--frames", "2", "-o", "f.png"]) == 0
+    assert (files / "f-0000.png").is_file() and (files / "f-0001.png").is_file()
+
+
+BAD = [
+    (["run", "tiny", "--image", "missing.png", *PROFILE, "-o", "o.gif"], 1, "no such image"),
+    (["run", "tiny", "--image", "notimage.png", *PROFILE, "-o", "o.gif"], 1, "not a readable image"),
+    (["run", "tiny", "--image", "small.png", *PROFILE, "-o", "o.gif"], 1, "image is 48x32"),
+    (["run", "tiny", "*PROFILE", "-o", "o.gif"], 2, "needs a start image"),
+    (["run", "tiny", "--image", "start.png", *PROFILE, "--actions", "right*2,fly", "-o", "o.gif"], 2,
+     "unknown action 'fly'"),
+    (["run", "tiny", "--image", "start.png", *PROFILE, "--actions", "right*0", "-o", "o.gif"], 2, "bad repeat"),
+    (["run", "nosuch", "--image", "start.png", *PROFILE, "-o", "o.gif"], 2, "unknown model 'nosuch'"),
+    (["run", "lucid-500m", *PROFILE, "-o", "o.gif"], 1, "needs real weights"),
+    (["run", "tiny", "--image", "start.png", "--profile", "nosuch-gpu", "-o", "o.gif"], 1, "unknown profile"),
+    (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "nodir/o.gif"], 1, "does not exist"),
+    (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.mp4"], 1, "cannot write .mp4"),
+    (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.gif", "--trace", "nodir/t.json"], 1,
+     "does not exist"),
+    (["run", "tiny", "--image", "start.png", "--plan", "other-plan.json", "-o", "o.gif"], 1,
+     "the plan was made for model 'game-64'"),
+    (["run", "tiny", "--image", "start.png", *PROFILE, "--fps", "0", "-o", "o.gif"], 2, "--fps must be positive"),
+    (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.gif", "--dashboard"], 2, "needs a terminal"),
+    (["play", "tiny", "--image", "start.png", *PROFILE], 2, "needs a terminal"),
+    (["dashboard", "trace.json"], 2, "needs a terminal"),
+    (["dashboard", "missing.json", "--once"], 1, "no such trace file"),
+    (["dashboard", "notimage.png", "--once"], 1, "not valid JSON"),
+    (["demo", "-o", "nodir"], 1, "no such directory"),
+    (["demo", "--frames", "0"], 2, "--frames must be between"),
+]
+
+
+@pytest.mark.parametrize("argv,code,message", BAD, ids=[" ".join(a[:1] + [m]) for a, _, m in BAD])
+def test_bad_input_gives_error_and_hint_and_no_output(files, capsys, argv, code, message):
+    argv = [a for a in argv if a != "*PROFILE"] + (PROFILE if "*PROFILE" in argv else [])
+    before = listing(files)
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err, err
+    assert "hint: " in err and "Traceback" not in err
+    assert listing(files) == before

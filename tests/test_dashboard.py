@@ -1,0 +1,102 @@
+"""The dashboard renders from snapshots: a trace round-trips through read_trace, and the render shows the numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from pipelines.world_model import WorldModelPipeline
+from pipelines.world_model.workload import catalog_entry
+from residency.dashboard import DashboardContext, build, read_trace, write_trace
+from residency.dashboard.keyboard import action_of, decode
+from residency.errors import ResidencyError
+from residency.plan import BlockPlan, Budget, Plan, Prediction
+from residency.runtime import Runtime
+from residency.telemetry import write_chrome_trace
+from residency.workload import workload_from_dict
+
+CONTEXT = DashboardContext("tiny · test", vram_budget_bytes=64 * 2**20, frame_budget_ms=500.0)
+
+
+@pytest.fixture(scope="module")
+def snapshot():
+    w = workload_from_dict(catalog_entry("tiny"))
+    blocks = tuple(BlockPlan(b.name, "streamed" if b.name.startswith("dit.blocks") else "resident", "F32", "fp32")
+                   for b in w.blocks)
+    prediction = Prediction(frame_ms=40.0, first_frame_ms=60.0, stall_ms=1.0, copy_ms=5.0, compute_ms=35.0,
+                            link_bytes_per_frame=123, peak_bytes={"slots": 1}, lower_bound_ms=30.0, quality_loss=0.0)
+    plan = Plan(model=w.name, workload_fingerprint=w.fingerprint(), profile="test", profile_fingerprint="-",
+                policy="test", budget=Budget(2**31), blocks=blocks, steps=w.steps, context_frames=w.context_frames,
+                prediction=prediction)
+    pipe = WorldModelPipeline.from_config("tiny")
+    rt = Runtime(plan, "cpu", workload=w).attach(pipe)
+    session = pipe.start(np.zeros((64, 64, 3), np.uint8))
+    for action in ("right", "up", "idle", "jump"):
+        rt.step(session, action)
+    memory = rt.telemetry().memory
+    rt.detach()
+    return dataclasses.replace(rt.telemetry(), memory=memory)
+
+
+def render_text(snapshot, context=CONTEXT) -> str:
+    console = Console(record=True, width=100, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(build(snapshot, context))
+    return console.export_text()
+
+
+def test_trace_round_trip_rebuilds_every_frame_and_block(snapshot, tmp_path):
+    got, context = read_trace(write_trace(snapshot, CONTEXT, tmp_path / "t.json"))
+    assert context == CONTEXT
+    assert got.memory == snapshot.memory and got.prediction == snapshot.prediction
+    assert [f.frame for f in got.frames] == [f.frame for f in snapshot.frames] == [0, 1, 2, 3, 4]
+    for a, b in zip(got.frames, snapshot.frames, strict=True):
+        assert a.frame_ms == pytest.approx(b.frame_ms, abs=1e-3)
+        assert a.link_bytes == b.link_bytes and a.device_bytes == b.device_bytes
+        assert [(x.block, x.calls, x.link_bytes) for x in a.blocks] == [(x.block, x.calls, x.link_bytes)
+                                                                        for x in b.blocks]
+        for x, y in zip(a.blocks, b.blocks, strict=True):
+            for part in ("copy_ms", "dequant_ms", "compute_ms", "stall_ms"):
+                assert getattr(x, part) == pytest.approx(getattr(y, part), abs=1e-3)
+
+
+def test_render_shows_frame_ms_fps_memory_kinds_and_blocks(snapshot, tmp_path):
+    got, context = read_trace(write_trace(snapshot, CONTEXT, tmp_path / "t.json"))
+    text = render_text(got, context)
+    steady = [f.frame_ms for f in got.frames if f.frame > 2]
+    median_ms = sorted(steady)[len(steady) // 2] if len(steady) % 2 else sum(sorted(steady)) / len(steady)
+    assert f"median {median_ms:.1f}" in text
+    assert f"{1000 / median_ms:.1f} fps" in text
+    assert "40.0 ms" in text  # the prediction
+    for kind, nbytes in snapshot.memory:
+        if nbytes:
+            assert kind in text
+    assert "dit.blocks.0" in text and "vae.decoder.blocks.0" in text
+    assert "budget 500.0" in text and "64.0 MiB budget" in text
+
+
+def test_a_plain_telemetry_trace_renders_with_total_device_memory(snapshot, tmp_path):
+    got, context = read_trace(write_chrome_trace(snapshot, tmp_path / "plain.json"))
+    assert got.prediction is None and got.frames[-1].predicted_frame_ms == 40.0
+    assert context.title == "plain.json"
+    text = render_text(got, context)
+    assert "device (all kinds)" in text and "40.0 ms" in text
+
+
+@pytest.mark.parametrize("content,problem", [("{", "not valid JSON"), ('{"a": 1}', "not a Chrome trace"),
+                                             ('{"traceEvents": []}', "no recorded frames")])
+def test_broken_traces_are_refused_with_a_hint(tmp_path, content, problem):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ResidencyError, match=problem) as err:
+        read_trace(path)
+    assert err.value.hint
+
+
+def test_keys_decode_to_actions():
+    assert decode("\x1b[Cw\x1bOA ") == ["right", "w", "up", " "]
+    vocab = ("idle", "up", "down", "left", "right", "up_left", "jump", "use")
+    assert [action_of(k, vocab) for k in ("right", "a", "7", " ", "e", "x", "3")] == [
+        "right", "left", "up_left", "jump", "use", None, None]

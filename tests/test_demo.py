@@ -1,0 +1,29 @@
+"""`residency demo` without a terminal: a plan that streams, the dashboard's final render, demo.gif and its trace."""
+
+from __future__ import annotations
+
+import shutil
+
+from PIL import Image
+
+from residency.cli import main
+from residency.dashboard import read_trace
+from residency.device.profile_io import profile_path
+
+
+def test_demo_streams_some_blocks_and_writes_gif_and_trace(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "residency").mkdir(parents=True)
+    shutil.copy(profile_path("rx-7800-xt"), tmp_path / "cache" / "residency" / "profile-cpu.json")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert main(["demo", "--frames", "5", "-o", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "streamed" in out.split("plan (", 1)[1].split("\n", 1)[0]  # the budget forces streaming
+    assert "ms/frame" in out and "VRAM" in out  # the dashboard's final render, as text
+    assert "residency dashboard" in out and "demo-trace.json" in out and "residency play" in out
+    with Image.open(out_dir / "demo.gif") as gif:
+        assert gif.n_frames == 5
+    snapshot, context = read_trace(out_dir / "demo-trace.json")
+    assert [f.frame for f in snapshot.frames][-1] == 5
+    assert context.vram_budget_bytes is not None and context.frame_budget_ms is not None
