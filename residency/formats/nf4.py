@@ -6,6 +6,7 @@ Blob layout: float32 absmax per 64-weight block, then the 4-bit codes (high nibb
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,9 @@ from residency.formats.base import StorageFormat
 
 BLOCK = 64
 _code_cache: dict[torch.device, torch.Tensor] = {}
+# bitsandbytes' CPU backend warns on import when the optional `kernels` package (its 4-bit GEMM) is
+# missing; we use only its quantizer and NF4 code table, so the warning is noise on every command.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _nf4_code(device: torch.device) -> torch.Tensor:
