@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 import torch
 from torch import nn
 
@@ -57,77 +56,29 @@ def _frame_s(model, x, frames=6) -> float:
     return best
 
 
-def _machine_overlap(dim: int, tokens: int, n: int = 8) -> float:
-    """(thread copy beside matmul) / (copy + matmul) for raw torch ops: < 1 when a core is free for copies."""
-    import threading
+def _overlapped_fraction(model, w, x, mode: str) -> float:
+    """Share of streamed calls whose copy began while the previous call was still computing."""
+    from residency.telemetry.recorder import C_START, HAS_COPY, T_END
 
-    weights = [torch.randn(dim, dim) for _ in range(n)]
-    blobs, slot, x = [torch.randn(dim * dim) for _ in range(n)], torch.empty(dim * dim), torch.randn(tokens, dim)
-
-    def compute():
-        for m in weights:
-            torch.nn.functional.linear(x, m)
-
-    def copy():
-        for b in blobs:
-            slot.copy_(b)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    times = {}
-    for name, fn in (("compute", compute), ("copy", copy)):
-        fn()  # first touch of the destination pages is not copy time
-        t = time.perf_counter()
-        fn()
-        times[name] = time.perf_counter() - t
-    t = time.perf_counter()
-    th = threading.Thread(target=lambda: (torch.set_num_threads(1), copy()))
-    th.start()
-    compute()
-    th.join()
-    both = time.perf_counter() - t
-    torch.set_num_threads(saved)
-    return both / (times["compute"] + times["copy"])
+    rt = Runtime(stack_plan(w, "streamed", depth=1, copy_mode=mode), "cpu", workload=w).attach(model)
+    try:
+        _frame_s(model, x, frames=3)
+        rows = rt.telemetry().rows[-1]
+    finally:
+        rt.detach()
+    pairs = [(prev, cur) for prev, cur in zip(rows[:-1], rows[1:], strict=True) if cur[HAS_COPY] > 0]
+    return sum(cur[C_START] < prev[T_END] for prev, cur in pairs) / len(pairs)
 
 
-def _async_vs_sync(w, model, x) -> dict[str, float]:
-    best = {"async": float("inf"), "sync": float("inf")}
-    for _ in range(2):
-        for mode in best:
-            rt = Runtime(stack_plan(w, "streamed", depth=1, copy_mode=mode), "cpu", workload=w).attach(model)
-            best[mode] = min(best[mode], _frame_s(model, x, frames=4))
-            rt.detach()
-    return best
-
-
-def test_prefetch_hides_copies_under_compute():
-    """Streamed with prefetch vs the same copies and compute run back to back (copy_mode "sync", which
-    measures copy + compute in the same memory conditions); modes interleaved, best of several frames.
-
-    This 2-core box is shared: an attempt counts only when a raw copy thread can overlap a matmul at
-    that moment; up to three attempts, and the test fails if the runtime never overlaps when it could.
-    """
-    depth, dim, tokens = 16, 1024, 16  # 4 MiB per block: it stays in the L3 between copy and matmul
+def test_prefetch_copies_the_next_block_while_the_previous_one_computes():
+    """The schedule, not the stopwatch: with prefetch each copy is issued while the block before it is
+    computing; with synchronous copies never. (Whether that makes the frame faster depends on a free core
+    and is measured by tools/bench_runtime.py, not asserted in a test.)"""
+    depth, dim, tokens = 8, 1024, 256  # each block computes ~1 ms: long enough to catch the copy inside
     w = stack_workload(depth, dim, tokens)
     model = LinearStack(depth, dim)
     x = torch.randn(1, tokens, dim)
     saved = torch.get_num_threads()
-    rt = Runtime(stack_plan(w, "streamed", depth=1, copy_mode="sync"), "cpu", workload=w).attach(model)
-    _frame_s(model, x, frames=2)
-    frame = rt.telemetry().frames[-1]
-    rt.detach()
-    assert frame.copy_ms > 0.2 * frame.compute_ms  # the copies are not negligible: there is something to hide
-    attempts = []
-    for _ in range(3):
-        if _machine_overlap(dim, tokens, depth) > 0.9:
-            continue
-        best = _async_vs_sync(w, model, x)
-        attempts.append(best)
-        if best["async"] < 0.95 * best["sync"]:
-            break
+    assert _overlapped_fraction(model, w, x, "sync") == 0.0
+    assert _overlapped_fraction(model, w, x, "async") >= 0.8
     assert torch.get_num_threads() == saved
-    if not attempts:
-        pytest.skip("no core is free for a copy thread right now (other processes load the CPU): "
-                    "raw torch copy beside matmul takes their sum")
-    assert any(b["async"] < 0.95 * b["sync"] for b in attempts), (
-        "prefetch vs copy+compute ms per frame: "
-        + ", ".join(f"{b['async'] * 1e3:.1f} vs {b['sync'] * 1e3:.1f}" for b in attempts))
