@@ -21,6 +21,7 @@ DEPTHS = (1, 2)  # prefetch depths tried; deeper rarely pays for its slot memory
 DEEPER_IF_STALL = 0.02  # try the deeper ring only when the best plan stalls > 2% of its frame
 REPAIRS = 5  # bisection steps on the linear frame budget when the simulator disagrees
 KV_FALLBACK = "fp8"
+SEARCH_BUDGET_S = 1.2  # bisection steps stop here; peers, the bound and the gap statement follow
 QUALITY_SLACK = 1.10  # without a frame budget: the best quality within 10% of the fastest plan
 
 
@@ -78,7 +79,7 @@ def _better(a: Plan | None, b: Plan, frame_ms: float | None) -> bool:
     return _lt(pb.frame_ms, pa.frame_ms)
 
 
-def _search(req: PlanRequest, kv_dtype: str, depth: int) -> list[Plan]:
+def _search(req: PlanRequest, kv_dtype: str, depth: int, deadline: float = float("inf")) -> list[Plan]:
     execution = Execution(prefetch_depth=depth)
     classes = block_classes(req.workload, req, execution, kv_dtype)
     base = Problem(classes, execution.slots, req.profile.copy_compute_overlap, fixed_bytes(req, kv_dtype),
@@ -97,6 +98,8 @@ def _search(req: PlanRequest, kv_dtype: str, depth: int) -> list[Plan]:
     lo, hi = fastest.frame_s, target_ms / 1e3
     linear_s = hi
     for _ in range(REPAIRS):
+        if time.perf_counter() > deadline:
+            break  # keep the plans found so far: planning stays within its time budget
         sol = solve(replace(base, objective="loss", frame_s=linear_s))
         if sol is None:
             break
@@ -133,7 +136,7 @@ def plan(req: PlanRequest) -> Plan:
             if depth > DEPTHS[0] and best is not None and fits_memory(best) and (
                     best.prediction.stall_ms <= DEEPER_IF_STALL * best.prediction.frame_ms):
                 break  # a deeper ring costs slot memory and only pays where copies stall compute
-            for candidate in _search(req, kv, depth):
+            for candidate in _search(req, kv, depth, t0 + SEARCH_BUDGET_S):
                 if _better(best, candidate, req.budget.frame_ms):
                     best = candidate
         if best is not None and fits_memory(best):
