@@ -1,0 +1,119 @@
+"""Measure per-block precision sensitivity of the shipped world model, for the planner.
+
+For each block of `pipe.blocks()` and each storage format, only that block's matrices hold the
+values the format stores (round-trip through residency.formats, with the planner's fallback
+rule); every other block stays at the shipped precision (BF16 weights, fp32 compute). The loss
+is the MSE of the decoded rollout frames (pixels in [0, 1]) against the unmodified model's
+rollout with the same start images, actions and noise — then scaled by one factor for all
+blocks so that the mean over blocks at Q4_K equals the mean of the default proxy (relative
+RMS weight error, residency.simulate.quality.block_error) at Q4_K. BF16 is 0: it is the
+shipped precision. Written as {"loss": {block: {format: loss}}, ...} to sensitivity.json.
+
+    .venv/bin/python tools/measure_sensitivity.py            # ~5-10 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import Progress  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from pipelines.world_model.trained import DEFAULT_DIR, load_default, starts  # noqa: E402
+from pipelines.world_model.trained.evaluate import mse, rollout, stored_as  # noqa: E402
+from pipelines.world_model.trained.png import read_png  # noqa: E402
+from pipelines.world_model.workload import catalog_entry  # noqa: E402
+from residency.simulate.quality import block_error  # noqa: E402
+from residency.workload.catalog import workload_from_dict  # noqa: E402
+from tools.game import new_game, policy  # noqa: E402
+
+FORMATS = ("BF16", "FP8", "Q8_0", "Q6_K", "Q5_K", "Q4_K")
+NORMALISE_FORMAT = "Q4_K"
+
+
+def measure(pipe, cases: list[tuple[np.ndarray, list[int]]], formats: tuple[str, ...], console: Console) -> dict:
+    reference = [rollout(pipe, image, actions) for image, actions in cases]
+    raw: dict[str, dict[str, float]] = {}
+    blocks = pipe.blocks()
+    with Progress(console=console) as progress:
+        task = progress.add_task("blocks x formats", total=len(blocks) * len(formats))
+        for name, module, _ in blocks:
+            raw[name] = {}
+            for fmt in formats:
+                with stored_as([module], fmt) as changed:
+                    if changed == 0:  # the format stores this block's weights exactly
+                        raw[name][fmt] = 0.0
+                    else:
+                        errs = [mse(rollout(pipe, image, actions), ref)
+                                for (image, actions), ref in zip(cases, reference, strict=True)]
+                        raw[name][fmt] = float(np.mean(errs))
+                progress.update(task, advance=1)
+    return raw
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_DIR, help="trained model directory")
+    parser.add_argument("--out", type=Path, default=None, help="default: sensitivity.json in --model")
+    parser.add_argument("--starts", type=int, default=4, help="held-out start images to roll out from")
+    parser.add_argument("--frames", type=int, default=8, help="latent frames per rollout")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="print the table as one JSON line last")
+    args = parser.parse_args(argv)
+    console = Console(stderr=args.json)
+    torch.set_num_threads(args.threads)
+
+    out = args.out or args.model / "sensitivity.json"
+    pipe = load_default(directory=args.model)
+    cases = []
+    for s in starts(args.model)[: args.starts]:
+        seed = s["game_seed"]
+        actions = list(policy(seed, args.frames, new_game(seed)))
+        cases.append((read_png(args.model / s["file"]), actions))
+    t0 = time.perf_counter()
+    raw = measure(pipe, cases, FORMATS, console)
+    seconds = time.perf_counter() - t0
+
+    workload = workload_from_dict(catalog_entry(pipe.config))
+    proxy = {b: {f: block_error(workload, b, f) for f in FORMATS} for b in raw}
+    mean_raw = float(np.mean([raw[b][NORMALISE_FORMAT] for b in raw]))
+    mean_proxy = float(np.mean([proxy[b][NORMALISE_FORMAT] for b in raw]))
+    scale = mean_proxy / mean_raw if mean_raw > 0 else 0.0
+    loss = {b: {f: raw[b][f] * scale for f in FORMATS} for b in raw}
+    doc = {
+        "units": (f"rollout MSE vs the shipped model (pixels in [0,1]) x {scale:.6g}: the mean over blocks at "
+                  f"{NORMALISE_FORMAT} equals the mean default proxy (relative RMS weight error) at {NORMALISE_FORMAT}"),
+        "rollouts": {"starts": args.starts, "latent_frames": args.frames, "session_seed": 0},
+        "scale": scale,
+        "loss": loss,
+        "raw_mse": raw,
+        "proxy": proxy,
+        "seconds": round(seconds, 1),
+    }
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+
+    table = Table(title=f"sensitivity (scaled loss; proxy mean at {NORMALISE_FORMAT} = {mean_proxy:.4f})")
+    table.add_column("block")
+    for f in FORMATS:
+        table.add_column(f, justify="right")
+    for b in loss:
+        table.add_row(b, *(f"{loss[b][f]:.4f}" for f in FORMATS))
+    console.print(table)
+    console.print(f"wrote {out} in {seconds:.0f} s")
+    if args.json:
+        print(json.dumps(loss))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
