@@ -27,13 +27,8 @@ def workload():
     return workload_from_dict(catalog_entry("tiny"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The runtime computes at cores-1 threads; references must use the same count to be bitwise equal.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# The runtime computes at cores-1 threads; references must use the same count to be bitwise equal.
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 @pytest.fixture(scope="module")

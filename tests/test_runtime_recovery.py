@@ -28,12 +28,7 @@ def image():
     return np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
 
 WARM = 12  # tiny keeps 12 context frames: after 12 the window is full and a commit overwrites a slot

@@ -6,6 +6,7 @@ A packed tensor is one flat uint8 blob (what GGUF stores and what the runtime st
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
-class StorageFormat:
+class StorageFormat(ABC):
     """How a weight tensor is kept. Subclasses implement `_pack` and `_unpack_into`.
 
     Quantized formats group `block_weights` consecutive weights of the last dimension
@@ -99,11 +100,13 @@ class StorageFormat:
         """pack then unpack in fp32 on the CPU: the values this format really stores."""
         return self.dequantize(self.pack(weight), tuple(weight.shape), torch.float32)
 
-    def _pack(self, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """Quantize a contiguous float32 CPU tensor into uint8 bytes (each format implements it)."""
 
-    def _unpack_into(self, packed: torch.Tensor, out: torch.Tensor) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _unpack_into(self, packed: torch.Tensor, out: torch.Tensor) -> None:
+        """Dequantize flat uint8 `packed` into `out` without allocating output-sized memory."""
 
 
 def relative_rms_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
