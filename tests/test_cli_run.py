@@ -86,7 +86,7 @@ BAD = [
     (["dashboard", "trace.json"], 2, "needs a terminal"),
     (["dashboard", "missing.json", "--once"], 1, "no such trace file"),
     (["dashboard", "notimage.png", "--once"], 1, "not valid JSON"),
-    (["demo", "-o", "nodir"], 1, "no such directory"),
+    (["demo", "-o", "notimage.png/out"], 1, "cannot create the output directory"),
     (["demo", "--frames", "0"], 2, "--frames must be between"),
 ]
 

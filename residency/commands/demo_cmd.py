@@ -57,7 +57,11 @@ def run(args) -> int:
         raise UsageError(f"--frames must be between 1 and 10000, got {args.frames}", hint="e.g. --frames 16")
     out_dir = Path(args.output_dir)
     if not out_dir.is_dir():
-        raise ResidencyError(f"{out_dir}: no such directory", hint="create it first, or pick another -o")
+        try:  # a new directory for the demo's two files is what `-o DIR` asks for
+            out_dir.mkdir(parents=True)
+        except OSError as e:
+            raise ResidencyError(f"{out_dir}: cannot create the output directory ({e.strerror or e})",
+                                 hint="pick a writable place with -o") from None
     gif = check_output_path(out_dir / "demo.gif")
     trace = run_cmd.check_trace_path(str(out_dir / "demo-trace.json"))
     live_view = console.is_terminal and not args.once
