@@ -17,6 +17,9 @@ DequantKernel = Callable[[torch.Tensor], torch.Tensor]  # uint8 (n, block_bytes)
 QuantKernel = Callable[[torch.Tensor], torch.Tensor]  # f32 (n, block_weights) -> uint8 (n, block_bytes)
 
 
+_OUT_KERNELS = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"})  # kernels with an `out=` parameter
+
+
 @dataclass(frozen=True)
 class GGUFBlockFormat(StorageFormat):
     dequant_kernel: DequantKernel | None = field(default=None, compare=False, repr=False)
@@ -34,6 +37,10 @@ class GGUFBlockFormat(StorageFormat):
         unpack_kernel(self, out.dtype, blocks.device)(blocks, out.view(-1, self.block_weights))
 
     def eager_unpack(self, blocks: torch.Tensor, out2d: torch.Tensor) -> None:
-        """The reference path: kernel in fp32, then one cast-copy into `out2d`."""
+        """The reference path: kernel in fp32, then one cast-copy into `out2d` — or, for fp32 output and
+        kernels that take `out` (the legacy types), straight into it."""
         assert self.dequant_kernel is not None
-        out2d.copy_(self.dequant_kernel(blocks))
+        if out2d.dtype == torch.float32 and self.name in _OUT_KERNELS:
+            self.dequant_kernel(blocks, out=out2d)
+        else:
+            out2d.copy_(self.dequant_kernel(blocks))

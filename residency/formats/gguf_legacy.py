@@ -44,34 +44,36 @@ def _high_bits(qh_bytes: torch.Tensor) -> torch.Tensor:
     return ((word.unsqueeze(1) >> _shifts("bit32", qh_bytes.device)) & 1).to(torch.uint8)
 
 
-def dequant_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+# Each kernel takes an optional fp32 `out` (n, 32): the last multiply writes there, saving a full-size
+# temporary and the copy pass after it. Same ops in the same order: results stay bit-exact.
+def dequant_q8_0(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
-    return blocks[:, 2:].view(torch.int8).float() * d
+    return torch.mul(blocks[:, 2:].view(torch.int8).float(), d, out=out)
 
 
-def dequant_q4_0(blocks: torch.Tensor) -> torch.Tensor:
+def dequant_q4_0(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     q = _nibbles(blocks[:, 2:]).to(torch.int8) - 8
-    return d * q.float()
+    return torch.mul(d, q.float(), out=out)
 
 
-def dequant_q4_1(blocks: torch.Tensor) -> torch.Tensor:
+def dequant_q4_1(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     m = _f16(blocks, 2)
-    return d * _nibbles(blocks[:, 4:]).float() + m
+    return torch.mul(d, _nibbles(blocks[:, 4:]).float(), out=out).add_(m)
 
 
-def dequant_q5_0(blocks: torch.Tensor) -> torch.Tensor:
+def dequant_q5_0(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     q = (_nibbles(blocks[:, 6:]) | (_high_bits(blocks[:, 2:6]) << 4)).to(torch.int8) - 16
-    return d * q.float()
+    return torch.mul(d, q.float(), out=out)
 
 
-def dequant_q5_1(blocks: torch.Tensor) -> torch.Tensor:
+def dequant_q5_1(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     m = _f16(blocks, 2)
     q = _nibbles(blocks[:, 8:]) | (_high_bits(blocks[:, 4:8]) << 4)
-    return d * q.float() + m
+    return torch.mul(d, q.float(), out=out).add_(m)
 
 
 def _numpy_quantizer(qtype: GGMLQuantizationType):
