@@ -47,9 +47,9 @@ def _count_ops(run) -> tuple[dict[str, int], object]:
 
 def _conv_block_entry(name: str, component: str, module: nn.Module, x: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """VAE blocks: FLOPs counted on the meta device; 'tokens' are the block's output pixels."""
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, _OpCounter() as op_counter:  # one meta run, both counts
         y = module(x)
-    ops, _ = _count_ops(lambda: module(x))
+    ops = {"ops_per_call": op_counter.ops, "kernels_per_call": op_counter.kernels}
     pixels = y.shape[-2] * y.shape[-1]
     widest = max(x.shape[1] * x.shape[-2] * x.shape[-1], y.shape[1] * pixels)
     entry = {

@@ -14,7 +14,7 @@ from policies.ours.gap import gap_statement
 from policies.ours.milp import Problem, Solution, solve
 from policies.ours.options import BlockClass, block_classes
 from residency.plan import BlockPlan, Execution, Plan
-from residency.simulate import predict
+from residency.simulate import lower_bound_s
 from residency.simulate.memory import GPU_WORKSPACE_BYTES
 
 DEPTHS = (1, 2)  # prefetch depths tried; deeper rarely pays for its slot memory on a world model
@@ -130,7 +130,6 @@ def plan(req: PlanRequest) -> Plan:
     kv_choices = [kv_dtype]
     if req.kv_dtype is None and kv_dtype != KV_FALLBACK and req.workload.kv_cache_bytes():
         kv_choices.append(KV_FALLBACK)  # halves the cache; taken only when nothing fits without it
-    kv_note = None
     for kv in kv_choices:
         for depth in DEPTHS:
             if depth > DEPTHS[0] and best is not None and fits_memory(best) and (
@@ -141,9 +140,10 @@ def plan(req: PlanRequest) -> Plan:
                     best = candidate
         if best is not None and fits_memory(best):
             break
-        kv_note = f"KV cache stored as {KV_FALLBACK} (e4m3): nothing fits with {kv_dtype}"
-    kv_dtype = best.kv_dtype if best is not None and fits_memory(best) else kv_dtype
-    if best is None or not fits_memory(best) or best.kv_dtype == kv_choices[0]:
+    if best is not None and fits_memory(best) and best.kv_dtype != kv_dtype:
+        kv_note = f"KV cache stored as {best.kv_dtype} (e4m3): nothing fits with {kv_dtype}"
+        kv_dtype = best.kv_dtype
+    else:
         kv_note = None
     adopted = None
     for peer in _peers(req):  # ours could always pick a peer's plan: never do worse than one that fits
@@ -155,7 +155,9 @@ def plan(req: PlanRequest) -> Plan:
     if adopted:
         notes.append(f"the placement of the {adopted} policy scored best; adopted")
     best = replace(best, policy="ours", notes=tuple(notes))
-    best = predict(final_req.workload, best, final_req.profile, final_req.sensitivity)  # with its bound
+    # Candidates were scored without the lower bound (an LP each): compute it once, for the plan returned.
+    bound_ms = lower_bound_s(final_req.workload, best, final_req.profile) * 1e3
+    best = best.with_prediction(replace(best.prediction, lower_bound_ms=bound_ms))
     gap = gap_statement(req, best, kv_dtype)
     notes = list(best.notes) + ([gap] if gap else [])
     notes.append(f"planned in {time.perf_counter() - t0:.2f} s")
