@@ -33,6 +33,7 @@ from pipelines.world_model.trained import DEFAULT_DIR, load_default, starts  # n
 from pipelines.world_model.trained.evaluate import mse, rollout, stored_as  # noqa: E402
 from pipelines.world_model.trained.png import read_png  # noqa: E402
 from pipelines.world_model.workload import catalog_entry  # noqa: E402
+from residency.checkpoint.atomic import atomic_output  # noqa: E402
 from residency.simulate.quality import block_error  # noqa: E402
 from residency.workload.catalog import workload_from_dict  # noqa: E402
 from tools.game import new_game, policy  # noqa: E402
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         "proxy": proxy,
         "seconds": round(seconds, 1),
     }
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    with atomic_output(out) as tmp:  # a kill mid-write leaves the previous table
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
 
     table = Table(title=f"sensitivity (scaled loss; proxy mean at {NORMALISE_FORMAT} = {mean_proxy:.4f})")
     table.add_column("block")

@@ -6,10 +6,13 @@ EMA weights), held-out start images and training.json into --out (the package's 
 
     .venv/bin/python tools/train_world_model.py --quick --out /tmp/wm   # a 2-minute smoke run
 
-The shipped model was trained (29 min of step time, 31 min wall, 2 shared cores) by
+The shipped model was trained (40.3 min of step time on 2 cores, partly shared with other jobs) by
     .venv/bin/python tools/train_world_model.py --max-minutes 35                  # VAE 600 + DiT 700 steps
     .venv/bin/python tools/train_world_model.py --resume --dit-steps 1300 --max-minutes 36
-The --resume extends the DiT's cosine schedule from step 700 to 1300 (recorded in training.json).
+    .venv/bin/python tools/train_world_model.py --resume --dit-steps 2500 --max-minutes 44.5
+Each --resume stretches the DiT's cosine schedule from where it stopped to the new --dit-steps (a warm
+restart at a third of the peak rate); training.json records the last one. Measure the result with
+tools/evaluate_world_model.py.
 """
 
 from __future__ import annotations
