@@ -13,11 +13,9 @@ import torch
 
 from residency.formats.base import StorageFormat
 
-DequantKernel = Callable[[torch.Tensor], torch.Tensor]  # uint8 (n, block_bytes) -> f32 (n, block_weights)
+# uint8 (n, block_bytes), optional contiguous f32 out (n, block_weights) -> f32 (n, block_weights)
+DequantKernel = Callable[..., torch.Tensor]
 QuantKernel = Callable[[torch.Tensor], torch.Tensor]  # f32 (n, block_weights) -> uint8 (n, block_bytes)
-
-
-_OUT_KERNELS = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"})  # kernels with an `out=` parameter
 
 
 @dataclass(frozen=True)
@@ -37,10 +35,10 @@ class GGUFBlockFormat(StorageFormat):
         unpack_kernel(self, out.dtype, blocks.device)(blocks, out.view(-1, self.block_weights))
 
     def eager_unpack(self, blocks: torch.Tensor, out2d: torch.Tensor) -> None:
-        """The reference path: kernel in fp32, then one cast-copy into `out2d` — or, for fp32 output and
-        kernels that take `out` (the legacy types), straight into it."""
+        """The reference path: kernel in fp32, then one cast-copy into `out2d` — or, for fp32 output,
+        straight into it."""
         assert self.dequant_kernel is not None
-        if out2d.dtype == torch.float32 and self.name in _OUT_KERNELS:
+        if out2d.dtype == torch.float32:
             self.dequant_kernel(blocks, out=out2d)
         else:
             out2d.copy_(self.dequant_kernel(blocks))

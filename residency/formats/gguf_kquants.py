@@ -62,7 +62,8 @@ _HUGE = 1 << 21
 
 
 def _empty_out(n: int, device: torch.device) -> torch.Tensor:
-    """The (n, 256) float32 result buffer.
+    """The (n, 256) float32 result buffer, when the caller passed no `out` (a contiguous (n, 256) fp32
+    buffer, which the kernel also uses as scratch before the float stage).
 
     On CPU a fresh multi-MB buffer is mmap'd and first-touch faults 4 KiB pages one by one:
     ~16 ms for a 4096² matrix, more than all the arithmetic. Asking for transparent huge pages
@@ -144,11 +145,11 @@ def _scale_min_k4(blocks: torch.Tensor) -> torch.Tensor:
     return six * _f16(blocks, 0, 2).view(n, 2, 1)
 
 
-def dequant_q2_k(blocks: torch.Tensor) -> torch.Tensor:
+def dequant_q2_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # layout: scales[16] (lo nibble scale, hi nibble min), qs[64] (2-bit), d f16, dmin f16
     n = blocks.shape[0]
     sh = _shifts(blocks.device)
-    out = _empty_out(n, blocks.device)
+    out = _empty_out(n, blocks.device) if out is None else out
     s = _Scratch(out)
     nib = _field(s.stage(blocks[:, 0:16]).view(1, n, 4), sh["nib"], _M4)  # (2, n, 4w): scale | min
     dm = nib.view(torch.uint8).view(2, n, 16).float() * _f16(blocks, 80, 2).t().unsqueeze(-1)
@@ -159,7 +160,7 @@ def dequant_q2_k(blocks: torch.Tensor) -> torch.Tensor:
     return o.sub_(dm[1].view(n, 16, 1)).view(n, QK_K)
 
 
-def dequant_q3_k(blocks: torch.Tensor) -> torch.Tensor:
+def dequant_q3_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # layout: hmask[32] (3rd bits), qs[64] (2-bit), scales[12] (6-bit, packed), d f16
     n = blocks.shape[0]
     sh = _shifts(blocks.device)
@@ -168,7 +169,7 @@ def dequant_q3_k(blocks: torch.Tensor) -> torch.Tensor:
     hi = _field(w[:, 2:3], sh["crumb_w"], _M2)  # scales 0-3 | 4-7 | …, high 2 bits
     six = (lo.view(n, 4) | (hi << 4)).view(torch.int8).view(n, 16) - 32
     dl = _f16(blocks, 108, 1) * six.float()
-    out = _empty_out(n, blocks.device)
+    out = _empty_out(n, blocks.device) if out is None else out
     s = _Scratch(out)
     qs = s.stage(blocks[:, 32:96].view(n, 2, 32).transpose(0, 1))  # (h, n, j)
     q = _field(qs.view(1, 2, n * 8), sh["crumb"], _M2)  # (k, h, n, j)
@@ -180,12 +181,12 @@ def dequant_q3_k(blocks: torch.Tensor) -> torch.Tensor:
     return out.view(n, 16, 16).mul_(dl.view(n, 16, 1)).view(n, QK_K)
 
 
-def dequant_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+def dequant_q4_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # layout: d f16, dmin f16, scales[12] (6-bit scale+min, packed), qs[128] (nibbles)
     n = blocks.shape[0]
     sh = _shifts(blocks.device)
     dm = _scale_min_k4(blocks)
-    out = _empty_out(n, blocks.device)
+    out = _empty_out(n, blocks.device) if out is None else out
     s = _Scratch(out)
     q = _field(s.stage(blocks[:, 16:144]).view(1, n, 32), sh["nib"], _M4)  # (t, n, g, j)
     out.view(n, 4, 2, 32).copy_(q.view(torch.uint8).view(2, n, 4, 32).permute(1, 2, 0, 3))
@@ -194,12 +195,12 @@ def dequant_q4_k(blocks: torch.Tensor) -> torch.Tensor:
     return o.sub_(dm[:, 1].unsqueeze(-1)).view(n, QK_K)
 
 
-def dequant_q5_k(blocks: torch.Tensor) -> torch.Tensor:
+def dequant_q5_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # layout: d f16, dmin f16, scales[12] (as Q4_K), qh[32] (5th bits), qs[128] (nibbles)
     n = blocks.shape[0]
     sh = _shifts(blocks.device)
     dm = _scale_min_k4(blocks)
-    out = _empty_out(n, blocks.device)
+    out = _empty_out(n, blocks.device) if out is None else out
     s = _Scratch(out)
     qs = s.stage(blocks[:, 48:176].view(n, 4, 32).transpose(0, 1))  # (g, n, j)
     q = _field(qs.view(1, 4, n * 8), sh["nib"], _M4)  # (t, g, n, j)
@@ -211,12 +212,12 @@ def dequant_q5_k(blocks: torch.Tensor) -> torch.Tensor:
     return o.sub_(dm[:, 1].unsqueeze(-1)).view(n, QK_K)
 
 
-def dequant_q6_k(blocks: torch.Tensor) -> torch.Tensor:
+def dequant_q6_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     # layout: ql[128] (low nibbles), qh[64] (high 2 bits), scales[16] int8, d f16
     n = blocks.shape[0]
     sh = _shifts(blocks.device)
     dl = _f16(blocks, 208, 1) * blocks[:, 192:208].view(torch.int8).float()
-    out = _empty_out(n, blocks.device)
+    out = _empty_out(n, blocks.device) if out is None else out
     s = _Scratch(out)
     ql = s.stage(blocks[:, 0:128].view(n, 2, 2, 32).permute(2, 1, 0, 3))  # (m, h, n, j)
     q = _field(ql.view(1, 2, 2, n * 8), sh["nib"].view(2, 1, 1, 1), _M4)  # (t, m, h, n, j)
@@ -227,7 +228,7 @@ def dequant_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return out.view(n, 16, 16).mul_(dl.view(n, 16, 1)).view(n, QK_K)
 
 
-DEQUANT_K: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+DEQUANT_K: dict[str, Callable[..., torch.Tensor]] = {
     "Q2_K": dequant_q2_k,
     "Q3_K": dequant_q3_k,
     "Q4_K": dequant_q4_k,

@@ -11,19 +11,14 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-_shift_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
+_bit_cache: dict[torch.device, torch.Tensor] = {}
 
 
-def _shifts(kind: str, device: torch.device) -> torch.Tensor:
-    # Small constant tensors, built once per device so the hot path does not allocate them.
-    key = (kind, device)
-    t = _shift_cache.get(key)
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    """0..7 as a broadcast shift, built once per device so the hot path does not allocate it."""
+    t = _bit_cache.get(device)
     if t is None:
-        if kind == "nibble":  # low nibble holds weights 0..15, high nibble 16..31
-            t = torch.tensor([0, 4], dtype=torch.uint8, device=device).view(1, 2, 1)
-        else:  # "bit32": bit i of the 32-bit qh word is the 5th bit of weight i
-            t = torch.arange(32, dtype=torch.int32, device=device).view(1, 32)
-        _shift_cache[key] = t
+        t = _bit_cache[device] = torch.arange(8, dtype=torch.uint8, device=device).view(1, 1, 8)
     return t
 
 
@@ -32,48 +27,76 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    n = qs.shape[0]
-    return ((qs.unsqueeze(1) >> _shifts("nibble", qs.device)) & 0x0F).reshape(n, 32)
+# Each kernel takes an optional fp32 `out` (n, 32) and stages its integers there: the int→float
+# conversion writes `out` directly and the scale is applied in place, so no output-sized temporary
+# is allocated (on CPU each one is a fresh mmap whose pages fault on first touch, ~1 µs per 4 KiB).
+# Same float ops in the same order as gguf's numpy (q·d, then + m): results stay bit-exact.
+def _out(blocks: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty((blocks.shape[0], 32), dtype=torch.float32, device=blocks.device)
+    return out
 
 
-def _high_bits(qh_bytes: torch.Tensor) -> torch.Tensor:
-    # 4 bytes little-endian → one int32 word per block, then bit i → weight i.
-    b = qh_bytes.to(torch.int32)
-    word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
-    return ((word.unsqueeze(1) >> _shifts("bit32", qh_bytes.device)) & 1).to(torch.uint8)
+def _split_nibbles_into(o: torch.Tensor, qs: torch.Tensor, offset: int) -> None:
+    """Low nibbles → weights 0..15, high → 16..31 of fp32 `o` (n, 32), minus `offset`; the int8
+    temporaries are 1/8 of the output's bytes."""
+    o3 = o.view(-1, 2, 16)
+    lo = torch.bitwise_and(qs, 0x0F).view(torch.int8)
+    hi = torch.bitwise_right_shift(qs, 4).view(torch.int8)
+    if offset:
+        lo.sub_(offset)
+        hi.sub_(offset)
+    o3[:, 0].copy_(lo)
+    o3[:, 1].copy_(hi)
 
 
-# Each kernel takes an optional fp32 `out` (n, 32): the last multiply writes there, saving a full-size
-# temporary and the copy pass after it. Same ops in the same order: results stay bit-exact.
 def dequant_q8_0(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
-    return torch.mul(blocks[:, 2:].view(torch.int8).float(), d, out=out)
+    o = _out(blocks, out)
+    o.copy_(blocks[:, 2:].view(torch.int8))
+    return o.mul_(d)
 
 
 def dequant_q4_0(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
-    q = _nibbles(blocks[:, 2:]).to(torch.int8) - 8
-    return torch.mul(d, q.float(), out=out)
+    o = _out(blocks, out)
+    _split_nibbles_into(o, blocks[:, 2:], 8)
+    return o.mul_(d)
 
 
 def dequant_q4_1(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     m = _f16(blocks, 2)
-    return torch.mul(d, _nibbles(blocks[:, 4:]).float(), out=out).add_(m)
+    o = _out(blocks, out)
+    _split_nibbles_into(o, blocks[:, 4:], 0)
+    return o.mul_(d).add_(m)
+
+
+def _five_bit(blocks: torch.Tensor, qh_at: int, qs_at: int) -> torch.Tensor:
+    """(n, 32) uint8 in 0..31: the nibbles plus the 5th bit from the 4-byte little-endian qh word
+    (bit i → weight i, i.e. byte i // 8, bit i % 8). uint8 temporaries only: 1/4 of fp32 output."""
+    n = blocks.shape[0]
+    q = torch.empty((n, 32), dtype=torch.uint8, device=blocks.device)
+    q3, qs = q.view(n, 2, 16), blocks[:, qs_at : qs_at + 16]
+    torch.bitwise_and(qs, 0x0F, out=q3[:, 0])
+    torch.bitwise_right_shift(qs, 4, out=q3[:, 1])
+    high = (blocks[:, qh_at : qh_at + 4].unsqueeze(-1) >> _bit_shifts(blocks.device)) & 1
+    return q.bitwise_or_(high.view(n, 32).bitwise_left_shift_(4))
 
 
 def dequant_q5_0(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
-    q = (_nibbles(blocks[:, 6:]) | (_high_bits(blocks[:, 2:6]) << 4)).to(torch.int8) - 16
-    return torch.mul(d, q.float(), out=out)
+    o = _out(blocks, out)
+    o.copy_(_five_bit(blocks, 2, 6).view(torch.int8).sub_(16))
+    return o.mul_(d)
 
 
 def dequant_q5_1(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     m = _f16(blocks, 2)
-    q = _nibbles(blocks[:, 8:]) | (_high_bits(blocks[:, 4:8]) << 4)
-    return torch.mul(d, q.float(), out=out).add_(m)
+    o = _out(blocks, out)
+    o.copy_(_five_bit(blocks, 4, 8))
+    return o.mul_(d).add_(m)
 
 
 def _numpy_quantizer(qtype: GGMLQuantizationType):
