@@ -28,6 +28,7 @@ class Problem:
     objective: str  # "loss" | "time" | "memory"
     loss_cap: float | None = None  # with objective "time"/"memory": keep quality at least this good
     time_cap_s: float | None = None  # with objective "loss"/"memory": stay at least this fast
+    solve_limit_s: float | None = 0.5  # HiGHS wall-time cap per solve (None: solve to the gap, deterministic)
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,11 @@ def solve(p: Problem) -> Solution | None:
     else:  # memory: the least VRAM that holds the other constraints
         c_obj[peak_i] = 1.0
         c_obj[t_i] = 1e-6
+    options = {"mip_rel_gap": 2e-3}
+    if p.solve_limit_s is not None:
+        options["time_limit"] = p.solve_limit_s
     result = milp(c_obj, constraints=LinearConstraint(np.array(rows), lbs, ubs), integrality=integrality,
-                  bounds=Bounds(lo, hi), options={"time_limit": 0.5, "mip_rel_gap": 2e-3})
+                  bounds=Bounds(lo, hi), options=options)
     if result.x is None:
         return None
     x = result.x
