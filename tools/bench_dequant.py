@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from residency.formats import FORMATS, get_format, use_compiled
+from residency.formats.compiled import compile_enabled, compile_failed
 
 TARGETS = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
 
@@ -73,7 +74,7 @@ def bench_format(name: str, rows: int, cols: int, repeats: int, threads: int) ->
     eager_out = out.clone()
     compiled_ms = math.inf
     exact_compiled = None
-    if name not in ("F32",):
+    if name not in ("F32",) and compile_enabled():  # RESIDENCY_COMPILE=0: eager only
         use_compiled({name})
         try:
             t0 = time.perf_counter()
@@ -81,6 +82,8 @@ def bench_format(name: str, rows: int, cols: int, repeats: int, threads: int) ->
             result["compile_s"] = round(time.perf_counter() - t0, 2)
             fmt.unpack(packed, out)
             compiled_ms = _time_ms(lambda: fmt.unpack(packed, out), repeats)
+            if compile_failed(fmt, out.dtype, out.device):  # it fell back to eager: nothing compiled to report
+                compiled_ms = math.inf
             exact_compiled = bool(torch.equal(out.view(torch.int32), eager_out.view(torch.int32)))
         finally:
             use_compiled(set())

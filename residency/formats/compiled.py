@@ -64,6 +64,11 @@ def compiled_kernel(fmt, dtype: torch.dtype, device: torch.device) -> UnpackFn |
     return fn
 
 
+def compile_failed(fmt, dtype: torch.dtype, device: torch.device) -> bool:
+    """Did compiling `fmt`'s unpack fail here (so its calls run eager)?"""
+    return (fmt.name, dtype, device.type) in _failed
+
+
 def unpack_kernel(fmt, dtype: torch.dtype, device: torch.device) -> UnpackFn:
     if fmt.name not in _compile_formats:
         return fmt.eager_unpack
