@@ -172,3 +172,19 @@ def test_a_broken_plan_file_names_the_field(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(ResidencyError, match=r"plan.json: blocks\[1\].*placement 'on-the-moon'"):
         load_plan(path)
+
+
+def test_token_independent_flops_run_at_the_one_row_rate():
+    from dataclasses import replace
+
+    from residency.device.profile import Curve
+
+    base = flat_profile()
+    # 1 TFLOP/s at 1 row, 4 TFLOP/s from 16 rows on: the adaLN projection pays the slow end
+    profile = replace(base, matmul_tflops={d: Curve((1.0, 16.0), (1.0, 4.0)) for d in base.matmul_tflops})
+    work = chain_workload(n=1)
+    fixed_flops = 2.0 * DIM * 6 * DIM
+    block = replace(work.blocks[0], fixed_flops=fixed_flops)
+    work = replace(work, blocks=(block,))
+    pred = simulate(work, make_plan(work, profile), profile).prediction
+    assert pred.frame_ms == pytest.approx(COMPUTE_MS / 4 + fixed_flops / 1e12 * 1e3)

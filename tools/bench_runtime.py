@@ -52,42 +52,62 @@ def _time_frames(step, frames: int, warmup: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def bench_model(config, profile, frames: int, warmup: int, console: Console) -> dict:
+def _median_of(rounds: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rounds)
+
+
+def bench_model(config, profile, frames: int, warmup: int, rounds: int, console: Console) -> dict:
+    """Each case runs `rounds` times, interleaved with the others and the plain pipeline, and reports the
+    median round: on a shared VM the machine's speed drifts by 10-40% over a minute, and a drift during
+    one case would otherwise read as that case's error."""
     w = workload_from_dict(catalog_entry(config))
     pipe = WorldModelPipeline.from_config(config)
     image = np.random.default_rng(0).integers(0, 256, (config.height, config.width, 3), dtype=np.uint8)
     threads = max(1, profile.compute_threads or 1)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the plain pipeline at the runtime's compute thread count: a fair baseline
-    s = pipe.start(image, seed=0)
-    plain_ms = _time_frames(lambda: s.step("up"), frames, warmup)
-    torch.set_num_threads(saved)
-    rows = {}
     cases = {"resident": _plan(w, "resident"), "streamed": _plan(w, "streamed"),
              "streamed-sync": _plan(w, "streamed", copy_mode="sync"),
              "streamed-Q8_0": _plan(w, "streamed", "Q8_0")}
-    for label, plan in cases.items():
-        console.log(f"{w.name}: {label}")
-        rt = Runtime(plan, "cpu", workload=w).attach(pipe)
+    plain_rounds: list[float] = []
+    case_rounds: dict[str, list[dict]] = {label: [] for label in cases}
+    peaks: dict[str, int] = {}
+    for r in range(rounds):
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)  # the plain pipeline at the runtime's compute thread count: a fair baseline
         s = pipe.start(image, seed=0)
-        measured = _time_frames(lambda rt=rt, s=s: rt.step(s, "up"), frames, warmup)
-        rt.step(s, "up")  # closes the last timed frame's record
-        tel = [f for f in rt.telemetry().frames if f.frame > warmup]
-        rt.detach()
+        plain_rounds.append(_time_frames(lambda s=s: s.step("up"), frames, warmup))
+        torch.set_num_threads(saved)
+        for label, plan in cases.items():
+            console.log(f"{w.name}: {label} (round {r + 1}/{rounds})")
+            rt = Runtime(plan, "cpu", workload=w).attach(pipe)
+            s = pipe.start(image, seed=0)
+            measured = _time_frames(lambda rt=rt, s=s: rt.step(s, "up"), frames, warmup)
+            rt.step(s, "up")  # closes the last timed frame's record
+            tel = [f for f in rt.telemetry().frames if f.frame > warmup]
+            rt.detach()
+            peaks[label] = rt.ledger.peak_total_bytes
+            case_rounds[label].append({
+                "measured_ms": measured,
+                **{k: statistics.median(getattr(f, k) for f in tel)
+                   for k in ("copy_ms", "compute_ms", "dequant_ms", "stall_ms")}})
+    rows = {}
+    for label, plan in cases.items():
         pred = simulate(w, plan, profile).prediction
+        got = case_rounds[label]
+        measured = _median_of(got, "measured_ms")
         rows[label] = {
-            "measured_ms": measured, "simulated_ms": pred.frame_ms,
-            "error": (pred.frame_ms - measured) / measured,
-            "copy_ms": statistics.median(f.copy_ms for f in tel), "sim_copy_ms": pred.copy_ms,
-            "compute_ms": statistics.median(f.compute_ms for f in tel), "sim_compute_ms": pred.compute_ms,
-            "dequant_ms": statistics.median(f.dequant_ms for f in tel),
-            "stall_ms": statistics.median(f.stall_ms for f in tel), "sim_stall_ms": pred.stall_ms,
-            "peak_bytes": rt.ledger.peak_total_bytes, "sim_peak_bytes": pred.peak_total_bytes,
+            "measured_ms": measured, "measured_rounds_ms": [g["measured_ms"] for g in got],
+            "simulated_ms": pred.frame_ms, "error": (pred.frame_ms - measured) / measured,
+            "copy_ms": _median_of(got, "copy_ms"), "sim_copy_ms": pred.copy_ms,
+            "compute_ms": _median_of(got, "compute_ms"), "sim_compute_ms": pred.compute_ms,
+            "dequant_ms": _median_of(got, "dequant_ms"),
+            "stall_ms": _median_of(got, "stall_ms"), "sim_stall_ms": pred.stall_ms,
+            "peak_bytes": peaks[label], "sim_peak_bytes": pred.peak_total_bytes,
         }
+    plain_ms = statistics.median(plain_rounds)
     compute_only = rows["resident"]["measured_ms"]
     copy_only = rows["streamed-sync"]["copy_ms"]  # the sync run's copies ran alone, on the compute thread
-    return {"model": w.name, "weights_bytes": w.nbytes("F32"), "plain_ms": plain_ms, "rows": rows,
-            "compute_only_ms": compute_only, "copy_only_ms": copy_only,
+    return {"model": w.name, "weights_bytes": w.nbytes("F32"), "plain_ms": plain_ms, "plain_rounds_ms": plain_rounds,
+            "rows": rows, "compute_only_ms": compute_only, "copy_only_ms": copy_only,
             "overlap_ratio": rows["streamed"]["measured_ms"] / max(compute_only, copy_only),
             "overhead": rows["resident"]["measured_ms"] / plain_ms - 1.0}
 
@@ -115,18 +135,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frames", type=int, default=12, help="timed frames per case (tiny); the big model takes 1/3")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every case (median)")
     parser.add_argument("--skip-big", action="store_true", help="only the tiny model")
+    parser.add_argument("--quick-profile", action="store_true",
+                        help="profile with --quick (~20 s, noisier: few-row matmul rates vary ±30%% between runs)")
     args = parser.parse_args()
     console = Console(stderr=True)
-    console.log("measuring the CPU profile: residency.device.measure_profile('cpu', quick=True)")
-    profile = measure_profile("cpu", quick=True)
-    results = [bench_model(get_config("tiny"), profile, args.frames, args.warmup, console)]
+    console.log(f"measuring the CPU profile: residency.device.measure_profile('cpu', quick={args.quick_profile})")
+    profile = measure_profile("cpu", quick=args.quick_profile)
+    results = [bench_model(get_config("tiny"), profile, args.frames, args.warmup, args.rounds, console)]
     if not args.skip_big:
-        results.append(bench_model(BIG, profile, max(3, args.frames // 3), 2, console))
+        results.append(bench_model(BIG, profile, max(3, args.frames // 3), 2, args.rounds, console))
     Console(width=170).print(_table(results))
+    mm = profile.matmul_tflops["fp32"]
+    print(f"profile: fp32 matmul {', '.join(f'{int(r)} rows {t * 1e3:.0f}' for r, t in zip(mm.x, mm.y, strict=True))} "
+          f"GFLOP/s; {profile.launch_overhead_us:.2f} µs per op; overlap {profile.copy_compute_overlap:.2f}")
     summary = {
         "profile": {"name": profile.name, "compute_threads": profile.compute_threads,
-                    "copy_compute_overlap": profile.copy_compute_overlap},
+                    "copy_compute_overlap": profile.copy_compute_overlap,
+                    "launch_overhead_us": profile.launch_overhead_us,
+                    "matmul_fp32_rows": profile.matmul_tflops["fp32"].x,
+                    "matmul_fp32_tflops": profile.matmul_tflops["fp32"].y,
+                    "h2d_gbps_at_64mib": profile.link["h2d_pinned"].at(64 * 2**20),
+                    "dequant_q8_0_gweights_per_s": profile.dequant_gweights_per_s.get("Q8_0")},
         "models": results,
         "targets": TARGETS,
         "pass": {
