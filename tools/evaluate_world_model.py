@@ -30,6 +30,8 @@ from rich.table import Table  # noqa: E402
 from pipelines.world_model.config import ACTIONS  # noqa: E402
 from pipelines.world_model.trained import DEFAULT_DIR, load_default, start_images, starts  # noqa: E402
 from pipelines.world_model.trained.evaluate import psnr, rollout, stored_as  # noqa: E402
+from residency.cli import report  # noqa: E402
+from residency.errors import ResidencyError  # noqa: E402
 from tools.game import character_centroid, new_game, policy, replay  # noqa: E402
 from tools.game.engine import DIRECTIONS  # noqa: E402
 
@@ -120,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the results as one JSON line last")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    r = evaluate(args.model)
+    try:
+        r = evaluate(args.model)
+    except ResidencyError as err:  # e.g. a directory without a trained model
+        return report(err)
     table = Table(title=f"{args.model} against the real game ({r['seconds']} s)")
     for col in ("measure", "value", "target", "met"):
         table.add_column(col)

@@ -34,6 +34,8 @@ from pipelines.world_model.trained.evaluate import mse, rollout, stored_as  # no
 from pipelines.world_model.trained.png import read_png  # noqa: E402
 from pipelines.world_model.workload import catalog_entry  # noqa: E402
 from residency.checkpoint.atomic import atomic_output  # noqa: E402
+from residency.cli import report  # noqa: E402
+from residency.errors import ResidencyError  # noqa: E402
 from residency.simulate.quality import block_error  # noqa: E402
 from residency.workload.catalog import workload_from_dict  # noqa: E402
 from tools.game import new_game, policy  # noqa: E402
@@ -75,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     out = args.out or args.model / "sensitivity.json"
-    pipe = load_default(directory=args.model)
+    try:
+        pipe = load_default(directory=args.model)
+    except ResidencyError as err:  # e.g. a directory without a trained model
+        return report(err)
     cases = []
     for s in starts(args.model)[: args.starts]:
         seed = s["game_seed"]
