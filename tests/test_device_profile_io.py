@@ -174,3 +174,35 @@ def test_profile_h2d_time_uses_the_curve_at_the_transfer_size():
     small, large = p.h2d_gbps(64 * 2**10), p.h2d_gbps(256 * 2**20)
     assert small < large
     assert p.h2d_s(2**20) == pytest.approx(2**20 / (p.link["h2d_pinned"].at(2**20) * 1e9))
+
+
+def _refined(doc: dict) -> dict:
+    doc = copy.deepcopy(doc)
+    doc.update(matmul_weight_dim=1024, matmul_small_weight_dim=256, elementwise_gelems_per_s=3.5,
+               matmul_small_tflops={"fp32": {"rows": [1, 16], "tflops": [0.004, 0.035], "spread": [0.1, 0.05]}})
+    for key in ("matmul_small_tflops", "elementwise_gelems_per_s"):
+        doc["provenance"][key] = {"kind": "measured", "source": "test", "derating": ""}
+    return doc
+
+
+def test_measured_refinements_round_trip(doc):
+    refined = profile_from_dict(_refined(doc), "mem")
+    assert refined.matmul_small_tflops["fp32"].y == (0.004, 0.035)
+    assert refined.elementwise_gelems_per_s == 3.5
+    assert profile_to_dict(refined) == _refined(doc)
+    assert "matmul_small_tflops" not in doc  # datasheet profiles carry none: their files stay as they were
+
+
+@pytest.mark.parametrize(("mutate", "field", "words"), [
+    (lambda d: d.update(matmul_small_weight_dim=2048), "matmul_small_weight_dim", "below matmul_weight_dim"),
+    (lambda d: d["provenance"].pop("elementwise_gelems_per_s"), "provenance.elementwise_gelems_per_s", "missing"),
+    (lambda d: d.update(elementwise_gelems_per_s="fast"), "elementwise_gelems_per_s", "expected a number"),
+    (lambda d: d["matmul_small_tflops"].update(fp64=d["matmul_small_tflops"]["fp32"]), "matmul_small_tflops.fp64",
+     "not known"),
+])
+def test_bad_refinement_names_the_field(tmp_path, doc, mutate, field, words):
+    bad = _refined(doc)
+    mutate(bad)
+    with pytest.raises(ResidencyError) as e:
+        _load_doc(tmp_path, bad)
+    assert f"'{field}'" in e.value.message and words in e.value.message

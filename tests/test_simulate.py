@@ -188,3 +188,44 @@ def test_token_independent_flops_run_at_the_one_row_rate():
     work = replace(work, blocks=(block,))
     pred = simulate(work, make_plan(work, profile), profile).prediction
     assert pred.frame_ms == pytest.approx(COMPUTE_MS / 4 + fixed_flops / 1e12 * 1e3)
+
+
+def test_small_matrices_run_at_the_small_weight_rate():
+    from dataclasses import replace
+
+    from residency.device.profile import Curve
+
+    # 4 TFLOP/s against 1024² weights, 1 TFLOP/s against 256²: a block of 256² matrices pays the slow rate,
+    # one of 512² lands between on log size, one of 1024² (or larger) the fast one.
+    profile = replace(flat_profile(tflops=4.0), matmul_weight_dim=1024, matmul_small_weight_dim=256,
+                      matmul_small_tflops={"bf16": Curve((1.0, 1e6), (1.0, 1.0))})
+
+    def frame_ms(dim):
+        work = chain_workload(n=1, dim=dim)
+        return simulate(work, make_plan(work, profile), profile).prediction.frame_ms
+
+    def at(dim, tflops):
+        return 2.0 * dim * dim * TOKENS / (tflops * 1e12) * 1e3
+
+    assert frame_ms(256) == pytest.approx(at(256, 1.0))
+    assert frame_ms(512) == pytest.approx(at(512, 2.5))  # halfway between 256² and 1024² on log size
+    assert frame_ms(1024) == pytest.approx(at(1024, 4.0))
+    assert frame_ms(2048) == pytest.approx(at(2048, 4.0))
+    # without a small-weight curve every size runs at the one rate
+    plain = flat_profile(tflops=4.0)
+    work = chain_workload(n=1, dim=256)
+    assert simulate(work, make_plan(work, plain), plain).prediction.frame_ms == pytest.approx(at(256, 4.0))
+
+
+def test_activation_elements_add_at_the_elementwise_rate_or_the_memory_bandwidth():
+    from dataclasses import replace
+
+    base = chain_workload(n=2)
+    work = replace(base, blocks=tuple(replace(b, activation_elements_per_call=5_000_000) for b in base.blocks))
+    measured = flat_profile(backend="cpu", memory_gbps=100.0)
+    measured = replace(measured, elementwise_gelems_per_s=2.0)  # 5e6 elements at 2e9/s: 2.5 ms a call
+    pred = simulate(work, make_plan(work, measured), measured).prediction
+    assert pred.frame_ms == pytest.approx(2 * (COMPUTE_MS + 2.5))
+    gpu = flat_profile(memory_gbps=100.0)  # no measured rate: 2-byte elements at 100 GB/s, 0.1 ms a call
+    pred = simulate(work, make_plan(work, gpu), gpu).prediction
+    assert pred.frame_ms == pytest.approx(2 * (COMPUTE_MS + 0.1))

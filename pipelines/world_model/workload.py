@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipelines.world_model.config import WorldModelConfig, get_config
 from pipelines.world_model.kv_cache import KVCache
 from pipelines.world_model.pipeline import WorldModelPipeline
+from residency.workload.op_count import OpCounter
 
 CATALOG_SCHEMA_VERSION = 1
 _ACT_BYTES = 2  # activation coefficients are stated at a 2-byte compute dtype
@@ -25,31 +25,17 @@ def _tensors(module: nn.Module) -> list[list[Any]]:
     return [[n, list(t.shape)] for n, t in module.state_dict(keep_vars=True).items() if t.is_floating_point()]
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the aten ops a call dispatches (on the meta device: nothing runs), and those that are not
-    views — on a GPU each of those launches a kernel; on the CPU every op pays the dispatch cost."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = self.kernels = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        self.kernels += not func.is_view
-        return func(*args, **(kwargs or {}))
-
-
 def _count_ops(run) -> tuple[dict[str, int], object]:
-    with _OpCounter() as counter:
+    with OpCounter() as counter:
         out = run()
-    return {"ops_per_call": counter.ops, "kernels_per_call": counter.kernels}, out
+    return counter.counts(), out
 
 
 def _conv_block_entry(name: str, component: str, module: nn.Module, x: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """VAE blocks: FLOPs counted on the meta device; 'tokens' are the block's output pixels."""
-    with FlopCounterMode(display=False) as counter, _OpCounter() as op_counter:  # one meta run, both counts
+    with FlopCounterMode(display=False) as counter, OpCounter() as op_counter:  # one meta run, both counts
         y = module(x)
-    ops = {"ops_per_call": op_counter.ops, "kernels_per_call": op_counter.kernels}
+    ops = op_counter.counts()
     pixels = y.shape[-2] * y.shape[-1]
     widest = max(x.shape[1] * x.shape[-2] * x.shape[-1], y.shape[1] * pixels)
     entry = {

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from residency.device.bench_inputs import measured_formats, packed_sample
@@ -44,6 +45,7 @@ class CpuPlan:
     link_point_s: float  # time spent per transfer size and direction
     memcpy_bytes: int  # one device-memory copy
     matmul_dim: int
+    matmul_small_dim: int  # a second, small weight: few-row rates depend on the matrix's size
     matmul_rows: tuple[int, ...]
     matmul_point_s: float
     matmul_max_call_s: float  # stop growing rows once one call takes longer (CPU fp16 runs ~1 GFLOP/s)
@@ -53,9 +55,9 @@ class CpuPlan:
     overlap_repeats: int
 
 
-QUICK = CpuPlan((64 * KIB, MIB, 16 * MIB, 64 * MIB), 0.12, 64 * MIB, 1024, (1, 16, 256, 4096), 0.3, 0.25,
+QUICK = CpuPlan((64 * KIB, MIB, 16 * MIB, 64 * MIB), 0.12, 64 * MIB, 1024, 256, (1, 16, 256, 4096), 0.3, 0.25,
                 (2048, 4096), 0.12, 0.15, 5)
-FULL = CpuPlan((64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB), 0.5, 256 * MIB, 1024,
+FULL = CpuPlan((64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB), 0.5, 256 * MIB, 1024, 256,
                (1, 16, 64, 256, 512, 4096), 1.0, 2.0, (4096, 4096), 0.5, 0.4, 7)
 
 
@@ -159,10 +161,10 @@ COLD_MAX_ROWS = 256
 COLD_MAX_CALL_S = 2e-3
 
 
-def measure_matmul(dtype: str, plan: CpuPlan) -> Curve:
-    """TFLOP/s of x (rows × dim) @ Wᵀ (dim × dim, as nn.Linear), W cycling through cache-cold weights; rows grow until one
-    call exceeds the cap."""
-    dim, tdtype = plan.matmul_dim, TORCH_DTYPES[dtype]
+def measure_matmul(dtype: str, plan: CpuPlan, dim: int | None = None) -> Curve:
+    """TFLOP/s of x (rows × dim) @ Wᵀ (dim × dim, as nn.Linear; dim defaults to the plan's), W cycling through
+    cache-cold weights; rows grow until one call exceeds the cap."""
+    dim, tdtype = dim or plan.matmul_dim, TORCH_DTYPES[dtype]
     gen = torch.Generator().manual_seed(0)
     cold = max(1, -(-COLD_WEIGHT_BYTES // (dim * dim * torch.tensor([], dtype=tdtype).element_size())))
     weights = [torch.randn(dim, dim, generator=gen).to(tdtype) for _ in range(cold)]
@@ -170,9 +172,11 @@ def measure_matmul(dtype: str, plan: CpuPlan) -> Curve:
     for rows in plan.matmul_rows:
         x = torch.randn(rows, dim, generator=gen).to(tdtype)
         out = torch.empty(rows, dim, dtype=tdtype)
-        t0 = time.perf_counter()
         torch.matmul(x, weights[0].t(), out=out)  # nn.Linear's layout: x @ W.T, W stored (out, in)
-        single = time.perf_counter() - t0
+        # Timed after a first call: that one pays the library's setup, and deciding on it flipped 1-row
+        # points between the cold sweep and a cached weight (7 vs 27 GFLOP/s) from run to run.
+        single = time_samples(lambda x=x, out=out: torch.matmul(x, weights[1 % len(weights)].t(), out=out),
+                              repeats=3, warmup=0).p10_s
         # Few rows are bound by reading the weight: cycle the cold set. Many rows (or a slow dtype, like
         # fp16 on most CPUs) are bound by FLOPs: one weight suffices, and a sweep would cost seconds.
         count = cold if rows <= COLD_MAX_ROWS and single < COLD_MAX_CALL_S else 1
@@ -257,32 +261,57 @@ def measure_overlap(engine: CopyThread, plan: CpuPlan) -> float:
     return overlap_fraction(summarize(copy_s).median_s, summarize(compute_s).median_s, summarize(both_s).median_s)
 
 
-# The op mix of a transformer block on a small frame (16 tokens × 256 channels): norms, elementwise,
-# views and a softmax — 8 dispatched ops, none of them a matmul (matmuls are timed by their FLOPs).
-_MIX_OPS = 8
+def _op_mix(x: torch.Tensor) -> torch.Tensor:
+    """The non-matmul ops of a block: norm, scale-and-shift, activations, a head split and a softmax."""
+    y = torch.nn.functional.layer_norm(x, (x.shape[-1],))
+    y = torch.nn.functional.gelu(y * 1.1 + x)
+    y = torch.nn.functional.silu(y)
+    y = y.view(x.shape[0], x.shape[1], 4, -1).permute(0, 2, 1, 3).reshape(x.shape)
+    return torch.softmax(y, -1)
 
 
-def measure_launch_us() -> float:
-    """Median cost of one dispatched torch op of a block's non-matmul mix on small activations: the
-    per-op time the cost model charges for every aten op a block call dispatches on the CPU."""
-    x = torch.randn(1, 16, 256)
-    rounds = 250
+# Activation sizes of the mix: a 16-token frame of 256 channels up to a 64×64 VAE feature map of 64 channels.
+_MIX_TOKENS = (16, 256, 1024)
+_MIX_CHANNELS = 256
 
-    def burst() -> None:
-        for _ in range(rounds):
-            y = torch.nn.functional.layer_norm(x, (256,))
-            y = torch.nn.functional.gelu(y * 1.1 + x)
-            y = y.view(1, 16, 4, 64).permute(0, 2, 1, 3).reshape(1, 16, 256)
-            torch.softmax(y, -1)
 
-    return time_samples(burst, repeats=7).median_s / (rounds * _MIX_OPS) * 1e6
+def measure_dispatch() -> tuple[float, float]:
+    """(µs per dispatched op, 1e9 activation elements/s) of the non-matmul op mix, fitted as
+    time = ops × a + elements × b over activations of 4 k to 260 k elements. Ops and elements are counted
+    on the meta device by residency.workload.op_count, as a workload's blocks are, so the two rates charge
+    a block exactly what the mix costs: on this CPU ~3 µs per op plus ~0.2 ns per element."""
+    from residency.workload.op_count import OpCounter
+
+    with OpCounter() as counter:
+        _op_mix(torch.empty(1, 1, _MIX_CHANNELS, device="meta"))
+    ops = counter.ops
+    elements, seconds = [], []
+    for tokens in _MIX_TOKENS:
+        x = torch.randn(1, tokens, _MIX_CHANNELS)
+        with OpCounter() as counter:
+            _op_mix(x.to("meta"))
+        rounds = max(5, 250 * _MIX_TOKENS[0] // tokens)
+
+        def burst(x=x, rounds=rounds) -> None:
+            for _ in range(rounds):
+                _op_mix(x)
+
+        elements.append(counter.elements)
+        seconds.append(time_samples(burst, repeats=7).median_s / rounds)
+    per_element_s, per_mix_s = np.polyfit(elements, seconds, 1)
+    if per_element_s <= 0 or per_mix_s <= 0:  # a fit upset by noise: charge all of it to one term
+        per_mix_s, per_element_s = max(per_mix_s, seconds[0] / 2), max(per_element_s, seconds[-1] / 2 / elements[-1])
+    return float(per_mix_s / ops * 1e6), float(1.0 / per_element_s / 1e9)
+
+
+SMALL_STEP = "matmul fp32, small weights"
 
 
 def measure(quick: bool, progress: ProgressFn | None = None, source: str | None = None) -> DeviceProfile:
     plan = QUICK if quick else FULL
     source = source or f"residency profile --device cpu{' --quick' if quick else ''}"
     formats = measured_formats()
-    step = Steps(formats, COMPUTE_DTYPES, progress)
+    step = Steps(formats, COMPUTE_DTYPES, progress, matmul_extra=(SMALL_STEP,))
 
     cores = cpu_cores()
     compute_threads = max(1, cores - 1)
@@ -306,6 +335,9 @@ def measure(quick: bool, progress: ProgressFn | None = None, source: str | None 
         for d in COMPUTE_DTYPES:
             step(f"matmul {d}")
             matmul[d] = measure_matmul(d, plan)
+        # The small-weight curve only for the dtype this backend computes in (bf16/fp16 crawl on most CPUs).
+        step(SMALL_STEP)
+        small = {"fp32": measure_matmul("fp32", plan, plan.matmul_small_dim)}
         dequant = {}
         for f in formats:
             step(f"dequant {f}")
@@ -313,7 +345,7 @@ def measure(quick: bool, progress: ProgressFn | None = None, source: str | None 
         step("overlap")
         overlap = measure_overlap(engine, plan)
         step("launch overhead")
-        launch_us = measure_launch_us()
+        launch_us, elementwise_gelems = measure_dispatch()
     finally:
         engine.close()
         torch.set_num_threads(previous_threads)
@@ -338,7 +370,12 @@ def measure(quick: bool, progress: ProgressFn | None = None, source: str | None 
                                            "compute dtype); Q2_K/Q3_K from random valid blocks"),
         "copy_compute_overlap": measured("copy thread alone, a loop of 16-row matmuls over DRAM-cold weights "
                                          "alone, both at once"),
-        "launch_overhead_us": measured("per dispatched op of a norm/elementwise/view/softmax mix on 16x256"),
+        "matmul_small_tflops": measured(f"as matmul_tflops, with {plan.matmul_small_dim}² weights "
+                                        f"({COLD_WEIGHT_BYTES // MIB} MiB of them), fp32 only"),
+        "launch_overhead_us": measured("per dispatched op of a norm/elementwise/view/softmax mix, fitted with "
+                                       "elementwise_gelems_per_s over 16 to 1024 rows × 256"),
+        "elementwise_gelems_per_s": measured("activation elements read + written by that mix (counted on the "
+                                             "meta device as workloads are), the fit's slope"),
     }
     return DeviceProfile(
         name=f"{cpu_model()} ({cores} cores)",
@@ -360,4 +397,8 @@ def measure(quick: bool, progress: ProgressFn | None = None, source: str | None 
         launch_overhead_us=launch_us,
         compute_threads=compute_threads,
         provenance=provenance,
+        matmul_weight_dim=plan.matmul_dim,
+        matmul_small_tflops=small,
+        matmul_small_weight_dim=plan.matmul_small_dim,
+        elementwise_gelems_per_s=elementwise_gelems,
     )

@@ -73,6 +73,15 @@ class DeviceProfile:
     launch_overhead_us: float  # per kernel launch (CPU: per torch op dispatch), µs
     compute_threads: int = 0  # CPU backend: intra-op threads of compute (one core left to the copy engine)
     provenance: dict[str, Provenance] = field(default_factory=dict)  # top-level field -> where it came from
+    # --- optional refinements (0 / {} when not measured: the cost model falls back as documented) ---
+    matmul_weight_dim: int = 0  # the matmul_tflops curves' weight is dim × dim
+    # the same curves for a small dim × dim weight: few-row matmuls on small matrices run slower (on this
+    # CPU 35 vs 49 GFLOP/s at 16 rows, 256² vs 1024², both from DRAM); rates between interpolate on log size
+    matmul_small_tflops: dict[str, Curve] = field(default_factory=dict)
+    matmul_small_weight_dim: int = 0
+    # 1e9 activation elements/s read + written by non-matmul ops (norms, elementwise, copies), counted as
+    # residency.workload.op_count counts them; 0: derived from device_memory_gbps at the compute dtype's size
+    elementwise_gelems_per_s: float = 0.0
 
     # --- derived figures the cost model uses ---
     def h2d_gbps(self, nbytes: int, pinned: bool = True) -> float:
@@ -82,8 +91,29 @@ class DeviceProfile:
         """Seconds to move `nbytes` host→device in one transfer."""
         return 0.0 if nbytes <= 0 else nbytes / (self.h2d_gbps(nbytes, pinned) * 1e9)
 
-    def matmul_s(self, flops: float, rows: int, dtype: str) -> float:
-        return flops / (self.matmul_tflops[dtype].at(max(rows, 1)) * 1e12)
+    def matmul_tflops_at(self, rows: int, dtype: str, weight_elements: int = 0) -> float:
+        """TFLOP/s at `rows` token rows against a weight of `weight_elements` (0: the measured size)."""
+        large = self.matmul_tflops[dtype].at(max(rows, 1))
+        small_curve = self.matmul_small_tflops.get(dtype)
+        if small_curve is None or weight_elements <= 0 or not self.matmul_weight_dim:
+            return large
+        lo, hi = self.matmul_small_weight_dim ** 2, self.matmul_weight_dim ** 2
+        if weight_elements >= hi:
+            return large
+        small = small_curve.at(max(rows, 1))
+        if weight_elements <= lo:
+            return small
+        w = (math.log(weight_elements) - math.log(lo)) / (math.log(hi) - math.log(lo))
+        return small + w * (large - small)
+
+    def matmul_s(self, flops: float, rows: int, dtype: str, weight_elements: int = 0) -> float:
+        return flops / (self.matmul_tflops_at(rows, dtype, weight_elements) * 1e12)
+
+    def elementwise_s(self, elements: float, element_bytes: int) -> float:
+        """Seconds for non-matmul ops to read and write `elements` activation elements."""
+        if self.elementwise_gelems_per_s > 0:
+            return elements / (self.elementwise_gelems_per_s * 1e9)
+        return elements * element_bytes / (self.device_memory_gbps * 1e9)
 
     def dequant_s(self, weights: int, fmt: str) -> float:
         return weights / (self.dequant_gweights_per_s[fmt] * 1e9)

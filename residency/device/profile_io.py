@@ -46,12 +46,15 @@ UNIT_TEXT = {
     "tflops": "TFLOP/s (1e12 per second)",
     "us": "microseconds",
     "gweights_per_s": "1e9 weights per second",
+    "gelems_per_s": "1e9 elements per second",
+    "dim": "elements along one side of a square weight matrix",
     "rows": "token rows",
 }
 _STRINGS = ("name", "vendor", "backend", "torch_version", "cuda_version", "hip_version", "driver", "date")
 _MEMORY = ("memory_total_bytes", "memory_reserve_bytes", "memory_usable_bytes")
 _TOP_KEYS = ("schema_version", *_STRINGS, *_MEMORY, "link", "device_memory_gbps", "matmul_tflops",
-             "dequant_gweights_per_s", "copy_compute_overlap", "launch_overhead_us", "compute_threads", "provenance")
+             "dequant_gweights_per_s", "copy_compute_overlap", "launch_overhead_us", "compute_threads", "provenance",
+             "matmul_weight_dim", "matmul_small_weight_dim", "matmul_small_tflops", "elementwise_gelems_per_s")
 _FIX_HINT = "re-create it with `residency profile -o`, or fix the field by hand"
 
 
@@ -72,6 +75,14 @@ def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
     doc["copy_compute_overlap"] = profile.copy_compute_overlap
     doc["launch_overhead_us"] = profile.launch_overhead_us
     doc["compute_threads"] = profile.compute_threads
+    # The refinements are written only when measured: datasheet profiles stay as they were.
+    if profile.matmul_weight_dim:
+        doc["matmul_weight_dim"] = profile.matmul_weight_dim
+    if profile.matmul_small_tflops:
+        doc["matmul_small_weight_dim"] = profile.matmul_small_weight_dim
+        doc["matmul_small_tflops"] = {d: _curve_to_dict(c, MATMUL_AXES) for d, c in profile.matmul_small_tflops.items()}
+    if profile.elementwise_gelems_per_s:
+        doc["elementwise_gelems_per_s"] = profile.elementwise_gelems_per_s
     doc["provenance"] = {
         k: {"kind": p.kind, "source": p.source, "derating": p.derating} for k, p in profile.provenance.items()
     }
@@ -220,6 +231,11 @@ def profile_from_dict(data: Any, source: str) -> DeviceProfile:
             raise r.fail(f"provenance.{key}", "is missing: every number must say where it came from",
                          hint="add {\"kind\": \"measured\"|\"datasheet\", \"source\": …, \"derating\": …}")
     provenance = {k: r.provenance(v, f"provenance.{k}") for k, v in prov_doc.items()}
+    refinements = _refinements(r, data)
+    for key in ("matmul_small_tflops", "elementwise_gelems_per_s"):
+        if refinements[key] and key not in prov_doc:
+            raise r.fail(f"provenance.{key}", "is missing: every number must say where it came from",
+                         hint="add {\"kind\": \"measured\"|\"datasheet\", \"source\": …, \"derating\": …}")
     return DeviceProfile(
         **strings,
         memory_total_bytes=int(total),
@@ -234,7 +250,25 @@ def profile_from_dict(data: Any, source: str) -> DeviceProfile:
         compute_threads=int(r.number(data.get("compute_threads", 0), "compute_threads", "threads",
                                      strict=False, integer=True)),
         provenance=provenance,
+        **refinements,
     )
+
+
+def _refinements(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
+    """The optional fields; a small-weight curve needs both weight dims, the small one below the other."""
+    dims = {k: int(r.number(data.get(k, 0), k, "dim", strict=False, integer=True))
+            for k in ("matmul_weight_dim", "matmul_small_weight_dim")}
+    small: dict[str, Curve] = {}
+    if "matmul_small_tflops" in data:
+        doc = r.obj(data["matmul_small_tflops"], "matmul_small_tflops")
+        _no_extra(r, doc, COMPUTE_DTYPES, "matmul_small_tflops")
+        small = {d: r.curve(v, f"matmul_small_tflops.{d}", MATMUL_AXES) for d, v in doc.items()}
+        if small and not 0 < dims["matmul_small_weight_dim"] < dims["matmul_weight_dim"]:
+            raise r.fail("matmul_small_weight_dim", f"= {dims['matmul_small_weight_dim']}: with matmul_small_tflops "
+                         f"it must be above 0 and below matmul_weight_dim = {dims['matmul_weight_dim']}")
+    elementwise = r.number(data.get("elementwise_gelems_per_s", 0.0), "elementwise_gelems_per_s",
+                           "gelems_per_s", strict=False)
+    return {**dims, "matmul_small_tflops": small, "elementwise_gelems_per_s": float(elementwise)}
 
 
 def _no_extra(r: _Reader, doc: dict[str, Any], known: tuple[str, ...], field: str) -> None:

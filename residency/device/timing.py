@@ -87,8 +87,9 @@ def overlap_fraction(copy_s: float, compute_s: float, both_s: float) -> float:
 class Steps:
     """The measurement steps of a profile, reported to a progress callback as each one starts."""
 
-    def __init__(self, formats: list[str], compute_dtypes: tuple[str, ...], progress: ProgressFn | None):
-        self.labels = ["memory", "link", "device memory", *(f"matmul {d}" for d in compute_dtypes),
+    def __init__(self, formats: list[str], compute_dtypes: tuple[str, ...], progress: ProgressFn | None,
+                 matmul_extra: tuple[str, ...] = ()):
+        self.labels = ["memory", "link", "device memory", *(f"matmul {d}" for d in compute_dtypes), *matmul_extra,
                        *(f"dequant {f}" for f in formats), "overlap", "launch overhead"]
         self.progress = progress
         self.done = 0

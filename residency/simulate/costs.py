@@ -1,6 +1,8 @@
 """Per-call costs of one block under a plan on a device: copy, dequant and compute seconds.
 
-Compute is a roofline: max(FLOPs ÷ matmul rate at this row count, bytes read ÷ device bandwidth).
+Compute is a roofline, max(FLOPs ÷ matmul rate at this row count and matrix size, bytes read ÷ device
+bandwidth), plus the block's non-matmul ops: their activation elements at the profile's elementwise rate,
+and (CPU) their dispatch cost per op — or (GPU) the launch time when that is the longer.
 """
 
 from __future__ import annotations
@@ -61,16 +63,28 @@ def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_f
     # row count a matmul reads its whole weight for a few FLOPs, several times slower per FLOP than the
     # token rows (measured on the CPU: 7 vs 48 GFLOP/s at 1 vs 16 rows).
     fixed = block.fixed_flops * batch
-    matmul = profile.matmul_s(flops - fixed, block.tokens * batch, bp.compute_dtype)
+    matmul = _matmul_s(block, flops - fixed, block.tokens * batch, bp.compute_dtype, profile)
     if fixed:
-        matmul += profile.matmul_s(fixed, batch, bp.compute_dtype)
+        matmul += _matmul_s(block, fixed, batch, bp.compute_dtype, profile)
     roof = max(matmul, (weight_bytes + kv_bytes) / (profile.device_memory_gbps * 1e9))
+    device = roof + profile.elementwise_s(block.activation_elements_per_call * batch,
+                                          COMPUTE_DTYPE_BYTES[bp.compute_dtype])
     # A GPU queues kernels asynchronously: the host's launch time hides under device work unless it is
     # the longer of the two. On the CPU backend every dispatched op (views too) runs on the computing
     # thread, at the profile's measured per-op cost: it adds.
     if profile.is_gpu:
-        return max(roof, kernels_per_call(block) * profile.launch_overhead_us * 1e-6)
-    return roof + ops_per_call(block) * profile.launch_overhead_us * 1e-6
+        return max(device, kernels_per_call(block) * profile.launch_overhead_us * 1e-6)
+    return device + ops_per_call(block) * profile.launch_overhead_us * 1e-6
+
+
+def _matmul_s(block: BlockSpec, flops: float, rows: int, dtype: str, profile: DeviceProfile) -> float:
+    """FLOPs shared among the block's weight matrices by size (FLOPs per row ∝ elements), each at the rate
+    of its size when the profile has a small-weight curve; else all at the profile's one rate."""
+    mats = block.matrix_elements
+    if dtype not in profile.matmul_small_tflops or not mats:
+        return profile.matmul_s(flops, rows, dtype)
+    per_element = flops / sum(mats)
+    return sum(profile.matmul_s(per_element * m, rows, dtype, m) for m in mats)
 
 
 def kernels_per_call(block: BlockSpec) -> int:

@@ -15,7 +15,8 @@ from residency.workload.spec import BlockSpec, PassSpec, PhaseSpec, Workload
 CATALOG_SCHEMA_VERSION = 1
 _BLOCK_NUMBERS = ("fixed_flops", "flops_per_token", "self_attn_flops_per_token_pair",
                   "context_attn_flops_per_token_pair", "activation_bytes_per_token")
-_BLOCK_INTS = ("context_tokens_per_frame", "kv_channels_per_token", "ops_per_call", "kernels_per_call")
+_BLOCK_INTS = ("context_tokens_per_frame", "kv_channels_per_token", "ops_per_call", "kernels_per_call",
+               "activation_elements_per_call")
 
 
 def _err(source: str, where: str, problem: str, hint: str | None = None) -> ResidencyError:

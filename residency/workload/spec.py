@@ -42,6 +42,16 @@ class BlockSpec:
     activation_bytes_per_token: float = 0.0  # peak live activations per token at 2-byte compute dtype
     ops_per_call: int = 0  # aten ops one call dispatches, views included (0: unknown, estimated)
     kernels_per_call: int = 0  # of which launch a kernel (not views) (0: unknown, estimated)
+    # activation elements read + written per call by the ops not timed by FLOPs (norms, elementwise, copies),
+    # batch 1, counted on the meta device (residency.workload.op_count); 0: not counted, not charged
+    activation_elements_per_call: int = 0
+
+    @cached_property
+    def matrix_elements(self) -> tuple[int, ...]:
+        """Elements of each weight matrix (≥ 2-D tensor; a conv kernel counts whole): a matmul's FLOPs at a
+        given row count are proportional to them, and its rate on a CPU depends on them (small matrices
+        run slower, their DRAM fetch being latency-bound)."""
+        return tuple(math.prod(s) for _, s in self.tensors if len(s) >= 2)
 
     @cached_property
     def params(self) -> int:
@@ -199,7 +209,8 @@ class Workload:
         doc = {
             "blocks": [[b.name, b.component, [[n, list(s)] for n, s in b.tensors], b.tokens, b.fixed_flops, b.flops_per_token,
                         b.self_attn_flops_per_token_pair, b.context_attn_flops_per_token_pair,
-                        b.context_tokens_per_frame, b.kv_channels_per_token, b.ops_per_call, b.kernels_per_call]
+                        b.context_tokens_per_frame, b.kv_channels_per_token, b.ops_per_call, b.kernels_per_call,
+                        b.activation_elements_per_call]
                        for b in self.blocks],
             "phases": [[ph.name, ph.per, [[list(p.blocks), p.per_step, p.kv] for p in ph.passes]] for ph in self.phases],
             "params": [self.steps, self.context_frames, self.batch],

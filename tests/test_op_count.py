@@ -1,0 +1,38 @@
+"""The meta-device op counter that workloads and the CPU profiler share."""
+
+import torch
+import torch.nn.functional as F
+
+from residency.workload.op_count import OpCounter
+
+
+def test_elementwise_ops_count_their_inputs_and_outputs():
+    x, y = torch.empty(4, 8, device="meta"), torch.empty(4, 8, device="meta")
+    with OpCounter() as c:
+        (x + y).relu()
+    assert (c.ops, c.kernels) == (2, 2)
+    assert c.elements == (32 + 32 + 32) + (32 + 32)
+
+
+def test_views_are_ops_but_not_kernels_and_move_nothing():
+    x = torch.empty(4, 8, device="meta")
+    with OpCounter() as c:
+        x.view(8, 4).t()
+    assert (c.ops, c.kernels, c.elements) == (2, 0, 0)
+
+
+def test_matmuls_and_convolutions_are_timed_by_flops_not_elements():
+    x, w = torch.empty(16, 256, device="meta"), torch.empty(768, 256, device="meta")
+    img, k = torch.empty(1, 8, 16, 16, device="meta"), torch.empty(8, 8, 3, 3, device="meta")
+    with OpCounter() as c:
+        F.linear(x, w)
+        F.conv2d(img, k, padding=1)
+    assert c.kernels >= 2
+    assert c.elements == 0
+
+
+def test_allocation_moves_no_elements_but_a_copy_does():
+    x = torch.empty(10, device="meta")
+    with OpCounter() as c:
+        torch.empty_like(x).copy_(x)
+    assert c.elements == 20
