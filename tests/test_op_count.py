@@ -36,3 +36,13 @@ def test_allocation_moves_no_elements_but_a_copy_does():
     with OpCounter() as c:
         torch.empty_like(x).copy_(x)
     assert c.elements == 20
+
+
+def test_undecomposed_linear_and_attention_under_inference_mode_are_not_elementwise():
+    x, w = torch.empty(16, 256, device="meta"), torch.empty(768, 256, device="meta")
+    q = torch.empty(1, 4, 16, 64, device="meta")
+    with torch.inference_mode(), OpCounter() as c:
+        F.linear(x, w)
+        F.scaled_dot_product_attention(q, q, q)
+    assert c.kernels >= 2
+    assert c.elements == 0

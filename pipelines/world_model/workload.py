@@ -95,6 +95,7 @@ def _dit_entries(c: WorldModelConfig, pipe: WorldModelPipeline) -> list[dict]:
     return out
 
 
+@torch.no_grad()  # inference, as a session runs: autograd would add alias/detach ops to every count
 def catalog_entry(name_or_config: str | WorldModelConfig) -> dict[str, Any]:
     """The catalog document of a world-model config (JSON-ready)."""
     c = get_config(name_or_config)
