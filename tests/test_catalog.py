@@ -121,3 +121,23 @@ def test_inspect_unknown_model_lists_catalog_names(capsys):
     assert cli_main(["inspect", "no-such-model"]) == 1
     err = capsys.readouterr().err
     assert "flux-schnell" in err and "wan-causal-1.3b" in err
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    ("lots", "expected a list"),
+    ([[4096, -1]], "two positive whole numbers"),
+    ([[4096, 5]], "sums to 5"),
+])
+def test_bad_elements_by_size_names_the_block_and_field(value, words):
+    import copy
+
+    from pipelines.world_model.workload import catalog_entry
+    from residency.errors import ResidencyError
+    from residency.workload import workload_from_dict
+
+    doc = copy.deepcopy(catalog_entry("tiny"))
+    block = next(b for b in doc["blocks"] if b["name"] == "dit.blocks.0")
+    block["activation_elements_by_size"] = value
+    with pytest.raises(ResidencyError) as e:
+        workload_from_dict(doc, "tiny.json")
+    assert "tiny.json" in e.value.message and "dit.blocks.0" in e.value.message and words in e.value.message

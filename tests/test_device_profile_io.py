@@ -178,7 +178,8 @@ def test_profile_h2d_time_uses_the_curve_at_the_transfer_size():
 
 def _refined(doc: dict) -> dict:
     doc = copy.deepcopy(doc)
-    doc.update(matmul_weight_dim=1024, matmul_small_weight_dim=256, elementwise_gelems_per_s=3.5,
+    doc.update(matmul_weight_dim=1024, matmul_small_weight_dim=256,
+               elementwise_gelems_per_s={"tensor_elements": [4096, 1048576], "gelems_per_s": [7.0, 2.0], "spread": []},
                matmul_small_tflops={"fp32": {"rows": [1, 16], "tflops": [0.004, 0.035], "spread": [0.1, 0.05]}})
     for key in ("matmul_small_tflops", "elementwise_gelems_per_s"):
         doc["provenance"][key] = {"kind": "measured", "source": "test", "derating": ""}
@@ -188,7 +189,7 @@ def _refined(doc: dict) -> dict:
 def test_measured_refinements_round_trip(doc):
     refined = profile_from_dict(_refined(doc), "mem")
     assert refined.matmul_small_tflops["fp32"].y == (0.004, 0.035)
-    assert refined.elementwise_gelems_per_s == 3.5
+    assert refined.elementwise_gelems_per_s.at(4096) == 7.0
     assert profile_to_dict(refined) == _refined(doc)
     assert "matmul_small_tflops" not in doc  # datasheet profiles carry none: their files stay as they were
 
@@ -196,7 +197,9 @@ def test_measured_refinements_round_trip(doc):
 @pytest.mark.parametrize(("mutate", "field", "words"), [
     (lambda d: d.update(matmul_small_weight_dim=2048), "matmul_small_weight_dim", "below matmul_weight_dim"),
     (lambda d: d["provenance"].pop("elementwise_gelems_per_s"), "provenance.elementwise_gelems_per_s", "missing"),
-    (lambda d: d.update(elementwise_gelems_per_s="fast"), "elementwise_gelems_per_s", "expected a number"),
+    (lambda d: d.update(elementwise_gelems_per_s="fast"), "elementwise_gelems_per_s", "expected a JSON object"),
+    (lambda d: d["elementwise_gelems_per_s"].update(gelems_per_s=[7.0, 0.0]), "elementwise_gelems_per_s.gelems_per_s[1]",
+     "positive"),
     (lambda d: d["matmul_small_tflops"].update(fp64=d["matmul_small_tflops"]["fp32"]), "matmul_small_tflops.fp64",
      "not known"),
 ])

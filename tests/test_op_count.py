@@ -46,3 +46,15 @@ def test_undecomposed_linear_and_attention_under_inference_mode_are_not_elementw
         F.scaled_dot_product_attention(q, q, q)
     assert c.kernels >= 2
     assert c.elements == 0
+
+
+def test_elements_are_filed_under_the_size_class_of_the_largest_tensor():
+    from residency.workload.op_count import size_class
+
+    assert [size_class(n) for n in (1, 4096, 4097, 65536, 70000)] == [4096, 4096, 16384, 65536, 262144]
+    small, big = torch.empty(16, 256, device="meta"), torch.empty(256, 256, device="meta")
+    with OpCounter() as c:
+        small.relu()  # 4096 + 4096 elements, class 4096
+        big.sum(0)  # 65536 + 256 elements, class 65536
+    assert c.elements_by_size == {4096: 8192, 65536: 65792}
+    assert c.counts()["activation_elements_by_size"] == [[4096, 8192], [65536, 65792]]

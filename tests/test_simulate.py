@@ -220,12 +220,20 @@ def test_small_matrices_run_at_the_small_weight_rate():
 def test_activation_elements_add_at_the_elementwise_rate_or_the_memory_bandwidth():
     from dataclasses import replace
 
+    from residency.device.profile import Curve
+
     base = chain_workload(n=2)
     work = replace(base, blocks=tuple(replace(b, activation_elements_per_call=5_000_000) for b in base.blocks))
     measured = flat_profile(backend="cpu", memory_gbps=100.0)
-    measured = replace(measured, elementwise_gelems_per_s=2.0)  # 5e6 elements at 2e9/s: 2.5 ms a call
+    # 4 G elements/s for tensors up to 4096 elements, 1 G/s from 65536 on (log-interpolated between)
+    measured = replace(measured, elementwise_gelems_per_s=Curve((4096.0, 65536.0), (4.0, 1.0)))
     pred = simulate(work, make_plan(work, measured), measured).prediction
-    assert pred.frame_ms == pytest.approx(2 * (COMPUTE_MS + 2.5))
+    assert pred.frame_ms == pytest.approx(2 * (COMPUTE_MS + 5e6 / 4e9 * 1e3))  # not counted by size: the first class
+    by_size = replace(base, blocks=tuple(replace(b, activation_elements_per_call=5_000_000,
+                                                 activation_elements_by_size=((4096, 1_000_000), (65536, 4_000_000)))
+                                         for b in base.blocks))
+    pred = simulate(by_size, make_plan(by_size, measured), measured).prediction
+    assert pred.frame_ms == pytest.approx(2 * (COMPUTE_MS + (1e6 / 4e9 + 4e6 / 1e9) * 1e3))
     gpu = flat_profile(memory_gbps=100.0)  # no measured rate: 2-byte elements at 100 GB/s, 0.1 ms a call
     pred = simulate(work, make_plan(work, gpu), gpu).prediction
     assert pred.frame_ms == pytest.approx(2 * (COMPUTE_MS + 0.1))

@@ -80,8 +80,9 @@ class DeviceProfile:
     matmul_small_tflops: dict[str, Curve] = field(default_factory=dict)
     matmul_small_weight_dim: int = 0
     # 1e9 activation elements/s read + written by non-matmul ops (norms, elementwise, copies), counted as
-    # residency.workload.op_count counts them; 0: derived from device_memory_gbps at the compute dtype's size
-    elementwise_gelems_per_s: float = 0.0
+    # residency.workload.op_count counts them, over the size class of an op's largest tensor (x: elements);
+    # None: derived from device_memory_gbps at the compute dtype's size
+    elementwise_gelems_per_s: Curve | None = None
 
     # --- derived figures the cost model uses ---
     def h2d_gbps(self, nbytes: int, pinned: bool = True) -> float:
@@ -109,10 +110,11 @@ class DeviceProfile:
     def matmul_s(self, flops: float, rows: int, dtype: str, weight_elements: int = 0) -> float:
         return flops / (self.matmul_tflops_at(rows, dtype, weight_elements) * 1e12)
 
-    def elementwise_s(self, elements: float, element_bytes: int) -> float:
-        """Seconds for non-matmul ops to read and write `elements` activation elements."""
-        if self.elementwise_gelems_per_s > 0:
-            return elements / (self.elementwise_gelems_per_s * 1e9)
+    def elementwise_s(self, elements: float, element_bytes: int, size_class: int = 0) -> float:
+        """Seconds for non-matmul ops to read and write `elements` activation elements whose largest tensor
+        is of `size_class` elements (0: unknown, the smallest measured class)."""
+        if self.elementwise_gelems_per_s is not None:
+            return elements / (self.elementwise_gelems_per_s.at(max(size_class, 1)) * 1e9)
         return elements * element_bytes / (self.device_memory_gbps * 1e9)
 
     def dequant_s(self, weights: int, fmt: str) -> float:

@@ -39,6 +39,7 @@ PROVENANCE_FIELDS = (
 # JSON names of a curve's axes: link curves are GB/s over transfer bytes, matmul curves TFLOP/s over rows.
 LINK_AXES = ("sizes_bytes", "gbps")
 MATMUL_AXES = ("rows", "tflops")
+ELEMENTWISE_AXES = ("tensor_elements", "gelems_per_s")  # rate over the size class of an op's largest tensor
 # What each unit suffix means, for messages that say which unit is expected.
 UNIT_TEXT = {
     "bytes": "bytes",
@@ -48,6 +49,7 @@ UNIT_TEXT = {
     "gweights_per_s": "1e9 weights per second",
     "gelems_per_s": "1e9 elements per second",
     "dim": "elements along one side of a square weight matrix",
+    "tensor_elements": "elements of a tensor",
     "rows": "token rows",
 }
 _STRINGS = ("name", "vendor", "backend", "torch_version", "cuda_version", "hip_version", "driver", "date")
@@ -81,8 +83,8 @@ def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
     if profile.matmul_small_tflops:
         doc["matmul_small_weight_dim"] = profile.matmul_small_weight_dim
         doc["matmul_small_tflops"] = {d: _curve_to_dict(c, MATMUL_AXES) for d, c in profile.matmul_small_tflops.items()}
-    if profile.elementwise_gelems_per_s:
-        doc["elementwise_gelems_per_s"] = profile.elementwise_gelems_per_s
+    if profile.elementwise_gelems_per_s is not None:
+        doc["elementwise_gelems_per_s"] = _curve_to_dict(profile.elementwise_gelems_per_s, ELEMENTWISE_AXES)
     doc["provenance"] = {
         k: {"kind": p.kind, "source": p.source, "derating": p.derating} for k, p in profile.provenance.items()
     }
@@ -266,9 +268,10 @@ def _refinements(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
         if small and not 0 < dims["matmul_small_weight_dim"] < dims["matmul_weight_dim"]:
             raise r.fail("matmul_small_weight_dim", f"= {dims['matmul_small_weight_dim']}: with matmul_small_tflops "
                          f"it must be above 0 and below matmul_weight_dim = {dims['matmul_weight_dim']}")
-    elementwise = r.number(data.get("elementwise_gelems_per_s", 0.0), "elementwise_gelems_per_s",
-                           "gelems_per_s", strict=False)
-    return {**dims, "matmul_small_tflops": small, "elementwise_gelems_per_s": float(elementwise)}
+    elementwise = None
+    if "elementwise_gelems_per_s" in data:
+        elementwise = r.curve(data["elementwise_gelems_per_s"], "elementwise_gelems_per_s", ELEMENTWISE_AXES)
+    return {**dims, "matmul_small_tflops": small, "elementwise_gelems_per_s": elementwise}
 
 
 def _no_extra(r: _Reader, doc: dict[str, Any], known: tuple[str, ...], field: str) -> None:

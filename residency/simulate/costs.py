@@ -67,14 +67,21 @@ def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_f
     if fixed:
         matmul += _matmul_s(block, fixed, batch, bp.compute_dtype, profile)
     roof = max(matmul, (weight_bytes + kv_bytes) / (profile.device_memory_gbps * 1e9))
-    device = roof + profile.elementwise_s(block.activation_elements_per_call * batch,
-                                          COMPUTE_DTYPE_BYTES[bp.compute_dtype])
+    device = roof + _elementwise_s(block, batch, COMPUTE_DTYPE_BYTES[bp.compute_dtype], profile)
     # A GPU queues kernels asynchronously: the host's launch time hides under device work unless it is
     # the longer of the two. On the CPU backend every dispatched op (views too) runs on the computing
     # thread, at the profile's measured per-op cost: it adds.
     if profile.is_gpu:
         return max(device, kernels_per_call(block) * profile.launch_overhead_us * 1e-6)
     return device + ops_per_call(block) * profile.launch_overhead_us * 1e-6
+
+
+def _elementwise_s(block: BlockSpec, batch: int, element_bytes: int, profile: DeviceProfile) -> float:
+    """The non-matmul ops' activation traffic, each size class at its rate (a batch scales the elements;
+    the size classes are those of batch 1)."""
+    if not block.activation_elements_by_size:
+        return profile.elementwise_s(block.activation_elements_per_call * batch, element_bytes)
+    return sum(profile.elementwise_s(n * batch, element_bytes, c) for c, n in block.activation_elements_by_size)
 
 
 def _matmul_s(block: BlockSpec, flops: float, rows: int, dtype: str, profile: DeviceProfile) -> float:

@@ -49,8 +49,23 @@ def _block(doc: dict, source: str, i: int) -> BlockSpec:
     kwargs: dict[str, Any] = {k: float(_number(doc.get(k, 0.0), source, f"{where} {k}")) for k in _BLOCK_NUMBERS}
     kwargs.update({k: int(_number(doc.get(k, 0), source, f"{where} {k}")) for k in _BLOCK_INTS})
     tokens = int(_number(_need(doc, "tokens", source, where), source, f"{where} tokens", 1))
+    by_size = []
+    listed = doc.get("activation_elements_by_size", [])
+    if not isinstance(listed, list):
+        raise _err(source, f"{where} activation_elements_by_size", f"expected a list of [size class, elements], "
+                   f"got {listed!r}")
+    for j, item in enumerate(listed):
+        if (not isinstance(item, list) or len(item) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in item)):
+            raise _err(source, f"{where} activation_elements_by_size[{j}]",
+                       f"expected [size class, elements] (two positive whole numbers), got {item!r}")
+        by_size.append((item[0], item[1]))
+    if by_size and sum(n for _, n in by_size) != kwargs["activation_elements_per_call"]:
+        raise _err(source, f"{where} activation_elements_by_size",
+                   f"sums to {sum(n for _, n in by_size)}, not activation_elements_per_call = "
+                   f"{kwargs['activation_elements_per_call']}")
     return BlockSpec(name=name, component=str(_need(doc, "component", source, where)), tensors=tuple(tensors),
-                     tokens=tokens, **kwargs)
+                     tokens=tokens, activation_elements_by_size=tuple(by_size), **kwargs)
 
 
 def _phase(doc: dict, source: str, i: int) -> PhaseSpec:
@@ -91,6 +106,8 @@ def workload_to_dict(w: Workload) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": b.name, "component": b.component,
                                  "tensors": [[n, list(s)] for n, s in b.tensors], "tokens": b.tokens}
         entry.update({k: getattr(b, k) for k in _BLOCK_NUMBERS + _BLOCK_INTS if getattr(b, k)})
+        if b.activation_elements_by_size:
+            entry["activation_elements_by_size"] = [list(pair) for pair in b.activation_elements_by_size]
         blocks.append(entry)
     return {
         "schema_version": CATALOG_SCHEMA_VERSION, "name": w.name, "source": w.source, "steps": w.steps,

@@ -45,6 +45,9 @@ class BlockSpec:
     # activation elements read + written per call by the ops not timed by FLOPs (norms, elementwise, copies),
     # batch 1, counted on the meta device (residency.workload.op_count); 0: not counted, not charged
     activation_elements_per_call: int = 0
+    # the same elements by size class of each op's largest tensor ((class, elements), op_count.size_class):
+    # small tensors stay in cache and cost less per element; () when not counted by size
+    activation_elements_by_size: tuple[tuple[int, int], ...] = ()
 
     @cached_property
     def matrix_elements(self) -> tuple[int, ...]:
@@ -210,7 +213,7 @@ class Workload:
             "blocks": [[b.name, b.component, [[n, list(s)] for n, s in b.tensors], b.tokens, b.fixed_flops, b.flops_per_token,
                         b.self_attn_flops_per_token_pair, b.context_attn_flops_per_token_pair,
                         b.context_tokens_per_frame, b.kv_channels_per_token, b.ops_per_call, b.kernels_per_call,
-                        b.activation_elements_per_call]
+                        b.activation_elements_per_call, [list(p) for p in b.activation_elements_by_size]]
                        for b in self.blocks],
             "phases": [[ph.name, ph.per, [[list(p.blocks), p.per_step, p.kv] for p in ph.passes]] for ph in self.phases],
             "params": [self.steps, self.context_frames, self.batch],
