@@ -52,6 +52,10 @@ def _pct(spread: float) -> str:
     return f"±{50 * spread:.0f}%"  # half the p10–p90 width, relative to the median
 
 
+def fmt_elements(n: float) -> str:
+    return f"{n / 2**20:g} M" if n >= 2**20 else f"{n / 2**10:g} k"
+
+
 def render(profile: DeviceProfile, console: Console) -> None:
     table = Table(title=f"{profile.name} ({profile.backend})", title_justify="left")
     table.add_column("quantity")
@@ -66,14 +70,25 @@ def render(profile: DeviceProfile, console: Console) -> None:
             spread = _pct(curve.spread[i]) if curve.spread and curve.x[i] == n else ""
             table.add_row(f"link {direction} @ {fmt_bytes(n)}", f"{curve.at(n):.2f} GB/s", spread)
     table.add_row("device memory (read + write)", f"{profile.device_memory_gbps:.1f} GB/s", "")
-    for dtype, curve in profile.matmul_tflops.items():
-        for i in sorted({0, len(curve.x) - 1}):
-            spread = _pct(curve.spread[i]) if curve.spread else ""
-            table.add_row(f"matmul {dtype} @ {int(curve.x[i])} rows", f"{curve.y[i]:.3g} TFLOP/s", spread)
+    weights = [("", profile.matmul_tflops, profile.matmul_weight_dim),
+               (", small weights", profile.matmul_small_tflops, profile.matmul_small_weight_dim)]
+    for label, curves, dim in weights:
+        for dtype, curve in curves.items():
+            for i in sorted({0, len(curve.x) - 1}):
+                spread = _pct(curve.spread[i]) if curve.spread else ""
+                size = f", {dim}² weights" if dim and not label else f" ({dim}²)" if dim else ""
+                table.add_row(f"matmul {dtype} @ {int(curve.x[i])} rows{label}{size}", f"{curve.y[i]:.3g} TFLOP/s",
+                              spread)
+    target = "fp32" if profile.backend == "cpu" else "bf16"  # what each backend's dequant writes
     for fmt, rate in profile.dequant_gweights_per_s.items():
-        table.add_row(f"dequant {fmt} → bf16", f"{rate:.3g} G weights/s", "")
+        table.add_row(f"dequant {fmt} → {target}", f"{rate:.3g} G weights/s", "")
+    if profile.elementwise_gelems_per_s is not None:
+        curve = profile.elementwise_gelems_per_s
+        for i in sorted({0, len(curve.x) - 1}):
+            table.add_row(f"elementwise ops @ {fmt_elements(curve.x[i])} a tensor", f"{curve.y[i]:.3g} G elements/s", "")
     table.add_row("copy/compute overlap", f"{profile.copy_compute_overlap:.2f}", "")
-    table.add_row("launch overhead", f"{profile.launch_overhead_us:.2f} µs", "")
+    table.add_row("per-op dispatch" if profile.backend == "cpu" else "launch overhead",
+                  f"{profile.launch_overhead_us:.2f} µs", "")
     if profile.compute_threads:
         table.add_row("compute threads", str(profile.compute_threads), "")
     console.print(table)
