@@ -197,3 +197,6 @@ def test_gpu_compute_measurements_are_positive_and_overlap_is_a_fraction():
     assert measure_cuda.measure_dequant(dev, stream, "Q4_K", plan) > 0
     assert 0.0 <= measure_cuda.measure_overlap(dev, torch.cuda.Stream(dev), plan) <= 1.0
     assert measure_cuda.measure_launch_us(dev) > 0
+    assert all(y > 0 for y in measure_cuda.measure_matmul(dev, stream, "bf16", plan, plan.matmul_small_dim).y)
+    elementwise = measure_cuda.measure_elementwise(dev, stream, plan)
+    assert elementwise.x[0] == 4096 and all(y > 0 for y in elementwise.y)

@@ -1,6 +1,5 @@
-"""Inputs for the dequant measurement: one packed blob per storage format, made on the host.
-
-Dequant-only formats (Q2_K, Q3_K) get random valid blocks with small finite fp16 scales.
+"""Inputs of the measurements: one packed blob per storage format (made on the host; dequant-only formats,
+Q2_K and Q3_K, get random valid blocks with small finite fp16 scales), and the non-matmul op mix.
 """
 
 from __future__ import annotations
@@ -30,3 +29,13 @@ def packed_sample(fmt: StorageFormat, rows: int, cols: int, seed: int = 0) -> to
 def measured_formats() -> list[str]:
     """Every registered format; each has an unpack path on every device."""
     return list(FORMATS)
+
+
+def op_mix(x: torch.Tensor) -> torch.Tensor:
+    """The non-matmul ops of a block: norm, scale-and-shift, activations, a head split and a softmax.
+    x: (batch, tokens, channels) with channels divisible by 4."""
+    y = torch.nn.functional.layer_norm(x, (x.shape[-1],))
+    y = torch.nn.functional.gelu(y * 1.1 + x)
+    y = torch.nn.functional.silu(y)
+    y = y.view(x.shape[0], x.shape[1], 4, -1).permute(0, 2, 1, 3).reshape(x.shape)
+    return torch.softmax(y, -1)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from residency.device.bench_inputs import measured_formats, packed_sample
+from residency.device.bench_inputs import measured_formats, op_mix, packed_sample
 from residency.device.host_memory import cpu_reserve_bytes, host_memory
 from residency.device.profile import COMPUTE_DTYPES, LINK_DIRECTIONS, Curve, DeviceProfile, Provenance
 from residency.device.timing import (
@@ -261,15 +261,6 @@ def measure_overlap(engine: CopyThread, plan: CpuPlan) -> float:
     return overlap_fraction(summarize(copy_s).median_s, summarize(compute_s).median_s, summarize(both_s).median_s)
 
 
-def _op_mix(x: torch.Tensor) -> torch.Tensor:
-    """The non-matmul ops of a block: norm, scale-and-shift, activations, a head split and a softmax."""
-    y = torch.nn.functional.layer_norm(x, (x.shape[-1],))
-    y = torch.nn.functional.gelu(y * 1.1 + x)
-    y = torch.nn.functional.silu(y)
-    y = y.view(x.shape[0], x.shape[1], 4, -1).permute(0, 2, 1, 3).reshape(x.shape)
-    return torch.softmax(y, -1)
-
-
 # Activation sizes of the mix: a 16-token frame of 256 channels (4 k elements a tensor) up to 1 M elements, the
 # size classes of residency.workload.op_count; the dispatch cost is timed on a 256-element tensor.
 _MIX_TOKENS = (16, 64, 256, 1024, 4096)
@@ -284,7 +275,7 @@ def _timed_mix(x: torch.Tensor) -> Callable[[], float]:
     def burst() -> float:
         t0 = time.perf_counter()
         for _ in range(rounds):
-            _op_mix(x)
+            op_mix(x)
         return (time.perf_counter() - t0) / rounds
 
     burst()  # warm-up: first touch of the activations, the allocator's caches
@@ -303,7 +294,7 @@ def measure_dispatch() -> tuple[float, Curve]:
     counts = []
     for x in inputs:
         with OpCounter() as counter:
-            _op_mix(x.to("meta"))
+            op_mix(x.to("meta"))
         counts.append(counter)
     bursts = [_timed_mix(x) for x in inputs]
     # The sizes take turns, so a drift of the machine's speed (10-40 % over a minute on a shared VM) reaches

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from residency.device.bench_inputs import measured_formats, packed_sample
+from residency.device.bench_inputs import measured_formats, op_mix, packed_sample
 from residency.device.profile import COMPUTE_DTYPES, Curve, DeviceProfile, Provenance
 from residency.device.timing import ProgressFn, Steps, Timing, overlap_fraction, summarize
 from residency.formats import get_format
@@ -36,12 +36,17 @@ class GpuPlan:
     dequant_repeats: int
     overlap_copy_bytes: int
     overlap_repeats: int
+    matmul_small_dim: int = 256  # a second, small weight: small matrices leave much of a GPU idle
 
 
 QUICK = GpuPlan((64 * KIB, MIB, 16 * MIB, 64 * MIB), 5, 128 * MIB, 2048, (16, 256, 4096), 5,
                 (1024, 4096), 5, 64 * MIB, 3)
 FULL = GpuPlan((64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB), 15, 512 * MIB, 4096,
                (16, 64, 256, 512, 4096), 15, (4096, 4096), 15, 256 * MIB, 7)
+
+
+SMALL_STEP = "matmul, small weights"
+GPU_SMALL_DTYPES = ("bf16", "fp16")  # what GPUs compute in
 
 
 def time_events(fn, repeats: int, stream: torch.cuda.Stream, warmup: int = 1) -> Timing:
@@ -116,8 +121,9 @@ def measure_memcpy_gbps(dev: torch.device, stream: torch.cuda.Stream, plan: GpuP
     return 2 * plan.memcpy_bytes / t.median_s / 1e9  # bytes read plus bytes written
 
 
-def measure_matmul(dev: torch.device, stream: torch.cuda.Stream, dtype: str, plan: GpuPlan) -> Curve:
-    dim, tdtype = plan.matmul_dim, TORCH_DTYPES[dtype]
+def measure_matmul(dev: torch.device, stream: torch.cuda.Stream, dtype: str, plan: GpuPlan,
+                   dim: int | None = None) -> Curve:
+    dim, tdtype = dim or plan.matmul_dim, TORCH_DTYPES[dtype]
     w = torch.randn(dim, dim, device=dev, dtype=tdtype)
     xs, ys, spread = [], [], []
     for rows in plan.matmul_rows:
@@ -178,6 +184,31 @@ def measure_overlap(dev: torch.device, side: torch.cuda.Stream, plan: GpuPlan) -
     return overlap_fraction(*med)
 
 
+# Activation sizes of the mix: 4 k to 16 M elements a tensor (a 16-token frame up to Flux's 4096 × 3072), the
+# size classes of residency.workload.op_count.
+_MIX_TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536)
+_MIX_CHANNELS = 256
+
+
+def measure_elementwise(dev: torch.device, stream: torch.cuda.Stream, plan: GpuPlan) -> Curve:
+    """1e9 activation elements/s of the non-matmul op mix in bf16 over the size class of its tensors:
+    device time between CUDA events (the host's launch time is the launch-overhead figure's), elements
+    counted on the meta device as a workload's blocks are. Small tensors run at kernel latency, not at
+    the memory bandwidth: that is the point of measuring them."""
+    from residency.workload.op_count import OpCounter
+
+    classes, rates = [], []
+    for tokens in _MIX_TOKENS:
+        x = torch.randn(1, tokens, _MIX_CHANNELS, device=dev, dtype=torch.bfloat16)
+        with OpCounter() as counter:
+            op_mix(x.to("meta"))
+        t = time_events(lambda x=x: op_mix(x), plan.matmul_repeats, stream, warmup=2)
+        classes.append(float(max(counter.elements_by_size, key=counter.elements_by_size.get)))
+        rates.append(counter.elements / t.median_s / 1e9)
+        del x
+    return Curve(tuple(classes), tuple(rates))
+
+
 def measure_launch_us(dev: torch.device) -> float:
     """Host-side cost per tiny kernel: 1000 in-place adds on one element, then one synchronize."""
     a = torch.zeros(1, device=dev)
@@ -199,7 +230,7 @@ def measure(index: int, quick: bool, progress: ProgressFn | None = None, source:
     source = source or f"residency profile --device cuda:{index}{' --quick' if quick else ''}"
     hip = getattr(torch.version, "hip", None) or ""
     formats = measured_formats()
-    step = Steps(formats, COMPUTE_DTYPES, progress)
+    step = Steps(formats, COMPUTE_DTYPES, progress, matmul_extra=(SMALL_STEP,))
 
     with torch.cuda.device(dev):
         step("memory")
@@ -215,6 +246,8 @@ def measure(index: int, quick: bool, progress: ProgressFn | None = None, source:
         for d in COMPUTE_DTYPES:
             step(f"matmul {d}")
             matmul[d] = measure_matmul(dev, compute, d, plan)
+        step(SMALL_STEP)
+        small = {d: measure_matmul(dev, compute, d, plan, plan.matmul_small_dim) for d in GPU_SMALL_DTYPES}
         dequant = {}
         for f in formats:
             step(f"dequant {f}")
@@ -223,6 +256,7 @@ def measure(index: int, quick: bool, progress: ProgressFn | None = None, source:
         overlap = measure_overlap(dev, side, plan)
         step("launch overhead")
         launch_us = measure_launch_us(dev)
+        elementwise = measure_elementwise(dev, compute, plan)
         torch.cuda.empty_cache()
     step.finish()
 
@@ -238,6 +272,10 @@ def measure(index: int, quick: bool, progress: ProgressFn | None = None, source:
         "dequant_gweights_per_s": measured(f"unpack of a {rows}×{cols} matrix into bf16 on the device"),
         "copy_compute_overlap": measured("side-stream h2d copy alone, bf16 matmul loop alone, both at once"),
         "launch_overhead_us": measured("1000 in-place adds on a 1-element tensor"),
+        "matmul_small_tflops": measured(f"as matmul_tflops, with {plan.matmul_small_dim}² weights, "
+                                        f"{' and '.join(GPU_SMALL_DTYPES)}"),
+        "elementwise_gelems_per_s": measured("a norm/elementwise/softmax mix in bf16 on 4 k to 16 M-element "
+                                             "tensors, CUDA events; elements counted on the meta device"),
     }
     return DeviceProfile(
         name=props.name,
@@ -259,4 +297,8 @@ def measure(index: int, quick: bool, progress: ProgressFn | None = None, source:
         launch_overhead_us=launch_us,
         compute_threads=0,
         provenance=provenance,
+        matmul_weight_dim=plan.matmul_dim,
+        matmul_small_tflops=small,
+        matmul_small_weight_dim=plan.matmul_small_dim,
+        elementwise_gelems_per_s=elementwise,
     )
