@@ -113,12 +113,16 @@ class Recorder:
         stall_s = rows[:, T_READY] - rows[:, T_START]
         dq_s = rows[:, T_DEQUANT] - rows[:, T_READY]
         comp_s = rows[:, T_END] - rows[:, T_DEQUANT]
-        blocks = []
-        for b in np.unique(rows[:, BLOCK]).astype(int):
-            m = rows[:, BLOCK] == b
-            blocks.append(BlockTiming(self.block_names[b], int(m.sum()), float(copy_s[m].sum() * 1e3),
-                                      float((copy_dq_s[m] + dq_s[m]).sum() * 1e3), float(comp_s[m].sum() * 1e3),
-                                      float(stall_s[m].sum() * 1e3), int(rows[m, LINK_BYTES].sum())))
+        # Per-block sums in one pass each (bincount), not a mask per block: this runs on the compute thread at
+        # every frame end, and 17 masked passes took ~0.25 ms of a 42 ms tiny frame.
+        block = rows[:, BLOCK].astype(np.intp)
+        n = len(self.block_names)
+        calls = np.bincount(block, minlength=n)
+        sums = [np.bincount(block, weights=w, minlength=n)
+                for w in (copy_s, copy_dq_s + dq_s, comp_s, stall_s, rows[:, LINK_BYTES])]
+        blocks = [BlockTiming(self.block_names[b], int(calls[b]), float(sums[0][b] * 1e3), float(sums[1][b] * 1e3),
+                              float(sums[2][b] * 1e3), float(sums[3][b] * 1e3), int(sums[4][b]))
+                  for b in np.flatnonzero(calls)]
         start = float(rows[0, T_START])
         end = next_start_s if next_start_s is not None else float(rows[-1, T_END])
         return FrameRecord(
