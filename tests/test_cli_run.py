@@ -15,6 +15,7 @@ from PIL import Image
 from pipelines.world_model.trained import GAME_CONFIG
 from pipelines.world_model.workload import catalog_entry
 from residency.cli import main
+from residency.commands.run_cmd import cached_profile_path
 from residency.device.profile_io import profile_path
 from residency.plan import BlockPlan, Budget, Plan, save_plan
 from residency.workload import workload_from_dict
@@ -28,7 +29,7 @@ def files(tmp_path, monkeypatch):
     # demo plans with this machine's cached profile: seed the cache so no test measures one (~15 s)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     (tmp_path / "cache" / "residency").mkdir(parents=True)
-    shutil.copy(profile_path("rx-7800-xt"), tmp_path / "cache" / "residency" / "profile-cpu.json")
+    shutil.copy(profile_path("rx-7800-xt"), cached_profile_path("cpu"))
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "start.png")
     Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(tmp_path / "small.png")
@@ -100,3 +101,40 @@ def test_bad_input_gives_error_and_hint_and_no_output(files, capsys, argv, code,
     assert "error: " in err and message in err, err
     assert "hint: " in err and "Traceback" not in err
     assert listing(files) == before
+
+
+def test_a_cached_profile_of_an_older_measurement_method_is_not_used(tmp_path, monkeypatch):
+    from residency.commands.run_cmd import cached_profile_path
+    from residency.device.measure import MEASUREMENT_VERSION
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = cached_profile_path("cpu")
+    assert path.parent == tmp_path / "residency"
+    assert path.name == f"profile-cpu-m{MEASUREMENT_VERSION}.json"  # profile-cpu.json of older releases is ignored
+
+
+def test_an_unreadable_cached_profile_is_measured_again(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from residency.commands import run_cmd
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = run_cmd.cached_profile_path("cpu")
+    path.parent.mkdir(parents=True)
+    path.write_text("{ not json")
+    measured = []
+
+    def fake_measure(device, quick, source=None):  # stands in for the ~25 s measurement
+        from residency.device import load_profile
+
+        measured.append(device)
+        return load_profile("rx-7800-xt")
+
+    monkeypatch.setattr("residency.device.measure_profile", fake_measure)
+    console = Console(file=open(tmp_path / "log.txt", "w"), width=200)
+    profile = run_cmd.cached_profile("cpu", console)
+    console.file.close()
+    assert measured == ["cpu"] and profile.name
+    assert "unreadable" in (tmp_path / "log.txt").read_text()
+    assert run_cmd.cached_profile("cpu", Console(file=open(tmp_path / "log2.txt", "w"))).name == profile.name
+    assert measured == ["cpu"]  # the re-measured profile was cached

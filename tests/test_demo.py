@@ -7,6 +7,7 @@ import shutil
 from PIL import Image
 
 from residency.cli import main
+from residency.commands.run_cmd import cached_profile_path
 from residency.dashboard import read_trace
 from residency.device.profile_io import profile_path
 
@@ -14,7 +15,7 @@ from residency.device.profile_io import profile_path
 def test_demo_streams_some_blocks_and_writes_gif_and_trace(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     (tmp_path / "cache" / "residency").mkdir(parents=True)
-    shutil.copy(profile_path("rx-7800-xt"), tmp_path / "cache" / "residency" / "profile-cpu.json")
+    shutil.copy(profile_path("rx-7800-xt"), cached_profile_path("cpu"))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     assert main(["demo", "--frames", "5", "-o", str(out_dir)]) == 0

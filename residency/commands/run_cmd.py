@@ -140,13 +140,23 @@ def cache_dir() -> Path:
     return Path(base) / "residency"
 
 
+def cached_profile_path(kind: str) -> Path:
+    """Named by the measurement method's version: an upgrade that measures differently measures again."""
+    from residency.device.measure import MEASUREMENT_VERSION
+
+    return cache_dir() / f"profile-{kind}-m{MEASUREMENT_VERSION}.json"
+
+
 def cached_profile(kind: str, console):
     """This machine's profile: read from the cache, or measured in quick mode (~15 s on 2 cores) and cached."""
     from residency.device import load_profile, measure_profile, save_profile
 
-    path = cache_dir() / f"profile-{kind}.json"
+    path = cached_profile_path(kind)
     if path.is_file():
-        return load_profile(path)
+        try:
+            return load_profile(path)
+        except ResidencyError as e:  # a damaged cache costs a re-measure, not the run
+            console.print(f"[yellow]the cached profile is unreadable ({e.message}); measuring again[/yellow]")
     console.print(f"measuring this machine's {kind} profile once (quick mode, ~15 s); cached in {path}")
     profile = measure_profile("cuda:0" if kind == "cuda" else "cpu", quick=True,
                               source=f"residency (cached profile, quick) on {kind}")

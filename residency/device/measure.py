@@ -11,6 +11,11 @@ from residency.device.profile import DeviceProfile
 from residency.device.timing import ProgressFn
 from residency.errors import ResidencyError, UsageError
 
+# Bumped whenever a measurement method changes (what is timed, or how): a profile cached by an older method is
+# then measured again instead of silently planning with figures the cost model no longer means the same way.
+# 2: cache-cold link and matmul, small-weight matmul curve, elementwise rate by tensor size, per-op dispatch.
+MEASUREMENT_VERSION = 2
+
 
 def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
