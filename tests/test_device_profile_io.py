@@ -209,3 +209,18 @@ def test_bad_refinement_names_the_field(tmp_path, doc, mutate, field, words):
     with pytest.raises(ResidencyError) as e:
         _load_doc(tmp_path, bad)
     assert f"'{field}'" in e.value.message and words in e.value.message
+
+
+def test_fingerprint_ignores_refinements_left_unset_and_sees_set_ones():
+    from dataclasses import replace
+
+    profile = load_profile("rtx-4090")
+    assert replace(profile, matmul_small_tflops={}).fingerprint() == profile.fingerprint()
+    assert replace(profile, elementwise_gelems_per_s=Curve((4096.0,), (1.0,))).fingerprint() != profile.fingerprint()
+
+
+def test_small_weight_dim_round_trips_without_a_curve(doc):
+    doc = copy.deepcopy(doc)
+    doc.update(matmul_weight_dim=1024, matmul_small_weight_dim=256)
+    again = profile_from_dict(profile_to_dict(profile_from_dict(doc, "mem")), "mem")
+    assert again == profile_from_dict(doc, "mem")

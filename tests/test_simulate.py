@@ -224,7 +224,7 @@ def test_activation_elements_add_at_the_elementwise_rate_or_the_memory_bandwidth
 
     base = chain_workload(n=2)
     work = replace(base, blocks=tuple(replace(b, activation_elements_per_call=5_000_000) for b in base.blocks))
-    measured = flat_profile(backend="cpu", memory_gbps=100.0)
+    measured = flat_profile(memory_gbps=100.0)  # a GPU: its curve is in bf16, the plan's compute dtype
     # 4 G elements/s for tensors up to 4096 elements, 1 G/s from 65536 on (log-interpolated between)
     measured = replace(measured, elementwise_gelems_per_s=Curve((4096.0, 65536.0), (4.0, 1.0)))
     pred = simulate(work, make_plan(work, measured), measured).prediction
@@ -237,3 +237,25 @@ def test_activation_elements_add_at_the_elementwise_rate_or_the_memory_bandwidth
     gpu = flat_profile(memory_gbps=100.0)  # no measured rate: 2-byte elements at 100 GB/s, 0.1 ms a call
     pred = simulate(work, make_plan(work, gpu), gpu).prediction
     assert pred.frame_ms == pytest.approx(2 * (COMPUTE_MS + 0.1))
+
+
+def test_elementwise_rate_scales_with_batch_and_element_width():
+    from dataclasses import replace
+
+    from residency.device.profile import Curve
+
+    curve = Curve((4096.0, 65536.0), (4.0, 1.0))
+    gpu = replace(flat_profile(), elementwise_gelems_per_s=curve)  # a GPU curve is measured in bf16
+    cpu = replace(flat_profile(backend="cpu"), elementwise_gelems_per_s=curve)  # a CPU curve in fp32
+    assert gpu.elementwise_s(4e9, 2, 4096) == pytest.approx(1.0)
+    assert gpu.elementwise_s(4e9, 4, 4096) > 2.0  # fp32 moves twice the bytes, into a slower (larger) class
+    assert cpu.elementwise_s(4e9, 4, 4096) == pytest.approx(1.0)
+    base = chain_workload(n=1)
+    block = replace(base.blocks[0], activation_elements_per_call=4096, activation_elements_by_size=((4096, 4096),))
+    one = simulate(replace(base, blocks=(block,)), make_plan(replace(base, blocks=(block,)), gpu), gpu)
+    batched_work = replace(base, blocks=(block,), batch=16)
+    batched = simulate(batched_work, make_plan(batched_work, gpu), gpu)  # bf16 plans on the bf16 curve
+    # 16× the elements, each tensor 16× larger: the 65536-element class's rate, 4× slower per element
+    elementwise_one = 4096 / 4e9 * 1e3
+    assert batched.prediction.frame_ms - 16 * COMPUTE_MS == pytest.approx(16 * 4 * elementwise_one)
+    assert one.prediction.frame_ms - COMPUTE_MS == pytest.approx(elementwise_one)

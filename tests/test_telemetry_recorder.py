@@ -26,6 +26,9 @@ def test_frame_summary_sums_each_block_and_the_frame():
     assert frame.compute_ms == pytest.approx(8.0) and frame.stall_ms == pytest.approx(2.0)
     assert frame.frame_ms == pytest.approx(22.0) and frame.link_bytes == 2000
     assert (frame.device_bytes, frame.device_peak_bytes) == (7, 9)
+    # busy times as the simulator counts them: dequant on the side where it ran
+    assert frame.compute_busy_ms == pytest.approx(2 * (2.0 + 3.0) + 2.0)
+    assert frame.copy_busy_ms == pytest.approx(2 * (4.0 + 0.5))
 
 
 def test_an_empty_frame_records_nothing():

@@ -147,8 +147,9 @@ def predicted_vs_measured(snapshot: TelemetrySnapshot) -> Text:
         text.append(f"\n{name:<16} {fmt(measured):>10} {fmt(predicted):>10} {shown:>7}")
 
     row("frame", _median(f.frame_ms for f in frames), predicted_frame)
-    row("compute", _median(f.compute_ms for f in frames), p.compute_ms if p else None)
-    row("copy", _median(f.copy_ms for f in frames), p.copy_ms if p else None)
+    # busy times on both sides (dequant counted where it ran), as the simulator predicts them
+    row("compute stream", _median(f.compute_busy_ms for f in frames), p.compute_ms if p else None)
+    row("copy engine", _median(f.copy_busy_ms for f in frames), p.copy_ms if p else None)
     row("stall", _median(f.stall_ms for f in frames), p.stall_ms if p else None)
     row("link", _median(f.link_bytes for f in frames), p.link_bytes_per_frame if p else None, fmt=size)
     row("device peak", _median(f.device_peak_bytes for f in frames), p.peak_total_bytes if p else None, fmt=size)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from residency.device.bench_inputs import measured_formats, op_mix, packed_sample
+from residency.device.bench_inputs import count_op_mix, measured_formats, op_mix, packed_sample
 from residency.device.host_memory import cpu_reserve_bytes, host_memory
 from residency.device.profile import COMPUTE_DTYPES, LINK_DIRECTIONS, Curve, DeviceProfile, Provenance
 from residency.device.timing import (
@@ -288,14 +288,8 @@ def measure_dispatch() -> tuple[float, Curve]:
     each larger size's remaining time over its elements gives the rate of its class. Ops and elements are
     counted on the meta device by residency.workload.op_count, as a workload's blocks are. Measured here:
     ~2.5 µs per op; ~7 G elements/s while tensors stay in L2, ~2 G from 1 M elements (4 MB) on."""
-    from residency.workload.op_count import OpCounter
-
     inputs = [torch.randn(*_MIX_TINY_SHAPE)] + [torch.randn(1, t, _MIX_CHANNELS) for t in _MIX_TOKENS]
-    counts = []
-    for x in inputs:
-        with OpCounter() as counter:
-            op_mix(x.to("meta"))
-        counts.append(counter)
+    counts = [count_op_mix(tuple(x.shape)) for x in inputs]
     bursts = [_timed_mix(x) for x in inputs]
     # The sizes take turns, so a drift of the machine's speed (10-40 % over a minute on a shared VM) reaches
     # every size alike: measured one size after another, a fit of the two costs swung 2-4 µs per op.

@@ -9,12 +9,14 @@ import bisect
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 BACKENDS = ("cuda", "rocm", "cpu")
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 LINK_DIRECTIONS = ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")
 PROVENANCE_KINDS = ("measured", "datasheet")
+# Refinements a measured profile may add; absent (at their defaults) in datasheet and older profiles.
+OPTIONAL_FIELDS = ("matmul_weight_dim", "matmul_small_tflops", "matmul_small_weight_dim", "elementwise_gelems_per_s")
 
 
 @dataclass(frozen=True)
@@ -114,15 +116,21 @@ class DeviceProfile:
         """Seconds for non-matmul ops to read and write `elements` activation elements whose largest tensor
         is of `size_class` elements (0: unknown, the smallest measured class)."""
         if self.elementwise_gelems_per_s is not None:
-            return elements / (self.elementwise_gelems_per_s.at(max(size_class, 1)) * 1e9)
+            # measured at the backend's own dtype (fp32 on the CPU, bf16 on a GPU): other widths scale with bytes
+            scale = element_bytes / (4 if self.backend == "cpu" else 2)
+            return elements * scale / (self.elementwise_gelems_per_s.at(max(size_class * scale, 1)) * 1e9)
         return elements * element_bytes / (self.device_memory_gbps * 1e9)
 
     def dequant_s(self, weights: int, fmt: str) -> float:
         return weights / (self.dequant_gweights_per_s[fmt] * 1e9)
 
     def fingerprint(self) -> str:
-        """Changes when any number of the profile changes (identity and provenance text excluded)."""
-        doc = {k: v for k, v in asdict(self).items() if k not in ("provenance", "date", "driver")}
+        """Changes when any number of the profile changes (identity and provenance text excluded). Optional
+        fields left at their defaults are left out, so adding one kept every older profile's fingerprint."""
+        defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory()
+                    for f in fields(self) if f.name in OPTIONAL_FIELDS}
+        doc = {k: v for k, v in asdict(self).items()
+               if k not in ("provenance", "date", "driver") and not (k in defaults and v == defaults[k])}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property

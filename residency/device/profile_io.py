@@ -80,8 +80,9 @@ def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
     # The refinements are written only when measured: datasheet profiles stay as they were.
     if profile.matmul_weight_dim:
         doc["matmul_weight_dim"] = profile.matmul_weight_dim
-    if profile.matmul_small_tflops:
+    if profile.matmul_small_weight_dim:
         doc["matmul_small_weight_dim"] = profile.matmul_small_weight_dim
+    if profile.matmul_small_tflops:
         doc["matmul_small_tflops"] = {d: _curve_to_dict(c, MATMUL_AXES) for d, c in profile.matmul_small_tflops.items()}
     if profile.elementwise_gelems_per_s is not None:
         doc["elementwise_gelems_per_s"] = _curve_to_dict(profile.elementwise_gelems_per_s, ELEMENTWISE_AXES)

@@ -77,11 +77,11 @@ def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_f
 
 
 def _elementwise_s(block: BlockSpec, batch: int, element_bytes: int, profile: DeviceProfile) -> float:
-    """The non-matmul ops' activation traffic, each size class at its rate (a batch scales the elements;
-    the size classes are those of batch 1)."""
+    """The non-matmul ops' activation traffic, each size class at its rate (a batch scales the elements and
+    every tensor, so the classes too)."""
     if not block.activation_elements_by_size:
         return profile.elementwise_s(block.activation_elements_per_call * batch, element_bytes)
-    return sum(profile.elementwise_s(n * batch, element_bytes, c) for c, n in block.activation_elements_by_size)
+    return sum(profile.elementwise_s(n * batch, element_bytes, c * batch) for c, n in block.activation_elements_by_size)
 
 
 def _matmul_s(block: BlockSpec, flops: float, rows: int, dtype: str, profile: DeviceProfile) -> float:

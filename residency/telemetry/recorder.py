@@ -45,6 +45,10 @@ class FrameRecord:
     device_peak_bytes: int  # ledger high-water mark so far
     blocks: tuple[BlockTiming, ...]
     predicted_frame_ms: float | None  # the plan's steady-frame prediction, when it has one
+    # busy times as the simulator predicts them: compute stream = dequant on compute + compute; copy engine =
+    # copies + dequant on the copy engine (compute_ms/copy_ms above leave dequant out, dequant_ms has both)
+    compute_busy_ms: float = 0.0
+    copy_busy_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,9 @@ class Recorder:
             dequant_ms=float((copy_dq_s.sum() + dq_s.sum()) * 1e3), stall_ms=float(stall_s.sum() * 1e3),
             link_bytes=int(rows[:, LINK_BYTES].sum()), device_bytes=device_bytes,
             device_peak_bytes=device_peak_bytes, blocks=tuple(blocks),
-            predicted_frame_ms=self.prediction.frame_ms if self.prediction else None)
+            predicted_frame_ms=self.prediction.frame_ms if self.prediction else None,
+            compute_busy_ms=float((dq_s.sum() + comp_s.sum()) * 1e3),
+            copy_busy_ms=float((copy_s.sum() + copy_dq_s.sum()) * 1e3))
 
     def snapshot(self, memory: tuple[tuple[str, int], ...] = ()) -> TelemetrySnapshot:
         return TelemetrySnapshot(tuple(self.frames), tuple(self._resolved), self.block_names, self.prediction, memory)

@@ -31,6 +31,9 @@ def _timed_by_flops(packet) -> bool:
     return packet in flop_registry or name in _FLOP_TIMED or "scaled_dot_product" in name or "attention" in name
 
 
+# Ops that only make a new tensor header over the same memory, though torch does not flag them as views:
+# no kernel, no element traffic (a reshape of a contiguous tensor dispatches _unsafe_view).
+_VIEW_LIKE = {"_unsafe_view", "alias", "detach", "lift_fresh"}
 # Ops that allocate without touching memory: no element traffic.
 _ALLOCATING = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}
 # In-place ops that overwrite their first argument without reading it: it is counted once (as the write),
@@ -69,7 +72,7 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.ops += 1
-        if not func.is_view:
+        if not func.is_view and func.overloadpacket.__name__ not in _VIEW_LIKE:
             self.kernels += 1
             packet = func.overloadpacket
             name = packet.__name__

@@ -213,7 +213,9 @@ class Workload:
             "blocks": [[b.name, b.component, [[n, list(s)] for n, s in b.tensors], b.tokens, b.fixed_flops, b.flops_per_token,
                         b.self_attn_flops_per_token_pair, b.context_attn_flops_per_token_pair,
                         b.context_tokens_per_frame, b.kv_channels_per_token, b.ops_per_call, b.kernels_per_call,
-                        b.activation_elements_per_call, [list(p) for p in b.activation_elements_by_size]]
+                        # the element counts only when counted: uncounted workloads keep their fingerprints
+                        *([b.activation_elements_per_call, [list(p) for p in b.activation_elements_by_size]]
+                          if b.activation_elements_per_call else [])]
                        for b in self.blocks],
             "phases": [[ph.name, ph.per, [[list(p.blocks), p.per_step, p.kv] for p in ph.passes]] for ph in self.phases],
             "params": [self.steps, self.context_frames, self.batch],
