@@ -148,7 +148,7 @@ def cached_profile_path(kind: str) -> Path:
 
 
 def cached_profile(kind: str, console):
-    """This machine's profile: read from the cache, or measured in quick mode (~15 s on 2 cores) and cached."""
+    """This machine's profile: read from the cache, or measured in quick mode (~25 s on 2 cores) and cached."""
     from residency.device import load_profile, measure_profile, save_profile
 
     path = cached_profile_path(kind)
@@ -157,7 +157,7 @@ def cached_profile(kind: str, console):
             return load_profile(path)
         except ResidencyError as e:  # a damaged cache costs a re-measure, not the run
             console.print(f"[yellow]the cached profile is unreadable ({e.message}); measuring again[/yellow]")
-    console.print(f"measuring this machine's {kind} profile once (quick mode, ~15 s); cached in {path}")
+    console.print(f"measuring this machine's {kind} profile once (quick mode, ~25 s); cached in {path}")
     profile = measure_profile("cuda:0" if kind == "cuda" else "cpu", quick=True,
                               source=f"residency (cached profile, quick) on {kind}")
     try:

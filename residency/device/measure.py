@@ -14,7 +14,8 @@ from residency.errors import ResidencyError, UsageError
 # Bumped whenever a measurement method changes (what is timed, or how): a profile cached by an older method is
 # then measured again instead of silently planning with figures the cost model no longer means the same way.
 # 2: cache-cold link and matmul, small-weight matmul curve, elementwise rate by tensor size, per-op dispatch.
-MEASUREMENT_VERSION = 2
+# 3: the op mix counted without its own .to("meta") copy.
+MEASUREMENT_VERSION = 3
 
 
 def default_device() -> str:
