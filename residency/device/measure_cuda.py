@@ -49,8 +49,12 @@ SMALL_STEP = "matmul, small weights"
 GPU_SMALL_DTYPES = ("bf16", "fp16")  # what GPUs compute in
 
 
-def time_events(fn, repeats: int, stream: torch.cuda.Stream, warmup: int = 1) -> Timing:
-    """Seconds per call of `fn` enqueued on `stream`, between two CUDA events (device time, not host)."""
+def time_events(fn, repeats: int, stream: torch.cuda.Stream, warmup: int = 1, cover=None) -> Timing:
+    """Seconds per call of `fn` enqueued on `stream`, between two CUDA events (device time, not host).
+
+    `cover` (a long kernel) is queued before each start event when given: the host has then launched all of
+    `fn` before the device reaches it, so a mix of 10 µs kernels runs back to back instead of at the host's
+    launch rate."""
     with torch.cuda.stream(stream):
         for _ in range(warmup):
             fn()
@@ -59,6 +63,8 @@ def time_events(fn, repeats: int, stream: torch.cuda.Stream, warmup: int = 1) ->
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
+            if cover is not None:
+                cover()
             start.record(stream)
             fn()
             end.record(stream)
@@ -190,24 +196,6 @@ _MIX_TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536)
 _MIX_CHANNELS = 256
 
 
-def time_device_only(fn, repeats: int, stream: torch.cuda.Stream, cover) -> Timing:
-    """Device seconds of `fn` without the host's launch gaps: `cover` (a long kernel) is queued first, so
-    the host has launched all of `fn` before the device reaches the start event and the kernels run back
-    to back. (Timed plainly, a mix of 10 µs kernels measures the host's launch rate instead.)"""
-    samples = []
-    with torch.cuda.stream(stream):
-        fn()  # warm-up
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            cover()
-            start.record(stream)
-            fn()
-            end.record(stream)
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e-3)
-    return summarize(samples)
-
-
 def measure_elementwise(dev: torch.device, stream: torch.cuda.Stream, plan: GpuPlan) -> Curve:
     """1e9 activation elements/s of the non-matmul op mix in bf16 over the size class of its tensors:
     device time (the host's launch time is the launch-overhead figure's, and the cost model takes the larger
@@ -224,7 +212,7 @@ def measure_elementwise(dev: torch.device, stream: torch.cuda.Stream, plan: GpuP
     for tokens in _MIX_TOKENS:
         x = torch.randn(1, tokens, _MIX_CHANNELS, device=dev, dtype=torch.bfloat16)
         counter = count_op_mix(tuple(x.shape), torch.bfloat16)
-        t = time_device_only(lambda x=x: op_mix(x), plan.matmul_repeats, stream, cover)
+        t = time_events(lambda x=x: op_mix(x), plan.matmul_repeats, stream, cover=cover)
         classes.append(float(max(counter.elements_by_size, key=counter.elements_by_size.get)))
         rates.append(counter.elements / t.median_s / 1e9)
         del x
