@@ -51,10 +51,10 @@ class BlockSpec:
 
     @cached_property
     def matrix_elements(self) -> tuple[int, ...]:
-        """Elements of each weight matrix (≥ 2-D tensor; a conv kernel counts whole): a matmul's FLOPs at a
-        given row count are proportional to them, and its rate on a CPU depends on them (small matrices
-        run slower, their DRAM fetch being latency-bound)."""
-        return tuple(math.prod(s) for _, s in self.tensors if len(s) >= 2)
+        """Elements of each weight matrix (two or more dims above 1, so a (384, 1, 1, 1) norm scale is a vector;
+        a conv kernel counts whole): a matmul's FLOPs at a given row count are proportional to them, and its
+        rate on a CPU depends on them (small matrices run slower, their DRAM fetch being latency-bound)."""
+        return tuple(math.prod(s) for _, s in self.tensors if sum(d > 1 for d in s) >= 2)
 
     @cached_property
     def params(self) -> int:
