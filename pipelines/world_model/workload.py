@@ -95,7 +95,11 @@ def _dit_entries(c: WorldModelConfig, pipe: WorldModelPipeline) -> list[dict]:
     return out
 
 
-@torch.no_grad()  # inference, as a session runs: autograd would add alias/detach ops to every count
+# no_grad: autograd would add alias/detach ops to every count. Not inference_mode, although sessions run under
+# it: there composite ops (linear, attention) reach the counter whole — tiny's DiT block dispatches 63 aten
+# ops that way against 138 here — and the per-op cost the profile measures then has no term for the blocks'
+# Python (19 module calls and their forward bodies), which the larger count stands in for.
+@torch.no_grad()
 def catalog_entry(name_or_config: str | WorldModelConfig) -> dict[str, Any]:
     """The catalog document of a world-model config (JSON-ready)."""
     c = get_config(name_or_config)
