@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -95,13 +95,13 @@ def render(cells: list[dict], console: Console) -> None:
 
 def summarize(cells: list[dict]) -> dict:
     streamed = [c["speedup_vs_best_peer"] for c in cells if c["must_stream"] and c["speedup_vs_best_peer"]]
-    geo = math.exp(sum(math.log(s) for s in streamed) / len(streamed)) if streamed else None
+    geo = statistics.geometric_mean(streamed) if streamed else None
     # What a plan at the lower bound in every one of those cells would score: best peer ÷ bound. The speedup
     # target cannot be beaten by more than this whatever the planner does (a peer already near the bound
     # leaves nothing to win).
-    ceiling_logs = [math.log(c["speedup_vs_best_peer"] * c["ours_over_bound"]) for c in cells
-                    if c["must_stream"] and c["speedup_vs_best_peer"] and c["ours_over_bound"]]
-    ceiling = math.exp(sum(ceiling_logs) / len(ceiling_logs)) if ceiling_logs else None
+    at_bound = [c["speedup_vs_best_peer"] * c["ours_over_bound"] for c in cells
+                if c["must_stream"] and c["speedup_vs_best_peer"] and c["ours_over_bound"]]
+    ceiling = statistics.geometric_mean(at_bound) if at_bound else None
     bounds = [c["ours_over_bound"] for c in cells if c["ours_over_bound"]]
     return {
         "cells": len(cells),

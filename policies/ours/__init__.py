@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from policies.base import PlanRequest, build_plan, fits_memory
 from policies.ours.gap import gap_statement
-from policies.ours.milp import Problem, Solution, solve
+from policies.ours.milp import Problem, Solution, solve, solve_limit_for
 from policies.ours.options import BlockClass, block_classes
 from residency.plan import BlockPlan, Execution, Plan
 from residency.simulate import lower_bound_s
@@ -86,8 +86,7 @@ def _search(req: PlanRequest, kv_dtype: str, depth: int, deadline: float = float
     execution = Execution(prefetch_depth=depth)
     classes = block_classes(req.workload, req, execution, kv_dtype)
     base = Problem(classes, execution.slots, req.profile.copy_compute_overlap, fixed_bytes(req, kv_dtype),
-                   req.budget.vram_bytes, None, "time",
-                   solve_limit_s=None if deadline == float("inf") else Problem.solve_limit_s)
+                   req.budget.vram_bytes, None, "time", solve_limit_s=solve_limit_for(req.options))
     plans = []
     fastest = solve(base)
     if fastest is None:

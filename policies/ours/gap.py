@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from policies.base import PlanRequest, build_plan, fits_memory
-from policies.ours.milp import Problem, solve
+from policies.ours.milp import Problem, solve, solve_limit_for
 from policies.ours.options import block_classes
 from residency.plan import Budget, Execution, Plan
 from residency.units import fmt_bytes
@@ -24,10 +24,8 @@ def _solve_plan(req: PlanRequest, kv_dtype: str, problem_kw: dict, formats=None,
     if formats:  # restrict every frame block to the given formats (fallback vectors stay BF16)
         classes = [replace(c, options=tuple(o for o in c.options if o.format in formats) or c.options)
                    for c in classes]
-    # A plan request without a search budget asks for deterministic planning: no wall-time cap on a solve.
-    limit = None if "search_budget_s" in req.options and req.options["search_budget_s"] is None else Problem.solve_limit_s
     problem = Problem(classes, execution.slots, req.profile.copy_compute_overlap, fixed_bytes(req, kv_dtype),
-                      solve_limit_s=limit, **problem_kw)
+                      solve_limit_s=solve_limit_for(req.options), **problem_kw)
     sol = solve(problem)
     if sol is None:
         return None

@@ -31,6 +31,9 @@ def measured_formats() -> list[str]:
     return list(FORMATS)
 
 
+MIX_CHANNELS = 256  # the op mix's activations: (1, tokens, MIX_CHANNELS), tokens setting the size class
+
+
 def op_mix(x: torch.Tensor) -> torch.Tensor:
     """The non-matmul ops of a block: norm, scale-and-shift, activations, a head split and a softmax.
     x: (batch, tokens, channels) with channels divisible by 4."""

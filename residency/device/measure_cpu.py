@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from residency.device.bench_inputs import count_op_mix, measured_formats, op_mix, packed_sample
+from residency.device.bench_inputs import MIX_CHANNELS, count_op_mix, measured_formats, op_mix, packed_sample
 from residency.device.host_memory import cpu_reserve_bytes, host_memory
 from residency.device.profile import COMPUTE_DTYPES, LINK_DIRECTIONS, Curve, DeviceProfile, Provenance
 from residency.device.timing import (
@@ -264,7 +264,6 @@ def measure_overlap(engine: CopyThread, plan: CpuPlan) -> float:
 # Activation sizes of the mix: a 16-token frame of 256 channels (4 k elements a tensor) up to 1 M elements, the
 # size classes of residency.workload.op_count; the dispatch cost is timed on a 256-element tensor.
 _MIX_TOKENS = (16, 64, 256, 1024, 4096)
-_MIX_CHANNELS = 256
 _MIX_TINY_SHAPE = (1, 4, 64)
 _MIX_REPEATS = 9
 
@@ -288,7 +287,7 @@ def measure_dispatch() -> tuple[float, Curve]:
     each larger size's remaining time over its elements gives the rate of its class. Ops and elements are
     counted on the meta device by residency.workload.op_count, as a workload's blocks are. Measured here:
     ~2.5 µs per op; ~7 G elements/s while tensors stay in L2, ~2 G from 1 M elements (4 MB) on."""
-    inputs = [torch.randn(*_MIX_TINY_SHAPE)] + [torch.randn(1, t, _MIX_CHANNELS) for t in _MIX_TOKENS]
+    inputs = [torch.randn(*_MIX_TINY_SHAPE)] + [torch.randn(1, t, MIX_CHANNELS) for t in _MIX_TOKENS]
     counts = [count_op_mix(tuple(x.shape)) for x in inputs]
     bursts = [_timed_mix(x) for x in inputs]
     # The sizes take turns, so a drift of the machine's speed (10-40 % over a minute on a shared VM) reaches
@@ -298,9 +297,8 @@ def measure_dispatch() -> tuple[float, Curve]:
     per_op_s = seconds[0] / counts[0].ops
     classes, rates = [], []
     for c, t in zip(counts[1:], seconds[1:], strict=True):
-        size_class = max(c.elements_by_size, key=c.elements_by_size.get)
         element_s = max(t - c.ops * per_op_s, 0.1 * t)  # a noisy dispatch figure must not zero the rest
-        classes.append(float(size_class))
+        classes.append(float(c.main_size_class))
         rates.append(c.elements / element_s / 1e9)
     return per_op_s * 1e6, Curve(tuple(classes), tuple(rates))
 

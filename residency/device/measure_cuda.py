@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from residency.device.bench_inputs import count_op_mix, measured_formats, op_mix, packed_sample
+from residency.device.bench_inputs import MIX_CHANNELS, count_op_mix, measured_formats, op_mix, packed_sample
 from residency.device.profile import COMPUTE_DTYPES, Curve, DeviceProfile, Provenance
 from residency.device.timing import ProgressFn, Steps, Timing, overlap_fraction, summarize
 from residency.formats import get_format
@@ -193,7 +193,6 @@ def measure_overlap(dev: torch.device, side: torch.cuda.Stream, plan: GpuPlan) -
 # Activation sizes of the mix: 4 k to 16 M elements a tensor (a 16-token frame up to Flux's 4096 × 3072), the
 # size classes of residency.workload.op_count.
 _MIX_TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536)
-_MIX_CHANNELS = 256
 
 
 def measure_elementwise(dev: torch.device, stream: torch.cuda.Stream, plan: GpuPlan) -> Curve:
@@ -210,10 +209,10 @@ def measure_elementwise(dev: torch.device, stream: torch.cuda.Stream, plan: GpuP
 
     classes, rates = [], []
     for tokens in _MIX_TOKENS:
-        x = torch.randn(1, tokens, _MIX_CHANNELS, device=dev, dtype=torch.bfloat16)
+        x = torch.randn(1, tokens, MIX_CHANNELS, device=dev, dtype=torch.bfloat16)
         counter = count_op_mix(tuple(x.shape), torch.bfloat16)
         t = time_events(lambda x=x: op_mix(x), plan.matmul_repeats, stream, cover=cover)
-        classes.append(float(max(counter.elements_by_size, key=counter.elements_by_size.get)))
+        classes.append(float(counter.main_size_class))
         rates.append(counter.elements / t.median_s / 1e9)
         del x
     return Curve(tuple(classes), tuple(rates))

@@ -17,6 +17,7 @@ from residency.device.profile import (
     BACKENDS,
     COMPUTE_DTYPES,
     LINK_DIRECTIONS,
+    OPTIONAL_FIELDS,
     PROVENANCE_KINDS,
     Curve,
     DeviceProfile,
@@ -56,7 +57,7 @@ _STRINGS = ("name", "vendor", "backend", "torch_version", "cuda_version", "hip_v
 _MEMORY = ("memory_total_bytes", "memory_reserve_bytes", "memory_usable_bytes")
 _TOP_KEYS = ("schema_version", *_STRINGS, *_MEMORY, "link", "device_memory_gbps", "matmul_tflops",
              "dequant_gweights_per_s", "copy_compute_overlap", "launch_overhead_us", "compute_threads", "provenance",
-             "matmul_weight_dim", "matmul_small_weight_dim", "matmul_small_tflops", "elementwise_gelems_per_s")
+             *OPTIONAL_FIELDS)
 _FIX_HINT = "re-create it with `residency profile -o`, or fix the field by hand"
 
 
@@ -228,17 +229,15 @@ def profile_from_dict(data: Any, source: str) -> DeviceProfile:
     overlap = r.number(r.get(data, "copy_compute_overlap"), "copy_compute_overlap", "fraction 0..1", strict=False)
     if overlap > 1.0:
         raise r.fail("copy_compute_overlap", f"= {overlap!r}: must lie in [0, 1] (a fraction of the copy hidden)")
+    refinements = _refinements(r, data)
     prov_doc = r.obj(r.get(data, "provenance"), "provenance")
-    for key in PROVENANCE_FIELDS:
+    # the refinements present need a provenance too (their dims are labels, not figures)
+    present = tuple(k for k in ("matmul_small_tflops", "elementwise_gelems_per_s") if refinements[k])
+    for key in PROVENANCE_FIELDS + present:
         if key not in prov_doc:
             raise r.fail(f"provenance.{key}", "is missing: every number must say where it came from",
                          hint="add {\"kind\": \"measured\"|\"datasheet\", \"source\": …, \"derating\": …}")
     provenance = {k: r.provenance(v, f"provenance.{k}") for k, v in prov_doc.items()}
-    refinements = _refinements(r, data)
-    for key in ("matmul_small_tflops", "elementwise_gelems_per_s"):
-        if refinements[key] and key not in prov_doc:
-            raise r.fail(f"provenance.{key}", "is missing: every number must say where it came from",
-                         hint="add {\"kind\": \"measured\"|\"datasheet\", \"source\": …, \"derating\": …}")
     return DeviceProfile(
         **strings,
         memory_total_bytes=int(total),

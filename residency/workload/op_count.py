@@ -85,6 +85,11 @@ class OpCounter(TorchDispatchMode):
                     self.elements_by_size[c] = self.elements_by_size.get(c, 0) + n
         return out
 
+    @property
+    def main_size_class(self) -> int:
+        """The size class that holds most of the counted elements (a measured mix is filed under it)."""
+        return max(self.elements_by_size, key=self.elements_by_size.get)
+
     def counts(self) -> dict[str, object]:
         """The catalog's per-call fields."""
         return {"ops_per_call": self.ops, "kernels_per_call": self.kernels,
