@@ -13,6 +13,7 @@ from policies.base import PlanRequest, build_plan, fits_memory
 from policies.ours.gap import gap_statement
 from policies.ours.milp import Problem, Solution, solve, solve_limit_for
 from policies.ours.options import BlockClass, block_classes
+from policies.ours.pinning import pin_small_streamed
 from residency.plan import BlockPlan, Execution, Plan
 from residency.simulate import lower_bound_s
 from residency.simulate.memory import GPU_WORKSPACE_BYTES
@@ -154,11 +155,23 @@ def plan(req: PlanRequest) -> Plan:
     for peer in _peers(req):  # ours could always pick a peer's plan: never do worse than one that fits
         if fits_memory(peer) and _better(best, peer, req.budget.frame_ms):
             best, adopted = peer, peer.policy
+    pin_note = None
+    if best is not None:
+        repaired = pin_small_streamed(req, best, lambda a, b: _better(a, b, req.budget.frame_ms))
+        if repaired is not best:
+            kept = sum(a.placement == "streamed" and b.placement != "streamed"
+                       for a, b in zip(best.blocks, repaired.blocks, strict=True))
+            pin_note = (f"{kept} small streamed block(s) kept resident instead: the prefetch ring stalled "
+                        f"behind them ({best.prediction.stall_ms:.1f} → {repaired.prediction.stall_ms:.1f} ms "
+                        "stall per frame)")
+            best = repaired
     if best is None:  # no plan fits: show the one that needs the least memory, and how much that is
         best = least_memory_plan(req, kv_dtype)
     notes = list(best.notes) + ([kv_note] if kv_note and not adopted else [])
     if adopted:
         notes.append(f"the placement of the {adopted} policy scored best; adopted")
+    if pin_note:
+        notes.append(pin_note)
     best = replace(best, policy="ours", notes=tuple(notes))
     # Candidates were scored without the lower bound (an LP each): compute it once, for the plan returned.
     bound_ms = lower_bound_s(final_req.workload, best, final_req.profile) * 1e3

@@ -1,0 +1,51 @@
+"""Repair: keep the smallest streamed blocks on the device when the ring stalls behind them.
+
+The MILP prices a streamed block as max(copy, compute) of its own, but a ring of depth d prefetches d
+calls ahead, not d bytes ahead: a run of small streamed blocks (VAE layers, embeddings) before a large
+one leaves the large one's copy only the small blocks' compute to hide under, and compute stalls. The
+simulator sees it; this move tries the cure it suggests. Blocks at or under a size threshold leave the
+ring (same format: resident unpacked when that fits, else resident-quantized), for each threshold
+from the smallest streamed block up; the simulator scores every variant, the best is kept. Cost: one
+simulation per distinct streamed size that fits (~5-10 ms each for catalog models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from policies.base import PlanRequest, build_plan, fits_memory, weights_format
+from residency.plan import BlockPlan, Plan
+
+
+def _pinned(bp: BlockPlan, packed: bool) -> BlockPlan:
+    """The block kept on the device in its plan's format: unpacked once at load, or packed and dequantized
+    per call (`packed`; a block already in its compute dtype's format is the same either way)."""
+    placement = "resident-quantized" if packed and bp.format != weights_format(bp.compute_dtype) else "resident"
+    return BlockPlan(bp.name, placement, bp.format, bp.compute_dtype, "session", "compute")
+
+
+def pin_small_streamed(req: PlanRequest, plan: Plan, better: Callable[[Plan, Plan], bool]) -> Plan:
+    """The best of `plan` and its variants with the streamed blocks ≤ each size threshold kept resident."""
+    w = req.workload
+    frame_streamed = [bp for bp in plan.blocks if bp.placement == "streamed" and w.calls_per_frame(bp.name)]
+    if len(frame_streamed) < 2 or not fits_memory(plan):
+        return plan
+    size = {bp.name: w.by_name[bp.name].nbytes(bp.format) for bp in frame_streamed}
+    best = plan
+    for threshold in sorted(set(size.values()))[:-1]:  # leave at least the largest blocks streamed
+        chosen, tried = None, []
+        for packed in (False, True):
+            blocks = [_pinned(bp, packed) if size.get(bp.name, threshold + 1) <= threshold else bp
+                      for bp in plan.blocks]
+            if blocks in tried:
+                continue  # every pinned block is in its compute dtype's format: packed is the same plan
+            tried.append(blocks)
+            candidate = build_plan(req, plan.policy, blocks, plan.execution, notes=plan.notes, kv_dtype=plan.kv_dtype)
+            if fits_memory(candidate):
+                chosen = candidate
+                break
+        if chosen is None:
+            break  # a larger threshold pins more bytes: it cannot fit either
+        if better(best, chosen):
+            best = chosen
+    return best
