@@ -16,7 +16,8 @@ def test_frame_summary_sums_each_block_and_the_frame():
         r.record(1, 0, t, t + 0.001, t + 0.003, t + 0.006, (t - 0.005, t - 0.001, t - 0.0005), 1000)
     # block c once, resident: no copy, 2 ms of compute; block b never runs this frame
     r.record(1, 2, 0.020, 0.020, 0.020, 0.022, None, 0)
-    frame = r.end_frame(_identity, device_bytes=7, device_peak_bytes=9)
+    r.end_frame(_identity, device_bytes=7, device_peak_bytes=9)
+    (frame,) = r.frames
     by_name = {b.block: b for b in frame.blocks}
     assert set(by_name) == {"a", "c"}
     a = by_name["a"]
@@ -33,5 +34,5 @@ def test_frame_summary_sums_each_block_and_the_frame():
 
 def test_an_empty_frame_records_nothing():
     r = Recorder(["a"], None)
-    assert r.end_frame(_identity, 0, 0) is None
+    r.end_frame(_identity, 0, 0)
     assert not r.frames

@@ -31,10 +31,20 @@ from residency.workload import workload_from_dict  # noqa: E402
 # dim 768 × depth 6: 6 DiT blocks of ~52 MB in F32, 331 MB of weights — copies take real time here.
 BIG = get_config("tiny").replace(name="bench-330m", dim=768, depth=6, heads=6)
 TARGETS = {"overlap": 1.15, "prediction": 0.15, "overhead": 0.03}
+JUDGED = ("resident", "streamed", "streamed-Q8_0")  # the prediction target's plans; the others are contrast
 
 
-def _plan(w, placement: str, fmt: str = "F32", copy_mode: str = "async", depth: int = 1) -> Plan:
-    blocks = tuple(BlockPlan(b.name, placement, fmt, "fp32") for b in w.blocks)
+def _streams(name: str, only_stack: bool) -> bool:
+    """The DiT's repeated blocks hold the weights (94 % of bench-330m's bytes): they stream. The small
+    ones around them stay resident, as our planner places them (a depth-1 ring stalls when a run of small
+    streamed blocks precedes a big one: policies/ours/pinning.py); `streamed-all` streams them too."""
+    return not only_stack or name.startswith("dit.blocks.")
+
+
+def _plan(w, placement: str, fmt: str = "F32", copy_mode: str = "async", depth: int = 1,
+          only_stack: bool = True) -> Plan:
+    blocks = tuple(BlockPlan(b.name, placement, fmt, "fp32") if _streams(b.name, only_stack)
+                   else BlockPlan(b.name, "resident", "F32", "fp32") for b in w.blocks)
     return Plan(model=w.name, workload_fingerprint=w.fingerprint(), profile="cpu", profile_fingerprint="-",
                 policy="bench", budget=Budget(2**34), blocks=blocks,
                 execution=Execution(copy_mode=copy_mode, prefetch_depth=depth), steps=w.steps,
@@ -88,7 +98,8 @@ def bench_model(config, profile, frames: int, warmup: int, rounds: int, console:
     threads = max(1, profile.compute_threads or 1)
     cases = {"resident": _plan(w, "resident"), "streamed": _plan(w, "streamed"),
              "streamed-sync": _plan(w, "streamed", copy_mode="sync"),
-             "streamed-Q8_0": _plan(w, "streamed", "Q8_0")}
+             "streamed-Q8_0": _plan(w, "streamed", "Q8_0"),
+             "streamed-all": _plan(w, "streamed", only_stack=False)}
     plain_rounds: list[float] = []
     case_rounds: dict[str, list[dict]] = {label: [] for label in cases}
     peaks: dict[str, int] = {}
@@ -202,10 +213,9 @@ def main() -> int:
         "pass": {
             "overlap": all(r["overlap_ratio"] <= TARGETS["overlap"] for r in results),
             "prediction": all(abs(x["error"]) <= TARGETS["prediction"] for r in results
-                              for k, x in r["rows"].items() if k != "streamed-sync"),
+                              for k, x in r["rows"].items() if k in JUDGED),
             "prediction_same_minute_profile": all(abs(x["error_same_round"]) <= TARGETS["prediction"]
-                                                  for r in results for k, x in r["rows"].items()
-                                                  if k != "streamed-sync"),
+                                                  for r in results for k, x in r["rows"].items() if k in JUDGED),
             "overhead": all(r["overhead"] <= TARGETS["overhead"] for r in results),
         },
     }
