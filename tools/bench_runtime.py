@@ -66,21 +66,37 @@ def _median_of(rounds: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rounds)
 
 
-def paired_overhead(pipe, plan: Plan, w, image, threads: int, pairs: int, frames: int) -> list[float]:
-    """Resident-plan ms ÷ plain ms, in pairs a few frames apart: the hooks cost ~1-2 % here, well under the
-    10-40 % this VM drifts within a minute, so each pair's two runs must sit seconds apart, not a round apart."""
+def paired_overhead(config, plan: Plan, w, image, pairs: int, warmup: int) -> list[float]:
+    """Resident-plan ms ÷ plain ms, frame by frame: two identical pipelines (same seed, same weights), one
+    plain and one under the runtime, step alternately (ABBA order), each pair's ratio taken from two frames
+    run back to back. The hooks cost ~1 % here while this VM drifts 10-40 % within a minute: only frames
+    adjacent in time compare; runs seconds apart gave pair ratios of 0.90-1.11."""
+    plain_pipe = WorldModelPipeline.from_config(config)
+    hooked_pipe = WorldModelPipeline.from_config(config)
+    saved = torch.get_num_threads()
+    rt = Runtime(plan, "cpu", workload=w).attach(hooked_pipe)  # sets the compute thread count while attached
+    plain_s, hooked_s = plain_pipe.start(image, seed=0), hooked_pipe.start(image, seed=0)
+
+    def timed(step) -> float:
+        t = time.perf_counter()
+        step()
+        return time.perf_counter() - t
+
+    plain_step, hooked_step = (lambda: plain_s.step("up")), (lambda: rt.step(hooked_s, "up"))
+    for _ in range(warmup):
+        plain_step()
+        hooked_step()
     ratios = []
-    for _ in range(pairs):
-        saved = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        s = pipe.start(image, seed=0)
-        plain = _time_frames(lambda s=s: s.step("up"), frames, 1)
-        torch.set_num_threads(saved)
-        rt = Runtime(plan, "cpu", workload=w).attach(pipe)
-        s = pipe.start(image, seed=0)
-        hooked = _time_frames(lambda rt=rt, s=s: rt.step(s, "up"), frames, 1)
-        rt.detach()
+    for k in range(pairs):
+        if k % 2:
+            hooked = timed(hooked_step)
+            plain = timed(plain_step)
+        else:
+            plain = timed(plain_step)
+            hooked = timed(hooked_step)
         ratios.append(hooked / plain)
+    rt.detach()
+    torch.set_num_threads(saved)
     return ratios
 
 
@@ -146,14 +162,16 @@ def bench_model(config, profile, frames: int, warmup: int, rounds: int, console:
             "peak_bytes": peaks[label], "sim_peak_bytes": pred.peak_total_bytes,
         }
     plain_ms = statistics.median(plain_rounds)
-    console.log(f"{w.name}: overhead, {2 * rounds} plain/resident pairs")
-    ratios = paired_overhead(pipe, cases["resident"], w, image, threads, 2 * rounds, max(3, frames // 3))
+    pairs = 12 * frames
+    console.log(f"{w.name}: overhead, {pairs} plain/resident frame pairs")
+    ratios = paired_overhead(config, cases["resident"], w, image, pairs, warmup)
     compute_only = rows["resident"]["measured_ms"]
     copy_only = rows["streamed-sync"]["copy_ms"]  # the sync run's copies ran alone, on the compute thread
     return {"model": w.name, "weights_bytes": w.nbytes("F32"), "plain_ms": plain_ms, "plain_rounds_ms": plain_rounds,
             "rows": rows, "compute_only_ms": compute_only, "copy_only_ms": copy_only,
             "overlap_ratio": rows["streamed"]["measured_ms"] / max(compute_only, copy_only),
-            "overhead": statistics.median(ratios) - 1.0, "overhead_pairs": ratios,
+            "overhead": statistics.median(ratios) - 1.0,
+            "overhead_pair_quartiles": [float(q) for q in np.quantile(ratios, [0.25, 0.5, 0.75])],
             "overhead_rounds": rows["resident"]["measured_ms"] / plain_ms - 1.0}
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-_ATTR = "_residency_hook"  # the module attribute holding its hook and torch's handles
+_ATTR = "_residency_hook"  # the module attribute holding its hook and the forward it replaced
 
 
 class ModelHook:
@@ -29,25 +29,31 @@ class ModelHook:
 
 
 def add_hook(module: nn.Module, hook: ModelHook) -> None:
+    """Wrap the module's forward (an instance attribute, as accelerate does): torch's forward-hook path
+    costs ~2 µs more a call than a plain wrapper (measured on a small Linear, this CPU); ×40 calls a frame."""
     if hasattr(module, _ATTR):
         raise RuntimeError(f"{type(module).__name__} already carries a residency hook; detach the other runtime first")
     hook.init_hook(module)
-    # The lambdas return None: torch then keeps the call's args and output as they are (no tuple built).
-    pre = module.register_forward_pre_hook(lambda m, args, kwargs: hook.pre_forward(m, args, kwargs),
-                                           with_kwargs=True)
-    post = module.register_forward_hook(lambda m, args, output: hook.post_forward(m, output))
-    setattr(module, _ATTR, (hook, pre, post))
+    had_own = "forward" in module.__dict__  # someone else's instance-level forward: restored as it was
+    inner = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        hook.pre_forward(module, args, kwargs)
+        output = inner(*args, **kwargs)
+        hook.post_forward(module, output)
+        return output
+
+    module.forward = forward
+    setattr(module, _ATTR, (hook, inner if had_own else None))
 
 
 def remove_hook(module: nn.Module) -> None:
     entry = module.__dict__.pop(_ATTR, None)
     if entry is None:
         return
-    hook, pre, post = entry
-    pre.remove()
-    post.remove()
+    hook, own_forward = entry
+    if own_forward is None:
+        del module.forward  # the class's forward shows through again
+    else:
+        module.forward = own_forward
     hook.detach_hook(module)
-
-
-def has_hook(module: nn.Module) -> bool:
-    return hasattr(module, _ATTR)
