@@ -169,7 +169,13 @@ def bench_model(config, profile, frames: int, warmup: int, rounds: int, console:
     copy_only = rows["streamed-sync"]["copy_ms"]  # the sync run's copies ran alone, on the compute thread
     return {"model": w.name, "weights_bytes": w.nbytes("F32"), "plain_ms": plain_ms, "plain_rounds_ms": plain_rounds,
             "rows": rows, "compute_only_ms": compute_only, "copy_only_ms": copy_only,
-            "overlap_ratio": rows["streamed"]["measured_ms"] / max(compute_only, copy_only),
+            # Per round, each case against the compute-only and copy-only runs of the same round (a minute
+            # apart at most): the VM's drift between rounds cancels, as in the overhead pairs. The ratio of the
+            # medians over rounds is kept beside it.
+            "overlap_ratio": statistics.median(
+                st["measured_ms"] / max(res["measured_ms"], sy["copy_ms"]) for st, res, sy in
+                zip(case_rounds["streamed"], case_rounds["resident"], case_rounds["streamed-sync"], strict=True)),
+            "overlap_ratio_of_medians": rows["streamed"]["measured_ms"] / max(compute_only, copy_only),
             "overhead": statistics.median(ratios) - 1.0,
             "overhead_pair_quartiles": [float(q) for q in np.quantile(ratios, [0.25, 0.5, 0.75])],
             "overhead_rounds": rows["resident"]["measured_ms"] / plain_ms - 1.0}
@@ -188,8 +194,8 @@ def _table(results: list[dict]) -> Table:
                       f"{x['copy_busy_ms']:.1f} ({x['sim_copy_ms']:.1f})",
                       f"{x['compute_busy_ms']:.1f} ({x['sim_compute_ms']:.1f})",
                       f"{x['dequant_ms']:.1f}", f"{x['stall_ms']:.1f} ({x['sim_stall_ms']:.1f})")
-        t.add_row("", "overlap: streamed / max(compute, copy)",
-                  f"{r['overlap_ratio']:.2f}", f"≤ {TARGETS['overlap']}", "", "", f"{r['copy_only_ms']:.1f}",
+        t.add_row("", "overlap: streamed / max(compute, copy), per round (of medians)",
+                  f"{r['overlap_ratio']:.2f} ({r['overlap_ratio_of_medians']:.2f})", f"≤ {TARGETS['overlap']}", "", "", f"{r['copy_only_ms']:.1f}",
                   f"{r['compute_only_ms']:.1f}", "", "")
         t.add_row("", "overhead: resident vs plain, paired (rounds)",
                   f"{r['overhead']:+.1%} ({r['overhead_rounds']:+.1%})", f"≤ {TARGETS['overhead']:.0%}",
