@@ -57,3 +57,7 @@ def remove_hook(module: nn.Module) -> None:
     else:
         module.forward = own_forward
     hook.detach_hook(module)
+
+
+def has_hook(module: nn.Module) -> bool:
+    return hasattr(module, _ATTR)
