@@ -217,3 +217,17 @@ def test_phase_blocks_are_loaded_per_phase_run(workload, image):
     # every latent frame reloads the denoise and the decode phase's blocks, and nothing else
     assert [f.link_bytes for f in frames if f.frame >= 1] == [dit_bytes + dec_bytes] * (len(ACTIONS) - 1)
     assert math.isclose(frames[-1].device_peak_bytes, rt.ledger.peak_total_bytes)
+
+
+def test_detach_refuses_to_drop_a_forward_wrapper_added_after_attach(workload):
+    pipe = WorldModelPipeline.from_config("tiny")
+    rt = Runtime(tiny_plan(workload, "resident"), "cpu", workload=workload).attach(pipe)
+    block = next(m for name, m, _ in pipe.blocks() if name == "dit.blocks.0")
+    ours = block.forward
+    block.forward = lambda *a, **k: ours(*a, **k)  # another library wraps after us
+    with pytest.raises(RuntimeError, match="wrapped again"):
+        rt.detach()
+    assert rt.pipeline is pipe  # nothing was undone: still attached, hooks in place
+    block.forward = ours
+    rt.detach()
+    assert not any("forward" in m.__dict__ for m in pipe.modules())

@@ -6,11 +6,13 @@ one leaves the large one's copy only the small blocks' compute to hide under, an
 simulator sees it; this move tries the cure it suggests. Blocks at or under a size threshold leave the
 ring (same format: resident unpacked when that fits, else resident-quantized), for each threshold
 from the smallest streamed block up; the simulator scores every variant, the best is kept. Cost: one
-simulation per distinct streamed size that fits (~5-10 ms each for catalog models).
+simulation per distinct streamed size, two where the unpacked variant does not fit (~5-10 ms each for catalog
+models), within the planner's deadline.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from policies.base import PlanRequest, build_plan, fits_memory, weights_format
@@ -24,8 +26,10 @@ def _pinned(bp: BlockPlan, packed: bool) -> BlockPlan:
     return BlockPlan(bp.name, placement, bp.format, bp.compute_dtype, "session", "compute")
 
 
-def pin_small_streamed(req: PlanRequest, plan: Plan, better: Callable[[Plan, Plan], bool]) -> Plan:
-    """The best of `plan` and its variants with the streamed blocks ≤ each size threshold kept resident."""
+def pin_small_streamed(req: PlanRequest, plan: Plan, better: Callable[[Plan, Plan], bool],
+                       deadline: float = float("inf")) -> Plan:
+    """The best of `plan` and its variants with the streamed blocks ≤ each size threshold kept resident;
+    thresholds are tried smallest first until one does not fit or perf_counter() passes `deadline`."""
     w = req.workload
     frame_streamed = [bp for bp in plan.blocks if bp.placement == "streamed" and w.calls_per_frame(bp.name)]
     if len(frame_streamed) < 2 or not fits_memory(plan):
@@ -33,13 +37,14 @@ def pin_small_streamed(req: PlanRequest, plan: Plan, better: Callable[[Plan, Pla
     size = {bp.name: w.by_name[bp.name].nbytes(bp.format) for bp in frame_streamed}
     best = plan
     for threshold in sorted(set(size.values()))[:-1]:  # leave at least the largest blocks streamed
-        chosen, tried = None, []
-        for packed in (False, True):
-            blocks = [_pinned(bp, packed) if size.get(bp.name, threshold + 1) <= threshold else bp
-                      for bp in plan.blocks]
-            if blocks in tried:
-                continue  # every pinned block is in its compute dtype's format: packed is the same plan
-            tried.append(blocks)
+        if time.perf_counter() > deadline:
+            break
+        pinned = {name for name, n in size.items() if n <= threshold}
+        # packed differs from unpacked only for blocks not stored in their compute dtype's format
+        packed_differs = any(bp.format != weights_format(bp.compute_dtype) for bp in plan.blocks if bp.name in pinned)
+        chosen = None
+        for packed in (False, True) if packed_differs else (False,):
+            blocks = [_pinned(bp, packed) if bp.name in pinned else bp for bp in plan.blocks]
             candidate = build_plan(req, plan.policy, blocks, plan.execution, notes=plan.notes, kv_dtype=plan.kv_dtype)
             if fits_memory(candidate):
                 chosen = candidate

@@ -222,9 +222,9 @@ def measure_overlap(engine: CopyThread, plan: CpuPlan) -> float:
     read from DRAM): on a CPU the copy and the compute then share the memory bus, and the overlap is
     lower than with a FLOP-bound matmul (measured here: 0.6–0.85 against ~0.96).
     """
-    # The copies cycle through a store larger than the last-level cache into two alternating slots, as the
-    # runtime's loads do: one 16 MiB copy repeated runs partly from cache (18-19 GB/s here against 11-12 cold)
-    # and leaves the memory bus to the matmuls.
+    # The copies cycle through a 96 MiB store (3× this CPU's 32 MiB L3; as the link step's) into two alternating
+    # slots, as the runtime's loads do: one 16 MiB copy repeated runs partly from cache (18-19 GB/s here against
+    # 11-12 cold) and leaves the memory bus to the matmuls.
     chunk = 16 * MIB
     store, slots = _filled(max(COLD_WEIGHT_BYTES, 4 * chunk)), (_filled(chunk), _filled(chunk))
     regions = [store[i * chunk:(i + 1) * chunk] for i in range(store.numel() // chunk)]

@@ -16,7 +16,7 @@ from residency.plan import Plan
 from residency.runtime.backend import Backend, get_backend
 from residency.runtime.device_memory import TORCH_DTYPES, DeviceMemory
 from residency.runtime.executor import Executor
-from residency.runtime.hooks import ModelHook, add_hook, remove_hook
+from residency.runtime.hooks import ModelHook, add_hook, check_removable, remove_hook
 from residency.runtime.host_store import HostStore, block_tensor
 from residency.runtime.ledger import DeviceBudgetExceeded, Ledger
 from residency.runtime.recovery import MAX_RECOVERIES, recovery_budget, restore, take_snapshot
@@ -133,9 +133,12 @@ class Runtime:
         """Restore the pipeline exactly: original weight storages, devices, no hook left."""
         if self.pipeline is None:
             return
+        modules = self._modules(self.pipeline).values()
+        for module in modules:  # before anything changes: a detach that cannot finish changes nothing
+            check_removable(module)
         self._executor.close_frame()
         self._executor.stop()
-        for module in self._modules(self.pipeline).values():
+        for module in modules:
             remove_hook(module)
         for pairs in self._originals.values():
             for t, data in pairs:

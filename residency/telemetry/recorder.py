@@ -1,7 +1,7 @@
-"""The recorder: one row of raw timestamp marks per block call, summarised once per latent frame.
+"""The recorder: one row of raw timestamp marks per block call, closed into one array per latent frame.
 
 An open frame's rows are tuples in a bounded deque; at frame end they become one array and their marks are
-resolved to seconds (GPU: CUDA events).
+resolved to seconds (GPU: CUDA events); a frame's summary (FrameRecord) is made when `frames` is read.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from residency.plan import Prediction
 # Columns of a call row. t_*: compute-side marks; c_*: the copy engine's marks for the call's load.
 FRAME, BLOCK, T_START, T_READY, T_DEQUANT, T_END, C_START, C_COPIED, C_END, LINK_BYTES, HAS_COPY = range(11)
 COLUMNS = 11
-RING_CALLS = 1 << 15  # rows kept; a world-model frame makes ~100–200 calls
+RING_CALLS = 1 << 15  # calls kept of one open frame (a world-model frame makes ~40–200; beyond, the oldest go)
 KEEP_FRAMES = 256  # frame records (and resolved rows, for traces) kept
 
 
@@ -92,14 +92,14 @@ class Recorder:
         summary (~0.2 ms of small numpy passes for a tiny frame) waits until `frames` or a snapshot is read."""
         if not self._open:
             return
-        raw = np.array(self._open, dtype=np.float64).reshape(-1, COLUMNS)
+        rows = np.array(self._open, dtype=np.float64).reshape(-1, COLUMNS)  # a new array: resolved in place
         self._open.clear()
-        rows = raw.copy()
         time_cols = [T_START, T_READY, T_DEQUANT, T_END]
-        rows[:, time_cols] = resolve(raw[:, time_cols])
-        has_copy = raw[:, HAS_COPY] > 0
+        rows[:, time_cols] = resolve(rows[:, time_cols])  # fancy indexing reads a copy
+        has_copy = rows[:, HAS_COPY] > 0
         if has_copy.any():
-            rows[np.ix_(has_copy, [C_START, C_COPIED, C_END])] = resolve(raw[np.ix_(has_copy, [C_START, C_COPIED, C_END])])
+            copy_cols = np.ix_(has_copy, [C_START, C_COPIED, C_END])
+            rows[copy_cols] = resolve(rows[copy_cols])
         rows.setflags(write=False)
         self._resolved.append(rows)
         next_start_s = None if next_start_mark is None else float(resolve(np.array([next_start_mark]))[0])
