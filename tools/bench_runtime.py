@@ -51,25 +51,20 @@ def _plan(w, placement: str, fmt: str = "F32", copy_mode: str = "async", depth: 
                 context_frames=w.context_frames)
 
 
-def _time_frames(step, frames: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(frames):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
-def _median_of(rounds: list[dict], key: str) -> float:
-    return statistics.median(r[key] for r in rounds)
-
-
 def _timed(step) -> float:
     t = time.perf_counter()
     step()
     return time.perf_counter() - t
+
+
+def _time_frames(step, frames: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    return statistics.median(_timed(step) for _ in range(frames)) * 1e3
+
+
+def _median_of(rounds: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rounds)
 
 
 def frame_pair_ratios(step_a, step_b, pairs: int, warmup: int) -> list[float]:
