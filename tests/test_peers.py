@@ -1,4 +1,4 @@
-"""The peers' policies reproduce their documented placement and overlap (shared/ANCHORS.md) on a hand-made
+"""The peers' policies reproduce their documented placement and overlap (their sources: the docstrings of `policies/peers/*.py`) on a hand-made
 world model: a 2-block encoder once per session, a 6-block DiT every step, a 2-block decoder every frame."""
 
 from dataclasses import replace

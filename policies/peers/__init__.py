@@ -1,6 +1,9 @@
-"""The peers' documented residency and overlap behaviours (shared/ANCHORS.md), reproduced as policies.
+"""The peers' documented residency and overlap behaviours, reproduced as policies.
 
 Each is scored by the same simulator as ours; a peer that cannot run a case says so in its plan's notes.
+Each peer module's docstring names the public sources (repository files, pull requests, documentation
+pages, papers) of the behaviour it reproduces; ARCHITECTURE.md ("How to add: a peer policy") says how to
+add one.
 """
 
 from __future__ import annotations

@@ -1,7 +1,17 @@
-"""Peer `accelerate-sequential`: accelerate `cpu_offload` / diffusers `enable_sequential_cpu_offload`
-(ANCHORS.md, rows "accelerate" and "diffusers enable_sequential_cpu_offload").
+"""Peer `accelerate-sequential`: accelerate `cpu_offload`, which diffusers' `enable_sequential_cpu_offload`
+applies to every component of a pipeline.
 
 Everything is offloaded; each leaf module's pre-forward hook copies its weights in, blocking, every call.
+
+Sources:
+- https://github.com/huggingface/accelerate/blob/main/src/accelerate/big_modeling.py (`cpu_offload`)
+- https://github.com/huggingface/accelerate/blob/main/src/accelerate/hooks.py (`AlignDevicesHook`: weights
+  moved in by `pre_forward`, put back on the meta device by `post_forward`)
+- https://github.com/huggingface/accelerate/blob/main/src/accelerate/utils/modeling.py
+  (`set_module_tensor_to_device`, one tensor at a time)
+- https://github.com/huggingface/diffusers/blob/main/src/diffusers/pipelines/pipeline_utils.py
+  (`enable_sequential_cpu_offload`)
+- https://huggingface.co/docs/diffusers/optimization/memory (CPU offloading)
 """
 
 from __future__ import annotations

@@ -1,5 +1,10 @@
-"""Peer `all-resident`: the no-offload baseline of every runtime in ANCHORS.md (a plain `model.to(device)`;
-ComfyUI's full load when the model fits): every block resident at the compute dtype's format, nothing streamed.
+"""Peer `all-resident`: the no-offload baseline of every runtime (a plain `model.to(device)`; ComfyUI's
+full load when the model fits): every block resident at the compute dtype's format, nothing streamed.
+
+Sources:
+- https://docs.pytorch.org/docs/stable/generated/torch.nn.Module.html (`Module.to`)
+- https://github.com/Comfy-Org/ComfyUI/blob/master/comfy/model_management.py (`load_models_gpu`: the whole
+  model is loaded when free memory allows)
 """
 
 from __future__ import annotations

@@ -1,5 +1,17 @@
-"""Peer `comfyui-partial`: ComfyUI's classic partial load ("lowvram" model patching; ANCHORS.md, row
-"ComfyUI (classic partial load)"): largest modules resident within a weight budget, the rest cast per use.
+"""Peer `comfyui-partial`: ComfyUI's classic partial load ("lowvram" model patching): largest modules
+resident within a weight budget, the rest cast per use.
+
+The weight budget is free memory − max(0.8 GiB + reserve, estimated inference memory); leaf modules are
+taken largest first while they fit; the others keep their weights in host memory and copy and cast them
+at every forward, on one of two round-robin offload streams.
+
+Sources:
+- https://github.com/Comfy-Org/ComfyUI/blob/master/comfy/model_management.py (`minimum_inference_memory`,
+  `extra_reserved_memory`, `load_models_gpu`, `get_offload_stream`)
+- https://github.com/Comfy-Org/ComfyUI/blob/master/comfy/model_patcher.py (partial load: modules sorted by
+  size, the ones left out patched to cast their weights per use)
+- https://github.com/Comfy-Org/ComfyUI/blob/master/comfy/ops.py (`cast_bias_weight`: weight and bias copied
+  and cast at each forward)
 """
 
 from __future__ import annotations

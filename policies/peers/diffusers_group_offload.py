@@ -1,5 +1,19 @@
 """Peer `diffusers-group-offload`: diffusers `apply_group_offloading(use_stream=True)`, block level,
-`num_blocks_per_group=1` (ANCHORS.md, row "diffusers apply_group_offloading(use_stream=True)").
+`num_blocks_per_group=1`.
+
+Every block is streamed: one copy stream loads the next group while the current one computes (depth 1),
+the host synchronises that stream before each onload, and every tensor gets a pinned host copy beside the
+module's own weights (≈ 2× the model in host RAM).
+
+Sources:
+- https://github.com/huggingface/diffusers/blob/main/src/diffusers/hooks/group_offloading.py
+- https://github.com/huggingface/diffusers/pull/10503 (module group offloading) and
+  https://github.com/huggingface/diffusers/pull/10516 (prefetching on a CUDA stream)
+- https://github.com/huggingface/diffusers/pull/11375 (with a stream, one block per group)
+- https://github.com/huggingface/diffusers/pull/11106 (`low_cpu_mem_usage`; host RAM, VRAM and time of
+  block- and leaf-level offloading on Flux)
+- https://github.com/huggingface/diffusers/pull/11605 (group offloading under torch.compile; Wan 14B timings)
+- https://huggingface.co/docs/diffusers/optimization/memory (group offloading)
 """
 
 from __future__ import annotations

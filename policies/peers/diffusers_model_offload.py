@@ -1,5 +1,12 @@
-"""Peer `diffusers-model-offload`: diffusers `enable_model_cpu_offload` (ANCHORS.md, row "diffusers
-enable_model_cpu_offload"): whole components swapped along the model sequence, each loaded when called.
+"""Peer `diffusers-model-offload`: diffusers `enable_model_cpu_offload`: whole components swapped along
+the pipeline's model sequence, each loaded when called.
+
+Sources:
+- https://github.com/huggingface/diffusers/blob/main/src/diffusers/pipelines/pipeline_utils.py
+  (`enable_model_cpu_offload`, `model_cpu_offload_seq`)
+- https://github.com/huggingface/accelerate/blob/main/src/accelerate/big_modeling.py (`cpu_offload_with_hook`:
+  a component is moved to the device by its own hook and offloaded by the next one's)
+- https://huggingface.co/docs/diffusers/optimization/memory (model offloading)
 """
 
 from __future__ import annotations

@@ -1,8 +1,16 @@
-"""Peer `flexgen-lp`: FlexGen's placement LP (ANCHORS.md, row "FlexGen"): one resident/streamed percentage
-per kind of layer, minimising time with per-layer time = max(copy in, compute) under the memory budget.
+"""Peer `flexgen-lp`: FlexGen's placement LP: one resident/streamed percentage per kind of layer,
+minimising time with per-layer time = max(copy in, compute) under the memory budget.
 
 FlexGen's 4-bit group-wise compression of weights exists but is off by default; it is off here too, so
 weights are stored at the compute dtype's format. KV and activations stay on the device (our contract).
+
+Sources:
+- https://arxiv.org/abs/2303.06865 (the FlexGen paper: its cost model and the linear program of the policy
+  search)
+- https://github.com/FMInference/FlexLLMGen/blob/main/flexllmgen/flex_opt.py (`Policy` percentages; the next
+  layer's weights loaded on their own stream while the current layer computes, synchronised per layer)
+- https://github.com/FMInference/FlexLLMGen/blob/main/flexllmgen/compression.py (group-wise quantization,
+  used only when the policy asks for it)
 """
 
 from __future__ import annotations

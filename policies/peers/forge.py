@@ -1,5 +1,14 @@
-"""Peer `forge`: Forge's "GPU weights" budget (ANCHORS.md, row "Forge"): max(available/1.3, available −
-1.25 GiB) for weights, smallest modules resident first, the rest moved and cast on a mover stream.
+"""Peer `forge`: Forge's "GPU weights" budget: max(available/1.3, available − 1.25 GiB) for weights,
+smallest modules resident first, the rest moved and cast on a mover stream.
+
+Sources:
+- https://github.com/lllyasviel/stable-diffusion-webui-forge/blob/main/backend/memory_management.py
+  (`compute_model_gpu_memory_when_using_cpu_swap`: the budget; `build_module_profile`: modules taken
+  smallest first; `load_models_gpu`)
+- https://github.com/lllyasviel/stable-diffusion-webui-forge/blob/main/backend/stream.py (`mover_stream`)
+- https://github.com/lllyasviel/stable-diffusion-webui-forge/blob/main/backend/operations.py
+  (`weights_manual_cast`: weight and bias moved and cast on the mover stream, then an event;
+  `main_stream_worker`: compute waits on it and the tensors are held until compute's event completes)
 """
 
 from __future__ import annotations
