@@ -1,6 +1,8 @@
 """Benchmark: the runtime on this CPU — overlap of copies with compute, simulator vs measurement, hook overhead.
 
 Measured ms per latent frame for `tiny` and a ≥200 MB world model; a human table, then one JSON line last.
+`--device cuda`: the GPU bench instead (bf16, tiny and lucid-500m with random weights; `bench_gpu_model`,
+which tools/gpu_check runs too).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import json
 import statistics
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file from a checkout: make the repository importable
@@ -20,13 +24,15 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from pipelines.catalog import catalog_paths  # noqa: E402
 from pipelines.world_model import WorldModelPipeline, get_config  # noqa: E402
 from pipelines.world_model.workload import catalog_entry  # noqa: E402
 from residency.device import measure_profile  # noqa: E402
 from residency.plan import BlockPlan, Budget, Execution, Plan  # noqa: E402
 from residency.runtime import Runtime  # noqa: E402
 from residency.simulate import simulate  # noqa: E402
-from residency.workload import workload_from_dict  # noqa: E402
+from residency.simulate.costs import DTYPE_FORMAT  # noqa: E402
+from residency.workload import load_workload_file, workload_from_dict  # noqa: E402
 
 # dim 768 × depth 6: 6 DiT blocks of ~52 MB in F32, 331 MB of weights — copies take real time here.
 BIG = get_config("tiny").replace(name="bench-330m", dim=768, depth=6, heads=6)
@@ -42,9 +48,10 @@ def _streams(name: str, only_stack: bool) -> bool:
 
 
 def _plan(w, placement: str, fmt: str = "F32", copy_mode: str = "async", depth: int = 1,
-          only_stack: bool = True) -> Plan:
-    blocks = tuple(BlockPlan(b.name, placement, fmt, "fp32") if _streams(b.name, only_stack)
-                   else BlockPlan(b.name, "resident", "F32", "fp32") for b in w.blocks)
+          only_stack: bool = True, dtype: str = "fp32") -> Plan:
+    plain = DTYPE_FORMAT[dtype]  # what a resident block is stored in: its compute dtype
+    blocks = tuple(BlockPlan(b.name, placement, fmt, dtype) if _streams(b.name, only_stack)
+                   else BlockPlan(b.name, "resident", plain, dtype) for b in w.blocks)
     return Plan(model=w.name, workload_fingerprint=w.fingerprint(), profile="cpu", profile_fingerprint="-",
                 policy="bench", budget=Budget(2**34), blocks=blocks,
                 execution=Execution(copy_mode=copy_mode, prefetch_depth=depth), steps=w.steps,
@@ -186,6 +193,126 @@ def bench_model(config, profile, frames: int, warmup: int, rounds: int, console:
             "overhead_rounds": rows["resident"]["measured_ms"] / plain_ms - 1.0}
 
 
+# --- the GPU bench ---------------------------------------------------------------------------------------
+# (placement of the DiT blocks, their storage format); the small blocks around them stay resident in bf16.
+GPU_CASES = {"resident": ("resident", "BF16"), "streamed": ("streamed", "BF16"),
+             "streamed-Q8_0": ("streamed", "Q8_0"), "streamed-Q4_K": ("streamed", "Q4_K")}
+# lucid-500m: 518 M parameters, 1.03 GB in bf16 (random weights: only the timing matters here).
+GPU_MODELS = ("tiny", "lucid-500m")
+
+
+def gpu_plan(w, case: str) -> Plan:
+    placement, fmt = GPU_CASES[case]
+    return _plan(w, placement, fmt, dtype="bf16")
+
+
+def _gpu_case(w, pipe, image, case: str, profile, backend: str, frames: int, warmup: int) -> dict:
+    """One plan attached, `frames` timed frames after `warmup`; wall ms per frame (a step reads its frame
+    back to the host, so each timed step has finished on the device), telemetry medians, the simulation."""
+    plan = gpu_plan(w, case)
+    cuda = backend == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    rt = Runtime(plan, backend, workload=w).attach(pipe)  # packs the host store (seconds for K-quants)
+    attach_s = time.perf_counter() - t0
+    try:
+        session = pipe.start(image, seed=0)
+        measured = _time_frames(lambda s=session: rt.step(s, "up"), frames, warmup)
+        rt.step(session, "up")  # closes the last timed frame's record
+        tel = [f for f in rt.telemetry().frames if f.frame > warmup] or list(rt.telemetry().frames)
+        del session  # its KV cache and latents live on the device: freed before the next case
+    finally:
+        rt.detach()
+    row = {"measured_ms": measured, "attach_s": attach_s, "frames": frames,
+           **{k: statistics.median(getattr(f, k) for f in tel)
+              for k in ("copy_ms", "compute_ms", "dequant_ms", "stall_ms", "copy_busy_ms", "compute_busy_ms")},
+           "link_bytes_per_frame": int(statistics.median(f.link_bytes for f in tel)),
+           "ledger_peak_bytes": rt.ledger.peak_total_bytes}
+    if cuda:
+        row["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+        torch.cuda.empty_cache()
+    if profile is not None:
+        pred = simulate(w, plan, profile, bound=False).prediction  # the lower bound is not reported here
+        row.update(simulated_ms=pred.frame_ms, error=(pred.frame_ms - measured) / measured,
+                   sim_copy_ms=pred.copy_ms, sim_compute_ms=pred.compute_ms, sim_stall_ms=pred.stall_ms,
+                   sim_link_bytes_per_frame=pred.link_bytes_per_frame, sim_peak_bytes=pred.peak_total_bytes)
+    return row
+
+
+def bench_gpu_model(name: str, profile, backend: str = "cuda", frames: int = 5, warmup: int = 2,
+                    cases: tuple[str, ...] = tuple(GPU_CASES), deadline: float | None = None,
+                    on_case: Callable[[dict], None] | None = None, console: Console | None = None) -> dict:
+    """Every case of `cases` for the preset `name` in bf16 with random weights. A case that raises records
+    its traceback and the next one runs; past `deadline` (time.monotonic()) the rest are skipped.
+    `on_case(result so far)` runs after each case, so a caller can save partial results."""
+    config = get_config(name)
+    # The committed catalog entry (tests/test_catalog.py keeps it equal to a regeneration): counting a
+    # preset's FLOPs on the meta device takes seconds.
+    w = load_workload_file(catalog_paths()[name])
+    t0 = time.perf_counter()
+    pipe = WorldModelPipeline.from_config(config, dtype=torch.bfloat16)  # on the CPU: the runtime places it
+    result = {"model": w.name, "weights_bytes": w.nbytes("BF16"), "build_s": time.perf_counter() - t0,
+              "backend": backend, "rows": {}}
+    image = np.random.default_rng(0).integers(0, 256, (config.height, config.width, 3), dtype=np.uint8)
+    for case in cases:
+        if deadline is not None and time.monotonic() > deadline:
+            result["rows"][case] = {"skipped": "the stage's time budget was spent"}
+        else:
+            if console is not None:
+                console.log(f"{w.name}: {case}")
+            try:
+                result["rows"][case] = _gpu_case(w, pipe, image, case, profile, backend, frames, warmup)
+            except Exception:  # an OOM or a GPU-path bug: recorded, and the next case still runs
+                result["rows"][case] = {"exception": traceback.format_exc(limit=12)}
+        if on_case is not None:
+            on_case(result)
+    return result
+
+
+def _fmt(x, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def gpu_table(results: list[dict], title: str = "residency runtime on the GPU (bf16, ms per latent frame)") -> Table:
+    """The GPU bench as a table; rows missing from a partial result show as —."""
+    t = Table(title=title)
+    for col in ("model", "plan", "measured", "simulated", "error", "copy busy (sim)", "stall (sim)", "attach s",
+                "note"):
+        t.add_column(col, justify="left" if col in ("model", "plan", "note") else "right")
+    for r in results:
+        t.add_row(r.get("model", "?"), f"weights {r.get('weights_bytes', 0) / 1e9:.2f} GB", "", "", "", "", "",
+                  _fmt(r.get("build_s"), ".1f"), "build")
+        for case, x in r.get("rows", {}).items():
+            note = x.get("skipped") or (x["exception"].strip().splitlines()[-1][:60] if "exception" in x else "")
+            t.add_row("", case, _fmt(x.get("measured_ms"), ".1f"), _fmt(x.get("simulated_ms"), ".1f"),
+                      _fmt(x.get("error"), "+.0%") if isinstance(x.get("error"), float) else "—",
+                      f"{_fmt(x.get('copy_busy_ms'), '.1f')} ({_fmt(x.get('sim_copy_ms'), '.1f')})",
+                      f"{_fmt(x.get('stall_ms'), '.1f')} ({_fmt(x.get('sim_stall_ms'), '.1f')})",
+                      _fmt(x.get("attach_s"), ".1f"), note)
+    return t
+
+
+def _main_gpu(args) -> int:
+    from residency.device import resolve_profile
+
+    console = Console(stderr=True)
+    if not torch.cuda.is_available():
+        print("error: --device cuda needs a CUDA or ROCm GPU and torch sees none", file=sys.stderr)
+        print("hint: run the CPU bench without --device", file=sys.stderr)
+        return 2
+    if args.profile:
+        profile = resolve_profile(args.profile)
+    else:
+        console.log("measuring the GPU profile: residency.device.measure_profile('cuda:0', quick=True)")
+        profile = measure_profile("cuda:0", quick=True)
+    models = GPU_MODELS[:1] if args.skip_big else GPU_MODELS
+    results = [bench_gpu_model(m, profile, "cuda", args.frames, args.warmup, console=console) for m in models]
+    Console(width=200).print(gpu_table(results))
+    print(json.dumps({"profile": profile.name, "models": results}))
+    return 0
+
+
 def _table(results: list[dict]) -> Table:
     t = Table(title="residency runtime on this CPU (ms per latent frame, median)")
     for col in ("model", "plan", "measured", "simulated", "error", "error, same-minute profile", "copy busy (sim)",
@@ -221,7 +348,12 @@ def main() -> int:
     parser.add_argument("--skip-big", action="store_true", help="only the tiny model")
     parser.add_argument("--quick-profile", action="store_true",
                         help="profile with --quick (~20 s, noisier: few-row matmul rates vary ±30%% between runs)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the GPU bench (bf16; tiny and lucid-500m; resident, streamed, Q8_0, Q4_K)")
+    parser.add_argument("--profile", help="GPU bench: a profile name or JSON file instead of a quick measurement")
     args = parser.parse_args()
+    if args.device == "cuda":
+        return _main_gpu(args)
     console = Console(stderr=True)
     console.log(f"measuring the CPU profile: residency.device.measure_profile('cpu', quick={args.quick_profile})")
     profile = measure_profile("cpu", quick=args.quick_profile)

@@ -62,7 +62,10 @@ class Backend(Protocol):
         """Load synchronously on the compute side (copy_mode "sync", resynchronisation)."""
 
     def drain(self) -> None:
-        """Wait until every submitted load has been issued (host side)."""
+        """Wait until every submitted load has been issued (host side); raises a failed load's error."""
+
+    def settle(self) -> None:
+        """As drain, for detach: a failed load's error (already raised to its waiter) is not raised again."""
 
     def clock(self) -> float:
         """A compute-side timestamp mark, resolved to seconds by resolve()."""

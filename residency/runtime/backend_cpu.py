@@ -97,6 +97,10 @@ class CpuBackend:
         if self._worker is not None:
             self._worker.drain()
 
+    def settle(self) -> None:
+        if self._worker is not None:
+            self._worker.settle()
+
     def clock(self) -> float:
         return time.perf_counter()
 

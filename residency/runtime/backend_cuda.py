@@ -120,7 +120,7 @@ class CudaBackend:
         return t0, t1, t2
 
     def submit(self, recipe: LoadRecipe) -> int:
-        ticket = self._worker._submitted + 1
+        ticket = self._worker.next_ticket
         # Recorded before the worker can see the job: orders the load after all compute issued so far.
         self._after[ticket % TICKET_EVENTS].record(self.compute_stream)
         return self._worker.submit(recipe)
@@ -149,6 +149,11 @@ class CudaBackend:
             # Later compute-stream work must also come after every copy issued (resynchronisation).
             self.compute_stream.wait_stream(self.copy_stream)
 
+    def settle(self) -> None:
+        if self._worker is not None:
+            self._worker.settle()
+            self.compute_stream.wait_stream(self.copy_stream)
+
     def clock(self) -> float:
         return self._mark(self.compute_stream)
 
@@ -159,6 +164,11 @@ class CudaBackend:
         return float(m[0]), float(m[1]), float(m[2])
 
     def resolve(self, marks: np.ndarray) -> np.ndarray:
-        # Once per frame, after the frame's output was read (so its events have completed).
+        # Once per frame. elapsed_time raises (cudaErrorNotReady) on an event the device has not reached,
+        # and the frame's newest mark was recorded a moment ago on the compute stream: wait for it here.
+        # Every copy mark of the frame precedes a compute mark (compute waited on its load), so the compute
+        # stream alone covers them; the copy stream's prefetches for the next frame are not waited for.
+        # Cost: nothing when the frame's output was already read on the host (a world model's step reads it).
+        self.compute_stream.synchronize()
         return np.array([self._epoch.elapsed_time(self._events[int(m)]) * 1e-3 for m in marks.ravel()]
                         ).reshape(marks.shape)

@@ -36,13 +36,20 @@ class CopyWorker:
         self._thread.start()
         self._started.wait()
 
+    @property
+    def next_ticket(self) -> int:
+        """The ticket the next submit will return (a backend orders that load before submitting it)."""
+        return self._submitted + 1
+
     def submit(self, recipe: LoadRecipe) -> int:
         self._submitted += 1
         self._queue.put((self._submitted, recipe))
         return self._submitted
 
     def wait(self, ticket: int) -> None:
-        if self._done >= ticket:  # fast path: an int read is atomic under the GIL
+        # Fast path (an int read is atomic under the GIL). A load after a failure is skipped but still
+        # counted done: without the error check, compute would run on a slot that was never filled.
+        if self._done >= ticket and self._error is None:
             return
         with self._cond:
             while self._done < ticket and self._error is None:
@@ -52,6 +59,15 @@ class CopyWorker:
 
     def drain(self) -> None:
         self.wait(self._submitted)
+
+    def settle(self) -> None:
+        """Wait until every submitted load has run or been skipped, without raising a load's error.
+
+        For detach: the error already reached the step that waited on the load, and re-raising it here
+        would leave the runtime half detached (hooks on, memory held) instead of recovering."""
+        with self._cond:
+            while self._done < self._submitted and self._thread.is_alive():
+                self._cond.wait(timeout=1.0)
 
     def stop(self) -> None:
         if self._thread.is_alive():

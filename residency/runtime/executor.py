@@ -188,4 +188,4 @@ class Executor:
             self.frame_open = False
 
     def stop(self) -> None:
-        self.backend.drain()
+        self.backend.settle()  # detach must finish even after a failed load (recovery detaches then)
