@@ -1,73 +1,222 @@
 """Images in and videos out: a start image read to the model's size, rollouts written as GIF or PNGs.
 
-Pillow does the codecs; every write goes to a temp file first and is renamed, so no partial output.
+Pillow does the codecs. A GIF is written to a temp file and renamed; a PNG sequence is written whole
+into a temp directory beside it and then renamed into place, and never mixes with an older sequence.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import shutil
+import socket
+import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from residency import userpath
 from residency.errors import ResidencyError
 
 FRAME_FORMATS = (".gif", ".png")
+IMAGE_HINT = "give a PNG or JPEG file at the model's size"
+MAX_GIF_FRAME_MS = 655_350  # GIF stores a frame's delay in 1/100 s in 16 bits
+
+
+# --- the start image ---------------------------------------------------------------------------------------
+def max_image_file_bytes(height: int, width: int) -> int:
+    """Largest start-image file read: 16 MiB, or two uncompressed RGBA copies of a large model's frame."""
+    return max(16 * 2**20, 8 * height * width)
 
 
 def read_image(path: str | os.PathLike[str], height: int, width: int) -> np.ndarray:
-    """HxWx3 uint8 of the image at `path`; a size other than the model's is an error (no resize)."""
+    """HxWx3 uint8 of the image at `path`; a size other than the model's is an error (no resize).
+
+    The declared size is checked before any pixel is decoded, so a PNG that claims 100000x100000
+    costs its header, not gigabytes; a FIFO or a directory is refused without being opened.
+    """
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    data = userpath.read_file_bytes(path, "the start image", IMAGE_HINT, max_image_file_bytes(height, width))
+    name = os.fspath(path)
     try:
-        with Image.open(path) as img:
-            rgb = np.array(img.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only arrays
-    except FileNotFoundError:
-        raise ResidencyError(f"{path}: no such image", hint="give the path of a PNG or JPEG start image") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ResidencyError(f"{path}: not a readable image ({e})", hint="give a PNG or JPEG file") from None
-    if rgb.shape[:2] != (height, width):
-        raise ResidencyError(
-            f"{path}: image is {rgb.shape[1]}x{rgb.shape[0]}, the model takes {width}x{height} (width x height)",
-            hint=f"resize or crop it to {width}x{height} first; residency does not pick a crop for you")
+        with warnings.catch_warnings():
+            # Pillow warns above ~89 M pixels; the size check below refuses such an image before decoding it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                declared = img.size
+                if declared != (width, height):
+                    raise _wrong_size(name, declared, height, width)
+                rgb = np.array(img.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only arrays
+    except ResidencyError:
+        raise
+    except UnidentifiedImageError:
+        raise ResidencyError(f"{name}: not a readable image (no image format Pillow knows)",
+                             hint=IMAGE_HINT) from None
+    except Image.DecompressionBombError:
+        raise ResidencyError(f"{name}: the image declares more pixels than Pillow will decode "
+                             f"(a decompression bomb?); the model takes {width}x{height}", hint=IMAGE_HINT) from None
+    except Exception as e:  # a damaged file fails inside any of Pillow's decoders, with any exception type
+        raise ResidencyError(f"{name}: not a readable image ({type(e).__name__}: {str(e)[:200]})",
+                             hint=IMAGE_HINT) from None
+    if rgb.shape != (height, width, 3):  # a decoder that changed its mind about the size (ICO, MPO frames)
+        raise _wrong_size(name, (rgb.shape[1], rgb.shape[0]), height, width)
     return np.ascontiguousarray(rgb)
 
 
-def check_output_path(path: str | os.PathLike[str]) -> Path:
-    """Validate before any work is done: a known extension and a writable, existing directory."""
+def _wrong_size(name: str, size: tuple[int, int], height: int, width: int) -> ResidencyError:
+    return ResidencyError(
+        f"{name}: image is {size[0]}x{size[1]}, the model takes {width}x{height} (width x height)",
+        hint=f"resize or crop it to {width}x{height} first; residency does not pick a crop for you")
+
+
+# --- checks before any work --------------------------------------------------------------------------------
+def check_writable_target(path: str | os.PathLike[str]) -> Path:
+    """A file about to be replaced by a rename: missing or a regular file, in an existing writable directory."""
     path = Path(path)
-    if path.suffix.lower() not in FRAME_FORMATS:
-        raise ResidencyError(f"{path}: cannot write {path.suffix or 'files without an extension'}",
-                             hint="use .gif for an animation or .png for numbered frames (out.png -> out-0000.png …)")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
+    kind, reason = userpath.path_kind(path)
+    if kind in (userpath.DIRECTORY, userpath.OTHER, userpath.BAD):
+        raise ResidencyError(f"{path}: cannot write here ({reason or 'a directory is in the way'})",
+                             hint="pick another file name")
+    parent = path.parent
+    if userpath.path_kind(parent)[0] != userpath.DIRECTORY:
         raise ResidencyError(f"{path}: directory {parent} does not exist", hint="create it first, or pick another path")
     if not os.access(parent, os.W_OK):
         raise ResidencyError(f"{path}: directory {parent} is not writable", hint="pick a writable directory")
     return path
 
 
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """Validate before any work is done: a known extension, a writable directory, and for numbered PNGs
+    no frames of an earlier sequence with the same name (they would mix with the new ones)."""
+    path = Path(path)
+    if path.suffix.lower() not in FRAME_FORMATS:
+        raise ResidencyError(f"{path}: cannot write {path.suffix or 'files without an extension'}",
+                             hint="use .gif for an animation or .png for numbered frames (out.png -> out-0000.png …)")
+    check_writable_target(path)
+    if path.suffix.lower() == ".png":
+        _remove_abandoned_sequences(path)
+        _refuse_earlier_sequence(path)
+    return path
+
+
+def sequence_names(path: Path, count: int) -> list[str]:
+    """stem-0000.png …: four digits, more when the sequence needs them (every name of one sequence as wide)."""
+    digits = max(4, len(str(count - 1)))
+    return [f"{path.stem}-{i:0{digits}d}.png" for i in range(count)]
+
+
+def _earlier_frames(path: Path) -> list[str]:
+    pattern = re.compile(re.escape(path.stem) + r"-[0-9]{4,}\.png")
+    try:
+        with os.scandir(path.parent) as entries:
+            return sorted(e.name for e in entries if pattern.fullmatch(e.name))
+    except OSError as e:
+        raise ResidencyError(f"{path}: cannot list directory {path.parent} to check for an earlier sequence "
+                             f"({e.strerror or e})", hint="pick a directory you can read and write") from None
+
+
+def _refuse_earlier_sequence(path: Path) -> None:
+    # Refused rather than deleted: numbered files of that name may not be ours, and deleting them after
+    # writing the new sequence would leave a mix if the run were killed in between.
+    found = _earlier_frames(path)
+    if found:
+        raise ResidencyError(
+            f"{path.parent / found[0]}: {len(found)} numbered frame(s) of an earlier {path.name} sequence are "
+            "there; a new sequence does not mix with them",
+            hint=f"remove them first (rm {path.parent / path.stem}-*.png) or pick another output name")
+
+
+# A sequence being written lives in .NAME.frames-HOST-PID-XXXX.tmp until it is complete.
+def _temp_prefix(path: Path) -> str:
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64]
+    return f".{path.name}.frames-{host}-{os.getpid()}-"
+
+
+def _remove_abandoned_sequences(path: Path) -> None:
+    """Delete the temp directories that a killed run of this host left for this name (its pid is gone)."""
+    host_prefix = _temp_prefix(path).rsplit("-", 2)[0] + "-"
+    pattern = re.compile(re.escape(host_prefix) + r"([0-9]+)-[A-Za-z0-9_]+\.tmp")
+    try:
+        with os.scandir(path.parent) as entries:
+            abandoned = [e.path for e in entries if (m := pattern.fullmatch(e.name))
+                         and not _alive(int(m.group(1))) and e.is_dir(follow_symlinks=False)]
+    except OSError:  # an unreadable directory is reported by the check for an earlier sequence
+        return
+    for directory in abandoned:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a pid no process can have
+        return True
+    return True
+
+
+# --- writing -----------------------------------------------------------------------------------------------
 def write_frames(frames: Sequence[np.ndarray], path: str | os.PathLike[str], fps: float) -> list[Path]:
     """Write HxWx3 uint8 frames as one GIF, or as numbered PNGs (stem-0000.png …); returns the files."""
     from PIL import Image
 
-    from residency.checkpoint.atomic import atomic_output
-
     path = check_output_path(path)
-    images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
-    if not images:
+    if not len(frames):
         raise ResidencyError("no frames to write", hint="ask for at least one frame")
     if path.suffix.lower() == ".gif":
+        from residency.checkpoint.atomic import atomic_output  # imports torch: only for the GIF
+
+        images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
         with atomic_output(path) as tmp:
             images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                           duration=max(1, round(1000 / fps)), loop=0)
+                           duration=min(MAX_GIF_FRAME_MS, max(1, round(1000 / fps))), loop=0)
         return [path]
-    out = []
-    for i, img in enumerate(images):
-        target = path.with_name(f"{path.stem}-{i:04d}.png")
-        with atomic_output(target) as tmp:
-            img.save(tmp, format="PNG")
-        out.append(target)
-    return out
+    return _write_sequence(frames, path)
+
+
+def _write_sequence(frames: Sequence[np.ndarray], path: Path) -> list[Path]:
+    """Every PNG into a temp directory beside `path`, then renamed into place: a run killed while encoding
+    leaves no frame (its temp directory is removed by the next write of that name)."""
+    from PIL import Image
+
+    names = sequence_names(path, len(frames))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise ResidencyError(f"{path}: cannot create a temporary directory beside it ({e.strerror or e})",
+                             hint="check the directory is writable and has free space") from None
+    try:
+        for name, frame in zip(names, frames, strict=True):
+            with open(staging / name, "wb") as f:
+                Image.fromarray(np.asarray(frame, dtype=np.uint8)).save(f, format="PNG")
+                f.flush()
+                os.fsync(f.fileno())  # the renames below must not publish frames that a power cut loses
+            os.chmod(staging / name, 0o644)
+        _refuse_earlier_sequence(path)  # again: another program may have written some while we encoded
+        for name in names:  # renames only: microseconds per frame
+            os.rename(staging / name, path.parent / name)
+        _fsync_directory(path.parent)
+    except OSError as e:
+        raise ResidencyError(f"{path}: writing the frames failed ({e.strerror or e})",
+                             hint="check free disk space and permissions") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [path.parent / name for name in names]
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # not every file system allows it; the renames are still atomic
+        pass
+    finally:
+        os.close(fd)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from residency.errors import UsageError
 
@@ -26,21 +27,27 @@ _UNITS = {
     "G": 2**30,
     "T": 2**40,
 }
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+# ASCII digits only: str.isdigit and float() accept other scripts ('٦GiB'); Decimal reads any length exactly.
+_SIZE_RE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]{0,3})\s*", re.ASCII)
+MAX_SIZE_BYTES = 2**60  # 1 EiB: larger than any memory; beyond it a size is a typo
 
 
-def parse_size(text: str, what: str = "size") -> int:
-    """Bytes in `text`; raises UsageError naming `what` and the value on bad input."""
-    m = _SIZE_RE.match(str(text))
+def parse_size(text: str, what: str = "size", min_bytes: int = 1) -> int:
+    """Bytes in `text`, from `min_bytes` to MAX_SIZE_BYTES; raises UsageError naming `what` and the value.
+
+    Exact (decimal arithmetic, rounded down to whole bytes): "1.5G" is 1610612736, not a float's guess.
+    """
+    text = str(text)
+    shown = repr(text if len(text) <= 40 else text[:40] + "…")
+    m = _SIZE_RE.fullmatch(text) if len(text) <= 1000 else None
     unit = m.group(2).upper() if m else None
     if m is None or unit not in _UNITS:
-        raise UsageError(
-            f"cannot read {what} {text!r}",
-            hint="write a number with a unit, e.g. 6GiB, 6GB, 6000MB or 512MiB",
-        )
-    value = float(m.group(1)) * _UNITS[unit]
-    if value <= 0:
-        raise UsageError(f"{what} must be positive, got {text!r}", hint="e.g. 6GiB")
+        raise UsageError(f"cannot read {what} {shown}",
+                         hint="write a number with a unit, e.g. 6GiB, 6GB, 6000MB or 512MiB")
+    value = Decimal(m.group(1)) * _UNITS[unit]
+    if not min_bytes <= value <= MAX_SIZE_BYTES:
+        raise UsageError(f"{what} must be at least {fmt_bytes(min_bytes)} and at most 2**60 bytes (1 EiB), "
+                         f"got {shown}", hint="e.g. 6GiB or 512MiB")
     return int(value)
 
 

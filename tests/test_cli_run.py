@@ -65,7 +65,7 @@ def test_run_writes_numbered_pngs(files):
 
 
 BAD = [
-    (["run", "tiny", "--image", "missing.png", *PROFILE, "-o", "o.gif"], 1, "no such image"),
+    (["run", "tiny", "--image", "missing.png", *PROFILE, "-o", "o.gif"], 1, "cannot read the start image (no such file)"),
     (["run", "tiny", "--image", "notimage.png", *PROFILE, "-o", "o.gif"], 1, "not a readable image"),
     (["run", "tiny", "--image", "small.png", *PROFILE, "-o", "o.gif"], 1, "image is 48x32"),
     (["run", "tiny", "*PROFILE", "-o", "o.gif"], 2, "needs a start image"),
@@ -81,14 +81,15 @@ BAD = [
      "does not exist"),
     (["run", "tiny", "--image", "start.png", "--plan", "other-plan.json", "-o", "o.gif"], 1,
      "the plan was made for model 'game-64'"),
-    (["run", "tiny", "--image", "start.png", *PROFILE, "--fps", "0", "-o", "o.gif"], 2, "--fps must be positive"),
+    (["run", "tiny", "--image", "start.png", *PROFILE, "--fps", "0", "-o", "o.gif"], 2,
+     "argument --fps: must be a number of frames per second above 0.01"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.gif", "--dashboard"], 2, "needs a terminal"),
     (["play", "tiny", "--image", "start.png", *PROFILE], 2, "needs a terminal"),
     (["dashboard", "trace.json"], 2, "needs a terminal"),
     (["dashboard", "missing.json", "--once"], 1, "no such trace file"),
     (["dashboard", "notimage.png", "--once"], 1, "not valid JSON"),
     (["demo", "-o", "notimage.png/out"], 1, "cannot create the output directory"),
-    (["demo", "--frames", "0"], 2, "--frames must be between"),
+    (["demo", "--frames", "0"], 2, "argument --frames: must be a whole number of latent frames from 1 to 10000"),
 ]
 
 

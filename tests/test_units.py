@@ -25,3 +25,21 @@ def test_parse_size_rejects_bad_values_with_a_hint(text):
 def test_fmt_bytes_uses_binary_units():
     assert fmt_bytes(1536 * 2**20) == "1.50 GiB"
     assert fmt_bytes(512) == "512 B"
+
+
+@pytest.mark.parametrize("text", ["0.5", "1KiB", "9" * 400, "2048PiB", "1048577TiB"])
+def test_parse_size_refuses_sizes_outside_its_range_naming_the_value(text):
+    with pytest.raises(UsageError) as err:
+        parse_size(text, what="--vram", min_bytes=2**20)
+    assert "--vram" in err.value.message and repr(text[:40] + ("…" if len(text) > 40 else "")) in err.value.message
+
+
+@pytest.mark.parametrize("text", ["٦GiB", "6²GiB", "1_000MiB", "nan", "inf", "6\u2009GiB"])
+def test_parse_size_reads_only_ascii_numbers(text):
+    with pytest.raises(UsageError, match="cannot read"):
+        parse_size(text, what="--vram")
+
+
+def test_parse_size_is_exact_to_the_byte():
+    assert parse_size("1152921504606846975") == 2**60 - 1  # a float would read 2**60
+    assert parse_size("0.3MB") == 300_000

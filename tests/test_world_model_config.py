@@ -101,3 +101,29 @@ def test_unknown_preset_lists_the_presets():
 def test_meta_pipeline_takes_the_requested_dtype():
     pipe = WorldModelPipeline.from_config("tiny", device="meta", dtype=torch.bfloat16)
     assert pipe.dtype == torch.bfloat16 and pipe.device.type == "meta"
+
+
+# --- sizes checked before anything is built ----------------------------------------------------------------
+@pytest.mark.parametrize("field, value", [
+    ("height", 16384), ("width", 16384), ("dim", 2**40), ("depth", 10**6), ("heads", 10**30),
+    ("latent_channels", 10**9), ("patch_size", 4096), ("temporal_compression", 1000),
+    ("context_frames", 10**9), ("timestep_freq_dim", 10**12), ("height", True), ("depth", 4.0),
+    ("mlp_ratio", float("inf")), ("mlp_ratio", float("nan")), ("rope_theta", 10**400), ("timestep_shift", 1e300),
+    ("mlp_ratio", True), ("vae_channels", [2**20, 32, 64, 64]), ("vae_channels", [True, 32, 64, 64]),
+    ("actions", ["idle"] * 1000), ("actions", ["idle", "right*2"]), ("actions", ["idle", "Up"]),
+    ("name", "x" * 10_000), ("kv_dtype", "int3"),
+])
+def test_from_dict_refuses_an_out_of_range_or_mistyped_size_naming_field_and_value(field, value):
+    with pytest.raises(ResidencyError, match=f"'{field}'") as err:
+        WorldModelConfig.from_dict({**PRESETS["tiny"].to_dict(), field: value})
+    assert len(err.value.message) < 400  # a 10,000-character value is cut, not echoed
+
+
+def test_a_video_of_too_many_tokens_is_refused_though_each_side_is_in_range():
+    with pytest.raises(ResidencyError, match="tokens per frame"):
+        PRESETS["tiny"].replace(height=4096, width=4096, spatial_compression=8, patch_size=1, vae_channels=(32,) * 4)
+
+
+def test_every_preset_is_within_the_limits():
+    for config in PRESETS.values():
+        assert WorldModelConfig.from_dict(config.to_dict()) == config

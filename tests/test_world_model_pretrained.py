@@ -76,3 +76,44 @@ def test_missing_config_is_a_clear_error(pipe, tmp_path):
     path = save_checkpoint(tmp_path / "bare.safetensors", pipe.state_dict())
     with pytest.raises(ResidencyError, match="no world model config"):
         WorldModelPipeline.from_pretrained(path)
+
+
+def _saved_with_config(pipe, tmp_path, **changes):
+    target = pipe.save_pretrained(tmp_path / "model")
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **changes}))
+    return target
+
+
+def test_a_config_json_of_16384x16384_is_refused_before_anything_is_built(pipe, tmp_path, monkeypatch):
+    target = _saved_with_config(pipe, tmp_path, height=16384, width=16384)
+    built = []
+    monkeypatch.setattr(WorldModelPipeline, "__init__", lambda *a, **k: built.append(a))
+    with pytest.raises(ResidencyError) as err:
+        WorldModelPipeline.from_pretrained(target)
+    assert str(target / "config.json") in err.value.message and "'height'" in err.value.message
+    assert "16384" in err.value.message and built == []
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"dim": ' + "9" * 5000 + "}", "{"])
+def test_a_config_in_metadata_that_is_not_json_is_a_clear_error(tmp_path, text):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, {"w": torch.zeros(2)}, metadata={CONFIG_KEY: text})
+    with pytest.raises(ResidencyError, match="metadata key 'residency.config'"):
+        WorldModelPipeline.from_pretrained(path)
+
+
+def test_save_pretrained_replaces_config_json_atomically(pipe, tmp_path, monkeypatch):
+    target = pipe.save_pretrained(tmp_path / "model")
+    before = (target / "config.json").read_text()
+    real_write_text = type(target).write_text
+
+    def failing_write_text(self, text, *a, **k):
+        real_write_text(self, text[: len(text) // 2], *a, **k)  # half written, then the disk fills up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(target), "write_text", failing_write_text)
+    with pytest.raises(ResidencyError, match="No space left"):
+        pipe.save_pretrained(target)
+    assert (target / "config.json").read_text() == before
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]

@@ -106,35 +106,61 @@ class Trainer:
     # --- checkpoints ---
     @property
     def checkpoint_path(self) -> Path:
-        return self.work / "checkpoint.pt"
+        # safetensors plus a JSON metadata entry: resuming reads tensors and JSON, never a pickle.
+        return self.work / "checkpoint.safetensors"
 
     def save(self) -> None:
+        from safetensors.torch import save_file
+
         self.work.mkdir(parents=True, exist_ok=True)
-        state = {"train_config": asdict(self.cfg), "phase": self.phase, "step": self.step,
-                 "model": self.pipe.state_dict(), "ema": self.ema.shadow, "vae_opt": self.vae_opt.state_dict(),
-                 "dit_opt": self.dit_opt.state_dict(), "seconds": self.seconds, "history": self.history}
+        # clone: safetensors refuses tensors that share storage (tied weights, views of one buffer).
+        tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in self.pipe.state_dict().items()}
+        tensors.update({f"ema.{k}": v.detach().clone().contiguous() for k, v in self.ema.shadow.items()})
+        param_groups = {}
+        for key, opt in (("vae_opt", self.vae_opt), ("dit_opt", self.dit_opt)):
+            state = opt.state_dict()
+            param_groups[key] = state["param_groups"]
+            for index, values in state["state"].items():
+                for name, value in values.items():
+                    tensors[f"{key}.{index}.{name}"] = torch.as_tensor(value).detach().clone().contiguous()
+        doc = {"train_config": asdict(self.cfg), "phase": self.phase, "step": self.step,
+               "seconds": self.seconds, "history": self.history, "param_groups": param_groups}
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        save_file(tensors, tmp, metadata={"trainer": json.dumps(doc)})
         tmp.replace(self.checkpoint_path)  # atomic: a kill mid-save leaves the previous checkpoint
 
     def load(self) -> None:
-        state = torch.load(self.checkpoint_path, weights_only=False)
+        from safetensors import safe_open
+
+        with safe_open(self.checkpoint_path, framework="pt") as f:
+            doc = json.loads(f.metadata()["trainer"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
         # Extending a run is allowed: more DiT steps (the cosine schedule stretches from here on) or time.
         extendable = {"dit_steps", "max_minutes"}
-        saved = {k: v for k, v in state["train_config"].items() if k not in extendable}
+        saved = {k: v for k, v in doc["train_config"].items() if k not in extendable}
         if saved != {k: v for k, v in asdict(self.cfg).items() if k not in extendable} or (
-                self.cfg.dit_steps < state["train_config"]["dit_steps"]):
+                self.cfg.dit_steps < doc["train_config"]["dit_steps"]):
             raise SystemExit(f"error: {self.checkpoint_path} was written with other settings\n"
                              "hint: pass the same options as the interrupted run (--dit-steps may grow), "
                              "or a new --work directory")
-        self.resumed_from = {"phase": state["phase"], "step": state["step"], "config": state["train_config"]}
-        self.pipe.load_state_dict(state["model"])
-        self.ema.shadow = state["ema"]
-        self.vae_opt.load_state_dict(state["vae_opt"])
-        self.dit_opt.load_state_dict(state["dit_opt"])
-        self.phase, self.step = state["phase"], state["step"]
-        self.seconds.update(state["seconds"])
-        self.history = state["history"]
+        self.resumed_from = {"phase": doc["phase"], "step": doc["step"], "config": doc["train_config"]}
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.pipe.load_state_dict(part("model."))
+        self.ema.shadow = part("ema.")
+        for key, opt in (("vae_opt", self.vae_opt), ("dit_opt", self.dit_opt)):
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for name, value in part(f"{key}.").items():
+                index, _, field = name.partition(".")
+                state.setdefault(int(index), {})[field] = value
+            groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                      for g in doc["param_groups"][key]]  # JSON made AdamW's betas tuple a list
+            opt.load_state_dict({"state": state, "param_groups": groups})
+        self.phase, self.step = doc["phase"], doc["step"]
+        self.seconds.update(doc["seconds"])
+        self.history = {k: [tuple(p) for p in v] for k, v in doc["history"].items()}
         self.console.print(f"resumed at {self.phase} step {self.step}")
 
     # --- phases ---

@@ -6,6 +6,7 @@ Frozen and validated on construction, so a planner can size a model from its con
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -28,6 +29,30 @@ KV_DTYPES: dict[str, torch.dtype] = {
     "fp8": torch.float8_e4m3fn,
 }
 KV_DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+
+
+# Sizes a config may ask for, checked before anything is built from it: a config.json that says
+# 16384x16384 would otherwise allocate a position table of gigabytes before any other check.
+INT_RANGES: dict[str, tuple[int, int]] = {  # field: (smallest, largest)
+    "height": (1, 4096), "width": (1, 4096),  # video pixels
+    "temporal_compression": (1, 16), "spatial_compression": (1, 64),
+    "latent_channels": (1, 1024), "patch_size": (1, 16),
+    "dim": (1, 16384), "depth": (1, 256), "heads": (1, 256), "timestep_freq_dim": (1, 16384),
+    "steps": (1, 8),  # the few-step sampler
+    "context_frames": (1, 1024),
+}  # fmt: skip
+FLOAT_MAXIMA: dict[str, float] = {"mlp_ratio": 64.0, "rope_theta": 1e12, "timestep_shift": 1000.0}
+MAX_VAE_WIDTH = 4096  # channels of one VAE level
+MAX_TOKENS_PER_FRAME = 16384
+MAX_POSITION_TABLE_VALUES = 2**26  # tokens per frame × dim: 256 MiB of float32 position table
+MAX_ACTIONS = 256
+MAX_NAME_CHARS = 128
+_ACTION_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "…"
 
 
 def _field_error(name: str, problem: str, hint: str | None = None) -> ResidencyError:
@@ -89,18 +114,22 @@ class WorldModelConfig:
             object.__setattr__(self, key, value)
 
     def _validate(self) -> None:
-        positive = ("height", "width", "temporal_compression", "spatial_compression", "latent_channels",
-                    "patch_size", "dim", "depth", "heads", "timestep_freq_dim", "steps", "context_frames")
-        for name in positive:
+        if not isinstance(self.name, str) or not 0 < len(self.name) <= MAX_NAME_CHARS:
+            raise _field_error("name", f"expected a name of 1 to {MAX_NAME_CHARS} characters, "
+                               f"got {_shown(self.name)}")
+        for name, (low, high) in INT_RANGES.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise _field_error(name, f"expected an int, got {type(value).__name__} {value!r}")
+                raise _field_error(name, f"expected an int, got {type(value).__name__} {_shown(value)}")
             if value <= 0:
-                raise _field_error(name, f"must be positive, got {value}")
-        for name in ("mlp_ratio", "rope_theta", "timestep_shift"):
+                raise _field_error(name, f"must be positive, got {_shown(value)}")
+            if not low <= value <= high:
+                raise _field_error(name, f"must be from {low} to {high}, got {_shown(value)}")
+        for name, high in FLOAT_MAXIMA.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise _field_error(name, f"expected a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= high:
+                raise _field_error(name, f"expected a finite number above 0 and at most {high:g}, "
+                                   f"got {_shown(value)}")
         s = self.spatial_compression
         if s & (s - 1):
             raise _field_error("spatial_compression", f"must be a power of two, got {s}", hint="use 8 or 16")
@@ -109,28 +138,37 @@ class WorldModelConfig:
                 raise _field_error(
                     side, f"{getattr(self, side)} is not a multiple of spatial_compression × patch_size = "
                     f"{s * self.patch_size}", hint="pick a video size the latent grid divides into whole tokens")
+        for name in ("vae_channels", "actions"):
+            if not isinstance(getattr(self, name), tuple | list):
+                raise _field_error(name, f"expected a list, got {type(getattr(self, name)).__name__}")
         levels = int(math.log2(s))
         if len(self.vae_channels) != levels + 1:
             raise _field_error("vae_channels", f"needs log2(spatial_compression)+1 = {levels + 1} widths, "
                                f"got {len(self.vae_channels)}")
         for width in self.vae_channels:
-            if isinstance(width, bool) or not isinstance(width, int) or width <= 0 or width % 8:
-                raise _field_error("vae_channels", f"widths must be positive multiples of 8 (GroupNorm of 8 "
-                                   f"groups), got {width!r}")
+            if isinstance(width, bool) or not isinstance(width, int) or not 0 < width <= MAX_VAE_WIDTH or width % 8:
+                raise _field_error("vae_channels", f"widths must be multiples of 8 (GroupNorm of 8 groups) from 8 "
+                                   f"to {MAX_VAE_WIDTH}, got {_shown(width)}")
         if self.dim % self.heads:
             raise _field_error("heads", f"dim {self.dim} is not divisible by heads {self.heads}")
         if (self.dim // self.heads) % 2:
             raise _field_error("heads", f"head_dim {self.dim // self.heads} must be even for RoPE")
-        if not 1 <= self.steps <= 8:
-            raise _field_error("steps", f"the few-step sampler takes 1..8 steps, got {self.steps}")
         if self.context_frames < 2:
             raise _field_error("context_frames", f"needs the anchor plus at least one recent frame, got "
                                f"{self.context_frames}")
-        if self.kv_dtype not in KV_DTYPES:
+        tokens = (self.height // (s * self.patch_size)) * (self.width // (s * self.patch_size))
+        if tokens > MAX_TOKENS_PER_FRAME or tokens * self.dim > MAX_POSITION_TABLE_VALUES:
+            raise _field_error("height", f"{self.height}x{self.width} video makes {tokens} tokens per frame of "
+                               f"width {self.dim}: more than this model family sizes ({MAX_TOKENS_PER_FRAME} "
+                               f"tokens, {MAX_POSITION_TABLE_VALUES} position-table values)",
+                               hint="a smaller video, or a larger spatial_compression or patch_size")
+        if not isinstance(self.kv_dtype, str) or self.kv_dtype not in KV_DTYPES:
             raise _field_error("kv_dtype", f"unknown KV storage dtype {self.kv_dtype!r}",
                                hint=f"one of {', '.join(KV_DTYPES)}")
-        if not self.actions or any(not isinstance(a, str) or not a for a in self.actions):
-            raise _field_error("actions", "must be a non-empty list of non-empty names")
+        if not 0 < len(self.actions) <= MAX_ACTIONS or any(
+                not isinstance(a, str) or not _ACTION_RE.fullmatch(a) for a in self.actions):
+            raise _field_error("actions", f"must be a list of 1 to {MAX_ACTIONS} names, each lower-case letters, "
+                               f"digits and _ (a script writes them as right*8,up*4), got {_shown(self.actions)}")
         if len(set(self.actions)) != len(self.actions):
             raise _field_error("actions", "names must be unique")
         if "idle" not in self.actions:
@@ -175,7 +213,7 @@ class WorldModelConfig:
                     raise _field_error(key, f"expected a list, got {type(value).__name__}")
                 value = tuple(value)
             elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
+                value = float(value) if abs(value) <= 2**53 else value  # a larger int is refused, not overflowed
             elif isinstance(value, bool) or not isinstance(value, type(default)):
                 raise _field_error(key, f"expected {type(default).__name__}, got {type(value).__name__} {value!r}")
             kwargs[key] = value

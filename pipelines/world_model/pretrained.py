@@ -14,8 +14,11 @@ from pathlib import Path
 import torch
 
 from pipelines.world_model.config import WorldModelConfig
+from residency import userpath
 from residency.checkpoint import open_checkpoint, save_checkpoint
+from residency.checkpoint.atomic import atomic_output
 from residency.errors import ResidencyError
+from residency.jsonfile import read_json
 
 CONFIG_KEY = "residency.config"  # checkpoint metadata key holding the config JSON
 CONFIG_FILE = "config.json"
@@ -35,33 +38,47 @@ def save_pretrained(pipe, path: str | os.PathLike[str], format: str | Mapping[st
     metadata = {CONFIG_KEY: config_json}
     if path.suffix.lower() in (".gguf", ".safetensors"):
         return save_checkpoint(path, tensors, formats=format, metadata=metadata)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ResidencyError(f"{path}: cannot create the pipeline directory ({e.strerror or e})",
+                             hint="pick a writable place, or a .safetensors/.gguf file name") from None
     save_checkpoint(path / WEIGHTS_FILE, tensors, formats=format, metadata=metadata)
-    (path / CONFIG_FILE).write_text(config_json + "\n")
+    with atomic_output(path / CONFIG_FILE) as tmp:  # a kill leaves the old config.json or the new one
+        tmp.write_text(config_json + "\n")
     return path
 
 
 def load_config(path: Path, metadata: Mapping[str, str]) -> WorldModelConfig:
-    config_file = path / CONFIG_FILE if path.is_dir() else None
-    if config_file is not None and config_file.exists():
-        text, source = config_file.read_text(), str(config_file)
+    """The config beside the weights (config.json) or in their metadata, every field checked before use.
+
+    Errors name the file (or metadata key), the field and the value.
+    """
+    config_file = path / CONFIG_FILE
+    hint = "write the pipeline with WorldModelPipeline.save_pretrained, or fix the field named"
+    if userpath.path_kind(path)[0] == userpath.DIRECTORY and userpath.exists(config_file):
+        source = str(config_file)
+        data = read_json(config_file, "a world model config", hint)
     elif CONFIG_KEY in metadata:
-        text, source = metadata[CONFIG_KEY], f"{path} metadata key {CONFIG_KEY!r}"
+        source = f"{path} metadata key {CONFIG_KEY!r}"
+        try:
+            data = json.loads(metadata[CONFIG_KEY])
+        except (ValueError, RecursionError) as e:  # also too deep a nesting, or an int of 5,000 digits
+            raise ResidencyError(f"{source}: config is not valid JSON ({str(e)[:200]})", hint=hint) from None
     else:
         raise ResidencyError(f"{path}: no world model config found",
                              hint=f"expected {CONFIG_FILE} beside the weights or a {CONFIG_KEY!r} metadata key")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ResidencyError(f"{source}: config is not valid JSON ({e})") from None
-    return WorldModelConfig.from_dict(data)
+        return WorldModelConfig.from_dict(data)
+    except ResidencyError as e:
+        raise ResidencyError(f"{source}: {e.message}", hint=e.hint or hint) from None
 
 
 def load_pretrained(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32):
     """Build `cls` on the meta device and assign dequantized tensors: no random init, one copy each."""
     path = Path(os.fspath(path))
-    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    weights = path / WEIGHTS_FILE if userpath.path_kind(path)[0] == userpath.DIRECTORY else path
     with open_checkpoint(weights) as checkpoint:
         config = load_config(path, checkpoint.metadata)
         with torch.device("meta"):

@@ -5,28 +5,42 @@ Names come from the model's keyboard vocabulary; a bad token is named in the err
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from residency.errors import UsageError
 
 MAX_REPEAT = 100_000  # a typo like right*99999999 must not allocate a giant list
+MAX_SCRIPT_ACTIONS = 100_000  # the whole script expanded: many repeats add up as one big repeat would
+# ASCII digits only: str.isdigit() accepts '²' (which int() refuses) and '٣' (which int() reads as 3).
+_COUNT_RE = re.compile(r"[0-9]{1,7}")
+
+
+def _shown(token: str) -> str:
+    return repr(token if len(token) <= 40 else token[:40] + "…")
 
 
 def parse_actions(script: str, vocabulary: Sequence[str]) -> list[str]:
-    actions: list[str] = []
-    hint = f"write comma-separated actions with optional repeats, e.g. right*8,up*4,idle; actions: {', '.join(vocabulary)}"
+    hint = (f"write comma-separated actions with optional repeats, e.g. right*8,up*4,idle; "
+            f"actions: {', '.join(vocabulary)}")
     if not script.strip():
         raise UsageError("the action script is empty", hint=hint)
+    actions: list[str] = []
     for raw in script.split(","):
         token = raw.strip()
         name, star, count = token.partition("*")
         name = name.strip().lower()
         if name not in vocabulary:
-            raise UsageError(f"unknown action {name!r} in {token!r}", hint=hint)
+            raise UsageError(f"unknown action {_shown(name)} in {_shown(token)}", hint=hint)
         repeat = 1
         if star:
-            if not count.strip().isdigit() or not 1 <= int(count) <= MAX_REPEAT:
-                raise UsageError(f"bad repeat count in {token!r}", hint=f"a whole number from 1 to {MAX_REPEAT}, e.g. {name}*8")
+            count = count.strip()
+            if not _COUNT_RE.fullmatch(count) or not 1 <= int(count) <= MAX_REPEAT:
+                raise UsageError(f"bad repeat count in {_shown(token)}",
+                                 hint=f"a whole number from 1 to {MAX_REPEAT}, e.g. {name}*8")
             repeat = int(count)
+        if len(actions) + repeat > MAX_SCRIPT_ACTIONS:
+            raise UsageError(f"the action script expands to more than {MAX_SCRIPT_ACTIONS} actions",
+                             hint="a short script repeats: give --frames for a longer rollout")
         actions.extend([name] * repeat)
     return actions

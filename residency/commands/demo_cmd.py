@@ -10,13 +10,15 @@ import itertools
 from collections import Counter
 from pathlib import Path
 
-from residency.commands import run_cmd
+from residency import userpath
+from residency.commands import arg_types, run_cmd
 from residency.commands.console import make_console
-from residency.errors import ResidencyError, UsageError
+from residency.errors import ResidencyError
 
 DEMO_FPS = 15.0  # video frames per second the plan must hold
 VRAM_FRACTION = 0.75  # of the model's weight bytes at the compute dtype: too small to keep every block resident
 # 56 latent frames of varied actions: long enough for a steady median, ~5 s of compute on 2 cores.
+MAX_FRAMES = 10_000  # latent frames: the whole video is held in memory until demo.gif is written
 SCRIPT = "right*8,down*6,jump*2,left*8,up*6,use*2,down_right*6,up_left*6,idle*4,right*8"
 
 
@@ -24,7 +26,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="plan and run the shipped world model under a small VRAM budget; write a GIF "
                        "and a trace", description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--output-dir", default=".", metavar="DIR", help="where demo.gif and demo-trace.json go")
-    p.add_argument("--frames", type=int, metavar="N", help="latent frames (default: the 56 of the script)")
+    p.add_argument("--frames", type=arg_types.bounded_int(1, MAX_FRAMES, "latent frames"), metavar="N",
+                   help="latent frames (default: the 56 of the script)")
     p.add_argument("--once", action="store_true", help="no live dashboard: print its final render (the default "
                    "when stdout is not a terminal)")
     p.set_defaults(run=run)
@@ -53,10 +56,13 @@ def run(args) -> int:
     from residency.media import check_output_path, write_frames
 
     console, err = make_console(), make_console(stderr=True)
-    if args.frames is not None and not 1 <= args.frames <= 10_000:
-        raise UsageError(f"--frames must be between 1 and 10000, got {args.frames}", hint="e.g. --frames 16")
     out_dir = Path(args.output_dir)
-    if not out_dir.is_dir():
+    kind, reason = userpath.path_kind(out_dir)
+    if kind in (userpath.FILE, userpath.OTHER, userpath.BAD):
+        why = reason or "a file, not a directory"
+        raise ResidencyError(f"{str(out_dir)[:200]}: cannot write the demo there ({why})",
+                             hint="give a directory with -o (it is created if missing)")
+    if kind == userpath.MISSING:
         try:  # a new directory for the demo's two files is what `-o DIR` asks for
             out_dir.mkdir(parents=True)
         except OSError as e:

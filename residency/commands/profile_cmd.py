@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from residency import userpath
+from residency.commands import arg_types
 from residency.commands.console import make_console
 from residency.device import DeviceProfile, default_device, measure_profile, profile_to_dict, save_profile
 from residency.device.measure import parse_device
@@ -26,7 +28,8 @@ SUMMARY_LINK_SIZES_BYTES = (64 * 2**10, 2**20, 64 * 2**20)
 
 def add_parser(sub) -> None:
     p = sub.add_parser("profile", help="measure this machine's link, memory, matmul and dequant rates")
-    p.add_argument("--device", default=None, help="cuda:N or cpu (default: cuda:0 if a GPU is visible, else cpu)")
+    p.add_argument("--device", type=arg_types.device, default=None,
+                   help="cuda:N or cpu (default: cuda:0 if a GPU is visible, else cpu)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (under a minute on the CPU)")
     p.add_argument("-o", "--output", metavar="PATH", default=None,
                    help="where to write the profile JSON (default: ./profile-<device>.json)")
@@ -41,10 +44,14 @@ def default_output(device: str) -> Path:
 def _check_output(path: Path) -> None:
     # Checked before measuring: a bad -o should not cost a minute of measurement.
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
+    kind, reason = userpath.path_kind(path)
+    if kind == userpath.BAD:
+        raise ResidencyError(f"{str(path)[:200]}: cannot write the profile there ({reason})",
+                             hint="give -o a shorter file name")
+    if userpath.path_kind(parent)[0] != userpath.DIRECTORY:
         raise ResidencyError(f"{path}: directory {str(parent)!r} does not exist",
                              hint="create it first, or give -o a path in an existing directory")
-    if path.is_dir():
+    if kind == userpath.DIRECTORY:
         raise ResidencyError(f"{path}: is a directory", hint="give -o a file name, e.g. -o profile.json")
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from residency import userpath
+from residency.commands import arg_types
 from residency.commands.actions import parse_actions
 from residency.commands.console import make_console
 from residency.errors import ResidencyError, UsageError
@@ -21,6 +23,7 @@ from residency.errors import ResidencyError, UsageError
 DEFAULT_ACTIONS = "right*4,down*4,left*4,up*4"
 GIF_FPS = 15.0  # playback rate of written GIFs when no --fps is given
 NEEDS_REAL_WEIGHTS = ("lucid-500m", "lucid-800m")  # random weights of this size cost GBs and show noise
+MAX_FRAMES = 100_000  # latent frames of one run: every video frame is held until the file is written
 
 
 def add_model_arguments(p, plan_option: bool = True) -> None:
@@ -33,10 +36,11 @@ def add_model_arguments(p, plan_option: bool = True) -> None:
         p.add_argument("--plan", metavar="PATH", help="a plan from `residency plan -o` (instead of planning here)")
     p.add_argument("--profile", metavar="NAME|PATH", help="device profile (default: this machine's, measured once "
                    "in quick mode and cached)")
-    p.add_argument("--fps", type=float, metavar="N", help="video frames per second to plan for")
-    p.add_argument("--vram", metavar="SIZE", help="device memory the plan may use, e.g. 20MiB (default: the "
-                   "profile's usable memory)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the session")
+    p.add_argument("--fps", type=arg_types.FPS, metavar="N", help="video frames per second to plan for")
+    p.add_argument("--vram", type=arg_types.vram_size, metavar="SIZE", help="device memory the plan may use, "
+                   "e.g. 20MiB (default: the profile's usable memory; on the CPU no more than the RAM "
+                   "available now less the host store)")
+    p.add_argument("--seed", type=arg_types.seed, default=0, help="noise seed of the session (0 to 2**64-1)")
 
 
 def add_parser(sub) -> None:
@@ -45,7 +49,8 @@ def add_parser(sub) -> None:
     add_model_arguments(p)
     p.add_argument("--actions", default=DEFAULT_ACTIONS, metavar="SCRIPT",
                    help=f"one action per latent frame, e.g. 'right*8,up*4,idle*2' (default {DEFAULT_ACTIONS})")
-    p.add_argument("--frames", type=int, metavar="N", help="latent frames to generate (the script repeats)")
+    p.add_argument("--frames", type=arg_types.bounded_int(1, MAX_FRAMES, "latent frames"), metavar="N",
+                   help="latent frames to generate (the script repeats)")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="out.gif, or out.png for numbered PNGs")
     p.add_argument("--trace", metavar="PATH", help="write the Chrome trace (Perfetto) of the rollout here")
     p.add_argument("--dashboard", action="store_true", help="show the live dashboard on stdout (needs a terminal)")
@@ -106,12 +111,16 @@ def load_model(name: str) -> Model:
         raise ResidencyError(f"{name} needs real weights to run; residency ships none for it",
                              hint=f"plan it with `residency plan {name} --profile …`; run `default` or `tiny`, "
                              "or a saved pipeline directory")
-    elif Path(name).exists():
-        pipe, label = WorldModelPipeline.from_pretrained(name), Path(name).name
     else:
-        raise UsageError(f"unknown model {name!r}",
-                         hint="default, tiny, or the path of a saved pipeline (WorldModelPipeline.save_pretrained); "
-                         f"presets {', '.join(PRESETS)}")
+        kind, _ = userpath.path_kind(name)
+        if kind == userpath.MISSING:
+            raise UsageError(f"unknown model {name[:200]!r}",
+                             hint="default, tiny, or the path of a saved pipeline "
+                             f"(WorldModelPipeline.save_pretrained); presets {', '.join(PRESETS)}")
+        if kind != userpath.DIRECTORY:  # refuses a FIFO (open() would block), a device, a name the OS refuses
+            userpath.require_file(name, "a saved pipeline", hint="give a saved pipeline directory or a "
+                                  ".safetensors/.gguf file (WorldModelPipeline.save_pretrained)")
+        pipe, label = WorldModelPipeline.from_pretrained(name), Path(name).name
     workload = workload_from_dict(catalog_entry(pipe.config))
     return Model(pipe, workload, label, start, sensitivity, note)
 
@@ -152,7 +161,7 @@ def cached_profile(kind: str, console):
     from residency.device import load_profile, measure_profile, save_profile
 
     path = cached_profile_path(kind)
-    if path.is_file():
+    if userpath.path_kind(path)[0] == userpath.FILE:  # XDG_CACHE_HOME may name anything
         try:
             return load_profile(path)
         except ResidencyError as e:  # a damaged cache costs a re-measure, not the run
@@ -176,23 +185,51 @@ def frame_budget_ms(fps: float | None, video_frames_per_latent: int) -> float | 
     return 1000.0 * video_frames_per_latent / fps
 
 
+def default_vram_bytes(usable_bytes: int, workload, console) -> int:
+    """The budget when none is given: the profile's usable memory, on the CPU no more than the RAM free now.
+
+    On the CPU backend the device memory and the host store share the RAM: the budget is at most the
+    RAM available now (with the host store's headroom) less the store at the CPU's compute dtype (the
+    largest it can be), however much the profile found free when it was measured.
+    """
+    if device_kind() != "cpu":
+        return usable_bytes
+    import residency.device.host_memory as host_ram
+    from residency.runtime.host_store import HOST_HEADROOM
+    from residency.units import fmt_bytes
+
+    available = int(host_ram.host_memory().available_bytes * HOST_HEADROOM)
+    store = workload.nbytes("F32")
+    room = available - store
+    if room < arg_types.MIN_VRAM_BYTES:
+        raise ResidencyError(f"{fmt_bytes(available)} of RAM is available and the host store alone needs "
+                             f"{fmt_bytes(store)}: nothing is left for the model's device memory",
+                             hint="close other programs or raise the container's memory limit")
+    if room < usable_bytes:
+        console.print(f"note: device budget {fmt_bytes(room)}: the RAM available now less the host store "
+                      f"({fmt_bytes(store)}), below the profile's {fmt_bytes(usable_bytes)}")
+        return room
+    return usable_bytes
+
+
 def make_plan(model: Model, args, console, vram_bytes: int | None = None):
     """The plan to run: --plan loaded and checked against the model, or planned now with policy `ours`."""
     from residency.plan import load_plan
 
     if getattr(args, "plan", None):
         plan = load_plan(args.plan)
-        plan.check_matches(model.workload.fingerprint(), f"model {model.label}")
+        plan.check_matches(model.workload, f"model {model.label}")
         return plan, None
     from policies import PlanRequest, get_policy
     from residency.device import resolve_profile
     from residency.plan import Budget
-    from residency.units import parse_size
 
     frame_ms = frame_budget_ms(args.fps, model.workload.video_frames_per_latent)
-    vram = parse_size(args.vram, "--vram") if args.vram else vram_bytes
     profile = resolve_profile(args.profile) if args.profile else cached_profile(device_kind(), console)
-    req = PlanRequest(model.workload, profile, Budget(vram or profile.memory_usable_bytes, frame_ms),
+    vram = args.vram if args.vram is not None else vram_bytes  # bytes, parsed and bounded by arg_types
+    if vram is None:
+        vram = default_vram_bytes(profile.memory_usable_bytes, model.workload, console)
+    req = PlanRequest(model.workload, profile, Budget(vram, frame_ms),
                       sensitivity=model.sensitivity, compute_dtype="fp32" if device_kind() == "cpu" else "bf16")
     policy = get_policy("ours")
     plan = policy(req)
@@ -229,14 +266,12 @@ def final_snapshot(runtime):
 
 def check_trace_path(path: str) -> Path:
     """Validated before any work, like the frames' path: a .json in an existing, writable directory."""
+    from residency.media import check_writable_target
+
     p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
     if p.suffix.lower() != ".json":
         raise UsageError(f"{p}: a trace is a .json file", hint="e.g. --trace trace.json (open it in Perfetto)")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ResidencyError(f"{p}: directory {parent} does not exist or is not writable",
-                             hint="create it first, or pick another path")
-    return p
+    return check_writable_target(p)
 
 
 def report_speed(console, snapshot) -> None:
@@ -271,8 +306,6 @@ def run(args) -> int:
     console, err = make_console(), make_console(stderr=True)
     if args.dashboard:
         require_terminal(console, "--dashboard")
-    if args.frames is not None and not 1 <= args.frames <= 100_000:
-        raise UsageError(f"--frames must be between 1 and 100000, got {args.frames}", hint="e.g. --frames 16")
     out = check_output_path(args.output)
     trace = check_trace_path(args.trace) if args.trace else None
     model = load_model(args.model)

@@ -27,7 +27,8 @@ def _read_int(path: Path) -> int | None:
         text = path.read_text().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None  # "max" (v2 unlimited) reads as None
+    # "max" (v2 unlimited) reads as None; ASCII digits only (str.isdigit accepts '²', which int() refuses)
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 30 else None
 
 
 def cgroup_limit_bytes(root: Path = CGROUP_ROOT) -> tuple[int, int, str] | None:

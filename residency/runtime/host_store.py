@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from residency.device.host_memory import host_memory
+import residency.device.host_memory as host_ram  # looked up per call: tests patch host_ram.host_memory
 from residency.errors import ResidencyError
 from residency.formats import get_format
 from residency.formats.sizing import effective_format
@@ -128,8 +128,9 @@ class HostStore:
               extra_host_bytes: int = 0, host_budget_bytes: int | None = None) -> None:
         """Pack (or reuse) one blob per (block, module, spec, format, original tensors).
 
-        `extra_host_bytes` is other host memory the attach will take (the CPU backend's device memory,
-        pinned staging); all of it is checked against the RAM available before anything is packed.
+        `extra_host_bytes` is other host memory the attach will take (on the CPU backend, the plan's
+        predicted peak device bytes); all of it is checked against the RAM available before anything
+        is packed.
         """
         todo = []
         for block, module, spec, fmt, tensors in wanted:
@@ -139,15 +140,18 @@ class HostStore:
                 self.reused_bytes += hit[1].nbytes
             else:
                 todo.append((block, module, spec, fmt, tensors))
-        need = sum(blob_layout(spec, fmt).nbytes for _, _, spec, fmt, _ in todo) + extra_host_bytes
-        available = host_memory().available_bytes * HOST_HEADROOM
+        store = sum(blob_layout(spec, fmt).nbytes for _, _, spec, fmt, _ in todo)
+        available = host_ram.host_memory().available_bytes * HOST_HEADROOM
         if host_budget_bytes is not None:
             available = min(available, host_budget_bytes)
-        if need > available:
+        if store + extra_host_bytes > available:
+            extra = f" and {fmt_bytes(extra_host_bytes)} of device memory in RAM" if extra_host_bytes else ""
             raise HostMemoryExceeded(
-                f"the host store needs {fmt_bytes(need)} of RAM, {fmt_bytes(available)} is available "
-                "(MemAvailable or the cgroup memory.max, whichever is lower)",
-                hint="close other programs, raise the container's memory limit, or plan with smaller formats")
+                f"the host store needs {fmt_bytes(store)}{extra}: {fmt_bytes(store + extra_host_bytes)} of RAM, "
+                f"{fmt_bytes(available)} is available ({HOST_HEADROOM:.0%} of MemAvailable or of the cgroup "
+                "memory.max, whichever is lower)",
+                hint="close other programs, raise the container's memory limit, or plan with a smaller --vram "
+                "or smaller formats")
         for block, module, spec, fmt, tensors in todo:
             blob = pack_block(block, module, spec, fmt, tensors)
             _CACHE.setdefault(module, {})[(self.fingerprint, fmt)] = (_weights_token(tensors), blob)

@@ -44,7 +44,7 @@ class Runtime:
         if workload is None:
             raise ResidencyError("the runtime needs the workload the plan was made for",
                                  hint="pass workload=… (e.g. the catalog entry of the pipeline's config)")
-        plan.check_matches(workload.fingerprint(), f"workload {workload.name!r}")
+        plan.check_matches(workload, f"workload {workload.name!r}")
         self.plan, self.workload, self.replan = plan, workload, replan
         self.backend = get_backend(backend)
         self.ledger = Ledger(plan.budget.vram_bytes)
@@ -75,7 +75,7 @@ class Runtime:
         return {n: m for n, m, _ in blocks}
 
     def _attach(self, pipeline: nn.Module, plan: Plan) -> None:
-        plan.check_matches(self.workload.fingerprint(), f"workload {self.workload.name!r}")
+        plan.check_matches(self.workload, f"workload {self.workload.name!r}")
         modules = self._modules(pipeline)
         tensors = {b.name: tuple(block_tensor(modules[b.name], n) for n, _ in b.tensors) for b in self.workload.blocks}
         for bp in plan.blocks:
@@ -90,11 +90,16 @@ class Runtime:
                                          hint="build or load the pipeline on the CPU before attaching")
         self.store = HostStore(self.workload.fingerprint())
         on_cpu = self.backend.device.type == "cpu"
+        # The CPU backend's device memory is RAM too: what the plan predicts it will hold at its peak
+        # (the budget is only a ceiling, often most of the RAM, and counting it twice refused every run).
+        device_in_ram = 0
+        if on_cpu:
+            device_in_ram = plan.prediction.peak_total_bytes if plan.prediction else self.ledger.budget_bytes
         self.store.build([(bp.name, modules[bp.name], self.workload.by_name[bp.name], bp.format,
                            {n: t.detach() for (n, _), t in zip(self.workload.by_name[bp.name].tensors,
                                                             tensors[bp.name], strict=True)})
                           for bp in plan.blocks],
-                         extra_host_bytes=self.ledger.budget_bytes if on_cpu else 0,
+                         extra_host_bytes=device_in_ram,
                          host_budget_bytes=self.host_budget_bytes)
         self.backend.start()
         memory = None

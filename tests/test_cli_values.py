@@ -1,0 +1,116 @@
+"""Every numeric option of every subcommand refuses NaN, inf, out-of-range and non-ASCII numbers with exit 2.
+
+Argument errors happen while parsing, before any model is loaded, so each case costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from residency.cli import main
+from residency.commands import arg_types
+from residency.commands.actions import MAX_SCRIPT_ACTIONS, parse_actions
+from residency.errors import UsageError
+from residency.units import MAX_SIZE_BYTES, parse_size
+
+# (argv before the option, option): each subcommand's numeric options.
+OPTIONS = [
+    (["run", "tiny", "-o", "x.gif"], "--fps"),
+    (["run", "tiny", "-o", "x.gif"], "--frames"),
+    (["run", "tiny", "-o", "x.gif"], "--vram"),
+    (["run", "tiny", "-o", "x.gif"], "--seed"),
+    (["play", "tiny"], "--fps"),
+    (["play", "tiny"], "--vram"),
+    (["play", "tiny"], "--seed"),
+    (["demo"], "--frames"),
+    (["dashboard", "t.json", "--once"], "--speed"),
+    (["plan", "tiny", "--profile", "rtx-5090"], "--fps"),
+    (["plan", "tiny", "--profile", "rtx-5090"], "--frame-ms"),
+    (["plan", "tiny", "--profile", "rtx-5090"], "--vram"),
+    (["plan", "tiny", "--profile", "rtx-5090"], "--steps"),
+]
+BAD_VALUES = ["nan", "NaN", "inf", "-inf", "infinity", "-1", "0", "1e400", "9" * 400, "²", "٣", "1_0", "",
+              "  ", "0x10", "1e3GB"]
+
+
+@pytest.mark.parametrize("before, option", OPTIONS, ids=[f"{b[0]} {o}" for b, o in OPTIONS])
+@pytest.mark.parametrize("value", BAD_VALUES, ids=repr)
+def test_a_bad_number_is_a_usage_error_naming_the_option_and_value(tmp_path, monkeypatch, capsys, before, option,
+                                                                   value):
+    if option == "--seed" and value == "0":
+        return  # seed 0 is a seed
+    monkeypatch.chdir(tmp_path)
+    assert main([*before, f"{option}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {option}: " in err and "hint: " in err and "Traceback" not in err
+    assert repr(value[:40] + ("…" if len(value) > 40 else "")) in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_vram_below_a_mebibyte_is_refused_rather_than_rounded_to_zero_bytes(capsys):
+    assert main(["plan", "tiny", "--profile", "rtx-5090", "--vram", "0.5"]) == 2
+    assert "at least 1.00 MiB" in capsys.readouterr().err
+
+
+def test_a_seed_beyond_64_bits_is_refused(capsys):
+    assert main(["run", "tiny", "-o", "x.gif", "--seed", str(2**64)]) == 2
+    assert "2**64 - 1" in capsys.readouterr().err
+
+
+def test_the_largest_64_bit_seed_is_accepted():
+    assert arg_types.seed(str(2**64 - 1)) == 2**64 - 1
+
+
+@pytest.mark.parametrize("script", ["right*²", "right*٣", "right*1_0", "right*+3", "right*-1", "right*",
+                                    "right*99999999", "right*0"])
+def test_a_repeat_count_must_be_plain_ascii_digits_in_range(script):
+    with pytest.raises(UsageError, match="bad repeat count"):
+        parse_actions(script, ("idle", "right"))
+
+
+def test_repeats_that_add_up_beyond_the_script_limit_are_refused():
+    with pytest.raises(UsageError, match="expands to more than"):
+        parse_actions(",".join(["right*100000"] * 3), ("idle", "right"))
+    assert len(parse_actions("right*99999,idle", ("idle", "right"))) == MAX_SCRIPT_ACTIONS
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=30))
+def test_bounded_types_return_an_in_range_value_or_refuse(text):
+    kinds = [(arg_types.bounded_int(1, 64, "steps"), 1, 64), (arg_types.FPS, 0.01, 1000.0),
+             (arg_types.seed, 0, 2**64 - 1)]
+    for parse, low, high in kinds:
+        try:
+            value = parse(text)
+        except argparse.ArgumentTypeError:
+            continue
+        assert math.isfinite(value) and low <= value <= high
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(st.text(max_size=30), st.from_regex(r"\A[0-9]{0,25}(\.[0-9]{1,5})? ?[KMGTkmgt]?i?B?\Z")))
+def test_parse_size_returns_whole_bytes_in_range_or_a_usage_error(text):
+    try:
+        value = parse_size(text, "--vram", min_bytes=2**20)
+    except UsageError as e:
+        assert "--vram" in e.message and e.hint
+        return
+    assert isinstance(value, int) and 2**20 <= value <= MAX_SIZE_BYTES
+
+
+@pytest.mark.parametrize("device", ["cuda:²", "cuda:-1", "gpu", "cuda:1_0", ""])
+def test_profile_refuses_a_malformed_device_before_measuring(capsys, device):
+    assert main(["profile", f"--device={device}"]) == 2
+    assert "argument --device: unknown device" in capsys.readouterr().err
+
+
+def test_profile_refuses_an_unusable_output_name_before_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["profile", "--device", "cpu", "-o", "p" * 300 + ".json"]) == 1
+    err = capsys.readouterr().err
+    assert "name is too long" in err and "Traceback" not in err
