@@ -1,28 +1,70 @@
 """Reading a JSON document a user names: one error naming the file and why, with the caller's hint.
 
-Plans, device profiles and catalog entries all load through here; validation of fields is theirs.
+Plans, device profiles, catalog entries and traces all load through here; validation of fields is
+theirs (residency.validate). What comes back is plain JSON with finite numbers. Nesting too deep for
+the parser is a clean error; shallower nesting is harmless, as the validators never recurse into a value.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from pathlib import Path
+import sys
 from typing import Any
 
 from residency.errors import ResidencyError
+from residency.userpath import read_file_bytes
+
+MAX_DOCUMENT_BYTES = 16 << 20  # plans, profiles and catalog entries are kilobytes; the largest catalog ~150 kB
+_INT_DIGITS = getattr(sys, "get_int_max_str_digits", lambda: 4300)()  # Python's limit on int(str)
 
 
-def read_json(path: str | os.PathLike[str], what: str, hint: str) -> Any:
-    """The parsed document at `path`; `what` names it in errors ("the plan"), `hint` says what to give."""
-    path = Path(path)
+def read_json(path: str | os.PathLike[str], what: str, hint: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
+    """The parsed document at `path`; `what` names it in errors ("the plan"), `hint` says what to give.
+
+    Only a regular file of at most `max_bytes` is read (a FIFO is refused, not waited on).
+    """
+    name = _shown(path)
+    data = read_file_bytes(path, what, hint, max_bytes)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ResidencyError(f"{path}: cannot read {what} ({reason})", hint=hint) from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ResidencyError(f"{name}: cannot read {what} (not UTF-8 text: byte {e.start})", hint=hint) from None
     try:
-        return json.loads(text)
+        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
-        raise ResidencyError(f"{path}: not valid JSON, so not {what} (line {e.lineno}, column {e.colno}: {e.msg})",
+        raise ResidencyError(f"{name}: not valid JSON, so not {what} (line {e.lineno}, column {e.colno}: {e.msg})",
                              hint=hint) from None
+    except _NonFinite as e:
+        raise ResidencyError(f"{name}: {what} holds {e.args[0][:40]}, which is not a finite number",
+                             hint=hint + "; numbers must be finite") from None
+    except RecursionError:
+        raise ResidencyError(f"{name}: {what} is nested too deeply to be read", hint=hint) from None
+    except ValueError:  # an integer literal past Python's int parsing limit (4,300 digits by default)
+        raise ResidencyError(f"{name}: {what} holds an integer of more than {_INT_DIGITS} "
+                             "digits", hint=hint) from None
+    return doc
+
+
+def _shown(path: str | os.PathLike[str], limit: int = 120) -> str:
+    """The path as errors show it: a 4,000-character name is cut in the middle, not printed whole."""
+    text = os.fspath(path)
+    text = text if isinstance(text, str) else text.decode(errors="replace")
+    return text if len(text) <= limit else f"{text[:limit // 2]}…{text[-limit // 2:]}"
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(literal: str) -> Any:
+    raise _NonFinite(literal)
+
+
+def _finite_float(literal: str) -> float:
+    """A float literal's value; one past 1.8e308 (it would read as infinity) is refused. Costs ~2% of a parse."""
+    value = float(literal)
+    if math.isinf(value):
+        raise _NonFinite(literal)
+    return value

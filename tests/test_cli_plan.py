@@ -60,9 +60,9 @@ def test_steps_change_the_plan(capsys):
     [
         (["plan", "no-such-model", "--profile", "rtx-5090"], 1, "unknown model 'no-such-model'"),
         (["plan", "tiny", "--profile", "no-such-gpu"], 1, "no-such-gpu"),
-        (["plan", "tiny", "--profile", "rtx-5090", "--vram", "lots"], 2, "cannot read --vram 'lots'"),
-        (["plan", "tiny", "--profile", "rtx-5090", "--fps", "-5"], 2, "--fps must be positive"),
-        (["plan", "tiny", "--profile", "rtx-5090", "--steps", "0"], 2, "--steps must be between"),
+        (["plan", "tiny", "--profile", "rtx-5090", "--vram", "lots"], 2, "argument --vram: cannot read the size 'lots'"),
+        (["plan", "tiny", "--profile", "rtx-5090", "--fps", "-5"], 2, "argument --fps: must be a number"),
+        (["plan", "tiny", "--profile", "rtx-5090", "--steps", "0"], 2, "argument --steps: must be a whole number"),
         (["plan", "tiny", "--profile", "rtx-5090", "--policy", "magic"], 1, "unknown policy 'magic'"),
         (["plan", "tiny"], 2, "--profile"),
         (["plan", "tiny", "--profile", "rtx-5090", "--fps", "30", "--frame-ms", "10"], 2, "not allowed"),

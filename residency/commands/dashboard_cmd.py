@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from residency.commands import arg_types
 from residency.commands.console import make_console
 
 MAX_REPLAY_FRAME_S = 0.5  # a slow recorded frame is shown for at most this long, so replays stay short
@@ -18,7 +19,8 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n")[0])
     p.add_argument("trace", metavar="TRACE", help="a trace JSON from `residency run --trace` or `residency demo`")
     p.add_argument("--once", action="store_true", help="print one render of the whole trace as text and exit")
-    p.add_argument("--speed", type=float, default=1.0, metavar="X", help="replay speed (default 1: as recorded)")
+    p.add_argument("--speed", type=arg_types.SPEED, default=1.0, metavar="X",
+                   help="replay speed (default 1: as recorded)")
     p.set_defaults(run=run)
 
 

@@ -10,6 +10,7 @@ import json
 import sys
 from dataclasses import dataclass
 
+from residency.commands import arg_types
 from residency.commands.console import make_console
 from residency.commands.plan_render import render_comparison, render_plan
 from residency.commands.sources import resolve_workload
@@ -26,12 +27,15 @@ def add_parser(sub) -> None:
     p.add_argument("--profile", required=True, metavar="NAME|PATH",
                    help="shipped device profile (see `residency profiles`) or a profile JSON")
     speed = p.add_mutually_exclusive_group()
-    speed.add_argument("--fps", type=float, metavar="N",
+    speed.add_argument("--fps", type=arg_types.FPS, metavar="N",
                        help="video frames per second to hold (a latent frame decodes to the model's video frames)")
-    speed.add_argument("--frame-ms", type=float, metavar="MS", help="milliseconds per latent frame to hold")
-    p.add_argument("--vram", metavar="SIZE", help="device memory the plan may use, e.g. 6GiB (default: the "
+    speed.add_argument("--frame-ms", type=arg_types.FRAME_MS, metavar="MS",
+                       help="milliseconds per latent frame to hold")
+    p.add_argument("--vram", type=arg_types.vram_size, metavar="SIZE",
+                   help="device memory the plan may use, e.g. 6GiB (default: the "
                    "profile's usable memory)")
-    p.add_argument("--steps", type=int, metavar="N", help="denoise steps per latent frame (default: the model's)")
+    p.add_argument("--steps", type=arg_types.bounded_int(1, 64, "denoise steps"), metavar="N",
+                   help="denoise steps per latent frame (default: the model's)")
     p.add_argument("--policy", default="ours", metavar="NAME", help="ours (default), a peer's name, or all")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("-o", "--output", metavar="PATH", help="write the plan as JSON (atomically)")

@@ -84,12 +84,12 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile) -> No
     mem.add_column("of budget", justify="right")
     for kind, nbytes in pred.peak_bytes.items():
         if nbytes:
-            share = "outside" if kind == "reserve" else f"{100 * nbytes / budget.vram_bytes:.0f}%"
+            share = "outside" if kind == "reserve" else _share(nbytes, budget.vram_bytes)
             mem.add_row(kind, fmt_bytes(nbytes), share)
     mem.add_row("[bold]total[/bold]", f"[bold]{fmt_bytes(pred.peak_total_bytes)}[/bold]",
-                f"{100 * pred.peak_total_bytes / budget.vram_bytes:.0f}%")
+                _share(pred.peak_total_bytes, budget.vram_bytes))
     console.print(mem)
-    video_fps = 1000.0 * workload.video_frames_per_latent / pred.frame_ms
+    video_fps = _video_fps(workload, pred.frame_ms)
     console.print(f"predicted: [bold]{pred.frame_ms:.2f} ms[/bold] per latent frame ({video_fps:.1f} video fps); "
                   f"first frame {pred.first_frame_ms:.1f} ms; stall {pred.stall_ms:.2f} ms; "
                   f"{pred.link_bytes_per_frame / 1e6:.1f} MB over the link per frame; "
@@ -102,6 +102,15 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile) -> No
     console.print(verdict(plan))
     for note in plan.notes:
         console.print(f"  note: {note}")
+
+
+def _share(nbytes: int, budget_bytes: int) -> str:
+    """A share of the budget as a percentage; a zero budget (a plan built in code) shows a dash, not a crash."""
+    return f"{100 * nbytes / budget_bytes:.0f}%" if budget_bytes > 0 else "—"
+
+
+def _video_fps(workload: Workload, latent_frame_ms: float) -> float:
+    return 1000.0 * workload.video_frames_per_latent / latent_frame_ms if latent_frame_ms > 0 else float("inf")
 
 
 def verdict(plan: Plan) -> str:
@@ -127,7 +136,7 @@ def render_comparison(console: Console, plans: list[Plan], req) -> None:
         holds = fits and (plan.budget.frame_ms is None or p.frame_ms <= plan.budget.frame_ms)
         word = "[green]holds[/green]" if holds else ("[yellow]too slow[/yellow]" if fits else "[red]does not fit[/red]")
         table.add_row(plan.policy, f"{p.frame_ms:.2f}" if fits else "—",
-                      f"{1000 * req.workload.video_frames_per_latent / p.frame_ms:.1f}" if fits else "—",
+                      f"{_video_fps(req.workload, p.frame_ms):.1f}" if fits else "—",
                       fmt_bytes(p.peak_total_bytes), f"{p.link_bytes_per_frame / 1e6:.1f}" if fits else "—",
                       f"{p.quality_loss:.3f}", word)
     console.print(table)

@@ -15,8 +15,13 @@ import numpy as np
 
 from residency.dashboard.context import DashboardContext
 from residency.errors import ResidencyError
-from residency.plan import Prediction
+from residency.jsonfile import read_json
+from residency.plan.plan import MAX_PLAN_BYTES
+from residency.plan.plan_io import prediction_from_dict
 from residency.telemetry import Recorder, TelemetrySnapshot, chrome_trace
+from residency.userpath import MISSING, path_kind
+from residency.validate import Reader, at
+from residency.workload.catalog import MAX_VIDEO_FRAMES_PER_LATENT
 
 EXTRA_KEY = "residency"  # our section of otherData; Perfetto and chrome://tracing ignore it
 SAME_TIME_US = 1e-3  # spans written from the same float mark agree to far better than a nanosecond
@@ -36,37 +41,61 @@ def write_trace(snapshot: TelemetrySnapshot, context: DashboardContext, path: st
     return path
 
 
-def _bad(path: Path, problem: str) -> ResidencyError:
-    return ResidencyError(f"{path}: {problem}",
-                          hint="give a trace written by `residency run --trace` or `residency demo`")
+MAX_TRACE_BYTES = 256 << 20  # a 1,500-frame rollout of a 22-block model writes ~40 MB
+TRACKS = ("copy", "dequant", "stall", "compute")  # the categories of the telemetry's complete ("X") events
+_HINT = "give a trace written by `residency run --trace` or `residency demo`"
+_CONTEXT_KNOWN = tuple(f.name for f in dataclasses.fields(DashboardContext))
 
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise _bad(path, "no such trace file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise _bad(path, f"cannot read it ({getattr(e, 'strerror', None) or e})") from None
-    except json.JSONDecodeError as e:
-        raise _bad(path, f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+def _load(path: str | os.PathLike[str]) -> dict[str, Any]:
+    if path_kind(path)[0] == MISSING:
+        raise ResidencyError(f"{path}: no such trace file", hint=_HINT)
+    doc = read_json(path, "the trace", _HINT, max_bytes=MAX_TRACE_BYTES)
     if not isinstance(doc, dict) or not isinstance(doc.get("traceEvents"), list):
-        raise _bad(path, "not a Chrome trace (no traceEvents list)")
+        raise ResidencyError(f"{path}: not a Chrome trace (no traceEvents list)", hint=_HINT)
     return doc
 
 
-def _calls(events: list[dict]):
+def _number(r: Reader, e: dict, key: str, path: str, minimum: float | None = None) -> float:
+    """e[key] as a finite float ≥ minimum; the common case costs two type tests, the rest goes to the Reader."""
+    if key not in e:
+        raise r.missing(at(path, key))
+    v = e[key]
+    if (type(v) is float or type(v) is int) and -1e300 < v < 1e300 and (minimum is None or v >= minimum):
+        return float(v)
+    return r.number(v, at(path, key), minimum, maximum=1e300)
+
+
+def _count(r: Reader, args: dict, key: str, path: str, default: int | None = None) -> int:
+    if key not in args and default is not None:
+        return default
+    v = args[key] if key in args else None
+    if type(v) is int and 0 <= v <= MAX_PLAN_BYTES:
+        return v
+    if key not in args:
+        raise r.missing(at(path, key))
+    return r.integer(v, at(path, key), 0, MAX_PLAN_BYTES)
+
+
+def _calls(r: Reader, events: list):
     """(frame, block, t_start, t_ready, t_dequant, t_end, copy marks | None, link bytes) per call, in order.
 
-    The telemetry writes each call as [copy [, copy-side dequant]] [stall] [compute-side dequant] compute."""
+    The telemetry writes each call as [copy [, copy-side dequant]] [stall] [compute-side dequant] compute.
+    Every field used is checked here, so a hand-edited or truncated trace fails naming the event."""
     row: dict[str, Any] = {}
-    for e in events:
+    for i, e in enumerate(events):
+        path = f"traceEvents[{i}]"
+        if not isinstance(e, dict):
+            raise r.bad(path, e, "an event (a JSON object)")
         if e.get("ph") != "X":
             continue
-        track, start_us = e["cat"], float(e["ts"])
-        end_us = start_us + float(e["dur"])
+        track = r.choice(e.get("cat"), f"{path}.cat", TRACKS)
+        name = r.string(r.need(e, "name", path), f"{path}.name", non_empty=True)
+        start_us = _number(r, e, "ts", path)
+        end_us = start_us + _number(r, e, "dur", path, minimum=0.0)
+        args = r.obj(r.need(e, "args", path), f"{path}.args")
         if track == "copy":
-            row = {"copy": [start_us, end_us, end_us], "bytes": int(e["args"].get("bytes", 0))}
+            row = {"copy": [start_us, end_us, end_us], "bytes": _count(r, args, "bytes", f"{path}.args", 0)}
         elif track == "dequant":
             after_copy = "copy" in row and not row.get("copy_dq") and "stall" not in row
             if after_copy and abs(start_us - row["copy"][1]) < SAME_TIME_US:
@@ -75,34 +104,62 @@ def _calls(events: list[dict]):
                 row["dequant"] = (start_us, end_us)
         elif track == "stall":
             row["stall"] = (start_us, end_us)
-        elif track == "compute":
+        else:
+            frame = _count(r, args, "frame", f"{path}.args")
             t_ready = row["dequant"][0] if "dequant" in row else start_us
             t_start = row["stall"][0] if "stall" in row else t_ready
             copy = tuple(x / 1e6 for x in row["copy"]) if "copy" in row else None
-            yield (int(e["args"]["frame"]), e["name"], t_start / 1e6, t_ready / 1e6, start_us / 1e6, end_us / 1e6,
-                   copy, row.get("bytes", 0))
+            yield (frame, name, t_start / 1e6, t_ready / 1e6, start_us / 1e6, end_us / 1e6, copy, row.get("bytes", 0))
             row = {}
 
 
-def _prediction(extra: dict[str, Any]) -> Prediction | None:
-    doc = extra.get("prediction")
-    return Prediction(**doc) if isinstance(doc, dict) else None
+def _counters(r: Reader, events: list) -> list[tuple[int, int]]:
+    """(device bytes, peak bytes) of each "device memory" counter event, in order."""
+    out = []
+    for i, e in enumerate(events):
+        if isinstance(e, dict) and e.get("ph") == "C" and e.get("name") == "device memory":
+            args = r.obj(r.need(e, "args", f"traceEvents[{i}]"), f"traceEvents[{i}].args")
+            out.append((_count(r, args, "bytes", f"traceEvents[{i}].args", 0),
+                        _count(r, args, "peak_bytes", f"traceEvents[{i}].args", 0)))
+    return out
+
+
+def _context(r: Reader, value: Any, default_title: str) -> DashboardContext:
+    if value is None:
+        return DashboardContext(default_title)
+    path = f"otherData.{EXTRA_KEY}.context"
+    doc = r.obj(value, path, _CONTEXT_KNOWN, required=("title",))
+    vram = doc.get("vram_budget_bytes")
+    frame_ms = doc.get("frame_budget_ms")
+    return DashboardContext(
+        title=r.string(doc["title"], f"{path}.title"),
+        vram_budget_bytes=None if vram is None else r.integer(vram, f"{path}.vram_budget_bytes", 1, MAX_PLAN_BYTES,
+                                                              unit="bytes"),
+        frame_budget_ms=None if frame_ms is None else r.number(frame_ms, f"{path}.frame_budget_ms", 0.0,
+                                                               strict=True, unit="ms"),
+        video_frames_per_latent=r.integer(doc.get("video_frames_per_latent", 1), f"{path}.video_frames_per_latent",
+                                          1, MAX_VIDEO_FRAMES_PER_LATENT))
 
 
 def read_trace(path: str | os.PathLike[str]) -> tuple[TelemetrySnapshot, DashboardContext]:
-    path = Path(path)
     doc = _load(path)
-    other = doc.get("otherData") if isinstance(doc.get("otherData"), dict) else {}
-    extra = other.get(EXTRA_KEY) if isinstance(other.get(EXTRA_KEY), dict) else {}
-    try:
-        calls = list(_calls(doc["traceEvents"]))
-        counters = [e["args"] for e in doc["traceEvents"] if e.get("ph") == "C" and e.get("name") == "device memory"]
-        prediction = _prediction(extra)
-        context = DashboardContext.from_dict(extra.get("context") or {"title": path.name})
-    except (KeyError, TypeError, ValueError) as e:
-        raise _bad(path, f"a malformed event or section ({type(e).__name__}: {e})") from None
+    r = Reader(str(path), _HINT)
+    other = r.obj(doc.get("otherData", {}), "otherData")
+    extra = r.obj(other.get(EXTRA_KEY, {}), f"otherData.{EXTRA_KEY}")
+    calls = list(_calls(r, doc["traceEvents"]))
+    counters = _counters(r, doc["traceEvents"])
+    raw_prediction = extra.get("prediction")
+    prediction = (None if raw_prediction is None
+                  else prediction_from_dict(r, raw_prediction, f"otherData.{EXTRA_KEY}.prediction"))
+    context = _context(r, extra.get("context"), Path(path).name)
+    memory = r.obj(extra.get("memory", {}), f"otherData.{EXTRA_KEY}.memory")
+    memory_by_kind = tuple((k, r.integer(v, f"otherData.{EXTRA_KEY}.memory.{k}", 0, MAX_PLAN_BYTES, unit="bytes"))
+                           for k, v in memory.items())
+    predicted_ms = other.get("predicted_frame_ms")
+    if predicted_ms is not None:
+        predicted_ms = r.number(predicted_ms, "otherData.predicted_frame_ms", 0.0, strict=True, unit="ms")
     if not calls:
-        raise _bad(path, "it holds no recorded frames")
+        raise ResidencyError(f"{path}: it holds no recorded frames", hint=_HINT)
     names = list(dict.fromkeys(c[1] for c in calls))  # first appearance = execution order
     recorder = Recorder(names, prediction)
     index = {n: i for i, n in enumerate(names)}
@@ -112,16 +169,13 @@ def read_trace(path: str | os.PathLike[str]) -> tuple[TelemetrySnapshot, Dashboa
         last = starts[k + 1] if k + 1 < len(starts) else len(calls)
         for frame, name, t0, t1, t2, t3, copy, nbytes in calls[first:last]:
             recorder.record(frame, index[name], t0, t1, t2, t3, copy, nbytes)
-        memory = counters[k] if k < len(counters) else {}
+        device_bytes, peak_bytes = counters[k] if k < len(counters) else (0, 0)
         next_start = calls[last][2] if last < len(calls) else None
-        recorder.end_frame(lambda marks: np.asarray(marks), int(memory.get("bytes", 0)),
-                           int(memory.get("peak_bytes", 0)), next_start)
-    predicted_ms = other.get("predicted_frame_ms")
-    memory_by_kind = tuple((str(k), int(v)) for k, v in (extra.get("memory") or {}).items())
+        recorder.end_frame(lambda marks: np.asarray(marks), device_bytes, peak_bytes, next_start)
     if not memory_by_kind and counters:
-        memory_by_kind = (("device (all kinds)", int(counters[-1].get("bytes", 0))),)
+        memory_by_kind = (("device (all kinds)", counters[-1][0]),)
     snapshot = recorder.snapshot(memory_by_kind)
-    if prediction is None and isinstance(predicted_ms, int | float):
+    if prediction is None and predicted_ms is not None:
         snapshot = dataclasses.replace(snapshot, frames=tuple(
-            dataclasses.replace(f, predicted_frame_ms=float(predicted_ms)) for f in snapshot.frames))
+            dataclasses.replace(f, predicted_frame_ms=predicted_ms) for f in snapshot.frames))
     return snapshot, context

@@ -25,6 +25,8 @@ from residency.device.profile import (
 )
 from residency.errors import ResidencyError
 from residency.jsonfile import read_json
+from residency.userpath import FILE, MISSING, path_kind
+from residency.validate import Reader, show
 
 PROFILE_SCHEMA_VERSION = 1
 # Top-level groups of numbers that must each say where they came from.
@@ -58,6 +60,8 @@ _MEMORY = ("memory_total_bytes", "memory_reserve_bytes", "memory_usable_bytes")
 _TOP_KEYS = ("schema_version", *_STRINGS, *_MEMORY, "link", "device_memory_gbps", "matmul_tflops",
              "dequant_gweights_per_s", "copy_compute_overlap", "launch_overhead_us", "compute_threads", "provenance",
              *OPTIONAL_FIELDS)
+MAX_QUANTITY = 1e30  # above any byte count, rate or size a device profile holds; keeps every value a float
+MAX_COMPUTE_THREADS = 4096
 _FIX_HINT = "re-create it with `residency profile -o`, or fix the field by hand"
 
 
@@ -106,45 +110,34 @@ def save_profile(profile: DeviceProfile, path: str | os.PathLike[str]) -> Path:
 
 
 # ---------------------------------------------------------------- reading
-class _Reader:
-    """Validates one document; every error names the file and the dotted field path."""
+class _Reader(Reader):
+    """The shared document checks plus the profile's own: quantities with units, curves, provenance."""
 
     def __init__(self, source: str):
-        self.source = source
-
-    def fail(self, field: str, problem: str, hint: str = _FIX_HINT) -> ResidencyError:
-        return ResidencyError(f"{self.source}: field '{field}' {problem}", hint=hint)
-
-    def obj(self, value: Any, field: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(field, f"= {value!r}: expected a JSON object")
-        return value
+        super().__init__(source, _FIX_HINT)
 
     def get(self, doc: dict[str, Any], key: str, where: str = "") -> Any:
-        if key not in doc:
-            raise self.fail(f"{where}.{key}" if where else key, "is missing")
-        return doc[key]
+        return self.need(doc, key, where)
 
     def number(self, value: Any, field: str, unit: str, minimum: float = 0.0, strict: bool = True,
                integer: bool = False) -> float:
         what = f"a number in {UNIT_TEXT.get(unit, unit)}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(field, f"= {value!r}: expected {what}",
+            raise self.fail(field, f"= {show(value)}: expected {what}",
                             hint=f"write a bare JSON number in {UNIT_TEXT.get(unit, unit)}, without a unit")
-        if not math.isfinite(value):
-            raise self.fail(field, f"= {value!r}: expected a finite number")
-        if integer and int(value) != value:
-            raise self.fail(field, f"= {value!r}: expected a whole number of {UNIT_TEXT.get(unit, unit)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(field, f"= {show(value)}: expected a finite number")
+        if integer and isinstance(value, float) and not value.is_integer():
+            raise self.fail(field, f"= {show(value)}: expected a whole number of {UNIT_TEXT.get(unit, unit)}")
         if (strict and value <= minimum) or (not strict and value < minimum):
             relation = "positive" if (strict and minimum == 0) else f"{'>' if strict else '≥'} {minimum}"
-            raise self.fail(field, f"= {value!r}: must be {relation} ({UNIT_TEXT.get(unit, unit)})")
+            raise self.fail(field, f"= {show(value)}: must be {relation} ({UNIT_TEXT.get(unit, unit)})")
+        if value > MAX_QUANTITY:  # an integer of 400 digits has no float; no real figure comes near this
+            raise self.fail(field, f"= {show(value)}: must be at most {MAX_QUANTITY:g} ({UNIT_TEXT.get(unit, unit)})")
         return int(value) if integer else float(value)
 
-    def string(self, doc: dict[str, Any], key: str) -> str:
-        value = self.get(doc, key)
-        if not isinstance(value, str):
-            raise self.fail(key, f"= {value!r}: expected a string")
-        return value
+    def text(self, doc: dict[str, Any], key: str) -> str:
+        return self.string(self.get(doc, key), key)
 
     def curve(self, value: Any, field: str, axes: tuple[str, str]) -> Curve:
         doc = self.obj(value, field)
@@ -160,26 +153,26 @@ class _Reader:
                             hint="give one spread per sample, or an empty list")
         for i in range(1, len(xs)):
             if xs[i] <= xs[i - 1]:
-                raise self.fail(f"{field}.{axes[0]}", f"= {list(xs)!r}: must be strictly increasing "
+                raise self.fail(f"{field}.{axes[0]}", f"= {show(list(xs))}: must be strictly increasing "
                                 f"({xs[i - 1]!r} then {xs[i]!r})", hint="sort the samples by size")
         return Curve(tuple(xs), tuple(ys), tuple(spread))
 
     def numbers(self, value: Any, field: str, unit: str, strict: bool = True, allow_empty: bool = False) -> list[float]:
         if not isinstance(value, list) or (not value and not allow_empty):
-            raise self.fail(field, f"= {value!r}: expected a non-empty list of numbers in {UNIT_TEXT.get(unit, unit)}")
+            raise self.fail(field, f"= {show(value)}: expected a non-empty list of numbers in {UNIT_TEXT.get(unit, unit)}")
         return [self.number(v, f"{field}[{i}]", unit, strict=strict) for i, v in enumerate(value)]
 
     def provenance(self, value: Any, field: str) -> Provenance:
         doc = self.obj(value, field)
         kind = doc.get("kind")
         if kind not in PROVENANCE_KINDS:
-            raise self.fail(f"{field}.kind", f"= {kind!r}: expected one of {', '.join(PROVENANCE_KINDS)}")
+            raise self.fail(f"{field}.kind", f"= {show(kind)}: expected one of {', '.join(PROVENANCE_KINDS)}")
         source = doc.get("source")
         if not isinstance(source, str) or not source.strip():
-            raise self.fail(f"{field}.source", f"= {source!r}: say which command measured it or which page it came from")
+            raise self.fail(f"{field}.source", f"= {show(source)}: say which command measured it or which page it came from")
         derating = doc.get("derating", "")
         if not isinstance(derating, str) or (kind == "datasheet" and not derating.strip()):
-            raise self.fail(f"{field}.derating", f"= {derating!r}: a datasheet figure must state how it was derated")
+            raise self.fail(f"{field}.derating", f"= {show(derating)}: a datasheet figure must state how it was derated")
         return Provenance(kind, source, derating)
 
 
@@ -197,13 +190,13 @@ def profile_from_dict(data: Any, source: str) -> DeviceProfile:
         raise ResidencyError(f"{source}: expected a JSON object, got {type(data).__name__}",
                              hint="give a file written by `residency profile -o`")
     version = data.get("schema_version")
-    if version != PROFILE_SCHEMA_VERSION:
-        raise r.fail("schema_version", f"= {version!r}: this version of residency reads schema_version "
+    if isinstance(version, bool) or version != PROFILE_SCHEMA_VERSION:
+        raise r.fail("schema_version", f"= {show(version)}: this version of residency reads schema_version "
                      f"{PROFILE_SCHEMA_VERSION}", hint="re-create the profile with this version of `residency profile`")
     _no_extra(r, data, _TOP_KEYS, "")
-    strings = {k: r.string(data, k) for k in _STRINGS}
+    strings = {k: r.text(data, k) for k in _STRINGS}
     if strings["backend"] not in BACKENDS:
-        raise r.fail("backend", f"= {strings['backend']!r}: expected one of {', '.join(BACKENDS)}")
+        raise r.fail("backend", f"= {show(strings['backend'])}: expected one of {', '.join(BACKENDS)}")
     total = r.number(r.get(data, "memory_total_bytes"), "memory_total_bytes", "bytes", integer=True)
     reserve = r.number(r.get(data, "memory_reserve_bytes"), "memory_reserve_bytes", "bytes", strict=False, integer=True)
     usable = r.number(r.get(data, "memory_usable_bytes"), "memory_usable_bytes", "bytes", integer=True)
@@ -249,8 +242,8 @@ def profile_from_dict(data: Any, source: str) -> DeviceProfile:
         dequant_gweights_per_s=dequant,
         copy_compute_overlap=overlap,
         launch_overhead_us=r.number(r.get(data, "launch_overhead_us"), "launch_overhead_us", "us", strict=False),
-        compute_threads=int(r.number(data.get("compute_threads", 0), "compute_threads", "threads",
-                                     strict=False, integer=True)),
+        compute_threads=r.integer(data.get("compute_threads", 0), "compute_threads", 0, MAX_COMPUTE_THREADS,
+                                  unit="threads"),
         provenance=provenance,
         **refinements,
     )
@@ -283,7 +276,7 @@ def _no_extra(r: _Reader, doc: dict[str, Any], known: tuple[str, ...], field: st
         expected = _same_stem(str(key), known)
         if expected is not None:
             unit = UNIT_TEXT[_unit_of(expected)]
-            raise r.fail(where, f"= {doc[key]!r} is in the wrong unit: expected '{expected}' in {unit}",
+            raise r.fail(where, f"= {show(doc[key])} is in the wrong unit: expected '{expected}' in {unit}",
                          hint=f"rename it to '{expected}' and convert the value to {unit}")
         described = ", ".join(f"{k} ({UNIT_TEXT[_unit_of(k)]})" if _unit_of(k) else k for k in known)
         raise r.fail(where, "is not known", hint=f"expected keys: {described}")
@@ -312,16 +305,20 @@ def profile_path(name_or_path: str | os.PathLike[str]) -> Path:
     """A shipped profile's file by name (`rx-7800-xt`), or the given path when it names a file."""
     text = os.fspath(name_or_path)
     candidate = Path(text)
-    if candidate.is_file():
+    kind, _ = path_kind(text)
+    if kind == FILE:
         return candidate
     shipped = profiles_dir() / f"{text}.json"
-    if os.sep not in text and "/" not in text and shipped.is_file():
+    if os.sep not in text and "/" not in text and path_kind(shipped)[0] == FILE:
         return shipped
-    if candidate.suffix == ".json" or os.sep in text or "/" in text:
-        raise ResidencyError(f"{text}: no such profile file",
+    looks_like_path = candidate.suffix == ".json" or os.sep in text or "/" in text
+    if looks_like_path and kind != MISSING:
+        return candidate  # a directory, a FIFO or an unusable name: read_json says which, without opening a FIFO
+    if looks_like_path:
+        raise ResidencyError(f"{show(text)}: no such profile file",
                              hint="check the path, or give a shipped profile name: "
                              + ", ".join(shipped_profile_names()))
-    raise ResidencyError(f"unknown profile {text!r}",
+    raise ResidencyError(f"unknown profile {show(text)}",
                          hint="shipped profiles: " + ", ".join(shipped_profile_names())
                          + "; or measure this machine with `residency profile -o PATH`")
 

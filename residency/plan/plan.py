@@ -5,15 +5,36 @@ A plan is tied to one workload and one device profile by their fingerprints.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import Protocol
 
 from residency.errors import ResidencyError
+from residency.workload.spec import MAX_CONTEXT_FRAMES, MAX_STEPS  # noqa: F401  (bounds a plan shares)
 
 PLACEMENTS = ("resident", "resident-quantized", "streamed")
+COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 LIFETIMES = ("session", "phase")  # resident blocks: loaded once for the session, or per run of their phase
 COPY_MODES = ("async", "sync")  # copy engine beside compute, or blocking copies on the compute stream
 DEQUANT_ON = ("compute", "copy")  # where a streamed block is dequantized: compute stream, or copy engine
+# Bounds a plan document is held to (plan_io, plan.schema.json). Beyond them a plan is a typo or hostile:
+MAX_PREFETCH_DEPTH = 16  # each level is a slot of device memory; the planner tries 1 and 2
+MAX_PLAN_BYTES = 2**53  # any byte count: 8 PiB, and every value below it is exact as a JSON (double) number
+
+
+class _Named(Protocol):
+    name: str
+
+
+class PlannedFor(Protocol):
+    """What a plan checks of the workload it is applied to."""
+
+    @property
+    def blocks(self) -> Sequence[_Named]: ...
+
+    def fingerprint(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -29,7 +50,7 @@ class BlockPlan:
         for what, value, allowed in (("placement", self.placement, PLACEMENTS),
                                      ("lifetime", self.lifetime, LIFETIMES),
                                      ("dequant_on", self.dequant_on, DEQUANT_ON),
-                                     ("compute_dtype", self.compute_dtype, ("bf16", "fp16", "fp32"))):
+                                     ("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)):
             if value not in allowed:
                 raise ResidencyError(f"block {self.name}: {what} {value!r} is not one of {', '.join(allowed)}")
 
@@ -121,14 +142,24 @@ class Plan:
     def with_prediction(self, prediction: Prediction) -> Plan:
         return replace(self, prediction=prediction)
 
-    def check_matches(self, workload_fingerprint: str, what: str = "this model") -> None:
-        """Refuse to apply the plan to a workload it was not made for."""
-        if workload_fingerprint != self.workload_fingerprint:
+    def check_matches(self, workload: PlannedFor, what: str = "this model") -> None:
+        """Refuse to apply the plan to a workload it was not made for, or whose blocks it does not name.
+
+        A hand-edited plan can keep the fingerprint and still rename, drop or repeat a block; every
+        lookup by name after this point relies on the plan naming each block of the workload once."""
+        fingerprint = workload.fingerprint()
+        if fingerprint != self.workload_fingerprint:
             raise ResidencyError(
                 f"the plan was made for model {self.model!r} (fingerprint {self.workload_fingerprint}), "
-                f"not for {what} (fingerprint {workload_fingerprint})",
+                f"not for {what} (fingerprint {fingerprint})",
                 hint="make a new plan for this model with `residency plan`",
             )
+        expected = [b.name for b in workload.blocks]
+        named = [b.name for b in self.blocks]
+        if named != expected:
+            raise ResidencyError(f"the plan for {self.model!r} does not name the blocks of {what}: "
+                                 f"{_block_difference(named, expected)}",
+                                 hint="make a new plan with `residency plan -o` rather than editing block names")
 
     @property
     def holds_budget(self) -> bool:
@@ -138,3 +169,16 @@ class Plan:
         fits = p.peak_total_bytes <= self.budget.vram_bytes
         fast = self.budget.frame_ms is None or p.frame_ms <= self.budget.frame_ms
         return fits and fast
+
+
+def _block_difference(named: list[str], expected: list[str]) -> str:
+    """The first way the plan's block names differ from the workload's, for an error message."""
+    have, want = Counter(named), Counter(expected)
+    unknown = [n for n in have if n not in want]
+    missing = [n for n in want if n not in have]
+    repeated = [n for n, k in have.items() if k > 1]
+    for label, names in (("unknown block", unknown), ("missing block", missing), ("block named twice", repeated)):
+        if names:
+            shown = ", ".join(repr(n[:80]) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            return f"{label}{'s' if len(names) > 1 else ''} {shown}"
+    return "the blocks are in another order than the workload's"

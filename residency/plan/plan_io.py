@@ -11,11 +11,30 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from residency.errors import ResidencyError
+from residency.formats import FORMATS
 from residency.jsonfile import read_json
-from residency.plan.plan import BlockPlan, Budget, Execution, Plan, Prediction
+from residency.plan.plan import (
+    COMPUTE_DTYPES,
+    COPY_MODES,
+    DEQUANT_ON,
+    LIFETIMES,
+    MAX_CONTEXT_FRAMES,
+    MAX_PLAN_BYTES,
+    MAX_PREFETCH_DEPTH,
+    MAX_STEPS,
+    PLACEMENTS,
+    BlockPlan,
+    Budget,
+    Execution,
+    Plan,
+    Prediction,
+)
+from residency.validate import Reader, show
+from residency.workload.spec import KV_DTYPE_BYTES
 
 PLAN_SCHEMA_VERSION = 1
+# The JSON Schema (draft 2020-12) of the plan document; plan_from_dict accepts exactly what it accepts.
+PLAN_SCHEMA_PATH = Path(__file__).with_name("plan.schema.json")
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
@@ -37,53 +56,94 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     }
 
 
-def _build(cls, doc: Any, source: str, where: str):
-    if not isinstance(doc, dict):
-        raise ResidencyError(f"{source}: {where}: expected an object, got {doc!r}",
-                             hint="the file is not a plan written by `residency plan -o`")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(doc) - names)
-    if unknown:
-        raise ResidencyError(f"{source}: {where}: unknown field {unknown[0]!r}",
-                             hint=f"known fields: {', '.join(sorted(names))}")
-    try:
-        return cls(**doc)
-    except TypeError as e:
-        raise ResidencyError(f"{source}: {where}: {e}", hint="re-create the plan with `residency plan -o`") from None
-    except ResidencyError as e:
-        raise ResidencyError(f"{source}: {where}: {e.message}", hint=e.hint) from None
+_HINT = "re-create the plan with `residency plan -o`"
+_TOP_REQUIRED = ("schema_version", "model", "workload_fingerprint", "profile", "profile_fingerprint", "policy",
+                 "budget", "blocks")
+_TOP_KNOWN = (*_TOP_REQUIRED, "execution", "kv_dtype", "steps", "context_frames", "prediction", "notes")
+_PREDICTION_MS = ("frame_ms", "first_frame_ms", "stall_ms", "copy_ms", "compute_ms", "lower_bound_ms")
 
 
 def plan_from_dict(doc: Any, source: str = "<plan>") -> Plan:
-    if not isinstance(doc, dict):
-        raise ResidencyError(f"{source}: expected a JSON object", hint="give a file written by `residency plan -o`")
-    version = doc.get("schema_version")
-    if version != PLAN_SCHEMA_VERSION:
-        raise ResidencyError(f"{source}: schema_version {version!r} is not {PLAN_SCHEMA_VERSION}",
-                             hint="re-create the plan with this version of `residency plan -o`")
-    required = ("model", "workload_fingerprint", "profile", "profile_fingerprint", "policy", "budget", "blocks")
-    for key in required:
-        if key not in doc:
-            raise ResidencyError(f"{source}: missing field {key!r}", hint="re-create the plan with `residency plan -o`")
-    blocks = doc["blocks"]
-    if not isinstance(blocks, list) or not blocks:
-        raise ResidencyError(f"{source}: field 'blocks' must be a non-empty list")
-    prediction = doc.get("prediction")
+    """A Plan from a parsed plan document, every field checked as plan.schema.json describes it."""
+    r = Reader(source, _HINT)
+    r.obj(doc, "", _TOP_KNOWN)
+    version = r.need(doc, "schema_version")
+    if isinstance(version, bool) or version != PLAN_SCHEMA_VERSION:
+        raise r.fail("schema_version", f"= {show(version)}: this version of residency reads plans of "
+                     f"schema_version {PLAN_SCHEMA_VERSION}", hint="re-create the plan with this version of "
+                     "`residency plan -o`")
+    text = {k: r.string(r.need(doc, k), k, non_empty=True)
+            for k in ("model", "workload_fingerprint", "profile", "profile_fingerprint", "policy")}
+    budget = _budget(r, r.need(doc, "budget"))
+    listed = r.items(r.need(doc, "blocks"), "blocks", min_items=1)
+    blocks = tuple(_block(r, b, f"blocks[{i}]") for i, b in enumerate(listed))
+    prediction = r.optional(doc, "prediction", None)
+    notes = r.items(r.optional(doc, "notes", []), "notes")
     return Plan(
-        model=str(doc["model"]),
-        workload_fingerprint=str(doc["workload_fingerprint"]),
-        profile=str(doc["profile"]),
-        profile_fingerprint=str(doc["profile_fingerprint"]),
-        policy=str(doc["policy"]),
-        budget=_build(Budget, doc["budget"], source, "budget"),
-        blocks=tuple(_build(BlockPlan, b, source, f"blocks[{i}]") for i, b in enumerate(blocks)),
-        execution=_build(Execution, doc.get("execution", {}), source, "execution"),
-        kv_dtype=str(doc.get("kv_dtype", "bf16")),
-        steps=int(doc.get("steps", 4)),
-        context_frames=int(doc.get("context_frames", 0)),
-        prediction=_build(Prediction, prediction, source, "prediction") if prediction else None,
-        notes=tuple(doc.get("notes", ())),
+        **text,
+        budget=budget,
+        blocks=blocks,
+        execution=_execution(r, r.optional(doc, "execution", {})),
+        kv_dtype=r.choice(r.optional(doc, "kv_dtype", "bf16"), "kv_dtype", KV_DTYPE_BYTES),
+        steps=r.integer(r.optional(doc, "steps", 4), "steps", 1, MAX_STEPS, unit="denoise steps"),
+        context_frames=r.integer(r.optional(doc, "context_frames", 0), "context_frames", 0, MAX_CONTEXT_FRAMES,
+                                 unit="latent frames"),
+        prediction=None if prediction is None else prediction_from_dict(r, prediction, "prediction"),
+        notes=tuple(r.string(n, f"notes[{i}]") for i, n in enumerate(notes)),
     )
+
+
+def _budget(r: Reader, value: Any) -> Budget:
+    doc = r.obj(value, "budget", ("vram_bytes", "frame_ms"), required=("vram_bytes",))
+    frame_ms = r.optional(doc, "frame_ms", None)
+    return Budget(vram_bytes=r.integer(doc["vram_bytes"], "budget.vram_bytes", 1, MAX_PLAN_BYTES, unit="bytes"),
+                  frame_ms=None if frame_ms is None else r.number(frame_ms, "budget.frame_ms", 0.0, strict=True,
+                                                                  unit="ms per latent frame"))
+
+
+def _block(r: Reader, value: Any, path: str) -> BlockPlan:
+    doc = r.obj(value, path, _BLOCK_FIELDS, required=("name", "placement", "format"))
+    return BlockPlan(
+        name=r.string(doc["name"], f"{path}.name", non_empty=True),
+        placement=r.choice(doc["placement"], f"{path}.placement", PLACEMENTS),
+        format=r.choice(doc["format"], f"{path}.format", FORMATS),
+        compute_dtype=r.choice(r.optional(doc, "compute_dtype", "bf16"), f"{path}.compute_dtype", COMPUTE_DTYPES),
+        lifetime=r.choice(r.optional(doc, "lifetime", "session"), f"{path}.lifetime", LIFETIMES),
+        dequant_on=r.choice(r.optional(doc, "dequant_on", "compute"), f"{path}.dequant_on", DEQUANT_ON),
+    )
+
+
+def _execution(r: Reader, value: Any) -> Execution:
+    doc = r.obj(value, "execution", _EXECUTION_FIELDS)
+    flags = {k: r.boolean(doc[k], f"execution.{k}") for k in
+             ("lookahead_from_compute_start", "pinned", "per_tensor_copies") if k in doc}
+    return Execution(
+        copy_mode=r.choice(r.optional(doc, "copy_mode", "async"), "execution.copy_mode", COPY_MODES),
+        prefetch_depth=r.integer(r.optional(doc, "prefetch_depth", 1), "execution.prefetch_depth", 0,
+                                 MAX_PREFETCH_DEPTH, unit="blocks"),
+        host_sync_per_onload_us=r.number(r.optional(doc, "host_sync_per_onload_us", 0.0),
+                                         "execution.host_sync_per_onload_us", 0.0, unit="microseconds"),
+        **flags,
+    )
+
+
+def prediction_from_dict(r: Reader, value: Any, path: str) -> Prediction:
+    """The simulator's figures as a plan or a trace stores them (every field present, none negative)."""
+    doc = r.obj(value, path, _PREDICTION_FIELDS, required=_PREDICTION_FIELDS)
+    peak = r.obj(doc["peak_bytes"], f"{path}.peak_bytes")
+    return Prediction(
+        **{k: r.number(doc[k], f"{path}.{k}", 0.0, unit="ms") for k in _PREDICTION_MS},
+        link_bytes_per_frame=r.integer(doc["link_bytes_per_frame"], f"{path}.link_bytes_per_frame", 0,
+                                       MAX_PLAN_BYTES, unit="bytes"),
+        peak_bytes={k: r.integer(v, f"{path}.peak_bytes.{k}", 0, MAX_PLAN_BYTES, unit="bytes")
+                    for k, v in peak.items()},
+        quality_loss=r.number(doc["quality_loss"], f"{path}.quality_loss", 0.0),
+    )
+
+
+_BLOCK_FIELDS = tuple(f.name for f in fields(BlockPlan))
+_EXECUTION_FIELDS = tuple(f.name for f in fields(Execution))
+_PREDICTION_FIELDS = tuple(f.name for f in fields(Prediction))
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:

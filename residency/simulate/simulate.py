@@ -104,7 +104,7 @@ def simulate(workload: Workload, plan: Plan, profile: DeviceProfile,
              sensitivity: Mapping[str, Mapping[str, float]] | None = None, frames: int | None = None,
              bound: bool = True) -> Simulation:
     """bound=False skips the lower bound (an LP, ~10–80 ms) and reports NaN: for scoring many candidates."""
-    plan.check_matches(workload.fingerprint(), f"workload {workload.name!r}")
+    plan.check_matches(workload, f"workload {workload.name!r}")
     # Copies can run up to `slots` streamed calls ahead of compute; with few streamed calls per frame
     # that lead spans frames. The steady frame is measured once the lead is built up, and frames
     # after it are simulated too, so that the copies they prefetch interfere with it as they would.

@@ -10,7 +10,18 @@ from typing import Any
 
 from residency.errors import ResidencyError
 from residency.jsonfile import read_json
-from residency.workload.spec import BlockSpec, PassSpec, PhaseSpec, Workload
+from residency.validate import Reader, at, show
+from residency.workload.spec import (
+    KV_ACCESS,
+    KV_DTYPE_BYTES,
+    MAX_CONTEXT_FRAMES,
+    MAX_STEPS,
+    PERS,
+    BlockSpec,
+    PassSpec,
+    PhaseSpec,
+    Workload,
+)
 
 CATALOG_SCHEMA_VERSION = 1
 _BLOCK_NUMBERS = ("fixed_flops", "flops_per_token", "self_attn_flops_per_token_pair",
@@ -19,85 +30,114 @@ _BLOCK_INTS = ("context_tokens_per_frame", "kv_channels_per_token", "ops_per_cal
                "activation_elements_per_call")
 
 
-def _err(source: str, where: str, problem: str, hint: str | None = None) -> ResidencyError:
-    return ResidencyError(f"{source}: {where}: {problem}",
-                          hint or "regenerate the catalog with tools/gen_catalog.py")
+_HINT = "regenerate the catalog with tools/gen_catalog.py"
+# Bounds on a catalog document. The simulator walks every block of every pass once per step and frame,
+# so these cap the work a hostile catalog can ask for; the largest real entry (flux) has under 100 blocks.
+MAX_BLOCKS = 10_000
+MAX_TENSORS_PER_BLOCK = 4_096
+MAX_DIM = 2**40  # elements along one tensor dimension
+MAX_TOKENS = 2**32
+MAX_PHASES, MAX_PASSES_PER_PHASE = 64, 256
+MAX_BATCH = 1_024
+MAX_VIDEO_FRAMES_PER_LATENT = 1_024
+MAX_COUNT = 2**53  # element and channel counts: exact as JSON numbers
+MAX_FLOPS = 1e30
+MAX_EXTRA_DEPTH = 8  # the free-form facts: the deepest shipped entry nests 3
+_TOP_KNOWN = ("schema_version", "name", "source", "steps", "context_frames", "batch", "kv_dtype",
+              "video_frames_per_latent", "blocks", "phases", "extra")
+_BLOCK_KNOWN = ("name", "component", "tensors", "tokens", *_BLOCK_NUMBERS, *_BLOCK_INTS, "activation_elements_by_size")
 
 
-def _need(doc: dict, key: str, source: str, where: str) -> Any:
-    if not isinstance(doc, dict) or key not in doc:
-        raise _err(source, where, f"missing field '{key}'")
-    return doc[key]
-
-
-def _number(value: Any, source: str, where: str, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
-        raise _err(source, where, f"expected a number >= {minimum:g}, got {value!r}")
-    return value
-
-
-def _block(doc: dict, source: str, i: int) -> BlockSpec:
-    where = f"blocks[{i}]"
-    name = _need(doc, "name", source, where)
-    where = f"block {name!r}"
+def _block(r: Reader, doc: Any, path: str) -> BlockSpec:
+    doc = r.obj(doc, path, _BLOCK_KNOWN, required=("name", "component", "tensors", "tokens"))
+    name = r.string(doc["name"], f"{path}.name", non_empty=True)
+    r = r.within(f"block {show(name)}")
     tensors = []
-    for j, item in enumerate(_need(doc, "tensors", source, where)):
-        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
-                or not isinstance(item[1], list) or not all(isinstance(d, int) and d >= 0 for d in item[1])):
-            raise _err(source, f"{where} tensors[{j}]", f"expected [name, [dims…]], got {item!r}")
-        tensors.append((item[0], tuple(item[1])))
-    kwargs: dict[str, Any] = {k: float(_number(doc.get(k, 0.0), source, f"{where} {k}")) for k in _BLOCK_NUMBERS}
-    kwargs.update({k: int(_number(doc.get(k, 0), source, f"{where} {k}")) for k in _BLOCK_INTS})
-    tokens = int(_number(_need(doc, "tokens", source, where), source, f"{where} tokens", 1))
+    for j, item in enumerate(r.items(doc["tensors"], f"{path}.tensors", max_items=MAX_TENSORS_PER_BLOCK)):
+        where = f"{path}.tensors[{j}]"
+        if not isinstance(item, list) or len(item) != 2:
+            raise r.bad(where, item, "[name, [dims…]]")
+        shape = r.items(item[1], f"{where}[1]", max_items=8)
+        tensors.append((r.string(item[0], f"{where}[0]", non_empty=True),
+                        tuple(r.integer(d, f"{where}[1][{k}]", 0, MAX_DIM, unit="elements")
+                              for k, d in enumerate(shape))))
+    kwargs: dict[str, Any] = {k: r.number(r.optional(doc, k, 0.0), at(path, k), 0.0, maximum=MAX_FLOPS)
+                              for k in _BLOCK_NUMBERS}
+    kwargs.update({k: r.integer(r.optional(doc, k, 0), at(path, k), 0, MAX_COUNT) for k in _BLOCK_INTS})
     by_size = []
-    listed = doc.get("activation_elements_by_size", [])
-    if not isinstance(listed, list):
-        raise _err(source, f"{where} activation_elements_by_size", f"expected a list of [size class, elements], "
-                   f"got {listed!r}")
+    listed = r.items(r.optional(doc, "activation_elements_by_size", []), f"{path}.activation_elements_by_size",
+                     max_items=64)
     for j, item in enumerate(listed):
+        where = f"{path}.activation_elements_by_size[{j}]"
         if (not isinstance(item, list) or len(item) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in item)):
-            raise _err(source, f"{where} activation_elements_by_size[{j}]",
-                       f"expected [size class, elements] (two positive whole numbers), got {item!r}")
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_COUNT for v in item)):
+            raise r.bad(where, item, "[size class, elements] (two positive whole numbers)")
         by_size.append((item[0], item[1]))
     if by_size and sum(n for _, n in by_size) != kwargs["activation_elements_per_call"]:
-        raise _err(source, f"{where} activation_elements_by_size",
-                   f"sums to {sum(n for _, n in by_size)}, not activation_elements_per_call = "
-                   f"{kwargs['activation_elements_per_call']}")
-    return BlockSpec(name=name, component=str(_need(doc, "component", source, where)), tensors=tuple(tensors),
-                     tokens=tokens, activation_elements_by_size=tuple(by_size), **kwargs)
+        raise r.fail(f"{path}.activation_elements_by_size",
+                     f"sums to {sum(n for _, n in by_size)}, not activation_elements_per_call = "
+                     f"{kwargs['activation_elements_per_call']}")
+    return BlockSpec(name=name,
+                     component=r.string(doc["component"], f"{path}.component", non_empty=True),
+                     tensors=tuple(tensors), tokens=r.integer(doc["tokens"], f"{path}.tokens", 1, MAX_TOKENS),
+                     activation_elements_by_size=tuple(by_size), **kwargs)
 
 
-def _phase(doc: dict, source: str, i: int) -> PhaseSpec:
-    name = _need(doc, "name", source, f"phases[{i}]")
-    passes = tuple(
-        PassSpec(blocks=tuple(_need(p, "blocks", source, f"phase {name!r} passes[{j}]")),
-                 per_step=bool(p.get("per_step", False)), kv=p.get("kv", "none"), purpose=p.get("purpose", ""))
-        for j, p in enumerate(_need(doc, "passes", source, f"phase {name!r}")))
-    return PhaseSpec(name=name, per=_need(doc, "per", source, f"phase {name!r}"), passes=passes)
+def _phase(r: Reader, doc: Any, path: str, known_blocks: frozenset[str]) -> PhaseSpec:
+    doc = r.obj(doc, path, ("name", "per", "passes"), required=("name", "per", "passes"))
+    passes = []
+    for j, p in enumerate(r.items(doc["passes"], f"{path}.passes", max_items=MAX_PASSES_PER_PHASE)):
+        where = f"{path}.passes[{j}]"
+        p = r.obj(p, where, ("blocks", "per_step", "kv", "purpose"), required=("blocks",))
+        names = r.items(p["blocks"], f"{where}.blocks")
+        for k, name in enumerate(names):
+            if r.string(name, f"{where}.blocks[{k}]") not in known_blocks:
+                raise r.fail(f"{where}.blocks[{k}]", f"= {show(name)}: unknown blocks cannot be scheduled (the "
+                             "name is not in 'blocks')")
+        if len(set(names)) != len(names):
+            raise r.fail(f"{where}.blocks", "names a block twice: a pass runs each of its blocks once")
+        passes.append(PassSpec(blocks=tuple(names), per_step=r.boolean(r.optional(p, "per_step", False),
+                                                                      f"{where}.per_step"),
+                               kv=r.choice(r.optional(p, "kv", "none"), f"{where}.kv", KV_ACCESS),
+                               purpose=r.string(r.optional(p, "purpose", ""), f"{where}.purpose")))
+    return PhaseSpec(name=r.string(doc["name"], f"{path}.name", non_empty=True),
+                     per=r.choice(doc["per"], f"{path}.per", PERS), passes=tuple(passes))
 
 
-def workload_from_dict(doc: dict, source: str = "<catalog>") -> Workload:
-    if not isinstance(doc, dict):
-        raise _err(source, "top level", f"expected a JSON object, got {type(doc).__name__}")
-    version = _need(doc, "schema_version", source, "top level")
-    if version != CATALOG_SCHEMA_VERSION:
-        raise _err(source, "schema_version", f"unknown version {version!r} (this residency reads "
-                   f"{CATALOG_SCHEMA_VERSION})", hint="upgrade residency, or regenerate the catalog")
-    blocks = tuple(_block(b, source, i) for i, b in enumerate(_need(doc, "blocks", source, "top level")))
-    phases = tuple(_phase(p, source, i) for i, p in enumerate(_need(doc, "phases", source, "top level")))
+def workload_from_dict(doc: Any, source: str = "<catalog>") -> Workload:
+    """A Workload from a parsed catalog document; every field checked, errors naming file and field."""
+    r = Reader(source, _HINT)
+    r.obj(doc, "", _TOP_KNOWN)
+    version = r.need(doc, "schema_version")
+    if isinstance(version, bool) or version != CATALOG_SCHEMA_VERSION:
+        raise r.fail("schema_version", f"= {show(version)}: unknown version {show(version)} (this residency reads "
+                     f"{CATALOG_SCHEMA_VERSION})", hint="upgrade residency, or regenerate the catalog")
+    listed = r.items(r.need(doc, "blocks"), "blocks", min_items=1, max_items=MAX_BLOCKS)
+    blocks = tuple(_block(r, b, f"blocks[{i}]") for i, b in enumerate(listed))
+    names = [b.name for b in blocks]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise r.fail(f"blocks[{names.index(twice, names.index(twice) + 1)}].name",
+                     f"= {show(twice)}: block names must be unique")
+    known = frozenset(names)
+    phases = tuple(_phase(r, p, f"phases[{i}]", known)
+                   for i, p in enumerate(r.items(r.need(doc, "phases"), "phases", max_items=MAX_PHASES)))
     try:
         return Workload(
-            name=str(_need(doc, "name", source, "top level")), blocks=blocks, phases=phases,
-            steps=int(_number(_need(doc, "steps", source, "top level"), source, "steps", 1)),
-            context_frames=int(_number(doc.get("context_frames", 0), source, "context_frames")),
-            batch=int(_number(doc.get("batch", 1), source, "batch", 1)),
-            kv_dtype=str(doc.get("kv_dtype", "bf16")),
-            video_frames_per_latent=int(_number(doc.get("video_frames_per_latent", 1), source,
-                                                "video_frames_per_latent", 1)),
-            source=str(doc.get("source", source)), extra=dict(doc.get("extra", {})))
+            name=r.string(r.need(doc, "name"), "name", non_empty=True), blocks=blocks, phases=phases,
+            steps=r.integer(r.need(doc, "steps"), "steps", 1, MAX_STEPS, unit="denoise steps"),
+            context_frames=r.integer(r.optional(doc, "context_frames", 0), "context_frames", 0,
+                                     MAX_CONTEXT_FRAMES, unit="latent frames"),
+            batch=r.integer(r.optional(doc, "batch", 1), "batch", 1, MAX_BATCH),
+            kv_dtype=r.choice(r.optional(doc, "kv_dtype", "bf16"), "kv_dtype", KV_DTYPE_BYTES),
+            video_frames_per_latent=r.integer(r.optional(doc, "video_frames_per_latent", 1),
+                                              "video_frames_per_latent", 1, MAX_VIDEO_FRAMES_PER_LATENT),
+            source=r.string(r.optional(doc, "source", source), "source"),
+            extra=dict(r.shallow(r.obj(r.optional(doc, "extra", {}), "extra"), "extra", MAX_EXTRA_DEPTH)))
     except ResidencyError as e:
-        raise _err(source, "schedule", e.message, e.hint) from None
+        if e.message.startswith(f"{source}: "):
+            raise
+        raise ResidencyError(f"{source}: {e.message}", hint=e.hint or _HINT) from None
 
 
 def workload_to_dict(w: Workload) -> dict[str, Any]:

@@ -19,6 +19,8 @@ KV_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 COMPUTE_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 PERS = ("session", "latent_frame")  # how often a phase runs: once per session/prompt, or per latent frame
 KV_ACCESS = ("none", "read", "read+write")
+MAX_STEPS = 64  # denoise steps per latent frame; the simulator walks every block of a per-step pass each step
+MAX_CONTEXT_FRAMES = 1024  # KV slots per block, latent frames; the largest catalog model keeps 12
 
 
 @dataclass(frozen=True)
@@ -198,11 +200,11 @@ class Workload:
     def with_params(self, steps: int | None = None, context_frames: int | None = None,
                     batch: int | None = None) -> Workload:
         """The same model at other generation parameters."""
-        for what, v in (("steps", steps), ("batch", batch)):
-            if v is not None and v < 1:
-                raise ResidencyError(f"{what} must be at least 1, got {v}")
-        if context_frames is not None and context_frames < 0:
-            raise ResidencyError(f"context_frames must be at least 0, got {context_frames}")
+        for what, v, low, high in (("steps", steps, 1, MAX_STEPS), ("batch", batch, 1, None),
+                                   ("context_frames", context_frames, 0, MAX_CONTEXT_FRAMES)):
+            if v is not None and not (low <= v and (high is None or v <= high)):
+                span = f"from {low} to {high}" if high is not None else f"at least {low}"
+                raise ResidencyError(f"{what} must be {span}, got {v}")
         return replace(self, steps=self.steps if steps is None else steps,
                        context_frames=self.context_frames if context_frames is None else context_frames,
                        batch=self.batch if batch is None else batch)

@@ -1,0 +1,154 @@
+"""Checking a parsed JSON document field by field: one error style for plans, profiles, catalogs and traces.
+
+Every refusal names the file, the field as a JSON path (`blocks[3].placement`) and the value, with a hint.
+"""
+
+from __future__ import annotations
+
+import math
+import reprlib
+from collections.abc import Iterable
+from typing import Any
+
+from residency.errors import ResidencyError
+
+# Values are shown cut short: a 10 MB string or a list of a million numbers must not become the message.
+_SHOW = reprlib.Repr()
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxlevel = 60, 60, 6, 4, 3
+
+
+def show(value: Any) -> str:
+    """A value as errors quote it: bounded in length and depth, whatever the document held."""
+    return _SHOW.repr(value)
+
+
+def at(path: str, key: str | int) -> str:
+    """The JSON path of `key` inside `path`: at("blocks", 3) -> "blocks[3]", at("budget", "frame_ms")."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+class Reader:
+    """Checks one document; `source` names it (a file path) and `hint` says how to get a good one."""
+
+    def __init__(self, source: str, hint: str, note: str = ""):
+        self.source, self.hint, self.note = source, hint, note
+
+    def within(self, note: str) -> Reader:
+        """The same reader, its messages also saying which item they are in ("block 'dit.blocks.0'")."""
+        return Reader(self.source, self.hint, note)
+
+    def fail(self, path: str, problem: str, hint: str | None = None) -> ResidencyError:
+        """`problem` starts with "= value: …" when it is about a value, or states what is wrong."""
+        return ResidencyError(f"{self.source}: field '{path or '(top level)'}'{self._in()} {problem}",
+                              hint=hint or self.hint)
+
+    def missing(self, path: str) -> ResidencyError:
+        return ResidencyError(f"{self.source}: missing field '{path}'{self._in()}", hint=self.hint)
+
+    def _in(self) -> str:
+        return f" (in {self.note})" if self.note else ""
+
+    def bad(self, path: str, value: Any, expected: str, hint: str | None = None) -> ResidencyError:
+        return self.fail(path, f"= {show(value)}: expected {expected}", hint)
+
+    # ------------------------------------------------------------ containers
+    def obj(self, value: Any, path: str, known: Iterable[str] | None = None,
+            required: Iterable[str] = ()) -> dict[str, Any]:
+        """`value` as a JSON object; with `known`, any other key is refused; each `required` key must be there."""
+        if not isinstance(value, dict):
+            raise self.bad(path, value, "a JSON object")
+        for key in required:
+            if key not in value:
+                raise self.missing(at(path, key))
+        if known is not None:
+            allowed = tuple(known)
+            for key in value:
+                if key not in allowed:
+                    raise self.fail(at(path, key), "is not known", hint=f"known fields here: {', '.join(allowed)}")
+        return value
+
+    def need(self, doc: dict[str, Any], key: str, path: str = "") -> Any:
+        if key not in doc:
+            raise self.missing(at(path, key))
+        return doc[key]
+
+    def items(self, value: Any, path: str, min_items: int = 0, max_items: int | None = None) -> list[Any]:
+        """`value` as a JSON array of min_items..max_items entries."""
+        if not isinstance(value, list):
+            raise self.bad(path, value, "a list (JSON array)")
+        if len(value) < min_items:
+            raise self.fail(path, f"has {len(value)} entries: needs at least {min_items}")
+        if max_items is not None and len(value) > max_items:
+            raise self.fail(path, f"has {len(value)} entries: at most {max_items} are accepted")
+        return value
+
+    # ------------------------------------------------------------ scalars
+    def string(self, value: Any, path: str, non_empty: bool = False) -> str:
+        if not isinstance(value, str) or (non_empty and not value):
+            raise self.bad(path, value, "a non-empty string" if non_empty else "a string")
+        return value
+
+    def choice(self, value: Any, path: str, allowed: Iterable[str]) -> str:
+        options = tuple(allowed)
+        if not isinstance(value, str) or value not in options:
+            raise self.bad(path, value, f"one of {', '.join(options)}")
+        return value
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.bad(path, value, "true or false")
+        return value
+
+    def integer(self, value: Any, path: str, minimum: int = 0, maximum: int | None = None,
+                unit: str = "") -> int:
+        """A whole number in [minimum, maximum]; 5.0 counts as 5 (as in JSON Schema), true does not count as 1."""
+        what = f"a whole number{f' of {unit}' if unit else ''}"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.bad(path, value, what, hint=f"write a bare JSON number{f' of {unit}' if unit else ''}")
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            raise self.bad(path, value, what)
+        # comparing before converting: a float of 1e300 or an int of 4,000 digits stays exact here
+        if value < minimum or (maximum is not None and value > maximum):
+            raise self.bad(path, value, f"{what} in {_range(minimum, maximum)}")
+        return int(value)
+
+    def number(self, value: Any, path: str, minimum: float | None = 0.0, strict: bool = False,
+               maximum: float | None = None, unit: str = "") -> float:
+        """A finite number ≥ minimum (> minimum when strict) and ≤ maximum; None bounds are open."""
+        what = f"a number{f' in {unit}' if unit else ''}"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.bad(path, value, what, hint=f"write a bare JSON number{f' in {unit}' if unit else ''}, "
+                           "without a unit")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.bad(path, value, f"a finite {what[2:]}")
+        if minimum is not None and (value <= minimum if strict else value < minimum):
+            relation = "positive" if strict and minimum == 0 else f"{'>' if strict else '≥'} {minimum:g}"
+            raise self.bad(path, value, f"{what} {relation}")
+        if maximum is not None and value > maximum:
+            raise self.bad(path, value, f"{what} ≤ {maximum:g}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer literal past 1e308
+            raise self.bad(path, value, f"{what} below 1e308") from None
+
+    def shallow(self, value: Any, path: str, max_depth: int) -> Any:
+        """A free-form value (kept, not interpreted) nested at most `max_depth` deep, so that writing it back
+        with json.dumps or comparing it cannot exhaust the recursion limit. Iterative, one visit per value."""
+        level, depth = ([value] if isinstance(value, dict | list) else []), 0
+        while level:
+            depth += 1
+            if depth > max_depth:
+                raise self.fail(path, f"is nested more than {max_depth} levels deep")
+            children = [c for v in level for c in (v.values() if isinstance(v, dict) else v)]
+            level = [c for c in children if isinstance(c, dict | list)]
+        return value
+
+    def optional(self, doc: dict[str, Any], key: str, default: Any) -> Any:
+        """doc[key], or `default` when the key is absent (a present null is passed on, to be checked)."""
+        return doc[key] if key in doc else default
+
+
+def _range(minimum: int, maximum: int | None) -> str:
+    return f"{minimum}..{maximum}" if maximum is not None else f"≥ {minimum}"

@@ -1,0 +1,132 @@
+"""read_json: every JSON document a user names is read as a regular file, capped, and parsed to finite plain JSON."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+
+import pytest
+
+from residency.errors import ResidencyError
+from residency.jsonfile import read_json
+
+HINT = "give a good file"
+
+
+def _refused(path, **kw) -> ResidencyError:
+    with pytest.raises(ResidencyError) as e:
+        read_json(path, "the thing", HINT, **kw)
+    assert e.value.hint and HINT in e.value.hint
+    return e.value
+
+
+def _write(tmp_path: Path, text: str | bytes, name: str = "doc.json") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
+    return path
+
+
+def test_a_plain_document_reads_back(tmp_path):
+    assert read_json(_write(tmp_path, '{"a": [1, 2.5, "x", null, true]}'), "the thing", HINT) == {
+        "a": [1, 2.5, "x", None, True]}
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_literals_are_refused(tmp_path, literal):
+    err = _refused(_write(tmp_path, f'{{"frame_ms": {literal}}}'))
+    assert "doc.json" in err.message and literal in err.message
+
+
+@pytest.mark.parametrize("number", ["1e999", "-1e400"])
+def test_a_number_that_overflows_to_infinity_is_refused(tmp_path, number):
+    assert "finite" in _refused(_write(tmp_path, f'{{"x": [{number}]}}')).message
+
+
+def test_a_top_level_overflowing_number_is_refused(tmp_path):
+    assert "finite" in _refused(_write(tmp_path, "1e999")).message
+
+
+def test_an_integer_past_pythons_digit_limit_is_a_clean_error(tmp_path):
+    err = _refused(_write(tmp_path, '{"vram_bytes": ' + "9" * 5000 + "}"))
+    assert "digits" in err.message and "doc.json" in err.message
+
+
+def test_nesting_that_would_exhaust_the_parser_is_a_clean_error(tmp_path):
+    err = _refused(_write(tmp_path, "[" * 100_000 + "]" * 100_000))
+    assert "nested" in err.message
+
+
+def test_nesting_the_parser_reads_is_refused_by_the_field_that_holds_it(tmp_path):
+    """900 levels parse, but a validator quotes a value only to a bounded depth: no RecursionError later."""
+    from residency.plan import load_plan
+
+    path = _write(tmp_path, '{"schema_version": 1, "model": ' + "[" * 900 + "]" * 900 + "}", "plan.json")
+    with pytest.raises(ResidencyError, match=r"plan\.json: field 'model' = \[\[\[\[\.\.\.\]\]\]\]"):
+        load_plan(path)
+
+
+def test_free_form_catalog_facts_are_refused_past_a_few_levels():
+    import copy
+
+    from pipelines.catalog import catalog_paths
+    from residency.workload import workload_from_dict
+
+    doc = copy.deepcopy(read_json(catalog_paths()["tiny"], "the catalog entry", HINT))
+    doc["extra"] = {"deep": [[[[[[[[[[1]]]]]]]]]]}
+    with pytest.raises(ResidencyError, match="'extra' is nested more than"):
+        workload_from_dict(doc, "tiny.json")
+
+
+def test_a_file_over_the_cap_is_refused_before_parsing(tmp_path):
+    err = _refused(_write(tmp_path, "[" + "0," * 600 + "0]"), max_bytes=1000)
+    assert "1000" in err.message
+
+
+def test_invalid_json_names_line_and_column(tmp_path):
+    err = _refused(_write(tmp_path, '{\n  "a": }'))
+    assert re.search(r"doc\.json: not valid JSON.*line 2", err.message)
+
+
+def test_bytes_that_are_not_utf8_are_refused(tmp_path):
+    assert "UTF-8" in _refused(_write(tmp_path, b'{"a": "\xff"}')).message
+
+
+def test_a_directory_is_refused(tmp_path):
+    assert "directory" in _refused(tmp_path).message
+
+
+def test_an_over_long_name_is_a_clean_error(tmp_path):
+    err = _refused(tmp_path / ("x" * 300 + ".json"))
+    assert "too long" in err.message and len(err.message) < 400
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def call():
+        try:
+            read_json(fifo, "the thing", HINT)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            outcome.append(e)
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(timeout=5)
+    if worker.is_alive():  # unblock the reader so the test process can end
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("read_json blocked on a FIFO")
+    assert isinstance(outcome[0], ResidencyError) and "regular file" in outcome[0].message
+
+
+def test_nothing_else_in_the_package_parses_json_text_itself():
+    """User JSON goes through read_json; the safetensors header is a checkpoint format with its own bounds."""
+    root = Path(__file__).resolve().parents[1] / "residency"
+    allowed = {root / "jsonfile.py", root / "checkpoint" / "safetensors_io.py"}
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p not in allowed and re.search(r"\bjson\.loads?\(", p.read_text(encoding="utf-8"))]
+    assert offenders == []
