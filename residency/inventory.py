@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -17,7 +18,13 @@ from residency.formats.sizing import tensor_bytes
 COMPARE_FORMATS = ("BF16", "Q8_0", "Q6_K", "Q4_K")
 
 
-@dataclass(frozen=True)
+@lru_cache(maxsize=1 << 14)
+def _bytes_as(shape: tuple[int, ...], fmt_name: str) -> int:
+    # Models repeat a few shapes thousands of times; sizing one costs several µs of Python.
+    return tensor_bytes(shape, get_format(fmt_name))
+
+
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     name: str
     shape: tuple[int, ...]  # torch order
@@ -44,8 +51,8 @@ class BlockInfo:
         return sum(t.nbytes for t in self.tensors)
 
     def bytes_as(self, fmt_name: str) -> int:
-        fmt = get_format(fmt_name)
-        return sum(tensor_bytes(t.shape, fmt) for t in self.tensors)
+        fmt_name = get_format(fmt_name).name
+        return sum(_bytes_as(t.shape, fmt_name) for t in self.tensors)
 
     @property
     def formats(self) -> list[str]:
@@ -70,6 +77,14 @@ class Inventory:
 
     def blocks_of(self, component: str) -> list[BlockInfo]:
         return [b for b in self.blocks if b.component == component]
+
+    def by_component(self) -> dict[str, list[BlockInfo]]:
+        """Blocks per component, components in first-seen order: one pass, where calling
+        blocks_of for each component costs components × blocks."""
+        out: dict[str, list[BlockInfo]] = {}
+        for b in self.blocks:
+            out.setdefault(b.component, []).append(b)
+        return out
 
     @property
     def params(self) -> int:

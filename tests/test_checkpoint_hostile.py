@@ -209,7 +209,7 @@ GGUF_CASES = {
         gguf_bytes(tensors=[("w", [33, 1], 8, 0)], data=bytes(64)),
         "multiple",
     ),  # Q8_0
-    "absurd_dims": (gguf_bytes(tensors=[("w", [2**62, 2**62], 0, 0)], data=bytes(64)), "outside"),
+    "absurd_dims": (gguf_bytes(tensors=[("w", [2**62, 2**62], 0, 0)], data=bytes(64)), "spans"),
     "bad_alignment": (gguf_bytes([("general.alignment", UINT32, struct.pack("<I", 3))]), "alignment"),
     "non_utf8_name": (gguf_bytes(tensors=[(b"\xff\xfe", [4, 2], 0, 0)], data=bytes(32)), "UTF-8"),
     "format_meta_not_string": (

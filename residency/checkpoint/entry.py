@@ -12,19 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from residency.checkpoint.errors import broken
+from residency.checkpoint.limits import MAX_DIMS, check_dims, tensor_nbytes
 from residency.errors import FormatError
 from residency.formats import StorageFormat, get_format
 
 # Per-tensor metadata keys for formats the container has no dtype for (stored as raw bytes).
 FORMAT_KEY = "residency.format."
 SHAPE_KEY = "residency.shape."
-MAX_DIMS = 32  # far above any real tensor; bounds the work a hostile shape can cause
 
 PACKED = "packed"  # the byte range is exactly the format's packed blob
 E4M3 = "e4m3"  # raw e4m3 bytes (safetensors F8_E4M3): FP8 with unit row scales, rebuilt on read
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     """One tensor of a checkpoint: logical shape (torch order), format, and its byte range."""
 
@@ -66,22 +66,7 @@ def shape_from_str(path: Path, name: str, text: object) -> tuple[int, ...]:
         raise broken(
             path, f"tensor {name!r:.80}: its {SHAPE_KEY}* value {text!r:.60} is not comma-separated integers"
         ) from None
-    return check_shape(path, name, dims)
-
-
-def check_shape(path: Path, name: str, dims: object) -> tuple[int, ...]:
-    """A header's shape as a tuple of non-negative ints (rejects bools, floats, huge ranks)."""
-    if not isinstance(dims, (list, tuple)) or len(dims) > MAX_DIMS:
-        raise broken(
-            path, f"tensor {name!r:.80}: shape {dims!r:.80} is not a list of at most {MAX_DIMS} integers"
-        )
-    for d in dims:
-        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-            raise broken(
-                path,
-                f"tensor {name!r:.80}: shape {list(dims)!r:.80} has a dimension that is not an integer ≥ 0",
-            )
-    return tuple(dims)
+    return check_dims(path, name, dims)
 
 
 def packed_nbytes(fmt: StorageFormat, shape: Sequence[int]) -> int:
@@ -105,6 +90,7 @@ def resolve(
     overrides: Mapping[str, str],
     raw_container: bool,
     dtype_label: str,
+    one_byte_per_weight: bool = False,
 ) -> tuple[str, tuple[int, ...]]:
     """The (format name, torch shape) of one tensor, checked against its `nbytes` byte range.
 
@@ -135,25 +121,7 @@ def resolve(
     shape = stored_shape
     if SHAPE_KEY + name in overrides:
         shape = shape_from_str(path, name, overrides[SHAPE_KEY + name])
-    # Reject absurd shapes before the format does arithmetic on them: no format packs
-    # more than 64 weights into a byte, so a larger product cannot fit the byte range.
-    n = 1
-    for d in shape if 0 not in shape else ():
-        n *= d
-        if n > 64 * max(nbytes, 1):
-            raise broken(
-                path,
-                f"tensor {name!r:.80}: shape {shape!s:.120} needs more bytes than its {nbytes}-byte range",
-            )
-    try:
-        expect = packed_nbytes(fmt, shape)
-    except FormatError as e:
-        raise broken(path, f"tensor {name!r:.80}: {e.message}") from None
-    if expect != nbytes:
-        raise broken(
-            path,
-            f"tensor {name!r:.80}: {fmt.name} {shape} takes {expect} bytes but the header gives {nbytes}",
-        )
+    tensor_nbytes(path, name, fmt, shape, nbytes, one_byte_per_weight)
     return fmt.name, shape
 
 

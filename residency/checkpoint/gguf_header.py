@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from residency.checkpoint.entry import MAX_DIMS
 from residency.checkpoint.errors import broken
+from residency.checkpoint.limits import MAX_DIMS, MAX_NAME_BYTES, MAX_TENSORS, check_name, check_tensor_count
 
 # GGUFValueType → struct code; 8 = STRING, 9 = ARRAY.
 _SCALAR = {
@@ -35,13 +35,19 @@ _SCALAR = {
 STRING, ARRAY, UINT32, FLOAT32 = 8, 9, 4, 6
 _MIN_SIZE = {**{t: struct.calcsize(c) for t, c in _SCALAR.items()}, STRING: 8, ARRAY: 12}
 MAX_ARRAY_TEXT = 64  # arrays up to this many scalars/strings become JSON text; longer ones are skipped
-MAX_WALK_ITEMS = 16_000_000  # string/nested array items walked one by one, in total (bounds the time)
+# String/nested-array items walked one by one, in total: ~0.3 µs each, so ≤ ~1 s per file.
+# Real tokenizers hold 32k-262k tokens plus up to ~500k merges.
+MAX_WALK_ITEMS = 4_000_000
 MAX_ARRAY_DEPTH = 3
+# Metadata keys per file: real GGUFs have 20-60 (our own writer adds 2 per FP8/NF4 tensor);
+# each costs ~250 bytes of Python objects for ≥ 13 header bytes.
+MAX_METADATA_KEYS = 2 * MAX_TENSORS + 4096
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+MAX_ALIGNMENT = 1 << 16  # llama.cpp writes 32; anything past a large page is a lie
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GGUFTensorInfo:
     name: str
     dims: tuple[int, ...]  # ggml order: dims[0] is the fastest-varying (torch's last) dimension
@@ -114,8 +120,25 @@ class _Cursor:
                 raise broken(
                     self.path, f"GGUF metadata arrays hold more than {MAX_WALK_ITEMS} strings in total"
                 )
+            if sub == STRING:
+                self._skip_strings(count, what)
+                return None
         items = [self.value(sub, what, depth + 1, keep) for _ in range(count)]
         return items if keep else None
+
+    def _skip_strings(self, count: int, what: str) -> None:
+        # The hot loop of tokenizer tables (one iteration per token): locals only, no calls but unpack.
+        buf, size, pos, unpack = self.buf, self.size, self.pos, struct.unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                break
+            pos += 8 + unpack("<Q", buf, pos)[0]
+            if pos > size:
+                break
+        else:
+            self.pos = pos
+            return
+        raise broken(self.path, f"truncated GGUF header: {what} runs past the end of the file")
 
 
 def _text(vtype: int, value: object) -> str | None:
@@ -151,34 +174,72 @@ def parse_gguf_header(path: Path, buf, size: int) -> GGUFHeader:
         raise broken(
             path, f"GGUF header claims {n_tensors} tensors and {n_kv} metadata keys, more than the file holds"
         )
+    check_tensor_count(path, n_tensors)
+    if n_kv > MAX_METADATA_KEYS:
+        raise broken(path, f"GGUF header claims {n_kv} metadata keys, more than the {MAX_METADATA_KEYS} residency reads")
     fields: dict[str, tuple[int, str | None]] = {}
     for i in range(n_kv):
         key = c.string(f"metadata key #{i}")
+        if len(key) > MAX_NAME_BYTES:
+            raise broken(path, f"GGUF metadata key #{i} {key[:60]!r}… is longer than {MAX_NAME_BYTES} characters")
         vtype = c.unpack("<I", f"metadata {key!r:.60} type")
         value = c.value(vtype, f"metadata {key!r:.60}")
         if key in fields:
             raise broken(path, f"GGUF metadata key {key!r:.80} appears twice")
         fields[key] = (vtype, _text(vtype, value))
+    tensors = _tensor_infos(c, n_tensors)
+    alignment = _alignment(path, fields)
+    for t in tensors:
+        if t.offset % alignment:
+            raise broken(
+                path,
+                f"GGUF tensor {t.name!r:.80}: data offset {t.offset} is not a multiple of the file's "
+                f"alignment {alignment}",
+            )
+    data_offset = c.pos + (-c.pos % alignment)
+    return GGUFHeader(version, fields, tensors, alignment, data_offset)
+
+
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+
+
+def _tensor_infos(c: _Cursor, n_tensors: int) -> list[GGUFTensorInfo]:
+    """The tensor table. The hot loop of files with many tensors (~5 µs each): plain arithmetic on
+    the cursor, error text built only on the error path."""
+    path, buf, size = c.path, c.buf, c.size
     tensors: list[GGUFTensorInfo] = []
     names: set[str] = set()
     for i in range(n_tensors):
         name = c.string(f"tensor #{i} name")
-        n_dims = c.unpack("<I", f"tensor {name!r:.60} rank")
+        check_name(path, name)
+        pos = c.pos
+        if size - pos < 4:
+            c.take(4, f"tensor {name!r:.60} rank")
+        n_dims = _U32.unpack_from(buf, pos)[0]
         if n_dims > MAX_DIMS:
             raise broken(path, f"GGUF tensor {name!r:.60} claims {n_dims} dimensions")
-        start = c.take(8 * n_dims, f"tensor {name!r:.60} dims")
-        dims = struct.unpack_from(f"<{n_dims}Q", buf, start)
-        ggml_type = c.unpack("<I", f"tensor {name!r:.60} type")
-        offset = c.unpack("<Q", f"tensor {name!r:.60} offset")
+        if size - pos < 4 + 8 * n_dims + 12:
+            c.take(4 + 8 * n_dims + 12, f"tensor {name!r:.60} dims, type and offset")
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        pos += 4 + 8 * n_dims
+        ggml_type = _U32.unpack_from(buf, pos)[0]
+        offset = _U64.unpack_from(buf, pos + 4)[0]
+        c.pos = pos + 12
         if name in names:
             raise broken(path, f"GGUF tensor {name!r:.80} appears twice")
         names.add(name)
-        tensors.append(GGUFTensorInfo(name, tuple(dims), ggml_type, offset))
-    alignment = DEFAULT_ALIGNMENT
-    if "general.alignment" in fields:
-        vtype, text = fields["general.alignment"]
-        alignment = int(text) if vtype == UINT32 and text is not None else 0
-        if alignment <= 0 or alignment & (alignment - 1):
-            raise broken(path, "GGUF general.alignment is not a uint32 power of two")
-    data_offset = c.pos + (-c.pos % alignment)
-    return GGUFHeader(version, fields, tensors, alignment, data_offset)
+        tensors.append(GGUFTensorInfo(name, dims, ggml_type, offset))
+    return tensors
+
+
+def _alignment(path: Path, fields: dict[str, tuple[int, str | None]]) -> int:
+    if "general.alignment" not in fields:
+        return DEFAULT_ALIGNMENT
+    vtype, text = fields["general.alignment"]
+    alignment = int(text) if vtype == UINT32 and text is not None else 0
+    if not 0 < alignment <= MAX_ALIGNMENT or alignment & (alignment - 1):
+        raise broken(
+            path,
+            f"GGUF general.alignment {text!s:.40} is not a uint32 power of two up to {MAX_ALIGNMENT}",
+        )
+    return alignment

@@ -6,7 +6,6 @@ FP8 and NF4 have no ggml type: they travel as I8 bytes plus residency.* string m
 
 from __future__ import annotations
 
-import math
 import mmap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,13 +22,16 @@ from residency.checkpoint.entry import (
     shape_to_str,
 )
 from residency.checkpoint.errors import broken
-from residency.checkpoint.gguf_header import STRING, parse_gguf_header
+from residency.checkpoint.gguf_header import STRING, GGUFTensorInfo, parse_gguf_header
+from residency.checkpoint.limits import container_nbytes
 from residency.checkpoint.packing import PackedTensor
 from residency.formats import format_for_gguf_type, get_format
 
 ARCH_KEY = "general.architecture"
 DEFAULT_ARCH = "residency"
 _RAW_TYPE = GGMLQuantizationType.I8
+# ggml type id → (type, weights per block, bytes per block); an Enum call per tensor costs µs.
+_GGML_TYPES = {int(q): (q, *GGML_QUANT_SIZES[q]) for q in GGMLQuantizationType if q in GGML_QUANT_SIZES}
 
 
 def read_gguf(path: Path, file_size: int) -> tuple[list[TensorEntry], dict[str, str]]:
@@ -56,26 +58,40 @@ def read_gguf(path: Path, file_size: int) -> tuple[list[TensorEntry], dict[str, 
         elif text is not None:
             meta[key] = text
     entries = []
+    # A model repeats a few (type, dims) pairs thousands of times: resolve each pair once.
+    # Tensors named by residency.* keys are resolved on their own.
+    seen: dict[tuple[int, tuple[int, ...]], tuple[str, tuple[int, ...], int]] = {}
+    data_offset = header.data_offset
     for t in header.tensors:
-        try:
-            qtype = GGMLQuantizationType(t.ggml_type)
-            block, type_size = GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
-            raise broken(path, f"tensor {t.name!r:.80}: unknown ggml type {t.ggml_type}") from None
-        if t.dims and t.dims[0] % block:
-            raise broken(
-                path, f"tensor {t.name!r:.80}: row of {t.dims[0]} is not a multiple of the {qtype.name} block"
-            )
-        nbytes = math.prod(t.dims) // block * type_size  # ≤ 32 dims < 2^64: a cheap exact int
-        base = format_for_gguf_type(int(qtype))
-        stored_shape = tuple(reversed(t.dims))
-        fmt_name, shape = resolve(
-            path, t.name, base, stored_shape, nbytes, overrides, qtype == _RAW_TYPE, qtype.name
-        )
-        entries.append(TensorEntry(t.name, shape, fmt_name, nbytes, path, header.data_offset + t.offset))
+        named = bool(overrides) and (FORMAT_KEY + t.name in overrides or SHAPE_KEY + t.name in overrides)
+        key = (t.ggml_type, t.dims)
+        resolved = None if named else seen.get(key)
+        if resolved is None:
+            resolved = _resolve(path, t, overrides)
+            if not named:
+                seen[key] = resolved
+        fmt_name, shape, nbytes = resolved
+        entries.append(TensorEntry(t.name, shape, fmt_name, nbytes, path, data_offset + t.offset))
     check_layout(path, entries, header.data_offset, file_size)
     entries.sort(key=lambda e: e.offset)
     return entries, meta
+
+
+def _resolve(path: Path, t: GGUFTensorInfo, overrides: Mapping[str, str]) -> tuple[str, tuple[int, ...], int]:
+    """(format name, torch shape, stored bytes) of one tensor info, every size checked."""
+    known = _GGML_TYPES.get(t.ggml_type)
+    if known is None:
+        raise broken(path, f"tensor {t.name!r:.80}: unknown ggml type {t.ggml_type}")
+    qtype, block, type_size = known
+    stored_shape = tuple(reversed(t.dims))
+    if stored_shape and stored_shape[-1] % block:
+        raise broken(
+            path, f"tensor {t.name!r:.80}: row of {stored_shape[-1]} is not a multiple of the {qtype.name} block"
+        )
+    nbytes = container_nbytes(path, t.name, stored_shape, block, type_size)
+    base = format_for_gguf_type(int(qtype))
+    fmt_name, shape = resolve(path, t.name, base, stored_shape, nbytes, overrides, qtype == _RAW_TYPE, qtype.name)
+    return fmt_name, shape, nbytes
 
 
 def _add_string(writer: GGUFWriter, key: str, value: str) -> None:

@@ -7,7 +7,6 @@ byte range is trusted; quantized blobs travel as U8 plus residency.* metadata.
 from __future__ import annotations
 
 import json
-import math
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,20 +15,35 @@ from typing import BinaryIO
 from residency.checkpoint.entry import (
     E4M3,
     FORMAT_KEY,
+    PACKED,
     SHAPE_KEY,
     TensorEntry,
     check_layout,
-    check_shape,
     is_reserved_key,
     resolve,
     shape_to_str,
 )
 from residency.checkpoint.errors import broken
+from residency.checkpoint.limits import (
+    MAX_TENSORS,
+    check_dims,
+    check_name,
+    check_tensor_count,
+    container_nbytes,
+    tensor_nbytes,
+)
 from residency.checkpoint.packing import PackedTensor
 from residency.formats import get_format
 
-# The header is read into memory whole: cap it before trusting the length field.
-HEADER_CAP = 100 * 1024 * 1024
+# The header is read into memory whole and parsed by json: ~1 s and ~9× its size in Python
+# objects per 16 MiB on a slow core. Real shard headers are a few MB; 16 MiB holds MAX_TENSORS
+# entries with ~60-byte names.
+HEADER_CAP = 16 * 1024 * 1024
+# `{` and `[` cost 60-230 bytes of Python objects each for 1-3 header bytes (`[{},{},…]` is 25×
+# its size). A tensor needs one object and two arrays; more containers than that are refused
+# by a C-speed count before json builds anything.
+_CONTAINERS_PER_TENSOR = 3
+_CONTAINER_SLACK = 4096  # braces inside metadata strings (a JSON config stored as text)
 _PLAIN = {"F32": "F32", "F16": "F16", "BF16": "BF16"}  # safetensors dtype <-> our format, both ways
 _RAW = "U8"
 
@@ -40,11 +54,13 @@ class _Duplicate(Exception):
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _Duplicate(key)
-        out[key] = value
+    out = dict(pairs)  # C speed; the slow search runs only when a key repeats
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Duplicate(key)
+            seen.add(key)
     return out
 
 
@@ -56,7 +72,10 @@ def _load_header(path: Path, file_size: int) -> tuple[dict[str, object], int]:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > HEADER_CAP:
             raise broken(
-                path, f"header length field says {n} bytes (cap {HEADER_CAP}): not a safetensors file"
+                path,
+                f"header length field says {n} bytes, more than the {HEADER_CAP} residency reads "
+                "(cap): corrupt, not a safetensors file, or too many tensors in one file",
+                hint="if the file is genuine, split it into shards (a directory of files)",
             )
         if 8 + n > file_size:
             raise broken(
@@ -65,11 +84,14 @@ def _load_header(path: Path, file_size: int) -> tuple[dict[str, object], int]:
         raw = f.read(n)  # n ≤ HEADER_CAP and ≤ file size: a bounded allocation
     if len(raw) != n:
         raise broken(path, "file shrank while its header was being read")
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > _CONTAINERS_PER_TENSOR * MAX_TENSORS + _CONTAINER_SLACK:
+        raise broken(path, f"header holds {containers} JSON objects and arrays, more than {MAX_TENSORS} tensors need")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except _Duplicate as e:
         raise broken(path, f"header names {e.key!r:.80} twice") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError, MemoryError) as e:
         raise broken(path, f"header is not valid JSON ({str(e)[:120]})") from None
     if not isinstance(header, dict):
         raise broken(path, f"header is a JSON {type(header).__name__}, not an object")
@@ -89,13 +111,28 @@ def _metadata(path: Path, header: dict[str, object]) -> dict[str, str]:
 
 
 def _offsets(path: Path, name: str, offsets: object) -> tuple[int, int]:
-    ok = isinstance(offsets, list) and len(offsets) == 2
-    ok = ok and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)  # type: ignore[union-attr]
-    if not ok or not 0 <= offsets[0] <= offsets[1]:  # type: ignore[index]
-        raise broken(
-            path, f"tensor {name!r:.80}: data_offsets {offsets!r:.80} are not two integers 0 ≤ begin ≤ end"
-        )
-    return offsets[0], offsets[1]  # type: ignore[index]
+    if type(offsets) is list and len(offsets) == 2:
+        begin, end = offsets
+        if type(begin) is int and type(end) is int and 0 <= begin <= end:  # `type`: True is not an offset
+            return begin, end
+    raise broken(
+        path, f"tensor {name!r:.80}: data_offsets {offsets!r:.80} are not two integers 0 ≤ begin ≤ end"
+    )
+
+
+def _resolve(
+    path: Path, name: str, dtype: str, stored_shape: tuple[int, ...], nbytes: int, overrides: Mapping[str, str]
+) -> tuple[str, tuple[int, ...], str]:
+    """(format name, torch shape, encoding) of one header entry, every size checked."""
+    if dtype == "F8_E4M3" and FORMAT_KEY + name not in overrides:
+        # Raw e4m3 (e.g. fp8 exports): our FP8 with every row scale 1.0, one byte per weight.
+        tensor_nbytes(path, name, get_format("FP8"), stored_shape, nbytes, one_byte_per_weight=True)
+        return "FP8", stored_shape, E4M3
+    if dtype == _RAW and container_nbytes(path, name, stored_shape, 1, 1) != nbytes:
+        raise broken(path, f"tensor {name!r:.80}: U8 {stored_shape} is not {nbytes} bytes")
+    base = get_format(_PLAIN[dtype]) if dtype in _PLAIN else None
+    fmt_name, shape = resolve(path, name, base, stored_shape, nbytes, overrides, dtype == _RAW, dtype)
+    return fmt_name, shape, PACKED
 
 
 def read_safetensors(path: Path, file_size: int) -> tuple[list[TensorEntry], dict[str, str]]:
@@ -103,39 +140,46 @@ def read_safetensors(path: Path, file_size: int) -> tuple[list[TensorEntry], dic
     header, data_start = _load_header(path, file_size)
     meta = _metadata(path, header)
     overrides = {k: v for k, v in meta.items() if is_reserved_key(k)}
+    check_tensor_count(path, len(header))
     entries: list[TensorEntry] = []
+    # A model repeats a few (dtype, shape) pairs thousands of times: resolve each pair once.
+    # Tensors named by residency.* keys are resolved on their own.
+    seen: dict[tuple, tuple[str, tuple[int, ...], str]] = {}
     for name, info in header.items():
+        check_name(path, name)
         if not isinstance(info, dict):
             raise broken(path, f"tensor {name!r:.80}: header entry is not a JSON object")
         dtype = info.get("dtype")
         if not isinstance(dtype, str):
             raise broken(path, f"tensor {name!r:.80}: dtype {dtype!r:.40} is not a string")
-        stored_shape = check_shape(path, name, info.get("shape"))
         begin, end = _offsets(path, name, info.get("data_offsets"))
         nbytes = end - begin
         if data_start + end > file_size:
             raise broken(
                 path, f"tensor {name!r:.80}: data_offsets end at {end}, past the end of the data section"
             )
-        encoding = "packed"
-        if dtype == "F8_E4M3" and FORMAT_KEY + name not in overrides:
-            # Raw e4m3 (e.g. fp8 exports): our FP8 with every row scale 1.0, one byte per weight.
-            if math.prod(stored_shape) != nbytes:
-                raise broken(path, f"tensor {name!r:.80}: F8_E4M3 {stored_shape} is not {nbytes} bytes")
-            fmt_name, shape, encoding = "FP8", stored_shape, E4M3
-        else:
-            if dtype == _RAW and math.prod(stored_shape) != nbytes:
-                raise broken(path, f"tensor {name!r:.80}: U8 {stored_shape} is not {nbytes} bytes")
-            base = get_format(_PLAIN[dtype]) if dtype in _PLAIN else None
-            fmt_name, shape = resolve(path, name, base, stored_shape, nbytes, overrides, dtype == _RAW, dtype)
+        stored_shape = check_dims(path, name, info.get("shape"))  # ints only: safe as a dict key
+        named = bool(overrides) and (FORMAT_KEY + name in overrides or SHAPE_KEY + name in overrides)
+        key = (dtype, stored_shape, nbytes)
+        resolved = None if named else seen.get(key)
+        if resolved is None:
+            resolved = _resolve(path, name, dtype, stored_shape, nbytes, overrides)
+            if not named:
+                seen[key] = resolved
+        fmt_name, shape, encoding = resolved
         entries.append(TensorEntry(name, shape, fmt_name, nbytes, path, data_start + begin, encoding))
     entries.sort(key=lambda e: e.offset)  # stable: ties keep header order
     check_layout(path, entries, data_start, file_size)
     return entries, {k: v for k, v in meta.items() if not is_reserved_key(k)}
 
 
-def write_safetensors(f: BinaryIO, tensors: Sequence[PackedTensor], metadata: Mapping[str, str]) -> None:
-    """Header then data, in the given order; F32/F16/BF16 keep their dtype, others go as U8."""
+def write_safetensors(
+    f: BinaryIO, tensors: Sequence[PackedTensor], metadata: Mapping[str, str], target: Path
+) -> None:
+    """Header then data, in the given order; F32/F16/BF16 keep their dtype, others go as U8.
+
+    `target` is the path errors name (`f` is usually a temp file beside it).
+    """
     meta = dict(metadata)
     header: dict[str, object] = {}
     offset = 0
@@ -153,6 +197,14 @@ def write_safetensors(f: BinaryIO, tensors: Sequence[PackedTensor], metadata: Ma
         header = {"__metadata__": meta, **header}
     blob = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned, as the reference writer does
+    if len(blob) > HEADER_CAP or len(tensors) > MAX_TENSORS:
+        # Never write a file that open_checkpoint would refuse.
+        raise broken(
+            target,
+            f"{len(tensors)} tensors make a {len(blob)}-byte header; one file holds at most "
+            f"{MAX_TENSORS} tensors and a {HEADER_CAP}-byte header",
+            hint="save the tensors as several shards in one directory",
+        )
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for t in tensors:

@@ -55,7 +55,7 @@ def _write(path: Path, tensors: list[PackedTensor], metadata: Mapping[str, str] 
             write_gguf(tmp, tensors, meta)
         else:
             with open(tmp, "wb") as f:
-                write_safetensors(f, tensors, meta)
+                write_safetensors(f, tensors, meta, path)
     return path
 
 

@@ -10,8 +10,10 @@ import sys
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from residency.checkpoint.checkpoint import gc_paused
 from residency.commands.console import make_console
 from residency.commands.sources import load_inventory
 from residency.inventory import COMPARE_FORMATS, BlockInfo, Inventory
@@ -23,6 +25,29 @@ def add_parser(sub) -> None:
     p.add_argument("target", metavar="PATH|MODEL", help=".safetensors/.gguf file, a directory of shards, or a built-in model")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     p.set_defaults(run=run)
+
+
+# The table draws at most this many rows per component (rich costs ~2 ms a row); `--json` lists
+# every block. Real models collapse to a few dozen rows (identical blocks share one).
+MAX_TABLE_ROWS = 200
+MAX_INDENTED_BLOCKS = 2000
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """One block's numbers, computed once: the table, its footer and the JSON all read them."""
+
+    tensors: int
+    params: int
+    stored_bytes: int
+    formats: tuple[str, ...]
+    bytes_by_format: dict[str, int]
+
+
+def _sizes(b: BlockInfo) -> _Sizes:
+    return _Sizes(
+        len(b.tensors), b.params, b.stored_bytes, tuple(b.formats), {f: b.bytes_as(f) for f in COMPARE_FORMATS}
+    )
 
 
 def _signature(b: BlockInfo) -> tuple:
@@ -40,99 +65,130 @@ class _Row:
 
 def _rows(blocks: list[BlockInfo]) -> list[_Row]:
     rows: list[_Row] = []
+    last_signature = None
     for b in blocks:
         last = rows[-1] if rows else None
         head, _, idx = b.name.rpartition(".")
+        signature = _signature(b)
         if (
             last is not None
             and idx.isdigit()
             and last.block.name.rpartition(".")[0] == head
-            and _signature(last.block) == _signature(b)
+            and last_signature == signature
         ):
             last.count += 1
             first_idx = last.block.name.rpartition(".")[2]
             last.label = f"{head}.{first_idx}–{idx}"
             continue
         rows.append(_Row(b.name, 1, b))
+        last_signature = signature
     return rows
 
 
-def _block_json(b: BlockInfo) -> dict:
+def _block_json(b: BlockInfo, sizes: _Sizes) -> dict:
     return {
         "name": b.name,
-        "tensors": len(b.tensors),
-        "params": b.params,
-        "formats": b.formats,
-        "stored_bytes": b.stored_bytes,
-        "bytes_by_format": {f: b.bytes_as(f) for f in COMPARE_FORMATS},
+        "tensors": sizes.tensors,
+        "params": sizes.params,
+        "formats": list(sizes.formats),
+        "stored_bytes": sizes.stored_bytes,
+        "bytes_by_format": dict(sizes.bytes_by_format),
     }
+
+
+def _sum(sizes: list[_Sizes], fmt: str) -> int:
+    return sum(s.bytes_by_format[fmt] for s in sizes)
 
 
 def to_json(inv: Inventory) -> dict:
+    sizes = {id(b): _sizes(b) for b in inv.blocks}
     largest = inv.largest_block()
-    return {
-        "source": inv.source,
-        "params": inv.params,
-        "tensors": len(inv.tensors),
-        "stored_bytes": inv.stored_bytes,
-        "bytes_by_format": {f: inv.bytes_as(f) for f in COMPARE_FORMATS},
-        "largest_block": _block_json(largest) if largest else None,
-        "components": [
+    components = []
+    for c, blocks in inv.by_component().items():
+        own = [sizes[id(b)] for b in blocks]
+        components.append(
             {
                 "name": c,
-                "params": sum(b.params for b in inv.blocks_of(c)),
-                "stored_bytes": sum(b.stored_bytes for b in inv.blocks_of(c)),
-                "bytes_by_format": {f: sum(b.bytes_as(f) for b in inv.blocks_of(c)) for f in COMPARE_FORMATS},
-                "blocks": [_block_json(b) for b in inv.blocks_of(c)],
+                "params": sum(s.params for s in own),
+                "stored_bytes": sum(s.stored_bytes for s in own),
+                "bytes_by_format": {f: _sum(own, f) for f in COMPARE_FORMATS},
+                "blocks": [_block_json(b, sizes[id(b)]) for b in blocks],
             }
-            for c in inv.components
-        ],
+        )
+    every = list(sizes.values())
+    return {
+        "source": inv.source,
+        "params": sum(s.params for s in every),
+        "tensors": sum(s.tensors for s in every),
+        "stored_bytes": sum(s.stored_bytes for s in every),
+        "bytes_by_format": {f: _sum(every, f) for f in COMPARE_FORMATS},
+        "largest_block": _block_json(largest, sizes[id(largest)]) if largest else None,
+        "components": components,
     }
 
 
+def _component_table(component: str, blocks: list[BlockInfo], sizes: dict[int, _Sizes], source: str) -> Table:
+    own = [sizes[id(b)] for b in blocks]
+    # Names come from the file: escaped, or a "[/x]" in one would be read as rich markup (and raise).
+    table = Table(title=f"{escape(component)}  ({len(blocks)} blocks)", title_justify="left", show_footer=True)
+    table.add_column("block", footer="total")
+    table.add_column("tensors", justify="right", footer=str(sum(s.tensors for s in own)))
+    table.add_column("params", justify="right", footer=fmt_count(sum(s.params for s in own)))
+    table.add_column("stored", justify="right", footer=fmt_bytes(sum(s.stored_bytes for s in own)))
+    table.add_column("as", justify="left")
+    for f in COMPARE_FORMATS:
+        table.add_column(f, justify="right", footer=fmt_bytes(_sum(own, f)))
+    rows = _rows(blocks)
+    for row in rows[:MAX_TABLE_ROWS]:
+        b = sizes[id(row.block)]
+        each = " each" if row.count > 1 else ""
+        label = f"{row.label} (×{row.count})" if row.count > 1 else row.label
+        table.add_row(
+            escape(label),
+            str(b.tensors),
+            fmt_count(b.params) + each,
+            fmt_bytes(b.stored_bytes),
+            "/".join(b.formats),
+            *(fmt_bytes(b.bytes_by_format[f]) for f in COMPARE_FORMATS),
+        )
+    if len(rows) > MAX_TABLE_ROWS:
+        hidden = sum(r.count for r in rows[MAX_TABLE_ROWS:])
+        table.add_row(
+            f"… {len(rows) - MAX_TABLE_ROWS} more rows ({hidden} blocks, in the totals below); "
+            f"`residency inspect --json {escape(source)}` lists them all"
+        )
+    return table
+
+
 def render(inv: Inventory, console: Console) -> None:
-    for component in inv.components:
-        blocks = inv.blocks_of(component)
-        table = Table(title=f"{component}  ({len(blocks)} blocks)", title_justify="left", show_footer=True)
-        table.add_column("block", footer="total")
-        table.add_column("tensors", justify="right", footer=str(sum(len(b.tensors) for b in blocks)))
-        table.add_column("params", justify="right", footer=fmt_count(sum(b.params for b in blocks)))
-        table.add_column("stored", justify="right", footer=fmt_bytes(sum(b.stored_bytes for b in blocks)))
-        table.add_column("as", justify="left")
-        for f in COMPARE_FORMATS:
-            table.add_column(f, justify="right", footer=fmt_bytes(sum(b.bytes_as(f) for b in blocks)))
-        for row in _rows(blocks):
-            b = row.block
-            each = " each" if row.count > 1 else ""
-            label = f"{row.label} (×{row.count})" if row.count > 1 else row.label
-            table.add_row(
-                label,
-                str(len(b.tensors)),
-                fmt_count(b.params) + each,
-                fmt_bytes(b.stored_bytes),
-                "/".join(b.formats),
-                *(fmt_bytes(b.bytes_as(f)) for f in COMPARE_FORMATS),
-            )
-        console.print(table)
+    sizes = {id(b): _sizes(b) for b in inv.blocks}
+    for component, blocks in inv.by_component().items():
+        console.print(_component_table(component, blocks, sizes, inv.source))
+    every = list(sizes.values())
     largest = inv.largest_block()
     console.print(
-        f"[bold]{inv.source}[/bold]: {fmt_count(inv.params)} params in {len(inv.tensors)} tensors, "
-        f"{len(inv.blocks)} blocks; stored {fmt_bytes(inv.stored_bytes)}; "
-        + ", ".join(f"{f} {fmt_bytes(inv.bytes_as(f))}" for f in COMPARE_FORMATS)
+        f"[bold]{escape(inv.source)}[/bold]: {fmt_count(sum(s.params for s in every))} params in "
+        f"{sum(s.tensors for s in every)} tensors, {len(inv.blocks)} blocks; stored "
+        f"{fmt_bytes(sum(s.stored_bytes for s in every))}; "
+        + ", ".join(f"{f} {fmt_bytes(_sum(every, f))}" for f in COMPARE_FORMATS)
     )
     if largest is not None:
+        top = sizes[id(largest)]
         console.print(
-            f"largest block: [bold]{largest.name}[/bold] {fmt_bytes(largest.stored_bytes)} as stored "
-            f"({fmt_bytes(largest.bytes_as('Q4_K'))} at Q4_K) — the least that must fit on the device "
+            f"largest block: [bold]{escape(largest.name)}[/bold] {fmt_bytes(top.stored_bytes)} as stored "
+            f"({fmt_bytes(top.bytes_by_format['Q4_K'])} at Q4_K) — the least that must fit on the device "
             "when everything else streams"
         )
 
 
 def run(args) -> int:
-    inv = load_inventory(args.target)
-    if args.json:
-        json.dump(to_json(inv), sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        render(inv, make_console())
+    with gc_paused():  # ~10 objects per tensor, none in a cycle: GC passes would only rescan them
+        inv = load_inventory(args.target)
+        if args.json:
+            doc = to_json(inv)
+            # json indents in pure Python (~20 µs a block); past a few thousand blocks, print compact (C speed).
+            sys.stdout.write(json.dumps(doc, indent=2 if len(inv.blocks) <= MAX_INDENTED_BLOCKS else None))
+            sys.stdout.write("\n")
+        else:
+            render(inv, make_console())
     return 0

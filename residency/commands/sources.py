@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from residency import userpath
 from residency.errors import ResidencyError
 from residency.inventory import (
     BlockInfo,
@@ -63,15 +64,16 @@ def _catalog_inventory(name: str) -> Inventory:
 
 
 def _looks_like_path(text: str) -> bool:
-    return any(sep in text for sep in ("/", "\\")) or text.endswith((".safetensors", ".gguf")) or Path(text).exists()
+    return any(sep in text for sep in ("/", "\\")) or text.endswith((".safetensors", ".gguf")) or userpath.exists(text)
 
 
 def load_inventory(name_or_path: str) -> Inventory:
     if _looks_like_path(name_or_path):
         path = Path(name_or_path)
-        if not path.exists():
+        kind, reason = userpath.path_kind(path)  # Path.exists raises on a 300-character name
+        if kind in (userpath.MISSING, userpath.BAD):
             raise ResidencyError(
-                f"{name_or_path}: no such file or directory",
+                f"{name_or_path[:200]}: {reason or 'no such file or directory'}",
                 hint="give a .safetensors or .gguf file, a directory of shards, or a built-in model name",
             )
         from residency.checkpoint import open_checkpoint

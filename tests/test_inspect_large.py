@@ -1,0 +1,84 @@
+"""`residency inspect` of files with many blocks: the table summarises, `--json` stays complete.
+
+Names come from the file, so they are printed as text (never as rich markup), and paths the OS
+refuses or cannot read end in `error:`/`hint:`, never a traceback or a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from residency.checkpoint import save_checkpoint
+from residency.cli import main
+from residency.commands import inspect_cmd
+from tools.hostile_files import many_tensors_file
+
+
+@pytest.fixture
+def many_blocks(tmp_path):
+    path = tmp_path / "many.gguf"
+    path.write_bytes(many_tensors_file(4 * 30, "gguf"))  # 30 blocks, every one different
+    return path
+
+
+def test_table_stops_at_the_row_cap_and_says_how_to_see_the_rest(many_blocks, capsys, monkeypatch):
+    monkeypatch.setattr(inspect_cmd, "MAX_TABLE_ROWS", 10)
+    assert main(["inspect", str(many_blocks)]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.9 " in out and "blocks.10 " not in out
+    assert "20 more rows (20 blocks" in out
+    assert "--json" in out
+    assert "120 tensors, 30 blocks" in out  # totals still count every block
+
+
+def test_json_lists_every_block_whatever_the_row_cap(many_blocks, capsys, monkeypatch):
+    monkeypatch.setattr(inspect_cmd, "MAX_TABLE_ROWS", 10)
+    assert main(["inspect", "--json", str(many_blocks)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    blocks = [b for c in doc["components"] for b in c["blocks"]]
+    assert len(blocks) == 30 and doc["tensors"] == 120
+    assert sum(b["tensors"] for b in blocks) == doc["tensors"]
+
+
+def test_identical_blocks_still_collapse_into_one_row(tmp_path, capsys):
+    tensors = {f"dit.blocks.{i}.w": torch.zeros(4, 32) for i in range(6)}
+    path = save_checkpoint(tmp_path / "same.safetensors", tensors)
+    assert main(["inspect", str(path)]) == 0
+    assert "dit.blocks.0–5 (×6)" in capsys.readouterr().out
+
+
+def test_json_totals_agree_with_the_blocks(tmp_path, capsys):
+    tensors = {"a.blocks.0.w": torch.zeros(8, 64), "a.blocks.1.w": torch.zeros(2, 32), "b.norm": torch.zeros(7)}
+    path = save_checkpoint(tmp_path / "m.safetensors", tensors, {"a.blocks.0.w": "Q8_0"})
+    assert main(["inspect", "--json", str(path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    blocks = [b for c in doc["components"] for b in c["blocks"]]
+    for key in ("params", "stored_bytes"):
+        assert doc[key] == sum(b[key] for b in blocks) == sum(c[key] for c in doc["components"])
+    for fmt, total in doc["bytes_by_format"].items():
+        assert total == sum(b["bytes_by_format"][fmt] for b in blocks)
+    assert doc["stored_bytes"] == 8 * 64 // 32 * 34 + 2 * 32 * 4 + 7 * 4
+
+
+def test_names_that_look_like_markup_are_printed_as_text(tmp_path, capsys):
+    path = save_checkpoint(tmp_path / "m.safetensors", {"[/bold]x.[red]0.w": torch.zeros(2, 2)})
+    assert main(["inspect", str(path)]) == 0
+    assert "[/bold]x.[red]0" in capsys.readouterr().out
+
+
+def test_an_overlong_path_is_an_error_not_a_traceback(tmp_path, capsys):
+    rc = main(["inspect", str(tmp_path / ("n" * 300 + ".gguf"))])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: ") and "too long" in err and "hint: " in err
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path, capsys):
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    rc = main(["inspect", str(fifo)])  # opening it would block forever: it must never be opened
+    err = capsys.readouterr().err
+    assert rc == 1 and "not a regular file" in err and "hint: " in err
