@@ -5,21 +5,21 @@ Ours and the peers' reproduced behaviours, all scored by the same simulator.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 
-from policies.base import PlanRequest, build_plan, fits_memory
+from policies.base import PlanOptions, PlanRequest, PolicyFn, build_plan, fits_memory
 from residency.errors import ResidencyError
-from residency.plan import Plan
-
-PolicyFn = Callable[[PlanRequest], Plan]
 
 
 def registry() -> dict[str, PolicyFn]:
-    """Policy name -> plan function; ours first, then the peers in the order reports show them."""
+    """Policy name -> plan function; ours first, then the peers in the order reports show them.
+
+    Ours is given the peers as rivals: it adopts a peer's plan that fits and scores better than its own,
+    so it is never worse than one (`policies.ours` itself knows no peer)."""
     from policies.ours import plan as ours
     from policies.peers import PEERS
 
-    return {"ours": ours, **PEERS}
+    return {"ours": partial(ours, rivals=tuple(PEERS.values())), **PEERS}
 
 
 def get_policy(name: str) -> PolicyFn:
@@ -29,4 +29,4 @@ def get_policy(name: str) -> PolicyFn:
     return policies[name]
 
 
-__all__ = ["PlanRequest", "PolicyFn", "build_plan", "fits_memory", "get_policy", "registry"]
+__all__ = ["PlanOptions", "PlanRequest", "PolicyFn", "build_plan", "fits_memory", "get_policy", "registry"]

@@ -5,7 +5,7 @@ Every policy (ours and the peers') is scored by the same simulator, so their num
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from residency.device.profile import DeviceProfile
@@ -13,6 +13,17 @@ from residency.plan import BlockPlan, Budget, Execution, Plan
 from residency.simulate import predict
 from residency.units import fmt_bytes
 from residency.workload import Workload
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """How a plan is searched and scored; the defaults are what `residency plan` and `residency run` use."""
+
+    bound: bool = True  # compute the plan's lower bound (an LP each): our planner skips it for its candidates
+    # Wall time [s] of our planner's search; peers, the bound and the gap statement follow it. None: no
+    # limit, nor on any MILP solve, so the plan does not depend on the machine's load — what the
+    # monotonicity tests need; planning then takes up to ~3.5 s here.
+    search_budget_s: float | None = 1.2
 
 
 @dataclass(frozen=True)
@@ -24,20 +35,23 @@ class PlanRequest:
     host_bytes_available: int | None = None  # host RAM for the store and pinned ring (None: not limited)
     compute_dtype: str = "bf16"  # what the matmuls run in
     kv_dtype: str | None = None  # None: the workload's default
-    options: dict = field(default_factory=dict, compare=False)  # policy-specific knobs
+    options: PlanOptions = field(default=PlanOptions(), compare=False)  # how to search, not what to plan
+
+
+PolicyFn = Callable[[PlanRequest], Plan]
 
 
 def build_plan(req: PlanRequest, policy: str, blocks: Sequence[BlockPlan], execution: Execution,
                notes: Sequence[str] = (), kv_dtype: str | None = None) -> Plan:
     """A Plan for the request with the simulator's prediction and, when it does not fit, a note.
 
-    `req.options["bound"] = False` skips the lower bound (candidates scored in bulk by our planner)."""
+    `req.options.bound = False` skips the lower bound (candidates scored in bulk by our planner)."""
     w = req.workload
     plan = Plan(model=w.name, workload_fingerprint=w.fingerprint(), profile=req.profile.name,
                 profile_fingerprint=req.profile.fingerprint(), policy=policy, budget=req.budget,
                 blocks=tuple(blocks), execution=execution, kv_dtype=kv_dtype or req.kv_dtype or w.kv_dtype,
                 steps=w.steps, context_frames=w.context_frames, notes=tuple(notes))
-    plan = predict(w, plan, req.profile, req.sensitivity, bound=req.options.get("bound", True))
+    plan = predict(w, plan, req.profile, req.sensitivity, bound=req.options.bound)
     if not fits_memory(plan):
         need = plan.prediction.peak_total_bytes
         plan = _with_note(plan, f"does not fit: needs {fmt_bytes(need)} of device memory, budget "

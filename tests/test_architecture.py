@@ -39,13 +39,10 @@ ALL = "*"
 
 # Import cycles in the code today, as strongly connected components. Each is a lazy import inside a
 # function that closes a loop with a module-level import the other way:
-# - policies/ours/gap.py imports `_to_plan` and `fixed_bytes` from policies/ours/__init__.py, which imports
-#   gap_statement from gap.py;
 # - residency/runtime/backend.py's get_backend() imports backend_cpu/backend_cuda, which (and their
 #   copy_worker) import LoadRecipe from backend.py.
 # When one is fixed, remove it here; when all are, remove the xfail marker of test_no_import_cycles.
 KNOWN_CYCLES = (
-    frozenset({"policies.ours", "policies.ours.gap"}),
     frozenset({"residency.runtime.backend", "residency.runtime.backend_cpu", "residency.runtime.backend_cuda",
                "residency.runtime.copy_worker"}),
 )

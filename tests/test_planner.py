@@ -3,12 +3,12 @@
 import pytest
 from sim_helpers import flat_profile
 
-from policies import PlanRequest, registry
-from policies.ours import plan as ours
+from policies import PlanOptions, PlanRequest, get_policy, registry
 from residency.plan import Budget
 from residency.workload import load_workload_file
 
 GIB = 2**30
+ours = get_policy("ours")  # as `residency plan` runs it: with the peers' plans among its candidates
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def gpu():
 
 def _request(w, profile, vram_gib, frame_ms=None):
     # No wall-clock search budget: under load it would cut the search at a different point per call.
-    return PlanRequest(w, profile, Budget(int(vram_gib * GIB), frame_ms), options={"search_budget_s": None})
+    return PlanRequest(w, profile, Budget(int(vram_gib * GIB), frame_ms), options=PlanOptions(search_budget_s=None))
 
 
 @pytest.mark.parametrize("vram_gib", [16, 1.0, 0.6])
@@ -89,3 +89,18 @@ def test_a_budget_below_any_plan_is_reported_not_fitting(lucid, gpu):
     plan = ours(_request(lucid, gpu, 0.2))
     assert plan.prediction.peak_total_bytes > 0.2 * GIB
     assert any(n.startswith("does not fit") for n in plan.notes)
+
+
+def test_a_rivals_plan_that_fits_and_scores_better_is_adopted_and_named(lucid, gpu):
+    from dataclasses import replace
+
+    from policies.ours import plan as ours_alone
+
+    req = _request(lucid, gpu, 1.0)
+    mine = ours_alone(req)  # no rivals: the search's own plan
+    twice_as_fast = replace(mine.prediction, frame_ms=mine.prediction.frame_ms / 2)
+    rival_plan = replace(mine.with_prediction(twice_as_fast), policy="rival", notes=())
+    chosen = ours_alone(req, rivals=(lambda _: rival_plan,))
+    assert chosen.policy == "ours" and chosen.blocks == rival_plan.blocks
+    assert "the placement of the rival policy scored best; adopted" in chosen.notes
+    assert not any("adopted" in n for n in mine.notes)

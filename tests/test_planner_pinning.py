@@ -1,13 +1,11 @@
 """The pinning repair: small streamed blocks that starve the prefetch ring are kept on the device."""
 
-from dataclasses import replace
-
 from sim_helpers import flat_profile, linear_block, make_plan
 
-from policies import PlanRequest
+from policies import PlanOptions, PlanRequest, get_policy
 from policies.base import build_plan
-from policies.ours import _better
 from policies.ours.pinning import pin_small_streamed
+from policies.ours.ranking import better
 from residency.plan import Budget
 from residency.workload import PassSpec, PhaseSpec, Workload
 
@@ -22,7 +20,7 @@ def _small_then_big(steps: int = 4) -> Workload:
 
 
 def _all_streamed(w, profile, vram):
-    req = PlanRequest(w, profile, Budget(vram, None), options={"bound": False})
+    req = PlanRequest(w, profile, Budget(vram, None), options=PlanOptions(bound=False))
     seed = make_plan(w, profile, {b.name: "streamed" for b in w.blocks}, vram=vram)
     plan = build_plan(req, "ours", seed.blocks, seed.execution)
     return req, plan
@@ -32,7 +30,7 @@ def test_small_streamed_blocks_before_a_big_one_are_kept_resident_and_the_stall_
     w, profile = _small_then_big(), flat_profile(link_gbps=10, tflops=1, overlap=1.0)
     req, plan = _all_streamed(w, profile, 2**34)
     assert plan.prediction.stall_ms > 0.5  # each step's first big copy hides under 8 µs of compute only
-    repaired = pin_small_streamed(req, plan, lambda a, b: _better(a, b, None))
+    repaired = pin_small_streamed(req, plan, lambda a, b: better(a, b, None))
     placements = {b.name: b.placement for b in repaired.blocks}
     assert all(placements[f"dit.small.{i}"] == "resident" for i in range(3)), placements
     assert all(placements[f"dit.blocks.{i}"] == "streamed" for i in range(4)), placements
@@ -45,16 +43,14 @@ def test_without_room_for_the_small_blocks_the_plan_is_left_as_it_is():
     w, profile = _small_then_big(), flat_profile(link_gbps=10, tflops=1, overlap=1.0)
     _, roomy = _all_streamed(w, profile, 2**34)
     req, plan = _all_streamed(w, profile, roomy.prediction.peak_total_bytes)  # not one byte to spare
-    assert pin_small_streamed(req, plan, lambda a, b: _better(a, b, None)) is plan
+    assert pin_small_streamed(req, plan, lambda a, b: better(a, b, None)) is plan
 
 
 def test_the_planners_plan_does_not_stall_behind_small_streamed_blocks():
-    from policies.ours import plan as ours
-
     w, profile = _small_then_big(), flat_profile(link_gbps=10, tflops=1, overlap=1.0)
     _, streamed = _all_streamed(w, profile, 2**34)
     # room for the two slots and the small blocks, not for a big block more
     vram = streamed.prediction.peak_total_bytes + 3 * w.by_name["dit.small.0"].nbytes("BF16") + 4096
-    plan = ours(replace(PlanRequest(w, profile, Budget(vram, None)), options={"search_budget_s": None}))
+    plan = get_policy("ours")(PlanRequest(w, profile, Budget(vram, None), options=PlanOptions(search_budget_s=None)))
     assert plan.prediction.peak_total_bytes <= vram
     assert plan.prediction.stall_ms < 0.1 * streamed.prediction.stall_ms, plan.notes

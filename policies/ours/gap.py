@@ -7,30 +7,29 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from policies.base import PlanRequest, build_plan, fits_memory
-from policies.ours.milp import Problem, solve, solve_limit_for
+from policies.base import PlanRequest, build_plan, fits_memory, uniform_blocks, weights_format
+from policies.ours.milp import solve
 from policies.ours.options import block_classes
-from residency.plan import Budget, Execution, Plan
+from policies.ours.problem import problem_for, solve_limit_for, to_plan
+from residency.plan import BlockPlan, Budget, Execution, Plan
 from residency.units import fmt_bytes
 
 COARSEST = "Q4_K"
 
 
-def _solve_plan(req: PlanRequest, kv_dtype: str, problem_kw: dict, formats=None, budget=None) -> Plan | None:
-    from policies.ours import _to_plan, fixed_bytes
-
+def _solve_plan(req: PlanRequest, kv_dtype: str, *, vram_bytes: int | None, frame_s: float | None,
+                objective: str, formats: tuple[str, ...] | None = None, budget: Budget | None = None) -> Plan | None:
     execution = Execution(prefetch_depth=1)
     classes = block_classes(req.workload, req, execution, kv_dtype, **({"formats": formats} if formats else {}))
     if formats:  # restrict every frame block to the given formats (fallback vectors stay BF16)
         classes = [replace(c, options=tuple(o for o in c.options if o.format in formats) or c.options)
                    for c in classes]
-    problem = Problem(classes, execution.slots, req.profile.copy_compute_overlap, fixed_bytes(req, kv_dtype),
-                      solve_limit_s=solve_limit_for(req.options), **problem_kw)
-    sol = solve(problem)
+    sol = solve(problem_for(req, classes, execution, kv_dtype, vram_bytes=vram_bytes, frame_s=frame_s,
+                            objective=objective, solve_limit_s=solve_limit_for(req.options)))
     if sol is None:
         return None
     sub = replace(req, budget=budget) if budget else req
-    return _to_plan(sub, classes, sol, execution, kv_dtype)
+    return to_plan(sub, classes, sol, execution, kv_dtype)
 
 
 def gap_statement(req: PlanRequest, best: Plan, kv_dtype: str) -> str | None:
@@ -50,19 +49,17 @@ def gap_statement(req: PlanRequest, best: Plan, kv_dtype: str) -> str | None:
     parts = []
     # The linear model misses the simulator's stalls: tighten its frame budget until the plan holds.
     for margin in (1.0, 0.99, 0.97, 0.94, 0.9):
-        enough = _solve_plan(req, kv_dtype, {"vram_bytes": None, "frame_s": frame_ms / 1e3 * margin,
-                                             "objective": "memory"}, budget=roomy)
+        enough = _solve_plan(req, kv_dtype, vram_bytes=None, frame_s=frame_ms / 1e3 * margin, objective="memory",
+                             budget=roomy)
         if enough is not None and enough.prediction.frame_ms <= frame_ms:
             parts.append(f"would hold with {fmt_bytes(enough.prediction.peak_total_bytes)}")
             break
-    coarse = _solve_plan(req, kv_dtype, {"vram_bytes": req.budget.vram_bytes, "frame_s": None, "objective": "time"},
+    coarse = _solve_plan(req, kv_dtype, vram_bytes=req.budget.vram_bytes, frame_s=None, objective="time",
                          formats=(COARSEST,))
     if coarse is not None and fits_memory(coarse) and coarse.prediction.frame_ms <= frame_ms:
         parts.append(f"at {COARSEST} everywhere")
     return f"{head} — " + (", or ".join(parts) if parts else "no plan found that holds it")
 
 
-def _all_resident(req: PlanRequest):
-    from policies.base import uniform_blocks, weights_format
-
+def _all_resident(req: PlanRequest) -> list[BlockPlan]:
     return uniform_blocks(req.workload, "resident", weights_format(req.compute_dtype), req.compute_dtype)

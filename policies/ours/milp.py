@@ -31,11 +31,6 @@ class Problem:
     solve_limit_s: float | None = 0.5  # HiGHS wall-time cap per solve (None: solve to the gap, deterministic)
 
 
-def solve_limit_for(options: dict) -> float | None:
-    """A request whose options set search_budget_s to None asks for deterministic planning: no wall-time cap."""
-    return None if "search_budget_s" in options and options["search_budget_s"] is None else Problem.solve_limit_s
-
-
 @dataclass(frozen=True)
 class Solution:
     counts: list[list[int]]  # per class, per option: how many blocks take it

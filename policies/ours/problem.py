@@ -1,0 +1,67 @@
+"""Between a request and the MILP: the problem a request poses, and a solution read back as a Plan.
+
+Shared by the search, the gap statement and the no-fit fallback, so each builds its problem one way.
+"""
+
+from __future__ import annotations
+
+from policies.base import PlanOptions, PlanRequest, build_plan
+from policies.ours.milp import Problem, Solution, solve
+from policies.ours.options import BlockClass, block_classes
+from residency.plan import BlockPlan, Execution, Plan
+from residency.simulate.memory import GPU_WORKSPACE_BYTES
+
+
+def fixed_bytes(req: PlanRequest, kv_dtype: str) -> int:
+    """Device memory no option changes: the KV cache, the largest block's activations, a GPU's workspace."""
+    w = req.workload
+    act = max((b.activation_bytes(req.compute_dtype, w.batch) for b in w.blocks), default=0)
+    return w.kv_cache_bytes(kv_dtype) + act + (GPU_WORKSPACE_BYTES if req.profile.is_gpu else 0)
+
+
+def solve_limit_for(options: PlanOptions) -> float | None:
+    """HiGHS' wall-time cap per solve; none when the request asks for planning independent of load."""
+    return None if options.search_budget_s is None else Problem.solve_limit_s
+
+
+def problem_for(req: PlanRequest, classes: list[BlockClass], execution: Execution, kv_dtype: str, *,
+                vram_bytes: int | None, frame_s: float | None, objective: str,
+                solve_limit_s: float | None) -> Problem:
+    return Problem(classes, execution.slots, req.profile.copy_compute_overlap, fixed_bytes(req, kv_dtype),
+                   vram_bytes, frame_s, objective, solve_limit_s=solve_limit_s)
+
+
+def spread(classes: list[BlockClass], counts: list[list[int]], compute_dtype: str) -> dict[str, BlockPlan]:
+    """Class counts -> one option per block, each option spread evenly over the class's members, so
+    streamed blocks alternate with resident ones and their copies hide under the neighbours' compute."""
+    out = {}
+    for c, n in zip(classes, counts, strict=True):
+        given = [0] * len(n)
+        total = len(c.blocks)
+        for i, name in enumerate(c.blocks):
+            oi = max(range(len(n)), key=lambda o: (n[o] * (i + 1) / total - given[o], n[o]))
+            given[oi] += 1
+            lifetime = "session" if c.calls_per_frame else "phase"
+            out[name] = c.options[oi].block_plan(name, compute_dtype, lifetime)
+    return out
+
+
+def to_plan(req: PlanRequest, classes: list[BlockClass], sol: Solution, execution: Execution,
+            kv_dtype: str) -> Plan:
+    """The solution's placements in the workload's block order, scored by the simulator."""
+    by_name = spread(classes, sol.counts, req.compute_dtype)
+    blocks = [by_name[b.name] for b in req.workload.blocks]
+    return build_plan(req, "ours", blocks, execution, kv_dtype=kv_dtype)
+
+
+def least_memory_plan(req: PlanRequest, kv_dtype: str) -> Plan:
+    """The plan that needs the least device memory: shown, with what it needs, when no plan fits."""
+    execution = Execution(prefetch_depth=1)
+    classes = block_classes(req.workload, req, execution, kv_dtype)
+    # The default cap per solve even when planning is asked to be load-independent (as it always was).
+    sol = solve(problem_for(req, classes, execution, kv_dtype, vram_bytes=None, frame_s=None, objective="memory",
+                            solve_limit_s=Problem.solve_limit_s))
+    return to_plan(req, classes, sol, execution, kv_dtype)
+
+
+__all__ = ["fixed_bytes", "least_memory_plan", "problem_for", "solve_limit_for", "spread", "to_plan"]
