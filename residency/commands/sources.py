@@ -39,7 +39,7 @@ def resolve_workload(name_or_path: str, steps: int | None = None, context_frames
     paths = catalog_paths()
     if name_or_path in paths:
         workload = load_workload_file(paths[name_or_path])
-    elif name_or_path.endswith(".json") and Path(name_or_path).exists():
+    elif name_or_path.endswith(".json") and userpath.path_kind(name_or_path)[0] != userpath.MISSING:  # read_json says why it cannot read
         workload = load_workload_file(name_or_path)
     else:
         raise ResidencyError(
