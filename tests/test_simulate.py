@@ -1,8 +1,10 @@
 """The cost model on hand-checkable workloads: resident sums, hidden copies, interference, memory, bounds."""
 
 import pytest
+import torch
 from sim_helpers import chain_workload, flat_profile, make_plan
 
+from residency.formats.staging import staging_bytes
 from residency.simulate import lower_bound_s, simulate
 
 DIM, TOKENS = 1024, 256
@@ -108,8 +110,10 @@ def test_memory_peaks_by_kind_add_up():
     assert pred.peak_bytes["resident"] == 2 * DIM * DIM * 2  # dequantized at load, bf16
     assert pred.peak_bytes["resident_quantized"] == q8
     assert pred.peak_bytes["slots"] == 3 * q8
-    # one bf16 scratch for per-call dequant, plus (GPU) a staging buffer for a Q8_0 blob unpacked on load
-    assert pred.peak_bytes["dequant_scratch"] == DIM * DIM * 2 + q8
+    # one bf16 scratch for per-call dequant, (GPU) a staging buffer for a Q8_0 blob unpacked on load, and the
+    # dequant staging of each thread that unpacks (compute and copy side)
+    staging = staging_bytes("cuda", DIM * DIM, torch.bfloat16)
+    assert pred.peak_bytes["dequant_scratch"] == DIM * DIM * 2 + q8 + 2 * staging
     assert pred.peak_total_bytes == sum(v for k, v in pred.peak_bytes.items() if k != "reserve")
 
 

@@ -1,7 +1,9 @@
-"""Benchmark: dequant throughput of every storage format vs gguf's numpy reference.
+"""Benchmark: dequant speed of every storage format into fp32 and into bf16, against gguf's numpy.
 
-Weights/s on a 4096×4096 matrix (best of eager and torch.compile, after warm-up), as a
-fraction of this machine's memory-bound rate; a human table, then one JSON line last.
+Each row: a 4096×4096 matrix unpacked eager (what the runtime runs: chunked through a caller-owned
+staging buffer) with torch.compile beside it, median and IQR of ≥ 15 samples, and the fraction of the
+memory-bound floor, (packed + output bytes) ÷ copy bandwidth measured at the same thread count.
+A human table, then one JSON line last.
 """
 
 from __future__ import annotations
@@ -18,26 +20,48 @@ import torch
 
 from residency.formats import FORMATS, get_format, use_compiled
 from residency.formats.compiled import compile_enabled, compile_failed
+from residency.formats.staging import new_staging, staging_bytes
 
-TARGETS = ("Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+TARGETS = ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
+OUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MIN_SPEEDUP_VS_GGUF = 3.0  # into bf16, every target
+MIN_GEOMEAN_FLOOR_FRACTION = 0.15  # into bf16, geometric mean over the targets
+MAX_IQR_FRACTION = 0.25  # of the median, every row
 
 
-def _time_ms(fn, repeats: int) -> float:
+def _samples_ms(fn, repeats: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
     samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    return samples
 
 
-def memcpy_gbps(nbytes: int = 256 * 2**20, repeats: int = 7) -> float:
-    """Measured copy bandwidth, counting bytes read plus bytes written."""
+def _median_iqr(samples: list[float]) -> tuple[float, float]:
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return statistics.median(samples), q3 - q1
+
+
+def memcpy_gbps(nbytes: int = 256 * 2**20, repeats: int = 15) -> float:
+    """Copy bandwidth at the current torch thread count, counting bytes read plus bytes written."""
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    ms = _time_ms(lambda: dst.copy_(src), repeats)
+    dst = torch.empty_like(src).fill_(0)
+    ms, _ = _median_iqr(_samples_ms(lambda: dst.copy_(src), repeats))
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def packed_matrix(name: str, rows: int, cols: int) -> torch.Tensor:
+    fmt = get_format(name)
+    if fmt.can_pack:
+        return fmt.pack(torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)))
+    # dequant-only formats: random valid blocks (finite fp16 scales in the last bytes: d, dmin or d)
+    raw = np.random.default_rng(0).integers(0, 256, size=(rows * cols // fmt.block_weights, fmt.block_bytes), dtype=np.uint8)
+    scales = (np.random.default_rng(1).standard_normal((raw.shape[0], 2)) * 1e-2).astype(np.float16)
+    raw[:, -4:] = scales.view(np.uint8)
+    return torch.from_numpy(raw.reshape(-1))
 
 
 def gguf_reference(name: str, packed: torch.Tensor, rows: int):
@@ -52,107 +76,107 @@ def gguf_reference(name: str, packed: torch.Tensor, rows: int):
     return lambda: gguf_quants.dequantize(raw, qtype)
 
 
-def bench_format(name: str, rows: int, cols: int, repeats: int, threads: int) -> dict:
-    fmt = get_format(name)
-    torch.manual_seed(0)
-    w = torch.randn(rows, cols)
-    if fmt.can_pack:
-        packed = fmt.pack(w)
-    else:  # dequant-only formats: random valid blocks (finite fp16 scales)
-        raw = np.random.default_rng(0).integers(0, 256, size=(rows * cols // fmt.block_weights, fmt.block_bytes), dtype=np.uint8)
-        scales = (np.random.default_rng(1).standard_normal((raw.shape[0], 2)) * 1e-2).astype(np.float16)
-        raw[:, -4:] = scales.view(np.uint8)  # Q2_K/Q3_K keep d, dmin (or d) in their last bytes
-        packed = torch.from_numpy(raw.reshape(-1))
-    out = torch.empty(rows, cols, dtype=torch.float32)
-    n = rows * cols
-    result: dict = {"format": name, "bits_per_weight": round(8 * fmt.nbytes((rows, cols)) / n, 4)}
-
-    torch.set_num_threads(threads)
+def bench_row(name: str, dtype_name: str, packed: torch.Tensor, rows: int, cols: int, repeats: int,
+              compile_too: bool, reference: np.ndarray | None) -> dict:
+    fmt, dtype = get_format(name), OUT_DTYPES[dtype_name]
+    out = torch.empty(rows, cols, dtype=dtype)
+    staging = new_staging(staging_bytes("cpu", rows * cols, dtype), "cpu")  # the runtime's per-thread buffer
     use_compiled(set())
-    fmt.unpack(packed, out)
-    eager_ms = _time_ms(lambda: fmt.unpack(packed, out), repeats)
+    eager_ms, eager_iqr = _median_iqr(_samples_ms(lambda: fmt.unpack(packed, out, staging), repeats))
+    row: dict = {"format": name, "dtype": dtype_name, "eager_ms": eager_ms, "eager_iqr_ms": eager_iqr}
     eager_out = out.clone()
-    compiled_ms = math.inf
-    exact_compiled = None
-    if name not in ("F32",) and compile_enabled():  # RESIDENCY_COMPILE=0: eager only
+    if reference is not None:
+        expect = torch.from_numpy(reference.astype(np.float32, copy=False)).view(rows, cols).to(dtype)
+        # fp32: gguf's bits; bf16: gguf's fp32 result rounded once (round to nearest even).
+        row["exact"] = bool(torch.equal(eager_out.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                                        expect.view(torch.int16 if dtype != torch.float32 else torch.int32)))
+    if compile_too and name not in ("F32", "F16", "BF16") and compile_enabled():
         use_compiled({name})
         try:
             t0 = time.perf_counter()
-            fmt.unpack(packed, out)
-            result["compile_s"] = round(time.perf_counter() - t0, 2)
-            fmt.unpack(packed, out)
-            compiled_ms = _time_ms(lambda: fmt.unpack(packed, out), repeats)
-            if compile_failed(fmt, out.dtype, out.device):  # it fell back to eager: nothing compiled to report
-                compiled_ms = math.inf
-            exact_compiled = bool(torch.equal(out.view(torch.int32), eager_out.view(torch.int32)))
+            fmt.unpack(packed, out, staging)
+            row["compile_s"] = time.perf_counter() - t0
+            samples = _samples_ms(lambda: fmt.unpack(packed, out, staging), repeats)
+            if not compile_failed(fmt, dtype, out.device):  # else it fell back to eager: nothing to report
+                row["compiled_ms"], row["compiled_iqr_ms"] = _median_iqr(samples)
+                row["compiled_equals_eager"] = bool(torch.equal(out, eager_out))
         finally:
             use_compiled(set())
-    ours_ms = min(eager_ms, compiled_ms)
-    result.update(eager_ms=round(eager_ms, 3), compiled_ms=None if math.isinf(compiled_ms) else round(compiled_ms, 3))
-    result["best"] = "compiled" if compiled_ms < eager_ms else "eager"
-    result["ours_ms"] = round(ours_ms, 3)
-    result["ours_weights_per_s"] = n / (ours_ms * 1e-3)
-    result["compiled_equals_eager"] = exact_compiled
+    return row
 
-    ref = gguf_reference(name, packed, rows)
-    if ref is not None:
-        ref_out = ref()
-        result["bit_exact_vs_gguf"] = bool(np.array_equal(eager_out.numpy().view(np.int32), ref_out.astype(np.float32).view(np.int32)))
-        ref_ms = _time_ms(ref, max(2, repeats // 2))
-        result["gguf_ms"] = round(ref_ms, 3)
-        result["speedup_vs_gguf"] = ref_ms / ours_ms
-    return result
+
+def _ms(v: float | None, iqr: float | None) -> str:
+    return "—" if v is None else f"{v:.1f}±{iqr:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--cols", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15, help="timed samples per row (≥ 15 for the targets)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (numpy uses 1)")
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated format names")
+    ap.add_argument("--no-compile", action="store_true", help="eager only (compiling takes seconds per row)")
     args = ap.parse_args(argv)
 
+    torch.set_num_threads(args.threads)
     gbps = memcpy_gbps()
-    rows = []
-    for name in args.formats.split(","):
-        r = bench_format(name.strip().upper(), args.rows, args.cols, args.repeats, args.threads)
-        # Memory bound: each weight reads its packed bytes and writes 4 output bytes.
-        bytes_per_weight = r["bits_per_weight"] / 8 + 4
-        bound = gbps * 1e9 / bytes_per_weight
-        r["memory_bound_weights_per_s"] = bound
-        r["fraction_of_memory_bound"] = r["ours_weights_per_s"] / bound
-        rows.append(r)
-        print(f"  measured {r['format']}", file=sys.stderr)
+    n = args.rows * args.cols
+    rows, gguf_ms = [], {}
+    for name in (s.strip().upper() for s in args.formats.split(",")):
+        packed = packed_matrix(name, args.rows, args.cols)
+        ref_fn = gguf_reference(name, packed, args.rows)
+        reference = None
+        if ref_fn is not None:
+            reference = ref_fn()
+            gguf_ms[name] = _median_iqr(_samples_ms(ref_fn, max(5, args.repeats // 3), warmup=1))
+        for dtype_name, dtype in OUT_DTYPES.items():
+            r = bench_row(name, dtype_name, packed, args.rows, args.cols, args.repeats, not args.no_compile, reference)
+            floor_ms = (packed.numel() + n * dtype.itemsize) / (gbps * 1e9) * 1e3
+            r.update(packed_bytes=packed.numel(), floor_ms=floor_ms, floor_fraction=floor_ms / r["eager_ms"])
+            if name in gguf_ms:
+                r["gguf_ms"], r["gguf_iqr_ms"] = gguf_ms[name]
+                r["speedup_vs_gguf"] = r["gguf_ms"] / r["eager_ms"]
+            rows.append(r)
+            print(f"  measured {name} → {dtype_name}", file=sys.stderr)
 
-    print(f"dequant {args.rows}×{args.cols} → fp32, torch threads={args.threads}, numpy 1 thread; memcpy {gbps:.1f} GB/s (read+write)")
-    hdr = f"{'format':7} {'bits':>6} {'eager ms':>9} {'compiled':>9} {'best':>8} {'Gw/s':>6} {'gguf ms':>8} {'× gguf':>7} {'% mem-bound':>11} {'exact':>6}"
+    print(f"dequant {args.rows}×{args.cols}, torch threads={args.threads} (numpy 1 thread); "
+          f"copy {gbps:.1f} GB/s (read+write); ms = median±IQR")
+    hdr = (f"{'format':7} {'out':4} {'eager ms':>12} {'compiled ms':>12} {'gguf ms':>12} {'× gguf':>7} "
+           f"{'floor ms':>8} {'% floor':>7} {'exact':>6}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        comp = f"{r['compiled_ms']:.1f}" if r["compiled_ms"] is not None else "—"
-        gms = f"{r['gguf_ms']:.1f}" if "gguf_ms" in r else "—"
         sp = f"{r['speedup_vs_gguf']:.2f}" if "speedup_vs_gguf" in r else "—"
-        ex = {True: "yes", False: "NO", None: "—"}[r.get("bit_exact_vs_gguf")]
-        print(
-            f"{r['format']:7} {r['bits_per_weight']:6.3f} {r['eager_ms']:9.1f} {comp:>9} {r['best']:>8} "
-            f"{r['ours_weights_per_s'] / 1e9:6.2f} {gms:>8} {sp:>7} {100 * r['fraction_of_memory_bound']:10.1f}% {ex:>6}"
-        )
-    targets = [r for r in rows if r["format"] in TARGETS and "speedup_vs_gguf" in r]
-    geo = math.exp(sum(math.log(r["speedup_vs_gguf"]) for r in targets) / len(targets)) if targets else None
-    worst = min((r["speedup_vs_gguf"] for r in targets), default=None)
-    exact = all(r.get("bit_exact_vs_gguf", True) for r in rows)
-    if geo is not None:
-        print(f"geomean speedup over {', '.join(r['format'] for r in targets)}: {geo:.2f}× (target ≥ 3×); worst {worst:.2f}× (target ≥ 1.5×); bit-exact: {exact}")
+        ex = {True: "yes", False: "NO", None: "—"}[r.get("exact")]
+        print(f"{r['format']:7} {r['dtype']:4} {_ms(r['eager_ms'], r['eager_iqr_ms']):>12} "
+              f"{_ms(r.get('compiled_ms'), r.get('compiled_iqr_ms')):>12} {_ms(r.get('gguf_ms'), r.get('gguf_iqr_ms')):>12} "
+              f"{sp:>7} {r['floor_ms']:8.2f} {100 * r['floor_fraction']:6.1f}% {ex:>6}")
+
+    by = {(r["format"], r["dtype"]): r for r in rows}
+    targets = [t for t in TARGETS if (t, "bf16") in by and (t, "fp32") in by]
+    checks: dict[str, bool] = {}
+    if targets:
+        bf = [by[(t, "bf16")] for t in targets]
+        geo = math.exp(statistics.fmean(math.log(r["floor_fraction"]) for r in bf))
+        checks = {
+            "bf16_at_least_as_fast_as_fp32": all(by[(t, "bf16")]["eager_ms"] <= by[(t, "fp32")]["eager_ms"] for t in targets),
+            "bf16_speedup_vs_gguf": all(r["speedup_vs_gguf"] >= MIN_SPEEDUP_VS_GGUF for r in bf),
+            "bf16_geomean_floor_fraction": geo >= MIN_GEOMEAN_FLOOR_FRACTION,
+        }
+        print(f"targets ({', '.join(targets)}), into bf16: geomean {100 * geo:.1f}% of the floor "
+              f"(≥ {100 * MIN_GEOMEAN_FLOOR_FRACTION:.0f}%); worst × gguf "
+              f"{min(r['speedup_vs_gguf'] for r in bf):.2f} (≥ {MIN_SPEEDUP_VS_GGUF:.0f})")
+    checks["iqr_under_quarter_of_median"] = all(r["eager_iqr_ms"] < MAX_IQR_FRACTION * r["eager_ms"] for r in rows)
+    checks["exact"] = all(r.get("exact", True) for r in rows)
+    print("checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items()))
     summary = {
         "bench": "dequant",
         "shape": [args.rows, args.cols],
         "threads": args.threads,
-        "memcpy_gbps": round(gbps, 2),
-        "geomean_speedup_vs_gguf": None if geo is None else round(geo, 3),
-        "worst_speedup_vs_gguf": None if worst is None else round(worst, 3),
-        "bit_exact": exact,
-        "formats": {r["format"]: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "format"} for r in rows},
+        "copy_gbps": round(gbps, 2),
+        "checks": checks,
+        "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
     }
     print(json.dumps(summary))
     return 0

@@ -9,10 +9,12 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from residency.errors import FormatError
+from residency.formats.staging import new_staging, staging_bytes
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -30,6 +32,7 @@ class StorageFormat(ABC):
     block_bytes: int  # bytes per block (data + scales)
     gguf_type: int | None  # GGMLQuantizationType value, None if GGUF has no such type
     can_pack: bool = True  # False for dequant-only formats (Q2_K, Q3_K)
+    uses_staging: ClassVar[bool] = True  # False where unpack is one cast-copy (plain float formats)
 
     @property
     def bits_per_weight(self) -> float:
@@ -72,11 +75,13 @@ class StorageFormat(ABC):
         return packed.reshape(-1)
 
     # --- device side -----------------------------------------------------
-    def unpack(self, packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def unpack(self, packed: torch.Tensor, out: torch.Tensor, staging: torch.Tensor | None = None) -> torch.Tensor:
         """Dequantize `packed` (uint8, on the device) into the preallocated `out`.
 
-        `out` gives the shape and the compute dtype (fp32, fp16 or bf16); nothing of
-        output size is allocated beyond it.
+        `out` gives the shape and the compute dtype (fp32, fp16 or bf16). `staging` is the calling
+        thread's own buffer (residency.formats.staging): with it, a call allocates nothing above a few
+        hundred KiB, whatever the matrix. Without it, one is allocated for this call (not for hot paths).
+        A bf16/fp16 result is the fp32 result rounded once.
         """
         if out.dtype not in OUT_DTYPES:
             raise FormatError(f"{self.name}: cannot unpack into dtype {out.dtype}", hint="use float32, float16 or bfloat16")
@@ -88,7 +93,11 @@ class StorageFormat(ABC):
             )
         if not out.is_contiguous():
             raise FormatError(f"{self.name}: output buffer must be contiguous")
-        self._unpack_into(packed.reshape(-1), out)
+        if staging is None and self.uses_staging and out.numel():
+            staging = new_staging(staging_bytes(out.device.type, out.numel(), out.dtype), out.device)
+        elif staging is not None and staging.device != out.device:
+            raise FormatError(f"{self.name}: staging is on {staging.device}, the output on {out.device}")
+        self._unpack_into(packed.reshape(-1), out, staging)
         return out
 
     def dequantize(self, packed: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -105,8 +114,9 @@ class StorageFormat(ABC):
         """Quantize a contiguous float32 CPU tensor into uint8 bytes (each format implements it)."""
 
     @abstractmethod
-    def _unpack_into(self, packed: torch.Tensor, out: torch.Tensor) -> None:
-        """Dequantize flat uint8 `packed` into `out` without allocating output-sized memory."""
+    def _unpack_into(self, packed: torch.Tensor, out: torch.Tensor, staging: torch.Tensor | None) -> None:
+        """Dequantize flat uint8 `packed` into `out`, chunk by chunk through `staging` (None only where
+        `uses_staging` is False, or `out` is empty)."""
 
 
 def relative_rms_error(weight: torch.Tensor, approx: torch.Tensor) -> float:

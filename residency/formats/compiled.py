@@ -1,7 +1,8 @@
 """Per-format unpack kernels: eager by default, `torch.compile`d where that is faster.
 
 Compiled kernels are cached per (format, output dtype, device type); the eager path
-stays as the fallback when compilation is disabled or fails.
+stays as the fallback when compilation is disabled or fails. A compiled kernel traces the
+format's whole-tensor `fused_unpack` (one fused loop, no staging); eager runs chunk by chunk.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-UnpackFn = Callable[[torch.Tensor, torch.Tensor], None]  # (blocks uint8 2-D, out 2-D) -> None
+# (blocks uint8 2-D, out 2-D, staging uint8 1-D or None) -> None
+UnpackFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]
 
 _lock = threading.Lock()
 _compiled: dict[tuple[str, torch.dtype, str], UnpackFn] = {}
@@ -37,9 +39,9 @@ def compiled_formats() -> frozenset[str]:
     return frozenset(_compile_formats)
 
 
-def _build(fmt, dtype: torch.dtype) -> UnpackFn:
+def _build(fmt, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], None]:
     def fn(blocks: torch.Tensor, out2d: torch.Tensor) -> None:
-        fmt.eager_unpack(blocks, out2d)
+        fmt.fused_unpack(blocks, out2d)
 
     # Dynamo caches and counts recompilations per code object: with one shared `fn`, formats × dtypes
     # exhaust its recompile limit (8) and later formats silently run eager. A code object of its own
@@ -49,7 +51,7 @@ def _build(fmt, dtype: torch.dtype) -> UnpackFn:
     return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
-def compiled_kernel(fmt, dtype: torch.dtype, device: torch.device) -> UnpackFn | None:
+def compiled_kernel(fmt, dtype: torch.dtype, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
     """The compiled unpack of `fmt`, or None when compilation is off or failed before."""
     if not compile_enabled():
         return None
@@ -77,12 +79,12 @@ def unpack_kernel(fmt, dtype: torch.dtype, device: torch.device) -> UnpackFn:
         return fmt.eager_unpack
     key = (fmt.name, dtype, device.type)
 
-    def guarded(blocks: torch.Tensor, out2d: torch.Tensor) -> None:
+    def guarded(blocks: torch.Tensor, out2d: torch.Tensor, staging: torch.Tensor | None) -> None:
         try:
             fn(blocks, out2d)
         except Exception:  # compile failure (no compiler, unsupported op): fall back for good
             _failed.add(key)
             _compiled.pop(key, None)
-            fmt.eager_unpack(blocks, out2d)
+            fmt.eager_unpack(blocks, out2d, staging)
 
     return guarded

@@ -1,7 +1,8 @@
 """GGUF block formats (Q8_0 … Q6_K): a StorageFormat over a per-block torch kernel.
 
 Kernels map uint8 blocks (n, block_bytes) → float32 weights (n, block_weights); their
-float32 result equals gguf.quants.dequantize bit for bit, so fp32 output is exact.
+float32 result equals gguf.quants.dequantize bit for bit, so fp32 output is exact and a
+bf16/fp16 output, one cast of it, is correctly rounded.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from residency.errors import FormatError
 from residency.formats.base import StorageFormat
+from residency.formats.staging import chunk_buffers
 
-# uint8 (n, block_bytes), optional contiguous f32 out (n, block_weights) -> f32 (n, block_weights)
+# (blocks uint8 (n, block_bytes), out f32 (n, block_weights) or None, work uint8 or None) -> f32 result.
+# `work` holds the kernel's integer planes (at most 2 bytes per weight); None: the kernel allocates them.
 DequantKernel = Callable[..., torch.Tensor]
 QuantKernel = Callable[[torch.Tensor], torch.Tensor]  # f32 (n, block_weights) -> uint8 (n, block_bytes)
 
@@ -28,15 +32,34 @@ class GGUFBlockFormat(StorageFormat):
         blocks = weight.reshape(-1, self.block_weights)
         return self.quant_kernel(blocks).reshape(-1)
 
-    def _unpack_into(self, packed: torch.Tensor, out: torch.Tensor) -> None:
+    def _unpack_into(self, packed: torch.Tensor, out: torch.Tensor, staging: torch.Tensor | None) -> None:
         from residency.formats.compiled import unpack_kernel
 
         blocks = packed.view(-1, self.block_bytes)
-        unpack_kernel(self, out.dtype, blocks.device)(blocks, out.view(-1, self.block_weights))
+        unpack_kernel(self, out.dtype, blocks.device)(blocks, out.view(-1, self.block_weights), staging)
 
-    def eager_unpack(self, blocks: torch.Tensor, out2d: torch.Tensor) -> None:
-        """The reference path: kernel in fp32, then one cast-copy into `out2d` — or, for fp32 output,
-        straight into it."""
+    def eager_unpack(self, blocks: torch.Tensor, out2d: torch.Tensor, staging: torch.Tensor | None) -> None:
+        """Chunk by chunk: the kernel writes fp32 straight into an fp32 `out2d`, else into the staging's
+        fp32 chunk, which one cast-copy moves into `out2d` while it is still in cache."""
+        assert self.dequant_kernel is not None
+        n = blocks.shape[0]
+        if n == 0:
+            return
+        buf = chunk_buffers(staging, out2d.dtype)
+        step = buf.chunk_weights // self.block_weights
+        if step == 0:
+            raise FormatError(f"{self.name}: staging of {staging.numel()} bytes holds no {self.block_weights}-weight block")
+        direct = out2d.dtype == torch.float32
+        for i in range(0, n, step):
+            b, o = blocks[i : i + step], out2d[i : i + step]
+            if direct:
+                self.dequant_kernel(b, out=o, work=buf.work)
+            else:
+                o.copy_(self.dequant_kernel(b, out=buf.f32[: o.numel()].view(o.shape), work=buf.work))
+
+    def fused_unpack(self, blocks: torch.Tensor, out2d: torch.Tensor) -> None:
+        """The whole tensor at once, for torch.compile to fuse (eager, it would allocate output-sized
+        fp32 temporaries)."""
         assert self.dequant_kernel is not None
         if out2d.dtype == torch.float32:
             self.dequant_kernel(blocks, out=out2d)

@@ -3,8 +3,6 @@ alike; the float32 result equals gguf.quants.dequantize bit for bit (numpy's flo
 
 from __future__ import annotations
 
-import ctypes
-import sys
 from collections.abc import Callable
 
 import torch
@@ -44,42 +42,18 @@ def _shifts(device: torch.device) -> dict[str, torch.Tensor]:
     return s
 
 
-def _libc_madvise() -> Callable[[int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_MADVISE = _libc_madvise()
-_MADV_HUGEPAGE = 14
-_HUGE = 1 << 21
-
-
 def _empty_out(n: int, device: torch.device) -> torch.Tensor:
-    """The (n, 256) float32 result buffer, when the caller passed no `out` (a contiguous (n, 256) fp32
-    buffer, which the kernel also uses as scratch before the float stage).
+    """The (n, 256) float32 result buffer when the caller passed no `out`; the kernel also uses it as
+    scratch before the float stage. No huge-page advice: on a VM the first touch of a fresh huge page
+    is bimodal (4-12 ms or 56-103 ms for 64 MiB), so callers that care pass their own `out`."""
+    return torch.empty((n, QK_K), dtype=torch.float32, device=device)
 
-    On CPU a fresh multi-MB buffer is mmap'd and first-touch faults 4 KiB pages one by one:
-    ~16 ms for a 4096² matrix, more than all the arithmetic. Asking for transparent huge pages
-    (as numpy does for its own arrays) cuts that ~5x; with THP off the advice is a no-op.
-    Hazard: in a VM whose host backs guest memory lazily, the first huge-page touches after
-    an idle spell can be slower than 4 KiB faults (seen: 75 ms once, then ~3 ms).
-    """
-    out = torch.empty((n, QK_K), dtype=torch.float32, device=device)
-    nbytes = n * QK_K * 4
-    if device.type == "cpu" and _MADVISE is not None and nbytes >= 2 * _HUGE:
-        if not torch.compiler.is_compiling():
-            p = out.data_ptr()
-            lo, hi = (p + _HUGE - 1) & ~(_HUGE - 1), (p + nbytes) & ~(_HUGE - 1)
-            if hi > lo:
-                _MADVISE(lo, hi - lo, _MADV_HUGEPAGE)
-    return out
+
+def _planes(work: torch.Tensor | None, n: int, device: torch.device, *shape: int) -> torch.Tensor:
+    """The int32 code planes, n·64 words (1 byte per weight): the head of `work`, or fresh."""
+    if work is None:
+        return torch.empty(shape, dtype=torch.int32, device=device)
+    return work[: n * QK_K].view(torch.int32).view(shape)
 
 
 class _Scratch:
@@ -145,7 +119,7 @@ def _scale_min_k4(blocks: torch.Tensor) -> torch.Tensor:
     return six * _f16(blocks, 0, 2).view(n, 2, 1)
 
 
-def dequant_q2_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_q2_k(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     # layout: scales[16] (lo nibble scale, hi nibble min), qs[64] (2-bit), d f16, dmin f16
     n = blocks.shape[0]
     sh = _shifts(blocks.device)
@@ -153,14 +127,14 @@ def dequant_q2_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch
     s = _Scratch(out)
     nib = _field(s.stage(blocks[:, 0:16]).view(1, n, 4), sh["nib"], _M4)  # (2, n, 4w): scale | min
     dm = nib.view(torch.uint8).view(2, n, 16).float() * _f16(blocks, 80, 2).t().unsqueeze(-1)
-    q = _field(s.stage(blocks[:, 16:80]).view(1, n, 16), sh["crumb"], _M2)  # (k, n, h, j)
+    q = _field(s.stage(blocks[:, 16:80]).view(1, n, 16), sh["crumb"], _M2, _planes(work, n, blocks.device, 4, n, 16))  # (k, n, h, j)
     out.view(n, 2, 4, 32).copy_(q.view(torch.uint8).view(4, n, 2, 32).permute(1, 2, 0, 3))
     o = out.view(n, 16, 16)
     o.mul_(dm[0].view(n, 16, 1))
     return o.sub_(dm[1].view(n, 16, 1)).view(n, QK_K)
 
 
-def dequant_q3_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_q3_k(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     # layout: hmask[32] (3rd bits), qs[64] (2-bit), scales[12] (6-bit, packed), d f16
     n = blocks.shape[0]
     sh = _shifts(blocks.device)
@@ -172,7 +146,7 @@ def dequant_q3_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch
     out = _empty_out(n, blocks.device) if out is None else out
     s = _Scratch(out)
     qs = s.stage(blocks[:, 32:96].view(n, 2, 32).transpose(0, 1))  # (h, n, j)
-    q = _field(qs.view(1, 2, n * 8), sh["crumb"], _M2)  # (k, h, n, j)
+    q = _field(qs.view(1, 2, n * 8), sh["crumb"], _M2, _planes(work, n, blocks.device, 4, 2, n * 8))  # (k, h, n, j)
     hm = s.stage(blocks[:, 0:32])
     q |= _field(hm.view(1, 1, n * 8), sh["q3_hbit"], _M1, s.take(4, 2, n * 8)).bitwise_left_shift_(2)
     # A set hmask bit means "no -4 offset": q = (ql | h<<2) - 4, exact in int8 (range -4..3).
@@ -181,21 +155,21 @@ def dequant_q3_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch
     return out.view(n, 16, 16).mul_(dl.view(n, 16, 1)).view(n, QK_K)
 
 
-def dequant_q4_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_q4_k(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     # layout: d f16, dmin f16, scales[12] (6-bit scale+min, packed), qs[128] (nibbles)
     n = blocks.shape[0]
     sh = _shifts(blocks.device)
     dm = _scale_min_k4(blocks)
     out = _empty_out(n, blocks.device) if out is None else out
     s = _Scratch(out)
-    q = _field(s.stage(blocks[:, 16:144]).view(1, n, 32), sh["nib"], _M4)  # (t, n, g, j)
+    q = _field(s.stage(blocks[:, 16:144]).view(1, n, 32), sh["nib"], _M4, _planes(work, n, blocks.device, 2, n, 32))  # (t, n, g, j)
     out.view(n, 4, 2, 32).copy_(q.view(torch.uint8).view(2, n, 4, 32).permute(1, 2, 0, 3))
     o = out.view(n, 8, 32)
     o.mul_(dm[:, 0].unsqueeze(-1))
     return o.sub_(dm[:, 1].unsqueeze(-1)).view(n, QK_K)
 
 
-def dequant_q5_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_q5_k(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     # layout: d f16, dmin f16, scales[12] (as Q4_K), qh[32] (5th bits), qs[128] (nibbles)
     n = blocks.shape[0]
     sh = _shifts(blocks.device)
@@ -203,7 +177,7 @@ def dequant_q5_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch
     out = _empty_out(n, blocks.device) if out is None else out
     s = _Scratch(out)
     qs = s.stage(blocks[:, 48:176].view(n, 4, 32).transpose(0, 1))  # (g, n, j)
-    q = _field(qs.view(1, 4, n * 8), sh["nib"], _M4)  # (t, g, n, j)
+    q = _field(qs.view(1, 4, n * 8), sh["nib"], _M4, _planes(work, n, blocks.device, 2, 4, n * 8))  # (t, g, n, j)
     qh = s.stage(blocks[:, 16:48])
     q |= _field(qh.view(1, 1, n * 8), sh["q5_hbit"], _M1, s.take(2, 4, n * 8)).bitwise_left_shift_(4)
     out.view(n, 4, 2, 32).copy_(q.view(torch.uint8).view(2, 4, n, 32).permute(2, 1, 0, 3))
@@ -212,7 +186,7 @@ def dequant_q5_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch
     return o.sub_(dm[:, 1].unsqueeze(-1)).view(n, QK_K)
 
 
-def dequant_q6_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_q6_k(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     # layout: ql[128] (low nibbles), qh[64] (high 2 bits), scales[16] int8, d f16
     n = blocks.shape[0]
     sh = _shifts(blocks.device)
@@ -220,7 +194,7 @@ def dequant_q6_k(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch
     out = _empty_out(n, blocks.device) if out is None else out
     s = _Scratch(out)
     ql = s.stage(blocks[:, 0:128].view(n, 2, 2, 32).permute(2, 1, 0, 3))  # (m, h, n, j)
-    q = _field(ql.view(1, 2, 2, n * 8), sh["nib"].view(2, 1, 1, 1), _M4)  # (t, m, h, n, j)
+    q = _field(ql.view(1, 2, 2, n * 8), sh["nib"].view(2, 1, 1, 1), _M4, _planes(work, n, blocks.device, 2, 2, 2, n * 8))  # (t, m, h, n, j)
     qh = s.stage(blocks[:, 128:192].view(n, 2, 32).transpose(0, 1))  # (h, n, j)
     q |= _field(qh.view(1, 1, 2, n * 8), sh["q6_hbit"], _M2, s.take(2, 2, 2, n * 8)).bitwise_left_shift_(4)
     q8 = q.view(torch.int8).sub_(32).view(2, 2, 2, n, 32).permute(3, 2, 0, 1, 4)

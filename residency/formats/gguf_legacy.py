@@ -6,20 +6,12 @@ pack delegates to gguf's numpy quantizer, which is the reference for these types
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
-
-_bit_cache: dict[torch.device, torch.Tensor] = {}
-
-
-def _bit_shifts(device: torch.device) -> torch.Tensor:
-    """0..7 as a broadcast shift, built once per device so the hot path does not allocate it."""
-    t = _bit_cache.get(device)
-    if t is None:
-        t = _bit_cache[device] = torch.arange(8, dtype=torch.uint8, device=device).view(1, 1, 8)
-    return t
 
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -30,6 +22,7 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
 # Each kernel takes an optional fp32 `out` (n, 32) and stages its integers there: the int→float
 # conversion writes `out` directly and the scale is applied in place, so no output-sized temporary
 # is allocated (on CPU each one is a fresh mmap whose pages fault on first touch, ~1 µs per 4 KiB).
+# Integer planes go to `work` (uint8, ≥ 1 byte per weight) when the caller gives one.
 # Same float ops in the same order as gguf's numpy (q·d, then + m): results stay bit-exact.
 def _out(blocks: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
@@ -37,65 +30,83 @@ def _out(blocks: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-def _split_nibbles_into(o: torch.Tensor, qs: torch.Tensor, offset: int) -> None:
-    """Low nibbles → weights 0..15, high → 16..31 of fp32 `o` (n, 32), minus `offset`; the int8
-    temporaries are 1/8 of the output's bytes."""
-    o3 = o.view(-1, 2, 16)
-    lo = torch.bitwise_and(qs, 0x0F).view(torch.int8)
-    hi = torch.bitwise_right_shift(qs, 4).view(torch.int8)
-    if offset:
-        lo.sub_(offset)
-        hi.sub_(offset)
-    o3[:, 0].copy_(lo)
-    o3[:, 1].copy_(hi)
+def _bytes(blocks: torch.Tensor, work: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """A uint8 scratch of `shape`: the head of `work`, or a fresh tensor when there is none."""
+    size = 1
+    for d in shape:
+        size *= d
+    if work is None:
+        return torch.empty(shape, dtype=torch.uint8, device=blocks.device)
+    return work[:size].view(shape)
 
 
-def dequant_q8_0(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _nibbles_into(q: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """Low nibbles → weights 0..15, high → 16..31 of uint8 `q` (n, 32)."""
+    q3 = q.view(-1, 2, 16)
+    torch.bitwise_and(qs, 0x0F, out=q3[:, 0])
+    torch.bitwise_right_shift(qs, 4, out=q3[:, 1])
+    return q
+
+
+def dequant_q8_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     o = _out(blocks, out)
     o.copy_(blocks[:, 2:].view(torch.int8))
     return o.mul_(d)
 
 
-def dequant_q4_0(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_q4_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     o = _out(blocks, out)
-    _split_nibbles_into(o, blocks[:, 2:], 8)
+    q = _nibbles_into(_bytes(blocks, work, (blocks.shape[0], 32)), blocks[:, 2:])
+    o.copy_(q.view(torch.int8).sub_(8))  # 0..15 − 8, exact in int8
     return o.mul_(d)
 
 
-def dequant_q4_1(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_q4_1(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     m = _f16(blocks, 2)
     o = _out(blocks, out)
-    _split_nibbles_into(o, blocks[:, 4:], 0)
+    o.copy_(_nibbles_into(_bytes(blocks, work, (blocks.shape[0], 32)), blocks[:, 4:]))
     return o.mul_(d).add_(m)
 
 
-def _five_bit(blocks: torch.Tensor, qh_at: int, qs_at: int) -> torch.Tensor:
+# Spreads the 8 bits of a byte over the 8 bytes of an int64, bit b → bit 4 of byte b (so, OR-ed onto
+# a nibble, it is the 5th bit of weight b): multiply copies the byte into every byte, the mask keeps
+# bit b in byte b, + 0x7F carries a set bit to bit 7 without crossing bytes, >> 3 moves it to bit 4
+# (an arithmetic shift: the last mask clears what the sign dragged in). The multiply wraps, as intended.
+# Hazard: bytes of an int64 are read in memory order, so this assumes a little-endian machine.
+_SPREAD_MUL, _SPREAD_MASK = 0x0101010101010101, -0x7FBFDFEFF7FBFDFF  # 0x8040201008040201 as int64
+_SEVEN_F, _BIT4 = 0x7F7F7F7F7F7F7F7F, 0x1010101010101010
+
+
+assert sys.byteorder == "little", "the Q5_0/Q5_1 bit spread reads int64 bytes in little-endian order"
+
+
+def _five_bit(blocks: torch.Tensor, qh_at: int, qs_at: int, work: torch.Tensor | None) -> torch.Tensor:
     """(n, 32) uint8 in 0..31: the nibbles plus the 5th bit from the 4-byte little-endian qh word
-    (bit i → weight i, i.e. byte i // 8, bit i % 8). uint8 temporaries only: 1/4 of fp32 output."""
+    (bit i → weight i, i.e. byte i // 8, bit i % 8). Needs 2 bytes of work per weight."""
     n = blocks.shape[0]
-    q = torch.empty((n, 32), dtype=torch.uint8, device=blocks.device)
-    q3, qs = q.view(n, 2, 16), blocks[:, qs_at : qs_at + 16]
-    torch.bitwise_and(qs, 0x0F, out=q3[:, 0])
-    torch.bitwise_right_shift(qs, 4, out=q3[:, 1])
-    high = (blocks[:, qh_at : qh_at + 4].unsqueeze(-1) >> _bit_shifts(blocks.device)) & 1
-    return q.bitwise_or_(high.view(n, 32).bitwise_left_shift_(4))
+    scratch = _bytes(blocks, work, (2, n * 32))
+    q = _nibbles_into(scratch[0].view(n, 32), blocks[:, qs_at : qs_at + 16])
+    high = scratch[1].view(torch.int64).view(n, 4)
+    high.copy_(blocks[:, qh_at : qh_at + 4])
+    high.mul_(_SPREAD_MUL).bitwise_and_(_SPREAD_MASK).add_(_SEVEN_F).bitwise_right_shift_(3).bitwise_and_(_BIT4)
+    return q.bitwise_or_(high.view(torch.uint8).view(n, 32))
 
 
-def dequant_q5_0(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_q5_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     o = _out(blocks, out)
-    o.copy_(_five_bit(blocks, 2, 6).view(torch.int8).sub_(16))
+    o.copy_(_five_bit(blocks, 2, 6, work).view(torch.int8).sub_(16))
     return o.mul_(d)
 
 
-def dequant_q5_1(blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_q5_1(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     m = _f16(blocks, 2)
     o = _out(blocks, out)
-    o.copy_(_five_bit(blocks, 4, 8))
+    o.copy_(_five_bit(blocks, 4, 8, work))
     return o.mul_(d).add_(m)
 
 

@@ -11,12 +11,18 @@ from dataclasses import dataclass
 import torch
 
 from residency.formats import get_format
+from residency.formats.staging import StagedUnpack
 from residency.plan import BlockPlan, Plan
 from residency.runtime.backend import Backend, LoadRecipe
 from residency.runtime.host_store import BlockBlob
 from residency.runtime.ledger import Ledger
 from residency.simulate.costs import DTYPE_FORMAT
-from residency.simulate.memory import GPU_WORKSPACE_BYTES, needs_staging
+from residency.simulate.memory import (
+    GPU_WORKSPACE_BYTES,
+    dequant_threads,
+    needs_staging,
+    thread_staging_bytes,
+)
 from residency.workload import COMPUTE_DTYPE_BYTES, Workload
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -57,12 +63,14 @@ class DeviceMemory:
         # --- sizes, from the same blobs the loads will move ---
         self.slot_bytes = max((self._landed_bytes(bp) for bp in streamed), default=0)
         self.slot_count = plan.execution.slots if streamed else 0
-        per_call = [bp for bp in plan.blocks if bp.placement == "resident-quantized"
-                    or (bp.placement == "streamed" and bp.dequant_on == "compute")]
+        per_call, _ = dequant_threads(plan)
         self.scratch_bytes = max((sum(math.prod(e.shape) for e in _needs_unpack(blobs[bp.name], bp.compute_dtype))
                                   * COMPUTE_DTYPE_BYTES[bp.compute_dtype] for bp in per_call), default=0)
         on_device_unpack = [self.blobs[bp.name].nbytes for bp in plan.blocks if needs_staging(bp)]
         self.staging_bytes = backend.unpack_staging_bytes(max(on_device_unpack, default=0))
+        # Dequant staging per thread: the compute side (per-call dequant) and the copy worker (unpack at load).
+        self.compute_staging_bytes, self.copy_staging_bytes = (
+            thread_staging_bytes(workload, side, backend.device.type) for side in dequant_threads(plan))
         self.session_bytes = {bp.name: self._held_bytes(bp) for bp in plan.blocks
                               if bp.placement != "streamed" and bp.lifetime == "session"}
         self.phase_layout, self.arena_bytes, arena_split = self._phase_layouts(workload)
@@ -72,7 +80,8 @@ class DeviceMemory:
         self.workspace_bytes = GPU_WORKSPACE_BYTES if backend.device.type == "cuda" else 0
         kinds = {"resident": arena_split[0], "resident_quantized": arena_split[1],
                  "slots": self.slot_count * self.slot_bytes,
-                 "dequant_scratch": self.scratch_bytes + self.staging_bytes,
+                 "dequant_scratch": (self.scratch_bytes + self.staging_bytes
+                                     + self.compute_staging_bytes + self.copy_staging_bytes),
                  "kv_cache": self.kv_bytes, "activations": self.activation_bytes,
                  "workspace": self.workspace_bytes}
         for name, n in self.session_bytes.items():
@@ -90,6 +99,10 @@ class DeviceMemory:
         self.scratch = backend.alloc(self.scratch_bytes) if self.scratch_bytes else None
         if self.staging_bytes:
             backend.set_unpack_staging(backend.alloc(self.staging_bytes))
+        # Hazard: the compute thread and the copy worker dequantize at once; one shared staging would
+        # be overwritten mid-chunk, so each side gets its own.
+        self.compute_staging = self._alloc_staging(self.compute_staging_bytes)
+        self.copy_staging = self._alloc_staging(self.copy_staging_bytes)
 
     # --- sizes ---
     def _landed_bytes(self, bp: BlockPlan) -> int:
@@ -121,6 +134,18 @@ class DeviceMemory:
                 worst, split = offset, (offset - rq, rq)  # alignment padding is counted as resident
         return layout, worst, split
 
+    def _alloc_staging(self, nbytes: int) -> torch.Tensor | None:
+        if not nbytes:
+            return None
+        buf = self.backend.alloc(nbytes)
+        # CPU: fault its pages in now, not in the first dequant. Not on a GPU, where memory needs no
+        # first touch and a zero_ on the default stream would race the copy stream's first chunk.
+        return buf.zero_() if buf.device.type == "cpu" else buf
+
+    def _staged(self, fmt_name: str, staging: torch.Tensor | None):
+        fmt = get_format(fmt_name)
+        return StagedUnpack(fmt, staging) if fmt.uses_staging else fmt
+
     # --- views ---
     def _compute_views(self, name: str, base: torch.Tensor) -> tuple[torch.Tensor, ...]:
         dtype, views, offset = self.dtype_of[name], [], 0
@@ -146,7 +171,7 @@ class DeviceMemory:
             n = math.prod(e.shape)
             out = self.scratch[s_off:s_off + n * size].view(dtype).view(e.shape)
             s_off += n * size
-            unpacks.append((get_format(e.format), packed, out))
+            unpacks.append((self._staged(e.format, self.compute_staging), packed, out))
             views.append(out)
             weights += n
         return Binding(tuple(views), tuple(unpacks), weights)
@@ -168,7 +193,8 @@ class DeviceMemory:
         items.sort(key=lambda it: it[0].format != direct)  # plain copies first: timed as copy
         plain = sum(e.format == direct for e, _ in items)
         return self.backend.make_recipe(label, blob.data, None,
-                                        [(get_format(e.format), e.offset, e.nbytes, v) for e, v in items], plain)
+                                        [(self._staged(e.format, self.copy_staging), e.offset, e.nbytes, v)
+                                         for e, v in items], plain)
 
     def arena_region(self, phase: str, name: str) -> torch.Tensor:
         return self.arena[self.phase_layout[phase][name]:]
@@ -177,7 +203,7 @@ class DeviceMemory:
         """Drop every buffer (freed when the last view goes) and the ledger's reservations."""
         self.session.clear()
         self.slots.clear()
-        self.arena = self.scratch = None
+        self.arena = self.scratch = self.compute_staging = self.copy_staging = None
         for kind, n in self.reserved.items():
             self.ledger.release(kind, n)
         self.reserved = {}

@@ -5,7 +5,14 @@ Phase-lifetime blocks count only while their phase runs, so the peak is the wors
 
 from __future__ import annotations
 
+import math
+
+import torch
+
 from residency.device.profile import DeviceProfile
+from residency.formats import get_format
+from residency.formats.sizing import effective_format
+from residency.formats.staging import staging_bytes
 from residency.plan.plan import Plan
 from residency.simulate.costs import DTYPE_FORMAT, resident_bytes, scratch_bytes
 from residency.workload.spec import Workload
@@ -20,6 +27,30 @@ def needs_staging(bp) -> bool:
     """Unpacked on the device at load: resident from another format, or streamed, dequant on copy."""
     unpacked = bp.placement == "resident" or (bp.placement == "streamed" and bp.dequant_on == "copy")
     return unpacked and bp.format != DTYPE_FORMAT[bp.compute_dtype]
+
+
+STAGING_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def staged_weights(block, bp) -> int:
+    """Weights of the block's largest tensor whose unpack goes through a staging chunk (0: none)."""
+    fmt, direct = get_format(bp.format), DTYPE_FORMAT[bp.compute_dtype]
+    return max((math.prod(shape) for _, shape in block.tensors
+                if (eff := effective_format(fmt, shape)).name != direct and eff.uses_staging), default=0)
+
+
+def thread_staging_bytes(workload: Workload, blocks, device_type: str) -> int:
+    """The staging buffer of one dequantizing thread that unpacks `blocks` (see formats.staging)."""
+    return max((staging_bytes(device_type, staged_weights(workload.by_name[b.name], b), STAGING_DTYPES[b.compute_dtype])
+                for b in blocks), default=0)
+
+
+def dequant_threads(plan: Plan) -> tuple[list, list]:
+    """Blocks each dequantizing thread unpacks, each thread with its own staging: the compute side
+    (per-call dequant) and the copy engine (unpacked at load)."""
+    per_call = [b for b in plan.blocks if b.placement == "resident-quantized"
+                or (b.placement == "streamed" and b.dequant_on == "compute")]
+    return per_call, [b for b in plan.blocks if needs_staging(b)]
 
 
 def slot_bytes(workload: Workload, plan: Plan) -> int:
@@ -57,7 +88,9 @@ def peak_bytes(workload: Workload, plan: Plan, profile: DeviceProfile) -> dict[s
     # copy engine lands in a staging buffer first. The CPU backend unpacks straight from host memory.
     staging = max((workload.by_name[b.name].nbytes(b.format) for b in plan.blocks if needs_staging(b)),
                   default=0) if profile.is_gpu else 0
-    by_kind["dequant_scratch"] = scratch + staging
+    device_type = "cuda" if profile.is_gpu else "cpu"
+    by_kind["dequant_scratch"] = scratch + staging + sum(thread_staging_bytes(workload, side, device_type)
+                                                         for side in dequant_threads(plan))
     by_kind["kv_cache"] = workload.kv_cache_bytes(plan.kv_dtype)
     by_kind["activations"] = max((workload.by_name[b.name].activation_bytes(b.compute_dtype, workload.batch)
                                   for b in plan.blocks), default=0)

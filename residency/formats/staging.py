@@ -1,0 +1,77 @@
+"""Unpack staging: a small buffer each dequantizing thread owns, reused by every call it makes.
+
+A dequant computes in fp32 one cache-sized chunk of weights at a time and casts each chunk into the
+output, so no call allocates anything of output size whatever the dtype or the matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Bytes of staging per chunk weight: 2 of integer work (code planes, indices), plus 4 for the fp32
+# chunk when the output is bf16/fp16 (an fp32 output is its own chunk).
+WORK_BYTES_PER_WEIGHT = 2
+# Weights per chunk. CPU: a 1 MiB fp32 chunk stays in a core's L2 (2 MiB here) between the kernel and
+# the cast; each chunk costs 3-8 torch ops of ~5-40 µs dispatch and thread wake-up, so smaller chunks
+# lose more to overhead than they gain in cache. GPU: each op is a kernel launch (~5 µs), so a 4096²
+# matrix in 64 chunks spends ~2 ms launching; bigger chunks would cut that, but every dequantizing
+# thread holds one staging, device memory the ledger counts and the planner does not yet model.
+CHUNK_WEIGHTS = {"cpu": 1 << 18, "cuda": 1 << 18}
+
+
+def bytes_per_weight(out_dtype: torch.dtype) -> int:
+    return WORK_BYTES_PER_WEIGHT + (0 if out_dtype == torch.float32 else 4)
+
+
+def staging_bytes(device_type: str, largest_weights: int, out_dtype: torch.dtype) -> int:
+    """Staging one thread needs to unpack tensors of up to `largest_weights` weights into `out_dtype`
+    on `device_type` (one chunk, or the whole tensor when it is smaller than a chunk)."""
+    cap = CHUNK_WEIGHTS.get(device_type, CHUNK_WEIGHTS["cuda"])
+    return bytes_per_weight(out_dtype) * min(cap, max(0, int(largest_weights)))
+
+
+def new_staging(nbytes: int, device: torch.device | str) -> torch.Tensor:
+    """A flat uint8 staging buffer, zero-filled so its pages are touched once, here, not in a hot call."""
+    return torch.zeros(int(nbytes), dtype=torch.uint8, device=device)
+
+
+@dataclass(frozen=True)
+class ChunkBuffers:
+    """The two views a kernel gets out of one staging buffer."""
+
+    chunk_weights: int
+    f32: torch.Tensor | None  # (chunk_weights,) float32, the chunk before its cast; None for fp32 output
+    work: torch.Tensor  # (2·chunk_weights,) uint8, 8-byte aligned: integer planes, indices
+
+
+def chunk_buffers(staging: torch.Tensor, out_dtype: torch.dtype) -> ChunkBuffers:
+    if staging.dtype != torch.uint8 or staging.dim() != 1:
+        raise ValueError(f"staging must be a flat uint8 tensor, got {staging.dtype} of shape {tuple(staging.shape)}")
+    # Wider dtype views need an aligned start; a slice of a bigger buffer may not have one.
+    if staging.data_ptr() % 8:
+        raise ValueError("staging must start on an 8-byte boundary")
+    c = staging.numel() // bytes_per_weight(out_dtype)
+    c -= c % 2  # the work area then starts 8-byte aligned: kernels view it as int32 or int64
+    if out_dtype == torch.float32:
+        return ChunkBuffers(c, None, staging[: 2 * c])
+    return ChunkBuffers(c, staging[: 4 * c].view(torch.float32), staging[4 * c : 6 * c])
+
+
+@dataclass(frozen=True)
+class StagedUnpack:
+    """A format bound to one thread's staging: `unpack(packed, out)` as the format's, allocating nothing.
+
+    Hazard: two threads (or GPU streams) must never share one: each chunk overwrites the staging.
+    """
+
+    format: object  # StorageFormat (not imported: base imports this module)
+    staging: torch.Tensor
+
+    @property
+    def name(self) -> str:
+        return self.format.name
+
+    def unpack(self, packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.format.unpack(packed, out, self.staging)
