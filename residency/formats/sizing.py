@@ -6,6 +6,7 @@ Quantized formats hold matrices (≥ 2-D) whose last dimension fits their block;
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from residency.formats.base import StorageFormat
@@ -14,12 +15,17 @@ FALLBACK_FORMAT = "BF16"
 
 
 def effective_format(fmt: StorageFormat, shape: Sequence[int]) -> StorageFormat:
-    from residency.formats import FORMATS
-
     if fmt.block_weights == 1 and fmt.name != "FP8":
         return fmt
     if len(shape) >= 2 and fmt.supports(shape):
         return fmt
+    return _fallback()
+
+
+@functools.cache
+def _fallback() -> StorageFormat:
+    from residency.formats import FORMATS  # the registry imports this module: looked up once, not per call
+
     return FORMATS[FALLBACK_FORMAT]
 
 
