@@ -14,9 +14,17 @@ from residency.plan.plan import (
     Plan,
     Prediction,
 )
-from residency.plan.plan_io import PLAN_SCHEMA_VERSION, load_plan, plan_from_dict, plan_to_dict, save_plan
+from residency.plan.plan_io import (
+    PLAN_SCHEMA_PATH,
+    PLAN_SCHEMA_VERSION,
+    load_plan,
+    plan_from_dict,
+    plan_to_dict,
+    save_plan,
+)
 
 __all__ = [
+    "PLAN_SCHEMA_PATH",
     "PLAN_SCHEMA_VERSION",
     "load_plan",
     "plan_from_dict",
