@@ -45,7 +45,8 @@ MAX_FLOPS = 1e30
 MAX_EXTRA_DEPTH = 8  # the free-form facts: the deepest shipped entry nests 3
 _TOP_KNOWN = ("schema_version", "name", "source", "steps", "context_frames", "batch", "kv_dtype",
               "video_frames_per_latent", "blocks", "phases", "extra")
-_BLOCK_KNOWN = ("name", "component", "tensors", "tokens", *_BLOCK_NUMBERS, *_BLOCK_INTS, "activation_elements_by_size")
+_BLOCK_KNOWN = ("name", "component", "tensors", "tokens", *_BLOCK_NUMBERS, *_BLOCK_INTS, "activation_elements_by_size",
+                "modules")
 
 
 def _block(r: Reader, doc: Any, path: str) -> BlockSpec:
@@ -80,7 +81,10 @@ def _block(r: Reader, doc: Any, path: str) -> BlockSpec:
     return BlockSpec(name=name,
                      component=r.string(doc["component"], f"{path}.component", non_empty=True),
                      tensors=tuple(tensors), tokens=r.integer(doc["tokens"], f"{path}.tokens", 1, MAX_TOKENS),
-                     activation_elements_by_size=tuple(by_size), **kwargs)
+                     activation_elements_by_size=tuple(by_size),
+                     modules=tuple(r.string(m, f"{path}.modules[{j}]") for j, m in enumerate(
+                         r.items(r.optional(doc, "modules", []), f"{path}.modules", max_items=MAX_TENSORS_PER_BLOCK))),
+                     **kwargs)
 
 
 def _phase(r: Reader, doc: Any, path: str, known_blocks: frozenset[str]) -> PhaseSpec:
@@ -148,6 +152,8 @@ def workload_to_dict(w: Workload) -> dict[str, Any]:
         entry.update({k: getattr(b, k) for k in _BLOCK_NUMBERS + _BLOCK_INTS if getattr(b, k)})
         if b.activation_elements_by_size:
             entry["activation_elements_by_size"] = [list(pair) for pair in b.activation_elements_by_size]
+        if b.modules:
+            entry["modules"] = list(b.modules)
         blocks.append(entry)
     return {
         "schema_version": CATALOG_SCHEMA_VERSION, "name": w.name, "source": w.source, "steps": w.steps,

@@ -50,6 +50,9 @@ class BlockSpec:
     # the same elements by size class of each op's largest tensor ((class, elements), op_count.size_class):
     # small tensors stay in cache and cost less per element; () when not counted by size
     activation_elements_by_size: tuple[tuple[int, int], ...] = ()
+    # module paths the block's tensors come from, relative to the traced model (residency.workload.from_module);
+    # () when not recorded. Descriptive: the fingerprint leaves it out, the costs do not read it
+    modules: tuple[str, ...] = ()
 
     @cached_property
     def matrix_elements(self) -> tuple[int, ...]:

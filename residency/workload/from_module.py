@@ -1,0 +1,267 @@
+"""The Workload of any torch model, from its module tree and one counted forward: no hand-written tables.
+
+Blocks are the model's repeated blocks, the other parameter-owning modules beside them (adjacent siblings
+grouped) and a block for the loose tensors; call order, calls per forward, FLOPs, ops and elements come
+from one forward on the meta device — or, where meta fails (a data-dependent `.item()`), one counted
+forward of the model itself, or of a narrow instance of it for a model that has no weights.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_map
+
+from residency.errors import ResidencyError
+from residency.workload.module_blocks import ModuleBlocks, find_blocks, unit_tensors
+from residency.workload.module_schedule import (
+    LOOSE,
+    Draft,
+    block_spec,
+    charge_glue,
+    draft_blocks,
+    draft_tensors,
+    passes_of,
+)
+from residency.workload.module_trace import Trace, UnitCounts, trace_forward
+from residency.workload.op_count import size_class
+from residency.workload.spec import COMPUTE_DTYPE_BYTES, BlockSpec, PassSpec, PhaseSpec, Workload
+
+Example = tuple | Mapping[str, Any] | torch.Tensor  # positional inputs, keyword inputs, or one tensor
+COUNTED_ON = ("meta", "real", "narrow")  # which forward the counts come from
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ModuleWorkloadWarning(UserWarning):
+    """The model does something a Workload states only approximately: a parameter no block owns (left out
+    of the plan), or a block called more than once per forward (its calls share one mean cost)."""
+
+
+@dataclass(frozen=True)
+class ModuleWorkload:
+    workload: Workload
+    counted_on: str  # "meta" | "real" | "narrow" (COUNTED_ON)
+    meta_error: str  # why the meta forward failed; "" when it ran
+    repeated_from: str  # "_repeated_blocks" | "_no_split_modules" | "ModuleList" | "none"
+    calls_per_forward: dict[str, int]  # block name -> calls in one forward (the loose block: 1)
+    unowned: tuple[str, ...]  # parameter paths of modules the forward never ran nor read: not in any block
+    build_s: float  # wall time of building it [s]
+
+
+def workload_from_module(model: nn.Module, example_inputs: Example, *, name: str, component: str | None = None,
+                         compute_dtype: str = "bf16", **options: Any) -> Workload:
+    """The Workload of `model` run on `example_inputs` (see module_workload for the options)."""
+    return module_workload(model, example_inputs, name=name, component=component, compute_dtype=compute_dtype,
+                           **options).workload
+
+
+def module_workload(model: nn.Module, example_inputs: Example, *, name: str, component: str | None = None,
+                    compute_dtype: str = "bf16", steps: int = 1, phase: str = "denoise", per: str = "latent_frame",
+                    group_siblings: bool = True,
+                    narrow: Callable[[], tuple[nn.Module, Example]] | None = None) -> ModuleWorkload:
+    """The Workload of one forward of `model` at the example's shape, and how it was counted.
+
+    The forward is one pass of phase `phase` (`per` session or latent frame), run `steps` times per phase
+    run. The meta device is tried first (nothing allocated); if it fails, a model with weights runs the
+    example itself (meta example tensors become zeros), and a model without (built on meta) needs `narrow`:
+    a factory of the same module tree with fewer channels and its example, whose counts are scaled up.
+    """
+    start = time.perf_counter()
+    if compute_dtype not in COMPUTE_DTYPE_BYTES:
+        raise ResidencyError(f"compute_dtype {compute_dtype!r}", hint=", ".join(COMPUTE_DTYPE_BYTES))
+    blocks = find_blocks(model)
+    args, kwargs = _split(example_inputs)
+    batch = _batch(args, kwargs)
+    units = [u.modules for u in blocks.units]
+    meta_error = ""
+    try:
+        trace, counted_on = _meta_trace(model, units, args, kwargs, _DTYPES[compute_dtype], batch), "meta"
+    except Exception as e:  # any failure of the meta run (data-dependent op, CPU tensor kept as attribute)
+        meta_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        trace, counted_on = _fallback_trace(model, blocks, args, kwargs, batch, narrow, name, meta_error)
+    specs, passes, calls, unowned = _schedule(model, blocks, trace, name, component or name, group_siblings)
+    _warn(name, unowned, {n: c for n, c in calls.items() if c > 1})
+    extra = {"counted_on": counted_on, "repeated_from": blocks.repeated_from, "compute_dtype": compute_dtype,
+             "example": _shapes(args, kwargs), "module_class": type(model).__name__}
+    if meta_error:
+        extra["meta_error"] = meta_error
+    if unowned:
+        extra["unowned"] = list(unowned)
+    if any(c > 1 for c in calls.values()):
+        extra["calls_per_forward"] = {n: c for n, c in calls.items() if c > 1}
+    purpose = f"{type(model).__name__} forward"
+    workload = Workload(
+        name=name, blocks=specs,
+        phases=(PhaseSpec(phase, per, tuple(PassSpec(p, per_step=True, purpose=purpose) for p in passes)),),
+        steps=1, context_frames=0,
+        source=f"{type(model).__name__}, one forward counted on {counted_on} (residency.workload.from_module)",
+        extra=extra).with_params(steps=steps)
+    return ModuleWorkload(workload, counted_on, meta_error, blocks.repeated_from, calls, unowned,
+                          time.perf_counter() - start)
+
+
+def _schedule(model: nn.Module, blocks: ModuleBlocks, trace: Trace, name: str, component: str,
+              group_siblings: bool) -> tuple[tuple[BlockSpec, ...], tuple[tuple[str, ...], ...], dict[str, int],
+                                             tuple[str, ...]]:
+    """Block specs (the loose block first), the passes, calls per forward by block, the unowned parameters."""
+    drafts, sequence, of_unit = draft_blocks(blocks, trace, group_siblings)
+    if not drafts:
+        raise ResidencyError(f"{name}: the forward called none of the model's blocks",
+                             hint="pass the module whose forward runs the model")
+    loose_paths, unowned = _loose_and_unowned(model, blocks, trace)
+    loose = Draft(LOOSE, [], tuple(dict.fromkeys(p.rpartition(".")[0] for p in loose_paths)),
+                  UnitCounts(calls=1, tokens=drafts[0].counts.tokens), calls=1) if loose_paths else None
+    charge_glue(drafts, of_unit, trace, loose)
+    every = ([loose] if loose else []) + drafts
+    names = [f"{component}.{d.label}" for d in every]
+    if len(set(names)) != len(names):
+        raise ResidencyError(f"{name}: a module is named {LOOSE!r}, the name of the loose-tensor block")
+    shapes = draft_tensors(model, every, blocks, loose_paths)
+    specs = tuple(block_spec(n, component, d, s, d.counts.tokens)
+                  for n, d, s in zip(names, every, shapes, strict=True))
+    passes = passes_of(sequence, names[1:] if loose else names, names[0] if loose else None)
+    return specs, passes, {n: d.calls for n, d in zip(names, every, strict=True)}, unowned
+
+
+def _split(example: Example) -> tuple[tuple, dict[str, Any]]:
+    if isinstance(example, torch.Tensor):
+        return (example,), {}
+    if isinstance(example, Mapping):
+        return (), dict(example)
+    return tuple(example), {}
+
+
+def _batch(args: tuple, kwargs: Mapping[str, Any]) -> int:
+    """The example's batch: the leading dimension of its first tensor (1 for a scalar)."""
+    first = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
+    return int(first.shape[0]) if first is not None and first.dim() else 1
+
+
+def _shapes(args: tuple, kwargs: Mapping[str, Any]) -> dict[str, list[int]]:
+    out = {f"arg{i}": list(a.shape) for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+    out.update({k: list(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+    return out
+
+
+def _meta_trace(model: nn.Module, units: list[tuple[str, ...]], args: tuple, kwargs: dict[str, Any],
+                dtype: torch.dtype, batch: int) -> Trace:
+    """The forward with every parameter, buffer and input replaced by a meta tensor (floating ones in the
+    compute dtype) for the call only: the model itself is left as it is, weights or not."""
+    def meta(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        return torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device="meta")
+
+    state = {n: meta(t) for n, t in chain(model.named_parameters(), model.named_buffers())}
+    margs, mkwargs = tree_map(meta, (args, kwargs))
+    return trace_forward(model, units, lambda: functional_call(model, state, margs, mkwargs, tie_weights=True),
+                         state.items(), batch)
+
+
+def _has_weights(model: nn.Module) -> bool:
+    return not any(t.is_meta for t in chain(model.parameters(), model.buffers()))
+
+
+def _real_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Meta example tensors as zeros where the model lives (zeros are valid token ids and timesteps)."""
+    ref = next(chain(model.parameters(), model.buffers()))
+
+    def real(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.is_meta:
+            return torch.zeros(t.shape, dtype=ref.dtype if t.is_floating_point() else t.dtype, device=ref.device)
+        return t
+
+    return tree_map(real, (args, kwargs))
+
+
+def _fallback_trace(model: nn.Module, blocks: ModuleBlocks, args: tuple, kwargs: dict[str, Any], batch: int,
+                    narrow: Callable[[], tuple[nn.Module, Example]] | None, name: str,
+                    meta_error: str) -> tuple[Trace, str]:
+    units = [u.modules for u in blocks.units]
+    if _has_weights(model):
+        rargs, rkwargs = _real_inputs(model, args, kwargs)
+        weights = list(chain(model.named_parameters(), model.named_buffers()))
+        # one real forward at the example's shape: its cost is the model's own (seconds for a large model)
+        return trace_forward(model, units, lambda: model(*rargs, **rkwargs), weights, batch), "real"
+    if narrow is None:
+        raise ResidencyError(f"{name}: counting on the meta device failed ({meta_error}) and the model has no "
+                             "weights to run", hint="pass narrow=, a factory of the same model with fewer "
+                             "channels and its example inputs, or load the weights")
+    small, example = narrow()
+    if [u.modules for u in find_blocks(small).units] != units:
+        raise ResidencyError(f"{name}: the narrow instance has other blocks than the model",
+                             hint="build it from the same config with only its widths reduced")
+    nargs, nkwargs = _split(example)
+    weights = list(chain(small.named_parameters(), small.named_buffers()))
+    widen = _dim_map(dict(weights), dict(chain(model.named_parameters(), model.named_buffers())))
+    trace = trace_forward(small, units, lambda: small(*nargs, **nkwargs), weights, batch, widen)
+    _widen_elements(trace)
+    return trace, "narrow"
+
+
+def _dim_map(small: Mapping[str, torch.Tensor], wide: Mapping[str, torch.Tensor]) -> Callable[[tuple], tuple]:
+    """narrow shape -> wide shape, each dimension mapped as the weights map it: a 32 that is 256 wherever a
+    weight has it becomes 256, a token count no weight has stays. Exact when every narrowed width shows
+    in some weight's shape and no token count equals a narrowed width; a head count or head width that
+    no weight shows (heads narrowed, then split from a projection) is not widened."""
+    votes: dict[int, dict[int, int]] = {}
+    for name, t in small.items():
+        w = wide.get(name)
+        if w is not None and w.dim() == t.dim():
+            for n, m in zip(t.shape, w.shape, strict=True):
+                votes.setdefault(n, {}).setdefault(m, 0)
+                votes[n][m] += 1
+    to = {n: max(c, key=c.get) for n, c in votes.items()}
+    return lambda shape: tuple(to.get(d, d) for d in shape)
+
+
+def _widen_elements(trace: Trace) -> None:
+    """The op counter's elements, counted at the narrow shapes, scaled by how much larger the activations
+    each unit made are at the wide shapes; their size classes move up as much (an estimate: a class holds
+    ops whose largest tensor is within 4× of each other)."""
+    for counts in chain(trace.units, trace.glue.values()):
+        r = counts.made_wide / counts.made_elements if counts.made_elements else 1.0
+        widened: dict[int, int] = {}
+        for c, n in counts.by_size.items():
+            k = size_class(round(c * r / 2))  # from the middle of the class: r = 1 keeps it
+            widened[k] = widened.get(k, 0) + round(n * r)
+        counts.by_size = widened
+        counts.elements = sum(widened.values())
+
+
+def _loose_and_unowned(model: nn.Module, blocks: ModuleBlocks, trace: Trace) -> tuple[list[str], tuple[str, ...]]:
+    """Loose tensor paths, plus the tensors of units the forward never called but read (their position in
+    the forward is unknown, so they stay resident); the parameters of units neither called nor read."""
+    canonical = {id(t): n for n, t in chain(model.named_parameters(), model.named_buffers())}
+    loose = list(blocks.loose)
+    unowned: list[str] = []
+    for i, u in enumerate(blocks.units):
+        if trace.units[i].calls:
+            continue
+        tensors = unit_tensors(model, u.modules)
+        if any(canonical.get(id(t)) in trace.weights_read for _, t in tensors):
+            loose.extend(p for p, _ in tensors)
+        else:
+            unowned.extend(p for p, t in tensors if isinstance(t, nn.Parameter))
+    return loose, tuple(unowned)
+
+
+def _warn(name: str, unowned: tuple[str, ...], repeated_calls: dict[str, int]) -> None:
+    if unowned:
+        shown = ", ".join(unowned[:5]) + (f" and {len(unowned) - 5} more" if len(unowned) > 5 else "")
+        warnings.warn(f"{name}: {len(unowned)} parameters belong to modules the forward never ran nor read "
+                      f"({shown}); no block owns them and the plan leaves them out", ModuleWorkloadWarning,
+                      stacklevel=3)
+    if repeated_calls:
+        shown = ", ".join(f"{b} ×{c}" for b, c in list(repeated_calls.items())[:5])
+        warnings.warn(f"{name}: blocks called more than once per forward ({shown}); each call is charged the "
+                      "mean of their costs, and the schedule starts a new pass at each repeat",
+                      ModuleWorkloadWarning, stacklevel=3)

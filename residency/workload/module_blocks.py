@@ -1,0 +1,150 @@
+"""Which modules of a model are its blocks, read from the module tree alone (nothing runs).
+
+The repeated blocks a library declares (`_repeated_blocks`, else `_no_split_modules`), else the children of
+ModuleLists; beside them every other parameter-owning module where the tree branches off; and the loose
+tensors no such module holds (the root's own parameters, buffers of parameter-less modules such as rope).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import find_tied_parameters
+from torch import nn
+
+# Where the repeated blocks were found, most specific first: diffusers declares `_repeated_blocks` for
+# regional compilation; transformers and diffusers declare `_no_split_modules` for device maps.
+DECLARATIONS = ("_repeated_blocks", "_no_split_modules")
+
+
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict)
+
+
+@dataclass(frozen=True)
+class BlockUnit:
+    """Modules whose tensors are loaded and evicted together: one module, or several sharing a tied tensor."""
+
+    modules: tuple[str, ...]  # module paths from the root, tree order
+    repeated: bool  # a repeated block (declared, or a ModuleList child) rather than a module beside them
+
+
+@dataclass(frozen=True)
+class ModuleBlocks:
+    units: tuple[BlockUnit, ...]  # tree order; disjoint subtrees
+    loose: tuple[str, ...]  # tensor paths from the root that no unit holds
+    repeated_from: str  # "_repeated_blocks" | "_no_split_modules" | "ModuleList" | "none"
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _declared_names(model: nn.Module) -> tuple[str, frozenset[str]]:
+    """The first declaration that names a class present in the tree, with the names it declares."""
+    present = {type(m).__name__ for m in model.modules()}
+    for attr in DECLARATIONS:
+        names = frozenset(n for m in model.modules() for n in (getattr(type(m), attr, None) or ()))
+        if names & present:
+            return attr, names
+    return "ModuleList", frozenset()
+
+
+def _repeated_paths(model: nn.Module, how: str, names: frozenset[str]) -> set[str]:
+    """Outermost repeated blocks: a declared class, or (undeclared) a parameter-owning ModuleList child."""
+    found: set[str] = set()
+
+    def visit(module: nn.Module, path: str) -> None:
+        for name, child in module.named_children():
+            p = _join(path, name)
+            hit = (type(child).__name__ in names if how != "ModuleList"
+                   else isinstance(module, nn.ModuleList) and _owns_parameters(child))
+            if hit:
+                found.add(p)
+            else:
+                visit(child, p)
+
+    visit(model, "")
+    return found
+
+
+def _floating_buffers(module: nn.Module, path: str, recurse: bool) -> Iterator[str]:
+    # integer buffers (position ids, masks) are a few bytes and no storage format applies to them
+    for name, b in module.named_buffers(recurse=recurse):
+        if b.is_floating_point():
+            yield _join(path, name)
+
+
+def find_blocks(model: nn.Module) -> ModuleBlocks:
+    """The model's block units and loose tensors. The root is always split into its children."""
+    how, names = _declared_names(model)
+    repeated = _repeated_paths(model, how, names)
+    if not repeated:
+        how = "none"
+    units: list[BlockUnit] = []
+    loose = [name for name, _ in model.named_parameters(recurse=False)]
+    loose += _floating_buffers(model, "", recurse=False)
+
+    def walk(module: nn.Module, path: str) -> None:
+        for name, child in module.named_children():
+            p = _join(path, name)
+            if p in repeated:
+                units.append(BlockUnit((p,), True))
+            elif any(r.startswith(p + ".") for r in repeated) or isinstance(child, _CONTAINERS):
+                # a container is never called itself: its children are what the forward runs
+                loose.extend(_join(p, n) for n, _ in child.named_parameters(recurse=False))
+                loose.extend(_floating_buffers(child, p, recurse=False))
+                walk(child, p)
+            elif _owns_parameters(child):
+                units.append(BlockUnit((p,), False))
+            else:
+                loose.extend(_floating_buffers(child, p, recurse=True))
+
+    walk(model, "")
+    return ModuleBlocks(_merge_tied(model, units), tuple(loose), how)
+
+
+def _merge_tied(model: nn.Module, units: list[BlockUnit]) -> tuple[BlockUnit, ...]:
+    """Units that share a tensor become one: the tensor is stored once, and every module reading it needs it
+    on the device (an LM head tied to its embedding is the embedding block, called twice)."""
+    owner = {}  # parameter path -> unit index
+    for i, u in enumerate(units):
+        for m in u.modules:
+            for n, _ in model.get_submodule(m).named_parameters(remove_duplicate=False):
+                owner[_join(m, n)] = i
+    parent = list(range(len(units)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for group in find_tied_parameters(model):
+        holders = sorted({root(owner[p]) for p in group if p in owner})
+        for h in holders[1:]:
+            parent[h] = holders[0]
+    merged: dict[int, list[BlockUnit]] = {}
+    for i, u in enumerate(units):
+        merged.setdefault(root(i), []).append(u)
+    return tuple(BlockUnit(tuple(m for u in group for m in u.modules), any(u.repeated for u in group))
+                 for group in merged.values())
+
+
+def unit_tensors(model: nn.Module, modules: tuple[str, ...]) -> list[tuple[str, torch.Tensor]]:
+    """(path from the root, tensor) of the parameters and floating buffers of `modules`, tied ones once."""
+    seen: set[int] = set()
+    out = []
+    for m in modules:
+        sub = model.get_submodule(m)
+        tensors = list(sub.named_parameters(remove_duplicate=False)) + [
+            (n, b) for n, b in sub.named_buffers(remove_duplicate=False) if b.is_floating_point()]
+        for n, t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append((_join(m, n), t))
+    return out
