@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sim_helpers import flat_profile
 from test_runtime import run_plain, tiny_plan
 
 from pipelines.world_model import WorldModelPipeline
@@ -58,8 +59,10 @@ def test_out_of_memory_in_the_copy_engine_recovers_like_one_in_compute(monkeypat
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     actions = ["up", "down"]
     expected = run_plain(pipe, image, actions, seed=5)
-    rt = Runtime(tiny_plan(w, "streamed", depth=2), "cpu", workload=w,
-                 replan=lambda budget: tiny_plan(w, "streamed", depth=1, vram=budget)).attach(pipe)
+    profile = flat_profile(backend="cpu")
+    rt = Runtime(tiny_plan(w, "streamed", depth=2, profile=profile), "cpu", workload=w, profile=profile,
+                 replan=lambda budget, profile: tiny_plan(w, "streamed", depth=1, vram=budget.vram_bytes,
+                                                          profile=profile)).attach(pipe)
     s = pipe.start(image, seed=5)
     got = [rt.step(s, actions[0])]
     loads = {"n": 0}

@@ -37,11 +37,13 @@ def image():
 
 
 def tiny_plan(w, placement="resident", fmt="F32", depth=1, vram=2**31, overrides=None, lifetime="session",
-              dequant_on="compute", **execution) -> Plan:
+              dequant_on="compute", profile=None, **execution) -> Plan:
+    """A hand-made plan; `profile` gives it that profile's fingerprint (what a re-plan is checked against)."""
     overrides = overrides or {}
     blocks = tuple(BlockPlan(b.name, overrides.get(b.name, placement), fmt, "fp32", lifetime, dequant_on)
                    for b in w.blocks)
-    return Plan(model=w.name, workload_fingerprint=w.fingerprint(), profile="test", profile_fingerprint="test",
+    return Plan(model=w.name, workload_fingerprint=w.fingerprint(), profile="test",
+                profile_fingerprint=profile.fingerprint() if profile else "test",
                 policy="test", budget=Budget(vram), blocks=blocks,
                 execution=Execution(prefetch_depth=depth, **execution), steps=w.steps,
                 context_frames=w.context_frames)

@@ -9,10 +9,12 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from sim_helpers import flat_profile
 from test_runtime import tiny_plan
 
 from pipelines.world_model import WorldModelPipeline
 from pipelines.world_model.workload import catalog_entry
+from residency.plan import Budget
 from residency.runtime import DeviceBudgetExceeded, Runtime
 from residency.telemetry import write_chrome_trace
 from residency.workload import workload_from_dict
@@ -34,9 +36,13 @@ pytestmark = pytest.mark.usefixtures("one_compute_thread")
 WARM = 12  # tiny keeps 12 context frames: after 12 the window is full and a commit overwrites a slot
 
 
+PROFILE = flat_profile(backend="cpu")
+
+
 def _plans(w):
-    big = tiny_plan(w, "resident")  # ~25 MiB
-    return big, (lambda budget: tiny_plan(w, "streamed", "Q8_0", vram=budget))
+    """The big plan, and replan(budget, profile): streamed Q8_0 at that budget."""
+    big = tiny_plan(w, "resident", profile=PROFILE)  # ~25 MiB
+    return big, (lambda budget, profile: tiny_plan(w, "streamed", "Q8_0", vram=budget.vram_bytes, profile=profile))
 
 
 def _cut_at(module, when, action):
@@ -58,7 +64,7 @@ def _reference(pipe, image, w, actions, warm_actions):
     for a in warm_actions:
         rt.step(s, a)
     rt.detach()
-    rt = Runtime(replan(12 * 2**20), "cpu", workload=w).attach(pipe)
+    rt = Runtime(replan(Budget(12 * 2**20), PROFILE), "cpu", workload=w).attach(pipe)
     out = [rt.step(s, a) for a in actions]
     rt.detach()
     return out
@@ -71,7 +77,7 @@ def test_budget_cut_mid_step_recovers_and_matches_the_new_plan_from_the_same_sta
     actions = ["jump", "right", "idle"]
     expected = _reference(pipe, image, workload, actions, warm)
     big, replan = _plans(workload)
-    rt = Runtime(big, "cpu", workload=workload, replan=replan).attach(pipe)
+    rt = Runtime(big, "cpu", workload=workload, replan=replan, profile=PROFILE).attach(pipe)
     s = pipe.start(image, seed=5)
     for a in warm:
         rt.step(s, a)
@@ -95,7 +101,7 @@ def test_out_of_memory_shrinks_the_budget_and_continues(workload, image):
 
     def oom():
         raise torch.OutOfMemoryError("injected: the device is full")
-    rt = Runtime(big, "cpu", workload=workload, replan=replan).attach(pipe)
+    rt = Runtime(big, "cpu", workload=workload, replan=replan, profile=PROFILE).attach(pipe)
     s = pipe.start(image, seed=5)
     rt.step(s, "up")
     held = rt.ledger.total_bytes
@@ -111,7 +117,7 @@ def test_out_of_memory_shrinks_the_budget_and_continues(workload, image):
 def test_without_any_fitting_plan_the_error_is_clear(workload, image):
     pipe = WorldModelPipeline.from_config("tiny")
     big, replan = _plans(workload)
-    rt = Runtime(big, "cpu", workload=workload, replan=replan).attach(pipe)
+    rt = Runtime(big, "cpu", workload=workload, replan=replan, profile=PROFILE).attach(pipe)
     s = pipe.start(image, seed=5)
     rt.set_budget(2**20)  # below the KV cache and activations: no plan fits
     with pytest.raises(DeviceBudgetExceeded, match="no plan fits"):

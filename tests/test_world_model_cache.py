@@ -86,3 +86,52 @@ def test_fp8_storage_generates_finite_frames():
         session.step("jump")
     assert session.cache.keys[0].dtype == torch.float8_e4m3fn
     assert torch.isfinite(session.last_latent).all()
+
+
+def _fill(session, frames: int) -> None:
+    for i in range(frames):
+        session.step(i % len(MICRO.actions))
+
+
+class _Fail(Exception):
+    pass
+
+
+def _fail_mid_commit(session):
+    """Run a step whose commit pass fails after the first block stored its K/V (the window is full)."""
+    calls = {"n": 0}
+
+    def hook(*_):
+        calls["n"] += 1
+        if calls["n"] == MICRO.steps + 1:  # the denoise calls, then the commit's
+            raise _Fail
+    handle = session.pipe.dit.blocks[0].register_forward_hook(hook)
+    try:
+        with pytest.raises(_Fail):
+            session.step("up")
+    finally:
+        handle.remove()
+
+
+def test_restore_undoes_a_commit_that_overwrote_the_oldest_slot():
+    pipe = WorldModelPipeline.from_config(MICRO)
+    session = pipe.start(np.zeros((16, 16, 3), np.uint8))
+    _fill(session, 2 * MICRO.context_frames)  # the window is full: a commit overwrites a held frame
+    keys = [k.clone() for k in session.cache.keys]
+    window, current = session.window(), session.cache.current_frame
+    snap = session.cache.snapshot()
+    _fail_mid_commit(session)
+    assert not all(torch.equal(a, b) for a, b in zip(keys, session.cache.keys, strict=True))
+    session.cache.restore(snap)
+    assert all(torch.equal(a, b) for a, b in zip(keys, session.cache.keys, strict=True))
+    assert session.window() == window and session.cache.current_frame == current
+
+
+def test_only_the_latest_snapshot_restores_a_slot():
+    pipe = WorldModelPipeline.from_config(MICRO)
+    session = pipe.start(np.zeros((16, 16, 3), np.uint8))
+    _fill(session, 2 * MICRO.context_frames)
+    older = session.cache.snapshot()
+    session.cache.snapshot()  # reuses the backup the older one relied on
+    with pytest.raises(ValueError, match="latest"):
+        session.cache.restore(older)

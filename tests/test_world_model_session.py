@@ -105,3 +105,20 @@ def test_meta_pipeline_cannot_start():
     pipe = WorldModelPipeline.from_config("tiny", device="meta")
     with pytest.raises(ResidencyError, match="meta"):
         pipe.start(np.zeros((64, 64, 3), np.uint8))
+
+
+def test_restoring_a_snapshot_replays_the_same_frames(pipe, image):
+    """The session's part of residency.runtime.session_protocol: RNG, counters, last latent and cache."""
+    session = pipe.start(image, seed=4)
+    session.step("up")
+    snap = session.snapshot()
+    first = [session.step(a) for a in ("left", "jump")]
+    session.restore(snap)
+    assert session.frame_index == 1
+    again = [session.step(a) for a in ("left", "jump")]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_kv_cache_bytes_are_the_caches(pipe, image):
+    session = pipe.start(image)
+    assert session.kv_cache_bytes == session.cache.nbytes == CONFIG.kv_cache_bytes(batch=1)

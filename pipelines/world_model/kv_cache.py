@@ -6,6 +6,8 @@ Slot 0 holds the anchor (the start image's frame) forever; frames 1, 2, … fill
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.nn import functional as F
 
@@ -13,6 +15,17 @@ from pipelines.world_model.config import WorldModelConfig
 from pipelines.world_model.temporal_rope import relative_position, rope_tables, rotate_
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """The cache's indices before a step, and which slot's contents its backup holds."""
+
+    slot_frames: tuple[int, ...]
+    count: int
+    current_frame: int
+    victim: int  # slot the step's commit overwrites, kept in the cache's backup (-1: empty slot, nothing kept)
+    generation: int  # the backup holds this snapshot's victim only while no later snapshot was taken
 
 
 class KVCache:
@@ -50,6 +63,8 @@ class KVCache:
         self.count = 0  # valid slots; always the prefix [0, count)
         self.current_frame = 0  # the frame that reads (and a commit) are for
         self._write_slot: int | None = None
+        self._backup: list[torch.Tensor] = []  # host copy of one slot per layer (keys, then values); made once
+        self._generation = 0  # snapshots taken
 
     # --- policy ---
     def slot_for(self, frame: int) -> int:
@@ -91,6 +106,42 @@ class KVCache:
         self.count = 1
         self._write_slot = None
         self._set_current(1)
+
+    # --- snapshot / restore (a failed step is undone; residency.runtime.session_protocol) ---
+    def snapshot(self, protect_kv: bool = True) -> CacheSnapshot:
+        """Before a step. Cost: the indices, plus one KV slot of every layer when the window is full
+        (1/context_frames of the cache, copied device->host asynchronously on the compute stream into a
+        backup allocated on the first full window and reused). protect_kv=False skips that copy: a step
+        that fails after its commit began then cannot be undone."""
+        victim = self.slot_for(self.current_frame)
+        keep = protect_kv and self.slot_frames[victim] >= 0
+        if keep:
+            for buf, t in zip(self._backup_buffers(), self.keys + self.values, strict=True):
+                buf.copy_(t[:, :, victim], non_blocking=True)
+        self._generation += 1
+        return CacheSnapshot(tuple(self.slot_frames), self.count, self.current_frame, victim if keep else -1,
+                             self._generation)
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        """The cache exactly as at `snap` (a partial commit rolled back); only the latest snapshot restores."""
+        if snap.victim >= 0:
+            if snap.generation != self._generation:
+                raise ValueError("the KV backup was overwritten by a later snapshot; restore the latest one")
+            if self.keys[0].device.type == "cuda":
+                torch.cuda.synchronize(self.keys[0].device)  # recovery only: the async backup must have landed
+            for buf, t in zip(self._backup, self.keys + self.values, strict=True):
+                t[:, :, snap.victim].copy_(buf)
+        self.slot_frames = list(snap.slot_frames)
+        self.count = snap.count
+        self._write_slot = None
+        self._set_current(snap.current_frame)  # rebuilds the RoPE table for the restored window
+
+    def _backup_buffers(self) -> list[torch.Tensor]:
+        if not self._backup:
+            pin = self.keys[0].device.type == "cuda"
+            self._backup = [torch.empty_like(t[:, :, 0], device="cpu", pin_memory=pin)
+                            for t in self.keys + self.values]
+        return self._backup
 
     def _set_current(self, frame: int) -> None:
         self.current_frame = frame

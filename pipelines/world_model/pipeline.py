@@ -1,6 +1,6 @@
 """WorldModelPipeline: the VAE and the causal DiT as one nn.Module, plus its schedule and blocks.
 
-Plain PyTorch: a runtime attaches from outside with hooks on the modules `blocks()` lists.
+Plain PyTorch: a runtime attaches from outside with hooks on its blocks, whose names are module paths.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ class WorldModelPipeline(nn.Module):
     def blocks(self) -> list[tuple[str, nn.Module, str]]:
         """(qualified name, module, component) of every unit of residency, in execution order.
 
-        Together they own every parameter of the pipeline exactly once.
+        Together they own every parameter of the pipeline exactly once. Each name is the module's path
+        (`self.get_submodule(name)`), so a runtime finds the blocks without this method too.
         """
         out = [(f"vae.encoder.blocks.{i}", b, "encoder") for i, b in enumerate(self.vae.encoder.blocks)]
         out += [(f"dit.{n}", self.dit.get_submodule(n), "dit") for n in self.dit.block_names()]

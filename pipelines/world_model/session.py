@@ -5,12 +5,13 @@ Holds the KV cache and a torch.Generator, so the same seed and actions give the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from pipelines.world_model.kv_cache import KVCache
+from pipelines.world_model.kv_cache import CacheSnapshot, KVCache
 from pipelines.world_model.sampler import sample, timesteps
 from residency.errors import ResidencyError
 
@@ -41,8 +42,22 @@ def image_to_tensor(image: np.ndarray | torch.Tensor, height: int, width: int) -
     return tensor.permute(2, 0, 1)[None].float().div_(127.5).sub_(1.0)
 
 
+@dataclass(frozen=True)
+class SessionSnapshot:
+    """What a step may change, taken before it: the RNG, the frame counter, the last latent, the cache."""
+
+    rng_state: torch.Tensor
+    frame_index: int
+    last_latent: torch.Tensor  # the tensor itself, not a copy: a step replaces it, never writes into it
+    cache: CacheSnapshot
+
+
 class Session:
-    """Created by WorldModelPipeline.start(); not thread-safe (one cache, one generator)."""
+    """Created by WorldModelPipeline.start(); not thread-safe (one cache, one generator).
+
+    Implements residency.runtime.session_protocol.RecoverableSession: a runtime that runs out of device
+    memory mid-step restores the snapshot taken before it and retries the step.
+    """
 
     def __init__(self, pipe: WorldModelPipeline, image: torch.Tensor, seed: int):
         c = pipe.config
@@ -93,6 +108,23 @@ class Session:
         self.generator.manual_seed(self.seed)
         self.last_latent = self.anchor
         self.frame_index = 0
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Device bytes of the KV cache (what a runtime accounts for it)."""
+        return self.cache.nbytes
+
+    def snapshot(self, protect_kv: bool = True) -> SessionSnapshot:
+        """Before a step; its cost is the cache's (KVCache.snapshot) plus the RNG state (a small host tensor)."""
+        return SessionSnapshot(self.generator.get_state(), self.frame_index, self.last_latent,
+                               self.cache.snapshot(protect_kv))
+
+    def restore(self, snap: SessionSnapshot) -> None:
+        """Undo a failed step: the session is exactly as when `snap` was taken."""
+        self.cache.restore(snap.cache)
+        self.generator.set_state(snap.rng_state)
+        self.frame_index = snap.frame_index
+        self.last_latent = snap.last_latent
 
     def window(self) -> list[int]:
         """Latent frame indices held in the KV cache (0 = anchor), oldest first."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +21,11 @@ from residency.commands import arg_types
 from residency.commands.actions import parse_actions
 from residency.commands.console import make_console
 from residency.errors import ResidencyError, UsageError
+
+if TYPE_CHECKING:  # planning loads the MILP solver: imported where a plan is made
+    from policies import PlanRequest
+    from residency.device import DeviceProfile
+    from residency.plan import Budget, Plan
 
 DEFAULT_ACTIONS = "right*4,down*4,left*4,up*4"
 GIF_FPS = 15.0  # playback rate of written GIFs when no --fps is given
@@ -231,22 +238,34 @@ def make_plan(model: Model, args, console, vram_bytes: int | None = None):
         vram = default_vram_bytes(profile.memory_usable_bytes, model.workload, console)
     req = PlanRequest(model.workload, profile, Budget(vram, frame_ms),
                       sensitivity=model.sensitivity, compute_dtype="fp32" if device_kind() == "cpu" else "bf16")
-    policy = get_policy("ours")
-    plan = policy(req)
-
-    def replan(budget_bytes: int):
-        return policy(dataclasses.replace(req, budget=Budget(budget_bytes, frame_ms)))
-
-    return plan, replan
+    replan = Replanner(get_policy("ours"), req)
+    return replan.policy(req), replan
 
 
-def attach(model: Model, plan, replan):
+@dataclass(frozen=True)
+class Replanner:
+    """The runtime's replan(budget, profile): the policy again, on the request the first plan came from."""
+
+    policy: Callable[[PlanRequest], Plan]
+    request: PlanRequest
+
+    @property
+    def profile(self) -> DeviceProfile:
+        """The profile the first plan was made for: the runtime re-plans with it."""
+        return self.request.profile
+
+    def __call__(self, budget: Budget, profile: DeviceProfile) -> Plan:
+        return self.policy(dataclasses.replace(self.request, budget=budget, profile=profile))
+
+
+def attach(model: Model, plan, replan: Replanner | None):
     """The runtime attached to the model, the pipeline cast to the plan's compute dtype first."""
     from residency.runtime import Runtime
     from residency.runtime.device_memory import TORCH_DTYPES
 
     model.pipe.to(TORCH_DTYPES[plan.blocks[0].compute_dtype])
-    return Runtime(plan, device_kind(), workload=model.workload, replan=replan).attach(model.pipe)
+    return Runtime(plan, device_kind(), workload=model.workload, replan=replan,
+                   profile=replan.profile if replan is not None else None).attach(model.pipe)
 
 
 def context_for(model: Model, plan):

@@ -1,11 +1,13 @@
 """The CPU backend: device memory is CPU memory the ledger accounts; the copy engine is a worker thread.
 
-Compute runs at max(1, cores − 1) intra-op threads so that the copy thread has a core, as a GPU has copy engines.
+Compute runs at max(1, cores − 1) intra-op threads so that the copy thread has a core, as a GPU has copy engines;
+torch's thread count is process-wide, so it is the caller's again once the last CPU backend stops.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -36,18 +38,45 @@ def execute_on_host(recipe: LoadRecipe) -> tuple[float, float, float]:
     return t0, t1, time.perf_counter()
 
 
+class _CallerThreads:
+    """torch's intra-op thread count is process-wide: the first backend to start saves the caller's and the
+    last to stop restores it (two runtimes attached at once would otherwise restore each other's count)."""
+
+    def __init__(self) -> None:
+        self.users, self.saved = 0, 0
+        self.lock = threading.Lock()
+
+    def hold(self) -> None:
+        """Before anything sets a count (the copy worker's set_num_threads reaches process-wide BLAS too)."""
+        with self.lock:
+            if self.users == 0:
+                self.saved = torch.get_num_threads()
+            self.users += 1
+
+    def give_back(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                torch.set_num_threads(self.saved)
+
+
+_CALLER_THREADS = _CallerThreads()
+
+
 class CpuBackend:
     name = "cpu"
     device = torch.device("cpu")
 
     def __init__(self, compute_threads: int | None = None):
         self.compute_threads = compute_threads or max(1, usable_cores() - 1)
-        self._saved_threads: int | None = None
+        self._holds_threads = False
         self._worker: CopyWorker | None = None
         self._inline_marks = np.zeros(3)
 
     def start(self) -> None:
-        self._saved_threads = torch.get_num_threads()
+        if not self._holds_threads:
+            _CALLER_THREADS.hold()
+            self._holds_threads = True
         # The copy worker needs the GIL only to publish a finished ticket; measured on tiny's streamed plan
         # (3 interleaved rounds), a 0.2 ms interpreter switch interval instead of the default 5 ms changed
         # neither ms/frame (48-53 vs 43-51) nor stalls (~3 ms), so the default is kept.
@@ -55,9 +84,14 @@ class CpuBackend:
         # 0.99x the longer of the two; with compute on both cores, 1.25x (ARCHITECTURE.md).
         # The copy thread runs its copies on one thread: OpenMP gives a new thread the default team size
         # (every core), whose spinning workers would take the compute thread's core.
-        self._worker = CopyWorker(lambda recipe, _ticket: execute_on_host(recipe), "residency-copy",
-                                  on_start=lambda: torch.set_num_threads(1))
-        self._worker.start()
+        try:
+            worker = CopyWorker(lambda recipe, _ticket: execute_on_host(recipe), "residency-copy",
+                                on_start=lambda: torch.set_num_threads(1))
+            worker.start()
+        except BaseException:  # no thread: the caller's count comes back now, not at a stop() never called
+            self.stop()
+            raise
+        self._worker = worker
         # After the worker's call: set_num_threads also sets process-wide BLAS threads, so compute's wins.
         torch.set_num_threads(self.compute_threads)
 
@@ -65,9 +99,9 @@ class CpuBackend:
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
-        if self._saved_threads is not None:
-            torch.set_num_threads(self._saved_threads)
-            self._saved_threads = None
+        if self._holds_threads:
+            _CALLER_THREADS.give_back()
+            self._holds_threads = False
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         return torch.empty(int(nbytes), dtype=torch.uint8)

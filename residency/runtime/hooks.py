@@ -1,11 +1,11 @@
-"""The hook contract (accelerate/diffusers style): init_hook, pre_forward, post_forward, detach_hook.
-
-Hooks are attached from outside on block modules and removed without a trace on detach.
+"""The hook contract (accelerate/diffusers style): init_hook, pre_forward, post_forward, detach_hook, and
+new_forward for a hook that must wrap the whole call. Attached from outside, removed without a trace on detach.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -28,6 +28,14 @@ class ModelHook:
     def detach_hook(self, module: nn.Module) -> None:
         pass
 
+    def new_forward(self, module: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """The whole call, for a hook that must wrap it (a retry). A hook that keeps this default gets the
+        plain pre/post wrapper; one that overrides it pays one method call more per call."""
+        self.pre_forward(module, args, kwargs)
+        output = forward(*args, **kwargs)
+        self.post_forward(module, output)
+        return output
+
 
 def add_hook(module: nn.Module, hook: ModelHook) -> None:
     """Wrap the module's forward (an instance attribute, as accelerate does): torch's forward-hook path
@@ -41,12 +49,17 @@ def add_hook(module: nn.Module, hook: ModelHook) -> None:
     had_own = "forward" in module.__dict__  # someone else's instance-level forward: restored as it was
     inner = module.forward
 
-    @functools.wraps(inner)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        hook.pre_forward(module, args, kwargs)
-        output = inner(*args, **kwargs)
-        hook.post_forward(module, output)
-        return output
+    if type(hook).new_forward is ModelHook.new_forward:
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hook.pre_forward(module, args, kwargs)
+            output = inner(*args, **kwargs)
+            hook.post_forward(module, output)
+            return output
+    else:
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return hook.new_forward(module, inner, args, kwargs)
 
     module.forward = forward
     setattr(module, _ATTR, (hook, forward, inner if had_own else None))

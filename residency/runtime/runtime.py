@@ -1,6 +1,7 @@
-"""Runtime(plan, backend).attach(pipeline): the pipeline runs under the plan until detach() restores it.
+"""Runtime(plan, backend, workload=…).attach(model): the model runs under the plan until detach() restores it.
 
-Owns the ledger and the host store across re-attaches; recovers a step from out-of-memory by re-planning.
+Owns the ledger and the host store across re-attaches; a call that runs out of device memory is re-planned
+and retried: a call of the model itself, or a session's step (restored first through its snapshot).
 """
 
 from __future__ import annotations
@@ -11,50 +12,87 @@ from typing import Any
 import torch
 from torch import nn
 
+from residency.device import DeviceProfile
 from residency.errors import ResidencyError
-from residency.plan import Plan
+from residency.plan import Budget, Plan
 from residency.runtime.backend import Backend, get_backend
+from residency.runtime.block_calls import BlockCalls, BlockHook, GroupHook
 from residency.runtime.device_memory import TORCH_DTYPES, DeviceMemory
 from residency.runtime.executor import Executor
-from residency.runtime.hooks import ModelHook, add_hook, check_removable, remove_hook
-from residency.runtime.host_store import HostStore, block_tensor
+from residency.runtime.hooks import ModelHook, add_hook, check_removable, has_hook, remove_hook
+from residency.runtime.host_store import HostStore
 from residency.runtime.ledger import DeviceBudgetExceeded, Ledger
-from residency.runtime.recovery import MAX_RECOVERIES, recovery_budget, restore, take_snapshot
+from residency.runtime.module_paths import block_modules, block_tensors
+from residency.runtime.recovery import MAX_RECOVERIES, RECOVERABLE, recovery_budget
 from residency.runtime.schedule import CallSchedule
+from residency.runtime.session_protocol import RecoverableSession
 from residency.telemetry.recorder import Recorder, TelemetrySnapshot
 from residency.workload import Workload
 
-ReplanFn = Callable[[int], Plan]  # budget bytes -> a plan for that budget
+ReplanFn = Callable[[Budget, DeviceProfile], Plan]  # the budget left and the device's profile -> a plan for them
 
 
-class _BlockHook(ModelHook):
-    def __init__(self, executor: Executor, name: str):
-        self.executor, self.name = executor, name
+class _RetryHook(ModelHook):
+    """On the model itself: one call of it is the unit a recovery retries."""
 
-    def pre_forward(self, module, args, kwargs) -> None:
-        self.executor.before(self.name)
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
 
-    def post_forward(self, module, output) -> None:
-        self.executor.after(self.name)
+    def new_forward(self, module, forward, args, kwargs):
+        return self.runtime._retry(self.runtime._model_call, (forward, args, kwargs), {})
 
 
 class Runtime:
+    """Executes `plan` on a model through hooks; `attach(model)`, run it as usual, `detach()`.
+
+    Attach finds every workload block's module(s) by path (`model.get_submodule`: the paths its BlockSpec
+    records, else its name; a `blocks()` method of the model's class overrides them) and hooks them
+    (residency.runtime.block_calls: a block of several sibling modules is one call; a block enclosing
+    the others, such as the model's own tensors, is not hooked and must be planned resident).
+    It also hooks the model's own forward, the unit of recovery: a call of the model that runs out of
+    device memory — torch's out-of-memory, or DeviceBudgetExceeded after `set_budget` cut the budget —
+    re-plans through `replan(budget, profile)`, re-attaches and calls the model again with the same
+    arguments. That retry is exact only for a forward without side effects beyond its output; a stateful
+    model runs through `step(session, action)`, which restores the session's snapshot (the
+    RecoverableSession protocol) before the retry, and calls inside a step are not retried one by one.
+    A call that does not go through the model (a submodule called directly) is not retried.
+
+    `profile` is the DeviceProfile the plan was made for (its fingerprint is checked); replan is called
+    with it, and a recalibrated profile may replace `runtime.profile` for later re-plans.
+
+    Threads (CPU backend): while attached, torch's intra-op thread count — process-wide, so every torch
+    op of the process runs on it — is `backend.compute_threads` (cores − 1, a core left to the copy
+    thread). Detach restores the count found at attach (with several runtimes attached at once, the
+    last detach restores the count found by the first attach); a count the caller sets while attached
+    is overwritten then. Not thread-safe: one thread drives the model.
+    """
+
     def __init__(self, plan: Plan, backend: str | Backend | None = "cpu", workload: Workload | None = None,
-                 replan: ReplanFn | None = None, host_budget_bytes: int | None = None, protect_kv: bool = True):
+                 replan: ReplanFn | None = None, profile: DeviceProfile | None = None,
+                 host_budget_bytes: int | None = None, protect_kv: bool = True):
         if workload is None:
             raise ResidencyError("the runtime needs the workload the plan was made for",
                                  hint="pass workload=… (e.g. the catalog entry of the pipeline's config)")
         plan.check_matches(workload, f"workload {workload.name!r}")
-        self.plan, self.workload, self.replan = plan, workload, replan
+        if replan is not None:
+            if profile is None:
+                raise ResidencyError("a replan callable needs the profile the plan was made for",
+                                     hint="pass profile=…: the runtime calls replan(budget, profile)")
+            _check_profile(plan, profile)
+        self.plan, self.workload, self.replan, self.profile = plan, workload, replan, profile
         self.backend = get_backend(backend)
         self.ledger = Ledger(plan.budget.vram_bytes)
         self.host_budget_bytes = host_budget_bytes
-        self.protect_kv = protect_kv
+        self.protect_kv = protect_kv  # the session's snapshot copies the KV slot a step overwrites
         self.recoveries: list[tuple[str, int]] = []  # (cause, new budget bytes) per recovery
         self.recorder = Recorder([bp.name for bp in plan.blocks], plan.prediction)
         self.pipeline: nn.Module | None = None
         self._executor: Executor | None = None
+        self._calls: BlockCalls | None = None
         self._memory: DeviceMemory | None = None
+        self._hooked: list[nn.Module] = []  # block modules carrying a hook
+        self._root: nn.Module | None = None  # the model, carrying the retry hook
+        self._retrying = False  # a unit of retry is running: calls inside it are not retried on their own
         self._originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]] = {}
         self._buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
         self.store: HostStore | None = None
@@ -63,21 +101,33 @@ class Runtime:
     def attach(self, pipeline: nn.Module) -> Runtime:
         if self.pipeline is not None:
             raise ResidencyError("this runtime is already attached", hint="detach() it first")
-        self._attach(pipeline, self.plan)
+        if has_hook(pipeline):
+            raise ResidencyError("the model is attached to another runtime", hint="detach() that one first")
+        with torch.inference_mode(False):  # device memory must be plain tensors: the copy thread writes them
+            self._attach(pipeline, self.plan)
+        try:
+            add_hook(pipeline, _RetryHook(self))
+        except BaseException:
+            self._detach_blocks()
+            raise
+        self._root = pipeline
         return self
-
-    def _modules(self, pipeline: nn.Module) -> dict[str, nn.Module]:
-        blocks = pipeline.blocks()
-        names = [n for n, _, _ in blocks]
-        if names != [b.name for b in self.workload.blocks]:
-            raise ResidencyError(f"the pipeline's blocks do not match workload {self.workload.name!r}",
-                                 hint="build the workload from this pipeline's config")
-        return {n: m for n, m, _ in blocks}
 
     def _attach(self, pipeline: nn.Module, plan: Plan) -> None:
         plan.check_matches(self.workload, f"workload {self.workload.name!r}")
-        modules = self._modules(pipeline)
-        tensors = {b.name: tuple(block_tensor(modules[b.name], n) for n, _ in b.tensors) for b in self.workload.blocks}
+        found, enclosing = block_modules(pipeline, self.workload)
+        for name in enclosing:
+            bp = plan.by_name[name]
+            if (bp.placement, bp.lifetime) != ("resident", "session"):
+                raise ResidencyError(
+                    f"block {name} encloses other blocks (the model's own tensors, read all through its call); "
+                    f"the plan makes it {bp.placement} for the {bp.lifetime}",
+                    hint="plan it resident for the session: it stays bound while the blocks inside it run")
+        modules = {n: mods for n, mods in found.items() if n not in enclosing}
+        hooked = [m for mods in modules.values() for m in mods]
+        if any(has_hook(m) for m in hooked):
+            raise ResidencyError("the model's blocks are attached to another runtime", hint="detach() that one first")
+        tensors = block_tensors(pipeline, self.workload, found)
         for bp in plan.blocks:
             for t in tensors[bp.name]:
                 if t.dtype != TORCH_DTYPES[bp.compute_dtype]:
@@ -95,7 +145,8 @@ class Runtime:
         device_in_ram = 0
         if on_cpu:
             device_in_ram = plan.prediction.peak_total_bytes if plan.prediction else self.ledger.budget_bytes
-        self.store.build([(bp.name, modules[bp.name], self.workload.by_name[bp.name], bp.format,
+        # The host store caches a block's blob on its (first) module.
+        self.store.build([(bp.name, found[bp.name][0], self.workload.by_name[bp.name], bp.format,
                            {n: t.detach() for (n, _), t in zip(self.workload.by_name[bp.name].tensors,
                                                             tensors[bp.name], strict=True)})
                           for bp in plan.blocks],
@@ -117,15 +168,17 @@ class Runtime:
             self.backend.stop()
             raise
         self._originals, self._memory, self._executor = originals, memory, executor
-        self.plan, self.pipeline = plan, pipeline
+        self.plan, self.pipeline, self._hooked = plan, pipeline, hooked
         if not on_cpu:
-            self._move_buffers(modules)
-        for name, module in modules.items():
-            add_hook(module, _BlockHook(executor, name))
+            self._move_buffers(hooked)
+        self._calls = calls = BlockCalls(executor, enclosing)
+        for name, mods in modules.items():
+            for module in mods:
+                add_hook(module, BlockHook(calls, name) if len(mods) == 1 else GroupHook(calls, name))
 
-    def _move_buffers(self, modules: dict[str, nn.Module]) -> None:
+    def _move_buffers(self, modules: list[nn.Module]) -> None:
         """Buffers the workload does not list (non-persistent, e.g. position tables) follow to the device."""
-        for module in modules.values():
+        for module in modules:
             for sub in module.modules():
                 for key, buf in list(sub._buffers.items()):
                     if buf is not None and buf.device != self.backend.device:
@@ -135,16 +188,29 @@ class Runtime:
                         sub._buffers[key] = moved
 
     def detach(self) -> None:
-        """Restore the pipeline exactly: original weight storages, devices, no hook left."""
+        """Restore the model exactly: original weight storages, devices, no hook left."""
         if self.pipeline is None:
             return
-        modules = self._modules(self.pipeline).values()
-        for module in modules:  # before anything changes: a detach that cannot finish changes nothing
+        for module in (*self._hooked, self._root):  # before anything changes: a detach that cannot finish
+            if module is not None:                  # changes nothing
+                check_removable(module)
+        self._remove_retry_hook()
+        self._detach_blocks()
+
+    def _remove_retry_hook(self) -> None:
+        if self._root is not None:
+            remove_hook(self._root)
+            self._root = None
+
+    def _detach_blocks(self) -> None:
+        for module in self._hooked:
             check_removable(module)
+        self._calls.discard()  # a call still open here failed (a completed one was closed)
         self._executor.close_frame()
         self._executor.stop()
-        for module in modules:
+        for module in self._hooked:
             remove_hook(module)
+        self._hooked = []
         for pairs in self._originals.values():
             for t, data in pairs:
                 t.data = data
@@ -156,16 +222,17 @@ class Runtime:
         self._originals = {}
         self._memory.release()
         self.backend.stop()
-        self.pipeline, self._executor, self._memory = None, None, None
+        self.pipeline, self._executor, self._calls, self._memory = None, None, None, None
 
     # --- running ---
     def set_budget(self, budget_bytes: int) -> None:
-        """Another program took (or returned) device memory; a cut below use triggers recovery in step()."""
+        """Another program took (or returned) device memory; a cut below use triggers a recovery at the
+        next block call (or step)."""
         self.ledger.set_budget(budget_bytes)
 
-    def _account_kv(self, session) -> None:
+    def _account_kv(self, session: RecoverableSession) -> None:
         """Hold the session's real KV bytes instead of the workload's figure (a different dtype or window)."""
-        nbytes = session.cache.nbytes
+        nbytes = session.kv_cache_bytes
         held = self._memory.reserved["kv_cache"]
         if nbytes != held:
             self.ledger.release("kv_cache", held)
@@ -173,35 +240,77 @@ class Runtime:
             self.ledger.reserve("kv_cache", nbytes, "the session's KV cache")
             self._memory.reserved["kv_cache"] = nbytes
 
-    def step(self, session, action: Any):
-        """session.step(action), recovering from out-of-memory: restore, re-plan, re-attach, retry."""
+    def step(self, session: RecoverableSession, action: Any):
+        """session.step(action), recovering from out-of-memory: restore, re-plan, re-attach, retry.
+
+        Cost: the session's snapshot per step (the world model's: one KV slot when the window is full)."""
         if self.pipeline is None:
             raise ResidencyError("the runtime is not attached", hint="attach(pipeline) first")
-        snap = take_snapshot(session, self.protect_kv)
-        for attempt in range(MAX_RECOVERIES + 1):
-            try:
-                self._account_kv(session)
-                self.ledger.check()
-                return session.step(action)
-            except (torch.OutOfMemoryError, DeviceBudgetExceeded) as e:
-                restore(session, snap)
-                if self.replan is None or attempt == MAX_RECOVERIES:
-                    raise
-                self._recover(e)
+        snap = session.snapshot(self.protect_kv)
+        return self._retry(self._step_once, (session, action), {}, lambda: session.restore(snap))
+
+    def _step_once(self, session: RecoverableSession, action: Any):
+        self._account_kv(session)
+        self.ledger.check()
+        return self._closing(session.step, (action,), {})
+
+    def _model_call(self, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if self._calls is not None:
+            self._calls.start()
+        return self._closing(forward, args, kwargs)
+
+    def _closing(self, call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """call(*args, **kwargs), then the last block call still open ends with it."""
+        try:
+            out = call(*args, **kwargs)
+        except BaseException:
+            if self._calls is not None:
+                self._calls.discard()
+            raise
+        if self._calls is not None:  # None: detached during the call
+            self._calls.close()
+        return out
+
+    def _retry(self, call: Callable[..., Any], args: tuple, kwargs: dict,
+               undo: Callable[[], None] | None = None) -> Any:
+        """call(*args, **kwargs); after an out-of-memory: undo(), re-plan, re-attach and call again."""
+        if self._retrying:  # inside a step or an outer call of the model: that one is retried whole
+            return call(*args, **kwargs)
+        self._retrying = True
+        try:
+            for attempt in range(MAX_RECOVERIES + 1):
+                try:
+                    return call(*args, **kwargs)
+                except RECOVERABLE as e:
+                    if undo is not None:
+                        undo()
+                    if self.replan is None or attempt == MAX_RECOVERIES:
+                        raise
+                    self._recover(e)
+        finally:
+            self._retrying = False
         raise AssertionError("unreachable")
 
     def _recover(self, cause: BaseException) -> None:
         budget = recovery_budget(cause, self.ledger.budget_bytes, self.ledger.total_bytes, self.backend.device)
         pipeline = self.pipeline
-        self.detach()
+        self._detach_blocks()
         self.ledger.set_budget(budget)
-        plan = self.replan(budget)
         try:
-            self._attach(pipeline, plan)
+            plan = self.replan(Budget(budget, self.plan.budget.frame_ms), self.profile)
+            _check_profile(plan, self.profile)
+            # A retried call of the model may run under inference_mode; tensors made in it are read-only
+            # outside it, and the copy thread writes the new slots outside it.
+            with torch.inference_mode(False):
+                self._attach(pipeline, plan)
         except DeviceBudgetExceeded as e:
+            self._remove_retry_hook()  # the model is left plain, as detach() leaves it
             raise DeviceBudgetExceeded(f"no plan fits the device memory left ({budget} bytes): {e.message}",
                                        hint="free device memory, or use smaller formats / fewer context frames"
                                        ) from cause
+        except BaseException:
+            self._remove_retry_hook()
+            raise
         self.recoveries.append((type(cause).__name__, budget))
 
     # --- observation ---
@@ -213,3 +322,11 @@ class Runtime:
     def executor_stats(self) -> dict[str, int]:
         e = self._executor
         return {"resyncs": e.resyncs, "out_of_schedule_calls": e.out_of_schedule_calls} if e else {}
+
+
+def _check_profile(plan: Plan, profile: DeviceProfile) -> None:
+    if plan.profile_fingerprint != profile.fingerprint():
+        raise ResidencyError(f"the plan was made for profile {plan.profile!r} (fingerprint {plan.profile_fingerprint}), "
+                             f"not for {profile.name!r} (fingerprint {profile.fingerprint()})",
+                             hint="re-planning needs the profile the plans are made for: replan(budget, profile) "
+                             "must plan with the profile it is given")

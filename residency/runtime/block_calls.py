@@ -1,0 +1,77 @@
+"""The hooks on block modules: each turns the calls of its block's module(s) into executor calls.
+
+A block that encloses others (the model's own tensors) is not hooked: its call is taken when the model's
+call begins, and it stays bound throughout, the plan keeping it resident.
+
+A block of one module is one executor call per call of the module. A block of several modules (siblings
+the workload groups) is one call from the first of its modules to run until another block starts or the
+call of the model ends — as residency.workload.from_module counts it — so its weights stay in their slot
+while each member computes (closing after one member would let the next prefetch overwrite that slot).
+"""
+
+from __future__ import annotations
+
+from residency.runtime.executor import Executor
+from residency.runtime.hooks import ModelHook
+
+
+class BlockCalls:
+    """The call of a several-module block still open, shared by every block hook of one attach; and the
+    blocks that enclose the others (not hooked), called when the model's call begins."""
+
+    def __init__(self, executor: Executor, enclosing: tuple[str, ...] = ()):
+        self.executor = executor
+        self.enclosing = enclosing  # session-resident: bound for the whole call, a call only keeps the schedule
+        self.open: str | None = None  # a several-module block whose call has not ended yet
+
+    def start(self) -> None:
+        """The model's call begins: each enclosing block takes its place in the schedule (the workload
+        lists it first: from_module's loose block opens the first pass)."""
+        if self.open is not None:
+            self.close()
+        for name in self.enclosing:
+            self.executor.before(name)
+            self.executor.after(name)
+
+    def close(self) -> None:
+        """The call of the model (or the session's step) returned: end the open call."""
+        if self.open is not None:
+            name, self.open = self.open, None
+            self.executor.after(name)
+
+    def discard(self) -> None:
+        """The call failed: the executor's record of the open call is not to be trusted; drop it."""
+        self.open = None
+
+
+class BlockHook(ModelHook):
+    """On the one module of a block. Cost per call: one attribute test more than the executor's own."""
+
+    def __init__(self, calls: BlockCalls, name: str):
+        self.calls, self.executor, self.name = calls, calls.executor, name
+
+    def pre_forward(self, module, args, kwargs) -> None:
+        if self.calls.open is not None:
+            self.calls.close()
+        self.executor.before(self.name)
+
+    def post_forward(self, module, output) -> None:
+        self.executor.after(self.name)
+
+
+class GroupHook(ModelHook):
+    """On each module of a several-module block: consecutive calls of its members are one call."""
+
+    def __init__(self, calls: BlockCalls, name: str):
+        self.calls, self.name = calls, name
+
+    def pre_forward(self, module, args, kwargs) -> None:
+        calls = self.calls
+        if calls.open == self.name:  # the next member of the call in progress
+            return
+        if calls.open is not None:
+            calls.close()
+        calls.executor.before(self.name)
+
+    def post_forward(self, module, output) -> None:
+        self.calls.open = self.name

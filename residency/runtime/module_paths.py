@@ -1,0 +1,113 @@
+"""Where each workload block lives in a model: its module(s) by path, and its tensors.
+
+A block's paths are the `modules` its BlockSpec records, else its name (`model.get_submodule(path)`); a
+model's `blocks()` method, where its class defines one, overrides both.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from residency.errors import ResidencyError
+from residency.runtime.host_store import block_tensor
+from residency.workload import BlockSpec, Workload
+
+
+def block_paths(spec: BlockSpec) -> tuple[str, ...]:
+    """The module paths a block owns: BlockSpec.modules where the workload records them, else its name."""
+    return spec.modules or (spec.name,)
+
+
+def common_module(paths: tuple[str, ...]) -> str:
+    """The path a block's tensor names are relative to: its module, or its modules' deepest common parent
+    ("" for the model itself), as residency.workload.from_module names them."""
+    if len(paths) == 1:
+        return paths[0]
+    common = []
+    for level in zip(*(p.split(".") for p in paths), strict=False):  # up to the shortest path
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def block_modules(model: nn.Module, workload: Workload) -> tuple[dict[str, tuple[nn.Module, ...]], tuple[str, ...]]:
+    """Every block's modules in workload order, and the blocks that enclose others.
+
+    A block enclosing others owns the model itself or a module holding other blocks (the loose tensors of
+    residency.workload.from_module: the root's own parameters, rope buffers): its tensors are read all
+    through the model's call, so it is not hooked. The others are disjoint sub-trees: the executor follows
+    one block call at a time."""
+    listed = getattr(type(model), "blocks", None)
+    if inspect.isfunction(listed):  # a method; a ModuleList named `blocks` is a path like any other
+        names = [n for n, _, _ in model.blocks()]
+        if names != [b.name for b in workload.blocks]:
+            raise ResidencyError(f"the model's blocks() do not match workload {workload.name!r}",
+                                 hint="build the workload from this model's config")
+        found = {n: (m,) for n, m, _ in model.blocks()}
+    else:
+        found = {b.name: tuple(_submodule(model, b.name, path) for path in block_paths(b)) for b in workload.blocks}
+    enclosing = _enclosing(model, found)
+    _check_disjoint({n: mods for n, mods in found.items() if n not in enclosing})
+    return found, enclosing
+
+
+def block_tensors(model: nn.Module, workload: Workload,
+                  modules: dict[str, tuple[nn.Module, ...]]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Each block's parameters and persistent buffers in BlockSpec.tensors order. Tensor names are relative
+    to the block's module, or for a block of several modules to their common parent (common_module)."""
+    out = {}
+    for b in workload.blocks:
+        mods = modules[b.name]
+        if len(mods) == 1:
+            out[b.name] = tuple(block_tensor(mods[0], n) for n, _ in b.tensors)
+            continue
+        paths = block_paths(b)
+        base = common_module(paths)
+        full = [f"{base}.{n}" if base else n for n, _ in b.tensors]
+        for n, path in zip((n for n, _ in b.tensors), full, strict=True):
+            if not any(p == "" or path.startswith(p + ".") for p in paths):
+                raise ResidencyError(f"block {b.name}: tensor {n!r} ({path}) lies under none of its modules "
+                                     f"({', '.join(paths)})",
+                                     hint="a block of several modules names its tensors from their common parent")
+        out[b.name] = tuple(block_tensor(model, path) for path in full)
+    return out
+
+
+def _submodule(model: nn.Module, block: str, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        children = ", ".join(n for n, _ in model.named_children()) or "none"
+        raise ResidencyError(
+            f"block {block}: {type(model).__name__} has no module at path {path!r} "
+            f"(its top-level modules: {children})",
+            hint="build the workload from this model (block names are module paths), "
+            "or give the model's class a blocks() method") from None
+
+
+def _enclosing(model: nn.Module, found: dict[str, tuple[nn.Module, ...]]) -> tuple[str, ...]:
+    inside = {id(m) for name, mods in found.items() for m in mods}
+    out = []
+    for name, mods in found.items():
+        own = {id(m) for m in mods}
+        if any(m is model for m in mods) or any(id(sub) in inside - own for m in mods for sub in m.modules()):
+            out.append(name)
+    if len(out) == len(found):
+        raise ResidencyError("every block of the workload encloses another (or is the whole model)",
+                             hint="describe the model as several blocks below it (its repeated layers, head, …)")
+    return tuple(out)
+
+
+def _check_disjoint(found: dict[str, tuple[nn.Module, ...]]) -> None:
+    owner = {id(m): name for name, mods in found.items() for m in mods}
+    for name, mods in found.items():
+        for m in mods:
+            for sub in m.modules():  # once per attach: O(modules)
+                other = owner.get(id(sub), name)
+                if other != name:
+                    raise ResidencyError(f"blocks {name} and {other} share module {type(sub).__name__}",
+                                         hint="blocks must be disjoint: the runtime hooks one block call at a time")
