@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,36 +151,22 @@ def device_kind() -> str:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "residency"
+    from residency.device.auto_profile import cache_dir as profile_cache_dir
+
+    return profile_cache_dir()
 
 
 def cached_profile_path(kind: str) -> Path:
-    """Named by the measurement method's version: an upgrade that measures differently measures again."""
-    from residency.device.measure import MEASUREMENT_VERSION
+    from residency.device import cached_profile_path as machine_profile_path
 
-    return cache_dir() / f"profile-{kind}-m{MEASUREMENT_VERSION}.json"
+    return machine_profile_path(kind)
 
 
 def cached_profile(kind: str, console):
-    """This machine's profile: read from the cache, or measured in quick mode (~25 s on 2 cores) and cached."""
-    from residency.device import load_profile, measure_profile, save_profile
+    """This machine's profile (residency.device.machine_profile), its notes on the console."""
+    import residency.device as device  # measure_profile looked up at call time: tests stand in for it
 
-    path = cached_profile_path(kind)
-    if userpath.path_kind(path)[0] == userpath.FILE:  # XDG_CACHE_HOME may name anything
-        try:
-            return load_profile(path)
-        except ResidencyError as e:  # a damaged cache costs a re-measure, not the run
-            console.print(f"[yellow]the cached profile is unreadable ({e.message}); measuring again[/yellow]")
-    console.print(f"measuring this machine's {kind} profile once (quick mode, ~25 s); cached in {path}")
-    profile = measure_profile("cuda:0" if kind == "cuda" else "cpu", quick=True,
-                              source=f"residency (cached profile, quick) on {kind}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_profile(profile, path)
-    except (OSError, ResidencyError) as e:  # a read-only home only costs a re-measure next time
-        console.print(f"[yellow]could not cache the profile ({e}); it will be measured again next time[/yellow]")
-    return profile
+    return device.machine_profile(kind, say=console.print, measure=device.measure_profile)
 
 
 def frame_budget_ms(fps: float | None, video_frames_per_latent: int) -> float | None:

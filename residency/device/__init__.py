@@ -1,8 +1,10 @@
 """Device profiles: the planner's picture of one machine, loaded from JSON or measured here.
 
-`load_profile("rx-7800-xt")` reads a shipped datasheet profile; `measure_profile("cpu", quick=True)` measures.
+`load_profile("rx-7800-xt")` reads a shipped datasheet profile; `measure_profile("cpu", quick=True)` measures;
+`machine_profile()` is this machine's, measured once and cached.
 """
 
+from residency.device.auto_profile import cached_profile_path, machine_profile
 from residency.device.measure import default_device, measure_profile
 from residency.device.profile import (
     BACKENDS,
@@ -33,8 +35,10 @@ __all__ = [
     "Curve",
     "DeviceProfile",
     "Provenance",
+    "cached_profile_path",
     "default_device",
     "load_profile",
+    "machine_profile",
     "measure_profile",
     "profile_from_dict",
     "profile_to_dict",

@@ -39,11 +39,13 @@ class _RetryHook(ModelHook):
         self.runtime = runtime
 
     def new_forward(self, module, forward, args, kwargs):
+        if self.runtime.call_check is not None:
+            self.runtime.call_check(args, kwargs)
         return self.runtime._retry(self.runtime._model_call, (forward, args, kwargs), {})
 
 
 class Runtime:
-    """Executes `plan` on a model through hooks; `attach(model)`, run it as usual, `detach()`.
+    """Executes `plan` on a model through hooks; `attach(model)`, run it as usual, `detach()` (or leave a `with`).
 
     Attach finds every workload block's module(s) by path (`model.get_submodule`: the paths its BlockSpec
     records, else its name; a `blocks()` method of the model's class overrides them) and hooks them
@@ -96,6 +98,15 @@ class Runtime:
         self._originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]] = {}
         self._buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
         self.store: HostStore | None = None
+        # Called with each call's (args, kwargs) before the model runs: it may refuse a call the plan was
+        # not made for (residency.attach refuses inputs of other shapes than the workload's example).
+        self.call_check: Callable[[tuple, dict], None] | None = None
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
 
     # --- attach / detach ---
     def attach(self, pipeline: nn.Module) -> Runtime:

@@ -1,0 +1,66 @@
+"""This machine's profile: measured once (quick mode) and cached, read from the cache after that.
+
+What `profile="auto"` means for `residency.attach` and what `run`/`play`/`demo` use without `--profile`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from residency import userpath
+from residency.device.measure import MEASUREMENT_VERSION, measure_profile
+from residency.device.profile import DeviceProfile
+from residency.device.profile_io import load_profile, save_profile
+from residency.errors import ResidencyError
+
+KINDS = ("cpu", "cuda")  # a cached profile per kind of device
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def cache_dir() -> Path:
+    """$XDG_CACHE_HOME/residency, else ~/.cache/residency."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "residency"
+
+
+def cached_profile_path(kind: str) -> Path:
+    """Named by the measurement method's version: an upgrade that measures differently measures again."""
+    return cache_dir() / f"profile-{kind}-m{MEASUREMENT_VERSION}.json"
+
+
+def device_kind() -> str:
+    """'cuda' when torch sees a CUDA or ROCm GPU, else 'cpu'."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def machine_profile(kind: str | None = None, *, say: Callable[[str], None] = _to_stderr,
+                    measure: Callable[..., DeviceProfile] = measure_profile) -> DeviceProfile:
+    """This machine's `kind` ('cpu' or 'cuda'; None: the GPU if there is one) profile: read from the cache,
+    or measured in quick mode by `measure` (~25 s on 2 cores) and cached. `say` gets one line before a
+    measurement and one for a damaged or unwritable cache (default: stderr)."""
+    kind = kind or device_kind()
+    if kind not in KINDS:
+        raise ResidencyError(f"machine profile kind {kind!r}", hint="one of: " + ", ".join(KINDS))
+    path = cached_profile_path(kind)
+    if userpath.path_kind(path)[0] == userpath.FILE:  # XDG_CACHE_HOME may name anything
+        try:
+            return load_profile(path)
+        except ResidencyError as e:  # a damaged cache costs a re-measure, not the run
+            say(f"the cached profile is unreadable ({e.message}); measuring again")
+    say(f"measuring this machine's {kind} profile once (quick mode, ~25 s); cached in {path}")
+    profile = measure("cuda:0" if kind == "cuda" else "cpu", quick=True,
+                      source=f"residency (cached profile, quick) on {kind}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_profile(profile, path)
+    except (OSError, ResidencyError) as e:  # a read-only home only costs a re-measure next time
+        say(f"could not cache the profile ({e}); it will be measured again next time")
+    return profile

@@ -1,0 +1,185 @@
+"""`residency.attach(model, vram=…)`: the workload, the profile, the plan and the attached Runtime in one call.
+
+For a diffusers or transformers model, any nn.Module (its workload from one counted forward of its example
+inputs), our WorldModelPipeline (its catalog entry) and a diffusers pipeline (residency.attach_pipeline).
+The long form — workload, PlanRequest, policy, Runtime — stays there for those who want a step of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from policies import PlanRequest, fits_memory, get_policy
+from residency.device import DeviceProfile, machine_profile, resolve_profile
+from residency.errors import ResidencyError
+from residency.front_door.examples import derived_example, is_instance_of
+from residency.front_door.foreign_hooks import refuse_foreign_hooks, refuse_pipeline_hooks
+from residency.front_door.shape_guard import ShapeGuard
+from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, vram_bytes
+from residency.plan import Budget, Plan, load_plan
+from residency.runtime import Runtime
+from residency.units import fmt_bytes
+from residency.workload import Workload, module_workload, workload_from_dict
+
+_COMPUTE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class Replanner:
+    """The runtime's replan(budget, profile): the policy again, on the request the first plan came from."""
+
+    policy: Callable[[PlanRequest], Plan]
+    request: PlanRequest
+
+    def __call__(self, budget: Budget, profile: DeviceProfile) -> Plan:
+        return self.policy(dataclasses.replace(self.request, budget=budget, profile=profile))
+
+
+def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, frame_ms: float | None = None,
+           profile: str | os.PathLike[str] | DeviceProfile = "auto", backend: str = "auto", policy: str = "ours",
+           example_inputs: Any = None, plan: Plan | str | os.PathLike[str] | None = None) -> Runtime:
+    """Plan `target` for this machine and attach a Runtime to it; leaving the runtime (`with` or detach())
+    restores the model bit for bit.
+
+    vram: bytes, a size ("12GiB") or a share of the weights at the model's compute dtype ("50%"); None:
+    the profile's usable memory. fps (video frames per second) or frame_ms (ms per latent frame, for a
+    plain model: per forward call): a time budget; neither: the fastest plan that fits. profile: "auto"
+    (this machine's, measured once and cached: residency.device.machine_profile), a shipped name, a
+    path or a DeviceProfile. backend: "auto" (the GPU if torch sees one), "cpu" or "cuda". example_inputs:
+    one call's inputs (a tensor, a tuple, or a dict of keyword inputs) at the shapes you will run —
+    required for a plain nn.Module; calls at other shapes are refused. plan: a Plan (or its JSON path)
+    to run instead of planning; it must be made for this model's workload.
+
+    Weights must be on the CPU in one dtype (fp32, fp16 or bf16): it is the plan's compute dtype.
+    A diffusers pipeline is attached whole by residency.attach_pipeline (its runtime, a context manager too).
+    """
+    if is_instance_of(target, "diffusers", "DiffusionPipeline"):
+        return _attach_pipeline(target, vram=vram, fps=fps, frame_ms=frame_ms, profile=profile, backend=backend,
+                                policy=policy, example_inputs=example_inputs, plan=plan)
+    if not isinstance(target, nn.Module):
+        raise ResidencyError(f"residency.attach got a {type(target).__name__}, not a model",
+                             hint="pass a torch nn.Module (a diffusers or transformers model, any module), "
+                                  "a diffusers pipeline or a WorldModelPipeline")
+    refuse_foreign_hooks(target, type(target).__name__)
+    backend_name = _backend_name(backend)
+    prof = _profile(profile, backend_name)
+    dtype = _compute_dtype(target)
+    workload, guard = _workload(target, example_inputs, dtype)
+    budget = Budget(vram_bytes(vram, workload.nbytes(COMPUTE_FORMAT[dtype]), prof.memory_usable_bytes),
+                    _frame_ms(fps, frame_ms, workload))
+    replan = Replanner(get_policy(policy), PlanRequest(workload, prof, budget, compute_dtype=dtype))
+    chosen = _given_plan(plan, workload) if plan is not None else _planned(replan, budget, prof)
+    if chosen.profile_fingerprint != prof.fingerprint():
+        replan = None  # a plan made for another profile runs as given; recovery needs plans for one profile
+    runtime = Runtime(chosen, backend_name, workload=workload, replan=replan,
+                      profile=prof if replan is not None else None)
+    runtime.call_check = guard
+    return runtime.attach(target)
+
+
+def _attach_pipeline(pipe: Any, **options: Any) -> Any:
+    components = {k: v for k, v in pipe.components.items() if isinstance(v, nn.Module)}
+    refuse_pipeline_hooks(pipe, components)
+    if options.pop("example_inputs") is not None:
+        raise ResidencyError(f"example_inputs for the pipeline {type(pipe).__name__}",
+                             hint="a pipeline supplies its components' inputs itself: leave example_inputs out")
+    try:
+        from residency.attach_pipeline import attach_pipeline
+    except ModuleNotFoundError as e:
+        if e.name != "residency.attach_pipeline":
+            raise
+        raise ResidencyError(f"residency cannot attach a whole {type(pipe).__name__} yet",
+                             hint="attach each component, e.g. residency.attach(pipe.transformer, vram=…, "
+                                  "example_inputs=…)") from None
+    backend_name = _backend_name(options.pop("backend"))
+    return attach_pipeline(pipe, backend=backend_name, **{**options, "profile": _profile(options["profile"],
+                                                                                        backend_name)})
+
+
+def _backend_name(backend: str) -> str:
+    if backend == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if backend not in ("cpu", "cuda", "rocm", "gpu"):
+        raise ResidencyError(f"backend={backend!r}", hint="one of: auto, cpu, cuda (ROCm GPUs too)")
+    return backend
+
+
+def _profile(profile: str | os.PathLike[str] | DeviceProfile, backend: str) -> DeviceProfile:
+    if isinstance(profile, str) and profile == "auto":
+        return machine_profile("cpu" if backend == "cpu" else "cuda")
+    return resolve_profile(profile)
+
+
+def _compute_dtype(model: nn.Module) -> str:
+    found = {t.dtype for t in model.parameters() if t.is_floating_point()}
+    if not found:
+        raise ResidencyError(f"{type(model).__name__} has no floating-point parameters",
+                             hint="residency places weights; attach a model that has them")
+    if len(found) > 1 or next(iter(found)) not in _COMPUTE_DTYPES:
+        shown = ", ".join(sorted(str(d).removeprefix("torch.") for d in found))
+        raise ResidencyError(f"{type(model).__name__} holds parameters in {shown}; the runtime computes each "
+                             "block in one dtype", hint="cast the model first, e.g. model.to(torch.bfloat16) "
+                                                        "(or torch.float32 on the CPU)")
+    return _COMPUTE_DTYPES[next(iter(found))]
+
+
+def _workload(model: nn.Module, example_inputs: Any, dtype: str) -> tuple[Workload, ShapeGuard | None]:
+    """The model's workload and, for a forward built at the example's shapes, the guard of those shapes."""
+    if is_instance_of(model, "pipelines.world_model", "WorldModelPipeline"):
+        from pipelines.world_model.workload import catalog_entry
+
+        return workload_from_dict(catalog_entry(model.config)), None
+    example = example_inputs if example_inputs is not None else derived_example(model)
+    label = type(model).__name__
+    workload = module_workload(model, example, name=label, compute_dtype=dtype).workload
+    args, kwargs = _split(example)
+    return workload, ShapeGuard.for_example(model, label, args, kwargs)
+
+
+def _split(example: Any) -> tuple[tuple, dict[str, Any]]:
+    if isinstance(example, torch.Tensor):
+        return (example,), {}
+    if isinstance(example, Mapping):
+        return (), dict(example)
+    return tuple(example), {}
+
+
+def _frame_ms(fps: float | None, frame_ms: float | None, workload: Workload) -> float | None:
+    if fps is not None and frame_ms is not None:
+        raise ResidencyError(f"both fps={fps} and frame_ms={frame_ms}", hint="give one time budget, or neither")
+    if fps is not None:
+        if not fps > 0:
+            raise ResidencyError(f"fps={fps} must be positive", hint="e.g. fps=15")
+        return 1000.0 * workload.video_frames_per_latent / fps
+    if frame_ms is not None and not frame_ms > 0:
+        raise ResidencyError(f"frame_ms={frame_ms} must be positive", hint="e.g. frame_ms=50")
+    return frame_ms
+
+
+def _planned(replan: Replanner, budget: Budget, profile: DeviceProfile) -> Plan:
+    plan = replan(budget, profile)
+    if not fits_memory(plan):
+        w = replan.request.workload
+        fmt = COMPUTE_FORMAT[replan.request.compute_dtype]
+        largest = max(w.blocks, key=lambda b: b.nbytes(fmt))
+        need = plan.prediction.peak_total_bytes if plan.prediction else None
+        raise ResidencyError(f"no plan of {w.name} fits vram={budget.vram_bytes} bytes "
+                             f"({fmt_bytes(budget.vram_bytes)}) on profile {profile.name!r}"
+                             + (f": the smallest plan found needs {fmt_bytes(need)}" if need is not None else ""),
+                             hint=f"give a larger vram= (its largest block, {largest.name}, is "
+                                  f"{fmt_bytes(largest.nbytes(fmt))} in {fmt}: a streamed block needs a slot "
+                                  "for it and one for the next), or a model of more, smaller blocks")
+    return plan
+
+
+def _given_plan(plan: Plan | str | os.PathLike[str], workload: Workload) -> Plan:
+    chosen = plan if isinstance(plan, Plan) else load_plan(plan)
+    chosen.check_matches(workload, f"model {workload.name}")
+    return chosen

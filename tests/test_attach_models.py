@@ -1,0 +1,239 @@
+"""residency.attach on library models and a plain module, each under half its weight bytes: outputs as the
+plain model's (bit-exact where the plan keeps F32), the ledger within the budget, the model restored after."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+# No importorskip: `./dev test` installs the `catalog` extra, and these tests must run wherever CI does.
+from diffusers import FluxTransformer2DModel, UNet2DConditionModel, WanTransformer3DModel
+from sim_helpers import flat_profile
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5EncoderModel
+
+import residency
+from residency.errors import ResidencyError
+from residency.runtime.hooks import has_hook
+from residency.workload import ModuleWorkloadWarning
+
+pytestmark = [pytest.mark.usefixtures("one_compute_thread"),
+              pytest.mark.filterwarnings("ignore::residency.workload.ModuleWorkloadWarning")]
+
+PROFILE = flat_profile(backend="cpu")  # a CPU profile: no GPU workspace in the budget, no measurement
+QUANTIZED_REL_ERROR = 0.05  # relative L2 error of an output under blocks round-tripped through Q8_0…Q4_K
+
+# The models of tests/test_workload_from_module_models.py, widened (and T5/LLaMA deepened) until the
+# weights, not the activations and the dequant scratch, are most of what a plan holds: at half the
+# weights a plan must stream.
+
+
+def flux():
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                                   attention_head_dim=32, num_attention_heads=4, joint_attention_dim=32,
+                                   pooled_projection_dim=24, guidance_embeds=False, axes_dims_rope=(8, 12, 12))
+    g = torch.Generator().manual_seed(1)
+    example = dict(hidden_states=torch.randn(1, 16, 16, generator=g),
+                   encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                   pooled_projections=torch.randn(1, 24, generator=g), timestep=torch.ones(1),
+                   img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)
+    return model, example
+
+
+def wan():
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32,
+                                  in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=256, num_layers=2,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+    g = torch.Generator().manual_seed(2)
+    example = dict(hidden_states=torch.randn(1, 4, 1, 8, 8, generator=g), timestep=torch.ones(1),
+                   encoder_hidden_states=torch.randn(1, 8, 32, generator=g), return_dict=False)
+    return model, example
+
+
+def unet():
+    model = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128),
+                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                 attention_head_dim=8, norm_num_groups=8)
+    g = torch.Generator().manual_seed(3)
+    example = dict(sample=torch.randn(1, 4, 8, 8, generator=g), timestep=torch.ones(1),
+                   encoder_hidden_states=torch.randn(1, 8, 32, generator=g), return_dict=False)
+    return model, example
+
+
+def t5():
+    config = T5Config(vocab_size=128, d_model=128, d_kv=32, d_ff=256, num_layers=6, num_heads=4,
+                      feed_forward_proj="gated-gelu")
+    return T5EncoderModel(config), dict(input_ids=torch.randint(0, 128, (1, 16), generator=torch.Generator()
+                                                                .manual_seed(4)))
+
+
+def llama():
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config), (torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(5)),)
+
+
+class Stack(nn.Module):
+    """A plain module: a ModuleList of MLPs and a head, no library conventions."""
+
+    def __init__(self, depth: int = 8, dim: int = 64, hidden: int = 256):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+                                    for _ in range(depth))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def plain():
+    return Stack(), torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(6))
+
+
+MODELS = {"flux": flux, "wan": wan, "unet": unet, "t5": t5, "llama": llama, "plain": plain}
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    model, example = MODELS[name]()
+    return model.eval(), example
+
+
+def call(model, example):
+    with torch.inference_mode():
+        if isinstance(example, dict):
+            out = model(**example)
+        elif isinstance(example, tuple):
+            out = model(*example)
+        else:
+            out = model(example)
+    if isinstance(out, tuple):
+        return out[0]
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def weights_bytes(model) -> int:
+    seen = {id(t): t for t in [*model.parameters(), *model.buffers()]}  # tied weights once
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def state_of(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [p.data_ptr() for p in model.parameters()])
+
+
+def assert_restored(model, state) -> None:
+    tensors, ptrs = state
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, tensors[k]), k
+    assert not any(has_hook(m) or "forward" in m.__dict__ for m in model.modules())
+
+
+def assert_output_matches(plan, got, expected) -> None:
+    if all(b.format == "F32" for b in plan.blocks):
+        assert torch.equal(got, expected)
+    else:  # quantized blocks: within their round-trip error, and not the plain numbers
+        rel = ((got - expected).norm() / expected.norm()).item()
+        assert 0 < rel <= QUANTIZED_REL_ERROR, rel
+
+
+def attach(model, example, **options):
+    return residency.attach(model, vram=options.pop("vram", "50%"), profile=PROFILE, backend="cpu",
+                            example_inputs=example, **options)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_attached_under_half_its_weight_bytes_it_computes_as_the_plain_model_and_is_restored(name):
+    model, example = build(name)
+    expected = call(model, example)
+    state = state_of(model)
+    with attach(model, example) as rt:
+        got = [call(model, example) for _ in range(2)]
+        peak = rt.ledger.peak_total_bytes
+        plan = rt.plan
+    assert plan.budget.vram_bytes == weights_bytes(model) // 2
+    assert plan.streamed(), "half the weights cannot all stay resident"
+    assert peak <= plan.budget.vram_bytes
+    assert torch.equal(got[0], got[1])
+    assert_output_matches(plan, got[0], expected)
+    assert_restored(model, state)
+    assert torch.equal(call(model, example), expected)
+
+
+@pytest.mark.parametrize("name", ["t5", "unet"])
+def test_known_model_classes_supply_their_own_example_inputs(name):
+    model, _ = build(name)
+    with residency.attach(model, vram="100%", profile=PROFILE, backend="cpu") as rt:
+        example = rt.workload.extra["example"]
+    assert example == ({"input_ids": [1, 16]} if name == "t5" else
+                       {"sample": [1, 4, 8, 8], "timestep": [1], "encoder_hidden_states": [1, 16, 32]})
+
+
+def test_a_call_at_other_shapes_is_refused_and_the_planned_shapes_still_run():
+    model, example = build("t5")
+    expected = call(model, example)
+    longer = dict(input_ids=torch.zeros(1, 24, dtype=torch.long))
+    with attach(model, example) as rt:
+        with pytest.raises(ResidencyError, match=r"input_ids=1×24.*made for input_ids=1×16") as e:
+            call(model, longer)
+        assert "example_inputs=" in e.value.hint
+        assert_output_matches(rt.plan, call(model, example), expected)
+        assert_output_matches(rt.plan, call(model, (example["input_ids"],)), expected)  # positional: same input
+
+
+def test_a_plain_module_without_example_inputs_is_refused():
+    model, _ = build("plain")
+    with pytest.raises(ResidencyError, match="Stack: residency cannot tell the shapes") as e:
+        residency.attach(model, vram="50%", profile=PROFILE, backend="cpu")
+    assert "example_inputs=" in e.value.hint
+    assert not any(has_hook(m) for m in model.modules())
+
+
+def test_a_budget_cut_replans_and_the_next_outputs_equal_a_fresh_run_of_the_new_plan():
+    model, example = build("plain")
+    inputs = [example, 2 * example, 3 * example]
+    with attach(model, example, vram="100%") as rt:
+        first = call(model, inputs[0])
+        rt.set_budget(rt.ledger.total_bytes * 3 // 4)
+        got = [call(model, x) for x in inputs[1:]]
+        new_plan, recoveries = rt.plan, rt.recoveries
+    assert [cause for cause, _ in recoveries] == ["DeviceBudgetExceeded"]
+    fresh, _ = build("plain")
+    with attach(fresh, example, plan=new_plan) as again:
+        assert again.plan is new_plan
+        expected = [call(fresh, x) for x in inputs[1:]]
+    assert new_plan.streamed() and not torch.equal(first, got[0])
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_tied_embedding_is_planned_once():
+    model, example = build("llama")
+    with attach(model, example) as rt:
+        embed = rt.workload.by_name["LlamaForCausalLM.model.embed_tokens"]
+    assert embed.modules == ("model.embed_tokens", "lm_head")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    assert rt.workload.params == sum(t.numel() for t in unique.values())
+
+
+def test_a_model_in_two_dtypes_is_refused_with_the_dtypes_named():
+    model, example = build("plain")
+    model.head.to(torch.bfloat16)
+    with pytest.raises(ResidencyError, match="bfloat16, float32"):
+        attach(model, example)
+
+
+def test_warnings_of_the_workload_builder_reach_the_caller():
+    model, example = build("llama")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ModuleWorkloadWarning)
+        attach(model, example).detach()
+    assert any("embed_tokens ×2" in str(w.message) for w in caught)
