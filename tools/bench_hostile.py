@@ -81,6 +81,21 @@ def many_tensor_results(work: Path, timeout_s: float) -> list[tuple[str, str, Ca
     return rows
 
 
+def worst_header_results(work: Path, timeout_s: float) -> list[tuple[str, str, CaseResult]]:
+    """The most a hostile header can cost: the caps' worth of valid entries, then a lie (reported, no target
+    of its own: it costs what a genuine file of as many tensors does)."""
+    from tools.hostile_files import worst_header_file
+
+    rows = []
+    for suffix in (".safetensors", ".gguf"):
+        path = work / f"worst{suffix}"
+        path.write_bytes(worst_header_file(suffix))
+        rows.append((f"worst-header{suffix}", f"{path.stat().st_size >> 20} MiB",
+                     run_forked(lambda p=path: read_everything(p), timeout_s)))
+        path.unlink()
+    return rows
+
+
 def cli_results(work: Path, timeout_s: float) -> list[tuple[str, str, CaseResult]]:
     good = hostile_cli_cases.prepare(work / "cli")
     return [(group, name, run_forked(cli_case(argv), timeout_s))
@@ -95,6 +110,8 @@ def verdict(group: str, result: CaseResult) -> str:
         return "traceback"
     if group.startswith("file") and group.endswith("library"):
         return "" if result.outcome in ("refused", "ok") else f"unexpected {result.outcome}"
+    if group.startswith("worst-header"):
+        return "" if result.outcome == "refused" else f"unexpected {result.outcome}"
     if group.startswith("many-tensors"):
         return "" if result.outcome == "exit 0" else f"unexpected {result.outcome}"
     if group.startswith("file"):  # inspect: a readable file may be shown (0), a broken one refused (1)
@@ -133,7 +150,7 @@ def summarise(rows: list[tuple[str, str, CaseResult]]) -> dict[str, dict]:
 
 
 def targets(summary: dict[str, dict]) -> dict[str, bool]:
-    files = [s for g, s in summary.items() if g.startswith("file")]
+    files = [s for g, s in summary.items() if g.startswith("file")]  # worst-header: reported, not judged
     many = [s for g, s in summary.items() if g.startswith("many-tensors")]
     return {
         "no_tracebacks": all(s["tracebacks"] == 0 for s in summary.values()),
@@ -176,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += file_results(work, args.seed, args.files, args.timeout_s)
         if "many" not in args.skip:
             rows += many_tensor_results(work, max(args.timeout_s, 4 * MANY_TENSORS_S))
+            rows += worst_header_results(work, max(args.timeout_s, 4 * MANY_TENSORS_S))
         if "cli" not in args.skip:
             rows += cli_results(work, args.timeout_s)
     summary = summarise(rows)

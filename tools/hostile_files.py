@@ -300,6 +300,29 @@ def hostile_cases(seed: int, count: int) -> Iterator[tuple[str, str, bytes]]:
         yield f"{i:04d}-{suffix[1:]}-{name}", suffix, MUTATIONS[suffix][name](case_rng)
 
 
+def worst_header_file(kind: str) -> bytes:
+    """The costliest header a reader accepts to parse: as many valid-looking entries as the caps allow
+    (MAX_TENSORS, and for safetensors HEADER_CAP bytes), then one lie in the last entry. Its cost is what
+    any hostile file can cost, since nothing before the lie tells it from a genuine file."""
+    from residency.checkpoint.limits import MAX_TENSORS
+    from residency.checkpoint.safetensors_io import HEADER_CAP
+
+    last = f'"last":{{"dtype":"F32","shape":[{2**40}],"data_offsets":[0,0]}}'
+    if kind in ("safetensors", SAFETENSORS):
+        entries, size = [], len(last) + 2
+        for i in range(MAX_TENSORS - 1):
+            entry = f'"blk.{i}.w":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
+            if size + len(entry) + 1 > HEADER_CAP:
+                break
+            entries.append(entry)
+            size += len(entry) + 1
+        return st_file(("{" + ",".join([*entries, last]) + "}").encode(), b"")
+    if kind in ("gguf", GGUF):
+        tensors = [(f"blk.{i}.w", [0], F32_T, 0) for i in range(MAX_TENSORS - 1)]
+        return gguf_file(_BASE_KVS, [*tensors, ("last", [2**40], F32_T, 0)])
+    raise ValueError(f"kind must be 'safetensors' or 'gguf', not {kind!r}")
+
+
 def many_tensors_file(n: int, kind: str, same_shape: bool = False) -> bytes:
     """A valid file of `n` zero-size F32 tensors named like a model's (`blocks.<i>.attn.w`): the
     `inspect` stress case. By default every shape differs ([0, i+1]), so no two blocks look alike
