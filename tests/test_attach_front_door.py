@@ -209,6 +209,6 @@ def test_a_pipeline_with_model_cpu_offload_is_refused_until_its_hooks_are_remove
         residency.attach(pipe, vram="50%", profile=PROFILE, backend="cpu")
 
 
-def test_a_pipeline_takes_no_example_inputs():
-    with pytest.raises(ResidencyError, match="example_inputs for the pipeline DDPMPipeline"):
+def test_a_pipelines_example_inputs_are_the_keyword_arguments_of_its_call():
+    with pytest.raises(ResidencyError, match="example_inputs for the pipeline DDPMPipeline is a Tensor"):
         residency.attach(_ddpm(), vram="50%", profile=PROFILE, backend="cpu", example_inputs=torch.zeros(1))

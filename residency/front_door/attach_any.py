@@ -22,7 +22,7 @@ from residency.errors import ResidencyError
 from residency.front_door.examples import derived_example, is_instance_of
 from residency.front_door.foreign_hooks import refuse_foreign_hooks, refuse_pipeline_hooks
 from residency.front_door.shape_guard import ShapeGuard
-from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, vram_bytes
+from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, frame_budget_ms, vram_bytes
 from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
 from residency.units import fmt_bytes
@@ -54,7 +54,8 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     (this machine's, measured once and cached: residency.device.machine_profile), a shipped name, a
     path or a DeviceProfile. backend: "auto" (the GPU if torch sees one), "cpu" or "cuda". example_inputs:
     one call's inputs (a tensor, a tuple, or a dict of keyword inputs) at the shapes you will run —
-    required for a plain nn.Module; calls at other shapes are refused. plan: a Plan (or its JSON path)
+    required for a plain nn.Module; calls at other shapes are refused. For a diffusers pipeline: the
+    keyword arguments of the call to plan for (prompt, height, width, num_inference_steps …). plan: a Plan (or its JSON path)
     to run instead of planning; it must be made for this model's workload.
 
     Weights must be on the CPU in one dtype (fp32, fp16 or bf16): it is the plan's compute dtype.
@@ -73,7 +74,7 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     dtype = _compute_dtype(target)
     workload, guard = _workload(target, example_inputs, dtype)
     budget = Budget(vram_bytes(vram, workload.nbytes(COMPUTE_FORMAT[dtype]), prof.memory_usable_bytes),
-                    _frame_ms(fps, frame_ms, workload))
+                    frame_budget_ms(fps, frame_ms, workload.video_frames_per_latent))
     replan = Replanner(get_policy(policy), PlanRequest(workload, prof, budget, compute_dtype=dtype))
     chosen = _given_plan(plan, workload) if plan is not None else _planned(replan, budget, prof)
     if chosen.profile_fingerprint != prof.fingerprint():
@@ -87,9 +88,11 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
 def _attach_pipeline(pipe: Any, **options: Any) -> Any:
     components = {k: v for k, v in pipe.components.items() if isinstance(v, nn.Module)}
     refuse_pipeline_hooks(pipe, components)
-    if options.pop("example_inputs") is not None:
-        raise ResidencyError(f"example_inputs for the pipeline {type(pipe).__name__}",
-                             hint="a pipeline supplies its components' inputs itself: leave example_inputs out")
+    call = options.pop("example_inputs")  # for a pipeline: the keyword arguments of the call to plan for
+    if call is not None and not isinstance(call, dict):
+        raise ResidencyError(f"example_inputs for the pipeline {type(pipe).__name__} is a {type(call).__name__}",
+                             hint="give the call to plan for as a dict of pipe(...) arguments, e.g. "
+                                  "dict(prompt='a cat', height=512, width=512, num_inference_steps=4)")
     try:
         from residency.attach_pipeline import attach_pipeline
     except ModuleNotFoundError as e:
@@ -99,8 +102,8 @@ def _attach_pipeline(pipe: Any, **options: Any) -> Any:
                              hint="attach each component, e.g. residency.attach(pipe.transformer, vram=…, "
                                   "example_inputs=…)") from None
     backend_name = _backend_name(options.pop("backend"))
-    return attach_pipeline(pipe, backend=backend_name, **{**options, "profile": _profile(options["profile"],
-                                                                                        backend_name)})
+    return attach_pipeline(pipe, backend=backend_name, call=call,
+                           **{**options, "profile": _profile(options["profile"], backend_name)})
 
 
 def _backend_name(backend: str) -> str:
@@ -149,18 +152,6 @@ def _split(example: Any) -> tuple[tuple, dict[str, Any]]:
     if isinstance(example, Mapping):
         return (), dict(example)
     return tuple(example), {}
-
-
-def _frame_ms(fps: float | None, frame_ms: float | None, workload: Workload) -> float | None:
-    if fps is not None and frame_ms is not None:
-        raise ResidencyError(f"both fps={fps} and frame_ms={frame_ms}", hint="give one time budget, or neither")
-    if fps is not None:
-        if not fps > 0:
-            raise ResidencyError(f"fps={fps} must be positive", hint="e.g. fps=15")
-        return 1000.0 * workload.video_frames_per_latent / fps
-    if frame_ms is not None and not frame_ms > 0:
-        raise ResidencyError(f"frame_ms={frame_ms} must be positive", hint="e.g. frame_ms=50")
-    return frame_ms
 
 
 def _planned(replan: Replanner, budget: Budget, profile: DeviceProfile) -> Plan:

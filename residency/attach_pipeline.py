@@ -1,0 +1,318 @@
+"""A diffusers pipeline under a plan: its text encoders, denoiser and VAE decoder as the phases of one
+workload, one Runtime over all of them, so an encoder can be evicted, kept packed on the device or streamed.
+
+`attach_pipeline(pipe, vram=…, profile=…)` is what `residency.attach` does for a `DiffusionPipeline`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from residency.device import DeviceProfile, machine_profile, resolve_profile
+from residency.errors import ResidencyError
+from residency.front_door.foreign_hooks import refuse_pipeline_hooks
+from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, vram_bytes
+from residency.plan import Budget, Plan, load_plan
+from residency.runtime import Runtime
+from residency.runtime.ledger import DeviceBudgetExceeded
+from residency.units import fmt_bytes
+from residency.workload import ModuleWorkloadWarning, Workload, module_workload
+from residency.workload.pipeline_phases import ComponentPart, enclosing_blocks, join_phases
+
+# Which pipeline attributes run in which phase, and the method the pipeline calls on them.
+ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+DENOISERS = ("transformer", "unet")
+ROLES = (*((c, "encode", False, "forward") for c in ENCODERS),
+         *((c, "denoise", True, "forward") for c in DENOISERS),
+         ("vae", "decode", False, "decode"))  # txt2img runs only the VAE's decoder; its encoder stays unplanned
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# The call's arguments that change the workload (token counts, steps); a prompt's length is bounded by
+# max_sequence_length, to which the text encoders pad.
+SHAPE_ARGUMENTS = ("height", "width", "num_inference_steps", "max_sequence_length", "num_images_per_prompt")
+DEFAULT_CALL = {"prompt": "a photo of a cat"}  # the pipeline's own defaults for the rest
+
+
+class PipelineModules(nn.Module):
+    """The pipeline's planned components as children named by their pipeline attribute, so every block's
+    path is `<component>.<path in it>`; calling it calls the pipeline (the runtime's unit of retry)."""
+
+    def __init__(self, pipe: Any, components: Mapping[str, nn.Module]):
+        super().__init__()
+        for name, module in components.items():
+            self.add_module(name, module)  # shared with the pipeline, not copied
+        self.__dict__["pipe"] = pipe  # not a module: kept out of the tree
+        self.rewind: list[tuple[torch.Generator, torch.Tensor]] = []  # generator states at the call's start
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # a retry after an out-of-memory calls this again: the generators restart where the call began,
+        # so the retried call draws the same noise
+        for gen, state in self.rewind:
+            gen.set_state(state)
+        return self.pipe(*args, **kwargs)
+
+
+def _generator_states(generator: Any) -> list[tuple[torch.Generator, torch.Tensor]]:
+    gens = generator if isinstance(generator, list | tuple) else [generator]
+    return [(g, g.get_state()) for g in gens if isinstance(g, torch.Generator)]
+
+
+class _Entry(nn.Module):
+    """One component as the only child `name` of a root whose forward is the method the pipeline calls:
+    traced, its block names and module paths are paths of PipelineModules."""
+
+    def __init__(self, name: str, module: nn.Module, method: str):
+        super().__init__()
+        self.add_module(name, module)
+        self.__dict__["call"] = getattr(module, method)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class PipelineWorkload:
+    workload: Workload
+    modules: PipelineModules
+    compute_dtype: str  # the components' weight dtype ("fp32", "bf16", "fp16")
+    call: dict[str, Any]  # the pipeline call the workload was built for (its shapes)
+
+
+def _components(pipe: Any) -> list[tuple[str, nn.Module, str, bool, str]]:
+    found = []
+    for name, phase, per_step, method in ROLES:
+        module = getattr(pipe, name, None)
+        if isinstance(module, nn.Module):
+            found.append((name, module, phase, per_step, method))
+    if not any(phase == "denoise" for _, _, phase, _, _ in found):
+        raise ResidencyError(f"{type(pipe).__name__} has no denoiser ({' or '.join(DENOISERS)} attribute)",
+                             hint="attach the pipeline's model itself: residency.attach(model, example_inputs=…)")
+    return found
+
+
+def _capture(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
+             call: Mapping[str, Any]) -> dict[str, tuple[tuple, dict, int]]:
+    """Each component's first call inputs, and its calls, in one real call of the pipeline with one denoise
+    step (its cost: the encoders, one denoiser step and the decode, on the CPU here). A denoiser called twice
+    a step (guidance run as two forwards) is two passes a step."""
+    seen: dict[str, tuple[tuple, dict]] = {}
+    calls: dict[str, int] = {}
+    wrapped = []
+    for name, module, _, _, method in components:
+        inner = getattr(module, method)
+
+        def record(*args: Any, _name: str = name, _inner: Callable = inner, **kwargs: Any) -> Any:
+            seen.setdefault(_name, (args, kwargs))
+            calls[_name] = calls.get(_name, 0) + 1
+            return _inner(*args, **kwargs)
+        module.__dict__[method] = record  # an instance attribute, removed below
+        wrapped.append((module, method))
+    try:
+        with torch.inference_mode():
+            pipe(**{**call, "num_inference_steps": 1, "output_type": "np"})
+    finally:
+        for module, method in wrapped:
+            del module.__dict__[method]
+    missing = [n for n, *_ in components if n not in seen]
+    if missing:
+        raise ResidencyError(f"{type(pipe).__name__}: components {missing} were not called by the pipeline",
+                             hint="pass the call arguments that run them (e.g. prompt=…, output_type='np')")
+    return {n: (*seen[n], calls[n]) for n in seen}
+
+
+def _by_name(method: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A call's arguments all by keyword: from_module's example is positional or keyword, not both."""
+    bound = inspect.signature(method).bind(*args, **kwargs)
+    out: dict[str, Any] = {}
+    for key, value in bound.arguments.items():
+        kind = bound.signature.parameters[key].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            raise ResidencyError(f"{getattr(method, '__qualname__', method)} was called with *{key}",
+                                 hint="its inputs cannot be named: build its workload with module_workload")
+        out.update(value if kind is inspect.Parameter.VAR_KEYWORD else {key: value})
+    return out
+
+
+def _compute_dtype(components: list[tuple[str, nn.Module, str, bool, str]]) -> str:
+    dtypes = {p.dtype for _, m, *_ in components for p in m.parameters() if p.is_floating_point()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPE_NAMES:
+        raise ResidencyError(f"the pipeline's components hold weights in {sorted(map(str, dtypes))}",
+                             hint="cast the pipeline to one dtype first: pipe.to(torch.bfloat16)")
+    return _DTYPE_NAMES[dtypes.pop()]
+
+
+def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: str | None = None) -> PipelineWorkload:
+    """The pipeline's workload at the shapes of `call` (the keyword arguments of `pipe(...)`; what matters is
+    SHAPE_ARGUMENTS — a prompt is padded to max_sequence_length): encode → denoise × steps → decode."""
+    call = {**DEFAULT_CALL, **(call or {})}
+    components = _components(pipe)
+    refuse_pipeline_hooks(pipe, {name: module for name, module, *_ in components})
+    dtype = _compute_dtype(components)
+    inputs = _capture(pipe, components, call)
+    parts = []
+    for comp, module, phase, per_step, method in components:
+        args, kwargs, calls = inputs[comp]
+        with warnings.catch_warnings():
+            if method != "forward":  # the VAE's encoder never runs in text-to-image: left out on purpose
+                warnings.simplefilter("ignore", ModuleWorkloadWarning)
+            traced = module_workload(_Entry(comp, module, method), _by_name(getattr(module, method), args, kwargs),
+                                     name=comp, component=comp, compute_dtype=dtype)
+        parts.append(ComponentPart(comp, phase, per_step, traced.workload, calls))
+    title = name or type(pipe).__name__
+    steps = call.get("num_inference_steps", inspect.signature(pipe.__call__).parameters["num_inference_steps"].default)
+    workload = join_phases(title, parts, int(steps),
+                           source=f"{type(pipe).__name__}: " + ", ".join(p.component for p in parts))
+    return PipelineWorkload(workload, PipelineModules(pipe, {c: m for c, m, *_ in components}), dtype, call)
+
+
+def unpinned_enclosing(plan: Plan, workload: Workload) -> dict[str, str]:
+    """Blocks enclosing others that the plan does not keep resident for the session: the runtime cannot
+    hook them (residency.runtime.module_paths), so they must be (name -> what the plan made them)."""
+    return {n: f"{plan.by_name[n].placement}/{plan.by_name[n].lifetime}" for n in enclosing_blocks(workload)
+            if (plan.by_name[n].placement, plan.by_name[n].lifetime) != ("resident", "session")}
+
+
+@dataclass(frozen=True)
+class PipelinePlanner:
+    """replan(budget, profile) for the runtime: the policy on the pipeline's workload, with the blocks that
+    enclose others (a component's loose tensors: a few KiB to MiB) kept resident, as the runtime needs."""
+
+    policy: Callable[..., Plan]
+    request: Any  # policies.PlanRequest (the front door imports policies lazily)
+
+    def __call__(self, budget: Budget, profile: DeviceProfile) -> Plan:
+        from policies import build_plan
+
+        req = dataclasses.replace(self.request, budget=budget, profile=profile)
+        plan = self.policy(req)
+        wrong = unpinned_enclosing(plan, req.workload)
+        if not wrong:
+            return plan
+        fmt = COMPUTE_FORMAT[req.compute_dtype]
+        blocks = [dataclasses.replace(bp, placement="resident", format=fmt, lifetime="session")
+                  if bp.name in wrong else bp for bp in plan.blocks]
+        note = f"{', '.join(wrong)} kept resident: the runtime reads them all through the call"
+        # re-scored by the simulator: a plan that no longer fits says so, and attach refuses it
+        return build_plan(req, plan.policy, blocks, plan.execution, notes=(*plan.notes, note), kv_dtype=plan.kv_dtype)
+
+
+class PipelineRuntime:
+    """The runtime attached to a pipeline's components. Call it as the pipeline (`rt(prompt, …)`), or call
+    the pipeline itself: both run under the plan, but only a call through the runtime has its shapes checked
+    and is retried whole after an out-of-memory (its generators rewound: the retry draws the same noise).
+    A context manager: leaving it restores the pipeline bit for bit."""
+
+    def __init__(self, runtime: Runtime, built: PipelineWorkload):
+        self.runtime, self.built = runtime, built
+
+    @property
+    def plan(self) -> Plan:
+        return self.runtime.plan
+
+    @property
+    def workload(self) -> Workload:
+        return self.built.workload
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_shapes(kwargs)
+        modules = self.built.modules
+        modules.rewind = _generator_states(kwargs.get("generator"))  # a retry rewinds to them
+        try:
+            return modules(*args, **kwargs)
+        finally:
+            modules.rewind = []
+
+    def _check_shapes(self, kwargs: Mapping[str, Any]) -> None:
+        """A call at other shapes than the plan's would run under a plan made for others: refused. Each
+        argument as the pipeline takes it: given, else its signature's default."""
+        defaults = inspect.signature(self.built.modules.pipe.__call__).parameters
+        for key in SHAPE_ARGUMENTS:
+            if key not in defaults:
+                continue
+            planned = self.built.call.get(key, defaults[key].default)
+            asked = kwargs.get(key, defaults[key].default)
+            if asked != planned:
+                raise ResidencyError(
+                    f"the plan was made for {key}={planned}, this call asks {key}={asked}",
+                    hint=f"attach again with call=dict({key}={asked}, …) to plan for it")
+
+    def detach(self) -> None:
+        self.runtime.detach()
+
+    def __enter__(self) -> PipelineRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
+def attach_pipeline(pipe: Any, *, vram: VramSpec = None, fps: float | None = None, frame_ms: float | None = None,
+                    profile: str | os.PathLike[str] | DeviceProfile = "auto", backend: str = "cpu",
+                    policy: str = "ours", plan: Plan | str | os.PathLike[str] | None = None,
+                    call: Mapping[str, Any] | None = None) -> PipelineRuntime:
+    """Plan the pipeline's components as one workload (encode → denoise × steps → decode) for `call`'s
+    shapes (pipe(**call): prompt, height, width, num_inference_steps, …) and attach one Runtime to them.
+
+    `vram`: bytes, "12GiB" or a share of the planned weights at their own dtype ("50%"); None: the
+    profile's usable memory. `fps`/`frame_ms`: images per second / ms per image (None: the fastest plan
+    that fits). `plan`: a Plan or its JSON path, run instead of planning. Cost: one real call of the
+    pipeline with one denoise step, to find each component's input shapes."""
+    if fps is not None and frame_ms is not None:
+        raise ResidencyError("both fps and frame_ms given", hint="give one: frame_ms = 1000 / fps")
+    if fps is not None and not fps > 0:
+        raise ResidencyError(f"fps={fps}", hint="a positive number of images per second")
+    built = pipeline_workload(pipe, call)
+    prof = _profile(profile, backend)
+    weights = built.workload.nbytes(COMPUTE_FORMAT[built.compute_dtype])
+    budget = Budget(vram_bytes(vram, weights, prof.memory_usable_bytes),
+                    1000.0 / fps if fps is not None else frame_ms)
+    given = load_plan(plan) if isinstance(plan, str | os.PathLike) else plan
+    return attach_built(built, budget, profile=prof, backend=backend, policy=policy, plan=given)
+
+
+def attach_built(built: PipelineWorkload, budget: Budget, *, profile: str | os.PathLike[str] | DeviceProfile = "auto",
+                 backend: str = "cpu", policy: str = "ours", plan: Plan | None = None) -> PipelineRuntime:
+    """attach_pipeline's second half, for a workload already built: plan (unless `plan` is given; it must
+    be one for this workload and profile) and attach; re-plans go through `policy`."""
+    from policies import PlanRequest, get_policy
+
+    prof = _profile(profile, backend)
+    request = PlanRequest(built.workload, prof, budget, compute_dtype=built.compute_dtype)
+    planner = PipelinePlanner(get_policy(policy), request)
+    first = plan if plan is not None else planner(budget, prof)
+    need = first.prediction.peak_total_bytes if first.prediction else 0
+    if need > budget.vram_bytes:
+        raise DeviceBudgetExceeded(
+            f"no {first.policy} plan of {built.workload.name} fits {fmt_bytes(budget.vram_bytes)}: the best needs "
+            f"{fmt_bytes(need)} for the shapes of {_shapes(built.call)}",
+            hint="give more vram=, or plan for smaller images: call=dict(height=…, width=…)")
+    wrong = unpinned_enclosing(first, built.workload)
+    if wrong:
+        raise ResidencyError(f"the plan keeps {', '.join(wrong)} as {', '.join(wrong.values())}",
+                             hint="blocks enclosing others must be resident for the session")
+    if first.profile_fingerprint != prof.fingerprint():
+        planner = None  # a plan made for another profile runs as given; re-plans need plans for one profile
+    runtime = Runtime(first, backend, workload=built.workload, replan=planner,
+                      profile=prof if planner is not None else None).attach(built.modules)
+    return PipelineRuntime(runtime, built)
+
+
+def _shapes(call: Mapping[str, Any]) -> str:
+    given = [f"{k}={call[k]}" for k in SHAPE_ARGUMENTS if k in call]
+    if "height" not in call:
+        given.append("the pipeline's default height and width")
+    return ", ".join(given)
+
+
+def _profile(profile: str | os.PathLike[str] | DeviceProfile, backend: str) -> DeviceProfile:
+    if isinstance(profile, str) and profile == "auto":  # this machine's cached, measured profile
+        return machine_profile("cpu" if backend == "cpu" else "cuda")
+    return resolve_profile(profile)

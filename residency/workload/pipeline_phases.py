@@ -1,0 +1,86 @@
+"""One Workload of a multi-model pipeline: each component's workload as a part of a phase
+(text encoders → encode, the denoiser × steps → denoise, the VAE decoder → decode), under one module tree.
+
+The component workloads come from residency.workload.from_module, each traced as a child of a container
+named after the component, so their block names and module paths are already paths in that container.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from residency.errors import ResidencyError
+from residency.workload.spec import BlockSpec, PassSpec, PhaseSpec, Workload
+
+PHASES = ("encode", "denoise", "decode")  # in the order a text-to-image call runs them
+
+
+@dataclass(frozen=True)
+class ComponentPart:
+    """One component's share of the pipeline: its workload (one forward: one pass or several) and where
+    that forward runs."""
+
+    component: str  # the pipeline's attribute name ("text_encoder_2", "transformer", "vae")
+    phase: str  # one of PHASES
+    per_step: bool  # True: once per denoise step (the denoiser); False: once per image
+    workload: Workload  # traced as the container's child `component` (paths start with it)
+    calls: int = 1  # forwards per image (per step for the denoiser): 2 for a denoiser run apart for guidance
+
+
+def container_name(block: str, component: str) -> str:
+    """from_module names a block `<component>.<label>`; the label of a child traced in a container already
+    starts with the component, so the block's name is its label — a module path of the container — except
+    for the loose block, which keeps its component prefix to stay unique."""
+    label = block[len(component) + 1:] if block.startswith(component + ".") else block
+    return label if label.startswith(component + ".") else f"{component}.{label}"
+
+
+def enclosing_blocks(workload: Workload) -> tuple[str, ...]:
+    """Blocks whose modules hold another block's modules (a component's loose tensors: its root parameters
+    and buffers): the runtime cannot hook them, so they stay bound — resident — for the whole call."""
+    paths = {b.name: b.modules or (b.name,) for b in workload.blocks}
+    out = []
+    for name, mine in paths.items():
+        others = [p for n, ps in paths.items() if n != name for p in ps]
+        if any(o.startswith(m + ".") or o == m for m in mine for o in others):
+            out.append(name)
+    return tuple(out)
+
+
+def join_phases(name: str, parts: Sequence[ComponentPart], steps: int, source: str = "") -> Workload:
+    """The pipeline's workload: every part's blocks renamed to container paths, each phase made of its
+    parts' passes in the given order, all phases per latent frame — one image is one frame, each with its
+    own prompt, so the encoders run in every frame (as pipelines/catalog's flux-schnell describes it).
+    Blocks enclosing others lead the first pass: the runtime takes their calls when the container's call
+    begins (residency.runtime.block_calls)."""
+    unknown = [p.phase for p in parts if p.phase not in PHASES]
+    if unknown:
+        raise ResidencyError(f"pipeline {name}: unknown phase {unknown[0]!r}", hint=f"one of {', '.join(PHASES)}")
+    blocks: list[BlockSpec] = []
+    passes: dict[str, list[PassSpec]] = {ph: [] for ph in PHASES}
+    for part in parts:
+        rename = {b.name: container_name(b.name, part.component) for b in part.workload.blocks}
+        blocks += [replace(b, name=rename[b.name], component=part.component) for b in part.workload.blocks]
+        purpose = f"{part.component} ({part.workload.extra.get('module_class', '')})"
+        if part.calls < 1:
+            raise ResidencyError(f"pipeline {name}: component {part.component} calls={part.calls}",
+                                 hint="forwards per image (per step for the denoiser), at least 1")
+        one = [PassSpec(tuple(rename[b] for b in p.blocks), part.per_step, p.kv, purpose)
+               for ph in part.workload.phases for p in ph.passes]
+        passes[part.phase] += one * part.calls
+    leading = enclosing_blocks(Workload(name, tuple(blocks), (), steps=1, context_frames=0))
+    phases = []
+    for ph in PHASES:
+        kept = [q for q in (PassSpec(tuple(b for b in p.blocks if b not in leading), p.per_step, p.kv, p.purpose)
+                            for p in passes[ph]) if q.blocks]
+        if kept and not phases and leading:  # the first phase that runs: its first pass opens with them
+            if kept[0].per_step:
+                kept.insert(0, PassSpec(leading, False, "none", "tensors read all through the call"))
+            else:
+                kept[0] = replace(kept[0], blocks=leading + kept[0].blocks)
+        if kept:
+            phases.append(PhaseSpec(ph, "latent_frame", tuple(kept)))
+    order = [b for b in blocks if b.name in leading] + [b for b in blocks if b.name not in leading]
+    return Workload(name, tuple(order), tuple(phases), steps=1, context_frames=0, source=source,
+                    extra={"components": [p.component for p in parts]}).with_params(steps=steps)
