@@ -15,7 +15,7 @@ from PIL import Image
 from pipelines.world_model.trained import GAME_CONFIG
 from pipelines.world_model.workload import catalog_entry
 from residency.cli import main
-from residency.commands.run_cmd import cached_profile_path
+from residency.device import cached_profile_path
 from residency.device.profile_io import profile_path
 from residency.plan import BlockPlan, Budget, Plan, save_plan
 from residency.workload import workload_from_dict
@@ -105,7 +105,7 @@ def test_bad_input_gives_error_and_hint_and_no_output(files, capsys, argv, code,
 
 
 def test_a_cached_profile_of_an_older_measurement_method_is_not_used(tmp_path, monkeypatch):
-    from residency.commands.run_cmd import cached_profile_path
+    from residency.device import cached_profile_path
     from residency.device.measure import MEASUREMENT_VERSION
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -117,10 +117,10 @@ def test_a_cached_profile_of_an_older_measurement_method_is_not_used(tmp_path, m
 def test_an_unreadable_cached_profile_is_measured_again(tmp_path, monkeypatch):
     from rich.console import Console
 
-    from residency.commands import run_cmd
+    from residency import session_setup
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    path = run_cmd.cached_profile_path("cpu")
+    path = cached_profile_path("cpu")
     path.parent.mkdir(parents=True)
     path.write_text("{ not json")
     measured = []
@@ -133,9 +133,9 @@ def test_an_unreadable_cached_profile_is_measured_again(tmp_path, monkeypatch):
 
     monkeypatch.setattr("residency.device.measure_profile", fake_measure)
     console = Console(file=open(tmp_path / "log.txt", "w"), width=200)
-    profile = run_cmd.cached_profile("cpu", console)
+    profile = session_setup.cached_profile("cpu", console)
     console.file.close()
     assert measured == ["cpu"] and profile.name
     assert "unreadable" in (tmp_path / "log.txt").read_text()
-    assert run_cmd.cached_profile("cpu", Console(file=open(tmp_path / "log2.txt", "w"))).name == profile.name
+    assert session_setup.cached_profile("cpu", Console(file=open(tmp_path / "log2.txt", "w"))).name == profile.name
     assert measured == ["cpu"]  # the re-measured profile was cached

@@ -7,8 +7,8 @@ import shutil
 from PIL import Image
 
 from residency.cli import main
-from residency.commands.run_cmd import cached_profile_path
 from residency.dashboard import read_trace
+from residency.device import cached_profile_path
 from residency.device.profile_io import profile_path
 
 

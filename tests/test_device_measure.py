@@ -15,9 +15,17 @@ import pytest
 import torch
 
 from profiles import profiles_dir
-from residency.device import measure_cpu, measure_profile, profile_to_dict
-from residency.device.host_memory import cgroup_limit_bytes, cpu_reserve_bytes
+from residency.device import (
+    LINK_DIRECTIONS,
+    Curve,
+    measure_cpu,
+    measure_cuda,
+    measure_profile,
+    profile_to_dict,
+)
+from residency.device.host_memory import HostMemory, cgroup_limit_bytes, cpu_reserve_bytes
 from residency.device.measure import parse_device
+from residency.device.measurements import PROVENANCE_FIELDS, Measurements, to_profile
 from residency.device.timing import overlap_fraction, percentile, repeats_for, summarize
 from residency.errors import ResidencyError, UsageError
 from residency.formats import FORMATS
@@ -109,25 +117,55 @@ def test_measuring_cuda_without_a_gpu_is_a_user_error():
 
 def test_cpu_link_measures_every_size_and_records_both_memory_kinds():
     small = dataclasses.replace(measure_cpu.QUICK, link_sizes_bytes=(64 * 2**10, 2**20), link_point_s=0.02)
-    engine = measure_cpu.CopyThread()
+    engine = measure_cpu.start_copy_engine()
     try:
         link = measure_cpu.measure_link(engine, small)
     finally:
-        engine.close()
+        engine.stop()
     assert link["h2d_pinned"] is link["h2d_pageable"]
     assert link["h2d_pinned"].x == (64.0 * 2**10, 2.0**20)
     assert all(y > 0 for c in link.values() for y in c.y)
     assert all(len(c.spread) == len(c.x) for c in link.values())
 
 
-def test_copy_thread_reraises_a_failed_job():
-    engine = measure_cpu.CopyThread()
+def test_a_failed_copy_job_is_raised_to_the_measurement():
+    engine = measure_cpu.start_copy_engine()
     try:
+        assert measure_cpu.timed_copy(engine, lambda: None) >= 0
         with pytest.raises(RuntimeError):
-            engine.run(lambda: torch.empty(4).copy_(torch.empty(5)))
-        assert engine.run(lambda: None) >= 0  # still serving jobs after a failure
+            measure_cpu.timed_copy(engine, lambda: torch.empty(4).copy_(torch.empty(5)))
     finally:
-        engine.close()
+        engine.stop()
+
+
+def _measurements(backend: str) -> Measurements:
+    curve = Curve((1.0, 2.0), (1.0, 2.0))
+    return Measurements(
+        name="test device", vendor="cpu", backend=backend, driver="", memory_total_bytes=8 * 2**30,
+        memory_reserve_bytes=2**30, memory_usable_bytes=4 * 2**30, link={d: curve for d in LINK_DIRECTIONS},
+        device_memory_gbps=10.0, matmul_tflops={"fp32": curve}, matmul_weight_dim=1024,
+        matmul_small_tflops={"fp32": curve}, matmul_small_weight_dim=256, dequant_gweights_per_s={"Q8_0": 1.0},
+        copy_compute_overlap=0.9, launch_overhead_us=2.0, elementwise_gelems_per_s=curve, compute_threads=1,
+    )
+
+
+@pytest.mark.parametrize("notes", [
+    measure_cpu.provenance_notes(measure_cpu.QUICK, HostMemory(8 * 2**30, 6 * 2**30, "host"), 1),
+    measure_cuda.provenance_notes(measure_cuda.QUICK, {"NF4": "needs the bitsandbytes package"}),
+], ids=["cpu", "cuda"])
+def test_each_backend_says_how_it_measured_every_field_after_the_command(notes):
+    profile = to_profile(_measurements("cpu"), "residency profile --quick", notes)
+    assert set(profile.provenance) == PROVENANCE_FIELDS
+    assert all(p.kind == "measured" and p.source.startswith("residency profile --quick — ")
+               for p in profile.provenance.values())
+    assert profile.link["h2d_pinned"].x == (1.0, 2.0)  # the curves stay Curves
+
+
+def test_a_provenance_table_missing_a_field_is_refused():
+    notes = measure_cuda.provenance_notes(measure_cuda.QUICK, {})
+    del notes["link"]
+    with pytest.raises(ValueError, match="link"):
+        to_profile(_measurements("cuda"), "residency profile", notes)
 
 
 # ---- the datasheet derating model
@@ -171,6 +209,12 @@ def test_rtx_4060_ti_link_is_half_an_x16_card(datasheet):
 
 
 # ---- GPU measurement (skipped without a CUDA/ROCm device)
+# A schedule small enough for a test: seconds, where the quick profile takes most of a minute.
+SMALL_GPU_SCHEDULE = dict(link_repeats=3, memcpy_bytes=16 * 2**20, matmul_dim=512, matmul_small_dim=256,
+                          matmul_rows=(16, 256), matmul_repeats=3, dequant_shape=(64, 256), dequant_repeats=3,
+                          overlap_copy_bytes=8 * 2**20, overlap_repeats=2)
+
+
 @pytest.mark.gpu
 def test_gpu_link_and_memory_measurements_are_positive():
     from residency.device import measure_cuda
@@ -178,7 +222,7 @@ def test_gpu_link_and_memory_measurements_are_positive():
     dev = torch.device("cuda", 0)
     total, free = measure_cuda.device_memory(dev)
     assert 0 < free <= total
-    plan = measure_cuda.GpuPlan((2**20, 4 * 2**20), 3, 16 * 2**20, 512, (16, 256), 3, (64, 256), 3, 8 * 2**20, 2)
+    plan = measure_cuda.GpuSchedule(link_sizes_bytes=(2**20, 4 * 2**20), **SMALL_GPU_SCHEDULE)
     side = torch.cuda.Stream(dev)
     link = measure_cuda.measure_link(dev, side, plan)
     assert set(link) == {"h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable"}
@@ -191,7 +235,7 @@ def test_gpu_compute_measurements_are_positive_and_overlap_is_a_fraction():
     from residency.device import measure_cuda
 
     dev = torch.device("cuda", 0)
-    plan = measure_cuda.GpuPlan((2**20,), 3, 16 * 2**20, 512, (16, 256), 3, (64, 256), 3, 8 * 2**20, 2)
+    plan = measure_cuda.GpuSchedule(link_sizes_bytes=(2**20,), **SMALL_GPU_SCHEDULE)
     stream = torch.cuda.current_stream(dev)
     assert all(y > 0 for y in measure_cuda.measure_matmul(dev, stream, "bf16", plan).y)
     assert measure_cuda.measure_dequant(dev, stream, "Q4_K", plan) > 0

@@ -17,9 +17,10 @@ from sim_helpers import flat_profile
 
 from pipelines.world_model import WorldModelPipeline
 from pipelines.world_model.workload import catalog_entry
+from residency import session_setup
 from residency.cli import main
-from residency.commands import run_cmd
-from residency.device import load_profile, save_profile
+from residency.commands.console import make_console
+from residency.device import cached_profile_path, load_profile, save_profile
 from residency.device.host_memory import HostMemory
 from residency.plan import BlockPlan, Budget, Plan
 from residency.runtime import HostMemoryExceeded, Runtime, clear_host_cache
@@ -41,12 +42,12 @@ def big_cpu_box(tmp_path, monkeypatch):
     """30 GiB free, and a cached CPU profile measured then: usable = free - 2 GiB, as measure_cpu sets it."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(run_cmd, "device_kind", lambda: "cpu")
+    monkeypatch.setattr(session_setup, "device_kind", lambda: "cpu")
     report_free(monkeypatch, 30 * GIB)
     profile = load_profile("rx-7800-xt")
     profile = dataclasses.replace(profile, backend="cpu", memory_total_bytes=32 * GIB,
                                   memory_reserve_bytes=2 * GIB, memory_usable_bytes=28 * GIB)
-    path = run_cmd.cached_profile_path("cpu")
+    path = cached_profile_path("cpu")
     path.parent.mkdir(parents=True)
     save_profile(profile, path)
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "start.png")
@@ -61,14 +62,14 @@ def test_run_with_its_defaults_fits_a_machine_with_30_gib_free(big_cpu_box, caps
 
 def test_the_default_cpu_budget_is_no_larger_than_the_ram_free_now_less_the_host_store(big_cpu_box, capsys):
     w = workload_from_dict(catalog_entry("tiny"))
-    budget = run_cmd.default_vram_bytes(28 * GIB, w, run_cmd.make_console(stderr=True))
+    budget = session_setup.default_vram_bytes(28 * GIB, w, make_console(stderr=True))
     assert budget == int(30 * GIB * HOST_HEADROOM) - w.nbytes("F32")
     assert "below the profile's" in capsys.readouterr().err  # said, not silent
 
 
 def test_the_default_cpu_budget_keeps_a_profile_that_fits(big_cpu_box):
     w = workload_from_dict(catalog_entry("tiny"))
-    assert run_cmd.default_vram_bytes(4 * GIB, w, run_cmd.make_console(stderr=True)) == 4 * GIB
+    assert session_setup.default_vram_bytes(4 * GIB, w, make_console(stderr=True)) == 4 * GIB
 
 
 def test_no_ram_left_for_the_device_memory_is_a_clear_error(big_cpu_box, monkeypatch, capsys):

@@ -249,14 +249,14 @@ def _quiet(argv: list[str]) -> int:
 
 def _image(work: Path) -> Path:
     from pipelines.world_model import PRESETS
-    from residency.commands.run_cmd import _fallback_image
+    from residency.session_setup import fallback_image
 
     path = work / "start.png"
     if not path.is_file():
         from PIL import Image
 
         c = PRESETS["tiny"]
-        Image.fromarray(_fallback_image(c.height, c.width)).save(path)
+        Image.fromarray(fallback_image(c.height, c.width)).save(path)
     return path
 
 

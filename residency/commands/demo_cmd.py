@@ -6,12 +6,14 @@ No GPU: the CPU backend with this machine's cached profile (measured in quick mo
 
 from __future__ import annotations
 
+import argparse
 import itertools
 from collections import Counter
 from pathlib import Path
 
-from residency import userpath
+from residency import session_setup, userpath
 from residency.commands import arg_types, run_cmd
+from residency.commands.actions import parse_actions
 from residency.commands.console import make_console
 from residency.errors import ResidencyError
 
@@ -22,7 +24,7 @@ MAX_FRAMES = 10_000  # latent frames: the whole video is held in memory until de
 SCRIPT = "right*8,down*6,jump*2,left*8,up*6,use*2,down_right*6,up_left*6,idle*4,right*8"
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="plan and run the shipped world model under a small VRAM budget; write a GIF "
                        "and a trace", description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--output-dir", default=".", metavar="DIR", help="where demo.gif and demo-trace.json go")
@@ -33,10 +35,9 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _settings(args, model):
-    """Demo planning: this machine's profile, DEMO_FPS, and a budget below the model's weight bytes."""
-    weights_bytes = model.workload.nbytes("F32" if run_cmd.device_kind() == "cpu" else "BF16")
-    args.plan, args.profile, args.fps, args.vram = None, None, DEMO_FPS, None
+def _vram_bytes(model: session_setup.Model) -> int:
+    """The demo's budget: a fraction of the model's weight bytes at the compute dtype, so some blocks stream."""
+    weights_bytes = model.workload.nbytes("F32" if session_setup.device_kind() == "cpu" else "BF16")
     return int(weights_bytes * VRAM_FRACTION)
 
 
@@ -49,7 +50,7 @@ def _plan_line(plan) -> str:
             f"({'holds' if plan.holds_budget else 'misses'} {plan.budget.frame_ms:.1f} ms)")
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from residency.dashboard import Dashboard, build, live, write_trace
@@ -71,31 +72,31 @@ def run(args) -> int:
     gif = check_output_path(out_dir / "demo.gif")
     trace = run_cmd.check_trace_path(str(out_dir / "demo-trace.json"))
     live_view = console.is_terminal and not args.once
-    model = run_cmd.load_model("default")
+    model = session_setup.load_model("default")
     if model.note:
         err.print(f"note: {model.note}")
     script = SCRIPT.split(",")
-    actions = list(itertools.islice(itertools.cycle(run_cmd.parse_actions(",".join(script),
+    actions = list(itertools.islice(itertools.cycle(parse_actions(",".join(script),
                                                                            model.pipe.config.actions)),
                                     args.frames or 56))
-    vram = _settings(args, model)
-    plan, replan = run_cmd.make_plan(model, args, err, vram_bytes=vram)
+    # This machine's profile, DEMO_FPS and a budget below the model's weight bytes.
+    plan, replan = session_setup.make_plan(model, err, fps=DEMO_FPS, vram_bytes=_vram_bytes(model))
     console.print(_plan_line(plan))
-    context = run_cmd.context_for(model, plan)
+    context = session_setup.context_for(model, plan)
     board = Dashboard(context)
-    runtime = run_cmd.attach(model, plan, replan)
+    runtime = session_setup.attach(model, plan, replan)
     image = model.start_image
     try:
         if live_view:
             with live(console, board):
-                video = run_cmd.rollout(runtime, model.pipe, image, actions, 0, lambda i, s: board.update(s))
+                video = session_setup.rollout(runtime, model.pipe, image, actions, 0, lambda i, s: board.update(s))
         else:
             with Progress(TextColumn("latent frames"), BarColumn(), MofNCompleteColumn(), console=err,
                           transient=True) as progress:
                 task = progress.add_task("demo", total=len(actions))
-                video = run_cmd.rollout(runtime, model.pipe, image, actions, 0, lambda i, s: progress.advance(task))
+                video = session_setup.rollout(runtime, model.pipe, image, actions, 0, lambda i, s: progress.advance(task))
     finally:
-        snapshot = run_cmd.final_snapshot(runtime)
+        snapshot = session_setup.final_snapshot(runtime)
     if not live_view:
         console.print(build(snapshot, context))
     write_frames(video, gif, DEMO_FPS)

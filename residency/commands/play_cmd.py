@@ -5,10 +5,12 @@ Paced to the plan's frame budget (the --fps given, 15 by default); says so when 
 
 from __future__ import annotations
 
+import argparse
 import collections
 import sys
 import time
 
+from residency import session_setup
 from residency.commands import run_cmd
 from residency.commands.console import make_console
 from residency.errors import UsageError
@@ -19,7 +21,7 @@ FPS_WINDOW = 16  # latent frames averaged for the achieved rate
 BEHIND_MARGIN = 1.05  # frames this much slower than the budget on average mean "cannot hold it"
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("play", help="play a world model in the terminal: arrows/WASD, space, e; q quits",
                        description=__doc__.split("\n\n")[0])
     run_cmd.add_model_arguments(p)
@@ -59,7 +61,7 @@ class Pacer:
         return len(self.recent) >= 4 and sum(self.recent) / len(self.recent) > self.period_s * BEHIND_MARGIN
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from residency.dashboard import Dashboard, live, require_terminal
@@ -72,17 +74,17 @@ def run(args) -> int:
     _require_keyboard()
     if args.fps is None and not args.plan:
         args.fps = DEFAULT_FPS
-    model = run_cmd.load_model(args.model)
+    model = session_setup.load_model(args.model)
     if model.note:
         err.print(f"note: {model.note}")
-    image = run_cmd.start_image(model, args.image)
-    plan, replan = run_cmd.make_plan(model, args, err)
+    image = session_setup.start_image(model, args.image)
+    plan, replan = run_cmd.plan_for(model, args, err)
     per_latent = model.workload.video_frames_per_latent
     period_s = (plan.budget.frame_ms or 1000.0 * per_latent / DEFAULT_FPS) / 1e3
-    board = Dashboard(run_cmd.context_for(model, plan))
+    board = Dashboard(session_setup.context_for(model, plan))
     view = PlayView(board, image, console.width)
     vocabulary = model.pipe.config.actions
-    runtime = run_cmd.attach(model, plan, replan)
+    runtime = session_setup.attach(model, plan, replan)
     frames = 0
     try:
         session = model.pipe.start(image, seed=args.seed)
@@ -111,7 +113,7 @@ def run(args) -> int:
                     board_at = time.perf_counter()
                 screen.refresh()
     finally:
-        snapshot = run_cmd.final_snapshot(runtime)
+        snapshot = session_setup.final_snapshot(runtime)
     console.print(f"played {frames} latent frames")
     if frames:
         run_cmd.report_speed(console, snapshot)

@@ -16,10 +16,13 @@ from residency.errors import ResidencyError, UsageError
 # 2: cache-cold link and matmul, small-weight matmul curve, elementwise rate by tensor size, per-op dispatch.
 # 3: the op mix counted without its own .to("meta") copy.
 # 4: the CPU overlap's copies come from a cache-cold store, as the runtime's loads do.
-MEASUREMENT_VERSION = 4
+# 5: the CPU copies run on the runtime's own copy worker (its hand-off measured ~1/4 slower at 64 KiB than the
+#    queue-only thread it replaced, which small-transfer link figures now include, as the runtime pays it).
+MEASUREMENT_VERSION = 5
 
 
 def default_device() -> str:
+    """`cuda:0` when torch sees a GPU (CUDA or ROCm), else `cpu`."""
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 

@@ -1,16 +1,12 @@
 """Measure the CPU backend: RAM as device memory, a copy thread as the link, compute on cores − 1.
 
-The copy engine is a worker thread doing `dst.copy_(src)` (torch releases the GIL), as the runtime's is.
+The copy engine is the runtime's own worker thread (`residency.device.copy_worker`) doing `dst.copy_(src)`
+(torch releases the GIL), so the link and the overlap are measured on the thread that will run the loads.
 """
 
 from __future__ import annotations
 
-import datetime
 import itertools
-import os
-import platform
-import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +15,11 @@ import numpy as np
 import torch
 
 from residency.device.bench_inputs import MIX_CHANNELS, count_op_mix, measured_formats, op_mix, packed_sample
-from residency.device.host_memory import cpu_reserve_bytes, host_memory
-from residency.device.profile import COMPUTE_DTYPES, LINK_DIRECTIONS, Curve, DeviceProfile, Provenance
+from residency.device.copy_worker import CopyWorker
+from residency.device.host_cpu import cpu_model, usable_cores
+from residency.device.host_memory import HostMemory, cpu_reserve_bytes, host_memory
+from residency.device.measurements import Measurements, to_profile
+from residency.device.profile import COMPUTE_DTYPES, LINK_DIRECTIONS, Curve, DeviceProfile
 from residency.device.timing import (
     ProgressFn,
     Steps,
@@ -31,14 +30,13 @@ from residency.device.timing import (
     time_samples,
 )
 from residency.errors import ResidencyError
-from residency.formats import get_format
+from residency.formats import TORCH_DTYPES, get_format
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KIB, MIB = 2**10, 2**20
 
 
 @dataclass(frozen=True)
-class CpuPlan:
+class CpuSchedule:
     """How much to measure: sizes, shapes and a time budget per sample point."""
 
     link_sizes_bytes: tuple[int, ...]
@@ -55,62 +53,38 @@ class CpuPlan:
     overlap_repeats: int
 
 
-QUICK = CpuPlan((64 * KIB, MIB, 16 * MIB, 64 * MIB), 0.12, 64 * MIB, 1024, 256, (1, 16, 256, 4096), 0.3, 0.25,
-                (2048, 4096), 0.12, 0.15, 5)
-FULL = CpuPlan((64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB), 0.5, 256 * MIB, 1024, 256,
-               (1, 16, 64, 256, 512, 4096), 1.0, 2.0, (4096, 4096), 0.5, 0.4, 7)
+QUICK = CpuSchedule(
+    link_sizes_bytes=(64 * KIB, MIB, 16 * MIB, 64 * MIB), link_point_s=0.12, memcpy_bytes=64 * MIB,
+    matmul_dim=1024, matmul_small_dim=256, matmul_rows=(1, 16, 256, 4096), matmul_point_s=0.3,
+    matmul_max_call_s=0.25, dequant_shape=(2048, 4096), dequant_point_s=0.12, overlap_job_s=0.15,
+    overlap_repeats=5,
+)
+FULL = CpuSchedule(
+    link_sizes_bytes=(64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB), link_point_s=0.5,
+    memcpy_bytes=256 * MIB, matmul_dim=1024, matmul_small_dim=256, matmul_rows=(1, 16, 64, 256, 512, 4096),
+    matmul_point_s=1.0, matmul_max_call_s=2.0, dequant_shape=(4096, 4096), dequant_point_s=0.5,
+    overlap_job_s=0.4, overlap_repeats=7,
+)
 
 
-class CopyThread:
-    """A worker thread that runs copy jobs one at a time: the CPU backend's copy engine."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="residency-profile-copy", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                job()
-                self._done.put(None)
-            except BaseException as e:  # handed to the waiting thread, which re-raises it
-                self._done.put(e)
-
-    def submit(self, job: Callable[[], object]) -> None:
-        self._jobs.put(job)
-
-    def wait(self) -> None:
-        err = self._done.get()
-        if err is not None:
-            raise err
-
-    def run(self, job: Callable[[], object]) -> float:
-        """Seconds from hand-off to completion, as a caller of the copy engine sees it."""
-        t0 = time.perf_counter()
-        self.submit(job)
-        self.wait()
-        return time.perf_counter() - t0
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
+def _run_job(job: Callable[[], object], _ticket: int) -> tuple[float, float, float]:
+    job()
+    t = time.perf_counter()
+    return t, t, t  # the worker's timing marks: unused here, the caller times hand-off to completion
 
 
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def start_copy_engine() -> CopyWorker:
+    """The copy engine the measurement times: the runtime's worker thread, running callables."""
+    engine = CopyWorker(_run_job, "residency-profile-copy")
+    engine.start()
+    return engine
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+def timed_copy(engine: CopyWorker, job: Callable[[], object]) -> float:
+    """Seconds from hand-off to completion, as a caller of the copy engine sees it; a failed job raises."""
+    t0 = time.perf_counter()
+    engine.wait(engine.submit(job))
+    return time.perf_counter() - t0
 
 
 def _filled(nbytes: int) -> torch.Tensor:
@@ -118,19 +92,19 @@ def _filled(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8).fill_(1)
 
 
-def measure_link(engine: CopyThread, plan: CpuPlan) -> dict[str, Curve]:
+def measure_link(engine: CopyWorker, schedule: CpuSchedule) -> dict[str, Curve]:
     """h2d = host store → slot, d2h = slot → host store, each a copy on the engine thread.
 
     The host side cycles through distinct regions of a store larger than a last-level cache, as the
     runtime's loads do (each block's blob is read once per call): repeating one small copy would run
     from cache, at twice the rate or more (measured: 5.6 ms predicted vs 10.4 ms copied per tiny frame).
     """
-    largest = max(plan.link_sizes_bytes)
+    largest = max(schedule.link_sizes_bytes)
     store, slot = _filled(max(largest, COLD_WEIGHT_BYTES)), _filled(largest)
     curves = {}
     for direction in ("h2d", "d2h"):
         gbps, spread = [], []
-        for n in plan.link_sizes_bytes:
+        for n in schedule.link_sizes_bytes:
             regions = [store[i * n:(i + 1) * n] for i in range(max(1, store.numel() // n))]
             pairs = itertools.cycle([(r, slot[:n]) if direction == "h2d" else (slot[:n], r) for r in regions])
 
@@ -138,20 +112,21 @@ def measure_link(engine: CopyThread, plan: CpuPlan) -> dict[str, Curve]:
                 src, dst = next(pairs)
                 dst.copy_(src)
 
-            first = engine.run(copy)
-            reps = repeats_for(first, plan.link_point_s, lo=5, hi=200)
-            t = summarize([engine.run(copy) for _ in range(reps)])
+            first = timed_copy(engine, copy)
+            reps = repeats_for(first, schedule.link_point_s, lo=5, hi=200)
+            t = summarize([timed_copy(engine, copy) for _ in range(reps)])
             gbps.append(n / t.median_s / 1e9)
             spread.append(round(t.spread, 4))
-        curves[direction] = Curve(tuple(float(n) for n in plan.link_sizes_bytes), tuple(gbps), tuple(spread))
+        curves[direction] = Curve(tuple(float(n) for n in schedule.link_sizes_bytes), tuple(gbps), tuple(spread))
     # One host memory: pinned and pageable are the same buffers on the CPU backend.
     return {d: curves[d.split("_")[0]] for d in LINK_DIRECTIONS}
 
 
-def measure_memcpy_gbps(plan: CpuPlan) -> tuple[float, Timing]:
-    src, dst = _filled(plan.memcpy_bytes), _filled(plan.memcpy_bytes)
+def measure_memcpy_gbps(schedule: CpuSchedule) -> tuple[float, Timing]:
+    """GB/s of one device-memory (RAM to RAM) copy on the compute thread, with its timing."""
+    src, dst = _filled(schedule.memcpy_bytes), _filled(schedule.memcpy_bytes)
     t = time_samples(lambda: dst.copy_(src), repeats=5)
-    return 2 * plan.memcpy_bytes / t.median_s / 1e9, t  # bytes read plus bytes written
+    return 2 * schedule.memcpy_bytes / t.median_s / 1e9, t  # bytes read plus bytes written
 
 
 # A model's weights come from DRAM on every call: the matmuls cycle through distinct weights totalling more
@@ -161,15 +136,15 @@ COLD_MAX_ROWS = 256
 COLD_MAX_CALL_S = 2e-3
 
 
-def measure_matmul(dtype: str, plan: CpuPlan, dim: int | None = None) -> Curve:
-    """TFLOP/s of x (rows × dim) @ Wᵀ (dim × dim, as nn.Linear; dim defaults to the plan's), W cycling through
+def measure_matmul(dtype: str, schedule: CpuSchedule, dim: int | None = None) -> Curve:
+    """TFLOP/s of x (rows × dim) @ Wᵀ (dim × dim, as nn.Linear; dim defaults to the schedule's), W cycling through
     cache-cold weights; rows grow until one call exceeds the cap."""
-    dim, tdtype = dim or plan.matmul_dim, TORCH_DTYPES[dtype]
+    dim, tdtype = dim or schedule.matmul_dim, TORCH_DTYPES[dtype]
     gen = torch.Generator().manual_seed(0)
     cold = max(1, -(-COLD_WEIGHT_BYTES // (dim * dim * torch.tensor([], dtype=tdtype).element_size())))
     weights = [torch.randn(dim, dim, generator=gen).to(tdtype) for _ in range(cold)]
     xs, ys, spread = [], [], []
-    for rows in plan.matmul_rows:
+    for rows in schedule.matmul_rows:
         x = torch.randn(rows, dim, generator=gen).to(tdtype)
         out = torch.empty(rows, dim, dtype=tdtype)
         torch.matmul(x, weights[0].t(), out=out)  # nn.Linear's layout: x @ W.T, W stored (out, in)
@@ -188,11 +163,11 @@ def measure_matmul(dtype: str, plan: CpuPlan, dim: int | None = None) -> Curve:
         t0 = time.perf_counter()
         sweep()
         first = time.perf_counter() - t0
-        t = time_samples(sweep, repeats_for(first, plan.matmul_point_s, lo=3, hi=30), warmup=0)
+        t = time_samples(sweep, repeats_for(first, schedule.matmul_point_s, lo=3, hi=30), warmup=0)
         xs.append(float(rows))
         ys.append(2.0 * rows * dim * dim * count / t.median_s / 1e12)
         spread.append(round(t.spread, 4))
-        if first / count > plan.matmul_max_call_s:
+        if first / count > schedule.matmul_max_call_s:
             break
     return Curve(tuple(xs), tuple(ys), tuple(spread))
 
@@ -202,20 +177,20 @@ def measure_matmul(dtype: str, plan: CpuPlan, dim: int | None = None) -> Curve:
 DEQUANT_OUT_DTYPE = torch.float32
 
 
-def measure_dequant(name: str, plan: CpuPlan) -> float:
+def measure_dequant(name: str, schedule: CpuSchedule) -> float:
     """1e9 weights/s unpacked into a preallocated fp32 buffer (the path `residency.formats` takes)."""
     fmt = get_format(name)
-    rows, cols = plan.dequant_shape
+    rows, cols = schedule.dequant_shape
     packed = packed_sample(fmt, rows, cols)
     out = torch.empty(rows, cols, dtype=DEQUANT_OUT_DTYPE)
     t0 = time.perf_counter()
     fmt.unpack(packed, out)
     first = time.perf_counter() - t0
-    t = time_samples(lambda: fmt.unpack(packed, out), repeats_for(first, plan.dequant_point_s, lo=3, hi=30))
+    t = time_samples(lambda: fmt.unpack(packed, out), repeats_for(first, schedule.dequant_point_s, lo=3, hi=30))
     return rows * cols / t.median_s / 1e9
 
 
-def measure_overlap(engine: CopyThread, plan: CpuPlan) -> float:
+def measure_overlap(engine: CopyWorker, schedule: CpuSchedule) -> float:
     """Copy on the engine thread alone, matmuls alone, then both at once; see timing.overlap_fraction.
 
     The matmuls are the few-row, cache-cold kind a latent frame's blocks run (16 tokens against weights
@@ -234,7 +209,7 @@ def measure_overlap(engine: CopyThread, plan: CpuPlan) -> float:
         src, dst = next(pairs)
         dst.copy_(src)
 
-    dim = plan.matmul_dim
+    dim = schedule.matmul_dim
     gen = torch.Generator().manual_seed(1)
     weights = [torch.randn(dim, dim, generator=gen) for _ in range(max(1, COLD_WEIGHT_BYTES // (dim * dim * 4)))]
     x = torch.randn(16, dim, generator=gen)
@@ -244,10 +219,10 @@ def measure_overlap(engine: CopyThread, plan: CpuPlan) -> float:
         for w in weights:
             torch.matmul(x, w.t(), out=out)
 
-    one_copy_s = summarize([engine.run(one_copy) for _ in range(5)]).median_s
+    one_copy_s = summarize([timed_copy(engine, one_copy) for _ in range(5)]).median_s
     one_sweep_s = time_samples(sweep, repeats=3).median_s
-    copies = max(1, round(plan.overlap_job_s / one_copy_s))
-    sweeps = max(1, round(plan.overlap_job_s / one_sweep_s))
+    copies = max(1, round(schedule.overlap_job_s / one_copy_s))
+    sweeps = max(1, round(schedule.overlap_job_s / one_sweep_s))
 
     def copy_job() -> None:
         for _ in range(copies):
@@ -258,15 +233,15 @@ def measure_overlap(engine: CopyThread, plan: CpuPlan) -> float:
             sweep()
 
     copy_s, compute_s, both_s = [], [], []
-    for _ in range(plan.overlap_repeats):
-        copy_s.append(engine.run(copy_job))
+    for _ in range(schedule.overlap_repeats):
+        copy_s.append(timed_copy(engine, copy_job))
         t0 = time.perf_counter()
         compute_job()
         compute_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        engine.submit(copy_job)
+        ticket = engine.submit(copy_job)
         compute_job()
-        engine.wait()
+        engine.wait(ticket)
         both_s.append(time.perf_counter() - t0)
     return overlap_fraction(summarize(copy_s).median_s, summarize(compute_s).median_s, summarize(both_s).median_s)
 
@@ -316,100 +291,94 @@ def measure_dispatch() -> tuple[float, Curve]:
 SMALL_STEP = "matmul fp32, small weights"
 
 
+def provenance_notes(schedule: CpuSchedule, mem: HostMemory, compute_threads: int) -> dict[str, str]:
+    """How each field of a CPU profile was measured (measurements.to_profile puts the command before it)."""
+    rows, cols = schedule.dequant_shape
+    return {
+        "memory": f"RAM via psutil, limited by {mem.limited_by}; usable = available − reserve "
+                  "(10 % of total, within 0.5–2 GiB)",
+        "link": "copy thread doing dst.copy_(src) from regions of a 96 MiB host store (cache-cold) into one slot, "
+                "and back; pinned and pageable are the same host memory on the CPU backend, so each direction "
+                "is measured once and recorded for both",
+        "device_memory_gbps": f"{schedule.memcpy_bytes} B copy, read + write bytes counted",
+        "matmul_tflops": f"x (rows × {schedule.matmul_dim}) @ Wᵀ ({schedule.matmul_dim}², nn.Linear layout, "
+                         f"cycling through {COLD_WEIGHT_BYTES // MIB} MiB of weights so they come from DRAM) on "
+                         f"{compute_threads} threads; rows stop growing once one call exceeds "
+                         f"{schedule.matmul_max_call_s} s",
+        "dequant_gweights_per_s": f"unpack of a {rows}×{cols} matrix into fp32 (the CPU backend's compute dtype); "
+                                  "Q2_K/Q3_K from random valid blocks",
+        "copy_compute_overlap": "copy thread alone (16 MiB loads from a DRAM-cold store), a loop of 16-row matmuls "
+                                "over DRAM-cold weights alone, both at once",
+        "matmul_small_tflops": f"as matmul_tflops, with {schedule.matmul_small_dim}² weights "
+                               f"({COLD_WEIGHT_BYTES // MIB} MiB of them), fp32 only",
+        "launch_overhead_us": "per dispatched op of a norm/elementwise/view/softmax mix on a 256-element tensor",
+        "elementwise_gelems_per_s": "activation elements read + written by that mix (counted on the meta device as "
+                                    "workloads are) on 4 k to 1 M-element tensors, after its per-op cost",
+    }
+
+
+def usable_memory(mem: HostMemory) -> tuple[int, int]:
+    """(reserve, usable) bytes of RAM; ResidencyError when the reserve leaves nothing."""
+    reserve = cpu_reserve_bytes(mem.total_bytes)
+    usable = mem.available_bytes - reserve
+    if usable <= 0:
+        raise ResidencyError(f"only {mem.available_bytes} bytes of RAM are available, less than the "
+                             f"{reserve}-byte reserve", hint="close other programs and measure again")
+    return reserve, usable
+
+
+def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], step: Steps,
+                compute_threads: int) -> tuple[Measurements, HostMemory]:
+    """Every field, in the order the progress steps announce them; the RAM reading its provenance cites."""
+    step("memory")
+    mem = host_memory()
+    reserve, usable = usable_memory(mem)
+    step("link")
+    link = measure_link(engine, schedule)
+    step("device memory")
+    memcpy_gbps, _ = measure_memcpy_gbps(schedule)
+    matmul = {}
+    for d in COMPUTE_DTYPES:
+        step(f"matmul {d}")
+        matmul[d] = measure_matmul(d, schedule)
+    # The small-weight curve only for the dtype this backend computes in (bf16/fp16 crawl on most CPUs).
+    step(SMALL_STEP)
+    small = {"fp32": measure_matmul("fp32", schedule, schedule.matmul_small_dim)}
+    dequant = {}
+    for f in formats:
+        step(f"dequant {f}")
+        dequant[f] = measure_dequant(f, schedule)
+    step("overlap")
+    overlap = measure_overlap(engine, schedule)
+    step("launch overhead")
+    launch_us, elementwise = measure_dispatch()
+    found = Measurements(
+        name=f"{cpu_model()} ({usable_cores()} cores)", vendor="cpu", backend="cpu", driver="",
+        memory_total_bytes=mem.total_bytes, memory_reserve_bytes=reserve, memory_usable_bytes=usable,
+        link=link, device_memory_gbps=memcpy_gbps, matmul_tflops=matmul, matmul_weight_dim=schedule.matmul_dim,
+        matmul_small_tflops=small, matmul_small_weight_dim=schedule.matmul_small_dim,
+        dequant_gweights_per_s=dequant, copy_compute_overlap=overlap, launch_overhead_us=launch_us,
+        elementwise_gelems_per_s=elementwise, compute_threads=compute_threads,
+    )
+    return found, mem
+
+
 def measure(quick: bool, progress: ProgressFn | None = None, source: str | None = None) -> DeviceProfile:
-    plan = QUICK if quick else FULL
+    """This machine's CPU backend measured (`quick`: the QUICK schedule, well under a minute) into a profile;
+    `source` is the command recorded in every provenance. ResidencyError when RAM is all but used up."""
+    schedule = QUICK if quick else FULL
     source = source or f"residency profile --device cpu{' --quick' if quick else ''}"
     formats = measured_formats()
     step = Steps(formats, COMPUTE_DTYPES, progress, matmul_extra=(SMALL_STEP,))
-
-    cores = cpu_cores()
-    compute_threads = max(1, cores - 1)
+    compute_threads = max(1, usable_cores() - 1)
     previous_threads = torch.get_num_threads()
     # Compute keeps cores − 1 threads; the copy thread's copy_ then runs inline on its own core.
     torch.set_num_threads(compute_threads)
-    engine = CopyThread()
+    engine = start_copy_engine()
     try:
-        step("memory")
-        mem = host_memory()
-        reserve = cpu_reserve_bytes(mem.total_bytes)
-        usable = mem.available_bytes - reserve
-        if usable <= 0:
-            raise ResidencyError(f"only {mem.available_bytes} bytes of RAM are available, less than the "
-                                 f"{reserve}-byte reserve", hint="close other programs and measure again")
-        step("link")
-        link = measure_link(engine, plan)
-        step("device memory")
-        memcpy_gbps, _ = measure_memcpy_gbps(plan)
-        matmul = {}
-        for d in COMPUTE_DTYPES:
-            step(f"matmul {d}")
-            matmul[d] = measure_matmul(d, plan)
-        # The small-weight curve only for the dtype this backend computes in (bf16/fp16 crawl on most CPUs).
-        step(SMALL_STEP)
-        small = {"fp32": measure_matmul("fp32", plan, plan.matmul_small_dim)}
-        dequant = {}
-        for f in formats:
-            step(f"dequant {f}")
-            dequant[f] = measure_dequant(f, plan)
-        step("overlap")
-        overlap = measure_overlap(engine, plan)
-        step("launch overhead")
-        launch_us, elementwise_gelems = measure_dispatch()
+        found, mem = measure_all(engine, schedule, formats, step, compute_threads)
     finally:
-        engine.close()
+        engine.stop()
         torch.set_num_threads(previous_threads)
     step.finish()
-
-    def measured(note: str = "") -> Provenance:
-        return Provenance("measured", f"{source} — {note}" if note else source)
-
-    rows, cols = plan.dequant_shape
-    provenance = {
-        "memory": measured(f"RAM via psutil, limited by {mem.limited_by}; usable = available − reserve "
-                           "(10 % of total, within 0.5–2 GiB)"),
-        "link": measured("copy thread doing dst.copy_(src) from regions of a 96 MiB host store (cache-cold) "
-                         "into one slot, and back; pinned and pageable are the "
-                         "same host memory on the CPU backend, so each direction is measured once and recorded "
-                         "for both"),
-        "device_memory_gbps": measured(f"{plan.memcpy_bytes} B copy, read + write bytes counted"),
-        "matmul_tflops": measured(f"x (rows × {plan.matmul_dim}) @ Wᵀ ({plan.matmul_dim}², nn.Linear layout, cycling through "
-                                  f"{COLD_WEIGHT_BYTES // MIB} MiB of weights so they come from DRAM) on {compute_threads} "
-                                  f"threads; rows stop growing once one call exceeds {plan.matmul_max_call_s} s"),
-        "dequant_gweights_per_s": measured(f"unpack of a {rows}×{cols} matrix into fp32 (the CPU backend's "
-                                           "compute dtype); Q2_K/Q3_K from random valid blocks"),
-        "copy_compute_overlap": measured("copy thread alone (16 MiB loads from a DRAM-cold store), a loop of 16-row "
-                                         "matmuls over DRAM-cold weights "
-                                         "alone, both at once"),
-        "matmul_small_tflops": measured(f"as matmul_tflops, with {plan.matmul_small_dim}² weights "
-                                        f"({COLD_WEIGHT_BYTES // MIB} MiB of them), fp32 only"),
-        "launch_overhead_us": measured("per dispatched op of a norm/elementwise/view/softmax mix on a "
-                                       "256-element tensor"),
-        "elementwise_gelems_per_s": measured("activation elements read + written by that mix (counted on the "
-                                             "meta device as workloads are) on 4 k to 1 M-element tensors, "
-                                             "after its per-op cost"),
-    }
-    return DeviceProfile(
-        name=f"{cpu_model()} ({cores} cores)",
-        vendor="cpu",
-        backend="cpu",
-        torch_version=torch.__version__,
-        cuda_version=torch.version.cuda or "",
-        hip_version=getattr(torch.version, "hip", None) or "",
-        driver="",
-        date=datetime.date.today().isoformat(),
-        memory_total_bytes=mem.total_bytes,
-        memory_reserve_bytes=reserve,
-        memory_usable_bytes=usable,
-        link=link,
-        device_memory_gbps=memcpy_gbps,
-        matmul_tflops=matmul,
-        dequant_gweights_per_s=dequant,
-        copy_compute_overlap=overlap,
-        launch_overhead_us=launch_us,
-        compute_threads=compute_threads,
-        provenance=provenance,
-        matmul_weight_dim=plan.matmul_dim,
-        matmul_small_tflops=small,
-        matmul_small_weight_dim=plan.matmul_small_dim,
-        elementwise_gelems_per_s=elementwise_gelems,
-    )
+    return to_profile(found, source, provenance_notes(schedule, mem, compute_threads))

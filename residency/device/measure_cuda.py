@@ -5,7 +5,6 @@ Copies run on a side stream from pinned (or pageable) host buffers and are timed
 
 from __future__ import annotations
 
-import datetime
 import shutil
 import subprocess
 import time
@@ -14,35 +13,44 @@ from dataclasses import dataclass
 import torch
 
 from residency.device.bench_inputs import MIX_CHANNELS, count_op_mix, measured_formats, op_mix, packed_sample
-from residency.device.profile import COMPUTE_DTYPES, Curve, DeviceProfile, Provenance
+from residency.device.measurements import Measurements, to_profile
+from residency.device.profile import COMPUTE_DTYPES, Curve, DeviceProfile
 from residency.device.timing import ProgressFn, Steps, Timing, overlap_fraction, summarize
-from residency.formats import get_format
+from residency.formats import TORCH_DTYPES, get_format
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KIB, MIB = 2**10, 2**20
 # Kept free beyond what the driver reports in use: allocator fragmentation and cuBLAS/hipBLAS workspaces.
 GPU_RESERVE_BYTES = 512 * MIB
 
 
 @dataclass(frozen=True)
-class GpuPlan:
+class GpuSchedule:
+    """How much to measure: sizes, shapes and repeats per sample point (device time, CUDA events)."""
+
     link_sizes_bytes: tuple[int, ...]
-    link_repeats: int
-    memcpy_bytes: int
+    link_repeats: int  # per transfer size, direction and host memory kind
+    memcpy_bytes: int  # one device-to-device copy
     matmul_dim: int
+    matmul_small_dim: int  # a second, small weight: small matrices leave much of a GPU idle
     matmul_rows: tuple[int, ...]
-    matmul_repeats: int
+    matmul_repeats: int  # also the elementwise mix's, per size
     dequant_shape: tuple[int, int]
     dequant_repeats: int
-    overlap_copy_bytes: int
+    overlap_copy_bytes: int  # the h2d copy the overlap is measured with
     overlap_repeats: int
-    matmul_small_dim: int = 256  # a second, small weight: small matrices leave much of a GPU idle
 
 
-QUICK = GpuPlan((64 * KIB, MIB, 16 * MIB, 64 * MIB), 5, 128 * MIB, 2048, (16, 256, 4096), 5,
-                (1024, 4096), 5, 64 * MIB, 3)
-FULL = GpuPlan((64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB), 15, 512 * MIB, 4096,
-               (16, 64, 256, 512, 4096), 15, (4096, 4096), 15, 256 * MIB, 7)
+QUICK = GpuSchedule(
+    link_sizes_bytes=(64 * KIB, MIB, 16 * MIB, 64 * MIB), link_repeats=5, memcpy_bytes=128 * MIB,
+    matmul_dim=2048, matmul_small_dim=256, matmul_rows=(16, 256, 4096), matmul_repeats=5,
+    dequant_shape=(1024, 4096), dequant_repeats=5, overlap_copy_bytes=64 * MIB, overlap_repeats=3,
+)
+FULL = GpuSchedule(
+    link_sizes_bytes=(64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB), link_repeats=15,
+    memcpy_bytes=512 * MIB, matmul_dim=4096, matmul_small_dim=256, matmul_rows=(16, 64, 256, 512, 4096),
+    matmul_repeats=15, dequant_shape=(4096, 4096), dequant_repeats=15, overlap_copy_bytes=256 * MIB,
+    overlap_repeats=7,
+)
 
 
 SMALL_STEP = "matmul, small weights"
@@ -101,57 +109,61 @@ def driver_version() -> str:
     return ""
 
 
-def measure_link(dev: torch.device, side: torch.cuda.Stream, plan: GpuPlan) -> dict[str, Curve]:
-    largest = max(plan.link_sizes_bytes)
+def measure_link(dev: torch.device, side: torch.cuda.Stream, schedule: GpuSchedule) -> dict[str, Curve]:
+    """GB/s over transfer size in each direction, from pinned and from pageable host memory."""
+    largest = max(schedule.link_sizes_bytes)
     device_buf = torch.empty(largest, dtype=torch.uint8, device=dev)
     curves = {}
     for pinned in (True, False):
         host = torch.empty(largest, dtype=torch.uint8, pin_memory=pinned).fill_(1)
         for direction in ("h2d", "d2h"):
             gbps, spread = [], []
-            for n in plan.link_sizes_bytes:
+            for n in schedule.link_sizes_bytes:
                 src, dst = (host[:n], device_buf[:n]) if direction == "h2d" else (device_buf[:n], host[:n])
-                t = time_events(lambda s=src, d=dst: d.copy_(s, non_blocking=True), plan.link_repeats, side)
+                t = time_events(lambda s=src, d=dst: d.copy_(s, non_blocking=True), schedule.link_repeats, side)
                 gbps.append(n / t.median_s / 1e9)
                 spread.append(round(t.spread, 4))
             key = f"{direction}_{'pinned' if pinned else 'pageable'}"
-            curves[key] = Curve(tuple(float(n) for n in plan.link_sizes_bytes), tuple(gbps), tuple(spread))
+            curves[key] = Curve(tuple(float(n) for n in schedule.link_sizes_bytes), tuple(gbps), tuple(spread))
         del host
     return curves
 
 
-def measure_memcpy_gbps(dev: torch.device, stream: torch.cuda.Stream, plan: GpuPlan) -> float:
-    src = torch.ones(plan.memcpy_bytes, dtype=torch.uint8, device=dev)
+def measure_memcpy_gbps(dev: torch.device, stream: torch.cuda.Stream, schedule: GpuSchedule) -> float:
+    """GB/s of one device-to-device copy, read plus written bytes."""
+    src = torch.ones(schedule.memcpy_bytes, dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
     t = time_events(lambda: dst.copy_(src), 10, stream)
-    return 2 * plan.memcpy_bytes / t.median_s / 1e9  # bytes read plus bytes written
+    return 2 * schedule.memcpy_bytes / t.median_s / 1e9  # bytes read plus bytes written
 
 
-def measure_matmul(dev: torch.device, stream: torch.cuda.Stream, dtype: str, plan: GpuPlan,
+def measure_matmul(dev: torch.device, stream: torch.cuda.Stream, dtype: str, schedule: GpuSchedule,
                    dim: int | None = None) -> Curve:
-    dim, tdtype = dim or plan.matmul_dim, TORCH_DTYPES[dtype]
+    """TFLOP/s of x (rows × dim) @ W (dim × dim; dim defaults to the schedule's) over the schedule's rows."""
+    dim, tdtype = dim or schedule.matmul_dim, TORCH_DTYPES[dtype]
     w = torch.randn(dim, dim, device=dev, dtype=tdtype)
     xs, ys, spread = [], [], []
-    for rows in plan.matmul_rows:
+    for rows in schedule.matmul_rows:
         x = torch.randn(rows, dim, device=dev, dtype=tdtype)
         out = torch.empty(rows, dim, device=dev, dtype=tdtype)
-        t = time_events(lambda x=x, out=out: torch.matmul(x, w, out=out), plan.matmul_repeats, stream, warmup=3)
+        t = time_events(lambda x=x, out=out: torch.matmul(x, w, out=out), schedule.matmul_repeats, stream, warmup=3)
         xs.append(float(rows))
         ys.append(2.0 * rows * dim * dim / t.median_s / 1e12)
         spread.append(round(t.spread, 4))
     return Curve(tuple(xs), tuple(ys), tuple(spread))
 
 
-def measure_dequant(dev: torch.device, stream: torch.cuda.Stream, name: str, plan: GpuPlan) -> float:
+def measure_dequant(dev: torch.device, stream: torch.cuda.Stream, name: str, schedule: GpuSchedule) -> float:
+    """1e9 weights/s of `name` unpacked into bf16 on the device (packed on the host)."""
     fmt = get_format(name)
-    rows, cols = plan.dequant_shape
+    rows, cols = schedule.dequant_shape
     packed = packed_sample(fmt, rows, cols).to(dev)  # packed on the host, unpacked on the device
     out = torch.empty(rows, cols, dtype=torch.bfloat16, device=dev)
-    t = time_events(lambda: fmt.unpack(packed, out), plan.dequant_repeats, stream, warmup=2)
+    t = time_events(lambda: fmt.unpack(packed, out), schedule.dequant_repeats, stream, warmup=2)
     return rows * cols / t.median_s / 1e9
 
 
-def measure_dequant_rates(dev: torch.device, stream: torch.cuda.Stream, formats: list[str], plan: GpuPlan,
+def measure_dequant_rates(dev: torch.device, stream: torch.cuda.Stream, formats: list[str], schedule: GpuSchedule,
                           step) -> tuple[dict[str, float], dict[str, str]]:
     """(rate per format, why not measured per format). A format whose pack or unpack needs a package this
     machine lacks (NF4 without bitsandbytes) is left out with the reason: the rest of the profile stands,
@@ -160,17 +172,17 @@ def measure_dequant_rates(dev: torch.device, stream: torch.cuda.Stream, formats:
     for f in formats:
         step(f"dequant {f}")
         try:
-            rates[f] = measure_dequant(dev, stream, f, plan)
+            rates[f] = measure_dequant(dev, stream, f, schedule)
         except ModuleNotFoundError as e:
             missing[f] = f"needs the {e.name or 'missing'} package, not installed here"
     return rates, missing
 
 
-def measure_overlap(dev: torch.device, side: torch.cuda.Stream, plan: GpuPlan) -> float:
+def measure_overlap(dev: torch.device, side: torch.cuda.Stream, schedule: GpuSchedule) -> float:
     """Side-stream h2d copy alone, a matmul loop alone, then both at once (host clock, synchronized)."""
-    host = torch.empty(plan.overlap_copy_bytes, dtype=torch.uint8, pin_memory=True).fill_(1)
-    dst = torch.empty(plan.overlap_copy_bytes, dtype=torch.uint8, device=dev)
-    dim = plan.matmul_dim
+    host = torch.empty(schedule.overlap_copy_bytes, dtype=torch.uint8, pin_memory=True).fill_(1)
+    dst = torch.empty(schedule.overlap_copy_bytes, dtype=torch.uint8, device=dev)
+    dim = schedule.matmul_dim
     x = torch.randn(4096, dim, device=dev, dtype=torch.bfloat16)
     w = torch.randn(dim, dim, device=dev, dtype=torch.bfloat16)
     out = torch.empty(4096, dim, device=dev, dtype=torch.bfloat16)
@@ -204,7 +216,7 @@ def measure_overlap(dev: torch.device, side: torch.cuda.Stream, plan: GpuPlan) -
         copy()
         compute_loop()
 
-    samples = [(wall(copy), wall(compute_loop), wall(both)) for _ in range(plan.overlap_repeats)]
+    samples = [(wall(copy), wall(compute_loop), wall(both)) for _ in range(schedule.overlap_repeats)]
     med = [summarize([s[i] for s in samples]).median_s for i in range(3)]
     return overlap_fraction(*med)
 
@@ -214,12 +226,12 @@ def measure_overlap(dev: torch.device, side: torch.cuda.Stream, plan: GpuPlan) -
 _MIX_TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536)
 
 
-def measure_elementwise(dev: torch.device, stream: torch.cuda.Stream, plan: GpuPlan) -> Curve:
+def measure_elementwise(dev: torch.device, stream: torch.cuda.Stream, schedule: GpuSchedule) -> Curve:
     """1e9 activation elements/s of the non-matmul op mix in bf16 over the size class of its tensors:
     device time (the host's launch time is the launch-overhead figure's, and the cost model takes the larger
     of the two), elements counted on the meta device as a workload's blocks are. Small tensors run at
     kernel latency, not at the memory bandwidth: that is the point of measuring them."""
-    side = plan.matmul_dim
+    side = schedule.matmul_dim
     a = torch.randn(side, side, device=dev, dtype=torch.bfloat16)
     cover_out = torch.empty_like(a)
 
@@ -230,7 +242,7 @@ def measure_elementwise(dev: torch.device, stream: torch.cuda.Stream, plan: GpuP
     for tokens in _MIX_TOKENS:
         x = torch.randn(1, tokens, MIX_CHANNELS, device=dev, dtype=torch.bfloat16)
         counter = count_op_mix(tuple(x.shape), torch.bfloat16)
-        t = time_events(lambda x=x: op_mix(x), plan.matmul_repeats, stream, cover=cover)
+        t = time_events(lambda x=x: op_mix(x), schedule.matmul_repeats, stream, cover=cover)
         classes.append(float(counter.main_size_class))
         rates.append(counter.elements / t.median_s / 1e9)
         del x
@@ -252,79 +264,72 @@ def measure_launch_us(dev: torch.device) -> float:
     return summarize(samples).median_s * 1e6
 
 
+def provenance_notes(schedule: GpuSchedule, not_measured: dict[str, str]) -> dict[str, str]:
+    """How each field of a GPU profile was measured (measurements.to_profile puts the command before it)."""
+    rows, cols = schedule.dequant_shape
+    return {
+        "memory": f"torch.cuda.mem_get_info; usable = free − {GPU_RESERVE_BYTES} B reserve",
+        "link": "non_blocking copies on a side stream, CUDA events",
+        "device_memory_gbps": f"{schedule.memcpy_bytes} B device-to-device copy, read + write bytes counted",
+        "matmul_tflops": f"x (rows × {schedule.matmul_dim}) @ W ({schedule.matmul_dim}²), CUDA events",
+        "dequant_gweights_per_s": f"unpack of a {rows}×{cols} matrix into bf16 on the device"
+                                  + "".join(f"; {f} not measured: {why}" for f, why in not_measured.items()),
+        "copy_compute_overlap": "side-stream h2d copy alone, bf16 matmul loop alone, both at once",
+        "launch_overhead_us": "1000 in-place adds on a 1-element tensor",
+        "matmul_small_tflops": f"as matmul_tflops, with {schedule.matmul_small_dim}² weights, "
+                               f"{' and '.join(GPU_SMALL_DTYPES)}",
+        "elementwise_gelems_per_s": "a norm/elementwise/softmax mix in bf16 on 4 k to 16 M-element tensors, "
+                                    "CUDA events; elements counted on the meta device",
+    }
+
+
+def measure_all(dev: torch.device, schedule: GpuSchedule, formats: list[str],
+                step: Steps) -> tuple[Measurements, dict[str, str]]:
+    """Every field, in the order the progress steps announce them; the formats left out, with why."""
+    hip = getattr(torch.version, "hip", None) or ""
+    step("memory")
+    props = torch.cuda.get_device_properties(dev)
+    total, free = device_memory(dev)
+    side = torch.cuda.Stream(dev)
+    compute = torch.cuda.current_stream(dev)
+    step("link")
+    link = measure_link(dev, side, schedule)
+    step("device memory")
+    memcpy_gbps = measure_memcpy_gbps(dev, compute, schedule)
+    matmul = {}
+    for d in COMPUTE_DTYPES:
+        step(f"matmul {d}")
+        matmul[d] = measure_matmul(dev, compute, d, schedule)
+    step(SMALL_STEP)
+    small = {d: measure_matmul(dev, compute, d, schedule, schedule.matmul_small_dim) for d in GPU_SMALL_DTYPES}
+    dequant, not_measured = measure_dequant_rates(dev, compute, formats, schedule, step)
+    step("overlap")
+    overlap = measure_overlap(dev, side, schedule)
+    step("launch overhead")
+    launch_us = measure_launch_us(dev)
+    elementwise = measure_elementwise(dev, compute, schedule)
+    found = Measurements(
+        name=props.name, vendor="AMD" if hip else "NVIDIA", backend="rocm" if hip else "cuda",
+        driver=driver_version(), memory_total_bytes=total, memory_reserve_bytes=GPU_RESERVE_BYTES,
+        memory_usable_bytes=max(1, free - GPU_RESERVE_BYTES), link=link, device_memory_gbps=memcpy_gbps,
+        matmul_tflops=matmul, matmul_weight_dim=schedule.matmul_dim, matmul_small_tflops=small,
+        matmul_small_weight_dim=schedule.matmul_small_dim, dequant_gweights_per_s=dequant,
+        copy_compute_overlap=overlap, launch_overhead_us=launch_us, elementwise_gelems_per_s=elementwise,
+        compute_threads=0,
+    )
+    return found, not_measured
+
+
 def measure(index: int, quick: bool, progress: ProgressFn | None = None, source: str | None = None) -> DeviceProfile:
-    plan = QUICK if quick else FULL
+    """GPU `index` (CUDA or ROCm) measured (`quick`: the QUICK schedule) into a profile; `source` is the
+    command recorded in every provenance."""
+    schedule = QUICK if quick else FULL
     dev = torch.device("cuda", index)
     source = source or f"residency profile --device cuda:{index}{' --quick' if quick else ''}"
-    hip = getattr(torch.version, "hip", None) or ""
     formats = measured_formats()
     step = Steps(formats, COMPUTE_DTYPES, progress, matmul_extra=(SMALL_STEP,))
-
     with torch.cuda.device(dev):
-        step("memory")
-        props = torch.cuda.get_device_properties(dev)
-        total, free = device_memory(dev)
-        side = torch.cuda.Stream(dev)
-        compute = torch.cuda.current_stream(dev)
-        step("link")
-        link = measure_link(dev, side, plan)
-        step("device memory")
-        memcpy_gbps = measure_memcpy_gbps(dev, compute, plan)
-        matmul = {}
-        for d in COMPUTE_DTYPES:
-            step(f"matmul {d}")
-            matmul[d] = measure_matmul(dev, compute, d, plan)
-        step(SMALL_STEP)
-        small = {d: measure_matmul(dev, compute, d, plan, plan.matmul_small_dim) for d in GPU_SMALL_DTYPES}
-        dequant, not_measured = measure_dequant_rates(dev, compute, formats, plan, step)
-        step("overlap")
-        overlap = measure_overlap(dev, side, plan)
-        step("launch overhead")
-        launch_us = measure_launch_us(dev)
-        elementwise = measure_elementwise(dev, compute, plan)
+        found, not_measured = measure_all(dev, schedule, formats, step)
         torch.cuda.empty_cache()
     step.finish()
-
-    def measured(note: str) -> Provenance:
-        return Provenance("measured", f"{source} — {note}")
-
-    rows, cols = plan.dequant_shape
-    provenance = {
-        "memory": measured(f"torch.cuda.mem_get_info; usable = free − {GPU_RESERVE_BYTES} B reserve"),
-        "link": measured("non_blocking copies on a side stream, CUDA events"),
-        "device_memory_gbps": measured(f"{plan.memcpy_bytes} B device-to-device copy, read + write bytes counted"),
-        "matmul_tflops": measured(f"x (rows × {plan.matmul_dim}) @ W ({plan.matmul_dim}²), CUDA events"),
-        "dequant_gweights_per_s": measured(f"unpack of a {rows}×{cols} matrix into bf16 on the device"
-                                           + "".join(f"; {f} not measured: {why}" for f, why in not_measured.items())),
-        "copy_compute_overlap": measured("side-stream h2d copy alone, bf16 matmul loop alone, both at once"),
-        "launch_overhead_us": measured("1000 in-place adds on a 1-element tensor"),
-        "matmul_small_tflops": measured(f"as matmul_tflops, with {plan.matmul_small_dim}² weights, "
-                                        f"{' and '.join(GPU_SMALL_DTYPES)}"),
-        "elementwise_gelems_per_s": measured("a norm/elementwise/softmax mix in bf16 on 4 k to 16 M-element "
-                                             "tensors, CUDA events; elements counted on the meta device"),
-    }
-    return DeviceProfile(
-        name=props.name,
-        vendor="AMD" if hip else "NVIDIA",
-        backend="rocm" if hip else "cuda",
-        torch_version=torch.__version__,
-        cuda_version=torch.version.cuda or "",
-        hip_version=hip,
-        driver=driver_version(),
-        date=datetime.date.today().isoformat(),
-        memory_total_bytes=total,
-        memory_reserve_bytes=GPU_RESERVE_BYTES,
-        memory_usable_bytes=max(1, free - GPU_RESERVE_BYTES),
-        link=link,
-        device_memory_gbps=memcpy_gbps,
-        matmul_tflops=matmul,
-        dequant_gweights_per_s=dequant,
-        copy_compute_overlap=overlap,
-        launch_overhead_us=launch_us,
-        compute_threads=0,
-        provenance=provenance,
-        matmul_weight_dim=plan.matmul_dim,
-        matmul_small_tflops=small,
-        matmul_small_weight_dim=plan.matmul_small_dim,
-        elementwise_gelems_per_s=elementwise,
-    )
+    return to_profile(found, source, provenance_notes(schedule, not_measured))

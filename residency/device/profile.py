@@ -52,6 +52,14 @@ class Curve:
 
 @dataclass(frozen=True)
 class DeviceProfile:
+    """The planner's numbers for one device: memory [bytes], link curves [GB/s over transfer bytes], matmul
+    [TFLOP/s], dequant [1e9 weights/s] and elementwise [1e9 elements/s] rates, copy/compute overlap and launch
+    cost [us], each with its provenance (measured, or a datasheet value and its derating).
+
+    Made by residency.machine_profile (this machine, measured once), load_profile (shipped or saved) or
+    `residency profile`; frozen, validated when read.
+    """
+
     # --- identity ---
     name: str  # "Radeon RX 7800 XT", "cpu (2 cores)"
     vendor: str  # "AMD", "NVIDIA", "cpu"

@@ -27,6 +27,7 @@ class Timing:
 
 
 def spread_of_times(p10_s: float, p90_s: float, median_s: float) -> float:
+    """(p90 − p10) / median: how wide a measurement's samples spread, 0 for identical ones."""
     return 0.0 if median_s <= 0 else max(0.0, (p90_s - p10_s) / median_s)
 
 
@@ -41,6 +42,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 def summarize(samples_s: list[float]) -> Timing:
+    """Median, p10 and p90 of timed samples in seconds."""
     s = sorted(samples_s)
     return Timing(statistics.median(s), percentile(s, 0.1), percentile(s, 0.9), len(s))
 

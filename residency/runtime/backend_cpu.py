@@ -6,23 +6,16 @@ torch's thread count is process-wide, so it is the caller's again once the last 
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 import numpy as np
 import torch
 
+from residency.device.host_cpu import usable_cores
 from residency.formats.base import StorageFormat
 from residency.runtime.backend import LoadRecipe
 from residency.runtime.copy_worker import MARK_RING, CopyWorker
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def execute_on_host(recipe: LoadRecipe) -> tuple[float, float, float]:

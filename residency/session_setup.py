@@ -1,0 +1,254 @@
+"""The set-up `residency run`, `play` and `demo` share: the world model, its plan on this machine, the attached runtime.
+
+Commands keep their arguments and their output; this module turns those arguments into a running session.
+torch, the pipelines, the planner (its MILP solver), the runtime and the dashboard are imported inside the
+functions that use them: the CLI imports this module at start, and those imports cost seconds there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from residency import userpath
+from residency.errors import ResidencyError, UsageError
+
+if TYPE_CHECKING:  # each imports torch (and planning the MILP solver): imported where they are used
+    from pipelines.world_model import WorldModelPipeline
+    from policies import PlanRequest
+    from residency.dashboard import DashboardContext
+    from residency.device import DeviceProfile
+    from residency.plan import Budget, Plan
+    from residency.runtime import Runtime
+    from residency.telemetry import TelemetrySnapshot
+    from residency.workload import Workload
+
+NEEDS_REAL_WEIGHTS = ("lucid-500m", "lucid-800m")  # random weights of this size cost GBs and show noise
+# Below 1 MiB no block of any model fits: the smallest --vram the CLI accepts (arg_types.MIN_VRAM_BYTES).
+MIN_ROOM_BYTES = 2**20
+
+
+class Console(Protocol):
+    """Where the set-up's notes go: a rich Console (stderr for the commands)."""
+
+    def print(self, *objects: object) -> None: ...
+
+
+@dataclass(frozen=True)
+class Model:
+    """A world model ready to plan: the pipeline, its workload and what the commands tell the user about it."""
+
+    pipe: WorldModelPipeline  # float32 on the CPU (the runtime places it)
+    workload: Workload  # of the pipeline's config
+    label: str  # what the user sees
+    start_image: np.ndarray | None  # the default model's first held-out start image
+    sensitivity: dict | None  # measured block × format loss, when shipped
+    note: str | None  # e.g. the fallback to random weights
+
+
+def trained_dir() -> Path:
+    """Where the shipped trained model lives (pipelines/world_model/trained)."""
+    from pipelines.world_model.trained import DEFAULT_DIR
+
+    return DEFAULT_DIR
+
+
+def has_trained_weights() -> bool:
+    """The one check for the shipped model: its weights file is present."""
+    return (trained_dir() / "model.safetensors").is_file()
+
+
+def fallback_image(h: int, w: int) -> np.ndarray:
+    """A deterministic colour ramp: tiny's random weights give noise anyway; this only needs the right size."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 255 // max(1, w - 1), y * 255 // max(1, h - 1), (x + y) * 127 // max(1, h + w - 2)],
+                    axis=-1).astype(np.uint8)
+
+
+def load_model(name: str) -> Model:
+    """`default` (the shipped trained model, else tiny), `tiny`, or a saved pipeline directory or file.
+
+    Raises UsageError for an unknown name or a path that is no saved pipeline, ResidencyError for a
+    catalog model that ships no weights."""
+    import torch
+
+    from pipelines.world_model import PRESETS, WorldModelPipeline
+    from pipelines.world_model.workload import catalog_entry
+    from residency.workload import workload_from_dict
+
+    note, start, sensitivity = None, None, None
+    if name == "default" and has_trained_weights():
+        from pipelines.world_model import trained
+
+        pipe, label = trained.load_default(dtype=torch.float32), "default (trained)"
+        start = trained.start_images()[0]
+        with_sens = trained_dir() / "sensitivity.json"
+        sensitivity = trained.sensitivity() if with_sens.is_file() else None
+    elif name in ("default", "tiny"):
+        pipe, label = WorldModelPipeline.from_config("tiny"), "tiny (random weights)"
+        if name == "default":
+            note = (f"the trained model is not in {trained_dir()} yet: using tiny with random weights "
+                    "(frames are noise; the plan and the runtime are real)")
+            start = fallback_image(pipe.config.height, pipe.config.width)
+    elif name in NEEDS_REAL_WEIGHTS:
+        raise ResidencyError(f"{name} needs real weights to run; residency ships none for it",
+                             hint=f"plan it with `residency plan {name} --profile …`; run `default` or `tiny`, "
+                             "or a saved pipeline directory")
+    else:
+        kind, _ = userpath.path_kind(name)
+        if kind == userpath.MISSING:
+            raise UsageError(f"unknown model {name[:200]!r}",
+                             hint="default, tiny, or the path of a saved pipeline "
+                             f"(WorldModelPipeline.save_pretrained); presets {', '.join(PRESETS)}")
+        if kind != userpath.DIRECTORY:  # refuses a FIFO (open() would block), a device, a name the OS refuses
+            userpath.require_file(name, "a saved pipeline", hint="give a saved pipeline directory or a "
+                                  ".safetensors/.gguf file (WorldModelPipeline.save_pretrained)")
+        pipe, label = WorldModelPipeline.from_pretrained(name), Path(name).name
+    workload = workload_from_dict(catalog_entry(pipe.config))
+    return Model(pipe, workload, label, start, sensitivity, note)
+
+
+def start_image(model: Model, path: str | None) -> np.ndarray:
+    """The image at `path` (resized checks by read_image), else the model's own; UsageError when it has none."""
+    from residency.media import read_image
+
+    c = model.pipe.config
+    if path is not None:
+        return read_image(path, c.height, c.width)
+    if model.start_image is None:
+        raise UsageError(f"model {model.label} needs a start image",
+                         hint=f"give --image start.png ({c.width}x{c.height} pixels)")
+    return model.start_image
+
+
+def device_kind() -> str:
+    """`cuda` when torch sees a GPU (CUDA or ROCm), else `cpu`."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cached_profile(kind: str, console: Console) -> DeviceProfile:
+    """This machine's profile (residency.device.machine_profile), its notes on the console."""
+    import residency.device as device  # measure_profile looked up at call time: tests stand in for it
+
+    return device.machine_profile(kind, say=console.print, measure=device.measure_profile)
+
+
+def frame_budget_ms(fps: float | None, video_frames_per_latent: int) -> float | None:
+    """Milliseconds per latent frame at `fps` video frames per second; None for no frame budget."""
+    if fps is None:
+        return None
+    if not fps > 0:
+        raise UsageError(f"--fps must be positive, got {fps}", hint="e.g. --fps 15")
+    return 1000.0 * video_frames_per_latent / fps
+
+
+def default_vram_bytes(usable_bytes: int, workload: Workload, console: Console) -> int:
+    """The budget when none is given: the profile's usable memory, on the CPU no more than the RAM free now.
+
+    On the CPU backend the device memory and the host store share the RAM: the budget is at most the
+    RAM available now (with the host store's headroom) less the store at the CPU's compute dtype (the
+    largest it can be), however much the profile found free when it was measured.
+    """
+    if device_kind() != "cpu":
+        return usable_bytes
+    import residency.device.host_memory as host_ram
+    from residency.runtime.host_store import HOST_HEADROOM
+    from residency.units import fmt_bytes
+
+    available = int(host_ram.host_memory().available_bytes * HOST_HEADROOM)
+    store = workload.nbytes("F32")
+    room = available - store
+    if room < MIN_ROOM_BYTES:
+        raise ResidencyError(f"{fmt_bytes(available)} of RAM is available and the host store alone needs "
+                             f"{fmt_bytes(store)}: nothing is left for the model's device memory",
+                             hint="close other programs or raise the container's memory limit")
+    if room < usable_bytes:
+        console.print(f"note: device budget {fmt_bytes(room)}: the RAM available now less the host store "
+                      f"({fmt_bytes(store)}), below the profile's {fmt_bytes(usable_bytes)}")
+        return room
+    return usable_bytes
+
+
+@dataclass(frozen=True)
+class Replanner:
+    """The runtime's replan(budget, profile): the policy again, on the request the first plan came from."""
+
+    policy: Callable[[PlanRequest], Plan]
+    request: PlanRequest
+
+    @property
+    def profile(self) -> DeviceProfile:
+        """The profile the first plan was made for: the runtime re-plans with it."""
+        return self.request.profile
+
+    def __call__(self, budget: Budget, profile: DeviceProfile) -> Plan:
+        return self.policy(dataclasses.replace(self.request, budget=budget, profile=profile))
+
+
+def make_plan(model: Model, console: Console, *, plan_path: str | None = None, profile: str | None = None,
+              fps: float | None = None, vram_bytes: int | None = None) -> tuple[Plan, Replanner | None]:
+    """The plan to run and its replanner: `plan_path` loaded and checked against the model (no replanner),
+    or planned now with policy `ours` for `profile` (a name or path; default this machine's cached
+    measurement), `fps` video frames per second and `vram_bytes` (default: `default_vram_bytes`)."""
+    from residency.plan import load_plan
+
+    if plan_path:
+        plan = load_plan(plan_path)
+        plan.check_matches(model.workload, f"model {model.label}")
+        return plan, None
+    from policies import PlanRequest, get_policy
+    from residency.device import resolve_profile
+    from residency.plan import Budget
+
+    frame_ms = frame_budget_ms(fps, model.workload.video_frames_per_latent)
+    device_profile = resolve_profile(profile) if profile else cached_profile(device_kind(), console)
+    if vram_bytes is None:
+        vram_bytes = default_vram_bytes(device_profile.memory_usable_bytes, model.workload, console)
+    req = PlanRequest(model.workload, device_profile, Budget(vram_bytes, frame_ms),
+                      sensitivity=model.sensitivity, compute_dtype="fp32" if device_kind() == "cpu" else "bf16")
+    replan = Replanner(get_policy("ours"), req)
+    return replan.policy(req), replan
+
+
+def attach(model: Model, plan: Plan, replan: Replanner | None) -> Runtime:
+    """The runtime attached to the model, the pipeline cast to the plan's compute dtype first."""
+    from residency.runtime import Runtime
+    from residency.runtime.device_memory import TORCH_DTYPES
+
+    model.pipe.to(TORCH_DTYPES[plan.blocks[0].compute_dtype])
+    return Runtime(plan, device_kind(), workload=model.workload, replan=replan,
+                   profile=replan.profile if replan is not None else None).attach(model.pipe)
+
+
+def context_for(model: Model, plan: Plan) -> DashboardContext:
+    """What the dashboard and the trace show beside the telemetry: title, budgets, frames per latent."""
+    from residency.dashboard import DashboardContext
+
+    return DashboardContext(title=f"{model.label} · {device_kind()} · plan {plan.policy} on {plan.profile}",
+                            vram_budget_bytes=plan.budget.vram_bytes, frame_budget_ms=plan.budget.frame_ms,
+                            video_frames_per_latent=model.workload.video_frames_per_latent)
+
+
+def rollout(runtime: Runtime, pipe: WorldModelPipeline, image: np.ndarray, actions: list[str], seed: int,
+            on_frame: Callable[[int, TelemetrySnapshot], object]) -> list[np.ndarray]:
+    """Step a session from `image` through `actions`; on_frame(i, snapshot) after each latent frame."""
+    session = pipe.start(image, seed=seed)
+    video: list[np.ndarray] = []
+    for i, action in enumerate(actions):
+        video.extend(runtime.step(session, action))
+        on_frame(i, runtime.telemetry())
+    return video
+
+
+def final_snapshot(runtime: Runtime) -> TelemetrySnapshot:
+    """Detach and return every recorded frame (the last closes at detach) with memory as held before it."""
+    memory = runtime.telemetry().memory
+    runtime.detach()
+    return dataclasses.replace(runtime.telemetry(), memory=memory)
