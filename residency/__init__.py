@@ -1,22 +1,47 @@
 """residency: VRAM as a managed cache for diffusion world models on consumer GPUs.
 
-`residency.attach(model, vram="50%")` plans any model for this machine and runs it under the plan; the
-data layer (formats, checkpoint, device, workload, plan, simulate) is the public API beneath it.
+`residency.attach(model, vram="50%")` plans any model for this machine and runs it under the plan. The long
+form is exported here too: a workload (`workload_from_module`), a device profile (`machine_profile`,
+`load_profile`), a plan (`make_plan`, `save_plan`/`load_plan`) and the `Runtime` that executes it; plus the
+storage formats (`get_format`) and checkpoint I/O (`open_checkpoint`, `save_checkpoint`).
 """
 
+from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
 
+# name -> module defining it. Loaded on first use: most of them import torch and the planner (~1 s), which
+# `import residency` (and the CLI's start) must not pay.
+_EXPORTS = {
+    "attach": "residency.front_door",
+    "Runtime": "residency.runtime",
+    "DeviceProfile": "residency.device",
+    "load_profile": "residency.device",
+    "machine_profile": "residency.device",
+    "get_format": "residency.formats",
+    "open_checkpoint": "residency.checkpoint",
+    "save_checkpoint": "residency.checkpoint",
+    "Budget": "residency.plan",
+    "Plan": "residency.plan",
+    "load_plan": "residency.plan",
+    "save_plan": "residency.plan",
+    "make_plan": "residency.planning",
+    "workload_from_module": "residency.workload",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # Lazy: the front door imports torch and the planner (~1 s); `import residency` and the CLI's start do not.
-    if name == "attach":
-        from residency.front_door import attach
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'residency' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
-        globals()["attach"] = attach
-        return attach
-    raise AttributeError(f"module 'residency' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
-__all__ = ["__version__", "attach"]
+__all__ = ["__version__", *_EXPORTS]

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from residency import userpath
+from residency.atomic_file import atomic_output
 from residency.errors import ResidencyError
 
 FRAME_FORMATS = (".gif", ".png")
@@ -169,8 +170,6 @@ def write_frames(frames: Sequence[np.ndarray], path: str | os.PathLike[str], fps
     if not len(frames):
         raise ResidencyError("no frames to write", hint="ask for at least one frame")
     if path.suffix.lower() == ".gif":
-        from residency.checkpoint.atomic import atomic_output  # imports torch: only for the GIF
-
         images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
         with atomic_output(path) as tmp:
             images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],

@@ -37,17 +37,6 @@ PACKAGES = ("residency", "policies", "pipelines", "profiles", "tools")
 EXPLICIT_ROOT = "residency"  # its own row entry covers residency/__init__.py only
 ALL = "*"
 
-# Import cycles in the code today, as strongly connected components. Each is a lazy import inside a
-# function that closes a loop with a module-level import the other way:
-# - residency/runtime/backend.py's get_backend() imports backend_cpu/backend_cuda, which (and their
-#   copy_worker) import LoadRecipe from backend.py.
-# When one is fixed, remove it here; when all are, remove the xfail marker of test_no_import_cycles.
-KNOWN_CYCLES = (
-    frozenset({"residency.runtime.backend", "residency.runtime.backend_cpu", "residency.runtime.backend_cuda",
-               "residency.runtime.copy_worker"}),
-)
-
-
 # --- the checker -------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -294,15 +283,8 @@ def test_no_upward_imports(layers, edges):
     assert not bad, ("imports the layer table of ARCHITECTURE.md does not allow:\n  " + "\n  ".join(bad))
 
 
-def test_no_new_import_cycles(edges):
-    """Every cycle found is (part of) one already known: a new one fails here at once."""
-    new = [c for c in cycles(edges) if not any(c <= known for known in KNOWN_CYCLES)]
-    assert not new, f"new import cycles: {_show(new)}"
-
-
-@pytest.mark.xfail(strict=True, reason="known import cycles: " + _show(KNOWN_CYCLES)
-                   + " (a lazy import inside a function closes each; see KNOWN_CYCLES)")
 def test_no_import_cycles(edges):
+    """No module reaches itself through imports, lazy ones inside functions included."""
     found = cycles(edges)
     assert not found, f"import cycles: {_show(found)}"
 

@@ -28,10 +28,10 @@ from pipelines.catalog import catalog_paths  # noqa: E402
 from pipelines.world_model import WorldModelPipeline, get_config  # noqa: E402
 from pipelines.world_model.workload import catalog_entry  # noqa: E402
 from residency.device import measure_profile  # noqa: E402
+from residency.formats.dtypes import DTYPE_FORMAT  # noqa: E402
 from residency.plan import BlockPlan, Budget, Execution, Plan  # noqa: E402
 from residency.runtime import Runtime  # noqa: E402
 from residency.simulate import simulate  # noqa: E402
-from residency.simulate.costs import DTYPE_FORMAT  # noqa: E402
 from residency.workload import load_workload_file, workload_from_dict  # noqa: E402
 
 # dim 768 × depth 6: 6 DiT blocks of ~52 MB in F32, 331 MB of weights — copies take real time here.

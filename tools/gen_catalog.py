@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a file from a checkout: make the reposit
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.catalog import catalog_dir  # noqa: E402
-from residency.checkpoint.atomic import atomic_output  # noqa: E402
+from residency.atomic_file import atomic_output  # noqa: E402
 from residency.workload import workload_from_dict  # noqa: E402
 from tools.catalog_flux import catalog_entry as flux_catalog_entry  # noqa: E402
 from tools.catalog_wan import catalog_entry as wan_catalog_entry  # noqa: E402

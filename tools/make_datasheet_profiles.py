@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a file from a checkout: make the reposit
 from profiles import profiles_dir  # noqa: E402
 from residency.device.profile import COMPUTE_DTYPES, LINK_DIRECTIONS, Curve, DeviceProfile, Provenance  # noqa: E402
 from residency.device.profile_io import save_profile  # noqa: E402
-from residency.formats import FORMATS  # noqa: E402
+from residency.formats import COMPUTE_DTYPE_BYTES, FORMATS  # noqa: E402
 
 GIB = 2**30
 # ---- the derating model (each constant is an assumption, stated; a measurement replaces it) ----
@@ -28,7 +28,6 @@ LINK_LATENCY_S = 10e-6  # per-transfer set-up (launch + DMA start): t(bytes) = l
 LINK_SIZES_BYTES = (64 * 2**10, 256 * 2**10, 2**20, 4 * 2**20, 16 * 2**20, 64 * 2**20, 256 * 2**20)
 DEVICE_MEMORY_FRACTION = 0.85  # achievable share of the spec memory bandwidth in a streaming copy
 MATMUL_ROWS = (16, 64, 256, 512, 4096)
-COMPUTE_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 DEQUANT_EFFICIENCY = 0.7  # plain casts, FP8 and the legacy block quants: near memory-bound
 DEQUANT_EFFICIENCY_HEAVY = 0.5  # K-quants (nested scales) and NF4 (table lookup) do more integer work
 HEAVY_FORMATS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "NF4")

@@ -33,7 +33,7 @@ from pipelines.world_model.trained import DEFAULT_DIR, load_default, starts  # n
 from pipelines.world_model.trained.evaluate import mse, rollout, stored_as  # noqa: E402
 from pipelines.world_model.trained.png import read_png  # noqa: E402
 from pipelines.world_model.workload import catalog_entry  # noqa: E402
-from residency.checkpoint.atomic import atomic_output  # noqa: E402
+from residency.atomic_file import atomic_output  # noqa: E402
 from residency.cli import report  # noqa: E402
 from residency.errors import ResidencyError  # noqa: E402
 from residency.simulate.quality import block_error  # noqa: E402

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from residency.errors import ResidencyError
+from residency.formats.dtypes import KV_DTYPE_BYTES, KV_TORCH_DTYPES
 
 # Keyboard vocabulary: 8 directions + idle + two action keys. Index = embedding row.
 ACTIONS: tuple[str, ...] = (
@@ -21,14 +22,8 @@ ACTIONS: tuple[str, ...] = (
     "jump", "use",
 )  # fmt: skip
 
-KV_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-    # e4m3, unit scale: |k|,|v| > 448 saturate (values are clamped on write).
-    "fp8": torch.float8_e4m3fn,
-}
-KV_DTYPE_BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+# The KV dtypes a config may name (fp8: e4m3 at unit scale, |k|,|v| > 448 saturate); pipelines.world_model exports it.
+KV_DTYPES: dict[str, torch.dtype] = KV_TORCH_DTYPES
 
 
 # Sizes a config may ask for, checked before anything is built from it: a config.json that says

@@ -15,8 +15,8 @@ import torch
 
 from pipelines.world_model.config import WorldModelConfig
 from residency import userpath
+from residency.atomic_file import atomic_output
 from residency.checkpoint import open_checkpoint, save_checkpoint
-from residency.checkpoint.atomic import atomic_output
 from residency.errors import ResidencyError
 from residency.jsonfile import read_json
 

@@ -73,7 +73,10 @@ def save_checkpoint(
     whose "*" key (default "F32") covers the tensors it does not name. Tensors that got
     the default format fall back to `fallback` when the default cannot hold their shape,
     or is quantized and they are 0-D/1-D; an explicitly mapped format must hold its
-    tensor or FormatError is raised. fallback=None turns the fallback off.
+    tensor or FormatError is raised. fallback=None turns the fallback off. `metadata`: string
+    pairs stored in the file's header. Returns the path written.
+    Raises FormatError for an unknown format or a tensor it cannot hold, CheckpointError (naming the
+    file) for a bad extension, name or metadata, or a failed write (an existing file is left as it was).
     Cost: the whole packed checkpoint is held in host memory before writing.
     """
     packed = pack_tensors(tensors, formats, fallback)

@@ -6,7 +6,6 @@ read_trace rebuilds a TelemetrySnapshot from the spans by feeding them through t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,27 +17,20 @@ from residency.errors import ResidencyError
 from residency.jsonfile import read_json
 from residency.plan.plan import MAX_PLAN_BYTES
 from residency.plan.plan_io import prediction_from_dict
-from residency.telemetry import Recorder, TelemetrySnapshot, chrome_trace
+from residency.telemetry import Recorder, TelemetrySnapshot
+from residency.telemetry.chrome_trace import EXTRA_KEY, write_chrome_trace
 from residency.userpath import MISSING, path_kind
 from residency.validate import Reader, at
 from residency.workload.catalog import MAX_VIDEO_FRAMES_PER_LATENT
 
-EXTRA_KEY = "residency"  # our section of otherData; Perfetto and chrome://tracing ignore it
 SAME_TIME_US = 1e-3  # spans written from the same float mark agree to far better than a nanosecond
 
 
 def write_trace(snapshot: TelemetrySnapshot, context: DashboardContext, path: str | os.PathLike[str]) -> Path:
     """The Chrome trace of `snapshot` with the context, memory by kind and prediction; atomic."""
-    from residency.checkpoint.atomic import atomic_output
-
-    doc = chrome_trace(snapshot)
-    doc["otherData"][EXTRA_KEY] = {
+    return write_chrome_trace(snapshot, path, extra={
         "context": context.to_dict(), "memory": dict(snapshot.memory),
-        "prediction": dataclasses.asdict(snapshot.prediction) if snapshot.prediction else None}
-    path = Path(path)
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(doc))
-    return path
+        "prediction": dataclasses.asdict(snapshot.prediction) if snapshot.prediction else None})
 
 
 MAX_TRACE_BYTES = 256 << 20  # a 1,500-frame rollout of a 22-block model writes ~40 MB

@@ -45,7 +45,9 @@ def machine_profile(kind: str | None = None, *, say: Callable[[str], None] = _to
                     measure: Callable[..., DeviceProfile] = measure_profile) -> DeviceProfile:
     """This machine's `kind` ('cpu' or 'cuda'; None: the GPU if there is one) profile: read from the cache,
     or measured in quick mode by `measure` (~25 s on 2 cores) and cached. `say` gets one line before a
-    measurement and one for a damaged or unwritable cache (default: stderr)."""
+    measurement and one for a damaged or unwritable cache (default: stderr); neither stops it.
+
+    Raises ResidencyError for an unknown kind, or when the measurement itself fails."""
     kind = kind or device_kind()
     if kind not in KINDS:
         raise ResidencyError(f"machine profile kind {kind!r}", hint="one of: " + ", ".join(KINDS))

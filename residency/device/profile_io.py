@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from profiles import profiles_dir, shipped_profile_paths
-from residency.checkpoint.atomic import atomic_output
+from residency.atomic_file import atomic_output
 from residency.device.profile import (
     BACKENDS,
     COMPUTE_DTYPES,
@@ -324,7 +324,10 @@ def profile_path(name_or_path: str | os.PathLike[str]) -> Path:
 
 
 def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
-    """Load and validate a shipped profile by name, or a profile file by path."""
+    """Load and validate a shipped profile by name ("rtx-4090"; `residency profiles` lists them), or a
+    profile file by path (written by `residency profile -o`).
+
+    Raises ResidencyError for an unknown name, an unreadable file or an invalid field (naming it)."""
     return read_profile(profile_path(name_or_path))
 
 

@@ -12,6 +12,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from residency.errors import FormatError
 from residency.formats.base import OUT_DTYPES, StorageFormat, relative_rms_error
 from residency.formats.compiled import use_compiled
+from residency.formats.dtypes import (
+    COMPUTE_DTYPE_BYTES,
+    DTYPE_FORMAT,
+    KV_DTYPE_BYTES,
+    KV_TORCH_DTYPES,
+    TORCH_DTYPES,
+    weights_format,
+)
 from residency.formats.float_formats import FP8RowFormat, PlainFormat
 from residency.formats.gguf_block import GGUFBlockFormat
 from residency.formats.gguf_kquants import DEQUANT_K
@@ -55,7 +63,8 @@ _BY_GGUF_TYPE = {f.gguf_type: f for f in FORMATS.values() if f.gguf_type is not 
 
 
 def get_format(name: str) -> StorageFormat:
-    """Look a format up by name, case-insensitively (`q4_k`, `Q4_K`, `bf16`)."""
+    """The StorageFormat named `name`, case-insensitively (`q4_k`, `Q4_K`, `bf16`): its byte size, pack and
+    unpack. Raises FormatError (a ResidencyError) for an unknown name, listing the known ones."""
     fmt = FORMATS.get(str(name).upper())
     if fmt is None:
         raise FormatError(
@@ -70,6 +79,12 @@ def format_for_gguf_type(gguf_type: int) -> StorageFormat | None:
 
 
 __all__ = [
+    "COMPUTE_DTYPE_BYTES",
+    "DTYPE_FORMAT",
+    "KV_DTYPE_BYTES",
+    "KV_TORCH_DTYPES",
+    "TORCH_DTYPES",
+    "weights_format",
     "FORMATS",
     "OUT_DTYPES",
     "StorageFormat",

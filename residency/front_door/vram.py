@@ -1,14 +1,16 @@
-"""`vram=` of residency.attach: bytes, a size ("12GiB") or a share of the model's weights ("50%")."""
+"""The budget arguments of residency.attach and residency.make_plan: `vram=` (bytes, a size ("12GiB") or a
+share of the model's weights ("50%")) and `fps=` / `frame_ms=`."""
 
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
 
 from residency.errors import ResidencyError
+from residency.formats.dtypes import DTYPE_FORMAT
 from residency.units import MAX_SIZE_BYTES, fmt_bytes, parse_size
 
 VramSpec = int | str | None  # None: the profile's usable device memory
-COMPUTE_FORMAT = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}  # weights as the model computes them
+COMPUTE_FORMAT = DTYPE_FORMAT  # weights as the model computes them (the name the front door uses)
 
 
 def vram_bytes(vram: VramSpec, weight_bytes: int, usable_bytes: int) -> int:
@@ -38,3 +40,18 @@ def vram_bytes(vram: VramSpec, weight_bytes: int, usable_bytes: int) -> int:
         raise ResidencyError(f"vram={vram!r} of {fmt_bytes(weight_bytes)} of weights is under one byte",
                              hint="give a larger share or a size such as 64MiB")
     return budget
+
+
+def frame_budget_ms(fps: float | None, frame_ms: float | None, video_frames_per_latent: int) -> float | None:
+    """The time budget in ms per latent frame: from `fps` (video frames per second; a latent frame decodes to
+    `video_frames_per_latent` of them) or `frame_ms` as given; None when neither (the fastest plan that fits).
+    Raises ResidencyError when both are given or one is not positive."""
+    if fps is not None and frame_ms is not None:
+        raise ResidencyError(f"both fps={fps} and frame_ms={frame_ms}", hint="give one time budget, or neither")
+    if fps is not None:
+        if not fps > 0:
+            raise ResidencyError(f"fps={fps} must be positive", hint="e.g. fps=15")
+        return 1000.0 * video_frames_per_latent / fps
+    if frame_ms is not None and not frame_ms > 0:
+        raise ResidencyError(f"frame_ms={frame_ms} must be positive", hint="e.g. frame_ms=50")
+    return frame_ms

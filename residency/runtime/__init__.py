@@ -4,7 +4,8 @@
 forward (the unit a recovery retries); `detach()` restores it. A session it steps is a RecoverableSession.
 """
 
-from residency.runtime.backend import Backend, LoadRecipe, get_backend
+from residency.runtime.backend import Backend, LoadRecipe
+from residency.runtime.backends import get_backend
 from residency.runtime.host_store import HostMemoryExceeded, HostStore, clear_host_cache
 from residency.runtime.ledger import KINDS, DeviceBudgetExceeded, Ledger, LedgerSnapshot
 from residency.runtime.runtime import ReplanFn, Runtime

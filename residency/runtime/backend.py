@@ -1,6 +1,7 @@
 """The backend contract: device buffers, a copy engine beside compute, and timestamps for telemetry.
 
-CPU (a worker thread) and CUDA/ROCm (a copy stream fed by a worker thread) implement it.
+CPU (a worker thread) and CUDA/ROCm (a copy stream fed by a worker thread) implement it;
+`residency.runtime.backends.get_backend` picks one by name.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from residency.errors import ResidencyError
 from residency.formats.base import StorageFormat
 
 
@@ -75,23 +75,3 @@ class Backend(Protocol):
 
     def resolve(self, marks: np.ndarray) -> np.ndarray:
         """Marks -> seconds on one clock; called once per frame, after the frame's results are read."""
-
-
-def get_backend(name: str | Backend | None = None) -> Backend:
-    """'cpu', 'cuda' (also ROCm through torch.cuda), or None: the GPU when there is one, else the CPU."""
-    if name is not None and not isinstance(name, str):
-        return name
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        from residency.runtime.backend_cpu import CpuBackend
-
-        return CpuBackend()
-    if name in ("cuda", "rocm", "gpu"):
-        if not torch.cuda.is_available():
-            raise ResidencyError(f"backend {name!r} needs a CUDA or ROCm device and torch sees none",
-                                 hint="use the CPU backend: --backend cpu")
-        from residency.runtime.backend_cuda import CudaBackend
-
-        return CudaBackend()
-    raise ResidencyError(f"unknown backend {name!r}", hint="one of: cpu, cuda, rocm")

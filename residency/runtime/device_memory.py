@@ -11,21 +11,20 @@ from dataclasses import dataclass
 import torch
 
 from residency.formats import get_format
+from residency.formats.dtypes import COMPUTE_DTYPE_BYTES, DTYPE_FORMAT, TORCH_DTYPES
 from residency.formats.staging import StagedUnpack
 from residency.plan import BlockPlan, Plan
 from residency.runtime.backend import Backend, LoadRecipe
 from residency.runtime.host_store import BlockBlob
 from residency.runtime.ledger import Ledger
-from residency.simulate.costs import DTYPE_FORMAT
 from residency.simulate.memory import (
     GPU_WORKSPACE_BYTES,
     dequant_threads,
     needs_staging,
     thread_staging_bytes,
 )
-from residency.workload import COMPUTE_DTYPE_BYTES, Workload
+from residency.workload import Workload
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ARENA_ALIGN = 64  # bytes; blocks in the phase arena start on a cache line
 
 

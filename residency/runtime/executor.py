@@ -6,6 +6,8 @@ Per call it allocates no tensor and never synchronises; a call out of schedule l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from residency.plan import Plan
@@ -16,7 +18,26 @@ from residency.runtime.schedule import Call, CallSchedule
 from residency.telemetry.recorder import Recorder
 
 
+@dataclass(slots=True)
+class _PendingCall:
+    """What before() of a block call leaves for its after(): one instance per executor, overwritten per call
+    (so a call allocates no record)."""
+
+    block: int = 0  # index of the block in the plan
+    t_start: float = 0.0  # clock marks (backend.clock): the call entered before()
+    t_ready: float = 0.0  # its weights are in place (copy waited for, or phase blocks loaded)
+    t_dequant: float = 0.0  # its compute-side dequant has been issued
+    copy: tuple[float, float, float] | None = None  # (start, copied, end) marks of the load it waited for
+    nbytes: int = 0  # link bytes that load moved
+    in_schedule: bool = False  # the call is where the schedule expects it (the cursors advance)
+    reprime: bool = False  # the ring did not hold it: refill every slot after it
+    streamed: bool = False
+
+
 class Executor:
+    """Runs one attach's block calls: before(name) makes the block's weights computable, after(name) records
+    the call and refills the slot it released."""
+
     def __init__(self, plan: Plan, schedule: CallSchedule, memory: DeviceMemory, backend: Backend,
                  ledger: Ledger, recorder: Recorder, tensors: dict[str, tuple[torch.Tensor, ...]]):
         self.plan, self.schedule, self.memory, self.backend = plan, schedule, memory, backend
@@ -53,15 +74,15 @@ class Executor:
             else:
                 self._bind(bp.name, self.phase_binding[(self.first_phase[bp.name], bp.name)])
         # --- the cursor and the ring ---
-        self.p = 0  # expected position in the call stream
-        self.m = 0  # streamed calls before p
+        self.position = 0  # expected position in the call stream
+        self.streamed_before = 0  # streamed calls before `position` (the ring's ordinal of the next one)
         self.run_key: tuple[int, int] | None = None  # the phase run in progress
         self.arena_key: tuple | None = None  # the phase run whose blocks the arena holds
         self.slot_tag = [-1] * self.nslots  # streamed ordinal each slot holds (or is being loaded with)
         self.slot_block = [""] * self.nslots
         self.slot_ticket = [0] * self.nslots
         self.frame_open = False
-        self._pending: tuple = ()
+        self._pending = _PendingCall()
         self.out_of_schedule_calls = 0
         self.resyncs = 0
         if self.nslots and not self.sync:
@@ -85,20 +106,20 @@ class Executor:
         self.slot_ticket[s] = self.backend.submit(self.slot_recipe[(block, s)])
         self.slot_tag[s], self.slot_block[s] = k, block
 
-    def _prime(self, m0: int) -> None:
-        """Refill every slot from streamed call m0 on (after a resynchronisation; all slots are free)."""
+    def _prime(self, first: int) -> None:
+        """Refill every slot from streamed call `first` on (after a resynchronisation; all slots are free)."""
         self.backend.drain()
         self.slot_tag = [-1] * self.nslots
-        for k in range(m0, m0 + self.nslots):
+        for k in range(first, first + self.nslots):
             self._submit(k)
 
-    def _take_slot(self, name: str, m: int, in_schedule: bool):
-        s = m % self.nslots
+    def _take_slot(self, name: str, ordinal: int, in_schedule: bool):
+        s = ordinal % self.nslots
         b = self.backend
         if self.sync:
             b.run_now(self.slot_recipe[(name, s)])  # accelerate-style: blocking copy, then compute
             return self.slot_binding[(name, s)], b.copy_marks(0), False
-        if in_schedule and self.slot_tag[s] == m and self.slot_block[s] == name:
+        if in_schedule and self.slot_tag[s] == ordinal and self.slot_block[s] == name:
             b.wait(self.slot_ticket[s])
             return self.slot_binding[(name, s)], b.copy_marks(self.slot_ticket[s]), False
         # The ring does not hold this call: load it synchronously, never compute on a wrong slot.
@@ -133,27 +154,27 @@ class Executor:
             self.ledger.check()  # a budget cut: raise here, the runtime recovers
         b, sch = self.backend, self.schedule
         t0 = b.clock()
-        call: Call = sch.call(self.p)
+        call: Call = sch.call(self.position)
         in_schedule = call.block == name
         if not in_schedule:
-            q = sch.resync(self.p, name)
-            if q is not None:
+            found = sch.resync(self.position, name)
+            if found is not None:
                 self.resyncs += 1
-                self.p, self.m, in_schedule = q, sch.streamed_ordinal(q), True
-                call = sch.call(q)
+                self.position, self.streamed_before, in_schedule = found, sch.streamed_ordinal(found), True
+                call = sch.call(found)
             else:
                 self.out_of_schedule_calls += 1
         if in_schedule:
-            if self.frame_open and (self.p == 0 or sch.is_frame_start(self.p)):
+            if self.frame_open and (self.position == 0 or sch.is_frame_start(self.position)):
                 self.recorder.end_frame(b.resolve, self.ledger.total_bytes, self.ledger.peak_total_bytes, t0)
-            key = sch.run_key(self.p)
+            key = sch.run_key(self.position)
             if key != self.run_key:
                 self.run_key, self.arena_key = key, None  # the previous run's phase blocks are evicted
         self.frame_open = True
         bp = self.plan.by_name[name]
         copy, nbytes, reprime = None, 0, False
         if bp.placement == "streamed":
-            binding, copy, reprime = self._take_slot(name, self.m, in_schedule)
+            binding, copy, reprime = self._take_slot(name, self.streamed_before, in_schedule)
             nbytes = self.memory.blobs[name].nbytes
         elif bp.lifetime == "phase":
             phase = call.phase if in_schedule else self.first_phase[name]
@@ -164,22 +185,25 @@ class Executor:
         for fmt, src, out in binding.unpacks:  # dequant on the compute side, into the scratch
             fmt.unpack(src, out)
         self._bind(name, binding)
-        self._pending = (self.index[name], t0, t_ready, b.clock(), copy, nbytes, in_schedule, reprime,
-                         bp.placement == "streamed")
+        pending = self._pending
+        pending.block, pending.t_start, pending.t_ready, pending.t_dequant = self.index[name], t0, t_ready, b.clock()
+        pending.copy, pending.nbytes, pending.in_schedule, pending.reprime = copy, nbytes, in_schedule, reprime
+        pending.streamed = bp.placement == "streamed"
 
     def after(self, name: str) -> None:
-        b = self.backend
-        t_end = b.clock()
-        block, t0, t_ready, t_deq, copy, nbytes, in_schedule, reprime, streamed = self._pending
-        self.recorder.record(self.schedule.frame_of(self.p), block, t0, t_ready, t_deq, t_end, copy, nbytes)
-        if streamed and not self.sync:
-            if not in_schedule or reprime:
-                self._prime(self.m + 1 if in_schedule else self.m)
+        t_end = self.backend.clock()
+        call = self._pending
+        self.recorder.record(self.schedule.frame_of(self.position), call.block, call.t_start, call.t_ready,
+                             call.t_dequant, t_end, call.copy, call.nbytes)
+        if call.streamed and not self.sync:
+            ordinal = self.streamed_before
+            if not call.in_schedule or call.reprime:
+                self._prime(ordinal + 1 if call.in_schedule else ordinal)
             else:
-                self._submit(self.m + self.nslots)  # the call that reuses the slot this one just released
-        if in_schedule:
-            self.p += 1
-            self.m += streamed
+                self._submit(ordinal + self.nslots)  # the call that reuses the slot this one just released
+        if call.in_schedule:
+            self.position += 1
+            self.streamed_before += call.streamed
 
     def close_frame(self) -> None:
         """End the open frame's record now (detach, snapshot)."""

@@ -14,10 +14,12 @@ from torch import nn
 
 from residency.device import DeviceProfile
 from residency.errors import ResidencyError
+from residency.formats.dtypes import TORCH_DTYPES
 from residency.plan import Budget, Plan
-from residency.runtime.backend import Backend, get_backend
+from residency.runtime.backend import Backend
+from residency.runtime.backends import get_backend
 from residency.runtime.block_calls import BlockCalls, BlockHook, GroupHook
-from residency.runtime.device_memory import TORCH_DTYPES, DeviceMemory
+from residency.runtime.device_memory import DeviceMemory
 from residency.runtime.executor import Executor
 from residency.runtime.hooks import ModelHook, add_hook, check_removable, has_hook, remove_hook
 from residency.runtime.host_store import HostStore
@@ -124,6 +126,18 @@ class Runtime:
         self._root = pipeline
         return self
 
+    def _blob_requests(self, plan: Plan, found: dict[str, tuple[nn.Module, ...]],
+                       tensors: dict[str, tuple[torch.Tensor, ...]]) -> list[tuple]:
+        """What HostStore.build packs, per block: (name, module, spec, format, original tensors by name)."""
+        requests = []
+        for bp in plan.blocks:
+            spec = self.workload.by_name[bp.name]
+            names = [tensor_name for tensor_name, _shape in spec.tensors]
+            originals = {n: t.detach() for n, t in zip(names, tensors[bp.name], strict=True)}
+            module = found[bp.name][0]  # the host store caches a block's blob on its (first) module
+            requests.append((bp.name, module, spec, bp.format, originals))
+        return requests
+
     def _attach(self, pipeline: nn.Module, plan: Plan) -> None:
         plan.check_matches(self.workload, f"workload {self.workload.name!r}")
         found, enclosing = block_modules(pipeline, self.workload)
@@ -156,12 +170,7 @@ class Runtime:
         device_in_ram = 0
         if on_cpu:
             device_in_ram = plan.prediction.peak_total_bytes if plan.prediction else self.ledger.budget_bytes
-        # The host store caches a block's blob on its (first) module.
-        self.store.build([(bp.name, found[bp.name][0], self.workload.by_name[bp.name], bp.format,
-                           {n: t.detach() for (n, _), t in zip(self.workload.by_name[bp.name].tensors,
-                                                            tensors[bp.name], strict=True)})
-                          for bp in plan.blocks],
-                         extra_host_bytes=device_in_ram,
+        self.store.build(self._blob_requests(plan, found, tensors), extra_host_bytes=device_in_ram,
                          host_budget_bytes=self.host_budget_bytes)
         self.backend.start()
         memory = None

@@ -10,8 +10,9 @@ import numpy as np
 from scipy.optimize import linprog
 
 from residency.device.profile import DeviceProfile
+from residency.formats.dtypes import DTYPE_FORMAT
 from residency.plan.plan import Plan
-from residency.simulate.costs import DTYPE_FORMAT, compute_s, dequant_s
+from residency.simulate.costs import compute_s, dequant_s
 from residency.simulate.memory import GPU_WORKSPACE_BYTES
 from residency.workload.spec import Workload
 

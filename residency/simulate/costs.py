@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 from residency.device.profile import DeviceProfile
 from residency.formats import get_format
+from residency.formats.dtypes import COMPUTE_DTYPE_BYTES, DTYPE_FORMAT
 from residency.formats.sizing import effective_format
 from residency.plan.plan import BlockPlan, Execution
-from residency.workload.spec import COMPUTE_DTYPE_BYTES, BlockSpec
+from residency.workload.spec import BlockSpec
 
-DTYPE_FORMAT = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 # When a catalog entry has no counted ops: kernel launches per call in eager PyTorch estimated as two
 # per weight matrix (matmul/conv, then its epilogue) plus ~10 of norm, attention and residual glue;
 # dispatched ops (views included) as twice that. Counted figures (pipelines/world_model/workload.py

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from residency.device.profile import DeviceProfile
 from residency.formats import get_format
+from residency.formats.dtypes import DTYPE_FORMAT, TORCH_DTYPES
 from residency.formats.sizing import effective_format
 from residency.formats.staging import staging_bytes
 from residency.plan.plan import Plan
-from residency.simulate.costs import DTYPE_FORMAT, resident_bytes, scratch_bytes
+from residency.simulate.costs import resident_bytes, scratch_bytes
 from residency.workload.spec import Workload
 
 KINDS = ("resident", "resident_quantized", "slots", "dequant_scratch", "kv_cache", "activations", "workspace",
@@ -29,9 +28,6 @@ def needs_staging(bp) -> bool:
     return unpacked and bp.format != DTYPE_FORMAT[bp.compute_dtype]
 
 
-STAGING_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def staged_weights(block, bp) -> int:
     """Weights of the block's largest tensor whose unpack goes through a staging chunk (0: none)."""
     fmt, direct = get_format(bp.format), DTYPE_FORMAT[bp.compute_dtype]
@@ -41,7 +37,7 @@ def staged_weights(block, bp) -> int:
 
 def thread_staging_bytes(workload: Workload, blocks, device_type: str) -> int:
     """The staging buffer of one dequantizing thread that unpacks `blocks` (see formats.staging)."""
-    return max((staging_bytes(device_type, staged_weights(workload.by_name[b.name], b), STAGING_DTYPES[b.compute_dtype])
+    return max((staging_bytes(device_type, staged_weights(workload.by_name[b.name], b), TORCH_DTYPES[b.compute_dtype])
                 for b in blocks), default=0)
 
 

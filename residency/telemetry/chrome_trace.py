@@ -1,14 +1,18 @@
 """Chrome trace JSON (Perfetto, chrome://tracing) of recorded frames: copy, dequant and compute tracks.
 
-Device memory is a counter track; the file is written atomically (readers never see half a trace).
+Device memory is a counter track; the file is written atomically (readers never see half a trace). The one
+trace writer: the dashboard's trace files are these with a section of their own under otherData.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from residency.atomic_file import atomic_output
 from residency.telemetry.recorder import (
     BLOCK,
     C_COPIED,
@@ -23,6 +27,7 @@ from residency.telemetry.recorder import (
     TelemetrySnapshot,
 )
 
+EXTRA_KEY = "residency"  # our section of otherData; Perfetto and chrome://tracing ignore it
 PID = 1
 TIDS = {"copy": 1, "dequant": 2, "compute": 3, "stall": 4}
 
@@ -58,10 +63,17 @@ def chrome_trace(snapshot: TelemetrySnapshot) -> dict:
             "otherData": {"predicted_frame_ms": snapshot.prediction.frame_ms if snapshot.prediction else None}}
 
 
-def write_chrome_trace(snapshot: TelemetrySnapshot, path: str | os.PathLike[str]) -> Path:
-    from residency.checkpoint.atomic import atomic_output
+def write_chrome_trace(snapshot: TelemetrySnapshot, path: str | os.PathLike[str],
+                       extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the trace document of `snapshot` to `path` atomically and return the path.
 
+    `extra` (JSON-serialisable) goes under otherData[EXTRA_KEY]: the dashboard's context and memory by kind.
+    Raises ResidencyError naming the path when it cannot be written.
+    """
+    doc = chrome_trace(snapshot)
+    if extra is not None:
+        doc["otherData"][EXTRA_KEY] = dict(extra)
     path = Path(path)
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(chrome_trace(snapshot)))
+        tmp.write_text(json.dumps(doc))
     return path

@@ -21,6 +21,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
 from residency.errors import ResidencyError
+from residency.formats.dtypes import COMPUTE_DTYPE_BYTES, TORCH_DTYPES
 from residency.workload.module_blocks import ModuleBlocks, find_blocks, unit_tensors
 from residency.workload.module_schedule import (
     LOOSE,
@@ -33,11 +34,10 @@ from residency.workload.module_schedule import (
 )
 from residency.workload.module_trace import Trace, UnitCounts, trace_forward
 from residency.workload.op_count import size_class
-from residency.workload.spec import COMPUTE_DTYPE_BYTES, BlockSpec, PassSpec, PhaseSpec, Workload
+from residency.workload.spec import BlockSpec, PassSpec, PhaseSpec, Workload
 
 Example = tuple | Mapping[str, Any] | torch.Tensor  # positional inputs, keyword inputs, or one tensor
 COUNTED_ON = ("meta", "real", "narrow")  # which forward the counts come from
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class ModuleWorkloadWarning(UserWarning):
@@ -58,7 +58,13 @@ class ModuleWorkload:
 
 def workload_from_module(model: nn.Module, example_inputs: Example, *, name: str, component: str | None = None,
                          compute_dtype: str = "bf16", **options: Any) -> Workload:
-    """The Workload of `model` run on `example_inputs` (see module_workload for the options)."""
+    """The Workload of `model` run on `example_inputs` (see module_workload for the options).
+
+    example_inputs: one call's inputs (a tensor, a tuple, or a dict of keyword inputs) at the shapes to plan
+    for. name: the workload's name (plans and reports show it). component: the prefix of its block names
+    (default: `name`). compute_dtype: "bf16", "fp16" or "fp32", what byte and FLOP
+    figures assume. Raises ResidencyError for an unknown compute dtype or a model whose blocks or forward
+    cannot be found or counted."""
     return module_workload(model, example_inputs, name=name, component=component, compute_dtype=compute_dtype,
                            **options).workload
 
@@ -83,7 +89,7 @@ def module_workload(model: nn.Module, example_inputs: Example, *, name: str, com
     units = [u.modules for u in blocks.units]
     meta_error = ""
     try:
-        trace, counted_on = _meta_trace(model, units, args, kwargs, _DTYPES[compute_dtype], batch), "meta"
+        trace, counted_on = _meta_trace(model, units, args, kwargs, TORCH_DTYPES[compute_dtype], batch), "meta"
     except Exception as e:  # any failure of the meta run (data-dependent op, CPU tensor kept as attribute)
         meta_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         trace, counted_on = _fallback_trace(model, blocks, args, kwargs, batch, narrow, name, meta_error)

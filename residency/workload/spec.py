@@ -13,10 +13,9 @@ from functools import cached_property
 
 from residency.errors import ResidencyError
 from residency.formats import FORMATS
+from residency.formats.dtypes import COMPUTE_DTYPE_BYTES, KV_DTYPE_BYTES
 from residency.formats.sizing import effective_format
 
-KV_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
-COMPUTE_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 PERS = ("session", "latent_frame")  # how often a phase runs: once per session/prompt, or per latent frame
 KV_ACCESS = ("none", "read", "read+write")
 MAX_STEPS = 64  # denoise steps per latent frame; the simulator walks every block of a per-step pass each step

@@ -1,0 +1,64 @@
+"""Atomic file replacement: write a temp file beside the target, fsync, then os.replace.
+
+Readers see the old file or the complete new one, never a half-written one (checkpoints, plans, profiles,
+traces, GIFs). A foundation module: every layer that saves a file may use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from residency.errors import ResidencyError
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, error: type[ResidencyError] = ResidencyError) -> Iterator[Path]:
+    """Yield a temp path in `path`'s directory; on a clean exit it becomes `path`.
+
+    On any exception (including KeyboardInterrupt) the temp file is removed and an
+    existing `path` is left untouched. Cost: two fsyncs (file, then directory).
+    Raises `error` (a ResidencyError class; its message starts with the path) when the temp file
+    cannot be created or writing, syncing or renaming fails with an OSError.
+    """
+
+    def broken(path: Path, problem: str, hint: str) -> ResidencyError:
+        return error(f"{os.fspath(path)}: {problem}", hint)
+
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise broken(
+            path,
+            f"cannot create a file next to it ({e.strerror})",
+            hint="check the directory exists and is writable",
+        ) from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        # mkstemp makes the file 0600; give the new file the old one's mode, or a plain 0644.
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o644)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if isinstance(e, OSError):
+            raise broken(
+                path, f"writing failed ({e.strerror or e})", hint="check free disk space and permissions"
+            ) from e
+        raise
+    with contextlib.suppress(OSError):  # durability of the rename; not all filesystems allow it
+        _fsync_path(path.parent, directory=True)
