@@ -6,13 +6,16 @@ Every policy (ours and the peers') is scored by the same simulator, so their num
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from residency.device.profile import DeviceProfile
+from residency.formats.dtypes import weights_format  # noqa: F401 (the peers import it from here)
 from residency.plan import BlockPlan, Budget, Execution, Plan
 from residency.simulate import predict
 from residency.units import fmt_bytes
 from residency.workload import Workload
+
+MILP_NODE_LIMIT = 1000  # see PlanOptions.milp_node_limit; measured on the catalog models, tools/bench_policies.py
 
 
 @dataclass(frozen=True)
@@ -20,10 +23,10 @@ class PlanOptions:
     """How a plan is searched and scored; the defaults are what `residency plan` and `residency run` use."""
 
     bound: bool = True  # compute the plan's lower bound (an LP each): our planner skips it for its candidates
-    # Wall time [s] of our planner's search; peers, the bound and the gap statement follow it. None: no
-    # limit, nor on any MILP solve, so the plan does not depend on the machine's load — what the
-    # monotonicity tests need; planning then takes up to ~3.5 s here.
-    search_budget_s: float | None = 1.2
+    # HiGHS branch-and-bound nodes per MILP solve of our planner (search, gap statement, no-fit fallback).
+    # Planning is bounded by work, never by wall time, so the same request gives the same plan under any
+    # machine load. None: every solve runs to its optimality gap (slower on the largest models).
+    milp_node_limit: int | None = MILP_NODE_LIMIT
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,8 @@ def build_plan(req: PlanRequest, policy: str, blocks: Sequence[BlockPlan], execu
     w = req.workload
     plan = Plan(model=w.name, workload_fingerprint=w.fingerprint(), profile=req.profile.name,
                 profile_fingerprint=req.profile.fingerprint(), policy=policy, budget=req.budget,
-                blocks=tuple(blocks), execution=execution, kv_dtype=kv_dtype or req.kv_dtype or w.kv_dtype,
+                blocks=tuple(_located(w, bp) for bp in blocks), execution=execution,
+                kv_dtype=kv_dtype or req.kv_dtype or w.kv_dtype,
                 steps=w.steps, context_frames=w.context_frames, notes=tuple(notes))
     plan = predict(w, plan, req.profile, req.sensitivity, bound=req.options.bound)
     if not fits_memory(plan):
@@ -59,9 +63,15 @@ def build_plan(req: PlanRequest, policy: str, blocks: Sequence[BlockPlan], execu
     return plan
 
 
-def _with_note(plan: Plan, note: str) -> Plan:
-    from dataclasses import replace
+def _located(w: Workload, bp: BlockPlan) -> BlockPlan:
+    """`bp` with the module paths and tensor names of its workload block, for readers of the plan JSON."""
+    spec = w.by_name.get(bp.name)
+    if spec is None:
+        return bp  # an unknown block: Plan.check_matches names it when the plan is applied
+    return replace(bp, modules=spec.modules or (spec.name,), tensors=tuple(n for n, _ in spec.tensors))
 
+
+def _with_note(plan: Plan, note: str) -> Plan:
     return replace(plan, notes=plan.notes + (note,))
 
 
@@ -75,8 +85,3 @@ def uniform_blocks(workload: Workload, placement: str, fmt: str, compute_dtype: 
     overrides = overrides or {}
     return [BlockPlan(b.name, overrides.get(b.name, placement), fmt, compute_dtype, lifetime)
             for b in workload.blocks]
-
-
-def weights_format(compute_dtype: str) -> str:
-    """The storage format that needs no dequant for a compute dtype (peers keep weights as they are)."""
-    return {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[compute_dtype]

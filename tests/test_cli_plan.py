@@ -55,6 +55,19 @@ def test_steps_change_the_plan(capsys):
     assert json.loads(out8)["prediction"]["frame_ms"] > json.loads(out2)["prediction"]["frame_ms"]
 
 
+def test_compute_dtype_is_recorded_on_every_block_of_the_written_plan(capsys, tmp_path):
+    out_path = tmp_path / "plan.json"
+    code, _, err = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--compute-dtype", "fp32",
+                       "-o", str(out_path))
+    assert code == 0, err
+    assert {b.compute_dtype for b in load_plan(out_path).blocks} == {"fp32"}
+
+
+def test_the_default_compute_dtype_is_bf16(capsys):
+    _, out, _ = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--json")
+    assert {b["compute_dtype"] for b in json.loads(out)["blocks"]} == {"bf16"}
+
+
 @pytest.mark.parametrize(
     "argv, code, message",
     [
@@ -65,6 +78,7 @@ def test_steps_change_the_plan(capsys):
         (["plan", "tiny", "--profile", "rtx-5090", "--steps", "0"], 2, "argument --steps: must be a whole number"),
         (["plan", "tiny", "--profile", "rtx-5090", "--policy", "magic"], 1, "unknown policy 'magic'"),
         (["plan", "tiny"], 2, "--profile"),
+        (["plan", "tiny", "--profile", "rtx-5090", "--compute-dtype", "int8"], 2, "argument --compute-dtype"),
         (["plan", "tiny", "--profile", "rtx-5090", "--fps", "30", "--frame-ms", "10"], 2, "not allowed"),
     ],
 )

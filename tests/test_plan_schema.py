@@ -88,6 +88,10 @@ ACCEPTED = {
     "no notes": _set("notes", []),
     "an empty execution": _set("execution", {}),
     "an empty peak": _set("prediction", "peak_bytes", {}),
+    "schema version 1, blocks without modules and tensors": lambda d: (
+        d.update(schema_version=1), [(b.pop("modules"), b.pop("tensors")) for b in d["blocks"]]),
+    "a block in no module": _set("blocks", 0, "modules", []),
+    "a block without tensors": _set("blocks", 0, "tensors", []),
 }
 
 REFUSED = {
@@ -136,7 +140,13 @@ REFUSED = {
     "missing blocks": _drop("blocks"),
     "empty model name": _set("model", ""),
     "model as a number": _set("model", 5),
-    "schema version 2": _set("schema_version", 2),
+    "schema version 3": _set("schema_version", 3),
+    "schema version 0": _set("schema_version", 0),
+    "modules as text": _set("blocks", 0, "modules", "dit.blocks.0"),
+    "an empty module path": _set("blocks", 0, "modules", [""]),
+    "a module path a number": _set("blocks", 0, "modules", [0]),
+    "tensors as an object": _set("blocks", 0, "tensors", {"w": [4, 4]}),
+    "an empty tensor name": _set("blocks", 0, "tensors", ["attn.qkv.weight", ""]),
     "schema version true": _set("schema_version", True),
     "missing schema version": _drop("schema_version"),
     "prediction as text": _set("prediction", "fast"),
@@ -249,3 +259,23 @@ def test_every_policys_plan_is_valid_and_reads_back():
         doc = json.loads(json.dumps(plan_to_dict(plan)))
         assert [e.message for e in VALIDATOR.iter_errors(doc)] == [], name
         assert plan_from_dict(doc, name) == plan
+
+
+def test_written_plans_name_each_blocks_modules_and_tensors(good):
+    from pipelines.catalog import catalog_paths
+    from residency.workload import load_workload_file
+
+    workload = load_workload_file(catalog_paths()["tiny"])
+    assert good["schema_version"] == 2
+    for block in good["blocks"]:
+        spec = workload.by_name[block["name"]]
+        assert block["modules"] == list(spec.modules or (spec.name,))
+        assert block["tensors"] == [n for n, _ in spec.tensors] and block["tensors"]
+
+
+def test_modules_and_tensors_survive_a_round_trip(tmp_path, good):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(good))
+    plan = load_plan(path)
+    assert [list(b.modules) for b in plan.blocks] == [b["modules"] for b in good["blocks"]]
+    assert [list(b.tensors) for b in plan.blocks] == [b["tensors"] for b in good["blocks"]]

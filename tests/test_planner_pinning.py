@@ -51,6 +51,6 @@ def test_the_planners_plan_does_not_stall_behind_small_streamed_blocks():
     _, streamed = _all_streamed(w, profile, 2**34)
     # room for the two slots and the small blocks, not for a big block more
     vram = streamed.prediction.peak_total_bytes + 3 * w.by_name["dit.small.0"].nbytes("BF16") + 4096
-    plan = get_policy("ours")(PlanRequest(w, profile, Budget(vram, None), options=PlanOptions(search_budget_s=None)))
+    plan = get_policy("ours")(PlanRequest(w, profile, Budget(vram, None), options=PlanOptions()))
     assert plan.prediction.peak_total_bytes <= vram
     assert plan.prediction.stall_ms < 0.1 * streamed.prediction.stall_ms, plan.notes

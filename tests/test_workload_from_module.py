@@ -87,7 +87,7 @@ def plan_and_simulate(w: Workload) -> None:
     """Plan with ours under a shipped profile at a budget that streams part of the model, and simulate."""
     profile = resolve_profile("rtx-3060-12gb")
     ours = get_policy("ours")
-    options = PlanOptions(search_budget_s=0.3, bound=False)
+    options = PlanOptions(bound=False)
     roomy = ours(PlanRequest(w, profile, Budget(2**33, None), options=options))
     assert {b.placement for b in roomy.blocks} == {"resident"}
     tight = roomy.prediction.peak_total_bytes - w.nbytes("BF16") // 2

@@ -10,7 +10,7 @@ from dataclasses import replace
 from policies.base import PlanRequest, build_plan, fits_memory, uniform_blocks, weights_format
 from policies.ours.milp import solve
 from policies.ours.options import block_classes
-from policies.ours.problem import problem_for, solve_limit_for, to_plan
+from policies.ours.problem import problem_for, to_plan
 from residency.plan import BlockPlan, Budget, Execution, Plan
 from residency.units import fmt_bytes
 
@@ -25,7 +25,7 @@ def _solve_plan(req: PlanRequest, kv_dtype: str, *, vram_bytes: int | None, fram
         classes = [replace(c, options=tuple(o for o in c.options if o.format in formats) or c.options)
                    for c in classes]
     sol = solve(problem_for(req, classes, execution, kv_dtype, vram_bytes=vram_bytes, frame_s=frame_s,
-                            objective=objective, solve_limit_s=solve_limit_for(req.options)))
+                            objective=objective))
     if sol is None:
         return None
     sub = replace(req, budget=budget) if budget else req

@@ -28,7 +28,9 @@ class Problem:
     objective: str  # "loss" | "time" | "memory"
     loss_cap: float | None = None  # with objective "time"/"memory": keep quality at least this good
     time_cap_s: float | None = None  # with objective "loss"/"memory": stay at least this fast
-    solve_limit_s: float | None = 0.5  # HiGHS wall-time cap per solve (None: solve to the gap, deterministic)
+    # HiGHS branch-and-bound nodes per solve (None: solve to the gap). A count of work, not wall time, so
+    # the same problem gets the same answer under any machine load.
+    node_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,8 @@ def solve(p: Problem) -> Solution | None:
         c_obj[peak_i] = 1.0
         c_obj[t_i] = 1e-6
     options = {"mip_rel_gap": 2e-3}
-    if p.solve_limit_s is not None:
-        options["time_limit"] = p.solve_limit_s
+    if p.node_limit is not None:
+        options["node_limit"] = p.node_limit
     result = milp(c_obj, constraints=LinearConstraint(np.array(rows), lbs, ubs), integrality=integrality,
                   bounds=Bounds(lo, hi), options=options)
     if result.x is None:

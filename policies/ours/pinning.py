@@ -7,16 +7,17 @@ simulator sees it; this move tries the cure it suggests. Blocks at or under a si
 ring (same format: resident unpacked when that fits, else resident-quantized), for each threshold
 from the smallest streamed block up; the simulator scores every variant, the best is kept. Cost: one
 simulation per distinct streamed size, two where the unpacked variant does not fit (~5-10 ms each for catalog
-models), within the planner's deadline.
+models; Flux: 17 sizes), at most MAX_THRESHOLDS sizes: a count, so the result does not depend on load.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from policies.base import PlanRequest, build_plan, fits_memory, weights_format
 from residency.plan import BlockPlan, Plan
+
+MAX_THRESHOLDS = 64  # size thresholds tried, smallest first (~0.5 s of simulations at the most)
 
 
 def _pinned(bp: BlockPlan, packed: bool) -> BlockPlan:
@@ -26,19 +27,16 @@ def _pinned(bp: BlockPlan, packed: bool) -> BlockPlan:
     return BlockPlan(bp.name, placement, bp.format, bp.compute_dtype, "session", "compute")
 
 
-def pin_small_streamed(req: PlanRequest, plan: Plan, better: Callable[[Plan, Plan], bool],
-                       deadline: float = float("inf")) -> Plan:
+def pin_small_streamed(req: PlanRequest, plan: Plan, better: Callable[[Plan, Plan], bool]) -> Plan:
     """The best of `plan` and its variants with the streamed blocks ≤ each size threshold kept resident;
-    thresholds are tried smallest first until one does not fit or perf_counter() passes `deadline`."""
+    thresholds are tried smallest first (MAX_THRESHOLDS at most) until one does not fit."""
     w = req.workload
     frame_streamed = [bp for bp in plan.blocks if bp.placement == "streamed" and w.calls_per_frame(bp.name)]
     if len(frame_streamed) < 2 or not fits_memory(plan):
         return plan
     size = {bp.name: w.by_name[bp.name].nbytes(bp.format) for bp in frame_streamed}
     best = plan
-    for threshold in sorted(set(size.values()))[:-1]:  # leave at least the largest blocks streamed
-        if time.perf_counter() > deadline:
-            break
+    for threshold in sorted(set(size.values()))[:-1][:MAX_THRESHOLDS]:  # the largest blocks stay streamed
         pinned = {name for name, n in size.items() if n <= threshold}
         # packed differs from unpacked only for blocks not stored in their compute dtype's format
         packed_differs = any(bp.format != weights_format(bp.compute_dtype) for bp in plan.blocks if bp.name in pinned)

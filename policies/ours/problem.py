@@ -5,7 +5,7 @@ Shared by the search, the gap statement and the no-fit fallback, so each builds 
 
 from __future__ import annotations
 
-from policies.base import PlanOptions, PlanRequest, build_plan
+from policies.base import PlanRequest, build_plan
 from policies.ours.milp import Problem, Solution, solve
 from policies.ours.options import BlockClass, block_classes
 from residency.plan import BlockPlan, Execution, Plan
@@ -19,16 +19,10 @@ def fixed_bytes(req: PlanRequest, kv_dtype: str) -> int:
     return w.kv_cache_bytes(kv_dtype) + act + (GPU_WORKSPACE_BYTES if req.profile.is_gpu else 0)
 
 
-def solve_limit_for(options: PlanOptions) -> float | None:
-    """HiGHS' wall-time cap per solve; none when the request asks for planning independent of load."""
-    return None if options.search_budget_s is None else Problem.solve_limit_s
-
-
 def problem_for(req: PlanRequest, classes: list[BlockClass], execution: Execution, kv_dtype: str, *,
-                vram_bytes: int | None, frame_s: float | None, objective: str,
-                solve_limit_s: float | None) -> Problem:
+                vram_bytes: int | None, frame_s: float | None, objective: str) -> Problem:
     return Problem(classes, execution.slots, req.profile.copy_compute_overlap, fixed_bytes(req, kv_dtype),
-                   vram_bytes, frame_s, objective, solve_limit_s=solve_limit_s)
+                   vram_bytes, frame_s, objective, node_limit=req.options.milp_node_limit)
 
 
 def spread(classes: list[BlockClass], counts: list[list[int]], compute_dtype: str) -> dict[str, BlockPlan]:
@@ -58,11 +52,9 @@ def least_memory_plan(req: PlanRequest, kv_dtype: str) -> Plan:
     """The plan that needs the least device memory: shown, with what it needs, when no plan fits."""
     execution = Execution(prefetch_depth=1)
     classes = block_classes(req.workload, req, execution, kv_dtype)
-    # Capped like every other solve of the request: a load-independent request (search_budget_s None) solves
-    # to the end (flux-schnell at 1 GiB: 0.64 s, and 2.63 GiB needed instead of 2.66-5.73 GiB under load).
-    sol = solve(problem_for(req, classes, execution, kv_dtype, vram_bytes=None, frame_s=None, objective="memory",
-                            solve_limit_s=solve_limit_for(req.options)))
+    # Capped like every other solve of the request, by the same node count: the same answer under any load.
+    sol = solve(problem_for(req, classes, execution, kv_dtype, vram_bytes=None, frame_s=None, objective="memory"))
     return to_plan(req, classes, sol, execution, kv_dtype)
 
 
-__all__ = ["fixed_bytes", "least_memory_plan", "problem_for", "solve_limit_for", "spread", "to_plan"]
+__all__ = ["fixed_bytes", "least_memory_plan", "problem_for", "spread", "to_plan"]

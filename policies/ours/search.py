@@ -2,18 +2,18 @@
 
 For each (KV dtype, depth) the fastest plan is solved for, then the linear model's frame budget is
 bisected for the best quality the simulator confirms. Cost: up to 1 + REPAIRS solves and simulations per
-(KV dtype, depth), cut at the request's wall-time deadline.
+(KV dtype, depth), each solve capped by a node count (PlanOptions.milp_node_limit): bounded by work, not
+wall time, so the same request gives the same plan under any machine load.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 
 from policies.base import PlanRequest, fits_memory
 from policies.ours.milp import solve
 from policies.ours.options import block_classes
-from policies.ours.problem import problem_for, solve_limit_for, to_plan
+from policies.ours.problem import problem_for, to_plan
 from policies.ours.ranking import QUALITY_SLACK, better
 from residency.plan import Execution, Plan
 
@@ -36,7 +36,7 @@ def _fits(plan: Plan | None) -> bool:
     return plan is not None and fits_memory(plan)
 
 
-def search(req: PlanRequest, deadline: float) -> Found:
+def search(req: PlanRequest) -> Found:
     """The best plan over KV dtypes (the workload's, then FP8 only when nothing fits) × prefetch depths."""
     wanted = req.kv_dtype or req.workload.kv_dtype
     kv_choices = [wanted]
@@ -44,7 +44,7 @@ def search(req: PlanRequest, deadline: float) -> Found:
         kv_choices.append(KV_FALLBACK)  # halves the cache; taken only when nothing fits without it
     best: Plan | None = None
     for kv in kv_choices:
-        best = _best_over_depths(req, kv, deadline, best)
+        best = _best_over_depths(req, kv, best)
         if _fits(best):
             break
     if _fits(best) and best.kv_dtype != wanted:
@@ -53,23 +53,23 @@ def search(req: PlanRequest, deadline: float) -> Found:
     return Found(best, wanted)
 
 
-def _best_over_depths(req: PlanRequest, kv_dtype: str, deadline: float, best: Plan | None) -> Plan | None:
+def _best_over_depths(req: PlanRequest, kv_dtype: str, best: Plan | None) -> Plan | None:
     for depth in DEPTHS:
         if depth > DEPTHS[0] and _fits(best) and (
                 best.prediction.stall_ms <= DEEPER_IF_STALL * best.prediction.frame_ms):
             break  # a deeper ring costs slot memory and only pays where copies stall compute
-        for candidate in _bisect(req, kv_dtype, depth, deadline):
+        for candidate in _bisect(req, kv_dtype, depth):
             if better(best, candidate, req.budget.frame_ms):
                 best = candidate
     return best
 
 
-def _bisect(req: PlanRequest, kv_dtype: str, depth: int, deadline: float) -> list[Plan]:
+def _bisect(req: PlanRequest, kv_dtype: str, depth: int) -> list[Plan]:
     """The fastest plan, then plans of better quality at linear frame budgets up to the target."""
     execution = Execution(prefetch_depth=depth)
     classes = block_classes(req.workload, req, execution, kv_dtype)
     base = problem_for(req, classes, execution, kv_dtype, vram_bytes=req.budget.vram_bytes, frame_s=None,
-                       objective="time", solve_limit_s=solve_limit_for(req.options))
+                       objective="time")
     plans = []
     fastest = solve(base)
     if fastest is None:
@@ -84,8 +84,6 @@ def _bisect(req: PlanRequest, kv_dtype: str, depth: int, deadline: float) -> lis
     lo, hi = fastest.frame_s, target_ms / 1e3
     linear_s = hi
     for _ in range(REPAIRS):
-        if time.perf_counter() > deadline:
-            break  # keep the plans found so far: planning stays within its time budget
         sol = solve(replace(base, objective="loss", frame_s=linear_s))
         if sol is None:
             break

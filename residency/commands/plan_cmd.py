@@ -15,6 +15,7 @@ from residency.commands.console import make_console
 from residency.commands.plan_render import render_comparison, render_plan
 from residency.commands.sources import resolve_workload
 from residency.errors import UsageError
+from residency.plan.plan import COMPUTE_DTYPES
 from residency.units import parse_size
 
 EXIT_BUDGET_NOT_MET = 3
@@ -23,7 +24,8 @@ EXIT_BUDGET_NOT_MET = 3
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="plan residency and precision per block for a VRAM and frame-time budget",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("model", metavar="MODEL", help="catalog model (e.g. lucid-500m, flux-schnell) or a catalog .json")
+    p.add_argument("model", metavar="MODEL", help="catalog model (e.g. lucid-500m, flux-schnell), a catalog .json, "
+                   "or a diffusers/transformers model directory (config.json; weights not needed)")
     p.add_argument("--profile", required=True, metavar="NAME|PATH",
                    help="shipped device profile (see `residency profiles`) or a profile JSON")
     speed = p.add_mutually_exclusive_group()
@@ -36,6 +38,9 @@ def add_parser(sub) -> None:
                    "profile's usable memory)")
     p.add_argument("--steps", type=arg_types.bounded_int(1, 64, "denoise steps"), metavar="N",
                    help="denoise steps per latent frame (default: the model's)")
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="bf16",
+                   help="dtype the matmuls run in (default: bf16); fp32 for a model that computes in fp32, "
+                   "e.g. on the CPU backend")
     p.add_argument("--policy", default="ours", metavar="NAME", help="ours (default), a peer's name, or all")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("-o", "--output", metavar="PATH", help="write the plan as JSON (atomically)")
@@ -68,11 +73,12 @@ def make_request(args):
 
     if args.steps is not None and not 1 <= args.steps <= 64:
         raise UsageError(f"--steps must be between 1 and 64, got {args.steps}", hint="e.g. --steps 4")
-    workload = resolve_workload(args.model, steps=args.steps)
+    workload = resolve_workload(args.model, steps=args.steps, compute_dtype=args.compute_dtype)
     profile = resolve_profile(args.profile)
     vram = parse_size(args.vram, "--vram") if args.vram else profile.memory_usable_bytes
     budget = Budget(vram, frame_budget_ms(args, workload.video_frames_per_latent))
-    return PlanRequest(workload, profile, budget, host_bytes_available=host_memory().available_bytes)
+    return PlanRequest(workload, profile, budget, host_bytes_available=host_memory().available_bytes,
+                       compute_dtype=args.compute_dtype)
 
 
 def run(args) -> int:

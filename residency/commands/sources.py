@@ -1,13 +1,22 @@
-"""Resolve what a user names on the command line: a checkpoint path or a built-in model.
+"""Resolve what a user names on the command line, one way for `inspect` and `plan`.
 
-Built-in models are instantiated on the meta device, so inspecting them costs no memory.
+Sources: a catalog name, a catalog (workload) JSON, a checkpoint (.safetensors/.gguf or a directory of
+shards), a diffusers or transformers model directory (config.json; config only, no weights needed), or a
+diffusers pipeline directory (model_index.json). Built-in models are instantiated on the meta device, so
+inspecting them costs no memory.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from residency import userpath
+from residency.commands.config_source import (
+    is_diffusers_pipeline_dir,
+    is_model_dir,
+    model_dir_workload,
+)
 from residency.errors import ResidencyError
 from residency.inventory import (
     BlockInfo,
@@ -17,6 +26,22 @@ from residency.inventory import (
     inventory_from_module,
     inventory_from_named_shapes,
 )
+
+CATALOG = "catalog"  # a name in pipelines/catalog (the built-in world models are catalog names too)
+WORKLOAD_JSON = "workload-json"  # a catalog document written by tools/gen_catalog.py or workload_to_dict
+CHECKPOINT = "checkpoint"  # .safetensors / .gguf file or a directory of shards
+MODEL_DIR = "model-dir"  # config.json naming a diffusers or transformers class (+ weights or not)
+PIPELINE_DIR = "diffusers-pipeline"  # model_index.json and one subfolder per component
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+SOURCES_HINT = ("give a catalog model ({names}), a catalog .json, a .safetensors/.gguf checkpoint, or a diffusers "
+                "or transformers model directory (config.json)")
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # one of the kinds above
+    text: str  # as the user gave it
+    path: Path | None  # None for a catalog name
 
 
 def builtin_model_names() -> list[str]:
@@ -31,31 +56,70 @@ def catalog_names() -> list[str]:
     return list(catalog_paths())
 
 
-def resolve_workload(name_or_path: str, steps: int | None = None, context_frames: int | None = None):
-    """A catalog entry by name, or a catalog JSON file by path, at the given generation parameters."""
-    from pipelines.catalog import catalog_paths
+def _looks_like_path(text: str) -> bool:
+    return (any(sep in text for sep in ("/", "\\")) or text.endswith((*WEIGHT_SUFFIXES, ".json"))
+            or userpath.exists(text))
+
+
+def classify(text: str) -> Source:
+    """Which kind of source `text` names; ResidencyError naming it, with every accepted kind, when none."""
+    if not _looks_like_path(text):
+        if text in catalog_names() or text in builtin_model_names():
+            return Source(CATALOG, text, None)
+        raise ResidencyError(f"unknown model {text!r}", hint=SOURCES_HINT.format(names=", ".join(catalog_names())))
+    path = Path(text)
+    kind, reason = userpath.path_kind(path)  # Path.exists raises on a 300-character name
+    if kind in (userpath.MISSING, userpath.BAD):
+        raise ResidencyError(f"{text[:200]}: {reason or 'no such file or directory'}",
+                             hint=SOURCES_HINT.format(names=", ".join(catalog_names())))
+    if path.is_dir():
+        if is_diffusers_pipeline_dir(path):
+            return Source(PIPELINE_DIR, text, path)
+        if is_model_dir(path):
+            return Source(MODEL_DIR, text, path)
+        return Source(CHECKPOINT, text, path)
+    if path.suffix == ".json":
+        return Source(WORKLOAD_JSON, text, path)
+    return Source(CHECKPOINT, text, path)
+
+
+def resolve_workload(name_or_path: str, steps: int | None = None, context_frames: int | None = None,
+                     compute_dtype: str = "bf16"):
+    """The workload a source describes, at the given generation parameters.
+
+    compute_dtype: what a workload counted from a model directory assumes (catalog documents carry their own).
+    A bare checkpoint is refused: its tensors do not say in which order blocks run, how often, nor their FLOPs."""
     from residency.workload import load_workload_file
 
-    paths = catalog_paths()
-    if name_or_path in paths:
-        workload = load_workload_file(paths[name_or_path])
-    elif name_or_path.endswith(".json") and userpath.path_kind(name_or_path)[0] != userpath.MISSING:  # read_json says why it cannot read
-        workload = load_workload_file(name_or_path)
+    source = classify(name_or_path)
+    if source.kind == CATALOG:
+        from pipelines.catalog import catalog_paths
+
+        workload = load_workload_file(catalog_paths()[name_or_path])
+    elif source.kind == WORKLOAD_JSON:
+        workload = load_workload_file(source.path)
+    elif source.kind == MODEL_DIR:
+        workload = model_dir_workload(source.path, compute_dtype)
+    elif source.kind == PIPELINE_DIR:
+        raise ResidencyError(
+            f"{name_or_path}: a diffusers pipeline directory cannot be planned from the command line yet",
+            hint=f"plan one component's directory (e.g. {Path(name_or_path) / 'transformer'}), or the whole "
+                 "pipeline from Python with residency.attach(pipe, vram=…)")
     else:
         raise ResidencyError(
-            f"unknown model {name_or_path!r}",
-            hint="catalog models: " + ", ".join(paths) + "; or a catalog .json file (tools/gen_catalog.py)",
-        )
+            f"{name_or_path}: a checkpoint holds tensors, not the model's forward: the order its blocks run in, "
+            "how often, and their FLOPs are not in it, so it cannot be planned",
+            hint="plan the diffusers model directory holding its config.json (weights are not needed), a catalog "
+                 "model or a catalog .json; `residency inspect` reads a bare checkpoint")
     return workload.with_params(steps=steps, context_frames=context_frames)
 
 
-def _catalog_inventory(name: str) -> Inventory:
-    """A catalog entry's tensors as stored at BF16, grouped by the catalog's own blocks and components.
+def _workload_inventory(name: str, workload) -> Inventory:
+    """A workload's tensors as stored at BF16, grouped by the workload's own blocks and components.
 
     Names are prefixed with the block so they read as checkpoint keys; the grouping is taken from the
-    catalog, not re-derived from names (a block like `transformer.embed` holds keys with digits in them).
+    workload, not re-derived from names (a block like `transformer.embed` holds keys with digits in them).
     """
-    workload = resolve_workload(name)
     blocks = []
     for b in workload.blocks:
         named = [(f"{b.name}.{n}", shape, "BF16") for n, shape in b.tensors]
@@ -63,35 +127,26 @@ def _catalog_inventory(name: str) -> Inventory:
     return Inventory(name, blocks)
 
 
-def _looks_like_path(text: str) -> bool:
-    return any(sep in text for sep in ("/", "\\")) or text.endswith((".safetensors", ".gguf")) or userpath.exists(text)
+def _has_weights(path: Path) -> bool:
+    return any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir())
+
+
+def _checkpoint_inventory(path: Path) -> Inventory:
+    from residency.checkpoint import open_checkpoint
+
+    with open_checkpoint(path) as ckpt:
+        infos = [TensorInfo(e.name, tuple(e.shape), e.format, e.nbytes) for e in ckpt.entries.values()]
+    return group_tensors(str(path), infos)
 
 
 def load_inventory(name_or_path: str) -> Inventory:
-    if _looks_like_path(name_or_path):
-        path = Path(name_or_path)
-        kind, reason = userpath.path_kind(path)  # Path.exists raises on a 300-character name
-        if kind in (userpath.MISSING, userpath.BAD):
-            raise ResidencyError(
-                f"{name_or_path[:200]}: {reason or 'no such file or directory'}",
-                hint="give a .safetensors or .gguf file, a directory of shards, or a built-in model name",
-            )
-        from residency.checkpoint import open_checkpoint
+    """The tensors a source holds, grouped by block: read from a checkpoint where there is one, else counted."""
+    source = classify(name_or_path)
+    if source.kind == CHECKPOINT or (source.kind == MODEL_DIR and _has_weights(source.path)):
+        return _checkpoint_inventory(source.path)  # as stored: the real formats, not an assumed BF16
+    if source.kind == CATALOG and name_or_path in builtin_model_names():
+        from pipelines.world_model import WorldModelPipeline
 
-        with open_checkpoint(path) as ckpt:
-            infos = [TensorInfo(e.name, tuple(e.shape), e.format, e.nbytes) for e in ckpt.entries.values()]
-        return group_tensors(str(path), infos)
-    names = builtin_model_names()
-    if name_or_path not in names:
-        catalog = [n for n in catalog_names() if n not in names]
-        if name_or_path in catalog:
-            return _catalog_inventory(name_or_path)
-        raise ResidencyError(
-            f"unknown model {name_or_path!r}",
-            hint="built-in models: " + ", ".join(names) + "; catalog models: " + ", ".join(catalog)
-            + "; or give a path to a .safetensors/.gguf checkpoint",
-        )
-    from pipelines.world_model import WorldModelPipeline
-
-    pipe = WorldModelPipeline.from_config(name_or_path, device="meta")
-    return inventory_from_module(name_or_path, pipe)
+        pipe = WorldModelPipeline.from_config(name_or_path, device="meta")
+        return inventory_from_module(name_or_path, pipe)
+    return _workload_inventory(name_or_path, resolve_workload(name_or_path))

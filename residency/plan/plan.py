@@ -45,6 +45,11 @@ class BlockPlan:
     compute_dtype: str = "bf16"  # "bf16" | "fp16" | "fp32"
     lifetime: str = "session"  # resident kinds: "session" or "phase" (evicted when its phase ends)
     dequant_on: str = "compute"  # streamed quantized blocks: "compute" (slot holds packed bytes) or "copy"
+    # Where the block lives in the model, copied from the workload by the policy (build_plan) for readers of
+    # the plan JSON: module paths (relative to the traced model; the block's name where the workload has
+    # none) and tensor names (relative to the block). Not what the plan decides, so not compared.
+    modules: tuple[str, ...] = field(default=(), compare=False)
+    tensors: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         for what, value, allowed in (("placement", self.placement, PLACEMENTS),
@@ -79,6 +84,8 @@ class Execution:
 
 @dataclass(frozen=True)
 class Budget:
+    """What a plan may use: device bytes and milliseconds per latent frame (None: the fastest plan that fits)."""
+
     vram_bytes: int  # device bytes the plan may use (excludes the profile's reserve)
     frame_ms: float | None = None  # ms per latent frame; None = no latency target
 
@@ -108,6 +115,13 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Plan:
+    """Where every block of one workload lives on one device profile, and how it is copied and computed.
+
+    A policy makes it (residency.make_plan); the Runtime executes it. Tied to the workload and the profile by
+    their fingerprints (check_matches raises ResidencyError for another model); `prediction` holds the
+    simulator's figures (ms, bytes), `notes` the policy's verdict and caveats.
+    """
+
     model: str
     workload_fingerprint: str
     profile: str  # profile name

@@ -32,7 +32,9 @@ from residency.plan.plan import (
 from residency.validate import Reader, show
 from residency.workload.spec import KV_DTYPE_BYTES
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2  # 2: blocks carry `modules` and `tensors`
+# Versions read: a version 1 plan (no module paths, no tensor names) is decided the same way, so it still runs.
+READABLE_SCHEMA_VERSIONS = (1, 2)
 # The JSON Schema (draft 2020-12) of the plan document; plan_from_dict accepts exactly what it accepts.
 PLAN_SCHEMA_PATH = Path(__file__).with_name("plan.schema.json")
 
@@ -50,7 +52,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "kv_dtype": plan.kv_dtype,
         "steps": plan.steps,
         "context_frames": plan.context_frames,
-        "blocks": [asdict(b) for b in plan.blocks],
+        "blocks": [{**asdict(b), "modules": list(b.modules), "tensors": list(b.tensors)} for b in plan.blocks],
         "prediction": asdict(plan.prediction) if plan.prediction else None,
         "notes": list(plan.notes),
     }
@@ -68,10 +70,10 @@ def plan_from_dict(doc: Any, source: str = "<plan>") -> Plan:
     r = Reader(source, _HINT)
     r.obj(doc, "", _TOP_KNOWN)
     version = r.need(doc, "schema_version")
-    if isinstance(version, bool) or version != PLAN_SCHEMA_VERSION:
+    if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
         raise r.fail("schema_version", f"= {show(version)}: this version of residency reads plans of "
-                     f"schema_version {PLAN_SCHEMA_VERSION}", hint="re-create the plan with this version of "
-                     "`residency plan -o`")
+                     f"schema_version {' or '.join(map(str, READABLE_SCHEMA_VERSIONS))}",
+                     hint="re-create the plan with this version of `residency plan -o`")
     text = {k: r.string(r.need(doc, k), k, non_empty=True)
             for k in ("model", "workload_fingerprint", "profile", "profile_fingerprint", "policy")}
     budget = _budget(r, r.need(doc, "budget"))
@@ -110,7 +112,13 @@ def _block(r: Reader, value: Any, path: str) -> BlockPlan:
         compute_dtype=r.choice(r.optional(doc, "compute_dtype", "bf16"), f"{path}.compute_dtype", COMPUTE_DTYPES),
         lifetime=r.choice(r.optional(doc, "lifetime", "session"), f"{path}.lifetime", LIFETIMES),
         dequant_on=r.choice(r.optional(doc, "dequant_on", "compute"), f"{path}.dequant_on", DEQUANT_ON),
+        modules=_names(r, r.optional(doc, "modules", []), f"{path}.modules"),
+        tensors=_names(r, r.optional(doc, "tensors", []), f"{path}.tensors"),
     )
+
+
+def _names(r: Reader, value: Any, path: str) -> tuple[str, ...]:
+    return tuple(r.string(n, f"{path}[{i}]", non_empty=True) for i, n in enumerate(r.items(value, path)))
 
 
 def _execution(r: Reader, value: Any) -> Execution:
@@ -147,7 +155,10 @@ _PREDICTION_FIELDS = tuple(f.name for f in fields(Prediction))
 
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
-    from residency.checkpoint.atomic import atomic_output
+    """Write `plan` as JSON (the schema of PLAN_SCHEMA_PATH) to `path` atomically; returns the path.
+
+    Raises ResidencyError naming the path when it cannot be written."""
+    from residency.atomic_file import atomic_output
 
     path = Path(path)
     with atomic_output(path) as tmp:
@@ -156,5 +167,9 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
 
 
 def load_plan(path: str | os.PathLike[str]) -> Plan:
+    """Read a plan written by save_plan (or `residency plan -o`), every field checked.
+
+    Raises ResidencyError naming the file and the field for a missing, unreadable or invalid plan. The plan
+    is not yet tied to a model: Plan.check_matches(workload) (the Runtime calls it) refuses another one."""
     doc = read_json(path, "the plan", "give a file written by `residency plan -o`")
     return plan_from_dict(doc, str(path))

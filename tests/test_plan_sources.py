@@ -1,0 +1,132 @@
+"""`residency plan` and `residency inspect` read the same sources: catalog names, catalog JSON, diffusers model
+directories (config only: no weights) — and refuse what cannot be planned with a reason and a hint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from diffusers import UNet2DConditionModel
+
+from residency.cli import main
+from residency.commands.sources import CATALOG, CHECKPOINT, MODEL_DIR, PIPELINE_DIR, WORKLOAD_JSON, classify
+from residency.workload import workload_to_dict
+
+UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                   attention_head_dim=8, norm_num_groups=8)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def unet_dir(tmp_path):
+    """A diffusers model directory with its config and no weights, as a user would copy it from the hub."""
+    path = tmp_path / "unet"
+    UNet2DConditionModel(**UNET_CONFIG).save_config(path)
+    assert not any(p.suffix == ".safetensors" for p in path.iterdir())
+    return path
+
+
+def test_each_kind_of_source_is_told_apart(tmp_path, unet_dir):
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    (tmp_path / "w.json").write_text("{}")
+    assert classify("tiny").kind == CATALOG
+    assert classify(str(unet_dir)).kind == MODEL_DIR
+    assert classify(str(tmp_path / "pipe")).kind == PIPELINE_DIR
+    assert classify(str(tmp_path / "w.safetensors")).kind == CHECKPOINT
+    assert classify(str(tmp_path / "w.json")).kind == WORKLOAD_JSON
+
+
+def test_a_config_only_diffusers_directory_plans_with_module_paths(capsys, unet_dir):
+    code, out, err = run(capsys, "plan", str(unet_dir), "--profile", "rtx-5090", "--compute-dtype", "fp32", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["model"] == "unet" and {b["compute_dtype"] for b in doc["blocks"]} == {"fp32"}
+    model = UNet2DConditionModel(**UNET_CONFIG)
+    covered = {f"{path}.{name}" for b in doc["blocks"] for path in b["modules"]
+               for name, _ in model.get_submodule(path).named_parameters()}
+    assert covered == set(dict(model.named_parameters()))  # every module path is the model's own, none missed
+    assert sum(len(b["tensors"]) for b in doc["blocks"]) == len(covered)
+
+
+def test_a_plan_of_a_model_directory_validates_against_the_shipped_schema(capsys, unet_dir, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from residency.plan.plan_io import PLAN_SCHEMA_PATH
+
+    out_path = tmp_path / "plan.json"
+    code, _, err = run(capsys, "plan", str(unet_dir), "--profile", "rx-7800-xt", "--vram", "1MiB", "-o", str(out_path))
+    assert code in (0, 3), err
+    schema = json.loads(PLAN_SCHEMA_PATH.read_text())
+    assert [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(json.loads(out_path.read_text()))] == []
+
+
+def test_a_config_only_transformers_directory_plans(capsys, tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "llama")
+    code, out, err = run(capsys, "plan", str(tmp_path / "llama"), "--profile", "rtx-5090", "--json")
+    assert code == 0, err
+    modules = {m for b in json.loads(out)["blocks"] for m in b["modules"]}
+    assert {"model.layers.0", "model.layers.1", "model.embed_tokens"} <= modules
+
+
+def test_inspect_reads_the_same_config_only_directory(capsys, unet_dir):
+    code, out, err = run(capsys, "inspect", str(unet_dir), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["params"] == sum(p.numel() for p in UNet2DConditionModel.from_config(UNET_CONFIG).parameters())
+
+
+def test_a_catalog_json_plans_like_its_catalog_name(capsys, tmp_path):
+    from pipelines.catalog import catalog_paths
+    from residency.workload import load_workload_file
+
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(workload_to_dict(load_workload_file(catalog_paths()["tiny"]))))
+    _, by_name, _ = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--json")
+    _, by_file, _ = run(capsys, "plan", str(path), "--profile", "rtx-5090", "--json")
+    assert [b["format"] for b in json.loads(by_file)["blocks"]] == [b["format"] for b in json.loads(by_name)["blocks"]]
+
+
+def test_a_bare_checkpoint_is_refused_for_planning_with_what_to_give(capsys, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a.weight": torch.zeros(4, 4)}, path)
+    code, _, err = run(capsys, "plan", str(path), "--profile", "rtx-5090")
+    assert code == 1
+    assert "cannot be planned" in err and "hint:" in err and "config.json" in err
+    assert run(capsys, "inspect", str(path))[0] == 0  # inspect still reads it
+
+
+def test_a_pipeline_directory_is_refused_naming_a_component_to_plan(capsys, tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    code, _, err = run(capsys, "plan", str(tmp_path), "--profile", "rtx-5090")
+    assert code == 1 and "pipeline directory" in err and "transformer" in err
+
+
+def test_a_config_naming_no_diffusers_class_is_refused(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "NoSuchModel"}))
+    code, _, err = run(capsys, "plan", str(tmp_path), "--profile", "rtx-5090")
+    assert code == 1 and "'NoSuchModel' is not a diffusers model class" in err and "hint:" in err
+
+
+def test_a_model_whose_inputs_the_config_does_not_fix_is_refused_with_the_python_route(capsys, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                           num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
+                           axes_dims_rope=(4, 6, 6)).save_config(tmp_path / "flux")
+    code, _, err = run(capsys, "plan", str(tmp_path / "flux"), "--profile", "rtx-5090")
+    assert code == 1 and "FluxTransformer2DModel" in err and "shapes of its inputs" in err
+    assert "workload_from_module" in err and "workload_to_dict" in err
