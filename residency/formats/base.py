@@ -50,6 +50,10 @@ class StorageFormat(ABC):
     def nbytes(self, shape: Sequence[int]) -> int:
         """Exact packed size in bytes of a tensor of `shape` (torch order)."""
         self.check_shape(shape)
+        return self.nbytes_of_supported(shape)
+
+    def nbytes_of_supported(self, shape: Sequence[int]) -> int:
+        """nbytes for a shape already known to pass `supports` (the sizing rule checks it once, not twice)."""
         return int(math.prod(shape)) // self.block_weights * self.block_bytes
 
     def nbytes_or_none(self, shape: Sequence[int]) -> int | None:

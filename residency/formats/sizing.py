@@ -31,4 +31,7 @@ def _fallback() -> StorageFormat:
 
 def tensor_bytes(shape: Sequence[int], fmt: StorageFormat) -> int:
     """Bytes of a tensor of `shape` stored as `fmt` (after the fallback rule)."""
-    return effective_format(fmt, shape).nbytes(shape)
+    eff = effective_format(fmt, shape)
+    if eff is fmt and fmt.block_weights > 1:  # effective_format just checked `supports`
+        return fmt.nbytes_of_supported(shape)
+    return eff.nbytes(shape)
