@@ -52,8 +52,18 @@ class BlockInfo:
         return sum(t.nbytes for t in self.tensors)
 
     def bytes_as(self, fmt_name: str) -> int:
-        fmt_name = get_format(fmt_name).name
-        return sum(_bytes_as(t.shape, fmt_name) for t in self.tensors)
+        return self.bytes_by_format((fmt_name,))[get_format(fmt_name).name]
+
+    def bytes_by_format(self, fmt_names: Sequence[str]) -> dict[str, int]:
+        """Bytes of the block stored in each of `fmt_names`, in one pass over its tensors (inspect sizes
+        200,000 tensors in four formats: one loop instead of a generator and a sum per format)."""
+        names = [get_format(f).name for f in fmt_names]
+        totals = dict.fromkeys(names, 0)
+        for t in self.tensors:
+            shape = t.shape
+            for name in names:
+                totals[name] += _bytes_as(shape, name)
+        return totals
 
     @property
     def formats(self) -> list[str]:

@@ -48,7 +48,7 @@ class _Sizes:
 
 def _sizes(b: BlockInfo) -> _Sizes:
     return _Sizes(
-        len(b.tensors), b.params, b.stored_bytes, tuple(b.formats), {f: b.bytes_as(f) for f in COMPARE_FORMATS}
+        len(b.tensors), b.params, b.stored_bytes, tuple(b.formats), b.bytes_by_format(COMPARE_FORMATS)
     )
 
 
