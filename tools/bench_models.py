@@ -26,6 +26,7 @@ from rich.table import Table  # noqa: E402
 
 import residency  # noqa: E402
 from residency.device import machine_profile, resolve_profile  # noqa: E402
+from tools.bench_runtime import timed_pairs as runtime_timed_pairs  # noqa: E402
 
 TARGETS = {"overhead": 0.03, "prediction": 0.20}
 # Lines of user code for the minimal integration, from each library's documented usage (stated, not measured):
@@ -82,21 +83,8 @@ def _timed(fn) -> float:
 
 
 def timed_pairs(step_a, step_b, pairs: int, warmup: int) -> list[tuple[float, float]]:
-    """(A ms, B ms) of forwards run back to back, alternating which goes first (ABBA): this VM drifts by
-    10-40 % within a minute, so only forwards adjacent in time compare."""
-    for _ in range(warmup):
-        step_a()
-        step_b()
-    out = []
-    for k in range(pairs):
-        if k % 2:
-            b = _timed(step_b)
-            a = _timed(step_a)
-        else:
-            a = _timed(step_a)
-            b = _timed(step_b)
-        out.append((a, b))
-    return out
+    """(A ms, B ms) of forwards run back to back in ABBA order (bench_runtime's pairing, in ms)."""
+    return [(a * 1e3, b * 1e3) for a, b in runtime_timed_pairs(step_a, step_b, pairs, warmup)]
 
 
 def _ratio_stats(pairs: list[tuple[float, float]]) -> dict:

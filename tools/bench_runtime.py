@@ -74,12 +74,13 @@ def _median_of(rounds: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rounds)
 
 
-def frame_pair_ratios(step_a, step_b, pairs: int, warmup: int) -> list[float]:
-    """B's ms ÷ A's ms from frames run back to back, alternating which goes first (ABBA order)."""
+def timed_pairs(step_a, step_b, pairs: int, warmup: int) -> list[tuple[float, float]]:
+    """(A s, B s) of steps run back to back, alternating which goes first (ABBA order): this VM drifts by
+    10-40 % within a minute, so only steps adjacent in time compare."""
     for _ in range(warmup):
         step_a()
         step_b()
-    ratios = []
+    out = []
     for k in range(pairs):
         if k % 2:
             b = _timed(step_b)
@@ -87,8 +88,13 @@ def frame_pair_ratios(step_a, step_b, pairs: int, warmup: int) -> list[float]:
         else:
             a = _timed(step_a)
             b = _timed(step_b)
-        ratios.append(b / a)
-    return ratios
+        out.append((a, b))
+    return out
+
+
+def frame_pair_ratios(step_a, step_b, pairs: int, warmup: int) -> list[float]:
+    """B's ms ÷ A's ms from frames run back to back, alternating which goes first (ABBA order)."""
+    return [b / a for a, b in timed_pairs(step_a, step_b, pairs, warmup)]
 
 
 def paired_overhead(plain_pipe, plan: Plan, w, image, pairs: int, warmup: int) -> tuple[list[float], list[float]]:
