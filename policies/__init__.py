@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from policies.base import PlanOptions, PlanRequest, PolicyFn, build_plan, fits_memory
+from policies.base import PlanOptions, PlanRequest, PolicyFn, Replanner, build_plan, fits_memory
 from residency.errors import ResidencyError
 
 
@@ -29,4 +29,4 @@ def get_policy(name: str) -> PolicyFn:
     return policies[name]
 
 
-__all__ = ["PlanOptions", "PlanRequest", "PolicyFn", "build_plan", "fits_memory", "get_policy", "registry"]
+__all__ = ["PlanOptions", "PlanRequest", "PolicyFn", "Replanner", "build_plan", "fits_memory", "get_policy", "registry"]

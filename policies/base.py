@@ -44,6 +44,22 @@ class PlanRequest:
 PolicyFn = Callable[[PlanRequest], Plan]
 
 
+
+@dataclass(frozen=True)
+class Replanner:
+    """The runtime's replan(budget, profile): the policy again, on the request the first plan came from."""
+
+    policy: Callable[[PlanRequest], Plan]
+    request: PlanRequest
+
+    @property
+    def profile(self) -> DeviceProfile:
+        """The profile the first plan was made for: the runtime re-plans with it."""
+        return self.request.profile
+
+    def __call__(self, budget: Budget, profile: DeviceProfile) -> Plan:
+        return self.policy(replace(self.request, budget=budget, profile=profile))
+
 def build_plan(req: PlanRequest, policy: str, blocks: Sequence[BlockPlan], execution: Execution,
                notes: Sequence[str] = (), kv_dtype: str | None = None) -> Plan:
     """A Plan for the request with the simulator's prediction and, when it does not fit, a note.

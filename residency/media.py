@@ -131,7 +131,7 @@ def _refuse_earlier_sequence(path: Path) -> None:
             hint=f"remove them first (rm {path.parent / path.stem}-*.png) or pick another output name")
 
 
-# A sequence being written lives in .NAME.frames-HOST-PID-XXXX.tmp until it is complete.
+# A sequence being written lives in .NAME.frames-HOST-PID-<random>.tmp until it is complete.
 def _temp_prefix(path: Path) -> str:
     host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64]
     return f".{path.name}.frames-{host}-{os.getpid()}-"

@@ -20,10 +20,10 @@ from residency.errors import ResidencyError, UsageError
 
 if TYPE_CHECKING:  # each imports torch (and planning the MILP solver): imported where they are used
     from pipelines.world_model import WorldModelPipeline
-    from policies import PlanRequest
+    from policies import Replanner
     from residency.dashboard import DashboardContext
     from residency.device import DeviceProfile
-    from residency.plan import Budget, Plan
+    from residency.plan import Plan
     from residency.runtime import Runtime
     from residency.telemetry import TelemetrySnapshot
     from residency.workload import Workload
@@ -140,15 +140,6 @@ def cached_profile(kind: str, console: Console) -> DeviceProfile:
     return device.machine_profile(kind, say=console.print, measure=device.measure_profile)
 
 
-def frame_budget_ms(fps: float | None, video_frames_per_latent: int) -> float | None:
-    """Milliseconds per latent frame at `fps` video frames per second; None for no frame budget."""
-    if fps is None:
-        return None
-    if not fps > 0:
-        raise UsageError(f"--fps must be positive, got {fps}", hint="e.g. --fps 15")
-    return 1000.0 * video_frames_per_latent / fps
-
-
 def default_vram_bytes(usable_bytes: int, workload: Workload, console: Console) -> int:
     """The budget when none is given: the profile's usable memory, on the CPU no more than the RAM free now.
 
@@ -176,21 +167,6 @@ def default_vram_bytes(usable_bytes: int, workload: Workload, console: Console) 
     return usable_bytes
 
 
-@dataclass(frozen=True)
-class Replanner:
-    """The runtime's replan(budget, profile): the policy again, on the request the first plan came from."""
-
-    policy: Callable[[PlanRequest], Plan]
-    request: PlanRequest
-
-    @property
-    def profile(self) -> DeviceProfile:
-        """The profile the first plan was made for: the runtime re-plans with it."""
-        return self.request.profile
-
-    def __call__(self, budget: Budget, profile: DeviceProfile) -> Plan:
-        return self.policy(dataclasses.replace(self.request, budget=budget, profile=profile))
-
 
 def make_plan(model: Model, console: Console, *, plan_path: str | None = None, profile: str | None = None,
               fps: float | None = None, vram_bytes: int | None = None) -> tuple[Plan, Replanner | None]:
@@ -203,11 +179,12 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
         plan = load_plan(plan_path)
         plan.check_matches(model.workload, f"model {model.label}")
         return plan, None
-    from policies import PlanRequest, get_policy
+    from policies import PlanRequest, Replanner, get_policy
     from residency.device import resolve_profile
+    from residency.front_door.vram import frame_budget_ms
     from residency.plan import Budget
 
-    frame_ms = frame_budget_ms(fps, model.workload.video_frames_per_latent)
+    frame_ms = frame_budget_ms(fps, None, model.workload.video_frames_per_latent)  # fps checked by argparse
     device_profile = resolve_profile(profile) if profile else cached_profile(device_kind(), console)
     if vram_bytes is None:
         vram_bytes = default_vram_bytes(device_profile.memory_usable_bytes, model.workload, console)

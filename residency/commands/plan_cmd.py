@@ -53,22 +53,13 @@ class Outcome:
     others: list  # (with --policy all) every policy's Plan, ours first
 
 
-def frame_budget_ms(args, video_frames_per_latent: int) -> float | None:
-    if args.fps is not None:
-        if not args.fps > 0:
-            raise UsageError(f"--fps must be positive, got {args.fps}", hint="e.g. --fps 60")
-        return 1000.0 * video_frames_per_latent / args.fps
-    if args.frame_ms is not None:
-        if not args.frame_ms > 0:
-            raise UsageError(f"--frame-ms must be positive, got {args.frame_ms}", hint="e.g. --frame-ms 66.7")
-        return args.frame_ms
-    return None
 
 
 def make_request(args):
     from policies import PlanRequest
     from residency.device import resolve_profile
     from residency.device.host_memory import host_memory
+    from residency.front_door.vram import frame_budget_ms  # --fps/--frame-ms range-checked by argparse
     from residency.plan import Budget
 
     if args.steps is not None and not 1 <= args.steps <= 64:
@@ -76,7 +67,7 @@ def make_request(args):
     workload = resolve_workload(args.model, steps=args.steps, compute_dtype=args.compute_dtype)
     profile = resolve_profile(args.profile)
     vram = parse_size(args.vram, "--vram") if args.vram else profile.memory_usable_bytes
-    budget = Budget(vram, frame_budget_ms(args, workload.video_frames_per_latent))
+    budget = Budget(vram, frame_budget_ms(args.fps, args.frame_ms, workload.video_frames_per_latent))
     return PlanRequest(workload, profile, budget, host_bytes_available=host_memory().available_bytes,
                        compute_dtype=args.compute_dtype)
 

@@ -19,7 +19,6 @@ from residency.errors import UsageError
 from residency.session_setup import (
     Console,
     Model,
-    Replanner,
     attach,
     context_for,
     final_snapshot,
@@ -29,7 +28,8 @@ from residency.session_setup import (
     start_image,
 )
 
-if TYPE_CHECKING:  # both import torch
+if TYPE_CHECKING:  # they import torch
+    from policies import Replanner
     from residency.plan import Plan
     from residency.telemetry import TelemetrySnapshot
 

@@ -7,16 +7,13 @@ The long form — workload, PlanRequest, policy, Runtime — stays there for tho
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from policies import PlanRequest, fits_memory, get_policy
+from policies import PlanRequest, Replanner, fits_memory, get_policy
 from residency.device import DeviceProfile, machine_profile, resolve_profile
 from residency.errors import ResidencyError
 from residency.front_door.examples import derived_example, is_instance_of
@@ -27,19 +24,10 @@ from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
 from residency.units import fmt_bytes
 from residency.workload import Workload, module_workload, workload_from_dict
+from residency.workload.from_module import split_example
 
 _COMPUTE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
-
-@dataclass(frozen=True)
-class Replanner:
-    """The runtime's replan(budget, profile): the policy again, on the request the first plan came from."""
-
-    policy: Callable[[PlanRequest], Plan]
-    request: PlanRequest
-
-    def __call__(self, budget: Budget, profile: DeviceProfile) -> Plan:
-        return self.policy(dataclasses.replace(self.request, budget=budget, profile=profile))
 
 
 def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, frame_ms: float | None = None,
@@ -142,16 +130,9 @@ def _workload(model: nn.Module, example_inputs: Any, dtype: str) -> tuple[Worklo
     example = example_inputs if example_inputs is not None else derived_example(model)
     label = type(model).__name__
     workload = module_workload(model, example, name=label, compute_dtype=dtype).workload
-    args, kwargs = _split(example)
+    args, kwargs = split_example(example)
     return workload, ShapeGuard.for_example(model, label, args, kwargs)
 
-
-def _split(example: Any) -> tuple[tuple, dict[str, Any]]:
-    if isinstance(example, torch.Tensor):
-        return (example,), {}
-    if isinstance(example, Mapping):
-        return (), dict(example)
-    return tuple(example), {}
 
 
 def _planned(replan: Replanner, budget: Budget, profile: DeviceProfile) -> Plan:

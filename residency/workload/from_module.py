@@ -84,7 +84,7 @@ def module_workload(model: nn.Module, example_inputs: Example, *, name: str, com
     if compute_dtype not in COMPUTE_DTYPE_BYTES:
         raise ResidencyError(f"compute_dtype {compute_dtype!r}", hint=", ".join(COMPUTE_DTYPE_BYTES))
     blocks = find_blocks(model)
-    args, kwargs = _split(example_inputs)
+    args, kwargs = split_example(example_inputs)
     batch = _batch(args, kwargs)
     units = [u.modules for u in blocks.units]
     meta_error = ""
@@ -137,7 +137,8 @@ def _schedule(model: nn.Module, blocks: ModuleBlocks, trace: Trace, name: str, c
     return specs, passes, {n: d.calls for n, d in zip(names, every, strict=True)}, unowned
 
 
-def _split(example: Example) -> tuple[tuple, dict[str, Any]]:
+def split_example(example: Example) -> tuple[tuple, dict[str, Any]]:
+    """(positional, keyword) inputs of one call: a tensor, a tuple of inputs, or a dict of keyword inputs."""
     if isinstance(example, torch.Tensor):
         return (example,), {}
     if isinstance(example, Mapping):
@@ -205,7 +206,7 @@ def _fallback_trace(model: nn.Module, blocks: ModuleBlocks, args: tuple, kwargs:
     if [u.modules for u in find_blocks(small).units] != units:
         raise ResidencyError(f"{name}: the narrow instance has other blocks than the model",
                              hint="build it from the same config with only its widths reduced")
-    nargs, nkwargs = _split(example)
+    nargs, nkwargs = split_example(example)
     weights = list(chain(small.named_parameters(), small.named_buffers()))
     widen = _dim_map(dict(weights), dict(chain(model.named_parameters(), model.named_buffers())))
     trace = trace_forward(small, units, lambda: small(*nargs, **nkwargs), weights, batch, widen)
