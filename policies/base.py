@@ -31,6 +31,7 @@ class PlanOptions:
 
 @dataclass(frozen=True)
 class PlanRequest:
+    """What a policy plans for: workload, device profile, budget (bytes, ms) and dtypes."""
     workload: Workload  # at the generation parameters to plan for (steps, context frames)
     profile: DeviceProfile
     budget: Budget  # VRAM bytes the plan may use; ms per latent frame (None: fastest that fits)
@@ -92,6 +93,7 @@ def _with_note(plan: Plan, note: str) -> Plan:
 
 
 def fits_memory(plan: Plan) -> bool:
+    """True when the plan's predicted peak device bytes are within its VRAM budget."""
     return plan.prediction is not None and plan.prediction.peak_total_bytes <= plan.budget.vram_bytes
 
 

@@ -55,6 +55,10 @@ class PipelineModules(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # a retry after an out-of-memory calls this again: the generators restart where the call began,
         # so the retried call draws the same noise
+        """Rewind the pipeline's generators to the call's start, then call the pipeline.
+
+        A retry after an out-of-memory thus draws the same noise as the failed attempt.
+        """
         for gen, state in self.rewind:
             gen.set_state(state)
         return self.pipe(*args, **kwargs)
@@ -80,6 +84,7 @@ class _Entry(nn.Module):
 
 @dataclass(frozen=True)
 class PipelineWorkload:
+    """A pipeline described for the planner: its workload, module tree, weight dtype and planned call."""
     workload: Workload
     modules: PipelineModules
     compute_dtype: str  # the components' weight dtype ("fp32", "bf16", "fp16")
@@ -215,10 +220,12 @@ class PipelineRuntime:
 
     @property
     def plan(self) -> Plan:
+        """The plan the runtime executes (a new one after a re-plan)."""
         return self.runtime.plan
 
     @property
     def workload(self) -> Workload:
+        """The workload the plan was made for."""
         return self.built.workload
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -245,6 +252,10 @@ class PipelineRuntime:
                     hint=f"attach again with call=dict({key}={asked}, …) to plan for it")
 
     def detach(self) -> None:
+        """Restore the pipeline's weights and modules exactly; safe to call twice.
+
+        Raises RuntimeError when another library wrapped a forward after attaching.
+        """
         self.runtime.detach()
 
     def __enter__(self) -> PipelineRuntime:

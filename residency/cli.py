@@ -21,6 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `residency` argument parser with every subcommand registered."""
     parser = _Parser(prog="residency", description="Plan and run diffusion world models on consumer GPUs.")
     parser.add_argument("--version", action="version", version=f"residency {__import__('residency').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def report(err: ResidencyError) -> int:
+    """Print `err`'s message and hint to stderr; returns its exit code."""
     print(f"error: {err.message}", file=sys.stderr)
     if err.hint:
         print(f"hint: {err.hint}", file=sys.stderr)
@@ -37,6 +39,10 @@ def report(err: ResidencyError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on `argv` (default: sys.argv[1:]); returns the exit status.
+
+    ResidencyError becomes its message and exit code, Ctrl-C exit status 130; other errors propagate.
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -36,7 +36,9 @@ MIN_ROOM_BYTES = 2**20
 class Console(Protocol):
     """Where the set-up's notes go: a rich Console (stderr for the commands)."""
 
-    def print(self, *objects: object) -> None: ...
+    def print(self, *objects: object) -> None:
+        """Print `objects` as rich does (markup allowed)."""
+        ...
 
 
 @dataclass(frozen=True)

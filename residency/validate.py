@@ -45,12 +45,14 @@ class Reader:
                               hint=hint or self.hint)
 
     def missing(self, path: str) -> ResidencyError:
+        """The error (not raised) for the missing field at `path`."""
         return ResidencyError(f"{self.source}: missing field '{path}'{self._in()}", hint=self.hint)
 
     def _in(self) -> str:
         return f" (in {self.note})" if self.note else ""
 
     def bad(self, path: str, value: Any, expected: str, hint: str | None = None) -> ResidencyError:
+        """The error (not raised) for `value` at `path`, which should have been `expected`."""
         return self.fail(path, f"= {show(value)}: expected {expected}", hint)
 
     # ------------------------------------------------------------ containers
@@ -70,6 +72,7 @@ class Reader:
         return value
 
     def need(self, doc: dict[str, Any], key: str, path: str = "") -> Any:
+        """`doc[key]`; raises ResidencyError (missing field) when `key` is absent."""
         if key not in doc:
             raise self.missing(at(path, key))
         return doc[key]
@@ -86,17 +89,20 @@ class Reader:
 
     # ------------------------------------------------------------ scalars
     def string(self, value: Any, path: str, non_empty: bool = False) -> str:
+        """`value` as a str (non-empty if asked); raises ResidencyError otherwise."""
         if not isinstance(value, str) or (non_empty and not value):
             raise self.bad(path, value, "a non-empty string" if non_empty else "a string")
         return value
 
     def choice(self, value: Any, path: str, allowed: Iterable[str]) -> str:
+        """`value` when it is one of `allowed`; raises ResidencyError otherwise."""
         options = tuple(allowed)
         if not isinstance(value, str) or value not in options:
             raise self.bad(path, value, f"one of {', '.join(options)}")
         return value
 
     def boolean(self, value: Any, path: str) -> bool:
+        """`value` when it is a JSON boolean; raises ResidencyError otherwise."""
         if not isinstance(value, bool):
             raise self.bad(path, value, "true or false")
         return value

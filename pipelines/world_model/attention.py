@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 
 class TemporalContext(Protocol):
+    """Where temporal attention gets past frames' keys and values: the KV cache, or a whole clip."""
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: (B', heads, tokens, head_dim) of the frame(s) being computed; returns like q."""
         ...
@@ -45,6 +46,7 @@ class SpatialAttention(_Projections):
     """Bidirectional attention among the tokens of one latent frame: O(T^2 * dim) per frame."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, tokens, dim) -> (B, tokens, dim): full attention among one frame's tokens."""
         q, k, v = self.qkv_heads(x)
         return self.merge(F.scaled_dot_product_attention(q, k, v))
 
@@ -59,5 +61,6 @@ class TemporalAttention(_Projections):
     """
 
     def forward(self, x: torch.Tensor, context: TemporalContext, layer: int) -> torch.Tensor:
+        """x (B, tokens, dim) -> (B, tokens, dim): attention to past frames through `context`."""
         q, k, v = self.qkv_heads(x)
         return self.merge(context.attend(layer, q, k, v))

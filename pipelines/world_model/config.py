@@ -56,6 +56,7 @@ def _field_error(name: str, problem: str, hint: str | None = None) -> ResidencyE
 
 @dataclass(frozen=True)
 class WorldModelConfig:
+    """Shape, schedule and dtypes of a world model; validated on construction (ResidencyError)."""
     name: str = "custom"  # preset name, informational
     # --- video and VAE ---
     height: int = 64  # video pixels
@@ -172,6 +173,7 @@ class WorldModelConfig:
     # --- sizes ---
     @property
     def kv_storage_dtype(self) -> torch.dtype:
+        """The torch dtype the KV cache stores keys and values in."""
         return KV_DTYPES[self.kv_dtype]
 
     def kv_cache_bytes(self, batch: int = 1) -> int:
@@ -184,15 +186,22 @@ class WorldModelConfig:
 
     @property
     def action_index(self) -> dict[str, int]:
+        """Action name -> its index in `actions`."""
         return {name: i for i, name in enumerate(self.actions)}
 
     # --- serialization ---
     def to_dict(self) -> dict[str, Any]:
+        """The init fields as a JSON-ready dict (tuples as lists); from_dict reads it back."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorldModelConfig:
+        """A config from a JSON object; missing fields take their defaults.
+
+        Raises ResidencyError for a non-dict, an unknown or derived field, a wrongly typed value, or a
+        config that fails validation.
+        """
         if not isinstance(data, dict):
             raise ResidencyError(f"world model config must be a JSON object, got {type(data).__name__}")
         known = {f.name: f for f in fields(cls) if f.init}
@@ -215,6 +224,7 @@ class WorldModelConfig:
         return cls(**kwargs)
 
     def replace(self, **changes: Any) -> WorldModelConfig:
+        """A copy with `changes` applied, validated again (ResidencyError)."""
         return replace(self, **changes)
 
     def summary(self) -> dict[str, Any]:
@@ -241,6 +251,10 @@ PRESETS: dict[str, WorldModelConfig] = {
 
 
 def get_config(name_or_config: str | WorldModelConfig | dict[str, Any]) -> WorldModelConfig:
+    """A preset by name, a config built from a dict, or the config given.
+
+    Raises ResidencyError for an unknown preset name or an invalid dict.
+    """
     if isinstance(name_or_config, WorldModelConfig):
         return name_or_config
     if isinstance(name_or_config, dict):

@@ -50,6 +50,7 @@ class ConditionEmbed(nn.Module):
         self.action = nn.Embedding(len(config.actions), config.dim)
 
     def forward(self, t: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """t (B,) in [0, 1] and action (B,) long -> conditioning (B, dim)."""
         features = timestep_features(t, self.freq_dim).to(self.time_in.weight.dtype)
         return F.silu(self.time_out(F.silu(self.time_in(features))) + self.action(action))
 
@@ -65,32 +66,38 @@ class PatchEmbed(nn.Module):
         self.init_buffers()
 
     def init_buffers(self) -> None:
+        """Build the 2-D sin-cos position table on the projection's device and dtype."""
         c = self.config
         self.pos = sincos_2d(c.grid_height, c.grid_width, c.dim).to(self.proj.weight.device, self.proj.weight.dtype)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent (B, C, h, w) -> tokens (B, tokens, dim) with positions added."""
         return self.proj(patchify(latent, self.config.patch_size)) + self.pos
 
 
 def patchify(latent: torch.Tensor, p: int) -> torch.Tensor:
+    """latent (B, C, h, w) -> (B, (h/p)(w/p), C*p*p): one token per p x p patch, row-major."""
     b, c, h, w = latent.shape
     x = latent.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // p) * (w // p), c * p * p)
 
 
 def unpatchify(tokens: torch.Tensor, config: WorldModelConfig) -> torch.Tensor:
+    """tokens (B, tokens, C*p*p) -> latent (B, C, h, w); the inverse of patchify."""
     p, c = config.patch_size, config.latent_channels
     x = tokens.reshape(tokens.shape[0], config.grid_height, config.grid_width, c, p, p).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(tokens.shape[0], c, config.latent_height, config.latent_width)
 
 
 class MLP(nn.Module):
+    """Two linear layers with tanh-GELU between: dim -> hidden -> dim."""
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) -> (..., dim)."""
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
@@ -105,6 +112,7 @@ class TemporalMixer(nn.Module):
         self.gate = nn.Parameter(torch.ones(config.dim))
 
     def forward(self, x: torch.Tensor, context: TemporalContext) -> torch.Tensor:
+        """x (B, tokens, dim) -> the gated temporal-attention update (B, tokens, dim)."""
         return self.gate * self.attn(self.norm(x), context, self.layer)
 
 
@@ -122,6 +130,7 @@ class DiTBlock(nn.Module):
         self.ada = nn.Linear(dim, 6 * dim)  # shift, scale, gate for attention and for the MLP
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: TemporalContext) -> torch.Tensor:
+        """x (B, tokens, dim), conditioning c (B, dim) -> x after spatial, temporal and MLP updates."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)
         x = x + gate1 * self.attn(_modulate(self.norm1(x), shift1, scale1))
         x = x + self.temporal(x, context)
@@ -129,6 +138,7 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """adaLN-modulated norm and projection from tokens back to a latent frame."""
     def __init__(self, config: WorldModelConfig):
         super().__init__()
         self.config = config
@@ -137,11 +147,13 @@ class FinalLayer(nn.Module):
         self.proj = nn.Linear(config.dim, config.patch_dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x (B, tokens, dim), c (B, dim) -> velocity (B, C, h, w)."""
         shift, scale = self.ada(c)[:, None].chunk(2, dim=-1)
         return unpatchify(self.proj(_modulate(self.norm(x), shift, scale)), self.config)
 
 
 class CausalDiT(nn.Module):
+    """The causal diffusion transformer: conditioning, patch embedding, DiT blocks, final layer."""
     def __init__(self, config: WorldModelConfig):
         super().__init__()
         self.config = config

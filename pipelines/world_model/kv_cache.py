@@ -77,22 +77,29 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the cache's key and value tensors take on their device."""
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     # --- writes: a commit pass stores the K/V every block computes for `frame` ---
     def begin_write(self, frame: int) -> int:
+        """Start committing `frame`'s K/V; returns the slot it will take.
+
+        Raises ValueError when `frame` is not the frame the cache expects next.
+        """
         if frame != self.current_frame:
             raise ValueError(f"commit of frame {frame} while the cache expects frame {self.current_frame}")
         self._write_slot = self.slot_for(frame)
         return self._write_slot
 
     def end_write(self) -> None:
+        """Finish the commit: the slot now holds the current frame, and the next frame becomes current."""
         slot, self._write_slot = self._write_slot, None
         self.slot_frames[slot] = self.current_frame
         self.count = min(self.count + 1, self.slots)
         self._set_current(self.current_frame + 1)
 
     def clear(self) -> None:
+        """Forget every frame (slots are kept allocated, not zeroed); the next frame is 0."""
         self.slot_frames = [-1] * self.slots
         self.count = 0
         self._write_slot = None
@@ -156,6 +163,11 @@ class KVCache:
 
     # --- reads (TemporalContext) ---
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of the current frame's q to the cached frames (rotated) and its own k, v.
+
+        q, k, v: (B, heads, tokens, head_dim); returns like q. During a write (begin_write) also stores k, v
+        in the write slot, after reading. Cost: copies the window's K/V into a read buffer per call.
+        """
         n, t = self.count, self.tokens
         k_all = self._k_read[:, :, : (n + 1) * t]
         v_all = self._v_read[:, :, : (n + 1) * t]

@@ -25,6 +25,7 @@ from residency.errors import ResidencyError
 
 
 class WorldModelPipeline(nn.Module):
+    """The world model as one nn.Module: a VAE and a causal DiT, run a latent frame at a time."""
     def __init__(self, config: WorldModelConfig):
         super().__init__()
         self.config = config
@@ -84,10 +85,12 @@ class WorldModelPipeline(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the first parameter (all parameters are expected on one)."""
         return next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the first parameter (the pipeline's compute dtype)."""
         return next(self.parameters()).dtype
 
     def start(self, image: np.ndarray | torch.Tensor, seed: int = 0) -> Session:
@@ -110,6 +113,7 @@ class WorldModelPipeline(nn.Module):
         return out
 
     def schedule(self) -> list[ScheduleEntry]:
+        """The calls of each component per session and per latent frame, in run order."""
         names = {component: [n for n, _, c in self.blocks() if c == component]
                  for component in ("encoder", "dit", "decoder")}
         no_output = [f"dit.{n}" for n in self.dit.block_names(output=False)]

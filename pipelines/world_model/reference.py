@@ -25,6 +25,10 @@ class ReferenceContext:
         self.frame_indices = frame_indices
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of each frame to itself and the frames before it, recomputed without a cache.
+
+        q, k, v: (B*N, heads, tokens, head_dim) for the N frames; returns like q. The oracle the KV cache is checked against.
+        """
         n = len(self.frame_indices)
         q, k, v = (x.unflatten(0, (-1, n)) for x in (q, k, v))  # (B, N, heads, T, head_dim)
         outs = []

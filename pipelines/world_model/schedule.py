@@ -15,6 +15,7 @@ PHASES = ("encode", "denoise", "decode")
 
 @dataclass(frozen=True)
 class ScheduleEntry:
+    """One component's calls in one phase: how many, how often, which blocks, and their KV access."""
     component: str  # "encoder" | "dit" | "decoder"
     phase: str  # "encode" (once per session) | "denoise" (per latent frame) | "decode" (per latent frame)
     calls: int  # calls of the component per `per`
@@ -32,6 +33,10 @@ def build_schedule(
     dit_blocks_no_output: list[str],
     decoder_blocks: list[str],
 ) -> list[ScheduleEntry]:
+    """The pipeline's schedule: encode once per session, then denoise and decode per latent frame.
+
+    Block lists are qualified names in execution order; `dit_blocks_no_output` omits the final layer.
+    """
     ts = timesteps(config.steps, config.timestep_shift)
     return [
         ScheduleEntry("encoder", "encode", 1, "session", tuple(encoder_blocks),

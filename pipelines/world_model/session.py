@@ -81,6 +81,10 @@ class Session:
         self.frame_index = 0  # latent frames generated since start/reset
 
     def resolve_action(self, action: str | int) -> int:
+        """The index of `action`, given by name or index.
+
+        Raises ResidencyError for an unknown name or an index out of range (bools are refused).
+        """
         names = self.config.actions
         if isinstance(action, str) and action in self.config.action_index:
             return self.config.action_index[action]

@@ -39,6 +39,10 @@ class ClipContext:
         self.mask = causal.repeat_interleave(t, 1).reshape(n, 1, 1, n * t).to(device)  # (Nq, 1, 1, Nk*T)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention over a whole training clip: each frame to itself and the frames before it.
+
+        q, k, v: (B*N, heads, tokens, head_dim); returns like q.
+        """
         n = self.n
         q, k, v = (x.unflatten(0, (-1, n)) for x in (q, k, v))  # (B, N, heads, T, head_dim)
         cos, sin = self.cos.to(q.dtype), self.sin.to(q.dtype)
@@ -160,6 +164,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
+        """Move the shadow weights toward `module`'s; the decay ramps up with `step` (warm-up)."""
         d = min(self.decay, (1.0 + step) / (10.0 + step))
         for k, v in module.state_dict().items():
             if v.dtype.is_floating_point:

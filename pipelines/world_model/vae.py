@@ -16,6 +16,7 @@ GROUPS = 8  # GroupNorm groups; widths are validated to be multiples of 8
 
 
 class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, plus a skip (a 1x1 conv when the width changes)."""
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.norm1 = nn.GroupNorm(GROUPS, cin, eps=1e-6)
@@ -25,27 +26,32 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, cin, H, W) -> (B, cout, H, W)."""
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
 
 
 class Stem(nn.Module):
+    """A 3x3 conv into the first width."""
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, cin, H, W) -> (B, cout, H, W)."""
         return self.conv(x)
 
 
 class Head(nn.Module):
+    """GroupNorm, SiLU and a 3x3 conv out of the last width."""
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.norm = nn.GroupNorm(GROUPS, cin, eps=1e-6)
         self.conv = nn.Conv2d(cin, cout, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, cin, H, W) -> (B, cout, H, W)."""
         return self.conv(F.silu(self.norm(x)))
 
 
@@ -61,6 +67,7 @@ class DownBlock(nn.Module):
         self.res = ResBlock(cin, cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, cin, H, W) -> (B, cout, H/2, W/2)."""
         return self.res(self.down(x))
 
 
@@ -76,6 +83,7 @@ class UpBlock(nn.Module):
         self.up = nn.Conv2d(cout, cout, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, cin, H, W) -> (B, cout, 2H, 2W)."""
         return self.up(F.interpolate(self.res(x), scale_factor=2.0, mode="nearest"))
 
 
@@ -92,6 +100,7 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (B, T, 3, H, W) in [-1, 1] -> latent (B, latent_channels, H/s, W/s)."""
         x = frames.flatten(1, 2)  # fold time into channels: (B, 3T, H, W)
         for block in self.blocks:
             x = block(x)
@@ -111,6 +120,7 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        """latent (B, latent_channels, h, w) -> frames (B, T, 3, H, W) in [-1, 1]."""
         x = latent
         for block in self.blocks:
             x = block(x)
@@ -118,6 +128,7 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
+    """The video autoencoder: an Encoder and a Decoder, T video frames per latent frame."""
     def __init__(self, config: WorldModelConfig):
         super().__init__()
         self.encoder = Encoder(config)

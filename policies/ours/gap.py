@@ -33,6 +33,11 @@ def _solve_plan(req: PlanRequest, kv_dtype: str, *, vram_bytes: int | None, fram
 
 
 def gap_statement(req: PlanRequest, best: Plan, kv_dtype: str) -> str | None:
+    """Why `best` misses the frame budget and what would hold it (more VRAM, coarser format).
+
+    None when there is no frame budget, `best` does not fit memory, or it holds the budget.
+    Cost: up to six MILP solves, each plan simulated.
+    """
     frame_ms = req.budget.frame_ms
     p = best.prediction
     if frame_ms is None or p is None or not fits_memory(best) or p.frame_ms <= frame_ms:

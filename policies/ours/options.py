@@ -22,6 +22,7 @@ CANDIDATE_FORMATS = ("BF16", "FP8", "Q8_0", "Q6_K", "Q5_K", "Q4_K")
 
 @dataclass(frozen=True)
 class Option:
+    """One way to hold a block (placement, format, dequant side) with its per-frame cost in s and bytes."""
     placement: str  # resident | resident-quantized | streamed
     format: str
     dequant_on: str  # compute | copy
@@ -34,11 +35,13 @@ class Option:
     staging_bytes: int = 0  # GPU: device buffer its packed blob lands in to be unpacked (0 when none)
 
     def block_plan(self, name: str, compute_dtype: str, lifetime: str) -> BlockPlan:
+        """The BlockPlan for block `name` under this option."""
         return BlockPlan(name, self.placement, self.format, compute_dtype, lifetime, self.dequant_on)
 
 
 @dataclass(frozen=True)
 class BlockClass:
+    """Blocks with identical shapes, FLOPs and calls per frame, planned together, and their options."""
     blocks: tuple[str, ...]  # members in execution order
     calls_per_frame: int  # 0: used only in session phases (encode)
     options: tuple[Option, ...]
@@ -62,6 +65,10 @@ def _frame_compute_s(w: Workload, b: BlockSpec, bp: BlockPlan, req: PlanRequest,
 
 def block_options(w: Workload, b: BlockSpec, req: PlanRequest, execution: Execution, kv_dtype: str,
                   formats: tuple[str, ...]) -> list[Option]:
+    """The placements x formats a frame-loop block may take, each scored (s per frame, bytes, loss).
+
+    Formats the profile has no dequant rate for, or that no tensor of the block takes, are skipped.
+    """
     dtype = req.compute_dtype
     plain = weights_format(dtype)
     calls = w.calls_per_frame(b.name)
@@ -102,6 +109,7 @@ def session_options(b: BlockSpec, req: PlanRequest, w: Workload) -> list[Option]
 
 def block_classes(w: Workload, req: PlanRequest, execution: Execution, kv_dtype: str,
                   formats: tuple[str, ...] = CANDIDATE_FORMATS) -> list[BlockClass]:
+    """The workload's blocks grouped into classes of identical blocks, each with its options."""
     groups: dict[tuple, list[BlockSpec]] = {}
     for b in w.blocks:
         groups.setdefault(_signature(w, b), []).append(b)

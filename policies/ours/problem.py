@@ -21,6 +21,11 @@ def fixed_bytes(req: PlanRequest, kv_dtype: str) -> int:
 
 def problem_for(req: PlanRequest, classes: list[BlockClass], execution: Execution, kv_dtype: str, *,
                 vram_bytes: int | None, frame_s: float | None, objective: str) -> Problem:
+    """The MILP problem for the request: its classes, slots, overlap, fixed bytes and limits.
+
+    `vram_bytes` and `frame_s` (seconds) bound memory and frame time (None: unbounded); `objective` is
+    what to minimise ("loss", "time" or "memory").
+    """
     return Problem(classes, execution.slots, req.profile.copy_compute_overlap, fixed_bytes(req, kv_dtype),
                    vram_bytes, frame_s, objective, node_limit=req.options.milp_node_limit)
 

@@ -14,6 +14,7 @@ from residency.workload import Workload
 
 
 def kv_dtype(req: PlanRequest) -> str:
+    """The KV storage dtype the request asks for, else the workload's default."""
     return req.kv_dtype or req.workload.kv_dtype
 
 

@@ -29,6 +29,10 @@ EXECUTION = Execution(copy_mode="sync", prefetch_depth=0, pinned=False, per_tens
 
 
 def plan(req: PlanRequest) -> Plan:
+    """accelerate's plan: every block streamed at the compute format, tensor by tensor, blocking.
+
+    Predicted by the simulator (build_plan); a plan that does not fit carries a note, not an error.
+    """
     fmt = weights_format(req.compute_dtype)  # accelerate keeps weights as loaded: no quantization
     blocks = uniform_blocks(req.workload, "streamed", fmt, req.compute_dtype)
     return build_plan(req, NAME, blocks, EXECUTION,

@@ -19,6 +19,7 @@ EXECUTION = Execution(copy_mode="sync", prefetch_depth=0, pinned=False, per_tens
 
 
 def plan(req: PlanRequest) -> Plan:
+    """Every block resident at the compute dtype's format; predicted by the simulator (build_plan)."""
     fmt = weights_format(req.compute_dtype)
     blocks = uniform_blocks(req.workload, "resident", fmt, req.compute_dtype)
     return build_plan(req, NAME, blocks, EXECUTION, notes=(f"every block resident at {fmt}",))

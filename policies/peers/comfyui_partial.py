@@ -40,6 +40,10 @@ def weight_budget(req: PlanRequest) -> int:
 
 
 def plan(req: PlanRequest) -> Plan:
+    """ComfyUI's partial load: largest blocks resident within its weight budget, the rest streamed.
+
+    Predicted by the simulator (build_plan); the notes give the budget and the bytes kept resident.
+    """
     w = req.workload
     fmt = weights_format(req.compute_dtype)
     budget = weight_budget(req)

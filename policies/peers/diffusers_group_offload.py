@@ -35,6 +35,10 @@ def execution(req: PlanRequest) -> Execution:
     #   copy may only start once the previous block began computing (lookahead_from_compute_start);
     # - per_tensor_copies: the onload moves each parameter and buffer with its own `.to(non_blocking=True)`;
     # - pinned: every tensor has a pinned host copy.
+    """diffusers group offload's execution: async copies, depth 1, per-tensor copies from pinned memory.
+
+    The host sync per onload is HOST_SYNC_LAUNCHES x the profile's launch overhead (us).
+    """
     return Execution(copy_mode="async", prefetch_depth=1, lookahead_from_compute_start=True, pinned=True,
                      per_tensor_copies=True,
                      host_sync_per_onload_us=HOST_SYNC_LAUNCHES * req.profile.launch_overhead_us)
@@ -46,6 +50,10 @@ def host_bytes(req: PlanRequest) -> int:
 
 
 def plan(req: PlanRequest) -> Plan:
+    """diffusers group offload's plan: every block streamed at the compute format, one group per block.
+
+    A note says when its pinned copy of every tensor (about 2x the model) passes the host RAM available.
+    """
     fmt = weights_format(req.compute_dtype)
     blocks = uniform_blocks(req.workload, "streamed", fmt, req.compute_dtype)
     ex = execution(req)

@@ -37,6 +37,7 @@ def frame_components(w: Workload) -> list[str]:
 
 
 def component_bytes(w: Workload, fmt: str) -> dict[str, int]:
+    """Component name -> bytes of its blocks' weights stored as `fmt`."""
     out: dict[str, int] = {}
     for b in w.blocks:
         out[b.component] = out.get(b.component, 0) + b.nbytes(fmt)
@@ -44,6 +45,11 @@ def component_bytes(w: Workload, fmt: str) -> dict[str, int]:
 
 
 def plan(req: PlanRequest) -> Plan:
+    """diffusers model offload's plan: whole components resident in turn, reloaded when called.
+
+    Components that share the frame loop reload every frame (lifetime "phase"); a note corrects the
+    predicted peak where a phase runs several components at once.
+    """
     w = req.workload
     fmt = weights_format(req.compute_dtype)
     per_frame = frame_components(w)

@@ -112,6 +112,10 @@ def streamed_blocks(req: PlanRequest, fractions: dict[str, float]) -> set[str]:
 
 
 def plan(req: PlanRequest) -> Plan:
+    """FlexGen's plan: the LP's streamed fraction per kind of block, rounded to whole blocks.
+
+    When the LP is infeasible every block is streamed, and the prediction shows by how much it misses.
+    """
     w = req.workload
     fmt = weights_format(req.compute_dtype)
     fractions = solve_fractions(req)

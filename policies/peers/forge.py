@@ -37,6 +37,10 @@ def gpu_weights_budget(req: PlanRequest) -> int:
 
 
 def plan(req: PlanRequest) -> Plan:
+    """Forge's plan: smallest blocks resident within its GPU-weights budget, the rest streamed.
+
+    Streamed blocks are cast on the copy side (dequant_on "copy"), as Forge's mover stream does.
+    """
     w = req.workload
     fmt = weights_format(req.compute_dtype)
     budget = gpu_weights_budget(req)

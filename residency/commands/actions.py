@@ -21,6 +21,11 @@ def _shown(token: str) -> str:
 
 
 def parse_actions(script: str, vocabulary: Sequence[str]) -> list[str]:
+    """Expand a script like "right*8,up*4,idle" into one action per latent frame.
+
+    Names are matched case-insensitively against `vocabulary`. Raises UsageError for an empty script,
+    an unknown action, a bad repeat count, or more than MAX_SCRIPT_ACTIONS actions in all.
+    """
     hint = (f"write comma-separated actions with optional repeats, e.g. right*8,up*4,idle; "
             f"actions: {', '.join(vocabulary)}")
     if not script.strip():

@@ -27,6 +27,7 @@ def is_model_dir(path: Path) -> bool:
 
 
 def is_diffusers_pipeline_dir(path: Path) -> bool:
+    """True when `path` is a directory holding a diffusers model_index.json."""
     return _kind(path) == userpath.DIRECTORY and _kind(path / PIPELINE_INDEX) == userpath.FILE
 
 

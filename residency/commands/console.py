@@ -11,6 +11,7 @@ PIPE_WIDTH = 120
 
 
 def make_console(stderr: bool = False) -> Console:
+    """A Console on stdout (or stderr): the terminal's width, or PIPE_WIDTH columns when piped."""
     console = Console(stderr=stderr)
     if not console.is_terminal:
         console = Console(stderr=stderr, width=PIPE_WIDTH)

@@ -15,6 +15,7 @@ MAX_REPLAY_FRAME_S = 0.5  # a slow recorded frame is shown for at most this long
 
 
 def add_parser(sub) -> None:
+    """Register `residency dashboard TRACE [--once] [--speed X]` on the subparsers `sub`."""
     p = sub.add_parser("dashboard", help="replay a rollout's trace in the dashboard (or --once: print it)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("trace", metavar="TRACE", help="a trace JSON from `residency run --trace` or `residency demo`")
@@ -32,6 +33,11 @@ def replay(board, snapshot, speed: float) -> None:
 
 
 def run(args) -> int:
+    """Replay a trace file live, or print one render with --once; returns the exit status 0.
+
+    Raises UsageError for a non-positive --speed or (live) when stdout is not a terminal, and
+    ResidencyError for an unreadable trace.
+    """
     from residency.dashboard import Dashboard, build, live, read_trace, require_terminal
     from residency.errors import UsageError
 

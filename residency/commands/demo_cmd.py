@@ -25,6 +25,7 @@ SCRIPT = "right*8,down*6,jump*2,left*8,up*6,use*2,down_right*6,up_left*6,idle*4,
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `residency demo [-o DIR] [--frames N] [--once]` on the subparsers `sub`."""
     p = sub.add_parser("demo", help="plan and run the shipped world model under a small VRAM budget; write a GIF "
                        "and a trace", description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--output-dir", default=".", metavar="DIR", help="where demo.gif and demo-trace.json go")
@@ -51,6 +52,10 @@ def _plan_line(plan) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Plan and run the shipped world model, write demo.gif and demo-trace.json; returns 0.
+
+    Raises ResidencyError when the output directory cannot be written.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from residency.dashboard import Dashboard, build, live, write_trace

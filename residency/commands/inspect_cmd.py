@@ -21,6 +21,7 @@ from residency.units import fmt_bytes, fmt_count
 
 
 def add_parser(sub) -> None:
+    """Register `residency inspect PATH|MODEL [--json]` on the subparsers `sub`."""
     p = sub.add_parser("inspect", help="show a checkpoint's or built-in model's blocks and their sizes per format")
     p.add_argument("target", metavar="PATH|MODEL",
                    help=".safetensors/.gguf file, a directory of shards, a built-in or catalog model, a catalog "
@@ -103,6 +104,7 @@ def _sum(sizes: list[_Sizes], fmt: str) -> int:
 
 
 def to_json(inv: Inventory) -> dict:
+    """The inventory as a JSON-ready dict: per component its params, stored bytes, bytes per format."""
     sizes = {id(b): _sizes(b) for b in inv.blocks}
     largest = inv.largest_block()
     components = []
@@ -163,6 +165,7 @@ def _component_table(component: str, blocks: list[BlockInfo], sizes: dict[int, _
 
 
 def render(inv: Inventory, console: Console) -> None:
+    """Print one table per component, then totals and the largest block, to `console`."""
     sizes = {id(b): _sizes(b) for b in inv.blocks}
     for component, blocks in inv.by_component().items():
         console.print(_component_table(component, blocks, sizes, inv.source))
@@ -184,6 +187,10 @@ def render(inv: Inventory, console: Console) -> None:
 
 
 def run(args) -> int:
+    """Print the inventory of `args.target` as tables or JSON; returns 0.
+
+    Raises ResidencyError (from load_inventory) for a target it cannot read.
+    """
     with gc_paused():  # ~10 objects per tensor, none in a cycle: GC passes would only rescan them
         inv = load_inventory(args.target)
         if args.json:

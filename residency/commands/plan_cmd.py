@@ -22,6 +22,7 @@ EXIT_BUDGET_NOT_MET = 3
 
 
 def add_parser(sub) -> None:
+    """Register `residency plan MODEL --profile NAME [--fps|--frame-ms] [--vram] ...` on `sub`."""
     p = sub.add_parser("plan", help="plan residency and precision per block for a VRAM and frame-time budget",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("model", metavar="MODEL", help="catalog model (e.g. lucid-500m, flux-schnell), a catalog .json, "
@@ -49,6 +50,7 @@ def add_parser(sub) -> None:
 
 @dataclass(frozen=True)
 class Outcome:
+    """The chosen plan and, with --policy all, every policy's plan."""
     plan: object  # the chosen policy's Plan
     others: list  # (with --policy all) every policy's Plan, ours first
 
@@ -56,6 +58,11 @@ class Outcome:
 
 
 def make_request(args):
+    """The PlanRequest the plan command's arguments describe (workload, profile, budget, host RAM).
+
+    Raises UsageError for --steps outside 1..64 or a bad --vram, and ResidencyError for an unknown
+    model or profile.
+    """
     from policies import PlanRequest
     from residency.device import resolve_profile
     from residency.device.host_memory import host_memory
@@ -73,6 +80,10 @@ def make_request(args):
 
 
 def run(args) -> int:
+    """Plan with the chosen policy (or all of them), print or save the result; returns 0.
+
+    Raises UsageError for an unknown policy before any work is done.
+    """
     from policies import get_policy, registry
 
     if args.policy != "all":

@@ -57,6 +57,7 @@ def _grouped(workload: Workload, plan: Plan, blocks, ms) -> list[tuple[tuple, li
 
 
 def render_plan(console: Console, workload: Workload, plan: Plan, profile) -> None:
+    """Print the plan per component: placement, format, MB and ms of copy, dequant and compute per block."""
     ms = _per_block_ms(workload, plan, profile)
     pred = plan.prediction
     budget = plan.budget
@@ -114,6 +115,7 @@ def _video_fps(workload: Workload, latent_frame_ms: float) -> float:
 
 
 def verdict(plan: Plan) -> str:
+    """One rich-markup line: whether the plan fits its VRAM budget and holds its frame budget (ms)."""
     pred, budget = plan.prediction, plan.budget
     within = f"within {fmt_bytes(budget.vram_bytes)}"
     if pred.peak_total_bytes > budget.vram_bytes:
@@ -126,6 +128,7 @@ def verdict(plan: Plan) -> str:
 
 
 def render_comparison(console: Console, plans: list[Plan], req) -> None:
+    """Print every policy's plan side by side: ms/frame, fps, peak VRAM, link MB, quality, verdict."""
     table = Table(title="policies side by side (same simulator)", title_justify="left")
     for col, justify in (("policy", "left"), ("ms/frame", "right"), ("video fps", "right"), ("peak VRAM", "right"),
                          ("link MB/frame", "right"), ("quality loss", "right"), ("verdict", "left")):

@@ -22,6 +22,7 @@ BEHIND_MARGIN = 1.05  # frames this much slower than the budget on average mean 
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `residency play` with the model arguments of `residency run` on `sub`."""
     p = sub.add_parser("play", help="play a world model in the terminal: arrows/WASD, space, e; q quits",
                        description=__doc__.split("\n\n")[0])
     run_cmd.add_model_arguments(p)
@@ -45,9 +46,11 @@ class Pacer:
         self._last = None
 
     def wait_s(self) -> float:
+        """Seconds left until the next frame's deadline (0 when it has passed)."""
         return max(0.0, self.next_s - time.perf_counter())
 
     def tick(self) -> None:
+        """Mark a frame shown now and set the next deadline one period later (never in the past)."""
         now = time.perf_counter()
         if self._last is not None:
             self.recent.append(now - self._last)
@@ -55,13 +58,19 @@ class Pacer:
         self.next_s = max(self.next_s + self.period_s, now)
 
     def achieved_per_s(self) -> float:
+        """Frames per second over the recent window (0.0 before the second frame)."""
         return len(self.recent) / sum(self.recent) if self.recent else 0.0
 
     def behind(self) -> bool:
+        """True when, over 4+ recent intervals, frames came slower than the period (with a margin)."""
         return len(self.recent) >= 4 and sum(self.recent) / len(self.recent) > self.period_s * BEHIND_MARGIN
 
 
 def run(args: argparse.Namespace) -> int:
+    """Play the model in the terminal from the keyboard until a quit key; returns 0.
+
+    Raises UsageError when stdout or stdin is not a terminal.
+    """
     from rich.console import Console
 
     from residency.dashboard import Dashboard, live, require_terminal

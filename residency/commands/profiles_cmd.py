@@ -18,12 +18,14 @@ LINK_AT_BYTES = 64 * 2**20
 
 
 def add_parser(sub) -> None:
+    """Register `residency profiles [--json]` on the subparsers `sub`."""
     p = sub.add_parser("profiles", help="list the shipped device profiles (use a NAME with --profile)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     p.set_defaults(run=run)
 
 
 def summary(name: str, profile: DeviceProfile) -> dict:
+    """The profile's headline figures as a JSON-ready dict (bytes, GB/s at a 64 MiB transfer)."""
     return {
         "name": name,
         "device": profile.name,
@@ -37,6 +39,7 @@ def summary(name: str, profile: DeviceProfile) -> dict:
 
 
 def run(args) -> int:
+    """Print the shipped device profiles as a table or JSON; returns 0."""
     rows = [summary(name, load_profile(name)) for name in shipped_profile_names()]
     if args.json:
         json.dump({"profiles": rows}, sys.stdout, indent=2)

@@ -56,6 +56,7 @@ def add_model_arguments(p: argparse.ArgumentParser, plan_option: bool = True) ->
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `residency run MODEL -o PATH [--actions] [--frames] [--trace] [--dashboard]` on `sub`."""
     p = sub.add_parser("run", help="a headless rollout under a plan: frames to GIF/PNG, telemetry to a trace",
                        description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
@@ -101,6 +102,11 @@ def report_speed(console: Console, snapshot: TelemetrySnapshot) -> None:
 
 # --- run ---------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
+    """Roll the model out headless under its plan; write the frames and, with --trace, the trace.
+
+    Returns 0. Raises UsageError for a bad action script or --dashboard without a terminal, and
+    ResidencyError for an unwritable output path.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from residency.dashboard import Dashboard, live, require_terminal, write_trace

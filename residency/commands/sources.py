@@ -39,18 +39,21 @@ SOURCES_HINT = ("give a catalog model ({names}), a catalog .json, a .safetensors
 
 @dataclass(frozen=True)
 class Source:
+    """What a model argument names: its kind, the text given, and its path (None for a catalog name)."""
     kind: str  # one of the kinds above
     text: str  # as the user gave it
     path: Path | None  # None for a catalog name
 
 
 def builtin_model_names() -> list[str]:
+    """Names of the built-in world model presets."""
     from pipelines.world_model import PRESETS
 
     return list(PRESETS)
 
 
 def catalog_names() -> list[str]:
+    """Names of the models in pipelines/catalog."""
     from pipelines.catalog import catalog_paths
 
     return list(catalog_paths())

@@ -11,16 +11,22 @@ from typing import Any
 
 @dataclass(frozen=True)
 class DashboardContext:
+    """What a dashboard shows beside the telemetry: its title and the budgets the run is held to."""
     title: str  # e.g. "tiny · cpu · plan ours"
     vram_budget_bytes: int | None = None  # device bytes the plan may use; None: unknown (a plain trace)
     frame_budget_ms: float | None = None  # ms per latent frame to hold; None: no latency target
     video_frames_per_latent: int = 1  # video frames each latent frame decodes to (fps counts video frames)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (as stored in a trace file)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> DashboardContext:
+        """A context from `doc`; unknown keys are ignored, missing ones take their defaults.
+
+        Raises TypeError when `doc` lacks "title". Values are not validated (trace_io does that).
+        """
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in doc.items() if k in known})
 

@@ -35,13 +35,16 @@ class Dashboard:
 
     def update(self, snapshot: TelemetrySnapshot) -> None:
         # One reference assignment: the Live thread sees the old snapshot or the new one, never a mix.
+        """Show `snapshot` from the next refresh on; safe to call from another thread than the renderer's."""
         self._snapshot = snapshot
 
     @property
     def snapshot(self) -> TelemetrySnapshot | None:
+        """The newest snapshot given, or None before the first."""
         return self._snapshot
 
     def renderable(self) -> RenderableType:
+        """The dashboard for the newest snapshot, built once per snapshot and reused."""
         snap = self._snapshot
         if self._built is not None and self._built[0] is snap:
             return self._built[1]
@@ -64,6 +67,10 @@ class Dashboard:
 
 
 def build(snapshot: TelemetrySnapshot | None, context: DashboardContext) -> RenderableType:
+    """The dashboard panel for `snapshot` (WIDTH_CELLS wide): frame times, blocks, VRAM, link, prediction.
+
+    A placeholder panel when there is no snapshot or it holds no frame yet.
+    """
     if snapshot is None or not snapshot.frames:
         return Panel(f"{context.title}\nwaiting for the first frame…", width=WIDTH_CELLS)
     bar_cells = WIDTH_CELLS - 6

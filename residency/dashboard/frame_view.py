@@ -56,9 +56,11 @@ class FrameView:
 
     @property
     def cols(self) -> int:
+        """Width of the fitted frame in terminal cells (one pixel per cell)."""
         return self.pixels.shape[1]
 
     def rows(self) -> list[list[Segment]]:
+        """The styled cells, one list per terminal row (two pixel rows); built on first use, then cached."""
         if self._rows is None:
             self._rows = rows_of(self.pixels)
         return self._rows

@@ -51,12 +51,14 @@ def sparkline(values: list[float], top: float, limit: float | None = None) -> Te
 
 
 def header(snapshot: TelemetrySnapshot, context: DashboardContext) -> Text:
+    """The panel title: the newest latent frame's number, then the context's title."""
     frames = latent_frames(snapshot)
     text = Text(f"frame {frames[-1].frame} · " if frames else "", style="dim")
     return text.append(context.title, style="bold")
 
 
 def frame_times(snapshot: TelemetrySnapshot, context: DashboardContext, width_cells: int = 48) -> Group:
+    """Sparkline of the last `width_cells` frames' ms, last and median ms, fps and the budget verdict."""
     frames = latent_frames(snapshot)
     if not frames:
         return Group(Text("ms per frame: waiting for the first latent frame…", style="dim"))
@@ -117,6 +119,7 @@ def vram_map(snapshot: TelemetrySnapshot, context: DashboardContext, width_cells
 
 
 def link(snapshot: TelemetrySnapshot, width_cells: int = 48) -> Group:
+    """Sparkline of link bytes per frame, the last frame's bytes and GB/s, and the predicted bytes."""
     frames = latent_frames(snapshot)
     if not frames:
         return Group(Text("link: no latent frame yet", style="dim"))

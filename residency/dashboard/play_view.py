@@ -22,6 +22,7 @@ GAP_CELLS = 2  # between the frame and the dashboard
 
 @dataclass(frozen=True)
 class Status:
+    """The play loop's status line: frame count, action, step time (ms) and paced vs achieved fps."""
     frame: int  # latent frames generated in this session
     action: str  # what the last frame was asked to do
     step_ms: float  # wall time of the last step (runtime.step, decode included)
@@ -30,6 +31,7 @@ class Status:
     behind: bool  # the machine cannot hold target_fps
 
     def text(self) -> Text:
+        """The status as one line, with a red warning when the machine cannot hold target_fps."""
         line = Text(f"frame {self.frame} · {self.action:<10} · step {self.step_ms:.1f} ms · "
                     f"{self.achieved_fps:.1f} of {self.target_fps:.0f} fps")
         if self.behind:
@@ -60,6 +62,7 @@ class SideBySide:
 
 
 class PlayView:
+    """The play screen: the frame, the dashboard beside it when the terminal is wide enough, help, status."""
     def __init__(self, board: Dashboard, frame: np.ndarray, width_cells: int):
         self.board = board
         self.show_board = width_cells >= FRAME_MAX_ROWS * 2 + GAP_CELLS + WIDTH_CELLS
@@ -67,6 +70,7 @@ class PlayView:
         self.status: Status | None = None
 
     def set_frame(self, frame: np.ndarray) -> None:
+        """Show the HxWx3 uint8 `frame`, fitted to the current frame view's width."""
         self.frame_view = FrameView(frame, max_cols=self.frame_view.cols, max_rows=FRAME_MAX_ROWS)
 
     def __rich__(self) -> RenderableType:

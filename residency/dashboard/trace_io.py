@@ -134,6 +134,11 @@ def _context(r: Reader, value: Any, default_title: str) -> DashboardContext:
 
 
 def read_trace(path: str | os.PathLike[str]) -> tuple[TelemetrySnapshot, DashboardContext]:
+    """The telemetry and dashboard context stored in a Chrome trace written by write_trace.
+
+    Raises ResidencyError when the file is missing, is not a trace, holds no recorded frame, or a value
+    is out of range (the message names its JSON path). Cost: reads and re-records the whole file.
+    """
     doc = _load(path)
     r = Reader(str(path), _HINT)
     other = r.obj(doc.get("otherData", {}), "otherData")

@@ -17,6 +17,7 @@ _NO_LIMIT_BYTES = 2**60
 
 @dataclass(frozen=True)
 class HostMemory:
+    """Host RAM the process may use, in bytes, and what limits it (the host or a cgroup)."""
     total_bytes: int  # RAM the process could ever use (host total, or the cgroup limit if lower)
     available_bytes: int  # free for new allocations now
     limited_by: str  # "host" | "cgroup v2" | "cgroup v1"
@@ -44,6 +45,7 @@ def cgroup_limit_bytes(root: Path = CGROUP_ROOT) -> tuple[int, int, str] | None:
 
 
 def host_memory(root: Path = CGROUP_ROOT) -> HostMemory:
+    """Host RAM now: psutil's figures, lowered to the cgroup limit under `root` when that is smaller."""
     vm = psutil.virtual_memory()
     total, available, limited_by = int(vm.total), int(vm.available), "host"
     cgroup = cgroup_limit_bytes(root)

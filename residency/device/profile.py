@@ -21,6 +21,7 @@ OPTIONAL_FIELDS = ("matmul_weight_dim", "matmul_small_tflops", "matmul_small_wei
 
 @dataclass(frozen=True)
 class Provenance:
+    """Where a profile's figures come from: a measurement, or a datasheet derated by a stated rule."""
     kind: str  # "measured" | "datasheet"
     source: str  # the command that measured it, or the spec page / document it came from
     derating: str = ""  # how a datasheet peak became an achievable figure ("" when measured)
@@ -39,6 +40,7 @@ class Curve:
     spread: tuple[float, ...] = ()  # (p90 - p10) / median of each sample when measured; () for datasheet
 
     def at(self, x: float) -> float:
+        """The rate at size `x`, interpolated in log x between samples; the end samples' rates beyond them."""
         xs, ys = self.x, self.y
         if x <= xs[0]:
             return ys[0]
@@ -96,6 +98,10 @@ class DeviceProfile:
 
     # --- derived figures the cost model uses ---
     def h2d_gbps(self, nbytes: int, pinned: bool = True) -> float:
+        """Host->device GB/s for one transfer of `nbytes`, from pinned or pageable host memory.
+
+        Raises KeyError when the profile has no curve for that kind of host memory.
+        """
         return self.link["h2d_pinned" if pinned else "h2d_pageable"].at(max(nbytes, 1))
 
     def h2d_s(self, nbytes: int, pinned: bool = True) -> float:
@@ -118,6 +124,10 @@ class DeviceProfile:
         return small + w * (large - small)
 
     def matmul_s(self, flops: float, rows: int, dtype: str, weight_elements: int = 0) -> float:
+        """Seconds for `flops` of matmul at `rows` token rows in `dtype` (see matmul_tflops_at).
+
+        Raises KeyError for a dtype the profile has no matmul curve for.
+        """
         return flops / (self.matmul_tflops_at(rows, dtype, weight_elements) * 1e12)
 
     def elementwise_s(self, elements: float, element_bytes: int, size_class: int = 0) -> float:
@@ -130,6 +140,7 @@ class DeviceProfile:
         return elements * element_bytes / (self.device_memory_gbps * 1e9)
 
     def dequant_s(self, weights: int, fmt: str) -> float:
+        """Seconds to dequantize `weights` weights stored in `fmt` (KeyError for a format not profiled)."""
         return weights / (self.dequant_gweights_per_s[fmt] * 1e9)
 
     def fingerprint(self) -> str:
@@ -143,4 +154,5 @@ class DeviceProfile:
 
     @property
     def is_gpu(self) -> bool:
+        """True for a CUDA or ROCm profile (copy engine and kernels run beside the host)."""
         return self.backend in ("cuda", "rocm")

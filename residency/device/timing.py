@@ -15,6 +15,7 @@ ProgressFn = Callable[[str, int, int], None]  # (step label, steps done, steps i
 
 @dataclass(frozen=True)
 class Timing:
+    """Seconds per sample of a repeated measurement: median, 10th and 90th percentile, sample count."""
     median_s: float  # median seconds of one sample
     p10_s: float
     p90_s: float
@@ -102,5 +103,6 @@ class Steps:
         self.done += 1
 
     def finish(self) -> None:
+        """Report the last step done to the progress callback, if any."""
         if self.progress is not None:
             self.progress("done", len(self.labels), len(self.labels))

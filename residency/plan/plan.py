@@ -32,13 +32,18 @@ class PlannedFor(Protocol):
     """What a plan checks of the workload it is applied to."""
 
     @property
-    def blocks(self) -> Sequence[_Named]: ...
+    def blocks(self) -> Sequence[_Named]:
+        """The blocks, each with a `name`, in execution order."""
+        ...
 
-    def fingerprint(self) -> str: ...
+    def fingerprint(self) -> str:
+        """A hash of what the plan depends on; compared with the plan's."""
+        ...
 
 
 @dataclass(frozen=True)
 class BlockPlan:
+    """Where one block lives (placement), in which storage format and dtype, and for how long."""
     name: str  # block name in the workload
     placement: str  # "resident" | "resident-quantized" | "streamed"
     format: str  # storage format: host store for streamed, device for resident-quantized, load source for resident
@@ -79,6 +84,7 @@ class Execution:
 
     @property
     def slots(self) -> int:
+        """Device slots for streamed blocks: the prefetch depth plus the one being computed."""
         return self.prefetch_depth + 1
 
 
@@ -106,10 +112,12 @@ class Prediction:
 
     @property
     def peak_total_bytes(self) -> int:
+        """Predicted peak device bytes within the budget (the profile's reserve left out)."""
         return sum(v for k, v in self.peak_bytes.items() if k != "reserve")
 
     @property
     def fps(self) -> float:
+        """Predicted latent frames per second (inf when frame_ms is 0)."""
         return 1000.0 / self.frame_ms if self.frame_ms > 0 else float("inf")
 
 
@@ -138,12 +146,15 @@ class Plan:
 
     @cached_property
     def by_name(self) -> dict[str, BlockPlan]:
+        """Block name -> its BlockPlan."""
         return {b.name: b for b in self.blocks}
 
     def placement_of(self, block: str) -> str:
+        """The placement of block `block` (KeyError when the plan has no such block)."""
         return self.by_name[block].placement
 
     def streamed(self) -> list[BlockPlan]:
+        """The streamed blocks, in plan order."""
         return [b for b in self.blocks if b.placement == "streamed"]
 
     def phase_actions(self, phases: list[tuple[str, tuple[str, ...]]]) -> list[tuple[str, tuple[str, ...]]]:
@@ -154,6 +165,7 @@ class Plan:
                              and self.by_name[b].lifetime == "phase")) for name, blocks in phases]
 
     def with_prediction(self, prediction: Prediction) -> Plan:
+        """A copy of the plan carrying `prediction`."""
         return replace(self, prediction=prediction)
 
     def check_matches(self, workload: PlannedFor, what: str = "this model") -> None:
@@ -177,6 +189,7 @@ class Plan:
 
     @property
     def holds_budget(self) -> bool:
+        """True when the prediction fits the VRAM budget and meets the frame budget (False if none)."""
         p = self.prediction
         if p is None:
             return False

@@ -40,6 +40,7 @@ PLAN_SCHEMA_PATH = Path(__file__).with_name("plan.schema.json")
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """The plan as a JSON-ready dict (schema PLAN_SCHEMA_VERSION); plan_from_dict reads it back."""
     return {
         "schema_version": PLAN_SCHEMA_VERSION,
         "model": plan.model,

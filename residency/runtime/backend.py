@@ -32,6 +32,7 @@ class LoadRecipe:
 
 
 class Backend(Protocol):
+    """Device buffers, a copy engine running beside compute, and timestamps, for one device kind."""
     name: str  # "cpu" | "cuda" | "rocm"
     device: torch.device
     compute_threads: int  # CPU: intra-op threads while attached; GPU: 0

@@ -57,6 +57,10 @@ _CALLER_THREADS = _CallerThreads()
 
 
 class CpuBackend:
+    """The Backend on the host: compute on the caller's threads, loads on one copy thread.
+
+    Takes one core from compute for the copy thread while started (compute_threads = cores - 1).
+    """
     name = "cpu"
     device = torch.device("cpu")
 
@@ -67,6 +71,10 @@ class CpuBackend:
         self._inline_marks = np.zeros(3)
 
     def start(self) -> None:
+        """Start the copy thread and set torch's intra-op threads to compute_threads (process-wide).
+
+        Raises what thread creation raises, after giving the caller's thread count back.
+        """
         if not self._holds_threads:
             _CALLER_THREADS.hold()
             self._holds_threads = True
@@ -89,6 +97,7 @@ class CpuBackend:
         torch.set_num_threads(self.compute_threads)
 
     def stop(self) -> None:
+        """Stop the copy thread and give the caller's torch thread count back; safe to call twice."""
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
@@ -97,13 +106,16 @@ class CpuBackend:
             self._holds_threads = False
 
     def alloc(self, nbytes: int) -> torch.Tensor:
+        """A flat uint8 host tensor of `nbytes` bytes (uninitialised)."""
         return torch.empty(int(nbytes), dtype=torch.uint8)
 
     def unpack_staging_bytes(self, largest_unpacked_blob_bytes: int) -> int:
+        """0 bytes: the copy thread unpacks straight from the host blob."""
         return 0  # the worker unpacks straight from the host blob
 
     def make_recipe(self, label: str, blob: torch.Tensor, dst: torch.Tensor | None,
                     unpacks: list[tuple[StorageFormat, int, int, torch.Tensor]], plain_unpacks: int) -> LoadRecipe:
+        """A load of `blob`: copied whole into `dst`, or unpacked per (format, offset, nbytes, view)."""
         if dst is not None:
             return LoadRecipe(label, blob.numel(), blob, dst[:blob.numel()])
         views = tuple((fmt, blob[off:off + n], out) for fmt, off, n, out in unpacks)
@@ -112,26 +124,33 @@ class CpuBackend:
     def submit(self, recipe: LoadRecipe) -> int:
         # Compute is synchronous on the CPU: everything issued before this call has finished, so the
         # load may overwrite its destination at once.
+        """Queue a load on the copy thread; returns its ticket (> 0)."""
         return self._worker.submit(recipe)
 
     def wait(self, ticket: int) -> None:
+        """Block the host until the ticket's load finished; raises the load's error if it failed."""
         self._worker.wait(ticket)
 
     def run_now(self, recipe: LoadRecipe) -> None:
+        """Load synchronously on the calling thread; its marks become those of ticket 0."""
         self._inline_marks[:] = execute_on_host(recipe)
 
     def drain(self) -> None:
+        """Wait until every queued load finished; raises a failed load's error."""
         if self._worker is not None:
             self._worker.drain()
 
     def settle(self) -> None:
+        """As drain, for detach: a failed load's error already raised to its waiter is not raised again."""
         if self._worker is not None:
             self._worker.settle()
 
     def clock(self) -> float:
+        """time.perf_counter() in seconds."""
         return time.perf_counter()
 
     def copy_marks(self, ticket: int) -> tuple[float, float, float]:
+        """(start, copied, end) perf_counter seconds of a ticket's load; ticket <= 0: the last run_now."""
         if ticket <= 0:  # a synchronous load: its marks are the last inline ones
             m = self._inline_marks
         else:
@@ -139,4 +158,5 @@ class CpuBackend:
         return float(m[0]), float(m[1]), float(m[2])
 
     def resolve(self, marks: np.ndarray) -> np.ndarray:
+        """`marks` unchanged: they are perf_counter seconds already."""
         return marks  # perf_counter seconds already

@@ -21,6 +21,10 @@ TICKET_EVENTS = 256  # ready/after events per ticket slot; more than the loads e
 
 
 class CudaBackend:
+    """The Backend on a CUDA or ROCm device: loads on a copy stream fed by a worker thread.
+
+    Pins 2 x 32 MiB of host RAM as a staging ring while started, never the whole model.
+    """
     compute_threads = 0
 
     def __init__(self, device: torch.device | str | None = None):
@@ -33,6 +37,10 @@ class CudaBackend:
 
     # --- lifecycle ---
     def start(self) -> None:
+        """Create the copy stream, the pinned staging ring, timing events and the copy worker.
+
+        Raises torch's error when the device or pinned memory is unavailable.
+        """
         self.compute_stream = torch.cuda.current_stream(self.device)
         self.copy_stream = torch.cuda.Stream(self.device)
         self._pinned = [torch.empty(STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(STAGING_BUFFERS)]
@@ -50,6 +58,7 @@ class CudaBackend:
         self._worker.start()
 
     def stop(self) -> None:
+        """Stop the copy worker, then synchronise the device so no copy is in flight; safe twice."""
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
@@ -57,6 +66,10 @@ class CudaBackend:
             torch.cuda.synchronize(self.device)
 
     def alloc(self, nbytes: int) -> torch.Tensor:
+        """A flat uint8 device buffer of `nbytes` bytes, recorded on the copy stream.
+
+        Raises torch.OutOfMemoryError when the device is full.
+        """
         buf = torch.empty(int(nbytes), dtype=torch.uint8, device=self.device)
         # The copy stream writes every device buffer the runtime owns; without record_stream the
         # caching allocator could hand the memory to another tensor while a copy still targets it.
@@ -64,13 +77,19 @@ class CudaBackend:
         return buf
 
     def unpack_staging_bytes(self, largest_unpacked_blob_bytes: int) -> int:
+        """`largest_unpacked_blob_bytes`: packed blobs land in device staging, then unpack there."""
         return largest_unpacked_blob_bytes  # packed bytes land here, then unpack on the copy stream
 
     def set_unpack_staging(self, buf: torch.Tensor) -> None:
+        """Use `buf` (device bytes, at least unpack_staging_bytes) as the staging area for unpacked loads."""
         self._staging = buf
 
     def make_recipe(self, label: str, blob: torch.Tensor, dst: torch.Tensor | None,
                     unpacks: list[tuple[StorageFormat, int, int, torch.Tensor]], plain_unpacks: int) -> LoadRecipe:
+        """A load of `blob`: copied whole into `dst`, or staged, then unpacked per (format, offset, n, view).
+
+        The unpacked form needs set_unpack_staging first (AttributeError otherwise).
+        """
         n = blob.numel()
         if dst is not None:
             return LoadRecipe(label, n, blob, dst[:n])
@@ -120,18 +139,21 @@ class CudaBackend:
         return t0, t1, t2
 
     def submit(self, recipe: LoadRecipe) -> int:
+        """Queue a load on the copy stream, ordered after all compute issued so far; returns its ticket."""
         ticket = self._worker.next_ticket
         # Recorded before the worker can see the job: orders the load after all compute issued so far.
         self._after[ticket % TICKET_EVENTS].record(self.compute_stream)
         return self._worker.submit(recipe)
 
     def wait(self, ticket: int) -> None:
+        """Make the compute stream wait for a ticket's load; the host waits only until it is issued."""
         self._worker.wait(ticket)  # host: the worker has issued the load (not that it finished)
         # Without wait_event the compute stream could read the slot before the copy lands.
         self.compute_stream.wait_event(self._ready[ticket % TICKET_EVENTS])
 
     def run_now(self, recipe: LoadRecipe) -> None:
         # Synchronous mode: on the compute stream itself (the accelerate-style blocking copy).
+        """Load on the compute stream itself, blocking (copy_mode "sync", resynchronisation)."""
         s = self.compute_stream
         t0 = self._mark(s)
         if recipe.copy_src is not None:
@@ -144,20 +166,27 @@ class CudaBackend:
         self._inline_marks = (t0, t1, self._mark(s))
 
     def drain(self) -> None:
+        """Wait until every load is issued, then order later compute after the copy stream.
+
+        Raises a failed load's error.
+        """
         if self._worker is not None:
             self._worker.drain()
             # Later compute-stream work must also come after every copy issued (resynchronisation).
             self.compute_stream.wait_stream(self.copy_stream)
 
     def settle(self) -> None:
+        """As drain, for detach: a failed load's error already raised to its waiter is not raised again."""
         if self._worker is not None:
             self._worker.settle()
             self.compute_stream.wait_stream(self.copy_stream)
 
     def clock(self) -> float:
+        """A compute-stream event mark (an event index, not seconds); resolve() turns it into seconds."""
         return self._mark(self.compute_stream)
 
     def copy_marks(self, ticket: int) -> tuple[float, float, float]:
+        """(start, copied, end) event marks of a ticket's load; ticket <= 0: the last run_now."""
         if ticket <= 0:
             return self._inline_marks
         m = self._worker.marks[ticket % MARK_RING]
@@ -169,6 +198,10 @@ class CudaBackend:
         # Every copy mark of the frame precedes a compute mark (compute waited on its load), so the compute
         # stream alone covers them; the copy stream's prefetches for the next frame are not waited for.
         # Cost: nothing when the frame's output was already read on the host (a world model's step reads it).
+        """Event marks -> seconds since start(), same shape.
+
+        Cost: synchronises the compute stream once (call once per frame, after its output is read).
+        """
         self.compute_stream.synchronize()
         return np.array([self._epoch.elapsed_time(self._events[int(m)]) * 1e-3 for m in marks.ravel()]
                         ).reshape(marks.shape)

@@ -51,11 +51,13 @@ class BlockHook(ModelHook):
         self.calls, self.executor, self.name = calls, calls.executor, name
 
     def pre_forward(self, module, args, kwargs) -> None:
+        """Close any open group call, then let the executor bind the block's weights."""
         if self.calls.open is not None:
             self.calls.close()
         self.executor.before(self.name)
 
     def post_forward(self, module, output) -> None:
+        """Tell the executor the block's call ended (timing, next prefetch)."""
         self.executor.after(self.name)
 
 
@@ -66,6 +68,7 @@ class GroupHook(ModelHook):
         self.calls, self.name = calls, name
 
     def pre_forward(self, module, args, kwargs) -> None:
+        """Start the block's call unless this member continues the call in progress."""
         calls = self.calls
         if calls.open == self.name:  # the next member of the call in progress
             return
@@ -74,4 +77,5 @@ class GroupHook(ModelHook):
         calls.executor.before(self.name)
 
     def post_forward(self, module, output) -> None:
+        """Leave the call open: the next member, or the next block's call, closes it."""
         self.calls.open = self.name

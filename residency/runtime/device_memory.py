@@ -42,6 +42,7 @@ def _kind(bp: BlockPlan) -> str:
 
 
 def compute_bytes(blob: BlockBlob, compute_dtype: str) -> int:
+    """Bytes the block's tensors take unpacked in `compute_dtype` (KeyError for an unknown dtype)."""
     return sum(math.prod(e.shape) for e in blob.layout.entries) * COMPUTE_DTYPE_BYTES[compute_dtype]
 
 
@@ -196,6 +197,7 @@ class DeviceMemory:
                                          for e, v in items], plain)
 
     def arena_region(self, phase: str, name: str) -> torch.Tensor:
+        """The arena from the offset of block `name` in `phase`'s layout to its end (uint8)."""
         return self.arena[self.phase_layout[phase][name]:]
 
     def release(self) -> None:

@@ -150,6 +150,11 @@ class Executor:
 
     # --- the hook entry points ---
     def before(self, name: str) -> None:
+        """Bind block `name`'s weights before its call: wait for its load or load it, then unpack.
+
+        Closes the frame record at a frame start. Raises DeviceBudgetExceeded when the budget was cut below
+        what is held, a failed load's error, and the backend's out-of-memory error.
+        """
         if self.ledger.over_budget:
             self.ledger.check()  # a budget cut: raise here, the runtime recovers
         b, sch = self.backend, self.schedule
@@ -191,6 +196,7 @@ class Executor:
         pending.streamed = bp.placement == "streamed"
 
     def after(self, name: str) -> None:
+        """Record the call's timings and queue the load that reuses the slot the call released."""
         t_end = self.backend.clock()
         call = self._pending
         self.recorder.record(self.schedule.frame_of(self.position), call.block, call.t_start, call.t_ready,
@@ -212,4 +218,5 @@ class Executor:
             self.frame_open = False
 
     def stop(self) -> None:
+        """Finish in-flight loads without raising a load's error again (detach after a failure)."""
         self.backend.settle()  # detach must finish even after a failed load (recovery detaches then)

@@ -17,15 +17,19 @@ class ModelHook:
     """Override what you need; pre_forward/post_forward run around every call of the module."""
 
     def init_hook(self, module: nn.Module) -> None:
+        """Called once when the hook is added to `module`; default: nothing."""
         pass
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Called before every call of `module` with its arguments; default: nothing."""
         pass
 
     def post_forward(self, module: nn.Module, output: Any) -> None:
+        """Called after every call of `module` that returned, with its output; default: nothing."""
         pass
 
     def detach_hook(self, module: nn.Module) -> None:
+        """Called once after the hook was removed from `module`; default: nothing."""
         pass
 
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -74,6 +78,10 @@ def check_removable(module: nn.Module) -> None:
 
 
 def remove_hook(module: nn.Module) -> None:
+    """Take the hook off `module` and restore its forward; nothing when it has none.
+
+    Raises RuntimeError when another library wrapped forward after ours (see check_removable).
+    """
     check_removable(module)
     entry = module.__dict__.pop(_ATTR, None)
     if entry is None:
@@ -87,4 +95,5 @@ def remove_hook(module: nn.Module) -> None:
 
 
 def has_hook(module: nn.Module) -> bool:
+    """True when `module` carries a residency hook (this runtime's or another's)."""
     return hasattr(module, _ATTR)

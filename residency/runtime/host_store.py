@@ -29,6 +29,7 @@ class HostMemoryExceeded(ResidencyError):
 
 @dataclass(frozen=True)
 class TensorEntry:
+    """Where one tensor lies in its block's host blob, and in which storage format."""
     name: str  # relative to the block module, as in the workload's tensors
     offset: int  # bytes from the start of the blob
     nbytes: int
@@ -38,6 +39,7 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class BlobLayout:
+    """The tensors of one block's blob, their offsets and the blob's size in bytes."""
     entries: tuple[TensorEntry, ...]  # in the workload's tensor order
     nbytes: int  # blob size, padding included
     padding_bytes: int  # alignment padding (0 for every format of the shipped models)
@@ -45,6 +47,7 @@ class BlobLayout:
 
 @dataclass(frozen=True)
 class BlockBlob:
+    """One block's weights packed in its planned storage format as one flat host buffer."""
     block: str
     format: str  # the plan's storage format for the block
     layout: BlobLayout
@@ -52,6 +55,7 @@ class BlockBlob:
 
     @property
     def nbytes(self) -> int:
+        """Blob size in bytes, padding included."""
         return self.layout.nbytes
 
 
@@ -160,4 +164,5 @@ class HostStore:
 
     @property
     def nbytes(self) -> int:
+        """Host bytes all blobs take together."""
         return sum(b.nbytes for b in self.blobs.values())

@@ -20,6 +20,7 @@ class DeviceBudgetExceeded(ResidencyError):
 
 @dataclass(frozen=True)
 class LedgerSnapshot:
+    """The ledger's accounts at one moment, in bytes: budget, held and peak per kind and in total."""
     budget_bytes: int
     current_bytes: tuple[tuple[str, int], ...]  # (kind, bytes held now), in KINDS order
     peak_bytes: tuple[tuple[str, int], ...]  # (kind, most bytes ever held), in KINDS order
@@ -57,6 +58,10 @@ class Ledger:
         self.peak_total_bytes = max(self.peak_total_bytes, self.total_bytes)
 
     def release(self, kind: str, nbytes: int) -> None:
+        """Account `nbytes` of `kind` as freed.
+
+        Raises ValueError for an unknown kind or when more is released than is held.
+        """
         self._check_kind(kind)
         nbytes = int(nbytes)
         if nbytes > self._current[kind]:
@@ -65,6 +70,7 @@ class Ledger:
         self.total_bytes -= nbytes
 
     def release_all(self) -> None:
+        """Account every kind as empty (detach); peaks are kept."""
         for kind in KINDS:
             self._current[kind] = 0
         self.total_bytes = 0
@@ -75,6 +81,7 @@ class Ledger:
 
     @property
     def over_budget(self) -> bool:
+        """True when more bytes are held than the budget (after a budget cut)."""
         return self.total_bytes > self.budget_bytes
 
     def check(self) -> None:
@@ -86,14 +93,18 @@ class Ledger:
                 hint="the runtime re-plans for the new budget when it was given a replan callable")
 
     def current(self, kind: str) -> int:
+        """Bytes of `kind` held now (KeyError for an unknown kind)."""
         return self._current[kind]
 
     def peak(self, kind: str) -> int:
+        """Most bytes of `kind` ever held at once (KeyError for an unknown kind)."""
         return self._peak[kind]
 
     def describe(self) -> str:
+        """The kinds held now with their sizes, e.g. "slots 1.2 GiB, kv_cache 64 MiB" (empty ones left out)."""
         return ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self._current.items() if v)
 
     def snapshot(self) -> LedgerSnapshot:
+        """An immutable copy of the accounts now."""
         return LedgerSnapshot(self.budget_bytes, tuple(self._current.items()), tuple(self._peak.items()),
                               self.total_bytes, self.peak_total_bytes)

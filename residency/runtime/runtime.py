@@ -112,6 +112,13 @@ class Runtime:
 
     # --- attach / detach ---
     def attach(self, pipeline: nn.Module) -> Runtime:
+        """Pack the model's block weights into host blobs, reserve device memory and hook the blocks.
+
+        Returns self. Raises ResidencyError when already attached, when the model is attached elsewhere,
+        or when its blocks do not match the workload or plan (dtype, device, tensors); HostMemoryExceeded
+        when the blobs do not fit in RAM; DeviceBudgetExceeded when the plan's memory passes the budget.
+        Cost: copies every block's weights once into host blobs.
+        """
         if self.pipeline is not None:
             raise ResidencyError("this runtime is already attached", hint="detach() it first")
         if has_hook(pipeline):
@@ -340,6 +347,7 @@ class Runtime:
 
     @property
     def executor_stats(self) -> dict[str, int]:
+        """Counts of calls that left the schedule: {"resyncs", "out_of_schedule_calls"}; {} detached."""
         e = self._executor
         return {"resyncs": e.resyncs, "out_of_schedule_calls": e.out_of_schedule_calls} if e else {}
 

@@ -13,6 +13,7 @@ from residency.workload import Workload
 
 @dataclass(frozen=True)
 class Call:
+    """One expected call of a block in the schedule, with its phase and its streamed ordinal."""
     block: str
     phase: str
     run: int  # index of the phase run within its sequence (a new run starts at each phase change)
@@ -48,6 +49,7 @@ class CallSchedule:
             self._first_in_start.setdefault(c.block, i)
 
     def call(self, p: int) -> Call:
+        """The call expected at position `p` (the start sequence, then the frame sequence repeated)."""
         n = len(self.start)
         return self.start[p] if p < n else self.frame[(p - n) % len(self.frame)]
 
@@ -57,6 +59,7 @@ class CallSchedule:
         return 0 if p < n else 1 + (p - n) // len(self.frame)
 
     def is_frame_start(self, p: int) -> bool:
+        """True when position `p` is the first call of a latent frame."""
         return p >= len(self.start) and (p - len(self.start)) % len(self.frame) == 0
 
     def run_key(self, p: int) -> tuple[int, int]:

@@ -28,6 +28,7 @@ OPS_PER_KERNEL = 2
 
 @dataclass(frozen=True)
 class CallCost:
+    """Predicted cost of one block call, split by the stream it runs on: seconds and host->device bytes."""
     copy_s: float  # copy-engine work (async) for this call; 0 for resident blocks
     copy_bytes: int  # host->device bytes of this call
     dequant_s: float  # dequantization, on the compute stream unless dequant_on == "copy"
@@ -49,6 +50,10 @@ def dequant_s(block: BlockSpec, fmt: str, compute_dtype: str, profile: DevicePro
 
 
 def copy_s(block: BlockSpec, fmt: str, profile: DeviceProfile, execution: Execution) -> float:
+    """Seconds to move the block's `fmt` bytes host->device over the profile's link curve.
+
+    One transfer of the whole blob, or one per tensor when the execution copies tensors separately.
+    """
     if not execution.per_tensor_copies:
         return profile.h2d_s(block.nbytes(fmt), execution.pinned)
     return sum(profile.h2d_s(n, execution.pinned) for n in block.tensor_nbytes(fmt))
@@ -56,6 +61,11 @@ def copy_s(block: BlockSpec, fmt: str, profile: DeviceProfile, execution: Execut
 
 def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_frames: int,
               kv_read: bool, kv_dtype: str, batch: int) -> float:
+    """Seconds of the block's forward on the compute stream (matmul, memory roof, elementwise, launches).
+
+    `context_frames` latent frames of KV are read when `kv_read`; `batch` multiplies tokens and
+    fixed FLOPs. GPU: launch time hides under device work; CPU: per-op dispatch time adds to it.
+    """
     weight_bytes = block.params * COMPUTE_DTYPE_BYTES[bp.compute_dtype]
     kv_bytes = context_frames * block.kv_bytes_per_frame(kv_dtype, batch) if kv_read else 0
     flops = block.flops(context_frames if kv_read else 0, batch)
@@ -95,17 +105,24 @@ def _matmul_s(block: BlockSpec, flops: float, rows: int, dtype: str, profile: De
 
 
 def kernels_per_call(block: BlockSpec) -> int:
+    """Kernel launches per call: the workload's traced count, else estimated from its matrices."""
     if block.kernels_per_call:
         return block.kernels_per_call
     return KERNELS_PER_MATRIX * sum(1 for _, shape in block.tensors if len(shape) >= 2) + KERNELS_PER_BLOCK
 
 
 def ops_per_call(block: BlockSpec) -> int:
+    """Dispatched torch ops per call (views included): traced count, else kernels x OPS_PER_KERNEL."""
     return block.ops_per_call or OPS_PER_KERNEL * kernels_per_call(block)
 
 
 def call_cost(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, execution: Execution,
               context_frames: int, kv_read: bool, kv_dtype: str, batch: int) -> CallCost:
+    """The predicted CallCost of one call of `block` under its BlockPlan `bp`.
+
+    Resident: compute only; resident-quantized: plus dequant; streamed: plus the copy, on the copy
+    engine (async) or on compute (copy_mode "sync"), with the execution's host sync per onload.
+    """
     base = compute_s(block, bp, profile, context_frames, kv_read, kv_dtype, batch)
     if bp.placement == "resident":
         return CallCost(0.0, 0, 0.0, base, False)

@@ -57,6 +57,11 @@ def slot_bytes(workload: Workload, plan: Plan) -> int:
 
 
 def peak_bytes(workload: Workload, plan: Plan, profile: DeviceProfile) -> dict[str, int]:
+    """Predicted device bytes at the plan's peak, by ledger kind (KINDS), plus "reserve".
+
+    Phase-lifetime blocks count for their largest phase; "reserve" is the profile's memory held
+    outside the budget and is not part of the plan's total.
+    """
     by_kind = {k: 0 for k in KINDS}
     session = {"resident": 0, "resident-quantized": 0}
     per_phase: dict[str, dict[str, int]] = {ph.name: {"resident": 0, "resident-quantized": 0}

@@ -24,6 +24,7 @@ MAX_STEADY_FRAME = 12
 
 @dataclass(frozen=True)
 class TimelineEvent:
+    """One interval on a simulated track (copy, dequant or compute), in ms since the session start."""
     track: str  # "copy" | "dequant" | "compute"
     label: str  # block name ("load <block>" for a resident block's load)
     frame: int  # 0 = session start
@@ -35,6 +36,7 @@ class TimelineEvent:
 
 @dataclass(frozen=True)
 class Simulation:
+    """A simulator run: the prediction and the timeline of every frame it simulated."""
     prediction: Prediction
     events: tuple[TimelineEvent, ...]  # every frame simulated, in time order per track
     steady_frame: int  # the frame the prediction's steady figures come from

@@ -23,6 +23,7 @@ KEEP_FRAMES = 256  # frame records (and resolved rows, for traces) kept
 
 @dataclass(frozen=True)
 class BlockTiming:
+    """Measured times of one block within one frame (ms, summed over its calls) and bytes it loaded."""
     block: str
     calls: int
     copy_ms: float  # copy-engine time of this block's loads (host->device bytes)
@@ -34,6 +35,7 @@ class BlockTiming:
 
 @dataclass(frozen=True)
 class FrameRecord:
+    """Measured totals of one frame (ms, bytes) with its per-block timings and the prediction."""
     frame: int  # 0 = session start, 1.. = latent frames
     start_s: float  # first call's start, on the backend's clock
     frame_ms: float  # from this frame's first call to the next frame's first call (or its own last end)
@@ -54,6 +56,7 @@ class FrameRecord:
 
 @dataclass(frozen=True)
 class TelemetrySnapshot:
+    """An immutable copy of the recorder's kept frames, their call rows and the ledger's bytes."""
     frames: tuple[FrameRecord, ...]  # oldest first
     rows: tuple[np.ndarray, ...]  # resolved call rows per kept frame (seconds), read-only
     block_names: tuple[str, ...]
@@ -67,6 +70,10 @@ class TelemetrySnapshot:
 
 
 class Recorder:
+    """Keeps the timestamps of every block call and sums them per frame (the last KEEP_FRAMES frames).
+
+    record() runs on the compute thread on every call: it only appends a tuple (~0.1 us).
+    """
     def __init__(self, block_names: list[str], prediction: Prediction | None):
         self.block_names = tuple(block_names)
         self.prediction = prediction
@@ -79,6 +86,10 @@ class Recorder:
 
     def record(self, frame: int, block: int, t_start: float, t_ready: float, t_dequant: float, t_end: float,
                copy: tuple[float, float, float] | None, link_bytes: int) -> None:
+        """Append one call's marks (backend clock units) and, for a load, its copy marks and bytes.
+
+        `block` is the block's index in block_names; `copy` is (start, copied, end) or None without a load.
+        """
         if copy is None:
             self._open.append((frame, block, t_start, t_ready, t_dequant, t_end, 0.0, 0.0, 0.0, 0, 0.0))
         else:
@@ -143,4 +154,5 @@ class Recorder:
             copy_busy_ms=float((copy_s.sum() + copy_dq_s.sum()) * 1e3))
 
     def snapshot(self, memory: tuple[tuple[str, int], ...] = ()) -> TelemetrySnapshot:
+        """The kept frames and rows as a TelemetrySnapshot, with the ledger's `memory` (kind, bytes)."""
         return TelemetrySnapshot(tuple(self.frames), tuple(self._resolved), self.block_names, self.prediction, memory)

@@ -145,6 +145,7 @@ def workload_from_dict(doc: Any, source: str = "<catalog>") -> Workload:
 
 
 def workload_to_dict(w: Workload) -> dict[str, Any]:
+    """The workload as a catalog JSON document (schema CATALOG_SCHEMA_VERSION); zero fields left out."""
     blocks = []
     for b in w.blocks:
         entry: dict[str, Any] = {"name": b.name, "component": b.component,
@@ -167,5 +168,9 @@ def workload_to_dict(w: Workload) -> dict[str, Any]:
 
 
 def load_workload_file(path: str | os.PathLike[str]) -> Workload:
+    """The workload in the catalog JSON at `path`.
+
+    Raises ResidencyError when the file is missing, is not JSON, or fails validation.
+    """
     doc = read_json(path, "the catalog entry", "regenerate it with tools/gen_catalog.py")
     return workload_from_dict(doc, str(path))

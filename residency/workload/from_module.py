@@ -47,6 +47,7 @@ class ModuleWorkloadWarning(UserWarning):
 
 @dataclass(frozen=True)
 class ModuleWorkload:
+    """A workload traced from an nn.Module, with how it was counted and what was left out."""
     workload: Workload
     counted_on: str  # "meta" | "real" | "narrow" (COUNTED_ON)
     meta_error: str  # why the meta forward failed; "" when it ran

@@ -32,6 +32,7 @@ class BlockUnit:
 
 @dataclass(frozen=True)
 class ModuleBlocks:
+    """A module tree cut into block units, the tensors no unit holds, and the rule that cut it."""
     units: tuple[BlockUnit, ...]  # tree order; disjoint subtrees
     loose: tuple[str, ...]  # tensor paths from the root that no unit holds
     repeated_from: str  # "_repeated_blocks" | "_no_split_modules" | "ModuleList" | "none"

@@ -49,6 +49,7 @@ class UnitCounts:
     made_wide: int = 0  # the same at the widened shapes (= made_elements unless a narrow instance is widened)
 
     def add_ops(self, c: OpCounter) -> None:
+        """Add an op counter's ops, kernels and activation elements (per size class) to these counts."""
         self.ops += c.ops
         self.kernels += c.kernels
         self.elements += c.elements
@@ -72,6 +73,7 @@ class UnitCounts:
 
 @dataclass
 class Trace:
+    """What one traced forward did: the unit call order, per-unit counts, glue counts, weights read."""
     order: list[int]  # unit index of every call, in call order (a unit whose call is running is not re-entered)
     units: list[UnitCounts]  # per unit index
     glue: dict[int, UnitCounts]  # glue counts by the unit that ran last (PROLOGUE: before any)

@@ -62,6 +62,7 @@ class BlockSpec:
 
     @cached_property
     def params(self) -> int:
+        """Weight elements of the block (all its tensors)."""
         return sum(math.prod(s) for _, s in self.tensors)
 
     def nbytes(self, fmt: str) -> int:
@@ -90,6 +91,7 @@ class BlockSpec:
                 for name, f in FORMATS.items()}
 
     def flops(self, context_frames: int, batch: int = 1) -> float:
+        """FLOPs of one call over `batch` items, attending to `context_frames` cached frames."""
         t = self.tokens
         ctx = context_frames * self.context_tokens_per_frame
         per_item = (self.fixed_flops + self.flops_per_token * t + self.self_attn_flops_per_token_pair * t * t
@@ -101,12 +103,14 @@ class BlockSpec:
         return batch * self.context_tokens_per_frame * self.kv_channels_per_token * KV_DTYPE_BYTES[kv_dtype]
 
     def activation_bytes(self, compute_dtype: str, batch: int = 1) -> int:
+        """Activation bytes one call holds at its peak in `compute_dtype` (KeyError if unknown)."""
         scale = COMPUTE_DTYPE_BYTES[compute_dtype] / 2
         return int(math.ceil(batch * self.tokens * self.activation_bytes_per_token * scale))
 
 
 @dataclass(frozen=True)
 class PassSpec:
+    """One pass over some blocks within a phase: their order, how often it runs, its KV access."""
     blocks: tuple[str, ...]  # block names in execution order
     per_step: bool = False  # True: runs once per denoise step (×steps); False: once per phase run
     kv: str = "none"  # "none" | "read" | "read+write" of the temporal KV cache
@@ -115,6 +119,7 @@ class PassSpec:
 
 @dataclass(frozen=True)
 class PhaseSpec:
+    """A phase (encode, denoise, decode): its passes, run once per session or per latent frame."""
     name: str  # "encode" | "denoise" | "decode"
     per: str  # "session" | "latent_frame"
     passes: tuple[PassSpec, ...]
@@ -127,6 +132,7 @@ class PhaseSpec:
 
 @dataclass(frozen=True)
 class Workload:
+    """A model as the planner sees it: blocks in execution order with sizes and FLOPs, and phases."""
     name: str  # model name, e.g. "lucid-500m"
     blocks: tuple[BlockSpec, ...]  # in execution order
     phases: tuple[PhaseSpec, ...]  # in execution order
@@ -157,17 +163,21 @@ class Workload:
 
     @cached_property
     def by_name(self) -> dict[str, BlockSpec]:
+        """Block name -> its BlockSpec."""
         return {b.name: b for b in self.blocks}
 
     @property
     def components(self) -> list[str]:
+        """Component names (e.g. "encoder", "dit") in order of their first block."""
         return list(dict.fromkeys(b.component for b in self.blocks))
 
     @property
     def params(self) -> int:
+        """Weight elements of all blocks."""
         return sum(b.params for b in self.blocks)
 
     def nbytes(self, fmt: str) -> int:
+        """Bytes of all blocks' weights stored as `fmt` (KeyError for a format not described)."""
         return sum(b.nbytes(fmt) for b in self.blocks)
 
     def kv_cache_bytes(self, kv_dtype: str | None = None) -> int:
@@ -176,15 +186,18 @@ class Workload:
         return self.context_frames * sum(b.kv_bytes_per_frame(dtype, self.batch) for b in self.blocks)
 
     def phase(self, name: str) -> PhaseSpec:
+        """The phase called `name`; raises ResidencyError when there is none."""
         for p in self.phases:
             if p.name == name:
                 return p
         raise ResidencyError(f"workload {self.name} has no phase {name!r}")
 
     def frame_phases(self) -> tuple[PhaseSpec, ...]:
+        """The phases that run once per latent frame, in execution order."""
         return tuple(p for p in self.phases if p.per == "latent_frame")
 
     def session_phases(self) -> tuple[PhaseSpec, ...]:
+        """The phases that run once per session, in execution order."""
         return tuple(p for p in self.phases if p.per == "session")
 
     def count(self, p: PassSpec) -> int:
@@ -192,6 +205,7 @@ class Workload:
         return self.steps if p.per_step else 1
 
     def calls_per_frame(self, block: str) -> int:
+        """Calls of block `block` in one latent frame (passes per step count `steps` times)."""
         return sum(self.count(p) for ph in self.frame_phases() for p in ph.passes if block in p.blocks)
 
     def flops_per_frame(self) -> float:
