@@ -54,6 +54,8 @@ def memcpy_gbps(nbytes: int = 256 * 2**20, repeats: int = 15) -> float:
 
 
 def packed_matrix(name: str, rows: int, cols: int) -> torch.Tensor:
+    """A rows × cols matrix packed in format `name`, as flat uint8: seeded random weights packed, or for a
+    dequant-only format seeded random blocks with small finite fp16 scales."""
     fmt = get_format(name)
     if fmt.can_pack:
         return fmt.pack(torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)))
@@ -65,6 +67,8 @@ def packed_matrix(name: str, rows: int, cols: int) -> torch.Tensor:
 
 
 def gguf_reference(name: str, packed: torch.Tensor, rows: int):
+    """A no-argument call of gguf's numpy dequant of `packed` (rows of the matrix: `rows`), or None when the
+    format has no GGUF type."""
     from gguf import GGMLQuantizationType
     from gguf import quants as gguf_quants
 
@@ -78,6 +82,11 @@ def gguf_reference(name: str, packed: torch.Tensor, rows: int):
 
 def bench_row(name: str, dtype_name: str, packed: torch.Tensor, rows: int, cols: int, repeats: int,
               compile_too: bool, reference: np.ndarray | None) -> dict:
+    """One row: eager unpack of `packed` into `dtype_name` through a staging buffer, median and IQR (ms) of
+    `repeats` samples; with compile_too, torch.compile's time beside it (and its first call's compile_s).
+
+    reference: gguf's dequantized values, to check the eager output bit for bit ("exact"); None: unchecked.
+    """
     fmt, dtype = get_format(name), OUT_DTYPES[dtype_name]
     out = torch.empty(rows, cols, dtype=dtype)
     staging = new_staging(staging_bytes("cpu", rows * cols, dtype), "cpu")  # the runtime's per-thread buffer
@@ -109,7 +118,7 @@ def _ms(v: float | None, iqr: float | None) -> str:
     return "—" if v is None else f"{v:.1f}±{iqr:.1f}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--cols", type=int, default=4096)
@@ -117,29 +126,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (numpy uses 1)")
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated format names")
     ap.add_argument("--no-compile", action="store_true", help="eager only (compiling takes seconds per row)")
-    args = ap.parse_args(argv)
+    return ap
 
-    torch.set_num_threads(args.threads)
-    gbps = memcpy_gbps()
-    n = args.rows * args.cols
-    rows, gguf_ms = [], {}
-    for name in (s.strip().upper() for s in args.formats.split(",")):
-        packed = packed_matrix(name, args.rows, args.cols)
-        ref_fn = gguf_reference(name, packed, args.rows)
-        reference = None
-        if ref_fn is not None:
-            reference = ref_fn()
-            gguf_ms[name] = _median_iqr(_samples_ms(ref_fn, max(5, args.repeats // 3), warmup=1))
-        for dtype_name, dtype in OUT_DTYPES.items():
-            r = bench_row(name, dtype_name, packed, args.rows, args.cols, args.repeats, not args.no_compile, reference)
-            floor_ms = (packed.numel() + n * dtype.itemsize) / (gbps * 1e9) * 1e3
-            r.update(packed_bytes=packed.numel(), floor_ms=floor_ms, floor_fraction=floor_ms / r["eager_ms"])
-            if name in gguf_ms:
-                r["gguf_ms"], r["gguf_iqr_ms"] = gguf_ms[name]
-                r["speedup_vs_gguf"] = r["gguf_ms"] / r["eager_ms"]
-            rows.append(r)
-            print(f"  measured {name} → {dtype_name}", file=sys.stderr)
 
+def _format_rows(name: str, args: argparse.Namespace, gbps: float) -> list[dict]:
+    """The rows of one format, one per output dtype, each with its memory-bound floor (ms, at `gbps` GB/s
+    of copy bandwidth) and, where gguf reads the format, gguf's time and the speedup over it."""
+    packed = packed_matrix(name, args.rows, args.cols)
+    ref_fn = gguf_reference(name, packed, args.rows)
+    reference, gguf = None, None
+    if ref_fn is not None:
+        reference = ref_fn()
+        gguf = _median_iqr(_samples_ms(ref_fn, max(5, args.repeats // 3), warmup=1))
+    rows = []
+    for dtype_name, dtype in OUT_DTYPES.items():
+        r = bench_row(name, dtype_name, packed, args.rows, args.cols, args.repeats, not args.no_compile, reference)
+        floor_ms = (packed.numel() + args.rows * args.cols * dtype.itemsize) / (gbps * 1e9) * 1e3
+        r.update(packed_bytes=packed.numel(), floor_ms=floor_ms, floor_fraction=floor_ms / r["eager_ms"])
+        if gguf is not None:
+            r["gguf_ms"], r["gguf_iqr_ms"] = gguf
+            r["speedup_vs_gguf"] = r["gguf_ms"] / r["eager_ms"]
+        rows.append(r)
+        print(f"  measured {name} → {dtype_name}", file=sys.stderr)
+    return rows
+
+
+def _print_table(args: argparse.Namespace, gbps: float, rows: list[dict]) -> None:
     print(f"dequant {args.rows}×{args.cols}, torch threads={args.threads} (numpy 1 thread); "
           f"copy {gbps:.1f} GB/s (read+write); ms = median±IQR")
     hdr = (f"{'format':7} {'out':4} {'eager ms':>12} {'compiled ms':>12} {'gguf ms':>12} {'× gguf':>7} "
@@ -153,20 +165,35 @@ def main(argv: list[str] | None = None) -> int:
               f"{_ms(r.get('compiled_ms'), r.get('compiled_iqr_ms')):>12} {_ms(r.get('gguf_ms'), r.get('gguf_iqr_ms')):>12} "
               f"{sp:>7} {r['floor_ms']:8.2f} {100 * r['floor_fraction']:6.1f}% {ex:>6}")
 
+
+def _target_checks(rows: list[dict]) -> dict[str, bool]:
+    """The bf16 checks over the TARGETS formats measured in both dtypes (none: no checks); prints their line."""
     by = {(r["format"], r["dtype"]): r for r in rows}
     targets = [t for t in TARGETS if (t, "bf16") in by and (t, "fp32") in by]
-    checks: dict[str, bool] = {}
-    if targets:
-        bf = [by[(t, "bf16")] for t in targets]
-        geo = math.exp(statistics.fmean(math.log(r["floor_fraction"]) for r in bf))
-        checks = {
-            "bf16_at_least_as_fast_as_fp32": all(by[(t, "bf16")]["eager_ms"] <= by[(t, "fp32")]["eager_ms"] for t in targets),
-            "bf16_speedup_vs_gguf": all(r["speedup_vs_gguf"] >= MIN_SPEEDUP_VS_GGUF for r in bf),
-            "bf16_geomean_floor_fraction": geo >= MIN_GEOMEAN_FLOOR_FRACTION,
-        }
-        print(f"targets ({', '.join(targets)}), into bf16: geomean {100 * geo:.1f}% of the floor "
-              f"(≥ {100 * MIN_GEOMEAN_FLOOR_FRACTION:.0f}%); worst × gguf "
-              f"{min(r['speedup_vs_gguf'] for r in bf):.2f} (≥ {MIN_SPEEDUP_VS_GGUF:.0f})")
+    if not targets:
+        return {}
+    bf = [by[(t, "bf16")] for t in targets]
+    geo = math.exp(statistics.fmean(math.log(r["floor_fraction"]) for r in bf))
+    checks = {
+        "bf16_at_least_as_fast_as_fp32": all(by[(t, "bf16")]["eager_ms"] <= by[(t, "fp32")]["eager_ms"] for t in targets),
+        "bf16_speedup_vs_gguf": all(r["speedup_vs_gguf"] >= MIN_SPEEDUP_VS_GGUF for r in bf),
+        "bf16_geomean_floor_fraction": geo >= MIN_GEOMEAN_FLOOR_FRACTION,
+    }
+    print(f"targets ({', '.join(targets)}), into bf16: geomean {100 * geo:.1f}% of the floor "
+          f"(≥ {100 * MIN_GEOMEAN_FLOOR_FRACTION:.0f}%); worst × gguf "
+          f"{min(r['speedup_vs_gguf'] for r in bf):.2f} (≥ {MIN_SPEEDUP_VS_GGUF:.0f})")
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Benches every format named by --formats (argv: the command-line arguments; None reads sys.argv),
+    prints the table, the checks and one JSON summary line. Returns 0: a failed check is reported, not raised."""
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    gbps = memcpy_gbps()
+    rows = [r for name in (s.strip().upper() for s in args.formats.split(",")) for r in _format_rows(name, args, gbps)]
+    _print_table(args, gbps, rows)
+    checks = _target_checks(rows)
     checks["iqr_under_quarter_of_median"] = all(r["eager_iqr_ms"] < MAX_IQR_FRACTION * r["eager_ms"] for r in rows)
     checks["exact"] = all(r.get("exact", True) for r in rows)
     print("checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items()))

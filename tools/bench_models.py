@@ -108,79 +108,122 @@ def _block_calls(rt) -> int:
     return len(frames[-1].blocks) if frames else len(rt.plan.blocks)
 
 
+def _fwd(model, example: dict):
+    """A no-argument forward of `model` on the example inputs."""
+    return lambda: model(**example)
+
+
+def _bench_resident(name: str, models: dict, example: dict, profile, weights_bytes: int, pairs: int, warmup: int,
+                    console: Console) -> dict:
+    """Attaches `models["hooked"]` all-resident (vram = weights × 1.5) and times it, and plain against plain
+    (A/A), in forward pairs (ms). Returns the pairs, the plan's placements and prediction, and the thread count."""
+    hooked, plain_a = models["hooked"], models["plain_a"]
+    rt = residency.attach(hooked, vram=int(weights_bytes * 1.5), profile=profile, backend="cpu",
+                          example_inputs=example)
+    placements = sorted({b.placement for b in rt.plan.blocks})
+    threads = torch.get_num_threads()  # the runtime's compute threads while attached: plain runs at the same
+    console.log(f"{name}: {pairs} plain/attached forward pairs, {pairs} plain/plain (A/A) on {threads} thread(s)")
+    att = timed_pairs(_fwd(plain_a, example), _fwd(hooked, example), pairs, warmup)
+    aa = timed_pairs(_fwd(plain_a, example), _fwd(models["plain_b"], example), pairs, warmup)
+    out = {"placements": placements, "threads": threads, "att": att, "aa": aa, "calls": _block_calls(rt),
+           # For a module the workload is one forward (steps = 1): the plan's frame_ms is the simulator's
+           # steady-state ms per forward.
+           "resident_pred_ms": rt.plan.prediction.frame_ms if rt.plan.prediction else None,
+           "plan_steps": rt.plan.steps, "resident_ms": statistics.median(b for _a, b in att)}
+    rt.detach()
+    torch.set_num_threads(threads)  # detach restored the count found at attach
+    return out
+
+
+def _bench_diffusers(name: str, models: dict, example: dict, pairs: int, warmup: int,
+                     console: Console) -> tuple[list[tuple[float, float]], int]:
+    """diffusers' block-level group offload (onload = offload = cpu) on `models["grouped"]` against plain, in
+    forward pairs (ms). Returns the pairs and the number of groups."""
+    from diffusers.hooks import apply_group_offloading
+
+    grouped = models["grouped"]
+    apply_group_offloading(grouped, onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1)
+    groups = _diffusers_groups(grouped)
+    console.log(f"{name}: {pairs} plain/diffusers-group-offload forward pairs ({groups} groups)")
+    return timed_pairs(_fwd(models["plain_a"], example), _fwd(grouped, example), pairs, warmup), groups
+
+
+def _bench_streamed(name: str, models: dict, example: dict, profile, runs: int, warmup: int, threads: int,
+                    console: Console) -> dict:
+    """Attaches `models["hooked"]` at vram = 50 % and times `runs` forward pairs against plain (ms); then two
+    separate runs of plain forwards, `runs` each, for the prediction's A/A."""
+    hooked, plain_a = models["hooked"], models["plain_a"]
+    console.log(f"{name}: streamed plan (vram = 50% of the weights), {runs} forwards")
+    rt = residency.attach(hooked, vram="50%", profile=profile, backend="cpu", example_inputs=example)
+    out = {"placements": {b.placement for b in rt.plan.blocks},
+           "pairs": timed_pairs(_fwd(plain_a, example), _fwd(hooked, example), runs, warmup)}
+    out["pred_ms"] = rt.plan.prediction.frame_ms if rt.plan.prediction else None
+    rt.detach()
+    torch.set_num_threads(threads)
+    # A/A of the prediction: the medians of two separate runs of plain forwards, `runs` each
+    out["plain_runs"] = [statistics.median(_timed(_fwd(plain_a, example)) for _ in range(runs)) for _ in range(2)]
+    return out
+
+
+def _error(pred_ms: float | None, measured_ms: float) -> float | None:
+    return None if pred_ms is None else (pred_ms - measured_ms) / measured_ms
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    return [float(q) for q in np.quantile(values, [0.25, 0.75])]
+
+
+def _summary(res: dict, grp: list[tuple[float, float]], groups: int, st: dict) -> dict:
+    """The result fields from the resident, diffusers and streamed measurements (ms; µs per call)."""
+    att, aa, calls = res["att"], res["aa"], res["calls"]
+    resident_ms = res["resident_ms"]
+    hook_us = [(b - a) * 1e3 / calls for a, b in att]
+    aa_us = [(b - a) * 1e3 / calls for a, b in aa]  # the method's resolution: plain vs plain, per block call
+    grp_us = [(b - a) * 1e3 / groups for a, b in grp]
+    streamed_ms = statistics.median(b for _a, b in st["pairs"])
+    return dict(
+        threads=res["threads"], plan_steps=res["plan_steps"], plan_placements=res["placements"],
+        all_resident=res["placements"] == ["resident"],
+        plain_ms=statistics.median(a for a, _b in att), resident_ms=resident_ms,
+        overhead=_ratio_stats(att), overhead_aa=_ratio_stats(aa),
+        block_calls_per_forward=calls, hook_us_per_call=statistics.median(hook_us),
+        hook_us_quartiles=_quartiles(hook_us),
+        aa_us_per_call=statistics.median(aa_us), aa_us_quartiles=_quartiles(aa_us),
+        diffusers_overhead=_ratio_stats(grp), diffusers_groups_per_forward=groups,
+        diffusers_us_per_group=statistics.median(grp_us),
+        diffusers_us_quartiles=_quartiles(grp_us),
+        prediction={
+            "resident": {"measured_ms": resident_ms, "simulated_ms": res["resident_pred_ms"],
+                         "error": _error(res["resident_pred_ms"], resident_ms)},
+            "streamed": {"measured_ms": streamed_ms, "simulated_ms": st["pred_ms"],
+                         "error": _error(st["pred_ms"], streamed_ms),
+                         "streams": "streamed" in st["placements"],
+                         "plain_ms_same_run": statistics.median(a for a, _b in st["pairs"])}},
+        prediction_aa=st["plain_runs"][1] / st["plain_runs"][0] - 1.0, plain_runs_ms=st["plain_runs"])
+
+
 def bench_model(name: str, profile, pairs: int, runs: int, warmup: int, console: Console) -> dict:
+    """Benches model `name` (a key of MODELS) on the CPU backend: all-resident attach against plain, the hook
+    cost per block call beside diffusers' group offload, and measured against simulated ms per forward.
+
+    profile: the DeviceProfile planned for. pairs: forward pairs per comparison; runs: forwards of the
+    streamed plan; warmup: untimed forwards first. Returns the result dict the table and JSON summary read.
+    """
     build = MODELS[name]
     plain_a, example = build()
-    plain_b, _ = build()  # same seed: the same weights
-    hooked, _ = build()
-    grouped, _ = build()
+    models = {"plain_a": plain_a, "plain_b": build()[0],  # same seed: the same weights
+              "hooked": build()[0], "grouped": build()[0]}
     params = sum(p.numel() for p in plain_a.parameters())
     weights_bytes = sum(p.numel() * p.element_size() for p in plain_a.parameters())
-
-    def fwd(m):
-        return lambda: m(**example)
-
     result: dict = {"model": name, "params": params, "weights_bytes": weights_bytes}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         console.log(f"{name}: {params / 1e6:.1f}M parameters; attaching all-resident (vram = weights × 1.5)")
-        rt = residency.attach(hooked, vram=int(weights_bytes * 1.5), profile=profile, backend="cpu",
-                              example_inputs=example)
-        placements = sorted({b.placement for b in rt.plan.blocks})
-        threads = torch.get_num_threads()  # the runtime's compute threads while attached: plain runs at the same
-        console.log(f"{name}: {pairs} plain/attached forward pairs, {pairs} plain/plain (A/A) on {threads} thread(s)")
-        att = timed_pairs(fwd(plain_a), fwd(hooked), pairs, warmup)
-        aa = timed_pairs(fwd(plain_a), fwd(plain_b), pairs, warmup)
-        calls = _block_calls(rt)
-        # For a module the workload is one forward (steps = 1): the plan's frame_ms is the simulator's
-        # steady-state ms per forward.
-        resident_pred_ms = rt.plan.prediction.frame_ms if rt.plan.prediction else None
-        plan_steps = rt.plan.steps
-        resident_ms = statistics.median(b for _a, b in att)
-        rt.detach()
-        torch.set_num_threads(threads)  # detach restored the count found at attach
-
-        from diffusers.hooks import apply_group_offloading
-
-        apply_group_offloading(grouped, onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                               offload_type="block_level", num_blocks_per_group=1)
-        groups = _diffusers_groups(grouped)
-        console.log(f"{name}: {pairs} plain/diffusers-group-offload forward pairs ({groups} groups)")
-        grp = timed_pairs(fwd(plain_a), fwd(grouped), pairs, warmup)
-
-        console.log(f"{name}: streamed plan (vram = 50% of the weights), {runs} forwards")
-        rt = residency.attach(hooked, vram="50%", profile=profile, backend="cpu", example_inputs=example)
-        streamed_placements = {b.placement for b in rt.plan.blocks}
-        streamed = timed_pairs(fwd(plain_a), fwd(hooked), runs, warmup)
-        streamed_pred_ms = rt.plan.prediction.frame_ms if rt.plan.prediction else None
-        rt.detach()
-        torch.set_num_threads(threads)
-        # A/A of the prediction: the medians of two separate runs of plain forwards, `runs` each
-        plain_runs = [statistics.median(_timed(fwd(plain_a)) for _ in range(runs)) for _ in range(2)]
-
-    plain_ms = statistics.median(a for a, _b in att)
-    hook_us = [(b - a) * 1e3 / calls for a, b in att]
-    aa_us = [(b - a) * 1e3 / calls for a, b in aa]  # the method's resolution: plain vs plain, per block call
-    grp_us = [(b - a) * 1e3 / groups for a, b in grp]
-    streamed_ms = statistics.median(b for _a, b in streamed)
-    result.update(
-        threads=threads, plan_steps=plan_steps, plan_placements=placements, all_resident=placements == ["resident"],
-        plain_ms=plain_ms, resident_ms=resident_ms,
-        overhead=_ratio_stats(att), overhead_aa=_ratio_stats(aa),
-        block_calls_per_forward=calls, hook_us_per_call=statistics.median(hook_us),
-        hook_us_quartiles=[float(q) for q in np.quantile(hook_us, [0.25, 0.75])],
-        aa_us_per_call=statistics.median(aa_us), aa_us_quartiles=[float(q) for q in np.quantile(aa_us, [0.25, 0.75])],
-        diffusers_overhead=_ratio_stats(grp), diffusers_groups_per_forward=groups,
-        diffusers_us_per_group=statistics.median(grp_us),
-        diffusers_us_quartiles=[float(q) for q in np.quantile(grp_us, [0.25, 0.75])],
-        prediction={
-            "resident": {"measured_ms": resident_ms, "simulated_ms": resident_pred_ms,
-                         "error": None if resident_pred_ms is None else (resident_pred_ms - resident_ms) / resident_ms},
-            "streamed": {"measured_ms": streamed_ms, "simulated_ms": streamed_pred_ms,
-                         "error": None if streamed_pred_ms is None else (streamed_pred_ms - streamed_ms) / streamed_ms,
-                         "streams": "streamed" in streamed_placements,
-                         "plain_ms_same_run": statistics.median(a for a, _b in streamed)}},
-        prediction_aa=plain_runs[1] / plain_runs[0] - 1.0, plain_runs_ms=plain_runs)
+        res = _bench_resident(name, models, example, profile, weights_bytes, pairs, warmup, console)
+        grp, groups = _bench_diffusers(name, models, example, pairs, warmup, console)
+        st = _bench_streamed(name, models, example, profile, runs, warmup, res["threads"], console)
+    result.update(_summary(res, grp, groups, st))
     return result
 
 
@@ -189,6 +232,7 @@ def _pct(x) -> str:
 
 
 def table(results: list[dict]) -> Table:
+    """The human table of bench_model's results, one group of rows per model, then the user-code line."""
     t = Table(title="residency.attach on diffusers models, this CPU (fp32, random weights; medians)")
     for col in ("model", "measure", "value", "A/A or quartiles", "target", "note"):
         t.add_column(col, justify="left" if col in ("model", "measure", "note") else "right")
@@ -224,6 +268,8 @@ def table(results: list[dict]) -> Table:
 
 
 def main() -> int:
+    """Benches the models named by --models; prints the table and one JSON line. Returns the exit status:
+    2 on an unknown model or --repeats below 1, else 0 (a missed target is reported, not an error)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="few repeats: a smoke run of ~1-2 minutes")
     parser.add_argument("--repeats", type=int, default=None, help="forward pairs per comparison (default 24; --quick 6)")

@@ -116,6 +116,97 @@ def paired_overhead(plain_pipe, plan: Plan, w, image, pairs: int, warmup: int) -
     return ratios, aa
 
 
+_TELEMETRY_MS = ("copy_ms", "compute_ms", "dequant_ms", "stall_ms", "compute_busy_ms", "copy_busy_ms")
+
+
+def _cpu_cases(w) -> dict[str, Plan]:
+    """The plans benched on the CPU, by label: resident, streamed (async, sync, Q8_0) and streamed-all."""
+    return {"resident": _plan(w, "resident"), "streamed": _plan(w, "streamed"),
+            "streamed-sync": _plan(w, "streamed", copy_mode="sync"),
+            "streamed-Q8_0": _plan(w, "streamed", "Q8_0"),
+            "streamed-all": _plan(w, "streamed", only_stack=False)}
+
+
+def _plain_round_ms(pipe, image, threads: int, frames: int, warmup: int) -> float:
+    """Median ms per frame of the plain pipeline, run at `threads` compute threads (restored after)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the plain pipeline at the runtime's compute thread count: a fair baseline
+    s = pipe.start(image, seed=0)
+    ms = _time_frames(lambda s=s: s.step("up"), frames, warmup)
+    torch.set_num_threads(saved)
+    return ms
+
+
+def _case_round(w, pipe, image, plan: Plan, frames: int, warmup: int) -> tuple[dict, int]:
+    """One round of one plan: the measured median ms per frame with the telemetry medians (ms), and the
+    ledger's peak device bytes."""
+    rt = Runtime(plan, "cpu", workload=w).attach(pipe)
+    s = pipe.start(image, seed=0)
+    measured = _time_frames(lambda rt=rt, s=s: rt.step(s, "up"), frames, warmup)
+    rt.step(s, "up")  # closes the last timed frame's record
+    tel = [f for f in rt.telemetry().frames if f.frame > warmup]
+    rt.detach()
+    medians = {k: statistics.median(getattr(f, k) for f in tel) for k in _TELEMETRY_MS}
+    return {"measured_ms": measured, **medians}, rt.ledger.peak_total_bytes
+
+
+def _run_rounds(w, pipe, image, cases: dict[str, Plan], threads: int, frames: int, warmup: int, rounds: int,
+                console: Console) -> tuple[list[float], dict[str, list[dict]], dict[str, int], list]:
+    """Every round: a quick profile, the plain pipeline, then each case. Returns the plain ms per round, each
+    case's rounds, each case's peak device bytes (of its last round) and the profile of each round."""
+    plain_rounds: list[float] = []
+    case_rounds: dict[str, list[dict]] = {label: [] for label in cases}
+    peaks: dict[str, int] = {}
+    round_profiles = []
+    for r in range(rounds):
+        console.log(f"{w.name}: quick profile for round {r + 1}/{rounds}")
+        round_profiles.append(measure_profile("cpu", quick=True))
+        plain_rounds.append(_plain_round_ms(pipe, image, threads, frames, warmup))
+        for label, plan in cases.items():
+            console.log(f"{w.name}: {label} (round {r + 1}/{rounds})")
+            got, peaks[label] = _case_round(w, pipe, image, plan, frames, warmup)
+            case_rounds[label].append(got)
+    return plain_rounds, case_rounds, peaks, round_profiles
+
+
+def _case_row(w, plan: Plan, profile, got: list[dict], peak_bytes: int, round_profiles: list) -> dict:
+    """One case's medians over its rounds beside the simulator's prediction, on `profile` (measured once at
+    the start) and on each round's own profile."""
+    pred = simulate(w, plan, profile).prediction
+    measured = _median_of(got, "measured_ms")
+    same_round = [simulate(w, plan, p).prediction.frame_ms for p in round_profiles]
+    return {
+        "measured_ms": measured, "measured_rounds_ms": [g["measured_ms"] for g in got],
+        "simulated_ms": pred.frame_ms, "error": (pred.frame_ms - measured) / measured,
+        "simulated_same_round_ms": same_round,
+        "error_same_round": statistics.median((sim - g["measured_ms"]) / g["measured_ms"]
+                                              for sim, g in zip(same_round, got, strict=True)),
+        "copy_ms": _median_of(got, "copy_ms"), "compute_ms": _median_of(got, "compute_ms"),
+        # busy times (dequant on the side it ran), the simulator's definition
+        "copy_busy_ms": _median_of(got, "copy_busy_ms"), "sim_copy_ms": pred.copy_ms,
+        "compute_busy_ms": _median_of(got, "compute_busy_ms"), "sim_compute_ms": pred.compute_ms,
+        "dequant_ms": _median_of(got, "dequant_ms"),
+        "stall_ms": _median_of(got, "stall_ms"), "sim_stall_ms": pred.stall_ms,
+        "peak_bytes": peak_bytes, "sim_peak_bytes": pred.peak_total_bytes,
+    }
+
+
+def _overlap_ratio(case_rounds: dict[str, list[dict]]) -> float:
+    """Per round, the streamed case against the compute-only (resident) and copy-only (sync copies) runs of
+    the same round (a minute apart at most), so the VM's drift between rounds cancels; median over rounds."""
+    return statistics.median(
+        st["measured_ms"] / max(res["measured_ms"], sy["copy_ms"]) for st, res, sy in
+        zip(case_rounds["streamed"], case_rounds["resident"], case_rounds["streamed-sync"], strict=True))
+
+
+def _overhead_fields(ratios: list[float], aa: list[float]) -> dict:
+    """The hook overhead from the paired frames, and the A/A pairs' bias and spread beside it."""
+    return {"overhead": statistics.median(ratios) - 1.0,
+            "overhead_pair_quartiles": [float(q) for q in np.quantile(ratios, [0.25, 0.5, 0.75])],
+            "overhead_aa": statistics.median(aa) - 1.0,  # two plain pipelines, same method: its bias
+            "overhead_aa_quartiles": [float(q) for q in np.quantile(aa, [0.25, 0.5, 0.75])]}  # and spread
+
+
 def bench_model(config, profile, frames: int, warmup: int, rounds: int, console: Console) -> dict:
     """Each case runs `rounds` times, interleaved with the others and the plain pipeline, and reports the
     median round: on a shared VM the machine's speed drifts by 10-40% over a minute, and a drift during
@@ -128,55 +219,11 @@ def bench_model(config, profile, frames: int, warmup: int, rounds: int, console:
     pipe = WorldModelPipeline.from_config(config)
     image = np.random.default_rng(0).integers(0, 256, (config.height, config.width, 3), dtype=np.uint8)
     threads = max(1, profile.compute_threads or 1)
-    cases = {"resident": _plan(w, "resident"), "streamed": _plan(w, "streamed"),
-             "streamed-sync": _plan(w, "streamed", copy_mode="sync"),
-             "streamed-Q8_0": _plan(w, "streamed", "Q8_0"),
-             "streamed-all": _plan(w, "streamed", only_stack=False)}
-    plain_rounds: list[float] = []
-    case_rounds: dict[str, list[dict]] = {label: [] for label in cases}
-    peaks: dict[str, int] = {}
-    round_profiles = []
-    for r in range(rounds):
-        console.log(f"{w.name}: quick profile for round {r + 1}/{rounds}")
-        round_profiles.append(measure_profile("cpu", quick=True))
-        saved = torch.get_num_threads()
-        torch.set_num_threads(threads)  # the plain pipeline at the runtime's compute thread count: a fair baseline
-        s = pipe.start(image, seed=0)
-        plain_rounds.append(_time_frames(lambda s=s: s.step("up"), frames, warmup))
-        torch.set_num_threads(saved)
-        for label, plan in cases.items():
-            console.log(f"{w.name}: {label} (round {r + 1}/{rounds})")
-            rt = Runtime(plan, "cpu", workload=w).attach(pipe)
-            s = pipe.start(image, seed=0)
-            measured = _time_frames(lambda rt=rt, s=s: rt.step(s, "up"), frames, warmup)
-            rt.step(s, "up")  # closes the last timed frame's record
-            tel = [f for f in rt.telemetry().frames if f.frame > warmup]
-            rt.detach()
-            peaks[label] = rt.ledger.peak_total_bytes
-            case_rounds[label].append({
-                "measured_ms": measured,
-                **{k: statistics.median(getattr(f, k) for f in tel)
-                   for k in ("copy_ms", "compute_ms", "dequant_ms", "stall_ms", "compute_busy_ms", "copy_busy_ms")}})
-    rows = {}
-    for label, plan in cases.items():
-        pred = simulate(w, plan, profile).prediction
-        got = case_rounds[label]
-        measured = _median_of(got, "measured_ms")
-        same_round = [simulate(w, plan, p).prediction.frame_ms for p in round_profiles]
-        rows[label] = {
-            "measured_ms": measured, "measured_rounds_ms": [g["measured_ms"] for g in got],
-            "simulated_ms": pred.frame_ms, "error": (pred.frame_ms - measured) / measured,
-            "simulated_same_round_ms": same_round,
-            "error_same_round": statistics.median((sim - g["measured_ms"]) / g["measured_ms"]
-                                                  for sim, g in zip(same_round, got, strict=True)),
-            "copy_ms": _median_of(got, "copy_ms"), "compute_ms": _median_of(got, "compute_ms"),
-            # busy times (dequant on the side it ran), the simulator's definition
-            "copy_busy_ms": _median_of(got, "copy_busy_ms"), "sim_copy_ms": pred.copy_ms,
-            "compute_busy_ms": _median_of(got, "compute_busy_ms"), "sim_compute_ms": pred.compute_ms,
-            "dequant_ms": _median_of(got, "dequant_ms"),
-            "stall_ms": _median_of(got, "stall_ms"), "sim_stall_ms": pred.stall_ms,
-            "peak_bytes": peaks[label], "sim_peak_bytes": pred.peak_total_bytes,
-        }
+    cases = _cpu_cases(w)
+    plain_rounds, case_rounds, peaks, round_profiles = _run_rounds(
+        w, pipe, image, cases, threads, frames, warmup, rounds, console)
+    rows = {label: _case_row(w, plan, profile, case_rounds[label], peaks[label], round_profiles)
+            for label, plan in cases.items()}
     plain_ms = statistics.median(plain_rounds)
     pairs = 12 * frames
     console.log(f"{w.name}: overhead, {pairs} plain/resident frame pairs")
@@ -185,17 +232,10 @@ def bench_model(config, profile, frames: int, warmup: int, rounds: int, console:
     copy_only = rows["streamed-sync"]["copy_ms"]  # the sync run's copies ran alone, on the compute thread
     return {"model": w.name, "weights_bytes": w.nbytes("F32"), "plain_ms": plain_ms, "plain_rounds_ms": plain_rounds,
             "rows": rows, "compute_only_ms": compute_only, "copy_only_ms": copy_only,
-            # Per round, each case against the compute-only and copy-only runs of the same round (a minute
-            # apart at most): the VM's drift between rounds cancels, as in the overhead pairs. The ratio of the
-            # medians over rounds is kept beside it.
-            "overlap_ratio": statistics.median(
-                st["measured_ms"] / max(res["measured_ms"], sy["copy_ms"]) for st, res, sy in
-                zip(case_rounds["streamed"], case_rounds["resident"], case_rounds["streamed-sync"], strict=True)),
+            # The ratio of the medians over rounds is kept beside the per-round ratio.
+            "overlap_ratio": _overlap_ratio(case_rounds),
             "overlap_ratio_of_medians": rows["streamed"]["measured_ms"] / max(compute_only, copy_only),
-            "overhead": statistics.median(ratios) - 1.0,
-            "overhead_pair_quartiles": [float(q) for q in np.quantile(ratios, [0.25, 0.5, 0.75])],
-            "overhead_aa": statistics.median(aa) - 1.0,  # two plain pipelines, same method: its bias
-            "overhead_aa_quartiles": [float(q) for q in np.quantile(aa, [0.25, 0.5, 0.75])],  # and spread
+            **_overhead_fields(ratios, aa),
             "overhead_rounds": rows["resident"]["measured_ms"] / plain_ms - 1.0}
 
 
@@ -208,6 +248,8 @@ GPU_MODELS = ("tiny", "lucid-500m")
 
 
 def gpu_plan(w, case: str) -> Plan:
+    """The GPU bench's plan for `case` (a key of GPU_CASES): the DiT blocks placed and stored as it says,
+    everything in bf16."""
     placement, fmt = GPU_CASES[case]
     return _plan(w, placement, fmt, dtype="bf16")
 
@@ -345,6 +387,9 @@ def _table(results: list[dict]) -> Table:
 
 
 def main() -> int:
+    """Runs the CPU bench (or, with --device cuda, the GPU bench) from the command line; prints the table
+    and one JSON line. Returns the exit status: 2 for --device cuda when torch sees no GPU, else 0 (a missed
+    target is reported, not an error)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--frames", type=int, default=12, help="timed frames per case (tiny); the big model takes 1/3")
     parser.add_argument("--warmup", type=int, default=3)

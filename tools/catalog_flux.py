@@ -77,20 +77,12 @@ def _clip_entries(model) -> list[dict]:
     return entries
 
 
-def _transformer_entries(model) -> list[dict]:
-    """The MMDiT. Every block sees the joint sequence: 4096 image + 256 text tokens attend to each other.
-
-    Double block, per token: q, k, v, o (4·d²) and a 4× GELU MLP (8·d²) in the token's own stream, ×2 FLOPs;
-    per call: two adaLN-Zero projections d → 6d of the conditioning. Single block, per token: qkv (3·d²),
-    proj_mlp d → 4d and proj_out 5d → d, ×2; per call: adaLN d → 3d. Attention: 4·d per token pair.
-    """
+def _transformer_embed_entry(model, d: int, img: int) -> dict:
+    """The embedders: x_embedder per image token; the timestep, pooled-CLIP and T5 embedders once per call."""
     c = model.config
-    d = c.num_attention_heads * c.attention_head_dim
-    img = (HEIGHT // VAE_SCALE // PATCH) * (WIDTH // VAE_SCALE // PATCH)
-    joint = img + T5_TOKENS
     tte = model.time_text_embed
     freq = tte.timestep_embedder.linear_1.in_features
-    entries = [{
+    return {
         "name": "transformer.embed", "component": "transformer", "tokens": img,
         "tensors": tensors([("time_text_embed", tte), ("context_embedder", model.context_embedder),
                             ("x_embedder", model.x_embedder)]),
@@ -99,31 +91,45 @@ def _transformer_entries(model) -> list[dict]:
         "fixed_flops": 2.0 * (freq * d + d * d + c.pooled_projection_dim * d + d * d
                               + T5_TOKENS * c.joint_attention_dim * d),
         "activation_bytes_per_token": (c.in_channels + d) * ACT_BYTES,
-    }]
-    for i, block in enumerate(model.transformer_blocks):
-        entries.append({
-            "name": f"transformer.double_blocks.{i}", "component": "transformer",
-            "tensors": tensors([("", block)]), "tokens": joint,
-            "flops_per_token": 2.0 * 12 * d * d, "fixed_flops": 2.0 * 2 * 6 * d * d,
-            "self_attn_flops_per_token_pair": 4.0 * d,
-            # x, residual, q/k/v and the 4d MLP hidden; SDPA keeps no (tokens × tokens) score matrix
-            "activation_bytes_per_token": (2 * d + 3 * d + 4 * d) * ACT_BYTES,
-        })
-    for i, block in enumerate(model.single_transformer_blocks):
-        entries.append({
-            "name": f"transformer.single_blocks.{i}", "component": "transformer",
-            "tensors": tensors([("", block)]), "tokens": joint,
-            "flops_per_token": 2.0 * (3 + 4 + 5) * d * d, "fixed_flops": 2.0 * 3 * d * d,
-            "self_attn_flops_per_token_pair": 4.0 * d,
-            # x, residual, q/k/v and the concatenated attention + MLP (5d) input of proj_out
-            "activation_bytes_per_token": (2 * d + 3 * d + 5 * d) * ACT_BYTES,
-        })
-    entries.append({
+    }
+
+
+def _double_block_entry(i: int, block, d: int, joint: int) -> dict:
+    return {
+        "name": f"transformer.double_blocks.{i}", "component": "transformer",
+        "tensors": tensors([("", block)]), "tokens": joint,
+        "flops_per_token": 2.0 * 12 * d * d, "fixed_flops": 2.0 * 2 * 6 * d * d,
+        "self_attn_flops_per_token_pair": 4.0 * d,
+        # x, residual, q/k/v and the 4d MLP hidden; SDPA keeps no (tokens × tokens) score matrix
+        "activation_bytes_per_token": (2 * d + 3 * d + 4 * d) * ACT_BYTES,
+    }
+
+
+def _single_block_entry(i: int, block, d: int, joint: int) -> dict:
+    return {
+        "name": f"transformer.single_blocks.{i}", "component": "transformer",
+        "tensors": tensors([("", block)]), "tokens": joint,
+        "flops_per_token": 2.0 * (3 + 4 + 5) * d * d, "fixed_flops": 2.0 * 3 * d * d,
+        "self_attn_flops_per_token_pair": 4.0 * d,
+        # x, residual, q/k/v and the concatenated attention + MLP (5d) input of proj_out
+        "activation_bytes_per_token": (2 * d + 3 * d + 5 * d) * ACT_BYTES,
+    }
+
+
+def _transformer_final_entry(model, d: int, img: int) -> dict:
+    c = model.config
+    return {
         "name": "transformer.final", "component": "transformer", "tokens": img,
         "tensors": tensors([("norm_out", model.norm_out), ("proj_out", model.proj_out)]),
         "flops_per_token": 2.0 * d * c.in_channels, "fixed_flops": 2.0 * d * 2 * d,  # adaLN d → 2d once
         "activation_bytes_per_token": (2 * d + c.in_channels) * ACT_BYTES,
-    })
+    }
+
+
+def _check_transformer_flops(model, entries: list[dict], img: int) -> None:
+    """Counts one whole call on the meta device and checks the entries' FLOPs against it, block by block;
+    raises (check_flops) on a mismatch."""
+    c = model.config
 
     def run():
         return model(hidden_states=torch.empty(1, img, c.in_channels, device="meta"),
@@ -143,6 +149,24 @@ def _transformer_entries(model) -> list[dict]:
     check_flops("transformer embeddings", block_flops(by_name["transformer.embed"]),
                 sum(module_flops(per_module, root, p) for p in ("time_text_embed", "context_embedder", "x_embedder")))
     check_flops("transformer whole call", sum(block_flops(e) for e in entries), total)
+
+
+def _transformer_entries(model) -> list[dict]:
+    """The MMDiT. Every block sees the joint sequence: 4096 image + 256 text tokens attend to each other.
+
+    Double block, per token: q, k, v, o (4·d²) and a 4× GELU MLP (8·d²) in the token's own stream, ×2 FLOPs;
+    per call: two adaLN-Zero projections d → 6d of the conditioning. Single block, per token: qkv (3·d²),
+    proj_mlp d → 4d and proj_out 5d → d, ×2; per call: adaLN d → 3d. Attention: 4·d per token pair.
+    """
+    c = model.config
+    d = c.num_attention_heads * c.attention_head_dim
+    img = (HEIGHT // VAE_SCALE // PATCH) * (WIDTH // VAE_SCALE // PATCH)
+    joint = img + T5_TOKENS
+    entries = [_transformer_embed_entry(model, d, img)]
+    entries += [_double_block_entry(i, block, d, joint) for i, block in enumerate(model.transformer_blocks)]
+    entries += [_single_block_entry(i, block, d, joint) for i, block in enumerate(model.single_transformer_blocks)]
+    entries.append(_transformer_final_entry(model, d, img))
+    _check_transformer_flops(model, entries, img)
     return entries
 
 

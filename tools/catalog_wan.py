@@ -47,49 +47,49 @@ STEPS = 4  # Self-Forcing's 4-step denoising schedule
 CONTEXT_FRAMES = 6
 
 
-def _transformer_entries(model) -> list[dict]:
-    """The causal DiT, one latent frame (t tokens) per call, keys/values of past frames read from the cache.
-
-    Block, per token: self-attention q, k, v, o (4·d²), cross-attention q, o (2·d²) and the GELU FFN
-    (2·d·ffn), ×2 FLOPs, plus cross-attention over the fixed 512 text tokens (4·d·512). Per call: the
-    cross-attention k, v of the text (2·2·d²·512; diffusers recomputes them, a cross-attn cache would not).
-    Self-attention: 4·d per (query, key) pair, over the frame itself and over the cached frames.
-    """
+def _transformer_embed_entry(model, d: int, t: int, patch_dim: int) -> dict:
+    """The patch embedding per token; the timestep and text embedders once per call."""
     c = model.config
-    d = c.num_attention_heads * c.attention_head_dim
-    pt, ph, pw = c.patch_size
-    lat_h, lat_w = HEIGHT // VAE_SCALE, WIDTH // VAE_SCALE
-    t = (lat_h // ph) * (lat_w // pw)
-    patch_dim = c.in_channels * pt * ph * pw
-    ce = model.condition_embedder
-    entries = [{
+    return {
         "name": "transformer.embed", "component": "transformer", "tokens": t,
-        "tensors": tensors([("patch_embedding", model.patch_embedding), ("condition_embedder", ce)]),
+        "tensors": tensors([("patch_embedding", model.patch_embedding), ("condition_embedder", model.condition_embedder)]),
         "flops_per_token": 2.0 * patch_dim * d,
         # timestep MLP (freq → d → d), its 6-way modulation d → 6d, and the text MLP (4096 → d → d) per text token
         "fixed_flops": 2.0 * (c.freq_dim * d + d * d + 6 * d * d + TEXT_TOKENS * (c.text_dim * d + d * d)),
         "activation_bytes_per_token": (patch_dim + d) * ACT_BYTES,
-    }]
-    for i, block in enumerate(model.blocks):
-        entries.append({
-            "name": f"transformer.blocks.{i}", "component": "transformer",
-            "tensors": tensors([("", block)]), "tokens": t,
-            "flops_per_token": 2.0 * (4 * d * d + 2 * d * d + 2 * d * c.ffn_dim) + 4.0 * d * TEXT_TOKENS,
-            "fixed_flops": 2.0 * 2 * d * d * TEXT_TOKENS,
-            "self_attn_flops_per_token_pair": 4.0 * d,
-            "context_attn_flops_per_token_pair": 4.0 * d,
-            "context_tokens_per_frame": t,
-            "kv_channels_per_token": 2 * d,
-            # x, residual, q/k/v and the FFN hidden; SDPA keeps no (tokens × tokens) score matrix
-            "activation_bytes_per_token": (2 * d + 3 * d + c.ffn_dim) * ACT_BYTES,
-        })
-    entries.append({
+    }
+
+
+def _block_entry(i: int, block, d: int, t: int, ffn_dim: int) -> dict:
+    return {
+        "name": f"transformer.blocks.{i}", "component": "transformer",
+        "tensors": tensors([("", block)]), "tokens": t,
+        "flops_per_token": 2.0 * (4 * d * d + 2 * d * d + 2 * d * ffn_dim) + 4.0 * d * TEXT_TOKENS,
+        "fixed_flops": 2.0 * 2 * d * d * TEXT_TOKENS,
+        "self_attn_flops_per_token_pair": 4.0 * d,
+        "context_attn_flops_per_token_pair": 4.0 * d,
+        "context_tokens_per_frame": t,
+        "kv_channels_per_token": 2 * d,
+        # x, residual, q/k/v and the FFN hidden; SDPA keeps no (tokens × tokens) score matrix
+        "activation_bytes_per_token": (2 * d + 3 * d + ffn_dim) * ACT_BYTES,
+    }
+
+
+def _transformer_final_entry(model, d: int, t: int, patch_dim: int) -> dict:
+    return {
         "name": "transformer.final", "component": "transformer", "tokens": t,
         "tensors": tensors([("scale_shift_table", model.scale_shift_table), ("norm_out", model.norm_out),
                             ("proj_out", model.proj_out)]),
         "flops_per_token": 2.0 * d * patch_dim,
         "activation_bytes_per_token": (2 * d + patch_dim) * ACT_BYTES,
-    })
+    }
+
+
+def _check_transformer_flops(model, entries: list[dict], d: int, t: int) -> None:
+    """Counts one cache-less call on the meta device and checks the entries' FLOPs against it, then the cached
+    attention on its own; raises (check_flops) on a mismatch."""
+    c = model.config
+    lat_h, lat_w = HEIGHT // VAE_SCALE, WIDTH // VAE_SCALE
 
     def run():
         return model(hidden_states=torch.empty(1, c.in_channels, 1, lat_h, lat_w, device="meta"),
@@ -108,6 +108,25 @@ def _transformer_entries(model) -> list[dict]:
     check_flops("transformer whole call", sum(block_flops(e) for e in entries), total)
     # ... and the cached part is checked on attention alone: t queries over t + CONTEXT_FRAMES·t keys.
     check_sdpa_context_flops(d, c.num_attention_heads, t, CONTEXT_FRAMES * t)
+
+
+def _transformer_entries(model) -> list[dict]:
+    """The causal DiT, one latent frame (t tokens) per call, keys/values of past frames read from the cache.
+
+    Block, per token: self-attention q, k, v, o (4·d²), cross-attention q, o (2·d²) and the GELU FFN
+    (2·d·ffn), ×2 FLOPs, plus cross-attention over the fixed 512 text tokens (4·d·512). Per call: the
+    cross-attention k, v of the text (2·2·d²·512; diffusers recomputes them, a cross-attn cache would not).
+    Self-attention: 4·d per (query, key) pair, over the frame itself and over the cached frames.
+    """
+    c = model.config
+    d = c.num_attention_heads * c.attention_head_dim
+    pt, ph, pw = c.patch_size
+    t = (HEIGHT // VAE_SCALE // ph) * (WIDTH // VAE_SCALE // pw)
+    patch_dim = c.in_channels * pt * ph * pw
+    entries = [_transformer_embed_entry(model, d, t, patch_dim)]
+    entries += [_block_entry(i, block, d, t, c.ffn_dim) for i, block in enumerate(model.blocks)]
+    entries.append(_transformer_final_entry(model, d, t, patch_dim))
+    _check_transformer_flops(model, entries, d, t)
     return entries
 
 

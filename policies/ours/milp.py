@@ -6,7 +6,7 @@ simulator's interference model for fully pipelined copies; slots and scratch ent
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -19,6 +19,8 @@ MEM_SCALE = 1.0 / 2**30  # and memory in GiB
 
 @dataclass(frozen=True)
 class Problem:
+    """One MILP: the block classes and their options, the budgets (bytes, seconds) and what to minimise."""
+
     classes: list[BlockClass]
     slots: int  # prefetch depth + 1
     overlap: float  # profile copy/compute overlap, 0..1
@@ -35,91 +37,169 @@ class Problem:
 
 @dataclass(frozen=True)
 class Solution:
+    """The solver's answer: block counts per class and option, and the linearised time, loss and memory."""
+
     counts: list[list[int]]  # per class, per option: how many blocks take it
     frame_s: float  # the linearised T
     loss: float
     device_bytes: int  # linearised peak over the frame and session phases
 
 
-def solve(p: Problem) -> Solution | None:
-    # Variable layout: n[c,o] (integer), y[c,o] (binary: option used), T, M_slot, M_scratch, M_stage, M_peak.
-    index = [(ci, oi) for ci, c in enumerate(p.classes) for oi in range(len(c.options))]
-    nv = 2 * len(index) + 5
-    t_i, slot_i, scr_i, stage_i, peak_i = nv - 5, nv - 4, nv - 3, nv - 2, nv - 1
-    y0 = len(index)
-    lo, hi = np.zeros(nv), np.full(nv, np.inf)
-    integrality = np.zeros(nv)
-    integrality[: 2 * len(index)] = 1
-    for k, (ci, _) in enumerate(index):
-        hi[k] = len(p.classes[ci].blocks)
-        hi[y0 + k] = 1
-    rows, lbs, ubs = [], [], []
+@dataclass(frozen=True)
+class _Layout:
+    """Column indices: n[c,o] (integer) at k, y[c,o] (binary: option used) at y0 + k, then the five scalars."""
 
-    def add(coeffs: dict[int, float], lb: float, ub: float) -> None:
-        row = np.zeros(nv)
+    index: list[tuple[int, int]]  # k -> (class, option)
+    nv: int  # number of variables
+    y0: int
+    t_i: int  # T, the linearised frame time (ms)
+    slot_i: int  # M_slot (GiB), the largest ring slot
+    scr_i: int  # M_scratch (GiB)
+    stage_i: int  # M_stage (GiB)
+    peak_i: int  # M_peak (GiB), the worse of the frame and session phases
+
+
+@dataclass
+class _Terms:
+    """Per n[c,o] column k: its coefficient in each linear term (time in ms, memory in GiB)."""
+
+    compute: dict[int, float] = field(default_factory=dict)
+    copy: dict[int, float] = field(default_factory=dict)
+    loss: dict[int, float] = field(default_factory=dict)
+    frame_mem: dict[int, float] = field(default_factory=dict)
+    session_mem: dict[int, float] = field(default_factory=dict)
+
+
+class _Rows:
+    """The constraint matrix, one row at a time: lb ≤ row · x ≤ ub."""
+
+    def __init__(self, nv: int) -> None:
+        self.nv = nv
+        self.rows: list[np.ndarray] = []
+        self.lbs: list[float] = []
+        self.ubs: list[float] = []
+
+    def add(self, coeffs: dict[int, float], lb: float, ub: float) -> None:
+        """Appends a row; coeffs maps column index to coefficient (repeated columns would add up)."""
+        row = np.zeros(self.nv)
         for i, v in coeffs.items():
             row[i] += v
-        rows.append(row)
-        lbs.append(lb)
-        ubs.append(ub)
+        self.rows.append(row)
+        self.lbs.append(lb)
+        self.ubs.append(ub)
 
+    def constraint(self) -> LinearConstraint:
+        """The rows added so far as one scipy constraint."""
+        return LinearConstraint(np.array(self.rows), self.lbs, self.ubs)
+
+
+def _layout(p: Problem) -> _Layout:
+    index = [(ci, oi) for ci, c in enumerate(p.classes) for oi in range(len(c.options))]
+    nv = 2 * len(index) + 5
+    return _Layout(index, nv, len(index), nv - 5, nv - 4, nv - 3, nv - 2, nv - 1)
+
+
+def _bounds(p: Problem, lay: _Layout) -> tuple[Bounds, np.ndarray]:
+    """Variable bounds (n ≤ the class's block count, y ≤ 1, the rest ≥ 0) and the integrality vector."""
+    lo, hi = np.zeros(lay.nv), np.full(lay.nv, np.inf)
+    integrality = np.zeros(lay.nv)
+    integrality[: 2 * len(lay.index)] = 1
+    for k, (ci, _) in enumerate(lay.index):
+        hi[k] = len(p.classes[ci].blocks)
+        hi[lay.y0 + k] = 1
+    return Bounds(lo, hi), integrality
+
+
+def _option_rows(p: Problem, lay: _Layout, rows: _Rows) -> _Terms:
+    """Adds the per-class and per-option rows; returns each option column's time, loss and memory terms."""
     for ci, c in enumerate(p.classes):  # every block of a class takes exactly one option
-        add({k: 1.0 for k, (cj, _) in enumerate(index) if cj == ci}, len(c.blocks), len(c.blocks))
-    compute, copy, loss, frame_mem, session_mem = {}, {}, {}, {}, {}
-    for k, (ci, oi) in enumerate(index):
+        rows.add({k: 1.0 for k, (cj, _) in enumerate(lay.index) if cj == ci}, len(c.blocks), len(c.blocks))
+    terms = _Terms()
+    for k, (ci, oi) in enumerate(lay.index):
         c, o = p.classes[ci], p.classes[ci].options[oi]
-        add({k: 1.0, y0 + k: -float(len(c.blocks))}, -np.inf, 0.0)  # n > 0 only if y = 1
+        rows.add({k: 1.0, lay.y0 + k: -float(len(c.blocks))}, -np.inf, 0.0)  # n > 0 only if y = 1
         if o.slot_bytes:
-            add({slot_i: 1.0, y0 + k: -o.slot_bytes * MEM_SCALE}, 0.0, np.inf)
+            rows.add({lay.slot_i: 1.0, lay.y0 + k: -o.slot_bytes * MEM_SCALE}, 0.0, np.inf)
         if o.scratch_bytes:
-            add({scr_i: 1.0, y0 + k: -o.scratch_bytes * MEM_SCALE}, 0.0, np.inf)
+            rows.add({lay.scr_i: 1.0, lay.y0 + k: -o.scratch_bytes * MEM_SCALE}, 0.0, np.inf)
         if o.staging_bytes:
-            add({stage_i: 1.0, y0 + k: -o.staging_bytes * MEM_SCALE}, 0.0, np.inf)
-        compute[k] = o.compute_s * TIME_SCALE
-        copy[k] = o.copy_s * TIME_SCALE
-        loss[k] = o.loss
+            rows.add({lay.stage_i: 1.0, lay.y0 + k: -o.staging_bytes * MEM_SCALE}, 0.0, np.inf)
+        terms.compute[k] = o.compute_s * TIME_SCALE
+        terms.copy[k] = o.copy_s * TIME_SCALE
+        terms.loss[k] = o.loss
         mem = o.device_bytes * MEM_SCALE
-        (frame_mem if c.calls_per_frame else session_mem)[k] = mem
-    shared = 1.0 - p.overlap
-    add({**{k: compute[k] + shared * copy[k] for k in compute}, t_i: -1.0}, -np.inf, 0.0)
-    add({**{k: copy[k] + shared * compute[k] for k in compute}, t_i: -1.0}, -np.inf, 0.0)
-    memory_terms = {**frame_mem, slot_i: float(p.slots), scr_i: 1.0, stage_i: 1.0}
-    peak_frame = dict(memory_terms)
-    peak_session = {**memory_terms, **session_mem}
-    fixed = p.fixed_bytes * MEM_SCALE
-    add({**peak_frame, peak_i: -1.0}, -np.inf, 0.0)  # M_peak: the worse of the frame and session phases
-    add({**peak_session, peak_i: -1.0}, -np.inf, 0.0)
-    if p.vram_bytes is not None:
-        add({peak_i: 1.0}, -np.inf, p.vram_bytes * MEM_SCALE - fixed)
-    if p.frame_s is not None:
-        add({t_i: 1.0}, -np.inf, p.frame_s * TIME_SCALE)
-    if p.time_cap_s is not None:
-        add({t_i: 1.0}, -np.inf, p.time_cap_s * TIME_SCALE)
-    if p.loss_cap is not None:
-        add(dict(loss), -np.inf, p.loss_cap + 1e-12)
+        (terms.frame_mem if c.calls_per_frame else terms.session_mem)[k] = mem
+    return terms
 
-    c_obj = np.zeros(nv)
+
+def _time_and_peak_rows(p: Problem, lay: _Layout, rows: _Rows, terms: _Terms) -> None:
+    """Adds T ≥ each linearised frame time and M_peak ≥ each phase's memory."""
+    compute, copy = terms.compute, terms.copy
+    shared = 1.0 - p.overlap
+    rows.add({**{k: compute[k] + shared * copy[k] for k in compute}, lay.t_i: -1.0}, -np.inf, 0.0)
+    rows.add({**{k: copy[k] + shared * compute[k] for k in compute}, lay.t_i: -1.0}, -np.inf, 0.0)
+    memory_terms = {**terms.frame_mem, lay.slot_i: float(p.slots), lay.scr_i: 1.0, lay.stage_i: 1.0}
+    peak_frame = dict(memory_terms)
+    peak_session = {**memory_terms, **terms.session_mem}
+    rows.add({**peak_frame, lay.peak_i: -1.0}, -np.inf, 0.0)  # M_peak: the worse of the frame and session phases
+    rows.add({**peak_session, lay.peak_i: -1.0}, -np.inf, 0.0)
+
+
+def _budget_rows(p: Problem, lay: _Layout, rows: _Rows, terms: _Terms) -> None:
+    """Adds the VRAM, frame-time, time-cap and loss-cap limits the problem sets."""
+    if p.vram_bytes is not None:
+        rows.add({lay.peak_i: 1.0}, -np.inf, p.vram_bytes * MEM_SCALE - p.fixed_bytes * MEM_SCALE)
+    if p.frame_s is not None:
+        rows.add({lay.t_i: 1.0}, -np.inf, p.frame_s * TIME_SCALE)
+    if p.time_cap_s is not None:
+        rows.add({lay.t_i: 1.0}, -np.inf, p.time_cap_s * TIME_SCALE)
+    if p.loss_cap is not None:
+        rows.add(dict(terms.loss), -np.inf, p.loss_cap + 1e-12)
+
+
+def _objective(p: Problem, lay: _Layout, loss: dict[int, float]) -> np.ndarray:
+    """The cost vector; each objective breaks ties by a 1e-6 weight on the next criterion."""
+    c_obj = np.zeros(lay.nv)
     if p.objective == "loss":
         for k, v in loss.items():
             c_obj[k] = v
-        c_obj[t_i] = 1e-6  # among equal quality, the faster
+        c_obj[lay.t_i] = 1e-6  # among equal quality, the faster
     elif p.objective == "time":
-        c_obj[t_i] = 1.0
+        c_obj[lay.t_i] = 1.0
         for k, v in loss.items():
             c_obj[k] = 1e-6 * v
     else:  # memory: the least VRAM that holds the other constraints
-        c_obj[peak_i] = 1.0
-        c_obj[t_i] = 1e-6
+        c_obj[lay.peak_i] = 1.0
+        c_obj[lay.t_i] = 1e-6
+    return c_obj
+
+
+def _solution(p: Problem, lay: _Layout, x: np.ndarray, loss: dict[int, float]) -> Solution:
+    counts = [[0] * len(c.options) for c in p.classes]
+    for k, (ci, oi) in enumerate(lay.index):
+        counts[ci][oi] = int(round(x[k]))
+    fixed = p.fixed_bytes * MEM_SCALE
+    return Solution(counts, x[lay.t_i] / TIME_SCALE, float(sum(loss[k] * x[k] for k in loss)),
+                    int((x[lay.peak_i] + fixed) / MEM_SCALE))
+
+
+def solve(p: Problem) -> Solution | None:
+    """Solves `p` with HiGHS (relative gap 2e-3, capped at p.node_limit nodes: deterministic under any load).
+
+    Returns the block counts per class and option with the linearised frame time (s), loss and peak device
+    bytes, or None when no assignment holds the constraints (or none was found within the node limit).
+    """
+    lay = _layout(p)
+    bounds, integrality = _bounds(p, lay)
+    rows = _Rows(lay.nv)
+    terms = _option_rows(p, lay, rows)
+    _time_and_peak_rows(p, lay, rows, terms)
+    _budget_rows(p, lay, rows, terms)
     options = {"mip_rel_gap": 2e-3}
     if p.node_limit is not None:
         options["node_limit"] = p.node_limit
-    result = milp(c_obj, constraints=LinearConstraint(np.array(rows), lbs, ubs), integrality=integrality,
-                  bounds=Bounds(lo, hi), options=options)
+    result = milp(_objective(p, lay, terms.loss), constraints=rows.constraint(), integrality=integrality,
+                  bounds=bounds, options=options)
     if result.x is None:
         return None
-    x = result.x
-    counts = [[0] * len(c.options) for c in p.classes]
-    for k, (ci, oi) in enumerate(index):
-        counts[ci][oi] = int(round(x[k]))
-    return Solution(counts, x[t_i] / TIME_SCALE, float(sum(loss[k] * x[k] for k in loss)),
-                    int((x[peak_i] + fixed) / MEM_SCALE))
+    return _solution(p, lay, result.x, terms.loss)
