@@ -73,6 +73,7 @@ def _curve_to_dict(curve: Curve, axes: tuple[str, str]) -> dict[str, list[float]
 
 
 def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
+    """The JSON document of `profile` (schema PROFILE_SCHEMA_VERSION); refinements only when measured."""
     doc: dict[str, Any] = {"schema_version": PROFILE_SCHEMA_VERSION}
     doc.update({k: getattr(profile, k) for k in _STRINGS + _MEMORY})
     doc["link"] = {d: _curve_to_dict(c, LINK_AXES) for d, c in profile.link.items()}
@@ -183,9 +184,8 @@ def _unit_of(key: str) -> str:
     return ""
 
 
-def profile_from_dict(data: Any, source: str) -> DeviceProfile:
-    """Build and validate a DeviceProfile from a parsed JSON document; `source` names it in errors."""
-    r = _Reader(source)
+def _check_document(r: _Reader, data: Any, source: str) -> None:
+    """Raises unless `data` is an object of this schema version with no unknown top-level key."""
     if not isinstance(data, dict):
         raise ResidencyError(f"{source}: expected a JSON object, got {type(data).__name__}",
                              hint="give a file written by `residency profile -o`")
@@ -194,15 +194,28 @@ def profile_from_dict(data: Any, source: str) -> DeviceProfile:
         raise r.fail("schema_version", f"= {show(version)}: this version of residency reads schema_version "
                      f"{PROFILE_SCHEMA_VERSION}", hint="re-create the profile with this version of `residency profile`")
     _no_extra(r, data, _TOP_KEYS, "")
+
+
+def _strings(r: _Reader, data: dict[str, Any]) -> dict[str, str]:
     strings = {k: r.text(data, k) for k in _STRINGS}
     if strings["backend"] not in BACKENDS:
         raise r.fail("backend", f"= {show(strings['backend'])}: expected one of {', '.join(BACKENDS)}")
+    return strings
+
+
+def _memory(r: _Reader, data: dict[str, Any]) -> dict[str, int]:
+    """The three memory sizes in bytes; usable may not exceed total."""
     total = r.number(r.get(data, "memory_total_bytes"), "memory_total_bytes", "bytes", integer=True)
     reserve = r.number(r.get(data, "memory_reserve_bytes"), "memory_reserve_bytes", "bytes", strict=False, integer=True)
     usable = r.number(r.get(data, "memory_usable_bytes"), "memory_usable_bytes", "bytes", integer=True)
     if usable > total:
         raise r.fail("memory_usable_bytes", f"= {usable}: exceeds memory_total_bytes = {total}")
+    return {"memory_total_bytes": int(total), "memory_reserve_bytes": int(reserve),
+            "memory_usable_bytes": int(usable)}
 
+
+def _curves(r: _Reader, data: dict[str, Any]) -> tuple[dict[str, Curve], dict[str, Curve]]:
+    """The link curves (one per direction, GB/s over bytes) and matmul curves (one per dtype, TFLOP/s over rows)."""
     link_doc = r.obj(r.get(data, "link"), "link")
     _no_extra(r, link_doc, LINK_DIRECTIONS, "link")
     link = {d: r.curve(r.get(link_doc, d, "link"), f"link.{d}", LINK_AXES) for d in LINK_DIRECTIONS}
@@ -210,19 +223,30 @@ def profile_from_dict(data: Any, source: str) -> DeviceProfile:
     _no_extra(r, matmul_doc, COMPUTE_DTYPES, "matmul_tflops")
     matmul = {d: r.curve(r.get(matmul_doc, d, "matmul_tflops"), f"matmul_tflops.{d}", MATMUL_AXES)
               for d in COMPUTE_DTYPES}
+    return link, matmul
 
+
+def _dequant(r: _Reader, data: dict[str, Any]) -> dict[str, float]:
+    """Dequant rates in 1e9 weights per second, by storage format: at least one, every name a known format."""
     from residency.formats import FORMATS
 
     dequant_doc = r.obj(r.get(data, "dequant_gweights_per_s"), "dequant_gweights_per_s")
     if not dequant_doc:
         raise r.fail("dequant_gweights_per_s", "is empty: give a rate for each storage format")
     _no_extra(r, dequant_doc, tuple(FORMATS), "dequant_gweights_per_s")
-    dequant = {f: r.number(v, f"dequant_gweights_per_s.{f}", "gweights_per_s") for f, v in dequant_doc.items()}
+    return {f: r.number(v, f"dequant_gweights_per_s.{f}", "gweights_per_s") for f, v in dequant_doc.items()}
 
+
+def _overlap(r: _Reader, data: dict[str, Any]) -> float:
     overlap = r.number(r.get(data, "copy_compute_overlap"), "copy_compute_overlap", "fraction 0..1", strict=False)
     if overlap > 1.0:
         raise r.fail("copy_compute_overlap", f"= {overlap!r}: must lie in [0, 1] (a fraction of the copy hidden)")
-    refinements = _refinements(r, data)
+    return overlap
+
+
+def _provenance(r: _Reader, data: dict[str, Any], refinements: dict[str, Any]) -> dict[str, Provenance]:
+    """Where each group of numbers came from; every group in PROVENANCE_FIELDS, and each refinement present,
+    must have one."""
     prov_doc = r.obj(r.get(data, "provenance"), "provenance")
     # the refinements present need a provenance too (their dims are labels, not figures)
     present = tuple(k for k in ("matmul_small_tflops", "elementwise_gelems_per_s") if refinements[k])
@@ -230,12 +254,28 @@ def profile_from_dict(data: Any, source: str) -> DeviceProfile:
         if key not in prov_doc:
             raise r.fail(f"provenance.{key}", "is missing: every number must say where it came from",
                          hint="add {\"kind\": \"measured\"|\"datasheet\", \"source\": …, \"derating\": …}")
-    provenance = {k: r.provenance(v, f"provenance.{k}") for k, v in prov_doc.items()}
+    return {k: r.provenance(v, f"provenance.{k}") for k, v in prov_doc.items()}
+
+
+def profile_from_dict(data: Any, source: str) -> DeviceProfile:
+    """Build and validate a DeviceProfile from a parsed JSON document; `source` names it in errors.
+
+    Raises ResidencyError on the first field that is missing, unknown, of the wrong type or unit, or out of
+    range; the message names `source`, the field, the value and the unit expected.
+    """
+    r = _Reader(source)
+    # The checks run in document order: a document with several faults always reports the same first one.
+    _check_document(r, data, source)
+    strings = _strings(r, data)
+    memory = _memory(r, data)
+    link, matmul = _curves(r, data)
+    dequant = _dequant(r, data)
+    overlap = _overlap(r, data)
+    refinements = _refinements(r, data)
+    provenance = _provenance(r, data, refinements)
     return DeviceProfile(
         **strings,
-        memory_total_bytes=int(total),
-        memory_reserve_bytes=int(reserve),
-        memory_usable_bytes=int(usable),
+        **memory,
         link=link,
         device_memory_gbps=r.number(r.get(data, "device_memory_gbps"), "device_memory_gbps", "gbps"),
         matmul_tflops=matmul,
@@ -292,12 +332,15 @@ def _same_stem(key: str, known: tuple[str, ...]) -> str | None:
 
 
 def read_profile(path: str | os.PathLike[str]) -> DeviceProfile:
+    """The profile in the JSON file at `path`. Raises ResidencyError when the file cannot be read or parsed,
+    or a field is invalid."""
     data = read_json(path, "the profile", "check the path; `residency profiles` lists the shipped ones, "
                      "`residency profile -o` writes one")
     return profile_from_dict(data, str(path))
 
 
 def shipped_profile_names() -> list[str]:
+    """The names (file stems) of the profiles shipped in `profiles/`."""
     return [p.stem for p in shipped_profile_paths()]
 
 
