@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     frames = 0
     try:
         session = model.pipe.start(image, seed=args.seed)
-        pacer, board_at = Pacer(period_s), 0.0
+        pacer, board_at, step_end = Pacer(period_s), 0.0, None
         with raw_keyboard() as keyboard, live(console, view) as screen:
             while True:
                 keys = keyboard.read(pacer.wait_s())
@@ -110,13 +110,15 @@ def run(args: argparse.Namespace) -> int:
                 wanted = [a for a in (action_of(k, vocabulary) for k in keys) if a]
                 action = wanted[-1] if wanted else "idle"
                 t0 = time.perf_counter()
+                between_ms = 0.0 if step_end is None else (t0 - step_end) * 1e3  # drawing, keys, pacing
                 video = runtime.step(session, action)
-                step_ms = (time.perf_counter() - t0) * 1e3
+                step_end = time.perf_counter()
+                step_ms = (step_end - t0) * 1e3
                 frames += 1
                 pacer.tick()
                 view.set_frame(video[-1])
                 view.status = Status(frames, action, step_ms, per_latent / period_s,
-                                     per_latent * pacer.achieved_per_s(), pacer.behind())
+                                     per_latent * pacer.achieved_per_s(), pacer.behind(), between_ms)
                 if time.perf_counter() - board_at >= BOARD_UPDATE_S:
                     board.update(runtime.telemetry())
                     board_at = time.perf_counter()

@@ -88,15 +88,21 @@ def check_trace_path(path: str) -> Path:
 
 
 def report_speed(console: Console, snapshot: TelemetrySnapshot) -> None:
-    """The steady measured ms per latent frame beside the plan's prediction."""
-    measured = snapshot.steady_frame_ms()
+    """The steady measured work ms per latent frame beside the plan's prediction, then the caller's gap."""
+    from residency.telemetry.recorder import known_gaps
+
+    measured, gap = snapshot.steady_frame_ms(), snapshot.steady_gap_ms()
     if measured != measured:  # nan: too few frames for a steady median
         frames = [f for f in snapshot.frames if f.frame > 0]
         measured = frames[-1].frame_ms if frames else float("nan")
+        gaps = known_gaps(frames)
+        gap = gaps[-1] if gaps else float("nan")
     predicted = snapshot.prediction.frame_ms if snapshot.prediction else None
     line = f"measured {measured:.1f} ms per latent frame"
     if predicted:
         line += f"; the plan predicted {predicted:.1f} ms ({(measured - predicted) / predicted:+.0%})"
+    if gap > 0:  # nan compares false
+        line += f"; the caller took {gap:.1f} ms more between frames (not in the measurement)"
     console.print(line)
 
 

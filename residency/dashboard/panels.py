@@ -13,6 +13,7 @@ from rich.text import Text
 
 from residency.dashboard.context import DashboardContext
 from residency.telemetry import FrameRecord, TelemetrySnapshot
+from residency.telemetry.recorder import known_gaps
 from residency.units import fmt_bytes
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -135,7 +136,8 @@ def link(snapshot: TelemetrySnapshot, width_cells: int = 48) -> Group:
 
 
 def predicted_vs_measured(snapshot: TelemetrySnapshot) -> Text:
-    """Median of the steady latent frames beside the simulator's figures for the plan."""
+    """Median of the steady latent frames beside the simulator's figures for the plan, and the caller's gap
+    between frames (drawing, pacing: outside the plan, not in the frame's measured time)."""
     frames = _steady(latent_frames(snapshot))
     p = snapshot.prediction
     predicted_frame = p.frame_ms if p else (frames[-1].predicted_frame_ms if frames else None)
@@ -149,7 +151,8 @@ def predicted_vs_measured(snapshot: TelemetrySnapshot) -> Text:
         shown = "—" if math.isnan(ratio) else f"{ratio:.2f}×"
         text.append(f"\n{name:<16} {fmt(measured):>10} {fmt(predicted):>10} {shown:>7}")
 
-    row("frame", _median(f.frame_ms for f in frames), predicted_frame)
+    row("frame", _median(f.frame_ms for f in frames), predicted_frame)  # the work: the caller's gap is not in it
+    row("caller gap", _median(known_gaps(frames)), None)  # between frames: the plan predicts none of it
     # busy times on both sides (dequant counted where it ran), as the simulator predicts them
     row("compute stream", _median(f.compute_busy_ms for f in frames), p.compute_ms if p else None)
     row("copy engine", _median(f.copy_busy_ms for f in frames), p.copy_ms if p else None)

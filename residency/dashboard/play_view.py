@@ -22,18 +22,19 @@ GAP_CELLS = 2  # between the frame and the dashboard
 
 @dataclass(frozen=True)
 class Status:
-    """The play loop's status line: frame count, action, step time (ms) and paced vs achieved fps."""
+    """The play loop's status line: frame count, action, step and between-step times (ms), paced vs achieved fps."""
     frame: int  # latent frames generated in this session
     action: str  # what the last frame was asked to do
     step_ms: float  # wall time of the last step (runtime.step, decode included)
     target_fps: float  # video frames per second the loop paces to
     achieved_fps: float  # video frames per second over the recent frames
     behind: bool  # the machine cannot hold target_fps
+    between_ms: float = 0.0  # wall time from the step before to this one: drawing, keys, pacing (not the step)
 
     def text(self) -> Text:
         """The status as one line, with a red warning when the machine cannot hold target_fps."""
         line = Text(f"frame {self.frame} · {self.action:<10} · step {self.step_ms:.1f} ms · "
-                    f"{self.achieved_fps:.1f} of {self.target_fps:.0f} fps")
+                    f"between steps {self.between_ms:.1f} ms · {self.achieved_fps:.1f} of {self.target_fps:.0f} fps")
         if self.behind:
             line.append(f"  this machine cannot hold {self.target_fps:.0f} fps: running as fast as it can",
                         style="bold red")

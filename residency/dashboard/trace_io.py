@@ -1,6 +1,8 @@
 """Trace files the dashboard replays: the telemetry's Chrome trace, plus the budgets and memory by kind.
 
-read_trace rebuilds a TelemetrySnapshot from the spans by feeding them through the telemetry's own Recorder.
+read_trace rebuilds a TelemetrySnapshot from the spans by feeding them through the telemetry's own Recorder,
+then sets each frame's work time and caller gap from its "frame" span (traces written before those spans
+existed keep the Recorder's figures for calls alone: first call .. last call, the rest to the next frame a gap).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from residency.errors import ResidencyError
 from residency.jsonfile import read_json
 from residency.plan.plan import MAX_PLAN_BYTES
 from residency.plan.plan_io import prediction_from_dict
-from residency.telemetry import Recorder, TelemetrySnapshot
-from residency.telemetry.chrome_trace import EXTRA_KEY, write_chrome_trace
+from residency.telemetry import FrameRecord, Recorder, TelemetrySnapshot
+from residency.telemetry.chrome_trace import EXTRA_KEY, FRAME_TRACK, write_chrome_trace
 from residency.userpath import MISSING, path_kind
 from residency.validate import Reader, at
 from residency.workload.catalog import MAX_VIDEO_FRAMES_PER_LATENT
@@ -79,7 +81,7 @@ def _calls(r: Reader, events: list):
         path = f"traceEvents[{i}]"
         if not isinstance(e, dict):
             raise r.bad(path, e, "an event (a JSON object)")
-        if e.get("ph") != "X":
+        if e.get("ph") != "X" or e.get("cat") == FRAME_TRACK:
             continue
         track = r.choice(e.get("cat"), f"{path}.cat", TRACKS)
         name = r.string(r.need(e, "name", path), f"{path}.name", non_empty=True)
@@ -103,6 +105,36 @@ def _calls(r: Reader, events: list):
             copy = tuple(x / 1e6 for x in row["copy"]) if "copy" in row else None
             yield (frame, name, t_start / 1e6, t_ready / 1e6, start_us / 1e6, end_us / 1e6, copy, row.get("bytes", 0))
             row = {}
+
+
+def _frame_spans(r: Reader, events: list) -> list[tuple[int, float, float, float]]:
+    """(frame, work start s, frame_ms, gap_ms) of each "frame" span, in order; none in older traces."""
+    out = []
+    for i, e in enumerate(events):
+        if isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") == FRAME_TRACK:
+            path = f"traceEvents[{i}]"
+            args = r.obj(r.need(e, "args", path), f"{path}.args")
+            gap_ms = r.number(args.get("gap_ms", 0.0), f"{path}.args.gap_ms", 0.0, maximum=1e300, unit="ms")
+            out.append((_count(r, args, "frame", f"{path}.args"), _number(r, e, "ts", path) / 1e6,
+                        _number(r, e, "dur", path, minimum=0.0) / 1e3, gap_ms))
+    return out
+
+
+def _with_frame_spans(frames: tuple[FrameRecord, ...], spans: list[tuple[int, float, float, float]]
+                      ) -> tuple[FrameRecord, ...]:
+    """`frames` with work start, frame_ms and gap_ms from their spans, matched by frame number from the newest
+    back (the Recorder keeps the newest frames; a recovery restarts the numbers); a frame without a span keeps
+    the Recorder's figures."""
+    out, k = [], len(spans)
+    for f in reversed(frames):
+        j = next((j for j in range(k - 1, -1, -1) if spans[j][0] == f.frame), None)
+        if j is None:
+            out.append(f)
+            continue
+        _, start_s, frame_ms, gap_ms = spans[j]
+        out.append(dataclasses.replace(f, start_s=start_s, frame_ms=frame_ms, gap_ms=gap_ms))
+        k = j
+    return tuple(reversed(out))
 
 
 def _counters(r: Reader, events: list) -> list[tuple[int, int]]:
@@ -172,6 +204,8 @@ def read_trace(path: str | os.PathLike[str]) -> tuple[TelemetrySnapshot, Dashboa
     if not memory_by_kind and counters:
         memory_by_kind = (("device (all kinds)", counters[-1][0]),)
     snapshot = recorder.snapshot(memory_by_kind)
+    snapshot = dataclasses.replace(snapshot, frames=_with_frame_spans(snapshot.frames,
+                                                                      _frame_spans(r, doc["traceEvents"])))
     if prediction is None and predicted_ms is not None:
         snapshot = dataclasses.replace(snapshot, frames=tuple(
             dataclasses.replace(f, predicted_frame_ms=predicted_ms) for f in snapshot.frames))

@@ -97,6 +97,7 @@ class Runtime:
         self._hooked: list[nn.Module] = []  # block modules carrying a hook
         self._root: nn.Module | None = None  # the model, carrying the retry hook
         self._retrying = False  # a unit of retry is running: calls inside it are not retried on their own
+        self._in_unit = False  # a unit of work is running: a call of the model inside a step is part of it
         self._originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]] = {}
         self._buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
         self.store: HostStore | None = None
@@ -282,20 +283,37 @@ class Runtime:
         return self._closing(session.step, (action,), {})
 
     def _model_call(self, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        if self._calls is not None:
-            self._calls.start()
-        return self._closing(forward, args, kwargs)
+        return self._closing(forward, args, kwargs, model_call=True)
 
-    def _closing(self, call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        """call(*args, **kwargs), then the last block call still open ends with it."""
+    def _closing(self, call: Callable[..., Any], args: tuple, kwargs: dict, model_call: bool = False) -> Any:
+        """call(*args, **kwargs) as one unit of work, then the last block call still open ends with it.
+
+        `model_call`: a call of the model, whose enclosing blocks take their place first. The outermost unit's
+        start and end go to the recorder as clock marks (GPU: two events, resolved at frame end; no sync).
+        """
+        outer = not self._in_unit
+        if outer:
+            self._in_unit = True
+            self.recorder.unit_start(self.backend.clock())
         try:
+            if model_call and self._calls is not None:
+                self._calls.start()
             out = call(*args, **kwargs)
         except BaseException:
             if self._calls is not None:
                 self._calls.discard()
+            if outer:
+                self.recorder.unit_discard()
             raise
+        finally:
+            if outer:
+                self._in_unit = False
         if self._calls is not None:  # None: detached during the call
             self._calls.close()
+            if outer:
+                self.recorder.unit_end(self.backend.clock())
+        elif outer:
+            self.recorder.unit_discard()  # its start was marked on a backend that has stopped since
         return out
 
     def _retry(self, call: Callable[..., Any], args: tuple, kwargs: dict,

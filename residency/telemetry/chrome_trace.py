@@ -1,6 +1,7 @@
 """Chrome trace JSON (Perfetto, chrome://tracing) of recorded frames: copy, dequant and compute tracks.
 
-Device memory is a counter track; the file is written atomically (readers never see half a trace). The one
+A "frame" track holds each frame's work span (its frame_ms), the caller's gap after it in its args (gap_ms);
+device memory is a counter track; the file is written atomically (readers never see half a trace). The one
 trace writer: the dashboard's trace files are these with a section of their own under otherData.
 """
 
@@ -29,7 +30,8 @@ from residency.telemetry.recorder import (
 
 EXTRA_KEY = "residency"  # our section of otherData; Perfetto and chrome://tracing ignore it
 PID = 1
-TIDS = {"copy": 1, "dequant": 2, "compute": 3, "stall": 4}
+TIDS = {"copy": 1, "dequant": 2, "compute": 3, "stall": 4, "frame": 5}
+FRAME_TRACK = "frame"  # one span per frame: the work the plan predicts; the gap to the next one is the caller's
 
 
 def _span(name: str, track: str, start_s: float, end_s: float, t0: float, args: dict) -> dict:
@@ -38,12 +40,12 @@ def _span(name: str, track: str, start_s: float, end_s: float, t0: float, args: 
 
 
 def chrome_trace(snapshot: TelemetrySnapshot) -> dict:
-    """The trace document: one complete event ("X") per copy, dequant, compute and stall span."""
+    """The trace document: one complete event ("X") per copy, dequant, compute and stall span, and per frame."""
     events: list[dict] = [{"name": "process_name", "ph": "M", "pid": PID, "args": {"name": "residency runtime"}}]
     events += [{"name": "thread_name", "ph": "M", "pid": PID, "tid": tid, "args": {"name": track}}
                for track, tid in TIDS.items()]
     starts = [float(rows[0, T_START]) for rows in snapshot.rows if len(rows)]
-    t0 = min(starts, default=0.0)
+    t0 = min((*starts, *(f.start_s for f in snapshot.frames)), default=0.0)  # a unit may start before its calls
     for frame, rows in zip(snapshot.frames, snapshot.rows, strict=False):
         for r in rows:
             name = snapshot.block_names[int(r[BLOCK])]
@@ -57,6 +59,8 @@ def chrome_trace(snapshot: TelemetrySnapshot) -> dict:
             if r[T_DEQUANT] > r[T_READY]:
                 events.append(_span(name, "dequant", r[T_READY], r[T_DEQUANT], t0, args))
             events.append(_span(name, "compute", r[T_DEQUANT], r[T_END], t0, args))
+        events.append(_span(f"frame {frame.frame}", FRAME_TRACK, frame.start_s, frame.start_s + frame.frame_ms / 1e3,
+                            t0, {"frame": frame.frame, "gap_ms": frame.gap_ms}))
         events.append({"name": "device memory", "ph": "C", "pid": PID, "ts": (frame.start_s - t0) * 1e6,
                        "args": {"bytes": frame.device_bytes, "peak_bytes": frame.device_peak_bytes}})
     return {"traceEvents": events, "displayTimeUnit": "ms",

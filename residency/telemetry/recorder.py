@@ -2,12 +2,16 @@
 
 An open frame's rows are tuples in a bounded deque; at frame end they become one array and their marks are
 resolved to seconds (GPU: CUDA events); a frame's summary (FrameRecord) is made when `frames` is read.
+
+Beside the calls it takes the start and end marks of each unit of work (a session's step, or one call of
+the model): a frame's measured time is the span of its units (the work the plan predicts), and the caller's
+time between one frame's work and the next is kept apart as the frame's gap.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,8 +41,11 @@ class BlockTiming:
 class FrameRecord:
     """Measured totals of one frame (ms, bytes) with its per-block timings and the prediction."""
     frame: int  # 0 = session start, 1.. = latent frames
-    start_s: float  # first call's start, on the backend's clock
-    frame_ms: float  # from this frame's first call to the next frame's first call (or its own last end)
+    start_s: float  # the frame's work start (its first unit of work, else its first call), backend clock
+    # The work the plan predicts: first unit start .. last unit end of the units running this frame's calls
+    # (clipped at the frame's first call / the next frame's first call where one unit runs several frames);
+    # a frame whose calls ran outside any unit: its first call's start .. its last call's end.
+    frame_ms: float
     compute_ms: float
     copy_ms: float
     dequant_ms: float
@@ -52,6 +59,14 @@ class FrameRecord:
     # copies + dequant on the copy engine (compute_ms/copy_ms above leave dequant out, dequant_ms has both)
     compute_busy_ms: float = 0.0
     copy_busy_ms: float = 0.0
+    # The caller's time from this frame's work end to the next frame's work (drawing, pacing, I/O between
+    # steps): never in frame_ms; 0.0 where unknown (the frame closed at detach).
+    gap_ms: float = 0.0
+
+    @property
+    def period_ms(self) -> float:
+        """ms from this frame's work start to the next frame's: frame_ms + gap_ms."""
+        return self.frame_ms + self.gap_ms
 
 
 @dataclass(frozen=True)
@@ -64,15 +79,31 @@ class TelemetrySnapshot:
     memory: tuple[tuple[str, int], ...]  # ledger bytes by kind at the snapshot
 
     def steady_frame_ms(self, skip: int = 2) -> float:
-        """Median measured ms of latent frames after the first `skip` (session start excluded)."""
-        ms = sorted(f.frame_ms for f in self.frames if f.frame > skip)
-        return ms[len(ms) // 2] if ms else float("nan")
+        """Median measured work ms (frame_ms) of latent frames after the first `skip`; nan with none."""
+        return _upper_median([f.frame_ms for f in self.frames if f.frame > skip])
+
+    def steady_gap_ms(self, skip: int = 2) -> float:
+        """Median caller gap ms (gap_ms) of latent frames after the first `skip`, a last gap unknown left out
+        (known_gaps); nan with none."""
+        return _upper_median(known_gaps([f for f in self.frames if f.frame > skip]))
+
+
+def known_gaps(frames: Sequence[FrameRecord]) -> list[float]:
+    """gap_ms of `frames` (oldest first); the newest is left out when 0.0, its gap unknown (closed at detach)."""
+    gaps = [f.gap_ms for f in frames]
+    return gaps[:-1] if gaps and gaps[-1] == 0.0 else gaps
+
+
+def _upper_median(values: list[float]) -> float:
+    values.sort()
+    return values[len(values) // 2] if values else float("nan")
 
 
 class Recorder:
     """Keeps the timestamps of every block call and sums them per frame (the last KEEP_FRAMES frames).
 
-    record() runs on the compute thread on every call: it only appends a tuple (~0.1 us).
+    record() runs on the compute thread on every call: it only appends a tuple (~0.1 us). unit_start() and
+    unit_end() run once per unit of work (a step, a call of the model): two attribute writes each.
     """
     def __init__(self, block_names: list[str], prediction: Prediction | None):
         self.block_names = tuple(block_names)
@@ -83,6 +114,14 @@ class Recorder:
         self._frames: deque[FrameRecord] = deque(maxlen=KEEP_FRAMES)
         self._unsummarised: deque[tuple] = deque(maxlen=KEEP_FRAMES)  # closed frames' rows, not yet summarised
         self._resolved: deque[np.ndarray] = deque(maxlen=KEEP_FRAMES)
+        # Units of work since the last frame end, as unresolved marks (resolved at the next frame end, before
+        # the GPU's event pool reuses them): the first one's start, the last finished one's end, and the start
+        # of the one in progress (None when it began before the last frame end: its start is already spent).
+        self._first_unit_start: float | None = None
+        self._last_unit_end: float | None = None
+        self._open_unit_start: float | None = None
+        self._in_unit = False
+        self._carry_start_s: float | None = None  # the open frame's work start, fixed at the last frame end
 
     def record(self, frame: int, block: int, t_start: float, t_ready: float, t_dequant: float, t_end: float,
                copy: tuple[float, float, float] | None, link_bytes: int) -> None:
@@ -95,10 +134,28 @@ class Recorder:
         else:
             self._open.append((frame, block, t_start, t_ready, t_dequant, t_end, *copy, link_bytes, 1.0))
 
+    def unit_start(self, mark: float) -> None:
+        """A unit of work (a step, a call of the model) begins at clock `mark`; units never overlap."""
+        self._in_unit, self._open_unit_start = True, mark
+        if self._first_unit_start is None:
+            self._first_unit_start = mark
+
+    def unit_end(self, mark: float) -> None:
+        """The unit of work in progress ended at clock `mark`."""
+        if self._in_unit:
+            self._in_unit, self._open_unit_start, self._last_unit_end = False, None, mark
+
+    def unit_discard(self) -> None:
+        """The unit in progress failed (or its model was detached during it): its marks are dropped."""
+        if self._in_unit and self._last_unit_end is None:
+            self._first_unit_start = None  # it was the only unit since the last frame end
+        self._in_unit, self._open_unit_start = False, None
+
     def end_frame(self, resolve: Callable[[np.ndarray], np.ndarray], device_bytes: int, device_peak_bytes: int,
                   next_start_mark: float | None = None) -> None:
         """Close the rows since the last call as one frame; once per frame, on the compute thread.
 
+        `next_start_mark` is the next frame's first call (None at detach: the frame's gap is then unknown).
         Marks are resolved now (GPU: the events of this frame, before the pool reuses them); the frame's
         summary (~0.2 ms of small numpy passes for a tiny frame) waits until `frames` or a snapshot is read."""
         if not self._open:
@@ -113,8 +170,32 @@ class Recorder:
             rows[copy_cols] = resolve(rows[copy_cols])
         rows.setflags(write=False)
         self._resolved.append(rows)
-        next_start_s = None if next_start_mark is None else float(resolve(np.array([next_start_mark]))[0])
-        self._unsummarised.append((rows, device_bytes, device_peak_bytes, next_start_s))
+        span = self._work_span(resolve, float(rows[0, T_START]), float(rows[-1, T_END]), next_start_mark)
+        self._unsummarised.append((rows, device_bytes, device_peak_bytes, *span))
+
+    def _work_span(self, resolve: Callable[[np.ndarray], np.ndarray], first_call_s: float, last_call_s: float,
+                   next_start_mark: float | None) -> tuple[float, float, float]:
+        """(work start, work end, gap) in seconds of the frame closing now; starts the next frame's units."""
+        marks = (self._first_unit_start, self._last_unit_end, self._open_unit_start, next_start_mark)
+        known = [m for m in marks if m is not None]
+        seconds = iter(resolve(np.array(known, dtype=np.float64)).tolist() if known else ())
+        first_s, last_end_s, open_s, next_s = (None if m is None else next(seconds) for m in marks)
+        if self._carry_start_s is not None:
+            start = self._carry_start_s
+        else:  # a unit begun since the last frame end precedes the first call only in the first frame
+            start = first_call_s if first_s is None else min(first_s, first_call_s)
+        end = last_call_s if last_end_s is None else max(last_end_s, last_call_s)
+        carry, gap = None, 0.0
+        if self._in_unit and (open_s is None or open_s < last_call_s):  # one unit runs on into the next frame
+            end = last_call_s if next_s is None else next_s
+            carry = next_s
+        elif self._in_unit:  # the next frame's unit began after this frame's work: the caller's time between
+            gap, carry = open_s - end, open_s
+        elif next_s is not None:  # the next frame's first call runs outside any unit
+            gap = next_s - end
+        self._carry_start_s = carry
+        self._first_unit_start, self._last_unit_end, self._open_unit_start = None, None, None
+        return start, end, max(0.0, gap)
 
     @property
     def frames(self) -> deque[FrameRecord]:
@@ -124,7 +205,7 @@ class Recorder:
         return self._frames
 
     def _summarise(self, rows: np.ndarray, device_bytes: int, device_peak_bytes: int,
-                   next_start_s: float | None) -> FrameRecord:
+                   start_s: float, end_s: float, gap_s: float) -> FrameRecord:
         has_copy = rows[:, HAS_COPY] > 0
         copy_s = np.where(has_copy, rows[:, C_COPIED] - rows[:, C_START], 0.0)
         copy_dq_s = np.where(has_copy, rows[:, C_END] - rows[:, C_COPIED], 0.0)
@@ -141,17 +222,15 @@ class Recorder:
         blocks = [BlockTiming(self.block_names[b], int(calls[b]), float(sums[0][b] * 1e3), float(sums[1][b] * 1e3),
                               float(sums[2][b] * 1e3), float(sums[3][b] * 1e3), int(sums[4][b]))
                   for b in np.flatnonzero(calls)]
-        start = float(rows[0, T_START])
-        end = next_start_s if next_start_s is not None else float(rows[-1, T_END])
         return FrameRecord(
-            frame=int(rows[0, FRAME]), start_s=start, frame_ms=(end - start) * 1e3,
+            frame=int(rows[0, FRAME]), start_s=start_s, frame_ms=(end_s - start_s) * 1e3,
             compute_ms=float(comp_s.sum() * 1e3), copy_ms=float(copy_s.sum() * 1e3),
             dequant_ms=float((copy_dq_s.sum() + dq_s.sum()) * 1e3), stall_ms=float(stall_s.sum() * 1e3),
             link_bytes=int(rows[:, LINK_BYTES].sum()), device_bytes=device_bytes,
             device_peak_bytes=device_peak_bytes, blocks=tuple(blocks),
             predicted_frame_ms=self.prediction.frame_ms if self.prediction else None,
             compute_busy_ms=float((dq_s.sum() + comp_s.sum()) * 1e3),
-            copy_busy_ms=float((copy_s.sum() + copy_dq_s.sum()) * 1e3))
+            copy_busy_ms=float((copy_s.sum() + copy_dq_s.sum()) * 1e3), gap_ms=gap_s * 1e3)
 
     def snapshot(self, memory: tuple[tuple[str, int], ...] = ()) -> TelemetrySnapshot:
         """The kept frames and rows as a TelemetrySnapshot, with the ledger's `memory` (kind, bytes)."""
