@@ -145,7 +145,8 @@ def _measurements(backend: str) -> Measurements:
         memory_reserve_bytes=2**30, memory_usable_bytes=4 * 2**30, link={d: curve for d in LINK_DIRECTIONS},
         device_memory_gbps=10.0, matmul_tflops={"fp32": curve}, matmul_weight_dim=1024,
         matmul_small_tflops={"fp32": curve}, matmul_small_weight_dim=256, dequant_gweights_per_s={"Q8_0": 1.0},
-        copy_compute_overlap=0.9, launch_overhead_us=2.0, elementwise_gelems_per_s=curve, compute_threads=1,
+        copy_compute_overlap=0.9, copy_slowdown=1.1, compute_slowdown=1.05, launch_overhead_us=2.0,
+        elementwise_gelems_per_s=curve, compute_threads=1,
     )
 
 

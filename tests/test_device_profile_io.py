@@ -106,7 +106,7 @@ BAD = {
                        "device_memory_mbps", "GB/s"),
     "unit in a string": (lambda d: _set(d, "25 GB/s", "device_memory_gbps"), "device_memory_gbps",
                          "expected a number in GB/s"),
-    "schema version": (lambda d: _set(d, 2, "schema_version"), "schema_version", "2"),
+    "schema version": (lambda d: _set(d, 3, "schema_version"), "schema_version", "3"),
     "backend": (lambda d: _set(d, "metal", "backend"), "backend", "metal"),
     "unsorted x": (lambda d: _set(d, [4096, 16, 64, 256, 512], "matmul_tflops", "fp16", "rows"),
                    "matmul_tflops.fp16.rows", "increasing"),

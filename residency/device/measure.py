@@ -18,7 +18,8 @@ from residency.errors import ResidencyError, UsageError
 # 4: the CPU overlap's copies come from a cache-cold store, as the runtime's loads do.
 # 5: the CPU copies run on the runtime's own copy worker (its hand-off measured ~1/4 slower at 64 KiB than the
 #    queue-only thread it replaced, which small-transfer link figures now include, as the runtime pays it).
-MEASUREMENT_VERSION = 5
+# 6: each engine's slowdown beside the other (copy_slowdown, compute_slowdown), timed with a block-shaped probe.
+MEASUREMENT_VERSION = 6
 
 
 def default_device() -> str:

@@ -7,6 +7,8 @@ The copy engine is the runtime's own worker thread (`residency.device.copy_worke
 from __future__ import annotations
 
 import itertools
+import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +20,15 @@ from residency.device.bench_inputs import MIX_CHANNELS, count_op_mix, measured_f
 from residency.device.copy_worker import CopyWorker
 from residency.device.host_cpu import cpu_model, usable_cores
 from residency.device.host_memory import HostMemory, cpu_reserve_bytes, host_memory
-from residency.device.measurements import Measurements, to_profile
+from residency.device.measurements import (
+    PROBE_WEIGHTS,
+    Measurements,
+    ProbeShape,
+    block_probe,
+    calls_during,
+    slowdowns,
+    to_profile,
+)
 from residency.device.profile import COMPUTE_DTYPES, LINK_DIRECTIONS, Curve, DeviceProfile
 from residency.device.timing import (
     ProgressFn,
@@ -51,19 +61,21 @@ class CpuSchedule:
     dequant_point_s: float
     overlap_job_s: float  # length of each of the copy and compute jobs
     overlap_repeats: int
+    probe_job_s: float  # interference: length of the copy job, and of the block probe's run alone
+    probe_repeats: int
 
 
 QUICK = CpuSchedule(
     link_sizes_bytes=(64 * KIB, MIB, 16 * MIB, 64 * MIB), link_point_s=0.12, memcpy_bytes=64 * MIB,
     matmul_dim=1024, matmul_small_dim=256, matmul_rows=(1, 16, 256, 4096), matmul_point_s=0.3,
     matmul_max_call_s=0.25, dequant_shape=(2048, 4096), dequant_point_s=0.12, overlap_job_s=0.15,
-    overlap_repeats=5,
+    overlap_repeats=5, probe_job_s=0.08, probe_repeats=3,
 )
 FULL = CpuSchedule(
     link_sizes_bytes=(64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB), link_point_s=0.5,
     memcpy_bytes=256 * MIB, matmul_dim=1024, matmul_small_dim=256, matmul_rows=(1, 16, 64, 256, 512, 4096),
     matmul_point_s=1.0, matmul_max_call_s=2.0, dequant_shape=(4096, 4096), dequant_point_s=0.5,
-    overlap_job_s=0.4, overlap_repeats=7,
+    overlap_job_s=0.4, overlap_repeats=7, probe_job_s=0.3, probe_repeats=5,
 )
 
 
@@ -190,16 +202,11 @@ def measure_dequant(name: str, schedule: CpuSchedule) -> float:
     return rows * cols / t.median_s / 1e9
 
 
-def measure_overlap(engine: CopyWorker, schedule: CpuSchedule) -> float:
-    """Copy on the engine thread alone, matmuls alone, then both at once; see timing.overlap_fraction.
-
-    The matmuls are the few-row, cache-cold kind a latent frame's blocks run (16 tokens against weights
-    read from DRAM): on a CPU the copy and the compute then share the memory bus, and the overlap is
-    lower than with a FLOP-bound matmul (measured here: 0.6–0.85 against ~0.96).
-    """
+def cold_copy() -> Callable[[], None]:
+    """One 16 MiB load per call, from the next region of a DRAM-cold host store into one of two slots."""
     # The copies cycle through a 96 MiB store (3× this CPU's 32 MiB L3; as the link step's) into two alternating
     # slots, as the runtime's loads do: one 16 MiB copy repeated runs partly from cache (18-19 GB/s here against
-    # 11-12 cold) and leaves the memory bus to the matmuls.
+    # 11-12 cold) and leaves the memory bus to the compute.
     chunk = 16 * MIB
     store, slots = _filled(max(COLD_WEIGHT_BYTES, 4 * chunk)), (_filled(chunk), _filled(chunk))
     regions = [store[i * chunk:(i + 1) * chunk] for i in range(store.numel() // chunk)]
@@ -209,6 +216,17 @@ def measure_overlap(engine: CopyWorker, schedule: CpuSchedule) -> float:
         src, dst = next(pairs)
         dst.copy_(src)
 
+    return one_copy
+
+
+def measure_overlap(engine: CopyWorker, schedule: CpuSchedule) -> float:
+    """Copy on the engine thread alone, matmuls alone, then both at once; see timing.overlap_fraction.
+
+    The matmuls are the few-row, cache-cold kind a latent frame's blocks run (16 tokens against weights
+    read from DRAM): on a CPU the copy and the compute then share the memory bus, and the overlap is
+    lower than with a FLOP-bound matmul (measured here: 0.6–0.85 against ~0.96).
+    """
+    one_copy = cold_copy()
     dim = schedule.matmul_dim
     gen = torch.Generator().manual_seed(1)
     weights = [torch.randn(dim, dim, generator=gen) for _ in range(max(1, COLD_WEIGHT_BYTES // (dim * dim * 4)))]
@@ -244,6 +262,74 @@ def measure_overlap(engine: CopyWorker, schedule: CpuSchedule) -> float:
         engine.wait(ticket)
         both_s.append(time.perf_counter() - t0)
     return overlap_fraction(summarize(copy_s).median_s, summarize(compute_s).median_s, summarize(both_s).median_s)
+
+
+# The interference probe on the CPU: a 1024-wide block, 16 token rows attending over 2048 cached tokens, its
+# weights cycling through 96 MiB (6 sets of 4 × 4 MiB) so that they come from DRAM as a model's do.
+_PROBE_DIM = 1024
+CPU_PROBE = ProbeShape(dim=_PROBE_DIM, rows=16, kv_tokens=2048, head_dim=64,
+                       weight_sets=max(1, COLD_WEIGHT_BYTES // (PROBE_WEIGHTS * _PROBE_DIM * _PROBE_DIM * 4)))
+MIN_PROBE_CALLS = 4  # block calls that fit in the copy job at least, so that some run wholly beside it
+
+
+def _probe_alone(probe: Callable[[], object], duration_s: float) -> list[float]:
+    """Seconds of each block call, calls run back to back on this thread for about `duration_s`."""
+    times: list[float] = []
+    stop = time.perf_counter() + duration_s
+    while not times or time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        probe()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _copy_span(engine: CopyWorker, one_copy: Callable[[], None], copies: int,
+               probe: Callable[[], object] | None) -> tuple[tuple[float, float], list[tuple[float, float]]]:
+    """Run `copies` loads as one job on the copy engine; with `probe`, run block calls on this thread until the
+    job ends. Returns the job's (start, end) on the engine and each call's (start, end), perf_counter seconds."""
+    span = [0.0, 0.0]
+    done = threading.Event()
+
+    def job() -> None:
+        span[0] = time.perf_counter()
+        try:
+            for _ in range(copies):
+                one_copy()
+        finally:
+            span[1] = time.perf_counter()
+            done.set()
+
+    ticket = engine.submit(job)
+    calls = []
+    while probe is not None and not done.is_set():
+        t0 = time.perf_counter()
+        probe()
+        calls.append((t0, time.perf_counter()))
+    engine.wait(ticket)
+    return (span[0], span[1]), calls
+
+
+def measure_interference(engine: CopyWorker, schedule: CpuSchedule) -> tuple[float, float]:
+    """(copy_slowdown, compute_slowdown) ≥ 1: a copy job on the engine thread alone and beside a loop of
+    block-shaped calls (CPU_PROBE) on this thread, and those calls alone and while the copy ran.
+
+    The calls run until the copy job ends, so the copy is timed wholly beside compute; the calls counted are
+    those that ran wholly inside the copy. Medians of `probe_repeats` repeats. Costs ~3 × probe_job_s a repeat,
+    plus ~0.1 s to fill 96 MiB of weights and 96 MiB of host store."""
+    one_copy = cold_copy()
+    probe = block_probe(CPU_PROBE, torch.device("cpu"), torch.float32)
+    call_s = min(_probe_alone(probe, 0.0) + _probe_alone(probe, 0.0))  # the first pays the allocator's setup
+    one_copy_s = min(timed_copy(engine, one_copy) for _ in range(3))
+    copies = max(1, round(schedule.probe_job_s / one_copy_s), math.ceil(MIN_PROBE_CALLS * call_s / one_copy_s))
+    copy_alone, copy_together, call_alone, call_together = [], [], [], []
+    for _ in range(schedule.probe_repeats):
+        (start, end), _ = _copy_span(engine, one_copy, copies, None)
+        copy_alone.append(end - start)
+        call_alone += _probe_alone(probe, end - start)
+        window, calls = _copy_span(engine, one_copy, copies, probe)
+        copy_together.append(window[1] - window[0])
+        call_together += calls_during(calls, window)
+    return slowdowns(copy_alone, copy_together, call_alone, call_together)
 
 
 # Activation sizes of the mix: a 16-token frame of 256 channels (4 k elements a tensor) up to 1 M elements, the
@@ -309,12 +395,24 @@ def provenance_notes(schedule: CpuSchedule, mem: HostMemory, compute_threads: in
                                   "Q2_K/Q3_K from random valid blocks",
         "copy_compute_overlap": "copy thread alone (16 MiB loads from a DRAM-cold store), a loop of 16-row matmuls "
                                 "over DRAM-cold weights alone, both at once",
+        "copy_slowdown": f"copy thread's {schedule.probe_job_s} s job of 16 MiB loads from a DRAM-cold store, alone "
+                         f"and while {_probe_text(CPU_PROBE)} ran on {compute_threads} threads; median of "
+                         f"{schedule.probe_repeats}, clamped to [1, 10]",
+        "compute_slowdown": f"{_probe_text(CPU_PROBE)} on {compute_threads} threads, each call alone and wholly "
+                            f"during the copy thread's 16 MiB loads; median of the calls of {schedule.probe_repeats} "
+                            "runs, clamped to [1, 10]",
         "matmul_small_tflops": f"as matmul_tflops, with {schedule.matmul_small_dim}² weights "
                                f"({COLD_WEIGHT_BYTES // MIB} MiB of them), fp32 only",
         "launch_overhead_us": "per dispatched op of a norm/elementwise/view/softmax mix on a 256-element tensor",
         "elementwise_gelems_per_s": "activation elements read + written by that mix (counted on the meta device as "
                                     "workloads are) on 4 k to 1 M-element tensors, after its per-op cost",
     }
+
+
+def _probe_text(shape: ProbeShape) -> str:
+    return (f"block-shaped fp32 calls ({shape.rows}-row matmuls against {PROBE_WEIGHTS} {shape.dim}² weights "
+            f"cycling through {shape.weight_sets} sets, attention over {shape.kv_tokens} cached tokens, layer norms, "
+            "GELU, residual adds)")
 
 
 def usable_memory(mem: HostMemory) -> tuple[int, int]:
@@ -350,6 +448,7 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
         dequant[f] = measure_dequant(f, schedule)
     step("overlap")
     overlap = measure_overlap(engine, schedule)
+    copy_slowdown, compute_slowdown = measure_interference(engine, schedule)
     step("launch overhead")
     launch_us, elementwise = measure_dispatch()
     found = Measurements(
@@ -357,7 +456,8 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
         memory_total_bytes=mem.total_bytes, memory_reserve_bytes=reserve, memory_usable_bytes=usable,
         link=link, device_memory_gbps=memcpy_gbps, matmul_tflops=matmul, matmul_weight_dim=schedule.matmul_dim,
         matmul_small_tflops=small, matmul_small_weight_dim=schedule.matmul_small_dim,
-        dequant_gweights_per_s=dequant, copy_compute_overlap=overlap, launch_overhead_us=launch_us,
+        dequant_gweights_per_s=dequant, copy_compute_overlap=overlap, copy_slowdown=copy_slowdown,
+        compute_slowdown=compute_slowdown, launch_overhead_us=launch_us,
         elementwise_gelems_per_s=elementwise, compute_threads=compute_threads,
     )
     return found, mem

@@ -5,6 +5,7 @@ Copies run on a side stream from pinned (or pageable) host buffers and are timed
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import time
@@ -13,7 +14,15 @@ from dataclasses import dataclass
 import torch
 
 from residency.device.bench_inputs import MIX_CHANNELS, count_op_mix, measured_formats, op_mix, packed_sample
-from residency.device.measurements import Measurements, to_profile
+from residency.device.measurements import (
+    PROBE_WEIGHTS,
+    Measurements,
+    ProbeShape,
+    block_probe,
+    calls_during,
+    slowdowns,
+    to_profile,
+)
 from residency.device.profile import COMPUTE_DTYPES, Curve, DeviceProfile
 from residency.device.timing import ProgressFn, Steps, Timing, overlap_fraction, summarize
 from residency.formats import TORCH_DTYPES, get_format
@@ -221,6 +230,119 @@ def measure_overlap(dev: torch.device, side: torch.cuda.Stream, schedule: GpuSch
     return overlap_fraction(*med)
 
 
+# The interference probe on a GPU: 64 token rows of a matmul_dim-wide block (bf16, 128-wide heads) attending
+# over 4096 cached tokens, its weights cycling through 256 MiB so that they come from device memory, not L2.
+PROBE_ROWS, PROBE_KV_TOKENS, PROBE_HEAD_DIM, PROBE_COLD_BYTES = 64, 4096, 128, 256 * MIB
+PROBE_LEAD = 3  # the probe's run lasts this many times the copy alone, so the copy runs wholly beside it
+PROBE_MAX_CALLS = 2000  # bounds the host's enqueueing (~12 kernels a call)
+COPY_CHUNK_BYTES = 16 * MIB  # the copy job moves its bytes as loads of this size, as a streamed block's
+
+
+def probe_shape(schedule: GpuSchedule) -> ProbeShape:
+    """The GPU probe at the schedule's matmul width."""
+    dim = schedule.matmul_dim
+    return ProbeShape(dim=dim, rows=PROBE_ROWS, kv_tokens=PROBE_KV_TOKENS, head_dim=min(PROBE_HEAD_DIM, dim),
+                      weight_sets=max(1, PROBE_COLD_BYTES // (PROBE_WEIGHTS * dim * dim * 2)))
+
+
+class _ProbeRun:
+    """Block-shaped calls on the compute stream, each ended by a CUDA event; optionally a side-stream copy job
+    that starts when the first call does. A queue of large matmuls runs first (the cover), long enough that the
+    host has enqueued every call before the device reaches them: calls then run back to back at device speed."""
+
+    def __init__(self, dev: torch.device, side: torch.cuda.Stream, copy_job, probe):
+        # compute is the current (default) stream, where _device_s and _host_enqueue_s enqueue too
+        self.dev, self.side, self.copy_job, self.probe = dev, side, copy_job, probe
+        self.compute = torch.cuda.current_stream(dev)
+        self.cover_a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+        self.cover_out = torch.empty_like(self.cover_a)
+        self.cover_s = self._device_s(self._cover, 1)
+        self.enqueue_s = 0.0  # one cover until measured
+        self.enqueue_s = self._host_enqueue_s()
+
+    def _cover(self) -> None:
+        torch.matmul(self.cover_a, self.cover_a, out=self.cover_out)
+
+    def _device_s(self, fn, repeats: int) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        fn()  # warm-up: the first call of a shape picks its kernels
+        start.record(self.compute)
+        for _ in range(repeats):
+            fn()
+        end.record(self.compute)
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3 / repeats
+
+    def _host_enqueue_s(self) -> float:
+        """Host seconds to enqueue one call and its event."""
+        self.run(8, with_copy=False)  # warm-up, and the allocator's blocks for the calls
+        torch.cuda.synchronize(self.dev)
+        t0 = time.perf_counter()
+        for _ in range(8):
+            self.probe()
+            torch.cuda.Event(enable_timing=True).record(self.compute)
+        seconds = (time.perf_counter() - t0) / 8
+        torch.cuda.synchronize(self.dev)
+        return seconds
+
+    def run(self, calls: int, with_copy: bool) -> tuple[float, list[tuple[float, float]], tuple[float, float]]:
+        """(copy seconds, each call's (start, end), the copy's (start, end)), times in seconds from the first
+        call's start; the copy's are 0 without a copy."""
+        # twice the host's enqueueing time: a slower host moment must not starve the device
+        covers = 1 + math.ceil(2.0 * calls * self.enqueue_s / max(self.cover_s, 1e-6))
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(calls + 1)]
+        copy_marks = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        with torch.cuda.stream(self.compute):
+            for _ in range(covers):
+                self._cover()
+            marks[0].record(self.compute)
+            if with_copy:
+                self.side.wait_event(marks[0])  # the copy starts when the calls do
+                with torch.cuda.stream(self.side):
+                    copy_marks[0].record(self.side)
+                    self.copy_job()
+                    copy_marks[1].record(self.side)
+            for i in range(calls):
+                self.probe()
+                marks[i + 1].record(self.compute)
+        torch.cuda.synchronize(self.dev)
+        ends = [marks[0].elapsed_time(m) * 1e-3 for m in marks]
+        window = (marks[0].elapsed_time(copy_marks[0]) * 1e-3, marks[0].elapsed_time(copy_marks[1]) * 1e-3) \
+            if with_copy else (0.0, 0.0)
+        return window[1] - window[0], list(zip(ends[:-1], ends[1:], strict=True)), window
+
+
+def measure_interference(dev: torch.device, side: torch.cuda.Stream, schedule: GpuSchedule) -> tuple[float, float]:
+    """(copy_slowdown, compute_slowdown) ≥ 1: an h2d copy job (overlap_copy_bytes from pinned memory, in 16 MiB
+    loads) on the side stream alone and beside block-shaped calls (probe_shape) on the compute stream, and those
+    calls alone and while the copy ran; CUDA events, medians of overlap_repeats runs.
+
+    The calls last PROBE_LEAD × the copy alone, so the copy runs wholly beside compute; the calls counted are
+    those that ran wholly inside the copy."""
+    chunk = min(COPY_CHUNK_BYTES, schedule.overlap_copy_bytes)
+    loads = max(1, schedule.overlap_copy_bytes // chunk)
+    host = torch.empty(loads * chunk, dtype=torch.uint8, pin_memory=True).fill_(1)
+    slots = torch.empty(2, chunk, dtype=torch.uint8, device=dev)
+
+    def copy_job() -> None:  # enqueued on the current (side) stream by the caller
+        for i in range(loads):
+            slots[i % 2].copy_(host[i * chunk:(i + 1) * chunk], non_blocking=True)
+
+    probe = block_probe(probe_shape(schedule), dev, torch.bfloat16)
+    runs = _ProbeRun(dev, side, copy_job, probe)
+    copy_alone = [time_events(copy_job, schedule.overlap_repeats, side).median_s]
+    _, first, _ = runs.run(8, with_copy=False)
+    call_s = sorted(e - s for s, e in first)[len(first) // 2]
+    calls = min(PROBE_MAX_CALLS, max(8, math.ceil(PROBE_LEAD * copy_alone[0] / max(call_s, 1e-7))))
+    copy_together, call_alone, call_together = [], [], []
+    for _ in range(schedule.overlap_repeats):
+        call_alone += [e - s for s, e in runs.run(calls, with_copy=False)[1]]
+        copy_s, timeline, window = runs.run(calls, with_copy=True)
+        copy_together.append(copy_s)
+        call_together += calls_during(timeline, window)
+    return slowdowns(copy_alone, copy_together, call_alone, call_together)
+
+
 # Activation sizes of the mix: 4 k to 16 M elements a tensor (a 16-token frame up to Flux's 4096 × 3072), the
 # size classes of residency.workload.op_count.
 _MIX_TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536)
@@ -275,12 +397,24 @@ def provenance_notes(schedule: GpuSchedule, not_measured: dict[str, str]) -> dic
         "dequant_gweights_per_s": f"unpack of a {rows}×{cols} matrix into bf16 on the device"
                                   + "".join(f"; {f} not measured: {why}" for f, why in not_measured.items()),
         "copy_compute_overlap": "side-stream h2d copy alone, bf16 matmul loop alone, both at once",
+        "copy_slowdown": f"side-stream h2d copy of {schedule.overlap_copy_bytes} B from pinned memory in 16 MiB loads, "
+                         f"alone and while {_probe_text(schedule)} ran on the compute stream; CUDA events, median "
+                         f"of {schedule.overlap_repeats}, clamped to [1, 10]",
+        "compute_slowdown": f"{_probe_text(schedule)}, each call alone and wholly during that side-stream copy; CUDA "
+                            f"events, median of the calls of {schedule.overlap_repeats} runs, clamped to [1, 10]",
         "launch_overhead_us": "1000 in-place adds on a 1-element tensor",
         "matmul_small_tflops": f"as matmul_tflops, with {schedule.matmul_small_dim}² weights, "
                                f"{' and '.join(GPU_SMALL_DTYPES)}",
         "elementwise_gelems_per_s": "a norm/elementwise/softmax mix in bf16 on 4 k to 16 M-element tensors, "
                                     "CUDA events; elements counted on the meta device",
     }
+
+
+def _probe_text(schedule: GpuSchedule) -> str:
+    shape = probe_shape(schedule)
+    return (f"block-shaped bf16 calls ({shape.rows}-row matmuls against {PROBE_WEIGHTS} {shape.dim}² weights cycling "
+            f"through {shape.weight_sets} sets, scaled_dot_product_attention over {shape.kv_tokens} cached tokens, "
+            "layer norms, GELU, residual adds)")
 
 
 def measure_all(dev: torch.device, schedule: GpuSchedule, formats: list[str],
@@ -305,6 +439,7 @@ def measure_all(dev: torch.device, schedule: GpuSchedule, formats: list[str],
     dequant, not_measured = measure_dequant_rates(dev, compute, formats, schedule, step)
     step("overlap")
     overlap = measure_overlap(dev, side, schedule)
+    copy_slowdown, compute_slowdown = measure_interference(dev, side, schedule)
     step("launch overhead")
     launch_us = measure_launch_us(dev)
     elementwise = measure_elementwise(dev, compute, schedule)
@@ -314,8 +449,8 @@ def measure_all(dev: torch.device, schedule: GpuSchedule, formats: list[str],
         memory_usable_bytes=max(1, free - GPU_RESERVE_BYTES), link=link, device_memory_gbps=memcpy_gbps,
         matmul_tflops=matmul, matmul_weight_dim=schedule.matmul_dim, matmul_small_tflops=small,
         matmul_small_weight_dim=schedule.matmul_small_dim, dequant_gweights_per_s=dequant,
-        copy_compute_overlap=overlap, launch_overhead_us=launch_us, elementwise_gelems_per_s=elementwise,
-        compute_threads=0,
+        copy_compute_overlap=overlap, copy_slowdown=copy_slowdown, compute_slowdown=compute_slowdown,
+        launch_overhead_us=launch_us, elementwise_gelems_per_s=elementwise, compute_threads=0,
     )
     return found, not_measured
 

@@ -2,23 +2,26 @@
 
 `measure_cpu` and `measure_cuda` time different things in different ways; both hand their numbers over as a
 `Measurements` with a provenance table (field → how it was measured), and `to_profile` adds what every
-measured profile records alike: torch's versions, the date, and the command that measured it.
+measured profile records alike: torch's versions, the date, and the command that measured it. Both time
+interference with the same block-shaped probe (`block_probe`) and reduce it alike (`slowdowns`).
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+import itertools
+import statistics
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 
 import torch
 
-from residency.device.profile import Curve, DeviceProfile, Provenance
+from residency.device.profile import MAX_SLOWDOWN, Curve, DeviceProfile, Provenance
 
 # Every field a measurement records how it measured: a profile missing one would show a blank provenance.
 PROVENANCE_FIELDS = frozenset({
     "memory", "link", "device_memory_gbps", "matmul_tflops", "dequant_gweights_per_s", "copy_compute_overlap",
-    "launch_overhead_us", "matmul_small_tflops", "elementwise_gelems_per_s",
+    "launch_overhead_us", "matmul_small_tflops", "elementwise_gelems_per_s", "copy_slowdown", "compute_slowdown",
 })
 
 
@@ -41,6 +44,8 @@ class Measurements:
     matmul_small_weight_dim: int
     dequant_gweights_per_s: dict[str, float]  # storage format -> 1e9 weights/s unpacked
     copy_compute_overlap: float  # 0..1, timing.overlap_fraction
+    copy_slowdown: float  # ≥ 1: a copy's time beside the block probe over its time alone
+    compute_slowdown: float  # ≥ 1: the block probe's time beside copies over its time alone
     launch_overhead_us: float  # per kernel launch (GPU) or dispatched op (CPU)
     elementwise_gelems_per_s: Curve  # 1e9 activation elements/s over the size class of an op's tensors
     compute_threads: int  # CPU: intra-op threads of compute; 0 on a GPU
@@ -61,3 +66,62 @@ def to_profile(m: Measurements, source: str, how: Mapping[str, str]) -> DevicePr
         date=datetime.date.today().isoformat(),
         provenance={key: Provenance("measured", f"{source} — {note}") for key, note in how.items()},
     )
+
+
+# ---------------------------------------------------------------- the interference probe
+PROBE_WEIGHTS = 4  # per block call: query and output projections, MLP up and down, each dim × dim
+
+
+@dataclass(frozen=True)
+class ProbeShape:
+    """One block call's worth of work: few-row matmuls, attention of those rows over a KV window, norms, a GELU
+    and residual adds, as a causal world model's block runs per latent frame."""
+
+    dim: int  # model width; every weight is dim × dim
+    rows: int  # token rows of the matmuls (a latent frame's tokens)
+    kv_tokens: int  # cached tokens the rows attend to
+    head_dim: int  # divides dim
+    weight_sets: int  # distinct weight sets cycled through, so that weights come from memory, not a cache
+
+
+def block_probe(shape: ProbeShape, device: torch.device, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """A callable that runs one block-shaped call on `device` in `dtype` (asynchronously on a GPU); each call
+    takes the next weight set. Allocates weight_sets·4·dim² weights plus a K and a V of kv_tokens·dim."""
+    dim, rows, heads = shape.dim, shape.rows, shape.dim // shape.head_dim
+    bound = dim ** -0.5  # unit-scale activations through every layer: no overflow in bf16, no denormals
+    sets = [torch.empty(PROBE_WEIGHTS, dim, dim, device=device, dtype=dtype).uniform_(-bound, bound)
+            for _ in range(shape.weight_sets)]
+    k, v = (torch.randn(1, heads, shape.kv_tokens, shape.head_dim, device=device, dtype=dtype) for _ in range(2))
+    x = torch.randn(1, rows, dim, device=device, dtype=dtype)
+    cycle = itertools.cycle(sets)
+    functional = torch.nn.functional
+
+    def call() -> torch.Tensor:
+        w = next(cycle)
+        q = functional.linear(functional.layer_norm(x, (dim,)), w[0]).view(1, rows, heads, -1).transpose(1, 2)
+        attended = functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, rows, dim)
+        h = x + functional.linear(attended, w[1])
+        return h + functional.linear(functional.gelu(functional.linear(functional.layer_norm(h, (dim,)), w[2])), w[3])
+
+    return call
+
+
+def calls_during(calls_s: list[tuple[float, float]], window_s: tuple[float, float]) -> list[float]:
+    """Durations [s] of the (start, end) calls that ran wholly inside `window_s` (start, end), on one clock;
+    when none did (a window shorter than a call), of those that overlapped it."""
+    lo, hi = window_s
+    inside = [e - s for s, e in calls_s if s >= lo and e <= hi]
+    return inside or [e - s for s, e in calls_s if s < hi and e > lo]
+
+
+def slowdowns(copy_alone_s: list[float], copy_together_s: list[float], call_alone_s: list[float],
+              call_together_s: list[float]) -> tuple[float, float]:
+    """(copy_slowdown, compute_slowdown): median time beside the other engine over median time alone, each
+    clamped to [1, MAX_SLOWDOWN] (below 1 is noise: neither engine speeds up beside the other).
+
+    Raises statistics.StatisticsError when a list is empty."""
+    def ratio(alone: list[float], together: list[float]) -> float:
+        base = statistics.median(alone)
+        return 1.0 if base <= 0 else min(MAX_SLOWDOWN, max(1.0, statistics.median(together) / base))
+
+    return ratio(copy_alone_s, copy_together_s), ratio(call_alone_s, call_together_s)

@@ -14,9 +14,14 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 BACKENDS = ("cuda", "rocm", "cpu")
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 LINK_DIRECTIONS = ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")
-PROVENANCE_KINDS = ("measured", "datasheet")
-# Refinements a measured profile may add; absent (at their defaults) in datasheet and older profiles.
-OPTIONAL_FIELDS = ("matmul_weight_dim", "matmul_small_tflops", "matmul_small_weight_dim", "elementwise_gelems_per_s")
+PROVENANCE_KINDS = ("measured", "datasheet", "calibrated")
+# Refinements a measured (or calibrated) profile may add; absent (at their defaults) in datasheet and older
+# profiles, which therefore keep their fingerprints.
+OPTIONAL_FIELDS = ("matmul_weight_dim", "matmul_small_tflops", "matmul_small_weight_dim", "elementwise_gelems_per_s",
+                   "copy_slowdown", "compute_slowdown", "compute_scale", "calibration")
+# Bounds of a measured slowdown factor: 1 = no interference; a copy or compute 10× slower beside the other
+# engine would be a broken measurement, not a device.
+MAX_SLOWDOWN = 10.0
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,17 @@ class Provenance:
     kind: str  # "measured" | "datasheet"
     source: str  # the command that measured it, or the spec page / document it came from
     derating: str = ""  # how a datasheet peak became an achievable figure ("" when measured)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where a calibrated profile's compute_scale came from: a base profile and a run of one workload on it."""
+    base_fingerprint: str  # fingerprint of the profile the calibration started from
+    workload_fingerprint: str  # the workload whose run was timed
+    model: str  # its catalog name or path, as the user gave it
+    frames: int  # latent frames timed
+    date: str  # ISO date of the run
+    note: str = ""  # free text: the command, the machine's state
 
 
 @dataclass(frozen=True)
@@ -55,8 +71,9 @@ class Curve:
 @dataclass(frozen=True)
 class DeviceProfile:
     """The planner's numbers for one device: memory [bytes], link curves [GB/s over transfer bytes], matmul
-    [TFLOP/s], dequant [1e9 weights/s] and elementwise [1e9 elements/s] rates, copy/compute overlap and launch
-    cost [us], each with its provenance (measured, or a datasheet value and its derating).
+    [TFLOP/s], dequant [1e9 weights/s] and elementwise [1e9 elements/s] rates, copy/compute overlap (and, when
+    measured, each engine's slowdown beside the other) and launch cost [us], each with its provenance (measured,
+    a datasheet value and its derating, or calibrated against a run).
 
     Made by residency.machine_profile (this machine, measured once), load_profile (shipped or saved) or
     `residency profile`; frozen, validated when read.
@@ -95,6 +112,15 @@ class DeviceProfile:
     # residency.workload.op_count counts them, over the size class of an op's largest tensor (x: elements);
     # None: derived from device_memory_gbps at the compute dtype's size
     elementwise_gelems_per_s: Curve | None = None
+    # Interference, per engine: factor (≥ 1) by which a copy's time grows while compute runs, and compute's while
+    # a copy runs; 0 = not measured, the symmetric model of copy_compute_overlap applies (see *_slowdown_factor)
+    copy_slowdown: float = 0.0
+    compute_slowdown: float = 0.0
+    # per block component ("dit", "encoder", "decoder", …): multiplier on the predicted compute seconds of its
+    # calls, set by a calibration; a component not named (and {}) is 1.0
+    compute_scale: dict[str, float] = field(default_factory=dict)
+    # provenance of a calibrated profile; like provenance and date, outside the fingerprint
+    calibration: Calibration | None = None
 
     # --- derived figures the cost model uses ---
     def h2d_gbps(self, nbytes: int, pinned: bool = True) -> float:
@@ -139,20 +165,37 @@ class DeviceProfile:
             return elements * scale / (self.elementwise_gelems_per_s.at(max(size_class * scale, 1)) * 1e9)
         return elements * element_bytes / (self.device_memory_gbps * 1e9)
 
+    def copy_slowdown_factor(self) -> float:
+        """Factor (≥ 1) by which a copy's time grows while compute runs: the measured copy_slowdown, else the
+        symmetric model's 2 − o (o = copy_compute_overlap clamped to [0, 1]: both engines run at rate 1/(2 − o))."""
+        return self.copy_slowdown if self.copy_slowdown > 0 else _symmetric_slowdown(self.copy_compute_overlap)
+
+    def compute_slowdown_factor(self) -> float:
+        """Factor (≥ 1) by which compute's time grows while a copy runs: the measured compute_slowdown, else the
+        symmetric model's 2 − o, as copy_slowdown_factor."""
+        return self.compute_slowdown if self.compute_slowdown > 0 else _symmetric_slowdown(self.copy_compute_overlap)
+
     def dequant_s(self, weights: int, fmt: str) -> float:
         """Seconds to dequantize `weights` weights stored in `fmt` (KeyError for a format not profiled)."""
         return weights / (self.dequant_gweights_per_s[fmt] * 1e9)
 
     def fingerprint(self) -> str:
-        """Changes when any number of the profile changes (identity and provenance text excluded). Optional
-        fields left at their defaults are left out, so adding one kept every older profile's fingerprint."""
+        """Changes when any number of the profile changes (identity, provenance text and calibration record
+        excluded). Optional fields left at their defaults are left out, so adding one kept every older profile's
+        fingerprint."""
         defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory()
                     for f in fields(self) if f.name in OPTIONAL_FIELDS}
         doc = {k: v for k, v in asdict(self).items()
-               if k not in ("provenance", "date", "driver") and not (k in defaults and v == defaults[k])}
+               if k not in ("provenance", "date", "driver", "calibration") and not (k in defaults and v == defaults[k])}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @property
     def is_gpu(self) -> bool:
         """True for a CUDA or ROCm profile (copy engine and kernels run beside the host)."""
         return self.backend in ("cuda", "rocm")
+
+
+def _symmetric_slowdown(overlap: float) -> float:
+    """2 − o, o clamped to [0, 1]: with both engines at rate 1/(2 − o), a copy C and a compute K started together
+    end after max(C, K) + (1 − o)·min(C, K), the overlap o as measured (timing.overlap_fraction)."""
+    return 2.0 - min(max(overlap, 0.0), 1.0)

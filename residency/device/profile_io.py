@@ -17,8 +17,10 @@ from residency.device.profile import (
     BACKENDS,
     COMPUTE_DTYPES,
     LINK_DIRECTIONS,
+    MAX_SLOWDOWN,
     OPTIONAL_FIELDS,
     PROVENANCE_KINDS,
+    Calibration,
     Curve,
     DeviceProfile,
     Provenance,
@@ -28,7 +30,13 @@ from residency.jsonfile import read_json
 from residency.userpath import FILE, MISSING, path_kind
 from residency.validate import Reader, show
 
-PROFILE_SCHEMA_VERSION = 1
+# 2: per-engine interference (copy_slowdown, compute_slowdown), compute_scale and calibration. A profile that
+# sets none of them is still written as version 1, which older readers load (the shipped datasheet profiles).
+PROFILE_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_2_FIELDS = ("copy_slowdown", "compute_slowdown", "compute_scale", "calibration")
+MAX_COMPUTE_SCALE = 100.0  # a calibration that finds compute 100× off the model measured something else
+_CALIBRATION_STRINGS = ("base_fingerprint", "workload_fingerprint", "model", "date")
 # Top-level groups of numbers that must each say where they came from.
 PROVENANCE_FIELDS = (
     "memory",
@@ -72,9 +80,16 @@ def _curve_to_dict(curve: Curve, axes: tuple[str, str]) -> dict[str, list[float]
     return {axes[0]: xs, axes[1]: list(curve.y), "spread": list(curve.spread)}
 
 
+def schema_version_of(profile: DeviceProfile) -> int:
+    """The oldest schema that holds `profile`: 1 unless it sets a field of SCHEMA_2_FIELDS."""
+    uses_2 = (profile.copy_slowdown or profile.compute_slowdown or profile.compute_scale
+              or profile.calibration is not None)
+    return PROFILE_SCHEMA_VERSION if uses_2 else 1
+
+
 def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
-    """The JSON document of `profile` (schema PROFILE_SCHEMA_VERSION); refinements only when measured."""
-    doc: dict[str, Any] = {"schema_version": PROFILE_SCHEMA_VERSION}
+    """The JSON document of `profile` (schema_version_of it); refinements only when measured or calibrated."""
+    doc: dict[str, Any] = {"schema_version": schema_version_of(profile)}
     doc.update({k: getattr(profile, k) for k in _STRINGS + _MEMORY})
     doc["link"] = {d: _curve_to_dict(c, LINK_AXES) for d, c in profile.link.items()}
     doc["device_memory_gbps"] = profile.device_memory_gbps
@@ -92,9 +107,26 @@ def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
         doc["matmul_small_tflops"] = {d: _curve_to_dict(c, MATMUL_AXES) for d, c in profile.matmul_small_tflops.items()}
     if profile.elementwise_gelems_per_s is not None:
         doc["elementwise_gelems_per_s"] = _curve_to_dict(profile.elementwise_gelems_per_s, ELEMENTWISE_AXES)
+    doc.update(_schema_2_to_dict(profile))
     doc["provenance"] = {
         k: {"kind": p.kind, "source": p.source, "derating": p.derating} for k, p in profile.provenance.items()
     }
+    return doc
+
+
+def _schema_2_to_dict(profile: DeviceProfile) -> dict[str, Any]:
+    """The schema-2 fields that `profile` sets (none for a profile of schema 1)."""
+    doc: dict[str, Any] = {}
+    if profile.copy_slowdown:
+        doc["copy_slowdown"] = profile.copy_slowdown
+    if profile.compute_slowdown:
+        doc["compute_slowdown"] = profile.compute_slowdown
+    if profile.compute_scale:
+        doc["compute_scale"] = dict(profile.compute_scale)
+    if profile.calibration is not None:
+        c = profile.calibration
+        doc["calibration"] = {"base_fingerprint": c.base_fingerprint, "workload_fingerprint": c.workload_fingerprint,
+                              "model": c.model, "frames": c.frames, "date": c.date, "note": c.note}
     return doc
 
 
@@ -185,14 +217,20 @@ def _unit_of(key: str) -> str:
 
 
 def _check_document(r: _Reader, data: Any, source: str) -> None:
-    """Raises unless `data` is an object of this schema version with no unknown top-level key."""
+    """Raises unless `data` is an object of a readable schema version with no unknown top-level key; a version-1
+    document may not hold the fields version 2 added."""
     if not isinstance(data, dict):
         raise ResidencyError(f"{source}: expected a JSON object, got {type(data).__name__}",
                              hint="give a file written by `residency profile -o`")
     version = data.get("schema_version")
-    if isinstance(version, bool) or version != PROFILE_SCHEMA_VERSION:
+    if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
         raise r.fail("schema_version", f"= {show(version)}: this version of residency reads schema_version "
-                     f"{PROFILE_SCHEMA_VERSION}", hint="re-create the profile with this version of `residency profile`")
+                     f"{' or '.join(map(str, READABLE_SCHEMA_VERSIONS))}",
+                     hint="re-create the profile with this version of `residency profile`")
+    newer = [key for key in SCHEMA_2_FIELDS if key in data] if version == 1 else []
+    if newer:
+        raise r.fail(newer[0], "needs schema_version 2 (the file says 1)",
+                     hint="set \"schema_version\": 2, or remove the field")
     _no_extra(r, data, _TOP_KEYS, "")
 
 
@@ -249,7 +287,8 @@ def _provenance(r: _Reader, data: dict[str, Any], refinements: dict[str, Any]) -
     must have one."""
     prov_doc = r.obj(r.get(data, "provenance"), "provenance")
     # the refinements present need a provenance too (their dims are labels, not figures)
-    present = tuple(k for k in ("matmul_small_tflops", "elementwise_gelems_per_s") if refinements[k])
+    present = tuple(k for k in ("matmul_small_tflops", "elementwise_gelems_per_s", "copy_slowdown",
+                                "compute_slowdown") if refinements[k])
     for key in PROVENANCE_FIELDS + present:
         if key not in prov_doc:
             raise r.fail(f"provenance.{key}", "is missing: every number must say where it came from",
@@ -304,7 +343,52 @@ def _refinements(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
     elementwise = None
     if "elementwise_gelems_per_s" in data:
         elementwise = r.curve(data["elementwise_gelems_per_s"], "elementwise_gelems_per_s", ELEMENTWISE_AXES)
-    return {**dims, "matmul_small_tflops": small, "elementwise_gelems_per_s": elementwise}
+    return {**dims, "matmul_small_tflops": small, "elementwise_gelems_per_s": elementwise, **_schema_2_fields(r, data)}
+
+
+def _schema_2_fields(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
+    """Per-engine slowdowns, compute_scale and calibration; their defaults when absent (a schema-1 file)."""
+    return {
+        "copy_slowdown": _slowdown(r, data, "copy_slowdown"),
+        "compute_slowdown": _slowdown(r, data, "compute_slowdown"),
+        "compute_scale": _compute_scale(r, data.get("compute_scale", {})),
+        "calibration": _calibration(r, data["calibration"]) if "calibration" in data else None,
+    }
+
+
+def _slowdown(r: _Reader, data: dict[str, Any], key: str) -> float:
+    """A factor 0 (not measured) or in [1, MAX_SLOWDOWN]."""
+    value = r.number(data.get(key, 0.0), key, "dimensionless factor", strict=False)
+    if value != 0 and not 1.0 <= value <= MAX_SLOWDOWN:
+        raise r.fail(key, f"= {show(value)}: must be 0 (not measured) or a factor in [1, {MAX_SLOWDOWN:g}]",
+                     hint="a slowdown is time beside the other engine over time alone; re-measure with "
+                     "`residency profile -o`, or remove the field")
+    return value
+
+
+def _compute_scale(r: _Reader, value: Any) -> dict[str, float]:
+    """Component name -> multiplier in (0, MAX_COMPUTE_SCALE] on its predicted compute seconds."""
+    doc = r.obj(value, "compute_scale")
+    scale = {}
+    for name, factor in doc.items():
+        if not name:
+            raise r.fail("compute_scale", "has an empty component name",
+                         hint="name each block component (\"dit\", \"encoder\", \"decoder\", …)")
+        field = f"compute_scale.{name}"
+        scale[name] = r.number(factor, field, "dimensionless factor")
+        if scale[name] > MAX_COMPUTE_SCALE:
+            raise r.fail(field, f"= {show(factor)}: must be at most {MAX_COMPUTE_SCALE:g}",
+                         hint="calibrate again: a factor this large means the run timed something else")
+    return scale
+
+
+def _calibration(r: _Reader, value: Any) -> Calibration:
+    """The calibration record: four non-empty strings, a whole number of frames ≥ 1 and an optional note."""
+    doc = r.obj(value, "calibration", known=(*_CALIBRATION_STRINGS, "frames", "note"),
+                required=(*_CALIBRATION_STRINGS, "frames"))
+    strings = {k: r.string(doc[k], f"calibration.{k}", non_empty=True) for k in _CALIBRATION_STRINGS}
+    frames = r.integer(doc["frames"], "calibration.frames", 1, unit="latent frames")
+    return Calibration(**strings, frames=frames, note=r.string(doc.get("note", ""), "calibration.note"))
 
 
 def _no_extra(r: _Reader, doc: dict[str, Any], known: tuple[str, ...], field: str) -> None:

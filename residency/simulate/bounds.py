@@ -31,16 +31,38 @@ def compute_floor_s(workload: Workload, plan: Plan, profile: DeviceProfile, bloc
     return total
 
 
+def interference_coefficients(profile: DeviceProfile) -> tuple[float, float]:
+    """(a_k, a_c) of the frame-time floor T ≥ max(K + a_k·C, C + a_c·K) for copy work C and compute work K [s].
+
+    While both engines run for a time τ, the copy advances τ/s_k and compute τ/s_c (s_k, s_c: the profile's
+    slowdown factors); the rest of each runs alone. So T ≥ τ + (C − τ/s_k) + (K − τ/s_c) = C + K − τ·g with
+    g = 1/s_k + 1/s_c − 1, and τ ≤ min(s_k·C, s_c·K) (neither engine can do more than its work beside the other).
+    With g ≥ 0 the least T takes the largest τ: T = K + s_k·(1 − 1/s_c)·C when s_k·C ≤ s_c·K, else
+    C + s_c·(1 − 1/s_k)·K, and the larger of the two expressions is always that one. With g < 0 running both at
+    once is slower than in turn, the least T is C + K. Both cases: a_k = min(1, s_k·(1 − 1/s_c)) and
+    a_c = min(1, s_c·(1 − 1/s_k)) (g ≥ 0 exactly when each product is ≤ 1).
+
+    A profile with no measured slowdowns has s_k = s_c = 2 − o, where s·(1 − 1/s) = s − 1 = 1 − o: the symmetric
+    (1 − o) is returned as written, so its bounds stay bit-identical to those of the overlap-only model.
+    """
+    if profile.copy_slowdown <= 0 and profile.compute_slowdown <= 0:
+        shared = 1.0 - profile.copy_compute_overlap
+        return shared, shared
+    s_k, s_c = profile.copy_slowdown_factor(), profile.compute_slowdown_factor()
+    return min(1.0, s_k * (1.0 - 1.0 / s_c)), min(1.0, s_c * (1.0 - 1.0 / s_k))
+
+
 def lower_bound_s(workload: Workload, plan: Plan, profile: DeviceProfile) -> float:
-    """min T over fractional placements with T ≥ K + (1−o)·C and T ≥ C + (1−o)·K: compute K, copy C and
-    the device's measured overlap o — even a perfect pipeline pays the interference it measured."""
+    """Seconds: min T over fractional placements with T ≥ K + a_k·C and T ≥ C + a_c·K (compute K, copy C;
+    a_k, a_c from interference_coefficients) and the VRAM budget — even a perfect pipeline pays the
+    interference the device measured. No plan's simulated steady frame is shorter."""
     frame_blocks = list(dict.fromkeys(b for ph in workload.frame_phases() for b in ph.blocks))
     fixed = workload.kv_cache_bytes(plan.kv_dtype) + max(
         (workload.by_name[b].activation_bytes(plan.by_name[b].compute_dtype, workload.batch) for b in frame_blocks),
         default=0) + (GPU_WORKSPACE_BYTES if profile.is_gpu else 0)
     room = plan.budget.vram_bytes - fixed
     link = max(profile.link["h2d_pinned"].y) * 1e9
-    shared = 1.0 - profile.copy_compute_overlap
+    a_k, a_c = interference_coefficients(profile)
     # variables: per block fractions resident, packed, streamed (dequant on compute), streamed (dequant
     # on the copy engine); then T in ms
     n, m = len(frame_blocks), 4
@@ -56,7 +78,7 @@ def lower_bound_s(workload: Workload, plan: Plan, profile: DeviceProfile) -> flo
         mem[m * i: m * i + 2] = (block.nbytes(DTYPE_FORMAT[bp.compute_dtype]) / 2**30, block.nbytes(bp.format) / 2**30)
     c_obj = np.zeros(m * n + 1)
     c_obj[-1] = 1.0
-    a_ub = np.array([np.append(cost_k + shared * cost_c, -1.0), np.append(cost_c + shared * cost_k, -1.0),
+    a_ub = np.array([np.append(cost_k + a_k * cost_c, -1.0), np.append(cost_c + a_c * cost_k, -1.0),
                      np.append(mem, 0.0)])
     b_ub = np.array([0.0, 0.0, max(room, 0) / 2**30])
     a_eq = np.zeros((n, m * n + 1))
@@ -65,5 +87,5 @@ def lower_bound_s(workload: Workload, plan: Plan, profile: DeviceProfile) -> flo
     res = linprog(c_obj, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=np.ones(n), bounds=(0, None), method="highs")
     if res.status != 0:  # nothing fits (room < 0): everything streams
         k, c = cost_k[2::m].sum(), cost_c[2::m].sum()
-        return max(k + shared * c, c + shared * k) / 1e3
+        return max(k + a_k * c, c + a_c * k) / 1e3
     return res.fun / 1e3

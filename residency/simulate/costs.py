@@ -61,10 +61,13 @@ def copy_s(block: BlockSpec, fmt: str, profile: DeviceProfile, execution: Execut
 
 def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_frames: int,
               kv_read: bool, kv_dtype: str, batch: int) -> float:
-    """Seconds of the block's forward on the compute stream (matmul, memory roof, elementwise, launches).
+    """Seconds of the block's forward on the compute stream (matmul, memory roof, elementwise, launches), times
+    the profile's calibrated compute_scale of the block's component (1.0 when it has none).
 
     `context_frames` latent frames of KV are read when `kv_read`; `batch` multiplies tokens and
     fixed FLOPs. GPU: launch time hides under device work; CPU: per-op dispatch time adds to it.
+    The scale is applied here, not in call_cost alone, so the lower bound and the policies' estimates, which
+    call this directly, see the same compute as the simulator.
     """
     weight_bytes = block.params * COMPUTE_DTYPE_BYTES[bp.compute_dtype]
     kv_bytes = context_frames * block.kv_bytes_per_frame(kv_dtype, batch) if kv_read else 0
@@ -82,8 +85,10 @@ def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_f
     # the longer of the two. On the CPU backend every dispatched op (views too) runs on the computing
     # thread, at the profile's measured per-op cost: it adds.
     if profile.is_gpu:
-        return max(device, kernels_per_call(block) * profile.launch_overhead_us * 1e-6)
-    return device + ops_per_call(block) * profile.launch_overhead_us * 1e-6
+        seconds = max(device, kernels_per_call(block) * profile.launch_overhead_us * 1e-6)
+    else:
+        seconds = device + ops_per_call(block) * profile.launch_overhead_us * 1e-6
+    return seconds * profile.compute_scale.get(block.component, 1.0)  # × 1.0 is exact: uncalibrated is unchanged
 
 
 def _elementwise_s(block: BlockSpec, batch: int, element_bytes: int, profile: DeviceProfile) -> float:
@@ -122,6 +127,7 @@ def call_cost(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, execution
 
     Resident: compute only; resident-quantized: plus dequant; streamed: plus the copy, on the copy
     engine (async) or on compute (copy_mode "sync"), with the execution's host sync per onload.
+    The profile's compute_scale scales the block's compute only (in compute_s); dequant and copy are not scaled.
     """
     base = compute_s(block, bp, profile, context_frames, kv_read, kv_dtype, batch)
     if bp.placement == "resident":

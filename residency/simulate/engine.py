@@ -1,7 +1,8 @@
 """The two-engine timeline: a copy engine and a compute stream, with slots, prefetch and interference.
 
-When both engines are busy each runs at rate 1/(2 − overlap), so a copy C beside compute K started
-together takes max(C, K) + (1 − overlap)·min(C, K): the profile's measured overlap, reproduced.
+When both engines are busy the copy runs at rate 1/s_k and compute at 1/s_c, the profile's slowdown factors
+(DeviceProfile.copy_slowdown_factor, compute_slowdown_factor). A profile that measured only an overlap o has
+s_k = s_c = 2 − o, so a copy C beside compute K started together takes max(C, K) + (1 − o)·min(C, K).
 """
 
 from __future__ import annotations
@@ -29,8 +30,14 @@ class Job:
     end: float = -1.0
 
 
-def run(jobs: list[Job], slots: int, overlap: float, lookahead_from_compute_start: bool = False) -> None:
-    """Fill the start/end times of every job, in seconds from 0. O(len(jobs))."""
+def run(jobs: list[Job], slots: int, copy_slowdown: float, compute_slowdown: float,
+        lookahead_from_compute_start: bool = False) -> None:
+    """Fill the start/end times of every job, in seconds from 0. O(len(jobs)).
+
+    `slots`: ring slots of streamed copies (≥ 1). `copy_slowdown`, `compute_slowdown` (≥ 1): factors by which
+    each engine's work takes longer while the other is busy. `lookahead_from_compute_start`: a copy starts only
+    once the previous call has started computing. Raises RuntimeError when no engine can proceed (a bad plan).
+    """
     n = len(jobs)
     copy_jobs = [i for i, j in enumerate(jobs) if j.copy_s > 0 or j.uses_slot]
     slot_owner_before: dict[int, int] = {}  # copy-job index -> compute job whose slot it reuses
@@ -38,7 +45,7 @@ def run(jobs: list[Job], slots: int, overlap: float, lookahead_from_compute_star
     for k, i in enumerate(slot_calls):
         if k >= slots:
             slot_owner_before[i] = slot_calls[k - slots]
-    shared_rate = 1.0 / (2.0 - min(max(overlap, 0.0), 1.0))
+    copy_shared_rate, comp_shared_rate = 1.0 / copy_slowdown, 1.0 / compute_slowdown
     t = 0.0
     ci = 0  # next compute job
     qi = 0  # next copy job (index into copy_jobs)
@@ -61,16 +68,18 @@ def run(jobs: list[Job], slots: int, overlap: float, lookahead_from_compute_star
                 comp_left, comp_busy = j.compute_s, True
         if not copy_busy and not comp_busy:  # cannot happen with slots >= 1; guard against a bad plan
             raise RuntimeError("simulator deadlock: a copy waits for a slot no compute will free")
-        rate = shared_rate if copy_busy and comp_busy else 1.0
-        dt = min(copy_left / rate if copy_busy else float("inf"), comp_left / rate if comp_busy else float("inf"))
+        both = copy_busy and comp_busy
+        copy_rate, comp_rate = (copy_shared_rate, comp_shared_rate) if both else (1.0, 1.0)
+        dt = min(copy_left / copy_rate if copy_busy else float("inf"),
+                 comp_left / comp_rate if comp_busy else float("inf"))
         t += dt
         if copy_busy:
-            copy_left -= dt * rate
+            copy_left -= dt * copy_rate
             if copy_left <= 1e-15:
                 jobs[copy_jobs[qi]].copy_end = t
                 copy_busy, qi = False, qi + 1
         if comp_busy:
-            comp_left -= dt * rate
+            comp_left -= dt * comp_rate
             if comp_left <= 1e-15:
                 jobs[ci].end = t
                 comp_busy, ci = False, ci + 1

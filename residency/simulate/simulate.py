@@ -125,7 +125,8 @@ def simulate(workload: Workload, plan: Plan, profile: DeviceProfile,
         for ph in workload.frame_phases():
             b.phase(ph, frame, ctx, loaded)
     jobs = b.jobs
-    run(jobs, plan.execution.slots, profile.copy_compute_overlap, plan.execution.lookahead_from_compute_start)
+    run(jobs, plan.execution.slots, profile.copy_slowdown_factor(), profile.compute_slowdown_factor(),
+        plan.execution.lookahead_from_compute_start)
 
     ends = {f: max(j.end for j in jobs if j.frame == f) for f in range(1, frames + 1)}
     t0 = ends[steady - 1] if steady > 1 else 0.0
