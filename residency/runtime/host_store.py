@@ -6,6 +6,7 @@ Blobs are cached per block module (weakly) and format, so frames, sessions and r
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -129,15 +130,23 @@ class HostStore:
         self.reused_bytes = 0
 
     def build(self, wanted: list[tuple[str, nn.Module, BlockSpec, str, dict[str, torch.Tensor]]],
-              extra_host_bytes: int = 0, host_budget_bytes: int | None = None) -> None:
+              extra_host_bytes: int = 0, host_budget_bytes: int | None = None,
+              ready: Mapping[tuple[str, str], BlockBlob] | None = None) -> None:
         """Pack (or reuse) one blob per (block, module, spec, format, original tensors).
 
         `extra_host_bytes` is other host memory the attach will take (on the CPU backend, the plan's
         predicted peak device bytes); all of it is checked against the RAM available before anything
-        is packed.
+        is packed. `ready`: (block, format) -> blobs packed already (a re-plan packs on a background thread);
+        they are used as they are and cached.
         """
         todo = []
         for block, module, spec, fmt, tensors in wanted:
+            if ready and (block, fmt) in ready:
+                blob = ready[(block, fmt)]
+                _CACHE.setdefault(module, {})[(self.fingerprint, fmt)] = (_weights_token(tensors), blob)
+                self.blobs[block] = blob
+                self.reused_bytes += blob.nbytes
+                continue
             hit = _CACHE.get(module, {}).get((self.fingerprint, fmt))
             if hit is not None and hit[0] == _weights_token(tensors):
                 self.blobs[block] = hit[1]

@@ -19,15 +19,17 @@ from residency.plan import Budget, Plan
 from residency.runtime.backend import Backend
 from residency.runtime.backends import get_backend
 from residency.runtime.block_calls import BlockCalls, BlockHook, GroupHook
+from residency.runtime.closed_loop import ClosedLoop, LoopOptions
 from residency.runtime.device_memory import DeviceMemory
 from residency.runtime.executor import Executor
 from residency.runtime.hooks import ModelHook, add_hook, check_removable, has_hook, remove_hook
-from residency.runtime.host_store import HostStore
+from residency.runtime.host_store import BlockBlob, HostStore, pack_block
 from residency.runtime.ledger import DeviceBudgetExceeded, Ledger
 from residency.runtime.module_paths import block_modules, block_tensors
 from residency.runtime.recovery import MAX_RECOVERIES, RECOVERABLE, recovery_budget
 from residency.runtime.schedule import CallSchedule
 from residency.runtime.session_protocol import RecoverableSession
+from residency.telemetry.events import LoopEvent
 from residency.telemetry.recorder import Recorder, TelemetrySnapshot
 from residency.workload import Workload
 
@@ -43,7 +45,7 @@ class _RetryHook(ModelHook):
     def new_forward(self, module, forward, args, kwargs):
         if self.runtime.call_check is not None:
             self.runtime.call_check(args, kwargs)
-        return self.runtime._retry(self.runtime._model_call, (forward, args, kwargs), {})
+        return self.runtime._unit(self.runtime._model_call, (forward, args, kwargs), {})
 
 
 class Runtime:
@@ -98,6 +100,7 @@ class Runtime:
         self._root: nn.Module | None = None  # the model, carrying the retry hook
         self._retrying = False  # a unit of retry is running: calls inside it are not retried on their own
         self._in_unit = False  # a unit of work is running: a call of the model inside a step is part of it
+        self.loop: ClosedLoop | None = None  # enable_closed_loop() sets it
         self._originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]] = {}
         self._buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
         self.store: HostStore | None = None
@@ -146,7 +149,8 @@ class Runtime:
             requests.append((bp.name, module, spec, bp.format, originals))
         return requests
 
-    def _attach(self, pipeline: nn.Module, plan: Plan) -> None:
+    def _attach(self, pipeline: nn.Module, plan: Plan,
+                ready: dict[tuple[str, str], BlockBlob] | None = None) -> None:
         plan.check_matches(self.workload, f"workload {self.workload.name!r}")
         found, enclosing = block_modules(pipeline, self.workload)
         for name in enclosing:
@@ -178,7 +182,7 @@ class Runtime:
         device_in_ram = 0
         if on_cpu:
             device_in_ram = plan.prediction.peak_total_bytes if plan.prediction else self.ledger.budget_bytes
-        self.store.build(self._blob_requests(plan, found, tensors), extra_host_bytes=device_in_ram,
+        self.store.build(self._blob_requests(plan, found, tensors), extra_host_bytes=device_in_ram, ready=ready,
                          host_budget_bytes=self.host_budget_bytes)
         self.backend.start()
         memory = None
@@ -219,6 +223,8 @@ class Runtime:
         """Restore the model exactly: original weight storages, devices, no hook left."""
         if self.pipeline is None:
             return
+        if self.loop is not None:
+            self.loop.close()  # a re-plan in flight reads the original weights: let it finish first
         for module in (*self._hooked, self._root):  # before anything changes: a detach that cannot finish
             if module is not None:                  # changes nothing
                 check_removable(module)
@@ -275,7 +281,7 @@ class Runtime:
         if self.pipeline is None:
             raise ResidencyError("the runtime is not attached", hint="attach(pipeline) first")
         snap = session.snapshot(self.protect_kv)
-        return self._retry(self._step_once, (session, action), {}, lambda: session.restore(snap))
+        return self._unit(self._step_once, (session, action), {}, lambda: session.restore(snap))
 
     def _step_once(self, session: RecoverableSession, action: Any):
         self._account_kv(session)
@@ -314,6 +320,18 @@ class Runtime:
                 self.recorder.unit_end(self.backend.clock())
         elif outer:
             self.recorder.unit_discard()  # its start was marked on a backend that has stopped since
+        return out
+
+    def _unit(self, call: Callable[..., Any], args: tuple, kwargs: dict,
+              undo: Callable[[], None] | None = None) -> Any:
+        """One unit of work (a step, a top-level call of the model) with the closed loop around it, if enabled:
+        before it a finished re-plan may be switched to; after it the loop reads the frames it closed."""
+        loop = None if self._retrying else self.loop  # a call of the model inside a step is part of the step
+        if loop is not None:
+            loop.before_unit()
+        out = self._retry(call, args, kwargs, undo)
+        if loop is not None:
+            loop.after_unit()
         return out
 
     def _retry(self, call: Callable[..., Any], args: tuple, kwargs: dict,
@@ -356,7 +374,77 @@ class Runtime:
         except BaseException:
             self._remove_retry_hook()
             raise
+        self.recorder.prediction = plan.prediction
         self.recoveries.append((type(cause).__name__, budget))
+
+    # --- switching plans (the closed loop) ---
+    def enable_closed_loop(self, options: LoopOptions | None = None, model: str = "",
+                           say: Callable[[LoopEvent], None] | None = None) -> ClosedLoop:
+        """Watch the frames and re-plan when they miss the budget or the prediction (residency.runtime.closed_loop).
+
+        Returns the ClosedLoop (its `events`, `switches`; `options=LoopOptions(enabled=False)` turns it off,
+        `max_switches` caps it). `say` gets each LoopEvent as it happens. Raises ResidencyError without a
+        replan callable and profile."""
+        self.loop = ClosedLoop(self, options, model, say)
+        return self.loop
+
+    def prepack(self, plan: Plan) -> dict[tuple[str, str], BlockBlob]:
+        """Pack the blocks whose format `plan` changes from the running plan's, from the original weights.
+
+        Safe on a background thread while the running plan computes (it reads the host weights only). Returns
+        (block, format) -> blob, for switch_plan. Cost: the quantization of those blocks (~0.5 s per 4M weights
+        at Q4_K on the CPU)."""
+        originals, running = self._originals, self.plan  # a detach replaces the dict: this one stays whole
+        ready: dict[tuple[str, str], BlockBlob] = {}
+        for bp in plan.blocks:
+            if bp.format == running.by_name[bp.name].format or bp.name not in originals:
+                continue
+            spec = self.workload.by_name[bp.name]
+            weights = {n: data for (n, _), (_, data) in zip(spec.tensors, originals[bp.name], strict=True)}
+            ready[(bp.name, bp.format)] = pack_block(bp.name, None, spec, bp.format, weights)
+        return ready
+
+    def switch_plan(self, plan: Plan, profile: DeviceProfile | None = None,
+                    ready: dict[tuple[str, str], BlockBlob] | None = None) -> None:
+        """Run `plan` from the next unit of work on: detach the blocks, attach them under `plan` (blobs from
+        `ready` where packed already). Call it between units of work; the session (KV cache, frame index, RNG)
+        is not the runtime's and carries on. `profile`: the profile `plan` was made with (checked), kept for
+        later re-plans. Raises ResidencyError inside a unit or detached; a failed attach re-attaches the
+        running plan and raises."""
+        if self.pipeline is None:
+            raise ResidencyError("the runtime is not attached", hint="attach(pipeline) first")
+        if self._in_unit:
+            raise ResidencyError("plans switch between units of work, not inside one",
+                                 hint="call switch_plan between steps (or calls of the model)")
+        plan.check_matches(self.workload, f"workload {self.workload.name!r}")
+        if profile is not None:
+            _check_profile(plan, profile)
+        pipeline, old = self.pipeline, self.plan
+        self._detach_blocks()
+        try:
+            with torch.inference_mode(False):
+                self._attach(pipeline, plan, ready)
+        except BaseException:
+            with torch.inference_mode(False):
+                self._attach(pipeline, old)
+            raise
+        if profile is not None:
+            self.profile = profile
+        self.recorder.prediction = plan.prediction
+
+    def adopt_profile(self, profile: DeviceProfile, plan: Plan) -> None:
+        """Keep running the same placements with `plan`'s corrected prediction, and re-plan later with `profile`
+        (a calibration that found no better plan). Raises ResidencyError when `plan` places blocks otherwise."""
+        if plan.blocks != self.plan.blocks or plan.execution != self.plan.execution:
+            raise ResidencyError("adopt_profile keeps the running placements; use switch_plan for another plan")
+        self.profile, self.plan = profile, plan
+        self.recorder.prediction = plan.prediction
+
+    def clock_s(self) -> float:
+        """The end of the last recorded frame's work on the backend clock, in seconds (0.0 before any): where
+        a decision between units is placed on the trace (reading the clock itself would sync a GPU)."""
+        frames = self.recorder.frames
+        return frames[-1].start_s + frames[-1].frame_ms / 1e3 if frames else 0.0
 
     # --- observation ---
     def telemetry(self) -> TelemetrySnapshot:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from residency.plan import Prediction
+from residency.telemetry.events import LoopEvent
 
 # Columns of a call row. t_*: compute-side marks; c_*: the copy engine's marks for the call's load.
 FRAME, BLOCK, T_START, T_READY, T_DEQUANT, T_END, C_START, C_COPIED, C_END, LINK_BYTES, HAS_COPY = range(11)
@@ -77,6 +78,7 @@ class TelemetrySnapshot:
     block_names: tuple[str, ...]
     prediction: Prediction | None
     memory: tuple[tuple[str, int], ...]  # ledger bytes by kind at the snapshot
+    events: tuple[LoopEvent, ...] = ()  # the closed loop's decisions (calibrations, re-plans), oldest first
 
     def steady_frame_ms(self, skip: int = 2) -> float:
         """Median measured work ms (frame_ms) of latent frames after the first `skip`; nan with none."""
@@ -122,6 +124,8 @@ class Recorder:
         self._open_unit_start: float | None = None
         self._in_unit = False
         self._carry_start_s: float | None = None  # the open frame's work start, fixed at the last frame end
+        self.closed_frames = 0  # frames closed since the recorder was made (the deques keep the last ones)
+        self._events: deque[LoopEvent] = deque(maxlen=KEEP_FRAMES)
 
     def record(self, frame: int, block: int, t_start: float, t_ready: float, t_dequant: float, t_end: float,
                copy: tuple[float, float, float] | None, link_bytes: int) -> None:
@@ -171,7 +175,10 @@ class Recorder:
         rows.setflags(write=False)
         self._resolved.append(rows)
         span = self._work_span(resolve, float(rows[0, T_START]), float(rows[-1, T_END]), next_start_mark)
-        self._unsummarised.append((rows, device_bytes, device_peak_bytes, *span))
+        # the prediction of the plan that ran the frame (a re-plan may replace it before the summary is made)
+        predicted_ms = self.prediction.frame_ms if self.prediction else None
+        self._unsummarised.append((rows, device_bytes, device_peak_bytes, predicted_ms, *span))
+        self.closed_frames += 1
 
     def _work_span(self, resolve: Callable[[np.ndarray], np.ndarray], first_call_s: float, last_call_s: float,
                    next_start_mark: float | None) -> tuple[float, float, float]:
@@ -204,7 +211,7 @@ class Recorder:
             self._frames.append(self._summarise(*self._unsummarised.popleft()))
         return self._frames
 
-    def _summarise(self, rows: np.ndarray, device_bytes: int, device_peak_bytes: int,
+    def _summarise(self, rows: np.ndarray, device_bytes: int, device_peak_bytes: int, predicted_ms: float | None,
                    start_s: float, end_s: float, gap_s: float) -> FrameRecord:
         has_copy = rows[:, HAS_COPY] > 0
         copy_s = np.where(has_copy, rows[:, C_COPIED] - rows[:, C_START], 0.0)
@@ -228,10 +235,15 @@ class Recorder:
             dequant_ms=float((copy_dq_s.sum() + dq_s.sum()) * 1e3), stall_ms=float(stall_s.sum() * 1e3),
             link_bytes=int(rows[:, LINK_BYTES].sum()), device_bytes=device_bytes,
             device_peak_bytes=device_peak_bytes, blocks=tuple(blocks),
-            predicted_frame_ms=self.prediction.frame_ms if self.prediction else None,
+            predicted_frame_ms=predicted_ms,
             compute_busy_ms=float((dq_s.sum() + comp_s.sum()) * 1e3),
             copy_busy_ms=float((copy_s.sum() + copy_dq_s.sum()) * 1e3), gap_ms=gap_s * 1e3)
 
     def snapshot(self, memory: tuple[tuple[str, int], ...] = ()) -> TelemetrySnapshot:
         """The kept frames and rows as a TelemetrySnapshot, with the ledger's `memory` (kind, bytes)."""
-        return TelemetrySnapshot(tuple(self.frames), tuple(self._resolved), self.block_names, self.prediction, memory)
+        return TelemetrySnapshot(tuple(self.frames), tuple(self._resolved), self.block_names, self.prediction, memory,
+                                 tuple(self._events))
+
+    def add_event(self, event: LoopEvent) -> None:
+        """Keep one closed-loop decision (the last KEEP_FRAMES) for snapshots, traces and the dashboard."""
+        self._events.append(event)

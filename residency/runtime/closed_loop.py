@@ -1,0 +1,265 @@
+"""The closed loop: measure each frame, calibrate the profile, re-plan off the compute thread, switch at a frame
+boundary.
+
+A "frame" here is one unit of work: a session step (the world model) or a top-level forward (a model attached
+through residency.attach). After every unit the loop reads the frames the recorder closed; once the running
+plan has missed its frame budget, or its prediction by more than `margin`, for `miss_frames` frames in a row,
+it calibrates the profile on the frames since the last switch (residency.telemetry.calibration) and starts a
+re-plan with the calibrated profile on a background thread, which also packs the blocks whose format changes.
+The old plan keeps running meanwhile. At the first unit boundary after the new plan is ready the runtime
+switches to it (the session — KV cache, frame index, RNG — is untouched: it lives in the session, not the
+runtime), unless it does not beat the running plan re-predicted under the same calibration; then the running
+plan's prediction is corrected instead ("kept"). Hysteresis: no decision within `min_frames_between` frames of
+the last, and at most `max_switches` switches.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from residency.device import DeviceProfile
+from residency.errors import ResidencyError
+from residency.plan import Budget, Plan
+from residency.simulate import predict
+from residency.telemetry.calibration import CalibrationFit, calibrate, robust_median
+from residency.telemetry.events import LoopEvent
+from residency.telemetry.recorder import FrameRecord, TelemetrySnapshot
+
+# Defaults, with their reasons:
+MISS_FRAMES = 4  # K: one slow frame is noise (a page fault, the OS); four in a row is a trend
+MARGIN = 0.15  # prediction error that counts as "off": above the ±10 % a calibrated profile holds
+MIN_FRAMES_BETWEEN = 24  # M: a decision needs K frames of evidence plus the new plan's warm-up and window
+WINDOW_FRAMES = 16  # frames a calibration fits (the most recent, since the last switch)
+WARMUP_FRAMES = 2  # frames after a switch (or the start) not evaluated: the ring and the allocator settle
+IMPROVE_BY = 0.05  # a new plan must beat the running one's re-predicted frame by this fraction
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How the closed loop decides; see the module's defaults for why each is what it is."""
+    enabled: bool = True
+    miss_frames: int = MISS_FRAMES
+    margin: float = MARGIN
+    min_frames_between: int = MIN_FRAMES_BETWEEN
+    max_switches: int | None = None  # None: no cap
+    window_frames: int = WINDOW_FRAMES
+    warmup_frames: int = WARMUP_FRAMES
+    improve_by: float = IMPROVE_BY
+    background: bool = True  # re-plan on a thread (False: inline, for tests that need determinism)
+
+    def __post_init__(self) -> None:
+        for name in ("miss_frames", "min_frames_between", "window_frames"):
+            if getattr(self, name) < 1:
+                raise ResidencyError(f"LoopOptions.{name} = {getattr(self, name)}: must be ≥ 1")
+        if self.warmup_frames < 0 or not 0 < self.margin < 10 or not 0 <= self.improve_by < 1:
+            raise ResidencyError("LoopOptions: warmup_frames ≥ 0, 0 < margin < 10 and 0 ≤ improve_by < 1",
+                                 hint=f"got warmup_frames={self.warmup_frames}, margin={self.margin}, "
+                                 f"improve_by={self.improve_by}")
+        if self.max_switches is not None and self.max_switches < 0:
+            raise ResidencyError(f"LoopOptions.max_switches = {self.max_switches}: must be ≥ 0 or None")
+
+
+@dataclass
+class _Pending:
+    """A re-plan in flight on the background thread, and what it found."""
+    fit: CalibrationFit
+    trigger: str
+    measured_ms: float
+    predicted_ms: float
+    unit: int
+    plan: Plan | None = None
+    ready: dict | None = None  # (block, format) -> packed blob, for the blocks whose format changes
+    error: BaseException | None = None
+    done: threading.Event | None = None
+
+
+def plan_change(old: Plan, new: Plan) -> str:
+    """What changed between two plans, in words: "5 blocks now resident-Q8_0, 1 now streamed-Q4_K"."""
+    moved = Counter(f"{b.placement}-{b.format}" for b in new.blocks
+                    if (b.placement, b.format) != (old.by_name[b.name].placement, old.by_name[b.name].format))
+    if not moved:
+        return "same placements and formats"
+    parts = [f"{n} now {what}" for what, n in moved.most_common()]
+    parts[0] = parts[0].replace(" now", " blocks now", 1) if moved.most_common(1)[0][1] > 1 else parts[0]
+    return ", ".join(parts)
+
+
+def trigger_reason(fit: CalibrationFit) -> str:
+    """The largest deviation a calibration found, in words ("copy engine 2.7× slower than profiled")."""
+    found = [(abs(s - 1), "copy engine", s) for s in [fit.copy_scale] if s is not None]
+    found += [(abs(s - 1), f"compute ({c})", s) for c, s in fit.compute_scale.items()]
+    found += [(abs(s - 1), f"{f} dequant", s) for f, s in fit.dequant_scale.items()]
+    if not found:
+        return "no engine measured"
+    _, what, s = max(found)
+    return f"{what} {s:.2f}× {'slower' if s >= 1 else 'faster'} than profiled"
+
+
+class ClosedLoop:
+    """Watches a runtime's frames and re-plans it when they miss (see the module docstring).
+
+    `runtime` must have a replan callable and its profile; `budget` is the running plan's budget (its
+    frame_ms, when set, is the frame budget held). Not thread-safe: the thread driving the runtime calls
+    before_unit() and after_unit() around each unit of work (Runtime does so when the loop is enabled).
+    """
+
+    def __init__(self, runtime, options: LoopOptions | None = None, model: str = "",
+                 say: Callable[[LoopEvent], None] | None = None):
+        if runtime.replan is None or runtime.profile is None:
+            raise ResidencyError("the closed loop re-plans: the runtime needs replan=… and profile=…",
+                                 hint="attach through residency.attach, or pass Runtime(replan=…, profile=…)")
+        self.runtime, self.options, self.model, self.say = runtime, options or LoopOptions(), model, say
+        self.events: list[LoopEvent] = []
+        self.switches = 0
+        self.units = 0
+        self.last_decision_unit = -10**9
+        self._segment: list[tuple[FrameRecord, object]] = []  # (frame, rows) recorded since the last switch
+        self._seen = 0  # frames of the recorder already read
+        self._misses = 0
+        self._pending: _Pending | None = None
+
+    # --- the two calls around a unit of work ---
+    def before_unit(self) -> None:
+        """At a unit boundary: switch to a re-plan that has finished, if it is better."""
+        p = self._pending
+        if p is None or not p.done.is_set():
+            return
+        self._pending = None
+        if p.error is not None:
+            self._event("kept", p, f"re-plan failed ({p.error}); the running plan stays", None)
+            return
+        self._decide(p)
+
+    def after_unit(self) -> None:
+        """After a unit of work: read the frames it closed and start a re-plan when they miss."""
+        self.units += 1
+        if not self.options.enabled:
+            return
+        for frame, rows in self._new_frames():
+            self._segment.append((frame, rows))
+            if frame.frame > self.options.warmup_frames:
+                self._misses = self._misses + 1 if self._missed(frame) else 0
+        if (self._pending is None and self._misses >= self.options.miss_frames
+                and self.units - self.last_decision_unit >= self.options.min_frames_between):
+            self._start()
+
+    # --- reading frames ---
+    def _new_frames(self):
+        rec = self.runtime.recorder
+        frames = rec.frames
+        snap_rows = rec.snapshot().rows if frames else ()
+        total = rec.closed_frames
+        new = min(total - self._seen, len(frames))
+        self._seen = total
+        return list(zip(list(frames)[len(frames) - new:], list(snap_rows)[len(snap_rows) - new:], strict=True))
+
+    def _budget_ms(self) -> float | None:
+        return self.runtime.plan.budget.frame_ms
+
+    def _missed(self, frame: FrameRecord) -> bool:
+        budget = self._budget_ms()
+        predicted = self.runtime.plan.prediction.frame_ms if self.runtime.plan.prediction else None
+        over = budget is not None and frame.frame_ms > budget
+        off = predicted is not None and predicted > 0 and abs(frame.frame_ms / predicted - 1) > self.options.margin
+        return over or off
+
+    # --- calibrate and re-plan ---
+    def _window(self) -> TelemetrySnapshot:
+        used = [(f, r) for f, r in self._segment if f.frame > self.options.warmup_frames]
+        used = used[-self.options.window_frames:]
+        snap = self.runtime.recorder.snapshot()
+        return TelemetrySnapshot(tuple(f for f, _ in used), tuple(r for _, r in used), snap.block_names,
+                                 snap.prediction, snap.memory)
+
+    def _start(self) -> None:
+        rt = self.runtime
+        window = self._window()
+        measured = robust_median(f.frame_ms for f in window.frames)
+        predicted = rt.plan.prediction.frame_ms if rt.plan.prediction else float("nan")
+        self.last_decision_unit = self.units
+        self._misses = 0
+        try:
+            fit = calibrate(window, rt.workload, rt.plan, rt.profile, model=self.model,
+                            warmup_frames=0)
+        except ResidencyError as e:
+            self._event("kept", None, f"frame {self.units}: calibration failed ({e.message})", None,
+                        measured, predicted)
+            return
+        self._event("calibrated", None, f"frame {self.units}: {fit.summary()} (from {fit.frames} frames)", None,
+                    measured, predicted)
+        over = self._budget_ms() is not None and measured > self._budget_ms()
+        why = (f"frame {self.units}: {measured:.1f} ms over the {self._budget_ms():.1f} ms budget" if over else
+               f"frame {self.units}: measured {measured:.1f} ms against {predicted:.1f} predicted")
+        pending = _Pending(fit, f"{why}; {trigger_reason(fit)}", measured, predicted, self.units,
+                           done=threading.Event())
+        self._pending = pending
+        budget = Budget(rt.ledger.budget_bytes, self._budget_ms())
+        if self.options.background:
+            threading.Thread(target=self._replan, args=(pending, budget), name="residency-replan",
+                             daemon=True).start()
+        else:
+            self._replan(pending, budget)
+
+    def _replan(self, p: _Pending, budget: Budget) -> None:
+        """On the background thread: plan with the calibrated profile, pack the blocks whose format changes."""
+        try:
+            p.plan = self.runtime.replan(budget, p.fit.profile)
+            p.ready = self.runtime.prepack(p.plan)
+        except BaseException as e:  # reported at the next unit boundary, on the driving thread
+            p.error = e
+        finally:
+            p.done.set()
+
+    def _decide(self, p: _Pending) -> None:
+        rt = self.runtime
+        profile: DeviceProfile = p.fit.profile
+        running = predict(rt.workload, rt.plan, profile, bound=False)  # the running plan, re-predicted
+        running_ms = running.prediction.frame_ms
+        new_ms = p.plan.prediction.frame_ms if p.plan.prediction else float("inf")
+        budget = self._budget_ms()
+        better = new_ms < running_ms * (1 - self.options.improve_by) or (
+            budget is not None and running_ms > budget >= new_ms)
+        same = all((b.placement, b.format) == (rt.plan.by_name[b.name].placement, rt.plan.by_name[b.name].format)
+                   for b in p.plan.blocks) and p.plan.execution == rt.plan.execution
+        if not better or same:
+            rt.adopt_profile(profile, running)
+            self._reset_segment()
+            self._event("kept", p, f"{p.trigger} — kept the running plan (re-predicted {running_ms:.1f} ms; "
+                        f"the best new plan predicts {new_ms:.1f})", running_ms)
+            return
+        cap = self.options.max_switches
+        if cap is not None and self.switches >= cap:
+            rt.adopt_profile(profile, running)
+            self._reset_segment()
+            self._event("capped", p, f"{p.trigger} — a switch was due but the cap of {cap} is reached", running_ms)
+            return
+        old = rt.plan
+        rt.switch_plan(p.plan, profile, p.ready)
+        self.switches += 1
+        self._reset_segment()
+        self._event("replanned", p, f"{p.trigger} — re-planned: {plan_change(old, p.plan)}, predicted "
+                    f"{new_ms:.1f} ms", new_ms)
+
+    def _reset_segment(self) -> None:
+        self._segment.clear()
+        self._misses = 0
+        self.last_decision_unit = self.units
+
+    def _event(self, kind: str, p: _Pending | None, reason: str, new_ms: float | None,
+               measured: float | None = None, predicted: float | None = None) -> None:
+        event = LoopEvent(self.units, kind, reason,
+                          measured if p is None else p.measured_ms,
+                          predicted if p is None else p.predicted_ms, new_ms,
+                          self.runtime.clock_s())
+        self.events.append(event)
+        self.runtime.recorder.add_event(event)
+        if self.say is not None:
+            self.say(event)
+
+    def close(self) -> None:
+        """Wait for a re-plan in flight (a detach must not race the packing thread)."""
+        if self._pending is not None and self._pending.done is not None:
+            self._pending.done.wait()

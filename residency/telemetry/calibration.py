@@ -1,0 +1,340 @@
+"""Online calibration: the runtime's per-call telemetry corrects the device profile the plan was made with.
+
+The cost model predicts each block call from the profile; the recorder measures the same call. Per engine:
+
+    compute measured = compute predicted · scale[component] · g(f_k, s_k)
+    copy measured    = copy predicted    · a_link            · g(f_c, s_c)
+    dequant measured = dequant predicted · a_dequant[format] · g(f_d, s_k)
+    g(f, s) = 1 / (1 − f · (1 − 1/s))
+
+where f_k is the fraction of the call's compute (wall time) during which the copy engine was busy, f_c the
+fraction of a copy during which compute ran, and s_k, s_c the profile's per-engine slowdowns: work that
+runs at rate 1/s for a fraction f of its wall time takes g(f, s) times its lone time, as the simulator has it. Scales come from medians with
+outliers dropped; a slowdown is re-fitted only when the telemetry holds both lone and concurrent work to tell
+it from the scale (a streamed plan on a CPU copies under compute almost always: then the profile's slowdown is
+kept and the scale absorbs the rest, which is what a plan of the same concurrency sees).
+
+Per-engine rates (link, dequant, slowdowns) describe the machine and transfer to other plans and models;
+compute scales per block component belong to one model (`Calibration.workload_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from residency.device.profile import Calibration, Curve, DeviceProfile, Provenance
+from residency.errors import ResidencyError
+from residency.plan import Plan
+from residency.simulate.costs import compute_s, copy_s, dequant_s
+from residency.telemetry.recorder import (
+    BLOCK,
+    C_COPIED,
+    C_END,
+    C_START,
+    FRAME,
+    HAS_COPY,
+    LINK_BYTES,
+    T_DEQUANT,
+    T_END,
+    T_READY,
+    TelemetrySnapshot,
+)
+from residency.workload import Workload
+
+WARMUP_FRAMES = 2  # frames 1..2 are skipped: first-touch page faults, allocator growth, the ring filling
+MIN_POINTS = 3  # fewer (frame, block) points than this leave a figure at the profile's value
+LONE_BELOW = 0.2  # a call whose concurrent fraction is below this counts as running alone
+SHARED_ABOVE = 0.6  # ... above this, as running beside the other engine
+OUTLIER_MADS = 4.0  # points further than this many scaled MADs from the median are dropped
+SCALE_RANGE = (0.05, 50.0)  # a fitted scale outside this is a broken measurement, not a slow device
+SLOWDOWN_RANGE = (1.0, 10.0)
+LINK_KEYS = ("h2d_pinned", "h2d_pageable")  # the copy engine's curves (host->device); d2h is not timed
+
+
+@dataclass(frozen=True)
+class CalibrationFit:
+    """What a calibration found: the corrected profile and the factors that made it from the base.
+
+    Scales are measured ÷ predicted under the base profile (1.0 = the base was right); slowdowns are
+    factors ≥ 1 (None: not separable from the scale in this telemetry, the base's kept)."""
+    profile: DeviceProfile
+    frames: int  # frames the fit used (after the warm-up)
+    compute_scale: dict[str, float]  # per block component
+    copy_scale: float | None  # link time measured ÷ predicted; None without copies
+    dequant_scale: dict[str, float]  # per storage format
+    compute_slowdown: float | None
+    copy_slowdown: float | None
+    points: dict[str, int]  # (frame, block) points per figure, for the report
+
+    def summary(self) -> str:
+        """One line: the factors found, e.g. "compute ×1.31 (dit), copy ×2.70, Q8_0 dequant ×1.10"."""
+        parts = [f"compute ×{v:.2f} ({k})" for k, v in sorted(self.compute_scale.items())]
+        if self.copy_scale is not None:
+            parts.append(f"copy ×{self.copy_scale:.2f}")
+        parts += [f"{k} dequant ×{v:.2f}" for k, v in sorted(self.dequant_scale.items())]
+        for label, s in (("compute slowdown", self.compute_slowdown), ("copy slowdown", self.copy_slowdown)):
+            if s is not None:
+                parts.append(f"{label} {s:.2f}")
+        return ", ".join(parts) or "nothing to fit"
+
+
+@dataclass
+class _Points:
+    """(measured ÷ predicted, concurrent fraction) pairs of one figure."""
+    ratio: list[float] = dataclasses.field(default_factory=list)
+    shared: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, measured_s: float, predicted_s: float, shared: float) -> None:
+        if predicted_s > 0 and measured_s > 0 and math.isfinite(measured_s):
+            self.ratio.append(measured_s / predicted_s)
+            self.shared.append(min(max(shared, 0.0), 1.0))
+
+
+def robust_median(values: Iterable[float]) -> float:
+    """Median after dropping points more than OUTLIER_MADS scaled MADs from the median (NaN when empty)."""
+    x = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
+    if x.size == 0:
+        return float("nan")
+    med = float(np.median(x))
+    mad = 1.4826 * float(np.median(np.abs(x - med)))
+    if mad > 0:
+        x = x[np.abs(x - med) <= OUTLIER_MADS * mad]
+    return float(np.median(x))
+
+
+class _Busy:
+    """The union of one engine's busy intervals, for 'how much of [a, b] was it busy' in O(log n)."""
+
+    def __init__(self, starts: np.ndarray, ends: np.ndarray):
+        keep = ends > starts
+        order = np.argsort(starts[keep], kind="stable")
+        s, e = starts[keep][order], ends[keep][order]
+        merged_s, merged_e = [], []
+        for a, b in zip(s, e, strict=True):
+            if merged_e and a <= merged_e[-1]:
+                merged_e[-1] = max(merged_e[-1], b)
+            else:
+                merged_s.append(a)
+                merged_e.append(b)
+        self.s, self.e = np.asarray(merged_s), np.asarray(merged_e)
+        self.cum = np.concatenate(([0.0], np.cumsum(self.e - self.s)))
+
+    def _before(self, t: np.ndarray) -> np.ndarray:
+        """Busy seconds in (-inf, t] for each t."""
+        i = np.searchsorted(self.s, t, side="right")  # intervals starting at or before t
+        full = self.cum[np.maximum(i - 1, 0)]
+        last = np.where(i > 0, np.minimum(t, self.e[np.maximum(i - 1, 0)]) - self.s[np.maximum(i - 1, 0)], 0.0)
+        return np.where(i > 0, full + np.maximum(last, 0.0), 0.0)
+
+    def fraction(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Fraction of each [a, b] during which the engine was busy (0 for empty intervals)."""
+        if self.s.size == 0:
+            return np.zeros_like(a)
+        span = b - a
+        busy = self._before(b) - self._before(a)
+        return np.where(span > 0, busy / np.where(span > 0, span, 1.0), 0.0)
+
+
+def _call_predictions(workload: Workload, plan: Plan, profile: DeviceProfile, ctx: int) -> dict[str, float]:
+    """Predicted compute seconds (dequant excluded) of each frame block summed over one frame's calls."""
+    out: dict[str, float] = defaultdict(float)
+    for ph in workload.frame_phases():
+        for p in ph.passes:
+            kv_read = p.kv != "none"
+            for name in p.blocks:
+                spec, bp = workload.by_name[name], plan.by_name[name]
+                # compute_s applies the profile's compute_scale of the block's component
+                out[name] += workload.count(p) * compute_s(spec, bp, profile, ctx, kv_read, plan.kv_dtype,
+                                                           workload.batch)
+    return out
+
+
+def _frame_ctx(workload: Workload, frame: int) -> int:
+    # as the simulator takes it: frame 1 reads min(1, window) frames, later frames the full window
+    return min(frame, workload.context_frames) if frame == 1 else workload.context_frames
+
+
+def _collect(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profile: DeviceProfile,
+             warmup_frames: int):
+    """Points per figure from the snapshot's frames after the warm-up, and how many frames they came from."""
+    rows_all = [r for r in snapshot.rows if r.size]
+    if not rows_all:
+        return None, 0
+    rows = np.concatenate(rows_all)
+    copy_busy = _Busy(rows[rows[:, HAS_COPY] > 0, C_START], rows[rows[:, HAS_COPY] > 0, C_END])
+    compute_busy = _Busy(rows[:, T_READY], rows[:, T_END])
+    used = rows[rows[:, FRAME] > warmup_frames]
+    if used.size == 0:
+        return None, 0
+    names = snapshot.block_names
+    compute: dict[str, _Points] = defaultdict(_Points)
+    dequant: dict[str, _Points] = defaultdict(_Points)
+    copy = _Points()
+    f_compute = copy_busy.fraction(used[:, T_DEQUANT], used[:, T_END])
+    f_dequant = copy_busy.fraction(used[:, T_READY], used[:, T_DEQUANT])
+    f_copy = compute_busy.fraction(used[:, C_START], used[:, C_COPIED])
+    predictions: dict[int, dict[str, float]] = {}
+    # compute: one point per (frame, block), the frame's calls of the block summed (calls of one block
+    # differ by pass: KV read or not), its concurrent fraction weighted by the calls' compute time
+    key_rows: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, (frame, block) in enumerate(zip(used[:, FRAME].astype(int), used[:, BLOCK].astype(int), strict=True)):
+        key_rows[(frame, block)].append(i)
+    for (frame, block), idx in key_rows.items():
+        name = names[block]
+        ctx = _frame_ctx(workload, frame)
+        if ctx not in predictions:
+            predictions[ctx] = _call_predictions(workload, plan, profile, ctx)
+        spec, bp = workload.by_name[name], plan.by_name[name]
+        expected_calls = workload.calls_per_frame(name)
+        if len(idx) != expected_calls or name not in predictions[ctx]:
+            continue  # a partial frame (detach, recovery) or a call out of the plan's schedule
+        measured = used[idx, T_END] - used[idx, T_DEQUANT]
+        total = float(measured.sum())
+        shared = float((f_compute[idx] * measured).sum() / total) if total > 0 else 0.0
+        compute[spec.component].add(total, predictions[ctx][name], shared)
+        deq_pred = dequant_s(spec, bp.format, bp.compute_dtype, profile)
+        if deq_pred > 0:
+            on_compute = used[idx, T_DEQUANT] - used[idx, T_READY]
+            on_copy = np.where(used[idx, HAS_COPY] > 0, used[idx, C_END] - used[idx, C_COPIED], 0.0)
+            side = on_copy if bp.placement == "streamed" and bp.dequant_on == "copy" else on_compute
+            share = f_dequant[idx] if side is on_compute else f_copy[idx]
+            for m, s in zip(side, share, strict=True):
+                dequant[bp.format].add(float(m), deq_pred, float(s))
+    for i in np.flatnonzero(used[:, HAS_COPY] > 0):
+        name = names[int(used[i, BLOCK])]
+        spec, bp = workload.by_name[name], plan.by_name[name]
+        nbytes = int(used[i, LINK_BYTES])
+        if bp.placement == "streamed" and nbytes == spec.nbytes(bp.format):
+            pred = copy_s(spec, bp.format, profile, plan.execution)
+        else:  # a phase block's load (several blobs, one span) or a resident block's first load
+            pred = profile.h2d_s(nbytes, plan.execution.pinned)
+        copy.add(float(used[i, C_COPIED] - used[i, C_START]), pred, float(f_copy[i]))
+    frames = len({int(f) for f in used[:, FRAME]})
+    return (compute, dequant, copy), frames
+
+
+def stretch(shared: np.ndarray, slowdown: float) -> np.ndarray:
+    """g(f, s): how much longer work takes when a fraction f of its wall time ran at rate 1/s."""
+    return 1.0 / (1.0 - shared * (1.0 - 1.0 / slowdown))
+
+
+def _fit(points: _Points, slowdown: float) -> tuple[float, float | None]:
+    """(scale, slowdown or None) from the points: the slowdown is re-fitted only when both lone and shared
+    points exist (MIN_POINTS each); otherwise the scale is fitted under the given slowdown."""
+    r, f = np.asarray(points.ratio), np.asarray(points.shared)
+    lone, shared = f < LONE_BELOW, f > SHARED_ABOVE
+    fitted = None
+    if lone.sum() >= MIN_POINTS and shared.sum() >= MIN_POINTS:
+        scale = robust_median(r[lone] / stretch(f[lone], slowdown))
+        # r / scale = g(f, s)  =>  1 − 1/s = (1 − scale / r) / f
+        lost = np.clip((1.0 - scale / r[shared]) / f[shared], 0.0, 1.0 - 1.0 / SLOWDOWN_RANGE[1])
+        s = 1.0 / (1.0 - robust_median(lost))
+        fitted = slowdown = min(max(s, SLOWDOWN_RANGE[0]), SLOWDOWN_RANGE[1])
+    scale = robust_median(r / stretch(f, slowdown))
+    return scale, fitted
+
+
+def _in_range(name: str, scale: float) -> float:
+    if not (SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]):
+        raise ResidencyError(f"calibration: {name} measured {scale:.3g}× its prediction, outside "
+                             f"{SCALE_RANGE[0]}–{SCALE_RANGE[1]}×: the telemetry is broken, not the device slow",
+                             hint="calibrate on a run of the plan the profile predicted (same model, same device)")
+    return scale
+
+
+def _scaled_curve(curve: Curve, time_scale: float) -> Curve:
+    """The curve with rates divided by `time_scale` (times measured that much longer than predicted)."""
+    return Curve(curve.x, tuple(y / time_scale for y in curve.y), curve.spread)
+
+
+def calibrate(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profile: DeviceProfile, *,
+              model: str = "", warmup_frames: int = WARMUP_FRAMES, date: str | None = None) -> CalibrationFit:
+    """Fit `profile` (the one `plan` was predicted with) to the measured calls of `snapshot`.
+
+    Frames up to `warmup_frames` are skipped; each figure needs MIN_POINTS (frame, block) points or keeps
+    the profile's value. Returns a CalibrationFit whose profile carries the corrected link curves, dequant
+    rates, compute scales and slowdowns, with provenance "calibrated from N frames of MODEL on DATE".
+    Raises ResidencyError when no frame after the warm-up was recorded, or a scale is absurd (> 50× off).
+    """
+    plan.check_matches(workload, f"workload {workload.name!r}")
+    collected, frames = _collect(snapshot, workload, plan, profile, warmup_frames)
+    if collected is None:
+        raise ResidencyError(f"calibration needs frames after the first {warmup_frames}; the telemetry holds "
+                             f"{len(snapshot.frames)} frame(s)", hint="run more frames before calibrating")
+    compute, dequant, copy = collected
+    s_k, s_c = profile.compute_slowdown_factor(), profile.copy_slowdown_factor()
+    # the compute slowdown is the device's: fit it on all components' points pooled, each by its own scale
+    pooled = _Points()
+    comp_scale: dict[str, float] = {}
+    for component, pts in compute.items():
+        if len(pts.ratio) >= MIN_POINTS:
+            comp_scale[component] = _in_range(f"{component} compute", _fit(pts, s_k)[0])
+            pooled.ratio += [x / comp_scale[component] for x in pts.ratio]
+            pooled.shared += pts.shared
+    fitted_k = _fit(pooled, s_k)[1] if pooled.ratio else None
+    if fitted_k is not None:  # refit the scales under the slowdown found
+        s_k = fitted_k
+        comp_scale = {c: _in_range(f"{c} compute", _fit(compute[c], s_k)[0]) for c in comp_scale}
+    copy_scale, fitted_c = (None, None)
+    if len(copy.ratio) >= MIN_POINTS:
+        copy_scale, fitted_c = _fit(copy, s_c)
+        copy_scale = _in_range("copy", copy_scale)
+    deq_scale = {fmt: _in_range(f"{fmt} dequant", _fit(pts, s_k)[0])
+                 for fmt, pts in dequant.items() if len(pts.ratio) >= MIN_POINTS}
+    fit_points = {f"compute {c}": len(p.ratio) for c, p in compute.items()}
+    fit_points["copy"] = len(copy.ratio)
+    fit_points.update({f"dequant {f}": len(p.ratio) for f, p in dequant.items()})
+    new = _calibrated_profile(profile, workload, comp_scale, copy_scale, deq_scale, fitted_k, fitted_c,
+                              model or workload.name, frames, date)
+    return CalibrationFit(new, frames, comp_scale, copy_scale, deq_scale, fitted_k, fitted_c, fit_points)
+
+
+def _calibrated_profile(base: DeviceProfile, workload: Workload, comp_scale: dict[str, float],
+                        copy_scale: float | None, deq_scale: dict[str, float], s_k: float | None,
+                        s_c: float | None, model: str, frames: int, date: str | None) -> DeviceProfile:
+    day = date or datetime.date.today().isoformat()
+    source = f"calibrated from {frames} frames of {model} on {day}"
+    changed: dict[str, object] = {}
+    if copy_scale is not None:
+        changed["link"] = {k: (_scaled_curve(c, copy_scale) if k in LINK_KEYS else c) for k, c in base.link.items()}
+    if deq_scale:
+        changed["dequant_gweights_per_s"] = {f: r / deq_scale.get(f, 1.0) for f, r in base.dequant_gweights_per_s.items()}
+    if comp_scale:
+        merged = dict(base.compute_scale) if _same_workload(base, workload) else {}
+        changed["compute_scale"] = {c: merged.get(c, 1.0) * s for c, s in {**merged, **comp_scale}.items()}
+        changed["compute_scale"].update({c: merged[c] for c in merged if c not in comp_scale})
+    if s_k is not None:
+        changed["compute_slowdown"] = s_k
+    if s_c is not None:
+        changed["copy_slowdown"] = s_c
+    provenance = dict(base.provenance)
+    for key in changed:
+        provenance[key] = Provenance("calibrated", source)
+    root = base.calibration.base_fingerprint if base.calibration else base.fingerprint()
+    calibration = Calibration(base_fingerprint=root, workload_fingerprint=workload.fingerprint(), model=model,
+                              frames=frames, date=day, note=source)
+    return dataclasses.replace(base, **changed, provenance=provenance, calibration=calibration)
+
+
+def _same_workload(profile: DeviceProfile, workload: Workload) -> bool:
+    return profile.calibration is not None and profile.calibration.workload_fingerprint == workload.fingerprint()
+
+
+def for_workload(profile: DeviceProfile, workload: Workload) -> DeviceProfile:
+    """The profile to plan `workload` with: a calibration's compute scales belong to the model it was fitted
+    on, so for another model they are dropped (the per-engine rates are kept: they describe the machine)."""
+    if profile.calibration is None or _same_workload(profile, workload) or not profile.compute_scale:
+        return profile
+    return dataclasses.replace(profile, compute_scale={})
+
+
+def prediction_errors(measured_ms: Sequence[float], predicted_ms: float) -> float:
+    """Median relative error of `measured_ms` frames against `predicted_ms` (e.g. +0.36 = 36 % slower)."""
+    return robust_median(m / predicted_ms - 1 for m in measured_ms) if predicted_ms > 0 else float("nan")

@@ -1,0 +1,170 @@
+"""The calibration fitter recovers known engine rates from synthetic telemetry, and what it fits transfers.
+
+The telemetry is the simulator's own timeline under a "true" profile (the base profile with its link, compute
+and slowdowns changed by known factors), turned into recorder rows, with noise: fitting the base profile to it
+must find the factors, and the calibrated profile must predict the true timeline — for the plan it was fitted
+on and for another plan of the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from sim_helpers import flat_profile, linear_block, make_plan
+
+from residency.device.profile import Curve
+from residency.errors import ResidencyError
+from residency.simulate import simulate
+from residency.telemetry.calibration import calibrate, for_workload, robust_median, stretch
+from residency.telemetry.recorder import COLUMNS, TelemetrySnapshot
+from residency.workload import PassSpec, PhaseSpec, Workload
+
+FRAMES = 14
+
+
+def two_component_workload() -> Workload:
+    """Six DiT blocks and two decoder blocks, one pass each per frame."""
+    dit = tuple(linear_block(f"dit.blocks.{i}", 1024, 256) for i in range(6))
+    dec = tuple(linear_block(f"decoder.blocks.{i}", 1024, 64, component="decoder") for i in range(2))
+    phases = (PhaseSpec("denoise", "latent_frame", (PassSpec(tuple(b.name for b in dit), per_step=True),)),
+              PhaseSpec("decode", "latent_frame", (PassSpec(tuple(b.name for b in dec)),)))
+    return Workload(name="two-part", blocks=dit + dec, phases=phases, steps=2, context_frames=0)
+
+
+def base_profile(link_gbps=2.0):
+    """2 GB/s: copy-bound (every call runs beside a copy); 20 GB/s: compute-bound (some calls run alone)."""
+    return flat_profile(link_gbps=link_gbps, tflops=0.5, overlap=0.6, backend="cpu")
+
+
+def true_profile(base, copy_x=2.5, dit_x=1.3, dec_x=0.8, compute_slowdown=1.3, copy_slowdown=1.2):
+    """The machine as it really is: copies copy_x× slower, DiT compute dit_x×, decoder dec_x×."""
+    link = {k: Curve(c.x, tuple(y / copy_x for y in c.y)) for k, c in base.link.items()}
+    return dataclasses.replace(base, link=link, compute_scale={"dit": dit_x, "decoder": dec_x},
+                               compute_slowdown=compute_slowdown, copy_slowdown=copy_slowdown)
+
+
+def telemetry_from(workload, plan, profile, noise=0.0, seed=0) -> TelemetrySnapshot:
+    """The simulated timeline of FRAMES frames as the recorder would have recorded it (seconds)."""
+    sim = simulate(workload, plan, profile, frames=FRAMES, bound=False)
+    names = [b.name for b in plan.blocks]
+    copies, dequants = defaultdict(list), defaultdict(list)
+    for e in sim.events:
+        if e.track == "copy" and not e.label.startswith("load "):
+            copies[(e.frame, e.label)].append(e)
+        elif e.track == "dequant":
+            dequants[(e.frame, e.label)].append(e)
+    seen = defaultdict(int)
+    rng = random.Random(seed)
+    per_frame = defaultdict(list)
+    for e in sim.events:
+        if e.track != "compute" or e.label.startswith("load "):
+            continue
+        k = seen[(e.frame, e.label)]
+        seen[(e.frame, e.label)] += 1
+        deq = dequants[(e.frame, e.label)][k] if dequants[(e.frame, e.label)] else None
+        ready = (deq.start_ms if deq else e.start_ms) / 1e3
+        end = e.start_ms / 1e3 + (e.end_ms - e.start_ms) / 1e3 * (1 + rng.uniform(-noise, noise))
+        row = [e.frame, names.index(e.label), ready, ready, e.start_ms / 1e3, end, 0.0, 0.0, 0.0, 0, 0.0]
+        if copies[(e.frame, e.label)]:
+            c = copies[(e.frame, e.label)][k]
+            row[6:11] = [c.start_ms / 1e3, c.end_ms / 1e3, c.end_ms / 1e3, c.nbytes, 1.0]
+        per_frame[e.frame].append(row)
+    rows = tuple(np.array(per_frame[f], dtype=np.float64).reshape(-1, COLUMNS) for f in sorted(per_frame))
+    frames = tuple(dataclasses.make_dataclass("F", ["frame_ms"])(0.0) for _ in rows)
+    return TelemetrySnapshot(frames, rows, tuple(names), None, ())
+
+
+def streamed_plan(workload, profile, streamed=("dit.blocks.1", "dit.blocks.3", "dit.blocks.5", "decoder.blocks.1")):
+    return make_plan(workload, profile, {n: "streamed" for n in streamed}, depth=1)
+
+
+def test_stretch_is_one_alone_and_the_slowdown_when_always_shared():
+    assert stretch(np.array([0.0]), 3.0)[0] == 1.0
+    assert stretch(np.array([1.0]), 3.0)[0] == pytest.approx(3.0)
+
+
+def test_robust_median_drops_outliers():
+    assert robust_median([1.0, 1.1, 0.9, 1.05, 40.0]) == pytest.approx(1.025)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.05])
+def test_fitter_recovers_known_rates(noise):
+    w = two_component_workload()
+    base = base_profile(link_gbps=20.0)
+    truth = true_profile(base)
+    plan = streamed_plan(w, base)
+    fit = calibrate(telemetry_from(w, plan, truth, noise=noise), w, plan, base, model="two-part")
+    tol = 0.03 + noise
+    # compute runs both alone and beside copies: scale and slowdown are told apart
+    assert fit.compute_scale["dit"] == pytest.approx(1.3, rel=tol)
+    assert fit.compute_scale["decoder"] == pytest.approx(0.8, rel=tol)
+    assert fit.compute_slowdown == pytest.approx(1.3, rel=2 * tol)
+    # every copy runs beside compute: the slowdown is not separable, the base's is kept and the scale
+    # absorbs the rest — a copy beside compute then takes what it really takes (2.5 × 1.2)
+    assert fit.copy_slowdown is None
+    assert fit.copy_scale * fit.profile.copy_slowdown_factor() == pytest.approx(2.5 * 1.2, rel=tol)
+    assert fit.frames == FRAMES - 2
+    assert fit.profile.calibration.workload_fingerprint == w.fingerprint()
+    assert fit.profile.calibration.base_fingerprint == base.fingerprint()
+    assert fit.profile.provenance["link"].kind == "calibrated"
+
+
+def test_calibrated_profile_predicts_the_true_timeline_for_another_plan_too():
+    w = two_component_workload()
+    base = base_profile()
+    truth = true_profile(base)
+    fitted_on = streamed_plan(w, base)
+    fit = calibrate(telemetry_from(w, fitted_on, truth, noise=0.03), w, fitted_on, base)
+    other = streamed_plan(w, base, streamed=("dit.blocks.0", "dit.blocks.2", "decoder.blocks.0"))
+    for plan in (fitted_on, other, make_plan(w, base)):
+        true_ms = simulate(w, plan, truth, bound=False).prediction.frame_ms
+        base_ms = simulate(w, plan, base, bound=False).prediction.frame_ms
+        fitted_ms = simulate(w, plan, fit.profile, bound=False).prediction.frame_ms
+        assert abs(base_ms / true_ms - 1) > 0.15  # the base profile is far off ...
+        assert fitted_ms == pytest.approx(true_ms, rel=0.10)  # ... the calibrated one within 10 %
+
+
+def test_noise_and_outliers_do_not_move_the_fit():
+    w = two_component_workload()
+    base = base_profile(link_gbps=20.0)
+    truth = true_profile(base)
+    plan = streamed_plan(w, base)
+    snap = telemetry_from(w, plan, truth, noise=0.03, seed=1)
+    rows = [r.copy() for r in snap.rows]
+    rows[5][2, 5] += 0.5  # one call 500 ms late: a page fault, a context switch
+    fit = calibrate(dataclasses.replace(snap, rows=tuple(rows)), w, plan, base)
+    assert fit.compute_scale["dit"] == pytest.approx(1.3, rel=0.05)
+
+
+def test_compute_scales_belong_to_their_model():
+    w = two_component_workload()
+    base = base_profile()
+    plan = streamed_plan(w, base)
+    fit = calibrate(telemetry_from(w, plan, true_profile(base)), w, plan, base)
+    assert for_workload(fit.profile, w) is fit.profile
+    other = dataclasses.replace(w, name="other", steps=3)
+    moved = for_workload(fit.profile, other)
+    assert moved.compute_scale == {} and moved.link == fit.profile.link
+
+
+def test_a_resident_plan_calibrates_compute_and_keeps_the_link():
+    w = two_component_workload()
+    base = base_profile()
+    plan = make_plan(w, base)
+    fit = calibrate(telemetry_from(w, plan, true_profile(base)), w, plan, base)
+    assert fit.copy_scale is None and fit.profile.link == base.link
+    assert fit.compute_scale["dit"] == pytest.approx(1.3, rel=0.02)
+
+
+def test_too_few_frames_is_a_clear_error():
+    w = two_component_workload()
+    base = base_profile()
+    plan = make_plan(w, base)
+    snap = telemetry_from(w, plan, base)
+    short = TelemetrySnapshot(snap.frames[:2], snap.rows[:2], snap.block_names, None, ())
+    with pytest.raises(ResidencyError, match="after the first 2"):
+        calibrate(short, w, plan, base)

@@ -1,0 +1,228 @@
+"""The closed loop: switching plans mid-session keeps the session exact; the loop switches when frames miss, and
+its hysteresis holds on synthetic telemetry (no oscillation while a disturbance toggles)."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from sim_helpers import chain_workload, flat_profile, make_plan
+from test_runtime import ACTIONS, run_attached, tiny_plan
+
+from pipelines.world_model import WorldModelPipeline
+from pipelines.world_model.workload import catalog_entry
+from residency.errors import ResidencyError
+from residency.plan import Budget, Prediction
+from residency.runtime import Runtime
+from residency.runtime import closed_loop as cl
+from residency.runtime.closed_loop import ClosedLoop, LoopOptions, plan_change
+from residency.telemetry.calibration import CalibrationFit
+from residency.telemetry.recorder import FrameRecord, TelemetrySnapshot
+from residency.workload import workload_from_dict
+
+
+def prediction(frame_ms: float) -> Prediction:
+    return Prediction(frame_ms, frame_ms, 0.0, 0.0, frame_ms, 0, {}, 0.0, 0.0)
+
+
+# The runtime computes at cores-1 threads; references must use the same count to be bitwise equal.
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    pipe = WorldModelPipeline.from_config("tiny")
+    w = workload_from_dict(catalog_entry("tiny"))
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    return pipe, w, image
+
+
+def test_switching_plans_mid_session_equals_an_uninterrupted_run_of_the_new_plan(tiny):
+    pipe, w, image = tiny
+    resident, streamed = tiny_plan(w, "resident"), tiny_plan(w, "streamed", depth=2)
+    expected, rt = run_attached(pipe, image, w, streamed, actions=ACTIONS)
+    rt.detach()
+    rt = Runtime(resident, "cpu", workload=w).attach(pipe)
+    try:
+        s = pipe.start(image, seed=3)
+        half = len(ACTIONS) // 2
+        got = [rt.step(s, a) for a in ACTIONS[:half]]
+        rt.switch_plan(streamed)
+        assert rt.plan is streamed
+        got += [rt.step(s, a) for a in ACTIONS[half:]]
+    finally:
+        rt.detach()
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def test_switch_plan_refuses_inside_a_unit_and_when_detached(tiny):
+    pipe, w, _ = tiny
+    rt = Runtime(tiny_plan(w), "cpu", workload=w)
+    with pytest.raises(ResidencyError, match="not attached"):
+        rt.switch_plan(tiny_plan(w, "streamed"))
+    rt.attach(pipe)
+    try:
+        rt._in_unit = True
+        with pytest.raises(ResidencyError, match="between units"):
+            rt.switch_plan(tiny_plan(w, "streamed"))
+    finally:
+        rt._in_unit = False
+        rt.detach()
+
+
+def _stub_fit(profile, scale=2.0):
+    return CalibrationFit(profile, 8, {"dit": scale}, None, {}, None, None, {"compute dit": 8})
+
+
+def test_the_loop_switches_when_frames_miss_the_budget_and_the_session_stays_exact(tiny, monkeypatch):
+    pipe, w, image = tiny
+    profile = flat_profile(backend="cpu")
+    fast = tiny_plan(w, "resident", profile=profile)
+    slow = dataclasses.replace(fast, budget=Budget(fast.budget.vram_bytes, 1e-3)).with_prediction(prediction(5e-4))
+    better = tiny_plan(w, "streamed", depth=2, profile=profile).with_prediction(prediction(1e-4))
+    monkeypatch.setattr(cl, "calibrate", lambda *a, **k: _stub_fit(profile))
+    monkeypatch.setattr(cl, "predict", lambda workload, plan, prof, bound=False: plan.with_prediction(prediction(1.0)))
+    asked = []
+
+    def replan(budget, prof):
+        asked.append(budget)
+        return better
+
+    actions = ACTIONS * 3
+    expected, rt = run_attached(pipe, image, w, better, actions=actions)
+    rt.detach()
+    rt = Runtime(slow, "cpu", workload=w, replan=replan, profile=profile).attach(pipe)
+    loop = rt.enable_closed_loop(LoopOptions(miss_frames=2, min_frames_between=3, warmup_frames=0,
+                                             background=False), model="tiny")
+    try:
+        s = pipe.start(image, seed=3)
+        got = [rt.step(s, a) for a in actions]
+    finally:
+        rt.detach()
+    kinds = [e.kind for e in loop.events]
+    assert "replanned" in kinds and loop.switches == 1, [e.line() for e in loop.events]
+    assert asked and asked[0].frame_ms == pytest.approx(1e-3)
+    assert rt.telemetry().events == tuple(loop.events[-len(rt.telemetry().events):])
+    switch = next(e for e in loop.events if e.kind == "replanned")
+    assert "re-planned" in switch.reason and "streamed" in switch.reason
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def test_a_disabled_loop_never_decides(tiny):
+    pipe, w, image = tiny
+    profile = flat_profile(backend="cpu")
+    plan = tiny_plan(w, profile=profile)
+    plan = dataclasses.replace(plan, budget=Budget(plan.budget.vram_bytes, 1e-3))
+    rt = Runtime(plan, "cpu", workload=w, replan=lambda b, p: plan, profile=profile).attach(pipe)
+    loop = rt.enable_closed_loop(LoopOptions(enabled=False, miss_frames=1, warmup_frames=0, background=False))
+    try:
+        s = pipe.start(image, seed=3)
+        for a in ACTIONS:
+            rt.step(s, a)
+    finally:
+        rt.detach()
+    assert loop.events == [] and loop.switches == 0
+
+
+def test_options_are_checked():
+    with pytest.raises(ResidencyError, match="miss_frames"):
+        LoopOptions(miss_frames=0)
+    with pytest.raises(ResidencyError, match="margin"):
+        LoopOptions(margin=-1)
+
+
+def test_plan_change_says_what_moved():
+    w = chain_workload(4)
+    p = flat_profile()
+    a = make_plan(w, p)
+    b = make_plan(w, p, {"dit.blocks.1": "streamed", "dit.blocks.2": "streamed"})
+    assert plan_change(a, b) == "2 blocks now streamed-BF16"
+    assert plan_change(a, a) == "same placements and formats"
+
+
+# --- hysteresis on synthetic telemetry -------------------------------------------------------------------------
+BUDGET_MS = 10.0
+# measured ms of each plan when the machine is idle / disturbed (another program takes memory bandwidth)
+MEASURED = {"resident": (8.0, 14.0), "streamed": (9.0, 9.5)}
+
+
+class FakeRuntime:
+    """What the loop reads and calls of a runtime, over synthetic frames: which plan runs decides the frame."""
+
+    def __init__(self):
+        w = chain_workload(4)
+        p = flat_profile()
+        self.workload = w
+        self.plans = {"resident": make_plan(w, p, frame_ms=BUDGET_MS).with_prediction(prediction(8.0)),
+                      "streamed": make_plan(w, p, {"dit.blocks.1": "streamed"}, frame_ms=BUDGET_MS)
+                      .with_prediction(prediction(9.0))}
+        self.plan = self.plans["resident"]
+        self.profile = SimpleNamespace(disturbed=False)
+        self.ledger = SimpleNamespace(budget_bytes=2**30)
+        self.disturbed = False
+        self.frames: list[FrameRecord] = []
+        self.recorder = SimpleNamespace(frames=self.frames, closed_frames=0, add_event=lambda e: None,
+                                        snapshot=self._snapshot)
+        self.switched_at: list[int] = []
+
+    def _snapshot(self):
+        return TelemetrySnapshot(tuple(self.frames), tuple(np.zeros((0, 11)) for _ in self.frames), (), None, ())
+
+    def name(self, plan):
+        return next(k for k, v in self.plans.items() if v.blocks == plan.blocks)
+
+    def run_frame(self, n):
+        ms = MEASURED[self.name(self.plan)][self.disturbed]
+        self.frames.append(FrameRecord(n, 0.0, ms, ms, 0, 0, 0, 0, 0, 0, (), self.plan.prediction.frame_ms))
+        self.recorder.closed_frames += 1
+
+    def replan(self, budget, profile):  # the best plan for the machine as calibrated
+        best = "streamed" if profile.disturbed else "resident"
+        return self.plans[best].with_prediction(prediction(MEASURED[best][profile.disturbed]))
+
+    def prepack(self, plan):
+        return {}
+
+    def switch_plan(self, plan, profile, ready):
+        self.plan, self.profile = plan, profile
+        self.switched_at.append(len(self.frames))
+
+    def adopt_profile(self, profile, plan):
+        self.plan, self.profile = plan, profile
+
+    def clock_s(self):
+        return 0.0
+
+
+def test_no_oscillation_while_a_disturbance_toggles(monkeypatch):
+    rt = FakeRuntime()
+    monkeypatch.setattr(cl, "calibrate", lambda snap, w, plan, prof, **k: _stub_fit(
+        SimpleNamespace(disturbed=rt.disturbed)))
+    monkeypatch.setattr(cl, "predict", lambda w, plan, prof, bound=False: plan.with_prediction(
+        prediction(MEASURED[rt.name(plan)][prof.disturbed])))
+    options = LoopOptions(background=False)
+    loop = ClosedLoop(rt, options)
+    toggles, period = 0, 60
+    held_within = []
+    for n in range(300):
+        if n and n % period == 0:
+            rt.disturbed = not rt.disturbed
+            toggles += 1
+            started = n
+        loop.before_unit()
+        rt.run_frame(n + 1)
+        loop.after_unit()
+        if toggles and rt.frames[-1].frame_ms <= BUDGET_MS and not held_within[toggles - 1:]:
+            held_within.append(n - started)
+    assert loop.switches <= toggles + 1
+    gaps = np.diff(rt.switched_at)
+    assert (gaps >= options.min_frames_between).all(), rt.switched_at
+    # every disturbance is answered by a plan that holds the budget within 32 frames
+    assert len(held_within) == toggles and max(held_within) <= 32, held_within
