@@ -1,6 +1,6 @@
 """The exact part of our planner: a mixed-integer program over how many blocks of a class take each option.
 
-Time is linearised as T ≥ K + (1−o)·C and T ≥ C + (1−o)·K (compute K, copy C, overlap o) — the
+Time is linearised as T ≥ K + a_k·C and T ≥ C + a_c·K (compute K, copy C, the device's interference a_k, a_c) — the
 simulator's interference model for fully pipelined copies; slots and scratch enter as maxima.
 """
 
@@ -23,7 +23,9 @@ class Problem:
 
     classes: list[BlockClass]
     slots: int  # prefetch depth + 1
-    overlap: float  # profile copy/compute overlap, 0..1
+    # (a_k, a_c) of T ≥ K + a_k·C and T ≥ C + a_c·K: the profile's per-engine interference
+    # (residency.simulate.bounds.interference_coefficients; (1 − o, 1 − o) for an overlap-only profile)
+    interference: tuple[float, float]
     fixed_bytes: int  # KV cache, activations, workspace: memory no option changes
     vram_bytes: int | None  # None: unconstrained (to find the memory a time budget needs)
     frame_s: float | None  # None: unconstrained
@@ -135,9 +137,9 @@ def _option_rows(p: Problem, lay: _Layout, rows: _Rows) -> _Terms:
 def _time_and_peak_rows(p: Problem, lay: _Layout, rows: _Rows, terms: _Terms) -> None:
     """Adds T ≥ each linearised frame time and M_peak ≥ each phase's memory."""
     compute, copy = terms.compute, terms.copy
-    shared = 1.0 - p.overlap
-    rows.add({**{k: compute[k] + shared * copy[k] for k in compute}, lay.t_i: -1.0}, -np.inf, 0.0)
-    rows.add({**{k: copy[k] + shared * compute[k] for k in compute}, lay.t_i: -1.0}, -np.inf, 0.0)
+    a_k, a_c = p.interference
+    rows.add({**{k: compute[k] + a_k * copy[k] for k in compute}, lay.t_i: -1.0}, -np.inf, 0.0)
+    rows.add({**{k: copy[k] + a_c * compute[k] for k in compute}, lay.t_i: -1.0}, -np.inf, 0.0)
     memory_terms = {**terms.frame_mem, lay.slot_i: float(p.slots), lay.scr_i: 1.0, lay.stage_i: 1.0}
     peak_frame = dict(memory_terms)
     peak_session = {**memory_terms, **terms.session_mem}

@@ -9,6 +9,7 @@ from policies.base import PlanRequest, build_plan
 from policies.ours.milp import Problem, Solution, solve
 from policies.ours.options import BlockClass, block_classes
 from residency.plan import BlockPlan, Execution, Plan
+from residency.simulate.bounds import interference_coefficients
 from residency.simulate.memory import GPU_WORKSPACE_BYTES
 
 
@@ -26,7 +27,7 @@ def problem_for(req: PlanRequest, classes: list[BlockClass], execution: Executio
     `vram_bytes` and `frame_s` (seconds) bound memory and frame time (None: unbounded); `objective` is
     what to minimise ("loss", "time" or "memory").
     """
-    return Problem(classes, execution.slots, req.profile.copy_compute_overlap, fixed_bytes(req, kv_dtype),
+    return Problem(classes, execution.slots, interference_coefficients(req.profile), fixed_bytes(req, kv_dtype),
                    vram_bytes, frame_s, objective, node_limit=req.options.milp_node_limit)
 
 
