@@ -2,15 +2,22 @@
 boundary.
 
 A "frame" here is one unit of work: a session step (the world model) or a top-level forward (a model attached
-through residency.attach). After every unit the loop reads the frames the recorder closed; once the running
-plan has missed its frame budget, or its prediction by more than `margin`, for `miss_frames` frames in a row,
-it calibrates the profile on the frames since the last switch (residency.telemetry.calibration) and starts a
-re-plan with the calibrated profile on a background thread, which also packs the blocks whose format changes.
-The old plan keeps running meanwhile. At the first unit boundary after the new plan is ready the runtime
-switches to it (the session — KV cache, frame index, RNG — is untouched: it lives in the session, not the
-runtime), unless it does not beat the running plan re-predicted under the same calibration; then the running
-plan's prediction is corrected instead ("kept"). Hysteresis: no decision within `min_frames_between` frames of
-the last, and at most `max_switches` switches.
+through residency.attach). After every unit the loop reads the frames the recorder closed (the first
+`warmup_frames` of a plan are not evaluated: the ring and the allocator settle).
+
+- Calibration: once `calibrate_frames` frames of a plan are in, it fits the profile to them
+  (residency.telemetry.calibration) and re-predicts the running plan; when that still holds the frame budget the
+  correction is adopted (later re-plans use the calibrated profile, the dashboard compares with the corrected
+  prediction), else a re-plan starts.
+- Misses: when `miss_frames` frames in a row miss the frame budget, or their prediction by more than `margin`,
+  it calibrates on those frames only (the machine as it is now, not as it was) and starts a re-plan.
+
+A re-plan runs on a background thread, which also packs the blocks whose format changes; the old plan keeps
+running meanwhile. At the first unit boundary after it is ready the runtime switches to it (the session — KV
+cache, frame index, RNG — is untouched: it lives in the session, not the runtime), unless it does not beat the
+running plan re-predicted under the same calibration by `improve_by`; then the running plan's prediction is
+corrected instead ("kept"). Hysteresis: no re-plan within `min_frames_between` frames of the last decision, and
+at most `max_switches` switches.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ MISS_FRAMES = 4  # K: one slow frame is noise (a page fault, the OS); four in a 
 MARGIN = 0.15  # prediction error that counts as "off": above the ±10 % a calibrated profile holds
 MIN_FRAMES_BETWEEN = 24  # M: a decision needs K frames of evidence plus the new plan's warm-up and window
 WINDOW_FRAMES = 16  # frames a calibration fits (the most recent, since the last switch)
+CALIBRATE_FRAMES = 8  # frames evaluated (after the warm-up) before the first calibration of a plan
 WARMUP_FRAMES = 2  # frames after a switch (or the start) not evaluated: the ring and the allocator settle
 IMPROVE_BY = 0.05  # a new plan must beat the running one's re-predicted frame by this fraction
 
@@ -46,12 +54,13 @@ class LoopOptions:
     min_frames_between: int = MIN_FRAMES_BETWEEN
     max_switches: int | None = None  # None: no cap
     window_frames: int = WINDOW_FRAMES
+    calibrate_frames: int = CALIBRATE_FRAMES
     warmup_frames: int = WARMUP_FRAMES
     improve_by: float = IMPROVE_BY
     background: bool = True  # re-plan on a thread (False: inline, for tests that need determinism)
 
     def __post_init__(self) -> None:
-        for name in ("miss_frames", "min_frames_between", "window_frames"):
+        for name in ("miss_frames", "min_frames_between", "window_frames", "calibrate_frames"):
             if getattr(self, name) < 1:
                 raise ResidencyError(f"LoopOptions.{name} = {getattr(self, name)}: must be ≥ 1")
         if self.warmup_frames < 0 or not 0 < self.margin < 10 or not 0 <= self.improve_by < 1:
@@ -66,7 +75,7 @@ class LoopOptions:
 class _Pending:
     """A re-plan in flight on the background thread, and what it found."""
     fit: CalibrationFit
-    trigger: str
+    trigger: str  # why: the misses that started it, or "calibration" (the running plan misses once corrected)
     measured_ms: float
     predicted_ms: float
     unit: int
@@ -118,7 +127,8 @@ class ClosedLoop:
         self.last_decision_unit = -10**9
         self._segment: list[tuple[FrameRecord, object]] = []  # (frame, rows) recorded since the last switch
         self._seen = 0  # frames of the recorder already read
-        self._misses = 0
+        self._streak: list[tuple[FrameRecord, object]] = []  # the frames missed in a row, up to now
+        self._calibrated = False  # the running plan's prediction has been corrected by a calibration
         self._pending: _Pending | None = None
 
     # --- the two calls around a unit of work ---
@@ -134,17 +144,26 @@ class ClosedLoop:
         self._decide(p)
 
     def after_unit(self) -> None:
-        """After a unit of work: read the frames it closed and start a re-plan when they miss."""
+        """After a unit of work: read the frames it closed; calibrate once enough are in, and re-plan when
+        `miss_frames` in a row miss (fitting those frames only: the machine as it is now)."""
         self.units += 1
         if not self.options.enabled:
             return
+        o = self.options
         for frame, rows in self._new_frames():
+            if frame.frame <= o.warmup_frames:
+                continue
             self._segment.append((frame, rows))
-            if frame.frame > self.options.warmup_frames:
-                self._misses = self._misses + 1 if self._missed(frame) else 0
-        if (self._pending is None and self._misses >= self.options.miss_frames
-                and self.units - self.last_decision_unit >= self.options.min_frames_between):
-            self._start()
+            if self._missed(frame):
+                self._streak.append((frame, rows))
+            else:
+                self._streak.clear()
+        if self._pending is not None:
+            return
+        if len(self._streak) >= o.miss_frames and self.units - self.last_decision_unit >= o.min_frames_between:
+            self._start(self._streak[-o.window_frames:], trigger=True)
+        elif not self._calibrated and len(self._segment) >= o.calibrate_frames:
+            self._start(self._segment[-o.window_frames:], trigger=False)
 
     # --- reading frames ---
     def _new_frames(self):
@@ -167,32 +186,39 @@ class ClosedLoop:
         return over or off
 
     # --- calibrate and re-plan ---
-    def _window(self) -> TelemetrySnapshot:
-        used = [(f, r) for f, r in self._segment if f.frame > self.options.warmup_frames]
-        used = used[-self.options.window_frames:]
-        snap = self.runtime.recorder.snapshot()
-        return TelemetrySnapshot(tuple(f for f, _ in used), tuple(r for _, r in used), snap.block_names,
-                                 snap.prediction, snap.memory)
-
-    def _start(self) -> None:
+    def _start(self, frames: list[tuple[FrameRecord, object]], trigger: bool) -> None:
+        """Calibrate on `frames`; re-plan (on the background thread) when they missed (`trigger`) or when the
+        running plan, re-predicted under the calibration, misses the frame budget; else adopt the correction."""
         rt = self.runtime
-        window = self._window()
+        snap = rt.recorder.snapshot()
+        window = TelemetrySnapshot(tuple(f for f, _ in frames), tuple(r for _, r in frames), snap.block_names,
+                                   snap.prediction, snap.memory)
         measured = robust_median(f.frame_ms for f in window.frames)
         predicted = rt.plan.prediction.frame_ms if rt.plan.prediction else float("nan")
-        self.last_decision_unit = self.units
-        self._misses = 0
+        self._streak.clear()
+        self._calibrated = True
+        if trigger:
+            self.last_decision_unit = self.units
         try:
-            fit = calibrate(window, rt.workload, rt.plan, rt.profile, model=self.model,
-                            warmup_frames=0)
+            fit = calibrate(window, rt.workload, rt.plan, rt.profile, model=self.model, warmup_frames=0)
         except ResidencyError as e:
             self._event("kept", None, f"frame {self.units}: calibration failed ({e.message})", None,
                         measured, predicted)
             return
-        self._event("calibrated", None, f"frame {self.units}: {fit.summary()} (from {fit.frames} frames)", None,
-                    measured, predicted)
-        over = self._budget_ms() is not None and measured > self._budget_ms()
-        why = (f"frame {self.units}: {measured:.1f} ms over the {self._budget_ms():.1f} ms budget" if over else
+        running = predict(rt.workload, rt.plan, fit.profile, bound=False)
+        running_ms = running.prediction.frame_ms
+        self._event("calibrated", None, f"frame {self.units}: {fit.summary()} (from {fit.frames} frames); the "
+                    f"running plan re-predicted {running_ms:.1f} ms", running_ms, measured, predicted)
+        budget = self._budget_ms()
+        if not trigger and (budget is None or running_ms <= budget):
+            rt.adopt_profile(fit.profile, running)  # holds: keep it, with the corrected prediction
+            return
+        over = budget is not None and measured > budget
+        why = (f"frame {self.units}: {measured:.1f} ms over the {budget:.1f} ms budget" if over else
                f"frame {self.units}: measured {measured:.1f} ms against {predicted:.1f} predicted")
+        if not trigger:
+            why = f"frame {self.units}: the running plan re-predicted {running_ms:.1f} ms, over the {budget:.1f} ms budget"
+        self.last_decision_unit = self.units
         pending = _Pending(fit, f"{why}; {trigger_reason(fit)}", measured, predicted, self.units,
                            done=threading.Event())
         self._pending = pending
@@ -226,26 +252,29 @@ class ClosedLoop:
                    for b in p.plan.blocks) and p.plan.execution == rt.plan.execution
         if not better or same:
             rt.adopt_profile(profile, running)
-            self._reset_segment()
+            self._reset_segment(switched=False)
             self._event("kept", p, f"{p.trigger} — kept the running plan (re-predicted {running_ms:.1f} ms; "
                         f"the best new plan predicts {new_ms:.1f})", running_ms)
             return
         cap = self.options.max_switches
         if cap is not None and self.switches >= cap:
             rt.adopt_profile(profile, running)
-            self._reset_segment()
+            self._reset_segment(switched=False)
             self._event("capped", p, f"{p.trigger} — a switch was due but the cap of {cap} is reached", running_ms)
             return
         old = rt.plan
         rt.switch_plan(p.plan, profile, p.ready)
         self.switches += 1
-        self._reset_segment()
+        self._reset_segment(switched=True)
         self._event("replanned", p, f"{p.trigger} — re-planned: {plan_change(old, p.plan)}, predicted "
                     f"{new_ms:.1f} ms", new_ms)
 
-    def _reset_segment(self) -> None:
-        self._segment.clear()
-        self._misses = 0
+    def _reset_segment(self, switched: bool) -> None:
+        """After a decision: a new plan starts a new segment (warm-up, then its own calibration)."""
+        if switched:
+            self._segment.clear()
+            self._calibrated = False
+        self._streak.clear()
         self.last_decision_unit = self.units
 
     def _event(self, kind: str, p: _Pending | None, reason: str, new_ms: float | None,
