@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 from residency.commands import arg_types
@@ -26,10 +25,13 @@ def add_parser(sub) -> None:
 
 
 def replay(board, snapshot, speed: float) -> None:
-    """Feed the dashboard growing prefixes of the recorded frames at their recorded pace."""
+    """Feed the dashboard growing prefixes of the recorded frames, each with the closed loop's events decided by
+    then, at the recorded pace: a frame's period (its work and the caller's gap after it) divided by `speed`."""
+    from residency.dashboard.trace_io import replay_prefix
+
     for n in range(1, len(snapshot.frames) + 1):
-        board.update(dataclasses.replace(snapshot, frames=snapshot.frames[:n], rows=snapshot.rows[:n]))
-        time.sleep(min(MAX_REPLAY_FRAME_S, snapshot.frames[n - 1].frame_ms / 1e3 / speed))
+        board.update(replay_prefix(snapshot, n))
+        time.sleep(min(MAX_REPLAY_FRAME_S, snapshot.frames[n - 1].period_ms / 1e3 / speed))
 
 
 def run(args) -> int:

@@ -67,7 +67,8 @@ class Dashboard:
 
 
 def build(snapshot: TelemetrySnapshot | None, context: DashboardContext) -> RenderableType:
-    """The dashboard panel for `snapshot` (WIDTH_CELLS wide): frame times, blocks, VRAM, link, prediction.
+    """The dashboard panel for `snapshot` (WIDTH_CELLS wide): frame times, blocks, VRAM, link, prediction and
+    the closed loop (ratios per engine, re-plans, decisions).
 
     A placeholder panel when there is no snapshot or it holds no frame yet.
     """
@@ -84,6 +85,8 @@ def build(snapshot: TelemetrySnapshot | None, context: DashboardContext) -> Rend
         panels.link(snapshot, bar_cells),
         Rule(style="dim"),
         panels.predicted_vs_measured(snapshot),
+        Rule(style="dim"),
+        panels.closed_loop(snapshot, bar_cells),
     )
     # A title longer than the panel would widen it (rich sizes panels to their titles): cut it to fit.
     title = panels.header(snapshot, context)

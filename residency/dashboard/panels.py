@@ -1,6 +1,7 @@
 """The dashboard's panels, each a pure function of one TelemetrySnapshot and its DashboardContext.
 
-Per-block stacked bars, the VRAM map, the frame-time sparkline, the link, and predicted vs measured.
+Per-block stacked bars, the VRAM map, the frame-time sparkline, the link, predicted vs measured, and the
+closed loop: measured ÷ predicted per engine over the recent frames, re-plans marked, the latest decisions.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from rich.text import Text
 
 from residency.dashboard.context import DashboardContext
 from residency.telemetry import FrameRecord, TelemetrySnapshot
+from residency.telemetry.events import LoopEvent
 from residency.telemetry.recorder import known_gaps
 from residency.units import fmt_bytes
 
@@ -22,6 +24,18 @@ PARTS = (("copy", "blue"), ("dequant", "magenta"), ("compute", "green"))  # stac
 KIND_COLOURS = {"resident": "green", "resident_quantized": "cyan", "slots": "blue", "dequant_scratch": "magenta",
                 "kv_cache": "yellow", "activations": "bright_red", "workspace": "white"}
 STEADY_SKIP = 2  # latent frames left out of medians: the first ones pay for warm-up
+RATIO_STEP = 1.25  # ratio cells: one level per 1.25× step, on a log scale centred on 1.0×
+RATIO_MID = 4  # the level of 1.0× (0.89..1.12×): mid-height; ▁ is ≤ 0.41×, █ ≥ 1.95×
+RATIO_OK = 0.15  # |ratio − 1| shown green up to this (the closed loop's default margin), yellow beyond
+REPLAN_MARK = "│"  # put in every ratio row before the first frame run under a new plan
+EVENTS_SHOWN = 3  # latest closed-loop decisions listed (each reason wraps to ~3 rows)
+EVENT_COLOURS = {"calibrated": "cyan", "replanned": "bold yellow", "kept": "dim", "capped": "red"}
+RATIO_LABEL_CELLS = 9  # "compute  "
+RATIO_TAIL_CELLS = 8  # " 12.34×"
+# measured and predicted ms of each ratio row, per frame
+ENGINES = (("frame", lambda f: (f.frame_ms, f.predicted_frame_ms)),
+           ("compute", lambda f: (f.compute_busy_ms, f.predicted_compute_ms)),
+           ("copy", lambda f: (f.copy_busy_ms, f.predicted_copy_ms)))
 
 
 def latent_frames(snapshot: TelemetrySnapshot) -> list[FrameRecord]:
@@ -160,3 +174,75 @@ def predicted_vs_measured(snapshot: TelemetrySnapshot) -> Text:
     row("link", _median(f.link_bytes for f in frames), p.link_bytes_per_frame if p else None, fmt=size)
     row("device peak", _median(f.device_peak_bytes for f in frames), p.peak_total_bytes if p else None, fmt=size)
     return text
+
+
+def _ratio(measured_ms: float, predicted_ms: float | None) -> float:
+    """measured ÷ predicted; nan without a prediction or when the plan predicts none of it (0 ms)."""
+    return measured_ms / predicted_ms if predicted_ms else math.nan
+
+
+def _ratio_cell(ratio: float) -> tuple[str, str]:
+    """The sparkline cell and colour of one ratio: green within RATIO_OK of 1.0×, yellow beyond, a dim dot for
+    no ratio. A fixed log scale (not one stretched to the data): rows and refreshes compare, and a 2 % wobble
+    around 1.0× stays one flat line."""
+    if math.isnan(ratio):
+        return "·", "dim"
+    steps = round(math.log(ratio) / math.log(RATIO_STEP)) if ratio > 0 else -len(SPARKS)
+    level = max(0, min(len(SPARKS) - 1, RATIO_MID + steps))
+    return SPARKS[level], "green" if abs(ratio - 1.0) <= RATIO_OK else "yellow"
+
+
+def _replan_marks(frames: list[FrameRecord], events: tuple[LoopEvent, ...]) -> set[int]:
+    """Indexes into `frames` of the first frame run after each re-plan (len(frames): after the newest).
+
+    A re-plan is placed at the work end of the frame before it (LoopEvent.time_s); one older than every
+    frame shown is not marked."""
+    marks = set()
+    for e in events:
+        if e.kind != "replanned" or not frames or e.time_s < frames[0].start_s:
+            continue
+        marks.add(next((i for i, f in enumerate(frames) if f.start_s >= e.time_s), len(frames)))
+    return marks
+
+
+def _ratio_row(name: str, ratios: list[float], marks: set[int]) -> Text:
+    text = Text(f"{name:<{RATIO_LABEL_CELLS}}")
+    for i, ratio in enumerate(ratios):
+        if i in marks:
+            text.append(REPLAN_MARK, style="bold yellow")
+        text.append(*_ratio_cell(ratio))
+    if len(ratios) in marks:
+        text.append(REPLAN_MARK, style="bold yellow")
+    latest = next((r for r in reversed(ratios) if not math.isnan(r)), math.nan)
+    shown = "—" if math.isnan(latest) else f"{latest:.2f}×"
+    style = "dim" if math.isnan(latest) else ("green" if abs(latest - 1.0) <= RATIO_OK else "bold yellow")
+    return text.append(f" {shown:>{RATIO_TAIL_CELLS - 1}}", style=style)
+
+
+def closed_loop(snapshot: TelemetrySnapshot, width_cells: int = 66) -> Group:
+    """Measured ÷ predicted per recent latent frame for the frame, the compute stream and the copy engine (one
+    row each, each frame against the prediction of the plan that ran it; the latest ratio at the end), re-plans
+    marked with REPLAN_MARK, then the latest EVENTS_SHOWN decisions of the closed loop with their reasons.
+
+    `width_cells`: a row's width, label and latest ratio included; re-plan marks take cells from the frames."""
+    frames = latent_frames(snapshot)
+    cells = max(1, width_cells - RATIO_LABEL_CELLS - RATIO_TAIL_CELLS)
+    recent = frames[-cells:]
+    marks = _replan_marks(recent, snapshot.events)
+    over = len(recent) + len(marks) - cells
+    if over > 0:  # the marks take cells: drop as many of the oldest frames and place them again
+        recent = recent[over:]
+        marks = _replan_marks(recent, snapshot.events)
+    title = Text("measured ÷ predicted per frame", style="bold")
+    title.append(f"  ({REPLAN_MARK} = re-plan; ▅ = 1.0×)", style="dim")
+    lines: list[Text] = [title]
+    if not any(f.predicted_frame_ms is not None for f in recent):
+        lines.append(Text("no prediction for these frames", style="dim"))
+    else:
+        for name, pick in ENGINES:
+            lines.append(_ratio_row(name, [_ratio(*pick(f)) for f in recent], marks))
+    events = snapshot.events[-EVENTS_SHOWN:]
+    if events:
+        lines.append(Text(f"closed loop: {len(snapshot.events)} decisions, latest last", style="dim"))
+    lines += [Text(e.line(), style=EVENT_COLOURS.get(e.kind, "")) for e in events]
+    return Group(*lines)

@@ -1,13 +1,16 @@
 """Trace files the dashboard replays: the telemetry's Chrome trace, plus the budgets and memory by kind.
 
 read_trace rebuilds a TelemetrySnapshot from the spans by feeding them through the telemetry's own Recorder,
-then sets each frame's work time and caller gap from its "frame" span (traces written before those spans
-existed keep the Recorder's figures for calls alone: first call .. last call, the rest to the next frame a gap).
+then sets each frame's work time, caller gap and predictions from its "frame" span (traces written before those
+spans existed keep the Recorder's figures for calls alone: first call .. last call, the rest to the next frame a
+gap; before the per-frame predictions, every frame gets the trace's one prediction). The closed loop's decisions
+come back from their instant events (none in older traces).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,12 +23,16 @@ from residency.jsonfile import read_json
 from residency.plan.plan import MAX_PLAN_BYTES
 from residency.plan.plan_io import prediction_from_dict
 from residency.telemetry import FrameRecord, Recorder, TelemetrySnapshot
-from residency.telemetry.chrome_trace import EXTRA_KEY, FRAME_TRACK, write_chrome_trace
+from residency.telemetry.chrome_trace import EXTRA_KEY, FRAME_TRACK, LOOP_TRACK, write_chrome_trace
+from residency.telemetry.events import EVENT_KINDS, LoopEvent
 from residency.userpath import MISSING, path_kind
 from residency.validate import Reader, at
 from residency.workload.catalog import MAX_VIDEO_FRAMES_PER_LATENT
 
 SAME_TIME_US = 1e-3  # spans written from the same float mark agree to far better than a nanosecond
+SAME_TIME_S = 1e-6  # an event placed at a frame's work end reads back within float rounding of it (~1e-15 s)
+MAX_EVENT_UNIT = 1 << 62  # units of work before an event: any count a run can reach
+PREDICTED_FIELDS = ("predicted_frame_ms", "predicted_compute_ms", "predicted_copy_ms")  # frame span args, ms
 
 
 def write_trace(snapshot: TelemetrySnapshot, context: DashboardContext, path: str | os.PathLike[str]) -> Path:
@@ -107,34 +114,75 @@ def _calls(r: Reader, events: list):
             row = {}
 
 
-def _frame_spans(r: Reader, events: list) -> list[tuple[int, float, float, float]]:
-    """(frame, work start s, frame_ms, gap_ms) of each "frame" span, in order; none in older traces."""
+def _frame_spans(r: Reader, events: list) -> list[tuple[int, dict[str, Any]]]:
+    """(frame, FrameRecord fields to set) of each "frame" span, in order: start_s, frame_ms, gap_ms, and the
+    predictions its args hold (ms or null; absent in older traces, which keep the Recorder's). None in traces
+    older than the spans."""
     out = []
     for i, e in enumerate(events):
         if isinstance(e, dict) and e.get("ph") == "X" and e.get("cat") == FRAME_TRACK:
             path = f"traceEvents[{i}]"
             args = r.obj(r.need(e, "args", path), f"{path}.args")
-            gap_ms = r.number(args.get("gap_ms", 0.0), f"{path}.args.gap_ms", 0.0, maximum=1e300, unit="ms")
-            out.append((_count(r, args, "frame", f"{path}.args"), _number(r, e, "ts", path) / 1e6,
-                        _number(r, e, "dur", path, minimum=0.0) / 1e3, gap_ms))
+            fields = {"start_s": _number(r, e, "ts", path) / 1e6,
+                      "frame_ms": _number(r, e, "dur", path, minimum=0.0) / 1e3,
+                      "gap_ms": r.number(args.get("gap_ms", 0.0), f"{path}.args.gap_ms", 0.0, maximum=1e300,
+                                         unit="ms")}
+            for key in PREDICTED_FIELDS:
+                if key in args:
+                    fields[key] = _optional_ms(r, args[key], f"{path}.args.{key}")
+            out.append((_count(r, args, "frame", f"{path}.args"), fields))
     return out
 
 
-def _with_frame_spans(frames: tuple[FrameRecord, ...], spans: list[tuple[int, float, float, float]]
+def _optional_ms(r: Reader, value: Any, path: str) -> float | None:
+    """`value` as ms ≥ 0, or None for null; raises ResidencyError naming `path` otherwise."""
+    return None if value is None else r.number(value, path, 0.0, maximum=1e300, unit="ms")
+
+
+def _with_frame_spans(frames: tuple[FrameRecord, ...], spans: list[tuple[int, dict[str, Any]]]
                       ) -> tuple[FrameRecord, ...]:
-    """`frames` with work start, frame_ms and gap_ms from their spans, matched by frame number from the newest
-    back (the Recorder keeps the newest frames; a recovery restarts the numbers); a frame without a span keeps
-    the Recorder's figures."""
+    """`frames` with the fields of their spans, matched by frame number from the newest back (the Recorder
+    keeps the newest frames; a recovery restarts the numbers); a frame without a span keeps the Recorder's."""
     out, k = [], len(spans)
     for f in reversed(frames):
         j = next((j for j in range(k - 1, -1, -1) if spans[j][0] == f.frame), None)
         if j is None:
             out.append(f)
             continue
-        _, start_s, frame_ms, gap_ms = spans[j]
-        out.append(dataclasses.replace(f, start_s=start_s, frame_ms=frame_ms, gap_ms=gap_ms))
+        out.append(dataclasses.replace(f, **spans[j][1]))
         k = j
     return tuple(reversed(out))
+
+
+def _loop_events(r: Reader, events: list) -> tuple[LoopEvent, ...]:
+    """The closed loop's decisions from their instant events, in order; time_s from ts (the frames' clock)."""
+    out = []
+    for i, e in enumerate(events):
+        if not (isinstance(e, dict) and e.get("ph") == "i" and e.get("cat") == LOOP_TRACK):
+            continue
+        path = f"traceEvents[{i}]"
+        args = r.obj(r.need(e, "args", path), f"{path}.args")
+        where = f"{path}.args"
+        measured, predicted = (_optional_ms(r, r.need(args, k, where), at(where, k))
+                               for k in ("measured_ms", "predicted_ms"))
+        out.append(LoopEvent(
+            unit=r.integer(r.need(args, "unit", where), at(where, "unit"), 0, MAX_EVENT_UNIT),
+            kind=r.choice(r.need(args, "kind", where), at(where, "kind"), EVENT_KINDS),
+            reason=r.string(r.need(args, "reason", where), at(where, "reason")),
+            measured_ms=math.nan if measured is None else measured,  # written as null when it was NaN
+            predicted_ms=math.nan if predicted is None else predicted,
+            new_predicted_ms=_optional_ms(r, args.get("new_predicted_ms"), at(where, "new_predicted_ms")),
+            time_s=_number(r, e, "ts", path) / 1e6))
+    return tuple(out)
+
+
+def replay_prefix(snapshot: TelemetrySnapshot, n: int) -> TelemetrySnapshot:
+    """`snapshot` as it stood after its first `n` frames: those frames and rows, and the events decided by the
+    end of the n-th frame's work (an event is placed at the work end of the last frame before it)."""
+    frames = snapshot.frames[:n]
+    end_s = frames[-1].start_s + frames[-1].frame_ms / 1e3 if frames else -math.inf
+    events = tuple(e for e in snapshot.events if e.time_s <= end_s + SAME_TIME_S)
+    return dataclasses.replace(snapshot, frames=frames, rows=snapshot.rows[:n], events=events)
 
 
 def _counters(r: Reader, events: list) -> list[tuple[int, int]]:
@@ -204,9 +252,8 @@ def read_trace(path: str | os.PathLike[str]) -> tuple[TelemetrySnapshot, Dashboa
     if not memory_by_kind and counters:
         memory_by_kind = (("device (all kinds)", counters[-1][0]),)
     snapshot = recorder.snapshot(memory_by_kind)
-    snapshot = dataclasses.replace(snapshot, frames=_with_frame_spans(snapshot.frames,
-                                                                      _frame_spans(r, doc["traceEvents"])))
-    if prediction is None and predicted_ms is not None:
-        snapshot = dataclasses.replace(snapshot, frames=tuple(
-            dataclasses.replace(f, predicted_frame_ms=predicted_ms) for f in snapshot.frames))
-    return snapshot, context
+    frames = snapshot.frames
+    if prediction is None and predicted_ms is not None:  # a plain trace: its one figure, unless a span has its own
+        frames = tuple(dataclasses.replace(f, predicted_frame_ms=predicted_ms) for f in frames)
+    frames = _with_frame_spans(frames, _frame_spans(r, doc["traceEvents"]))
+    return dataclasses.replace(snapshot, frames=frames, events=_loop_events(r, doc["traceEvents"])), context

@@ -1,19 +1,24 @@
 """Chrome trace JSON (Perfetto, chrome://tracing) of recorded frames: copy, dequant and compute tracks.
 
-A "frame" track holds each frame's work span (its frame_ms), the caller's gap after it in its args (gap_ms);
-device memory is a counter track; the file is written atomically (readers never see half a trace). The one
-trace writer: the dashboard's trace files are these with a section of their own under otherData.
+A "frame" track holds each frame's work span (its frame_ms), the caller's gap after it and the running plan's
+predictions (frame, compute stream, copy engine) in its args; device memory is a counter track; each decision
+of the closed loop (LoopEvent) is a global instant event on the "closed loop" track, named by its kind, its
+fields in args. The file is written atomically (readers never see half a trace). The one trace writer: the
+dashboard's trace files are these with a section of their own under otherData.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from residency.atomic_file import atomic_output
+from residency.telemetry.events import LoopEvent
 from residency.telemetry.recorder import (
     BLOCK,
     C_COPIED,
@@ -25,13 +30,15 @@ from residency.telemetry.recorder import (
     T_END,
     T_READY,
     T_START,
+    FrameRecord,
     TelemetrySnapshot,
 )
 
 EXTRA_KEY = "residency"  # our section of otherData; Perfetto and chrome://tracing ignore it
 PID = 1
-TIDS = {"copy": 1, "dequant": 2, "compute": 3, "stall": 4, "frame": 5}
+TIDS = {"copy": 1, "dequant": 2, "compute": 3, "stall": 4, "frame": 5, "closed loop": 6}
 FRAME_TRACK = "frame"  # one span per frame: the work the plan predicts; the gap to the next one is the caller's
+LOOP_TRACK = "closed loop"  # one instant event per closed-loop decision (calibrated, replanned, kept, capped)
 
 
 def _span(name: str, track: str, start_s: float, end_s: float, t0: float, args: dict) -> dict:
@@ -39,8 +46,29 @@ def _span(name: str, track: str, start_s: float, end_s: float, t0: float, args: 
             "ts": (start_s - t0) * 1e6, "dur": max(0.0, end_s - start_s) * 1e6, "args": args}
 
 
+def _frame_args(frame: FrameRecord) -> dict:
+    """The "frame" span's args: the caller's gap and the predictions (ms, null without one) of the plan that ran it."""
+    return {"frame": frame.frame, "gap_ms": frame.gap_ms, "predicted_frame_ms": frame.predicted_frame_ms,
+            "predicted_compute_ms": frame.predicted_compute_ms, "predicted_copy_ms": frame.predicted_copy_ms}
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _loop_event(event: LoopEvent, t0: float) -> dict:
+    """A global instant event ("i", scope "g") at the decision; args hold every field, time_s on the trace's
+    clock (seconds from t0, as ts) and non-finite ms as null (JSON has no NaN; a plan without a prediction)."""
+    time_s = event.time_s - t0
+    args = {**dataclasses.asdict(event), "time_s": time_s,
+            **{k: _finite_or_none(getattr(event, k)) for k in ("measured_ms", "predicted_ms", "new_predicted_ms")}}
+    return {"name": event.kind, "cat": LOOP_TRACK, "ph": "i", "s": "g", "pid": PID, "tid": TIDS[LOOP_TRACK],
+            "ts": time_s * 1e6, "args": args}
+
+
 def chrome_trace(snapshot: TelemetrySnapshot) -> dict:
-    """The trace document: one complete event ("X") per copy, dequant, compute and stall span, and per frame."""
+    """The trace document: one complete event ("X") per copy, dequant, compute and stall span, and per frame;
+    one instant event ("i") per closed-loop decision."""
     events: list[dict] = [{"name": "process_name", "ph": "M", "pid": PID, "args": {"name": "residency runtime"}}]
     events += [{"name": "thread_name", "ph": "M", "pid": PID, "tid": tid, "args": {"name": track}}
                for track, tid in TIDS.items()]
@@ -60,9 +88,10 @@ def chrome_trace(snapshot: TelemetrySnapshot) -> dict:
                 events.append(_span(name, "dequant", r[T_READY], r[T_DEQUANT], t0, args))
             events.append(_span(name, "compute", r[T_DEQUANT], r[T_END], t0, args))
         events.append(_span(f"frame {frame.frame}", FRAME_TRACK, frame.start_s, frame.start_s + frame.frame_ms / 1e3,
-                            t0, {"frame": frame.frame, "gap_ms": frame.gap_ms}))
+                            t0, _frame_args(frame)))
         events.append({"name": "device memory", "ph": "C", "pid": PID, "ts": (frame.start_s - t0) * 1e6,
                        "args": {"bytes": frame.device_bytes, "peak_bytes": frame.device_peak_bytes}})
+    events += [_loop_event(e, t0) for e in snapshot.events]
     return {"traceEvents": events, "displayTimeUnit": "ms",
             "otherData": {"predicted_frame_ms": snapshot.prediction.frame_ms if snapshot.prediction else None}}
 

@@ -63,6 +63,10 @@ class FrameRecord:
     # The caller's time from this frame's work end to the next frame's work (drawing, pacing, I/O between
     # steps): never in frame_ms; 0.0 where unknown (the frame closed at detach).
     gap_ms: float = 0.0
+    # The running plan's per-engine predictions for this frame (Prediction.compute_ms / copy_ms, ms), the
+    # counterparts of compute_busy_ms / copy_busy_ms; None without a prediction (or from an older trace).
+    predicted_compute_ms: float | None = None
+    predicted_copy_ms: float | None = None
 
     @property
     def period_ms(self) -> float:
@@ -176,8 +180,9 @@ class Recorder:
         self._resolved.append(rows)
         span = self._work_span(resolve, float(rows[0, T_START]), float(rows[-1, T_END]), next_start_mark)
         # the prediction of the plan that ran the frame (a re-plan may replace it before the summary is made)
-        predicted_ms = self.prediction.frame_ms if self.prediction else None
-        self._unsummarised.append((rows, device_bytes, device_peak_bytes, predicted_ms, *span))
+        p = self.prediction
+        predicted = (p.frame_ms, p.compute_ms, p.copy_ms) if p else (None, None, None)
+        self._unsummarised.append((rows, device_bytes, device_peak_bytes, predicted, *span))
         self.closed_frames += 1
 
     def _work_span(self, resolve: Callable[[np.ndarray], np.ndarray], first_call_s: float, last_call_s: float,
@@ -211,8 +216,10 @@ class Recorder:
             self._frames.append(self._summarise(*self._unsummarised.popleft()))
         return self._frames
 
-    def _summarise(self, rows: np.ndarray, device_bytes: int, device_peak_bytes: int, predicted_ms: float | None,
-                   start_s: float, end_s: float, gap_s: float) -> FrameRecord:
+    def _summarise(self, rows: np.ndarray, device_bytes: int, device_peak_bytes: int,
+                   predicted: tuple[float | None, float | None, float | None], start_s: float, end_s: float,
+                   gap_s: float) -> FrameRecord:
+        """The FrameRecord of one closed frame; `predicted` is (frame, compute, copy) ms of its plan."""
         has_copy = rows[:, HAS_COPY] > 0
         copy_s = np.where(has_copy, rows[:, C_COPIED] - rows[:, C_START], 0.0)
         copy_dq_s = np.where(has_copy, rows[:, C_END] - rows[:, C_COPIED], 0.0)
@@ -235,9 +242,10 @@ class Recorder:
             dequant_ms=float((copy_dq_s.sum() + dq_s.sum()) * 1e3), stall_ms=float(stall_s.sum() * 1e3),
             link_bytes=int(rows[:, LINK_BYTES].sum()), device_bytes=device_bytes,
             device_peak_bytes=device_peak_bytes, blocks=tuple(blocks),
-            predicted_frame_ms=predicted_ms,
+            predicted_frame_ms=predicted[0],
             compute_busy_ms=float((dq_s.sum() + comp_s.sum()) * 1e3),
-            copy_busy_ms=float((copy_s.sum() + copy_dq_s.sum()) * 1e3), gap_ms=gap_s * 1e3)
+            copy_busy_ms=float((copy_s.sum() + copy_dq_s.sum()) * 1e3), gap_ms=gap_s * 1e3,
+            predicted_compute_ms=predicted[1], predicted_copy_ms=predicted[2])
 
     def snapshot(self, memory: tuple[tuple[str, int], ...] = ()) -> TelemetrySnapshot:
         """The kept frames and rows as a TelemetrySnapshot, with the ledger's `memory` (kind, bytes)."""
