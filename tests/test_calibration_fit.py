@@ -100,8 +100,8 @@ def test_fitter_recovers_known_rates(noise):
     fit = calibrate(telemetry_from(w, plan, truth, noise=noise), w, plan, base, model="two-part")
     tol = 0.03 + noise
     # compute runs both alone and beside copies: scale and slowdown are told apart
-    assert fit.compute_scale["dit"] == pytest.approx(1.3, rel=tol)
-    assert fit.compute_scale["decoder"] == pytest.approx(0.8, rel=tol)
+    assert fit.compute_scale["dit.blocks.*"] == pytest.approx(1.3, rel=tol)
+    assert fit.compute_scale["decoder.blocks.*"] == pytest.approx(0.8, rel=tol)
     assert fit.compute_slowdown == pytest.approx(1.3, rel=2 * tol)
     # every copy runs beside compute: the slowdown is not separable, the base's is kept and the scale
     # absorbs the rest — a copy beside compute then takes what it really takes (2.5 × 1.2)
@@ -137,7 +137,7 @@ def test_noise_and_outliers_do_not_move_the_fit():
     rows = [r.copy() for r in snap.rows]
     rows[5][2, 5] += 0.5  # one call 500 ms late: a page fault, a context switch
     fit = calibrate(dataclasses.replace(snap, rows=tuple(rows)), w, plan, base)
-    assert fit.compute_scale["dit"] == pytest.approx(1.3, rel=0.05)
+    assert fit.compute_scale["dit.blocks.*"] == pytest.approx(1.3, rel=0.05)
 
 
 def test_compute_scales_belong_to_their_model():
@@ -157,7 +157,7 @@ def test_a_resident_plan_calibrates_compute_and_keeps_the_link():
     plan = make_plan(w, base)
     fit = calibrate(telemetry_from(w, plan, true_profile(base)), w, plan, base)
     assert fit.copy_scale is None and fit.profile.link == base.link
-    assert fit.compute_scale["dit"] == pytest.approx(1.3, rel=0.02)
+    assert fit.compute_scale["dit.blocks.*"] == pytest.approx(1.3, rel=0.02)
 
 
 def test_too_few_frames_is_a_clear_error():

@@ -62,7 +62,7 @@ def copy_s(block: BlockSpec, fmt: str, profile: DeviceProfile, execution: Execut
 def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_frames: int,
               kv_read: bool, kv_dtype: str, batch: int) -> float:
     """Seconds of the block's forward on the compute stream (matmul, memory roof, elementwise, launches), times
-    the profile's calibrated compute_scale of the block's component (1.0 when it has none).
+    the profile's calibrated compute_scale of the block's class or component (1.0 when it has none).
 
     `context_frames` latent frames of KV are read when `kv_read`; `batch` multiplies tokens and
     fixed FLOPs. GPU: launch time hides under device work; CPU: per-op dispatch time adds to it.
@@ -88,7 +88,16 @@ def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_f
         seconds = max(device, kernels_per_call(block) * profile.launch_overhead_us * 1e-6)
     else:
         seconds = device + ops_per_call(block) * profile.launch_overhead_us * 1e-6
-    return seconds * profile.compute_scale.get(block.component, 1.0)  # × 1.0 is exact: uncalibrated is unchanged
+    return seconds * compute_scale_of(profile, block)  # × 1.0 is exact: uncalibrated is unchanged
+
+
+def compute_scale_of(profile: DeviceProfile, block: BlockSpec) -> float:
+    """The profile's calibrated compute scale for `block`: its class's ("dit.blocks.*"), else its component's
+    ("dit"), else 1.0."""
+    scales = profile.compute_scale
+    if not scales:
+        return 1.0
+    return scales.get(block.block_class, scales.get(block.component, 1.0))
 
 
 def _elementwise_s(block: BlockSpec, batch: int, element_bytes: int, profile: DeviceProfile) -> float:

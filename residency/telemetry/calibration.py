@@ -2,20 +2,24 @@
 
 The cost model predicts each block call from the profile; the recorder measures the same call. Per engine:
 
-    compute measured = compute predicted · scale[component] · g(f_k, s_k)
+    compute measured = compute predicted · scale[class]     · g(f_k, s_k)
     copy measured    = copy predicted    · a_link            · g(f_c, s_c)
     dequant measured = dequant predicted · a_dequant[format] · g(f_d, s_k)
     g(f, s) = 1 / (1 − f · (1 − 1/s))
 
 where f_k is the fraction of the call's compute (wall time) during which the copy engine was busy, f_c the
-fraction of a copy during which compute ran, and s_k, s_c the profile's per-engine slowdowns: work that
-runs at rate 1/s for a fraction f of its wall time takes g(f, s) times its lone time, as the simulator has it. Scales come from medians with
-outliers dropped; a slowdown is re-fitted only when the telemetry holds both lone and concurrent work to tell
-it from the scale (a streamed plan on a CPU copies under compute almost always: then the profile's slowdown is
-kept and the scale absorbs the rest, which is what a plan of the same concurrency sees).
+fraction of a copy during which compute ran, and s_k, s_c the profile's per-engine slowdowns: work that runs
+at rate 1/s for a fraction f of its wall time takes g(f, s) times its lone time, as the simulator has it.
+
+A class is a repeated stack ("dit.blocks.*", BlockSpec.block_class): the cost model's error differs by kind of
+block (a dispatch-bound embedding is off by more than a matmul-bound transformer block), so a slowdown is read
+only within a class, from its calls that ran at different shares beside the other engine (a robust line
+through 1/ratio over f: 1/r = (1 − f·(1 − 1/s)) / scale), and pooled over classes. Without such spread (a
+streamed plan on a CPU copies under compute almost always) the profile's slowdown is kept and the scale
+absorbs the rest, which is what a plan of the same concurrency sees. Scales are medians with outliers dropped.
 
 Per-engine rates (link, dequant, slowdowns) describe the machine and transfer to other plans and models;
-compute scales per block component belong to one model (`Calibration.workload_fingerprint`).
+compute scales per block class belong to one model (`Calibration.workload_fingerprint`).
 """
 
 from __future__ import annotations
@@ -50,8 +54,8 @@ from residency.workload import Workload
 
 WARMUP_FRAMES = 2  # frames 1..2 are skipped: first-touch page faults, allocator growth, the ring filling
 MIN_POINTS = 3  # fewer (frame, block) points than this leave a figure at the profile's value
-LONE_BELOW = 0.2  # a call whose concurrent fraction is below this counts as running alone
-SHARED_ABOVE = 0.6  # ... above this, as running beside the other engine
+MIN_SPREAD = 0.3  # a slowdown is read from a class whose shares beside the other engine span at least this
+MIN_SLOPE_POINTS = 8  # ... and that has at least this many points
 OUTLIER_MADS = 4.0  # points further than this many scaled MADs from the median are dropped
 SCALE_RANGE = (0.05, 50.0)  # a fitted scale outside this is a broken measurement, not a slow device
 SLOWDOWN_RANGE = (1.0, 10.0)
@@ -66,7 +70,7 @@ class CalibrationFit:
     factors ≥ 1 (None: not separable from the scale in this telemetry, the base's kept)."""
     profile: DeviceProfile
     frames: int  # frames the fit used (after the warm-up)
-    compute_scale: dict[str, float]  # per block component
+    compute_scale: dict[str, float]  # per block class ("dit.blocks.*")
     copy_scale: float | None  # link time measured ÷ predicted; None without copies
     dequant_scale: dict[str, float]  # per storage format
     compute_slowdown: float | None
@@ -74,7 +78,7 @@ class CalibrationFit:
     points: dict[str, int]  # (frame, block) points per figure, for the report
 
     def summary(self) -> str:
-        """One line: the factors found, e.g. "compute ×1.31 (dit), copy ×2.70, Q8_0 dequant ×1.10"."""
+        """One line: the factors found, e.g. "compute ×1.31 (dit.blocks.*), copy ×2.70, Q8_0 dequant ×1.10"."""
         parts = [f"compute ×{v:.2f} ({k})" for k, v in sorted(self.compute_scale.items())]
         if self.copy_scale is not None:
             parts.append(f"copy ×{self.copy_scale:.2f}")
@@ -198,7 +202,7 @@ def _collect(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profil
         measured = used[idx, T_END] - used[idx, T_DEQUANT]
         total = float(measured.sum())
         shared = float((f_compute[idx] * measured).sum() / total) if total > 0 else 0.0
-        compute[spec.component].add(total, predictions[ctx][name], shared)
+        compute[spec.block_class].add(total, predictions[ctx][name], shared)
         deq_pred = dequant_s(spec, bp.format, bp.compute_dtype, profile)
         if deq_pred > 0:
             on_compute = used[idx, T_DEQUANT] - used[idx, T_READY]
@@ -225,20 +229,35 @@ def stretch(shared: np.ndarray, slowdown: float) -> np.ndarray:
     return 1.0 / (1.0 - shared * (1.0 - 1.0 / slowdown))
 
 
-def _fit(points: _Points, slowdown: float) -> tuple[float, float | None]:
-    """(scale, slowdown or None) from the points: the slowdown is re-fitted only when both lone and shared
-    points exist (MIN_POINTS each); otherwise the scale is fitted under the given slowdown."""
+def _slowdown(points: _Points) -> tuple[float, int] | None:
+    """(slowdown, points) read from one class's points, or None when their shares do not spread enough.
+
+    1/r = (1 − f·(1 − 1/s)) / scale is a line in f: a Theil–Sen fit (median of pairwise slopes, robust to a
+    third of the points being outliers) gives intercept 1/scale and slope −(1 − 1/s)/scale."""
+    from scipy.stats import theilslopes
+
     r, f = np.asarray(points.ratio), np.asarray(points.shared)
-    lone, shared = f < LONE_BELOW, f > SHARED_ABOVE
-    fitted = None
-    if lone.sum() >= MIN_POINTS and shared.sum() >= MIN_POINTS:
-        scale = robust_median(r[lone] / stretch(f[lone], slowdown))
-        # r / scale = g(f, s)  =>  1 − 1/s = (1 − scale / r) / f
-        lost = np.clip((1.0 - scale / r[shared]) / f[shared], 0.0, 1.0 - 1.0 / SLOWDOWN_RANGE[1])
-        s = 1.0 / (1.0 - robust_median(lost))
-        fitted = slowdown = min(max(s, SLOWDOWN_RANGE[0]), SLOWDOWN_RANGE[1])
-    scale = robust_median(r / stretch(f, slowdown))
-    return scale, fitted
+    if len(r) < MIN_SLOPE_POINTS or np.quantile(f, 0.9) - np.quantile(f, 0.1) < MIN_SPREAD:
+        return None
+    slope, intercept, _, _ = theilslopes(1.0 / r, f)
+    if intercept <= 0:
+        return None
+    lost = min(max(-slope / intercept, 0.0), 1.0 - 1.0 / SLOWDOWN_RANGE[1])  # 1 − 1/s
+    return 1.0 / (1.0 - lost), len(r)
+
+
+def _pooled_slowdown(groups: Iterable[_Points]) -> float | None:
+    """The slowdown read from every class that can tell it (weighted by points), clamped to SLOWDOWN_RANGE."""
+    found = [x for x in (_slowdown(g) for g in groups) if x is not None]
+    if not found:
+        return None
+    s = float(np.average([v for v, _ in found], weights=[n for _, n in found]))
+    return min(max(s, SLOWDOWN_RANGE[0]), SLOWDOWN_RANGE[1])
+
+
+def _scale(points: _Points, slowdown: float) -> float:
+    """measured ÷ predicted with the interference under `slowdown` taken out (robust median)."""
+    return robust_median(np.asarray(points.ratio) / stretch(np.asarray(points.shared), slowdown))
 
 
 def _in_range(name: str, scale: float) -> float:
@@ -269,24 +288,16 @@ def calibrate(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profi
         raise ResidencyError(f"calibration needs frames after the first {warmup_frames}; the telemetry holds "
                              f"{len(snapshot.frames)} frame(s)", hint="run more frames before calibrating")
     compute, dequant, copy = collected
-    s_k, s_c = profile.compute_slowdown_factor(), profile.copy_slowdown_factor()
-    # the compute slowdown is the device's: fit it on all components' points pooled, each by its own scale
-    pooled = _Points()
-    comp_scale: dict[str, float] = {}
-    for component, pts in compute.items():
-        if len(pts.ratio) >= MIN_POINTS:
-            comp_scale[component] = _in_range(f"{component} compute", _fit(pts, s_k)[0])
-            pooled.ratio += [x / comp_scale[component] for x in pts.ratio]
-            pooled.shared += pts.shared
-    fitted_k = _fit(pooled, s_k)[1] if pooled.ratio else None
-    if fitted_k is not None:  # refit the scales under the slowdown found
-        s_k = fitted_k
-        comp_scale = {c: _in_range(f"{c} compute", _fit(compute[c], s_k)[0]) for c in comp_scale}
+    # the compute slowdown is the device's: read within each class (its own scale), pooled over classes
+    fitted_k = _pooled_slowdown(p for p in compute.values() if len(p.ratio) >= MIN_POINTS)
+    s_k = fitted_k if fitted_k is not None else profile.compute_slowdown_factor()
+    comp_scale = {c: _in_range(f"{c} compute", _scale(p, s_k))
+                  for c, p in compute.items() if len(p.ratio) >= MIN_POINTS}
     copy_scale, fitted_c = (None, None)
     if len(copy.ratio) >= MIN_POINTS:
-        copy_scale, fitted_c = _fit(copy, s_c)
-        copy_scale = _in_range("copy", copy_scale)
-    deq_scale = {fmt: _in_range(f"{fmt} dequant", _fit(pts, s_k)[0])
+        fitted_c = _pooled_slowdown([copy])
+        copy_scale = _in_range("copy", _scale(copy, fitted_c or profile.copy_slowdown_factor()))
+    deq_scale = {fmt: _in_range(f"{fmt} dequant", _scale(pts, s_k))
                  for fmt, pts in dequant.items() if len(pts.ratio) >= MIN_POINTS}
     fit_points = {f"compute {c}": len(p.ratio) for c, p in compute.items()}
     fit_points["copy"] = len(copy.ratio)

@@ -61,6 +61,12 @@ class BlockSpec:
         return tuple(math.prod(s) for _, s in self.tensors if sum(d > 1 for d in s) >= 2)
 
     @cached_property
+    def block_class(self) -> str:
+        """The block's name with its numbered segments as `*` ("dit.blocks.7" -> "dit.blocks.*"): the blocks of
+        one repeated stack share a class (a calibrated profile scales compute per class)."""
+        return ".".join("*" if part.isdigit() else part for part in self.name.split("."))
+
+    @cached_property
     def params(self) -> int:
         """Weight elements of the block (all its tensors)."""
         return sum(math.prod(s) for _, s in self.tensors)
