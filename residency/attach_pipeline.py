@@ -23,6 +23,7 @@ from residency.front_door.foreign_hooks import refuse_pipeline_hooks
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, vram_bytes
 from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
+from residency.runtime.closed_loop import LoopOptions
 from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.units import fmt_bytes
 from residency.workload import ModuleWorkloadWarning, Workload, module_workload
@@ -268,14 +269,16 @@ class PipelineRuntime:
 def attach_pipeline(pipe: Any, *, vram: VramSpec = None, fps: float | None = None, frame_ms: float | None = None,
                     profile: str | os.PathLike[str] | DeviceProfile = "auto", backend: str = "cpu",
                     policy: str = "ours", plan: Plan | str | os.PathLike[str] | None = None,
-                    call: Mapping[str, Any] | None = None) -> PipelineRuntime:
+                    call: Mapping[str, Any] | None = None, closed_loop: bool | LoopOptions = False) -> PipelineRuntime:
     """Plan the pipeline's components as one workload (encode → denoise × steps → decode) for `call`'s
     shapes (pipe(**call): prompt, height, width, num_inference_steps, …) and attach one Runtime to them.
 
     `vram`: bytes, "12GiB" or a share of the planned weights at their own dtype ("50%"); None: the
     profile's usable memory. `fps`/`frame_ms`: images per second / ms per image (None: the fastest plan
-    that fits). `plan`: a Plan or its JSON path, run instead of planning. Cost: one real call of the
-    pipeline with one denoise step, to find each component's input shapes."""
+    that fits). `plan`: a Plan or its JSON path, run instead of planning. `closed_loop`: False (default: the
+    plan stays fixed), True (re-plan when images miss the budget or the prediction, LoopOptions' defaults) or a
+    LoopOptions (`max_switches` caps it); each pipeline call is one unit. Cost: one real call of the pipeline
+    with one denoise step, to find each component's input shapes."""
     if fps is not None and frame_ms is not None:
         raise ResidencyError("both fps and frame_ms given", hint="give one: frame_ms = 1000 / fps")
     if fps is not None and not fps > 0:
@@ -286,13 +289,16 @@ def attach_pipeline(pipe: Any, *, vram: VramSpec = None, fps: float | None = Non
     budget = Budget(vram_bytes(vram, weights, prof.memory_usable_bytes),
                     1000.0 / fps if fps is not None else frame_ms)
     given = load_plan(plan) if isinstance(plan, str | os.PathLike) else plan
-    return attach_built(built, budget, profile=prof, backend=backend, policy=policy, plan=given)
+    return attach_built(built, budget, profile=prof, backend=backend, policy=policy, plan=given,
+                        closed_loop=closed_loop)
 
 
 def attach_built(built: PipelineWorkload, budget: Budget, *, profile: str | os.PathLike[str] | DeviceProfile = "auto",
-                 backend: str = "cpu", policy: str = "ours", plan: Plan | None = None) -> PipelineRuntime:
+                 backend: str = "cpu", policy: str = "ours", plan: Plan | None = None,
+                 closed_loop: bool | LoopOptions = False) -> PipelineRuntime:
     """attach_pipeline's second half, for a workload already built: plan (unless `plan` is given; it must
-    be one for this workload and profile) and attach; re-plans go through `policy`."""
+    be one for this workload and profile) and attach; re-plans go through `policy`. `closed_loop` as in
+    attach_pipeline; with it, a plan made for another profile raises ResidencyError (nothing stays attached)."""
     from policies import PlanRequest, get_policy
 
     prof = _profile(profile, backend)
@@ -313,6 +319,13 @@ def attach_built(built: PipelineWorkload, budget: Budget, *, profile: str | os.P
         planner = None  # a plan made for another profile runs as given; re-plans need plans for one profile
     runtime = Runtime(first, backend, workload=built.workload, replan=planner,
                       profile=prof if planner is not None else None).attach(built.modules)
+    if isinstance(closed_loop, LoopOptions) or closed_loop:
+        options = closed_loop if isinstance(closed_loop, LoopOptions) else LoopOptions()
+        try:
+            runtime.enable_closed_loop(options, model=built.workload.name)
+        except ResidencyError:
+            runtime.detach()  # the pipeline is restored: attach fails as a whole
+            raise
     return PipelineRuntime(runtime, built)
 
 

@@ -173,8 +173,8 @@ def default_vram_bytes(usable_bytes: int, workload: Workload, console: Console) 
 def make_plan(model: Model, console: Console, *, plan_path: str | None = None, profile: str | None = None,
               fps: float | None = None, vram_bytes: int | None = None) -> tuple[Plan, Replanner | None]:
     """The plan to run and its replanner: `plan_path` loaded and checked against the model (no replanner),
-    or planned now with policy `ours` for `profile` (a name or path; default this machine's cached
-    measurement), `fps` video frames per second and `vram_bytes` (default: `default_vram_bytes`)."""
+    or planned now with policy `ours` for `profile` (a name, a path or "calibrated": see resolve_for; default
+    this machine's cached measurement), `fps` video frames per second and `vram_bytes` (default: `default_vram_bytes`)."""
     from residency.plan import load_plan
 
     if plan_path:
@@ -182,18 +182,28 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
         plan.check_matches(model.workload, f"model {model.label}")
         return plan, None
     from policies import PlanRequest, Replanner, get_policy
-    from residency.device import resolve_profile
     from residency.front_door.vram import frame_budget_ms
     from residency.plan import Budget
 
     frame_ms = frame_budget_ms(fps, None, model.workload.video_frames_per_latent)  # fps checked by argparse
-    device_profile = resolve_profile(profile) if profile else cached_profile(device_kind(), console)
+    device_profile = resolve_for(model, profile, console) if profile else cached_profile(device_kind(), console)
     if vram_bytes is None:
         vram_bytes = default_vram_bytes(device_profile.memory_usable_bytes, model.workload, console)
     req = PlanRequest(model.workload, device_profile, Budget(vram_bytes, frame_ms),
                       sensitivity=model.sensitivity, compute_dtype="fp32" if device_kind() == "cpu" else "bf16")
     replan = Replanner(get_policy("ours"), req)
     return replan.policy(req), replan
+
+
+def resolve_for(model: Model, profile: str, console: Console) -> DeviceProfile:
+    """`--profile` for `model`: a shipped name or a path, or "calibrated" — this machine's cached profile as
+    calibrated for the model (residency.device.profile_for; its notes on the console).
+
+    Raises UsageError (exit 2) for "calibrated" without a calibration, ResidencyError for a bad name or file."""
+    from residency.device import profile_for
+
+    return profile_for(profile, model.workload.fingerprint(), kind=device_kind(),
+                       model=model.label.split(" ", 1)[0], say=console.print)
 
 
 def attach(model: Model, plan: Plan, replan: Replanner | None) -> Runtime:
@@ -231,3 +241,50 @@ def final_snapshot(runtime: Runtime) -> TelemetrySnapshot:
     memory = runtime.telemetry().memory
     runtime.detach()
     return dataclasses.replace(runtime.telemetry(), memory=memory)
+
+
+def enable_loop(runtime: Runtime, model: Model, say: Callable[[str], object] | None) -> None:
+    """Turn the closed loop on with its default options (residency.runtime.closed_loop): re-plan when frames
+    miss; `say` gets each decision as one line as it happens (None: not printed, e.g. the dashboard shows them).
+
+    Raises ResidencyError for a runtime without a replanner (a plan from --plan stays fixed)."""
+    from residency.runtime.closed_loop import LoopOptions
+
+    report = None if say is None else (lambda event: say(event.line()))
+    runtime.enable_closed_loop(LoopOptions(), model=model.workload.name, say=report)
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """A calibration of a finished rollout, saved to the cache, with the prediction error it removed."""
+    path: Path  # the calibrated profile's cache file
+    frames: int  # latent frames fitted
+    error_before: float  # median relative error of those frames vs the plan predicted with the starting profile
+    error_after: float  # ... vs the same plan re-predicted with the calibrated profile (+0.031 = 3.1 % slower)
+    summary: str  # the factors found (CalibrationFit.summary)
+
+    def line(self) -> str:
+        """"calibrated profile saved to PATH (from N frames): prediction error before +36.2 %, after +3.1 %"."""
+        return (f"calibrated profile saved to {self.path} (from {self.frames} frames): prediction error before "
+                f"{self.error_before * 100:+.1f} %, after {self.error_after * 100:+.1f} %")
+
+
+def calibrate_session(runtime: Runtime, start_profile: DeviceProfile) -> CalibrationReport:
+    """Fit the profile to the frames the runtime ran (Runtime.calibrated_profile; detached or not), save the
+    calibrated profile to the cache (residency.device.save_calibrated) and compare the fitted frames' measured
+    work ms with the running plan as predicted by `start_profile` (the profile the session started with) and
+    by the calibrated profile.
+
+    Raises ResidencyError with too few frames, an absurd fit, or an unwritable cache."""
+    from residency.device import save_calibrated
+    from residency.runtime.runtime import calibration_window
+    from residency.simulate import predict
+    from residency.telemetry.calibration import prediction_errors
+
+    fit = runtime.calibrated_profile()
+    measured_ms = [f.frame_ms for f in calibration_window(runtime.telemetry()).frames]
+    before_ms, after_ms = (predict(runtime.workload, runtime.plan, p, bound=False).prediction.frame_ms
+                           for p in (start_profile, fit.profile))
+    path = save_calibrated(fit.profile)
+    return CalibrationReport(path, fit.frames, prediction_errors(measured_ms, before_ms),
+                             prediction_errors(measured_ms, after_ms), fit.summary())

@@ -73,8 +73,16 @@ def telemetry_from(workload, plan, profile, noise=0.0, seed=0) -> TelemetrySnaps
             c = copies[(e.frame, e.label)][k]
             row[6:11] = [c.start_ms / 1e3, c.end_ms / 1e3, c.end_ms / 1e3, c.nbytes, 1.0]
         per_frame[e.frame].append(row)
-    rows = tuple(np.array(per_frame[f], dtype=np.float64).reshape(-1, COLUMNS) for f in sorted(per_frame))
-    frames = tuple(dataclasses.make_dataclass("F", ["frame_ms"])(0.0) for _ in rows)
+    rows = []
+    frames = []
+    record = dataclasses.make_dataclass("F", ["frame", "frame_ms"])
+    for f in sorted(per_frame):
+        r = np.array(per_frame[f], dtype=np.float64).reshape(-1, COLUMNS)
+        r = r[np.argsort(r[:, 4], kind="stable")]
+        r[1:, 2] = r[:-1, 5]  # a call enters when the one before it returned: waiting for a copy is its stall
+        rows.append(r)
+        frames.append(record(f, (r[-1, 5] - r[0, 2]) * 1e3))
+    rows, frames = tuple(rows), tuple(frames)
     return TelemetrySnapshot(frames, rows, tuple(names), None, ())
 
 

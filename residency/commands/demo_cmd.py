@@ -1,7 +1,9 @@
 """`residency demo`: the main job — the shipped world model planned under a VRAM budget that forces
 streaming, a scripted rollout with the dashboard, then demo.gif and demo-trace.json.
 
-No GPU: the CPU backend with this machine's cached profile (measured in quick mode the first time).
+No GPU: the CPU backend with this machine's cached profile (measured in quick mode the first time). The closed
+loop re-plans when frames miss (--no-closed-loop: off); at the end the profile is calibrated on the frames and
+cached (`--profile calibrated` uses it), and the last line gives the prediction error before and after.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ SCRIPT = "right*8,down*6,jump*2,left*8,up*6,use*2,down_right*6,up_left*6,idle*4,
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register `residency demo [-o DIR] [--frames N] [--once]` on the subparsers `sub`."""
+    """Register `residency demo [-o DIR] [--frames N] [--once] [--profile P] [--no-closed-loop]` on `sub`."""
     p = sub.add_parser("demo", help="plan and run the shipped world model under a small VRAM budget; write a GIF "
                        "and a trace", description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--output-dir", default=".", metavar="DIR", help="where demo.gif and demo-trace.json go")
@@ -33,6 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="latent frames (default: the 56 of the script)")
     p.add_argument("--once", action="store_true", help="no live dashboard: print its final render (the default "
                    "when stdout is not a terminal)")
+    p.add_argument("--profile", metavar="NAME|PATH", help="device profile, or `calibrated` (this machine's as "
+                   "calibrated by an earlier demo or `run --calibrate`; default: this machine's cached profile)")
+    p.add_argument("--no-closed-loop", action="store_true", help="keep the plan made at the start (by default it "
+                   "is re-planned when frames miss the budget or the prediction)")
     p.set_defaults(run=run)
 
 
@@ -52,9 +58,11 @@ def _plan_line(plan) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Plan and run the shipped world model, write demo.gif and demo-trace.json; returns 0.
+    """Plan and run the shipped world model, write demo.gif and demo-trace.json, calibrate and cache the profile;
+    returns 0.
 
-    Raises ResidencyError when the output directory cannot be written.
+    Raises ResidencyError when the output directory cannot be written, UsageError for `--profile calibrated`
+    without a calibration.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -85,11 +93,15 @@ def run(args: argparse.Namespace) -> int:
                                                                            model.pipe.config.actions)),
                                     args.frames or 56))
     # This machine's profile, DEMO_FPS and a budget below the model's weight bytes.
-    plan, replan = session_setup.make_plan(model, err, fps=DEMO_FPS, vram_bytes=_vram_bytes(model))
+    plan, replan = session_setup.make_plan(model, err, profile=args.profile, fps=DEMO_FPS,
+                                           vram_bytes=_vram_bytes(model))
     console.print(_plan_line(plan))
     context = session_setup.context_for(model, plan)
     board = Dashboard(context)
     runtime = session_setup.attach(model, plan, replan)
+    say = run_cmd.print_line(console)
+    if not args.no_closed_loop:  # live, the dashboard shows the loop's events; else each is printed
+        session_setup.enable_loop(runtime, model, None if live_view else say)
     image = model.start_image
     try:
         if live_view:
@@ -110,4 +122,14 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"wrote {gif} ({len(video)} frames) and {trace}")
     console.print(f"replay the telemetry:  residency dashboard {trace}")
     console.print("play it yourself:      residency play      (arrows/WASD, space, e; q quits)")
+    say(_calibration_line(runtime, replan.profile))
     return 0
+
+
+def _calibration_line(runtime, start_profile) -> str:
+    """The demo's last line: the calibration saved and the prediction error before and after it, or why none
+    was made (too few frames, a fit too far off; the demo itself succeeded)."""
+    try:
+        return session_setup.calibrate_session(runtime, start_profile).line()
+    except ResidencyError as e:
+        return f"not calibrated: {e.message}"

@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="catalog model (e.g. lucid-500m, flux-schnell), a catalog .json, "
                    "or a diffusers/transformers model directory (config.json; weights not needed)")
     p.add_argument("--profile", required=True, metavar="NAME|PATH",
-                   help="shipped device profile (see `residency profiles`) or a profile JSON")
+                   help="shipped device profile (see `residency profiles`), a profile JSON, or `calibrated` "
+                   "(this machine's cached profile as calibrated by `residency run --calibrate`)")
     speed = p.add_mutually_exclusive_group()
     speed.add_argument("--fps", type=arg_types.FPS, metavar="N",
                        help="video frames per second to hold (a latent frame decodes to the model's video frames)")
@@ -60,11 +61,11 @@ class Outcome:
 def make_request(args):
     """The PlanRequest the plan command's arguments describe (workload, profile, budget, host RAM).
 
-    Raises UsageError for --steps outside 1..64 or a bad --vram, and ResidencyError for an unknown
-    model or profile.
+    Raises UsageError for --steps outside 1..64, a bad --vram or `--profile calibrated` without a
+    calibration of this machine's profile, and ResidencyError for an unknown model or profile.
     """
     from policies import PlanRequest
-    from residency.device import resolve_profile
+    from residency.device import profile_for
     from residency.device.host_memory import host_memory
     from residency.front_door.vram import frame_budget_ms  # --fps/--frame-ms range-checked by argparse
     from residency.plan import Budget
@@ -72,7 +73,7 @@ def make_request(args):
     if args.steps is not None and not 1 <= args.steps <= 64:
         raise UsageError(f"--steps must be between 1 and 64, got {args.steps}", hint="e.g. --steps 4")
     workload = resolve_workload(args.model, steps=args.steps, compute_dtype=args.compute_dtype)
-    profile = resolve_profile(args.profile)
+    profile = profile_for(args.profile, workload.fingerprint(), model=args.model)
     vram = parse_size(args.vram, "--vram") if args.vram else profile.memory_usable_bytes
     budget = Budget(vram, frame_budget_ms(args.fps, args.frame_ms, workload.video_frames_per_latent))
     return PlanRequest(workload, profile, budget, host_bytes_available=host_memory().available_bytes,

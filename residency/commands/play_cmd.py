@@ -1,6 +1,7 @@
 """`residency play MODEL`: drive a world model from the keyboard, frames drawn in the terminal.
 
 Paced to the plan's frame budget (the --fps given, 15 by default); says so when the machine cannot hold it.
+The closed loop re-plans when frames miss (unless --no-closed-loop, or a plan is given with --plan).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("play", help="play a world model in the terminal: arrows/WASD, space, e; q quits",
                        description=__doc__.split("\n\n")[0])
     run_cmd.add_model_arguments(p)
+    p.add_argument("--no-closed-loop", action="store_true", help="keep the plan made at the start (by default it "
+                   "is re-planned when frames miss; never with --plan)")
     p.set_defaults(run=run)
 
 
@@ -94,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     view = PlayView(board, image, console.width)
     vocabulary = model.pipe.config.actions
     runtime = session_setup.attach(model, plan, replan)
+    if replan is not None and not args.no_closed_loop:  # a plan from --plan stays fixed
+        session_setup.enable_loop(runtime, model, None)  # its decisions show in the dashboard's events
     frames = 0
     try:
         session = model.pipe.start(image, seed=args.seed)

@@ -1,26 +1,39 @@
-"""`residency profiles`: list the shipped device profiles with their headline numbers.
+"""`residency profiles`: list the shipped device profiles with their headline numbers, then the calibrated
+profiles cached by `residency run --calibrate` and the demo (`--remove-calibrated` deletes those).
 
-Each is a datasheet profile until someone measures the card with `residency profile`.
+Each shipped profile is a datasheet profile until someone measures the card with `residency profile`.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from residency.commands.console import make_console
-from residency.device import DeviceProfile, load_profile, shipped_profile_names
+from residency.device import (
+    DeviceProfile,
+    list_calibrated,
+    load_profile,
+    remove_calibrated,
+    shipped_profile_names,
+)
+from residency.device.calibrated import base_name, calibrated_dir
 from residency.units import fmt_bytes
 
 LINK_AT_BYTES = 64 * 2**20
 
 
 def add_parser(sub) -> None:
-    """Register `residency profiles [--json]` on the subparsers `sub`."""
-    p = sub.add_parser("profiles", help="list the shipped device profiles (use a NAME with --profile)")
+    """Register `residency profiles [--json] [--remove-calibrated]` on the subparsers `sub`."""
+    p = sub.add_parser("profiles", help="list the shipped device profiles (use a NAME with --profile) and the "
+                       "cached calibrated ones")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    p.add_argument("--remove-calibrated", action="store_true", help="delete the cached calibrated profiles "
+                   "(`--profile calibrated` then needs a new `run --calibrate`)")
     p.set_defaults(run=run)
 
 
@@ -38,11 +51,31 @@ def summary(name: str, profile: DeviceProfile) -> dict:
     }
 
 
+def calibrated_summary(path: Path, profile: DeviceProfile) -> dict:
+    """A cached calibrated profile as a JSON-ready dict: its base, the model and frames it was fitted on."""
+    c = profile.calibration
+    return {"base": base_name(profile), "model": c.model, "frames": c.frames, "date": c.date, "path": str(path),
+            "base_fingerprint": c.base_fingerprint, "workload_fingerprint": c.workload_fingerprint}
+
+
 def run(args) -> int:
-    """Print the shipped device profiles as a table or JSON; returns 0."""
+    """Print the shipped device profiles and the cached calibrated ones as tables or JSON, or with
+    --remove-calibrated delete the calibrated ones and say how many; returns 0.
+
+    Raises ResidencyError when a calibrated profile cannot be deleted."""
+    if args.remove_calibrated:
+        removed = remove_calibrated()
+        message = f"removed {removed} calibrated profile{'s' if removed != 1 else ''} from {calibrated_dir()}"
+        if args.json:
+            json.dump({"removed_calibrated": removed}, sys.stdout)
+            sys.stdout.write("\n")
+        else:
+            make_console().print(message, markup=False, highlight=False)
+        return 0
     rows = [summary(name, load_profile(name)) for name in shipped_profile_names()]
+    calibrated = [calibrated_summary(path, p) for path, p in list_calibrated()]
     if args.json:
-        json.dump({"profiles": rows}, sys.stdout, indent=2)
+        json.dump({"profiles": rows, "calibrated": calibrated}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     table = Table(title="shipped device profiles (--profile NAME)", title_justify="left")
@@ -54,5 +87,23 @@ def run(args) -> int:
         table.add_row(r["name"], r["device"], fmt_bytes(r["memory_total_bytes"]),
                       f"{r['link_h2d_pinned_gbps_at_64mib']:.1f} GB/s", f"{r['device_memory_gbps']:.0f} GB/s",
                       r["backend"], "+".join(r["provenance"]))
-    make_console().print(table)
+    console = make_console()
+    console.print(table)
+    _print_calibrated(console, calibrated)
     return 0
+
+
+def _print_calibrated(console, calibrated: list[dict]) -> None:
+    """The second table: cached calibrated profiles (or a line saying there are none)."""
+    if not calibrated:
+        console.print(f"no calibrated profiles in {calibrated_dir()} (`residency run MODEL --calibrate` makes one)",
+                      markup=False, highlight=False)
+        return
+    table = Table(title="calibrated profiles (--profile calibrated; remove with --remove-calibrated)",
+                  title_justify="left")
+    for col, justify in (("base", "left"), ("model", "left"), ("frames", "right"), ("date", "left"),
+                         ("path", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for r in calibrated:
+        table.add_row(escape(r["base"]), escape(r["model"]), str(r["frames"]), r["date"], escape(r["path"]))
+    console.print(table)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,9 @@ from residency.session_setup import (
     Console,
     Model,
     attach,
+    calibrate_session,
     context_for,
+    enable_loop,
     final_snapshot,
     load_model,
     make_plan,
@@ -46,8 +49,8 @@ def add_model_arguments(p: argparse.ArgumentParser, plan_option: bool = True) ->
                    "held-out start image)")
     if plan_option:
         p.add_argument("--plan", metavar="PATH", help="a plan from `residency plan -o` (instead of planning here)")
-    p.add_argument("--profile", metavar="NAME|PATH", help="device profile (default: this machine's, measured once "
-                   "in quick mode and cached)")
+    p.add_argument("--profile", metavar="NAME|PATH", help="device profile, or `calibrated` (this machine's as "
+                   "calibrated by `run --calibrate`; default: this machine's, measured once in quick mode and cached)")
     p.add_argument("--fps", type=arg_types.FPS, metavar="N", help="video frames per second to plan for")
     p.add_argument("--vram", type=arg_types.vram_size, metavar="SIZE", help="device memory the plan may use, "
                    "e.g. 20MiB (default: the profile's usable memory; on the CPU no more than the RAM "
@@ -56,7 +59,8 @@ def add_model_arguments(p: argparse.ArgumentParser, plan_option: bool = True) ->
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register `residency run MODEL -o PATH [--actions] [--frames] [--trace] [--dashboard]` on `sub`."""
+    """Register `residency run MODEL -o PATH [--actions] [--frames] [--trace] [--dashboard] [--calibrate]
+    [--closed-loop]` on `sub`."""
     p = sub.add_parser("run", help="a headless rollout under a plan: frames to GIF/PNG, telemetry to a trace",
                        description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
@@ -67,7 +71,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="out.gif, or out.png for numbered PNGs")
     p.add_argument("--trace", metavar="PATH", help="write the Chrome trace (Perfetto) of the rollout here")
     p.add_argument("--dashboard", action="store_true", help="show the live dashboard on stdout (needs a terminal)")
+    p.add_argument("--calibrate", action="store_true", help="after the rollout, fit this machine's profile to its "
+                   "frames and cache it for `--profile calibrated`")
+    p.add_argument("--closed-loop", action="store_true", help="re-plan when frames miss the budget or the "
+                   "prediction (each decision printed as a line)")
     p.set_defaults(run=run)
+
+
+def check_loop_arguments(args: argparse.Namespace, loop: bool, calibrate: bool = False) -> None:
+    """Refuse what a fixed plan cannot do: re-plan (`loop`) or be calibrated (`calibrate`) under --plan.
+
+    Raises UsageError."""
+    if not getattr(args, "plan", None):
+        return
+    if loop:
+        raise UsageError("--closed-loop re-plans, and a plan from --plan stays fixed",
+                         hint="drop --plan to plan here, or drop --closed-loop")
+    if calibrate:
+        raise UsageError("--calibrate fits the profile the plan is made with here, not a plan from --plan",
+                         hint="drop --plan (give --profile to plan for a profile)")
+
+
+def print_line(console: Console) -> Callable[[str], None]:
+    """A say(line) that prints `line` as it is (no rich markup: "[kind]" and paths stay literal)."""
+    return lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def plan_for(model: Model, args: argparse.Namespace, console: Console) -> tuple[Plan, Replanner | None]:
@@ -110,8 +137,11 @@ def report_speed(console: Console, snapshot: TelemetrySnapshot) -> None:
 def run(args: argparse.Namespace) -> int:
     """Roll the model out headless under its plan; write the frames and, with --trace, the trace.
 
-    Returns 0. Raises UsageError for a bad action script or --dashboard without a terminal, and
-    ResidencyError for an unwritable output path.
+    With --closed-loop the loop re-plans as frames miss; with --calibrate the profile is fitted to the frames
+    and cached, and the prediction error before and after is printed last.
+
+    Returns 0. Raises UsageError for a bad action script, --dashboard without a terminal, or --closed-loop /
+    --calibrate with --plan, and ResidencyError for an unwritable output path or a failed calibration.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -119,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     from residency.media import check_output_path, write_frames
 
     console, err = make_console(), make_console(stderr=True)
+    check_loop_arguments(args, args.closed_loop, args.calibrate)
     if args.dashboard:
         require_terminal(console, "--dashboard")
     out = check_output_path(args.output)
@@ -132,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
     plan, replan = plan_for(model, args, err)
     context = context_for(model, plan)
     runtime = attach(model, plan, replan)
+    if args.closed_loop:  # the live dashboard shows the loop's events; else each is printed as it happens
+        enable_loop(runtime, model, None if args.dashboard else print_line(console))
     try:
         if args.dashboard:
             board = Dashboard(context)
@@ -151,4 +184,6 @@ def run(args: argparse.Namespace) -> int:
         write_trace(snapshot, context, trace)
         console.print(f"wrote the trace to {trace} (open in https://ui.perfetto.dev or `residency dashboard`)")
     report_speed(console, snapshot)
+    if args.calibrate:
+        print_line(console)(calibrate_session(runtime, replan.profile).line())
     return 0

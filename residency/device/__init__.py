@@ -1,10 +1,19 @@
 """Device profiles: the planner's picture of one machine, loaded from JSON or measured here.
 
 `load_profile("rx-7800-xt")` reads a shipped datasheet profile; `measure_profile("cpu", quick=True)` measures;
-`machine_profile()` is this machine's, measured once and cached.
+`machine_profile()` is this machine's, measured once and cached; `profile_for("calibrated", workload_fingerprint)`
+its calibration for a model (residency.device.calibrated).
 """
 
 from residency.device.auto_profile import cached_profile_path, machine_profile
+from residency.device.calibrated import (
+    CALIBRATED,
+    find_calibrated,
+    list_calibrated,
+    profile_for,
+    remove_calibrated,
+    save_calibrated,
+)
 from residency.device.measure import default_device, measure_profile
 from residency.device.profile import (
     BACKENDS,
@@ -28,6 +37,7 @@ from residency.device.profile_io import (
 
 __all__ = [
     "BACKENDS",
+    "CALIBRATED",
     "COMPUTE_DTYPES",
     "LINK_DIRECTIONS",
     "PROVENANCE_KINDS",
@@ -37,13 +47,18 @@ __all__ = [
     "Provenance",
     "cached_profile_path",
     "default_device",
+    "find_calibrated",
+    "list_calibrated",
     "load_profile",
     "machine_profile",
     "measure_profile",
+    "profile_for",
     "profile_from_dict",
     "profile_to_dict",
     "read_profile",
+    "remove_calibrated",
     "resolve_profile",
+    "save_calibrated",
     "save_profile",
     "shipped_profile_names",
 ]

@@ -18,7 +18,7 @@ PROVENANCE_KINDS = ("measured", "datasheet", "calibrated")
 # Refinements a measured (or calibrated) profile may add; absent (at their defaults) in datasheet and older
 # profiles, which therefore keep their fingerprints.
 OPTIONAL_FIELDS = ("matmul_weight_dim", "matmul_small_tflops", "matmul_small_weight_dim", "elementwise_gelems_per_s",
-                   "copy_slowdown", "compute_slowdown", "compute_scale", "calibration")
+                   "copy_slowdown", "compute_slowdown", "compute_scale", "streamed_call_host_us", "calibration")
 # Bounds of a measured slowdown factor: 1 = no interference; a copy or compute 10× slower beside the other
 # engine would be a broken measurement, not a device.
 MAX_SLOWDOWN = 10.0
@@ -116,9 +116,13 @@ class DeviceProfile:
     # a copy runs; 0 = not measured, the symmetric model of copy_compute_overlap applies (see *_slowdown_factor)
     copy_slowdown: float = 0.0
     compute_slowdown: float = 0.0
-    # per block component ("dit", "encoder", "decoder", …): multiplier on the predicted compute seconds of its
-    # calls, set by a calibration; a component not named (and {}) is 1.0
+    # multiplier on the predicted compute seconds of a block's calls, set by a calibration, keyed by block class
+    # ("dit.blocks.*") or by component ("dit"); a block neither names (and {}) is 1.0 —
+    # residency.simulate.costs.compute_scale_of
     compute_scale: dict[str, float] = field(default_factory=dict)
+    # host time per streamed call beyond its predicted compute and copy (µs): the runtime's bookkeeping and its
+    # contention with the copy thread between block calls; set by a calibration, 0 = none
+    streamed_call_host_us: float = 0.0
     # provenance of a calibrated profile; like provenance and date, outside the fingerprint
     calibration: Calibration | None = None
 

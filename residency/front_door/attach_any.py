@@ -22,6 +22,7 @@ from residency.front_door.shape_guard import ShapeGuard
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, frame_budget_ms, vram_bytes
 from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
+from residency.runtime.closed_loop import LoopOptions
 from residency.units import fmt_bytes
 from residency.workload import Workload, module_workload, workload_from_dict
 from residency.workload.from_module import split_example
@@ -32,7 +33,8 @@ _COMPUTE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16:
 
 def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, frame_ms: float | None = None,
            profile: str | os.PathLike[str] | DeviceProfile = "auto", backend: str = "auto", policy: str = "ours",
-           example_inputs: Any = None, plan: Plan | str | os.PathLike[str] | None = None) -> Runtime:
+           example_inputs: Any = None, plan: Plan | str | os.PathLike[str] | None = None,
+           closed_loop: bool | LoopOptions = False) -> Runtime:
     """Plan `target` for this machine and attach a Runtime to it; leaving the runtime (`with` or detach())
     restores the model bit for bit.
 
@@ -46,12 +48,19 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     keyword arguments of the call to plan for (prompt, height, width, num_inference_steps …). plan: a Plan (or its JSON path)
     to run instead of planning; it must be made for this model's workload.
 
+    closed_loop: False (the default: the plan stays as made, so a forward is as deterministic as the plan),
+    True (re-plan when calls miss the budget or the prediction, with the defaults of LoopOptions: after K=4
+    misses in a row, ±15 % margin, at least M=24 calls between decisions, no cap on switches) or a
+    LoopOptions (e.g. LoopOptions(max_switches=2) caps it; enabled=False turns it off). Its decisions are in
+    `runtime.loop.events` and the telemetry's events.
+
     Weights must be on the CPU in one dtype (fp32, fp16 or bf16): it is the plan's compute dtype.
     A diffusers pipeline is attached whole by residency.attach_pipeline (its runtime, a context manager too).
+    Raises ResidencyError for closed_loop with a `plan` made for another profile (it cannot be re-planned).
     """
     if is_instance_of(target, "diffusers", "DiffusionPipeline"):
         return _attach_pipeline(target, vram=vram, fps=fps, frame_ms=frame_ms, profile=profile, backend=backend,
-                                policy=policy, example_inputs=example_inputs, plan=plan)
+                                policy=policy, example_inputs=example_inputs, plan=plan, closed_loop=closed_loop)
     if not isinstance(target, nn.Module):
         raise ResidencyError(f"residency.attach got a {type(target).__name__}, not a model",
                              hint="pass a torch nn.Module (a diffusers or transformers model, any module), "
@@ -70,7 +79,24 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     runtime = Runtime(chosen, backend_name, workload=workload, replan=replan,
                       profile=prof if replan is not None else None)
     runtime.call_check = guard
-    return runtime.attach(target)
+    runtime.attach(target)
+    enable_loop(runtime, closed_loop)
+    return runtime
+
+
+def enable_loop(runtime: Runtime, closed_loop: bool | LoopOptions) -> None:
+    """Turn the runtime's closed loop on for True (default options) or a LoopOptions; False leaves it off.
+
+    Raises ResidencyError (after detaching) when the runtime cannot re-plan: its plan was made for another
+    profile."""
+    if not isinstance(closed_loop, LoopOptions) and not closed_loop:
+        return
+    options = closed_loop if isinstance(closed_loop, LoopOptions) else LoopOptions()
+    try:
+        runtime.enable_closed_loop(options, model=runtime.workload.name)
+    except ResidencyError:
+        runtime.detach()  # the model is restored: attach fails as a whole
+        raise
 
 
 def _attach_pipeline(pipe: Any, **options: Any) -> Any:

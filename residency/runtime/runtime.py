@@ -6,6 +6,7 @@ and retried: a call of the model itself, or a session's step (restored first thr
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ from residency.runtime.module_paths import block_modules, block_tensors
 from residency.runtime.recovery import MAX_RECOVERIES, RECOVERABLE, recovery_budget
 from residency.runtime.schedule import CallSchedule
 from residency.runtime.session_protocol import RecoverableSession
+from residency.telemetry.calibration import WARMUP_FRAMES, CalibrationFit, calibrate
 from residency.telemetry.events import LoopEvent
 from residency.telemetry.recorder import Recorder, TelemetrySnapshot
 from residency.workload import Workload
@@ -388,6 +390,27 @@ class Runtime:
         self.loop = ClosedLoop(self, options, model, say)
         return self.loop
 
+    def calibrated_profile(self, warmup_frames: int = WARMUP_FRAMES) -> CalibrationFit:
+        """Fit the running plan's profile to the frames it ran (residency.telemetry.calibration.calibrate), the
+        model named by the workload's name: the latent frames since the last plan switch (calibration_window),
+        after the first `warmup_frames` of them.
+
+        Returns the CalibrationFit (its `profile` carries the calibration record). Raises ResidencyError
+        without the profile (a runtime made without profile=…), when no frame is left after the warm-up, or
+        when the fit finds a figure absurdly off (broken telemetry)."""
+        if self.profile is None:
+            raise ResidencyError("calibration needs the profile the plan was made for",
+                                 hint="pass Runtime(profile=…), or attach through residency.attach")
+        snapshot = self.telemetry()
+        window = calibration_window(snapshot, warmup_frames)
+        if not window.frames:
+            latent = sum(1 for f in snapshot.frames if f.frame > 0)
+            raise ResidencyError(f"calibration needs more than {warmup_frames} frames of the running plan (the "
+                                 f"first settle the allocator and the copy ring); {latent} recorded",
+                                 hint="run more frames (e.g. --frames 8) before calibrating")
+        return calibrate(window, self.workload, self.plan, self.profile, model=self.workload.name,
+                         warmup_frames=0)
+
     def prepack(self, plan: Plan) -> dict[tuple[str, str], BlockBlob]:
         """Pack the blocks whose format `plan` changes from the running plan's, from the original weights.
 
@@ -456,6 +479,15 @@ class Runtime:
         """Counts of calls that left the schedule: {"resyncs", "out_of_schedule_calls"}; {} detached."""
         e = self._executor
         return {"resyncs": e.resyncs, "out_of_schedule_calls": e.out_of_schedule_calls} if e else {}
+
+
+def calibration_window(snapshot: TelemetrySnapshot, warmup_frames: int = WARMUP_FRAMES) -> TelemetrySnapshot:
+    """The frames a calibration of the running plan fits: latent frames (frame ≥ 1) that started after the last
+    plan switch ("replanned" event) of `snapshot`, less the first `warmup_frames` of them; rows kept beside."""
+    switched_s = max((e.time_s for e in snapshot.events if e.kind == "replanned"), default=float("-inf"))
+    kept = [(f, r) for f, r in zip(snapshot.frames, snapshot.rows, strict=True)
+            if f.frame > 0 and f.start_s >= switched_s][warmup_frames:]
+    return dataclasses.replace(snapshot, frames=tuple(f for f, _ in kept), rows=tuple(r for _, r in kept))
 
 
 def _check_profile(plan: Plan, profile: DeviceProfile) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 from residency.device.profile import Calibration, Curve, DeviceProfile, Provenance
 from residency.errors import ResidencyError
 from residency.plan import Plan
-from residency.simulate.costs import compute_s, copy_s, dequant_s
+from residency.simulate.costs import compute_s, compute_scale_of, copy_s, dequant_s
 from residency.telemetry.recorder import (
     BLOCK,
     C_COPIED,
@@ -48,6 +48,7 @@ from residency.telemetry.recorder import (
     T_DEQUANT,
     T_END,
     T_READY,
+    T_START,
     TelemetrySnapshot,
 )
 from residency.workload import Workload
@@ -57,7 +58,11 @@ MIN_POINTS = 3  # fewer (frame, block) points than this leave a figure at the pr
 MIN_SPREAD = 0.3  # a slowdown is read from a class whose shares beside the other engine span at least this
 MIN_SLOPE_POINTS = 8  # ... and that has at least this many points
 OUTLIER_MADS = 4.0  # points further than this many scaled MADs from the median are dropped
-SCALE_RANGE = (0.05, 50.0)  # a fitted scale outside this is a broken measurement, not a slow device
+# A fitted scale outside these is a broken measurement, not a slow device. Compute: as a profile may hold it
+# (profile_io.MAX_COMPUTE_SCALE). Engines: wider — a profile's link curve at small transfers includes the copy
+# thread's hand-off, the runtime's marks time the memcpy alone (30× faster for a tiny model's 100 KB blobs).
+SCALE_RANGE = (0.01, 100.0)
+ENGINE_SCALE_RANGE = (1e-3, 1e3)
 SLOWDOWN_RANGE = (1.0, 10.0)
 LINK_KEYS = ("h2d_pinned", "h2d_pageable")  # the copy engine's curves (host->device); d2h is not timed
 
@@ -76,13 +81,17 @@ class CalibrationFit:
     compute_slowdown: float | None
     copy_slowdown: float | None
     points: dict[str, int]  # (frame, block) points per figure, for the report
+    streamed_call_host_us: float | None = None  # host time per streamed call outside the calls; None: none
 
     def summary(self) -> str:
-        """One line: the factors found, e.g. "compute ×1.31 (dit.blocks.*), copy ×2.70, Q8_0 dequant ×1.10"."""
+        """One line: the factors found, e.g. "compute ×1.31 (dit.blocks.*), copy ×2.70, host 610 µs per
+        streamed call"."""
         parts = [f"compute ×{v:.2f} ({k})" for k, v in sorted(self.compute_scale.items())]
         if self.copy_scale is not None:
             parts.append(f"copy ×{self.copy_scale:.2f}")
         parts += [f"{k} dequant ×{v:.2f}" for k, v in sorted(self.dequant_scale.items())]
+        if self.streamed_call_host_us is not None:
+            parts.append(f"host {self.streamed_call_host_us:.0f} µs per streamed call")
         for label, s in (("compute slowdown", self.compute_slowdown), ("copy slowdown", self.copy_slowdown)):
             if s is not None:
                 parts.append(f"{label} {s:.2f}")
@@ -221,7 +230,24 @@ def _collect(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profil
             pred = profile.h2d_s(nbytes, plan.execution.pinned)
         copy.add(float(used[i, C_COPIED] - used[i, C_START]), pred, float(f_copy[i]))
     frames = len({int(f) for f in used[:, FRAME]})
-    return (compute, dequant, copy), frames
+    return (compute, dequant, copy, _host_us_per_streamed_call(snapshot, plan, warmup_frames)), frames
+
+
+def _host_us_per_streamed_call(snapshot: TelemetrySnapshot, plan: Plan, warmup_frames: int) -> float | None:
+    """Median over frames of the work outside any block call (the frame's span less its calls' spans) per
+    streamed call, in µs; None without streamed calls or known frame spans. The cost model has no such time
+    but a per-streamed-call host cost; attributing the whole of it to the streamed calls over-charges a
+    plan with fewer of them by the little a resident plan also spends between calls (~2 % of a tiny frame)."""
+    streamed = np.array([bp.placement == "streamed" for bp in plan.blocks])
+    per_call = []
+    for frame, rows in zip(snapshot.frames, snapshot.rows, strict=True):
+        if frame.frame <= warmup_frames or not rows.size or not frame.frame_ms > 0:
+            continue
+        n = int(streamed[rows[:, BLOCK].astype(np.intp)].sum())
+        if n:
+            outside_s = frame.frame_ms / 1e3 - float((rows[:, T_END] - rows[:, T_START]).sum())
+            per_call.append(max(outside_s, 0.0) / n * 1e6)
+    return robust_median(per_call) if len(per_call) >= MIN_POINTS else None
 
 
 def stretch(shared: np.ndarray, slowdown: float) -> np.ndarray:
@@ -260,10 +286,11 @@ def _scale(points: _Points, slowdown: float) -> float:
     return robust_median(np.asarray(points.ratio) / stretch(np.asarray(points.shared), slowdown))
 
 
-def _in_range(name: str, scale: float) -> float:
-    if not (SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]):
+def _in_range(name: str, scale: float, limits: tuple[float, float] = SCALE_RANGE) -> float:
+    """`scale`, or a ResidencyError naming the figure when it lies outside `limits`."""
+    if not (limits[0] <= scale <= limits[1]):
         raise ResidencyError(f"calibration: {name} measured {scale:.3g}× its prediction, outside "
-                             f"{SCALE_RANGE[0]}–{SCALE_RANGE[1]}×: the telemetry is broken, not the device slow",
+                             f"{limits[0]:g}–{limits[1]:g}×: the telemetry is broken, not the device slow",
                              hint="calibrate on a run of the plan the profile predicted (same model, same device)")
     return scale
 
@@ -287,7 +314,7 @@ def calibrate(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profi
     if collected is None:
         raise ResidencyError(f"calibration needs frames after the first {warmup_frames}; the telemetry holds "
                              f"{len(snapshot.frames)} frame(s)", hint="run more frames before calibrating")
-    compute, dequant, copy = collected
+    compute, dequant, copy, host_us = collected
     # the compute slowdown is the device's: read within each class (its own scale), pooled over classes
     fitted_k = _pooled_slowdown(p for p in compute.values() if len(p.ratio) >= MIN_POINTS)
     s_k = fitted_k if fitted_k is not None else profile.compute_slowdown_factor()
@@ -296,20 +323,26 @@ def calibrate(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profi
     copy_scale, fitted_c = (None, None)
     if len(copy.ratio) >= MIN_POINTS:
         fitted_c = _pooled_slowdown([copy])
-        copy_scale = _in_range("copy", _scale(copy, fitted_c or profile.copy_slowdown_factor()))
-    deq_scale = {fmt: _in_range(f"{fmt} dequant", _scale(pts, s_k))
+        copy_scale = _in_range("copy", _scale(copy, fitted_c or profile.copy_slowdown_factor()), ENGINE_SCALE_RANGE)
+    deq_scale = {fmt: _in_range(f"{fmt} dequant", _scale(pts, s_k), ENGINE_SCALE_RANGE)
                  for fmt, pts in dequant.items() if len(pts.ratio) >= MIN_POINTS}
     fit_points = {f"compute {c}": len(p.ratio) for c, p in compute.items()}
     fit_points["copy"] = len(copy.ratio)
     fit_points.update({f"dequant {f}": len(p.ratio) for f, p in dequant.items()})
-    new = _calibrated_profile(profile, workload, comp_scale, copy_scale, deq_scale, fitted_k, fitted_c,
+    # the scales are measured ÷ predicted under the base profile's own scales: the new ones compound them
+    base_scale = {b.block_class: compute_scale_of(profile, b) for b in workload.blocks}
+    absolute = {k: base_scale.get(k, 1.0) * v for k, v in comp_scale.items()}
+    new = _calibrated_profile(profile, workload, absolute, copy_scale, deq_scale, fitted_k, fitted_c, host_us,
                               model or workload.name, frames, date)
-    return CalibrationFit(new, frames, comp_scale, copy_scale, deq_scale, fitted_k, fitted_c, fit_points)
+    return CalibrationFit(new, frames, comp_scale, copy_scale, deq_scale, fitted_k, fitted_c, fit_points, host_us)
 
 
 def _calibrated_profile(base: DeviceProfile, workload: Workload, comp_scale: dict[str, float],
                         copy_scale: float | None, deq_scale: dict[str, float], s_k: float | None,
-                        s_c: float | None, model: str, frames: int, date: str | None) -> DeviceProfile:
+                        s_c: float | None, host_us: float | None, model: str, frames: int,
+                        date: str | None) -> DeviceProfile:
+    """The base profile with what the fit found; `comp_scale` holds absolute scales (the base's compounded),
+    kept beside the base's other keys when the base was calibrated on the same model."""
     day = date or datetime.date.today().isoformat()
     source = f"calibrated from {frames} frames of {model} on {day}"
     changed: dict[str, object] = {}
@@ -318,13 +351,14 @@ def _calibrated_profile(base: DeviceProfile, workload: Workload, comp_scale: dic
     if deq_scale:
         changed["dequant_gweights_per_s"] = {f: r / deq_scale.get(f, 1.0) for f, r in base.dequant_gweights_per_s.items()}
     if comp_scale:
-        merged = dict(base.compute_scale) if _same_workload(base, workload) else {}
-        changed["compute_scale"] = {c: merged.get(c, 1.0) * s for c, s in {**merged, **comp_scale}.items()}
-        changed["compute_scale"].update({c: merged[c] for c in merged if c not in comp_scale})
+        kept = dict(base.compute_scale) if _same_workload(base, workload) else {}
+        changed["compute_scale"] = {**kept, **comp_scale}
     if s_k is not None:
         changed["compute_slowdown"] = s_k
     if s_c is not None:
         changed["copy_slowdown"] = s_c
+    if host_us is not None:
+        changed["streamed_call_host_us"] = host_us
     provenance = dict(base.provenance)
     for key in changed:
         provenance[key] = Provenance("calibrated", source)

@@ -1,0 +1,186 @@
+"""The cache of calibrated profiles: one JSON per (base profile, workload) under cache_dir()/calibrated/.
+
+A calibrated profile (residency.telemetry.calibration) is its base profile with the per-engine rates and the
+per-component compute scales a run measured. It is saved as `<base>--<workload fingerprint>.json` and named
+"<base> (calibrated)"; the base profile's name is recorded as the provenance entry "base_profile" (kind
+"calibrated", source = the base's name), its fingerprint in `Calibration.base_fingerprint`.
+
+`--profile calibrated` resolves through `profile_for`: the calibration of this machine's cached profile for the
+model's workload, else one for another model of the same base with its compute scales dropped (they belong to
+the model measured; the per-engine rates describe the machine and transfer). A file whose base fingerprint no
+longer matches the base (re-measured or edited) is deleted, and so is an unreadable one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from residency import userpath
+from residency.device.auto_profile import cache_dir, cached_profile_path, device_kind
+from residency.device.profile import DeviceProfile, Provenance
+from residency.device.profile_io import load_profile, read_profile, resolve_profile, save_profile
+from residency.errors import ResidencyError, UsageError
+
+CALIBRATED = "calibrated"  # the --profile value that asks for a calibrated profile
+BASE_KEY = "base_profile"  # provenance entry holding the base profile's name
+NAME_SUFFIX = " (calibrated)"
+MAX_SLUG = 60  # characters of the base name kept in a file name
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def calibrated_dir() -> Path:
+    """cache_dir()/calibrated (it may not exist yet)."""
+    return cache_dir() / "calibrated"
+
+
+def base_name(profile: DeviceProfile) -> str:
+    """The name of the profile a calibrated `profile` started from (its own name when it records none)."""
+    entry = profile.provenance.get(BASE_KEY)
+    return entry.source if entry is not None else profile.name
+
+
+def calibrated_path(base: str, workload_fingerprint: str) -> Path:
+    """The cache file of the calibration of base profile `base` (a name) for the workload `workload_fingerprint`."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.")[:MAX_SLUG] or "profile"
+    return calibrated_dir() / f"{slug}--{workload_fingerprint}.json"
+
+
+def save_calibrated(profile: DeviceProfile) -> Path:
+    """Write the calibrated `profile` to the cache (atomically), named "<base> (calibrated)" with the base's
+    name in provenance["base_profile"]; replaces the calibration of the same base and workload.
+
+    Returns the file's path. Raises ResidencyError when `profile` carries no calibration record, or the cache
+    directory cannot be created or written."""
+    if profile.calibration is None:
+        raise ResidencyError(f"profile {profile.name!r} is not calibrated: only a calibration is cached",
+                             hint="calibrate a run first (Runtime.calibrated_profile)")
+    base = base_name(profile)
+    named = dataclasses.replace(profile, name=base + NAME_SUFFIX,
+                                provenance={**profile.provenance, BASE_KEY: Provenance("calibrated", base)})
+    path = calibrated_path(base, profile.calibration.workload_fingerprint)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ResidencyError(f"{path.parent}: cannot create the calibration cache ({e.strerror or e})",
+                             hint="set XDG_CACHE_HOME to a writable directory") from None
+    return save_profile(named, path)
+
+
+def _entries(say: Callable[[str], None] | None) -> list[tuple[Path, DeviceProfile]]:
+    """Every readable calibrated profile of the cache, by path; with `say`, unreadable files are deleted and
+    `say` told (without it they are skipped)."""
+    folder = calibrated_dir()
+    if userpath.path_kind(folder)[0] != userpath.DIRECTORY:
+        return []
+    found = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            profile = read_profile(path)
+            if profile.calibration is None:
+                raise ResidencyError("it holds no calibration record")
+        except ResidencyError as e:
+            if say is not None:
+                _discard(path, f"unreadable ({e.message})", say)
+            continue
+        found.append((path, profile))
+    return found
+
+
+def _discard(path: Path, why: str, say: Callable[[str], None]) -> None:
+    try:
+        path.unlink()
+    except OSError as e:  # a read-only cache keeps the file: it is ignored all the same
+        say(f"ignored the calibrated profile {path}: {why}; could not delete it ({e.strerror or e})")
+        return
+    say(f"discarded the calibrated profile {path}: {why}")
+
+
+def find_calibrated(base: DeviceProfile, workload_fingerprint: str,
+                    say: Callable[[str], None] = _to_stderr) -> DeviceProfile | None:
+    """The calibrated profile to plan the workload `workload_fingerprint` with on the uncalibrated `base`.
+
+    The cache's calibration of `base` for that workload; else the newest calibration of `base` for another
+    workload, its compute scales dropped (`say` is told so); None without either. Files of `base` whose recorded
+    base fingerprint is not `base.fingerprint()` (the base was re-measured or edited) and unreadable files are
+    deleted, each with a line to `say`. Never raises for a bad cache file."""
+    fingerprint = base.fingerprint()
+    mine = []
+    for path, profile in _entries(say):
+        if base_name(profile) != base.name:
+            continue
+        if profile.calibration.base_fingerprint != fingerprint:
+            _discard(path, f"its base profile {base.name!r} changed since it was calibrated", say)
+            continue
+        if profile.calibration.workload_fingerprint == workload_fingerprint:
+            return profile
+        mine.append(profile)
+    if not mine:
+        return None
+    other = max(mine, key=lambda p: (p.calibration.date, p.calibration.frames))
+    if other.compute_scale:
+        say(f"using the per-engine rates calibrated on {other.calibration.model}; its compute scales are left "
+            "out (they belong to that model)")
+    return dataclasses.replace(other, compute_scale={})
+
+
+def list_calibrated() -> list[tuple[Path, DeviceProfile]]:
+    """(path, profile) of every readable calibrated profile in the cache, by path; unreadable files are skipped."""
+    return _entries(None)
+
+
+def remove_calibrated() -> int:
+    """Delete every file of the calibration cache (readable or not); returns how many were deleted.
+
+    Raises ResidencyError when a file cannot be deleted."""
+    folder = calibrated_dir()
+    if userpath.path_kind(folder)[0] != userpath.DIRECTORY:
+        return 0
+    removed = 0
+    for path in sorted(folder.glob("*.json")):
+        try:
+            path.unlink()
+        except OSError as e:
+            raise ResidencyError(f"{path}: cannot delete it ({e.strerror or e})",
+                                 hint="check the permissions of the cache directory") from None
+        removed += 1
+    return removed
+
+
+def calibrated_profile(workload_fingerprint: str, *, kind: str | None = None, model: str = "MODEL",
+                       say: Callable[[str], None] = _to_stderr) -> DeviceProfile:
+    """The calibrated profile of this machine's cached `kind` profile ('cpu' or 'cuda'; None: the GPU if torch
+    sees one) for the workload `workload_fingerprint` (see find_calibrated). Nothing is measured.
+
+    Raises UsageError (exit 2) when there is no cached machine profile or no calibration of it; `model` names
+    the model in the hint."""
+    hint = f"run `residency run {model} --calibrate` first"
+    path = cached_profile_path(kind or device_kind())
+    if userpath.path_kind(path)[0] != userpath.FILE:
+        raise UsageError("no calibrated profile: this machine's profile has not been measured yet", hint=hint)
+    try:
+        base = load_profile(path)
+    except ResidencyError as e:
+        raise UsageError(f"no calibrated profile: this machine's cached profile is unreadable ({e.message})",
+                         hint=hint) from None
+    found = find_calibrated(base, workload_fingerprint, say)
+    if found is None:
+        raise UsageError(f"no calibrated profile of {base.name!r} in {calibrated_dir()}", hint=hint)
+    return found
+
+
+def profile_for(name_or_path: str | os.PathLike[str] | DeviceProfile, workload_fingerprint: str, *,
+                kind: str | None = None, model: str = "MODEL",
+                say: Callable[[str], None] = _to_stderr) -> DeviceProfile:
+    """What `--profile` means for a workload: "calibrated" is calibrated_profile(...) (it takes precedence over
+    a file of that name), anything else resolve_profile. Raises as those do."""
+    if isinstance(name_or_path, str) and name_or_path == CALIBRATED:
+        return calibrated_profile(workload_fingerprint, kind=kind, model=model, say=say)
+    return resolve_profile(name_or_path)

@@ -1,0 +1,115 @@
+"""The cache of calibrated profiles (residency.device.calibrated): keyed by base profile and workload, stale and
+unreadable files discarded, per-engine rates transferred to another model without its compute scales."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from residency.device import find_calibrated, list_calibrated, profile_for, remove_calibrated, save_calibrated
+from residency.device.auto_profile import cached_profile_path
+from residency.device.calibrated import base_name, calibrated_dir, calibrated_profile
+from residency.device.profile import Calibration, Provenance
+from residency.device.profile_io import load_profile, save_profile
+from residency.errors import ResidencyError, UsageError
+
+BASE = dataclasses.replace(load_profile("rx-7800-xt"), name="test cpu")  # one that saves and reads back
+
+
+def calibrated(base=BASE, workload="w-one", model="one", scale=1.5, frames=8, date="2026-12-01"):
+    """`base` as a calibration of `model` would leave it: a compute scale, a calibration record."""
+    record = Calibration(base.fingerprint(), workload, model, frames, date, f"calibrated from {frames} frames")
+    how = Provenance("calibrated", record.note)
+    return dataclasses.replace(base, compute_scale={"dit": scale}, copy_slowdown=1.4, calibration=record,
+                               provenance={**base.provenance, "compute_scale": how, "copy_slowdown": how})
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "residency" / "calibrated"
+
+
+def test_a_saved_calibration_is_found_for_its_base_and_workload(cache):
+    path = save_calibrated(calibrated())
+    assert path.parent == cache == calibrated_dir()
+    found = find_calibrated(BASE, "w-one", say=pytest.fail)
+    assert found.name == "test cpu (calibrated)" and base_name(found) == "test cpu"
+    assert found.compute_scale == {"dit": 1.5} and found.copy_slowdown == 1.4
+    assert found.calibration.model == "one" and found.calibration.frames == 8
+    assert save_calibrated(calibrated(scale=2.0)) == path  # a new calibration replaces the old one
+    assert find_calibrated(BASE, "w-one", say=pytest.fail).compute_scale == {"dit": 2.0}
+
+
+def test_a_calibration_of_a_calibrated_profile_keeps_the_root_name():
+    first = save_calibrated(calibrated())
+    found = find_calibrated(BASE, "w-one", say=pytest.fail)  # named "test cpu (calibrated)"
+    assert save_calibrated(dataclasses.replace(found, compute_scale={"dit": 1.1})) == first
+    assert [(base_name(p), p.name) for _, p in list_calibrated()] == [("test cpu", "test cpu (calibrated)")]
+
+
+def test_another_workload_gets_the_engine_rates_without_the_compute_scales():
+    save_calibrated(calibrated(workload="w-one", model="one", date="2026-11-01"))
+    save_calibrated(calibrated(workload="w-two", model="two", date="2026-12-01"))
+    said = []
+    other = find_calibrated(BASE, "w-three", say=said.append)
+    assert other.compute_scale == {} and other.copy_slowdown == 1.4
+    assert other.calibration.model == "two"  # the newest
+    assert said == ["using the per-engine rates calibrated on two; its compute scales are left out (they belong "
+                    "to that model)"]
+    assert find_calibrated(dataclasses.replace(BASE, name="other machine"), "w-one", say=pytest.fail) is None
+
+
+def test_a_calibration_of_a_changed_base_is_deleted_with_a_note(cache):
+    path = save_calibrated(calibrated())
+    remeasured = dataclasses.replace(BASE, launch_overhead_us=7.0)
+    said = []
+    assert find_calibrated(remeasured, "w-one", say=said.append) is None
+    assert not path.exists()
+    assert len(said) == 1 and "discarded" in said[0] and "changed since it was calibrated" in said[0]
+
+
+@pytest.mark.parametrize("text", ["{ not json", '{"schema_version": 2}', "[]"])
+def test_an_unreadable_file_is_deleted_and_never_crashes(cache, text):
+    cache.mkdir(parents=True)
+    bad = cache / "broken--abc.json"
+    bad.write_text(text)
+    said = []
+    assert find_calibrated(BASE, "w-one", say=said.append) is None
+    assert not bad.exists() and "unreadable" in said[0]
+
+
+def test_a_plain_profile_in_the_cache_is_not_a_calibration(cache):
+    cache.mkdir(parents=True)
+    save_profile(BASE, cache / "plain--x.json")
+    said = []
+    assert find_calibrated(BASE, "x", say=said.append) is None
+    assert "no calibration record" in said[0]
+    with pytest.raises(ResidencyError, match="not calibrated"):
+        save_calibrated(BASE)
+
+
+def test_list_and_remove(cache):
+    assert list_calibrated() == [] and remove_calibrated() == 0
+    save_calibrated(calibrated(workload="w-one"))
+    save_calibrated(calibrated(workload="w-two"))
+    (cache / "junk--x.json").write_text("{")
+    assert [p.calibration.workload_fingerprint for _, p in list_calibrated()] == ["w-one", "w-two"]
+    assert remove_calibrated() == 3
+    assert list_calibrated() == []
+
+
+def test_calibrated_resolves_through_the_cached_machine_profile(tmp_path):
+    with pytest.raises(UsageError, match="not been measured") as e:
+        calibrated_profile("w-one", kind="cpu", model="tiny")
+    assert e.value.exit_code == 2 and e.value.hint == "run `residency run tiny --calibrate` first"
+    path = cached_profile_path("cpu")
+    path.parent.mkdir(parents=True)
+    save_profile(BASE, path)
+    with pytest.raises(UsageError, match="no calibrated profile of 'test cpu'"):
+        profile_for("calibrated", "w-one", kind="cpu")
+    save_calibrated(calibrated())
+    assert profile_for("calibrated", "w-one", kind="cpu").compute_scale == {"dit": 1.5}
+    assert profile_for("rx-7800-xt", "w-one") == load_profile("rx-7800-xt")
+    assert profile_for(BASE, "w-one") is BASE  # anything else resolves as --profile always did

@@ -1,0 +1,294 @@
+"""Benchmark: prediction error before and after online calibration, and the closed loop under a disturbance.
+
+Each run is a fresh process (a quick CPU profile, then the sections below); the figures are medians over
+`--runs` runs, each beside its A/A (the same plan measured in two halves of the same window, against itself).
+
+1. Before calibration: the quick profile's prediction of the resident, streamed and streamed-Q8_0 plans of
+   `tiny` and the shipped model against their measured work per frame (target: within 20 %).
+2. After calibration: the profile is fitted to 16 frames of the streamed plan, then every plan's next 32
+   frames are compared with its prediction under the calibrated profile (target: within 10 %, for the plan
+   calibrated on and for the others: the calibration must transfer).
+3. The closed loop: the shipped model planned by `ours` under a VRAM and a frame budget; a background thread
+   copying large arrays (competing for memory bandwidth and a core) starts at frame 60 and toggles every 60
+   frames for 300 frames. Reported: frames from the first disturbance to a plan that holds the budget (target
+   ≤ 32), the measured frame after the switch against the new plan's prediction (target within 10 %), and
+   the switches against the toggles (no oscillation: switches ≤ toggles + 1).
+
+A human table, then one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file from a checkout: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+TARGETS = {"before": 0.20, "after": 0.10, "held_within_frames": 32, "after_switch": 0.10}
+MODELS = ("tiny", "default")
+PLANS = ("resident", "streamed", "streamed-Q8_0")
+CALIBRATED_ON = "streamed"
+
+
+# --- one run (a fresh process) -------------------------------------------------------------------------------
+def _frames_ms(rt, session, n: int) -> None:
+    for _ in range(n):
+        rt.step(session, "up")
+
+
+def _plan_run(model, start, plan, frames: int):
+    """Run `plan` for `frames` frames (+1 that closes the last record); the telemetry snapshot."""
+    from residency.runtime import Runtime
+
+    rt = Runtime(plan, "cpu", workload=model.workload).attach(model.pipe)
+    try:
+        s = model.pipe.start(start, seed=0)
+        _frames_ms(rt, s, frames + 1)
+    finally:
+        rt.detach()
+    return rt.telemetry()
+
+
+def _window(snap, first: int, last: int):
+    """The snapshot's frames numbered first..last (inclusive), with their rows."""
+    import dataclasses
+
+    keep = [i for i, f in enumerate(snap.frames) if first <= f.frame <= last]
+    return dataclasses.replace(snap, frames=tuple(snap.frames[i] for i in keep), rows=tuple(snap.rows[i] for i in keep))
+
+
+def _median_ms(snap, first: int, last: int) -> float:
+    return statistics.median(f.frame_ms for f in snap.frames if first <= f.frame <= last)
+
+
+def calibration_section(profile, warmup: int, calib: int, check: int) -> dict:
+    """Sections 1 and 2 for every model: errors before, the fit, errors after, A/A."""
+    from residency.session_setup import load_model
+    from residency.simulate import simulate
+    from residency.telemetry.calibration import calibrate
+    from tools.bench_runtime import _plan
+
+    out = {}
+    for name in MODELS:
+        model = load_model(name)
+        start = model.start_image if model.start_image is not None else _fallback(model)
+        w = model.workload
+        plans = {"resident": _plan(w, "resident"), "streamed": _plan(w, "streamed"),
+                 "streamed-Q8_0": _plan(w, "streamed", "Q8_0")}
+        total = warmup + calib + check
+        snaps = {label: _plan_run(model, start, plan, total) for label, plan in plans.items()}
+        fit = calibrate(_window(snaps[CALIBRATED_ON], warmup + 1, warmup + calib), w, plans[CALIBRATED_ON], profile,
+                        model=name, warmup_frames=0)
+        rows = {}
+        half = warmup + calib + check // 2
+        for label, plan in plans.items():
+            before_ms = simulate(w, plan, profile, bound=False).prediction.frame_ms
+            after_ms = simulate(w, plan, fit.profile, bound=False).prediction.frame_ms
+            snap = snaps[label]
+            measured_all = _median_ms(snap, warmup + 1, total)
+            measured_next = _median_ms(snap, warmup + calib + 1, total)
+            aa = _median_ms(snap, warmup + calib + 1, half) / _median_ms(snap, half + 1, total) - 1
+            rows[label] = {"measured_ms": measured_all, "predicted_ms": before_ms,
+                           "before": measured_all / before_ms - 1,
+                           "measured_next_ms": measured_next, "calibrated_ms": after_ms,
+                           "after": measured_next / after_ms - 1, "aa": aa,
+                           "calibrated_on": label == CALIBRATED_ON}
+        out[name] = {"plans": rows, "fit": fit.summary(), "fit_frames": fit.frames}
+    return out
+
+
+def _fallback(model):
+    from residency.session_setup import fallback_image
+
+    return fallback_image(model.pipe.config.height, model.pipe.config.width)
+
+
+class Disturbance:
+    """A thread that copies a 64 MiB array back and forth while on (numpy releases the GIL: it takes a core's
+    memory bandwidth and time from the copy engine and compute as another program would)."""
+
+    def __init__(self, mib: int = 64):
+        self.src = np.ones(mib << 18, dtype=np.float32)
+        self.dst = np.empty_like(self.src)
+        self.on, self.stop = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="disturbance")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            if self.on.wait(0.01):
+                np.copyto(self.dst, self.src)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def loop_section(profile, frames: int, period: int, vram: int, frame_ms: float | None) -> dict:
+    """Section 3: the closed loop on the shipped model with the disturbance toggling every `period` frames."""
+    from policies import PlanRequest, Replanner, get_policy
+    from residency.plan import Budget
+    from residency.runtime import Runtime
+    from residency.runtime.closed_loop import LoopOptions
+    from residency.session_setup import load_model
+
+    model = load_model("default")
+    start = model.start_image if model.start_image is not None else _fallback(model)
+    w = model.workload
+    req = PlanRequest(w, profile, Budget(vram, frame_ms))
+    replan = Replanner(get_policy("ours"), req)
+    plan = replan.policy(req)
+    rt = Runtime(plan, "cpu", workload=w, replan=replan, profile=profile).attach(model.pipe)
+    loop = rt.enable_closed_loop(LoopOptions(), model="default")
+    disturb = Disturbance()
+    on_at: list[int] = []
+    plan_of_frame: list[str] = []
+    try:
+        s = model.pipe.start(start, seed=0)
+        for i in range(frames + 1):
+            if i and i % period == 0:
+                (disturb.on.clear if disturb.on.is_set() else disturb.on.set)()
+                on_at.append(i)
+            plan_of_frame.append(rt.plan.prediction.frame_ms if rt.plan.prediction else float("nan"))
+            rt.step(s, "up")
+    finally:
+        disturb.close()
+        rt.detach()
+    snap = rt.telemetry()
+    measured = [f.frame_ms for f in snap.frames][-frames:]
+    budget = rt.plan.budget.frame_ms
+    first_on = on_at[0] if on_at else None
+    held = None
+    if first_on is not None and budget is not None:
+        for k in range(first_on, min(len(measured) - 4, first_on + period)):
+            if statistics.median(measured[k:k + 5]) <= budget:
+                held = k - first_on
+                break
+    switches = [e for e in loop.events if e.kind == "replanned"]
+    after_switch = None
+    if switches:
+        k = switches[0].unit + 3  # two warm-up frames of the new plan, then ten
+        window = measured[k:k + 10]
+        if window and switches[0].new_predicted_ms:
+            after_switch = statistics.median(window) / switches[0].new_predicted_ms - 1
+    return {"budget_ms": budget, "vram_bytes": vram, "first_plan_predicted_ms": plan.prediction.frame_ms,
+            "disturbed_first_plan_ms": statistics.median(measured[first_on:first_on + 4]) if first_on else None,
+            "held_within_frames": held, "after_switch": after_switch, "switches": len(switches),
+            "toggles": len(on_at), "events": [e.line() for e in loop.events]}
+
+
+def one_run(args) -> dict:
+    """Everything one fresh process measures: its quick profile, then the sections."""
+    from residency.device import measure_profile
+
+    t0 = time.perf_counter()
+    profile = measure_profile("cpu", quick=True)
+    out = {"calibration": calibration_section(profile, args.warmup, args.calib_frames, args.check_frames)}
+    if not args.skip_loop:
+        out["loop"] = loop_section(profile, args.loop_frames, args.period, args.vram, args.frame_ms)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+# --- the driver: fresh processes, medians ----------------------------------------------------------------------
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Medians over runs of every figure, per model and plan, with the A/A beside them."""
+    cal = {}
+    for name in MODELS:
+        cal[name] = {}
+        for label in PLANS:
+            rows = [r["calibration"][name]["plans"][label] for r in runs]
+            cal[name][label] = {k: _median(x[k] for x in rows)
+                                for k in ("measured_ms", "predicted_ms", "before", "measured_next_ms",
+                                          "calibrated_ms", "after", "aa")}
+            cal[name][label]["aa_abs"] = _median(abs(x["aa"]) for x in rows)
+    loops = [r["loop"] for r in runs if "loop" in r]
+    loop = {k: _median(x[k] for x in loops) for k in ("held_within_frames", "after_switch", "switches", "toggles",
+                                                       "budget_ms", "disturbed_first_plan_ms")} if loops else {}
+    if loops:
+        loop["runs_with_a_switch"] = sum(x["switches"] > 0 for x in loops)
+        loop["max_switches_over_toggles_plus_one"] = max(x["switches"] - x["toggles"] - 1 for x in loops)
+    passes = {
+        "before": all(abs(cal[m][p]["before"]) <= TARGETS["before"] for m in MODELS for p in PLANS),
+        "after": all(abs(cal[m][p]["after"]) <= TARGETS["after"] for m in MODELS for p in PLANS),
+    }
+    if loops:
+        passes["held_within"] = loop["held_within_frames"] is not None and \
+            loop["held_within_frames"] <= TARGETS["held_within_frames"]
+        passes["after_switch"] = loop["after_switch"] is not None and abs(loop["after_switch"]) <= TARGETS["after_switch"]
+        passes["no_oscillation"] = loop["max_switches_over_toggles_plus_one"] <= 0
+    return {"calibration": cal, "loop": loop, "targets": TARGETS, "pass": passes, "runs": len(runs)}
+
+
+def table(summary: dict) -> Table:
+    t = Table(title=f"prediction error before / after calibration (median of {summary['runs']} fresh processes)")
+    for col in ("model", "plan", "measured ms", "predicted", "before", "next 32 ms", "calibrated", "after", "A/A"):
+        t.add_column(col, justify="right" if col not in ("model", "plan") else "left")
+    for name, plans in summary["calibration"].items():
+        for label, r in plans.items():
+            mark = " (fitted on)" if label == CALIBRATED_ON else ""
+            t.add_row(name, label + mark, f"{r['measured_ms']:.1f}", f"{r['predicted_ms']:.1f}", f"{r['before']:+.1%}",
+                      f"{r['measured_next_ms']:.1f}", f"{r['calibrated_ms']:.1f}", f"{r['after']:+.1%}",
+                      f"±{r['aa_abs']:.1%}")
+    return t
+
+
+def main() -> int:
+    """Run the bench in `--runs` fresh processes (or, with --one, one run) and print the table and JSON."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--calib-frames", type=int, default=16)
+    p.add_argument("--check-frames", type=int, default=32)
+    p.add_argument("--loop-frames", type=int, default=300)
+    p.add_argument("--period", type=int, default=60, help="frames between toggles of the disturbance")
+    p.add_argument("--vram", type=int, default=6 * 2**20, help="the loop section's VRAM budget, bytes")
+    p.add_argument("--frame-ms", type=float, default=None, help="the loop section's frame budget (ms)")
+    p.add_argument("--skip-loop", action="store_true")
+    p.add_argument("--one", action="store_true", help="one run in this process; prints its JSON")
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(one_run(args)))
+        return 0
+    console = Console(stderr=True)
+    runs = []
+    child = [a for a in sys.argv[1:] if not a.startswith("--runs")]
+    for r in range(args.runs):
+        console.log(f"run {r + 1}/{args.runs} (a fresh process)")
+        done = subprocess.run([sys.executable, __file__, "--one", *child], capture_output=True, text=True)
+        if done.returncode:
+            console.print(done.stderr[-2000:])
+            return 1
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    summary = summarise(runs)
+    Console(width=160).print(table(summary))
+    if summary["loop"]:
+        lp = summary["loop"]
+        print(f"closed loop: budget {lp['budget_ms']} ms; first plan disturbed {lp['disturbed_first_plan_ms']} ms; "
+              f"held within {lp['held_within_frames']} frames; after the switch {lp['after_switch']}; "
+              f"switches {lp['switches']} for {lp['toggles']} toggles ({lp['runs_with_a_switch']}/{len(runs)} runs "
+              "switched)")
+        for e in runs[-1]["loop"]["events"]:
+            print("  " + e)
+    print(json.dumps({**summary, "per_run": runs}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
