@@ -116,9 +116,9 @@ class DeviceProfile:
     # a copy runs; 0 = not measured, the symmetric model of copy_compute_overlap applies (see *_slowdown_factor)
     copy_slowdown: float = 0.0
     compute_slowdown: float = 0.0
-    # multiplier on the predicted compute seconds of a block's calls, set by a calibration, keyed by block class
-    # ("dit.blocks.*") or by component ("dit"); a block neither names (and {}) is 1.0 —
-    # residency.simulate.costs.compute_scale_of
+    # multiplier on the predicted compute seconds of a block's calls, set by a calibration: keyed by block
+    # ("dit.blocks.7"), block class ("dit.blocks.*") or component ("dit"), the most specific first; a block none
+    # names (and {}) is 1.0 — residency.simulate.costs.compute_scale_of
     compute_scale: dict[str, float] = field(default_factory=dict)
     # host time per streamed call beyond its predicted compute and copy (µs): the runtime's bookkeeping and its
     # contention with the copy thread between block calls; set by a calibration, 0 = none

@@ -380,8 +380,8 @@ def _host_us(r: _Reader, value: Any) -> float:
 
 
 def _compute_scale(r: _Reader, value: Any) -> dict[str, float]:
-    """Block class ("dit.blocks.*") or component name ("dit") -> multiplier in (0, MAX_COMPUTE_SCALE] on its
-    predicted compute seconds."""
+    """Block ("dit.blocks.7"), block class ("dit.blocks.*") or component ("dit") -> multiplier in
+    (0, MAX_COMPUTE_SCALE] on its predicted compute seconds."""
     doc = r.obj(value, "compute_scale")
     scale = {}
     for name, factor in doc.items():

@@ -92,12 +92,15 @@ def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_f
 
 
 def compute_scale_of(profile: DeviceProfile, block: BlockSpec) -> float:
-    """The profile's calibrated compute scale for `block`: its class's ("dit.blocks.*"), else its component's
-    ("dit"), else 1.0. Not by placement: on this CPU a block computes as fast from a slot it was just copied
-    into as from resident memory (1.65 vs 1.64 ms per DiT block of the shipped model)."""
+    """The profile's calibrated compute scale for `block`: its own ("dit.blocks.7"), else its class's
+    ("dit.blocks.*"), else its component's ("dit"), else 1.0. Not by placement: on this CPU a block computes
+    as fast from a slot it was just copied into as from resident memory (1.65 vs 1.64 ms per DiT block of the
+    shipped model)."""
     scales = profile.compute_scale
     if not scales:
         return 1.0
+    if block.name in scales:
+        return scales[block.name]
     return scales.get(block.block_class, scales.get(block.component, 1.0))
 
 

@@ -2,7 +2,7 @@
 
 The cost model predicts each block call from the profile; the recorder measures the same call. Per engine:
 
-    compute measured = compute predicted · scale[class]     · g(f_k, s_k)
+    compute measured = compute predicted · scale[block]     · g(f_k, s_k)
     copy measured    = copy predicted    · a_link            · g(f_c, s_c)
     dequant measured = dequant predicted · a_dequant[format] · g(f_d, s_k)
     g(f, s) = 1 / (1 − f · (1 − 1/s))
@@ -11,15 +11,16 @@ where f_k is the fraction of the call's compute (wall time) during which the cop
 fraction of a copy during which compute ran, and s_k, s_c the profile's per-engine slowdowns: work that runs
 at rate 1/s for a fraction f of its wall time takes g(f, s) times its lone time, as the simulator has it.
 
-A class is a repeated stack ("dit.blocks.*", BlockSpec.block_class): the cost model's error differs by kind of
-block (a dispatch-bound embedding is off by more than a matmul-bound transformer block), so a slowdown is read
-only within a class, from its calls that ran at different shares beside the other engine (a robust line
-through 1/ratio over f: 1/r = (1 − f·(1 − 1/s)) / scale), and pooled over classes. Without such spread (a
-streamed plan on a CPU copies under compute almost always) the profile's slowdown is kept and the scale
-absorbs the rest, which is what a plan of the same concurrency sees. Scales are medians with outliers dropped.
+Compute scales are per block: the cost model's error differs by kind of block (a dispatch-bound embedding is
+off by more than a matmul-bound transformer block, the VAE's levels each by their own), and a class-wide
+scale mixed them into a false slowdown. A slowdown is read only within one block, from its calls that ran at
+different shares beside the other engine (a robust line through 1/ratio over f: 1/r = (1 − f·(1 − 1/s)) /
+scale), pooled over blocks. Without such spread (a streamed plan on a CPU copies under compute almost
+always) the profile's slowdown — its probe's — is kept and the scale absorbs the rest, which is what a plan
+of the same concurrency sees. Scales are medians with outliers dropped.
 
 Per-engine rates (link, dequant, slowdowns) describe the machine and transfer to other plans and models;
-compute scales per block class belong to one model (`Calibration.workload_fingerprint`).
+compute scales per block belong to one model (`Calibration.workload_fingerprint`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from residency.workload import Workload
 
 WARMUP_FRAMES = 2  # frames 1..2 are skipped: first-touch page faults, allocator growth, the ring filling
 MIN_POINTS = 3  # fewer (frame, block) points than this leave a figure at the profile's value
-MIN_SPREAD = 0.3  # a slowdown is read from a class whose shares beside the other engine span at least this
+MIN_SPREAD = 0.3  # a slowdown is read from a block whose shares beside the other engine span at least this
 MIN_SLOPE_POINTS = 8  # ... and that has at least this many points
 OUTLIER_MADS = 4.0  # points further than this many scaled MADs from the median are dropped
 # A fitted scale outside these is a broken measurement, not a slow device. Compute: as a profile may hold it
@@ -75,7 +76,7 @@ class CalibrationFit:
     factors ≥ 1 (None: not separable from the scale in this telemetry, the base's kept)."""
     profile: DeviceProfile
     frames: int  # frames the fit used (after the warm-up)
-    compute_scale: dict[str, float]  # per block class ("dit.blocks.*")
+    compute_scale: dict[str, float]  # per block ("dit.blocks.7")
     copy_scale: float | None  # link time measured ÷ predicted; None without copies
     dequant_scale: dict[str, float]  # per storage format
     compute_slowdown: float | None
@@ -84,9 +85,13 @@ class CalibrationFit:
     streamed_call_host_us: float | None = None  # host time per streamed call outside the calls; None: none
 
     def summary(self) -> str:
-        """One line: the factors found, e.g. "compute ×1.31 (dit.blocks.*), copy ×2.70, host 610 µs per
+        """One line: the factors found, e.g. "compute ×1.31 (dit.blocks.7), copy ×2.70, host 610 µs per
         streamed call"."""
-        parts = [f"compute ×{v:.2f} ({k})" for k, v in sorted(self.compute_scale.items())]
+        worst = sorted(self.compute_scale.items(), key=lambda kv: -abs(math.log(kv[1])))
+        parts = [f"compute ×{v:.2f} ({k})" for k, v in worst[:3]]
+        if len(worst) > 3:
+            parts.append(f"{len(worst) - 3} more blocks within ×{min(v for _, v in worst[3:]):.2f}–"
+                         f"{max(v for _, v in worst[3:]):.2f}")
         if self.copy_scale is not None:
             parts.append(f"copy ×{self.copy_scale:.2f}")
         parts += [f"{k} dequant ×{v:.2f}" for k, v in sorted(self.dequant_scale.items())]
@@ -211,7 +216,7 @@ def _collect(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profil
         measured = used[idx, T_END] - used[idx, T_DEQUANT]
         total = float(measured.sum())
         shared = float((f_compute[idx] * measured).sum() / total) if total > 0 else 0.0
-        compute[spec.block_class].add(total, predictions[ctx][name], shared)
+        compute[name].add(total, predictions[ctx][name], shared)
         deq_pred = dequant_s(spec, bp.format, bp.compute_dtype, profile)
         if deq_pred > 0:
             on_compute = used[idx, T_DEQUANT] - used[idx, T_READY]
@@ -256,7 +261,7 @@ def stretch(shared: np.ndarray, slowdown: float) -> np.ndarray:
 
 
 def _slowdown(points: _Points) -> tuple[float, int] | None:
-    """(slowdown, points) read from one class's points, or None when their shares do not spread enough.
+    """(slowdown, points) read from one block's points, or None when their shares do not spread enough.
 
     1/r = (1 − f·(1 − 1/s)) / scale is a line in f: a Theil–Sen fit (median of pairwise slopes, robust to a
     third of the points being outliers) gives intercept 1/scale and slope −(1 − 1/s)/scale."""
@@ -273,7 +278,7 @@ def _slowdown(points: _Points) -> tuple[float, int] | None:
 
 
 def _pooled_slowdown(groups: Iterable[_Points]) -> float | None:
-    """The slowdown read from every class that can tell it (weighted by points), clamped to SLOWDOWN_RANGE."""
+    """The slowdown read from every block that can tell it (weighted by points), clamped to SLOWDOWN_RANGE."""
     found = [x for x in (_slowdown(g) for g in groups) if x is not None]
     if not found:
         return None
@@ -315,7 +320,7 @@ def calibrate(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profi
         raise ResidencyError(f"calibration needs frames after the first {warmup_frames}; the telemetry holds "
                              f"{len(snapshot.frames)} frame(s)", hint="run more frames before calibrating")
     compute, dequant, copy, host_us = collected
-    # the compute slowdown is the device's: read within each class (its own scale), pooled over classes
+    # the compute slowdown is the device's: read within each block (its own scale), pooled over blocks
     fitted_k = _pooled_slowdown(p for p in compute.values() if len(p.ratio) >= MIN_POINTS)
     s_k = fitted_k if fitted_k is not None else profile.compute_slowdown_factor()
     comp_scale = {c: _in_range(f"{c} compute", _scale(p, s_k))
@@ -330,7 +335,7 @@ def calibrate(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profi
     fit_points["copy"] = len(copy.ratio)
     fit_points.update({f"dequant {f}": len(p.ratio) for f, p in dequant.items()})
     # the scales are measured ÷ predicted under the base profile's own scales: the new ones compound them
-    base_scale = {b.block_class: compute_scale_of(profile, b) for b in workload.blocks}
+    base_scale = {b.name: compute_scale_of(profile, b) for b in workload.blocks}
     absolute = {k: base_scale.get(k, 1.0) * v for k, v in comp_scale.items()}
     new = _calibrated_profile(profile, workload, absolute, copy_scale, deq_scale, fitted_k, fitted_c, host_us,
                               model or workload.name, frames, date)
