@@ -23,7 +23,7 @@ from residency.front_door.foreign_hooks import refuse_pipeline_hooks
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, vram_bytes
 from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
-from residency.runtime.closed_loop import LoopOptions
+from residency.runtime.closed_loop import LoopOptions, enable_loop
 from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.units import fmt_bytes
 from residency.workload import ModuleWorkloadWarning, Workload, module_workload
@@ -319,13 +319,7 @@ def attach_built(built: PipelineWorkload, budget: Budget, *, profile: str | os.P
         planner = None  # a plan made for another profile runs as given; re-plans need plans for one profile
     runtime = Runtime(first, backend, workload=built.workload, replan=planner,
                       profile=prof if planner is not None else None).attach(built.modules)
-    if isinstance(closed_loop, LoopOptions) or closed_loop:
-        options = closed_loop if isinstance(closed_loop, LoopOptions) else LoopOptions()
-        try:
-            runtime.enable_closed_loop(options, model=built.workload.name)
-        except ResidencyError:
-            runtime.detach()  # the pipeline is restored: attach fails as a whole
-            raise
+    enable_loop(runtime, closed_loop)
     return PipelineRuntime(runtime, built)
 
 

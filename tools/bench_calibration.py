@@ -138,6 +138,7 @@ class Disturbance:
 def loop_section(profile, frames: int, period: int, vram: int, frame_ms: float | None) -> dict:
     """Section 3: the closed loop on the shipped model with the disturbance toggling every `period` frames."""
     from policies import PlanRequest, Replanner, get_policy
+    from residency.formats.dtypes import TORCH_DTYPES
     from residency.plan import Budget
     from residency.runtime import Runtime
     from residency.runtime.closed_loop import LoopOptions
@@ -149,6 +150,7 @@ def loop_section(profile, frames: int, period: int, vram: int, frame_ms: float |
     req = PlanRequest(w, profile, Budget(vram, frame_ms))
     replan = Replanner(get_policy("ours"), req)
     plan = replan.policy(req)
+    model.pipe.to(TORCH_DTYPES[plan.blocks[0].compute_dtype])  # the plan's compute dtype, as `run` casts it
     rt = Runtime(plan, "cpu", workload=w, replan=replan, profile=profile).attach(model.pipe)
     loop = rt.enable_closed_loop(LoopOptions(), model="default")
     disturb = Disturbance()
@@ -258,8 +260,8 @@ def main() -> int:
     p.add_argument("--check-frames", type=int, default=32)
     p.add_argument("--loop-frames", type=int, default=300)
     p.add_argument("--period", type=int, default=60, help="frames between toggles of the disturbance")
-    p.add_argument("--vram", type=int, default=6 * 2**20, help="the loop section's VRAM budget, bytes")
-    p.add_argument("--frame-ms", type=float, default=None, help="the loop section's frame budget (ms)")
+    p.add_argument("--vram", type=int, default=10 * 2**20, help="the loop section's VRAM budget, bytes")
+    p.add_argument("--frame-ms", type=float, default=50.0, help="the loop section's frame budget (ms)")
     p.add_argument("--skip-loop", action="store_true")
     p.add_argument("--one", action="store_true", help="one run in this process; prints its JSON")
     args = p.parse_args()
@@ -268,7 +270,10 @@ def main() -> int:
         return 0
     console = Console(stderr=True)
     runs = []
-    child = [a for a in sys.argv[1:] if not a.startswith("--runs")]
+    child = [f"--warmup={args.warmup}", f"--calib-frames={args.calib_frames}", f"--check-frames={args.check_frames}",
+             f"--loop-frames={args.loop_frames}", f"--period={args.period}", f"--vram={args.vram}",
+             *([f"--frame-ms={args.frame_ms}"] if args.frame_ms is not None else []),
+             *(["--skip-loop"] if args.skip_loop else [])]
     for r in range(args.runs):
         console.log(f"run {r + 1}/{args.runs} (a fresh process)")
         done = subprocess.run([sys.executable, __file__, "--one", *child], capture_output=True, text=True)

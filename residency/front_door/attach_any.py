@@ -22,7 +22,7 @@ from residency.front_door.shape_guard import ShapeGuard
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, frame_budget_ms, vram_bytes
 from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
-from residency.runtime.closed_loop import LoopOptions
+from residency.runtime.closed_loop import LoopOptions, enable_loop
 from residency.units import fmt_bytes
 from residency.workload import Workload, module_workload, workload_from_dict
 from residency.workload.from_module import split_example
@@ -82,21 +82,6 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     runtime.attach(target)
     enable_loop(runtime, closed_loop)
     return runtime
-
-
-def enable_loop(runtime: Runtime, closed_loop: bool | LoopOptions) -> None:
-    """Turn the runtime's closed loop on for True (default options) or a LoopOptions; False leaves it off.
-
-    Raises ResidencyError (after detaching) when the runtime cannot re-plan: its plan was made for another
-    profile."""
-    if not isinstance(closed_loop, LoopOptions) and not closed_loop:
-        return
-    options = closed_loop if isinstance(closed_loop, LoopOptions) else LoopOptions()
-    try:
-        runtime.enable_closed_loop(options, model=runtime.workload.name)
-    except ResidencyError:
-        runtime.detach()  # the model is restored: attach fails as a whole
-        raise
 
 
 def _attach_pipeline(pipe: Any, **options: Any) -> Any:

@@ -292,3 +292,18 @@ class ClosedLoop:
         """Wait for a re-plan in flight (a detach must not race the packing thread)."""
         if self._pending is not None and self._pending.done is not None:
             self._pending.done.wait()
+
+
+def enable_loop(runtime, closed_loop: bool | LoopOptions) -> None:
+    """Turn the runtime's closed loop on for True (default options) or a LoopOptions; False leaves it off.
+
+    Raises ResidencyError (after detaching) when the runtime cannot re-plan: its plan was made for another
+    profile."""
+    if not isinstance(closed_loop, LoopOptions) and not closed_loop:
+        return
+    options = closed_loop if isinstance(closed_loop, LoopOptions) else LoopOptions()
+    try:
+        runtime.enable_closed_loop(options, model=runtime.workload.name)
+    except ResidencyError:
+        runtime.detach()  # the model is restored: attach fails as a whole
+        raise
