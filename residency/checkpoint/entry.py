@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from residency.checkpoint.errors import broken
 from residency.checkpoint.limits import MAX_DIMS, check_dims, tensor_nbytes
@@ -24,9 +24,11 @@ PACKED = "packed"  # the byte range is exactly the format's packed blob
 E4M3 = "e4m3"  # raw e4m3 bytes (safetensors F8_E4M3): FP8 with unit row scales, rebuilt on read
 
 
-@dataclass(frozen=True, slots=True)
-class TensorEntry:
-    """One tensor of a checkpoint: logical shape (torch order), format, and its byte range."""
+class TensorEntry(NamedTuple):
+    """One tensor of a checkpoint: logical shape (torch order), format, and its byte range.
+
+    A NamedTuple, immutable and hashable: a reader makes one per header entry, and a frozen dataclass's
+    per-field setattr cost ~1 µs of the ~4 µs an entry costs (a 200,000-tensor header: 0.2 s)."""
 
     name: str
     shape: tuple[int, ...]

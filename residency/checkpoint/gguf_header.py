@@ -12,6 +12,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -47,8 +48,9 @@ DEFAULT_ALIGNMENT = 32
 MAX_ALIGNMENT = 1 << 16  # llama.cpp writes 32; anything past a large page is a lie
 
 
-@dataclass(frozen=True, slots=True)
-class GGUFTensorInfo:
+class GGUFTensorInfo(NamedTuple):
+    """One entry of a GGUF tensor table (a NamedTuple: one per entry, and a frozen dataclass's init costs ~1 µs)."""
+
     name: str
     dims: tuple[int, ...]  # ggml order: dims[0] is the fastest-varying (torch's last) dimension
     ggml_type: int

@@ -24,10 +24,12 @@ MAX_EXTENT = 2**48
 # whose rows hold no bytes at all (a [rows, 0] tensor would otherwise allocate rows × 4 bytes).
 MAX_SCALE_BYTES_PER_STORED_BYTE = 4
 EMPTY_TENSOR_SLACK_BYTES = 4096
-# Tensors per file. Real checkpoints hold 1k-3k per file (the largest MoE models ~90k across
-# all shards); every tensor costs ~1 KiB of Python objects and ~10 µs to validate and group,
-# so this bounds one hostile header to ~250 MiB and ~3 s however it is built.
-MAX_TENSORS = 2**18
+# Tensors per file or shard set. Real checkpoints hold 1k-3k per file; the largest MoE sets ~90k (DeepSeek-V3:
+# 61 layers × 256 experts × 3 matrices × weight + scale) to ~140k (384 experts) across all shards. Reading a
+# header entry costs ~4-5 µs (JSON, checks, its TensorEntry), so this bounds the costliest header a hostile file
+# can carry — valid-looking entries up to the cap, one lie at the end — to about a second and ~200 MB, while
+# `inspect` of a 200,000-tensor file still reads.
+MAX_TENSORS = 200 * 1024
 MAX_NAME_BYTES = 4096  # one tensor name; real ones are < 200 bytes (GGUF's own limit is 64)
 
 
