@@ -64,6 +64,20 @@ def decisions(tree: Path, todo: list[tuple[str, list[str]]]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _differences(theirs: dict, ours: dict) -> list[str]:
+    """The fields (and blocks) that differ between two cases' decisions, as lines."""
+    lines = []
+    for field in sorted(set(theirs) | set(ours)):
+        a, b = theirs.get(field), ours.get(field)
+        if a == b:
+            continue
+        if field == "blocks" and a and b:
+            lines += [f"block {x[0]}: {x[1:]} -> {y[1:]}" for x, y in zip(a, b, strict=False) if x != y]
+        else:
+            lines.append(f"{field}: {json.dumps(a)[:200]} -> {json.dumps(b)[:200]}")
+    return lines
+
+
 def main() -> int:
     """Compare this checkout's plans with revision REV's; returns 1 when any case differs."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,7 +103,9 @@ def main() -> int:
     ours = decisions(ROOT, todo)
     differ = sorted(k for k in ours if ours[k] != theirs.get(k))
     for k in differ:
-        print(f"differs: {k}\n  {args.rev}: {json.dumps(theirs.get(k))[:300]}\n  here: {json.dumps(ours[k])[:300]}")
+        print(f"differs: {k}")
+        for line in _differences(theirs.get(k) or {}, ours[k]):
+            print(f"  {line}")
     print(json.dumps({"rev": args.rev, "cases": len(todo), "differ": len(differ), "differing": differ}))
     return 1 if differ else 0
 

@@ -13,10 +13,23 @@ from torch import nn
 from torch.nn import functional as F
 
 
-class TemporalContext(Protocol):
-    """Where temporal attention gets past frames' keys and values: the KV cache, or a whole clip."""
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+class LayerContext(Protocol):
+    """What one block's temporal attention reads: past frames' keys and values for that block."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: (B', heads, tokens, head_dim) of the frame(s) being computed; returns like q."""
+        ...
+
+
+class TemporalContext(Protocol):
+    """Where temporal attention gets past frames' keys and values: the KV cache, or a whole clip.
+
+    The model asks it for each block's LayerContext (`layer(i)`) and passes that to the block, so no layer
+    index reaches a block's code (a compiled block would otherwise guard on it and compile once per layer).
+    """
+
+    def layer(self, layer: int) -> LayerContext:
+        """The context of block `layer` (0-based); the same object on every call for a given layer."""
         ...
 
 
@@ -60,7 +73,7 @@ class TemporalAttention(_Projections):
     positions. The KV bytes are the same either way: every token's K and V are cached.
     """
 
-    def forward(self, x: torch.Tensor, context: TemporalContext, layer: int) -> torch.Tensor:
-        """x (B, tokens, dim) -> (B, tokens, dim): attention to past frames through `context`."""
+    def forward(self, x: torch.Tensor, context: LayerContext) -> torch.Tensor:
+        """x (B, tokens, dim) -> (B, tokens, dim): attention to past frames through this block's `context`."""
         q, k, v = self.qkv_heads(x)
-        return self.merge(context.attend(layer, q, k, v))
+        return self.merge(context.attend(q, k, v))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipelines.world_model.attention import SpatialAttention, TemporalAttention, TemporalContext
+from pipelines.world_model.attention import LayerContext, SpatialAttention, TemporalAttention, TemporalContext
 from pipelines.world_model.config import WorldModelConfig
 
 
@@ -104,33 +104,38 @@ class MLP(nn.Module):
 class TemporalMixer(nn.Module):
     """The temporal-mixing module of a block: pre-norm, attention to the past, learned gate."""
 
-    def __init__(self, config: WorldModelConfig, layer: int):
+    def __init__(self, config: WorldModelConfig):
         super().__init__()
-        self.layer = layer  # index of this block's KV slots
         self.norm = nn.LayerNorm(config.dim, eps=1e-6)
         self.attn = TemporalAttention(config.dim, config.heads)
         self.gate = nn.Parameter(torch.ones(config.dim))
 
-    def forward(self, x: torch.Tensor, context: TemporalContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: LayerContext) -> torch.Tensor:
         """x (B, tokens, dim) -> the gated temporal-attention update (B, tokens, dim)."""
-        return self.gate * self.attn(self.norm(x), context, self.layer)
+        return self.gate * self.attn(self.norm(x), context)
 
 
 class DiTBlock(nn.Module):
-    """x (B, T, dim), c (B, dim) conditioning, context -> x. One unit of residency."""
+    """x (B, T, dim), c (B, dim) conditioning, its layer's context -> x. One unit of residency.
 
-    def __init__(self, config: WorldModelConfig, layer: int):
+    Capture-safe (torch.compile fullgraph, CUDA graphs): no layer index or other per-layer Python value, no
+    host sync, no data-dependent branch; what its context reads may vary only in a fixed set of shapes
+    (KVCache: the window's fill while it fills, one shape once full).
+    """
+
+    def __init__(self, config: WorldModelConfig):
         super().__init__()
         dim = config.dim
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SpatialAttention(dim, config.heads)
-        self.temporal = TemporalMixer(config, layer)
+        self.temporal = TemporalMixer(config)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(dim, config.mlp_hidden)
         self.ada = nn.Linear(dim, 6 * dim)  # shift, scale, gate for attention and for the MLP
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, context: TemporalContext) -> torch.Tensor:
-        """x (B, tokens, dim), conditioning c (B, dim) -> x after spatial, temporal and MLP updates."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: LayerContext) -> torch.Tensor:
+        """x (B, tokens, dim), conditioning c (B, dim), this block's context -> x after spatial, temporal
+        and MLP updates."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)
         x = x + gate1 * self.attn(_modulate(self.norm1(x), shift1, scale1))
         x = x + self.temporal(x, context)
@@ -159,7 +164,7 @@ class CausalDiT(nn.Module):
         self.config = config
         self.cond_embed = ConditionEmbed(config)
         self.patch_embed = PatchEmbed(config)
-        self.blocks = nn.ModuleList(DiTBlock(config, i) for i in range(config.depth))
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
         self.final = FinalLayer(config)
 
     def forward(
@@ -177,8 +182,8 @@ class CausalDiT(nn.Module):
         """
         c = self.cond_embed(t, action)
         x = self.patch_embed(latent)
-        for block in self.blocks:
-            x = block(x, c, context)
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, context.layer(i))
         return self.final(x, c) if output else None
 
     def block_names(self, output: bool = True) -> list[str]:

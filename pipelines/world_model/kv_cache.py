@@ -28,6 +28,24 @@ class CacheSnapshot:
     generation: int  # the backup holds this snapshot's victim only while no later snapshot was taken
 
 
+class LayerKV:
+    """One DiT block's view of the cache (a LayerContext): that block's K and V stores and the shared cache.
+
+    Made once per layer when the cache is built, so a block receives the same object every call and the
+    layer index never reaches the block's code: a compiled block (torch.compile) then sees one set of guards
+    for every layer instead of one per layer index.
+    """
+
+    def __init__(self, cache: KVCache, keys: torch.Tensor, values: torch.Tensor):
+        self.cache = cache
+        self.keys = keys  # (B, heads, slots, tokens, head_dim), storage dtype
+        self.values = values
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """KVCache.attend_layer on this layer's stores; q, k, v (B, heads, tokens, head_dim), returns like q."""
+        return self.cache.attend_layer(self.keys, self.values, q, k, v)
+
+
 class KVCache:
     """K and V of `context_frames` latent frames for every DiT block; implements TemporalContext.
 
@@ -35,6 +53,12 @@ class KVCache:
     being generated, so eviction re-indexes positions by rewriting an S-row table, not memory.
     Reads copy the window into a compute-dtype scratch shared by all blocks (upcast + rotate
     in one pass): O(S·T·dim) elementwise per block per pass, ~1/T of the attention FLOPs.
+
+    Capture-safe reads and writes (torch.compile, CUDA graphs): a block reaches its stores through its
+    LayerKV, never by a layer index; the slot a commit writes is a device tensor (`_slot_index`), not a
+    Python int, so the ring's rotation changes no traced constant. What a traced block does depend on is
+    (count, writing): count is 0..S while the window fills and S once it is full, writing tells a commit
+    pass from a denoise pass, so the set of shapes is fixed and, with a full window, one per pass kind.
     """
 
     def __init__(
@@ -63,6 +87,11 @@ class KVCache:
         self.count = 0  # valid slots; always the prefix [0, count)
         self.current_frame = 0  # the frame that reads (and a commit) are for
         self._write_slot: int | None = None
+        # A commit is in progress: a bool, not `_write_slot is not None`, so a traced block guards on it and
+        # not on the slot's value (which would compile once per ring slot).
+        self._writing = False
+        self._slot_index = torch.zeros(1, dtype=torch.long, device=device)  # _write_slot as a device tensor
+        self.layers = [LayerKV(self, k, v) for k, v in zip(self.keys, self.values, strict=True)]
         self._backup: list[torch.Tensor] = []  # host copy of one slot per layer (keys, then values); made once
         self._generation = 0  # snapshots taken
 
@@ -89,11 +118,13 @@ class KVCache:
         if frame != self.current_frame:
             raise ValueError(f"commit of frame {frame} while the cache expects frame {self.current_frame}")
         self._write_slot = self.slot_for(frame)
+        self._slot_index.fill_(self._write_slot)  # a device-side write (a kernel on a GPU), no host sync
+        self._writing = True
         return self._write_slot
 
     def end_write(self) -> None:
         """Finish the commit: the slot now holds the current frame, and the next frame becomes current."""
-        slot, self._write_slot = self._write_slot, None
+        slot, self._write_slot, self._writing = self._write_slot, None, False
         self.slot_frames[slot] = self.current_frame
         self.count = min(self.count + 1, self.slots)
         self._set_current(self.current_frame + 1)
@@ -102,7 +133,7 @@ class KVCache:
         """Forget every frame (slots are kept allocated, not zeroed); the next frame is 0."""
         self.slot_frames = [-1] * self.slots
         self.count = 0
-        self._write_slot = None
+        self._write_slot, self._writing = None, False
         self._set_current(0)
 
     def truncate_to_anchor(self) -> None:
@@ -111,7 +142,7 @@ class KVCache:
             raise ValueError("no anchor frame in the cache")
         self.slot_frames = [0] + [-1] * (self.slots - 1)
         self.count = 1
-        self._write_slot = None
+        self._write_slot, self._writing = None, False
         self._set_current(1)
 
     # --- snapshot / restore (a failed step is undone; residency.runtime.session_protocol) ---
@@ -140,7 +171,7 @@ class KVCache:
                 t[:, :, snap.victim].copy_(buf)
         self.slot_frames = list(snap.slot_frames)
         self.count = snap.count
-        self._write_slot = None
+        self._write_slot, self._writing = None, False
         self._set_current(snap.current_frame)  # rebuilds the RoPE table for the restored window
 
     def _backup_buffers(self) -> list[torch.Tensor]:
@@ -162,30 +193,41 @@ class KVCache:
         self._sin[: self.count].copy_(sin)
 
     # --- reads (TemporalContext) ---
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def layer(self, layer: int) -> LayerKV:
+        """The view of block `layer` (0-based), made at construction: what that block's attention reads."""
+        return self.layers[layer]
+
+    def attend_layer(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> torch.Tensor:
         """Attention of the current frame's q to the cached frames (rotated) and its own k, v.
 
-        q, k, v: (B, heads, tokens, head_dim); returns like q. During a write (begin_write) also stores k, v
-        in the write slot, after reading. Cost: copies the window's K/V into a read buffer per call.
+        keys, values: one layer's stores (LayerKV); q, k, v: (B, heads, tokens, head_dim); returns like q.
+        During a write (begin_write) also stores k, v in the write slot, after reading. Cost: copies the
+        window's K/V into a read buffer per call.
         """
         n, t = self.count, self.tokens
         k_all = self._k_read[:, :, : (n + 1) * t]
         v_all = self._v_read[:, :, : (n + 1) * t]
         if n:
             k_win = k_all[:, :, : n * t].unflatten(2, (n, t))
-            k_win.copy_(self.keys[layer][:, :, :n])
+            k_win.copy_(keys[:, :, :n])
             rotate_(k_win, self._half[:, :, :n], self._cos[:n], self._sin[:n])
-            v_all[:, :, : n * t].unflatten(2, (n, t)).copy_(self.values[layer][:, :, :n])
+            v_all[:, :, : n * t].unflatten(2, (n, t)).copy_(values[:, :, :n])
         k_all[:, :, n * t :].copy_(k)  # the current frame sits at position 0: no rotation
         v_all[:, :, n * t :].copy_(v)
         out = F.scaled_dot_product_attention(q, k_all, v_all)
-        if self._write_slot is not None:
+        if self._writing:
             # After the read above: when full, the slot written is the victim still being read.
-            self._store(self.keys[layer], k)
-            self._store(self.values[layer], v)
+            self._store(keys, k)
+            self._store(values, v)
         return out
 
     def _store(self, store: torch.Tensor, x: torch.Tensor) -> None:
+        """x (B, heads, tokens, head_dim) into slot `_slot_index` of `store`: an index_copy_ by a device
+        tensor, so the slot is no traced constant (the same rounding as a slice copy_ into the store)."""
         if self.storage_dtype == torch.float8_e4m3fn:
             x = x.clamp(-FP8_MAX, FP8_MAX)  # e4m3fn has no inf: out-of-range would become NaN
-        store[:, :, self._write_slot].copy_(x)
+            # index_copy_ has no float8 kernel on the CPU: copy the converted bytes instead.
+            store.view(torch.uint8).index_copy_(2, self._slot_index, x.to(store.dtype).view(torch.uint8)[:, :, None])
+            return
+        store.index_copy_(2, self._slot_index, x.to(store.dtype)[:, :, None])

@@ -24,7 +24,11 @@ class ReferenceContext:
         self.config = config
         self.frame_indices = frame_indices
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def layer(self, layer: int) -> ReferenceContext:
+        """Every block reads the same frames: the context itself."""
+        return self
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of each frame to itself and the frames before it, recomputed without a cache.
 
         q, k, v: (B*N, heads, tokens, head_dim) for the N frames; returns like q. The oracle the KV cache is checked against.

@@ -38,7 +38,11 @@ class ClipContext:
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         self.mask = causal.repeat_interleave(t, 1).reshape(n, 1, 1, n * t).to(device)  # (Nq, 1, 1, Nk*T)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def layer(self, layer: int) -> ClipContext:
+        """Every block reads the same clip: the context itself."""
+        return self
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention over a whole training clip: each frame to itself and the frames before it.
 
         q, k, v: (B*N, heads, tokens, head_dim); returns like q.

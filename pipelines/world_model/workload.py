@@ -58,7 +58,7 @@ def _dit_ops(c: WorldModelConfig, pipe: WorldModelPipeline) -> dict[str, dict[st
     out = {}
     out["dit.cond_embed"], cond = _count_ops(lambda: pipe.dit.cond_embed(t, action))
     out["dit.patch_embed"], x = _count_ops(lambda: pipe.dit.patch_embed(latent))
-    out["dit.blocks"], x = _count_ops(lambda: pipe.dit.blocks[0](x, cond, cache))
+    out["dit.blocks"], x = _count_ops(lambda: pipe.dit.blocks[0](x, cond, cache.layer(0)))
     out["dit.final"], _ = _count_ops(lambda: pipe.dit.final(x, cond))
     return out
 
