@@ -164,8 +164,11 @@ class DeviceProfile:
         """Seconds for non-matmul ops to read and write `elements` activation elements whose largest tensor
         is of `size_class` elements (0: unknown, the smallest measured class)."""
         if self.elementwise_gelems_per_s is not None:
-            # measured at the backend's own dtype (fp32 on the CPU, bf16 on a GPU): other widths scale with bytes
-            scale = element_bytes / (4 if self.backend == "cpu" else 2)
+            # measured at the backend's own dtype (fp32 on the CPU, bf16 on a GPU). A GPU moves half the bytes
+            # for half the width; a CPU's bf16/fp16 non-matmul ops convert through fp32 and are no faster per
+            # element (the shipped model's DiT block: 1.69 ms in bf16 against 1.74 in fp32, where halving its
+            # elementwise time predicted 1.34 ms)
+            scale = max(element_bytes / 4, 1.0) if self.backend == "cpu" else element_bytes / 2
             return elements * scale / (self.elementwise_gelems_per_s.at(max(size_class * scale, 1)) * 1e9)
         return elements * element_bytes / (self.device_memory_gbps * 1e9)
 
