@@ -25,9 +25,9 @@ def test_quick_cpu_profile_end_to_end(tmp_path, capsys):
     assert all(p.kind == "measured" and p.source.startswith("residency profile --device cpu --quick")
                for p in profile.provenance.values())
     assert all(len(c.spread) == len(c.x) for c in (*profile.link.values(), *profile.matmul_tflops.values()))
-    # the CPU refinements: a small-weight curve for fp32 (the backend's compute dtype) and an elementwise rate
+    # the CPU refinements: a small-weight curve for every compute dtype and an elementwise rate
     assert 0 < profile.matmul_small_weight_dim < profile.matmul_weight_dim
-    assert set(profile.matmul_small_tflops) == {"fp32"}
+    assert set(profile.matmul_small_tflops) == set(profile.matmul_tflops)  # every compute dtype
     assert min(profile.elementwise_gelems_per_s.y) > 0 and profile.launch_overhead_us > 0
     assert str(out) in capsys.readouterr().out
 

@@ -19,7 +19,8 @@ from residency.errors import ResidencyError, UsageError
 # 5: the CPU copies run on the runtime's own copy worker (its hand-off measured ~1/4 slower at 64 KiB than the
 #    queue-only thread it replaced, which small-transfer link figures now include, as the runtime pays it).
 # 6: each engine's slowdown beside the other (copy_slowdown, compute_slowdown), timed with a block-shaped probe.
-MEASUREMENT_VERSION = 6
+# 7: the CPU's small-weight matmul curve for every compute dtype, not fp32 only.
+MEASUREMENT_VERSION = 7
 
 
 def default_device() -> str:
