@@ -19,6 +19,7 @@ from residency.plan.plan import (  # noqa: E402
     COMPUTE_DTYPES,
     COPY_MODES,
     DEQUANT_ON,
+    EXEC_MODES,
     LIFETIMES,
     MAX_CONTEXT_FRAMES,
     MAX_PLAN_BYTES,
@@ -92,6 +93,9 @@ ACCEPTED = {
         d.update(schema_version=1), [(b.pop("modules"), b.pop("tensors")) for b in d["blocks"]]),
     "a block in no module": _set("blocks", 0, "modules", []),
     "a block without tensors": _set("blocks", 0, "tensors", []),
+    "a compiled block": _set("blocks", 0, "exec_mode", "compiled"),
+    "a graphed block": _set("blocks", 0, "exec_mode", "graphed"),
+    "an eager block written out": _set("blocks", 0, "exec_mode", "eager"),
 }
 
 REFUSED = {
@@ -120,6 +124,8 @@ REFUSED = {
     "unknown compute dtype": _set("blocks", 0, "compute_dtype", "fp64"),
     "unknown lifetime": _set("blocks", 0, "lifetime", "forever"),
     "unknown dequant side": _set("blocks", 0, "dequant_on", "gpu"),
+    "unknown exec mode": _set("blocks", 0, "exec_mode", "jit"),
+    "exec mode null": _set("blocks", 0, "exec_mode", None),
     "unknown block field": _set("blocks", 0, "colour", "red"),
     "block without a format": _drop("blocks", 0, "format"),
     "block with an empty name": _set("blocks", 0, "name", ""),
@@ -229,6 +235,7 @@ def test_schema_enums_are_the_codes_own_lists():
     assert block["compute_dtype"]["enum"] == list(COMPUTE_DTYPES)
     assert block["lifetime"]["enum"] == list(LIFETIMES)
     assert block["dequant_on"]["enum"] == list(DEQUANT_ON)
+    assert block["exec_mode"]["enum"] == list(EXEC_MODES)
     top = SCHEMA["properties"]
     assert top["execution"]["properties"]["copy_mode"]["enum"] == list(COPY_MODES)
     assert top["kv_dtype"]["enum"] == list(KV_DTYPE_BYTES)
@@ -279,3 +286,20 @@ def test_modules_and_tensors_survive_a_round_trip(tmp_path, good):
     plan = load_plan(path)
     assert [list(b.modules) for b in plan.blocks] == [b["modules"] for b in good["blocks"]]
     assert [list(b.tensors) for b in plan.blocks] == [b["tensors"] for b in good["blocks"]]
+
+
+def test_exec_mode_is_written_only_when_not_eager(tmp_path, good):
+    import dataclasses
+
+    assert all("exec_mode" not in b for b in good["blocks"])  # eager plans: the JSON of before exec_mode
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(good))
+    plan = load_plan(path)
+    assert json.loads(json.dumps(plan_to_dict(plan))) == good
+    compiled = dataclasses.replace(plan, blocks=(dataclasses.replace(plan.blocks[0], exec_mode="compiled"),
+                                                 *plan.blocks[1:]))
+    doc = json.loads(json.dumps(plan_to_dict(compiled)))
+    assert doc["blocks"][0]["exec_mode"] == "compiled" and "exec_mode" not in doc["blocks"][1]
+    assert VALIDATOR.is_valid(doc)
+    path.write_text(json.dumps(doc))
+    assert load_plan(path) == compiled

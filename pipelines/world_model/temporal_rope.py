@@ -36,7 +36,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def rotate_(x: torch.Tensor, tmp: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """In-place rotation, same arithmetic as `rotate`; `tmp` holds one half (no allocation)."""
+    """In-place rotation, same arithmetic as `rotate`; `tmp` holds one half (no allocation).
+
+    Compiled, it is not bit-exact: torch.compile rewrites addcmul_(value=-1.0) into a fused multiply-add that
+    rounds otherwise (~1 ulp per call). Avoiding it costs one more op or table slice per block call, which
+    would change the catalog's counted ops; the drift stays within tests/test_compile_blocks.py's tolerance.
+    """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     tmp.copy_(x1)

@@ -19,6 +19,8 @@ COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 LIFETIMES = ("session", "phase")  # resident blocks: loaded once for the session, or per run of their phase
 COPY_MODES = ("async", "sync")  # copy engine beside compute, or blocking copies on the compute stream
 DEQUANT_ON = ("compute", "copy")  # where a streamed block is dequantized: compute stream, or copy engine
+# How a block's module runs: as written; through torch.compile; as a CUDA/HIP graph per block class and slot.
+EXEC_MODES = ("eager", "compiled", "graphed")
 # Bounds a plan document is held to (plan_io, plan.schema.json). Beyond them a plan is a typo or hostile:
 MAX_PREFETCH_DEPTH = 16  # each level is a slot of device memory; the planner tries 1 and 2
 MAX_PLAN_BYTES = 2**53  # any byte count: 8 PiB, and every value below it is exact as a JSON (double) number
@@ -55,9 +57,11 @@ class BlockPlan:
     # none) and tensor names (relative to the block). Not what the plan decides, so not compared.
     modules: tuple[str, ...] = field(default=(), compare=False)
     tensors: tuple[str, ...] = field(default=(), compare=False)
+    exec_mode: str = "eager"  # "eager" | "compiled" (torch.compile of the block) | "graphed" (GPU only)
 
     def __post_init__(self) -> None:
         for what, value, allowed in (("placement", self.placement, PLACEMENTS),
+                                     ("exec_mode", self.exec_mode, EXEC_MODES),
                                      ("lifetime", self.lifetime, LIFETIMES),
                                      ("dequant_on", self.dequant_on, DEQUANT_ON),
                                      ("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)):

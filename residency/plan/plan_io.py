@@ -17,6 +17,7 @@ from residency.plan.plan import (
     COMPUTE_DTYPES,
     COPY_MODES,
     DEQUANT_ON,
+    EXEC_MODES,
     LIFETIMES,
     MAX_CONTEXT_FRAMES,
     MAX_PLAN_BYTES,
@@ -53,10 +54,18 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "kv_dtype": plan.kv_dtype,
         "steps": plan.steps,
         "context_frames": plan.context_frames,
-        "blocks": [{**asdict(b), "modules": list(b.modules), "tensors": list(b.tensors)} for b in plan.blocks],
+        "blocks": [_block_dict(b) for b in plan.blocks],
         "prediction": asdict(plan.prediction) if plan.prediction else None,
         "notes": list(plan.notes),
     }
+
+
+def _block_dict(b: BlockPlan) -> dict[str, Any]:
+    """A block as the plan JSON holds it; exec_mode only when not "eager" (eager plans read as before)."""
+    doc = {**asdict(b), "modules": list(b.modules), "tensors": list(b.tensors)}
+    if b.exec_mode == "eager":
+        del doc["exec_mode"]
+    return doc
 
 
 _HINT = "re-create the plan with `residency plan -o`"
@@ -115,6 +124,7 @@ def _block(r: Reader, value: Any, path: str) -> BlockPlan:
         dequant_on=r.choice(r.optional(doc, "dequant_on", "compute"), f"{path}.dequant_on", DEQUANT_ON),
         modules=_names(r, r.optional(doc, "modules", []), f"{path}.modules"),
         tensors=_names(r, r.optional(doc, "tensors", []), f"{path}.tensors"),
+        exec_mode=r.choice(r.optional(doc, "exec_mode", "eager"), f"{path}.exec_mode", EXEC_MODES),
     )
 
 

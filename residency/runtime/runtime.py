@@ -21,6 +21,7 @@ from residency.runtime.backend import Backend
 from residency.runtime.backends import get_backend
 from residency.runtime.block_calls import BlockCalls, BlockHook, GroupHook
 from residency.runtime.closed_loop import ClosedLoop, LoopOptions
+from residency.runtime.compiled import CompiledForwards, check_exec_modes, compile_blocks
 from residency.runtime.device_memory import DeviceMemory
 from residency.runtime.executor import Executor
 from residency.runtime.hooks import ModelHook, add_hook, check_removable, has_hook, remove_hook
@@ -109,6 +110,8 @@ class Runtime:
         # Called with each call's (args, kwargs) before the model runs: it may refuse a call the plan was
         # not made for (residency.attach refuses inputs of other shapes than the workload's example).
         self.call_check: Callable[[tuple, dict], None] | None = None
+        self.notes: list[str] = []  # what the runtime changed of the plan while running (a compile fell back)
+        self._compiled: CompiledForwards | None = None  # the `compiled` blocks' forwards, restored at detach
 
     def __enter__(self) -> Runtime:
         return self
@@ -162,6 +165,7 @@ class Runtime:
                     f"block {name} encloses other blocks (the model's own tensors, read all through its call); "
                     f"the plan makes it {bp.placement} for the {bp.lifetime}",
                     hint="plan it resident for the session: it stays bound while the blocks inside it run")
+        check_exec_modes(plan, self.backend.device, enclosing)
         modules = {n: mods for n, mods in found.items() if n not in enclosing}
         hooked = [m for mods in modules.values() for m in mods]
         if any(has_hook(m) for m in hooked):
@@ -206,6 +210,7 @@ class Runtime:
         if not on_cpu:
             self._move_buffers(hooked)
         self._calls = calls = BlockCalls(executor, enclosing)
+        self._compiled = compile_blocks(plan, modules, self.notes)  # beneath the hooks: weights bind outside it
         for name, mods in modules.items():
             for module in mods:
                 add_hook(module, BlockHook(calls, name) if len(mods) == 1 else GroupHook(calls, name))
@@ -247,6 +252,8 @@ class Runtime:
         for module in self._hooked:
             remove_hook(module)
         self._hooked = []
+        self._compiled.restore()
+        self._compiled = None
         for pairs in self._originals.values():
             for t, data in pairs:
                 t.data = data
