@@ -18,7 +18,8 @@ PROVENANCE_KINDS = ("measured", "datasheet", "calibrated")
 # Refinements a measured (or calibrated) profile may add; absent (at their defaults) in datasheet and older
 # profiles, which therefore keep their fingerprints.
 OPTIONAL_FIELDS = ("matmul_weight_dim", "matmul_small_tflops", "matmul_small_weight_dim", "elementwise_gelems_per_s",
-                   "copy_slowdown", "compute_slowdown", "compute_scale", "streamed_call_host_us", "calibration")
+                   "copy_slowdown", "compute_slowdown", "compute_scale", "call_host_us",
+                   "streamed_call_host_us", "calibration")
 # Bounds of a measured slowdown factor: 1 = no interference; a copy or compute 10× slower beside the other
 # engine would be a broken measurement, not a device.
 MAX_SLOWDOWN = 10.0
@@ -120,8 +121,10 @@ class DeviceProfile:
     # ("dit.blocks.7"), block class ("dit.blocks.*") or component ("dit"), the most specific first; a block none
     # names (and {}) is 1.0 — residency.simulate.costs.compute_scale_of
     compute_scale: dict[str, float] = field(default_factory=dict)
-    # host time per streamed call beyond its predicted compute and copy (µs): the runtime's bookkeeping and its
-    # contention with the copy thread between block calls; set by a calibration, 0 = none
+    # host time between block calls that no block's cost holds (µs), set by a calibration (0 = none): per call
+    # of any block (the hooks' bookkeeping, the model's own code between blocks), and more per streamed call
+    # (the slot's rebinding and the hand-off to the copy thread)
+    call_host_us: float = 0.0
     streamed_call_host_us: float = 0.0
     # provenance of a calibrated profile; like provenance and date, outside the fingerprint
     calibration: Calibration | None = None

@@ -34,7 +34,8 @@ from residency.validate import Reader, show
 # sets none of them is still written as version 1, which older readers load (the shipped datasheet profiles).
 PROFILE_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
-SCHEMA_2_FIELDS = ("copy_slowdown", "compute_slowdown", "compute_scale", "streamed_call_host_us", "calibration")
+SCHEMA_2_FIELDS = ("copy_slowdown", "compute_slowdown", "compute_scale", "call_host_us", "streamed_call_host_us",
+                   "calibration")
 MAX_COMPUTE_SCALE = 100.0  # a calibration that finds compute 100× off the model measured something else
 MAX_STREAMED_CALL_HOST_US = 1e5  # 0.1 s of host time per streamed call is a broken measurement, not overhead
 _CALIBRATION_STRINGS = ("base_fingerprint", "workload_fingerprint", "model", "date")
@@ -84,7 +85,7 @@ def _curve_to_dict(curve: Curve, axes: tuple[str, str]) -> dict[str, list[float]
 def schema_version_of(profile: DeviceProfile) -> int:
     """The oldest schema that holds `profile`: 1 unless it sets a field of SCHEMA_2_FIELDS."""
     uses_2 = (profile.copy_slowdown or profile.compute_slowdown or profile.compute_scale
-              or profile.streamed_call_host_us or profile.calibration is not None)
+              or profile.call_host_us or profile.streamed_call_host_us or profile.calibration is not None)
     return PROFILE_SCHEMA_VERSION if uses_2 else 1
 
 
@@ -124,6 +125,8 @@ def _schema_2_to_dict(profile: DeviceProfile) -> dict[str, Any]:
         doc["compute_slowdown"] = profile.compute_slowdown
     if profile.compute_scale:
         doc["compute_scale"] = dict(profile.compute_scale)
+    if profile.call_host_us:
+        doc["call_host_us"] = profile.call_host_us
     if profile.streamed_call_host_us:
         doc["streamed_call_host_us"] = profile.streamed_call_host_us
     if profile.calibration is not None:
@@ -355,7 +358,8 @@ def _schema_2_fields(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
         "copy_slowdown": _slowdown(r, data, "copy_slowdown"),
         "compute_slowdown": _slowdown(r, data, "compute_slowdown"),
         "compute_scale": _compute_scale(r, data.get("compute_scale", {})),
-        "streamed_call_host_us": _host_us(r, data.get("streamed_call_host_us", 0.0)),
+        "call_host_us": _host_us(r, data, "call_host_us"),
+        "streamed_call_host_us": _host_us(r, data, "streamed_call_host_us"),
         "calibration": _calibration(r, data["calibration"]) if "calibration" in data else None,
     }
 
@@ -370,11 +374,12 @@ def _slowdown(r: _Reader, data: dict[str, Any], key: str) -> float:
     return value
 
 
-def _host_us(r: _Reader, value: Any) -> float:
-    """Host µs per streamed call: ≥ 0 and at most MAX_STREAMED_CALL_HOST_US."""
-    us = r.number(value, "streamed_call_host_us", "µs", strict=False)
+def _host_us(r: _Reader, data: dict[str, Any], key: str) -> float:
+    """Host µs per call (`key`): ≥ 0 and at most MAX_STREAMED_CALL_HOST_US; 0 when absent."""
+    value = data.get(key, 0.0)
+    us = r.number(value, key, "µs", strict=False)
     if not 0.0 <= us <= MAX_STREAMED_CALL_HOST_US:
-        raise r.fail("streamed_call_host_us", f"= {show(value)}: must lie in [0, {MAX_STREAMED_CALL_HOST_US:g}] µs",
+        raise r.fail(key, f"= {show(value)}: must lie in [0, {MAX_STREAMED_CALL_HOST_US:g}] µs",
                      hint="calibrate again (`residency run --calibrate`), or remove the field")
     return us
 

@@ -142,7 +142,8 @@ def call_cost(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, execution
     engine (async) or on compute (copy_mode "sync"), with the execution's host sync per onload.
     The profile's compute_scale scales the block's compute only (in compute_s); dequant and copy are not scaled.
     """
-    base = compute_s(block, bp, profile, context_frames, kv_read, kv_dtype, batch)
+    # the host time a calibration found between calls (0.0 otherwise: every figure below unchanged)
+    base = compute_s(block, bp, profile, context_frames, kv_read, kv_dtype, batch) + profile.call_host_us * 1e-6
     if bp.placement == "resident":
         return CallCost(0.0, 0, 0.0, base, False)
     deq = dequant_s(block, bp.format, bp.compute_dtype, profile)

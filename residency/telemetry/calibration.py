@@ -82,7 +82,8 @@ class CalibrationFit:
     compute_slowdown: float | None
     copy_slowdown: float | None
     points: dict[str, int]  # (frame, block) points per figure, for the report
-    streamed_call_host_us: float | None = None  # host time per streamed call outside the calls; None: none
+    # host µs between calls: (per call of any block, more per streamed call); None: not fitted
+    host_us: tuple[float, float] | None = None
 
     def summary(self) -> str:
         """One line: the factors found, e.g. "compute ×1.31 (dit.blocks.7), copy ×2.70, host 610 µs per
@@ -95,8 +96,8 @@ class CalibrationFit:
         if self.copy_scale is not None:
             parts.append(f"copy ×{self.copy_scale:.2f}")
         parts += [f"{k} dequant ×{v:.2f}" for k, v in sorted(self.dequant_scale.items())]
-        if self.streamed_call_host_us is not None:
-            parts.append(f"host {self.streamed_call_host_us:.0f} µs per streamed call")
+        if self.host_us is not None:
+            parts.append(f"host {self.host_us[0]:.0f} µs per call + {self.host_us[1]:.0f} per streamed call")
         for label, s in (("compute slowdown", self.compute_slowdown), ("copy slowdown", self.copy_slowdown)):
             if s is not None:
                 parts.append(f"{label} {s:.2f}")
@@ -235,24 +236,34 @@ def _collect(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profil
             pred = profile.h2d_s(nbytes, plan.execution.pinned)
         copy.add(float(used[i, C_COPIED] - used[i, C_START]), pred, float(f_copy[i]))
     frames = len({int(f) for f in used[:, FRAME]})
-    return (compute, dequant, copy, _host_us_per_streamed_call(snapshot, plan, warmup_frames)), frames
+    return (compute, dequant, copy, _host_us(snapshot, plan, warmup_frames)), frames
 
 
-def _host_us_per_streamed_call(snapshot: TelemetrySnapshot, plan: Plan, warmup_frames: int) -> float | None:
-    """Median over frames of the work outside any block call (the frame's span less its calls' spans) per
-    streamed call, in µs; None without streamed calls or known frame spans. The cost model has no such time
-    but a per-streamed-call host cost; attributing the whole of it to the streamed calls over-charges a
-    plan with fewer of them by the little a resident plan also spends between calls (~2 % of a tiny frame)."""
+def _host_us(snapshot: TelemetrySnapshot, plan: Plan, warmup_frames: int) -> tuple[float, float] | None:
+    """(µs per call of any block, more µs per streamed call) of the work outside every block call, or None
+    without known frame spans.
+
+    A frame's outside time is its span less its calls' spans: the gaps between calls plus its two ends. Each gap
+    is the call's before it (its hook's after(), the model's code up to the next block), the ends are spread
+    over all calls; a = (gaps after non-streamed calls + ends) ÷ their count, b = gaps after streamed calls ÷
+    their count − a. Medians over frames."""
     streamed = np.array([bp.placement == "streamed" for bp in plan.blocks])
-    per_call = []
+    per_call, extra = [], []
     for frame, rows in zip(snapshot.frames, snapshot.rows, strict=True):
-        if frame.frame <= warmup_frames or not rows.size or not frame.frame_ms > 0:
+        if frame.frame <= warmup_frames or len(rows) < 2 or not frame.frame_ms > 0:
             continue
-        n = int(streamed[rows[:, BLOCK].astype(np.intp)].sum())
-        if n:
-            outside_s = frame.frame_ms / 1e3 - float((rows[:, T_END] - rows[:, T_START]).sum())
-            per_call.append(max(outside_s, 0.0) / n * 1e6)
-    return robust_median(per_call) if len(per_call) >= MIN_POINTS else None
+        is_streamed = streamed[rows[:, BLOCK].astype(np.intp)]
+        gaps = np.maximum(rows[1:, T_START] - rows[:-1, T_END], 0.0)  # the gap after call i, for i < last
+        ends = max(frame.frame_ms / 1e3 - float(rows[-1, T_END] - rows[0, T_START]), 0.0)
+        after_streamed = gaps[is_streamed[:-1]]
+        others = len(rows) - int(is_streamed.sum())
+        a = (float(gaps[~is_streamed[:-1]].sum()) + ends) / max(others, 1) if others else 0.0
+        per_call.append(a * 1e6)
+        if after_streamed.size:
+            extra.append(max(float(after_streamed.mean()) - a, 0.0) * 1e6)
+    if len(per_call) < MIN_POINTS:
+        return None
+    return robust_median(per_call), (robust_median(extra) if len(extra) >= MIN_POINTS else 0.0)
 
 
 def stretch(shared: np.ndarray, slowdown: float) -> np.ndarray:
@@ -344,7 +355,7 @@ def calibrate(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profi
 
 def _calibrated_profile(base: DeviceProfile, workload: Workload, comp_scale: dict[str, float],
                         copy_scale: float | None, deq_scale: dict[str, float], s_k: float | None,
-                        s_c: float | None, host_us: float | None, model: str, frames: int,
+                        s_c: float | None, host_us: tuple[float, float] | None, model: str, frames: int,
                         date: str | None) -> DeviceProfile:
     """The base profile with what the fit found; `comp_scale` holds absolute scales (the base's compounded),
     kept beside the base's other keys when the base was calibrated on the same model."""
@@ -363,7 +374,7 @@ def _calibrated_profile(base: DeviceProfile, workload: Workload, comp_scale: dic
     if s_c is not None:
         changed["copy_slowdown"] = s_c
     if host_us is not None:
-        changed["streamed_call_host_us"] = host_us
+        changed["call_host_us"], changed["streamed_call_host_us"] = host_us
     provenance = dict(base.provenance)
     for key in changed:
         provenance[key] = Provenance("calibrated", source)
