@@ -201,7 +201,9 @@ def one_run(args) -> dict:
 
     t0 = time.perf_counter()
     profile = measure_profile("cpu", quick=True)
-    out = {"calibration": calibration_section(profile, args.warmup, args.calib_frames, args.check_frames)}
+    out = {}
+    if not args.skip_calibration:
+        out["calibration"] = calibration_section(profile, args.warmup, args.calib_frames, args.check_frames)
     if not args.skip_loop:
         out["loop"] = loop_section(profile, args.loop_frames, args.period, args.vram, args.frame_ms)
     out["seconds"] = time.perf_counter() - t0
@@ -217,7 +219,7 @@ def _median(values) -> float | None:
 def summarise(runs: list[dict]) -> dict:
     """Medians over runs of every figure, per model and plan, with the A/A beside them."""
     cal = {}
-    for name in MODELS:
+    for name in MODELS if all("calibration" in r for r in runs) else ():
         cal[name] = {}
         for label in PLANS:
             rows = [r["calibration"][name]["plans"][label] for r in runs]
@@ -231,10 +233,10 @@ def summarise(runs: list[dict]) -> dict:
     if loops:
         loop["runs_with_a_switch"] = sum(x["switches"] > 0 for x in loops)
         loop["max_switches_over_toggles_plus_one"] = max(x["switches"] - x["toggles"] - 1 for x in loops)
-    passes = {
-        "before": all(abs(cal[m][p]["before"]) <= TARGETS["before"] for m in MODELS for p in PLANS),
-        "after": all(abs(cal[m][p]["after"]) <= TARGETS["after"] for m in MODELS for p in PLANS),
-    }
+    passes = {}
+    if cal:
+        passes["before"] = all(abs(cal[m][p]["before"]) <= TARGETS["before"] for m in MODELS for p in PLANS)
+        passes["after"] = all(abs(cal[m][p]["after"]) <= TARGETS["after"] for m in MODELS for p in PLANS)
     if loops:
         passes["held_within"] = loop["held_within_frames"] is not None and \
             loop["held_within_frames"] <= TARGETS["held_within_frames"]
@@ -269,6 +271,7 @@ def main() -> int:
     p.add_argument("--frame-ms", type=float, default=None,
                    help="the loop section's frame budget (ms); default: 1.12 × the first plan's calm frame")
     p.add_argument("--skip-loop", action="store_true")
+    p.add_argument("--skip-calibration", action="store_true", help="only the closed-loop section")
     p.add_argument("--one", action="store_true", help="one run in this process; prints its JSON")
     args = p.parse_args()
     if args.one:
@@ -279,7 +282,8 @@ def main() -> int:
     child = [f"--warmup={args.warmup}", f"--calib-frames={args.calib_frames}", f"--check-frames={args.check_frames}",
              f"--loop-frames={args.loop_frames}", f"--period={args.period}", f"--vram={args.vram}",
              *([f"--frame-ms={args.frame_ms}"] if args.frame_ms is not None else []),
-             *(["--skip-loop"] if args.skip_loop else [])]
+             *(["--skip-loop"] if args.skip_loop else []),
+             *(["--skip-calibration"] if args.skip_calibration else [])]
     for r in range(args.runs):
         console.log(f"run {r + 1}/{args.runs} (a fresh process)")
         done = subprocess.run([sys.executable, __file__, "--one", *child], capture_output=True, text=True)
@@ -288,7 +292,8 @@ def main() -> int:
             return 1
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     summary = summarise(runs)
-    Console(width=160).print(table(summary))
+    if summary["calibration"]:
+        Console(width=160).print(table(summary))
     if summary["loop"]:
         lp = summary["loop"]
         print(f"closed loop: budget {lp['budget_ms']} ms; first plan disturbed {lp['disturbed_first_plan_ms']} ms; "
