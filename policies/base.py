@@ -40,6 +40,12 @@ class PlanRequest:
     compute_dtype: str = "bf16"  # what the matmuls run in
     kv_dtype: str | None = None  # None: the workload's default
     options: PlanOptions = field(default=PlanOptions(), compare=False)  # how to search, not what to plan
+    # execution mode of the blocks: "auto" (ours picks per block class where the profile has the figures; peers
+    # stay eager) or one of "eager", "compiled", "graphed" forced on every block (policies.ours.modes). Eager by
+    # default: the runtime does not run `graphed` yet, so only `residency plan` asks for "auto"
+    exec_mode: str = "eager"
+    # seconds of play a compile must repay: `compiled` is chosen only where it saves more than its compile time
+    session_s: float = 600.0
 
 
 PolicyFn = Callable[[PlanRequest], Plan]

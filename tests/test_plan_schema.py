@@ -34,10 +34,10 @@ SCHEMA = json.loads(PLAN_SCHEMA_PATH.read_text(encoding="utf-8"))
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 
 
-def _plan_file(tmp_path, model: str, profile: str) -> dict:
+def _plan_file(tmp_path, model: str, profile: str, *extra: str) -> dict:
     path = tmp_path / f"{model}-{profile}.json"
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        code = main(["plan", model, "--profile", profile, "-o", str(path)])
+        code = main(["plan", model, "--profile", profile, "-o", str(path), *extra])
     assert code in (0, 3) and path.exists()
     return json.loads(path.read_text())
 
@@ -288,9 +288,10 @@ def test_modules_and_tensors_survive_a_round_trip(tmp_path, good):
     assert [list(b.tensors) for b in plan.blocks] == [b["tensors"] for b in good["blocks"]]
 
 
-def test_exec_mode_is_written_only_when_not_eager(tmp_path, good):
+def test_exec_mode_is_written_only_when_not_eager(tmp_path):
     import dataclasses
 
+    good = _plan_file(tmp_path, "tiny", "rx-7800-xt", "--exec-mode", "eager")
     assert all("exec_mode" not in b for b in good["blocks"])  # eager plans: the JSON of before exec_mode
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(good))

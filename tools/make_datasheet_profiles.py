@@ -35,6 +35,30 @@ DEQUANT_OUT_BYTES = 2  # bf16 output written per weight
 OVERLAP = {"cuda": 0.9, "rocm": 0.8}  # assumed until `residency profile` measures the card
 LAUNCH_US = {"cuda": 5.0, "rocm": 8.0}  # assumed host cost per kernel launch
 MEMORY_RESERVE_BYTES = 1 * GIB  # desktop compositor, driver and context on a card that drives a display
+# ---- what execution modes cost (BlockPlan.exec_mode), each figure from a public measurement ----
+# Host µs per kernel when a block's kernels replay as one captured graph. CUDA: a chain of N kernels replayed
+# as a graph cost ~15 µs fixed + ~0.58 µs per node against ~6.4 µs per individual launch (RTX 5070 Ti,
+# CUDA 13.3), https://github.com/ahrefs/ocannl/issues/488 ; rounded up to 0.6. HIP: 941 dispatches replayed
+# as a graph took 3.865 µs each on gfx1100 (Radeon Pro W7900, RDNA 3 like the RX 7800 XT), 4.4x Vulkan's,
+# https://github.com/ROCm/rocm-systems/issues/10834 ; rounded up to 3.9 for every ROCm card.
+GRAPH_REPLAY_US = {"cuda": 0.6, "rocm": 3.9}
+GRAPH_REPLAY_SOURCES = {"cuda": "https://github.com/ahrefs/ocannl/issues/488",
+                        "rocm": "https://github.com/ROCm/rocm-systems/issues/10834"}
+# Kernels a torch.compile'd (inductor) block still launches, as a fraction of eager's: inductor fuses chains
+# of pointwise ops into one Triton kernel (rotary embedding: 4 eager kernels -> 2,
+# https://github.com/pytorch/pytorch/issues/141265 ; GELU, mul and a view -> 1 kernel,
+# https://github.com/huggingface/blog/pull/3408), matmuls stay library calls. 0.5 taken for a whole block.
+COMPILED_DISPATCH_FRACTION = 0.5
+COMPILED_SOURCES = ("https://github.com/pytorch/pytorch/issues/141265", "https://github.com/huggingface/blog/pull/3408")
+# One cold inductor compile of the shipped model's DiT block class took 23 s on a 2-core CPU host
+# (tools/bench_compile.py); taken as the per-class figure (a GPU host compiles Triton kernels instead of C++,
+# with more cores: an upper figure). Read from inductor's disk cache after the first time.
+COMPILE_S_PER_BLOCK_CLASS = 23.0
+# A captured graph's private pool: PyTorch's CUDA caching allocator packs large allocations into 20 MiB segments
+# (kLargeBuffer) and small ones into 2 MiB segments (kSmallBuffer), and a graph's pool is not shared with eager
+# work, https://github.com/pytorch/pytorch/blob/main/c10/cuda/CUDACachingAllocator.cpp ; one of each per
+# class on top of the class's activations.
+GRAPH_POOL_BYTES_PER_CLASS = 22 * 2**20
 
 
 @dataclass(frozen=True)
@@ -155,6 +179,7 @@ def build_profile(card: CardSpec, date: str) -> DeviceProfile:
         "copy_compute_overlap": sheet(f"assumed {OVERLAP[card.backend]} for {card.backend}; replace with "
                                       "`residency profile` on the card"),
         "launch_overhead_us": sheet(f"assumed {LAUNCH_US[card.backend]} µs per launch for {card.backend}"),
+        **_exec_mode_provenance(card.backend),
     }
     return DeviceProfile(
         name=card.name, vendor=card.vendor, backend=card.backend, torch_version="", cuda_version="",
@@ -165,7 +190,31 @@ def build_profile(card: CardSpec, date: str) -> DeviceProfile:
         dequant_gweights_per_s={f: dequant_gweights_per_s(f, memory_gbps) for f in FORMATS},
         copy_compute_overlap=OVERLAP[card.backend], launch_overhead_us=LAUNCH_US[card.backend],
         provenance=provenance,
+        graph_replay_us_per_kernel=GRAPH_REPLAY_US[card.backend],
+        compiled_dispatch_fraction=COMPILED_DISPATCH_FRACTION,
+        compile_s_per_block_class=COMPILE_S_PER_BLOCK_CLASS,
+        graph_pool_bytes_per_class=GRAPH_POOL_BYTES_PER_CLASS,
     )
+
+
+def _exec_mode_provenance(backend: str) -> dict[str, Provenance]:
+    """Where each execution-mode figure of a `backend` card comes from (see the constants above)."""
+    return {
+        "graph_replay_us_per_kernel": Provenance(
+            "datasheet", GRAPH_REPLAY_SOURCES[backend],
+            f"measured graph replay per node on a {'gfx1100 (RDNA 3)' if backend == 'rocm' else 'RTX 5070 Ti'}, "
+            f"rounded up to {GRAPH_REPLAY_US[backend]} µs; simulated, unverified on this card"),
+        "compiled_dispatch_fraction": Provenance(
+            "datasheet", "; ".join(COMPILED_SOURCES),
+            f"inductor fuses pointwise chains (4 -> 2 and 3 -> 1 kernels in the sources); "
+            f"{COMPILED_DISPATCH_FRACTION} of eager's launches assumed for a whole block"),
+        "compile_s_per_block_class": Provenance(
+            "datasheet", "tools/bench_compile.py (cold inductor compile, 2-core CPU host)",
+            f"{COMPILE_S_PER_BLOCK_CLASS:g} s per block class, once per machine (inductor's disk cache)"),
+        "graph_pool_bytes_per_class": Provenance(
+            "datasheet", "https://github.com/pytorch/pytorch/blob/main/c10/cuda/CUDACachingAllocator.cpp",
+            "one 20 MiB large segment + one 2 MiB small segment per graphed class, beyond its activations"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from policies.base import PlanRequest, PolicyFn, fits_memory
 from policies.ours.gap import gap_statement
+from policies.ours.modes import check_request_mode, choose_modes, mode_notes
 from policies.ours.pinning import pin_small_streamed
 from policies.ours.problem import least_memory_plan
 from policies.ours.ranking import better
@@ -24,6 +25,7 @@ from residency.simulate import lower_bound_s
 def plan(req: PlanRequest, rivals: Sequence[PolicyFn] = ()) -> Plan:
     """Search, adopt a rival's plan that scores better, repair the ring's stalls, then state the result."""
     started = time.perf_counter()  # for the timing note only: no step of the search looks at the clock
+    check_request_mode(req)
     req = replace(req, options=replace(req.options, bound=False))  # candidates: no lower-bound LP each
     found = search(req)
     found = _adopt_better(found, [rival(req) for rival in rivals], req.budget.frame_ms)
@@ -33,7 +35,8 @@ def plan(req: PlanRequest, rivals: Sequence[PolicyFn] = ()) -> Plan:
     bound_ms = lower_bound_s(req.workload, chosen, req.profile) * 1e3
     chosen = chosen.with_prediction(replace(chosen.prediction, lower_bound_ms=bound_ms))
     gap = gap_statement(req, chosen, found.kv_dtype)
-    notes = (*chosen.notes, *([gap] if gap else []), f"planned in {time.perf_counter() - started:.2f} s")
+    modes = mode_notes(choose_modes(req, found.kv_dtype), chosen.blocks, req.workload)
+    notes = (*chosen.notes, *modes, *([gap] if gap else []), f"planned in {time.perf_counter() - started:.2f} s")
     return replace(chosen, notes=notes)
 
 

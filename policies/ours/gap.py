@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from policies.base import PlanRequest, build_plan, fits_memory, uniform_blocks, weights_format
 from policies.ours.milp import solve
+from policies.ours.modes import choose_modes, with_modes
 from policies.ours.options import block_classes
 from policies.ours.problem import problem_for, to_plan
 from residency.plan import BlockPlan, Budget, Execution, Plan
@@ -47,7 +48,7 @@ def gap_statement(req: PlanRequest, best: Plan, kv_dtype: str) -> str | None:
     # Everything resident at full precision, with unlimited memory: the compute floor of this device.
     roomy = Budget(2**62, frame_ms)
     # Quantized weights only add dequant work once resident, so this is the fastest the device can go.
-    resident = build_plan(replace(req, budget=roomy), "ours", _all_resident(req), Execution())
+    resident = build_plan(replace(req, budget=roomy), "ours", _all_resident(req, kv_dtype), Execution())
     if resident.prediction.frame_ms > frame_ms:
         return (f"{head} — cannot hold on {req.profile.name} at any VRAM: compute alone takes "
                 f"{resident.prediction.frame_ms:.1f} ms with every block resident")
@@ -66,5 +67,6 @@ def gap_statement(req: PlanRequest, best: Plan, kv_dtype: str) -> str | None:
     return f"{head} — " + (", or ".join(parts) if parts else "no plan found that holds it")
 
 
-def _all_resident(req: PlanRequest) -> list[BlockPlan]:
-    return uniform_blocks(req.workload, "resident", weights_format(req.compute_dtype), req.compute_dtype)
+def _all_resident(req: PlanRequest, kv_dtype: str) -> list[BlockPlan]:
+    blocks = uniform_blocks(req.workload, "resident", weights_format(req.compute_dtype), req.compute_dtype)
+    return with_modes(blocks, choose_modes(req, kv_dtype), req.workload)

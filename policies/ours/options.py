@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from policies.base import PlanRequest, weights_format
+from policies.ours.modes import choose_modes, frame_compute_s
 from residency.plan import BlockPlan, Execution
-from residency.simulate.costs import DTYPE_FORMAT, compute_s, copy_s, dequant_s, scratch_bytes
+from residency.simulate.costs import DTYPE_FORMAT, copy_s, dequant_s, scratch_bytes
 from residency.simulate.quality import block_error
 from residency.workload import BlockSpec, Workload
 
@@ -33,10 +34,12 @@ class Option:
     scratch_bytes: int  # dequant scratch this block needs (0 when none)
     loss: float  # quality loss of one block
     staging_bytes: int = 0  # GPU: device buffer its packed blob lands in to be unpacked (0 when none)
+    exec_mode: str = "eager"  # the block class's execution mode (policies.ours.modes), in compute_s already
 
     def block_plan(self, name: str, compute_dtype: str, lifetime: str) -> BlockPlan:
         """The BlockPlan for block `name` under this option."""
-        return BlockPlan(name, self.placement, self.format, compute_dtype, lifetime, self.dequant_on)
+        return BlockPlan(name, self.placement, self.format, compute_dtype, lifetime, self.dequant_on,
+                         exec_mode=self.exec_mode)
 
 
 @dataclass(frozen=True)
@@ -53,27 +56,18 @@ def _signature(w: Workload, b: BlockSpec) -> tuple:
             b.kv_channels_per_token, w.calls_per_frame(b.name))
 
 
-def _frame_compute_s(w: Workload, b: BlockSpec, bp: BlockPlan, req: PlanRequest, kv_dtype: str) -> float:
-    total = 0.0
-    for ph in w.frame_phases():
-        for p in ph.passes:
-            if b.name in p.blocks:
-                total += w.count(p) * compute_s(b, bp, req.profile, w.context_frames, p.kv != "none", kv_dtype,
-                                                w.batch)
-    return total
-
-
 def block_options(w: Workload, b: BlockSpec, req: PlanRequest, execution: Execution, kv_dtype: str,
-                  formats: tuple[str, ...]) -> list[Option]:
-    """The placements x formats a frame-loop block may take, each scored (s per frame, bytes, loss).
+                  formats: tuple[str, ...], exec_mode: str = "eager") -> list[Option]:
+    """The placements x formats a frame-loop block may take in `exec_mode`, each scored (s per frame, bytes,
+    loss).
 
     Formats the profile has no dequant rate for, or that no tensor of the block takes, are skipped.
     """
     dtype = req.compute_dtype
     plain = weights_format(dtype)
     calls = w.calls_per_frame(b.name)
-    base = BlockPlan(b.name, "resident", plain, dtype)
-    k = _frame_compute_s(w, b, base, req, kv_dtype)
+    base = BlockPlan(b.name, "resident", plain, dtype, exec_mode=exec_mode)
+    k = frame_compute_s(w, b, base, req, kv_dtype)
     sens = req.sensitivity or {}
 
     def loss(fmt: str) -> float:
@@ -81,7 +75,7 @@ def block_options(w: Workload, b: BlockSpec, req: PlanRequest, execution: Execut
         return measured if measured is not None else block_error(w, b.name, fmt)
 
     compute_bytes = b.nbytes(plain)
-    out = [Option("resident", plain, "compute", k, 0.0, compute_bytes, 0, 0, loss(plain))]
+    out = [Option("resident", plain, "compute", k, 0.0, compute_bytes, 0, 0, loss(plain), exec_mode=exec_mode)]
     for fmt in formats:
         if fmt != plain and (fmt not in req.profile.dequant_gweights_per_s or not b.quantized_weights(fmt)):
             continue  # no rate on this device, or every tensor would fall back to BF16 anyway
@@ -90,40 +84,47 @@ def block_options(w: Workload, b: BlockSpec, req: PlanRequest, execution: Execut
         move = calls * copy_s(b, fmt, req.profile, execution)
         if fmt != plain:
             out.append(Option("resident-quantized", fmt, "compute", k + deq, 0.0, b.nbytes(fmt), 0, scratch,
-                              loss(fmt)))
-        out.append(Option("streamed", fmt, "compute", k + deq, move, 0, b.nbytes(fmt), scratch, loss(fmt)))
+                              loss(fmt), exec_mode=exec_mode))
+        out.append(Option("streamed", fmt, "compute", k + deq, move, 0, b.nbytes(fmt), scratch, loss(fmt),
+                          exec_mode=exec_mode))
         if fmt != plain and execution.copy_mode == "async":
             # dequant beside compute on the copy engine: the slot then holds compute-dtype weights, and a
             # GPU stages the packed blob on the device first (residency.simulate.memory.needs_staging)
             stage = b.nbytes(fmt) if req.profile.is_gpu else 0
-            out.append(Option("streamed", fmt, "copy", k, move + deq, 0, compute_bytes, 0, loss(fmt), stage))
+            out.append(Option("streamed", fmt, "copy", k, move + deq, 0, compute_bytes, 0, loss(fmt), stage,
+                              exec_mode=exec_mode))
     return out
 
 
-def session_options(b: BlockSpec, req: PlanRequest, w: Workload) -> list[Option]:
+def session_options(b: BlockSpec, req: PlanRequest, w: Workload, exec_mode: str = "eager") -> list[Option]:
     """Blocks used only at session start: resident for their phase at full precision, else streamed."""
     plain = weights_format(req.compute_dtype)
-    return [Option("resident", plain, "compute", 0.0, 0.0, b.nbytes(plain), 0, 0, block_error(w, b.name, plain)),
-            Option("streamed", plain, "compute", 0.0, 0.0, 0, b.nbytes(plain), 0, block_error(w, b.name, plain))]
+    return [Option("resident", plain, "compute", 0.0, 0.0, b.nbytes(plain), 0, 0, block_error(w, b.name, plain),
+                   exec_mode=exec_mode),
+            Option("streamed", plain, "compute", 0.0, 0.0, 0, b.nbytes(plain), 0, block_error(w, b.name, plain),
+                   exec_mode=exec_mode)]
 
 
 def block_classes(w: Workload, req: PlanRequest, execution: Execution, kv_dtype: str,
                   formats: tuple[str, ...] = CANDIDATE_FORMATS) -> list[BlockClass]:
-    """The workload's blocks grouped into classes of identical blocks, each with its options."""
+    """The workload's blocks grouped into classes of identical blocks in one execution mode, each with its
+    options."""
+    modes = {c: ch.mode for c, ch in choose_modes(req, kv_dtype).items()}
     groups: dict[tuple, list[BlockSpec]] = {}
     for b in w.blocks:
-        groups.setdefault(_signature(w, b), []).append(b)
+        groups.setdefault((_signature(w, b), modes[b.block_class]), []).append(b)
     classes = []
-    for members in groups.values():
+    for (_, mode), members in groups.items():
         first = members[0]
         calls = w.calls_per_frame(first.name)
         if calls:
-            opts = block_options(w, first, req, execution, kv_dtype, formats)
+            opts = block_options(w, first, req, execution, kv_dtype, formats, mode)
         else:
-            opts = session_options(first, req, w)
+            opts = session_options(first, req, w, mode)
         if req.sensitivity:  # measured losses are per block: a class holds identical blocks only if equal
-            classes += [BlockClass((m.name,), calls, tuple(block_options(w, m, req, execution, kv_dtype, formats)
-                                                           if calls else session_options(m, req, w)))
+            classes += [BlockClass((m.name,), calls, tuple(block_options(w, m, req, execution, kv_dtype, formats,
+                                                                         mode)
+                                                           if calls else session_options(m, req, w, mode)))
                         for m in members]
         else:
             classes.append(BlockClass(tuple(m.name for m in members), calls, tuple(opts)))

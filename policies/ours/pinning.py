@@ -24,7 +24,7 @@ def _pinned(bp: BlockPlan, packed: bool) -> BlockPlan:
     """The block kept on the device in its plan's format: unpacked once at load, or packed and dequantized
     per call (`packed`; a block already in its compute dtype's format is the same either way)."""
     placement = "resident-quantized" if packed and bp.format != weights_format(bp.compute_dtype) else "resident"
-    return BlockPlan(bp.name, placement, bp.format, bp.compute_dtype, "session", "compute")
+    return BlockPlan(bp.name, placement, bp.format, bp.compute_dtype, "session", "compute", exec_mode=bp.exec_mode)
 
 
 def pin_small_streamed(req: PlanRequest, plan: Plan, better: Callable[[Plan, Plan], bool]) -> Plan:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from policies.base import PlanRequest, build_plan
 from policies.ours.milp import Problem, Solution, solve
+from policies.ours.modes import choose_modes
 from policies.ours.options import BlockClass, block_classes
 from residency.plan import BlockPlan, Execution, Plan
 from residency.simulate.bounds import interference_coefficients
@@ -17,7 +18,23 @@ def fixed_bytes(req: PlanRequest, kv_dtype: str) -> int:
     """Device memory no option changes: the KV cache, the largest block's activations, a GPU's workspace."""
     w = req.workload
     act = max((b.activation_bytes(req.compute_dtype, w.batch) for b in w.blocks), default=0)
-    return w.kv_cache_bytes(kv_dtype) + act + (GPU_WORKSPACE_BYTES if req.profile.is_gpu else 0)
+    return (w.kv_cache_bytes(kv_dtype) + act + (GPU_WORKSPACE_BYTES if req.profile.is_gpu else 0)
+            + _graph_pool_bytes(req, kv_dtype))
+
+
+def _graph_pool_bytes(req: PlanRequest, kv_dtype: str) -> int:
+    """The pools of the block classes chosen graphed, as residency.simulate.memory.graph_pool_bytes counts
+    them (0 on the CPU or with none graphed)."""
+    if not req.profile.is_gpu:
+        return 0
+    w = req.workload
+    graphed = {c for c, ch in choose_modes(req, kv_dtype).items() if ch.mode == "graphed"}
+    per_class: dict[str, int] = {}
+    for b in w.blocks:
+        if b.block_class in graphed:
+            act = b.activation_bytes(req.compute_dtype, w.batch)
+            per_class[b.block_class] = max(per_class.get(b.block_class, 0), act)
+    return sum(a + req.profile.graph_pool_bytes_per_class for a in per_class.values())
 
 
 def problem_for(req: PlanRequest, classes: list[BlockClass], execution: Execution, kv_dtype: str, *,

@@ -43,6 +43,10 @@ def add_parser(sub) -> None:
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="bf16",
                    help="dtype the matmuls run in (default: bf16); fp32 for a model that computes in fp32, "
                    "e.g. on the CPU backend")
+    p.add_argument("--exec-mode", choices=("auto", "auto+graphed", "eager", "compiled", "graphed"), default="auto",
+                   help="how blocks run: auto (default: ours picks eager or compiled per block class where the "
+                   "profile has the figures and a compile pays off), auto+graphed (also GPU graphs: simulated, the "
+                   "runtime does not capture them yet), or eager, compiled (torch.compile) or graphed for every block")
     p.add_argument("--policy", default="ours", metavar="NAME", help="ours (default), a peer's name, or all")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("-o", "--output", metavar="PATH", help="write the plan as JSON (atomically)")
@@ -77,7 +81,7 @@ def make_request(args):
     vram = parse_size(args.vram, "--vram") if args.vram else profile.memory_usable_bytes
     budget = Budget(vram, frame_budget_ms(args.fps, args.frame_ms, workload.video_frames_per_latent))
     return PlanRequest(workload, profile, budget, host_bytes_available=host_memory().available_bytes,
-                       compute_dtype=args.compute_dtype)
+                       compute_dtype=args.compute_dtype, exec_mode=getattr(args, "exec_mode", "auto"))
 
 
 def run(args) -> int:

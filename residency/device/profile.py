@@ -15,11 +15,15 @@ BACKENDS = ("cuda", "rocm", "cpu")
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 LINK_DIRECTIONS = ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")
 PROVENANCE_KINDS = ("measured", "datasheet", "calibrated")
+# What the execution modes of a block cost (residency.simulate.costs.compute_s); 0 = not known, and the planner
+# then keeps blocks eager (a block forced to another mode is costed as eager).
+EXEC_MODE_FIELDS = ("graph_replay_us_per_kernel", "compiled_dispatch_fraction", "compile_s_per_block_class",
+                    "graph_pool_bytes_per_class")
 # Refinements a measured (or calibrated) profile may add; absent (at their defaults) in datasheet and older
 # profiles, which therefore keep their fingerprints.
 OPTIONAL_FIELDS = ("matmul_weight_dim", "matmul_small_tflops", "matmul_small_weight_dim", "elementwise_gelems_per_s",
                    "copy_slowdown", "compute_slowdown", "compute_scale", "call_host_us",
-                   "streamed_call_host_us", "calibration")
+                   "streamed_call_host_us", "calibration", *EXEC_MODE_FIELDS)
 # Bounds of a measured slowdown factor: 1 = no interference; a copy or compute 10× slower beside the other
 # engine would be a broken measurement, not a device.
 MAX_SLOWDOWN = 10.0
@@ -128,6 +132,18 @@ class DeviceProfile:
     streamed_call_host_us: float = 0.0
     # provenance of a calibrated profile; like provenance and date, outside the fingerprint
     calibration: Calibration | None = None
+    # --- execution modes (BlockPlan.exec_mode; 0 = not known) ---
+    # GPU: host µs per kernel of a block replayed as one captured CUDA/HIP graph (eager: launch_overhead_us)
+    graph_replay_us_per_kernel: float = 0.0
+    # kernel launches (GPU) or op dispatches (CPU) a torch.compile'd block still pays, as a fraction of eager's:
+    # inductor fuses chains of pointwise ops into one kernel, matmuls stay library calls. Not set for the CPU:
+    # tools/bench_compile.py measured compiled/eager 0.84-1.26x on this CPU, no gain to claim by default
+    compiled_dispatch_fraction: float = 0.0
+    # seconds to compile one block class the first time on this machine (then read from inductor's disk cache)
+    compile_s_per_block_class: float = 0.0
+    # GPU: device bytes a graphed block class holds beyond its activations (its private allocator pool's
+    # segment rounding and the graph's own state)
+    graph_pool_bytes_per_class: int = 0
 
     # --- derived figures the cost model uses ---
     def h2d_gbps(self, nbytes: int, pinned: bool = True) -> float:
@@ -198,6 +214,14 @@ class DeviceProfile:
         doc = {k: v for k, v in asdict(self).items()
                if k not in ("provenance", "date", "driver", "calibration") and not (k in defaults and v == defaults[k])}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def graph_known(self) -> bool:
+        """True when a GPU profile has the graph replay cost, so `graphed` can be costed and planned."""
+        return self.is_gpu and self.graph_replay_us_per_kernel > 0
+
+    def compiled_known(self) -> bool:
+        """True when the profile has the dispatch a compiled block still pays, so `compiled` can be planned."""
+        return self.compiled_dispatch_fraction > 0
 
     @property
     def is_gpu(self) -> bool:

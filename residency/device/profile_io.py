@@ -16,6 +16,7 @@ from residency.atomic_file import atomic_output
 from residency.device.profile import (
     BACKENDS,
     COMPUTE_DTYPES,
+    EXEC_MODE_FIELDS,
     LINK_DIRECTIONS,
     MAX_SLOWDOWN,
     OPTIONAL_FIELDS,
@@ -30,12 +31,17 @@ from residency.jsonfile import read_json
 from residency.userpath import FILE, MISSING, path_kind
 from residency.validate import Reader, show
 
-# 2: per-engine interference (copy_slowdown, compute_slowdown), compute_scale and calibration. A profile that
+# 2: per-engine interference (copy_slowdown, compute_slowdown), compute_scale, calibration and what execution
+# modes cost (EXEC_MODE_FIELDS). A profile that
 # sets none of them is still written as version 1, which older readers load (the shipped datasheet profiles).
 PROFILE_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 SCHEMA_2_FIELDS = ("copy_slowdown", "compute_slowdown", "compute_scale", "call_host_us", "streamed_call_host_us",
-                   "calibration")
+                   "calibration", *EXEC_MODE_FIELDS)
+# Bounds of the execution-mode figures: beyond them a figure is a typo or a broken measurement.
+MAX_GRAPH_REPLAY_US = 1e3  # per kernel; an eager launch costs 2-20 µs
+MAX_COMPILE_S = 3600.0  # one block class; a cold inductor compile of a DiT block takes ~20 s on 2 cores
+MAX_GRAPH_POOL_BYTES = 2**40
 MAX_COMPUTE_SCALE = 100.0  # a calibration that finds compute 100× off the model measured something else
 MAX_STREAMED_CALL_HOST_US = 1e5  # 0.1 s of host time per streamed call is a broken measurement, not overhead
 _CALIBRATION_STRINGS = ("base_fingerprint", "workload_fingerprint", "model", "date")
@@ -85,7 +91,8 @@ def _curve_to_dict(curve: Curve, axes: tuple[str, str]) -> dict[str, list[float]
 def schema_version_of(profile: DeviceProfile) -> int:
     """The oldest schema that holds `profile`: 1 unless it sets a field of SCHEMA_2_FIELDS."""
     uses_2 = (profile.copy_slowdown or profile.compute_slowdown or profile.compute_scale
-              or profile.call_host_us or profile.streamed_call_host_us or profile.calibration is not None)
+              or profile.call_host_us or profile.streamed_call_host_us or profile.calibration is not None
+              or any(getattr(profile, k) for k in EXEC_MODE_FIELDS))
     return PROFILE_SCHEMA_VERSION if uses_2 else 1
 
 
@@ -129,6 +136,7 @@ def _schema_2_to_dict(profile: DeviceProfile) -> dict[str, Any]:
         doc["call_host_us"] = profile.call_host_us
     if profile.streamed_call_host_us:
         doc["streamed_call_host_us"] = profile.streamed_call_host_us
+    doc.update({k: getattr(profile, k) for k in EXEC_MODE_FIELDS if getattr(profile, k)})
     if profile.calibration is not None:
         c = profile.calibration
         doc["calibration"] = {"base_fingerprint": c.base_fingerprint, "workload_fingerprint": c.workload_fingerprint,
@@ -294,7 +302,7 @@ def _provenance(r: _Reader, data: dict[str, Any], refinements: dict[str, Any]) -
     prov_doc = r.obj(r.get(data, "provenance"), "provenance")
     # the refinements present need a provenance too (their dims are labels, not figures)
     present = tuple(k for k in ("matmul_small_tflops", "elementwise_gelems_per_s", "copy_slowdown",
-                                "compute_slowdown") if refinements[k])
+                                "compute_slowdown", *EXEC_MODE_FIELDS) if refinements[k])
     for key in PROVENANCE_FIELDS + present:
         if key not in prov_doc:
             raise r.fail(f"provenance.{key}", "is missing: every number must say where it came from",
@@ -361,7 +369,31 @@ def _schema_2_fields(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
         "call_host_us": _host_us(r, data, "call_host_us"),
         "streamed_call_host_us": _host_us(r, data, "streamed_call_host_us"),
         "calibration": _calibration(r, data["calibration"]) if "calibration" in data else None,
+        **_exec_mode_fields(r, data),
     }
+
+
+def _exec_mode_fields(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
+    """What execution modes cost (0 when absent): replay µs per kernel, the compiled dispatch fraction in (0, 1],
+    compile seconds per block class and graph pool bytes per class, each within its bound."""
+    replay = _bounded(r, data, "graph_replay_us_per_kernel", "µs", MAX_GRAPH_REPLAY_US)
+    fraction = _bounded(r, data, "compiled_dispatch_fraction", "fraction of eager's dispatches", 1.0)
+    compile_s = _bounded(r, data, "compile_s_per_block_class", "seconds", MAX_COMPILE_S)
+    pool = _bounded(r, data, "graph_pool_bytes_per_class", "bytes", MAX_GRAPH_POOL_BYTES, integer=True)
+    if data.get("backend") == "cpu" and (replay or pool):
+        key = "graph_replay_us_per_kernel" if replay else "graph_pool_bytes_per_class"
+        raise r.fail(key, "is a GPU figure: a cpu profile has no graphs", hint="remove the field")
+    return {"graph_replay_us_per_kernel": replay, "compiled_dispatch_fraction": fraction,
+            "compile_s_per_block_class": compile_s, "graph_pool_bytes_per_class": int(pool)}
+
+
+def _bounded(r: _Reader, data: dict[str, Any], key: str, unit: str, maximum: float, integer: bool = False) -> float:
+    """The figure `key` in [0, maximum] (0 when absent: not known)."""
+    value = r.number(data.get(key, 0), key, unit, strict=False, integer=integer)
+    if value > maximum:
+        raise r.fail(key, f"= {show(data[key])}: must be at most {maximum:g} ({unit})",
+                     hint="re-measure it, or remove the field (0: not known)")
+    return value
 
 
 def _slowdown(r: _Reader, data: dict[str, Any], key: str) -> float:

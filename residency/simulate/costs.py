@@ -80,15 +80,52 @@ def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_f
     if fixed:
         matmul += _matmul_s(block, fixed, batch, bp.compute_dtype, profile)
     roof = max(matmul, (weight_bytes + kv_bytes) / (profile.device_memory_gbps * 1e9))
-    device = roof + _elementwise_s(block, batch, COMPUTE_DTYPE_BYTES[bp.compute_dtype], profile)
+    device = roof + _elementwise_s(block, batch, COMPUTE_DTYPE_BYTES[bp.compute_dtype], profile) * _fused(bp, profile)
     # A GPU queues kernels asynchronously: the host's launch time hides under device work unless it is
     # the longer of the two. On the CPU backend every dispatched op (views too) runs on the computing
     # thread, at the profile's measured per-op cost: it adds.
     if profile.is_gpu:
-        seconds = max(device, kernels_per_call(block) * profile.launch_overhead_us * 1e-6)
+        seconds = max(device, launch_s(block, bp.exec_mode, profile))
     else:
-        seconds = device + ops_per_call(block) * profile.launch_overhead_us * 1e-6
+        seconds = device + dispatch_s(block, bp.exec_mode, profile)
     return seconds * compute_scale_of(profile, block)  # × 1.0 is exact: uncalibrated is unchanged
+
+
+def _fused(bp: BlockPlan, profile: DeviceProfile) -> float:
+    """Share of the non-matmul ops' memory traffic a compiled block still moves on a GPU: inductor fuses pointwise
+    chains into one kernel that reads its inputs once and writes one output (2 reads + 2 writes -> 1 + 1,
+    https://pytorch.org/docs/stable/torch.compiler_get_started.html), taken as compiled_dispatch_fraction,
+    the share of its kernels left. 1.0 when eager, on the CPU (tools/bench_compile.py measured no gain there to
+    claim), or without the figure."""
+    if bp.exec_mode == "compiled" and profile.is_gpu and profile.compiled_known():
+        return profile.compiled_dispatch_fraction
+    return 1.0
+
+
+def launch_s(block: BlockSpec, exec_mode: str, profile: DeviceProfile) -> float:
+    """GPU: host seconds to issue one call's kernels under `exec_mode`.
+
+    eager: kernels × launch_overhead_us; compiled: inductor fuses pointwise chains, so kernels ×
+    compiled_dispatch_fraction launches; graphed: one captured graph replays every kernel at
+    graph_replay_us_per_kernel. A mode whose figure the profile lacks costs as eager (no gain is claimed
+    without a source). What fusion saves of the device work is in `_fused`.
+    """
+    kernels = kernels_per_call(block)
+    if exec_mode == "graphed" and profile.graph_known():
+        return kernels * profile.graph_replay_us_per_kernel * 1e-6
+    if exec_mode == "compiled" and profile.compiled_known():
+        return kernels * profile.compiled_dispatch_fraction * profile.launch_overhead_us * 1e-6
+    return kernels * profile.launch_overhead_us * 1e-6
+
+
+def dispatch_s(block: BlockSpec, exec_mode: str, profile: DeviceProfile) -> float:
+    """CPU: seconds the computing thread spends dispatching one call's ops under `exec_mode`: eager ops ×
+    launch_overhead_us; compiled pays compiled_dispatch_fraction of it when the profile has that figure.
+    There are no graphs on the CPU: `graphed` costs as eager."""
+    ops = ops_per_call(block)
+    if exec_mode == "compiled" and profile.compiled_known():
+        return ops * profile.compiled_dispatch_fraction * profile.launch_overhead_us * 1e-6
+    return ops * profile.launch_overhead_us * 1e-6
 
 
 def compute_scale_of(profile: DeviceProfile, block: BlockSpec) -> float:

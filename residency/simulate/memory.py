@@ -56,6 +56,26 @@ def slot_bytes(workload: Workload, plan: Plan) -> int:
     return max(sizes, default=0)
 
 
+def graph_pool_bytes(workload: Workload, plan: Plan, profile: DeviceProfile) -> int:
+    """Device bytes the graphed blocks' private pools hold (0 when none is graphed or on the CPU).
+
+    A captured graph keeps the intermediates it allocated in a pool of its own, which eager work cannot reuse:
+    per graphed block class (blocks sharing a workload class share one pool, as torch.cuda.graph's `pool=`
+    lets them) its largest block's activations plus the profile's graph_pool_bytes_per_class. A compiled block
+    allocates nothing beyond eager (inductor's default mode keeps no pool; on the CPU nothing at all).
+    """
+    if not profile.is_gpu:
+        return 0
+    per_class: dict[str, int] = {}
+    for bp in plan.blocks:
+        if bp.exec_mode != "graphed":
+            continue
+        block = workload.by_name[bp.name]
+        act = block.activation_bytes(bp.compute_dtype, workload.batch)
+        per_class[block.block_class] = max(per_class.get(block.block_class, 0), act)
+    return sum(act + profile.graph_pool_bytes_per_class for act in per_class.values())
+
+
 def peak_bytes(workload: Workload, plan: Plan, profile: DeviceProfile) -> dict[str, int]:
     """Predicted device bytes at the plan's peak, by ledger kind (KINDS), plus "reserve".
 
@@ -96,5 +116,8 @@ def peak_bytes(workload: Workload, plan: Plan, profile: DeviceProfile) -> dict[s
     by_kind["activations"] = max((workload.by_name[b.name].activation_bytes(b.compute_dtype, workload.batch)
                                   for b in plan.blocks), default=0)
     by_kind["workspace"] = GPU_WORKSPACE_BYTES if profile.is_gpu else 0
+    pool = graph_pool_bytes(workload, plan, profile)
+    if pool:  # only graphed plans carry the kind: an eager plan's peak is the document it always was
+        by_kind["graph_pool"] = pool
     by_kind["reserve"] = profile.memory_reserve_bytes  # outside the plan's budget; shown for the whole card
     return by_kind
