@@ -277,9 +277,8 @@ def calibrate_session(runtime: Runtime, start_profile: DeviceProfile) -> Calibra
 
     Raises ResidencyError with too few frames, an absurd fit, or an unwritable cache."""
     from residency.device import save_calibrated
-    from residency.runtime.runtime import calibration_window
     from residency.simulate import predict
-    from residency.telemetry.calibration import prediction_errors
+    from residency.telemetry.calibration import calibration_window, prediction_errors
 
     fit = runtime.calibrated_profile()
     measured_ms = [f.frame_ms for f in calibration_window(runtime.telemetry()).frames]

@@ -169,7 +169,8 @@ class FakeRuntime:
         self.disturbed = False
         self.frames: list[FrameRecord] = []
         self.recorder = SimpleNamespace(frames=self.frames, closed_frames=0, add_event=lambda e: None,
-                                        snapshot=self._snapshot)
+                                        snapshot=self._snapshot,
+                                        latest=lambda n: [(f, np.zeros((0, 11))) for f in self.frames[-n:]][:n])
         self.switched_at: list[int] = []
 
     def _snapshot(self):

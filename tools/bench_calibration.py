@@ -63,10 +63,7 @@ def _plan_run(model, start, plan, frames: int):
 
 def _window(snap, first: int, last: int):
     """The snapshot's frames numbered first..last (inclusive), with their rows."""
-    import dataclasses
-
-    keep = [i for i, f in enumerate(snap.frames) if first <= f.frame <= last]
-    return dataclasses.replace(snap, frames=tuple(snap.frames[i] for i in keep), rows=tuple(snap.rows[i] for i in keep))
+    return snap.with_frames([(f, r) for f, r in zip(snap.frames, snap.rows, strict=True) if first <= f.frame <= last])
 
 
 def _median_ms(snap, first: int, last: int) -> float:

@@ -70,7 +70,7 @@ def build(snapshot: TelemetrySnapshot | None, context: DashboardContext) -> Rend
     """The dashboard panel for `snapshot` (WIDTH_CELLS wide): frame times, blocks, VRAM, link, prediction and
     the closed loop (ratios per engine, re-plans, decisions).
 
-    A placeholder panel when there is no snapshot or it holds no frame yet.
+    With no snapshot, or none with a frame yet, a panel saying it waits for the first frame.
     """
     if snapshot is None or not snapshot.frames:
         return Panel(f"{context.title}\nwaiting for the first frame…", width=WIDTH_CELLS)

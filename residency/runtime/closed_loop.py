@@ -33,7 +33,7 @@ from residency.plan import Budget, Plan
 from residency.simulate import predict
 from residency.telemetry.calibration import CalibrationFit, calibrate, robust_median
 from residency.telemetry.events import LoopEvent
-from residency.telemetry.recorder import FrameRecord, TelemetrySnapshot
+from residency.telemetry.recorder import FrameRecord
 
 # Defaults, with their reasons:
 MISS_FRAMES = 4  # K: one slow frame is noise (a page fault, the OS); four in a row is a trend
@@ -79,6 +79,7 @@ class _Pending:
     measured_ms: float
     predicted_ms: float
     unit: int
+    running: Plan  # the running plan re-predicted under the fit (what a new plan must beat)
     plan: Plan | None = None
     ready: dict | None = None  # (block, format) -> packed blob, for the blocks whose format changes
     error: BaseException | None = None
@@ -168,12 +169,8 @@ class ClosedLoop:
     # --- reading frames ---
     def _new_frames(self):
         rec = self.runtime.recorder
-        frames = rec.frames
-        snap_rows = rec.snapshot().rows if frames else ()
-        total = rec.closed_frames
-        new = min(total - self._seen, len(frames))
-        self._seen = total
-        return list(zip(list(frames)[len(frames) - new:], list(snap_rows)[len(snap_rows) - new:], strict=True))
+        new, self._seen = rec.closed_frames - self._seen, rec.closed_frames
+        return rec.latest(new)
 
     def _budget_ms(self) -> float | None:
         return self.runtime.plan.budget.frame_ms
@@ -190,9 +187,7 @@ class ClosedLoop:
         """Calibrate on `frames`; re-plan (on the background thread) when they missed (`trigger`) or when the
         running plan, re-predicted under the calibration, misses the frame budget; else adopt the correction."""
         rt = self.runtime
-        snap = rt.recorder.snapshot()
-        window = TelemetrySnapshot(tuple(f for f, _ in frames), tuple(r for _, r in frames), snap.block_names,
-                                   snap.prediction, snap.memory)
+        window = rt.recorder.snapshot().with_frames(frames)
         measured = robust_median(f.frame_ms for f in window.frames)
         predicted = rt.plan.prediction.frame_ms if rt.plan.prediction else float("nan")
         self._streak.clear()
@@ -213,13 +208,14 @@ class ClosedLoop:
         if not trigger and (budget is None or running_ms <= budget):
             rt.adopt_profile(fit.profile, running)  # holds: keep it, with the corrected prediction
             return
-        over = budget is not None and measured > budget
-        why = (f"frame {self.units}: {measured:.1f} ms over the {budget:.1f} ms budget" if over else
-               f"frame {self.units}: measured {measured:.1f} ms against {predicted:.1f} predicted")
         if not trigger:
             why = f"frame {self.units}: the running plan re-predicted {running_ms:.1f} ms, over the {budget:.1f} ms budget"
+        elif budget is not None and measured > budget:
+            why = f"frame {self.units}: {measured:.1f} ms over the {budget:.1f} ms budget"
+        else:
+            why = f"frame {self.units}: measured {measured:.1f} ms against {predicted:.1f} predicted"
         self.last_decision_unit = self.units
-        pending = _Pending(fit, f"{why}; {trigger_reason(fit)}", measured, predicted, self.units,
+        pending = _Pending(fit, f"{why}; {trigger_reason(fit)}", measured, predicted, self.units, running,
                            done=threading.Event())
         self._pending = pending
         budget = Budget(rt.ledger.budget_bytes, self._budget_ms())
@@ -242,7 +238,7 @@ class ClosedLoop:
     def _decide(self, p: _Pending) -> None:
         rt = self.runtime
         profile: DeviceProfile = p.fit.profile
-        running = predict(rt.workload, rt.plan, profile, bound=False)  # the running plan, re-predicted
+        running = p.running  # no switch happens while a re-plan is pending: still the running plan
         running_ms = running.prediction.frame_ms
         new_ms = p.plan.prediction.frame_ms if p.plan.prediction else float("inf")
         budget = self._budget_ms()

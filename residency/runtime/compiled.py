@@ -47,8 +47,10 @@ def check_exec_modes(plan: Plan, device: torch.device, enclosing: Iterable[str] 
                 raise ResidencyError(f"block {bp.name}: exec_mode graphed needs a CUDA/ROCm backend "
                                      "(it captures a CUDA/HIP graph; the CPU backend has none)",
                                      hint="use 'compiled' or 'eager' on the CPU backend")
-            raise ResidencyError(f"block {bp.name}: exec_mode 'graphed' is not implemented by this runtime yet",
-                                 hint="use 'compiled' or 'eager'")
+            # The GPU runtime does not capture graphs (a graph per block class and slot, copies ordered by events
+            # outside it): plans with graphed blocks are simulations (`residency plan --exec-mode auto+graphed`).
+            raise ResidencyError(f"block {bp.name}: exec_mode 'graphed' is simulated by the planner but this "
+                                 "runtime does not capture graphs", hint="use 'compiled' or 'eager'")
     for name in enclosing:
         if plan.by_name[name].exec_mode != "eager":
             raise ResidencyError(f"block {name} encloses other blocks; exec_mode "

@@ -6,7 +6,6 @@ and retried: a call of the model itself, or a session's step (restored first thr
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +30,7 @@ from residency.runtime.module_paths import block_modules, block_tensors
 from residency.runtime.recovery import MAX_RECOVERIES, RECOVERABLE, recovery_budget
 from residency.runtime.schedule import CallSchedule
 from residency.runtime.session_protocol import RecoverableSession
-from residency.telemetry.calibration import WARMUP_FRAMES, CalibrationFit, calibrate
+from residency.telemetry.calibration import WARMUP_FRAMES, CalibrationFit, calibrate, calibration_window
 from residency.telemetry.events import LoopEvent
 from residency.telemetry.recorder import Recorder, TelemetrySnapshot
 from residency.workload import Workload
@@ -486,15 +485,6 @@ class Runtime:
         """Counts of calls that left the schedule: {"resyncs", "out_of_schedule_calls"}; {} detached."""
         e = self._executor
         return {"resyncs": e.resyncs, "out_of_schedule_calls": e.out_of_schedule_calls} if e else {}
-
-
-def calibration_window(snapshot: TelemetrySnapshot, warmup_frames: int = WARMUP_FRAMES) -> TelemetrySnapshot:
-    """The frames a calibration of the running plan fits: latent frames (frame ≥ 1) that started after the last
-    plan switch ("replanned" event) of `snapshot`, less the first `warmup_frames` of them; rows kept beside."""
-    switched_s = max((e.time_s for e in snapshot.events if e.kind == "replanned"), default=float("-inf"))
-    kept = [(f, r) for f, r in zip(snapshot.frames, snapshot.rows, strict=True)
-            if f.frame > 0 and f.start_s >= switched_s][warmup_frames:]
-    return dataclasses.replace(snapshot, frames=tuple(f for f, _ in kept), rows=tuple(r for _, r in kept))
 
 
 def _check_profile(plan: Plan, profile: DeviceProfile) -> None:

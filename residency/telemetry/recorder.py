@@ -10,6 +10,8 @@ time between one frame's work and the next is kept apart as the frame's gap.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -83,6 +85,10 @@ class TelemetrySnapshot:
     prediction: Prediction | None
     memory: tuple[tuple[str, int], ...]  # ledger bytes by kind at the snapshot
     events: tuple[LoopEvent, ...] = ()  # the closed loop's decisions (calibrations, re-plans), oldest first
+
+    def with_frames(self, kept: Sequence[tuple[FrameRecord, np.ndarray]]) -> TelemetrySnapshot:
+        """This snapshot holding only the `kept` (frame, call rows) pairs (a calibration's window)."""
+        return dataclasses.replace(self, frames=tuple(f for f, _ in kept), rows=tuple(r for _, r in kept))
 
     def steady_frame_ms(self, skip: int = 2) -> float:
         """Median measured work ms (frame_ms) of latent frames after the first `skip`; nan with none."""
@@ -246,6 +252,14 @@ class Recorder:
             compute_busy_ms=float((dq_s.sum() + comp_s.sum()) * 1e3),
             copy_busy_ms=float((copy_s.sum() + copy_dq_s.sum()) * 1e3), gap_ms=gap_s * 1e3,
             predicted_compute_ms=predicted[1], predicted_copy_ms=predicted[2])
+
+    def latest(self, n: int) -> list[tuple[FrameRecord, np.ndarray]]:
+        """The newest `n` closed frames (at most the kept ones) with their resolved call rows, oldest first:
+        what the closed loop reads after each unit, without copying every kept frame into a snapshot."""
+        frames = self.frames
+        n = min(max(n, 0), len(frames))
+        return list(zip(itertools.islice(frames, len(frames) - n, None),
+                        itertools.islice(self._resolved, len(self._resolved) - n, None), strict=True))
 
     def snapshot(self, memory: tuple[tuple[str, int], ...] = ()) -> TelemetrySnapshot:
         """The kept frames and rows as a TelemetrySnapshot, with the ledger's `memory` (kind, bytes)."""
