@@ -49,7 +49,8 @@ def test_a_config_only_diffusers_directory_plans_with_module_paths(capsys, unet_
     code, out, err = run(capsys, "plan", str(unet_dir), "--profile", "rtx-5090", "--compute-dtype", "fp32", "--json")
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["model"] == "unet" and {b["compute_dtype"] for b in doc["blocks"]} == {"fp32"}
+    assert doc["model"] == "unet at 128×128, 16 prompt tokens"  # sample_size 16 latent pixels × the VAE's 8
+    assert {b["compute_dtype"] for b in doc["blocks"]} == {"fp32"}
     model = UNet2DConditionModel(**UNET_CONFIG)
     covered = {f"{path}.{name}" for b in doc["blocks"] for path in b["modules"]
                for name, _ in model.get_submodule(path).named_parameters()}
@@ -109,10 +110,10 @@ def test_a_bare_checkpoint_is_refused_for_planning_with_what_to_give(capsys, tmp
     assert run(capsys, "inspect", str(path))[0] == 0  # inspect still reads it
 
 
-def test_a_pipeline_directory_is_refused_naming_a_component_to_plan(capsys, tmp_path):
+def test_a_pipeline_directory_naming_no_pipeline_class_is_refused(capsys, tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
     code, _, err = run(capsys, "plan", str(tmp_path), "--profile", "rtx-5090")
-    assert code == 1 and "pipeline directory" in err and "transformer" in err
+    assert code == 1 and "model_index.json: _class_name is None" in err and "save_pretrained" in err
 
 
 def test_a_config_naming_no_diffusers_class_is_refused(capsys, tmp_path):
@@ -122,11 +123,11 @@ def test_a_config_naming_no_diffusers_class_is_refused(capsys, tmp_path):
 
 
 def test_a_model_whose_inputs_the_config_does_not_fix_is_refused_with_the_python_route(capsys, tmp_path):
-    from diffusers import FluxTransformer2DModel
+    from diffusers import SD3Transformer2DModel
 
-    FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                           num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
-                           axes_dims_rope=(4, 6, 6)).save_config(tmp_path / "flux")
-    code, _, err = run(capsys, "plan", str(tmp_path / "flux"), "--profile", "rtx-5090")
-    assert code == 1 and "FluxTransformer2DModel" in err and "shapes of its inputs" in err
+    SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                          num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                          pooled_projection_dim=32, out_channels=4, pos_embed_max_size=32).save_config(tmp_path / "sd3")
+    code, _, err = run(capsys, "plan", str(tmp_path / "sd3"), "--profile", "rtx-5090")
+    assert code == 1 and "SD3Transformer2DModel" in err and "shapes of its inputs" in err
     assert "workload_from_module" in err and "workload_to_dict" in err

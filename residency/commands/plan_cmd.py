@@ -26,7 +26,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="plan residency and precision per block for a VRAM and frame-time budget",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("model", metavar="MODEL", help="catalog model (e.g. lucid-500m, flux-schnell), a catalog .json, "
-                   "or a diffusers/transformers model directory (config.json; weights not needed)")
+                   "a diffusers/transformers model directory (config.json) or a diffusers pipeline directory "
+                   "(model_index.json: encode → denoise × steps → decode); weights not needed")
     p.add_argument("--profile", required=True, metavar="NAME|PATH",
                    help="shipped device profile (see `residency profiles`), a profile JSON, or `calibrated` "
                    "(this machine's cached profile as calibrated by `residency run --calibrate`)")
@@ -40,6 +41,14 @@ def add_parser(sub) -> None:
                    "profile's usable memory)")
     p.add_argument("--steps", type=arg_types.bounded_int(1, 64, "denoise steps"), metavar="N",
                    help="denoise steps per latent frame (default: the model's)")
+    size = p.add_argument_group("size", "what a model or pipeline directory is planned at (default: its "
+                                "pipeline's: Flux 1024×1024, Wan 480×832 and 81 frames, a UNet its sample_size × 8)")
+    size.add_argument("--height", type=arg_types.bounded_int(8, 16384, "pixels"), metavar="PX",
+                      help="image or video height in pixels")
+    size.add_argument("--width", type=arg_types.bounded_int(8, 16384, "pixels"), metavar="PX",
+                      help="image or video width in pixels")
+    size.add_argument("--frames", type=arg_types.bounded_int(1, 1024, "video frames"), metavar="N",
+                      help="video frames (Wan: 4k+1, e.g. 81)")
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="bf16",
                    help="dtype the matmuls run in (default: bf16); fp32 for a model that computes in fp32, "
                    "e.g. on the CPU backend")
@@ -76,7 +85,10 @@ def make_request(args):
 
     if args.steps is not None and not 1 <= args.steps <= 64:
         raise UsageError(f"--steps must be between 1 and 64, got {args.steps}", hint="e.g. --steps 4")
-    workload = resolve_workload(args.model, steps=args.steps, compute_dtype=args.compute_dtype)
+    from residency.front_door.examples import ExampleSize
+
+    size = ExampleSize(getattr(args, "height", None), getattr(args, "width", None), getattr(args, "frames", None))
+    workload = resolve_workload(args.model, steps=args.steps, compute_dtype=args.compute_dtype, size=size)
     profile = profile_for(args.profile, workload.fingerprint(), model=args.model)
     vram = parse_size(args.vram, "--vram") if args.vram else profile.memory_usable_bytes
     budget = Budget(vram, frame_budget_ms(args.fps, args.frame_ms, workload.video_frames_per_latent))

@@ -17,7 +17,7 @@ from residency.commands.config_source import (
     is_model_dir,
     model_dir_workload,
 )
-from residency.errors import ResidencyError
+from residency.errors import ResidencyError, UsageError
 from residency.inventory import (
     BlockInfo,
     Inventory,
@@ -28,13 +28,14 @@ from residency.inventory import (
 )
 
 CATALOG = "catalog"  # a name in pipelines/catalog (the built-in world models are catalog names too)
-WORKLOAD_JSON = "workload-json"  # a catalog document written by tools/gen_catalog.py or workload_to_dict
+WORKLOAD_JSON = "workload-json"  # a catalog document written by pipelines.catalog_build or workload_to_dict
 CHECKPOINT = "checkpoint"  # .safetensors / .gguf file or a directory of shards
 MODEL_DIR = "model-dir"  # config.json naming a diffusers or transformers class (+ weights or not)
 PIPELINE_DIR = "diffusers-pipeline"  # model_index.json and one subfolder per component
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
-SOURCES_HINT = ("give a catalog model ({names}), a catalog .json, a .safetensors/.gguf checkpoint, or a diffusers "
-                "or transformers model directory (config.json)")
+SOURCES_HINT = ("give a catalog model ({names}), a catalog .json, a .safetensors/.gguf checkpoint, a diffusers "
+                "or transformers model directory (config.json), or a diffusers pipeline directory "
+                "(model_index.json)")
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,21 @@ def classify(text: str) -> Source:
 
 
 def resolve_workload(name_or_path: str, steps: int | None = None, context_frames: int | None = None,
-                     compute_dtype: str = "bf16"):
+                     compute_dtype: str = "bf16", size=None):
     """The workload a source describes, at the given generation parameters.
 
-    compute_dtype: what a workload counted from a model directory assumes (catalog documents carry their own).
-    A bare checkpoint is refused: its tensors do not say in which order blocks run, how often, nor their FLOPs."""
+    compute_dtype: what a workload counted from a model or pipeline directory assumes (catalog documents carry
+    their own). size: the height/width/frames such a directory is planned at (a
+    residency.front_door.examples.ExampleSize; None: the model's or pipeline's default); UsageError for a
+    catalog source, whose size is fixed. A bare checkpoint is refused: its tensors do not say in which order
+    blocks run, how often, nor their FLOPs."""
     from residency.workload import load_workload_file
 
     source = classify(name_or_path)
+    if size is not None and size.given() and source.kind not in (MODEL_DIR, PIPELINE_DIR):
+        raise UsageError(f"{name_or_path}: a catalog model is described at a fixed size; --height, --width and "
+                         "--frames apply to a model or pipeline directory",
+                         hint="leave them out, or plan the model's diffusers directory")
     if source.kind == CATALOG:
         from pipelines.catalog import catalog_paths
 
@@ -102,12 +110,11 @@ def resolve_workload(name_or_path: str, steps: int | None = None, context_frames
     elif source.kind == WORKLOAD_JSON:
         workload = load_workload_file(source.path)
     elif source.kind == MODEL_DIR:
-        workload = model_dir_workload(source.path, compute_dtype)
+        workload = model_dir_workload(source.path, compute_dtype, size)
     elif source.kind == PIPELINE_DIR:
-        raise ResidencyError(
-            f"{name_or_path}: a diffusers pipeline directory cannot be planned from the command line yet",
-            hint=f"plan one component's directory (e.g. {Path(name_or_path) / 'transformer'}), or the whole "
-                 "pipeline from Python with residency.attach(pipe, vram=…)")
+        from residency.commands.pipeline_source import pipeline_dir_workload
+
+        workload = pipeline_dir_workload(source.path, compute_dtype, size)
     else:
         raise ResidencyError(
             f"{name_or_path}: a checkpoint holds tensors, not the model's forward: the order its blocks run in, "
@@ -121,7 +128,8 @@ def _workload_inventory(name: str, workload) -> Inventory:
     """A workload's tensors as stored at BF16, grouped by the workload's own blocks and components.
 
     Names are prefixed with the block so they read as checkpoint keys; the grouping is taken from the
-    workload, not re-derived from names (a block like `transformer.embed` holds keys with digits in them).
+    workload, not re-derived from names (a block like `transformer.x_embedder+time_text_embed+context_embedder`
+    holds keys with digits in them).
     """
     blocks = []
     for b in workload.blocks:

@@ -1,21 +1,65 @@
 """Example inputs a known model class implies from its config, for the workload's one counted forward.
 
-Only where the config fixes every shape: a transformers model reading token ids (a batch of one prompt of
-EXAMPLE_TOKENS tokens) and a diffusers UNet2DConditionModel without extra conditioning (one latent of its
-configured sample size, EXAMPLE_TOKENS text tokens). Anything else needs the caller's example_inputs.
+Only where the config fixes every shape but the generation size, which comes from an ExampleSize (defaults:
+each pipeline's own): a transformers model reading token ids (a batch of one prompt of EXAMPLE_TOKENS
+tokens), a diffusers UNet2DConditionModel without extra conditioning (a latent of its configured
+sample_size), a FluxTransformer2DModel (a 1024×1024 image: 4096 latent tokens, 512 prompt tokens, as
+FluxPipeline runs it), a WanTransformer3DModel for text-to-video (480×832, 81 frames, 512 prompt tokens, as
+WanPipeline runs it), and a VAE's decode of the latent of such an image or video. Anything else needs the
+caller's example_inputs.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from residency.errors import ResidencyError
+from residency.errors import ResidencyError, UsageError
 
 EXAMPLE_TOKENS = 16  # prompt tokens of a derived example; a call with another length is refused
+PIPELINE_PROMPT_TOKENS = 512  # FluxPipeline's and WanPipeline's max_sequence_length: T5 prompts are padded to it
+VAE_SCALE = 8  # pixels per latent pixel of the VAEs these models are paired with (SD, Flux, Wan)
+VAE_SCALE_TEMPORAL = 4  # video frames per latent frame after the first (Wan's VAE)
+FLUX_LATENT_SIZE = 128  # FluxPipeline.default_sample_size: 128 latent pixels a side, 1024 px at VAE_SCALE
+WAN_HEIGHT, WAN_WIDTH, WAN_FRAMES = 480, 832, 81  # WanPipeline.__call__'s defaults
+
+
+@dataclass(frozen=True)
+class ExampleSize:
+    """The generation a derived example stands for; None: the model's (its pipeline's) default.
+
+    Cost: the counted forward runs on the meta device, so a larger size costs no memory, only its FLOPs."""
+    height: int | None = None  # image or video height [px]
+    width: int | None = None  # [px]
+    frames: int | None = None  # video frames (Wan): 4k+1
+    prompt_tokens: int | None = None  # text tokens the denoiser attends to (an encoder's padded prompt)
+    batch: int = 1  # latents per call: 2 for a UNet run with classifier-free guidance batched
+    vae_scale: int = VAE_SCALE  # pixels per latent pixel (the pipeline's VAE)
+    vae_scale_temporal: int = VAE_SCALE_TEMPORAL  # video frames per latent frame (the pipeline's video VAE)
+
+    def given(self) -> bool:
+        """True when the user chose a height, width or frame count."""
+        return any(v is not None for v in (self.height, self.width, self.frames))
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A derived example and the generation it stands for, every size resolved."""
+    example: dict[str, Any]
+    size: ExampleSize  # height, width, frames and prompt tokens as the example has them (None: not applicable)
+
+    @property
+    def label(self) -> str:
+        """The size in words: "1024×1024, 512 prompt tokens", "16 tokens"."""
+        s = self.size
+        if s.height is None:
+            return f"{s.prompt_tokens} tokens"
+        frames = f", {s.frames} frames" if s.frames is not None else ""
+        return f"{s.height}×{s.width}{frames}, {s.prompt_tokens} prompt tokens"
 
 
 def is_instance_of(obj: object, module: str, cls: str) -> bool:
@@ -24,12 +68,20 @@ def is_instance_of(obj: object, module: str, cls: str) -> bool:
     return lib is not None and isinstance(obj, getattr(lib, cls, ()))
 
 
-def derived_example(model: nn.Module) -> dict[str, Any]:
+def derived_example(model: nn.Module, size: ExampleSize | None = None) -> dict[str, Any]:
     """The example inputs `model`'s config implies; a ResidencyError saying what to pass where none does."""
+    return derive(model, size).example
+
+
+def derive(model: nn.Module, size: ExampleSize | None = None) -> Derived:
+    """derived_example and the size it stands for; ResidencyError for a size the model cannot take."""
+    size = size or ExampleSize()
     if is_instance_of(model, "transformers", "PreTrainedModel"):
-        return _transformers_example(model)
-    if is_instance_of(model, "diffusers", "UNet2DConditionModel"):
-        return _unet_example(model)
+        return _transformers_example(model, size)
+    for cls, build in (("UNet2DConditionModel", _unet_example), ("FluxTransformer2DModel", _flux_example),
+                       ("WanTransformer3DModel", _wan_example)):
+        if is_instance_of(model, "diffusers", cls):
+            return build(model, size)
     raise ResidencyError(
         f"{type(model).__name__}: residency cannot tell the shapes of its inputs from the model alone",
         hint="pass example_inputs=, the inputs of one call at the shapes you will run (a tensor, a tuple of "
@@ -37,28 +89,126 @@ def derived_example(model: nn.Module) -> dict[str, Any]:
              "example_inputs=dict(hidden_states=x, timestep=t, …))")
 
 
-def _transformers_example(model: nn.Module) -> dict[str, Any]:
+def vae_decode_example(vae: nn.Module, size: ExampleSize, video: bool) -> Derived:
+    """The latent a pipeline hands its VAE's decode for an image (AutoencoderKL) or a video (AutoencoderKLWan)
+    of `size` (height and width required: the denoiser's resolved size)."""
+    name = type(vae).__name__
+    c = vae.config
+    if name == "AutoencoderKLWan" and video:
+        channels, frames = c.z_dim, (size.frames - 1) // size.vae_scale_temporal + 1
+        shape: tuple[int, ...] = (1, channels, frames, size.height // size.vae_scale, size.width // size.vae_scale)
+    elif name == "AutoencoderKL" and not video:
+        shape = (1, c.latent_channels, size.height // size.vae_scale, size.width // size.vae_scale)
+    else:
+        raise ResidencyError(f"{name}: residency cannot tell the latent its decode reads for this pipeline",
+                             hint="plan the pipeline from Python: residency.attach(pipe, vram=…)")
+    latent = torch.zeros(shape, dtype=_dtype(vae))
+    return Derived({"z": latent, "return_dict": False}, size)
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _multiple(model: str, what: str, value: int, of: int) -> None:
+    if value <= 0 or value % of:
+        near = max(of, round(value / of) * of)
+        raise UsageError(f"{model}: {what} {value} is not a positive multiple of {of} (the VAE's scale × the "
+                         "model's patch)", hint=f"e.g. {near}")
+
+
+def _refuse_frames(model: str, size: ExampleSize) -> None:
+    if size.frames is not None:
+        raise UsageError(f"{model} makes images: a frame count does not apply", hint="leave out --frames")
+
+
+def _transformers_example(model: nn.Module, size: ExampleSize) -> Derived:
+    name = type(model).__name__
     main = getattr(model, "main_input_name", "input_ids")
     if main != "input_ids":
-        raise ResidencyError(f"{type(model).__name__} reads {main!r}, not token ids: its input shapes are not "
+        raise ResidencyError(f"{name} reads {main!r}, not token ids: its input shapes are not "
                              "in its config", hint=f"pass example_inputs=dict({main}=…) at the shape you will run")
-    ids = torch.zeros(1, EXAMPLE_TOKENS, dtype=torch.long)  # token 0 exists in every vocabulary
+    if size.given():
+        raise UsageError(f"{name} reads token ids: a height, width or frame count does not apply",
+                         hint="leave out --height, --width and --frames")
+    ids = torch.zeros(1, size.prompt_tokens or EXAMPLE_TOKENS, dtype=torch.long)  # token 0 is in every vocabulary
     example: dict[str, Any] = {"input_ids": ids}
     if getattr(model.config, "is_encoder_decoder", False):
         example["decoder_input_ids"] = ids.clone()
-    return example
+    return Derived(example, ExampleSize(prompt_tokens=ids.shape[1]))
 
 
-def _unet_example(model: nn.Module) -> dict[str, Any]:
+def _unet_example(model: nn.Module, size: ExampleSize) -> Derived:
     c = model.config
     extra = [k for k in ("addition_embed_type", "class_embed_type") if c.get(k) is not None]
-    size = c.get("sample_size")
-    if extra or not isinstance(size, int) or not isinstance(c.get("cross_attention_dim"), int):
+    sample = c.get("sample_size")
+    if extra or not isinstance(sample, int) or not isinstance(c.get("cross_attention_dim"), int):
         why = f"its config sets {', '.join(extra)}" if extra else "its config has no single sample_size / width"
         raise ResidencyError(f"UNet2DConditionModel: {why}; residency cannot build its example inputs",
                              hint="pass example_inputs=dict(sample=…, timestep=…, encoder_hidden_states=…, …)")
-    dtype = next(model.parameters()).dtype
-    return {"sample": torch.zeros(1, c.in_channels, size, size, dtype=dtype),
-            "timestep": torch.ones(1, dtype=dtype),
-            "encoder_hidden_states": torch.zeros(1, EXAMPLE_TOKENS, c.cross_attention_dim, dtype=dtype),
-            "return_dict": False}
+    _refuse_frames("UNet2DConditionModel", size)
+    height, width = size.height or sample * size.vae_scale, size.width or sample * size.vae_scale
+    for what, v in (("height", height), ("width", width)):
+        _multiple("UNet2DConditionModel", what, v, size.vae_scale)
+    tokens = size.prompt_tokens or EXAMPLE_TOKENS
+    dtype = _dtype(model)
+    b = size.batch
+    example = {"sample": torch.zeros(b, c.in_channels, height // size.vae_scale, width // size.vae_scale,
+                                     dtype=dtype),
+               "timestep": torch.ones(b, dtype=dtype),
+               "encoder_hidden_states": torch.zeros(b, tokens, c.cross_attention_dim, dtype=dtype),
+               "return_dict": False}
+    return Derived(example, replace(size, height=height, width=width, prompt_tokens=tokens))
+
+
+def _flux_example(model: nn.Module, size: ExampleSize) -> Derived:
+    """FluxPipeline's call: the latent packed 2×2 into tokens of in_channels (4 latent channels each)."""
+    c = model.config
+    _refuse_frames("FluxTransformer2DModel", size)
+    pack = size.vae_scale * 2  # the pipeline packs 2×2 latent pixels into one token
+    height = size.height or FLUX_LATENT_SIZE * size.vae_scale
+    width = size.width or FLUX_LATENT_SIZE * size.vae_scale
+    for what, v in (("height", height), ("width", width)):
+        _multiple("FluxTransformer2DModel", what, v, pack)
+    image, text = (height // pack) * (width // pack), size.prompt_tokens or PIPELINE_PROMPT_TOKENS
+    dtype = _dtype(model)
+    example: dict[str, Any] = {
+        "hidden_states": torch.zeros(size.batch, image, c.in_channels, dtype=dtype),
+        "encoder_hidden_states": torch.zeros(size.batch, text, c.joint_attention_dim, dtype=dtype),
+        "pooled_projections": torch.zeros(size.batch, c.pooled_projection_dim, dtype=dtype),
+        "timestep": torch.ones(size.batch, dtype=dtype),
+        "img_ids": torch.zeros(image, 3, dtype=dtype),  # positions: their values do not change the cost
+        "txt_ids": torch.zeros(text, 3, dtype=dtype),
+        "return_dict": False}
+    if c.get("guidance_embeds"):
+        example["guidance"] = torch.ones(size.batch, dtype=dtype)
+    return Derived(example, replace(size, height=height, width=width, prompt_tokens=text))
+
+
+def _wan_example(model: nn.Module, size: ExampleSize) -> Derived:
+    """WanPipeline's text-to-video call: a latent of (frames-1)/4+1 frames at 1/8 of the pixels."""
+    c = model.config
+    if c.get("image_dim") is not None:
+        raise ResidencyError("WanTransformer3DModel: its config sets image_dim (image-to-video): the image "
+                             "conditioning's shapes are not derived",
+                             hint="pass example_inputs=dict(hidden_states=…, timestep=…, "
+                                  "encoder_hidden_states=…, encoder_hidden_states_image=…)")
+    _, p_h, p_w = c.patch_size
+    height, width = size.height or WAN_HEIGHT, size.width or WAN_WIDTH
+    frames = size.frames if size.frames is not None else WAN_FRAMES
+    _multiple("WanTransformer3DModel", "height", height, size.vae_scale * p_h)
+    _multiple("WanTransformer3DModel", "width", width, size.vae_scale * p_w)
+    if frames < 1 or (frames - 1) % size.vae_scale_temporal:
+        near = max(1, round((frames - 1) / size.vae_scale_temporal)) * size.vae_scale_temporal + 1
+        raise UsageError(f"WanTransformer3DModel: {frames} frames is not {size.vae_scale_temporal}k+1 (the VAE "
+                         f"keeps the first frame and packs the others by {size.vae_scale_temporal})",
+                         hint=f"e.g. {near}")
+    latent_frames = (frames - 1) // size.vae_scale_temporal + 1
+    text = size.prompt_tokens or PIPELINE_PROMPT_TOKENS
+    dtype = _dtype(model)
+    example = {"hidden_states": torch.zeros(size.batch, c.in_channels, latent_frames, height // size.vae_scale,
+                                            width // size.vae_scale, dtype=dtype),
+               "timestep": torch.ones(size.batch, dtype=dtype),
+               "encoder_hidden_states": torch.zeros(size.batch, text, c.text_dim, dtype=dtype),
+               "return_dict": False}
+    return Derived(example, replace(size, height=height, width=width, frames=frames, prompt_tokens=text))

@@ -1,0 +1,257 @@
+"""`residency plan` of a Flux or Wan model directory and of a diffusers pipeline directory, from configs only
+(residency.commands.config_source, residency.commands.pipeline_source): the example each config implies at
+the pipeline's default size (or --height/--width/--frames), counted on meta; a pipeline as encode → denoise ×
+steps → decode, equal to the workload residency.attach_pipeline traces from one real call of the same pipeline."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    WanTransformer3DModel,
+)
+from test_pipeline_attach import clip_tokenizer, tiny_flux, tiny_wan
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from residency.attach_pipeline import pipeline_workload
+from residency.cli import main
+from residency.commands.sources import resolve_workload
+from residency.front_door.examples import ExampleSize
+from residency.workload import workload_from_module
+
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
+
+FLUX = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24, guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6))
+WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+           text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+           rope_max_seq_len=64)
+MODELS = {"flux": (FluxTransformer2DModel, FLUX), "wan": (WanTransformer3DModel, WAN)}
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+@pytest.fixture
+def model_dir(tmp_path, request):
+    cls, config = MODELS[request.param]
+    cls.from_config(config).save_config(tmp_path / request.param)
+    return tmp_path / request.param
+
+
+def tiny_sd() -> StableDiffusionPipeline:
+    """Guidance as one UNet call on a batch of 2 (prompt and negative prompt encoded apart); a VAE of scale 2."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=55, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=8, projection_dim=24,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=16)
+    for m in (unet, clip, vae):
+        m.eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=clip, tokenizer=clip_tokenizer(), unet=unet,
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """Tiny random Flux, Wan and SD pipelines and the directories save_pretrained wrote, weights removed: a
+    pipeline directory planned from its configs and tokenizer configs alone."""
+    out = {}
+    for name, make in (("flux", tiny_flux), ("wan", tiny_wan), ("sd", tiny_sd)):
+        pipe = make()
+        path = tmp_path_factory.mktemp(name) / f"{name}-pipe"
+        pipe.save_pretrained(path)
+        for weights in path.rglob("*.safetensors"):
+            weights.unlink()
+        out[name] = pipe, path
+    return out
+
+
+def covered(doc, model):
+    """Every parameter of `model` under the plan's module paths ("": the root's own tensors)."""
+    return {f"{path}.{name}".lstrip(".") for b in doc["blocks"] for path in b["modules"]
+            for name, _ in model.get_submodule(path).named_parameters(recurse=bool(path), remove_duplicate=False)}
+
+
+@pytest.mark.parametrize(("model_dir", "size"), [("flux", "1024×1024, 512 prompt tokens"),
+                                                  ("wan", "480×832, 81 frames, 512 prompt tokens")],
+                         indirect=["model_dir"])
+def test_a_flux_or_wan_model_directory_plans_at_its_pipelines_default_size(capsys, model_dir, size):
+    code, out, err = run(capsys, "plan", str(model_dir), "--profile", "rtx-5090", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["model"] == f"{model_dir.name} at {size}"
+    cls, config = MODELS[model_dir.name]
+    model = cls.from_config(config)
+    assert covered(doc, model) == set(dict(model.named_parameters()))
+
+
+def flux_example(tokens: int, text: int) -> dict:
+    return dict(hidden_states=torch.randn(1, tokens, 16), encoder_hidden_states=torch.randn(1, text, 32),
+                pooled_projections=torch.randn(1, 24), timestep=torch.ones(1), img_ids=torch.zeros(tokens, 3),
+                txt_ids=torch.zeros(text, 3), guidance=torch.ones(1), return_dict=False)
+
+
+def wan_example(frames: int, side: int, text: int) -> dict:
+    return dict(hidden_states=torch.randn(1, 4, frames, side, side), timestep=torch.ones(1),
+                encoder_hidden_states=torch.randn(1, text, 32), return_dict=False)
+
+
+@pytest.mark.parametrize(("model_dir", "size", "example"), [
+    ("flux", ExampleSize(64, 96), flux_example(4 * 6, 512)),  # 64×96 px: a 4×6 grid of 2×2-packed latent pixels
+    ("wan", ExampleSize(32, 32, 5), wan_example(2, 4, 512)),  # 5 frames: 2 latent frames of 4×4
+], indirect=["model_dir"])
+def test_a_model_directory_counts_what_the_live_model_counts_at_the_same_example(model_dir, size, example):
+    planned = resolve_workload(str(model_dir), compute_dtype="fp32", size=size)
+    cls, config = MODELS[model_dir.name]
+    torch.manual_seed(0)
+    live = workload_from_module(cls.from_config(config), example, name=planned.name, compute_dtype="fp32")
+    assert planned.blocks == live.blocks  # names, module paths, tensors, FLOPs, ops, activations
+    assert planned.phases == live.phases
+    assert sum(b.flops(0) for b in planned.blocks) > 0
+
+
+@pytest.mark.parametrize("model_dir", ["flux"], indirect=True)
+def test_height_and_width_size_the_plan_and_a_size_the_model_cannot_take_is_a_usage_error(capsys, model_dir):
+    small = resolve_workload(str(model_dir), size=ExampleSize(256, 256))
+    large = resolve_workload(str(model_dir), size=ExampleSize(512, 768))
+    assert large.name.endswith("at 512×768, 512 prompt tokens")
+    assert large.extra["example"]["hidden_states"] == [1, 32 * 48, 16]
+    assert sum(b.flops(0) for b in large.blocks) > sum(b.flops(0) for b in small.blocks)
+    code, _, err = run(capsys, "plan", str(model_dir), "--profile", "rtx-5090", "--height", "500")
+    assert code == 2 and "height 500 is not a positive multiple of 16" in err and "hint: e.g. 496" in err
+    code, _, err = run(capsys, "plan", str(model_dir), "--profile", "rtx-5090", "--frames", "5")
+    assert code == 2 and "makes images" in err
+
+
+@pytest.mark.parametrize("model_dir", ["wan"], indirect=True)
+def test_a_frame_count_the_video_vae_cannot_make_is_a_usage_error(capsys, model_dir):
+    code, _, err = run(capsys, "plan", str(model_dir), "--profile", "rtx-5090", "--frames", "8")
+    assert code == 2 and "8 frames is not 4k+1" in err and "hint: e.g. 9" in err
+
+
+def test_a_catalog_model_refuses_a_size(capsys):
+    code, _, err = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--height", "512")
+    assert code == 2 and "--height" in err and "hint:" in err
+
+
+@pytest.mark.parametrize(("name", "call", "size"), [
+    ("flux", dict(height=32, width=32), ExampleSize(32, 32)),
+    ("wan", dict(height=16, width=16, num_frames=5, negative_prompt="a"), ExampleSize(16, 16, 5)),
+    ("sd", dict(height=16, width=16), ExampleSize(16, 16)),
+])
+def test_a_pipeline_directory_plans_as_the_live_pipeline_traces(pipelines, name, call, size):
+    """The configs alone give the workload one real call of the same pipeline gives: each encoder at its
+    tokenizer's length (the last at the pipeline's max_sequence_length, 512), the denoiser at the latent of
+    the size, the VAE decoding it; Wan's guidance as two encoder and two transformer calls, SD's as two
+    encoder calls and one UNet call on a batch of 2. Wan's pipeline also hands its encoder an attention mask,
+    SD its UNet a timestep of no batch: a few ops the derived calls do not count, at the same FLOPs."""
+    pipe, path = pipelines[name]
+    live = pipeline_workload(pipe, {**call, "max_sequence_length": 512} if name != "sd" else call).workload
+    planned = resolve_workload(str(path), compute_dtype="fp32", size=size)
+    assert [ph.name for ph in planned.phases] == ["encode", "denoise", "decode"]
+    assert planned.phases == live.phases
+    if name == "flux":
+        assert planned.blocks == live.blocks  # every count: FLOPs, ops, activations
+    by_name = {b.name: b for b in live.blocks}
+    assert [b.name for b in planned.blocks] == list(by_name)
+    for b in planned.blocks:
+        odd_ops = (name, b.component) == ("wan", "text_encoder") or b.name == "unet.time_embedding+conv_in"
+        assert (b.modules, b.tensors, b.flops(0)) == (by_name[b.name].modules, by_name[b.name].tensors,
+                                                      by_name[b.name].flops(0))
+        assert odd_ops or b == by_name[b.name]
+    assert planned.steps == live.steps == (28 if name == "flux" else 50)  # the pipeline's own default
+
+
+def test_a_pipeline_directory_plans_from_the_command_line_with_module_paths(capsys, pipelines):
+    pipe, path = pipelines["flux"]
+    code, out, err = run(capsys, "plan", str(path), "--profile", "rtx-5090", "--steps", "4", "--compute-dtype",
+                         "fp32", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["steps"] == 4 and doc["model"] == "flux-pipe at 128×128, 512 prompt tokens"  # 128 latent px, VAE ×1
+    assert {b["modules"][0].split(".")[0] for b in doc["blocks"]} == {"text_encoder", "text_encoder_2",
+                                                                      "transformer", "vae"}
+    components = torch.nn.ModuleDict({c: getattr(pipe, c) for c in ("text_encoder", "text_encoder_2",
+                                                                     "transformer", "vae")})
+    unused = {n for m in ("encoder", "quant_conv") for n, _ in getattr(pipe.vae, m).named_parameters(prefix=f"vae.{m}")}
+    planned = {n for n, _ in components.named_parameters(remove_duplicate=False)} - unused
+    assert covered(doc, components) == planned  # all but the VAE's encoder, which text-to-image never runs
+
+
+def test_inspect_reads_the_same_pipeline_directory(capsys, pipelines):
+    pipe, path = pipelines["flux"]
+    code, out, err = run(capsys, "inspect", str(path), "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    decoder = sum(p.numel() for m in (pipe.vae.decoder, pipe.vae.post_quant_conv) for p in m.parameters())
+    encoders = sum(p.numel() for m in (pipe.text_encoder, pipe.text_encoder_2) for p in m.parameters())
+    assert doc["params"] == sum(p.numel() for p in pipe.transformer.parameters()) + decoder + encoders  # T5's
+    # shared embedding once; the VAE's encoder is no part of text-to-image
+
+
+def edited_copy(path, tmp_path, edit):
+    """A copy of the pipeline directory's configs with model_index.json edited by `edit(index)`."""
+    import shutil
+
+    copy = tmp_path / path.name
+    shutil.copytree(path, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    edit(index)
+    (copy / "model_index.json").write_text(json.dumps(index))
+    return copy
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda ix: ix.update(transformer=["diffusers", "NoSuchTransformer"]),
+     ["'transformer'", "diffusers.NoSuchTransformer", "lacks"]),
+    (lambda ix: ix.update(_class_name="NoSuchPipeline"), ["_class_name 'NoSuchPipeline'", "not a pipeline"]),
+    (lambda ix: ix.update(image_encoder=["transformers", "CLIPVisionModel"]),
+     ["'image_encoder' (CLIPVisionModel) holds weights", '"image_encoder": [null, null]']),
+    (lambda ix: ix.update(vae=["diffusers"]), ["component 'vae' is ['diffusers'], not [library, class]"]),
+    (lambda ix: ix.pop("transformer"), ["no transformer or unet component"]),
+    (lambda ix: ix.update(vae=["diffusers", "AutoencoderTiny"]), ["AutoencoderTiny: residency cannot tell the "
+                                                                  "latent", "residency.attach(pipe"]),
+])
+def test_a_broken_pipeline_directory_is_refused_naming_the_field(capsys, pipelines, tmp_path, edit, expected):
+    copy = edited_copy(pipelines["flux"][1], tmp_path, edit)
+    code, _, err = run(capsys, "plan", str(copy), "--profile", "rtx-5090")
+    assert code == 1 and "hint:" in err, err
+    for text in expected:
+        assert text in err, err
+
+
+def test_a_pipeline_directory_missing_a_components_config_is_refused(capsys, pipelines, tmp_path):
+    copy = edited_copy(pipelines["flux"][1], tmp_path, lambda ix: None)
+    (copy / "vae" / "config.json").unlink()
+    code, _, err = run(capsys, "plan", str(copy), "--profile", "rtx-5090")
+    assert code == 1 and "vae/config.json: no such file" in err and "hint:" in err
+
+
+def test_a_component_saved_as_none_and_pipeline_settings_are_skipped(pipelines, tmp_path):
+    copy = edited_copy(pipelines["flux"][1], tmp_path,
+                       lambda ix: ix.update(safety_checker=[None, None], requires_safety_checker=True))
+    base = resolve_workload(str(pipelines["flux"][1]))
+    assert replace(resolve_workload(str(copy)), name=base.name) == base
