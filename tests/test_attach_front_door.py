@@ -150,7 +150,9 @@ def test_the_world_model_is_planned_from_its_catalog_entry_and_steps_bit_exactly
     image = np.zeros((pipe.config.height, pipe.config.width, 3), dtype=np.uint8)
     session = pipe.start(image, seed=3)
     expected = [session.step(a) for a in ("right", "down")]
-    with residency.attach(pipe, vram="100%", profile=PROFILE, backend="cpu") as rt:
+    # 90% of the weights: some blocks stream, and every format stays F32 (at 100% the fastest plan streams
+    # small blocks at BF16 and the best quality within 1 ms of it keeps some there: not bit exact)
+    with residency.attach(pipe, vram="90%", profile=PROFILE, backend="cpu") as rt:
         assert isinstance(rt, Runtime) and rt.workload.name == "tiny"
         session = pipe.start(image, seed=3)
         got = [rt.step(session, a) for a in ("right", "down")]

@@ -1,6 +1,6 @@
 """Workloads: what the planner and the simulator know of a model — blocks, bytes, FLOPs, phases.
 
-Built from catalog documents (JSON) that tools/gen_catalog.py generates from real architectures, or from any
+Built from catalog documents (JSON) that pipelines.catalog_build generates from real architectures, or from any
 torch module and one counted forward (`workload_from_module`).
 """
 
