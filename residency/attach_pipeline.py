@@ -27,6 +27,7 @@ from residency.runtime.closed_loop import LoopOptions, enable_loop
 from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.units import fmt_bytes
 from residency.workload import ModuleWorkloadWarning, Workload, module_workload
+from residency.workload.from_module import parameter_bytes_by_dtype
 from residency.workload.pipeline_phases import ComponentPart, enclosing_blocks, join_phases
 
 # Which pipeline attributes run in which phase, and the method the pipeline calls on them.
@@ -88,7 +89,7 @@ class PipelineWorkload:
     """A pipeline described for the planner: its workload, module tree, weight dtype and planned call."""
     workload: Workload
     modules: PipelineModules
-    compute_dtype: str  # the components' weight dtype ("fp32", "bf16", "fp16")
+    compute_dtype: str  # the components' main weight dtype ("fp32", "bf16", "fp16"); others keep their own
     call: dict[str, Any]  # the pipeline call the workload was built for (its shapes)
 
 
@@ -148,11 +149,15 @@ def _by_name(method: Callable, args: tuple, kwargs: dict) -> dict[str, Any]:
 
 
 def _compute_dtype(components: list[tuple[str, nn.Module, str, bool, str]]) -> str:
-    dtypes = {p.dtype for _, m, *_ in components for p in m.parameters() if p.is_floating_point()}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPE_NAMES:
-        raise ResidencyError(f"the pipeline's components hold weights in {sorted(map(str, dtypes))}",
-                             hint="cast the pipeline to one dtype first: pipe.to(torch.bfloat16)")
-    return _DTYPE_NAMES[dtypes.pop()]
+    """The dtype of most of the components' parameter bytes: the plan's compute dtype. Weights in another of
+    fp32, fp16 and bf16 (a fp32 VAE beside a bf16 transformer, fp32 norms) keep their own dtype."""
+    found = parameter_bytes_by_dtype(m for _, m, *_ in components)
+    odd = [d for d in found if d not in _DTYPE_NAMES]
+    if not found or odd:
+        raise ResidencyError(f"the pipeline's components hold weights in {sorted(map(str, found))}",
+                             hint="residency stores float32, float16 and bfloat16 weights: cast the others first, "
+                                  "e.g. pipe.to(torch.bfloat16)")
+    return _DTYPE_NAMES[max(sorted(found, key=str), key=found.__getitem__)]
 
 
 def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: str | None = None) -> PipelineWorkload:
@@ -169,8 +174,9 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
         with warnings.catch_warnings():
             if method != "forward":  # the VAE's encoder never runs in text-to-image: left out on purpose
                 warnings.simplefilter("ignore", ModuleWorkloadWarning)
+            # weights in another dtype than the pipeline's main one (a fp32 VAE) keep theirs
             traced = module_workload(_Entry(comp, module, method), _by_name(getattr(module, method), args, kwargs),
-                                     name=comp, component=comp, compute_dtype=dtype)
+                                     name=comp, component=comp, compute_dtype=dtype, weights_dtype=dtype)
         parts.append(ComponentPart(comp, phase, per_step, traced.workload, calls))
     title = name or type(pipe).__name__
     steps = call.get("num_inference_steps", inspect.signature(pipe.__call__).parameters["num_inference_steps"].default)
@@ -278,7 +284,11 @@ def attach_pipeline(pipe: Any, *, vram: VramSpec = None, fps: float | None = Non
     that fits). `plan`: a Plan or its JSON path, run instead of planning. `closed_loop`: False (default: the
     plan stays fixed), True (re-plan when images miss the budget or the prediction, LoopOptions' defaults) or a
     LoopOptions (`max_switches` caps it); each pipeline call is one unit. Cost: one real call of the pipeline
-    with one denoise step, to find each component's input shapes."""
+    with one denoise step, to find each component's input shapes.
+
+    The dtype of most of the components' parameter bytes is the compute dtype; weights in another of fp32, fp16
+    and bf16 (a fp32 VAE beside a bf16 transformer, a transformer's fp32 norms) keep their own dtype, stored and
+    computed in it and never quantized (residency.attach says more)."""
     if fps is not None and frame_ms is not None:
         raise ResidencyError("both fps and frame_ms given", hint="give one: frame_ms = 1000 / fps")
     if fps is not None and not fps > 0:

@@ -224,11 +224,18 @@ def test_a_tied_embedding_is_planned_once():
     assert rt.workload.params == sum(t.numel() for t in unique.values())
 
 
-def test_a_model_in_two_dtypes_is_refused_with_the_dtypes_named():
+def test_a_module_in_a_second_dtype_keeps_it_and_a_dtype_the_runtime_cannot_store_is_refused():
     model, example = build("plain")
-    model.head.to(torch.bfloat16)
-    with pytest.raises(ResidencyError, match="bfloat16, float32"):
+    model.head.to(torch.bfloat16)  # the minor dtype: fp32 (the blocks) is the plan's compute dtype
+    with attach(model, example) as rt:
+        assert rt.workload.by_name["Stack.head"].own_dtypes == (("weight", "bf16"), ("bias", "bf16"))
+        assert {b.compute_dtype for b in rt.plan.blocks} == {"fp32"}
+        assert model.head.weight.dtype == torch.bfloat16 and model.blocks[0][0].weight.dtype == torch.float32
+    model.head.to(torch.float64)
+    with pytest.raises(ResidencyError, match="float32, float64.*not float64") as e:
         attach(model, example)
+    assert "cast the model" in e.value.hint
+    assert not any(has_hook(m) for m in model.modules())
 
 
 def test_warnings_of_the_workload_builder_reach_the_caller():

@@ -147,16 +147,19 @@ def _measurements(backend: str) -> Measurements:
         matmul_small_tflops={"fp32": curve}, matmul_small_weight_dim=256, dequant_gweights_per_s={"Q8_0": 1.0},
         copy_compute_overlap=0.9, copy_slowdown=1.1, compute_slowdown=1.05, launch_overhead_us=2.0,
         elementwise_gelems_per_s=curve, compute_threads=1,
+        # what only the CPU measures: attention curves, the re-warm after a matmul
+        **({"attention_tflops": {"fp32": curve}, "matmul_rewarm_us": curve} if backend == "cpu" else {}),
     )
 
 
-@pytest.mark.parametrize("notes", [
-    measure_cpu.provenance_notes(measure_cpu.QUICK, HostMemory(8 * 2**30, 6 * 2**30, "host"), 1),
-    measure_cuda.provenance_notes(measure_cuda.QUICK, {"NF4": "needs the bitsandbytes package"}),
+@pytest.mark.parametrize(("backend", "notes"), [
+    ("cpu", measure_cpu.provenance_notes(measure_cpu.QUICK, HostMemory(8 * 2**30, 6 * 2**30, "host"), 1)),
+    ("cuda", measure_cuda.provenance_notes(measure_cuda.QUICK, {"NF4": "needs the bitsandbytes package"})),
 ], ids=["cpu", "cuda"])
-def test_each_backend_says_how_it_measured_every_field_after_the_command(notes):
-    profile = to_profile(_measurements("cpu"), "residency profile --quick", notes)
-    assert set(profile.provenance) == PROVENANCE_FIELDS
+def test_each_backend_says_how_it_measured_every_field_after_the_command(backend, notes):
+    profile = to_profile(_measurements(backend), "residency profile --quick", notes)
+    optional = {"attention_tflops", "matmul_rewarm_us"} if backend == "cpu" else set()
+    assert set(profile.provenance) == PROVENANCE_FIELDS | optional
     assert all(p.kind == "measured" and p.source.startswith("residency profile --quick — ")
                for p in profile.provenance.values())
     assert profile.link["h2d_pinned"].x == (1.0, 2.0)  # the curves stay Curves

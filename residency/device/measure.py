@@ -20,7 +20,8 @@ from residency.errors import ResidencyError, UsageError
 #    queue-only thread it replaced, which small-transfer link figures now include, as the runtime pays it).
 # 6: each engine's slowdown beside the other (copy_slowdown, compute_slowdown), timed with a block-shaped probe.
 # 7: the CPU's small-weight matmul curve for every compute dtype, not fp32 only.
-MEASUREMENT_VERSION = 7
+# 8: the CPU's attention rate (scaled_dot_product_attention over query rows) and the re-warm cost after a matmul.
+MEASUREMENT_VERSION = 8
 
 
 def default_device() -> str:

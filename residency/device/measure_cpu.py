@@ -63,6 +63,8 @@ class CpuSchedule:
     overlap_repeats: int
     probe_job_s: float  # interference: length of the copy job, and of the block probe's run alone
     probe_repeats: int
+    attention_rows: tuple[int, ...] = (16, 256, 1024)  # query rows of the attention curve
+    rewarm_repeats: int = 40  # matmul-then-op-mix samples per weight size of the re-warm cost
 
 
 QUICK = CpuSchedule(
@@ -75,7 +77,8 @@ FULL = CpuSchedule(
     link_sizes_bytes=(64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB), link_point_s=0.5,
     memcpy_bytes=256 * MIB, matmul_dim=1024, matmul_small_dim=256, matmul_rows=(1, 16, 64, 256, 512, 4096),
     matmul_point_s=1.0, matmul_max_call_s=2.0, dequant_shape=(4096, 4096), dequant_point_s=0.5,
-    overlap_job_s=0.4, overlap_repeats=7, probe_job_s=0.3, probe_repeats=5,
+    overlap_job_s=0.4, overlap_repeats=7, probe_job_s=0.3, probe_repeats=5, attention_rows=(16, 64, 256, 1024, 4096),
+    rewarm_repeats=100,
 )
 
 
@@ -182,6 +185,78 @@ def measure_matmul(dtype: str, schedule: CpuSchedule, dim: int | None = None) ->
         if first / count > schedule.matmul_max_call_s:
             break
     return Curve(tuple(xs), tuple(ys), tuple(spread))
+
+
+# Attention as models run it: fused scaled_dot_product_attention over 8 heads of 64 channels, each query row
+# attending to at least ATTENTION_MIN_KV keys (a latent frame's 16 tokens over its cached window; a 256-token
+# image over itself). On this CPU it runs at 60-90 GFLOP/s in fp32 where a 256-row matmul runs at ~140: the
+# softmax's exponentials and the score tiles' traffic cost beside the FLOPs.
+ATTENTION_HEADS, ATTENTION_HEAD_DIM, ATTENTION_MIN_KV = 8, 64, 256
+
+
+def measure_attention(dtype: str, schedule: CpuSchedule) -> Curve:
+    """TFLOP/s of scaled_dot_product_attention (FLOPs as residency.workload counts them: 2·L·S·(E + Ev) a head)
+    over query rows L, each attending to max(L, ATTENTION_MIN_KV) keys; rows stop growing once one call exceeds
+    the schedule's cap."""
+    tdtype = TORCH_DTYPES[dtype]
+    gen = torch.Generator().manual_seed(2)
+    xs, ys, spread = [], [], []
+    for rows in schedule.attention_rows:
+        keys = max(rows, ATTENTION_MIN_KV)
+        q = torch.randn(1, ATTENTION_HEADS, rows, ATTENTION_HEAD_DIM, generator=gen).to(tdtype)
+        k, v = (torch.randn(1, ATTENTION_HEADS, keys, ATTENTION_HEAD_DIM, generator=gen).to(tdtype) for _ in range(2))
+
+        def call(q=q, k=k, v=v) -> None:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        t0 = time.perf_counter()
+        call()  # the first call pays the kernel's setup
+        first = time.perf_counter() - t0
+        t = time_samples(call, repeats_for(first, schedule.matmul_point_s, lo=3, hi=30))
+        xs.append(float(rows))
+        ys.append(2.0 * ATTENTION_HEADS * rows * keys * 2 * ATTENTION_HEAD_DIM / t.median_s / 1e12)
+        spread.append(round(t.spread, 4))
+        if first > schedule.matmul_max_call_s:
+            break
+    return Curve(tuple(xs), tuple(ys), tuple(spread))
+
+
+# After a matmul the ops that follow run slower: its weight streamed through the caches and evicted the
+# interpreter's and the dispatcher's working set, which the next ops fetch back from memory. A matmul sweep and an
+# op mix repeated on one tiny tensor (the matmul and per-op figures) both run warm and never see it; a model pays
+# it after every weight (measured here: two op mixes after a 1024² fp32 matmul took 120-250 µs more than the same
+# two mixes run warm, 10-30 µs more after a 256² one, more under load; a Wan block's 11 matmuls then lose 1.5-2.5
+# ms of its ~30).
+REWARM_MIXES = 2  # op mixes timed after each matmul: by the second one the loss is mostly paid
+
+
+def measure_rewarm(schedule: CpuSchedule) -> Curve:
+    """µs the non-matmul ops after a 16-row fp32 matmul lose to re-warming the caches, over the weight's elements
+    (the schedule's small and large dims, weights cycling through a cache-cold set as measure_matmul's): the time
+    of REWARM_MIXES op mixes on a tiny tensor right after the matmul, less the same mixes run again at once;
+    medians of `rewarm_repeats` samples, at least 0."""
+    gen = torch.Generator().manual_seed(3)
+    tiny = torch.randn(*_MIX_TINY_SHAPE, generator=gen)
+    xs, ys = [], []
+    for dim in (schedule.matmul_small_dim, schedule.matmul_dim):
+        weights = [torch.randn(dim, dim, generator=gen) for _ in range(max(2, COLD_WEIGHT_BYTES // (dim * dim * 4)))]
+        x, out = torch.randn(16, dim, generator=gen), torch.empty(16, dim)
+        cycle = itertools.cycle(weights)
+
+        def mixes() -> float:
+            t0 = time.perf_counter()
+            for _ in range(REWARM_MIXES):
+                op_mix(tiny)
+            return time.perf_counter() - t0
+
+        after, warm = [], []
+        for _ in range(schedule.rewarm_repeats):
+            torch.matmul(x, next(cycle).t(), out=out)
+            after.append(mixes())
+            warm.append(mixes())
+        xs.append(float(dim * dim))
+        ys.append(max(0.0, float(np.median(after) - np.median(warm))) * 1e6)
+    return Curve(tuple(xs), tuple(ys))
 
 
 # The CPU backend computes in fp32 (bf16 matmuls are slow on most CPUs), so a block's weights are unpacked
@@ -375,6 +450,7 @@ def measure_dispatch() -> tuple[float, Curve]:
 
 
 SMALL_STEP = "matmul, small weights"
+ATTENTION_STEP = "attention"
 
 
 def provenance_notes(schedule: CpuSchedule, mem: HostMemory, compute_threads: int) -> dict[str, str]:
@@ -406,6 +482,13 @@ def provenance_notes(schedule: CpuSchedule, mem: HostMemory, compute_threads: in
         "launch_overhead_us": "per dispatched op of a norm/elementwise/view/softmax mix on a 256-element tensor",
         "elementwise_gelems_per_s": "activation elements read + written by that mix (counted on the meta device as "
                                     "workloads are) on 4 k to 1 M-element tensors, after its per-op cost",
+        "attention_tflops": f"scaled_dot_product_attention, {ATTENTION_HEADS} heads × {ATTENTION_HEAD_DIM}, "
+                            f"{schedule.attention_rows} query rows each over max(rows, {ATTENTION_MIN_KV}) keys, every "
+                            f"compute dtype, on {compute_threads} threads; FLOPs 2·L·S·(E + Ev) a head",
+        "matmul_rewarm_us": f"{REWARM_MIXES} op mixes on a 256-element tensor right after a 16-row fp32 matmul over a "
+                            f"{schedule.matmul_small_dim}² or {schedule.matmul_dim}² weight (cycling through "
+                            f"{COLD_WEIGHT_BYTES // MIB} MiB), less the same mixes run again at once; median of "
+                            f"{schedule.rewarm_repeats}",
     }
 
 
@@ -444,6 +527,8 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
     # than in fp32). A dtype that crawls costs ~0.3 s a point (matmul_point_s), no more.
     step(SMALL_STEP)
     small = {d: measure_matmul(d, schedule, schedule.matmul_small_dim) for d in COMPUTE_DTYPES}
+    step(ATTENTION_STEP)
+    attention = {d: measure_attention(d, schedule) for d in COMPUTE_DTYPES}
     dequant = {}
     for f in formats:
         step(f"dequant {f}")
@@ -453,6 +538,7 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
     copy_slowdown, compute_slowdown = measure_interference(engine, schedule)
     step("launch overhead")
     launch_us, elementwise = measure_dispatch()
+    rewarm = measure_rewarm(schedule)
     found = Measurements(
         name=f"{cpu_model()} ({usable_cores()} cores)", vendor="cpu", backend="cpu", driver="",
         memory_total_bytes=mem.total_bytes, memory_reserve_bytes=reserve, memory_usable_bytes=usable,
@@ -460,7 +546,8 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
         matmul_small_tflops=small, matmul_small_weight_dim=schedule.matmul_small_dim,
         dequant_gweights_per_s=dequant, copy_compute_overlap=overlap, copy_slowdown=copy_slowdown,
         compute_slowdown=compute_slowdown, launch_overhead_us=launch_us,
-        elementwise_gelems_per_s=elementwise, compute_threads=compute_threads,
+        elementwise_gelems_per_s=elementwise, compute_threads=compute_threads, attention_tflops=attention,
+        matmul_rewarm_us=rewarm,
     )
     return found, mem
 
@@ -471,7 +558,7 @@ def measure(quick: bool, progress: ProgressFn | None = None, source: str | None 
     schedule = QUICK if quick else FULL
     source = source or f"residency profile --device cpu{' --quick' if quick else ''}"
     formats = measured_formats()
-    step = Steps(formats, COMPUTE_DTYPES, progress, matmul_extra=(SMALL_STEP,))
+    step = Steps(formats, COMPUTE_DTYPES, progress, matmul_extra=(SMALL_STEP, ATTENTION_STEP))
     compute_threads = max(1, usable_cores() - 1)
     previous_threads = torch.get_num_threads()
     # Compute keeps cores − 1 threads; the copy thread's copy_ then runs inline on its own core.

@@ -12,7 +12,7 @@ import datetime
 import itertools
 import statistics
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -23,6 +23,9 @@ PROVENANCE_FIELDS = frozenset({
     "memory", "link", "device_memory_gbps", "matmul_tflops", "dequant_gweights_per_s", "copy_compute_overlap",
     "launch_overhead_us", "matmul_small_tflops", "elementwise_gelems_per_s", "copy_slowdown", "compute_slowdown",
 })
+# Fields only some backends measure (the CPU: attention curves, the re-warm after a matmul); each one measured
+# records how.
+OPTIONAL_PROVENANCE_FIELDS = frozenset({"attention_tflops", "matmul_rewarm_us"})
 
 
 @dataclass(frozen=True)
@@ -49,15 +52,20 @@ class Measurements:
     launch_overhead_us: float  # per kernel launch (GPU) or dispatched op (CPU)
     elementwise_gelems_per_s: Curve  # 1e9 activation elements/s over the size class of an op's tensors
     compute_threads: int  # CPU: intra-op threads of compute; 0 on a GPU
+    attention_tflops: dict[str, Curve] = field(default_factory=dict)  # dtype -> SDPA TFLOP/s over query rows
+    matmul_rewarm_us: Curve | None = None  # CPU: µs lost after a matmul, over its weight's elements
 
 
 def to_profile(m: Measurements, source: str, how: Mapping[str, str]) -> DeviceProfile:
     """The DeviceProfile of `m`; each field's provenance is `source` (the command) and `how[field]`.
 
-    Raises ValueError when `how` does not cover exactly PROVENANCE_FIELDS (a programming error)."""
-    if set(how) != PROVENANCE_FIELDS:
-        raise ValueError(f"provenance table: missing {sorted(PROVENANCE_FIELDS - set(how))}, "
-                         f"unknown {sorted(set(how) - PROVENANCE_FIELDS)}")
+    Raises ValueError when `how` does not cover exactly PROVENANCE_FIELDS and the optional fields `m` measured (a
+    programming error)."""
+    measured = {k for k in OPTIONAL_PROVENANCE_FIELDS if getattr(m, k) is not None and getattr(m, k) != {}}
+    expected = PROVENANCE_FIELDS | measured
+    if set(how) != expected:
+        raise ValueError(f"provenance table: missing {sorted(expected - set(how))}, "
+                         f"unknown {sorted(set(how) - expected)}")
     return DeviceProfile(
         **{f.name: getattr(m, f.name) for f in fields(m)},  # shallow: asdict would turn the Curves into dicts
         torch_version=torch.__version__,

@@ -22,8 +22,8 @@ EXEC_MODE_FIELDS = ("graph_replay_us_per_kernel", "compiled_dispatch_fraction", 
 # Refinements a measured (or calibrated) profile may add; absent (at their defaults) in datasheet and older
 # profiles, which therefore keep their fingerprints.
 OPTIONAL_FIELDS = ("matmul_weight_dim", "matmul_small_tflops", "matmul_small_weight_dim", "elementwise_gelems_per_s",
-                   "copy_slowdown", "compute_slowdown", "compute_scale", "call_host_us",
-                   "streamed_call_host_us", "calibration", *EXEC_MODE_FIELDS)
+                   "attention_tflops", "matmul_rewarm_us", "copy_slowdown", "compute_slowdown", "compute_scale",
+                   "call_host_us", "streamed_call_host_us", "calibration", *EXEC_MODE_FIELDS)
 # Bounds of a measured slowdown factor: 1 = no interference; a copy or compute 10× slower beside the other
 # engine would be a broken measurement, not a device.
 MAX_SLOWDOWN = 10.0
@@ -117,6 +117,14 @@ class DeviceProfile:
     # residency.workload.op_count counts them, over the size class of an op's largest tensor (x: elements);
     # None: derived from device_memory_gbps at the compute dtype's size
     elementwise_gelems_per_s: Curve | None = None
+    # compute dtype -> TFLOP/s of fused attention (scaled_dot_product_attention, 64-wide heads) over query rows;
+    # a dtype without a curve: attention FLOPs at the matmul rate. On this CPU attention runs at 60-90 GFLOP/s
+    # in fp32 where a 256-row matmul runs at ~140 (256 and 288 tokens, 8 heads; measured, issue 16)
+    attention_tflops: dict[str, Curve] = field(default_factory=dict)
+    # CPU: µs the ops after a matmul lose re-filling the caches its weight evicted (the interpreter's and the
+    # dispatcher's working set comes back from memory), over the weight's elements; None: not measured, 0.
+    # Measured here: 120-250 µs after a 1024² fp32 weight, 10-30 µs after a 256² one (more under load)
+    matmul_rewarm_us: Curve | None = None
     # Interference, per engine: factor (≥ 1) by which a copy's time grows while compute runs, and compute's while
     # a copy runs; 0 = not measured, the symmetric model of copy_compute_overlap applies (see *_slowdown_factor)
     copy_slowdown: float = 0.0
@@ -178,6 +186,21 @@ class DeviceProfile:
         Raises KeyError for a dtype the profile has no matmul curve for.
         """
         return flops / (self.matmul_tflops_at(rows, dtype, weight_elements) * 1e12)
+
+    def attention_s(self, flops: float, rows: int, dtype: str) -> float:
+        """Seconds for `flops` of attention (scores and weighted sum) at `rows` query rows in `dtype`: the profile's
+        attention curve, else the matmul rate at those rows (KeyError for a dtype with neither)."""
+        curve = self.attention_tflops.get(dtype)
+        if curve is None:
+            return self.matmul_s(flops, rows, dtype)
+        return flops / (curve.at(max(rows, 1)) * 1e12)
+
+    def rewarm_s(self, weight_elements: int) -> float:
+        """CPU: seconds the ops following a matmul over a weight of `weight_elements` lose to the caches it
+        evicted (0 when not measured, and on a GPU, whose host code does not share the caches with its kernels)."""
+        if self.matmul_rewarm_us is None or self.is_gpu:
+            return 0.0
+        return self.matmul_rewarm_us.at(max(weight_elements, 1)) * 1e-6
 
     def elementwise_s(self, elements: float, element_bytes: int, size_class: int = 0) -> float:
         """Seconds for non-matmul ops to read and write `elements` activation elements whose largest tensor

@@ -37,7 +37,7 @@ from residency.validate import Reader, show
 PROFILE_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 SCHEMA_2_FIELDS = ("copy_slowdown", "compute_slowdown", "compute_scale", "call_host_us", "streamed_call_host_us",
-                   "calibration", *EXEC_MODE_FIELDS)
+                   "calibration", *EXEC_MODE_FIELDS, "attention_tflops", "matmul_rewarm_us")
 # Bounds of the execution-mode figures: beyond them a figure is a typo or a broken measurement.
 MAX_GRAPH_REPLAY_US = 1e3  # per kernel; an eager launch costs 2-20 µs
 MAX_COMPILE_S = 3600.0  # one block class; a cold inductor compile of a DiT block takes ~20 s on 2 cores
@@ -59,6 +59,7 @@ PROVENANCE_FIELDS = (
 LINK_AXES = ("sizes_bytes", "gbps")
 MATMUL_AXES = ("rows", "tflops")
 ELEMENTWISE_AXES = ("tensor_elements", "gelems_per_s")  # rate over the size class of an op's largest tensor
+REWARM_AXES = ("weight_elements", "us")  # µs lost after a matmul over the elements of its weight
 # What each unit suffix means, for messages that say which unit is expected.
 UNIT_TEXT = {
     "bytes": "bytes",
@@ -70,6 +71,7 @@ UNIT_TEXT = {
     "dim": "elements along one side of a square weight matrix",
     "tensor_elements": "elements of a tensor",
     "rows": "token rows",
+    "weight_elements": "elements of a weight matrix",
 }
 _STRINGS = ("name", "vendor", "backend", "torch_version", "cuda_version", "hip_version", "driver", "date")
 _MEMORY = ("memory_total_bytes", "memory_reserve_bytes", "memory_usable_bytes")
@@ -92,7 +94,8 @@ def schema_version_of(profile: DeviceProfile) -> int:
     """The oldest schema that holds `profile`: 1 unless it sets a field of SCHEMA_2_FIELDS."""
     uses_2 = (profile.copy_slowdown or profile.compute_slowdown or profile.compute_scale
               or profile.call_host_us or profile.streamed_call_host_us or profile.calibration is not None
-              or any(getattr(profile, k) for k in EXEC_MODE_FIELDS))
+              or any(getattr(profile, k) for k in EXEC_MODE_FIELDS)
+              or profile.attention_tflops or profile.matmul_rewarm_us is not None)
     return PROFILE_SCHEMA_VERSION if uses_2 else 1
 
 
@@ -116,6 +119,10 @@ def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
         doc["matmul_small_tflops"] = {d: _curve_to_dict(c, MATMUL_AXES) for d, c in profile.matmul_small_tflops.items()}
     if profile.elementwise_gelems_per_s is not None:
         doc["elementwise_gelems_per_s"] = _curve_to_dict(profile.elementwise_gelems_per_s, ELEMENTWISE_AXES)
+    if profile.attention_tflops:
+        doc["attention_tflops"] = {d: _curve_to_dict(c, MATMUL_AXES) for d, c in profile.attention_tflops.items()}
+    if profile.matmul_rewarm_us is not None:
+        doc["matmul_rewarm_us"] = _curve_to_dict(profile.matmul_rewarm_us, REWARM_AXES)
     doc.update(_schema_2_to_dict(profile))
     doc["provenance"] = {
         k: {"kind": p.kind, "source": p.source, "derating": p.derating} for k, p in profile.provenance.items()
@@ -186,11 +193,12 @@ class _Reader(Reader):
     def text(self, doc: dict[str, Any], key: str) -> str:
         return self.string(self.get(doc, key), key)
 
-    def curve(self, value: Any, field: str, axes: tuple[str, str]) -> Curve:
+    def curve(self, value: Any, field: str, axes: tuple[str, str], positive: bool = True) -> Curve:
+        """A Curve of `axes` (x, y); x > 0, y > 0 (≥ 0 when not `positive`)."""
         doc = self.obj(value, field)
         _no_extra(self, doc, (*axes, "spread"), field)
         xs = self.numbers(self.get(doc, axes[0], field), f"{field}.{axes[0]}", axes[0])
-        ys = self.numbers(self.get(doc, axes[1], field), f"{field}.{axes[1]}", axes[1])
+        ys = self.numbers(self.get(doc, axes[1], field), f"{field}.{axes[1]}", axes[1], strict=positive)
         spread_raw = doc.get("spread", [])
         spread = self.numbers(spread_raw, f"{field}.spread", "spread", strict=False, allow_empty=True)
         if len(xs) != len(ys):
@@ -302,7 +310,8 @@ def _provenance(r: _Reader, data: dict[str, Any], refinements: dict[str, Any]) -
     prov_doc = r.obj(r.get(data, "provenance"), "provenance")
     # the refinements present need a provenance too (their dims are labels, not figures)
     present = tuple(k for k in ("matmul_small_tflops", "elementwise_gelems_per_s", "copy_slowdown",
-                                "compute_slowdown", *EXEC_MODE_FIELDS) if refinements[k])
+                                "compute_slowdown", *EXEC_MODE_FIELDS, "attention_tflops", "matmul_rewarm_us")
+                    if refinements[k])
     for key in PROVENANCE_FIELDS + present:
         if key not in prov_doc:
             raise r.fail(f"provenance.{key}", "is missing: every number must say where it came from",
@@ -360,6 +369,21 @@ def _refinements(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
     return {**dims, "matmul_small_tflops": small, "elementwise_gelems_per_s": elementwise, **_schema_2_fields(r, data)}
 
 
+def _op_kind_fields(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
+    """Attention curves by compute dtype and the CPU's re-warm cost after a matmul; absent in profiles measured
+    before MEASUREMENT_VERSION 8 and in datasheet profiles: {} and None, under which attention costs at the
+    matmul rate and nothing is charged for re-warming (the cost model as it was)."""
+    attention: dict[str, Curve] = {}
+    if "attention_tflops" in data:
+        doc = r.obj(data["attention_tflops"], "attention_tflops")
+        _no_extra(r, doc, COMPUTE_DTYPES, "attention_tflops")
+        attention = {d: r.curve(v, f"attention_tflops.{d}", MATMUL_AXES) for d, v in doc.items()}
+    rewarm = None
+    if "matmul_rewarm_us" in data:
+        rewarm = r.curve(data["matmul_rewarm_us"], "matmul_rewarm_us", REWARM_AXES, positive=False)
+    return {"attention_tflops": attention, "matmul_rewarm_us": rewarm}
+
+
 def _schema_2_fields(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
     """Per-engine slowdowns, compute_scale and calibration; their defaults when absent (a schema-1 file)."""
     return {
@@ -370,6 +394,7 @@ def _schema_2_fields(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
         "streamed_call_host_us": _host_us(r, data, "streamed_call_host_us"),
         "calibration": _calibration(r, data["calibration"]) if "calibration" in data else None,
         **_exec_mode_fields(r, data),
+        **_op_kind_fields(r, data),
     }
 
 

@@ -25,7 +25,7 @@ from residency.runtime import Runtime
 from residency.runtime.closed_loop import LoopOptions, enable_loop
 from residency.units import fmt_bytes
 from residency.workload import Workload, module_workload, workload_from_dict
-from residency.workload.from_module import split_example
+from residency.workload.from_module import parameter_bytes_by_dtype, split_example
 
 _COMPUTE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -54,7 +54,11 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     LoopOptions (e.g. LoopOptions(max_switches=2) caps it; enabled=False turns it off). Its decisions are in
     `runtime.loop.events` and the telemetry's events.
 
-    Weights must be on the CPU in one dtype (fp32, fp16 or bf16): it is the plan's compute dtype.
+    Weights must be on the CPU in fp32, fp16 or bf16. The dtype of most parameter bytes is the plan's compute
+    dtype; tensors a model keeps in another of the three (a bf16 Wan's fp32 norms and time embedder, a fp16 T5's
+    fp32 `wo`, as from_pretrained loads them) stay in their own dtype: stored, streamed and computed in it, and
+    never quantized — a quantized block quantizes only its tensors in the main dtype. The plan's bytes count
+    them at their own size.
     A diffusers pipeline is attached whole by residency.attach_pipeline (its runtime, a context manager too).
     Raises ResidencyError for closed_loop with a `plan` made for another profile (it cannot be re-planned).
     """
@@ -120,16 +124,19 @@ def _profile(profile: str | os.PathLike[str] | DeviceProfile, backend: str) -> D
 
 
 def _compute_dtype(model: nn.Module) -> str:
-    found = {t.dtype for t in model.parameters() if t.is_floating_point()}
+    """The model's main dtype (of most parameter bytes): the plan's compute dtype. Parameters in another of
+    fp32, fp16 and bf16 (diffusers' and transformers' `_keep_in_fp32_modules`) keep theirs; any other is refused."""
+    found = parameter_bytes_by_dtype([model])
     if not found:
         raise ResidencyError(f"{type(model).__name__} has no floating-point parameters",
                              hint="residency places weights; attach a model that has them")
-    if len(found) > 1 or next(iter(found)) not in _COMPUTE_DTYPES:
+    odd = sorted(str(d).removeprefix("torch.") for d in found if d not in _COMPUTE_DTYPES)
+    if odd:
         shown = ", ".join(sorted(str(d).removeprefix("torch.") for d in found))
-        raise ResidencyError(f"{type(model).__name__} holds parameters in {shown}; the runtime computes each "
-                             "block in one dtype", hint="cast the model first, e.g. model.to(torch.bfloat16) "
-                                                        "(or torch.float32 on the CPU)")
-    return _COMPUTE_DTYPES[next(iter(found))]
+        raise ResidencyError(f"{type(model).__name__} holds parameters in {shown}; the runtime stores and computes "
+                             f"weights in float32, float16 or bfloat16, not {', '.join(odd)}",
+                             hint="cast the model first, e.g. model.to(torch.bfloat16) (or torch.float32 on the CPU)")
+    return _COMPUTE_DTYPES[max(sorted(found, key=str), key=found.__getitem__)]
 
 
 def _workload(model: nn.Module, example_inputs: Any, dtype: str) -> tuple[Workload, ShapeGuard | None]:

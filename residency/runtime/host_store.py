@@ -15,7 +15,6 @@ from torch import nn
 import residency.device.host_memory as host_ram  # looked up per call: tests patch host_ram.host_memory
 from residency.errors import ResidencyError
 from residency.formats import get_format
-from residency.formats.sizing import effective_format
 from residency.units import fmt_bytes
 from residency.workload import BlockSpec
 
@@ -35,7 +34,8 @@ class TensorEntry:
     offset: int  # bytes from the start of the blob
     nbytes: int
     shape: tuple[int, ...]
-    format: str  # the effective storage format (vectors and odd shapes fall back to BF16)
+    format: str  # the effective storage format (vectors and odd shapes fall back to BF16; own dtype kept)
+    own_dtype: str | None = None  # "fp32" … for a tensor kept in its own dtype (stored, computed in it); None: the block's
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,8 @@ class BlockBlob:
 
 def blob_layout(spec: BlockSpec, fmt_name: str) -> BlobLayout:
     """Offsets of the block's tensors in its blob: most-aligned tensors first, so padding is rare."""
-    fmt = get_format(fmt_name)
     items = []
-    for name, shape in spec.tensors:
-        eff = effective_format(fmt, shape)
+    for (name, shape), eff in zip(spec.tensors, spec.stored_formats(get_format(fmt_name).name), strict=True):
         items.append((name, tuple(shape), eff.name, eff.nbytes(shape), _ALIGN_BYTES.get(eff.name, 1)))
     offsets: dict[str, int] = {}
     offset = padding = 0
@@ -75,7 +73,8 @@ def blob_layout(spec: BlockSpec, fmt_name: str) -> BlobLayout:
         padding += pad
         offsets[name] = offset
         offset += nbytes
-    entries = tuple(TensorEntry(name, offsets[name], nbytes, shape, eff) for name, shape, eff, nbytes, _ in items)
+    entries = tuple(TensorEntry(name, offsets[name], nbytes, shape, eff, own)
+                    for (name, shape, eff, nbytes, _), own in zip(items, spec.tensor_own_dtypes, strict=True))
     return BlobLayout(entries, offset, padding)
 
 

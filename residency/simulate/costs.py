@@ -1,8 +1,9 @@
 """Per-call costs of one block under a plan on a device: copy, dequant and compute seconds.
 
-Compute is a roofline, max(FLOPs ÷ matmul rate at this row count and matrix size, bytes read ÷ device
-bandwidth), plus the block's non-matmul ops: their activation elements at the profile's elementwise rate,
-and (CPU) their dispatch cost per op — or (GPU) the launch time when that is the longer.
+Compute is a roofline, max(FLOPs ÷ matmul rate at this row count and matrix size — attention FLOPs at the
+attention rate when the profile measured one — , bytes read ÷ device bandwidth), plus the block's non-matmul
+ops: their activation elements at the profile's elementwise rate, and (CPU) their dispatch cost per op and the
+caches' re-warm after each weight — or (GPU) the launch time when that is the longer.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 from residency.device.profile import DeviceProfile
 from residency.formats import get_format
 from residency.formats.dtypes import COMPUTE_DTYPE_BYTES, DTYPE_FORMAT
-from residency.formats.sizing import effective_format
 from residency.plan.plan import BlockPlan, Execution
 from residency.workload.spec import BlockSpec
 
@@ -76,18 +76,28 @@ def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_f
     # row count a matmul reads its whole weight for a few FLOPs, several times slower per FLOP than the
     # token rows (measured on the CPU: 7 vs 48 GFLOP/s at 1 vs 16 rows).
     fixed = block.fixed_flops * batch
-    matmul = _matmul_s(block, flops - fixed, block.tokens * batch, bp.compute_dtype, profile)
+    rows = block.tokens * batch
+    if bp.compute_dtype in profile.attention_tflops:
+        # Attention (the pair FLOPs: scores and weighted sums) at the profile's measured attention rate: on the CPU
+        # fused SDPA runs at ~0.5× a 256-row matmul's FLOP rate (issue 16: 2.1 vs 1.1 ms predicted per Flux block)
+        token = block.flops_per_token * rows
+        pair = max(flops - fixed - token, 0.0)
+        matmul = _matmul_s(block, token, rows, bp.compute_dtype, profile)
+        matmul += profile.attention_s(pair, rows, bp.compute_dtype)
+    else:  # no attention curve: attention FLOPs at the matmul rate, the expression of profiles before it
+        matmul = _matmul_s(block, flops - fixed, rows, bp.compute_dtype, profile)
     if fixed:
         matmul += _matmul_s(block, fixed, batch, bp.compute_dtype, profile)
     roof = max(matmul, (weight_bytes + kv_bytes) / (profile.device_memory_gbps * 1e9))
     device = roof + _elementwise_s(block, batch, COMPUTE_DTYPE_BYTES[bp.compute_dtype], profile) * _fused(bp, profile)
     # A GPU queues kernels asynchronously: the host's launch time hides under device work unless it is
     # the longer of the two. On the CPU backend every dispatched op (views too) runs on the computing
-    # thread, at the profile's measured per-op cost: it adds.
+    # thread, at the profile's measured per-op cost: it adds, and so does the re-warm of the caches each weight
+    # evicts (rewarm_s; 0 for a profile that did not measure it).
     if profile.is_gpu:
         seconds = max(device, launch_s(block, bp.exec_mode, profile))
     else:
-        seconds = device + dispatch_s(block, bp.exec_mode, profile)
+        seconds = device + dispatch_s(block, bp.exec_mode, profile) + rewarm_s(block, profile)
     return seconds * compute_scale_of(profile, block)  # × 1.0 is exact: uncalibrated is unchanged
 
 
@@ -126,6 +136,15 @@ def dispatch_s(block: BlockSpec, exec_mode: str, profile: DeviceProfile) -> floa
     if exec_mode == "compiled" and profile.compiled_known():
         return ops * profile.compiled_dispatch_fraction * profile.launch_overhead_us * 1e-6
     return ops * profile.launch_overhead_us * 1e-6
+
+
+def rewarm_s(block: BlockSpec, profile: DeviceProfile) -> float:
+    """CPU: seconds one call's non-matmul ops lose re-filling the caches that its weights evicted, one matmul per
+    weight matrix (profile.rewarm_s; measured 120-250 µs after a 1024² fp32 weight on this CPU, where the per-op and
+    matmul figures are timed warm: a Wan block's 11 weights lose 1.5-2.5 ms of its ~30). 0 on a GPU or unmeasured."""
+    if profile.matmul_rewarm_us is None or profile.is_gpu:
+        return 0.0
+    return sum(profile.rewarm_s(m) for m in block.matrix_elements)
 
 
 def compute_scale_of(profile: DeviceProfile, block: BlockSpec) -> float:
@@ -218,6 +237,6 @@ def scratch_bytes(block: BlockSpec, bp: BlockPlan) -> int:
     stored format is not the compute dtype — quantized ones, and BF16 fallback vectors under fp32."""
     if bp.placement == "resident":
         return 0
-    fmt, direct = get_format(bp.format), DTYPE_FORMAT[bp.compute_dtype]
-    converted = sum(math.prod(shape) for _, shape in block.tensors if effective_format(fmt, shape).name != direct)
+    # a tensor of its own dtype (a bf16 model's fp32 norm) is viewed in place: no scratch
+    converted = sum(math.prod(shape) for shape, _ in block.converted(get_format(bp.format).name, bp.compute_dtype))
     return converted * COMPUTE_DTYPE_BYTES[bp.compute_dtype]

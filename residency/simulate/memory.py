@@ -10,7 +10,6 @@ import math
 from residency.device.profile import DeviceProfile
 from residency.formats import get_format
 from residency.formats.dtypes import DTYPE_FORMAT, TORCH_DTYPES
-from residency.formats.sizing import effective_format
 from residency.formats.staging import staging_bytes
 from residency.plan.plan import Plan
 from residency.simulate.costs import resident_bytes, scratch_bytes
@@ -30,9 +29,8 @@ def needs_staging(bp) -> bool:
 
 def staged_weights(block, bp) -> int:
     """Weights of the block's largest tensor whose unpack goes through a staging chunk (0: none)."""
-    fmt, direct = get_format(bp.format), DTYPE_FORMAT[bp.compute_dtype]
-    return max((math.prod(shape) for _, shape in block.tensors
-                if (eff := effective_format(fmt, shape)).name != direct and eff.uses_staging), default=0)
+    return max((math.prod(shape) for shape, eff in block.converted(get_format(bp.format).name, bp.compute_dtype)
+                if eff.uses_staging), default=0)
 
 
 def thread_staging_bytes(workload: Workload, blocks, device_type: str) -> int:

@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from residency.errors import ResidencyError
+from residency.formats.dtypes import COMPUTE_DTYPE_BYTES
 from residency.jsonfile import read_json
 from residency.validate import Reader, at, show
 from residency.workload.spec import (
@@ -30,7 +31,7 @@ _BLOCK_INTS = ("context_tokens_per_frame", "kv_channels_per_token", "ops_per_cal
                "activation_elements_per_call")
 
 
-_HINT = "regenerate the catalog with tools/gen_catalog.py"
+_HINT = "regenerate the catalog with python -m pipelines.catalog_build"
 # Bounds on a catalog document. The simulator walks every block of every pass once per step and frame,
 # so these cap the work a hostile catalog can ask for; the largest real entry (flux) has under 100 blocks.
 MAX_BLOCKS = 10_000
@@ -46,7 +47,7 @@ MAX_EXTRA_DEPTH = 8  # the free-form facts: the deepest shipped entry nests 3
 _TOP_KNOWN = ("schema_version", "name", "source", "steps", "context_frames", "batch", "kv_dtype",
               "video_frames_per_latent", "blocks", "phases", "extra")
 _BLOCK_KNOWN = ("name", "component", "tensors", "tokens", *_BLOCK_NUMBERS, *_BLOCK_INTS, "activation_elements_by_size",
-                "modules")
+                "modules", "own_dtypes")
 
 
 def _block(r: Reader, doc: Any, path: str) -> BlockSpec:
@@ -78,7 +79,11 @@ def _block(r: Reader, doc: Any, path: str) -> BlockSpec:
         raise r.fail(f"{path}.activation_elements_by_size",
                      f"sums to {sum(n for _, n in by_size)}, not activation_elements_per_call = "
                      f"{kwargs['activation_elements_per_call']}")
+    # {tensor: its own dtype} of the tensors kept in another dtype than the model's main one
+    own = r.obj(r.optional(doc, "own_dtypes", {}), f"{path}.own_dtypes", known=[t for t, _ in tensors])
     return BlockSpec(name=name,
+                     own_dtypes=tuple((t, r.choice(d, at(f"{path}.own_dtypes", t), COMPUTE_DTYPE_BYTES))
+                                      for t, d in own.items()),
                      component=r.string(doc["component"], f"{path}.component", non_empty=True),
                      tensors=tuple(tensors), tokens=r.integer(doc["tokens"], f"{path}.tokens", 1, MAX_TOKENS),
                      activation_elements_by_size=tuple(by_size),
@@ -155,6 +160,8 @@ def workload_to_dict(w: Workload) -> dict[str, Any]:
             entry["activation_elements_by_size"] = [list(pair) for pair in b.activation_elements_by_size]
         if b.modules:
             entry["modules"] = list(b.modules)
+        if b.own_dtypes:
+            entry["own_dtypes"] = dict(b.own_dtypes)
         blocks.append(entry)
     return {
         "schema_version": CATALOG_SCHEMA_VERSION, "name": w.name, "source": w.source, "steps": w.steps,
@@ -172,5 +179,5 @@ def load_workload_file(path: str | os.PathLike[str]) -> Workload:
 
     Raises ResidencyError when the file is missing, is not JSON, or fails validation.
     """
-    doc = read_json(path, "the catalog entry", "regenerate it with tools/gen_catalog.py")
+    doc = read_json(path, "the catalog entry", "regenerate it with python -m pipelines.catalog_build")
     return workload_from_dict(doc, str(path))

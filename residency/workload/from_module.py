@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from itertools import chain
 from typing import Any
 
@@ -38,6 +38,7 @@ from residency.workload.spec import BlockSpec, PassSpec, PhaseSpec, Workload
 
 Example = tuple | Mapping[str, Any] | torch.Tensor  # positional inputs, keyword inputs, or one tensor
 COUNTED_ON = ("meta", "real", "narrow")  # which forward the counts come from
+DTYPE_NAMES = {t: n for n, t in TORCH_DTYPES.items()}  # the floating dtypes residency stores: name by torch dtype
 
 
 class ModuleWorkloadWarning(UserWarning):
@@ -57,6 +58,24 @@ class ModuleWorkload:
     build_s: float  # wall time of building it [s]
 
 
+def parameter_bytes_by_dtype(modules: Iterable[nn.Module]) -> dict[torch.dtype, int]:
+    """Bytes of the modules' floating-point parameters by dtype, a parameter shared (tied) counted once."""
+    seen: dict[int, torch.Tensor] = {}
+    for m in modules:
+        seen.update((id(p), p) for p in m.parameters() if p.is_floating_point())
+    out: dict[torch.dtype, int] = {}
+    for p in seen.values():
+        out[p.dtype] = out.get(p.dtype, 0) + p.numel() * p.element_size()
+    return out
+
+
+def main_dtype(modules: Iterable[nn.Module]) -> str | None:
+    """The dtype of most of the modules' floating parameter bytes among those residency stores ("fp32", "fp16",
+    "bf16"); None when they hold none. Tensors in another floating dtype are kept in theirs (BlockSpec.own_dtypes)."""
+    by_dtype = {DTYPE_NAMES[d]: n for d, n in parameter_bytes_by_dtype(modules).items() if d in DTYPE_NAMES}
+    return max(sorted(by_dtype), key=by_dtype.__getitem__) if by_dtype else None
+
+
 def workload_from_module(model: nn.Module, example_inputs: Example, *, name: str, component: str | None = None,
                          compute_dtype: str = "bf16", **options: Any) -> Workload:
     """The Workload of `model` run on `example_inputs` (see module_workload for the options).
@@ -73,31 +92,48 @@ def workload_from_module(model: nn.Module, example_inputs: Example, *, name: str
 def module_workload(model: nn.Module, example_inputs: Example, *, name: str, component: str | None = None,
                     compute_dtype: str = "bf16", steps: int = 1, phase: str = "denoise", per: str = "latent_frame",
                     group_siblings: bool = True,
-                    narrow: Callable[[], tuple[nn.Module, Example]] | None = None) -> ModuleWorkload:
+                    narrow: Callable[[], tuple[nn.Module, Example]] | None = None,
+                    weights_dtype: str | None = None) -> ModuleWorkload:
     """The Workload of one forward of `model` at the example's shape, and how it was counted.
 
     The forward is one pass of phase `phase` (`per` session or latent frame), run `steps` times per phase
     run. The meta device is tried first (nothing allocated); if it fails, a model with weights runs the
     example itself (meta example tensors become zeros), and a model without (built on meta) needs `narrow`:
     a factory of the same module tree with fewer channels and its example, whose counts are scaled up.
+
+    weights_dtype: the model's main weight dtype (default: main_dtype(model), that of most parameter bytes).
+    Tensors the model holds in another of fp32, fp16 and bf16 (a bf16 model's fp32 norms) keep their own dtype:
+    recorded in BlockSpec.own_dtypes, stored and computed in it under any plan; the meta forward runs them in
+    it too (and inputs in it as they are). Tensors in the main dtype are counted at the plan's formats and
+    `compute_dtype`, as every tensor of a one-dtype model is.
     """
     start = time.perf_counter()
     if compute_dtype not in COMPUTE_DTYPE_BYTES:
         raise ResidencyError(f"compute_dtype {compute_dtype!r}", hint=", ".join(COMPUTE_DTYPE_BYTES))
+    if weights_dtype is not None and weights_dtype not in TORCH_DTYPES:
+        raise ResidencyError(f"weights_dtype {weights_dtype!r}", hint=", ".join(TORCH_DTYPES))
+    main = TORCH_DTYPES.get(weights_dtype or main_dtype([model]) or "")
     blocks = find_blocks(model)
     args, kwargs = split_example(example_inputs)
     batch = _batch(args, kwargs)
     units = [u.modules for u in blocks.units]
     meta_error = ""
+    keep = _kept(model, main)
     try:
-        trace, counted_on = _meta_trace(model, units, args, kwargs, TORCH_DTYPES[compute_dtype], batch), "meta"
+        trace, counted_on = _meta_trace(model, units, args, kwargs, TORCH_DTYPES[compute_dtype], batch,
+                                        main if keep else None), "meta"
     except Exception as e:  # any failure of the meta run (data-dependent op, CPU tensor kept as attribute)
         meta_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         trace, counted_on = _fallback_trace(model, blocks, args, kwargs, batch, narrow, name, meta_error)
-    specs, passes, calls, unowned = _schedule(model, blocks, trace, name, component or name, group_siblings)
+    specs, passes, calls, unowned = _schedule(model, blocks, trace, name, component or name, group_siblings,
+                                              main if keep else None)
     _warn(name, unowned, {n: c for n, c in calls.items() if c > 1})
     extra = {"counted_on": counted_on, "repeated_from": blocks.repeated_from, "compute_dtype": compute_dtype,
              "example": _shapes(args, kwargs), "module_class": type(model).__name__}
+    own = [d for b in specs for _, d in b.own_dtypes]
+    if own:
+        extra["weights_dtype"] = DTYPE_NAMES[main]
+        extra["own_dtype_tensors"] = {d: own.count(d) for d in sorted(set(own))}
     if meta_error:
         extra["meta_error"] = meta_error
     if unowned:
@@ -115,10 +151,17 @@ def module_workload(model: nn.Module, example_inputs: Example, *, name: str, com
                           time.perf_counter() - start)
 
 
+def _kept(model: nn.Module, main: torch.dtype | None) -> bool:
+    """True when the model holds a parameter or floating buffer in a stored dtype other than `main`."""
+    return main is not None and any(t.dtype != main and t.dtype in DTYPE_NAMES
+                                    for t in chain(model.parameters(), model.buffers()))
+
+
 def _schedule(model: nn.Module, blocks: ModuleBlocks, trace: Trace, name: str, component: str,
-              group_siblings: bool) -> tuple[tuple[BlockSpec, ...], tuple[tuple[str, ...], ...], dict[str, int],
-                                             tuple[str, ...]]:
-    """Block specs (the loose block first), the passes, calls per forward by block, the unowned parameters."""
+              group_siblings: bool, main: torch.dtype | None = None,
+              ) -> tuple[tuple[BlockSpec, ...], tuple[tuple[str, ...], ...], dict[str, int], tuple[str, ...]]:
+    """Block specs (the loose block first), the passes, calls per forward by block, the unowned parameters.
+    `main`: the model's main weight dtype when it holds tensors in another (they keep theirs); else None."""
     drafts, sequence, of_unit = draft_blocks(blocks, trace, group_siblings)
     if not drafts:
         raise ResidencyError(f"{name}: the forward called none of the model's blocks",
@@ -134,8 +177,22 @@ def _schedule(model: nn.Module, blocks: ModuleBlocks, trace: Trace, name: str, c
     shapes = draft_tensors(model, every, blocks, loose_paths)
     specs = tuple(block_spec(n, component, d, s, d.counts.tokens)
                   for n, d, s in zip(names, every, shapes, strict=True))
+    if main is not None:
+        specs = _with_own_dtypes(model, specs, shapes, main)
     passes = passes_of(sequence, names[1:] if loose else names, names[0] if loose else None)
     return specs, passes, {n: d.calls for n, d in zip(names, every, strict=True)}, unowned
+
+
+def _with_own_dtypes(model: nn.Module, specs: tuple[BlockSpec, ...], shapes: list[list[tuple[str, tuple[int, ...]]]],
+                     main: torch.dtype) -> tuple[BlockSpec, ...]:
+    """The specs with the tensors held in a stored dtype other than `main` recorded in own_dtypes."""
+    every = dict(chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)))
+    out = []
+    for spec, paths in zip(specs, shapes, strict=True):
+        own = tuple((n, DTYPE_NAMES[t.dtype]) for (n, _), (path, _) in zip(spec.tensors, paths, strict=True)
+                    if (t := every[path]).dtype != main and t.dtype in DTYPE_NAMES)
+        out.append(replace(spec, own_dtypes=own) if own else spec)
+    return tuple(out)
 
 
 def split_example(example: Example) -> tuple[tuple, dict[str, Any]]:
@@ -160,13 +217,16 @@ def _shapes(args: tuple, kwargs: Mapping[str, Any]) -> dict[str, list[int]]:
 
 
 def _meta_trace(model: nn.Module, units: list[tuple[str, ...]], args: tuple, kwargs: dict[str, Any],
-                dtype: torch.dtype, batch: int) -> Trace:
+                dtype: torch.dtype, batch: int, main: torch.dtype | None = None) -> Trace:
     """The forward with every parameter, buffer and input replaced by a meta tensor (floating ones in the
-    compute dtype) for the call only: the model itself is left as it is, weights or not."""
+    compute dtype) for the call only: the model itself is left as it is, weights or not. `main`: a model's
+    main dtype when it keeps tensors in others; a tensor (or input) in another stored dtype stays in it, as
+    the model runs it."""
     def meta(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
             return t
-        return torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device="meta")
+        own = main is not None and t.dtype != main and t.dtype in DTYPE_NAMES
+        return torch.empty(t.shape, dtype=dtype if t.is_floating_point() and not own else t.dtype, device="meta")
 
     state = {n: meta(t) for n, t in chain(model.named_parameters(), model.named_buffers())}
     margs, mkwargs = tree_map(meta, (args, kwargs))

@@ -13,7 +13,8 @@ from functools import cached_property
 
 from residency.errors import ResidencyError
 from residency.formats import FORMATS
-from residency.formats.dtypes import COMPUTE_DTYPE_BYTES, KV_DTYPE_BYTES
+from residency.formats.base import StorageFormat
+from residency.formats.dtypes import COMPUTE_DTYPE_BYTES, DTYPE_FORMAT, KV_DTYPE_BYTES
 from residency.formats.sizing import effective_format
 
 PERS = ("session", "latent_frame")  # how often a phase runs: once per session/prompt, or per latent frame
@@ -52,6 +53,18 @@ class BlockSpec:
     # module paths the block's tensors come from, relative to the traced model (residency.workload.from_module);
     # () when not recorded. Descriptive: the fingerprint leaves it out, the costs do not read it
     modules: tuple[str, ...] = ()
+    # (tensor name, dtype) of the tensors a model keeps in another floating dtype than its main one ("fp32",
+    # "fp16", "bf16"; a bf16 model's fp32 norms, diffusers' and transformers' `_keep_in_fp32_modules`): each is
+    # stored and computed at its own dtype whatever the block's format, never quantized. () when none is
+    own_dtypes: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.own_dtypes:
+            names = {n for n, _ in self.tensors}
+            for n, d in self.own_dtypes:
+                if n not in names or d not in DTYPE_FORMAT:
+                    raise ResidencyError(f"block {self.name}: own dtype {d!r} of tensor {n!r}",
+                                         hint=f"a tensor of the block in one of {', '.join(DTYPE_FORMAT)}")
 
     @cached_property
     def matrix_elements(self) -> tuple[int, ...]:
@@ -72,11 +85,13 @@ class BlockSpec:
         return sum(math.prod(s) for _, s in self.tensors)
 
     def nbytes(self, fmt: str) -> int:
-        """Bytes of the block's weights stored as `fmt` (vectors and odd shapes fall back to BF16)."""
+        """Bytes of the block's weights stored as `fmt` (vectors and odd shapes fall back to BF16; tensors of
+        their own dtype stay in it). As the compute dtype's format ("BF16" for bf16): the weights computable."""
         return self._bytes_by_format[fmt]
 
     def quantized_weights(self, fmt: str) -> int:
-        """Weights that really take `fmt` (the rest fall back): what a dequant kernel processes."""
+        """Weights that really take `fmt` (the rest fall back or keep their own dtype): what a dequant kernel
+        processes."""
         return self._quantized_by_format[fmt]
 
     def tensor_nbytes(self, fmt: str) -> tuple[int, ...]:
@@ -84,8 +99,39 @@ class BlockSpec:
         return self._tensor_bytes_by_format[fmt]
 
     @cached_property
+    def tensor_own_dtypes(self) -> tuple[str | None, ...]:
+        """Each tensor's own dtype (own_dtypes), in tensor order; None: the block's compute dtype."""
+        own = dict(self.own_dtypes)
+        return tuple(own.get(n) for n, _ in self.tensors)
+
+    @cached_property
+    def _all_own_dtype(self) -> str | None:
+        """The own dtype every tensor of the block keeps, when they all keep one; else None."""
+        own = set(self.tensor_own_dtypes)
+        return own.pop() if len(own) == 1 and None not in own else None
+
+    def stored_formats(self, fmt: str) -> tuple[StorageFormat, ...]:
+        """The format each tensor is really stored in when the block is stored as `fmt`, in tensor order: its
+        own dtype's for a tensor of own_dtypes, else `fmt` after the fallback rule (effective_format)."""
+        return self._formats_by_format[fmt]
+
+    def converted(self, fmt: str, compute_dtype: str) -> tuple[tuple[tuple[int, ...], StorageFormat], ...]:
+        """(shape, stored format) of the tensors a dequant turns into `compute_dtype` when the block is stored
+        as `fmt`: those stored in another format. A tensor of its own dtype never is (it computes in that)."""
+        direct = DTYPE_FORMAT[compute_dtype]
+        return tuple((s, f) for (_, s), f, own in zip(self.tensors, self.stored_formats(fmt), self.tensor_own_dtypes,
+                                                     strict=True) if own is None and f.name != direct)
+
+    @cached_property
+    def _formats_by_format(self) -> dict[str, tuple[StorageFormat, ...]]:
+        own = [FORMATS[DTYPE_FORMAT[d]] if d is not None else None for d in self.tensor_own_dtypes]
+        return {name: tuple(o or effective_format(f, s) for (_, s), o in zip(self.tensors, own, strict=True))
+                for name, f in FORMATS.items()}
+
+    @cached_property
     def _tensor_bytes_by_format(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(effective_format(f, s).nbytes(s) for _, s in self.tensors) for name, f in FORMATS.items()}
+        return {name: tuple(f.nbytes(s) for (_, s), f in zip(self.tensors, self._formats_by_format[name], strict=True))
+                for name in FORMATS}
 
     @cached_property
     def _bytes_by_format(self) -> dict[str, int]:
@@ -93,7 +139,9 @@ class BlockSpec:
 
     @cached_property
     def _quantized_by_format(self) -> dict[str, int]:
-        return {name: sum(math.prod(s) for _, s in self.tensors if effective_format(f, s) is f)
+        return {name: sum(math.prod(s) for (_, s), eff, own in zip(self.tensors, self._formats_by_format[name],
+                                                                  self.tensor_own_dtypes, strict=True)
+                          if eff is f and own is None)
                 for name, f in FORMATS.items()}
 
     def flops(self, context_frames: int, batch: int = 1) -> float:
@@ -109,8 +157,9 @@ class BlockSpec:
         return batch * self.context_tokens_per_frame * self.kv_channels_per_token * KV_DTYPE_BYTES[kv_dtype]
 
     def activation_bytes(self, compute_dtype: str, batch: int = 1) -> int:
-        """Activation bytes one call holds at its peak in `compute_dtype` (KeyError if unknown)."""
-        scale = COMPUTE_DTYPE_BYTES[compute_dtype] / 2
+        """Activation bytes one call holds at its peak in `compute_dtype` (KeyError if unknown) — in its own dtype
+        for a block whose every tensor keeps one (a fp32 VAE beside a bf16 denoiser computes in fp32)."""
+        scale = COMPUTE_DTYPE_BYTES[self._all_own_dtype or compute_dtype] / 2
         return int(math.ceil(batch * self.tokens * self.activation_bytes_per_token * scale))
 
 
@@ -239,7 +288,9 @@ class Workload:
                         b.context_tokens_per_frame, b.kv_channels_per_token, b.ops_per_call, b.kernels_per_call,
                         # the element counts only when counted: uncounted workloads keep their fingerprints
                         *([b.activation_elements_per_call, [list(p) for p in b.activation_elements_by_size]]
-                          if b.activation_elements_per_call else [])]
+                          if b.activation_elements_per_call else []),
+                        # own dtypes change the bytes: only when there are any (other fingerprints stay)
+                        *([["own_dtypes", [list(p) for p in b.own_dtypes]]] if b.own_dtypes else [])]
                        for b in self.blocks],
             "phases": [[ph.name, ph.per, [[list(p.blocks), p.per_step, p.kv] for p in ph.passes]] for ph in self.phases],
             "params": [self.steps, self.context_frames, self.batch],
