@@ -29,7 +29,11 @@ def test_quick_cpu_profile_end_to_end(tmp_path, capsys):
     assert 0 < profile.matmul_small_weight_dim < profile.matmul_weight_dim
     assert set(profile.matmul_small_tflops) == set(profile.matmul_tflops)  # every compute dtype
     assert min(profile.elementwise_gelems_per_s.y) > 0 and profile.launch_overhead_us > 0
-    assert str(out) in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert str(out) in shown
+    # the table shows the figures the CPU cost model reads beyond matmul: attention and the re-warm
+    assert profile.attention_tflops and "attention fp32" in shown
+    assert profile.matmul_rewarm_us is not None and "re-warm" in shown
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

@@ -18,7 +18,7 @@ from residency.errors import ResidencyError
 from residency.plan import BlockPlan, Budget, plan_from_dict, plan_to_dict
 from residency.simulate import costs, predict
 from residency.simulate.memory import graph_pool_bytes
-from tests.sim_helpers import chain_workload, flat_profile, make_plan
+from sim_helpers import chain_workload, flat_profile, make_plan
 
 FIGURES = {"graph_replay_us_per_kernel": 1.0, "compiled_dispatch_fraction": 0.5, "compile_s_per_block_class": 20.0,
            "graph_pool_bytes_per_class": 2**20}
@@ -207,3 +207,36 @@ def test_exec_mode_flag_forces_it_and_the_plan_validates():
         doc.pop("holds_budget")
         validator.validate(doc)
         assert plan_to_dict(plan_from_dict(doc, "test")) == doc
+
+
+def test_ours_takes_a_rivals_own_modes_unless_it_compiles_what_ours_declined():
+    from policies.base import MODE_NOTE_PREFIX, build_plan
+    from policies.ours import _rival_plans
+    from policies.ours.modes import ModeChoice
+    from residency.plan import Execution
+
+    w = chain_workload()
+    req = PlanRequest(w, _launch_bound_gpu(), Budget(2**34, None), exec_mode="auto+graphed")
+
+    def rival(mode):
+        def plan(r):  # a peer running `mode` wherever the request allows more than eager, and saying so
+            m = mode if r.exec_mode != "eager" else "eager"
+            return build_plan(r, "rival", [BlockPlan(b.name, "resident", "BF16", exec_mode=m) for b in w.blocks],
+                              Execution(), notes=("placement", *([f"{MODE_NOTE_PREFIX}{m}"] if m != "eager" else [])))
+        return plan
+
+    declined = {"dit.blocks.*": ModeChoice("eager")}  # ours leaves the class eager (its compile would not repay)
+    def modes_of(plans):
+        return [sorted({b.exec_mode for b in p.blocks}) for p in plans]
+    # its placement at ours' modes (without its note on its own modes), and its own graphs (no compile to pay)
+    at_ours, own = _rival_plans(req, [rival("graphed")], declined)
+    assert modes_of([at_ours, own]) == [["eager"], ["graphed"]]
+    assert at_ours.notes == ("placement",) and own.notes == ("placement", f"{MODE_NOTE_PREFIX}graphed")
+    assert at_ours.prediction.frame_ms > own.prediction.frame_ms  # re-predicted at ours' modes
+    # never followed into a compile ours declined; taken once where its modes are ours'
+    assert modes_of(_rival_plans(req, [rival("compiled")], declined)) == [["eager"]]
+    assert modes_of(_rival_plans(req, [rival("compiled")], {"dit.blocks.*": ModeChoice("compiled")})) == [
+        ["compiled"]]
+    # an eager request asks nothing more of a rival
+    assert modes_of(_rival_plans(dataclasses.replace(req, exec_mode="eager"), [rival("graphed")], declined)) == [
+        ["eager"]]

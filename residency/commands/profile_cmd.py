@@ -67,7 +67,8 @@ def fmt_elements(n: float) -> str:
 
 
 def render(profile: DeviceProfile, console: Console) -> None:
-    """Print the profile's measured figures (link, memory, matmul, dequant, overlap) as a table."""
+    """Print the profile's measured figures (link, memory, matmul, attention, dequant, overlap, interference)
+    as a table."""
     table = Table(title=f"{profile.name} ({profile.backend})", title_justify="left")
     table.add_column("quantity")
     table.add_column("value", justify="right")
@@ -90,6 +91,18 @@ def render(profile: DeviceProfile, console: Console) -> None:
                 size = f", {dim}² weights" if dim and not label else f" ({dim}²)" if dim else ""
                 table.add_row(f"matmul {dtype} @ {int(curve.x[i])} rows{label}{size}", f"{curve.y[i]:.3g} TFLOP/s",
                               spread)
+    for dtype, curve in profile.attention_tflops.items():
+        for i in sorted({0, len(curve.x) - 1}):
+            table.add_row(f"attention {dtype} @ {int(curve.x[i])} query rows", f"{curve.y[i]:.3g} TFLOP/s", "")
+    if profile.matmul_rewarm_us is not None:
+        curve = profile.matmul_rewarm_us
+        for i in sorted({0, len(curve.x) - 1}):
+            table.add_row(f"cache re-warm after a matmul of {fmt_elements(curve.x[i])} weights",
+                          f"{curve.y[i]:.3g} µs", "")
+    for label, factor in (("copy slowdown while computing", profile.copy_slowdown),
+                          ("compute slowdown while copying", profile.compute_slowdown)):
+        if factor > 0:
+            table.add_row(label, f"×{factor:.2f}", "")
     target = "fp32" if profile.backend == "cpu" else "bf16"  # what each backend's dequant writes
     for fmt, rate in profile.dequant_gweights_per_s.items():
         table.add_row(f"dequant {fmt} → {target}", f"{rate:.3g} G weights/s", "")
