@@ -54,3 +54,18 @@ def test_half_outputs_are_the_rounded_fp32_result(name, dtype):
     out = torch.empty(16, 128, dtype=dtype)
     fmt.unpack(packed, out)
     assert torch.equal(out, fmt.dequantize(packed, (16, 128)).to(dtype))
+
+
+@pytest.mark.parametrize("name", LEGACY)
+@pytest.mark.parametrize("shift", [0, 1])  # 1: a block view at an odd byte offset, so no in-place fp16 view
+def test_unpack_at_any_byte_offset_equals_gguf(name, shift):
+    fmt = get_format(name)
+    raw = random_blocks(name, 3 * 40, 7).reshape(3, -1)  # 40 blocks a row: chunk edges inside rows below
+    ref = gguf_quants.dequantize(raw, GGMLQuantizationType[name]).astype(np.float32)
+    blob = torch.zeros(raw.size + shift, dtype=torch.uint8)
+    blob[shift:] = torch.from_numpy(raw.reshape(-1))
+    staging = torch.zeros(6 * 7 * 32, dtype=torch.uint8)  # chunks of 7 blocks into bf16, of 21 into fp32
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.full((3, 40 * 32), float("nan"), dtype=dtype)
+        fmt.unpack(blob[shift:], out, staging)
+        assert torch.equal(out, torch.from_numpy(ref).to(dtype)), dtype

@@ -15,14 +15,23 @@ from gguf import quants as gguf_quants
 
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    # A 2-byte column slice is strided; the contiguous copy is n×2 bytes, negligible.
-    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
+    """The fp16 field at byte `start` of each block, as float32 (n, 1); exact widening.
+
+    Read in place through an fp16 view when the blocks allow one (even block size, offset and
+    start: every legacy block on an aligned buffer): a 1-D strided loop over n. Else a contiguous
+    copy of the 2-byte column first, which loops per block (~5 ns a block, 0.15 ns a weight)."""
+    if (start % 2 == 0 and blocks.shape[1] % 2 == 0 and blocks.stride(0) % 2 == 0
+            and blocks.storage_offset() % 2 == 0 and blocks.data_ptr() % 2 == 0):
+        return blocks.view(torch.float16)[:, start // 2 : start // 2 + 1].float()
+    # clone, not .contiguous(): for one block that returns the (odd-offset) view itself
+    return blocks[:, start : start + 2].clone(memory_format=torch.contiguous_format).view(torch.float16).float()
 
 
 # Each kernel takes an optional fp32 `out` (n, 32) and stages its integers there: the int→float
 # conversion writes `out` directly and the scale is applied in place, so no output-sized temporary
 # is allocated (on CPU each one is a fresh mmap whose pages fault on first touch, ~1 µs per 4 KiB).
-# Integer planes go to `work` (uint8, ≥ 1 byte per weight) when the caller gives one.
+# Integer planes go to `work` (uint8, ≥ 1 byte per weight) when the caller gives one; the nibble
+# formats also cut their planes in `out` before the int→float copy overwrites it.
 # Same float ops in the same order as gguf's numpy (q·d, then + m): results stay bit-exact.
 def _out(blocks: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
@@ -40,11 +49,24 @@ def _bytes(blocks: torch.Tensor, work: torch.Tensor | None, shape: tuple[int, ..
     return work[:size].view(shape)
 
 
-def _nibbles_into(q: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
-    """Low nibbles → weights 0..15, high → 16..31 of uint8 `q` (n, 32)."""
-    q3 = q.view(-1, 2, 16)
-    torch.bitwise_and(qs, 0x0F, out=q3[:, 0])
-    torch.bitwise_right_shift(qs, 4, out=q3[:, 1])
+_M4 = 0x0F0F0F0F  # low nibble of each byte of an int32 word
+
+
+def _nibbles_into(q: torch.Tensor, qs: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Low nibbles → weights 0..15, high → 16..31 of uint8 `q` (n, 32), 4-byte aligned.
+
+    `scratch` (the fp32 `out` before the float stage: 4 bytes a weight, 1.5 used) takes a dense
+    copy of the (n, 16) nibble bytes, then both nibble planes cut from it as int32 words in two
+    long loops (a per-byte mask keeps bytes apart); one cat interleaves the planes. Direct uint8
+    ops on the strided (n, 16) view loop per block and have no vector shift: ~2x the time."""
+    n = q.shape[0]
+    words = scratch.reshape(-1).view(torch.int32)
+    dense = words[: 4 * n]
+    dense.view(torch.uint8).view(n, 16).copy_(qs)
+    planes = words[4 * n : 12 * n].view(2, 4 * n)
+    torch.bitwise_and(dense, _M4, out=planes[0])
+    torch.bitwise_right_shift(dense, 4, out=planes[1]).bitwise_and_(_M4)
+    torch.cat([planes[0].view(n, 4), planes[1].view(n, 4)], dim=1, out=q.view(torch.int32).view(n, 8))
     return q
 
 
@@ -58,7 +80,7 @@ def dequant_q8_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: to
 def dequant_q4_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     o = _out(blocks, out)
-    q = _nibbles_into(_bytes(blocks, work, (blocks.shape[0], 32)), blocks[:, 2:])
+    q = _nibbles_into(_bytes(blocks, work, (blocks.shape[0], 32)), blocks[:, 2:], o)
     o.copy_(q.view(torch.int8).sub_(8))  # 0..15 − 8, exact in int8
     return o.mul_(d)
 
@@ -67,7 +89,7 @@ def dequant_q4_1(blocks: torch.Tensor, out: torch.Tensor | None = None, work: to
     d = _f16(blocks, 0)
     m = _f16(blocks, 2)
     o = _out(blocks, out)
-    o.copy_(_nibbles_into(_bytes(blocks, work, (blocks.shape[0], 32)), blocks[:, 4:]))
+    o.copy_(_nibbles_into(_bytes(blocks, work, (blocks.shape[0], 32)), blocks[:, 4:], o))
     return o.mul_(d).add_(m)
 
 
@@ -83,13 +105,14 @@ _SEVEN_F, _BIT4 = 0x7F7F7F7F7F7F7F7F, 0x1010101010101010
 assert sys.byteorder == "little", "the Q5_0/Q5_1 bit spread reads int64 bytes in little-endian order"
 
 
-def _five_bit(blocks: torch.Tensor, qh_at: int, qs_at: int, work: torch.Tensor | None) -> torch.Tensor:
+def _five_bit(blocks: torch.Tensor, qh_at: int, qs_at: int, work: torch.Tensor | None, scratch: torch.Tensor) -> torch.Tensor:
     """(n, 32) uint8 in 0..31: the nibbles plus the 5th bit from the 4-byte little-endian qh word
-    (bit i → weight i, i.e. byte i // 8, bit i % 8). Needs 2 bytes of work per weight."""
+    (bit i → weight i, i.e. byte i // 8, bit i % 8). Needs 2 bytes of work per weight, and
+    `scratch` as _nibbles_into does."""
     n = blocks.shape[0]
-    scratch = _bytes(blocks, work, (2, n * 32))
-    q = _nibbles_into(scratch[0].view(n, 32), blocks[:, qs_at : qs_at + 16])
-    high = scratch[1].view(torch.int64).view(n, 4)
+    planes = _bytes(blocks, work, (2, n * 32))
+    q = _nibbles_into(planes[0].view(n, 32), blocks[:, qs_at : qs_at + 16], scratch)
+    high = planes[1].view(torch.int64).view(n, 4)
     high.copy_(blocks[:, qh_at : qh_at + 4])
     high.mul_(_SPREAD_MUL).bitwise_and_(_SPREAD_MASK).add_(_SEVEN_F).bitwise_right_shift_(3).bitwise_and_(_BIT4)
     return q.bitwise_or_(high.view(torch.uint8).view(n, 32))
@@ -98,7 +121,7 @@ def _five_bit(blocks: torch.Tensor, qh_at: int, qs_at: int, work: torch.Tensor |
 def dequant_q5_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     o = _out(blocks, out)
-    o.copy_(_five_bit(blocks, 2, 6, work).view(torch.int8).sub_(16))
+    o.copy_(_five_bit(blocks, 2, 6, work, o).view(torch.int8).sub_(16))
     return o.mul_(d)
 
 
@@ -106,7 +129,7 @@ def dequant_q5_1(blocks: torch.Tensor, out: torch.Tensor | None = None, work: to
     d = _f16(blocks, 0)
     m = _f16(blocks, 2)
     o = _out(blocks, out)
-    o.copy_(_five_bit(blocks, 4, 8, work))
+    o.copy_(_five_bit(blocks, 4, 8, work, o))
     return o.mul_(d).add_(m)
 
 

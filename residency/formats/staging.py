@@ -13,12 +13,14 @@ import torch
 # Bytes of staging per chunk weight: 2 of integer work (code planes, indices), plus 4 for the fp32
 # chunk when the output is bf16/fp16 (an fp32 output is its own chunk).
 WORK_BYTES_PER_WEIGHT = 2
-# Weights per chunk. CPU: a 1 MiB fp32 chunk stays in a core's L2 (2 MiB here) between the kernel and
-# the cast; each chunk costs 3-8 torch ops of ~5-40 µs dispatch and thread wake-up, so smaller chunks
-# lose more to overhead than they gain in cache. GPU: each op is a kernel launch (~5 µs), so a 4096²
-# matrix in 64 chunks spends ~2 ms launching; bigger chunks would cut that, but every dequantizing
-# thread holds one staging, device memory the ledger counts and the planner does not yet model.
-CHUNK_WEIGHTS = {"cpu": 1 << 18, "cuda": 1 << 18}
+# Weights per chunk. Each chunk costs ~60 torch calls (ops and views) of 1-25 µs each on CPU
+# (more on a loaded box: a cold dispatch), and per-block loops cost ~5 ns per block and op, so
+# fixed costs fall with the chunk; the fp32 chunk then spills L2 (2 MiB a core here) into L3.
+# Measured into bf16, 4096², 1 thread, thread-CPU medians of interleaved rounds (loaded box):
+# Q4_K 44.4 / 39.0 / 34.4 ms and Q4_0 28.1 / 25.3 / 23.8 ms at 256 K / 512 K / 1 M weights;
+# 2 M was slower again. GPU: each op is a kernel launch (~5 µs), so fewer chunks launch less;
+# each dequantizing thread holds one staging (6 MiB at 1 M into bf16), counted in the ledger.
+CHUNK_WEIGHTS = {"cpu": 1 << 20, "cuda": 1 << 20}
 
 
 def bytes_per_weight(out_dtype: torch.dtype) -> int:
