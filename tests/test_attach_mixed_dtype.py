@@ -107,7 +107,7 @@ def assert_ledger_is_the_prediction(rt) -> None:
     """Every kind the runtime holds is the bytes the simulator counts for the plan, and within the budget."""
     predicted = peak_bytes(rt.workload, rt.plan, PROFILE)
     held = dict(rt.ledger.snapshot().current_bytes)
-    assert held == {k: predicted[k] for k in held}
+    assert held == {k: predicted.get(k, 0) for k in held}  # the simulator lists graph_pool only when graphed
     assert rt.ledger.peak_total_bytes <= rt.plan.budget.vram_bytes
 
 
@@ -232,7 +232,8 @@ def test_a_pipeline_of_components_in_several_dtypes_keeps_each_tensors_own():
     with attach_built(built, Budget(2**26), profile=PIPE_PROFILE, plan=plan) as rt:
         got = video(rt)
         held = dict(rt.runtime.ledger.snapshot().current_bytes)
-        assert held == {k: v for k, v in peak_bytes(built.workload, rt.plan, PIPE_PROFILE).items() if k in held}
+        predicted = peak_bytes(built.workload, rt.plan, PIPE_PROFILE)
+        assert held == {k: predicted.get(k, 0) for k in held}  # the simulator lists graph_pool only when graphed
     assert np.array_equal(got, expected)
     for _, t, ptr, dtype, value in state:
         assert t.data_ptr() == ptr and t.dtype == dtype and torch.equal(t, value)

@@ -233,3 +233,37 @@ def test_detach_refuses_to_drop_a_forward_wrapper_added_after_attach(workload):
     block.forward = ours
     rt.detach()
     assert not any("forward" in m.__dict__ for m in pipe.modules())
+
+
+def test_loads_already_in_the_compute_dtype_are_one_whole_copy_with_no_device_staging(workload, image):
+    # A GPU backend stages every blob it unpacks on the device; a resident block already in the compute dtype
+    # must not go that way (an all-resident BF16 plan sized no staging at all), and whatever does unpack must
+    # be covered by the staging the memory sized.
+    from residency.runtime.device_memory import lands_as_is
+
+    pipe = WorldModelPipeline.from_config("tiny")
+    phase = tiny_plan(workload, "resident", lifetime="phase")
+    rt = Runtime(phase, "cpu", workload=workload).attach(pipe)
+    try:
+        memory, executor = rt._memory, rt._executor
+        assert all(lands_as_is(memory.blobs[bp.name], "fp32") for bp in phase.blocks)
+        recipes = [r for rs in executor.phase_recipes.values() for r in rs]
+        assert recipes and all(r.copy_src is not None and not r.unpacks for r in recipes)
+        assert memory.staging_bytes == 0
+    finally:
+        rt.detach()
+    mixed = tiny_plan(workload, "resident", lifetime="phase",
+                      overrides={b.name: "resident" for b in workload.blocks})
+    mixed = Plan(**{**mixed.__dict__, "blocks": tuple(
+        BlockPlan(bp.name, bp.placement, "Q8_0" if i % 2 else "F32", "fp32", "phase", "compute")
+        for i, bp in enumerate(mixed.blocks))})
+    rt = Runtime(mixed, "cpu", workload=workload).attach(pipe)
+    try:
+        memory = rt._memory
+        unpacked = [bp for bp in mixed.blocks if not lands_as_is(memory.blobs[bp.name], "fp32")]
+        assert unpacked and all(bp.format == "Q8_0" for bp in unpacked)
+        recipes = {r.label: r for rs in rt._executor.phase_recipes.values() for r in rs}
+        assert all(recipes[f"load {bp.name}"].unpacks for bp in unpacked)
+        assert all(not recipes[f"load {bp.name}"].unpacks for bp in mixed.blocks if bp not in unpacked)
+    finally:
+        rt.detach()

@@ -45,6 +45,12 @@ class LayerKV:
         """KVCache.attend_layer on this layer's stores; q, k, v (B, heads, tokens, head_dim), returns like q."""
         return self.cache.attend_layer(self.keys, self.values, q, k, v)
 
+    def capture_key(self) -> tuple[int, bool]:
+        """The Python values a captured block graph (residency.runtime.graphed) bakes in when it reads this
+        context: the window's fill and whether a commit is running. Everything else it reads is a tensor made
+        once (this layer's stores, the cache's scratch, RoPE tables and write-slot index)."""
+        return self.cache.count, self.cache._writing
+
 
 class KVCache:
     """K and V of `context_frames` latent frames for every DiT block; implements TemporalContext.

@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import torch
+from torch.utils import _pytree as pytree
 
 from residency.formats.base import StorageFormat
 from residency.runtime.backend import LoadRecipe
@@ -18,6 +19,46 @@ STAGING_BUFFERS = 2  # pinned host buffers: one filled by the host while the oth
 STAGING_BYTES = 32 * 2**20  # per buffer; host RAM pinned in total = 64 MiB, never the whole model
 EVENT_POOL = 16384  # timing events, recycled; a frame records far fewer (read once per frame)
 TICKET_EVENTS = 256  # ready/after events per ticket slot; more than the loads ever in flight
+# The copy worker thread syncs on events while a block is being captured: "thread_local" lets it, and still
+# refuses a host synchronisation on the capturing thread (a block that syncs then falls back to eager).
+GRAPH_CAPTURE_ERROR_MODE = "thread_local"
+
+
+class CudaGraphCapture:
+    """The GraphCapture of residency.runtime.graphed on CUDA/ROCm: warm-up on a side stream, then
+    torch.cuda.graph capture into one memory pool (graph_pool_handle) shared by every graph of an attach.
+
+    The graphs of one pool never run at once (all replay on the compute stream) and hand nothing out of the
+    pool (results go to static buffers allocated outside it), so they may share its memory in any order.
+    Cost: torch.cuda.graph synchronises the device and collects garbage once per capture.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.side = torch.cuda.Stream(device)
+
+    def warm_up(self, fn, args: tuple):
+        """fn(*args) on the side stream, ordered after the compute issued so far and before what follows
+        (the executor's refill of the slot fn read records its event on the compute stream after this)."""
+        compute = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(compute)
+        with torch.cuda.stream(self.side):
+            result = fn(*args)
+        compute.wait_stream(self.side)
+        for t in pytree.tree_leaves(result):
+            if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                t.record_stream(compute)  # made on the side stream, read and freed on the compute stream
+        return result
+
+    def capture(self, fn, static_args: tuple):
+        """Capture fn(*static_args) (nothing runs); returns the graph's replay, issued on the current stream.
+
+        Raises torch's error for what a graph cannot hold (a host synchronisation: capture_error_mode)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.side, capture_error_mode=GRAPH_CAPTURE_ERROR_MODE):
+            fn(*static_args)
+        return graph.replay
 
 
 class CudaBackend:
@@ -75,6 +116,10 @@ class CudaBackend:
         # caching allocator could hand the memory to another tensor while a copy still targets it.
         buf.record_stream(self.copy_stream)
         return buf
+
+    def graph_capture(self) -> CudaGraphCapture:
+        """A graph capture for one attach's graphed blocks (residency.runtime.graphed), with its own pool."""
+        return CudaGraphCapture(self.device)
 
     def unpack_staging_bytes(self, largest_unpacked_blob_bytes: int) -> int:
         """`largest_unpacked_blob_bytes`: packed blobs land in device staging, then unpack there."""

@@ -1,6 +1,6 @@
 """Execution modes of block modules (BlockPlan.exec_mode): `eager` runs a module's forward as written,
 `compiled` runs it through torch.compile(fullgraph=True), `graphed` (a CUDA/HIP graph per block class and
-slot) is refused here until a GPU backend implements it.
+slot) is residency.runtime.graphed's; check_exec_modes refuses it on a backend that captures no graphs.
 
 A compiled forward sits beneath the runtime's block hook: the executor binds the block's weights (`t.data =
 view`, outside the compiled code) and the compiled code then reads the parameters as graph inputs. Dynamo
@@ -34,23 +34,23 @@ def compile_backend() -> str:
     return os.environ.get(COMPILE_BACKEND_ENV, "").strip() or DEFAULT_COMPILE_BACKEND
 
 
-def check_exec_modes(plan: Plan, device: torch.device, enclosing: Iterable[str] = ()) -> None:
+def check_exec_modes(plan: Plan, device: torch.device, enclosing: Iterable[str] = (),
+                     captures_graphs: bool = False) -> None:
     """Refuse a plan whose execution modes this runtime cannot run on `device`.
 
-    `enclosing`: blocks that are not hooked (they enclose the others). Raises ResidencyError for a `graphed`
-    block (no backend of this runtime captures graphs yet; on the CPU there is no graph to capture) and for
-    an enclosing block that is not eager (compiling it would compile the other blocks' hooks with it).
+    `enclosing`: blocks that are not hooked (they enclose the others). `captures_graphs`: the backend captures
+    graphs (CUDA/ROCm; on the CPU only a test double injected by tests). Raises ResidencyError for a `graphed`
+    block on a backend that captures none (on the CPU there is no graph to capture) and for an enclosing block
+    that is not eager (compiling or capturing it would take the other blocks' hooks with it).
     """
     for bp in plan.blocks:
-        if bp.exec_mode == "graphed":
+        if bp.exec_mode == "graphed" and not captures_graphs:
             if device.type == "cpu":
                 raise ResidencyError(f"block {bp.name}: exec_mode graphed needs a CUDA/ROCm backend "
                                      "(it captures a CUDA/HIP graph; the CPU backend has none)",
                                      hint="use 'compiled' or 'eager' on the CPU backend")
-            # The GPU runtime does not capture graphs (a graph per block class and slot, copies ordered by events
-            # outside it): plans with graphed blocks are simulations (`residency plan --exec-mode auto+graphed`).
-            raise ResidencyError(f"block {bp.name}: exec_mode 'graphed' is simulated by the planner but this "
-                                 "runtime does not capture graphs", hint="use 'compiled' or 'eager'")
+            raise ResidencyError(f"block {bp.name}: exec_mode graphed needs a backend that captures graphs; "
+                                 f"this {device.type} backend captures none", hint="use 'compiled' or 'eager'")
     for name in enclosing:
         if plan.by_name[name].exec_mode != "eager":
             raise ResidencyError(f"block {name} encloses other blocks; exec_mode "

@@ -15,6 +15,7 @@ from residency.formats.dtypes import COMPUTE_DTYPE_BYTES, DTYPE_FORMAT, TORCH_DT
 from residency.formats.staging import StagedUnpack
 from residency.plan import BlockPlan, Plan
 from residency.runtime.backend import Backend, LoadRecipe
+from residency.runtime.graphed import graph_pool_reserve_bytes
 from residency.runtime.host_store import BlockBlob
 from residency.runtime.ledger import Ledger
 from residency.simulate.memory import (
@@ -42,14 +43,44 @@ def _kind(bp: BlockPlan) -> str:
 
 
 def compute_bytes(blob: BlockBlob, compute_dtype: str) -> int:
-    """Bytes the block's tensors take unpacked in `compute_dtype` (KeyError for an unknown dtype)."""
-    return sum(math.prod(e.shape) for e in blob.layout.entries) * COMPUTE_DTYPE_BYTES[compute_dtype]
+    """Bytes the block's tensors take unpacked in `compute_dtype`, a tensor of its own dtype in that (KeyError
+    for an unknown dtype)."""
+    return sum(math.prod(e.shape) * COMPUTE_DTYPE_BYTES[e.own_dtype or compute_dtype] for e in blob.layout.entries)
+
+
+def compute_offsets(blob: BlockBlob, compute_dtype: str) -> tuple[int, ...]:
+    """Byte offset of each entry's unpacked tensor in a buffer of compute_bytes, entry order: wider elements
+    first, so each starts aligned to its element size with no padding (a float32 view of uint8 bytes needs
+    an offset divisible by 4; all entries are one width unless some keep their own dtype)."""
+    sizes = [COMPUTE_DTYPE_BYTES[e.own_dtype or compute_dtype] for e in blob.layout.entries]
+    offsets, offset = [0] * len(sizes), 0
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):  # stable: one width keeps entry order
+        offsets[i] = offset
+        offset += math.prod(blob.layout.entries[i].shape) * sizes[i]
+    return tuple(offsets)
+
+
+def lands_as_is(blob: BlockBlob, compute_dtype: str) -> bool:
+    """True when the blob's bytes already are the block's unpacked tensors, at the offsets its compute views
+    use (every entry in the compute dtype or kept in its own, no padding): its load is one whole-blob copy,
+    with no device staging and no per-tensor pass."""
+    direct = DTYPE_FORMAT[compute_dtype]
+    entries = blob.layout.entries
+    return (all(e.format == direct or e.own_dtype is not None for e in entries)
+            and blob.nbytes == compute_bytes(blob, compute_dtype)
+            and all(e.offset == o for e, o in zip(entries, compute_offsets(blob, compute_dtype), strict=True)))
+
+
+def _unpacked_at_load(bp: BlockPlan) -> bool:
+    """Resident blocks and blocks streamed with dequant on the copy side land in the compute dtype."""
+    return bp.placement == "resident" or (bp.placement == "streamed" and bp.dequant_on == "copy")
 
 
 def _needs_unpack(blob: BlockBlob, compute_dtype: str) -> list:
-    """Entries that cannot be viewed in place as the compute dtype (quantized, or another float type)."""
+    """Entries that cannot be viewed in place as the compute dtype (quantized, or another float type); an
+    entry of its own dtype is stored in it and viewed in place."""
     direct = DTYPE_FORMAT[compute_dtype]
-    return [e for e in blob.layout.entries if e.format != direct]
+    return [e for e in blob.layout.entries if e.own_dtype is None and e.format != direct]
 
 
 class DeviceMemory:
@@ -66,7 +97,10 @@ class DeviceMemory:
         per_call, _ = dequant_threads(plan)
         self.scratch_bytes = max((sum(math.prod(e.shape) for e in _needs_unpack(blobs[bp.name], bp.compute_dtype))
                                   * COMPUTE_DTYPE_BYTES[bp.compute_dtype] for bp in per_call), default=0)
-        on_device_unpack = [self.blobs[bp.name].nbytes for bp in plan.blocks if needs_staging(bp)]
+        # Every load that unpacks on the device stages its blob first: those the simulator counts
+        # (needs_staging) and any other that does not land as is — a short staging would be sliced silently.
+        on_device_unpack = [self.blobs[bp.name].nbytes for bp in plan.blocks if needs_staging(bp) or (
+            _unpacked_at_load(bp) and not lands_as_is(self.blobs[bp.name], bp.compute_dtype))]
         self.staging_bytes = backend.unpack_staging_bytes(max(on_device_unpack, default=0))
         # Dequant staging per thread: the compute side (per-call dequant) and the copy worker (unpack at load).
         self.compute_staging_bytes, self.copy_staging_bytes = (
@@ -78,12 +112,14 @@ class DeviceMemory:
         self.activation_bytes = max((workload.by_name[bp.name].activation_bytes(bp.compute_dtype, workload.batch)
                                      for bp in plan.blocks), default=0)
         self.workspace_bytes = GPU_WORKSPACE_BYTES if backend.device.type == "cuda" else 0
+        # Graphed blocks' pools: held for the attach, as the simulator counts them (its prediction's figure).
+        self.graph_pool_bytes = graph_pool_reserve_bytes(workload, plan)
         kinds = {"resident": arena_split[0], "resident_quantized": arena_split[1],
                  "slots": self.slot_count * self.slot_bytes,
                  "dequant_scratch": (self.scratch_bytes + self.staging_bytes
                                      + self.compute_staging_bytes + self.copy_staging_bytes),
                  "kv_cache": self.kv_bytes, "activations": self.activation_bytes,
-                 "workspace": self.workspace_bytes}
+                 "workspace": self.workspace_bytes, "graph_pool": self.graph_pool_bytes}
         for name, n in self.session_bytes.items():
             kinds[_kind(plan.by_name[name])] += n
         self.reserved = kinds
@@ -148,23 +184,26 @@ class DeviceMemory:
 
     # --- views ---
     def _compute_views(self, name: str, base: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        dtype, views, offset = self.dtype_of[name], [], 0
-        size = torch.tensor([], dtype=dtype).element_size()
-        for e in self.blobs[name].layout.entries:
-            n = math.prod(e.shape) * size
+        blob, compute = self.blobs[name], self.plan.by_name[name].compute_dtype
+        views = []
+        for e, offset in zip(blob.layout.entries, compute_offsets(blob, compute), strict=True):
+            dtype = TORCH_DTYPES[e.own_dtype or compute]
+            n = math.prod(e.shape) * COMPUTE_DTYPE_BYTES[e.own_dtype or compute]
             views.append(base[offset:offset + n].view(dtype).view(e.shape))
-            offset += n
         return tuple(views)
 
     def _packed_binding(self, name: str, base: torch.Tensor) -> Binding:
-        """Views into a packed blob on the device: in place where the format is the compute dtype,
-        else a dequant into the scratch before each call."""
+        """Views into a packed blob on the device: in place where the format is the compute dtype (or the
+        tensor's own dtype, kept in it), else a dequant into the scratch before each call."""
         bp = self.plan.by_name[name]
         dtype, direct = self.dtype_of[name], DTYPE_FORMAT[bp.compute_dtype]
         size = COMPUTE_DTYPE_BYTES[bp.compute_dtype]
         views, unpacks, s_off, weights = [], [], 0, 0
         for e in self.blobs[name].layout.entries:
             packed = base[e.offset:e.offset + e.nbytes]
+            if e.own_dtype is not None:  # stored in its own dtype (blob_layout), computed in it
+                views.append(packed.view(TORCH_DTYPES[e.own_dtype]).view(e.shape))
+                continue
             if e.format == direct:
                 views.append(packed.view(dtype).view(e.shape))
                 continue
@@ -179,19 +218,19 @@ class DeviceMemory:
     def binding(self, name: str, base: torch.Tensor) -> Binding:
         """The block computed from `base` (its own buffer, its arena region, or a slot)."""
         bp = self.plan.by_name[name]
-        landed_unpacked = bp.placement == "resident" or (bp.placement == "streamed" and bp.dequant_on == "copy")
-        return Binding(self._compute_views(name, base)) if landed_unpacked else self._packed_binding(name, base)
+        return Binding(self._compute_views(name, base)) if _unpacked_at_load(bp) else self._packed_binding(name, base)
 
     def recipe(self, name: str, base: torch.Tensor, label: str) -> LoadRecipe:
         """The load that fills `base` for the block: a whole-blob copy, or an unpack into compute dtype."""
         bp = self.plan.by_name[name]
         blob = self.blobs[name]
-        if not (bp.placement == "resident" or (bp.placement == "streamed" and bp.dequant_on == "copy")):
+        if not _unpacked_at_load(bp) or lands_as_is(blob, bp.compute_dtype):
             return self.backend.make_recipe(label, blob.data, base, [], 0)
         direct = DTYPE_FORMAT[bp.compute_dtype]
         items = list(zip(blob.layout.entries, self._compute_views(name, base), strict=True))
-        items.sort(key=lambda it: it[0].format != direct)  # plain copies first: timed as copy
-        plain = sum(e.format == direct for e, _ in items)
+        # plain copies first (timed as copy): the compute dtype's, and a tensor's kept in its own dtype
+        items.sort(key=lambda it: not (it[0].format == direct or it[0].own_dtype is not None))
+        plain = sum(e.format == direct or e.own_dtype is not None for e, _ in items)
         return self.backend.make_recipe(label, blob.data, None,
                                         [(self._staged(e.format, self.copy_staging), e.offset, e.nbytes, v)
                                          for e, v in items], plain)

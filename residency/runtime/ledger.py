@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from residency.errors import ResidencyError
 from residency.units import fmt_bytes
 
-# The simulator's kinds (residency.simulate.memory.KINDS) minus "reserve", which lies outside the budget.
-KINDS = ("resident", "resident_quantized", "slots", "dequant_scratch", "kv_cache", "activations", "workspace")
+# The simulator's kinds (residency.simulate.memory.KINDS) minus "reserve", which lies outside the budget, plus
+# "graph_pool" (the graphed blocks' private pools), which the simulator counts only for a plan with graphed blocks.
+KINDS = ("resident", "resident_quantized", "slots", "dequant_scratch", "kv_cache", "activations", "workspace",
+         "graph_pool")
 
 
 class DeviceBudgetExceeded(ResidencyError):

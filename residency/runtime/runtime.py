@@ -20,9 +20,9 @@ from residency.runtime.backend import Backend
 from residency.runtime.backends import get_backend
 from residency.runtime.block_calls import BlockCalls, BlockHook, GroupHook
 from residency.runtime.closed_loop import ClosedLoop, LoopOptions
-from residency.runtime.compiled import CompiledForwards, check_exec_modes, compile_blocks
 from residency.runtime.device_memory import DeviceMemory
 from residency.runtime.executor import Executor
+from residency.runtime.graphed import BlockForwards, block_forwards, check_block_modes
 from residency.runtime.hooks import ModelHook, add_hook, check_removable, has_hook, remove_hook
 from residency.runtime.host_store import BlockBlob, HostStore, pack_block
 from residency.runtime.ledger import DeviceBudgetExceeded, Ledger
@@ -110,7 +110,7 @@ class Runtime:
         # not made for (residency.attach refuses inputs of other shapes than the workload's example).
         self.call_check: Callable[[tuple, dict], None] | None = None
         self.notes: list[str] = []  # what the runtime changed of the plan while running (a compile fell back)
-        self._compiled: CompiledForwards | None = None  # the `compiled` blocks' forwards, restored at detach
+        self._compiled: BlockForwards | None = None  # `compiled` and `graphed` blocks' forwards, restored at detach
 
     def __enter__(self) -> Runtime:
         return self
@@ -164,19 +164,23 @@ class Runtime:
                     f"block {name} encloses other blocks (the model's own tensors, read all through its call); "
                     f"the plan makes it {bp.placement} for the {bp.lifetime}",
                     hint="plan it resident for the session: it stays bound while the blocks inside it run")
-        check_exec_modes(plan, self.backend.device, enclosing)
+        check_block_modes(plan, self.backend, enclosing)
         modules = {n: mods for n, mods in found.items() if n not in enclosing}
         hooked = [m for mods in modules.values() for m in mods]
         if any(has_hook(m) for m in hooked):
             raise ResidencyError("the model's blocks are attached to another runtime", hint="detach() that one first")
         tensors = block_tensors(pipeline, self.workload, found)
         for bp in plan.blocks:
-            for t in tensors[bp.name]:
-                if t.dtype != TORCH_DTYPES[bp.compute_dtype]:
+            spec = self.workload.by_name[bp.name]
+            for t, (tensor, _), own in zip(tensors[bp.name], spec.tensors, spec.tensor_own_dtypes, strict=True):
+                # a tensor the workload keeps in its own dtype (a bf16 model's fp32 norm) is stored and bound in it
+                if t.dtype != TORCH_DTYPES[own or bp.compute_dtype]:
+                    kept = f" (the workload keeps {tensor} in {own})" if own else ""
                     raise ResidencyError(
-                        f"block {bp.name} computes in {bp.compute_dtype} but the pipeline holds {t.dtype} "
-                        "weights (activations follow the pipeline's dtype)",
-                        hint="build the pipeline in the plan's compute dtype, or plan for the pipeline's")
+                        f"block {bp.name} computes in {bp.compute_dtype}{kept} but the pipeline holds {t.dtype} "
+                        f"weights ({tensor}; activations follow the pipeline's dtype)",
+                        hint="build the pipeline in the plan's compute dtype, or plan for the pipeline's "
+                             "(a workload built from the model as it is: module_workload)")
                 if t.device.type != "cpu":
                     raise ResidencyError(f"block {bp.name} has weights on {t.device}; the runtime places them",
                                          hint="build or load the pipeline on the CPU before attaching")
@@ -209,7 +213,7 @@ class Runtime:
         if not on_cpu:
             self._move_buffers(hooked)
         self._calls = calls = BlockCalls(executor, enclosing)
-        self._compiled = compile_blocks(plan, modules, self.notes)  # beneath the hooks: weights bind outside it
+        self._compiled = block_forwards(plan, modules, self.notes, self.backend)  # beneath the hooks
         for name, mods in modules.items():
             for module in mods:
                 add_hook(module, BlockHook(calls, name) if len(mods) == 1 else GroupHook(calls, name))
