@@ -15,6 +15,10 @@ from residency.simulate import predict
 from residency.units import fmt_bytes
 from residency.workload import Workload
 
+# A policy's note on the execution modes it runs starts with this, so a plan re-moded by another policy (ours
+# takes a rival's placement at its own modes) can drop it, as it drops build_plan's device-memory verdict
+# (is_device_miss): graph pools change that one.
+MODE_NOTE_PREFIX = "execution modes: "
 MILP_NODE_LIMIT = 1000  # see PlanOptions.milp_node_limit; measured on the catalog models, tools/bench_policies.py
 
 
@@ -40,8 +44,9 @@ class PlanRequest:
     compute_dtype: str = "bf16"  # what the matmuls run in
     kv_dtype: str | None = None  # None: the workload's default
     options: PlanOptions = field(default=PlanOptions(), compare=False)  # how to search, not what to plan
-    # execution mode of the blocks: "auto" (ours picks per block class where the profile has the figures; peers
-    # stay eager) or one of "eager", "compiled", "graphed" forced on every block (policies.ours.modes). Eager by
+    # execution mode of the blocks: "auto" (ours picks per block class where the profile has the figures) or one
+    # of "eager", "compiled", "graphed" forced on every block (policies.ours.modes); the peers run the modes their
+    # documentation gives them among those the request allows (policies.peers._common.allowed_modes). Eager by
     # default: the runtime does not run `graphed` yet, so only `residency plan` asks for "auto"
     exec_mode: str = "eager"
     # seconds of play a compile must repay: `compiled` is chosen only where it saves more than its compile time
@@ -92,6 +97,11 @@ def _located(w: Workload, bp: BlockPlan) -> BlockPlan:
     if spec is None:
         return bp  # an unknown block: Plan.check_matches names it when the plan is applied
     return replace(bp, modules=spec.modules or (spec.name,), tensors=tuple(n for n, _ in spec.tensors))
+
+
+def is_device_miss(note: str) -> bool:
+    """True for build_plan's note that the plan does not fit the device memory (not a peer's host-RAM one)."""
+    return note.startswith("does not fit: needs ") and " of device memory, budget " in note
 
 
 def _with_note(plan: Plan, note: str) -> Plan:

@@ -1,6 +1,7 @@
 """The peers' policies reproduce their documented placement and overlap (their sources: the docstrings of `policies/peers/*.py`) on a hand-made
 world model: a 2-block encoder once per session, a 6-block DiT every step, a 2-block decoder every frame."""
 
+import sys
 from dataclasses import replace
 
 import pytest
@@ -8,8 +9,11 @@ from sim_helpers import chain_workload, flat_profile
 
 from policies.base import PlanRequest
 from policies.peers import PEERS, comfyui_partial, flexgen_lp, forge
-from policies.peers._common import inference_bytes
+from policies.peers._common import allowed_modes, inference_bytes
+from residency.device.profile import EXEC_MODE_FIELDS, Provenance
+from residency.errors import ResidencyError
 from residency.plan import Budget
+from residency.simulate import predict
 from residency.workload import BlockSpec, PassSpec, PhaseSpec, Workload
 
 U = 64 * 2**20  # one size unit: a 32768×1024 BF16 matrix
@@ -218,3 +222,109 @@ def test_no_peer_beats_all_resident_on_a_roomy_budget(name):
     if does_not_fit(plan):
         pytest.skip(f"{name} does not fit")
     assert plan.prediction.frame_ms >= baseline.prediction.frame_ms * (1 - 1e-9)
+
+
+# ---- execution modes as each peer's documentation gives them (module docstrings: "Execution mode")
+MODE_FIGURES = {"graph_replay_us_per_kernel": 1.0, "compiled_dispatch_fraction": 0.5, "compile_s_per_block_class": 20.0,
+                "graph_pool_bytes_per_class": 2**20}
+
+
+def launch_bound_gpu():
+    """A GPU whose calls are launch-bound (10 µs per eager launch, device work ~0) with the mode figures: graphed
+    (1 µs per kernel) beats compiled (half the launches) beats eager."""
+    prov = {k: Provenance("datasheet", "test", "test") for k in EXEC_MODE_FIELDS}
+    p = flat_profile(link_gbps=LINK_GBPS, tflops=1e6, launch_us=10.0)
+    return replace(p, **MODE_FIGURES, provenance={**p.provenance, **prov})
+
+
+def modes(plan) -> dict[str, str]:
+    return {b.name: b.exec_mode for b in plan.blocks}
+
+
+COMFY_BUDGET = int(0.8 * GIB) + 12.5 * U  # dit.3, dit.5, dit.0 resident (test above), the rest cast per use
+
+
+def test_comfyui_graphs_only_its_fully_resident_blocks_when_graphs_are_allowed():
+    plan = PEERS["comfyui-partial"](request(COMFY_BUDGET, profile=launch_bound_gpu(), exec_mode="auto+graphed"))
+    resident = resident_set(plan)
+    assert resident == {"dit.3", "dit.5", "dit.0"}
+    # cast per use is a graph break (cast_bias_weight is torch.compiler.disable'd): those blocks stay eager
+    assert modes(plan) == {n: "graphed" if n in resident else "eager" for n in modes(plan)}
+    assert not does_not_fit(plan)
+    assert any("backend cudagraphs" in n for n in plan.notes)
+
+
+def test_comfyui_compiles_its_resident_blocks_where_the_runtime_runs_no_graphs():
+    gpu = launch_bound_gpu()
+    auto = PEERS["comfyui-partial"](request(COMFY_BUDGET, profile=gpu, exec_mode="auto"))
+    assert modes(auto) == {n: "compiled" if n in resident_set(auto) else "eager" for n in modes(auto)}
+    assert any("backend inductor" in n for n in auto.notes)
+    eager = PEERS["comfyui-partial"](request(COMFY_BUDGET, profile=gpu))  # the request's default: eager
+    assert set(modes(eager).values()) == {"eager"}
+    assert placements(eager) == placements(auto)  # the mode never moves a block
+    assert auto.prediction.frame_ms < eager.prediction.frame_ms
+    # a CPU profile has no graphs: "auto+graphed" falls back to the inductor backend
+    cpu = PEERS["comfyui-partial"](request(COMFY_BUDGET, exec_mode="auto+graphed"))
+    assert "graphed" not in set(modes(cpu).values())
+
+
+def test_comfyui_keeps_the_faster_backend_that_fits():
+    # graphs replaying at the eager launch cost buy nothing, and compiling halves the launches: inductor wins
+    gpu = replace(launch_bound_gpu(), graph_replay_us_per_kernel=10.0)
+    plan = PEERS["comfyui-partial"](request(COMFY_BUDGET, profile=gpu, exec_mode="auto+graphed"))
+    assert set(modes(plan).values()) == {"compiled", "eager"}
+
+
+def test_group_offload_runs_compiled_blocks_never_graphed():
+    gpu = launch_bound_gpu()
+    for exec_mode, expected in (("eager", "eager"), ("auto", "compiled"), ("compiled", "compiled"),
+                                ("auto+graphed", "compiled"), ("graphed", "compiled")):
+        plan = PEERS["diffusers-group-offload"](request(64 * U, profile=gpu, exec_mode=exec_mode))
+        assert set(modes(plan).values()) == {expected}, exec_mode
+        assert set(placements(plan).values()) == {"streamed"}
+    compiled = PEERS["diffusers-group-offload"](request(64 * U, profile=gpu, exec_mode="auto"))
+    assert any("graph break at every group" in n for n in compiled.notes)
+
+
+def test_group_offload_pays_its_host_sync_per_group_compiled_or_not():
+    gpu = launch_bound_gpu()
+    req = request(64 * U, profile=gpu, exec_mode="auto")
+    plan = PEERS["diffusers-group-offload"](req)
+    # the hook runs outside the compiled graph: its sync stays at the eager launch cost, not the compiled fraction
+    assert plan.execution.host_sync_per_onload_us == pytest.approx(10 * gpu.launch_overhead_us)
+    without = predict(req.workload, replace(plan, execution=replace(plan.execution, host_sync_per_onload_us=0.0)),
+                      gpu)
+    calls = sum(req.workload.calls_per_frame(b.name) for b in req.workload.blocks)
+    # the same placements and modes without the sync: faster by about one sync per streamed call
+    assert plan.prediction.frame_ms > without.prediction.frame_ms
+    assert plan.prediction.frame_ms - without.prediction.frame_ms == pytest.approx(
+        calls * plan.execution.host_sync_per_onload_us * 1e-3, rel=0.05)
+    # compiling still pays on a launch-bound device (PR 11605 measured it faster with offloading too)
+    eager = PEERS["diffusers-group-offload"](request(64 * U, profile=gpu))
+    assert plan.prediction.frame_ms < eager.prediction.frame_ms
+
+
+@pytest.mark.parametrize("name", ["all-resident", "accelerate-sequential", "diffusers-model-offload", "forge",
+                                  "flexgen-lp"])
+def test_the_other_peers_stay_eager_under_every_request(name):
+    for exec_mode in ("eager", "auto", "compiled", "auto+graphed", "graphed"):
+        plan = PEERS[name](request(64 * U, profile=launch_bound_gpu(), exec_mode=exec_mode))
+        assert set(modes(plan).values()) == {"eager"}, exec_mode
+
+
+def test_allowed_modes_follow_the_request_and_the_backend():
+    gpu, cpu = launch_bound_gpu(), cpu_profile()
+    assert allowed_modes(request(U, profile=gpu)) == ("eager",)
+    assert allowed_modes(request(U, profile=gpu, exec_mode="auto")) == ("eager", "compiled")
+    assert allowed_modes(request(U, profile=gpu, exec_mode="auto+graphed")) == ("eager", "compiled", "graphed")
+    assert allowed_modes(request(U, profile=cpu, exec_mode="graphed")) == ("eager", "compiled")
+    with pytest.raises(ResidencyError, match="exec mode 'fast'"):
+        PEERS["comfyui-partial"](request(COMFY_BUDGET, exec_mode="fast"))
+
+
+@pytest.mark.parametrize("name", list(PEERS))
+def test_each_peer_states_its_execution_mode_with_a_source(name):
+    module = sys.modules[PEERS[name].__module__]
+    doc = module.__doc__
+    assert "Execution mode" in doc and "Sources:" in doc
+    assert "https://" in doc.split("Sources:", 1)[1]

@@ -2,7 +2,11 @@
 
 An exact MILP over block classes proposes; the simulator verifies and the loop repairs; the
 simulator's number is the one reported. Rivals' plans are candidates too (the registered policy "ours"
-gets the peers as its rivals, see `policies.registry`), so ours is never worse than one that fits.
+gets the peers as its rivals, see `policies.registry`), so ours is never worse than one that fits — at ours'
+execution modes, or at the rival's own where they compile nothing ours found not to repay its compile time over
+the session (a peer is never followed into such a compile).
+Without a frame budget: the best quality within an allowance of the fastest plan that fits
+(policies.ours.ranking.default_frame_ms), the rule stated in the plan's notes.
 """
 
 from __future__ import annotations
@@ -11,15 +15,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
-from policies.base import PlanRequest, PolicyFn, fits_memory
+from policies.base import MODE_NOTE_PREFIX, PlanRequest, PolicyFn, fits_memory, is_device_miss
 from policies.ours.gap import gap_statement
-from policies.ours.modes import check_request_mode, choose_modes, mode_notes
+from policies.ours.modes import ModeChoice, check_request_mode, choose_modes, mode_notes, with_modes
 from policies.ours.pinning import pin_small_streamed
 from policies.ours.problem import least_memory_plan
-from policies.ours.ranking import better
-from policies.ours.search import Found, search
+from policies.ours.ranking import MIN_SLACK_MS, QUALITY_SLACK, better
+from policies.ours.search import Found, search, with_rivals_fastest
 from residency.plan import Plan
-from residency.simulate import lower_bound_s
+from residency.simulate import lower_bound_s, predict
 
 
 def plan(req: PlanRequest, rivals: Sequence[PolicyFn] = ()) -> Plan:
@@ -28,28 +32,61 @@ def plan(req: PlanRequest, rivals: Sequence[PolicyFn] = ()) -> Plan:
     check_request_mode(req)
     req = replace(req, options=replace(req.options, bound=False))  # candidates: no lower-bound LP each
     found = search(req)
-    found = _adopt_better(found, [rival(req) for rival in rivals], req.budget.frame_ms)
+    choices = choose_modes(req, found.kv_dtype)
+    rival_plans = _rival_plans(req, rivals, choices)
+    found = _adopt_better(with_rivals_fastest(req, found, rival_plans), rival_plans)
     found = _keep_small_streamed_resident(req, found)
     chosen = _as_ours(req, found)
     # Candidates were scored without the lower bound (an LP each): compute it once, for the plan returned.
     bound_ms = lower_bound_s(req.workload, chosen, req.profile) * 1e3
     chosen = chosen.with_prediction(replace(chosen.prediction, lower_bound_ms=bound_ms))
     gap = gap_statement(req, chosen, found.kv_dtype)
-    modes = mode_notes(choose_modes(req, found.kv_dtype), chosen.blocks, req.workload)
-    notes = (*chosen.notes, *modes, *([gap] if gap else []), f"planned in {time.perf_counter() - started:.2f} s")
+    modes = mode_notes(choices, chosen.blocks, req.workload)
+    default = _default_frame_note(req, found, chosen)
+    notes = (*chosen.notes, *([default] if default else []), *modes, *([gap] if gap else []),
+             f"planned in {time.perf_counter() - started:.2f} s")
     return replace(chosen, notes=notes)
 
 
-def _adopt_better(found: Found, rivals: Sequence[Plan], frame_ms: float | None) -> Found:
+def _rival_plans(req: PlanRequest, rivals: Sequence[PolicyFn], choices: dict[str, ModeChoice]) -> list[Plan]:
+    """Each rival's placement at ours' modes (a placement does not depend on the mode), and the rival's plan as it
+    runs its own modes — unless it compiles a class ours found not to repay its compile time (a graph ours did not
+    take costs no compile, so that plan stays a candidate). One rival call each."""
+    declined = {c for c, ch in choices.items() if ch.mode != "compiled"}
+    out = []
+    for rival in rivals:
+        own = rival(req)
+        at_ours = _at_our_modes(req, own, choices)
+        out.append(at_ours)
+        compiled = {req.workload.by_name[bp.name].block_class for bp in own.blocks
+                    if bp.exec_mode == "compiled" and bp.name in req.workload.by_name}
+        if at_ours is not own and not compiled & declined:
+            out.append(own)
+    return out
+
+
+def _at_our_modes(req: PlanRequest, rival: Plan, choices: dict[str, ModeChoice]) -> Plan:
+    """`rival` with each block at the mode ours chose for its class, re-predicted (one simulation) when that
+    changes a block's mode; as it is otherwise."""
+    blocks = tuple(with_modes(list(rival.blocks), choices, req.workload))
+    if [b.exec_mode for b in blocks] == [b.exec_mode for b in rival.blocks]:
+        return rival
+    # the rival's note on its own modes, and its device-memory verdict (graph pools change it), no longer hold
+    notes = tuple(n for n in rival.notes if not n.startswith(MODE_NOTE_PREFIX) and not is_device_miss(n))
+    return predict(req.workload, replace(rival, blocks=blocks, notes=notes), req.profile, req.sensitivity,
+                   bound=False)
+
+
+def _adopt_better(found: Found, rivals: Sequence[Plan]) -> Found:
     """A rival's plan that fits and scores better than ours: ours could always have chosen its placement."""
     best, adopted = found.best, None
     for rival in rivals:
-        if fits_memory(rival) and better(best, rival, frame_ms):
+        if fits_memory(rival) and better(best, rival, found.frame_ms):
             best, adopted = rival, rival.policy
     if adopted is None:
         return found
     # the KV note, if any, described our own plan and is dropped with it
-    return Found(best, found.kv_dtype, (f"the placement of the {adopted} policy scored best; adopted",))
+    return replace(found, best=best, notes=(f"the placement of the {adopted} policy scored best; adopted",))
 
 
 def _keep_small_streamed_resident(req: PlanRequest, found: Found) -> Found:
@@ -57,14 +94,28 @@ def _keep_small_streamed_resident(req: PlanRequest, found: Found) -> Found:
     best = found.best
     if best is None:
         return found
-    repaired = pin_small_streamed(req, best, lambda a, b: better(a, b, req.budget.frame_ms))
+    repaired = pin_small_streamed(req, best, lambda a, b: better(a, b, found.frame_ms))
     if repaired is best:
         return found
     kept = sum(a.placement == "streamed" and b.placement != "streamed"
                for a, b in zip(best.blocks, repaired.blocks, strict=True))
     note = (f"{kept} small streamed block(s) kept resident instead: the prefetch ring stalled behind them "
             f"({best.prediction.stall_ms:.1f} → {repaired.prediction.stall_ms:.1f} ms stall per frame)")
-    return Found(repaired, found.kv_dtype, (*found.notes, note))
+    return replace(found, best=repaired, notes=(*found.notes, note))
+
+
+def _default_frame_note(req: PlanRequest, found: Found, chosen: Plan) -> str | None:
+    """Without a frame budget: the rule that chose, and what the fastest plan would have given up."""
+    fast = found.fastest
+    if req.budget.frame_ms is not None or fast is None or not fits_memory(chosen):
+        return None
+    p, f = chosen.prediction, fast.prediction
+    rule = (f"no frame budget: the best quality within {QUALITY_SLACK - 1:.0%} or {MIN_SLACK_MS:g} ms per frame "
+            f"(whichever is more) of the fastest plan that fits ({f.frame_ms:.3g} ms at quality loss "
+            f"{f.quality_loss:.3g})")
+    if p.quality_loss >= f.quality_loss:
+        return f"{rule}: that plan"
+    return f"{rule}: {p.frame_ms:.3g} ms at quality loss {p.quality_loss:.3g}"
 
 
 def _as_ours(req: PlanRequest, found: Found) -> Plan:

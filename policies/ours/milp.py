@@ -1,7 +1,8 @@
 """The exact part of our planner: a mixed-integer program over how many blocks of a class take each option.
 
 Time is linearised as T ≥ K + a_k·C and T ≥ C + a_c·K (compute K, copy C, the device's interference a_k, a_c) — the
-simulator's interference model for fully pipelined copies; slots and scratch enter as maxima.
+simulator's interference model for fully pipelined copies; slots, scratch, staging and each dequantizing thread's
+unpack staging enter as maxima, so the memory is the simulator's (residency.simulate.memory.peak_bytes).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Solution:
 
 @dataclass(frozen=True)
 class _Layout:
-    """Column indices: n[c,o] (integer) at k, y[c,o] (binary: option used) at y0 + k, then the five scalars."""
+    """Column indices: n[c,o] (integer) at k, y[c,o] (binary: option used) at y0 + k, then the seven scalars."""
 
     index: list[tuple[int, int]]  # k -> (class, option)
     nv: int  # number of variables
@@ -58,6 +59,8 @@ class _Layout:
     slot_i: int  # M_slot (GiB), the largest ring slot
     scr_i: int  # M_scratch (GiB)
     stage_i: int  # M_stage (GiB)
+    unpack_compute_i: int  # M_unpack (GiB): the compute side's unpack staging
+    unpack_copy_i: int  # M_unpack (GiB): the copy side's unpack staging
     peak_i: int  # M_peak (GiB), the worse of the frame and session phases
 
 
@@ -97,8 +100,8 @@ class _Rows:
 
 def _layout(p: Problem) -> _Layout:
     index = [(ci, oi) for ci, c in enumerate(p.classes) for oi in range(len(c.options))]
-    nv = 2 * len(index) + 5
-    return _Layout(index, nv, len(index), nv - 5, nv - 4, nv - 3, nv - 2, nv - 1)
+    nv = 2 * len(index) + 7
+    return _Layout(index, nv, len(index), nv - 7, nv - 6, nv - 5, nv - 4, nv - 3, nv - 2, nv - 1)
 
 
 def _bounds(p: Problem, lay: _Layout) -> tuple[Bounds, np.ndarray]:
@@ -126,6 +129,10 @@ def _option_rows(p: Problem, lay: _Layout, rows: _Rows) -> _Terms:
             rows.add({lay.scr_i: 1.0, lay.y0 + k: -o.scratch_bytes * MEM_SCALE}, 0.0, np.inf)
         if o.staging_bytes:
             rows.add({lay.stage_i: 1.0, lay.y0 + k: -o.staging_bytes * MEM_SCALE}, 0.0, np.inf)
+        if o.compute_unpack_bytes:
+            rows.add({lay.unpack_compute_i: 1.0, lay.y0 + k: -o.compute_unpack_bytes * MEM_SCALE}, 0.0, np.inf)
+        if o.copy_unpack_bytes:
+            rows.add({lay.unpack_copy_i: 1.0, lay.y0 + k: -o.copy_unpack_bytes * MEM_SCALE}, 0.0, np.inf)
         terms.compute[k] = o.compute_s * TIME_SCALE
         terms.copy[k] = o.copy_s * TIME_SCALE
         terms.loss[k] = o.loss
@@ -140,7 +147,8 @@ def _time_and_peak_rows(p: Problem, lay: _Layout, rows: _Rows, terms: _Terms) ->
     a_k, a_c = p.interference
     rows.add({**{k: compute[k] + a_k * copy[k] for k in compute}, lay.t_i: -1.0}, -np.inf, 0.0)
     rows.add({**{k: copy[k] + a_c * compute[k] for k in compute}, lay.t_i: -1.0}, -np.inf, 0.0)
-    memory_terms = {**terms.frame_mem, lay.slot_i: float(p.slots), lay.scr_i: 1.0, lay.stage_i: 1.0}
+    memory_terms = {**terms.frame_mem, lay.slot_i: float(p.slots), lay.scr_i: 1.0, lay.stage_i: 1.0,
+                    lay.unpack_compute_i: 1.0, lay.unpack_copy_i: 1.0}
     peak_frame = dict(memory_terms)
     peak_session = {**memory_terms, **terms.session_mem}
     rows.add({**peak_frame, lay.peak_i: -1.0}, -np.inf, 0.0)  # M_peak: the worse of the frame and session phases

@@ -6,12 +6,14 @@ chooses how many of a class take each option instead of one binary per block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 from policies.base import PlanRequest, weights_format
 from policies.ours.modes import choose_modes, frame_compute_s
 from residency.plan import BlockPlan, Execution
 from residency.simulate.costs import DTYPE_FORMAT, copy_s, dequant_s, scratch_bytes
+from residency.simulate.memory import dequant_threads, thread_staging_bytes
 from residency.simulate.quality import block_error
 from residency.workload import BlockSpec, Workload
 
@@ -35,6 +37,11 @@ class Option:
     loss: float  # quality loss of one block
     staging_bytes: int = 0  # GPU: device buffer its packed blob lands in to be unpacked (0 when none)
     exec_mode: str = "eager"  # the block class's execution mode (policies.ours.modes), in compute_s already
+    # The unpack staging (residency.formats.staging) of the thread that unpacks this block: per call on the
+    # compute side, at load on the copy side. Each thread holds one, sized for its largest tensor (≤ 0.5-1.5
+    # MiB): nothing beside a GiB model, but ~3% of a tiny model's budget, which the simulator counts.
+    compute_unpack_bytes: int = 0
+    copy_unpack_bytes: int = 0
 
     def block_plan(self, name: str, compute_dtype: str, lifetime: str) -> BlockPlan:
         """The BlockPlan for block `name` under this option."""
@@ -48,6 +55,15 @@ class BlockClass:
     blocks: tuple[str, ...]  # members in execution order
     calls_per_frame: int  # 0: used only in session phases (encode)
     options: tuple[Option, ...]
+
+
+def _with_unpack_staging(w: Workload, o: Option, b: BlockSpec, req: PlanRequest) -> Option:
+    """`o` with the unpack staging its block needs on each side, as residency.simulate.memory counts it."""
+    bp = o.block_plan(b.name, req.compute_dtype, "session")
+    device_type = "cuda" if req.profile.is_gpu else "cpu"
+    per_call, on_load = dequant_threads(SimpleNamespace(blocks=(bp,)))  # the simulator's rule, for one block
+    return replace(o, compute_unpack_bytes=thread_staging_bytes(w, per_call, device_type),
+                   copy_unpack_bytes=thread_staging_bytes(w, on_load, device_type))
 
 
 def _signature(w: Workload, b: BlockSpec) -> tuple:
@@ -93,16 +109,17 @@ def block_options(w: Workload, b: BlockSpec, req: PlanRequest, execution: Execut
             stage = b.nbytes(fmt) if req.profile.is_gpu else 0
             out.append(Option("streamed", fmt, "copy", k, move + deq, 0, compute_bytes, 0, loss(fmt), stage,
                               exec_mode=exec_mode))
-    return out
+    return [_with_unpack_staging(w, o, b, req) for o in out]
 
 
 def session_options(b: BlockSpec, req: PlanRequest, w: Workload, exec_mode: str = "eager") -> list[Option]:
     """Blocks used only at session start: resident for their phase at full precision, else streamed."""
     plain = weights_format(req.compute_dtype)
-    return [Option("resident", plain, "compute", 0.0, 0.0, b.nbytes(plain), 0, 0, block_error(w, b.name, plain),
-                   exec_mode=exec_mode),
-            Option("streamed", plain, "compute", 0.0, 0.0, 0, b.nbytes(plain), 0, block_error(w, b.name, plain),
-                   exec_mode=exec_mode)]
+    out = [Option("resident", plain, "compute", 0.0, 0.0, b.nbytes(plain), 0, 0, block_error(w, b.name, plain),
+                  exec_mode=exec_mode),
+           Option("streamed", plain, "compute", 0.0, 0.0, 0, b.nbytes(plain), 0, block_error(w, b.name, plain),
+                  exec_mode=exec_mode)]
+    return [_with_unpack_staging(w, o, b, req) for o in out]
 
 
 def block_classes(w: Workload, req: PlanRequest, execution: Execution, kv_dtype: str,

@@ -8,7 +8,20 @@ from __future__ import annotations
 from policies.base import fits_memory
 from residency.plan import Plan
 
-QUALITY_SLACK = 1.10  # without a frame budget: the best quality within 10% of the fastest plan
+# Without a frame budget the user has no fps target, but still wants neither the fastest plan at any loss of
+# quality nor a plan many times slower than one almost as good. So the best quality is sought within a time
+# allowance of the fastest plan that fits — 10% or 1 ms per latent frame, whichever is more — and that allowance
+# then ranks plans as a frame budget would (default_frame_ms). The 1 ms floor matters only where the fastest plan
+# takes under 10 ms (a tiny model): there 10% is microseconds, and a plan 2x slower can still be imperceptibly fast
+# and far better (the seed trade-off: T5 packed on the device instead of streamed at full precision).
+QUALITY_SLACK = 1.10
+MIN_SLACK_MS = 1.0
+
+
+def default_frame_ms(fastest_ms: float) -> float:
+    """The frame time a request without a frame budget is ranked by: the fastest fitting plan's, plus the
+    allowance (QUALITY_SLACK, MIN_SLACK_MS) within which quality comes first."""
+    return max(fastest_ms * QUALITY_SLACK, fastest_ms + MIN_SLACK_MS)
 
 
 def _lt(x: float, y: float) -> bool:
@@ -24,7 +37,10 @@ def _quality_first(a: Plan, b: Plan) -> bool:
 
 def better(a: Plan | None, b: Plan, frame_ms: float | None) -> bool:
     """Is b better than a: fitting beats not fitting; then holding the frame budget; then quality within
-    the budget (speed when it cannot be held, or when there is none and the two are not equally fast)."""
+    the budget (speed when it cannot be held, or when there is none and the two are not equally fast).
+
+    The planner passes default_frame_ms(fastest) as `frame_ms` when the request has no frame budget; None is
+    left for plans none of which fits, where there is no fastest fitting plan to derive it from."""
     if a is None:
         return True
     pa, pb = a.prediction, b.prediction
@@ -42,4 +58,4 @@ def better(a: Plan | None, b: Plan, frame_ms: float | None) -> bool:
     return _lt(pb.frame_ms, pa.frame_ms)
 
 
-__all__ = ["QUALITY_SLACK", "better"]
+__all__ = ["MIN_SLACK_MS", "QUALITY_SLACK", "better", "default_frame_ms"]

@@ -1,25 +1,33 @@
 """The search of our planner: MILP proposals over KV dtypes × prefetch depths, verified by the simulator.
 
 For each (KV dtype, depth) the fastest plan is solved for, then the linear model's frame budget is
-bisected for the best quality the simulator confirms. Cost: up to 1 + REPAIRS solves and simulations per
-(KV dtype, depth), each solve capped by a node count (PlanOptions.milp_node_limit): bounded by work, not
-wall time, so the same request gives the same plan under any machine load.
+bisected for the best quality the simulator confirms. Without a frame budget the frame time ranked by
+is derived from the fastest plan that fits (ranking.default_frame_ms). Cost: up to 1 + REPAIRS solves and
+simulations per (KV dtype, depth), each solve capped by a node count (PlanOptions.milp_node_limit), plus up to
+MEMORY_REPAIRS more per solve the simulator finds over the VRAM budget: bounded by work, not wall time, so the
+same request gives the same plan under any machine load.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from policies.base import PlanRequest, fits_memory
-from policies.ours.milp import solve
-from policies.ours.options import block_classes
+from policies.ours.milp import Problem, Solution, solve
+from policies.ours.options import BlockClass, block_classes
 from policies.ours.problem import problem_for, to_plan
-from policies.ours.ranking import QUALITY_SLACK, better
+from policies.ours.ranking import better, default_frame_ms
 from residency.plan import Execution, Plan
 
 DEPTHS = (1, 2)  # prefetch depths tried; deeper rarely pays for its slot memory on a world model
 DEEPER_IF_STALL = 0.02  # try the deeper ring only when the best plan stalls > 2% of its frame
 REPAIRS = 5  # bisection steps on the linear frame budget when the simulator disagrees
+# Re-solves of one proposal the simulator finds over the VRAM budget, each with the MILP's VRAM limit tightened
+# by twice the overshoot. The MILP counts the simulator's memory kinds, but within the solver's tolerance (~100s
+# of bytes) and only those it models: a proposal a little over would otherwise be dropped, and with it every plan
+# near the budget — on a tiny model, all the resident quantized ones, leaving only plans that stream.
+MEMORY_REPAIRS = 2
 KV_FALLBACK = "fp8"
 
 
@@ -30,10 +38,19 @@ class Found:
     best: Plan | None  # None: the MILP found no plan at any KV dtype and depth
     kv_dtype: str  # the KV dtype planned for: the request's, or the fallback when only it fits
     notes: tuple[str, ...] = ()  # why the choice differs from the plain search's, appended to the plan's own
+    # The frame time plans are ranked by: the request's frame budget, or without one default_frame_ms of the
+    # fastest plan that fits (None when none fits), which is `fastest`
+    frame_ms: float | None = None
+    fastest: Plan | None = None
 
 
 def _fits(plan: Plan | None) -> bool:
     return plan is not None and fits_memory(plan)
+
+
+def _fastest_fitting(plans: Sequence[Plan | None]) -> Plan | None:
+    fitting = [p for p in plans if _fits(p)]
+    return min(fitting, key=lambda p: p.prediction.frame_ms) if fitting else None
 
 
 def search(req: PlanRequest) -> Found:
@@ -43,51 +60,97 @@ def search(req: PlanRequest) -> Found:
     if req.kv_dtype is None and wanted != KV_FALLBACK and req.workload.kv_cache_bytes():
         kv_choices.append(KV_FALLBACK)  # halves the cache; taken only when nothing fits without it
     best: Plan | None = None
+    fastest = None
     for kv in kv_choices:
-        best = _best_over_depths(req, kv, best)
+        best, fastest = _best_over_depths(req, kv, best, fastest)
         if _fits(best):
             break
+    frame_ms = _frame_ms(req, fastest)
     if _fits(best) and best.kv_dtype != wanted:
         note = f"KV cache stored as {best.kv_dtype} (e4m3): nothing fits with {wanted}"
-        return Found(best, best.kv_dtype, (note,))
-    return Found(best, wanted)
+        return Found(best, best.kv_dtype, (note,), frame_ms, fastest)
+    return Found(best, wanted, (), frame_ms, fastest)
 
 
-def _best_over_depths(req: PlanRequest, kv_dtype: str, best: Plan | None) -> Plan | None:
+def with_rivals_fastest(req: PlanRequest, found: Found, rivals: Sequence[Plan]) -> Found:
+    """`found` ranking by the frame time derived from the fastest plan that fits among its own and `rivals`'
+    (a change only without a frame budget, and where a rival's plan is faster than every one of ours)."""
+    fastest = _fastest_fitting([found.fastest, *rivals])
+    return replace(found, frame_ms=_frame_ms(req, fastest), fastest=fastest)
+
+
+def _frame_ms(req: PlanRequest, fastest: Plan | None) -> float | None:
+    """The frame time to rank by: the request's budget, else the allowance over the fastest fitting plan."""
+    if req.budget.frame_ms is not None:
+        return req.budget.frame_ms
+    return default_frame_ms(fastest.prediction.frame_ms) if fastest is not None else None
+
+
+def _best_over_depths(req: PlanRequest, kv_dtype: str, best: Plan | None,
+                      fastest: Plan | None) -> tuple[Plan | None, Plan | None]:
+    """The best plan and the fastest fitting one so far, after the depths at `kv_dtype`. Every candidate is
+    kept until the end: the frame time ranked by without a frame budget moves as faster plans are found."""
+    candidates = [best] if best is not None else []
+    ranked_by = _frame_ms(req, fastest)
     for depth in DEPTHS:
         if depth > DEPTHS[0] and _fits(best) and (
                 best.prediction.stall_ms <= DEEPER_IF_STALL * best.prediction.frame_ms):
             break  # a deeper ring costs slot memory and only pays where copies stall compute
-        for candidate in _bisect(req, kv_dtype, depth):
-            if better(best, candidate, req.budget.frame_ms):
+        execution = Execution(prefetch_depth=depth)
+        classes = block_classes(req.workload, req, execution, kv_dtype)
+        base = problem_for(req, classes, execution, kv_dtype, vram_bytes=req.budget.vram_bytes, frame_s=None,
+                           objective="time")
+        start = _solve_fitting(req, classes, base, execution, kv_dtype)
+        if start is None:
+            continue
+        fastest = _fastest_fitting([fastest, start[1]])
+        frame_ms = _frame_ms(req, fastest)
+        new = [start[1], *_bisect(req, classes, replace(base, vram_bytes=start[2]), start, execution, kv_dtype,
+                                  frame_ms)]
+        candidates += new
+        if frame_ms != ranked_by:  # a faster plan moved the frame time ranked by: rank every candidate again
+            best, new, ranked_by = None, candidates, frame_ms
+        for candidate in new:
+            if better(best, candidate, frame_ms):
                 best = candidate
-    return best
+    return best, fastest
 
 
-def _bisect(req: PlanRequest, kv_dtype: str, depth: int) -> list[Plan]:
-    """The fastest plan, then plans of better quality at linear frame budgets up to the target."""
-    execution = Execution(prefetch_depth=depth)
-    classes = block_classes(req.workload, req, execution, kv_dtype)
-    base = problem_for(req, classes, execution, kv_dtype, vram_bytes=req.budget.vram_bytes, frame_s=None,
-                       objective="time")
+def _solve_fitting(req: PlanRequest, classes: list[BlockClass], problem: Problem, execution: Execution,
+                   kv_dtype: str) -> tuple[Solution, Plan, int] | None:
+    """The problem's solution, its plan, and the VRAM limit it was solved under: the problem's, or tighter
+    where the simulator found the plan over the budget (MEMORY_REPAIRS). None when the MILP finds nothing."""
+    vram = problem.vram_bytes
+    found = None
+    for _ in range(1 + MEMORY_REPAIRS):
+        sol = solve(replace(problem, vram_bytes=vram))
+        if sol is None:
+            return found
+        plan = to_plan(req, classes, sol, execution, kv_dtype)
+        found = (sol, plan, vram)
+        over = plan.prediction.peak_total_bytes - req.budget.vram_bytes
+        if vram is None or over <= 0:
+            break
+        vram -= 2 * over
+    return found
+
+
+def _bisect(req: PlanRequest, classes: list[BlockClass], base: Problem, start: tuple[Solution, Plan, int],
+            execution: Execution, kv_dtype: str, target_ms: float | None) -> list[Plan]:
+    """Plans of better quality than the fastest (`start`) at linear frame budgets up to the target."""
+    fastest, first, _ = start
+    if target_ms is None:  # nothing fits, so nothing to aim at: the fastest is the plan
+        return []
     plans = []
-    fastest = solve(base)
-    if fastest is None:
-        return plans
-    plans.append(to_plan(req, classes, fastest, execution, kv_dtype))
-    target_ms = req.budget.frame_ms
-    if target_ms is None:
-        # best quality within the slack of the fastest, measured by the simulator
-        target_ms = plans[0].prediction.frame_ms * QUALITY_SLACK
     # Bisection on the linear model's frame budget: the simulator sees stalls the linear model does
     # not, so the largest linear budget whose plan the simulator confirms is searched for.
     lo, hi = fastest.frame_s, target_ms / 1e3
     linear_s = hi
     for _ in range(REPAIRS):
-        sol = solve(replace(base, objective="loss", frame_s=linear_s))
-        if sol is None:
+        got = _solve_fitting(req, classes, replace(base, objective="loss", frame_s=linear_s), execution, kv_dtype)
+        if got is None:
             break
-        candidate = to_plan(req, classes, sol, execution, kv_dtype)
+        candidate = got[1]
         plans.append(candidate)
         if candidate.prediction.frame_ms <= target_ms * (1 + 1e-9) and fits_memory(candidate):
             if linear_s >= target_ms / 1e3 * (1 - 1e-9):
@@ -99,4 +162,4 @@ def _bisect(req: PlanRequest, kv_dtype: str, depth: int) -> list[Plan]:
     return plans
 
 
-__all__ = ["DEPTHS", "KV_FALLBACK", "Found", "search"]
+__all__ = ["DEPTHS", "KV_FALLBACK", "MEMORY_REPAIRS", "Found", "search", "with_rivals_fastest"]

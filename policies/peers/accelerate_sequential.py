@@ -3,6 +3,10 @@ applies to every component of a pipeline.
 
 Everything is offloaded; each leaf module's pre-forward hook copies its weights in, blocking, every call.
 
+Execution mode: eager under every request. Its hooks move tensors in and out of each leaf module in Python around
+every forward; PyTorch's own report of diffusers' CPU offloading under torch.compile found it erroring or breaking
+the graph (https://github.com/pytorch/pytorch/issues/150711), and the sources below name no compiled path.
+
 Sources:
 - https://github.com/huggingface/accelerate/blob/main/src/accelerate/big_modeling.py (`cpu_offload`)
 - https://github.com/huggingface/accelerate/blob/main/src/accelerate/hooks.py (`AlignDevicesHook`: weights

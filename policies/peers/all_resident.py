@@ -1,6 +1,9 @@
 """Peer `all-resident`: the no-offload baseline of every runtime (a plain `model.to(device)`; ComfyUI's
 full load when the model fits): every block resident at the compute dtype's format, nothing streamed.
 
+Execution mode: eager under every request: the baseline is the model as written. (A resident model that compiles
+or captures graphs is what `comfyui-partial` and ours plan when the request allows those modes.)
+
 Sources:
 - https://docs.pytorch.org/docs/stable/generated/torch.nn.Module.html (`Module.to`)
 - https://github.com/Comfy-Org/ComfyUI/blob/master/comfy/model_management.py (`load_models_gpu`: the whole

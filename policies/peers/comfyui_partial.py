@@ -1,9 +1,23 @@
 """Peer `comfyui-partial`: ComfyUI's classic partial load ("lowvram" model patching): largest modules
-resident within a weight budget, the rest cast per use.
+resident within a weight budget, the rest cast per use; with its TorchCompileModel node where the request
+allows compiled or graphed blocks.
 
 The weight budget is free memory − max(0.8 GiB + reserve, estimated inference memory); leaf modules are
 taken largest first while they fit; the others keep their weights in host memory and copy and cast them
 at every forward, on one of two round-robin offload streams.
+
+Execution mode, as documented: the TorchCompileModel node (comfy_extras/nodes_torch_compile.py) wraps the
+diffusion model in `torch.compile` with a backend of "inductor" or "cudagraphs". A leaf module kept on the
+device runs its plain forward (comfy/ops.py: `forward` calls `forward_comfy_cast_weights` only when
+`comfy_cast_weights` is set, i.e. the module was left out of the load); one cast per use calls
+`cast_bias_weight`, which is decorated `@torch.compiler.disable()`: a graph break at every such leaf module. So
+CUDA graphs (and compiled regions of any size) cover only blocks fully resident; a block cast per use runs as
+eager pieces between breaks — taken as eager here. Per block, then:
+- resident: "graphed" where the request simulates graphs on a GPU (the cudagraphs backend) or "compiled" (the
+  inductor backend), whichever predicts the faster plan that fits (a user tries both and keeps the faster);
+  where graphs are not allowed (`residency plan`'s "auto": the runtime captures none), the inductor backend:
+  compiled; under an "eager" request, eager;
+- streamed (cast per use): eager in every case.
 
 Sources:
 - https://github.com/Comfy-Org/ComfyUI/blob/master/comfy/model_management.py (`minimum_inference_memory`,
@@ -11,13 +25,15 @@ Sources:
 - https://github.com/Comfy-Org/ComfyUI/blob/master/comfy/model_patcher.py (partial load: modules sorted by
   size, the ones left out patched to cast their weights per use)
 - https://github.com/Comfy-Org/ComfyUI/blob/master/comfy/ops.py (`cast_bias_weight`: weight and bias copied
-  and cast at each forward)
+  and cast at each forward, `@torch.compiler.disable()`; `forward`: the plain forward when not cast)
+- https://github.com/Comfy-Org/ComfyUI/blob/master/comfy_extras/nodes_torch_compile.py (TorchCompileModel,
+  backend "inductor" or "cudagraphs") and comfy_api/torch_helpers/torch_compile.py (`set_torch_compile_wrapper`)
 """
 
 from __future__ import annotations
 
-from policies.base import PlanRequest, build_plan, weights_format
-from policies.peers._common import fill_greedy, inference_bytes, split_blocks
+from policies.base import MODE_NOTE_PREFIX, PlanRequest, build_plan, fits_memory, weights_format
+from policies.peers._common import allowed_modes, fill_greedy, inference_bytes, split_blocks, with_exec_modes
 from residency.plan import Execution, Plan
 from residency.units import fmt_bytes
 
@@ -55,4 +71,17 @@ def plan(req: PlanRequest) -> Plan:
     used = sum(w.by_name[n].nbytes(fmt) for n in resident)
     notes = (f"weight budget {fmt_bytes(budget)}: {len(resident)} of {len(w.blocks)} blocks resident "
              f"({fmt_bytes(used)}), largest first; the rest cast per use at {fmt}",)
-    return build_plan(req, NAME, blocks, EXECUTION, notes=notes)
+    # TorchCompileModel: only the resident blocks run compiled or graphed (cast per use is a graph break)
+    backends = [m for m in ("compiled", "graphed") if m in allowed_modes(req)]
+    if not backends or not resident:
+        return build_plan(req, NAME, blocks, EXECUTION, notes=notes)
+    plans = []
+    for mode in backends:
+        moded = with_exec_modes(blocks, {n: mode for n in resident})
+        backend = "cudagraphs" if mode == "graphed" else "inductor"
+        note = (f"{MODE_NOTE_PREFIX}TorchCompileModel backend {backend}: the {len(resident)} resident blocks "
+                f"{mode}, the blocks cast per use eager (cast_bias_weight is a graph break)")
+        plans.append(build_plan(req, NAME, moded, EXECUTION, notes=(*notes, note)))
+    # the faster backend among those whose plan fits (graph pools can make a graphed plan miss the budget)
+    fitting = [p for p in plans if fits_memory(p)] or plans
+    return min(fitting, key=lambda p: p.prediction.frame_ms)

@@ -1,6 +1,10 @@
 """Peer `diffusers-model-offload`: diffusers `enable_model_cpu_offload`: whole components swapped along
 the pipeline's model sequence, each loaded when called.
 
+Execution mode: eager under every request. The documentation below pairs no compile with model offloading, and
+PyTorch's own report of `enable_model_cpu_offload` with a compiled transformer found it erroring or breaking the
+graph (https://github.com/pytorch/pytorch/issues/150711); the peer reproduces the documented, eager path.
+
 Sources:
 - https://github.com/huggingface/diffusers/blob/main/src/diffusers/pipelines/pipeline_utils.py
   (`enable_model_cpu_offload`, `model_cpu_offload_seq`)

@@ -4,6 +4,9 @@ minimising time with per-layer time = max(copy in, compute) under the memory bud
 FlexGen's 4-bit group-wise compression of weights exists but is off by default; it is off here too, so
 weights are stored at the compute dtype's format. KV and activations stay on the device (our contract).
 
+Execution mode: eager under every request: FlexGen's runtime (flex_opt.py) runs each layer's PyTorch ops as
+written, one layer at a time between its own stream synchronisations; it has no compiled or graph-captured path.
+
 Sources:
 - https://arxiv.org/abs/2303.06865 (the FlexGen paper: its cost model and the linear program of the policy
   search)

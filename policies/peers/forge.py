@@ -1,6 +1,9 @@
 """Peer `forge`: Forge's "GPU weights" budget: max(available/1.3, available − 1.25 GiB) for weights,
 smallest modules resident first, the rest moved and cast on a mover stream.
 
+Execution mode: eager under every request: the sources below run every module as written, the swapped ones
+through `weights_manual_cast` on each call; no compiled or graph-captured path of theirs is reproduced.
+
 Sources:
 - https://github.com/lllyasviel/stable-diffusion-webui-forge/blob/main/backend/memory_management.py
   (`compute_model_gpu_memory_when_using_cpu_swap`: the budget; `build_module_profile`: modules taken
