@@ -7,9 +7,9 @@ class and slot); `compiled` only where the time it saves over a session of PlanR
 its compile time (compile_s_per_block_class, once per machine: inductor caches it on disk). A mode whose
 figure the profile lacks is not offered; the CPU has no graphs. Blocks used only at session start stay eager:
 one call never repays a compile. This choice is made when PlanRequest.exec_mode is "auto" (`residency plan`'s
-default) among the modes the runtime runs today — eager and compiled: a graphed block is simulated but not yet
-executed by any backend, so "auto" never emits one — or "auto+graphed" among all three (what a plan would be
-once the runtime captures graphs: `tools/bench_modes.py`, labelled simulated). Any other value forces that mode
+default) among eager and compiled — the CUDA/ROCm runtime captures graphed blocks (residency/runtime/graphed.py)
+but that path has not yet run on a GPU, so "auto" does not choose it — or "auto+graphed" among all three
+(`tools/bench_modes.py`, labelled simulated). Any other value forces that mode
 on every block ("eager", the request's default, is the plan of before modes existed).
 """
 
@@ -25,7 +25,7 @@ from residency.simulate.costs import compute_s
 from residency.workload import BlockSpec, Workload
 
 REQUEST_MODES = ("auto", "auto+graphed", *EXEC_MODES)
-RUNNABLE_MODES = ("eager", "compiled")  # what residency.runtime executes today; "graphed" is simulated only
+RUNNABLE_MODES = ("eager", "compiled")  # what "auto" picks from; "graphed" (GPU runtime, unverified) on request
 # A graphed class holds a private pool (its activations + graph_pool_bytes_per_class) for the whole session:
 # not worth it for less than 0.1 ms per latent frame.
 MIN_GRAPH_SAVING_S = 1e-4
