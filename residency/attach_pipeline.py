@@ -28,7 +28,7 @@ from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.units import fmt_bytes
 from residency.workload import ModuleWorkloadWarning, Workload, module_workload
 from residency.workload.from_module import parameter_bytes_by_dtype
-from residency.workload.pipeline_phases import ComponentPart, enclosing_blocks, join_phases
+from residency.workload.pipeline_phases import ComponentCall, ComponentPart, enclosing_blocks, join_phases
 
 # Which pipeline attributes run in which phase, and the method the pipeline calls on them.
 ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -69,19 +69,6 @@ class PipelineModules(nn.Module):
 def _generator_states(generator: Any) -> list[tuple[torch.Generator, torch.Tensor]]:
     gens = generator if isinstance(generator, list | tuple) else [generator]
     return [(g, g.get_state()) for g in gens if isinstance(g, torch.Generator)]
-
-
-class _Entry(nn.Module):
-    """One component as the only child `name` of a root whose forward is the method the pipeline calls:
-    traced, its block names and module paths are paths of PipelineModules."""
-
-    def __init__(self, name: str, module: nn.Module, method: str):
-        super().__init__()
-        self.add_module(name, module)
-        self.__dict__["call"] = getattr(module, method)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.call(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -175,7 +162,7 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
             if method != "forward":  # the VAE's encoder never runs in text-to-image: left out on purpose
                 warnings.simplefilter("ignore", ModuleWorkloadWarning)
             # weights in another dtype than the pipeline's main one (a fp32 VAE) keep theirs
-            traced = module_workload(_Entry(comp, module, method), _by_name(getattr(module, method), args, kwargs),
+            traced = module_workload(ComponentCall(comp, module, method), _by_name(getattr(module, method), args, kwargs),
                                      name=comp, component=comp, compute_dtype=dtype, weights_dtype=dtype)
         parts.append(ComponentPart(comp, phase, per_step, traced.workload, calls))
     title = name or type(pipe).__name__

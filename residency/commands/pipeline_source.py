@@ -145,26 +145,13 @@ def _guided(pipe_class: Any, denoiser: nn.Module) -> bool:
     return isinstance(scale, int | float) and scale > 1 and not denoiser.config.get("guidance_embeds", False)
 
 
-class _Entry(nn.Module):
-    """One component as the only child `name` of a root whose forward is the method the pipeline calls, so
-    the traced block names and module paths are paths in the pipeline (as residency.attach_pipeline traces)."""
-
-    def __init__(self, name: str, module: nn.Module, method: str):
-        super().__init__()
-        self.add_module(name, module)
-        self.__dict__["call"] = getattr(module, method)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.call(*args, **kwargs)
-
-
 def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
     """The workload of one call of the pipeline in `path` (encode → denoise × its default steps → decode), at
     `size` (an ExampleSize of height/width/frames; None: the pipeline's defaults), from configs only."""
     from residency.attach_pipeline import DENOISERS, ENCODERS
     from residency.front_door.examples import ExampleSize, derive, vae_decode_example
     from residency.workload import ModuleWorkloadWarning, module_workload
-    from residency.workload.pipeline_phases import ComponentPart, join_phases
+    from residency.workload.pipeline_phases import ComponentCall, ComponentPart, join_phases
 
     size = size or ExampleSize()
     pipe_name, components = read_index(path)
@@ -212,7 +199,7 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
             if comp == "vae":  # its encoder never runs in text-to-image, its decoder may run per frame
                 warnings.simplefilter("ignore", ModuleWorkloadWarning)
             try:
-                traced = module_workload(_Entry(comp, planned[comp], method), example, name=comp, component=comp,
+                traced = module_workload(ComponentCall(comp, planned[comp], method), example, name=comp, component=comp,
                                          compute_dtype=compute_dtype)
             except ResidencyError as e:  # a forward meta cannot run (a size past a table the config sizes)
                 raise ResidencyError(f"{path}: {e.message}", hint="try a smaller --height/--width/--frames, or "

@@ -119,13 +119,20 @@ class CompiledForwards:
         """Put every module's forward back as install found it: the class's.
 
         Raises RuntimeError when a module's forward is no longer ours (wrapped again and not unwrapped)."""
-        for module, ours in self._installed:
-            if module.__dict__.get("forward") is not ours:
-                raise RuntimeError(f"{type(module).__name__}.forward was replaced after residency compiled it; "
-                                   "remove that wrapper before detaching")
-        for module, _ours in self._installed:
-            del module.forward  # the class's forward shows through again
+        remove_forwards(self._installed, "compiled")
         self._installed = []
+
+
+def remove_forwards(installed: list[tuple[nn.Module, Callable[..., Any]]], verb: str) -> None:
+    """Delete the instance forwards residency installed, so each class's own shows through again; all or
+    nothing. Raises RuntimeError, before removing any, when a module's forward is no longer the one
+    installed (another wrapper went on after residency `verb` it and was not taken off)."""
+    for module, ours in installed:
+        if module.__dict__.get("forward") is not ours:
+            raise RuntimeError(f"{type(module).__name__}.forward was replaced after residency {verb} it; "
+                               "remove that wrapper before detaching")
+    for module, _ours in installed:
+        del module.forward
 
 
 def compile_blocks(plan: Plan, modules: dict[str, tuple[nn.Module, ...]], notes: list[str]) -> CompiledForwards:

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from residency.plan import Plan
-from residency.runtime.compiled import CompiledForwards, check_exec_modes, compile_blocks
+from residency.runtime.compiled import CompiledForwards, check_exec_modes, compile_blocks, remove_forwards
 from residency.workload import Workload
 
 _CONTAINERS = (list, tuple, dict)  # what torch's pytree opens in a call's arguments
@@ -182,12 +182,7 @@ class GraphedForwards:
         """Put every module's forward back (the class's) and drop the graphs and their buffers.
 
         Raises RuntimeError when a module's forward is no longer ours (wrapped again and not unwrapped)."""
-        for module, ours in self._installed:
-            if module.__dict__.get("forward") is not ours:
-                raise RuntimeError(f"{type(module).__name__}.forward was replaced after residency graphed it; "
-                                   "remove that wrapper before detaching")
-        for module, _ours in self._installed:
-            del module.forward
+        remove_forwards(self._installed, "graphed")
         if self.captures and self.device.type == "cuda":
             # Detach only: the graphs' pool is freed with them, and a replay may still be running on it.
             torch.cuda.synchronize(self.device)

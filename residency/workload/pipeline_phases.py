@@ -9,11 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import nn
 
 from residency.errors import ResidencyError
 from residency.workload.spec import BlockSpec, PassSpec, PhaseSpec, Workload
 
 PHASES = ("encode", "denoise", "decode")  # in the order a text-to-image call runs them
+
+
+class ComponentCall(nn.Module):
+    """One component as the only child `name` of a root whose forward is the method the pipeline calls
+    (`encode`, `decode` or `forward`): traced, its block names and module paths are paths in the pipeline."""
+
+    def __init__(self, name: str, module: nn.Module, method: str):
+        super().__init__()
+        self.add_module(name, module)
+        self.__dict__["call"] = getattr(module, method)  # not a submodule: a bound method of the child
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(*args, **kwargs)
 
 
 @dataclass(frozen=True)
