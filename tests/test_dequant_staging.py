@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from residency.errors import FormatError
 from residency.formats import FORMATS, get_format
+from residency.formats import staging as staging_module
 from residency.formats.staging import StagedUnpack, bytes_per_weight, new_staging, staging_bytes
 
 GGUF_QUANTS = [n for n, f in FORMATS.items() if f.gguf_type is not None and f.block_weights > 1]
@@ -66,6 +67,26 @@ def test_every_output_dtype_is_ggufs_fp32_result_rounded_once(name, rows, blocks
         fmt.unpack(packed, out, staging)
         bits = torch.int32 if dtype == torch.float32 else torch.int16
         assert torch.equal(out.view(bits), expect.to(dtype).view(bits)), dtype
+
+
+@pytest.mark.parametrize("name", GGUF_QUANTS)
+@pytest.mark.parametrize(("chunk_blocks", "sub_blocks"), [(7, 1), (7, 3), (5, 5), (4, 9)])
+def test_float_sub_chunks_inside_a_chunk_keep_every_output_exact(name, chunk_blocks, sub_blocks):
+    # The float phase runs in sub-chunks over integer planes cut for the whole chunk: a sub-chunk
+    # that read the chunk's fp32 staging (overwritten by earlier sub-chunks) or the wrong block
+    # range would differ here. Real sub-chunks are 128 K weights; these edges fall inside chunks.
+    fmt = get_format(name)
+    raw = random_blocks(name, 23, seed=sub_blocks)
+    expect = torch.from_numpy(gguf_quants.dequantize(raw, GGMLQuantizationType[name]).astype(np.float32)).view(23, -1)
+    packed = torch.from_numpy(raw.reshape(-1))
+    staging = chunked_staging(chunk_blocks * fmt.block_weights)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(staging_module.FLOAT_SUB_WEIGHTS, "cpu", sub_blocks * fmt.block_weights)
+        for dtype in (torch.float32, *HALF):
+            out = torch.full(expect.shape, float("nan"), dtype=dtype)
+            fmt.unpack(packed, out, staging)
+            bits = torch.int32 if dtype == torch.float32 else torch.int16
+            assert torch.equal(out.view(bits), expect.to(dtype).view(bits)), dtype
 
 
 @pytest.mark.parametrize("name", ["FP8", "NF4"])

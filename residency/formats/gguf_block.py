@@ -16,8 +16,10 @@ from residency.errors import FormatError
 from residency.formats.base import StorageFormat
 from residency.formats.staging import chunk_buffers
 
-# (blocks uint8 (n, block_bytes), out f32 (n, block_weights) or None, work uint8 or None) -> f32 result.
-# `work` holds the kernel's integer planes (at most 2 bytes per weight); None: the kernel allocates them.
+# (blocks uint8 (n, block_bytes), out f32 (n, block_weights) or None, work uint8 or None, dst or None)
+# -> the result. `work` holds the kernel's integer planes (at most 2 bytes per weight); None: the kernel
+# allocates them. dst None: the result is fp32 in `out`; else `out` is the fp32 staging of the chunk and
+# the result goes into `dst` (n, block_weights) of any float dtype (staging.float_phase).
 DequantKernel = Callable[..., torch.Tensor]
 QuantKernel = Callable[[torch.Tensor], torch.Tensor]  # f32 (n, block_weights) -> uint8 (n, block_bytes)
 
@@ -39,8 +41,9 @@ class GGUFBlockFormat(StorageFormat):
         unpack_kernel(self, out.dtype, blocks.device)(blocks, out.view(-1, self.block_weights), staging)
 
     def eager_unpack(self, blocks: torch.Tensor, out2d: torch.Tensor, staging: torch.Tensor | None) -> None:
-        """Chunk by chunk: the kernel writes fp32 straight into an fp32 `out2d`, else into the staging's
-        fp32 chunk, which one cast-copy moves into `out2d` while it is still in cache."""
+        """Chunk by chunk: the kernel cuts a chunk's integer planes into the staging, then runs its float
+        phase in cache-sized sub-chunks straight into an fp32 `out2d`, else through the head of the
+        staging's fp32 chunk, each sub-chunk cast into `out2d` while it is still in cache."""
         assert self.dequant_kernel is not None
         n = blocks.shape[0]
         if n == 0:
@@ -52,10 +55,8 @@ class GGUFBlockFormat(StorageFormat):
         direct = out2d.dtype == torch.float32
         for i in range(0, n, step):
             b, o = blocks[i : i + step], out2d[i : i + step]
-            if direct:
-                self.dequant_kernel(b, out=o, work=buf.work)
-            else:
-                o.copy_(self.dequant_kernel(b, out=buf.f32[: o.numel()].view(o.shape), work=buf.work))
+            f32 = o if direct else buf.f32[: o.numel()].view(o.shape)
+            self.dequant_kernel(b, out=f32, work=buf.work, dst=o)
 
     def fused_unpack(self, blocks: torch.Tensor, out2d: torch.Tensor) -> None:
         """The whole tensor at once, for torch.compile to fuse (eager, it would allocate output-sized

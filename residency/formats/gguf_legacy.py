@@ -7,11 +7,14 @@ pack delegates to gguf's numpy quantizer, which is the reference for these types
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
+
+from residency.formats.staging import float_phase
 
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -32,6 +35,8 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
 # is allocated (on CPU each one is a fresh mmap whose pages fault on first touch, ~1 µs per 4 KiB).
 # Integer planes go to `work` (uint8, ≥ 1 byte per weight) when the caller gives one; the nibble
 # formats also cut their planes in `out` before the int→float copy overwrites it.
+# The integer phase runs over the whole chunk; the float phase (staging.float_phase: int→float, ·d,
+# + m, the cast into `dst`) reads only the planes, d and m, so it can run in cache-sized sub-chunks.
 # Same float ops in the same order as gguf's numpy (q·d, then + m): results stay bit-exact.
 def _out(blocks: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
@@ -70,67 +75,92 @@ def _nibbles_into(q: torch.Tensor, qs: torch.Tensor, scratch: torch.Tensor) -> t
     return q
 
 
-def dequant_q8_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
+def _scaled(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None) -> Callable[[int, int, torch.Tensor], None]:
+    """The float phase: integer codes q (n, 32) → q·d (+ m) for blocks lo..hi."""
+
+    def floats(lo: int, hi: int, o: torch.Tensor) -> None:
+        o.copy_(q[lo:hi])
+        o.mul_(d[lo:hi])
+        if m is not None:
+            o.add_(m[lo:hi])
+
+    return floats
+
+
+def dequant_q8_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None,
+                 dst: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
-    o = _out(blocks, out)
-    o.copy_(blocks[:, 2:].view(torch.int8))
-    return o.mul_(d)
+    q = blocks[:, 2:].view(torch.int8)
+    return float_phase(_out(blocks, out), dst, _scaled(q, d))
 
 
-def dequant_q4_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_q4_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None,
+                 dst: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     o = _out(blocks, out)
     q = _nibbles_into(_bytes(blocks, work, (blocks.shape[0], 32)), blocks[:, 2:], o)
-    o.copy_(q.view(torch.int8).sub_(8))  # 0..15 − 8, exact in int8
-    return o.mul_(d)
+    return float_phase(o, dst, _scaled(q.view(torch.int8).sub_(8), d))  # 0..15 − 8, exact in int8
 
 
-def dequant_q4_1(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_q4_1(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None,
+                 dst: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     m = _f16(blocks, 2)
     o = _out(blocks, out)
-    o.copy_(_nibbles_into(_bytes(blocks, work, (blocks.shape[0], 32)), blocks[:, 4:], o))
-    return o.mul_(d).add_(m)
+    q = _nibbles_into(_bytes(blocks, work, (blocks.shape[0], 32)), blocks[:, 4:], o)
+    return float_phase(o, dst, _scaled(q, d, m))
 
 
-# Spreads the 8 bits of a byte over the 8 bytes of an int64, bit b → bit 4 of byte b (so, OR-ed onto
-# a nibble, it is the 5th bit of weight b): multiply copies the byte into every byte, the mask keeps
-# bit b in byte b, + 0x7F carries a set bit to bit 7 without crossing bytes, >> 3 moves it to bit 4
-# (an arithmetic shift: the last mask clears what the sign dragged in). The multiply wraps, as intended.
+# The 8 bits of a qh byte spread over the 8 bytes of an int64, bit b → bit 4 of byte b (so, OR-ed onto
+# a nibble, it is the 5th bit of weight b): one gather from a 256-entry table (2 KiB, stays in L1).
+# Measured per 1 M weights (1 thread, thread-CPU medians): 223 µs, against 446 µs for the arithmetic
+# spread (widen each byte to int64, multiply, mask, carry, shift: 5 passes over 8 bytes a byte).
 # Hazard: bytes of an int64 are read in memory order, so this assumes a little-endian machine.
-_SPREAD_MUL, _SPREAD_MASK = 0x0101010101010101, -0x7FBFDFEFF7FBFDFF  # 0x8040201008040201 as int64
-_SEVEN_F, _BIT4 = 0x7F7F7F7F7F7F7F7F, 0x1010101010101010
-
-
 assert sys.byteorder == "little", "the Q5_0/Q5_1 bit spread reads int64 bytes in little-endian order"
+
+_SPREAD: dict[torch.device, torch.Tensor] = {}
+
+
+def _spread_table(device: torch.device) -> torch.Tensor:
+    """(256,) int64: entry v has bit 4 of byte b set where bit b of v is; built once per device."""
+    t = _SPREAD.get(device)
+    if t is None:
+        v = torch.arange(256, dtype=torch.int64)
+        t = torch.zeros(256, dtype=torch.int64)
+        for b in range(8):
+            t |= ((v >> b) & 1) << (8 * b + 4)
+        t = _SPREAD[device] = t.to(device)
+    return t
 
 
 def _five_bit(blocks: torch.Tensor, qh_at: int, qs_at: int, work: torch.Tensor | None, scratch: torch.Tensor) -> torch.Tensor:
     """(n, 32) uint8 in 0..31: the nibbles plus the 5th bit from the 4-byte little-endian qh word
     (bit i → weight i, i.e. byte i // 8, bit i % 8). Needs 2 bytes of work per weight, and
-    `scratch` as _nibbles_into does."""
+    `scratch` as _nibbles_into does (words 0..12n) plus words 12n..16n for the qh bytes as int32
+    gather indices."""
     n = blocks.shape[0]
     planes = _bytes(blocks, work, (2, n * 32))
     q = _nibbles_into(planes[0].view(n, 32), blocks[:, qs_at : qs_at + 16], scratch)
-    high = planes[1].view(torch.int64).view(n, 4)
-    high.copy_(blocks[:, qh_at : qh_at + 4])
-    high.mul_(_SPREAD_MUL).bitwise_and_(_SPREAD_MASK).add_(_SEVEN_F).bitwise_right_shift_(3).bitwise_and_(_BIT4)
+    idx = scratch.reshape(-1).view(torch.int32)[12 * n : 16 * n]
+    idx.view(n, 4).copy_(blocks[:, qh_at : qh_at + 4])
+    high = planes[1].view(torch.int64)
+    torch.index_select(_spread_table(blocks.device), 0, idx, out=high)
     return q.bitwise_or_(high.view(torch.uint8).view(n, 32))
 
 
-def dequant_q5_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_q5_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None,
+                 dst: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     o = _out(blocks, out)
-    o.copy_(_five_bit(blocks, 2, 6, work, o).view(torch.int8).sub_(16))
-    return o.mul_(d)
+    return float_phase(o, dst, _scaled(_five_bit(blocks, 2, 6, work, o).view(torch.int8).sub_(16), d))
 
 
-def dequant_q5_1(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_q5_1(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None,
+                 dst: torch.Tensor | None = None) -> torch.Tensor:
     d = _f16(blocks, 0)
     m = _f16(blocks, 2)
     o = _out(blocks, out)
-    o.copy_(_five_bit(blocks, 4, 8, work, o))
-    return o.mul_(d).add_(m)
+    return float_phase(o, dst, _scaled(_five_bit(blocks, 4, 8, work, o), d, m))
 
 
 def _numpy_quantizer(qtype: GGMLQuantizationType):

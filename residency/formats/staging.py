@@ -6,6 +6,7 @@ output, so no call allocates anything of output size whatever the dtype or the m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,13 @@ WORK_BYTES_PER_WEIGHT = 2
 # 2 M was slower again. GPU: each op is a kernel launch (~5 µs), so fewer chunks launch less;
 # each dequantizing thread holds one staging (6 MiB at 1 M into bf16), counted in the ledger.
 CHUNK_WEIGHTS = {"cpu": 1 << 20, "cuda": 1 << 20}
+# Weights per float sub-chunk: a kernel cuts its integer planes over the whole chunk, then runs the
+# float phase (int→float, scale, min, cast into the output) over sub-chunks whose fp32 values
+# (512 KiB at 128 K) stay in L2 across those 3-4 passes instead of streaming from L3 each time.
+# CPU only: on a GPU every sub-chunk is more kernel launches and no cache is gained. Measured in
+# the float phase alone (Q4_K, into bf16, 1 thread, thread-CPU medians): 24.8 / 22.6 / 21.4 ms
+# per 16.7 M weights at 1 M / 256 K / 128 K.
+FLOAT_SUB_WEIGHTS = {"cpu": 1 << 17}
 
 
 def bytes_per_weight(out_dtype: torch.dtype) -> int:
@@ -32,6 +40,33 @@ def staging_bytes(device_type: str, largest_weights: int, out_dtype: torch.dtype
     on `device_type` (one chunk, or the whole tensor when it is smaller than a chunk)."""
     cap = CHUNK_WEIGHTS.get(device_type, CHUNK_WEIGHTS["cuda"])
     return bytes_per_weight(out_dtype) * min(cap, max(0, int(largest_weights)))
+
+
+def float_phase(f32: torch.Tensor, dst: torch.Tensor | None, body: Callable[[int, int, torch.Tensor], None]) -> torch.Tensor:
+    """Run a kernel's float phase over blocks 0..n of its (n, block_weights) fp32 chunk `f32`.
+
+    `body(lo, hi, o)` writes the fp32 weights of blocks lo..hi into o, a (hi - lo, block_weights)
+    float32 view; it may read only integer planes and per-block scales, since `f32` (staging for
+    the integer phase) is overwritten. dst None: one pass into `f32`, which is the result (the
+    whole-tensor form torch.compile traces). Else `dst` (n, block_weights), any float dtype: on
+    CPU in sub-chunks, each computed in `dst` itself when it is fp32 (then `f32` may be `dst`),
+    else in the head of `f32` and cast into `dst` at once, while it is in L2."""
+    n = f32.shape[0]
+    if dst is None:
+        body(0, n, f32)
+        return f32
+    sub = FLOAT_SUB_WEIGHTS.get(f32.device.type)
+    step = n if sub is None else max(1, sub // f32.shape[1])
+    direct = dst.dtype == torch.float32
+    for lo in range(0, n, step):
+        hi = min(n, lo + step)
+        if direct:
+            body(lo, hi, dst[lo:hi])
+        else:
+            o = f32[: hi - lo]
+            body(lo, hi, o)
+            dst[lo:hi].copy_(o)
+    return dst
 
 
 def new_staging(nbytes: int, device: torch.device | str) -> torch.Tensor:
