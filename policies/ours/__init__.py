@@ -7,6 +7,9 @@ execution modes, or at the rival's own where they compile nothing ours found not
 the session (a peer is never followed into such a compile).
 Without a frame budget: the best quality within an allowance of the fastest plan that fits
 (policies.ours.ranking.default_frame_ms), the rule stated in the plan's notes.
+Modes are chosen before placement (policies.ours.modes), so a graphed class's pool is charged to the budget
+whatever the placement: where "auto+graphed" takes a graph, the plan is also made without graphs ("auto") and the
+better by the ranking is returned — never worse than "auto" for the same request, at twice the planning.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from policies.ours.gap import gap_statement
 from policies.ours.modes import ModeChoice, check_request_mode, choose_modes, mode_notes, with_modes
 from policies.ours.pinning import pin_small_streamed
 from policies.ours.problem import least_memory_plan
-from policies.ours.ranking import MIN_SLACK_MS, QUALITY_SLACK, better
-from policies.ours.search import Found, search, with_rivals_fastest
+from policies.ours.ranking import MIN_SLACK_MS, QUALITY_SLACK, better, default_frame_ms
+from policies.ours.search import Found, fastest_fitting, search, with_rivals_fastest
 from residency.plan import Plan
 from residency.simulate import lower_bound_s, predict
 
@@ -31,21 +34,42 @@ def plan(req: PlanRequest, rivals: Sequence[PolicyFn] = ()) -> Plan:
     started = time.perf_counter()  # for the timing note only: no step of the search looks at the clock
     check_request_mode(req)
     req = replace(req, options=replace(req.options, bound=False))  # candidates: no lower-bound LP each
-    found = search(req)
-    choices = choose_modes(req, found.kv_dtype)
-    rival_plans = _rival_plans(req, rivals, choices)
-    found = _adopt_better(with_rivals_fastest(req, found, rival_plans), rival_plans)
-    found = _keep_small_streamed_resident(req, found)
-    chosen = _as_ours(req, found)
+    found, choices, chosen = _placed(req, rivals)
+    declined = None
+    if any(ch.mode == "graphed" for ch in choices.values()):
+        # the pools were charged before placement: the same request without graphs may place better
+        plain = replace(req, exec_mode="auto")
+        alt_found, alt_choices, alt_chosen = _placed(plain, rivals)
+        fastest = fastest_fitting([found.fastest, alt_found.fastest])
+        frame_ms = req.budget.frame_ms if req.budget.frame_ms is not None else (
+            default_frame_ms(fastest.prediction.frame_ms) if fastest is not None else None)
+        if better(chosen, alt_chosen, frame_ms):
+            p, q = chosen.prediction, alt_chosen.prediction
+            declined = (f"graphs declined: the plan without them scored better ({q.frame_ms:.3g} ms at quality loss "
+                        f"{q.quality_loss:.3g}, against {p.frame_ms:.3g} ms at {p.quality_loss:.3g} with their "
+                        f"pools)")
+            req, found, choices, chosen = plain, alt_found, alt_choices, alt_chosen
     # Candidates were scored without the lower bound (an LP each): compute it once, for the plan returned.
     bound_ms = lower_bound_s(req.workload, chosen, req.profile) * 1e3
     chosen = chosen.with_prediction(replace(chosen.prediction, lower_bound_ms=bound_ms))
     gap = gap_statement(req, chosen, found.kv_dtype)
     modes = mode_notes(choices, chosen.blocks, req.workload)
     default = _default_frame_note(req, found, chosen)
-    notes = (*chosen.notes, *([default] if default else []), *modes, *([gap] if gap else []),
-             f"planned in {time.perf_counter() - started:.2f} s")
+    notes = (*chosen.notes, *([default] if default else []), *modes, *([declined] if declined else []),
+             *([gap] if gap else []), f"planned in {time.perf_counter() - started:.2f} s")
     return replace(chosen, notes=notes)
+
+
+def _placed(req: PlanRequest, rivals: Sequence[PolicyFn]) -> tuple[Found, dict[str, ModeChoice], Plan]:
+    """The search at the request's modes, a rival's better plan adopted, the ring's stalls repaired: what it found,
+    the modes chosen, and the plan under our name (no bound yet)."""
+    found = search(req)
+    choices = choose_modes(req, found.kv_dtype)
+    rival_plans = _rival_plans(req, rivals, choices)
+    found = _adopt_better(with_rivals_fastest(req, found, rival_plans), rival_plans)
+    found = _keep_small_streamed_resident(req, found)
+    return found, choices, _as_ours(req, found)
+
 
 
 def _rival_plans(req: PlanRequest, rivals: Sequence[PolicyFn], choices: dict[str, ModeChoice]) -> list[Plan]:

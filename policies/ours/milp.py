@@ -3,6 +3,13 @@
 Time is linearised as T ≥ K + a_k·C and T ≥ C + a_c·K (compute K, copy C, the device's interference a_k, a_c) — the
 simulator's interference model for fully pipelined copies; slots, scratch, staging and each dequantizing thread's
 unpack staging enter as maxima, so the memory is the simulator's (residency.simulate.memory.peak_bytes).
+
+What keeps a solve small (on the tiny Flux pipeline of the tests a plan's solves took 50-500 HiGHS nodes in all,
+0.5-5 s under load; now 2-33 nodes): an option another of its class matches or beats on every term is dropped
+(exact: swapping one in never worsens a solution); a class of one block needs no "option used" binary (its
+count is one); each maximum is also bounded below by its class's mean (valid, and the LP relaxation's
+half-streamed blocks then pay for their slot); time and memory are solved in units of the problem's own size,
+not ms and GiB, which had put a 1 MB model's coefficients at 1e-9, HiGHS's tolerances.
 """
 
 from __future__ import annotations
@@ -12,10 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from policies.ours.options import BlockClass
+from policies.ours.options import BlockClass, Option
 
-TIME_SCALE = 1e3  # solve in ms: keeps coefficients near 1 for HiGHS
-MEM_SCALE = 1.0 / 2**30  # and memory in GiB
+# The maxima of the memory: each the largest of its term over the options used
+MAX_TERMS = ("slot_bytes", "scratch_bytes", "staging_bytes", "compute_unpack_bytes", "copy_unpack_bytes")
 
 
 @dataclass(frozen=True)
@@ -48,25 +55,73 @@ class Solution:
     device_bytes: int  # linearised peak over the frame and session phases
 
 
+def _terms(o: Option) -> tuple:
+    """What an option costs a solution, each term the less the better (loss, time, bytes)."""
+    return (o.loss, o.compute_s, o.copy_s, o.device_bytes, *(getattr(o, t) for t in MAX_TERMS))
+
+
+def kept_options(c: BlockClass) -> list[int]:
+    """Indices of the class's options that no other one matches or beats on every term (of equal ones, the first).
+
+    Exact for every objective and limit: each term enters the MILP with a non-negative weight or as a maximum, so
+    swapping a dropped option for the one that dominates it never worsens a solution. Cost: options² per class.
+    """
+    terms = [_terms(o) for o in c.options]
+    kept = []
+    for i, t in enumerate(terms):
+        if not any(j != i and all(a <= b for a, b in zip(u, t, strict=True)) and (u != t or j < i)
+                   for j, u in enumerate(terms)):
+            kept.append(i)
+    return kept
+
+
 @dataclass(frozen=True)
 class _Layout:
-    """Column indices: n[c,o] (integer) at k, y[c,o] (binary: option used) at y0 + k, then the seven scalars."""
+    """Column indices: n[c,o] (integer) at k; y[c,o] (binary: option used) where its option has a maximum term and
+    its class more than one block (a one-block class's n is its own indicator); then the seven scalars."""
 
-    index: list[tuple[int, int]]  # k -> (class, option)
+    index: list[tuple[int, int]]  # k -> (class, option index in the class's options)
+    used: list[int]  # k -> the column that is 1 when option k is used: its y, or n itself
     nv: int  # number of variables
-    y0: int
-    t_i: int  # T, the linearised frame time (ms)
-    slot_i: int  # M_slot (GiB), the largest ring slot
-    scr_i: int  # M_scratch (GiB)
-    stage_i: int  # M_stage (GiB)
-    unpack_compute_i: int  # M_unpack (GiB): the compute side's unpack staging
-    unpack_copy_i: int  # M_unpack (GiB): the copy side's unpack staging
-    peak_i: int  # M_peak (GiB), the worse of the frame and session phases
+    n_int: int  # the first n_int columns are integer
+    t_i: int  # T, the linearised frame time (in time units)
+    slot_i: int  # M_slot, the largest ring slot (in memory units)
+    scr_i: int  # M_scratch
+    stage_i: int  # M_stage
+    unpack_compute_i: int  # M_unpack: the compute side's unpack staging
+    unpack_copy_i: int  # M_unpack: the copy side's unpack staging
+    peak_i: int  # M_peak, the worse of the frame and session phases
+    time_unit_s: float  # seconds per unit of T
+    mem_unit_bytes: float  # bytes per unit of memory
+
+    def max_columns(self) -> dict[str, int]:
+        return dict(zip(MAX_TERMS, (self.slot_i, self.scr_i, self.stage_i, self.unpack_compute_i,
+                                    self.unpack_copy_i), strict=True))
+
+
+def _layout(p: Problem) -> _Layout:
+    index = [(ci, oi) for ci, c in enumerate(p.classes) for oi in kept_options(c)]
+    used, ny = [], 0
+    for k, (ci, oi) in enumerate(index):
+        o = p.classes[ci].options[oi]
+        if len(p.classes[ci].blocks) > 1 and any(getattr(o, t) for t in MAX_TERMS):
+            used.append(len(index) + ny)
+            ny += 1
+        else:
+            used.append(k)
+    n_int = len(index) + ny
+    nv = n_int + 7
+    # T ≥ the compute of every block at its fastest option: in that unit T ≥ 1, so HiGHS's absolute gap (1e-6)
+    # stays far below the relative one; memory in the bytes of every block at its largest option
+    time_s = sum(len(c.blocks) * min(o.compute_s for o in c.options) for c in p.classes)
+    mem = sum(len(c.blocks) * max(max(o.device_bytes, o.slot_bytes) for o in c.options) for c in p.classes)
+    return _Layout(index, used, nv, n_int, *range(n_int, nv), time_unit_s=time_s or 1e-3,
+                   mem_unit_bytes=float(mem + p.fixed_bytes) or 1.0)
 
 
 @dataclass
 class _Terms:
-    """Per n[c,o] column k: its coefficient in each linear term (time in ms, memory in GiB)."""
+    """Per n[c,o] column k: its coefficient in each linear term (time and memory in the layout's units)."""
 
     compute: dict[int, float] = field(default_factory=dict)
     copy: dict[int, float] = field(default_factory=dict)
@@ -98,46 +153,47 @@ class _Rows:
         return LinearConstraint(np.array(self.rows), self.lbs, self.ubs)
 
 
-def _layout(p: Problem) -> _Layout:
-    index = [(ci, oi) for ci, c in enumerate(p.classes) for oi in range(len(c.options))]
-    nv = 2 * len(index) + 7
-    return _Layout(index, nv, len(index), nv - 7, nv - 6, nv - 5, nv - 4, nv - 3, nv - 2, nv - 1)
-
-
 def _bounds(p: Problem, lay: _Layout) -> tuple[Bounds, np.ndarray]:
     """Variable bounds (n ≤ the class's block count, y ≤ 1, the rest ≥ 0) and the integrality vector."""
     lo, hi = np.zeros(lay.nv), np.full(lay.nv, np.inf)
     integrality = np.zeros(lay.nv)
-    integrality[: 2 * len(lay.index)] = 1
+    integrality[: lay.n_int] = 1
     for k, (ci, _) in enumerate(lay.index):
         hi[k] = len(p.classes[ci].blocks)
-        hi[lay.y0 + k] = 1
+        hi[lay.used[k]] = min(hi[lay.used[k]], hi[k])  # y ≤ 1; a one-block class's n ≤ 1
+    for k in range(len(lay.index), lay.n_int):
+        hi[k] = 1
     return Bounds(lo, hi), integrality
 
 
 def _option_rows(p: Problem, lay: _Layout, rows: _Rows) -> _Terms:
     """Adds the per-class and per-option rows; returns each option column's time, loss and memory terms."""
+    t, m = 1.0 / lay.time_unit_s, 1.0 / lay.mem_unit_bytes
+    maxima = lay.max_columns()
     for ci, c in enumerate(p.classes):  # every block of a class takes exactly one option
-        rows.add({k: 1.0 for k, (cj, _) in enumerate(lay.index) if cj == ci}, len(c.blocks), len(c.blocks))
+        ks = [k for k, (cj, _) in enumerate(lay.index) if cj == ci]
+        rows.add({k: 1.0 for k in ks}, len(c.blocks), len(c.blocks))
+        # each maximum ≥ the class's mean (valid: a mean is at most a maximum). For a one-block class it is the
+        # maximum's only row (its options' rows summed: tighter in the LP, where one block may be half streamed);
+        # a larger class keeps a row per option on its y, and gets this one where two options have the term.
+        for term, col in maxima.items():
+            mean = {k: getattr(c.options[lay.index[k][1]], term) * m / len(c.blocks) for k in ks}
+            mean = {k: v for k, v in mean.items() if v}
+            if mean and (len(c.blocks) == 1 or len(mean) > 1):
+                rows.add({col: 1.0, **{k: -v for k, v in mean.items()}}, 0.0, np.inf)
     terms = _Terms()
     for k, (ci, oi) in enumerate(lay.index):
         c, o = p.classes[ci], p.classes[ci].options[oi]
-        rows.add({k: 1.0, lay.y0 + k: -float(len(c.blocks))}, -np.inf, 0.0)  # n > 0 only if y = 1
-        if o.slot_bytes:
-            rows.add({lay.slot_i: 1.0, lay.y0 + k: -o.slot_bytes * MEM_SCALE}, 0.0, np.inf)
-        if o.scratch_bytes:
-            rows.add({lay.scr_i: 1.0, lay.y0 + k: -o.scratch_bytes * MEM_SCALE}, 0.0, np.inf)
-        if o.staging_bytes:
-            rows.add({lay.stage_i: 1.0, lay.y0 + k: -o.staging_bytes * MEM_SCALE}, 0.0, np.inf)
-        if o.compute_unpack_bytes:
-            rows.add({lay.unpack_compute_i: 1.0, lay.y0 + k: -o.compute_unpack_bytes * MEM_SCALE}, 0.0, np.inf)
-        if o.copy_unpack_bytes:
-            rows.add({lay.unpack_copy_i: 1.0, lay.y0 + k: -o.copy_unpack_bytes * MEM_SCALE}, 0.0, np.inf)
-        terms.compute[k] = o.compute_s * TIME_SCALE
-        terms.copy[k] = o.copy_s * TIME_SCALE
+        y = lay.used[k]
+        if y != k:  # a class of several blocks: n > 0 only if y = 1, and each maximum ≥ the option's term if used
+            rows.add({k: 1.0, y: -float(len(c.blocks))}, -np.inf, 0.0)
+            for term, col in maxima.items():
+                if getattr(o, term):
+                    rows.add({col: 1.0, y: -getattr(o, term) * m}, 0.0, np.inf)
+        terms.compute[k] = o.compute_s * t
+        terms.copy[k] = o.copy_s * t
         terms.loss[k] = o.loss
-        mem = o.device_bytes * MEM_SCALE
-        (terms.frame_mem if c.calls_per_frame else terms.session_mem)[k] = mem
+        (terms.frame_mem if c.calls_per_frame else terms.session_mem)[k] = o.device_bytes * m
     return terms
 
 
@@ -158,11 +214,11 @@ def _time_and_peak_rows(p: Problem, lay: _Layout, rows: _Rows, terms: _Terms) ->
 def _budget_rows(p: Problem, lay: _Layout, rows: _Rows, terms: _Terms) -> None:
     """Adds the VRAM, frame-time, time-cap and loss-cap limits the problem sets."""
     if p.vram_bytes is not None:
-        rows.add({lay.peak_i: 1.0}, -np.inf, p.vram_bytes * MEM_SCALE - p.fixed_bytes * MEM_SCALE)
+        rows.add({lay.peak_i: 1.0}, -np.inf, (p.vram_bytes - p.fixed_bytes) / lay.mem_unit_bytes)
     if p.frame_s is not None:
-        rows.add({lay.t_i: 1.0}, -np.inf, p.frame_s * TIME_SCALE)
+        rows.add({lay.t_i: 1.0}, -np.inf, p.frame_s / lay.time_unit_s)
     if p.time_cap_s is not None:
-        rows.add({lay.t_i: 1.0}, -np.inf, p.time_cap_s * TIME_SCALE)
+        rows.add({lay.t_i: 1.0}, -np.inf, p.time_cap_s / lay.time_unit_s)
     if p.loss_cap is not None:
         rows.add(dict(terms.loss), -np.inf, p.loss_cap + 1e-12)
 
@@ -188,9 +244,8 @@ def _solution(p: Problem, lay: _Layout, x: np.ndarray, loss: dict[int, float]) -
     counts = [[0] * len(c.options) for c in p.classes]
     for k, (ci, oi) in enumerate(lay.index):
         counts[ci][oi] = int(round(x[k]))
-    fixed = p.fixed_bytes * MEM_SCALE
-    return Solution(counts, x[lay.t_i] / TIME_SCALE, float(sum(loss[k] * x[k] for k in loss)),
-                    int((x[lay.peak_i] + fixed) / MEM_SCALE))
+    return Solution(counts, x[lay.t_i] * lay.time_unit_s, float(sum(loss[k] * x[k] for k in loss)),
+                    int(x[lay.peak_i] * lay.mem_unit_bytes) + p.fixed_bytes)
 
 
 def solve(p: Problem) -> Solution | None:

@@ -24,8 +24,9 @@ DEPTHS = (1, 2)  # prefetch depths tried; deeper rarely pays for its slot memory
 DEEPER_IF_STALL = 0.02  # try the deeper ring only when the best plan stalls > 2% of its frame
 REPAIRS = 5  # bisection steps on the linear frame budget when the simulator disagrees
 # Re-solves of one proposal the simulator finds over the VRAM budget, each with the MILP's VRAM limit tightened
-# by twice the overshoot. The MILP counts the simulator's memory kinds, but within the solver's tolerance (~100s
-# of bytes) and only those it models: a proposal a little over would otherwise be dropped, and with it every plan
+# by twice the overshoot. The MILP counts the simulator's memory kinds, but within the solver's tolerance (memory
+# is in units of the model's bytes: ~1e-7 of them, 0.1 B on a 1 MB model, 1-2 KB on a 20 GB one) and only those
+# it models: a proposal a little over would otherwise be dropped, and with it every plan
 # near the budget — on a tiny model, all the resident quantized ones, leaving only plans that stream.
 MEMORY_REPAIRS = 2
 KV_FALLBACK = "fp8"
@@ -48,7 +49,8 @@ def _fits(plan: Plan | None) -> bool:
     return plan is not None and fits_memory(plan)
 
 
-def _fastest_fitting(plans: Sequence[Plan | None]) -> Plan | None:
+def fastest_fitting(plans: Sequence[Plan | None]) -> Plan | None:
+    """The fastest of the plans that fit (None when none does)."""
     fitting = [p for p in plans if _fits(p)]
     return min(fitting, key=lambda p: p.prediction.frame_ms) if fitting else None
 
@@ -75,7 +77,7 @@ def search(req: PlanRequest) -> Found:
 def with_rivals_fastest(req: PlanRequest, found: Found, rivals: Sequence[Plan]) -> Found:
     """`found` ranking by the frame time derived from the fastest plan that fits among its own and `rivals`'
     (a change only without a frame budget, and where a rival's plan is faster than every one of ours)."""
-    fastest = _fastest_fitting([found.fastest, *rivals])
+    fastest = fastest_fitting([found.fastest, *rivals])
     return replace(found, frame_ms=_frame_ms(req, fastest), fastest=fastest)
 
 
@@ -103,7 +105,7 @@ def _best_over_depths(req: PlanRequest, kv_dtype: str, best: Plan | None,
         start = _solve_fitting(req, classes, base, execution, kv_dtype)
         if start is None:
             continue
-        fastest = _fastest_fitting([fastest, start[1]])
+        fastest = fastest_fitting([fastest, start[1]])
         frame_ms = _frame_ms(req, fastest)
         new = [start[1], *_bisect(req, classes, replace(base, vram_bytes=start[2]), start, execution, kv_dtype,
                                   frame_ms)]
@@ -162,4 +164,4 @@ def _bisect(req: PlanRequest, classes: list[BlockClass], base: Problem, start: t
     return plans
 
 
-__all__ = ["DEPTHS", "KV_FALLBACK", "MEMORY_REPAIRS", "Found", "search", "with_rivals_fastest"]
+__all__ = ["DEPTHS", "KV_FALLBACK", "MEMORY_REPAIRS", "Found", "fastest_fitting", "search", "with_rivals_fastest"]
