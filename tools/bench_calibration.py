@@ -11,8 +11,9 @@ Each run is a fresh process (a quick CPU profile, then the sections below); the 
 3. The closed loop: the shipped model planned by `ours` under a VRAM budget and a frame budget 12 % above
    what that plan measures calm (so that the disturbance breaks it on any machine); a background thread
    copying large arrays (competing for memory bandwidth and a core) starts at frame 60 and toggles every 60
-   frames for 300 frames. Reported: frames from the first disturbance to a plan that holds the budget (target
-   ≤ 32), the measured frame after the switch against the new plan's prediction (target within 10 %), and
+   frames for 300 frames (`--disturb copy`: it shares the copy worker's core while compute keeps the other, the
+   CPU stand-in for another program on the link). Reported: frames from the first disturbance to a plan that
+   holds the budget (target ≤ 32), the measured frame after the switch against the new plan's prediction (target within 10 %), and
    the switches against the toggles (no oscillation: switches ≤ toggles + 1).
 
 A human table, then one JSON line last.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -48,16 +50,21 @@ def _frames_ms(rt, session, n: int) -> None:
         rt.step(session, "up")
 
 
-def _plan_run(model, start, plan, frames: int):
-    """Run `plan` for `frames` frames (+1 that closes the last record); the telemetry snapshot."""
+def _plan_run(model, start, plan, frames: int, pin: bool = False):
+    """Run `plan` for `frames` frames (+1 that closes the last record); the telemetry snapshot. pin: the
+    engines pinned as the loop section pins them (its calm budget is measured as it will run)."""
     from residency.runtime import Runtime
 
     rt = Runtime(plan, "cpu", workload=model.workload).attach(model.pipe)
+    if pin:
+        pin_engines(None)
     try:
         s = model.pipe.start(start, seed=0)
         _frames_ms(rt, s, frames + 1)
     finally:
         rt.detach()
+        if pin:
+            os.sched_setaffinity(0, CORES)
     return rt.telemetry()
 
 
@@ -113,17 +120,28 @@ def _fallback(model):
 
 
 class Disturbance:
-    """A thread that copies a 64 MiB array back and forth while on (numpy releases the GIL: it takes a core's
-    memory bandwidth and time from the copy engine and compute as another program would)."""
+    """A thread that copies a 64 MiB array back and forth while on (numpy releases the GIL: it takes memory
+    bandwidth and a core's time as another program would).
 
-    def __init__(self, mib: int = 64):
+    target "both": it runs wherever the OS puts it, slowing compute and copies alike (on a 2-core box no plan
+    escapes it). target "copy": it shares one core with the runtime's copy worker while compute keeps the other
+    (see `pin_engines`) — the CPU stand-in for another program sharing the PCIe link, which slows the copy
+    engine and not the compute engine, so a plan that moves fewer bytes holds where a streaming one misses."""
+
+    def __init__(self, mib: int = 64, target: str = "both"):
         self.src = np.ones(mib << 18, dtype=np.float32)
         self.dst = np.empty_like(self.src)
+        self.target = target
         self.on, self.stop = threading.Event(), threading.Event()
+        self.native_id: int | None = None
+        self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="disturbance")
         self.thread.start()
+        self._ready.wait()
 
     def _run(self) -> None:
+        self.native_id = threading.get_native_id()
+        self._ready.set()
         while not self.stop.is_set():
             if self.on.wait(0.01):
                 np.copyto(self.dst, self.src)
@@ -133,7 +151,30 @@ class Disturbance:
         self.thread.join()
 
 
-def loop_section(profile, frames: int, period: int, vram: int, frame_ms: float | None) -> dict:
+CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+COPY_THREAD_PREFIX = "residency-copy"  # the CPU backend's copy worker (residency/runtime/backend_cpu.py)
+
+
+def pin_engines(disturb: Disturbance | None) -> str:
+    """Pin the compute thread (this one) to the first usable core and the copy worker — with the disturbance,
+    for target "copy" — to the second; what was done, for the report. Linux only (per-thread affinity); with one
+    core, or elsewhere, nothing is pinned and the disturbance lands where the OS puts it."""
+    cores = CORES
+    if len(cores) < 2:
+        return "not pinned (fewer than 2 usable cores)"
+    copy_ids = [t.native_id for t in threading.enumerate() if t.name.startswith(COPY_THREAD_PREFIX) and t.native_id]
+    if not copy_ids:
+        return "not pinned (no copy worker running)"
+    os.sched_setaffinity(0, {cores[0]})  # 0: the calling thread
+    for tid in copy_ids:
+        os.sched_setaffinity(tid, {cores[1]})
+    if disturb is not None and disturb.target == "copy" and disturb.native_id:
+        os.sched_setaffinity(disturb.native_id, {cores[1]})
+    return f"compute on core {cores[0]}, copy worker on core {cores[1]}" + (
+        f", disturbance on core {cores[1]}" if disturb is not None and disturb.target == "copy" else "")
+
+
+def loop_section(profile, frames: int, period: int, vram: int, frame_ms: float | None, target: str) -> dict:
     """Section 3: the closed loop on the shipped model with the disturbance toggling every `period` frames."""
     from policies import PlanRequest, Replanner, get_policy
     from residency.formats.dtypes import TORCH_DTYPES
@@ -148,14 +189,15 @@ def loop_section(profile, frames: int, period: int, vram: int, frame_ms: float |
     if frame_ms is None:  # a budget the plan holds calm with a 12 % margin: the disturbance (+15-20 %) breaks it
         calm = get_policy("ours")(PlanRequest(w, profile, Budget(vram, None)))
         model.pipe.to(TORCH_DTYPES[calm.blocks[0].compute_dtype])
-        frame_ms = round(1.12 * _median_ms(_plan_run(model, start, calm, 12), 3, 12), 1)
+        frame_ms = round(1.12 * _median_ms(_plan_run(model, start, calm, 12, pin=target == "copy"), 3, 12), 1)
     req = PlanRequest(w, profile, Budget(vram, frame_ms))
     replan = Replanner(get_policy("ours"), req)
     plan = replan.policy(req)
     model.pipe.to(TORCH_DTYPES[plan.blocks[0].compute_dtype])  # the plan's compute dtype, as `run` casts it
     rt = Runtime(plan, "cpu", workload=w, replan=replan, profile=profile).attach(model.pipe)
     loop = rt.enable_closed_loop(LoopOptions(), model="default")
-    disturb = Disturbance()
+    disturb = Disturbance(target=target)
+    pinned = pin_engines(disturb) if target == "copy" else "not pinned"
     on_at: list[int] = []
     plan_of_frame: list[str] = []
     try:
@@ -169,6 +211,8 @@ def loop_section(profile, frames: int, period: int, vram: int, frame_ms: float |
     finally:
         disturb.close()
         rt.detach()
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, CORES)  # this thread back on every core it had
     snap = rt.telemetry()
     measured = [f.frame_ms for f in snap.frames][-frames:]
     budget = rt.plan.budget.frame_ms
@@ -189,7 +233,8 @@ def loop_section(profile, frames: int, period: int, vram: int, frame_ms: float |
     return {"budget_ms": budget, "vram_bytes": vram, "first_plan_predicted_ms": plan.prediction.frame_ms,
             "disturbed_first_plan_ms": statistics.median(measured[first_on:first_on + 4]) if first_on else None,
             "held_within_frames": held, "after_switch": after_switch, "switches": len(switches),
-            "toggles": len(on_at), "events": [e.line() for e in loop.events]}
+            "toggles": len(on_at), "events": [e.line() for e in loop.events], "disturbance": target,
+            "pinned": pinned, "final_plan_predicted_ms": rt.plan.prediction.frame_ms if rt.plan.prediction else None}
 
 
 def one_run(args) -> dict:
@@ -202,7 +247,7 @@ def one_run(args) -> dict:
     if not args.skip_calibration:
         out["calibration"] = calibration_section(profile, args.warmup, args.calib_frames, args.check_frames)
     if not args.skip_loop:
-        out["loop"] = loop_section(profile, args.loop_frames, args.period, args.vram, args.frame_ms)
+        out["loop"] = loop_section(profile, args.loop_frames, args.period, args.vram, args.frame_ms, args.disturb)
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -267,6 +312,9 @@ def main() -> int:
     p.add_argument("--vram", type=int, default=10 * 2**20, help="the loop section's VRAM budget, bytes")
     p.add_argument("--frame-ms", type=float, default=None,
                    help="the loop section's frame budget (ms); default: 1.12 × the first plan's calm frame")
+    p.add_argument("--disturb", choices=("copy", "both"), default="both",
+                   help="copy: the disturbance shares the copy worker's core, compute keeps the other (another "
+                        "program on the link); both: it runs wherever the OS puts it (slows every plan)")
     p.add_argument("--skip-loop", action="store_true")
     p.add_argument("--skip-calibration", action="store_true", help="only the closed-loop section")
     p.add_argument("--one", action="store_true", help="one run in this process; prints its JSON")
@@ -278,7 +326,7 @@ def main() -> int:
     runs = []
     child = [f"--warmup={args.warmup}", f"--calib-frames={args.calib_frames}", f"--check-frames={args.check_frames}",
              f"--loop-frames={args.loop_frames}", f"--period={args.period}", f"--vram={args.vram}",
-             *([f"--frame-ms={args.frame_ms}"] if args.frame_ms is not None else []),
+             *([f"--frame-ms={args.frame_ms}"] if args.frame_ms is not None else []), f"--disturb={args.disturb}",
              *(["--skip-loop"] if args.skip_loop else []),
              *(["--skip-calibration"] if args.skip_calibration else [])]
     for r in range(args.runs):
