@@ -19,6 +19,7 @@ from residency.runtime.graphed import graph_pool_reserve_bytes
 from residency.runtime.host_store import BlockBlob
 from residency.runtime.ledger import Ledger
 from residency.simulate.memory import (
+    ARENA_ALIGN_BYTES,
     GPU_WORKSPACE_BYTES,
     dequant_threads,
     needs_staging,
@@ -26,7 +27,6 @@ from residency.simulate.memory import (
 )
 from residency.workload import Workload
 
-ARENA_ALIGN = 64  # bytes; blocks in the phase arena start on a cache line
 
 
 @dataclass
@@ -161,7 +161,7 @@ class DeviceMemory:
                 bp = self.plan.by_name[name]
                 if bp.placement == "streamed" or bp.lifetime != "phase":
                     continue
-                offset += -offset % ARENA_ALIGN
+                offset += -offset % ARENA_ALIGN_BYTES  # as simulate.memory.phase_arena_bytes
                 layout[ph.name][name] = offset
                 n = self._held_bytes(bp)
                 offset += n

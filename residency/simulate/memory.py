@@ -74,6 +74,30 @@ def graph_pool_bytes(workload: Workload, plan: Plan, profile: DeviceProfile) -> 
     return sum(act + profile.graph_pool_bytes_per_class for act in per_class.values())
 
 
+ARENA_ALIGN_BYTES = 64  # each phase-lifetime block starts on a cache line in the runtime's phase arena
+
+
+def phase_arena_bytes(workload: Workload, plan: Plan) -> tuple[int, int]:
+    """The phase arena's (resident, resident-quantized) bytes: every phase lays its phase-lifetime blocks out in
+    call order, each starting at a multiple of ARENA_ALIGN_BYTES, and the arena is the worst phase's layout.
+    Alignment padding counts as resident, as the runtime's ledger counts it (runtime/device_memory.py lays the
+    arena out the same way; tests check the two agree byte for byte)."""
+    worst_total, worst_quantized = 0, 0
+    for ph in workload.phases:
+        offset = quantized = 0
+        for name in ph.blocks:
+            bp = plan.by_name[name]
+            if bp.placement == "streamed" or bp.lifetime != "phase":
+                continue
+            offset += -offset % ARENA_ALIGN_BYTES
+            n = resident_bytes(workload.by_name[name], bp)
+            offset += n
+            quantized += n if bp.placement == "resident-quantized" else 0
+        if offset > worst_total:
+            worst_total, worst_quantized = offset, quantized
+    return worst_total - worst_quantized, worst_quantized
+
+
 def peak_bytes(workload: Workload, plan: Plan, profile: DeviceProfile) -> dict[str, int]:
     """Predicted device bytes at the plan's peak, by ledger kind (KINDS), plus "reserve".
 
@@ -82,26 +106,16 @@ def peak_bytes(workload: Workload, plan: Plan, profile: DeviceProfile) -> dict[s
     """
     by_kind = {k: 0 for k in KINDS}
     session = {"resident": 0, "resident-quantized": 0}
-    per_phase: dict[str, dict[str, int]] = {ph.name: {"resident": 0, "resident-quantized": 0}
-                                            for ph in workload.phases}
-    phases_of: dict[str, list[str]] = {}
-    for ph in workload.phases:
-        for b in ph.blocks:
-            phases_of.setdefault(b, []).append(ph.name)
     scratch = 0
     for bp in plan.blocks:
         block = workload.by_name[bp.name]
         scratch = max(scratch, scratch_bytes(block, bp) if not (bp.placement == "streamed"
                                                                  and bp.dequant_on == "copy") else 0)
-        if bp.placement == "streamed":
-            continue
-        targets = [session] if bp.lifetime == "session" else [per_phase[p] for p in phases_of.get(bp.name, ())]
-        for target in targets:
-            target[bp.placement] += resident_bytes(block, bp)
-    worst = max(per_phase.values(), key=lambda d: d["resident"] + d["resident-quantized"],
-                default={"resident": 0, "resident-quantized": 0})
-    by_kind["resident"] = session["resident"] + worst["resident"]
-    by_kind["resident_quantized"] = session["resident-quantized"] + worst["resident-quantized"]
+        if bp.placement != "streamed" and bp.lifetime == "session":
+            session[bp.placement] += resident_bytes(block, bp)
+    arena_resident, arena_quantized = phase_arena_bytes(workload, plan)
+    by_kind["resident"] = session["resident"] + arena_resident
+    by_kind["resident_quantized"] = session["resident-quantized"] + arena_quantized
     by_kind["slots"] = plan.execution.slots * slot_bytes(workload, plan) if plan.streamed() else 0
     # A GPU unpacks on the device: the packed blob of a block dequantized on load (resident) or by the
     # copy engine lands in a staging buffer first. The CPU backend unpacks straight from host memory.
