@@ -5,6 +5,7 @@ the runtime's ledger holds."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from itertools import chain
 
@@ -237,3 +238,30 @@ def test_a_pipeline_of_components_in_several_dtypes_keeps_each_tensors_own():
     assert np.array_equal(got, expected)
     for _, t, ptr, dtype, value in state:
         assert t.data_ptr() == ptr and t.dtype == dtype and torch.equal(t, value)
+
+
+def test_kept_fp32_tensors_carry_their_own_error_and_width_in_the_cost_model():
+    # An fp32 norm kept beside bf16 weights is exact (no BF16 error) and is read at 4 bytes an element.
+    from residency.simulate.costs import compute_s
+    from residency.simulate.quality import block_error, format_error
+
+    model, example = wan()
+    w = module_workload(model, example, name="wan", compute_dtype="bf16").workload
+    mixed = [b for b in w.blocks if b.own_dtypes and len(b.own_dtypes) < len(b.tensors)]
+    assert mixed
+    profile = flat_profile(backend="cpu", tflops=1e6, memory_gbps=1e-3)  # the memory roof decides the time
+    for b in mixed:
+        kept = sum(n for n, own in zip((int(torch.Size(s).numel()) for _, s in b.tensors), b.tensor_own_dtypes,
+                                        strict=True) if own)
+        plain = type(b)(b.name, b.component, b.tensors, b.tokens, b.flops_per_token)  # same tensors, no kept dtype
+        one = dataclasses.replace(w, blocks=tuple(plain if x.name == b.name else x for x in w.blocks))
+        # BF16 storage: the kept fp32 tensors take no error, the others BF16's
+        expected = (b.params - kept) * format_error("BF16") / b.params
+        assert block_error(w, b.name, "BF16") == pytest.approx(expected)
+        assert block_error(w, b.name, "BF16") < block_error(one, b.name, "BF16")
+        bp = BlockPlan(b.name, "resident", "BF16", "bf16", "session", "compute")
+        # the memory roof reads the kept tensors at fp32's width: at least 2 bytes an element more than at bf16
+        # (more where the block's activations follow its kept dtype too)
+        extra_s = 2 * kept / (profile.device_memory_gbps * 1e9)
+        got = compute_s(b, bp, profile, 0, False, "bf16", 1) - compute_s(plain, bp, profile, 0, False, "bf16", 1)
+        assert got >= extra_s * (1 - 1e-9)

@@ -70,6 +70,9 @@ def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_f
     call this directly, see the same compute as the simulator.
     """
     weight_bytes = block.params * COMPUTE_DTYPE_BYTES[bp.compute_dtype]
+    if block.own_dtypes:  # tensors kept in their own dtype (a bf16 model's fp32 norms) are read at its width
+        weight_bytes += sum(math.prod(shape) * (COMPUTE_DTYPE_BYTES[own] - COMPUTE_DTYPE_BYTES[bp.compute_dtype])
+                            for (_, shape), own in zip(block.tensors, block.tensor_own_dtypes, strict=True) if own)
     kv_bytes = context_frames * block.kv_bytes_per_frame(kv_dtype, batch) if kv_read else 0
     flops = block.flops(context_frames if kv_read else 0, batch)
     # Token-independent FLOPs (adaLN projections of the conditioning) run one row per batch item: at that

@@ -5,6 +5,7 @@ Default sensitivity is 1 and the error is the format's relative RMS weight error
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from functools import cache, lru_cache
 
@@ -12,6 +13,7 @@ import torch
 
 from residency.formats import FORMATS
 from residency.formats.base import relative_rms_error
+from residency.formats.dtypes import DTYPE_FORMAT
 from residency.plan.plan import Plan
 from residency.workload.spec import Workload
 
@@ -46,13 +48,18 @@ def format_errors() -> dict[str, float]:
 
 
 def block_error(workload: Workload, block: str, fmt: str) -> float:
-    """Weights-weighted error: tensors that fall back to BF16 carry BF16's error."""
+    """Weights-weighted error: tensors that fall back to BF16 carry BF16's error, tensors kept in their own
+    dtype (BlockSpec.own_dtypes: a bf16 model's fp32 norms) that dtype's (none for fp32)."""
     spec = workload.by_name[block]
     if spec.params == 0:
         return 0.0
     q = spec.quantized_weights(fmt)
-    rest = format_error("BF16") if spec.params - q else 0.0
-    return (q * (format_error(fmt) if q else 0.0) + (spec.params - q) * rest) / spec.params
+    kept = [(math.prod(shape), own) for (_, shape), own in zip(spec.tensors, spec.tensor_own_dtypes, strict=True)
+            if own] if spec.own_dtypes else []
+    kept_error = sum(n * format_error(DTYPE_FORMAT[own]) for n, own in kept)
+    fallback = spec.params - q - sum(n for n, _ in kept)
+    rest = format_error("BF16") if fallback else 0.0
+    return (q * (format_error(fmt) if q else 0.0) + fallback * rest + kept_error) / spec.params
 
 
 def quality_loss(workload: Workload, plan: Plan, sensitivity: Mapping[str, Mapping[str, float]] | None = None) -> float:
