@@ -145,12 +145,41 @@ def _guided(pipe_class: Any, denoiser: nn.Module) -> bool:
     return isinstance(scale, int | float) and scale > 1 and not denoiser.config.get("guidance_embeds", False)
 
 
+def _planned_components(path: Path, components, classes: dict, roles: dict[str, str]) -> dict[str, nn.Module]:
+    """The components with a phase, built empty from their folders; a weight-bearing component in no phase is
+    refused (planning without it would understate the pipeline)."""
+    planned: dict[str, nn.Module] = {}
+    for comp in components:
+        if comp.name in roles:
+            planned[comp.name] = empty_model(path / comp.name, (comp.library, comp.class_name))
+        elif issubclass(classes[comp.name], nn.Module):
+            raise ResidencyError(
+                f"{path / PIPELINE_INDEX}: component {comp.name!r} ({comp.class_name}) holds weights but runs in "
+                f"no phase residency knows (it plans {', '.join(roles)})",
+                hint=f"plan a copy whose model_index.json sets \"{comp.name}\": [null, null], or plan the "
+                     "denoiser's directory alone")
+    return planned
+
+
+def _traced(path: Path, comp: str, root: nn.Module, example: Any, compute_dtype: str):
+    """One component's workload, traced on meta as the pipeline calls it (`root`: a ComponentCall)."""
+    from residency.workload import ModuleWorkloadWarning, module_workload
+
+    with warnings.catch_warnings():
+        if comp == "vae":  # its encoder never runs in text-to-image, its decoder may run per frame
+            warnings.simplefilter("ignore", ModuleWorkloadWarning)
+        try:
+            return module_workload(root, example, name=comp, component=comp, compute_dtype=compute_dtype)
+        except ResidencyError as e:  # a forward meta cannot run (a size past a table the config sizes)
+            raise ResidencyError(f"{path}: {e.message}", hint="try a smaller --height/--width/--frames, or "
+                                 "plan the pipeline from Python: residency.attach(pipe, vram=…)") from e
+
+
 def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
     """The workload of one call of the pipeline in `path` (encode → denoise × its default steps → decode), at
     `size` (an ExampleSize of height/width/frames; None: the pipeline's defaults), from configs only."""
     from residency.attach_pipeline import DENOISERS, ENCODERS
     from residency.front_door.examples import ExampleSize, derive, vae_decode_example
-    from residency.workload import ModuleWorkloadWarning, module_workload
     from residency.workload.pipeline_phases import ComponentCall, ComponentPart, join_phases
 
     size = size or ExampleSize()
@@ -159,17 +188,7 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
         pipe_class = _pipeline_class(path, pipe_name)
         classes = {comp.name: _library_class(path, comp) for comp in components}
     roles = {**{e: "encode" for e in ENCODERS}, **{d: "denoise" for d in DENOISERS}, "vae": "decode"}
-    planned: dict[str, nn.Module] = {}
-    for comp in components:
-        cls = classes[comp.name]
-        if comp.name in roles:
-            planned[comp.name] = empty_model(path / comp.name, (comp.library, comp.class_name))
-        elif issubclass(cls, nn.Module):  # weights in no known phase: planning without them would understate
-            raise ResidencyError(
-                f"{path / PIPELINE_INDEX}: component {comp.name!r} ({comp.class_name}) holds weights but runs in "
-                f"no phase residency knows (it plans {', '.join(roles)})",
-                hint=f"plan a copy whose model_index.json sets \"{comp.name}\": [null, null], or plan the "
-                     "denoiser's directory alone")
+    planned = _planned_components(path, components, classes, roles)
     denoisers = [d for d in DENOISERS if d in planned]
     if not denoisers or "vae" not in planned:
         missing = " or ".join(DENOISERS) if not denoisers else "vae"
@@ -195,15 +214,7 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
     parts = []
     for comp, example in examples.items():
         method = "decode" if comp == "vae" else "forward"
-        with warnings.catch_warnings():
-            if comp == "vae":  # its encoder never runs in text-to-image, its decoder may run per frame
-                warnings.simplefilter("ignore", ModuleWorkloadWarning)
-            try:
-                traced = module_workload(ComponentCall(comp, planned[comp], method), example, name=comp, component=comp,
-                                         compute_dtype=compute_dtype)
-            except ResidencyError as e:  # a forward meta cannot run (a size past a table the config sizes)
-                raise ResidencyError(f"{path}: {e.message}", hint="try a smaller --height/--width/--frames, or "
-                                     "plan the pipeline from Python: residency.attach(pipe, vram=…)") from e
+        traced = _traced(path, comp, ComponentCall(comp, planned[comp], method), example, compute_dtype)
         # with guidance an encoder encodes the negative prompt too, and a transformer predicts twice a step
         calls = 2 if guided and comp != "vae" and not (comp == denoiser_name and batched) else 1
         parts.append(ComponentPart(comp, roles[comp], comp == denoiser_name, traced.workload, calls))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from residency.errors import ResidencyError
+from residency.formats.dtypes import TORCH_DTYPES
 from residency.runtime.host_store import block_tensor
 from residency.workload import BlockSpec, Workload
 
@@ -75,6 +76,25 @@ def block_tensors(model: nn.Module, workload: Workload,
                                      hint="a block of several modules names its tensors from their common parent")
         out[b.name] = tuple(block_tensor(model, path) for path in full)
     return out
+
+
+def check_block_tensors(plan, workload: Workload, tensors: dict[str, tuple[torch.Tensor, ...]]) -> None:
+    """Refuse, before anything is packed, a block tensor the runtime cannot take: not in the dtype the plan
+    computes it in (its own, for a tensor the workload keeps in one) or not on the CPU. `plan`: a Plan."""
+    for bp in plan.blocks:
+        spec = workload.by_name[bp.name]
+        for t, (tensor, _), own in zip(tensors[bp.name], spec.tensors, spec.tensor_own_dtypes, strict=True):
+            # a tensor the workload keeps in its own dtype (a bf16 model's fp32 norm) is stored and bound in it
+            if t.dtype != TORCH_DTYPES[own or bp.compute_dtype]:
+                kept = f" (the workload keeps {tensor} in {own})" if own else ""
+                raise ResidencyError(
+                    f"block {bp.name} computes in {bp.compute_dtype}{kept} but the pipeline holds {t.dtype} "
+                    f"weights ({tensor}; activations follow the pipeline's dtype)",
+                    hint="build the pipeline in the plan's compute dtype, or plan for the pipeline's "
+                         "(a workload built from the model as it is: module_workload)")
+            if t.device.type != "cpu":
+                raise ResidencyError(f"block {bp.name} has weights on {t.device}; the runtime places them",
+                                     hint="build or load the pipeline on the CPU before attaching")
 
 
 def _submodule(model: nn.Module, block: str, path: str) -> nn.Module:

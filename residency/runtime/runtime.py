@@ -14,7 +14,6 @@ from torch import nn
 
 from residency.device import DeviceProfile
 from residency.errors import ResidencyError
-from residency.formats.dtypes import TORCH_DTYPES
 from residency.plan import Budget, Plan
 from residency.runtime.backend import Backend
 from residency.runtime.backends import get_backend
@@ -26,7 +25,7 @@ from residency.runtime.graphed import BlockForwards, block_forwards, check_block
 from residency.runtime.hooks import ModelHook, add_hook, check_removable, has_hook, remove_hook
 from residency.runtime.host_store import BlockBlob, HostStore, pack_block
 from residency.runtime.ledger import DeviceBudgetExceeded, Ledger
-from residency.runtime.module_paths import block_modules, block_tensors
+from residency.runtime.module_paths import block_modules, block_tensors, check_block_tensors
 from residency.runtime.recovery import MAX_RECOVERIES, RECOVERABLE, recovery_budget
 from residency.runtime.schedule import CallSchedule
 from residency.runtime.session_protocol import RecoverableSession
@@ -170,20 +169,7 @@ class Runtime:
         if any(has_hook(m) for m in hooked):
             raise ResidencyError("the model's blocks are attached to another runtime", hint="detach() that one first")
         tensors = block_tensors(pipeline, self.workload, found)
-        for bp in plan.blocks:
-            spec = self.workload.by_name[bp.name]
-            for t, (tensor, _), own in zip(tensors[bp.name], spec.tensors, spec.tensor_own_dtypes, strict=True):
-                # a tensor the workload keeps in its own dtype (a bf16 model's fp32 norm) is stored and bound in it
-                if t.dtype != TORCH_DTYPES[own or bp.compute_dtype]:
-                    kept = f" (the workload keeps {tensor} in {own})" if own else ""
-                    raise ResidencyError(
-                        f"block {bp.name} computes in {bp.compute_dtype}{kept} but the pipeline holds {t.dtype} "
-                        f"weights ({tensor}; activations follow the pipeline's dtype)",
-                        hint="build the pipeline in the plan's compute dtype, or plan for the pipeline's "
-                             "(a workload built from the model as it is: module_workload)")
-                if t.device.type != "cpu":
-                    raise ResidencyError(f"block {bp.name} has weights on {t.device}; the runtime places them",
-                                         hint="build or load the pipeline on the CPU before attaching")
+        check_block_tensors(plan, self.workload, tensors)
         self.store = HostStore(self.workload.fingerprint())
         on_cpu = self.backend.device.type == "cpu"
         # The CPU backend's device memory is RAM too: what the plan predicts it will hold at its peak
