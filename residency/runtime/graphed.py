@@ -242,11 +242,7 @@ class GraphedForwards:
             return self._fall_back(graphs, why, eager(module, *args, **kwargs))
         if len(graphs.graphs) >= max(GRAPHS_KEPT_MIN, GRAPHS_KEPT_PER_MODULE * graphs.modules):
             self._prune(graphs)
-        with torch.inference_mode(False):  # plain tensors: written in place inside and outside inference mode
-            static = graphs.inputs.get(key[1])
-            if static is None:
-                static = graphs.inputs[key[1]] = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
-                                                                      device=t.device) for t in arg_tensors]
+        static = _buffers_like(graphs.inputs, key[1], arg_tensors)
         for dst, src in zip(static, arg_tensors, strict=True):
             dst.copy_(src)  # before the warm-up: a block that changes its argument in place is caught below
         versions = [_version(t) for t in arg_tensors]
@@ -257,13 +253,7 @@ class GraphedForwards:
         out_tensors = [t for t in out_leaves if isinstance(t, torch.Tensor)]
         if any(t.device != self.device for t in out_tensors):
             return self._fall_back(graphs, f"an output not on {self.device}", result)
-        out_sig = tuple(_tensor_sig(t) for t in out_tensors)
-        with torch.inference_mode(False):
-            outs = graphs.outputs.get(out_sig)
-            if outs is None:
-                outs = graphs.outputs[out_sig] = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype,
-                                                                      device=t.device) for t in out_tensors]
-
+        outs = _buffers_like(graphs.outputs, tuple(_tensor_sig(t) for t in out_tensors), out_tensors)
         bound = tensors.bound()
         n_in = len(static)
 
@@ -310,6 +300,17 @@ class GraphedForwards:
         graphs.graphs.clear()
         self.notes.append(f"graph of {graphs.name}.forward not captured, running it eagerly: {why}")
         return result
+
+
+def _buffers_like(store: dict, key: Any, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The static buffers `store` keeps under `key`, made once like `like` (shape, stride, dtype, device). Plain
+    tensors, not inference tensors: they are written in place inside and outside inference mode."""
+    bufs = store.get(key)
+    if bufs is None:
+        with torch.inference_mode(False):
+            bufs = store[key] = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                                 for t in like]
+    return bufs
 
 
 def _flatten(args: tuple, kwargs: dict) -> tuple[list, Any]:
