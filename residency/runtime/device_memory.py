@@ -28,7 +28,6 @@ from residency.simulate.memory import (
 from residency.workload import Workload
 
 
-
 @dataclass
 class Binding:
     """What makes a block computable from one place in device memory."""
