@@ -47,6 +47,22 @@ def test_policy_all_compares_every_peer(capsys):
     assert code == 0
     for name in ("accelerate-sequential", "diffusers-group-offload", "comfyui-partial", "forge", "flexgen-lp"):
         assert name in out
+    # each peer runs its documented modes (plan's default request is auto): group offloading compiles its blocks
+    modes = next(line for line in out.splitlines() if line.startswith("execution modes"))
+    assert "diffusers-group-offload compiled" in modes, modes
+
+
+def test_exec_modes_summary_counts_blocks_per_mode():
+    from dataclasses import replace
+
+    from residency.commands.plan_render import exec_modes_summary
+    from residency.plan import BlockPlan
+
+    blocks = [BlockPlan(f"b{i}", "resident", "BF16", "bf16", "session", "compute") for i in range(5)]
+    plan = type("P", (), {"blocks": blocks})()
+    assert exec_modes_summary(plan) == "eager"
+    plan.blocks = [replace(b, exec_mode="compiled") if i < 3 else b for i, b in enumerate(blocks)]
+    assert exec_modes_summary(plan) == "compiled 3, eager 2"
 
 
 def test_steps_change_the_plan(capsys):

@@ -127,8 +127,21 @@ def verdict(plan: Plan) -> str:
     return f"[red]✗ misses the frame budget:[/red] {pred.frame_ms:.2f} ms > {budget.frame_ms:.2f} ms {within}"
 
 
+def exec_modes_summary(plan: Plan) -> str:
+    """How many blocks run in each execution mode, e.g. "compiled 40, eager 5"; "eager" when all are."""
+    counts: dict[str, int] = {}
+    for bp in plan.blocks:
+        counts[bp.exec_mode] = counts.get(bp.exec_mode, 0) + 1
+    if set(counts) <= {"eager"}:
+        return "eager"
+    return ", ".join(f"{mode} {n}" for mode, n in sorted(counts.items(), key=lambda kv: (kv[0] == "eager", kv[0])))
+
+
 def render_comparison(console: Console, plans: list[Plan], req) -> None:
-    """Print every policy's plan side by side: ms/frame, fps, peak VRAM, link MB, quality, verdict."""
+    """Print every policy's plan side by side: ms/frame, fps, peak VRAM, link MB, quality, verdict; then, when
+    any plan compiles or graphs blocks, each plan's execution modes. A peer runs the modes its documentation
+    gives it; compile time (once per machine) is not in ms/frame, which is why ours may leave eager a class a
+    peer compiles."""
     table = Table(title="policies side by side (same simulator)", title_justify="left")
     for col, justify in (("policy", "left"), ("ms/frame", "right"), ("video fps", "right"), ("peak VRAM", "right"),
                          ("link MB/frame", "right"), ("quality loss", "right"), ("verdict", "left")):
@@ -143,3 +156,7 @@ def render_comparison(console: Console, plans: list[Plan], req) -> None:
                       fmt_bytes(p.peak_total_bytes), f"{p.link_bytes_per_frame / 1e6:.1f}" if fits else "—",
                       f"{p.quality_loss:.3f}", word)
     console.print(table)
+    modes = {plan.policy: exec_modes_summary(plan) for plan in plans}
+    if set(modes.values()) != {"eager"}:  # say which plans compile or graph: ms/frame leaves compile time out
+        console.print("execution modes (blocks per mode; compile time, paid once per machine, is not in ms/frame): "
+                      + "; ".join(f"{policy} {summary}" for policy, summary in modes.items()), soft_wrap=True)
