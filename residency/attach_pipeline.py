@@ -27,7 +27,7 @@ from residency.runtime.closed_loop import LoopOptions, enable_loop
 from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.units import fmt_bytes
 from residency.workload import ModuleWorkloadWarning, Workload, module_workload
-from residency.workload.from_module import parameter_bytes_by_dtype
+from residency.workload.from_module import DTYPE_NAMES, dominant_dtype, parameter_bytes_by_dtype
 from residency.workload.pipeline_phases import ComponentCall, ComponentPart, enclosing_blocks, join_phases
 
 # Which pipeline attributes run in which phase, and the method the pipeline calls on them.
@@ -36,7 +36,6 @@ DENOISERS = ("transformer", "unet")
 ROLES = (*((c, "encode", False, "forward") for c in ENCODERS),
          *((c, "denoise", True, "forward") for c in DENOISERS),
          ("vae", "decode", False, "decode"))  # txt2img runs only the VAE's decoder; its encoder stays unplanned
-_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # The call's arguments that change the workload (token counts, steps); a prompt's length is bounded by
 # max_sequence_length, to which the text encoders pad.
 SHAPE_ARGUMENTS = ("height", "width", "num_inference_steps", "max_sequence_length", "num_images_per_prompt")
@@ -139,12 +138,12 @@ def _compute_dtype(components: list[tuple[str, nn.Module, str, bool, str]]) -> s
     """The dtype of most of the components' parameter bytes: the plan's compute dtype. Weights in another of
     fp32, fp16 and bf16 (a fp32 VAE beside a bf16 transformer, fp32 norms) keep their own dtype."""
     found = parameter_bytes_by_dtype(m for _, m, *_ in components)
-    odd = [d for d in found if d not in _DTYPE_NAMES]
+    odd = [d for d in found if d not in DTYPE_NAMES]
     if not found or odd:
         raise ResidencyError(f"the pipeline's components hold weights in {sorted(map(str, found))}",
                              hint="residency stores float32, float16 and bfloat16 weights: cast the others first, "
                                   "e.g. pipe.to(torch.bfloat16)")
-    return _DTYPE_NAMES[max(sorted(found, key=str), key=found.__getitem__)]
+    return dominant_dtype(found)
 
 
 def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: str | None = None) -> PipelineWorkload:

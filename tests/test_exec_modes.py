@@ -8,6 +8,7 @@ import io
 import json
 
 import pytest
+from sim_helpers import chain_workload, flat_profile, make_plan
 
 from policies import PlanRequest, get_policy
 from policies.ours.modes import choose_modes
@@ -18,7 +19,6 @@ from residency.errors import ResidencyError
 from residency.plan import BlockPlan, Budget, plan_from_dict, plan_to_dict
 from residency.simulate import costs, predict
 from residency.simulate.memory import graph_pool_bytes
-from sim_helpers import chain_workload, flat_profile, make_plan
 
 FIGURES = {"graph_replay_us_per_kernel": 1.0, "compiled_dispatch_fraction": 0.5, "compile_s_per_block_class": 20.0,
            "graph_pool_bytes_per_class": 2**20}

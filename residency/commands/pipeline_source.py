@@ -178,7 +178,7 @@ def _traced(path: Path, comp: str, root: nn.Module, example: Any, compute_dtype:
 def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
     """The workload of one call of the pipeline in `path` (encode → denoise × its default steps → decode), at
     `size` (an ExampleSize of height/width/frames; None: the pipeline's defaults), from configs only."""
-    from residency.attach_pipeline import DENOISERS, ENCODERS
+    from residency.attach_pipeline import DENOISERS, ENCODERS, ROLES
     from residency.front_door.examples import ExampleSize, derive, vae_decode_example
     from residency.workload.pipeline_phases import ComponentCall, ComponentPart, join_phases
 
@@ -187,7 +187,8 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
     with _quiet_imports():
         pipe_class = _pipeline_class(path, pipe_name)
         classes = {comp.name: _library_class(path, comp) for comp in components}
-    roles = {**{e: "encode" for e in ENCODERS}, **{d: "denoise" for d in DENOISERS}, "vae": "decode"}
+    roles = {comp: phase for comp, phase, _, _ in ROLES}  # the phases attach_pipeline plans, and their calls
+    methods = {comp: method for comp, _, _, method in ROLES}
     planned = _planned_components(path, components, classes, roles)
     denoisers = [d for d in DENOISERS if d in planned]
     if not denoisers or "vae" not in planned:
@@ -213,8 +214,7 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
                       "plan the pipeline from Python: residency.attach(pipe, vram=…)") from e
     parts = []
     for comp, example in examples.items():
-        method = "decode" if comp == "vae" else "forward"
-        traced = _traced(path, comp, ComponentCall(comp, planned[comp], method), example, compute_dtype)
+        traced = _traced(path, comp, ComponentCall(comp, planned[comp], methods[comp]), example, compute_dtype)
         # with guidance an encoder encodes the negative prompt too, and a transformer predicts twice a step
         calls = 2 if guided and comp != "vae" and not (comp == denoiser_name and batched) else 1
         parts.append(ComponentPart(comp, roles[comp], comp == denoiser_name, traced.workload, calls))

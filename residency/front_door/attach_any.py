@@ -25,10 +25,12 @@ from residency.runtime import Runtime
 from residency.runtime.closed_loop import LoopOptions, enable_loop
 from residency.units import fmt_bytes
 from residency.workload import Workload, module_workload, workload_from_dict
-from residency.workload.from_module import parameter_bytes_by_dtype, split_example
-
-_COMPUTE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
+from residency.workload.from_module import (
+    DTYPE_NAMES,
+    dominant_dtype,
+    parameter_bytes_by_dtype,
+    split_example,
+)
 
 
 def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, frame_ms: float | None = None,
@@ -130,13 +132,13 @@ def _compute_dtype(model: nn.Module) -> str:
     if not found:
         raise ResidencyError(f"{type(model).__name__} has no floating-point parameters",
                              hint="residency places weights; attach a model that has them")
-    odd = sorted(str(d).removeprefix("torch.") for d in found if d not in _COMPUTE_DTYPES)
+    odd = sorted(str(d).removeprefix("torch.") for d in found if d not in DTYPE_NAMES)
     if odd:
         shown = ", ".join(sorted(str(d).removeprefix("torch.") for d in found))
         raise ResidencyError(f"{type(model).__name__} holds parameters in {shown}; the runtime stores and computes "
                              f"weights in float32, float16 or bfloat16, not {', '.join(odd)}",
                              hint="cast the model first, e.g. model.to(torch.bfloat16) (or torch.float32 on the CPU)")
-    return _COMPUTE_DTYPES[max(sorted(found, key=str), key=found.__getitem__)]
+    return dominant_dtype(found)
 
 
 def _workload(model: nn.Module, example_inputs: Any, dtype: str) -> tuple[Workload, ShapeGuard | None]:

@@ -72,7 +72,13 @@ def parameter_bytes_by_dtype(modules: Iterable[nn.Module]) -> dict[torch.dtype, 
 def main_dtype(modules: Iterable[nn.Module]) -> str | None:
     """The dtype of most of the modules' floating parameter bytes among those residency stores ("fp32", "fp16",
     "bf16"); None when they hold none. Tensors in another floating dtype are kept in theirs (BlockSpec.own_dtypes)."""
-    by_dtype = {DTYPE_NAMES[d]: n for d, n in parameter_bytes_by_dtype(modules).items() if d in DTYPE_NAMES}
+    return dominant_dtype(parameter_bytes_by_dtype(modules))
+
+
+def dominant_dtype(bytes_by_dtype: dict[torch.dtype, int]) -> str | None:
+    """Of parameter_bytes_by_dtype's result, the stored dtype ("fp32", "fp16", "bf16") holding the most bytes (ties:
+    the first by name); None when none of them is there."""
+    by_dtype = {DTYPE_NAMES[d]: n for d, n in bytes_by_dtype.items() if d in DTYPE_NAMES}
     return max(sorted(by_dtype), key=by_dtype.__getitem__) if by_dtype else None
 
 
