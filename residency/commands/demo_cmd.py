@@ -70,18 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from residency.media import check_output_path, write_frames
 
     console, err = make_console(), make_console(stderr=True)
-    out_dir = Path(args.output_dir)
-    kind, reason = userpath.path_kind(out_dir)
-    if kind in (userpath.FILE, userpath.OTHER, userpath.BAD):
-        why = reason or "a file, not a directory"
-        raise ResidencyError(f"{str(out_dir)[:200]}: cannot write the demo there ({why})",
-                             hint="give a directory with -o (it is created if missing)")
-    if kind == userpath.MISSING:
-        try:  # a new directory for the demo's two files is what `-o DIR` asks for
-            out_dir.mkdir(parents=True)
-        except OSError as e:
-            raise ResidencyError(f"{out_dir}: cannot create the output directory ({e.strerror or e})",
-                                 hint="pick a writable place with -o") from None
+    out_dir = _output_dir(args.output_dir)
     gif = check_output_path(out_dir / "demo.gif")
     trace = run_cmd.check_trace_path(str(out_dir / "demo-trace.json"))
     live_view = console.is_terminal and not args.once
@@ -124,6 +113,23 @@ def run(args: argparse.Namespace) -> int:
     console.print("play it yourself:      residency play      (arrows/WASD, space, e; q quits)")
     say(_calibration_line(runtime, replan.profile))
     return 0
+
+
+def _output_dir(given: str) -> Path:
+    """The demo's output directory, created when missing. Raises ResidencyError when it cannot be."""
+    out_dir = Path(given)
+    kind, reason = userpath.path_kind(out_dir)
+    if kind in (userpath.FILE, userpath.OTHER, userpath.BAD):
+        why = reason or "a file, not a directory"
+        raise ResidencyError(f"{str(out_dir)[:200]}: cannot write the demo there ({why})",
+                             hint="give a directory with -o (it is created if missing)")
+    if kind == userpath.MISSING:
+        try:  # a new directory for the demo's two files is what `-o DIR` asks for
+            out_dir.mkdir(parents=True)
+        except OSError as e:
+            raise ResidencyError(f"{out_dir}: cannot create the output directory ({e.strerror or e})",
+                                 hint="pick a writable place with -o") from None
+    return out_dir
 
 
 def _calibration_line(runtime, start_profile) -> str:
