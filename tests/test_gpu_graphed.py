@@ -130,3 +130,76 @@ def test_a_replay_reads_the_slot_it_was_captured_with():
                 torch.testing.assert_close(runner(x), ref(x))
     assert graphed.captures == 2 and graphed.replays == 4 and notes == []
     graphed.restore()
+
+
+def test_an_expanded_argument_is_graphed_like_a_dense_one():
+    """A broadcast argument (stride 0) gets a dense static copy: an overlapping one would refuse copy_."""
+    from residency.runtime.backend_cuda import CudaGraphCapture
+
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    runner = nn.Linear(64, 64, device=device)
+    notes: list[str] = []
+    graphed = GraphedForwards(CudaGraphCapture(device), device, notes)
+    graphed.install("b", runner)
+    with torch.inference_mode():
+        for _ in range(2):
+            x = torch.randn(1, 64, device=device).expand(8, 64)
+            torch.testing.assert_close(runner(x), nn.functional.linear(x.contiguous(), runner.weight, runner.bias))
+    assert graphed.captures == 1 and graphed.replays == 1 and notes == []
+    graphed.restore()
+
+
+def test_a_call_under_caching_autocast_runs_eagerly():
+    """autocast caches a weight's cast copy and frees it when its region ends: a graph captured under it would
+    read freed memory (torch's make_graphed_callables refuses such autocast too)."""
+    from residency.runtime.backend_cuda import CudaGraphCapture
+
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    runner = nn.Linear(64, 64, device=device)
+    notes: list[str] = []
+    graphed = GraphedForwards(CudaGraphCapture(device), device, notes)
+    graphed.install("b", runner)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        x = torch.randn(8, 64, device=device)
+        for _ in range(2):
+            torch.testing.assert_close(runner(x), nn.functional.linear(x, runner.weight, runner.bias))
+    assert graphed.captures == 0 and graphed.replays == 0
+    graphed.restore()
+
+
+# The two tests below make a capture fail on purpose; they run last in this file because a torch whose
+# CUDAGraph::capture_end skips endAllocateToPool on error (pytorch/pytorch#180395) leaves the caching allocator
+# "capturing" for the rest of the process.
+def _syncs_the_host(t: torch.Tensor) -> None:
+    if t.sum().item() < 0:  # .item(): a device->host copy and a stream sync, refused under capture
+        raise AssertionError("unreachable")
+
+
+def test_a_failed_capture_leaves_the_caller_on_its_own_stream():
+    """torch.cuda.graph.__exit__ raises from capture_end() before leaving its stream context; the capture's own
+    context must put the caller back, or its later work runs on the side stream, outside the copy's events."""
+    from residency.runtime.backend_cuda import CudaGraphCapture
+
+    capture = CudaGraphCapture(torch.device("cuda"))
+    before = torch.cuda.current_stream()
+    with pytest.raises(RuntimeError):
+        capture.capture(_syncs_the_host, (torch.ones(4, device="cuda"),))
+    assert torch.cuda.current_stream() == before
+
+
+def test_a_capture_after_a_failed_one_still_captures_and_replays():
+    """After a block's capture failed, the next class must still capture in the shared pool (torch.cuda.graph
+    empties the allocator's cache first, which torch refuses while it believes a capture is underway)."""
+    from residency.runtime.backend_cuda import CudaGraphCapture
+
+    capture = CudaGraphCapture(torch.device("cuda"))
+    x = torch.zeros(4, device="cuda")
+    out = torch.empty_like(x)
+    with pytest.raises(RuntimeError):
+        capture.capture(_syncs_the_host, (x,))
+    replay = capture.capture(lambda t: out.copy_(t * 2), (x,))
+    x.copy_(torch.arange(4.0))
+    replay()
+    torch.testing.assert_close(out.cpu(), torch.arange(4.0) * 2)

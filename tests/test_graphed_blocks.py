@@ -241,6 +241,51 @@ def test_a_failed_capture_returns_the_eager_result_and_runs_the_class_eagerly_wi
     assert len(notes) == 1 and "capture failed (RuntimeError: operation not permitted" in notes[0]
 
 
+class Scaled(Affine):
+    """Another block class: its own graphs."""
+
+
+@torch.inference_mode()
+def test_after_one_failed_capture_no_class_captures_again():
+    # On a CUDA torch without pytorch#180395 a failed capture leaves the allocator in a capture state and the
+    # next capture asserts: one failure turns capturing off for the whole attach, each class with its note.
+    a, b = Affine(), Scaled()
+    double = ReplayDouble(fail=True)
+    g, notes = _graphed(a, b, double=double)
+    x = torch.randn(2, 8)
+    assert torch.equal(a(x), Affine.forward(a, x))
+    double.fail = False  # the driver would accept the next one: we must not ask
+    assert torch.equal(b(x), Affine.forward(b, x))
+    assert torch.equal(b(x), Affine.forward(b, x))
+    assert g.captures == 0 and double.captured == [] and double.warm_ups == 1
+    assert len(notes) == 1 and notes[0].startswith("graph of Affine.forward not captured")
+
+
+@torch.inference_mode()
+def test_an_expanded_argument_gets_a_dense_static_copy():
+    # A broadcast argument (stride 0): a static buffer with its strides would overlap and refuse copy_.
+    m = Affine()
+    g, notes = _graphed(m)
+    for _ in range(3):
+        x = torch.randn(1, 8).expand(4, 8)
+        assert torch.equal(m(x), Affine.forward(m, x.contiguous()))
+    assert g.captures == 1 and notes == []
+
+
+@torch.inference_mode()
+def test_a_call_under_caching_autocast_runs_eagerly():
+    # autocast caches a weight's cast copy and frees it when its region ends: a graph would read freed memory.
+    m = Affine()
+    double = ReplayDouble()
+    g, _ = _graphed(m, double=double)
+    x = torch.randn(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            assert torch.equal(m(x), Affine.forward(m, x))
+    assert g.captures == 0 and double.warm_ups == 0
+    assert torch.equal(m(x), Affine.forward(m, x)) and g.captures == 1  # outside autocast it captures
+
+
 class AddsInPlace(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.add_(1.0)

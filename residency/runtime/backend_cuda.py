@@ -30,7 +30,8 @@ class CudaGraphCapture:
 
     The graphs of one pool never run at once (all replay on the compute stream) and hand nothing out of the
     pool (results go to static buffers allocated outside it), so they may share its memory in any order.
-    Cost: torch.cuda.graph synchronises the device and collects garbage once per capture.
+    Cost: torch.cuda.graph synchronises the device and empties the device and pinned-host caches once per
+    capture (recent torch collects garbage there only under torch.compiler.config.force_cudagraph_gc).
     """
 
     def __init__(self, device: torch.device):
@@ -43,9 +44,11 @@ class CudaGraphCapture:
         (the executor's refill of the slot fn read records its event on the compute stream after this)."""
         compute = torch.cuda.current_stream(self.device)
         self.side.wait_stream(compute)
-        with torch.cuda.stream(self.side):
-            result = fn(*args)
-        compute.wait_stream(self.side)
+        try:
+            with torch.cuda.stream(self.side):
+                result = fn(*args)
+        finally:  # also when fn raises: what it issued may still read the slot a refill would overwrite
+            compute.wait_stream(self.side)
         for t in pytree.tree_leaves(result):
             if isinstance(t, torch.Tensor) and t.device.type == "cuda":
                 t.record_stream(compute)  # made on the side stream, read and freed on the compute stream
@@ -56,7 +59,11 @@ class CudaGraphCapture:
 
         Raises torch's error for what a graph cannot hold (a host synchronisation: capture_error_mode)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.side, capture_error_mode=GRAPH_CAPTURE_ERROR_MODE):
+        # Hazard: when a capture fails (a host sync invalidates it), torch.cuda.graph.__exit__ raises from
+        # capture_end() before it exits its own stream context, so the caller would stay on the side stream,
+        # outside the copy stream's event order. This outer context restores the caller's stream either way.
+        with torch.cuda.stream(self.side), torch.cuda.graph(graph, pool=self.pool, stream=self.side,
+                                                            capture_error_mode=GRAPH_CAPTURE_ERROR_MODE):
             fn(*static_args)
         return graph.replay
 

@@ -13,7 +13,8 @@ A graph replays fixed device addresses. What it reads:
   fill and whether a commit is running); the key holds its identity (checked through a weak reference, so a
   new object at a dead one's id never replays its graph) and that value. An argument without one, a tensor on
   another device, a capture that fails (a host synchronisation, an op a graph cannot hold) or a class whose
-  keys never stop changing runs eagerly from then on, with a note.
+  keys never stop changing runs eagerly from then on, with a note. A call under autocast with its cast cache on
+  runs eagerly (that call only): a graph would read the cached cast, freed when the autocast region ends.
 
 Copies stay outside the graphs: the executor binds the weights and makes the compute stream wait for the
 slot's load before the forward runs, and queues the refill after it returns, recording its "after" event on the
@@ -162,6 +163,10 @@ class GraphedForwards:
         self._classes: dict[tuple, _ClassGraphs] = {}
         self._installed: list[tuple[nn.Module, Callable[..., Any]]] = []
         self.captures = 0  # graphs captured (telemetry for tests and benches)
+        # Hazard: on torch without pytorch/pytorch#180395 a capture that raises leaves the caching allocator
+        # believing a capture is still under way, and the next capture's empty_cache() asserts: after one
+        # failed capture, no class captures again in this attach (all run eagerly, each with its note).
+        self.capture_broken = False
         self.replays = 0
 
     def install(self, name: str, module: nn.Module) -> None:
@@ -191,7 +196,11 @@ class GraphedForwards:
     # --- a call ---
     def _call(self, graphs: _ClassGraphs, module: nn.Module, tensors: _Module, eager: Callable[..., Any],
               *args: Any, **kwargs: Any) -> Any:
-        if graphs.failed or torch.is_grad_enabled():  # autograd: a replay would record no graph for backward
+        if graphs.failed or self.capture_broken or torch.is_grad_enabled():  # autograd: a replay would record no graph for backward
+            return eager(module, *args, **kwargs)
+        if torch.is_autocast_enabled(self.device.type) and torch.is_autocast_cache_enabled():
+            # Hazard (torch's make_graphed_callables refuses it too): a graph would bake in the address of
+            # autocast's cached cast of a weight, freed when the autocast region ends; eager for this call.
             return eager(module, *args, **kwargs)
         leaves, spec = _flatten(args, kwargs)
         try:
@@ -281,6 +290,7 @@ class GraphedForwards:
             raise  # the runtime's recovery re-plans for less memory
         except Exception as e:  # a host sync, an op a graph cannot hold, a capture the driver refused
             first = (str(e).strip().splitlines() or [""])[0][:200]
+            self.capture_broken = True
             return self._fall_back(graphs, f"its capture failed ({type(e).__name__}: {first})", result)
         self.captures += 1
         graphs.captures_in_a_row += 1
@@ -303,13 +313,15 @@ class GraphedForwards:
 
 
 def _buffers_like(store: dict, key: Any, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The static buffers `store` keeps under `key`, made once like `like` (shape, stride, dtype, device). Plain
-    tensors, not inference tensors: they are written in place inside and outside inference mode."""
+    """The static buffers `store` keeps under `key`, made once like `like` (shape, dtype, device; the strides of a
+    dense tensor, else contiguous). Plain tensors, not inference tensors: they are written in place inside and
+    outside inference mode."""
     bufs = store.get(key)
     if bufs is None:
         with torch.inference_mode(False):
-            bufs = store[key] = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-                                 for t in like]
+            # empty_like, not empty_strided: an expanded argument (stride 0) would give a buffer whose elements
+            # overlap, and copy_ into it raises ("more than one element ... refers to a single memory location").
+            bufs = store[key] = [torch.empty_like(t, memory_format=torch.preserve_format) for t in like]
     return bufs
 
 
