@@ -59,7 +59,10 @@ def is_world_model(workload) -> bool:
 
 def fastest_modes(req: PlanRequest, plan: Plan) -> Plan:
     """`plan` with each block at the fastest of the request's allowed modes by its compute per frame: the plan whose
-    lower bound is the bound over modes (compute only falls with a faster mode, so no mode choice beats it)."""
+    lower bound is the bound over modes (compute only falls with a faster mode, so no mode choice beats it). Per
+    frame only: no compile time and no graph pool is charged, so where ours declined a compile its session does not
+    repay, or a graph whose pool costs more memory than it saves time, ours sits above this bound by design (the
+    bound at ours' own modes is reported beside it)."""
     w, modes = req.workload, allowed_modes(req)
     blocks = []
     for bp in plan.blocks:

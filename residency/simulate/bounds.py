@@ -1,19 +1,25 @@
-"""The physical floor of a steady latent frame: a linear relaxation over where each block could live.
+"""The physical floor of a steady latent frame: a relaxation over where each block could live.
 
-At the plan's storage formats, each block may be resident (dequantized), resident packed (dequantized
-per call) or streamed (copied per call at peak link rate), in any fraction; no real plan beats that.
+At the plan's storage formats, modes and ring depth, each frame-loop block may be resident (dequantized), resident
+packed (dequantized per call) or streamed (copied per call at peak link rate, dequantized on either engine), in any
+fraction; each block run only at session start, resident for its phase or streamed. What every such plan also pays
+is charged exactly, not as a fraction: the ring's slots (each as large as the largest streamed block), the dequant
+scratch and (GPU) the staging of a packed blob, each the largest over the blocks that need one, and the session
+phase's memory beside the frame loop's resident blocks. No real plan at those formats beats it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
-from scipy.optimize import linprog
+from scipy.optimize import Bounds, LinearConstraint, milp
 
 from residency.device.profile import DeviceProfile
 from residency.formats.dtypes import DTYPE_FORMAT
-from residency.plan.plan import Plan
-from residency.simulate.costs import compute_s, dequant_s
-from residency.simulate.memory import GPU_WORKSPACE_BYTES
+from residency.plan.plan import BlockPlan, Plan
+from residency.simulate.costs import compute_s, dequant_s, scratch_bytes
+from residency.simulate.memory import GPU_WORKSPACE_BYTES, peak_bytes
 from residency.workload.spec import Workload
 
 
@@ -52,40 +58,178 @@ def interference_coefficients(profile: DeviceProfile) -> tuple[float, float]:
     return min(1.0, s_k * (1.0 - 1.0 / s_c)), min(1.0, s_c * (1.0 - 1.0 / s_k))
 
 
-def lower_bound_s(workload: Workload, plan: Plan, profile: DeviceProfile) -> float:
-    """Seconds: min T over fractional placements with T ≥ K + a_k·C and T ≥ C + a_c·K (compute K, copy C;
-    a_k, a_c from interference_coefficients) and the VRAM budget — even a perfect pipeline pays the
-    interference the device measured. No plan's simulated steady frame is shorter."""
-    frame_blocks = list(dict.fromkeys(b for ph in workload.frame_phases() for b in ph.blocks))
-    fixed = workload.kv_cache_bytes(plan.kv_dtype) + max(
-        (workload.by_name[b].activation_bytes(plan.by_name[b].compute_dtype, workload.batch) for b in frame_blocks),
-        default=0) + (GPU_WORKSPACE_BYTES if profile.is_gpu else 0)
-    room = plan.budget.vram_bytes - fixed
+# The memory that is a maximum over blocks (residency.simulate.memory.peak_bytes): one ring slot, the dequant
+# scratch, (GPU) the staging of a packed blob unpacked on the device
+MAX_TERMS = ("slot", "scratch", "staging")
+# Levels of a maximum smaller than this share of the room are not charged (a relaxation, so still a bound): each
+# level is a binary of the MILP, and the small ones (VAE layers, embeddings) cost solver time for nothing.
+MIN_LEVEL_SHARE = 0.005
+# HiGHS's presolve returned a wrong optimum on one catalog case (wan-causal-1.3b on the RTX 3060 at its full memory:
+# 1.49 % above a feasible point's T, with mip_rel_gap 0); without it the same MILP solves right and faster.
+HIGHS_OPTIONS = {"mip_rel_gap": 0.0, "presolve": False}
+
+
+@dataclass(frozen=True)
+class _Column:
+    """One way a block could live: its fraction's compute and copy per frame [ms] and memory [bytes]."""
+
+    block: int  # index of its block: a block's columns sum to one
+    compute_ms: float = 0.0
+    copy_ms: float = 0.0
+    frame_bytes: int = 0  # held through the frame loop (and the session phases)
+    phase_bytes: int = 0  # held only while its session phase runs
+    phase: int = -1  # that session phase (-1: none)
+    maxima: dict[str, int] = field(default_factory=dict)  # its term of each MAX_TERMS it needs (absent: none)
+
+
+def _frame_columns(i: int, workload: Workload, plan: Plan, profile: DeviceProfile, name: str) -> list[_Column]:
+    """Resident, packed, streamed (dequant on compute), streamed (dequant on copy) for frame-loop block `name`."""
+    block, bp = workload.by_name[name], plan.by_name[name]
+    calls = workload.calls_per_frame(name)
     link = max(profile.link["h2d_pinned"].y) * 1e9
+    k = compute_floor_s(workload, plan, profile, name) * 1e3
+    d = calls * dequant_s(block, bp.format, bp.compute_dtype, profile) * 1e3
+    move = calls * block.nbytes(bp.format) / link * 1e3
+    plain, packed = block.nbytes(DTYPE_FORMAT[bp.compute_dtype]), block.nbytes(bp.format)
+    scratch = scratch_bytes(block, BlockPlan(name, "streamed", bp.format, bp.compute_dtype))
+    # a GPU unpacks a blob that is not in the compute dtype's format in a device staging buffer: at load (resident)
+    # and on the copy engine (streamed, dequant on copy)
+    staging = packed if profile.is_gpu and bp.format != DTYPE_FORMAT[bp.compute_dtype] else 0
+    return [_Column(i, k, 0.0, plain, maxima={"staging": staging}),
+            _Column(i, k + d, 0.0, packed, maxima={"scratch": scratch}),
+            _Column(i, k + d, move, maxima={"slot": packed, "scratch": scratch}),
+            _Column(i, k, move + d, maxima={"slot": plain, "staging": staging})]
+
+
+def _own_column(bp: BlockPlan, frame: bool) -> int:
+    """Which of its block's columns the plan's own placement takes (the order of _frame_columns, _session_columns)."""
+    if not frame:
+        return int(bp.placement == "streamed")
+    if bp.placement == "streamed":
+        return 3 if bp.dequant_on == "copy" else 2
+    return int(bp.placement == "resident-quantized")
+
+
+def _session_columns(i: int, block_bytes: int, phase: int) -> list[_Column]:
+    """A block run only at session start (at its smaller size, packed or not): resident for its phase, or streamed
+    (no frame time; a slot of its size)."""
+    return [_Column(i, phase_bytes=block_bytes, phase=phase), _Column(i, maxima={"slot": block_bytes})]
+
+
+def _columns(workload: Workload, plan: Plan, profile: DeviceProfile) -> tuple[list[_Column], list[int], int]:
+    """Every block's columns, the plan's own column of each block, and the number of session phases."""
+    frame_blocks = list(dict.fromkeys(b for ph in workload.frame_phases() for b in ph.blocks))
+    cols = [c for i, name in enumerate(frame_blocks) for c in _frame_columns(i, workload, plan, profile, name)]
+    own = [4 * i + _own_column(plan.by_name[name], True) for i, name in enumerate(frame_blocks)]
+    seen = set(frame_blocks)
+    phases = workload.session_phases()
+    for p, ph in enumerate(phases):
+        for name in dict.fromkeys(ph.blocks):
+            if name in seen:  # a frame-loop block, or one an earlier session phase holds
+                continue
+            seen.add(name)
+            block, bp = workload.by_name[name], plan.by_name[name]
+            own.append(len(cols) + _own_column(bp, False))
+            cols += _session_columns(len(own) - 1, min(block.nbytes(bp.format),
+                                                       block.nbytes(DTYPE_FORMAT[bp.compute_dtype])), p)
+    return cols, own, len(phases)
+
+
+def _frame_ms(cols: list[_Column], chosen: list[int], a_k: float, a_c: float) -> float:
+    """T of whole columns, one per block: max(K + a_k·C, C + a_c·K)."""
+    k = sum(cols[j].compute_ms for j in chosen)
+    c = sum(cols[j].copy_ms for j in chosen)
+    return max(k + a_k * c, c + a_c * k)
+
+
+class _Rows:
+    """The constraint matrix, one row at a time: lb ≤ row · x ≤ ub."""
+
+    def __init__(self, nv: int) -> None:
+        self.nv, self.rows, self.lbs, self.ubs = nv, [], [], []
+
+    def add(self, coeffs: dict[int, float], lb: float, ub: float) -> None:
+        row = np.zeros(self.nv)
+        for j, v in coeffs.items():
+            row[j] += v
+        self.rows.append(row)
+        self.lbs.append(lb)
+        self.ubs.append(ub)
+
+
+def _level_rows(rows: _Rows, cols: list[_Column], levels: dict[str, list[int]], z: dict[tuple[str, int], int],
+                slots: int, m_unit: float) -> dict[int, float]:
+    """z[t, v] = 1 when the plan's largest term t is at least v: monotone in v, and a column whose term is v or more
+    is open only when z[t, v] is. Returns the memory each z adds (the step between its level and the one below)."""
+    charged = {}
+    for t in MAX_TERMS:
+        for i, v in enumerate(levels[t]):
+            lower = levels[t][i - 1] if i else 0
+            if lower:
+                rows.add({z[t, v]: 1.0, z[t, lower]: -1.0}, -np.inf, 0.0)
+            charged[z[t, v]] = (v - lower) * (slots if t == "slot" else 1) / m_unit
+        for j, c in enumerate(cols):
+            # a term between two levels is charged as the lower one (a relaxation): small terms not at all
+            level = max((v for v in levels[t] if v <= c.maxima.get(t, 0)), default=0)
+            if level:
+                rows.add({j: 1.0, z[t, level]: -1.0}, -np.inf, 0.0)
+    return charged
+
+
+def lower_bound_s(workload: Workload, plan: Plan, profile: DeviceProfile) -> float:
+    """Seconds: min T with T ≥ K + a_k·C and T ≥ C + a_c·K (compute K, copy C; a_k, a_c from
+    interference_coefficients) — even a perfect pipeline pays the interference the device measured — over
+    fractional placements at the plan's formats, modes and prefetch depth, within the VRAM budget (or the plan's own
+    peak, where that is more) in the frame loop and in each session phase.
+
+    Each of MAX_TERMS is a maximum over blocks, so it is not relaxed: a binary per level it could take, a block's
+    fraction may use a column only once its level is reached, and the level's bytes are charged whole (a slot's once
+    per ring slot), as every real plan pays them. No plan at those formats, modes and depth has a shorter simulated
+    steady frame (tests/test_bound_brute_force.py holds every plan of a small workload to it) — among plans that
+    keep frame-loop blocks for the session or stream them: ours, and every peer but diffusers' model offload, which
+    reloads whole components each frame (a copy without a slot, not modelled here).
+    Cost: one small MILP (~20-80 ms on the catalog models; HiGHS closes it at the root).
+    """
+    cols, own, n_phases = _columns(workload, plan, profile)
     a_k, a_c = interference_coefficients(profile)
-    # variables: per block fractions resident, packed, streamed (dequant on compute), streamed (dequant
-    # on the copy engine); then T in ms
-    n, m = len(frame_blocks), 4
-    cost_k, cost_c, mem = np.zeros(m * n), np.zeros(m * n), np.zeros(m * n)
-    for i, name in enumerate(frame_blocks):
-        block, bp = workload.by_name[name], plan.by_name[name]
-        calls = workload.calls_per_frame(name)
-        k = compute_floor_s(workload, plan, profile, name) * 1e3
-        d = calls * dequant_s(block, bp.format, bp.compute_dtype, profile) * 1e3
-        move = calls * block.nbytes(bp.format) / link * 1e3
-        cost_k[m * i: m * i + m] = (k, k + d, k + d, k)
-        cost_c[m * i + 2: m * i + m] = (move, move + d)
-        mem[m * i: m * i + 2] = (block.nbytes(DTYPE_FORMAT[bp.compute_dtype]) / 2**30, block.nbytes(bp.format) / 2**30)
-    c_obj = np.zeros(m * n + 1)
-    c_obj[-1] = 1.0
-    a_ub = np.array([np.append(cost_k + a_k * cost_c, -1.0), np.append(cost_c + a_c * cost_k, -1.0),
-                     np.append(mem, 0.0)])
-    b_ub = np.array([0.0, 0.0, max(room, 0) / 2**30])
-    a_eq = np.zeros((n, m * n + 1))
-    for i in range(n):
-        a_eq[i, m * i: m * i + m] = 1.0
-    res = linprog(c_obj, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=np.ones(n), bounds=(0, None), method="highs")
-    if res.status != 0:  # nothing fits (room < 0): everything streams
-        k, c = cost_k[2::m].sum(), cost_c[2::m].sum()
-        return max(k + a_k * c, c + a_c * k) / 1e3
-    return res.fun / 1e3
+    fixed = workload.kv_cache_bytes(plan.kv_dtype) + max(
+        (workload.by_name[b.name].activation_bytes(b.compute_dtype, workload.batch) for b in plan.blocks),
+        default=0) + (GPU_WORKSPACE_BYTES if profile.is_gpu else 0)
+    # a plan over its budget is bounded within its own memory, so its own placement is always a feasible point
+    room = max(plan.budget.vram_bytes, sum(v for k, v in peak_bytes(workload, plan, profile).items()
+                                           if k != "reserve")) - fixed
+    resident_ms = sum(min(c.compute_ms for c in cols if c.block == i) for i in range(len(own)))
+    own_ms = _frame_ms(cols, own, a_k, a_c)  # the plan's own placement: the optimum is at most this
+    if room < 0:  # nothing fits at any placement: what no plan beats at any memory
+        return resident_ms / 1e3
+    slots = plan.execution.slots
+    levels = {t: sorted({c.maxima[t] for c in cols
+                         if c.maxima.get(t, 0) * (slots if t == "slot" else 1) >= MIN_LEVEL_SHARE * room})
+              for t in MAX_TERMS}
+    nx = len(cols)
+    z = {(t, v): nx + i for i, (t, v) in enumerate((t, v) for t in MAX_TERMS for v in levels[t])}
+    t_col = nx + len(z)
+    rows = _Rows(t_col + 1)
+    # units: T in the compute floor, memory in the room, so that HiGHS's tolerances sit far below either
+    t_unit, m_unit = resident_ms or 1.0, float(max(room, 1))
+    rows.add({**{j: (c.compute_ms + a_k * c.copy_ms) / t_unit for j, c in enumerate(cols)}, t_col: -1.0}, -np.inf, 0.0)
+    rows.add({**{j: (c.copy_ms + a_c * c.compute_ms) / t_unit for j, c in enumerate(cols)}, t_col: -1.0}, -np.inf, 0.0)
+    for i in range(len(own)):
+        rows.add({j: 1.0 for j, c in enumerate(cols) if c.block == i}, 1.0, 1.0)
+    charged = _level_rows(rows, cols, levels, z, slots, m_unit)
+    frame = {j: c.frame_bytes / m_unit for j, c in enumerate(cols) if c.frame_bytes}
+    rows.add({**frame, **charged}, -np.inf, 1.0)
+    for p in range(n_phases):
+        phase = {j: c.phase_bytes / m_unit for j, c in enumerate(cols) if c.phase == p and c.phase_bytes}
+        rows.add({**frame, **phase, **charged}, -np.inf, 1.0)
+    objective, integrality, upper = np.zeros(rows.nv), np.zeros(rows.nv), np.full(rows.nv, np.inf)
+    objective[t_col], integrality[nx:t_col], upper[:t_col] = 1.0, 1, 1.0
+    res = milp(objective, constraints=LinearConstraint(np.array(rows.rows), rows.lbs, rows.ubs),
+               integrality=integrality, bounds=Bounds(np.zeros(rows.nv), upper), options=dict(HIGHS_OPTIONS))
+    if res.x is None:  # the solver found no point, though the plan's own is one: trust the plan
+        return own_ms / 1e3
+    # the solver's proven bound, not its incumbent (a lower bound whatever gap it stopped at), and never above the
+    # plan's own placement, a feasible point: a guard against a solver's wrong optimum
+    dual = getattr(res, "mip_dual_bound", None)
+    value = min(res.fun, dual) if dual is not None and np.isfinite(dual) else res.fun
+    return min(max(value, 0.0) * t_unit, own_ms) / 1e3
