@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.optimize import Bounds, milp
 
 from policies.ours.options import BlockClass, Option
+from residency.simulate.lp_rows import LpRows
 
 # The maxima of the memory: each the largest of its term over the options used
 MAX_TERMS = ("slot_bytes", "scratch_bytes", "staging_bytes", "compute_unpack_bytes", "copy_unpack_bytes")
@@ -130,29 +131,6 @@ class _Terms:
     session_mem: dict[int, float] = field(default_factory=dict)
 
 
-class _Rows:
-    """The constraint matrix, one row at a time: lb ≤ row · x ≤ ub."""
-
-    def __init__(self, nv: int) -> None:
-        self.nv = nv
-        self.rows: list[np.ndarray] = []
-        self.lbs: list[float] = []
-        self.ubs: list[float] = []
-
-    def add(self, coeffs: dict[int, float], lb: float, ub: float) -> None:
-        """Appends a row; coeffs maps column index to coefficient (repeated columns would add up)."""
-        row = np.zeros(self.nv)
-        for i, v in coeffs.items():
-            row[i] += v
-        self.rows.append(row)
-        self.lbs.append(lb)
-        self.ubs.append(ub)
-
-    def constraint(self) -> LinearConstraint:
-        """The rows added so far as one scipy constraint."""
-        return LinearConstraint(np.array(self.rows), self.lbs, self.ubs)
-
-
 def _bounds(p: Problem, lay: _Layout) -> tuple[Bounds, np.ndarray]:
     """Variable bounds (n ≤ the class's block count, y ≤ 1, the rest ≥ 0) and the integrality vector."""
     lo, hi = np.zeros(lay.nv), np.full(lay.nv, np.inf)
@@ -166,7 +144,7 @@ def _bounds(p: Problem, lay: _Layout) -> tuple[Bounds, np.ndarray]:
     return Bounds(lo, hi), integrality
 
 
-def _option_rows(p: Problem, lay: _Layout, rows: _Rows) -> _Terms:
+def _option_rows(p: Problem, lay: _Layout, rows: LpRows) -> _Terms:
     """Adds the per-class and per-option rows; returns each option column's time, loss and memory terms."""
     t, m = 1.0 / lay.time_unit_s, 1.0 / lay.mem_unit_bytes
     maxima = lay.max_columns()
@@ -197,7 +175,7 @@ def _option_rows(p: Problem, lay: _Layout, rows: _Rows) -> _Terms:
     return terms
 
 
-def _time_and_peak_rows(p: Problem, lay: _Layout, rows: _Rows, terms: _Terms) -> None:
+def _time_and_peak_rows(p: Problem, lay: _Layout, rows: LpRows, terms: _Terms) -> None:
     """Adds T ≥ each linearised frame time and M_peak ≥ each phase's memory."""
     compute, copy = terms.compute, terms.copy
     a_k, a_c = p.interference
@@ -211,7 +189,7 @@ def _time_and_peak_rows(p: Problem, lay: _Layout, rows: _Rows, terms: _Terms) ->
     rows.add({**peak_session, lay.peak_i: -1.0}, -np.inf, 0.0)
 
 
-def _budget_rows(p: Problem, lay: _Layout, rows: _Rows, terms: _Terms) -> None:
+def _budget_rows(p: Problem, lay: _Layout, rows: LpRows, terms: _Terms) -> None:
     """Adds the VRAM, frame-time, time-cap and loss-cap limits the problem sets."""
     if p.vram_bytes is not None:
         rows.add({lay.peak_i: 1.0}, -np.inf, (p.vram_bytes - p.fixed_bytes) / lay.mem_unit_bytes)
@@ -256,7 +234,7 @@ def solve(p: Problem) -> Solution | None:
     """
     lay = _layout(p)
     bounds, integrality = _bounds(p, lay)
-    rows = _Rows(lay.nv)
+    rows = LpRows(lay.nv)
     terms = _option_rows(p, lay, rows)
     _time_and_peak_rows(p, lay, rows, terms)
     _budget_rows(p, lay, rows, terms)

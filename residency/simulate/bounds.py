@@ -13,12 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.optimize import Bounds, milp
 
 from residency.device.profile import DeviceProfile
 from residency.formats.dtypes import DTYPE_FORMAT
 from residency.plan.plan import BlockPlan, Plan
 from residency.simulate.costs import compute_s, dequant_s, scratch_bytes
+from residency.simulate.lp_rows import LpRows
 from residency.simulate.memory import GPU_WORKSPACE_BYTES, peak_bytes
 from residency.workload.spec import Workload
 
@@ -142,22 +143,7 @@ def _frame_ms(cols: list[_Column], chosen: list[int], a_k: float, a_c: float) ->
     return max(k + a_k * c, c + a_c * k)
 
 
-class _Rows:
-    """The constraint matrix, one row at a time: lb ≤ row · x ≤ ub."""
-
-    def __init__(self, nv: int) -> None:
-        self.nv, self.rows, self.lbs, self.ubs = nv, [], [], []
-
-    def add(self, coeffs: dict[int, float], lb: float, ub: float) -> None:
-        row = np.zeros(self.nv)
-        for j, v in coeffs.items():
-            row[j] += v
-        self.rows.append(row)
-        self.lbs.append(lb)
-        self.ubs.append(ub)
-
-
-def _level_rows(rows: _Rows, cols: list[_Column], levels: dict[str, list[int]], z: dict[tuple[str, int], int],
+def _level_rows(rows: LpRows, cols: list[_Column], levels: dict[str, list[int]], z: dict[tuple[str, int], int],
                 slots: int, m_unit: float) -> dict[int, float]:
     """z[t, v] = 1 when the plan's largest term t is at least v: monotone in v, and a column whose term is v or more
     is open only when z[t, v] is. Returns the memory each z adds (the step between its level and the one below)."""
@@ -209,7 +195,7 @@ def lower_bound_s(workload: Workload, plan: Plan, profile: DeviceProfile) -> flo
     nx = len(cols)
     z = {(t, v): nx + i for i, (t, v) in enumerate((t, v) for t in MAX_TERMS for v in levels[t])}
     t_col = nx + len(z)
-    rows = _Rows(t_col + 1)
+    rows = LpRows(t_col + 1)
     # units: T in the compute floor, memory in the room, so that HiGHS's tolerances sit far below either
     t_unit, m_unit = resident_ms or 1.0, float(max(room, 1))
     rows.add({**{j: (c.compute_ms + a_k * c.copy_ms) / t_unit for j, c in enumerate(cols)}, t_col: -1.0}, -np.inf, 0.0)
@@ -224,7 +210,7 @@ def lower_bound_s(workload: Workload, plan: Plan, profile: DeviceProfile) -> flo
         rows.add({**frame, **phase, **charged}, -np.inf, 1.0)
     objective, integrality, upper = np.zeros(rows.nv), np.zeros(rows.nv), np.full(rows.nv, np.inf)
     objective[t_col], integrality[nx:t_col], upper[:t_col] = 1.0, 1, 1.0
-    res = milp(objective, constraints=LinearConstraint(np.array(rows.rows), rows.lbs, rows.ubs),
+    res = milp(objective, constraints=rows.constraint(),
                integrality=integrality, bounds=Bounds(np.zeros(rows.nv), upper), options=dict(HIGHS_OPTIONS))
     if res.x is None:  # the solver found no point, though the plan's own is one: trust the plan
         return own_ms / 1e3
