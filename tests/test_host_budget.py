@@ -46,10 +46,12 @@ def big_cpu_box(tmp_path, monkeypatch):
     report_free(monkeypatch, 30 * GIB)
     profile = load_profile("rx-7800-xt")
     profile = dataclasses.replace(profile, backend="cpu", memory_total_bytes=32 * GIB,
-                                  memory_reserve_bytes=2 * GIB, memory_usable_bytes=28 * GIB)
+                                  memory_reserve_bytes=2 * GIB, memory_usable_bytes=28 * GIB,
+                                  graph_replay_us_per_kernel=0.0, graph_pool_bytes_per_class=0)  # no graphs on a cpu
     path = cached_profile_path("cpu")
     path.parent.mkdir(parents=True)
     save_profile(profile, path)
+    load_profile(path)  # readable: else every test here would measure the machine (~1 min) and test that instead
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "start.png")
     return tmp_path
 
