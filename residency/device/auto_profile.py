@@ -44,7 +44,7 @@ def device_kind() -> str:
 def machine_profile(kind: str | None = None, *, say: Callable[[str], None] = _to_stderr,
                     measure: Callable[..., DeviceProfile] = measure_profile) -> DeviceProfile:
     """This machine's `kind` ('cpu' or 'cuda'; None: the GPU if there is one) profile: read from the cache,
-    or measured in quick mode by `measure` (~25 s on 2 cores) and cached. `say` gets one line before a
+    or measured in quick mode by `measure` (~25–60 s on 2 cores, by CPU) and cached. `say` gets one line before a
     measurement and one for a damaged or unwritable cache (default: stderr); neither stops it.
 
     Raises ResidencyError for an unknown kind, or when the measurement itself fails."""
@@ -57,7 +57,7 @@ def machine_profile(kind: str | None = None, *, say: Callable[[str], None] = _to
             return load_profile(path)
         except ResidencyError as e:  # a damaged cache costs a re-measure, not the run
             say(f"the cached profile is unreadable ({e.message}); measuring again")
-    say(f"measuring this machine's {kind} profile once (quick mode, ~25 s); cached in {path}")
+    say(f"measuring this machine's {kind} profile once (quick mode, ~25–60 s); cached in {path}")
     profile = measure("cuda:0" if kind == "cuda" else "cpu", quick=True,
                       source=f"residency (cached profile, quick) on {kind}")
     try:
