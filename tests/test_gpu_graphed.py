@@ -132,8 +132,8 @@ def test_a_replay_reads_the_slot_it_was_captured_with():
     graphed.restore()
 
 
-def test_an_expanded_argument_is_graphed_like_a_dense_one():
-    """A broadcast argument (stride 0) gets a dense static copy: an overlapping one would refuse copy_."""
+def _graphed_linear():
+    """A 64-wide Linear on the GPU with graphed forwards installed: (device, module, GraphedForwards, notes)."""
     from residency.runtime.backend_cuda import CudaGraphCapture
 
     torch.manual_seed(0)
@@ -142,6 +142,12 @@ def test_an_expanded_argument_is_graphed_like_a_dense_one():
     notes: list[str] = []
     graphed = GraphedForwards(CudaGraphCapture(device), device, notes)
     graphed.install("b", runner)
+    return device, runner, graphed, notes
+
+
+def test_an_expanded_argument_is_graphed_like_a_dense_one():
+    """A broadcast argument (stride 0) gets a dense static copy: an overlapping one would refuse copy_."""
+    device, runner, graphed, notes = _graphed_linear()
     with torch.inference_mode():
         for _ in range(2):
             x = torch.randn(1, 64, device=device).expand(8, 64)
@@ -153,14 +159,7 @@ def test_an_expanded_argument_is_graphed_like_a_dense_one():
 def test_a_call_under_caching_autocast_runs_eagerly():
     """autocast caches a weight's cast copy and frees it when its region ends: a graph captured under it would
     read freed memory (torch's make_graphed_callables refuses such autocast too)."""
-    from residency.runtime.backend_cuda import CudaGraphCapture
-
-    torch.manual_seed(0)
-    device = torch.device("cuda")
-    runner = nn.Linear(64, 64, device=device)
-    notes: list[str] = []
-    graphed = GraphedForwards(CudaGraphCapture(device), device, notes)
-    graphed.install("b", runner)
+    device, runner, graphed, notes = _graphed_linear()
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         x = torch.randn(8, 64, device=device)
         for _ in range(2):
