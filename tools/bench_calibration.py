@@ -266,8 +266,8 @@ def _reach_under_disturbance(snap, model, plan, profile, replan, vram: int, budg
         return none
     fit = calibrate(window, model.workload, plan, profile, model="default", warmup_frames=0)
     best = replan(Budget(vram, budget), fit.profile)
-    return {"disturbed_fit": fit.summary(),
-            "first_plan_disturbed_predicted_ms": predict(model.workload, plan, fit.profile, bound=False).prediction.frame_ms,
+    first_ms = predict(model.workload, plan, fit.profile, bound=False).prediction.frame_ms
+    return {"disturbed_fit": fit.summary(), "first_plan_disturbed_predicted_ms": first_ms,
             "best_plan_disturbed_predicted_ms": best.prediction.frame_ms if best.prediction else None}
 
 
@@ -312,8 +312,7 @@ def summarise(runs: list[dict]) -> dict:
         loop["runs_with_a_switch"] = sum(x["switches"] > 0 for x in loops)
         loop["runs_disturbance_broke_budget"] = sum(bool(x["disturbance_broke_budget"]) for x in loops)
         loop["runs_a_plan_holds_disturbed"] = sum(
-            x["best_plan_disturbed_predicted_ms"] is not None and x["best_plan_disturbed_predicted_ms"] <= x["budget_ms"]
-            for x in loops)
+            (best := x["best_plan_disturbed_predicted_ms"]) is not None and best <= x["budget_ms"] for x in loops)
         loop["max_switches_over_toggles_plus_one"] = max(x["switches"] - x["toggles"] - 1 for x in loops)
     passes = {}
     if cal:
@@ -385,9 +384,10 @@ def main() -> int:
               f"held within {lp['held_within_frames']} frames; after the switch {lp['after_switch']}; "
               f"switches {lp['switches']} for {lp['toggles']} toggles ({lp['runs_with_a_switch']}/{len(runs)} runs "
               "switched)")
-        print(f"  the disturbance broke the budget in {lp['runs_disturbance_broke_budget']}/{len(runs)} runs; fitted to "
-              f"the first plan's disturbed frames, the first plan predicts {lp['first_plan_disturbed_predicted_ms']} ms "
-              f"and the best plan {lp['best_plan_disturbed_predicted_ms']} ms: a plan that holds exists in "
+        print(f"  the disturbance broke the budget in {lp['runs_disturbance_broke_budget']}/{len(runs)} runs; "
+              "fitted to the first plan's disturbed frames, the first plan predicts "
+              f"{lp['first_plan_disturbed_predicted_ms']} ms and the best plan "
+              f"{lp['best_plan_disturbed_predicted_ms']} ms: a plan that holds exists in "
               f"{lp['runs_a_plan_holds_disturbed']}/{len(runs)} runs")
         for e in runs[-1]["loop"]["events"]:
             print("  " + e)

@@ -196,7 +196,8 @@ class GraphedForwards:
     # --- a call ---
     def _call(self, graphs: _ClassGraphs, module: nn.Module, tensors: _Module, eager: Callable[..., Any],
               *args: Any, **kwargs: Any) -> Any:
-        if graphs.failed or self.capture_broken or torch.is_grad_enabled():  # autograd: a replay would record no graph for backward
+        # autograd: a replay would record no graph for backward
+        if graphs.failed or self.capture_broken or torch.is_grad_enabled():
             return eager(module, *args, **kwargs)
         if torch.is_autocast_enabled(self.device.type) and torch.is_autocast_cache_enabled():
             # Hazard (torch's make_graphed_callables refuses it too): a graph would bake in the address of
