@@ -196,3 +196,18 @@ def test_too_few_frames_is_a_clear_error():
     short = TelemetrySnapshot(snap.frames[:2], snap.rows[:2], snap.block_names, None, ())
     with pytest.raises(ResidencyError, match="after the first 2"):
         calibrate(short, w, plan, base)
+
+
+def test_a_dequant_fitted_as_a_whole_scales_its_rate_and_its_per_call_cost_alike():
+    w = two_component_workload()
+    base = dataclasses.replace(base_profile(link_gbps=20.0), dequant_gweights_per_s={"Q8_0": 2.0, "BF16": 4.0},
+                               dequant_call_us={"Q8_0": 300.0})
+    # the machine dequantizes 1.8× slower than profiled, per weight and per call
+    truth = dataclasses.replace(base, dequant_gweights_per_s={"Q8_0": 2.0 / 1.8, "BF16": 4.0},
+                                dequant_call_us={"Q8_0": 540.0})
+    plan = make_plan(w, base, {f"dit.blocks.{i}": "streamed" for i in (1, 3, 5)}, fmt="Q8_0", depth=1)
+    fit = calibrate(telemetry_from(w, plan, truth, noise=0.02), w, plan, base)
+    assert fit.dequant_scale["Q8_0"] == pytest.approx(1.8, rel=0.05)
+    assert fit.profile.dequant_call_us["Q8_0"] == pytest.approx(540.0, rel=0.05)
+    true_ms = simulate(w, plan, truth, bound=False).prediction.frame_ms
+    assert simulate(w, plan, fit.profile, bound=False).prediction.frame_ms == pytest.approx(true_ms, rel=0.03)

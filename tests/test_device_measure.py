@@ -149,6 +149,7 @@ def _measurements(backend: str) -> Measurements:
         elementwise_gelems_per_s=curve, compute_threads=1,
         # what only the CPU measures: attention curves, the re-warm after a matmul
         **({"attention_tflops": {"fp32": curve}, "matmul_rewarm_us": curve} if backend == "cpu" else {}),
+        dequant_call_us={"Q8_0": 20.0},
     )
 
 
@@ -158,7 +159,7 @@ def _measurements(backend: str) -> Measurements:
 ], ids=["cpu", "cuda"])
 def test_each_backend_says_how_it_measured_every_field_after_the_command(backend, notes):
     profile = to_profile(_measurements(backend), "residency profile --quick", notes)
-    optional = {"attention_tflops", "matmul_rewarm_us"} if backend == "cpu" else set()
+    optional = {"attention_tflops", "matmul_rewarm_us", "dequant_call_us"} if backend == "cpu" else {"dequant_call_us"}
     assert set(profile.provenance) == PROVENANCE_FIELDS | optional
     assert all(p.kind == "measured" and p.source.startswith("residency profile --quick — ")
                for p in profile.provenance.values())
@@ -242,7 +243,8 @@ def test_gpu_compute_measurements_are_positive_and_overlap_is_a_fraction():
     plan = measure_cuda.GpuSchedule(link_sizes_bytes=(2**20,), **SMALL_GPU_SCHEDULE)
     stream = torch.cuda.current_stream(dev)
     assert all(y > 0 for y in measure_cuda.measure_matmul(dev, stream, "bf16", plan).y)
-    assert measure_cuda.measure_dequant(dev, stream, "Q4_K", plan) > 0
+    rate, call_us = measure_cuda.measure_dequant(dev, stream, "Q4_K", plan)
+    assert rate > 0 and call_us >= 0
     assert 0.0 <= measure_cuda.measure_overlap(dev, torch.cuda.Stream(dev), plan) <= 1.0
     assert measure_cuda.measure_launch_us(dev) > 0
     assert all(y > 0 for y in measure_cuda.measure_matmul(dev, stream, "bf16", plan, plan.matmul_small_dim).y)

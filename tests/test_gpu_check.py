@@ -218,12 +218,13 @@ def test_the_profile_leaves_out_a_format_whose_package_is_missing_and_says_why(m
     def fake_measure(_dev, _stream, name, _plan):
         if name == "NF4":
             raise ModuleNotFoundError("No module named 'bitsandbytes'", name="bitsandbytes")
-        return 1.0
+        return 1.0, 20.0
 
     monkeypatch.setattr(measure_cuda, "measure_dequant", fake_measure)
     steps = []
-    rates, missing = measure_cuda.measure_dequant_rates(None, None, ["Q8_0", "NF4", "Q4_K"], None, steps.append)
+    rates, calls, missing = measure_cuda.measure_dequant_rates(None, None, ["Q8_0", "NF4", "Q4_K"], None, steps.append)
     assert rates == {"Q8_0": 1.0, "Q4_K": 1.0}
+    assert calls == {"Q8_0": 20.0, "Q4_K": 20.0}
     assert "bitsandbytes" in missing["NF4"]
     assert steps == ["dequant Q8_0", "dequant NF4", "dequant Q4_K"]
 

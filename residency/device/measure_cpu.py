@@ -31,11 +31,13 @@ from residency.device.measure_cpu_compute import (
     measure_rewarm,
 )
 from residency.device.measurements import (
+    DEQUANT_SMALL_SHAPE,
     PROBE_WEIGHTS,
     Measurements,
     ProbeShape,
     block_probe,
     calls_during,
+    dequant_rate_and_call,
     slowdowns,
     to_profile,
 )
@@ -51,6 +53,7 @@ from residency.device.timing import (
 )
 from residency.errors import ResidencyError
 from residency.formats import get_format
+from residency.formats.staging import new_staging, staging_bytes
 
 KIB, MIB = 2**10, 2**20
 
@@ -161,17 +164,25 @@ def measure_memcpy_gbps(schedule: CpuSchedule) -> tuple[float, Timing]:
 DEQUANT_OUT_DTYPE = torch.float32
 
 
-def measure_dequant(name: str, schedule: CpuSchedule) -> float:
-    """1e9 weights/s unpacked into a preallocated fp32 buffer (the path `residency.formats` takes)."""
+def measure_dequant(name: str, schedule: CpuSchedule) -> tuple[float, float]:
+    """(1e9 weights/s, µs per unpack call) unpacking into preallocated fp32 buffers through one staging buffer, as
+    the runtime's threads do: the schedule's matrix and a DEQUANT_SMALL_SHAPE one (measurements.dequant_rate_and_call).
+    The small one gets a fifth of the point's time, at least 15 samples: its calls are ~0.1 ms, its noise large."""
     fmt = get_format(name)
-    rows, cols = schedule.dequant_shape
-    packed = packed_sample(fmt, rows, cols)
-    out = torch.empty(rows, cols, dtype=DEQUANT_OUT_DTYPE)
-    t0 = time.perf_counter()
-    fmt.unpack(packed, out)
-    first = time.perf_counter() - t0
-    t = time_samples(lambda: fmt.unpack(packed, out), repeats_for(first, schedule.dequant_point_s, lo=3, hi=30))
-    return rows * cols / t.median_s / 1e9
+    shapes = (schedule.dequant_shape, DEQUANT_SMALL_SHAPE)
+    staging = new_staging(staging_bytes("cpu", math.prod(shapes[0]), DEQUANT_OUT_DTYPE), "cpu")
+    timed = []
+    for (rows, cols), budget_s, most in zip(shapes, (schedule.dequant_point_s, schedule.dequant_point_s / 5), (30, 400),
+                                            strict=True):
+        packed = packed_sample(fmt, rows, cols)
+        out = torch.empty(rows, cols, dtype=DEQUANT_OUT_DTYPE)
+        t0 = time.perf_counter()
+        fmt.unpack(packed, out, staging)
+        first = time.perf_counter() - t0
+        least = 3 if most == 30 else 15
+        t = time_samples(lambda p=packed, o=out: fmt.unpack(p, o, staging), repeats_for(first, budget_s, least, most))
+        timed += [rows * cols, t.median_s]
+    return dequant_rate_and_call(*timed)
 
 
 def cold_copy() -> Callable[[], None]:
@@ -322,8 +333,11 @@ def provenance_notes(schedule: CpuSchedule, mem: HostMemory, compute_threads: in
                          f"cycling through {COLD_WEIGHT_BYTES // MIB} MiB of weights so they come from DRAM) on "
                          f"{compute_threads} threads; rows stop growing once one call exceeds "
                          f"{schedule.matmul_max_call_s} s",
-        "dequant_gweights_per_s": f"unpack of a {rows}×{cols} matrix into fp32 (the CPU backend's compute dtype); "
+        "dequant_gweights_per_s": f"unpack of a {rows}×{cols} matrix into fp32 (the CPU backend's compute dtype) "
+                                  "through one reused staging buffer, less the per-call cost; "
                                   "Q2_K/Q3_K from random valid blocks",
+        "dequant_call_us": f"the same unpack of a {DEQUANT_SMALL_SHAPE[0]}×{DEQUANT_SMALL_SHAPE[1]} matrix, less its "
+                           "weights at the rate: the time one call costs beyond its weights (torch's per-op dispatch)",
         "copy_compute_overlap": "copy thread alone (16 MiB loads from a DRAM-cold store), a loop of 16-row matmuls "
                                 "over DRAM-cold weights alone, both at once",
         "copy_slowdown": f"copy thread's {schedule.probe_job_s} s job of 16 MiB loads from a DRAM-cold store, alone "
@@ -384,10 +398,10 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
     small = {d: measure_matmul(d, schedule, schedule.matmul_small_dim) for d in COMPUTE_DTYPES}
     step(ATTENTION_STEP)
     attention = {d: measure_attention(d, schedule) for d in COMPUTE_DTYPES}
-    dequant = {}
+    dequant, dequant_call = {}, {}
     for f in formats:
         step(f"dequant {f}")
-        dequant[f] = measure_dequant(f, schedule)
+        dequant[f], dequant_call[f] = measure_dequant(f, schedule)
     step("overlap")
     overlap = measure_overlap(engine, schedule)
     copy_slowdown, compute_slowdown = measure_interference(engine, schedule)
@@ -399,7 +413,7 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
         memory_total_bytes=mem.total_bytes, memory_reserve_bytes=reserve, memory_usable_bytes=usable,
         link=link, device_memory_gbps=memcpy_gbps, matmul_tflops=matmul, matmul_weight_dim=schedule.matmul_dim,
         matmul_small_tflops=small, matmul_small_weight_dim=schedule.matmul_small_dim,
-        dequant_gweights_per_s=dequant, copy_compute_overlap=overlap, copy_slowdown=copy_slowdown,
+        dequant_gweights_per_s=dequant, dequant_call_us=dequant_call, copy_compute_overlap=overlap, copy_slowdown=copy_slowdown,
         compute_slowdown=compute_slowdown, launch_overhead_us=launch_us,
         elementwise_gelems_per_s=elementwise, compute_threads=compute_threads, attention_tflops=attention,
         matmul_rewarm_us=rewarm,

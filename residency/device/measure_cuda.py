@@ -15,17 +15,20 @@ import torch
 
 from residency.device.bench_inputs import MIX_CHANNELS, count_op_mix, measured_formats, op_mix, packed_sample
 from residency.device.measurements import (
+    DEQUANT_SMALL_SHAPE,
     PROBE_WEIGHTS,
     Measurements,
     ProbeShape,
     block_probe,
     calls_during,
+    dequant_rate_and_call,
     slowdowns,
     to_profile,
 )
 from residency.device.profile import COMPUTE_DTYPES, Curve, DeviceProfile
 from residency.device.timing import ProgressFn, Steps, Timing, overlap_fraction, summarize
 from residency.formats import TORCH_DTYPES, get_format
+from residency.formats.staging import new_staging, staging_bytes
 
 KIB, MIB = 2**10, 2**20
 # Kept free beyond what the driver reports in use: allocator fragmentation and cuBLAS/hipBLAS workspaces.
@@ -162,29 +165,36 @@ def measure_matmul(dev: torch.device, stream: torch.cuda.Stream, dtype: str, sch
     return Curve(tuple(xs), tuple(ys), tuple(spread))
 
 
-def measure_dequant(dev: torch.device, stream: torch.cuda.Stream, name: str, schedule: GpuSchedule) -> float:
-    """1e9 weights/s of `name` unpacked into bf16 on the device (packed on the host)."""
+def measure_dequant(dev: torch.device, stream: torch.cuda.Stream, name: str,
+                    schedule: GpuSchedule) -> tuple[float, float]:
+    """(1e9 weights/s, µs per unpack call) of `name` unpacked into bf16 on the device (packed on the host)
+    through one staging buffer, as the runtime's streams do: the schedule's matrix and a DEQUANT_SMALL_SHAPE one,
+    whose events span its kernels and the launch gaps between them (measurements.dequant_rate_and_call)."""
     fmt = get_format(name)
-    rows, cols = schedule.dequant_shape
-    packed = packed_sample(fmt, rows, cols).to(dev)  # packed on the host, unpacked on the device
-    out = torch.empty(rows, cols, dtype=torch.bfloat16, device=dev)
-    t = time_events(lambda: fmt.unpack(packed, out), schedule.dequant_repeats, stream, warmup=2)
-    return rows * cols / t.median_s / 1e9
+    shapes = (schedule.dequant_shape, DEQUANT_SMALL_SHAPE)
+    staging = new_staging(staging_bytes("cuda", math.prod(shapes[0]), torch.bfloat16), dev)
+    timed = []
+    for (rows, cols), repeats in zip(shapes, (schedule.dequant_repeats, 4 * schedule.dequant_repeats), strict=True):
+        packed = packed_sample(fmt, rows, cols).to(dev)  # packed on the host, unpacked on the device
+        out = torch.empty(rows, cols, dtype=torch.bfloat16, device=dev)
+        t = time_events(lambda p=packed, o=out: fmt.unpack(p, o, staging), repeats, stream, warmup=2)
+        timed += [rows * cols, t.median_s]
+    return dequant_rate_and_call(*timed)
 
 
 def measure_dequant_rates(dev: torch.device, stream: torch.cuda.Stream, formats: list[str], schedule: GpuSchedule,
-                          step) -> tuple[dict[str, float], dict[str, str]]:
-    """(rate per format, why not measured per format). A format whose pack or unpack needs a package this
+                          step) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+    """(rate per format, µs per call per format, why not measured per format). A format whose pack or unpack needs a package this
     machine lacks (NF4 without bitsandbytes) is left out with the reason: the rest of the profile stands,
     and planning with that format then asks for a profile that has it."""
-    rates, missing = {}, {}
+    rates, calls, missing = {}, {}, {}
     for f in formats:
         step(f"dequant {f}")
         try:
-            rates[f] = measure_dequant(dev, stream, f, schedule)
+            rates[f], calls[f] = measure_dequant(dev, stream, f, schedule)
         except ModuleNotFoundError as e:
             missing[f] = f"needs the {e.name or 'missing'} package, not installed here"
-    return rates, missing
+    return rates, calls, missing
 
 
 def measure_overlap(dev: torch.device, side: torch.cuda.Stream, schedule: GpuSchedule) -> float:
@@ -396,6 +406,8 @@ def provenance_notes(schedule: GpuSchedule, not_measured: dict[str, str]) -> dic
         "matmul_tflops": f"x (rows × {schedule.matmul_dim}) @ W ({schedule.matmul_dim}²), CUDA events",
         "dequant_gweights_per_s": f"unpack of a {rows}×{cols} matrix into bf16 on the device"
                                   + "".join(f"; {f} not measured: {why}" for f, why in not_measured.items()),
+        "dequant_call_us": f"the same unpack of a {DEQUANT_SMALL_SHAPE[0]}×{DEQUANT_SMALL_SHAPE[1]} matrix, CUDA events, "
+                           "less its weights at the rate: one call's launches beyond its weights",
         "copy_compute_overlap": "side-stream h2d copy alone, bf16 matmul loop alone, both at once",
         "copy_slowdown": f"side-stream h2d copy of {schedule.overlap_copy_bytes} B from pinned memory in 16 MiB loads, "
                          f"alone and while {_probe_text(schedule)} ran on the compute stream; CUDA events, median "
@@ -436,7 +448,7 @@ def measure_all(dev: torch.device, schedule: GpuSchedule, formats: list[str],
         matmul[d] = measure_matmul(dev, compute, d, schedule)
     step(SMALL_STEP)
     small = {d: measure_matmul(dev, compute, d, schedule, schedule.matmul_small_dim) for d in GPU_SMALL_DTYPES}
-    dequant, not_measured = measure_dequant_rates(dev, compute, formats, schedule, step)
+    dequant, dequant_call, not_measured = measure_dequant_rates(dev, compute, formats, schedule, step)
     step("overlap")
     overlap = measure_overlap(dev, side, schedule)
     copy_slowdown, compute_slowdown = measure_interference(dev, side, schedule)
@@ -449,7 +461,7 @@ def measure_all(dev: torch.device, schedule: GpuSchedule, formats: list[str],
         memory_usable_bytes=max(1, free - GPU_RESERVE_BYTES), link=link, device_memory_gbps=memcpy_gbps,
         matmul_tflops=matmul, matmul_weight_dim=schedule.matmul_dim, matmul_small_tflops=small,
         matmul_small_weight_dim=schedule.matmul_small_dim, dequant_gweights_per_s=dequant,
-        copy_compute_overlap=overlap, copy_slowdown=copy_slowdown, compute_slowdown=compute_slowdown,
+        dequant_call_us=dequant_call, copy_compute_overlap=overlap, copy_slowdown=copy_slowdown, compute_slowdown=compute_slowdown,
         launch_overhead_us=launch_us, elementwise_gelems_per_s=elementwise, compute_threads=0,
     )
     return found, not_measured

@@ -25,7 +25,10 @@ PROVENANCE_FIELDS = frozenset({
 })
 # Fields only some backends measure (the CPU: attention curves, the re-warm after a matmul); each one measured
 # records how.
-OPTIONAL_PROVENANCE_FIELDS = frozenset({"attention_tflops", "matmul_rewarm_us"})
+OPTIONAL_PROVENANCE_FIELDS = frozenset({"attention_tflops", "matmul_rewarm_us", "dequant_call_us"})
+# An unpack timed on a small matrix, beside the rate's large one, gives its per-call cost: 16 rows of 256 weights,
+# a whole number of blocks of every format (K-quants' 256), small enough that the call costs more than the weights.
+DEQUANT_SMALL_SHAPE = (16, 256)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,17 @@ class Measurements:
     compute_threads: int  # CPU: intra-op threads of compute; 0 on a GPU
     attention_tflops: dict[str, Curve] = field(default_factory=dict)  # dtype -> SDPA TFLOP/s over query rows
     matmul_rewarm_us: Curve | None = None  # CPU: µs lost after a matmul, over its weight's elements
+    dequant_call_us: dict[str, float] = field(default_factory=dict)  # storage format -> µs per unpack call
+
+
+def dequant_rate_and_call(large_weights: int, large_s: float, small_weights: int, small_s: float) -> tuple[float, float]:
+    """(1e9 weights/s, µs per call) of an unpack timed at two sizes, as t = call + weights ÷ rate through both.
+    A small call timed no slower per weight than the large one (noise) gives call 0 and the large one's rate."""
+    per_weight = (large_s - small_s) / (large_weights - small_weights) if large_weights > small_weights else 0.0
+    call_s = small_s - small_weights * per_weight
+    if per_weight <= 0 or call_s <= 0:
+        return large_weights / large_s / 1e9, 0.0
+    return 1e-9 / per_weight, call_s * 1e6
 
 
 def to_profile(m: Measurements, source: str, how: Mapping[str, str]) -> DeviceProfile:

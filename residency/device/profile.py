@@ -22,8 +22,8 @@ EXEC_MODE_FIELDS = ("graph_replay_us_per_kernel", "compiled_dispatch_fraction", 
 # Refinements a measured (or calibrated) profile may add; absent (at their defaults) in datasheet and older
 # profiles, which therefore keep their fingerprints.
 OPTIONAL_FIELDS = ("matmul_weight_dim", "matmul_small_tflops", "matmul_small_weight_dim", "elementwise_gelems_per_s",
-                   "attention_tflops", "matmul_rewarm_us", "copy_slowdown", "compute_slowdown", "compute_scale",
-                   "call_host_us", "streamed_call_host_us", "calibration", *EXEC_MODE_FIELDS)
+                   "attention_tflops", "matmul_rewarm_us", "dequant_call_us", "copy_slowdown", "compute_slowdown",
+                   "compute_scale", "call_host_us", "streamed_call_host_us", "calibration", *EXEC_MODE_FIELDS)
 # Bounds of a measured slowdown factor: 1 = no interference; a copy or compute 10× slower beside the other
 # engine would be a broken measurement, not a device.
 MAX_SLOWDOWN = 10.0
@@ -125,6 +125,11 @@ class DeviceProfile:
     # dispatcher's working set comes back from memory), over the weight's elements; None: not measured, 0.
     # Measured here: 120-250 µs after a 1024² fp32 weight, 10-30 µs after a 256² one (more under load)
     matmul_rewarm_us: Curve | None = None
+    # storage format -> µs one unpack call costs beyond its weights' time (dispatching its torch ops on the CPU,
+    # launching its kernels on a GPU), so a block of many small tensors dequantizes slower per weight than the
+    # large matrix the rate is timed on ({} = not measured: 0). Measured on this EPYC: 140 µs a Q8_0 call and
+    # 400 a Q4_K one, where tiny's DiT block (7 matrices, 14 vectors) took 2.7 ms against 1.7 predicted by rate
+    dequant_call_us: dict[str, float] = field(default_factory=dict)
     # Interference, per engine: factor (≥ 1) by which a copy's time grows while compute runs, and compute's while
     # a copy runs; 0 = not measured, the symmetric model of copy_compute_overlap applies (see *_slowdown_factor)
     copy_slowdown: float = 0.0
@@ -224,9 +229,10 @@ class DeviceProfile:
         symmetric model's 2 − o, as copy_slowdown_factor."""
         return self.compute_slowdown if self.compute_slowdown > 0 else _symmetric_slowdown(self.copy_compute_overlap)
 
-    def dequant_s(self, weights: int, fmt: str) -> float:
-        """Seconds to dequantize `weights` weights stored in `fmt` (KeyError for a format not profiled)."""
-        return weights / (self.dequant_gweights_per_s[fmt] * 1e9)
+    def dequant_s(self, weights: int, fmt: str, calls: int = 0) -> float:
+        """Seconds to dequantize `weights` weights stored in `fmt` in `calls` unpack calls (one per tensor; 0: the
+        rate alone). KeyError for a format not profiled."""
+        return weights / (self.dequant_gweights_per_s[fmt] * 1e9) + calls * self.dequant_call_us.get(fmt, 0.0) * 1e-6
 
     def fingerprint(self) -> str:
         """Changes when any number of the profile changes (identity, provenance text and calibration record

@@ -37,13 +37,14 @@ from residency.validate import Reader, show
 PROFILE_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 SCHEMA_2_FIELDS = ("copy_slowdown", "compute_slowdown", "compute_scale", "call_host_us", "streamed_call_host_us",
-                   "calibration", *EXEC_MODE_FIELDS, "attention_tflops", "matmul_rewarm_us")
+                   "calibration", *EXEC_MODE_FIELDS, "attention_tflops", "matmul_rewarm_us", "dequant_call_us")
 # Bounds of the execution-mode figures: beyond them a figure is a typo or a broken measurement.
 MAX_GRAPH_REPLAY_US = 1e3  # per kernel; an eager launch costs 2-20 µs
 MAX_COMPILE_S = 3600.0  # one block class; a cold inductor compile of a DiT block takes ~20 s on 2 cores
 MAX_GRAPH_POOL_BYTES = 2**40
 MAX_COMPUTE_SCALE = 100.0  # a calibration that finds compute 100× off the model measured something else
 MAX_STREAMED_CALL_HOST_US = 1e5  # 0.1 s of host time per streamed call is a broken measurement, not overhead
+MAX_DEQUANT_CALL_US = 1e5  # 0.1 s to start one unpack is a broken measurement (measured: 15-600 µs on a CPU)
 _CALIBRATION_STRINGS = ("base_fingerprint", "workload_fingerprint", "model", "date")
 # Top-level groups of numbers that must each say where they came from.
 PROVENANCE_FIELDS = (
@@ -95,7 +96,7 @@ def schema_version_of(profile: DeviceProfile) -> int:
     uses_2 = (profile.copy_slowdown or profile.compute_slowdown or profile.compute_scale
               or profile.call_host_us or profile.streamed_call_host_us or profile.calibration is not None
               or any(getattr(profile, k) for k in EXEC_MODE_FIELDS)
-              or profile.attention_tflops or profile.matmul_rewarm_us is not None)
+              or profile.attention_tflops or profile.matmul_rewarm_us is not None or profile.dequant_call_us)
     return PROFILE_SCHEMA_VERSION if uses_2 else 1
 
 
@@ -123,6 +124,8 @@ def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
         doc["attention_tflops"] = {d: _curve_to_dict(c, MATMUL_AXES) for d, c in profile.attention_tflops.items()}
     if profile.matmul_rewarm_us is not None:
         doc["matmul_rewarm_us"] = _curve_to_dict(profile.matmul_rewarm_us, REWARM_AXES)
+    if profile.dequant_call_us:
+        doc["dequant_call_us"] = dict(profile.dequant_call_us)
     doc.update(_schema_2_to_dict(profile))
     doc["provenance"] = {
         k: {"kind": p.kind, "source": p.source, "derating": p.derating} for k, p in profile.provenance.items()
@@ -310,7 +313,8 @@ def _provenance(r: _Reader, data: dict[str, Any], refinements: dict[str, Any]) -
     prov_doc = r.obj(r.get(data, "provenance"), "provenance")
     # the refinements present need a provenance too (their dims are labels, not figures)
     present = tuple(k for k in ("matmul_small_tflops", "elementwise_gelems_per_s", "copy_slowdown",
-                                "compute_slowdown", *EXEC_MODE_FIELDS, "attention_tflops", "matmul_rewarm_us")
+                                "compute_slowdown", *EXEC_MODE_FIELDS, "attention_tflops", "matmul_rewarm_us",
+                                "dequant_call_us")
                     if refinements[k])
     for key in PROVENANCE_FIELDS + present:
         if key not in prov_doc:
@@ -334,6 +338,7 @@ def profile_from_dict(data: Any, source: str) -> DeviceProfile:
     dequant = _dequant(r, data)
     overlap = _overlap(r, data)
     refinements = _refinements(r, data)
+    _rates_for_calls(r, dequant, refinements["dequant_call_us"])
     provenance = _provenance(r, data, refinements)
     return DeviceProfile(
         **strings,
@@ -381,7 +386,33 @@ def _op_kind_fields(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
     rewarm = None
     if "matmul_rewarm_us" in data:
         rewarm = r.curve(data["matmul_rewarm_us"], "matmul_rewarm_us", REWARM_AXES, positive=False)
-    return {"attention_tflops": attention, "matmul_rewarm_us": rewarm}
+    return {"attention_tflops": attention, "matmul_rewarm_us": rewarm, "dequant_call_us": _dequant_call(r, data)}
+
+
+def _dequant_call(r: _Reader, data: dict[str, Any]) -> dict[str, float]:
+    """µs per unpack call by storage format ({} when absent: profiles before MEASUREMENT_VERSION 9 and datasheet
+    profiles, under which a dequant costs its weights at the rate alone), each in [0, MAX_DEQUANT_CALL_US]."""
+    from residency.formats import FORMATS
+
+    if "dequant_call_us" not in data:
+        return {}
+    doc = r.obj(data["dequant_call_us"], "dequant_call_us")
+    _no_extra(r, doc, tuple(FORMATS), "dequant_call_us")
+    calls = {}
+    for f, v in doc.items():
+        calls[f] = r.number(v, f"dequant_call_us.{f}", "us", strict=False)
+        if calls[f] > MAX_DEQUANT_CALL_US:
+            raise r.fail(f"dequant_call_us.{f}", f"= {show(v)}: must be at most {MAX_DEQUANT_CALL_US:g} µs",
+                         hint="re-measure with `residency profile -o`, or remove the field")
+    return calls
+
+
+def _rates_for_calls(r: _Reader, rates: dict[str, float], calls: dict[str, float]) -> None:
+    """Every format with a per-call cost has a rate too: the call cost is what an unpack adds to it."""
+    for f in calls:
+        if f not in rates:
+            raise r.fail(f"dequant_call_us.{f}", f"has no dequant_gweights_per_s.{f} beside it",
+                         hint=f"add the {f} rate, or remove dequant_call_us.{f}")
 
 
 def _schema_2_fields(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:

@@ -37,16 +37,21 @@ class CallCost:
 
 
 def dequant_s(block: BlockSpec, fmt: str, compute_dtype: str, profile: DeviceProfile) -> float:
-    """Time to turn the stored blob into compute-dtype weights (0 when they are already that)."""
+    """Time to turn the stored blob into compute-dtype weights (0 when they are already that): each tensor a
+    dequant converts (the format's, and vectors fallen back to another) costs its weights at its format's rate
+    plus one unpack call (profile.dequant_call_us; a tiny model's small tensors cost more by calls than by
+    weights)."""
     if get_format(fmt).name == DTYPE_FORMAT[compute_dtype]:
         return 0.0
-    rate = profile.dequant_gweights_per_s.get(fmt)
-    if rate is None:
-        from residency.errors import ResidencyError
+    seconds = 0.0
+    for stored, calls, weights in block.dequant_work(fmt, compute_dtype):
+        if stored not in profile.dequant_gweights_per_s:
+            from residency.errors import ResidencyError
 
-        raise ResidencyError(f"profile {profile.name!r} has no dequant rate for {fmt}",
-                             hint="re-run `residency profile`, or plan without that format")
-    return block.quantized_weights(fmt) / (rate * 1e9)
+            raise ResidencyError(f"profile {profile.name!r} has no dequant rate for {stored}",
+                                 hint="re-run `residency profile`, or plan without that format")
+        seconds += profile.dequant_s(weights, stored, calls)
+    return seconds
 
 
 def copy_s(block: BlockSpec, fmt: str, profile: DeviceProfile, execution: Execution) -> float:

@@ -122,6 +122,25 @@ class BlockSpec:
         return tuple((s, f) for (_, s), f, own in zip(self.tensors, self.stored_formats(fmt), self.tensor_own_dtypes,
                                                      strict=True) if own is None and f.name != direct)
 
+    def dequant_work(self, fmt: str, compute_dtype: str) -> tuple[tuple[str, int, int], ...]:
+        """(stored format, unpack calls, weights) of what a dequant turns into `compute_dtype` when the block is
+        stored as `fmt` (converted, grouped by format: one unpack call per tensor, as the runtime unpacks);
+        cached per (fmt, compute_dtype), the planner asks it for every candidate."""
+        key = (fmt, compute_dtype)
+        work = self._dequant_work.get(key)
+        if work is None:
+            groups: dict[str, list[int]] = {}
+            for shape, f in self.converted(fmt, compute_dtype):
+                g = groups.setdefault(f.name, [0, 0])
+                g[0] += 1
+                g[1] += math.prod(shape)
+            work = self._dequant_work[key] = tuple((f, calls, n) for f, (calls, n) in groups.items())
+        return work
+
+    @cached_property
+    def _dequant_work(self) -> dict[tuple[str, str], tuple[tuple[str, int, int], ...]]:
+        return {}
+
     @cached_property
     def _formats_by_format(self) -> dict[str, tuple[StorageFormat, ...]]:
         own = [FORMATS[DTYPE_FORMAT[d]] if d is not None else None for d in self.tensor_own_dtypes]

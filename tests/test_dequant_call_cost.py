@@ -1,0 +1,108 @@
+"""An unpack costs its weights at the format's rate plus one call per tensor: measured, stored, costed.
+
+A block of many small tensors (tiny's DiT block: 7 matrices, 14 vectors) dequantized 1.6× slower per weight
+than the large matrix the rate is timed on; the per-call cost is what the rate alone did not see.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+from sim_helpers import flat_profile
+
+from residency.device import load_profile, profile_from_dict, profile_to_dict
+from residency.device.measurements import dequant_rate_and_call
+from residency.errors import ResidencyError
+from residency.simulate.costs import dequant_s
+from residency.workload.spec import BlockSpec
+
+
+@pytest.mark.parametrize(("rate_gw", "call_us"), [(0.8, 140.0), (0.3, 400.0), (2.0, 15.0), (50.0, 30.0)])
+def test_rate_and_call_come_back_from_two_timed_sizes(rate_gw, call_us):
+    def timed(n):
+        return call_us * 1e-6 + n / (rate_gw * 1e9)
+
+    large, small = 2048 * 4096, 16 * 256
+    got_rate, got_call = dequant_rate_and_call(large, timed(large), small, timed(small))
+    assert got_rate == pytest.approx(rate_gw, rel=1e-9)
+    assert got_call == pytest.approx(call_us, rel=1e-6)
+
+
+def test_a_small_call_timed_faster_per_weight_is_noise_not_a_negative_cost():
+    large, small = 1 << 20, 4096
+    rate, call = dequant_rate_and_call(large, 1e-3, small, 0.5 * small * 1e-3 / large)
+    assert call == 0.0
+    assert rate == pytest.approx(large / 1e-3 / 1e9)
+
+
+def _block(matrices: list[tuple[int, int]], vectors: list[int]) -> BlockSpec:
+    tensors = tuple((f"m{i}", s) for i, s in enumerate(matrices)) + tuple((f"v{i}", (n,)) for i, n in enumerate(vectors))
+    return BlockSpec(name="dit.blocks.0", component="dit", tensors=tensors, tokens=16, flops_per_token=1.0)
+
+
+@pytest.mark.parametrize(("matrices", "vectors"), [
+    ([(768, 256), (256, 256), (1024, 256), (256, 1024)], [768, 256, 1024]),
+    ([(4096, 4096)], []),
+    ([(512, 512)] * 9, [512] * 20),
+])
+def test_each_converted_tensor_pays_one_call_of_its_stored_format(matrices, vectors):
+    block = _block(matrices, vectors)
+    plain = dataclasses.replace(flat_profile(dequant_gw=0.5, backend="cpu"))
+    calls = {"Q8_0": 140.0, "BF16": 12.0}
+    costed = dataclasses.replace(plain, dequant_call_us=calls)
+    # on the CPU (fp32 compute) the matrices are stored Q8_0 and the vectors fall back to BF16: both convert
+    weights = sum(math.prod(s) for s in matrices) + sum(vectors)
+    assert dequant_s(block, "Q8_0", "fp32", plain) == pytest.approx(weights / 0.5e9)
+    extra = dequant_s(block, "Q8_0", "fp32", costed) - dequant_s(block, "Q8_0", "fp32", plain)
+    assert extra == pytest.approx((len(matrices) * calls["Q8_0"] + len(vectors) * calls["BF16"]) * 1e-6)
+    # in bf16 the fallen-back vectors are computed as stored: only the matrices convert
+    bf16_extra = dequant_s(block, "Q8_0", "bf16", costed) - dequant_s(block, "Q8_0", "bf16", plain)
+    assert bf16_extra == pytest.approx(len(matrices) * calls["Q8_0"] * 1e-6)
+    assert dequant_s(block, "F32", "fp32", costed) == 0.0  # stored as computed: nothing to unpack
+
+
+def _measured_doc() -> dict:
+    doc = copy.deepcopy(profile_to_dict(load_profile("rx-7800-xt")))
+    doc["dequant_call_us"] = {"Q8_0": 140.0, "Q4_K": 400.5, "BF16": 0.0}
+    doc["provenance"]["dequant_call_us"] = {"kind": "measured", "source": "test", "derating": ""}
+    return doc
+
+
+def test_the_call_cost_round_trips_and_changes_the_fingerprint():
+    profile = profile_from_dict(_measured_doc(), "mem")
+    assert profile.dequant_call_us == {"Q8_0": 140.0, "Q4_K": 400.5, "BF16": 0.0}
+    assert profile_from_dict(profile_to_dict(profile), "again") == profile
+    assert profile_to_dict(profile)["schema_version"] == 2
+    without = dataclasses.replace(profile, dequant_call_us={})
+    assert without.fingerprint() == load_profile("rx-7800-xt").fingerprint()  # older profiles keep theirs
+    assert profile.fingerprint() != without.fingerprint()
+    assert "dequant_call_us" not in profile_to_dict(without)
+
+
+@pytest.mark.parametrize(("mutate", "field", "words"), [
+    (lambda d: d["dequant_call_us"].update(Q8_0=-1.0), "dequant_call_us.Q8_0", "≥ 0"),
+    (lambda d: d["dequant_call_us"].update(Q8_0=2e5), "dequant_call_us.Q8_0", "at most"),
+    (lambda d: d["dequant_call_us"].update(Q8_0="140 us"), "dequant_call_us.Q8_0", "microseconds"),
+    (lambda d: d["dequant_call_us"].update(Q9_9=1.0), "dequant_call_us.Q9_9", "not known"),
+    (lambda d: d["dequant_gweights_per_s"].pop("Q4_K"), "dequant_call_us.Q4_K", "no dequant_gweights_per_s.Q4_K"),
+    (lambda d: d["provenance"].pop("dequant_call_us"), "provenance.dequant_call_us", "missing"),
+    (lambda d: d.update(dequant_call_us=[140.0]), "dequant_call_us", "JSON object"),
+])
+def test_a_bad_call_cost_names_the_field(mutate, field, words):
+    doc = _measured_doc()
+    mutate(doc)
+    with pytest.raises(ResidencyError) as e:
+        profile_from_dict(doc, "bad.json")
+    assert f"'{field}'" in e.value.message and words in e.value.message and "bad.json" in e.value.message
+
+
+def test_the_cpu_measurement_times_a_small_and_a_large_unpack():
+    from residency.device import measure_cpu
+
+    schedule = dataclasses.replace(measure_cpu.QUICK, dequant_shape=(256, 1024), dequant_point_s=0.05)
+    rate, call_us = measure_cpu.measure_dequant("Q8_0", schedule)
+    assert rate > 0 and math.isfinite(rate)
+    assert 0.0 <= call_us < 1e5
