@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import cached_property
 
 BACKENDS = ("cuda", "rocm", "cpu")
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
@@ -238,6 +239,12 @@ class DeviceProfile:
         """Changes when any number of the profile changes (identity, provenance text and calibration record
         excluded). Optional fields left at their defaults are left out, so adding one kept every older profile's
         fingerprint."""
+        return self._fingerprint
+
+    @cached_property
+    def _fingerprint(self) -> str:
+        # once per profile (frozen; its dicts are never changed in place, a calibration makes a new profile):
+        # every plan the planner builds records it, ~5 ms of JSON a time
         defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory()
                     for f in fields(self) if f.name in OPTIONAL_FIELDS}
         doc = {k: v for k, v in asdict(self).items()

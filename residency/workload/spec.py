@@ -301,6 +301,12 @@ class Workload:
 
     def fingerprint(self) -> str:
         """Changes when any block's tensors, tokens or FLOP coefficients, or the schedule, change."""
+        return self._fingerprint
+
+    @cached_property
+    def _fingerprint(self) -> str:
+        # computed once per Workload (frozen: its fields never change): the planner checks every plan it
+        # simulates against it, ~0.01 s a time on Flux's 1,000 tensors, a second of a 3.6 s plan before
         doc = {
             "blocks": [[b.name, b.component, [[n, list(s)] for n, s in b.tensors], b.tokens, b.fixed_flops, b.flops_per_token,
                         b.self_attn_flops_per_token_pair, b.context_attn_flops_per_token_pair,
