@@ -4,6 +4,7 @@ its hysteresis holds on synthetic telemetry (no oscillation while a disturbance 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -227,3 +228,32 @@ def test_no_oscillation_while_a_disturbance_toggles(monkeypatch):
     assert (gaps >= options.min_frames_between).all(), rt.switched_at
     # every disturbance is answered by a plan that holds the budget within 32 frames
     assert len(held_within) == toggles and max(held_within) <= 32, held_within
+
+
+def _fit(copy=None, compute=None, dequant=None) -> CalibrationFit:
+    return CalibrationFit(None, 8, compute or {}, copy, dequant or {}, None, None, {})
+
+
+def test_the_reason_names_the_largest_deviation_by_ratio_in_words():
+    # 0.4× is 2.5 times faster: a larger deviation than compute 2× slower
+    assert cl.trigger_reason(_fit(copy=0.4, compute={"dit.blocks.0": 2.0})) == "copy engine 2.50× faster than profiled"
+    assert cl.trigger_reason(_fit(copy=0.6, dequant={"Q8_0": 1.8})) == "Q8_0 dequant 1.80× slower than profiled"
+    assert cl.trigger_reason(_fit()) == "no engine measured"
+
+
+def test_a_cpu_load_that_unpacks_is_not_read_as_a_copy_of_the_whole_blob(tiny):
+    """On the CPU backend a block streamed with dequant on the copy engine is unpacked straight from the host
+    blob: its copy phase moves only the plain tensors (here none: BF16 blocks convert every tensor to fp32).
+    Read against the whole blob's copy, the fit found the link 100× faster than profiled (copy ×0.01)."""
+    from residency.device import load_profile
+    from residency.telemetry.calibration import calibrate
+
+    pipe, w, image = tiny
+    profile = load_profile(Path(__file__).parent / "data" / "measured-cpu-2-cores.json")
+    plan = tiny_plan(w, "streamed", "BF16", dequant_on="copy", overrides={b.name: "resident" for b in w.blocks
+                                                                            if not b.name.startswith("dit.blocks")})
+    _, rt = run_attached(pipe, image, w, plan, actions=["up"] * 7)
+    fit = calibrate(rt.telemetry(), w, plan, profile, model="tiny")
+    assert fit.copy_scale is None  # no copy to time: the link keeps its profiled curve
+    assert fit.profile.link == profile.link
+    assert "BF16" in fit.dequant_scale  # the load's time is read as what it is: a dequant

@@ -22,6 +22,7 @@ at most `max_switches` switches.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -98,14 +99,15 @@ def plan_change(old: Plan, new: Plan) -> str:
 
 
 def trigger_reason(fit: CalibrationFit) -> str:
-    """The largest deviation a calibration found, in words ("copy engine 2.7× slower than profiled")."""
-    found = [(abs(s - 1), "copy engine", s) for s in [fit.copy_scale] if s is not None]
-    found += [(abs(s - 1), f"compute ({c})", s) for c, s in fit.compute_scale.items()]
-    found += [(abs(s - 1), f"{f} dequant", s) for f, s in fit.dequant_scale.items()]
+    """The largest deviation a calibration found, in words ("copy engine 2.7× slower than profiled", "Q8_0
+    dequant 1.6× faster than profiled"): ranked by ratio, so 0.5× (twice as fast) weighs as much as 2×."""
+    found = [(abs(math.log(s)), "copy engine", s) for s in [fit.copy_scale] if s is not None]
+    found += [(abs(math.log(s)), f"compute ({c})", s) for c, s in fit.compute_scale.items()]
+    found += [(abs(math.log(s)), f"{f} dequant", s) for f, s in fit.dequant_scale.items()]
     if not found:
         return "no engine measured"
     _, what, s = max(found)
-    return f"{what} {s:.2f}× {'slower' if s >= 1 else 'faster'} than profiled"
+    return f"{what} {s:.2f}× slower than profiled" if s >= 1 else f"{what} {1 / s:.2f}× faster than profiled"
 
 
 class ClosedLoop:
