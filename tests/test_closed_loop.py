@@ -257,3 +257,23 @@ def test_a_cpu_load_that_unpacks_is_not_read_as_a_copy_of_the_whole_blob(tiny):
     assert fit.copy_scale is None  # no copy to time: the link keeps its profiled curve
     assert fit.profile.link == profile.link
     assert "BF16" in fit.dequant_scale  # the load's time is read as what it is: a dequant
+
+
+def test_the_simulator_and_the_cpu_runtime_agree_on_what_crosses_the_link(tiny):
+    """Streamed F32 blocks are copied whole; BF16 blocks unpacked on the copy engine are read from the host blob
+    by the unpack, with nothing copied: the simulator's link bytes per frame are the runtime's, byte for byte."""
+    from residency.device import load_profile
+    from residency.simulate import simulate
+
+    pipe, w, image = tiny
+    profile = load_profile(Path(__file__).parent / "data" / "measured-cpu-2-cores.json")
+    plan = tiny_plan(w, "streamed", "BF16", dequant_on="copy", overrides={b.name: "resident" for b in w.blocks
+                                                                            if not b.name.startswith("dit.blocks")})
+    whole = {"dit.blocks.0", "dit.blocks.2"}
+    plan = dataclasses.replace(plan, blocks=tuple(dataclasses.replace(bp, format="F32", dequant_on="compute")
+                                                  if bp.name in whole else bp for bp in plan.blocks))
+    _, rt = run_attached(pipe, image, w, plan, actions=["up"] * 4)
+    measured = {f.link_bytes for f in rt.telemetry().frames if f.frame >= 2}
+    predicted = simulate(w, plan, profile, bound=False).prediction.link_bytes_per_frame
+    per_frame = sum(w.calls_per_frame(n) * w.by_name[n].nbytes("F32") for n in whole)
+    assert measured == {predicted} == {per_frame}

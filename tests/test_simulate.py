@@ -5,7 +5,10 @@ import torch
 from sim_helpers import chain_workload, flat_profile, make_plan
 
 from residency.formats.staging import staging_bytes
+from residency.plan import Execution
 from residency.simulate import lower_bound_s, simulate
+from residency.simulate.costs import copy_bytes, copy_s
+from residency.workload.spec import BlockSpec
 
 DIM, TOKENS = 1024, 256
 COMPUTE_MS = 2.0 * DIM * DIM * TOKENS / 1e12 * 1e3  # one block at 1 TFLOP/s
@@ -263,3 +266,16 @@ def test_elementwise_rate_scales_with_batch_and_element_width():
     elementwise_one = 4096 / 4e9 * 1e3
     assert batched.prediction.frame_ms - 16 * COMPUTE_MS == pytest.approx(16 * 4 * elementwise_one)
     assert one.prediction.frame_ms - COMPUTE_MS == pytest.approx(elementwise_one)
+
+
+def test_a_cpu_load_that_unpacks_copies_only_the_tensors_it_does_not_convert():
+    block = BlockSpec(name="dit.blocks.0", component="dit", tokens=16, flops_per_token=1.0,
+                      tensors=(("w1", (256, 256)), ("w2", (512, 256)), ("norm", (256,))), own_dtypes=(("norm", "fp32"),))
+    cpu, gpu = flat_profile(backend="cpu"), flat_profile(backend="cuda")
+    kept = 256 * 4  # the fp32 norm is computed as stored: the only tensor such a load copies
+    assert copy_bytes(block, "Q8_0", "fp32", cpu, unpacks=True) == kept
+    assert copy_bytes(block, "Q8_0", "fp32", cpu, unpacks=False) == block.nbytes("Q8_0")  # packed slot: whole blob
+    assert copy_bytes(block, "Q8_0", "bf16", gpu, unpacks=True) == block.nbytes("Q8_0")  # a GPU copies, then unpacks
+    assert copy_bytes(block, "F32", "fp32", cpu, unpacks=True) == block.nbytes("F32")  # nothing to convert
+    execution = Execution(per_tensor_copies=True)
+    assert copy_s(block, "Q8_0", cpu, execution, "fp32", unpacks=True) == pytest.approx(cpu.h2d_s(kept))

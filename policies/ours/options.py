@@ -107,7 +107,8 @@ def block_options(w: Workload, b: BlockSpec, req: PlanRequest, execution: Execut
             # dequant beside compute on the copy engine: the slot then holds compute-dtype weights, and a
             # GPU stages the packed blob on the device first (residency.simulate.memory.needs_staging)
             stage = b.nbytes(fmt) if req.profile.is_gpu else 0
-            out.append(Option("streamed", fmt, "copy", k, move + deq, 0, compute_bytes, 0, loss(fmt), stage,
+            unpacking = calls * copy_s(b, fmt, req.profile, execution, dtype, unpacks=True)  # CPU: plain part only
+            out.append(Option("streamed", fmt, "copy", k, unpacking + deq, 0, compute_bytes, 0, loss(fmt), stage,
                               exec_mode=exec_mode))
     return [_with_unpack_staging(w, o, b, req) for o in out]
 

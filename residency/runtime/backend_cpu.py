@@ -119,7 +119,9 @@ class CpuBackend:
         if dst is not None:
             return LoadRecipe(label, blob.numel(), blob, dst[:blob.numel()])
         views = tuple((fmt, blob[off:off + n], out) for fmt, off, n, out in unpacks)
-        return LoadRecipe(label, blob.numel(), None, None, views, plain_unpacks)
+        # only the plain tensors are copied: the unpacks read the rest from the host blob (costs.copy_bytes)
+        copied = sum(n for _, _, n, _ in unpacks[:plain_unpacks])
+        return LoadRecipe(label, copied, None, None, views, plain_unpacks)
 
     def submit(self, recipe: LoadRecipe) -> int:
         # Compute is synchronous on the CPU: everything issued before this call has finished, so the

@@ -60,11 +60,13 @@ class Executor:
             for n in names:
                 self.phase_binding[(phase, n)] = memory.binding(n, memory.arena_region(phase, n))
         self.phase_bytes = {ph: sum(r.link_bytes for r in rs) for ph, rs in self.phase_recipes.items()}
-        self.slot_binding, self.slot_recipe = {}, {}
+        self.slot_binding, self.slot_recipe, self.load_bytes = {}, {}, {}
         for bp in plan.streamed():
             for s, base in enumerate(memory.slots):
                 self.slot_binding[(bp.name, s)] = memory.binding(bp.name, base)
                 self.slot_recipe[(bp.name, s)] = memory.recipe(bp.name, base, bp.name)
+                # what a load moves over the link (the CPU's unpacking load: its plain tensors only)
+                self.load_bytes[bp.name] = self.slot_recipe[(bp.name, s)].link_bytes
         # Every parameter points at device memory from the start (so pipe.device is the device).
         for bp in plan.blocks:
             if bp.name in self.session_binding:
@@ -180,7 +182,7 @@ class Executor:
         copy, nbytes, reprime = None, 0, False
         if bp.placement == "streamed":
             binding, copy, reprime = self._take_slot(name, self.streamed_before, in_schedule)
-            nbytes = self.memory.blobs[name].nbytes
+            nbytes = self.load_bytes[name]
         elif bp.lifetime == "phase":
             phase = call.phase if in_schedule else self.first_phase[name]
             binding, copy, nbytes = self._phase_block(name, phase, self.run_key if in_schedule else ("oos", phase))

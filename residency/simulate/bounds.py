@@ -18,7 +18,7 @@ from scipy.optimize import Bounds, milp
 from residency.device.profile import DeviceProfile
 from residency.formats.dtypes import DTYPE_FORMAT
 from residency.plan.plan import BlockPlan, Plan
-from residency.simulate.costs import compute_s, dequant_s, scratch_bytes
+from residency.simulate.costs import compute_s, copy_bytes, dequant_s, scratch_bytes
 from residency.simulate.lp_rows import LpRows
 from residency.simulate.memory import GPU_WORKSPACE_BYTES, peak_bytes
 from residency.workload.spec import Workload
@@ -91,6 +91,8 @@ def _frame_columns(i: int, workload: Workload, plan: Plan, profile: DeviceProfil
     k = compute_floor_s(workload, plan, profile, name) * 1e3
     d = calls * dequant_s(block, bp.format, bp.compute_dtype, profile) * 1e3
     move = calls * block.nbytes(bp.format) / link * 1e3
+    # dequant on the copy engine: on the CPU that load copies only its plain tensors (costs.copied_tensor_bytes)
+    unpacking = calls * copy_bytes(block, bp.format, bp.compute_dtype, profile, True) / link * 1e3
     plain, packed = block.nbytes(DTYPE_FORMAT[bp.compute_dtype]), block.nbytes(bp.format)
     scratch = scratch_bytes(block, BlockPlan(name, "streamed", bp.format, bp.compute_dtype))
     # a GPU unpacks a blob that is not in the compute dtype's format in a device staging buffer: at load (resident)
@@ -99,7 +101,7 @@ def _frame_columns(i: int, workload: Workload, plan: Plan, profile: DeviceProfil
     return [_Column(i, k, 0.0, plain, maxima={"staging": staging}),
             _Column(i, k + d, 0.0, packed, maxima={"scratch": scratch}),
             _Column(i, k + d, move, maxima={"slot": packed, "scratch": scratch}),
-            _Column(i, k, move + d, maxima={"slot": plain, "staging": staging})]
+            _Column(i, k, unpacking + d, maxima={"slot": plain, "staging": staging})]
 
 
 def _own_column(bp: BlockPlan, frame: bool) -> int:

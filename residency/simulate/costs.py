@@ -54,14 +54,38 @@ def dequant_s(block: BlockSpec, fmt: str, compute_dtype: str, profile: DevicePro
     return seconds
 
 
-def copy_s(block: BlockSpec, fmt: str, profile: DeviceProfile, execution: Execution) -> float:
-    """Seconds to move the block's `fmt` bytes host->device over the profile's link curve.
+def copied_tensor_bytes(block: BlockSpec, fmt: str, compute_dtype: str, profile: DeviceProfile,
+                        unpacks: bool) -> tuple[int, ...]:
+    """Bytes of each tensor a load of the block stored as `fmt` copies host->device. All of them, except on the
+    CPU backend for a load that unpacks (`unpacks`: a resident block, one streamed with dequant on the copy
+    engine): there the unpack reads the converted tensors from the host blob itself
+    (runtime.backend_cpu.execute_on_host) — their time is the dequant's — and only the plain ones are copied."""
+    sizes = block.tensor_nbytes(fmt)
+    if profile.is_gpu or not unpacks or get_format(fmt).name == DTYPE_FORMAT[compute_dtype]:
+        return sizes
+    direct = DTYPE_FORMAT[compute_dtype]
+    return tuple(n for n, f, own in zip(sizes, block.stored_formats(fmt), block.tensor_own_dtypes, strict=True)
+                 if own is not None or f.name == direct)
 
-    One transfer of the whole blob, or one per tensor when the execution copies tensors separately.
+
+def copy_bytes(block: BlockSpec, fmt: str, compute_dtype: str, profile: DeviceProfile, unpacks: bool) -> int:
+    """Host->device bytes of one load (copied_tensor_bytes summed; the whole blob unless a CPU load unpacks)."""
+    if profile.is_gpu or not unpacks:
+        return block.nbytes(fmt)
+    return sum(copied_tensor_bytes(block, fmt, compute_dtype, profile, unpacks))
+
+
+def copy_s(block: BlockSpec, fmt: str, profile: DeviceProfile, execution: Execution, compute_dtype: str = "",
+           unpacks: bool = False) -> float:
+    """Seconds to move the block's `fmt` bytes host->device over the profile's link curve: the whole blob, or on
+    the CPU for a load that `unpacks` into `compute_dtype` its plain tensors only (copied_tensor_bytes).
+
+    One transfer of those bytes, or one per tensor when the execution copies tensors separately.
     """
     if not execution.per_tensor_copies:
-        return profile.h2d_s(block.nbytes(fmt), execution.pinned)
-    return sum(profile.h2d_s(n, execution.pinned) for n in block.tensor_nbytes(fmt))
+        return profile.h2d_s(copy_bytes(block, fmt, compute_dtype, profile, unpacks), execution.pinned)
+    sizes = copied_tensor_bytes(block, fmt, compute_dtype, profile, unpacks)
+    return sum(profile.h2d_s(n, execution.pinned) for n in sizes)
 
 
 def compute_s(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, context_frames: int,
@@ -213,8 +237,9 @@ def call_cost(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, execution
     deq = dequant_s(block, bp.format, bp.compute_dtype, profile)
     if bp.placement == "resident-quantized":
         return CallCost(0.0, 0, deq, base + deq, False)
-    nbytes = block.nbytes(bp.format)
-    move = copy_s(block, bp.format, profile, execution)
+    unpacks = bp.dequant_on == "copy"  # the load lands in the compute dtype (as the runtime's, sync or not)
+    nbytes = copy_bytes(block, bp.format, bp.compute_dtype, profile, unpacks)
+    move = copy_s(block, bp.format, profile, execution, bp.compute_dtype, unpacks)
     # the execution's host sync per onload (a peer's), and the host time a calibration found per streamed call
     sync_wait = (execution.host_sync_per_onload_us + profile.streamed_call_host_us) * 1e-6
     if execution.copy_mode == "sync":
@@ -225,8 +250,9 @@ def call_cost(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, execution
 
 
 def load_cost(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, execution: Execution) -> float:
-    """Loading a resident block: copy its blob, and dequantize it once if it lives dequantized."""
-    move = copy_s(block, bp.format, profile, execution)
+    """Loading a resident block: copy its blob, and dequantize it once if it lives dequantized (on the CPU that
+    load copies only the plain tensors: copy_s)."""
+    move = copy_s(block, bp.format, profile, execution, bp.compute_dtype, bp.placement == "resident")
     if bp.placement == "resident":
         move += dequant_s(block, bp.format, bp.compute_dtype, profile)
     return move

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from residency.device.profile import DeviceProfile
 from residency.plan.plan import Plan, Prediction
 from residency.simulate.bounds import lower_bound_s
-from residency.simulate.costs import CallCost, call_cost, load_cost
+from residency.simulate.costs import CallCost, call_cost, copy_bytes, load_cost
 from residency.simulate.engine import Job, run
 from residency.simulate.memory import peak_bytes
 from residency.simulate.quality import quality_loss
@@ -59,7 +59,8 @@ class _JobBuilder:
     def load(self, block: str, frame: int, phase: str) -> None:
         bp = self.plan.by_name[block]
         seconds = load_cost(self.w.by_name[block], bp, self.profile, self.plan.execution)
-        nbytes = self.w.by_name[block].nbytes(bp.format)
+        nbytes = copy_bytes(self.w.by_name[block], bp.format, bp.compute_dtype, self.profile,
+                            unpacks=bp.placement == "resident")
         if self.plan.execution.copy_mode == "sync":  # a blocking load holds the compute stream
             self.jobs.append(Job(label=f"load {block}", frame=frame, phase=phase, compute_s=seconds,
                                  copy_bytes=nbytes))

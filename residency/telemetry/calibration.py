@@ -36,9 +36,8 @@ import numpy as np
 
 from residency.device.profile import Calibration, Curve, DeviceProfile, Provenance
 from residency.errors import ResidencyError
-from residency.formats import get_format
 from residency.plan import Plan
-from residency.simulate.costs import compute_s, compute_scale_of, copy_s, dequant_s
+from residency.simulate.costs import compute_s, compute_scale_of, copy_bytes, copy_s, dequant_s
 from residency.telemetry.recorder import (
     BLOCK,
     C_COPIED,
@@ -231,13 +230,11 @@ def _collect(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profil
         name = names[int(used[i, BLOCK])]
         spec, bp = workload.by_name[name], plan.by_name[name]
         nbytes = int(used[i, LINK_BYTES])
-        copied = _cpu_copied_bytes(spec, bp, profile)
-        if copied is not None:  # the CPU's unpacking load copied only its plain tensors
-            if copied == 0 or nbytes != spec.nbytes(bp.format):
-                continue  # nothing copied, or a span of several loads: no copy time to read
-            pred = profile.h2d_s(copied, plan.execution.pinned)
-        elif bp.placement == "streamed" and nbytes == spec.nbytes(bp.format):
-            pred = copy_s(spec, bp.format, profile, plan.execution)
+        if nbytes == 0:
+            continue  # a CPU load that only unpacks (from the host blob): no copy to time
+        unpacks = bp.placement == "streamed" and bp.dequant_on == "copy"
+        if bp.placement == "streamed" and nbytes == copy_bytes(spec, bp.format, bp.compute_dtype, profile, unpacks):
+            pred = copy_s(spec, bp.format, profile, plan.execution, bp.compute_dtype, unpacks)
         else:  # a phase block's load (several blobs, one span) or a resident block's first load
             pred = profile.h2d_s(nbytes, plan.execution.pinned)
         copy.add(float(used[i, C_COPIED] - used[i, C_START]), pred, float(f_copy[i]))
@@ -357,19 +354,6 @@ def calibrate(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profi
     new = _calibrated_profile(profile, workload, absolute, copy_scale, deq_scale, fitted_k, fitted_c, host_us,
                               model or workload.name, frames, date)
     return CalibrationFit(new, frames, comp_scale, copy_scale, deq_scale, fitted_k, fitted_c, fit_points, host_us)
-
-
-def _cpu_copied_bytes(spec, bp, profile: DeviceProfile) -> int | None:
-    """Bytes the copy phase of a CPU load of the block moves when the load unpacks (a resident block, a block
-    streamed with dequant on the copy engine) and some tensor converts: the plain tensors only — the unpack
-    reads the others from the host blob itself (runtime.backend_cpu.execute_on_host), so its time is dequant.
-    None where the copy phase moves the whole blob (a GPU, or a load that only copies). Read against the whole
-    blob, such a load made the link look 100× faster (copy ×0.01 on tiny's BF16 blocks), which no other plan
-    of the machine would see."""
-    if profile.is_gpu or not (bp.placement == "resident" or (bp.placement == "streamed" and bp.dequant_on == "copy")):
-        return None
-    converted = sum(f.nbytes(shape) for shape, f in spec.converted(get_format(bp.format).name, bp.compute_dtype))
-    return spec.nbytes(bp.format) - converted if converted else None
 
 
 def _calibrated_profile(base: DeviceProfile, workload: Workload, comp_scale: dict[str, float],
