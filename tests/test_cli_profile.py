@@ -31,8 +31,9 @@ def test_quick_cpu_profile_end_to_end(tmp_path, capsys):
     assert min(profile.elementwise_gelems_per_s.y) > 0 and profile.launch_overhead_us > 0
     shown = capsys.readouterr().out
     assert str(out) in shown
-    # the table shows the figures the CPU cost model reads beyond matmul: attention and the re-warm
+    # the table shows the figures the CPU cost model reads beyond matmul: attention, convs and the re-warm
     assert profile.attention_tflops and "attention fp32" in shown
+    assert profile.conv_tflops and "conv fp32" in shown
     assert profile.matmul_rewarm_us is not None and "re-warm" in shown
 
 

@@ -94,6 +94,9 @@ def render(profile: DeviceProfile, console: Console) -> None:
     for dtype, curve in profile.attention_tflops.items():
         for i in sorted({0, len(curve.x) - 1}):
             table.add_row(f"attention {dtype} @ {int(curve.x[i])} query rows", f"{curve.y[i]:.3g} TFLOP/s", "")
+    for dtype, curve in profile.conv_tflops.items():
+        for i in sorted({0, len(curve.x) - 1}):
+            table.add_row(f"conv {dtype} @ {fmt_elements(curve.x[i])}-weight kernel", f"{curve.y[i]:.3g} TFLOP/s", "")
     if profile.matmul_rewarm_us is not None:
         curve = profile.matmul_rewarm_us
         for i in sorted({0, len(curve.x) - 1}):

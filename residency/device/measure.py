@@ -22,7 +22,8 @@ from residency.errors import ResidencyError, UsageError
 # 7: the CPU's small-weight matmul curve for every compute dtype, not fp32 only.
 # 8: the CPU's attention rate (scaled_dot_product_attention over query rows) and the re-warm cost after a matmul.
 # 9: the per-call cost of an unpack (dequant_call_us), timed on a small matrix beside the rate's large one.
-MEASUREMENT_VERSION = 9
+# 10: the CPU's conv2d rate over kernel size (conv_tflops): a VAE's thin convs ran 2-5× slower than the matmul model.
+MEASUREMENT_VERSION = 10
 
 
 def default_device() -> str:

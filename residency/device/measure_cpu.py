@@ -24,8 +24,11 @@ from residency.device.measure_cpu_compute import (
     ATTENTION_HEADS,
     ATTENTION_MIN_KV,
     COLD_WEIGHT_BYTES,
+    CONV_KERNEL,
+    CONV_PIXELS,
     REWARM_MIXES,
     measure_attention,
+    measure_conv,
     measure_dispatch,
     measure_matmul,
     measure_rewarm,
@@ -77,6 +80,8 @@ class CpuSchedule:
     probe_job_s: float  # interference: length of the copy job, and of the block probe's run alone
     probe_repeats: int
     attention_rows: tuple[int, ...] = (16, 256, 1024)  # query rows of the attention curve
+    # (in, out) channels of the conv curve's points, growing kernels: an image-out layer, then a VAE's widths
+    conv_channels: tuple[tuple[int, int], ...] = ((16, 4), (32, 32), (128, 128))
     rewarm_repeats: int = 40  # matmul-then-op-mix samples per weight size of the re-warm cost
 
 
@@ -91,7 +96,7 @@ FULL = CpuSchedule(
     memcpy_bytes=256 * MIB, matmul_dim=1024, matmul_small_dim=256, matmul_rows=(1, 16, 64, 256, 512, 4096),
     matmul_point_s=1.0, matmul_max_call_s=2.0, dequant_shape=(4096, 4096), dequant_point_s=0.5,
     overlap_job_s=0.4, overlap_repeats=7, probe_job_s=0.3, probe_repeats=5, attention_rows=(16, 64, 256, 1024, 4096),
-    rewarm_repeats=100,
+    rewarm_repeats=100, conv_channels=((16, 4), (16, 16), (32, 32), (64, 64), (128, 128), (256, 256)),
 )
 
 
@@ -317,6 +322,7 @@ def measure_interference(engine: CopyWorker, schedule: CpuSchedule) -> tuple[flo
 
 SMALL_STEP = "matmul, small weights"
 ATTENTION_STEP = "attention"
+CONV_STEP = "convolution"
 
 
 def provenance_notes(schedule: CpuSchedule, mem: HostMemory, compute_threads: int) -> dict[str, str]:
@@ -354,6 +360,9 @@ def provenance_notes(schedule: CpuSchedule, mem: HostMemory, compute_threads: in
         "attention_tflops": f"scaled_dot_product_attention, {ATTENTION_HEADS} heads × {ATTENTION_HEAD_DIM}, "
                             f"{schedule.attention_rows} query rows each over max(rows, {ATTENTION_MIN_KV}) keys, every "
                             f"compute dtype, on {compute_threads} threads; FLOPs 2·L·S·(E + Ev) a head",
+        "conv_tflops": f"conv2d {CONV_KERNEL}×{CONV_KERNEL}, padding 1, on a {CONV_PIXELS}-pixel image, (in, out) "
+                       f"channels {schedule.conv_channels}, every compute dtype, on {compute_threads} threads; "
+                       "FLOPs 2·C_out·C_in·k² a pixel, over the kernel's elements",
         "matmul_rewarm_us": f"{REWARM_MIXES} op mixes on a 256-element tensor right after a 16-row fp32 matmul over a "
                             f"{schedule.matmul_small_dim}² or {schedule.matmul_dim}² weight (cycling through "
                             f"{COLD_WEIGHT_BYTES // MIB} MiB), less the same mixes run again at once; median of "
@@ -398,6 +407,8 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
     small = {d: measure_matmul(d, schedule, schedule.matmul_small_dim) for d in COMPUTE_DTYPES}
     step(ATTENTION_STEP)
     attention = {d: measure_attention(d, schedule) for d in COMPUTE_DTYPES}
+    step(CONV_STEP)
+    conv = {d: measure_conv(d, schedule) for d in COMPUTE_DTYPES}
     dequant, dequant_call = {}, {}
     for f in formats:
         step(f"dequant {f}")
@@ -416,7 +427,7 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
         dequant_gweights_per_s=dequant, dequant_call_us=dequant_call, copy_compute_overlap=overlap, copy_slowdown=copy_slowdown,
         compute_slowdown=compute_slowdown, launch_overhead_us=launch_us,
         elementwise_gelems_per_s=elementwise, compute_threads=compute_threads, attention_tflops=attention,
-        matmul_rewarm_us=rewarm,
+        conv_tflops=conv, matmul_rewarm_us=rewarm,
     )
     return found, mem
 
@@ -427,7 +438,7 @@ def measure(quick: bool, progress: ProgressFn | None = None, source: str | None 
     schedule = QUICK if quick else FULL
     source = source or f"residency profile --device cpu{' --quick' if quick else ''}"
     formats = measured_formats()
-    step = Steps(formats, COMPUTE_DTYPES, progress, matmul_extra=(SMALL_STEP, ATTENTION_STEP))
+    step = Steps(formats, COMPUTE_DTYPES, progress, matmul_extra=(SMALL_STEP, ATTENTION_STEP, CONV_STEP))
     compute_threads = max(1, usable_cores() - 1)
     previous_threads = torch.get_num_threads()
     # Compute keeps cores − 1 threads; the copy thread's copy_ then runs inline on its own core.

@@ -99,6 +99,42 @@ def measure_attention(dtype: str, schedule: CpuSchedule) -> Curve:
     return Curve(tuple(xs), tuple(ys), tuple(spread))
 
 
+# Convolutions as VAEs run them: 3×3, padding 1, over a CONV_PIXELS-pixel image, from thin (16 → 4 channels: an
+# image-out layer) to wide. oneDNN's conv runs far from the matmul rate of a weight its size, both ways: on this
+# EPYC (1 thread, fp32) 16 → 3 channels on 64×64 pixels at 12.6 GFLOP/s and 64 → 64 on 16×16 at 63, where the
+# matmul model gave ~64 and ~90. The rate is read over the kernel's elements (C_out·C_in·9); the image size is one.
+CONV_PIXELS = 32 * 32
+CONV_KERNEL = 3
+
+
+def measure_conv(dtype: str, schedule: CpuSchedule) -> Curve:
+    """TFLOP/s of a 3×3 conv2d (FLOPs 2·C_out·C_in·9 a pixel, as residency.workload counts them) over its kernel's
+    elements, for the schedule's (in, out) channel pairs in growing kernel size; stops once one call exceeds the
+    schedule's cap."""
+    tdtype = TORCH_DTYPES[dtype]
+    gen = torch.Generator().manual_seed(3)
+    side = int(CONV_PIXELS ** 0.5)
+    xs, ys, spread = [], [], []
+    for c_in, c_out in schedule.conv_channels:
+        x = torch.randn(1, c_in, side, side, generator=gen).to(tdtype)
+        w = torch.randn(c_out, c_in, CONV_KERNEL, CONV_KERNEL, generator=gen).to(tdtype)
+
+        def call(x=x, w=w) -> None:
+            torch.nn.functional.conv2d(x, w, padding=CONV_KERNEL // 2)
+
+        t0 = time.perf_counter()
+        call()  # the first call pays the library's setup (oneDNN picks and builds its kernel)
+        first = time.perf_counter() - t0
+        t = time_samples(call, repeats_for(first, schedule.matmul_point_s, lo=3, hi=30))
+        elements = c_out * c_in * CONV_KERNEL * CONV_KERNEL
+        xs.append(float(elements))
+        ys.append(2.0 * elements * CONV_PIXELS / t.median_s / 1e12)
+        spread.append(round(t.spread, 4))
+        if first > schedule.matmul_max_call_s:
+            break
+    return Curve(tuple(xs), tuple(ys), tuple(spread))
+
+
 # After a matmul the ops that follow run slower: its weight streamed through the caches and evicted the
 # interpreter's and the dispatcher's working set, which the next ops fetch back from memory. A matmul sweep and an
 # op mix repeated on one tiny tensor (the matmul and per-op figures) both run warm and never see it; a model pays

@@ -23,9 +23,9 @@ PROVENANCE_FIELDS = frozenset({
     "memory", "link", "device_memory_gbps", "matmul_tflops", "dequant_gweights_per_s", "copy_compute_overlap",
     "launch_overhead_us", "matmul_small_tflops", "elementwise_gelems_per_s", "copy_slowdown", "compute_slowdown",
 })
-# Fields only some backends measure (the CPU: attention curves, the re-warm after a matmul); each one measured
-# records how.
-OPTIONAL_PROVENANCE_FIELDS = frozenset({"attention_tflops", "matmul_rewarm_us", "dequant_call_us"})
+# Fields only some backends measure (the CPU: attention and conv curves, the re-warm after a matmul); each one
+# measured records how.
+OPTIONAL_PROVENANCE_FIELDS = frozenset({"attention_tflops", "conv_tflops", "matmul_rewarm_us", "dequant_call_us"})
 # An unpack timed on a small matrix, beside the rate's large one, gives its per-call cost: 16 rows of 256 weights,
 # a whole number of blocks of every format (K-quants' 256), small enough that the call costs more than the weights.
 DEQUANT_SMALL_SHAPE = (16, 256)
@@ -56,6 +56,7 @@ class Measurements:
     elementwise_gelems_per_s: Curve  # 1e9 activation elements/s over the size class of an op's tensors
     compute_threads: int  # CPU: intra-op threads of compute; 0 on a GPU
     attention_tflops: dict[str, Curve] = field(default_factory=dict)  # dtype -> SDPA TFLOP/s over query rows
+    conv_tflops: dict[str, Curve] = field(default_factory=dict)  # dtype -> 3×3 conv2d TFLOP/s over kernel elements
     matmul_rewarm_us: Curve | None = None  # CPU: µs lost after a matmul, over its weight's elements
     dequant_call_us: dict[str, float] = field(default_factory=dict)  # storage format -> µs per unpack call
 

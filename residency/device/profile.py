@@ -23,8 +23,8 @@ EXEC_MODE_FIELDS = ("graph_replay_us_per_kernel", "compiled_dispatch_fraction", 
 # Refinements a measured (or calibrated) profile may add; absent (at their defaults) in datasheet and older
 # profiles, which therefore keep their fingerprints.
 OPTIONAL_FIELDS = ("matmul_weight_dim", "matmul_small_tflops", "matmul_small_weight_dim", "elementwise_gelems_per_s",
-                   "attention_tflops", "matmul_rewarm_us", "dequant_call_us", "copy_slowdown", "compute_slowdown",
-                   "compute_scale", "call_host_us", "streamed_call_host_us", "calibration", *EXEC_MODE_FIELDS)
+                   "attention_tflops", "conv_tflops", "matmul_rewarm_us", "dequant_call_us", "copy_slowdown",
+                   "compute_slowdown", "compute_scale", "call_host_us", "streamed_call_host_us", "calibration", *EXEC_MODE_FIELDS)
 # Bounds of a measured slowdown factor: 1 = no interference; a copy or compute 10× slower beside the other
 # engine would be a broken measurement, not a device.
 MAX_SLOWDOWN = 10.0
@@ -122,6 +122,11 @@ class DeviceProfile:
     # a dtype without a curve: attention FLOPs at the matmul rate. On this CPU attention runs at 60-90 GFLOP/s
     # in fp32 where a 256-row matmul runs at ~140 (256 and 288 tokens, 8 heads; measured, issue 16)
     attention_tflops: dict[str, Curve] = field(default_factory=dict)
+    # compute dtype -> TFLOP/s of a 3×3 conv2d over its kernel's elements (C_out·C_in·9), at a fixed image size;
+    # a dtype without a curve: conv FLOPs at the matmul rate. On this EPYC (1 thread, fp32) a 16→3-channel conv on
+    # 64×64 pixels ran at 12.6 GFLOP/s and 64→64 on 16×16 at 63, where the matmul model gave ~64 and ~90: a VAE's
+    # thin convs were predicted 2-5× too fast
+    conv_tflops: dict[str, Curve] = field(default_factory=dict)
     # CPU: µs the ops after a matmul lose re-filling the caches its weight evicted (the interpreter's and the
     # dispatcher's working set comes back from memory), over the weight's elements; None: not measured, 0.
     # Measured here: 120-250 µs after a 1024² fp32 weight, 10-30 µs after a 256² one (more under load)
@@ -200,6 +205,15 @@ class DeviceProfile:
         if curve is None:
             return self.matmul_s(flops, rows, dtype)
         return flops / (curve.at(max(rows, 1)) * 1e12)
+
+    def conv_s(self, flops: float, kernel_elements: int, rows: int, dtype: str) -> float:
+        """Seconds for `flops` of a conv2d whose kernel has `kernel_elements` weights, over `rows` output pixels, in
+        `dtype`: the profile's conv curve, else the matmul rate of a weight that size at those rows (KeyError for a
+        dtype with neither)."""
+        curve = self.conv_tflops.get(dtype)
+        if curve is None:
+            return self.matmul_s(flops, rows, dtype, kernel_elements)
+        return flops / (curve.at(max(kernel_elements, 1)) * 1e12)
 
     def rewarm_s(self, weight_elements: int) -> float:
         """CPU: seconds the ops following a matmul over a weight of `weight_elements` lose to the caches it

@@ -37,7 +37,8 @@ from residency.validate import Reader, show
 PROFILE_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 SCHEMA_2_FIELDS = ("copy_slowdown", "compute_slowdown", "compute_scale", "call_host_us", "streamed_call_host_us",
-                   "calibration", *EXEC_MODE_FIELDS, "attention_tflops", "matmul_rewarm_us", "dequant_call_us")
+                   "calibration", *EXEC_MODE_FIELDS, "attention_tflops", "conv_tflops", "matmul_rewarm_us",
+                   "dequant_call_us")
 # Bounds of the execution-mode figures: beyond them a figure is a typo or a broken measurement.
 MAX_GRAPH_REPLAY_US = 1e3  # per kernel; an eager launch costs 2-20 µs
 MAX_COMPILE_S = 3600.0  # one block class; a cold inductor compile of a DiT block takes ~20 s on 2 cores
@@ -61,6 +62,7 @@ LINK_AXES = ("sizes_bytes", "gbps")
 MATMUL_AXES = ("rows", "tflops")
 ELEMENTWISE_AXES = ("tensor_elements", "gelems_per_s")  # rate over the size class of an op's largest tensor
 REWARM_AXES = ("weight_elements", "us")  # µs lost after a matmul over the elements of its weight
+CONV_AXES = ("kernel_elements", "tflops")  # a conv2d's TFLOP/s over the elements of its kernel
 # What each unit suffix means, for messages that say which unit is expected.
 UNIT_TEXT = {
     "bytes": "bytes",
@@ -73,6 +75,7 @@ UNIT_TEXT = {
     "tensor_elements": "elements of a tensor",
     "rows": "token rows",
     "weight_elements": "elements of a weight matrix",
+    "kernel_elements": "elements of a conv kernel (out × in × kernel height × width)",
 }
 _STRINGS = ("name", "vendor", "backend", "torch_version", "cuda_version", "hip_version", "driver", "date")
 _MEMORY = ("memory_total_bytes", "memory_reserve_bytes", "memory_usable_bytes")
@@ -96,7 +99,8 @@ def schema_version_of(profile: DeviceProfile) -> int:
     uses_2 = (profile.copy_slowdown or profile.compute_slowdown or profile.compute_scale
               or profile.call_host_us or profile.streamed_call_host_us or profile.calibration is not None
               or any(getattr(profile, k) for k in EXEC_MODE_FIELDS)
-              or profile.attention_tflops or profile.matmul_rewarm_us is not None or profile.dequant_call_us)
+              or profile.attention_tflops or profile.conv_tflops or profile.matmul_rewarm_us is not None
+              or profile.dequant_call_us)
     return PROFILE_SCHEMA_VERSION if uses_2 else 1
 
 
@@ -122,6 +126,8 @@ def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
         doc["elementwise_gelems_per_s"] = _curve_to_dict(profile.elementwise_gelems_per_s, ELEMENTWISE_AXES)
     if profile.attention_tflops:
         doc["attention_tflops"] = {d: _curve_to_dict(c, MATMUL_AXES) for d, c in profile.attention_tflops.items()}
+    if profile.conv_tflops:
+        doc["conv_tflops"] = {d: _curve_to_dict(c, CONV_AXES) for d, c in profile.conv_tflops.items()}
     if profile.matmul_rewarm_us is not None:
         doc["matmul_rewarm_us"] = _curve_to_dict(profile.matmul_rewarm_us, REWARM_AXES)
     if profile.dequant_call_us:
@@ -313,7 +319,8 @@ def _provenance(r: _Reader, data: dict[str, Any], refinements: dict[str, Any]) -
     prov_doc = r.obj(r.get(data, "provenance"), "provenance")
     # the refinements present need a provenance too (their dims are labels, not figures)
     present = tuple(k for k in ("matmul_small_tflops", "elementwise_gelems_per_s", "copy_slowdown",
-                                "compute_slowdown", *EXEC_MODE_FIELDS, "attention_tflops", "matmul_rewarm_us",
+                                "compute_slowdown", *EXEC_MODE_FIELDS, "attention_tflops", "conv_tflops",
+                                "matmul_rewarm_us",
                                 "dequant_call_us")
                     if refinements[k])
     for key in PROVENANCE_FIELDS + present:
@@ -375,18 +382,18 @@ def _refinements(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _op_kind_fields(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
-    """Attention curves by compute dtype and the CPU's re-warm cost after a matmul; absent in profiles measured
-    before MEASUREMENT_VERSION 8 and in datasheet profiles: {} and None, under which attention costs at the
-    matmul rate and nothing is charged for re-warming (the cost model as it was)."""
-    attention: dict[str, Curve] = {}
-    if "attention_tflops" in data:
-        doc = r.obj(data["attention_tflops"], "attention_tflops")
-        _no_extra(r, doc, COMPUTE_DTYPES, "attention_tflops")
-        attention = {d: r.curve(v, f"attention_tflops.{d}", MATMUL_AXES) for d, v in doc.items()}
+    """Attention and conv curves by compute dtype and the CPU's re-warm cost after a matmul; absent in profiles
+    measured before MEASUREMENT_VERSION 8 (conv: 10) and in datasheet profiles: {} and None, under which attention
+    and convs cost at the matmul rate and nothing is charged for re-warming (the cost model as it was)."""
+    curves: dict[str, dict[str, Curve]] = {}
+    for key, axes in (("attention_tflops", MATMUL_AXES), ("conv_tflops", CONV_AXES)):
+        doc = r.obj(data.get(key, {}), key)
+        _no_extra(r, doc, COMPUTE_DTYPES, key)
+        curves[key] = {d: r.curve(v, f"{key}.{d}", axes) for d, v in doc.items()}
     rewarm = None
     if "matmul_rewarm_us" in data:
         rewarm = r.curve(data["matmul_rewarm_us"], "matmul_rewarm_us", REWARM_AXES, positive=False)
-    return {"attention_tflops": attention, "matmul_rewarm_us": rewarm, "dequant_call_us": _dequant_call(r, data)}
+    return {**curves, "matmul_rewarm_us": rewarm, "dequant_call_us": _dequant_call(r, data)}
 
 
 def _dequant_call(r: _Reader, data: dict[str, Any]) -> dict[str, float]:

@@ -202,12 +202,16 @@ def _elementwise_s(block: BlockSpec, batch: int, element_bytes: int, profile: De
 
 def _matmul_s(block: BlockSpec, flops: float, rows: int, dtype: str, profile: DeviceProfile) -> float:
     """FLOPs shared among the block's weight matrices by size (FLOPs per row ∝ elements), each at the rate
-    of its size when the profile has a small-weight curve; else all at the profile's one rate."""
+    of its size when the profile has a small-weight curve — a conv2d kernel at the profile's conv rate for its
+    size when it has a conv curve; else all at the profile's one rate."""
     mats = block.matrix_elements
-    if dtype not in profile.matmul_small_tflops or not mats:
+    convs = dtype in profile.conv_tflops and any(block.conv2d_kernels)
+    if (dtype not in profile.matmul_small_tflops and not convs) or not mats:
         return profile.matmul_s(flops, rows, dtype)
     per_element = flops / sum(mats)
-    return sum(profile.matmul_s(per_element * m, rows, dtype, m) for m in mats)
+    return sum(profile.conv_s(per_element * m, m, rows, dtype) if convs and conv else
+               profile.matmul_s(per_element * m, rows, dtype, m)
+               for m, conv in zip(mats, block.conv2d_kernels, strict=True))
 
 
 def kernels_per_call(block: BlockSpec) -> int:

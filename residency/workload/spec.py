@@ -74,6 +74,12 @@ class BlockSpec:
         return tuple(math.prod(s) for _, s in self.tensors if sum(d > 1 for d in s) >= 2)
 
     @cached_property
+    def conv2d_kernels(self) -> tuple[bool, ...]:
+        """Per entry of matrix_elements: is it a conv2d kernel (4-D: out, in, height, width)? A CPU profile times
+        those apart (DeviceProfile.conv_tflops): oneDNN's convs run far from the matmul rate of a weight their size."""
+        return tuple(len(s) == 4 for _, s in self.tensors if sum(d > 1 for d in s) >= 2)
+
+    @cached_property
     def block_class(self) -> str:
         """The block's name with its numbered segments as `*` ("dit.blocks.7" -> "dit.blocks.*"): the blocks of
         one repeated stack share a class (a calibrated profile scales compute per class)."""
