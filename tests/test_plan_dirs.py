@@ -127,7 +127,7 @@ def test_a_model_directory_counts_what_the_live_model_counts_at_the_same_example
     planned = resolve_workload(str(model_dir), compute_dtype="fp32", size=size)
     cls, config = MODELS[model_dir.name]
     torch.manual_seed(0)
-    live = workload_from_module(cls.from_config(config), example, name=planned.name, compute_dtype="fp32")
+    live = workload_from_module(cls.from_config(config), example, name=cls.__name__, compute_dtype="fp32")
     assert planned.blocks == live.blocks  # names, module paths, tensors, FLOPs, ops, activations
     assert planned.phases == live.phases
     assert sum(b.flops(0) for b in planned.blocks) > 0

@@ -7,8 +7,9 @@ checkpoint; nothing is allocated (accelerate.init_empty_weights puts every param
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from residency import userpath
 from residency.errors import ResidencyError, UsageError
@@ -18,6 +19,11 @@ MODEL_CONFIG = "config.json"  # diffusers: `_class_name` names the class; transf
 PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline directory: components in subfolders
 PYTHON_ROUTE = ("build the workload in Python (residency.workload.workload_from_module(model, example_inputs, "
                 "name=…)), save it with residency.workload.workload_to_dict as JSON, and plan that file")
+# counts of layers a config may set: each a whole number ≥ 0 (0: a stack the model leaves out — a UNet's per-block
+# transformer counts can be; a UNet's per-block counts come as a list of them)
+LAYER_COUNT_FIELDS = ("num_layers", "num_single_layers", "num_hidden_layers", "num_encoder_layers",
+                      "num_decoder_layers", "encoder_layers", "decoder_layers", "n_layer", "n_layers",
+                      "layers_per_block", "transformer_layers_per_block")
 
 
 def is_model_dir(path: Path) -> bool:
@@ -25,7 +31,29 @@ def is_model_dir(path: Path) -> bool:
     if not (_kind(path) == userpath.DIRECTORY and _kind(path / MODEL_CONFIG) == userpath.FILE):
         return False
     config = read_config(path / MODEL_CONFIG)
-    return "_class_name" in config or "architectures" in config
+    return bool(config.get("_class_name") or config.get("architectures"))
+
+
+def has_model_config(path: Path) -> bool:
+    """True when the directory `path` holds a config.json (whether or not it names a model class)."""
+    return _kind(path) == userpath.DIRECTORY and _kind(path / MODEL_CONFIG) == userpath.FILE
+
+
+def supported_models() -> str:
+    """The models residency plans from a config alone, for a hint."""
+    from residency.front_door.examples import DIFFUSERS_CLASSES
+
+    classes = f"{', '.join(DIFFUSERS_CLASSES[:-1])} or {DIFFUSERS_CLASSES[-1]}"
+    return (f"residency plans from config.json alone a diffusers {classes} (named by "
+            "`_class_name`) or a transformers model reading token ids (named by `architectures`, e.g. "
+            "[\"LlamaForCausalLM\"])")
+
+
+def refuse_classless(path: Path) -> NoReturn:
+    """Raise the error for a directory whose config.json names no model class."""
+    raise ResidencyError(f"{path / MODEL_CONFIG}: the config names no model class: `_class_name` (a diffusers "
+                         "model) is missing or empty, and so is `architectures` (a transformers model)",
+                         hint=f"{supported_models()}; save_pretrained writes these fields")
 
 
 def is_diffusers_pipeline_dir(path: Path) -> bool:
@@ -57,13 +85,14 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
         raise ResidencyError(f"{path / MODEL_CONFIG}: no such file",
                              hint="every planned component of a pipeline directory needs its config.json")
     config = read_config(path / MODEL_CONFIG)
+    _check_layer_counts(path / MODEL_CONFIG, config)
     if named_as is not None:
         (library, class_name), field = named_as, "class"
         named = class_name
     else:
-        library, field = ("diffusers", "_class_name") if "_class_name" in config else ("transformers",
-                                                                                        "architectures")
-        named = config[field]
+        library, field = ("diffusers", "_class_name") if config.get("_class_name") else ("transformers",
+                                                                                          "architectures")
+        named = config.get(field)
         class_name = named[0] if isinstance(named, list) and named else named
     try:
         import importlib
@@ -76,8 +105,10 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
     cls = getattr(lib, str(class_name), None) if isinstance(class_name, str) else None
     build = getattr(cls, "from_config" if library == "diffusers" else "_from_config", None)
     if build is None:
+        known = supported_models() if named_as is None else f"{library} {lib.__version__} has no such class"
         raise ResidencyError(f"{path / MODEL_CONFIG}: {field} {named!r} is not a {library} model class",
-                             hint=f"{library} {lib.__version__} has no such class; update {library} or fix {field}")
+                             hint=f"{known}; fix {field}, or update {library} if it is newer than "
+                                  f"{library} {lib.__version__}")
     if library == "transformers":
         config = lib.AutoConfig.from_pretrained(path)  # a local directory: nothing is downloaded
     with init_empty_weights():
@@ -94,9 +125,31 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
     return model.eval()  # built in training mode: its dropouts would be counted as ops an inference never runs
 
 
+def _check_layer_counts(config_path: Path, config: dict[str, Any]) -> None:
+    """Refuse a layer count that is not a whole number ≥ 0: a negative one builds a model without those blocks
+    instead of saying so, a fraction one the class cannot build."""
+    for field in LAYER_COUNT_FIELDS:
+        if field not in config or config[field] is None:
+            continue
+        for value in _flat(config[field]):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                shown = json.dumps(config[field])[:80]
+                raise ResidencyError(f"{config_path}: {field} is {shown}; a layer count must be a whole number "
+                                     "(0 or more)", hint=f"fix {field} (save_pretrained writes the model's own count)")
+
+
+def _flat(value: Any) -> list[Any]:
+    """A value and, for a list (a UNet's per-block counts, nested per layer), every item in it."""
+    if isinstance(value, list | tuple):
+        return [v for item in value for v in _flat(item)] or [value]
+    return [value]
+
+
 def model_dir_workload(path: Path, compute_dtype: str, size=None):
     """The workload of one forward of the model in `path`, at the example input its config implies for
-    `size` (an ExampleSize; None: the model's default generation). Named `<dir> at <size>`."""
+    `size` (an ExampleSize; None: the model's default generation). Named `<dir> at <size>`, a display label
+    only: the blocks are named `<class>.<module path>`, as residency.attach names the same model's blocks, so a
+    plan written here applies to it."""
     from residency.front_door.examples import derive
     from residency.workload import workload_from_module
 
@@ -104,10 +157,10 @@ def model_dir_workload(path: Path, compute_dtype: str, size=None):
     try:
         derived = derive(model, size)
     except ResidencyError as e:  # a size the model cannot take (UsageError) keeps its own hint
-        hint = e.hint if isinstance(e, UsageError) else PYTHON_ROUTE
+        hint = e.hint if isinstance(e, UsageError) else f"{supported_models()}; for another model, {PYTHON_ROUTE}"
         raise type(e)(f"{path}: {e.message}", hint=hint) from e
     try:
         return workload_from_module(model, derived.example, name=f"{path.name} at {derived.label}",
-                                    compute_dtype=compute_dtype)
+                                    component=type(model).__name__, compute_dtype=compute_dtype)
     except ResidencyError as e:  # a forward meta cannot run: no weights here to run it for real
         raise ResidencyError(f"{path}: {e.message}", hint=PYTHON_ROUTE) from e

@@ -9,6 +9,7 @@ from collections import defaultdict
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from residency.plan import Plan
 from residency.simulate import simulate
@@ -56,6 +57,56 @@ def _grouped(workload: Workload, plan: Plan, blocks, ms) -> list[tuple[tuple, li
     return list(rows.items())
 
 
+_NAME_MIN_WIDTH = 10  # headers wrap (figures stay whole) when the name column would get fewer columns than this
+_BLOCK_COLUMNS = (("blocks", "left"), ("placement", "left"), ("format", "left"), ("MB", "right"),
+                  ("copy", "right"), ("dequant", "right"), ("compute", "right"))
+_MEMORY_COLUMNS = (("kind", "left"), ("bytes", "right"), ("of budget", "right"))
+
+
+def _table(title: str, columns: tuple[tuple[str, str], ...], rows: list[tuple[str, ...]], width: int) -> Table:
+    """A table for a console `width` columns wide. The first column, a name, takes what is left and folds. A
+    right-justified column holds a figure: it is fixed at its widest cell, so a figure is never wrapped, cut or
+    squeezed to nothing. When the console is too narrow for every header, headers wrap and the left-justified
+    words (placement, verdict) fold beside the name."""
+    figures = [max((Text.from_markup(row[i]).cell_len for row in rows), default=1) for i in range(1, len(columns))]
+    roomy = [max(w, len(header)) for w, (header, _) in zip(figures, columns[1:], strict=True)]
+    frame = 3 * len(columns) + 1  # a border and two spaces of padding per column, and the closing border
+    tight = width - frame - sum(roomy) < _NAME_MIN_WIDTH
+    table = Table(title=title, title_justify="left")
+    table.add_column(columns[0][0], justify=columns[0][1], overflow="fold")
+    for (header, justify), figure, room in zip(columns[1:], figures, roomy, strict=True):
+        if not tight:
+            table.add_column(header, justify=justify, width=room)
+        elif justify == "right":
+            table.add_column(header, justify=justify, width=max(figure, *map(len, header.split())))
+        else:
+            table.add_column(header, justify=justify, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _block_rows(workload: Workload, plan: Plan, blocks, ms) -> list[tuple[str, ...]]:
+    """One row per group of equal blocks: name, placement, format, MB, then the group's mean ms per track."""
+    rows = []
+    for key, names in _grouped(workload, plan, blocks, ms):
+        _, placement, fmt, nbytes = key[:4]
+        mean = {k: sum(ms[n][k] for n in names) / len(names) for k in ("copy", "dequant", "compute")}
+        rows.append((_group_label(names), placement, fmt, f"{nbytes / 1e6:.1f}", f"{mean['copy']:.2f}",
+                     f"{mean['dequant']:.2f}", f"{mean['compute']:.2f}"))
+    return rows
+
+
+def _memory_rows(plan: Plan) -> list[tuple[str, ...]]:
+    """Device memory at the peak, by kind, then the total: bytes and share of the budget."""
+    pred, budget = plan.prediction, plan.budget
+    rows = [(kind, fmt_bytes(nbytes), "outside" if kind == "reserve" else _share(nbytes, budget.vram_bytes))
+            for kind, nbytes in pred.peak_bytes.items() if nbytes]
+    rows.append(("[bold]total[/bold]", f"[bold]{fmt_bytes(pred.peak_total_bytes)}[/bold]",
+                 _share(pred.peak_total_bytes, budget.vram_bytes)))
+    return rows
+
+
 def render_plan(console: Console, workload: Workload, plan: Plan, profile) -> None:
     """Print the plan per component: placement, format, MB and ms of copy, dequant and compute per block."""
     ms = _per_block_ms(workload, plan, profile)
@@ -66,30 +117,11 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile) -> No
                   f"budget {fmt_bytes(budget.vram_bytes)}{fps_budget}, {workload.steps} steps")
     for component in workload.components:
         blocks = [b for b in workload.blocks if b.component == component]
-        table = Table(title=f"{component} — ms per block in a steady latent frame", title_justify="left")
-        table.add_column("blocks", no_wrap=True)
-        for col, justify in (("placement", "left"), ("format", "left"), ("MB", "right"), ("copy", "right"),
-                             ("dequant", "right"), ("compute", "right")):
-            table.add_column(col, justify=justify)
-        for key, names in _grouped(workload, plan, blocks, ms):
-            _, placement, fmt, nbytes = key[:4]
-            mean = {k: sum(ms[n][k] for n in names) / len(names) for k in ("copy", "dequant", "compute")}
-            table.add_row(_group_label(names), placement, fmt, f"{nbytes / 1e6:.1f}", f"{mean['copy']:.2f}",
-                          f"{mean['dequant']:.2f}", f"{mean['compute']:.2f}")
-        console.print(table)
+        console.print(_table(f"{component} — ms per block in a steady latent frame", _BLOCK_COLUMNS,
+                             _block_rows(workload, plan, blocks, ms), console.width))
     if pred is None:
         return
-    mem = Table(title="device memory at the peak", title_justify="left")
-    mem.add_column("kind")
-    mem.add_column("bytes", justify="right")
-    mem.add_column("of budget", justify="right")
-    for kind, nbytes in pred.peak_bytes.items():
-        if nbytes:
-            share = "outside" if kind == "reserve" else _share(nbytes, budget.vram_bytes)
-            mem.add_row(kind, fmt_bytes(nbytes), share)
-    mem.add_row("[bold]total[/bold]", f"[bold]{fmt_bytes(pred.peak_total_bytes)}[/bold]",
-                _share(pred.peak_total_bytes, budget.vram_bytes))
-    console.print(mem)
+    console.print(_table("device memory at the peak", _MEMORY_COLUMNS, _memory_rows(plan), console.width))
     video_fps = _video_fps(workload, pred.frame_ms)
     console.print(f"predicted: [bold]{pred.frame_ms:.2f} ms[/bold] per latent frame ({video_fps:.1f} video fps); "
                   f"first frame {pred.first_frame_ms:.1f} ms; stall {pred.stall_ms:.2f} ms; "
@@ -137,25 +169,33 @@ def exec_modes_summary(plan: Plan) -> str:
     return ", ".join(f"{mode} {n}" for mode, n in sorted(counts.items(), key=lambda kv: (kv[0] == "eager", kv[0])))
 
 
-def render_comparison(console: Console, plans: list[Plan], req) -> None:
-    """Print every policy's plan side by side: ms/frame, fps, peak VRAM, link MB, quality, verdict; then, when
-    any plan compiles or graphs blocks, each plan's execution modes. A peer runs the modes its documentation
-    gives it; compile time (once per machine) is not in ms/frame, which is why ours may leave eager a class a
-    peer compiles."""
-    table = Table(title="policies side by side (same simulator)", title_justify="left")
-    for col, justify in (("policy", "left"), ("ms/frame", "right"), ("video fps", "right"), ("peak VRAM", "right"),
-                         ("link MB/frame", "right"), ("quality loss", "right"), ("verdict", "left")):
-        table.add_column(col, justify=justify)
+_COMPARISON_COLUMNS = (("policy", "left"), ("ms/frame", "right"), ("video fps", "right"), ("peak VRAM", "right"),
+                       ("link MB/frame", "right"), ("quality loss", "right"), ("verdict", "left"))
+
+
+def _comparison_rows(plans: list[Plan], req) -> list[tuple[str, ...]]:
+    """Per plan: policy, ms/frame, video fps, peak VRAM, link MB/frame, quality loss, verdict word; a plan that
+    does not fit shows a dash for its timings."""
+    rows = []
     for plan in plans:
         p = plan.prediction
         fits = p.peak_total_bytes <= plan.budget.vram_bytes
         holds = fits and (plan.budget.frame_ms is None or p.frame_ms <= plan.budget.frame_ms)
         word = "[green]holds[/green]" if holds else ("[yellow]too slow[/yellow]" if fits else "[red]does not fit[/red]")
-        table.add_row(plan.policy, f"{p.frame_ms:.2f}" if fits else "—",
-                      f"{_video_fps(req.workload, p.frame_ms):.1f}" if fits else "—",
-                      fmt_bytes(p.peak_total_bytes), f"{p.link_bytes_per_frame / 1e6:.1f}" if fits else "—",
-                      f"{p.quality_loss:.3f}", word)
-    console.print(table)
+        rows.append((plan.policy, f"{p.frame_ms:.2f}" if fits else "—",
+                     f"{_video_fps(req.workload, p.frame_ms):.1f}" if fits else "—",
+                     fmt_bytes(p.peak_total_bytes), f"{p.link_bytes_per_frame / 1e6:.1f}" if fits else "—",
+                     f"{p.quality_loss:.3f}", word))
+    return rows
+
+
+def render_comparison(console: Console, plans: list[Plan], req) -> None:
+    """Print every policy's plan side by side: ms/frame, fps, peak VRAM, link MB, quality, verdict; then, when
+    any plan compiles or graphs blocks, each plan's execution modes. A peer runs the modes its documentation
+    gives it; compile time (once per machine) is not in ms/frame, which is why ours may leave eager a class a
+    peer compiles."""
+    console.print(_table("policies side by side (same simulator)", _COMPARISON_COLUMNS, _comparison_rows(plans, req),
+                         console.width))
     modes = {plan.policy: exec_modes_summary(plan) for plan in plans}
     if set(modes.values()) != {"eager"}:  # say which plans compile or graph: ms/frame leaves compile time out
         console.print("execution modes (blocks per mode; compile time, paid once per machine, is not in ms/frame): "

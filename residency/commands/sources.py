@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from residency import userpath
 from residency.commands.config_source import (
+    has_model_config,
     is_diffusers_pipeline_dir,
     is_model_dir,
     model_dir_workload,
+    refuse_classless,
 )
 from residency.errors import ResidencyError, UsageError
 from residency.inventory import (
@@ -81,6 +84,8 @@ def classify(text: str) -> Source:
             return Source(PIPELINE_DIR, text, path)
         if is_model_dir(path):
             return Source(MODEL_DIR, text, path)
+        if has_model_config(path) and not _has_weights(path):
+            refuse_classless(path)  # a model directory whose config.json names no class: say so, not "no weights"
         return Source(CHECKPOINT, text, path)
     if path.suffix == ".json":
         return Source(WORKLOAD_JSON, text, path)
@@ -99,6 +104,8 @@ def resolve_workload(name_or_path: str, steps: int | None = None, context_frames
     from residency.workload import load_workload_file
 
     source = classify(name_or_path)
+    if source.kind == CHECKPOINT:
+        _refuse_checkpoint(name_or_path, source.path)
     if size is not None and size.given() and source.kind not in (MODEL_DIR, PIPELINE_DIR):
         raise UsageError(f"{name_or_path}: a catalog model is described at a fixed size; --height, --width and "
                          "--frames apply to a model or pipeline directory",
@@ -115,13 +122,18 @@ def resolve_workload(name_or_path: str, steps: int | None = None, context_frames
         from residency.commands.pipeline_source import pipeline_dir_workload
 
         workload = pipeline_dir_workload(source.path, compute_dtype, size)
-    else:
-        raise ResidencyError(
-            f"{name_or_path}: a checkpoint holds tensors, not the model's forward: the order its blocks run in, "
-            "how often, and their FLOPs are not in it, so it cannot be planned",
-            hint="plan the diffusers model directory holding its config.json (weights are not needed), a catalog "
-                 "model or a catalog .json; `residency inspect` reads a bare checkpoint")
     return workload.with_params(steps=steps, context_frames=context_frames)
+
+
+def _refuse_checkpoint(name_or_path: str, path: Path) -> NoReturn:
+    """A checkpoint cannot be planned; one beside a config.json that names no model class is told so."""
+    if has_model_config(path):
+        refuse_classless(path)
+    raise ResidencyError(
+        f"{name_or_path}: a checkpoint holds tensors, not the model's forward: the order its blocks run in, "
+        "how often, and their FLOPs are not in it, so it cannot be planned",
+        hint="plan the diffusers model directory holding its config.json (weights are not needed), a catalog "
+             "model or a catalog .json; `residency inspect` reads a bare checkpoint")
 
 
 def _workload_inventory(name: str, workload) -> Inventory:

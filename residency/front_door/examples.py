@@ -26,6 +26,8 @@ VAE_SCALE = 8  # pixels per latent pixel of the VAEs these models are paired wit
 VAE_SCALE_TEMPORAL = 4  # video frames per latent frame after the first (Wan's VAE)
 FLUX_LATENT_SIZE = 128  # FluxPipeline.default_sample_size: 128 latent pixels a side, 1024 px at VAE_SCALE
 WAN_HEIGHT, WAN_WIDTH, WAN_FRAMES = 480, 832, 81  # WanPipeline.__call__'s defaults
+# the diffusers classes whose example inputs a config implies (derive); any transformers model reading token ids too
+DIFFUSERS_CLASSES = ("UNet2DConditionModel", "FluxTransformer2DModel", "WanTransformer3DModel")
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,9 @@ def derive(model: nn.Module, size: ExampleSize | None = None) -> Derived:
     size = size or ExampleSize()
     if is_instance_of(model, "transformers", "PreTrainedModel"):
         return _transformers_example(model, size)
-    for cls, build in (("UNet2DConditionModel", _unet_example), ("FluxTransformer2DModel", _flux_example),
-                       ("WanTransformer3DModel", _wan_example)):
+    for cls in DIFFUSERS_CLASSES:
         if is_instance_of(model, "diffusers", cls):
-            return build(model, size)
+            return _DIFFUSERS_EXAMPLES[cls](model, size)
     raise ResidencyError(
         f"{type(model).__name__}: residency cannot tell the shapes of its inputs from the model alone",
         hint="pass example_inputs=, the inputs of one call at the shapes you will run (a tensor, a tuple of "
@@ -212,3 +213,7 @@ def _wan_example(model: nn.Module, size: ExampleSize) -> Derived:
                "encoder_hidden_states": torch.zeros(size.batch, text, c.text_dim, dtype=dtype),
                "return_dict": False}
     return Derived(example, replace(size, height=height, width=width, frames=frames, prompt_tokens=text))
+
+
+_DIFFUSERS_EXAMPLES = {"UNet2DConditionModel": _unet_example, "FluxTransformer2DModel": _flux_example,
+                       "WanTransformer3DModel": _wan_example}

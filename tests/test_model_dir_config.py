@@ -1,0 +1,128 @@
+"""A diffusers model directory: its blocks are named by module path (the `<dir> at <size>` label stays the
+plan's display name), and a config naming no known class, or a layer count no model has, is refused naming
+the file, the field and the value, with the supported classes — never diagnosed as a checkpoint or a size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from residency.cli import main
+from residency.commands.sources import resolve_workload
+from residency.front_door.examples import DIFFUSERS_CLASSES, derived_example
+from residency.workload import workload_from_module
+
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
+
+FLUX = dict(_class_name="FluxTransformer2DModel", patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=24,
+            axes_dims_rope=[4, 6, 6])
+LABEL = "at 1024×1024, 512 prompt tokens"  # FluxPipeline's default size: the workload's name, not its blocks'
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def model_dir(tmp_path, config: dict, name: str = "flux"):
+    path = tmp_path / name
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_a_model_directorys_blocks_are_named_by_module_path_not_by_its_label(capsys, tmp_path):
+    path = model_dir(tmp_path, FLUX)
+    code, out, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt", "--json")
+    assert code in (0, 3), err
+    doc = json.loads(out)
+    assert doc["model"] == f"flux {LABEL}"
+    for block in doc["blocks"]:
+        assert LABEL not in block["name"]
+        if len(block["modules"]) == 1 and block["modules"][0]:
+            assert block["name"] == f"FluxTransformer2DModel.{block['modules'][0]}"
+    assert "FluxTransformer2DModel.transformer_blocks.1" in [b["name"] for b in doc["blocks"]]
+
+
+@pytest.mark.parametrize("command", [("plan", "--profile", "rx-7800-xt"), ("inspect",)])
+def test_the_tables_show_module_paths_without_the_label(capsys, tmp_path, command):
+    path = model_dir(tmp_path, FLUX)
+    code, out, err = run(capsys, command[0], str(path), *command[1:])
+    assert code in (0, 3), err
+    assert "tokens." not in out.replace("\n", "")  # the label glued onto a block name ("… prompt tokens.x")
+    assert "FluxTransformer2DModel.transformer_blocks" in out.replace("\n", "").replace(" ", "")
+
+
+def test_a_plan_of_a_model_directory_names_the_blocks_as_attach_does(tmp_path):
+    path = model_dir(tmp_path, FLUX)
+    planned = resolve_workload(str(path), compute_dtype="fp32")
+    config = {k: v for k, v in FLUX.items() if not k.startswith("_")}
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel.from_config(config)
+    live = workload_from_module(model, derived_example(model), name=type(model).__name__, compute_dtype="fp32")
+    assert [b.name for b in planned.blocks] == [b.name for b in live.blocks]
+    assert planned.fingerprint() == live.fingerprint()  # a plan written by `plan DIR` applies to attach(model)
+
+
+CLASSLESS = [{}, {"_class_name": None}, {"_class_name": ""}, {"num_layers": 2}]
+
+
+@pytest.mark.parametrize("config", CLASSLESS)
+@pytest.mark.parametrize("argv", [("plan", "--profile", "rx-7800-xt"), ("plan",), ("inspect",),
+                                  ("plan", "--profile", "rx-7800-xt", "--height", "77")])
+def test_a_config_naming_no_class_is_refused_naming_the_file_and_field(capsys, tmp_path, config, argv):
+    path = model_dir(tmp_path, config)
+    code, out, err = run(capsys, argv[0], str(path), *argv[1:])
+    if argv == ("plan",):  # --profile missing: the usage error comes first, as for any model
+        assert code == 2
+        return
+    assert code == 1, out
+    assert f"{path / 'config.json'}" in err and "_class_name" in err
+    assert all(cls in err.split("hint:")[1] for cls in DIFFUSERS_CLASSES)
+    for wrong in ("checkpoint", ".safetensors", "fixed size"):
+        assert wrong not in err
+
+
+def test_a_config_naming_an_unknown_class_lists_the_supported_ones(capsys, tmp_path):
+    path = model_dir(tmp_path, {"_class_name": "NoSuchModel"})
+    code, _, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
+    assert code == 1
+    assert f"{path / 'config.json'}: _class_name 'NoSuchModel'" in err
+    assert all(cls in err.split("hint:")[1] for cls in DIFFUSERS_CLASSES)
+
+
+def test_a_classless_config_beside_weights_still_inspects_as_a_checkpoint_but_plans_with_the_reason(capsys, tmp_path):
+    from safetensors.torch import save_file
+
+    path = model_dir(tmp_path, {})
+    save_file({"a.weight": torch.zeros(4, 4)}, path / "model.safetensors")
+    assert run(capsys, "inspect", str(path))[0] == 0
+    code, _, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
+    assert code == 1 and "config.json" in err and "_class_name" in err
+
+
+@pytest.mark.parametrize(("field", "value", "shown"), [
+    ("num_layers", -1, "num_layers is -1"),
+    ("num_single_layers", 2.5, "num_single_layers is 2.5"),
+    ("num_layers", "2", 'num_layers is "2"'),
+    ("num_layers", True, "num_layers is true"),
+])
+@pytest.mark.parametrize("command", [("plan", "--profile", "rx-7800-xt"), ("inspect",)])
+def test_a_layer_count_that_is_not_a_whole_number_of_0_or_more_is_refused(capsys, tmp_path, field, value, shown, command):
+    path = model_dir(tmp_path, {**FLUX, field: value})
+    code, _, err = run(capsys, command[0], str(path), *command[1:])
+    assert code == 1
+    assert f"{path / 'config.json'}: {shown}" in err and "whole number" in err and "hint:" in err
+
+
+def test_a_unets_per_block_layer_counts_are_checked_each(capsys, tmp_path):
+    path = model_dir(tmp_path, {"_class_name": "UNet2DConditionModel", "layers_per_block": [1, -1]})
+    code, _, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
+    assert code == 1 and "layers_per_block is [1, -1]" in err
