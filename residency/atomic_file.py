@@ -23,6 +23,20 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def check_can_create(path: Path, error: type[ResidencyError] = ResidencyError) -> None:
+    """Raise `error` unless a file can be created beside `path` — the temp file atomic_output will need — checked
+    by creating one and removing it: a read-only filesystem, a permission, an immutable directory all fail here,
+    before the work whose result would be written (os.access misses some of them, and says yes to root)."""
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=path.parent)
+    except OSError as e:
+        raise error(f"{os.fspath(path)}: cannot create a file next to it ({e.strerror})",
+                    hint="check the directory exists and is writable, or pick another path") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp_name)
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, error: type[ResidencyError] = ResidencyError) -> Iterator[Path]:
     """Yield a temp path in `path`'s directory; on a clean exit it becomes `path`.

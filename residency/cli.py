@@ -6,6 +6,8 @@ Exit codes: 0 ok, 1 runtime/bad-file error, 2 usage; subcommands may define more
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 
 from residency.commands import COMMANDS
@@ -58,6 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (`residency plan --json | head`): no traceback, exit 1. Python would
+    report the failed flush of the closed pipe again at exit, so stdout is pointed at /dev/null first (the recipe
+    of Python's signal docs, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):  # a replaced stdout: no descriptor
+        pass
+    return 1
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from residency import userpath
-from residency.atomic_file import atomic_output
+from residency.atomic_file import atomic_output, check_can_create
 from residency.errors import ResidencyError
 
 FRAME_FORMATS = (".gif", ".png")
@@ -85,8 +85,7 @@ def check_writable_target(path: str | os.PathLike[str]) -> Path:
     parent = path.parent
     if userpath.path_kind(parent)[0] != userpath.DIRECTORY:
         raise ResidencyError(f"{path}: directory {parent} does not exist", hint="create it first, or pick another path")
-    if not os.access(parent, os.W_OK):
-        raise ResidencyError(f"{path}: directory {parent} is not writable", hint="pick a writable directory")
+    check_can_create(path)  # a read-only filesystem or a permission fails now, not after the work
     return path
 
 

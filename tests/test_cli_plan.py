@@ -96,6 +96,8 @@ def test_the_default_compute_dtype_is_bf16(capsys):
         (["plan", "tiny"], 2, "--profile"),
         (["plan", "tiny", "--profile", "rtx-5090", "--compute-dtype", "int8"], 2, "argument --compute-dtype"),
         (["plan", "tiny", "--profile", "rtx-5090", "--fps", "30", "--frame-ms", "10"], 2, "not allowed"),
+        (["plan", "tiny", "--profile", "rtx-5090", "-o", ""], 2, "-o needs a file name, got an empty one"),
+        (["plan", "tiny", "--profile", "rtx-5090", "-o", "."], 1, "cannot write here"),
     ],
 )
 def test_bad_input_gets_an_error_and_a_hint_without_traceback(capsys, argv, code, message):
@@ -110,3 +112,25 @@ def test_an_unwritable_output_leaves_no_file(capsys, tmp_path):
     code, _, err = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "-o", str(target))
     assert code == 1 and "error:" in err and "hint:" in err
     assert not target.exists() and not target.parent.exists()
+
+
+def test_a_vram_budget_beyond_the_device_is_planned_for_with_a_note(capsys):
+    code, _, err = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt", "--vram", "30GiB")
+    assert code == 0
+    assert "note: --vram 30.0 GiB is more than Radeon RX 7800 XT has to use" in err and "may not fit the device" in err
+    code, _, err = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt", "--vram", "1GiB")
+    assert code == 0 and "note: --vram" not in err
+
+
+def test_an_output_the_filesystem_refuses_fails_before_planning(capsys, tmp_path, monkeypatch):
+    """A read-only filesystem (or a permission root does not have) is found by creating a file, not os.access."""
+    import residency.atomic_file as atomic_file
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(atomic_file.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr("residency.commands.plan_cmd.make_request", lambda *a, **k: pytest.fail("planned before -o"))
+    code, _, err = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt", "-o", str(tmp_path / "p.json"))
+    assert code == 1 and "cannot create a file next to it (Read-only file system)" in err and "hint:" in err
+    assert list(tmp_path.iterdir()) == []

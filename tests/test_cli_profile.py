@@ -53,6 +53,19 @@ def test_profile_into_missing_directory_exits_1_before_measuring(tmp_path, capsy
     assert not out.parent.exists()
 
 
+def test_profile_onto_a_read_only_filesystem_exits_1_before_measuring(tmp_path, capsys, monkeypatch):
+    import residency.atomic_file as atomic_file
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(atomic_file.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr("residency.commands.profile_cmd.measure_profile",
+                        lambda *a, **k: pytest.fail("measured before checking -o"))
+    assert main(["profile", "--device", "cpu", "--quick", "-o", str(tmp_path / "p.json")]) == 1
+    assert "cannot create a file next to it (Read-only file system)" in capsys.readouterr().err
+
+
 def test_profile_unknown_device_is_a_usage_error(capsys):
     assert main(["profile", "--device", "tpu", "--quick"]) == 2
     assert "unknown device" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from residency.plan import BlockPlan, Budget, Plan, save_plan
 from residency.workload import workload_from_dict
 
 PROFILE = ["--profile", "rx-7800-xt"]  # a shipped profile: no measurement in tests
+CPU_PROFILE = Path(__file__).parent / "data" / "measured-cpu-2-cores.json"  # one measured here, for the CPU runtime
 
 
 @pytest.fixture()
@@ -84,8 +85,16 @@ BAD = [
     (["run", "tiny", "--image", "start.png", *PROFILE, "--fps", "0", "-o", "o.gif"], 2,
      "argument --fps: must be a number of frames per second above 0.01"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.gif", "--dashboard"], 2, "needs a terminal"),
+    (["run", "tiny", "--image", "start.png", "--profile", str(CPU_PROFILE), "--vram", "1MiB", "-o", "o.gif"], 1,
+     "no plan fits the 1.00 MiB VRAM budget: the smallest ours found needs"),
+    (["run", "tiny", "--image", "start.png", "--plan", "other-plan.json", "--vram", "1MiB", "--fps", "5", "-o",
+      "o.gif"], 2, "--fps, --vram would be ignored: a plan from --plan fixes its profile and budgets"),
     (["play", "tiny", "--image", "start.png", *PROFILE], 2, "needs a terminal"),
     (["dashboard", "trace.json"], 2, "needs a terminal"),
+    # each says what works without a terminal for that command (only `dashboard` has --once)
+    (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.gif", "--dashboard"], 2, "hint: drop --dashboard"),
+    (["play", "tiny", "--image", "start.png", *PROFILE], 2, "use `residency run MODEL --actions"),
+    (["dashboard", "trace.json"], 2, "hint: add --once"),
     (["dashboard", "missing.json", "--once"], 1, "no such trace file"),
     (["dashboard", "notimage.png", "--once"], 1, "not valid JSON"),
     (["demo", "-o", "notimage.png/out"], 1, "cannot create the output directory"),

@@ -114,3 +114,21 @@ def test_profile_refuses_an_unusable_output_name_before_measuring(tmp_path, monk
     assert main(["profile", "--device", "cpu", "-o", "p" * 300 + ".json"]) == 1
     err = capsys.readouterr().err
     assert "name is too long" in err and "Traceback" not in err
+
+
+class _ClosedPipe:
+    """A stdout whose reader went away (`residency plan --json | head -c 100`): every write fails."""
+
+    def write(self, _text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_stdout_ends_with_exit_1_and_no_traceback(monkeypatch, capsys):
+    from residency.cli import main
+
+    monkeypatch.setattr("sys.stdout", _ClosedPipe())
+    assert main(["plan", "tiny", "--profile", "rx-7800-xt", "--json"]) == 1
+    assert "Traceback" not in capsys.readouterr().err

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 from rich.console import Console
 
+from residency import cli
 from residency.commands import dashboard_cmd
 from residency.dashboard import DashboardContext, build, read_trace, write_trace
 from residency.dashboard.panels import REPLAN_MARK, closed_loop
@@ -114,6 +116,19 @@ def test_a_trace_round_trip_keeps_the_events_and_per_engine_predictions(tmp_path
         assert a.time_s == pytest.approx(b.time_s - t0, abs=1e-9)
     # the same ratios and reasons render from the trace as from the live snapshot
     assert _render(closed_loop(got)) == _render(closed_loop(snap))
+
+
+def test_a_re_predicted_plan_without_its_lower_bound_writes_a_trace_the_dashboard_reads(tmp_path, capsys):
+    """The closed loop re-predicts the running plan without its bound (NaN): the trace holds null, never NaN, and
+    `residency dashboard` replays it (it had refused the demo's own trace: "the trace holds NaN")."""
+    snap = dataclasses.replace(_synthetic_snapshot(), prediction=dataclasses.replace(SECOND, lower_bound_ms=math.nan))
+    path = write_trace(snap, CONTEXT, tmp_path / "t.json")
+    text = path.read_text()
+    assert "NaN" not in text and json.loads(text)["otherData"]["residency"]["prediction"]["lower_bound_ms"] is None
+    got, _ = read_trace(path)
+    assert math.isnan(got.prediction.lower_bound_ms)
+    assert dataclasses.replace(got.prediction, lower_bound_ms=1.0) == SECOND
+    assert cli.main(["dashboard", str(path), "--once"]) == 0
 
 
 def test_the_trace_holds_each_decision_as_a_global_instant_event(tmp_path):

@@ -100,6 +100,8 @@ BAD = {
     "missing curve": (lambda d: _drop(d, "link", "d2h_pageable"), "link.d2h_pageable", "missing"),
     "zero rate": (lambda d: _set(d, 0, "link", "h2d_pinned", "gbps", 2), "link.h2d_pinned.gbps[2]", "positive"),
     "negative size": (lambda d: _set(d, -5, "memory_total_bytes"), "memory_total_bytes", "positive"),
+    "reserve beyond total": (lambda d: _set(d, 2 * d["memory_total_bytes"], "memory_reserve_bytes"),
+                             "memory_reserve_bytes", "usable + reserve ≤ total"),
     "zero dequant": (lambda d: _set(d, 0.0, "dequant_gweights_per_s", "Q4_K"), "dequant_gweights_per_s.Q4_K",
                      "positive"),
     "wrong unit key": (lambda d: d.update(device_memory_mbps=d.pop("device_memory_gbps") * 1e3),

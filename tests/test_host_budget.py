@@ -101,7 +101,7 @@ class _Screen:
 def test_play_with_its_defaults_fits_a_machine_with_30_gib_free(big_cpu_box, monkeypatch, capsys):
     from residency.commands import play_cmd
 
-    monkeypatch.setattr("residency.dashboard.require_terminal", lambda console, what: None)
+    monkeypatch.setattr("residency.dashboard.require_terminal", lambda console, what, instead: None)
     monkeypatch.setattr(play_cmd, "_require_keyboard", lambda: None)
     monkeypatch.setattr("residency.dashboard.keyboard.raw_keyboard", lambda: contextlib.nullcontext(_Keys()))
     monkeypatch.setattr("residency.dashboard.live", lambda console, view: contextlib.nullcontext(_Screen()))

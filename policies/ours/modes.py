@@ -70,16 +70,29 @@ def _class_frame_s(req: PlanRequest, members: list[BlockSpec], mode: str, kv_dty
                                                           exec_mode=mode), req, kv_dtype) for b in members)
 
 
-def _frames_per_session(req: PlanRequest, eager_frame_s: float) -> float:
-    """Latent frames a session of session_s seconds runs: at the frame budget, else at the eager compute."""
+def _frames_per_session(req: PlanRequest, eager_frame_s: float, fastest_frame_s: float) -> float:
+    """Latent frames a session of session_s seconds runs: at the frame budget, else at the eager compute — never
+    faster than the fastest compute any mode allows (a budget below it is missed: counting its frames would credit
+    a compile with savings over frames that never run, "saves 57600000000 s over a 600 s session")."""
     frame_s = req.budget.frame_ms / 1e3 if req.budget.frame_ms else eager_frame_s
+    frame_s = max(frame_s, fastest_frame_s)
     return req.session_s / frame_s if frame_s > 0 else 0.0
+
+
+def _fastest_class_s(req: PlanRequest, members: list[BlockSpec], eager_s: float, kv_dtype: str) -> float:
+    """The class's compute per frame at the fastest mode the request and profile allow."""
+    p, best = req.profile, eager_s
+    if p.compiled_known() and p.compile_s_per_block_class > 0:
+        best = min(best, _class_frame_s(req, members, "compiled", kv_dtype))
+    if req.exec_mode == "auto+graphed" and "graphed" in supported_modes(req) and p.graph_known():
+        best = min(best, _class_frame_s(req, members, "graphed", kv_dtype))
+    return best
 
 
 def choose_modes(req: PlanRequest, kv_dtype: str) -> dict[str, ModeChoice]:
     """Block class ("dit.blocks.*") -> its mode and why. Classes run only at session start stay eager (auto).
 
-    Cost: three compute estimates per block.
+    Cost: five compute estimates per block.
     """
     w = req.workload
     classes: dict[str, list[BlockSpec]] = {}
@@ -91,7 +104,8 @@ def choose_modes(req: PlanRequest, kv_dtype: str) -> dict[str, ModeChoice]:
                               req.exec_mode != "eager" else "") for c in classes}
     frame_classes = {c: m for c, m in classes.items() if any(w.calls_per_frame(b.name) for b in m)}
     eager = {c: _class_frame_s(req, m, "eager", kv_dtype) for c, m in frame_classes.items()}
-    frames = _frames_per_session(req, sum(eager.values()))
+    fastest = sum(_fastest_class_s(req, m, eager[c], kv_dtype) for c, m in frame_classes.items())
+    frames = _frames_per_session(req, sum(eager.values()), fastest)
     out = {c: ModeChoice("eager") for c in classes}
     for c, members in frame_classes.items():
         out[c] = _choose_class(req, c, members, eager[c], frames, kv_dtype)

@@ -45,7 +45,7 @@ def run(args) -> int:
 
     console = make_console()
     if not args.once:
-        require_terminal(console, "the live dashboard")
+        require_terminal(console, "the live dashboard", "add --once to print one render as text")
     if not args.speed > 0:
         raise UsageError(f"--speed must be positive, got {args.speed}", hint="e.g. --speed 2")
     snapshot, context = read_trace(args.trace)

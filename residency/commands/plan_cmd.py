@@ -91,20 +91,45 @@ def make_request(args):
     workload = resolve_workload(args.model, steps=args.steps, compute_dtype=args.compute_dtype, size=size)
     profile = profile_for(args.profile, workload.fingerprint(), model=args.model)
     vram = parse_size(args.vram, "--vram") if args.vram else profile.memory_usable_bytes
+    if vram > profile.memory_usable_bytes:
+        _note_vram_beyond_the_device(vram, profile)
     budget = Budget(vram, frame_budget_ms(args.fps, args.frame_ms, workload.video_frames_per_latent))
     return PlanRequest(workload, profile, budget, host_bytes_available=host_memory().available_bytes,
                        compute_dtype=args.compute_dtype, exec_mode=getattr(args, "exec_mode", "auto"))
 
 
+def _note_vram_beyond_the_device(vram: int, profile) -> None:
+    """A --vram above what the profile's device has is planned for as asked (a what-if), and said so: "fits"
+    then means fits the budget, not the card."""
+    from residency.units import fmt_bytes
+
+    print(f"note: --vram {fmt_bytes(vram)} is more than {profile.name} has to use ("
+          f"{fmt_bytes(profile.memory_usable_bytes)} of {fmt_bytes(profile.memory_total_bytes)}): planned for "
+          f"{fmt_bytes(vram)} as asked; a plan that fits it may not fit the device", file=sys.stderr)
+
+
+def _check_plan_output(path: str | None):
+    """The -o path checked before planning (Flux plans for seconds): a file name in a writable directory."""
+    if path is None:
+        return None
+    if not path.strip():
+        raise UsageError("-o needs a file name, got an empty one", hint="e.g. -o plan.json")
+    from residency.media import check_writable_target
+
+    return check_writable_target(path)
+
+
 def run(args) -> int:
     """Plan with the chosen policy (or all of them), print or save the result; returns 0.
 
-    Raises UsageError for an unknown policy before any work is done.
+    Raises UsageError for an unknown policy or an empty -o, ResidencyError for an -o that cannot be written, both
+    before any work is done.
     """
     from policies import get_policy, registry
 
     if args.policy != "all":
         get_policy(args.policy)  # an unknown name is a usage error before any work
+    _check_plan_output(args.output)
     req = make_request(args)
     if args.policy == "all":
         plans = [fn(req) for fn in registry().values()]
@@ -112,7 +137,7 @@ def run(args) -> int:
     else:
         chosen = get_policy(args.policy)(req)
         plans = [chosen]
-    if args.output:
+    if args.output is not None:
         from residency.plan import save_plan
 
         save_plan(chosen, args.output)

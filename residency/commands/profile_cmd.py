@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from residency import userpath
+from residency.atomic_file import check_can_create
 from residency.commands import arg_types
 from residency.commands.console import make_console
 from residency.device import DeviceProfile, default_device, measure_profile, profile_to_dict, save_profile
@@ -55,6 +56,7 @@ def _check_output(path: Path) -> None:
                              hint="create it first, or give -o a path in an existing directory")
     if kind == userpath.DIRECTORY:
         raise ResidencyError(f"{path}: is a directory", hint="give -o a file name, e.g. -o profile.json")
+    check_can_create(path)  # a read-only filesystem fails now, not after a minute of measuring
 
 
 def _pct(spread: float) -> str:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from residency.commands import arg_types
 from residency.commands.actions import parse_actions
 from residency.commands.console import make_console
-from residency.errors import UsageError
+from residency.errors import ResidencyError, UsageError
 from residency.session_setup import (
     Console,
     Model,
@@ -84,6 +84,11 @@ def check_loop_arguments(args: argparse.Namespace, loop: bool, calibrate: bool =
     Raises UsageError."""
     if not getattr(args, "plan", None):
         return
+    fixed = [flag for flag, value in (("--profile", args.profile), ("--fps", args.fps), ("--vram", args.vram))
+             if value is not None]
+    if fixed:
+        raise UsageError(f"{', '.join(fixed)} would be ignored: a plan from --plan fixes its profile and budgets",
+                         hint="drop them, or drop --plan to plan here for them")
     if loop:
         raise UsageError("--closed-loop re-plans, and a plan from --plan stays fixed",
                          hint="drop --plan to plan here, or drop --closed-loop")
@@ -98,9 +103,31 @@ def print_line(console: Console) -> Callable[[str], None]:
 
 
 def plan_for(model: Model, args: argparse.Namespace, console: Console) -> tuple[Plan, Replanner | None]:
-    """The plan the model options of `add_model_arguments` ask for (see session_setup.make_plan)."""
-    return make_plan(model, console, plan_path=getattr(args, "plan", None), profile=args.profile, fps=args.fps,
-                     vram_bytes=args.vram)
+    """The plan the model options of `add_model_arguments` ask for (see session_setup.make_plan), stated on
+    `console` in one line (and where a loaded plan's predictions come from).
+
+    Raises ResidencyError, before anything is loaded on the device, when no plan fits the VRAM budget."""
+    from residency import session_setup
+    from residency.commands.plan_render import verdict
+    from residency.units import fmt_bytes
+
+    plan, replan = make_plan(model, console, plan_path=getattr(args, "plan", None), profile=args.profile,
+                             fps=args.fps, vram_bytes=args.vram)
+    pred = plan.prediction
+    # Refused only when the plan was made here for a profile of this runtime's kind: a GPU profile's prediction
+    # counts a GPU's workspace the CPU runtime never holds (a GPU plan tried on the CPU runs, as the README shows)
+    same_kind = replan is not None and replan.request.profile.is_gpu == (session_setup.device_kind() != "cpu")
+    if same_kind and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
+        raise ResidencyError(f"no plan fits the {fmt_bytes(plan.budget.vram_bytes)} VRAM budget: the smallest "
+                             f"{plan.policy} found needs {fmt_bytes(pred.peak_total_bytes)}",
+                             hint=f"raise --vram to at least {fmt_bytes(pred.peak_total_bytes)}, or leave it out")
+    console.print(f"plan ({plan.policy}, {plan.profile}): {verdict(plan)}")
+    if getattr(args, "plan", None):
+        compiled = " Its compiled blocks compile first (once, cached on disk)." if any(
+            bp.exec_mode == "compiled" for bp in plan.blocks) else ""
+        console.print(f"note: {args.plan} was made for {plan.profile}: its predictions are that device's, which "
+                      f"this run compares its measurements with.{compiled}", markup=False, highlight=False)
+    return plan, replan
 
 
 # --- output ------------------------------------------------------------------------------------------------
@@ -151,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
     console, err = make_console(), make_console(stderr=True)
     check_loop_arguments(args, args.closed_loop, args.calibrate)
     if args.dashboard:
-        require_terminal(console, "--dashboard")
+        require_terminal(console, "--dashboard", "drop --dashboard (the frames and any --trace are written all the "
+                         "same; `residency dashboard TRACE --once` prints the trace's render as text)")
     out = check_output_path(args.output)
     trace = check_trace_path(args.trace) if args.trace else None
     model = load_model(args.model)

@@ -94,11 +94,12 @@ def build(snapshot: TelemetrySnapshot | None, context: DashboardContext) -> Rend
     return Panel(body, title=title, title_align="left", width=WIDTH_CELLS)
 
 
-def require_terminal(console: Console, what: str) -> None:
-    """The live view needs a terminal on stdout; elsewhere refuse before any work (exit 2)."""
+def require_terminal(console: Console, what: str, instead: str) -> None:
+    """The live view needs a terminal on stdout; elsewhere refuse before any work (exit 2), the hint saying what
+    `instead` works without one for this command."""
     if not console.is_terminal or not sys.stdout.isatty():
         raise UsageError(f"{what} needs a terminal on stdout (it is a pipe or a file)",
-                         hint="add --once to print one render as text, or run it in a terminal")
+                         hint=f"{instead}, or run it in a terminal")
 
 
 @contextlib.contextmanager

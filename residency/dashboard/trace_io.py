@@ -21,7 +21,7 @@ from residency.dashboard.context import DashboardContext
 from residency.errors import ResidencyError
 from residency.jsonfile import read_json
 from residency.plan.plan import MAX_PLAN_BYTES
-from residency.plan.plan_io import prediction_from_dict
+from residency.plan.plan_io import prediction_from_dict, prediction_to_dict
 from residency.telemetry import FrameRecord, Recorder, TelemetrySnapshot
 from residency.telemetry.chrome_trace import EXTRA_KEY, FRAME_TRACK, LOOP_TRACK, write_chrome_trace
 from residency.telemetry.events import EVENT_KINDS, LoopEvent
@@ -39,7 +39,7 @@ def write_trace(snapshot: TelemetrySnapshot, context: DashboardContext, path: st
     """The Chrome trace of `snapshot` with the context, memory by kind and prediction; atomic."""
     return write_chrome_trace(snapshot, path, extra={
         "context": context.to_dict(), "memory": dict(snapshot.memory),
-        "prediction": dataclasses.asdict(snapshot.prediction) if snapshot.prediction else None})
+        "prediction": prediction_to_dict(snapshot.prediction) if snapshot.prediction else None})
 
 
 MAX_TRACE_BYTES = 256 << 20  # a 1,500-frame rollout of a 22-block model writes ~40 MB

@@ -279,6 +279,9 @@ def _memory(r: _Reader, data: dict[str, Any]) -> dict[str, int]:
     usable = r.number(r.get(data, "memory_usable_bytes"), "memory_usable_bytes", "bytes", integer=True)
     if usable > total:
         raise r.fail("memory_usable_bytes", f"= {usable}: exceeds memory_total_bytes = {total}")
+    if reserve + usable > total:  # the reserve is held back from the total, so both fit within it
+        raise r.fail("memory_reserve_bytes", f"= {reserve}: with memory_usable_bytes = {usable} it exceeds "
+                     f"memory_total_bytes = {total} (usable + reserve ≤ total)")
     return {"memory_total_bytes": int(total), "memory_reserve_bytes": int(reserve),
             "memory_usable_bytes": int(usable)}
 

@@ -6,6 +6,7 @@ Grouped by block so a user can read (and diff) what the planner decided.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -55,7 +56,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "steps": plan.steps,
         "context_frames": plan.context_frames,
         "blocks": [_block_dict(b) for b in plan.blocks],
-        "prediction": asdict(plan.prediction) if plan.prediction else None,
+        "prediction": prediction_to_dict(plan.prediction) if plan.prediction else None,
         "notes": list(plan.notes),
     }
 
@@ -146,12 +147,28 @@ def _execution(r: Reader, value: Any) -> Execution:
     )
 
 
+# Figures a prediction may leave uncomputed (NaN in memory, null in JSON, which has no NaN): the lower bound of a
+# plan re-predicted without it (simulate(..., bound=False): the closed loop's re-predictions, a policy's candidates)
+_PREDICTION_OPTIONAL_MS = ("lower_bound_ms",)
+
+
+def prediction_to_dict(prediction: Prediction) -> dict[str, Any]:
+    """The simulator's figures as JSON: an uncomputed figure (NaN) as null."""
+    doc = asdict(prediction)
+    for k in _PREDICTION_OPTIONAL_MS:
+        if not math.isfinite(doc[k]):
+            doc[k] = None
+    return doc
+
+
 def prediction_from_dict(r: Reader, value: Any, path: str) -> Prediction:
-    """The simulator's figures as a plan or a trace stores them (every field present, none negative)."""
+    """The simulator's figures as a plan or a trace stores them (every field present, none negative; the lower
+    bound may be null: not computed, read back as NaN)."""
     doc = r.obj(value, path, _PREDICTION_FIELDS, required=_PREDICTION_FIELDS)
     peak = r.obj(doc["peak_bytes"], f"{path}.peak_bytes")
     return Prediction(
-        **{k: r.number(doc[k], f"{path}.{k}", 0.0, unit="ms") for k in _PREDICTION_MS},
+        **{k: math.nan if doc[k] is None and k in _PREDICTION_OPTIONAL_MS
+           else r.number(doc[k], f"{path}.{k}", 0.0, unit="ms") for k in _PREDICTION_MS},
         link_bytes_per_frame=r.integer(doc["link_bytes_per_frame"], f"{path}.link_bytes_per_frame", 0,
                                        MAX_PLAN_BYTES, unit="bytes"),
         peak_bytes={k: r.integer(v, f"{path}.peak_bytes.{k}", 0, MAX_PLAN_BYTES, unit="bytes")

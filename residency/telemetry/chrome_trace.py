@@ -108,5 +108,17 @@ def write_chrome_trace(snapshot: TelemetrySnapshot, path: str | os.PathLike[str]
         doc["otherData"][EXTRA_KEY] = dict(extra)
     path = Path(path)
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(doc))
+        # allow_nan=False: a NaN written would make a trace no JSON reader (ours included) accepts
+        tmp.write_text(json.dumps(_finite(doc), allow_nan=False))
     return path
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every non-finite float (an uncomputed figure) as None: JSON has no NaN or infinity."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
