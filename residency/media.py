@@ -92,6 +92,9 @@ def check_writable_target(path: str | os.PathLike[str]) -> Path:
 def check_output_path(path: str | os.PathLike[str]) -> Path:
     """Validate before any work is done: a known extension, a writable directory, and for numbered PNGs
     no frames of an earlier sequence with the same name (they would mix with the new ones)."""
+    if os.fspath(path).endswith(("/", os.sep)) or userpath.path_kind(Path(path))[0] == userpath.DIRECTORY:
+        raise ResidencyError(f"{path}: is a directory; frames are written to a file",
+                             hint=f"name a file in it, e.g. {Path(path) / 'out.gif'}")
     path = Path(path)
     if path.suffix.lower() not in FRAME_FORMATS:
         raise ResidencyError(f"{path}: cannot write {path.suffix or 'files without an extension'}",

@@ -92,7 +92,7 @@ def test_a_mutated_png_reads_as_the_model_size_or_fails_cleanly(tmp_path, edits)
     (["run", "x" * 300, "--image", "s.png", "-o", "o.gif"], "name is too long"),
     (["run", "tiny", "--image", "s.png", "-o", "x" * 300 + ".gif"], "name is too long"),
     (["run", "tiny", "--image", "s.png", "-o", "o.gif", "--trace", "x" * 300 + ".json"], "name is too long"),
-    (["run", "tiny", "--image", "s.png", "-o", "adir.gif"], "cannot write here"),
+    (["run", "tiny", "--image", "s.png", "-o", "adir.gif"], "is a directory"),
     (["demo", "-o", "x" * 300], "name is too long"),
 ])
 def test_unusable_paths_are_errors_not_tracebacks(tmp_path, monkeypatch, capsys, argv, message):

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     write_frames(video, gif, DEMO_FPS)
     write_trace(snapshot, context, trace)
     run_cmd.report_speed(console, snapshot)
-    console.print(f"wrote {gif} ({len(video)} frames) and {trace}")
+    console.print(f"wrote {gif} ({len(video)} frame{'s' if len(video) != 1 else ''}) and {trace}")
     console.print(f"replay the telemetry:  residency dashboard {trace}")
     console.print("play it yourself:      residency play      (arrows/WASD, space, e; q quits)")
     say(_calibration_line(runtime, replan.profile))

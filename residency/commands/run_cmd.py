@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         snapshot = final_snapshot(runtime)
     written = write_frames(video, out, args.fps or GIF_FPS)
-    console.print(f"wrote {len(video)} frames to {written[0]}" + (f" … {written[-1]}" if len(written) > 1 else ""))
+    console.print(f"wrote {len(video)} frame{'s' if len(video) != 1 else ''} to {written[0]}" + (f" … {written[-1]}" if len(written) > 1 else ""))
     if trace is not None:
         write_trace(snapshot, context, trace)
         console.print(f"wrote the trace to {trace} (open in https://ui.perfetto.dev or `residency dashboard`)")
