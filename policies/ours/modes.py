@@ -79,20 +79,21 @@ def _frames_per_session(req: PlanRequest, eager_frame_s: float, fastest_frame_s:
     return req.session_s / frame_s if frame_s > 0 else 0.0
 
 
-def _fastest_class_s(req: PlanRequest, members: list[BlockSpec], eager_s: float, kv_dtype: str) -> float:
-    """The class's compute per frame at the fastest mode the request and profile allow."""
-    p, best = req.profile, eager_s
-    if p.compiled_known() and p.compile_s_per_block_class > 0:
-        best = min(best, _class_frame_s(req, members, "compiled", kv_dtype))
+def _class_mode_s(req: PlanRequest, members: list[BlockSpec], eager_s: float, kv_dtype: str) -> dict[str, float]:
+    """The class's compute per frame in each mode the request and profile can cost: eager, graphed (auto+graphed
+    on a profile with graph figures), compiled (a profile with compile figures)."""
+    p, out = req.profile, {"eager": eager_s}
     if req.exec_mode == "auto+graphed" and "graphed" in supported_modes(req) and p.graph_known():
-        best = min(best, _class_frame_s(req, members, "graphed", kv_dtype))
-    return best
+        out["graphed"] = _class_frame_s(req, members, "graphed", kv_dtype)
+    if p.compiled_known() and p.compile_s_per_block_class > 0:
+        out["compiled"] = _class_frame_s(req, members, "compiled", kv_dtype)
+    return out
 
 
 def choose_modes(req: PlanRequest, kv_dtype: str) -> dict[str, ModeChoice]:
     """Block class ("dit.blocks.*") -> its mode and why. Classes run only at session start stay eager (auto).
 
-    Cost: five compute estimates per block.
+    Cost: three compute estimates per block.
     """
     w = req.workload
     classes: dict[str, list[BlockSpec]] = {}
@@ -103,28 +104,29 @@ def choose_modes(req: PlanRequest, kv_dtype: str) -> dict[str, ModeChoice]:
         return {c: ModeChoice(req.exec_mode, f"{c} {req.exec_mode}: forced by --exec-mode{unrun}" if
                               req.exec_mode != "eager" else "") for c in classes}
     frame_classes = {c: m for c, m in classes.items() if any(w.calls_per_frame(b.name) for b in m)}
-    eager = {c: _class_frame_s(req, m, "eager", kv_dtype) for c, m in frame_classes.items()}
-    fastest = sum(_fastest_class_s(req, m, eager[c], kv_dtype) for c, m in frame_classes.items())
-    frames = _frames_per_session(req, sum(eager.values()), fastest)
+    mode_s = {c: _class_mode_s(req, m, _class_frame_s(req, m, "eager", kv_dtype), kv_dtype)
+              for c, m in frame_classes.items()}
+    frames = _frames_per_session(req, sum(s["eager"] for s in mode_s.values()),
+                                 sum(min(s.values()) for s in mode_s.values()))
     out = {c: ModeChoice("eager") for c in classes}
-    for c, members in frame_classes.items():
-        out[c] = _choose_class(req, c, members, eager[c], frames, kv_dtype)
+    for c in frame_classes:
+        out[c] = _choose_class(req, c, mode_s[c], frames)
     return out
 
 
-def _choose_class(req: PlanRequest, name: str, members: list[BlockSpec], eager_s: float, frames: float,
-                  kv_dtype: str) -> ModeChoice:
-    """The fastest mode the profile can cost for one class; compiled only when it repays its compile."""
+def _choose_class(req: PlanRequest, name: str, mode_s: dict[str, float], frames: float) -> ModeChoice:
+    """The fastest mode the profile can cost for one class (`mode_s`: _class_mode_s); compiled only when it repays
+    its compile."""
     p = req.profile
+    eager_s = mode_s["eager"]
     best = ModeChoice("eager")
     best_s = eager_s
-    if req.exec_mode == "auto+graphed" and "graphed" in supported_modes(req) and p.graph_known():
-        graphed_s = _class_frame_s(req, members, "graphed", kv_dtype)
-        if eager_s - graphed_s >= MIN_GRAPH_SAVING_S:
-            best, best_s = ModeChoice("graphed", f"{name} graphed: launch-bound {eager_s * 1e3:.1f} → "
-                                      f"{graphed_s * 1e3:.1f} ms per frame"), graphed_s
-    if p.compiled_known() and p.compile_s_per_block_class > 0:
-        compiled_s = _class_frame_s(req, members, "compiled", kv_dtype)
+    graphed_s = mode_s.get("graphed")
+    if graphed_s is not None and eager_s - graphed_s >= MIN_GRAPH_SAVING_S:
+        best, best_s = ModeChoice("graphed", f"{name} graphed: launch-bound {eager_s * 1e3:.1f} → "
+                                  f"{graphed_s * 1e3:.1f} ms per frame"), graphed_s
+    compiled_s = mode_s.get("compiled")
+    if compiled_s is not None:
         saved_s = (eager_s - compiled_s) * frames  # over the session
         if compiled_s < best_s and saved_s > p.compile_s_per_block_class:
             best = ModeChoice("compiled", f"{name} compiled: {eager_s * 1e3:.1f} → {compiled_s * 1e3:.1f} ms per "

@@ -65,8 +65,8 @@ class Executor:
             for s, base in enumerate(memory.slots):
                 self.slot_binding[(bp.name, s)] = memory.binding(bp.name, base)
                 self.slot_recipe[(bp.name, s)] = memory.recipe(bp.name, base, bp.name)
-                # what a load moves over the link (the CPU's unpacking load: its plain tensors only)
-                self.load_bytes[bp.name] = self.slot_recipe[(bp.name, s)].link_bytes
+            # what a load moves over the link, the same into any slot (the CPU's unpacking load: its plain tensors)
+            self.load_bytes[bp.name] = self.slot_recipe[(bp.name, 0)].link_bytes
         # Every parameter points at device memory from the start (so pipe.device is the device).
         for bp in plan.blocks:
             if bp.name in self.session_binding:

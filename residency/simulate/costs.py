@@ -60,12 +60,9 @@ def copied_tensor_bytes(block: BlockSpec, fmt: str, compute_dtype: str, profile:
     CPU backend for a load that unpacks (`unpacks`: a resident block, one streamed with dequant on the copy
     engine): there the unpack reads the converted tensors from the host blob itself
     (runtime.backend_cpu.execute_on_host) — their time is the dequant's — and only the plain ones are copied."""
-    sizes = block.tensor_nbytes(fmt)
-    if profile.is_gpu or not unpacks or get_format(fmt).name == DTYPE_FORMAT[compute_dtype]:
-        return sizes
-    direct = DTYPE_FORMAT[compute_dtype]
-    return tuple(n for n, f, own in zip(sizes, block.stored_formats(fmt), block.tensor_own_dtypes, strict=True)
-                 if own is not None or f.name == direct)
+    if profile.is_gpu or not unpacks:
+        return block.tensor_nbytes(fmt)
+    return block.plain_tensor_nbytes(fmt, compute_dtype)
 
 
 def copy_bytes(block: BlockSpec, fmt: str, compute_dtype: str, profile: DeviceProfile, unpacks: bool) -> int:

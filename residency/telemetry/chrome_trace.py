@@ -52,16 +52,11 @@ def _frame_args(frame: FrameRecord) -> dict:
             "predicted_compute_ms": frame.predicted_compute_ms, "predicted_copy_ms": frame.predicted_copy_ms}
 
 
-def _finite_or_none(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
-
 def _loop_event(event: LoopEvent, t0: float) -> dict:
     """A global instant event ("i", scope "g") at the decision; args hold every field, time_s on the trace's
-    clock (seconds from t0, as ts) and non-finite ms as null (JSON has no NaN; a plan without a prediction)."""
+    clock (seconds from t0, as ts); a non-finite ms (a plan without a prediction) becomes null in chrome_trace."""
     time_s = event.time_s - t0
-    args = {**dataclasses.asdict(event), "time_s": time_s,
-            **{k: _finite_or_none(getattr(event, k)) for k in ("measured_ms", "predicted_ms", "new_predicted_ms")}}
+    args = {**dataclasses.asdict(event), "time_s": time_s}
     return {"name": event.kind, "cat": LOOP_TRACK, "ph": "i", "s": "g", "pid": PID, "tid": TIDS[LOOP_TRACK],
             "ts": time_s * 1e6, "args": args}
 
@@ -92,8 +87,9 @@ def chrome_trace(snapshot: TelemetrySnapshot) -> dict:
         events.append({"name": "device memory", "ph": "C", "pid": PID, "ts": (frame.start_s - t0) * 1e6,
                        "args": {"bytes": frame.device_bytes, "peak_bytes": frame.device_peak_bytes}})
     events += [_loop_event(e, t0) for e in snapshot.events]
-    return {"traceEvents": events, "displayTimeUnit": "ms",
-            "otherData": {"predicted_frame_ms": snapshot.prediction.frame_ms if snapshot.prediction else None}}
+    # every non-finite float (an uncomputed figure) as null: JSON has no NaN, and no reader (ours included) takes one
+    return _finite({"traceEvents": events, "displayTimeUnit": "ms",
+                    "otherData": {"predicted_frame_ms": snapshot.prediction.frame_ms if snapshot.prediction else None}})
 
 
 def write_chrome_trace(snapshot: TelemetrySnapshot, path: str | os.PathLike[str],
@@ -105,11 +101,10 @@ def write_chrome_trace(snapshot: TelemetrySnapshot, path: str | os.PathLike[str]
     """
     doc = chrome_trace(snapshot)
     if extra is not None:
-        doc["otherData"][EXTRA_KEY] = dict(extra)
+        doc["otherData"][EXTRA_KEY] = _finite(dict(extra))
     path = Path(path)
     with atomic_output(path) as tmp:
-        # allow_nan=False: a NaN written would make a trace no JSON reader (ours included) accepts
-        tmp.write_text(json.dumps(_finite(doc), allow_nan=False))
+        tmp.write_text(json.dumps(doc, allow_nan=False))  # a NaN left would raise here, not reach a reader
     return path
 
 

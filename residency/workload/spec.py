@@ -71,13 +71,18 @@ class BlockSpec:
         """Elements of each weight matrix (two or more dims above 1, so a (384, 1, 1, 1) norm scale is a vector;
         a conv kernel counts whole): a matmul's FLOPs at a given row count are proportional to them, and its
         rate on a CPU depends on them (small matrices run slower, their DRAM fetch being latency-bound)."""
-        return tuple(math.prod(s) for _, s in self.tensors if sum(d > 1 for d in s) >= 2)
+        return tuple(math.prod(s) for s in self._matrix_shapes)
 
     @cached_property
     def conv2d_kernels(self) -> tuple[bool, ...]:
         """Per entry of matrix_elements: is it a conv2d kernel (4-D: out, in, height, width)? A CPU profile times
         those apart (DeviceProfile.conv_tflops): oneDNN's convs run far from the matmul rate of a weight their size."""
-        return tuple(len(s) == 4 for _, s in self.tensors if sum(d > 1 for d in s) >= 2)
+        return tuple(len(s) == 4 for s in self._matrix_shapes)
+
+    @cached_property
+    def _matrix_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Shapes of the weight matrices: two or more dims above 1 (matrix_elements)."""
+        return tuple(s for _, s in self.tensors if sum(d > 1 for d in s) >= 2)
 
     @cached_property
     def block_class(self) -> str:
@@ -121,12 +126,31 @@ class BlockSpec:
         own dtype's for a tensor of own_dtypes, else `fmt` after the fallback rule (effective_format)."""
         return self._formats_by_format[fmt]
 
-    def converted(self, fmt: str, compute_dtype: str) -> tuple[tuple[tuple[int, ...], StorageFormat], ...]:
-        """(shape, stored format) of the tensors a dequant turns into `compute_dtype` when the block is stored
-        as `fmt`: those stored in another format. A tensor of its own dtype never is (it computes in that)."""
+    def converts(self, fmt: str, compute_dtype: str) -> tuple[bool, ...]:
+        """Per tensor, in tensor order: does a dequant turn it into `compute_dtype` when the block is stored as
+        `fmt`? Those stored in another format; a tensor of its own dtype never is (it computes in that)."""
         direct = DTYPE_FORMAT[compute_dtype]
-        return tuple((s, f) for (_, s), f, own in zip(self.tensors, self.stored_formats(fmt), self.tensor_own_dtypes,
-                                                     strict=True) if own is None and f.name != direct)
+        return tuple(own is None and f.name != direct
+                     for f, own in zip(self.stored_formats(fmt), self.tensor_own_dtypes, strict=True))
+
+    def converted(self, fmt: str, compute_dtype: str) -> tuple[tuple[tuple[int, ...], StorageFormat], ...]:
+        """(shape, stored format) of the tensors a dequant turns into `compute_dtype` (converts)."""
+        return tuple((s, f) for (_, s), f, c in zip(self.tensors, self.stored_formats(fmt),
+                                                    self.converts(fmt, compute_dtype), strict=True) if c)
+
+    def plain_tensor_nbytes(self, fmt: str, compute_dtype: str) -> tuple[int, ...]:
+        """Bytes of each tensor a dequant into `compute_dtype` leaves as stored (not converts), in tensor order;
+        cached per (fmt, compute_dtype): the simulator asks it per call of a CPU block that unpacks on load."""
+        key = (fmt, compute_dtype)
+        plain = self._plain_nbytes.get(key)
+        if plain is None:
+            plain = self._plain_nbytes[key] = tuple(
+                n for n, c in zip(self.tensor_nbytes(fmt), self.converts(fmt, compute_dtype), strict=True) if not c)
+        return plain
+
+    @cached_property
+    def _plain_nbytes(self) -> dict[tuple[str, str], tuple[int, ...]]:
+        return {}
 
     def dequant_work(self, fmt: str, compute_dtype: str) -> tuple[tuple[str, int, int], ...]:
         """(stored format, unpack calls, weights) of what a dequant turns into `compute_dtype` when the block is
