@@ -75,8 +75,8 @@ def fallback_image(h: int, w: int) -> np.ndarray:
 def load_model(name: str) -> Model:
     """`default` (the shipped trained model, else tiny), `tiny`, or a saved pipeline directory or file.
 
-    Raises UsageError for an unknown name or a path that is no saved pipeline, ResidencyError for a
-    catalog model that ships no weights."""
+    Raises ResidencyError (exit 1, as for an unknown profile) for an unknown name, a path that is no saved
+    pipeline, or a catalog model that ships no weights."""
     import torch
 
     from pipelines.world_model import PRESETS, WorldModelPipeline
@@ -104,7 +104,7 @@ def load_model(name: str) -> Model:
     else:
         kind, _ = userpath.path_kind(name)
         if kind == userpath.MISSING:
-            raise UsageError(f"unknown model {name[:200]!r}",
+            raise ResidencyError(f"unknown model {name[:200]!r}",  # exit 1, as plan's and an unknown profile
                              hint="default, tiny, or the path of a saved pipeline "
                              f"(WorldModelPipeline.save_pretrained); presets {', '.join(PRESETS)}")
         if kind != userpath.DIRECTORY:  # refuses a FIFO (open() would block), a device, a name the OS refuses
@@ -171,10 +171,11 @@ def default_vram_bytes(usable_bytes: int, workload: Workload, console: Console) 
 
 
 def make_plan(model: Model, console: Console, *, plan_path: str | None = None, profile: str | None = None,
-              fps: float | None = None, vram_bytes: int | None = None) -> tuple[Plan, Replanner | None]:
+              fps: float | None = None, vram_bytes: int | str | None = None) -> tuple[Plan, Replanner | None]:
     """The plan to run and its replanner: `plan_path` loaded and checked against the model (no replanner),
     or planned now with policy `ours` for `profile` (a name, a path or "calibrated": see resolve_for; default
-    this machine's cached measurement), `fps` video frames per second and `vram_bytes` (default: `default_vram_bytes`)."""
+    this machine's cached measurement), `fps` video frames per second and `vram_bytes` (default: `default_vram_bytes`;
+    a share such as "50%" is of the model's weights at the compute dtype planned for)."""
     from residency.plan import load_plan
 
     if plan_path:
@@ -187,10 +188,16 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
 
     frame_ms = frame_budget_ms(fps, None, model.workload.video_frames_per_latent)  # fps checked by argparse
     device_profile = resolve_for(model, profile, console) if profile else cached_profile(device_kind(), console)
+    compute_dtype = "fp32" if device_kind() == "cpu" else "bf16"
     if vram_bytes is None:
         vram_bytes = default_vram_bytes(device_profile.memory_usable_bytes, model.workload, console)
+    elif isinstance(vram_bytes, str):
+        from residency.commands.arg_types import resolve_vram
+        from residency.formats.dtypes import DTYPE_FORMAT
+
+        vram_bytes = resolve_vram(vram_bytes, model.workload.nbytes(DTYPE_FORMAT[compute_dtype]), compute_dtype)
     req = PlanRequest(model.workload, device_profile, Budget(vram_bytes, frame_ms),
-                      sensitivity=model.sensitivity, compute_dtype="fp32" if device_kind() == "cpu" else "bf16")
+                      sensitivity=model.sensitivity, compute_dtype=compute_dtype)
     replan = Replanner(get_policy("ours"), req)
     return replan.policy(req), replan
 

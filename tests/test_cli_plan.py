@@ -134,3 +134,59 @@ def test_an_output_the_filesystem_refuses_fails_before_planning(capsys, tmp_path
     code, _, err = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt", "-o", str(tmp_path / "p.json"))
     assert code == 1 and "cannot create a file next to it (Read-only file system)" in err and "hint:" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("share", ["50%", "12.5%", " 150% "])
+def test_vram_as_a_share_of_the_weights_at_the_compute_dtype(capsys, share):
+    """`--vram 50%` means what `make_plan(vram="50%")` means: that share of the weights' bytes at the compute dtype
+    planned for (bf16 by default, fp32 when asked), so the CLI and the library agree on the budget."""
+    from decimal import Decimal
+
+    from residency.commands.sources import resolve_workload
+    from residency.formats.dtypes import DTYPE_FORMAT
+
+    for dtype in ("bf16", "fp32"):
+        code, out, err = run(capsys, "plan", "lucid-500m", "--profile", "rtx-5090", "--vram", share,
+                             "--compute-dtype", dtype, "--json")
+        assert code in (0, 3), err
+        weights = resolve_workload("lucid-500m", compute_dtype=dtype).nbytes(DTYPE_FORMAT[dtype])
+        assert json.loads(out)["budget"]["vram_bytes"] == int(Decimal(weights) * Decimal(share.strip()[:-1]) / 100)
+
+
+@pytest.mark.parametrize("share", ["0%", "-5%", "%", "abc%", "nan%", "5000%", "1e400%"])
+def test_a_bad_share_is_a_usage_error(capsys, share):
+    code, _, err = run(capsys, "plan", "tiny", "--profile", "rtx-5090", f"--vram={share}")
+    assert code == 2 and "error: argument --vram" in err and repr(share) in err and "Traceback" not in err
+
+
+def test_a_share_under_a_mebibyte_is_refused_naming_the_bytes_it_came_to(capsys):
+    code, _, err = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--vram", "0.001%")
+    assert code == 2 and "--vram 0.001% of the model's" in err and "under 1 MiB" in err and "hint:" in err
+
+
+def test_default_is_the_shipped_model_run_loads(capsys, tmp_path):
+    """`plan default` plans the model `run default` loads (same workload, the shipped sensitivity table), so its
+    plan passes run's check; `inspect default` reads the same model."""
+    from residency.commands.sources import shipped_sensitivity
+    from residency.session_setup import load_model
+
+    out_path = tmp_path / "plan.json"
+    code, _, err = run(capsys, "plan", "default", "--profile", "rx-7800-xt", "-o", str(out_path))
+    assert code in (0, 3), err
+    model = load_model("default")
+    load_plan(out_path).check_matches(model.workload, "default")  # raises on another model
+    assert shipped_sensitivity("default") == model.sensitivity and shipped_sensitivity("tiny") is None
+    code, out, err = run(capsys, "inspect", "default")
+    assert code == 0, err
+    assert "dit.cond_embed" in out and "dit.blocks.0–3 (×4)" in out and "as stored" in out
+
+
+def test_run_reads_a_vram_share_of_the_weights_it_computes_in():
+    """`run`/`play --vram 50%`: half the weights at the dtype the runtime computes in (fp32 on the CPU)."""
+    from residency.commands.console import make_console
+    from residency.session_setup import device_kind, load_model, make_plan
+
+    model = load_model("tiny")
+    plan, _ = make_plan(model, make_console(stderr=True), profile="rtx-5090", vram_bytes="50%")
+    weights = model.workload.nbytes("F32" if device_kind() == "cpu" else "BF16")
+    assert plan.budget.vram_bytes == weights // 2

@@ -18,6 +18,7 @@ _INT_RE = re.compile(r"\+?[0-9]{1,30}")
 _FLOAT_RE = re.compile(r"[+-]?(?:[0-9]{1,30}(?:\.[0-9]{0,30})?|\.[0-9]{1,30})(?:[eE][+-]?[0-9]{1,3})?")
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 MIN_VRAM_BYTES = 2**20  # below 1 MiB no block of any model fits; 0.5 would otherwise round to 0 bytes
+MAX_VRAM_PERCENT = 1000  # a share of the weights above 10× them is a typo, not a what-if
 
 
 def _show(text: str, limit: int = 40) -> str:
@@ -59,14 +60,43 @@ def seed(text: str) -> int:
     return int(text)
 
 
-def vram_size(text: str) -> int:
-    """A device memory size such as 6GiB or 512MiB, of at least 1 MiB (see residency.units.parse_size)."""
+def vram_size(text: str) -> int | str:
+    """A device memory size such as 6GiB or 512MiB, of at least 1 MiB (see residency.units.parse_size), or a
+    share of the model's weights such as 50% (kept as text: its bytes depend on the model; see resolve_vram)."""
     from residency.units import parse_size
 
+    stripped = text.strip()
+    if stripped.endswith("%"):
+        number = stripped[:-1].strip()
+        share = float(number) if _FLOAT_RE.fullmatch(number) else math.nan
+        if not (math.isfinite(share) and 0 < share <= MAX_VRAM_PERCENT):
+            raise argparse.ArgumentTypeError(f"a share of the weights must be above 0% and at most "
+                                             f"{MAX_VRAM_PERCENT}%, got {_show(text)} (hint: e.g. 50%, or a size "
+                                             "such as 6GiB)")
+        return f"{number}%"
     try:
         return parse_size(text, "the size", min_bytes=MIN_VRAM_BYTES)
     except ResidencyError as e:  # argparse reports only its own error type as a usage error
         raise argparse.ArgumentTypeError(f"{e.message} ({e.hint})" if e.hint else e.message) from None
+
+
+def resolve_vram(spec: int | str, weight_bytes: int, compute_dtype: str) -> int:
+    """Bytes of a --vram value from vram_size: a size as it is, a share of `weight_bytes` (the model's weights
+    at `compute_dtype`, what the plan computes in). Raises UsageError when a share comes to under 1 MiB."""
+    if isinstance(spec, int):
+        return spec
+    from residency.errors import UsageError
+    from residency.front_door.vram import vram_bytes
+    from residency.units import fmt_bytes
+
+    try:
+        nbytes = vram_bytes(spec, weight_bytes, weight_bytes)
+    except ResidencyError:  # under one byte of a (tiny) model
+        nbytes = 0
+    if nbytes < MIN_VRAM_BYTES:
+        raise UsageError(f"--vram {spec} of the model's {fmt_bytes(weight_bytes)} of {compute_dtype} weights is "
+                         f"{fmt_bytes(nbytes)}, under 1 MiB", hint="give a larger share, or a size such as 64MiB")
+    return nbytes
 
 
 vram_size.__name__ = "size"

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from residency.commands import arg_types
 from residency.commands.console import make_console
 from residency.commands.plan_render import render_comparison, render_plan
-from residency.commands.sources import resolve_workload
+from residency.commands.sources import resolve_workload, shipped_sensitivity
 from residency.errors import UsageError
 from residency.plan.plan import COMPUTE_DTYPES
-from residency.units import parse_size
 
 EXIT_BUDGET_NOT_MET = 3
 
@@ -37,8 +36,8 @@ def add_parser(sub) -> None:
     speed.add_argument("--frame-ms", type=arg_types.FRAME_MS, metavar="MS",
                        help="milliseconds per latent frame to hold")
     p.add_argument("--vram", type=arg_types.vram_size, metavar="SIZE",
-                   help="device memory the plan may use, e.g. 6GiB (default: the "
-                   "profile's usable memory)")
+                   help="device memory the plan may use, e.g. 6GiB, or a share of the model's weights at the "
+                   "compute dtype, e.g. 50%% (default: the profile's usable memory)")
     p.add_argument("--steps", type=arg_types.bounded_int(1, 64, "denoise steps"), metavar="N",
                    help="denoise steps per latent frame (default: the model's)")
     size = p.add_argument_group("size", "what a model or pipeline directory is planned at (default: its "
@@ -49,9 +48,9 @@ def add_parser(sub) -> None:
                       help="image or video width in pixels")
     size.add_argument("--frames", type=arg_types.bounded_int(1, 1024, "video frames"), metavar="N",
                       help="video frames (Wan: 4k+1, e.g. 81)")
-    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default="bf16",
-                   help="dtype the matmuls run in (default: bf16); fp32 for a model that computes in fp32, "
-                   "e.g. on the CPU backend")
+    p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=None,
+                   help="dtype the matmuls run in (default: bf16 for a GPU profile, fp32 for a CPU one, what "
+                   "`residency run` computes in there)")
     p.add_argument("--exec-mode", choices=("auto", "auto+graphed", "eager", "compiled", "graphed"), default="auto",
                    help="how blocks run: auto (default: ours picks eager or compiled per block class where the "
                    "profile has the figures and a compile pays off), auto+graphed (also GPU graphs: simulated, the "
@@ -78,24 +77,42 @@ def make_request(args):
     calibration of this machine's profile, and ResidencyError for an unknown model or profile.
     """
     from policies import PlanRequest
-    from residency.device import profile_for
+    from residency.device import CALIBRATED, profile_for, resolve_profile
     from residency.device.host_memory import host_memory
     from residency.front_door.vram import frame_budget_ms  # --fps/--frame-ms range-checked by argparse
     from residency.plan import Budget
+    from residency.session_setup import device_kind
 
     if args.steps is not None and not 1 <= args.steps <= 64:
         raise UsageError(f"--steps must be between 1 and 64, got {args.steps}", hint="e.g. --steps 4")
     from residency.front_door.examples import ExampleSize
 
     size = ExampleSize(getattr(args, "height", None), getattr(args, "width", None), getattr(args, "frames", None))
-    workload = resolve_workload(args.model, steps=args.steps, compute_dtype=args.compute_dtype, size=size)
-    profile = profile_for(args.profile, workload.fingerprint(), model=args.model)
-    vram = parse_size(args.vram, "--vram") if args.vram else profile.memory_usable_bytes
+    # A named profile is read first: its kind sets the default compute dtype, which the workload is built at.
+    # "calibrated" is this machine's, found by the workload's fingerprint: its kind is this machine's.
+    profile = None if args.profile == CALIBRATED else resolve_profile(args.profile)
+    compute_dtype = args.compute_dtype or default_compute_dtype(
+        profile.is_gpu if profile is not None else device_kind() != "cpu")
+    workload = resolve_workload(args.model, steps=args.steps, compute_dtype=compute_dtype, size=size)
+    if profile is None:
+        profile = profile_for(args.profile, workload.fingerprint(), model=args.model)
+    from residency.formats.dtypes import DTYPE_FORMAT
+
+    weight_bytes = workload.nbytes(DTYPE_FORMAT[compute_dtype])
+    vram = arg_types.resolve_vram(args.vram, weight_bytes, compute_dtype) if args.vram else (
+        profile.memory_usable_bytes)
     if vram > profile.memory_usable_bytes:
         _note_vram_beyond_the_device(vram, profile)
     budget = Budget(vram, frame_budget_ms(args.fps, args.frame_ms, workload.video_frames_per_latent))
     return PlanRequest(workload, profile, budget, host_bytes_available=host_memory().available_bytes,
-                       compute_dtype=args.compute_dtype, exec_mode=getattr(args, "exec_mode", "auto"))
+                       sensitivity=shipped_sensitivity(args.model),
+                       compute_dtype=compute_dtype, exec_mode=getattr(args, "exec_mode", "auto"))
+
+
+def default_compute_dtype(gpu: bool) -> str:
+    """What the matmuls run in when --compute-dtype is not given: bf16 on a GPU, fp32 on the CPU backend (the
+    dtype `residency run` computes in there: a CPU without bf16 units runs bf16 matmuls slower than fp32)."""
+    return "bf16" if gpu else "fp32"
 
 
 def _note_vram_beyond_the_device(vram: int, profile) -> None:

@@ -114,7 +114,8 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile) -> No
     budget = plan.budget
     fps_budget = f", {budget.frame_ms:.1f} ms/latent frame" if budget.frame_ms else ""
     console.print(f"[bold]{plan.model}[/bold] on [bold]{plan.profile}[/bold] — policy {plan.policy}, "
-                  f"budget {fmt_bytes(budget.vram_bytes)}{fps_budget}, {workload.steps} steps")
+                  f"budget {fmt_bytes(budget.vram_bytes)}{fps_budget}, {workload.steps} steps, "
+                  f"{'/'.join(sorted({b.compute_dtype for b in plan.blocks}))} compute")
     for component in workload.components:
         blocks = [b for b in workload.blocks if b.component == component]
         console.print(_table(f"{component} — ms per block in a steady latent frame", _BLOCK_COLUMNS,

@@ -35,8 +35,10 @@ WORKLOAD_JSON = "workload-json"  # a catalog document written by pipelines.catal
 CHECKPOINT = "checkpoint"  # .safetensors / .gguf file or a directory of shards
 MODEL_DIR = "model-dir"  # config.json naming a diffusers or transformers class (+ weights or not)
 PIPELINE_DIR = "diffusers-pipeline"  # model_index.json and one subfolder per component
+SHIPPED = "shipped"  # `default`: the world model that ships trained (tiny's config when its weights are absent),
+SHIPPED_NAME = "default"  # as `run`, `play` and `demo` name it (residency.session_setup.load_model)
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
-SOURCES_HINT = ("give a catalog model ({names}), a catalog .json, a .safetensors/.gguf checkpoint, a diffusers "
+SOURCES_HINT = ("give default (the shipped world model), a catalog model ({names}), a catalog .json, a .safetensors/.gguf checkpoint, a diffusers "
                 "or transformers model directory (config.json), or a diffusers pipeline directory "
                 "(model_index.json)")
 
@@ -70,6 +72,8 @@ def _looks_like_path(text: str) -> bool:
 
 def classify(text: str) -> Source:
     """Which kind of source `text` names; ResidencyError naming it, with every accepted kind, when none."""
+    if text == SHIPPED_NAME:  # before any path: `run default` means the shipped model whatever is in the cwd
+        return Source(SHIPPED, text, None)
     if not _looks_like_path(text):
         if text in catalog_names() or text in builtin_model_names():
             return Source(CATALOG, text, None)
@@ -110,7 +114,9 @@ def resolve_workload(name_or_path: str, steps: int | None = None, context_frames
         raise UsageError(f"{name_or_path}: a catalog model is described at a fixed size; --height, --width and "
                          "--frames apply to a model or pipeline directory",
                          hint="leave them out, or plan the model's diffusers directory")
-    if source.kind == CATALOG:
+    if source.kind == SHIPPED:
+        workload = shipped_workload()
+    elif source.kind == CATALOG:
         from pipelines.catalog import catalog_paths
 
         workload = load_workload_file(catalog_paths()[name_or_path])
@@ -123,6 +129,39 @@ def resolve_workload(name_or_path: str, steps: int | None = None, context_frames
 
         workload = pipeline_dir_workload(source.path, compute_dtype, size)
     return workload.with_params(steps=steps, context_frames=context_frames)
+
+
+def _shipped_config():
+    """The shipped model's config (its config.json, read without the weights), or tiny's when its weights are
+    absent: what `run default` loads, so a plan made here matches the model `run default --plan` runs."""
+    from pipelines.world_model import PRESETS
+    from residency.session_setup import has_trained_weights, trained_dir
+
+    if not has_trained_weights():
+        return PRESETS["tiny"]
+    from pipelines.world_model.pretrained import load_config
+
+    return load_config(trained_dir(), {})
+
+
+def shipped_workload():
+    """The workload of `default`, built as residency.session_setup.load_model builds it (same fingerprint)."""
+    from pipelines.world_model.workload import catalog_entry
+    from residency.workload import workload_from_dict
+
+    return workload_from_dict(catalog_entry(_shipped_config()))
+
+
+def shipped_sensitivity(name_or_path: str) -> dict | None:
+    """The measured block × format loss table `run` plans `default` with; None for any other source, or when
+    the shipped model has none."""
+    from residency.session_setup import has_trained_weights, trained_dir
+
+    if name_or_path != SHIPPED_NAME or not has_trained_weights() or not (trained_dir() / "sensitivity.json").is_file():
+        return None
+    from pipelines.world_model import trained
+
+    return trained.sensitivity()
 
 
 def _refuse_checkpoint(name_or_path: str, path: Path) -> NoReturn:
@@ -165,6 +204,14 @@ def _checkpoint_inventory(path: Path) -> Inventory:
 def load_inventory(name_or_path: str) -> Inventory:
     """The tensors a source holds, grouped by block: read from a checkpoint where there is one, else counted."""
     source = classify(name_or_path)
+    if source.kind == SHIPPED:
+        from residency.session_setup import has_trained_weights, trained_dir
+
+        if has_trained_weights():
+            return _checkpoint_inventory(trained_dir() / "model.safetensors")
+        from pipelines.world_model import WorldModelPipeline
+
+        return inventory_from_module(name_or_path, WorldModelPipeline.from_config("tiny", device="meta"))
     if source.kind == CHECKPOINT or (source.kind == MODEL_DIR and _has_weights(source.path)):
         return _checkpoint_inventory(source.path)  # as stored: the real formats, not an assumed BF16
     if source.kind == CATALOG and name_or_path in builtin_model_names():
