@@ -58,7 +58,7 @@ def _grouped(workload: Workload, plan: Plan, blocks, ms) -> list[tuple[tuple, li
 
 
 _NAME_MIN_WIDTH = 10  # headers wrap (figures stay whole) when the name column would get fewer columns than this
-_BLOCK_COLUMNS = (("blocks", "left"), ("placement", "left"), ("format", "left"), ("MB", "right"),
+_BLOCK_COLUMNS = (("blocks", "left"), ("placement", "left"), ("format", "left"), ("size", "right"),
                   ("copy", "right"), ("dequant", "right"), ("compute", "right"))
 _MEMORY_COLUMNS = (("kind", "left"), ("bytes", "right"), ("of budget", "right"))
 
@@ -87,12 +87,13 @@ def _table(title: str, columns: tuple[tuple[str, str], ...], rows: list[tuple[st
 
 
 def _block_rows(workload: Workload, plan: Plan, blocks, ms) -> list[tuple[str, ...]]:
-    """One row per group of equal blocks: name, placement, format, MB, then the group's mean ms per track."""
+    """One row per group of equal blocks: name, placement, format, size (each), then the group's mean ms per
+    track."""
     rows = []
     for key, names in _grouped(workload, plan, blocks, ms):
         _, placement, fmt, nbytes = key[:4]
         mean = {k: sum(ms[n][k] for n in names) / len(names) for k in ("copy", "dequant", "compute")}
-        rows.append((_group_label(names), placement, fmt, f"{nbytes / 1e6:.1f}", f"{mean['copy']:.2f}",
+        rows.append((_group_label(names), placement, fmt, fmt_bytes(nbytes), f"{mean['copy']:.2f}",
                      f"{mean['dequant']:.2f}", f"{mean['compute']:.2f}"))
     return rows
 
@@ -108,7 +109,7 @@ def _memory_rows(plan: Plan) -> list[tuple[str, ...]]:
 
 
 def render_plan(console: Console, workload: Workload, plan: Plan, profile) -> None:
-    """Print the plan per component: placement, format, MB and ms of copy, dequant and compute per block."""
+    """Print the plan per component: placement, format, size and ms of copy, dequant and compute per block."""
     ms = _per_block_ms(workload, plan, profile)
     pred = plan.prediction
     budget = plan.budget
@@ -126,7 +127,7 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile) -> No
     video_fps = _video_fps(workload, pred.frame_ms)
     console.print(f"predicted: [bold]{pred.frame_ms:.2f} ms[/bold] per latent frame ({video_fps:.1f} video fps); "
                   f"first frame {pred.first_frame_ms:.1f} ms; stall {pred.stall_ms:.2f} ms; "
-                  f"{pred.link_bytes_per_frame / 1e6:.1f} MB over the link per frame; "
+                  f"{fmt_bytes(pred.link_bytes_per_frame)} over the link per frame; "
                   f"lower bound {pred.lower_bound_ms:.2f} ms; quality loss {pred.quality_loss:.3f}")
     for phase, evicted in plan.phase_actions([(ph.name, ph.blocks) for ph in workload.phases]):
         if evicted:
@@ -171,11 +172,11 @@ def exec_modes_summary(plan: Plan) -> str:
 
 
 _COMPARISON_COLUMNS = (("policy", "left"), ("ms/frame", "right"), ("video fps", "right"), ("peak VRAM", "right"),
-                       ("link MB/frame", "right"), ("quality loss", "right"), ("verdict", "left"))
+                       ("link/frame", "right"), ("quality loss", "right"), ("verdict", "left"))
 
 
 def _comparison_rows(plans: list[Plan], req) -> list[tuple[str, ...]]:
-    """Per plan: policy, ms/frame, video fps, peak VRAM, link MB/frame, quality loss, verdict word; a plan that
+    """Per plan: policy, ms/frame, video fps, peak VRAM, link bytes/frame, quality loss, verdict word; a plan that
     does not fit shows a dash for its timings."""
     rows = []
     for plan in plans:
@@ -185,7 +186,7 @@ def _comparison_rows(plans: list[Plan], req) -> list[tuple[str, ...]]:
         word = "[green]holds[/green]" if holds else ("[yellow]too slow[/yellow]" if fits else "[red]does not fit[/red]")
         rows.append((plan.policy, f"{p.frame_ms:.2f}" if fits else "—",
                      f"{_video_fps(req.workload, p.frame_ms):.1f}" if fits else "—",
-                     fmt_bytes(p.peak_total_bytes), f"{p.link_bytes_per_frame / 1e6:.1f}" if fits else "—",
+                     fmt_bytes(p.peak_total_bytes), fmt_bytes(p.link_bytes_per_frame) if fits else "—",
                      f"{p.quality_loss:.3f}", word))
     return rows
 
