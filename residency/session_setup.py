@@ -65,6 +65,21 @@ def has_trained_weights() -> bool:
     return (trained_dir() / "model.safetensors").is_file()
 
 
+def shipped_sensitivity() -> dict | None:
+    """The shipped model's measured block × format loss table, None when it has none (or no weights)."""
+    if not has_trained_weights() or not (trained_dir() / "sensitivity.json").is_file():
+        return None
+    from pipelines.world_model import trained
+
+    return trained.sensitivity()
+
+
+def compute_dtype_for(gpu: bool) -> str:
+    """What the matmuls run in: bf16 on a GPU, fp32 on the CPU backend (a CPU without bf16 units runs bf16
+    matmuls slower than fp32), for `run` here and for `plan` on a profile of that kind."""
+    return "bf16" if gpu else "fp32"
+
+
 def fallback_image(h: int, w: int) -> np.ndarray:
     """A deterministic colour ramp: tiny's random weights give noise anyway; this only needs the right size."""
     y, x = np.mgrid[0:h, 0:w]
@@ -89,8 +104,7 @@ def load_model(name: str) -> Model:
 
         pipe, label = trained.load_default(dtype=torch.float32), "default (trained)"
         start = trained.start_images()[0]
-        with_sens = trained_dir() / "sensitivity.json"
-        sensitivity = trained.sensitivity() if with_sens.is_file() else None
+        sensitivity = shipped_sensitivity()
     elif name in ("default", "tiny"):
         pipe, label = WorldModelPipeline.from_config("tiny"), "tiny (random weights)"
         if name == "default":
@@ -188,14 +202,13 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
 
     frame_ms = frame_budget_ms(fps, None, model.workload.video_frames_per_latent)  # fps checked by argparse
     device_profile = resolve_for(model, profile, console) if profile else cached_profile(device_kind(), console)
-    compute_dtype = "fp32" if device_kind() == "cpu" else "bf16"
+    compute_dtype = compute_dtype_for(device_kind() != "cpu")
     if vram_bytes is None:
         vram_bytes = default_vram_bytes(device_profile.memory_usable_bytes, model.workload, console)
     elif isinstance(vram_bytes, str):
         from residency.commands.arg_types import resolve_vram
-        from residency.formats.dtypes import DTYPE_FORMAT
 
-        vram_bytes = resolve_vram(vram_bytes, model.workload.nbytes(DTYPE_FORMAT[compute_dtype]), compute_dtype)
+        vram_bytes = resolve_vram(vram_bytes, model.workload, compute_dtype)
     req = PlanRequest(model.workload, device_profile, Budget(vram_bytes, frame_ms),
                       sensitivity=model.sensitivity, compute_dtype=compute_dtype)
     replan = Replanner(get_policy("ours"), req)

@@ -80,15 +80,17 @@ def vram_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{e.message} ({e.hint})" if e.hint else e.message) from None
 
 
-def resolve_vram(spec: int | str, weight_bytes: int, compute_dtype: str) -> int:
-    """Bytes of a --vram value from vram_size: a size as it is, a share of `weight_bytes` (the model's weights
-    at `compute_dtype`, what the plan computes in). Raises UsageError when a share comes to under 1 MiB."""
+def resolve_vram(spec: int | str, workload, compute_dtype: str) -> int:
+    """Bytes of a --vram value from vram_size: a size as it is, a share of the workload's weights at
+    `compute_dtype` (what the plan computes in). Raises UsageError when a share comes to under 1 MiB."""
     if isinstance(spec, int):
         return spec
     from residency.errors import UsageError
+    from residency.formats.dtypes import DTYPE_FORMAT
     from residency.front_door.vram import vram_bytes
     from residency.units import fmt_bytes
 
+    weight_bytes = workload.nbytes(DTYPE_FORMAT[compute_dtype])
     try:
         nbytes = vram_bytes(spec, weight_bytes, weight_bytes)
     except ResidencyError:  # under one byte of a (tiny) model

@@ -44,7 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _vram_bytes(model: session_setup.Model) -> int:
     """The demo's budget: a fraction of the model's weight bytes at the compute dtype, so some blocks stream."""
-    weights_bytes = model.workload.nbytes("F32" if session_setup.device_kind() == "cpu" else "BF16")
+    from residency.formats.dtypes import DTYPE_FORMAT
+
+    dtype = session_setup.compute_dtype_for(session_setup.device_kind() != "cpu")
+    weights_bytes = model.workload.nbytes(DTYPE_FORMAT[dtype])
     return int(weights_bytes * VRAM_FRACTION)
 
 

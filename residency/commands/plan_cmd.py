@@ -81,7 +81,7 @@ def make_request(args):
     from residency.device.host_memory import host_memory
     from residency.front_door.vram import frame_budget_ms  # --fps/--frame-ms range-checked by argparse
     from residency.plan import Budget
-    from residency.session_setup import device_kind
+    from residency.session_setup import compute_dtype_for, device_kind
 
     if args.steps is not None and not 1 <= args.steps <= 64:
         raise UsageError(f"--steps must be between 1 and 64, got {args.steps}", hint="e.g. --steps 4")
@@ -91,16 +91,12 @@ def make_request(args):
     # A named profile is read first: its kind sets the default compute dtype, which the workload is built at.
     # "calibrated" is this machine's, found by the workload's fingerprint: its kind is this machine's.
     profile = None if args.profile == CALIBRATED else resolve_profile(args.profile)
-    compute_dtype = args.compute_dtype or default_compute_dtype(
+    compute_dtype = args.compute_dtype or compute_dtype_for(
         profile.is_gpu if profile is not None else device_kind() != "cpu")
     workload = resolve_workload(args.model, steps=args.steps, compute_dtype=compute_dtype, size=size)
     if profile is None:
         profile = profile_for(args.profile, workload.fingerprint(), model=args.model)
-    from residency.formats.dtypes import DTYPE_FORMAT
-
-    weight_bytes = workload.nbytes(DTYPE_FORMAT[compute_dtype])
-    vram = arg_types.resolve_vram(args.vram, weight_bytes, compute_dtype) if args.vram else (
-        profile.memory_usable_bytes)
+    vram = arg_types.resolve_vram(args.vram, workload, compute_dtype) if args.vram else profile.memory_usable_bytes
     if vram > profile.memory_usable_bytes:
         _note_vram_beyond_the_device(vram, profile)
     budget = Budget(vram, frame_budget_ms(args.fps, args.frame_ms, workload.video_frames_per_latent))
@@ -108,11 +104,6 @@ def make_request(args):
                        sensitivity=shipped_sensitivity(args.model),
                        compute_dtype=compute_dtype, exec_mode=getattr(args, "exec_mode", "auto"))
 
-
-def default_compute_dtype(gpu: bool) -> str:
-    """What the matmuls run in when --compute-dtype is not given: bf16 on a GPU, fp32 on the CPU backend (the
-    dtype `residency run` computes in there: a CPU without bf16 units runs bf16 matmuls slower than fp32)."""
-    return "bf16" if gpu else "fp32"
 
 
 def _note_vram_beyond_the_device(vram: int, profile) -> None:

@@ -53,8 +53,8 @@ def add_model_arguments(p: argparse.ArgumentParser, plan_option: bool = True) ->
                    "calibrated by `run --calibrate`; default: this machine's, measured once in quick mode and cached)")
     p.add_argument("--fps", type=arg_types.FPS, metavar="N", help="video frames per second to plan for")
     p.add_argument("--vram", type=arg_types.vram_size, metavar="SIZE", help="device memory the plan may use, "
-                   "e.g. 20MiB, or a share of the model's weights such as 50%% (default: the profile's usable memory; on the CPU no more than the RAM "
-                   "available now less the host store)")
+                   "e.g. 20MiB, or a share of the model's weights such as 50%% (default: the profile's usable "
+                   "memory; on the CPU no more than the RAM available now less the host store)")
     p.add_argument("--seed", type=arg_types.seed, default=0, help="noise seed of the session (0 to 2**64-1)")
 
 

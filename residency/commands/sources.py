@@ -38,9 +38,9 @@ PIPELINE_DIR = "diffusers-pipeline"  # model_index.json and one subfolder per co
 SHIPPED = "shipped"  # `default`: the world model that ships trained (tiny's config when its weights are absent),
 SHIPPED_NAME = "default"  # as `run`, `play` and `demo` name it (residency.session_setup.load_model)
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
-SOURCES_HINT = ("give default (the shipped world model), a catalog model ({names}), a catalog .json, a .safetensors/.gguf checkpoint, a diffusers "
-                "or transformers model directory (config.json), or a diffusers pipeline directory "
-                "(model_index.json)")
+SOURCES_HINT = ("give default (the shipped world model), a catalog model ({names}), a catalog .json, a "
+                ".safetensors/.gguf checkpoint, a diffusers or transformers model directory (config.json), or a "
+                "diffusers pipeline directory (model_index.json)")
 
 
 @dataclass(frozen=True)
@@ -155,13 +155,11 @@ def shipped_workload():
 def shipped_sensitivity(name_or_path: str) -> dict | None:
     """The measured block × format loss table `run` plans `default` with; None for any other source, or when
     the shipped model has none."""
-    from residency.session_setup import has_trained_weights, trained_dir
-
-    if name_or_path != SHIPPED_NAME or not has_trained_weights() or not (trained_dir() / "sensitivity.json").is_file():
+    if name_or_path != SHIPPED_NAME:
         return None
-    from pipelines.world_model import trained
+    from residency.session_setup import shipped_sensitivity as shipped
 
-    return trained.sensitivity()
+    return shipped()
 
 
 def _refuse_checkpoint(name_or_path: str, path: Path) -> NoReturn:
