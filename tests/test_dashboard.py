@@ -85,8 +85,24 @@ def test_a_plain_telemetry_trace_renders_with_total_device_memory(snapshot, tmp_
     assert "device (all kinds)" in text and "40.0 ms" in text
 
 
+def test_a_trace_in_chromes_json_array_form_replays_its_frames(snapshot, tmp_path):
+    import json
+
+    doc = json.loads(write_chrome_trace(snapshot, tmp_path / "object.json").read_text())
+    array = tmp_path / "array.json"
+    array.write_text(json.dumps(doc["traceEvents"]))
+    got, context = read_trace(array)
+    want, _ = read_trace(tmp_path / "object.json")
+    assert context.title == "array.json"
+    assert [f.frame for f in got.frames] == [f.frame for f in want.frames]
+    assert [f.frame_ms for f in got.frames] == pytest.approx([f.frame_ms for f in want.frames], abs=1e-3)
+    assert [[b.block for b in f.blocks] for f in got.frames] == [[b.block for b in f.blocks] for f in want.frames]
+
+
 @pytest.mark.parametrize("content,problem", [("{", "not valid JSON"), ('{"a": 1}', "not a Chrome trace"),
-                                             ('{"traceEvents": []}', "no recorded frames")])
+                                             ('{"traceEvents": []}', "no recorded frames"), ("[]", "no recorded frames"),
+                                             ('[{"ph": "X"},', "not valid JSON"), ('"x"', "not a Chrome trace"),
+                                             ('[1]', r"traceEvents\[0\]")])
 def test_broken_traces_are_refused_with_a_hint(tmp_path, content, problem):
     path = tmp_path / "bad.json"
     path.write_text(content)

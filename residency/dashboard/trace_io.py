@@ -49,11 +49,18 @@ _CONTEXT_KNOWN = tuple(f.name for f in dataclasses.fields(DashboardContext))
 
 
 def _load(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The trace as the object form: {"traceEvents": [...], "otherData": {...}}. Chrome's other form, a bare
+    array of events (what some tools re-export a trace as), reads as that object with no otherData, so it
+    replays without the context, memory by kind and prediction the object form carries; errors then name
+    its events traceEvents[i] all the same."""
     if path_kind(path)[0] == MISSING:
         raise ResidencyError(f"{path}: no such trace file", hint=_HINT)
-    doc = read_json(path, "the trace", _HINT, max_bytes=MAX_TRACE_BYTES)
+    doc = read_json(path, "the trace", _HINT + " (a JSON-array trace must end with its ']')", max_bytes=MAX_TRACE_BYTES)
+    if isinstance(doc, list):
+        doc = {"traceEvents": doc}
     if not isinstance(doc, dict) or not isinstance(doc.get("traceEvents"), list):
-        raise ResidencyError(f"{path}: not a Chrome trace (no traceEvents list)", hint=_HINT)
+        raise ResidencyError(f"{path}: not a Chrome trace (neither a traceEvents list nor an array of events)",
+                             hint=_HINT)
     return doc
 
 
