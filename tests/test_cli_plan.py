@@ -171,8 +171,9 @@ def test_default_is_the_shipped_model_run_loads(capsys, tmp_path):
     from residency.session_setup import load_model
 
     out_path = tmp_path / "plan.json"
-    code, _, err = run(capsys, "plan", "default", "--profile", "rx-7800-xt", "-o", str(out_path))
+    code, out, err = run(capsys, "plan", "default", "--profile", "rx-7800-xt", "-o", str(out_path))
     assert code in (0, 3), err
+    assert out.startswith(f"{load_plan(out_path).model} (the shipped model, `default`) on ")  # the name the user gave
     model = load_model("default")
     load_plan(out_path).check_matches(model.workload, "default")  # raises on another model
     assert shipped_sensitivity("default") == model.sensitivity and shipped_sensitivity("tiny") is None

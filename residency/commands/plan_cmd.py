@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from residency.commands import arg_types
 from residency.commands.console import make_console
 from residency.commands.plan_render import render_comparison, render_plan
-from residency.commands.sources import resolve_workload, shipped_sensitivity
+from residency.commands.sources import SHIPPED_NAME, resolve_workload, shipped_sensitivity
 from residency.errors import UsageError
 from residency.plan.plan import COMPUTE_DTYPES
 
@@ -160,7 +160,9 @@ def run(args) -> int:
         sys.stdout.write("\n")
     else:
         console = make_console()
-        render_plan(console, req.workload, chosen, req.profile)
+        shipped = args.model == SHIPPED_NAME  # its workload is named after its config (game-64), not `default`
+        render_plan(console, req.workload, chosen, req.profile,
+                    f"{chosen.model} (the shipped model, `{SHIPPED_NAME}`)" if shipped else None)
         if len(plans) > 1:
             render_comparison(console, plans, req)
         if args.output:

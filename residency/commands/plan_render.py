@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -108,13 +109,15 @@ def _memory_rows(plan: Plan) -> list[tuple[str, ...]]:
     return rows
 
 
-def render_plan(console: Console, workload: Workload, plan: Plan, profile) -> None:
-    """Print the plan per component: placement, format, size and ms of copy, dequant and compute per block."""
+def render_plan(console: Console, workload: Workload, plan: Plan, profile, model_label: str | None = None) -> None:
+    """Print the plan per component: placement, format, size and ms of copy, dequant and compute per block;
+    the header names the model `model_label` (default: the plan's model name)."""
     ms = _per_block_ms(workload, plan, profile)
     pred = plan.prediction
     budget = plan.budget
     fps_budget = f", {budget.frame_ms:.1f} ms/latent frame" if budget.frame_ms else ""
-    console.print(f"[bold]{plan.model}[/bold] on [bold]{plan.profile}[/bold] — policy {plan.policy}, "
+    console.print(f"[bold]{escape(model_label or plan.model)}[/bold] on [bold]{escape(plan.profile)}[/bold] — "
+                  f"policy {plan.policy}, "
                   f"budget {fmt_bytes(budget.vram_bytes)}{fps_budget}, {workload.steps} steps, "
                   f"{'/'.join(sorted({b.compute_dtype for b in plan.blocks}))} compute")
     for component in workload.components:
