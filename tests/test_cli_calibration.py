@@ -51,6 +51,7 @@ def calibrate_tiny(capsys) -> tuple[Path, re.Match]:
     out = capsys.readouterr().out
     found = SAVED.search(out)
     assert found, out
+    assert re.search(r"the plan predicted \d+\.\d ms \([+-]\d+%\)", " ".join(out.split())), out  # CPU on CPU
     return Path(found.group(1)), found
 
 

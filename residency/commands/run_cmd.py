@@ -107,7 +107,6 @@ def plan_for(model: Model, args: argparse.Namespace, console: Console) -> tuple[
     `console` in one line (and where a loaded plan's predictions come from).
 
     Raises ResidencyError, before anything is loaded on the device, when no plan fits the VRAM budget."""
-    from residency import session_setup
     from residency.commands.plan_render import verdict
     from residency.units import fmt_bytes
 
@@ -116,7 +115,7 @@ def plan_for(model: Model, args: argparse.Namespace, console: Console) -> tuple[
     pred = plan.prediction
     # Refused only when the plan was made here for a profile of this runtime's kind: a GPU profile's prediction
     # counts a GPU's workspace the CPU runtime never holds (a GPU plan tried on the CPU runs, as the README shows)
-    same_kind = replan is not None and replan.request.profile.is_gpu == (session_setup.device_kind() != "cpu")
+    same_kind = replan is not None and other_device(replan) is None
     if same_kind and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
         raise ResidencyError(f"no plan fits the {fmt_bytes(plan.budget.vram_bytes)} VRAM budget: the smallest "
                              f"{plan.policy} found needs {fmt_bytes(pred.peak_total_bytes)}",
@@ -130,6 +129,20 @@ def plan_for(model: Model, args: argparse.Namespace, console: Console) -> tuple[
     return plan, replan
 
 
+def other_device(replan: Replanner | None) -> str | None:
+    """The device a plan made here predicts when it is not of this runtime's kind ("GeForce RTX 5090, a GPU
+    profile, not this CPU"), else None (same kind, or a plan loaded from a file: its own note says whose)."""
+    from residency import session_setup
+
+    if replan is None:
+        return None
+    profile = replan.request.profile
+    here_gpu = session_setup.device_kind() != "cpu"
+    if profile.is_gpu == here_gpu:
+        return None
+    return f"{profile.name}, a {'GPU' if profile.is_gpu else 'CPU'} profile, not this {'GPU' if here_gpu else 'CPU'}"
+
+
 # --- output ------------------------------------------------------------------------------------------------
 def check_trace_path(path: str) -> Path:
     """Validated before any work, like the frames' path: a .json in an existing, writable directory."""
@@ -141,8 +154,9 @@ def check_trace_path(path: str) -> Path:
     return check_writable_target(p)
 
 
-def report_speed(console: Console, snapshot: TelemetrySnapshot) -> None:
-    """The steady measured work ms per latent frame beside the plan's prediction, then the caller's gap."""
+def report_speed(console: Console, snapshot: TelemetrySnapshot, other: str | None = None) -> None:
+    """The steady measured work ms per latent frame beside the plan's prediction, then the caller's gap. With
+    `other` (see other_device) the prediction is for another device: shown, but no error is computed."""
     from residency.telemetry.recorder import known_gaps
 
     measured, gap = snapshot.steady_frame_ms(), snapshot.steady_gap_ms()
@@ -153,7 +167,9 @@ def report_speed(console: Console, snapshot: TelemetrySnapshot) -> None:
         gap = gaps[-1] if gaps else float("nan")
     predicted = snapshot.prediction.frame_ms if snapshot.prediction else None
     line = f"measured {measured:.1f} ms per latent frame"
-    if predicted:
+    if predicted and other:  # a GPU's 8 ms against a CPU's 40 read as "+400%": an error, which it is not
+        line += f"; the plan's {predicted:.1f} ms is predicted for {other}, so the two do not compare"
+    elif predicted:
         line += f"; the plan predicted {predicted:.1f} ms ({(measured - predicted) / predicted:+.0%})"
     if gap > 0:  # nan compares false
         line += f"; the caller took {gap:.1f} ms more between frames (not in the measurement)"
@@ -211,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     if trace is not None:
         write_trace(snapshot, context, trace)
         console.print(f"wrote the trace to {trace} (open in https://ui.perfetto.dev or `residency dashboard`)")
-    report_speed(console, snapshot)
+    report_speed(console, snapshot, other_device(replan))
     if args.calibrate:
         print_line(console)(calibrate_session(runtime, replan.profile).line())
     return 0
