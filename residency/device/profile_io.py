@@ -1,12 +1,12 @@
 """DeviceProfile <-> JSON: a versioned document with units in its field names, written atomically.
 
 Loading validates every number; errors name the file, the field, the value and the unit expected.
+Fields are read with profile_reader.ProfileReader; the optional refinements by profile_refinements.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,18 +18,25 @@ from residency.device.profile import (
     COMPUTE_DTYPES,
     EXEC_MODE_FIELDS,
     LINK_DIRECTIONS,
-    MAX_SLOWDOWN,
     OPTIONAL_FIELDS,
-    PROVENANCE_KINDS,
-    Calibration,
     Curve,
     DeviceProfile,
     Provenance,
 )
+from residency.device.profile_reader import (
+    CONV_AXES,
+    ELEMENTWISE_AXES,
+    LINK_AXES,
+    MATMUL_AXES,
+    REWARM_AXES,
+    ProfileReader,
+    no_extra,
+)
+from residency.device.profile_refinements import rates_for_calls, read_refinements
 from residency.errors import ResidencyError
 from residency.jsonfile import read_json
 from residency.userpath import FILE, MISSING, path_kind
-from residency.validate import Reader, show
+from residency.validate import show
 
 # 2: per-engine interference (copy_slowdown, compute_slowdown), compute_scale, calibration and what execution
 # modes cost (EXEC_MODE_FIELDS). A profile that
@@ -39,14 +46,6 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 SCHEMA_2_FIELDS = ("copy_slowdown", "compute_slowdown", "compute_scale", "call_host_us", "streamed_call_host_us",
                    "calibration", *EXEC_MODE_FIELDS, "attention_tflops", "conv_tflops", "matmul_rewarm_us",
                    "dequant_call_us")
-# Bounds of the execution-mode figures: beyond them a figure is a typo or a broken measurement.
-MAX_GRAPH_REPLAY_US = 1e3  # per kernel; an eager launch costs 2-20 µs
-MAX_COMPILE_S = 3600.0  # one block class; a cold inductor compile of a DiT block takes ~20 s on 2 cores
-MAX_GRAPH_POOL_BYTES = 2**40
-MAX_COMPUTE_SCALE = 100.0  # a calibration that finds compute 100× off the model measured something else
-MAX_STREAMED_CALL_HOST_US = 1e5  # 0.1 s of host time per streamed call is a broken measurement, not overhead
-MAX_DEQUANT_CALL_US = 1e5  # 0.1 s to start one unpack is a broken measurement (measured: 15-600 µs on a CPU)
-_CALIBRATION_STRINGS = ("base_fingerprint", "workload_fingerprint", "model", "date")
 # Top-level groups of numbers that must each say where they came from.
 PROVENANCE_FIELDS = (
     "memory",
@@ -57,34 +56,12 @@ PROVENANCE_FIELDS = (
     "copy_compute_overlap",
     "launch_overhead_us",
 )
-# JSON names of a curve's axes: link curves are GB/s over transfer bytes, matmul curves TFLOP/s over rows.
-LINK_AXES = ("sizes_bytes", "gbps")
-MATMUL_AXES = ("rows", "tflops")
-ELEMENTWISE_AXES = ("tensor_elements", "gelems_per_s")  # rate over the size class of an op's largest tensor
-REWARM_AXES = ("weight_elements", "us")  # µs lost after a matmul over the elements of its weight
-CONV_AXES = ("kernel_elements", "tflops")  # a conv2d's TFLOP/s over the elements of its kernel
-# What each unit suffix means, for messages that say which unit is expected.
-UNIT_TEXT = {
-    "bytes": "bytes",
-    "gbps": "GB/s (1e9 bytes per second)",
-    "tflops": "TFLOP/s (1e12 per second)",
-    "us": "microseconds",
-    "gweights_per_s": "1e9 weights per second",
-    "gelems_per_s": "1e9 elements per second",
-    "dim": "elements along one side of a square weight matrix",
-    "tensor_elements": "elements of a tensor",
-    "rows": "token rows",
-    "weight_elements": "elements of a weight matrix",
-    "kernel_elements": "elements of a conv kernel (out × in × kernel height × width)",
-}
 _STRINGS = ("name", "vendor", "backend", "torch_version", "cuda_version", "hip_version", "driver", "date")
 _MEMORY = ("memory_total_bytes", "memory_reserve_bytes", "memory_usable_bytes")
 _TOP_KEYS = ("schema_version", *_STRINGS, *_MEMORY, "link", "device_memory_gbps", "matmul_tflops",
              "dequant_gweights_per_s", "copy_compute_overlap", "launch_overhead_us", "compute_threads", "provenance",
              *OPTIONAL_FIELDS)
-MAX_QUANTITY = 1e30  # above any byte count, rate or size a device profile holds; keeps every value a float
 MAX_COMPUTE_THREADS = 4096
-_FIX_HINT = "re-create it with `residency profile -o`, or fix the field by hand"
 
 
 # ---------------------------------------------------------------- writing
@@ -173,81 +150,7 @@ def save_profile(profile: DeviceProfile, path: str | os.PathLike[str]) -> Path:
 
 
 # ---------------------------------------------------------------- reading
-class _Reader(Reader):
-    """The shared document checks plus the profile's own: quantities with units, curves, provenance."""
-
-    def __init__(self, source: str):
-        super().__init__(source, _FIX_HINT)
-
-    def get(self, doc: dict[str, Any], key: str, where: str = "") -> Any:
-        return self.need(doc, key, where)
-
-    def number(self, value: Any, field: str, unit: str, minimum: float = 0.0, strict: bool = True,
-               integer: bool = False) -> float:
-        what = f"a number in {UNIT_TEXT.get(unit, unit)}"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(field, f"= {show(value)}: expected {what}",
-                            hint=f"write a bare JSON number in {UNIT_TEXT.get(unit, unit)}, without a unit")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise self.fail(field, f"= {show(value)}: expected a finite number")
-        if integer and isinstance(value, float) and not value.is_integer():
-            raise self.fail(field, f"= {show(value)}: expected a whole number of {UNIT_TEXT.get(unit, unit)}")
-        if (strict and value <= minimum) or (not strict and value < minimum):
-            relation = "positive" if (strict and minimum == 0) else f"{'>' if strict else '≥'} {minimum}"
-            raise self.fail(field, f"= {show(value)}: must be {relation} ({UNIT_TEXT.get(unit, unit)})")
-        if value > MAX_QUANTITY:  # an integer of 400 digits has no float; no real figure comes near this
-            raise self.fail(field, f"= {show(value)}: must be at most {MAX_QUANTITY:g} ({UNIT_TEXT.get(unit, unit)})")
-        return int(value) if integer else float(value)
-
-    def text(self, doc: dict[str, Any], key: str) -> str:
-        return self.string(self.get(doc, key), key)
-
-    def curve(self, value: Any, field: str, axes: tuple[str, str], positive: bool = True) -> Curve:
-        """A Curve of `axes` (x, y); x > 0, y > 0 (≥ 0 when not `positive`)."""
-        doc = self.obj(value, field)
-        _no_extra(self, doc, (*axes, "spread"), field)
-        xs = self.numbers(self.get(doc, axes[0], field), f"{field}.{axes[0]}", axes[0])
-        ys = self.numbers(self.get(doc, axes[1], field), f"{field}.{axes[1]}", axes[1], strict=positive)
-        spread_raw = doc.get("spread", [])
-        spread = self.numbers(spread_raw, f"{field}.spread", "spread", strict=False, allow_empty=True)
-        if len(xs) != len(ys):
-            raise self.fail(field, f"has {len(xs)} {axes[0]} but {len(ys)} {axes[1]}: the lists must have equal length")
-        if spread and len(spread) != len(xs):
-            raise self.fail(f"{field}.spread", f"has {len(spread)} entries for {len(xs)} samples",
-                            hint="give one spread per sample, or an empty list")
-        for i in range(1, len(xs)):
-            if xs[i] <= xs[i - 1]:
-                raise self.fail(f"{field}.{axes[0]}", f"= {show(list(xs))}: must be strictly increasing "
-                                f"({xs[i - 1]!r} then {xs[i]!r})", hint="sort the samples by size")
-        return Curve(tuple(xs), tuple(ys), tuple(spread))
-
-    def numbers(self, value: Any, field: str, unit: str, strict: bool = True, allow_empty: bool = False) -> list[float]:
-        if not isinstance(value, list) or (not value and not allow_empty):
-            raise self.fail(field, f"= {show(value)}: expected a non-empty list of numbers in {UNIT_TEXT.get(unit, unit)}")
-        return [self.number(v, f"{field}[{i}]", unit, strict=strict) for i, v in enumerate(value)]
-
-    def provenance(self, value: Any, field: str) -> Provenance:
-        doc = self.obj(value, field)
-        kind = doc.get("kind")
-        if kind not in PROVENANCE_KINDS:
-            raise self.fail(f"{field}.kind", f"= {show(kind)}: expected one of {', '.join(PROVENANCE_KINDS)}")
-        source = doc.get("source")
-        if not isinstance(source, str) or not source.strip():
-            raise self.fail(f"{field}.source", f"= {show(source)}: say which command measured it or which page it came from")
-        derating = doc.get("derating", "")
-        if not isinstance(derating, str) or (kind == "datasheet" and not derating.strip()):
-            raise self.fail(f"{field}.derating", f"= {show(derating)}: a datasheet figure must state how it was derated")
-        return Provenance(kind, source, derating)
-
-
-def _unit_of(key: str) -> str:
-    for unit in sorted(UNIT_TEXT, key=len, reverse=True):
-        if key.endswith("_" + unit) or key == unit:
-            return unit
-    return ""
-
-
-def _check_document(r: _Reader, data: Any, source: str) -> None:
+def _check_document(r: ProfileReader, data: Any, source: str) -> None:
     """Raises unless `data` is an object of a readable schema version with no unknown top-level key; a version-1
     document may not hold the fields version 2 added."""
     if not isinstance(data, dict):
@@ -262,17 +165,17 @@ def _check_document(r: _Reader, data: Any, source: str) -> None:
     if newer:
         raise r.fail(newer[0], "needs schema_version 2 (the file says 1)",
                      hint="set \"schema_version\": 2, or remove the field")
-    _no_extra(r, data, _TOP_KEYS, "")
+    no_extra(r, data, _TOP_KEYS, "")
 
 
-def _strings(r: _Reader, data: dict[str, Any]) -> dict[str, str]:
+def _strings(r: ProfileReader, data: dict[str, Any]) -> dict[str, str]:
     strings = {k: r.text(data, k) for k in _STRINGS}
     if strings["backend"] not in BACKENDS:
         raise r.fail("backend", f"= {show(strings['backend'])}: expected one of {', '.join(BACKENDS)}")
     return strings
 
 
-def _memory(r: _Reader, data: dict[str, Any]) -> dict[str, int]:
+def _memory(r: ProfileReader, data: dict[str, Any]) -> dict[str, int]:
     """The three memory sizes in bytes; usable may not exceed total."""
     total = r.number(r.get(data, "memory_total_bytes"), "memory_total_bytes", "bytes", integer=True)
     reserve = r.number(r.get(data, "memory_reserve_bytes"), "memory_reserve_bytes", "bytes", strict=False, integer=True)
@@ -286,37 +189,37 @@ def _memory(r: _Reader, data: dict[str, Any]) -> dict[str, int]:
             "memory_usable_bytes": int(usable)}
 
 
-def _curves(r: _Reader, data: dict[str, Any]) -> tuple[dict[str, Curve], dict[str, Curve]]:
+def _curves(r: ProfileReader, data: dict[str, Any]) -> tuple[dict[str, Curve], dict[str, Curve]]:
     """The link curves (one per direction, GB/s over bytes) and matmul curves (one per dtype, TFLOP/s over rows)."""
     link_doc = r.obj(r.get(data, "link"), "link")
-    _no_extra(r, link_doc, LINK_DIRECTIONS, "link")
+    no_extra(r, link_doc, LINK_DIRECTIONS, "link")
     link = {d: r.curve(r.get(link_doc, d, "link"), f"link.{d}", LINK_AXES) for d in LINK_DIRECTIONS}
     matmul_doc = r.obj(r.get(data, "matmul_tflops"), "matmul_tflops")
-    _no_extra(r, matmul_doc, COMPUTE_DTYPES, "matmul_tflops")
+    no_extra(r, matmul_doc, COMPUTE_DTYPES, "matmul_tflops")
     matmul = {d: r.curve(r.get(matmul_doc, d, "matmul_tflops"), f"matmul_tflops.{d}", MATMUL_AXES)
               for d in COMPUTE_DTYPES}
     return link, matmul
 
 
-def _dequant(r: _Reader, data: dict[str, Any]) -> dict[str, float]:
+def _dequant(r: ProfileReader, data: dict[str, Any]) -> dict[str, float]:
     """Dequant rates in 1e9 weights per second, by storage format: at least one, every name a known format."""
     from residency.formats import FORMATS
 
     dequant_doc = r.obj(r.get(data, "dequant_gweights_per_s"), "dequant_gweights_per_s")
     if not dequant_doc:
         raise r.fail("dequant_gweights_per_s", "is empty: give a rate for each storage format")
-    _no_extra(r, dequant_doc, tuple(FORMATS), "dequant_gweights_per_s")
+    no_extra(r, dequant_doc, tuple(FORMATS), "dequant_gweights_per_s")
     return {f: r.number(v, f"dequant_gweights_per_s.{f}", "gweights_per_s") for f, v in dequant_doc.items()}
 
 
-def _overlap(r: _Reader, data: dict[str, Any]) -> float:
+def _overlap(r: ProfileReader, data: dict[str, Any]) -> float:
     overlap = r.number(r.get(data, "copy_compute_overlap"), "copy_compute_overlap", "fraction 0..1", strict=False)
     if overlap > 1.0:
         raise r.fail("copy_compute_overlap", f"= {overlap!r}: must lie in [0, 1] (a fraction of the copy hidden)")
     return overlap
 
 
-def _provenance(r: _Reader, data: dict[str, Any], refinements: dict[str, Any]) -> dict[str, Provenance]:
+def _provenance(r: ProfileReader, data: dict[str, Any], refinements: dict[str, Any]) -> dict[str, Provenance]:
     """Where each group of numbers came from; every group in PROVENANCE_FIELDS, and each refinement present,
     must have one."""
     prov_doc = r.obj(r.get(data, "provenance"), "provenance")
@@ -339,7 +242,7 @@ def profile_from_dict(data: Any, source: str) -> DeviceProfile:
     Raises ResidencyError on the first field that is missing, unknown, of the wrong type or unit, or out of
     range; the message names `source`, the field, the value and the unit expected.
     """
-    r = _Reader(source)
+    r = ProfileReader(source)
     # The checks run in document order: a document with several faults always reports the same first one.
     _check_document(r, data, source)
     strings = _strings(r, data)
@@ -347,8 +250,8 @@ def profile_from_dict(data: Any, source: str) -> DeviceProfile:
     link, matmul = _curves(r, data)
     dequant = _dequant(r, data)
     overlap = _overlap(r, data)
-    refinements = _refinements(r, data)
-    _rates_for_calls(r, dequant, refinements["dequant_call_us"])
+    refinements = read_refinements(r, data)
+    rates_for_calls(r, dequant, refinements["dequant_call_us"])
     provenance = _provenance(r, data, refinements)
     return DeviceProfile(
         **strings,
@@ -364,172 +267,6 @@ def profile_from_dict(data: Any, source: str) -> DeviceProfile:
         provenance=provenance,
         **refinements,
     )
-
-
-def _refinements(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
-    """The optional fields; a small-weight curve needs both weight dims, the small one below the other."""
-    dims = {k: int(r.number(data.get(k, 0), k, "dim", strict=False, integer=True))
-            for k in ("matmul_weight_dim", "matmul_small_weight_dim")}
-    small: dict[str, Curve] = {}
-    if "matmul_small_tflops" in data:
-        doc = r.obj(data["matmul_small_tflops"], "matmul_small_tflops")
-        _no_extra(r, doc, COMPUTE_DTYPES, "matmul_small_tflops")
-        small = {d: r.curve(v, f"matmul_small_tflops.{d}", MATMUL_AXES) for d, v in doc.items()}
-        if small and not 0 < dims["matmul_small_weight_dim"] < dims["matmul_weight_dim"]:
-            raise r.fail("matmul_small_weight_dim", f"= {dims['matmul_small_weight_dim']}: with matmul_small_tflops "
-                         f"it must be above 0 and below matmul_weight_dim = {dims['matmul_weight_dim']}")
-    elementwise = None
-    if "elementwise_gelems_per_s" in data:
-        elementwise = r.curve(data["elementwise_gelems_per_s"], "elementwise_gelems_per_s", ELEMENTWISE_AXES)
-    return {**dims, "matmul_small_tflops": small, "elementwise_gelems_per_s": elementwise, **_schema_2_fields(r, data)}
-
-
-def _op_kind_fields(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
-    """Attention and conv curves by compute dtype and the CPU's re-warm cost after a matmul; absent in profiles
-    measured before MEASUREMENT_VERSION 8 (conv: 10) and in datasheet profiles: {} and None, under which attention
-    and convs cost at the matmul rate and nothing is charged for re-warming (the cost model as it was)."""
-    curves: dict[str, dict[str, Curve]] = {}
-    for key, axes in (("attention_tflops", MATMUL_AXES), ("conv_tflops", CONV_AXES)):
-        doc = r.obj(data.get(key, {}), key)
-        _no_extra(r, doc, COMPUTE_DTYPES, key)
-        curves[key] = {d: r.curve(v, f"{key}.{d}", axes) for d, v in doc.items()}
-    rewarm = None
-    if "matmul_rewarm_us" in data:
-        rewarm = r.curve(data["matmul_rewarm_us"], "matmul_rewarm_us", REWARM_AXES, positive=False)
-    return {**curves, "matmul_rewarm_us": rewarm, "dequant_call_us": _dequant_call(r, data)}
-
-
-def _dequant_call(r: _Reader, data: dict[str, Any]) -> dict[str, float]:
-    """µs per unpack call by storage format ({} when absent: profiles before MEASUREMENT_VERSION 9 and datasheet
-    profiles, under which a dequant costs its weights at the rate alone), each in [0, MAX_DEQUANT_CALL_US]."""
-    from residency.formats import FORMATS
-
-    if "dequant_call_us" not in data:
-        return {}
-    doc = r.obj(data["dequant_call_us"], "dequant_call_us")
-    _no_extra(r, doc, tuple(FORMATS), "dequant_call_us")
-    calls = {}
-    for f, v in doc.items():
-        calls[f] = r.number(v, f"dequant_call_us.{f}", "us", strict=False)
-        if calls[f] > MAX_DEQUANT_CALL_US:
-            raise r.fail(f"dequant_call_us.{f}", f"= {show(v)}: must be at most {MAX_DEQUANT_CALL_US:g} µs",
-                         hint="re-measure with `residency profile -o`, or remove the field")
-    return calls
-
-
-def _rates_for_calls(r: _Reader, rates: dict[str, float], calls: dict[str, float]) -> None:
-    """Every format with a per-call cost has a rate too: the call cost is what an unpack adds to it."""
-    for f in calls:
-        if f not in rates:
-            raise r.fail(f"dequant_call_us.{f}", f"has no dequant_gweights_per_s.{f} beside it",
-                         hint=f"add the {f} rate, or remove dequant_call_us.{f}")
-
-
-def _schema_2_fields(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
-    """Per-engine slowdowns, compute_scale and calibration; their defaults when absent (a schema-1 file)."""
-    return {
-        "copy_slowdown": _slowdown(r, data, "copy_slowdown"),
-        "compute_slowdown": _slowdown(r, data, "compute_slowdown"),
-        "compute_scale": _compute_scale(r, data.get("compute_scale", {})),
-        "call_host_us": _host_us(r, data, "call_host_us"),
-        "streamed_call_host_us": _host_us(r, data, "streamed_call_host_us"),
-        "calibration": _calibration(r, data["calibration"]) if "calibration" in data else None,
-        **_exec_mode_fields(r, data),
-        **_op_kind_fields(r, data),
-    }
-
-
-def _exec_mode_fields(r: _Reader, data: dict[str, Any]) -> dict[str, Any]:
-    """What execution modes cost (0 when absent): replay µs per kernel, the compiled dispatch fraction in (0, 1],
-    compile seconds per block class and graph pool bytes per class, each within its bound."""
-    replay = _bounded(r, data, "graph_replay_us_per_kernel", "µs", MAX_GRAPH_REPLAY_US)
-    fraction = _bounded(r, data, "compiled_dispatch_fraction", "fraction of eager's dispatches", 1.0)
-    compile_s = _bounded(r, data, "compile_s_per_block_class", "seconds", MAX_COMPILE_S)
-    pool = _bounded(r, data, "graph_pool_bytes_per_class", "bytes", MAX_GRAPH_POOL_BYTES, integer=True)
-    if data.get("backend") == "cpu" and (replay or pool):
-        key = "graph_replay_us_per_kernel" if replay else "graph_pool_bytes_per_class"
-        raise r.fail(key, "is a GPU figure: a cpu profile has no graphs", hint="remove the field")
-    return {"graph_replay_us_per_kernel": replay, "compiled_dispatch_fraction": fraction,
-            "compile_s_per_block_class": compile_s, "graph_pool_bytes_per_class": int(pool)}
-
-
-def _bounded(r: _Reader, data: dict[str, Any], key: str, unit: str, maximum: float, integer: bool = False) -> float:
-    """The figure `key` in [0, maximum] (0 when absent: not known)."""
-    value = r.number(data.get(key, 0), key, unit, strict=False, integer=integer)
-    if value > maximum:
-        raise r.fail(key, f"= {show(data[key])}: must be at most {maximum:g} ({unit})",
-                     hint="re-measure it, or remove the field (0: not known)")
-    return value
-
-
-def _slowdown(r: _Reader, data: dict[str, Any], key: str) -> float:
-    """A factor 0 (not measured) or in [1, MAX_SLOWDOWN]."""
-    value = r.number(data.get(key, 0.0), key, "dimensionless factor", strict=False)
-    if value != 0 and not 1.0 <= value <= MAX_SLOWDOWN:
-        raise r.fail(key, f"= {show(value)}: must be 0 (not measured) or a factor in [1, {MAX_SLOWDOWN:g}]",
-                     hint="a slowdown is time beside the other engine over time alone; re-measure with "
-                     "`residency profile -o`, or remove the field")
-    return value
-
-
-def _host_us(r: _Reader, data: dict[str, Any], key: str) -> float:
-    """Host µs per call (`key`): ≥ 0 and at most MAX_STREAMED_CALL_HOST_US; 0 when absent."""
-    value = data.get(key, 0.0)
-    us = r.number(value, key, "µs", strict=False)
-    if not 0.0 <= us <= MAX_STREAMED_CALL_HOST_US:
-        raise r.fail(key, f"= {show(value)}: must lie in [0, {MAX_STREAMED_CALL_HOST_US:g}] µs",
-                     hint="calibrate again (`residency run --calibrate`), or remove the field")
-    return us
-
-
-def _compute_scale(r: _Reader, value: Any) -> dict[str, float]:
-    """Block ("dit.blocks.7"), block class ("dit.blocks.*") or component ("dit") -> multiplier in
-    (0, MAX_COMPUTE_SCALE] on its predicted compute seconds."""
-    doc = r.obj(value, "compute_scale")
-    scale = {}
-    for name, factor in doc.items():
-        if not name:
-            raise r.fail("compute_scale", "has an empty component name",
-                         hint="name each block component (\"dit\", \"encoder\", \"decoder\", …)")
-        field = f"compute_scale.{name}"
-        scale[name] = r.number(factor, field, "dimensionless factor")
-        if scale[name] > MAX_COMPUTE_SCALE:
-            raise r.fail(field, f"= {show(factor)}: must be at most {MAX_COMPUTE_SCALE:g}",
-                         hint="calibrate again: a factor this large means the run timed something else")
-    return scale
-
-
-def _calibration(r: _Reader, value: Any) -> Calibration:
-    """The calibration record: four non-empty strings, a whole number of frames ≥ 1 and an optional note."""
-    doc = r.obj(value, "calibration", known=(*_CALIBRATION_STRINGS, "frames", "note"),
-                required=(*_CALIBRATION_STRINGS, "frames"))
-    strings = {k: r.string(doc[k], f"calibration.{k}", non_empty=True) for k in _CALIBRATION_STRINGS}
-    frames = r.integer(doc["frames"], "calibration.frames", 1, unit="latent frames")
-    return Calibration(**strings, frames=frames, note=r.string(doc.get("note", ""), "calibration.note"))
-
-
-def _no_extra(r: _Reader, doc: dict[str, Any], known: tuple[str, ...], field: str) -> None:
-    """Reject keys this schema does not know; one that differs from a known key only in unit says so."""
-    for key in doc:
-        if key in known:
-            continue
-        where = f"{field}.{key}" if field else str(key)
-        expected = _same_stem(str(key), known)
-        if expected is not None:
-            unit = UNIT_TEXT[_unit_of(expected)]
-            raise r.fail(where, f"= {show(doc[key])} is in the wrong unit: expected '{expected}' in {unit}",
-                         hint=f"rename it to '{expected}' and convert the value to {unit}")
-        described = ", ".join(f"{k} ({UNIT_TEXT[_unit_of(k)]})" if _unit_of(k) else k for k in known)
-        raise r.fail(where, "is not known", hint=f"expected keys: {described}")
-
-
-def _same_stem(key: str, known: tuple[str, ...]) -> str | None:
-    """The known key that `key` matches but for its unit suffix (device_memory_mbps → device_memory_gbps)."""
-    for k in known:
-        unit = _unit_of(k)
-        if unit and k != unit and key.startswith(k[: -len(unit)]):
-            return k
-    return None
 
 
 def read_profile(path: str | os.PathLike[str]) -> DeviceProfile:

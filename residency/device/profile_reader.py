@@ -1,0 +1,144 @@
+"""Reading a profile document's fields: quantities with units, curves over named axes, provenance, known keys.
+
+The one reader of profile JSON that profile_io and profile_refinements share; errors name the file, the field,
+the value and the unit expected.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from residency.device.profile import PROVENANCE_KINDS, Curve, Provenance
+from residency.validate import Reader, show
+
+# JSON names of a curve's axes: link curves are GB/s over transfer bytes, matmul curves TFLOP/s over rows.
+LINK_AXES = ("sizes_bytes", "gbps")
+MATMUL_AXES = ("rows", "tflops")
+ELEMENTWISE_AXES = ("tensor_elements", "gelems_per_s")  # rate over the size class of an op's largest tensor
+REWARM_AXES = ("weight_elements", "us")  # µs lost after a matmul over the elements of its weight
+CONV_AXES = ("kernel_elements", "tflops")  # a conv2d's TFLOP/s over the elements of its kernel
+# What each unit suffix means, for messages that say which unit is expected.
+UNIT_TEXT = {
+    "bytes": "bytes",
+    "gbps": "GB/s (1e9 bytes per second)",
+    "tflops": "TFLOP/s (1e12 per second)",
+    "us": "microseconds",
+    "gweights_per_s": "1e9 weights per second",
+    "gelems_per_s": "1e9 elements per second",
+    "dim": "elements along one side of a square weight matrix",
+    "tensor_elements": "elements of a tensor",
+    "rows": "token rows",
+    "weight_elements": "elements of a weight matrix",
+    "kernel_elements": "elements of a conv kernel (out × in × kernel height × width)",
+}
+MAX_QUANTITY = 1e30  # above any byte count, rate or size a device profile holds; keeps every value a float
+_FIX_HINT = "re-create it with `residency profile -o`, or fix the field by hand"
+
+
+class ProfileReader(Reader):
+    """The shared document checks plus the profile's own: quantities with units, curves, provenance."""
+
+    def __init__(self, source: str):
+        super().__init__(source, _FIX_HINT)
+
+    def get(self, doc: dict[str, Any], key: str, where: str = "") -> Any:
+        return self.need(doc, key, where)
+
+    def number(self, value: Any, field: str, unit: str, minimum: float = 0.0, strict: bool = True,
+               integer: bool = False) -> float:
+        what = f"a number in {UNIT_TEXT.get(unit, unit)}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(field, f"= {show(value)}: expected {what}",
+                            hint=f"write a bare JSON number in {UNIT_TEXT.get(unit, unit)}, without a unit")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(field, f"= {show(value)}: expected a finite number")
+        if integer and isinstance(value, float) and not value.is_integer():
+            raise self.fail(field, f"= {show(value)}: expected a whole number of {UNIT_TEXT.get(unit, unit)}")
+        if (strict and value <= minimum) or (not strict and value < minimum):
+            relation = "positive" if (strict and minimum == 0) else f"{'>' if strict else '≥'} {minimum}"
+            raise self.fail(field, f"= {show(value)}: must be {relation} ({UNIT_TEXT.get(unit, unit)})")
+        if value > MAX_QUANTITY:  # an integer of 400 digits has no float; no real figure comes near this
+            raise self.fail(field, f"= {show(value)}: must be at most {MAX_QUANTITY:g} ({UNIT_TEXT.get(unit, unit)})")
+        return int(value) if integer else float(value)
+
+    def text(self, doc: dict[str, Any], key: str) -> str:
+        return self.string(self.get(doc, key), key)
+
+    def curve(self, value: Any, field: str, axes: tuple[str, str], positive: bool = True) -> Curve:
+        """A Curve of `axes` (x, y); x > 0, y > 0 (≥ 0 when not `positive`)."""
+        doc = self.obj(value, field)
+        no_extra(self, doc, (*axes, "spread"), field)
+        xs = self.numbers(self.get(doc, axes[0], field), f"{field}.{axes[0]}", axes[0])
+        ys = self.numbers(self.get(doc, axes[1], field), f"{field}.{axes[1]}", axes[1], strict=positive)
+        spread_raw = doc.get("spread", [])
+        spread = self.numbers(spread_raw, f"{field}.spread", "spread", strict=False, allow_empty=True)
+        if len(xs) != len(ys):
+            raise self.fail(field, f"has {len(xs)} {axes[0]} but {len(ys)} {axes[1]}: the lists must have equal length")
+        if spread and len(spread) != len(xs):
+            raise self.fail(f"{field}.spread", f"has {len(spread)} entries for {len(xs)} samples",
+                            hint="give one spread per sample, or an empty list")
+        for i in range(1, len(xs)):
+            if xs[i] <= xs[i - 1]:
+                raise self.fail(f"{field}.{axes[0]}", f"= {show(list(xs))}: must be strictly increasing "
+                                f"({xs[i - 1]!r} then {xs[i]!r})", hint="sort the samples by size")
+        return Curve(tuple(xs), tuple(ys), tuple(spread))
+
+    def numbers(self, value: Any, field: str, unit: str, strict: bool = True, allow_empty: bool = False) -> list[float]:
+        if not isinstance(value, list) or (not value and not allow_empty):
+            raise self.fail(field, f"= {show(value)}: expected a non-empty list of numbers in {UNIT_TEXT.get(unit, unit)}")
+        return [self.number(v, f"{field}[{i}]", unit, strict=strict) for i, v in enumerate(value)]
+
+    def provenance(self, value: Any, field: str) -> Provenance:
+        doc = self.obj(value, field)
+        kind = doc.get("kind")
+        if kind not in PROVENANCE_KINDS:
+            raise self.fail(f"{field}.kind", f"= {show(kind)}: expected one of {', '.join(PROVENANCE_KINDS)}")
+        source = doc.get("source")
+        if not isinstance(source, str) or not source.strip():
+            raise self.fail(f"{field}.source", f"= {show(source)}: say which command measured it or which page it came from")
+        derating = doc.get("derating", "")
+        if not isinstance(derating, str) or (kind == "datasheet" and not derating.strip()):
+            raise self.fail(f"{field}.derating", f"= {show(derating)}: a datasheet figure must state how it was derated")
+        return Provenance(kind, source, derating)
+
+
+def _unit_of(key: str) -> str:
+    """The unit suffix of `key` (a key of UNIT_TEXT: "memory_total_bytes" -> "bytes"), or "" when it has none."""
+    for unit in sorted(UNIT_TEXT, key=len, reverse=True):
+        if key.endswith("_" + unit) or key == unit:
+            return unit
+    return ""
+
+
+def no_extra(r: ProfileReader, doc: dict[str, Any], known: tuple[str, ...], field: str) -> None:
+    """Reject keys this schema does not know; one that differs from a known key only in unit says so."""
+    for key in doc:
+        if key in known:
+            continue
+        where = f"{field}.{key}" if field else str(key)
+        expected = _same_stem(str(key), known)
+        if expected is not None:
+            unit = UNIT_TEXT[_unit_of(expected)]
+            raise r.fail(where, f"= {show(doc[key])} is in the wrong unit: expected '{expected}' in {unit}",
+                         hint=f"rename it to '{expected}' and convert the value to {unit}")
+        described = ", ".join(f"{k} ({UNIT_TEXT[_unit_of(k)]})" if _unit_of(k) else k for k in known)
+        raise r.fail(where, "is not known", hint=f"expected keys: {described}")
+
+
+def _same_stem(key: str, known: tuple[str, ...]) -> str | None:
+    """The known key that `key` matches but for its unit suffix (device_memory_mbps → device_memory_gbps)."""
+    for k in known:
+        unit = _unit_of(k)
+        if unit and k != unit and key.startswith(k[: -len(unit)]):
+            return k
+    return None
+
+
+def bounded(r: ProfileReader, data: dict[str, Any], key: str, unit: str, maximum: float, integer: bool = False) -> float:
+    """The figure `key` in [0, maximum] (0 when absent: not known)."""
+    value = r.number(data.get(key, 0), key, unit, strict=False, integer=integer)
+    if value > maximum:
+        raise r.fail(key, f"= {show(data[key])}: must be at most {maximum:g} ({unit})",
+                     hint="re-measure it, or remove the field (0: not known)")
+    return value
