@@ -60,7 +60,7 @@ MIN_SPREAD = 0.3  # a slowdown is read from a block whose shares beside the othe
 MIN_SLOPE_POINTS = 8  # ... and that has at least this many points
 OUTLIER_MADS = 4.0  # points further than this many scaled MADs from the median are dropped
 # A fitted scale outside these is a broken measurement, not a slow device. Compute: as a profile may hold it
-# (profile_io.MAX_COMPUTE_SCALE). Engines: wider — a profile's link curve at small transfers includes the copy
+# (profile_refinements.MAX_COMPUTE_SCALE). Engines: wider — a profile's link curve at small transfers includes the copy
 # thread's hand-off, the runtime's marks time the memcpy alone (30× faster for a tiny model's 100 KB blobs).
 SCALE_RANGE = (0.01, 100.0)
 ENGINE_SCALE_RANGE = (1e-3, 1e3)
