@@ -191,3 +191,21 @@ def test_run_reads_a_vram_share_of_the_weights_it_computes_in():
     plan, _ = make_plan(model, make_console(stderr=True), profile="rtx-5090", vram_bytes="50%")
     weights = model.workload.nbytes("F32" if device_kind() == "cpu" else "BF16")
     assert plan.budget.vram_bytes == weights // 2
+
+
+def test_evictions_of_named_and_numbered_blocks_render_in_the_text_plan(capsys):
+    """wan-causal-1.3b evicts its text encoder after encode: a named block beside a numbered list (the table's
+    folding took every evicted name for one numbered list and raised on 'embed_tokens')."""
+    code, out, err = run(capsys, "plan", "wan-causal-1.3b", "--profile", "rtx-5090")
+    assert code in (0, 3), err
+    line = " ".join(out.split("after encode: evict", 1)[1].split())
+    assert line.split("as loaded): ", 1)[1].startswith(
+        "text_encoder.encoder.embed_tokens, text_encoder.encoder.block.0–23 (×24), ")
+
+
+def test_block_names_fold_by_numbered_list_in_order():
+    from residency.commands.plan_render import _names_label
+
+    assert _names_label(["t.embed", "t.block.0", "t.block.1", "t.block.3", "t.norm", "v.up.0"]) == (
+        "t.embed, t.block.0–1,3 (×3), t.norm, v.up.0")
+    assert _names_label(["a.2", "b", "a.0"]) == "a.0,2 (×2), b"

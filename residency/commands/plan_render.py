@@ -38,10 +38,25 @@ def _ranges(indices: list[int]) -> str:
 
 
 def _group_label(names: list[str]) -> str:
+    """Names of one numbered list ("dit.blocks.0" …) as "dit.blocks.0–3,5 (×5)"; one name as it is."""
     if len(names) == 1:
         return names[0]
     head = names[0].rpartition(".")[0]
     return f"{head}.{_ranges([int(n.rpartition('.')[2]) for n in names])} (×{len(names)})"
+
+
+def _names_label(names: list[str]) -> str:
+    """Any block names, each numbered list folded by _group_label, the rest named: "t5.embed_tokens,
+    t5.block.0–23 (×24), t5.final_layer_norm" (in order of first appearance; a list by index)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        head, _, idx = name.rpartition(".")
+        groups.setdefault(head + "." if idx.isdigit() else name, []).append(name)
+    return ", ".join(_group_label(sorted(g, key=_index) if len(g) > 1 else g) for g in groups.values())
+
+
+def _index(name: str) -> int:
+    return int(name.rpartition(".")[2])
 
 
 def _grouped(workload: Workload, plan: Plan, blocks, ms) -> list[tuple[tuple, list[str]]]:
@@ -136,7 +151,7 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile, model
         if evicted:
             console.print(f"after {phase}: evict {len(evicted)} block(s) "
                           f"({fmt_bytes(sum(workload.by_name[b].nbytes(plan.by_name[b].format) for b in evicted))}"
-                          f" as loaded): {_group_label(list(evicted)) if len(evicted) > 1 else evicted[0]}")
+                          f" as loaded): {_names_label(list(evicted))}")
     console.print(verdict(plan))
     for note in plan.notes:
         console.print(f"  note: {note}")
