@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # each imports torch (and planning the MILP solver): imported
     from policies import Replanner
     from residency.dashboard import DashboardContext
     from residency.device import DeviceProfile
+    from residency.device.profile import Calibration
     from residency.plan import Plan
     from residency.runtime import Runtime
     from residency.telemetry import TelemetrySnapshot
@@ -282,11 +283,19 @@ class CalibrationReport:
     error_before: float  # median relative error of those frames vs the plan predicted with the starting profile
     error_after: float  # ... vs the same plan re-predicted with the calibrated profile (+0.031 = 3.1 % slower)
     summary: str  # the factors found (CalibrationFit.summary)
+    kept: Calibration | None = None  # the cache's calibration on more frames, kept at `path`; this one not saved
 
     def line(self) -> str:
-        """"calibrated profile saved to PATH (from N frames): prediction error before +36.2 %, after +3.1 %"."""
-        return (f"calibrated profile saved to {self.path} (from {self.frames} frames): prediction error before "
-                f"{self.error_before * 100:+.1f} %, after {self.error_after * 100:+.1f} %")
+        """"calibrated profile saved to PATH (from N frames): prediction error before +36.2 %, after +3.1 %", or
+        where the cache keeps a fit on more frames, the same figures and which file was kept."""
+        errors = f"prediction error before {self.error_before * 100:+.1f} %, after {self.error_after * 100:+.1f} %"
+        if self.kept is None:
+            return f"calibrated profile saved to {self.path} (from {self.frames} frames): {errors}"
+        from residency.device.calibrated import FULL_FIT_FRAMES
+
+        return (f"calibrated from {self.frames} frames ({errors}), not saved: {self.path} keeps its calibration "
+                f"from {self.kept.frames} frames of {self.kept.date} (a fit on {FULL_FIT_FRAMES} frames or more "
+                "replaces it)")
 
 
 def calibrate_session(runtime: Runtime, start_profile: DeviceProfile) -> CalibrationReport:
@@ -297,6 +306,7 @@ def calibrate_session(runtime: Runtime, start_profile: DeviceProfile) -> Calibra
 
     Raises ResidencyError with too few frames, an absurd fit, or an unwritable cache."""
     from residency.device import save_calibrated
+    from residency.device.calibrated import better_cached
     from residency.simulate import predict
     from residency.telemetry.calibration import calibration_window, prediction_errors
 
@@ -304,6 +314,8 @@ def calibrate_session(runtime: Runtime, start_profile: DeviceProfile) -> Calibra
     measured_ms = [f.frame_ms for f in calibration_window(runtime.telemetry()).frames]
     before_ms, after_ms = (predict(runtime.workload, runtime.plan, p, bound=False).prediction.frame_ms
                            for p in (start_profile, fit.profile))
-    path = save_calibrated(fit.profile)
+    kept = better_cached(fit.profile)
+    path = save_calibrated(fit.profile) if kept is None else kept[0]
     return CalibrationReport(path, fit.frames, prediction_errors(measured_ms, before_ms),
-                             prediction_errors(measured_ms, after_ms), fit.summary())
+                             prediction_errors(measured_ms, after_ms), fit.summary(),
+                             None if kept is None else kept[1].calibration)

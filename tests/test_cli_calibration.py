@@ -136,3 +136,27 @@ def test_a_fixed_plan_is_neither_re_planned_nor_calibrated(machine, capsys, flag
     assert main([*RUN, "--plan", "plan.json", flag]) == 2
     err = capsys.readouterr().err
     assert "--plan" in err and "hint:" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--frames", "2"], "--calibrate needs more than 2 latent frames (the first 2 are a warm-up); this run has 2"),
+    (["--frames", "5", "--profile", "rx-7800-xt"],
+     "the plan's profile is Radeon RX 7800 XT, a GPU profile, not this CPU"),
+])
+def test_a_calibration_that_cannot_work_is_refused_before_the_rollout(machine, capsys, extra, message):
+    assert main([*RUN, *extra, "--calibrate"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and "hint:" in err
+    assert not Path("out.gif").exists() and not calibrated_dir().exists()  # nothing rolled out, nothing cached
+
+
+def test_a_shorter_calibration_keeps_the_cached_one_fitted_on_more_frames(machine, capsys):
+    path, _ = calibrate_tiny(capsys)  # 3 frames fitted
+    assert main([*RUN, "--frames", "4", "--calibrate"]) == 0  # 2 fitted: fewer, and under FULL_FIT_FRAMES
+    out = " ".join(capsys.readouterr().out.split())
+    assert "calibrated from 2 frames (prediction error before" in out and f"not saved: {path} keeps its " \
+        "calibration from 3 frames of" in out
+    assert read_profile(path).calibration.frames == 3
+    assert main([*RUN, "--frames", "6", "--calibrate"]) == 0  # 4 fitted: more, so it replaces
+    assert "calibrated profile saved to" in capsys.readouterr().out
+    assert read_profile(path).calibration.frames == 4

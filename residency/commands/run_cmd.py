@@ -97,6 +97,21 @@ def check_loop_arguments(args: argparse.Namespace, loop: bool, calibrate: bool =
                          hint="drop --plan (give --profile to plan for a profile)")
 
 
+def check_calibration(replan: Replanner | None, frames: int) -> None:
+    """Refuse, before the rollout, a --calibrate that could only fail or mislead: too few frames to fit past the
+    warm-up, or a profile of another kind than this runtime (a GPU profile fitted to CPU timings describes
+    neither). Raises UsageError."""
+    from residency.telemetry.calibration import WARMUP_FRAMES
+
+    if frames <= WARMUP_FRAMES:
+        raise UsageError(f"--calibrate needs more than {WARMUP_FRAMES} latent frames (the first {WARMUP_FRAMES} "
+                         f"are a warm-up); this run has {frames}", hint="add --frames 8 or more")
+    other = other_device(replan)
+    if other is not None:
+        raise UsageError(f"--calibrate fits a profile to this machine's timings; the plan's profile is {other}",
+                         hint="drop --profile to calibrate this machine's profile, or drop --calibrate")
+
+
 def print_line(console: Console) -> Callable[[str], None]:
     """A say(line) that prints `line` as it is (no rich markup: "[kind]" and paths stay literal)."""
     return lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -205,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
     actions = list(itertools.islice(itertools.cycle(script), args.frames or len(script)))
     image = start_image(model, args.image)
     plan, replan = plan_for(model, args, err)
+    if args.calibrate:
+        check_calibration(replan, len(actions))
     context = context_for(model, plan)
     runtime = attach(model, plan, replan)
     if args.closed_loop:  # the live dashboard shows the loop's events; else each is printed as it happens

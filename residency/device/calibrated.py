@@ -30,6 +30,7 @@ CALIBRATED = "calibrated"  # the --profile value that asks for a calibrated prof
 BASE_KEY = "base_profile"  # provenance entry holding the base profile's name
 NAME_SUFFIX = " (calibrated)"
 MAX_SLUG = 60  # characters of the base name kept in a file name
+FULL_FIT_FRAMES = 16  # a calibration on this many frames (the fit's target window) replaces any cached one
 
 
 def _to_stderr(message: str) -> None:
@@ -72,6 +73,25 @@ def save_calibrated(profile: DeviceProfile) -> Path:
         raise ResidencyError(f"{path.parent}: cannot create the calibration cache ({e.strerror or e})",
                              hint="set XDG_CACHE_HOME to a writable directory") from None
     return save_profile(named, path)
+
+
+def better_cached(profile: DeviceProfile) -> tuple[Path, DeviceProfile] | None:
+    """The cached calibration a new calibration `profile` should not replace, with its path, or None: the one of
+    the same base (unchanged) and workload when it was fitted on more frames and `profile` on fewer than
+    FULL_FIT_FRAMES (a 4-frame demo would otherwise discard a 50-frame fit). A fit on FULL_FIT_FRAMES or more
+    replaces any: the machine may have changed since. Never raises for a bad cache file."""
+    if profile.calibration is None or profile.calibration.frames >= FULL_FIT_FRAMES:
+        return None
+    path = calibrated_path(base_name(profile), profile.calibration.workload_fingerprint)
+    try:
+        cached = read_profile(path) if userpath.path_kind(path)[0] == userpath.FILE else None
+    except ResidencyError:
+        return None
+    if (cached is None or cached.calibration is None
+            or cached.calibration.base_fingerprint != profile.calibration.base_fingerprint
+            or cached.calibration.frames <= profile.calibration.frames):
+        return None
+    return path, cached
 
 
 def _entries(say: Callable[[str], None] | None) -> list[tuple[Path, DeviceProfile]]:
