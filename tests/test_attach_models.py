@@ -95,7 +95,13 @@ def plain():
     return Stack(), torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(6))
 
 
-MODELS = {"flux": flux, "wan": wan, "unet": unet, "t5": t5, "llama": llama, "plain": plain}
+def sequential():
+    """An nn.Sequential of identical MLPs and a head: the most plain model there is (its layers are its blocks)."""
+    layers = [nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)) for _ in range(8)]
+    return nn.Sequential(*layers, nn.Linear(64, 10)), torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(7))
+
+
+MODELS = {"flux": flux, "wan": wan, "unet": unet, "t5": t5, "llama": llama, "plain": plain, "sequential": sequential}
 
 
 def build(name: str):

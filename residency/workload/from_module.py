@@ -168,7 +168,8 @@ def _schedule(model: nn.Module, blocks: ModuleBlocks, trace: Trace, name: str, c
               ) -> tuple[tuple[BlockSpec, ...], tuple[tuple[str, ...], ...], dict[str, int], tuple[str, ...]]:
     """Block specs (the loose block first), the passes, calls per forward by block, the unowned parameters.
     `main`: the model's main weight dtype when it holds tensors in another (they keep theirs); else None."""
-    drafts, sequence, of_unit = draft_blocks(blocks, trace, group_siblings)
+    elements = [sum(p.numel() for m in u.modules for p in model.get_submodule(m).parameters()) for u in blocks.units]
+    drafts, sequence, of_unit = draft_blocks(blocks, trace, group_siblings, elements)
     if not drafts:
         raise ResidencyError(f"{name}: the forward called none of the model's blocks",
                              hint="pass the module whose forward runs the model")

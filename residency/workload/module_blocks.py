@@ -1,7 +1,7 @@
 """Which modules of a model are its blocks, read from the module tree alone (nothing runs).
 
 The repeated blocks a library declares (`_repeated_blocks`, else `_no_split_modules`), else the children of
-ModuleLists; beside them every other parameter-owning module where the tree branches off; and the loose
+ModuleLists and the repeated children of an nn.Sequential (or of the root); beside them every other parameter-owning module where the tree branches off; and the loose
 tensors no such module holds (the root's own parameters, buffers of parameter-less modules such as rope).
 """
 
@@ -56,15 +56,34 @@ def _declared_names(model: nn.Module) -> tuple[str, frozenset[str]]:
     return "ModuleList", frozenset()
 
 
+def _signature(module: nn.Module) -> tuple:
+    """A module's class and parameter shapes: equal for two layers built alike."""
+    return type(module), tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+
+
+def _repeats(module: nn.Module) -> set[str]:
+    """Names of the parameter-owning children of `module` that a sibling repeats (same class and parameter
+    shapes): an nn.Sequential of 16 identical layers is a stack of blocks, as a ModuleList of them is, where
+    an MLP's Linear(1024, 4096) and Linear(4096, 1024) are not."""
+    by_signature: dict[tuple, list[str]] = {}
+    for name, child in module.named_children():
+        if _owns_parameters(child):
+            by_signature.setdefault(_signature(child), []).append(name)
+    return {n for names in by_signature.values() if len(names) > 1 for n in names}
+
+
 def _repeated_paths(model: nn.Module, how: str, names: frozenset[str]) -> set[str]:
-    """Outermost repeated blocks: a declared class, or (undeclared) a parameter-owning ModuleList child."""
+    """Outermost repeated blocks: a declared class, or (undeclared) a parameter-owning ModuleList child or a
+    repeated child of an nn.Sequential (the root's too, whatever its class: it is always split)."""
     found: set[str] = set()
 
     def visit(module: nn.Module, path: str) -> None:
+        repeats = _repeats(module) if how == "ModuleList" and (
+            isinstance(module, nn.Sequential) or module is model) else set()
         for name, child in module.named_children():
             p = _join(path, name)
             hit = (type(child).__name__ in names if how != "ModuleList"
-                   else isinstance(module, nn.ModuleList) and _owns_parameters(child))
+                   else (isinstance(module, nn.ModuleList) and _owns_parameters(child)) or name in repeats)
             if hit:
                 found.add(p)
             else:

@@ -38,15 +38,30 @@ def _groupable(blocks: ModuleBlocks, trace: Trace, unit: int) -> bool:
     return not u.repeated and len(u.modules) == 1 and trace.units[unit].calls == 1
 
 
-def draft_blocks(blocks: ModuleBlocks, trace: Trace,
-                 group_siblings: bool) -> tuple[list[Draft], list[int], dict[int, int]]:
+# A group of siblings holds at most this share of the model's parameters, or as many as its largest repeated
+# block where that is more (a small test model's embedders outweigh an 8th of it): grouping saves a small
+# module's per-block scheduling, and a group big enough to matter could no longer be evicted or streamed in
+# parts (an encoder and a decoder called once each, side by side, would be one block).
+GROUP_MAX_SHARE = 1 / 8
+
+
+def draft_blocks(blocks: ModuleBlocks, trace: Trace, group_siblings: bool,
+                 unit_elements: list[int] | None = None) -> tuple[list[Draft], list[int], dict[int, int]]:
     """Drafts in first-call order, the forward's calls as draft indices (consecutive calls of one group's
     members are one call) and each called unit's draft. Siblings are grouped when each is a non-repeated
-    module called once, straight after the previous one."""
+    module called once, straight after the previous one, while the group holds at most GROUP_MAX_SHARE of
+    the parameters or as many as the largest repeated unit (`unit_elements`: each unit's; None: no limit)."""
     drafts: list[Draft] = []
     of_unit: dict[int, int] = {}
     sequence: list[int] = []
     prev = None
+    cap = float("inf")
+    if unit_elements:
+        cap = max([GROUP_MAX_SHARE * sum(unit_elements)]
+                  + [n for u, n in zip(blocks.units, unit_elements, strict=True) if u.repeated])
+
+    def fits(units: list[int], unit: int) -> bool:
+        return unit_elements is None or sum(unit_elements[u] for u in units) + unit_elements[unit] <= cap
     for unit in trace.order:
         if unit in of_unit:
             d = of_unit[unit]
@@ -57,7 +72,7 @@ def draft_blocks(blocks: ModuleBlocks, trace: Trace,
         tail = drafts[-1] if drafts else None
         if (group_siblings and tail is not None and tail.units[-1] == prev
                 and _groupable(blocks, trace, unit) and _groupable(blocks, trace, prev)
-                and _parent(path) == _parent(blocks.units[prev].modules[0])):
+                and _parent(path) == _parent(blocks.units[prev].modules[0]) and fits(tail.units, unit)):
             tail.units.append(unit)
             parent = _parent(path)
             names = "+".join(blocks.units[u].modules[0].rpartition(".")[2] for u in tail.units)

@@ -1,0 +1,56 @@
+"""Plain torch modules cut into blocks with no library declaration: an nn.Sequential of identical layers is a
+stack of blocks as a ModuleList of them is, and siblings are grouped only while the group stays small."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from residency.workload import module_workload
+
+
+def mlp(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+def block_names(model: nn.Module, example: torch.Tensor) -> list[str]:
+    return [b.name.partition(".")[2] for b in module_workload(model, example, name="m").workload.blocks]
+
+
+def test_a_sequential_of_identical_layers_is_one_block_per_layer():
+    model = nn.Sequential(*[mlp(64, 256) for _ in range(6)], nn.Linear(64, 10))
+    assert block_names(model, torch.randn(2, 64)) == ["0", "1", "2", "3", "4", "5", "6"]
+
+
+def test_layers_alike_in_class_but_not_in_shape_stay_one_block():
+    outer = nn.ModuleList([mlp(64, 256), mlp(64, 256)])  # each MLP: Linear(64, 256) and Linear(256, 64)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = outer
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = x + b(x)
+            return x
+
+    assert block_names(Model(), torch.randn(2, 64)) == ["blocks.0", "blocks.1"]
+
+
+class Codec(nn.Module):
+    """Two large siblings called once each, then two small ones: the large are never one block."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = mlp(64, 512)
+        self.decoder = nn.Sequential(nn.Linear(64, 1024), nn.GELU(), nn.Linear(1024, 64))
+        self.norm = nn.LayerNorm(64)
+        self.out = nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.out(self.norm(self.decoder(self.encoder(x))))
+
+
+def test_large_siblings_called_once_each_are_not_grouped_but_small_ones_are():
+    assert block_names(Codec(), torch.randn(2, 64)) == ["encoder", "decoder", "norm+out"]
