@@ -155,3 +155,22 @@ def test_an_unreadable_cached_profile_is_measured_again(tmp_path, monkeypatch):
     assert "unreadable" in (tmp_path / "log.txt").read_text()
     assert session_setup.cached_profile("cpu", Console(file=open(tmp_path / "log2.txt", "w"))).name == profile.name
     assert measured == ["cpu"]  # the re-measured profile was cached
+
+
+def test_a_loaded_plan_is_compared_only_on_a_device_of_its_profiles_kind(files, capsys):
+    """A plan file names its profile by fingerprint: a shipped GPU profile's plan run on the CPU states its
+    prediction (no '+314%'); a plan for this CPU's profile that cannot fit is refused before the rollout."""
+    assert main(["plan", "tiny", *PROFILE, "--exec-mode", "eager", "-o", "gpu-plan.json"]) in (0, 3)
+    capsys.readouterr()
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "gpu-plan.json", "--frames", "3",
+                 "-o", "g.gif"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    if not torch.cuda.is_available():
+        assert "is predicted for Radeon RX 7800 XT, a GPU profile, not this CPU, so the two do not compare" in out
+    shutil.copy(CPU_PROFILE, cached_profile_path("cpu"))  # this machine's profile: same kind as the runtime
+    assert main(["plan", "tiny", "--profile", str(CPU_PROFILE), "--vram", "1MiB", "-o", "small.json"]) == 3
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        assert main(["run", "tiny", "--image", "start.png", "--plan", "small.json", "-o", "s.gif"]) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert "no plan fits the 1.00 MiB VRAM budget" in err and not (files / "s.gif").exists()

@@ -134,5 +134,5 @@ def run(args: argparse.Namespace) -> int:
         snapshot = session_setup.final_snapshot(runtime)
     console.print(f"played {frames} latent frames")
     if frames:
-        run_cmd.report_speed(console, snapshot, run_cmd.other_device(replan))
+        run_cmd.report_speed(console, snapshot, run_cmd.other_device(replan, plan))
     return 0

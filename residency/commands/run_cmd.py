@@ -33,6 +33,7 @@ from residency.session_setup import (
 
 if TYPE_CHECKING:  # they import torch
     from policies import Replanner
+    from residency.device import DeviceProfile
     from residency.plan import Plan
     from residency.telemetry import TelemetrySnapshot
 
@@ -128,9 +129,10 @@ def plan_for(model: Model, args: argparse.Namespace, console: Console) -> tuple[
     plan, replan = make_plan(model, console, plan_path=getattr(args, "plan", None), profile=args.profile,
                              fps=args.fps, vram_bytes=args.vram)
     pred = plan.prediction
-    # Refused only when the plan was made here for a profile of this runtime's kind: a GPU profile's prediction
-    # counts a GPU's workspace the CPU runtime never holds (a GPU plan tried on the CPU runs, as the README shows)
-    same_kind = replan is not None and other_device(replan) is None
+    other = other_device(replan, plan)
+    # Refused only when the plan is for a profile of this runtime's kind: a GPU profile's prediction counts a
+    # GPU's workspace the CPU runtime never holds (a GPU plan tried on the CPU runs, as the README shows)
+    same_kind = other is None and (replan is not None or plan_profile(plan) is not None)
     if same_kind and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
         raise ResidencyError(f"no plan fits the {fmt_bytes(plan.budget.vram_bytes)} VRAM budget: the smallest "
                              f"{plan.policy} found needs {fmt_bytes(pred.peak_total_bytes)}",
@@ -139,19 +141,43 @@ def plan_for(model: Model, args: argparse.Namespace, console: Console) -> tuple[
     if getattr(args, "plan", None):
         compiled = " Its compiled blocks compile first (once, cached on disk)." if any(
             bp.exec_mode == "compiled" for bp in plan.blocks) else ""
-        console.print(f"note: {args.plan} was made for {plan.profile}: its predictions are that device's, which "
-                      f"this run compares its measurements with.{compiled}", markup=False, highlight=False)
+        compare = "which this run does not compare its measurements with" if other else (
+            "which this run compares its measurements with")
+        console.print(f"note: {args.plan} was made for {plan.profile}: its predictions are that device's, "
+                      f"{compare}.{compiled}", markup=False, highlight=False)
     return plan, replan
 
 
-def other_device(replan: Replanner | None) -> str | None:
-    """The device a plan made here predicts when it is not of this runtime's kind ("GeForce RTX 5090, a GPU
-    profile, not this CPU"), else None (same kind, or a plan loaded from a file: its own note says whose)."""
+def plan_profile(plan: Plan) -> DeviceProfile | None:
+    """The profile a loaded plan was made for, found by its fingerprint among the shipped profiles and this
+    machine's cached one; None when it is none of them (a profile file elsewhere, a calibrated one)."""
+    from residency import session_setup
+    from residency.device import cached_profile_path, load_profile
+    from residency.device.profile_io import shipped_profile_names
+
+    candidates: list[str | Path] = [*shipped_profile_names(), cached_profile_path(session_setup.device_kind())]
+    for name in candidates:
+        try:
+            profile = load_profile(name)
+        except ResidencyError:  # a missing or unreadable cache: not this plan's profile
+            continue
+        if profile.fingerprint() == plan.profile_fingerprint:
+            return profile
+    return None
+
+
+def other_device(replan: Replanner | None, plan: Plan | None = None) -> str | None:
+    """The device a plan predicts when its profile is not of this runtime's kind ("GeForce RTX 5090, a GPU
+    profile, not this CPU"), else None: same kind, or a loaded `plan` whose profile is not known here
+    (plan_profile; the note beside it says whose predictions they are)."""
     from residency import session_setup
 
-    if replan is None:
-        return None
-    profile = replan.request.profile
+    if replan is not None:
+        profile = replan.request.profile
+    else:
+        profile = plan_profile(plan) if plan is not None else None
+        if profile is None:
+            return None
     here_gpu = session_setup.device_kind() != "cpu"
     if profile.is_gpu == here_gpu:
         return None
@@ -244,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     if trace is not None:
         write_trace(snapshot, context, trace)
         console.print(f"wrote the trace to {trace} (open in https://ui.perfetto.dev or `residency dashboard`)")
-    report_speed(console, snapshot, other_device(replan))
+    report_speed(console, snapshot, other_device(replan, plan))
     if args.calibrate:
         print_line(console)(calibrate_session(runtime, replan.profile).line())
     return 0

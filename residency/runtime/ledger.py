@@ -51,8 +51,8 @@ class Ledger:
         if self.total_bytes + nbytes > self.budget_bytes:
             raise DeviceBudgetExceeded(
                 f"device memory budget exceeded: {what or kind} needs {fmt_bytes(nbytes)} more, "
-                f"{fmt_bytes(self.total_bytes)} held of a {fmt_bytes(self.budget_bytes)} budget "
-                f"({self.describe()})",
+                f"{fmt_bytes(self.total_bytes)} held of a {fmt_bytes(self.budget_bytes)} budget"
+                + (f" ({self.describe()})" if self.total_bytes else ""),
                 hint="raise the budget, or make a plan for this budget (more blocks streamed or quantized)")
         self._current[kind] += nbytes
         self.total_bytes += nbytes
