@@ -1,6 +1,7 @@
 """`residency plan`: exit codes, sizes, JSON, the written plan, and every bad input's error and hint."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -209,3 +210,12 @@ def test_block_names_fold_by_numbered_list_in_order():
     assert _names_label(["t.embed", "t.block.0", "t.block.1", "t.block.3", "t.norm", "v.up.0"]) == (
         "t.embed, t.block.0–1,3 (×3), t.norm, v.up.0")
     assert _names_label(["a.2", "b", "a.0"]) == "a.0,2 (×2), b"
+
+
+def test_a_cpu_plan_that_streams_says_why_little_crosses_its_link(capsys):
+    cpu = str(Path(__file__).parent / "data" / "measured-cpu-2-cores.json")
+    code, out, err = run(capsys, "plan", "default", "--profile", cpu, "--vram", "20MiB")
+    assert code in (0, 3), err
+    assert "on the CPU a streamed block converts straight from host memory" in " ".join(out.split())
+    code, out, _ = run(capsys, "plan", "default", "--profile", "rtx-5090", "--vram", "20MiB")
+    assert "converts straight from host memory" not in " ".join(out.split())

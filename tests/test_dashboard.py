@@ -116,3 +116,18 @@ def test_keys_decode_to_actions():
     vocab = ("idle", "up", "down", "left", "right", "up_left", "jump", "use")
     assert [action_of(k, vocab) for k in ("right", "a", "7", " ", "e", "x", "3")] == [
         "right", "left", "up_left", "jump", "use", None, None]
+
+
+def test_the_link_panel_says_why_a_busy_copy_engine_moved_no_bytes(snapshot):
+    from residency.dashboard.panels import link
+
+    def text_of(snap) -> str:
+        console = Console(record=True, width=200, file=open("/dev/null", "w"))  # noqa: SIM115
+        console.print(link(snap))
+        return console.export_text()
+
+    last = snapshot.frames[-1]
+    assert last.link_bytes > 0 and "nothing to copy" not in text_of(snapshot)
+    converted = dataclasses.replace(last, link_bytes=0, copy_busy_ms=5.0)  # the CPU's bf16 blocks, unpacked
+    shown = text_of(dataclasses.replace(snapshot, frames=(*snapshot.frames[:-1], converted)))
+    assert "0 B per frame over the link" in shown and "convert straight from host memory, nothing to copy" in shown

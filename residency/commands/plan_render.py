@@ -145,7 +145,7 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile, model
     video_fps = _video_fps(workload, pred.frame_ms)
     console.print(f"predicted: [bold]{pred.frame_ms:.2f} ms[/bold] per latent frame ({video_fps:.1f} video fps); "
                   f"first frame {pred.first_frame_ms:.1f} ms; stall {pred.stall_ms:.2f} ms; "
-                  f"{fmt_bytes(pred.link_bytes_per_frame)} over the link per frame; "
+                  f"{fmt_bytes(pred.link_bytes_per_frame)} over the link per frame{_cpu_link(plan, profile)}; "
                   f"lower bound {pred.lower_bound_ms:.2f} ms; quality loss {pred.quality_loss:.3f}")
     for phase, evicted in plan.phase_actions([(ph.name, ph.blocks) for ph in workload.phases]):
         if evicted:
@@ -155,6 +155,15 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile, model
     console.print(verdict(plan))
     for note in plan.notes:
         console.print(f"  note: {note}")
+
+
+def _cpu_link(plan: Plan, profile) -> str:
+    """Why a CPU plan that streams moves few bytes over its link: a streamed block in another dtype than the
+    compute's is converted from host memory by the copy engine, and only tensors already in it are copied."""
+    if profile.is_gpu or not plan.streamed():
+        return ""
+    return " (on the CPU a streamed block converts straight from host memory: only tensors already in the " \
+           "compute dtype are copied)"
 
 
 def _share(nbytes: int, budget_bytes: int) -> str:

@@ -146,6 +146,8 @@ def link(snapshot: TelemetrySnapshot, width_cells: int = 48) -> Group:
     text = Text(f"{fmt_bytes(last.link_bytes)} per frame over the link ({rate_gbps:.2f} GB/s)")
     if predicted is not None:
         text.append(f" · predicted {fmt_bytes(predicted)}")
+    if last.link_bytes == 0 and last.copy_busy_ms > 0:  # the CPU backend's streamed blocks in another dtype
+        text.append(" · streamed blocks convert straight from host memory, nothing to copy", style="dim")
     return Group(line, text)
 
 
