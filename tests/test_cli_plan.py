@@ -219,3 +219,22 @@ def test_a_cpu_plan_that_streams_says_why_little_crosses_its_link(capsys):
     assert "on the CPU a streamed block converts straight from host memory" in " ".join(out.split())
     code, out, _ = run(capsys, "plan", "default", "--profile", "rtx-5090", "--vram", "20MiB")
     assert "converts straight from host memory" not in " ".join(out.split())
+
+
+def test_declined_compiles_are_one_note_where_the_first_stood():
+    from residency.commands.plan_render import _folded_notes
+
+    notes = ["no frame budget: …", "a eager: compiling (23 s) would save only 16.4 s over a 600 s session",
+             "b compiled: 7.0 → 3.5 ms per frame saves 270 s", "c eager: compiling (23 s) would save only 2.9 s over a "
+             "600 s session", "planned in 0.07 s"]
+    assert _folded_notes(notes) == [
+        "no frame budget: …", "eager where compiling (23 s) would not repay itself over a 600 s session: a (saves "
+        "16.4 s), c (saves 2.9 s)", "b compiled: 7.0 → 3.5 ms per frame saves 270 s", "planned in 0.07 s"]
+    assert _folded_notes(notes[:2]) == notes[:2]  # one stays as it is
+
+
+def test_a_budget_under_the_fixed_workspace_says_so_once(capsys):
+    code, out, _ = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--vram", "50%")
+    text = " ".join(out.split())
+    assert code == 3 and "the device's fixed workspace alone is 128.0 MiB: no placement fits under it" in text
+    assert text.count("does not fit") == 1

@@ -5,6 +5,7 @@ Per-block milliseconds come from the simulator's steady frame, the same figures 
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 from rich.console import Console
@@ -12,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from policies.base import is_device_miss
 from residency.plan import Plan
 from residency.simulate import simulate
 from residency.units import fmt_bytes
@@ -153,8 +155,26 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile, model
                           f"({fmt_bytes(sum(workload.by_name[b].nbytes(plan.by_name[b].format) for b in evicted))}"
                           f" as loaded): {_names_label(list(evicted))}")
     console.print(verdict(plan))
-    for note in plan.notes:
-        console.print(f"  note: {note}")
+    for note in _folded_notes([n for n in plan.notes if not is_device_miss(n)]):  # the verdict says the miss
+        console.print(f"  note: {escape(note)}")
+
+
+_DECLINED = re.compile(r"(?P<name>.+) eager: compiling \((?P<compile>\d+ s)\) would save only (?P<saved>[\d.]+ s) "
+                       r"over a (?P<session>\d+ s) session")
+
+
+def _folded_notes(notes: list[str]) -> list[str]:
+    """The plan's notes, its declined compiles ("X eager: compiling (23 s) would save only 2.9 s over a 600 s
+    session", one per block class: 15 lines on Flux) folded into one note where the first of them stood."""
+    declined = [(n, m) for n in notes if (m := _DECLINED.fullmatch(n))]
+    if len(declined) < 2 or len({(m["compile"], m["session"]) for _, m in declined}) != 1:
+        return notes
+    m = declined[0][1]
+    folded = (f"eager where compiling ({m['compile']}) would not repay itself over a {m['session']} session: "
+              + ", ".join(f"{m['name']} (saves {m['saved']})" for _, m in declined))
+    first = notes.index(declined[0][0])
+    rest = [n for n in notes if n not in {d for d, _ in declined}]
+    return rest[:first] + [folded] + rest[first:]
 
 
 def _cpu_link(plan: Plan, profile) -> str:
@@ -180,7 +200,11 @@ def verdict(plan: Plan) -> str:
     pred, budget = plan.prediction, plan.budget
     within = f"within {fmt_bytes(budget.vram_bytes)}"
     if pred.peak_total_bytes > budget.vram_bytes:
-        return f"[red]✗ does not fit:[/red] needs {fmt_bytes(pred.peak_total_bytes)}, budget {fmt_bytes(budget.vram_bytes)}"
+        fixed = pred.peak_bytes.get("workspace", 0)
+        why = (f" (the device's fixed workspace alone is {fmt_bytes(fixed)}: no placement fits under it)"
+               if fixed >= budget.vram_bytes else "")
+        return (f"[red]✗ does not fit:[/red] needs {fmt_bytes(pred.peak_total_bytes)}, budget "
+                f"{fmt_bytes(budget.vram_bytes)}{why}")
     if budget.frame_ms is None:
         return f"[green]✓ fits[/green] {within} at {pred.frame_ms:.2f} ms per latent frame (no frame budget given)"
     if pred.frame_ms <= budget.frame_ms:
