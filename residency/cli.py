@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import sys
 
 from residency.commands import COMMANDS
@@ -15,11 +16,35 @@ from residency.errors import ResidencyError
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's default prints usage + exits 2; keep 2, add a hint
-        self.print_usage(sys.stderr)
+    def error(self, message: str) -> None:
+        """Exit 2 as argparse does, in two lines instead of its usage block: the error, then a hint — the
+        message's own where it ends "(hint: …)" (an argument type's), else where the options are listed."""
+        message, _, hint = message.partition(" (hint: ")
         print(f"error: {message}", file=sys.stderr)
-        print(f"hint: run '{self.prog} --help' for the options", file=sys.stderr)
+        print(f"hint: {hint.removesuffix(')')}" if hint else f"hint: run '{self.prog} --help' for the options",
+              file=sys.stderr)
         raise SystemExit(2)
+
+
+_NEGATIVE_VALUE = re.compile(r"-\d")  # `-1GiB`, which argparse takes for an option, not a value
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--vram -1GiB` as `--vram=-1GiB`: argparse reads a token that starts with '-' and is not a plain number
+    as an option, and says only "expected one argument"; joined, the value reaches its type check, whose error
+    names it."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if (tok.startswith("--") and "=" not in tok and i + 1 < len(argv)
+                and _NEGATIVE_VALUE.match(argv[i + 1])):
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     except SystemExit as exit_:
         return int(exit_.code or 0)
     if args.command is None:

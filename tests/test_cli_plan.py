@@ -238,3 +238,16 @@ def test_a_budget_under_the_fixed_workspace_says_so_once(capsys):
     text = " ".join(out.split())
     assert code == 3 and "the device's fixed workspace alone is 128.0 MiB: no placement fits under it" in text
     assert text.count("does not fit") == 1
+
+
+@pytest.mark.parametrize("vram, message, hint", [
+    ("12", "got '12'", "a bare number is bytes: did you mean 12GiB?"),
+    ("-1GiB", "cannot read the size '-1GiB'", "write a number with a unit"),  # not argparse's "expected one argument"
+    ("0%", "a share of the weights must be above 0%", "e.g. 50%, or a size such as 6GiB"),
+])
+def test_a_usage_error_is_two_lines_the_error_and_its_own_hint(capsys, vram, message, hint):
+    code, _, err = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--vram", vram)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 2, err
+    assert lines[0].startswith("error: argument --vram: ") and message in lines[0]
+    assert lines[1] == f"hint: {hint}" or lines[1].startswith(f"hint: {hint}")

@@ -77,7 +77,10 @@ def vram_size(text: str) -> int | str:
     try:
         return parse_size(text, "the size", min_bytes=MIN_VRAM_BYTES)
     except ResidencyError as e:  # argparse reports only its own error type as a usage error
-        raise argparse.ArgumentTypeError(f"{e.message} ({e.hint})" if e.hint else e.message) from None
+        hint = e.hint
+        if _FLOAT_RE.fullmatch(stripped) and float(stripped) < MIN_VRAM_BYTES:  # `--vram 12`: bytes, as given
+            hint = f"a bare number is bytes: did you mean {stripped}GiB?"
+        raise argparse.ArgumentTypeError(f"{e.message} (hint: {hint})" if hint else e.message) from None
 
 
 def resolve_vram(spec: int | str, workload, compute_dtype: str) -> int:
