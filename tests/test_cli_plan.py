@@ -251,3 +251,12 @@ def test_a_usage_error_is_two_lines_the_error_and_its_own_hint(capsys, vram, mes
     assert code == 2 and len(lines) == 2, err
     assert lines[0].startswith("error: argument --vram: ") and message in lines[0]
     assert lines[1] == f"hint: {hint}" or lines[1].startswith(f"hint: {hint}")
+
+
+def test_a_directory_given_as_model_or_profile_is_named_as_one(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    code, _, err = run(capsys, "plan", "tiny", "--profile", "adir")
+    assert code == 1 and "adir: cannot read the profile (a directory, not a file)" in err
+    code, _, err = run(capsys, "plan", "adir", "--profile", "rtx-5090")
+    assert code == 1 and "adir: a directory with no model in it" in err and "hint:" in err

@@ -292,7 +292,8 @@ def profile_path(name_or_path: str | os.PathLike[str]) -> Path:
     shipped = profiles_dir() / f"{text}.json"
     if os.sep not in text and "/" not in text and path_kind(shipped)[0] == FILE:
         return shipped
-    looks_like_path = candidate.suffix == ".json" or os.sep in text or "/" in text
+    # a bare name that exists here (a directory, a FIFO) is that path, not an unknown shipped name
+    looks_like_path = candidate.suffix == ".json" or os.sep in text or "/" in text or kind != MISSING
     if looks_like_path and kind != MISSING:
         return candidate  # a directory, a FIFO or an unusable name: read_json says which, without opening a FIFO
     if looks_like_path:
