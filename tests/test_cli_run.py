@@ -51,8 +51,10 @@ def listing(d: Path) -> set[str]:
 def test_run_writes_a_gif_and_a_trace_the_dashboard_renders(files, capsys):
     code = main(["run", "tiny", "--image", "start.png", *PROFILE, "--vram", "24MiB", "--fps", "15",
                  "--actions", "right*2,jump", "--frames", "4", "-o", "out.gif", "--trace", "trace.json"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0
+    if not torch.cuda.is_available():  # 24 MiB is under the GPU profile's workspace: said, and run all the same
+        assert "✗ does not fit" in err and "note: it runs all the same" in " ".join(err.split())
     with Image.open(files / "out.gif") as gif:
         assert gif.n_frames == 4 and gif.size == (64, 64)
     assert "measured" in out and "predicted" in out

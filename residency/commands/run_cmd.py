@@ -123,6 +123,7 @@ def plan_for(model: Model, args: argparse.Namespace, console: Console) -> tuple[
     `console` in one line (and where a loaded plan's predictions come from).
 
     Raises ResidencyError, before anything is loaded on the device, when no plan fits the VRAM budget."""
+    from residency import session_setup
     from residency.commands.plan_render import verdict
     from residency.units import fmt_bytes
 
@@ -138,6 +139,10 @@ def plan_for(model: Model, args: argparse.Namespace, console: Console) -> tuple[
                              f"{plan.policy} found needs {fmt_bytes(pred.peak_total_bytes)}",
                              hint=f"raise --vram to at least {fmt_bytes(pred.peak_total_bytes)}, or leave it out")
     console.print(f"plan ({plan.policy}, {plan.profile}): {verdict(plan)}")
+    if other and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
+        console.print(f"note: it runs all the same: the miss is {plan.profile}'s, whose workspace this "
+                      f"{'GPU' if session_setup.device_kind() != 'cpu' else 'CPU'} runtime does not hold; its "
+                      "ledger enforces the budget", markup=False, highlight=False)
     if getattr(args, "plan", None):
         compiled = " Its compiled blocks compile first (once, cached on disk)." if any(
             bp.exec_mode == "compiled" for bp in plan.blocks) else ""
