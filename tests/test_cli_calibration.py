@@ -160,3 +160,13 @@ def test_a_shorter_calibration_keeps_the_cached_one_fitted_on_more_frames(machin
     assert main([*RUN, "--frames", "6", "--calibrate"]) == 0  # 4 fitted: more, so it replaces
     assert "calibrated profile saved to" in capsys.readouterr().out
     assert read_profile(path).calibration.frames == 4
+
+
+def test_a_prediction_far_off_gets_the_hint_to_calibrate(machine, capsys, tmp_path):
+    fast = dataclasses.replace(machine, compute_scale={c: 0.05 for c in ("encoder", "dit", "decoder", "vae")})
+    save_profile(fast, tmp_path / "fast.json")  # predicts compute 20x faster than it runs
+    assert main([*RUN, "--frames", "3", "--profile", str(tmp_path / "fast.json")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "hint: the prediction is off by more than 20%: add --calibrate" in out
+    assert main([*RUN, "--frames", "3", "--profile", str(tmp_path / "fast.json"), "--calibrate"]) == 0
+    assert "hint: the prediction is off" not in capsys.readouterr().out  # calibrating already

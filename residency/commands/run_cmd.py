@@ -200,9 +200,14 @@ def check_trace_path(path: str) -> Path:
     return check_writable_target(p)
 
 
-def report_speed(console: Console, snapshot: TelemetrySnapshot, other: str | None = None) -> None:
+OFF_BY = 0.20  # a prediction further off than this gets the hint to calibrate (the issue's "within 20%")
+
+
+def report_speed(console: Console, snapshot: TelemetrySnapshot, other: str | None = None,
+                 calibrate_hint: str | None = None) -> None:
     """The steady measured work ms per latent frame beside the plan's prediction, then the caller's gap. With
-    `other` (see other_device) the prediction is for another device: shown, but no error is computed."""
+    `other` (see other_device) the prediction is for another device: shown, but no error is computed. With
+    `calibrate_hint`, a prediction off by more than OFF_BY is followed by that hint (how to calibrate)."""
     from residency.telemetry.recorder import known_gaps
 
     measured, gap = snapshot.steady_frame_ms(), snapshot.steady_gap_ms()
@@ -220,6 +225,9 @@ def report_speed(console: Console, snapshot: TelemetrySnapshot, other: str | Non
     if gap > 0:  # nan compares false
         line += f"; the caller took {gap:.1f} ms more between frames (not in the measurement)"
     console.print(line)
+    if predicted and not other and calibrate_hint and abs(measured - predicted) > OFF_BY * predicted:
+        console.print(f"hint: the prediction is off by more than {OFF_BY:.0%}: {calibrate_hint}", markup=False,
+                      highlight=False)
 
 
 # --- run ---------------------------------------------------------------------------------------------------
@@ -275,7 +283,8 @@ def run(args: argparse.Namespace) -> int:
     if trace is not None:
         write_trace(snapshot, context, trace)
         console.print(f"wrote the trace to {trace} (open in https://ui.perfetto.dev or `residency dashboard`)")
-    report_speed(console, snapshot, other_device(replan, plan))
+    report_speed(console, snapshot, other_device(replan, plan), None if args.calibrate or getattr(args, "plan", None) else (
+        "add --calibrate to fit this machine's profile to a run (cached), then plan with --profile calibrated"))
     if args.calibrate:
         print_line(console)(calibrate_session(runtime, replan.profile).line())
     return 0
