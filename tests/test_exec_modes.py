@@ -157,11 +157,12 @@ def test_ours_graphs_launch_bound_blocks_only_when_asked_to_simulate_graphs():
 
 def test_graphs_never_make_ours_worse_than_without_them():
     """Modes are chosen before placement, so a graph's pool is charged to the budget whatever the placement: on
-    lucid-800m at 1.5 GiB of an RX 7800 XT, 60 fps (held by no plan: speed ranks) the graphed plan was slower than
-    the one without graphs (78.3 against 77.5 ms; 86 against 82 ms before the MILP's tightening). Ours now plans
-    both ways and keeps the better by its ranking."""
+    lucid-800m at 1.5 GiB of an RX 7800 XT, 60 fps (held by no plan) the graphed plan was worse than the one
+    without graphs (86 against 82 ms before the MILP's tightening). Ours plans both ways and keeps the better by
+    its ranking: held by neither, within 10% of each other, quality first (78.3 ms at loss 0.840 with graphs,
+    77.5 ms at 0.863 without)."""
     from pipelines.catalog import catalog_paths
-    from policies.ours.ranking import better
+    from policies.ours.ranking import QUALITY_SLACK, better
     from residency.workload import load_workload_file
 
     w = load_workload_file(catalog_paths()["lucid-800m"])
@@ -169,8 +170,8 @@ def test_graphs_never_make_ours_worse_than_without_them():
     plans = {m: get_policy("ours")(PlanRequest(w, load_profile("rx-7800-xt"), budget, exec_mode=m))
              for m in ("auto", "auto+graphed")}
     assert not better(plans["auto+graphed"], plans["auto"], budget.frame_ms)
-    assert plans["auto+graphed"].prediction.frame_ms <= plans["auto"].prediction.frame_ms * (1 + 1e-9)
-    assert any(n.startswith("graphs declined:") for n in plans["auto+graphed"].notes)
+    graphed, eager = (plans[m].prediction for m in ("auto+graphed", "auto"))
+    assert graphed.frame_ms <= eager.frame_ms * QUALITY_SLACK and graphed.quality_loss <= eager.quality_loss
 
 
 def test_ours_keeps_eager_where_the_compile_does_not_pay_off():
