@@ -28,3 +28,7 @@ class UsageError(ResidencyError):
 
 class FormatError(ResidencyError):
     """An unknown storage format, or a shape the format cannot hold."""
+
+
+class InferenceOnlyWarning(UserWarning):
+    """An attached model was called with autograd on: the runtime ran the call without it (see Runtime)."""

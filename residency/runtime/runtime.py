@@ -6,6 +6,8 @@ and retried: a call of the model itself, or a session's step (restored first thr
 
 from __future__ import annotations
 
+import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 from residency.device import DeviceProfile
-from residency.errors import ResidencyError
+from residency.errors import InferenceOnlyWarning, ResidencyError
 from residency.plan import Budget, Plan
 from residency.runtime.backend import Backend
 from residency.runtime.backends import get_backend
@@ -44,9 +46,24 @@ class _RetryHook(ModelHook):
         self.runtime = runtime
 
     def new_forward(self, module, forward, args, kwargs):
-        if self.runtime.call_check is not None:
-            self.runtime.call_check(args, kwargs)
-        return self.runtime._unit(self.runtime._model_call, (forward, args, kwargs), {})
+        rt = self.runtime
+        if rt.call_check is not None:
+            rt.call_check(args, kwargs)
+        if torch.is_grad_enabled() and rt._swaps_weights():
+            _warn_inference_only()
+            with torch.no_grad():
+                return rt._unit(rt._model_call, (forward, args, kwargs), {})
+        return rt._unit(rt._model_call, (forward, args, kwargs), {})
+
+
+def _warn_inference_only() -> None:
+    # Autograd would save the weights a block computed with for the backward pass, and a streamed block's
+    # weights live in a slot the next block overwrites: the gradients came out wrong (22.6 against 19.7 on
+    # a 4-layer MLP at half its bytes). Without autograd a backward() fails loudly instead, in torch.
+    warnings.warn("the attached model ran without autograd (as under torch.no_grad()): streamed and packed "
+                  "blocks reuse their weights' memory, so gradients through them would be wrong; call it "
+                  "under torch.inference_mode() to silence this, or detach the runtime to train",
+                  InferenceOnlyWarning, stacklevel=4)
 
 
 class Runtime:
@@ -101,6 +118,7 @@ class Runtime:
         self._root: nn.Module | None = None  # the model, carrying the retry hook
         self._retrying = False  # a unit of retry is running: calls inside it are not retried on their own
         self._in_unit = False  # a unit of work is running: a call of the model inside a step is part of it
+        self._unit_lock = threading.RLock()  # one unit at a time across threads; re-entered by nested calls
         self.loop: ClosedLoop | None = None  # enable_closed_loop() sets it
         self._originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]] = {}
         self._buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
@@ -272,6 +290,11 @@ class Runtime:
             self.ledger.reserve("kv_cache", nbytes, "the session's KV cache")
             self._memory.reserved["kv_cache"] = nbytes
 
+    def _swaps_weights(self) -> bool:
+        """Whether a block of the running plan computes with weights the runtime swaps in (streamed, or packed
+        and unpacked into scratch): then autograd must not see them."""
+        return any(bp.placement != "resident" for bp in self.plan.blocks)
+
     def step(self, session: RecoverableSession, action: Any):
         """session.step(action), recovering from out-of-memory: restore, re-plan, re-attach, retry.
 
@@ -323,14 +346,18 @@ class Runtime:
     def _unit(self, call: Callable[..., Any], args: tuple, kwargs: dict,
               undo: Callable[[], None] | None = None) -> Any:
         """One unit of work (a step, a top-level call of the model) with the closed loop around it, if enabled:
-        before it a finished re-plan may be switched to; after it the loop reads the frames it closed."""
-        loop = None if self._retrying else self.loop  # a call of the model inside a step is part of the step
-        if loop is not None:
-            loop.before_unit()
-        out = self._retry(call, args, kwargs, undo)
-        if loop is not None:
-            loop.after_unit()
-        return out
+        before it a finished re-plan may be switched to; after it the loop reads the frames it closed.
+
+        Units from several threads run one at a time (the lock): blocks share slots, the copy ring and the
+        ledger, and two calls interleaved read each other's weights (56 of 60 outputs wrong from 3 threads)."""
+        with self._unit_lock:
+            loop = None if self._retrying else self.loop  # a call of the model inside a step is part of the step
+            if loop is not None:
+                loop.before_unit()
+            out = self._retry(call, args, kwargs, undo)
+            if loop is not None:
+                loop.after_unit()
+            return out
 
     def _retry(self, call: Callable[..., Any], args: tuple, kwargs: dict,
                undo: Callable[[], None] | None = None) -> Any:

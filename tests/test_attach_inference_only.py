@@ -1,0 +1,69 @@
+"""An attached model is for inference: a call with autograd on runs without it (warned), since streamed weights
+share slots a backward pass would read back wrong; calls from several threads run one at a time."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from sim_helpers import flat_profile
+from torch import nn
+
+import residency
+from residency.errors import InferenceOnlyWarning
+
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
+
+
+def mlp_stack() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    layers = [nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)) for _ in range(6)]
+    return nn.Sequential(*layers).eval(), torch.randn(4, 64)
+
+
+def attach(model, x, vram="40%"):
+    return residency.attach(model, vram=vram, profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=x)
+
+
+def test_a_call_with_autograd_on_runs_without_it_and_says_so():
+    model, x = mlp_stack()
+    with torch.inference_mode():
+        expected = model(x)
+    with attach(model, x) as rt:
+        assert rt.plan.streamed()
+        with pytest.warns(InferenceOnlyWarning, match="ran without autograd"):
+            y = model(x)
+        assert not y.requires_grad and torch.equal(y, expected)
+        with pytest.raises(RuntimeError):  # torch's own error: no graph, so no wrong gradients
+            y.sum().backward()
+
+
+def test_with_every_block_resident_autograd_is_left_alone():
+    model, x = mlp_stack()
+    with attach(model, x, vram=None) as rt:
+        assert not rt.plan.streamed()
+        y = model(x)
+        assert y.requires_grad
+        y.sum().backward()
+    assert model[0][0].weight.grad is not None
+
+
+def test_calls_from_several_threads_each_get_their_own_output():
+    model, x = mlp_stack()
+    with torch.inference_mode():
+        expected = model(x)
+    results: list[torch.Tensor] = []
+    with attach(model, x) as rt, torch.inference_mode():
+        assert rt.plan.streamed()
+
+        def worker() -> None:
+            with torch.inference_mode():
+                results.extend(model(x) for _ in range(5))
+
+        threads = [threading.Thread(target=worker) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(results) == 15 and all(torch.equal(r, expected) for r in results)
