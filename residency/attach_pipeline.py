@@ -6,7 +6,6 @@ workload, one Runtime over all of them, so an encoder can be evicted, kept packe
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 import warnings
@@ -20,6 +19,7 @@ from torch import nn
 from residency.device import DeviceProfile, machine_profile, resolve_profile
 from residency.errors import ResidencyError
 from residency.front_door.foreign_hooks import refuse_pipeline_hooks
+from residency.front_door.pinned_planner import PinnedPlanner, unpinned_enclosing
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, vram_bytes
 from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
@@ -28,7 +28,7 @@ from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.units import fmt_bytes
 from residency.workload import ModuleWorkloadWarning, Workload, module_workload
 from residency.workload.from_module import DTYPE_NAMES, dominant_dtype, parameter_bytes_by_dtype
-from residency.workload.pipeline_phases import ComponentCall, ComponentPart, enclosing_blocks, join_phases
+from residency.workload.pipeline_phases import ComponentCall, ComponentPart, join_phases
 
 # Which pipeline attributes run in which phase, and the method the pipeline calls on them.
 ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -171,37 +171,6 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
     return PipelineWorkload(workload, PipelineModules(pipe, {c: m for c, m, *_ in components}), dtype, call)
 
 
-def unpinned_enclosing(plan: Plan, workload: Workload) -> dict[str, str]:
-    """Blocks enclosing others that the plan does not keep resident for the session: the runtime cannot
-    hook them (residency.runtime.module_paths), so they must be (name -> what the plan made them)."""
-    return {n: f"{plan.by_name[n].placement}/{plan.by_name[n].lifetime}" for n in enclosing_blocks(workload)
-            if (plan.by_name[n].placement, plan.by_name[n].lifetime) != ("resident", "session")}
-
-
-@dataclass(frozen=True)
-class PipelinePlanner:
-    """replan(budget, profile) for the runtime: the policy on the pipeline's workload, with the blocks that
-    enclose others (a component's loose tensors: a few KiB to MiB) kept resident, as the runtime needs."""
-
-    policy: Callable[..., Plan]
-    request: Any  # policies.PlanRequest (the front door imports policies lazily)
-
-    def __call__(self, budget: Budget, profile: DeviceProfile) -> Plan:
-        from policies import build_plan
-
-        req = dataclasses.replace(self.request, budget=budget, profile=profile)
-        plan = self.policy(req)
-        wrong = unpinned_enclosing(plan, req.workload)
-        if not wrong:
-            return plan
-        fmt = COMPUTE_FORMAT[req.compute_dtype]
-        blocks = [dataclasses.replace(bp, placement="resident", format=fmt, lifetime="session")
-                  if bp.name in wrong else bp for bp in plan.blocks]
-        note = f"{', '.join(wrong)} kept resident: the runtime reads them all through the call"
-        # re-scored by the simulator: a plan that no longer fits says so, and attach refuses it
-        return build_plan(req, plan.policy, blocks, plan.execution, notes=(*plan.notes, note), kv_dtype=plan.kv_dtype)
-
-
 class PipelineRuntime:
     """The runtime attached to a pipeline's components. Call it as the pipeline (`rt(prompt, …)`), or call
     the pipeline itself: both run under the plan, but only a call through the runtime has its shapes checked
@@ -299,7 +268,7 @@ def attach_built(built: PipelineWorkload, budget: Budget, *, profile: str | os.P
 
     prof = _profile(profile, backend)
     request = PlanRequest(built.workload, prof, budget, compute_dtype=built.compute_dtype)
-    planner = PipelinePlanner(get_policy(policy), request)
+    planner = PinnedPlanner(get_policy(policy), request)
     first = plan if plan is not None else planner(budget, prof)
     need = first.prediction.peak_total_bytes if first.prediction else 0
     if need > budget.vram_bytes:

@@ -67,3 +67,35 @@ def test_calls_from_several_threads_each_get_their_own_output():
         for t in threads:
             t.join()
     assert len(results) == 15 and all(torch.equal(r, expected) for r in results)
+
+
+class ClassToken(nn.Module):
+    """A root parameter read in the model's own forward (a ViT's class token): its block encloses the layers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pos = nn.Parameter(torch.randn(1, 8, 64))
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+                                    for _ in range(6))
+
+    def forward(self, x):
+        x = x + self.pos
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+@pytest.mark.parametrize("vram", ["90%", "50%", "30%"])
+def test_a_models_own_parameter_stays_resident_while_its_layers_stream(vram):
+    from pathlib import Path
+
+    model, x = ClassToken().eval(), torch.randn(2, 8, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    measured = Path(__file__).parent / "data" / "measured-cpu-2-cores.json"  # streams the loose block if let
+    with residency.attach(model, vram=vram, profile=measured, backend="cpu", example_inputs=x) as rt, \
+            torch.inference_mode():
+        loose = rt.plan.by_name["ClassToken.loose"]
+        assert (loose.placement, loose.lifetime) == ("resident", "session") and rt.plan.streamed()
+        assert torch.equal(model(x), expected)

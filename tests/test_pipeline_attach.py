@@ -39,7 +39,6 @@ from transformers import (
 from policies import PlanRequest, build_plan, get_policy
 from residency.attach_pipeline import (
     PipelineModules,
-    PipelinePlanner,
     attach_built,
     attach_pipeline,
     pipeline_workload,
@@ -47,6 +46,7 @@ from residency.attach_pipeline import (
 from residency.errors import ResidencyError
 from residency.formats import FORMATS
 from residency.formats.sizing import effective_format
+from residency.front_door.pinned_planner import PinnedPlanner
 from residency.plan import BlockPlan, Budget, Execution, Plan
 from residency.runtime.hooks import has_hook
 from residency.runtime.ledger import DeviceBudgetExceeded
@@ -351,7 +351,7 @@ def test_a_pipeline_calling_its_models_twice_a_step_runs_on_schedule_bit_exactly
 def test_a_policy_that_streams_a_components_own_tensors_is_made_to_keep_them_resident():
     built = pipeline_workload(tiny_wan(), WAN_CALL)
     request = PlanRequest(built.workload, PROFILE, Budget(2**26), compute_dtype="fp32")
-    streams_all = PipelinePlanner(get_policy("accelerate-sequential"), request)(Budget(2**26), PROFILE)
+    streams_all = PinnedPlanner(get_policy("accelerate-sequential"), request)(Budget(2**26), PROFILE)
     assert streams_all.by_name["transformer.loose"].placement == "resident"
     assert {bp.placement for bp in streams_all.blocks if bp.name != "transformer.loose"} == {"streamed"}
     assert "transformer.loose kept resident" in streams_all.notes[-1]

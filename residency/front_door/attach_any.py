@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from policies import PlanRequest, Replanner, fits_memory, get_policy
+from policies import PlanRequest, fits_memory, get_policy
 from residency.device import DeviceProfile, machine_profile, resolve_profile
 from residency.errors import ResidencyError
 from residency.front_door.examples import derived_example, is_instance_of
 from residency.front_door.foreign_hooks import refuse_foreign_hooks, refuse_pipeline_hooks
+from residency.front_door.pinned_planner import PinnedPlanner
 from residency.front_door.shape_guard import ShapeGuard
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, frame_budget_ms, vram_bytes
 from residency.plan import Budget, Plan, load_plan
@@ -78,7 +79,8 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     workload, guard = _workload(target, example_inputs, dtype)
     budget = Budget(vram_bytes(vram, workload.nbytes(COMPUTE_FORMAT[dtype]), prof.memory_usable_bytes),
                     frame_budget_ms(fps, frame_ms, workload.video_frames_per_latent))
-    replan = Replanner(get_policy(policy), PlanRequest(workload, prof, budget, compute_dtype=dtype))
+    # the model's own tensors (a ViT's class token) enclose its blocks: the planner keeps them resident
+    replan = PinnedPlanner(get_policy(policy), PlanRequest(workload, prof, budget, compute_dtype=dtype))
     chosen = _given_plan(plan, workload) if plan is not None else _planned(replan, budget, prof)
     if chosen.profile_fingerprint != prof.fingerprint():
         replan = None  # a plan made for another profile runs as given; recovery needs plans for one profile
@@ -155,7 +157,7 @@ def _workload(model: nn.Module, example_inputs: Any, dtype: str) -> tuple[Worklo
 
 
 
-def _planned(replan: Replanner, budget: Budget, profile: DeviceProfile) -> Plan:
+def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> Plan:
     plan = replan(budget, profile)
     if not fits_memory(plan):
         w = replan.request.workload

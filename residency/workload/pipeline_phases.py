@@ -59,7 +59,7 @@ def enclosing_blocks(workload: Workload) -> tuple[str, ...]:
     out = []
     for name, mine in paths.items():
         others = [p for n, ps in paths.items() if n != name for p in ps]
-        if any(o.startswith(m + ".") or o == m for m in mine for o in others):
+        if others and any(m == "" or o.startswith(m + ".") or o == m for m in mine for o in others):  # "": the root
             out.append(name)
     return tuple(out)
 
