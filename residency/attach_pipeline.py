@@ -275,7 +275,8 @@ def attach_built(built: PipelineWorkload, budget: Budget, *, profile: str | os.P
         raise DeviceBudgetExceeded(
             f"no {first.policy} plan of {built.workload.name} fits {fmt_bytes(budget.vram_bytes)}: the best needs "
             f"{fmt_bytes(need)} for the shapes of {_shapes(built.call)}",
-            hint="give more vram=, or plan for smaller images: call=dict(height=…, width=…)")
+            hint="give more vram=, or plan for smaller images: example_inputs=dict(height=…, width=…) with "
+                 "residency.attach (call= with attach_pipeline)")
     wrong = unpinned_enclosing(first, built.workload)
     if wrong:
         raise ResidencyError(f"the plan keeps {', '.join(wrong)} as {', '.join(wrong.values())}",

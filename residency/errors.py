@@ -32,3 +32,7 @@ class FormatError(ResidencyError):
 
 class InferenceOnlyWarning(UserWarning):
     """An attached model was called with autograd on: the runtime ran the call without it (see Runtime)."""
+
+
+class PlanWarning(UserWarning):
+    """A plan was made, but it does not hold what was asked (a time budget no plan meets)."""

@@ -8,6 +8,7 @@ The long form — workload, PlanRequest, policy, Runtime — stays there for tho
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from policies import PlanRequest, fits_memory, get_policy
 from residency.device import DeviceProfile, machine_profile, resolve_profile
-from residency.errors import ResidencyError
+from residency.errors import InferenceOnlyWarning, PlanWarning, ResidencyError
 from residency.front_door.examples import derived_example, is_instance_of
 from residency.front_door.foreign_hooks import refuse_foreign_hooks, refuse_pipeline_hooks
 from residency.front_door.pinned_planner import PinnedPlanner
@@ -73,6 +74,7 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
                              hint="pass a torch nn.Module (a diffusers or transformers model, any module), "
                                   "a diffusers pipeline or a WorldModelPipeline")
     refuse_foreign_hooks(target, type(target).__name__)
+    _warn_training_statistics(target)
     backend_name = _backend_name(backend)
     prof = _profile(profile, backend_name)
     dtype = _compute_dtype(target)
@@ -113,11 +115,27 @@ def _attach_pipeline(pipe: Any, **options: Any) -> Any:
                            **{**options, "profile": _profile(options["profile"], backend_name)})
 
 
+def _warn_training_statistics(model: nn.Module) -> None:
+    """Batch norms in training mode update their running statistics in place: a streamed block's buffers are
+    copies the runtime does not write back (after two calls a running mean read [0, 0] against the plain
+    model's [-0.046, 0.018]). The runtime is for inference: say so before planning."""
+    tracking = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and m.training and m.track_running_stats]
+    if tracking:
+        warnings.warn(f"{type(model).__name__} is in training mode: the running statistics of {tracking[0]}"
+                      f"{f' and {len(tracking) - 1} more batch norms' if len(tracking) > 1 else ''} would update "
+                      "in place, and a streamed block's buffers are not written back; call model.eval() before "
+                      "attaching (the runtime is for inference)", InferenceOnlyWarning, stacklevel=3)
+
+
 def _backend_name(backend: str) -> str:
     if backend == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if backend not in ("cpu", "cuda", "rocm", "gpu"):
         raise ResidencyError(f"backend={backend!r}", hint="one of: auto, cpu, cuda (ROCm GPUs too)")
+    if backend != "cpu" and not torch.cuda.is_available():  # before a profile is measured for a GPU that is not
+        raise ResidencyError(f"backend={backend!r}, but torch sees no CUDA or ROCm GPU (torch {torch.__version__})",
+                             hint='use backend="cpu" (or "auto"), or install a CUDA/ROCm build of torch')
     return backend
 
 
@@ -164,12 +182,20 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
         fmt = COMPUTE_FORMAT[replan.request.compute_dtype]
         largest = max(w.blocks, key=lambda b: b.nbytes(fmt))
         need = plan.prediction.peak_total_bytes if plan.prediction else None
+        kinds = sorted(((k, n) for k, n in plan.prediction.peak_bytes.items() if n and k != "reserve"),
+                       key=lambda kn: -kn[1])[:3] if plan.prediction else []
+        parts = f" ({', '.join(f'{k} {fmt_bytes(n)}' for k, n in kinds)})" if kinds else ""
         raise ResidencyError(f"no plan of {w.name} fits vram={budget.vram_bytes} bytes "
                              f"({fmt_bytes(budget.vram_bytes)}) on profile {profile.name!r}"
-                             + (f": the smallest plan found needs {fmt_bytes(need)}" if need is not None else ""),
+                             + (f": the smallest plan found needs {fmt_bytes(need)}{parts}" if need is not None
+                                else ""),
                              hint=f"give a larger vram= (its largest block, {largest.name}, is "
                                   f"{fmt_bytes(largest.nbytes(fmt))} in {fmt}: a streamed block needs a slot "
                                   "for it and one for the next), or a model of more, smaller blocks")
+    if plan.budget.frame_ms is not None and plan.prediction.frame_ms > plan.budget.frame_ms:
+        warnings.warn(f"the plan of {plan.model} misses the time budget: {plan.prediction.frame_ms:.2f} ms "
+                      f"predicted per call against {plan.budget.frame_ms:.2f} ms (the fastest that fits); "
+                      "rt.plan.notes say why", PlanWarning, stacklevel=3)
     return plan
 
 

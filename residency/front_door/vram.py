@@ -27,7 +27,13 @@ def vram_bytes(vram: VramSpec, weight_bytes: int, usable_bytes: int) -> int:
         return vram
     text = vram.strip()
     if not text.endswith("%"):
-        return parse_size(text, "vram")
+        try:
+            float(text)
+        except ValueError:
+            return parse_size(text, "vram")
+        # a string without a unit: vram="12" meant 12 GiB more likely than 12 bytes (an int says bytes)
+        raise ResidencyError(f"vram={vram[:40]!r} has no unit",
+                             hint=f'did you mean vram="{text}GiB"? (bytes are an int: vram={text.split(".")[0]})')
     try:
         share = Decimal(text[:-1])
     except InvalidOperation:

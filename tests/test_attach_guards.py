@@ -1,0 +1,145 @@
+"""What residency.attach guards a user's model against: a call with autograd on runs without it (warned), since
+streamed weights share slots a backward pass would read back wrong; calls from several threads run one at a time;
+a model's own parameters stay resident; bad budgets, a missing GPU, training mode and budgets no plan holds are
+said, not silently taken."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from sim_helpers import flat_profile
+from torch import nn
+
+import residency
+from residency.errors import InferenceOnlyWarning
+
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
+
+
+def mlp_stack() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    layers = [nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)) for _ in range(6)]
+    return nn.Sequential(*layers).eval(), torch.randn(4, 64)
+
+
+def attach(model, x, vram="40%"):
+    return residency.attach(model, vram=vram, profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=x)
+
+
+def test_a_call_with_autograd_on_runs_without_it_and_says_so():
+    model, x = mlp_stack()
+    with torch.inference_mode():
+        expected = model(x)
+    with attach(model, x) as rt:
+        assert rt.plan.streamed()
+        with pytest.warns(InferenceOnlyWarning, match="ran without autograd"):
+            y = model(x)
+        assert not y.requires_grad and torch.equal(y, expected)
+        with pytest.raises(RuntimeError):  # torch's own error: no graph, so no wrong gradients
+            y.sum().backward()
+
+
+def test_with_every_block_resident_autograd_is_left_alone():
+    model, x = mlp_stack()
+    with attach(model, x, vram=None) as rt:
+        assert not rt.plan.streamed()
+        y = model(x)
+        assert y.requires_grad
+        y.sum().backward()
+    assert model[0][0].weight.grad is not None
+
+
+def test_calls_from_several_threads_each_get_their_own_output():
+    model, x = mlp_stack()
+    with torch.inference_mode():
+        expected = model(x)
+    results: list[torch.Tensor] = []
+    with attach(model, x) as rt, torch.inference_mode():
+        assert rt.plan.streamed()
+
+        def worker() -> None:
+            with torch.inference_mode():
+                results.extend(model(x) for _ in range(5))
+
+        threads = [threading.Thread(target=worker) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(results) == 15 and all(torch.equal(r, expected) for r in results)
+
+
+class ClassToken(nn.Module):
+    """A root parameter read in the model's own forward (a ViT's class token): its block encloses the layers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pos = nn.Parameter(torch.randn(1, 8, 64))
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+                                    for _ in range(6))
+
+    def forward(self, x):
+        x = x + self.pos
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+@pytest.mark.parametrize("vram", ["90%", "50%", "30%"])
+def test_a_models_own_parameter_stays_resident_while_its_layers_stream(vram):
+    from pathlib import Path
+
+    model, x = ClassToken().eval(), torch.randn(2, 8, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    measured = Path(__file__).parent / "data" / "measured-cpu-2-cores.json"  # streams the loose block if let
+    with residency.attach(model, vram=vram, profile=measured, backend="cpu", example_inputs=x) as rt, \
+            torch.inference_mode():
+        loose = rt.plan.by_name["ClassToken.loose"]
+        assert (loose.placement, loose.lifetime) == ("resident", "session") and rt.plan.streamed()
+        assert torch.equal(model(x), expected)
+
+
+def test_vram_as_a_bare_number_string_asks_for_a_unit():
+    from residency.errors import ResidencyError
+
+    model, x = mlp_stack()
+    with pytest.raises(ResidencyError, match="has no unit") as err:
+        attach(model, x, vram="12")
+    assert 'vram="12GiB"' in err.value.hint
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_backend_cuda_without_a_gpu_says_so_before_measuring_anything():
+    from residency.errors import ResidencyError
+
+    model, x = mlp_stack()
+    with pytest.raises(ResidencyError, match="torch sees no CUDA or ROCm GPU") as err:
+        residency.attach(model, vram="50%", backend="cuda", example_inputs=x)
+    assert 'backend="cpu"' in err.value.hint
+
+
+def test_a_time_budget_no_plan_holds_is_warned_and_a_model_in_training_mode_too():
+    from residency.errors import PlanWarning
+
+    model, x = mlp_stack()
+    with pytest.warns(PlanWarning, match="misses the time budget"), residency.attach(
+            model, vram="50%", frame_ms=1e-6, profile=flat_profile(backend="cpu"), backend="cpu",
+            example_inputs=x):
+        pass
+    bn = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Linear(64, 64))  # nn.Module starts in training
+    with pytest.warns(InferenceOnlyWarning, match=r"training mode: the running statistics of 1 .*model.eval\(\)"), \
+            residency.attach(bn, vram="100%", profile=flat_profile(backend="cpu"), backend="cpu",
+                             example_inputs=torch.randn(4, 64)):
+        pass
+
+
+def test_a_budget_too_small_names_what_the_smallest_plan_holds():
+    from residency.errors import ResidencyError
+
+    model, x = mlp_stack()
+    with pytest.raises(ResidencyError, match=r"the smallest plan found needs [\d.]+ \w+ \(\w+ [\d.]+ \w+, "):
+        attach(model, x, vram=64)
