@@ -143,3 +143,15 @@ def test_a_budget_too_small_names_what_the_smallest_plan_holds():
     model, x = mlp_stack()
     with pytest.raises(ResidencyError, match=r"the smallest plan found needs [\d.]+ \w+ \(\w+ [\d.]+ \w+, "):
         attach(model, x, vram=64)
+
+
+def test_state_dict_while_attached_is_the_models_own_and_no_hook_is_left():
+    model, x = mlp_stack()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with attach(model, x, vram="30%") as rt, torch.inference_mode():
+        assert rt.plan.streamed()
+        model(x)  # slots now hold the last streamed block's weights
+        for state in (model.state_dict(), {f"3.{k}": v for k, v in model[3].state_dict().items()}):
+            for key, value in state.items():
+                assert torch.equal(value, expected[key]), key
+    assert not any(m._state_dict_hooks for m in model.modules())

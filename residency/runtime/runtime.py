@@ -56,6 +56,30 @@ class _RetryHook(ModelHook):
         return rt._unit(rt._model_call, (forward, args, kwargs), {})
 
 
+def _state_dict_hooks(model: nn.Module, originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> list:
+    """State-dict hooks on the modules of `model` that own a block tensor: its original data in `state_dict()`
+    (of the model or any submodule), not what its .data points at while attached — a streamed block's shared
+    slot holds another block's bytes between its calls, a packed one dequantized values — so a checkpoint
+    saved while attached is the model's own. Returns the hooks' handles. Cost: a dict lookup per tensor."""
+    by_id = {id(t): data for pairs in originals.values() for t, data in pairs}
+    handles = []
+    for module in model.modules():
+        own = {n: by_id[id(t)] for n, t in (*module._parameters.items(), *module._buffers.items())
+               if t is not None and id(t) in by_id}
+        if own:
+            handles.append(module._register_state_dict_hook(_put_originals(own)))
+    return handles
+
+
+def _put_originals(own: dict[str, torch.Tensor]):
+    def hook(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+        for name, data in own.items():
+            if prefix + name in state:
+                state[prefix + name] = data.detach()
+
+    return hook
+
+
 def _warn_inference_only() -> None:
     # Autograd would save the weights a block computed with for the backward pass, and a streamed block's
     # weights live in a slot the next block overwrites: the gradients came out wrong (22.6 against 19.7 on
@@ -214,6 +238,7 @@ class Runtime:
             raise
         self._originals, self._memory, self._executor = originals, memory, executor
         self.plan, self.pipeline, self._hooked = plan, pipeline, hooked
+        self._state_hooks = _state_dict_hooks(pipeline, originals)
         if not on_cpu:
             self._move_buffers(hooked)
         self._calls = calls = BlockCalls(executor, enclosing)
@@ -270,6 +295,8 @@ class Runtime:
             sub._buffers[key] = buf
         self._buffers.clear()
         self._originals = {}
+        for handle in self._state_hooks:
+            handle.remove()
         self._memory.release()
         self.backend.stop()
         self.pipeline, self._executor, self._calls, self._memory = None, None, None, None
