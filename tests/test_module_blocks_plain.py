@@ -54,3 +54,13 @@ class Codec(nn.Module):
 
 def test_large_siblings_called_once_each_are_not_grouped_but_small_ones_are():
     assert block_names(Codec(), torch.randn(2, 64)) == ["encoder", "decoder", "norm+out"]
+
+
+def test_a_batch_of_vectors_counts_its_matmuls_per_row_as_a_sequence_does():
+    """(256, 1024) is 256 rows, as (1, 256, 1024) is: its FLOPs are per token, not conditioning FLOPs (one row
+    per item), which the cost model charges at the one-row rate (predictions were 12-20x too slow)."""
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(1024, 1024), nn.GELU()) for _ in range(3)])
+    flat, seq = (module_workload(model, x, name="m").workload.blocks[0]
+                 for x in (torch.randn(256, 1024), torch.randn(1, 256, 1024)))
+    assert flat.fixed_flops == seq.fixed_flops == 0.0 and flat.tokens == seq.tokens == 256
+    assert flat.flops_per_token == seq.flops_per_token == 2 * 1024 * 1024

@@ -155,7 +155,10 @@ class _Tracer(TorchDispatchMode):
             else:
                 o = outs[0] if outs else None
                 rows = o.numel() // o.shape[-1] if o is not None and o.dim() >= 2 and o.shape[-1] else 1
-                if rows <= self.batch:
+                # conditioning: one row per batch item (of a batch of 1, or fewer rows than the block takes in);
+                # a block fed one row per item of a larger batch, (256, 1024) vectors, runs at 256 rows: the
+                # cost model charges fixed FLOPs at one row per item of the planned batch (1), 7x slower per FLOP
+                if rows <= self.batch and (rows == 1 or rows < self.target.tokens):
                     self.target.fixed_flops += flops
                 else:
                     self.target.token_flops += flops
