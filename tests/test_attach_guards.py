@@ -155,3 +155,16 @@ def test_state_dict_while_attached_is_the_models_own_and_no_hook_is_left():
             for key, value in state.items():
                 assert torch.equal(value, expected[key]), key
     assert not any(m._state_dict_hooks for m in model.modules())
+
+
+def test_a_numpy_example_and_a_lone_layer_are_refused_with_what_to_give():
+    import numpy as np
+
+    from residency.errors import ResidencyError
+
+    model, _ = mlp_stack()
+    with pytest.raises(ResidencyError, match="example_inputs is a ndarray") as err:
+        attach(model, np.zeros((4, 64), np.float32))
+    assert "torch.from_numpy" in err.value.hint
+    with pytest.raises(ResidencyError, match=r"a single layer \(Linear\) is one block"):
+        attach(nn.Linear(64, 64), torch.zeros(4, 64), vram="100%")

@@ -171,6 +171,10 @@ def _schedule(model: nn.Module, blocks: ModuleBlocks, trace: Trace, name: str, c
     elements = [sum(p.numel() for m in u.modules for p in model.get_submodule(m).parameters()) for u in blocks.units]
     drafts, sequence, of_unit = draft_blocks(blocks, trace, group_siblings, elements)
     if not drafts:
+        if not any(True for _ in model.children()):
+            raise ResidencyError(f"{name}: a single layer ({type(model).__name__}) is one block with nothing to "
+                                 "stream around it", hint="attach the model it belongs to (its blocks are its "
+                                 "layers); a lone layer runs as it is")
         raise ResidencyError(f"{name}: the forward called none of the model's blocks",
                              hint="pass the module whose forward runs the model")
     loose_paths, unowned = _loose_and_unowned(model, blocks, trace)
@@ -208,6 +212,10 @@ def split_example(example: Example) -> tuple[tuple, dict[str, Any]]:
         return (example,), {}
     if isinstance(example, Mapping):
         return (), dict(example)
+    if not isinstance(example, (tuple, list)):  # a numpy array would be unpacked row by row
+        raise ResidencyError(f"example_inputs is a {type(example).__name__}: give a torch tensor, a tuple of "
+                             "the call's positional inputs or a dict of its keyword inputs",
+                             hint="e.g. example_inputs=torch.from_numpy(x)")
     return tuple(example), {}
 
 
