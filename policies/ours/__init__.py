@@ -23,8 +23,15 @@ from policies.ours.gap import gap_statement
 from policies.ours.modes import ModeChoice, check_request_mode, choose_modes, mode_notes, with_modes
 from policies.ours.pinning import pin_small_streamed
 from policies.ours.problem import least_memory_plan
-from policies.ours.ranking import MIN_SLACK_MS, QUALITY_SLACK, better, default_frame_ms
-from policies.ours.search import Found, fastest_at_quality, fastest_fitting, search, with_rivals_fastest
+from policies.ours.ranking import MIN_SLACK_MS, QUALITY_SLACK, better
+from policies.ours.search import (
+    Found,
+    fastest_at_quality,
+    fastest_fitting,
+    ranked_frame_ms,
+    search,
+    with_rivals_fastest,
+)
 from residency.plan import Plan
 from residency.simulate import lower_bound_s, predict
 
@@ -41,8 +48,7 @@ def plan(req: PlanRequest, rivals: Sequence[PolicyFn] = ()) -> Plan:
         plain = replace(req, exec_mode="auto")
         alt_found, alt_choices, alt_chosen = _placed(plain, rivals)
         fastest = fastest_fitting([found.fastest, alt_found.fastest])
-        frame_ms = req.budget.frame_ms if req.budget.frame_ms is not None else (
-            default_frame_ms(fastest.prediction.frame_ms) if fastest is not None else None)
+        frame_ms = ranked_frame_ms(req, fastest)
         if better(chosen, alt_chosen, frame_ms):
             p, q = chosen.prediction, alt_chosen.prediction
             declined = (f"graphs declined: the plan without them scored better ({q.frame_ms:.3g} ms at quality loss "
@@ -147,10 +153,14 @@ def _fastest_of_its_quality(req: PlanRequest, found: Found) -> Found:
 def _default_frame_note(req: PlanRequest, found: Found, chosen: Plan) -> str | None:
     """Without a frame budget: the rule that chose, and what the fastest plan would have given up."""
     fast = found.fastest
-    if req.budget.frame_ms is not None or fast is None or not fits_memory(chosen):
+    if fast is None or not fits_memory(chosen):
+        return None
+    budget = req.budget.frame_ms
+    if budget is not None and fast.prediction.frame_ms <= budget:
         return None
     p, f = chosen.prediction, fast.prediction
-    rule = (f"no frame budget: the best quality within {QUALITY_SLACK - 1:.0%} or {MIN_SLACK_MS:g} ms per frame "
+    head = "no frame budget" if budget is None else f"no plan holds {budget:.3g} ms per frame, so as without a budget"
+    rule = (f"{head}: the best quality within {QUALITY_SLACK - 1:.0%} or {MIN_SLACK_MS:g} ms per frame "
             f"(whichever is more) of the fastest plan that fits ({f.frame_ms:.3g} ms at quality loss "
             f"{f.quality_loss:.3g})")
     if p.quality_loss >= f.quality_loss:

@@ -37,8 +37,7 @@ def _quality_first(a: Plan, b: Plan) -> bool:
 
 def better(a: Plan | None, b: Plan, frame_ms: float | None) -> bool:
     """Is b better than a: fitting beats not fitting; then holding the frame budget; then quality within
-    the budget (when it is held by neither, or there is none: quality within QUALITY_SLACK of each other, else
-    speed).
+    the budget (speed when it cannot be held, or when there is none and the two are not equally fast).
 
     The planner passes default_frame_ms(fastest) as `frame_ms` when the request has no frame budget; None is
     left for plans none of which fits, where there is no fastest fitting plan to derive it from."""
@@ -48,21 +47,13 @@ def better(a: Plan | None, b: Plan, frame_ms: float | None) -> bool:
     if fits_memory(a) != fits_memory(b):
         return fits_memory(b)
     if frame_ms is None:
-        return _near_then_faster(a, b)
+        if max(pa.frame_ms, pb.frame_ms) <= min(pa.frame_ms, pb.frame_ms) * QUALITY_SLACK:
+            return _quality_first(a, b)
+        return _lt(pb.frame_ms, pa.frame_ms)
     holds_a, holds_b = pa.frame_ms <= frame_ms, pb.frame_ms <= frame_ms
     if holds_a != holds_b:
         return holds_b
     if holds_b:
-        return _quality_first(a, b)
-    return _near_then_faster(a, b)
-
-
-def _near_then_faster(a: Plan, b: Plan) -> bool:
-    """Between plans neither of which holds a frame budget (or with none to hold): quality first when they are
-    within QUALITY_SLACK of each other, else the faster. Missing a budget of 1,000 ms by 21 s, a plan 1% faster
-    at 33x the quality loss is no better (flux-schnell on the RTX 3060 at --fps 1 took it)."""
-    pa, pb = a.prediction, b.prediction
-    if max(pa.frame_ms, pb.frame_ms) <= min(pa.frame_ms, pb.frame_ms) * QUALITY_SLACK:
         return _quality_first(a, b)
     return _lt(pb.frame_ms, pa.frame_ms)
 

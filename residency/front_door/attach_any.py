@@ -194,7 +194,7 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
                                   "for it and one for the next), or a model of more, smaller blocks")
     if plan.budget.frame_ms is not None and plan.prediction.frame_ms > plan.budget.frame_ms:
         warnings.warn(f"the plan of {plan.model} misses the time budget: {plan.prediction.frame_ms:.2f} ms "
-                      f"predicted per call against {plan.budget.frame_ms:.2f} ms (the fastest that fits); "
+                      f"predicted per call against {plan.budget.frame_ms:.2f} ms; "
                       "rt.plan.notes say why", PlanWarning, stacklevel=3)
     return plan
 
