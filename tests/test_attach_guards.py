@@ -168,3 +168,48 @@ def test_a_numpy_example_and_a_lone_layer_are_refused_with_what_to_give():
     assert "torch.from_numpy" in err.value.hint
     with pytest.raises(ResidencyError, match=r"a single layer \(Linear\) is one block"):
         attach(nn.Linear(64, 64), torch.zeros(4, 64), vram="100%")
+
+
+def test_a_recovery_into_streaming_mid_call_turns_autograd_off_for_the_retry():
+    model, x = mlp_stack()
+    with attach(model, x, vram=None) as rt:
+        assert not rt.plan.streamed()
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        rt.set_budget(int(0.4 * weights))  # another program took the memory: the next call recovers, streaming
+        with pytest.warns(InferenceOnlyWarning):
+            y = model(x)
+        assert rt.plan.streamed() and not y.requires_grad
+
+
+def test_keep_vars_gives_the_parameters_and_a_load_while_attached_is_refused():
+    from residency.errors import ResidencyError
+
+    model, x = mlp_stack()
+    with attach(model, x) as rt, torch.inference_mode():
+        assert rt.plan.streamed()
+        live = model.state_dict(keep_vars=True)
+        assert live["0.0.weight"] is model[0][0].weight
+        with pytest.raises(ResidencyError, match="load_state_dict into .* while a runtime is attached"):
+            model.load_state_dict(model.state_dict())
+    model.load_state_dict(model.state_dict())  # detached: as usual
+    assert not any(m._load_state_dict_pre_hooks for m in model.modules())
+
+
+def test_detach_from_another_thread_waits_for_the_running_call():
+    model, x = mlp_stack()
+    rt = attach(model, x)
+    errors: list[BaseException] = []
+
+    def calls() -> None:
+        try:
+            with torch.inference_mode():
+                for _ in range(20):
+                    model(x)
+        except BaseException as e:  # before the lock: an AttributeError on the stopped executor
+            errors.append(e)
+
+    t = threading.Thread(target=calls)
+    t.start()
+    rt.detach()
+    t.join()
+    assert errors == []

@@ -6,6 +6,7 @@ and retried: a call of the model itself, or a session's step (restored first thr
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections.abc import Callable
@@ -49,18 +50,15 @@ class _RetryHook(ModelHook):
         rt = self.runtime
         if rt.call_check is not None:
             rt.call_check(args, kwargs)
-        if torch.is_grad_enabled() and rt._swaps_weights():
-            _warn_inference_only()
-            with torch.no_grad():
-                return rt._unit(rt._model_call, (forward, args, kwargs), {})
         return rt._unit(rt._model_call, (forward, args, kwargs), {})
 
 
 def _state_dict_hooks(model: nn.Module, originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> list:
-    """State-dict hooks on the modules of `model` that own a block tensor: its original data in `state_dict()`
-    (of the model or any submodule), not what its .data points at while attached — a streamed block's shared
-    slot holds another block's bytes between its calls, a packed one dequantized values — so a checkpoint
-    saved while attached is the model's own. Returns the hooks' handles. Cost: a dict lookup per tensor."""
+    """Hooks on the modules of `model` that own a block tensor. state_dict() (of the model or any submodule)
+    gives the original data, not what .data points at while attached — a streamed block's shared slot holds
+    another block's bytes between its calls, a packed one dequantized values — so a checkpoint saved while
+    attached is the model's own (keep_vars=True still gives the live Parameters, as asked). load_state_dict()
+    is refused: it would write into slots, and detach restores the originals. Returns the hooks' handles."""
     by_id = {id(t): data for pairs in originals.values() for t, data in pairs}
     handles = []
     for module in model.modules():
@@ -68,16 +66,24 @@ def _state_dict_hooks(model: nn.Module, originals: dict[str, tuple[tuple[torch.T
                if t is not None and id(t) in by_id}
         if own:
             handles.append(module._register_state_dict_hook(_put_originals(own)))
+            handles.append(module._register_load_state_dict_pre_hook(_refuse_load, with_module=True))
     return handles
 
 
 def _put_originals(own: dict[str, torch.Tensor]):
     def hook(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
         for name, data in own.items():
-            if prefix + name in state:
-                state[prefix + name] = data.detach()
+            key = prefix + name
+            if key in state and not isinstance(state[key], nn.Parameter):  # keep_vars: the Parameter as asked
+                state[key] = data.detach()
 
     return hook
+
+
+def _refuse_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    raise ResidencyError(f"load_state_dict into {type(module).__name__} while a runtime is attached: the weights "
+                         "would go into its device slots, and detach restores the ones found at attach",
+                         hint="detach the runtime (leave its `with`), load the weights, then attach again")
 
 
 def _warn_inference_only() -> None:
@@ -112,7 +118,8 @@ class Runtime:
     op of the process runs on it — is `backend.compute_threads` (cores − 1, a core left to the copy
     thread). Detach restores the count found at attach (with several runtimes attached at once, the
     last detach restores the count found by the first attach); a count the caller sets while attached
-    is overwritten then. Not thread-safe: one thread drives the model.
+    is overwritten then. Calls of the model (or steps) from several threads run one at a time, and
+    detach and switch_plan wait for the one running; the ledger and the hooks are the driving thread's.
     """
 
     def __init__(self, plan: Plan, backend: str | Backend | None = "cpu", workload: Workload | None = None,
@@ -238,7 +245,6 @@ class Runtime:
             raise
         self._originals, self._memory, self._executor = originals, memory, executor
         self.plan, self.pipeline, self._hooked = plan, pipeline, hooked
-        self._state_hooks = _state_dict_hooks(pipeline, originals)
         if not on_cpu:
             self._move_buffers(hooked)
         self._calls = calls = BlockCalls(executor, enclosing)
@@ -246,6 +252,7 @@ class Runtime:
         for name, mods in modules.items():
             for module in mods:
                 add_hook(module, BlockHook(calls, name) if len(mods) == 1 else GroupHook(calls, name))
+        self._state_hooks = _state_dict_hooks(pipeline, originals)  # last: nothing after it can fail
 
     def _move_buffers(self, modules: list[nn.Module]) -> None:
         """Buffers the workload does not list (non-persistent, e.g. position tables) follow to the device."""
@@ -259,7 +266,12 @@ class Runtime:
                         sub._buffers[key] = moved
 
     def detach(self) -> None:
-        """Restore the model exactly: original weight storages, devices, no hook left."""
+        """Restore the model exactly: original weight storages, devices, no hook left. Waits for a unit of work
+        another thread is running (a detach mid-call crashed that call)."""
+        with self._unit_lock:
+            self._detach()
+
+    def _detach(self) -> None:
         if self.pipeline is None:
             return
         if self.loop is not None:
@@ -318,9 +330,18 @@ class Runtime:
             self._memory.reserved["kv_cache"] = nbytes
 
     def _swaps_weights(self) -> bool:
-        """Whether a block of the running plan computes with weights the runtime swaps in (streamed, or packed
-        and unpacked into scratch): then autograd must not see them."""
-        return any(bp.placement != "resident" for bp in self.plan.blocks)
+        """Whether a block of the running plan computes with weights the runtime swaps in (streamed, packed and
+        unpacked into scratch, or resident for one phase in memory the next phase reuses): then autograd must
+        not see them."""
+        return any(bp.placement != "resident" or bp.lifetime != "session" for bp in self.plan.blocks)
+
+    def _autograd_guard(self):
+        """torch.no_grad() (with the warning) when autograd is on and the running plan swaps weights in; else
+        nothing. Cost: a scan of the plan's blocks per call with autograd on (none under inference_mode)."""
+        if torch.is_grad_enabled() and self._swaps_weights():
+            _warn_inference_only()
+            return torch.no_grad()
+        return contextlib.nullcontext()
 
     def step(self, session: RecoverableSession, action: Any):
         """session.step(action), recovering from out-of-memory: restore, re-plan, re-attach, retry.
@@ -378,6 +399,9 @@ class Runtime:
         Units from several threads run one at a time (the lock): blocks share slots, the copy ring and the
         ledger, and two calls interleaved read each other's weights (56 of 60 outputs wrong from 3 threads)."""
         with self._unit_lock:
+            if self.pipeline is None and call == self._model_call:  # detached while this call waited: run it plain
+                forward, call_args, call_kwargs = args
+                return forward(*call_args, **call_kwargs)
             loop = None if self._retrying else self.loop  # a call of the model inside a step is part of the step
             if loop is not None:
                 loop.before_unit()
@@ -395,7 +419,8 @@ class Runtime:
         try:
             for attempt in range(MAX_RECOVERIES + 1):
                 try:
-                    return call(*args, **kwargs)
+                    with self._autograd_guard():  # per attempt: a recovery or switch may have changed the plan
+                        return call(*args, **kwargs)
                 except RECOVERABLE as e:
                     if undo is not None:
                         undo()
@@ -483,7 +508,12 @@ class Runtime:
         `ready` where packed already). Call it between units of work; the session (KV cache, frame index, RNG)
         is not the runtime's and carries on. `profile`: the profile `plan` was made with (checked), kept for
         later re-plans. Raises ResidencyError inside a unit or detached; a failed attach re-attaches the
-        running plan and raises."""
+        running plan and raises. From another thread it waits for the running unit to end."""
+        with self._unit_lock:
+            self._switch_plan(plan, profile, ready)
+
+    def _switch_plan(self, plan: Plan, profile: DeviceProfile | None,
+                     ready: dict[tuple[str, str], BlockBlob] | None) -> None:
         if self.pipeline is None:
             raise ResidencyError("the runtime is not attached", hint="attach(pipeline) first")
         if self._in_unit:
