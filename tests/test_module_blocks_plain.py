@@ -64,3 +64,39 @@ def test_a_batch_of_vectors_counts_its_matmuls_per_row_as_a_sequence_does():
                  for x in (torch.randn(256, 1024), torch.randn(1, 256, 1024)))
     assert flat.fixed_flops == seq.fixed_flops == 0.0 and flat.tokens == seq.tokens == 256
     assert flat.flops_per_token == seq.flops_per_token == 2 * 1024 * 1024
+
+
+class Towers(nn.Module):
+    """Two identical towers, each a ModuleList of layers: the layers are the blocks, not the towers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Module()
+        self.a.layers = nn.ModuleList(mlp(32, 64) for _ in range(3))
+        self.b = nn.Module()
+        self.b.layers = nn.ModuleList(mlp(32, 64) for _ in range(3))
+
+    def forward(self, x):
+        for layer in (*self.a.layers, *self.b.layers):
+            x = x + layer(x)
+        return x
+
+
+def test_repeated_children_that_hold_a_stack_are_searched_not_taken_whole():
+    assert block_names(Towers(), torch.randn(2, 32)) == [f"{t}.layers.{i}" for t in "ab" for i in range(3)]
+
+
+def test_the_two_equal_linears_of_one_mlp_are_not_a_stack():
+    square = nn.Sequential(nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 64))  # Linear(d, d) twice: one MLP
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(16, 64)
+            self.mlp = square
+
+        def forward(self, x):
+            return self.mlp(self.embed(x))
+
+    names = block_names(Model(), torch.randn(2, 16))
+    assert "mlp.0" not in names and "mlp.2" not in names

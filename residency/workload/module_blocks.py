@@ -62,14 +62,34 @@ def _signature(module: nn.Module) -> tuple:
 
 
 def _repeats(module: nn.Module) -> set[str]:
-    """Names of the parameter-owning children of `module` that a sibling repeats (same class and parameter
-    shapes): an nn.Sequential of 16 identical layers is a stack of blocks, as a ModuleList of them is, where
-    an MLP's Linear(1024, 4096) and Linear(4096, 1024) are not."""
-    by_signature: dict[tuple, list[str]] = {}
+    """Names of the parameter-owning children of `module` that siblings repeat (same class and parameter
+    shapes) — three or more, or two composite layers — holding no stack of their own: an nn.Sequential of 16
+    identical layers is a stack of blocks, as a ModuleList of them is, where an MLP's Linear(1024, 4096) and
+    Linear(4096, 1024) are not, nor the two Linear(d, d) of one MLP, nor two towers that each hold a
+    ModuleList of layers (those layers are the blocks)."""
+    by_signature: dict[tuple, list[tuple[str, nn.Module]]] = {}
     for name, child in module.named_children():
         if _owns_parameters(child):
-            by_signature.setdefault(_signature(child), []).append(name)
-    return {n for names in by_signature.values() if len(names) > 1 for n in names}
+            by_signature.setdefault(_signature(child), []).append((name, child))
+    out: set[str] = set()
+    for group in by_signature.values():
+        first = group[0][1]
+        composite = next(first.children(), None) is not None
+        if (len(group) >= 3 or (len(group) == 2 and composite)) and not _holds_stack(first):
+            out.update(name for name, _ in group)
+    return out
+
+
+def _holds_stack(module: nn.Module) -> bool:
+    """Whether a stack of layers lies beneath `module`: a ModuleList of parameter-owning layers, or repeats."""
+    for sub in module.modules():
+        if sub is module:
+            continue
+        if isinstance(sub, nn.ModuleList) and sum(1 for c in sub.children() if _owns_parameters(c)) > 1:
+            return True
+        if isinstance(sub, nn.Sequential) and _repeats(sub):
+            return True
+    return False
 
 
 def _repeated_paths(model: nn.Module, how: str, names: frozenset[str]) -> set[str]:
