@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import torch
 from PIL import Image
 
 from residency.cli import main
@@ -23,6 +24,10 @@ def test_demo_streams_some_blocks_and_writes_gif_and_trace(tmp_path, monkeypatch
     assert "streamed" in out.split("plan (", 1)[1].split("\n", 1)[0]  # the budget forces streaming
     assert "ms/frame" in out and "VRAM" in out  # the dashboard's final render, as text
     assert "residency dashboard" in out and "demo-trace.json" in out and "residency play" in out
+    if not torch.cuda.is_available():  # a GPU profile on the CPU: its prediction stated, no calibration of it
+        text = " ".join(out.split())
+        assert "so the two do not compare" in text and "%" not in text.split("measured", 1)[1].split(";", 2)[1]
+        assert "not calibrated: the plan's profile is Radeon RX 7800 XT, a GPU profile, not this CPU" in text
     with Image.open(out_dir / "demo.gif") as gif:
         assert gif.n_frames == 5
     snapshot, context = read_trace(out_dir / "demo-trace.json")

@@ -110,11 +110,13 @@ def run(args: argparse.Namespace) -> int:
         console.print(build(snapshot, context))
     write_frames(video, gif, DEMO_FPS)
     write_trace(snapshot, context, trace)
-    run_cmd.report_speed(console, snapshot)
+    other = run_cmd.other_device(replan, plan)
+    run_cmd.report_speed(console, snapshot, other)
     console.print(f"wrote {gif} ({len(video)} frame{'s' if len(video) != 1 else ''}) and {trace}")
     console.print(f"replay the telemetry:  residency dashboard {trace}")
     console.print("play it yourself:      residency play      (arrows/WASD, space, e; q quits)")
-    say(_calibration_line(runtime, replan.profile))
+    say(_calibration_line(runtime, replan.profile) if other is None else
+        f"not calibrated: the plan's profile is {other} (calibration fits this machine's own)")
     return 0
 
 

@@ -135,14 +135,16 @@ def plan_for(model: Model, args: argparse.Namespace, console: Console) -> tuple[
     # GPU's workspace the CPU runtime never holds (a GPU plan tried on the CPU runs, as the README shows)
     same_kind = other is None and (replan is not None or plan_profile(plan) is not None)
     if same_kind and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
+        need = fmt_bytes(pred.peak_total_bytes)
         raise ResidencyError(f"no plan fits the {fmt_bytes(plan.budget.vram_bytes)} VRAM budget: the smallest "
-                             f"{plan.policy} found needs {fmt_bytes(pred.peak_total_bytes)}",
-                             hint=f"raise --vram to at least {fmt_bytes(pred.peak_total_bytes)}, or leave it out")
+                             f"{plan.policy} found needs {need}",
+                             hint=f"make the plan again with `residency plan … --vram {need}` or more" if getattr(
+                                 args, "plan", None) else f"raise --vram to at least {need}, or leave it out")
     console.print(f"plan ({plan.policy}, {plan.profile}): {verdict(plan)}")
-    if other and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
-        console.print(f"note: it runs all the same: the miss is {plan.profile}'s, whose workspace this "
-                      f"{'GPU' if session_setup.device_kind() != 'cpu' else 'CPU'} runtime does not hold; its "
-                      "ledger enforces the budget", markup=False, highlight=False)
+    gpu_plan_on_cpu = other is not None and session_setup.device_kind() == "cpu"  # (a CPU plan on a GPU is held)
+    if gpu_plan_on_cpu and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
+        console.print(f"note: it runs all the same: the miss is {plan.profile}'s, whose workspace this CPU runtime "
+                      "does not hold; its ledger enforces the budget", markup=False, highlight=False)
     if getattr(args, "plan", None):
         compiled = " Its compiled blocks compile first (once, cached on disk)." if any(
             bp.exec_mode == "compiled" for bp in plan.blocks) else ""
