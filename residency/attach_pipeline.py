@@ -18,6 +18,7 @@ from torch import nn
 
 from residency.device import DeviceProfile, machine_profile, resolve_profile
 from residency.errors import ResidencyError
+from residency.front_door.checks import backend_name, warn_missed_budget
 from residency.front_door.foreign_hooks import refuse_pipeline_hooks
 from residency.front_door.pinned_planner import PinnedPlanner, unpinned_enclosing
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, vram_bytes
@@ -277,6 +278,7 @@ def attach_built(built: PipelineWorkload, budget: Budget, *, profile: str | os.P
             f"{fmt_bytes(need)} for the shapes of {_shapes(built.call)}",
             hint="give more vram=, or plan for smaller images: example_inputs=dict(height=…, width=…) with "
                  "residency.attach (call= with attach_pipeline)")
+    warn_missed_budget(first, stacklevel=4)
     wrong = unpinned_enclosing(first, built.workload)
     if wrong:
         raise ResidencyError(f"the plan keeps {', '.join(wrong)} as {', '.join(wrong.values())}",
@@ -297,6 +299,7 @@ def _shapes(call: Mapping[str, Any]) -> str:
 
 
 def _profile(profile: str | os.PathLike[str] | DeviceProfile, backend: str) -> DeviceProfile:
+    backend_name(backend)  # a GPU backend torch cannot see: said before a profile is measured for it
     if isinstance(profile, str) and profile == "auto":  # this machine's cached, measured profile
         return machine_profile("cpu" if backend == "cpu" else "cuda")
     return resolve_profile(profile)

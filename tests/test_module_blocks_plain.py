@@ -22,20 +22,12 @@ def test_a_sequential_of_identical_layers_is_one_block_per_layer():
     assert block_names(model, torch.randn(2, 64)) == ["0", "1", "2", "3", "4", "5", "6"]
 
 
-def test_layers_alike_in_class_but_not_in_shape_stay_one_block():
-    outer = nn.ModuleList([mlp(64, 256), mlp(64, 256)])  # each MLP: Linear(64, 256) and Linear(256, 64)
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = outer
-
-        def forward(self, x):
-            for b in self.blocks:
-                x = x + b(x)
-            return x
-
-    assert block_names(Model(), torch.randn(2, 64)) == ["blocks.0", "blocks.1"]
+def test_layers_alike_in_class_but_not_in_shape_are_not_a_stack():
+    same = nn.Sequential(*[mlp(64, 256) for _ in range(3)])
+    varied = nn.Sequential(mlp(64, 128), mlp(64, 256), mlp(64, 512))  # one class, three shapes
+    x = torch.randn(2, 64)
+    assert module_workload(same, x, name="m").repeated_from == "ModuleList"  # the undeclared stack rule
+    assert module_workload(varied, x, name="m").repeated_from == "none"
 
 
 class Codec(nn.Module):

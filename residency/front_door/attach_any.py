@@ -11,12 +11,12 @@ import os
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
 
 from policies import PlanRequest, fits_memory, get_policy
 from residency.device import DeviceProfile, machine_profile, resolve_profile
-from residency.errors import InferenceOnlyWarning, PlanWarning, ResidencyError
+from residency.errors import InferenceOnlyWarning, ResidencyError
+from residency.front_door.checks import backend_name, warn_missed_budget
 from residency.front_door.examples import derived_example, is_instance_of
 from residency.front_door.foreign_hooks import refuse_foreign_hooks, refuse_pipeline_hooks
 from residency.front_door.pinned_planner import PinnedPlanner
@@ -75,8 +75,8 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
                                   "a diffusers pipeline or a WorldModelPipeline")
     refuse_foreign_hooks(target, type(target).__name__)
     _warn_training_statistics(target)
-    backend_name = _backend_name(backend)
-    prof = _profile(profile, backend_name)
+    chosen_backend = backend_name(backend)
+    prof = _profile(profile, chosen_backend)
     dtype = _compute_dtype(target)
     workload, guard = _workload(target, example_inputs, dtype)
     budget = Budget(vram_bytes(vram, workload.nbytes(COMPUTE_FORMAT[dtype]), prof.memory_usable_bytes),
@@ -86,7 +86,7 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     chosen = _given_plan(plan, workload) if plan is not None else _planned(replan, budget, prof)
     if chosen.profile_fingerprint != prof.fingerprint():
         replan = None  # a plan made for another profile runs as given; recovery needs plans for one profile
-    runtime = Runtime(chosen, backend_name, workload=workload, replan=replan,
+    runtime = Runtime(chosen, chosen_backend, workload=workload, replan=replan,
                       profile=prof if replan is not None else None)
     runtime.call_check = guard
     runtime.attach(target)
@@ -110,9 +110,9 @@ def _attach_pipeline(pipe: Any, **options: Any) -> Any:
         raise ResidencyError(f"residency cannot attach a whole {type(pipe).__name__} yet",
                              hint="attach each component, e.g. residency.attach(pipe.transformer, vram=…, "
                                   "example_inputs=…)") from None
-    backend_name = _backend_name(options.pop("backend"))
-    return attach_pipeline(pipe, backend=backend_name, call=call,
-                           **{**options, "profile": _profile(options["profile"], backend_name)})
+    chosen_backend = backend_name(options.pop("backend"))
+    return attach_pipeline(pipe, backend=chosen_backend, call=call,
+                           **{**options, "profile": _profile(options["profile"], chosen_backend)})
 
 
 def _warn_training_statistics(model: nn.Module) -> None:
@@ -126,17 +126,6 @@ def _warn_training_statistics(model: nn.Module) -> None:
                       f"{f' and {len(tracking) - 1} more batch norms' if len(tracking) > 1 else ''} would update "
                       "in place, and a streamed block's buffers are not written back; call model.eval() before "
                       "attaching (the runtime is for inference)", InferenceOnlyWarning, stacklevel=3)
-
-
-def _backend_name(backend: str) -> str:
-    if backend == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if backend not in ("cpu", "cuda", "rocm", "gpu"):
-        raise ResidencyError(f"backend={backend!r}", hint="one of: auto, cpu, cuda (ROCm GPUs too)")
-    if backend != "cpu" and not torch.cuda.is_available():  # before a profile is measured for a GPU that is not
-        raise ResidencyError(f"backend={backend!r}, but torch sees no CUDA or ROCm GPU (torch {torch.__version__})",
-                             hint='use backend="cpu" (or "auto"), or install a CUDA/ROCm build of torch')
-    return backend
 
 
 def _profile(profile: str | os.PathLike[str] | DeviceProfile, backend: str) -> DeviceProfile:
@@ -192,10 +181,7 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
                              hint=f"give a larger vram= (its largest block, {largest.name}, is "
                                   f"{fmt_bytes(largest.nbytes(fmt))} in {fmt}: a streamed block needs a slot "
                                   "for it and one for the next), or a model of more, smaller blocks")
-    if plan.budget.frame_ms is not None and plan.prediction.frame_ms > plan.budget.frame_ms:
-        warnings.warn(f"the plan of {plan.model} misses the time budget: {plan.prediction.frame_ms:.2f} ms "
-                      f"predicted per call against {plan.budget.frame_ms:.2f} ms; "
-                      "rt.plan.notes say why", PlanWarning, stacklevel=3)
+    warn_missed_budget(plan, stacklevel=4)
     return plan
 
 

@@ -1,0 +1,33 @@
+"""Checks the front doors (residency.attach, attach_pipeline) share: the backend asked for, and a warning when
+the plan made cannot hold the time budget asked for."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from residency.errors import PlanWarning, ResidencyError
+from residency.plan import Plan
+
+
+def backend_name(backend: str) -> str:
+    """The backend `backend` names ("auto": the GPU when torch sees one); ResidencyError for an unknown name,
+    or a GPU backend torch cannot see (before a profile is measured for it)."""
+    if backend == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if backend not in ("cpu", "cuda", "rocm", "gpu"):
+        raise ResidencyError(f"backend={backend!r}", hint="one of: auto, cpu, cuda (ROCm GPUs too)")
+    if backend != "cpu" and not torch.cuda.is_available():  # before a profile is measured for a GPU that is not
+        raise ResidencyError(f"backend={backend!r}, but torch sees no CUDA or ROCm GPU (torch {torch.__version__})",
+                             hint='use backend="cpu" (or "auto"), or install a CUDA/ROCm build of torch')
+    return backend
+
+
+def warn_missed_budget(plan: Plan, stacklevel: int) -> None:
+    """A PlanWarning when `plan` misses its time budget (no plan holds it: the command line exits 3 there)."""
+    if plan.budget.frame_ms is not None and plan.prediction is not None and (
+            plan.prediction.frame_ms > plan.budget.frame_ms):
+        warnings.warn(f"the plan of {plan.model} misses the time budget: {plan.prediction.frame_ms:.2f} ms "
+                      f"predicted per call against {plan.budget.frame_ms:.2f} ms; rt.plan.notes say why",
+                      PlanWarning, stacklevel=stacklevel)
