@@ -89,6 +89,8 @@ BAD = [
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "frames/"], 1, "is a directory"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.gif", "--trace", "nodir/t.json"], 1,
      "does not exist"),
+    (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.gif", "--trace", "."], 1,
+     "a directory, not a trace file"),
     (["run", "tiny", "--image", "start.png", "--plan", "other-plan.json", "-o", "o.gif"], 1,
      "the plan was made for model 'game-64'"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "--fps", "0", "-o", "o.gif"], 2,

@@ -194,9 +194,13 @@ def other_device(replan: Replanner | None, plan: Plan | None = None) -> str | No
 # --- output ------------------------------------------------------------------------------------------------
 def check_trace_path(path: str) -> Path:
     """Validated before any work, like the frames' path: a .json in an existing, writable directory."""
+    from residency import userpath
     from residency.media import check_writable_target
 
     p = Path(path)
+    if userpath.path_kind(p)[0] == userpath.DIRECTORY:  # an unwritable output, exit 1 as -o's is
+        raise ResidencyError(f"{str(p)[:200]}: a directory, not a trace file",
+                             hint="give a file name, e.g. --trace trace.json (open it in Perfetto)")
     if p.suffix.lower() != ".json":
         raise UsageError(f"{p}: a trace is a .json file", hint="e.g. --trace trace.json (open it in Perfetto)")
     return check_writable_target(p)
