@@ -7,6 +7,8 @@ and retried: a call of the model itself, or a session's step (restored first thr
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -93,7 +95,19 @@ def _warn_inference_only() -> None:
     warnings.warn("the attached model ran without autograd (as under torch.no_grad()): streamed and packed "
                   "blocks reuse their weights' memory, so gradients through them would be wrong; call it "
                   "under torch.inference_mode() to silence this, or detach the runtime to train",
-                  InferenceOnlyWarning, stacklevel=4)
+                  InferenceOnlyWarning, stacklevel=_caller_level())
+
+
+_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
+
+
+def _caller_level() -> int:
+    """warnings.warn's stacklevel of the first frame outside residency and torch (the user's call of the
+    model), counted from the function calling warn: the warning then names the user's line, once per line."""
+    level, frame = 2, sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class Runtime:
