@@ -94,7 +94,6 @@ def test_the_default_compute_dtype_is_bf16(capsys):
         (["plan", "tiny", "--profile", "rtx-5090", "--fps", "-5"], 2, "argument --fps: must be a number"),
         (["plan", "tiny", "--profile", "rtx-5090", "--steps", "0"], 2, "argument --steps: must be a whole number"),
         (["plan", "tiny", "--profile", "rtx-5090", "--policy", "magic"], 1, "unknown policy 'magic'"),
-        (["plan", "tiny"], 2, "--profile"),
         (["plan", "tiny", "--profile", "rtx-5090", "--compute-dtype", "int8"], 2, "argument --compute-dtype"),
         (["plan", "tiny", "--profile", "rtx-5090", "--fps", "30", "--frame-ms", "10"], 2, "not allowed"),
         (["plan", "tiny", "--profile", "rtx-5090", "-o", ""], 2, "-o needs a file name, got an empty one"),
@@ -260,3 +259,25 @@ def test_a_directory_given_as_model_or_profile_is_named_as_one(capsys, tmp_path,
     assert code == 1 and "adir: cannot read the profile (a directory, not a file)" in err
     code, _, err = run(capsys, "plan", "adir", "--profile", "rtx-5090")
     assert code == 1 and "adir: a directory with no model in it" in err and "hint:" in err
+
+
+def test_without_profile_plan_uses_this_machines_cached_profile_as_run_does(capsys, tmp_path, monkeypatch):
+    import shutil
+
+    from residency.device import cached_profile_path, load_profile
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("residency.session_setup.device_kind", lambda: "cpu")
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("the test measured a profile")
+
+    monkeypatch.setattr("residency.device.measure_profile", no_measuring)
+    cached_profile_path("cpu").parent.mkdir(parents=True)
+    shutil.copy(Path(__file__).parent / "data" / "measured-cpu-2-cores.json", cached_profile_path("cpu"))
+    code, out, err = run(capsys, "plan", "tiny", "--json")
+    assert code in (0, 3), err
+    doc = json.loads(out)
+    cached = load_profile(cached_profile_path("cpu"))
+    assert doc["profile"] == cached.name and doc["profile_fingerprint"] == cached.fingerprint()
+    assert {b["compute_dtype"] for b in doc["blocks"]} == {"fp32"}  # a CPU profile: what run computes in

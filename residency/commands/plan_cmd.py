@@ -1,4 +1,4 @@
-"""`residency plan MODEL --profile P`: choose per block placement and format for a VRAM and frame budget.
+"""`residency plan MODEL [--profile P]`: choose per block placement and format for a VRAM and frame budget.
 
 Exit 0 when the budget holds, 3 when it cannot (the best plan is still printed and written), 1 on
 errors, 2 on usage.
@@ -27,9 +27,10 @@ def add_parser(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="catalog model (e.g. lucid-500m, flux-schnell), a catalog .json, "
                    "a diffusers/transformers model directory (config.json) or a diffusers pipeline directory "
                    "(model_index.json: encode → denoise × steps → decode); weights not needed")
-    p.add_argument("--profile", required=True, metavar="NAME|PATH",
+    p.add_argument("--profile", metavar="NAME|PATH",
                    help="shipped device profile (see `residency profiles`), a profile JSON, or `calibrated` "
-                   "(this machine's cached profile as calibrated by `residency run --calibrate`)")
+                   "(this machine's cached profile as calibrated by `residency run --calibrate`); default: this "
+                   "machine's, measured once in quick mode and cached, as `run` plans with")
     speed = p.add_mutually_exclusive_group()
     speed.add_argument("--fps", type=arg_types.FPS, metavar="N",
                        help="video frames per second to hold (a latent frame decodes to the model's video frames)")
@@ -81,7 +82,7 @@ def make_request(args):
     from residency.device.host_memory import host_memory
     from residency.front_door.vram import frame_budget_ms  # --fps/--frame-ms range-checked by argparse
     from residency.plan import Budget
-    from residency.session_setup import compute_dtype_for, device_kind
+    from residency.session_setup import cached_profile, compute_dtype_for, device_kind
 
     if args.steps is not None and not 1 <= args.steps <= 64:
         raise UsageError(f"--steps must be between 1 and 64, got {args.steps}", hint="e.g. --steps 4")
@@ -90,7 +91,10 @@ def make_request(args):
     size = ExampleSize(getattr(args, "height", None), getattr(args, "width", None), getattr(args, "frames", None))
     # A named profile is read first: its kind sets the default compute dtype, which the workload is built at.
     # "calibrated" is this machine's, found by the workload's fingerprint: its kind is this machine's.
-    profile = None if args.profile == CALIBRATED else resolve_profile(args.profile)
+    if args.profile is None:  # this machine's, as `run` plans with (measured once, its notes on stderr)
+        profile = cached_profile(device_kind(), make_console(stderr=True))
+    else:
+        profile = None if args.profile == CALIBRATED else resolve_profile(args.profile)
     compute_dtype = args.compute_dtype or compute_dtype_for(
         profile.is_gpu if profile is not None else device_kind() != "cpu")
     workload = resolve_workload(args.model, steps=args.steps, compute_dtype=compute_dtype, size=size)
