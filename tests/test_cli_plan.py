@@ -281,3 +281,17 @@ def test_without_profile_plan_uses_this_machines_cached_profile_as_run_does(caps
     cached = load_profile(cached_profile_path("cpu"))
     assert doc["profile"] == cached.name and doc["profile_fingerprint"] == cached.fingerprint()
     assert {b["compute_dtype"] for b in doc["blocks"]} == {"fp32"}  # a CPU profile: what run computes in
+
+
+def test_a_frame_is_a_latent_frame_an_image_or_a_call_by_the_workload():
+    import torch
+    from torch import nn
+
+    from pipelines.catalog import catalog_paths
+    from residency.commands.plan_render import frame_unit
+    from residency.workload import load_workload_file, module_workload
+
+    assert frame_unit(load_workload_file(catalog_paths()["tiny"])) == "latent frame"
+    assert frame_unit(load_workload_file(catalog_paths()["flux-schnell"])) == "image"
+    mlp = nn.Sequential(*[nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(3)])
+    assert frame_unit(module_workload(mlp, torch.randn(2, 16), name="m").workload) == "call"

@@ -132,29 +132,33 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile, model
     ms = _per_block_ms(workload, plan, profile)
     pred = plan.prediction
     budget = plan.budget
-    fps_budget = f", {budget.frame_ms:.1f} ms/latent frame" if budget.frame_ms else ""
+    unit = frame_unit(workload)
+    fps_budget = f", {budget.frame_ms:.1f} ms/{unit}" if budget.frame_ms else ""
     console.print(f"[bold]{escape(model_label or plan.model)}[/bold] on [bold]{escape(plan.profile)}[/bold] — "
                   f"policy {plan.policy}, "
                   f"budget {fmt_bytes(budget.vram_bytes)}{fps_budget}, {workload.steps} steps, "
                   f"{'/'.join(sorted({b.compute_dtype for b in plan.blocks}))} compute")
     for component in workload.components:
         blocks = [b for b in workload.blocks if b.component == component]
-        console.print(_table(f"{component} — ms per block in a steady latent frame", _BLOCK_COLUMNS,
+        console.print(_table(f"{component} — ms per block in a steady {unit}", _BLOCK_COLUMNS,
                              _block_rows(workload, plan, blocks, ms), console.width))
     if pred is None:
         return
     console.print(_table("device memory at the peak", _MEMORY_COLUMNS, _memory_rows(plan), console.width))
-    video_fps = _video_fps(workload, pred.frame_ms)
-    console.print(f"predicted: [bold]{pred.frame_ms:.2f} ms[/bold] per latent frame ({video_fps:.1f} video fps); "
-                  f"first frame {pred.first_frame_ms:.1f} ms; stall {pred.stall_ms:.2f} ms; "
-                  f"{fmt_bytes(pred.link_bytes_per_frame)} over the link per frame{_cpu_link(plan, profile)}; "
+    rate = _video_fps(workload, pred.frame_ms) if unit == "latent frame" else (
+        1000.0 / pred.frame_ms if pred.frame_ms > 0 else float("inf"))
+    rate_text = f"{rate:.1f} video fps" if unit == "latent frame" else f"{rate:.2g} {unit}s/s"
+    console.print(f"predicted: [bold]{pred.frame_ms:.2f} ms[/bold] per {unit} ({rate_text}); "
+                  f"first {unit.split()[-1]} {pred.first_frame_ms:.1f} ms; stall {pred.stall_ms:.2f} ms; "
+                  f"{fmt_bytes(pred.link_bytes_per_frame)} over the link per {unit.split()[-1]}"
+                  f"{_cpu_link(plan, profile)}; "
                   f"lower bound {pred.lower_bound_ms:.2f} ms; quality loss {pred.quality_loss:.3f}")
     for phase, evicted in plan.phase_actions([(ph.name, ph.blocks) for ph in workload.phases]):
         if evicted:
             console.print(f"after {phase}: evict {len(evicted)} block(s) "
                           f"({fmt_bytes(sum(workload.by_name[b].nbytes(plan.by_name[b].format) for b in evicted))}"
                           f" as loaded): {_names_label(list(evicted))}")
-    console.print(verdict(plan))
+    console.print(verdict(plan, unit))
     for note in _folded_notes([n for n in plan.notes if not is_device_miss(n)]):  # the verdict says the miss
         console.print(f"  note: {escape(note)}")
 
@@ -195,8 +199,16 @@ def _video_fps(workload: Workload, latent_frame_ms: float) -> float:
     return 1000.0 * workload.video_frames_per_latent / latent_frame_ms if latent_frame_ms > 0 else float("inf")
 
 
-def verdict(plan: Plan) -> str:
-    """One rich-markup line: whether the plan fits its VRAM budget and holds its frame budget (ms)."""
+def frame_unit(workload: Workload) -> str:
+    """What one predicted "frame" is: a latent frame of a world model (a KV window of past frames), else an
+    image where the workload decodes one (a text-to-image pipeline's call), else one call of the model."""
+    if workload.context_frames > 0:
+        return "latent frame"
+    return "image" if any(ph.name == "decode" for ph in workload.phases) else "call"
+
+
+def verdict(plan: Plan, unit: str = "latent frame") -> str:
+    """One rich-markup line: whether the plan fits its VRAM budget and holds its frame budget (ms per `unit`)."""
     pred, budget = plan.prediction, plan.budget
     within = f"within {fmt_bytes(budget.vram_bytes)}"
     if pred.peak_total_bytes > budget.vram_bytes:
@@ -206,9 +218,9 @@ def verdict(plan: Plan) -> str:
         return (f"[red]✗ does not fit:[/red] needs {fmt_bytes(pred.peak_total_bytes)}, budget "
                 f"{fmt_bytes(budget.vram_bytes)}{why}")
     if budget.frame_ms is None:
-        return f"[green]✓ fits[/green] {within} at {pred.frame_ms:.2f} ms per latent frame (no frame budget given)"
+        return f"[green]✓ fits[/green] {within} at {pred.frame_ms:.2f} ms per {unit} (no frame budget given)"
     if pred.frame_ms <= budget.frame_ms:
-        return f"[green]✓ holds:[/green] {pred.frame_ms:.2f} ms ≤ {budget.frame_ms:.2f} ms per latent frame {within}"
+        return f"[green]✓ holds:[/green] {pred.frame_ms:.2f} ms ≤ {budget.frame_ms:.2f} ms per {unit} {within}"
     return f"[red]✗ misses the frame budget:[/red] {pred.frame_ms:.2f} ms > {budget.frame_ms:.2f} ms {within}"
 
 
