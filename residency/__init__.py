@@ -28,6 +28,9 @@ _EXPORTS = {
     "save_plan": "residency.plan",
     "make_plan": "residency.planning",
     "workload_from_module": "residency.workload",
+    "ResidencyError": "residency.errors",
+    "InferenceOnlyWarning": "residency.errors",
+    "PlanWarning": "residency.errors",
 }
 
 

@@ -17,7 +17,9 @@ class ResidencyError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        return self.message
+        # the hint on its own line: an uncaught error's traceback shows it to a library user (the CLI prints
+        # message and hint itself), and readers of the first line get the message alone
+        return f"{self.message}\nhint: {self.hint}" if self.hint else self.message
 
 
 class UsageError(ResidencyError):

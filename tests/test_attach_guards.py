@@ -166,6 +166,8 @@ def test_a_numpy_example_and_a_lone_layer_are_refused_with_what_to_give():
     with pytest.raises(ResidencyError, match="example_inputs is a ndarray") as err:
         attach(model, np.zeros((4, 64), np.float32))
     assert "torch.from_numpy" in err.value.hint
+    with pytest.raises(ResidencyError, match=r"example_inputs\[0\] is a numpy array"):
+        attach(model, (np.zeros((4, 64), np.float32),))
     with pytest.raises(ResidencyError, match=r"a single layer \(Linear\) is one block"):
         attach(nn.Linear(64, 64), torch.zeros(4, 64), vram="100%")
 
@@ -181,14 +183,16 @@ def test_a_recovery_into_streaming_mid_call_turns_autograd_off_for_the_retry():
         assert rt.plan.streamed() and not y.requires_grad
 
 
-def test_keep_vars_gives_the_parameters_and_a_load_while_attached_is_refused():
+def test_keep_vars_gives_the_original_weights_and_a_load_while_attached_is_refused():
     from residency.errors import ResidencyError
 
     model, x = mlp_stack()
     with attach(model, x) as rt, torch.inference_mode():
         assert rt.plan.streamed()
-        live = model.state_dict(keep_vars=True)
-        assert live["0.0.weight"] is model[0][0].weight
+        expected = {k: v.clone() for k, v in model.state_dict().items()}
+        kept = model.state_dict(keep_vars=True)
+        assert all(torch.equal(kept[k], v) for k, v in expected.items())  # the weights, not the slots
+        assert isinstance(kept["0.0.weight"], nn.Parameter)
         with pytest.raises(ResidencyError, match="load_state_dict into .* while a runtime is attached"):
             model.load_state_dict(model.state_dict())
     model.load_state_dict(model.state_dict())  # detached: as usual
@@ -213,3 +217,28 @@ def test_detach_from_another_thread_waits_for_the_running_call():
     rt.detach()
     t.join()
     assert errors == []
+
+
+def test_a_world_model_rollout_steps_without_autograd_and_without_a_warning():
+    import warnings
+
+    import numpy as np
+
+    from pipelines.world_model import WorldModelPipeline
+
+    pipe = WorldModelPipeline.from_config("tiny")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InferenceOnlyWarning)  # a rollout never trains: nothing to warn of
+        with residency.attach(pipe, vram="50%", profile=flat_profile(backend="cpu"), backend="cpu") as rt:
+            assert rt.plan.streamed()
+            session = pipe.start(np.zeros((64, 64, 3), np.uint8))
+            frames = [rt.step(session, action) for action in ("right", "up")]
+    assert len(frames) == 2
+
+
+def test_a_library_error_shows_its_hint_in_a_traceback():
+    from residency.errors import ResidencyError
+
+    err = ResidencyError("vram='12' has no unit", hint='did you mean vram="12GiB"?')
+    assert str(err).splitlines() == ["vram='12' has no unit", 'hint: did you mean vram="12GiB"?']
+    assert str(ResidencyError("no hint")) == "no hint"

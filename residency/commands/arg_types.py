@@ -78,7 +78,9 @@ def vram_size(text: str) -> int | str:
         return parse_size(text, "the size", min_bytes=MIN_VRAM_BYTES)
     except ResidencyError as e:  # argparse reports only its own error type as a usage error
         hint = e.hint
-        if _FLOAT_RE.fullmatch(stripped) and float(stripped) < MIN_VRAM_BYTES:  # `--vram 12`: bytes, as given
+        if stripped.startswith("-"):
+            hint = "a size is positive: e.g. 6GiB, 512MiB, or a share such as 50%"
+        elif _FLOAT_RE.fullmatch(stripped) and 0 < float(stripped) < MIN_VRAM_BYTES:  # `--vram 12`: bytes, as given
             hint = f"a bare number is bytes: did you mean {stripped}GiB?"
         raise argparse.ArgumentTypeError(f"{e.message} (hint: {hint})" if hint else e.message) from None
 

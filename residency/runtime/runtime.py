@@ -59,7 +59,8 @@ def _state_dict_hooks(model: nn.Module, originals: dict[str, tuple[tuple[torch.T
     """Hooks on the modules of `model` that own a block tensor. state_dict() (of the model or any submodule)
     gives the original data, not what .data points at while attached — a streamed block's shared slot holds
     another block's bytes between its calls, a packed one dequantized values — so a checkpoint saved while
-    attached is the model's own (keep_vars=True still gives the live Parameters, as asked). load_state_dict()
+    attached is the model's own (keep_vars=True: new Parameters over the original data, not the live ones).
+    load_state_dict()
     is refused: it would write into slots, and detach restores the originals. Returns the hooks' handles."""
     by_id = {id(t): data for pairs in originals.values() for t, data in pairs}
     handles = []
@@ -76,8 +77,12 @@ def _put_originals(own: dict[str, torch.Tensor]):
     def hook(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
         for name, data in own.items():
             key = prefix + name
-            if key in state and not isinstance(state[key], nn.Parameter):  # keep_vars: the Parameter as asked
-                state[key] = data.detach()
+            if key not in state:
+                continue
+            value = state[key]
+            # keep_vars=True: a Parameter holding the original data (the live one's .data is a slot)
+            state[key] = (nn.Parameter(data, requires_grad=value.requires_grad) if isinstance(value, nn.Parameter)
+                          else data.detach())
 
     return hook
 
@@ -364,7 +369,8 @@ class Runtime:
         if self.pipeline is None:
             raise ResidencyError("the runtime is not attached", hint="attach(pipeline) first")
         snap = session.snapshot(self.protect_kv)
-        return self._unit(self._step_once, (session, action), {}, lambda: session.restore(snap))
+        with torch.no_grad():  # a rollout never trains: no graph, and no InferenceOnlyWarning on every step
+            return self._unit(self._step_once, (session, action), {}, lambda: session.restore(snap))
 
     def _step_once(self, session: RecoverableSession, action: Any):
         self._account_kv(session)

@@ -211,12 +211,19 @@ def split_example(example: Example) -> tuple[tuple, dict[str, Any]]:
     if isinstance(example, torch.Tensor):
         return (example,), {}
     if isinstance(example, Mapping):
-        return (), dict(example)
-    if not isinstance(example, (tuple, list)):  # a numpy array would be unpacked row by row
+        args, kwargs = (), dict(example)
+    elif isinstance(example, (tuple, list)):
+        args, kwargs = tuple(example), {}
+    else:  # a numpy array would be unpacked row by row
         raise ResidencyError(f"example_inputs is a {type(example).__name__}: give a torch tensor, a tuple of "
                              "the call's positional inputs or a dict of its keyword inputs",
                              hint="e.g. example_inputs=torch.from_numpy(x)")
-    return tuple(example), {}
+    arrays = [k for k, v in (*enumerate(args), *kwargs.items()) if type(v).__module__ == "numpy"
+              and hasattr(v, "shape")]
+    if arrays:
+        raise ResidencyError(f"example_inputs[{arrays[0]!r}] is a numpy array: the model takes torch tensors",
+                             hint="convert it with torch.from_numpy(x)")
+    return args, kwargs
 
 
 def _batch(args: tuple, kwargs: Mapping[str, Any]) -> int:
