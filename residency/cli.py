@@ -72,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
+        args, extra = parser.parse_known_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    if extra:  # argparse would say so from the top parser, pointing at `residency --help`
+        where = f"residency {args.command}" if args.command else "residency"
+        print(f"error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
+        print(f"hint: run '{where} --help' for the options", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

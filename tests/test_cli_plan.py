@@ -295,3 +295,9 @@ def test_a_frame_is_a_latent_frame_an_image_or_a_call_by_the_workload():
     assert frame_unit(load_workload_file(catalog_paths()["flux-schnell"])) == "image"
     mlp = nn.Sequential(*[nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)) for _ in range(3)])
     assert frame_unit(module_workload(mlp, torch.randn(2, 16), name="m").workload) == "call"
+
+
+def test_an_unknown_option_points_at_its_commands_help(capsys):
+    code, _, err = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--frobnicate")
+    assert code == 2 and err.strip().splitlines() == [
+        "error: unrecognized arguments: --frobnicate", "hint: run 'residency plan --help' for the options"]
