@@ -237,13 +237,15 @@ def attach(model: Model, plan: Plan, replan: Replanner | None) -> Runtime:
                    profile=replan.profile if replan is not None else None).attach(model.pipe)
 
 
-def context_for(model: Model, plan: Plan) -> DashboardContext:
-    """What the dashboard and the trace show beside the telemetry: title, budgets, frames per latent."""
+def context_for(model: Model, plan: Plan, predicted_for: str | None = None) -> DashboardContext:
+    """What the dashboard and the trace show beside the telemetry: title, budgets, frames per latent, and the
+    other device the plan's predictions are for, if any (run_cmd.other_device)."""
     from residency.dashboard import DashboardContext
 
     return DashboardContext(title=f"{model.label} · {device_kind()} · plan {plan.policy} on {plan.profile}",
                             vram_budget_bytes=plan.budget.vram_bytes, frame_budget_ms=plan.budget.frame_ms,
-                            video_frames_per_latent=model.workload.video_frames_per_latent)
+                            video_frames_per_latent=model.workload.video_frames_per_latent,
+                            predicted_for=predicted_for)
 
 
 def rollout(runtime: Runtime, pipe: WorldModelPipeline, image: np.ndarray, actions: list[str], seed: int,

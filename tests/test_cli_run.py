@@ -5,6 +5,7 @@ Every bad input exits 1 or 2 with `error:` and `hint:` on stderr, no traceback, 
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def test_run_writes_a_gif_and_a_trace_the_dashboard_renders(files, capsys):
     assert main(["dashboard", "trace.json", "--once"]) == 0
     text = capsys.readouterr().out
     assert "frame 4 · tiny" in text and "fps" in text and "dit.blocks.0" in text and "kv_cache" in text
+    if not torch.cuda.is_available():  # the replay does not divide CPU times by the GPU's predictions either
+        flat = " ".join(text.replace("│", " ").split())  # the panel wraps lines inside its border
+        assert "predicted for Radeon RX 7800 XT, a GPU profile, not this CPU: not compared" in flat
+        assert "predictions are for Radeon RX 7800 XT" in flat
+        assert not re.search(r"\d\.\d\d×", flat.split("per latent frame", 1)[1])  # no measured ÷ predicted
 
 
 def test_run_writes_numbered_pngs(files):

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     plan, replan = session_setup.make_plan(model, err, profile=args.profile, fps=DEMO_FPS,
                                            vram_bytes=_vram_bytes(model))
     console.print(_plan_line(plan))
-    context = session_setup.context_for(model, plan)
+    context = session_setup.context_for(model, plan, run_cmd.other_device(replan, plan))
     board = Dashboard(context)
     runtime = session_setup.attach(model, plan, replan)
     say = run_cmd.print_line(console)

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     plan, replan = run_cmd.plan_for(model, args, err)
     per_latent = model.workload.video_frames_per_latent
     period_s = (plan.budget.frame_ms or 1000.0 * per_latent / DEFAULT_FPS) / 1e3
-    board = Dashboard(session_setup.context_for(model, plan))
+    board = Dashboard(session_setup.context_for(model, plan, run_cmd.other_device(replan, plan)))
     view = PlayView(board, image, console.width)
     vocabulary = model.pipe.config.actions
     runtime = session_setup.attach(model, plan, replan)

@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     plan, replan = plan_for(model, args, err)
     if args.calibrate:
         check_calibration(replan, len(actions))
-    context = context_for(model, plan)
+    context = context_for(model, plan, other_device(replan, plan))
     runtime = attach(model, plan, replan)
     if args.closed_loop:  # the live dashboard shows the loop's events; else each is printed as it happens
         enable_loop(runtime, model, None if args.dashboard else print_line(console))

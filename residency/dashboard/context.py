@@ -16,6 +16,9 @@ class DashboardContext:
     vram_budget_bytes: int | None = None  # device bytes the plan may use; None: unknown (a plain trace)
     frame_budget_ms: float | None = None  # ms per latent frame to hold; None: no latency target
     video_frames_per_latent: int = 1  # video frames each latent frame decodes to (fps counts video frames)
+    # the device the plan's predictions are for when it is not the one running ("Radeon RX 7800 XT, a GPU
+    # profile, not this CPU"): predictions are shown, not divided into measurements; None: they compare
+    predicted_for: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict (as stored in a trace file)."""

@@ -84,9 +84,9 @@ def build(snapshot: TelemetrySnapshot | None, context: DashboardContext) -> Rend
         Rule(style="dim"),
         panels.link(snapshot, bar_cells),
         Rule(style="dim"),
-        panels.predicted_vs_measured(snapshot),
+        panels.predicted_vs_measured(snapshot, context.predicted_for),
         Rule(style="dim"),
-        panels.closed_loop(snapshot, bar_cells),
+        panels.closed_loop(snapshot, bar_cells, context.predicted_for),
     )
     # A title longer than the panel would widen it (rich sizes panels to their titles): cut it to fit.
     title = panels.header(snapshot, context)

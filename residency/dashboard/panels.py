@@ -151,9 +151,10 @@ def link(snapshot: TelemetrySnapshot, width_cells: int = 48) -> Group:
     return Group(line, text)
 
 
-def predicted_vs_measured(snapshot: TelemetrySnapshot) -> Text:
+def predicted_vs_measured(snapshot: TelemetrySnapshot, predicted_for: str | None = None) -> Text:
     """Median of the steady latent frames beside the simulator's figures for the plan, and the caller's gap
-    between frames (drawing, pacing: outside the plan, not in the frame's measured time)."""
+    between frames (drawing, pacing: outside the plan, not in the frame's measured time). `predicted_for`: the
+    other device the predictions are for (DashboardContext): no ratios, and a line saying why."""
     frames = _steady(latent_frames(snapshot))
     p = snapshot.prediction
     predicted_frame = p.frame_ms if p else (frames[-1].predicted_frame_ms if frames else None)
@@ -163,7 +164,7 @@ def predicted_vs_measured(snapshot: TelemetrySnapshot) -> Text:
         return "—" if x is None or math.isnan(x) else fmt_bytes(x)
 
     def row(name: str, measured: float, predicted: float | None, fmt=_ms) -> None:
-        ratio = measured / predicted if predicted and not math.isnan(measured) else math.nan
+        ratio = measured / predicted if predicted and not math.isnan(measured) and not predicted_for else math.nan
         shown = "—" if math.isnan(ratio) else f"{ratio:.2f}×"
         text.append(f"\n{name:<16} {fmt(measured):>10} {fmt(predicted):>10} {shown:>7}")
 
@@ -175,6 +176,8 @@ def predicted_vs_measured(snapshot: TelemetrySnapshot) -> Text:
     row("stall", _median(f.stall_ms for f in frames), p.stall_ms if p else None)
     row("link", _median(f.link_bytes for f in frames), p.link_bytes_per_frame if p else None, fmt=size)
     row("device peak", _median(f.device_peak_bytes for f in frames), p.peak_total_bytes if p else None, fmt=size)
+    if predicted_for:
+        text.append(f"\npredicted for {predicted_for}: not compared", style="dim")
     return text
 
 
@@ -221,12 +224,13 @@ def _ratio_row(name: str, ratios: list[float], marks: set[int]) -> Text:
     return text.append(f" {shown:>{RATIO_TAIL_CELLS - 1}}", style=style)
 
 
-def closed_loop(snapshot: TelemetrySnapshot, width_cells: int = 66) -> Group:
+def closed_loop(snapshot: TelemetrySnapshot, width_cells: int = 66, predicted_for: str | None = None) -> Group:
     """Measured ÷ predicted per recent latent frame for the frame, the compute stream and the copy engine (one
     row each, each frame against the prediction of the plan that ran it; the latest ratio at the end), re-plans
     marked with REPLAN_MARK, then the latest EVENTS_SHOWN decisions of the closed loop with their reasons.
 
-    `width_cells`: a row's width, label and latest ratio included; re-plan marks take cells from the frames."""
+    `width_cells`: a row's width, label and latest ratio included; re-plan marks take cells from the frames.
+    `predicted_for`: the other device the predictions are for: no ratios, a line saying so."""
     frames = latent_frames(snapshot)
     cells = max(1, width_cells - RATIO_LABEL_CELLS - RATIO_TAIL_CELLS)
     recent = frames[-cells:]
@@ -238,7 +242,9 @@ def closed_loop(snapshot: TelemetrySnapshot, width_cells: int = 66) -> Group:
     title = Text("measured ÷ predicted per frame", style="bold")
     title.append(f"  ({REPLAN_MARK} = re-plan; ▅ = 1.0×)", style="dim")
     lines: list[Text] = [title]
-    if not any(f.predicted_frame_ms is not None for f in recent):
+    if predicted_for:
+        lines.append(Text(f"predictions are for {predicted_for}: not compared", style="dim"))
+    elif not any(f.predicted_frame_ms is not None for f in recent):
         lines.append(Text("no prediction for these frames", style="dim"))
     else:
         for name, pick in ENGINES:

@@ -217,7 +217,9 @@ def _context(r: Reader, value: Any, default_title: str) -> DashboardContext:
         frame_budget_ms=None if frame_ms is None else r.number(frame_ms, f"{path}.frame_budget_ms", 0.0,
                                                                strict=True, unit="ms"),
         video_frames_per_latent=r.integer(doc.get("video_frames_per_latent", 1), f"{path}.video_frames_per_latent",
-                                          1, MAX_VIDEO_FRAMES_PER_LATENT))
+                                          1, MAX_VIDEO_FRAMES_PER_LATENT),
+        predicted_for=None if doc.get("predicted_for") is None else r.string(doc["predicted_for"],
+                                                                               f"{path}.predicted_for"))
 
 
 def read_trace(path: str | os.PathLike[str]) -> tuple[TelemetrySnapshot, DashboardContext]:
