@@ -90,15 +90,16 @@ def make_request(args):
 
     size = ExampleSize(getattr(args, "height", None), getattr(args, "width", None), getattr(args, "frames", None))
     # A named profile is read first: its kind sets the default compute dtype, which the workload is built at.
-    # "calibrated" is this machine's, found by the workload's fingerprint: its kind is this machine's.
-    if args.profile is None:  # this machine's, as `run` plans with (measured once, its notes on stderr)
-        profile = cached_profile(device_kind(), make_console(stderr=True))
-    else:
-        profile = None if args.profile == CALIBRATED else resolve_profile(args.profile)
+    # "calibrated" is this machine's, found by the workload's fingerprint: its kind is this machine's; so is
+    # none given, this machine's own profile, read (or measured, ~15 s) only once the model is known good.
+    named = args.profile is not None and args.profile != CALIBRATED
+    profile = resolve_profile(args.profile) if named else None
     compute_dtype = args.compute_dtype or compute_dtype_for(
         profile.is_gpu if profile is not None else device_kind() != "cpu")
     workload = resolve_workload(args.model, steps=args.steps, compute_dtype=compute_dtype, size=size)
-    if profile is None:
+    if args.profile is None:  # this machine's, as `run` plans with (measured once, its notes on stderr)
+        profile = cached_profile(device_kind(), make_console(stderr=True))
+    elif profile is None:
         profile = profile_for(args.profile, workload.fingerprint(), model=args.model)
     vram = arg_types.resolve_vram(args.vram, workload, compute_dtype) if args.vram else profile.memory_usable_bytes
     if vram > profile.memory_usable_bytes:
