@@ -7,10 +7,7 @@ and retried: a call of the model itself, or a session's step (restored first thr
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import threading
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +15,9 @@ import torch
 from torch import nn
 
 from residency.device import DeviceProfile
-from residency.errors import InferenceOnlyWarning, ResidencyError
+from residency.errors import ResidencyError
 from residency.plan import Budget, Plan
+from residency.runtime.attached_guards import state_dict_hooks, swaps_weights, warn_inference_only
 from residency.runtime.backend import Backend
 from residency.runtime.backends import get_backend
 from residency.runtime.block_calls import BlockCalls, BlockHook, GroupHook
@@ -53,66 +51,6 @@ class _RetryHook(ModelHook):
         if rt.call_check is not None:
             rt.call_check(args, kwargs)
         return rt._unit(rt._model_call, (forward, args, kwargs), {})
-
-
-def _state_dict_hooks(model: nn.Module, originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> list:
-    """Hooks on the modules of `model` that own a block tensor. state_dict() (of the model or any submodule)
-    gives the original data, not what .data points at while attached — a streamed block's shared slot holds
-    another block's bytes between its calls, a packed one dequantized values — so a checkpoint saved while
-    attached is the model's own (keep_vars=True: new Parameters over the original data, not the live ones).
-    load_state_dict()
-    is refused: it would write into slots, and detach restores the originals. Returns the hooks' handles."""
-    by_id = {id(t): data for pairs in originals.values() for t, data in pairs}
-    handles = []
-    for module in model.modules():
-        own = {n: by_id[id(t)] for n, t in (*module._parameters.items(), *module._buffers.items())
-               if t is not None and id(t) in by_id}
-        if own:
-            handles.append(module._register_state_dict_hook(_put_originals(own)))
-            handles.append(module._register_load_state_dict_pre_hook(_refuse_load, with_module=True))
-    return handles
-
-
-def _put_originals(own: dict[str, torch.Tensor]):
-    def hook(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
-        for name, data in own.items():
-            key = prefix + name
-            if key not in state:
-                continue
-            value = state[key]
-            # keep_vars=True: a Parameter holding the original data (the live one's .data is a slot)
-            state[key] = (nn.Parameter(data, requires_grad=value.requires_grad) if isinstance(value, nn.Parameter)
-                          else data.detach())
-
-    return hook
-
-
-def _refuse_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    raise ResidencyError(f"load_state_dict into {type(module).__name__} while a runtime is attached: the weights "
-                         "would go into its device slots, and detach restores the ones found at attach",
-                         hint="detach the runtime (leave its `with`), load the weights, then attach again")
-
-
-def _warn_inference_only() -> None:
-    # Autograd would save the weights a block computed with for the backward pass, and a streamed block's
-    # weights live in a slot the next block overwrites: the gradients came out wrong (22.6 against 19.7 on
-    # a 4-layer MLP at half its bytes). Without autograd a backward() fails loudly instead, in torch.
-    warnings.warn("the attached model ran without autograd (as under torch.no_grad()): streamed and packed "
-                  "blocks reuse their weights' memory, so gradients through them would be wrong; call it "
-                  "under torch.inference_mode() to silence this, or detach the runtime to train",
-                  InferenceOnlyWarning, stacklevel=_caller_level())
-
-
-_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
-
-
-def _caller_level() -> int:
-    """warnings.warn's stacklevel of the first frame outside residency and torch (the user's call of the
-    model), counted from the function calling warn: the warning then names the user's line, once per line."""
-    level, frame = 2, sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 class Runtime:
@@ -169,6 +107,7 @@ class Runtime:
         self._retrying = False  # a unit of retry is running: calls inside it are not retried on their own
         self._in_unit = False  # a unit of work is running: a call of the model inside a step is part of it
         self._unit_lock = threading.RLock()  # one unit at a time across threads; re-entered by nested calls
+        self._swaps = False  # the attached plan swaps weights in: autograd is kept off its calls
         self.loop: ClosedLoop | None = None  # enable_closed_loop() sets it
         self._originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]] = {}
         self._buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
@@ -264,6 +203,7 @@ class Runtime:
             raise
         self._originals, self._memory, self._executor = originals, memory, executor
         self.plan, self.pipeline, self._hooked = plan, pipeline, hooked
+        self._swaps = swaps_weights(plan)  # per attached plan: a recovery or switch attaches again
         if not on_cpu:
             self._move_buffers(hooked)
         self._calls = calls = BlockCalls(executor, enclosing)
@@ -271,7 +211,7 @@ class Runtime:
         for name, mods in modules.items():
             for module in mods:
                 add_hook(module, BlockHook(calls, name) if len(mods) == 1 else GroupHook(calls, name))
-        self._state_hooks = _state_dict_hooks(pipeline, originals)  # last: nothing after it can fail
+        self._state_hooks = state_dict_hooks(pipeline, originals)  # last: nothing after it can fail
 
     def _move_buffers(self, modules: list[nn.Module]) -> None:
         """Buffers the workload does not list (non-persistent, e.g. position tables) follow to the device."""
@@ -348,17 +288,11 @@ class Runtime:
             self.ledger.reserve("kv_cache", nbytes, "the session's KV cache")
             self._memory.reserved["kv_cache"] = nbytes
 
-    def _swaps_weights(self) -> bool:
-        """Whether a block of the running plan computes with weights the runtime swaps in (streamed, packed and
-        unpacked into scratch, or resident for one phase in memory the next phase reuses): then autograd must
-        not see them."""
-        return any(bp.placement != "resident" or bp.lifetime != "session" for bp in self.plan.blocks)
-
     def _autograd_guard(self):
         """torch.no_grad() (with the warning) when autograd is on and the running plan swaps weights in; else
-        nothing. Cost: a scan of the plan's blocks per call with autograd on (none under inference_mode)."""
-        if torch.is_grad_enabled() and self._swaps_weights():
-            _warn_inference_only()
+        nothing."""
+        if self._swaps and torch.is_grad_enabled():
+            warn_inference_only()
             return torch.no_grad()
         return contextlib.nullcontext()
 
