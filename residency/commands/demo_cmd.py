@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     plan, replan = session_setup.make_plan(model, err, profile=args.profile, fps=DEMO_FPS,
                                            vram_bytes=_vram_bytes(model))
     console.print(_plan_line(plan))
-    context = session_setup.context_for(model, plan, run_cmd.other_device(replan, plan))
+    other = run_cmd.other_device(replan, plan)  # the demo plans here: no profile file to read
+    context = session_setup.context_for(model, plan, other)
     board = Dashboard(context)
     runtime = session_setup.attach(model, plan, replan)
     say = run_cmd.print_line(console)
@@ -110,7 +111,6 @@ def run(args: argparse.Namespace) -> int:
         console.print(build(snapshot, context))
     write_frames(video, gif, DEMO_FPS)
     write_trace(snapshot, context, trace)
-    other = run_cmd.other_device(replan, plan)
     run_cmd.report_speed(console, snapshot, other)
     console.print(f"wrote {gif} ({len(video)} frame{'s' if len(video) != 1 else ''}) and {trace}")
     console.print(f"replay the telemetry:  residency dashboard {trace}")

@@ -92,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
     if model.note:
         err.print(f"note: {model.note}")
     image = session_setup.start_image(model, args.image)
-    plan, replan = run_cmd.plan_for(model, args, err)
+    plan, replan, other = run_cmd.plan_for(model, args, err)
     per_latent = model.workload.video_frames_per_latent
     period_s = (plan.budget.frame_ms or 1000.0 * per_latent / DEFAULT_FPS) / 1e3
-    board = Dashboard(session_setup.context_for(model, plan, run_cmd.other_device(replan, plan)))
+    board = Dashboard(session_setup.context_for(model, plan, other))
     view = PlayView(board, image, console.width)
     vocabulary = model.pipe.config.actions
     runtime = session_setup.attach(model, plan, replan)
@@ -134,5 +134,5 @@ def run(args: argparse.Namespace) -> int:
         snapshot = session_setup.final_snapshot(runtime)
     console.print(f"played {frames} latent frames")
     if frames:
-        run_cmd.report_speed(console, snapshot, run_cmd.other_device(replan, plan))
+        run_cmd.report_speed(console, snapshot, other)
     return 0

@@ -98,16 +98,15 @@ def check_loop_arguments(args: argparse.Namespace, loop: bool, calibrate: bool =
                          hint="drop --plan (give --profile to plan for a profile)")
 
 
-def check_calibration(replan: Replanner | None, frames: int) -> None:
+def check_calibration(other: str | None, frames: int) -> None:
     """Refuse, before the rollout, a --calibrate that could only fail or mislead: too few frames to fit past the
-    warm-up, or a profile of another kind than this runtime (a GPU profile fitted to CPU timings describes
-    neither). Raises UsageError."""
+    warm-up, or a plan's profile of another kind than this runtime (`other`, see other_device: a GPU profile
+    fitted to CPU timings describes neither). Raises UsageError."""
     from residency.telemetry.calibration import WARMUP_FRAMES
 
     if frames <= WARMUP_FRAMES:
         raise UsageError(f"--calibrate needs more than {WARMUP_FRAMES} latent frames (the first {WARMUP_FRAMES} "
                          f"are a warm-up); this run has {frames}", hint="add --frames 8 or more")
-    other = other_device(replan)
     if other is not None:
         raise UsageError(f"--calibrate fits a profile to this machine's timings; the plan's profile is {other}",
                          hint="drop --profile to calibrate this machine's profile, or drop --calibrate")
@@ -118,9 +117,11 @@ def print_line(console: Console) -> Callable[[str], None]:
     return lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def plan_for(model: Model, args: argparse.Namespace, console: Console) -> tuple[Plan, Replanner | None]:
+def plan_for(model: Model, args: argparse.Namespace,
+             console: Console) -> tuple[Plan, Replanner | None, str | None]:
     """The plan the model options of `add_model_arguments` ask for (see session_setup.make_plan), stated on
-    `console` in one line (and where a loaded plan's predictions come from).
+    `console` in one line (and where a loaded plan's predictions come from), its replanner, and the other
+    device its predictions are for (other_device; None: they compare with this run's).
 
     Raises ResidencyError, before anything is loaded on the device, when no plan fits the VRAM budget."""
     from residency import session_setup
@@ -130,10 +131,11 @@ def plan_for(model: Model, args: argparse.Namespace, console: Console) -> tuple[
     plan, replan = make_plan(model, console, plan_path=getattr(args, "plan", None), profile=args.profile,
                              fps=args.fps, vram_bytes=args.vram)
     pred = plan.prediction
-    other = other_device(replan, plan)
+    device = plan_device(replan, plan)  # a loaded plan's: its profile file read once, here
+    other = _other_kind(device)
     # Refused only when the plan is for a profile of this runtime's kind: a GPU profile's prediction counts a
     # GPU's workspace the CPU runtime never holds (a GPU plan tried on the CPU runs, as the README shows)
-    same_kind = other is None and (replan is not None or plan_profile(plan) is not None)
+    same_kind = device is not None and other is None
     if same_kind and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
         need = fmt_bytes(pred.peak_total_bytes)
         raise ResidencyError(f"no plan fits the {fmt_bytes(plan.budget.vram_bytes)} VRAM budget: the smallest "
@@ -152,7 +154,7 @@ def plan_for(model: Model, args: argparse.Namespace, console: Console) -> tuple[
             "which this run compares its measurements with")
         console.print(f"note: {args.plan} was made for {plan.profile}: its predictions are that device's, "
                       f"{compare}.{compiled}", markup=False, highlight=False)
-    return plan, replan
+    return plan, replan, other
 
 
 def plan_profile(plan: Plan) -> DeviceProfile | None:
@@ -173,18 +175,25 @@ def plan_profile(plan: Plan) -> DeviceProfile | None:
     return None
 
 
+def plan_device(replan: Replanner | None, plan: Plan | None = None) -> DeviceProfile | None:
+    """The profile a plan predicts for: the one it was made with here, else a loaded plan's (plan_profile)."""
+    if replan is not None:
+        return replan.request.profile
+    return plan_profile(plan) if plan is not None else None
+
+
 def other_device(replan: Replanner | None, plan: Plan | None = None) -> str | None:
     """The device a plan predicts when its profile is not of this runtime's kind ("GeForce RTX 5090, a GPU
     profile, not this CPU"), else None: same kind, or a loaded `plan` whose profile is not known here
     (plan_profile; the note beside it says whose predictions they are)."""
+    return _other_kind(plan_device(replan, plan))
+
+
+def _other_kind(profile: DeviceProfile | None) -> str | None:
     from residency import session_setup
 
-    if replan is not None:
-        profile = replan.request.profile
-    else:
-        profile = plan_profile(plan) if plan is not None else None
-        if profile is None:
-            return None
+    if profile is None:
+        return None
     here_gpu = session_setup.device_kind() != "cpu"
     if profile.is_gpu == here_gpu:
         return None
@@ -264,10 +273,10 @@ def run(args: argparse.Namespace) -> int:
     script = parse_actions(args.actions, model.pipe.config.actions)
     actions = list(itertools.islice(itertools.cycle(script), args.frames or len(script)))
     image = start_image(model, args.image)
-    plan, replan = plan_for(model, args, err)
+    plan, replan, other = plan_for(model, args, err)
     if args.calibrate:
-        check_calibration(replan, len(actions))
-    context = context_for(model, plan, other_device(replan, plan))
+        check_calibration(other, len(actions))
+    context = context_for(model, plan, other)
     runtime = attach(model, plan, replan)
     if args.closed_loop:  # the live dashboard shows the loop's events; else each is printed as it happens
         enable_loop(runtime, model, None if args.dashboard else print_line(console))
@@ -289,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     if trace is not None:
         write_trace(snapshot, context, trace)
         console.print(f"wrote the trace to {trace} (open in https://ui.perfetto.dev or `residency dashboard`)")
-    report_speed(console, snapshot, other_device(replan, plan), None if args.calibrate or getattr(args, "plan", None) else (
+    report_speed(console, snapshot, other, None if args.calibrate or getattr(args, "plan", None) else (
         "add --calibrate to fit this machine's profile to a run (cached), then plan with --profile calibrated"))
     if args.calibrate:
         print_line(console)(calibrate_session(runtime, replan.profile).line())
