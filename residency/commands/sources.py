@@ -88,9 +88,10 @@ def classify(text: str) -> Source:
             return Source(PIPELINE_DIR, text, path)
         if is_model_dir(path):
             return Source(MODEL_DIR, text, path)
-        if has_model_config(path) and not _has_weights(path):
+        weights = _has_weights(path)
+        if has_model_config(path) and not weights:
             refuse_classless(path)  # a model directory whose config.json names no class: say so, not "no weights"
-        if not _has_weights(path):
+        if not weights:
             raise ResidencyError(f"{text[:200]}: a directory with no model in it (no config.json, model_index.json "
                                  "or .safetensors/.gguf file)", hint=SOURCES_HINT.format(names=", ".join(catalog_names())))
         return Source(CHECKPOINT, text, path)
