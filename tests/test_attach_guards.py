@@ -172,6 +172,24 @@ def test_a_numpy_example_and_a_lone_layer_are_refused_with_what_to_give():
         attach(nn.Linear(64, 64), torch.zeros(4, 64), vram="100%")
 
 
+def test_a_deepcopy_while_attached_is_refused_with_what_to_do_and_works_after_detach():
+    import copy
+
+    from residency.errors import ResidencyError
+
+    model, x = mlp_stack()
+    with attach(model, x) as rt, torch.inference_mode():
+        assert rt.plan.streamed()
+        expected = model(x)
+        for target in (model, model[2]):  # the root and a streamed block each carry a hook
+            with pytest.raises(ResidencyError, match="copy.deepcopy of a model attached") as err:
+                copy.deepcopy(target)
+            assert "detach()" in err.value.hint
+        assert torch.equal(model(x), expected)  # the refused copy changed nothing
+    with torch.inference_mode():
+        assert torch.equal(copy.deepcopy(model)(x), expected)
+
+
 def test_a_recovery_into_streaming_mid_call_turns_autograd_off_for_the_retry():
     model, x = mlp_stack()
     with attach(model, x, vram=None) as rt:

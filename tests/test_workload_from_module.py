@@ -252,6 +252,59 @@ def test_a_block_called_twice_is_warned_about_and_its_second_call_opens_a_pass()
     assert forward_flops(r.workload) == pytest.approx(real_flops(model, EXAMPLE), rel=0.02)
 
 
+class TiedLM(nn.Module):
+    """Token embedding and output head sharing one weight, as GPT-2, T5 and small Llamas do."""
+
+    def __init__(self, vocab: int = 64, d: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(MLPBlock(d) for _ in range(3))
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+def test_a_tied_embedding_and_head_are_one_block_called_once_by_each_without_a_warning():
+    model = TiedLM()
+    ids = (torch.randint(0, 64, (1, 16)),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ModuleWorkloadWarning)
+        r = module_workload(model, ids, name="lm")
+    assert r.calls_per_forward["lm.embed"] == 2  # the lookup and the head's matmul: still counted, both
+    assert r.workload.by_name["lm.embed"].modules == ("embed", "head")
+    assert forward_flops(r.workload) == pytest.approx(real_flops(model, ids), rel=0.02)
+    model.head = nn.Linear(32, 64, bias=False)  # untied, then the embedding called twice: that one is said
+    model.forward = lambda ids: model.head(model.embed(ids) + model.embed(ids))
+    with pytest.warns(ModuleWorkloadWarning, match=r"lm\.embed ×2"):
+        module_workload(model, ids, name="lm")
+
+
+def test_the_users_forward_hooks_stay_silent_while_counting_and_torch_own_hooks_run():
+    model = Stack()
+    seen: list[str] = []
+    handles = [model.blocks[0].register_forward_hook(lambda m, a, out: seen.append("post")),
+               model.register_forward_pre_hook(lambda m, a, kw: seen.append("pre"), with_kwargs=True),
+               model.head.register_forward_hook(lambda m, a, out: seen.append("always"), always_call=True)]
+    nn.utils.weight_norm(model.embed)  # torch's own pre-hook: it computes the weight the forward reads
+    r = build(model)
+    assert seen == [] and r.counted_on == "meta"
+    assert "weight_g" in dict(r.workload.by_name["stack.embed"].tensors)  # counted through the hook
+    with torch.no_grad():
+        model(*EXAMPLE)
+    assert seen == ["pre", "post", "always"]  # every hook back, in place, with its flags
+    for h in handles:
+        h.remove()
+    seen.clear()
+    with torch.no_grad():
+        model(*EXAMPLE)
+    assert seen == []
+
+
 def test_a_plain_model_warns_about_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ModuleWorkloadWarning)

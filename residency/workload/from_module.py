@@ -34,6 +34,7 @@ from residency.workload.module_schedule import (
 )
 from residency.workload.module_trace import Trace, UnitCounts, trace_forward
 from residency.workload.op_count import size_class
+from residency.workload.quiet_hooks import user_hooks_quiet
 from residency.workload.spec import BlockSpec, PassSpec, PhaseSpec, Workload
 
 Example = tuple | Mapping[str, Any] | torch.Tensor  # positional inputs, keyword inputs, or one tensor
@@ -125,15 +126,18 @@ def module_workload(model: nn.Module, example_inputs: Example, *, name: str, com
     units = [u.modules for u in blocks.units]
     meta_error = ""
     keep = _kept(model, main)
-    try:
-        trace, counted_on = _meta_trace(model, units, args, kwargs, TORCH_DTYPES[compute_dtype], batch,
-                                        main if keep else None), "meta"
-    except Exception as e:  # any failure of the meta run (data-dependent op, CPU tensor kept as attribute)
-        meta_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        trace, counted_on = _fallback_trace(model, blocks, args, kwargs, batch, narrow, name, meta_error)
+    with user_hooks_quiet(model):  # the user's feature hooks record the user's calls, not this count
+        try:
+            trace, counted_on = _meta_trace(model, units, args, kwargs, TORCH_DTYPES[compute_dtype], batch,
+                                            main if keep else None), "meta"
+        except Exception as e:  # any failure of the meta run (data-dependent op, CPU tensor kept as attribute)
+            meta_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            trace, counted_on = _fallback_trace(model, blocks, args, kwargs, batch, narrow, name, meta_error)
     specs, passes, calls, unowned = _schedule(model, blocks, trace, name, component or name, group_siblings,
                                               main if keep else None)
-    _warn(name, unowned, {n: c for n, c in calls.items() if c > 1})
+    # a block of modules that share weights (a tied embedding and lm_head) is called once per module: expected
+    modules = {s.name: len(s.modules) for s in specs}
+    _warn(name, unowned, {n: c for n, c in calls.items() if c > max(1, modules.get(n, 1))})
     extra = {"counted_on": counted_on, "repeated_from": blocks.repeated_from, "compute_dtype": compute_dtype,
              "example": _shapes(args, kwargs), "module_class": type(model).__name__}
     own = [d for b in specs for _, d in b.own_dtypes]
