@@ -301,3 +301,11 @@ def test_an_unknown_option_points_at_its_commands_help(capsys):
     code, _, err = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--frobnicate")
     assert code == 2 and err.strip().splitlines() == [
         "error: unrecognized arguments: --frobnicate", "hint: run 'residency plan --help' for the options"]
+
+
+def test_a_plan_with_compiled_blocks_says_run_plans_eager_and_how_to_run_these(capsys):
+    code, out, _ = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt")
+    assert code == 0 and "dit.blocks.* compiled" in out
+    assert "plan eager for themselves" in " ".join(out.split())
+    code, out, _ = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt", "--exec-mode", "eager")
+    assert code == 0 and "plan eager for themselves" not in " ".join(out.split())

@@ -170,6 +170,13 @@ def run(args) -> int:
                     f"{chosen.model} (the shipped model, `{SHIPPED_NAME}`)" if shipped else None)
         if len(plans) > 1:
             render_comparison(console, plans, req)
+        if any(bp.exec_mode == "compiled" for bp in chosen.blocks):
+            # run/play/demo and attach() plan for themselves eager (their first frame comes without compiling): a
+            # user comparing this prediction with theirs must be told where the difference comes from
+            console.print("note: `run`, `play`, `demo` and residency.attach plan eager for themselves (no compile "
+                          "before the first frame), so they predict more than this; to run these compiled blocks, "
+                          "save this plan with -o and give it to them (--plan FILE, attach(plan=FILE))",
+                          markup=False, highlight=False)
         if args.output:
             console.print(f"plan written to [bold]{args.output}[/bold]")
     return 0 if chosen.holds_budget else EXIT_BUDGET_NOT_MET
