@@ -163,21 +163,25 @@ def test_detach_restores_weights_devices_hooks_and_threads(workload, image):
     assert torch.get_num_threads() == 1
 
 
-def test_reattach_reuses_the_host_store(workload):
+def test_a_recovery_reuses_the_host_store_and_detach_forgets_it(workload, image):
     clear_host_cache()
     pipe = WorldModelPipeline.from_config("tiny")
-    plan = tiny_plan(workload, "streamed", "Q8_0")
+    plan = tiny_plan(workload, "streamed")
     rt = Runtime(plan, "cpu", workload=workload).attach(pipe)
-    assert rt.store.packed_now_bytes > 0
+    packed = rt.store.packed_now_bytes
+    assert packed > 0
+    rt._detach_blocks()  # what a recovery or a plan switch does before it attaches the next plan
+    rt._attach(pipe, plan)
+    assert rt.store.packed_now_bytes == 0 and rt.store.reused_bytes == packed
     rt.detach()
-    rt2 = Runtime(plan, "cpu", workload=workload).attach(pipe)
-    assert rt2.store.packed_now_bytes == 0 and rt2.store.reused_bytes == rt.store.packed_now_bytes
-    rt2.detach()
-    with torch.no_grad():  # an in-place weight update invalidates the cached blob of that block
-        pipe.dit.final.proj.weight.add_(1.0)
-    rt3 = Runtime(plan, "cpu", workload=workload).attach(pipe)
-    assert 0 < rt3.store.packed_now_bytes < rt.store.packed_now_bytes
-    rt3.detach()
+    assert rt.store.blobs == {}  # the host memory goes with the attach
+    with torch.no_grad():  # an edit no version counter sees: in place, through .data
+        pipe.dit.final.proj.weight.data.mul_(0.5)
+    expected = run_plain(pipe, image)
+    got, rt2 = run_attached(pipe, image, workload, plan)
+    assert rt2.store.packed_now_bytes == packed  # packed again, from the weights as they are now
+    for a, b in zip(got, expected, strict=True):
+        assert np.array_equal(a, b)
 
 
 def test_host_store_that_cannot_fit_is_a_clear_error(workload):

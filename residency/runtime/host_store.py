@@ -1,6 +1,9 @@
 """The host store: each block's weights packed once into one contiguous uint8 blob in its plan format.
 
-Blobs are cached per block module (weakly) and format, so frames, sessions and re-attaches reuse them.
+Blobs are cached per block module (weakly) and format while a runtime is attached, so frames, sessions, a
+recovery and a plan switch reuse them; the runtime's detach forgets them (HostStore.release): the user may then
+change the weights in ways no token sees (an in-place edit through `.data` keeps the storage and the version
+counter), and the host memory goes back.
 """
 
 from __future__ import annotations
@@ -125,8 +128,9 @@ class HostStore:
     def __init__(self, fingerprint: str):
         self.fingerprint = fingerprint
         self.blobs: dict[str, BlockBlob] = {}
-        self.packed_now_bytes = 0  # bytes packed by this attach (0 on a warm re-attach)
+        self.packed_now_bytes = 0  # bytes packed by this attach (0 on a warm re-attach: a recovery, a switch)
         self.reused_bytes = 0
+        self._modules: list[nn.Module] = []  # whose cache entries release() forgets
 
     def build(self, wanted: list[tuple[str, nn.Module, BlockSpec, str, dict[str, torch.Tensor]]],
               extra_host_bytes: int = 0, host_budget_bytes: int | None = None,
@@ -139,6 +143,7 @@ class HostStore:
         they are used as they are and cached.
         """
         todo = []
+        self._modules += [module for _, module, _, _, _ in wanted]
         for block, module, spec, fmt, tensors in wanted:
             if ready and (block, fmt) in ready:
                 blob = ready[(block, fmt)]
@@ -169,6 +174,20 @@ class HostStore:
             _CACHE.setdefault(module, {})[(self.fingerprint, fmt)] = (_weights_token(tensors), blob)
             self.blobs[block] = blob
             self.packed_now_bytes += blob.nbytes
+
+    def release(self) -> None:
+        """Forget every blob of this workload cached on the modules this store packed or reused, and its own:
+        called when the runtime detaches (a later attach packs again, from the weights as they are then)."""
+        for module in self._modules:
+            entries = _CACHE.get(module)
+            if entries is None:
+                continue
+            for key in [k for k in entries if k[0] == self.fingerprint]:
+                del entries[key]
+            if not entries:
+                _CACHE.pop(module, None)
+        self._modules = []
+        self.blobs = {}
 
     @property
     def nbytes(self) -> int:

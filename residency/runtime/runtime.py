@@ -240,6 +240,14 @@ class Runtime:
                 check_removable(module)
         self._remove_retry_hook()
         self._detach_blocks()
+        self._forget_stores()
+
+    def _forget_stores(self) -> None:
+        """The host blobs go with the attach: cached, the next attach would reuse them even after an edit of
+        the weights no token sees (`p.data.mul_(0.5)` keeps storage and version), and they would hold the
+        host memory for as long as the model lives."""
+        if self.store is not None:
+            self.store.release()
 
     def _remove_retry_hook(self) -> None:
         if self._root is not None:
