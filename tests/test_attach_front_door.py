@@ -20,7 +20,7 @@ from torch import nn
 
 import residency
 from pipelines.world_model import WorldModelPipeline
-from residency.device import load_profile, machine_profile
+from residency.device import load_profile, machine_profile, resolve_profile
 from residency.errors import ResidencyError
 from residency.front_door import vram_bytes
 from residency.runtime import Runtime
@@ -64,10 +64,36 @@ def test_vram_takes_bytes_a_size_or_a_share_of_the_weights(vram, expected):
 
 @pytest.mark.parametrize("vram,message", [("0%", "positive percentage"), ("-5%", "positive percentage"),
                                           ("half%", "positive percentage"), ("12 parsecs", "cannot read vram"),
-                                          (0, "out of range"), (True, "vram=True"), (1.5, "vram=1.5")])
+                                          (0, "out of range"), (True, "vram=True"), (1.5, "vram=1.5"),
+                                          ("1e400%", "more than 2\\*\\*60 bytes"), ("-1", "positive number"),
+                                          ("inf", "positive number"), ("nan", "positive number")])
 def test_a_vram_the_front_door_cannot_read_is_named(vram, message):
     with pytest.raises(ResidencyError, match=message):
         vram_bytes(vram, WEIGHT_BYTES, 2**30)
+
+
+@pytest.mark.parametrize("vram,hint", [("1e9", "bytes are an int: vram=1000000000"),
+                                       ("12", 'did you mean vram="12GiB"? (bytes are an int: vram=12)'),
+                                       ("1.5", 'did you mean vram="1.5GiB"?')])
+def test_a_vram_string_without_a_unit_gets_a_hint_that_works(vram, hint):
+    with pytest.raises(ResidencyError, match="has no unit") as e:
+        vram_bytes(vram, WEIGHT_BYTES, 2**30)
+    assert e.value.hint == hint
+
+
+@pytest.mark.parametrize("options", [{"fps": "30"}, {"frame_ms": True}, {"fps": None, "frame_ms": "50"}])
+def test_a_time_budget_that_is_not_a_number_is_named(options):
+    name, value = next((k, v) for k, v in options.items() if v is not None)
+    with pytest.raises(ResidencyError, match=f"{name}={value!r}.*a time budget is a number"):
+        attach_small(**options)
+
+
+def test_a_budget_that_the_fixed_costs_alone_exceed_says_so_not_the_largest_block():
+    gpu = resolve_profile("rx-7800-xt")  # a GPU profile: its 128 MiB workspace comes before any weight
+    with pytest.raises(ResidencyError, match="no plan of Small fits") as e:
+        attach_small(vram="100%", profile=gpu)
+    assert e.value.hint.startswith("what no plan can stream or pack (workspace 128.0 MiB")
+    assert "vram=" in e.value.hint and "largest block" not in e.value.hint
 
 
 def test_a_budget_no_plan_fits_is_refused_before_anything_is_attached():

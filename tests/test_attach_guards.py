@@ -260,3 +260,29 @@ def test_a_library_error_shows_its_hint_in_a_traceback():
     err = ResidencyError("vram='12' has no unit", hint='did you mean vram="12GiB"?')
     assert str(err).splitlines() == ["vram='12' has no unit", 'hint: did you mean vram="12GiB"?']
     assert str(ResidencyError("no hint")) == "no hint"
+
+
+class GatedBlock(nn.Module):
+    """A ReZero-style block: a 0-dim gate beside its layers (CLIP's logit_scale and Gemma's embed_scale are
+    0-dim too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        self.gate = nn.Parameter(torch.tensor(0.5))
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gate * self.scale * torch.tanh(self.fc(x))
+
+
+@pytest.mark.parametrize("vram", [None, "30%"])
+def test_scalar_parameters_and_buffers_are_stored_and_streamed_like_any_tensor(vram):
+    torch.manual_seed(0)
+    model, x = nn.Sequential(*[GatedBlock() for _ in range(6)]).eval(), torch.randn(4, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    with attach(model, x, vram=vram) as rt, torch.inference_mode():
+        assert bool(rt.plan.streamed()) == (vram is not None)
+        assert torch.equal(model(x), expected)
+    assert model[3].gate.shape == () and model[3].gate.item() == 0.5

@@ -21,12 +21,7 @@ def test_sizes_in_is_tensor_bytes_for_every_format(shape):
 
 
 def test_a_scalar_follows_the_general_rule():
-    """Scalars are packed as (1,) by the checkpoint layer; here sizes_in defers to tensor_bytes, refusal included."""
-    import pytest
-
-    from residency.errors import FormatError
-
-    with pytest.raises(FormatError):
-        tensor_bytes((), FORMATS["Q8_0"])
-    with pytest.raises(FormatError):
-        sizes_in((), ("Q8_0",))
+    """A scalar (CLIP's logit_scale) is one weight: a plain format stores it, a quantized one falls back to BF16
+    as a vector does; sizes_in defers to tensor_bytes for it."""
+    assert tensor_bytes((), FORMATS["F32"]) == 4 and tensor_bytes((), FORMATS["Q8_0"]) == 2
+    assert sizes_in((), ("Q8_0", "F32", "BF16")) == (2, 4, 2)

@@ -45,7 +45,9 @@ class StorageFormat(ABC):
     def supports(self, shape: Sequence[int]) -> bool:
         # min()/prod over the dims as given: ~0.3 µs where int() per dim in a generator cost ~1.5 µs, and
         # inspect sizes every tensor of a checkpoint in several formats (200,000 tensors × 5 formats).
-        return len(shape) >= 1 and min(shape) >= 0 and shape[-1] % self.block_weights == 0
+        if not shape:  # a scalar (CLIP's logit_scale, Gemma's embed_scale): one weight, no block to fill
+            return self.block_weights == 1
+        return min(shape) >= 0 and shape[-1] % self.block_weights == 0
 
     def nbytes(self, shape: Sequence[int]) -> int:
         """Exact packed size in bytes of a tensor of `shape` (torch order)."""

@@ -25,7 +25,7 @@ class PlainFormat(StorageFormat):
     uses_staging: ClassVar[bool] = False  # one cast-copy: torch converts in registers, no temporary
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.to(self.torch_dtype).contiguous().view(torch.uint8).reshape(-1)
+        return weight.to(self.torch_dtype).contiguous().reshape(-1).view(torch.uint8)  # reshape first: a scalar too
 
     def _unpack_into(self, packed: torch.Tensor, out: torch.Tensor, staging: torch.Tensor | None) -> None:
         out.copy_(packed.view(self.torch_dtype).view(out.shape))

@@ -54,7 +54,7 @@ def sizes_in(shape: tuple[int, ...], fmt_names: tuple[str, ...]) -> tuple[int, .
     here against ~3 µs a format through tensor_bytes). Cached on names, which hash in C where the format
     objects' dataclass hash runs Python: models repeat a few shapes thousands of times. `shape`: ints ≥ 0."""
     fmts = [_named(n) for n in fmt_names]
-    if not shape:  # a scalar: the general rule decides (it refuses one)
+    if not shape:  # a scalar: the general rule decides (one weight, a quantized format falls back)
         return tuple(tensor_bytes(shape, f) for f, _ in fmts)
     numel = 1
     for d in shape:

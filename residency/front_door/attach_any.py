@@ -164,6 +164,10 @@ def _workload(model: nn.Module, example_inputs: Any, dtype: str) -> tuple[Worklo
 
 
 
+# device memory every plan holds whatever it does with the weights (simulate.memory's kinds)
+FIXED_KINDS = ("workspace", "activations", "kv_cache", "graph_pool")
+
+
 def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> Plan:
     plan = replan(budget, profile)
     if not fits_memory(plan):
@@ -174,13 +178,21 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
         kinds = sorted(((k, n) for k, n in plan.prediction.peak_bytes.items() if n and k != "reserve"),
                        key=lambda kn: -kn[1])[:3] if plan.prediction else []
         parts = f" ({', '.join(f'{k} {fmt_bytes(n)}' for k, n in kinds)})" if kinds else ""
+        hint = (f"give a larger vram= (its largest block, {largest.name}, is {fmt_bytes(largest.nbytes(fmt))} in "
+                f"{fmt}: a streamed block needs a slot for it and one for the next), or a model of more, smaller "
+                "blocks")
+        fixed = {k: n for k, n in (plan.prediction.peak_bytes.items() if plan.prediction else ())
+                 if k in FIXED_KINDS and n}
+        # most of what the smallest plan needs is memory no placement of the weights changes: say that
+        if need is not None and sum(fixed.values()) >= max(budget.vram_bytes, need / 2):
+            shown = ", ".join(f"{k} {fmt_bytes(n)}" for k, n in sorted(fixed.items(), key=lambda kn: -kn[1]))
+            hint = (f"what no plan can stream or pack ({shown}) needs {fmt_bytes(sum(fixed.values()))} before any "
+                    f"weight: give vram={fmt_bytes(need).replace(' ', '')} or more (a share like \"100%\" counts "
+                    "the weights only)")
         raise ResidencyError(f"no plan of {w.name} fits vram={budget.vram_bytes} bytes "
                              f"({fmt_bytes(budget.vram_bytes)}) on profile {profile.name!r}"
                              + (f": the smallest plan found needs {fmt_bytes(need)}{parts}" if need is not None
-                                else ""),
-                             hint=f"give a larger vram= (its largest block, {largest.name}, is "
-                                  f"{fmt_bytes(largest.nbytes(fmt))} in {fmt}: a streamed block needs a slot "
-                                  "for it and one for the next), or a model of more, smaller blocks")
+                                else ""), hint=hint)
     warn_missed_budget(plan, stacklevel=4)
     return plan
 

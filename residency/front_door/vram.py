@@ -3,6 +3,7 @@ share of the model's weights ("50%")) and `fps=` / `frame_ms=`."""
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal, InvalidOperation
 
 from residency.errors import ResidencyError
@@ -32,8 +33,16 @@ def vram_bytes(vram: VramSpec, weight_bytes: int, usable_bytes: int) -> int:
         except ValueError:
             return parse_size(text, "vram")
         # a string without a unit: vram="12" meant 12 GiB more likely than 12 bytes (an int says bytes)
-        raise ResidencyError(f"vram={vram[:40]!r} has no unit",
-                             hint=f'did you mean vram="{text}GiB"? (bytes are an int: vram={text.split(".")[0]})')
+        value = float(text)
+        if not (math.isfinite(value) and value > 0):
+            raise ResidencyError(f"vram={vram[:40]!r}: a size must be a positive number with a unit",
+                                 hint='e.g. vram="12GiB", vram="50%" or bytes as an int')
+        whole = value == int(value) and value <= MAX_SIZE_BYTES
+        if whole and value >= 2**20:  # a byte count written as a string
+            hint = f"bytes are an int: vram={int(value)}"
+        else:
+            hint = f'did you mean vram="{text}GiB"?' + (f" (bytes are an int: vram={int(value)})" if whole else "")
+        raise ResidencyError(f"vram={vram[:40]!r} has no unit", hint=hint)
     try:
         share = Decimal(text[:-1])
     except InvalidOperation:
@@ -42,6 +51,9 @@ def vram_bytes(vram: VramSpec, weight_bytes: int, usable_bytes: int) -> int:
         raise ResidencyError(f"vram={vram[:40]!r}: a share of the weights must be a positive percentage",
                              hint='e.g. vram="50%": half the weights\' bytes at the compute dtype')
     budget = int(Decimal(weight_bytes) * share / 100)
+    if budget > MAX_SIZE_BYTES:
+        raise ResidencyError(f"vram={vram[:40]!r} of {fmt_bytes(weight_bytes)} of weights is more than 2**60 bytes",
+                             hint='a share is of the weights: "100%" is all of them, "400%" four times as much')
     if budget < 1:
         raise ResidencyError(f"vram={vram!r} of {fmt_bytes(weight_bytes)} of weights is under one byte",
                              hint="give a larger share or a size such as 64MiB")
@@ -52,6 +64,10 @@ def frame_budget_ms(fps: float | None, frame_ms: float | None, video_frames_per_
     """The time budget in ms per latent frame: from `fps` (video frames per second; a latent frame decodes to
     `video_frames_per_latent` of them) or `frame_ms` as given; None when neither (the fastest plan that fits).
     Raises ResidencyError when both are given or one is not positive."""
+    for name, value in (("fps", fps), ("frame_ms", frame_ms)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ResidencyError(f"{name}={value!r} ({type(value).__name__}): a time budget is a number",
+                                 hint=f"e.g. {name}={30 if name == 'fps' else 50}")
     if fps is not None and frame_ms is not None:
         raise ResidencyError(f"both fps={fps} and frame_ms={frame_ms}", hint="give one time budget, or neither")
     if fps is not None:
