@@ -286,3 +286,18 @@ def test_scalar_parameters_and_buffers_are_stored_and_streamed_like_any_tensor(v
         assert bool(rt.plan.streamed()) == (vram is not None)
         assert torch.equal(model(x), expected)
     assert model[3].gate.shape == () and model[3].gate.item() == 0.5
+
+
+@pytest.mark.parametrize("vram", [None, "40%"])
+def test_a_layer_registered_twice_runs_as_the_plain_model_and_keeps_its_weights(vram):
+    torch.manual_seed(0)
+    shared = nn.Linear(64, 64)
+    model = nn.Sequential(nn.Linear(64, 64), shared, nn.Tanh(), nn.Linear(64, 64), shared).eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(4, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    with pytest.warns(Warning, match=r"Sequential\.1 ×2"), attach(model, x, vram=vram), torch.inference_mode():
+        assert torch.equal(model(x), expected)
+    assert shared.weight.device.type == "cpu"  # the meta count once left it on meta: the model wrecked
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())

@@ -256,8 +256,19 @@ def _meta_trace(model: nn.Module, units: list[tuple[str, ...]], args: tuple, kwa
 
     state = {n: meta(t) for n, t in chain(model.named_parameters(), model.named_buffers())}
     margs, mkwargs = tree_map(meta, (args, kwargs))
-    return trace_forward(model, units, lambda: functional_call(model, state, margs, mkwargs, tie_weights=True),
-                         state.items(), batch)
+    # functional_call swaps the tensors in and back out; a module registered at two places (one layer
+    # listed twice in a ModuleList) came back with meta weights, the user's model wrecked. Whatever it
+    # leaves, every module's own tensors are put back as they were.
+    held = [(m, store, dict(getattr(m, store))) for m in model.modules() for store in ("_parameters", "_buffers")]
+    try:
+        return trace_forward(model, units, lambda: functional_call(model, state, margs, mkwargs, tie_weights=True),
+                             state.items(), batch)
+    finally:
+        for module, store, tensors in held:
+            current = getattr(module, store)
+            for name, t in tensors.items():
+                if current.get(name) is not t:
+                    current[name] = t
 
 
 def _has_weights(model: nn.Module) -> bool:
