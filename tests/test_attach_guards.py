@@ -301,3 +301,30 @@ def test_a_layer_registered_twice_runs_as_the_plain_model_and_keeps_its_weights(
         assert torch.equal(model(x), expected)
     assert shared.weight.device.type == "cpu"  # the meta count once left it on meta: the model wrecked
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("reparametrize", ["prune", "weight_norm", "user_pre_hook"])
+def test_pre_hooks_on_streamed_blocks_see_the_blocks_own_weights(reparametrize):
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)]).eval(), torch.randn(4, 64)
+    seen: list[float] = []
+    for layer in model:
+        if reparametrize == "prune":
+            prune.l1_unstructured(layer, "weight", amount=0.5)  # weight = weight_orig · mask, in a pre-hook
+        elif reparametrize == "weight_norm":
+            with pytest.warns(FutureWarning):
+                nn.utils.weight_norm(layer)  # weight = g · v / ‖v‖, in a pre-hook
+        else:
+            layer.register_forward_pre_hook(lambda m, args: seen.append(float(m.weight.sum())))
+    with torch.inference_mode():
+        expected = model(x)
+    sums, seen[:] = list(seen), []
+    with attach(model, x, vram="40%") as rt, torch.inference_mode():
+        assert rt.plan.streamed()
+        assert torch.equal(model(x), expected)
+        assert seen == sums  # each hook saw its own block's weight, bound before it ran
+    assert all(not hasattr(m, "_residency_hook") for m in model.modules())
+    with torch.inference_mode():
+        assert torch.equal(model(x), expected)

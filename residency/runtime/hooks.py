@@ -57,14 +57,25 @@ def add_hook(module: nn.Module, hook: ModelHook) -> None:
     costs ~2 µs more a call than a plain wrapper (measured on a small Linear, this CPU); ×40 calls a frame.
 
     Torch hooks registered on the module run outside the wrapper (before our pre_forward, after our
-    post_forward), and a direct `module.forward(...)` call goes through it too."""
+    post_forward), and a direct `module.forward(...)` call goes through it too. A pre/post hook that must see
+    what ours binds (prune's and the old weight_norm's pre-hooks compute the weight from the block's tensors)
+    would then read another block's: a module that carries torch forward hooks when the hook is added takes
+    ours through torch's hook path instead, our pre-hook first and our post-hook after theirs. Hooks
+    registered on a block module after attaching run outside ours."""
     if hasattr(module, _ATTR):
         raise RuntimeError(f"{type(module).__name__} already carries a residency hook; detach the other runtime first")
     hook.init_hook(module)
+    plain = type(hook).new_forward is ModelHook.new_forward
+    if plain and (module._forward_pre_hooks or module._forward_hooks):
+        handles = (module.register_forward_pre_hook(lambda m, args, kwargs: hook.pre_forward(m, args, kwargs),
+                                                    prepend=True, with_kwargs=True),
+                   module.register_forward_hook(lambda m, args, output: hook.post_forward(m, output)))
+        setattr(module, _ATTR, (hook, None, None, handles))
+        return
     had_own = "forward" in module.__dict__  # someone else's instance-level forward: restored as it was
     inner = module.forward
 
-    if type(hook).new_forward is ModelHook.new_forward:
+    if plain:
         @functools.wraps(inner)
         def forward(*args: Any, **kwargs: Any) -> Any:
             hook.pre_forward(module, args, kwargs)
@@ -77,13 +88,13 @@ def add_hook(module: nn.Module, hook: ModelHook) -> None:
             return hook.new_forward(module, inner, args, kwargs)
 
     module.forward = forward
-    setattr(module, _ATTR, (hook, forward, inner if had_own else None))
+    setattr(module, _ATTR, (hook, forward, inner if had_own else None, ()))
 
 
 def check_removable(module: nn.Module) -> None:
     """Raise if another library wrapped forward after us: removing ours would silently drop theirs."""
     entry = module.__dict__.get(_ATTR)
-    if entry is not None and module.__dict__.get("forward") is not entry[1]:
+    if entry is not None and entry[1] is not None and module.__dict__.get("forward") is not entry[1]:
         raise RuntimeError(f"{type(module).__name__}.forward was wrapped again after residency attached; "
                            "remove that wrapper before detaching")
 
@@ -97,8 +108,12 @@ def remove_hook(module: nn.Module) -> None:
     entry = module.__dict__.pop(_ATTR, None)
     if entry is None:
         return
-    hook, _ours, own_forward = entry
-    if own_forward is None:
+    hook, ours, own_forward, handles = entry
+    for handle in handles:
+        handle.remove()
+    if ours is None:  # through torch's hooks: forward was never replaced
+        pass
+    elif own_forward is None:
         del module.forward  # the class's forward shows through again
     else:
         module.forward = own_forward
