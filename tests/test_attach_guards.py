@@ -328,3 +328,38 @@ def test_pre_hooks_on_streamed_blocks_see_the_blocks_own_weights(reparametrize):
     assert all(not hasattr(m, "_residency_hook") for m in model.modules())
     with torch.inference_mode():
         assert torch.equal(model(x), expected)
+
+
+class Table(nn.Module):
+    """A learned position table that returns a view of its own weight, and the weight itself in a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pe = nn.Parameter(torch.randn(64, 64))
+
+    def forward(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pe[:n], self.pe
+
+
+class WithTable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = Table()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, whole = self.pos(x.shape[0])
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x + p + whole[: x.shape[0]]
+
+
+@pytest.mark.parametrize("vram", [None, "30%"])
+def test_an_output_that_is_a_view_of_a_streamed_blocks_weights_survives_the_slot_reuse(vram):
+    torch.manual_seed(0)
+    model, x = WithTable().eval(), torch.randn(16, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    with attach(model, x, vram=vram) as rt, torch.inference_mode():
+        assert torch.equal(model(x), expected)
+        assert rt.plan.by_name["WithTable.pos"].placement == ("resident" if vram is None else "streamed")

@@ -11,6 +11,8 @@ while each member computes (closing after one member would let the next prefetch
 
 from __future__ import annotations
 
+from typing import Any
+
 from residency.runtime.executor import Executor
 from residency.runtime.hooks import ModelHook
 
@@ -56,9 +58,12 @@ class BlockHook(ModelHook):
             self.calls.close()
         self.executor.before(self.name)
 
-    def post_forward(self, module, output) -> None:
-        """Tell the executor the block's call ended (timing, next prefetch)."""
+    def post_forward(self, module, output) -> Any:
+        """Tell the executor the block's call ended (timing, next prefetch); the output, copied out of the
+        block's memory where it is a view of its weights."""
+        output = self.executor.unaliased(output)
         self.executor.after(self.name)
+        return output
 
 
 class GroupHook(ModelHook):
@@ -76,6 +81,7 @@ class GroupHook(ModelHook):
             calls.close()
         calls.executor.before(self.name)
 
-    def post_forward(self, module, output) -> None:
+    def post_forward(self, module, output) -> Any:
         """Leave the call open: the next member, or the next block's call, closes it."""
         self.calls.open = self.name
+        return self.calls.executor.unaliased(output)

@@ -5,6 +5,7 @@ Each block gets bindings: parameter views into those buffers plus the per-call d
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -35,6 +36,12 @@ class Binding:
     views: tuple[torch.Tensor, ...]  # what each of the block's tensors' .data becomes, workload order
     unpacks: tuple = ()  # (format, packed view, scratch view): per-call dequant on the compute side
     dequant_weights: int = 0  # weights the unpacks produce (telemetry)
+
+    @functools.cached_property
+    def storages(self) -> frozenset[int]:
+        """Addresses of the storages the views live in (a slot, the arena, the scratch): an output of the
+        block that is a view of one of them is overwritten when that memory is reused."""
+        return frozenset(v.untyped_storage().data_ptr() for v in self.views)
 
 
 def _kind(bp: BlockPlan) -> str:

@@ -7,8 +7,10 @@ Per call it allocates no tensor and never synchronises; a call out of schedule l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from residency.plan import Plan
 from residency.runtime.backend import Backend
@@ -32,6 +34,7 @@ class _PendingCall:
     in_schedule: bool = False  # the call is where the schedule expects it (the cursors advance)
     reprime: bool = False  # the ring did not hold it: refill every slot after it
     streamed: bool = False
+    volatile: Binding | None = None  # the binding's memory is reused after the call (slot, arena, scratch)
 
 
 class Executor:
@@ -196,6 +199,24 @@ class Executor:
         pending.block, pending.t_start, pending.t_ready, pending.t_dequant = self.index[name], t0, t_ready, b.clock()
         pending.copy, pending.nbytes, pending.in_schedule, pending.reprime = copy, nbytes, in_schedule, reprime
         pending.streamed = bp.placement == "streamed"
+        pending.volatile = binding if (pending.streamed or bp.lifetime == "phase" or binding.unpacks) else None
+
+    def unaliased(self, output: Any) -> Any:
+        """`output` of the call in progress, with any tensor that is a view of the block's own weights (a
+        position table returning `self.pe[:n]`) copied out: the memory they are bound to is refilled with
+        another block's weights soon after the call. Cost: one storage look-up per output tensor, on blocks
+        whose memory is reused only; the copy is made only when a view is found."""
+        binding = self._pending.volatile
+        if binding is None:
+            return output
+        ptrs = binding.storages
+        if isinstance(output, torch.Tensor):
+            return output.clone() if output.untyped_storage().data_ptr() in ptrs else output
+        leaves, spec = tree_flatten(output)
+        if not any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in ptrs for t in leaves):
+            return output
+        return tree_unflatten([t.clone() if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in ptrs
+                               else t for t in leaves], spec)
 
     def after(self, name: str) -> None:
         """Record the call's timings and queue the load that reuses the slot the call released."""

@@ -26,9 +26,10 @@ class ModelHook:
         """Called before every call of `module` with its arguments; default: nothing."""
         pass
 
-    def post_forward(self, module: nn.Module, output: Any) -> None:
-        """Called after every call of `module` that returned, with its output; default: nothing."""
-        pass
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        """Called after every call of `module` that returned, with its output; what it returns, unless None,
+        replaces the output. Default: nothing."""
+        return None
 
     def detach_hook(self, module: nn.Module) -> None:
         """Called once after the hook was removed from `module`; default: nothing."""
@@ -48,8 +49,8 @@ class ModelHook:
         plain pre/post wrapper; one that overrides it pays one method call more per call."""
         self.pre_forward(module, args, kwargs)
         output = forward(*args, **kwargs)
-        self.post_forward(module, output)
-        return output
+        replaced = self.post_forward(module, output)
+        return output if replaced is None else replaced
 
 
 def add_hook(module: nn.Module, hook: ModelHook) -> None:
@@ -80,8 +81,8 @@ def add_hook(module: nn.Module, hook: ModelHook) -> None:
         def forward(*args: Any, **kwargs: Any) -> Any:
             hook.pre_forward(module, args, kwargs)
             output = inner(*args, **kwargs)
-            hook.post_forward(module, output)
-            return output
+            replaced = hook.post_forward(module, output)
+            return output if replaced is None else replaced
     else:
         @functools.wraps(inner)
         def forward(*args: Any, **kwargs: Any) -> Any:
