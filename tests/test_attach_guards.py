@@ -363,3 +363,34 @@ def test_an_output_that_is_a_view_of_a_streamed_blocks_weights_survives_the_slot
     with attach(model, x, vram=vram) as rt, torch.inference_mode():
         assert torch.equal(model(x), expected)
         assert rt.plan.by_name["WithTable.pos"].placement == ("resident" if vram is None else "streamed")
+
+
+class Stateful(nn.Module):
+    """A block that keeps a running state in a buffer, updated in place by every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        self.register_buffer("state", torch.zeros(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.tanh(self.fc(x) + self.state)
+        self.state.copy_(y.mean(0))
+        return y
+
+
+@pytest.mark.parametrize("vram", [None, "30%"])
+def test_buffers_a_block_updates_in_place_keep_their_state_across_calls_and_detach(vram):
+    import copy
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(*[Stateful() for _ in range(6)]).eval(), torch.randn(4, 64)
+    plain = copy.deepcopy(model)
+    with torch.inference_mode():
+        expected = [plain(x) for _ in range(3)]
+    with attach(model, x, vram=vram) as rt, torch.inference_mode():
+        assert bool(rt.plan.streamed()) == (vram is not None)
+        for want in expected:
+            assert torch.equal(model(x), want)
+    for mine, theirs in zip(model.buffers(), plain.buffers(), strict=True):
+        assert torch.equal(mine, theirs)  # the state after three calls, kept through detach

@@ -36,6 +36,7 @@ class Binding:
     views: tuple[torch.Tensor, ...]  # what each of the block's tensors' .data becomes, workload order
     unpacks: tuple = ()  # (format, packed view, scratch view): per-call dequant on the compute side
     dequant_weights: int = 0  # weights the unpacks produce (telemetry)
+    packed: tuple[torch.Tensor, ...] = ()  # a packed binding: each tensor's packed bytes on the device
 
     @functools.cached_property
     def storages(self) -> frozenset[int]:
@@ -204,9 +205,10 @@ class DeviceMemory:
         bp = self.plan.by_name[name]
         dtype, direct = self.dtype_of[name], DTYPE_FORMAT[bp.compute_dtype]
         size = COMPUTE_DTYPE_BYTES[bp.compute_dtype]
-        views, unpacks, s_off, weights = [], [], 0, 0
+        views, unpacks, s_off, weights, regions = [], [], 0, 0, []
         for e in self.blobs[name].layout.entries:
             packed = base[e.offset:e.offset + e.nbytes]
+            regions.append(packed)
             if e.own_dtype is not None:  # stored in its own dtype (blob_layout), computed in it
                 views.append(packed.view(TORCH_DTYPES[e.own_dtype]).view(e.shape))
                 continue
@@ -219,7 +221,7 @@ class DeviceMemory:
             unpacks.append((self._staged(e.format, self.compute_staging), packed, out))
             views.append(out)
             weights += n
-        return Binding(tuple(views), tuple(unpacks), weights)
+        return Binding(tuple(views), tuple(unpacks), weights, tuple(regions))
 
     def binding(self, name: str, base: torch.Tensor) -> Binding:
         """The block computed from `base` (its own buffer, its arena region, or a slot)."""

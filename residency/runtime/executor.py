@@ -6,6 +6,7 @@ Per call it allocates no tensor and never synchronises; a call out of schedule l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ class _PendingCall:
     reprime: bool = False  # the ring did not hold it: refill every slot after it
     streamed: bool = False
     volatile: Binding | None = None  # the binding's memory is reused after the call (slot, arena, scratch)
+    versions: tuple[int, ...] = ()  # version counters of a volatile block's buffers when its call began
 
 
 class Executor:
@@ -46,6 +48,13 @@ class Executor:
         self.plan, self.schedule, self.memory, self.backend = plan, schedule, memory, backend
         self.ledger, self.recorder, self.tensors = ledger, recorder, tensors
         self.index = {bp.name: i for i, bp in enumerate(plan.blocks)}
+        # each block's buffers (by position): a call may update one in place (a running state, a cache), and
+        # the memory a streamed block computes from is refilled after the call: such writes are kept
+        self.buffer_index = {n: tuple(i for i, t in enumerate(ts) if not isinstance(t, torch.nn.Parameter))
+                             for n, ts in tensors.items()}
+        # (block, tensor position, bound tensor, binding): the runtime keeps a buffer's write in the host blob
+        # and the model's own tensor; set by the runtime
+        self.keep_write: Callable[[str, int, torch.Tensor, Binding], None] | None = None
         self.sync = plan.execution.copy_mode == "sync"
         self.nslots = memory.slot_count
         self.bound: dict[str, Binding] = {}
@@ -200,6 +209,8 @@ class Executor:
         pending.copy, pending.nbytes, pending.in_schedule, pending.reprime = copy, nbytes, in_schedule, reprime
         pending.streamed = bp.placement == "streamed"
         pending.volatile = binding if (pending.streamed or bp.lifetime == "phase" or binding.unpacks) else None
+        buffers = self.buffer_index[name] if pending.volatile is not None else ()
+        pending.versions = tuple(self.tensors[name][i]._version for i in buffers) if buffers else ()
 
     def unaliased(self, output: Any) -> Any:
         """`output` of the call in progress, with any tensor that is a view of the block's own weights (a
@@ -222,6 +233,8 @@ class Executor:
         """Record the call's timings and queue the load that reuses the slot the call released."""
         t_end = self.backend.clock()
         call = self._pending
+        if call.versions:
+            self._keep_buffer_writes(name, call)
         self.recorder.record(self.schedule.frame_of(self.position), call.block, call.t_start, call.t_ready,
                              call.t_dequant, t_end, call.copy, call.nbytes)
         if call.streamed and not self.sync:
@@ -233,6 +246,21 @@ class Executor:
         if call.in_schedule:
             self.position += 1
             self.streamed_before += call.streamed
+
+    def _keep_buffer_writes(self, name: str, call: _PendingCall) -> None:
+        """Buffers the call updated in place live in memory about to be reused: the runtime writes them back
+        (host blob, the model's tensor), and a slot loaded with the block's old bytes is loaded again at its
+        call. Rare (a stateful block), so its cost (a drain, a pack) is paid only when it happens."""
+        ts = self.tensors[name]
+        changed = [i for i, v in zip(self.buffer_index[name], call.versions, strict=True) if ts[i]._version != v]
+        if not changed or self.keep_write is None:
+            return
+        self.backend.drain()  # no copy may be reading the blob while it is rewritten
+        for i in changed:
+            self.keep_write(name, i, ts[i], call.volatile)
+        for s in range(self.nslots):
+            if self.slot_block[s] == name:
+                self.slot_tag[s] = -1
 
     def close_frame(self) -> None:
         """End the open frame's record now (detach, snapshot)."""

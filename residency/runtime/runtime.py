@@ -16,6 +16,7 @@ from torch import nn
 
 from residency.device import DeviceProfile
 from residency.errors import ResidencyError
+from residency.formats import get_format
 from residency.plan import Budget, Plan
 from residency.runtime.attached_guards import state_dict_hooks, swaps_weights, warn_inference_only
 from residency.runtime.backend import Backend
@@ -202,6 +203,9 @@ class Runtime:
             self.backend.stop()
             raise
         self._originals, self._memory, self._executor = originals, memory, executor
+        executor.keep_write = self._keep_buffer_write
+        self._buffer_versions = {name: tuple(ts[i]._version for i in executor.buffer_index[name])
+                                 for name, ts in tensors.items()}
         self.plan, self.pipeline, self._hooked = plan, pipeline, hooked
         self._swaps = swaps_weights(plan)  # per attached plan: a recovery or switch attaches again
         if not on_cpu:
@@ -242,6 +246,32 @@ class Runtime:
         self._detach_blocks()
         self._forget_stores()
 
+    def _keep_buffer_write(self, name: str, index: int, bound: torch.Tensor, binding) -> None:
+        """A block call updated buffer `index` of block `name` in place, in memory that is reused: pack it into
+        the host blob (the next load carries it), into the block's packed bytes on the device when it is
+        resident there, and into the model's own tensor (detach gives it back)."""
+        blob = self.store.blobs[name]
+        entry = blob.layout.entries[index]
+        value = bound.detach()
+        packed = get_format(entry.format).pack(value)
+        blob.data[entry.offset:entry.offset + entry.nbytes].copy_(packed)
+        if binding.packed:
+            binding.packed[index].copy_(packed.to(binding.packed[index].device))
+        t, original = self._originals[name][index]
+        original.copy_(value.to(original.device, original.dtype))
+
+    def _keep_resident_buffer_writes(self) -> None:
+        """Buffers of blocks whose memory was never reused, updated in place while attached: copied into the
+        model's own tensors before they are put back (a volatile block's writes were kept as they happened)."""
+        ex = self._executor
+        for name, binding in ex.session_binding.items():
+            if binding.unpacks:  # its views are the scratch: kept as they happened
+                continue
+            for i, v in zip(ex.buffer_index[name], self._buffer_versions.get(name, ()), strict=True):
+                t, original = self._originals[name][i]
+                if t._version != v:
+                    original.copy_(t.detach().to(original.device, original.dtype))
+
     def _forget_stores(self) -> None:
         """The host blobs go with the attach: cached, the next attach would reuse them even after an edit of
         the weights no token sees (`p.data.mul_(0.5)` keeps storage and version), and they would hold the
@@ -265,6 +295,7 @@ class Runtime:
         self._hooked = []
         self._compiled.restore()
         self._compiled = None
+        self._keep_resident_buffer_writes()
         for pairs in self._originals.values():
             for t, data in pairs:
                 t.data = data
