@@ -394,3 +394,19 @@ def test_buffers_a_block_updates_in_place_keep_their_state_across_calls_and_deta
             assert torch.equal(model(x), want)
     for mine, theirs in zip(model.buffers(), plain.buffers(), strict=True):
         assert torch.equal(mine, theirs)  # the state after three calls, kept through detach
+
+
+def test_torch_compile_of_an_attached_model_runs_the_hooked_calls_eagerly_and_gives_the_same_outputs():
+    import torch._dynamo
+
+    model, x = mlp_stack()
+    model[2][0].register_forward_pre_hook(lambda m, args: None)  # one block through torch's hook path too
+    with torch.inference_mode():
+        expected = model(x)
+    torch._dynamo.reset()
+    with attach(model, x, vram="30%") as rt, torch.inference_mode():
+        assert rt.plan.streamed()
+        compiled = torch.compile(model, backend="eager")  # dynamo traces; the backend only runs the graphs
+        for _ in range(3):  # the second call used to fail inside the runtime's telemetry
+            assert torch.equal(compiled(x), expected)
+    torch._dynamo.reset()
