@@ -194,6 +194,20 @@ def test_a_call_at_other_shapes_is_refused_and_the_planned_shapes_still_run():
         assert_output_matches(rt.plan, call(model, (example["input_ids"],)), expected)  # positional: same input
 
 
+def test_a_causal_lm_generates_under_its_plan_as_the_plain_model_does():
+    """generate(): the prompt at the example's shape, then one token a step with positions and a cache: every
+    call no larger than the example, so it runs under the plan made for the prompt."""
+    model, example = build("llama")
+    ids = next(iter(example.values())) if isinstance(example, dict) else example[0]
+    with torch.inference_mode():
+        expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+    with attach(model, example) as rt, torch.inference_mode():
+        assert rt.plan.streamed()
+        assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), expected)
+        with pytest.raises(ResidencyError, match="runs calls no larger than that"):
+            model(torch.cat([ids, ids], dim=1))  # a longer prompt than planned
+
+
 def test_a_plain_module_without_example_inputs_is_refused():
     model, _ = build("plain")
     with pytest.raises(ResidencyError, match="Stack: residency cannot tell the shapes") as e:

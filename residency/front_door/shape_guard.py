@@ -1,12 +1,15 @@
-"""A plan is made for the example's input shapes: a call with other shapes is refused before it runs.
+"""A plan is made for the example's input shapes: a call with larger inputs is refused before it runs.
 
 Its activations, scratch and per-call cost were sized for those shapes; a larger input would overrun the
-budget the ledger holds, a smaller one run under a plan chosen for other trade-offs.
+budget the ledger holds. A call no larger than the example runs under it (a generate() loop: the prompt, then
+one token a step, with the extra inputs it adds — positions, a mask — each no larger than the example's
+largest tensor); the prediction is then the example's, an upper bound.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +51,7 @@ def signature(names: tuple[str, ...], args: tuple, kwargs: Mapping[str, Any]) ->
 
 @dataclass(frozen=True)
 class ShapeGuard:
-    """The runtime's call_check: refuses a call whose tensors differ in shape from the example's.
+    """The runtime's call_check: refuses a call with a tensor larger than the example's.
 
     Cost: one walk over the call's inputs per model call, ~27 µs for Flux's seven (measured on this CPU)."""
 
@@ -63,12 +66,32 @@ class ShapeGuard:
 
     def __call__(self, args: tuple, kwargs: dict) -> None:
         got = signature(self.names, args, kwargs)
-        if got != self.planned:
-            raise ResidencyError(
-                f"{self.model_label} was called with inputs {_show(got)}; the plan was made for "
-                f"{_show(self.planned)} (its example inputs) and is not run for other shapes",
-                hint="leave this runtime (or detach() it) and attach again with example_inputs= at the new "
-                     "shapes: residency.attach(model, vram=…, example_inputs=<the inputs of this call>)")
+        if got == self.planned or _within(got, self.planned):
+            return
+        raise ResidencyError(
+            f"{self.model_label} was called with inputs {_show(got)}; the plan was made for "
+            f"{_show(self.planned)} (its example inputs) and runs calls no larger than that",
+            hint="leave this runtime (or detach() it) and attach again with example_inputs= at the largest "
+                 "shapes you will call it with: residency.attach(model, vram=…, example_inputs=<those inputs>)")
+
+
+def _within(got: Signature, planned: Signature) -> bool:
+    """Every tensor of an input the example has is no larger in any dimension (same rank, same count); every
+    tensor of an input it lacks holds no more elements than the example's largest."""
+    plan = dict(planned)
+    largest = max((math.prod(s) for shapes in plan.values() for s in shapes), default=0)
+    for name, shapes in got:
+        mine = plan.get(name)
+        if mine is None:
+            if any(math.prod(s) > largest for s in shapes):
+                return False
+            continue
+        if len(shapes) != len(mine):
+            return False
+        for s, m in zip(shapes, mine, strict=True):
+            if len(s) != len(m) or any(a > b for a, b in zip(s, m, strict=True)):
+                return False
+    return True
 
 
 def _show(sig: Signature) -> str:
