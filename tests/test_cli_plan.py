@@ -309,3 +309,17 @@ def test_a_plan_with_compiled_blocks_says_run_plans_eager_and_how_to_run_these(c
     assert "plan eager for themselves" in " ".join(out.split())
     code, out, _ = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt", "--exec-mode", "eager")
     assert code == 0 and "plan eager for themselves" not in " ".join(out.split())
+
+
+def test_the_json_output_saved_to_a_file_loads_as_a_plan(capsys, tmp_path):
+    for extra in ([], ["--policy", "all"]):
+        code, out, _ = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt", "--json", *extra)
+        assert code == 0
+        saved = tmp_path / "plan.json"
+        saved.write_text(out)  # `plan --json > plan.json`: what a user does to keep a plan
+        assert load_plan(saved).model == "tiny"
+    doc = json.loads(out)
+    doc["holds_budget"] = "yes"
+    saved.write_text(json.dumps(doc))
+    with pytest.raises(Exception, match="holds_budget"):
+        load_plan(saved)

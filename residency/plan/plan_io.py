@@ -72,7 +72,8 @@ def _block_dict(b: BlockPlan) -> dict[str, Any]:
 _HINT = "re-create the plan with `residency plan -o`"
 _TOP_REQUIRED = ("schema_version", "model", "workload_fingerprint", "profile", "profile_fingerprint", "policy",
                  "budget", "blocks")
-_TOP_KNOWN = (*_TOP_REQUIRED, "execution", "kv_dtype", "steps", "context_frames", "prediction", "notes")
+_TOP_KNOWN = (*_TOP_REQUIRED, "execution", "kv_dtype", "steps", "context_frames", "prediction", "notes",
+              *("holds_budget", "policies"))  # what `plan --json` adds to the document: read past, not kept
 _PREDICTION_MS = ("frame_ms", "first_frame_ms", "stall_ms", "copy_ms", "compute_ms", "lower_bound_ms")
 
 
@@ -91,6 +92,12 @@ def plan_from_dict(doc: Any, source: str = "<plan>") -> Plan:
     listed = r.items(r.need(doc, "blocks"), "blocks", min_items=1)
     blocks = tuple(_block(r, b, f"blocks[{i}]") for i, b in enumerate(listed))
     prediction = r.optional(doc, "prediction", None)
+    if "holds_budget" in doc and not isinstance(doc["holds_budget"], bool):
+        raise r.fail("holds_budget", f"= {show(doc['holds_budget'])} is not true or false",
+                     hint="it is what `plan --json` says of the budget; leave it out or as written")
+    if "policies" in doc and not isinstance(doc["policies"], dict):
+        raise r.fail("policies", f"= {show(doc['policies'])} is not an object",
+                     hint="it is `plan --json --policy all`'s plan of each policy; leave it out or as written")
     notes = r.items(r.optional(doc, "notes", []), "notes")
     return Plan(
         **text,
