@@ -75,13 +75,23 @@ def _wrong_size(name: str, size: tuple[int, int], height: int, width: int) -> Re
 
 
 # --- checks before any work --------------------------------------------------------------------------------
-def check_writable_target(path: str | os.PathLike[str]) -> Path:
-    """A file about to be replaced by a rename: missing or a regular file, in an existing writable directory."""
+def check_writable_target(path: str | os.PathLike[str], suffix: str | None = None,
+                          example: str = "out.json") -> Path:
+    """A file about to be replaced by a rename: missing or a regular file, in an existing writable directory;
+    with `suffix` (".json"), named so (a plan written over start.png lost the image). A name ending in "/"
+    is a directory's, even where none exists (Path would drop the slash and write a file of that name)."""
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)):
+        raise ResidencyError(f"{text[:200]}: ends with '/', a directory's name, and a file is written here",
+                             hint=f"name the file, e.g. {text}{example}")
     path = Path(path)
     kind, reason = userpath.path_kind(path)
     if kind in (userpath.DIRECTORY, userpath.OTHER, userpath.BAD):
         raise ResidencyError(f"{path}: cannot write here ({reason or 'a directory is in the way'})",
                              hint="pick another file name")
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise ResidencyError(f"{text[:200]}: this file is {suffix[1:].upper()}, and the name ends in "
+                             f"{path.suffix or 'no extension'}", hint=f"name it *{suffix}, e.g. {example}")
     parent = path.parent
     if userpath.path_kind(parent)[0] != userpath.DIRECTORY:
         raise ResidencyError(f"{path}: directory {parent} does not exist", hint="create it first, or pick another path")
@@ -93,7 +103,9 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     """Validate before any work is done: a known extension, a writable directory, and for numbered PNGs
     no frames of an earlier sequence with the same name (they would mix with the new ones)."""
     if os.fspath(path).endswith(("/", os.sep)) or userpath.path_kind(Path(path))[0] == userpath.DIRECTORY:
-        raise ResidencyError(f"{path}: is a directory; frames are written to a file",
+        what = "is a directory" if userpath.path_kind(Path(path))[0] == userpath.DIRECTORY else (
+            "ends with '/', a directory's name")
+        raise ResidencyError(f"{path}: {what}; frames are written to a file",
                              hint=f"name a file in it, e.g. {Path(path) / 'out.gif'}")
     path = Path(path)
     if path.suffix.lower() not in FRAME_FORMATS:

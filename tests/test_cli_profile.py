@@ -83,3 +83,14 @@ def test_profiles_table_names_each_profile(capsys):
     assert main(["profiles"]) == 0
     out = capsys.readouterr().out
     assert all(name[:8] in out for name in shipped_profile_names())
+
+
+@pytest.mark.parametrize("name,message", [("out/", "ends with '/', a directory's name"),
+                                          ("profile.txt", "the name ends in .txt")])
+def test_profile_to_a_name_that_is_no_json_file_exits_1_before_measuring(tmp_path, capsys, monkeypatch, name,
+                                                                         message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["profile", "--device", "cpu", "--quick", "-o", name]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "hint:" in err
+    assert list(tmp_path.iterdir()) == []

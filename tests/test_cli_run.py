@@ -92,7 +92,7 @@ BAD = [
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "nodir/o.gif"], 1, "does not exist"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.mp4"], 1, "cannot write .mp4"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "."], 1, "is a directory; frames are written to a file"),
-    (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "frames/"], 1, "is a directory"),
+    (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "frames/"], 1, "ends with '/', a directory's name"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.gif", "--trace", "nodir/t.json"], 1,
      "does not exist"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.gif", "--trace", "."], 1,

@@ -127,9 +127,11 @@ def _check_plan_output(path: str | None):
         return None
     if not path.strip():
         raise UsageError("-o needs a file name, got an empty one", hint="e.g. -o plan.json")
+    if path == "-":
+        raise UsageError("-o - would write a file named '-'", hint="--json prints the plan on stdout")
     from residency.media import check_writable_target
 
-    return check_writable_target(path)
+    return check_writable_target(path, ".json", "plan.json")
 
 
 def run(args) -> int:

@@ -6,6 +6,7 @@ A progress bar on stderr while measuring, then a summary table, then the profile
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -44,8 +45,15 @@ def default_output(device: str) -> Path:
     return Path(f"profile-{re.sub(r'[^a-z0-9]+', '', device.lower())}.json")
 
 
-def _check_output(path: Path) -> None:
+def _check_output(path: str | Path) -> None:
     # Checked before measuring: a bad -o should not cost a minute of measurement.
+    if str(path).endswith(("/", os.sep)):  # Path() would drop the slash: a file named after the directory
+        raise ResidencyError(f"{str(path)[:200]}: ends with '/', a directory's name, and the profile is a file",
+                             hint=f"name the file, e.g. -o {path}profile.json")
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        raise ResidencyError(f"{str(path)[:200]}: a profile is a JSON file, and the name ends in "
+                             f"{path.suffix or 'no extension'}", hint="name it *.json, e.g. -o profile.json")
     parent = path.parent if str(path.parent) else Path(".")
     kind, reason = userpath.path_kind(path)
     if kind == userpath.BAD:
@@ -131,8 +139,8 @@ def run(args) -> int:
     """
     device = args.device or default_device()
     parse_device(device)
+    _check_output(args.output or default_output(device))
     output = Path(args.output) if args.output else default_output(device)
-    _check_output(output)
     source = f"residency profile --device {device}" + (" --quick" if args.quick else "")
     err = Console(stderr=True)
     started = time.perf_counter()
