@@ -131,3 +131,20 @@ def test_a_model_whose_inputs_the_config_does_not_fix_is_refused_with_the_python
     code, _, err = run(capsys, "plan", str(tmp_path / "sd3"), "--profile", "rtx-5090")
     assert code == 1 and "SD3Transformer2DModel" in err and "shapes of its inputs" in err
     assert "workload_from_module" in err and "workload_to_dict" in err
+
+
+def test_a_saved_world_model_pipeline_plans_as_run_loads_it(capsys, tmp_path):
+    from pipelines.world_model import WorldModelPipeline
+    from residency.commands.sources import WORLD_MODEL_DIR
+    from residency.plan import load_plan
+    from residency.session_setup import load_model
+
+    saved = tmp_path / "mine"
+    WorldModelPipeline.from_config("tiny").save_pretrained(saved)
+    assert classify(str(saved)).kind == WORLD_MODEL_DIR
+    out_path = tmp_path / "mine.plan.json"
+    code, _, err = run(capsys, "plan", str(saved), "--profile", "rx-7800-xt", "-o", str(out_path))
+    assert code == 0, err
+    load_plan(out_path).check_matches(load_model(str(saved)).workload, "the saved pipeline")  # `run --plan` takes it
+    code, out, _ = run(capsys, "inspect", str(saved))
+    assert code == 0 and "175 tensors" in out

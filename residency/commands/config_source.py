@@ -34,6 +34,19 @@ def is_model_dir(path: Path) -> bool:
     return bool(config.get("_class_name") or config.get("architectures"))
 
 
+# fields of a WorldModelPipeline config (pipelines.world_model.config) no diffusers or transformers config has
+WORLD_MODEL_FIELDS = ("latent_channels", "vae_channels", "context_frames")
+
+
+def is_world_model_dir(path: Path) -> bool:
+    """A directory WorldModelPipeline.save_pretrained wrote: a config.json of the world model's own fields."""
+    if not (_kind(path) == userpath.DIRECTORY and _kind(path / MODEL_CONFIG) == userpath.FILE):
+        return False
+    config = read_config(path / MODEL_CONFIG)
+    return not (config.get("_class_name") or config.get("architectures")) and all(
+        k in config for k in WORLD_MODEL_FIELDS)
+
+
 def has_model_config(path: Path) -> bool:
     """True when the directory `path` holds a config.json (whether or not it names a model class)."""
     return _kind(path) == userpath.DIRECTORY and _kind(path / MODEL_CONFIG) == userpath.FILE

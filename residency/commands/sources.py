@@ -17,6 +17,7 @@ from residency.commands.config_source import (
     has_model_config,
     is_diffusers_pipeline_dir,
     is_model_dir,
+    is_world_model_dir,
     model_dir_workload,
     refuse_classless,
 )
@@ -35,6 +36,7 @@ WORKLOAD_JSON = "workload-json"  # a catalog document written by pipelines.catal
 CHECKPOINT = "checkpoint"  # .safetensors / .gguf file or a directory of shards
 MODEL_DIR = "model-dir"  # config.json naming a diffusers or transformers class (+ weights or not)
 PIPELINE_DIR = "diffusers-pipeline"  # model_index.json and one subfolder per component
+WORLD_MODEL_DIR = "world-model-dir"  # a saved WorldModelPipeline (save_pretrained: config.json + weights)
 SHIPPED = "shipped"  # `default`: the world model that ships trained (tiny's config when its weights are absent),
 SHIPPED_NAME = "default"  # as `run`, `play` and `demo` name it (residency.session_setup.load_model)
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
@@ -88,6 +90,8 @@ def classify(text: str) -> Source:
             return Source(PIPELINE_DIR, text, path)
         if is_model_dir(path):
             return Source(MODEL_DIR, text, path)
+        if is_world_model_dir(path):
+            return Source(WORLD_MODEL_DIR, text, path)
         weights = _has_weights(path)
         if has_model_config(path) and not weights:
             refuse_classless(path)  # a model directory whose config.json names no class: say so, not "no weights"
@@ -132,6 +136,12 @@ def resolve_workload(name_or_path: str, steps: int | None = None, context_frames
         from residency.commands.pipeline_source import pipeline_dir_workload
 
         workload = pipeline_dir_workload(source.path, compute_dtype, size)
+    elif source.kind == WORLD_MODEL_DIR:  # as `run DIR` builds it (residency.session_setup.load_model)
+        from pipelines.world_model.pretrained import load_config
+        from pipelines.world_model.workload import catalog_entry
+        from residency.workload import workload_from_dict
+
+        workload = workload_from_dict(catalog_entry(load_config(source.path, {})))
     return workload.with_params(steps=steps, context_frames=context_frames)
 
 
@@ -214,7 +224,7 @@ def load_inventory(name_or_path: str) -> Inventory:
         from pipelines.world_model import WorldModelPipeline
 
         return inventory_from_module(name_or_path, WorldModelPipeline.from_config("tiny", device="meta"))
-    if source.kind == CHECKPOINT or (source.kind == MODEL_DIR and _has_weights(source.path)):
+    if source.kind == CHECKPOINT or (source.kind in (MODEL_DIR, WORLD_MODEL_DIR) and _has_weights(source.path)):
         return _checkpoint_inventory(source.path)  # as stored: the real formats, not an assumed BF16
     if source.kind == CATALOG and name_or_path in builtin_model_names():
         from pipelines.world_model import WorldModelPipeline
