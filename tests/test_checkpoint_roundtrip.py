@@ -219,3 +219,22 @@ def test_long_metadata_arrays_are_skipped_fast(tmp_path):
         assert time.monotonic() - t0 < 2.0  # GGUFReader would build 400k numpy objects here
         assert ck.metadata == {"general.architecture": "llama", "rope.freq_base": "0.1", "flag": "true"}
         assert torch.equal(ck.read_tensor("w"), torch.ones(2, 8))
+
+
+@pytest.mark.parametrize("index", [False, True])
+def test_a_directory_missing_some_shards_is_refused_naming_them(tmp_path, index):
+    import json
+
+    save_checkpoint(tmp_path / "model-00001-of-00003.safetensors", {"a": torch.zeros(4, 4)})
+    save_checkpoint(tmp_path / "model-00003-of-00003.safetensors", {"c": torch.zeros(4, 4)})
+    if index:
+        (tmp_path / "model-00003-of-00003.safetensors").unlink()
+        weight_map = {k: f"model-0000{i}-of-00003.safetensors" for i, k in ((1, "a"), (2, "b"), (3, "c"))}
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"shard\(s\) of this checkpoint are missing: model-00002-of-00003"):
+        open_checkpoint(tmp_path)
+    save_checkpoint(tmp_path / "model-00002-of-00003.safetensors", {"b": torch.zeros(4, 4)})
+    if index:
+        save_checkpoint(tmp_path / "model-00003-of-00003.safetensors", {"c": torch.zeros(4, 4)})
+    with open_checkpoint(tmp_path) as ck:
+        assert sorted(ck.entries) == ["a", "b", "c"]

@@ -10,6 +10,7 @@ import contextlib
 import gc
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from residency.checkpoint.gguf_io import read_gguf
 from residency.checkpoint.limits import check_tensor_count
 from residency.checkpoint.safetensors_io import read_safetensors
 from residency.formats import get_format
+from residency.jsonfile import read_json
 from residency.userpath import DIRECTORY, FILE, MISSING, path_kind
 
 
@@ -144,6 +146,7 @@ def _checkpoint_files(path: Path) -> list[Path]:
                 "directory holds no .safetensors or .gguf files",
                 hint="point at a checkpoint file or shard directory",
             )
+        _check_shards_complete(path, files)
         return files
     if kind == MISSING:
         raise broken(path, "no such file or directory", hint="check the path; give a .safetensors or .gguf file or a directory of shards")
@@ -156,6 +159,32 @@ def _checkpoint_files(path: Path) -> list[Path]:
             hint="expected .safetensors, .gguf or a directory",
         )
     return [path]
+
+
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.(?:safetensors|gguf)$", re.IGNORECASE)
+
+
+def _check_shards_complete(directory: Path, files: list[Path]) -> None:
+    """A half-finished download holds some shards: the rest are named by the files' `-0000k-of-0000n` and by an
+    index's weight_map. Read as it is, it would be half a model with nothing said (its totals halved)."""
+    present = {f.name for f in files}
+    expected: set[str] = set()
+    for f in files:
+        m = _SHARD_NAME.match(f.name)
+        if m and 0 < int(m["n"]) <= 100_000:
+            width, ext = len(m["i"]), f.suffix
+            expected |= {f"{m['stem']}-{k:0{width}d}-of-{m['n']}{ext}" for k in range(1, int(m["n"]) + 1)}
+    for index in sorted(directory.glob("*.index.json")):
+        doc = read_json(index, "a shard index", "remove it, or download it again")
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if isinstance(weight_map, dict):
+            expected |= {v for v in weight_map.values() if isinstance(v, str) and "/" not in v}
+    missing = sorted(expected - present)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise broken(directory, f"{len(missing)} shard(s) of this checkpoint are missing: {shown}",
+                     hint="finish the download (the shard names and the index say which files belong), or "
+                          "remove the index and the partial shards")
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
