@@ -33,3 +33,21 @@ def test_demo_streams_some_blocks_and_writes_gif_and_trace(tmp_path, monkeypatch
     snapshot, context = read_trace(out_dir / "demo-trace.json")
     assert [f.frame for f in snapshot.frames][-1] == 5
     assert context.vram_budget_bytes is not None and context.frame_budget_ms is not None
+
+
+def test_the_printed_next_steps_name_a_command_that_runs_here(tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    from residency.commands.console import command_name
+
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    assert command_name() == "residency"  # on the PATH: the bare name
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.chdir(tmp_path)
+    assert command_name() == "python -m residency"  # no script: the module form
+    (bin_dir / "residency").write_text("#!/bin/sh\n")
+    assert command_name() == ".venv/bin/residency"  # the README's form, from the checkout

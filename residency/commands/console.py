@@ -5,6 +5,11 @@ Rich falls back to 80 columns when stdout is a pipe or file, which truncates our
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+from pathlib import Path
+
 from rich.console import Console
 
 PIPE_WIDTH = 120
@@ -16,3 +21,18 @@ def make_console(stderr: bool = False) -> Console:
     if not console.is_terminal:
         console = Console(stderr=stderr, width=PIPE_WIDTH)
     return console
+
+
+def command_name() -> str:
+    """How the user can type `residency` here, for the commands we print: the bare name when the shell finds it,
+    else the script beside this interpreter (the README's .venv/bin/residency, relative to the working directory
+    when under it), else `python -m residency`. A printed next step that does not run is a dead end."""
+    if shutil.which("residency"):
+        return "residency"
+    script = Path(sys.executable).parent / "residency"
+    if script.is_file():
+        try:
+            return os.path.relpath(script) if not os.path.relpath(script).startswith("..") else str(script)
+        except ValueError:  # another drive (Windows)
+            return str(script)
+    return f"{Path(sys.executable).name} -m residency"

@@ -16,7 +16,7 @@ from pathlib import Path
 from residency import session_setup, userpath
 from residency.commands import arg_types, run_cmd
 from residency.commands.actions import parse_actions
-from residency.commands.console import make_console
+from residency.commands.console import command_name, make_console
 from residency.errors import ResidencyError
 
 DEMO_FPS = 15.0  # video frames per second the plan must hold
@@ -113,8 +113,10 @@ def run(args: argparse.Namespace) -> int:
     write_trace(snapshot, context, trace)
     run_cmd.report_speed(console, snapshot, other)
     console.print(f"wrote {gif} ({len(video)} frame{'s' if len(video) != 1 else ''}) and {trace}")
-    console.print(f"replay the telemetry:  residency dashboard {trace}")
-    console.print("play it yourself:      residency play      (arrows/WASD, space, e; q quits)")
+    me = command_name()
+    console.print(f"replay the telemetry:  {me} dashboard {trace}", markup=False, highlight=False)
+    console.print(f"play it yourself:      {me} play      (arrows/WASD, space, e; q quits)", markup=False,
+                  highlight=False)
     say(_calibration_line(runtime, replan.profile) if other is None else
         f"not calibrated: the plan's profile is {other} (calibration fits this machine's own)")
     return 0
