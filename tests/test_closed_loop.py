@@ -239,6 +239,11 @@ def test_the_reason_names_the_largest_deviation_by_ratio_in_words():
     assert cl.trigger_reason(_fit(copy=0.4, compute={"dit.blocks.0": 2.0})) == "copy engine 2.50× faster than profiled"
     assert cl.trigger_reason(_fit(copy=0.6, dequant={"Q8_0": 1.8})) == "Q8_0 dequant 1.80× slower than profiled"
     assert cl.trigger_reason(_fit()) == "no engine measured"
+    # a frame faster than predicted is explained by what ran faster, even when a small block ran slower by more
+    mixed = _fit(copy=0.8, compute={"dit.patch_embed": 6.58})
+    assert cl.trigger_reason(mixed, slower=False) == "copy engine 1.25× faster than profiled"
+    assert cl.trigger_reason(mixed, slower=True) == "compute (dit.patch_embed) 6.58× slower than profiled"
+    assert cl.trigger_reason(_fit(copy=1.5), slower=False) == "copy engine 1.50× slower than profiled"  # all there is
 
 
 def test_a_cpu_load_that_unpacks_is_not_read_as_a_copy_of_the_whole_blob(tiny):

@@ -98,12 +98,16 @@ def plan_change(old: Plan, new: Plan) -> str:
     return ", ".join(parts)
 
 
-def trigger_reason(fit: CalibrationFit) -> str:
+def trigger_reason(fit: CalibrationFit, slower: bool | None = None) -> str:
     """The largest deviation a calibration found, in words ("copy engine 2.7× slower than profiled", "Q8_0
-    dequant 1.6× faster than profiled"): ranked by ratio, so 0.5× (twice as fast) weighs as much as 2×."""
+    dequant 1.6× faster than profiled"): ranked by ratio, so 0.5× (twice as fast) weighs as much as 2×.
+    `slower`: whether the frame itself ran slower than predicted; the reason given then leans the same way
+    where some engine does (a faster frame explained by one small block running slower read as a contradiction)."""
     found = [(abs(math.log(s)), "copy engine", s) for s in [fit.copy_scale] if s is not None]
     found += [(abs(math.log(s)), f"compute ({c})", s) for c, s in fit.compute_scale.items()]
     found += [(abs(math.log(s)), f"{f} dequant", s) for f, s in fit.dequant_scale.items()]
+    if slower is not None:
+        found = [f for f in found if (f[2] > 1) == slower] or found
     if not found:
         return "no engine measured"
     _, what, s = max(found)
@@ -217,8 +221,8 @@ class ClosedLoop:
         else:
             why = f"frame {self.units}: measured {measured:.1f} ms against {predicted:.1f} predicted"
         self.last_decision_unit = self.units
-        pending = _Pending(fit, f"{why}; {trigger_reason(fit)}", measured, predicted, self.units, running,
-                           done=threading.Event())
+        pending = _Pending(fit, f"{why}; {trigger_reason(fit, measured > predicted)}", measured, predicted,
+                           self.units, running, done=threading.Event())
         self._pending = pending
         budget = Budget(rt.ledger.budget_bytes, self._budget_ms())
         if self.options.background:
