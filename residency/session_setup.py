@@ -139,7 +139,8 @@ def start_image(model: Model, path: str | None) -> np.ndarray:
         return read_image(path, c.height, c.width)
     if model.start_image is None:
         raise UsageError(f"model {model.label} needs a start image",
-                         hint=f"give --image start.png ({c.width}x{c.height} pixels)")
+                         hint=f"give --image start.png ({c.width}x{c.height} pixels; `run default --frames 1 "
+                         "-o start.png` writes one: start-0000.png)")
     return model.start_image
 
 
