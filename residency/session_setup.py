@@ -121,7 +121,9 @@ def load_model(name: str) -> Model:
         if kind == userpath.MISSING:
             raise ResidencyError(f"unknown model {name[:200]!r}",  # exit 1, as plan's and an unknown profile
                              hint="default, tiny, or the path of a saved pipeline "
-                             f"(WorldModelPipeline.save_pretrained); presets {', '.join(PRESETS)}")
+                             "(WorldModelPipeline.save_pretrained); "
+                             f"{', '.join(p for p in PRESETS if p in NEEDS_REAL_WEIGHTS)} ship no weights: plan "
+                             "them with `residency plan`")
         if kind != userpath.DIRECTORY:  # refuses a FIFO (open() would block), a device, a name the OS refuses
             userpath.require_file(name, "a saved pipeline", hint="give a saved pipeline directory or a "
                                   ".safetensors/.gguf file (WorldModelPipeline.save_pretrained)")

@@ -117,3 +117,21 @@ def test_save_pretrained_replaces_config_json_atomically(pipe, tmp_path, monkeyp
         pipe.save_pretrained(target)
     assert (target / "config.json").read_text() == before
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_directory_of_shards_with_its_config_loads_as_the_saved_pipeline(tmp_path):
+    import shutil
+
+    from residency.checkpoint import save_checkpoint
+
+    pipe = WorldModelPipeline.from_config("tiny")
+    pipe.save_pretrained(tmp_path / "whole")
+    state = pipe.state_dict()
+    keys = sorted(state)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    save_checkpoint(shards / "model-00001-of-00002.safetensors", {k: state[k] for k in keys[:50]})
+    save_checkpoint(shards / "model-00002-of-00002.safetensors", {k: state[k] for k in keys[50:]})
+    shutil.copy(tmp_path / "whole" / "config.json", shards / "config.json")
+    loaded = WorldModelPipeline.from_pretrained(shards)
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())

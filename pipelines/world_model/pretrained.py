@@ -78,7 +78,9 @@ def load_pretrained(cls, path: str | os.PathLike[str], device: torch.device | st
                     dtype: torch.dtype = torch.float32):
     """Build `cls` on the meta device and assign dequantized tensors: no random init, one copy each."""
     path = Path(os.fspath(path))
-    weights = path / WEIGHTS_FILE if userpath.path_kind(path)[0] == userpath.DIRECTORY else path
+    weights = path
+    if userpath.path_kind(path)[0] == userpath.DIRECTORY and userpath.exists(path / WEIGHTS_FILE):
+        weights = path / WEIGHTS_FILE  # as save_pretrained writes it; else the directory's shards, whatever named
     with open_checkpoint(weights) as checkpoint:
         config = load_config(path, checkpoint.metadata)
         with torch.device("meta"):
