@@ -410,3 +410,30 @@ def test_torch_compile_of_an_attached_model_runs_the_hooked_calls_eagerly_and_gi
         for _ in range(3):  # the second call used to fail inside the runtime's telemetry
             assert torch.equal(compiled(x), expected)
     torch._dynamo.reset()
+
+
+def test_conversions_while_attached_are_refused_and_allowed_again_after_detach():
+    from residency.errors import ResidencyError
+
+    model, x = mlp_stack()
+    with attach(model, x) as rt, torch.inference_mode():
+        expected = model(x)
+        for convert in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m[1].float()):
+            with pytest.raises(ResidencyError, match=r"\.to\(\)/\.half\(\)/\.cuda\(\) while a runtime is attached"):
+                convert(model)
+        assert torch.equal(model(x), expected) and rt.plan.streamed()  # nothing was converted
+    assert not any("_apply" in m.__dict__ for m in model.modules())
+    assert model.to(torch.bfloat16)[0][0].weight.dtype == torch.bfloat16
+
+
+def test_attaching_an_attached_model_or_a_plan_beside_a_budget_is_refused_before_planning():
+    from residency.errors import ResidencyError
+
+    model, x = mlp_stack()
+    with attach(model, x) as rt:
+        with pytest.raises(ResidencyError, match="attached to a runtime already"):
+            attach(model, x[:2])  # other shapes: refused for what it is, not for the call's shapes
+        plan = rt.plan
+    with pytest.raises(ResidencyError, match=r"plan= runs as given.*vram= would be ignored"):
+        residency.attach(model, plan=plan, vram="10%", profile=flat_profile(backend="cpu"), backend="cpu",
+                         example_inputs=x)

@@ -25,6 +25,7 @@ from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, frame_budget_ms,
 from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
 from residency.runtime.closed_loop import LoopOptions, enable_loop
+from residency.runtime.hooks import has_hook
 from residency.units import fmt_bytes
 from residency.workload import Workload, module_workload, workload_from_dict
 from residency.workload.from_module import (
@@ -63,6 +64,11 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     fp32 `wo`, as from_pretrained loads them) stay in their own dtype: stored, streamed and computed in it, and
     never quantized — a quantized block quantizes only its tensors in the main dtype. The plan's bytes count
     them at their own size.
+    While attached, the blocks' weights live in the runtime's memory: edit them (load_state_dict, .to(), an
+    in-place change of a weight) after detach(); the first two are refused while attached, and an in-place
+    change is not seen by the runtime and is undone by detach. Buffers a block updates in its own forward (a
+    running state) are kept. On the CPU backend torch's intra-op threads are one fewer than the cores while
+    attached (the copy thread has the last one); detach gives the count back.
     A diffusers pipeline is attached whole by residency.attach_pipeline (its runtime, a context manager too).
     Raises ResidencyError for closed_loop with a `plan` made for another profile (it cannot be re-planned).
     """
@@ -73,6 +79,13 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
         raise ResidencyError(f"residency.attach got a {type(target).__name__}, not a model",
                              hint="pass a torch nn.Module (a diffusers or transformers model, any module), "
                                   "a diffusers pipeline or a WorldModelPipeline")
+    if has_hook(target):  # before planning: its counted forward would run through the other runtime
+        raise ResidencyError(f"{type(target).__name__} is attached to a runtime already",
+                             hint="detach() that runtime (or leave its `with` block) first")
+    if plan is not None and (vram is not None or fps is not None or frame_ms is not None):
+        given = ", ".join(f"{k}=" for k, v in (("vram", vram), ("fps", fps), ("frame_ms", frame_ms)) if v is not None)
+        raise ResidencyError(f"plan= runs as given: its budget is the plan's, and {given} would be ignored",
+                             hint="leave them out, or leave plan= out to plan for them")
     refuse_foreign_hooks(target, type(target).__name__)
     _warn_training_statistics(target)
     chosen_backend = backend_name(backend)

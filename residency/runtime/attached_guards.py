@@ -1,6 +1,6 @@
 """What an attached model is guarded by beyond its blocks' hooks: state-dict hooks that show the original
-weights (and refuse loads) while attached, and the rule and warning that keep autograd off plans that swap
-weights in (inference only).
+weights (and refuse loads) while attached, a refusal of dtype and device conversions, and the rule and warning
+that keep autograd off plans that swap weights in (inference only).
 """
 
 from __future__ import annotations
@@ -39,6 +39,30 @@ def state_dict_hooks(model: nn.Module, originals: dict[str, tuple[tuple[torch.Te
             handles.append(module._register_state_dict_hook(_put_originals(own)))
             handles.append(module._register_load_state_dict_pre_hook(_refuse_load, with_module=True))
     return handles
+
+
+class _ConversionGuard:
+    """An instance-level `_apply` on one module: .to(), .half(), .cuda(), .float() all go through it."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        module._apply = self  # an instance attribute: found before nn.Module._apply
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ResidencyError(f"{type(self.module).__name__}.to()/.half()/.cuda() while a runtime is attached: its "
+                             "blocks' weights live in the runtime's memory in the plan's dtype and device, and a "
+                             "conversion would reach only some of them (calls then fail on mixed dtypes)",
+                             hint="detach() (leave the `with` block), convert the model, and attach it again")
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("_apply") is self:
+            del self.module._apply
+
+
+def conversion_guards(model: nn.Module) -> list[_ConversionGuard]:
+    """Refuse dtype and device conversions of `model` or any of its modules while attached; each guard's
+    remove() lifts it. Cost: one attribute per module."""
+    return [_ConversionGuard(m) for m in model.modules()]
 
 
 def _put_originals(own: dict[str, torch.Tensor]):

@@ -18,7 +18,12 @@ from residency.device import DeviceProfile
 from residency.errors import ResidencyError
 from residency.formats import get_format
 from residency.plan import Budget, Plan
-from residency.runtime.attached_guards import state_dict_hooks, swaps_weights, warn_inference_only
+from residency.runtime.attached_guards import (
+    conversion_guards,
+    state_dict_hooks,
+    swaps_weights,
+    warn_inference_only,
+)
 from residency.runtime.backend import Backend
 from residency.runtime.backends import get_backend
 from residency.runtime.block_calls import BlockCalls, BlockHook, GroupHook
@@ -215,7 +220,8 @@ class Runtime:
         for name, mods in modules.items():
             for module in mods:
                 add_hook(module, BlockHook(calls, name) if len(mods) == 1 else GroupHook(calls, name))
-        self._state_hooks = state_dict_hooks(pipeline, originals)  # last: nothing after it can fail
+        # last: nothing after them can fail
+        self._state_hooks = [*state_dict_hooks(pipeline, originals), *conversion_guards(pipeline)]
 
     def _move_buffers(self, modules: list[nn.Module]) -> None:
         """Buffers the workload does not list (non-persistent, e.g. position tables) follow to the device."""
