@@ -86,7 +86,7 @@ def frame_times(snapshot: TelemetrySnapshot, context: DashboardContext, width_ce
     summary = Text(f"last {_ms(recent[-1])} · median {median_ms:.1f} · {fps:.1f} fps")
     if budget is not None:
         held = median_ms <= budget
-        summary.append(f" · budget {budget:.1f} ({context.video_fps(budget):.0f}) ")
+        summary.append(f" · budget {budget:.1f} ms ({context.video_fps(budget):.0f} fps) ")
         summary.append("holds" if held else "missed", style="green" if held else "bold red")
     return Group(line, summary)
 
@@ -240,7 +240,7 @@ def closed_loop(snapshot: TelemetrySnapshot, width_cells: int = 66, predicted_fo
         recent = recent[over:]
         marks = _replan_marks(recent, snapshot.events)
     title = Text("measured ÷ predicted per frame", style="bold")
-    title.append(f"  ({REPLAN_MARK} = re-plan; ▅ = 1.0×)", style="dim")
+    title.append(f"  ({REPLAN_MARK} = re-plan; ▅ = 1.0×; the figure: the latest frame)", style="dim")
     lines: list[Text] = [title]
     if predicted_for:
         lines.append(Text(f"predictions are for {predicted_for}: not compared", style="dim"))
