@@ -297,3 +297,18 @@ def test_fuzz_safetensors_only_checkpoint_error(flips, cut):
 @given(flips=mutations, cut=st.none() | st.integers(0, 10**6))
 def test_fuzz_gguf_only_checkpoint_error(flips, cut):
     _mutated_open("gguf", flips, cut)
+
+
+def test_a_text_file_or_a_renamed_gguf_named_safetensors_is_called_what_it_is(tmp_path):
+    from residency.checkpoint import CheckpointError, open_checkpoint, save_checkpoint
+
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello world, this is text\n")
+    with pytest.raises(CheckpointError, match="not a safetensors file: its first 8 bytes"):
+        open_checkpoint(text)
+    save_checkpoint(tmp_path / "w.gguf", {"w": torch.zeros(4, 32)})
+    renamed = tmp_path / "w.safetensors"
+    (tmp_path / "w.gguf").rename(renamed)
+    with pytest.raises(CheckpointError, match="this is a GGUF file") as err:
+        open_checkpoint(renamed)
+    assert "w.gguf" in err.value.hint

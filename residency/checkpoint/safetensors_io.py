@@ -70,7 +70,16 @@ def _load_header(path: Path, file_size: int) -> tuple[dict[str, object], int]:
     if file_size < 8:
         raise broken(path, f"file is {file_size} bytes, too short for a safetensors header")
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head)
+        if head[:4] == b"GGUF":  # a GGUF file renamed (its header would read as a length of ~10^18)
+            raise broken(path, "this is a GGUF file (it starts with the GGUF magic), named .safetensors",
+                         hint=f"rename it to {path.with_suffix('.gguf').name}")
+        if n > file_size - 8 and n > HEADER_CAP:  # no length this file could hold: not a safetensors file
+            raise broken(path, f"not a safetensors file: its first 8 bytes ({head.hex(' ')}) say a header of {n} "
+                         f"bytes, more than the {HEADER_CAP} residency reads (cap) and than this {file_size}-byte "
+                         "file holds",
+                         hint="give a .safetensors file (written by safetensors or torch), or check the download")
         if n > HEADER_CAP:
             raise broken(
                 path,
