@@ -82,3 +82,16 @@ def test_a_fifo_is_refused_without_blocking(tmp_path, capsys):
     rc = main(["inspect", str(fifo)])  # opening it would block forever: it must never be opened
     err = capsys.readouterr().err
     assert rc == 1 and "not a regular file" in err and "hint: " in err
+
+
+def test_a_k_quant_larger_than_q8_0_says_which_matrices_stay_bf16(tmp_path, capsys):
+    path = tmp_path / "odd.safetensors"
+    save_checkpoint(path, {f"blocks.{i}.w": torch.zeros(64, 1152) for i in range(3)}  # 1152 = 4.5 × 256
+                    | {"blocks.0.v": torch.zeros(64, 1024)})
+    assert main(["inspect", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "note: Q6_K is larger than Q8_0 here: 3 matrices whose last dimension (1152)" in out
+    assert "note: Q4_K is larger than Q8_0 here: 3 matrices" in out
+    save_checkpoint(path, {"blocks.0.v": torch.zeros(64, 1024)})
+    assert main(["inspect", str(path)]) == 0
+    assert "stay BF16" not in capsys.readouterr().out

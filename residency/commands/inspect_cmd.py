@@ -177,6 +177,8 @@ def render(inv: Inventory, console: Console) -> None:
         f"{fmt_bytes(sum(s.stored_bytes for s in every))}; "
         + ", ".join(f"{f} {fmt_bytes(_sum(every, f))}" for f in COMPARE_FORMATS)
     )
+    for note in fallback_notes(inv, {f: _sum(every, f) for f in COMPARE_FORMATS}):
+        console.print(note, markup=False, highlight=False)
     if largest is not None:
         top = sizes[id(largest)]
         console.print(
@@ -184,6 +186,30 @@ def render(inv: Inventory, console: Console) -> None:
             f"({fmt_bytes(top.bytes_by_format['Q4_K'])} at Q4_K) — the least that must fit on the device "
             "when everything else streams"
         )
+
+
+def fallback_notes(inv: Inventory, totals: dict[str, int]) -> list[str]:
+    """Why a format with fewer bits comes out larger than one with more (Q6_K above Q8_0): its matrices whose
+    last dimension is not a multiple of its block stay BF16 (formats.sizing). One line per such format."""
+    from residency.formats import get_format
+    from residency.formats.sizing import effective_format
+
+    notes = []
+    for i, name in enumerate(COMPARE_FORMATS):
+        above = [f for f in COMPARE_FORMATS[:i] if totals[f] < totals[name]]
+        if not above:
+            continue
+        fmt = get_format(name)
+        kept = [t for b in inv.blocks for t in b.tensors
+                if len(t.shape) >= 2 and effective_format(fmt, t.shape) is not fmt]
+        if not kept:
+            continue
+        widths = sorted({t.shape[-1] for t in kept})
+        shown = ", ".join(map(str, widths[:4])) + (" …" if len(widths) > 4 else "")
+        notes.append(f"note: {name} is larger than {above[-1]} here: {len(kept)} matrices whose last dimension "
+                     f"({shown}) is not a multiple of its {fmt.block_weights}-weight block stay BF16 "
+                     f"({fmt_bytes(sum(t.params for t in kept) * 2)} of its {fmt_bytes(totals[name])})")
+    return notes
 
 
 def run(args) -> int:
