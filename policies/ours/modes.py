@@ -114,6 +114,11 @@ def choose_modes(req: PlanRequest, kv_dtype: str) -> dict[str, ModeChoice]:
     return out
 
 
+def _dur(seconds: float) -> str:
+    """A per-frame time in a note: ms to 0.1, µs below 0.1 ms (a small class read "0.0 → 0.0 ms")."""
+    return f"{seconds * 1e3:.1f} ms" if seconds >= 1e-4 else f"{seconds * 1e6:.0f} µs"
+
+
 def _choose_class(req: PlanRequest, name: str, mode_s: dict[str, float], frames: float) -> ModeChoice:
     """The fastest mode the profile can cost for one class (`mode_s`: _class_mode_s); compiled only when it repays
     its compile."""
@@ -122,15 +127,16 @@ def _choose_class(req: PlanRequest, name: str, mode_s: dict[str, float], frames:
     best = ModeChoice("eager")
     best_s = eager_s
     graphed_s = mode_s.get("graphed")
+    unit = req.workload.frame_unit()
     if graphed_s is not None and eager_s - graphed_s >= MIN_GRAPH_SAVING_S:
-        best, best_s = ModeChoice("graphed", f"{name} graphed: launch-bound {eager_s * 1e3:.1f} → "
-                                  f"{graphed_s * 1e3:.1f} ms per frame"), graphed_s
+        best, best_s = ModeChoice("graphed", f"{name} graphed: launch-bound {_dur(eager_s)} → "
+                                  f"{_dur(graphed_s)} per {unit}"), graphed_s
     compiled_s = mode_s.get("compiled")
     if compiled_s is not None:
         saved_s = (eager_s - compiled_s) * frames  # over the session
         if compiled_s < best_s and saved_s > p.compile_s_per_block_class:
-            best = ModeChoice("compiled", f"{name} compiled: {eager_s * 1e3:.1f} → {compiled_s * 1e3:.1f} ms per "
-                              f"frame saves {saved_s:.0f} s over a {req.session_s:.0f} s session, compiling "
+            best = ModeChoice("compiled", f"{name} compiled: {_dur(eager_s)} → {_dur(compiled_s)} per {unit} "
+                              f"saves {saved_s:.0f} s over a {req.session_s:.0f} s session, compiling "
                               f"takes {p.compile_s_per_block_class:.0f} s once (cached on disk)")
         elif compiled_s < best_s:
             best = replace(best, note=best.note or (

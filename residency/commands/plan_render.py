@@ -200,11 +200,8 @@ def _video_fps(workload: Workload, latent_frame_ms: float) -> float:
 
 
 def frame_unit(workload: Workload) -> str:
-    """What one predicted "frame" is: a latent frame of a world model (a KV window of past frames), else an
-    image where the workload decodes one (a text-to-image pipeline's call), else one call of the model."""
-    if workload.context_frames > 0:
-        return "latent frame"
-    return "image" if any(ph.name == "decode" for ph in workload.phases) else "call"
+    """What one predicted "frame" is (Workload.frame_unit): latent frame, image or call."""
+    return workload.frame_unit()
 
 
 def verdict(plan: Plan, unit: str = "latent frame") -> str:

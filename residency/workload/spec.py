@@ -304,6 +304,13 @@ class Workload:
         """The phases that run once per session, in execution order."""
         return tuple(p for p in self.phases if p.per == "session")
 
+    def frame_unit(self) -> str:
+        """What one predicted "frame" is: a latent frame of a world model (a KV window of past frames), else an
+        image where the workload decodes one (a text-to-image pipeline's call), else one call of the model."""
+        if self.context_frames > 0:
+            return "latent frame"
+        return "image" if any(ph.name == "decode" for ph in self.phases) else "call"
+
     def count(self, p: PassSpec) -> int:
         """Runs of a pass per run of its phase."""
         return self.steps if p.per_step else 1
