@@ -68,3 +68,8 @@ def fmt_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.1f}{unit}"
     return f"{int(n)}"
+
+
+def plural(n: int, word: str) -> str:
+    """'1 block', '3 blocks': a count with its noun (an 's' added when n is not 1)."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

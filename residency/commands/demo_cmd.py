@@ -18,6 +18,7 @@ from residency.commands import arg_types, run_cmd
 from residency.commands.actions import parse_actions
 from residency.commands.console import command_name, make_console
 from residency.errors import ResidencyError
+from residency.units import plural
 
 DEMO_FPS = 15.0  # video frames per second the plan must hold
 VRAM_FRACTION = 0.75  # of the model's weight bytes at the compute dtype: too small to keep every block resident
@@ -55,7 +56,7 @@ def _plan_line(plan) -> str:
     placements = Counter(b.placement for b in plan.blocks)
     parts = ", ".join(f"{n} {kind}" for kind, n in placements.most_common())
     p = plan.prediction
-    return (f"plan ({plan.policy}, {plan.profile}): {parts} of {len(plan.blocks)} blocks within "
+    return (f"plan ({plan.policy}, {plan.profile}): {parts} of {plural(len(plan.blocks), 'block')} within "
             f"{plan.budget.vram_bytes / 2**20:.1f} MiB; predicted {p.frame_ms:.1f} ms per latent frame "
             f"({'holds' if plan.holds_budget else 'misses'} {plan.budget.frame_ms:.1f} ms)")
 

@@ -17,7 +17,7 @@ from residency.checkpoint.checkpoint import gc_paused
 from residency.commands.console import make_console
 from residency.commands.sources import load_inventory
 from residency.inventory import COMPARE_FORMATS, BlockInfo, Inventory
-from residency.units import fmt_bytes, fmt_count
+from residency.units import fmt_bytes, fmt_count, plural
 
 
 def add_parser(sub) -> None:
@@ -134,7 +134,7 @@ def to_json(inv: Inventory) -> dict:
 def _component_table(component: str, blocks: list[BlockInfo], sizes: dict[int, _Sizes], source: str) -> Table:
     own = [sizes[id(b)] for b in blocks]
     # Names come from the file: escaped, or a "[/x]" in one would be read as rich markup (and raise).
-    table = Table(title=f"{escape(component)}  ({len(blocks)} blocks)", title_justify="left", show_footer=True)
+    table = Table(title=f"{escape(component)}  ({plural(len(blocks), 'block')})", title_justify="left", show_footer=True)
     table.add_column("block", footer="total")
     table.add_column("tensors", justify="right", footer=str(sum(s.tensors for s in own)))
     table.add_column("params", justify="right", footer=fmt_count(sum(s.params for s in own)))
@@ -158,7 +158,7 @@ def _component_table(component: str, blocks: list[BlockInfo], sizes: dict[int, _
     if len(rows) > MAX_TABLE_ROWS:
         hidden = sum(r.count for r in rows[MAX_TABLE_ROWS:])
         table.add_row(
-            f"… {len(rows) - MAX_TABLE_ROWS} more rows ({hidden} blocks, in the totals below); "
+            f"… {len(rows) - MAX_TABLE_ROWS} more rows ({plural(hidden, 'block')}, in the totals below); "
             f"`residency inspect --json {escape(source)}` lists them all"
         )
     return table
@@ -173,7 +173,7 @@ def render(inv: Inventory, console: Console) -> None:
     largest = inv.largest_block()
     console.print(
         f"[bold]{escape(inv.source)}[/bold]: {fmt_count(sum(s.params for s in every))} params in "
-        f"{sum(s.tensors for s in every)} tensors, {len(inv.blocks)} blocks; stored "
+        f"{plural(sum(s.tensors for s in every), 'tensor')}, {plural(len(inv.blocks), 'block')}; stored "
         f"{fmt_bytes(sum(s.stored_bytes for s in every))}; "
         + ", ".join(f"{f} {fmt_bytes(_sum(every, f))}" for f in COMPARE_FORMATS)
     )

@@ -16,7 +16,7 @@ from rich.text import Text
 from policies.base import is_device_miss
 from residency.plan import Plan
 from residency.simulate import simulate
-from residency.units import fmt_bytes
+from residency.units import fmt_bytes, plural
 from residency.workload import Workload
 
 
@@ -136,7 +136,7 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile, model
     fps_budget = f", {budget.frame_ms:.1f} ms/{unit}" if budget.frame_ms else ""
     console.print(f"[bold]{escape(model_label or plan.model)}[/bold] on [bold]{escape(plan.profile)}[/bold] — "
                   f"policy {plan.policy}, "
-                  f"budget {fmt_bytes(budget.vram_bytes)}{fps_budget}, {workload.steps} steps, "
+                  f"budget {fmt_bytes(budget.vram_bytes)}{fps_budget}, {plural(workload.steps, 'step')}, "
                   f"{'/'.join(sorted({b.compute_dtype for b in plan.blocks}))} compute")
     for component in workload.components:
         blocks = [b for b in workload.blocks if b.component == component]
@@ -147,7 +147,7 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile, model
     console.print(_table("device memory at the peak", _MEMORY_COLUMNS, _memory_rows(plan), console.width))
     rate = _video_fps(workload, pred.frame_ms) if unit == "latent frame" else (
         1000.0 / pred.frame_ms if pred.frame_ms > 0 else float("inf"))
-    rate_text = f"{rate:.1f} video fps" if unit == "latent frame" else f"{rate:.2g} {unit}s/s"
+    rate_text = f"{rate:.1f} video fps" if unit == "latent frame" else f"{_plain(rate)} {unit}s/s"
     console.print(f"predicted: [bold]{pred.frame_ms:.2f} ms[/bold] per {unit} ({rate_text}); "
                   f"first {unit.split()[-1]} {pred.first_frame_ms:.1f} ms; stall {pred.stall_ms:.2f} ms; "
                   f"{fmt_bytes(pred.link_bytes_per_frame)} over the link per {unit.split()[-1]}"
@@ -199,6 +199,18 @@ def _video_fps(workload: Workload, latent_frame_ms: float) -> float:
     return 1000.0 * workload.video_frames_per_latent / latent_frame_ms if latent_frame_ms > 0 else float("inf")
 
 
+def _plain(x: float) -> str:
+    """A rate without scientific notation (1.2e+02 read badly): two significant digits, more for large ones."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
+def _rate(workload: Workload, frame_ms: float) -> str:
+    """The comparison's rate column: video fps of a world model, else images or calls per second."""
+    if workload.frame_unit() == "latent frame":
+        return f"{_video_fps(workload, frame_ms):.1f}"
+    return _plain(1000.0 / frame_ms) if frame_ms > 0 else "—"
+
+
 def frame_unit(workload: Workload) -> str:
     """What one predicted "frame" is (Workload.frame_unit): latent frame, image or call."""
     return workload.frame_unit()
@@ -235,6 +247,15 @@ _COMPARISON_COLUMNS = (("policy", "left"), ("ms/frame", "right"), ("video fps", 
                        ("link/frame", "right"), ("quality loss", "right"), ("verdict", "left"))
 
 
+def _comparison_columns(unit: str) -> tuple[tuple[str, str], ...]:
+    """The columns in the workload's unit: a latent frame's ms and video fps, else per image or call."""
+    if unit == "latent frame":
+        return _COMPARISON_COLUMNS
+    short = {"image": "img", "call": "call"}.get(unit, unit)
+    names = {"ms/frame": f"ms/{short}", "video fps": f"{short}s/s", "link/frame": f"link/{short}"}
+    return tuple((names.get(n, n), a) for n, a in _COMPARISON_COLUMNS)
+
+
 def _comparison_rows(plans: list[Plan], req) -> list[tuple[str, ...]]:
     """Per plan: policy, ms/frame, video fps, peak VRAM, link bytes/frame, quality loss, verdict word; a plan that
     does not fit shows a dash for its timings."""
@@ -245,7 +266,7 @@ def _comparison_rows(plans: list[Plan], req) -> list[tuple[str, ...]]:
         holds = fits and (plan.budget.frame_ms is None or p.frame_ms <= plan.budget.frame_ms)
         word = "[green]holds[/green]" if holds else ("[yellow]too slow[/yellow]" if fits else "[red]does not fit[/red]")
         rows.append((plan.policy, f"{p.frame_ms:.2f}" if fits else "—",
-                     f"{_video_fps(req.workload, p.frame_ms):.1f}" if fits else "—",
+                     _rate(req.workload, p.frame_ms) if fits else "—",
                      fmt_bytes(p.peak_total_bytes), fmt_bytes(p.link_bytes_per_frame) if fits else "—",
                      f"{p.quality_loss:.3f}", word))
     return rows
@@ -256,8 +277,8 @@ def render_comparison(console: Console, plans: list[Plan], req) -> None:
     any plan compiles or graphs blocks, each plan's execution modes. A peer runs the modes its documentation
     gives it; compile time (once per machine) is not in ms/frame, which is why ours may leave eager a class a
     peer compiles."""
-    console.print(_table("policies side by side (same simulator)", _COMPARISON_COLUMNS, _comparison_rows(plans, req),
-                         console.width))
+    console.print(_table("policies side by side (same simulator)", _comparison_columns(req.workload.frame_unit()),
+                         _comparison_rows(plans, req), console.width))
     modes = {plan.policy: exec_modes_summary(plan) for plan in plans}
     if set(modes.values()) != {"eager"}:  # say which plans compile or graph: ms/frame leaves compile time out
         console.print("execution modes (blocks per mode; compile time, paid once per machine, is not in ms/frame): "

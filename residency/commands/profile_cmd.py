@@ -23,7 +23,7 @@ from residency.commands.console import make_console
 from residency.device import DeviceProfile, default_device, measure_profile, profile_to_dict, save_profile
 from residency.device.measure import parse_device
 from residency.errors import ResidencyError
-from residency.units import fmt_bytes
+from residency.units import fmt_bytes, plural
 
 SUMMARY_LINK_SIZES_BYTES = (64 * 2**10, 2**20, 64 * 2**20)
 
@@ -99,7 +99,7 @@ def render(profile: DeviceProfile, console: Console) -> None:
             for i in sorted({0, len(curve.x) - 1}):
                 spread = _pct(curve.spread[i]) if curve.spread else ""
                 size = f", {dim}² weights" if dim and not label else f" ({dim}²)" if dim else ""
-                table.add_row(f"matmul {dtype} @ {int(curve.x[i])} rows{label}{size}", f"{curve.y[i]:.3g} TFLOP/s",
+                table.add_row(f"matmul {dtype} @ {plural(int(curve.x[i]), 'row')}{label}{size}", f"{curve.y[i]:.3g} TFLOP/s",
                               spread)
     for dtype, curve in profile.attention_tflops.items():
         for i in sorted({0, len(curve.x) - 1}):

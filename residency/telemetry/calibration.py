@@ -52,6 +52,7 @@ from residency.telemetry.recorder import (
     T_START,
     TelemetrySnapshot,
 )
+from residency.units import plural
 from residency.workload import Workload
 
 WARMUP_FRAMES = 2  # frames 1..2 are skipped: first-touch page faults, allocator growth, the ring filling
@@ -363,7 +364,7 @@ def _calibrated_profile(base: DeviceProfile, workload: Workload, comp_scale: dic
     """The base profile with what the fit found; `comp_scale` holds absolute scales (the base's compounded),
     kept beside the base's other keys when the base was calibrated on the same model."""
     day = date or datetime.date.today().isoformat()
-    source = f"calibrated from {frames} frames of {model} on {day}"
+    source = f"calibrated from {plural(frames, 'frame')} of {model} on {day}"
     changed: dict[str, object] = {}
     if copy_scale is not None:
         changed["link"] = {k: (_scaled_curve(c, copy_scale) if k in LINK_KEYS else c) for k, c in base.link.items()}
