@@ -131,3 +131,11 @@ def test_the_link_panel_says_why_a_busy_copy_engine_moved_no_bytes(snapshot):
     converted = dataclasses.replace(last, link_bytes=0, copy_busy_ms=5.0)  # the CPU's bf16 blocks, unpacked
     shown = text_of(dataclasses.replace(snapshot, frames=(*snapshot.frames[:-1], converted)))
     assert "0 B per frame over the link" in shown and "convert straight from host memory, nothing to copy" in shown
+
+
+def test_without_colour_each_part_and_memory_kind_has_its_own_glyph():
+    from residency.dashboard.panels import KIND_COLOURS, KIND_GLYPHS, PART_GLYPHS, PARTS
+
+    assert len({PART_GLYPHS[n] for n, _ in PARTS}) == len(PARTS)
+    assert set(KIND_GLYPHS) == set(KIND_COLOURS) and len(set(KIND_GLYPHS.values())) == len(KIND_GLYPHS)
+    assert "░" not in KIND_GLYPHS.values()  # the free part of the VRAM bar

@@ -23,6 +23,11 @@ BAR = "█"
 PARTS = (("copy", "blue"), ("dequant", "magenta"), ("compute", "green"))  # stacked in this order
 KIND_COLOURS = {"resident": "green", "resident_quantized": "cyan", "slots": "blue", "dequant_scratch": "magenta",
                 "kv_cache": "yellow", "activations": "bright_red", "workspace": "white"}
+# One glyph per part and per memory kind besides its colour: without colour (a file, CI, NO_COLOR) the bars
+# and their legends still tell the parts apart. Block elements only: one cell wide in every terminal.
+PART_GLYPHS = {"copy": "▓", "dequant": "▒", "compute": "█"}
+KIND_GLYPHS = {"resident": "█", "resident_quantized": "▓", "slots": "▒", "dequant_scratch": "▚", "kv_cache": "▞",
+               "activations": "▙", "workspace": "▛"}
 STEADY_SKIP = 2  # latent frames left out of medians: the first ones pay for warm-up
 RATIO_STEP = 1.25  # ratio cells: one level per 1.25× step, on a log scale centred on 1.0×
 RATIO_MID = 4  # the level of 1.0× (0.89..1.12×): mid-height; ▁ is ≤ 0.41×, █ ≥ 1.95×
@@ -95,7 +100,8 @@ def block_bars(snapshot: TelemetrySnapshot, width_cells: int = 30, max_rows: int
     """Per block of the latest frame: copy, dequant and compute ms as one stacked bar, then stalls.
 
     Plain Text lines, not a rich Table: a Table's layout passes cost ~10 ms a refresh on these CPUs."""
-    text = Text.assemble("ms per block, latest frame  ", *((f"{BAR} {n} ", c) for n, c in PARTS), ("stall", "red"))
+    text = Text.assemble("ms per block, latest frame  ", *((f"{PART_GLYPHS[n]} {n} ", c) for n, c in PARTS),
+                         ("stall", "red"))
     if not snapshot.frames:
         return text
     blocks = snapshot.frames[-1].blocks
@@ -106,7 +112,7 @@ def block_bars(snapshot: TelemetrySnapshot, width_cells: int = 30, max_rows: int
         cells = 0
         for part, colour in PARTS:
             n = int(round(getattr(b, f"{part}_ms") / scale * width_cells))
-            text.append(BAR * n, style=colour)
+            text.append(PART_GLYPHS[part] * n, style=colour)
             cells += n
         text.append(" " * max(0, width_cells - cells))
         text.append(f" {b.copy_ms + b.dequant_ms + b.compute_ms:6.2f}")
@@ -124,12 +130,13 @@ def vram_map(snapshot: TelemetrySnapshot, context: DashboardContext, width_cells
     scale = max(budget or 0, total) or 1
     bar = Text()
     for kind, nbytes in held:
-        bar.append(BAR * max(1, int(round(nbytes / scale * width_cells))), style=KIND_COLOURS.get(kind, "white"))
+        bar.append(KIND_GLYPHS.get(kind, BAR) * max(1, int(round(nbytes / scale * width_cells))),
+                   style=KIND_COLOURS.get(kind, "white"))
     bar.append("░" * max(0, width_cells - bar.cell_len), style="dim")
     against = f" of {fmt_bytes(budget)} budget" if budget else ""
     legend = Text()
     for kind, nbytes in held:
-        legend.append(f"{BAR} {kind} {fmt_bytes(nbytes)}  ", style=KIND_COLOURS.get(kind, "white"))
+        legend.append(f"{KIND_GLYPHS.get(kind, BAR)} {kind} {fmt_bytes(nbytes)}  ", style=KIND_COLOURS.get(kind, "white"))
     return Group(Text(f"VRAM {fmt_bytes(total)}{against}"), bar, legend)
 
 
