@@ -29,15 +29,32 @@ def at(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+# What each of our JSON documents has that the others do not: a file read as the wrong one is named for what it
+# is ("this is a Chrome trace"), not refused for its first field ("field 'traceEvents' is not known").
+_KINDS = (("traceEvents", "a Chrome trace (residency run --trace)"),
+          ("workload_fingerprint", "a plan (residency plan -o)"),
+          ("phases", "a workload (a catalog document, pipelines/catalog)"),
+          ("memory_total_bytes", "a device profile (residency profile -o)"))
+
+
+def document_kind(doc: Any) -> str | None:
+    """Which of residency's documents `doc` looks like, by a field only that kind has; None when none."""
+    if isinstance(doc, list) and doc and isinstance(doc[0], dict) and "ph" in doc[0]:
+        return "a Chrome trace (residency run --trace), in its JSON-array form"
+    if isinstance(doc, dict):
+        return next((kind for key, kind in _KINDS if key in doc), None)
+    return None
+
+
 class Reader:
     """Checks one document; `source` names it (a file path) and `hint` says how to get a good one."""
 
-    def __init__(self, source: str, hint: str, note: str = ""):
-        self.source, self.hint, self.note = source, hint, note
+    def __init__(self, source: str, hint: str, note: str = "", expects: str = "the document read here"):
+        self.source, self.hint, self.note, self.expects = source, hint, note, expects
 
     def within(self, note: str) -> Reader:
         """The same reader, its messages also saying which item they are in ("block 'dit.blocks.0'")."""
-        return Reader(self.source, self.hint, note)
+        return Reader(self.source, self.hint, note, self.expects)
 
     def fail(self, path: str, problem: str, hint: str | None = None) -> ResidencyError:
         """`problem` starts with "= value: …" when it is about a value, or states what is wrong."""
@@ -68,6 +85,9 @@ class Reader:
             allowed = tuple(known)
             for key in value:
                 if key not in allowed:
+                    kind = document_kind(value) if not path else None
+                    if kind is not None:
+                        raise ResidencyError(f"{self.source}: this is {kind}, not {self.expects}", hint=self.hint)
                     raise self.fail(at(path, key), "is not known", hint=f"known fields here: {', '.join(allowed)}")
         return value
 

@@ -130,3 +130,23 @@ def test_nothing_else_in_the_package_parses_json_text_itself():
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
                  if p not in allowed and re.search(r"\bjson\.loads?\(", p.read_text(encoding="utf-8"))]
     assert offenders == []
+
+
+def test_each_document_read_as_another_kind_is_named_for_what_it_is(tmp_path, capsys):
+    from residency.cli import main
+
+    plan = tmp_path / "p.json"
+    assert main(["plan", "tiny", "--profile", "rx-7800-xt", "-o", str(plan)]) == 0
+    trace = tmp_path / "t.json"
+    trace.write_text('{"traceEvents": []}')
+    profile = "profiles/rx-7800-xt.json"
+    cases = [(["plan", "tiny", "--profile", str(plan)], "this is a plan (residency plan -o), not a device profile"),
+             (["inspect", str(plan)], "this is a plan (residency plan -o), not a workload"),
+             (["dashboard", str(plan), "--once"], "this is a plan (residency plan -o), not a trace"),
+             (["plan", str(trace)], "this is a Chrome trace (residency run --trace), not a workload"),
+             (["run", "default", "--plan", profile, "-o", str(tmp_path / "x.gif")],
+              "this is a device profile (residency profile -o), not a plan")]
+    capsys.readouterr()
+    for argv, message in cases:
+        assert main(argv) != 0, argv
+        assert message in capsys.readouterr().err, argv

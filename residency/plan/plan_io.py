@@ -79,7 +79,7 @@ _PREDICTION_MS = ("frame_ms", "first_frame_ms", "stall_ms", "copy_ms", "compute_
 
 def plan_from_dict(doc: Any, source: str = "<plan>") -> Plan:
     """A Plan from a parsed plan document, every field checked as plan.schema.json describes it."""
-    r = Reader(source, _HINT)
+    r = Reader(source, _HINT, expects="a plan")
     r.obj(doc, "", _TOP_KNOWN)
     version = r.need(doc, "schema_version")
     if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:

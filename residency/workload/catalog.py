@@ -115,7 +115,7 @@ def _phase(r: Reader, doc: Any, path: str, known_blocks: frozenset[str]) -> Phas
 
 def workload_from_dict(doc: Any, source: str = "<catalog>") -> Workload:
     """A Workload from a parsed catalog document; every field checked, errors naming file and field."""
-    r = Reader(source, _HINT)
+    r = Reader(source, _HINT, expects="a workload (catalog document)")
     r.obj(doc, "", _TOP_KNOWN)
     version = r.need(doc, "schema_version")
     if isinstance(version, bool) or version != CATALOG_SCHEMA_VERSION:
