@@ -25,7 +25,7 @@ from residency.plan.plan_io import prediction_from_dict, prediction_to_dict
 from residency.telemetry import FrameRecord, Recorder, TelemetrySnapshot
 from residency.telemetry.chrome_trace import EXTRA_KEY, FRAME_TRACK, LOOP_TRACK, write_chrome_trace
 from residency.telemetry.events import EVENT_KINDS, LoopEvent
-from residency.userpath import MISSING, path_kind
+from residency.userpath import FILE, MISSING, path_kind
 from residency.validate import Reader, at, document_kind
 from residency.workload.catalog import MAX_VIDEO_FRAMES_PER_LATENT
 
@@ -48,6 +48,17 @@ _HINT = "give a trace written by `residency run --trace` or `residency demo`"
 _CONTEXT_KNOWN = tuple(f.name for f in dataclasses.fields(DashboardContext))
 
 
+def _starts_with(path: str | os.PathLike[str], prefix: bytes) -> bool:
+    """Whether a regular file begins with `prefix` (after white space); False for anything else."""
+    if path_kind(path)[0] != FILE:
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).lstrip().startswith(prefix)
+    except OSError:
+        return False
+
+
 def _load(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The trace as the object form: {"traceEvents": [...], "otherData": {...}}. Chrome's other form, a bare
     array of events (what some tools re-export a trace as), reads as that object with no otherData, so it
@@ -55,7 +66,8 @@ def _load(path: str | os.PathLike[str]) -> dict[str, Any]:
     its events traceEvents[i] all the same."""
     if path_kind(path)[0] == MISSING:
         raise ResidencyError(f"{path}: no such trace file", hint=_HINT)
-    doc = read_json(path, "the trace", _HINT + " (a JSON-array trace must end with its ']')", max_bytes=MAX_TRACE_BYTES)
+    doc = read_json(path, "the trace", _HINT + (" (a JSON-array trace must end with its ']')" if _starts_with(path, b"[")
+                                                 else ""), max_bytes=MAX_TRACE_BYTES)
     if isinstance(doc, list):
         doc = {"traceEvents": doc}
     if not isinstance(doc, dict) or not isinstance(doc.get("traceEvents"), list):
