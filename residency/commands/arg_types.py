@@ -69,6 +69,9 @@ def vram_size(text: str) -> int | str:
     if stripped.endswith("%"):
         number = stripped[:-1].strip()
         share = float(number) if _FLOAT_RE.fullmatch(number) else math.nan
+        if math.isnan(share):  # not a number at all ("50%%", "half%"): say that, not the range
+            raise argparse.ArgumentTypeError(f"cannot read the share {_show(text)}: a number, then one % "
+                                             "(hint: e.g. 50%, or a size such as 6GiB)")
         if not (math.isfinite(share) and 0 < share <= MAX_VRAM_PERCENT):
             raise argparse.ArgumentTypeError(f"a share of the weights must be above 0% and at most "
                                              f"{MAX_VRAM_PERCENT}%, got {_show(text)} (hint: e.g. 50%, or a size "
