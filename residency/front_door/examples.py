@@ -87,7 +87,20 @@ def derive(model: nn.Module, size: ExampleSize | None = None) -> Derived:
         f"{type(model).__name__}: residency cannot tell the shapes of its inputs from the model alone",
         hint="pass example_inputs=, the inputs of one call at the shapes you will run (a tensor, a tuple of "
              "positional inputs or a dict of keyword inputs), e.g. residency.attach(model, vram=…, "
-             "example_inputs=dict(hidden_states=x, timestep=t, …))")
+             f"example_inputs=dict({_forward_inputs(model)}))")
+
+
+def _forward_inputs(model: nn.Module) -> str:
+    """The model's own required forward inputs for the hint ("sample=…"), else a generic pair."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        params = []
+    names = [p.name for p in params if p.default is p.empty
+             and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return ", ".join(f"{n}=…" for n in names[:4]) if names else "x=…"
 
 
 def vae_decode_example(vae: nn.Module, size: ExampleSize, video: bool) -> Derived:
