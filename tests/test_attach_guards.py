@@ -426,7 +426,7 @@ def test_conversions_while_attached_are_refused_and_allowed_again_after_detach()
     assert model.to(torch.bfloat16)[0][0].weight.dtype == torch.bfloat16
 
 
-def test_attaching_an_attached_model_or_a_plan_beside_a_budget_is_refused_before_planning():
+def test_attaching_an_attached_model_is_refused_before_planning_and_a_budget_beside_a_plan_is_warned():
     from residency.errors import ResidencyError
 
     model, x = mlp_stack()
@@ -434,6 +434,8 @@ def test_attaching_an_attached_model_or_a_plan_beside_a_budget_is_refused_before
         with pytest.raises(ResidencyError, match="attached to a runtime already"):
             attach(model, x[:2])  # other shapes: refused for what it is, not for the call's shapes
         plan = rt.plan
-    with pytest.raises(ResidencyError, match=r"plan= runs as given.*vram= would be ignored"):
+    from residency.errors import PlanWarning
+
+    with pytest.warns(PlanWarning, match=r"plan= runs as given, with its own budget .*: vram= ignored"):
         residency.attach(model, plan=plan, vram="10%", profile=flat_profile(backend="cpu"), backend="cpu",
-                         example_inputs=x)
+                         example_inputs=x).detach()

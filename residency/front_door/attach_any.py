@@ -15,7 +15,7 @@ from torch import nn
 
 from policies import PlanRequest, fits_memory, get_policy
 from residency.device import DeviceProfile, machine_profile, resolve_profile
-from residency.errors import InferenceOnlyWarning, ResidencyError
+from residency.errors import InferenceOnlyWarning, PlanWarning, ResidencyError
 from residency.front_door.checks import backend_name, warn_missed_budget
 from residency.front_door.examples import derived_example, is_instance_of
 from residency.front_door.foreign_hooks import refuse_foreign_hooks, refuse_pipeline_hooks
@@ -82,10 +82,6 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     if has_hook(target):  # before planning: its counted forward would run through the other runtime
         raise ResidencyError(f"{type(target).__name__} is attached to a runtime already",
                              hint="detach() that runtime (or leave its `with` block) first")
-    if plan is not None and (vram is not None or fps is not None or frame_ms is not None):
-        given = ", ".join(f"{k}=" for k, v in (("vram", vram), ("fps", fps), ("frame_ms", frame_ms)) if v is not None)
-        raise ResidencyError(f"plan= runs as given: its budget is the plan's, and {given} would be ignored",
-                             hint="leave them out, or leave plan= out to plan for them")
     refuse_foreign_hooks(target, type(target).__name__)
     _warn_training_statistics(target)
     chosen_backend = backend_name(backend)
@@ -97,6 +93,8 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     # the model's own tensors (a ViT's class token) enclose its blocks: the planner keeps them resident
     replan = PinnedPlanner(get_policy(policy), PlanRequest(workload, prof, budget, compute_dtype=dtype))
     chosen = _given_plan(plan, workload) if plan is not None else _planned(replan, budget, prof)
+    if plan is not None:
+        _warn_budget_ignored(chosen, budget, vram=vram, fps=fps, frame_ms=frame_ms)
     if chosen.profile_fingerprint != prof.fingerprint():
         replan = None  # a plan made for another profile runs as given; recovery needs plans for one profile
     runtime = Runtime(chosen, chosen_backend, workload=workload, replan=replan,
@@ -208,6 +206,19 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
                                 else ""), hint=hint)
     warn_missed_budget(plan, stacklevel=4)
     return plan
+
+
+def _warn_budget_ignored(chosen: Plan, asked: Budget, **given: Any) -> None:
+    """plan= runs as given: a vram=/fps=/frame_ms= that asks for another budget than the plan's is said to be
+    ignored (it used to be, silently)."""
+    named = [k for k, v in given.items() if v is not None]
+    differs = (("vram" in named and asked.vram_bytes != chosen.budget.vram_bytes)
+               or (any(k in named for k in ("fps", "frame_ms")) and asked.frame_ms != chosen.budget.frame_ms))
+    if differs:
+        warnings.warn(f"plan= runs as given, with its own budget ({fmt_bytes(chosen.budget.vram_bytes)}"
+                      + (f", {chosen.budget.frame_ms:.1f} ms" if chosen.budget.frame_ms else "")
+                      + f"): {', '.join(f'{k}=' for k in named)} ignored; leave plan= out to plan for them",
+                      PlanWarning, stacklevel=3)
 
 
 def _given_plan(plan: Plan | str | os.PathLike[str], workload: Workload) -> Plan:
