@@ -439,3 +439,17 @@ def test_attaching_an_attached_model_is_refused_before_planning_and_a_budget_bes
     with pytest.warns(PlanWarning, match=r"plan= runs as given, with its own budget .*: vram= ignored"):
         residency.attach(model, plan=plan, vram="10%", profile=flat_profile(backend="cpu"), backend="cpu",
                          example_inputs=x).detach()
+
+
+def test_pickling_an_attached_model_is_refused_with_what_to_save_instead():
+    import io
+
+    from residency.errors import ResidencyError
+
+    model, x = mlp_stack()
+    with attach(model, x):
+        with pytest.raises(ResidencyError, match="pickling a model attached to residency") as err:
+            torch.save(model, io.BytesIO())
+        assert "state_dict()" in err.value.hint
+        torch.save(model.state_dict(), io.BytesIO())  # the original weights: fine while attached
+    torch.save(model, io.BytesIO())  # detached: as usual

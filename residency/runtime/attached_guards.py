@@ -41,7 +41,18 @@ def state_dict_hooks(model: nn.Module, originals: dict[str, tuple[tuple[torch.Te
     return handles
 
 
-class _ConversionGuard:
+class NotPickled:
+    """What residency hangs on an attached model refuses pickling (torch.save(model)) with what to do: pickled,
+    a block's tensors would be saved with a slot's bytes, and a local hook failed with an AttributeError."""
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise ResidencyError("pickling a model attached to residency (torch.save(model), copy.copy): its blocks' "
+                             "weights live in the runtime's memory while attached",
+                             hint="save model.state_dict() (the original weights, while attached too), or "
+                                  "detach() first")
+
+
+class _ConversionGuard(NotPickled):
     """An instance-level `_apply` on one module: .to(), .half(), .cuda(), .float() all go through it."""
 
     def __init__(self, module: nn.Module):
@@ -65,9 +76,14 @@ def conversion_guards(model: nn.Module) -> list[_ConversionGuard]:
     return [_ConversionGuard(m) for m in model.modules()]
 
 
-def _put_originals(own: dict[str, torch.Tensor]):
-    def hook(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
-        for name, data in own.items():
+class _PutOriginals(NotPickled):
+    """The state-dict hook of one module: its block tensors' original data in place of the live ones."""
+
+    def __init__(self, own: dict[str, torch.Tensor]):
+        self.own = own
+
+    def __call__(self, module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+        for name, data in self.own.items():
             key = prefix + name
             if key not in state:
                 continue
@@ -76,7 +92,9 @@ def _put_originals(own: dict[str, torch.Tensor]):
             state[key] = (nn.Parameter(data, requires_grad=value.requires_grad) if isinstance(value, nn.Parameter)
                           else data.detach())
 
-    return hook
+
+def _put_originals(own: dict[str, torch.Tensor]) -> _PutOriginals:
+    return _PutOriginals(own)
 
 
 def _refuse_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from residency.errors import ResidencyError
+from residency.runtime.attached_guards import NotPickled
 
 _ATTR = "_residency_hook"  # the module attribute holding its hook and the forward it replaced
 
 
-class ModelHook:
+class ModelHook(NotPickled):
     """Override what you need; pre_forward/post_forward run around every call of the module."""
 
     def init_hook(self, module: nn.Module) -> None:
