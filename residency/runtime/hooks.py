@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from residency.errors import ResidencyError
 from residency.runtime.attached_guards import NotPickled
 
 _ATTR = "_residency_hook"  # the module attribute holding its hook and the forward it replaced
@@ -36,15 +35,6 @@ class ModelHook(NotPickled):
     def detach_hook(self, module: nn.Module) -> None:
         """Called once after the hook was removed from `module`; default: nothing."""
         pass
-
-    def __deepcopy__(self, memo: dict) -> ModelHook:
-        """copy.deepcopy of a hooked model reaches its hooks: refuse it here, clearly. While attached, block
-        weights live in the runtime's memory (a streamed block's tensors are empty between calls), so a copy
-        would hold other bytes, and a copy's hooks would drive the original's runtime."""
-        raise ResidencyError("copy.deepcopy of a model attached to residency: its blocks' weights live in the "
-                             "runtime's memory while attached, not in the model",
-                             hint="copy it before attaching or after runtime.detach() (leaving the `with` block); "
-                                  "model.state_dict() gives the original weights while attached")
 
     def new_forward(self, module: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """The whole call, for a hook that must wrap it (a retry). A hook that keeps this default gets the
