@@ -6,6 +6,7 @@ said, not silently taken."""
 from __future__ import annotations
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -135,6 +136,15 @@ def test_a_time_budget_no_plan_holds_is_warned_and_a_model_in_training_mode_too(
             residency.attach(bn, vram="100%", profile=flat_profile(backend="cpu"), backend="cpu",
                              example_inputs=torch.randn(4, 64)):
         pass
+    dropout = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.Dropout(0.1)) for _ in range(3)])
+    with pytest.warns(InferenceOnlyWarning, match=r"training mode: 0.1 and 2 more dropouts drop activations"), \
+            residency.attach(dropout, vram="100%", profile=flat_profile(backend="cpu"), backend="cpu",
+                             example_inputs=torch.randn(4, 64)):
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InferenceOnlyWarning)
+        residency.attach(dropout.eval(), vram="100%", profile=flat_profile(backend="cpu"), backend="cpu",
+                         example_inputs=torch.randn(4, 64)).detach()
 
 
 def test_a_budget_too_small_names_what_the_smallest_plan_holds():

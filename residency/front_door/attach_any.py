@@ -135,8 +135,16 @@ def _warn_training_statistics(model: nn.Module) -> None:
     if tracking:
         warnings.warn(f"{type(model).__name__} is in training mode: the running statistics of {tracking[0]}"
                       f"{f' and {len(tracking) - 1} more batch norms' if len(tracking) > 1 else ''} would update "
-                      "in place, and a streamed block's buffers are not written back; call model.eval() before "
-                      "attaching (the runtime is for inference)", InferenceOnlyWarning, stacklevel=3)
+                      "in place with every call; call model.eval() before attaching (the runtime is for "
+                      "inference)", InferenceOnlyWarning, stacklevel=3)
+        return
+    dropping = [n for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)
+                and m.training and m.p > 0]
+    if dropping:
+        warnings.warn(f"{type(model).__name__} is in training mode: {dropping[0]}"
+                      f"{f' and {len(dropping) - 1} more dropouts' if len(dropping) > 1 else ''} drop activations "
+                      "at random, so no two calls give the same output; call model.eval() before attaching (the "
+                      "runtime is for inference)", InferenceOnlyWarning, stacklevel=3)
 
 
 def _profile(profile: str | os.PathLike[str] | DeviceProfile, backend: str) -> DeviceProfile:
