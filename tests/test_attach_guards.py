@@ -463,3 +463,34 @@ def test_pickling_an_attached_model_is_refused_with_what_to_save_instead():
         assert "state_dict()" in err.value.hint
         torch.save(model.state_dict(), io.BytesIO())  # the original weights: fine while attached
     torch.save(model, io.BytesIO())  # detached: as usual
+
+
+def test_a_plan_switch_with_blocks_packed_ahead_keeps_the_buffers_state():
+    import copy
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(*[Stateful() for _ in range(6)]).eval(), torch.randn(4, 64)
+    plain = copy.deepcopy(model)
+    with attach(model, x, vram=None) as rt, torch.inference_mode():
+        model(x), plain(x)
+        packed = replace(rt.plan, blocks=tuple(replace(bp, format="BF16") for bp in rt.plan.blocks))
+        ready = rt.prepack(packed)  # the closed loop packs ahead, then a call moves every state on
+        assert sorted(ready) == sorted((bp.name, "BF16") for bp in rt.plan.blocks)
+        model(x), plain(x)
+        rt.switch_plan(packed, ready=ready)
+        for mine, theirs in zip(model, plain, strict=True):  # BF16 storage rounds it, nothing more
+            torch.testing.assert_close(mine.state, theirs.state, atol=1e-2, rtol=1e-2)
+
+
+def test_a_buffer_made_under_inference_mode_attaches_and_runs():
+    import copy
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(*[Stateful() for _ in range(6)]).eval(), torch.randn(4, 64)
+    with torch.inference_mode():
+        model[3].state = torch.zeros(64)  # an inference tensor: it keeps no version counter
+        expected = copy.deepcopy(model)(x)
+    with attach(model, x) as rt, torch.inference_mode():
+        assert rt.plan.streamed()
+        assert torch.equal(model(x), expected)

@@ -39,6 +39,16 @@ class _PendingCall:
     versions: tuple[int, ...] = ()  # version counters of a volatile block's buffers when its call began
 
 
+def version_of(t: torch.Tensor) -> int:
+    """A tensor's version counter (bumped by every in-place op on it), or -1 for an inference tensor, which
+    keeps none (a buffer made under torch.inference_mode: its in-place writes are not tracked). Such a
+    tensor can also stop saying it is one once its .data is swapped, hence the try (~0.1 µs when it succeeds)."""
+    try:
+        return t._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return -1
+
+
 class Executor:
     """Runs one attach's block calls: before(name) makes the block's weights computable, after(name) records
     the call and refills the slot it released."""
@@ -210,7 +220,7 @@ class Executor:
         pending.streamed = bp.placement == "streamed"
         pending.volatile = binding if (pending.streamed or bp.lifetime == "phase" or binding.unpacks) else None
         buffers = self.buffer_index[name] if pending.volatile is not None else ()
-        pending.versions = tuple(self.tensors[name][i]._version for i in buffers) if buffers else ()
+        pending.versions = tuple(version_of(self.tensors[name][i]) for i in buffers) if buffers else ()
 
     def unaliased(self, output: Any) -> Any:
         """`output` of the call in progress, with any tensor that is a view of the block's own weights (a
@@ -252,7 +262,7 @@ class Executor:
         (host blob, the model's tensor), and a slot loaded with the block's old bytes is loaded again at its
         call. Rare (a stateful block), so its cost (a drain, a pack) is paid only when it happens."""
         ts = self.tensors[name]
-        changed = [i for i, v in zip(self.buffer_index[name], call.versions, strict=True) if ts[i]._version != v]
+        changed = [i for i, v in zip(self.buffer_index[name], call.versions, strict=True) if version_of(ts[i]) != v]
         if not changed or self.keep_write is None:
             return
         self.backend.drain()  # no copy may be reading the blob while it is rewritten

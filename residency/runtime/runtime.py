@@ -29,7 +29,7 @@ from residency.runtime.backends import get_backend
 from residency.runtime.block_calls import BlockCalls, BlockHook, GroupHook
 from residency.runtime.closed_loop import ClosedLoop, LoopOptions
 from residency.runtime.device_memory import DeviceMemory
-from residency.runtime.executor import Executor
+from residency.runtime.executor import Executor, version_of
 from residency.runtime.graphed import BlockForwards, block_forwards, check_block_modes
 from residency.runtime.hooks import ModelHook, add_hook, check_removable, has_hook, remove_hook
 from residency.runtime.host_store import BlockBlob, HostStore, pack_block
@@ -57,6 +57,19 @@ class _RetryHook(ModelHook):
         if rt.call_check is not None:
             rt.call_check(args, kwargs)
         return rt._unit(rt._model_call, (forward, args, kwargs), {})
+
+
+def _refresh_buffers(ready: dict[tuple[str, str], BlockBlob],
+                     originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> None:
+    """Blobs packed ahead of a switch (prepack, on another thread) hold the buffers as they were then: a block
+    that updates one in place (a running state) has moved on since. Its buffers are packed again from the
+    model's tensors as the detach left them. Cost: the buffers only (weights do not change while attached)."""
+    for (name, _fmt), blob in ready.items():
+        for i, (t, data) in enumerate(originals.get(name, ())):
+            if isinstance(t, nn.Parameter):
+                continue
+            entry = blob.layout.entries[i]
+            blob.data[entry.offset:entry.offset + entry.nbytes].copy_(get_format(entry.format).pack(data))
 
 
 class Runtime:
@@ -190,8 +203,12 @@ class Runtime:
         device_in_ram = 0
         if on_cpu:
             device_in_ram = plan.prediction.peak_total_bytes if plan.prediction else self.ledger.budget_bytes
-        self.store.build(self._blob_requests(plan, found, tensors), extra_host_bytes=device_in_ram, ready=ready,
-                         host_budget_bytes=self.host_budget_bytes)
+        try:  # a failed attach leaves nothing cached: a later edit of the weights must be packed again
+            self.store.build(self._blob_requests(plan, found, tensors), extra_host_bytes=device_in_ram,
+                             ready=ready, host_budget_bytes=self.host_budget_bytes)
+        except BaseException:
+            self.store.release()
+            raise
         self.backend.start()
         memory = None
         originals = {name: tuple((t, t.data) for t in ts) for name, ts in tensors.items()}
@@ -199,6 +216,8 @@ class Runtime:
             memory = DeviceMemory(self.backend, self.ledger, self.workload, plan, self.store.blobs)
             executor = Executor(plan, CallSchedule(self.workload, plan), memory, self.backend, self.ledger,
                                 self.recorder, tensors)
+            versions = {name: tuple(version_of(ts[i]) for i in executor.buffer_index[name])
+                        for name, ts in tensors.items()}
         except BaseException:
             for pairs in originals.values():
                 for t, data in pairs:
@@ -206,11 +225,11 @@ class Runtime:
             if memory is not None:
                 memory.release()
             self.backend.stop()
+            self.store.release()
             raise
         self._originals, self._memory, self._executor = originals, memory, executor
         executor.keep_write = self._keep_buffer_write
-        self._buffer_versions = {name: tuple(ts[i]._version for i in executor.buffer_index[name])
-                                 for name, ts in tensors.items()}
+        self._buffer_versions = versions
         self.plan, self.pipeline, self._hooked = plan, pipeline, hooked
         self._swaps = swaps_weights(plan)  # per attached plan: a recovery or switch attaches again
         if not on_cpu:
@@ -275,7 +294,7 @@ class Runtime:
                 continue
             for i, v in zip(ex.buffer_index[name], self._buffer_versions.get(name, ()), strict=True):
                 t, original = self._originals[name][i]
-                if t._version != v:
+                if version_of(t) != v:
                     original.copy_(t.detach().to(original.device, original.dtype))
 
     def _forget_stores(self) -> None:
@@ -521,8 +540,10 @@ class Runtime:
         plan.check_matches(self.workload, f"workload {self.workload.name!r}")
         if profile is not None:
             _check_profile(plan, profile)
-        pipeline, old = self.pipeline, self.plan
-        self._detach_blocks()
+        pipeline, old, originals = self.pipeline, self.plan, self._originals
+        self._detach_blocks()  # writes the blocks' updated buffers into the originals
+        if ready:
+            _refresh_buffers(ready, originals)
         try:
             with torch.inference_mode(False):
                 self._attach(pipeline, plan, ready)
