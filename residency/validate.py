@@ -86,7 +86,7 @@ class Reader:
             for key in value:
                 if key not in allowed:
                     kind = document_kind(value) if not path else None
-                    if kind is not None:
+                    if kind is not None and kind.split(" (")[0] != self.expects.split(" (")[0]:
                         raise ResidencyError(f"{self.source}: this is {kind}, not {self.expects}", hint=self.hint)
                     raise self.fail(at(path, key), "is not known", hint=f"known fields here: {', '.join(allowed)}")
         return value

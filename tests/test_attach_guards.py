@@ -428,10 +428,11 @@ def test_conversions_while_attached_are_refused_and_allowed_again_after_detach()
     model, x = mlp_stack()
     with attach(model, x) as rt, torch.inference_mode():
         expected = model(x)
-        for convert in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m[1].float()):
+        for convert in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m[1].double()):
             with pytest.raises(ResidencyError, match=r"\.to\(\)/\.half\(\)/\.cuda\(\) while a runtime is attached"):
                 convert(model)
         assert torch.equal(model(x), expected) and rt.plan.streamed()  # nothing was converted
+        assert model.to("cpu") is model and model.float() is model  # a conversion that changes nothing is fine
     assert not any("_apply" in m.__dict__ for m in model.modules())
     assert model.to(torch.bfloat16)[0][0].weight.dtype == torch.bfloat16
 
@@ -457,7 +458,11 @@ def test_pickling_an_attached_model_is_refused_with_what_to_save_instead():
     from residency.errors import ResidencyError
 
     model, x = mlp_stack()
+    model[2].register_forward_pre_hook(print)  # one block through torch's hook path: its hooks are ours too
     with attach(model, x):
+        for target in (model, model[2]):
+            with pytest.raises(ResidencyError, match="pickling a model attached to residency"):
+                torch.save(target, io.BytesIO())
         with pytest.raises(ResidencyError, match="pickling a model attached to residency") as err:
             torch.save(model, io.BytesIO())
         assert "state_dict()" in err.value.hint

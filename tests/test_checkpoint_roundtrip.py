@@ -238,3 +238,13 @@ def test_a_directory_missing_some_shards_is_refused_naming_them(tmp_path, index)
         save_checkpoint(tmp_path / "model-00003-of-00003.safetensors", {"c": torch.zeros(4, 4)})
     with open_checkpoint(tmp_path) as ck:
         assert sorted(ck.entries) == ["a", "b", "c"]
+
+
+def test_an_index_of_other_files_does_not_make_shards_missing(tmp_path):
+    import json
+
+    save_checkpoint(tmp_path / "model.safetensors", {"a": torch.zeros(4, 4)})
+    weight_map = {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with open_checkpoint(tmp_path) as ck:  # a safetensors-only download of a repository that ships both
+        assert sorted(ck.entries) == ["a"]

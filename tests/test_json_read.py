@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -150,3 +151,17 @@ def test_each_document_read_as_another_kind_is_named_for_what_it_is(tmp_path, ca
     for argv, message in cases:
         assert main(argv) != 0, argv
         assert message in capsys.readouterr().err, argv
+
+
+def test_an_unknown_field_of_a_plan_is_named_not_mistaken_for_another_kind(tmp_path, capsys):
+    from residency.cli import main
+    from residency.errors import ResidencyError
+    from residency.plan import load_plan
+
+    plan = tmp_path / "p.json"
+    assert main(["plan", "tiny", "--profile", "rx-7800-xt", "-o", str(plan)]) == 0
+    doc = json.loads(plan.read_text())
+    doc["made_by"] = "me"
+    plan.write_text(json.dumps(doc))
+    with pytest.raises(ResidencyError, match="field 'made_by' is not known"):
+        load_plan(plan)

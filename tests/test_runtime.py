@@ -276,3 +276,22 @@ def test_loads_already_in_the_compute_dtype_are_one_whole_copy_with_no_device_st
         assert all(not recipes[f"load {bp.name}"].unpacks for bp in mixed.blocks if bp not in unpacked)
     finally:
         rt.detach()
+
+
+def test_a_failed_attach_leaves_no_blob_cached(workload, image):
+    from dataclasses import replace
+
+    from residency.runtime import host_store
+
+    clear_host_cache()
+    pipe = WorldModelPipeline.from_config("tiny")
+    tight = replace(tiny_plan(workload, "streamed"), budget=Budget(1000))
+    with pytest.raises(DeviceBudgetExceeded):
+        Runtime(tight, "cpu", workload=workload).attach(pipe)
+    assert sum(len(v) for v in host_store._CACHE.values()) == 0
+    with torch.no_grad():  # an edit no version counter sees: the next attach must pack it
+        pipe.dit.final.proj.weight.data.mul_(0.5)
+    expected = run_plain(pipe, image)
+    got, _ = run_attached(pipe, image, workload, tiny_plan(workload, "streamed"))
+    for a, b in zip(got, expected, strict=True):
+        assert np.array_equal(a, b)

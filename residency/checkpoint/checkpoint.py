@@ -174,11 +174,15 @@ def _check_shards_complete(directory: Path, files: list[Path]) -> None:
         if m and 0 < int(m["n"]) <= 100_000:
             width, ext = len(m["i"]), f.suffix
             expected |= {f"{m['stem']}-{k:0{width}d}-of-{m['n']}{ext}" for k in range(1, int(m["n"]) + 1)}
-    for index in sorted(directory.glob("*.index.json")):
+    # only the indexes of the files read here: a repository shipping .bin shards beside .safetensors ones has a
+    # pytorch_model.bin.index.json naming shards a safetensors-only download rightly leaves out
+    for index in sorted(p for p in directory.iterdir() if p.name.lower().endswith((".safetensors.index.json",
+                                                                                    ".gguf.index.json"))):
         doc = read_json(index, "a shard index", "remove it, or download it again")
         weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
         if isinstance(weight_map, dict):
-            expected |= {v for v in weight_map.values() if isinstance(v, str) and "/" not in v}
+            expected |= {v for v in weight_map.values() if isinstance(v, str) and "/" not in v
+                         and v.lower().endswith((".safetensors", ".gguf"))}
     missing = sorted(expected - present)
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")

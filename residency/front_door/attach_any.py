@@ -135,8 +135,10 @@ def _warn_training_statistics(model: nn.Module) -> None:
     if tracking:
         warnings.warn(f"{type(model).__name__} is in training mode: the running statistics of {tracking[0]}"
                       f"{f' and {len(tracking) - 1} more batch norms' if len(tracking) > 1 else ''} would update "
-                      "in place with every call; call model.eval() before attaching (the runtime is for "
-                      "inference)", InferenceOnlyWarning, stacklevel=3)
+                      "in place with every call, and the runtime does not keep them (batch norm writes them "
+                      "without bumping their version counters, which is how it sees a block's own writes); call "
+                      "model.eval() before attaching (the runtime is for inference)", InferenceOnlyWarning,
+                      stacklevel=3)
         return
     dropping = [n for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)
                 and m.training and m.p > 0]

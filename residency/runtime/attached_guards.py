@@ -68,7 +68,12 @@ class _ConversionGuard(NotPickled):
         self.module = module
         module._apply = self  # an instance attribute: found before nn.Module._apply
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        # a conversion that changes nothing (model.to(device) said again out of habit) is allowed: fn returns the
+        # tensor itself for every tensor of the module then
+        tensors = [t for t in (*self.module.parameters(), *self.module.buffers())]
+        if all(fn(t) is t for t in tensors):
+            return self.module
         raise ResidencyError(f"{type(self.module).__name__}.to()/.half()/.cuda() while a runtime is attached: its "
                              "blocks' weights live in the runtime's memory in the plan's dtype and device, and a "
                              "conversion would reach only some of them (calls then fail on mixed dtypes)",

@@ -60,11 +60,8 @@ def add_hook(module: nn.Module, hook: ModelHook) -> None:
     hook.init_hook(module)
     plain = type(hook).new_forward is ModelHook.new_forward
     if plain and (module._forward_pre_hooks or module._forward_hooks):
-        # opaque to torch.compile, as the wrapper below is: dynamo must not trace into the runtime
-        pre = torch.compiler.disable(lambda m, args, kwargs: hook.pre_forward(m, args, kwargs))
-        post = torch.compiler.disable(lambda m, args, output: hook.post_forward(m, output))
-        handles = (module.register_forward_pre_hook(pre, prepend=True, with_kwargs=True),
-                   module.register_forward_hook(post))
+        handles = (module.register_forward_pre_hook(_TorchPreHook(hook), prepend=True, with_kwargs=True),
+                   module.register_forward_hook(_TorchPostHook(hook)))
         setattr(module, _ATTR, (hook, None, None, handles))
         return
     had_own = "forward" in module.__dict__  # someone else's instance-level forward: restored as it was
@@ -92,6 +89,35 @@ def add_hook(module: nn.Module, hook: ModelHook) -> None:
 
     module.forward = forward
     setattr(module, _ATTR, (hook, forward, inner if had_own else None, ()))
+
+
+class _TorchPreHook(NotPickled):
+    """Our pre_forward as a torch forward pre-hook (see add_hook): a class, so that pickling the model says why
+    it is refused; opaque to torch.compile, as the forward wrapper is (dynamo must not trace the runtime)."""
+
+    def __init__(self, hook: ModelHook):
+        self.hook = hook
+        self.eager = torch.compiler.disable(self.run)
+
+    def run(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.hook.pre_forward(module, args, kwargs)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        return (self.eager if torch.compiler.is_compiling() else self.run)(module, args, kwargs)
+
+
+class _TorchPostHook(NotPickled):
+    """Our post_forward as a torch forward hook; what it returns (unless None) replaces the output."""
+
+    def __init__(self, hook: ModelHook):
+        self.hook = hook
+        self.eager = torch.compiler.disable(self.run)
+
+    def run(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        return self.hook.post_forward(module, output)
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        return (self.eager if torch.compiler.is_compiling() else self.run)(module, args, output)
 
 
 def check_removable(module: nn.Module) -> None:
