@@ -136,8 +136,8 @@ def module_workload(model: nn.Module, example_inputs: Example, *, name: str, com
     specs, passes, calls, unowned = _schedule(model, blocks, trace, name, component or name, group_siblings,
                                               main if keep else None)
     # a block of modules that share weights (a tied embedding and lm_head) is called once per module: expected
-    modules = {s.name: len(s.modules) for s in specs}
-    _warn(name, unowned, {n: c for n, c in calls.items() if c > max(1, modules.get(n, 1))})
+    tied = {s.name: _tied_modules(model, s.modules) for s in specs if calls.get(s.name, 0) > 1}
+    _warn(name, unowned, {n: c for n, c in calls.items() if c > max(1, tied.get(n, 1))})
     extra = {"counted_on": counted_on, "repeated_from": blocks.repeated_from, "compute_dtype": compute_dtype,
              "example": _shapes(args, kwargs), "module_class": type(model).__name__}
     own = [d for b in specs for _, d in b.own_dtypes]
@@ -240,6 +240,18 @@ def _shapes(args: tuple, kwargs: Mapping[str, Any]) -> dict[str, list[int]]:
     out = {f"arg{i}": list(a.shape) for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
     out.update({k: list(v.shape) for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
     return out
+
+
+def _tied_modules(model: nn.Module, paths: tuple[str, ...]) -> int:
+    """How many of a block's modules share a weight with another of them (2 for a tied embedding and head;
+    0 for siblings grouped into one block, which share none)."""
+    owned = []
+    for path in paths:
+        try:
+            owned.append({id(p) for p in model.get_submodule(path).parameters()})
+        except AttributeError:  # the loose block names parents, not modules
+            owned.append(set())
+    return sum(1 for i, ids in enumerate(owned) if any(ids & other for j, other in enumerate(owned) if j != i))
 
 
 def _meta_trace(model: nn.Module, units: list[tuple[str, ...]], args: tuple, kwargs: dict[str, Any],
