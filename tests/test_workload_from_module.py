@@ -191,6 +191,27 @@ def test_a_data_dependent_op_falls_back_to_one_counted_real_forward():
     assert scheduled_order(r.workload) == hooked_order(model, r.workload, EXAMPLE)
 
 
+class Counting(Stack):
+    """A forward that reads a counter with .item() (the meta device cannot) and updates buffers in place."""
+
+    def __init__(self) -> None:
+        super().__init__(checks=True)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.pos.mul_(1.0 + 0.1 * self.calls.item())
+        return super().forward(x)
+
+
+def test_a_real_counting_forward_leaves_the_models_buffers_as_they_were():
+    model = Counting()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = build(model)
+    assert r.counted_on == "real"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # attach alone changes nothing
+
+
 def test_a_model_without_weights_that_fails_on_meta_is_counted_on_a_narrow_instance():
     with init_empty_weights():
         wide = Stack(d=256, checks=True)

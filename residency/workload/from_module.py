@@ -306,8 +306,16 @@ def _fallback_trace(model: nn.Module, blocks: ModuleBlocks, args: tuple, kwargs:
     if _has_weights(model):
         rargs, rkwargs = _real_inputs(model, args, kwargs)
         weights = list(chain(model.named_parameters(), model.named_buffers()))
-        # one real forward at the example's shape: its cost is the model's own (seconds for a large model)
-        return trace_forward(model, units, lambda: model(*rargs, **rkwargs), weights, batch), "real"
+        # one real forward at the example's shape: its cost is the model's own (seconds for a large model). A
+        # forward that updates its buffers (a cache, a position counter) must leave no trace: attach alone
+        # would have changed the model. Buffers are small; parameters are not written by a forward.
+        held = [(b, b.clone()) for _, b in model.named_buffers() if b is not None]
+        try:
+            return trace_forward(model, units, lambda: model(*rargs, **rkwargs), weights, batch), "real"
+        finally:
+            with torch.no_grad():
+                for b, saved in held:
+                    b.copy_(saved)
     if narrow is None:
         raise ResidencyError(f"{name}: counting on the meta device failed ({meta_error}) and the model has no "
                              "weights to run", hint="pass narrow=, a factory of the same model with fewer "
