@@ -208,6 +208,25 @@ def test_a_causal_lm_generates_under_its_plan_as_the_plain_model_does():
             model(torch.cat([ids, ids], dim=1))  # a longer prompt than planned
 
 
+def test_an_encoder_decoder_generates_greedy_and_beam_under_a_plan_for_the_largest_call():
+    """T5's generate() passes encoder_outputs, an input the example lacks: its width is the model's, its other
+    dimensions no longer than the example's. The example is the largest call: batch × beams, the longest output."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=128, d_model=64, d_ff=128, num_layers=3, num_heads=4,
+                                                d_kv=16, decoder_start_token_id=0, pad_token_id=0)).eval()
+    ids = torch.randint(3, 128, (2, 7))
+    options = dict(max_new_tokens=6, do_sample=False)
+    with torch.inference_mode():
+        greedy, beam = model.generate(ids, **options), model.generate(ids, num_beams=2, **options)
+    example = dict(input_ids=torch.randint(3, 128, (4, 7)), decoder_input_ids=torch.zeros(4, 8, dtype=torch.long))
+    with attach(model, example, vram="50%") as rt, torch.inference_mode():
+        assert rt.plan.streamed()
+        assert torch.equal(model.generate(ids, **options), greedy)
+        assert torch.equal(model.generate(ids, num_beams=2, **options), beam)
+
+
 def test_a_plain_module_without_example_inputs_is_refused():
     model, _ = build("plain")
     with pytest.raises(ResidencyError, match="Stack: residency cannot tell the shapes") as e:

@@ -2,14 +2,13 @@
 
 Its activations, scratch and per-call cost were sized for those shapes; a larger input would overrun the
 budget the ledger holds. A call no larger than the example runs under it (a generate() loop: the prompt, then
-one token a step, with the extra inputs it adds — positions, a mask — each no larger than the example's
-largest tensor); the prediction is then the example's, an upper bound.
+one token a step, with the extra inputs it adds — positions, a mask, an encoder's outputs — no longer in any
+dimension but their width than the example's longest); the prediction is then the example's, an upper bound.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -76,14 +75,15 @@ class ShapeGuard:
 
 
 def _within(got: Signature, planned: Signature) -> bool:
-    """Every tensor of an input the example has is no larger in any dimension (same rank, same count); every
-    tensor of an input it lacks holds no more elements than the example's largest."""
+    """Every tensor of an input the example has is no larger in any dimension (same rank, same count). An input
+    it lacks (an encoder-decoder's generate() passes encoder_outputs, batch × source tokens × width) has every
+    dimension but its last (the width, which the model fixes) no larger than the example's largest dimension."""
     plan = dict(planned)
-    largest = max((math.prod(s) for shapes in plan.values() for s in shapes), default=0)
+    largest = max((d for shapes in plan.values() for s in shapes for d in s), default=0)
     for name, shapes in got:
         mine = plan.get(name)
         if mine is None:
-            if any(math.prod(s) > largest for s in shapes):
+            if any(d > largest for s in shapes for d in s[:-1]):
                 return False
             continue
         if len(shapes) != len(mine):
