@@ -499,3 +499,26 @@ def test_a_buffer_made_under_inference_mode_attaches_and_runs():
     with attach(model, x) as rt, torch.inference_mode():
         assert rt.plan.streamed()
         assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("vram", [None, "30%"])
+def test_a_buffer_read_or_reset_from_outside_between_calls_is_the_blocks_own_state(vram):
+    import copy
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(*[Stateful() for _ in range(6)]).eval(), torch.randn(4, 64)
+    plain = copy.deepcopy(model)
+    with attach(model, x, vram=vram) as rt, torch.inference_mode():
+        assert bool(rt.plan.streamed()) == (vram is not None)
+        for _ in range(2):
+            assert torch.equal(model(x), plain(x))
+        for mine, theirs in zip(model, plain, strict=True):  # read between calls: the state, not a slot
+            assert torch.equal(mine.state, theirs.state)
+        for layer in (*model, *plain):
+            layer.state.zero_()  # a reset between sequences, as users do with a cache
+        model[2].state.fill_(0.5)
+        plain[2].state.fill_(0.5)
+        for _ in range(2):
+            assert torch.equal(model(x), plain(x))
+    for mine, theirs in zip(model.buffers(), plain.buffers(), strict=True):
+        assert torch.equal(mine, theirs)

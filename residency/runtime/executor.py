@@ -54,7 +54,8 @@ class Executor:
     the call and refills the slot it released."""
 
     def __init__(self, plan: Plan, schedule: CallSchedule, memory: DeviceMemory, backend: Backend,
-                 ledger: Ledger, recorder: Recorder, tensors: dict[str, tuple[torch.Tensor, ...]]):
+                 ledger: Ledger, recorder: Recorder, tensors: dict[str, tuple[torch.Tensor, ...]],
+                 homes: dict[str, tuple[torch.Tensor, ...]] | None = None):
         self.plan, self.schedule, self.memory, self.backend = plan, schedule, memory, backend
         self.ledger, self.recorder, self.tensors = ledger, recorder, tensors
         self.index = {bp.name: i for i, bp in enumerate(plan.blocks)}
@@ -65,6 +66,12 @@ class Executor:
         # (block, tensor position, bound tensor, binding): the runtime keeps a buffer's write in the host blob
         # and the model's own tensor; set by the runtime
         self.keep_write: Callable[[str, int, torch.Tensor, Binding], None] | None = None
+        # Between calls a block whose memory is reused (streamed, phase, packed) has its buffers parked on their
+        # own storage (`homes`: the model's tensors as attach found them): read or reset from outside (a cache
+        # zeroed between sequences) they are the block's state, not a slot another block's weights fill. The
+        # versions they were parked at tell a write from outside, which the next call copies in.
+        self.homes = homes or {}
+        self.parked: dict[str, tuple[int, ...]] = {}
         self.sync = plan.execution.copy_mode == "sync"
         self.nslots = memory.slot_count
         self.bound: dict[str, Binding] = {}
@@ -97,6 +104,10 @@ class Executor:
                 self._bind(bp.name, self.slot_binding[(bp.name, 0)])
             else:
                 self._bind(bp.name, self.phase_binding[(self.first_phase[bp.name], bp.name)])
+        for bp in plan.blocks:
+            if bp.placement == "streamed" or bp.lifetime == "phase" or (
+                    bp.name in self.session_binding and self.session_binding[bp.name].unpacks):
+                self._park(bp.name)
         # --- the cursor and the ring ---
         self.position = 0  # expected position in the call stream
         self.streamed_before = 0  # streamed calls before `position` (the ring's ordinal of the next one)
@@ -221,6 +232,37 @@ class Executor:
         pending.volatile = binding if (pending.streamed or bp.lifetime == "phase" or binding.unpacks) else None
         buffers = self.buffer_index[name] if pending.volatile is not None else ()
         pending.versions = tuple(version_of(self.tensors[name][i]) for i in buffers) if buffers else ()
+        if buffers and pending.versions != self.parked.get(name, pending.versions):
+            self._take_outside_writes(name, binding)
+
+    def _park(self, name: str) -> None:
+        """Point the block's buffers at their own storage until its next call (see homes)."""
+        home = self.homes.get(name)
+        idx = self.buffer_index[name]
+        if home is None or not idx:
+            return
+        ts = self.tensors[name]
+        for i in idx:
+            ts[i].data = home[i]
+        self.bound.pop(name, None)  # the next call binds every tensor again
+        self.parked[name] = tuple(version_of(ts[i]) for i in idx)
+
+    def _take_outside_writes(self, name: str, binding: Binding) -> None:
+        """Buffers written from outside while parked (their own storage holds the new values): into this call's
+        memory, and through keep_write into the host blob for later loads. Rare: a drain and a pack."""
+        ts, home = self.tensors[name], self.homes[name]
+        changed = [i for i, v in zip(self.buffer_index[name], self.parked[name], strict=True)
+                   if version_of(ts[i]) != v]
+        if not changed:
+            return
+        self.backend.drain()
+        for i in changed:
+            binding.views[i].copy_(home[i].to(binding.views[i].device, binding.views[i].dtype))
+            if self.keep_write is not None:
+                self.keep_write(name, i, binding.views[i], binding)
+        for s in range(self.nslots):
+            if self.slot_block[s] == name and self.slot_tag[s] != self.streamed_before:
+                self.slot_tag[s] = -1
 
     def unaliased(self, output: Any) -> Any:
         """`output` of the call in progress, with any tensor that is a view of the block's own weights (a
@@ -245,6 +287,7 @@ class Executor:
         call = self._pending
         if call.versions:
             self._keep_buffer_writes(name, call)
+            self._park(name)
         self.recorder.record(self.schedule.frame_of(self.position), call.block, call.t_start, call.t_ready,
                              call.t_dequant, t_end, call.copy, call.nbytes)
         if call.streamed and not self.sync:

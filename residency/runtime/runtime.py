@@ -215,7 +215,8 @@ class Runtime:
         try:
             memory = DeviceMemory(self.backend, self.ledger, self.workload, plan, self.store.blobs)
             executor = Executor(plan, CallSchedule(self.workload, plan), memory, self.backend, self.ledger,
-                                self.recorder, tensors)
+                                self.recorder, tensors,
+                                homes={name: tuple(data for _, data in pairs) for name, pairs in originals.items()})
             versions = {name: tuple(version_of(ts[i]) for i in executor.buffer_index[name])
                         for name, ts in tensors.items()}
         except BaseException:
