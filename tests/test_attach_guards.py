@@ -522,3 +522,33 @@ def test_a_buffer_read_or_reset_from_outside_between_calls_is_the_blocks_own_sta
             assert torch.equal(model(x), plain(x))
     for mine, theirs in zip(model.buffers(), plain.buffers(), strict=True):
         assert torch.equal(mine, theirs)
+
+
+class NormedMLP(nn.Module):
+    def __init__(self, d: int = 256) -> None:
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(nn.functional.gelu(self.up(self.norm(x))))
+
+
+@pytest.mark.parametrize("share", ["14%", "10%"])
+def test_the_need_a_no_fit_error_quotes_is_a_budget_that_fits(share):
+    """Where nothing fits, the planner's answer may be packed, its dequant scratch (2.51 MiB) more than plain
+    streaming needs in all (2.02 MiB): the error quotes the least, and that budget then plans."""
+    import re
+
+    from residency.errors import ResidencyError
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(*[NormedMLP() for _ in range(6)], nn.Linear(256, 256)).eval(), torch.randn(2, 256)
+    with pytest.raises(ResidencyError, match="the smallest plan found needs") as err:
+        attach(model, x, vram=share)
+    size, unit = re.search(r"the smallest plan found needs ([\d.]+) (\w+)", str(err.value)).groups()
+    quoted = f"{float(size) * 1.005:.3f}{unit}"  # the figure is rounded for print
+    with pytest.raises(ResidencyError, match="the smallest plan found needs"):
+        attach(model, x, vram=f"{float(size) * 0.98:.3f}{unit}")  # it is the least: 2 % under fits nothing
+    with attach(model, x, vram=quoted) as rt, torch.inference_mode():
+        assert rt.plan.prediction.peak_total_bytes <= rt.plan.budget.vram_bytes
+        model(x)
