@@ -552,3 +552,18 @@ def test_the_need_a_no_fit_error_quotes_is_a_budget_that_fits(share):
     with attach(model, x, vram=quoted) as rt, torch.inference_mode():
         assert rt.plan.prediction.peak_total_bytes <= rt.plan.budget.vram_bytes
         model(x)
+
+
+def test_switching_a_batch_normed_model_to_training_while_attached_is_warned_once():
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64)) for _ in range(4)]).eval()
+    x = torch.randn(8, 64)
+    with attach(model, x, vram=None), torch.inference_mode():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", InferenceOnlyWarning)
+            model(x)  # eval: nothing to say
+        model.train()
+        with pytest.warns(InferenceOnlyWarning, match="put in training mode while attached"):
+            model(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", InferenceOnlyWarning)
+            model(x)  # said once

@@ -100,7 +100,7 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
         replan = None  # a plan made for another profile runs as given; recovery needs plans for one profile
     runtime = Runtime(chosen, chosen_backend, workload=workload, replan=replan,
                       profile=prof if replan is not None else None)
-    runtime.call_check = guard
+    runtime.call_check = _with_training_check(guard, target)
     runtime.attach(target)
     enable_loop(runtime, closed_loop)
     return runtime
@@ -125,6 +125,26 @@ def _attach_pipeline(pipe: Any, **options: Any) -> Any:
     chosen_backend = backend_name(options.pop("backend"))
     return attach_pipeline(pipe, backend=chosen_backend, call=call,
                            **{**options, "profile": _profile(options["profile"], chosen_backend)})
+
+
+def _with_training_check(guard: Any, model: nn.Module) -> Any:
+    """The call check, plus a warning (once) when a batch norm is switched to training mode after attaching:
+    its running statistics would stop being kept, silently. Cost: one attribute per batch norm per call."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return guard
+    warned = [any(m.training for m in norms)]  # already said at attach
+
+    def check(args: tuple, kwargs: dict) -> None:
+        if not warned[0] and any(m.training for m in norms):
+            warned[0] = True
+            warnings.warn(f"{type(model).__name__} was put in training mode while attached: batch norm's running "
+                          "statistics are not kept by the runtime; call model.eval(), or detach() to train",
+                          InferenceOnlyWarning, stacklevel=4)
+        if guard is not None:
+            guard(args, kwargs)
+
+    return check
 
 
 def _warn_training_statistics(model: nn.Module) -> None:
