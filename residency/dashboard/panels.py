@@ -16,7 +16,7 @@ from residency.dashboard.context import DashboardContext
 from residency.telemetry import FrameRecord, TelemetrySnapshot
 from residency.telemetry.events import LoopEvent
 from residency.telemetry.recorder import known_gaps
-from residency.units import fmt_bytes
+from residency.units import fmt_bytes, plural
 
 SPARKS = "▁▂▃▄▅▆▇█"
 BAR = "█"
@@ -258,6 +258,6 @@ def closed_loop(snapshot: TelemetrySnapshot, width_cells: int = 66, predicted_fo
             lines.append(_ratio_row(name, [_ratio(*pick(f)) for f in recent], marks))
     events = snapshot.events[-EVENTS_SHOWN:]
     if events:
-        lines.append(Text(f"closed loop: {len(snapshot.events)} decisions, latest last", style="dim"))
+        lines.append(Text(f"closed loop: {plural(len(snapshot.events), 'decision')}, latest last", style="dim"))
     lines += [Text(e.line(), style=EVENT_COLOURS.get(e.kind, "")) for e in events]
     return Group(*lines)
