@@ -567,3 +567,19 @@ def test_switching_a_batch_normed_model_to_training_while_attached_is_warned_onc
         with warnings.catch_warnings():
             warnings.simplefilter("error", InferenceOnlyWarning)
             model(x)  # said once
+
+
+@pytest.mark.parametrize("vram", [None, "30%"])
+def test_state_dict_while_attached_gives_the_buffers_state_now(vram):
+    import copy
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(*[Stateful() for _ in range(6)]).eval(), torch.randn(4, 64)
+    plain = copy.deepcopy(model)
+    with attach(model, x, vram=vram), torch.inference_mode():
+        for _ in range(2):
+            model(x), plain(x)
+        mine, theirs = model.state_dict(), plain.state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+        model(x), plain(x)  # and still right after being read
+        assert torch.equal(model(x), plain(x))

@@ -102,9 +102,17 @@ class _PutOriginals(NotPickled):
             if key not in state:
                 continue
             value = state[key]
-            # keep_vars=True: a Parameter holding the original data (the live one's .data is a slot)
-            state[key] = (nn.Parameter(data, requires_grad=value.requires_grad) if isinstance(value, nn.Parameter)
-                          else data.detach())
+            if isinstance(value, nn.Parameter) or name in module._parameters:
+                # keep_vars=True: a Parameter holding the original data (the live one's .data is a slot)
+                state[key] = (nn.Parameter(data, requires_grad=value.requires_grad)
+                              if isinstance(value, nn.Parameter) else data.detach())
+                continue
+            # a buffer: the block's state as it is now (a resident block's device copy moves on with every call;
+            # a streamed one's is parked on its own storage between calls), kept in the model's own tensor
+            live = value.detach()
+            if live.data_ptr() != data.data_ptr():
+                data.copy_(live.to(data.device, data.dtype))
+            state[key] = data.detach()
 
 
 def _put_originals(own: dict[str, torch.Tensor]) -> _PutOriginals:
