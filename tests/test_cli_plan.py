@@ -96,7 +96,7 @@ def test_the_default_compute_dtype_is_bf16(capsys):
         (["plan", "tiny", "--profile", "rtx-5090", "--vram", "2000%"], 2, "must be above 0% and at most 1000%, got"),
         (["plan", "tiny", "--profile", "rtx-5090", "--fps", "-5"], 2, "argument --fps: must be a number"),
         (["plan", "tiny", "--profile", "rtx-5090", "--steps", "0"], 2, "argument --steps: must be a whole number"),
-        (["plan", "tiny", "--profile", "rtx-5090", "--policy", "magic"], 1, "unknown policy 'magic'"),
+        (["plan", "tiny", "--profile", "rtx-5090", "--policy", "magic"], 2, "unknown policy 'magic'"),
         (["plan", "tiny", "--profile", "rtx-5090", "--compute-dtype", "int8"], 2, "argument --compute-dtype"),
         (["plan", "tiny", "--profile", "rtx-5090", "--fps", "30", "--frame-ms", "10"], 2, "not allowed"),
         (["plan", "tiny", "--profile", "rtx-5090", "-o", ""], 2, "-o needs a file name, got an empty one"),

@@ -14,7 +14,7 @@ from residency.commands import arg_types
 from residency.commands.console import make_console
 from residency.commands.plan_render import render_comparison, render_plan
 from residency.commands.sources import SHIPPED_NAME, resolve_workload, shipped_sensitivity
-from residency.errors import UsageError
+from residency.errors import ResidencyError, UsageError
 from residency.plan.plan import COMPUTE_DTYPES
 
 EXIT_BUDGET_NOT_MET = 3
@@ -143,7 +143,10 @@ def run(args) -> int:
     from policies import get_policy, registry
 
     if args.policy != "all":
-        get_policy(args.policy)  # an unknown name is a usage error before any work
+        try:
+            get_policy(args.policy)  # an unknown name is a usage error (exit 2) before any work
+        except ResidencyError as e:
+            raise UsageError(e.message, hint=e.hint) from None
     _check_plan_output(args.output)
     req = make_request(args)
     if args.policy == "all":
