@@ -78,6 +78,16 @@ def test_a_config_only_transformers_directory_plans(capsys, tmp_path):
     assert code == 0, err
     modules = {m for b in json.loads(out)["blocks"] for m in b["modules"]}
     assert {"model.layers.0", "model.layers.1", "model.embed_tokens"} <= modules
+    activations = {}
+    for tokens in ("16", "256"):  # 16 is the default; --tokens plans another length
+        code, out, err = run(capsys, "plan", str(tmp_path / "llama"), "--profile", "rtx-5090", "--tokens", tokens)
+        assert code == 0 and f"at {tokens} tokens" in out, err
+        code, out, _ = run(capsys, "plan", str(tmp_path / "llama"), "--profile", "rtx-5090", "--tokens", tokens,
+                           "--json")
+        activations[tokens] = json.loads(out)["prediction"]["peak_bytes"]["activations"]
+    assert activations["256"] == 16 * activations["16"]  # activations grow with the tokens, linearly here
+    code, _, err = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--tokens", "64")
+    assert code == 2 and "--tokens apply to a model or pipeline directory" in err
 
 
 def test_inspect_reads_the_same_config_only_directory(capsys, unet_dir):

@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
                       help="image or video width in pixels")
     size.add_argument("--frames", type=arg_types.bounded_int(1, 1024, "video frames"), metavar="N",
                       help="video frames (Wan: 4k+1, e.g. 81)")
+    size.add_argument("--tokens", type=arg_types.bounded_int(1, 131072, "tokens"), metavar="N",
+                      help="a text model's tokens per call, or the prompt tokens a denoiser attends to (default: "
+                      "16 for a text model, the pipeline's for a denoiser, e.g. 77 for a UNet's CLIP prompt)")
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=None,
                    help="dtype the matmuls run in (default: bf16 for a GPU profile, fp32 for a CPU one, what "
                    "`residency run` computes in there)")
@@ -88,7 +91,8 @@ def make_request(args):
         raise UsageError(f"--steps must be between 1 and 64, got {args.steps}", hint="e.g. --steps 4")
     from residency.front_door.examples import ExampleSize
 
-    size = ExampleSize(getattr(args, "height", None), getattr(args, "width", None), getattr(args, "frames", None))
+    size = ExampleSize(getattr(args, "height", None), getattr(args, "width", None), getattr(args, "frames", None),
+                       prompt_tokens=getattr(args, "tokens", None))
     # A named profile is read first: its kind sets the default compute dtype, which the workload is built at.
     # "calibrated" is this machine's, found by the workload's fingerprint: its kind is this machine's; so is
     # none given, this machine's own profile, read (or measured, ~15 s) only once the model is known good.

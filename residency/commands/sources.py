@@ -119,8 +119,8 @@ def resolve_workload(name_or_path: str, steps: int | None = None, context_frames
     if source.kind == CHECKPOINT:
         _refuse_checkpoint(name_or_path, source.path)
     if size is not None and size.given() and source.kind not in (MODEL_DIR, PIPELINE_DIR):
-        raise UsageError(f"{name_or_path}: a catalog model is described at a fixed size; --height, --width and "
-                         "--frames apply to a model or pipeline directory",
+        raise UsageError(f"{name_or_path}: a catalog model is described at a fixed size; --height, --width, "
+                         "--frames and --tokens apply to a model or pipeline directory",
                          hint="leave them out, or plan the model's diffusers directory")
     if source.kind == SHIPPED:
         workload = shipped_workload()

@@ -44,8 +44,8 @@ class ExampleSize:
     vae_scale_temporal: int = VAE_SCALE_TEMPORAL  # video frames per latent frame (the pipeline's video VAE)
 
     def given(self) -> bool:
-        """True when the user chose a height, width or frame count."""
-        return any(v is not None for v in (self.height, self.width, self.frames))
+        """True when the user chose a height, width, frame count or token count."""
+        return any(v is not None for v in (self.height, self.width, self.frames, self.prompt_tokens))
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def _transformers_example(model: nn.Module, size: ExampleSize) -> Derived:
     if main != "input_ids":
         raise ResidencyError(f"{name} reads {main!r}, not token ids: its input shapes are not "
                              "in its config", hint=f"pass example_inputs=dict({main}=…) at the shape you will run")
-    if size.given():
+    if any(v is not None for v in (size.height, size.width, size.frames)):
         raise UsageError(f"{name} reads token ids: a height, width or frame count does not apply",
                          hint="leave out --height, --width and --frames")
     ids = torch.zeros(1, size.prompt_tokens or EXAMPLE_TOKENS, dtype=torch.long)  # token 0 is in every vocabulary
