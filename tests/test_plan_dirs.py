@@ -201,6 +201,13 @@ def test_a_pipeline_directory_plans_from_the_command_line_with_module_paths(caps
     assert covered(doc, components) == planned  # all but the VAE's encoder, which text-to-image never runs
 
 
+def test_tokens_set_a_pipelines_prompt_as_its_last_encoder_and_denoiser_see_it(pipelines):
+    pipe, path = pipelines["flux"]
+    live = pipeline_workload(pipe, dict(height=32, width=32, max_sequence_length=128)).workload
+    planned = resolve_workload(str(path), compute_dtype="fp32", size=ExampleSize(32, 32, prompt_tokens=128))
+    assert planned.blocks == live.blocks and planned.phases == live.phases
+
+
 def test_inspect_reads_the_same_pipeline_directory(capsys, pipelines):
     pipe, path = pipelines["flux"]
     code, out, err = run(capsys, "inspect", str(path), "--json")

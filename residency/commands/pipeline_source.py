@@ -200,6 +200,8 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
     encoders = [e for e in ENCODERS if e in planned]
     tokens = {e: _prompt_tokens(path, e, planned[e], _call_default(pipe_class, "max_sequence_length")
                                 if e == encoders[-1] else None) for e in encoders}
+    if encoders and size.prompt_tokens is not None:  # --tokens: the prompt the denoiser attends to, as encoded
+        tokens[encoders[-1]] = size.prompt_tokens
     spatial, temporal = _vae_scales(vae)
     batched = guided and denoiser_name == "unet"  # UNet pipelines run both predictions as one batch of 2
     asked = replace(size, prompt_tokens=tokens[encoders[-1]] if encoders else None, batch=2 if batched else 1,
