@@ -36,7 +36,7 @@ def state_dict_hooks(model: nn.Module, originals: dict[str, tuple[tuple[torch.Te
         own = {n: by_id[id(t)] for n, t in (*module._parameters.items(), *module._buffers.items())
                if t is not None and id(t) in by_id}
         if own:
-            handles.append(module._register_state_dict_hook(_put_originals(own)))
+            handles.append(module._register_state_dict_hook(_PutOriginals(own)))
             handles.append(module._register_load_state_dict_pre_hook(_refuse_load, with_module=True))
     return handles
 
@@ -113,10 +113,6 @@ class _PutOriginals(NotPickled):
             if live.data_ptr() != data.data_ptr():
                 data.copy_(live.to(data.device, data.dtype))
             state[key] = data.detach()
-
-
-def _put_originals(own: dict[str, torch.Tensor]) -> _PutOriginals:
-    return _PutOriginals(own)
 
 
 def _refuse_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

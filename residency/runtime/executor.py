@@ -250,18 +250,27 @@ class Executor:
     def _take_outside_writes(self, name: str, binding: Binding) -> None:
         """Buffers written from outside while parked (their own storage holds the new values): into this call's
         memory, and through keep_write into the host blob for later loads. Rare: a drain and a pack."""
-        ts, home = self.tensors[name], self.homes[name]
-        changed = [i for i, v in zip(self.buffer_index[name], self.parked[name], strict=True)
-                   if version_of(ts[i]) != v]
+        changed = self._changed(name, self.parked[name])
         if not changed:
             return
         self.backend.drain()
+        home = self.homes[name]
         for i in changed:
             binding.views[i].copy_(home[i].to(binding.views[i].device, binding.views[i].dtype))
             if self.keep_write is not None:
                 self.keep_write(name, i, binding.views[i], binding)
+        self._reload_later(name, keep=self.streamed_before)  # this call's slot holds the new values already
+
+    def _changed(self, name: str, versions: tuple[int, ...]) -> list[int]:
+        """Positions of the block's buffers written since `versions` were taken."""
+        ts = self.tensors[name]
+        return [i for i, v in zip(self.buffer_index[name], versions, strict=True) if version_of(ts[i]) != v]
+
+    def _reload_later(self, name: str, keep: int = -1) -> None:
+        """Slots loaded (or loading) with the block's old bytes are loaded again at their call; `keep`: the
+        streamed ordinal whose slot is already up to date."""
         for s in range(self.nslots):
-            if self.slot_block[s] == name and self.slot_tag[s] != self.streamed_before:
+            if self.slot_block[s] == name and self.slot_tag[s] != keep:
                 self.slot_tag[s] = -1
 
     def unaliased(self, output: Any) -> Any:
@@ -304,16 +313,13 @@ class Executor:
         """Buffers the call updated in place live in memory about to be reused: the runtime writes them back
         (host blob, the model's tensor), and a slot loaded with the block's old bytes is loaded again at its
         call. Rare (a stateful block), so its cost (a drain, a pack) is paid only when it happens."""
-        ts = self.tensors[name]
-        changed = [i for i, v in zip(self.buffer_index[name], call.versions, strict=True) if version_of(ts[i]) != v]
+        changed = self._changed(name, call.versions)
         if not changed or self.keep_write is None:
             return
         self.backend.drain()  # no copy may be reading the blob while it is rewritten
         for i in changed:
-            self.keep_write(name, i, ts[i], call.volatile)
-        for s in range(self.nslots):
-            if self.slot_block[s] == name:
-                self.slot_tag[s] = -1
+            self.keep_write(name, i, self.tensors[name][i], call.volatile)
+        self._reload_later(name)
 
     def close_frame(self) -> None:
         """End the open frame's record now (detach, snapshot)."""

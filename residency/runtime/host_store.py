@@ -62,6 +62,13 @@ class BlockBlob:
         """Blob size in bytes, padding included."""
         return self.layout.nbytes
 
+    def repack(self, index: int, value: torch.Tensor) -> torch.Tensor:
+        """Pack `value` into entry `index` (its layout order) in the entry's format; returns the packed bytes."""
+        e = self.layout.entries[index]
+        packed = get_format(e.format).pack(value)
+        self.data[e.offset:e.offset + e.nbytes].copy_(packed)
+        return packed
+
 
 def blob_layout(spec: BlockSpec, fmt_name: str) -> BlobLayout:
     """Offsets of the block's tensors in its blob: most-aligned tensors first, so padding is rare."""
@@ -96,14 +103,14 @@ def pack_block(block: str, module: nn.Module, spec: BlockSpec, fmt_name: str,
                tensors: dict[str, torch.Tensor] | None = None) -> BlockBlob:
     """Quantize every tensor of the block with its effective format into one blob (host, seconds for K-quants)."""
     layout = blob_layout(spec, fmt_name)
-    data = torch.zeros(layout.nbytes, dtype=torch.uint8)
-    for e in layout.entries:
+    blob = BlockBlob(block, fmt_name, layout, torch.zeros(layout.nbytes, dtype=torch.uint8))
+    for i, e in enumerate(layout.entries):
         weight = tensors[e.name] if tensors is not None else block_tensor(module, e.name)
         if tuple(weight.shape) != e.shape:
             raise ResidencyError(f"block {block}: tensor {e.name} has shape {tuple(weight.shape)}, the workload "
                                  f"says {e.shape}", hint="the plan's workload does not describe this model")
-        data[e.offset:e.offset + e.nbytes].copy_(get_format(e.format).pack(weight))
-    return BlockBlob(block, fmt_name, layout, data)
+        blob.repack(i, weight)
+    return blob
 
 
 # block module -> {(workload fingerprint, format): (weights token, blob)}; an entry dies with its model.

@@ -16,8 +16,8 @@ from torch import nn
 
 from residency.device import DeviceProfile
 from residency.errors import ResidencyError
-from residency.formats import get_format
 from residency.plan import Budget, Plan
+from residency.runtime import block_buffers
 from residency.runtime.attached_guards import (
     conversion_guards,
     state_dict_hooks,
@@ -57,19 +57,6 @@ class _RetryHook(ModelHook):
         if rt.call_check is not None:
             rt.call_check(args, kwargs)
         return rt._unit(rt._model_call, (forward, args, kwargs), {})
-
-
-def _refresh_buffers(ready: dict[tuple[str, str], BlockBlob],
-                     originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> None:
-    """Blobs packed ahead of a switch (prepack, on another thread) hold the buffers as they were then: a block
-    that updates one in place (a running state) has moved on since. Its buffers are packed again from the
-    model's tensors as the detach left them. Cost: the buffers only (weights do not change while attached)."""
-    for (name, _fmt), blob in ready.items():
-        for i, (t, data) in enumerate(originals.get(name, ())):
-            if isinstance(t, nn.Parameter):
-                continue
-            entry = blob.layout.entries[i]
-            blob.data[entry.offset:entry.offset + entry.nbytes].copy_(get_format(entry.format).pack(data))
 
 
 class Runtime:
@@ -273,30 +260,8 @@ class Runtime:
         self._forget_stores()
 
     def _keep_buffer_write(self, name: str, index: int, bound: torch.Tensor, binding) -> None:
-        """A block call updated buffer `index` of block `name` in place, in memory that is reused: pack it into
-        the host blob (the next load carries it), into the block's packed bytes on the device when it is
-        resident there, and into the model's own tensor (detach gives it back)."""
-        blob = self.store.blobs[name]
-        entry = blob.layout.entries[index]
-        value = bound.detach()
-        packed = get_format(entry.format).pack(value)
-        blob.data[entry.offset:entry.offset + entry.nbytes].copy_(packed)
-        if binding.packed:
-            binding.packed[index].copy_(packed.to(binding.packed[index].device))
-        t, original = self._originals[name][index]
-        original.copy_(value.to(original.device, original.dtype))
-
-    def _keep_resident_buffer_writes(self) -> None:
-        """Buffers of blocks whose memory was never reused, updated in place while attached: copied into the
-        model's own tensors before they are put back (a volatile block's writes were kept as they happened)."""
-        ex = self._executor
-        for name, binding in ex.session_binding.items():
-            if binding.unpacks:  # its views are the scratch: kept as they happened
-                continue
-            for i, v in zip(ex.buffer_index[name], self._buffer_versions.get(name, ()), strict=True):
-                t, original = self._originals[name][i]
-                if version_of(t) != v:
-                    original.copy_(t.detach().to(original.device, original.dtype))
+        """The executor's keep_write: block_buffers.keep_write into this attach's blob and original tensor."""
+        block_buffers.keep_write(self.store.blobs[name], self._originals[name][index][1], index, bound, binding)
 
     def _forget_stores(self) -> None:
         """The host blobs go with the attach: cached, the next attach would reuse them even after an edit of
@@ -321,7 +286,7 @@ class Runtime:
         self._hooked = []
         self._compiled.restore()
         self._compiled = None
-        self._keep_resident_buffer_writes()
+        block_buffers.keep_resident_writes(self._executor, self._originals, self._buffer_versions)
         for pairs in self._originals.values():
             for t, data in pairs:
                 t.data = data
@@ -544,7 +509,7 @@ class Runtime:
         pipeline, old, originals = self.pipeline, self.plan, self._originals
         self._detach_blocks()  # writes the blocks' updated buffers into the originals
         if ready:
-            _refresh_buffers(ready, originals)
+            block_buffers.refresh(ready, originals)
         try:
             with torch.inference_mode(False):
                 self._attach(pipeline, plan, ready)
