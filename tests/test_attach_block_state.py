@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sim_helpers import flat_profile
 from test_attach_guards import attach
 from torch import nn
+
+import residency
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
@@ -214,3 +217,40 @@ def test_state_dict_while_attached_gives_the_buffers_state_now(vram):
         assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
         model(x), plain(x)  # and still right after being read
         assert torch.equal(model(x), plain(x))
+
+
+class Tally(nn.Module):
+    """A block that counts its calls and keeps an EMA of its input in fp32 buffers: states, not weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("ema", torch.zeros(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.ema.mul_(0.99).add_(0.01 * x.mean(0))
+        return torch.tanh(self.fc(x))
+
+
+@pytest.mark.parametrize("placement", ["resident-quantized", "streamed"])
+def test_buffers_of_a_quantized_block_are_stored_in_their_dtype_not_rounded_each_call(placement):
+    """Under Q8_0 the block's matrices are quantized and its vectors fall back to BF16: a buffer that did so
+    would be rounded at each write-back (a count stuck at 256, an EMA whose small steps vanish)."""
+    import copy
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(*[Tally() for _ in range(4)]).eval(), torch.randn(4, 64)
+    plain = copy.deepcopy(model)
+    with attach(model, x, vram=None) as rt:
+        plan = replace(rt.plan, blocks=tuple(replace(bp, placement=placement, format="Q8_0") for bp in rt.plan.blocks))
+    kept = {n for b in rt.workload.blocks for n, d in b.own_dtypes if d == "fp32"}
+    assert {"calls", "ema"} <= kept
+    with residency.attach(model, profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=x, plan=plan), \
+            torch.inference_mode():
+        for _ in range(300):
+            model(x), plain(x)
+    assert [float(b.calls) for b in model] == [300.0] * 4
+    assert torch.equal(model[0].ema, plain[0].ema)  # its input is the model's: bit for bit

@@ -203,7 +203,11 @@ def test_kept_tensors_count_at_their_own_size_in_every_format():
             assert b.quantized_weights(fmt) == plain.quantized_weights(fmt)
     assert workload_from_dict(json.loads(json.dumps(workload_to_dict(w)))).fingerprint() == w.fingerprint()
     one_dtype = module_workload(model.to(torch.bfloat16), example, name="wan", compute_dtype="bf16").workload
-    assert not any(b.own_dtypes for b in one_dtype.blocks) and "own_dtype_tensors" not in one_dtype.extra
+    # a one-dtype model keeps only its floating buffers (the rope tables) apart, in that dtype: never quantized
+    buffers = {n for n, _ in model.named_buffers() if _.is_floating_point()}
+    kept_one = [(b, n, d) for b in one_dtype.blocks for n, d in b.own_dtypes]
+    assert kept_one and all(d == "bf16" for _, _, d in kept_one) and "own_dtype_tensors" not in one_dtype.extra
+    assert all(any(p.endswith(f".{n}") or p == n for p in buffers) for _, n, _ in kept_one)
     assert one_dtype.fingerprint() != w.fingerprint()
 
 
@@ -225,7 +229,9 @@ def test_a_pipeline_of_components_in_several_dtypes_keeps_each_tensors_own():
     assert built.compute_dtype == "fp32"
     kept = {f"{c}.{n}" for c in ("transformer", "text_encoder") for n, t in
             chain(getattr(pipe, c).named_parameters(), getattr(pipe, c).named_buffers()) if t.dtype == torch.bfloat16}
-    assert own_paths(built.workload) == kept
+    buffers = {f"{c}.{n}" for c in ("transformer", "text_encoder", "vae") for n, t in getattr(pipe, c).named_buffers()
+               if t.is_floating_point()}  # every floating buffer keeps its dtype too (never quantized)
+    assert own_paths(built.workload) == kept | buffers
     encoder = built.workload.by_name["text_encoder.shared"]  # all bf16 (the embedding): its activations too
     assert encoder.activation_bytes("fp32") == encoder.activation_bytes("bf16") > 0
     plan = make_plan(built, 2**26, lambda b: ("resident" if b.name == "transformer.loose" else "streamed", "F32",

@@ -58,7 +58,7 @@ def trace_part(path: str, module: nn.Module, example: Any, component: str, *, ca
         return f"{path}.{LOOSE}" if label == LOOSE else label
 
     unstored = _non_persistent_buffers(path, module)
-    blocks = tuple(replace(b, name=rename(b.name), component=component, tensors=_stored(b, unstored))
+    blocks = tuple(_without_unstored(replace(b, name=rename(b.name), component=component), unstored)
                    for b in w.blocks)
     phases = tuple(replace(ph, passes=tuple(replace(p, blocks=tuple(map(rename, p.blocks))) for p in ph.passes))
                    for ph in w.phases)
@@ -70,6 +70,13 @@ def _non_persistent_buffers(path: str, module: nn.Module) -> frozenset[str]:
     position embeddings)."""
     return frozenset(".".join(p for p in (path, name, b) if p) for name, sub in module.named_modules()
                      for b in sub._non_persistent_buffers_set)
+
+
+def _without_unstored(block: BlockSpec, unstored: frozenset[str]) -> BlockSpec:
+    """The block with only its stored tensors (_stored), in tensors and own_dtypes alike."""
+    tensors = _stored(block, unstored)
+    kept = {n for n, _ in tensors}
+    return replace(block, tensors=tensors, own_dtypes=tuple((n, d) for n, d in block.own_dtypes if n in kept))
 
 
 def _stored(block: BlockSpec, unstored: frozenset[str]) -> tuple[tuple[str, tuple[int, ...]], ...]:

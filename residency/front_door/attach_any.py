@@ -63,8 +63,9 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     Weights must be on the CPU in fp32, fp16 or bf16. The dtype of most parameter bytes is the plan's compute
     dtype; tensors a model keeps in another of the three (a bf16 Wan's fp32 norms and time embedder, a fp16 T5's
     fp32 `wo`, as from_pretrained loads them) stay in their own dtype: stored, streamed and computed in it, and
-    never quantized — a quantized block quantizes only its tensors in the main dtype. The plan's bytes count
-    them at their own size.
+    never quantized — a quantized block quantizes only its tensors in the main dtype. So are floating buffers
+    (running states, position tables), in the dtype they compute in. The plan's bytes count them at their own
+    size.
     While attached, the blocks' weights live in the runtime's memory: edit them (load_state_dict, .to(), an
     in-place change of a weight) after detach(); the first two are refused while attached, and an in-place
     change is not seen by the runtime and is undone by detach. Buffers a block updates in its own forward (a

@@ -15,6 +15,7 @@ from torch import nn
 
 from residency.errors import InferenceOnlyWarning, ResidencyError
 from residency.plan import Plan
+from residency.runtime.not_pickled import NotPickled
 
 
 def swaps_weights(plan: Plan) -> bool:
@@ -39,26 +40,6 @@ def state_dict_hooks(model: nn.Module, originals: dict[str, tuple[tuple[torch.Te
             handles.append(module._register_state_dict_hook(_PutOriginals(own)))
             handles.append(module._register_load_state_dict_pre_hook(_refuse_load, with_module=True))
     return handles
-
-
-class NotPickled:
-    """What residency hangs on an attached model refuses pickling (torch.save(model)) with what to do: pickled,
-    a block's tensors would be saved with a slot's bytes, and a local hook failed with an AttributeError."""
-
-    def __deepcopy__(self, memo: dict) -> Any:
-        """copy.deepcopy of a hooked model reaches its hooks: refuse it here, clearly. While attached, block
-        weights live in the runtime's memory (a streamed block's tensors are empty between calls), so a copy
-        would hold other bytes, and a copy's hooks would drive the original's runtime."""
-        raise ResidencyError("copy.deepcopy of a model attached to residency: its blocks' weights live in the "
-                             "runtime's memory while attached, not in the model",
-                             hint="copy it before attaching or after runtime.detach() (leaving the `with` block); "
-                                  "model.state_dict() gives the original weights while attached")
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        raise ResidencyError("pickling a model attached to residency (torch.save(model), copy.copy): its blocks' "
-                             "weights live in the runtime's memory while attached",
-                             hint="save model.state_dict() (the original weights, while attached too), or "
-                                  "detach() first")
 
 
 class _ConversionGuard(NotPickled):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from residency.runtime.attached_guards import NotPickled
+from residency.runtime.not_pickled import NotPickled
 
 _ATTR = "_residency_hook"  # the module attribute holding its hook and the forward it replaced
 

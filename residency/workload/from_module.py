@@ -134,13 +134,13 @@ def module_workload(model: nn.Module, example_inputs: Example, *, name: str, com
             meta_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             trace, counted_on = _fallback_trace(model, blocks, args, kwargs, batch, narrow, name, meta_error)
     specs, passes, calls, unowned = _schedule(model, blocks, trace, name, component or name, group_siblings,
-                                              main if keep else None)
+                                              main if keep else None, compute_dtype)
     # a block of modules that share weights (a tied embedding and lm_head) is called once per module: expected
     tied = {s.name: _tied_modules(model, s.modules) for s in specs if calls.get(s.name, 0) > 1}
     _warn(name, unowned, {n: c for n, c in calls.items() if c > max(1, tied.get(n, 1))})
     extra = {"counted_on": counted_on, "repeated_from": blocks.repeated_from, "compute_dtype": compute_dtype,
              "example": _shapes(args, kwargs), "module_class": type(model).__name__}
-    own = [d for b in specs for _, d in b.own_dtypes]
+    own = [d for b in specs for _, d in b.own_dtypes if main is None or d != DTYPE_NAMES[main]]  # not buffers
     if own:
         extra["weights_dtype"] = DTYPE_NAMES[main]
         extra["own_dtype_tensors"] = {d: own.count(d) for d in sorted(set(own))}
@@ -168,10 +168,11 @@ def _kept(model: nn.Module, main: torch.dtype | None) -> bool:
 
 
 def _schedule(model: nn.Module, blocks: ModuleBlocks, trace: Trace, name: str, component: str,
-              group_siblings: bool, main: torch.dtype | None = None,
+              group_siblings: bool, main: torch.dtype | None = None, compute_dtype: str = "bf16",
               ) -> tuple[tuple[BlockSpec, ...], tuple[tuple[str, ...], ...], dict[str, int], tuple[str, ...]]:
     """Block specs (the loose block first), the passes, calls per forward by block, the unowned parameters.
-    `main`: the model's main weight dtype when it holds tensors in another (they keep theirs); else None."""
+    `main`: the model's main weight dtype when it holds tensors in another (they keep theirs); else None.
+    Floating buffers are never quantized: see _with_own_dtypes."""
     elements = [sum(p.numel() for m in u.modules for p in model.get_submodule(m).parameters()) for u in blocks.units]
     drafts, sequence, of_unit = draft_blocks(blocks, trace, group_siblings, elements)
     if not drafts:
@@ -192,21 +193,31 @@ def _schedule(model: nn.Module, blocks: ModuleBlocks, trace: Trace, name: str, c
     shapes = draft_tensors(model, every, blocks, loose_paths)
     specs = tuple(block_spec(n, component, d, s, d.counts.tokens)
                   for n, d, s in zip(names, every, shapes, strict=True))
-    if main is not None:
-        specs = _with_own_dtypes(model, specs, shapes, main)
+    specs = _with_own_dtypes(model, specs, shapes, main, compute_dtype)
     passes = passes_of(sequence, names[1:] if loose else names, names[0] if loose else None)
     return specs, passes, {n: d.calls for n, d in zip(names, every, strict=True)}, unowned
 
 
 def _with_own_dtypes(model: nn.Module, specs: tuple[BlockSpec, ...], shapes: list[list[tuple[str, tuple[int, ...]]]],
-                     main: torch.dtype) -> tuple[BlockSpec, ...]:
-    """The specs with the tensors held in a stored dtype other than `main` recorded in own_dtypes."""
-    every = dict(chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)))
+                     main: torch.dtype | None, compute_dtype: str) -> tuple[BlockSpec, ...]:
+    """The specs with their tensors that keep a dtype recorded in own_dtypes: a tensor held in a stored dtype
+    other than `main` (None: no tensor is), and every floating buffer. A buffer is a state (running statistics,
+    an EMA, a step count) or a table (positions, rotary frequencies), not a weight: quantized, or stored in BF16
+    where the plan's format falls back, it would be rounded on each write-back (a counter stuck at 256, an EMA
+    that stops moving) or lose the precision its model keeps it in. It is stored in the dtype it computes in:
+    its own when the model keeps it apart from `main`, else `compute_dtype`."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    every = params | dict(model.named_buffers(remove_duplicate=False))
     out = []
     for spec, paths in zip(specs, shapes, strict=True):
-        own = tuple((n, DTYPE_NAMES[t.dtype]) for (n, _), (path, _) in zip(spec.tensors, paths, strict=True)
-                    if (t := every[path]).dtype != main and t.dtype in DTYPE_NAMES)
-        out.append(replace(spec, own_dtypes=own) if own else spec)
+        own = []
+        for (n, _), (path, _) in zip(spec.tensors, paths, strict=True):
+            t = every[path]
+            if main is not None and t.dtype != main and t.dtype in DTYPE_NAMES:
+                own.append((n, DTYPE_NAMES[t.dtype]))
+            elif path not in params:
+                own.append((n, compute_dtype))
+        out.append(replace(spec, own_dtypes=tuple(own)) if own else spec)
     return tuple(out)
 
 
