@@ -282,7 +282,8 @@ def attach_built(built: PipelineWorkload, budget: Budget, *, profile: str | os.P
     wrong = unpinned_enclosing(first, built.workload)
     if wrong:
         raise ResidencyError(f"the plan keeps {', '.join(wrong)} as {', '.join(wrong.values())}",
-                             hint="blocks enclosing others must be resident for the session")
+                             hint="blocks enclosing others, and blocks whose tensors the model reads outside their calls, must be "
+                                  "resident for the session")
     if first.profile_fingerprint != prof.fingerprint():
         planner = None  # a plan made for another profile runs as given; re-plans need plans for one profile
     runtime = Runtime(first, backend, workload=built.workload, replan=planner,

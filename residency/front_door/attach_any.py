@@ -7,7 +7,6 @@ The long form — workload, PlanRequest, policy, Runtime — stays there for tho
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from typing import Any
@@ -216,8 +215,8 @@ def _least_memory(plan: Plan, replan: PinnedPlanner, budget: Budget, profile: De
     dtype, the one needing less memory: what the no-fit error quotes. The planner's answer may be a packed plan
     whose dequant scratch needs more than plain streaming (3.09 MiB quoted where 2.02 MiB fitted)."""
     try:
-        one_by_one = get_policy("accelerate-sequential")(dataclasses.replace(replan.request, budget=budget,
-                                                                             profile=profile))
+        # with the blocks that must stay bound kept resident, as any plan the runtime runs
+        one_by_one = PinnedPlanner(get_policy("accelerate-sequential"), replan.request)(budget, profile)
     except ResidencyError:
         return plan
     if plan.prediction is None or (one_by_one.prediction is not None and one_by_one.prediction.peak_total_bytes

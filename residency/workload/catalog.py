@@ -47,7 +47,7 @@ MAX_EXTRA_DEPTH = 8  # the free-form facts: the deepest shipped entry nests 3
 _TOP_KNOWN = ("schema_version", "name", "source", "steps", "context_frames", "batch", "kv_dtype",
               "video_frames_per_latent", "blocks", "phases", "extra")
 _BLOCK_KNOWN = ("name", "component", "tensors", "tokens", *_BLOCK_NUMBERS, *_BLOCK_INTS, "activation_elements_by_size",
-                "modules", "own_dtypes")
+                "modules", "own_dtypes", "read_outside_calls")
 
 
 def _block(r: Reader, doc: Any, path: str) -> BlockSpec:
@@ -89,6 +89,8 @@ def _block(r: Reader, doc: Any, path: str) -> BlockSpec:
                      activation_elements_by_size=tuple(by_size),
                      modules=tuple(r.string(m, f"{path}.modules[{j}]") for j, m in enumerate(
                          r.items(r.optional(doc, "modules", []), f"{path}.modules", max_items=MAX_TENSORS_PER_BLOCK))),
+                     read_outside_calls=r.boolean(r.optional(doc, "read_outside_calls", False),
+                                                  f"{path}.read_outside_calls"),
                      **kwargs)
 
 
@@ -162,6 +164,8 @@ def workload_to_dict(w: Workload) -> dict[str, Any]:
             entry["modules"] = list(b.modules)
         if b.own_dtypes:
             entry["own_dtypes"] = dict(b.own_dtypes)
+        if b.read_outside_calls:
+            entry["read_outside_calls"] = True
         blocks.append(entry)
     return {
         "schema_version": CATALOG_SCHEMA_VERSION, "name": w.name, "source": w.source, "steps": w.steps,

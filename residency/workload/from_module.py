@@ -194,8 +194,22 @@ def _schedule(model: nn.Module, blocks: ModuleBlocks, trace: Trace, name: str, c
     specs = tuple(block_spec(n, component, d, s, d.counts.tokens)
                   for n, d, s in zip(names, every, shapes, strict=True))
     specs = _with_own_dtypes(model, specs, shapes, main, compute_dtype)
+    if trace.read_outside:
+        read = _tensor_ids(model, trace.read_outside)
+        by_path = dict(_named_tensors(model))
+        specs = tuple(replace(s, read_outside_calls=True) if any(id(by_path[p]) in read for p, _ in paths) else s
+                      for s, paths in zip(specs, shapes, strict=True))
     passes = passes_of(sequence, names[1:] if loose else names, names[0] if loose else None)
     return specs, passes, {n: d.calls for n, d in zip(names, every, strict=True)}, unowned
+
+
+def _named_tensors(model: nn.Module):
+    return chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+
+
+def _tensor_ids(model: nn.Module, names: set[str]) -> set[int]:
+    """ids of the model's tensors named in `names` (a tied tensor by any of its names)."""
+    return {id(t) for n, t in _named_tensors(model) if n in names}
 
 
 def _with_own_dtypes(model: nn.Module, specs: tuple[BlockSpec, ...], shapes: list[list[tuple[str, tuple[int, ...]]]],

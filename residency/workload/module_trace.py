@@ -13,6 +13,7 @@ import math
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
@@ -78,6 +79,9 @@ class Trace:
     units: list[UnitCounts]  # per unit index
     glue: dict[int, UnitCounts]  # glue counts by the unit that ran last (PROLOGUE: before any)
     weights_read: set[str]  # weight names some op read
+    # weight names some op read while no unit owning them was running (glue, or another unit's call): a tied
+    # head as F.linear(x, self.emb.weight). The runtime must keep such a block bound beyond its own calls.
+    read_outside: set[str] = field(default_factory=set)
 
 
 def rows_of(t: torch.Tensor) -> int:
@@ -123,10 +127,16 @@ class _Tracer(TorchDispatchMode):
         self.target: UnitCounts | None = None
         self.live = 0  # activation elements alive now
         self.call_marks: list[tuple[UnitCounts, int, int]] = []  # running calls: (counts, live at start, peak)
+        self.owners: dict[str, frozenset[int]] = {}  # weight name -> the units holding it (tied: several)
+        self.running: list[int] = []  # units whose call is running (the _Segments stack, shared)
+        self.read_outside: set[str] = set()
+        # ids of views of weights made in an owner's call: returned, the runtime clones them (Executor.unaliased)
+        self.made_inside: set[int] = set()
 
     def _release(self, tid: int, n: int) -> None:
         self.live -= n
         self.weights.pop(tid, None)
+        self.made_inside.discard(tid)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -143,6 +153,11 @@ class _Tracer(TorchDispatchMode):
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         named = [self.weights[id(t)] for t in inputs if id(t) in self.weights]
         self.read.update(named)
+        for t in inputs:
+            n = self.weights.get(id(t))
+            units = self.owners.get(n) if n is not None and id(t) not in self.made_inside else None
+            if units and not units.intersection(self.running):
+                self.read_outside.add(n)
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if packet.__name__ in _FUSED_ATTENTION and self.target is not None:
             self.target.pair_flops += attention_flops(*(self.widen(t.shape) for t in args[:3]))
@@ -168,6 +183,9 @@ class _Tracer(TorchDispatchMode):
                 continue  # in place: no new tensor
             if derived:
                 self.weights[id(o)] = named[0]
+                if (self.owners.get(named[0], frozenset()).intersection(self.running)
+                        or any(id(t) in self.made_inside for t in inputs)):
+                    self.made_inside.add(id(o))
                 weakref.finalize(o, self._release, id(o), 0)
             elif not func.is_view:
                 n = math.prod(self.widen(o.shape))
@@ -241,7 +259,12 @@ class _Segments:
         self.tracer.call_marks.append((counts, self.tracer.live, self.tracer.live))
         self.switch(counts)
 
-    def leave(self, unit: int) -> None:
+    def leave(self, unit: int, out: Any = None) -> None:
+        # weights the call returns (its own, or views of them) are the runtime's to copy out of block memory
+        # (Executor.unaliased): read afterwards, they are not reads outside the block
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and id(t) in self.tracer.weights:
+                self.tracer.made_inside.add(id(t))
         self.stack.pop()
         if unit in self.stack:
             return
@@ -265,15 +288,20 @@ def trace_forward(model: nn.Module, unit_modules: list[tuple[str, ...]], run: Ca
     """
     units = [UnitCounts() for _ in unit_modules]
     glue: dict[int, UnitCounts] = {PROLOGUE: UnitCounts()}
+    weights = list(weights)
     tracer = _Tracer({id(t): n for n, t in weights}, batch, widen)
+    tracer.owners = _owners(model, unit_modules, [n for n, _ in weights])
     seg = _Segments(tracer, units, glue)
+    tracer.running = seg.stack
     handles = []
     for i, paths in enumerate(unit_modules):
         for path in paths:
             m = model.get_submodule(path)
+            # first of the pre-hooks: one of the model's (prune's weight = weight_orig · mask) runs inside the
+            # call, as the runtime binds the block's weights before any of them
             handles.append(m.register_forward_pre_hook(
-                lambda mod, args, kwargs, i=i: seg.enter(i, args, kwargs), with_kwargs=True))
-            handles.append(m.register_forward_hook(lambda mod, args, out, i=i: seg.leave(i), always_call=True))
+                lambda mod, args, kwargs, i=i: seg.enter(i, args, kwargs), with_kwargs=True, prepend=True))
+            handles.append(m.register_forward_hook(lambda mod, args, out, i=i: seg.leave(i, out), always_call=True))
     # No autograd: it would add alias/detach ops to every count. Not inference mode either: composite ops
     # (linear, attention) would reach the counters whole, unlike the op mix the CPU profile measures.
     try:
@@ -286,4 +314,23 @@ def trace_forward(model: nn.Module, unit_modules: list[tuple[str, ...]], run: Ca
     finally:
         for h in handles:
             h.remove()
-    return Trace(seg.order, units, glue, tracer.read)
+    return Trace(seg.order, units, glue, tracer.read, tracer.read_outside)
+
+
+def _owners(model: nn.Module, unit_modules: list[tuple[str, ...]], names: list[str]) -> dict[str, frozenset[int]]:
+    """Each weight name -> the units whose modules hold that tensor under any of its names (a tied weight is
+    held by the embedding's unit and the head's)."""
+    aliases: dict[int, list[str]] = {}
+    for n, t in chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+        aliases.setdefault(id(t), []).append(n)
+    by_name = {n: group for group in aliases.values() for n in group}
+    out = {}
+    for name in names:
+        held = set()
+        for alias in by_name.get(name, [name]):
+            for i, paths in enumerate(unit_modules):
+                if any(p == "" or alias.startswith(p + ".") for p in paths):
+                    held.add(i)
+        if held:
+            out[name] = frozenset(held)
+    return out

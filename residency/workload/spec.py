@@ -57,6 +57,10 @@ class BlockSpec:
     # "fp16", "bf16"; a bf16 model's fp32 norms, diffusers' and transformers' `_keep_in_fp32_modules`): each is
     # stored and computed at its own dtype whatever the block's format, never quantized. () when none is
     own_dtypes: tuple[tuple[str, str], ...] = ()
+    # its tensors are read outside its own calls (a tied head as F.linear(x, self.emb.weight), seen by
+    # residency.workload.from_module's trace): the runtime must keep them bound between its calls, so a model's
+    # planner keeps the block resident for the session (residency.front_door.pinned_planner)
+    read_outside_calls: bool = False
 
     def __post_init__(self) -> None:
         if self.own_dtypes:
@@ -352,7 +356,8 @@ class Workload:
                         *([b.activation_elements_per_call, [list(p) for p in b.activation_elements_by_size]]
                           if b.activation_elements_per_call else []),
                         # own dtypes change the bytes: only when there are any (other fingerprints stay)
-                        *([["own_dtypes", [list(p) for p in b.own_dtypes]]] if b.own_dtypes else [])]
+                        *([["own_dtypes", [list(p) for p in b.own_dtypes]]] if b.own_dtypes else []),
+                        *([["read_outside_calls"]] if b.read_outside_calls else [])]
                        for b in self.blocks],
             "phases": [[ph.name, ph.per, [[list(p.blocks), p.per_step, p.kv] for p in ph.passes]] for ph in self.phases],
             "params": [self.steps, self.context_frames, self.batch],

@@ -1,0 +1,86 @@
+"""Tensors the model reads outside their block's calls: the block stays bound (resident for the session), and a
+budget that pinning breaks is planned again within what is left."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sim_helpers import flat_profile
+from torch import nn
+
+import residency
+
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
+
+
+def attach(model, x, vram):
+    return residency.attach(model, vram=vram, profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=x)
+
+
+class HeadByHand(nn.Module):
+    """A tied head written as F.linear(x, self.emb.weight): the embedding's weight is read after its call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(300, 64)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 64)) for _ in range(6))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return F.linear(x, self.emb.weight)
+
+
+class RootHead(nn.Module):
+    """The model's own parameter, read at the end of its forward (the loose block, which encloses the others)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Parameter(torch.randn(300, 64))
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 64)) for _ in range(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return F.linear(x, self.head)
+
+
+@pytest.mark.parametrize("vram", ["35%", "60%"])
+def test_a_weight_read_outside_its_blocks_call_is_kept_bound_and_the_output_is_the_models(vram):
+    torch.manual_seed(0)
+    model, ids = HeadByHand().eval(), torch.randint(0, 300, (2, 8))
+    plain = copy.deepcopy(model)
+    with attach(model, ids, vram) as rt, torch.inference_mode():
+        assert [b.name for b in rt.workload.blocks if b.read_outside_calls] == ["HeadByHand.emb"]
+        emb = rt.plan.by_name["HeadByHand.emb"]
+        assert (emb.placement, emb.lifetime) == ("resident", "session") and rt.plan.streamed()
+        if vram == "35%":  # the policy alone streams every block at this budget: pinning is said
+            assert any("HeadByHand.emb kept resident: the model reads its tensors outside its calls" in n
+                       for n in rt.plan.notes)
+        assert torch.equal(model(ids), plain(ids))  # streamed, it read another layer's bytes in a reused slot
+
+
+def test_blocks_read_only_in_their_own_calls_are_not_pinned():
+    torch.manual_seed(0)
+    model, x = nn.Sequential(*[nn.Linear(64, 64) for _ in range(6)]).eval(), torch.randn(4, 64)
+    with attach(model, x, "40%") as rt:
+        assert not any(b.read_outside_calls for b in rt.workload.blocks)
+        assert all(bp.placement == "streamed" for bp in rt.plan.blocks)
+
+
+@pytest.mark.parametrize("vram", ["30%", "50%"])
+def test_a_budget_that_pinning_breaks_is_planned_again_within_what_is_left(vram):
+    """The policy planned the root's block streamed within the whole budget; kept resident, it no longer fit and
+    attach refused ("no plan fits 1.63 MiB … the smallest plan found needs 578.5 KiB")."""
+    torch.manual_seed(0)
+    model, x = RootHead().eval(), torch.randn(2, 8, 64)
+    plain = copy.deepcopy(model)
+    with attach(model, x, vram) as rt, torch.inference_mode():
+        loose = rt.plan.by_name["RootHead.loose"]
+        assert (loose.placement, loose.lifetime) == ("resident", "session")
+        assert rt.plan.prediction.peak_total_bytes - rt.plan.prediction.peak_bytes["reserve"] <= rt.plan.budget.vram_bytes
+        assert torch.equal(model(x), plain(x))
