@@ -14,7 +14,7 @@ from sim_helpers import flat_profile
 from torch import nn
 
 import residency
-from residency.errors import InferenceOnlyWarning
+from residency.errors import InferenceOnlyWarning, ResidencyError
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
@@ -378,3 +378,26 @@ def test_switching_a_batch_normed_model_to_training_while_attached_is_warned_onc
         with warnings.catch_warnings():
             warnings.simplefilter("error", InferenceOnlyWarning)
             model(x)  # said once
+
+
+@pytest.mark.parametrize("vram", [None, "40%"])
+def test_an_in_place_edit_of_a_weight_while_attached_refuses_the_next_call_and_detach_undoes_it(vram):
+    """Resident, the edit was seen by every later call; streamed, by one call or none as the copy race went."""
+    model, x = mlp_stack()
+    weight = model[0][0].weight.detach().clone()
+    with attach(model, x, vram=vram) as rt, torch.inference_mode(False), torch.no_grad():
+        assert bool(rt.plan.streamed()) == (vram is not None)
+        model(x)
+        model[0][0].weight.mul_(0)
+        with pytest.raises(ResidencyError, match=r"weight was changed in place while attached") as info:
+            model(x)
+        assert "after runtime.detach()" in info.value.hint
+    assert torch.equal(model[0][0].weight, weight)
+
+
+def test_entering_a_detached_runtime_is_refused():
+    model, x = mlp_stack()
+    with attach(model, x) as rt:
+        pass
+    with pytest.raises(ResidencyError, match="not attached"), rt:
+        pass

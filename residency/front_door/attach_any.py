@@ -45,9 +45,9 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
 
     vram: bytes, a size ("12GiB") or a share of the weights at the model's compute dtype ("50%"); None:
     the profile's usable memory. fps (video frames per second) or frame_ms (ms per latent frame, for a
-    plain model: per forward call): a time budget; neither: the fastest plan that fits. profile: "auto"
-    (this machine's, measured once and cached: residency.device.machine_profile), a shipped name, a
-    path or a DeviceProfile. backend: "auto" (the GPU if torch sees one), "cpu" or "cuda". example_inputs:
+    plain model: per forward call): a time budget; neither: the best quality within 10 % (or 1 ms) of the
+    fastest plan that fits. profile: "auto" (this machine's, measured once and cached:
+    residency.device.machine_profile), a shipped name, a path or a DeviceProfile. backend: "auto" (the GPU if torch sees one), "cpu" or "cuda". example_inputs:
     one call's inputs (a tensor, a tuple, or a dict of keyword inputs) at the shapes you will run —
     required for a plain nn.Module; calls at other shapes are refused. For a diffusers pipeline: the
     keyword arguments of the call to plan for (prompt, height, width, num_inference_steps …). plan: a Plan (or its JSON path)
@@ -66,8 +66,8 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     (running states, position tables), in the dtype they compute in. The plan's bytes count them at their own
     size.
     While attached, the blocks' weights live in the runtime's memory: edit them (load_state_dict, .to(), an
-    in-place change of a weight) after detach(); the first two are refused while attached, and an in-place
-    change is not seen by the runtime and is undone by detach. Buffers a block updates in its own forward (a
+    in-place change of a weight) after detach(); the first two are refused while attached, and after an
+    in-place change the next call is refused (detach undoes the change). Buffers a block updates in its own forward (a
     running state) are kept. On the CPU backend torch's intra-op threads are one fewer than the cores while
     attached (the copy thread has the last one); detach gives the count back.
     A diffusers pipeline is attached whole by residency.attach_pipeline (its runtime, a context manager too).

@@ -38,6 +38,7 @@ from residency.runtime.module_paths import block_modules, block_tensors, check_b
 from residency.runtime.recovery import MAX_RECOVERIES, RECOVERABLE, recovery_budget
 from residency.runtime.schedule import CallSchedule
 from residency.runtime.session_protocol import RecoverableSession
+from residency.runtime.weight_edits import WeightWatch
 from residency.telemetry.calibration import WARMUP_FRAMES, CalibrationFit, calibrate, calibration_window
 from residency.telemetry.events import LoopEvent
 from residency.telemetry.recorder import Recorder, TelemetrySnapshot
@@ -123,8 +124,12 @@ class Runtime:
         self.call_check: Callable[[tuple, dict], None] | None = None
         self.notes: list[str] = []  # what the runtime changed of the plan while running (a compile fell back)
         self._compiled: BlockForwards | None = None  # `compiled` and `graphed` blocks' forwards, restored at detach
+        self._weights: WeightWatch | None = None  # refuses a call after an in-place edit of a block parameter
 
     def __enter__(self) -> Runtime:
+        if self.pipeline is None:  # `with` a detached runtime ran the model plain, silently
+            raise ResidencyError("this runtime is not attached (detached, or never attached)",
+                                 hint="attach again: `with residency.attach(model, …) as rt:` or rt.attach(model)")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -218,6 +223,7 @@ class Runtime:
         self._originals, self._memory, self._executor = originals, memory, executor
         executor.keep_write = self._keep_buffer_write
         self._buffer_versions = versions
+        self._weights = WeightWatch(self.workload, tensors, executor.buffer_index)
         self.plan, self.pipeline, self._hooked = plan, pipeline, hooked
         self._swaps = swaps_weights(plan)  # per attached plan: a recovery or switch attaches again
         if not on_cpu:
@@ -351,6 +357,8 @@ class Runtime:
         start and end go to the recorder as clock marks (GPU: two events, resolved at frame end; no sync).
         """
         outer = not self._in_unit
+        if outer and self._weights is not None:
+            self._weights.check()
         if outer:
             self._in_unit = True
             self.recorder.unit_start(self.backend.clock())
