@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from decimal import Decimal
 
@@ -59,6 +60,20 @@ def fmt_bytes(n: float) -> str:
             v = n / scale
             return f"{v:.2f} {unit}" if v < 10 else f"{v:.1f} {unit}"
     return f"{int(n)} B"
+
+
+def size_at_least(n: float) -> str:
+    """`n` bytes as a size to give back (--vram, vram=): fmt_bytes' precision, rounded up so that it is never
+    less than n, no space ("656.3KiB" for 671,948 bytes, where fmt_bytes shows 656.2 KiB)."""
+    n = float(n)
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            digits = 2 if n / scale < 10 else 1
+            v = math.ceil(n / scale * 10**digits - 1e-9) / 10**digits
+            if v * scale < n:  # the float division rounded below: one step up
+                v += 10**-digits
+            return f"{v:.{digits}f}{unit}"
+    return f"{math.ceil(n)}B"
 
 
 def fmt_count(n: float) -> str:

@@ -3,7 +3,7 @@
 import pytest
 
 from residency.errors import UsageError
-from residency.units import fmt_bytes, parse_size
+from residency.units import fmt_bytes, parse_size, size_at_least
 
 
 @pytest.mark.parametrize(
@@ -43,3 +43,12 @@ def test_parse_size_reads_only_ascii_numbers(text):
 def test_parse_size_is_exact_to_the_byte():
     assert parse_size("1152921504606846975") == 2**60 - 1  # a float would read 2**60
     assert parse_size("0.3MB") == 300_000
+
+
+@pytest.mark.parametrize("n", [1, 1023, 1024, 671_948, 1_197_824, 10 * 2**20 + 1, 3 * 2**30 - 1, 123_456_789_012])
+def test_a_size_to_give_back_is_never_below_the_bytes_and_one_shown_step_at_most_above(n):
+    text = size_at_least(n)
+    assert " " not in text and parse_size(text) >= n
+    unit = next((s for u, s in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if text.endswith(u)), 1)
+    step = unit * (0.01 if parse_size(text) < 10 * unit else 0.1) if unit > 1 else 1
+    assert parse_size(text) - n <= step + 1

@@ -126,7 +126,7 @@ def plan_for(model: Model, args: argparse.Namespace,
     Raises ResidencyError, before anything is loaded on the device, when no plan fits the VRAM budget."""
     from residency import session_setup
     from residency.commands.plan_render import verdict
-    from residency.units import fmt_bytes
+    from residency.units import fmt_bytes, size_at_least
 
     plan, replan = make_plan(model, console, plan_path=getattr(args, "plan", None), profile=args.profile,
                              fps=args.fps, vram_bytes=args.vram)
@@ -137,9 +137,9 @@ def plan_for(model: Model, args: argparse.Namespace,
     # GPU's workspace the CPU runtime never holds (a GPU plan tried on the CPU runs, as the README shows)
     same_kind = device is not None and other is None
     if same_kind and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
-        need = fmt_bytes(pred.peak_total_bytes)
+        need = size_at_least(pred.peak_total_bytes)
         raise ResidencyError(f"no plan fits the {fmt_bytes(plan.budget.vram_bytes)} VRAM budget: the smallest "
-                             f"{plan.policy} found needs {need}",
+                             f"{plan.policy} found needs {fmt_bytes(pred.peak_total_bytes)}",
                              hint=f"make the plan again with `residency plan … --vram {need}` or more" if getattr(
                                  args, "plan", None) else f"raise --vram to at least {need}, or leave it out")
     console.print(f"plan ({plan.policy}, {plan.profile}): {verdict(plan)}")

@@ -26,7 +26,7 @@ from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
 from residency.runtime.closed_loop import LoopOptions, enable_loop
 from residency.runtime.hooks import has_hook
-from residency.units import fmt_bytes
+from residency.units import fmt_bytes, size_at_least
 from residency.workload import Workload, module_workload, workload_from_dict
 from residency.workload.from_module import (
     DTYPE_NAMES,
@@ -83,6 +83,11 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     if has_hook(target):  # before planning: its counted forward would run through the other runtime
         raise ResidencyError(f"{type(target).__name__} is attached to a runtime already",
                              hint="detach() that runtime (or leave its `with` block) first")
+    inner = next((n for n, m in target.named_modules() if n and has_hook(m)), None)
+    if inner is not None:  # before planning too: a tight budget said "no plan fits", hiding this
+        raise ResidencyError(f"{type(target).__name__}.{inner} is attached to another runtime",
+                             hint="detach() that runtime (or leave its `with` block) first, then attach the whole "
+                                  "model")
     refuse_foreign_hooks(target, type(target).__name__)
     _warn_training_statistics(target)
     chosen_backend = backend_name(backend)
@@ -236,23 +241,31 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
         kinds = sorted(((k, n) for k, n in least.prediction.peak_bytes.items() if n and k != "reserve"),
                        key=lambda kn: -kn[1])[:3] if least.prediction else []
         parts = f" ({', '.join(f'{k} {fmt_bytes(n)}' for k, n in kinds)})" if kinds else ""
-        hint = (f"give a larger vram= (its largest block, {largest.name}, is {fmt_bytes(largest.nbytes(fmt))} in "
-                f"{fmt}: a streamed block needs a slot for it and one for the next), or a model of more, smaller "
-                "blocks")
+        give = f"vram={size_at_least(need)!r} or more" if need is not None else "a larger vram="
+        hint = (f"give {give} (its largest block, {largest.name}, is {fmt_bytes(largest.nbytes(fmt))} in {fmt}: "
+                "a streamed block needs a slot for it and one for the next)"
+                # one tensor (an embedding table) is the least the runtime moves: no smaller blocks to ask for
+                + (", or a model of more, smaller blocks" if len(largest.tensors) > 1 else ""))
         fixed = {k: n for k, n in (plan.prediction.peak_bytes.items() if plan.prediction else ())
                  if k in FIXED_KINDS and n}
         # most of what the smallest plan needs is memory no placement of the weights changes: say that
         if need is not None and sum(fixed.values()) >= max(budget.vram_bytes, need / 2):
             shown = ", ".join(f"{k} {fmt_bytes(n)}" for k, n in sorted(fixed.items(), key=lambda kn: -kn[1]))
             hint = (f"what no plan can stream or pack ({shown}) needs {fmt_bytes(sum(fixed.values()))} before any "
-                    f"weight: give vram={fmt_bytes(need).replace(' ', '')} or more (a share like \"100%\" counts "
+                    f"weight: give vram={size_at_least(need)!r} or more (a share like \"100%\" counts "
                     "the weights only)")
         raise ResidencyError(f"no plan of {w.name} fits vram={budget.vram_bytes} bytes "
                              f"({fmt_bytes(budget.vram_bytes)}) on profile {profile.name!r}"
-                             + (f": the smallest plan found needs {fmt_bytes(need)}{parts}" if need is not None
-                                else ""), hint=hint)
+                             + (f": the smallest plan found needs {_exact(need, budget.vram_bytes)}{parts}"
+                                if need is not None else ""), hint=hint)
     warn_missed_budget(plan, stacklevel=4)
     return plan
+
+
+def _exact(need: int, budget_bytes: int) -> str:
+    """`need` as fmt_bytes shows it, with its bytes when that reads the same as the budget's."""
+    shown = fmt_bytes(need)
+    return f"{shown} ({need} bytes)" if shown == fmt_bytes(budget_bytes) else shown
 
 
 def _warn_budget_ignored(chosen: Plan, asked: Budget, **given: Any) -> None:
@@ -270,5 +283,7 @@ def _warn_budget_ignored(chosen: Plan, asked: Budget, **given: Any) -> None:
 
 def _given_plan(plan: Plan | str | os.PathLike[str], workload: Workload) -> Plan:
     chosen = plan if isinstance(plan, Plan) else load_plan(plan)
-    chosen.check_matches(workload, f"model {workload.name}")
+    chosen.check_matches(workload, f"model {workload.name}",
+                         fix="leave plan= out to plan this model, or give the plan an attach of this model made "
+                             "(runtime.plan, or residency.save_plan of it)")
     return chosen

@@ -172,24 +172,25 @@ class Plan:
         """A copy of the plan carrying `prediction`."""
         return replace(self, prediction=prediction)
 
-    def check_matches(self, workload: PlannedFor, what: str = "this model") -> None:
+    def check_matches(self, workload: PlannedFor, what: str = "this model", fix: str | None = None) -> None:
         """Refuse to apply the plan to a workload it was not made for, or whose blocks it does not name.
 
         A hand-edited plan can keep the fingerprint and still rename, drop or repeat a block; every
-        lookup by name after this point relies on the plan naming each block of the workload once."""
+        lookup by name after this point relies on the plan naming each block of the workload once. `fix`: the
+        hint for the caller's users (default: the CLI's)."""
         fingerprint = workload.fingerprint()
         if fingerprint != self.workload_fingerprint:
             raise ResidencyError(
                 f"the plan was made for model {self.model!r} (fingerprint {self.workload_fingerprint}), "
                 f"not for {what} (fingerprint {fingerprint})",
-                hint="make a new plan for this model with `residency plan`",
+                hint=fix or "make a new plan for this model with `residency plan`",
             )
         expected = [b.name for b in workload.blocks]
         named = [b.name for b in self.blocks]
         if named != expected:
             raise ResidencyError(f"the plan for {self.model!r} does not name the blocks of {what}: "
                                  f"{_block_difference(named, expected)}",
-                                 hint="make a new plan with `residency plan -o` rather than editing block names")
+                                 hint=fix or "make a new plan with `residency plan -o` rather than editing block names")
 
     @property
     def holds_budget(self) -> bool:
