@@ -76,6 +76,13 @@ def size_at_least(n: float) -> str:
     return f"{math.ceil(n)}B"
 
 
+def fmt_ms(ms: float) -> str:
+    """Milliseconds to three significant figures or so, never shown as 0.0 when they are not: 41.3, 2.47,
+    0.010 (a 100,000 fps budget read "0.0 ms" at one decimal)."""
+    a = abs(ms)
+    return f"{ms:.1f}" if a >= 10 else f"{ms:.2f}" if a >= 1 else f"{ms:.3f}" if a >= 0.001 or a == 0 else f"{ms:.1e}"
+
+
 def fmt_count(n: float) -> str:
     """Parameter counts: 516.2M, 12.0B, 3.4K."""
     n = float(n)

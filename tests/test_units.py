@@ -3,7 +3,7 @@
 import pytest
 
 from residency.errors import UsageError
-from residency.units import fmt_bytes, parse_size, size_at_least
+from residency.units import fmt_bytes, fmt_ms, parse_size, size_at_least
 
 
 @pytest.mark.parametrize(
@@ -52,3 +52,9 @@ def test_a_size_to_give_back_is_never_below_the_bytes_and_one_shown_step_at_most
     unit = next((s for u, s in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if text.endswith(u)), 1)
     step = unit * (0.01 if parse_size(text) < 10 * unit else 0.1) if unit > 1 else 1
     assert parse_size(text) - n <= step + 1
+
+
+@pytest.mark.parametrize(("ms", "shown"), [(41.27, "41.3"), (2.468, "2.47"), (0.01, "0.010"), (0.0004, "4.0e-04"),
+                                           (0.0, "0.000"), (1234.5, "1234.5")])
+def test_milliseconds_keep_about_three_figures_and_a_nonzero_time_never_reads_zero(ms, shown):
+    assert fmt_ms(ms) == shown

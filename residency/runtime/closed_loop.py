@@ -35,6 +35,7 @@ from residency.simulate import predict
 from residency.telemetry.calibration import CalibrationFit, calibrate, robust_median
 from residency.telemetry.events import LoopEvent
 from residency.telemetry.recorder import FrameRecord
+from residency.units import fmt_ms
 
 # Defaults, with their reasons:
 MISS_FRAMES = 4  # K: one slow frame is noise (a page fault, the OS); four in a row is a trend
@@ -209,17 +210,18 @@ class ClosedLoop:
         running = predict(rt.workload, rt.plan, fit.profile, bound=False)
         running_ms = running.prediction.frame_ms
         self._event("calibrated", None, f"frame {self.units}: {fit.summary()} (from {fit.frames} frames); the "
-                    f"running plan re-predicted {running_ms:.1f} ms", running_ms, measured, predicted)
+                    f"running plan re-predicted {fmt_ms(running_ms)} ms", running_ms, measured, predicted)
         budget = self._budget_ms()
         if not trigger and (budget is None or running_ms <= budget):
             rt.adopt_profile(fit.profile, running)  # holds: keep it, with the corrected prediction
             return
         if not trigger:
-            why = f"frame {self.units}: the running plan re-predicted {running_ms:.1f} ms, over the {budget:.1f} ms budget"
+            why = (f"frame {self.units}: the running plan re-predicted {fmt_ms(running_ms)} ms, over the "
+                   f"{fmt_ms(budget)} ms budget")
         elif budget is not None and measured > budget:
-            why = f"frame {self.units}: {measured:.1f} ms over the {budget:.1f} ms budget"
+            why = f"frame {self.units}: {fmt_ms(measured)} ms over the {fmt_ms(budget)} ms budget"
         else:
-            why = f"frame {self.units}: measured {measured:.1f} ms against {predicted:.1f} predicted"
+            why = f"frame {self.units}: measured {fmt_ms(measured)} ms against {fmt_ms(predicted)} predicted"
         self.last_decision_unit = self.units
         pending = _Pending(fit, f"{why}; {trigger_reason(fit, measured > predicted)}", measured, predicted,
                            self.units, running, done=threading.Event())
@@ -255,8 +257,8 @@ class ClosedLoop:
         if not better or same:
             rt.adopt_profile(profile, running)
             self._reset_segment(switched=False)
-            self._event("kept", p, f"{p.trigger} — kept the running plan (re-predicted {running_ms:.1f} ms; "
-                        f"the best new plan predicts {new_ms:.1f})", running_ms)
+            self._event("kept", p, f"{p.trigger} — kept the running plan (re-predicted {fmt_ms(running_ms)} ms; "
+                        f"the best new plan predicts {fmt_ms(new_ms)})", running_ms)
             return
         cap = self.options.max_switches
         if cap is not None and self.switches >= cap:
@@ -269,7 +271,7 @@ class ClosedLoop:
         self.switches += 1
         self._reset_segment(switched=True)
         self._event("replanned", p, f"{p.trigger} — re-planned: {plan_change(old, p.plan)}, predicted "
-                    f"{new_ms:.1f} ms", new_ms)
+                    f"{fmt_ms(new_ms)} ms", new_ms)
 
     def _reset_segment(self, switched: bool) -> None:
         """After a decision: a new plan starts a new segment (warm-up, then its own calibration)."""
