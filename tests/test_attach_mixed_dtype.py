@@ -256,18 +256,44 @@ def test_kept_fp32_tensors_carry_their_own_error_and_width_in_the_cost_model():
     mixed = [b for b in w.blocks if b.own_dtypes and len(b.own_dtypes) < len(b.tensors)]
     assert mixed
     profile = flat_profile(backend="cpu", tflops=1e6, memory_gbps=1e-3)  # the memory roof decides the time
+    assert w.extra["weights_dtype"] == "bf16"
+    fp32_held = dataclasses.replace(w, extra={k: v for k, v in w.extra.items() if k != "weights_dtype"})
     for b in mixed:
         kept = sum(n for n, own in zip((int(torch.Size(s).numel()) for _, s in b.tensors), b.tensor_own_dtypes,
                                         strict=True) if own)
         plain = type(b)(b.name, b.component, b.tensors, b.tokens, b.flops_per_token)  # same tensors, no kept dtype
-        one = dataclasses.replace(w, blocks=tuple(plain if x.name == b.name else x for x in w.blocks))
-        # BF16 storage: the kept fp32 tensors take no error, the others BF16's
+        one = dataclasses.replace(fp32_held, blocks=tuple(plain if x.name == b.name else x for x in w.blocks))
+        # against fp32 weights (a catalog entry's), BF16 storage: the kept tensors take no error, the others BF16's
         expected = (b.params - kept) * format_error("BF16") / b.params
-        assert block_error(w, b.name, "BF16") == pytest.approx(expected)
-        assert block_error(w, b.name, "BF16") < block_error(one, b.name, "BF16")
+        assert block_error(fp32_held, b.name, "BF16") == pytest.approx(expected)
+        assert block_error(fp32_held, b.name, "BF16") < block_error(one, b.name, "BF16")
+        # against the bf16 weights the model holds, BF16 storage is exact, Q8_0 is not
+        assert block_error(w, b.name, "BF16") == 0.0 < block_error(w, b.name, "Q8_0")
         bp = BlockPlan(b.name, "resident", "BF16", "bf16", "session", "compute")
         # the memory roof reads the kept tensors at fp32's width: at least 2 bytes an element more than at bf16
         # (more where the block's activations follow its kept dtype too)
         extra_s = 2 * kept / (profile.device_memory_gbps * 1e9)
         got = compute_s(b, bp, profile, 0, False, "bf16", 1) - compute_s(plain, bp, profile, 0, False, "bf16", 1)
         assert got >= extra_s * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_plan_that_stores_a_models_weights_in_their_own_dtype_loses_no_quality(dtype):
+    """Quality loss is against the weights as the model holds them: a bf16 model kept in BF16 is bit for bit
+    itself (it read 0.0133, BF16's error against fp32 weights it never had); quantized, it loses some."""
+    from dataclasses import replace
+
+    from sim_helpers import flat_profile
+
+    from residency.simulate import predict
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)]).eval().to(dtype)
+    x = torch.randn(4, 64, dtype=dtype)
+    with residency.attach(model, profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=x) as rt:
+        assert rt.workload.extra["weights_dtype"] == {torch.bfloat16: "bf16", torch.float16: "fp16",
+                                                       torch.float32: "fp32"}[dtype]
+        assert all(bp.placement == "resident" for bp in rt.plan.blocks)
+        assert rt.plan.prediction.quality_loss == 0.0
+        q8 = replace(rt.plan, blocks=tuple(replace(bp, format="Q8_0") for bp in rt.plan.blocks))
+        assert predict(rt.workload, q8, rt.profile).prediction.quality_loss > 0

@@ -13,7 +13,6 @@ import torch
 
 from residency.formats import FORMATS
 from residency.formats.base import relative_rms_error
-from residency.formats.dtypes import DTYPE_FORMAT
 from residency.plan.plan import Plan
 from residency.workload.spec import Workload
 
@@ -47,19 +46,31 @@ def format_errors() -> dict[str, float]:
     return {name: format_error(name) for name in FORMATS}
 
 
+# Formats that hold every value of a weights dtype exactly: storing such weights in them loses nothing.
+_EXACT_FOR = {"fp32": ("F32",), "bf16": ("BF16", "F32"), "fp16": ("F16", "F32")}
+
+
+def _error(name: str, weights_dtype: str | None) -> float:
+    """The format's error on weights held in `weights_dtype` (None: fp32 or unknown, the probe's own)."""
+    return 0.0 if name in _EXACT_FOR.get(weights_dtype or "", ()) else format_error(name)
+
+
 def block_error(workload: Workload, block: str, fmt: str) -> float:
-    """Weights-weighted error: tensors that fall back to BF16 carry BF16's error, tensors kept in their own
-    dtype (BlockSpec.own_dtypes: a bf16 model's fp32 norms) that dtype's (none for fp32)."""
+    """Weights-weighted error against the weights as the model holds them: tensors that fall back to BF16 carry
+    BF16's error, tensors kept in their own dtype (BlockSpec.own_dtypes) none (they are stored as they are),
+    and a format that holds the model's weights dtype exactly (BF16 for a bf16 model, its weights_dtype in
+    Workload.extra as residency.workload.from_module records it) none. Without that record the weights are taken
+    as fp32 (the catalog's: the shipped world model trains in fp32)."""
     spec = workload.by_name[block]
     if spec.params == 0:
         return 0.0
+    held = workload.extra.get("weights_dtype") if isinstance(workload.extra, Mapping) else None
     q = spec.quantized_weights(fmt)
-    kept = [(math.prod(shape), own) for (_, shape), own in zip(spec.tensors, spec.tensor_own_dtypes, strict=True)
-            if own] if spec.own_dtypes else []
-    kept_error = sum(n * format_error(DTYPE_FORMAT[own]) for n, own in kept)
-    fallback = spec.params - q - sum(n for n, _ in kept)
-    rest = format_error("BF16") if fallback else 0.0
-    return (q * (format_error(fmt) if q else 0.0) + fallback * rest + kept_error) / spec.params
+    kept = sum(math.prod(shape) for (_, shape), own in zip(spec.tensors, spec.tensor_own_dtypes, strict=True)
+               if own) if spec.own_dtypes else 0
+    fallback = spec.params - q - kept
+    rest = _error("BF16", held) if fallback else 0.0
+    return (q * (_error(fmt, held) if q else 0.0) + fallback * rest) / spec.params
 
 
 def quality_loss(workload: Workload, plan: Plan, sensitivity: Mapping[str, Mapping[str, float]] | None = None) -> float:

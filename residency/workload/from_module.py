@@ -141,8 +141,9 @@ def module_workload(model: nn.Module, example_inputs: Example, *, name: str, com
     extra = {"counted_on": counted_on, "repeated_from": blocks.repeated_from, "compute_dtype": compute_dtype,
              "example": _shapes(args, kwargs), "module_class": type(model).__name__}
     own = [d for b in specs for _, d in b.own_dtypes if main is None or d != DTYPE_NAMES[main]]  # not buffers
-    if own:
+    if main is not None:  # what the weights are held in: a format that holds it exactly loses nothing
         extra["weights_dtype"] = DTYPE_NAMES[main]
+    if own:
         extra["own_dtype_tensors"] = {d: own.count(d) for d in sorted(set(own))}
     if meta_error:
         extra["meta_error"] = meta_error
