@@ -17,6 +17,7 @@ import numpy as np
 
 from residency import userpath
 from residency.errors import ResidencyError, UsageError
+from residency.units import plural
 
 if TYPE_CHECKING:  # each imports torch (and planning the MILP solver): imported where they are used
     from pipelines.world_model import WorldModelPipeline
@@ -295,11 +296,12 @@ class CalibrationReport:
         where the cache keeps a fit on more frames, the same figures and which file was kept."""
         errors = f"prediction error before {self.error_before * 100:+.1f} %, after {self.error_after * 100:+.1f} %"
         if self.kept is None:
-            return f"calibrated profile saved to {self.path} (from {self.frames} frames): {errors}"
+            return f"calibrated profile saved to {self.path} (from {plural(self.frames, 'frame')}): {errors}"
         from residency.device.calibrated import FULL_FIT_FRAMES
 
-        return (f"calibrated from {self.frames} frames ({errors}), not saved: {self.path} keeps its calibration "
-                f"from {self.kept.frames} frames of {self.kept.date} (a fit on {FULL_FIT_FRAMES} frames or more "
+        return (f"calibrated from {plural(self.frames, 'frame')} ({errors}), not saved: {self.path} keeps its "
+                f"calibration from {plural(self.kept.frames, 'frame')} of {self.kept.date} (a fit on "
+                f"{FULL_FIT_FRAMES} frames or more "
                 "replaces it)")
 
 
@@ -311,11 +313,15 @@ def calibrate_session(runtime: Runtime, start_profile: DeviceProfile) -> Calibra
 
     Raises ResidencyError with too few frames, an absurd fit, or an unwritable cache."""
     from residency.device import save_calibrated
-    from residency.device.calibrated import better_cached
+    from residency.device.calibrated import MIN_SAVED_FIT_FRAMES, better_cached
     from residency.simulate import predict
-    from residency.telemetry.calibration import calibration_window, prediction_errors
+    from residency.telemetry.calibration import WARMUP_FRAMES, calibration_window, prediction_errors
 
     fit = runtime.calibrated_profile()
+    if fit.frames < MIN_SAVED_FIT_FRAMES:
+        raise ResidencyError(f"a fit on {plural(fit.frames, 'frame')} is not saved (at least "
+                             f"{MIN_SAVED_FIT_FRAMES} after the {WARMUP_FRAMES} of warm-up)",
+                             hint=f"run {WARMUP_FRAMES + MIN_SAVED_FIT_FRAMES} latent frames or more")
     measured_ms = [f.frame_ms for f in calibration_window(runtime.telemetry()).frames]
     before_ms, after_ms = (predict(runtime.workload, runtime.plan, p, bound=False).prediction.frame_ms
                            for p in (start_profile, fit.profile))

@@ -1,6 +1,9 @@
 """Shared test set-up: compute on one thread beside the copy engine, as the runtime does."""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,26 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("RESIDENCY_TEST", "1")
+
+
+def _isolated_cache() -> Path:
+    """A cache of the session's own (XDG_CACHE_HOME) seeded with this machine's measured profiles: a test never
+    reads, writes or discards the user's calibrated profiles (one whose base reads as changed to a test's
+    profile was deleted), and the machine's profile is measured at most once per session, as before."""
+    real = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "residency"
+    home = Path(tempfile.mkdtemp(prefix="residency-tests-"))
+    (home / "residency").mkdir()
+    for f in real.glob("profile-*.json"):
+        shutil.copy2(f, home / "residency" / f.name)
+    return home
+
+
+_CACHE_HOME = _isolated_cache()
+os.environ["XDG_CACHE_HOME"] = str(_CACHE_HOME)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -139,7 +139,8 @@ def test_a_fixed_plan_is_neither_re_planned_nor_calibrated(machine, capsys, flag
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--frames", "2"], "--calibrate needs more than 2 latent frames (the first 2 are a warm-up); this run has 2"),
+    (["--frames", "4"], "--calibrate needs at least 5 latent frames (the first 2 are a warm-up, then 3 to fit); "
+                        "this run has 4"),
     (["--frames", "5", "--profile", "rx-7800-xt"],
      "the plan's profile is Radeon RX 7800 XT, a GPU profile, not this CPU"),
 ])
@@ -151,15 +152,16 @@ def test_a_calibration_that_cannot_work_is_refused_before_the_rollout(machine, c
 
 
 def test_a_shorter_calibration_keeps_the_cached_one_fitted_on_more_frames(machine, capsys):
-    path, _ = calibrate_tiny(capsys)  # 3 frames fitted
-    assert main([*RUN, "--frames", "4", "--calibrate"]) == 0  # 2 fitted: fewer, and under FULL_FIT_FRAMES
+    assert main([*RUN, "--frames", "6", "--calibrate"]) == 0  # 4 fitted
+    path = Path(SAVED.search(capsys.readouterr().out).group(1))
+    assert main([*RUN, "--frames", "5", "--calibrate"]) == 0  # 3 fitted: fewer, and under FULL_FIT_FRAMES
     out = " ".join(capsys.readouterr().out.split())
-    assert "calibrated from 2 frames (prediction error before" in out and f"not saved: {path} keeps its " \
-        "calibration from 3 frames of" in out
-    assert read_profile(path).calibration.frames == 3
-    assert main([*RUN, "--frames", "6", "--calibrate"]) == 0  # 4 fitted: more, so it replaces
-    assert "calibrated profile saved to" in capsys.readouterr().out
+    assert "calibrated from 3 frames (prediction error before" in out and f"not saved: {path} keeps its " \
+        "calibration from 4 frames of" in out
     assert read_profile(path).calibration.frames == 4
+    assert main([*RUN, "--frames", "7", "--calibrate"]) == 0  # 5 fitted: more, so it replaces
+    assert "calibrated profile saved to" in capsys.readouterr().out
+    assert read_profile(path).calibration.frames == 5
 
 
 def test_a_prediction_far_off_gets_the_hint_to_calibrate(machine, capsys, tmp_path):
@@ -167,6 +169,7 @@ def test_a_prediction_far_off_gets_the_hint_to_calibrate(machine, capsys, tmp_pa
     save_profile(fast, tmp_path / "fast.json")  # predicts compute 20x faster than it runs
     assert main([*RUN, "--frames", "3", "--profile", str(tmp_path / "fast.json")]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "hint: the prediction is off by more than 20%: add --calibrate" in out
-    assert main([*RUN, "--frames", "3", "--profile", str(tmp_path / "fast.json"), "--calibrate"]) == 0
+    # 3 frames are too few to calibrate: the hint says how many
+    assert "hint: the prediction is off by more than 20%: add --frames 8 --calibrate" in out
+    assert main([*RUN, "--frames", "5", "--profile", str(tmp_path / "fast.json"), "--calibrate"]) == 0
     assert "hint: the prediction is off" not in capsys.readouterr().out  # calibrating already

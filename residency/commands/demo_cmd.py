@@ -18,7 +18,7 @@ from residency.commands import arg_types, run_cmd
 from residency.commands.actions import parse_actions
 from residency.commands.console import command_name, make_console
 from residency.errors import ResidencyError
-from residency.units import plural
+from residency.units import fmt_bytes, plural
 
 DEMO_FPS = 15.0  # video frames per second the plan must hold
 VRAM_FRACTION = 0.75  # of the model's weight bytes at the compute dtype: too small to keep every block resident
@@ -55,10 +55,15 @@ def _vram_bytes(model: session_setup.Model) -> int:
 def _plan_line(plan) -> str:
     placements = Counter(b.placement for b in plan.blocks)
     parts = ", ".join(f"{n} {kind}" for kind, n in placements.most_common())
-    p = plan.prediction
+    p, budget = plan.prediction, plan.budget
+    if p.peak_total_bytes > budget.vram_bytes:  # memory first: a fast plan that does not fit holds nothing
+        held = f"does not fit: needs {fmt_bytes(p.peak_total_bytes)}"
+    elif budget.frame_ms is None:
+        held = "no frame budget"
+    else:
+        held = f"{'holds' if p.frame_ms <= budget.frame_ms else 'misses'} {budget.frame_ms:.1f} ms"
     return (f"plan ({plan.policy}, {plan.profile}): {parts} of {plural(len(plan.blocks), 'block')} within "
-            f"{plan.budget.vram_bytes / 2**20:.1f} MiB; predicted {p.frame_ms:.1f} ms per latent frame "
-            f"({'holds' if plan.holds_budget else 'misses'} {plan.budget.frame_ms:.1f} ms)")
+            f"{fmt_bytes(budget.vram_bytes)}; predicted {p.frame_ms:.1f} ms per latent frame ({held})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,17 +102,22 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_closed_loop:  # live, the dashboard shows the loop's events; else each is printed
         session_setup.enable_loop(runtime, model, None if live_view else say)
     image = model.start_image
+    snapshot = None
     try:
         if live_view:
             with live(console, board):
                 video = session_setup.rollout(runtime, model.pipe, image, actions, 0, lambda i, s: board.update(s))
+                # the last frame closes at detach: shown before the live view's final render, not after
+                snapshot = session_setup.final_snapshot(runtime)
+                board.update(snapshot)
         else:
             with Progress(TextColumn("latent frames"), BarColumn(), MofNCompleteColumn(), console=err,
                           transient=True) as progress:
                 task = progress.add_task("demo", total=len(actions))
                 video = session_setup.rollout(runtime, model.pipe, image, actions, 0, lambda i, s: progress.advance(task))
     finally:
-        snapshot = session_setup.final_snapshot(runtime)
+        if snapshot is None:
+            snapshot = session_setup.final_snapshot(runtime)
     if not live_view:
         console.print(build(snapshot, context))
     write_frames(video, gif, DEMO_FPS)

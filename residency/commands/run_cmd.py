@@ -102,11 +102,14 @@ def check_calibration(other: str | None, frames: int) -> None:
     """Refuse, before the rollout, a --calibrate that could only fail or mislead: too few frames to fit past the
     warm-up, or a plan's profile of another kind than this runtime (`other`, see other_device: a GPU profile
     fitted to CPU timings describes neither). Raises UsageError."""
+    from residency.device.calibrated import MIN_SAVED_FIT_FRAMES
     from residency.telemetry.calibration import WARMUP_FRAMES
 
-    if frames <= WARMUP_FRAMES:
-        raise UsageError(f"--calibrate needs more than {WARMUP_FRAMES} latent frames (the first {WARMUP_FRAMES} "
-                         f"are a warm-up); this run has {frames}", hint="add --frames 8 or more")
+    least = WARMUP_FRAMES + MIN_SAVED_FIT_FRAMES
+    if frames < least:
+        raise UsageError(f"--calibrate needs at least {least} latent frames (the first {WARMUP_FRAMES} are a "
+                         f"warm-up, then {MIN_SAVED_FIT_FRAMES} to fit); this run has {frames}",
+                         hint=f"add --frames {max(8, least)} or more")
     if other is not None:
         raise UsageError(f"--calibrate fits a profile to this machine's timings; the plan's profile is {other}",
                          hint="drop --profile to calibrate this machine's profile, or drop --calibrate")
@@ -245,6 +248,21 @@ def report_speed(console: Console, snapshot: TelemetrySnapshot, other: str | Non
                       highlight=False)
 
 
+def _calibrate_hint(args: argparse.Namespace, frames: int) -> str | None:
+    """What to do about a prediction far off: calibrate (with enough frames), or fit the calibration again;
+    None when the run calibrates already or runs a given plan (its profile is the plan's)."""
+    from residency.device.calibrated import MIN_SAVED_FIT_FRAMES
+    from residency.telemetry.calibration import WARMUP_FRAMES
+
+    if args.calibrate or getattr(args, "plan", None):
+        return None
+    more = f" --frames {max(8, WARMUP_FRAMES + MIN_SAVED_FIT_FRAMES)}" if frames < WARMUP_FRAMES + MIN_SAVED_FIT_FRAMES \
+        else ""
+    if args.profile == "calibrated":
+        return f"the calibration is off too (the machine may have changed): run again with{more} --calibrate to fit it anew"
+    return f"add{more} --calibrate to fit this machine's profile to a run (cached), then plan with --profile calibrated"
+
+
 # --- run ---------------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     """Roll the model out headless under its plan; write the frames and, with --trace, the trace.
@@ -280,11 +298,15 @@ def run(args: argparse.Namespace) -> int:
     runtime = attach(model, plan, replan)
     if args.closed_loop:  # the live dashboard shows the loop's events; else each is printed as it happens
         enable_loop(runtime, model, None if args.dashboard else print_line(console))
+    snapshot = None
     try:
         if args.dashboard:
             board = Dashboard(context)
             with live(console, board):
                 video = rollout(runtime, model.pipe, image, actions, args.seed, lambda i, s: board.update(s))
+                # the last frame closes at detach: shown before the live view's final render, not after
+                snapshot = final_snapshot(runtime)
+                board.update(snapshot)
         else:
             with Progress(TextColumn("latent frames"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                           console=err, transient=True) as progress:
@@ -292,14 +314,14 @@ def run(args: argparse.Namespace) -> int:
                 video = rollout(runtime, model.pipe, image, actions, args.seed,
                                 lambda i, s: progress.advance(task))
     finally:
-        snapshot = final_snapshot(runtime)
+        if snapshot is None:
+            snapshot = final_snapshot(runtime)
     written = write_frames(video, out, args.fps or GIF_FPS)
     console.print(f"wrote {len(video)} frame{'s' if len(video) != 1 else ''} to {written[0]}" + (f" … {written[-1]}" if len(written) > 1 else ""))
     if trace is not None:
         write_trace(snapshot, context, trace)
         console.print(f"wrote the trace to {trace} (open in https://ui.perfetto.dev or `residency dashboard`)")
-    report_speed(console, snapshot, other, None if args.calibrate or getattr(args, "plan", None) else (
-        "add --calibrate to fit this machine's profile to a run (cached), then plan with --profile calibrated"))
+    report_speed(console, snapshot, other, _calibrate_hint(args, len(actions)))
     if args.calibrate:
         print_line(console)(calibrate_session(runtime, replan.profile).line())
     return 0

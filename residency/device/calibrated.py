@@ -31,6 +31,9 @@ BASE_KEY = "base_profile"  # provenance entry holding the base profile's name
 NAME_SUFFIX = " (calibrated)"
 MAX_SLUG = 60  # characters of the base name kept in a file name
 FULL_FIT_FRAMES = 16  # a calibration on this many frames (the fit's target window) replaces any cached one
+# Fewer fitted frames than this are not saved: a 1- or 2-frame fit (a short demo) left every figure at the
+# profile's value ("before -32.9 %, after -32.9 %") and would then be what `--profile calibrated` reads
+MIN_SAVED_FIT_FRAMES = 3
 
 
 def _to_stderr(message: str) -> None:
