@@ -20,7 +20,7 @@ import numpy as np
 
 from residency import userpath
 from residency.atomic_file import atomic_output, check_can_create
-from residency.errors import ResidencyError
+from residency.errors import ResidencyError, UsageError
 
 FRAME_FORMATS = (".gif", ".png")
 IMAGE_HINT = "give a PNG or JPEG file at the model's size"
@@ -109,7 +109,7 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
                              hint=f"name a file in it, e.g. {Path(path) / 'out.gif'}")
     path = Path(path)
     if path.suffix.lower() not in FRAME_FORMATS:
-        raise ResidencyError(f"{path}: cannot write {path.suffix or 'files without an extension'}",
+        raise UsageError(f"{path}: cannot write {path.suffix or 'files without an extension'}",
                              hint="use .gif for an animation or .png for numbered frames (out.png -> out-0000.png …)")
     check_writable_target(path)
     if path.suffix.lower() == ".png":

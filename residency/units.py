@@ -47,7 +47,7 @@ def parse_size(text: str, what: str = "size", min_bytes: int = 1) -> int:
                          hint="write a number with a unit, e.g. 6GiB, 6GB, 6000MB or 512MiB")
     value = Decimal(m.group(1)) * _UNITS[unit]
     if not min_bytes <= value <= MAX_SIZE_BYTES:
-        raise UsageError(f"{what} must be at least {fmt_bytes(min_bytes)} and at most 2**60 bytes (1 EiB), "
+        raise UsageError(f"{what} must be at least {fmt_bytes(min_bytes)} and at most 2**60 bytes (1048576 TiB), "
                          f"got {shown}", hint="e.g. 6GiB or 512MiB")
     return int(value)
 

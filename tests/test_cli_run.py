@@ -90,7 +90,7 @@ BAD = [
     (["run", "lucid-500m", *PROFILE, "-o", "o.gif"], 1, "needs real weights"),
     (["run", "tiny", "--image", "start.png", "--profile", "nosuch-gpu", "-o", "o.gif"], 1, "unknown profile"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "nodir/o.gif"], 1, "does not exist"),
-    (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.mp4"], 1, "cannot write .mp4"),
+    (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.mp4"], 2, "cannot write .mp4"),  # as --trace x.txt
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "."], 1, "is a directory; frames are written to a file"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "frames/"], 1, "ends with '/', a directory's name"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.gif", "--trace", "nodir/t.json"], 1,

@@ -102,7 +102,10 @@ def test_a_trace_in_chromes_json_array_form_replays_its_frames(snapshot, tmp_pat
 @pytest.mark.parametrize("content,problem", [("{", "not valid JSON"), ('{"a": 1}', "not a Chrome trace"),
                                              ('{"traceEvents": []}', "no recorded frames"), ("[]", "no recorded frames"),
                                              ('[{"ph": "X"},', "not valid JSON"), ('"x"', "not a Chrome trace"),
-                                             ('[1]', r"traceEvents\[0\]")])
+                                             ('[1]', r"traceEvents\[0\]"),
+                                             ('[{"ph": "X", "cat": "v8", "name": "x", "ts": 1, "dur": 2}]',
+                                              r"traceEvents\[0\] is not an event residency writes .*'v8'"),
+                                             ('[{"ph": "X", "name": "x", "ts": 1, "dur": 2}]', "not a residency trace")])
 def test_broken_traces_are_refused_with_a_hint(tmp_path, content, problem):
     path = tmp_path / "bad.json"
     path.write_text(content)

@@ -112,7 +112,11 @@ def _calls(r: Reader, events: list):
             raise r.bad(path, e, "an event (a JSON object)")
         if e.get("ph") != "X" or e.get("cat") == FRAME_TRACK:
             continue
-        track = r.choice(e.get("cat"), f"{path}.cat", TRACKS)
+        if e.get("cat") not in TRACKS:  # another program's events (a browser's, a profiler's)
+            raise ResidencyError(f"{r.source}: {path} is not an event residency writes (its cat is "
+                                 f"{e.get('cat')!r}, not one of {', '.join(TRACKS)}): not a residency trace",
+                                 hint=_HINT)
+        track = e["cat"]
         name = r.string(r.need(e, "name", path), f"{path}.name", non_empty=True)
         start_us = _number(r, e, "ts", path)
         end_us = start_us + _number(r, e, "dur", path, minimum=0.0)
