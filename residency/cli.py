@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
         command.add_parser(sub)
+    for action in sub._choices_actions:  # `residency CMD --help` opens with what the command list says of it
+        p = sub.choices[action.dest]
+        if p.description is None and action.help:
+            p.description = action.help[0].upper() + action.help[1:] + "."
     return parser
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from residency import userpath
 from residency.atomic_file import atomic_output, check_can_create
 from residency.errors import ResidencyError, UsageError
+from residency.units import plural
 
 FRAME_FORMATS = (".gif", ".png")
 IMAGE_HINT = "give a PNG or JPEG file at the model's size"
@@ -139,10 +140,12 @@ def _refuse_earlier_sequence(path: Path) -> None:
     # writing the new sequence would leave a mix if the run were killed in between.
     found = _earlier_frames(path)
     if found:
+        span = found[0] if len(found) == 1 else f"{found[0]} … {found[-1]}"
+        # no `rm` pattern in the hint: one of those files may be this run's own input (--image start-0000.png)
         raise ResidencyError(
-            f"{path.parent / found[0]}: {len(found)} numbered frame(s) of an earlier {path.name} sequence are "
-            "there; a new sequence does not mix with them",
-            hint=f"remove them first (rm {path.parent / path.stem}-*.png) or pick another output name")
+            f"{path.parent / found[0]}: {plural(len(found), 'numbered frame')} of an earlier {path.name} sequence "
+            f"{'is' if len(found) == 1 else 'are'} there; a new sequence does not mix with them",
+            hint=f"pick another output name, or move {span} out of {path.parent} first")
 
 
 # A sequence being written lives in .NAME.frames-HOST-PID-<random>.tmp until it is complete.

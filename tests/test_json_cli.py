@@ -226,7 +226,7 @@ TRACE_FIELDS = {
     "a negative duration": (lambda d: d["traceEvents"][0].update(dur=-1.0), "'traceEvents[0].dur'"),
     "a duration as text": (lambda d: d["traceEvents"][0].update(dur="3 ms"), "'traceEvents[0].dur'"),
     "a missing timestamp": (lambda d: d["traceEvents"][0].pop("ts"), "'traceEvents[0].ts'"),
-    "an unknown track": (lambda d: d["traceEvents"][0].update(cat="gpu"), "'traceEvents[0].cat'"),
+    "an unknown track": (lambda d: d["traceEvents"][0].update(cat="gpu"), "traceEvents[0] is not an event residency writes"),
     "a frame as text": (lambda d: d["traceEvents"][1]["args"].update(frame="0"), "'traceEvents[1].args.frame'"),
     "copy bytes negative": (lambda d: d["traceEvents"][0]["args"].update(bytes=-8), "'traceEvents[0].args.bytes'"),
     "memory as a string": (lambda d: d["traceEvents"][2]["args"].update(bytes="1 GB"), "'traceEvents[2].args.bytes'"),

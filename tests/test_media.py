@@ -135,7 +135,7 @@ def test_a_new_sequence_never_mixes_with_frames_of_an_earlier_one(tmp_path, caps
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(ResidencyError, match="earlier f.png sequence") as err:
         write_frames(frames(2), tmp_path / "f.png", 15.0)
-    assert "rm " in err.value.hint
+    assert "pick another output name" in err.value.hint and "rm " not in err.value.hint
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     write_frames(frames(2), tmp_path / "g.png", 15.0)  # another name is another sequence
 

@@ -21,7 +21,7 @@ from residency.device import (
     remove_calibrated,
     shipped_profile_names,
 )
-from residency.device.calibrated import base_name, calibrated_dir
+from residency.device.calibrated import base_changed, base_name, calibrated_dir
 from residency.units import fmt_bytes
 
 LINK_AT_BYTES = 64 * 2**20
@@ -55,7 +55,9 @@ def calibrated_summary(path: Path, profile: DeviceProfile) -> dict:
     """A cached calibrated profile as a JSON-ready dict: its base, the model and frames it was fitted on."""
     c = profile.calibration
     return {"base": base_name(profile), "model": c.model, "frames": c.frames, "date": c.date, "path": str(path),
-            "base_fingerprint": c.base_fingerprint, "workload_fingerprint": c.workload_fingerprint}
+            "base_fingerprint": c.base_fingerprint, "workload_fingerprint": c.workload_fingerprint,
+            # true: its base (this machine's cached profile) was re-measured or edited since; the next use deletes it
+            "base_changed": base_changed(profile)}
 
 
 def run(args) -> int:
@@ -73,7 +75,9 @@ def run(args) -> int:
             make_console().print(message, markup=False, highlight=False)
         return 0
     rows = [summary(name, load_profile(name)) for name in shipped_profile_names()]
-    calibrated = [calibrated_summary(path, p) for path, p in list_calibrated()]
+    err = make_console(stderr=True)
+    calibrated = [calibrated_summary(path, p) for path, p in list_calibrated(
+        lambda line: err.print(f"note: {line}", markup=False, highlight=False))]
     if args.json:
         json.dump({"profiles": rows, "calibrated": calibrated}, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -105,5 +109,6 @@ def _print_calibrated(console, calibrated: list[dict]) -> None:
                          ("path", "left")):
         table.add_column(col, justify=justify, overflow="fold")
     for r in calibrated:
-        table.add_row(escape(r["base"]), escape(r["model"]), str(r["frames"]), r["date"], escape(r["path"]))
+        date = r["date"] + (" (base changed since: discarded at its next use)" if r["base_changed"] else "")
+        table.add_row(escape(r["base"]), escape(r["model"]), str(r["frames"]), date, escape(r["path"]))
     console.print(table)

@@ -97,9 +97,9 @@ def better_cached(profile: DeviceProfile) -> tuple[Path, DeviceProfile] | None:
     return path, cached
 
 
-def _entries(say: Callable[[str], None] | None) -> list[tuple[Path, DeviceProfile]]:
-    """Every readable calibrated profile of the cache, by path; with `say`, unreadable files are deleted and
-    `say` told (without it they are skipped)."""
+def _entries(say: Callable[[str], None] | None, delete: bool = True) -> list[tuple[Path, DeviceProfile]]:
+    """Every readable calibrated profile of the cache, by path; with `say`, unreadable files are deleted (with
+    `delete`; else kept) and `say` told (without it they are skipped)."""
     folder = calibrated_dir()
     if userpath.path_kind(folder)[0] != userpath.DIRECTORY:
         return []
@@ -110,8 +110,10 @@ def _entries(say: Callable[[str], None] | None) -> list[tuple[Path, DeviceProfil
             if profile.calibration is None:
                 raise ResidencyError("it holds no calibration record")
         except ResidencyError as e:
-            if say is not None:
+            if say is not None and delete:
                 _discard(path, f"unreadable ({e.message})", say)
+            elif say is not None:
+                say(f"skipped the calibrated profile {path}: unreadable ({e.message}); --remove-calibrated deletes it")
             continue
         found.append((path, profile))
     return found
@@ -154,9 +156,26 @@ def find_calibrated(base: DeviceProfile, workload_fingerprint: str,
     return dataclasses.replace(other, compute_scale={})
 
 
-def list_calibrated() -> list[tuple[Path, DeviceProfile]]:
-    """(path, profile) of every readable calibrated profile in the cache, by path; unreadable files are skipped."""
-    return _entries(None)
+def list_calibrated(say: Callable[[str], None] | None = None) -> list[tuple[Path, DeviceProfile]]:
+    """(path, profile) of every readable calibrated profile in the cache, by path; unreadable files are skipped
+    (with `say`, each with a line; none is deleted)."""
+    return _entries(say, delete=False)
+
+
+def base_changed(profile: DeviceProfile) -> bool | None:
+    """Whether the calibration's base profile — this machine's cached one of that name — changed since it was
+    fitted (it is then discarded at its next use); None when no cached machine profile has its base's name."""
+    for kind in ("cpu", "cuda"):
+        path = cached_profile_path(kind)
+        if not path.is_file():
+            continue
+        try:
+            base = read_profile(path)
+        except ResidencyError:
+            continue
+        if base.name == base_name(profile):
+            return base.fingerprint() != profile.calibration.base_fingerprint
+    return None
 
 
 def remove_calibrated() -> int:
