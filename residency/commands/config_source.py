@@ -21,6 +21,9 @@ PYTHON_ROUTE = ("build the workload in Python (residency.workload.workload_from_
                 "name=…)), save it with residency.workload.workload_to_dict as JSON, and plan that file")
 # counts of layers a config may set: each a whole number ≥ 0 (0: a stack the model leaves out — a UNet's per-block
 # transformer counts can be; a UNet's per-block counts come as a list of them)
+# Layers a config may declare: the deepest released models have ~200; building 100,000 empty layers took minutes
+# (no output) before any error
+MAX_LAYERS = 4096
 LAYER_COUNT_FIELDS = ("num_layers", "num_single_layers", "num_hidden_layers", "num_encoder_layers",
                       "num_decoder_layers", "encoder_layers", "decoder_layers", "n_layer", "n_layers",
                       "layers_per_block", "transformer_layers_per_block")
@@ -122,15 +125,19 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
         raise ResidencyError(f"{path / MODEL_CONFIG}: {field} {named!r} is not a {library} model class",
                              hint=f"{known}; fix {field}, or update {library} if it is newer than "
                                   f"{library} {lib.__version__}")
-    if library == "transformers":
-        config = lib.AutoConfig.from_pretrained(path)  # a local directory: nothing is downloaded
     with init_empty_weights():
         try:
+            if library == "transformers":
+                # a local directory: nothing is downloaded. It validates fields (a dtype torch lacks, a text
+                # width, heads that do not divide the width, an unknown model_type): refused here, not raised
+                config = lib.AutoConfig.from_pretrained(path)
             model = build(config)
         except Exception as e:  # a config the class refuses: wrong or missing fields
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             raise ResidencyError(f"{path / MODEL_CONFIG}: {class_name} refuses the config "
-                                 f"({type(e).__name__}: {str(e)[:200]})",
-                                 hint="give the directory save_pretrained wrote for this model") from e
+                                 f"({type(e).__name__}{': ' + first if first else ''})",
+                                 hint="fix the field it names, or give the directory save_pretrained wrote for "
+                                      "this model") from e
     if library == "transformers":
         # built under init_empty_weights a transformers model leaves its tied weights untied (T5's shared
         # embedding, a tied lm_head): counted twice, or left unowned; tying outside it shares them, on meta
@@ -145,10 +152,11 @@ def _check_layer_counts(config_path: Path, config: dict[str, Any]) -> None:
         if field not in config or config[field] is None:
             continue
         for value in _flat(config[field]):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LAYERS:
                 shown = json.dumps(config[field])[:80]
                 raise ResidencyError(f"{config_path}: {field} is {shown}; a layer count must be a whole number "
-                                     "(0 or more)", hint=f"fix {field} (save_pretrained writes the model's own count)")
+                                     f"from 0 to {MAX_LAYERS}",
+                                     hint=f"fix {field} (save_pretrained writes the model's own count)")
 
 
 def _flat(value: Any) -> list[Any]:

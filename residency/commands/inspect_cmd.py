@@ -135,7 +135,8 @@ def _component_table(component: str, blocks: list[BlockInfo], sizes: dict[int, _
     own = [sizes[id(b)] for b in blocks]
     # Names come from the file: escaped, or a "[/x]" in one would be read as rich markup (and raise).
     table = Table(title=f"{escape(component)}  ({plural(len(blocks), 'block')})", title_justify="left", show_footer=True)
-    table.add_column("block", footer="total")
+    # long module paths fold onto a second line: cut, 4 blocks read "GPT2LMHeadModel.transform…" alike
+    table.add_column("block", footer="total", overflow="fold", min_width=12)
     table.add_column("tensors", justify="right", footer=str(sum(s.tensors for s in own)))
     table.add_column("params", justify="right", footer=fmt_count(sum(s.params for s in own)))
     table.add_column("stored", justify="right", footer=fmt_bytes(sum(s.stored_bytes for s in own)))
@@ -146,7 +147,8 @@ def _component_table(component: str, blocks: list[BlockInfo], sizes: dict[int, _
     for row in rows[:MAX_TABLE_ROWS]:
         b = sizes[id(row.block)]
         each = " each" if row.count > 1 else ""
-        label = f"{row.label} (×{row.count})" if row.count > 1 else row.label
+        name = row.label.removeprefix(f"{component}.") or row.label  # the title names the component
+        label = f"{name} (×{row.count})" if row.count > 1 else name
         table.add_row(
             escape(label),
             str(b.tensors),

@@ -14,6 +14,7 @@ from typing import NoReturn
 
 from residency import userpath
 from residency.commands.config_source import (
+    empty_model,
     has_model_config,
     is_diffusers_pipeline_dir,
     is_model_dir,
@@ -231,4 +232,10 @@ def load_inventory(name_or_path: str) -> Inventory:
 
         pipe = WorldModelPipeline.from_config(name_or_path, device="meta")
         return inventory_from_module(name_or_path, pipe)
+    if source.kind == MODEL_DIR:
+        try:
+            workload = resolve_workload(name_or_path)
+        except ResidencyError:  # a class whose inputs its config does not give (a UNet2DModel): no call to
+            return inventory_from_module(name_or_path, empty_model(source.path))  # count; inspect needs none
+        return _workload_inventory(name_or_path, workload)
     return _workload_inventory(name_or_path, resolve_workload(name_or_path))
