@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from policies.base import PlanRequest, weights_format
-from residency.errors import ResidencyError
+from residency.errors import ResidencyError, UsageError
 from residency.plan import BlockPlan
 from residency.plan.plan import EXEC_MODES
 from residency.simulate.costs import compute_s
@@ -48,8 +48,9 @@ def check_request_mode(req: PlanRequest) -> None:
     if req.exec_mode not in REQUEST_MODES:
         raise ResidencyError(f"exec mode {req.exec_mode!r} is not one of {', '.join(REQUEST_MODES)}")
     if req.exec_mode not in ("auto", "auto+graphed") and req.exec_mode not in supported_modes(req):
-        raise ResidencyError(f"exec mode {req.exec_mode!r} needs a GPU; profile {req.profile.name!r} is "
-                             f"{req.profile.backend}", hint="use --exec-mode eager, compiled or auto")
+        # a flag the profile cannot take: a usage error (exit 2), as any conflicting pair of options
+        raise UsageError(f"exec mode {req.exec_mode!r} needs a GPU; profile {req.profile.name!r} is "
+                         f"{req.profile.backend}", hint="use --exec-mode eager, compiled or auto")
 
 
 def frame_compute_s(w: Workload, b: BlockSpec, bp: BlockPlan, req: PlanRequest, kv_dtype: str) -> float:

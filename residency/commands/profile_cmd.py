@@ -22,7 +22,7 @@ from residency.commands import arg_types
 from residency.commands.console import make_console
 from residency.device import DeviceProfile, default_device, measure_profile, profile_to_dict, save_profile
 from residency.device.measure import parse_device
-from residency.errors import ResidencyError
+from residency.errors import ResidencyError, UsageError
 from residency.units import fmt_bytes, plural
 
 SUMMARY_LINK_SIZES_BYTES = (64 * 2**10, 2**20, 64 * 2**20)
@@ -139,6 +139,8 @@ def run(args) -> int:
     """
     device = args.device or default_device()
     parse_device(device)
+    if args.output is not None and not args.output.strip():  # '' read as "no -o": the default file, silently
+        raise UsageError("-o needs a file name, got an empty one", hint="e.g. -o my-gpu.json, or leave -o out")
     _check_output(args.output or default_output(device))
     output = Path(args.output) if args.output else default_output(device)
     source = f"residency profile --device {device}" + (" --quick" if args.quick else "")

@@ -34,6 +34,9 @@ UNIT_TEXT = {
     "kernel_elements": "elements of a conv kernel (out × in × kernel height × width)",
 }
 MAX_QUANTITY = 1e30  # above any byte count, rate or size a device profile holds; keeps every value a float
+# The least a positive rate can be (a thousand times below the slowest device or link there is): a link of
+# 1e-300 GB/s made every time overflow and planned "0.00 ms per frame, inf fps" under a lower bound of 72 ms
+RATE_FLOOR = {"gbps": 1e-3, "tflops": 1e-6, "gweights_per_s": 1e-6, "gelems_per_s": 1e-6}
 _FIX_HINT = "re-create it with `residency profile -o`, or fix the field by hand"
 
 
@@ -59,12 +62,23 @@ class ProfileReader(Reader):
         if (strict and value <= minimum) or (not strict and value < minimum):
             relation = "positive" if (strict and minimum == 0) else f"{'>' if strict else '≥'} {minimum}"
             raise self.fail(field, f"= {show(value)}: must be {relation} ({UNIT_TEXT.get(unit, unit)})")
+        floor = RATE_FLOOR.get(unit)
+        if floor is not None and 0 < value < floor:
+            raise self.fail(field, f"= {show(value)}: below any real device's rate (at least {floor:g} "
+                            f"{UNIT_TEXT[unit]})")
         if value > MAX_QUANTITY:  # an integer of 400 digits has no float; no real figure comes near this
             raise self.fail(field, f"= {show(value)}: must be at most {MAX_QUANTITY:g} ({UNIT_TEXT.get(unit, unit)})")
         return int(value) if integer else float(value)
 
     def text(self, doc: dict[str, Any], key: str) -> str:
-        return self.string(self.get(doc, key), key)
+        """A string field; the name non-empty. Control characters are refused: printed in a plan's title, an
+        escape sequence in a profile's name recoloured the terminal and a newline split the line."""
+        value = self.string(self.get(doc, key), key, non_empty=key == "name")
+        bad = next((c for c in value if ord(c) < 32 or 127 <= ord(c) < 160), None)
+        if bad is not None:
+            raise self.fail(key, f"= {show(value)}: holds a control character ({bad!r})",
+                            hint="use printable text (no escape sequences, tabs or newlines)")
+        return value
 
     def curve(self, value: Any, field: str, axes: tuple[str, str], positive: bool = True) -> Curve:
         """A Curve of `axes` (x, y); x > 0, y > 0 (≥ 0 when not `positive`)."""
