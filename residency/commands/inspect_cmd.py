@@ -147,8 +147,7 @@ def _component_table(component: str, blocks: list[BlockInfo], sizes: dict[int, _
     for row in rows[:MAX_TABLE_ROWS]:
         b = sizes[id(row.block)]
         each = " each" if row.count > 1 else ""
-        name = row.label.removeprefix(f"{component}.") or row.label  # the title names the component
-        label = f"{name} (×{row.count})" if row.count > 1 else name
+        label = f"{row.label} (×{row.count})" if row.count > 1 else row.label
         table.add_row(
             escape(label),
             str(b.tensors),
