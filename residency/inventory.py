@@ -72,6 +72,9 @@ class BlockInfo:
 class Inventory:
     source: str  # path or model name
     blocks: list[BlockInfo]  # in first-seen (file or execution) order
+    # (name, dtype, shape, bytes) of a checkpoint's tensors of dtypes residency does not store (I64 position
+    # ids, masks, F64): in no block, no total
+    left_out: list[tuple[str, str, tuple[int, ...], int]] = field(default_factory=list)
 
     @property
     def tensors(self) -> list[TensorInfo]:

@@ -61,8 +61,11 @@ SAFETENSORS_CASES = {
     "offsets_bool": (st_bytes({"w": {**F32, "data_offsets": [False, True]}}), "data_offsets"),
     "overlap": (st_bytes({"a": F32, "b": {**F32, "data_offsets": [8, 24]}}, bytes(24)), "overlap"),
     "unknown_dtype": (st_bytes({"w": {**F32, "dtype": "Q9_Z"}}), "unsupported dtype"),
-    "int_dtype": (st_bytes({"w": {**F32, "dtype": "I64", "shape": [2]}}), "unsupported dtype"),
-    "u8_without_metadata": (st_bytes({"w": {**F32, "dtype": "U8", "shape": [16]}}), "unsupported dtype"),
+    "unknown_dtype": (st_bytes({"w": {**F32, "dtype": "Q99"}}), "unsupported dtype"),
+    "int_dtype_lying_size": (st_bytes({"w": {**F32, "dtype": "I64", "shape": [3]}}), "is not 16 bytes"),
+    "u8_without_metadata_lying_size": (st_bytes({"w": {**F32, "dtype": "U8", "shape": [17]}}), "is not 16 bytes"),
+    "left_out_overlapping": (st_bytes({"w": F32, "ids": {"dtype": "I64", "shape": [1], "data_offsets": [8, 16]}}),
+                             "overlap"),
     "dtype_not_str": (st_bytes({"w": {**F32, "dtype": 7}}), "dtype"),
     "size_mismatch": (st_bytes({"w": {**F32, "shape": [2, 3]}}), "takes 24 bytes"),
     "negative_dim": (st_bytes({"w": {**F32, "shape": [-2, -2]}}), "shape"),
@@ -312,3 +315,15 @@ def test_a_text_file_or_a_renamed_gguf_named_safetensors_is_called_what_it_is(tm
     with pytest.raises(CheckpointError, match="this is a GGUF file") as err:
         open_checkpoint(renamed)
     assert "w.gguf" in err.value.hint
+
+
+def test_tensors_of_other_dtypes_are_left_out_listed_not_refused(tmp_path):
+    """A CLIP text encoder's I64 position_ids (and masks, float64 tables) made the whole file unreadable."""
+    path = tmp_path / "clip.safetensors"
+    header = {"w": F32, "ids": {"dtype": "I64", "shape": [1, 2], "data_offsets": [16, 32]},
+              "mask": {"dtype": "BOOL", "shape": [4], "data_offsets": [32, 36]}}
+    path.write_bytes(st_bytes(header, bytes(36)))
+    with open_checkpoint(path) as ck:
+        assert list(ck.entries) == ["w"]
+        assert [(o.name, o.dtype, o.shape, o.nbytes) for o in ck.left_out] == [("ids", "I64", (1, 2), 16),
+                                                                              ("mask", "BOOL", (4,), 4)]

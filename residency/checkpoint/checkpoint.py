@@ -21,7 +21,7 @@ from residency.checkpoint.entry import E4M3, TensorEntry
 from residency.checkpoint.errors import broken
 from residency.checkpoint.gguf_io import read_gguf
 from residency.checkpoint.limits import check_tensor_count
-from residency.checkpoint.safetensors_io import read_safetensors
+from residency.checkpoint.safetensors_io import LeftOut, read_safetensors
 from residency.formats import get_format
 from residency.jsonfile import read_json
 from residency.userpath import DIRECTORY, FILE, MISSING, path_kind
@@ -40,15 +40,18 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-_READERS = {".safetensors": read_safetensors, ".gguf": read_gguf}
+_READERS = {".safetensors": read_safetensors, ".gguf": lambda path, size: (*read_gguf(path, size), [])}
 
 
 class Checkpoint:
     """Tensors of one file or one directory of shards. Use as a context manager, or close()."""
 
-    def __init__(self, paths: list[Path], entries: dict[str, TensorEntry], metadata: dict[str, str]):
+    def __init__(self, paths: list[Path], entries: dict[str, TensorEntry], metadata: dict[str, str],
+                 left_out: list[LeftOut] | None = None):
         self.paths = paths
         self.entries = entries  # in file order (shards in sorted order)
+        # tensors of dtypes residency does not store (position ids, masks, float64): listed, never read
+        self.left_out = left_out or []
         self.metadata = metadata  # merged; on a key clash the first shard wins
         self._maps: dict[Path, np.memmap] | None = {}
         ends = {p: 0 for p in paths}
@@ -200,12 +203,14 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     root = Path(os.fspath(path))
     entries: dict[str, TensorEntry] = {}
     metadata: dict[str, str] = {}
+    left_out: list[LeftOut] = []
     files = _checkpoint_files(root)
     for file in files:
         try:
             size = file.stat().st_size
             with gc_paused():
-                found, meta = _READERS[file.suffix.lower()](file, size)
+                found, meta, others = _READERS[file.suffix.lower()](file, size)
+            left_out += others
         except OSError as e:
             raise broken(
                 file, f"cannot read it ({e.strerror or e})", hint="check the path and its permissions"
@@ -222,6 +227,6 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         for key, value in meta.items():
             metadata.setdefault(key, value)
     try:
-        return Checkpoint(files, entries, metadata)
+        return Checkpoint(files, entries, metadata, left_out)
     except (OSError, ValueError) as e:
         raise broken(root, f"cannot memory-map it ({e})", hint="check the file is on a local file system and readable") from None

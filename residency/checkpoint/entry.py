@@ -116,7 +116,8 @@ def resolve(
         raise broken(
             path,
             f"tensor {name!r:.80}: unsupported dtype {dtype_label!r:.40}",
-            hint="residency reads F32, F16, BF16, F8_E4M3 and GGUF quant types; convert other tensors first",
+            hint="residency reads F32, F16, BF16, F8_E4M3 and GGUF quant types as weights (integer, bool and "
+                 "F64 tensors are listed apart); convert other tensors first",
         )
     else:
         fmt = base

@@ -10,7 +10,7 @@ import json
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from residency.checkpoint.entry import (
     E4M3,
@@ -145,13 +145,21 @@ def _resolve(
     return fmt_name, shape, PACKED
 
 
-def read_safetensors(path: Path, file_size: int) -> tuple[list[TensorEntry], dict[str, str]]:
-    """Entries (in data order) and user metadata of one .safetensors file."""
+# Dtypes a checkpoint holds beside weights (position ids, masks, step counters, a float64 table): not weights
+# residency stores, streams or quantizes. Listed apart (left_out), their byte ranges still checked.
+OTHER_DTYPES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "BOOL": 1, "F64": 8,
+                "F8_E5M2": 1}
+
+
+def read_safetensors(path: Path, file_size: int) -> tuple[list[TensorEntry], dict[str, str], list[LeftOut]]:
+    """Entries (in data order), user metadata and the tensors left out of one .safetensors file: those of
+    OTHER_DTYPES, and U8 that no residency.format key claims."""
     header, data_start = _load_header(path, file_size)
     meta = _metadata(path, header)
     overrides = {k: v for k, v in meta.items() if is_reserved_key(k)}
     check_tensor_count(path, len(header))
     entries: list[TensorEntry] = []
+    others: list[LeftOut] = []
     # A model repeats a few (dtype, shape) pairs thousands of times: resolve each pair once.
     # Tensors named by residency.* keys are resolved on their own.
     seen: dict[tuple, tuple[str, tuple[int, ...], str]] = {}
@@ -178,6 +186,12 @@ def read_safetensors(path: Path, file_size: int) -> tuple[list[TensorEntry], dic
             )
         stored_shape = check_dims(path, name, info.get("shape"))  # ints only: safe as a dict key
         named = bool(overrides) and (FORMAT_KEY + name in overrides or SHAPE_KEY + name in overrides)
+        if dtype in OTHER_DTYPES or (dtype == _RAW and not named):
+            width = OTHER_DTYPES.get(dtype, 1)
+            if container_nbytes(path, name, stored_shape, 1, width) != nbytes:
+                raise broken(path, f"tensor {name!r:.80}: {dtype} {stored_shape} is not {nbytes} bytes")
+            others.append(LeftOut(name, dtype, stored_shape, nbytes, data_start + begin))
+            continue
         key = (dtype, stored_shape, nbytes)
         resolved = None if named else seen.get(key)
         if resolved is None:
@@ -187,8 +201,21 @@ def read_safetensors(path: Path, file_size: int) -> tuple[list[TensorEntry], dic
         fmt_name, shape, encoding = resolved
         entries.append(TensorEntry(name, shape, fmt_name, nbytes, path, data_start + begin, encoding))
     entries.sort(key=lambda e: e.offset)  # stable: ties keep header order
-    check_layout(path, entries, data_start, file_size)
-    return entries, {k: v for k, v in meta.items() if not is_reserved_key(k)}
+    # the left-out tensors' ranges are checked with the others' (no overlap, inside the data section)
+    check_layout(path, [*entries, *(TensorEntry(o.name, o.shape, "BF16", o.nbytes, path, o.offset) for o in others)],
+                 data_start, file_size)
+    return entries, {k: v for k, v in meta.items() if not is_reserved_key(k)}, others
+
+
+class LeftOut(NamedTuple):
+    """A tensor of a dtype residency does not store (OTHER_DTYPES): named, shown, never read."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    offset: int
+
 
 
 def write_safetensors(

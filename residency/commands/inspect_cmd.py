@@ -128,6 +128,8 @@ def to_json(inv: Inventory) -> dict:
         "bytes_by_format": {f: _sum(every, f) for f in COMPARE_FORMATS},
         "largest_block": _block_json(largest, sizes[id(largest)]) if largest else None,
         "components": components,
+        # tensors of dtypes residency does not store (I64 position ids, BOOL masks, F64): in no block, no total
+        "left_out": [{"name": n, "dtype": d, "shape": list(sh), "stored_bytes": b} for n, d, sh, b in inv.left_out],
     }
 
 
@@ -180,6 +182,8 @@ def render(inv: Inventory, console: Console) -> None:
     )
     for note in fallback_notes(inv, {f: _sum(every, f) for f in COMPARE_FORMATS}):
         console.print(note, markup=False, highlight=False)
+    if inv.left_out:
+        console.print(left_out_note(inv.left_out), markup=False, highlight=False)
     if largest is not None:
         top = sizes[id(largest)]
         console.print(
@@ -187,6 +191,15 @@ def render(inv: Inventory, console: Console) -> None:
             f"({fmt_bytes(top.bytes_by_format['Q4_K'])} at Q4_K) — the least that must fit on the device "
             "when everything else streams"
         )
+
+
+def left_out_note(left_out: list[tuple[str, str, tuple[int, ...], int]]) -> str:
+    """One line on the tensors in no block: how many, of which dtypes, their bytes, the first few named."""
+    dtypes = sorted({d for _, d, _, _ in left_out})
+    shown = ", ".join(f"{n} {d} {list(s)}" for n, d, s, _ in left_out[:3]) + (
+        f" and {len(left_out) - 3} more" if len(left_out) > 3 else "")
+    return (f"left out: {plural(len(left_out), 'tensor')} of {', '.join(dtypes)} "
+            f"({fmt_bytes(sum(b for *_, b in left_out))}), not weights residency stores: {shown}")
 
 
 def fallback_notes(inv: Inventory, totals: dict[str, int]) -> list[str]:

@@ -211,7 +211,10 @@ def _checkpoint_inventory(path: Path) -> Inventory:
 
     with open_checkpoint(path) as ckpt:
         infos = [TensorInfo(e.name, tuple(e.shape), e.format, e.nbytes) for e in ckpt.entries.values()]
-    return group_tensors(str(path), infos)
+        others = [(o.name, o.dtype, o.shape, o.nbytes) for o in ckpt.left_out]
+    inv = group_tensors(str(path), infos)
+    inv.left_out = others
+    return inv
 
 
 def load_inventory(name_or_path: str) -> Inventory:
