@@ -248,3 +248,41 @@ def test_an_index_of_other_files_does_not_make_shards_missing(tmp_path):
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with open_checkpoint(tmp_path) as ck:  # a safetensors-only download of a repository that ships both
         assert sorted(ck.entries) == ["a"]
+
+
+def _sharded(tmp_path, weight_map) -> None:
+    import json
+
+    save_checkpoint(tmp_path / "model-00001-of-00002.safetensors", {"a": torch.zeros(4, 4)})
+    save_checkpoint(tmp_path / "model-00002-of-00002.safetensors", {"b": torch.zeros(4, 4)})
+    text = weight_map if isinstance(weight_map, str) else json.dumps(weight_map)
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+
+
+GOOD_MAP = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+
+
+@pytest.mark.parametrize(("index", "problem"), [
+    ({"weight_map": {**GOOD_MAP["weight_map"], "ghost": "model-00002-of-00002.safetensors"}},
+     "names tensor 'ghost' in 'model-00002-of-00002.safetensors', which does not hold it"),
+    ({"weight_map": {"a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors"}},
+     "puts tensor 'a' in 'model-00002-of-00002.safetensors'; it is in 'model-00001-of-00002.safetensors'"),
+    ("[1]", "not a shard index"),
+    ({"metadata": {}}, "not a shard index"),
+    ({"weight_map": {**GOOD_MAP["weight_map"], "a": "../model-00001-of-00002.safetensors"}}, "outside this directory"),
+])
+def test_an_index_that_does_not_describe_its_shards_is_refused(tmp_path, index, problem):
+    """They read as the shards alone before: a ghost tensor, a tensor moved, a broken index passed unnoticed."""
+    _sharded(tmp_path, index)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json") as err:
+        open_checkpoint(tmp_path)
+    assert problem in err.value.message
+
+
+def test_a_shard_no_index_names_is_refused_and_the_described_directory_reads(tmp_path):
+    _sharded(tmp_path, GOOD_MAP)
+    with open_checkpoint(tmp_path) as ck:
+        assert sorted(ck.entries) == ["a", "b"]
+    save_checkpoint(tmp_path / "stray.safetensors", {"c": torch.zeros(4, 4)})  # its tensors were added to the model's
+    with pytest.raises(CheckpointError, match="stray.safetensors: no shard index of the directory names it"):
+        open_checkpoint(tmp_path)

@@ -149,7 +149,7 @@ def _checkpoint_files(path: Path) -> list[Path]:
                 "directory holds no .safetensors or .gguf files",
                 hint="point at a checkpoint file or shard directory",
             )
-        _check_shards_complete(path, files)
+        _check_shards_complete(path, files, _indexes(path))
         return files
     if kind == MISSING:
         raise broken(path, "no such file or directory", hint="check the path; give a .safetensors or .gguf file or a directory of shards")
@@ -167,9 +167,33 @@ def _checkpoint_files(path: Path) -> list[Path]:
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.(?:safetensors|gguf)$", re.IGNORECASE)
 
 
-def _check_shards_complete(directory: Path, files: list[Path]) -> None:
+def _indexes(directory: Path) -> dict[Path, dict[str, str]]:
+    """The shard indexes of the directory (`*.safetensors.index.json`, `*.gguf.index.json`: only those of the
+    files read here — a repository shipping .bin shards beside .safetensors ones has a pytorch_model.bin.index.json
+    naming shards a safetensors-only download rightly leaves out): index -> its weight_map (tensor -> file).
+    Raises CheckpointError for an index that is not one, or names a file outside the directory."""
+    out = {}
+    for index in sorted(p for p in directory.iterdir() if p.name.lower().endswith((".safetensors.index.json",
+                                                                                    ".gguf.index.json"))):
+        doc = read_json(index, "a shard index", "remove it, or download it again")
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise broken(index, "not a shard index: it needs a \"weight_map\" object of tensor name -> shard file",
+                         hint="remove it, or download it again")
+        outside = next((v for v in weight_map.values() if "/" in v or "\\" in v or v in (".", "..")), None)
+        if outside is not None:
+            raise broken(index, f"its weight_map names {outside!r:.80}, a file outside this directory",
+                         hint="an index names the shards beside it by file name; remove it, or download it again")
+        out[index] = weight_map
+    return out
+
+
+def _check_shards_complete(directory: Path, files: list[Path], indexes: dict[Path, dict[str, str]]) -> None:
     """A half-finished download holds some shards: the rest are named by the files' `-0000k-of-0000n` and by an
-    index's weight_map. Read as it is, it would be half a model with nothing said (its totals halved)."""
+    index's weight_map. Read as it is, it would be half a model with nothing said (its totals halved). A file
+    no index names beside an index (a stray or older shard) is refused too: its tensors would be added to the
+    model's."""
     present = {f.name for f in files}
     expected: set[str] = set()
     for f in files:
@@ -177,21 +201,36 @@ def _check_shards_complete(directory: Path, files: list[Path]) -> None:
         if m and 0 < int(m["n"]) <= 100_000:
             width, ext = len(m["i"]), f.suffix
             expected |= {f"{m['stem']}-{k:0{width}d}-of-{m['n']}{ext}" for k in range(1, int(m["n"]) + 1)}
-    # only the indexes of the files read here: a repository shipping .bin shards beside .safetensors ones has a
-    # pytorch_model.bin.index.json naming shards a safetensors-only download rightly leaves out
-    for index in sorted(p for p in directory.iterdir() if p.name.lower().endswith((".safetensors.index.json",
-                                                                                    ".gguf.index.json"))):
-        doc = read_json(index, "a shard index", "remove it, or download it again")
-        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-        if isinstance(weight_map, dict):
-            expected |= {v for v in weight_map.values() if isinstance(v, str) and "/" not in v
-                         and v.lower().endswith((".safetensors", ".gguf"))}
+    listed = {v for weight_map in indexes.values() for v in weight_map.values()
+              if v.lower().endswith((".safetensors", ".gguf"))}
+    expected |= listed
     missing = sorted(expected - present)
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise broken(directory, f"{len(missing)} shard(s) of this checkpoint are missing: {shown}",
                      hint="finish the download (the shard names and the index say which files belong), or "
                           "remove the index and the partial shards")
+    stray = sorted(present - listed) if indexes else []
+    if stray:
+        raise broken(directory / stray[0], f"no shard index of the directory names it ({', '.join(i.name for i in indexes)})",
+                     hint="move it out of the directory (a stray or older shard), or remove the index if it "
+                          "belongs")
+
+
+def _check_index_matches(indexes: dict[Path, dict[str, str]], entries: dict[str, TensorEntry],
+                         left_out: list[LeftOut]) -> None:
+    """Every tensor an index names is in the shard it names (a ghost tensor, or one in another shard, means the
+    index and the shards are not of one download)."""
+    other = {o.name for o in left_out}
+    for index, weight_map in indexes.items():
+        for name, shard in weight_map.items():
+            e = entries.get(name)
+            if e is None and name not in other:
+                raise broken(index, f"names tensor {name!r:.80} in {shard!r:.80}, which does not hold it",
+                             hint="the index and the shards are not of one download: download them again")
+            if e is not None and e.path.name != shard:
+                raise broken(index, f"puts tensor {name!r:.80} in {shard!r:.80}; it is in {e.path.name!r:.80}",
+                             hint="the index and the shards are not of one download: download them again")
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
@@ -226,6 +265,8 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         check_tensor_count(file, len(entries))  # shards together: the cost is per tensor, not per file
         for key, value in meta.items():
             metadata.setdefault(key, value)
+    if path_kind(root)[0] == DIRECTORY:
+        _check_index_matches(_indexes(root), entries, left_out)
     try:
         return Checkpoint(files, entries, metadata, left_out)
     except (OSError, ValueError) as e:
