@@ -61,7 +61,6 @@ SAFETENSORS_CASES = {
     "offsets_bool": (st_bytes({"w": {**F32, "data_offsets": [False, True]}}), "data_offsets"),
     "overlap": (st_bytes({"a": F32, "b": {**F32, "data_offsets": [8, 24]}}, bytes(24)), "overlap"),
     "unknown_dtype": (st_bytes({"w": {**F32, "dtype": "Q9_Z"}}), "unsupported dtype"),
-    "unknown_dtype": (st_bytes({"w": {**F32, "dtype": "Q99"}}), "unsupported dtype"),
     "int_dtype_lying_size": (st_bytes({"w": {**F32, "dtype": "I64", "shape": [3]}}), "is not 16 bytes"),
     "u8_without_metadata_lying_size": (st_bytes({"w": {**F32, "dtype": "U8", "shape": [17]}}), "is not 16 bytes"),
     "left_out_overlapping": (st_bytes({"w": F32, "ids": {"dtype": "I64", "shape": [1], "data_offsets": [8, 16]}}),
