@@ -123,3 +123,40 @@ def test_a_unets_per_block_layer_counts_are_checked_each(capsys, tmp_path):
     path = model_dir(tmp_path, {"_class_name": "UNet2DConditionModel", "layers_per_block": [1, -1]})
     code, _, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
     assert code == 1 and "layers_per_block is [1, -1]" in err
+
+
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+         "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 2, "vocab_size": 100,
+         "max_position_embeddings": 256}
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"torch_dtype": "bogus"}, "bogus"),
+    ({"hidden_size": "abc"}, "LlamaForCausalLM refuses the config"),
+    ({"num_attention_heads": 5}, "LlamaForCausalLM refuses the config"),
+    ({"model_type": "nonexistent_model"}, "LlamaForCausalLM refuses the config"),
+    ({"num_hidden_layers": 100_000}, "from 0 to 4096"),
+])
+@pytest.mark.parametrize("command", [("plan", "--profile", "rx-7800-xt"), ("inspect",)])
+def test_a_config_transformers_refuses_is_an_error_naming_the_file_not_a_traceback(capsys, tmp_path, change, words,
+                                                                                  command):
+    path = model_dir(tmp_path, {**LLAMA, **change}, "llama")
+    code, _, err = run(capsys, command[0], str(path), *command[1:])
+    assert code == 1 and f"{path / 'config.json'}" in err and words in err and "hint:" in err
+
+
+def test_tokens_past_the_models_positions_are_refused(capsys, tmp_path):
+    path = model_dir(tmp_path, LLAMA, "llama")
+    code, _, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt", "--tokens", "300")
+    assert code == 2 and "takes at most 256 tokens (its config's max_position_embeddings); 300 asked" in err
+    assert run(capsys, "plan", str(path), "--profile", "rx-7800-xt", "--tokens", "256")[0] == 0
+
+
+def test_inspect_lists_a_models_parameters_when_its_config_gives_no_inputs(capsys, tmp_path):
+    unet = {"_class_name": "UNet2DModel", "sample_size": 32, "in_channels": 3, "out_channels": 3,
+            "layers_per_block": 1, "block_out_channels": [32, 64], "norm_num_groups": 8,
+            "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"]}
+    path = model_dir(tmp_path, unet, "unet")
+    code, out, _ = run(capsys, "inspect", str(path), "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["params"] > 0 and {c["name"] for c in doc["components"]} >= {"down_blocks", "up_blocks"}

@@ -145,11 +145,26 @@ def _transformers_example(model: nn.Module, size: ExampleSize) -> Derived:
     if any(v is not None for v in (size.height, size.width, size.frames)):
         raise UsageError(f"{name} reads token ids: a height, width or frame count does not apply",
                          hint="leave out --height, --width and --frames")
-    ids = torch.zeros(1, size.prompt_tokens or EXAMPLE_TOKENS, dtype=torch.long)  # token 0 is in every vocabulary
+    limit, field = _max_positions(model.config)
+    if size.prompt_tokens and limit and size.prompt_tokens > limit:  # a call the model cannot run
+        raise UsageError(f"{name} takes at most {limit} tokens (its config's {field}); {size.prompt_tokens} asked",
+                         hint=f"give --tokens {limit} or fewer")
+    tokens = size.prompt_tokens or (min(EXAMPLE_TOKENS, limit) if limit else EXAMPLE_TOKENS)
+    ids = torch.zeros(1, tokens, dtype=torch.long)  # token 0 is in every vocabulary
     example: dict[str, Any] = {"input_ids": ids}
     if getattr(model.config, "is_encoder_decoder", False):
         example["decoder_input_ids"] = ids.clone()
     return Derived(example, ExampleSize(prompt_tokens=ids.shape[1]))
+
+
+def _max_positions(config: Any) -> tuple[int | None, str]:
+    """The longest sequence a transformers config's positions allow, and the field saying so (None: no limit
+    given, as for relative or rotary positions without one)."""
+    for field in ("n_positions", "max_position_embeddings", "max_sequence_length"):  # GPT-2 aliases the first
+        v = getattr(config, field, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v, field
+    return None, ""
 
 
 def _unet_example(model: nn.Module, size: ExampleSize) -> Derived:
