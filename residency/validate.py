@@ -37,6 +37,18 @@ _KINDS = (("traceEvents", "a Chrome trace (residency run --trace)"),
           ("memory_total_bytes", "a device profile (residency profile -o)"))
 
 
+# Where each kind of document goes, for the hint when it is given where another is read
+_USES = {"a Chrome trace": "replay it with `residency dashboard FILE`",
+         "a plan": "give it as --plan FILE (run, play) or attach(plan=FILE)",
+         "a workload": "plan it as `residency plan FILE`",
+         "a device profile": "give it as --profile FILE (plan, run, play, demo)"}
+
+
+def use_of(kind: str) -> str | None:
+    """What to do with a document of `kind` (document_kind's words), or None."""
+    return next((use for name, use in _USES.items() if kind.startswith(name)), None)
+
+
 def document_kind(doc: Any) -> str | None:
     """Which of residency's documents `doc` looks like, by a field only that kind has; None when none."""
     if isinstance(doc, list) and doc and isinstance(doc[0], dict) and "ph" in doc[0]:
@@ -87,7 +99,8 @@ class Reader:
                 if key not in allowed:
                     kind = document_kind(value) if not path else None
                     if kind is not None and kind.split(" (")[0] != self.expects.split(" (")[0]:
-                        raise ResidencyError(f"{self.source}: this is {kind}, not {self.expects}", hint=self.hint)
+                        raise ResidencyError(f"{self.source}: this is {kind}, not {self.expects}",
+                                             hint=use_of(kind) or self.hint)
                     raise self.fail(at(path, key), "is not known", hint=f"known fields here: {', '.join(allowed)}")
         return value
 

@@ -163,7 +163,12 @@ def parse_gguf_header(path: Path, buf, size: int) -> GGUFHeader:
     c = _Cursor(path, buf, size)
     magic = bytes(buf[c.take(4, "magic") : 4])
     if magic != b"GGUF":
-        raise broken(path, f"not a GGUF file (magic {magic!r})")
+        head = bytes(buf[:9]) if size >= 9 else b""
+        if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+            # a safetensors file renamed: 8 bytes of header length, then its JSON header
+            raise broken(path, "this is a safetensors file (a header length, then a JSON header), named .gguf",
+                         hint=f"rename it to {path.with_suffix('.safetensors').name}")
+        raise broken(path, f"not a GGUF file (magic {magic!r})", hint="give a .gguf file, or check the download")
     version = c.unpack("<I", "version")
     if version & 0xFFFF == 0 and version != 0:
         raise broken(path, "big-endian GGUF files are not supported", hint="convert it to little-endian")

@@ -10,6 +10,7 @@ import argparse
 import math
 import re
 from collections.abc import Callable
+from decimal import Decimal
 
 from residency.errors import ResidencyError
 
@@ -84,7 +85,8 @@ def vram_size(text: str) -> int | str:
         if stripped.startswith("-"):
             hint = "a size is positive: e.g. 6GiB, 512MiB, or a share such as 50%"
         elif _FLOAT_RE.fullmatch(stripped) and 0 < float(stripped) < MIN_VRAM_BYTES:  # `--vram 12`: bytes, as given
-            hint = f"a bare number is bytes: did you mean {stripped}GiB?"
+            # as the size parser reads it: no exponent (1e3GiB is not a size; 1000GiB is)
+            hint = f"a bare number is bytes: did you mean {Decimal(stripped).normalize():f}GiB?"
         raise argparse.ArgumentTypeError(f"{e.message} (hint: {hint})" if hint else e.message) from None
 
 

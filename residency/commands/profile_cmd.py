@@ -51,6 +51,9 @@ def _check_output(path: str | Path) -> None:
         raise ResidencyError(f"{str(path)[:200]}: ends with '/', a directory's name, and the profile is a file",
                              hint=f"name the file, e.g. -o {path}profile.json")
     path = Path(path)
+    if userpath.path_kind(path)[0] == userpath.DIRECTORY:  # before the extension: "no extension" misled
+        raise ResidencyError(f"{str(path)[:200]}: is a directory, and the profile is a file",
+                             hint=f"name a file in it, e.g. -o {path / 'profile.json'}")
     if path.suffix.lower() != ".json":
         raise ResidencyError(f"{str(path)[:200]}: a profile is a JSON file, and the name ends in "
                              f"{path.suffix or 'no extension'}", hint="name it *.json, e.g. -o profile.json")

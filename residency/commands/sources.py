@@ -42,8 +42,8 @@ SHIPPED = "shipped"  # `default`: the world model that ships trained (tiny's con
 SHIPPED_NAME = "default"  # as `run`, `play` and `demo` name it (residency.session_setup.load_model)
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 SOURCES_HINT = ("give default (the shipped world model), a catalog model ({names}), a catalog .json, a "
-                ".safetensors/.gguf checkpoint, a diffusers or transformers model directory (config.json), or a "
-                "diffusers pipeline directory (model_index.json)")
+                "diffusers or transformers model directory (config.json), a diffusers pipeline directory "
+                "(model_index.json), or to inspect only a .safetensors/.gguf checkpoint")
 
 
 @dataclass(frozen=True)

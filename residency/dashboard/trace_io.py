@@ -26,7 +26,7 @@ from residency.telemetry import FrameRecord, Recorder, TelemetrySnapshot
 from residency.telemetry.chrome_trace import EXTRA_KEY, FRAME_TRACK, LOOP_TRACK, write_chrome_trace
 from residency.telemetry.events import EVENT_KINDS, LoopEvent
 from residency.userpath import FILE, MISSING, path_kind
-from residency.validate import Reader, at, document_kind
+from residency.validate import Reader, at, document_kind, use_of
 from residency.workload.catalog import MAX_VIDEO_FRAMES_PER_LATENT
 
 SAME_TIME_US = 1e-3  # spans written from the same float mark agree to far better than a nanosecond
@@ -73,7 +73,8 @@ def _load(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(doc, dict) or not isinstance(doc.get("traceEvents"), list):
         kind = document_kind(doc)
         if kind is not None and "trace" not in kind:
-            raise ResidencyError(f"{path}: this is {kind}, not a trace", hint=_HINT)
+            raise ResidencyError(f"{path}: this is {kind}, not a trace", hint=f"{use_of(kind)}; {_HINT}"
+                                 if use_of(kind) else _HINT)
         raise ResidencyError(f"{path}: not a Chrome trace (neither a traceEvents list nor an array of events)",
                              hint=_HINT)
     return doc

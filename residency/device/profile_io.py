@@ -156,8 +156,11 @@ def _check_document(r: ProfileReader, data: Any, source: str) -> None:
     if not isinstance(data, dict):
         raise ResidencyError(f"{source}: expected a JSON object, got {type(data).__name__}",
                              hint="give a file written by `residency profile -o`")
-    version = data.get("schema_version")
-    if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
+    version = r.need(data, "schema_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise r.fail("schema_version", f"= {show(version)}: expected a whole number (the bare JSON integer "
+                     f"{' or '.join(map(str, READABLE_SCHEMA_VERSIONS))}, not a string)")
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise r.fail("schema_version", f"= {show(version)}: this version of residency reads schema_version "
                      f"{' or '.join(map(str, READABLE_SCHEMA_VERSIONS))}",
                      hint="re-create the profile with this version of `residency profile`")

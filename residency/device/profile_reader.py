@@ -11,7 +11,7 @@ from typing import Any
 
 from residency.device.profile import PROVENANCE_KINDS, Curve, Provenance
 from residency.errors import ResidencyError
-from residency.validate import Reader, document_kind, show
+from residency.validate import Reader, document_kind, show, use_of
 
 # JSON names of a curve's axes: link curves are GB/s over transfer bytes, matmul curves TFLOP/s over rows.
 LINK_AXES = ("sizes_bytes", "gbps")
@@ -140,8 +140,8 @@ def no_extra(r: ProfileReader, doc: dict[str, Any], known: tuple[str, ...], fiel
         kind = document_kind(doc) if not field else None
         if kind is not None and "device profile" not in kind:
             raise ResidencyError(f"{r.source}: this is {kind}, not a device profile",
-                                 hint="give a profile: a shipped name (`residency profiles`), or a file written by "
-                                      "`residency profile -o`")
+                                 hint=f"{use_of(kind) or 'use it where it belongs'}; for a profile give a shipped "
+                                      "name (`residency profiles`) or a file written by `residency profile -o`")
         described = ", ".join(f"{k} ({UNIT_TEXT[_unit_of(k)]})" if _unit_of(k) else k for k in known)
         raise r.fail(where, "is not known", hint=f"expected keys: {described}")
 

@@ -176,6 +176,9 @@ def _unet_example(model: nn.Module, size: ExampleSize) -> Derived:
         raise ResidencyError(f"UNet2DConditionModel: {why}; residency cannot build its example inputs",
                              hint="pass example_inputs=dict(sample=…, timestep=…, encoder_hidden_states=…, …)")
     _refuse_frames("UNet2DConditionModel", size)
+    if sample <= 0 and not (size.height and size.width):  # the config's fault, not a flag's (exit 1, not 2)
+        raise ResidencyError(f"UNet2DConditionModel: its config.json's sample_size is {sample}, not a positive "
+                             "number of latent pixels", hint="fix sample_size, or give --height and --width")
     height, width = size.height or sample * size.vae_scale, size.width or sample * size.vae_scale
     for what, v in (("height", height), ("width", width)):
         _multiple("UNet2DConditionModel", what, v, size.vae_scale)
