@@ -9,10 +9,12 @@ forward of the model itself, or of a narrow instance of it for a model that has 
 from __future__ import annotations
 
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,7 +133,11 @@ def module_workload(model: nn.Module, example_inputs: Example, *, name: str, com
             trace, counted_on = _meta_trace(model, units, args, kwargs, TORCH_DTYPES[compute_dtype], batch,
                                             main if keep else None), "meta"
         except Exception as e:  # any failure of the meta run (data-dependent op, CPU tensor kept as attribute)
-            meta_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+            # a bare assert says nothing: name where it failed instead ("AssertionError at rotary.py:42")
+            said = f": {first}" if first else (f" at {Path(where.filename).name}:{where.lineno}" if where else "")
+            meta_error = f"{type(e).__name__}{said}"[:300]
             trace, counted_on = _fallback_trace(model, blocks, args, kwargs, batch, narrow, name, meta_error)
     specs, passes, calls, unowned = _schedule(model, blocks, trace, name, component or name, group_siblings,
                                               main if keep else None, compute_dtype)
