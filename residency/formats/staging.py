@@ -21,7 +21,11 @@ WORK_BYTES_PER_WEIGHT = 2
 # Q4_K 44.4 / 39.0 / 34.4 ms and Q4_0 28.1 / 25.3 / 23.8 ms at 256 K / 512 K / 1 M weights;
 # 2 M was slower again. GPU: each op is a kernel launch (~5 µs), so fewer chunks launch less;
 # each dequantizing thread holds one staging (6 MiB at 1 M into bf16), counted in the ledger.
-CHUNK_WEIGHTS = {"cpu": 1 << 20, "cuda": 1 << 20}
+# Re-measured at 2 threads (2-vCPU EPYC, the 6 bench formats × fp32/bf16, 4096², medians of 15 interleaved
+# rounds, two runs): 2 M weights a chunk with 512 K a thread a sub-chunk ran in 0.84-0.87 of the time of
+# 1 M / 128 K (1 M / 512 K: 0.93-0.95; 2 M / 1 M: 0.91-0.94): each op's fork/join and dispatch cost more
+# than the L3 traffic the larger sub-chunk adds. Staging: 12 MiB a thread into bf16 (4 MiB into fp32).
+CHUNK_WEIGHTS = {"cpu": 1 << 21, "cuda": 1 << 20}
 # Weights per float sub-chunk and intra-op thread: a kernel cuts its integer planes over the whole
 # chunk, then runs the float phase (int→float, scale, min, cast into the output) over sub-chunks
 # whose fp32 values (512 KiB a thread at 128 K) stay in L2 across those 3-4 passes instead of
@@ -32,7 +36,7 @@ CHUNK_WEIGHTS = {"cpu": 1 << 20, "cuda": 1 << 20}
 # thread-CPU medians, Xeon): 24.8 / 22.6 / 21.4 ms per 16.7 M weights at 1 M / 256 K / 128 K.
 # At 2 threads (2-vCPU EPYC, whole unpacks, medians of 7 interleaved, a noisy box): 256 K was
 # faster than 128 K in 11 of the 12 rows Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K × fp32, bf16.
-FLOAT_SUB_WEIGHTS = {"cpu": 1 << 17}
+FLOAT_SUB_WEIGHTS = {"cpu": 1 << 19}
 
 
 def bytes_per_weight(out_dtype: torch.dtype) -> int:
