@@ -78,6 +78,10 @@ def run(args) -> int:
     err = make_console(stderr=True)
     calibrated = [calibrated_summary(path, p) for path, p in list_calibrated(
         lambda line: err.print(f"note: {line}", markup=False, highlight=False))]
+    default = _default_fingerprint()
+    for c in calibrated:  # the user knows the shipped model as `default`, not by its config's name
+        if c["workload_fingerprint"] == default:
+            c["model"] = f"default ({c['model']})"
     if args.json:
         json.dump({"profiles": rows, "calibrated": calibrated}, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -95,6 +99,16 @@ def run(args) -> int:
     console.print(table)
     _print_calibrated(console, calibrated)
     return 0
+
+
+def _default_fingerprint() -> str | None:
+    """The workload fingerprint of `default` (the shipped model), or None when it cannot be built."""
+    from residency.commands.sources import shipped_workload
+
+    try:
+        return shipped_workload().fingerprint()
+    except Exception:  # a broken checkout must not stop the listing: the raw model name is shown
+        return None
 
 
 def _print_calibrated(console, calibrated: list[dict]) -> None:
