@@ -401,3 +401,34 @@ def test_entering_a_detached_runtime_is_refused():
         pass
     with pytest.raises(ResidencyError, match="not attached"), rt:
         pass
+
+
+def test_a_models_own_in_place_update_of_a_weight_in_its_forward_is_not_an_edit():
+    """nn.Embedding(max_norm=…) renormalises its rows in place in its forward: every call after the first was
+    refused as an edit."""
+    torch.manual_seed(0)
+
+    class Renormed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 64, max_norm=1.0)
+            self.layers = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+
+        def forward(self, ids):
+            return self.layers(self.emb(ids))
+
+    model, ids = Renormed().eval(), torch.randint(0, 50, (2, 5))
+    with attach(model, ids, vram=None), torch.inference_mode(False), torch.no_grad():
+        for _ in range(3):
+            model(ids)
+
+
+def test_an_edit_then_a_plan_switch_is_refused_not_taken_as_the_new_baseline():
+    model, x = mlp_stack()
+    with attach(model, x, vram=None) as rt, torch.inference_mode(False), torch.no_grad():
+        model(x)
+        model[0][0].weight.mul_(0)
+        with pytest.raises(ResidencyError, match="changed in place while attached"):
+            rt.switch_plan(rt.plan)
+        with pytest.raises(ResidencyError, match="changed in place while attached"):
+            model(x)

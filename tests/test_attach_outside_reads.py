@@ -84,3 +84,47 @@ def test_a_budget_that_pinning_breaks_is_planned_again_within_what_is_left(vram)
         assert (loose.placement, loose.lifetime) == ("resident", "session")
         assert rt.plan.prediction.peak_total_bytes - rt.plan.prediction.peak_bytes["reserve"] <= rt.plan.budget.vram_bytes
         assert torch.equal(model(x), plain(x))
+
+
+class KeepsView(nn.Embedding):
+    """An embedding that keeps a view of its weight on itself in its forward."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.head = self.weight[:]
+        return super().forward(ids)
+
+
+class StashedView(nn.Module):
+    """The kept view read after the layers: it points into the block's memory, which a streamed plan reuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = KeepsView(300, 64)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 64)) for _ in range(6))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return F.linear(x, self.emb.head)
+
+
+def test_a_view_of_a_weight_kept_past_its_blocks_call_pins_the_block():
+    torch.manual_seed(0)
+    model, ids = StashedView().eval(), torch.randint(0, 300, (2, 8))
+    plain = copy.deepcopy(model)
+    with attach(model, ids, "35%") as rt, torch.inference_mode():
+        assert [b.name for b in rt.workload.blocks if b.read_outside_calls] == ["StashedView.emb"]
+        assert torch.equal(model(ids), plain(ids))  # streamed, it read max 1.87 off
+
+
+def test_a_plan_that_streams_a_block_read_outside_its_calls_is_refused_at_attach():
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model, ids = HeadByHand().eval(), torch.randint(0, 300, (2, 8))
+    with attach(model, ids, "35%") as rt:
+        streamed = replace(rt.plan, blocks=tuple(replace(bp, placement="streamed") if bp.name == "HeadByHand.emb"
+                                                 else bp for bp in rt.plan.blocks))
+    with pytest.raises(residency.ResidencyError, match=r"HeadByHand.emb's tensors are read outside its calls"):
+        residency.attach(model, profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=ids, plan=streamed)

@@ -280,7 +280,7 @@ def test_an_index_that_does_not_describe_its_shards_is_refused(tmp_path, index, 
 
 
 def test_a_shard_no_index_names_is_refused_and_the_described_directory_reads(tmp_path):
-    _sharded(tmp_path, GOOD_MAP)
+    _sharded(tmp_path, {"weight_map": {k: f"./{v}" for k, v in GOOD_MAP["weight_map"].items()}})  # beside it too
     with open_checkpoint(tmp_path) as ck:
         assert sorted(ck.entries) == ["a", "b"]
     save_checkpoint(tmp_path / "stray.safetensors", {"c": torch.zeros(4, 4)})  # its tensors were added to the model's

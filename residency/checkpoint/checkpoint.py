@@ -181,7 +181,9 @@ def _indexes(directory: Path) -> dict[Path, dict[str, str]]:
                                                        for k, v in weight_map.items()):
             raise broken(index, "not a shard index: it needs a \"weight_map\" object of tensor name -> shard file",
                          hint="remove it, or download it again")
-        outside = next((v for v in weight_map.values() if "/" in v or "\\" in v or v in (".", "..")), None)
+        # "./model-00001-of-00002.safetensors" is beside it too
+        weight_map = {k: v[2:] if v.startswith("./") else v for k, v in weight_map.items()}
+        outside = next((v for v in weight_map.values() if "/" in v or "\\" in v or v in ("", ".", "..")), None)
         if outside is not None:
             raise broken(index, f"its weight_map names {outside!r:.80}, a file outside this directory",
                          hint="an index names the shards beside it by file name; remove it, or download it again")

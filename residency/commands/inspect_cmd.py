@@ -183,7 +183,8 @@ def render(inv: Inventory, console: Console) -> None:
     for note in fallback_notes(inv, {f: _sum(every, f) for f in COMPARE_FORMATS}):
         console.print(note, markup=False, highlight=False)
     if inv.left_out:
-        console.print(left_out_note(inv.left_out), markup=False, highlight=False)
+        console.print(left_out_note(inv.left_out, sum(s.stored_bytes for s in every)), markup=False,
+                      highlight=False)
     if largest is not None:
         top = sizes[id(largest)]
         console.print(
@@ -193,13 +194,19 @@ def render(inv: Inventory, console: Console) -> None:
         )
 
 
-def left_out_note(left_out: list[tuple[str, str, tuple[int, ...], int]]) -> str:
-    """One line on the tensors in no block: how many, of which dtypes, their bytes, the first few named."""
+def left_out_note(left_out: list[tuple[str, str, tuple[int, ...], int]], stored_bytes: int) -> str:
+    """One line on the tensors in no block: how many, of which dtypes, their bytes, the first few named; and
+    when they outweigh the weights read, that the file is most likely quantized by another tool."""
     dtypes = sorted({d for _, d, _, _ in left_out})
+    out_bytes = sum(b for *_, b in left_out)
     shown = ", ".join(f"{n} {d} {list(s)}" for n, d, s, _ in left_out[:3]) + (
         f" and {len(left_out) - 3} more" if len(left_out) > 3 else "")
-    return (f"left out: {plural(len(left_out), 'tensor')} of {', '.join(dtypes)} "
-            f"({fmt_bytes(sum(b for *_, b in left_out))}), not weights residency stores: {shown}")
+    line = (f"left out: {plural(len(left_out), 'tensor')} of {', '.join(dtypes)} ({fmt_bytes(out_bytes)}), not "
+            f"weights residency stores: {shown}")
+    if out_bytes > stored_bytes:  # an I8/F8_E5M2/packed-U8 quantization: the totals above miss the model
+        line += (" — more bytes than the weights counted above: the model's weights are most likely in a format of "
+                 "another tool (int8, fp8 e5m2, bitsandbytes), which residency does not read; the totals miss them")
+    return line
 
 
 def fallback_notes(inv: Inventory, totals: dict[str, int]) -> list[str]:

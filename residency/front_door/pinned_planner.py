@@ -69,7 +69,9 @@ class PinnedPlanner:
                 notes.append(f"planned within {fmt_bytes(ask.budget.vram_bytes)} of the "
                              f"{fmt_bytes(req.budget.vram_bytes)}: the rest holds the blocks kept resident")
             # re-scored by the simulator at the budget asked for: a plan that does not fit says so
-            pinned = build_plan(req, plan.policy, blocks, plan.execution, notes=(*plan.notes, *notes),
+            # a retry's own no-fit note is about the smaller ask: build_plan says whether this one fits
+            kept = tuple(n for n in plan.notes if not n.startswith("does not fit"))
+            pinned = build_plan(req, plan.policy, blocks, plan.execution, notes=(*kept, *notes),
                                 kv_dtype=plan.kv_dtype)
             if fits_memory(pinned) or pinned.prediction is None:
                 return pinned

@@ -181,6 +181,15 @@ class Runtime:
                     f"block {name} encloses other blocks (the model's own tensors, read all through its call); "
                     f"the plan makes it {bp.placement} for the {bp.lifetime}",
                     hint="plan it resident for the session: it stays bound while the blocks inside it run")
+        for b in self.workload.blocks:  # its tensors are read outside its calls: a reused slot would be read
+            bp = plan.by_name[b.name]
+            if b.read_outside_calls and (bp.placement, bp.lifetime) != ("resident", "session"):
+                raise ResidencyError(
+                    f"block {b.name}'s tensors are read outside its calls (the model uses them directly, as a "
+                    f"tied head F.linear(x, emb.weight) does); the plan makes it {bp.placement} for the "
+                    f"{bp.lifetime}, so those reads would find another block's weights",
+                    hint="plan it resident for the session: residency.attach does (leave plan= out), or set its "
+                         "BlockPlan to placement='resident' at the compute dtype's format")
         check_block_modes(plan, self.backend, enclosing)
         modules = {n: mods for n, mods in found.items() if n not in enclosing}
         hooked = [m for mods in modules.values() for m in mods]
@@ -379,6 +388,8 @@ class Runtime:
             self._calls.close()
             if outer:
                 self.recorder.unit_end(self.backend.clock())
+                if self._weights is not None:  # what the model's own forward did in place (max_norm's renorm)
+                    self._weights.rebase()     # is no edit: only changes between calls are refused
         elif outer:
             self.recorder.unit_discard()  # its start was marked on a backend that has stopped since
         return out
@@ -506,6 +517,8 @@ class Runtime:
 
     def _switch_plan(self, plan: Plan, profile: DeviceProfile | None,
                      ready: dict[tuple[str, str], BlockBlob] | None) -> None:
+        if self._weights is not None:  # before the re-attach takes the edited weights as its baseline
+            self._weights.check()
         if self.pipeline is None:
             raise ResidencyError("the runtime is not attached", hint="attach(pipeline) first")
         if self._in_unit:

@@ -15,23 +15,31 @@ from residency.workload import Workload
 
 
 class WeightWatch:
-    """The version counters of every block parameter at attach (buffers are states a block may update: the
-    executor keeps those). torch bumps a tensor's counter on each in-place op on it, and neither `.data`
-    swaps nor writes into the memory it is bound to touch it, so a change is the user's edit.
+    """The version counters of every block parameter at attach and after each call (buffers are states a block
+    may update: the executor keeps those). torch bumps a tensor's counter on each in-place op on it, and neither
+    `.data` swaps nor writes into the memory it is bound to touch it, so a change between calls is the user's
+    edit (one inside a call, nn.Embedding(max_norm=…)'s renorm, is the model's own).
 
-    Cost: one counter read per parameter (~0.1 µs) per top-level call or step, never per block call."""
+    Cost: two counter reads per parameter (~0.1 µs each) per top-level call or step, never per block call."""
 
     def __init__(self, workload: Workload, tensors: dict[str, tuple[torch.Tensor, ...]],
                  buffer_index: dict[str, tuple[int, ...]]):
-        self.watched: list[tuple[str, str, torch.Tensor, int]] = []
+        self.watched: list[tuple[str, str, torch.Tensor]] = []
         for name, ts in tensors.items():
             names = [n for n, _ in workload.by_name[name].tensors]
             buffers = set(buffer_index.get(name, ()))
-            self.watched += [(name, names[i], t, version_of(t)) for i, t in enumerate(ts) if i not in buffers]
+            self.watched += [(name, names[i], t) for i, t in enumerate(ts) if i not in buffers]
+        self.versions = [version_of(t) for _, _, t in self.watched]
+
+    def rebase(self) -> None:
+        """Take the counters as they are now (after a call: the model's own in-place ops are its business)."""
+        versions = self.versions
+        for i, (_, _, t) in enumerate(self.watched):
+            versions[i] = version_of(t)
 
     def check(self) -> None:
-        """Raise ResidencyError naming the first parameter edited in place since attach."""
-        for block, tensor, t, version in self.watched:
+        """Raise ResidencyError naming the first parameter edited in place since the last call (or attach)."""
+        for (block, tensor, t), version in zip(self.watched, self.versions, strict=True):
             if version >= 0 and t._version != version:
                 raise ResidencyError(
                     f"{block}: {tensor} was changed in place while attached; the runtime computes from its own "

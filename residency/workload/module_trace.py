@@ -130,8 +130,11 @@ class _Tracer(TorchDispatchMode):
         self.owners: dict[str, frozenset[int]] = {}  # weight name -> the units holding it (tied: several)
         self.running: list[int] = []  # units whose call is running (the _Segments stack, shared)
         self.read_outside: set[str] = set()
-        # ids of views of weights made in an owner's call: returned, the runtime clones them (Executor.unaliased)
+        # ids of tensors made of weights that are safe to read anywhere: copies made in an owner's call (their own
+        # memory), views a call returned (the runtime clones those: Executor.unaliased), and what is made of them.
+        # A view kept otherwise (stashed on the module) still points into memory that is reused: not in here.
         self.made_inside: set[int] = set()
+        self.originals: set[int] = set()  # ids of the weights themselves (a call returning one is no copy)
 
     def _release(self, tid: int, n: int) -> None:
         self.live -= n
@@ -183,7 +186,7 @@ class _Tracer(TorchDispatchMode):
                 continue  # in place: no new tensor
             if derived:
                 self.weights[id(o)] = named[0]
-                if (self.owners.get(named[0], frozenset()).intersection(self.running)
+                if ((not func.is_view and self.owners.get(named[0], frozenset()).intersection(self.running))
                         or any(id(t) in self.made_inside for t in inputs)):
                     self.made_inside.add(id(o))
                 weakref.finalize(o, self._release, id(o), 0)
@@ -260,10 +263,11 @@ class _Segments:
         self.switch(counts)
 
     def leave(self, unit: int, out: Any = None) -> None:
-        # weights the call returns (its own, or views of them) are the runtime's to copy out of block memory
-        # (Executor.unaliased): read afterwards, they are not reads outside the block
+        # views of its weights a call returns are the runtime's to copy out of block memory (Executor.unaliased):
+        # read afterwards, they are not reads outside the block. A weight itself returned is not marked: the
+        # same object read later by attribute could not be told apart (pinned rather than read wrong)
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and id(t) in self.tracer.weights:
+            if isinstance(t, torch.Tensor) and id(t) in self.tracer.weights and id(t) not in self.tracer.originals:
                 self.tracer.made_inside.add(id(t))
         self.stack.pop()
         if unit in self.stack:
@@ -291,6 +295,7 @@ def trace_forward(model: nn.Module, unit_modules: list[tuple[str, ...]], run: Ca
     weights = list(weights)
     tracer = _Tracer({id(t): n for n, t in weights}, batch, widen)
     tracer.owners = _owners(model, unit_modules, [n for n, _ in weights])
+    tracer.originals = {id(t) for _, t in weights}
     seg = _Segments(tracer, units, glue)
     tracer.running = seg.stack
     handles = []

@@ -98,5 +98,9 @@ def join_phases(name: str, parts: Sequence[ComponentPart], steps: int, source: s
         if kept:
             phases.append(PhaseSpec(ph, "latent_frame", tuple(kept)))
     order = [b for b in blocks if b.name in leading] + [b for b in blocks if b.name not in leading]
+    extra: dict = {"components": [p.component for p in parts]}
+    held = {p.workload.extra.get("weights_dtype") for p in parts}
+    if len(held) == 1 and None not in held:  # one weights dtype throughout: the quality loss is against it
+        extra["weights_dtype"] = held.pop()
     return Workload(name, tuple(order), tuple(phases), steps=1, context_frames=0, source=source,
-                    extra={"components": [p.component for p in parts]}).with_params(steps=steps)
+                    extra=extra).with_params(steps=steps)
