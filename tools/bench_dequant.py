@@ -1,8 +1,10 @@
 """Benchmark: dequant speed of every storage format into fp32 and into bf16, against gguf's numpy.
 
 Each row: a 4096×4096 matrix unpacked eager (what the runtime runs: chunked through a caller-owned
-staging buffer) with torch.compile beside it, median and IQR of ≥ 15 samples, and the fraction of the
-memory-bound floor, (packed + output bytes) ÷ copy bandwidth measured at the same thread count.
+staging buffer) with torch.compile beside it, median and IQR of ≥ 15 samples (fp32 and bf16 calls
+interleaved, so both see the machine of the same moment), their A/A (even against odd samples), and the
+fraction of the memory-bound floor, (packed + output bytes) ÷ copy bandwidth measured at the same thread
+count.
 A human table, then one JSON line last.
 """
 
@@ -80,19 +82,48 @@ def gguf_reference(name: str, packed: torch.Tensor, rows: int):
     return lambda: gguf_quants.dequantize(raw, qtype)
 
 
+def eager_samples(name: str, packed: torch.Tensor, rows: int, cols: int, repeats: int,
+                  warmup: int = 3) -> dict[str, tuple[list[float], torch.Tensor, torch.Tensor]]:
+    """Eager unpack of `packed` into every OUT_DTYPES dtype through a staging buffer each (the runtime's
+    per-thread buffer): `repeats` timed calls per dtype, interleaved (fp32, bf16, fp32, …) so that a shift of
+    this VM's speed lands on both alike and bf16 against fp32 compares calls of one moment. dtype name ->
+    (samples ms, out, staging)."""
+    fmt = get_format(name)
+    use_compiled(set())
+    setups = {}
+    for dtype_name, dtype in OUT_DTYPES.items():
+        out = torch.empty(rows, cols, dtype=dtype)
+        staging = new_staging(staging_bytes("cpu", rows * cols, dtype), "cpu")
+        for _ in range(warmup):
+            fmt.unpack(packed, out, staging)
+        setups[dtype_name] = ([], out, staging)
+    for _ in range(repeats):
+        for samples, out, staging in setups.values():
+            t0 = time.perf_counter()
+            fmt.unpack(packed, out, staging)
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return setups
+
+
+def _aa(samples: list[float]) -> float:
+    """A/A: the median of the even-numbered samples against the odd-numbered ones, less 1 (the same call
+    against itself: the noise to read a difference against)."""
+    return statistics.median(samples[0::2]) / statistics.median(samples[1::2]) - 1
+
+
 def bench_row(name: str, dtype_name: str, packed: torch.Tensor, rows: int, cols: int, repeats: int,
-              compile_too: bool, reference: np.ndarray | None) -> dict:
-    """One row: eager unpack of `packed` into `dtype_name` through a staging buffer, median and IQR (ms) of
-    `repeats` samples; with compile_too, torch.compile's time beside it (and its first call's compile_s).
+              compile_too: bool, reference: np.ndarray | None,
+              eager: tuple[list[float], torch.Tensor, torch.Tensor]) -> dict:
+    """One row: the eager samples (eager_samples) of `packed` into `dtype_name`, median, IQR and A/A (ms);
+    with compile_too, torch.compile's time beside it (and its first call's compile_s).
 
     reference: gguf's dequantized values, to check the eager output bit for bit ("exact"); None: unchecked.
     """
     fmt, dtype = get_format(name), OUT_DTYPES[dtype_name]
-    out = torch.empty(rows, cols, dtype=dtype)
-    staging = new_staging(staging_bytes("cpu", rows * cols, dtype), "cpu")  # the runtime's per-thread buffer
-    use_compiled(set())
-    eager_ms, eager_iqr = _median_iqr(_samples_ms(lambda: fmt.unpack(packed, out, staging), repeats))
-    row: dict = {"format": name, "dtype": dtype_name, "eager_ms": eager_ms, "eager_iqr_ms": eager_iqr}
+    samples, out, staging = eager
+    eager_ms, eager_iqr = _median_iqr(samples)
+    row: dict = {"format": name, "dtype": dtype_name, "eager_ms": eager_ms, "eager_iqr_ms": eager_iqr,
+                 "eager_aa": _aa(samples)}
     eager_out = out.clone()
     if reference is not None:
         expect = torch.from_numpy(reference.astype(np.float32, copy=False)).view(rows, cols).to(dtype)
@@ -139,8 +170,10 @@ def _format_rows(name: str, args: argparse.Namespace, gbps: float) -> list[dict]
         reference = ref_fn()
         gguf = _median_iqr(_samples_ms(ref_fn, max(5, args.repeats // 3), warmup=1))
     rows = []
+    eager = eager_samples(name, packed, args.rows, args.cols, args.repeats)
     for dtype_name, dtype in OUT_DTYPES.items():
-        r = bench_row(name, dtype_name, packed, args.rows, args.cols, args.repeats, not args.no_compile, reference)
+        r = bench_row(name, dtype_name, packed, args.rows, args.cols, args.repeats, not args.no_compile, reference,
+                      eager[dtype_name])
         floor_ms = (packed.numel() + args.rows * args.cols * dtype.itemsize) / (gbps * 1e9) * 1e3
         r.update(packed_bytes=packed.numel(), floor_ms=floor_ms, floor_fraction=floor_ms / r["eager_ms"])
         if gguf is not None:
@@ -154,14 +187,14 @@ def _format_rows(name: str, args: argparse.Namespace, gbps: float) -> list[dict]
 def _print_table(args: argparse.Namespace, gbps: float, rows: list[dict]) -> None:
     print(f"dequant {args.rows}×{args.cols}, torch threads={args.threads} (numpy 1 thread); "
           f"copy {gbps:.1f} GB/s (read+write); ms = median±IQR")
-    hdr = (f"{'format':7} {'out':4} {'eager ms':>12} {'compiled ms':>12} {'gguf ms':>12} {'× gguf':>7} "
+    hdr = (f"{'format':7} {'out':4} {'eager ms':>12} {'A/A':>6} {'compiled ms':>12} {'gguf ms':>12} {'× gguf':>7} "
            f"{'floor ms':>8} {'% floor':>7} {'exact':>6}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         sp = f"{r['speedup_vs_gguf']:.2f}" if "speedup_vs_gguf" in r else "—"
         ex = {True: "yes", False: "NO", None: "—"}[r.get("exact")]
-        print(f"{r['format']:7} {r['dtype']:4} {_ms(r['eager_ms'], r['eager_iqr_ms']):>12} "
+        print(f"{r['format']:7} {r['dtype']:4} {_ms(r['eager_ms'], r['eager_iqr_ms']):>12} {100 * r['eager_aa']:+5.1f}% "
               f"{_ms(r.get('compiled_ms'), r.get('compiled_iqr_ms')):>12} {_ms(r.get('gguf_ms'), r.get('gguf_iqr_ms')):>12} "
               f"{sp:>7} {r['floor_ms']:8.2f} {100 * r['floor_fraction']:6.1f}% {ex:>6}")
 
