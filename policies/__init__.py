@@ -26,7 +26,7 @@ def get_policy(name: str) -> PolicyFn:
     """The plan function registered as `name` (see registry()); raises ResidencyError if unknown."""
     policies = registry()
     if name not in policies:
-        raise ResidencyError(f"unknown policy {name!r}", hint="one of: " + ", ".join(policies) + ", all")
+        raise ResidencyError(f"unknown policy {name!r}", hint="one of: " + ", ".join(policies))
     return policies[name]
 
 

@@ -191,7 +191,22 @@ class PipelineRuntime:
         """The workload the plan was made for."""
         return self.built.workload
 
+    @property
+    def loop(self):
+        """The closed loop (residency.runtime.closed_loop.ClosedLoop), None when off: its decisions in .events."""
+        return self.runtime.loop
+
+    def telemetry(self):
+        """The runtime's telemetry snapshot (frames, calls, the closed loop's events)."""
+        return self.runtime.telemetry()
+
+    def _attached(self) -> None:
+        if self.runtime.pipeline is None:  # a detached runtime ran the pipeline plain, silently
+            raise ResidencyError("this pipeline runtime is not attached (detached)",
+                                 hint="attach again: `with residency.attach(pipe, …) as rt:`")
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._attached()
         self._check_shapes(kwargs)
         modules = self.built.modules
         modules.rewind = _generator_states(kwargs.get("generator"))  # a retry rewinds to them
@@ -212,7 +227,8 @@ class PipelineRuntime:
             if asked != planned:
                 raise ResidencyError(
                     f"the plan was made for {key}={planned}, this call asks {key}={asked}",
-                    hint=f"attach again with call=dict({key}={asked}, …) to plan for it")
+                    hint=f"attach again for it: residency.attach(pipe, example_inputs=dict({key}={asked}, …)) "
+                         f"(attach_pipeline's call=)")
 
     def detach(self) -> None:
         """Restore the pipeline's weights and modules exactly; safe to call twice.
@@ -222,6 +238,7 @@ class PipelineRuntime:
         self.runtime.detach()
 
     def __enter__(self) -> PipelineRuntime:
+        self._attached()
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -11,13 +11,13 @@ from collections.abc import Mapping
 from policies import PlanOptions, PlanRequest, get_policy
 from residency.device import DeviceProfile
 from residency.errors import ResidencyError
-from residency.formats.dtypes import DTYPE_FORMAT
+from residency.formats.dtypes import DTYPE_FORMAT, KV_DTYPE_BYTES
 from residency.front_door.vram import VramSpec, frame_budget_ms, vram_bytes
 from residency.plan import Budget, Plan
 from residency.workload import Workload
 
 
-def make_plan(workload: Workload, profile: DeviceProfile, *, vram: VramSpec = None, fps: float | None = None,
+def make_plan(workload: Workload, profile: DeviceProfile | str, *, vram: VramSpec = None, fps: float | None = None,
               frame_ms: float | None = None, policy: str = "ours", compute_dtype: str = "bf16",
               kv_dtype: str | None = None, sensitivity: Mapping[str, Mapping[str, float]] | None = None,
               options: PlanOptions | None = None) -> Plan:
@@ -30,12 +30,24 @@ def make_plan(workload: Workload, profile: DeviceProfile, *, vram: VramSpec = No
     kv_dtype: None for the workload's own. sensitivity: a measured block × format quality-loss table.
     options: how the search runs (PlanOptions; its defaults are the CLI's).
 
+    profile: a DeviceProfile, a shipped name or a profile file's path (residency.device.resolve_profile).
+
     Returns the Plan with the simulator's Prediction. A plan that does not fit the budget is still returned,
     with a note saying so (`policies.fits_memory(plan)` tells). Raises ResidencyError for a bad vram, fps or
     frame_ms, an unknown policy or compute dtype.
     """
+    if not isinstance(workload, Workload):  # a model: its workload comes from workload_from_module
+        raise ResidencyError(f"make_plan plans a Workload, not a {type(workload).__name__}",
+                             hint="residency.workload.workload_from_module(model, example_inputs, name=…), or "
+                                  "residency.attach(model, …) to plan and attach at once")
+    if not isinstance(profile, DeviceProfile):  # a name or a path, as --profile takes them
+        from residency.device import resolve_profile
+
+        profile = resolve_profile(profile)
     if compute_dtype not in DTYPE_FORMAT:
         raise ResidencyError(f"compute_dtype={compute_dtype!r}", hint="one of: " + ", ".join(DTYPE_FORMAT))
+    if kv_dtype is not None and kv_dtype not in KV_DTYPE_BYTES:
+        raise ResidencyError(f"kv_dtype={kv_dtype!r}", hint="one of: " + ", ".join(KV_DTYPE_BYTES) + ", or None")
     weight_bytes = workload.nbytes(DTYPE_FORMAT[compute_dtype])
     budget = Budget(vram_bytes(vram, weight_bytes, profile.memory_usable_bytes),
                     frame_budget_ms(fps, frame_ms, workload.video_frames_per_latent))

@@ -150,7 +150,7 @@ def run(args) -> int:
         try:
             get_policy(args.policy)  # an unknown name is a usage error (exit 2) before any work
         except ResidencyError as e:
-            raise UsageError(e.message, hint=e.hint) from None
+            raise UsageError(e.message, hint=f"{e.hint}, or all (every policy side by side)") from None
     _check_plan_output(args.output)
     req = make_request(args)
     if args.policy == "all":

@@ -320,4 +320,7 @@ def resolve_profile(name_or_path: str | os.PathLike[str] | DeviceProfile) -> Dev
     """What `--profile NAME|PATH` means everywhere; a DeviceProfile passes through unchanged."""
     if isinstance(name_or_path, DeviceProfile):
         return name_or_path
+    if not isinstance(name_or_path, (str, os.PathLike)):  # None or a number: a bare TypeError from pathlib
+        raise ResidencyError(f"profile {name_or_path!r:.60}: give a shipped name, a profile file's path or a "
+                             "DeviceProfile", hint="`residency profiles` lists the shipped names")
     return load_profile(name_or_path)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections.abc import Callable
 
 import torch
+
+from residency.errors import FormatError
 
 # (blocks uint8 2-D, out 2-D, staging uint8 1-D or None) -> None
 UnpackFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]
@@ -29,10 +32,16 @@ def compile_enabled() -> bool:
 
 
 def use_compiled(format_names: set[str] | list[str] | tuple[str, ...]) -> None:
-    """Route the given formats' unpack through torch.compile (empty to turn it off)."""
+    """Route the given formats' unpack through torch.compile (empty to turn it off). Names as get_format takes
+    them (any case); raises FormatError for a bare string (its letters were taken as names) or an unknown name."""
+    from residency.formats import get_format
+
+    if isinstance(format_names, (str, bytes)):
+        raise FormatError(f"use_compiled({format_names!r}): give a set of format names, e.g. {{{format_names!r}}}")
+    names = {get_format(n).name for n in format_names}  # canonical: "q8_0" was kept as is, and never matched
     with _lock:
         _compile_formats.clear()
-        _compile_formats.update(format_names)
+        _compile_formats.update(names)
 
 
 def compiled_formats() -> frozenset[str]:
@@ -82,9 +91,12 @@ def unpack_kernel(fmt, dtype: torch.dtype, device: torch.device) -> UnpackFn:
     def guarded(blocks: torch.Tensor, out2d: torch.Tensor, staging: torch.Tensor | None) -> None:
         try:
             fn(blocks, out2d)
-        except Exception:  # compile failure (no compiler, unsupported op): fall back for good
+        except Exception as e:  # compile failure (no compiler, unsupported op): fall back for good, said once
             _failed.add(key)
             _compiled.pop(key, None)
+            warnings.warn(f"torch.compile of {fmt.name}'s unpack into {dtype} failed ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); it runs eager",
+                          RuntimeWarning, stacklevel=2)
             fmt.eager_unpack(blocks, out2d, staging)
 
     return guarded

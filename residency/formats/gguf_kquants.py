@@ -149,7 +149,11 @@ def _f16(blocks: torch.Tensor, start: int, count: int) -> torch.Tensor:
 
 
 def _f16_viewable(blocks: torch.Tensor, start: int) -> bool:
-    """Whether fp16 fields at byte `start` of each block can be read through an fp16 view in place."""
+    """Whether fp16 fields at byte `start` of each block can be read through an fp16 view in place. Never while
+    torch.compile traces: dynamo cannot trace storage_offset() or data_ptr() (every GGUF format fell back to
+    eager for good), and the dense copy it then takes is fused away."""
+    if torch.compiler.is_compiling():
+        return False
     return (start % 2 == 0 and blocks.shape[1] % 2 == 0 and blocks.stride(0) % 2 == 0
             and blocks.storage_offset() % 2 == 0 and blocks.data_ptr() % 2 == 0)
 
@@ -169,8 +173,13 @@ def _scale_min_k4(blocks: torch.Tensor) -> torch.Tensor:
     q.copy_(blocks[:, 4:16].t())  # rows 0-3: a (scales 0-3, top bits of 4-7), 4-7: b (mins), 8-11: c
     ab = q[0:8].view(2, 4, n)
     six = torch.empty((2, 2, 4, n), dtype=torch.uint8, device=blocks.device)  # [scale | min, 0-3 | 4-7, j, n]
-    torch.bitwise_and(ab, 63, out=six[:, 0])  # fields 0-3: low 6 bits of a (scales), b (mins)
-    hi = torch.bitwise_right_shift(ab, 2, out=six[:, 1]).bitwise_and_(0x30)  # fields 4-7: top 2 bits …
+    if torch.compiler.is_compiling():  # dynamo refuses a strided out= (Q4_K/Q5_K fell back to eager for good)
+        six[:, 0] = ab & 63
+        six[:, 1] = (ab >> 2) & 0x30
+        hi = six[:, 1]
+    else:
+        torch.bitwise_and(ab, 63, out=six[:, 0])  # fields 0-3: low 6 bits of a (scales), b (mins)
+        hi = torch.bitwise_right_shift(ab, 2, out=six[:, 1]).bitwise_and_(0x30)  # fields 4-7: top 2 bits …
     hi[0].bitwise_or_(q[8:12].bitwise_and(0x0F))  # … and low 4 from c (scales)
     hi[1].bitwise_or_(q[8:12].bitwise_right_shift(4))  # … or its high nibble (mins)
     d = torch.empty((2, 1, n), dtype=torch.float32, device=blocks.device)

@@ -23,7 +23,8 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     Read in place through an fp16 view when the blocks allow one (even block size, offset and
     start: every legacy block on an aligned buffer): a 1-D strided loop over n. Else a contiguous
     copy of the 2-byte column first, which loops per block (~5 ns a block, 0.15 ns a weight)."""
-    if (start % 2 == 0 and blocks.shape[1] % 2 == 0 and blocks.stride(0) % 2 == 0
+    if (not torch.compiler.is_compiling()  # dynamo traces neither storage_offset() nor data_ptr()
+            and start % 2 == 0 and blocks.shape[1] % 2 == 0 and blocks.stride(0) % 2 == 0
             and blocks.storage_offset() % 2 == 0 and blocks.data_ptr() % 2 == 0):
         return blocks.view(torch.float16)[:, start // 2 : start // 2 + 1].float()
     # clone, not .contiguous(): for one block that returns the (odd-offset) view itself

@@ -22,6 +22,7 @@ at most `max_switches` switches.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections import Counter
@@ -62,6 +63,12 @@ class LoopOptions:
     background: bool = True  # re-plan on a thread (False: inline, for tests that need determinism)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a string where a number goes failed later, as a bare TypeError
+            v, want = getattr(self, f.name), (bool,) if f.name in ("enabled", "background") else (int, float)
+            if (v is not None or f.name != "max_switches") and (not isinstance(v, want) or
+                                                                 (want != (bool,) and isinstance(v, bool))):
+                raise ResidencyError(f"LoopOptions.{f.name} = {v!r:.40}: expected "
+                                     f"{'True or False' if want == (bool,) else 'a number'}")
         for name in ("miss_frames", "min_frames_between", "window_frames", "calibrate_frames"):
             if getattr(self, name) < 1:
                 raise ResidencyError(f"LoopOptions.{name} = {getattr(self, name)}: must be ≥ 1")
@@ -303,6 +310,9 @@ def enable_loop(runtime, closed_loop: bool | LoopOptions) -> None:
 
     Raises ResidencyError (after detaching) when the runtime cannot re-plan: its plan was made for another
     profile."""
+    if not isinstance(closed_loop, (bool, LoopOptions)):  # a dict of options turned it on with the defaults
+        raise ResidencyError(f"closed_loop={closed_loop!r:.60}: give True, False or a LoopOptions",
+                             hint="e.g. closed_loop=LoopOptions(max_switches=2) (residency.runtime.closed_loop)")
     if not isinstance(closed_loop, LoopOptions) and not closed_loop:
         return
     options = closed_loop if isinstance(closed_loop, LoopOptions) else LoopOptions()
