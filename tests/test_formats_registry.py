@@ -106,3 +106,24 @@ def test_vectors_and_odd_shapes_fall_back_to_bf16():
     assert effective_format(q4k, (64, 100)).name == "BF16"
     assert effective_format(q4k, (64, 256)) is q4k
     assert tensor_bytes((4096,), q4k) == 8192
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_K", "FP8", "NF4", "BF16", "F32"])
+def test_unpack_reads_a_packed_slice_at_any_offset_and_refuses_outputs_it_cannot_write(name):
+    """An odd offset made FP8/NF4/BF16/F32 raise torch's view error; a meta `out` was 'written' by some formats
+    and refused by others; an out needing grad raised torch's in-place error."""
+
+    fmt = get_format(name)
+    packed = fmt.pack(torch.randn(4, 256, generator=torch.Generator().manual_seed(0)))
+    big = torch.zeros(packed.numel() + 3, dtype=torch.uint8)
+    big[3:] = packed
+    assert torch.equal(fmt.unpack(big[3:], torch.empty(4, 256)), fmt.unpack(packed, torch.empty(4, 256)))
+    with pytest.raises(FormatError, match="out on meta"):
+        fmt.unpack(packed, torch.empty(4, 256, device="meta"))
+    with pytest.raises(FormatError, match="requires grad"):
+        fmt.unpack(packed, torch.empty(4, 256, requires_grad=True))
+    for wrong in ("hello", None, [torch.zeros(4, 256)]):
+        with pytest.raises(FormatError, match="pack takes a torch tensor"):
+            fmt.pack(wrong)
+    with pytest.raises(FormatError, match="is not a shape"):
+        fmt.nbytes((-1, 256))

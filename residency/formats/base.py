@@ -62,6 +62,8 @@ class StorageFormat(ABC):
         return self.nbytes(shape) if self.supports(shape) else None
 
     def check_shape(self, shape: Sequence[int]) -> None:
+        if any(not isinstance(d, int) or d < 0 for d in shape):  # else read as a block-size problem
+            raise FormatError(f"{self.name}: shape {tuple(shape)} is not a shape (whole dimensions, 0 or more)")
         if not self.supports(shape):
             raise FormatError(
                 f"{self.name} cannot store a tensor of shape {tuple(shape)}: "
@@ -77,6 +79,11 @@ class StorageFormat(ABC):
                 f"{self.name} is dequant-only: residency reads it from GGUF files but does not quantize to it",
                 hint="use Q4_K, Q5_K or Q6_K to quantize",
             )
+        if not isinstance(weight, torch.Tensor):
+            raise FormatError(f"{self.name}: pack takes a torch tensor, not a {type(weight).__name__}",
+                              hint="e.g. torch.from_numpy(array) or torch.tensor(values)")
+        if weight.is_meta:
+            raise FormatError(f"{self.name}: a meta tensor holds no values to pack", hint="load the weights first")
         self.check_shape(tuple(weight.shape))
         packed = self._pack(weight.detach().to("cpu", torch.float32).contiguous())
         assert packed.dtype == torch.uint8 and packed.numel() == self.nbytes(tuple(weight.shape))
@@ -91,8 +98,18 @@ class StorageFormat(ABC):
         hundred KiB, whatever the matrix. Without it, one is allocated for this call (not for hot paths).
         A bf16/fp16 result is the fp32 result rounded once.
         """
+        for what, t in (("packed", packed), ("out", out)):
+            if not isinstance(t, torch.Tensor):
+                raise FormatError(f"{self.name}: unpack's {what} is a {type(t).__name__}, not a torch tensor",
+                                  hint="packed: the uint8 tensor pack() returned; out: torch.empty(shape, dtype=…)")
         if out.dtype not in OUT_DTYPES:
             raise FormatError(f"{self.name}: cannot unpack into dtype {out.dtype}", hint="use float32, float16 or bfloat16")
+        if out.is_meta or packed.device != out.device:  # a meta out was "written" silently by some formats
+            raise FormatError(f"{self.name}: packed is on {packed.device}, out on {out.device}",
+                              hint="put both on the device that computes (a meta tensor holds no values)")
+        if out.requires_grad:
+            raise FormatError(f"{self.name}: out requires grad; unpack writes it in place",
+                              hint="torch.empty(shape, dtype=…) without requires_grad, or unpack under torch.no_grad()")
         expect = self.nbytes(tuple(out.shape))
         if packed.dtype != torch.uint8 or packed.numel() != expect:
             raise FormatError(
@@ -101,12 +118,22 @@ class StorageFormat(ABC):
             )
         if not out.is_contiguous():
             raise FormatError(f"{self.name}: output buffer must be contiguous")
+        if not packed.is_contiguous() or packed.storage_offset() % 8 or packed.data_ptr() % 8:
+            # a slice of a larger buffer at an odd offset: the fp16/fp32 views of its fields need alignment.
+            # Cost: one copy of the packed bytes (not a hot path: the runtime's blobs are aligned)
+            packed = packed.contiguous().clone()
         if staging is None and self.uses_staging and out.numel():
             staging = new_staging(staging_bytes(out.device.type, out.numel(), out.dtype), out.device)
         elif staging is not None and staging.device != out.device:
             raise FormatError(f"{self.name}: staging is on {staging.device}, the output on {out.device}")
         self._unpack_into(packed.reshape(-1), out, staging)
         return out
+
+    def unpack_trusted(self, packed: torch.Tensor, out: torch.Tensor, staging: torch.Tensor | None) -> None:
+        """unpack() without its checks, for the runtime's own buffers (flat aligned uint8 `packed` of
+        nbytes(out.shape), contiguous `out` on its device, the thread's `staging` or None where the format
+        uses none). Hazard: a wrong argument is undefined behaviour, not an error."""
+        self._unpack_into(packed if packed.dim() == 1 else packed.reshape(-1), out, staging)
 
     def dequantize(self, packed: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Convenience: allocate the output and unpack into it (not for hot paths)."""

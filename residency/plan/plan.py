@@ -179,6 +179,15 @@ class Plan:
         lookup by name after this point relies on the plan naming each block of the workload once. `fix`: the
         hint for the caller's users (default: the CLI's)."""
         fingerprint = workload.fingerprint()
+        mine, theirs = [b.name for b in self.blocks], [b.name for b in workload.blocks]
+        if fingerprint != self.workload_fingerprint and mine != theirs and \
+                [n.partition(".")[2] for n in mine] == [n.partition(".")[2] for n in theirs]:
+            # the same blocks under another prefix: a workload named otherwise than attach names the model
+            raise ResidencyError(
+                f"the plan's blocks are named {mine[0].partition('.')[0]}.…, those of {what} "
+                f"{theirs[0].partition('.')[0]}.…: the same model counted under another name",
+                hint="make its workload with name= the model's class name (residency.attach names blocks "
+                     "<class>.<module path>), e.g. workload_from_module(model, x, name=type(model).__name__)")
         if fingerprint != self.workload_fingerprint:
             raise ResidencyError(
                 f"the plan was made for model {self.model!r} (fingerprint {self.workload_fingerprint}), "

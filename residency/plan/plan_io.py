@@ -12,6 +12,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from residency.errors import ResidencyError
 from residency.formats import FORMATS
 from residency.jsonfile import read_json
 from residency.plan.plan import (
@@ -195,9 +196,14 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
     Raises ResidencyError naming the path when it cannot be written."""
     from residency.atomic_file import atomic_output
 
+    if not isinstance(plan, Plan):
+        raise ResidencyError(f"save_plan writes a Plan, not a {type(plan).__name__}",
+                             hint="give the plan residency.make_plan or runtime.plan returns")
+    text = json.dumps(plan_to_dict(plan), indent=1) + "\n"
+    plan_from_dict(json.loads(text), f"the plan to save as {path}")  # what load_plan would refuse is not written
     path = Path(path)
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(plan_to_dict(plan), indent=1) + "\n")
+        tmp.write_text(text)
     return path
 
 

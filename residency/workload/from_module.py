@@ -94,6 +94,12 @@ def workload_from_module(model: nn.Module, example_inputs: Example, *, name: str
     (default: `name`). compute_dtype: "bf16", "fp16" or "fp32", what byte and FLOP
     figures assume. Raises ResidencyError for an unknown compute dtype or a model whose blocks or forward
     cannot be found or counted."""
+    if not isinstance(model, nn.Module):
+        raise ResidencyError(f"workload_from_module counts a torch nn.Module, not a {type(model).__name__}",
+                             hint="pass the model itself")
+    for what, value in (("name", name), ("component", component)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):  # a plan of it is unreadable
+            raise ResidencyError(f"{what}={value!r:.40}: a non-empty string", hint="e.g. name=type(model).__name__")
     return module_workload(model, example_inputs, name=name, component=component, compute_dtype=compute_dtype,
                            **options).workload
 
