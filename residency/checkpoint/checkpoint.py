@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from residency.checkpoint.entry import E4M3, TensorEntry
-from residency.checkpoint.errors import broken
+from residency.checkpoint.errors import CheckpointError, broken
 from residency.checkpoint.gguf_io import read_gguf
 from residency.checkpoint.limits import check_tensor_count
 from residency.checkpoint.safetensors_io import LeftOut, read_safetensors
@@ -241,6 +241,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     Every header is validated before anything is mapped; any problem is a CheckpointError
     naming the file. Duplicate tensor names across shards are an error.
     """
+    if not isinstance(path, (str, os.PathLike)):  # None, bytes: a bare TypeError from pathlib
+        raise CheckpointError(f"open_checkpoint's path is a {type(path).__name__}",
+                              hint="give a .safetensors or .gguf file, or a directory of shards, as a str or Path")
     root = Path(os.fspath(path))
     entries: dict[str, TensorEntry] = {}
     metadata: dict[str, str] = {}

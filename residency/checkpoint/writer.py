@@ -14,7 +14,7 @@ import torch
 
 from residency.checkpoint.atomic import atomic_output
 from residency.checkpoint.entry import is_reserved_key
-from residency.checkpoint.errors import broken
+from residency.checkpoint.errors import CheckpointError, broken
 from residency.checkpoint.gguf_io import write_gguf
 from residency.checkpoint.packing import PackedTensor, check_packed, pack_tensors
 from residency.checkpoint.safetensors_io import write_safetensors
@@ -79,6 +79,12 @@ def save_checkpoint(
     file) for a bad extension, name or metadata, or a failed write (an existing file is left as it was).
     Cost: the whole packed checkpoint is held in host memory before writing.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"save_checkpoint's path is a {type(path).__name__}",
+                              hint="give a file name ending in .safetensors or .gguf")
+    if not isinstance(tensors, Mapping):  # a list or one tensor: its names are what the file keys them by
+        raise CheckpointError(f"{os.fspath(path)}: save_checkpoint takes a mapping of name -> tensor, not a "
+                              f"{type(tensors).__name__}", hint="e.g. model.state_dict() or {'weight': t}")
     packed = pack_tensors(tensors, formats, fallback)
     return _write(Path(os.fspath(path)), packed, metadata)
 

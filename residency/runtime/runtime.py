@@ -485,7 +485,7 @@ class Runtime:
             latent = sum(1 for f in snapshot.frames if f.frame > 0)
             raise ResidencyError(f"calibration needs more than {warmup_frames} frames of the running plan (the "
                                  f"first settle the allocator and the copy ring); {latent} recorded",
-                                 hint="run more frames (e.g. --frames 8) before calibrating")
+                                 hint="run more frames before calibrating (8 or more: `--frames 8` on the command line)")
         return calibrate(window, self.workload, self.plan, self.profile, model=self.workload.name,
                          warmup_frames=0)
 
