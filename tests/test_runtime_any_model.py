@@ -351,3 +351,25 @@ def test_two_runtimes_attached_at_once_give_the_thread_count_back_after_the_last
     assert torch.get_num_threads() == 1  # b still computes on its count
     b.detach()
     assert torch.get_num_threads() == caller_threads
+
+
+def test_a_model_with_layers_its_workload_does_not_know_is_warned_about():
+    """A plan for 3 layers attached to a model of 4 ran the 4th unmanaged, outside the budget, silently."""
+    import warnings
+
+    import residency
+    from residency.errors import PlanWarning
+    from residency.workload import workload_from_module
+
+    def model(n: int) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 32), *[nn.Sequential(nn.Linear(32, 32), nn.GELU()) for _ in range(n)]).eval()
+
+    x = torch.randn(2, 32)
+    small = workload_from_module(model(3), x, name="Sequential", compute_dtype="fp32")
+    plan = residency.make_plan(small, flat_profile(backend="cpu"), compute_dtype="fp32")
+    with pytest.warns(PlanWarning, match=r"4: beside the model's blocks and like them, but in no block"):
+        residency.Runtime(plan, "cpu", workload=small).attach(model(4)).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanWarning)
+        residency.Runtime(plan, "cpu", workload=small).attach(model(3)).detach()

@@ -7,6 +7,7 @@ model's `blocks()` method, where its class defines one, overrides both.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -131,3 +132,24 @@ def _check_disjoint(found: dict[str, tuple[nn.Module, ...]]) -> None:
                 if other != name:
                     raise ResidencyError(f"blocks {name} and {other} share module {type(sub).__name__}",
                                          hint="blocks must be disjoint: the runtime hooks one block call at a time")
+
+
+def unplanned_siblings(model: nn.Module, found: dict[str, tuple[nn.Module, ...]],
+                       known_unowned: Iterable[str] = ()) -> list[str]:
+    """Modules with parameters that sit beside a block's module in its container, of the same class, yet in no
+    block: layers the workload does not know (a plan for 3 layers attached to a model of 4 ran the 4th
+    unmanaged, outside the budget). `known_unowned`: parameter paths the workload says it left out on purpose."""
+    block_ids = {id(m) for mods in found.values() for m in mods}
+    skip = tuple(known_unowned)
+    out = []
+    for parent_name, parent in model.named_modules():
+        kids = list(parent.named_children())
+        planned = {type(c) for _, c in kids if id(c) in block_ids}
+        if not planned:
+            continue
+        for name, child in kids:
+            path = f"{parent_name}.{name}" if parent_name else name
+            if (id(child) not in block_ids and type(child) in planned and any(True for _ in child.parameters())
+                    and not any(u == path or u.startswith(path + ".") for u in skip)):
+                out.append(path)
+    return out

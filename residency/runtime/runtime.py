@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from residency.device import DeviceProfile
-from residency.errors import ResidencyError
+from residency.errors import PlanWarning, ResidencyError
 from residency.plan import Budget, Plan
 from residency.runtime import block_buffers
 from residency.runtime.attached_guards import (
@@ -34,7 +35,12 @@ from residency.runtime.graphed import BlockForwards, block_forwards, check_block
 from residency.runtime.hooks import ModelHook, add_hook, check_removable, has_hook, remove_hook
 from residency.runtime.host_store import BlockBlob, HostStore, pack_block
 from residency.runtime.ledger import DeviceBudgetExceeded, Ledger
-from residency.runtime.module_paths import block_modules, block_tensors, check_block_tensors
+from residency.runtime.module_paths import (
+    block_modules,
+    block_tensors,
+    check_block_tensors,
+    unplanned_siblings,
+)
 from residency.runtime.recovery import MAX_RECOVERIES, RECOVERABLE, recovery_budget
 from residency.runtime.schedule import CallSchedule
 from residency.runtime.session_protocol import RecoverableSession
@@ -191,6 +197,12 @@ class Runtime:
                     hint="plan it resident for the session: residency.attach does (leave plan= out), or set its "
                          "BlockPlan to placement='resident' at the compute dtype's format")
         check_block_modes(plan, self.backend, enclosing)
+        extra = unplanned_siblings(pipeline, found, self.workload.extra.get("unowned", ()))
+        if extra:
+            warnings.warn(f"{', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}: beside the model's blocks and "
+                          f"like them, but in no block of workload {self.workload.name!r}: "
+                          f"{'they run' if len(extra) > 1 else 'it runs'} unmanaged, outside the budget (a "
+                          "workload of another model, with fewer layers?)", PlanWarning, stacklevel=3)
         modules = {n: mods for n, mods in found.items() if n not in enclosing}
         hooked = [m for mods in modules.values() for m in mods]
         if any(has_hook(m) for m in hooked):
