@@ -10,8 +10,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from residency.errors import FormatError
+from residency.formats import compiled as _compiled
 from residency.formats.base import OUT_DTYPES, StorageFormat, relative_rms_error
-from residency.formats.compiled import use_compiled
 from residency.formats.dtypes import (
     COMPUTE_DTYPE_BYTES,
     DTYPE_FORMAT,
@@ -94,3 +94,11 @@ __all__ = [
     "relative_rms_error",
     "use_compiled",
 ]
+
+
+def use_compiled(format_names: set[str] | list[str] | tuple[str, ...]) -> None:
+    """Route the given formats' unpack through torch.compile (empty to turn it off). Names as get_format takes
+    them (any case); raises FormatError for a bare string (its letters were taken as names) or an unknown name."""
+    if isinstance(format_names, (str, bytes)):
+        raise FormatError(f"use_compiled({format_names!r}): give a set of format names, e.g. {{{format_names!r}}}")
+    _compiled.use_compiled({get_format(n).name for n in format_names})  # "q8_0" was kept as is, never matched

@@ -14,8 +14,6 @@ from collections.abc import Callable
 
 import torch
 
-from residency.errors import FormatError
-
 # (blocks uint8 2-D, out 2-D, staging uint8 1-D or None) -> None
 UnpackFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]
 
@@ -32,16 +30,11 @@ def compile_enabled() -> bool:
 
 
 def use_compiled(format_names: set[str] | list[str] | tuple[str, ...]) -> None:
-    """Route the given formats' unpack through torch.compile (empty to turn it off). Names as get_format takes
-    them (any case); raises FormatError for a bare string (its letters were taken as names) or an unknown name."""
-    from residency.formats import get_format
-
-    if isinstance(format_names, (str, bytes)):
-        raise FormatError(f"use_compiled({format_names!r}): give a set of format names, e.g. {{{format_names!r}}}")
-    names = {get_format(n).name for n in format_names}  # canonical: "q8_0" was kept as is, and never matched
+    """Route the given formats' unpack through torch.compile (empty to turn it off); canonical names (the
+    checked entry point is residency.formats.use_compiled)."""
     with _lock:
         _compile_formats.clear()
-        _compile_formats.update(names)
+        _compile_formats.update(format_names)
 
 
 def compiled_formats() -> frozenset[str]:

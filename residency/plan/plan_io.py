@@ -199,8 +199,9 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
     if not isinstance(plan, Plan):
         raise ResidencyError(f"save_plan writes a Plan, not a {type(plan).__name__}",
                              hint="give the plan residency.make_plan or runtime.plan returns")
-    text = json.dumps(plan_to_dict(plan), indent=1) + "\n"
-    plan_from_dict(json.loads(text), f"the plan to save as {path}")  # what load_plan would refuse is not written
+    doc = plan_to_dict(plan)
+    plan_from_dict(doc, f"the plan to save as {path}")  # what load_plan would refuse is not written
+    text = json.dumps(doc, indent=1) + "\n"
     path = Path(path)
     with atomic_output(path) as tmp:
         tmp.write_text(text)

@@ -143,6 +143,8 @@ def unplanned_siblings(model: nn.Module, found: dict[str, tuple[nn.Module, ...]]
     skip = tuple(known_unowned)
     out = []
     for parent_name, parent in model.named_modules():
+        if not isinstance(parent, (nn.ModuleList, nn.Sequential)):  # a stack of layers; not a model's parts (a
+            continue                                                 # VAE's quant_conv beside post_quant_conv)
         kids = list(parent.named_children())
         planned = {type(c) for _, c in kids if id(c) in block_ids}
         if not planned:

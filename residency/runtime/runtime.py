@@ -282,8 +282,11 @@ class Runtime:
         for module in (*self._hooked, self._root):  # before anything changes: a detach that cannot finish
             if module is not None:                  # changes nothing
                 check_removable(module)
-        self._remove_retry_hook()
+        # blocks first, the model's own hook last: a call arriving meanwhile (another thread) goes through that
+        # hook, so it waits for the unit lock and then runs plain; with the hook gone first it ran the block
+        # hooks unlocked on an executor being stopped (AttributeError: 'NoneType' … 'submit')
         self._detach_blocks()
+        self._remove_retry_hook()
         self._forget_stores()
 
     def _keep_buffer_write(self, name: str, index: int, bound: torch.Tensor, binding) -> None:
