@@ -52,28 +52,39 @@ def parse_size(text: str, what: str = "size", min_bytes: int = 1) -> int:
     return int(value)
 
 
+_BINARY_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+def _shown_unit(n: float) -> tuple[str, int, int] | None:
+    """(unit, its bytes, decimals) fmt_bytes shows `n` bytes in: 2 decimals under 10 units, else 1; None: bytes."""
+    for unit, scale in _BINARY_UNITS:
+        if abs(n) >= scale:
+            return unit, scale, 2 if abs(n) / scale < 10 else 1
+    return None
+
+
 def fmt_bytes(n: float) -> str:
     """Human size in binary units: 1.50 GiB, 12.0 MiB, 512 B."""
     n = float(n)
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            v = n / scale
-            return f"{v:.2f} {unit}" if v < 10 else f"{v:.1f} {unit}"
-    return f"{int(n)} B"
+    shown = _shown_unit(n)
+    if shown is None:
+        return f"{int(n)} B"
+    unit, scale, digits = shown
+    return f"{n / scale:.{digits}f} {unit}"
 
 
 def size_at_least(n: float) -> str:
     """`n` bytes as a size to give back (--vram, vram=): fmt_bytes' precision, rounded up so that it is never
     less than n, no space ("656.3KiB" for 671,948 bytes, where fmt_bytes shows 656.2 KiB)."""
     n = float(n)
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            digits = 2 if n / scale < 10 else 1
-            v = math.ceil(n / scale * 10**digits - 1e-9) / 10**digits
-            if v * scale < n:  # the float division rounded below: one step up
-                v += 10**-digits
-            return f"{v:.{digits}f}{unit}"
-    return f"{math.ceil(n)}B"
+    shown = _shown_unit(n)
+    if shown is None:
+        return f"{math.ceil(n)}B"
+    unit, scale, digits = shown
+    v = math.ceil(n / scale * 10**digits - 1e-9) / 10**digits
+    if v * scale < n:  # the float division rounded below: one step up
+        v += 10**-digits
+    return f"{v:.{digits}f}{unit}"
 
 
 def fmt_ms(ms: float) -> str:

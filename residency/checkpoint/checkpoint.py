@@ -132,7 +132,8 @@ class Checkpoint:
         return fmt.dequantize(self.read_packed(name), shape, dtype).reshape(e.shape)
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
+def _checkpoint_files(path: Path) -> tuple[list[Path], dict[Path, dict[str, str]]]:
+    """The files to read and, for a directory, its shard indexes (read once: checked before and after)."""
     kind, reason = path_kind(path)
     if kind == DIRECTORY:
         try:
@@ -149,8 +150,9 @@ def _checkpoint_files(path: Path) -> list[Path]:
                 "directory holds no .safetensors or .gguf files",
                 hint="point at a checkpoint file or shard directory",
             )
-        _check_shards_complete(path, files, _indexes(path))
-        return files
+        indexes = _indexes(path)
+        _check_shards_complete(path, files, indexes)
+        return files, indexes
     if kind == MISSING:
         raise broken(path, "no such file or directory", hint="check the path; give a .safetensors or .gguf file or a directory of shards")
     if kind != FILE:  # a FIFO would block open() forever; an over-long name raises from stat
@@ -161,7 +163,7 @@ def _checkpoint_files(path: Path) -> list[Path]:
             f"unknown checkpoint extension {path.suffix!r}",
             hint="expected .safetensors, .gguf or a directory",
         )
-    return [path]
+    return [path], {}
 
 
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.(?:safetensors|gguf)$", re.IGNORECASE)
@@ -248,7 +250,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     entries: dict[str, TensorEntry] = {}
     metadata: dict[str, str] = {}
     left_out: list[LeftOut] = []
-    files = _checkpoint_files(root)
+    files, indexes = _checkpoint_files(root)
     for file in files:
         try:
             size = file.stat().st_size
@@ -270,8 +272,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         check_tensor_count(file, len(entries))  # shards together: the cost is per tensor, not per file
         for key, value in meta.items():
             metadata.setdefault(key, value)
-    if path_kind(root)[0] == DIRECTORY:
-        _check_index_matches(_indexes(root), entries, left_out)
+    _check_index_matches(indexes, entries, left_out)
     try:
         return Checkpoint(files, entries, metadata, left_out)
     except (OSError, ValueError) as e:

@@ -7,7 +7,6 @@ closed loop: measured ÷ predicted per engine over the recent frames, re-plans m
 from __future__ import annotations
 
 import math
-import statistics
 
 from rich.console import Group
 from rich.text import Text
@@ -15,7 +14,7 @@ from rich.text import Text
 from residency.dashboard.context import DashboardContext
 from residency.telemetry import FrameRecord, TelemetrySnapshot
 from residency.telemetry.events import LoopEvent
-from residency.telemetry.recorder import known_gaps
+from residency.telemetry.recorder import known_gaps, median_or_nan
 from residency.units import fmt_bytes, plural
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -52,11 +51,6 @@ def _steady(frames: list[FrameRecord]) -> list[FrameRecord]:
     return [f for f in frames if f.frame > STEADY_SKIP] or frames
 
 
-def _median(values) -> float:
-    values = list(values)
-    return statistics.median(values) if values else math.nan
-
-
 def _ms(x: float | None) -> str:
     return "—" if x is None or math.isnan(x) else f"{x:.1f} ms"
 
@@ -85,7 +79,7 @@ def frame_times(snapshot: TelemetrySnapshot, context: DashboardContext, width_ce
     recent = [f.frame_ms for f in frames[-width_cells:]]
     budget = context.frame_budget_ms
     top = max(max(recent), budget or 0.0)
-    median_ms = _median(f.frame_ms for f in _steady(frames))
+    median_ms = median_or_nan(f.frame_ms for f in _steady(frames))
     line = Text("ms/frame ").append_text(sparkline(recent, top, budget))
     fps = context.video_fps(median_ms)
     summary = Text(f"last {_ms(recent[-1])} · median {median_ms:.1f} · {fps:.1f} fps")
@@ -175,14 +169,14 @@ def predicted_vs_measured(snapshot: TelemetrySnapshot, predicted_for: str | None
         shown = "—" if math.isnan(ratio) else f"{ratio:.2f}×"
         text.append(f"\n{name:<16} {fmt(measured):>10} {fmt(predicted):>10} {shown:>7}")
 
-    row("frame", _median(f.frame_ms for f in frames), predicted_frame)  # the work: the caller's gap is not in it
-    row("caller gap", _median(known_gaps(frames)), None)  # between frames: the plan predicts none of it
+    row("frame", median_or_nan(f.frame_ms for f in frames), predicted_frame)  # the work: the caller's gap is not in it
+    row("caller gap", median_or_nan(known_gaps(frames)), None)  # between frames: the plan predicts none of it
     # busy times on both sides (dequant counted where it ran), as the simulator predicts them
-    row("compute stream", _median(f.compute_busy_ms for f in frames), p.compute_ms if p else None)
-    row("copy engine", _median(f.copy_busy_ms for f in frames), p.copy_ms if p else None)
-    row("stall", _median(f.stall_ms for f in frames), p.stall_ms if p else None)
-    row("link", _median(f.link_bytes for f in frames), p.link_bytes_per_frame if p else None, fmt=size)
-    row("device peak", _median(f.device_peak_bytes for f in frames), p.peak_total_bytes if p else None, fmt=size)
+    row("compute stream", median_or_nan(f.compute_busy_ms for f in frames), p.compute_ms if p else None)
+    row("copy engine", median_or_nan(f.copy_busy_ms for f in frames), p.copy_ms if p else None)
+    row("stall", median_or_nan(f.stall_ms for f in frames), p.stall_ms if p else None)
+    row("link", median_or_nan(f.link_bytes for f in frames), p.link_bytes_per_frame if p else None, fmt=size)
+    row("device peak", median_or_nan(f.device_peak_bytes for f in frames), p.peak_total_bytes if p else None, fmt=size)
     if predicted_for:
         text.append(f"\npredicted for {predicted_for}: not compared", style="dim")
     return text

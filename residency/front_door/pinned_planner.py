@@ -8,7 +8,7 @@ budget.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +34,11 @@ def bound_blocks(workload: Workload) -> dict[str, str]:
     return out
 
 
-def unpinned_enclosing(plan: Plan, workload: Workload) -> dict[str, str]:
-    """Blocks that must stay bound (bound_blocks) that the plan does not keep resident for the session
-    (name -> what the plan made them)."""
-    return {n: f"{plan.by_name[n].placement}/{plan.by_name[n].lifetime}" for n in bound_blocks(workload)
+def unpinned_enclosing(plan: Plan, workload: Workload, bound: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Blocks that must stay bound (bound_blocks, or `bound` computed already) that the plan does not keep
+    resident for the session (name -> what the plan made them)."""
+    return {n: f"{plan.by_name[n].placement}/{plan.by_name[n].lifetime}"
+            for n in (bound if bound is not None else bound_blocks(workload))
             if (plan.by_name[n].placement, plan.by_name[n].lifetime) != ("resident", "session")}
 
 
@@ -53,15 +54,15 @@ class PinnedPlanner:
         from policies import build_plan, fits_memory
 
         req = dataclasses.replace(self.request, budget=budget, profile=profile)
+        why = bound_blocks(req.workload)  # once: it compares every block's module paths with every other's
+        fmt = COMPUTE_FORMAT[req.compute_dtype]
         ask = req
         pinned: Plan | None = None
         for _ in range(PIN_ATTEMPTS):
             plan = self.policy(ask)
-            wrong = unpinned_enclosing(plan, req.workload)
+            wrong = unpinned_enclosing(plan, req.workload, why)
             if not wrong and ask is req:
                 return plan
-            why = bound_blocks(req.workload)
-            fmt = COMPUTE_FORMAT[req.compute_dtype]
             blocks = [dataclasses.replace(bp, placement="resident", format=fmt, lifetime="session")
                       if bp.name in wrong else bp for bp in plan.blocks]
             notes = [f"{n} kept resident: {why[n]}" for n in wrong]

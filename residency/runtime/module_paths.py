@@ -7,12 +7,13 @@ model's `blocks()` method, where its class defines one, overrides both.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from residency.errors import ResidencyError
+from residency.errors import PlanWarning, ResidencyError
 from residency.formats.dtypes import TORCH_DTYPES
 from residency.runtime.host_store import block_tensor
 from residency.workload import BlockSpec, Workload
@@ -155,3 +156,36 @@ def unplanned_siblings(model: nn.Module, found: dict[str, tuple[nn.Module, ...]]
                     and not any(u == path or u.startswith(path + ".") for u in skip)):
                 out.append(path)
     return out
+
+
+def check_bound_blocks(plan, workload, enclosing: Iterable[str]) -> None:
+    """Refuse a plan that does not keep resident for the session a block that must stay bound: one enclosing the
+    others (not hooked: its tensors are read all through the model's call) or one whose tensors the model
+    reads outside its calls (BlockSpec.read_outside_calls: a reused slot would be read)."""
+    reasons = {n: None for n in enclosing}
+    reasons.update({b.name: "outside" for b in workload.blocks if b.read_outside_calls and b.name not in reasons})
+    for name, reason in reasons.items():
+        bp = plan.by_name[name]
+        if (bp.placement, bp.lifetime) == ("resident", "session"):
+            continue
+        if reason is None:
+            raise ResidencyError(
+                f"block {name} encloses other blocks (the model's own tensors, read all through its call); "
+                f"the plan makes it {bp.placement} for the {bp.lifetime}",
+                hint="plan it resident for the session: it stays bound while the blocks inside it run")
+        raise ResidencyError(
+            f"block {name}'s tensors are read outside its calls (the model uses them directly, as a tied head "
+            f"F.linear(x, emb.weight) does); the plan makes it {bp.placement} for the {bp.lifetime}, so those "
+            "reads would find another block's weights",
+            hint="plan it resident for the session: residency.attach does (leave plan= out), or set its "
+                 "BlockPlan to placement='resident' at the compute dtype's format")
+
+
+def warn_unplanned(model: nn.Module, found: dict[str, tuple[nn.Module, ...]], workload) -> None:
+    """A PlanWarning naming the layers unplanned_siblings finds (the workload's own unowned ones left out)."""
+    extra = unplanned_siblings(model, found, workload.extra.get("unowned", ()))
+    if extra:
+        warnings.warn(f"{', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}: beside the model's blocks and like "
+                      f"them, but in no block of workload {workload.name!r}: "
+                      f"{'they run' if len(extra) > 1 else 'it runs'} unmanaged, outside the budget (a workload of "
+                      "another model, with fewer layers?)", PlanWarning, stacklevel=4)

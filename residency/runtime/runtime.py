@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from residency.device import DeviceProfile
-from residency.errors import PlanWarning, ResidencyError
+from residency.errors import ResidencyError
 from residency.plan import Budget, Plan
 from residency.runtime import block_buffers
 from residency.runtime.attached_guards import (
@@ -39,7 +38,8 @@ from residency.runtime.module_paths import (
     block_modules,
     block_tensors,
     check_block_tensors,
-    unplanned_siblings,
+    check_bound_blocks,
+    warn_unplanned,
 )
 from residency.runtime.recovery import MAX_RECOVERIES, RECOVERABLE, recovery_budget
 from residency.runtime.schedule import CallSchedule
@@ -180,29 +180,9 @@ class Runtime:
                 ready: dict[tuple[str, str], BlockBlob] | None = None) -> None:
         plan.check_matches(self.workload, f"workload {self.workload.name!r}")
         found, enclosing = block_modules(pipeline, self.workload)
-        for name in enclosing:
-            bp = plan.by_name[name]
-            if (bp.placement, bp.lifetime) != ("resident", "session"):
-                raise ResidencyError(
-                    f"block {name} encloses other blocks (the model's own tensors, read all through its call); "
-                    f"the plan makes it {bp.placement} for the {bp.lifetime}",
-                    hint="plan it resident for the session: it stays bound while the blocks inside it run")
-        for b in self.workload.blocks:  # its tensors are read outside its calls: a reused slot would be read
-            bp = plan.by_name[b.name]
-            if b.read_outside_calls and (bp.placement, bp.lifetime) != ("resident", "session"):
-                raise ResidencyError(
-                    f"block {b.name}'s tensors are read outside its calls (the model uses them directly, as a "
-                    f"tied head F.linear(x, emb.weight) does); the plan makes it {bp.placement} for the "
-                    f"{bp.lifetime}, so those reads would find another block's weights",
-                    hint="plan it resident for the session: residency.attach does (leave plan= out), or set its "
-                         "BlockPlan to placement='resident' at the compute dtype's format")
+        check_bound_blocks(plan, self.workload, enclosing)
         check_block_modes(plan, self.backend, enclosing)
-        extra = unplanned_siblings(pipeline, found, self.workload.extra.get("unowned", ()))
-        if extra:
-            warnings.warn(f"{', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}: beside the model's blocks and "
-                          f"like them, but in no block of workload {self.workload.name!r}: "
-                          f"{'they run' if len(extra) > 1 else 'it runs'} unmanaged, outside the budget (a "
-                          "workload of another model, with fewer layers?)", PlanWarning, stacklevel=3)
+        warn_unplanned(pipeline, found, self.workload)
         modules = {n: mods for n, mods in found.items() if n not in enclosing}
         hooked = [m for mods in modules.values() for m in mods]
         if any(has_hook(m) for m in hooked):

@@ -14,7 +14,7 @@ import dataclasses
 import itertools
 import statistics
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,12 +93,12 @@ class TelemetrySnapshot:
 
     def steady_frame_ms(self, skip: int = 2) -> float:
         """Median measured work ms (frame_ms) of latent frames after the first `skip`; nan with none."""
-        return _median([f.frame_ms for f in self.frames if f.frame > skip])
+        return median_or_nan(f.frame_ms for f in self.frames if f.frame > skip)
 
     def steady_gap_ms(self, skip: int = 2) -> float:
         """Median caller gap ms (gap_ms) of latent frames after the first `skip`, a last gap unknown left out
         (known_gaps); nan with none."""
-        return _median(known_gaps([f for f in self.frames if f.frame > skip]))
+        return median_or_nan(known_gaps([f for f in self.frames if f.frame > skip]))
 
 
 def known_gaps(frames: Sequence[FrameRecord]) -> list[float]:
@@ -107,8 +107,10 @@ def known_gaps(frames: Sequence[FrameRecord]) -> list[float]:
     return gaps[:-1] if gaps and gaps[-1] == 0.0 else gaps
 
 
-def _median(values: list[float]) -> float:
-    """statistics.median, as the dashboard's panels take it (an upper median read 59.5 where they showed 55.0)."""
+def median_or_nan(values: Iterable[float]) -> float:
+    """statistics.median of `values`, nan with none: the steady figures and the dashboard's panels take this one
+    median (an upper median here read 59.5 where the panels showed 55.0)."""
+    values = list(values)
     return statistics.median(values) if values else float("nan")
 
 

@@ -206,35 +206,27 @@ def _schedule(model: nn.Module, blocks: ModuleBlocks, trace: Trace, name: str, c
     shapes = draft_tensors(model, every, blocks, loose_paths)
     specs = tuple(block_spec(n, component, d, s, d.counts.tokens)
                   for n, d, s in zip(names, every, shapes, strict=True))
-    specs = _with_own_dtypes(model, specs, shapes, main, compute_dtype)
-    if trace.read_outside:
-        read = _tensor_ids(model, trace.read_outside)
-        by_path = dict(_named_tensors(model))
+    by_path = dict(chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)))
+    specs = _with_own_dtypes(model, specs, shapes, main, compute_dtype, by_path)
+    if trace.read_outside:  # a tied tensor is read by any of its names: matched by identity
+        read = {id(t) for n, t in by_path.items() if n in trace.read_outside}
         specs = tuple(replace(s, read_outside_calls=True) if any(id(by_path[p]) in read for p, _ in paths) else s
                       for s, paths in zip(specs, shapes, strict=True))
     passes = passes_of(sequence, names[1:] if loose else names, names[0] if loose else None)
     return specs, passes, {n: d.calls for n, d in zip(names, every, strict=True)}, unowned
 
 
-def _named_tensors(model: nn.Module):
-    return chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
-
-
-def _tensor_ids(model: nn.Module, names: set[str]) -> set[int]:
-    """ids of the model's tensors named in `names` (a tied tensor by any of its names)."""
-    return {id(t) for n, t in _named_tensors(model) if n in names}
-
-
 def _with_own_dtypes(model: nn.Module, specs: tuple[BlockSpec, ...], shapes: list[list[tuple[str, tuple[int, ...]]]],
-                     main: torch.dtype | None, compute_dtype: str) -> tuple[BlockSpec, ...]:
+                     main: torch.dtype | None, compute_dtype: str,
+                     every: Mapping[str, torch.Tensor]) -> tuple[BlockSpec, ...]:
     """The specs with their tensors that keep a dtype recorded in own_dtypes: a tensor held in a stored dtype
     other than `main` (None: no tensor is), and every floating buffer. A buffer is a state (running statistics,
     an EMA, a step count) or a table (positions, rotary frequencies), not a weight: quantized, or stored in BF16
     where the plan's format falls back, it would be rounded on each write-back (a counter stuck at 256, an EMA
     that stops moving) or lose the precision its model keeps it in. It is stored in the dtype it computes in:
-    its own when the model keeps it apart from `main`, else `compute_dtype`."""
+    its own when the model keeps it apart from `main`, else `compute_dtype`. `every`: the model's tensors by
+    path, parameters and buffers."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    every = params | dict(model.named_buffers(remove_duplicate=False))
     out = []
     for spec, paths in zip(specs, shapes, strict=True):
         own = []
