@@ -44,3 +44,92 @@ def test_use_compiled_takes_names_as_get_format_does_and_refuses_what_is_none():
             use_compiled({"Q9_9"})
     finally:
         use_compiled(set())
+
+
+def _probe_setup(monkeypatch, compiled_fn):
+    """Q8_0 into fp32 on the CPU with `compiled_fn` standing in for its compiled kernel (no inductor in tests),
+    the probe's state empty."""
+    from residency.formats import compiled
+
+    for name in ("_compiled", "_compiled_once", "_probes", "_slower"):
+        monkeypatch.setattr(compiled, name, type(getattr(compiled, name))())
+    monkeypatch.setattr(compiled, "_build", lambda fmt, dtype: compiled_fn)
+    monkeypatch.setattr(compiled, "_probe_on", True)
+    fmt = get_format("Q8_0")
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    packed = fmt.pack(weight)
+    expect = fmt.dequantize(packed, weight.shape)  # eager: use_compiled is off
+    return compiled, fmt, packed, expect
+
+
+def test_a_compiled_unpack_slower_than_eager_is_dropped_after_its_probe_and_said_once(monkeypatch):
+    import time as _time
+
+    calls = []
+
+    def slow(blocks, out2d):  # right bits, 40 ms late: a kernel inductor made scalar
+        calls.append(1)
+        _EAGER(get_format("Q8_0"), blocks, out2d, _staging(out2d))
+        _time.sleep(0.04)
+
+    compiled, fmt, packed, expect = _probe_setup(monkeypatch, slow)
+    use_compiled({"Q8_0"})
+    try:
+        out = torch.empty_like(expect)
+        with pytest.warns(RuntimeWarning, match=r"Q8_0 into float32 ran .* ms a call against .* ms eager"):
+            for _ in range(1 + compiled.PROBE_CALLS):  # the compiling call, then the probe's
+                out.zero_()
+                fmt.unpack(packed, out)
+                assert torch.equal(out, expect)
+        assert compiled.compiled_slower(fmt, torch.float32, out.device) is not None
+        seen = len(calls)
+        import warnings as _w
+
+        with _w.catch_warnings():
+            _w.simplefilter("error")  # said once: no second warning
+            for _ in range(3):
+                out.zero_()
+                fmt.unpack(packed, out)
+                assert torch.equal(out, expect)
+        assert len(calls) == seen  # the compiled kernel is not called again
+    finally:
+        use_compiled(set())
+
+
+def test_a_compiled_unpack_faster_than_eager_is_kept_after_its_probe(monkeypatch):
+    import time as _time
+
+    calls = []
+
+    def fast(blocks, out2d):
+        calls.append(1)
+        _EAGER(get_format("Q8_0"), blocks, out2d, _staging(out2d))
+
+    compiled, fmt, packed, expect = _probe_setup(monkeypatch, fast)
+    def slow_eager(self, blocks, out2d, staging):  # eager made 40 ms slower, only while the probe runs it
+        _EAGER(self, blocks, out2d, staging)
+        _time.sleep(0.04)
+
+    use_compiled({"Q8_0"})
+    try:
+        out = torch.empty_like(expect)
+        for _ in range(1 + compiled.PROBE_CALLS):
+            monkeypatch.setattr(type(fmt), "eager_unpack", slow_eager)
+            fmt.unpack(packed, out)
+            monkeypatch.setattr(type(fmt), "eager_unpack", _EAGER)
+            assert torch.equal(out, expect)
+        assert compiled.compiled_slower(fmt, torch.float32, out.device) is None
+        before = len(calls)
+        fmt.unpack(packed, out)
+        assert len(calls) == before + 1 and torch.equal(out, expect)  # still the compiled kernel
+    finally:
+        use_compiled(set())
+
+
+_EAGER = GGUFBlockFormat.eager_unpack  # the real eager kernel, whatever a test patches onto the class
+
+
+def _staging(out2d):
+    from residency.formats.staging import new_staging, staging_bytes
+
+    return new_staging(staging_bytes("cpu", out2d.numel(), out2d.dtype), "cpu")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from residency.formats import FORMATS, get_format, use_compiled
-from residency.formats.compiled import compile_enabled, compile_failed
+from residency.formats.compiled import SLOWER_MARGIN, compile_enabled, compile_failed, set_probe
 from residency.formats.staging import new_staging, staging_bytes
 
 TARGETS = ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
@@ -132,6 +132,7 @@ def bench_row(name: str, dtype_name: str, packed: torch.Tensor, rows: int, cols:
                                         expect.view(torch.int16 if dtype != torch.float32 else torch.int32)))
     if compile_too and name not in ("F32", "F16", "BF16") and compile_enabled():
         use_compiled({name})
+        probe_was = set_probe(False)  # time the compiled kernel itself, which the runtime's probe may drop
         try:
             t0 = time.perf_counter()
             fmt.unpack(packed, out, staging)
@@ -140,13 +141,16 @@ def bench_row(name: str, dtype_name: str, packed: torch.Tensor, rows: int, cols:
             if not compile_failed(fmt, dtype, out.device):  # else it fell back to eager: nothing to report
                 row["compiled_ms"], row["compiled_iqr_ms"] = _median_iqr(samples)
                 row["compiled_equals_eager"] = bool(torch.equal(out, eager_out))
+                # slower than eager: the CPU probe (residency.formats.compiled) drops it and runs eager
+                row["compiled_dropped"] = row["compiled_ms"] > SLOWER_MARGIN * eager_ms
         finally:
+            set_probe(probe_was)
             use_compiled(set())
     return row
 
 
-def _ms(v: float | None, iqr: float | None) -> str:
-    return "—" if v is None else f"{v:.1f}±{iqr:.1f}"
+def _ms(v: float | None, iqr: float | None, dropped: bool = False) -> str:
+    return "—" if v is None else f"{v:.1f}±{iqr:.1f}" + ("†" if dropped else "")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -195,8 +199,11 @@ def _print_table(args: argparse.Namespace, gbps: float, rows: list[dict]) -> Non
         sp = f"{r['speedup_vs_gguf']:.2f}" if "speedup_vs_gguf" in r else "—"
         ex = {True: "yes", False: "NO", None: "—"}[r.get("exact")]
         print(f"{r['format']:7} {r['dtype']:4} {_ms(r['eager_ms'], r['eager_iqr_ms']):>12} {100 * r['eager_aa']:+5.1f}% "
-              f"{_ms(r.get('compiled_ms'), r.get('compiled_iqr_ms')):>12} {_ms(r.get('gguf_ms'), r.get('gguf_iqr_ms')):>12} "
+              f"{_ms(r.get('compiled_ms'), r.get('compiled_iqr_ms'), r.get('compiled_dropped', False)):>12} {_ms(r.get('gguf_ms'), r.get('gguf_iqr_ms')):>12} "
               f"{sp:>7} {r['floor_ms']:8.2f} {100 * r['floor_fraction']:6.1f}% {ex:>6}")
+    if any(r.get("compiled_dropped") for r in rows):
+        print(f"† compiled slower than {SLOWER_MARGIN:.2f}× eager: the unpack's CPU probe drops it, so "
+              "use_compiled() runs such a format eager")
 
 
 def _target_checks(rows: list[dict]) -> dict[str, bool]:
