@@ -403,6 +403,41 @@ def test_entering_a_detached_runtime_is_refused():
         pass
 
 
+@pytest.mark.parametrize("vram", [None, "40%"])
+def test_replacing_a_weights_data_while_attached_refuses_the_next_call(vram):
+    """`weight.data = …` keeps the version counter: a streamed block saw the new tensor on one call and its slot on
+    the next (two identical calls disagreed)."""
+    model, x = mlp_stack()
+    with attach(model, x, vram=vram) as rt, torch.inference_mode(False), torch.no_grad():
+        assert bool(rt.plan.streamed()) == (vram is not None)
+        model(x)
+        model[0][0].weight.data = torch.zeros_like(model[0][0].weight)
+        with pytest.raises(ResidencyError, match=r"weight was replaced \(weight.data = …\) while attached"):
+            model(x)
+
+
+def test_writing_into_what_state_dict_returned_while_attached_refuses_the_next_call():
+    """state_dict() gives the original tensors; an in-place write there (an EMA update) was seen by no call and
+    kept by detach."""
+    model, x = mlp_stack()
+    with attach(model, x, vram="40%"), torch.inference_mode(False), torch.no_grad():
+        model(x)
+        for v in model.state_dict().values():
+            v.zero_()
+        with pytest.raises(ResidencyError, match=r"written through the tensor state_dict\(\) returned"):
+            model(x)
+
+
+def test_a_block_called_directly_between_model_calls_is_no_edit():
+    """A direct call of one block rebinds its weights outside a call of the model: not a `.data` replacement."""
+    model, x = mlp_stack()
+    with attach(model, x, vram="40%") as rt, torch.inference_mode(False), torch.no_grad():
+        assert rt.plan.streamed()
+        model(x)
+        model[1](model[0](x))
+        model(x)
+
+
 def test_a_models_own_in_place_update_of_a_weight_in_its_forward_is_not_an_edit():
     """nn.Embedding(max_norm=…) renormalises its rows in place in its forward: every call after the first was
     refused as an edit."""

@@ -298,6 +298,73 @@ def test_an_out_of_memory_mid_forward_shrinks_the_budget_and_retries_the_call():
     assert torch.equal(got, _run_fresh(small_plan(Budget(int(held * 0.9)), PROFILE), [X])[0])
 
 
+class _Counting(Residual):
+    """Residual with what a forward may change before it runs out of memory: a step-counter buffer bumped in
+    place, the caller's input scaled in place, or an object argument (a cache) it may update."""
+
+    def __init__(self, effect: str):
+        super().__init__()
+        self.effect = effect
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x, cache=None):
+        if self.effect == "buffer":
+            self.steps += 1
+        elif self.effect == "input":
+            x.mul_(1.0)
+        elif cache is not None:
+            cache.seen.append(len(cache.seen))
+        return super().forward(x)
+
+
+class _Cache:
+    def __init__(self):
+        self.seen = []
+
+
+@pytest.mark.parametrize("effect, said", [("buffer", "the model's buffer steps was changed in place"),
+                                          ("input", "argument 'x' was changed in place"),
+                                          ("object", "argument 'cache' is a _Cache, an object the call may")])
+def test_an_out_of_memory_after_the_forward_changed_state_replans_but_does_not_run_the_call_twice(effect, said):
+    """A retry ran the whole forward again: a generate() loop's cache took some layers' keys twice, a counter
+    counted twice. Re-planned, the call is refused instead, and the next one runs under the new plan."""
+    big = make_plan(W)
+    model = _Counting(effect)
+    rt = Runtime(big, "cpu", workload=W, replan=small_plan, profile=PROFILE).attach(model)
+    held = rt.ledger.total_bytes
+
+    def oom():
+        raise torch.OutOfMemoryError("injected: the device is full")
+    handle = _once_at_call(model.blocks[2], 1, oom)
+    cache = _Cache()
+    with torch.no_grad(), pytest.raises(ResidencyError, match=said) as info:
+        model(X.clone(), cache=cache if effect == "object" else None)
+    handle.remove()
+    assert "was not run again" in str(info.value) and "run it again from the prompt" in info.value.hint
+    assert rt.recoveries == [("OutOfMemoryError", int(held * 0.9))]
+    assert float(model.steps) == (1.0 if effect == "buffer" else 0.0) and len(cache.seen) == (effect == "object")
+    got = _call(model)  # the next call: under the re-made plan, once
+    rt.detach()
+    assert torch.equal(got, _run_fresh(small_plan(Budget(int(held * 0.9)), PROFILE), [X])[0])
+
+
+def test_an_out_of_memory_in_a_forward_that_changed_nothing_is_still_retried_with_plain_arguments():
+    """Tensors, numbers, strings and None in tuples, lists and dicts: all seen into, so the retry runs."""
+    big = make_plan(W)
+    model = _Counting("object")
+    rt = Runtime(big, "cpu", workload=W, replan=small_plan, profile=PROFILE).attach(model)
+
+    def oom():
+        raise torch.OutOfMemoryError("injected: the device is full")
+    handle = _once_at_call(model.blocks[2], 1, oom)
+    with torch.no_grad():
+        got = model(X, cache=None)
+    handle.remove()
+    rt.detach()
+    assert len(rt.recoveries) == 1
+    assert torch.equal(got, _run_fresh(small_plan(Budget(rt.recoveries[0][1]), PROFILE), [X])[0])
+
+
 def test_without_a_replan_callable_a_cut_raises_from_the_models_call():
     model = Residual()
     rt = Runtime(make_plan(W), "cpu", workload=W).attach(model)

@@ -8,7 +8,6 @@ dimension but their width than the example's longest); the prediction is then th
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,22 +17,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from residency.errors import ResidencyError
+from residency.runtime.retry_safety import input_names
 
 Signature = tuple[tuple[str, tuple[tuple[int, ...], ...]], ...]  # (input name, shapes of its tensors), sorted
-
-
-def input_names(model: nn.Module) -> tuple[str, ...]:
-    """The forward's positional parameter names, so that `model(x)` and `model(input_ids=x)` compare equal."""
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):  # a C-implemented or oddly wrapped forward: positions stay arg0, arg1, …
-        return ()
-    names = []
-    for p in params:
-        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            break
-        names.append(p.name)
-    return tuple(names)
 
 
 def signature(names: tuple[str, ...], args: tuple, kwargs: Mapping[str, Any]) -> Signature:

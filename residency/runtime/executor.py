@@ -75,6 +75,7 @@ class Executor:
         self.sync = plan.execution.copy_mode == "sync"
         self.nslots = memory.slot_count
         self.bound: dict[str, Binding] = {}
+        self.views: dict[str, tuple[torch.Tensor, ...]] = {}  # per block: the views its tensors were last bound to
         self.first_phase = {}
         for phase, names in memory.phase_layout.items():
             for name in names:
@@ -130,6 +131,7 @@ class Executor:
             for t, v in zip(self.tensors[name], binding.views, strict=True):
                 t.data = v
             self.bound[name] = binding
+            self.views[name] = binding.views  # kept when parking unbinds the block: what its parameters point at
 
     # --- the ring of slots ---
     def _submit(self, k: int) -> None:

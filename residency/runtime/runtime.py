@@ -42,12 +42,14 @@ from residency.runtime.module_paths import (
     warn_unplanned,
 )
 from residency.runtime.recovery import MAX_RECOVERIES, RECOVERABLE, recovery_budget
+from residency.runtime.retry_safety import CallState, capture, input_names, model_buffers
 from residency.runtime.schedule import CallSchedule
 from residency.runtime.session_protocol import RecoverableSession
 from residency.runtime.weight_edits import WeightWatch
 from residency.telemetry.calibration import WARMUP_FRAMES, CalibrationFit, calibrate, calibration_window
 from residency.telemetry.events import LoopEvent
 from residency.telemetry.recorder import Recorder, TelemetrySnapshot
+from residency.units import fmt_bytes
 from residency.workload import Workload
 
 ReplanFn = Callable[[Budget, DeviceProfile], Plan]  # the budget left and the device's profile -> a plan for them
@@ -63,7 +65,8 @@ class _RetryHook(ModelHook):
         rt = self.runtime
         if rt.call_check is not None:
             rt.call_check(args, kwargs)
-        return rt._unit(rt._model_call, (forward, args, kwargs), {})
+        return rt._unit(rt._model_call, (forward, args, kwargs), {},
+                        state=lambda: capture(rt._input_names, args, kwargs, rt._model_buffers))
 
 
 class Runtime:
@@ -117,6 +120,9 @@ class Runtime:
         self._memory: DeviceMemory | None = None
         self._hooked: list[nn.Module] = []  # block modules carrying a hook
         self._root: nn.Module | None = None  # the model, carrying the retry hook
+        # for what a failed call changed (retry_safety): the forward's parameter names, the model's buffers
+        self._input_names: tuple[str, ...] = ()
+        self._model_buffers: list[tuple[str, nn.Module, str]] = []
         self._retrying = False  # a unit of retry is running: calls inside it are not retried on their own
         self._in_unit = False  # a unit of work is running: a call of the model inside a step is part of it
         self._unit_lock = threading.RLock()  # one unit at a time across threads; re-entered by nested calls
@@ -162,6 +168,7 @@ class Runtime:
             self._detach_blocks()
             raise
         self._root = pipeline
+        self._input_names, self._model_buffers = input_names(pipeline), model_buffers(pipeline)
         return self
 
     def _blob_requests(self, plan: Plan, found: dict[str, tuple[nn.Module, ...]],
@@ -224,7 +231,9 @@ class Runtime:
         self._originals, self._memory, self._executor = originals, memory, executor
         executor.keep_write = self._keep_buffer_write
         self._buffer_versions = versions
-        self._weights = WeightWatch(self.workload, tensors, executor.buffer_index)
+        self._weights = WeightWatch(self.workload, tensors, executor.buffer_index,
+                                    {name: tuple(data for _, data in pairs) for name, pairs in originals.items()},
+                                    executor.views)
         self.plan, self.pipeline, self._hooked = plan, pipeline, hooked
         self._swaps = swaps_weights(plan)  # per attached plan: a recovery or switch attaches again
         if not on_cpu:
@@ -390,7 +399,7 @@ class Runtime:
         return out
 
     def _unit(self, call: Callable[..., Any], args: tuple, kwargs: dict,
-              undo: Callable[[], None] | None = None) -> Any:
+              undo: Callable[[], None] | None = None, state: Callable[[], CallState] | None = None) -> Any:
         """One unit of work (a step, a top-level call of the model) with the closed loop around it, if enabled:
         before it a finished re-plan may be switched to; after it the loop reads the frames it closed.
 
@@ -403,19 +412,22 @@ class Runtime:
             loop = None if self._retrying else self.loop  # a call of the model inside a step is part of the step
             if loop is not None:
                 loop.before_unit()
-            out = self._retry(call, args, kwargs, undo)
+            out = self._retry(call, args, kwargs, undo, state)
             if loop is not None:
                 loop.after_unit()
             return out
 
     def _retry(self, call: Callable[..., Any], args: tuple, kwargs: dict,
-               undo: Callable[[], None] | None = None) -> Any:
-        """call(*args, **kwargs); after an out-of-memory: undo(), re-plan, re-attach and call again."""
+               undo: Callable[[], None] | None = None, state: Callable[[], CallState] | None = None) -> Any:
+        """call(*args, **kwargs); after an out-of-memory: undo(), re-plan, re-attach and call again — unless
+        `state` (what the call could change, taken before each attempt) says the attempt changed something a
+        second run would see twice: then re-planned, and the call refused (retry_safety)."""
         if self._retrying:  # inside a step or an outer call of the model: that one is retried whole
             return call(*args, **kwargs)
         self._retrying = True
         try:
             for attempt in range(MAX_RECOVERIES + 1):
+                before = state() if state is not None and self.replan is not None else None
                 try:
                     with self._autograd_guard():  # per attempt: a recovery or switch may have changed the plan
                         return call(*args, **kwargs)
@@ -424,10 +436,23 @@ class Runtime:
                         undo()
                     if self.replan is None or attempt == MAX_RECOVERIES:
                         raise
+                    changed = before.changed() if before is not None else None
                     self._recover(e)
+                    if changed is not None:
+                        self._not_run_again(e, changed)
         finally:
             self._retrying = False
         raise AssertionError("unreachable")
+
+    def _not_run_again(self, cause: BaseException, changed: str) -> None:
+        """Raise the error of a call that was re-planned for but not run again (`changed`: why not)."""
+        model = type(self._root).__name__ if self._root is not None else "the model"
+        raise ResidencyError(
+            f"{model} ran out of device memory ({type(cause).__name__}) and was re-planned for "
+            f"{fmt_bytes(self.recoveries[-1][1])}, but this call was not run again: {changed}, and a second run "
+            "would see that twice",
+            hint="call it again with its state as it was before this call (a generate(): run it again from the "
+                 "prompt); later calls run under the new plan") from cause
 
     def _recover(self, cause: BaseException) -> None:
         budget = recovery_budget(cause, self.ledger.budget_bytes, self.ledger.total_bytes, self.backend.device)
