@@ -25,6 +25,8 @@ def read_json(path: str | os.PathLike[str], what: str, hint: str, max_bytes: int
 
     Only a regular file of at most `max_bytes` is read (a FIFO is refused, not waited on).
     """
+    if not isinstance(path, (str, bytes, os.PathLike)):  # os.fspath's TypeError named no argument
+        raise ResidencyError(f"{what}: expected a path, got {type(path).__name__} {path!r:.60}", hint=hint)
     name = _shown(path)
     data = read_file_bytes(path, what, hint, max_bytes)
     try:

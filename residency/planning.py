@@ -30,7 +30,8 @@ def make_plan(workload: Workload, profile: DeviceProfile | str, *, vram: VramSpe
     kv_dtype: None for the workload's own. sensitivity: a measured block × format quality-loss table.
     options: how the search runs (PlanOptions; its defaults are the CLI's).
 
-    profile: a DeviceProfile, a shipped name or a profile file's path (residency.device.resolve_profile).
+    profile: a DeviceProfile, a shipped name, a profile file's path (residency.device.resolve_profile), or "auto":
+    this machine's, measured once in quick mode and cached (as residency.attach takes it).
 
     Returns the Plan with the simulator's Prediction. A plan that does not fit the budget is still returned,
     with a note saying so (`policies.fits_memory(plan)` tells). Raises ResidencyError for a bad vram, fps or
@@ -40,7 +41,11 @@ def make_plan(workload: Workload, profile: DeviceProfile | str, *, vram: VramSpe
         raise ResidencyError(f"make_plan plans a Workload, not a {type(workload).__name__}",
                              hint="residency.workload.workload_from_module(model, example_inputs, name=…), or "
                                   "residency.attach(model, …) to plan and attach at once")
-    if not isinstance(profile, DeviceProfile):  # a name or a path, as --profile takes them
+    if isinstance(profile, str) and profile == "auto":  # as residency.attach(profile="auto") means it
+        from residency.device import machine_profile
+
+        profile = machine_profile()
+    elif not isinstance(profile, DeviceProfile):  # a name or a path, as --profile takes them
         from residency.device import resolve_profile
 
         profile = resolve_profile(profile)

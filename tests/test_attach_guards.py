@@ -181,6 +181,22 @@ def test_a_numpy_example_and_a_lone_layer_are_refused_with_what_to_give():
         attach(nn.Linear(64, 64), torch.zeros(4, 64), vram="100%")
 
 
+def test_a_shallow_copy_while_attached_is_refused_and_works_after_detach():
+    """copy.copy copied the instance's attributes: the copy kept the original's forward wrapper and hook, drove the
+    original's runtime, and could never be attached itself."""
+    import copy
+
+    model, x = mlp_stack()
+    with attach(model, x):
+        with pytest.raises(ResidencyError, match=r"pickling a model attached to residency \(torch.save\(model\), "
+                                                 r"copy.copy\)"):
+            copy.copy(model)
+    shallow = copy.copy(model)
+    assert "forward" not in shallow.__dict__ and "__reduce_ex__" not in shallow.__dict__
+    with attach(shallow, x), torch.inference_mode():
+        shallow(x)
+
+
 def test_a_deepcopy_while_attached_is_refused_with_what_to_do_and_works_after_detach():
     import copy
 

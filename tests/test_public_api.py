@@ -62,6 +62,16 @@ def test_make_plan_reads_fps_as_video_frames_per_second():
     assert plan.budget == Budget(2**30, 1000.0 * workload.video_frames_per_latent / 20)
 
 
+def test_make_plan_takes_auto_as_attach_does_this_machines_cached_profile(monkeypatch):
+    import residency.device
+
+    profile, asked = flat_profile(), []
+    monkeypatch.setattr(residency.device, "machine_profile", lambda *a, **k: asked.append(a) or profile)
+    plan = residency.make_plan(chain_workload(n=2), "auto", vram="1GiB")
+    assert asked and plan.profile_fingerprint == residency.make_plan(chain_workload(n=2), profile,
+                                                                     vram="1GiB").profile_fingerprint
+
+
 def test_make_plan_refuses_an_unknown_compute_dtype():
     with pytest.raises(ResidencyError, match="compute_dtype"):
         residency.make_plan(chain_workload(n=2), flat_profile(), compute_dtype="int8")

@@ -365,6 +365,22 @@ def test_an_out_of_memory_in_a_forward_that_changed_nothing_is_still_retried_wit
     assert torch.equal(got, _run_fresh(small_plan(Budget(rt.recoveries[0][1]), PROFILE), [X])[0])
 
 
+@pytest.mark.parametrize("bad", [-5, 0, 1.5, True, "lots", None])
+def test_set_budget_refuses_what_is_no_budget_and_takes_a_size(bad):
+    """-5, 0 and 1.5 were taken as budgets; "1GiB" raised a bare ValueError."""
+    model = Residual()
+    rt = Runtime(make_plan(W), "cpu", workload=W).attach(model)
+    try:
+        before = rt.ledger.budget_bytes
+        with pytest.raises(ResidencyError, match=r"set_budget|budget"):
+            rt.set_budget(bad)
+        assert rt.ledger.budget_bytes == before
+        rt.set_budget("1GiB")
+        assert rt.ledger.budget_bytes == 2**30
+    finally:
+        rt.detach()
+
+
 def test_without_a_replan_callable_a_cut_raises_from_the_models_call():
     model = Residual()
     rt = Runtime(make_plan(W), "cpu", workload=W).attach(model)

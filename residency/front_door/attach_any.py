@@ -73,6 +73,10 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     A diffusers pipeline is attached whole by residency.attach_pipeline (its runtime, a context manager too).
     Raises ResidencyError for closed_loop with a `plan` made for another profile (it cannot be re-planned).
     """
+    if plan is not None and not isinstance(plan, (Plan, str, os.PathLike)):  # before tracing the model
+        raise ResidencyError(f"plan={plan!r:.60} ({type(plan).__name__}) is not a plan",
+                             hint="give a Plan (runtime.plan, residency.make_plan(…)) or the path of a plan JSON "
+                                  "(`residency plan -o`), or leave plan= out to plan this model")
     if is_instance_of(target, "diffusers", "DiffusionPipeline"):
         return _attach_pipeline(target, vram=vram, fps=fps, frame_ms=frame_ms, profile=profile, backend=backend,
                                 policy=policy, example_inputs=example_inputs, plan=plan, closed_loop=closed_loop)

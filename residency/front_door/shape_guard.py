@@ -51,33 +51,41 @@ class ShapeGuard:
 
     def __call__(self, args: tuple, kwargs: dict) -> None:
         got = signature(self.names, args, kwargs)
-        if got == self.planned or _within(got, self.planned):
+        if got == self.planned:
+            return
+        why = _mismatch(got, self.planned)
+        if why is None:
             return
         raise ResidencyError(
             f"{self.model_label} was called with inputs {_show(got)}; the plan was made for "
-            f"{_show(self.planned)} (its example inputs) and runs calls no larger than that",
+            f"{_show(self.planned)} (its example inputs): {why}. It runs calls of the example's structure "
+            "(inputs, tensors per input, dimensions), none larger",
             hint="leave this runtime (or detach() it) and attach again with example_inputs= at the largest "
                  "shapes you will call it with: residency.attach(model, vram=…, example_inputs=<those inputs>)")
 
 
-def _within(got: Signature, planned: Signature) -> bool:
-    """Every tensor of an input the example has is no larger in any dimension (same rank, same count). An input
-    it lacks (an encoder-decoder's generate() passes encoder_outputs, batch × source tokens × width) has every
-    dimension but its last (the width, which the model fixes) no larger than the example's largest dimension."""
+def _mismatch(got: Signature, planned: Signature) -> str | None:
+    """Why the call is not one the plan runs (None: it is). Every tensor of an input the example has must be no
+    larger in any dimension (same rank, same count). An input it lacks (an encoder-decoder's generate() passes
+    encoder_outputs, batch × source tokens × width) must have every dimension but its last (the width, which the
+    model fixes) no larger than the example's largest dimension."""
     plan = dict(planned)
     largest = max((d for shapes in plan.values() for s in shapes for d in s), default=0)
     for name, shapes in got:
         mine = plan.get(name)
         if mine is None:
             if any(d > largest for s in shapes for d in s[:-1]):
-                return False
+                return f"{name} is no input of the example's, and larger than any of them"
             continue
         if len(shapes) != len(mine):
-            return False
+            return f"{name} holds {len(shapes)} tensor(s) where the example's holds {len(mine)}"
         for s, m in zip(shapes, mine, strict=True):
-            if len(s) != len(m) or any(a > b for a, b in zip(s, m, strict=True)):
-                return False
-    return True
+            if len(s) != len(m):
+                return f"{name} has {len(s)} dimension(s) where the example's has {len(m)}"
+            for i, (a, b) in enumerate(zip(s, m, strict=True)):
+                if a > b:
+                    return f"{name} is larger than the example's ({a} against {b} in dimension {i})"
+    return None
 
 
 def _show(sig: Signature) -> str:

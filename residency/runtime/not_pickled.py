@@ -25,3 +25,31 @@ class NotPickled:
                              "weights live in the runtime's memory while attached",
                              hint="save model.state_dict() (the original weights, while attached too), or "
                                   "detach() first")
+
+
+class _InstanceRefusal(NotPickled):
+    """An instance-level `__deepcopy__` or `__reduce_ex__` on the attached model itself: copy.copy copies the
+    instance's attributes without reducing them, so a shallow copy kept the original's forward wrapper and hook,
+    drove the original's runtime and could never be attached itself."""
+
+    def __init__(self, deep: bool):
+        self.deep = deep
+
+    def __call__(self, arg: Any) -> Any:
+        if self.deep:
+            return NotPickled.__deepcopy__(self, arg)
+        return NotPickled.__reduce_ex__(self, arg)
+
+
+def refuse_copies(model: Any) -> None:
+    """copy.copy, copy.deepcopy and pickling of `model` refused while attached (copy and pickle look these up on
+    the instance)."""
+    model.__dict__["__deepcopy__"] = _InstanceRefusal(deep=True)
+    model.__dict__["__reduce_ex__"] = _InstanceRefusal(deep=False)
+
+
+def allow_copies(model: Any) -> None:
+    """Undo refuse_copies."""
+    for name in ("__deepcopy__", "__reduce_ex__"):
+        if isinstance(model.__dict__.get(name), _InstanceRefusal):
+            del model.__dict__[name]

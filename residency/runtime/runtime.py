@@ -7,6 +7,7 @@ and retried: a call of the model itself, or a session's step (restored first thr
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +42,7 @@ from residency.runtime.module_paths import (
     check_bound_blocks,
     warn_unplanned,
 )
+from residency.runtime.not_pickled import allow_copies, refuse_copies
 from residency.runtime.recovery import MAX_RECOVERIES, RECOVERABLE, recovery_budget
 from residency.runtime.retry_safety import CallState, capture, input_names, model_buffers
 from residency.runtime.schedule import CallSchedule
@@ -49,7 +51,7 @@ from residency.runtime.weight_edits import WeightWatch
 from residency.telemetry.calibration import WARMUP_FRAMES, CalibrationFit, calibrate, calibration_window
 from residency.telemetry.events import LoopEvent
 from residency.telemetry.recorder import Recorder, TelemetrySnapshot
-from residency.units import fmt_bytes
+from residency.units import MAX_SIZE_BYTES, fmt_bytes, parse_size
 from residency.workload import Workload
 
 ReplanFn = Callable[[Budget, DeviceProfile], Plan]  # the budget left and the device's profile -> a plan for them
@@ -60,6 +62,12 @@ class _RetryHook(ModelHook):
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
+
+    def init_hook(self, module: nn.Module) -> None:
+        refuse_copies(module)
+
+    def detach_hook(self, module: nn.Module) -> None:
+        allow_copies(module)
 
     def new_forward(self, module, forward, args, kwargs):
         rt = self.runtime
@@ -322,10 +330,17 @@ class Runtime:
         self.pipeline, self._executor, self._calls, self._memory = None, None, None, None
 
     # --- running ---
-    def set_budget(self, budget_bytes: int) -> None:
+    def set_budget(self, budget_bytes: int | str) -> None:
         """Another program took (or returned) device memory; a cut below use triggers a recovery at the
-        next block call (or step)."""
-        self.ledger.set_budget(budget_bytes)
+        next block call (or step). `budget_bytes`: whole bytes, or a size ("6GiB"). Raises ResidencyError for
+        anything else (a float, a negative number): taken as given, -5 had become the budget."""
+        if isinstance(budget_bytes, str):
+            budget_bytes = parse_size(budget_bytes, "the budget")
+        elif (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral)
+              or not 0 < budget_bytes <= MAX_SIZE_BYTES):
+            raise ResidencyError(f"set_budget({budget_bytes!r}): the device budget is whole bytes from 1 to 2**60",
+                                 hint="e.g. rt.set_budget(6 * 2**30) or rt.set_budget('6GiB')")
+        self.ledger.set_budget(int(budget_bytes))
 
     def _account_kv(self, session: RecoverableSession) -> None:
         """Hold the session's real KV bytes instead of the workload's figure (a different dtype or window)."""
@@ -468,9 +483,12 @@ class Runtime:
                 self._attach(pipeline, plan)
         except DeviceBudgetExceeded as e:
             self._remove_retry_hook()  # the model is left plain, as detach() leaves it
-            raise DeviceBudgetExceeded(f"no plan fits the device memory left ({budget} bytes): {e.message}",
-                                       hint="free device memory, or use smaller formats / fewer context frames"
-                                       ) from cause
+            fewer = ", fewer context frames" if self.workload.kv_cache_bytes() else ""
+            raise DeviceBudgetExceeded(
+                f"no plan fits the device memory left ({fmt_bytes(budget)}): {e.message}; the runtime let go of "
+                "the model, which runs as it did before attach (its own weights, no budget) from now on",
+                hint=f"free device memory and attach again, or attach with a plan of smaller formats{fewer}"
+                ) from cause
         except BaseException:
             self._remove_retry_hook()
             raise
