@@ -92,3 +92,67 @@ def test_the_two_equal_linears_of_one_mlp_are_not_a_stack():
 
     names = block_names(Model(), torch.randn(2, 16))
     assert "mlp.0" not in names and "mlp.2" not in names
+
+
+class Stages(nn.Module):
+    """Stages × layers: a ModuleList of ModuleLists, the inner layers called by the root's loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([nn.ModuleList([nn.Linear(64, 64) for _ in range(3)]) for _ in range(2)])
+
+    def forward(self, x):
+        for stage in self.stages:
+            for layer in stage:
+                x = torch.tanh(layer(x))
+        return x
+
+
+def test_a_modulelist_of_modulelists_is_cut_to_its_layers():
+    """The inner ModuleLists were taken as the blocks, and a ModuleList is never called: "the forward called none
+    of the model's blocks"."""
+    assert block_names(Stages(), torch.randn(2, 64)) == [f"stages.{s}.{i}" for s in range(2) for i in range(3)]
+
+
+class Parts(nn.Module):
+    """Layers used as containers: the root calls each layer's parts, never the layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 64)
+        self.layers = nn.ModuleList(_Layer() for _ in range(4))
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = x + layer.mlp(layer.norm(x))
+        return self.head(x)
+
+
+class _Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(64)
+        self.mlp = mlp(64, 256)
+
+    def forward(self, x):  # never called by Parts
+        return x + self.mlp(self.norm(x))
+
+
+def test_layers_whose_parts_the_parent_calls_are_cut_into_those_parts_and_stream():
+    """Left whole, each never-called layer's weights were read from the loose block: every layer resident, so a
+    budget below the weights fitted nothing."""
+    from sim_helpers import flat_profile
+
+    import residency
+
+    model, x = Parts().eval(), torch.randn(2, 5, 8)
+    parts = [f"layers.{i}.{p}" for i in range(4) for p in ("norm", "mlp")]
+    assert block_names(model, x) == ["embed", *parts, "head"]
+    expected = model(x)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    with residency.attach(model, vram=weights // 2, profile=flat_profile(backend="cpu"), backend="cpu",
+                          example_inputs=x) as rt, torch.inference_mode():
+        assert {bp.name.partition(".")[2] for bp in rt.plan.streamed()} & set(parts)
+        assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-6)  # F32: the thread count alone differs

@@ -24,7 +24,13 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from residency.errors import ResidencyError
 from residency.formats.dtypes import COMPUTE_DTYPE_BYTES, TORCH_DTYPES
-from residency.workload.module_blocks import ModuleBlocks, find_blocks, unit_tensors
+from residency.workload.module_blocks import (
+    ModuleBlocks,
+    find_blocks,
+    owns_parameters,
+    split_units,
+    unit_tensors,
+)
 from residency.workload.module_schedule import (
     LOOSE,
     Draft,
@@ -131,20 +137,15 @@ def module_workload(model: nn.Module, example_inputs: Example, *, name: str, com
     blocks = find_blocks(model)
     args, kwargs = split_example(example_inputs)
     batch = _batch(args, kwargs)
-    units = [u.modules for u in blocks.units]
-    meta_error = ""
     keep = _kept(model, main)
-    with user_hooks_quiet(model):  # the user's feature hooks record the user's calls, not this count
-        try:
-            trace, counted_on = _meta_trace(model, units, args, kwargs, TORCH_DTYPES[compute_dtype], batch,
-                                            main if keep else None), "meta"
-        except Exception as e:  # any failure of the meta run (data-dependent op, CPU tensor kept as attribute)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
-            # a bare assert says nothing: name where it failed instead ("AssertionError at rotary.py:42")
-            said = f": {first}" if first else (f" at {Path(where.filename).name}:{where.lineno}" if where else "")
-            meta_error = f"{type(e).__name__}{said}"[:300]
-            trace, counted_on = _fallback_trace(model, blocks, args, kwargs, batch, narrow, name, meta_error)
+    trace_dtypes = (TORCH_DTYPES[compute_dtype], main if keep else None)
+    trace, counted_on, meta_error = _count(model, blocks, args, kwargs, trace_dtypes, batch, narrow, name)
+    for _ in range(MAX_SPLITS):  # layers whose parts the parent calls: cut into those parts and count again
+        parents = _called_through_parts(model, blocks, trace) if counted_on != "narrow" else set()
+        if not parents:
+            break
+        blocks = split_units(model, blocks, parents)
+        trace, counted_on, meta_error = _count(model, blocks, args, kwargs, trace_dtypes, batch, narrow, name)
     specs, passes, calls, unowned = _schedule(model, blocks, trace, name, component or name, group_siblings,
                                               main if keep else None, compute_dtype)
     # a block of modules that share weights (a tied embedding and lm_head) is called once per module: expected
@@ -172,6 +173,47 @@ def module_workload(model: nn.Module, example_inputs: Example, *, name: str, com
         extra=extra).with_params(steps=steps)
     return ModuleWorkload(workload, counted_on, meta_error, blocks.repeated_from, calls, unowned,
                           time.perf_counter() - start)
+
+
+# Rounds of cutting never-called units into their parts: a ModuleList of layers whose parts the parent calls is one
+# round, a layer of sub-layers called by their parts two.
+MAX_SPLITS = 3
+
+
+def _count(model: nn.Module, blocks: ModuleBlocks, args: tuple, kwargs: dict[str, Any],
+           dtypes: tuple[torch.dtype, torch.dtype | None], batch: int,
+           narrow: Callable[[], tuple[nn.Module, Example]] | None, name: str) -> tuple[Trace, str, str]:
+    """One counted forward over `blocks`' units: on the meta device, else as _fallback_trace runs it. Returns the
+    trace, where it was counted ("meta", "real", "narrow") and why the meta run failed ("" when it did not)."""
+    units = [u.modules for u in blocks.units]
+    with user_hooks_quiet(model):  # the user's feature hooks record the user's calls, not this count
+        try:
+            return _meta_trace(model, units, args, kwargs, dtypes[0], batch, dtypes[1]), "meta", ""
+        except Exception as e:  # any failure of the meta run (data-dependent op, CPU tensor kept as attribute)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+            # a bare assert says nothing: name where it failed instead ("AssertionError at rotary.py:42")
+            said = f": {first}" if first else (f" at {Path(where.filename).name}:{where.lineno}" if where else "")
+            meta_error = f"{type(e).__name__}{said}"[:300]
+            trace, counted_on = _fallback_trace(model, blocks, args, kwargs, batch, narrow, name, meta_error)
+            return trace, counted_on, meta_error
+
+
+def _called_through_parts(model: nn.Module, blocks: ModuleBlocks, trace: Trace) -> set[int]:
+    """Indices of units of one module the forward never called whose parts it did call (their weights were read
+    inside units or not): `x = layer.mlp(layer.norm(x))`, a ModuleList used as a container. Cut into their parts,
+    they stream as blocks; left whole, every such layer was kept resident in the loose block."""
+    canonical = {id(t): n for n, t in chain(model.named_parameters(), model.named_buffers())}
+    out = set()
+    for i, u in enumerate(blocks.units):
+        if trace.units[i].calls or len(u.modules) != 1:
+            continue
+        sub = model.get_submodule(u.modules[0])
+        if not any(owns_parameters(c) for c in sub.children()):
+            continue
+        if any(canonical.get(id(t)) in trace.weights_read for _, t in unit_tensors(model, u.modules)):
+            out.add(i)
+    return out
 
 
 def _kept(model: nn.Module, main: torch.dtype | None) -> bool:

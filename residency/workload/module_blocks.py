@@ -42,7 +42,7 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def _owns_parameters(module: nn.Module) -> bool:
+def owns_parameters(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
@@ -69,7 +69,7 @@ def _repeats(module: nn.Module) -> set[str]:
     ModuleList of layers (those layers are the blocks)."""
     by_signature: dict[tuple, list[tuple[str, nn.Module]]] = {}
     for name, child in module.named_children():
-        if _owns_parameters(child):
+        if owns_parameters(child):
             by_signature.setdefault(_signature(child), []).append((name, child))
     out: set[str] = set()
     for group in by_signature.values():
@@ -85,7 +85,7 @@ def _holds_stack(module: nn.Module) -> bool:
     for sub in module.modules():
         if sub is module:
             continue
-        if isinstance(sub, nn.ModuleList) and sum(1 for c in sub.children() if _owns_parameters(c)) > 1:
+        if isinstance(sub, nn.ModuleList) and sum(1 for c in sub.children() if owns_parameters(c)) > 1:
             return True
         if isinstance(sub, nn.Sequential) and _repeats(sub):
             return True
@@ -103,7 +103,8 @@ def _repeated_paths(model: nn.Module, how: str, names: frozenset[str]) -> set[st
         for name, child in module.named_children():
             p = _join(path, name)
             hit = (type(child).__name__ in names if how != "ModuleList"
-                   else (isinstance(module, nn.ModuleList) and _owns_parameters(child)) or name in repeats)
+                   else (isinstance(module, nn.ModuleList) and owns_parameters(child)
+                         and not isinstance(child, _CONTAINERS)) or name in repeats)
             if hit:
                 found.add(p)
             else:
@@ -129,24 +130,46 @@ def find_blocks(model: nn.Module) -> ModuleBlocks:
     units: list[BlockUnit] = []
     loose = [name for name, _ in model.named_parameters(recurse=False)]
     loose += _floating_buffers(model, "", recurse=False)
-
-    def walk(module: nn.Module, path: str) -> None:
-        for name, child in module.named_children():
-            p = _join(path, name)
-            if p in repeated:
-                units.append(BlockUnit((p,), True))
-            elif any(r.startswith(p + ".") for r in repeated) or isinstance(child, _CONTAINERS):
-                # a container is never called itself: its children are what the forward runs
-                loose.extend(_join(p, n) for n, _ in child.named_parameters(recurse=False))
-                loose.extend(_floating_buffers(child, p, recurse=False))
-                walk(child, p)
-            elif _owns_parameters(child):
-                units.append(BlockUnit((p,), False))
-            else:
-                loose.extend(_floating_buffers(child, p, recurse=True))
-
-    walk(model, "")
+    _cut(model, "", repeated, units, loose, False)
     return ModuleBlocks(_merge_tied(model, units), tuple(loose), how)
+
+
+def _cut(module: nn.Module, path: str, repeated: set[str], units: list[BlockUnit], loose: list[str],
+         inherited: bool) -> None:
+    """Units for the children of `module` (at `path`): a repeated path is a repeated unit; a container, or a module
+    above a repeated path, is cut further (its own tensors loose); another parameter-owning child is a unit
+    (repeated when `inherited`); a parameter-less one's floating buffers are loose."""
+    for name, child in module.named_children():
+        p = _join(path, name)
+        if p in repeated:
+            units.append(BlockUnit((p,), True))
+        elif any(r.startswith(p + ".") for r in repeated) or isinstance(child, _CONTAINERS):
+            # a container is never called itself: its children are what the forward runs
+            loose.extend(_join(p, n) for n, _ in child.named_parameters(recurse=False))
+            loose.extend(_floating_buffers(child, p, recurse=False))
+            _cut(child, p, repeated, units, loose, inherited)
+        elif owns_parameters(child):
+            units.append(BlockUnit((p,), inherited))
+        else:
+            loose.extend(_floating_buffers(child, p, recurse=True))
+
+
+def split_units(model: nn.Module, blocks: ModuleBlocks, which: set[int]) -> ModuleBlocks:
+    """`blocks` with each unit of index in `which` (one module each) cut into its children, as the root is: a layer
+    whose forward is never called while its parent calls its parts (`x = layer.mlp(layer.norm(x))`) holds blocks,
+    not one. The unit's own tensors become loose; its parts keep its repeated flag, and tied tensors merge again."""
+    units: list[BlockUnit] = []
+    loose = list(blocks.loose)
+    for i, u in enumerate(blocks.units):
+        if i not in which or len(u.modules) != 1:
+            units.append(u)
+            continue
+        path = u.modules[0]
+        sub = model.get_submodule(path)
+        loose.extend(_join(path, n) for n, _ in sub.named_parameters(recurse=False))
+        loose.extend(_floating_buffers(sub, path, recurse=False))
+        _cut(sub, path, set(), units, loose, u.repeated)
+    return ModuleBlocks(_merge_tied(model, units), tuple(loose), blocks.repeated_from)
 
 
 def _merge_tied(model: nn.Module, units: list[BlockUnit]) -> tuple[BlockUnit, ...]:
