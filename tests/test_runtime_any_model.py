@@ -307,7 +307,9 @@ class _Counting(Residual):
         self.effect = effect
         self.register_buffer("steps", torch.zeros(()))
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, generator=None):
+        if generator is not None:
+            x = x + 0.1 * torch.randn(x.shape, generator=generator)
         if self.effect == "buffer":
             self.steps += 1
         elif self.effect == "input":
@@ -363,6 +365,22 @@ def test_an_out_of_memory_in_a_forward_that_changed_nothing_is_still_retried_wit
     rt.detach()
     assert len(rt.recoveries) == 1
     assert torch.equal(got, _run_fresh(small_plan(Budget(rt.recoveries[0][1]), PROFILE), [X])[0])
+
+
+def test_a_retried_call_draws_the_same_noise_from_its_generator_argument():
+    """The attempt drew from the generator before it ran out of memory: the retry starts it where the call did."""
+    model = _Counting("none")
+    rt = Runtime(make_plan(W), "cpu", workload=W, replan=small_plan, profile=PROFILE).attach(model)
+
+    def oom():
+        raise torch.OutOfMemoryError("injected: the device is full")
+    handle = _once_at_call(model.blocks[2], 1, oom)
+    with torch.no_grad():
+        retried = model(X, generator=torch.Generator().manual_seed(7))
+        handle.remove()
+        again = model(X, generator=torch.Generator().manual_seed(7))  # under the same new plan, no failure
+    rt.detach()
+    assert len(rt.recoveries) == 1 and torch.equal(retried, again)
 
 
 @pytest.mark.parametrize("bad", [-5, 0, 1.5, True, "lots", None])

@@ -6,7 +6,8 @@ keys twice: 16 cached positions in some layers, 15 in others, logits off from th
 was bumped, an input was scaled in place. What this can see is taken before each attempt: the version counter of
 every tensor among the call's arguments and of every buffer of the model, and whether an argument is an object it
 cannot look into (a cache, any class instance: its state may change by attribute assignment, which no counter
-records). Not seen: Python attributes the forward sets on the model itself (`self.calls += 1`), and in-place
+records). A torch.Generator argument is rewound to its state at the call's start before the retry, which then
+draws the same noise. Not seen: Python attributes the forward sets on the model itself (`self.calls += 1`), and in-place
 writes to tensors made under torch.inference_mode, which keep no version counter.
 
 Cost: one walk of the arguments and a counter read per tensor and buffer per top-level call (~1 µs per 10).
@@ -17,7 +18,7 @@ from __future__ import annotations
 import inspect
 import types
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,6 +38,13 @@ class CallState:
     tensors: list[tuple[str, torch.Tensor, int]]  # (where, tensor, its version counter)
     buffers: list[tuple[str, nn.Module, str, torch.Tensor, int]]  # (name, owner, key, buffer, version)
     opaque: str | None  # the first argument the runtime cannot look into, named
+    # (generator, its state) of each torch.Generator among the arguments: a retry rewinds them (same noise)
+    generators: list[tuple[torch.Generator, torch.Tensor]] = field(default_factory=list)
+
+    def rewind(self) -> None:
+        """The argument generators back where the call began, for the retry to draw what the attempt drew."""
+        for g, state in self.generators:
+            g.set_state(state)
 
     def changed(self) -> str | None:
         """Why running the call again would not be the same call (None: it would be)."""
@@ -83,31 +91,36 @@ def capture(names: tuple[str, ...], args: tuple, kwargs: dict,
     """The state of a call before an attempt: its arguments (positional ones named by `names`, the forward's
     parameter names) and the model's buffers."""
     tensors: list[tuple[str, torch.Tensor, int]] = []
+    generators: list[tuple[torch.Generator, torch.Tensor]] = []
     opaque = None
     for i, value in enumerate(args):
         where = f"argument {names[i]!r}" if i < len(names) else f"positional argument {i}"
-        opaque = opaque or _walk(value, where, tensors, 0)
+        opaque = opaque or _walk(value, where, tensors, generators, 0)
     for key, value in kwargs.items():
-        opaque = opaque or _walk(value, f"argument {key!r}", tensors, 0)
+        opaque = opaque or _walk(value, f"argument {key!r}", tensors, generators, 0)
     bufs = []
     for name, owner, key in buffers:
         buf = owner._buffers.get(key)
         if buf is not None:
             bufs.append((name, owner, key, buf, version_of(buf)))
-    return CallState(tensors, bufs, opaque)
+    return CallState(tensors, bufs, opaque, generators)
 
 
-def _walk(value, where: str, tensors: list, depth: int) -> str | None:
-    """Collect the tensors under `value` with their counters; return why it is not seen into (or None)."""
+def _walk(value, where: str, tensors: list, generators: list, depth: int) -> str | None:
+    """Collect the tensors under `value` with their counters, and its generators with their states; return why it
+    is not seen into (or None)."""
     if isinstance(value, torch.Tensor):
         tensors.append((where, value, version_of(value)))
         return None
     if isinstance(value, PLAIN_VALUES):
         return None
+    if isinstance(value, torch.Generator):  # its state is taken, and put back before a retry
+        generators.append((value, value.get_state()))
+        return None
     if isinstance(value, (tuple, list, dict)) and depth < MAX_DEPTH:
         items = value.items() if isinstance(value, dict) else enumerate(value)
         for key, item in items:
-            why = _walk(item, f"{where}[{key!r}]", tensors, depth + 1)
+            why = _walk(item, f"{where}[{key!r}]", tensors, generators, depth + 1)
             if why is not None:
                 return why
         return None

@@ -455,6 +455,8 @@ class Runtime:
                     self._recover(e)
                     if changed is not None:
                         self._not_run_again(e, changed)
+                    if before is not None:
+                        before.rewind()
         finally:
             self._retrying = False
         raise AssertionError("unreachable")
