@@ -454,6 +454,26 @@ def test_a_block_called_directly_between_model_calls_is_no_edit():
         model(x)
 
 
+def test_a_forward_hook_added_to_a_streamed_block_after_attach_reads_that_blocks_weight():
+    """Torch runs it after our wrapper: the slot had been handed to the next block's load, and the hook read
+    another block's weight."""
+    model, x = mlp_stack()
+    expected = [float(model[i][0].weight.norm()) for i in range(6)]
+    with attach(model, x) as rt, torch.inference_mode():
+        assert len(rt.plan.streamed()) >= 2
+        seen = []
+
+        def read_weight(mod, args, out) -> None:
+            rt.backend.drain()  # the copy engine finishes what the call queued: the race it may win, made certain
+            seen.append(float(mod[0].weight.norm()))
+
+        for i in range(6):
+            model[i].register_forward_hook(read_weight)
+        model(x)
+        model(x)
+    assert seen == expected * 2
+
+
 def test_a_models_own_in_place_update_of_a_weight_in_its_forward_is_not_an_edit():
     """nn.Embedding(max_norm=…) renormalises its rows in place in its forward: every call after the first was
     refused as an edit."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from residency.runtime.executor import Executor
-from residency.runtime.hooks import ModelHook
+from residency.runtime.hooks import ModelHook, runs_user_forward_hooks
 
 
 class BlockCalls:
@@ -60,8 +60,14 @@ class BlockHook(ModelHook):
 
     def post_forward(self, module, output) -> Any:
         """Tell the executor the block's call ended (timing, next prefetch); the output, copied out of the
-        block's memory where it is a view of its weights."""
+        block's memory where it is a view of its weights. A module with forward hooks of the user's runs them after
+        this (they were registered after attach, around our forward): the call stays open, its weights bound,
+        until the next block starts or the model's call ends, so a hook reading the weight reads this block's,
+        not what its slot was refilled with."""
         output = self.executor.unaliased(output)
+        if runs_user_forward_hooks(module):
+            self.calls.open = self.name
+            return output
         self.executor.after(self.name)
         return output
 

@@ -120,6 +120,13 @@ class _TorchPostHook(NotPickled):
         return (self.eager if torch.compiler.is_compiling() else self.run)(module, args, output)
 
 
+def runs_user_forward_hooks(module: nn.Module) -> bool:
+    """Whether torch runs forward hooks of someone else's on `module` after our post_forward (hooks registered
+    after attach on a module hooked through its forward wrapper). Cost: one dict test when it has none."""
+    hooks = module._forward_hooks
+    return bool(hooks) and any(not isinstance(h, _TorchPostHook) for h in hooks.values())
+
+
 def check_removable(module: nn.Module) -> None:
     """Raise if another library wrapped forward after us: removing ours would silently drop theirs."""
     entry = module.__dict__.get(_ATTR)
