@@ -156,3 +156,27 @@ def test_layers_whose_parts_the_parent_calls_are_cut_into_those_parts_and_stream
                           example_inputs=x) as rt, torch.inference_mode():
         assert {bp.name.partition(".")[2] for bp in rt.plan.streamed()} & set(parts)
         assert torch.allclose(model(x), expected, rtol=1e-5, atol=1e-6)  # F32: the thread count alone differs
+
+
+def test_an_example_the_model_cannot_run_on_is_a_residency_error_saying_how_to_give_one():
+    """A list given as the example was taken as positional arguments: the model's own TypeError, raw."""
+    import pytest
+
+    from residency.errors import ResidencyError
+
+    class ListIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(4))
+
+        def forward(self, xs):
+            x = torch.cat(xs, 0)
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    xs = [torch.randn(2, 64), torch.randn(3, 64)]
+    with pytest.raises(ResidencyError, match=r"m did not run on the example inputs \(TypeError: .*positional") as e:
+        module_workload(ListIn(), xs, name="m")
+    assert "([t1, t2],)" in e.value.hint
+    assert block_names(ListIn(), (xs,)) == [f"layers.{i}" for i in range(4)]
