@@ -18,7 +18,7 @@ from residency.workload import Workload
 
 
 def make_plan(workload: Workload, profile: DeviceProfile | str, *, vram: VramSpec = None, fps: float | None = None,
-              frame_ms: float | None = None, policy: str = "ours", compute_dtype: str = "bf16",
+              frame_ms: float | None = None, policy: str = "ours", compute_dtype: str | None = None,
               kv_dtype: str | None = None, sensitivity: Mapping[str, Mapping[str, float]] | None = None,
               options: PlanOptions | None = None) -> Plan:
     """Plan `workload` for `profile` under a VRAM and a time budget with the policy named `policy`.
@@ -26,7 +26,8 @@ def make_plan(workload: Workload, profile: DeviceProfile | str, *, vram: VramSpe
     vram: bytes (int), a size ("12GiB") or a share of the weights' bytes at `compute_dtype` ("50%"); None:
     the profile's usable device memory. fps (video frames per second) or frame_ms (ms per latent frame):
     the time budget; neither: the fastest plan that fits. policy: "ours" or a peer's name
-    (`residency plan --policy`). compute_dtype: "bf16", "fp16" or "fp32", what the matmuls run in.
+    (`residency plan --policy`). compute_dtype: "bf16", "fp16" or "fp32", what the matmuls run in; None: what the
+    workload was counted in (workload_from_module records it: the model's own dtype), else bf16.
     kv_dtype: None for the workload's own. sensitivity: a measured block × format quality-loss table.
     options: how the search runs (PlanOptions; its defaults are the CLI's).
 
@@ -49,6 +50,9 @@ def make_plan(workload: Workload, profile: DeviceProfile | str, *, vram: VramSpe
         from residency.device import resolve_profile
 
         profile = resolve_profile(profile)
+    if compute_dtype is None:
+        counted = workload.extra.get("compute_dtype") if isinstance(workload.extra, dict) else None
+        compute_dtype = counted if counted in DTYPE_FORMAT else "bf16"
     if compute_dtype not in DTYPE_FORMAT:
         raise ResidencyError(f"compute_dtype={compute_dtype!r}", hint="one of: " + ", ".join(DTYPE_FORMAT))
     if kv_dtype is not None and kv_dtype not in KV_DTYPE_BYTES:

@@ -92,8 +92,9 @@ def check_block_tensors(plan, workload: Workload, tensors: dict[str, tuple[torch
                 raise ResidencyError(
                     f"block {bp.name} computes in {bp.compute_dtype}{kept} but the pipeline holds {t.dtype} "
                     f"weights ({tensor}; activations follow the pipeline's dtype)",
-                    hint="build the pipeline in the plan's compute dtype, or plan for the pipeline's "
-                         "(a workload built from the model as it is: module_workload)")
+                    hint=f"cast the model to the plan's compute dtype ({bp.compute_dtype}), or plan for the model's "
+                         "own: make_plan(workload_from_module(model, example, name=…), profile) counts and plans "
+                         "in it by default")
             if t.device.type != "cpu":
                 raise ResidencyError(f"block {bp.name} has weights on {t.device}; the runtime places them",
                                      hint="build or load the pipeline on the CPU before attaching")

@@ -92,20 +92,23 @@ def dominant_dtype(bytes_by_dtype: dict[torch.dtype, int]) -> str | None:
 
 
 def workload_from_module(model: nn.Module, example_inputs: Example, *, name: str, component: str | None = None,
-                         compute_dtype: str = "bf16", **options: Any) -> Workload:
+                         compute_dtype: str | None = None, **options: Any) -> Workload:
     """The Workload of `model` run on `example_inputs` (see module_workload for the options).
 
     example_inputs: one call's inputs (a tensor, a tuple, or a dict of keyword inputs) at the shapes to plan
     for. name: the workload's name (plans and reports show it). component: the prefix of its block names
     (default: `name`). compute_dtype: "bf16", "fp16" or "fp32", what byte and FLOP
-    figures assume. Raises ResidencyError for an unknown compute dtype or a model whose blocks or forward
-    cannot be found or counted."""
+    figures assume; None: the dtype of most of the model's parameter bytes (bf16 for a model with none of those),
+    what residency.attach plans it in. Raises ResidencyError for an unknown compute dtype or a model whose blocks
+    or forward cannot be found or counted."""
     if not isinstance(model, nn.Module):
         raise ResidencyError(f"workload_from_module counts a torch nn.Module, not a {type(model).__name__}",
                              hint="pass the model itself")
     for what, value in (("name", name), ("component", component)):
         if value is not None and (not isinstance(value, str) or not value.strip()):  # a plan of it is unreadable
             raise ResidencyError(f"{what}={value!r:.40}: a non-empty string", hint="e.g. name=type(model).__name__")
+    if compute_dtype is None:
+        compute_dtype = main_dtype([model]) or "bf16"
     return module_workload(model, example_inputs, name=name, component=component, compute_dtype=compute_dtype,
                            **options).workload
 
