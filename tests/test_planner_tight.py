@@ -150,3 +150,28 @@ def test_dominated_options_are_dropped_before_the_solve(built):
         for i in set(range(len(c.options))) - set(kept):
             t = _terms(c.options[i])
             assert any(all(a <= b for a, b in zip(_terms(c.options[j]), t, strict=True)) for j in kept), i
+
+
+def test_a_scipy_whose_highs_lacks_the_heuristic_options_solves_with_its_defaults(built, monkeypatch):
+    """The heuristics are switched off through options scipy passes to HiGHS verbatim; an older binding raises
+    AttributeError on one it does not expose. The solve then runs with the plain options, to the same optimum."""
+    import policies.ours.milp as milp_module
+
+    req = PlanRequest(built.workload, SLOW_LINK, Budget(_range(built, SLOW_LINK)[0] * 2),
+                      compute_dtype=built.compute_dtype)
+    execution, kv = Execution(prefetch_depth=1), built.workload.kv_dtype
+    problem = problem_for(req, block_classes(built.workload, req, execution, kv), execution, kv,
+                          vram_bytes=req.budget.vram_bytes, frame_s=None, objective="time")
+    real, seen = milp_module.milp, []
+
+    def old_binding(*args, options, **kwargs):
+        seen.append(sorted(options))
+        if set(options) & set(milp_module.HEURISTICS_OFF):
+            raise AttributeError("'HighsOptions' object has no attribute 'mip_heuristic_run_rens'")
+        return real(*args, options=options, **kwargs)
+
+    with_options = solve(problem)
+    monkeypatch.setattr(milp_module, "milp", old_binding)
+    without = solve(problem)
+    assert len(seen) == 2 and not set(seen[1]) & set(milp_module.HEURISTICS_OFF)
+    assert without.frame_s == pytest.approx(with_options.frame_s, rel=2 * milp_module.MIP_REL_GAP)
