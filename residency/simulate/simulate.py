@@ -7,7 +7,8 @@ against it. Frames from the second on are taken at a full KV window (the steady 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from residency.device.profile import DeviceProfile
 from residency.plan.plan import Plan, Prediction
@@ -38,8 +39,14 @@ class TimelineEvent:
 class Simulation:
     """A simulator run: the prediction and the timeline of every frame it simulated."""
     prediction: Prediction
-    events: tuple[TimelineEvent, ...]  # every frame simulated, in time order per track
+    jobs: tuple[Job, ...] = field(repr=False)  # the engine's timed calls, as run() left them
     steady_frame: int  # the frame the prediction's steady figures come from
+
+    @cached_property
+    def events(self) -> tuple[TimelineEvent, ...]:
+        """Every frame simulated, in time order per track. Built on first use: a planner scores dozens of
+        candidates and reads only their predictions, and building these took ~27% of each simulation."""
+        return _events(self.jobs)
 
 
 class _JobBuilder:
@@ -88,7 +95,7 @@ class _JobBuilder:
                         copy_dequant_s=c.dequant_s if c.streamed and bp.dequant_on == "copy" else 0.0))
 
 
-def _events(jobs: list[Job]) -> tuple[TimelineEvent, ...]:
+def _events(jobs: tuple[Job, ...]) -> tuple[TimelineEvent, ...]:
     out = []
     for j in jobs:
         if j.copy_start >= 0 and j.copy_end > j.copy_start:
@@ -146,7 +153,7 @@ def simulate(workload: Workload, plan: Plan, profile: DeviceProfile,
         lower_bound_ms=lower_bound_s(workload, plan, profile) * 1e3 if bound else float("nan"),
         quality_loss=quality_loss(workload, plan, sensitivity),
     )
-    return Simulation(prediction, _events(jobs), steady)
+    return Simulation(prediction, tuple(jobs), steady)
 
 
 def predict(workload: Workload, plan: Plan, profile: DeviceProfile,
