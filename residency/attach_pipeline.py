@@ -29,6 +29,7 @@ from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.units import fmt_bytes
 from residency.workload import ModuleWorkloadWarning, Workload, module_workload
 from residency.workload.from_module import DTYPE_NAMES, dominant_dtype, parameter_bytes_by_dtype
+from residency.workload.left_as_found import generators_in, left_as_found
 from residency.workload.pipeline_phases import ComponentCall, ComponentPart, join_phases
 
 # Which pipeline attributes run in which phase, and the method the pipeline calls on them.
@@ -40,7 +41,10 @@ ROLES = (*((c, "encode", False, "forward") for c in ENCODERS),
 # The call's arguments that change the workload (token counts, steps); a prompt's length is bounded by
 # max_sequence_length, to which the text encoders pad.
 SHAPE_ARGUMENTS = ("height", "width", "num_inference_steps", "max_sequence_length", "num_images_per_prompt")
-DEFAULT_CALL = {"prompt": "a photo of a cat"}  # the pipeline's own defaults for the rest
+# A prompt for a pipeline that takes one and was given none (nor its embeddings); the pipeline's own defaults
+# for the rest. An unconditional or class-conditional pipeline (DDPM, DiT) takes no prompt and is given none.
+DEFAULT_CALL = {"prompt": "a photo of a cat"}
+PROMPT_GIVEN_BY = ("prompt", "prompt_embeds")
 
 
 class PipelineModules(nn.Module):
@@ -64,6 +68,18 @@ class PipelineModules(nn.Module):
         for gen, state in self.rewind:
             gen.set_state(state)
         return self.pipe(*args, **kwargs)
+
+
+def _defaults_taken(pipe: Any, call: Mapping[str, Any]) -> dict[str, Any]:
+    """DEFAULT_CALL's arguments the pipeline's call takes by name and `call` does not give (no prompt where
+    prompt_embeds are given)."""
+    try:
+        takes = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):  # no signature to read: give only what the user gave
+        return {}
+    if any(k in call for k in PROMPT_GIVEN_BY):
+        return {}
+    return {k: v for k, v in DEFAULT_CALL.items() if k in takes}
 
 
 def _generator_states(generator: Any) -> list[tuple[torch.Generator, torch.Tensor]]:
@@ -109,9 +125,19 @@ def _capture(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
             return _inner(*args, **kwargs)
         module.__dict__[method] = record  # an instance attribute, removed below
         wrapped.append((module, method))
+    # one step of the user's own call: its generators and the global RNG are put back after it (a seeded call
+    # given again then draws the noise the plain pipeline would), and what the components cache or count in it
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), left_as_found([m for _, m, *_ in components], generators_in(call)):
             pipe(**{**call, "num_inference_steps": 1, "output_type": "np"})
+    except ResidencyError:
+        raise
+    except Exception as e:  # the pipeline's own error on the call: most often the call's arguments
+        raise ResidencyError(f"{type(pipe).__name__} did not run on the call given for planning "
+                             f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})",
+                             hint="example_inputs= is the keyword arguments of the pipeline's call, as "
+                                  f"pipe(**example_inputs) runs it; check them against {type(pipe).__name__}'s "
+                                  "documented arguments") from e
     finally:
         for module, method in wrapped:
             del module.__dict__[method]
@@ -150,7 +176,7 @@ def _compute_dtype(components: list[tuple[str, nn.Module, str, bool, str]]) -> s
 def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: str | None = None) -> PipelineWorkload:
     """The pipeline's workload at the shapes of `call` (the keyword arguments of `pipe(...)`; what matters is
     SHAPE_ARGUMENTS — a prompt is padded to max_sequence_length): encode → denoise × steps → decode."""
-    call = {**DEFAULT_CALL, **(call or {})}
+    call = {**_defaults_taken(pipe, call or {}), **(call or {})}
     components = _components(pipe)
     refuse_pipeline_hooks(pipe, {name: module for name, module, *_ in components})
     dtype = _compute_dtype(components)

@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from residency.errors import ResidencyError
 from residency.formats.dtypes import COMPUTE_DTYPE_BYTES, TORCH_DTYPES
+from residency.workload.left_as_found import generators_in, left_as_found
 from residency.workload.module_blocks import (
     ModuleBlocks,
     find_blocks,
@@ -189,7 +190,9 @@ def _count(model: nn.Module, blocks: ModuleBlocks, args: tuple, kwargs: dict[str
     """One counted forward over `blocks`' units: on the meta device, else as _fallback_trace runs it. Returns the
     trace, where it was counted ("meta", "real", "narrow") and why the meta run failed ("" when it did not)."""
     units = [u.modules for u in blocks.units]
-    with user_hooks_quiet(model):  # the user's feature hooks record the user's calls, not this count
+    # the user's feature hooks record the user's calls, not this count; whatever the forward caches, counts or
+    # draws is put back (left_as_found)
+    with user_hooks_quiet(model), left_as_found([model], generators_in((args, kwargs))):
         try:
             return _meta_trace(model, units, args, kwargs, dtypes[0], batch, dtypes[1]), "meta", ""
         except Exception as e:  # any failure of the meta run (data-dependent op, CPU tensor kept as attribute)

@@ -1,0 +1,138 @@
+"""attach's counted forward leaves the model as it found it: attributes a block caches or counts on its first call,
+state a model keeps in plain attributes, and the RNG draws of a forward run for counting."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_attach_guards import attach
+from torch import nn
+
+from residency.workload.left_as_found import generators_in, left_as_found
+
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
+
+
+class LazyBlock(nn.Module):
+    """Derives a tensor from its weight on its first call and keeps it; counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+        self.derived = None
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.derived is None:
+            self.derived = self.lin.weight * 0.5  # a new tensor, not a view of the weight
+        return torch.tanh(x @ self.derived.t() + self.lin.bias)
+
+
+class Stack(nn.Module):
+    def __init__(self, block: type[nn.Module], n: int = 4) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([block() for _ in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Recurrent(Stack):
+    """Keeps its state across calls in plain attributes, created on the first call."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda: nn.Linear(64, 64), 3)
+        self.state = None
+        self.steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.state is None:
+            self.state = torch.zeros_like(x)
+        for layer in self.layers:
+            x = torch.tanh(layer(x + self.state))
+        self.state = x.detach()
+        self.steps += 1
+        return x
+
+
+class Sampler(Stack):
+    """Draws noise from the global RNG, and reads a value to the host (the meta count fails: a real forward)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda: nn.Linear(64, 64), 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x)) + 0.1 * torch.randn_like(x)
+            if x.abs().max().item() > 100:
+                break
+        return x
+
+
+@pytest.mark.parametrize("vram", [None, "40%"])
+def test_what_a_block_caches_or_counts_in_the_counting_forward_is_not_kept(vram):
+    torch.manual_seed(0)
+    model, x = Stack(LazyBlock).eval(), torch.randn(4, 64)
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        expected = plain(x)
+    with attach(model, x, vram):
+        assert all(layer.derived is None and layer.calls == 0 for layer in model.layers)
+        with torch.no_grad():
+            assert torch.equal(model(x), expected)
+        assert [layer.calls for layer in model.layers] == [1] * 4
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_state_kept_in_plain_attributes_starts_where_the_plain_model_does():
+    torch.manual_seed(0)
+    model, xs = Recurrent().eval(), [torch.randn(2, 64) for _ in range(3)]
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        expected = [plain(x) for x in xs]
+    with attach(model, xs[0], "40%"):
+        assert model.state is None and model.steps == 0
+        with torch.no_grad():
+            for x, want in zip(xs, expected, strict=True):
+                assert torch.equal(model(x), want)
+    assert model.steps == 3
+
+
+def test_a_seed_set_before_attach_gives_the_plain_models_draws():
+    torch.manual_seed(0)
+    model, x = Sampler().eval(), torch.randn(2, 64)
+    plain = copy.deepcopy(model)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        expected = plain(x)
+    torch.manual_seed(123)
+    with attach(model, x, None), torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def test_left_as_found_puts_back_attributes_tensor_values_and_generators():
+    module = nn.Linear(4, 4)
+    module.note = "kept"
+    module.buf = torch.zeros(3)  # a plain tensor attribute, not a registered buffer
+    gen = torch.Generator().manual_seed(7)
+    want_gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(5)
+    want_global = torch.rand(2)
+    torch.manual_seed(5)
+    with left_as_found([module], generators_in({"g": [gen], "x": 1})):
+        module.note = "changed"
+        module.added = 1
+        module.buf.add_(1.0)
+        del module.buf
+        torch.rand(3, generator=gen)
+        torch.rand(4)
+    assert module.note == "kept" and not hasattr(module, "added")
+    assert torch.equal(module.buf, torch.zeros(3))
+    assert torch.equal(torch.rand(2, generator=gen), torch.rand(2, generator=want_gen))
+    assert torch.equal(torch.rand(2), want_global)
