@@ -229,8 +229,10 @@ class _FusedAttention(TorchFunctionMode):
 class _Segments:
     """Exactly one OpCounter open at a time, for whoever is running: a unit call or a stretch of glue."""
 
-    def __init__(self, tracer: _Tracer, units: list[UnitCounts], glue: dict[int, UnitCounts]) -> None:
+    def __init__(self, tracer: _Tracer, units: list[UnitCounts], glue: dict[int, UnitCounts],
+                 modules: list[list[nn.Module]] | None = None) -> None:
         self.tracer, self.units, self.glue = tracer, units, glue
+        self.modules = modules or [[] for _ in units]  # each unit's modules, submodules included
         self.stack: list[int] = []  # units whose call is running, innermost last
         self.order: list[int] = []
         self.counter: OpCounter | None = None
@@ -272,12 +274,26 @@ class _Segments:
         self.stack.pop()
         if unit in self.stack:
             return
+        self._stashed_views(unit)
         counts, start, peak = self.tracer.call_marks.pop()
         counts.peak_elements = max(counts.peak_elements, peak - start)
         if self.stack:
             self.switch(self.units[self.stack[-1]])
         else:
             self.switch(self.glue.setdefault(unit, UnitCounts()))
+
+
+    def _stashed_views(self, unit: int) -> None:
+        """A view of weights the call left on one of its modules (`self._wt = self.lin.weight.t()`, made once and
+        used by later calls) points into the memory its block was bound to for this call, which a streamed block's
+        next call does not get back: the weights it views are marked read outside their calls (pinned). A copy
+        made in the call has its own memory and is left alone. Cost: one walk over the unit's attributes a call."""
+        tracer = self.tracer
+        for module in self.modules[unit]:
+            for value in vars(module).values():
+                if (isinstance(value, torch.Tensor) and id(value) in tracer.weights
+                        and id(value) not in tracer.made_inside and id(value) not in tracer.originals):
+                    tracer.read_outside.add(tracer.weights[id(value)])
 
 
 def trace_forward(model: nn.Module, unit_modules: list[tuple[str, ...]], run: Callable[[], Any],
@@ -296,7 +312,9 @@ def trace_forward(model: nn.Module, unit_modules: list[tuple[str, ...]], run: Ca
     tracer = _Tracer({id(t): n for n, t in weights}, batch, widen)
     tracer.owners = _owners(model, unit_modules, [n for n, _ in weights])
     tracer.originals = {id(t) for _, t in weights}
-    seg = _Segments(tracer, units, glue)
+    seg = _Segments(tracer, units, glue,
+                    [list({id(m): m for p in paths for m in model.get_submodule(p).modules()}.values())
+                     for paths in unit_modules])
     tracer.running = seg.stack
     handles = []
     for i, paths in enumerate(unit_modules):
