@@ -136,3 +136,16 @@ def test_left_as_found_puts_back_attributes_tensor_values_and_generators():
     assert torch.equal(module.buf, torch.zeros(3))
     assert torch.equal(torch.rand(2, generator=gen), torch.rand(2, generator=want_gen))
     assert torch.equal(torch.rand(2), want_global)
+
+
+def test_a_plan_for_the_same_model_at_other_shapes_says_so():
+    from residency.errors import ResidencyError
+
+    torch.manual_seed(0)
+    model = Stack(LazyBlock).eval()
+    with attach(model, torch.randn(4, 64), "40%") as rt:
+        plan = rt.plan
+    with pytest.raises(ResidencyError, match="the same model counted at other shapes"):
+        import residency
+
+        residency.attach(model, plan=plan, example_inputs=torch.randn(8, 64), backend="cpu")

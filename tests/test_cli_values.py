@@ -103,6 +103,12 @@ def test_parse_size_returns_whole_bytes_in_range_or_a_usage_error(text):
     assert isinstance(value, int) and 2**20 <= value <= MAX_SIZE_BYTES
 
 
+@pytest.mark.parametrize("text", ["-1GiB", " -5 MB", "-0.5G"])
+def test_a_negative_size_is_said_to_be_negative(text):
+    with pytest.raises(UsageError, match="--vram must be a positive size"):
+        parse_size(text, "--vram")
+
+
 @pytest.mark.parametrize("device", ["cuda:²", "cuda:-1", "gpu", "cuda:1_0", ""])
 def test_profile_refuses_a_malformed_device_before_measuring(capsys, device):
     assert main(["profile", f"--device={device}"]) == 2

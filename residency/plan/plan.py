@@ -189,9 +189,10 @@ class Plan:
                 hint="make its workload with name= the model's class name (residency.attach names blocks "
                      "<class>.<module path>), e.g. workload_from_module(model, x, name=type(model).__name__)")
         if fingerprint != self.workload_fingerprint:
+            same = " — the same model counted at other shapes, dtypes or settings" if mine == theirs else ""
             raise ResidencyError(
                 f"the plan was made for model {self.model!r} (fingerprint {self.workload_fingerprint}), "
-                f"not for {what} (fingerprint {fingerprint})",
+                f"not for {what} (fingerprint {fingerprint}){same}",
                 hint=fix or "make a new plan for this model with `residency plan`",
             )
         expected = [b.name for b in workload.blocks]

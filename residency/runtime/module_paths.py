@@ -90,14 +90,15 @@ def check_block_tensors(plan, workload: Workload, tensors: dict[str, tuple[torch
             if t.dtype != TORCH_DTYPES[own or bp.compute_dtype]:
                 kept = f" (the workload keeps {tensor} in {own})" if own else ""
                 raise ResidencyError(
-                    f"block {bp.name} computes in {bp.compute_dtype}{kept} but the pipeline holds {t.dtype} "
-                    f"weights ({tensor}; activations follow the pipeline's dtype)",
+                    f"block {bp.name} computes in {bp.compute_dtype}{kept} but the model holds {t.dtype} "
+                    f"weights ({tensor}; activations follow the model's dtype)",
                     hint=f"cast the model to the plan's compute dtype ({bp.compute_dtype}), or plan for the model's "
                          "own: make_plan(workload_from_module(model, example, name=…), profile) counts and plans "
                          "in it by default")
             if t.device.type != "cpu":
                 raise ResidencyError(f"block {bp.name} has weights on {t.device}; the runtime places them",
-                                     hint="build or load the pipeline on the CPU before attaching")
+                                     hint="build or load the model (or pipeline) on the CPU before attaching: "
+                                          "the runtime moves its blocks to the device")
 
 
 def _submodule(model: nn.Module, block: str, path: str) -> nn.Module:

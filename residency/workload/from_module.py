@@ -256,7 +256,8 @@ def _schedule(model: nn.Module, blocks: ModuleBlocks, trace: Trace, name: str, c
                                  "stream around it", hint="attach the model it belongs to (its blocks are its "
                                  "layers); a lone layer runs as it is")
         raise ResidencyError(f"{name}: the forward called none of the model's blocks",
-                             hint="pass the module whose forward runs the model")
+                             hint="pass the module whose forward runs the model; a model that runs its layers as "
+                                  "layer.forward(x) skips the module call residency sees: call them as layer(x)")
     loose_paths, unowned = _loose_and_unowned(model, blocks, trace)
     loose = Draft(LOOSE, [], tuple(dict.fromkeys(p.rpartition(".")[0] for p in loose_paths)),
                   UnitCounts(calls=1, tokens=drafts[0].counts.tokens), calls=1) if loose_paths else None
