@@ -200,6 +200,14 @@ def test_a_forced_mode_applies_to_every_block_and_graphed_needs_a_gpu():
     w = chain_workload()
     plan = _ours(w, _launch_bound_gpu(), exec_mode="compiled")
     assert {bp.exec_mode for bp in plan.blocks} == {"compiled"}
+    # forced graphs stay, even where the same request without them would score better (the pools' memory)
+    from pipelines.catalog import catalog_paths
+    from residency.workload import load_workload_file
+
+    big = load_workload_file(catalog_paths()["lucid-500m"])
+    forced = get_policy("ours")(PlanRequest(big, load_profile("rtx-4090"), Budget(2**34, None), exec_mode="graphed"))
+    assert {bp.exec_mode for bp in forced.blocks} == {"graphed"}
+    assert not any(n.startswith("graphs declined") for n in forced.notes)
     with pytest.raises(ResidencyError, match="needs a GPU"):
         _ours(w, flat_profile(backend="cpu"), exec_mode="graphed")
     assert set(choose_modes(PlanRequest(w, _launch_bound_gpu(), Budget(2**34, None), exec_mode="eager"),

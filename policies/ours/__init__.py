@@ -43,8 +43,9 @@ def plan(req: PlanRequest, rivals: Sequence[PolicyFn] = ()) -> Plan:
     req = replace(req, options=replace(req.options, bound=False))  # candidates: no lower-bound LP each
     found, choices, chosen = _placed(req, rivals)
     declined = None
-    if any(ch.mode == "graphed" for ch in choices.values()):
-        # the pools were charged before placement: the same request without graphs may place better
+    if req.exec_mode.startswith("auto") and any(ch.mode == "graphed" for ch in choices.values()):
+        # the pools were charged before placement: the same request without graphs may place better (a mode the
+        # user forced, --exec-mode graphed, is kept)
         plain = replace(req, exec_mode="auto")
         alt_found, alt_choices, alt_chosen = _placed(plain, rivals)
         fastest = fastest_fitting([found.fastest, alt_found.fastest])
