@@ -8,7 +8,7 @@ per-component compute scales a run measured. It is saved as `<base>--<workload f
 `--profile calibrated` resolves through `profile_for`: the calibration of this machine's cached profile for the
 model's workload, else one for another model of the same base with its compute scales dropped (they belong to
 the model measured; the per-engine rates describe the machine and transfer). A file whose base fingerprint no
-longer matches the base (re-measured or edited) is deleted, and so is an unreadable one.
+longer matches the base (re-measured or edited) is deleted; an unreadable one is skipped and kept.
 """
 
 from __future__ import annotations
@@ -97,9 +97,9 @@ def better_cached(profile: DeviceProfile) -> tuple[Path, DeviceProfile] | None:
     return path, cached
 
 
-def _entries(say: Callable[[str], None] | None, delete: bool = True) -> list[tuple[Path, DeviceProfile]]:
-    """Every readable calibrated profile of the cache, by path; with `say`, unreadable files are deleted (with
-    `delete`; else kept) and `say` told (without it they are skipped)."""
+def _entries(say: Callable[[str], None] | None) -> list[tuple[Path, DeviceProfile]]:
+    """Every readable calibrated profile of the cache, by path. Unreadable files are skipped and kept (a hand
+    edit's typo is the user's to fix; `residency profiles --remove-calibrated` deletes them), `say` told of each."""
     folder = calibrated_dir()
     if userpath.path_kind(folder)[0] != userpath.DIRECTORY:
         return []
@@ -110,9 +110,7 @@ def _entries(say: Callable[[str], None] | None, delete: bool = True) -> list[tup
             if profile.calibration is None:
                 raise ResidencyError("it holds no calibration record")
         except ResidencyError as e:
-            if say is not None and delete:
-                _discard(path, f"unreadable ({e.message})", say)
-            elif say is not None:
+            if say is not None:
                 say(f"skipped the calibrated profile {path}: unreadable ({e.message}); --remove-calibrated deletes it")
             continue
         found.append((path, profile))
@@ -134,8 +132,9 @@ def find_calibrated(base: DeviceProfile, workload_fingerprint: str,
 
     The cache's calibration of `base` for that workload; else the newest calibration of `base` for another
     workload, its compute scales dropped (`say` is told so); None without either. Files of `base` whose recorded
-    base fingerprint is not `base.fingerprint()` (the base was re-measured or edited) and unreadable files are
-    deleted, each with a line to `say`. Never raises for a bad cache file."""
+    base fingerprint is not `base.fingerprint()` (the base was re-measured or edited) are deleted, each with a line
+    to `say`; unreadable files are skipped and kept (a hand edit's typo can be fixed; `residency profiles
+    --remove-calibrated` deletes them), each with a line. Never raises for a bad cache file."""
     fingerprint = base.fingerprint()
     mine = []
     for path, profile in _entries(say):
@@ -159,7 +158,7 @@ def find_calibrated(base: DeviceProfile, workload_fingerprint: str,
 def list_calibrated(say: Callable[[str], None] | None = None) -> list[tuple[Path, DeviceProfile]]:
     """(path, profile) of every readable calibrated profile in the cache, by path; unreadable files are skipped
     (with `say`, each with a line; none is deleted)."""
-    return _entries(say, delete=False)
+    return _entries(say)
 
 
 def base_changed(profile: DeviceProfile) -> bool | None:
