@@ -179,7 +179,7 @@ def test_known_model_classes_supply_their_own_example_inputs(name):
     with residency.attach(model, vram="100%", profile=PROFILE, backend="cpu") as rt:
         example = rt.workload.extra["example"]
     assert example == ({"input_ids": [1, 16]} if name == "t5" else
-                       {"sample": [1, 4, 8, 8], "timestep": [1], "encoder_hidden_states": [1, 16, 32]})
+                       {"sample": [1, 4, 8, 8], "timestep": [1], "encoder_hidden_states": [1, 77, 32]})
 
 
 def test_a_call_at_other_shapes_is_refused_and_the_planned_shapes_still_run():

@@ -49,7 +49,8 @@ def test_a_config_only_diffusers_directory_plans_with_module_paths(capsys, unet_
     code, out, err = run(capsys, "plan", str(unet_dir), "--profile", "rtx-5090", "--compute-dtype", "fp32", "--json")
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["model"] == "unet at 128×128, 16 prompt tokens"  # sample_size 16 latent pixels × the VAE's 8
+    # sample_size 16 latent pixels × the VAE's 8; a CLIP prompt padded to 77 tokens, as its pipeline pads it
+    assert doc["model"] == "unet at 128×128, 77 prompt tokens"
     assert {b["compute_dtype"] for b in doc["blocks"]} == {"fp32"}
     model = UNet2DConditionModel(**UNET_CONFIG)
     covered = {f"{path}.{name}" for b in doc["blocks"] for path in b["modules"]

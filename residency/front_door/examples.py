@@ -3,7 +3,7 @@
 Only where the config fixes every shape but the generation size, which comes from an ExampleSize (defaults:
 each pipeline's own): a transformers model reading token ids (a batch of one prompt of EXAMPLE_TOKENS
 tokens), a diffusers UNet2DConditionModel without extra conditioning (a latent of its configured
-sample_size), a FluxTransformer2DModel (a 1024×1024 image: 4096 latent tokens, 512 prompt tokens, as
+sample_size, a CLIP prompt of 77 tokens, as its pipeline pads one), a FluxTransformer2DModel (a 1024×1024 image: 4096 latent tokens, 512 prompt tokens, as
 FluxPipeline runs it), a WanTransformer3DModel for text-to-video (480×832, 81 frames, 512 prompt tokens, as
 WanPipeline runs it), and a VAE's decode of the latent of such an image or video. Anything else needs the
 caller's example_inputs.
@@ -22,6 +22,7 @@ from residency.errors import ResidencyError, UsageError
 
 EXAMPLE_TOKENS = 16  # prompt tokens of a derived example; a call with another length is refused
 PIPELINE_PROMPT_TOKENS = 512  # FluxPipeline's and WanPipeline's max_sequence_length: T5 prompts are padded to it
+CLIP_PROMPT_TOKENS = 77  # a UNet's pipeline (Stable Diffusion) pads its CLIP prompt to the tokenizer's 77 tokens
 VAE_SCALE = 8  # pixels per latent pixel of the VAEs these models are paired with (SD, Flux, Wan)
 VAE_SCALE_TEMPORAL = 4  # video frames per latent frame after the first (Wan's VAE)
 FLUX_LATENT_SIZE = 128  # FluxPipeline.default_sample_size: 128 latent pixels a side, 1024 px at VAE_SCALE
@@ -182,7 +183,7 @@ def _unet_example(model: nn.Module, size: ExampleSize) -> Derived:
     height, width = size.height or sample * size.vae_scale, size.width or sample * size.vae_scale
     for what, v in (("height", height), ("width", width)):
         _multiple("UNet2DConditionModel", what, v, size.vae_scale)
-    tokens = size.prompt_tokens or EXAMPLE_TOKENS
+    tokens = size.prompt_tokens or CLIP_PROMPT_TOKENS
     dtype = _dtype(model)
     b = size.batch
     example = {"sample": torch.zeros(b, c.in_channels, height // size.vae_scale, width // size.vae_scale,
