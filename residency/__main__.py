@@ -2,6 +2,6 @@
 
 import sys
 
-from residency.cli import main
+from residency.entry import main
 
 sys.exit(main())

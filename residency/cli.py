@@ -74,11 +74,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ResidencyError becomes its message and exit code, Ctrl-C exit status 130; other errors propagate.
     """
-    parser = build_parser()
     try:
+        parser = build_parser()
         args, extra = parser.parse_known_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     if extra:  # argparse would say so from the top parser, pointing at `residency --help`
         where = f"residency {args.command}" if args.command else "residency"
         print(f"error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
