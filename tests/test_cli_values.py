@@ -73,6 +73,12 @@ def test_a_repeat_count_must_be_plain_ascii_digits_in_range(script):
         parse_actions(script, ("idle", "right"))
 
 
+@pytest.mark.parametrize(("script", "position"), [("right,,left", 2), (",right", 1), ("right, ", 2)])
+def test_an_empty_action_is_said_to_be_empty_with_its_place(script, position):
+    with pytest.raises(UsageError, match=f"action {position} of the script .* is empty"):
+        parse_actions(script, ("idle", "right", "left"))
+
+
 def test_repeats_that_add_up_beyond_the_script_limit_are_refused():
     with pytest.raises(UsageError, match="expands to more than"):
         parse_actions(",".join(["right*100000"] * 3), ("idle", "right"))

@@ -31,10 +31,13 @@ def parse_actions(script: str, vocabulary: Sequence[str]) -> list[str]:
     if not script.strip():
         raise UsageError("the action script is empty", hint=hint)
     actions: list[str] = []
-    for raw in script.split(","):
+    for position, raw in enumerate(script.split(","), start=1):
         token = raw.strip()
         name, star, count = token.partition("*")
         name = name.strip().lower()
+        if not name:
+            raise UsageError(f"action {position} of the script {_shown(script)} is empty (two commas in a row, or "
+                             "one at an end)", hint=hint)
         if name not in vocabulary:
             raise UsageError(f"unknown action {_shown(name)} in {_shown(token)}", hint=hint)
         repeat = 1

@@ -109,7 +109,7 @@ def check_calibration(other: str | None, frames: int) -> None:
     if frames < least:
         raise UsageError(f"--calibrate needs at least {least} latent frames (the first {WARMUP_FRAMES} are a "
                          f"warm-up, then {MIN_SAVED_FIT_FRAMES} to fit); this run has {frames}",
-                         hint=f"add --frames {max(8, least)} or more")
+                         hint=f"give --frames {least} or more")
     if other is not None:
         raise UsageError(f"--calibrate fits a profile to this machine's timings; the plan's profile is {other}",
                          hint="drop --profile to calibrate this machine's profile, or drop --calibrate")
