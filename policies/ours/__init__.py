@@ -34,6 +34,7 @@ from policies.ours.search import (
 )
 from residency.plan import Plan
 from residency.simulate import lower_bound_s, predict
+from residency.units import fmt_ms
 
 
 def plan(req: PlanRequest, rivals: Sequence[PolicyFn] = ()) -> Plan:
@@ -52,8 +53,8 @@ def plan(req: PlanRequest, rivals: Sequence[PolicyFn] = ()) -> Plan:
         frame_ms = ranked_frame_ms(req, fastest)
         if better(chosen, alt_chosen, frame_ms):
             p, q = chosen.prediction, alt_chosen.prediction
-            declined = (f"graphs declined: the plan without them scored better ({q.frame_ms:.3g} ms at quality loss "
-                        f"{q.quality_loss:.3g}, against {p.frame_ms:.3g} ms at {p.quality_loss:.3g} with their "
+            declined = (f"graphs declined: the plan without them scored better ({fmt_ms(q.frame_ms)} ms at quality loss "
+                        f"{q.quality_loss:.3g}, against {fmt_ms(p.frame_ms)} ms at {p.quality_loss:.3g} with their "
                         f"pools)")
             req, found, choices, chosen = plain, alt_found, alt_choices, alt_chosen
     # Candidates were scored without the lower bound (an LP each): compute it once, for the plan returned.
@@ -160,13 +161,13 @@ def _default_frame_note(req: PlanRequest, found: Found, chosen: Plan) -> str | N
     if budget is not None and fast.prediction.frame_ms <= budget:
         return None
     p, f = chosen.prediction, fast.prediction
-    head = "no frame budget" if budget is None else f"no plan holds {budget:.3g} ms per frame, so as without a budget"
+    head = "no frame budget" if budget is None else f"no plan holds {fmt_ms(budget)} ms per frame, so as without a budget"
     rule = (f"{head}: the best quality within {QUALITY_SLACK - 1:.0%} or {MIN_SLACK_MS:g} ms per frame "
-            f"(whichever is more) of the fastest plan that fits ({f.frame_ms:.3g} ms at quality loss "
+            f"(whichever is more) of the fastest plan that fits ({fmt_ms(f.frame_ms)} ms at quality loss "
             f"{f.quality_loss:.3g})")
     if p.quality_loss >= f.quality_loss:
         return f"{rule}: that plan"
-    return f"{rule}: {p.frame_ms:.3g} ms at quality loss {p.quality_loss:.3g}"
+    return f"{rule}: {fmt_ms(p.frame_ms)} ms at quality loss {p.quality_loss:.3g}"
 
 
 def _as_ours(req: PlanRequest, found: Found) -> Plan:
