@@ -43,7 +43,7 @@ def parse_size(text: str, what: str = "size", min_bytes: int = 1) -> int:
     m = _SIZE_RE.fullmatch(text) if len(text) <= 1000 else None
     unit = m.group(2).upper() if m else None
     if m is None and text.strip().startswith("-") and _SIZE_RE.fullmatch(text.strip()[1:]):
-        raise UsageError(f"{what} must be a positive size, got {shown}", hint="e.g. 6GiB or 512MiB")
+        raise UsageError(f"{what} must be positive, got {shown}", hint="e.g. 6GiB or 512MiB")
     if m is None or unit not in _UNITS:
         raise UsageError(f"cannot read {what} {shown}",
                          hint="write a number with a unit, e.g. 6GiB, 6GB, 6000MB or 512MiB")

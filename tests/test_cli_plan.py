@@ -247,7 +247,7 @@ def test_a_budget_under_the_fixed_workspace_says_so_once(capsys):
 
 @pytest.mark.parametrize("vram, message, hint", [
     ("12", "got '12'", "a bare number is bytes: did you mean 12GiB?"),
-    ("-1GiB", "cannot read the size '-1GiB'", "a size is positive"),  # not argparse's "expected one argument"
+    ("-1GiB", "the size must be positive, got '-1GiB'", "a size is positive"),  # not argparse's "expected one argument"
     ("0%", "a share of the weights must be above 0%", "e.g. 50%, or a size such as 6GiB"),
 ])
 def test_a_usage_error_is_two_lines_the_error_and_its_own_hint(capsys, vram, message, hint):

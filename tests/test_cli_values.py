@@ -111,7 +111,7 @@ def test_parse_size_returns_whole_bytes_in_range_or_a_usage_error(text):
 
 @pytest.mark.parametrize("text", ["-1GiB", " -5 MB", "-0.5G"])
 def test_a_negative_size_is_said_to_be_negative(text):
-    with pytest.raises(UsageError, match="--vram must be a positive size"):
+    with pytest.raises(UsageError, match="--vram must be positive"):
         parse_size(text, "--vram")
 
 

@@ -49,13 +49,24 @@ def test_a_model_directorys_blocks_are_named_by_module_path_not_by_its_label(cap
     assert "FluxTransformer2DModel.transformer_blocks.1" in [b["name"] for b in doc["blocks"]]
 
 
-@pytest.mark.parametrize("command", [("plan", "--profile", "rx-7800-xt"), ("inspect",)])
-def test_the_tables_show_module_paths_without_the_label(capsys, tmp_path, command):
+@pytest.mark.parametrize(("command", "named"), [(("plan", "--profile", "rx-7800-xt"), "FluxTransformer2DModel."),
+                                                (("inspect",), "")])
+def test_the_tables_show_module_paths_without_the_label(capsys, tmp_path, command, named):
+    """plan names blocks as attach does (<class>.<path>); inspect names tensors as the weights would be stored."""
     path = model_dir(tmp_path, FLUX)
     code, out, err = run(capsys, command[0], str(path), *command[1:])
     assert code in (0, 3), err
     assert "tokens." not in out.replace("\n", "")  # the label glued onto a block name ("… prompt tokens.x")
-    assert "FluxTransformer2DModel.transformer_blocks" in out.replace("\n", "").replace(" ", "")
+    assert f"{named}transformer_blocks" in out.replace("\n", "").replace(" ", "")
+
+
+@pytest.mark.parametrize("config", [FLUX, {**FLUX, "torch_dtype": "bfloat16"}])
+def test_inspect_of_a_config_shows_the_dtype_its_weights_would_be_stored_in(capsys, tmp_path, config):
+    path = model_dir(tmp_path, config)
+    code, out, err = run(capsys, "inspect", str(path), "--json")
+    assert code == 0, err
+    dtypes = {f for c in json.loads(out)["components"] for b in c["blocks"] for f in b["formats"]}
+    assert dtypes == {"BF16" if "torch_dtype" in config else "F32"}
 
 
 def test_a_plan_of_a_model_directory_names_the_blocks_as_attach_does(tmp_path):

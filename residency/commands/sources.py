@@ -20,6 +20,7 @@ from residency.commands.config_source import (
     is_model_dir,
     is_world_model_dir,
     model_dir_workload,
+    read_config,
     refuse_classless,
 )
 from residency.errors import ResidencyError, UsageError
@@ -217,6 +218,23 @@ def _checkpoint_inventory(path: Path) -> Inventory:
     return inv
 
 
+# A transformers config's record of the dtype its weights were saved in (`torch_dtype`; `dtype` from v4.56 on)
+SAVED_DTYPE_KEYS = ("torch_dtype", "dtype")
+SAVED_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+def _as_saved(model, path: Path):
+    """The empty (meta) model in the dtype its config.json says its weights are saved in, where it says one of
+    float32, float16 and bfloat16; as built (float32) otherwise."""
+    import torch
+
+    config = read_config(path / "config.json")
+    named = next((config[k] for k in SAVED_DTYPE_KEYS if isinstance(config.get(k), str)), None)
+    if named not in SAVED_DTYPES:
+        return model
+    return model.to(getattr(torch, SAVED_DTYPES[named]))  # meta tensors: nothing is allocated
+
+
 def load_inventory(name_or_path: str) -> Inventory:
     """The tensors a source holds, grouped by block: read from a checkpoint where there is one, else counted."""
     source = classify(name_or_path)
@@ -236,9 +254,8 @@ def load_inventory(name_or_path: str) -> Inventory:
         pipe = WorldModelPipeline.from_config(name_or_path, device="meta")
         return inventory_from_module(name_or_path, pipe)
     if source.kind == MODEL_DIR:
-        try:
-            workload = resolve_workload(name_or_path)
-        except ResidencyError:  # a class whose inputs its config does not give (a UNet2DModel): no call to
-            return inventory_from_module(name_or_path, empty_model(source.path))  # count; inspect needs none
-        return _workload_inventory(name_or_path, workload)
+        # config only: the model built empty, its tensors named and typed as its weights would be stored (the
+        # config's dtype), as for a directory with weights; no forward is counted (inspect needs none, and a
+        # class whose inputs its config does not give, a UNet2DModel, has none to count)
+        return inventory_from_module(name_or_path, _as_saved(empty_model(source.path), source.path))
     return _workload_inventory(name_or_path, resolve_workload(name_or_path))
