@@ -92,6 +92,11 @@ def test_a_k_quant_larger_than_q8_0_says_which_matrices_stay_bf16(tmp_path, caps
     out = " ".join(capsys.readouterr().out.split())
     assert "note: Q6_K is larger than Q8_0 here: 3 matrices whose last dimension (1152)" in out
     assert "note: Q4_K is larger than Q8_0 here: 3 matrices" in out
+    assert main(["inspect", str(path), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert [n.split(" here")[0] for n in notes] == ["Q6_K is larger than Q8_0", "Q4_K is larger than Q8_0"]
     save_checkpoint(path, {"blocks.0.v": torch.zeros(64, 1024)})
     assert main(["inspect", str(path)]) == 0
     assert "stay BF16" not in capsys.readouterr().out
+    assert main(["inspect", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == []

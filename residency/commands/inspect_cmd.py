@@ -120,13 +120,16 @@ def to_json(inv: Inventory) -> dict:
             }
         )
     every = list(sizes.values())
+    totals = {f: _sum(every, f) for f in COMPARE_FORMATS}
     return {
         "source": inv.source,
         "params": sum(s.params for s in every),
         "tensors": sum(s.tensors for s in every),
         "stored_bytes": sum(s.stored_bytes for s in every),
-        "bytes_by_format": {f: _sum(every, f) for f in COMPARE_FORMATS},
+        "bytes_by_format": totals,
         "largest_block": _block_json(largest, sizes[id(largest)]) if largest else None,
+        # what the text prints below its totals, in the same words (without its "note: ")
+        "notes": [n.removeprefix("note: ") for n in fallback_notes(inv, totals)],
         "components": components,
         # tensors of dtypes residency does not store (I64 position ids, BOOL masks, F64): in no block, no total
         "left_out": [{"name": n, "dtype": d, "shape": list(sh), "stored_bytes": b} for n, d, sh, b in inv.left_out],
