@@ -90,8 +90,8 @@ def check_writable_target(path: str | os.PathLike[str], suffix: str | None = Non
     if kind in (userpath.DIRECTORY, userpath.OTHER, userpath.BAD):
         raise ResidencyError(f"{path}: cannot write here ({reason or 'a directory is in the way'})",
                              hint="pick another file name")
-    if suffix is not None and path.suffix.lower() != suffix:
-        raise ResidencyError(f"{text[:200]}: this file is {suffix[1:].upper()}, and the name ends in "
+    if suffix is not None and path.suffix.lower() != suffix:  # a usage mistake (exit 2), as run -o out.jpg is
+        raise UsageError(f"{text[:200]}: this file is {suffix[1:].upper()}, and the name ends in "
                              f"{path.suffix or 'no extension'}", hint=f"name it *{suffix}, e.g. {example}")
     parent = path.parent
     if userpath.path_kind(parent)[0] != userpath.DIRECTORY:

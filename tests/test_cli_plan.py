@@ -102,7 +102,7 @@ def test_the_default_compute_dtype_is_bf16(capsys):
         (["plan", "tiny", "--profile", "rtx-5090", "-o", ""], 2, "-o needs a file name, got an empty one"),
         (["plan", "tiny", "--profile", "rtx-5090", "-o", "."], 1, "cannot write here"),
         (["plan", "tiny", "--profile", "rtx-5090", "-o", "plans/"], 1, "ends with '/', a directory's name"),
-        (["plan", "tiny", "--profile", "rtx-5090", "-o", "start.png"], 1, "the name ends in .png"),
+        (["plan", "tiny", "--profile", "rtx-5090", "-o", "start.png"], 2, "the name ends in .png"),
         (["plan", "tiny", "--profile", "rtx-5090", "-o", "-"], 2, "-o - would write a file named '-'"),
     ],
 )

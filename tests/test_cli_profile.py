@@ -85,12 +85,12 @@ def test_profiles_table_names_each_profile(capsys):
     assert all(name[:8] in out for name in shipped_profile_names())
 
 
-@pytest.mark.parametrize("name,message", [("out/", "ends with '/', a directory's name"),
-                                          ("profile.txt", "the name ends in .txt")])
-def test_profile_to_a_name_that_is_no_json_file_exits_1_before_measuring(tmp_path, capsys, monkeypatch, name,
-                                                                         message):
+@pytest.mark.parametrize("name,message,code", [("out/", "ends with '/', a directory's name", 1),
+                                               ("profile.txt", "the name ends in .txt", 2)])
+def test_profile_to_a_name_that_is_no_json_file_exits_before_measuring(tmp_path, capsys, monkeypatch, name,
+                                                                       message, code):
     monkeypatch.chdir(tmp_path)
-    assert main(["profile", "--device", "cpu", "--quick", "-o", name]) == 1
+    assert main(["profile", "--device", "cpu", "--quick", "-o", name]) == code
     err = capsys.readouterr().err
     assert message in err and "hint:" in err
     assert list(tmp_path.iterdir()) == []

@@ -54,8 +54,8 @@ def _check_output(path: str | Path) -> None:
     if userpath.path_kind(path)[0] == userpath.DIRECTORY:  # before the extension: "no extension" misled
         raise ResidencyError(f"{str(path)[:200]}: is a directory, and the profile is a file",
                              hint=f"name a file in it, e.g. -o {path / 'profile.json'}")
-    if path.suffix.lower() != ".json":
-        raise ResidencyError(f"{str(path)[:200]}: a profile is a JSON file, and the name ends in "
+    if path.suffix.lower() != ".json":  # a usage mistake (exit 2), as run -o out.jpg is
+        raise UsageError(f"{str(path)[:200]}: a profile is a JSON file, and the name ends in "
                              f"{path.suffix or 'no extension'}", hint="name it *.json, e.g. -o profile.json")
     parent = path.parent if str(path.parent) else Path(".")
     kind, reason = userpath.path_kind(path)
