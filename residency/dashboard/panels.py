@@ -100,6 +100,8 @@ def block_bars(snapshot: TelemetrySnapshot, width_cells: int = 30, max_rows: int
         return text
     blocks = snapshot.frames[-1].blocks
     name_cells = min(24, max((len(b.block) for b in blocks), default=8))
+    # the two figures after each bar: the bar's length (copy + dequant + compute) and the block's stall
+    text.append(f"\n{'':<{name_cells}} {'':<{width_cells}} {'total':>6} {'stall':>5}", style="dim")
     scale = max((b.copy_ms + b.dequant_ms + b.compute_ms for b in blocks), default=0.0) or 1.0
     for b in blocks[:max_rows]:
         text.append(f"\n{b.block[:name_cells]:<{name_cells}} ")
