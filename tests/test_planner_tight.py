@@ -175,3 +175,28 @@ def test_a_scipy_whose_highs_lacks_the_heuristic_options_solves_with_its_default
     without = solve(problem)
     assert len(seen) == 2 and not set(seen[1]) & set(milp_module.HEURISTICS_OFF)
     assert without.frame_s == pytest.approx(with_options.frame_s, rel=2 * milp_module.MIP_REL_GAP)
+
+
+def test_the_solvers_own_prints_stay_off_stdout(built, monkeypatch, capfd):
+    """HiGHS writes a debug line with C's printf where RENS and RINS are off (it landed in `plan --json`'s
+    document); descriptor 1 is pointed away for the solve, and what Python prints around it still shows."""
+    import os
+
+    import policies.ours.milp as milp_module
+
+    req = PlanRequest(built.workload, SLOW_LINK, Budget(_range(built, SLOW_LINK)[0] * 2),
+                      compute_dtype=built.compute_dtype)
+    execution, kv = Execution(prefetch_depth=1), built.workload.kv_dtype
+    problem = problem_for(req, block_classes(built.workload, req, execution, kv), execution, kv,
+                          vram_bytes=req.budget.vram_bytes, frame_s=None, objective="time")
+    real = milp_module.milp
+
+    def chatty(*args, **kwargs):
+        os.write(1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(milp_module, "milp", chatty)
+    print("before", flush=True)
+    assert solve(problem) is not None
+    print("after", flush=True)
+    assert capfd.readouterr().out == "before\nafter\n"

@@ -21,6 +21,7 @@ import numpy as np
 from scipy.optimize import Bounds, milp
 
 from policies.ours.options import BlockClass, Option
+from policies.ours.quiet_fd import stdout_fd_quiet
 from residency.simulate.lp_rows import LpRows
 
 # HiGHS's improvement heuristics cost more than they find on these ~100-column problems; without them the solves
@@ -261,7 +262,7 @@ def solve(p: Problem) -> Solution | None:
 def _solve_milp(c: np.ndarray, constraints, integrality: np.ndarray, bounds: Bounds, options: dict):
     """scipy's milp with HEURISTICS_OFF, or with `options` alone where this scipy's HiGHS binding lacks one of
     them (it raises AttributeError setting it; an option this HiGHS does not know at all is skipped, warned)."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), stdout_fd_quiet():  # HiGHS's debug printf (policies.ours.quiet_fd)
         warnings.simplefilter("ignore")  # scipy's "Unrecognized options ... passed to HiGHS verbatim": meant
         try:
             return milp(c, constraints=constraints, integrality=integrality, bounds=bounds,
