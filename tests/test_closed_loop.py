@@ -75,6 +75,8 @@ def test_switch_plan_refuses_inside_a_unit_and_when_detached(tiny):
     finally:
         rt._in_unit = False
         rt.detach()
+    with pytest.raises(ResidencyError, match="not attached"):  # after a detach too: not a stale weight watch's
+        rt.switch_plan(tiny_plan(w, "streamed"))
 
 
 def _stub_fit(profile, scale=2.0):

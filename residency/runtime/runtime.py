@@ -557,10 +557,10 @@ class Runtime:
 
     def _switch_plan(self, plan: Plan, profile: DeviceProfile | None,
                      ready: dict[tuple[str, str], BlockBlob] | None) -> None:
+        if self.pipeline is None:  # first: a detached runtime's weight watch is stale (detach restored them)
+            raise ResidencyError("the runtime is not attached", hint="attach(pipeline) first")
         if self._weights is not None:  # before the re-attach takes the edited weights as its baseline
             self._weights.check()
-        if self.pipeline is None:
-            raise ResidencyError("the runtime is not attached", hint="attach(pipeline) first")
         if self._in_unit:
             raise ResidencyError("plans switch between units of work, not inside one",
                                  hint="call switch_plan between steps (or calls of the model)")
