@@ -123,3 +123,12 @@ def test_overwrite_replaces_atomically(tmp_path):
     with open_checkpoint(path) as ck:
         assert list(ck.entries) == ["b"] and ck.metadata["v"] == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+@pytest.mark.parametrize("name", ["", 1, "x" * 5000])
+@pytest.mark.parametrize("ext", [".safetensors", ".gguf"])
+def test_a_name_open_checkpoint_would_refuse_is_not_written(tmp_path, name, ext):
+    path = tmp_path / f"m{ext}"
+    with pytest.raises(FormatError, match="not a name a checkpoint can hold"):
+        save_checkpoint(path, {name: torch.zeros(4, 32), "ok": torch.zeros(4, 32)})
+    assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from residency.checkpoint.entry import packed_nbytes
+from residency.checkpoint.limits import MAX_NAME_BYTES
 from residency.errors import FormatError
 from residency.formats import StorageFormat, get_format
 
@@ -77,6 +78,12 @@ def pack_tensors(
             raise FormatError(f"formats names tensors that are not being saved: {unknown[:5]}")
     out = []
     for name, tensor in tensors.items():
+        # what open_checkpoint reads back (limits.check_name): a file it would refuse is not written
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_BYTES:
+            shown = repr(name)[:80]
+            raise FormatError(f"tensor name {shown} is not a name a checkpoint can hold (a non-empty string of at "
+                              f"most {MAX_NAME_BYTES} characters)", hint="key the tensors by their names, as "
+                              "model.state_dict() does")
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise FormatError(f"tensor {name!r:.80} is {kind}; only floating-point tensors can be saved")
