@@ -135,6 +135,18 @@ def test_staging_is_one_chunk_or_the_tensor_when_smaller():
     assert staging_bytes("cpu", 0, bf16) == 0
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (3,), (1, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_tensor_of_an_odd_weight_count_unpacks_through_its_own_staging(shape, dtype):
+    """The chunk is rounded down to an even count (the work area's alignment): one weight got a chunk of none."""
+    for name in ("FP8", "BF16", "F16"):
+        fmt = FORMATS[name]
+        x = torch.randn(shape)
+        out = torch.empty(shape, dtype=dtype)
+        fmt.unpack(fmt.pack(x), out, new_staging(staging_bytes("cpu", out.numel(), dtype), "cpu"))
+        assert torch.isfinite(out).all()
+
+
 def test_an_fp32_output_needs_only_the_integer_work_area():
     # the kernel writes fp32 straight into the output: no fp32 chunk to stage
     assert staging_bytes("cpu", 10**9, torch.float32) * 3 == staging_bytes("cpu", 10**9, torch.bfloat16)

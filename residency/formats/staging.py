@@ -47,7 +47,10 @@ def staging_bytes(device_type: str, largest_weights: int, out_dtype: torch.dtype
     """Staging one thread needs to unpack tensors of up to `largest_weights` weights into `out_dtype`
     on `device_type` (one chunk, or the whole tensor when it is smaller than a chunk)."""
     cap = CHUNK_WEIGHTS.get(device_type, CHUNK_WEIGHTS["cuda"])
-    return bytes_per_weight(out_dtype) * min(cap, max(0, int(largest_weights)))
+    weights = min(cap, max(0, int(largest_weights)))
+    # chunk_buffers rounds its chunk down to an even count (the work area's alignment): an odd count is rounded up
+    # here, or a 1-weight tensor (a 0-dim scalar) got a chunk of none
+    return bytes_per_weight(out_dtype) * (weights + weights % 2)
 
 
 def float_phase(f32: torch.Tensor, dst: torch.Tensor | None, body: Callable[[int, int, torch.Tensor], None]) -> torch.Tensor:
