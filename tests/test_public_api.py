@@ -89,3 +89,12 @@ def test_the_dtype_tables_agree_on_bytes():
     for name, nbytes in COMPUTE_DTYPE_BYTES.items():
         assert TORCH_DTYPES[name].itemsize == nbytes == residency.get_format(DTYPE_FORMAT[name]).nbytes((1,))
     assert {k: v.itemsize for k, v in KV_TORCH_DTYPES.items()} == KV_DTYPE_BYTES
+
+
+@pytest.mark.parametrize("args", [(-1,), (0,), (1.5,), (True,), (2**30, -3.0), (2**30, 0.0), (2**30, float("nan"))])
+def test_a_budget_no_plan_could_hold_is_refused_where_it_is_made(args):
+    from residency.errors import ResidencyError
+    from residency.plan import Budget
+
+    with pytest.raises(ResidencyError, match=r"Budget\.(vram_bytes|frame_ms) must be"):
+        Budget(*args)

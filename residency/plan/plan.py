@@ -5,11 +5,14 @@ A plan is tied to one workload and one device profile by their fingerprints.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Protocol
+
+import numpy as np
 
 from residency.errors import ResidencyError
 from residency.workload.spec import MAX_CONTEXT_FRAMES, MAX_STEPS  # noqa: F401  (bounds a plan shares)
@@ -98,6 +101,19 @@ class Budget:
 
     vram_bytes: int  # device bytes the plan may use (excludes the profile's reserve)
     frame_ms: float | None = None  # ms per latent frame; None = no latency target
+
+    def __post_init__(self) -> None:
+        # a policy given Budget(-1) planned "budget -1 B", and Budget(2**30, -3.0) "no plan holds -3.00 ms"
+        v = self.vram_bytes
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+            raise ResidencyError(f"Budget.vram_bytes must be a whole number of bytes ≥ 1, got {v!r}",
+                                 hint="e.g. Budget(6 * 2**30); residency.make_plan and attach also take sizes "
+                                      "such as vram='6GiB' or '50%'")
+        f = self.frame_ms
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int | float | np.floating)
+                              or not math.isfinite(f) or f <= 0):
+            raise ResidencyError(f"Budget.frame_ms must be a positive number of milliseconds or None, got {f!r}",
+                                 hint="e.g. Budget(vram, 1000 / 30) for 30 latent frames a second")
 
 
 @dataclass(frozen=True)
