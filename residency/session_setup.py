@@ -322,7 +322,7 @@ def calibrate_session(runtime: Runtime, start_profile: DeviceProfile) -> Calibra
         raise ResidencyError(f"a fit on {plural(fit.frames, 'frame')} is not saved (at least "
                              f"{MIN_SAVED_FIT_FRAMES} after the {WARMUP_FRAMES} of warm-up)",
                              hint=f"run {WARMUP_FRAMES + MIN_SAVED_FIT_FRAMES} latent frames or more")
-    measured_ms = [f.frame_ms for f in calibration_window(runtime.telemetry()).frames]
+    measured_ms = [f.frame_ms for f in calibration_window(runtime.telemetry(), since_s=runtime.plan_started_s).frames]
     before_ms, after_ms = (predict(runtime.workload, runtime.plan, p, bound=False).prediction.frame_ms
                            for p in (start_profile, fit.profile))
     kept = better_cached(fit.profile)

@@ -284,3 +284,25 @@ def test_the_simulator_and_the_cpu_runtime_agree_on_what_crosses_the_link(tiny):
     predicted = simulate(w, plan, profile, bound=False).prediction.link_bytes_per_frame
     per_frame = sum(w.calls_per_frame(n) * w.by_name[n].nbytes("F32") for n in whole)
     assert measured == {predicted} == {per_frame}
+
+
+def test_a_calibration_after_switch_plan_fits_only_the_new_plans_frames(tiny):
+    """switch_plan (and a recovery) records no closed-loop event: the window once held the old plan's frames."""
+    from residency.telemetry.calibration import WARMUP_FRAMES, calibration_window
+
+    pipe, w, image = tiny
+    profile = flat_profile(backend="cpu")
+    resident, streamed = tiny_plan(w, "resident", profile=profile), tiny_plan(w, "streamed", profile=profile)
+    rt = Runtime(resident, "cpu", workload=w, profile=profile).attach(pipe)
+    try:
+        s = pipe.start(image, seed=0)
+        for a in ACTIONS[:6]:
+            rt.step(s, a)
+        rt.switch_plan(streamed)
+        for a in ACTIONS[:WARMUP_FRAMES + 3]:
+            rt.step(s, a)
+        window = calibration_window(rt.telemetry(), since_s=rt.plan_started_s)
+        assert window.frames and all(f.link_bytes > 0 for f in window.frames)  # the resident plan moves none
+        assert rt.calibrated_profile().frames == len(window.frames)
+    finally:
+        rt.detach()

@@ -122,6 +122,7 @@ class Runtime:
         self.protect_kv = protect_kv  # the session's snapshot copies the KV slot a step overwrites
         self.recoveries: list[tuple[str, int]] = []  # (cause, new budget bytes) per recovery
         self.recorder = Recorder([bp.name for bp in plan.blocks], plan.prediction)
+        self.plan_started_s = float("-inf")  # set at each attach of a plan (see _attach)
         self.pipeline: nn.Module | None = None
         self._executor: Executor | None = None
         self._calls: BlockCalls | None = None
@@ -243,6 +244,10 @@ class Runtime:
                                     {name: tuple(data for _, data in pairs) for name, pairs in originals.items()},
                                     executor.views)
         self.plan, self.pipeline, self._hooked = plan, pipeline, hooked
+        # where the frames of this plan start on the telemetry's clock: a calibration fits only those (a
+        # switch_plan or a recovery records no closed-loop event, and fitting the old plan's frames to the new
+        # plan mixed two plans' timings)
+        self.plan_started_s = self.clock_s()
         self._swaps = swaps_weights(plan)  # per attached plan: a recovery or switch attaches again
         if not on_cpu:
             self._move_buffers(hooked)
@@ -520,7 +525,7 @@ class Runtime:
             raise ResidencyError("calibration needs the profile the plan was made for",
                                  hint="pass Runtime(profile=…), or attach through residency.attach")
         snapshot = self.telemetry()
-        window = calibration_window(snapshot, warmup_frames)
+        window = calibration_window(snapshot, warmup_frames, since_s=self.plan_started_s)
         if not window.frames:
             latent = sum(1 for f in snapshot.frames if f.frame > 0)
             raise ResidencyError(f"calibration needs more than {warmup_frames} frames of the running plan (the "

@@ -408,9 +408,12 @@ def prediction_errors(measured_ms: Sequence[float], predicted_ms: float) -> floa
     return robust_median(m / predicted_ms - 1 for m in measured_ms) if predicted_ms > 0 else float("nan")
 
 
-def calibration_window(snapshot: TelemetrySnapshot, warmup_frames: int = WARMUP_FRAMES) -> TelemetrySnapshot:
+def calibration_window(snapshot: TelemetrySnapshot, warmup_frames: int = WARMUP_FRAMES,
+                       since_s: float = float("-inf")) -> TelemetrySnapshot:
     """The frames a calibration of the running plan fits: latent frames (frame ≥ 1) that started after the last
-    plan switch ("replanned" event) of `snapshot`, less the first `warmup_frames` of them; rows kept beside."""
-    switched_s = max((e.time_s for e in snapshot.events if e.kind == "replanned"), default=float("-inf"))
+    plan switch of `snapshot` ("replanned" event) and at or after `since_s` (the running plan's start, where the
+    caller knows it: Runtime.plan_started_s), less the first `warmup_frames` of them; rows kept beside."""
+    switched_s = max((e.time_s for e in snapshot.events if e.kind == "replanned"), default=since_s)
+    switched_s = max(switched_s, since_s)
     return snapshot.with_frames([(f, r) for f, r in zip(snapshot.frames, snapshot.rows, strict=True)
                                  if f.frame > 0 and f.start_s >= switched_s][warmup_frames:])
