@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from residency.device import DeviceProfile, machine_profile, resolve_profile
-from residency.errors import ResidencyError
+from residency.errors import PlanWarning, ResidencyError
 from residency.front_door.checks import backend_name, warn_missed_budget
 from residency.front_door.foreign_hooks import refuse_pipeline_hooks
 from residency.front_door.pinned_planner import PinnedPlanner, unpinned_enclosing
@@ -108,11 +108,57 @@ def _components(pipe: Any) -> list[tuple[str, nn.Module, str, bool, str]]:
     return found
 
 
+@dataclass(frozen=True)
+class Captured:
+    """What one real call of the pipeline showed: each component's first call inputs and its calls per denoise
+    step (the encoders' and the decoder's: per call), and the denoise steps the call runs when they differ from
+    its num_inference_steps (img2img runs strength × steps), else None."""
+    inputs: dict[str, tuple[tuple, dict, int]]
+    steps_run: int | None
+
+
 def _capture(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
-             call: Mapping[str, Any]) -> dict[str, tuple[tuple, dict, int]]:
-    """Each component's first call inputs, and its calls, in one real call of the pipeline with one denoise
-    step (its cost: the encoders, one denoiser step and the decode, on the CPU here). A denoiser called twice
-    a step (guidance run as two forwards) is two passes a step."""
+             call: Mapping[str, Any]) -> Captured:
+    """One real call of the pipeline with one denoise step (its cost: the encoders, one denoiser step and the
+    decode, on the CPU here), recording each component's calls. A denoiser called twice a step (guidance run as
+    two forwards) is two passes a step. A pipeline that cannot run one step (img2img at strength < 1 runs
+    int(1 × strength) = 0 of them; PixArt's one-step branch) is run again at the call's own step count, its
+    denoiser calls divided by the steps it ran (the pipeline's num_timesteps)."""
+    try:
+        return Captured(_run_recorded(pipe, components, {**call, "num_inference_steps": 1}), None)
+    except Exception as first:  # noqa: BLE001  (a denoiser never called included: the call at its own steps says)
+        one_step = first
+    try:
+        inputs = _run_recorded(pipe, components, call)
+    except ResidencyError:
+        raise
+    except Exception as e:  # the pipeline's own error on the call: most often the call's arguments
+        raise ResidencyError(f"{type(pipe).__name__} did not run on the call given for planning ({_said(e)})",
+                             hint="example_inputs= is the keyword arguments of the pipeline's call, as "
+                                  f"pipe(**example_inputs) runs it; check them against {type(pipe).__name__}'s "
+                                  "documented arguments") from e
+    run = getattr(pipe, "_num_timesteps", None)
+    steps = run if isinstance(run, int) and run > 0 else _steps_of(pipe, call)
+    per_step = {n for n, _, _, every_step, _ in components if every_step}
+    warnings.warn(f"{type(pipe).__name__} did not run one denoise step ({_said(one_step)}): planned from a call "
+                  f"at its own {steps} step(s), which took longer", PlanWarning, stacklevel=3)
+    return Captured({n: (a, k, max(1, c // steps) if n in per_step else c) for n, (a, k, c) in inputs.items()},
+                    steps if steps != _steps_of(pipe, call) else None)
+
+
+def _said(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _steps_of(pipe: Any, call: Mapping[str, Any]) -> int:
+    """The call's num_inference_steps, else the pipeline's default."""
+    return int(call.get("num_inference_steps", inspect.signature(pipe.__call__).parameters["num_inference_steps"].default))
+
+
+def _run_recorded(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
+                  call: Mapping[str, Any]) -> dict[str, tuple[tuple, dict, int]]:
+    """Each component's first call inputs and its calls in one real call `pipe(**call)` (output as numpy)."""
     seen: dict[str, tuple[tuple, dict]] = {}
     calls: dict[str, int] = {}
     wrapped = []
@@ -125,19 +171,11 @@ def _capture(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
             return _inner(*args, **kwargs)
         module.__dict__[method] = record  # an instance attribute, removed below
         wrapped.append((module, method))
-    # one step of the user's own call: its generators and the global RNG are put back after it (a seeded call
-    # given again then draws the noise the plain pipeline would), and what the components cache or count in it
+    # the user's own call: its generators and the global RNG are put back after it (a seeded call given again
+    # then draws the noise the plain pipeline would), and what the components cache or count in it
     try:
         with torch.inference_mode(), left_as_found([m for _, m, *_ in components], generators_in(call)):
-            pipe(**{**call, "num_inference_steps": 1, "output_type": "np"})
-    except ResidencyError:
-        raise
-    except Exception as e:  # the pipeline's own error on the call: most often the call's arguments
-        raise ResidencyError(f"{type(pipe).__name__} did not run on the call given for planning "
-                             f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})",
-                             hint="example_inputs= is the keyword arguments of the pipeline's call, as "
-                                  f"pipe(**example_inputs) runs it; check them against {type(pipe).__name__}'s "
-                                  "documented arguments") from e
+            pipe(**{**call, "output_type": "np"})
     finally:
         for module, method in wrapped:
             del module.__dict__[method]
@@ -180,7 +218,8 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
     components = _components(pipe)
     refuse_pipeline_hooks(pipe, {name: module for name, module, *_ in components})
     dtype = _compute_dtype(components)
-    inputs = _capture(pipe, components, call)
+    captured = _capture(pipe, components, call)
+    inputs = captured.inputs
     parts = []
     for comp, module, phase, per_step, method in components:
         args, kwargs, calls = inputs[comp]
@@ -192,7 +231,7 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
                                      name=comp, component=comp, compute_dtype=dtype, weights_dtype=dtype)
         parts.append(ComponentPart(comp, phase, per_step, traced.workload, calls))
     title = name or type(pipe).__name__
-    steps = call.get("num_inference_steps", inspect.signature(pipe.__call__).parameters["num_inference_steps"].default)
+    steps = captured.steps_run or _steps_of(pipe, call)
     workload = join_phases(title, parts, int(steps),
                            source=f"{type(pipe).__name__}: " + ", ".join(p.component for p in parts))
     return PipelineWorkload(workload, PipelineModules(pipe, {c: m for c, m, *_ in components}), dtype, call)

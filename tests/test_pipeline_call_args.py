@@ -54,3 +54,47 @@ def test_a_call_the_pipeline_refuses_is_an_error_naming_it_and_the_pipeline_is_u
                          example_inputs=dict(batch_size=1, num_inference_steps=2, not_an_argument=1))
     assert "example_inputs=" in e.value.hint
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def tiny_sd_img2img():
+    """A StableDiffusionImg2ImgPipeline of ~0.2 M parameters: CLIP, a cross-attention UNet, a 2-level VAE."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+    from test_pipeline_attach import clip_tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=55, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, max_position_embeddings=8, projection_dim=32,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 16), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=32).eval()
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=8, attention_head_dim=8).eval()
+    pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=clip, tokenizer=clip_tokenizer(), unet=unet,
+                                          scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_an_img2img_call_that_runs_no_step_at_one_is_planned_at_its_own_steps():
+    """The planning call runs one denoise step; Stable Diffusion's img2img at strength < 1 runs int(1 × strength)
+    = 0 of them (it failed on an empty batch). It is planned from the call at its own steps instead, at the steps it
+    runs (strength × steps), with a warning."""
+    from residency.errors import PlanWarning
+
+    pipe = tiny_sd_img2img()
+    image = torch.rand(1, 3, 32, 32)
+    call = dict(prompt="a cat", image=image, strength=0.5, num_inference_steps=4, guidance_scale=7.5,
+                output_type="np")
+    expected = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    with pytest.warns(PlanWarning, match="did not run one denoise step"):
+        rt = residency.attach(pipe, vram="100%", profile=PROFILE, backend="cpu", policy="accelerate-sequential",
+                              example_inputs=call)
+    with rt:
+        assert rt.workload.steps == 2  # int(4 × 0.5)
+        got = rt(**call, generator=torch.Generator().manual_seed(0)).images
+    assert np.array_equal(got, expected)
