@@ -9,8 +9,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from residency.device.profile import DeviceProfile
+from residency.errors import ResidencyError
 from residency.formats.dtypes import weights_format  # noqa: F401 (the peers import it from here)
 from residency.plan import BlockPlan, Budget, Execution, Plan
+from residency.plan.plan import COMPUTE_DTYPES
 from residency.simulate import predict
 from residency.units import fmt_bytes
 from residency.workload import Workload
@@ -51,6 +53,20 @@ class PlanRequest:
     exec_mode: str = "eager"
     # seconds of play a compile must repay: `compiled` is chosen only where it saves more than its compile time
     session_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        # a library user's mistakes, said here: they raised KeyError 'fp64' or "'str' object has no attribute
+        # 'is_gpu'" from deep in a policy. Only names and numbers are refused: tests and tools pass stubs
+        for name, value, kind, hint in (
+                ("workload", self.workload, Workload, "residency.workload.workload_from_module(model, example, …)"),
+                ("profile", self.profile, DeviceProfile, "residency.load_profile('rx-7800-xt') or machine_profile()"),
+                ("budget", self.budget, Budget, "residency.plan.Budget(vram_bytes, frame_ms)")):
+            if isinstance(value, str | int | float | bytes):  # a name or a number where the object goes
+                raise ResidencyError(f"PlanRequest.{name} is a {type(value).__name__}, not a {kind.__name__}",
+                                     hint=f"give one: {hint}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ResidencyError(f"PlanRequest.compute_dtype {self.compute_dtype!r} is not one of "
+                                 f"{', '.join(COMPUTE_DTYPES)}", hint="the dtype the matmuls run in, e.g. 'bf16'")
 
 
 PolicyFn = Callable[[PlanRequest], Plan]

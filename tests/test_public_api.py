@@ -98,3 +98,19 @@ def test_a_budget_no_plan_could_hold_is_refused_where_it_is_made(args):
 
     with pytest.raises(ResidencyError, match=r"Budget\.(vram_bytes|frame_ms) must be"):
         Budget(*args)
+
+
+@pytest.mark.parametrize("field_value", [("compute_dtype", "fp64"), ("profile", "rx-7800-xt"), ("budget", 2**30)])
+def test_a_plan_request_of_the_wrong_kind_says_which_field(field_value):
+    from pipelines.catalog import catalog_paths
+    from policies import PlanRequest
+    from residency.device import load_profile
+    from residency.errors import ResidencyError
+    from residency.plan import Budget
+    from residency.workload import load_workload_file
+
+    name, value = field_value
+    fields = dict(workload=load_workload_file(catalog_paths()["tiny"]), profile=load_profile("rx-7800-xt"),
+                  budget=Budget(2**30))
+    with pytest.raises(ResidencyError, match=f"PlanRequest.{name}"):
+        PlanRequest(**{**fields, name: value})
