@@ -28,7 +28,7 @@ from residency.runtime.closed_loop import LoopOptions, enable_loop
 from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.units import fmt_bytes
 from residency.workload import ModuleWorkloadWarning, Workload, module_workload
-from residency.workload.from_module import DTYPE_NAMES, dominant_dtype, parameter_bytes_by_dtype
+from residency.workload.from_module import DTYPE_NAMES, dominant_dtype, error_line, parameter_bytes_by_dtype
 from residency.workload.left_as_found import generators_in, left_as_found
 from residency.workload.pipeline_phases import ComponentCall, ComponentPart, join_phases
 
@@ -83,8 +83,7 @@ def _defaults_taken(pipe: Any, call: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _generator_states(generator: Any) -> list[tuple[torch.Generator, torch.Tensor]]:
-    gens = generator if isinstance(generator, list | tuple) else [generator]
-    return [(g, g.get_state()) for g in gens if isinstance(g, torch.Generator)]
+    return [(g, g.get_state()) for g in generators_in(generator)]
 
 
 @dataclass(frozen=True)
@@ -133,22 +132,17 @@ def _capture(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
     except ResidencyError:
         raise
     except Exception as e:  # the pipeline's own error on the call: most often the call's arguments
-        raise ResidencyError(f"{type(pipe).__name__} did not run on the call given for planning ({_said(e)})",
+        raise ResidencyError(f"{type(pipe).__name__} did not run on the call given for planning ({error_line(e)})",
                              hint="example_inputs= is the keyword arguments of the pipeline's call, as "
                                   f"pipe(**example_inputs) runs it; check them against {type(pipe).__name__}'s "
                                   "documented arguments") from e
-    run = getattr(pipe, "_num_timesteps", None)
-    steps = run if isinstance(run, int) and run > 0 else _steps_of(pipe, call)
+    asked, run = _steps_of(pipe, call), getattr(pipe, "_num_timesteps", None)
+    steps = run if isinstance(run, int) and run > 0 else asked
     per_step = {n for n, _, _, every_step, _ in components if every_step}
-    warnings.warn(f"{type(pipe).__name__} did not run one denoise step ({_said(one_step)}): planned from a call "
+    warnings.warn(f"{type(pipe).__name__} did not run one denoise step ({error_line(one_step)}): planned from a call "
                   f"at its own {steps} step(s), which took longer", PlanWarning, stacklevel=3)
     return Captured({n: (a, k, max(1, c // steps) if n in per_step else c) for n, (a, k, c) in inputs.items()},
-                    steps if steps != _steps_of(pipe, call) else None)
-
-
-def _said(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+                    steps if steps != asked else None)
 
 
 def _steps_of(pipe: Any, call: Mapping[str, Any]) -> int:

@@ -220,7 +220,7 @@ def _checkpoint_inventory(path: Path) -> Inventory:
 
 # A transformers config's record of the dtype its weights were saved in (`torch_dtype`; `dtype` from v4.56 on)
 SAVED_DTYPE_KEYS = ("torch_dtype", "dtype")
-SAVED_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+SAVED_DTYPES = ("float32", "float16", "bfloat16")  # torch attribute names
 
 
 def _as_saved(model, path: Path):
@@ -232,7 +232,7 @@ def _as_saved(model, path: Path):
     named = next((config[k] for k in SAVED_DTYPE_KEYS if isinstance(config.get(k), str)), None)
     if named not in SAVED_DTYPES:
         return model
-    return model.to(getattr(torch, SAVED_DTYPES[named]))  # meta tensors: nothing is allocated
+    return model.to(getattr(torch, named))  # meta tensors: nothing is allocated
 
 
 def load_inventory(name_or_path: str) -> Inventory:

@@ -413,7 +413,6 @@ def calibration_window(snapshot: TelemetrySnapshot, warmup_frames: int = WARMUP_
     """The frames a calibration of the running plan fits: latent frames (frame ≥ 1) that started after the last
     plan switch of `snapshot` ("replanned" event) and at or after `since_s` (the running plan's start, where the
     caller knows it: Runtime.plan_started_s), less the first `warmup_frames` of them; rows kept beside."""
-    switched_s = max((e.time_s for e in snapshot.events if e.kind == "replanned"), default=since_s)
-    switched_s = max(switched_s, since_s)
+    switched_s = max([since_s, *(e.time_s for e in snapshot.events if e.kind == "replanned")])
     return snapshot.with_frames([(f, r) for f, r in zip(snapshot.frames, snapshot.rows, strict=True)
                                  if f.frame > 0 and f.start_s >= switched_s][warmup_frames:])

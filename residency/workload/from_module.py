@@ -196,21 +196,21 @@ def _count(model: nn.Module, blocks: ModuleBlocks, args: tuple, kwargs: dict[str
         try:
             return _meta_trace(model, units, args, kwargs, dtypes[0], batch, dtypes[1]), "meta", ""
         except Exception as e:  # any failure of the meta run (data-dependent op, CPU tensor kept as attribute)
-            meta_error = _said(e)
+            meta_error = error_line(e)
             try:
                 trace, counted_on = _fallback_trace(model, blocks, args, kwargs, batch, narrow, name, meta_error)
             except ResidencyError:
                 raise
             except Exception as real:  # the model's own error on the example: most often the example itself
                 raise ResidencyError(
-                    f"{name} did not run on the example inputs ({_said(real)})",
+                    f"{name} did not run on the example inputs ({error_line(real)})",
                     hint="example_inputs= is what the model is called with: one tensor, a tuple of positional "
                          "arguments (a list argument as ([t1, t2],)) or a dict of keyword arguments, at the "
                          "shapes the model takes") from real
             return trace, counted_on, meta_error
 
 
-def _said(e: BaseException) -> str:
+def error_line(e: BaseException) -> str:
     """An exception in one line: its type and first line, or where it was raised when it says nothing (a bare
     assert: "AssertionError at rotary.py:42")."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
