@@ -14,14 +14,13 @@ not ms and GiB, which had put a 1 MB model's coefficients at 1e-9, HiGHS's toler
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import Bounds, milp
 
 from policies.ours.options import BlockClass, Option
-from policies.ours.quiet_fd import stdout_fd_quiet
+from policies.ours.quiet_fd import solver_quiet
 from residency.simulate.lp_rows import LpRows
 
 # HiGHS's improvement heuristics cost more than they find on these ~100-column problems; without them the solves
@@ -262,8 +261,7 @@ def solve(p: Problem) -> Solution | None:
 def _solve_milp(c: np.ndarray, constraints, integrality: np.ndarray, bounds: Bounds, options: dict):
     """scipy's milp with HEURISTICS_OFF, or with `options` alone where this scipy's HiGHS binding lacks one of
     them (it raises AttributeError setting it; an option this HiGHS does not know at all is skipped, warned)."""
-    with warnings.catch_warnings(), stdout_fd_quiet():  # HiGHS's debug printf (policies.ours.quiet_fd)
-        warnings.simplefilter("ignore")  # scipy's "Unrecognized options ... passed to HiGHS verbatim": meant
+    with solver_quiet():  # HiGHS's debug printf, scipy's "Unrecognized options" (policies.ours.quiet_fd)
         try:
             return milp(c, constraints=constraints, integrality=integrality, bounds=bounds,
                         options={**options, **HEURISTICS_OFF})

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from policies.base import PlanRequest, fits_memory
 from policies.ours.milp import Problem, Solution, solve
 from policies.ours.options import BlockClass, block_classes
+from policies.ours.parallel import Deferred, Tasks, planning_threads
 from policies.ours.problem import problem_for, to_plan
 from policies.ours.ranking import better, default_frame_ms
 from policies.ours.stalls import charged, class_penalties_s, stall_by_block_s, worth_resolving
@@ -98,31 +99,69 @@ def ranked_frame_ms(req: PlanRequest, fastest: Plan | None) -> float | None:
 def _best_over_depths(req: PlanRequest, kv_dtype: str, best: Plan | None,
                       fastest: Plan | None) -> tuple[Plan | None, Plan | None]:
     """The best plan and the fastest fitting one so far, after the depths at `kv_dtype`. Every candidate is
-    kept until the end: the frame time ranked by without a frame budget moves as faster plans are found."""
+    kept until the end: the frame time ranked by without a frame budget moves as faster plans are found.
+    Each depth's solves run as tasks (policies.ours.parallel): on two threads the depths' at once."""
     candidates = [best] if best is not None else []
     ranked_by = ranked_frame_ms(req, fastest)
-    for depth in DEPTHS:
-        if depth > DEPTHS[0] and _fits(best) and (
-                best.prediction.stall_ms <= DEEPER_IF_STALL * best.prediction.frame_ms):
-            break  # a deeper ring costs slot memory and only pays where copies stall compute
-        execution = Execution(prefetch_depth=depth)
-        classes = block_classes(req.workload, req, execution, kv_dtype)
-        base = problem_for(req, classes, execution, kv_dtype, vram_bytes=req.budget.vram_bytes, frame_s=None,
-                           objective="time")
-        start = _solve_fitting(req, classes, base, execution, kv_dtype)
-        if start is None:
-            continue
-        fastest = fastest_fitting([fastest, start[1]])
-        frame_ms = ranked_frame_ms(req, fastest)
-        new = [start[1], *_bisect(req, classes, replace(base, vram_bytes=start[2]), start, execution, kv_dtype,
-                                  frame_ms)]
-        candidates += new
-        if frame_ms != ranked_by:  # a faster plan moved the frame time ranked by: rank every candidate again
-            best, new, ranked_by = None, candidates, frame_ms
-        for candidate in new:
-            if better(best, candidate, frame_ms):
-                best = candidate
+    with Tasks(planning_threads()) as tasks:
+        runs = _depth_runs(tasks, req, kv_dtype, fastest)
+        for depth, (start_task, bisect_task) in zip(DEPTHS, runs, strict=True):
+            if depth > DEPTHS[0] and _fits(best) and (
+                    best.prediction.stall_ms <= DEEPER_IF_STALL * best.prediction.frame_ms):
+                break  # a deeper ring costs slot memory and only pays where copies stall compute
+            start = start_task.result()
+            if start is None:
+                continue
+            fastest = fastest_fitting([fastest, start.plan])
+            frame_ms = ranked_frame_ms(req, fastest)
+            new = [start.plan, *bisect_task.result()]
+            candidates += new
+            if frame_ms != ranked_by:  # a faster plan moved the frame time ranked by: rank every candidate again
+                best, new, ranked_by = None, candidates, frame_ms
+            for candidate in new:
+                if better(best, candidate, frame_ms):
+                    best = candidate
     return best, fastest
+
+
+@dataclass(frozen=True)
+class _Start:
+    """A depth's fastest plan, and what its bisection needs."""
+
+    classes: list[BlockClass]
+    base: Problem
+    execution: Execution
+    solution: Solution
+    plan: Plan
+    vram_bytes: int  # the VRAM limit the fastest plan was solved under
+
+
+def _depth_runs(tasks: Tasks, req: PlanRequest, kv_dtype: str, fastest: Plan | None) -> list[tuple[Deferred, Deferred]]:
+    """Per depth, the task of its fastest plan and the task of its bisection. A depth's bisection aims at the frame
+    time ranked by once the fastest plans of it and the shallower depths are known (as the loop over depths finds
+    it), so it waits for those tasks only; every fastest-plan task is submitted before any bisection."""
+    starts = [tasks.submit(_depth_start, req, kv_dtype, depth) for depth in DEPTHS]
+
+    def bisection(upto: int) -> list[Plan]:
+        start = starts[upto].result()
+        if start is None:
+            return []
+        known = [s.plan for s in (t.result() for t in starts[: upto + 1]) if s is not None]
+        frame_ms = ranked_frame_ms(req, fastest_fitting([fastest, *known]))
+        return _bisect(req, start.classes, replace(start.base, vram_bytes=start.vram_bytes),
+                       (start.solution, start.plan, start.vram_bytes), start.execution, kv_dtype, frame_ms)
+
+    return [(start, tasks.submit(bisection, i)) for i, start in enumerate(starts)]
+
+
+def _depth_start(req: PlanRequest, kv_dtype: str, depth: int) -> _Start | None:
+    """The fastest plan at prefetch depth `depth` (None when the MILP finds none)."""
+    execution = Execution(prefetch_depth=depth)
+    classes = block_classes(req.workload, req, execution, kv_dtype)
+    base = problem_for(req, classes, execution, kv_dtype, vram_bytes=req.budget.vram_bytes, frame_s=None,
+                       objective="time")
+    got = _solve_fitting(req, classes, base, execution, kv_dtype)
+    return None if got is None else _Start(classes, base, execution, got[0], got[1], got[2])
 
 
 def _solve_fitting(req: PlanRequest, classes: list[BlockClass], problem: Problem, execution: Execution,
