@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from residency.batch_guard import PlannedBatch, batch_guard, planned_batches
 from residency.device import DeviceProfile, machine_profile, resolve_profile
 from residency.errors import PlanWarning, ResidencyError
 from residency.front_door.checks import backend_name, warn_missed_budget
@@ -57,6 +58,7 @@ class PipelineModules(nn.Module):
             self.add_module(name, module)  # shared with the pipeline, not copied
         self.__dict__["pipe"] = pipe  # not a module: kept out of the tree
         self.rewind: list[tuple[torch.Generator, torch.Tensor]] = []  # generator states at the call's start
+        self.planned: dict[str, PlannedBatch] = {}  # per component, the batch planned for (residency.batch_guard)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # a retry after an out-of-memory calls this again: the generators restart where the call began,
@@ -67,7 +69,8 @@ class PipelineModules(nn.Module):
         """
         for gen, state in self.rewind:
             gen.set_state(state)
-        return self.pipe(*args, **kwargs)
+        with batch_guard(dict(self.named_children()), self.planned):
+            return self.pipe(*args, **kwargs)
 
 
 def _defaults_taken(pipe: Any, call: Mapping[str, Any]) -> dict[str, Any]:
@@ -228,7 +231,9 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
     steps = captured.steps_run or _steps_of(pipe, call)
     workload = join_phases(title, parts, int(steps),
                            source=f"{type(pipe).__name__}: " + ", ".join(p.component for p in parts))
-    return PipelineWorkload(workload, PipelineModules(pipe, {c: m for c, m, *_ in components}), dtype, call)
+    modules = PipelineModules(pipe, {c: m for c, m, *_ in components})
+    modules.planned = planned_batches(inputs, {c: method for c, _, _, _, method in components})
+    return PipelineWorkload(workload, modules, dtype, call)
 
 
 class PipelineRuntime:

@@ -267,6 +267,26 @@ def test_a_call_at_other_shapes_than_planned_is_refused(flux):
             rt(prompt="a cat", height=32, width=32)
 
 
+def test_a_call_with_a_larger_batch_than_planned_is_refused_and_a_smaller_one_runs(flux):
+    """A list of prompts runs its batch through every block: activations and compute the plan never counted.
+    Refused before the first component runs; the components' methods are as they were after every call."""
+    pipe, built, _ = flux
+    assert {p.batch for p in built.modules.planned.values()} == {1}
+    plan = make_plan(built, 2**24, lambda b: ("resident", "F32", "session"))
+    components = (pipe.text_encoder, pipe.text_encoder_2, pipe.transformer, pipe.vae)
+    with attach_built(built, Budget(2**24), profile=PROFILE, plan=plan) as rt:
+        before = [dict(m.__dict__) for m in components]
+        with pytest.raises(ResidencyError, match=r"made for a batch of 1 through text_encoder; this call runs 2"):
+            rt(**{**CALL, "prompt": ["a cat", "a dog"]})
+        assert [dict(m.__dict__) for m in components] == before
+        assert image(rt).shape[0] == 1  # the planned batch still runs
+    two = pipeline_workload(pipe, {**CALL, "prompt": ["a cat", "a dog"]})
+    assert {p.batch for p in two.modules.planned.values()} == {2}
+    plan2 = make_plan(two, 2**24, lambda b: ("resident", "F32", "session"))
+    with attach_built(two, Budget(2**24), profile=PROFILE, plan=plan2) as rt:
+        assert image(rt).shape[0] == 1  # fewer than planned: less memory, runs
+
+
 def test_a_pipeline_under_diffusers_group_offload_is_refused_naming_the_hook():
     pipe = tiny_flux()
     pipe.transformer.enable_group_offload(torch.device("cpu"), offload_device=torch.device("cpu"),

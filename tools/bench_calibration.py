@@ -123,35 +123,42 @@ def _fallback(model):
 
 
 class Disturbance:
-    """A thread that copies a 64 MiB array back and forth while on (numpy releases the GIL: it takes memory
+    """Threads that copy a 64 MiB array back and forth while on (numpy releases the GIL: they take memory
     bandwidth and a core's time as another program would).
 
-    target "both": it runs wherever the OS puts it, slowing compute and copies alike (on a 2-core box no plan
-    escapes it). target "copy": it shares one core with the runtime's copy worker while compute keeps the other
+    target "both": they run wherever the OS puts them, slowing compute and copies alike (on a 2-core box no plan
+    escapes it). target "copy": they share one core with the runtime's copy worker while compute keeps the other
     (see `pin_engines`) — the CPU stand-in for another program sharing the PCIe link, which slows the copy
-    engine and not the compute engine, so a plan that moves fewer bytes holds where a streaming one misses."""
+    engine and not the compute engine, so a plan that moves fewer bytes holds where a streaming one misses.
+    `threads` of them on that core leave the copy worker about 1/(threads + 1) of it."""
 
-    def __init__(self, mib: int = 64, target: str = "both"):
-        self.src = np.ones(mib << 18, dtype=np.float32)
-        self.dst = np.empty_like(self.src)
+    def __init__(self, mib: int = 64, target: str = "both", threads: int = 1):
         self.target = target
         self.on, self.stop = threading.Event(), threading.Event()
-        self.native_id: int | None = None
-        self._ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="disturbance")
-        self.thread.start()
-        self._ready.wait()
+        self.native_ids: list[int] = []
+        self._lock = threading.Lock()
+        self.threads = []
+        for i in range(max(1, threads)):
+            ready = threading.Event()
+            t = threading.Thread(target=self._run, args=(mib, ready), daemon=True, name=f"disturbance-{i}")
+            t.start()
+            ready.wait()
+            self.threads.append(t)
 
-    def _run(self) -> None:
-        self.native_id = threading.get_native_id()
-        self._ready.set()
+    def _run(self, mib: int, ready: threading.Event) -> None:
+        src = np.ones(mib << 18, dtype=np.float32)
+        dst = np.empty_like(src)
+        with self._lock:
+            self.native_ids.append(threading.get_native_id())
+        ready.set()
         while not self.stop.is_set():
             if self.on.wait(0.01):
-                np.copyto(self.dst, self.src)
+                np.copyto(dst, src)
 
     def close(self) -> None:
         self.stop.set()
-        self.thread.join()
+        for t in self.threads:
+            t.join()
 
 
 CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -171,13 +178,16 @@ def pin_engines(disturb: Disturbance | None) -> str:
     os.sched_setaffinity(0, {cores[0]})  # 0: the calling thread
     for tid in copy_ids:
         os.sched_setaffinity(tid, {cores[1]})
-    if disturb is not None and disturb.target == "copy" and disturb.native_id:
-        os.sched_setaffinity(disturb.native_id, {cores[1]})
+    if disturb is not None and disturb.target == "copy":
+        for tid in disturb.native_ids:
+            os.sched_setaffinity(tid, {cores[1]})
     return f"compute on core {cores[0]}, copy worker on core {cores[1]}" + (
-        f", disturbance on core {cores[1]}" if disturb is not None and disturb.target == "copy" else "")
+        f", {len(disturb.native_ids)} disturbance thread(s) on core {cores[1]}"
+        if disturb is not None and disturb.target == "copy" else "")
 
 
-def loop_section(profile, frames: int, period: int, vram: int, frame_ms: float | None, target: str) -> dict:
+def loop_section(profile, frames: int, period: int, vram: int, frame_ms: float | None, target: str,
+                 threads: int = 1) -> dict:
     """Section 3: the closed loop on the shipped model with the disturbance toggling every `period` frames."""
     from policies import PlanRequest, Replanner, get_policy
     from residency.formats.dtypes import TORCH_DTYPES
@@ -199,7 +209,7 @@ def loop_section(profile, frames: int, period: int, vram: int, frame_ms: float |
     model.pipe.to(TORCH_DTYPES[plan.blocks[0].compute_dtype])  # the plan's compute dtype, as `run` casts it
     rt = Runtime(plan, "cpu", workload=w, replan=replan, profile=profile).attach(model.pipe)
     loop = rt.enable_closed_loop(LoopOptions(), model="default")
-    disturb = Disturbance(target=target)
+    disturb = Disturbance(target=target, threads=threads)
     pinned = pin_engines(disturb) if target == "copy" else "not pinned"
     on_at: list[int] = []
     plan_of_frame: list[str] = []
@@ -281,7 +291,8 @@ def one_run(args) -> dict:
     if not args.skip_calibration:
         out["calibration"] = calibration_section(profile, args.warmup, args.calib_frames, args.check_frames)
     if not args.skip_loop:
-        out["loop"] = loop_section(profile, args.loop_frames, args.period, args.vram, args.frame_ms, args.disturb)
+        out["loop"] = loop_section(profile, args.loop_frames, args.period, args.vram, args.frame_ms, args.disturb,
+                                   args.disturb_threads)
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -356,6 +367,8 @@ def main() -> int:
     p.add_argument("--disturb", choices=("copy", "both"), default="both",
                    help="copy: the disturbance shares the copy worker's core, compute keeps the other (another "
                         "program on the link); both: it runs wherever the OS puts it (slows every plan)")
+    p.add_argument("--disturb-threads", type=int, default=1,
+                   help="copying threads of the disturbance (with --disturb copy, all on the copy worker's core)")
     p.add_argument("--skip-loop", action="store_true")
     p.add_argument("--skip-calibration", action="store_true", help="only the closed-loop section")
     p.add_argument("--one", action="store_true", help="one run in this process; prints its JSON")
@@ -368,6 +381,7 @@ def main() -> int:
     child = [f"--warmup={args.warmup}", f"--calib-frames={args.calib_frames}", f"--check-frames={args.check_frames}",
              f"--loop-frames={args.loop_frames}", f"--period={args.period}", f"--vram={args.vram}",
              *([f"--frame-ms={args.frame_ms}"] if args.frame_ms is not None else []), f"--disturb={args.disturb}",
+             f"--disturb-threads={args.disturb_threads}",
              *(["--skip-loop"] if args.skip_loop else []),
              *(["--skip-calibration"] if args.skip_calibration else [])]
     for r in range(args.runs):

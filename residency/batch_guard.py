@@ -1,0 +1,84 @@
+"""A pipeline call's batch against the plan's: each planned component's main input, checked on every call of it.
+
+The planner sized activations and compute from the batch the planning call ran (a prompt, classifier-free
+guidance doubling the denoiser's batch). A call with a list of prompts runs k times that through every block:
+on a GPU, activations the ledger never counted (an OOM the re-plan cannot fix: it plans the same batch again),
+and frames k times their prediction. The batch is the leading dimension of a call's first tensor argument of one
+dimension or more (input ids, latents, hidden states); a smaller one than planned runs (it needs less).
+Cost: one pass over a call's arguments per component call (a few µs; a few dozen calls per pipeline call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from residency.errors import ResidencyError
+
+_MISSING = object()
+
+
+def leading_dim(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
+    """The leading dimension of the first tensor of one dimension or more among the arguments, in call order."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """What the planning call passed to one component: its method and the batch of its main input."""
+
+    component: str
+    method: str  # "forward", or "decode" for a VAE
+    batch: int
+
+
+def planned_batches(inputs: Mapping[str, tuple[tuple, dict, int]], methods: Mapping[str, str]) -> dict[str, PlannedBatch]:
+    """From the captured first call of each component (args, kwargs, calls): those with a batch to check."""
+    out = {}
+    for name, (args, kwargs, _calls) in inputs.items():
+        batch = leading_dim(args, kwargs)
+        if batch is not None:
+            out[name] = PlannedBatch(name, methods[name], batch)
+    return out
+
+
+def _guarded(inner: Callable[..., Any], planned: PlannedBatch) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        got = leading_dim(args, kwargs)
+        if got is not None and got > planned.batch:
+            raise ResidencyError(
+                f"the plan was made for a batch of {planned.batch} through {planned.component}; this call runs "
+                f"{got} (a list of prompts, num_images_per_prompt or classifier-free guidance sets it)",
+                hint="attach again with the call as you will make it: residency.attach(pipe, "
+                     "example_inputs=dict(prompt=[…], …)) (attach_pipeline's call=)")
+        return inner(*args, **kwargs)
+
+    return call
+
+
+@contextmanager
+def batch_guard(modules: Mapping[str, nn.Module], planned: Mapping[str, PlannedBatch]) -> Iterator[None]:
+    """Within the block, a call of a planned component with a larger batch than planned raises ResidencyError
+    (before it runs). Each method is wrapped through the module's instance dict and put back as it was, an
+    instance attribute another wrapper had set included."""
+    saved = []
+    try:
+        for name, p in planned.items():
+            module = modules[name]
+            saved.append((module, p.method, module.__dict__.get(p.method, _MISSING)))
+            module.__dict__[p.method] = _guarded(getattr(module, p.method), p)
+        yield
+    finally:
+        for module, method, before in reversed(saved):
+            if before is _MISSING:
+                module.__dict__.pop(method, None)
+            else:
+                module.__dict__[method] = before
