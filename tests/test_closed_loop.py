@@ -55,11 +55,18 @@ def test_switching_plans_mid_session_equals_an_uninterrupted_run_of_the_new_plan
         rt.switch_plan(streamed)
         assert rt.plan is streamed
         got += [rt.step(s, a) for a in ACTIONS[half:]]
+        numbers = [f.frame for f in rt.telemetry().frames]
+        s2 = pipe.start(image, seed=4)  # a new session numbers its frames from its start again
+        rt.step(s2, ACTIONS[0])
+        restarted = [f.frame for f in rt.telemetry().frames][len(numbers):]
     finally:
         rt.detach()
     assert len(got) == len(expected)
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    # the session's frames keep their numbers across the switch (they had restarted: [0, 1, 2, 3, 1, 2])
+    assert numbers == list(range(len(ACTIONS))), numbers  # the last frame is still open
+    assert restarted == [len(ACTIONS), 0], restarted
 
 
 def test_switch_plan_refuses_inside_a_unit_and_when_detached(tiny):

@@ -118,6 +118,9 @@ class Executor:
         self.slot_block = [""] * self.nslots
         self.slot_ticket = [0] * self.nslots
         self.frame_open = False
+        # Latent frames are numbered from here (set by the runtime): a plan switched to or recovered into
+        # mid-session continues the session's numbers; a session start (frame 0) numbers from 1 again.
+        self.frame_base = 0
         self._pending = _PendingCall()
         self.out_of_schedule_calls = 0
         self.resyncs = 0
@@ -299,7 +302,10 @@ class Executor:
         if call.versions:
             self._keep_buffer_writes(name, call)
             self._park(name)
-        self.recorder.record(self.schedule.frame_of(self.position), call.block, call.t_start, call.t_ready,
+        frame = self.schedule.frame_of(self.position)
+        if frame == 0:
+            self.frame_base = 0  # a session (re)starts
+        self.recorder.record(frame + self.frame_base if frame else 0, call.block, call.t_start, call.t_ready,
                              call.t_dequant, t_end, call.copy, call.nbytes)
         if call.streamed and not self.sync:
             ordinal = self.streamed_before

@@ -238,6 +238,7 @@ class Runtime:
             self.store.release()
             raise
         self._originals, self._memory, self._executor = originals, memory, executor
+        executor.frame_base = self.recorder.last_frame  # a re-attach (switch, recovery): numbers continue
         executor.keep_write = self._keep_buffer_write
         self._buffer_versions = versions
         self._weights = WeightWatch(self.workload, tensors, executor.buffer_index,

@@ -138,6 +138,7 @@ class Recorder:
         self._in_unit = False
         self._carry_start_s: float | None = None  # the open frame's work start, fixed at the last frame end
         self.closed_frames = 0  # frames closed since the recorder was made (the deques keep the last ones)
+        self.last_frame = 0  # the number of the last frame closed (0 before any): a new plan's frames follow it
         self._events: deque[LoopEvent] = deque(maxlen=KEEP_FRAMES)
 
     def record(self, frame: int, block: int, t_start: float, t_ready: float, t_dequant: float, t_end: float,
@@ -187,6 +188,7 @@ class Recorder:
             rows[copy_cols] = resolve(rows[copy_cols])
         rows.setflags(write=False)
         self._resolved.append(rows)
+        self.last_frame = int(rows[:, FRAME].max())
         span = self._work_span(resolve, float(rows[0, T_START]), float(rows[-1, T_END]), next_start_mark)
         # the prediction of the plan that ran the frame (a re-plan may replace it before the summary is made)
         p = self.prediction
