@@ -135,6 +135,37 @@ def test_ledger_holds_what_the_simulator_predicts(workload):
         assert rt.ledger.total_bytes == 0  # everything released on detach
 
 
+def test_every_live_sessions_kv_cache_is_held_and_a_dropped_one_is_let_go(workload, image):
+    """Two sessions stepped under one runtime each hold a KV cache on the device: the ledger held only the last
+    stepped one's. A session dropped stops counting at the next step; one over the budget is refused, held as
+    it was."""
+    import gc
+
+    pipe = WorldModelPipeline.from_config("tiny")
+    rt = Runtime(tiny_plan(workload, "resident"), "cpu", workload=workload).attach(pipe)
+    try:
+        kv = lambda: dict(rt.ledger.snapshot().current_bytes)["kv_cache"]  # noqa: E731
+        a = pipe.start(image, seed=0)
+        rt.step(a, ACTIONS[0])
+        one = kv()
+        assert one == a.kv_cache_bytes > 0
+        b = pipe.start(image, seed=1)
+        rt.step(b, ACTIONS[0])
+        assert kv() == a.kv_cache_bytes + b.kv_cache_bytes
+        del a
+        gc.collect()
+        rt.step(b, ACTIONS[1])
+        assert kv() == b.kv_cache_bytes
+        rt.ledger.budget_bytes = rt.ledger.total_bytes + b.kv_cache_bytes // 2  # room for half another cache
+        c = pipe.start(image, seed=2)
+        with pytest.raises(DeviceBudgetExceeded, match="the KV caches of 2 live sessions") as refused:
+            rt.step(c, ACTIONS[0])
+        assert "no longer step" in refused.value.hint
+        assert kv() == b.kv_cache_bytes
+    finally:
+        rt.detach()
+
+
 def test_a_plan_that_cannot_fit_is_refused_at_attach(workload):
     pipe = WorldModelPipeline.from_config("tiny")
     before = [p.data_ptr() for p in pipe.parameters()]

@@ -35,6 +35,7 @@ from residency.runtime.graphed import BlockForwards, block_forwards, check_block
 from residency.runtime.hooks import ModelHook, add_hook, check_removable, has_hook, remove_hook
 from residency.runtime.host_store import BlockBlob, HostStore, pack_block
 from residency.runtime.ledger import DeviceBudgetExceeded, Ledger
+from residency.runtime.live_sessions import LiveSessions
 from residency.runtime.module_paths import (
     block_modules,
     block_tensors,
@@ -122,6 +123,7 @@ class Runtime:
         self.protect_kv = protect_kv  # the session's snapshot copies the KV slot a step overwrites
         self.recoveries: list[tuple[str, int]] = []  # (cause, new budget bytes) per recovery
         self.recorder = Recorder([bp.name for bp in plan.blocks], plan.prediction)
+        self._sessions = LiveSessions()  # the sessions stepped, while alive: their KV caches are on the device
         self.plan_started_s = float("-inf")  # set at each attach of a plan (see _attach)
         self.pipeline: nn.Module | None = None
         self._executor: Executor | None = None
@@ -349,13 +351,21 @@ class Runtime:
         self.ledger.set_budget(int(budget_bytes))
 
     def _account_kv(self, session: RecoverableSession) -> None:
-        """Hold the session's real KV bytes instead of the workload's figure (a different dtype or window)."""
-        nbytes = session.kv_cache_bytes
+        """Hold the live sessions' real KV bytes instead of the workload's figure (a different dtype or window, or
+        more than one session alive: residency.runtime.live_sessions)."""
+        nbytes, count = self._sessions.kv_bytes(session, session.kv_cache_bytes)
         held = self._memory.reserved["kv_cache"]
         if nbytes != held:
             self.ledger.release("kv_cache", held)
-            self._memory.reserved["kv_cache"] = 0
-            self.ledger.reserve("kv_cache", nbytes, "the session's KV cache")
+            try:
+                self.ledger.reserve("kv_cache", nbytes, "the session's KV cache" if count == 1 else
+                                    f"the KV caches of {count} live sessions (the plan counted one)")
+            except DeviceBudgetExceeded as e:
+                self.ledger.reserve("kv_cache", held)  # as it was: it fitted
+                if count == 1:
+                    raise
+                raise DeviceBudgetExceeded(e.message, hint="let go of the sessions you no longer step (del them), "
+                                           "or attach with a budget for every session's KV cache") from e
             self._memory.reserved["kv_cache"] = nbytes
 
     def _autograd_guard(self):
