@@ -6,6 +6,7 @@ workload, one Runtime over all of them, so an encoder can be evicted, kept packe
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 import warnings
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from residency.batch_guard import PlannedBatch, batch_guard, planned_batches
+from residency.batch_guard import PlannedBatch, batch_arguments, batch_guard, planned_batches
 from residency.device import DeviceProfile, machine_profile, resolve_profile
 from residency.errors import PlanWarning, ResidencyError
 from residency.front_door.checks import backend_name, warn_missed_budget
@@ -42,6 +43,8 @@ ROLES = (*((c, "encode", False, "forward") for c in ENCODERS),
 # The call's arguments that change the workload (token counts, steps); a prompt's length is bounded by
 # max_sequence_length, to which the text encoders pad.
 SHAPE_ARGUMENTS = ("height", "width", "num_inference_steps", "max_sequence_length", "num_images_per_prompt")
+# The call's arguments that make its activations smaller, where the pipeline takes them (a hint names those only)
+SMALLER_BY = ("height", "width", "num_frames", "batch_size", "num_images_per_prompt")
 # A prompt for a pipeline that takes one and was given none (nor its embeddings); the pipeline's own defaults
 # for the rest. An unconditional or class-conditional pipeline (DDPM, DiT) takes no prompt and is given none.
 DEFAULT_CALL = {"prompt": "a photo of a cat"}
@@ -69,7 +72,7 @@ class PipelineModules(nn.Module):
         """
         for gen, state in self.rewind:
             gen.set_state(state)
-        with batch_guard(dict(self.named_children()), self.planned):
+        with batch_guard(dict(self.named_children()), self.planned, batch_arguments(_call_parameters(self.pipe))):
             return self.pipe(*args, **kwargs)
 
 
@@ -211,6 +214,7 @@ def _compute_dtype(components: list[tuple[str, nn.Module, str, bool, str]]) -> s
 def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: str | None = None) -> PipelineWorkload:
     """The pipeline's workload at the shapes of `call` (the keyword arguments of `pipe(...)`; what matters is
     SHAPE_ARGUMENTS — a prompt is padded to max_sequence_length): encode → denoise × steps → decode."""
+    check_call_names(pipe, call or {})
     call = {**_defaults_taken(pipe, call or {}), **(call or {})}
     components = _components(pipe)
     refuse_pipeline_hooks(pipe, {name: module for name, module, *_ in components})
@@ -271,6 +275,7 @@ class PipelineRuntime:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._attached()
+        check_call_names(self.built.modules.pipe, kwargs)
         self._check_shapes(kwargs)
         modules = self.built.modules
         modules.rewind = _generator_states(kwargs.get("generator"))  # a retry rewinds to them
@@ -354,11 +359,12 @@ def attach_built(built: PipelineWorkload, budget: Budget, *, profile: str | os.P
     first = plan if plan is not None else planner(budget, prof)
     need = first.prediction.peak_total_bytes if first.prediction else 0
     if need > budget.vram_bytes:
+        smaller = [k for k in SMALLER_BY if k in _call_parameters(built.modules.pipe)]
         raise DeviceBudgetExceeded(
             f"no {first.policy} plan of {built.workload.name} fits {fmt_bytes(budget.vram_bytes)}: the best needs "
-            f"{fmt_bytes(need)} for the shapes of {_shapes(built.call)}",
-            hint="give more vram=, or plan for smaller images: example_inputs=dict(height=…, width=…) with "
-                 "residency.attach (call= with attach_pipeline)")
+            f"{fmt_bytes(need)} for the shapes of {_shapes(built.modules.pipe, built.call)}",
+            hint="give more vram=" + (f", or plan for a smaller call: example_inputs=dict({', '.join(f'{k}=…' for k in smaller)}) "
+                                      "with residency.attach (call= with attach_pipeline)" if smaller else ""))
     warn_missed_budget(first, stacklevel=4)
     wrong = unpinned_enclosing(first, built.workload)
     if wrong:
@@ -373,11 +379,35 @@ def attach_built(built: PipelineWorkload, budget: Budget, *, profile: str | os.P
     return PipelineRuntime(runtime, built)
 
 
-def _shapes(call: Mapping[str, Any]) -> str:
-    given = [f"{k}={call[k]}" for k in SHAPE_ARGUMENTS if k in call]
-    if "height" not in call:
+def check_call_names(pipe: Any, call: Mapping[str, Any]) -> None:
+    """A name the pipeline's call would swallow silently (its **kwargs) that is close to one of its own (`hieght`):
+    a typo, refused. Names far from all of them (a deprecated callback) pass on to the pipeline as given."""
+    params = _call_parameters(pipe)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # the pipeline refuses an unknown name itself
+    named = [k for k, p in params.items() if p.kind not in (inspect.Parameter.VAR_KEYWORD,
+                                                             inspect.Parameter.VAR_POSITIONAL)]
+    for key in call:
+        close = difflib.get_close_matches(key, named, n=1) if key not in named else None
+        if close:
+            raise ResidencyError(f"{type(pipe).__name__}'s call has no argument {key!r} (did you mean {close[0]!r}?)",
+                                 hint=f"its **kwargs would take {key!r} and ignore it: name the argument as "
+                                      f"{type(pipe).__name__}.__call__ does")
+
+
+def _call_parameters(pipe: Any) -> Mapping[str, inspect.Parameter]:
+    """The named parameters of the pipeline's call (none where it has no signature to read)."""
+    try:
+        return inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return {}
+
+
+def _shapes(pipe: Any, call: Mapping[str, Any]) -> str:
+    given = [f"{k}={call[k]}" for k in (*SHAPE_ARGUMENTS, "batch_size") if k in call]
+    if "height" not in call and "height" in _call_parameters(pipe):
         given.append("the pipeline's default height and width")
-    return ", ".join(given)
+    return ", ".join(given) or "the pipeline's defaults"
 
 
 def _profile(profile: str | os.PathLike[str] | DeviceProfile, backend: str) -> DeviceProfile:

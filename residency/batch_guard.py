@@ -10,7 +10,7 @@ Cost: one pass over a call's arguments per component call (a few µs; a few doze
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -50,31 +50,47 @@ def planned_batches(inputs: Mapping[str, tuple[tuple, dict, int]], methods: Mapp
     return out
 
 
-def _guarded(inner: Callable[..., Any], planned: PlannedBatch) -> Callable[..., Any]:
+# A pipeline call's arguments that set the batch, as an error names them (those the pipeline's call takes)
+BATCH_ARGUMENTS = {"prompt": "a list of prompts", "batch_size": "batch_size",
+                   "num_images_per_prompt": "num_images_per_prompt",
+                   "guidance_scale": "classifier-free guidance (guidance_scale)"}
+
+
+def batch_arguments(parameters: Iterable[str]) -> tuple[str, ...]:
+    """The BATCH_ARGUMENTS among a call's parameter names, in BATCH_ARGUMENTS' order."""
+    names = set(parameters)
+    return tuple(k for k in BATCH_ARGUMENTS if k in names)
+
+
+def _guarded(inner: Callable[..., Any], planned: PlannedBatch, set_by: tuple[str, ...]) -> Callable[..., Any]:
+    said = " or ".join(BATCH_ARGUMENTS[k] for k in set_by)
+    example = {"prompt": "prompt=[…]", "batch_size": "batch_size=…"}.get(set_by[0] if set_by else "", "…")
+
     def call(*args: Any, **kwargs: Any) -> Any:
         got = leading_dim(args, kwargs)
         if got is not None and got > planned.batch:
             raise ResidencyError(
                 f"the plan was made for a batch of {planned.batch} through {planned.component}; this call runs "
-                f"{got} (a list of prompts, num_images_per_prompt or classifier-free guidance sets it)",
+                f"{got}" + (f" ({said} sets it)" if said else ""),
                 hint="attach again with the call as you will make it: residency.attach(pipe, "
-                     "example_inputs=dict(prompt=[…], …)) (attach_pipeline's call=)")
+                     f"example_inputs=dict({example}, …)) (attach_pipeline's call=)")
         return inner(*args, **kwargs)
 
     return call
 
 
 @contextmanager
-def batch_guard(modules: Mapping[str, nn.Module], planned: Mapping[str, PlannedBatch]) -> Iterator[None]:
+def batch_guard(modules: Mapping[str, nn.Module], planned: Mapping[str, PlannedBatch],
+                set_by: tuple[str, ...] = ()) -> Iterator[None]:
     """Within the block, a call of a planned component with a larger batch than planned raises ResidencyError
-    (before it runs). Each method is wrapped through the module's instance dict and put back as it was, an
-    instance attribute another wrapper had set included."""
+    (before it runs), naming `set_by` (batch_arguments of the pipeline's call). Each method is wrapped through the
+    module's instance dict and put back as it was, an instance attribute another wrapper had set included."""
     saved = []
     try:
         for name, p in planned.items():
             module = modules[name]
             saved.append((module, p.method, module.__dict__.get(p.method, _MISSING)))
-            module.__dict__[p.method] = _guarded(getattr(module, p.method), p)
+            module.__dict__[p.method] = _guarded(getattr(module, p.method), p, set_by)
         yield
     finally:
         for module, method, before in reversed(saved):

@@ -98,3 +98,33 @@ def test_an_img2img_call_that_runs_no_step_at_one_is_planned_at_its_own_steps():
         assert rt.workload.steps == 2  # int(4 × 0.5)
         got = rt(**call, generator=torch.Generator().manual_seed(0)).images
     assert np.array_equal(got, expected)
+
+
+def test_a_larger_batch_size_than_planned_is_refused_naming_batch_size():
+    pipe = tiny_ddpm()
+    call = dict(batch_size=1, num_inference_steps=2, output_type="np")
+    with residency.attach(pipe, vram="100%", profile=PROFILE, backend="cpu", example_inputs=call) as rt:
+        with pytest.raises(ResidencyError, match=r"batch of 1 through unet; this call runs 2 \(batch_size sets it\)") \
+                as e:
+            rt(**{**call, "batch_size": 2})
+    assert "batch_size=…" in e.value.hint and "prompt" not in str(e.value) + e.value.hint
+
+
+def test_no_plan_fits_hint_names_only_what_the_pipelines_call_takes():
+    from residency.runtime.ledger import DeviceBudgetExceeded
+
+    pipe = tiny_ddpm()
+    with pytest.raises(DeviceBudgetExceeded, match="for the shapes of num_inference_steps=2, batch_size=1") as e:
+        residency.attach(pipe, vram=1024, profile=PROFILE, backend="cpu",
+                         example_inputs=dict(batch_size=1, num_inference_steps=2, output_type="np"))
+    assert "batch_size=…" in e.value.hint and "height" not in e.value.hint + str(e.value)
+
+
+def test_a_misspelt_argument_the_pipelines_kwargs_would_swallow_is_refused():
+    """StableDiffusion's call takes **kwargs (deprecated callbacks): `hieght` was planned at the default height."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**tiny_sd_img2img().components)
+    with pytest.raises(ResidencyError, match=r"has no argument 'hieght' \(did you mean 'height'\?\)"):
+        residency.attach(pipe, vram="100%", profile=PROFILE, backend="cpu",
+                         example_inputs=dict(prompt="a cat", hieght=16))

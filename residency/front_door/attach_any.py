@@ -247,7 +247,7 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
         parts = f" ({', '.join(f'{k} {fmt_bytes(n)}' for k, n in kinds)})" if kinds else ""
         give = f"vram={size_at_least(need)!r} or more" if need is not None else "a larger vram="
         hint = (f"give {give} (its largest block, {largest.name}, is {fmt_bytes(largest.nbytes(fmt))} in {fmt}: "
-                "a streamed block needs a slot for it and one for the next)"
+                "every streamed block needs a slot that holds it)"
                 # one tensor (an embedding table) is the least the runtime moves: no smaller blocks to ask for
                 + (", or a model of more, smaller blocks" if len(largest.tensors) > 1 else ""))
         fixed = {k: n for k, n in (plan.prediction.peak_bytes.items() if plan.prediction else ())
