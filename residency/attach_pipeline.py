@@ -120,6 +120,7 @@ class Captured:
     its num_inference_steps (img2img runs strength × steps), else None."""
     inputs: dict[str, tuple[tuple, dict, int]]
     steps_run: int | None
+    order: tuple[str, ...] = ()  # the components in the order the call ran them, one entry a call
 
 
 def _capture(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
@@ -129,12 +130,15 @@ def _capture(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
     two forwards) is two passes a step. A pipeline that cannot run one step (img2img at strength < 1 runs
     int(1 × strength) = 0 of them; PixArt's one-step branch) is run again at the call's own step count, its
     denoiser calls divided by the steps it ran (the pipeline's num_timesteps)."""
+    order: list[str] = []
     try:
-        return Captured(_run_recorded(pipe, components, {**call, "num_inference_steps": 1}), None)
+        return Captured(_run_recorded(pipe, components, {**call, "num_inference_steps": 1}, order), None,
+                        tuple(order))
     except Exception as first:  # noqa: BLE001  (a denoiser never called included: the call at its own steps says)
         one_step = first
+    order.clear()
     try:
-        inputs = _run_recorded(pipe, components, call)
+        inputs = _run_recorded(pipe, components, call, order)
     except ResidencyError:
         raise
     except Exception as e:  # the pipeline's own error on the call: most often the call's arguments
@@ -148,7 +152,7 @@ def _capture(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
     warnings.warn(f"{type(pipe).__name__} did not run one denoise step ({error_line(one_step)}): planned from a call "
                   f"at its own {steps} step(s), which took longer", PlanWarning, stacklevel=3)
     return Captured({n: (a, k, max(1, c // steps) if n in per_step else c) for n, (a, k, c) in inputs.items()},
-                    steps if steps != asked else None)
+                    steps if steps != asked else None, tuple(order))
 
 
 def _steps_of(pipe: Any, call: Mapping[str, Any]) -> int:
@@ -157,8 +161,9 @@ def _steps_of(pipe: Any, call: Mapping[str, Any]) -> int:
 
 
 def _run_recorded(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
-                  call: Mapping[str, Any]) -> dict[str, tuple[tuple, dict, int]]:
-    """Each component's first call inputs and its calls in one real call `pipe(**call)` (output as numpy)."""
+                  call: Mapping[str, Any], order: list[str]) -> dict[str, tuple[tuple, dict, int]]:
+    """Each component's first call inputs and its calls in one real call `pipe(**call)` (output as numpy); each
+    call's component is appended to `order` as it runs."""
     seen: dict[str, tuple[tuple, dict]] = {}
     calls: dict[str, int] = {}
     wrapped = []
@@ -168,6 +173,7 @@ def _run_recorded(pipe: Any, components: list[tuple[str, nn.Module, str, bool, s
         def record(*args: Any, _name: str = name, _inner: Callable = inner, **kwargs: Any) -> Any:
             seen.setdefault(_name, (args, kwargs))
             calls[_name] = calls.get(_name, 0) + 1
+            order.append(_name)
             return _inner(*args, **kwargs)
         module.__dict__[method] = record  # an instance attribute, removed below
         wrapped.append((module, method))
@@ -234,7 +240,8 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
     title = name or type(pipe).__name__
     steps = captured.steps_run or _steps_of(pipe, call)
     workload = join_phases(title, parts, int(steps),
-                           source=f"{type(pipe).__name__}: " + ", ".join(p.component for p in parts))
+                           source=f"{type(pipe).__name__}: " + ", ".join(p.component for p in parts),
+                           call_order=captured.order)
     modules = PipelineModules(pipe, {c: m for c, m, *_ in components})
     modules.planned = planned_batches(inputs, {c: method for c, _, _, _, method in components})
     return PipelineWorkload(workload, modules, dtype, call)

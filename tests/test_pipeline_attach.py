@@ -197,6 +197,23 @@ def test_an_f32_plan_runs_the_pipeline_bit_exactly_within_its_budget(flux):
     assert stats == {"resyncs": 0, "out_of_schedule_calls": 0}
 
 
+def test_encoders_called_in_turn_are_scheduled_in_the_order_they_run():
+    """True CFG encodes the prompt (CLIP, then T5) and then the negative prompt (CLIP, then T5): the encode phase
+    is scheduled in that order, not each encoder's calls together (the runtime then resynced its schedule 4 times a call),
+    and streamed encoders then load in the order they run."""
+    pipe = tiny_flux()
+    call = {**CALL, "negative_prompt": "a dog", "true_cfg_scale": 2.0}
+    built = pipeline_workload(pipe, call)
+    encode = next(ph for ph in built.workload.phases if ph.name == "encode")
+    owners = [built.workload.by_name[p.blocks[-1]].component for p in encode.passes]
+    assert owners == ["text_encoder", "text_encoder_2", "text_encoder", "text_encoder_2"]
+    plan = make_plan(built, 2**24, lambda b: ("streamed", "F32", "session"))
+    with attach_built(built, Budget(2**24), profile=PROFILE, plan=plan) as rt:
+        rt(**call, output_type="np", generator=torch.Generator().manual_seed(0))
+        stats = rt.runtime.executor_stats
+    assert stats == {"resyncs": 0, "out_of_schedule_calls": 0}
+
+
 def test_leaving_the_runtime_restores_the_pipeline_bit_for_bit(flux):
     pipe, built, expected = flux
     state = {k: v.clone() for k, v in built.modules.state_dict().items()}

@@ -64,10 +64,14 @@ def enclosing_blocks(workload: Workload) -> tuple[str, ...]:
     return tuple(out)
 
 
-def join_phases(name: str, parts: Sequence[ComponentPart], steps: int, source: str = "") -> Workload:
+def join_phases(name: str, parts: Sequence[ComponentPart], steps: int, source: str = "",
+                call_order: Sequence[str] = ()) -> Workload:
     """The pipeline's workload: every part's blocks renamed to container paths, each phase made of its
     parts' passes in the given order, all phases per latent frame — one image is one frame, each with its
     own prompt, so the encoders run in every frame (as pipelines/catalog's flux-schnell describes it).
+    `call_order` (the components as a real call ran them, one entry a call): a phase of once-per-image parts
+    takes its passes in that order where it holds each part's `calls` (two encoders run in turn, prompt then
+    negative prompt, are scheduled so, not each encoder's calls together).
     Blocks enclosing others lead the first pass: the runtime takes their calls when the container's call
     begins (residency.runtime.block_calls)."""
     unknown = [p.phase for p in parts if p.phase not in PHASES]
@@ -75,6 +79,7 @@ def join_phases(name: str, parts: Sequence[ComponentPart], steps: int, source: s
         raise ResidencyError(f"pipeline {name}: unknown phase {unknown[0]!r}", hint=f"one of {', '.join(PHASES)}")
     blocks: list[BlockSpec] = []
     passes: dict[str, list[PassSpec]] = {ph: [] for ph in PHASES}
+    own: dict[str, list[PassSpec]] = {}  # one call's passes per component
     for part in parts:
         rename = {b.name: container_name(b.name, part.component) for b in part.workload.blocks}
         blocks += [replace(b, name=rename[b.name], component=part.component) for b in part.workload.blocks]
@@ -85,6 +90,11 @@ def join_phases(name: str, parts: Sequence[ComponentPart], steps: int, source: s
         one = [PassSpec(tuple(rename[b] for b in p.blocks), part.per_step, p.kv, purpose)
                for ph in part.workload.phases for p in ph.passes]
         passes[part.phase] += one * part.calls
+        own[part.component] = one
+    for ph in PHASES:
+        in_order = _in_call_order([p for p in parts if p.phase == ph], call_order, own)
+        if in_order is not None:
+            passes[ph] = in_order
     leading = enclosing_blocks(Workload(name, tuple(blocks), (), steps=1, context_frames=0))
     phases = []
     for ph in PHASES:
@@ -104,3 +114,16 @@ def join_phases(name: str, parts: Sequence[ComponentPart], steps: int, source: s
         extra["weights_dtype"] = held.pop()
     return Workload(name, tuple(order), tuple(phases), steps=1, context_frames=0, source=source,
                     extra=extra).with_params(steps=steps)
+
+
+def _in_call_order(parts: Sequence[ComponentPart], call_order: Sequence[str],
+                   own: dict[str, list[PassSpec]]) -> list[PassSpec] | None:
+    """The passes of one phase's parts in the order the call ran them; None where that order does not hold each
+    part's calls exactly (or the phase runs per step, or has one part: the given order is that order)."""
+    names = {p.component for p in parts}
+    if len(names) < 2 or any(p.per_step for p in parts):
+        return None
+    ran = [c for c in call_order if c in names]
+    if any(ran.count(p.component) != p.calls for p in parts):
+        return None
+    return [q for c in ran for q in own[c]]
