@@ -186,9 +186,13 @@ def _run_recorded(pipe: Any, components: list[tuple[str, nn.Module, str, bool, s
         for module, method in wrapped:
             del module.__dict__[method]
     missing = [n for n, *_ in components if n not in seen]
-    if missing:
+    if not any(phase == "denoise" and n in seen for n, _, phase, _, _ in components):
         raise ResidencyError(f"{type(pipe).__name__}: components {missing} were not called by the pipeline",
-                             hint="pass the call arguments that run them (e.g. prompt=…, output_type='np')")
+                             hint="pass the call arguments that run the denoiser (e.g. prompt=…, output_type='np')")
+    if missing:  # text encoders skipped for prompt_embeds, a VAE for output_type="latent": planned without them
+        warnings.warn(f"{type(pipe).__name__}: {', '.join(missing)} did not run in the call planned for; "
+                      "left out of the plan, they run as they are (their own weights and device) when a call "
+                      "runs them", PlanWarning, stacklevel=4)
     return {n: (*seen[n], calls[n]) for n in seen}
 
 
@@ -224,9 +228,10 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
     call = {**_defaults_taken(pipe, call or {}), **(call or {})}
     components = _components(pipe)
     refuse_pipeline_hooks(pipe, {name: module for name, module, *_ in components})
-    dtype = _compute_dtype(components)
     captured = _capture(pipe, components, call)
     inputs = captured.inputs
+    components = [c for c in components if c[0] in inputs]  # those the call ran (_run_recorded says which not)
+    dtype = _compute_dtype(components)
     parts = []
     for comp, module, phase, per_step, method in components:
         args, kwargs, calls = inputs[comp]

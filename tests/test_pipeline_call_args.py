@@ -128,3 +128,22 @@ def test_a_misspelt_argument_the_pipelines_kwargs_would_swallow_is_refused():
     with pytest.raises(ResidencyError, match=r"has no argument 'hieght' \(did you mean 'height'\?\)"):
         residency.attach(pipe, vram="100%", profile=PROFILE, backend="cpu",
                          example_inputs=dict(prompt="a cat", hieght=16))
+
+
+def test_a_call_with_prompt_embeds_plans_without_the_encoders_it_does_not_run():
+    """Embeddings computed beforehand skip the text encoders: they are left out of the plan (with a warning),
+    run as they are, and the image equals the plain pipeline's. It was an error naming them."""
+    from residency.errors import PlanWarning
+
+    pipe = tiny_flux()
+    with torch.inference_mode():
+        embeds, pooled, _ = pipe.encode_prompt("a cat", None, max_sequence_length=CALL["max_sequence_length"])
+    call = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=16, width=16, max_sequence_length=16,
+                num_inference_steps=2, output_type="np")
+    expected = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    with pytest.warns(PlanWarning, match="text_encoder, text_encoder_2 did not run in the call planned for"):
+        rt = residency.attach(pipe, vram="100%", profile=PROFILE, backend="cpu", example_inputs=call)
+    with rt:
+        assert {bp.name.split(".")[0] for bp in rt.plan.blocks} == {"transformer", "vae"}
+        got = rt(**call, generator=torch.Generator().manual_seed(0)).images
+    assert np.array_equal(got, expected)
