@@ -121,6 +121,13 @@ def test_a_bare_checkpoint_is_refused_for_planning_with_what_to_give(capsys, tmp
     assert run(capsys, "inspect", str(path))[0] == 0  # inspect still reads it
 
 
+def test_a_file_that_is_no_model_is_not_called_a_checkpoint(capsys, tmp_path):
+    path = tmp_path / "start.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n")
+    code, _, err = run(capsys, "plan", str(path), "--profile", "rtx-5090")
+    assert code == 1 and "not a model to plan (a .png file)" in err and "checkpoint holds" not in err
+
+
 def test_a_pipeline_directory_naming_no_pipeline_class_is_refused(capsys, tmp_path):
     (tmp_path / "model_index.json").write_text("{}")
     code, _, err = run(capsys, "plan", str(tmp_path), "--profile", "rtx-5090")

@@ -219,6 +219,7 @@ def check_trace_path(path: str) -> Path:
 
 
 OFF_BY = 0.20  # a prediction further off than this gets the hint to calibrate (the issue's "within 20%")
+STEADY_SKIP = 2  # latent frames left out of the steady figure: the first ones compile, fill caches, touch pages
 
 
 def report_speed(console: Console, snapshot: TelemetrySnapshot, other: str | None = None,
@@ -228,22 +229,29 @@ def report_speed(console: Console, snapshot: TelemetrySnapshot, other: str | Non
     `calibrate_hint`, a prediction off by more than OFF_BY is followed by that hint (how to calibrate)."""
     from residency.telemetry.recorder import known_gaps
 
-    measured, gap = snapshot.steady_frame_ms(), snapshot.steady_gap_ms()
-    if measured != measured:  # nan: too few frames for a steady median
+    measured, gap = snapshot.steady_frame_ms(STEADY_SKIP), snapshot.steady_gap_ms(STEADY_SKIP)
+    warm_up = measured != measured  # nan: too few frames for a steady median
+    if warm_up:
         frames = [f for f in snapshot.frames if f.frame > 0]
         measured = frames[-1].frame_ms if frames else float("nan")
         gaps = known_gaps(frames)
         gap = gaps[-1] if gaps else float("nan")
     predicted = snapshot.prediction.frame_ms if snapshot.prediction else None
-    line = f"measured {measured:.1f} ms per latent frame"
-    if predicted and other:  # a GPU's 8 ms against a CPU's 40 read as "+400%": an error, which it is not
-        line += f"; the plan's {predicted:.1f} ms is predicted for {other}, so the two do not compare"
-    elif predicted:
-        line += f"; the plan predicted {predicted:.1f} ms ({(measured - predicted) / predicted:+.0%})"
+    if warm_up:  # its one-time costs (compiles, first touches) are no steady frame: nothing to compare
+        line = (f"measured {measured:.1f} ms for the last latent frame, a warm-up frame (the first {STEADY_SKIP} pay "
+                f"one-time costs: compiles, caches); --frames {STEADY_SKIP + 2} or more for a steady figure")
+        if predicted:
+            line += f"; the plan predicts {predicted:.1f} ms for a steady frame" + (f" on {other}" if other else "")
+    else:
+        line = f"measured {measured:.1f} ms per latent frame"
+        if predicted and other:  # a GPU's 8 ms against a CPU's 40 read as "+400%": an error, which it is not
+            line += f"; the plan's {predicted:.1f} ms is predicted for {other}, so the two do not compare"
+        elif predicted:
+            line += f"; the plan predicted {predicted:.1f} ms ({(measured - predicted) / predicted:+.0%})"
     if gap > 0:  # nan compares false
         line += f"; the caller took {gap:.1f} ms more between frames (not in the measurement)"
     console.print(line)
-    if predicted and not other and calibrate_hint and abs(measured - predicted) > OFF_BY * predicted:
+    if predicted and not other and not warm_up and calibrate_hint and abs(measured - predicted) > OFF_BY * predicted:
         console.print(f"hint: the prediction is off by more than {OFF_BY:.0%}: {calibrate_hint}", markup=False,
                       highlight=False)
 

@@ -182,6 +182,9 @@ def _refuse_checkpoint(name_or_path: str, path: Path) -> NoReturn:
     """A checkpoint cannot be planned; one beside a config.json that names no model class is told so."""
     if has_model_config(path):
         refuse_classless(path)
+    if path.is_file() and path.suffix.lower() not in WEIGHT_SUFFIXES:  # an image, a text file: not a model
+        raise ResidencyError(f"{name_or_path}: not a model to plan (a {path.suffix or 'suffix-less'} file)",
+                             hint=SOURCES_HINT.format(names=", ".join(catalog_names())))
     raise ResidencyError(
         f"{name_or_path}: a checkpoint holds tensors, not the model's forward: the order its blocks run in, "
         "how often, and their FLOPs are not in it, so it cannot be planned",
