@@ -1,6 +1,7 @@
 """`residency plan`: exit codes, sizes, JSON, the written plan, and every bad input's error and hint."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,15 @@ def test_a_budget_under_the_fixed_workspace_says_so_once(capsys):
     text = " ".join(out.split())
     assert code == 3 and "the device's fixed workspace alone is 128.0 MiB: no placement fits under it" in text
     assert text.count("does not fit") == 1
+
+
+def test_a_plan_that_does_not_fit_says_what_would_and_that_it_misses_the_frame_budget_too(capsys):
+    code, out, _ = run(capsys, "plan", "wan-causal-1.3b", "--profile", "rtx-3060-12gb", "--fps", "16",
+                       "--vram", "2GiB")
+    text = " ".join(out.split())
+    need = re.search(r"does not fit: needs ([\d.]+) GiB, budget 2\.00 GiB; give --vram ([\d.]+)GiB or more", text)
+    assert code == 3 and need and float(need[2]) >= float(need[1]), text
+    assert re.search(r"this plan also misses the frame budget: [\d.]+ ms > 250\.00 ms per latent frame", text)
 
 
 @pytest.mark.parametrize("vram, message, hint", [

@@ -16,7 +16,7 @@ from rich.text import Text
 from policies.base import is_device_miss
 from residency.plan import Plan
 from residency.simulate import simulate
-from residency.units import fmt_bytes, plural
+from residency.units import fmt_bytes, plural, size_at_least
 from residency.workload import Workload
 
 
@@ -224,8 +224,13 @@ def verdict(plan: Plan, unit: str = "latent frame") -> str:
         fixed = pred.peak_bytes.get("workspace", 0)
         why = (f" (the device's fixed workspace alone is {fmt_bytes(fixed)}: no placement fits under it)"
                if fixed >= budget.vram_bytes else "")
+        give = "" if why else f"; give --vram {size_at_least(pred.peak_total_bytes)} or more"
+        frame = ""
+        if budget.frame_ms is not None and pred.frame_ms > budget.frame_ms:  # said, or it reads as the only miss
+            frame = (f"; this plan also misses the frame budget: {pred.frame_ms:.2f} ms > "
+                     f"{budget.frame_ms:.2f} ms per {unit}")
         return (f"[red]✗ does not fit:[/red] needs {fmt_bytes(pred.peak_total_bytes)}, budget "
-                f"{fmt_bytes(budget.vram_bytes)}{why}")
+                f"{fmt_bytes(budget.vram_bytes)}{why}{give}{frame}")
     if budget.frame_ms is None:
         return f"[green]✓ fits[/green] {within} at {pred.frame_ms:.2f} ms per {unit} (no frame budget given)"
     if pred.frame_ms <= budget.frame_ms:
