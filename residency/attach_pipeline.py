@@ -62,6 +62,7 @@ class PipelineModules(nn.Module):
         self.__dict__["pipe"] = pipe  # not a module: kept out of the tree
         self.rewind: list[tuple[torch.Generator, torch.Tensor]] = []  # generator states at the call's start
         self.planned: dict[str, PlannedBatch] = {}  # per component, the batch planned for (residency.batch_guard)
+        self.batch_set_by: tuple[str, ...] = ()  # the call's arguments that set the batch (batch_guard's message)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # a retry after an out-of-memory calls this again: the generators restart where the call began,
@@ -72,17 +73,14 @@ class PipelineModules(nn.Module):
         """
         for gen, state in self.rewind:
             gen.set_state(state)
-        with batch_guard(dict(self.named_children()), self.planned, batch_arguments(_call_parameters(self.pipe))):
+        with batch_guard(dict(self.named_children()), self.planned, self.batch_set_by):
             return self.pipe(*args, **kwargs)
 
 
 def _defaults_taken(pipe: Any, call: Mapping[str, Any]) -> dict[str, Any]:
     """DEFAULT_CALL's arguments the pipeline's call takes by name and `call` does not give (no prompt where
     prompt_embeds are given)."""
-    try:
-        takes = inspect.signature(pipe.__call__).parameters
-    except (TypeError, ValueError):  # no signature to read: give only what the user gave
-        return {}
+    takes = _call_parameters(pipe)  # none to read: give only what the user gave
     if any(k in call for k in PROMPT_GIVEN_BY):
         return {}
     return {k: v for k, v in DEFAULT_CALL.items() if k in takes}
@@ -249,6 +247,7 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
                            call_order=captured.order)
     modules = PipelineModules(pipe, {c: m for c, m, *_ in components})
     modules.planned = planned_batches(inputs, {c: method for c, _, _, _, method in components})
+    modules.batch_set_by = batch_arguments(_call_parameters(pipe))  # read once, not on every call
     return PipelineWorkload(workload, modules, dtype, call)
 
 
@@ -299,7 +298,7 @@ class PipelineRuntime:
     def _check_shapes(self, kwargs: Mapping[str, Any]) -> None:
         """A call at other shapes than the plan's would run under a plan made for others: refused. Each
         argument as the pipeline takes it: given, else its signature's default."""
-        defaults = inspect.signature(self.built.modules.pipe.__call__).parameters
+        defaults = _call_parameters(self.built.modules.pipe)
         for key in SHAPE_ARGUMENTS:
             if key not in defaults:
                 continue
