@@ -8,16 +8,19 @@ Each run is a fresh process (a quick CPU profile, then the sections below); the 
 2. After calibration: the profile is fitted to 16 frames of the streamed plan, then every plan's next 32
    frames are compared with its prediction under the calibrated profile (target: within 10 %, for the plan
    calibrated on and for the others: the calibration must transfer).
-3. The closed loop: the shipped model planned by `ours` under a VRAM budget and a frame budget 12 % above
-   what that plan measures calm (so that the disturbance breaks it on any machine); a background thread
-   copying large arrays (competing for memory bandwidth and a core) starts at frame 60 and toggles every 60
-   frames for 300 frames (`--disturb copy`: it shares the copy worker's core while compute keeps the other, the
+3. The closed loop: the shipped model planned by `ours` in the compute dtype `residency run` uses here (fp32 on
+   the CPU backend) under a VRAM budget (16 MiB: its DiT blocks stream, so the copy engine carries ~40 % of a
+   frame) and a frame budget 12 % above what that plan measures calm (so that the disturbance breaks it on any
+   machine); background threads copying arrays (`--disturb-mib` each: 64 streams from memory, taking bandwidth
+   from every engine; 1 stays in the cache and takes only a core's time) start at frame 60 and toggle every 60
+   frames for 300 frames (`--disturb copy`: they share the copy worker's core while compute keeps the other, the
    CPU stand-in for another program on the link). Reported: frames from the first disturbance to a plan that
-   holds the budget (target ≤ 32), the measured frame after the switch against the new plan's prediction (target within 10 %), and
-   the switches against the toggles (no oscillation: switches ≤ toggles + 1). Beside them, apart from what the
-   loop did: whether the disturbance broke the budget at all, and — the profile fitted to the first plan's
-   disturbed frames — what the first plan and the planner's best plan predict on the machine as disturbed, so
-   a run where no plan could hold says so instead of reading as a loop that failed (or held "within 0 frames").
+   holds the budget (target ≤ 32), the measured frame after the switch against the new plan's prediction
+   (target within 10 %), and the switches against the toggles (no oscillation: switches ≤ toggles + 1). Beside
+   them, apart from what the loop did: whether the disturbance broke the budget at all, and — the profile fitted
+   to the first plan's disturbed frames — what the first plan and the planner's best plan predict on the machine
+   as disturbed, so a run where no plan could hold says so instead of reading as a loop that failed (or held
+   "within 0 frames").
 
 A human table, then one JSON line last.
 """
@@ -132,7 +135,7 @@ class Disturbance:
     engine and not the compute engine, so a plan that moves fewer bytes holds where a streaming one misses.
     `threads` of them on that core leave the copy worker about 1/(threads + 1) of it."""
 
-    def __init__(self, mib: int = 64, target: str = "both", threads: int = 1):
+    def __init__(self, mib: float = 64, target: str = "both", threads: int = 1):
         self.target = target
         self.on, self.stop = threading.Event(), threading.Event()
         self.native_ids: list[int] = []
@@ -145,8 +148,8 @@ class Disturbance:
             ready.wait()
             self.threads.append(t)
 
-    def _run(self, mib: int, ready: threading.Event) -> None:
-        src = np.ones(mib << 18, dtype=np.float32)
+    def _run(self, mib: float, ready: threading.Event) -> None:
+        src = np.ones(max(1024, int(mib * 2**18)), dtype=np.float32)
         dst = np.empty_like(src)
         with self._lock:
             self.native_ids.append(threading.get_native_id())
@@ -187,29 +190,30 @@ def pin_engines(disturb: Disturbance | None) -> str:
 
 
 def loop_section(profile, frames: int, period: int, vram: int, frame_ms: float | None, target: str,
-                 threads: int = 1) -> dict:
+                 threads: int = 1, mib: float = 64) -> dict:
     """Section 3: the closed loop on the shipped model with the disturbance toggling every `period` frames."""
     from policies import PlanRequest, Replanner, get_policy
     from residency.formats.dtypes import TORCH_DTYPES
     from residency.plan import Budget
     from residency.runtime import Runtime
     from residency.runtime.closed_loop import LoopOptions
-    from residency.session_setup import load_model
+    from residency.session_setup import compute_dtype_for, load_model
 
     model = load_model("default")
     start = model.start_image if model.start_image is not None else _fallback(model)
     w = model.workload
+    dtype = compute_dtype_for(profile.is_gpu)  # what `residency run` computes in on this backend
     if frame_ms is None:  # a budget the plan holds calm with a 12 % margin: the disturbance (+15-20 %) breaks it
-        calm = get_policy("ours")(PlanRequest(w, profile, Budget(vram, None)))
+        calm = get_policy("ours")(PlanRequest(w, profile, Budget(vram, None), compute_dtype=dtype))
         model.pipe.to(TORCH_DTYPES[calm.blocks[0].compute_dtype])
         frame_ms = round(1.12 * _median_ms(_plan_run(model, start, calm, 12, pin=target == "copy"), 3, 12), 1)
-    req = PlanRequest(w, profile, Budget(vram, frame_ms))
+    req = PlanRequest(w, profile, Budget(vram, frame_ms), compute_dtype=dtype)
     replan = Replanner(get_policy("ours"), req)
     plan = replan.policy(req)
     model.pipe.to(TORCH_DTYPES[plan.blocks[0].compute_dtype])  # the plan's compute dtype, as `run` casts it
     rt = Runtime(plan, "cpu", workload=w, replan=replan, profile=profile).attach(model.pipe)
     loop = rt.enable_closed_loop(LoopOptions(), model="default")
-    disturb = Disturbance(target=target, threads=threads)
+    disturb = Disturbance(mib, target=target, threads=threads)
     pinned = pin_engines(disturb) if target == "copy" else "not pinned"
     on_at: list[int] = []
     plan_of_frame: list[str] = []
@@ -292,7 +296,7 @@ def one_run(args) -> dict:
         out["calibration"] = calibration_section(profile, args.warmup, args.calib_frames, args.check_frames)
     if not args.skip_loop:
         out["loop"] = loop_section(profile, args.loop_frames, args.period, args.vram, args.frame_ms, args.disturb,
-                                   args.disturb_threads)
+                                   args.disturb_threads, args.disturb_mib)
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -361,7 +365,7 @@ def main() -> int:
     p.add_argument("--check-frames", type=int, default=32)
     p.add_argument("--loop-frames", type=int, default=300)
     p.add_argument("--period", type=int, default=60, help="frames between toggles of the disturbance")
-    p.add_argument("--vram", type=int, default=10 * 2**20, help="the loop section's VRAM budget, bytes")
+    p.add_argument("--vram", type=int, default=16 * 2**20, help="the loop section's VRAM budget, bytes")
     p.add_argument("--frame-ms", type=float, default=None,
                    help="the loop section's frame budget (ms); default: 1.12 × the first plan's calm frame")
     p.add_argument("--disturb", choices=("copy", "both"), default="both",
@@ -369,6 +373,9 @@ def main() -> int:
                         "program on the link); both: it runs wherever the OS puts it (slows every plan)")
     p.add_argument("--disturb-threads", type=int, default=1,
                    help="copying threads of the disturbance (with --disturb copy, all on the copy worker's core)")
+    p.add_argument("--disturb-mib", type=float, default=64,
+                   help="MiB each disturbance thread copies back and forth: 64 (default) streams from memory, taking "
+                        "bandwidth from every engine; 1 stays in the cache and takes only its core's time")
     p.add_argument("--skip-loop", action="store_true")
     p.add_argument("--skip-calibration", action="store_true", help="only the closed-loop section")
     p.add_argument("--one", action="store_true", help="one run in this process; prints its JSON")
@@ -381,7 +388,7 @@ def main() -> int:
     child = [f"--warmup={args.warmup}", f"--calib-frames={args.calib_frames}", f"--check-frames={args.check_frames}",
              f"--loop-frames={args.loop_frames}", f"--period={args.period}", f"--vram={args.vram}",
              *([f"--frame-ms={args.frame_ms}"] if args.frame_ms is not None else []), f"--disturb={args.disturb}",
-             f"--disturb-threads={args.disturb_threads}",
+             f"--disturb-threads={args.disturb_threads}", f"--disturb-mib={args.disturb_mib}",
              *(["--skip-loop"] if args.skip_loop else []),
              *(["--skip-calibration"] if args.skip_calibration else [])]
     for r in range(args.runs):
