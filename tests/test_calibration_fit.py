@@ -141,6 +141,24 @@ def test_a_slowdown_is_read_from_a_block_seen_at_different_shares():
     assert _pooled_slowdown([steady]) is None
 
 
+def test_a_line_steeper_than_any_slowdown_is_a_confound_and_is_not_read():
+    """A disturbance that starts mid-window slows the calls 4× and lengthens the copies they run beside (share 0.2
+    calm, 0.8 disturbed): read as interference, that line is a slowdown past the range; it is left unread, and a
+    block whose calls keep a true slowdown still gives it."""
+    from residency.telemetry.calibration import _Points, _pooled_slowdown
+
+    rng = random.Random(1)
+    confounded, true = _Points(), _Points()
+    for i in range(40):
+        disturbed = i >= 20
+        f = (0.8 if disturbed else 0.2) + rng.uniform(-0.05, 0.05)
+        confounded.add((4.0 if disturbed else 1.0) * (1 + rng.uniform(-0.03, 0.03)), 1.0, f)
+        g = rng.uniform(0.0, 1.0)
+        true.add(1.4 * stretch(np.array([g]), 1.5)[0] * (1 + rng.uniform(-0.03, 0.03)), 1.0, g)
+    assert _pooled_slowdown([confounded]) is None
+    assert _pooled_slowdown([confounded, true]) == pytest.approx(1.5, rel=0.05)
+
+
 def test_calibrated_profile_predicts_the_true_timeline_for_another_plan_too():
     w = two_component_workload()
     base = base_profile()

@@ -276,10 +276,14 @@ def stretch(shared: np.ndarray, slowdown: float) -> np.ndarray:
 
 
 def _slowdown(points: _Points) -> tuple[float, int] | None:
-    """(slowdown, points) read from one block's points, or None when their shares do not spread enough.
+    """(slowdown, points) read from one block's points, or None when their shares do not spread enough or the
+    line runs past SLOWDOWN_RANGE.
 
     1/r = (1 − f·(1 − 1/s)) / scale is a line in f: a Theil–Sen fit (median of pairwise slopes, robust to a
-    third of the points being outliers) gives intercept 1/scale and slope −(1 − 1/s)/scale."""
+    third of the points being outliers) gives intercept 1/scale and slope −(1 − 1/s)/scale. A line steeper than
+    the range's top is not interference but a confound: something that slowed the calls also lengthened the
+    copies they ran beside (a program that starts mid-window and takes both engines' memory bandwidth). It is left
+    unread rather than clamped to the top: a 10× slowdown predicts every streaming plan far too slow."""
     from scipy.stats import theilslopes
 
     r, f = np.asarray(points.ratio), np.asarray(points.shared)
@@ -288,7 +292,9 @@ def _slowdown(points: _Points) -> tuple[float, int] | None:
     slope, intercept, _, _ = theilslopes(1.0 / r, f)
     if intercept <= 0:
         return None
-    lost = min(max(-slope / intercept, 0.0), 1.0 - 1.0 / SLOWDOWN_RANGE[1])  # 1 − 1/s
+    lost = max(-slope / intercept, 0.0)  # 1 − 1/s
+    if lost >= 1.0 - 1.0 / SLOWDOWN_RANGE[1]:
+        return None
     return 1.0 / (1.0 - lost), len(r)
 
 
