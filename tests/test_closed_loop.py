@@ -166,7 +166,8 @@ MEASURED = {"resident": (8.0, 14.0), "streamed": (9.0, 9.5)}
 class FakeRuntime:
     """What the loop reads and calls of a runtime, over synthetic frames: which plan runs decides the frame."""
 
-    def __init__(self):
+    def __init__(self, measured=MEASURED):
+        self.measured = measured
         w = chain_workload(4)
         p = flat_profile()
         self.workload = w
@@ -190,13 +191,13 @@ class FakeRuntime:
         return next(k for k, v in self.plans.items() if v.blocks == plan.blocks)
 
     def run_frame(self, n):
-        ms = MEASURED[self.name(self.plan)][self.disturbed]
+        ms = self.measured[self.name(self.plan)][self.disturbed]
         self.frames.append(FrameRecord(n, 0.0, ms, ms, 0, 0, 0, 0, 0, 0, (), self.plan.prediction.frame_ms))
         self.recorder.closed_frames += 1
 
     def replan(self, budget, profile):  # the best plan for the machine as calibrated
-        best = "streamed" if profile.disturbed else "resident"
-        return self.plans[best].with_prediction(prediction(MEASURED[best][profile.disturbed]))
+        best = min(self.measured, key=lambda k: self.measured[k][profile.disturbed])
+        return self.plans[best].with_prediction(prediction(self.measured[best][profile.disturbed]))
 
     def prepack(self, plan):
         return {}
@@ -237,6 +238,42 @@ def test_no_oscillation_while_a_disturbance_toggles(monkeypatch):
     assert (gaps >= options.min_frames_between).all(), rt.switched_at
     # every disturbance is answered by a plan that holds the budget within 32 frames
     assert len(held_within) == toggles and max(held_within) <= 32, held_within
+
+
+def test_misses_no_plan_can_hold_are_decided_once_until_the_machine_changes(monkeypatch):
+    """Disturbed, every plan misses the budget: one re-plan finds nothing better and the loop keeps its plan; the
+    same misses then start no re-plan every M frames (each costs a core's time), but a heavier load does."""
+    measured = {"resident": (8.0, 14.0), "streamed": (9.0, 15.0)}
+    rt = FakeRuntime(measured)
+    level = {"x": 1.0}
+    run_frame = rt.run_frame
+
+    def heavier(n):
+        run_frame(n)
+        f = rt.frames[-1]
+        rt.frames[-1] = dataclasses.replace(f, frame_ms=f.frame_ms * level["x"])
+
+    rt.run_frame = heavier
+    monkeypatch.setattr(cl, "calibrate", lambda snap, w, plan, prof, **k: _stub_fit(
+        SimpleNamespace(disturbed=rt.disturbed)))
+    monkeypatch.setattr(cl, "predict", lambda w, plan, prof, bound=False: plan.with_prediction(
+        prediction(measured[rt.name(plan)][prof.disturbed] * level["x"])))
+    loop = ClosedLoop(rt, LoopOptions(background=False))
+
+    def decisions_in(frames: range) -> int:
+        before = sum(e.kind in ("kept", "replanned") for e in loop.events)
+        for n in frames:
+            loop.before_unit()
+            rt.run_frame(n + 1)
+            loop.after_unit()
+        return sum(e.kind in ("kept", "replanned") for e in loop.events) - before
+
+    assert decisions_in(range(0, 20)) == 0  # calm: the plan holds
+    rt.disturbed = True
+    assert decisions_in(range(20, 220)) == 1  # one "kept", then silence: 200 frames, M = 24
+    assert loop.switches == 0 and loop.events[-1].kind == "kept" and "re-plan no more" in loop.events[-1].reason
+    level["x"] = 1.5  # the load grows: a change of the machine, decided on again
+    assert decisions_in(range(220, 260)) == 1
 
 
 def _fit(copy=None, compute=None, dequant=None) -> CalibrationFit:

@@ -17,7 +17,11 @@ running meanwhile. At the first unit boundary after it is ready the runtime swit
 cache, frame index, RNG — is untouched: it lives in the session, not the runtime), unless it does not beat the
 running plan re-predicted under the same calibration by `improve_by`; then the running plan's prediction is
 corrected instead ("kept"). Hysteresis: no re-plan within `min_frames_between` frames of the last decision, and
-at most `max_switches` switches.
+at most `max_switches` switches. When a re-plan over the frame budget found nothing better (no plan holds on the
+machine as it is), misses at that same level (any of the last `miss_frames` within `margin` of what that decision
+measured) start no new one: it would find the same plan every `min_frames_between` frames, at 0.2-1.5 s of a core
+each (on a 2-core box, half the machine the frames run on). Frames off that level by more than `margin`,
+`miss_frames` in a row, are a change of the machine and are decided on as before.
 """
 
 from __future__ import annotations
@@ -145,6 +149,9 @@ class ClosedLoop:
         self._streak: list[tuple[FrameRecord, object]] = []  # the frames missed in a row, up to now
         self._calibrated = False  # the running plan's prediction has been corrected by a calibration
         self._pending: _Pending | None = None
+        # measured ms of the last decision that missed the budget and found no better plan (None: none since the
+        # last switch): misses at this level are the same machine, already decided on
+        self._hopeless_ms: float | None = None
 
     # --- the two calls around a unit of work ---
     def before_unit(self) -> None:
@@ -175,10 +182,19 @@ class ClosedLoop:
                 self._streak.clear()
         if self._pending is not None:
             return
-        if len(self._streak) >= o.miss_frames and self.units - self.last_decision_unit >= o.min_frames_between:
+        if len(self._streak) >= o.miss_frames and self._decided_already():
+            del self._streak[:-o.miss_frames]  # a later decision fits only frames of the machine as it is then
+        elif len(self._streak) >= o.miss_frames and self.units - self.last_decision_unit >= o.min_frames_between:
             self._start(self._streak[-o.window_frames:], trigger=True)
         elif not self._calibrated and len(self._segment) >= o.calibrate_frames:
             self._start(self._segment[-o.window_frames:], trigger=False)
+
+    def _decided_already(self) -> bool:
+        """Whether the last `miss_frames` misses are not all off the level of the last decision that found no plan
+        holding the budget (by more than `margin`): re-planning would find the same plan again."""
+        h = self._hopeless_ms
+        return h is not None and any(abs(f.frame_ms / h - 1) <= self.options.margin
+                                     for f, _ in self._streak[-self.options.miss_frames:])
 
     # --- reading frames ---
     def _new_frames(self):
@@ -264,8 +280,12 @@ class ClosedLoop:
         if not better or same:
             rt.adopt_profile(profile, running)
             self._reset_segment(switched=False)
+            over = budget is not None and p.measured_ms > budget and new_ms > budget
+            self._hopeless_ms = p.measured_ms if over else None
+            quiet = (f"; no plan holds the budget here: misses near {fmt_ms(p.measured_ms)} ms re-plan no more"
+                     if over else "")
             self._event("kept", p, f"{p.trigger} — kept the running plan (re-predicted {fmt_ms(running_ms)} ms; "
-                        f"the best new plan predicts {fmt_ms(new_ms)})", running_ms)
+                        f"the best new plan predicts {fmt_ms(new_ms)}){quiet}", running_ms)
             return
         cap = self.options.max_switches
         if cap is not None and self.switches >= cap:
@@ -285,6 +305,7 @@ class ClosedLoop:
         if switched:
             self._segment.clear()
             self._calibrated = False
+            self._hopeless_ms = None
         self._streak.clear()
         self.last_decision_unit = self.units
 
