@@ -240,10 +240,9 @@ def test_no_oscillation_while_a_disturbance_toggles(monkeypatch):
     assert len(held_within) == toggles and max(held_within) <= 32, held_within
 
 
-def test_misses_no_plan_can_hold_are_decided_once_until_the_machine_changes(monkeypatch):
-    """Disturbed, every plan misses the budget: one re-plan finds nothing better and the loop keeps its plan; the
-    same misses then start no re-plan every M frames (each costs a core's time), but a heavier load does."""
-    measured = {"resident": (8.0, 14.0), "streamed": (9.0, 15.0)}
+def _hopeless_scene(monkeypatch, measured):
+    """A FakeRuntime whose frames (and every plan's prediction and re-plan) scale by level["x"], the loop on it, and
+    a function running frames that returns the units of the decisions ("kept", "replanned") they brought."""
     rt = FakeRuntime(measured)
     level = {"x": 1.0}
     run_frame = rt.run_frame
@@ -254,26 +253,67 @@ def test_misses_no_plan_can_hold_are_decided_once_until_the_machine_changes(monk
         rt.frames[-1] = dataclasses.replace(f, frame_ms=f.frame_ms * level["x"])
 
     rt.run_frame = heavier
+    ms = lambda name, disturbed: measured[name][disturbed] * level["x"]  # noqa: E731
     monkeypatch.setattr(cl, "calibrate", lambda snap, w, plan, prof, **k: _stub_fit(
         SimpleNamespace(disturbed=rt.disturbed)))
     monkeypatch.setattr(cl, "predict", lambda w, plan, prof, bound=False: plan.with_prediction(
-        prediction(measured[rt.name(plan)][prof.disturbed] * level["x"])))
+        prediction(ms(rt.name(plan), prof.disturbed))))
+
+    def replan(budget, profile):
+        best = min(measured, key=lambda k: ms(k, profile.disturbed))
+        return rt.plans[best].with_prediction(prediction(ms(best, profile.disturbed)))
+
+    rt.replan = replan
     loop = ClosedLoop(rt, LoopOptions(background=False))
 
-    def decisions_in(frames: range) -> int:
-        before = sum(e.kind in ("kept", "replanned") for e in loop.events)
+    def decisions_in(frames: range) -> list[int]:
+        before = len(loop.events)
         for n in frames:
             loop.before_unit()
             rt.run_frame(n + 1)
             loop.after_unit()
-        return sum(e.kind in ("kept", "replanned") for e in loop.events) - before
+        return [e.unit for e in loop.events[before:] if e.kind in ("kept", "replanned")]
 
-    assert decisions_in(range(0, 20)) == 0  # calm: the plan holds
+    return rt, loop, level, decisions_in
+
+
+def test_misses_no_plan_can_hold_are_decided_with_a_back_off_until_the_machine_changes(monkeypatch):
+    """Disturbed, every plan misses the budget: a re-plan finds nothing better and the loop keeps its plan; the same
+    misses then re-plan only after 2M, 4M, 8M frames (each re-plan costs a core's time), but a heavier load at once."""
+    rt, loop, level, decisions_in = _hopeless_scene(monkeypatch, {"resident": (8.0, 14.0), "streamed": (9.0, 15.0)})
+    M = loop.options.min_frames_between
+    assert decisions_in(range(0, 20)) == []  # calm: the plan holds
     rt.disturbed = True
-    assert decisions_in(range(20, 220)) == 1  # one "kept", then silence: 200 frames, M = 24
+    units = decisions_in(range(20, 220))
+    # every M frames before the back-off (9 decisions in these 200 frames); now 3, 2M then 4M apart (±K frames of
+    # evidence)
+    assert len(units) == 3, units
+    assert 2 * M <= units[1] - units[0] <= 2 * M + loop.options.miss_frames, units
+    assert 4 * M <= units[2] - units[1] <= 4 * M + loop.options.miss_frames, units
     assert loop.switches == 0 and loop.events[-1].kind == "kept" and "re-plan no more" in loop.events[-1].reason
-    level["x"] = 1.5  # the load grows: a change of the machine, decided on again
-    assert decisions_in(range(220, 260)) == 1
+    level["x"] = 1.5  # the load grows: a change of the machine, decided on again at once
+    got = decisions_in(range(220, 260))
+    assert len(got) == 1, "\n".join(e.line() for e in loop.events)
+
+
+def test_a_larger_vram_budget_or_a_plan_that_eases_more_is_noticed_after_a_hopeless_decision(monkeypatch):
+    # after a hopeless "kept", the user gives memory back (Runtime.set_budget): the next misses re-plan at once
+    rt, loop, _, decisions_in = _hopeless_scene(monkeypatch, {"resident": (8.0, 14.0), "streamed": (9.0, 15.0)})
+    rt.disturbed = True
+    first = decisions_in(range(0, 40))
+    assert len(first) == 1 and loop.events[-1].kind == "kept"
+    rt.ledger.budget_bytes *= 4
+    assert len(decisions_in(range(40, 40 + loop.options.min_frames_between + 8))) == 1
+    # the load eases for the streamed plan by far more than for the running one (within the margin): the back-off
+    # ends and the re-plan finds the plan that now holds
+    measured = {"resident": (8.0, 14.0), "streamed": (9.0, 15.0)}
+    rt, loop, _, decisions_in = _hopeless_scene(monkeypatch, measured)
+    rt.disturbed = True
+    assert len(decisions_in(range(0, 40))) == 1
+    measured["resident"], measured["streamed"] = (8.0, 12.5), (9.0, 9.5)
+    decisions_in(range(40, 40 + 2 * loop.options.min_frames_between + 8))
+    switched = [e for e in loop.events if e.kind == "replanned"]
+    assert loop.switches == 1 and len(switched) == 1 and "streamed" in switched[0].reason, [e.line() for e in loop.events]
 
 
 def _fit(copy=None, compute=None, dequant=None) -> CalibrationFit:

@@ -19,9 +19,12 @@ running plan re-predicted under the same calibration by `improve_by`; then the r
 corrected instead ("kept"). Hysteresis: no re-plan within `min_frames_between` frames of the last decision, and
 at most `max_switches` switches. When a re-plan over the frame budget found nothing better (no plan holds on the
 machine as it is), misses at that same level (any of the last `miss_frames` within `margin` of what that decision
-measured) start no new one: it would find the same plan every `min_frames_between` frames, at 0.2-1.5 s of a core
-each (on a 2-core box, half the machine the frames run on). Frames off that level by more than `margin`,
-`miss_frames` in a row, are a change of the machine and are decided on as before.
+measured) start no new one for a while: it would find the same plan every `min_frames_between` frames, at
+0.2-1.5 s of a core each (on a 2-core box, half the machine the frames run on). The while backs off: 2, 4, then
+8 × `min_frames_between` frames for each such decision in a row, so a load that eases for other plans more than for
+the running one is still noticed. Frames off that level by more than `margin`, `miss_frames` in a row, are a change
+of the machine and are decided on at once; so is any change of the running plan (an out-of-memory recovery) or of the budgets
+(Runtime.set_budget).
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ WINDOW_FRAMES = 16  # frames a calibration fits (the most recent, since the last
 CALIBRATE_FRAMES = 8  # frames evaluated (after the warm-up) before the first calibration of a plan
 WARMUP_FRAMES = 2  # frames after a switch (or the start) not evaluated: the ring and the allocator settle
 IMPROVE_BY = 0.05  # a new plan must beat the running one's re-predicted frame by this fraction
+# After a re-plan found no plan that holds the budget, same-level misses wait 2^n × M frames (n: such decisions in a
+# row, at most HOPELESS_BACKOFF_MAX): over 300 disturbed frames ~3 re-plans instead of ~10, yet none blind for good
+HOPELESS_BACKOFF_MAX = 3
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,15 @@ class _Pending:
     ready: dict | None = None  # (block, format) -> packed blob, for the blocks whose format changes
     error: BaseException | None = None
     done: threading.Event | None = None
+
+
+@dataclass(frozen=True)
+class _Hopeless:
+    """A decision that found no plan holding the budget: the level it measured, what it was made under
+    (ClosedLoop._decision_key) and the unit its back-off ends."""
+    measured_ms: float
+    key: tuple
+    until_unit: int
 
 
 def plan_change(old: Plan, new: Plan) -> str:
@@ -149,9 +164,11 @@ class ClosedLoop:
         self._streak: list[tuple[FrameRecord, object]] = []  # the frames missed in a row, up to now
         self._calibrated = False  # the running plan's prediction has been corrected by a calibration
         self._pending: _Pending | None = None
-        # measured ms of the last decision that missed the budget and found no better plan (None: none since the
-        # last switch): misses at this level are the same machine, already decided on
-        self._hopeless_ms: float | None = None
+        # The last decision that missed the budget and found no better plan (None: none since the last switch):
+        # misses at its measured level are the same machine, already decided on, while the plan and budgets it was
+        # decided under run, until the unit its back-off ends
+        self._hopeless: _Hopeless | None = None
+        self._hopeless_in_row = 0  # such decisions in a row (the back-off's exponent)
 
     # --- the two calls around a unit of work ---
     def before_unit(self) -> None:
@@ -191,10 +208,31 @@ class ClosedLoop:
 
     def _decided_already(self) -> bool:
         """Whether the last `miss_frames` misses are not all off the level of the last decision that found no plan
-        holding the budget (by more than `margin`): re-planning would find the same plan again."""
-        h = self._hopeless_ms
-        return h is not None and any(abs(f.frame_ms / h - 1) <= self.options.margin
-                                     for f, _ in self._streak[-self.options.miss_frames:])
+        holding the budget (by more than `margin`), under the same plan and budgets, within its back-off:
+        re-planning would find the same plan again."""
+        h = self._hopeless
+        if h is None:
+            return False
+        if not self._same_key(h.key):  # the plan or a budget changed: a new situation, decided afresh
+            self._hopeless, self._hopeless_in_row = None, 0
+            return False
+        if self.units >= h.until_unit:  # the back-off is over: decide again (a longer one follows if in vain)
+            self._hopeless = None
+            return False
+        # Any one of them near the level keeps it: a decision on frames that left it then fits only frames of the
+        # new level (a median would decide once half had moved, on a window of both levels)
+        return any(abs(f.frame_ms / h.measured_ms - 1) <= self.options.margin
+                   for f, _ in self._streak[-self.options.miss_frames:])
+
+    def _decision_key(self) -> tuple:
+        """What a decision was made under: the running plan (a switch, an adopted correction or an out-of-memory
+        recovery replaces the object) and the VRAM and frame budgets."""
+        rt = self.runtime
+        return rt.plan, rt.ledger.budget_bytes, self._budget_ms()
+
+    def _same_key(self, key: tuple) -> bool:
+        plan, vram, frame_ms = self._decision_key()
+        return key[0] is plan and key[1:] == (vram, frame_ms)  # `is`: comparing plans field by field costs each frame
 
     # --- reading frames ---
     def _new_frames(self):
@@ -281,9 +319,15 @@ class ClosedLoop:
             rt.adopt_profile(profile, running)
             self._reset_segment(switched=False)
             over = budget is not None and p.measured_ms > budget and new_ms > budget
-            self._hopeless_ms = p.measured_ms if over else None
-            quiet = (f"; no plan holds the budget here: misses near {fmt_ms(p.measured_ms)} ms re-plan no more"
-                     if over else "")
+            quiet = ""
+            if over:
+                wait = self.options.min_frames_between * 2 ** min(self._hopeless_in_row + 1, HOPELESS_BACKOFF_MAX)
+                self._hopeless_in_row += 1
+                self._hopeless = _Hopeless(p.measured_ms, self._decision_key(), self.units + wait)
+                quiet = (f"; no plan holds the budget here: misses near {fmt_ms(p.measured_ms)} ms re-plan no more "
+                         f"for {wait} frames")
+            else:
+                self._hopeless, self._hopeless_in_row = None, 0
             self._event("kept", p, f"{p.trigger} — kept the running plan (re-predicted {fmt_ms(running_ms)} ms; "
                         f"the best new plan predicts {fmt_ms(new_ms)}){quiet}", running_ms)
             return
@@ -305,7 +349,7 @@ class ClosedLoop:
         if switched:
             self._segment.clear()
             self._calibrated = False
-            self._hopeless_ms = None
+            self._hopeless, self._hopeless_in_row = None, 0
         self._streak.clear()
         self.last_decision_unit = self.units
 
