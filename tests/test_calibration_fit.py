@@ -141,10 +141,12 @@ def test_a_slowdown_is_read_from_a_block_seen_at_different_shares():
     assert _pooled_slowdown([steady]) is None
 
 
-def test_a_line_steeper_than_any_slowdown_is_a_confound_and_is_not_read():
-    """A disturbance that starts mid-window slows the calls 4× and lengthens the copies they run beside (share 0.2
-    calm, 0.8 disturbed): read as interference, that line is a slowdown past the range; it is left unread, and a
-    block whose calls keep a true slowdown still gives it."""
+@pytest.mark.parametrize("step", [1.5, 2.0, 3.0, 4.0, 12.0])
+def test_a_spread_seen_only_across_time_is_a_confound_and_is_not_read(step):
+    """A disturbance that starts mid-window slows the calls `step`× and lengthens the copies they run beside (share
+    0.2 calm, 0.8 disturbed): read as interference across the window, that line is a slowdown of 1.9× (1.5× step)
+    to past the range. Within each half the shares do not spread, so nothing is read, and a block whose calls keep
+    a true slowdown still gives it, the step in its level between the halves moving nothing."""
     from residency.telemetry.calibration import _Points, _pooled_slowdown
 
     rng = random.Random(1)
@@ -152,9 +154,10 @@ def test_a_line_steeper_than_any_slowdown_is_a_confound_and_is_not_read():
     for i in range(40):
         disturbed = i >= 20
         f = (0.8 if disturbed else 0.2) + rng.uniform(-0.05, 0.05)
-        confounded.add((4.0 if disturbed else 1.0) * (1 + rng.uniform(-0.03, 0.03)), 1.0, f)
+        confounded.add((step if disturbed else 1.0) * (1 + rng.uniform(-0.03, 0.03)), 1.0, f)
         g = rng.uniform(0.0, 1.0)
-        true.add(1.4 * stretch(np.array([g]), 1.5)[0] * (1 + rng.uniform(-0.03, 0.03)), 1.0, g)
+        level = 1.4 * (1.3 if disturbed else 1.0)
+        true.add(level * stretch(np.array([g]), 1.5)[0] * (1 + rng.uniform(-0.03, 0.03)), 1.0, g)
     assert _pooled_slowdown([confounded]) is None
     assert _pooled_slowdown([confounded, true]) == pytest.approx(1.5, rel=0.05)
 

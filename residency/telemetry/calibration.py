@@ -276,24 +276,49 @@ def stretch(shared: np.ndarray, slowdown: float) -> np.ndarray:
 
 
 def _slowdown(points: _Points) -> tuple[float, int] | None:
-    """(slowdown, points) read from one block's points, or None when their shares do not spread enough or the
-    line runs past SLOWDOWN_RANGE.
+    """(slowdown, points) read from one block's points, or None when their shares do not spread enough, the spread
+    shows only across time, or the line runs past SLOWDOWN_RANGE.
+
+    Points come in time order. Interference shows within a stretch of time: a block's calls meet the other engine
+    at many shares in any few frames. A spread seen only between the window's halves is the machine changing
+    mid-window (a program that starts and takes both engines' memory bandwidth slows the calls and lengthens the
+    copies they run beside, so share and time rise together): read across time it is a steep line, a slowdown of
+    up to 8× from a 3× step. So each half with enough points is read alone, and the halves' reads are averaged
+    (a step between them then moves neither); where the halves hold enough points but neither spreads, nothing is
+    read. Only a window too short to halve is read whole."""
+    r, f = np.asarray(points.ratio), np.asarray(points.shared)
+    if len(r) < MIN_SLOPE_POINTS or not _spreads(f):
+        return None
+    h = len(r) // 2
+    if h < MIN_SLOPE_POINTS:
+        return _line_slowdown(r, f)
+    halves = [x for x in (_line_slowdown(r[:h], f[:h]), _line_slowdown(r[h:], f[h:])) if x is not None]
+    if not halves:
+        return None
+    return float(np.average([v for v, _ in halves], weights=[n for _, n in halves])), sum(n for _, n in halves)
+
+
+def _spreads(shared: np.ndarray) -> bool:
+    return bool(np.quantile(shared, 0.9) - np.quantile(shared, 0.1) >= MIN_SPREAD)
+
+
+def _line_slowdown(r: np.ndarray, f: np.ndarray) -> tuple[float, int] | None:
+    """(slowdown, points) from one stretch of points, or None when its shares do not spread or its line runs past
+    SLOWDOWN_RANGE.
 
     1/r = (1 − f·(1 − 1/s)) / scale is a line in f: a Theil–Sen fit (median of pairwise slopes, robust to a
     third of the points being outliers) gives intercept 1/scale and slope −(1 − 1/s)/scale. A line steeper than
-    the range's top is not interference but a confound: something that slowed the calls also lengthened the
-    copies they ran beside (a program that starts mid-window and takes both engines' memory bandwidth). It is left
-    unread rather than clamped to the top: a 10× slowdown predicts every streaming plan far too slow."""
+    the range's top is not interference but a confound; it is left unread rather than clamped to the top: a 10×
+    slowdown predicts every streaming plan far too slow."""
     from scipy.stats import theilslopes
 
-    r, f = np.asarray(points.ratio), np.asarray(points.shared)
-    if len(r) < MIN_SLOPE_POINTS or np.quantile(f, 0.9) - np.quantile(f, 0.1) < MIN_SPREAD:
+    if len(r) < MIN_SLOPE_POINTS or not _spreads(f):
         return None
     slope, intercept, _, _ = theilslopes(1.0 / r, f)
     if intercept <= 0:
         return None
     lost = max(-slope / intercept, 0.0)  # 1 − 1/s
-    if lost >= 1.0 - 1.0 / SLOWDOWN_RANGE[1]:
+    if lost > 1.0 - 1.0 / SLOWDOWN_RANGE[1]:
         return None
     return 1.0 / (1.0 - lost), len(r)
 
