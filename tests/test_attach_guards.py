@@ -503,3 +503,59 @@ def test_an_edit_then_a_plan_switch_is_refused_not_taken_as_the_new_baseline():
             rt.switch_plan(rt.plan)
         with pytest.raises(ResidencyError, match="changed in place while attached"):
             model(x)
+
+
+def test_an_attach_that_fails_while_hooking_leaves_the_model_as_it_was(monkeypatch):
+    """A failure part way through hooking the blocks left the model half hooked (every later attach refused:
+    "attached to another runtime"), its weights bound to freed memory and torch's thread count changed."""
+    from residency.runtime import runtime as runtime_module
+    from residency.runtime.hooks import has_hook
+
+    model, x = mlp_stack()
+    with torch.inference_mode():
+        expected = model(x)
+    weights = [p.data_ptr() for p in model.parameters()]
+    threads = torch.get_num_threads()
+    real_add_hook, added = runtime_module.add_hook, []
+
+    def failing_add_hook(module, hook):
+        if len(added) == 3:
+            raise RuntimeError("hook refused")
+        added.append(module)
+        real_add_hook(module, hook)
+
+    monkeypatch.setattr(runtime_module, "add_hook", failing_add_hook)
+    with pytest.raises(RuntimeError, match="hook refused"):
+        attach(model, x)
+    assert added and not any(has_hook(m) for m in model.modules())
+    assert [p.data_ptr() for p in model.parameters()] == weights and torch.get_num_threads() == threads
+    monkeypatch.setattr(runtime_module, "add_hook", real_add_hook)
+    with torch.inference_mode():
+        assert torch.equal(model(x), expected)
+    with attach(model, x), torch.inference_mode():  # attaches again
+        assert torch.equal(model(x), expected)
+
+
+class LastAlsoNamed(nn.Module):
+    """The last layer is also `self.last`: one block module under two paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(6))
+        self.last = self.layers[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[:-1]:
+            x = layer(x).tanh()
+        return self.last(x)
+
+
+def test_a_block_module_under_two_paths_is_hooked_once():
+    """It was hooked twice: "Linear already carries a residency hook; detach the other runtime first"."""
+    torch.manual_seed(0)
+    model, x = LastAlsoNamed().eval(), torch.randn(3, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    with attach(model, x, "30%") as rt, torch.inference_mode():
+        assert rt.plan.streamed()
+        assert torch.equal(model(x), expected)

@@ -7,6 +7,12 @@ A block of one module is one executor call per call of the module. A block of se
 the workload groups) is one call from the first of its modules to run until another block starts or the
 call of the model ends — as residency.workload.from_module counts it — so its weights stay in their slot
 while each member computes (closing after one member would let the next prefetch overwrite that slot).
+
+A hooked module called while another's forward is still running (a block calling itself, or a module another block
+calls from inside its forward: `self.shared(x)`, a layer passed in as an argument) is part of that call: its hook
+does nothing. The workload counted it so (residency.workload.module_trace) and the plan keeps such a block bound
+for the session; stepped as a call of its own, it moved the schedule under the outer call, whose slot the ring
+then refilled while it still computed (wrong outputs, no error).
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ class BlockCalls:
         self.executor = executor
         self.enclosing = enclosing  # session-resident: bound for the whole call, a call only keeps the schedule
         self.open: str | None = None  # a several-module block whose call has not ended yet
+        self.depth = 0  # hooked forwards running now, nested; only the outermost is an executor call
 
     def start(self) -> None:
         """The model's call begins: each enclosing block takes its place in the schedule (the workload
         lists it first: from_module's loose block opens the first pass)."""
+        self.depth = 0  # a forward that raised (and was caught inside the model) never ran its post
         if self.open is not None:
             self.close()
         for name in self.enclosing:
@@ -44,6 +52,7 @@ class BlockCalls:
     def discard(self) -> None:
         """The call failed: the executor's record of the open call is not to be trusted; drop it."""
         self.open = None
+        self.depth = 0
 
 
 class BlockHook(ModelHook):
@@ -53,9 +62,14 @@ class BlockHook(ModelHook):
         self.calls, self.executor, self.name = calls, calls.executor, name
 
     def pre_forward(self, module, args, kwargs) -> None:
-        """Close any open group call, then let the executor bind the block's weights."""
-        if self.calls.open is not None:
-            self.calls.close()
+        """Close any open group call, then let the executor bind the block's weights (nothing inside another
+        hooked forward)."""
+        calls = self.calls
+        calls.depth += 1
+        if calls.depth > 1:
+            return
+        if calls.open is not None:
+            calls.close()
         self.executor.before(self.name)
 
     def post_forward(self, module, output) -> Any:
@@ -64,6 +78,10 @@ class BlockHook(ModelHook):
         this (they were registered after attach, around our forward): the call stays open, its weights bound,
         until the next block starts or the model's call ends, so a hook reading the weight reads this block's,
         not what its slot was refilled with."""
+        calls = self.calls
+        calls.depth -= 1
+        if calls.depth > 0:  # nested: part of the call running around it
+            return output
         output = self.executor.unaliased(output)
         if runs_user_forward_hooks(module):
             self.calls.open = self.name
@@ -81,7 +99,8 @@ class GroupHook(ModelHook):
     def pre_forward(self, module, args, kwargs) -> None:
         """Start the block's call unless this member continues the call in progress."""
         calls = self.calls
-        if calls.open == self.name:  # the next member of the call in progress
+        calls.depth += 1
+        if calls.depth > 1 or calls.open == self.name:  # nested, or the next member of the call in progress
             return
         if calls.open is not None:
             calls.close()
@@ -89,5 +108,9 @@ class GroupHook(ModelHook):
 
     def post_forward(self, module, output) -> Any:
         """Leave the call open: the next member, or the next block's call, closes it."""
-        self.calls.open = self.name
-        return self.calls.executor.unaliased(output)
+        calls = self.calls
+        calls.depth -= 1
+        if calls.depth > 0:
+            return output
+        calls.open = self.name
+        return calls.executor.unaliased(output)

@@ -177,6 +177,7 @@ class Runtime:
             add_hook(pipeline, _RetryHook(self))
         except BaseException:
             self._detach_blocks()
+            self._forget_stores()
             raise
         self._root = pipeline
         self._input_names, self._model_buffers = input_names(pipeline), model_buffers(pipeline)
@@ -201,7 +202,8 @@ class Runtime:
         check_bound_blocks(plan, self.workload, enclosing)
         check_block_modes(plan, self.backend, enclosing)
         warn_unplanned(pipeline, found, self.workload)
-        modules = {n: mods for n, mods in found.items() if n not in enclosing}
+        # one module object under two paths of a block (`self.last = self.layers[-1]`) is hooked once
+        modules = {n: tuple({id(m): m for m in mods}.values()) for n, mods in found.items() if n not in enclosing}
         hooked = [m for mods in modules.values() for m in mods]
         if any(has_hook(m) for m in hooked):
             raise ResidencyError("the model's blocks are attached to another runtime", hint="detach() that one first")
@@ -246,7 +248,7 @@ class Runtime:
         self._weights = WeightWatch(self.workload, tensors, executor.buffer_index,
                                     {name: tuple(data for _, data in pairs) for name, pairs in originals.items()},
                                     executor.views)
-        self.plan, self.pipeline, self._hooked = plan, pipeline, hooked
+        self.plan, self.pipeline, self._hooked, self._compiled, self._state_hooks = plan, pipeline, [], None, []
         # where the frames of this plan start on the telemetry's clock: a calibration fits only those (a
         # switch_plan or a recovery records no closed-loop event, and fitting the old plan's frames to the new
         # plan mixed two plans' timings)
@@ -255,12 +257,17 @@ class Runtime:
         if not on_cpu:
             self._move_buffers(hooked)
         self._calls = calls = BlockCalls(executor, enclosing)
-        self._compiled = block_forwards(plan, modules, self.notes, self.backend)  # beneath the hooks
-        for name, mods in modules.items():
-            for module in mods:
-                add_hook(module, BlockHook(calls, name) if len(mods) == 1 else GroupHook(calls, name))
-        # last: nothing after them can fail
-        self._state_hooks = [*state_dict_hooks(pipeline, originals), *conversion_guards(pipeline)]
+        try:  # a failure from here on undoes the attach: a model left half hooked could not be attached again
+            self._compiled = block_forwards(plan, modules, self.notes, self.backend)  # beneath the hooks
+            for name, mods in modules.items():
+                for module in mods:
+                    add_hook(module, BlockHook(calls, name) if len(mods) == 1 else GroupHook(calls, name))
+                    self._hooked.append(module)
+            self._state_hooks = [*state_dict_hooks(pipeline, originals), *conversion_guards(pipeline)]
+        except BaseException:
+            self._detach_blocks(checked=False)
+            self._forget_stores()
+            raise
 
     def _move_buffers(self, modules: list[nn.Module]) -> None:
         """Buffers the workload does not list (non-persistent, e.g. position tables) follow to the device."""
@@ -310,8 +317,10 @@ class Runtime:
             remove_hook(self._root)
             self._root = None
 
-    def _detach_blocks(self) -> None:
-        for module in self._hooked:
+    def _detach_blocks(self, checked: bool = True) -> None:
+        """Undo _attach. `checked` False: an attach that failed part way (each hook added is ours, and the
+        compiled forwards may not be in place yet)."""
+        for module in self._hooked if checked else ():
             check_removable(module)
         self._calls.discard()  # a call still open here failed (a completed one was closed)
         self._executor.close_frame()
@@ -319,7 +328,8 @@ class Runtime:
         for module in self._hooked:
             remove_hook(module)
         self._hooked = []
-        self._compiled.restore()
+        if self._compiled is not None:
+            self._compiled.restore()
         self._compiled = None
         block_buffers.keep_resident_writes(self._executor, self._originals, self._buffer_versions)
         for pairs in self._originals.values():

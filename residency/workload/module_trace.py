@@ -27,6 +27,7 @@ from torch.utils.flop_counter import flop_registry
 from residency.workload.op_count import OpCounter
 
 PROLOGUE = -1  # glue before the first unit call
+NESTED = -2  # on the stack of running units: a unit's module called inside another unit's call (not running)
 Shape = tuple[int, ...]
 _COMPOSITE_MATMULS = {"linear", "bilinear", "matmul", "einsum", "tensordot", "scaled_dot_product_attention",
                       "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
@@ -75,7 +76,7 @@ class UnitCounts:
 @dataclass
 class Trace:
     """What one traced forward did: the unit call order, per-unit counts, glue counts, weights read."""
-    order: list[int]  # unit index of every call, in call order (a unit whose call is running is not re-entered)
+    order: list[int]  # unit index of every call, in call order (a call inside another unit's is part of that one)
     units: list[UnitCounts]  # per unit index
     glue: dict[int, UnitCounts]  # glue counts by the unit that ran last (PROLOGUE: before any)
     weights_read: set[str]  # weight names some op read
@@ -251,8 +252,14 @@ class _Segments:
             self.counter = None
 
     def enter(self, unit: int, args: tuple, kwargs: Mapping[str, Any]) -> None:
-        if unit in self.stack:
-            self.stack.append(unit)  # a module of a running unit calls another of its modules
+        if self.stack:
+            # Inside a running call: a module of that unit calling another of its modules (or itself), or another
+            # unit's module called from inside it (`self.shared(x)` in a block's forward, a module passed in as an
+            # argument): part of the running call, charged to it. A nested unit is not running: its weights read
+            # here are read outside its own calls, so the runtime keeps its block bound for the session, and its
+            # hook does nothing inside another block's call (residency.runtime.block_calls). Counted as a call of
+            # its own, it was scheduled as one: the runtime then refilled the outer block's slot under it.
+            self.stack.append(unit if unit in self.stack else NESTED)
             return
         counts = self.units[unit]
         counts.calls += 1
@@ -272,16 +279,12 @@ class _Segments:
             if isinstance(t, torch.Tensor) and id(t) in self.tracer.weights and id(t) not in self.tracer.originals:
                 self.tracer.made_inside.add(id(t))
         self.stack.pop()
-        if unit in self.stack:
+        if self.stack:  # a member's or a nested unit's call ended inside the running call
             return
         self._stashed_views(unit)
         counts, start, peak = self.tracer.call_marks.pop()
         counts.peak_elements = max(counts.peak_elements, peak - start)
-        if self.stack:
-            self.switch(self.units[self.stack[-1]])
-        else:
-            self.switch(self.glue.setdefault(unit, UnitCounts()))
-
+        self.switch(self.glue.setdefault(unit, UnitCounts()))
 
     def _stashed_views(self, unit: int) -> None:
         """A view of weights the call left on one of its modules (`self._wt = self.lin.weight.t()`, made once and
