@@ -138,6 +138,59 @@ def test_left_as_found_puts_back_attributes_tensor_values_and_generators():
     assert torch.equal(torch.rand(2), want_global)
 
 
+def test_left_as_found_puts_back_the_contents_of_containers_attributes_hold():
+    module = nn.Linear(4, 4)
+    state = torch.zeros(2)
+    module.cache = {"k": [state], "steps": 0}
+    module.history = [1, (2, [3])]
+    module.seen = {"a"}
+    inner, nested = module.cache["k"], module.history[1][1]
+    with left_as_found([module]):
+        module.cache["k"].append(torch.empty(2, device="meta"))
+        module.cache["v"] = torch.empty(2, device="meta")
+        module.cache["steps"] += 1
+        state.add_(1.0)
+        module.history.append(4)
+        nested.clear()
+        module.seen.add("b")
+    assert module.cache == {"k": [state], "steps": 0} and module.cache["k"] is inner
+    assert torch.equal(state, torch.zeros(2))
+    assert module.history == [1, (2, [3])] and module.history[1][1] is nested and module.seen == {"a"}
+
+
+class HandWrittenCache(nn.Module):
+    """Attention keeping its keys and values in a plain dict attribute, and call lengths in a list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(64, 192)
+        self.kv: dict[str, torch.Tensor] = {}
+        self.lengths: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, -1)
+        if "k" in self.kv:
+            k, v = torch.cat([self.kv["k"], k], 1), torch.cat([self.kv["v"], v], 1)
+        self.kv["k"], self.kv["v"] = k, v
+        self.lengths.append(x.shape[1])
+        return x + torch.softmax(q @ k.transpose(1, 2) / 8, -1) @ v
+
+
+def test_a_cache_kept_in_a_dict_attribute_starts_empty_after_attach_as_in_the_plain_model():
+    """The counting forward left meta keys in the dict: every call failed ("Tensor on device cpu is not on the
+    expected device meta"), detached too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(HandWrittenCache() for _ in range(4))).eval()
+    plain, x = copy.deepcopy(model), torch.randn(1, 4, 64)
+    with torch.inference_mode():
+        want = [plain(x), plain(x)]
+    with attach(model, x, "30%") as rt, torch.inference_mode():
+        assert rt.plan.streamed() and all(m.kv == {} and m.lengths == [] for m in model)
+        got = [model(x), model(x)]
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
 def test_a_plan_for_the_same_model_at_other_shapes_says_so():
     from residency.errors import ResidencyError
 

@@ -32,14 +32,20 @@ def left_as_found(modules: Iterable[nn.Module], generators: Iterable[torch.Gener
     is bound back), every plain tensor attribute its values, and torch's global RNG (CPU, and CUDA where it is
     initialised) and each of `generators` its state.
 
-    Hazard: a mutable container an attribute holds (a list of cached tensors) is the same object, and its
-    contents are not put back. Cost: one walk over the modules and a copy of each plain tensor attribute
-    (none on most models: their tensors are parameters and buffers)."""
+    The lists, dicts and sets an attribute holds (a hand-written KV cache `self.kv = {}`, a history list), and
+    those they hold, get their contents back too, and the plain tensors in them their values: left holding the
+    count's meta tensors, the model's next call failed ("Tensor on device cpu is not on the expected device
+    meta"), detached or not. Other objects' insides (a cache class) are not walked. Cost: one walk over the
+    modules, a shallow copy of each container, a copy of each plain tensor found (none on most models: their
+    tensors are parameters and buffers)."""
     saved = []
+    containers = _Containers()
     for module in {id(m): m for top in modules for m in top.modules()}.values():
         attrs = {k: v for k, v in vars(module).items() if k not in _REGISTRIES}
-        values = {k: v.clone() for k, v in attrs.items()
-                  if isinstance(v, torch.Tensor) and not v.is_meta and not isinstance(v, nn.Parameter)}
+        values = {k: v.clone() for k, v in attrs.items() if _plain_tensor(v)}
+        for k, v in attrs.items():
+            if k not in _MODULE_OWN:
+                containers.walk(v, 0)
         saved.append((module, attrs, values))
     gens = [(g, g.get_state()) for g in {id(g): g for g in generators}.values()]
     cpu_rng = torch.random.get_rng_state()
@@ -56,11 +62,8 @@ def left_as_found(modules: Iterable[nn.Module], generators: Iterable[torch.Gener
                     current[key] = value
             with torch.no_grad():
                 for key, value in values.items():
-                    kept = attrs[key]
-                    # written only where it changed: a copy into a view of a parameter would bump its
-                    # version counter, which the runtime reads as the user's edit
-                    if kept.shape == value.shape and kept.dtype == value.dtype and not torch.equal(kept, value):
-                        kept.copy_(value)
+                    _put_back(attrs[key], value)
+        containers.restore()
         for gen, state in gens:
             gen.set_state(state)
         torch.random.set_rng_state(cpu_rng)
@@ -69,3 +72,62 @@ def left_as_found(modules: Iterable[nn.Module], generators: Iterable[torch.Gener
 
 
 _MISSING = object()
+# what every nn.Module holds of its own (hook tables, the non-persistent buffer set): torch's, not the model's
+_MODULE_OWN = frozenset(vars(nn.Module()))
+MAX_DEPTH = 4  # containers within containers walked, from an attribute
+
+
+def _plain_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and not v.is_meta and not isinstance(v, nn.Parameter)
+
+
+def _put_back(kept: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a saved tensor's values back, only where they changed: a copy into a view of a parameter would bump its
+    version counter, which the runtime reads as the user's edit."""
+    if kept.shape == value.shape and kept.dtype == value.dtype and not torch.equal(kept, value):
+        kept.copy_(value)
+
+
+class _Containers:
+    """The lists, dicts and sets reachable from attributes (through tuples too), each with a shallow copy of its
+    contents, and the plain tensors among them with a copy of their values."""
+
+    def __init__(self) -> None:
+        self.saved: dict[int, tuple[Any, Any]] = {}
+        self.tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def walk(self, v: Any, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            return
+        if _plain_tensor(v):
+            if depth and id(v) not in self.tensors:
+                self.tensors[id(v)] = (v, v.clone())
+            return
+        if isinstance(v, (list, dict, set)):
+            if id(v) in self.saved:
+                return
+            copy = list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else set(v)
+            self.saved[id(v)] = (v, copy)
+            items = v.values() if isinstance(v, dict) else v
+        elif isinstance(v, tuple):
+            items = v
+        else:
+            return
+        for item in list(items):
+            self.walk(item, depth + 1)
+
+    def restore(self) -> None:
+        for container, copy in self.saved.values():
+            if isinstance(container, list):
+                if len(container) != len(copy) or any(a is not b for a, b in zip(container, copy, strict=True)):
+                    container[:] = copy
+            elif isinstance(container, dict):
+                if container.keys() != copy.keys() or any(container[k] is not copy[k] for k in copy):
+                    container.clear()
+                    container.update(copy)
+            elif container != copy:
+                container.clear()
+                container.update(copy)
+        with torch.no_grad():
+            for kept, value in self.tensors.values():
+                _put_back(kept, value)
