@@ -291,7 +291,10 @@ class PipelineRuntime:
         modules = self.built.modules
         modules.rewind = _generator_states(kwargs.get("generator"))  # a retry rewinds to them
         try:
-            return modules(*args, **kwargs)
+            # a pipeline's call never trains (diffusers decorates __call__ with torch.no_grad itself): no
+            # InferenceOnlyWarning on every call, as a world model's step
+            with torch.no_grad():
+                return modules(*args, **kwargs)
         finally:
             modules.rewind = []
 

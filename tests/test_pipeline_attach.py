@@ -6,6 +6,7 @@ small configs: no download."""
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -256,7 +257,13 @@ def test_residency_attach_takes_the_call_to_plan_for_as_example_inputs(flux):
                           example_inputs=CALL) as rt:
         got = image(rt)
         plan = rt.plan
+        # called as the README says, autograd on: a pipeline's call never trains (diffusers' own is under
+        # torch.no_grad), so no InferenceOnlyWarning on every call
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", residency.InferenceOnlyWarning)
+            again = rt(**CALL, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert plan.budget.vram_bytes == f32_bytes(built.workload) // 2 and np.array_equal(got, expected)
+    assert np.array_equal(again, expected)
 
 
 def test_a_budget_cut_mid_call_replans_and_the_call_is_retried(flux):
