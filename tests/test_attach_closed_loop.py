@@ -52,3 +52,18 @@ def test_true_takes_the_default_options_and_a_loop_options_caps_or_disables_it()
         for _ in range(3):
             rt.pipeline(X)
         assert rt.loop.events == []
+
+
+def test_a_gpu_profile_on_the_cpu_backend_is_refused_for_the_loop_and_the_model_left_as_it_was():
+    """Fitted to CPU timings a GPU profile describes neither device: the loop read its copy engine 4x slow and
+    switched BF16 blocks to Q5_K. Refused (the CLI's --calibrate was already); without the loop it attaches."""
+    from residency.runtime.hooks import has_hook
+
+    model = Small()
+    gpu = flat_profile(backend="cuda")
+    with pytest.raises(residency.ResidencyError, match="a GPU profile"):
+        residency.attach(model, vram="1GiB", profile=gpu, backend="cpu", example_inputs=X, closed_loop=True)
+    assert not any(has_hook(m) for m in model.modules())
+    with residency.attach(model, vram="1GiB", profile=gpu, backend="cpu", example_inputs=X,
+                          closed_loop=LoopOptions(enabled=False)) as rt:
+        assert rt.loop is None or not rt.loop.options.enabled

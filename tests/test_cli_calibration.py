@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from residency.cli import main
@@ -149,6 +150,15 @@ def test_a_calibration_that_cannot_work_is_refused_before_the_rollout(machine, c
     err = " ".join(capsys.readouterr().err.split())
     assert message in err and "hint:" in err
     assert not Path("out.gif").exists() and not calibrated_dir().exists()  # nothing rolled out, nothing cached
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU profile is this machine's kind there")
+def test_a_closed_loop_on_another_kind_of_devices_profile_is_refused_before_the_rollout(machine, capsys):
+    assert main([*RUN, "--frames", "5", "--profile", "rx-7800-xt", "--closed-loop"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--closed-loop fits the plan's profile to this machine's timings; it is Radeon RX 7800 XT, a GPU " \
+        "profile, not this CPU" in err and "hint:" in err
+    assert not Path("out.gif").exists()
 
 
 def test_a_shorter_calibration_keeps_the_cached_one_fitted_on_more_frames(machine, capsys):

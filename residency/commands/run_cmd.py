@@ -115,6 +115,14 @@ def check_calibration(other: str | None, frames: int) -> None:
                          hint="drop --profile to calibrate this machine's profile, or drop --calibrate")
 
 
+def loop_off_note(other: str | None) -> str | None:
+    """The note `play` and `demo` print when their closed loop stays off because the plan's profile is of another
+    kind than this runtime (see other_device); None when it can run."""
+    if other is None:
+        return None
+    return f"note: the closed loop is off: it would fit the plan's profile ({other}) to this machine's timings"
+
+
 def print_line(console: Console) -> Callable[[str], None]:
     """A say(line) that prints `line` as it is (no rich markup: "[kind]" and paths stay literal)."""
     return lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -302,6 +310,9 @@ def run(args: argparse.Namespace) -> int:
     plan, replan, other = plan_for(model, args, err)
     if args.calibrate:
         check_calibration(other, len(actions))
+    if args.closed_loop and other is not None:
+        raise UsageError(f"--closed-loop fits the plan's profile to this machine's timings; it is {other}",
+                         hint="drop --profile to plan for this machine, or drop --closed-loop")
     context = context_for(model, plan, other)
     runtime = attach(model, plan, replan)
     if args.closed_loop:  # the live dashboard shows the loop's events; else each is printed as it happens

@@ -530,7 +530,16 @@ class Runtime:
 
         Returns the ClosedLoop (its `events`, `switches`; `options=LoopOptions(enabled=False)` turns it off,
         `max_switches` caps it). `say` gets each LoopEvent as it happens. Raises ResidencyError without a
-        replan callable and profile."""
+        replan callable and profile, or with a profile of another kind of device than the backend's (a GPU profile
+        on the CPU backend: fitted to this machine's timings it describes neither; its copy engine read 4× slow and
+        the loop switched BF16 blocks to Q5_K)."""
+        on_gpu = self.backend.device.type != "cpu"
+        if (options is None or options.enabled) and self.profile is not None and self.profile.is_gpu != on_gpu:
+            raise ResidencyError(
+                f"the closed loop fits profile {self.profile.name!r} ({'a GPU' if self.profile.is_gpu else 'a CPU'} "
+                f"profile) to this runtime's timings on the {'GPU' if on_gpu else 'CPU'}: a fit across kinds of "
+                "device describes neither", hint="leave profile= out (this machine's profile), or leave the closed "
+                                                 "loop off")
         self.loop = ClosedLoop(self, options, model, say)
         return self.loop
 
