@@ -559,3 +559,26 @@ def test_a_block_module_under_two_paths_is_hooked_once():
     with attach(model, x, "30%") as rt, torch.inference_mode():
         assert rt.plan.streamed()
         assert torch.equal(model(x), expected)
+
+
+class ComplexScale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.z = nn.Parameter(torch.randn(8, dtype=torch.complex64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)) + self.z.real
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda: torch.jit.script(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))), "is a TorchScript module"),
+    (lambda: nn.Sequential(nn.LazyLinear(8), nn.Linear(8, 8)), "Sequential.0.weight is not initialised yet"),
+    (ComplexScale, "ComplexScale.z is complex64: residency stores real weights"),
+])
+def test_what_residency_cannot_hook_or_store_is_refused_by_name_before_planning(make, said):
+    """Each failed deep in torch: "get_submodule is not supported on ScriptModules", a ValueError of an
+    uninitialised parameter, and for a complex weight a hint to cast the model to fp32 (its imaginary part lost)."""
+    with pytest.raises(ResidencyError, match=said) as e:
+        attach(make(), torch.randn(2, 8), "50%")
+    assert e.value.hint

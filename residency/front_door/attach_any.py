@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from itertools import chain
 from typing import Any
 
+import torch
 from torch import nn
 
 from policies import PlanRequest, fits_memory, get_policy
@@ -93,6 +95,7 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
                              hint="detach() that runtime (or leave its `with` block) first, then attach the whole "
                                   "model")
     refuse_foreign_hooks(target, type(target).__name__)
+    _refuse_unhookable(target)
     _warn_training_statistics(target)
     chosen_backend = backend_name(backend)
     prof = _profile(profile, chosen_backend)
@@ -183,6 +186,26 @@ def _profile(profile: str | os.PathLike[str] | DeviceProfile, backend: str) -> D
     if isinstance(profile, str) and profile == "auto":
         return machine_profile("cpu" if backend == "cpu" else "cuda")
     return resolve_profile(profile)
+
+
+def _refuse_unhookable(model: nn.Module) -> None:
+    """Refuse, before any planning, what residency cannot place or hook: TorchScript (its forward is compiled
+    code: no module call of a block runs Python), parameters a lazy module has not initialised yet (no shape to
+    plan), complex parameters (not a weight format residency stores). Each had failed deep in torch."""
+    name = type(model).__name__
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ResidencyError(f"{name} is a TorchScript module: its blocks run as compiled code, which residency "
+                             "cannot hook to place their weights",
+                             hint="attach the nn.Module itself, before torch.jit.script or torch.jit.trace")
+    for path, t in chain(model.named_parameters(), model.named_buffers()):
+        if isinstance(t, nn.parameter.UninitializedTensorMixin):
+            raise ResidencyError(f"{name}.{path} is not initialised yet (a lazy module, e.g. nn.LazyLinear, takes "
+                                 "its shape from its first input)",
+                                 hint="run the model once on an example before attaching it")
+        if t.is_complex():
+            raise ResidencyError(f"{name}.{path} is {str(t.dtype).removeprefix('torch.')}: residency stores real "
+                                 "weights (float32, float16, bfloat16) only",
+                                 hint="attach the part of the model with real weights, or keep this model unattached")
 
 
 def _compute_dtype(model: nn.Module) -> str:
