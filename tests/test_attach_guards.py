@@ -582,3 +582,21 @@ def test_what_residency_cannot_hook_or_store_is_refused_by_name_before_planning(
     with pytest.raises(ResidencyError, match=said) as e:
         attach(make(), torch.randn(2, 8), "50%")
     assert e.value.hint
+
+
+class WeightsInAParameterList(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ws = nn.ParameterList(nn.Parameter(torch.randn(64, 64)) for _ in range(6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for w in self.ws:
+            x = torch.nn.functional.linear(x, w).tanh()
+        return x
+
+
+def test_weights_read_straight_from_a_parameter_list_are_named_with_what_to_do():
+    """The hint was "call them as layer(x)": there is no layer to call."""
+    with pytest.raises(ResidencyError, match=r"weights sit in ws \(ParameterList\), read directly") as e:
+        attach(WeightsInAParameterList(), torch.randn(2, 64), "50%")
+    assert "hold each layer's weights in a module the forward calls" in e.value.hint

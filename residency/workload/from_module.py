@@ -255,6 +255,14 @@ def _schedule(model: nn.Module, blocks: ModuleBlocks, trace: Trace, name: str, c
             raise ResidencyError(f"{name}: a single layer ({type(model).__name__}) is one block with nothing to "
                                  "stream around it", hint="attach the model it belongs to (its blocks are its "
                                  "layers); a lone layer runs as it is")
+        held = [u.modules[0] for u in blocks.units
+                if isinstance(model.get_submodule(u.modules[0]), (nn.ParameterList, nn.ParameterDict))]
+        if held:
+            raise ResidencyError(f"{name}: the forward called none of the model's blocks; its weights sit in "
+                                 f"{held[0]} ({type(model.get_submodule(held[0])).__name__}), read directly",
+                                 hint="residency places a model by the calls of its layers: hold each layer's "
+                                      "weights in a module the forward calls (nn.Linear, or a small module of "
+                                      "your own) instead of F.linear(x, self.weights[i])")
         raise ResidencyError(f"{name}: the forward called none of the model's blocks",
                              hint="pass the module whose forward runs the model; a model that runs its layers as "
                                   "layer.forward(x) skips the module call residency sees: call them as layer(x)")
