@@ -189,3 +189,23 @@ def test_a_loaded_plan_is_compared_only_on_a_device_of_its_profiles_kind(files, 
         assert main(["run", "tiny", "--image", "start.png", "--plan", "small.json", "-o", "s.gif"]) == 1
         err = " ".join(capsys.readouterr().err.split())
         assert "no plan fits the 1.00 MiB VRAM budget" in err and not (files / "s.gif").exists()
+
+
+def test_a_plan_file_without_its_prediction_is_predicted_here_or_said_to_have_none(files, capsys):
+    """The schema leaves `prediction` out or null; `run --plan` of such a file raised AttributeError
+    ('NoneType' object has no attribute 'peak_total_bytes')."""
+    import json
+
+    assert main(["plan", "tiny", *PROFILE, "--exec-mode", "eager", "-o", "p.json"]) in (0, 3)
+    doc = json.loads((files / "p.json").read_text())
+    doc.pop("prediction")
+    (files / "bare.json").write_text(json.dumps(doc))
+    doc["profile_fingerprint"] = "0" * 16  # a profile not known here
+    (files / "unknown.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "bare.json", "--frames", "2", "-o", "b.gif"]) == 0
+    out = " ".join("".join(capsys.readouterr()).split())
+    assert "bare.json holds no prediction: predicted here for Radeon RX 7800 XT" in out and "ms per latent frame" in out
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "unknown.json", "--frames", "2", "-o", "u.gif"]) == 0
+    out = " ".join("".join(capsys.readouterr()).split())
+    assert "no prediction: the plan holds none, and its profile (Radeon RX 7800 XT) is not one known here" in out

@@ -141,8 +141,14 @@ def plan_for(model: Model, args: argparse.Namespace,
 
     plan, replan = make_plan(model, console, plan_path=getattr(args, "plan", None), profile=args.profile,
                              fps=args.fps, vram_bytes=args.vram)
-    pred = plan.prediction
     device = plan_device(replan, plan)  # a loaded plan's: its profile file read once, here
+    if plan.prediction is None and device is not None:  # a plan file may leave its prediction out (the schema's)
+        from residency.simulate import predict
+
+        plan = predict(model.workload, plan, device, bound=False)
+        console.print(f"note: {args.plan} holds no prediction: predicted here for {plan.profile}", markup=False,
+                      highlight=False)
+    pred = plan.prediction
     other = _other_kind(device)
     # Refused only when the plan is for a profile of this runtime's kind: a GPU profile's prediction counts a
     # GPU's workspace the CPU runtime never holds (a GPU plan tried on the CPU runs, as the README shows)
