@@ -132,6 +132,10 @@ def block_of(name: str) -> tuple[str, str]:
 
 
 def group_tensors(source: str, tensors: Iterable[TensorInfo]) -> Inventory:
+    """Tensors grouped by block (block_of), in the order blocks are first seen, except that the numbered blocks of
+    one list (`layers.0`, `layers.1`, …) follow their numbers, at the place the list is first seen: a safetensors
+    header lists names as text (layers.0, layers.1, layers.10, layers.11, layers.2), and the inspect table's
+    ranges of like blocks read "layers.0–9 (×12)" for layers 0 to 11."""
     blocks: dict[str, BlockInfo] = {}
     for t in tensors:
         component, block = block_of(t.name)
@@ -139,7 +143,14 @@ def group_tensors(source: str, tensors: Iterable[TensorInfo]) -> Inventory:
         if b is None:
             b = blocks[block] = BlockInfo(block, component)
         b.tensors.append(t)
-    return Inventory(source, list(blocks.values()))
+    first_seen: dict[str, int] = {}
+    keys = {}
+    for pos, name in enumerate(blocks):
+        head, _, last = name.rpartition(".")
+        numbered = bool(head) and last.isdigit()
+        key = head if numbered else name
+        keys[name] = (first_seen.setdefault(key, pos), int(last) if numbered else -1, pos)
+    return Inventory(source, sorted(blocks.values(), key=lambda b: keys[b.name]))
 
 
 def inventory_from_named_shapes(

@@ -40,3 +40,13 @@ def test_grouping_keeps_execution_order_and_sums_bytes():
     assert inv.largest_block().name == "dit.blocks.0"
     # Q8_0: 34 bytes per 32 weights for the matrix; the norm vector falls back to BF16.
     assert inv.blocks[1].bytes_as("Q8_0") == 256 * 256 // 32 * 34 + 256 * 2
+
+
+def test_numbered_blocks_follow_their_numbers_where_their_list_is_first_seen():
+    """A safetensors header lists names as text: layers.0, layers.1, layers.10, layers.11, layers.2 … The table's
+    range of like blocks read "layers.0–9 (×12)" for layers 0 to 11."""
+    names = ["embed.weight", *sorted(f"layers.{i}.weight" for i in range(12)), "head.weight", "blocks.9.w",
+             "blocks.10.w"]
+    inv = group_tensors("x", [TensorInfo(n, (4,), "F32", 16) for n in names])
+    assert [b.name for b in inv.blocks] == ["embed", *(f"layers.{i}" for i in range(12)), "head", "blocks.9",
+                                           "blocks.10"]
