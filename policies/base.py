@@ -67,6 +67,12 @@ class PlanRequest:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ResidencyError(f"PlanRequest.compute_dtype {self.compute_dtype!r} is not one of "
                                  f"{', '.join(COMPUTE_DTYPES)}", hint="the dtype the matmuls run in, e.g. 'bf16'")
+        w = self.workload
+        if isinstance(w, Workload) and not any(p.passes for p in w.frame_phases()):  # the simulator's max() of none
+            raise ResidencyError(f"workload {w.name}: no phase runs per latent frame (per \"latent_frame\", with a "
+                                 "pass): a plan holds a frame, and this workload has none to plan",
+                                 hint="add a phase with \"per\": \"latent_frame\" and the passes one frame runs "
+                                      "(the catalog's field 'phases')")
 
 
 PolicyFn = Callable[[PlanRequest], Plan]

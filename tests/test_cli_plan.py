@@ -339,3 +339,17 @@ def test_the_json_output_saved_to_a_file_loads_as_a_plan(capsys, tmp_path):
     saved.write_text(json.dumps(doc))
     with pytest.raises(Exception, match="holds_budget"):
         load_plan(saved)
+
+
+@pytest.mark.parametrize("keep", ["none", "session"])
+def test_a_catalog_with_no_phase_per_latent_frame_is_refused_naming_phases(capsys, tmp_path, keep):
+    """`"phases": []`, or a session phase only: ValueError 'max() arg is an empty sequence' from the simulator."""
+    from pipelines.world_model.workload import catalog_entry
+
+    doc = catalog_entry("tiny")
+    doc["phases"] = [p for p in doc["phases"] if keep == "session" and p["per"] == "session"]
+    path = tmp_path / "cat.json"
+    path.write_text(json.dumps(doc))
+    code, _, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
+    err = " ".join(err.split())
+    assert code == 1 and "no phase runs per latent frame" in err and "'phases'" in err and "hint:" in err
