@@ -122,9 +122,15 @@ class Reader:
 
     # ------------------------------------------------------------ scalars
     def string(self, value: Any, path: str, non_empty: bool = False) -> str:
-        """`value` as a str (non-empty if asked); raises ResidencyError otherwise."""
+        """`value` as a str (non-empty if asked) of printable characters; raises ResidencyError otherwise. Control
+        characters are refused: printed in a table or a title, an escape sequence recoloured or cleared the
+        terminal and a newline split the row."""
         if not isinstance(value, str) or (non_empty and not value):
             raise self.bad(path, value, "a non-empty string" if non_empty else "a string")
+        bad = control_character(value)
+        if bad is not None:
+            raise self.fail(path, f"= {show(value)}: holds a control character ({bad!r})",
+                            hint="use printable text (no escape sequences, tabs or newlines)")
         return value
 
     def choice(self, value: Any, path: str, allowed: Iterable[str]) -> str:
@@ -191,3 +197,11 @@ class Reader:
 
 def _range(minimum: int, maximum: int | None) -> str:
     return f"{minimum}..{maximum}" if maximum is not None else f"≥ {minimum}"
+
+
+def control_character(text: str) -> str | None:
+    """The first C0/C1 control character (or DEL) in `text`, None when it has none. Cost: one C-level scan when
+    it is printable (nearly always); a Python loop otherwise."""
+    if text.isprintable():
+        return None
+    return next((c for c in text if ord(c) < 32 or 127 <= ord(c) < 160), None)

@@ -56,6 +56,9 @@ SAFETENSORS_CASES = {
         "past the end",
     ),
     "offsets_negative": (st_bytes({"w": {**F32, "data_offsets": [-16, 0]}}), "data_offsets"),
+    # printed in inspect's table, the escape sequence cleared and recoloured the terminal, the newline split a row
+    "name_escape": (st_bytes({"\x1b[2J\x1b[31mevil.weight": F32}), "holds a control character ('\\x1b')"),
+    "name_newline": (st_bytes({"a\nb": F32}), "holds a control character ('\\n')"),
     "offsets_reversed": (st_bytes({"w": {**F32, "data_offsets": [16, 0]}}, bytes(32)), "data_offsets"),
     "offsets_wrong_arity": (st_bytes({"w": {**F32, "data_offsets": [0]}}), "data_offsets"),
     "offsets_bool": (st_bytes({"w": {**F32, "data_offsets": [False, True]}}), "data_offsets"),

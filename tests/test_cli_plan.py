@@ -353,3 +353,16 @@ def test_a_catalog_with_no_phase_per_latent_frame_is_refused_naming_phases(capsy
     code, _, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
     err = " ".join(err.split())
     assert code == 1 and "no phase runs per latent frame" in err and "'phases'" in err and "hint:" in err
+
+
+def test_a_catalog_name_with_an_escape_sequence_is_refused_naming_its_field(capsys, tmp_path):
+    """Printed in the plan's title and table, "\x1b[2J" cleared the terminal."""
+    from pipelines.world_model.workload import catalog_entry
+
+    doc = catalog_entry("tiny")
+    doc["blocks"][0]["name"] = "\x1b[2Jb"
+    path = tmp_path / "cat.json"
+    path.write_text(json.dumps(doc))
+    code, out, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
+    assert code == 1 and "field 'blocks[0].name'" in err and "holds a control character" in err
+    assert "\x1b" not in out + err

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from residency.checkpoint.errors import broken
 from residency.formats import StorageFormat, get_format
+from residency.validate import control_character
 
 MAX_DIMS = 32  # far above any real tensor (4-5); bounds the work one shape can cause
 # Product of a shape's non-zero dimensions. With a zero dimension the element count is 0 and
@@ -34,8 +35,13 @@ MAX_NAME_BYTES = 4096  # one tensor name; real ones are < 200 bytes (GGUF's own 
 
 
 def check_name(path: Path, name: str) -> None:
+    """A tensor name as residency reads it: non-empty, at most MAX_NAME_BYTES, printable (an escape sequence in a
+    name cleared and recoloured the terminal in `inspect`'s table, a newline split its row)."""
     if not name or len(name) > MAX_NAME_BYTES:
         raise broken(path, f"tensor name {name[:80]!r} is empty or longer than {MAX_NAME_BYTES} characters")
+    bad = control_character(name)
+    if bad is not None:
+        raise broken(path, f"tensor name {name[:80]!r} holds a control character ({bad!r})")
 
 
 def check_tensor_count(path: Path, count: int) -> None:

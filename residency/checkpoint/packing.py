@@ -14,6 +14,7 @@ from residency.checkpoint.entry import packed_nbytes
 from residency.checkpoint.limits import MAX_NAME_BYTES
 from residency.errors import FormatError
 from residency.formats import StorageFormat, get_format
+from residency.validate import control_character
 
 DEFAULT_KEY = "*"  # in a formats mapping: the format of tensors the mapping does not name
 
@@ -79,11 +80,11 @@ def pack_tensors(
     out = []
     for name, tensor in tensors.items():
         # what open_checkpoint reads back (limits.check_name): a file it would refuse is not written
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME_BYTES:
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_BYTES or control_character(name):
             shown = repr(name)[:80]
             raise FormatError(f"tensor name {shown} is not a name a checkpoint can hold (a non-empty string of at "
-                              f"most {MAX_NAME_BYTES} characters)", hint="key the tensors by their names, as "
-                              "model.state_dict() does")
+                              f"most {MAX_NAME_BYTES} printable characters)", hint="key the tensors by their names, "
+                              "as model.state_dict() does")
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise FormatError(f"tensor {name!r:.80} is {kind}; only floating-point tensors can be saved")

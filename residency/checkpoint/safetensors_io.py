@@ -166,7 +166,7 @@ def read_safetensors(path: Path, file_size: int) -> tuple[list[TensorEntry], dic
     # The hot loop of a file with many tensors (~2.5 µs an entry): the common case checked inline, the
     # helpers (and their error text) reached only when a check fails.
     for name, info in header.items():
-        if not name or len(name) > MAX_NAME_BYTES:
+        if not name or len(name) > MAX_NAME_BYTES or not name.isprintable():  # the fast test, per tensor
             check_name(path, name)
         if type(info) is not dict:
             raise broken(path, f"tensor {name!r:.80}: header entry is not a JSON object")

