@@ -171,3 +171,13 @@ def test_inspect_lists_a_models_parameters_when_its_config_gives_no_inputs(capsy
     code, out, _ = run(capsys, "inspect", str(path), "--json")
     doc = json.loads(out)
     assert code == 0 and doc["params"] > 0 and {c["name"] for c in doc["components"]} >= {"down_blocks", "up_blocks"}
+
+
+@pytest.mark.parametrize("command", [("inspect",), ("plan", "--profile", "rx-7800-xt")])
+def test_a_model_directorys_config_json_given_as_the_file_points_at_its_directory(capsys, tmp_path, command):
+    """Read as a catalog document it said "field '_class_name' is not known", with the catalog's fields."""
+    path = model_dir(tmp_path, FLUX)
+    code, _, err = run(capsys, command[0], str(path / "config.json"), *command[1:])
+    err = " ".join(err.split())
+    assert code == 1 and "the config.json of a model directory, not a catalog document" in err
+    assert f"hint: give its directory: {path}" in err

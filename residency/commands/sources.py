@@ -102,8 +102,22 @@ def classify(text: str) -> Source:
                                  "or .safetensors/.gguf file)", hint=SOURCES_HINT.format(names=", ".join(catalog_names())))
         return Source(CHECKPOINT, text, path)
     if path.suffix == ".json":
+        _refuse_a_directorys_config(text, path)
         return Source(WORKLOAD_JSON, text, path)
     return Source(CHECKPOINT, text, path)
+
+
+def _refuse_a_directorys_config(text: str, path: Path) -> None:
+    """A model's config.json (or a pipeline's model_index.json) given as the file: read as a catalog document it
+    failed with "field 'model_type' is not known" and the catalog's fields as the hint. Its directory is the
+    source."""
+    parent = path.parent
+    kind = ("a diffusers pipeline" if path.name == "model_index.json" and is_diffusers_pipeline_dir(parent) else
+            "a model directory" if path.name == "config.json" and (is_model_dir(parent) or is_world_model_dir(parent))
+            else None)
+    if kind is not None:
+        raise ResidencyError(f"{text[:200]}: the {path.name} of {kind}, not a catalog document",
+                             hint=f"give its directory: {str(parent)[:200]}")
 
 
 def resolve_workload(name_or_path: str, steps: int | None = None, context_frames: int | None = None,
