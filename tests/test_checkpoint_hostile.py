@@ -202,11 +202,9 @@ GGUF_CASES = {
     "tensor_past_end": (gguf_bytes(tensors=[F32_T], data=bytes(16)), "outside"),
     "tensor_offset_huge": (gguf_bytes(tensors=[("w", [4, 2], 0, 2**63)], data=bytes(32)), "outside"),
     "unknown_ggml_type": (gguf_bytes(tensors=[("w", [4, 2], 9999, 0)], data=bytes(32)), "unknown ggml type"),
-    "unsupported_ggml_type": (
-        gguf_bytes(tensors=[("w", [4, 2], 26, 0)], data=bytes(32)),
-        "unsupported dtype",
-    ),  # I32
-    "raw_i8_without_meta": (gguf_bytes(tensors=[("w", [32], 24, 0)], data=bytes(32)), "unsupported dtype"),
+    # I32 and unnamed I8 tensors are left out (listed apart), their bytes still checked
+    "left_out_i32_past_end": (gguf_bytes(tensors=[("w", [4, 2], 26, 0)], data=bytes(16)), "past the end"),
+    "left_out_raw_i8_past_end": (gguf_bytes(tensors=[("w", [32], 24, 0)], data=bytes(16)), "past the end"),
     "overlap": (gguf_bytes(tensors=[F32_T, ("v", [4, 2], 0, 16)], data=bytes(64)), "overlap"),
     "duplicate_tensor": (gguf_bytes(tensors=[F32_T, ("w", [4, 2], 0, 32)], data=bytes(64)), "twice"),
     "duplicate_key": (gguf_bytes([("k", UINT32, bytes(4)), ("k", UINT32, bytes(4))]), "twice"),
@@ -329,3 +327,28 @@ def test_tensors_of_other_dtypes_are_left_out_listed_not_refused(tmp_path):
         assert list(ck.entries) == ["w"]
         assert [(o.name, o.dtype, o.shape, o.nbytes) for o in ck.left_out] == [("ids", "I64", (1, 2), 16),
                                                                               ("mask", "BOOL", (4,), 4)]
+
+
+def test_integer_and_f64_tensors_of_a_gguf_are_left_out_listed_as_in_safetensors(tmp_path):
+    """A GGUF's I32 tensor refused the whole file ("unsupported dtype 'I32'"), its hint saying such tensors are
+    listed apart: they are now, as safetensors' are, and one lying about its size is still refused."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = tmp_path / "m.gguf"
+    writer = GGUFWriter(path, arch="test")
+    writer.add_tensor("blk.0.weight", np.ones((4, 32), dtype=np.float32))
+    writer.add_tensor("blk.0.ids", np.arange(10, dtype=np.int32))
+    writer.add_tensor("table", np.zeros(3, dtype=np.float64))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with open_checkpoint(path) as ck:
+        assert list(ck.entries) == ["blk.0.weight"]
+        assert torch.equal(ck.read_tensor("blk.0.weight"), torch.ones(4, 32))
+        assert sorted((o.name, o.dtype, o.shape, o.nbytes) for o in ck.left_out) == [
+            ("blk.0.ids", "I32", (10,), 40), ("table", "F64", (3,), 24)]
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) - 30])  # the last tensor's bytes cut
+    expect_error(path)

@@ -40,7 +40,7 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-_READERS = {".safetensors": read_safetensors, ".gguf": lambda path, size: (*read_gguf(path, size), [])}
+_READERS = {".safetensors": read_safetensors, ".gguf": read_gguf}
 
 
 class Checkpoint:

@@ -25,6 +25,7 @@ from residency.checkpoint.errors import broken
 from residency.checkpoint.gguf_header import STRING, GGUFTensorInfo, parse_gguf_header
 from residency.checkpoint.limits import container_nbytes
 from residency.checkpoint.packing import PackedTensor
+from residency.checkpoint.safetensors_io import LeftOut
 from residency.formats import format_for_gguf_type, get_format
 
 ARCH_KEY = "general.architecture"
@@ -34,8 +35,15 @@ _RAW_TYPE = GGMLQuantizationType.I8
 _GGML_TYPES = {int(q): (q, *GGML_QUANT_SIZES[q]) for q in GGMLQuantizationType if q in GGML_QUANT_SIZES}
 
 
-def read_gguf(path: Path, file_size: int) -> tuple[list[TensorEntry], dict[str, str]]:
-    """Entries (in data order, torch shapes) and metadata (as strings) of one .gguf file.
+# ggml types a GGUF holds beside weights (token ids, masks, a float64 table), as safetensors' OTHER_DTYPES: listed
+# apart (LeftOut), their byte ranges checked, never read. I8 is one too unless a residency.* key names it (FP8, NF4).
+_OTHER_GGML = {int(q): q.name for q in (GGMLQuantizationType.I16, GGMLQuantizationType.I32, GGMLQuantizationType.I64,
+                                        GGMLQuantizationType.F64)}
+
+
+def read_gguf(path: Path, file_size: int) -> tuple[list[TensorEntry], dict[str, str], list[LeftOut]]:
+    """Entries (in data order, torch shapes), metadata (as strings) and the tensors left out (integer and F64
+    ones) of one .gguf file.
 
     Long metadata arrays (tokenizer tables) are skipped; short ones become JSON text.
     """
@@ -57,13 +65,16 @@ def read_gguf(path: Path, file_size: int) -> tuple[list[TensorEntry], dict[str, 
             overrides[key] = text or ""
         elif text is not None:
             meta[key] = text
-    entries = []
+    entries, others = [], []
     # A model repeats a few (type, dims) pairs thousands of times: resolve each pair once.
     # Tensors named by residency.* keys are resolved on their own.
     seen: dict[tuple[int, tuple[int, ...]], tuple[str, tuple[int, ...], int]] = {}
     data_offset = header.data_offset
     for t in header.tensors:
         named = bool(overrides) and (FORMAT_KEY + t.name in overrides or SHAPE_KEY + t.name in overrides)
+        if t.ggml_type in _OTHER_GGML or (t.ggml_type == _RAW_TYPE and not named):
+            others.append(_left_out(path, t, data_offset, file_size))
+            continue
         key = (t.ggml_type, t.dims)
         resolved = None if named else seen.get(key)
         if resolved is None:
@@ -74,7 +85,18 @@ def read_gguf(path: Path, file_size: int) -> tuple[list[TensorEntry], dict[str, 
         entries.append(TensorEntry(t.name, shape, fmt_name, nbytes, path, data_offset + t.offset))
     check_layout(path, entries, header.data_offset, file_size)
     entries.sort(key=lambda e: e.offset)
-    return entries, meta
+    return entries, meta, others
+
+
+def _left_out(path: Path, t: GGUFTensorInfo, data_offset: int, file_size: int) -> LeftOut:
+    """A tensor residency does not store (_OTHER_GGML), its size and place in the file checked."""
+    qtype, block, type_size = _GGML_TYPES[t.ggml_type]
+    stored_shape = tuple(reversed(t.dims))
+    nbytes = container_nbytes(path, t.name, stored_shape, block, type_size)
+    start = data_offset + t.offset
+    if start + nbytes > file_size:
+        raise broken(path, f"tensor {t.name!r:.80}: {qtype.name} {stored_shape} runs past the end of the file")
+    return LeftOut(t.name, qtype.name, stored_shape, nbytes, start)
 
 
 def _resolve(path: Path, t: GGUFTensorInfo, overrides: Mapping[str, str]) -> tuple[str, tuple[int, ...], int]:
