@@ -203,8 +203,9 @@ GGUF_CASES = {
     "tensor_offset_huge": (gguf_bytes(tensors=[("w", [4, 2], 0, 2**63)], data=bytes(32)), "outside"),
     "unknown_ggml_type": (gguf_bytes(tensors=[("w", [4, 2], 9999, 0)], data=bytes(32)), "unknown ggml type"),
     # I32 and unnamed I8 tensors are left out (listed apart), their bytes still checked
-    "left_out_i32_past_end": (gguf_bytes(tensors=[("w", [4, 2], 26, 0)], data=bytes(16)), "past the end"),
-    "left_out_raw_i8_past_end": (gguf_bytes(tensors=[("w", [32], 24, 0)], data=bytes(16)), "past the end"),
+    "left_out_i32_past_end": (gguf_bytes(tensors=[("w", [4, 2], 26, 0)], data=bytes(16)), "outside the data"),
+    "left_out_raw_i8_past_end": (gguf_bytes(tensors=[("w", [32], 24, 0)], data=bytes(16)), "outside the data"),
+    "left_out_overlapping": (gguf_bytes(tensors=[F32_T, ("ids", [4], 26, 0)], data=bytes(64)), "overlap"),
     "overlap": (gguf_bytes(tensors=[F32_T, ("v", [4, 2], 0, 16)], data=bytes(64)), "overlap"),
     "duplicate_tensor": (gguf_bytes(tensors=[F32_T, ("w", [4, 2], 0, 32)], data=bytes(64)), "twice"),
     "duplicate_key": (gguf_bytes([("k", UINT32, bytes(4)), ("k", UINT32, bytes(4))]), "twice"),

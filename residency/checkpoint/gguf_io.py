@@ -73,7 +73,7 @@ def read_gguf(path: Path, file_size: int) -> tuple[list[TensorEntry], dict[str, 
     for t in header.tensors:
         named = bool(overrides) and (FORMAT_KEY + t.name in overrides or SHAPE_KEY + t.name in overrides)
         if t.ggml_type in _OTHER_GGML or (t.ggml_type == _RAW_TYPE and not named):
-            others.append(_left_out(path, t, data_offset, file_size))
+            others.append(_left_out(path, t, data_offset))
             continue
         key = (t.ggml_type, t.dims)
         resolved = None if named else seen.get(key)
@@ -83,20 +83,19 @@ def read_gguf(path: Path, file_size: int) -> tuple[list[TensorEntry], dict[str, 
                 seen[key] = resolved
         fmt_name, shape, nbytes = resolved
         entries.append(TensorEntry(t.name, shape, fmt_name, nbytes, path, data_offset + t.offset))
-    check_layout(path, entries, header.data_offset, file_size)
+    # the left-out tensors' ranges are checked with the others' (no overlap, inside the data section)
+    check_layout(path, [*entries, *(TensorEntry(o.name, o.shape, "BF16", o.nbytes, path, o.offset) for o in others)],
+                 header.data_offset, file_size)
     entries.sort(key=lambda e: e.offset)
     return entries, meta, others
 
 
-def _left_out(path: Path, t: GGUFTensorInfo, data_offset: int, file_size: int) -> LeftOut:
-    """A tensor residency does not store (_OTHER_GGML), its size and place in the file checked."""
+def _left_out(path: Path, t: GGUFTensorInfo, data_offset: int) -> LeftOut:
+    """A tensor residency does not store (_OTHER_GGML), its size checked (its place: with the others')."""
     qtype, block, type_size = _GGML_TYPES[t.ggml_type]
     stored_shape = tuple(reversed(t.dims))
     nbytes = container_nbytes(path, t.name, stored_shape, block, type_size)
-    start = data_offset + t.offset
-    if start + nbytes > file_size:
-        raise broken(path, f"tensor {t.name!r:.80}: {qtype.name} {stored_shape} runs past the end of the file")
-    return LeftOut(t.name, qtype.name, stored_shape, nbytes, start)
+    return LeftOut(t.name, qtype.name, stored_shape, nbytes, data_offset + t.offset)
 
 
 def _resolve(path: Path, t: GGUFTensorInfo, overrides: Mapping[str, str]) -> tuple[str, tuple[int, ...], int]:
