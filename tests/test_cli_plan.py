@@ -366,3 +366,16 @@ def test_a_catalog_name_with_an_escape_sequence_is_refused_naming_its_field(caps
     code, out, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
     assert code == 1 and "field 'blocks[0].name'" in err and "holds a control character" in err
     assert "\x1b" not in out + err
+
+
+def test_a_catalog_tensor_larger_than_any_model_is_refused_naming_it(capsys, tmp_path):
+    """Each dimension was bounded, not their product: a [2^40, 2^40] tensor planned as "2199023255552.0 TiB" with a
+    hint of a --vram that --vram refuses."""
+    from pipelines.world_model.workload import catalog_entry
+
+    doc = catalog_entry("tiny")
+    doc["blocks"][0]["tensors"][0][1] = [2**40, 2**40]
+    path = tmp_path / "cat.json"
+    path.write_text(json.dumps(doc))
+    code, out, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
+    assert code == 1 and "field 'blocks[0].tensors[0][1]'" in err and "more than the" in err and "TiB" not in out

@@ -5,6 +5,7 @@ A catalog entry is the inventory of a real architecture plus its call schedule, 
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -37,6 +38,11 @@ _HINT = "regenerate the catalog with python -m pipelines.catalog_build"
 MAX_BLOCKS = 10_000
 MAX_TENSORS_PER_BLOCK = 4_096
 MAX_DIM = 2**40  # elements along one tensor dimension
+# Elements of one tensor, and of the whole model: the largest real tensor (an embedding of 256 K tokens × 16 K) is
+# 2^32, the largest model ~2^41. Unbounded, a [2^40, 2^40] tensor planned as "2199023255552.0 TiB" and a hint of a
+# --vram that --vram itself refuses (its cap, 2^60 bytes, is above 2^52 elements at 4 bytes).
+MAX_TENSOR_ELEMENTS = 2**48
+MAX_MODEL_ELEMENTS = 2**52
 MAX_TOKENS = 2**32
 MAX_PHASES, MAX_PASSES_PER_PHASE = 64, 256
 MAX_BATCH = 1_024
@@ -60,9 +66,11 @@ def _block(r: Reader, doc: Any, path: str) -> BlockSpec:
         if not isinstance(item, list) or len(item) != 2:
             raise r.bad(where, item, "[name, [dims…]]")
         shape = r.items(item[1], f"{where}[1]", max_items=8)
-        tensors.append((r.string(item[0], f"{where}[0]", non_empty=True),
-                        tuple(r.integer(d, f"{where}[1][{k}]", 0, MAX_DIM, unit="elements")
-                              for k, d in enumerate(shape))))
+        dims = tuple(r.integer(d, f"{where}[1][{k}]", 0, MAX_DIM, unit="elements") for k, d in enumerate(shape))
+        if math.prod(dims) > MAX_TENSOR_ELEMENTS:
+            raise r.fail(f"{where}[1]", f"= {list(dims)}: {math.prod(dims):.3g} elements, more than the "
+                         f"{MAX_TENSOR_ELEMENTS:.3g} (2^48) of any tensor residency plans")
+        tensors.append((r.string(item[0], f"{where}[0]", non_empty=True), dims))
     kwargs: dict[str, Any] = {k: r.number(r.optional(doc, k, 0.0), at(path, k), 0.0, maximum=MAX_FLOPS)
                               for k in _BLOCK_NUMBERS}
     kwargs.update({k: r.integer(r.optional(doc, k, 0), at(path, k), 0, MAX_COUNT) for k in _BLOCK_INTS})
@@ -130,6 +138,10 @@ def workload_from_dict(doc: Any, source: str = "<catalog>") -> Workload:
         twice = next(n for n in names if names.count(n) > 1)
         raise r.fail(f"blocks[{names.index(twice, names.index(twice) + 1)}].name",
                      f"= {show(twice)}: block names must be unique")
+    total = sum(math.prod(shape) for b in blocks for _, shape in b.tensors)
+    if total > MAX_MODEL_ELEMENTS:
+        raise r.fail("blocks", f"hold {total:.3g} weights in all, more than the {MAX_MODEL_ELEMENTS:.3g} (2^52) of any "
+                     "model residency plans")
     known = frozenset(names)
     phases = tuple(_phase(r, p, f"phases[{i}]", known)
                    for i, p in enumerate(r.items(r.need(doc, "phases"), "phases", max_items=MAX_PHASES)))
