@@ -80,14 +80,19 @@ def _load(path: str | os.PathLike[str]) -> dict[str, Any]:
     return doc
 
 
+# Times and durations in a trace are µs: 1e14 is three years. 1e300 was read, and the dashboard printed a
+# 300-digit frame time.
+MAX_TRACE_US = 1e14
+
+
 def _number(r: Reader, e: dict, key: str, path: str, minimum: float | None = None) -> float:
     """e[key] as a finite float ≥ minimum; the common case costs two type tests, the rest goes to the Reader."""
     if key not in e:
         raise r.missing(at(path, key))
     v = e[key]
-    if (type(v) is float or type(v) is int) and -1e300 < v < 1e300 and (minimum is None or v >= minimum):
+    if (type(v) is float or type(v) is int) and -MAX_TRACE_US < v < MAX_TRACE_US and (minimum is None or v >= minimum):
         return float(v)
-    return r.number(v, at(path, key), minimum, maximum=1e300)
+    return r.number(v, at(path, key), minimum, maximum=MAX_TRACE_US)
 
 
 def _count(r: Reader, args: dict, key: str, path: str, default: int | None = None) -> int:
