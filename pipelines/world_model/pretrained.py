@@ -99,7 +99,9 @@ def load_pretrained(cls, path: str | os.PathLike[str], device: torch.device | st
             entry = checkpoint.entry(name)
             if tuple(entry.shape) != tuple(meta_tensor.shape):
                 raise ResidencyError(f"{weights}: tensor {name!r} has shape {tuple(entry.shape)}, the config "
-                                     f"needs {tuple(meta_tensor.shape)}")
+                                     f"needs {tuple(meta_tensor.shape)}",
+                                     hint=f"the checkpoint was written for another config than {path / 'config.json'}: "
+                                          "save the two together (WorldModelPipeline.save_pretrained)")
             state[name] = checkpoint.read_tensor(name, dtype).to(device)
     pipe.load_state_dict(state, assign=True)
     pipe.init_buffers()

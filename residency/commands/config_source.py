@@ -133,9 +133,9 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
                 config = lib.AutoConfig.from_pretrained(path)
             model = build(config)
         except Exception as e:  # a config the class refuses: wrong or missing fields
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            raise ResidencyError(f"{path / MODEL_CONFIG}: {class_name} refuses the config "
-                                 f"({type(e).__name__}{': ' + first if first else ''})",
+            from residency.workload.from_module import error_line
+
+            raise ResidencyError(f"{path / MODEL_CONFIG}: {class_name} refuses the config ({error_line(e)})",
                                  hint="fix the field it names, or give the directory save_pretrained wrote for "
                                       "this model") from e
     if library == "transformers":

@@ -213,7 +213,10 @@ def _count(model: nn.Module, blocks: ModuleBlocks, args: tuple, kwargs: dict[str
 def error_line(e: BaseException) -> str:
     """An exception in one line: its type and first line, or where it was raised when it says nothing (a bare
     assert: "AssertionError at rotary.py:42")."""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if first.endswith(":") and len(lines) > 1:  # "Class validation error for validator 'x':" then the reason
+        first = f"{first} {lines[1]}"
     where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
     said = f": {first}" if first else (f" at {Path(where.filename).name}:{where.lineno}" if where else "")
     return f"{type(e).__name__}{said}"[:300]
