@@ -21,6 +21,21 @@ def pytest_collection_modifyitems(config, items):
 os.environ.setdefault("RESIDENCY_TEST", "1")
 
 
+def _library_loggers_on_the_real_stderr() -> None:
+    """diffusers and transformers make their log handler at first use, on sys.stderr as it is then: first used
+    inside a capsys test, the handler kept that test's closed capture and the next test's warning printed
+    "--- Logging error --- Traceback …" (a test that asserts no traceback failed when run alone)."""
+    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            logging_module = __import__(module, fromlist=["get_logger"])
+        except ImportError:
+            continue
+        logging_module.get_logger(module.split(".")[0])
+
+
+_library_loggers_on_the_real_stderr()
+
+
 def _isolated_cache() -> Path:
     """A cache of the session's own (XDG_CACHE_HOME) seeded with this machine's measured profiles: a test never
     reads, writes or discards the user's calibrated profiles (one whose base reads as changed to a test's
