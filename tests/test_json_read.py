@@ -145,6 +145,9 @@ def test_each_document_read_as_another_kind_is_named_for_what_it_is(tmp_path, ca
              (["inspect", str(plan)], "this is a plan (residency plan -o), not a workload"),
              (["dashboard", str(plan), "--once"], "this is a plan (residency plan -o), not a trace"),
              (["plan", str(trace)], "this is a Chrome trace (residency run --trace), not a workload"),
+             # a trace has no schema_version: "missing field 'schema_version'" was all it said
+             (["plan", "tiny", "--profile", str(trace)], "this is a Chrome trace (residency run --trace), not a "
+                                                         "device profile"),
              (["run", "default", "--plan", profile, "-o", str(tmp_path / "x.gif")],
               "this is a device profile (residency profile -o), not a plan")]
     capsys.readouterr()

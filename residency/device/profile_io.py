@@ -36,7 +36,7 @@ from residency.device.profile_refinements import rates_for_calls, read_refinemen
 from residency.errors import ResidencyError
 from residency.jsonfile import read_json
 from residency.userpath import FILE, MISSING, path_kind
-from residency.validate import show
+from residency.validate import document_kind, show, use_of
 
 # 2: per-engine interference (copy_slowdown, compute_slowdown), compute_scale, calibration and what execution
 # modes cost (EXEC_MODE_FIELDS). A profile that
@@ -153,6 +153,11 @@ def save_profile(profile: DeviceProfile, path: str | os.PathLike[str]) -> Path:
 def _check_document(r: ProfileReader, data: Any, source: str) -> None:
     """Raises unless `data` is an object of a readable schema version with no unknown top-level key; a version-1
     document may not hold the fields version 2 added."""
+    kind = document_kind(data)  # before any field: a trace has no schema_version, and said only that
+    if kind is not None and "device profile" not in kind:
+        raise ResidencyError(f"{source}: this is {kind}, not a device profile",
+                             hint=f"{use_of(kind) or 'use it where it belongs'}; for a profile give a shipped name "
+                                  "(`residency profiles`) or a file written by `residency profile -o`")
     if not isinstance(data, dict):
         raise ResidencyError(f"{source}: expected a JSON object, got {type(data).__name__}",
                              hint="give a file written by `residency profile -o`")
