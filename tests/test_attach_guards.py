@@ -600,3 +600,25 @@ def test_weights_read_straight_from_a_parameter_list_are_named_with_what_to_do()
     with pytest.raises(ResidencyError, match=r"weights sit in ws \(ParameterList\), read directly") as e:
         attach(WeightsInAParameterList(), torch.randn(2, 64), "50%")
     assert "hold each layer's weights in a module the forward calls" in e.value.hint
+
+
+class HeadsInAThreadPool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(64, 64) for _ in range(4))
+        self.out = nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            parts = list(pool.map(lambda head: head(x), self.heads))
+        return self.out(torch.cat(parts, -1))
+
+
+def test_blocks_called_on_other_threads_inside_the_forward_are_refused_naming_one():
+    """It said "did not run on the example inputs (IndexError: pop from an empty deque)" with a hint about the
+    example: the runtime follows one block call at a time, on the model's own thread."""
+    with pytest.raises(ResidencyError, match=r"calls heads\.\d on another thread") as e:
+        attach(HeadsInAThreadPool().eval(), torch.randn(2, 64), "50%")
+    assert "forward's own thread" in e.value.hint

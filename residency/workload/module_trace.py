@@ -10,6 +10,7 @@ that ran last. Runs on meta tensors or real ones alike; nothing here decides whi
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.flop_counter import flop_registry
 
+from residency.errors import ResidencyError
 from residency.workload.op_count import OpCounter
 
 PROLOGUE = -1  # glue before the first unit call
@@ -320,13 +322,24 @@ def trace_forward(model: nn.Module, unit_modules: list[tuple[str, ...]], run: Ca
                      for paths in unit_modules])
     tracer.running = seg.stack
     handles = []
+    own_thread = threading.get_ident()
+
+    def enter(i: int, args: tuple, kwargs: Mapping[str, Any]) -> None:
+        if threading.get_ident() != own_thread:
+            # the runtime follows one block call at a time, on the thread that called the model
+            raise ResidencyError(f"{type(model).__name__}: its forward calls {unit_modules[i][0]} on another thread "
+                                 "(a thread pool inside the forward)",
+                                 hint="call the blocks on the forward's own thread; residency places one block "
+                                      "call at a time")
+        seg.enter(i, args, kwargs)
+
     for i, paths in enumerate(unit_modules):
         for path in paths:
             m = model.get_submodule(path)
             # first of the pre-hooks: one of the model's (prune's weight = weight_orig · mask) runs inside the
             # call, as the runtime binds the block's weights before any of them
             handles.append(m.register_forward_pre_hook(
-                lambda mod, args, kwargs, i=i: seg.enter(i, args, kwargs), with_kwargs=True, prepend=True))
+                lambda mod, args, kwargs, i=i: enter(i, args, kwargs), with_kwargs=True, prepend=True))
             handles.append(m.register_forward_hook(lambda mod, args, out, i=i: seg.leave(i, out), always_call=True))
     # No autograd: it would add alias/detach ops to every count. Not inference mode either: composite ops
     # (linear, attention) would reach the counters whole, unlike the op mix the CPU profile measures.
