@@ -55,7 +55,17 @@ class BlockCalls:
         self.depth = 0
 
 
-class BlockHook(ModelHook):
+class _DepthHook(ModelHook):
+    """A forward that raised (and that the model may catch) leaves the depth as it found it: left raised, every
+    later block of the call was taken for a nested one and computed on whatever its slot held."""
+
+    calls: BlockCalls
+
+    def forward_failed(self, module) -> None:
+        self.calls.depth = max(0, self.calls.depth - 1)
+
+
+class BlockHook(_DepthHook):
     """On the one module of a block. Cost per call: one attribute test more than the executor's own."""
 
     def __init__(self, calls: BlockCalls, name: str):
@@ -90,7 +100,7 @@ class BlockHook(ModelHook):
         return output
 
 
-class GroupHook(ModelHook):
+class GroupHook(_DepthHook):
     """On each module of a several-module block: consecutive calls of its members are one call."""
 
     def __init__(self, calls: BlockCalls, name: str):

@@ -32,6 +32,11 @@ class ModelHook(NotPickled):
         replaces the output. Default: nothing."""
         return None
 
+    def forward_failed(self, module: nn.Module) -> None:
+        """Called when the module's forward raised after pre_forward (post_forward is not called then); the
+        exception goes on. Default: nothing."""
+        pass
+
     def detach_hook(self, module: nn.Module) -> None:
         """Called once after the hook was removed from `module`; default: nothing."""
         pass
@@ -60,8 +65,9 @@ def add_hook(module: nn.Module, hook: ModelHook) -> None:
     hook.init_hook(module)
     plain = type(hook).new_forward is ModelHook.new_forward
     if plain and (module._forward_pre_hooks or module._forward_hooks):
+        post = _TorchPostHook(hook)
         handles = (module.register_forward_pre_hook(_TorchPreHook(hook), prepend=True, with_kwargs=True),
-                   module.register_forward_hook(_TorchPostHook(hook)))
+                   module.register_forward_hook(post), module.register_forward_hook(post.failed, always_call=True))
         setattr(module, _ATTR, (hook, None, None, handles))
         return
     had_own = "forward" in module.__dict__  # someone else's instance-level forward: restored as it was
@@ -70,7 +76,11 @@ def add_hook(module: nn.Module, hook: ModelHook) -> None:
     if plain:
         def call(*args: Any, **kwargs: Any) -> Any:
             hook.pre_forward(module, args, kwargs)
-            output = inner(*args, **kwargs)
+            try:  # free on the path that returns (Python 3.11+)
+                output = inner(*args, **kwargs)
+            except BaseException:
+                hook.forward_failed(module)
+                raise
             replaced = hook.post_forward(module, output)
             return output if replaced is None else replaced
     else:
@@ -112,9 +122,18 @@ class _TorchPostHook(NotPickled):
     def __init__(self, hook: ModelHook):
         self.hook = hook
         self.eager = torch.compiler.disable(self.run)
+        self.returned = False  # set by run, read and cleared by failed (its always-called twin, run after it)
 
     def run(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        self.returned = True
         return self.hook.post_forward(module, output)
+
+    def failed(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Registered with always_call: torch calls it after every call, and when the forward raised (an
+        Exception: torch runs no hook for a KeyboardInterrupt) without run having been called."""
+        if not self.returned:
+            self.hook.forward_failed(module)
+        self.returned = False
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
         return (self.eager if torch.compiler.is_compiling() else self.run)(module, args, output)
@@ -124,7 +143,7 @@ def runs_user_forward_hooks(module: nn.Module) -> bool:
     """Whether torch runs forward hooks of someone else's on `module` after our post_forward (hooks registered
     after attach on a module hooked through its forward wrapper). Cost: one dict test when it has none."""
     hooks = module._forward_hooks
-    return bool(hooks) and any(not isinstance(h, _TorchPostHook) for h in hooks.values())
+    return bool(hooks) and any(not isinstance(getattr(h, "__self__", h), _TorchPostHook) for h in hooks.values())
 
 
 def check_removable(module: nn.Module) -> None:

@@ -35,7 +35,8 @@ def left_as_found(modules: Iterable[nn.Module], generators: Iterable[torch.Gener
     The lists, dicts and sets an attribute holds (a hand-written KV cache `self.kv = {}`, a history list), and
     those they hold, get their contents back too, and the plain tensors in them their values: left holding the
     count's meta tensors, the model's next call failed ("Tensor on device cpu is not on the expected device
-    meta"), detached or not. Other objects' insides (a cache class) are not walked. Cost: one walk over the
+    meta"), detached or not. Other objects' insides (a cache class) are not walked, nor containers of more than
+    MAX_ITEMS items (tables, not caches). Cost: one walk over the
     modules, a shallow copy of each container, a copy of each plain tensor found (none on most models: their
     tensors are parameters and buffers)."""
     saved = []
@@ -75,6 +76,9 @@ _MISSING = object()
 # what every nn.Module holds of its own (hook tables, the non-persistent buffer set): torch's, not the model's
 _MODULE_OWN = frozenset(vars(nn.Module()))
 MAX_DEPTH = 4  # containers within containers walked, from an attribute
+# Items of a container past which it is left as it is: a vocabulary or a lookup table, not a cache a forward fills
+# (a 2 M-entry dict cost 2.1 s to copy per count, and attach counts up to 4 times)
+MAX_ITEMS = 10_000
 
 
 def _plain_tensor(v: Any) -> bool:
@@ -104,7 +108,7 @@ class _Containers:
                 self.tensors[id(v)] = (v, v.clone())
             return
         if isinstance(v, (list, dict, set)):
-            if id(v) in self.saved:
+            if id(v) in self.saved or len(v) > MAX_ITEMS:
                 return
             copy = list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else set(v)
             self.saved[id(v)] = (v, copy)
@@ -117,17 +121,19 @@ class _Containers:
             self.walk(item, depth + 1)
 
     def restore(self) -> None:
+        # through the base types' methods: a subclass may refuse its own (diffusers' FrozenDict.update raises)
         for container, copy in self.saved.values():
             if isinstance(container, list):
                 if len(container) != len(copy) or any(a is not b for a, b in zip(container, copy, strict=True)):
-                    container[:] = copy
+                    list.__setitem__(container, slice(None), copy)
             elif isinstance(container, dict):
-                if container.keys() != copy.keys() or any(container[k] is not copy[k] for k in copy):
-                    container.clear()
-                    container.update(copy)
-            elif container != copy:
-                container.clear()
-                container.update(copy)
+                if dict.keys(container) != copy.keys() or any(dict.__getitem__(container, k) is not copy[k]
+                                                             for k in copy):
+                    dict.clear(container)
+                    dict.update(container, copy)
+            elif not set.__eq__(container, copy):
+                set.clear(container)
+                set.update(container, copy)
         with torch.no_grad():
             for kept, value in self.tensors.values():
                 _put_back(kept, value)
