@@ -37,8 +37,8 @@ _GGML_TYPES = {int(q): (q, *GGML_QUANT_SIZES[q]) for q in GGMLQuantizationType i
 
 # ggml types a GGUF holds beside weights (token ids, masks, a float64 table), as safetensors' OTHER_DTYPES: listed
 # apart (LeftOut), their byte ranges checked, never read. I8 is one too unless a residency.* key names it (FP8, NF4).
-_OTHER_GGML = {int(q): q.name for q in (GGMLQuantizationType.I16, GGMLQuantizationType.I32, GGMLQuantizationType.I64,
-                                        GGMLQuantizationType.F64)}
+_OTHER_GGML = frozenset(int(q) for q in (GGMLQuantizationType.I16, GGMLQuantizationType.I32, GGMLQuantizationType.I64,
+                                         GGMLQuantizationType.F64))
 
 
 def read_gguf(path: Path, file_size: int) -> tuple[list[TensorEntry], dict[str, str], list[LeftOut]]:

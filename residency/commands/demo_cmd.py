@@ -99,11 +99,8 @@ def run(args: argparse.Namespace) -> int:
     board = Dashboard(context)
     runtime = session_setup.attach(model, plan, replan)
     say = run_cmd.print_line(console)
-    off = run_cmd.loop_off_note(other)
-    if not args.no_closed_loop and off is None:  # live, the dashboard shows the loop's events; else each is printed
+    if not args.no_closed_loop and run_cmd.loop_allowed(other, err):  # live, the dashboard shows its events
         session_setup.enable_loop(runtime, model, None if live_view else say)
-    elif off is not None and not args.no_closed_loop:
-        err.print(off)
     image = model.start_image
     snapshot = None
     try:

@@ -99,11 +99,9 @@ def run(args: argparse.Namespace) -> int:
     view = PlayView(board, image, console.width)
     vocabulary = model.pipe.config.actions
     runtime = session_setup.attach(model, plan, replan)
-    off = run_cmd.loop_off_note(other)
-    if replan is not None and not args.no_closed_loop and off is None:  # a plan from --plan stays fixed
-        session_setup.enable_loop(runtime, model, None)  # its decisions show in the dashboard's events
-    elif off is not None and not args.no_closed_loop:
-        err.print(off)
+    # a plan from --plan stays fixed; its decisions show in the dashboard's events
+    if not args.no_closed_loop and run_cmd.loop_allowed(other, err) and replan is not None:
+        session_setup.enable_loop(runtime, model, None)
     frames = 0
     try:
         session = model.pipe.start(image, seed=args.seed)

@@ -115,12 +115,13 @@ def check_calibration(other: str | None, frames: int) -> None:
                          hint="drop --profile to calibrate this machine's profile, or drop --calibrate")
 
 
-def loop_off_note(other: str | None) -> str | None:
-    """The note `play` and `demo` print when their closed loop stays off because the plan's profile is of another
-    kind than this runtime (see other_device); None when it can run."""
-    if other is None:
-        return None
-    return f"note: the closed loop is off: it would fit the plan's profile ({other}) to this machine's timings"
+def loop_allowed(other: str | None, console: Console) -> bool:
+    """Whether `play`'s and `demo`'s closed loop may run: not when the plan's profile is of another kind than this
+    runtime (`other`, see other_device), which is said on `console`."""
+    if other is not None:
+        console.print(f"note: the closed loop is off: it would fit the plan's profile ({other}) to this machine's "
+                      "timings", markup=False, highlight=False)
+    return other is None
 
 
 def print_line(console: Console) -> Callable[[str], None]:

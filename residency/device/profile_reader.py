@@ -10,8 +10,7 @@ import math
 from typing import Any
 
 from residency.device.profile import PROVENANCE_KINDS, Curve, Provenance
-from residency.errors import ResidencyError
-from residency.validate import Reader, document_kind, show, use_of
+from residency.validate import Reader, show
 
 # JSON names of a curve's axes: link curves are GB/s over transfer bytes, matmul curves TFLOP/s over rows.
 LINK_AXES = ("sizes_bytes", "gbps")
@@ -132,11 +131,6 @@ def no_extra(r: ProfileReader, doc: dict[str, Any], known: tuple[str, ...], fiel
             unit = UNIT_TEXT[_unit_of(expected)]
             raise r.fail(where, f"= {show(doc[key])} is in the wrong unit: expected '{expected}' in {unit}",
                          hint=f"rename it to '{expected}' and convert the value to {unit}")
-        kind = document_kind(doc) if not field else None
-        if kind is not None and "device profile" not in kind:
-            raise ResidencyError(f"{r.source}: this is {kind}, not a device profile",
-                                 hint=f"{use_of(kind) or 'use it where it belongs'}; for a profile give a shipped "
-                                      "name (`residency profiles`) or a file written by `residency profile -o`")
         described = ", ".join(f"{k} ({UNIT_TEXT[_unit_of(k)]})" if _unit_of(k) else k for k in known)
         raise r.fail(where, "is not known", hint=f"expected keys: {described}")
 
