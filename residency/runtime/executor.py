@@ -105,10 +105,10 @@ class Executor:
                 self._bind(bp.name, self.slot_binding[(bp.name, 0)])
             else:
                 self._bind(bp.name, self.phase_binding[(self.first_phase[bp.name], bp.name)])
-        for bp in plan.blocks:
-            if bp.placement == "streamed" or bp.lifetime == "phase" or (
-                    bp.name in self.session_binding and self.session_binding[bp.name].unpacks):
-                self._park(bp.name)
+        self.volatile = {bp.name for bp in plan.blocks if bp.placement == "streamed" or bp.lifetime == "phase" or (
+            bp.name in self.session_binding and self.session_binding[bp.name].unpacks)}  # memory reused between calls
+        for name in self.volatile:
+            self._park(name)
         # --- the cursor and the ring ---
         self.position = 0  # expected position in the call stream
         self.streamed_before = 0  # streamed calls before `position` (the ring's ordinal of the next one)

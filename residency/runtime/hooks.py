@@ -19,6 +19,12 @@ _ATTR = "_residency_hook"  # the module attribute holding its hook and the forwa
 class ModelHook(NotPickled):
     """Override what you need; pre_forward/post_forward run around every call of the module."""
 
+    # A hook whose calls mostly pass through defines `bypass() -> bool`: while it is true the plain wrapper runs the
+    # module's forward alone (~0.15 µs a call instead of pre and post), as it does under torch.compile, traced
+    # into the compiled caller. Its pre_forward/post_forward must still tell a bypassed call apart: torch's hook
+    # path (a module that had torch forward hooks) calls them on every call.
+    bypass: Callable[[], bool] | None = None
+
     def init_hook(self, module: nn.Module) -> None:
         """Called once when the hook is added to `module`; default: nothing."""
         pass
@@ -90,12 +96,21 @@ def add_hook(module: nn.Module, hook: ModelHook) -> None:
     # fail on its second call: under dynamo the hooked call runs eagerly, whole (a graph break around it).
     # is_compiling() is a constant to dynamo, and costs ~0.1 µs eager where a disabled wrapper costs ~0.4.
     eager = torch.compiler.disable(call)
+    bypass = hook.bypass
 
-    @functools.wraps(inner)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
-            return eager(*args, **kwargs)
-        return call(*args, **kwargs)
+    if bypass is None:
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling():
+                return eager(*args, **kwargs)
+            return call(*args, **kwargs)
+    else:
+        @functools.wraps(inner)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            # compiling: traced as part of the compiled block around it (dynamo must not guard on bypass's state)
+            if torch.compiler.is_compiling() or bypass():
+                return inner(*args, **kwargs)
+            return call(*args, **kwargs)
 
     module.forward = forward
     setattr(module, _ATTR, (hook, forward, inner if had_own else None, ()))

@@ -18,7 +18,7 @@ from torch import nn
 from residency.device import DeviceProfile
 from residency.errors import ResidencyError
 from residency.plan import Budget, Plan
-from residency.runtime import block_buffers
+from residency.runtime import block_buffers, weight_readers
 from residency.runtime.attached_guards import (
     conversion_guards,
     state_dict_hooks,
@@ -27,7 +27,7 @@ from residency.runtime.attached_guards import (
 )
 from residency.runtime.backend import Backend
 from residency.runtime.backends import get_backend
-from residency.runtime.block_calls import BlockCalls, BlockHook, GroupHook
+from residency.runtime.block_calls import BlockCalls, BlockHook, GroupHook, ReaderHook
 from residency.runtime.closed_loop import ClosedLoop, LoopOptions
 from residency.runtime.device_memory import DeviceMemory
 from residency.runtime.executor import Executor, version_of
@@ -129,7 +129,8 @@ class Runtime:
         self._executor: Executor | None = None
         self._calls: BlockCalls | None = None
         self._memory: DeviceMemory | None = None
-        self._hooked: list[nn.Module] = []  # block modules carrying a hook
+        self._hooked: list[nn.Module] = []  # block modules carrying a hook, and the modules that read their weights
+        self._holders: weight_readers.Holders | None = None
         self._root: nn.Module | None = None  # the model, carrying the retry hook
         # for what a failed call changed (retry_safety): the forward's parameter names, the model's buffers
         self._input_names: tuple[str, ...] = ()
@@ -171,6 +172,7 @@ class Runtime:
             raise ResidencyError("this runtime is already attached", hint="detach() it first")
         if has_hook(pipeline):
             raise ResidencyError("the model is attached to another runtime", hint="detach() that one first")
+        self._holders = None  # modules outside the blocks that hold their parameters: looked for once per attach
         with torch.inference_mode(False):  # device memory must be plain tensors: the copy thread writes them
             self._attach(pipeline, self.plan)
         try:
@@ -263,6 +265,13 @@ class Runtime:
                 for module in mods:
                     add_hook(module, BlockHook(calls, name) if len(mods) == 1 else GroupHook(calls, name))
                     self._hooked.append(module)
+            if self._holders is None:
+                self._holders = weight_readers.scan_holders(modules, tensors)
+            for name, mods in weight_readers.readers(modules, executor.volatile, self._holders).items():
+                for module in mods:
+                    if not has_hook(module):  # hooked: a block of a model attached inside this one, its own
+                        add_hook(module, ReaderHook(calls, name))
+                        self._hooked.append(module)
             self._state_hooks = [*state_dict_hooks(pipeline, originals), *conversion_guards(pipeline)]
         except BaseException:
             self._detach_blocks(checked=False)
