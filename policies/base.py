@@ -101,7 +101,8 @@ def build_plan(req: PlanRequest, policy: str, blocks: Sequence[BlockPlan], execu
     `req.options.bound = False` skips the lower bound (candidates scored in bulk by our planner)."""
     w = req.workload
     plan = Plan(model=w.name, workload_fingerprint=w.fingerprint(), profile=req.profile.name,
-                profile_fingerprint=req.profile.fingerprint(), policy=policy, budget=req.budget,
+                profile_fingerprint=req.profile.fingerprint(), profile_backend=req.profile.backend, policy=policy,
+                budget=req.budget,
                 blocks=tuple(_located(w, bp) for bp in blocks), execution=execution,
                 kv_dtype=kv_dtype or req.kv_dtype or w.kv_dtype,
                 steps=w.steps, context_frames=w.context_frames, notes=tuple(notes))

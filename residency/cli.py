@@ -12,6 +12,7 @@ import re
 import sys
 
 from residency.commands import COMMANDS
+from residency.commands.output_clash import check_outputs_apart
 from residency.errors import ResidencyError
 
 
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        check_outputs_apart(args)
         return int(args.run(args))
     except ResidencyError as err:
         return report(err)

@@ -34,10 +34,15 @@ def read_json(path: str | os.PathLike[str], what: str, hint: str, max_bytes: int
     except UnicodeDecodeError as e:
         raise ResidencyError(f"{name}: cannot read {what} (not UTF-8 text: byte {e.start})", hint=hint) from None
     try:
-        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
+                         object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise ResidencyError(f"{name}: not valid JSON, so not {what} (line {e.lineno}, column {e.colno}: {e.msg})",
                              hint=hint) from None
+    except _Duplicate as e:  # before ValueError: it is one
+        raise ResidencyError(f"{name}: {what} gives {_show_key(e.args[0])} twice in one object (JSON readers keep "
+                             "either; residency would have used the last silently)",
+                             hint=hint + "; keep one of the two") from None
     except _NonFinite as e:
         raise ResidencyError(f"{name}: {what} holds {e.args[0][:40]}, which is not a finite number",
                              hint=hint + "; numbers must be finite") from None
@@ -58,6 +63,24 @@ def _shown(path: str | os.PathLike[str], limit: int = 120) -> str:
 
 class _NonFinite(ValueError):
     pass
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's dict, refusing a key given twice (`"steps": 4, "steps": 64`). Costs ~1 µs an object."""
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return doc
+
+
+def _show_key(key: str) -> str:
+    shown = "".join(c if c.isprintable() else "?" for c in key[:60])
+    return f"key {shown!r}" + ("…" if len(key) > 60 else "")
 
 
 def _refuse_constant(literal: str) -> Any:

@@ -108,3 +108,8 @@ def fmt_count(n: float) -> str:
 def plural(n: int, word: str) -> str:
     """'1 block', '3 blocks': a count with its noun (an 's' added when n is not 1)."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+MAX_SIDE_PX = 16384  # the largest image height or width planned, from a flag (`plan --height`) or a model's config
+# A frame-time budget, from `--frame-ms` or a plan file: above 10 µs (no frame of any model runs in less: one kernel
+# launch is ~5 µs; 1e-300 was taken and shown as 0.0 ms), at most an hour
+MIN_FRAME_MS, MAX_FRAME_MS = 0.01, 3_600_000.0

@@ -205,7 +205,23 @@ def test_a_plan_file_without_its_prediction_is_predicted_here_or_said_to_have_no
     capsys.readouterr()
     assert main(["run", "tiny", "--image", "start.png", "--plan", "bare.json", "--frames", "2", "-o", "b.gif"]) == 0
     out = " ".join("".join(capsys.readouterr()).split())
-    assert "bare.json holds no prediction: predicted here for Radeon RX 7800 XT" in out and "ms per latent frame" in out
+    assert "bare.json holds no prediction of the plan as it is" in out and "predicted here for Radeon RX 7800 XT" in out and "ms per latent frame" in out
     assert main(["run", "tiny", "--image", "start.png", "--plan", "unknown.json", "--frames", "2", "-o", "u.gif"]) == 0
     out = " ".join("".join(capsys.readouterr()).split())
     assert "no prediction: the plan holds none, and its profile (Radeon RX 7800 XT) is not one known here" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU profile's plan is of this runtime's kind there")
+def test_a_plan_made_from_a_gpu_profile_file_known_only_by_its_plan_is_not_compared_with_the_cpu(files, capsys):
+    """A GPU plan made from a profile file not shipped nor cached here was compared with the CPU's measurements
+    (+317%): the profile could not be found by fingerprint, and the plan did not say its backend."""
+    import json
+
+    doc = json.loads((Path(__file__).resolve().parents[1] / "profiles" / "rtx-3060-12gb.json").read_text())
+    doc["name"] = "My team's RTX 3060"
+    (files / "mine.json").write_text(json.dumps(doc))
+    assert main(["plan", "tiny", "--profile", "mine.json", "--exec-mode", "eager", "-o", "p.json"]) in (0, 3)
+    capsys.readouterr()
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "p.json", "--frames", "2", "-o", "m.gif"]) == 0
+    out = " ".join("".join(capsys.readouterr()).split())
+    assert "which this run does not compare its measurements with" in out and "+" not in out.split("measured")[-1]

@@ -168,3 +168,15 @@ def test_an_unknown_field_of_a_plan_is_named_not_mistaken_for_another_kind(tmp_p
     plan.write_text(json.dumps(doc))
     with pytest.raises(ResidencyError, match="field 'made_by' is not known"):
         load_plan(plan)
+
+
+@pytest.mark.parametrize("text", ['{"steps": 4, "steps": 64}', '{"blocks": [{"name": "a", "x": 1, "name": "b"}]}'])
+def test_a_key_given_twice_in_one_object_is_refused_naming_it(tmp_path, text):
+    """The last of two keys won silently: a plan edited to `"steps": 4, "steps": 64` ran 64 steps."""
+    err = _refused(_write(tmp_path, text))
+    assert "twice in one object" in err.message and re.search(r"key '(steps|name)'", err.message)
+
+
+def test_the_same_key_in_two_objects_is_fine(tmp_path):
+    assert read_json(_write(tmp_path, '{"a": {"k": 1}, "b": {"k": 2}}'), "the thing", HINT) == {"a": {"k": 1},
+                                                                                                 "b": {"k": 2}}

@@ -181,3 +181,20 @@ def test_a_model_directorys_config_json_given_as_the_file_points_at_its_director
     err = " ".join(err.split())
     assert code == 1 and "the config.json of a model directory, not a catalog document" in err
     assert f"hint: give its directory: {path}" in err
+
+
+UNET = {"_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
+        "block_out_channels": [32, 64], "layers_per_block": 1, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32, "attention_head_dim": 8,
+        "norm_num_groups": 8}
+
+
+def test_a_sample_size_past_the_largest_planned_size_is_refused_naming_it(capsys, tmp_path):
+    """sample_size 100000 built a 160 GB example input: a traceback (can't allocate), and 12000 planned at 96000 px,
+    past the bound --height has."""
+    path = model_dir(tmp_path, {**UNET, "sample_size": 100000}, "unet")
+    code, _, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
+    assert code == 1 and "sample_size is 100000" in err and "16384 px" in err and "hint: fix sample_size" in err
+    code, out, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt", "--height", "512", "--width", "512",
+                         "--json")
+    assert code == 0, err

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from decimal import Decimal
 
 from residency.errors import ResidencyError
+from residency.units import MAX_FRAME_MS, MIN_FRAME_MS
 
 # Python's int() and float() accept '١٢', '1_000', ' nan ', 'infinity': only plain ASCII numbers pass here.
 _INT_RE = re.compile(r"\+?[0-9]{1,30}")
@@ -125,6 +126,5 @@ def device(text: str) -> str:
 
 device.__name__ = "device"
 FPS = bounded_float(0.01, 1000.0, "frames per second")
-# above 10 µs: no frame of any model runs in less (one kernel launch is ~5 µs); 1e-300 was taken and shown as 0.0 ms
-FRAME_MS = bounded_float(0.01, 3_600_000.0, "milliseconds")
+FRAME_MS = bounded_float(MIN_FRAME_MS, MAX_FRAME_MS, "milliseconds")
 SPEED = bounded_float(0.0, 1000.0, "times the recorded speed")

@@ -171,15 +171,24 @@ def model_dir_workload(path: Path, compute_dtype: str, size=None):
     `size` (an ExampleSize; None: the model's default generation). Named `<dir> at <size>`, a display label
     only: the blocks are named `<class>.<module path>`, as residency.attach names the same model's blocks, so a
     plan written here applies to it."""
-    from residency.front_door.examples import derive
+    from residency.front_door.examples import ConfigFieldError, derive
     from residency.workload import workload_from_module
 
     model = empty_model(path)
     try:
         derived = derive(model, size)
     except ResidencyError as e:  # a size the model cannot take (UsageError) keeps its own hint
-        hint = e.hint if isinstance(e, UsageError) else f"{supported_models()}; for another model, {PYTHON_ROUTE}"
+        hint = e.hint if isinstance(e, (UsageError, ConfigFieldError)) else \
+            f"{supported_models()}; for another model, {PYTHON_ROUTE}"
         raise type(e)(f"{path}: {e.message}", hint=hint) from e
+    except (RuntimeError, MemoryError) as e:  # a size field so large its example inputs do not fit in RAM
+        if not isinstance(e, MemoryError) and "allocat" not in str(e):
+            raise
+        from residency.workload.from_module import error_line
+
+        raise ResidencyError(f"{path / MODEL_CONFIG}: the example inputs its sizes imply do not fit in memory "
+                             f"({error_line(e)})", hint="fix the size fields (sample_size, channels, widths), or "
+                             "give a smaller --height, --width or --tokens") from e
     try:
         return workload_from_module(model, derived.example, name=f"{path.name} at {derived.label}",
                                     component=type(model).__name__, compute_dtype=compute_dtype)

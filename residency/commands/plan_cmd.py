@@ -16,6 +16,7 @@ from residency.commands.plan_render import render_comparison, render_plan
 from residency.commands.sources import SHIPPED_NAME, resolve_workload, shipped_sensitivity
 from residency.errors import ResidencyError, UsageError
 from residency.plan.plan import COMPUTE_DTYPES
+from residency.units import MAX_SIDE_PX
 
 EXIT_BUDGET_NOT_MET = 3
 
@@ -43,9 +44,9 @@ def add_parser(sub) -> None:
                    help="denoise steps per latent frame (default: the model's)")
     size = p.add_argument_group("size", "what a model or pipeline directory is planned at (default: its "
                                 "pipeline's: Flux 1024×1024, Wan 480×832 and 81 frames, a UNet its sample_size × 8)")
-    size.add_argument("--height", type=arg_types.bounded_int(8, 16384, "pixels"), metavar="PX",
+    size.add_argument("--height", type=arg_types.bounded_int(8, MAX_SIDE_PX, "pixels"), metavar="PX",
                       help="image or video height in pixels")
-    size.add_argument("--width", type=arg_types.bounded_int(8, 16384, "pixels"), metavar="PX",
+    size.add_argument("--width", type=arg_types.bounded_int(8, MAX_SIDE_PX, "pixels"), metavar="PX",
                       help="image or video width in pixels")
     size.add_argument("--frames", type=arg_types.bounded_int(1, 1024, "video frames"), metavar="N",
                       help="video frames (Wan: 4k+1, e.g. 81)")

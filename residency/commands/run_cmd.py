@@ -147,10 +147,11 @@ def plan_for(model: Model, args: argparse.Namespace,
         from residency.simulate import predict
 
         plan = predict(model.workload, plan, device, bound=False)
-        console.print(f"note: {args.plan} holds no prediction: predicted here for {plan.profile}", markup=False,
+        console.print(f"note: {args.plan} holds no prediction of the plan as it is (left out, or the plan was "
+                      f"edited since `residency plan` wrote it): predicted here for {plan.profile}", markup=False,
                       highlight=False)
     pred = plan.prediction
-    other = _other_kind(device)
+    other = _other_kind(device, plan)
     # Refused only when the plan is for a profile of this runtime's kind: a GPU profile's prediction counts a
     # GPU's workspace the CPU runtime never holds (a GPU plan tried on the CPU runs, as the README shows)
     same_kind = device is not None and other is None
@@ -204,18 +205,24 @@ def other_device(replan: Replanner | None, plan: Plan | None = None) -> str | No
     """The device a plan predicts when its profile is not of this runtime's kind ("GeForce RTX 5090, a GPU
     profile, not this CPU"), else None: same kind, or a loaded `plan` whose profile is not known here
     (plan_profile; the note beside it says whose predictions they are)."""
-    return _other_kind(plan_device(replan, plan))
+    return _other_kind(plan_device(replan, plan), plan)
 
 
-def _other_kind(profile: DeviceProfile | None) -> str | None:
+def _other_kind(profile: DeviceProfile | None, plan: Plan | None = None) -> str | None:
+    """See other_device; a profile not known here is told by the backend the plan records (a GPU plan made from
+    someone's profile file was compared with this CPU's measurements: +317%)."""
     from residency import session_setup
 
-    if profile is None:
+    if profile is not None:
+        name, gpu = profile.name, profile.is_gpu
+    elif plan is not None and plan.profile_backend:
+        name, gpu = plan.profile, plan.profile_backend != "cpu"
+    else:
         return None
     here_gpu = session_setup.device_kind() != "cpu"
-    if profile.is_gpu == here_gpu:
+    if gpu == here_gpu:
         return None
-    return f"{profile.name}, a {'GPU' if profile.is_gpu else 'CPU'} profile, not this {'GPU' if here_gpu else 'CPU'}"
+    return f"{name}, a {'GPU' if gpu else 'CPU'} profile, not this {'GPU' if here_gpu else 'CPU'}"
 
 
 # --- output ------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from residency.errors import ResidencyError, UsageError
+from residency.units import MAX_SIDE_PX
 
 EXAMPLE_TOKENS = 16  # prompt tokens of a derived example; a call with another length is refused
 PIPELINE_PROMPT_TOKENS = 512  # FluxPipeline's and WanPipeline's max_sequence_length: T5 prompts are padded to it
@@ -28,6 +29,10 @@ VAE_SCALE_TEMPORAL = 4  # video frames per latent frame after the first (Wan's V
 FLUX_LATENT_SIZE = 128  # FluxPipeline.default_sample_size: 128 latent pixels a side, 1024 px at VAE_SCALE
 WAN_HEIGHT, WAN_WIDTH, WAN_FRAMES = 480, 832, 81  # WanPipeline.__call__'s defaults
 # the diffusers classes whose example inputs a config implies (derive); any transformers model reading token ids too
+class ConfigFieldError(ResidencyError):
+    """A field of the model's config the example cannot be derived from; its hint names the fix (exit 1)."""
+
+
 DIFFUSERS_CLASSES = ("UNet2DConditionModel", "FluxTransformer2DModel", "WanTransformer3DModel")
 
 
@@ -178,8 +183,12 @@ def _unet_example(model: nn.Module, size: ExampleSize) -> Derived:
                              hint="pass example_inputs=dict(sample=…, timestep=…, encoder_hidden_states=…, …)")
     _refuse_frames("UNet2DConditionModel", size)
     if sample <= 0 and not (size.height and size.width):  # the config's fault, not a flag's (exit 1, not 2)
-        raise ResidencyError(f"UNet2DConditionModel: its config.json's sample_size is {sample}, not a positive "
+        raise ConfigFieldError(f"UNet2DConditionModel: its config.json's sample_size is {sample}, not a positive "
                              "number of latent pixels", hint="fix sample_size, or give --height and --width")
+    if sample * size.vae_scale > MAX_SIDE_PX and not (size.height and size.width):  # its example did not fit in RAM
+        raise ConfigFieldError(f"UNet2DConditionModel: its config.json's sample_size is {sample} latent pixels, "
+                             f"{sample * size.vae_scale} px a side at VAE scale {size.vae_scale}: over the "
+                             f"{MAX_SIDE_PX} px residency plans", hint="fix sample_size, or give --height and --width")
     height, width = size.height or sample * size.vae_scale, size.width or sample * size.vae_scale
     for what, v in (("height", height), ("width", width)):
         _multiple("UNet2DConditionModel", what, v, size.vae_scale)

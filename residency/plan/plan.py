@@ -163,6 +163,7 @@ class Plan:
     context_frames: int = 0
     prediction: Prediction | None = None
     notes: tuple[str, ...] = ()  # verdict, gap statement, peer caveats
+    profile_backend: str = ""  # the profile's backend ("cuda", "rocm", "cpu"; "" in files written before it was kept)
 
     @cached_property
     def by_name(self) -> dict[str, BlockPlan]:

@@ -5,6 +5,7 @@ Grouped by block so a user can read (and diff) what the planner decided.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from residency.errors import ResidencyError
+from residency.device.profile import BACKENDS
 from residency.formats import FORMATS
 from residency.jsonfile import read_json
 from residency.plan.plan import (
@@ -32,6 +34,7 @@ from residency.plan.plan import (
     Plan,
     Prediction,
 )
+from residency.units import MAX_FRAME_MS, MIN_FRAME_MS
 from residency.validate import Reader, show
 from residency.workload.spec import KV_DTYPE_BYTES
 
@@ -44,12 +47,13 @@ PLAN_SCHEMA_PATH = Path(__file__).with_name("plan.schema.json")
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     """The plan as a JSON-ready dict (schema PLAN_SCHEMA_VERSION); plan_from_dict reads it back."""
-    return {
+    doc = {
         "schema_version": PLAN_SCHEMA_VERSION,
         "model": plan.model,
         "workload_fingerprint": plan.workload_fingerprint,
         "profile": plan.profile,
         "profile_fingerprint": plan.profile_fingerprint,
+        **({"profile_backend": plan.profile_backend} if plan.profile_backend else {}),
         "policy": plan.policy,
         "budget": asdict(plan.budget),
         "execution": asdict(plan.execution),
@@ -60,6 +64,20 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "prediction": prediction_to_dict(plan.prediction) if plan.prediction else None,
         "notes": list(plan.notes),
     }
+    doc["digest"] = plan_digest(doc)
+    return doc
+
+
+# What a hand edit may change without touching what the plan decides: its digest leaves them out.
+_NOT_DIGESTED = ("prediction", "notes", "digest", "profile_backend", "holds_budget", "policies")
+
+
+def plan_digest(doc: dict[str, Any]) -> str:
+    """A hash of what a plan document decides (every field but its prediction and notes), written beside them: a
+    plan edited by hand afterwards (`"steps": 64`, a block made resident) no longer matches it, and its prediction,
+    made for the plan as written, is left out when it is read."""
+    body = {k: v for k, v in doc.items() if k not in _NOT_DIGESTED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 def _block_dict(b: BlockPlan) -> dict[str, Any]:
@@ -73,7 +91,7 @@ def _block_dict(b: BlockPlan) -> dict[str, Any]:
 _HINT = "re-create the plan with `residency plan -o`"
 _TOP_REQUIRED = ("schema_version", "model", "workload_fingerprint", "profile", "profile_fingerprint", "policy",
                  "budget", "blocks")
-_TOP_KNOWN = (*_TOP_REQUIRED, "execution", "kv_dtype", "steps", "context_frames", "prediction", "notes",
+_TOP_KNOWN = (*_TOP_REQUIRED, "execution", "kv_dtype", "steps", "context_frames", "prediction", "notes", "digest", "profile_backend",
               *("holds_budget", "policies"))  # what `plan --json` adds to the document: read past, not kept
 _PREDICTION_MS = ("frame_ms", "first_frame_ms", "stall_ms", "copy_ms", "compute_ms", "lower_bound_ms")
 
@@ -93,6 +111,9 @@ def plan_from_dict(doc: Any, source: str = "<plan>") -> Plan:
     listed = r.items(r.need(doc, "blocks"), "blocks", min_items=1)
     blocks = tuple(_block(r, b, f"blocks[{i}]") for i, b in enumerate(listed))
     prediction = r.optional(doc, "prediction", None)
+    digest = r.optional(doc, "digest", None)
+    if digest is not None and r.string(digest, "digest", non_empty=True) != plan_digest(doc):
+        prediction = None  # edited since written: its figures are another plan's (run predicts it again)
     if "holds_budget" in doc and not isinstance(doc["holds_budget"], bool):
         raise r.fail("holds_budget", f"= {show(doc['holds_budget'])} is not true or false",
                      hint="it is what `plan --json` says of the budget; leave it out or as written")
@@ -102,6 +123,7 @@ def plan_from_dict(doc: Any, source: str = "<plan>") -> Plan:
     notes = r.items(r.optional(doc, "notes", []), "notes")
     return Plan(
         **text,
+        profile_backend=r.choice(r.optional(doc, "profile_backend", ""), "profile_backend", ("", *BACKENDS)),
         budget=budget,
         blocks=blocks,
         execution=_execution(r, r.optional(doc, "execution", {})),
@@ -118,8 +140,8 @@ def _budget(r: Reader, value: Any) -> Budget:
     doc = r.obj(value, "budget", ("vram_bytes", "frame_ms"), required=("vram_bytes",))
     frame_ms = r.optional(doc, "frame_ms", None)
     return Budget(vram_bytes=r.integer(doc["vram_bytes"], "budget.vram_bytes", 1, MAX_PLAN_BYTES, unit="bytes"),
-                  frame_ms=None if frame_ms is None else r.number(frame_ms, "budget.frame_ms", 0.0, strict=True,
-                                                                  unit="ms per latent frame"))
+                  frame_ms=None if frame_ms is None else r.number(frame_ms, "budget.frame_ms", MIN_FRAME_MS,
+                                                                  maximum=MAX_FRAME_MS, unit="ms per latent frame"))
 
 
 def _block(r: Reader, value: Any, path: str) -> BlockPlan:

@@ -1,0 +1,56 @@
+"""An output path that names one of the command's own inputs, refused before any work.
+
+`plan c1.json -o c1.json` replaced the catalog file with the plan, `run --plan p.json --trace p.json` the plan with
+the trace, `plan md3 -o md3/config.json` the model directory's config: each exited 0 and the input was gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from residency.errors import UsageError
+
+# the arguments that name files a command reads, and those it writes (per command: `trace` is dashboard's input)
+INPUT_ARGS = ("model", "profile", "plan", "image", "actions")
+OUTPUT_ARGS = ("output", "trace")
+DEMO_OUTPUTS = ("demo.gif", "demo-trace.json")  # what `demo -o DIR` writes in DIR
+READS_TRACE = ("dashboard",)
+# files of a model directory that a command reads (its configs, weights and shard index)
+_DIRECTORY_READS = (".json", ".safetensors", ".gguf")
+
+
+def check_outputs_apart(args: argparse.Namespace) -> None:
+    """Raise UsageError when an output of `args` is the same file as an input, or a file a model directory given
+    as input holds (a config, a shard)."""
+    inputs = [(name, getattr(args, name)) for name in INPUT_ARGS if isinstance(getattr(args, name, None), str)]
+    if args.command in READS_TRACE:
+        return
+    outputs = [(f"--{name}" if name != "output" else "-o", getattr(args, name)) for name in OUTPUT_ARGS
+               if isinstance(getattr(args, name, None), str)]
+    out_dir = getattr(args, "output_dir", None)
+    if isinstance(out_dir, str):
+        outputs += [("-o", os.path.join(out_dir, f)) for f in DEMO_OUTPUTS]
+    for flag, out in outputs:
+        for name, value in inputs:
+            how = _clash(Path(out), Path(value))
+            if how is not None:
+                shown = "the model" if name == "model" else f"--{name}"
+                raise UsageError(f"{flag} {out[:200]}: {how} {shown} {value[:200]}, which this command reads; writing "
+                                 "there would replace it", hint="write the output to another file")
+
+
+def _clash(out: Path, source: Path) -> str | None:
+    """How `out` is the input `source` ("that is", "a file of"), or None."""
+    try:
+        if not source.exists():  # a catalog or profile name, not a path
+            return None
+        if source.is_dir():
+            inside = (out.suffix.lower() in _DIRECTORY_READS and out.is_file()
+                      and out.resolve().is_relative_to(source.resolve()))
+            return "a file of" if inside else None
+        same = os.path.samefile(out, source) if out.exists() else out.resolve() == source.resolve()
+        return "that is" if same else None
+    except (OSError, ValueError, RuntimeError):  # an unreadable or looping path: the command's own checks say why
+        return None

@@ -1,0 +1,58 @@
+"""An output that names one of the command's inputs is refused before any work, the input left as it was (a plan
+written over its own catalog file, a trace over the plan it ran, a plan over a model directory's config.json)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from residency.cli import main
+
+CATALOG = Path(__file__).resolve().parents[1] / "pipelines" / "catalog" / "tiny.json"
+
+
+@pytest.fixture
+def catalog_copy(tmp_path):
+    path = tmp_path / "tiny-copy.json"
+    shutil.copy(CATALOG, path)
+    return path
+
+
+def refused(capsys, *argv):
+    code = main([str(a) for a in argv])
+    _, err = capsys.readouterr()
+    assert code == 2, err
+    assert "which this command reads" in err and "hint: write the output to another file" in err
+    return err
+
+
+def test_a_plan_written_over_its_model_file_or_profile_is_refused(capsys, tmp_path, catalog_copy):
+    before = catalog_copy.read_bytes()
+    refused(capsys, "plan", catalog_copy, "--profile", "rtx-3060-12gb", "-o", catalog_copy)
+    # the same file by another spelling of its path
+    refused(capsys, "plan", catalog_copy, "--profile", "rtx-3060-12gb", "-o", tmp_path / "." / catalog_copy.name)
+    profile = tmp_path / "mine.json"
+    shutil.copy(Path(__file__).resolve().parents[1] / "profiles" / "rtx-3060-12gb.json", profile)
+    err = refused(capsys, "plan", "tiny", "--profile", profile, "-o", profile)
+    assert "--profile" in err
+    assert catalog_copy.read_bytes() == before
+
+
+def test_a_plan_written_over_a_file_of_the_model_directory_is_refused_and_beside_it_is_not(capsys, tmp_path):
+    model_dir = tmp_path / "unet"
+    model_dir.mkdir()
+    config = model_dir / "config.json"
+    config.write_text("{}")
+    err = refused(capsys, "plan", model_dir, "--profile", "rx-7800-xt", "-o", config)
+    assert "a file of the model" in err and config.read_text() == "{}"
+    main(["plan", str(model_dir), "--profile", "rx-7800-xt", "-o", str(model_dir / "plan.json")])
+    assert "which this command reads" not in capsys.readouterr().err  # refused for the config, not for the output
+
+
+def test_a_run_trace_written_over_its_plan_is_refused(capsys, tmp_path):
+    plan = tmp_path / "p.json"
+    assert main(["plan", "tiny", "--profile", "rtx-3060-12gb", "--exec-mode", "eager", "-o", str(plan)]) == 0
+    before = plan.read_bytes()
+    capsys.readouterr()
+    refused(capsys, "run", "tiny", "--plan", plan, "-o", tmp_path / "a.gif", "--trace", plan)
+    assert plan.read_bytes() == before and not (tmp_path / "a.gif").exists()

@@ -1,0 +1,46 @@
+"""A plan file edited by hand after `residency plan` wrote it: its prediction was made for the plan as written, so it
+is left out when read (run predicts it again). `"steps": 64` ran 64 steps under a prediction of 4."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from residency.cli import main
+from residency.plan import load_plan
+
+
+@pytest.fixture
+def written(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    assert main(["plan", "tiny", "--profile", "rtx-3060-12gb", "--exec-mode", "eager", "-o", str(path)]) == 0
+    capsys.readouterr()
+    return path
+
+
+def edit(path, change):
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc, indent=3))  # another layout: only the values count
+    return load_plan(path)
+
+
+def test_a_plan_read_back_as_written_keeps_its_prediction_whatever_its_layout_or_notes(written):
+    assert load_plan(written).prediction is not None
+    plan = edit(written, lambda d: d["notes"].append("mine"))
+    assert plan.prediction is not None and "mine" in plan.notes
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: d.update(steps=64),
+    lambda d: d["blocks"][3].update(placement="streamed"),
+    lambda d: d["budget"].update(frame_ms=5.0),
+    lambda d: d.update(context_frames=1),
+])
+def test_a_plan_edited_after_it_was_written_loses_its_prediction(written, change):
+    assert edit(written, change).prediction is None
+
+
+def test_a_plan_without_a_digest_is_read_as_before(written):
+    assert edit(written, lambda d: d.pop("digest")).prediction is not None
