@@ -43,6 +43,9 @@ ROLES = (*((c, "encode", False, "forward") for c in ENCODERS),
 # The call's arguments that change the workload (token counts, steps); a prompt's length is bounded by
 # max_sequence_length, to which the text encoders pad.
 SHAPE_ARGUMENTS = ("height", "width", "num_inference_steps", "max_sequence_length", "num_images_per_prompt")
+# Of those, the ones a call may ask less of than the plan was made for: fewer pixels, images or prompt tokens make
+# every activation smaller and leave the calls as they were (steps change the calls: those must match)
+AT_MOST = ("height", "width", "num_images_per_prompt", "max_sequence_length")
 # The call's arguments that make its activations smaller, where the pipeline takes them (a hint names those only)
 SMALLER_BY = ("height", "width", "num_frames", "batch_size", "num_images_per_prompt")
 # A prompt for a pipeline that takes one and was given none (nor its embeddings); the pipeline's own defaults
@@ -307,6 +310,8 @@ class PipelineRuntime:
                 continue
             planned = self.built.call.get(key, defaults[key].default)
             asked = kwargs.get(key, defaults[key].default)
+            if key in AT_MOST and _count(asked) and _count(planned) and asked <= planned:
+                continue  # smaller activations, the same calls: the plan's figures bound it
             if asked != planned:
                 raise ResidencyError(
                     f"the plan was made for {key}={planned}, this call asks {key}={asked}",
@@ -429,3 +434,8 @@ def _profile(profile: str | os.PathLike[str] | DeviceProfile, backend: str) -> D
     if isinstance(profile, str) and profile == "auto":  # this machine's cached, measured profile
         return machine_profile("cpu" if backend == "cpu" else "cuda")
     return resolve_profile(profile)
+
+
+def _count(value: Any) -> bool:
+    """A whole number ≥ 1 (not a bool, not None: a pipeline's default left to its config)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -100,9 +100,9 @@ def tiny_flux(t5_width: int = 64) -> FluxPipeline:
     return pipe
 
 
-def image(call) -> np.ndarray:
+def image(call, **change) -> np.ndarray:
     with torch.inference_mode():
-        return call(**CALL, output_type="np", generator=torch.Generator().manual_seed(0)).images
+        return call(**{**CALL, **change}, output_type="np", generator=torch.Generator().manual_seed(0)).images
 
 
 def make_plan(built, budget_bytes: int, choose, profile=PROFILE) -> Plan:
@@ -309,6 +309,19 @@ def test_a_call_with_a_larger_batch_than_planned_is_refused_and_a_smaller_one_ru
     plan2 = make_plan(two, 2**24, lambda b: ("resident", "F32", "session"))
     with attach_built(two, Budget(2**24), profile=PROFILE, plan=plan2) as rt:
         assert image(rt).shape[0] == 1  # fewer than planned: less memory, runs
+
+
+def test_fewer_images_per_prompt_or_prompt_tokens_than_planned_run_and_more_are_refused(flux):
+    """num_images_per_prompt was compared for equality: a plan for 2 refused 1, which needs less of everything."""
+    pipe, _, _ = flux
+    two = pipeline_workload(pipe, {**CALL, "num_images_per_prompt": 2})
+    plan = make_plan(two, 2**24, lambda b: ("resident", "F32", "session"))
+    with attach_built(two, Budget(2**24), profile=PROFILE, plan=plan) as rt:
+        assert image(rt).shape[0] == 1
+        assert image(rt, max_sequence_length=8).shape[0] == 1
+        with pytest.raises(ResidencyError, match=r"made for max_sequence_length=16, this call asks "
+                                                 r"max_sequence_length=32"):
+            rt(**{**CALL, "max_sequence_length": 32})
 
 
 def test_a_pipeline_under_diffusers_group_offload_is_refused_naming_the_hook():

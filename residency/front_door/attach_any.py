@@ -245,7 +245,11 @@ FIXED_KINDS = ("workspace", "activations", "kv_cache", "graph_pool")
 def _least_memory(plan: Plan, replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> Plan:
     """Of the planner's answer that does not fit and the plan streaming every block one at a time at the compute
     dtype, the one needing less memory: what the no-fit error quotes. The planner's answer may be a packed plan
-    whose dequant scratch needs more than plain streaming (3.09 MiB quoted where 2.02 MiB fitted)."""
+    whose dequant scratch needs more than plain streaming (3.09 MiB quoted where 2.02 MiB fitted). A peer's policy
+    asked for by name is quoted as it is: what it needs, not what another policy would (all-resident's error
+    quoted 1.13 MiB under a 3.21 MiB budget)."""
+    if plan.policy != "ours":
+        return plan
     try:
         # with the blocks that must stay bound kept resident, as any plan the runtime runs
         one_by_one = PinnedPlanner(get_policy("accelerate-sequential"), replan.request)(budget, profile)
@@ -273,6 +277,9 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
                 "every streamed block needs a slot that holds it)"
                 # one tensor (an embedding table) is the least the runtime moves: no smaller blocks to ask for
                 + (", or a model of more, smaller blocks" if len(largest.tensors) > 1 else ""))
+        if plan.policy != "ours":  # a peer's placement: the slot advice is ours
+            hint = (f"give {give} ({plan.policy}'s plan needs that), or leave policy={plan.policy!r} out: "
+                    "residency's own planner streams and packs blocks to fit")
         fixed = {k: n for k, n in (plan.prediction.peak_bytes.items() if plan.prediction else ())
                  if k in FIXED_KINDS and n}
         # most of what the smallest plan needs is memory no placement of the weights changes: say that

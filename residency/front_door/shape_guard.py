@@ -66,7 +66,7 @@ class ShapeGuard:
 
 def _mismatch(got: Signature, planned: Signature) -> str | None:
     """Why the call is not one the plan runs (None: it is). Every tensor of an input the example has must be no
-    larger in any dimension (same rank, same count). An input it lacks (an encoder-decoder's generate() passes
+    larger in any dimension (same count, no more dimensions; fewer are aligned to the example's last ones). An input it lacks (an encoder-decoder's generate() passes
     encoder_outputs, batch × source tokens × width) must have every dimension but its last (the width, which the
     model fixes) no larger than the example's largest dimension."""
     plan = dict(planned)
@@ -80,11 +80,14 @@ def _mismatch(got: Signature, planned: Signature) -> str | None:
         if len(shapes) != len(mine):
             return f"{name} holds {len(shapes)} tensor(s) where the example's holds {len(mine)}"
         for s, m in zip(shapes, mine, strict=True):
-            if len(s) != len(m):
+            if len(s) > len(m):
                 return f"{name} has {len(s)} dimension(s) where the example's has {len(m)}"
-            for i, (a, b) in enumerate(zip(s, m, strict=True)):
+            # fewer dimensions, as broadcasting aligns them (a 0-d timestep where the example's is one per
+            # sample, an unbatched input): no larger than the example's trailing ones
+            skip = len(m) - len(s)
+            for i, (a, b) in enumerate(zip(s, m[skip:], strict=True)):
                 if a > b:
-                    return f"{name} is larger than the example's ({a} against {b} in dimension {i})"
+                    return f"{name} is larger than the example's ({a} against {b} in dimension {i + skip})"
     return None
 
 

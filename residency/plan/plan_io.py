@@ -13,8 +13,8 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from residency.errors import ResidencyError
 from residency.device.profile import BACKENDS
+from residency.errors import ResidencyError
 from residency.formats import FORMATS
 from residency.jsonfile import read_json
 from residency.plan.plan import (

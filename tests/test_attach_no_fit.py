@@ -1,0 +1,45 @@
+"""What attach refuses and what it runs: a no-fit error of a peer's policy asked for by name quotes that policy's
+need, not residency's own planner's (all-resident's error quoted 1.13 MiB, the one-block-at-a-time plan's, under a
+3.21 MiB budget); a call's tensor of fewer dimensions than the example's runs where no larger."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from sim_helpers import flat_profile
+from test_attach_guards import mlp_stack
+
+import residency
+from residency.errors import ResidencyError
+from residency.units import parse_size
+
+pytestmark = pytest.mark.usefixtures("one_compute_thread")
+
+
+@pytest.mark.parametrize("policy", ["all-resident", "diffusers-model-offload"])
+def test_a_named_policy_that_does_not_fit_quotes_its_own_need_and_that_need_fits(policy):
+    model, x = mlp_stack()
+    kw = dict(profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=x, policy=policy)
+    with pytest.raises(ResidencyError) as e:
+        residency.attach(model, vram="40%", **kw)
+    budget = int(re.search(r"fits vram=(\d+) bytes", e.value.message).group(1))
+    need = re.search(r"give vram='([^']+)' or more", e.value.hint).group(1)
+    assert parse_size(need) > budget, e.value
+    assert f"leave policy='{policy}' out" in e.value.hint and "slot" not in e.value.hint
+    with torch.inference_mode(), residency.attach(model, vram=need, **kw) as rt:
+        assert rt.plan.policy == policy
+
+
+def test_a_tensor_of_fewer_dimensions_no_larger_than_the_examples_trailing_ones_runs():
+    """A 0-d timestep (what a scheduler loop yields) was refused where the example's was one per sample."""
+    from residency.front_door.shape_guard import ShapeGuard
+
+    guard = ShapeGuard("UNet", ("sample", "timestep"), (("sample", ((2, 4, 8, 8),)), ("timestep", ((2,),))))
+    guard((torch.zeros(2, 4, 8, 8), torch.tensor(500.0)), {})
+    guard((torch.zeros(4, 8, 8), torch.ones(2)), {})  # unbatched
+    for args, why in [((torch.zeros(2, 4, 8, 8), torch.ones(2, 1)), "2 dimension"),
+                      ((torch.zeros(4, 16, 8), torch.ones(2)), "16 against 8 in dimension 2")]:
+        with pytest.raises(ResidencyError, match=why):
+            guard(args, {})
