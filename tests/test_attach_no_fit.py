@@ -10,9 +10,10 @@ import pytest
 import torch
 from sim_helpers import flat_profile
 from test_attach_guards import mlp_stack
+from torch import nn
 
 import residency
-from residency.errors import ResidencyError
+from residency.errors import PlanWarning, ResidencyError
 from residency.units import parse_size
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
@@ -43,3 +44,29 @@ def test_a_tensor_of_fewer_dimensions_no_larger_than_the_examples_trailing_ones_
                       ((torch.zeros(4, 16, 8), torch.ones(2)), "16 against 8 in dimension 2")]:
         with pytest.raises(ResidencyError, match=why):
             guard(args, {})
+
+
+class GainStack(nn.Module):
+    """Eight layers that all hold one small shared gain: tied, so planned as one block."""
+
+    def __init__(self):
+        super().__init__()
+        gain = nn.Parameter(torch.ones(64))
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(8))
+        for layer in self.layers:
+            layer.gain = gain
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x) * layer.gain
+        return x
+
+
+def test_a_small_tensor_shared_by_every_layer_is_named_where_it_makes_them_one_block():
+    """All eight layers became one block, 'Stack.layers.0', of 8× its size; nothing named the 256-byte tensor."""
+    model, x = GainStack().eval(), torch.randn(2, 64)
+    kw = dict(profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=x)
+    with pytest.warns(PlanWarning, match=r"8 modules \(layers.0 … layers.7\) share layers.0.gain \(256 B\)"), \
+            pytest.raises(ResidencyError) as e:
+        residency.attach(model, vram="60%", **kw)
+    assert "8 modules, layers.0 … layers.7, planned as one: they share a tensor" in e.value.hint

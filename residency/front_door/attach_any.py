@@ -273,7 +273,9 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
                        key=lambda kn: -kn[1])[:3] if least.prediction else []
         parts = f" ({', '.join(f'{k} {fmt_bytes(n)}' for k, n in kinds)})" if kinds else ""
         give = f"vram={size_at_least(need)!r} or more" if need is not None else "a larger vram="
-        hint = (f"give {give} (its largest block, {largest.name}, is {fmt_bytes(largest.nbytes(fmt))} in {fmt}: "
+        several = (f" ({len(largest.modules)} modules, {largest.modules[0]} … {largest.modules[-1]}, planned as one: "
+                   "they share a tensor)") if len(largest.modules) > 2 else ""
+        hint = (f"give {give} (its largest block, {largest.name}{several}, is {fmt_bytes(largest.nbytes(fmt))} in {fmt}: "
                 "every streamed block needs a slot that holds it)"
                 # one tensor (an embedding table) is the least the runtime moves: no smaller blocks to ask for
                 + (", or a model of more, smaller blocks" if len(largest.tensors) > 1 else ""))

@@ -172,6 +172,32 @@ def split_units(model: nn.Module, blocks: ModuleBlocks, which: set[int]) -> Modu
     return ModuleBlocks(_merge_tied(model, units), tuple(loose), blocks.repeated_from)
 
 
+def _warn_joined(model: nn.Module, modules: list[str], tensors: list[str]) -> None:
+    """A small tensor shared by more than two would-be blocks (one `gain` every layer holds) makes them one block,
+    which streamed needs a slot of all their weights: said, with the tensor, where the user can untie it."""
+    import warnings
+
+    from residency.errors import PlanWarning
+    from residency.units import fmt_bytes
+
+    params = {id(p): p for m in modules for p in model.get_submodule(m).parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    if sum(_tensor_bytes(model, t) for t in tensors) * 4 > total:  # the tie is most of it (T5's shared embedding
+        return                                                       # read by both stacks and the head): as meant
+    shown = ", ".join(f"{t} ({fmt_bytes(_tensor_bytes(model, t))})" for t in tensors[:2])
+    warnings.warn(f"{len(modules)} modules ({modules[0]} … {modules[-1]}) share {shown or 'a tensor'}: they are "
+                  "planned as one block, loaded and streamed whole; give each module its own copy of that tensor "
+                  "to plan them as blocks of their own", PlanWarning, stacklevel=2)
+
+
+def _tensor_bytes(model: nn.Module, path: str) -> int:
+    try:
+        t = model.get_parameter(path)
+    except (AttributeError, TypeError):
+        return 0
+    return t.numel() * t.element_size()
+
+
 def _merge_tied(model: nn.Module, units: list[BlockUnit]) -> tuple[BlockUnit, ...]:
     """Units that share a tensor become one: the tensor is stored once, and every module reading it needs it
     on the device (an LM head tied to its embedding is the embedding block, called twice)."""
@@ -187,13 +213,19 @@ def _merge_tied(model: nn.Module, units: list[BlockUnit]) -> tuple[BlockUnit, ..
             i = parent[i]
         return i
 
+    joined_by: dict[int, list[str]] = {}  # unit index -> a tied tensor that joined others to it
     for group in find_tied_parameters(model):
         holders = sorted({root(owner[p]) for p in group if p in owner})
         for h in holders[1:]:
             parent[h] = holders[0]
+        if len(holders) > 1:
+            joined_by.setdefault(holders[0], []).append(sorted(group)[0])
     merged: dict[int, list[BlockUnit]] = {}
     for i, u in enumerate(units):
         merged.setdefault(root(i), []).append(u)
+    for r, group in merged.items():
+        if len(group) > 2:  # a tie of more than two modules (an embedding and its head are two): say which tensor
+            _warn_joined(model, [m for u in group for m in u.modules], joined_by.get(r, []))
     return tuple(BlockUnit(tuple(m for u in group for m in u.modules), any(u.repeated for u in group))
                  for group in merged.values())
 
