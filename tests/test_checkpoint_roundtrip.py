@@ -286,3 +286,16 @@ def test_a_shard_no_index_names_is_refused_and_the_described_directory_reads(tmp
     save_checkpoint(tmp_path / "stray.safetensors", {"c": torch.zeros(4, 4)})  # its tensors were added to the model's
     with pytest.raises(CheckpointError, match="stray.safetensors: no shard index of the directory names it"):
         open_checkpoint(tmp_path)
+
+
+def test_a_shard_that_is_a_dangling_link_is_refused_naming_it(tmp_path):
+    """A snapshot copied without its blobs leaves links to nothing: the shard was skipped and the model read smaller."""
+    save_checkpoint(tmp_path / "a.safetensors", {"a": torch.zeros(4, 4)})
+    (tmp_path / "b.safetensors").symlink_to(tmp_path / "blobs" / "gone")
+    with pytest.raises(CheckpointError, match=r"b.safetensors: a link to .*gone' that is missing") as e:
+        open_checkpoint(tmp_path)
+    assert "copy the file it names into place" in e.value.hint
+    (tmp_path / "b.safetensors").unlink()
+    (tmp_path / "b.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"b.safetensors: is not a file"):
+        open_checkpoint(tmp_path)

@@ -137,13 +137,16 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict[Path, dict[str, str]
     kind, reason = path_kind(path)
     if kind == DIRECTORY:
         try:
-            files = sorted(
-                p
-                for p in path.iterdir()
-                if p.suffix.lower() in _READERS and path_kind(p)[0] == FILE and not p.name.startswith(".")
-            )
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in _READERS and not p.name.startswith("."))
         except OSError as e:
             raise broken(path, f"cannot list it ({e.strerror or e})", hint="check its permissions") from None
+        for p in files:  # skipped, a shard not there was a smaller model, silently (a snapshot copied without blobs)
+            shard_kind, why = path_kind(p)
+            if shard_kind != FILE:
+                link = f"a link to {os.readlink(p)!r} that " if p.is_symlink() else ""
+                raise broken(p, f"{link}{'is missing' if shard_kind == MISSING else f'is not a file ({why or shard_kind})'}",
+                             hint="copy the file it names into place (a model snapshot copied without its blobs), "
+                                  "or remove it")
         if not files:
             raise broken(
                 path,
