@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import re
 import sys
@@ -73,7 +74,8 @@ def report(err: ResidencyError) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` (default: sys.argv[1:]); returns the exit status.
 
-    ResidencyError becomes its message and exit code, Ctrl-C exit status 130; other errors propagate.
+    ResidencyError becomes its message and exit code (with --json, also {"error", "hint", "exit_code"} on stdout),
+    Ctrl-C exit status 130; other errors propagate.
     """
     try:
         parser = build_parser()
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         check_outputs_apart(args)
         return int(args.run(args))
     except ResidencyError as err:
+        if getattr(args, "json", False):  # a script reading stdout gets a document, not nothing
+            print(json.dumps({"error": err.message, "hint": err.hint or None, "exit_code": err.exit_code}))
         return report(err)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -113,3 +113,4 @@ MAX_SIDE_PX = 16384  # the largest image height or width planned, from a flag (`
 # A frame-time budget, from `--frame-ms` or a plan file: above 10 µs (no frame of any model runs in less: one kernel
 # launch is ~5 µs; 1e-300 was taken and shown as 0.0 ms), at most an hour
 MIN_FRAME_MS, MAX_FRAME_MS = 0.01, 3_600_000.0
+BACKENDS = ("cuda", "rocm", "cpu")  # a device profile's backends, which a plan made for one records

@@ -13,6 +13,8 @@ from typing import Any
 from residency.errors import ResidencyError
 
 # Values are shown cut short: a 10 MB string or a list of a million numbers must not become the message.
+MAX_TEXT_CHARS = 4096  # any string of a document a user names (a note, a tensor name)
+MAX_NAME_CHARS = 256  # a name shown in titles and table cells (a model, profile, block or phase)
 _SHOW = reprlib.Repr()
 _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxlevel = 60, 60, 6, 4, 3
 
@@ -121,12 +123,16 @@ class Reader:
         return value
 
     # ------------------------------------------------------------ scalars
-    def string(self, value: Any, path: str, non_empty: bool = False) -> str:
-        """`value` as a str (non-empty if asked) of printable characters; raises ResidencyError otherwise. Control
-        characters are refused: printed in a table or a title, an escape sequence recoloured or cleared the
-        terminal and a newline split the row."""
+    def string(self, value: Any, path: str, non_empty: bool = False, max_chars: int = MAX_TEXT_CHARS) -> str:
+        """`value` as a str (non-empty if asked) of printable characters, at most `max_chars` of them; raises
+        ResidencyError otherwise. Control characters are refused: printed in a table or a title, an escape
+        sequence recoloured or cleared the terminal and a newline split the row. Length is bounded: a profile
+        named in 100,000 characters took over a minute to render in a plan's title."""
         if not isinstance(value, str) or (non_empty and not value):
             raise self.bad(path, value, "a non-empty string" if non_empty else "a string")
+        if len(value) > max_chars:
+            raise self.fail(path, f"= {show(value)}: {len(value):,} characters, more than the {max_chars:,} it may have",
+                            hint="shorten it")
         bad = control_character(value)
         if bad is not None:
             raise self.fail(path, f"= {show(value)}: holds a control character ({bad!r})",

@@ -125,3 +125,31 @@ def test_bad_elements_by_size_names_the_block_and_field(value, words):
     with pytest.raises(ResidencyError) as e:
         workload_from_dict(doc, "tiny.json")
     assert "tiny.json" in e.value.message and "dit.blocks.0" in e.value.message and words in e.value.message
+
+
+def _tensor_twice(doc):
+    doc["blocks"][5]["tensors"].append(doc["blocks"][5]["tensors"][0])
+
+
+def _phase_twice(doc):
+    doc["phases"].append(dict(doc["phases"][1]))
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    (_tensor_twice, "the block lists this tensor twice"),  # its bytes were counted twice
+    (_phase_twice, "phase names must be unique"),
+    (lambda d: d.update(phases=[]), "'phases' holds no phase that runs per latent frame"),  # the error named the workload
+    (lambda d: d.update(name="m" * 300), "300 characters, more than the 256"),  # rendering took seconds a 10 k name
+])
+def test_a_catalog_document_that_counts_twice_or_names_past_its_bounds_is_refused_naming_the_file(change, words):
+    import copy
+
+    from pipelines.world_model.workload import catalog_entry
+    from residency.errors import ResidencyError
+    from residency.workload import workload_from_dict
+
+    doc = copy.deepcopy(catalog_entry("tiny"))
+    change(doc)
+    with pytest.raises(ResidencyError) as e:
+        workload_from_dict(doc, "tiny.json")
+    assert e.value.message.startswith("tiny.json") and words in e.value.message

@@ -215,6 +215,8 @@ GGUF_CASES = {
     ),  # Q8_0
     "absurd_dims": (gguf_bytes(tensors=[("w", [2**62, 2**62], 0, 0)], data=bytes(64)), "spans"),
     "bad_alignment": (gguf_bytes([("general.alignment", UINT32, struct.pack("<I", 3))]), "alignment"),
+    "alignment_a_string": (gguf_bytes([("general.alignment", STRING, struct.pack("<Q", 2) + b"32")]),
+                           "general.alignment is a string, not a uint32"),
     "non_utf8_name": (gguf_bytes(tensors=[(b"\xff\xfe", [4, 2], 0, 0)], data=bytes(32)), "UTF-8"),
     "format_meta_not_string": (
         gguf_bytes([("residency.format.w", UINT32, bytes(4))], tensors=[("w", [32], 24, 0)], data=bytes(32)),

@@ -352,7 +352,8 @@ def test_a_catalog_with_no_phase_per_latent_frame_is_refused_naming_phases(capsy
     path.write_text(json.dumps(doc))
     code, _, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
     err = " ".join(err.split())
-    assert code == 1 and "no phase runs per latent frame" in err and "'phases'" in err and "hint:" in err
+    assert code == 1 and "no phase that runs per latent frame" in err and "'phases'" in err and "hint:" in err
+    assert err.startswith(f"error: {path}: ")  # the file to fix, not the workload's name
 
 
 def test_a_catalog_name_with_an_escape_sequence_is_refused_naming_its_field(capsys, tmp_path):

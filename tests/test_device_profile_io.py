@@ -102,6 +102,8 @@ BAD = {
     "escape in the name": (lambda d: _set(d, "\x1b[31mRED\x1b[0m", "name"), "name", "control character"),
     "newline in the vendor": (lambda d: _set(d, "AMD\nline2", "vendor"), "vendor", "control character"),
     "empty name": (lambda d: _set(d, "", "name"), "name", "non-empty"),
+    # a 100,000-character name took over a minute to render in a plan's title
+    "name past its bound": (lambda d: _set(d, "x" * 257, "name"), "name", "257 characters, more than the 256"),
     "absurdly slow link": (lambda d: _set(d, 1e-300, "link", "h2d_pinned", "gbps", 2), "link.h2d_pinned.gbps[2]",
                            "below any real device's rate"),
     "absurdly slow memory": (lambda d: _set(d, 1e-9, "device_memory_gbps"), "device_memory_gbps", "at least 0.001"),

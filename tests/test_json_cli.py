@@ -300,3 +300,13 @@ def test_plan_refuses_a_fifo_profile_without_blocking(tmp_path, capsys):
     os.mkfifo(fifo)
     code = _returns_quickly(["plan", "tiny", "--profile", str(fifo)])
     _clean_refusal(code, capsys.readouterr().err, "regular file")
+
+
+@pytest.mark.parametrize("argv", [["plan", "/nonexistent", "--json"], ["inspect", "/nonexistent", "--json"],
+                                  ["plan", "tiny", "--profile", "/nonexistent.json", "--json"]])
+def test_with_json_an_error_is_also_a_document_on_stdout(capsys, argv):
+    """stdout was empty: a script parsing it read nothing and could not tell the error."""
+    code = main(argv)
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert code == doc["exit_code"] == 1 and doc["error"] in err and doc["hint"] in err

@@ -147,6 +147,10 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_s
     ({"num_attention_heads": 5}, "LlamaForCausalLM refuses the config"),
     ({"model_type": "nonexistent_model"}, "LlamaForCausalLM refuses the config"),
     ({"num_hidden_layers": 100_000}, "from 0 to 4096"),
+    # each planned (exit 0): no limit on tokens, an empty vocabulary
+    ({"max_position_embeddings": 0}, "max_position_embeddings is 0; a size must be a whole number of 1 or more"),
+    ({"max_position_embeddings": -5}, "max_position_embeddings is -5"),
+    ({"vocab_size": 0}, "vocab_size is 0"),
 ])
 @pytest.mark.parametrize("command", [("plan", "--profile", "rx-7800-xt"), ("inspect",)])
 def test_a_config_transformers_refuses_is_an_error_naming_the_file_not_a_traceback(capsys, tmp_path, change, words,
@@ -198,3 +202,20 @@ def test_a_sample_size_past_the_largest_planned_size_is_refused_naming_it(capsys
     code, out, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt", "--height", "512", "--width", "512",
                          "--json")
     assert code == 0, err
+
+
+def test_a_flux_patch_size_of_0_is_refused_naming_it(capsys, tmp_path):
+    """It built a model of empty tensors and planned it, exit 0, torch's zero-element warning on stderr."""
+    path = model_dir(tmp_path, {**FLUX, "patch_size": 0})
+    code, _, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
+    assert code == 1 and "patch_size is 0" in err and "hint: fix patch_size" in err and "Warning" not in err
+
+
+def test_a_directory_of_pickled_weights_only_says_they_are_not_read(capsys, tmp_path):
+    """It said only "a directory with no model in it", beside the pytorch_model.bin the user was looking at."""
+    path = tmp_path / "old"
+    path.mkdir()
+    (path / "pytorch_model.bin").write_bytes(b"\x80\x02")
+    code, _, err = run(capsys, "inspect", str(path))
+    assert code == 1 and "pytorch_model.bin (a pickle), which residency does not read" in err
+    assert "convert them to .safetensors" in err

@@ -60,7 +60,7 @@ def _decisions(plan) -> tuple:
                          [(0.3, None, True), (0.6, 5.0, True), (0.3, None, False)])
 def test_two_threads_plan_what_one_does(built, monkeypatch, share, frame_ms, always_deeper):
     """Every depth searched (always_deeper: the deeper ring is tried even where the first does not stall) or the
-    default rule: the plan is the same on two threads as on one, and two threads did solve."""
+    default rule: the plan is the same on two threads as on one, and a worker thread did solve."""
     if always_deeper:
         monkeypatch.setattr(search_module, "DEEPER_IF_STALL", -1.0)
     req = _request(built, share, frame_ms)
@@ -72,7 +72,9 @@ def test_two_threads_plan_what_one_does(built, monkeypatch, share, frame_ms, alw
     monkeypatch.setenv(THREADS_ENV, "2")
     two = get_policy("ours")(req)
     assert _decisions(two) == _decisions(one)
-    assert len({name for name in seen if name.startswith("residency-plan")}) == 2, seen
+    # which of the pool's workers takes a solve is the scheduler's: on a loaded box one worker took both
+    # (['residency-plan_0', 'residency-plan_0', 'MainThread']); that solves ran beside the main thread is the point
+    assert any(name.startswith("residency-plan") for name in seen), seen
 
 
 def test_a_parallel_plan_leaves_the_warning_filters_and_stdout_as_they_were(built, monkeypatch, capfd):

@@ -243,7 +243,12 @@ def _alignment(path: Path, fields: dict[str, tuple[int, str | None]]) -> int:
     if "general.alignment" not in fields:
         return DEFAULT_ALIGNMENT
     vtype, text = fields["general.alignment"]
-    alignment = int(text) if vtype == UINT32 and text is not None else 0
+    if vtype != UINT32:  # "alignment 32 is not a uint32 power of two" hid that "32" was a string
+        from gguf import GGUFValueType
+
+        kind = GGUFValueType(vtype).name.lower() if vtype in GGUFValueType._value2member_map_ else f"type {vtype}"
+        raise broken(path, f"GGUF general.alignment is a {kind}, not a uint32")
+    alignment = int(text) if text is not None else 0
     if not 0 < alignment <= MAX_ALIGNMENT or alignment & (alignment - 1):
         raise broken(
             path,

@@ -24,6 +24,12 @@ PYTHON_ROUTE = ("build the workload in Python (residency.workload.workload_from_
 # Layers a config may declare: the deepest released models have ~200; building 100,000 empty layers took minutes
 # (no output) before any error
 MAX_LAYERS = 4096
+# sizes a config gives that must be 1 or more where given (a list: each of its items)
+SIZE_FIELDS = ("patch_size", "patch_size_t", "in_channels", "out_channels", "block_out_channels", "hidden_size",
+               "intermediate_size", "vocab_size", "max_position_embeddings", "n_positions", "num_attention_heads",
+               "num_key_value_heads", "attention_head_dim", "head_dim", "d_model", "d_ff", "d_kv", "num_heads",
+               "joint_attention_dim", "pooled_projection_dim", "cross_attention_dim", "text_dim", "ffn_dim", "n_embd",
+               "n_head", "norm_num_groups")
 LAYER_COUNT_FIELDS = ("num_layers", "num_single_layers", "num_hidden_layers", "num_encoder_layers",
                       "num_decoder_layers", "encoder_layers", "decoder_layers", "n_layer", "n_layers",
                       "layers_per_block", "transformer_layers_per_block")
@@ -102,6 +108,7 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
                              hint="every planned component of a pipeline directory needs its config.json")
     config = read_config(path / MODEL_CONFIG)
     _check_layer_counts(path / MODEL_CONFIG, config)
+    _check_sizes(path / MODEL_CONFIG, config)
     if named_as is not None:
         (library, class_name), field = named_as, "class"
         named = class_name
@@ -135,9 +142,11 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
         except Exception as e:  # a config the class refuses: wrong or missing fields
             from residency.workload.from_module import error_line
 
+            huge = "allocat" in str(e)  # sizes so large that even the empty model's buffers do not fit in RAM
             raise ResidencyError(f"{path / MODEL_CONFIG}: {class_name} refuses the config ({error_line(e)})",
-                                 hint="fix the field it names, or give the directory save_pretrained wrote for "
-                                      "this model") from e
+                                 hint="its sizes (heads, widths, positions) are too large to build the model even "
+                                      "without weights: fix them" if huge else "fix the field it names, or give the "
+                                      "directory save_pretrained wrote for this model") from e
     if library == "transformers":
         # built under init_empty_weights a transformers model leaves its tied weights untied (T5's shared
         # embedding, a tied lm_head): counted twice, or left unowned; tying outside it shares them, on meta
@@ -157,6 +166,19 @@ def _check_layer_counts(config_path: Path, config: dict[str, Any]) -> None:
                 raise ResidencyError(f"{config_path}: {field} is {shown}; a layer count must be a whole number "
                                      f"from 0 to {MAX_LAYERS}",
                                      hint=f"fix {field} (save_pretrained writes the model's own count)")
+
+
+def _check_sizes(config_path: Path, config: dict[str, Any]) -> None:
+    """Refuse a size that is not positive: a patch_size of 0 built a model of empty tensors and planned it (exit 0),
+    a max_position_embeddings of 0 or -5 was read as no limit, a vocab_size of 0 planned an empty embedding."""
+    for field in SIZE_FIELDS:
+        if config.get(field) is None:
+            continue
+        for value in _flat(config[field]):
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                shown = json.dumps(config[field])[:80]
+                raise ResidencyError(f"{config_path}: {field} is {shown}; a size must be a whole number of 1 or more",
+                                     hint=f"fix {field} (save_pretrained writes the model's own)")
 
 
 def _flat(value: Any) -> list[Any]:

@@ -98,6 +98,12 @@ def classify(text: str) -> Source:
         if has_model_config(path) and not weights:
             refuse_classless(path)  # a model directory whose config.json names no class: say so, not "no weights"
         if not weights:
+            pickled = _pickled_weights(path)
+            if pickled:  # torch.save files: residency reads no pickles (loading one runs its code)
+                raise ResidencyError(f"{text[:200]}: its weights are {pickled} (a pickle), which residency does not "
+                                     "read; and it has no config.json or model_index.json",
+                                     hint="convert them to .safetensors (safetensors.torch.save_file), or give the "
+                                          "model's directory with its config.json")
             raise ResidencyError(f"{text[:200]}: a directory with no model in it (no config.json, model_index.json "
                                  "or .safetensors/.gguf file)", hint=SOURCES_HINT.format(names=", ".join(catalog_names())))
         return Source(CHECKPOINT, text, path)
@@ -276,3 +282,11 @@ def load_inventory(name_or_path: str) -> Inventory:
         # class whose inputs its config does not give, a UNet2DModel, has none to count)
         return inventory_from_module(name_or_path, _as_saved(empty_model(source.path), source.path))
     return _workload_inventory(name_or_path, resolve_workload(name_or_path))
+
+
+def _pickled_weights(path) -> str:
+    """The first .bin/.pt/.pth/.ckpt file in `path` ('' when none or unlistable): weights residency cannot read."""
+    try:
+        return next((p.name for p in sorted(path.iterdir()) if p.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt")), "")
+    except OSError:
+        return ""

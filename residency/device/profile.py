@@ -12,7 +12,8 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cached_property
 
-BACKENDS = ("cuda", "rocm", "cpu")
+from residency.units import BACKENDS  # noqa: F401  (re-exported: device code and tests import it from here)
+
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 LINK_DIRECTIONS = ("h2d_pinned", "h2d_pageable", "d2h_pinned", "d2h_pageable")
 PROVENANCE_KINDS = ("measured", "datasheet", "calibrated")

@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from residency.device.profile import PROVENANCE_KINDS, Curve, Provenance
-from residency.validate import Reader, show
+from residency.validate import MAX_NAME_CHARS, Reader, show
 
 # JSON names of a curve's axes: link curves are GB/s over transfer bytes, matmul curves TFLOP/s over rows.
 LINK_AXES = ("sizes_bytes", "gbps")
@@ -72,7 +72,7 @@ class ProfileReader(Reader):
     def text(self, doc: dict[str, Any], key: str) -> str:
         """A string field; the name non-empty. Control characters are refused: printed in a plan's title, an
         escape sequence in a profile's name recoloured the terminal and a newline split the line."""
-        return self.string(self.get(doc, key), key, non_empty=key == "name")
+        return self.string(self.get(doc, key), key, non_empty=key == "name", max_chars=MAX_NAME_CHARS)
 
     def curve(self, value: Any, field: str, axes: tuple[str, str], positive: bool = True) -> Curve:
         """A Curve of `axes` (x, y); x > 0, y > 0 (≥ 0 when not `positive`)."""

@@ -13,7 +13,6 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from residency.device.profile import BACKENDS
 from residency.errors import ResidencyError
 from residency.formats import FORMATS
 from residency.jsonfile import read_json
@@ -34,7 +33,7 @@ from residency.plan.plan import (
     Plan,
     Prediction,
 )
-from residency.units import MAX_FRAME_MS, MIN_FRAME_MS
+from residency.units import BACKENDS, MAX_FRAME_MS, MIN_FRAME_MS
 from residency.validate import Reader, show
 from residency.workload.spec import KV_DTYPE_BYTES
 

@@ -12,7 +12,7 @@ from typing import Any
 from residency.errors import ResidencyError
 from residency.formats.dtypes import COMPUTE_DTYPE_BYTES
 from residency.jsonfile import read_json
-from residency.validate import Reader, at, show
+from residency.validate import MAX_NAME_CHARS, Reader, at, show
 from residency.workload.spec import (
     KV_ACCESS,
     KV_DTYPE_BYTES,
@@ -58,9 +58,9 @@ _BLOCK_KNOWN = ("name", "component", "tensors", "tokens", *_BLOCK_NUMBERS, *_BLO
 
 def _block(r: Reader, doc: Any, path: str) -> BlockSpec:
     doc = r.obj(doc, path, _BLOCK_KNOWN, required=("name", "component", "tensors", "tokens"))
-    name = r.string(doc["name"], f"{path}.name", non_empty=True)
+    name = r.string(doc["name"], f"{path}.name", non_empty=True, max_chars=MAX_NAME_CHARS)
     r = r.within(f"block {show(name)}")
-    tensors = []
+    tensors, seen = [], set()
     for j, item in enumerate(r.items(doc["tensors"], f"{path}.tensors", max_items=MAX_TENSORS_PER_BLOCK)):
         where = f"{path}.tensors[{j}]"
         if not isinstance(item, list) or len(item) != 2:
@@ -70,7 +70,11 @@ def _block(r: Reader, doc: Any, path: str) -> BlockSpec:
         if math.prod(dims) > MAX_TENSOR_ELEMENTS:
             raise r.fail(f"{where}[1]", f"= {list(dims)}: {math.prod(dims):.3g} elements, more than the "
                          f"{MAX_TENSOR_ELEMENTS:.3g} (2^48) of any tensor residency plans")
-        tensors.append((r.string(item[0], f"{where}[0]", non_empty=True), dims))
+        tensor = r.string(item[0], f"{where}[0]", non_empty=True)
+        if tensor in seen:  # its bytes were counted twice
+            raise r.fail(f"{where}[0]", f"= {show(tensor)}: the block lists this tensor twice")
+        seen.add(tensor)
+        tensors.append((tensor, dims))
     kwargs: dict[str, Any] = {k: r.number(r.optional(doc, k, 0.0), at(path, k), 0.0, maximum=MAX_FLOPS)
                               for k in _BLOCK_NUMBERS}
     kwargs.update({k: r.integer(r.optional(doc, k, 0), at(path, k), 0, MAX_COUNT) for k in _BLOCK_INTS})
@@ -119,7 +123,7 @@ def _phase(r: Reader, doc: Any, path: str, known_blocks: frozenset[str]) -> Phas
                                                                       f"{where}.per_step"),
                                kv=r.choice(r.optional(p, "kv", "none"), f"{where}.kv", KV_ACCESS),
                                purpose=r.string(r.optional(p, "purpose", ""), f"{where}.purpose")))
-    return PhaseSpec(name=r.string(doc["name"], f"{path}.name", non_empty=True),
+    return PhaseSpec(name=r.string(doc["name"], f"{path}.name", non_empty=True, max_chars=MAX_NAME_CHARS),
                      per=r.choice(doc["per"], f"{path}.per", PERS), passes=tuple(passes))
 
 
@@ -145,9 +149,19 @@ def workload_from_dict(doc: Any, source: str = "<catalog>") -> Workload:
     known = frozenset(names)
     phases = tuple(_phase(r, p, f"phases[{i}]", known)
                    for i, p in enumerate(r.items(r.need(doc, "phases"), "phases", max_items=MAX_PHASES)))
+    if not any(ph.passes for ph in phases if ph.per == "latent_frame"):  # PlanRequest's check, named by file here
+        raise r.fail("phases", "holds no phase that runs per latent frame (per \"latent_frame\", with a pass): a plan holds a "
+                     "frame, and this workload has none to plan",
+                     hint="add a phase with \"per\": \"latent_frame\" and the passes one frame runs")
+    phase_names = [ph.name for ph in phases]
+    for i, n in enumerate(phase_names):
+        if n in phase_names[:i]:
+            raise r.fail(f"phases[{i}].name", f"= {show(n)}: a phase of that name comes before it; phase names "
+                         "must be unique")
     try:
         return Workload(
-            name=r.string(r.need(doc, "name"), "name", non_empty=True), blocks=blocks, phases=phases,
+            name=r.string(r.need(doc, "name"), "name", non_empty=True, max_chars=MAX_NAME_CHARS), blocks=blocks,
+            phases=phases,
             steps=r.integer(r.need(doc, "steps"), "steps", 1, MAX_STEPS, unit="denoise steps"),
             context_frames=r.integer(r.optional(doc, "context_frames", 0), "context_frames", 0,
                                      MAX_CONTEXT_FRAMES, unit="latent frames"),
