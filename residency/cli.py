@@ -22,10 +22,18 @@ class _Parser(argparse.ArgumentParser):
         """Exit 2 as argparse does, in two lines instead of its usage block: the error, then a hint — the
         message's own where it ends "(hint: …)" (an argument type's), else where the options are listed."""
         message, _, hint = message.partition(" (hint: ")
+        hint = hint.removesuffix(")") if hint else f"run '{self.prog} --help' for the options"
         print(f"error: {message}", file=sys.stderr)
-        print(f"hint: {hint.removesuffix(')')}" if hint else f"hint: run '{self.prog} --help' for the options",
-              file=sys.stderr)
-        raise SystemExit(2)
+        print(f"hint: {hint}", file=sys.stderr)
+        raise _UsageExit(message, hint)
+
+
+class _UsageExit(SystemExit):
+    """argparse's exit 2, with what it said (main prints it as a document too under --json)."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(2)
+        self.message, self.hint = message, hint
 
 
 _NEGATIVE_VALUE = re.compile(r"-\d")  # `-1GiB`, which argparse takes for an option, not a value
@@ -77,9 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     ResidencyError becomes its message and exit code (with --json, also {"error", "hint", "exit_code"} on stdout),
     Ctrl-C exit status 130; other errors propagate.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         parser = build_parser()
-        args, extra = parser.parse_known_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
+        args, extra = parser.parse_known_args(_join_negative_values(argv))
+    except _UsageExit as usage:
+        if "--json" in argv:
+            _json_error(usage.message, usage.hint, 2)
+        return 2
     except SystemExit as exit_:
         return int(exit_.code or 0)
     except KeyboardInterrupt:
@@ -87,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if extra:  # argparse would say so from the top parser, pointing at `residency --help`
         where = f"residency {args.command}" if args.command else "residency"
-        print(f"error: unrecognized arguments: {' '.join(extra)}", file=sys.stderr)
-        print(f"hint: run '{where} --help' for the options", file=sys.stderr)
+        message, hint = f"unrecognized arguments: {' '.join(extra)}", f"run '{where} --help' for the options"
+        print(f"error: {message}", file=sys.stderr)
+        print(f"hint: {hint}", file=sys.stderr)
+        if getattr(args, "json", False):
+            _json_error(message, hint, 2)
         return 2
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -98,13 +114,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args))
     except ResidencyError as err:
         if getattr(args, "json", False):  # a script reading stdout gets a document, not nothing
-            print(json.dumps({"error": err.message, "hint": err.hint or None, "exit_code": err.exit_code}))
+            _json_error(err.message, err.hint, err.exit_code)
         return report(err)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return _stdout_closed()
+
+
+def _json_error(message: str, hint: str | None, exit_code: int) -> None:
+    print(json.dumps({"error": message, "hint": hint or None, "exit_code": exit_code}))
 
 
 def _stdout_closed() -> int:

@@ -40,8 +40,8 @@ def read_json(path: str | os.PathLike[str], what: str, hint: str, max_bytes: int
         raise ResidencyError(f"{name}: not valid JSON, so not {what} (line {e.lineno}, column {e.colno}: {e.msg})",
                              hint=hint) from None
     except _Duplicate as e:  # before ValueError: it is one
-        raise ResidencyError(f"{name}: {what} gives {_show_key(e.args[0])} twice in one object (JSON readers keep "
-                             "either; residency would have used the last silently)",
+        raise ResidencyError(f"{name}: {what} gives {_show_key(e.args[0])} twice in one object, with two values (JSON "
+                             "readers keep either; residency would have used the last silently)",
                              hint=hint + "; keep one of the two") from None
     except _NonFinite as e:
         raise ResidencyError(f"{name}: {what} holds {e.args[0][:40]}, which is not a finite number",
@@ -70,11 +70,13 @@ class _Duplicate(ValueError):
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """An object's dict, refusing a key given twice (`"steps": 4, "steps": 64`). Costs ~1 µs an object."""
+    """An object's dict, refusing a key given twice with two values (`"steps": 4, "steps": 64`). Costs ~1 µs an
+    object."""
     doc = dict(pairs)
-    if len(doc) != len(pairs):
-        seen: set[str] = set()
-        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    if len(doc) != len(pairs):  # the same value twice is harmless (a config.json some tool wrote so): kept
+        for key, value in pairs:
+            if doc[key] != value:
+                raise _Duplicate(key)
     return doc
 
 

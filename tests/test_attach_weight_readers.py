@@ -74,3 +74,65 @@ def test_a_module_outside_holding_weights_of_two_streamed_blocks_is_refused_by_n
         attach(model, x, vram="30%")
     assert "untie" in e.value.hint
     assert not any(has_hook(m) for m in model.modules())
+
+
+def test_a_tied_heads_calls_leave_the_schedule_and_the_frames_as_the_model_alone_makes_them():
+    """Each head call was taken for the next frame's first call: 10 frames of 7, 1, 7, 1… calls for 5 calls."""
+    torch.manual_seed(0)
+    lm, ids = TiedLM().eval(), torch.randint(0, 64, (2, 16))
+    with attach(lm.body, ids) as rt, torch.inference_mode():
+        for _ in range(5):
+            lm(ids)
+        rt._executor.close_frame()
+        assert rt._executor.resyncs == 0 and rt._executor.out_of_schedule_calls == 5
+        assert [len(f.blocks) for f in rt.recorder.frames] == [len(rt.plan.blocks)] * 5
+
+
+def test_a_reader_call_that_fails_to_load_leaves_later_calls_right():
+    """The depth was raised before the load, which a budget cut failed: every later call was bypassed (off by 109)."""
+    torch.manual_seed(0)
+    lm, ids = TiedLM().eval(), torch.randint(0, 64, (2, 16))
+    with torch.inference_mode():
+        expected, hidden = lm(ids), lm.body(ids)
+    with attach(lm.body, ids) as rt, torch.inference_mode():
+        lm(ids)
+        full = rt.ledger.budget_bytes
+        rt.set_budget(rt.ledger.total_bytes - 1)
+        with pytest.raises(ResidencyError):
+            lm.head(hidden)
+        rt.set_budget(full)
+        assert torch.equal(lm.head(hidden), expected)
+
+
+def test_a_reader_called_from_another_thread_during_a_model_call_waits_for_it():
+    """depth was the other thread's: a call from a second thread while a block ran was bypassed (off by 2.68)."""
+    import threading
+
+    model, x = mlp_stack()
+    with torch.inference_mode():
+        expected = model[4][0](x)
+    got, inside = [], threading.Event()
+    with attach(model, x, vram="60%"), torch.inference_mode():
+        def probe(module, args):  # runs inside block 2's call (depth 1) on the main thread
+            if not inside.is_set():
+                inside.set()
+                worker = threading.Thread(target=lambda: got.append(model[4][0](x)))
+                worker.start()
+                worker.join(0.2)  # it waits for the unit lock: not done while this call runs
+                got.append(worker)
+        handle = model[2][0].register_forward_pre_hook(probe)
+        model(x)
+        handle.remove()
+        got[0].join(10)
+    assert torch.equal(got[1], expected)
+
+
+def test_a_parameter_list_of_the_models_weights_elsewhere_is_no_reader():
+    """An EMA helper's nn.ParameterList(model.parameters()) made attach refuse ('holds parameters of blocks …')."""
+    model, x = mlp_stack()
+    keep = nn.ParameterList(model.parameters())
+    with torch.inference_mode():
+        expected = model(x)
+    with attach(model, x, vram="30%"), torch.inference_mode():
+        assert torch.equal(model(x), expected)
+    assert not has_hook(keep) and "forward" not in keep.__dict__

@@ -45,8 +45,20 @@ def test_a_plan_written_over_a_file_of_the_model_directory_is_refused_and_beside
     config.write_text("{}")
     err = refused(capsys, "plan", model_dir, "--profile", "rx-7800-xt", "-o", config)
     assert "a file of the model" in err and config.read_text() == "{}"
-    main(["plan", str(model_dir), "--profile", "rx-7800-xt", "-o", str(model_dir / "plan.json")])
-    assert "which this command reads" not in capsys.readouterr().err  # refused for the config, not for the output
+    for _ in range(2):  # the plan it wrote there is not a file it reads: the second run was refused
+        main(["plan", str(model_dir), "--profile", "rx-7800-xt", "-o", str(model_dir / "plan.json")])
+        assert "which this command reads" not in capsys.readouterr().err
+
+
+def test_a_config_that_is_a_link_into_a_snapshots_blobs_is_still_the_models(capsys, tmp_path):
+    """The Hugging Face cache layout: snapshots/<rev>/config.json links to ../../blobs/<hash>, outside the directory."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    (blobs / "f00d").write_text("{}")
+    (snapshot / "config.json").symlink_to(Path("../..") / "blobs" / "f00d")
+    refused(capsys, "plan", snapshot, "--profile", "rx-7800-xt", "-o", snapshot / "config.json")
+    assert (blobs / "f00d").read_text() == "{}"
 
 
 def test_a_run_trace_written_over_its_plan_is_refused(capsys, tmp_path):

@@ -302,11 +302,14 @@ def test_plan_refuses_a_fifo_profile_without_blocking(tmp_path, capsys):
     _clean_refusal(code, capsys.readouterr().err, "regular file")
 
 
-@pytest.mark.parametrize("argv", [["plan", "/nonexistent", "--json"], ["inspect", "/nonexistent", "--json"],
-                                  ["plan", "tiny", "--profile", "/nonexistent.json", "--json"]])
-def test_with_json_an_error_is_also_a_document_on_stdout(capsys, argv):
+@pytest.mark.parametrize(("argv", "exit_code"), [
+    (["plan", "/nonexistent", "--json"], 1), (["inspect", "/nonexistent", "--json"], 1),
+    (["plan", "tiny", "--profile", "/nonexistent.json", "--json"], 1),
+    (["plan", "tiny", "--vram", "bogus", "--json"], 2),  # argparse's own
+    (["plan", "tiny", "--bogus", "--json"], 2)])
+def test_with_json_an_error_is_also_a_document_on_stdout(capsys, argv, exit_code):
     """stdout was empty: a script parsing it read nothing and could not tell the error."""
     code = main(argv)
     out, err = capsys.readouterr()
     doc = json.loads(out)
-    assert code == doc["exit_code"] == 1 and doc["error"] in err and doc["hint"] in err
+    assert code == doc["exit_code"] == exit_code and doc["error"] in err and doc["hint"] in err

@@ -177,6 +177,11 @@ def test_a_key_given_twice_in_one_object_is_refused_naming_it(tmp_path, text):
     assert "twice in one object" in err.message and re.search(r"key '(steps|name)'", err.message)
 
 
+def test_a_key_given_twice_with_one_value_is_read(tmp_path):
+    """A config.json some tool wrote with `"_diffusers_version"` twice, the same value: diffusers reads it, so do we."""
+    assert read_json(_write(tmp_path, '{"v": "0.3", "v": "0.3"}'), "the thing", HINT) == {"v": "0.3"}
+
+
 def test_the_same_key_in_two_objects_is_fine(tmp_path):
     assert read_json(_write(tmp_path, '{"a": {"k": 1}, "b": {"k": 2}}'), "the thing", HINT) == {"a": {"k": 1},
                                                                                                  "b": {"k": 2}}

@@ -17,8 +17,11 @@ INPUT_ARGS = ("model", "profile", "plan", "image", "actions")
 OUTPUT_ARGS = ("output", "trace")
 DEMO_OUTPUTS = ("demo.gif", "demo-trace.json")  # what `demo -o DIR` writes in DIR
 READS_TRACE = ("dashboard",)
-# files of a model directory that a command reads (its configs, weights and shard index)
-_DIRECTORY_READS = (".json", ".safetensors", ".gguf")
+# files of a model directory that a command reads: its configs (config.json, a component's, a tokenizer's or
+# scheduler's *_config.json, model_index.json), weights and shard indexes; a plan.json written there is not one
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+_READ_NAMES = ("model_index.json",)
+_READ_ENDINGS = ("config.json", ".index.json")
 
 
 def check_outputs_apart(args: argparse.Namespace) -> None:
@@ -33,6 +36,8 @@ def check_outputs_apart(args: argparse.Namespace) -> None:
     if isinstance(out_dir, str):
         outputs += [("-o", os.path.join(out_dir, f)) for f in DEMO_OUTPUTS]
     for flag, out in outputs:
+        if flag == "-o" and args.command == "run" and out.lower().endswith(".png"):
+            continue  # numbered frames (out-0000.png …), never out.png itself; media refuses existing ones
         for name, value in inputs:
             how = _clash(Path(out), Path(value))
             if how is not None:
@@ -47,8 +52,10 @@ def _clash(out: Path, source: Path) -> str | None:
         if not source.exists():  # a catalog or profile name, not a path
             return None
         if source.is_dir():
-            inside = (out.suffix.lower() in _DIRECTORY_READS and out.is_file()
-                      and out.resolve().is_relative_to(source.resolve()))
+            name = out.name.lower()
+            read = (out.suffix.lower() in _WEIGHT_SUFFIXES or name in _READ_NAMES or name.endswith(_READ_ENDINGS))
+            # the parent resolved, not the file: a snapshot's config.json is a link into ../../blobs
+            inside = read and out.exists() and out.parent.resolve().is_relative_to(source.resolve())
             return "a file of" if inside else None
         same = os.path.samefile(out, source) if out.exists() else out.resolve() == source.resolve()
         return "that is" if same else None

@@ -17,8 +17,12 @@ then refilled while it still computed (wrong outputs, no error).
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+import torch
+
+from residency.runtime.attached_guards import warn_inference_only
 from residency.runtime.executor import Executor
 from residency.runtime.hooks import ModelHook, runs_user_forward_hooks
 
@@ -27,16 +31,19 @@ class BlockCalls:
     """The call of a several-module block still open, shared by every block hook of one attach; and the
     blocks that enclose the others (not hooked), called when the model's call begins."""
 
-    def __init__(self, executor: Executor, enclosing: tuple[str, ...] = ()):
+    def __init__(self, executor: Executor, enclosing: tuple[str, ...] = (), lock: threading.RLock | None = None):
         self.executor = executor
         self.enclosing = enclosing  # session-resident: bound for the whole call, a call only keeps the schedule
         self.open: str | None = None  # a several-module block whose call has not ended yet
         self.depth = 0  # hooked forwards running now, nested; only the outermost is an executor call
+        self.thread = 0  # the thread that opened the outermost hooked call: depth is its, not another thread's
+        self.lock = lock or threading.RLock()  # the runtime's unit lock: a reader's own call takes it
 
     def start(self) -> None:
         """The model's call begins: each enclosing block takes its place in the schedule (the workload
         lists it first: from_module's loose block opens the first pass)."""
         self.depth = 0  # a forward that raised (and was caught inside the model) never ran its post
+        self.thread = threading.get_ident()
         if self.open is not None:
             self.close()
         for name in self.enclosing:
@@ -53,6 +60,17 @@ class BlockCalls:
         """The call failed: the executor's record of the open call is not to be trusted; drop it."""
         self.open = None
         self.depth = 0
+
+
+def _before(calls: BlockCalls, executor: Executor, name: str, scheduled: bool = True) -> None:
+    """executor.before(name) for a hook that has raised the depth: a load that raises (a budget cut, a failed copy,
+    Ctrl-C) gives it back. The wrapper runs pre_forward outside its try, so forward_failed would not: left raised,
+    every later call outside the model's was taken for a nested one (a tied head off by 109, no error)."""
+    try:
+        executor.before(name, scheduled)
+    except BaseException:
+        calls.depth = max(0, calls.depth - 1)
+        raise
 
 
 class _DepthHook(ModelHook):
@@ -78,9 +96,10 @@ class BlockHook(_DepthHook):
         calls.depth += 1
         if calls.depth > 1:
             return
+        calls.thread = threading.get_ident()
         if calls.open is not None:
             calls.close()
-        self.executor.before(self.name)
+        _before(calls, self.executor, self.name)
 
     def post_forward(self, module, output) -> Any:
         """Tell the executor the block's call ended (timing, next prefetch); the output, copied out of the
@@ -112,9 +131,10 @@ class GroupHook(_DepthHook):
         calls.depth += 1
         if calls.depth > 1 or calls.open == self.name:  # nested, or the next member of the call in progress
             return
+        calls.thread = threading.get_ident()
         if calls.open is not None:
             calls.close()
-        calls.executor.before(self.name)
+        _before(calls, calls.executor, self.name)
 
     def post_forward(self, module, output) -> Any:
         """Leave the call open: the next member, or the next block's call, closes it."""
@@ -128,40 +148,63 @@ class GroupHook(_DepthHook):
 
 class ReaderHook(_DepthHook):
     """On a module that computes from a block's weights without being the block (runtime.weight_readers: a
-    submodule of a streamed, phase or packed block, a head tied to its embedding outside the model). Called inside
-    any block call it is part of that call: bypassed, ~0.15 µs. Called on its own, it is one call of its block,
-    which the executor loads (out of schedule, synchronously) and releases after it.
+    submodule of a streamed, phase or packed block; `inside` False: a module outside the blocks holding one of its
+    parameters, a head tied to its embedding). Called inside a block call on the thread running it, it is part of
+    that call: bypassed (~0.3 µs). Called on its own it is one call of its block, out of schedule (the cursor stays
+    where the model's calls left it: a tied head's calls counted as the next frame's and split every frame), loaded
+    synchronously, under the runtime's unit lock (another thread's call waits, as a model call does).
 
-    Not covered: under torch.compile of a whole model, a reader called from the model's own forward outside its
-    block is traced as if inside it."""
+    Under torch.compile an inner reader is traced as part of the compiled block around it; an outside one runs
+    eagerly, whole (a graph break), as a block does."""
 
-    def __init__(self, calls: BlockCalls, name: str):
+    def __init__(self, calls: BlockCalls, name: str, inside: bool = True):
         self.calls, self.executor, self.name = calls, calls.executor, name
-        self.started: list[bool] = []  # per call in progress: whether it is a call of the block (not bypassed)
+        self.traced_when_compiling = inside
+        # per call in progress: None when bypassed, else the grad mode to restore (its own call runs without autograd,
+        # as the model's calls do: gradients through reused memory would be wrong)
+        self.started: list[bool | None] = []
 
     def bypass(self) -> bool:
         calls = self.calls
-        return calls.depth > 0 or calls.open == self.name
+        return (calls.depth > 0 or calls.open == self.name) and calls.thread == threading.get_ident()
 
     def pre_forward(self, module, args, kwargs) -> None:
         if self.bypass():
-            self.started.append(False)
+            self.started.append(None)
             return
-        self.started.append(True)
         calls = self.calls
-        calls.depth += 1
-        if calls.open is not None:
-            calls.close()
-        self.executor.before(self.name)
+        calls.lock.acquire()  # re-entrant: the thread in a unit holds it already
+        try:
+            calls.depth += 1
+            calls.thread = threading.get_ident()
+            if calls.open is not None:
+                calls.close()
+            _before(calls, self.executor, self.name, scheduled=False)
+        except BaseException:
+            calls.lock.release()
+            raise
+        grad = torch.is_grad_enabled()
+        if grad:
+            warn_inference_only()
+            torch.set_grad_enabled(False)
+        self.started.append(grad)
 
     def post_forward(self, module, output) -> Any:
-        if not self.started.pop():
+        grad = self.started.pop()
+        if grad is None:
             return None
-        self.calls.depth -= 1
-        output = self.executor.unaliased(output)
-        self.executor.after(self.name)
+        try:
+            torch.set_grad_enabled(grad)
+            self.calls.depth -= 1
+            output = self.executor.unaliased(output)
+            self.executor.after(self.name)
+        finally:
+            self.calls.lock.release()
         return output
 
     def forward_failed(self, module) -> None:
-        if self.started and self.started.pop():
+        grad = self.started.pop() if self.started else None
+        if grad is not None:
+            torch.set_grad_enabled(grad)
             self.calls.depth = max(0, self.calls.depth - 1)
+            self.calls.lock.release()

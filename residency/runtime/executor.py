@@ -189,10 +189,11 @@ class Executor:
         return self.phase_binding[(phase, name)], copy, nbytes
 
     # --- the hook entry points ---
-    def before(self, name: str) -> None:
+    def before(self, name: str, scheduled: bool = True) -> None:
         """Bind block `name`'s weights before its call: wait for its load or load it, then unpack.
 
-        Closes the frame record at a frame start. Raises DeviceBudgetExceeded when the budget was cut below
+        `scheduled` False: a call the schedule never holds (a submodule or a tied head called on its own), taken out
+        of schedule without matching or resyncing the cursor. Closes the frame record at a frame start. Raises DeviceBudgetExceeded when the budget was cut below
         what is held, a failed load's error, and the backend's out-of-memory error.
         """
         if self.ledger.over_budget:
@@ -200,8 +201,10 @@ class Executor:
         b, sch = self.backend, self.schedule
         t0 = b.clock()
         call: Call = sch.call(self.position)
-        in_schedule = call.block == name
-        if not in_schedule:
+        in_schedule = scheduled and call.block == name
+        if not scheduled:
+            self.out_of_schedule_calls += 1
+        elif not in_schedule:
             found = sch.resync(self.position, name)
             if found is not None:
                 self.resyncs += 1

@@ -20,10 +20,13 @@ class ModelHook(NotPickled):
     """Override what you need; pre_forward/post_forward run around every call of the module."""
 
     # A hook whose calls mostly pass through defines `bypass() -> bool`: while it is true the plain wrapper runs the
-    # module's forward alone (~0.15 µs a call instead of pre and post), as it does under torch.compile, traced
-    # into the compiled caller. Its pre_forward/post_forward must still tell a bypassed call apart: torch's hook
-    # path (a module that had torch forward hooks) calls them on every call.
+    # module's forward alone (~0.3 µs a call instead of pre and post). Its pre_forward/post_forward must still tell a
+    # bypassed call apart: torch's hook path (a module that had torch forward hooks) calls them on every call.
     bypass: Callable[[], bool] | None = None
+    # Under torch.compile: True, the module's forward alone is traced into the compiled caller (a submodule of a
+    # compiled block: a graph break there made the whole class fall back to eager); False, the hooked call runs
+    # eagerly, whole (a graph break), as a block's does.
+    traced_when_compiling = False
 
     def init_hook(self, module: nn.Module) -> None:
         """Called once when the hook is added to `module`; default: nothing."""
@@ -105,10 +108,13 @@ def add_hook(module: nn.Module, hook: ModelHook) -> None:
                 return eager(*args, **kwargs)
             return call(*args, **kwargs)
     else:
+        traced = hook.traced_when_compiling
+
         @functools.wraps(inner)
         def forward(*args: Any, **kwargs: Any) -> Any:
-            # compiling: traced as part of the compiled block around it (dynamo must not guard on bypass's state)
-            if torch.compiler.is_compiling() or bypass():
+            if torch.compiler.is_compiling():  # before bypass(): dynamo must not guard on the runtime's state
+                return inner(*args, **kwargs) if traced else eager(*args, **kwargs)
+            if bypass():
                 return inner(*args, **kwargs)
             return call(*args, **kwargs)
 
@@ -128,7 +134,9 @@ class _TorchPreHook(NotPickled):
         self.hook.pre_forward(module, args, kwargs)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        return (self.eager if torch.compiler.is_compiling() else self.run)(module, args, kwargs)
+        if torch.compiler.is_compiling():
+            return None if self.hook.traced_when_compiling else self.eager(module, args, kwargs)
+        return self.run(module, args, kwargs)
 
 
 class _TorchPostHook(NotPickled):
@@ -146,12 +154,16 @@ class _TorchPostHook(NotPickled):
     def failed(self, module: nn.Module, args: tuple, output: Any) -> None:
         """Registered with always_call: torch calls it after every call, and when the forward raised (an
         Exception: torch runs no hook for a KeyboardInterrupt) without run having been called."""
+        if self.hook.traced_when_compiling and torch.compiler.is_compiling():  # its pre ran not either
+            return
         if not self.returned:
             self.hook.forward_failed(module)
         self.returned = False
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        return (self.eager if torch.compiler.is_compiling() else self.run)(module, args, output)
+        if torch.compiler.is_compiling():
+            return None if self.hook.traced_when_compiling else self.eager(module, args, output)
+        return self.run(module, args, output)
 
 
 def runs_user_forward_hooks(module: nn.Module) -> bool:

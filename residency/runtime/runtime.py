@@ -258,20 +258,22 @@ class Runtime:
         self._swaps = swaps_weights(plan)  # per attached plan: a recovery or switch attaches again
         if not on_cpu:
             self._move_buffers(hooked)
-        self._calls = calls = BlockCalls(executor, enclosing)
+        self._calls = calls = BlockCalls(executor, enclosing, self._unit_lock)
         try:  # a failure from here on undoes the attach: a model left half hooked could not be attached again
             self._compiled = block_forwards(plan, modules, self.notes, self.backend)  # beneath the hooks
             for name, mods in modules.items():
                 for module in mods:
                     add_hook(module, BlockHook(calls, name) if len(mods) == 1 else GroupHook(calls, name))
                     self._hooked.append(module)
-            if self._holders is None:
+            if self._holders is None and executor.volatile:  # a plan of resident blocks only needs none
                 self._holders = weight_readers.scan_holders(modules, tensors)
-            for name, mods in weight_readers.readers(modules, executor.volatile, self._holders).items():
-                for module in mods:
-                    if not has_hook(module):  # hooked: a block of a model attached inside this one, its own
-                        add_hook(module, ReaderHook(calls, name))
-                        self._hooked.append(module)
+            inner, outer = weight_readers.readers(modules, executor.volatile, self._holders or ())
+            for readers, inside in ((inner, True), (outer, False)):
+                for name, mods in readers.items():
+                    for module in mods:
+                        if not has_hook(module):  # hooked: a block of a model attached inside this one, its own
+                            add_hook(module, ReaderHook(calls, name, inside))
+                            self._hooked.append(module)
             self._state_hooks = [*state_dict_hooks(pipeline, originals), *conversion_guards(pipeline)]
         except BaseException:
             self._detach_blocks(checked=False)
@@ -309,6 +311,7 @@ class Runtime:
         self._detach_blocks()
         self._remove_retry_hook()
         self._forget_stores()
+        self._holders = None  # no reference kept to modules outside the model
 
     def _keep_buffer_write(self, name: str, index: int, bound: torch.Tensor, binding) -> None:
         """The executor's keep_write: block_buffers.keep_write into this attach's blob and original tensor."""

@@ -21,6 +21,8 @@ from torch import nn
 from residency.errors import ResidencyError
 
 Readers = dict[str, tuple[nn.Module, ...]]  # block -> modules to hook as calls of it
+# modules that only hold parameters and compute nothing (an EMA helper's ParameterList(model.parameters())): no reader
+_CONTAINERS = (nn.ParameterList, nn.ParameterDict)
 Holders = tuple[tuple[nn.Module, frozenset[str]], ...]  # modules outside the blocks, with the blocks whose parameters they hold
 
 
@@ -31,9 +33,11 @@ def scan_holders(modules: dict[str, tuple[nn.Module, ...]], tensors: dict[str, t
     owner = {id(t): name for name, ts in tensors.items() if name in modules for t in ts if isinstance(t, nn.Parameter)}
     inside = {id(sub) for mods in modules.values() for m in mods for sub in m.modules()}
     found = []
+    gc.collect()  # a module no longer referenced but not yet collected is no reader
     for obj in gc.get_objects():
         # type(), not isinstance: isinstance reads __class__, which some objects compute (a deprecation warning)
-        if not issubclass(type(obj), nn.Module) or id(obj) in inside:
+        kind = type(obj)
+        if not issubclass(kind, nn.Module) or issubclass(kind, _CONTAINERS) or id(obj) in inside:
             continue
         try:
             held = frozenset(owner[id(p)] for p in obj._parameters.values() if id(p) in owner)
@@ -44,21 +48,23 @@ def scan_holders(modules: dict[str, tuple[nn.Module, ...]], tensors: dict[str, t
     return tuple(found)
 
 
-def readers(modules: dict[str, tuple[nn.Module, ...]], volatile: set[str], holders: Holders) -> Readers:
+def readers(modules: dict[str, tuple[nn.Module, ...]], volatile: set[str],
+            holders: Holders) -> tuple[Readers, Readers]:
     """The modules to hook for the blocks in `volatile` (those whose memory is reused): their submodules that own
-    parameters (a GELU reads none; the block's own modules are hooked already), and the holders of their parameters.
+    parameters (a GELU reads none; the block's own modules are hooked already), then the holders of their parameters.
 
     Raises ResidencyError for a holder that cannot be one call of one block: it holds parameters of two such
     blocks, or it contains blocks (its call would enclose theirs)."""
-    out: dict[str, dict[int, nn.Module]] = {}
+    inner: dict[str, dict[int, nn.Module]] = {}
     for name in volatile:
         own = {id(m) for m in modules[name]}
-        seen = out.setdefault(name, {})
+        seen = inner.setdefault(name, {})
         for m in modules[name]:
             for sub in m.modules():
                 if id(sub) not in own and any(p is not None for p in sub._parameters.values()):
                     seen.setdefault(id(sub), sub)
     blocks = {id(m): name for name, mods in modules.items() for m in mods}
+    outer: dict[str, dict[int, nn.Module]] = {}
     for holder, held in holders:
         held = held & volatile
         if not held:
@@ -74,5 +80,6 @@ def readers(modules: dict[str, tuple[nn.Module, ...]], volatile: set[str], holde
             raise ResidencyError(f"{what} holds a parameter of block {name} and contains block(s) "
                                  f"{', '.join(enclosed[:3])}",
                                  hint="attach that module itself, or untie the weights")
-        out.setdefault(name, {})[id(holder)] = holder
-    return {name: tuple(mods.values()) for name, mods in out.items() if mods}
+        outer.setdefault(name, {})[id(holder)] = holder
+    return ({name: tuple(mods.values()) for name, mods in inner.items() if mods},
+            {name: tuple(mods.values()) for name, mods in outer.items()})

@@ -58,7 +58,7 @@ _BLOCK_KNOWN = ("name", "component", "tensors", "tokens", *_BLOCK_NUMBERS, *_BLO
 
 def _block(r: Reader, doc: Any, path: str) -> BlockSpec:
     doc = r.obj(doc, path, _BLOCK_KNOWN, required=("name", "component", "tensors", "tokens"))
-    name = r.string(doc["name"], f"{path}.name", non_empty=True, max_chars=MAX_NAME_CHARS)
+    name = r.string(doc["name"], f"{path}.name", non_empty=True)  # a group's label joins its members' names
     r = r.within(f"block {show(name)}")
     tensors, seen = [], set()
     for j, item in enumerate(r.items(doc["tensors"], f"{path}.tensors", max_items=MAX_TENSORS_PER_BLOCK)):
