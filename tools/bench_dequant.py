@@ -1,10 +1,12 @@
 """Benchmark: dequant speed of every storage format into fp32 and into bf16, against gguf's numpy.
 
 Each row: a 4096×4096 matrix unpacked eager (what the runtime runs: chunked through a caller-owned
-staging buffer) with torch.compile beside it, median and IQR of ≥ 15 samples (fp32 and bf16 calls
-interleaved, so both see the machine of the same moment), their A/A (even against odd samples), and the
-fraction of the memory-bound floor, (packed + output bytes) ÷ copy bandwidth measured at the same thread
-count.
+staging buffer) with torch.compile beside it, median and IQR of ≥ 15 samples, their A/A (even against odd
+samples), and the fraction of the memory-bound floor, (packed + output bytes) ÷ copy bandwidth measured at
+the same thread count. Samples are taken round-robin: each round times one copy and one call of every row
+(every format into fp32 and into bf16), so bf16 against fp32 compares calls of one moment, and a few
+seconds of a slower VM land on a few samples of every row, not on all of one row's (taken row after row,
+one such spell put a row's IQR at 30 % of its median); the copy bandwidth is the median of its rounds.
 A human table, then one JSON line last.
 """
 
@@ -47,12 +49,18 @@ def _median_iqr(samples: list[float]) -> tuple[float, float]:
     return statistics.median(samples), q3 - q1
 
 
-def memcpy_gbps(nbytes: int = 256 * 2**20, repeats: int = 15) -> float:
-    """Copy bandwidth at the current torch thread count, counting bytes read plus bytes written."""
+def copy_sampler(nbytes: int = 256 * 2**20):
+    """A no-argument call that times one copy of `nbytes` and returns its bandwidth in GB/s, counting bytes
+    read plus bytes written, at the current torch thread count."""
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src).fill_(0)
-    ms, _ = _median_iqr(_samples_ms(lambda: dst.copy_(src), repeats))
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+    def sample() -> float:
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        return 2 * nbytes / (time.perf_counter() - t0) / 1e9
+
+    return sample
 
 
 def packed_matrix(name: str, rows: int, cols: int) -> torch.Tensor:
@@ -82,12 +90,10 @@ def gguf_reference(name: str, packed: torch.Tensor, rows: int):
     return lambda: gguf_quants.dequantize(raw, qtype)
 
 
-def eager_samples(name: str, packed: torch.Tensor, rows: int, cols: int, repeats: int,
-                  warmup: int = 3) -> dict[str, tuple[list[float], torch.Tensor, torch.Tensor]]:
-    """Eager unpack of `packed` into every OUT_DTYPES dtype through a staging buffer each (the runtime's
-    per-thread buffer): `repeats` timed calls per dtype, interleaved (fp32, bf16, fp32, …) so that a shift of
-    this VM's speed lands on both alike and bf16 against fp32 compares calls of one moment. dtype name ->
-    (samples ms, out, staging)."""
+def eager_setup(name: str, packed: torch.Tensor, rows: int, cols: int,
+                warmup: int = 3) -> dict[str, tuple[list[float], torch.Tensor, torch.Tensor]]:
+    """For each OUT_DTYPES dtype, an output and a staging buffer of its own (the runtime's per-thread buffer),
+    warmed up by `warmup` unpacks of `packed`: dtype name -> (samples ms, to fill; out; staging)."""
     fmt = get_format(name)
     use_compiled(set())
     setups = {}
@@ -97,12 +103,24 @@ def eager_samples(name: str, packed: torch.Tensor, rows: int, cols: int, repeats
         for _ in range(warmup):
             fmt.unpack(packed, out, staging)
         setups[dtype_name] = ([], out, staging)
-    for _ in range(repeats):
-        for samples, out, staging in setups.values():
-            t0 = time.perf_counter()
-            fmt.unpack(packed, out, staging)
-            samples.append((time.perf_counter() - t0) * 1e3)
     return setups
+
+
+def sample_round_robin(cases: dict[str, tuple[torch.Tensor, dict]], repeats: int, copy_gbps) -> list[float]:
+    """`repeats` rounds, each one copy_gbps() sample and one timed eager unpack of every format (name ->
+    (packed, eager_setup)) into every dtype; the unpack samples (ms) go to the setups' lists. Returns the
+    copy bandwidth samples (GB/s)."""
+    use_compiled(set())
+    gbps = []
+    for _ in range(repeats):
+        gbps.append(copy_gbps())
+        for name, (packed, setups) in cases.items():
+            fmt = get_format(name)
+            for samples, out, staging in setups.values():
+                t0 = time.perf_counter()
+                fmt.unpack(packed, out, staging)
+                samples.append((time.perf_counter() - t0) * 1e3)
+    return gbps
 
 
 def _aa(samples: list[float]) -> float:
@@ -114,7 +132,7 @@ def _aa(samples: list[float]) -> float:
 def bench_row(name: str, dtype_name: str, packed: torch.Tensor, rows: int, cols: int, repeats: int,
               compile_too: bool, reference: np.ndarray | None,
               eager: tuple[list[float], torch.Tensor, torch.Tensor]) -> dict:
-    """One row: the eager samples (eager_samples) of `packed` into `dtype_name`, median, IQR and A/A (ms);
+    """One row: the eager samples (sample_round_robin) of `packed` into `dtype_name`, median, IQR and A/A (ms);
     with compile_too, torch.compile's time beside it (and its first call's compile_s).
 
     reference: gguf's dequantized values, to check the eager output bit for bit ("exact"); None: unchecked.
@@ -164,17 +182,24 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _format_rows(name: str, args: argparse.Namespace, gbps: float) -> list[dict]:
-    """The rows of one format, one per output dtype, each with its memory-bound floor (ms, at `gbps` GB/s
-    of copy bandwidth) and, where gguf reads the format, gguf's time and the speedup over it."""
+def _prepare(name: str, args: argparse.Namespace) -> tuple[torch.Tensor, np.ndarray | None, tuple[float, float] | None, dict]:
+    """A format's packed matrix, gguf's result and time for it (None where gguf does not read the format),
+    and its warmed-up eager setups."""
     packed = packed_matrix(name, args.rows, args.cols)
     ref_fn = gguf_reference(name, packed, args.rows)
     reference, gguf = None, None
     if ref_fn is not None:
         reference = ref_fn()
         gguf = _median_iqr(_samples_ms(ref_fn, max(5, args.repeats // 3), warmup=1))
+    return packed, reference, gguf, eager_setup(name, packed, args.rows, args.cols)
+
+
+def _format_rows(name: str, args: argparse.Namespace, gbps: float, prepared: tuple) -> list[dict]:
+    """The rows of one format, one per output dtype, from its sampled setups, each with its memory-bound
+    floor (ms, at `gbps` GB/s of copy bandwidth) and, where gguf reads the format, gguf's time and the
+    speedup over it."""
+    packed, reference, gguf, eager = prepared
     rows = []
-    eager = eager_samples(name, packed, args.rows, args.cols, args.repeats)
     for dtype_name, dtype in OUT_DTYPES.items():
         r = bench_row(name, dtype_name, packed, args.rows, args.cols, args.repeats, not args.no_compile, reference,
                       eager[dtype_name])
@@ -190,7 +215,7 @@ def _format_rows(name: str, args: argparse.Namespace, gbps: float) -> list[dict]
 
 def _print_table(args: argparse.Namespace, gbps: float, rows: list[dict]) -> None:
     print(f"dequant {args.rows}×{args.cols}, torch threads={args.threads} (numpy 1 thread); "
-          f"copy {gbps:.1f} GB/s (read+write); ms = median±IQR")
+          f"copy {gbps:.1f} GB/s (read+write, median of the rounds); ms = median±IQR of {args.repeats} rounds")
     hdr = (f"{'format':7} {'out':4} {'eager ms':>12} {'A/A':>6} {'compiled ms':>12} {'gguf ms':>12} {'× gguf':>7} "
            f"{'floor ms':>8} {'% floor':>7} {'exact':>6}")
     print(hdr)
@@ -230,8 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     prints the table, the checks and one JSON summary line. Returns 0: a failed check is reported, not raised."""
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    gbps = memcpy_gbps()
-    rows = [r for name in (s.strip().upper() for s in args.formats.split(",")) for r in _format_rows(name, args, gbps)]
+    names = list(dict.fromkeys(s.strip().upper() for s in args.formats.split(",")))
+    prepared = {}
+    for name in names:
+        prepared[name] = _prepare(name, args)
+        print(f"  prepared {name}", file=sys.stderr)
+    copy_gbps = copy_sampler()
+    for _ in range(3):
+        copy_gbps()
+    gbps_samples = sample_round_robin({n: (p[0], p[3]) for n, p in prepared.items()}, args.repeats, copy_gbps)
+    gbps = statistics.median(gbps_samples)
+    rows = [r for name in names for r in _format_rows(name, args, gbps, prepared[name])]
     _print_table(args, gbps, rows)
     checks = _target_checks(rows)
     checks["iqr_under_quarter_of_median"] = all(r["eager_iqr_ms"] < MAX_IQR_FRACTION * r["eager_ms"] for r in rows)
@@ -242,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         "shape": [args.rows, args.cols],
         "threads": args.threads,
         "copy_gbps": round(gbps, 2),
+        "copy_gbps_iqr": round(_median_iqr(gbps_samples)[1], 2),
+        "rounds": args.repeats,
         "checks": checks,
         "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
     }
