@@ -31,10 +31,12 @@ def bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
     """A whole number from `low` to `high` inclusive; `what` says what it counts ("latent frames")."""
 
     def parse(text: str) -> int:
-        if not _INT_RE.fullmatch(text.strip()) or not low <= int(text) <= high:
+        # int() of the stripped text: str.strip() also drops separators such as '\x1f' that int() refuses
+        number = text.strip()
+        if not _INT_RE.fullmatch(number) or not low <= int(number) <= high:
             raise argparse.ArgumentTypeError(f"must be a whole number of {what} from {low} to {high}, "
                                              f"got {_show(text)}")
-        return int(text)
+        return int(number)
 
     parse.__name__ = f"whole number of {what}"
     return parse
@@ -44,7 +46,8 @@ def bounded_float(low: float, high: float, what: str) -> Callable[[str], float]:
     """A finite number greater than `low` and at most `high`; `what` names its unit ("frames per second")."""
 
     def parse(text: str) -> float:
-        value = float(text) if _FLOAT_RE.fullmatch(text.strip()) else math.nan
+        number = text.strip()
+        value = float(number) if _FLOAT_RE.fullmatch(number) else math.nan
         if not (math.isfinite(value) and low < value <= high):
             raise argparse.ArgumentTypeError(f"must be a number of {what} above {low:g} and at most {high:g}, "
                                              f"got {_show(text)}")
@@ -56,10 +59,11 @@ def bounded_float(low: float, high: float, what: str) -> Callable[[str], float]:
 
 def seed(text: str) -> int:
     """A session noise seed: 0 to 2**64 - 1, what torch's generator accepts."""
-    if not _INT_RE.fullmatch(text.strip()) or int(text) > SEED_MAX:
+    number = text.strip()
+    if not _INT_RE.fullmatch(number) or int(number) > SEED_MAX:
         raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {SEED_MAX} (2**64 - 1), "
                                          f"got {_show(text)}")
-    return int(text)
+    return int(number)
 
 
 def vram_size(text: str) -> int | str:
