@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     names = list(dict.fromkeys(s.strip().upper() for s in args.formats.split(",")))
+    # every format is held at once for the rounds: ~180 MiB each at 4096² (outputs, staging, gguf's result)
     prepared = {}
     for name in names:
         prepared[name] = _prepare(name, args)

@@ -116,7 +116,7 @@ class _Scratch:
         memory, per 8192-block chunk: 166 against 216 µs; a whole unpack 3-4 % faster."""
         *lead, last = part.shape
         dst = self.take(*lead, last // 4)
-        if _int64_viewable(part) and dst.storage_offset() % 2 == 0:
+        if _int64_viewable(part) and dst.data_ptr() % 8 == 0:
             dst.view(torch.int64).copy_(part.view(torch.int64))
         else:
             dst.view(torch.uint8).copy_(part)
