@@ -3,6 +3,7 @@ alike; the float32 result equals gguf.quants.dequantize bit for bit (numpy's flo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -100,10 +101,12 @@ class _Scratch:
         self.words = out.view(-1).view(torch.int32)
         self.off = 0
 
+    def typed(self, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+        """A `shape` tensor of `dtype` (of 1, 2 or 4 bytes; whole words in all) from the scratch."""
+        return self.take(math.prod(shape) * dtype.itemsize // 4).view(dtype).view(shape)
+
     def take(self, *shape: int) -> torch.Tensor:
-        size = 1
-        for d in shape:
-            size *= d
+        size = math.prod(shape)
         t = self.words[self.off : self.off + size].view(shape)
         self.off += size
         return t
@@ -161,7 +164,7 @@ def _dense(part: torch.Tensor) -> torch.Tensor:
     return part.clone(memory_format=torch.contiguous_format)
 
 
-def _f16(blocks: torch.Tensor, start: int, count: int) -> torch.Tensor:
+def f16_fields(blocks: torch.Tensor, start: int, count: int = 1) -> torch.Tensor:
     """`count` fp16 fields at byte `start` of each block, as float32 (n, count); exact widening.
 
     Read in place through an fp16 view when the blocks allow one (even block size, offset and
@@ -199,12 +202,7 @@ def _scale_min_k4(blocks: torch.Tensor, s: _Scratch | None = None, dm: torch.Ten
     n = blocks.shape[0]
 
     def buf(dtype: torch.dtype, *shape: int) -> torch.Tensor:
-        if s is None:
-            return torch.empty(shape, dtype=dtype, device=blocks.device)
-        size = 1
-        for dim in shape:
-            size *= dim
-        return s.take(size * dtype.itemsize // 4).view(dtype).view(shape)
+        return torch.empty(shape, dtype=dtype, device=blocks.device) if s is None else s.typed(dtype, *shape)
 
     q = buf(torch.uint8, 12, n)
     q.copy_(blocks[:, 4:16].t())  # rows 0-3: a (scales 0-3, top bits of 4-7), 4-7: b (mins), 8-11: c
@@ -255,7 +253,7 @@ def dequant_q2_k(blocks: torch.Tensor, out: torch.Tensor | None = None, work: to
     s = _Scratch(out)
     nib = _field(s.stage(blocks[:, 0:16]).view(1, n, 4), sh["nib"], _M4)  # (2, n, 4w): scale | min
     # in place: at a 1 M-weight chunk each (2, n, 16) float is 512 KiB, and two at once pass 1 MiB
-    dm = nib.view(torch.uint8).view(2, n, 16).float().mul_(_f16(blocks, 80, 2).t().unsqueeze(-1))
+    dm = nib.view(torch.uint8).view(2, n, 16).float().mul_(f16_fields(blocks, 80, 2).t().unsqueeze(-1))
     q = _field(s.stage(blocks[:, 16:80]).view(1, n, 16), sh["crumb"], _M2, _planes(work, n, blocks.device, 4, n, 16))  # (k, n, h, j)
     codes = _weight_order(work, n, [p.view(n, 2, 8) for p in q], 2, 4, 8)  # (n, h, k, j)
 
@@ -277,7 +275,7 @@ def dequant_q3_k(blocks: torch.Tensor, out: torch.Tensor | None = None, work: to
     lo = _field(w[:, 0:2].view(n, 1, 2), sh["nib_w"], _M4)  # scales 0-7 | 8-15, low 4 bits
     hi = _field(w[:, 2:3], sh["crumb_w"], _M2)  # scales 0-3 | 4-7 | …, high 2 bits
     six = (lo.view(n, 4) | (hi << 4)).view(torch.int8).view(n, 16) - 32
-    dl = _f16(blocks, 108, 1) * six.float()
+    dl = f16_fields(blocks, 108, 1) * six.float()
     out = _empty_out(n, blocks.device) if out is None else out
     s = _Scratch(out)
     qs = s.stage(blocks[:, 32:96].view(n, 2, 32).transpose(0, 1))  # (h, n, j)
@@ -337,7 +335,7 @@ def dequant_q6_k(blocks: torch.Tensor, out: torch.Tensor | None = None, work: to
     # d·scale after the stages (the chunk's blocks are in cache; read first, it was the chunk's first
     # touch of memory), into the free half of `work`: d (11 bits) · an int8 scale is exact in fp32
     dl = torch.empty((n, 16), dtype=torch.float32, device=blocks.device) if work is None else _side(work, n, 16)
-    dl.copy_(blocks[:, 192:208].view(torch.int8)).mul_(_f16(blocks, 208, 1))
+    dl.copy_(blocks[:, 192:208].view(torch.int8)).mul_(f16_fields(blocks, 208, 1))
     # Read permuted by the float phase: a weight-order stack (as Q4_K) needs n-major planes, and
     # that layout measured slower (ql staging +45 µs, 4-plane stack 211 µs + flat 238 µs against
     # 331 µs for this permuted int→float, per 1 M weights).

@@ -14,20 +14,8 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from residency.formats.gguf_kquants import f16_viewable
+from residency.formats.gguf_kquants import f16_fields, f16_viewable
 from residency.formats.staging import float_phase
-
-
-def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    """The fp16 field at byte `start` of each block, as float32 (n, 1); exact widening.
-
-    Read in place through an fp16 view when the blocks allow one (even block size, offset and
-    start: every legacy block on an aligned buffer): a 1-D strided loop over n. Else a contiguous
-    copy of the 2-byte column first, which loops per block (~5 ns a block, 0.15 ns a weight)."""
-    if f16_viewable(blocks, start):
-        return blocks.view(torch.float16)[:, start // 2 : start // 2 + 1].float()
-    # clone, not .contiguous(): for one block that returns the (odd-offset) view itself
-    return blocks[:, start : start + 2].clone(memory_format=torch.contiguous_format).view(torch.float16).float()
 
 
 # Each kernel takes an optional fp32 `out` (n, 32) and stages its integers there: the int→float
@@ -91,7 +79,7 @@ def dequant_q8_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: to
                  dst: torch.Tensor | None = None) -> torch.Tensor:
     q = blocks[:, 2:].view(torch.int8)
     if work is None or dst is None or dst.dtype == torch.float32:
-        return float_phase(_out(blocks, out), dst, _scaled(q, _f16(blocks, 0)))
+        return float_phase(_out(blocks, out), dst, _scaled(q, f16_fields(blocks, 0)))
     # Into bf16/fp16, d is read per sub-chunk after the int→float has pulled its blocks into cache: read
     # first over the whole chunk, the 2-byte field was the chunk's first touch of memory, a 1-D strided
     # loop at a fraction of the bandwidth (1.3 of ~4 ms, 4096², 2 threads; measured A/B -3 to -14 %).
@@ -102,7 +90,7 @@ def dequant_q8_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: to
     def floats(lo: int, hi: int, o: torch.Tensor) -> None:
         o.copy_(q[lo:hi])
         d = d_all[lo:hi]
-        d.copy_(half[lo:hi, 0:1] if half is not None else _f16(blocks[lo:hi], 0))
+        d.copy_(half[lo:hi, 0:1] if half is not None else f16_fields(blocks[lo:hi], 0))
         o.mul_(d)
 
     return float_phase(_out(blocks, out), dst, floats)
@@ -112,7 +100,7 @@ def dequant_q4_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: to
                  dst: torch.Tensor | None = None) -> torch.Tensor:
     o = _out(blocks, out)
     q = _nibbles_into(_bytes(blocks, work, (blocks.shape[0], 32)), blocks[:, 2:], o)
-    d = _f16(blocks, 0)  # after the nibbles: the chunk's blocks are in cache
+    d = f16_fields(blocks, 0)  # after the nibbles: the chunk's blocks are in cache
     return float_phase(o, dst, _scaled(q.view(torch.int8).sub_(8), d))  # 0..15 − 8, exact in int8
 
 
@@ -120,8 +108,8 @@ def dequant_q4_1(blocks: torch.Tensor, out: torch.Tensor | None = None, work: to
                  dst: torch.Tensor | None = None) -> torch.Tensor:
     o = _out(blocks, out)
     q = _nibbles_into(_bytes(blocks, work, (blocks.shape[0], 32)), blocks[:, 4:], o)
-    d = _f16(blocks, 0)
-    m = _f16(blocks, 2)
+    d = f16_fields(blocks, 0)
+    m = f16_fields(blocks, 2)
     return float_phase(o, dst, _scaled(q, d, m))
 
 
@@ -166,14 +154,14 @@ def dequant_q5_0(blocks: torch.Tensor, out: torch.Tensor | None = None, work: to
                  dst: torch.Tensor | None = None) -> torch.Tensor:
     o = _out(blocks, out)
     q = _five_bit(blocks, 2, 6, work, o).view(torch.int8).sub_(16)
-    return float_phase(o, dst, _scaled(q, _f16(blocks, 0)))
+    return float_phase(o, dst, _scaled(q, f16_fields(blocks, 0)))
 
 
 def dequant_q5_1(blocks: torch.Tensor, out: torch.Tensor | None = None, work: torch.Tensor | None = None,
                  dst: torch.Tensor | None = None) -> torch.Tensor:
     o = _out(blocks, out)
     q = _five_bit(blocks, 4, 8, work, o)
-    return float_phase(o, dst, _scaled(q, _f16(blocks, 0), _f16(blocks, 2)))
+    return float_phase(o, dst, _scaled(q, f16_fields(blocks, 0), f16_fields(blocks, 2)))
 
 
 def _numpy_quantizer(qtype: GGMLQuantizationType):
