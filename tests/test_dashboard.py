@@ -142,3 +142,10 @@ def test_without_colour_each_part_and_memory_kind_has_its_own_glyph():
     assert len({PART_GLYPHS[n] for n, _ in PARTS}) == len(PARTS)
     assert set(KIND_GLYPHS) == set(KIND_COLOURS) and len(set(KIND_GLYPHS.values())) == len(KIND_GLYPHS)
     assert "░" not in KIND_GLYPHS.values()  # the free part of the VRAM bar
+
+
+def test_frames_of_zero_ms_show_no_rate_not_zero_fps(snapshot):
+    """A trace whose frames all lasted 0 ms (hand-written, or a clock too coarse) has no rate to show."""
+    zero = dataclasses.replace(snapshot, frames=tuple(dataclasses.replace(f, frame_ms=0.0) for f in snapshot.frames))
+    text = render_text(zero)
+    assert "— fps" in text and "0.0 fps" not in text

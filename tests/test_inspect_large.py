@@ -100,3 +100,19 @@ def test_a_k_quant_larger_than_q8_0_says_which_matrices_stay_bf16(tmp_path, caps
     assert "stay BF16" not in capsys.readouterr().out
     assert main(["inspect", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["notes"] == []
+
+
+@pytest.mark.parametrize("tensors, said", [
+    ({}, "holds no tensors"),
+    ({"pos": torch.arange(10), "mask": torch.ones(3, dtype=torch.bool)}, "only 2 tensors of BOOL, I64 (83 B"),
+])
+def test_a_file_without_weights_is_an_error_not_a_table_of_zeros(tmp_path, capsys, tensors, said):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    assert main(["inspect", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and said in err and "\nhint: " in err, err
+    assert main(["inspect", "--json", str(path)]) == 1
+    assert json.loads(capsys.readouterr().out)["exit_code"] == 1

@@ -219,3 +219,13 @@ def test_a_directory_of_pickled_weights_only_says_they_are_not_read(capsys, tmp_
     code, _, err = run(capsys, "inspect", str(path))
     assert code == 1 and "pytorch_model.bin (a pickle), which residency does not read" in err
     assert "convert them to .safetensors" in err
+
+
+def test_a_configs_quantization_config_is_said_to_be_not_applied(capsys, tmp_path):
+    quantized = {**FLUX, "quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}
+    code, out, err = run(capsys, "plan", str(model_dir(tmp_path, quantized)), "--profile", "rx-7800-xt", "--json")
+    assert code == 0, err
+    assert "quantization_config (bitsandbytes) is not applied" in err and str(tmp_path / "flux") in err
+    assert json.loads(out)["blocks"]  # planned as the unquantized model
+    code, _, err = run(capsys, "plan", str(model_dir(tmp_path, FLUX, "plain")), "--profile", "rx-7800-xt", "--json")
+    assert code == 0 and "quantization_config" not in err

@@ -8,6 +8,7 @@ checkpoint; nothing is allocated (accelerate.init_empty_weights puts every param
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -109,6 +110,7 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
     config = read_config(path / MODEL_CONFIG)
     _check_layer_counts(path / MODEL_CONFIG, config)
     _check_sizes(path / MODEL_CONFIG, config)
+    _note_quantization_config(path / MODEL_CONFIG, config)
     if named_as is not None:
         (library, class_name), field = named_as, "class"
         named = class_name
@@ -179,6 +181,20 @@ def _check_sizes(config_path: Path, config: dict[str, Any]) -> None:
                 shown = json.dumps(config[field])[:80]
                 raise ResidencyError(f"{config_path}: {field} is {shown}; a size must be a whole number of 1 or more",
                                      hint=f"fix {field} (save_pretrained writes the model's own)")
+
+
+def _note_quantization_config(config_path: Path, config: dict[str, Any]) -> None:
+    """Say on stderr that a config's quantization_config (bitsandbytes, GGUF, torchao …, which from_pretrained
+    applies) is not what residency plans with: the model is built unquantized and its blocks' storage formats are
+    the plan's own choice. Silent, a user of a 4-bit checkpoint read the plan's sizes as those of their file."""
+    quant = config.get("quantization_config")
+    if not quant:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    named = f" ({method})" if isinstance(method, str) and method else ""
+    print(f"note: {config_path}: its quantization_config{named} is not applied: residency plans the model's "
+          "weights in storage formats of its own choosing per block (BF16, Q8_0, Q4_K …), from the unquantized "
+          "model's shapes", file=sys.stderr)
 
 
 def _flat(value: Any) -> list[Any]:

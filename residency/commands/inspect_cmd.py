@@ -16,6 +16,7 @@ from rich.table import Table
 from residency.checkpoint.checkpoint import gc_paused
 from residency.commands.console import make_console
 from residency.commands.sources import load_inventory
+from residency.errors import ResidencyError
 from residency.inventory import COMPARE_FORMATS, BlockInfo, Inventory
 from residency.units import fmt_bytes, fmt_count, plural
 
@@ -236,13 +237,29 @@ def fallback_notes(inv: Inventory, totals: dict[str, int]) -> list[str]:
     return notes
 
 
+def no_weights_error(inv: Inventory) -> ResidencyError:
+    """The error for a target holding no weight residency stores: an empty file, or only integer/bool/fp8-e5m2
+    tensors (nothing to size, plan or run: a table of zeros would read as success)."""
+    hint = "check that the path names the model's weights (a .safetensors/.gguf file, or the directory of its shards)"
+    if not inv.left_out:
+        return ResidencyError(f"{inv.source}: holds no tensors", hint)
+    dtypes = sorted({d for _, d, _, _ in inv.left_out})
+    name, dtype, shape, _ = inv.left_out[0]
+    return ResidencyError(
+        f"{inv.source}: no weights residency stores, only {plural(len(inv.left_out), 'tensor')} of "
+        f"{', '.join(dtypes)} ({fmt_bytes(sum(b for *_, b in inv.left_out))}; first: {name} {dtype} {list(shape)})",
+        hint + "; residency reads F32/F16/BF16 and GGUF-quantized weights, not int8, fp8 e5m2 or bitsandbytes ones")
+
+
 def run(args) -> int:
     """Print the inventory of `args.target` as tables or JSON; returns 0.
 
-    Raises ResidencyError (from load_inventory) for a target it cannot read.
+    Raises ResidencyError (from load_inventory) for a target it cannot read, or one that holds no weights.
     """
     with gc_paused():  # ~10 objects per tensor, none in a cycle: GC passes would only rescan them
         inv = load_inventory(args.target)
+        if not inv.blocks:
+            raise no_weights_error(inv)
         if args.json:
             doc = to_json(inv)
             # json indents in pure Python (~20 µs a block); past a few thousand blocks, print compact (C speed).

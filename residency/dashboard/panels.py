@@ -81,8 +81,8 @@ def frame_times(snapshot: TelemetrySnapshot, context: DashboardContext, width_ce
     top = max(max(recent), budget or 0.0)
     median_ms = median_or_nan(f.frame_ms for f in _steady(frames))
     line = Text("ms/frame ").append_text(sparkline(recent, top, budget))
-    fps = context.video_fps(median_ms)
-    summary = Text(f"last {_ms(recent[-1])} · median {median_ms:.1f} · {fps:.1f} fps")
+    fps = context.video_fps(median_ms)  # 0 when the median is not a positive time (a trace's 0-ms frames, no steady frame)
+    summary = Text(f"last {_ms(recent[-1])} · median {_ms(median_ms)} · " + (f"{fps:.1f} fps" if fps > 0 else "— fps"))
     if budget is not None:
         held = median_ms <= budget
         summary.append(f" · budget {budget:.1f} ms ({context.video_fps(budget):.0f} fps) ")
