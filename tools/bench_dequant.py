@@ -4,9 +4,10 @@ Each row: a 4096×4096 matrix unpacked eager (what the runtime runs: chunked thr
 staging buffer) with torch.compile beside it, median and IQR of ≥ 15 samples, their A/A (even against odd
 samples), and the fraction of the memory-bound floor, (packed + output bytes) ÷ copy bandwidth measured at
 the same thread count. Samples are taken round-robin: each round times one copy and one call of every row
-(every format into fp32 and into bf16), so bf16 against fp32 compares calls of one moment, and a few
-seconds of a slower VM land on a few samples of every row, not on all of one row's (taken row after row,
-one such spell put a row's IQR at 30 % of its median); the copy bandwidth is the median of its rounds.
+(every format into fp32 and into bf16, the two in an order that flips every two rounds), so bf16 against fp32
+compares calls of one moment from both cache states, and a few seconds of a slower VM land on a few samples of
+every row, not on all of one row's (taken row after row, one such spell put a row's IQR at 30 % of its median);
+the copy bandwidth is the median of its rounds.
 A human table, then one JSON line last.
 """
 
@@ -112,11 +113,15 @@ def sample_round_robin(cases: dict[str, tuple[torch.Tensor, dict]], repeats: int
     copy bandwidth samples (GB/s)."""
     use_compiled(set())
     gbps = []
-    for _ in range(repeats):
+    for r in range(repeats):
         gbps.append(copy_gbps())
         for name, (packed, setups) in cases.items():
             fmt = get_format(name)
-            for samples, out, staging in setups.values():
+            # the dtypes' order flips every two rounds (the A/A's even and odd samples then hold both orders): each
+            # call inherits the cache its predecessor left (an fp32 unpack writes 64 MiB, evicting the next call's
+            # staging); fp32 always first favoured bf16 by 2-6 % on Q6_K here
+            order = list(setups.values())
+            for samples, out, staging in order if r // 2 % 2 == 0 else order[::-1]:
                 t0 = time.perf_counter()
                 fmt.unpack(packed, out, staging)
                 samples.append((time.perf_counter() - t0) * 1e3)
