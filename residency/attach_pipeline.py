@@ -26,7 +26,7 @@ from residency.front_door.pinned_planner import PinnedPlanner, unpinned_enclosin
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, vram_bytes
 from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
-from residency.runtime.closed_loop import LoopOptions, enable_loop
+from residency.runtime.closed_loop import LoopOptions, enable_loop, loop_options
 from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.units import fmt_bytes
 from residency.workload import ModuleWorkloadWarning, Workload, module_workload
@@ -354,6 +354,7 @@ def attach_pipeline(pipe: Any, *, vram: VramSpec = None, fps: float | None = Non
         raise ResidencyError("both fps and frame_ms given", hint="give one: frame_ms = 1000 / fps")
     if fps is not None and not fps > 0:
         raise ResidencyError(f"fps={fps}", hint="a positive number of images per second")
+    loop_options(closed_loop)  # before the pipeline's recorded call: a wrong value costs nothing
     built = pipeline_workload(pipe, call)
     prof = _profile(profile, backend)
     weights = built.workload.nbytes(COMPUTE_FORMAT[built.compute_dtype])
@@ -372,6 +373,7 @@ def attach_built(built: PipelineWorkload, budget: Budget, *, profile: str | os.P
     attach_pipeline; with it, a plan made for another profile raises ResidencyError (nothing stays attached)."""
     from policies import PlanRequest, get_policy
 
+    loop_options(closed_loop)  # before attaching (enable_loop detaches again on a wrong value, after the work)
     prof = _profile(profile, backend)
     request = PlanRequest(built.workload, prof, budget, compute_dtype=built.compute_dtype)
     planner = PinnedPlanner(get_policy(policy), request)

@@ -67,3 +67,30 @@ def test_a_gpu_profile_on_the_cpu_backend_is_refused_for_the_loop_and_the_model_
     with residency.attach(model, vram="1GiB", profile=gpu, backend="cpu", example_inputs=X,
                           closed_loop=LoopOptions(enabled=False)) as rt:
         assert rt.loop is None or not rt.loop.options.enabled
+
+
+@pytest.mark.parametrize("value", ["yes", {"max_switches": 2}, 1])
+def test_a_wrong_closed_loop_value_is_refused_and_leaves_the_model_as_it_was(value):
+    from residency.runtime.hooks import has_hook
+
+    model = Small()
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    with pytest.raises(residency.ResidencyError, match="give True, False or a LoopOptions"):
+        residency.attach(model, vram="40%", profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=X,
+                         closed_loop=value)
+    assert not any(has_hook(m) for m in model.modules())
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    with residency.attach(model, vram="40%", profile=flat_profile(backend="cpu"), backend="cpu",
+                          example_inputs=X) as rt:  # attachable again
+        assert torch.equal(rt.pipeline(X), Small()(X))
+
+
+def test_enable_loop_detaches_an_attached_runtime_before_raising_for_a_wrong_value():
+    from residency.runtime.closed_loop import enable_loop
+    from residency.runtime.hooks import has_hook
+
+    model = Small()
+    rt = residency.attach(model, vram="40%", profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=X)
+    with pytest.raises(residency.ResidencyError, match="give True, False or a LoopOptions"):
+        enable_loop(rt, "on")
+    assert not any(has_hook(m) for m in model.modules())

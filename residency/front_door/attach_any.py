@@ -26,7 +26,7 @@ from residency.front_door.shape_guard import ShapeGuard
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, frame_budget_ms, vram_bytes
 from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
-from residency.runtime.closed_loop import LoopOptions, enable_loop
+from residency.runtime.closed_loop import LoopOptions, enable_loop, loop_options
 from residency.runtime.hooks import has_hook
 from residency.units import fmt_bytes, size_at_least
 from residency.workload import Workload, module_workload, workload_from_dict
@@ -79,6 +79,7 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
         raise ResidencyError(f"plan={plan!r:.60} ({type(plan).__name__}) is not a plan",
                              hint="give a Plan (runtime.plan, residency.make_plan(…)) or the path of a plan JSON "
                                   "(`residency plan -o`), or leave plan= out to plan this model")
+    loop_options(closed_loop)  # before tracing and attaching: a wrong value leaves the model as it was
     if is_instance_of(target, "diffusers", "DiffusionPipeline"):
         return _attach_pipeline(target, vram=vram, fps=fps, frame_ms=frame_ms, profile=profile, backend=backend,
                                 policy=policy, example_inputs=example_inputs, plan=plan, closed_loop=closed_loop)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -24,16 +25,18 @@ def swaps_weights(plan: Plan) -> bool:
     return any(bp.placement != "resident" or bp.lifetime != "session" for bp in plan.blocks)
 
 
-def state_dict_hooks(model: nn.Module, originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]]) -> list:
-    """Hooks on the modules of `model` that own a block tensor. state_dict() (of the model or any submodule)
-    gives the original data, not what .data points at while attached — a streamed block's shared slot holds
-    another block's bytes between its calls, a packed one dequantized values — so a checkpoint saved while
-    attached is the model's own (keep_vars=True: new Parameters over the original data, not the live ones).
-    load_state_dict() is refused: it would write into slots, and detach restores the originals. Returns the
+def state_dict_hooks(model: nn.Module, originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]],
+                     outside: Iterable[nn.Module] = ()) -> list:
+    """Hooks on the modules of `model` that own a block tensor, and on the `outside` modules that hold one (a head
+    tied to an attached body's embedding: `attach(llm.model)`, then `llm.state_dict()`). state_dict() (of the
+    model or any submodule) gives the original data, not what .data points at while attached — a streamed block's
+    shared slot holds another block's bytes between its calls, a packed one dequantized values — so a checkpoint
+    saved while attached is the model's own (keep_vars=True: new Parameters over the original data, not the live
+    ones). load_state_dict() is refused: it would write into slots, and detach restores the originals. Returns the
     hooks' handles."""
     by_id = {id(t): data for pairs in originals.values() for t, data in pairs}
     handles = []
-    for module in model.modules():
+    for module in {id(m): m for m in (*model.modules(), *outside)}.values():
         own = {n: by_id[id(t)] for n, t in (*module._parameters.items(), *module._buffers.items())
                if t is not None and id(t) in by_id}
         if own:

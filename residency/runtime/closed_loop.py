@@ -370,19 +370,28 @@ class ClosedLoop:
             self._pending.done.wait()
 
 
-def enable_loop(runtime, closed_loop: bool | LoopOptions) -> None:
-    """Turn the runtime's closed loop on for True (default options) or a LoopOptions; False leaves it off.
+def loop_options(closed_loop: bool | LoopOptions) -> LoopOptions | None:
+    """The options `closed_loop` asks for (True: the defaults; False: None, no loop).
 
-    Raises ResidencyError (after detaching) when the runtime cannot re-plan: its plan was made for another
-    profile."""
-    if not isinstance(closed_loop, (bool, LoopOptions)):  # a dict of options turned it on with the defaults
+    Raises ResidencyError for anything else (a dict of options turned it on with the defaults). A front door calls
+    it before attaching, so a wrong value leaves the model as it was."""
+    if not isinstance(closed_loop, (bool, LoopOptions)):
         raise ResidencyError(f"closed_loop={closed_loop!r:.60}: give True, False or a LoopOptions",
                              hint="e.g. closed_loop=LoopOptions(max_switches=2) (residency.runtime.closed_loop)")
-    if not isinstance(closed_loop, LoopOptions) and not closed_loop:
-        return
-    options = closed_loop if isinstance(closed_loop, LoopOptions) else LoopOptions()
+    if isinstance(closed_loop, LoopOptions):
+        return closed_loop
+    return LoopOptions() if closed_loop else None
+
+
+def enable_loop(runtime, closed_loop: bool | LoopOptions) -> None:
+    """Turn the attached runtime's closed loop on for True (default options) or a LoopOptions; False leaves it off.
+
+    Raises ResidencyError, after detaching (attach fails as a whole: the model is restored), for a value that is
+    not one of those, or when the runtime cannot re-plan: its plan was made for another profile."""
     try:
-        runtime.enable_closed_loop(options, model=runtime.workload.name)
-    except ResidencyError:
-        runtime.detach()  # the model is restored: attach fails as a whole
+        options = loop_options(closed_loop)
+        if options is not None:
+            runtime.enable_closed_loop(options, model=runtime.workload.name)
+    except BaseException:
+        runtime.detach()
         raise

@@ -274,7 +274,8 @@ class Runtime:
                         if not has_hook(module):  # hooked: a block of a model attached inside this one, its own
                             add_hook(module, ReaderHook(calls, name, inside))
                             self._hooked.append(module)
-            self._state_hooks = [*state_dict_hooks(pipeline, originals), *conversion_guards(pipeline)]
+            holders = (h for h, _ in self._holders or ())  # outside the model: their state_dict() too
+            self._state_hooks = [*state_dict_hooks(pipeline, originals, holders), *conversion_guards(pipeline)]
         except BaseException:
             self._detach_blocks(checked=False)
             self._forget_stores()
