@@ -212,6 +212,27 @@ def test_a_real_counting_forward_leaves_the_models_buffers_as_they_were():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # attach alone changes nothing
 
 
+class ScalesItsInput(Stack):
+    """A data-dependent forward (counted for real) that edits its input in place, as some preprocessing does."""
+
+    def __init__(self) -> None:
+        super().__init__(checks=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2.0)
+        return super().forward(x)
+
+
+def test_a_real_counting_forward_leaves_the_callers_example_as_it_was():
+    """It ran on the caller's tensors: the example came back doubled, so the first call after attach saw another
+    input than the user passed (off by 0.068 on the probe's model)."""
+    x = torch.randn(1, 16, 8)
+    before = x.clone()
+    r = build(ScalesItsInput(), (x,))
+    assert r.counted_on == "real"
+    assert torch.equal(x, before)
+
+
 def test_a_model_without_weights_that_fails_on_meta_is_counted_on_a_narrow_instance():
     with init_empty_weights():
         wide = Stack(d=256, checks=True)

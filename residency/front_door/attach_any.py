@@ -26,6 +26,7 @@ from residency.front_door.shape_guard import ShapeGuard
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, frame_budget_ms, vram_bytes
 from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
+from residency.runtime.attached_guards import refuse_inference_parameters
 from residency.runtime.closed_loop import LoopOptions, enable_loop, loop_options
 from residency.runtime.hooks import has_hook
 from residency.units import fmt_bytes, size_at_least
@@ -97,6 +98,7 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
                                   "model")
     refuse_foreign_hooks(target, type(target).__name__)
     _refuse_unhookable(target)
+    refuse_inference_parameters(target)  # before planning (Runtime.attach checks again, for every caller)
     _warn_training_statistics(target)
     chosen_backend = backend_name(backend)
     prof = _profile(profile, chosen_backend)

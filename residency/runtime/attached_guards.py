@@ -25,6 +25,20 @@ def swaps_weights(plan: Plan) -> bool:
     return any(bp.placement != "resident" or bp.lifetime != "session" for bp in plan.blocks)
 
 
+def refuse_inference_parameters(model: nn.Module) -> None:
+    """Raise ResidencyError for a parameter made under torch.inference_mode (a model built or loaded inside one).
+    Attaching rebinds each parameter's .data to the runtime's memory, and torch then fails every call that reads
+    such a parameter ("Inference tensors do not track version counter", inside the model's forward). Buffers
+    made so are kept as they are and need no check. Cost: one pass over the parameters."""
+    name = next((n for n, p in model.named_parameters() if p.is_inference()), None)
+    if name is not None:
+        raise ResidencyError(f"{type(model).__name__}.{name} (and maybe more) was made under torch.inference_mode(): "
+                             "its weights cannot be rebound to the runtime's memory (torch refuses every later call)",
+                             hint="build or load the model outside inference_mode (attach runs it without autograd "
+                                  "anyway), or re-create its parameters outside it: for each module m and name n, "
+                                  "setattr(m, n, nn.Parameter(p.clone(), requires_grad=False))")
+
+
 def state_dict_hooks(model: nn.Module, originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]],
                      outside: Iterable[nn.Module] = ()) -> list:
     """Hooks on the modules of `model` that own a block tensor, and on the `outside` modules that hold one (a head

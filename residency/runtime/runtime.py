@@ -21,6 +21,7 @@ from residency.plan import Budget, Plan
 from residency.runtime import block_buffers, weight_readers
 from residency.runtime.attached_guards import (
     conversion_guards,
+    refuse_inference_parameters,
     state_dict_hooks,
     swaps_weights,
     warn_inference_only,
@@ -211,6 +212,7 @@ class Runtime:
             raise ResidencyError("the model's blocks are attached to another runtime", hint="detach() that one first")
         tensors = block_tensors(pipeline, self.workload, found)
         check_block_tensors(plan, self.workload, tensors)
+        refuse_inference_parameters(pipeline)
         self.store = HostStore(self.workload.fingerprint())
         on_cpu = self.backend.device.type == "cpu"
         # The CPU backend's device memory is RAM too: what the plan predicts it will hold at its peak

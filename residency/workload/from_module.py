@@ -392,13 +392,15 @@ def _has_weights(model: nn.Module) -> bool:
 
 
 def _real_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    """Meta example tensors as zeros where the model lives (zeros are valid token ids and timesteps)."""
+    """Meta example tensors as zeros where the model lives (zeros are valid token ids and timesteps), the others
+    copied: a forward that edits its input in place (x.mul_(2)) edited the caller's example, so the first real
+    call after attach saw another input (cost: one copy of the example)."""
     ref = next(chain(model.parameters(), model.buffers()))
 
     def real(t: Any) -> Any:
         if isinstance(t, torch.Tensor) and t.is_meta:
             return torch.zeros(t.shape, dtype=ref.dtype if t.is_floating_point() else t.dtype, device=ref.device)
-        return t
+        return t.clone() if isinstance(t, torch.Tensor) else t
 
     return tree_map(real, (args, kwargs))
 
