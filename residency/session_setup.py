@@ -191,8 +191,10 @@ def default_vram_bytes(usable_bytes: int, workload: Workload, console: Console) 
 
 
 def make_plan(model: Model, console: Console, *, plan_path: str | None = None, profile: str | None = None,
-              fps: float | None = None, vram_bytes: int | str | None = None) -> tuple[Plan, Replanner | None]:
-    """The plan to run and its replanner: `plan_path` loaded and checked against the model (no replanner),
+              fps: float | None = None, vram_bytes: int | str | None = None) -> tuple[Model, Plan, Replanner | None]:
+    """The model to run, the plan and its replanner: `plan_path` loaded and checked against the model (no
+    replanner), the model set to the plan's denoise steps (a plan of `residency plan --steps N`; its sampler ran
+    the config's steps, so such a plan was refused, and a plan whose steps were edited ran unchanged, silently);
     or planned now with policy `ours` for `profile` (a name, a path or "calibrated": see resolve_for; default
     this machine's cached measurement), `fps` video frames per second and `vram_bytes` (default: `default_vram_bytes`;
     a share such as "50%" is of the model's weights at the compute dtype planned for)."""
@@ -200,8 +202,12 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
 
     if plan_path:
         plan = load_plan(plan_path)
-        plan.check_matches(model.workload, f"model {model.label}")
-        return plan, None
+        model = _at_steps(model, plan.steps, plan_path)
+        name = model.label.split(" ", 1)[0]
+        plan.check_matches(model.workload, f"model {model.label}",
+                           fix=f"make the plan with `residency plan {name} --steps {plan.steps} -o …` (steps edited in "
+                               "the file leave its workload_fingerprint at the old count)")
+        return model, plan, None
     from policies import PlanRequest, Replanner, get_policy
     from residency.front_door.vram import frame_budget_ms
     from residency.plan import Budget
@@ -218,7 +224,29 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
     req = PlanRequest(model.workload, device_profile, Budget(vram_bytes, frame_ms),
                       sensitivity=model.sensitivity, compute_dtype=compute_dtype)
     replan = Replanner(get_policy("ours"), req)
-    return replan.policy(req), replan
+    return model, replan.policy(req), replan
+
+
+def _at_steps(model: Model, steps: int, source: str) -> Model:
+    """`model` with its sampler at `steps` denoise steps per latent frame (the pipeline's config changed in place:
+    only the session reads it, when it starts); the model itself when it has them already.
+
+    Raises ResidencyError naming `source` for a count the world model's sampler does not take."""
+    import dataclasses
+
+    from pipelines.world_model.workload import catalog_entry
+    from residency.workload import workload_from_dict
+
+    config = model.pipe.config
+    if steps == config.steps:
+        return model
+    try:
+        config = dataclasses.replace(config, steps=steps)
+    except ResidencyError as e:
+        raise ResidencyError(f"{source}: steps is {steps}, which {model.label} cannot run ({e.message})",
+                             hint="make the plan with `residency plan … --steps N` for a count the model takes") from e
+    model.pipe.config = config
+    return dataclasses.replace(model, workload=workload_from_dict(catalog_entry(config)))
 
 
 def resolve_for(model: Model, profile: str, console: Console) -> DeviceProfile:

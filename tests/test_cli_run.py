@@ -225,3 +225,34 @@ def test_a_plan_made_from_a_gpu_profile_file_known_only_by_its_plan_is_not_compa
     assert main(["run", "tiny", "--image", "start.png", "--plan", "p.json", "--frames", "2", "-o", "m.gif"]) == 0
     out = " ".join("".join(capsys.readouterr()).split())
     assert "which this run does not compare its measurements with" in out and "+" not in out.split("measured")[-1]
+
+
+def test_run_takes_a_plans_denoise_steps_and_refuses_steps_edited_into_a_plan(files, capsys):
+    """`plan tiny --steps 8 -o` then `run --plan` was refused (the model's 4 steps gave another fingerprint), and
+    steps edited into a 4-step plan ran 4 steps while the note said the plan was predicted again."""
+    import json
+
+    from residency.dashboard import read_trace
+
+    for steps in (4, 8):
+        assert main(["plan", "tiny", *PROFILE, "--exec-mode", "eager", "--steps", str(steps),
+                     "-o", f"p{steps}.json"]) in (0, 3)
+        capsys.readouterr()
+        assert main(["run", "tiny", "--image", "start.png", "--plan", f"p{steps}.json", "--frames", "2", "-o",
+                     f"r{steps}.gif", "--trace", f"t{steps}.json"]) == 0
+    calls = {s: max(b.calls for f in read_trace(files / f"t{s}.json")[0].frames for b in f.blocks
+                    if b.block == "dit.blocks.0") for s in (4, 8)}
+    assert calls == {4: 4 + 1, 8: 8 + 1}  # a frame: the denoise steps, then the pass that commits it to the cache
+    doc = json.loads((files / "p4.json").read_text())
+    doc["steps"] = 8
+    (files / "edited.json").write_text(json.dumps(doc))
+    doc["steps"] = 12
+    (files / "twelve.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "edited.json", "-o", "e.gif"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "other shapes, dtypes or settings" in err and "residency plan tiny --steps 8 -o" in err
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "twelve.json", "-o", "e.gif"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "twelve.json: steps is 12" in err and "from 1 to 8" in err
+    assert not (files / "e.gif").exists()

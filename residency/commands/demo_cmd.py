@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
                                                                            model.pipe.config.actions)),
                                     args.frames or 56))
     # This machine's profile, DEMO_FPS and a budget below the model's weight bytes.
-    plan, replan = session_setup.make_plan(model, err, profile=args.profile, fps=DEMO_FPS,
-                                           vram_bytes=_vram_bytes(model))
+    model, plan, replan = session_setup.make_plan(model, err, profile=args.profile, fps=DEMO_FPS,
+                                                  vram_bytes=_vram_bytes(model))
     console.print(_plan_line(plan))
     other = run_cmd.other_device(replan, plan)  # the demo plans here: no profile file to read
     context = session_setup.context_for(model, plan, other)

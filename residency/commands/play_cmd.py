@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if model.note:
         err.print(f"note: {model.note}")
     image = session_setup.start_image(model, args.image)
-    plan, replan, other = run_cmd.plan_for(model, args, err)
+    model, plan, replan, other = run_cmd.plan_for(model, args, err)
     per_latent = model.workload.video_frames_per_latent
     period_s = (plan.budget.frame_ms or 1000.0 * per_latent / DEFAULT_FPS) / 1e3
     board = Dashboard(session_setup.context_for(model, plan, other))

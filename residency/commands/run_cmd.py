@@ -130,17 +130,18 @@ def print_line(console: Console) -> Callable[[str], None]:
 
 
 def plan_for(model: Model, args: argparse.Namespace,
-             console: Console) -> tuple[Plan, Replanner | None, str | None]:
-    """The plan the model options of `add_model_arguments` ask for (see session_setup.make_plan), stated on
-    `console` in one line (and where a loaded plan's predictions come from), its replanner, and the other
-    device its predictions are for (other_device; None: they compare with this run's).
+             console: Console) -> tuple[Model, Plan, Replanner | None, str | None]:
+    """The model to run (at a loaded plan's steps: session_setup.make_plan) and the plan the model options of
+    `add_model_arguments` ask for, stated on `console` in one line (and where a loaded plan's predictions come
+    from), its replanner, and the other device its predictions are for (other_device; None: they compare with
+    this run's).
 
     Raises ResidencyError, before anything is loaded on the device, when no plan fits the VRAM budget."""
     from residency import session_setup
     from residency.commands.plan_render import verdict
     from residency.units import fmt_bytes, size_at_least
 
-    plan, replan = make_plan(model, console, plan_path=getattr(args, "plan", None), profile=args.profile,
+    model, plan, replan = make_plan(model, console, plan_path=getattr(args, "plan", None), profile=args.profile,
                              fps=args.fps, vram_bytes=args.vram)
     device = plan_device(replan, plan)  # a loaded plan's: its profile file read once, here
     if plan.prediction is None and device is not None:  # a plan file may leave its prediction out (the schema's)
@@ -169,11 +170,11 @@ def plan_for(model: Model, args: argparse.Namespace,
     if getattr(args, "plan", None):
         compiled = " Its compiled blocks compile first (once, cached on disk)." if any(
             bp.exec_mode == "compiled" for bp in plan.blocks) else ""
-        compare = "which this run does not compare its measurements with" if other else (
-            "which this run compares its measurements with")
-        console.print(f"note: {args.plan} was made for {plan.profile}: its predictions are that device's, "
-                      f"{compare}.{compiled}", markup=False, highlight=False)
-    return plan, replan, other
+        compare = ("its predictions are that device's, which this run does not compare its measurements with"
+                   if other else "this run compares its measurements with the plan's predictions")
+        console.print(f"note: {args.plan} was made for {plan.profile}: {compare}.{compiled}", markup=False,
+                      highlight=False)
+    return model, plan, replan, other
 
 
 def plan_profile(plan: Plan) -> DeviceProfile | None:
@@ -321,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
     script = parse_actions(args.actions, model.pipe.config.actions)
     actions = list(itertools.islice(itertools.cycle(script), args.frames or len(script)))
     image = start_image(model, args.image)
-    plan, replan, other = plan_for(model, args, err)
+    model, plan, replan, other = plan_for(model, args, err)
     if args.calibrate:
         check_calibration(other, len(actions))
     if args.closed_loop and other is not None:
