@@ -199,9 +199,11 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
     this machine's cached measurement), `fps` video frames per second and `vram_bytes` (default: `default_vram_bytes`;
     a share such as "50%" is of the model's weights at the compute dtype planned for)."""
     from residency.plan import load_plan
+    from residency.runtime.module_paths import check_block_formats
 
     if plan_path:
         plan = load_plan(plan_path)
+        check_block_formats(plan, plan_path)
         model = _at_steps(model, plan.steps, plan_path)
         name = model.label.split(" ", 1)[0]
         plan.check_matches(model.workload, f"model {model.label}",

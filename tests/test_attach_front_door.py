@@ -244,3 +244,17 @@ def test_a_pipeline_with_model_cpu_offload_is_refused_until_its_hooks_are_remove
 def test_a_pipelines_example_inputs_are_the_keyword_arguments_of_its_call():
     with pytest.raises(ResidencyError, match="example_inputs for the pipeline DDPMPipeline is a Tensor"):
         residency.attach(_ddpm(), vram="50%", profile=PROFILE, backend="cpu", example_inputs=torch.zeros(1))
+
+
+def test_a_plan_with_a_dequant_only_format_is_refused_naming_the_block_before_anything_is_packed():
+    import dataclasses
+
+    model, x = Small().eval(), torch.randn(2, DIM)
+    with residency.attach(model, vram="40%", profile=PROFILE, backend="cpu", example_inputs=x) as rt:
+        plan, workload = rt.plan, rt.workload
+    blocks = list(plan.blocks)
+    blocks[1] = dataclasses.replace(blocks[1], format="Q2_K")
+    bad = dataclasses.replace(plan, blocks=tuple(blocks))
+    with pytest.raises(ResidencyError, match=f"the plan's format for block {blocks[1].name} is Q2_K"):
+        Runtime(bad, "cpu", workload=workload).attach(model)
+    assert not any(has_hook(m) for m in model.modules())

@@ -256,3 +256,19 @@ def test_run_takes_a_plans_denoise_steps_and_refuses_steps_edited_into_a_plan(fi
     err = " ".join(capsys.readouterr().err.split())
     assert "twelve.json: steps is 12" in err and "from 1 to 8" in err
     assert not (files / "e.gif").exists()
+
+
+def test_a_plan_naming_a_dequant_only_format_is_refused_naming_the_file_and_block(files, capsys):
+    """It printed its prediction ("✓ holds"), then failed while packing, naming neither file nor block."""
+    import json
+
+    assert main(["plan", "tiny", *PROFILE, "--exec-mode", "eager", "-o", "p.json"]) in (0, 3)
+    doc = json.loads((files / "p.json").read_text())
+    doc["blocks"][3]["format"] = "Q3_K"
+    (files / "q3.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "q3.json", "-o", "q.gif"]) == 1
+    out, err = capsys.readouterr()
+    err = " ".join(err.split())
+    assert f"q3.json: blocks[3].format for block {doc['blocks'][3]['name']} is Q3_K" in err and "Q4_K" in err
+    assert "holds" not in out + err and not (files / "q.gif").exists()

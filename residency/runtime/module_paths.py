@@ -101,6 +101,21 @@ def check_block_tensors(plan, workload: Workload, tensors: dict[str, tuple[torch
                                           "the runtime moves its blocks to the device")
 
 
+def check_block_formats(plan, source: str = "") -> None:
+    """Refuse, before anything is predicted or packed, a block whose plan format residency cannot pack a model's
+    weights into (Q2_K, Q3_K: read from GGUF files only). It failed mid-attach, after a run had printed its
+    prediction, naming neither block nor file. `plan`: a Plan; `source`: its file, for the message."""
+    from residency.formats import FORMATS
+
+    for i, bp in enumerate(plan.blocks):
+        fmt = FORMATS.get(bp.format)
+        if fmt is not None and not fmt.can_pack:
+            packable = ", ".join(n for n, f in FORMATS.items() if f.can_pack)
+            where = f"{source}: blocks[{i}].format" if source else "the plan's format"
+            raise ResidencyError(f"{where} for block {bp.name} is {bp.format}, a format residency reads from GGUF "
+                                 "files but cannot quantize a model's weights into", hint=f"pick one it packs: {packable}")
+
+
 def _submodule(model: nn.Module, block: str, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)

@@ -40,6 +40,7 @@ from residency.runtime.live_sessions import LiveSessions
 from residency.runtime.module_paths import (
     block_modules,
     block_tensors,
+    check_block_formats,
     check_block_tensors,
     check_bound_blocks,
     warn_unplanned,
@@ -210,6 +211,7 @@ class Runtime:
         hooked = [m for mods in modules.values() for m in mods]
         if any(has_hook(m) for m in hooked):
             raise ResidencyError("the model's blocks are attached to another runtime", hint="detach() that one first")
+        check_block_formats(plan)
         tensors = block_tensors(pipeline, self.workload, found)
         check_block_tensors(plan, self.workload, tensors)
         refuse_inference_parameters(pipeline)
