@@ -119,6 +119,12 @@ def load_model(name: str) -> Model:
                              "or a saved pipeline directory")
     else:
         kind, _ = userpath.path_kind(name)
+        if kind == userpath.MISSING and name in _catalog_names():
+            raise ResidencyError(f"{name} is a catalog model: its architecture, for planning, with no weights; `run` "
+                                 "rolls out a world model it can load",
+                                 hint=f"plan it with `residency plan {name} --profile …`; run `default`, `tiny` or a "
+                                 "saved pipeline directory; a diffusers pipeline runs under residency.attach(pipe) "
+                                 "in Python")
         if kind == userpath.MISSING:
             raise ResidencyError(f"unknown model {name[:200]!r}",  # exit 1, as plan's and an unknown profile
                              hint="default, tiny, or the path of a saved pipeline "
@@ -131,6 +137,12 @@ def load_model(name: str) -> Model:
         pipe, label = WorldModelPipeline.from_pretrained(name), Path(name).name
     workload = workload_from_dict(catalog_entry(pipe.config))
     return Model(pipe, workload, label, start, sensitivity, note)
+
+
+def _catalog_names() -> set[str]:
+    from pipelines.catalog import catalog_paths
+
+    return set(catalog_paths())
 
 
 def start_image(model: Model, path: str | None) -> np.ndarray:

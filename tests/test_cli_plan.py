@@ -195,7 +195,7 @@ def test_run_reads_a_vram_share_of_the_weights_it_computes_in():
     from residency.session_setup import device_kind, load_model, make_plan
 
     model = load_model("tiny")
-    plan, _ = make_plan(model, make_console(stderr=True), profile="rtx-5090", vram_bytes="50%")
+    _, plan, _ = make_plan(model, make_console(stderr=True), profile="rtx-5090", vram_bytes="50%")
     weights = model.workload.nbytes("F32" if device_kind() == "cpu" else "BF16")
     assert plan.budget.vram_bytes == weights // 2
 

@@ -1,4 +1,4 @@
-"""The rich Console every command prints through: terminal width on a TTY, 120 columns otherwise.
+"""The rich Console every command prints through: terminal width on a TTY, $COLUMNS or 120 columns otherwise.
 
 Rich falls back to 80 columns when stdout is a pipe or file, which truncates our wide tables.
 """
@@ -16,10 +16,14 @@ PIPE_WIDTH = 120
 
 
 def make_console(stderr: bool = False) -> Console:
-    """A Console on stdout (or stderr): the terminal's width, or PIPE_WIDTH columns when piped."""
+    """A Console on stdout (or stderr): the terminal's width; piped, $COLUMNS or else PIPE_WIDTH columns for tables,
+    and lines of prose left whole (soft wrap): hard-wrapped at the width, a number was cut from its unit
+    ("107.6 \nKiB") and a message split where grep could not find it."""
     console = Console(stderr=stderr)
     if not console.is_terminal:
-        console = Console(stderr=stderr, width=PIPE_WIDTH)
+        columns = os.environ.get("COLUMNS", "")
+        width = int(columns) if columns.isdigit() and int(columns) > 0 else PIPE_WIDTH
+        console = Console(stderr=stderr, width=width, soft_wrap=True)
     return console
 
 

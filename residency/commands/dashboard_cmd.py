@@ -50,7 +50,7 @@ def run(args) -> int:
         raise UsageError(f"--speed must be positive, got {args.speed}", hint="e.g. --speed 2")
     snapshot, context = read_trace(args.trace)
     if args.once:
-        console.print(build(snapshot, context))
+        console.print(build(snapshot, context), soft_wrap=False)  # panels wrap their own lines
         return 0
     board = Dashboard(context)
     with live(console, board):

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         if snapshot is None:
             snapshot = session_setup.final_snapshot(runtime)
     if not live_view:
-        console.print(build(snapshot, context))
+        console.print(build(snapshot, context), soft_wrap=False)  # panels wrap their own lines
     write_frames(video, gif, DEMO_FPS)
     write_trace(snapshot, context, trace)
     run_cmd.report_speed(console, snapshot, other)

@@ -272,9 +272,13 @@ def load_inventory(name_or_path: str) -> Inventory:
     if source.kind == CHECKPOINT or (source.kind in (MODEL_DIR, WORLD_MODEL_DIR) and _has_weights(source.path)):
         return _checkpoint_inventory(source.path)  # as stored: the real formats, not an assumed BF16
     if source.kind == CATALOG and name_or_path in builtin_model_names():
+        import torch
+
         from pipelines.world_model import WorldModelPipeline
 
-        pipe = WorldModelPipeline.from_config(name_or_path, device="meta")
+        # at BF16, as every catalog model is shown (and as a GPU runs them); the pipeline is built in F32, which
+        # showed twice the bytes `plan` counts (meta: no memory either way)
+        pipe = WorldModelPipeline.from_config(name_or_path, device="meta").to(torch.bfloat16)
         return inventory_from_module(name_or_path, pipe)
     if source.kind == MODEL_DIR:
         # config only: the model built empty, its tensors named and typed as its weights would be stored (the
