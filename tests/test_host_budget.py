@@ -66,6 +66,15 @@ def test_the_default_cpu_budget_is_no_larger_than_the_ram_free_now_less_the_host
     w = workload_from_dict(catalog_entry("tiny"))
     budget = session_setup.default_vram_bytes(28 * GIB, w, make_console(stderr=True))
     assert budget == int(30 * GIB * HOST_HEADROOM) - w.nbytes("F32")
+    assert "below the profile's" not in capsys.readouterr().err  # gigabytes for a model of megabytes: not said
+
+
+def test_a_cpu_budget_the_ram_free_now_makes_binding_is_said(big_cpu_box, capsys, monkeypatch):
+    w = workload_from_dict(catalog_entry("tiny"))
+    free = int((w.nbytes("F32") * 2.5) / HOST_HEADROOM)  # room for the weights 1.5 times over: it may bind
+    report_free(monkeypatch, free)
+    budget = session_setup.default_vram_bytes(28 * GIB, w, make_console(stderr=True))
+    assert budget == int(free * HOST_HEADROOM) - w.nbytes("F32")
     assert "below the profile's" in capsys.readouterr().err  # said, not silent
 
 

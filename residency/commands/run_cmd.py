@@ -322,6 +322,8 @@ def run(args: argparse.Namespace) -> int:
     script = parse_actions(args.actions, model.pipe.config.actions)
     actions = list(itertools.islice(itertools.cycle(script), args.frames or len(script)))
     image = start_image(model, args.image)
+    if args.calibrate:  # the frame count before planning (a plan takes seconds); the profile's kind after it
+        check_calibration(None, len(actions))
     model, plan, replan, other = plan_for(model, args, err)
     if args.calibrate:
         check_calibration(other, len(actions))

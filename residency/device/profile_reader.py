@@ -21,8 +21,8 @@ CONV_AXES = ("kernel_elements", "tflops")  # a conv2d's TFLOP/s over the element
 # What each unit suffix means, for messages that say which unit is expected.
 UNIT_TEXT = {
     "bytes": "bytes",
-    "gbps": "GB/s (1e9 bytes per second)",
-    "tflops": "TFLOP/s (1e12 per second)",
+    "gbps": "GB/s, 1e9 bytes per second",
+    "tflops": "TFLOP/s, 1e12 per second",
     "us": "microseconds",
     "gweights_per_s": "1e9 weights per second",
     "gelems_per_s": "1e9 elements per second",

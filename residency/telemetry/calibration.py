@@ -99,7 +99,7 @@ class CalibrationFit:
             parts.append(f"copy ×{self.copy_scale:.2f}")
         parts += [f"{k} dequant ×{v:.2f}" for k, v in sorted(self.dequant_scale.items())]
         if self.host_us is not None:
-            parts.append(f"host {self.host_us[0]:.0f} µs per call + {self.host_us[1]:.0f} per streamed call")
+            parts.append(f"host {self.host_us[0]:.0f} µs per call + {self.host_us[1]:.0f} µs more per streamed call")
         for label, s in (("compute slowdown", self.compute_slowdown), ("copy slowdown", self.copy_slowdown)):
             if s is not None:
                 parts.append(f"{label} {s:.2f}")
