@@ -26,6 +26,7 @@ from residency.front_door.pinned_planner import PinnedPlanner, unpinned_enclosin
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, vram_bytes
 from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
+from residency.runtime.attached_guards import refuse_inference_parameters
 from residency.runtime.closed_loop import LoopOptions, enable_loop, loop_options
 from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.units import fmt_bytes
@@ -355,6 +356,10 @@ def attach_pipeline(pipe: Any, *, vram: VramSpec = None, fps: float | None = Non
     if fps is not None and not fps > 0:
         raise ResidencyError(f"fps={fps}", hint="a positive number of images per second")
     loop_options(closed_loop)  # before the pipeline's recorded call: a wrong value costs nothing
+    for name, _phase, _per_step, _method in ROLES:  # and before it, what attach would refuse after planning
+        module = getattr(pipe, name, None)
+        if isinstance(module, nn.Module):
+            refuse_inference_parameters(module)
     built = pipeline_workload(pipe, call)
     prof = _profile(profile, backend)
     weights = built.workload.nbytes(COMPUTE_FORMAT[built.compute_dtype])

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -218,12 +218,18 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
     if plan_path:
         plan = load_plan(plan_path)
         check_block_formats(plan, plan_path)
-        model = _at_steps(model, plan.steps, plan_path)
+        same_model = plan.model == model.workload.name and \
+            [b.name for b in plan.blocks] == [b.name for b in model.workload.blocks]
+        if not same_model or plan.steps == model.pipe.config.steps:  # another model: its own error, not steps'
+            plan.check_matches(model.workload, f"model {model.label}")
+            return model, plan, None
+        config, workload = _at_steps(model, plan.steps, plan_path)
         name = model.label.split(" ", 1)[0]
-        plan.check_matches(model.workload, f"model {model.label}",
+        plan.check_matches(workload, f"model {model.label}",
                            fix=f"make the plan with `residency plan {name} --steps {plan.steps} -o …` (steps edited in "
                                "the file leave its workload_fingerprint at the old count)")
-        return model, plan, None
+        model.pipe.config = config  # once the plan is known to fit: only a session reads it, when it starts
+        return dataclasses.replace(model, workload=workload), plan, None
     from policies import PlanRequest, Replanner, get_policy
     from residency.front_door.vram import frame_budget_ms
     from residency.plan import Budget
@@ -243,26 +249,20 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
     return model, replan.policy(req), replan
 
 
-def _at_steps(model: Model, steps: int, source: str) -> Model:
-    """`model` with its sampler at `steps` denoise steps per latent frame (the pipeline's config changed in place:
-    only the session reads it, when it starts); the model itself when it has them already.
+def _at_steps(model: Model, steps: int, source: str) -> tuple[Any, Workload]:
+    """The pipeline config of `model` with its sampler at `steps` denoise steps per latent frame, and the workload
+    of that config; the model itself is left as it is.
 
     Raises ResidencyError naming `source` for a count the world model's sampler does not take."""
-    import dataclasses
-
     from pipelines.world_model.workload import catalog_entry
     from residency.workload import workload_from_dict
 
-    config = model.pipe.config
-    if steps == config.steps:
-        return model
     try:
-        config = dataclasses.replace(config, steps=steps)
+        config = dataclasses.replace(model.pipe.config, steps=steps)
     except ResidencyError as e:
         raise ResidencyError(f"{source}: steps is {steps}, which {model.label} cannot run ({e.message})",
                              hint="make the plan with `residency plan … --steps N` for a count the model takes") from e
-    model.pipe.config = config
-    return dataclasses.replace(model, workload=workload_from_dict(catalog_entry(config)))
+    return config, workload_from_dict(catalog_entry(config))
 
 
 def resolve_for(model: Model, profile: str, console: Console) -> DeviceProfile:

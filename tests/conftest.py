@@ -19,6 +19,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("RESIDENCY_TEST", "1")
+os.environ.pop("COLUMNS", None)  # piped output follows $COLUMNS (commands.console): a developer's shell must not set it
 
 
 def _library_loggers_on_the_real_stderr() -> None:

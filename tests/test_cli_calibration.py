@@ -152,6 +152,18 @@ def test_a_calibration_that_cannot_work_is_refused_before_the_rollout(machine, c
     assert not Path("out.gif").exists() and not calibrated_dir().exists()  # nothing rolled out, nothing cached
 
 
+def test_too_few_frames_to_calibrate_are_refused_before_planning(machine, capsys, monkeypatch):
+    """Planning takes seconds (a measured profile's more): it ran first, then the frame count was refused."""
+    from residency.commands import run_cmd
+
+    def no_planning(*a, **k):
+        raise AssertionError("planned before refusing")
+
+    monkeypatch.setattr(run_cmd, "make_plan", no_planning)
+    assert main([*RUN, "--frames", "4", "--calibrate"]) == 2
+    assert "--calibrate needs at least 5 latent frames" in " ".join(capsys.readouterr().err.split())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU profile is this machine's kind there")
 def test_a_closed_loop_on_another_kind_of_devices_profile_is_refused_before_the_rollout(machine, capsys):
     assert main([*RUN, "--frames", "5", "--profile", "rx-7800-xt", "--closed-loop"]) == 2

@@ -256,6 +256,12 @@ def test_run_takes_a_plans_denoise_steps_and_refuses_steps_edited_into_a_plan(fi
     assert main(["run", "tiny", "--image", "start.png", "--plan", "twelve.json", "-o", "e.gif"]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "twelve.json: steps is 12" in err and "from 1 to 8" in err
+    other = json.loads((files / "other-plan.json").read_text())
+    other["steps"] = 30  # another model's plan: said to be one, whatever its steps
+    (files / "other30.json").write_text(json.dumps(other))
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "other30.json", "-o", "e.gif"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the plan was made for model" in err and "steps" not in err
     assert not (files / "e.gif").exists()
 
 

@@ -116,3 +116,11 @@ def test_a_file_without_weights_is_an_error_not_a_table_of_zeros(tmp_path, capsy
     assert err.startswith(f"error: {path}: ") and said in err and "\nhint: " in err, err
     assert main(["inspect", "--json", str(path)]) == 1
     assert json.loads(capsys.readouterr().out)["exit_code"] == 1
+
+
+def test_a_built_in_world_model_is_shown_at_bf16_as_plan_counts_it(capsys):
+    """Built in F32 on meta, it showed twice the bytes `plan` counts for its blocks."""
+    assert main(["inspect", "lucid-500m", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {f for c in doc["components"] for b in c["blocks"] for f in b["formats"]} == {"BF16"}
+    assert doc["stored_bytes"] == doc["bytes_by_format"]["BF16"]

@@ -396,11 +396,16 @@ def _real_inputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple
     copied: a forward that edits its input in place (x.mul_(2)) edited the caller's example, so the first real
     call after attach saw another input (cost: one copy of the example)."""
     ref = next(chain(model.parameters(), model.buffers()))
+    copies: dict[int, torch.Tensor] = {}  # one copy per tensor: model(x, x) still gets one tensor twice (q is k)
 
     def real(t: Any) -> Any:
         if isinstance(t, torch.Tensor) and t.is_meta:
             return torch.zeros(t.shape, dtype=ref.dtype if t.is_floating_point() else t.dtype, device=ref.device)
-        return t.clone() if isinstance(t, torch.Tensor) else t
+        if isinstance(t, torch.Tensor):
+            if id(t) not in copies:
+                copies[id(t)] = t.clone()
+            return copies[id(t)]
+        return t
 
     return tree_map(real, (args, kwargs))
 

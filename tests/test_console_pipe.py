@@ -1,0 +1,26 @@
+"""Piped output (every test's: stdout is no terminal): tables at $COLUMNS, else 120 columns; prose lines whole.
+Hard-wrapped at 120, `inspect` cut "107.6 KiB" into "107.6" and "KiB" on two lines, and $COLUMNS was ignored."""
+
+from __future__ import annotations
+
+from residency.cli import main
+from residency.commands.console import PIPE_WIDTH, make_console
+
+
+def test_piped_width_is_columns_when_set_else_the_default(monkeypatch):
+    assert make_console().width == PIPE_WIDTH
+    monkeypatch.setenv("COLUMNS", "200")
+    assert make_console().width == make_console(stderr=True).width == 200
+    monkeypatch.setenv("COLUMNS", "wide")  # not a number: the default
+    assert make_console().width == PIPE_WIDTH
+
+
+def test_a_long_line_of_prose_is_printed_whole_and_tables_keep_the_width(capsys):
+    line = "note: " + "word " * 40 + "107.6 KiB at the end"
+    make_console().print(line)
+    assert capsys.readouterr().out == line + "\n"
+    assert main(["plan", "lucid-500m", "--profile", "rx-7800-xt", "--exec-mode", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(row) for row in out.splitlines() if row.startswith(("┃", "│"))) <= PIPE_WIDTH
+    notes = [row for row in out.splitlines() if row.lstrip().startswith("note: no frame budget")]
+    assert len(notes) == 1 and len(notes[0]) > PIPE_WIDTH and notes[0].endswith("that plan")  # one line, not cut
