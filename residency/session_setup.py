@@ -239,10 +239,18 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
     compute_dtype = compute_dtype_for(device_kind() != "cpu")
     if vram_bytes is None:
         vram_bytes = default_vram_bytes(device_profile.memory_usable_bytes, model.workload, console)
-    elif isinstance(vram_bytes, str):
-        from residency.commands.arg_types import resolve_vram
+    else:
+        if isinstance(vram_bytes, str):
+            from residency.commands.arg_types import resolve_vram
 
-        vram_bytes = resolve_vram(vram_bytes, model.workload, compute_dtype)
+            vram_bytes = resolve_vram(vram_bytes, model.workload, compute_dtype)
+        if vram_bytes > device_profile.memory_usable_bytes:  # as `plan` says it (`run` said nothing)
+            from residency.units import fmt_bytes
+
+            console.print(f"note: --vram {fmt_bytes(vram_bytes)} is more than {device_profile.name} has to use "
+                          f"({fmt_bytes(device_profile.memory_usable_bytes)}): planned for it as asked, and the "
+                          "run may run out of device memory; leave --vram out to plan for what it has",
+                          markup=False, highlight=False)
     req = PlanRequest(model.workload, device_profile, Budget(vram_bytes, frame_ms),
                       sensitivity=model.sensitivity, compute_dtype=compute_dtype)
     replan = Replanner(get_policy("ours"), req)

@@ -164,3 +164,9 @@ def test_run_refuses_a_plan_that_does_not_fit_the_ram_with_an_error_and_no_outpu
     err = capsys.readouterr().err
     assert code == 1 and "of RAM" in err and "hint:" in err and "Traceback" not in err
     assert not (big_cpu_box / "x.gif").exists()
+
+
+def test_a_vram_budget_beyond_the_device_is_run_as_asked_and_said(big_cpu_box, capsys):
+    assert main(["run", "default", "--frames", "2", "--vram", "1000TiB", "-o", "x.gif"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "note: --vram 1000.0 TiB is more than" in err and "(28.0 GiB)" in err and "leave --vram out" in err
