@@ -143,3 +143,9 @@ def test_an_inventory_counts_the_buffers_a_checkpoint_holds_not_the_transient_on
     names = sorted(t.name for b in inventory_from_module("m", model).blocks for t in b.tensors)
     assert names == sorted(f"{i}.{n}" for i in (0, 1) for n in ("proj.weight", "proj.bias", "scale"))
     assert names == sorted(k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("typed, meant", [("lucid-5000m", "lucid-500m"), ("flux-schnel", "flux-schnell")])
+def test_a_mistyped_model_name_gets_the_closest_known_one(capsys, typed, meant):
+    assert main(["inspect", typed]) == 1
+    assert f"unknown model '{typed}' (did you mean {meant}?)" in capsys.readouterr().err

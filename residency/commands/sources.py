@@ -8,6 +8,7 @@ inspecting them costs no memory.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -44,7 +45,7 @@ SHIPPED_NAME = "default"  # as `run`, `play` and `demo` name it (residency.sessi
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 SOURCES_HINT = ("give default (the shipped world model), a catalog model ({names}), a catalog .json, a "
                 "diffusers or transformers model directory (config.json), a diffusers pipeline directory "
-                "(model_index.json), or to inspect only a .safetensors/.gguf checkpoint")
+                "(model_index.json), or, for inspect only, a .safetensors/.gguf checkpoint")
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,12 @@ def classify(text: str) -> Source:
     if text == SHIPPED_NAME:  # before any path: `run default` means the shipped model whatever is in the cwd
         return Source(SHIPPED, text, None)
     if not _looks_like_path(text):
-        if text in catalog_names() or text in builtin_model_names():
+        known = [*catalog_names(), *(n for n in builtin_model_names() if n not in catalog_names())]
+        if text in known:
             return Source(CATALOG, text, None)
-        raise ResidencyError(f"unknown model {text!r}", hint=SOURCES_HINT.format(names=", ".join(catalog_names())))
+        close = difflib.get_close_matches(text, [SHIPPED_NAME, *known], n=1)
+        raise ResidencyError(f"unknown model {text!r}" + (f" (did you mean {close[0]}?)" if close else ""),
+                             hint=SOURCES_HINT.format(names=", ".join(catalog_names())))
     path = Path(text)
     kind, reason = userpath.path_kind(path)  # Path.exists raises on a 300-character name
     if kind in (userpath.MISSING, userpath.BAD):

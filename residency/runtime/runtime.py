@@ -269,7 +269,9 @@ class Runtime:
                 for module in mods:
                     add_hook(module, BlockHook(calls, name) if len(mods) == 1 else GroupHook(calls, name))
                     self._hooked.append(module)
-            if self._holders is None and executor.volatile:  # a plan of resident blocks only needs none
+            # holders: readers of volatile blocks' weights, and on a GPU (weights rebound to device copies) modules
+            # whose state_dict() must give the originals; a CPU plan of resident blocks only needs none
+            if self._holders is None and (executor.volatile or not on_cpu):
                 self._holders = weight_readers.scan_holders(modules, tensors)
             inner, outer = weight_readers.readers(modules, executor.volatile, self._holders or ())
             for readers, inside in ((inner, True), (outer, False)):
