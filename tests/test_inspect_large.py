@@ -126,25 +126,6 @@ def test_a_built_in_world_model_is_shown_at_bf16_as_plan_counts_it(capsys):
     assert doc["stored_bytes"] == doc["bytes_by_format"]["BF16"]
 
 
-def test_an_inventory_counts_the_buffers_a_checkpoint_holds_not_the_transient_ones():
-    """A position table a module computes at load (persistent=False) is in no checkpoint and in no plan."""
-    from torch import nn
-
-    from residency.inventory import inventory_from_module
-
-    class Embed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(8, 16)
-            self.register_buffer("pos", torch.zeros(4, 16), persistent=False)
-            self.register_buffer("scale", torch.ones(16))  # persistent: saved, so counted
-
-    model = nn.Sequential(Embed(), Embed())
-    names = sorted(t.name for b in inventory_from_module("m", model).blocks for t in b.tensors)
-    assert names == sorted(f"{i}.{n}" for i in (0, 1) for n in ("proj.weight", "proj.bias", "scale"))
-    assert names == sorted(k for k in model.state_dict())
-
-
 @pytest.mark.parametrize("typed, meant", [("lucid-5000m", "lucid-500m"), ("flux-schnel", "flux-schnell")])
 def test_a_mistyped_model_name_gets_the_closest_known_one(capsys, typed, meant):
     assert main(["inspect", typed]) == 1
