@@ -262,3 +262,18 @@ def test_a_component_saved_as_none_and_pipeline_settings_are_skipped(pipelines, 
                        lambda ix: ix.update(safety_checker=[None, None], requires_safety_checker=True))
     base = resolve_workload(str(pipelines["flux"][1]))
     assert replace(resolve_workload(str(copy)), name=base.name) == base
+
+
+def test_a_video_pipelines_frame_budget_is_its_videos_frames_at_the_fps(capsys, pipelines):
+    """--fps 30 on a text-to-video pipeline budgeted its whole 81-frame video as one image (33 ms, 'missed' at
+    542 ms, i.e. 150 fps): a call makes --frames frames, so the budget is frames ÷ fps, and the unit a video."""
+    _, path = pipelines["wan"]
+    code, out, err = run(capsys, "plan", str(path), "--profile", "rtx-5090", "--height", "16", "--width", "16",
+                         "--frames", "5", "--fps", "5")
+    assert code in (0, 3), err
+    text = " ".join(out.split())
+    assert "1000.0 ms/video" in text and "ms per video" in text and "image" not in text
+    _, flux = pipelines["flux"]
+    code, out, err = run(capsys, "plan", str(flux), "--profile", "rtx-5090", "--fps", "5")
+    assert code in (0, 3), err
+    assert "200.0 ms/image" in " ".join(out.split())  # an image is still one frame

@@ -225,4 +225,5 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
     return join_phases(f"{path.name} at {denoised.label}", parts,
                        steps if isinstance(steps, int) and steps > 0 else DEFAULT_STEPS,
                        source=f"{pipe_name} directory (configs only{guidance}): "
-                              + ", ".join(p.component for p in parts))
+                              + ", ".join(p.component for p in parts),
+                       video_frames=denoised.size.frames or 1)  # --fps then counts a video's frames

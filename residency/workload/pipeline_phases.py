@@ -65,7 +65,7 @@ def enclosing_blocks(workload: Workload) -> tuple[str, ...]:
 
 
 def join_phases(name: str, parts: Sequence[ComponentPart], steps: int, source: str = "",
-                call_order: Sequence[str] = ()) -> Workload:
+                call_order: Sequence[str] = (), video_frames: int = 1) -> Workload:
     """The pipeline's workload: every part's blocks renamed to container paths, each phase made of its
     parts' passes in the given order, all phases per latent frame — one image is one frame, each with its
     own prompt, so the encoders run in every frame (as pipelines/catalog's flux-schnell describes it).
@@ -73,7 +73,8 @@ def join_phases(name: str, parts: Sequence[ComponentPart], steps: int, source: s
     takes its passes in that order where it holds each part's `calls` (two encoders run in turn, prompt then
     negative prompt, are scheduled so, not each encoder's calls together).
     Blocks enclosing others lead the first pass: the runtime takes their calls when the container's call
-    begins (residency.runtime.block_calls)."""
+    begins (residency.runtime.block_calls). `video_frames`: the frames one call makes (a text-to-video
+    pipeline's 81): a frame budget from fps is then that many frames' time, and the unit is a video."""
     unknown = [p.phase for p in parts if p.phase not in PHASES]
     if unknown:
         raise ResidencyError(f"pipeline {name}: unknown phase {unknown[0]!r}", hint=f"one of {', '.join(PHASES)}")
@@ -113,7 +114,7 @@ def join_phases(name: str, parts: Sequence[ComponentPart], steps: int, source: s
     if len(held) == 1 and None not in held:  # one weights dtype throughout: the quality loss is against it
         extra["weights_dtype"] = held.pop()
     return Workload(name, tuple(order), tuple(phases), steps=1, context_frames=0, source=source,
-                    extra=extra).with_params(steps=steps)
+                    video_frames_per_latent=video_frames, extra=extra).with_params(steps=steps)
 
 
 def _in_call_order(parts: Sequence[ComponentPart], call_order: Sequence[str],

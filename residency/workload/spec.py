@@ -309,11 +309,14 @@ class Workload:
         return tuple(p for p in self.phases if p.per == "session")
 
     def frame_unit(self) -> str:
-        """What one predicted "frame" is: a latent frame of a world model (a KV window of past frames), else an
-        image where the workload decodes one (a text-to-image pipeline's call), else one call of the model."""
+        """What one predicted "frame" is: a latent frame of a world model (a KV window of past frames), else a
+        video or an image where the workload decodes one (a text-to-video or text-to-image pipeline's call; a
+        video's frames are video_frames_per_latent), else one call of the model."""
         if self.context_frames > 0:
             return "latent frame"
-        return "image" if any(ph.name == "decode" for ph in self.phases) else "call"
+        if any(ph.name == "decode" for ph in self.phases):
+            return "video" if self.video_frames_per_latent > 1 else "image"
+        return "call"
 
     def count(self, p: PassSpec) -> int:
         """Runs of a pass per run of its phase."""
