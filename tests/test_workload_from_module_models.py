@@ -154,3 +154,20 @@ def test_a_model_built_without_weights_gives_the_same_workload():
 @pytest.mark.parametrize("name", ["flux", "wan", "unet"])
 def test_the_workload_plans_and_simulates(name):
     plan_and_simulate(build(name)[2].workload)
+
+
+def test_a_mixture_of_experts_layer_counts_its_routed_experts_flops():
+    """transformers' Mixtral runs its experts through torch._grouped_mm, which torch's flop counter has no formula
+    for: a layer counted attention and router only, a quarter of the dense Mistral of the same width."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2)
+    with init_empty_weights():
+        model = MixtralForCausalLM(config).to(torch.bfloat16).eval()
+    tokens = 16
+    w = module_workload(model, (torch.zeros(1, tokens, dtype=torch.long),), name="mixtral").workload
+    layer = next(b for b in w.blocks if b.name.endswith("layers.0"))
+    attention = 4 * 64 * 64  # q, k, v, o
+    experts = 2 * 3 * 64 * 256  # two routed experts a token: gate, up, down
+    assert layer.flops_per_token == pytest.approx(2 * (attention + experts + 64 * 4), rel=0.1)
