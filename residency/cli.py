@@ -6,11 +6,13 @@ Exit codes: 0 ok, 1 runtime/bad-file error, 2 usage; subcommands may define more
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
 import re
 import sys
+import warnings
 
 from residency.commands import COMMANDS
 from residency.commands.output_clash import check_outputs_apart
@@ -111,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_outputs_apart(args)
-        return int(args.run(args))
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+            return int(args.run(args))
     except ResidencyError as err:
         if getattr(args, "json", False):  # a script reading stdout gets a document, not nothing
             _json_error(err.message, err.hint, err.exit_code)
@@ -121,6 +125,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _stdout_closed()
+
+
+def _show_warning(others, message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings (a plan that misses its budget, parameters a model's forward never runs) as one
+    `warning:` line on stderr, as the CLI says its notes; Python's form added a file path and a line of our
+    source. Other libraries' warnings go to `others`, the showwarning in place before (Python's, or a test's)."""
+    from residency.errors import InferenceOnlyWarning, PlanWarning
+    from residency.workload import ModuleWorkloadWarning
+
+    if issubclass(category, (InferenceOnlyWarning, PlanWarning, ModuleWorkloadWarning)):
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        others(message, category, filename, lineno, file, line)
 
 
 def _json_error(message: str, hint: str | None, exit_code: int) -> None:

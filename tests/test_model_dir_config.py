@@ -229,3 +229,22 @@ def test_a_configs_quantization_config_is_said_to_be_not_applied(capsys, tmp_pat
     assert json.loads(out)["blocks"]  # planned as the unquantized model
     code, _, err = run(capsys, "plan", str(model_dir(tmp_path, FLUX, "plain")), "--profile", "rx-7800-xt", "--json")
     assert code == 0 and "quantization_config" not in err
+
+
+def test_parameters_the_forward_never_runs_are_one_warning_line_not_pythons_form(capsys, tmp_path):
+    """A Llava read as a text model leaves its vision tower out: said as Python's warning, with our file path and
+    a line of our source, among the plan's notes."""
+    import transformers as T
+
+    text = T.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    vision = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    config = T.LlavaConfig(vision_config=vision, text_config=text, image_token_index=5)
+    config.architectures = ["LlavaForConditionalGeneration"]
+    config.save_pretrained(tmp_path / "llava")
+    code, _, err = run(capsys, "plan", str(tmp_path / "llava"), "--profile", "rx-7800-xt")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "the forward never ran" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "vision_tower" in lines[0]
+    assert "ModuleWorkloadWarning" not in err and "from_module.py" not in err
