@@ -356,10 +356,8 @@ def attach_pipeline(pipe: Any, *, vram: VramSpec = None, fps: float | None = Non
     if fps is not None and not fps > 0:
         raise ResidencyError(f"fps={fps}", hint="a positive number of images per second")
     loop_options(closed_loop)  # before the pipeline's recorded call: a wrong value costs nothing
-    for name, _phase, _per_step, _method in ROLES:  # and before it, what attach would refuse after planning
-        module = getattr(pipe, name, None)
-        if isinstance(module, nn.Module):
-            refuse_inference_parameters(module)
+    for _name, module, *_ in _components(pipe):  # and before it, what attach would refuse after planning
+        refuse_inference_parameters(module)
     built = pipeline_workload(pipe, call)
     prof = _profile(profile, backend)
     weights = built.workload.nbytes(COMPUTE_FORMAT[built.compute_dtype])

@@ -119,7 +119,9 @@ def load_model(name: str) -> Model:
                              "or a saved pipeline directory")
     else:
         kind, _ = userpath.path_kind(name)
-        if kind == userpath.MISSING and name in _catalog_names():
+        from residency.commands.sources import catalog_names
+
+        if kind == userpath.MISSING and name in catalog_names():
             raise ResidencyError(f"{name} is a catalog model: its architecture, for planning, with no weights; `run` "
                                  "rolls out a world model it can load",
                                  hint=f"plan it with `residency plan {name} --profile …`; run `default`, `tiny` or a "
@@ -137,12 +139,6 @@ def load_model(name: str) -> Model:
         pipe, label = WorldModelPipeline.from_pretrained(name), Path(name).name
     workload = workload_from_dict(catalog_entry(pipe.config))
     return Model(pipe, workload, label, start, sensitivity, note)
-
-
-def _catalog_names() -> set[str]:
-    from pipelines.catalog import catalog_paths
-
-    return set(catalog_paths())
 
 
 def start_image(model: Model, path: str | None) -> np.ndarray:

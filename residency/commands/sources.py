@@ -80,7 +80,8 @@ def classify(text: str) -> Source:
     if text == SHIPPED_NAME:  # before any path: `run default` means the shipped model whatever is in the cwd
         return Source(SHIPPED, text, None)
     if not _looks_like_path(text):
-        known = [*catalog_names(), *(n for n in builtin_model_names() if n not in catalog_names())]
+        catalog = catalog_names()  # one listing of the catalog directory
+        known = [*catalog, *(n for n in builtin_model_names() if n not in catalog)]
         if text in known:
             return Source(CATALOG, text, None)
         close = difflib.get_close_matches(text, [SHIPPED_NAME, *known], n=1)

@@ -118,15 +118,19 @@ def _first_tensor(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor | None
     return None
 
 
-def grouped_mm_flops(a: Shape, b: Shape, out: Shape) -> float:
+def grouped_mm_flops(a: Shape, b: Shape, *_args, out_val: Shape, **_kwargs) -> float:
     """FLOPs of torch._grouped_mm (mixture-of-experts layers: transformers' Mixtral, Qwen3-MoE …, each routed row
     through its expert), which torch's flop counter has no formula for: counted as 0, a Mixtral layer came to a
     quarter of the dense Mistral's FLOPs. 2·M·N·K for 2-D × 2-D (groups split K), else 2 per output element and
-    inner element — the routed rows only, which is what runs, whatever the groups' sizes (on meta, unknown)."""
-    k = a[-1]
+    inner element — the routed rows only, which is what runs, whatever the groups' sizes (on meta, unknown).
+    Called as torch's registry formulas are: operand shapes, then out_val's."""
+    out, k = out_val, a[-1]
     if len(a) == 2 and len(b) == 2:
         return 2.0 * a[0] * b[-1] * k
     return 2.0 * math.prod(out) * k
+
+
+_MORE_FLOPS = {"_grouped_mm": grouped_mm_flops}  # ops torch's flop_registry has no formula for, by name
 
 
 class _Tracer(TorchDispatchMode):
@@ -178,13 +182,10 @@ class _Tracer(TorchDispatchMode):
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if packet.__name__ in _FUSED_ATTENTION and self.target is not None:
             self.target.pair_flops += attention_flops(*(self.widen(t.shape) for t in args[:3]))
-        elif (packet in flop_registry or packet.__name__ == "_grouped_mm") and self.target is not None:
+        elif (formula := flop_registry.get(packet) or _MORE_FLOPS.get(packet.__name__)) and self.target is not None:
             # the formulas read shapes only: given as (widened) shapes, they count the wide model's op
             shapes = tree_map_only(torch.Tensor, lambda t: torch.Size(self.widen(t.shape)), (args, kwargs, out))
-            if packet.__name__ == "_grouped_mm":
-                flops = grouped_mm_flops(shapes[0][0], shapes[0][1], shapes[2])
-            else:
-                flops = float(flop_registry[packet](*shapes[0], **shapes[1], out_val=shapes[2]))
+            flops = float(formula(*shapes[0], **shapes[1], out_val=shapes[2]))
             if not named:
                 self.target.pair_flops += flops
             else:
