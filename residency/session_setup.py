@@ -119,9 +119,9 @@ def load_model(name: str) -> Model:
                              "or a saved pipeline directory")
     else:
         kind, _ = userpath.path_kind(name)
-        from residency.commands.sources import catalog_names
+        from pipelines.catalog import catalog_paths  # as sources.catalog_names lists it (which imports us)
 
-        if kind == userpath.MISSING and name in catalog_names():
+        if kind == userpath.MISSING and name in catalog_paths():
             raise ResidencyError(f"{name} is a catalog model: its architecture, for planning, with no weights; `run` "
                                  "rolls out a world model it can load",
                                  hint=f"plan it with `residency plan {name} --profile …`; run `default`, `tiny` or a "
