@@ -35,8 +35,11 @@ CHUNK_WEIGHTS = {"cpu": 1 << 21, "cuda": 1 << 20}
 # and no cache is gained. Measured in the float phase alone (Q4_K, into bf16, 1 thread,
 # thread-CPU medians, Xeon): 24.8 / 22.6 / 21.4 ms per 16.7 M weights at 1 M / 256 K / 128 K.
 # At 2 threads (2-vCPU EPYC, whole unpacks, medians of 7 interleaved, a noisy box): 256 K was
-# faster than 128 K in 11 of the 12 rows Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K × fp32, bf16.
-FLOAT_SUB_WEIGHTS = {"cpu": 1 << 19}
+# faster than 128 K in 11 of the 12 rows Q8_0, Q4_0, Q5_0, Q4_K, Q5_K, Q6_K × fp32, bf16; 512 K
+# then measured faster still on that box. On a 2-vCPU Xeon (2 MiB L2 a core; 2 M chunks, medians of 21
+# interleaved rounds, two runs) 256 K beat 512 K in 22 of 24 rows, by 0-15 %: at 512 K a thread's fp32
+# (2 MiB) fills its L2. 256 K is the size that beat 128 K on the one box and 512 K on the other.
+FLOAT_SUB_WEIGHTS = {"cpu": 1 << 18}
 
 
 def bytes_per_weight(out_dtype: torch.dtype) -> int:
