@@ -399,6 +399,15 @@ def test_set_budget_refuses_what_is_no_budget_and_takes_a_size(bad):
         rt.detach()
 
 
+def test_set_budget_after_detach_is_refused_not_ignored():
+    model = Residual()
+    rt = Runtime(make_plan(W), "cpu", workload=W).attach(model)
+    rt.detach()
+    with pytest.raises(ResidencyError, match="not attached") as e:
+        rt.set_budget("1GiB")
+    assert "attach again" in e.value.hint
+
+
 def test_without_a_replan_callable_a_cut_raises_from_the_models_call():
     model = Residual()
     rt = Runtime(make_plan(W), "cpu", workload=W).attach(model)
