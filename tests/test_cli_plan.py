@@ -25,6 +25,7 @@ def test_a_budget_that_holds_exits_0_and_writes_the_plan(capsys, tmp_path):
     plan = load_plan(out_path)
     assert plan.model == "tiny" and plan.budget.vram_bytes == 2 * 2**30
     assert plan.budget.frame_ms == pytest.approx(1000 / 30)  # tiny: one video frame per latent frame
+    assert json.loads(out_path.read_text())["holds_budget"] is True  # what the exit code said, in the file
 
 
 def test_an_unreachable_frame_budget_exits_3_with_the_gap_and_still_writes(capsys, tmp_path):
@@ -33,7 +34,8 @@ def test_an_unreachable_frame_budget_exits_3_with_the_gap_and_still_writes(capsy
                        "-o", str(out_path))
     assert code == 3
     assert "misses the frame budget" in out and "needs " in out
-    assert out_path.exists()
+    assert json.loads(out_path.read_text())["holds_budget"] is False
+    assert load_plan(out_path).model == "lucid-500m"
 
 
 def test_json_output_is_one_document_with_the_prediction(capsys):

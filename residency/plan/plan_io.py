@@ -222,6 +222,7 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
                              hint="give the plan residency.make_plan or runtime.plan returns")
     doc = plan_to_dict(plan)
     plan_from_dict(doc, f"the plan to save as {path}")  # what load_plan would refuse is not written
+    doc["holds_budget"] = plan.holds_budget  # for a reader of the file, as `plan --json` says it; read past on load
     text = json.dumps(doc, indent=1) + "\n"
     path = Path(path)
     with atomic_output(path) as tmp:
