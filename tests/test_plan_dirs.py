@@ -108,6 +108,23 @@ def test_a_flux_or_wan_model_directory_plans_at_its_pipelines_default_size(capsy
     assert covered(doc, model) == set(dict(model.named_parameters()))
 
 
+@pytest.mark.parametrize("model_dir", ["flux"], indirect=True)
+def test_a_lone_denoiser_at_several_steps_says_its_ms_are_for_that_many_calls(capsys, model_dir):
+    """--steps 4 made a "frame" four calls, and the plan said "0.50 ms per call (2000 calls/s)"."""
+    code, one, err = run(capsys, "plan", str(model_dir), "--profile", "rtx-5090", "--policy", "all")
+    assert code == 0, err
+    code, four, err = run(capsys, "plan", str(model_dir), "--profile", "rtx-5090", "--policy", "all", "--steps", "4")
+    assert code == 0, err
+    one, four = " ".join(one.split()), " ".join(four.split())
+    assert "per call (" in one and "per 4 calls (" in four and "per call" not in four
+    ms_one = float(one.split("predicted: ")[1].split(" ms")[0])
+    ms_four = float(four.split("predicted: ")[1].split(" ms")[0])
+    rate_four = float(four.split("per 4 calls (")[1].split(" calls/s")[0])
+    assert ms_four == pytest.approx(4 * ms_one, rel=0.1)  # four calls of the same model
+    assert rate_four == pytest.approx(4000 / ms_four, rel=0.05)  # calls a second, not rounds of four
+    assert "ms/4 calls" in four and "link/4 calls" in four
+
+
 def flux_example(tokens: int, text: int) -> dict:
     return dict(hidden_states=torch.randn(1, tokens, 16), encoder_hidden_states=torch.randn(1, text, 32),
                 pooled_projections=torch.randn(1, 24), timestep=torch.ones(1), img_ids=torch.zeros(tokens, 3),

@@ -140,17 +140,17 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile, model
                   f"{'/'.join(sorted({b.compute_dtype for b in plan.blocks}))} compute")
     for component in workload.components:
         blocks = [b for b in workload.blocks if b.component == component]
-        console.print(_table(f"{component} — ms per block in a steady {unit}", _BLOCK_COLUMNS,
+        steady = f"{unit}, steady" if unit.endswith(" calls") else f"a steady {unit}"
+        console.print(_table(f"{component} — ms per block in {steady}", _BLOCK_COLUMNS,
                              _block_rows(workload, plan, blocks, ms), console.width))
     if pred is None:
         return
     console.print(_table("device memory at the peak", _MEMORY_COLUMNS, _memory_rows(plan), console.width))
-    rate = _video_fps(workload, pred.frame_ms) if unit == "latent frame" else (
-        1000.0 / pred.frame_ms if pred.frame_ms > 0 else float("inf"))
-    rate_text = f"{rate:.1f} video fps" if unit == "latent frame" else f"{_plain(rate)} {unit}s/s"
-    console.print(f"predicted: [bold]{pred.frame_ms:.2f} ms[/bold] per {unit} ({rate_text}); "
-                  f"first {unit.split()[-1]} {pred.first_frame_ms:.1f} ms; stall {pred.stall_ms:.2f} ms; "
-                  f"{fmt_bytes(pred.link_bytes_per_frame)} over the link per {unit.split()[-1]}"
+    noun = "frame" if unit == "latent frame" else unit
+    console.print(f"predicted: [bold]{pred.frame_ms:.2f} ms[/bold] per {unit} "
+                  f"({_rate(workload, pred.frame_ms)} {_rate_name(unit)}); "
+                  f"first {noun} {pred.first_frame_ms:.1f} ms; stall {pred.stall_ms:.2f} ms; "
+                  f"{fmt_bytes(pred.link_bytes_per_frame)} over the link per {noun}"
                   f"{_cpu_link(plan, profile)}; "
                   f"lower bound {pred.lower_bound_ms:.2f} ms; quality loss {pred.quality_loss:.3f}")
     for phase, evicted in plan.phase_actions([(ph.name, ph.blocks) for ph in workload.phases]):
@@ -206,9 +206,18 @@ def _plain(x: float) -> str:
 
 def _rate(workload: Workload, frame_ms: float) -> str:
     """The comparison's rate column: video fps of a world model, else images or calls per second."""
-    if workload.frame_unit() == "latent frame":
+    unit = workload.frame_unit()
+    if unit == "latent frame":
         return f"{_video_fps(workload, frame_ms):.1f}"
-    return _plain(1000.0 / frame_ms) if frame_ms > 0 else "—"
+    calls = int(unit.split()[0]) if unit.endswith(" calls") else 1  # "4 calls": the column counts calls a second
+    return _plain(calls * 1000.0 / frame_ms) if frame_ms > 0 else "—"
+
+
+def _rate_name(unit: str) -> str:
+    """What _rate counts a second: video frames, images, videos or calls ("4 calls": calls, not rounds of 4)."""
+    if unit == "latent frame":
+        return "video fps"
+    return "calls/s" if unit.endswith(" calls") else f"{unit}s/s"
 
 
 def frame_unit(workload: Workload) -> str:
@@ -259,7 +268,7 @@ def _comparison_columns(unit: str) -> tuple[tuple[str, str], ...]:
     if unit == "latent frame":
         return _COMPARISON_COLUMNS
     short = {"image": "img", "call": "call"}.get(unit, unit)
-    names = {"ms/frame": f"ms/{short}", "video fps": f"{short}s/s", "link/frame": f"link/{short}"}
+    names = {"ms/frame": f"ms/{short}", "video fps": _rate_name(short), "link/frame": f"link/{short}"}
     return tuple((names.get(n, n), a) for n, a in _COMPARISON_COLUMNS)
 
 

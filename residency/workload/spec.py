@@ -311,12 +311,14 @@ class Workload:
     def frame_unit(self) -> str:
         """What one predicted "frame" is: a latent frame of a world model (a KV window of past frames), else a
         video or an image where the workload decodes one (a text-to-video or text-to-image pipeline's call; a
-        video's frames are video_frames_per_latent), else one call of the model."""
+        video's frames are video_frames_per_latent), else one call of the model, or "4 calls" where the model is
+        called once per step at 4 steps (a lone denoiser planned with --steps 4: its ms are for the four)."""
         if self.context_frames > 0:
             return "latent frame"
         if any(ph.name == "decode" for ph in self.phases):
             return "video" if self.video_frames_per_latent > 1 else "image"
-        return "call"
+        calls = self.steps if any(p.per_step for ph in self.phases for p in ph.passes) else 1
+        return "call" if calls == 1 else f"{calls} calls"
 
     def count(self, p: PassSpec) -> int:
         """Runs of a pass per run of its phase."""
