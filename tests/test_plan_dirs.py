@@ -225,6 +225,18 @@ def test_tokens_set_a_pipelines_prompt_as_its_last_encoder_and_denoiser_see_it(p
     assert planned.blocks == live.blocks and planned.phases == live.phases
 
 
+def test_tokens_other_than_the_padding_of_a_pipeline_without_max_sequence_length_are_refused(capsys, pipelines):
+    """StableDiffusionPipeline pads every prompt to its tokenizer's length: --tokens 7 planned a call it never
+    makes."""
+    _, path = pipelines["sd"]
+    code, _, err = run(capsys, "plan", str(path), "--profile", "rtx-5090", "--height", "16", "--width", "16",
+                       "--tokens", "7")
+    assert code == 2 and "--tokens 7: StableDiffusionPipeline pads every prompt to 8 tokens" in " ".join(err.split())
+    code, _, err = run(capsys, "plan", str(path), "--profile", "rtx-5090", "--height", "16", "--width", "16",
+                       "--tokens", "8", "--json")
+    assert code == 0, err
+
+
 def test_inspect_reads_the_same_pipeline_directory(capsys, pipelines):
     pipe, path = pipelines["flux"]
     code, out, err = run(capsys, "inspect", str(path), "--json")

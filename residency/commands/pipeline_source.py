@@ -201,6 +201,14 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
     tokens = {e: _prompt_tokens(path, e, planned[e], _call_default(pipe_class, "max_sequence_length")
                                 if e == encoders[-1] else None) for e in encoders}
     if encoders and size.prompt_tokens is not None:  # --tokens: the prompt the denoiser attends to, as encoded
+        padded = tokens[encoders[-1]]
+        if _call_default(pipe_class, "max_sequence_length") is None and size.prompt_tokens != padded:
+            # Stable Diffusion's pipelines pad every prompt to the tokenizer's length: a plan at 7 tokens is for a
+            # call they never make (its ms and activations read lower than any real call's)
+            raise UsageError(f"{path}: --tokens {size.prompt_tokens}: {pipe_class.__name__} pads every prompt to "
+                             f"{padded} tokens (its {encoders[-1].replace('text_encoder', 'tokenizer')}'s "
+                             "model_max_length) and takes no max_sequence_length",
+                             hint=f"leave --tokens out (or give --tokens {padded})")
         tokens[encoders[-1]] = size.prompt_tokens
     spatial, temporal = _vae_scales(vae)
     batched = guided and denoiser_name == "unet"  # UNet pipelines run both predictions as one batch of 2
