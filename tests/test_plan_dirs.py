@@ -169,6 +169,19 @@ def test_a_frame_count_the_video_vae_cannot_make_is_a_usage_error(capsys, model_
     assert code == 2 and "8 frames is not 4k+1" in err and "hint: e.g. 9" in err
 
 
+def test_a_video_longer_than_wans_rotary_table_is_refused_naming_rope_max_seq_len(capsys, tmp_path):
+    """It failed counting on the meta device ('shape [21, 1, 1, -1] is invalid') and blamed missing weights."""
+    WanTransformer3DModel.from_config({**WAN, "rope_max_seq_len": 8}).save_config(tmp_path / "wan")
+    code, _, err = run(capsys, "plan", str(tmp_path / "wan"), "--profile", "rtx-5090")  # the default 81 frames
+    assert code == 1 and "rope_max_seq_len (8)" in err and "21 along time" in err and "no weights" not in err
+    code, _, err = run(capsys, "plan", str(tmp_path / "wan"), "--profile", "rtx-5090", "--height", "64", "--width",
+                       "64", "--frames", "33")
+    assert code == 2 and "9×4×4 patches" in err and "hint: give a smaller --height, --width or --frames" in err
+    code, _, err = run(capsys, "plan", str(tmp_path / "wan"), "--profile", "rtx-5090", "--height", "64", "--width",
+                       "64", "--frames", "29", "--json")  # 8 latent frames: the table's length, which runs
+    assert code == 0, err
+
+
 def test_a_catalog_model_refuses_a_size(capsys):
     code, _, err = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--height", "512")
     assert code == 2 and "--height" in err and "hint:" in err

@@ -246,6 +246,7 @@ def _wan_example(model: nn.Module, size: ExampleSize) -> Derived:
                          f"keeps the first frame and packs the others by {size.vae_scale_temporal})",
                          hint=f"e.g. {near}")
     latent_frames = (frames - 1) // size.vae_scale_temporal + 1
+    _check_wan_rope(c, size, (latent_frames, height // size.vae_scale, width // size.vae_scale), (height, width, frames))
     text = size.prompt_tokens or PIPELINE_PROMPT_TOKENS
     dtype = _dtype(model)
     example = {"hidden_states": torch.zeros(size.batch, c.in_channels, latent_frames, height // size.vae_scale,
@@ -254,6 +255,27 @@ def _wan_example(model: nn.Module, size: ExampleSize) -> Derived:
                "encoder_hidden_states": torch.zeros(size.batch, text, c.text_dim, dtype=dtype),
                "return_dict": False}
     return Derived(example, replace(size, height=height, width=width, frames=frames, prompt_tokens=text))
+
+
+def _check_wan_rope(c: Any, size: ExampleSize, latent: tuple[int, int, int], pixels: tuple[int, int, int]) -> None:
+    """Wan's rotary table holds rope_max_seq_len positions per axis: a video with more patches along one is a
+    call the model cannot run (counted, it failed deep in the rotary embedding, blamed on missing weights)."""
+    table = c.get("rope_max_seq_len")
+    if not isinstance(table, int) or isinstance(table, bool):
+        return
+    patches = tuple(n // p for n, p in zip(latent, c.patch_size, strict=True))
+    if max(patches) <= table:
+        return
+    height, width, frames = pixels
+    what = f"{height}×{width}, {frames} frames"
+    axes = ", ".join(f"{n} along {axis}" for n, axis in zip(patches, ("time", "height", "width"), strict=True)
+                     if n > table)
+    message = (f"WanTransformer3DModel: at {what} the video is {'×'.join(map(str, patches))} patches, more than its "
+               f"config's rope_max_seq_len ({table}) positions per axis ({axes})")
+    if size.height or size.width or size.frames is not None:
+        raise UsageError(message, hint="give a smaller --height, --width or --frames")
+    raise ConfigFieldError(message + " at the pipeline's default size",
+                           hint="give --height, --width and --frames the model can take, or fix rope_max_seq_len")
 
 
 _DIFFUSERS_EXAMPLES = {"UNet2DConditionModel": _unet_example, "FluxTransformer2DModel": _flux_example,
