@@ -75,7 +75,8 @@ def test_a_vram_the_front_door_cannot_read_is_named(vram, message):
 
 @pytest.mark.parametrize("vram,hint", [("1e9", "bytes are an int: vram=1000000000"),
                                        ("12", 'did you mean vram="12GiB"? (bytes are an int: vram=12)'),
-                                       ("1.5", 'did you mean vram="1.5GiB"?')])
+                                       ("1.5", 'did you mean vram="1.5GiB"?'),
+                                       ("1_000_000", "bytes are an int: vram=1000000")])  # not "1_000_000GiB" (1 PiB)
 def test_a_vram_string_without_a_unit_gets_a_hint_that_works(vram, hint):
     with pytest.raises(ResidencyError, match="has no unit") as e:
         vram_bytes(vram, WEIGHT_BYTES, 2**30)

@@ -38,7 +38,7 @@ def vram_bytes(vram: VramSpec, weight_bytes: int, usable_bytes: int) -> int:
             raise ResidencyError(f"vram={vram[:40]!r}: a size must be a positive number with a unit",
                                  hint='e.g. vram="12GiB", vram="50%" or bytes as an int')
         whole = value == int(value) and value <= MAX_SIZE_BYTES
-        if whole and value >= 2**20:  # a byte count written as a string
+        if whole and value > 1024:  # a byte count written as a string ("1_000_000GiB" is a petabyte: no hint)
             hint = f"bytes are an int: vram={int(value)}"
         else:
             hint = f'did you mean vram="{text}GiB"?' + (f" (bytes are an int: vram={int(value)})" if whole else "")
