@@ -399,13 +399,24 @@ def test_set_budget_refuses_what_is_no_budget_and_takes_a_size(bad):
         rt.detach()
 
 
-def test_set_budget_after_detach_is_refused_not_ignored():
+def test_after_no_plan_fitted_a_cut_set_budget_sets_what_the_next_attach_holds():
+    """The 1-byte budget of the cut stayed, and set_budget on the let-go runtime was refused or silent: the runtime
+    could not be attached again."""
     model = Residual()
-    rt = Runtime(make_plan(W), "cpu", workload=W).attach(model)
-    rt.detach()
-    with pytest.raises(ResidencyError, match="not attached") as e:
-        rt.set_budget("1GiB")
-    assert "attach again" in e.value.hint
+    expected = _call(model)
+    rt = Runtime(make_plan(W), "cpu", workload=W, replan=small_plan, profile=PROFILE).attach(model)
+    rt.set_budget(1)
+    with pytest.raises(DeviceBudgetExceeded, match="no plan fits"):
+        _call(model)
+    assert rt.pipeline is None
+    with pytest.raises(DeviceBudgetExceeded):
+        rt.attach(model)  # still the budget of the cut
+    rt.set_budget("1GiB")
+    rt.attach(model)
+    try:
+        assert rt.ledger.budget_bytes == 2**30 and torch.equal(_call(model), expected)
+    finally:
+        rt.detach()
 
 
 def test_without_a_replan_callable_a_cut_raises_from_the_models_call():

@@ -370,12 +370,8 @@ class Runtime:
     def set_budget(self, budget_bytes: int | str) -> None:
         """Another program took (or returned) device memory; a cut below use triggers a recovery at the
         next block call (or step). `budget_bytes`: whole bytes, or a size ("6GiB"). Raises ResidencyError for
-        anything else (a float, a negative number): taken as given, -5 had become the budget. Refused once
-        detached: nothing holds that budget any more, and the call had silently done nothing."""
-        if self.pipeline is None:
-            raise ResidencyError(f"set_budget({budget_bytes!r}): the runtime is not attached (detached, or never "
-                                 "attached): there is no device budget to change",
-                                 hint="attach again with the new budget: residency.attach(model, vram=...)")
+        anything else (a float, a negative number): taken as given, -5 had become the budget. Detached (or
+        let go of the model when no plan fitted a cut), it is the budget the next `attach` holds its plan to."""
         if isinstance(budget_bytes, str):
             budget_bytes = parse_size(budget_bytes, "the budget")
         elif (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral)
