@@ -80,8 +80,30 @@ class ComplexScale(nn.Module):
         return self.b(self.a(x)) + self.z.real
 
 
+class IndexParameter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.order = nn.Parameter(torch.arange(8), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)[:, self.order])
+
+
+def _dynamic_quantized() -> nn.Module:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        return torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)))
+
+
 @pytest.mark.parametrize("make, said", [
     (lambda: torch.jit.script(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))), "is a TorchScript module"),
+    # refused after planning, with a hint to cast the model (which would turn the indices into floats)
+    (IndexParameter, "IndexParameter.order is a parameter of int64"),
+    # "Sequential has no floating-point parameters"
+    (_dynamic_quantized, r"Sequential.0 is a torch.ao quantized module \(Linear\)"),
     (lambda: nn.Sequential(nn.LazyLinear(8), nn.Linear(8, 8)), "Sequential.0.weight is not initialised yet"),
     (ComplexScale, "ComplexScale.z is complex64: residency stores real weights"),
 ])

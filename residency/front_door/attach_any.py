@@ -200,7 +200,21 @@ def _refuse_unhookable(model: nn.Module) -> None:
         raise ResidencyError(f"{name} is a TorchScript module: its blocks run as compiled code, which residency "
                              "cannot hook to place their weights",
                              hint="attach the nn.Module itself, before torch.jit.script or torch.jit.trace")
+    quantized = next((path for path, m in model.named_modules()
+                      if type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))), None)
+    if quantized is not None:  # its weights are packed in an op's private format: no parameter to place
+        raise ResidencyError(f"{name}.{quantized or '(the model)'} is a torch.ao quantized module "
+                             f"({type(model.get_submodule(quantized)).__name__}): its weights are packed for its own "
+                             "kernels, not parameters residency can place or stream",
+                             hint="attach the float model: residency stores its blocks quantized itself (Q8_0, "
+                                  "Q4_K, … chosen per block by the plan)")
     for path, t in chain(model.named_parameters(), model.named_buffers()):
+        if isinstance(t, nn.Parameter) and not (t.is_floating_point() or t.is_complex()):
+            raise ResidencyError(f"{name}.{path} is a parameter of {str(t.dtype).removeprefix('torch.')}: residency "
+                                 "places floating-point weights (a cast to the compute dtype would turn these "
+                                 "values into floats)",
+                                 hint="hold it as a buffer instead (module.register_buffer), which residency keeps "
+                                      "as it is")
         if isinstance(t, nn.parameter.UninitializedTensorMixin):
             raise ResidencyError(f"{name}.{path} is not initialised yet (a lazy module, e.g. nn.LazyLinear, takes "
                                  "its shape from its first input)",
