@@ -50,6 +50,7 @@ from residency.runtime.recovery import MAX_RECOVERIES, RECOVERABLE, recovery_bud
 from residency.runtime.retry_safety import CallState, capture, input_names, model_buffers
 from residency.runtime.schedule import CallSchedule
 from residency.runtime.session_protocol import RecoverableSession
+from residency.runtime.structure_watch import StructureWatch
 from residency.runtime.weight_edits import WeightWatch
 from residency.telemetry.calibration import WARMUP_FRAMES, CalibrationFit, calibrate, calibration_window
 from residency.telemetry.events import LoopEvent
@@ -151,6 +152,7 @@ class Runtime:
         self.notes: list[str] = []  # what the runtime changed of the plan while running (a compile fell back)
         self._compiled: BlockForwards | None = None  # `compiled` and `graphed` blocks' forwards, restored at detach
         self._weights: WeightWatch | None = None  # refuses a call after an in-place edit of a block parameter
+        self._structure: StructureWatch | None = None  # refuses a call after modules or parameters were added
 
     def __enter__(self) -> Runtime:
         if self.pipeline is None:  # `with` a detached runtime ran the model plain, silently
@@ -185,6 +187,7 @@ class Runtime:
             raise
         self._root = pipeline
         self._input_names, self._model_buffers = input_names(pipeline), model_buffers(pipeline)
+        self._structure = StructureWatch(pipeline, type(pipeline).__name__, lambda: self._in_unit)
         return self
 
     def _blob_requests(self, plan: Plan, found: dict[str, tuple[nn.Module, ...]],
@@ -332,9 +335,13 @@ class Runtime:
             self.store.release()
 
     def _remove_retry_hook(self) -> None:
+        """The model's own hook goes (detach, or a let-go after a cut): the model runs plain from here."""
         if self._root is not None:
             remove_hook(self._root)
             self._root = None
+        if self._structure is not None:
+            self._structure.close()  # warns of what was added while attached: detach does not undo it
+            self._structure = None
 
     def _detach_blocks(self, checked: bool = True) -> None:
         """Undo _attach. `checked` False: an attach that failed part way (each hook added is ours, and the
@@ -433,6 +440,8 @@ class Runtime:
         outer = not self._in_unit
         if outer and self._weights is not None:
             self._weights.check()
+        if outer and self._structure is not None:
+            self._structure.check()
         if outer:
             self._in_unit = True
             self.recorder.unit_start(self.backend.clock())
