@@ -395,6 +395,8 @@ def test_set_budget_refuses_what_is_no_budget_and_takes_a_size(bad):
         assert rt.ledger.budget_bytes == before
         rt.set_budget("1GiB")
         assert rt.ledger.budget_bytes == 2**30
+        rt.set_budget("50%")  # of the weights at the plan's compute dtype, as attach(vram="50%") reads it
+        assert rt.ledger.budget_bytes == W.nbytes("F32") // 2
     finally:
         rt.detach()
 

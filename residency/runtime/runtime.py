@@ -9,14 +9,17 @@ from __future__ import annotations
 import contextlib
 import numbers
 import threading
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from residency.budget_size import vram_bytes
 from residency.device import DeviceProfile
 from residency.errors import ResidencyError
+from residency.formats.dtypes import DTYPE_FORMAT
 from residency.plan import Budget, Plan
 from residency.runtime import block_buffers, weight_readers
 from residency.runtime.attached_guards import (
@@ -376,15 +379,20 @@ class Runtime:
     # --- running ---
     def set_budget(self, budget_bytes: int | str) -> None:
         """Another program took (or returned) device memory; a cut below use triggers a recovery at the
-        next block call (or step). `budget_bytes`: whole bytes, or a size ("6GiB"). Raises ResidencyError for
+        next block call (or step). `budget_bytes`: whole bytes, a size ("6GiB"), or a share of the model's weights at
+        the plan's compute dtype ("50%", as attach(vram=…) reads it). Raises ResidencyError for
         anything else (a float, a negative number): taken as given, -5 had become the budget. Detached (or
         let go of the model when no plan fitted a cut), it is the budget the next `attach` holds its plan to."""
-        if isinstance(budget_bytes, str):
+        if isinstance(budget_bytes, str) and budget_bytes.strip().endswith("%"):
+            dtypes = Counter(bp.compute_dtype for bp in self.plan.blocks)
+            weights = self.workload.nbytes(DTYPE_FORMAT[dtypes.most_common(1)[0][0]]) if dtypes else 0
+            budget_bytes = vram_bytes(budget_bytes, weights, 0)
+        elif isinstance(budget_bytes, str):
             budget_bytes = parse_size(budget_bytes, "the budget")
         elif (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral)
               or not 0 < budget_bytes <= MAX_SIZE_BYTES):
             raise ResidencyError(f"set_budget({budget_bytes!r}): the device budget is whole bytes from 1 to 2**60",
-                                 hint="e.g. rt.set_budget(6 * 2**30) or rt.set_budget('6GiB')")
+                                 hint="e.g. rt.set_budget(6 * 2**30), rt.set_budget('6GiB') or rt.set_budget('50%')")
         self.ledger.set_budget(int(budget_bytes))
 
     def _account_kv(self, session: RecoverableSession) -> None:

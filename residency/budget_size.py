@@ -1,0 +1,58 @@
+"""The device budget as a user writes it (`vram=` of residency.attach, `Runtime.set_budget`): bytes, a size
+("12GiB") or a share of the model's weights ("50%")."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal, InvalidOperation
+
+from residency.errors import ResidencyError
+from residency.units import MAX_SIZE_BYTES, fmt_bytes, parse_size
+
+VramSpec = int | str | None  # None: the profile's usable device memory
+
+
+def vram_bytes(vram: VramSpec, weight_bytes: int, usable_bytes: int) -> int:
+    """The device budget in bytes. `weight_bytes`: the model's weights at its compute dtype, what a share
+    is of; `usable_bytes`: the profile's usable memory, the default."""
+    if vram is None:
+        return usable_bytes
+    if isinstance(vram, bool) or not isinstance(vram, (int, str)):
+        raise ResidencyError(f"vram={vram!r} ({type(vram).__name__})",
+                             hint='give bytes (an int), a size such as "12GiB", or a share of the weights, "50%"')
+    if isinstance(vram, int):
+        if not 1 <= vram <= MAX_SIZE_BYTES:
+            raise ResidencyError(f"vram={vram} bytes is out of range", hint="from 1 byte to 2**60 bytes")
+        return vram
+    text = vram.strip()
+    if not text.endswith("%"):
+        try:
+            float(text)
+        except ValueError:
+            return parse_size(text, "vram")
+        # a string without a unit: vram="12" meant 12 GiB more likely than 12 bytes (an int says bytes)
+        value = float(text)
+        if not (math.isfinite(value) and value > 0):
+            raise ResidencyError(f"vram={vram[:40]!r}: a size must be a positive number with a unit",
+                                 hint='e.g. vram="12GiB", vram="50%" or bytes as an int')
+        whole = value == int(value) and value <= MAX_SIZE_BYTES
+        if whole and value > 1024:  # a byte count written as a string ("1_000_000GiB" is a petabyte: no hint)
+            hint = f"bytes are an int: vram={int(value)}"
+        else:
+            hint = f'did you mean vram="{text}GiB"?' + (f" (bytes are an int: vram={int(value)})" if whole else "")
+        raise ResidencyError(f"vram={vram[:40]!r} has no unit", hint=hint)
+    try:
+        share = Decimal(text[:-1])
+    except InvalidOperation:
+        share = Decimal("NaN")
+    if not share.is_finite() or share <= 0:
+        raise ResidencyError(f"vram={vram[:40]!r}: a share of the weights must be a positive percentage",
+                             hint='e.g. vram="50%": half the weights\' bytes at the compute dtype')
+    budget = int(Decimal(weight_bytes) * share / 100)
+    if budget > MAX_SIZE_BYTES:
+        raise ResidencyError(f"vram={vram[:40]!r} of {fmt_bytes(weight_bytes)} of weights is more than 2**60 bytes",
+                             hint='a share is of the weights: "100%" is all of them, "400%" four times as much')
+    if budget < 1:
+        raise ResidencyError(f"vram={vram!r} of {fmt_bytes(weight_bytes)} of weights is under one byte",
+                             hint="give a larger share or a size such as 64MiB")
+    return budget
