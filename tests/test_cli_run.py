@@ -73,6 +73,22 @@ def test_run_writes_a_gif_and_a_trace_the_dashboard_renders(files, capsys):
         assert not re.search(r"\d\.\d\d×", flat.split("per latent frame", 1)[1])  # no measured ÷ predicted
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU runtime holding a GPU plan")
+def test_a_gpu_plan_that_misses_its_budget_even_without_the_workspace_is_refused_before_running(files, capsys):
+    """It said "note: it runs all the same", and the next line was the ledger's refusal in raw byte counts."""
+    assert main(["plan", "tiny", *PROFILE, "--vram", "1MiB", "-o", "p.json"]) == 3
+    capsys.readouterr()
+    code = main(["run", "tiny", "--image", "start.png", "--plan", "p.json", "--frames", "2", "-o", "out.gif"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 1 and "runs all the same" not in err and not (files / "out.gif").exists()
+    assert "p.json does not fit its 1.00 MiB VRAM budget even without Radeon RX 7800 XT's workspace" in err
+    need = err.split("hint: make the plan again with `residency plan … --vram ")[1].split("`")[0]
+    assert main(["plan", "tiny", *PROFILE, "--vram", need, "-o", "p.json"]) == 3  # the hint's size: it runs
+    capsys.readouterr()
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "p.json", "--frames", "2", "-o", "out.gif"]) == 0
+    assert "note: it runs all the same" in " ".join(capsys.readouterr().err.split())
+
+
 def test_run_writes_numbered_pngs(files, capsys):
     assert main(["run", "tiny", "--image", "start.png", *PROFILE, "--frames", "2", "-o", "f.png"]) == 0
     assert (files / "f-0000.png").is_file() and (files / "f-0001.png").is_file()

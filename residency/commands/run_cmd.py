@@ -165,7 +165,13 @@ def plan_for(model: Model, args: argparse.Namespace,
     console.print(f"plan ({plan.policy}, {plan.profile}): {verdict(plan)}")
     gpu_plan_on_cpu = other is not None and session_setup.device_kind() == "cpu"  # (a CPU plan on a GPU is held)
     if gpu_plan_on_cpu and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
-        console.print(f"note: it runs all the same: the miss is {plan.profile}'s, whose workspace this CPU runtime "
+        held = pred.peak_total_bytes - pred.peak_bytes.get("workspace", 0)  # what this CPU runtime holds of it
+        if held > plan.budget.vram_bytes:  # "it runs all the same" was said, and the ledger refused it next line
+            raise ResidencyError(f"{args.plan} does not fit its {fmt_bytes(plan.budget.vram_bytes)} VRAM budget even "
+                                 f"without {plan.profile}'s workspace, which this CPU runtime does not hold: it needs "
+                                 f"{fmt_bytes(held)}",
+                                 hint=f"make the plan again with `residency plan … --vram {size_at_least(held)}` or more")
+        console.print(f"note: it runs all the same: the miss is {plan.profile}'s workspace, which this CPU runtime "
                       "does not hold; its ledger enforces the budget", markup=False, highlight=False)
     if getattr(args, "plan", None):
         compiled = " Its compiled blocks compile first (once, cached on disk)." if any(

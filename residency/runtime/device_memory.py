@@ -26,6 +26,7 @@ from residency.simulate.memory import (
     needs_staging,
     thread_staging_bytes,
 )
+from residency.units import fmt_bytes
 from residency.workload import Workload
 
 
@@ -132,7 +133,7 @@ class DeviceMemory:
         self.reserved = kinds
         total = sum(kinds.values())
         if total > ledger.budget_bytes:  # refuse before allocating anything, with the whole picture
-            ledger.reserve("resident", total, f"the plan ({', '.join(f'{k} {v}' for k, v in kinds.items() if v)})")
+            ledger.reserve("resident", total, f"the plan ({', '.join(f'{k} {fmt_bytes(v)}' for k, v in kinds.items() if v)})")
         for kind, n in kinds.items():
             ledger.reserve(kind, n, kind)
         # --- allocation: once, here ---
