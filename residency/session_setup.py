@@ -216,14 +216,16 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
         check_block_formats(plan, plan_path)
         same_model = plan.model == model.workload.name and \
             [b.name for b in plan.blocks] == [b.name for b in model.workload.blocks]
+        name = model.label.split(" ", 1)[0]
+        # the same model's blocks: a mismatch is its steps (or another field) edited in the file, even to the
+        # model's own steps (a plan of --steps 8 edited to 4 got the generic "make a new plan")
+        fix = (f"make the plan with `residency plan {name} --steps {plan.steps} -o …` (steps edited in the file leave "
+               "its workload_fingerprint at the old count)")
         if not same_model or plan.steps == model.pipe.config.steps:  # another model: its own error, not steps'
-            plan.check_matches(model.workload, f"model {model.label}")
+            plan.check_matches(model.workload, f"model {model.label}", fix=fix if same_model else None)
             return model, plan, None
         config, workload = _at_steps(model, plan.steps, plan_path)
-        name = model.label.split(" ", 1)[0]
-        plan.check_matches(workload, f"model {model.label}",
-                           fix=f"make the plan with `residency plan {name} --steps {plan.steps} -o …` (steps edited in "
-                               "the file leave its workload_fingerprint at the old count)")
+        plan.check_matches(workload, f"model {model.label}", fix=fix)
         model.pipe.config = config  # once the plan is known to fit: only a session reads it, when it starts
         return dataclasses.replace(model, workload=workload), plan, None
     from policies import PlanRequest, Replanner, get_policy

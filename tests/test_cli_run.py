@@ -263,12 +263,17 @@ def test_run_takes_a_plans_denoise_steps_and_refuses_steps_edited_into_a_plan(fi
     doc = json.loads((files / "p4.json").read_text())
     doc["steps"] = 8
     (files / "edited.json").write_text(json.dumps(doc))
-    doc["steps"] = 12
-    (files / "twelve.json").write_text(json.dumps(doc))
     capsys.readouterr()
     assert main(["run", "tiny", "--image", "start.png", "--plan", "edited.json", "-o", "e.gif"]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "other shapes, dtypes or settings" in err and "residency plan tiny --steps 8 -o" in err
+    doc = json.loads((files / "p8.json").read_text())
+    doc["steps"] = 4  # the model's own steps: it got the generic "make a new plan for this model"
+    (files / "back.json").write_text(json.dumps(doc))
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "back.json", "-o", "e.gif"]) == 1
+    assert "residency plan tiny --steps 4 -o" in " ".join(capsys.readouterr().err.split())
+    doc["steps"] = 12
+    (files / "twelve.json").write_text(json.dumps(doc))
     assert main(["run", "tiny", "--image", "start.png", "--plan", "twelve.json", "-o", "e.gif"]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "twelve.json: steps is 12" in err and "from 1 to 8" in err
