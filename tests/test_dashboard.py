@@ -149,3 +149,16 @@ def test_frames_of_zero_ms_show_no_rate_not_zero_fps(snapshot):
     zero = dataclasses.replace(snapshot, frames=tuple(dataclasses.replace(f, frame_ms=0.0) for f in snapshot.frames))
     text = render_text(zero)
     assert "— fps" in text and "0.0 fps" not in text
+
+
+def test_plays_status_blames_drawing_not_the_machine_when_steps_fit_their_budget():
+    """Steps of 50.7 ms against a 66.7 ms budget, 35.5 ms of drawing between them: the status said "this machine
+    cannot hold 15 fps"."""
+    from residency.dashboard.play_view import BOARD_MIN_COLS, Status
+
+    drawing = Status(50, "left", 50.7, 15.0, 9.5, True, 35.5, 1000 / 15).text().plain
+    assert "steps fit their 66.7 ms, drawing the screen between them does not" in drawing
+    assert f"under {BOARD_MIN_COLS} columns" in drawing and "cannot hold" not in drawing
+    slow = Status(50, "left", 80.0, 15.0, 9.5, True, 5.0, 1000 / 15).text().plain
+    assert "this machine cannot hold 15 fps" in slow
+    assert "cannot" not in Status(50, "left", 50.7, 15.0, 15.0, False, 10.0, 1000 / 15).text().plain

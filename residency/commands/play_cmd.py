@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
                 pacer.tick()
                 view.set_frame(video[-1])
                 view.status = Status(frames, action, step_ms, per_latent / period_s,
-                                     per_latent * pacer.achieved_per_s(), pacer.behind(), between_ms)
+                                     per_latent * pacer.achieved_per_s(), pacer.behind(), between_ms,
+                                     period_s * 1e3)
                 if time.perf_counter() - board_at >= BOARD_UPDATE_S:
                     board.update(runtime.telemetry())
                     board_at = time.perf_counter()
