@@ -145,7 +145,14 @@ def test_a_fixed_plan_is_neither_re_planned_nor_calibrated(machine, capsys, flag
     (["--frames", "5", "--profile", "rx-7800-xt"],
      "the plan's profile is Radeon RX 7800 XT, a GPU profile, not this CPU"),
 ])
-def test_a_calibration_that_cannot_work_is_refused_before_the_rollout(machine, capsys, extra, message):
+def test_a_calibration_that_cannot_work_is_refused_before_the_rollout(machine, capsys, monkeypatch, extra, message):
+    """Before planning, too: a named GPU profile was refused only after the plan was made and printed."""
+    from residency.commands import run_cmd
+
+    def no_planning(*a, **k):
+        raise AssertionError("planned before refusing")
+
+    monkeypatch.setattr(run_cmd, "make_plan", no_planning)
     assert main([*RUN, *extra, "--calibrate"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert message in err and "hint:" in err
@@ -165,7 +172,10 @@ def test_too_few_frames_to_calibrate_are_refused_before_planning(machine, capsys
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU profile is this machine's kind there")
-def test_a_closed_loop_on_another_kind_of_devices_profile_is_refused_before_the_rollout(machine, capsys):
+def test_a_closed_loop_on_another_kind_of_devices_profile_is_refused_before_the_rollout(machine, capsys, monkeypatch):
+    from residency.commands import run_cmd
+
+    monkeypatch.setattr(run_cmd, "make_plan", lambda *a, **k: pytest.fail("planned before refusing"))
     assert main([*RUN, "--frames", "5", "--profile", "rx-7800-xt", "--closed-loop"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "--closed-loop fits the plan's profile to this machine's timings; it is Radeon RX 7800 XT, a GPU " \

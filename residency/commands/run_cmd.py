@@ -115,6 +115,22 @@ def check_calibration(other: str | None, frames: int) -> None:
                          hint="drop --profile to calibrate this machine's profile, or drop --calibrate")
 
 
+def _named_profile_other(args: argparse.Namespace) -> str | None:
+    """other_device's words for the profile --profile names (a shipped name or a file), read before planning; None
+    when none is named, it is `calibrated` (this machine's), or it is of this runtime's kind."""
+    from residency.device import CALIBRATED, resolve_profile
+
+    if args.profile is None or args.profile == CALIBRATED or getattr(args, "plan", None):
+        return None
+    return _other_kind(resolve_profile(args.profile))
+
+
+def _check_closed_loop(args: argparse.Namespace, other: str | None) -> None:
+    if args.closed_loop and other is not None:
+        raise UsageError(f"--closed-loop fits the plan's profile to this machine's timings; it is {other}",
+                         hint="drop --profile to plan for this machine, or drop --closed-loop")
+
+
 def loop_allowed(other: str | None, console: Console) -> bool:
     """Whether `play`'s and `demo`'s closed loop may run: not when the plan's profile is of another kind than this
     runtime (`other`, see other_device), which is said on `console`."""
@@ -328,14 +344,15 @@ def run(args: argparse.Namespace) -> int:
     script = parse_actions(args.actions, model.pipe.config.actions)
     actions = list(itertools.islice(itertools.cycle(script), args.frames or len(script)))
     image = start_image(model, args.image)
-    if args.calibrate:  # the frame count before planning (a plan takes seconds); the profile's kind after it
-        check_calibration(None, len(actions))
+    if args.calibrate or args.closed_loop:  # before planning (a plan takes seconds): what is known now
+        named = _named_profile_other(args)
+        if args.calibrate:
+            check_calibration(named, len(actions))
+        _check_closed_loop(args, named)
     model, plan, replan, other = plan_for(model, args, err)
     if args.calibrate:
         check_calibration(other, len(actions))
-    if args.closed_loop and other is not None:
-        raise UsageError(f"--closed-loop fits the plan's profile to this machine's timings; it is {other}",
-                         hint="drop --profile to plan for this machine, or drop --closed-loop")
+    _check_closed_loop(args, other)
     context = context_for(model, plan, other)
     runtime = attach(model, plan, replan)
     if args.closed_loop:  # the live dashboard shows the loop's events; else each is printed as it happens
