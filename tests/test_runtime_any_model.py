@@ -496,3 +496,16 @@ def test_a_model_with_layers_its_workload_does_not_know_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error", PlanWarning)
         residency.Runtime(plan, "cpu", workload=small).attach(model(3)).detach()
+
+
+def test_the_runtime_called_calls_the_attached_model():
+    """`with residency.attach(m, …) as rt: rt(x)` (as a pipeline's handle is called) was a TypeError."""
+    model = Residual()
+    expected = _call(model)
+    rt = Runtime(make_plan(W), "cpu", workload=W).attach(model)
+    with torch.inference_mode():
+        got = rt(X)
+    rt.detach()
+    with pytest.raises(ResidencyError, match="not attached"):
+        rt(X)
+    assert torch.equal(got, expected)

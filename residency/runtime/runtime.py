@@ -166,6 +166,14 @@ class Runtime:
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the attached model: `with residency.attach(model, …) as rt: rt(x)` is `model(x)` (a pipeline's
+        handle is called so; here it was a TypeError)."""
+        if self._root is None:
+            raise ResidencyError("the runtime is not attached: there is no model to call",
+                                 hint="call the model itself, or attach it first")
+        return self._root(*args, **kwargs)
+
     # --- attach / detach ---
     def attach(self, pipeline: nn.Module) -> Runtime:
         """Pack the model's block weights into host blobs, reserve device memory and hook the blocks.
