@@ -205,3 +205,17 @@ def test_a_prediction_far_off_gets_the_hint_to_calibrate(machine, capsys, tmp_pa
     assert "hint: the prediction is off by more than 20%: add --frames 8 --calibrate" in out
     assert main([*RUN, "--frames", "5", "--profile", str(tmp_path / "fast.json"), "--calibrate"]) == 0
     assert "hint: the prediction is off" not in capsys.readouterr().out  # calibrating already
+
+
+def test_a_given_plan_far_off_gets_the_hint_to_calibrate_without_it_and_plan_again(machine, capsys, tmp_path):
+    """A run of --plan that was 41% off said nothing: --calibrate is refused with --plan, so the hint says the way."""
+    fast = dataclasses.replace(machine, compute_scale={c: 0.2 for c in ("encoder", "dit", "decoder", "vae")})
+    save_profile(fast, tmp_path / "fast.json")
+    assert main(["plan", "tiny", "--profile", str(tmp_path / "fast.json"), "--vram", "24MiB", "--exec-mode", "eager",
+                 "-o", "fast-plan.json"]) in (0, 3)
+    capsys.readouterr()
+    assert main(["run", "tiny", "--image", "start.png", "-o", "out.gif", "--frames", "3", "--plan",
+                 "fast-plan.json"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "hint: the prediction is off by more than 20%: run it once without --plan and with --frames 8 " \
+           "--calibrate" in out and "residency plan tiny --profile calibrated … -o fast-plan.json" in out

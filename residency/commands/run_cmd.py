@@ -302,15 +302,19 @@ def report_speed(console: Console, snapshot: TelemetrySnapshot, other: str | Non
 
 
 def _calibrate_hint(args: argparse.Namespace, frames: int) -> str | None:
-    """What to do about a prediction far off: calibrate (with enough frames), or fit the calibration again;
-    None when the run calibrates already or runs a given plan (its profile is the plan's)."""
+    """What to do about a prediction far off: calibrate (with enough frames), or fit the calibration again; for a
+    given plan (which a run does not calibrate), calibrate without it and make the plan again from the calibration.
+    None when the run calibrates already."""
     from residency.device.calibrated import MIN_SAVED_FIT_FRAMES
     from residency.telemetry.calibration import WARMUP_FRAMES
 
-    if args.calibrate or getattr(args, "plan", None):
+    if args.calibrate:
         return None
     more = f" --frames {max(8, WARMUP_FRAMES + MIN_SAVED_FIT_FRAMES)}" if frames < WARMUP_FRAMES + MIN_SAVED_FIT_FRAMES \
         else ""
+    if getattr(args, "plan", None):
+        return (f"run it once without --plan and with{more} --calibrate (this machine's profile fitted, cached), then "
+                f"make the plan again with `residency plan {args.model} --profile calibrated … -o {args.plan}`")
     if args.profile == "calibrated":
         return f"the calibration is off too (the machine may have changed): run again with{more} --calibrate to fit it anew"
     return f"add{more} --calibrate to fit this machine's profile to a run (cached), then plan with --profile calibrated"
