@@ -166,3 +166,12 @@ def test_a_saved_world_model_pipeline_plans_as_run_loads_it(capsys, tmp_path):
     load_plan(out_path).check_matches(load_model(str(saved)).workload, "the saved pipeline")  # `run --plan` takes it
     code, out, _ = run(capsys, "inspect", str(saved))
     assert code == 0 and "175 tensors" in out
+
+
+def test_a_broken_workload_document_of_the_users_gets_a_hint_a_user_can_follow(capsys, tmp_path):
+    """`{}` got "regenerate the catalog with python -m pipelines.catalog_build", a command of this repository's."""
+    (tmp_path / "mine.json").write_text("{}")
+    code, _, err = run(capsys, "plan", str(tmp_path / "mine.json"), "--profile", "rtx-5090")
+    err = " ".join(err.split())
+    assert code == 1 and "missing field 'schema_version'" in err and "catalog_build" not in err
+    assert "hint: write it with residency.workload.workload_to_dict(workload_from_module(" in err

@@ -32,7 +32,10 @@ _BLOCK_INTS = ("context_tokens_per_frame", "kv_channels_per_token", "ops_per_cal
                "activation_elements_per_call")
 
 
-_HINT = "regenerate the catalog with python -m pipelines.catalog_build"
+_HINT = "regenerate the catalog with python -m pipelines.catalog_build"  # a shipped entry's
+# a document of the user's (their own workload, saved from Python): how such a document is made
+USER_HINT = ("write it with residency.workload.workload_to_dict(workload_from_module(model, example, name=…)), "
+             "or plan the model's directory instead")
 # Bounds on a catalog document. The simulator walks every block of every pass once per step and frame,
 # so these cap the work a hostile catalog can ask for; the largest real entry (flux) has under 100 blocks.
 MAX_BLOCKS = 10_000
@@ -127,9 +130,10 @@ def _phase(r: Reader, doc: Any, path: str, known_blocks: frozenset[str]) -> Phas
                      per=r.choice(doc["per"], f"{path}.per", PERS), passes=tuple(passes))
 
 
-def workload_from_dict(doc: Any, source: str = "<catalog>") -> Workload:
-    """A Workload from a parsed catalog document; every field checked, errors naming file and field."""
-    r = Reader(source, _HINT, expects="a workload (catalog document)")
+def workload_from_dict(doc: Any, source: str = "<catalog>", hint: str = _HINT) -> Workload:
+    """A Workload from a parsed catalog document; every field checked, errors naming file and field and giving
+    `hint` (default: regenerate the shipped catalog; USER_HINT for a document of the user's)."""
+    r = Reader(source, hint, expects="a workload (catalog document)")
     r.obj(doc, "", _TOP_KNOWN)
     version = r.need(doc, "schema_version")
     if isinstance(version, bool) or version != CATALOG_SCHEMA_VERSION:
@@ -174,7 +178,7 @@ def workload_from_dict(doc: Any, source: str = "<catalog>") -> Workload:
     except ResidencyError as e:
         if e.message.startswith(f"{source}: "):
             raise
-        raise ResidencyError(f"{source}: {e.message}", hint=e.hint or _HINT) from None
+        raise ResidencyError(f"{source}: {e.message}", hint=e.hint or hint) from None
 
 
 def workload_to_dict(w: Workload) -> dict[str, Any]:
@@ -204,10 +208,11 @@ def workload_to_dict(w: Workload) -> dict[str, Any]:
     }
 
 
-def load_workload_file(path: str | os.PathLike[str]) -> Workload:
-    """The workload in the catalog JSON at `path`.
+def load_workload_file(path: str | os.PathLike[str], hint: str = _HINT) -> Workload:
+    """The workload in the catalog JSON at `path`; `hint` as workload_from_dict's.
 
     Raises ResidencyError when the file is missing, is not JSON, or fails validation.
     """
-    doc = read_json(path, "the catalog entry", "regenerate it with python -m pipelines.catalog_build")
-    return workload_from_dict(doc, str(path))
+    doc = read_json(path, "the catalog entry", "regenerate it with python -m pipelines.catalog_build"
+                    if hint == _HINT else hint)
+    return workload_from_dict(doc, str(path), hint)
