@@ -22,6 +22,7 @@ from residency.checkpoint.errors import CheckpointError, broken
 from residency.checkpoint.gguf_io import read_gguf
 from residency.checkpoint.limits import check_tensor_count
 from residency.checkpoint.safetensors_io import LeftOut, read_safetensors
+from residency.checkpoint.sniff import file_kind, named_otherwise
 from residency.formats import get_format
 from residency.jsonfile import read_json
 from residency.userpath import DIRECTORY, FILE, MISSING, path_kind
@@ -161,6 +162,9 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict[Path, dict[str, str]
     if kind != FILE:  # a FIFO would block open() forever; an over-long name raises from stat
         raise broken(path, f"cannot read it ({reason})", hint="give a regular .safetensors or .gguf file")
     if path.suffix.lower() not in _READERS:
+        kind = file_kind(path)
+        if kind is not None:  # a GGUF renamed .bin, a pickle, a JSON document: said by what it is
+            raise broken(path, *named_otherwise(path, kind))
         raise broken(
             path,
             f"unknown checkpoint extension {path.suffix!r}",

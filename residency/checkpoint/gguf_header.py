@@ -18,6 +18,7 @@ import numpy as np
 
 from residency.checkpoint.errors import broken
 from residency.checkpoint.limits import MAX_DIMS, MAX_NAME_BYTES, MAX_TENSORS, check_name, check_tensor_count
+from residency.checkpoint.sniff import HEAD_BYTES, content_kind, named_otherwise
 
 # GGUFValueType → struct code; 8 = STRING, 9 = ARRAY.
 _SCALAR = {
@@ -163,11 +164,9 @@ def parse_gguf_header(path: Path, buf, size: int) -> GGUFHeader:
     c = _Cursor(path, buf, size)
     magic = bytes(buf[c.take(4, "magic") : 4])
     if magic != b"GGUF":
-        head = bytes(buf[:9]) if size >= 9 else b""
-        if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
-            # a safetensors file renamed: 8 bytes of header length, then its JSON header
-            raise broken(path, "this is a safetensors file (a header length, then a JSON header), named .gguf",
-                         hint=f"rename it to {path.with_suffix('.safetensors').name}")
+        kind = content_kind(bytes(buf[:min(size, HEAD_BYTES)]), size)
+        if kind is not None:  # a safetensors file renamed, JSON, a torch pickle
+            raise broken(path, *named_otherwise(path, kind))
         raise broken(path, f"not a GGUF file (magic {magic!r})", hint="give a .gguf file, or check the download")
     version = c.unpack("<I", "version")
     if version & 0xFFFF == 0 and version != 0:

@@ -34,6 +34,7 @@ from residency.checkpoint.limits import (
     tensor_nbytes,
 )
 from residency.checkpoint.packing import PackedTensor
+from residency.checkpoint.sniff import HEAD_BYTES, SAFETENSORS, content_kind, named_otherwise
 from residency.formats import get_format
 
 # The header is read into memory whole and parsed by json: ~1 s and ~9× its size in Python
@@ -72,10 +73,10 @@ def _load_header(path: Path, file_size: int) -> tuple[dict[str, object], int]:
     with open(path, "rb") as f:
         head = f.read(8)
         (n,) = struct.unpack("<Q", head)
-        if head[:4] == b"GGUF":  # a GGUF file renamed (its header would read as a length of ~10^18)
-            raise broken(path, "this is a GGUF file (it starts with the GGUF magic), named .safetensors",
-                         hint=f"rename it to {path.with_suffix('.gguf').name}")
         if n > file_size - 8 and n > HEADER_CAP:  # no length this file could hold: not a safetensors file
+            kind = content_kind(head + f.read(HEAD_BYTES - 8), file_size)
+            if kind not in (None, SAFETENSORS):  # a GGUF (its magic reads as a length of ~10^18), JSON, a pickle
+                raise broken(path, *named_otherwise(path, kind))
             raise broken(path, f"not a safetensors file: its first 8 bytes ({head.hex(' ')}) say a header of {n} "
                          f"bytes, more than the {HEADER_CAP} residency reads (cap) and than this {file_size}-byte "
                          "file holds",
