@@ -138,7 +138,8 @@ def _keep_small_streamed_resident(req: PlanRequest, found: Found) -> Found:
     why = "the prefetch ring stalled behind them" if after.stall_ms < before.stall_ms - 0.05 else \
         "each is faster resident than streamed"
     note = (f"{kept} small streamed block(s) kept resident instead: {why} ({before.frame_ms:.1f} → "
-            f"{after.frame_ms:.1f} ms per frame, {before.stall_ms:.1f} → {after.stall_ms:.1f} ms stall)")
+            f"{after.frame_ms:.1f} ms per {req.workload.frame_unit()}, {before.stall_ms:.1f} → {after.stall_ms:.1f} ms "
+            "stall)")
     return replace(found, best=repaired, notes=(*found.notes, note))
 
 
@@ -166,8 +167,9 @@ def _default_frame_note(req: PlanRequest, found: Found, chosen: Plan) -> str | N
     if budget is not None and fast.prediction.frame_ms <= budget:
         return None
     p, f = chosen.prediction, fast.prediction
-    head = "no frame budget" if budget is None else f"no plan holds {fmt_ms(budget)} ms per frame, so as without a budget"
-    rule = (f"{head}: the best quality within {QUALITY_SLACK - 1:.0%} or {MIN_SLACK_MS:g} ms per frame "
+    unit = req.workload.frame_unit()  # "image" for Flux: the plan's own lines say so, and "per frame" read odd
+    head = "no frame budget" if budget is None else f"no plan holds {fmt_ms(budget)} ms per {unit}, so as without a budget"
+    rule = (f"{head}: the best quality within {QUALITY_SLACK - 1:.0%} or {MIN_SLACK_MS:g} ms per {unit} "
             f"(whichever is more) of the fastest plan that fits ({fmt_ms(f.frame_ms)} ms at quality loss "
             f"{f.quality_loss:.3g})")
     if p.quality_loss >= f.quality_loss:
