@@ -42,7 +42,7 @@ def test_profile_cuda_without_gpu_exits_1_with_hint(tmp_path, capsys):
     out = tmp_path / "gpu.json"
     assert main(["profile", "--device", "cuda:0", "--quick", "-o", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "error:" in err and "hint:" in err
+    assert err.startswith("error: cannot measure cuda:0") and "hint:" in err  # no blank progress line above it
     assert not out.exists()
 
 

@@ -21,7 +21,7 @@ from residency.atomic_file import check_can_create
 from residency.commands import arg_types
 from residency.commands.console import make_console
 from residency.device import DeviceProfile, default_device, measure_profile, profile_to_dict, save_profile
-from residency.device.measure import parse_device
+from residency.device.measure import check_measurable
 from residency.errors import ResidencyError, UsageError
 from residency.units import fmt_bytes, plural
 
@@ -141,7 +141,7 @@ def run(args) -> int:
     measuring. Cost: minutes of measurement (--quick: under a minute on the CPU).
     """
     device = args.device or default_device()
-    parse_device(device)
+    check_measurable(device)  # a GPU torch does not see: said before the progress display starts
     if args.output is not None and not args.output.strip():  # '' read as "no -o": the default file, silently
         raise UsageError("-o needs a file name, got an empty one", hint="e.g. -o my-gpu.json, or leave -o out")
     _check_output(args.output or default_output(device))

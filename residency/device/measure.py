@@ -45,11 +45,22 @@ def parse_device(device: str) -> tuple[str, int]:
 def measure_profile(device: str, quick: bool, progress: ProgressFn | None = None,
                     source: str | None = None) -> DeviceProfile:
     """Measure `device`; `source` is the command recorded in every number's provenance."""
-    kind, index = parse_device(device)
+    kind, index = check_measurable(device)
     if kind == "cpu":
         from residency.device import measure_cpu
 
         return measure_cpu.measure(quick, progress, source)
+    from residency.device import measure_cuda
+
+    return measure_cuda.measure(index, quick, progress, source)
+
+
+def check_measurable(device: str) -> tuple[str, int]:
+    """parse_device's (kind, index), once the device is known to be there: ResidencyError for a GPU torch does not
+    see (before any progress display: its line was left blank on stderr above the error)."""
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return kind, index
     if not torch.cuda.is_available():
         raise ResidencyError(f"cannot measure {device}: torch sees no CUDA or ROCm GPU "
                              f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, "
@@ -58,6 +69,4 @@ def measure_profile(device: str, quick: bool, progress: ProgressFn | None = None
     if index >= torch.cuda.device_count():
         raise ResidencyError(f"cannot measure {device}: only {torch.cuda.device_count()} GPU(s) visible",
                              hint="pick one of " + ", ".join(f"cuda:{i}" for i in range(torch.cuda.device_count())))
-    from residency.device import measure_cuda
-
-    return measure_cuda.measure(index, quick, progress, source)
+    return kind, index
