@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 runtime/bad-file error, 2 usage; subcommands may define more
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import io
 import json
@@ -24,10 +25,26 @@ class _Parser(argparse.ArgumentParser):
         """Exit 2 as argparse does, in two lines instead of its usage block: the error, then a hint — the
         message's own where it ends "(hint: …)" (an argument type's), else where the options are listed."""
         message, _, hint = message.partition(" (hint: ")
-        hint = hint.removesuffix(")") if hint else f"run '{self.prog} --help' for the options"
+        hint = hint.removesuffix(")") if hint else _close_choice(message) or f"run '{self.prog} --help' for the options"
         print(f"error: {message}", file=sys.stderr)
         print(f"hint: {hint}", file=sys.stderr)
         raise _UsageExit(message, hint)
+
+
+_INVALID_CHOICE = re.compile(r"invalid choice: '(?P<given>[^']*)' \(choose from (?P<choices>.*)\)$")
+
+
+def _close_choice(message: str) -> str | None:
+    """'did you mean …?' for argparse's invalid choice (`residency plna`), when one is close."""
+    m = _INVALID_CHOICE.search(message)
+    if m is None:
+        return None
+    given = m["given"]
+    close = difflib.get_close_matches(given, re.findall(r"'([^']*)'", m["choices"]), n=3, cutoff=0.6)
+    if not close:
+        return None
+    swapped = [c for c in close if sorted(c) == sorted(given)]  # two letters swapped: 'plna' is plan, not play
+    return f"did you mean '{(swapped or close)[0]}'?"
 
 
 class _UsageExit(SystemExit):

@@ -387,3 +387,12 @@ def test_a_catalog_tensor_larger_than_any_model_is_refused_naming_it(capsys, tmp
     path.write_text(json.dumps(doc))
     code, out, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
     assert code == 1 and "field 'blocks[0].tensors[0][1]'" in err and "more than the" in err and "TiB" not in out
+
+
+@pytest.mark.parametrize("argv, hint", [(["plna"], "did you mean 'plan'?"), (["profiel"], "did you mean 'profile'?"),
+                                        (["plan", "tiny", "--compute-dtype", "bf61"], "did you mean 'bf16'?"),
+                                        (["xyzzy"], "run 'residency --help' for the options")])
+def test_a_mistyped_choice_gets_the_close_one(capsys, argv, hint):
+    """`residency plna` got argparse's list of commands, where a model's or profile's typo got "did you mean"."""
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "invalid choice" in err and err.strip().splitlines()[-1] == f"hint: {hint}"
