@@ -153,3 +153,19 @@ def test_a_catalog_document_that_counts_twice_or_names_past_its_bounds_is_refuse
     with pytest.raises(ResidencyError) as e:
         workload_from_dict(doc, "tiny.json")
     assert e.value.message.startswith("tiny.json") and words in e.value.message
+
+
+def test_inspect_says_what_a_grouped_row_counts_and_marks_sizes_with_matrices_kept_bf16(capsys, monkeypatch):
+    """A row "dit.blocks.0–3 (×4)" gave one block's tensors and bytes without saying so, and dit.patch_embed read
+    larger at Q6_K than at Q8_0 with nothing to say why."""
+    monkeypatch.setenv("COLUMNS", "200")
+    assert cli_main(["inspect", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "(×N): N blocks alike, one row; its tensors, params and sizes are one block's" in out
+    patch = next(line for line in out.splitlines() if "dit.patch_embed" in line)
+    cells = [c.strip() for c in patch.split("│")]
+    assert cells[-4].endswith("B") and cells[-3].endswith("*") and cells[-2].endswith("*")  # Q8_0 fits; K-quants
+    assert "*: some of its matrices stay BF16 at that format" in out
+    dit = out.split("dit  (")[1]
+    blocks = next(line for line in dit.splitlines() if "dit.blocks.0–3" in line)
+    assert "*" not in blocks  # 256-multiple widths: every matrix in the format

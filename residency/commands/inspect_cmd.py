@@ -46,11 +46,17 @@ class _Sizes:
     stored_bytes: int
     formats: tuple[str, ...]
     bytes_by_format: dict[str, int]
+    kept_bf16: frozenset[str] = frozenset()  # formats some of its matrices do not fit (their last dimension): BF16
 
 
 def _sizes(b: BlockInfo) -> _Sizes:
+    from residency.formats import get_format
+    from residency.formats.sizing import effective_format
+
+    kept = frozenset(f for f in COMPARE_FORMATS if any(
+        len(t.shape) >= 2 and effective_format(get_format(f), t.shape) is not get_format(f) for t in b.tensors))
     return _Sizes(
-        len(b.tensors), b.params, b.stored_bytes, tuple(b.formats), b.bytes_by_format(COMPARE_FORMATS)
+        len(b.tensors), b.params, b.stored_bytes, tuple(b.formats), b.bytes_by_format(COMPARE_FORMATS), kept
     )
 
 
@@ -160,8 +166,16 @@ def _component_table(component: str, blocks: list[BlockInfo], sizes: dict[int, _
             fmt_count(b.params) + each,
             fmt_bytes(b.stored_bytes),
             "/".join(b.formats),
-            *(fmt_bytes(b.bytes_by_format[f]) for f in COMPARE_FORMATS),
+            *(fmt_bytes(b.bytes_by_format[f]) + ("*" if f in b.kept_bf16 else "") for f in COMPARE_FORMATS),
         )
+    shown = rows[:MAX_TABLE_ROWS]
+    caption = [text for text, used in (
+        ("(×N): N blocks alike, one row; its tensors, params and sizes are one block's, the total counts all",
+         any(r.count > 1 for r in shown)),
+        ("*: some of its matrices stay BF16 at that format (their last dimension is not a multiple of its block)",
+         any(sizes[id(r.block)].kept_bf16 for r in shown))) if used]
+    if caption:
+        table.caption, table.caption_justify = "\n".join(caption), "left"
     if len(rows) > MAX_TABLE_ROWS:
         hidden = sum(r.count for r in rows[MAX_TABLE_ROWS:])
         table.add_row(
