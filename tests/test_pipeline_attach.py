@@ -412,3 +412,20 @@ def test_a_policy_that_streams_a_components_own_tensors_is_made_to_keep_them_res
     assert streams_all.by_name["transformer.loose"].placement == "resident"
     assert {bp.placement for bp in streams_all.blocks if bp.name != "transformer.loose"} == {"streamed"}
     assert "transformer.loose kept resident" in streams_all.notes[-1]
+
+
+def test_projections_fused_while_a_pipeline_is_attached_refuse_its_next_call(flux):
+    """pipe.fuse_qkv_projections() while attached built to_qkv from shared slots (off by up to 1.12 after detach),
+    silently."""
+    pipe, built, expected = flux
+    rt = attach_pipeline(pipe, vram="50%", profile=PROFILE, policy="accelerate-sequential", call=CALL)
+    try:
+        image(rt)
+        pipe.transformer.fuse_qkv_projections()
+        with pytest.raises(ResidencyError, match=r"\.to_qkv \(a submodule\).* added to the model while attached"):
+            image(rt)
+    finally:
+        with pytest.warns(UserWarning, match="added while the model was attached, left as made"):
+            rt.detach()
+        pipe.transformer.unfuse_qkv_projections()
+    assert np.array_equal(image(pipe), expected)  # unfused: the pipeline as it was
