@@ -111,3 +111,21 @@ def test_what_the_models_own_forward_registers_is_not_refused():
             model(x)
             assert torch.equal(model(x), expected)
         rt.detach()
+
+
+def test_a_model_attached_and_dropped_without_detach_is_collected():
+    """The watch's global list held the runtime, and through it the model, for the life of the process."""
+    import gc
+    import weakref
+
+    def attached_then_dropped():
+        model, x = stack()
+        rt = attach(model, x)
+        with torch.inference_mode():
+            model(x)
+        return weakref.ref(model), weakref.ref(rt)
+
+    model, rt = attached_then_dropped()
+    gc.collect()
+    assert model() is None and rt() is None
+    assert not list(structure_watch._WATCHES)

@@ -53,7 +53,7 @@ from residency.runtime.recovery import MAX_RECOVERIES, RECOVERABLE, recovery_bud
 from residency.runtime.retry_safety import CallState, capture, input_names, model_buffers
 from residency.runtime.schedule import CallSchedule
 from residency.runtime.session_protocol import RecoverableSession
-from residency.runtime.structure_watch import StructureWatch
+from residency.runtime.structure_watch import StructureWatch, weak_busy
 from residency.runtime.weight_edits import WeightWatch
 from residency.telemetry.calibration import WARMUP_FRAMES, CalibrationFit, calibrate, calibration_window
 from residency.telemetry.events import LoopEvent
@@ -198,7 +198,7 @@ class Runtime:
             raise
         self._root = pipeline
         self._input_names, self._model_buffers = input_names(pipeline), model_buffers(pipeline)
-        self._structure = StructureWatch(pipeline, type(pipeline).__name__, lambda: self._in_unit)
+        self._structure = StructureWatch(pipeline, type(pipeline).__name__, weak_busy(self, "_in_unit"))
         return self
 
     def _blob_requests(self, plan: Plan, found: dict[str, tuple[nn.Module, ...]],

@@ -24,8 +24,21 @@ from torch.nn.modules import module as torch_module
 from residency.errors import ResidencyError
 
 _LOCK = threading.Lock()
-_WATCHES: list[StructureWatch] = []
+# Weak: a model attached and dropped without detach is collected with its runtime (a strong list kept both alive
+# for the process's life); torch's hooks then stay installed with nothing to watch, at one set walk a registration.
+_WATCHES: weakref.WeakSet[StructureWatch] = weakref.WeakSet()
 _HANDLES: list = []  # torch's removable handles of the two global hooks, while any watch is open
+
+
+def weak_busy(owner: object, attribute: str) -> Callable[[], bool]:
+    """A busy() reading `owner.<attribute>` through a weak reference (False once the owner is gone)."""
+    ref = weakref.ref(owner)
+
+    def busy() -> bool:
+        o = ref()
+        return o is not None and bool(getattr(o, attribute))
+
+    return busy
 
 
 def _seen(module: nn.Module, name: str, kind: str) -> None:
@@ -43,7 +56,8 @@ def _on_parameter(module: nn.Module, name: str, value: nn.Parameter | None) -> N
 
 class StructureWatch:
     """Watches one attached model's modules (weakly: a module the user drops is not kept alive) for added or
-    replaced submodules and parameters. `busy()`: whether the runtime is inside a call of the model."""
+    replaced submodules and parameters. `busy()`: whether the runtime is inside a call of the model; hold nothing
+    strongly in it (a bound method of the runtime would keep the runtime, and its model, alive: see weak_busy)."""
 
     def __init__(self, root: nn.Module, label: str, busy: Callable[[], bool]):
         self.label, self.busy = label, busy
@@ -55,7 +69,7 @@ class StructureWatch:
             if not _HANDLES:
                 _HANDLES.append(torch_module.register_module_module_registration_hook(_on_module))
                 _HANDLES.append(torch_module.register_module_parameter_registration_hook(_on_parameter))
-            _WATCHES.append(self)
+            _WATCHES.add(self)
 
     def note(self, module: nn.Module, name: str, kind: str) -> None:
         path = self.paths.get(module)
@@ -75,8 +89,7 @@ class StructureWatch:
     def close(self) -> None:
         """Stop watching; warn once if anything was added (detach restores the planned weights, not these)."""
         with _LOCK:
-            if self in _WATCHES:
-                _WATCHES.remove(self)
+            _WATCHES.discard(self)
             if not _WATCHES:
                 for handle in _HANDLES:
                     handle.remove()
