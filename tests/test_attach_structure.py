@@ -114,7 +114,8 @@ def test_what_the_models_own_forward_registers_is_not_refused():
 
 
 def test_a_model_attached_and_dropped_without_detach_is_collected():
-    """The watch's global list held the runtime, and through it the model, for the life of the process."""
+    """The watch's global list held the runtime, and through it the model, for the life of the process; the copy
+    thread and the runtime's torch thread count stayed too."""
     import gc
     import weakref
 
@@ -125,7 +126,18 @@ def test_a_model_attached_and_dropped_without_detach_is_collected():
             model(x)
         return weakref.ref(model), weakref.ref(rt)
 
+    import threading
+    import time
+
+    before = torch.get_num_threads()
     model, rt = attached_then_dropped()
     gc.collect()
     assert model() is None and rt() is None
     assert not list(structure_watch._WATCHES)
+    # and its backend, collected, gave the thread count back and ended its copy thread (both stayed for good)
+    assert torch.get_num_threads() == before
+    for _ in range(100):
+        if not any(t.name == "residency-copy" for t in threading.enumerate()):
+            break
+        time.sleep(0.02)
+    assert not any(t.name == "residency-copy" for t in threading.enumerate())

@@ -149,9 +149,11 @@ def test_truncated_valid_safetensors(tmp_path):
 def test_paths_that_are_not_checkpoints(tmp_path):
     expect_error(tmp_path / "missing.safetensors", "no such file")
     (tmp_path / "weights.bin").write_bytes(b"\x80\x02}q\x00.")  # a pickle: never unpickled
-    assert "torch.save" in expect_error(tmp_path / "weights.bin", "a PyTorch pickle").hint  # said what it is
+    assert "torch.save" in expect_error(tmp_path / "weights.bin", "a Python pickle").hint  # said what it is
     (tmp_path / "weights.xyz").write_bytes(b"\x00\x01 nothing known")
     expect_error(tmp_path / "weights.xyz", "extension")
+    (tmp_path / "empty_dir").mkdir()
+    expect_error(tmp_path / "empty_dir", "no .safetensors")
 
 
 @pytest.mark.parametrize("name, content, said, hint", [
@@ -161,15 +163,14 @@ def test_paths_that_are_not_checkpoints(tmp_path):
      ".safetensors or .gguf"),
     ("model.safetensors", b"GGUF\x03\x00\x00\x00" + bytes(40), "named .safetensors, but this is a GGUF file",
      "model.gguf"),
-    ("model.gguf", b"PK\x03\x04" + bytes(40), "a PyTorch pickle", "safetensors.torch.save_file"),
+    ("model.gguf", b"PK\x03\x04" + bytes(40), "a zip archive or a Python pickle", "safetensors.torch.save_file"),
+    ("notes.md", b"[see the paper](https://x)", "unknown checkpoint extension '.md'", ".safetensors, .gguf"),
 ])
 def test_a_file_named_as_another_kind_is_told_by_its_contents(tmp_path, name, content, said, hint):
     """A GGUF renamed .bin was "unknown checkpoint extension"; a profile JSON renamed .safetensors was read as a
     header length of 7521982393043913339 bytes."""
     (tmp_path / name).write_bytes(content)
     assert hint in expect_error(tmp_path / name, said).hint
-    (tmp_path / "empty_dir").mkdir()
-    expect_error(tmp_path / "empty_dir", "no .safetensors")
 
 
 # --- GGUF --------------------------------------------------------------------------

@@ -81,12 +81,18 @@ def test_a_gpu_plan_that_misses_its_budget_even_without_the_workspace_is_refused
     code = main(["run", "tiny", "--image", "start.png", "--plan", "p.json", "--frames", "2", "-o", "out.gif"])
     err = " ".join(capsys.readouterr().err.split())
     assert code == 1 and "runs all the same" not in err and not (files / "out.gif").exists()
-    assert "p.json does not fit its 1.00 MiB VRAM budget even without Radeon RX 7800 XT's workspace" in err
+    assert "p.json does not fit its 1.00 MiB VRAM budget even as this CPU runtime holds it (without Radeon RX 7800 " \
+           "XT's workspace" in err
     need = err.split("hint: make the plan again with `residency plan … --vram ")[1].split("`")[0]
     assert main(["plan", "tiny", *PROFILE, "--vram", need, "-o", "p.json"]) == 3  # the hint's size: it runs
     capsys.readouterr()
     assert main(["run", "tiny", "--image", "start.png", "--plan", "p.json", "--frames", "2", "-o", "out.gif"]) == 0
     assert "note: it runs all the same" in " ".join(capsys.readouterr().err.split())
+    # planned here (no --plan): "the plan", and the --vram to give (it read "None does not fit … make the plan again")
+    assert main(["run", "tiny", "--image", "start.png", *PROFILE, "--vram", "1MiB", "--frames", "2", "-o", "o.gif"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: the plan does not fit its 1.00 MiB VRAM budget even as this CPU runtime holds it" in err
+    assert "hint: raise --vram to at least" in err and "None" not in err
 
 
 def test_run_writes_numbered_pngs(files, capsys):

@@ -7,17 +7,20 @@ from pathlib import Path
 
 HEAD_BYTES = 16  # enough for every signature below
 
-GGUF, SAFETENSORS, JSON, TORCH_PICKLE = "gguf", "safetensors", "json", "torch pickle"
+GGUF, SAFETENSORS, JSON, PICKLE = "gguf", "safetensors", "json", "pickle"
 SUFFIX = {GGUF: ".gguf", SAFETENSORS: ".safetensors"}
 WORDS = {
     GGUF: "a GGUF file (it starts with the GGUF magic)",
     SAFETENSORS: "a safetensors file (a header length, then a JSON header)",
     JSON: "a JSON document (a config, profile or plan?), not a checkpoint",
-    TORCH_PICKLE: "a PyTorch pickle (torch.save's zip or pickle), which residency never loads: unpickling runs code",
+    # a zip or a pickle: torch.save writes both (so does numpy's .npz a zip); residency never unpickles
+    PICKLE: "a zip archive or a Python pickle (torch.save writes these), which residency never loads: unpickling "
+            "runs code",
 }
 HINTS = {
     JSON: "give a .safetensors or .gguf checkpoint",
-    TORCH_PICKLE: "convert it where you trust it: safetensors.torch.save_file(torch.load(path), 'model.safetensors')",
+    PICKLE: "if it is a torch.save checkpoint, convert it where you trust it: "
+            "safetensors.torch.save_file(torch.load(path), 'model.safetensors')",
 }
 
 
@@ -28,10 +31,10 @@ def content_kind(head: bytes, size: int) -> str | None:
     if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
         return SAFETENSORS
     stripped = head.lstrip(b" \t\r\n\xef\xbb\xbf")  # whitespace, a UTF-8 BOM
-    if stripped[:1] in (b"{", b"["):
+    if stripped[:2] in (b'{"', b"{}") or stripped[:2] in (b'[{', b'["', b"[]"):  # not a Markdown "[link]" or CSV
         return JSON
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return TORCH_PICKLE
+        return PICKLE
     return None
 
 

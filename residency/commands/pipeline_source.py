@@ -202,7 +202,8 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
                                 if e == encoders[-1] else None) for e in encoders}
     if encoders and size.prompt_tokens is not None:  # --tokens: the prompt the denoiser attends to, as encoded
         padded = tokens[encoders[-1]]
-        if _call_default(pipe_class, "max_sequence_length") is None and size.prompt_tokens != padded:
+        takes_length = "max_sequence_length" in inspect.signature(pipe_class.__call__).parameters  # (default None too)
+        if not takes_length and size.prompt_tokens != padded:
             # Stable Diffusion's pipelines pad every prompt to the tokenizer's length: a plan at 7 tokens is for a
             # call they never make (its ms and activations read lower than any real call's)
             raise UsageError(f"{path}: --tokens {size.prompt_tokens}: {pipe_class.__name__} pads every prompt to "

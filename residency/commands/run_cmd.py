@@ -181,12 +181,14 @@ def plan_for(model: Model, args: argparse.Namespace,
     console.print(f"plan ({plan.policy}, {plan.profile}): {verdict(plan)}")
     gpu_plan_on_cpu = other is not None and session_setup.device_kind() == "cpu"  # (a CPU plan on a GPU is held)
     if gpu_plan_on_cpu and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
-        held = pred.peak_total_bytes - pred.peak_bytes.get("workspace", 0)  # what this CPU runtime holds of it
+        held = _held_on_cpu(model, plan, device)
         if held > plan.budget.vram_bytes:  # "it runs all the same" was said, and the ledger refused it next line
-            raise ResidencyError(f"{args.plan} does not fit its {fmt_bytes(plan.budget.vram_bytes)} VRAM budget even "
-                                 f"without {plan.profile}'s workspace, which this CPU runtime does not hold: it needs "
-                                 f"{fmt_bytes(held)}",
-                                 hint=f"make the plan again with `residency plan … --vram {size_at_least(held)}` or more")
+            need = size_at_least(held)
+            raise ResidencyError(f"{getattr(args, 'plan', None) or 'the plan'} does not fit its "
+                                 f"{fmt_bytes(plan.budget.vram_bytes)} VRAM budget even as this CPU runtime holds it "
+                                 f"(without {plan.profile}'s workspace and device staging): it needs {fmt_bytes(held)}",
+                                 hint=f"make the plan again with `residency plan … --vram {need}` or more" if getattr(
+                                     args, "plan", None) else f"raise --vram to at least {need}, or leave it out")
         console.print(f"note: it runs all the same: the miss is {plan.profile}'s workspace, which this CPU runtime "
                       "does not hold; its ledger enforces the budget", markup=False, highlight=False)
     if getattr(args, "plan", None):
@@ -197,6 +199,21 @@ def plan_for(model: Model, args: argparse.Namespace,
         console.print(f"note: {args.plan} was made for {plan.profile}: {compare}.{compiled}", markup=False,
                       highlight=False)
     return model, plan, replan, other
+
+
+def _held_on_cpu(model: Model, plan: Plan, device: DeviceProfile | None) -> int:
+    """Device bytes this CPU runtime holds for a GPU plan: its memory predicted as for a CPU (no GPU workspace, no
+    device staging of packed blobs, the CPU's dequant chunks); without the plan's profile, its own prediction less
+    the workspace and the dequant scratch (less than the runtime holds: never refused where it would run)."""
+    import dataclasses
+
+    from residency.simulate.memory import peak_bytes
+
+    if device is not None:
+        kinds = peak_bytes(model.workload, plan, dataclasses.replace(device, backend="cpu"))
+        return sum(v for k, v in kinds.items() if k != "reserve")
+    kinds = plan.prediction.peak_bytes
+    return plan.prediction.peak_total_bytes - kinds.get("workspace", 0) - kinds.get("dequant_scratch", 0)
 
 
 def plan_profile(plan: Plan) -> DeviceProfile | None:

@@ -83,6 +83,12 @@ class CopyWorker(Generic[Job]):
             self._queue.put(None)
             self._thread.join()
 
+    def stop_soon(self) -> None:
+        """End the thread after its queued jobs, without waiting for it (a finalizer may run on this very thread,
+        which cannot join itself)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+
     def _run(self) -> None:
         try:
             if self._on_start is not None:

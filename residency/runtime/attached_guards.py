@@ -126,13 +126,13 @@ def warn_inference_only() -> None:
     warnings.warn("the attached model ran without autograd (as under torch.no_grad()): streamed and packed "
                   "blocks reuse their weights' memory, so gradients through them would be wrong; call it "
                   "under torch.inference_mode() to silence this, or detach the runtime to train",
-                  InferenceOnlyWarning, stacklevel=_caller_level())
+                  InferenceOnlyWarning, stacklevel=user_stacklevel())
 
 
 _LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
 
 
-def _caller_level() -> int:
+def user_stacklevel() -> int:
     """warnings.warn's stacklevel of the first frame outside residency and torch (the user's call of the
     model), counted from the function calling warn: the warning then names the user's line, once per line."""
     level, frame = 2, sys._getframe(2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -56,6 +57,12 @@ class _CallerThreads:
 _CALLER_THREADS = _CallerThreads()
 
 
+def _abandoned(worker: CopyWorker) -> None:
+    """A started backend collected without stop(): its copy thread ends and its thread hold is given back."""
+    worker.stop_soon()
+    _CALLER_THREADS.give_back()
+
+
 class CpuBackend:
     """The Backend on the host: compute on the caller's threads, loads on one copy thread.
 
@@ -68,6 +75,7 @@ class CpuBackend:
         self.compute_threads = compute_threads or max(1, usable_cores() - 1)
         self._holds_threads = False
         self._worker: CopyWorker | None = None
+        self._abandoned: weakref.finalize | None = None
         self._inline_marks = np.zeros(3)
 
     def start(self) -> None:
@@ -93,11 +101,18 @@ class CpuBackend:
             self.stop()
             raise
         self._worker = worker
+        # A backend dropped while started (a model attached, then let go of without detach) ends its copy thread
+        # and gives the thread count back when collected: they stayed for the process's life, and every later
+        # runtime's detach left torch at the dropped one's count
+        self._abandoned = weakref.finalize(self, _abandoned, worker)
         # After the worker's call: set_num_threads also sets process-wide BLAS threads, so compute's wins.
         torch.set_num_threads(self.compute_threads)
 
     def stop(self) -> None:
         """Stop the copy thread and give the caller's torch thread count back; safe to call twice."""
+        if self._abandoned is not None:
+            self._abandoned.detach()
+            self._abandoned = None
         if self._worker is not None:
             self._worker.stop()
             self._worker = None

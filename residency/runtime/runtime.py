@@ -394,7 +394,11 @@ class Runtime:
         if isinstance(budget_bytes, str) and budget_bytes.strip().endswith("%"):
             dtypes = Counter(bp.compute_dtype for bp in self.plan.blocks)
             weights = self.workload.nbytes(DTYPE_FORMAT[dtypes.most_common(1)[0][0]]) if dtypes else 0
-            budget_bytes = vram_bytes(budget_bytes, weights, 0)
+            try:
+                budget_bytes = vram_bytes(budget_bytes, weights, 0)
+            except ResidencyError as e:  # its words are attach's (vram=…): named as this call
+                raise ResidencyError(f"set_budget({budget_bytes!r}): {e.message.split(': ', 1)[-1]}",
+                                     hint=e.hint) from None
         elif isinstance(budget_bytes, str):
             budget_bytes = parse_size(budget_bytes, "the budget")
         elif (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral)
@@ -655,8 +659,12 @@ class Runtime:
             with torch.inference_mode(False):
                 self._attach(pipeline, plan, ready)
         except BaseException:
-            with torch.inference_mode(False):
-                self._attach(pipeline, old)
+            try:
+                with torch.inference_mode(False):
+                    self._attach(pipeline, old)
+            except BaseException:
+                self._remove_retry_hook()  # neither plan attached: the model is left plain, its watch closed
+                raise
             raise
         if profile is not None:
             self.profile = profile

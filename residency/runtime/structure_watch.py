@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from residency.errors import ResidencyError
+from residency.runtime.attached_guards import user_stacklevel
 
 _LOCK = threading.Lock()
 # Weak: a model attached and dropped without detach is collected with its runtime (a strong list kept both alive
@@ -41,17 +42,21 @@ def weak_busy(owner: object, attribute: str) -> Callable[[], bool]:
     return busy
 
 
-def _seen(module: nn.Module, name: str, kind: str) -> None:
-    for watch in tuple(_WATCHES):  # typically one or two attached models
+def _seen(module: nn.Module, name: str, kind: str, value: object, held: dict) -> None:
+    if value is None or held.get(name) is value:  # a removal, or `m.weight = m.weight`: nothing added
+        return
+    with _LOCK:  # another thread may open or close a watch meanwhile: a WeakSet walked unlocked raised from setattr
+        watches = list(_WATCHES)  # typically one or two attached models
+    for watch in watches:
         watch.note(module, name, kind)
 
 
 def _on_module(module: nn.Module, name: str, value: nn.Module | None) -> None:
-    _seen(module, name, "submodule")
+    _seen(module, name, "submodule", value, module._modules)
 
 
 def _on_parameter(module: nn.Module, name: str, value: nn.Parameter | None) -> None:
-    _seen(module, name, "parameter")
+    _seen(module, name, "parameter", value, module._parameters)
 
 
 class StructureWatch:
@@ -97,7 +102,7 @@ class StructureWatch:
         if self.added and not self.warned:
             self.warned = True
             warnings.warn(f"{self._what()} added while the model was attached, left as made: "
-                          f"{self._why()}; rebuild it now that the model is detached", stacklevel=3)
+                          f"{self._why()}; rebuild it now that the model is detached", stacklevel=user_stacklevel())
 
     def _what(self) -> str:
         (first, kind), more = self.added[0], len(self.added) - 1
