@@ -141,3 +141,29 @@ def test_a_model_attached_and_dropped_without_detach_is_collected():
             break
         time.sleep(0.02)
     assert not any(t.name == "residency-copy" for t in threading.enumerate())
+
+
+def test_a_layer_added_from_another_thread_while_a_call_runs_is_named():
+    """Registrations while any call ran were taken for the model's own, whichever thread made them."""
+    import threading
+
+    model, x = stack()
+    rt = attach(model, x)
+    added = threading.Event()
+
+    def add_layer(*_):
+        if not added.is_set():
+            t = threading.Thread(target=lambda: setattr(model[5], "extra", nn.Linear(2, 2)))
+            t.start()
+            t.join()
+            added.set()
+
+    handle = model[2].register_forward_pre_hook(add_layer)  # mid-call, on another thread
+    with torch.inference_mode():
+        model(x)
+        handle.remove()
+        with pytest.raises(ResidencyError, match=r"Sequential\.5\.extra \(a submodule\) was added"):
+            model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rt.detach()

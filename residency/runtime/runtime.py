@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import numbers
 import threading
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -143,6 +142,7 @@ class Runtime:
         self._model_buffers: list[tuple[str, nn.Module, str]] = []
         self._retrying = False  # a unit of retry is running: calls inside it are not retried on their own
         self._in_unit = False  # a unit of work is running: a call of the model inside a step is part of it
+        self._unit_thread = 0  # the thread running it (threading.get_ident): its registrations are the model's
         self._unit_lock = threading.RLock()  # one unit at a time across threads; re-entered by nested calls
         self._swaps = False  # the attached plan swaps weights in: autograd is kept off its calls
         self.loop: ClosedLoop | None = None  # enable_closed_loop() sets it
@@ -198,7 +198,7 @@ class Runtime:
             raise
         self._root = pipeline
         self._input_names, self._model_buffers = input_names(pipeline), model_buffers(pipeline)
-        self._structure = StructureWatch(pipeline, type(pipeline).__name__, weak_busy(self, "_in_unit"))
+        self._structure = StructureWatch(pipeline, type(pipeline).__name__, weak_busy(self, "_running_here"))
         return self
 
     def _blob_requests(self, plan: Plan, found: dict[str, tuple[nn.Module, ...]],
@@ -392,8 +392,8 @@ class Runtime:
         anything else (a float, a negative number): taken as given, -5 had become the budget. Detached (or
         let go of the model when no plan fitted a cut), it is the budget the next `attach` holds its plan to."""
         if isinstance(budget_bytes, str) and budget_bytes.strip().endswith("%"):
-            dtypes = Counter(bp.compute_dtype for bp in self.plan.blocks)
-            weights = self.workload.nbytes(DTYPE_FORMAT[dtypes.most_common(1)[0][0]]) if dtypes else 0
+            # each block's weights at its compute dtype: attach's figure when, as every policy plans, there is one
+            weights = sum(self.workload.by_name[bp.name].nbytes(DTYPE_FORMAT[bp.compute_dtype]) for bp in self.plan.blocks)
             try:
                 budget_bytes = vram_bytes(budget_bytes, weights, 0)
             except ResidencyError as e:  # its words are attach's (vram=…): named as this call
@@ -424,6 +424,12 @@ class Runtime:
                 raise DeviceBudgetExceeded(e.message, hint="let go of the sessions you no longer step (del them), "
                                            "or attach with a budget for every session's KV cache") from e
             self._memory.reserved["kv_cache"] = nbytes
+
+    @property
+    def _running_here(self) -> bool:
+        """A unit of work is running on this thread: what it registers is the model's own (another thread's
+        additions meanwhile are the user's)."""
+        return self._in_unit and self._unit_thread == threading.get_ident()
 
     def _autograd_guard(self):
         """torch.no_grad() (with the warning) when autograd is on and the running plan swaps weights in; else
@@ -463,7 +469,7 @@ class Runtime:
         if outer and self._structure is not None:
             self._structure.check()
         if outer:
-            self._in_unit = True
+            self._in_unit, self._unit_thread = True, threading.get_ident()
             self.recorder.unit_start(self.backend.clock())
         try:
             if model_call and self._calls is not None:
