@@ -141,7 +141,7 @@ def save_profile(profile: DeviceProfile, path: str | os.PathLike[str]) -> Path:
     """Write `profile` as JSON to `path` atomically (the old file or the new one, never half of one)."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise ResidencyError(f"{path}: directory {str(path.parent)!r} does not exist",
+        raise ResidencyError(f"{path}: directory {path.parent} does not exist",
                              hint="create it first, or give -o a path in an existing directory")
     text = json.dumps(profile_to_dict(profile), indent=2) + "\n"
     with atomic_output(path) as tmp:
