@@ -49,12 +49,18 @@ class _Sizes:
     kept_bf16: frozenset[str] = frozenset()  # formats some of its matrices do not fit (their last dimension): BF16
 
 
-def _sizes(b: BlockInfo) -> _Sizes:
+def _kept_bf16(name: str, tensors) -> list:
+    """The matrices among `tensors` that format `name` cannot hold (their last dimension is not a multiple of its
+    block): they stay BF16 (formats.sizing)."""
     from residency.formats import get_format
     from residency.formats.sizing import effective_format
 
-    kept = frozenset(f for f in COMPARE_FORMATS if any(
-        len(t.shape) >= 2 and effective_format(get_format(f), t.shape) is not get_format(f) for t in b.tensors))
+    fmt = get_format(name)
+    return [t for t in tensors if len(t.shape) >= 2 and effective_format(fmt, t.shape) is not fmt]
+
+
+def _sizes(b: BlockInfo) -> _Sizes:
+    kept = frozenset(f for f in COMPARE_FORMATS if _kept_bf16(f, b.tensors))
     return _Sizes(
         len(b.tensors), b.params, b.stored_bytes, tuple(b.formats), b.bytes_by_format(COMPARE_FORMATS), kept
     )
@@ -231,7 +237,6 @@ def fallback_notes(inv: Inventory, totals: dict[str, int]) -> list[str]:
     """Why a format with fewer bits comes out larger than one with more (Q6_K above Q8_0): its matrices whose
     last dimension is not a multiple of its block stay BF16 (formats.sizing). One line per such format."""
     from residency.formats import get_format
-    from residency.formats.sizing import effective_format
 
     notes = []
     for i, name in enumerate(COMPARE_FORMATS):
@@ -239,8 +244,7 @@ def fallback_notes(inv: Inventory, totals: dict[str, int]) -> list[str]:
         if not above:
             continue
         fmt = get_format(name)
-        kept = [t for b in inv.blocks for t in b.tensors
-                if len(t.shape) >= 2 and effective_format(fmt, t.shape) is not fmt]
+        kept = _kept_bf16(name, [t for b in inv.blocks for t in b.tensors])
         if not kept:
             continue
         widths = sorted({t.shape[-1] for t in kept})

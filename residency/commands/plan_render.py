@@ -216,7 +216,7 @@ def _rate(workload: Workload, frame_ms: float) -> str:
     unit = workload.frame_unit()
     if unit == "latent frame":
         return f"{_video_fps(workload, frame_ms):.1f}"
-    calls = int(unit.split()[0]) if unit.endswith(" calls") else 1  # "4 calls": the column counts calls a second
+    calls = workload.calls_per_frame_unit() if unit.endswith("calls") else 1  # "4 calls": calls a second
     return _plain(calls * 1000.0 / frame_ms) if frame_ms > 0 else "—"
 
 

@@ -183,12 +183,12 @@ def plan_for(model: Model, args: argparse.Namespace,
     if gpu_plan_on_cpu and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
         held = _held_on_cpu(model, plan, device)
         if held > plan.budget.vram_bytes:  # "it runs all the same" was said, and the ledger refused it next line
-            need = size_at_least(held)
-            raise ResidencyError(f"{getattr(args, 'plan', None) or 'the plan'} does not fit its "
-                                 f"{fmt_bytes(plan.budget.vram_bytes)} VRAM budget even as this CPU runtime holds it "
-                                 f"(without {plan.profile}'s workspace and device staging): it needs {fmt_bytes(held)}",
-                                 hint=f"make the plan again with `residency plan … --vram {need}` or more" if getattr(
-                                     args, "plan", None) else f"raise --vram to at least {need}, or leave it out")
+            need, given = size_at_least(held), getattr(args, "plan", None)
+            raise ResidencyError(f"{given or 'the plan'} does not fit its {fmt_bytes(plan.budget.vram_bytes)} VRAM "
+                                 f"budget even as this CPU runtime holds it (without {plan.profile}'s workspace and "
+                                 f"device staging): it needs {fmt_bytes(held)}",
+                                 hint=f"make the plan again with `residency plan … --vram {need}` or more" if given
+                                 else f"raise --vram to at least {need}, or leave it out")
         console.print(f"note: it runs all the same: the miss is {plan.profile}'s workspace, which this CPU runtime "
                       "does not hold; its ledger enforces the budget", markup=False, highlight=False)
     if getattr(args, "plan", None):

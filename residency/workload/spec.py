@@ -317,8 +317,12 @@ class Workload:
             return "latent frame"
         if any(ph.name == "decode" for ph in self.phases):
             return "video" if self.video_frames_per_latent > 1 else "image"
-        calls = self.steps if any(p.per_step for ph in self.phases for p in ph.passes) else 1
+        calls = self.calls_per_frame_unit()
         return "call" if calls == 1 else f"{calls} calls"
+
+    def calls_per_frame_unit(self) -> int:
+        """Calls of the model in one "call"-unit frame (frame_unit): its steps where a pass runs once per step."""
+        return self.steps if any(p.per_step for ph in self.phases for p in ph.passes) else 1
 
     def count(self, p: PassSpec) -> int:
         """Runs of a pass per run of its phase."""
