@@ -102,7 +102,12 @@ def test_a_bad_call_cost_names_the_field(mutate, field, words):
 def test_the_cpu_measurement_times_a_small_and_a_large_unpack():
     from residency.device import measure_cpu
 
+    # the schedule's matrix is one of the curve's own sizes: it is timed once, the sizes stay strictly growing
     schedule = dataclasses.replace(measure_cpu.QUICK, dequant_shape=(256, 1024), dequant_point_s=0.05)
-    rate, call_us = measure_cpu.measure_dequant("Q8_0", schedule)
+    rate, call_us, curve = measure_cpu.measure_dequant("Q8_0", schedule)
     assert rate > 0 and math.isfinite(rate)
     assert 0.0 <= call_us < 1e5
+    assert curve.x == (16 * 256, 64 * 1024, 256 * 1024)
+    assert all(y > 0 and math.isfinite(y) for y in curve.y) and len(curve.spread) == 3
+    # the largest sample's rate is the effective one of the large matrix the rate and call were fitted on
+    assert curve.y[-1] == pytest.approx(256 * 1024 / (call_us * 1e-6 + 256 * 1024 / (rate * 1e9)) / 1e9, rel=1e-6)

@@ -148,8 +148,8 @@ def _measurements(backend: str) -> Measurements:
         copy_compute_overlap=0.9, copy_slowdown=1.1, compute_slowdown=1.05, launch_overhead_us=2.0,
         elementwise_gelems_per_s=curve, compute_threads=1,
         # what only the CPU measures: attention curves, the re-warm after a matmul
-        **({"attention_tflops": {"fp32": curve}, "conv_tflops": {"fp32": curve}, "matmul_rewarm_us": curve}
-           if backend == "cpu" else {}),
+        **({"attention_tflops": {"fp32": curve}, "conv_tflops": {"fp32": curve}, "matmul_rewarm_us": curve,
+            "dequant_tensor_gweights_per_s": {"Q8_0": curve}} if backend == "cpu" else {}),
         dequant_call_us={"Q8_0": 20.0},
     )
 
@@ -160,7 +160,8 @@ def _measurements(backend: str) -> Measurements:
 ], ids=["cpu", "cuda"])
 def test_each_backend_says_how_it_measured_every_field_after_the_command(backend, notes):
     profile = to_profile(_measurements(backend), "residency profile --quick", notes)
-    optional = ({"attention_tflops", "conv_tflops", "matmul_rewarm_us", "dequant_call_us"} if backend == "cpu"
+    optional = ({"attention_tflops", "conv_tflops", "matmul_rewarm_us", "dequant_call_us",
+                 "dequant_tensor_gweights_per_s"} if backend == "cpu"
                 else {"dequant_call_us"})
     assert set(profile.provenance) == PROVENANCE_FIELDS | optional
     assert all(p.kind == "measured" and p.source.startswith("residency profile --quick — ")

@@ -23,7 +23,9 @@ from residency.errors import ResidencyError, UsageError
 # 8: the CPU's attention rate (scaled_dot_product_attention over query rows) and the re-warm cost after a matmul.
 # 9: the per-call cost of an unpack (dequant_call_us), timed on a small matrix beside the rate's large one.
 # 10: the CPU's conv2d rate over kernel size (conv_tflops): a VAE's thin convs ran 2-5× slower than the matmul model.
-MEASUREMENT_VERSION = 10
+# 11: the CPU's unpack rate over tensor size (dequant_tensor_gweights_per_s), its packed input from DRAM: a small
+#     model's tensors unpacked 1.4× faster than the rate timed on an 8M-weight matrix predicted.
+MEASUREMENT_VERSION = 11
 
 
 def default_device() -> str:

@@ -169,25 +169,51 @@ def measure_memcpy_gbps(schedule: CpuSchedule) -> tuple[float, Timing]:
 DEQUANT_OUT_DTYPE = torch.float32
 
 
-def measure_dequant(name: str, schedule: CpuSchedule) -> tuple[float, float]:
-    """(1e9 weights/s, µs per unpack call) unpacking into preallocated fp32 buffers through one staging buffer, as
-    the runtime's threads do: the schedule's matrix and a DEQUANT_SMALL_SHAPE one (measurements.dequant_rate_and_call).
-    The small one gets a fifth of the point's time, at least 15 samples: its calls are ~0.1 ms, its noise large."""
+# Below the schedule's matrix, the per-tensor curve's shapes: a call-bound one (DEQUANT_SMALL_SHAPE), then tensor
+# sizes a small model's blocks hold (64K-1M weights), whose output still fits the caches while 8M does not.
+DEQUANT_TENSOR_SHAPES = (DEQUANT_SMALL_SHAPE, (64, 1024), (256, 1024), (1024, 1024))
+
+
+def dequant_shapes(schedule: CpuSchedule) -> tuple[tuple[int, int], ...]:
+    """The per-tensor curve's shapes below the schedule's matrix, then that matrix: sizes strictly growing."""
+    large = math.prod(schedule.dequant_shape)
+    return (*(s for s in DEQUANT_TENSOR_SHAPES if math.prod(s) < large), schedule.dequant_shape)
+
+
+def measure_dequant(name: str, schedule: CpuSchedule) -> tuple[float, float, Curve]:
+    """(1e9 weights/s, µs per unpack call, the per-tensor curve) unpacking into preallocated fp32 buffers through
+    one staging buffer, as the runtime's threads do, at DEQUANT_TENSOR_SHAPES and the schedule's matrix. Rate and
+    call cost come from the largest and smallest (measurements.dequant_rate_and_call); the curve holds every size.
+
+    The packed input comes from DRAM, as a streamed or resident block's does: each sample unpacks the next of
+    copies tiling a COLD_WEIGHT_BYTES store, written oldest first (repeating one tensor timed Q8_0 at 256K weights
+    1.3× faster than the runtime unpacks it). The large matrix gets the point's time, each smaller one a fifth, at
+    least 15 samples: a small call is ~0.02-0.1 ms and noisy."""
     fmt = get_format(name)
-    shapes = (schedule.dequant_shape, DEQUANT_SMALL_SHAPE)
-    staging = new_staging(staging_bytes("cpu", math.prod(shapes[0]), DEQUANT_OUT_DTYPE), "cpu")
-    timed = []
-    for (rows, cols), budget_s, most in zip(shapes, (schedule.dequant_point_s, schedule.dequant_point_s / 5), (30, 400),
-                                            strict=True):
+    shapes = dequant_shapes(schedule)
+    staging = new_staging(staging_bytes("cpu", math.prod(shapes[-1]), DEQUANT_OUT_DTYPE), "cpu")
+    weights, seconds, spread = [], [], []
+    for rows, cols in shapes:
+        large = (rows, cols) == shapes[-1]
+        budget_s, least, most = (schedule.dequant_point_s, 3, 30) if large else (schedule.dequant_point_s / 5, 15, 400)
         packed = packed_sample(fmt, rows, cols)
+        store = torch.empty((max(2, -(-COLD_WEIGHT_BYTES // packed.nbytes)), *packed.shape), dtype=packed.dtype)
+        store.copy_(packed.expand_as(store))  # every copy written once, the first ones longest ago
+        copies = itertools.cycle(store.unbind(0))
         out = torch.empty(rows, cols, dtype=DEQUANT_OUT_DTYPE)
         t0 = time.perf_counter()
-        fmt.unpack(packed, out, staging)
+        fmt.unpack(next(copies), out, staging)
         first = time.perf_counter() - t0
-        least = 3 if most == 30 else 15
-        t = time_samples(lambda p=packed, o=out: fmt.unpack(p, o, staging), repeats_for(first, budget_s, least, most))
-        timed += [rows * cols, t.median_s]
-    return dequant_rate_and_call(*timed)
+        t = time_samples(lambda c=copies, o=out: fmt.unpack(next(c), o, staging), repeats_for(first, budget_s, least, most),
+                         warmup=0)
+        del store
+        weights.append(rows * cols)
+        seconds.append(t.median_s)
+        spread.append(round(t.spread, 4))
+    rate, call_us = dequant_rate_and_call(weights[-1], seconds[-1], weights[0], seconds[0])
+    curve = Curve(tuple(float(n) for n in weights), tuple(n / s / 1e9 for n, s in zip(weights, seconds, strict=True)),
+                  tuple(spread))
+    return rate, call_us, curve
 
 
 def cold_copy() -> Callable[[], None]:
@@ -340,10 +366,14 @@ def provenance_notes(schedule: CpuSchedule, mem: HostMemory, compute_threads: in
                          f"{compute_threads} threads; rows stop growing once one call exceeds "
                          f"{schedule.matmul_max_call_s} s",
         "dequant_gweights_per_s": f"unpack of a {rows}×{cols} matrix into fp32 (the CPU backend's compute dtype) "
-                                  "through one reused staging buffer, less the per-call cost; "
+                                  f"through one reused staging buffer, the packed copies cycling through "
+                                  f"{COLD_WEIGHT_BYTES // MIB} MiB so they come from DRAM, less the per-call cost; "
                                   "Q2_K/Q3_K from random valid blocks",
         "dequant_call_us": f"the same unpack of a {DEQUANT_SMALL_SHAPE[0]}×{DEQUANT_SMALL_SHAPE[1]} matrix, less its "
                            "weights at the rate: the time one call costs beyond its weights (torch's per-op dispatch)",
+        "dequant_tensor_gweights_per_s": "the same unpack, call included, of "
+                                         + ", ".join(f"{r}×{c}" for r, c in dequant_shapes(schedule))
+                                         + " matrices: a tensor's time at its size",
         "copy_compute_overlap": "copy thread alone (16 MiB loads from a DRAM-cold store), a loop of 16-row matmuls "
                                 "over DRAM-cold weights alone, both at once",
         "copy_slowdown": f"copy thread's {schedule.probe_job_s} s job of 16 MiB loads from a DRAM-cold store, alone "
@@ -409,10 +439,10 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
     attention = {d: measure_attention(d, schedule) for d in COMPUTE_DTYPES}
     step(CONV_STEP)
     conv = {d: measure_conv(d, schedule) for d in COMPUTE_DTYPES}
-    dequant, dequant_call = {}, {}
+    dequant, dequant_call, dequant_tensor = {}, {}, {}
     for f in formats:
         step(f"dequant {f}")
-        dequant[f], dequant_call[f] = measure_dequant(f, schedule)
+        dequant[f], dequant_call[f], dequant_tensor[f] = measure_dequant(f, schedule)
     step("overlap")
     overlap = measure_overlap(engine, schedule)
     copy_slowdown, compute_slowdown = measure_interference(engine, schedule)
@@ -424,7 +454,8 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
         memory_total_bytes=mem.total_bytes, memory_reserve_bytes=reserve, memory_usable_bytes=usable,
         link=link, device_memory_gbps=memcpy_gbps, matmul_tflops=matmul, matmul_weight_dim=schedule.matmul_dim,
         matmul_small_tflops=small, matmul_small_weight_dim=schedule.matmul_small_dim,
-        dequant_gweights_per_s=dequant, dequant_call_us=dequant_call, copy_compute_overlap=overlap, copy_slowdown=copy_slowdown,
+        dequant_gweights_per_s=dequant, dequant_call_us=dequant_call,
+        dequant_tensor_gweights_per_s=dequant_tensor, copy_compute_overlap=overlap, copy_slowdown=copy_slowdown,
         compute_slowdown=compute_slowdown, launch_overhead_us=launch_us,
         elementwise_gelems_per_s=elementwise, compute_threads=compute_threads, attention_tflops=attention,
         conv_tflops=conv, matmul_rewarm_us=rewarm,

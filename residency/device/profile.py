@@ -24,7 +24,8 @@ EXEC_MODE_FIELDS = ("graph_replay_us_per_kernel", "compiled_dispatch_fraction", 
 # Refinements a measured (or calibrated) profile may add; absent (at their defaults) in datasheet and older
 # profiles, which therefore keep their fingerprints.
 OPTIONAL_FIELDS = ("matmul_weight_dim", "matmul_small_tflops", "matmul_small_weight_dim", "elementwise_gelems_per_s",
-                   "attention_tflops", "conv_tflops", "matmul_rewarm_us", "dequant_call_us", "copy_slowdown",
+                   "attention_tflops", "conv_tflops", "matmul_rewarm_us", "dequant_call_us", "dequant_tensor_gweights_per_s",
+                   "copy_slowdown",
                    "compute_slowdown", "compute_scale", "call_host_us", "streamed_call_host_us", "calibration", *EXEC_MODE_FIELDS)
 # Bounds of a measured slowdown factor: 1 = no interference; a copy or compute 10× slower beside the other
 # engine would be a broken measurement, not a device.
@@ -73,6 +74,25 @@ class Curve:
         lo, hi = math.log(xs[i - 1]), math.log(xs[i])
         w = (math.log(x) - lo) / (hi - lo)
         return ys[i - 1] + w * (ys[i] - ys[i - 1])
+
+
+def tensor_unpack_s(curve: Curve, weights: float) -> float:
+    """Seconds of one unpack call over a tensor of `weights` weights, from a curve of 1e9 weights/s over tensor
+    weights: linear in weights between the samples' times, through the call cost the first two imply below the
+    first (at least 0, at most the first's time), and on along the last two's line beyond the last (at its own
+    rate where that line does not rise: noise)."""
+    xs, ys = curve.x, curve.y
+    times = [x / (y * 1e9) for x, y in zip(xs, ys, strict=True)]
+    if weights >= xs[-1]:
+        slope = (times[-1] - times[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+        return times[-1] + (weights - xs[-1]) * (slope if slope > 0 else 1 / (ys[-1] * 1e9))
+    if weights <= xs[0]:
+        slope = (times[1] - times[0]) / (xs[1] - xs[0]) if len(xs) > 1 else times[0] / xs[0]
+        call = min(max(times[0] - slope * xs[0], 0.0), times[0])
+        return call + (times[0] - call) * weights / xs[0]
+    i = bisect.bisect_right(xs, weights)
+    w = (weights - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return times[i - 1] + w * (times[i] - times[i - 1])
 
 
 @dataclass(frozen=True)
@@ -137,6 +157,13 @@ class DeviceProfile:
     # large matrix the rate is timed on ({} = not measured: 0). Measured on this EPYC: 140 µs a Q8_0 call and
     # 400 a Q4_K one, where tiny's DiT block (7 matrices, 14 vectors) took 2.7 ms against 1.7 predicted by rate
     dequant_call_us: dict[str, float] = field(default_factory=dict)
+    # storage format -> 1e9 weights/s of one unpack call over its tensor's weights (x), the call's cost included,
+    # the packed tensor read from DRAM and its output reused, as a streamed block's tensors unpack ({} = not
+    # measured: rate and call cost above). A tensor's time is interpolated between the samples (linear in
+    # weights), so one call costs what a tensor of its size measured: on this EPYC (1 thread, Q8_0) 2.0 Gw/s at
+    # 64K weights, 3.8 at 256K, 4.9 at 1M and 3.6 at 8M (the output no longer fits the caches), where the
+    # rate-and-call model, timed at 8M, predicted a tiny DiT block's unpack 40 % slow (0.59 ms against 0.42)
+    dequant_tensor_gweights_per_s: dict[str, Curve] = field(default_factory=dict)
     # Interference, per engine: factor (≥ 1) by which a copy's time grows while compute runs, and compute's while
     # a copy runs; 0 = not measured, the symmetric model of copy_compute_overlap applies (see *_slowdown_factor)
     copy_slowdown: float = 0.0
@@ -247,7 +274,11 @@ class DeviceProfile:
 
     def dequant_s(self, weights: int, fmt: str, calls: int = 0) -> float:
         """Seconds to dequantize `weights` weights stored in `fmt` in `calls` unpack calls (one per tensor; 0: the
-        rate alone). KeyError for a format not profiled."""
+        rate alone). With a per-tensor curve for `fmt`, each call costs a tensor of the calls' mean size, as
+        measured (tensor_unpack_s). KeyError for a format not profiled."""
+        curve = self.dequant_tensor_gweights_per_s.get(fmt)
+        if curve is not None and calls > 0:
+            return calls * tensor_unpack_s(curve, weights / calls)
         return weights / (self.dequant_gweights_per_s[fmt] * 1e9) + calls * self.dequant_call_us.get(fmt, 0.0) * 1e-6
 
     def fingerprint(self) -> str:

@@ -25,6 +25,7 @@ from residency.device.profile import (
 )
 from residency.device.profile_reader import (
     CONV_AXES,
+    DEQUANT_TENSOR_AXES,
     ELEMENTWISE_AXES,
     LINK_AXES,
     MATMUL_AXES,
@@ -77,7 +78,7 @@ def schema_version_of(profile: DeviceProfile) -> int:
               or profile.call_host_us or profile.streamed_call_host_us or profile.calibration is not None
               or any(getattr(profile, k) for k in EXEC_MODE_FIELDS)
               or profile.attention_tflops or profile.conv_tflops or profile.matmul_rewarm_us is not None
-              or profile.dequant_call_us)
+              or profile.dequant_call_us or profile.dequant_tensor_gweights_per_s)
     return PROFILE_SCHEMA_VERSION if uses_2 else 1
 
 
@@ -109,6 +110,9 @@ def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
         doc["matmul_rewarm_us"] = _curve_to_dict(profile.matmul_rewarm_us, REWARM_AXES)
     if profile.dequant_call_us:
         doc["dequant_call_us"] = dict(profile.dequant_call_us)
+    if profile.dequant_tensor_gweights_per_s:
+        doc["dequant_tensor_gweights_per_s"] = {f: _curve_to_dict(c, DEQUANT_TENSOR_AXES)
+                                                for f, c in profile.dequant_tensor_gweights_per_s.items()}
     doc.update(_schema_2_to_dict(profile))
     doc["provenance"] = {
         k: {"kind": p.kind, "source": p.source, "derating": p.derating} for k, p in profile.provenance.items()
@@ -235,7 +239,7 @@ def _provenance(r: ProfileReader, data: dict[str, Any], refinements: dict[str, A
     present = tuple(k for k in ("matmul_small_tflops", "elementwise_gelems_per_s", "copy_slowdown",
                                 "compute_slowdown", *EXEC_MODE_FIELDS, "attention_tflops", "conv_tflops",
                                 "matmul_rewarm_us",
-                                "dequant_call_us")
+                                "dequant_call_us", "dequant_tensor_gweights_per_s")
                     if refinements[k])
     for key in PROVENANCE_FIELDS + present:
         if key not in prov_doc:
@@ -259,7 +263,8 @@ def profile_from_dict(data: Any, source: str) -> DeviceProfile:
     dequant = _dequant(r, data)
     overlap = _overlap(r, data)
     refinements = read_refinements(r, data)
-    rates_for_calls(r, dequant, refinements["dequant_call_us"])
+    rates_for_calls(r, dequant, refinements["dequant_call_us"], "dequant_call_us")
+    rates_for_calls(r, dequant, refinements["dequant_tensor_gweights_per_s"], "dequant_tensor_gweights_per_s")
     provenance = _provenance(r, data, refinements)
     return DeviceProfile(
         **strings,

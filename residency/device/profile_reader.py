@@ -18,6 +18,7 @@ MATMUL_AXES = ("rows", "tflops")
 ELEMENTWISE_AXES = ("tensor_elements", "gelems_per_s")  # rate over the size class of an op's largest tensor
 REWARM_AXES = ("weight_elements", "us")  # µs lost after a matmul over the elements of its weight
 CONV_AXES = ("kernel_elements", "tflops")  # a conv2d's TFLOP/s over the elements of its kernel
+DEQUANT_TENSOR_AXES = ("tensor_weights", "gweights_per_s")  # one unpack call's rate over its tensor's weights
 # What each unit suffix means, for messages that say which unit is expected.
 UNIT_TEXT = {
     "bytes": "bytes",

@@ -11,6 +11,7 @@ from typing import Any
 from residency.device.profile import COMPUTE_DTYPES, MAX_SLOWDOWN, Calibration, Curve
 from residency.device.profile_reader import (
     CONV_AXES,
+    DEQUANT_TENSOR_AXES,
     ELEMENTWISE_AXES,
     MATMUL_AXES,
     REWARM_AXES,
@@ -60,7 +61,19 @@ def _op_kind_fields(r: ProfileReader, data: dict[str, Any]) -> dict[str, Any]:
     rewarm = None
     if "matmul_rewarm_us" in data:
         rewarm = r.curve(data["matmul_rewarm_us"], "matmul_rewarm_us", REWARM_AXES, positive=False)
-    return {**curves, "matmul_rewarm_us": rewarm, "dequant_call_us": _dequant_call(r, data)}
+    return {**curves, "matmul_rewarm_us": rewarm, "dequant_call_us": _dequant_call(r, data),
+            "dequant_tensor_gweights_per_s": _dequant_tensor(r, data)}
+
+
+def _dequant_tensor(r: ProfileReader, data: dict[str, Any]) -> dict[str, Curve]:
+    """An unpack's rate over tensor size by storage format ({} when absent: profiles before MEASUREMENT_VERSION 11,
+    GPU and datasheet profiles, under which a dequant costs its rate and call cost)."""
+    from residency.formats import FORMATS
+
+    key = "dequant_tensor_gweights_per_s"
+    doc = r.obj(data.get(key, {}), key)
+    no_extra(r, doc, tuple(FORMATS), key)
+    return {f: r.curve(v, f"{key}.{f}", DEQUANT_TENSOR_AXES) for f, v in doc.items()}
 
 
 def _dequant_call(r: ProfileReader, data: dict[str, Any]) -> dict[str, float]:
@@ -81,12 +94,13 @@ def _dequant_call(r: ProfileReader, data: dict[str, Any]) -> dict[str, float]:
     return calls
 
 
-def rates_for_calls(r: ProfileReader, rates: dict[str, float], calls: dict[str, float]) -> None:
-    """Every format with a per-call cost has a rate too: the call cost is what an unpack adds to it."""
-    for f in calls:
+def rates_for_calls(r: ProfileReader, rates: dict[str, float], by_format: dict[str, Any], key: str) -> None:
+    """Every format with a per-call cost or a per-tensor curve (`key`) has a rate too: a format's rate is what
+    planning checks it was profiled by."""
+    for f in by_format:
         if f not in rates:
-            raise r.fail(f"dequant_call_us.{f}", f"has no dequant_gweights_per_s.{f} beside it",
-                         hint=f"add the {f} rate, or remove dequant_call_us.{f}")
+            raise r.fail(f"{key}.{f}", f"has no dequant_gweights_per_s.{f} beside it",
+                         hint=f"add the {f} rate, or remove {key}.{f}")
 
 
 def _schema_2_fields(r: ProfileReader, data: dict[str, Any]) -> dict[str, Any]:

@@ -408,6 +408,9 @@ def _calibrated_profile(base: DeviceProfile, workload: Workload, comp_scale: dic
         changed["dequant_gweights_per_s"] = {f: r / deq_scale.get(f, 1.0) for f, r in base.dequant_gweights_per_s.items()}
         if base.dequant_call_us:
             changed["dequant_call_us"] = {f: c * deq_scale.get(f, 1.0) for f, c in base.dequant_call_us.items()}
+        if base.dequant_tensor_gweights_per_s:
+            changed["dequant_tensor_gweights_per_s"] = {
+                f: _scaled_curve(c, deq_scale.get(f, 1.0)) for f, c in base.dequant_tensor_gweights_per_s.items()}
     if comp_scale:
         kept = dict(base.compute_scale) if _same_workload(base, workload) else {}
         changed["compute_scale"] = {**kept, **comp_scale}

@@ -1,0 +1,125 @@
+"""An unpack's time over tensor size (dequant_tensor_gweights_per_s): measured, stored, costed, calibrated.
+
+Timed on an 8M-weight matrix, whose fp32 output overflows a CPU's caches, the rate-and-call model predicted a
+small model's unpacks (64K-400K weights a tensor) 1.4× slow; the curve costs each tensor at its own size.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+from sim_helpers import flat_profile
+
+from residency.device import load_profile, profile_from_dict, profile_to_dict
+from residency.device.profile import Curve, tensor_unpack_s
+from residency.errors import ResidencyError
+from residency.simulate.costs import dequant_s
+from residency.workload.spec import BlockSpec
+
+SIZES = (4096.0, 65536.0, 262144.0, 1048576.0, 8388608.0)
+
+
+def _curve_of(seconds) -> Curve:
+    """The curve a measurement timing each of SIZES at seconds(n) would record."""
+    return Curve(SIZES, tuple(n / seconds(n) / 1e9 for n in SIZES))
+
+
+@pytest.mark.parametrize(("call_us", "rate_gw"), [(20.0, 4.0), (110.0, 2.0), (0.0, 6.0)])
+def test_a_call_and_rate_device_is_costed_exactly_at_every_size(call_us, rate_gw):
+    def seconds(n):
+        return call_us * 1e-6 + n / (rate_gw * 1e9)
+
+    curve = _curve_of(seconds)
+    for n in (512, 4096, 10_000, 196_608, 3e6, 8388608, 5e7):
+        assert tensor_unpack_s(curve, n) == pytest.approx(seconds(n), rel=1e-9)
+
+
+def test_sizes_between_samples_cost_their_own_time_not_the_large_matrix_rate():
+    # cache-resident middle sizes run faster per weight than the 8M matrix (this EPYC's Q8_0 shape)
+    rates = (0.15, 2.07, 4.13, 5.42, 4.01)
+    curve = Curve(SIZES, rates)
+    t = [n / (r * 1e9) for n, r in zip(SIZES, rates, strict=True)]
+    assert tensor_unpack_s(curve, 262144) == pytest.approx(t[2])
+    # linear in weights between two samples
+    assert tensor_unpack_s(curve, (65536 + 262144) / 2) == pytest.approx((t[1] + t[2]) / 2)
+    # beyond the last sample: on along the last two's line (the large matrices' marginal rate)
+    slope = (t[-1] - t[-2]) / (SIZES[-1] - SIZES[-2])
+    assert tensor_unpack_s(curve, 2 * SIZES[-1]) == pytest.approx(t[-1] + SIZES[-1] * slope)
+    # below the first: never more than its time, never negative, growing with size
+    small = [tensor_unpack_s(curve, n) for n in (1, 256, 1024, 4096)]
+    assert all(0 <= a <= b for a, b in zip(small, small[1:], strict=False)) and small[-1] == pytest.approx(t[0])
+
+
+def _block(matrices: list[tuple[int, int]], vectors: list[int]) -> BlockSpec:
+    tensors = tuple((f"m{i}", s) for i, s in enumerate(matrices)) + tuple((f"v{i}", (n,)) for i, n in enumerate(vectors))
+    return BlockSpec(name="dit.blocks.0", component="dit", tensors=tensors, tokens=16, flops_per_token=1.0)
+
+
+def test_a_block_costs_each_format_group_at_its_mean_tensor_size():
+    block = _block([(512, 512)] * 4, [512] * 6)
+    q8 = Curve(SIZES, (0.2, 2.0, 4.0, 5.0, 4.0))
+    bf16 = Curve(SIZES, (0.6, 3.4, 6.8, 11.0, 8.0))
+    plain = flat_profile(dequant_gw=0.5, backend="cpu")
+    curved = dataclasses.replace(plain, dequant_tensor_gweights_per_s={"Q8_0": q8, "BF16": bf16})
+    # fp32 compute: 4 matrices unpack from Q8_0, 6 vectors fall back to BF16 and convert too
+    want = 4 * tensor_unpack_s(q8, 512 * 512) + 6 * tensor_unpack_s(bf16, 512)
+    assert dequant_s(block, "Q8_0", "fp32", curved) == pytest.approx(want)
+    # a format without a curve keeps the rate-and-call model
+    assert dequant_s(block, "Q4_K", "bf16", curved) == pytest.approx(dequant_s(block, "Q4_K", "bf16", plain))
+
+
+def _measured_doc() -> dict:
+    doc = copy.deepcopy(profile_to_dict(load_profile("rx-7800-xt")))
+    doc["dequant_tensor_gweights_per_s"] = {"Q8_0": {"tensor_weights": [4096, 65536, 8388608],
+                                                     "gweights_per_s": [0.2, 2.0, 4.0], "spread": []}}
+    doc["provenance"]["dequant_tensor_gweights_per_s"] = {"kind": "measured", "source": "test", "derating": ""}
+    return doc
+
+
+def test_the_curve_round_trips_and_older_profiles_keep_their_fingerprint():
+    profile = profile_from_dict(_measured_doc(), "mem")
+    assert profile.dequant_tensor_gweights_per_s["Q8_0"].x == (4096, 65536, 8388608)
+    assert profile_from_dict(profile_to_dict(profile), "again") == profile
+    assert profile_to_dict(profile)["schema_version"] == 2
+    without = dataclasses.replace(profile, dequant_tensor_gweights_per_s={})
+    assert without.fingerprint() == load_profile("rx-7800-xt").fingerprint()
+    assert profile.fingerprint() != without.fingerprint()
+    assert "dequant_tensor_gweights_per_s" not in profile_to_dict(without)
+
+
+KEY = "dequant_tensor_gweights_per_s"
+
+
+@pytest.mark.parametrize(("mutate", "field", "words"), [
+    (lambda d: d[KEY]["Q8_0"].update(gweights_per_s=[0.2, 0.0, 4.0]), f"{KEY}.Q8_0.gweights_per_s[1]", "must be positive"),
+    (lambda d: d[KEY]["Q8_0"].update(tensor_weights=[4096, 4096, 8e6]), f"{KEY}.Q8_0.tensor_weights",
+     "strictly increasing"),
+    (lambda d: d[KEY]["Q8_0"].update(gweights_per_s=[0.2, 2.0]), f"{KEY}.Q8_0", "equal length"),
+    (lambda d: d[KEY].update(Q9_9=d[KEY]["Q8_0"]), f"{KEY}.Q9_9", "not known"),
+    (lambda d: d["dequant_gweights_per_s"].pop("Q8_0"), f"{KEY}.Q8_0", "no dequant_gweights_per_s.Q8_0"),
+    (lambda d: d["provenance"].pop(KEY), f"provenance.{KEY}", "missing"),
+])
+def test_a_bad_curve_names_the_field(mutate, field, words):
+    doc = _measured_doc()
+    mutate(doc)
+    with pytest.raises(ResidencyError) as e:
+        profile_from_dict(doc, "bad.json")
+    assert f"'{field}'" in e.value.message and words in e.value.message and "bad.json" in e.value.message
+
+
+def test_a_calibrated_dequant_scale_scales_the_curve_as_the_rate():
+    from residency.telemetry.calibration import _calibrated_profile
+    from residency.workload import Workload
+
+    base = profile_from_dict(_measured_doc(), "mem")
+    workload = Workload(name="w", blocks=(_block([(512, 512)], []),), phases=(), steps=1, context_frames=0)
+    cal = _calibrated_profile(base, workload, {}, None, {"Q8_0": 1.25}, None, None, None, "m", 16, "2026-12-06")
+    got, was = cal.dequant_tensor_gweights_per_s["Q8_0"], base.dequant_tensor_gweights_per_s["Q8_0"]
+    assert got.x == was.x
+    for n in (4096, 100_000, 8388608):
+        assert tensor_unpack_s(got, n) == pytest.approx(1.25 * tensor_unpack_s(was, n))
+    assert cal.provenance[KEY].kind == "calibrated" and math.isclose(
+        cal.dequant_gweights_per_s["Q8_0"], base.dequant_gweights_per_s["Q8_0"] / 1.25)
