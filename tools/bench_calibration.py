@@ -8,6 +8,8 @@ Each run is a fresh process (a quick CPU profile, then the sections below); the 
 2. After calibration: the profile is fitted to 16 frames of the streamed plan, then every plan's next 32
    frames are compared with its prediction under the calibrated profile (target: within 10 %, for the plan
    calibrated on and for the others: the calibration must transfer).
+   The plans take turns of a few frames (each on its own copy of the model, all attached at once), so that a
+   plan's frames and the frames calibrated on come from the same minute of a machine whose speed drifts.
 3. The closed loop: the shipped model planned by `ours` in the compute dtype `residency run` uses here (fp32 on
    the CPU backend) under a VRAM budget (16 MiB: its DiT blocks stream, so the copy engine carries ~40 % of a
    frame) and a frame budget 12 % above what that plan measures calm (so that the disturbance breaks it on any
@@ -83,6 +85,38 @@ def _median_ms(snap, first: int, last: int) -> float:
     return statistics.median(f.frame_ms for f in snap.frames if first <= f.frame <= last)
 
 
+INTERLEAVE_FRAMES = 4  # frames each plan runs in its turn before the next plan's turn
+
+
+def _interleaved_runs(name: str, plans: dict, frames: int) -> dict:
+    """Every plan of model `name` run for `frames` frames (+1 that closes the last record), taking turns of
+    INTERLEAVE_FRAMES: one copy of the model and one session per plan, all attached at once, so that each plan's
+    frames are spread over the same minute. Run one after the other, the plans' windows were ~10 s apart, and
+    this VM's speed drifts by more than 10 % over that (the same streamed plan measured 22.9 ms in one window
+    and 33.4 in a later one): that drift entered the transfer error as if the calibration had not transferred.
+    The telemetry snapshot per plan."""
+    from residency.runtime import Runtime
+    from residency.session_setup import load_model
+
+    runs = {}
+    try:
+        for label, plan in plans.items():
+            model = load_model(name)
+            start = model.start_image if model.start_image is not None else _fallback(model)
+            rt = Runtime(plan, "cpu", workload=model.workload).attach(model.pipe)
+            runs[label] = (rt, model.pipe.start(start, seed=0))
+        done = 0
+        while done < frames + 1:
+            turn = min(INTERLEAVE_FRAMES, frames + 1 - done)
+            for rt, session in runs.values():
+                _frames_ms(rt, session, turn)
+            done += turn
+    finally:
+        for rt, _ in runs.values():
+            rt.detach()
+    return {label: rt.telemetry() for label, (rt, _) in runs.items()}
+
+
 def calibration_section(profile, warmup: int, calib: int, check: int) -> dict:
     """Sections 1 and 2 for every model: errors before, the fit, errors after, A/A."""
     from residency.session_setup import load_model
@@ -92,13 +126,11 @@ def calibration_section(profile, warmup: int, calib: int, check: int) -> dict:
 
     out = {}
     for name in MODELS:
-        model = load_model(name)
-        start = model.start_image if model.start_image is not None else _fallback(model)
-        w = model.workload
+        w = load_model(name).workload
         plans = {"resident": _plan(w, "resident"), "streamed": _plan(w, "streamed"),
                  "streamed-Q8_0": _plan(w, "streamed", "Q8_0")}
         total = warmup + calib + check
-        snaps = {label: _plan_run(model, start, plan, total) for label, plan in plans.items()}
+        snaps = _interleaved_runs(name, plans, total)
         fit = calibrate(_window(snaps[CALIBRATED_ON], warmup + 1, warmup + calib), w, plans[CALIBRATED_ON], profile,
                         model=name, warmup_frames=0)
         rows = {}
