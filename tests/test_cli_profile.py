@@ -35,6 +35,11 @@ def test_quick_cpu_profile_end_to_end(tmp_path, capsys):
     assert profile.attention_tflops and "attention fp32" in shown
     assert profile.conv_tflops and "conv fp32" in shown
     assert profile.matmul_rewarm_us is not None and "re-warm" in shown
+    # every format's unpack by tensor size, sizes strictly growing, and the table's middle sample of it
+    assert set(profile.dequant_tensor_gweights_per_s) == set(profile.dequant_gweights_per_s)
+    q8 = profile.dequant_tensor_gweights_per_s["Q8_0"]
+    assert len(q8.x) >= 3 and all(a < b for a, b in zip(q8.x, q8.x[1:], strict=False)) and min(q8.y) > 0
+    assert "µs/call" in shown and "-weight" in shown
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

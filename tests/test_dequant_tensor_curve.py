@@ -15,6 +15,7 @@ from sim_helpers import flat_profile
 
 from residency.device import load_profile, profile_from_dict, profile_to_dict
 from residency.device.profile import Curve, tensor_unpack_s
+from residency.device.profile_io import SCHEMA_2_FIELDS
 from residency.errors import ResidencyError
 from residency.simulate.costs import dequant_s
 from residency.workload.spec import BlockSpec
@@ -45,12 +46,30 @@ def test_sizes_between_samples_cost_their_own_time_not_the_large_matrix_rate():
     assert tensor_unpack_s(curve, 262144) == pytest.approx(t[2])
     # linear in weights between two samples
     assert tensor_unpack_s(curve, (65536 + 262144) / 2) == pytest.approx((t[1] + t[2]) / 2)
-    # beyond the last sample: on along the last two's line (the large matrices' marginal rate)
-    slope = (t[-1] - t[-2]) / (SIZES[-1] - SIZES[-2])
+    # beyond the last sample: on at the first-to-last slope, the rate the large matrix was fitted at
+    slope = (t[-1] - t[0]) / (SIZES[-1] - SIZES[0])
     assert tensor_unpack_s(curve, 2 * SIZES[-1]) == pytest.approx(t[-1] + SIZES[-1] * slope)
     # below the first: never more than its time, never negative, growing with size
     small = [tensor_unpack_s(curve, n) for n in (1, 256, 1024, 4096)]
     assert all(0 <= a <= b for a, b in zip(small, small[1:], strict=False)) and small[-1] == pytest.approx(t[0])
+
+
+def test_one_noisy_sample_neither_halves_a_large_tensor_nor_makes_a_smaller_one_dearer():
+    rates = [0.15, 2.07, 4.13, 5.42, 4.01]
+    calm = Curve(SIZES, tuple(rates))
+    large = 37_748_736  # a 3072 × 12288 MLP matrix
+    for i, noisy_rate in ((3, 0.6), (0, 0.05), (2, 40.0), (1, 0.5)):  # samples 3-8× off
+        noisy = Curve(SIZES, tuple(noisy_rate if k == i else r for k, r in enumerate(rates)))
+        assert tensor_unpack_s(noisy, large) == pytest.approx(tensor_unpack_s(calm, large), rel=0.05)
+        sizes = [1, 100, 4096, 10_000, 65536, 100_000, 262144, 1e6, 8388608, large]
+        costs = [tensor_unpack_s(noisy, n) for n in sizes]
+        assert all(0 <= a <= b for a, b in zip(costs, costs[1:], strict=False)), (i, costs)
+
+
+def test_a_one_sample_curve_is_its_rate_at_every_size():
+    one = Curve((1e6,), (2.0,))
+    for n in (1, 1e3, 1e6, 1e8):
+        assert tensor_unpack_s(one, n) == pytest.approx(n / 2e9)
 
 
 def _block(matrices: list[tuple[int, int]], vectors: list[int]) -> BlockSpec:
@@ -101,6 +120,10 @@ KEY = "dequant_tensor_gweights_per_s"
     (lambda d: d[KEY].update(Q9_9=d[KEY]["Q8_0"]), f"{KEY}.Q9_9", "not known"),
     (lambda d: d["dequant_gweights_per_s"].pop("Q8_0"), f"{KEY}.Q8_0", "no dequant_gweights_per_s.Q8_0"),
     (lambda d: d["provenance"].pop(KEY), f"provenance.{KEY}", "missing"),
+    (lambda d: d[KEY]["Q8_0"].update(tensor_weights=[4096, "64K", 8e6]), f"{KEY}.Q8_0.tensor_weights[1]",
+     "weights of one tensor"),
+    (lambda d: [d.pop(k, None) for k in SCHEMA_2_FIELDS if k != KEY] and d.update(schema_version=1), KEY,
+     "needs schema_version 2"),
 ])
 def test_a_bad_curve_names_the_field(mutate, field, words):
     doc = _measured_doc()

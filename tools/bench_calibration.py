@@ -98,23 +98,26 @@ def _interleaved_runs(name: str, plans: dict, frames: int) -> dict:
     from residency.runtime import Runtime
     from residency.session_setup import load_model
 
-    runs = {}
+    runtimes, sessions = {}, {}
     try:
         for label, plan in plans.items():
             model = load_model(name)
             start = model.start_image if model.start_image is not None else _fallback(model)
-            rt = Runtime(plan, "cpu", workload=model.workload).attach(model.pipe)
-            runs[label] = (rt, model.pipe.start(start, seed=0))
+            runtimes[label] = Runtime(plan, "cpu", workload=model.workload).attach(model.pipe)
+            sessions[label] = model.pipe.start(start, seed=0)
         done = 0
         while done < frames + 1:
             turn = min(INTERLEAVE_FRAMES, frames + 1 - done)
-            for rt, session in runs.values():
-                _frames_ms(rt, session, turn)
+            for label, rt in runtimes.items():
+                _frames_ms(rt, sessions[label], turn)
+                # the loads it queued for its next calls land now, not during the next plan's turn (where they
+                # would take a core from that plan and leave this one's next frame slots already filled)
+                rt.backend.drain()
             done += turn
     finally:
-        for rt, _ in runs.values():
+        for rt in runtimes.values():
             rt.detach()
-    return {label: rt.telemetry() for label, (rt, _) in runs.items()}
+    return {label: rt.telemetry() for label, rt in runtimes.items()}
 
 
 def calibration_section(profile, warmup: int, calib: int, check: int) -> dict:

@@ -121,7 +121,14 @@ def render(profile: DeviceProfile, console: Console) -> None:
             table.add_row(label, f"×{factor:.2f}", "")
     target = "fp32" if profile.backend == "cpu" else "bf16"  # what each backend's dequant writes
     for fmt, rate in profile.dequant_gweights_per_s.items():
-        table.add_row(f"dequant {fmt} → {target}", f"{rate:.3g} G weights/s", "")
+        value = f"{rate:.3g} G weights/s"
+        if profile.dequant_call_us.get(fmt):
+            value += f" +{profile.dequant_call_us[fmt]:.3g} µs/call"
+        curve = profile.dequant_tensor_gweights_per_s.get(fmt)
+        if curve is not None:  # a middle sample: the size a small model's tensors have, where the rate differs most
+            mid = len(curve.x) // 2
+            value += f"; {curve.y[mid]:.3g} @ {fmt_elements(curve.x[mid])}-weight tensor"
+        table.add_row(f"dequant {fmt} → {target}", value, "")
     if profile.elementwise_gelems_per_s is not None:
         curve = profile.elementwise_gelems_per_s
         for i in sorted({0, len(curve.x) - 1}):

@@ -180,33 +180,40 @@ def dequant_shapes(schedule: CpuSchedule) -> tuple[tuple[int, int], ...]:
     return (*(s for s in DEQUANT_TENSOR_SHAPES if math.prod(s) < large), schedule.dequant_shape)
 
 
-def measure_dequant(name: str, schedule: CpuSchedule) -> tuple[float, float, Curve]:
+def dequant_store(schedule: CpuSchedule) -> torch.Tensor:
+    """The byte store measure_dequant's packed copies tile: COLD_WEIGHT_BYTES plus the largest packed matrix (at
+    most 4 bytes a weight, F32), faulted in once here for every format rather than once per format and size."""
+    return torch.zeros(COLD_WEIGHT_BYTES + 4 * math.prod(schedule.dequant_shape), dtype=torch.uint8)
+
+
+def measure_dequant(name: str, schedule: CpuSchedule, store: torch.Tensor | None = None) -> tuple[float, float, Curve]:
     """(1e9 weights/s, µs per unpack call, the per-tensor curve) unpacking into preallocated fp32 buffers through
     one staging buffer, as the runtime's threads do, at DEQUANT_TENSOR_SHAPES and the schedule's matrix. Rate and
     call cost come from the largest and smallest (measurements.dequant_rate_and_call); the curve holds every size.
 
-    The packed input comes from DRAM, as a streamed or resident block's does: each sample unpacks the next of
-    copies tiling a COLD_WEIGHT_BYTES store, written oldest first (repeating one tensor timed Q8_0 at 256K weights
-    1.3× faster than the runtime unpacks it). The large matrix gets the point's time, each smaller one a fifth, at
-    least 15 samples: a small call is ~0.02-0.1 ms and noisy."""
+    The packed input comes from DRAM, as a streamed or resident block's does: the copies of one packed matrix tile
+    `store` (dequant_store's, made here when None), written in order, and the samples unpack them oldest first
+    (repeating one tensor timed Q8_0 at 256K weights 1.3× faster than the runtime unpacks it). The large matrix
+    gets the point's time, each smaller one a fifth, at least 15 samples: a small call is ~0.02-0.1 ms and noisy."""
     fmt = get_format(name)
     shapes = dequant_shapes(schedule)
+    store = dequant_store(schedule) if store is None else store
     staging = new_staging(staging_bytes("cpu", math.prod(shapes[-1]), DEQUANT_OUT_DTYPE), "cpu")
     weights, seconds, spread = [], [], []
     for rows, cols in shapes:
         large = (rows, cols) == shapes[-1]
         budget_s, least, most = (schedule.dequant_point_s, 3, 30) if large else (schedule.dequant_point_s / 5, 15, 400)
-        packed = packed_sample(fmt, rows, cols)
-        store = torch.empty((max(2, -(-COLD_WEIGHT_BYTES // packed.nbytes)), *packed.shape), dtype=packed.dtype)
-        store.copy_(packed.expand_as(store))  # every copy written once, the first ones longest ago
-        copies = itertools.cycle(store.unbind(0))
+        packed = packed_sample(fmt, rows, cols).view(torch.uint8).reshape(-1)
+        tiled = store[: store.numel() // packed.numel() * packed.numel()].view(-1, packed.numel())
+        tiled.copy_(packed.expand_as(tiled))
+        # views of the copies written first (the coldest), one per sample: indexing in the timed call costs ~1 µs
+        copies = itertools.cycle([tiled[i] for i in range(min(tiled.shape[0], most + 1))])
         out = torch.empty(rows, cols, dtype=DEQUANT_OUT_DTYPE)
         t0 = time.perf_counter()
         fmt.unpack(next(copies), out, staging)
         first = time.perf_counter() - t0
         t = time_samples(lambda c=copies, o=out: fmt.unpack(next(c), o, staging), repeats_for(first, budget_s, least, most),
                          warmup=0)
-        del store
         weights.append(rows * cols)
         seconds.append(t.median_s)
         spread.append(round(t.spread, 4))
@@ -440,9 +447,11 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
     step(CONV_STEP)
     conv = {d: measure_conv(d, schedule) for d in COMPUTE_DTYPES}
     dequant, dequant_call, dequant_tensor = {}, {}, {}
+    store = dequant_store(schedule)
     for f in formats:
         step(f"dequant {f}")
-        dequant[f], dequant_call[f], dequant_tensor[f] = measure_dequant(f, schedule)
+        dequant[f], dequant_call[f], dequant_tensor[f] = measure_dequant(f, schedule, store)
+    del store
     step("overlap")
     overlap = measure_overlap(engine, schedule)
     copy_slowdown, compute_slowdown = measure_interference(engine, schedule)

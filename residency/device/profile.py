@@ -6,6 +6,7 @@ Every number carries its provenance (measured with a command, or datasheet with 
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import math
@@ -79,13 +80,13 @@ class Curve:
 def tensor_unpack_s(curve: Curve, weights: float) -> float:
     """Seconds of one unpack call over a tensor of `weights` weights, from a curve of 1e9 weights/s over tensor
     weights: linear in weights between the samples' times, through the call cost the first two imply below the
-    first (at least 0, at most the first's time), and on along the last two's line beyond the last (at its own
-    rate where that line does not rise: noise)."""
-    xs, ys = curve.x, curve.y
-    times = [x / (y * 1e9) for x, y in zip(xs, ys, strict=True)]
+    first (at least 0, at most the first's time), and on at the first-to-last slope beyond the last (the two
+    samples dequant_rate_and_call fits the rate from: over a 2000× span the noise of one sample hardly moves it,
+    where a slope between the last two could halve a large tensor's cost)."""
+    xs, times = curve.x, _unpack_times(curve)
     if weights >= xs[-1]:
-        slope = (times[-1] - times[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
-        return times[-1] + (weights - xs[-1]) * (slope if slope > 0 else 1 / (ys[-1] * 1e9))
+        slope = (times[-1] - times[0]) / (xs[-1] - xs[0]) if len(xs) > 1 else 0.0
+        return times[-1] + (weights - xs[-1]) * (slope if slope > 0 else times[-1] / xs[-1])
     if weights <= xs[0]:
         slope = (times[1] - times[0]) / (xs[1] - xs[0]) if len(xs) > 1 else times[0] / xs[0]
         call = min(max(times[0] - slope * xs[0], 0.0), times[0])
@@ -93,6 +94,17 @@ def tensor_unpack_s(curve: Curve, weights: float) -> float:
     i = bisect.bisect_right(xs, weights)
     w = (weights - xs[i - 1]) / (xs[i] - xs[i - 1])
     return times[i - 1] + w * (times[i] - times[i - 1])
+
+
+@functools.lru_cache(maxsize=256)
+def _unpack_times(curve: Curve) -> tuple[float, ...]:
+    """Seconds of one call at each sample, never less than at a smaller one: a noisy small sample slower than a
+    larger one would make a smaller tensor cost more (the planner asks this for every candidate: cached)."""
+    times, most = [], 0.0
+    for x, y in zip(curve.x, curve.y, strict=True):
+        most = max(most, x / (y * 1e9))
+        times.append(most)
+    return tuple(times)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ PROFILE_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 SCHEMA_2_FIELDS = ("copy_slowdown", "compute_slowdown", "compute_scale", "call_host_us", "streamed_call_host_us",
                    "calibration", *EXEC_MODE_FIELDS, "attention_tflops", "conv_tflops", "matmul_rewarm_us",
-                   "dequant_call_us")
+                   "dequant_call_us", "dequant_tensor_gweights_per_s")
 # Top-level groups of numbers that must each say where they came from.
 PROVENANCE_FIELDS = (
     "memory",

@@ -32,6 +32,7 @@ UNIT_TEXT = {
     "rows": "token rows",
     "weight_elements": "elements of a weight matrix",
     "kernel_elements": "elements of a conv kernel (out × in × kernel height × width)",
+    "tensor_weights": "weights of one tensor",
 }
 MAX_QUANTITY = 1e30  # above any byte count, rate or size a device profile holds; keeps every value a float
 # The least a positive rate can be (a thousand times below the slowest device or link there is): a link of
