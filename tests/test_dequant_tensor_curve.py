@@ -77,7 +77,7 @@ def _block(matrices: list[tuple[int, int]], vectors: list[int]) -> BlockSpec:
     return BlockSpec(name="dit.blocks.0", component="dit", tensors=tensors, tokens=16, flops_per_token=1.0)
 
 
-def test_a_block_costs_each_format_group_at_its_mean_tensor_size():
+def test_a_block_costs_each_tensor_at_its_own_size():
     block = _block([(512, 512)] * 4, [512] * 6)
     q8 = Curve(SIZES, (0.2, 2.0, 4.0, 5.0, 4.0))
     bf16 = Curve(SIZES, (0.6, 3.4, 6.8, 11.0, 8.0))
@@ -88,6 +88,18 @@ def test_a_block_costs_each_format_group_at_its_mean_tensor_size():
     assert dequant_s(block, "Q8_0", "fp32", curved) == pytest.approx(want)
     # a format without a curve keeps the rate-and-call model
     assert dequant_s(block, "Q4_K", "bf16", curved) == pytest.approx(dequant_s(block, "Q4_K", "bf16", plain))
+
+
+def test_mixed_sizes_in_one_format_cost_each_tensor_not_their_mean():
+    # a VAE-like block: large convolution kernels and small biases, all converted from BF16
+    block = _block([(256, 2304), (256, 2304), (64, 64)], [256, 256, 64])
+    bf16 = Curve(SIZES, (0.6, 3.4, 6.8, 11.0, 8.0))
+    curved = dataclasses.replace(flat_profile(dequant_gw=0.5, backend="cpu"), dequant_tensor_gweights_per_s={"BF16": bf16})
+    sizes = [256 * 2304, 256 * 2304, 64 * 64, 256, 256, 64]
+    per_tensor = sum(tensor_unpack_s(bf16, n) for n in sizes)
+    at_mean = len(sizes) * tensor_unpack_s(bf16, sum(sizes) / len(sizes))
+    assert dequant_s(block, "BF16", "fp32", curved) == pytest.approx(per_tensor)
+    assert abs(per_tensor - at_mean) > 0.05 * per_tensor  # the two differ here: the test tells them apart
 
 
 def _measured_doc() -> dict:

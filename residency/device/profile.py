@@ -284,11 +284,16 @@ class DeviceProfile:
         symmetric model's 2 − o, as copy_slowdown_factor."""
         return self.compute_slowdown if self.compute_slowdown > 0 else _symmetric_slowdown(self.copy_compute_overlap)
 
-    def dequant_s(self, weights: int, fmt: str, calls: int = 0) -> float:
+    def dequant_s(self, weights: int, fmt: str, calls: int = 0, tensor_weights: tuple[tuple[int, int], ...] = ()
+                  ) -> float:
         """Seconds to dequantize `weights` weights stored in `fmt` in `calls` unpack calls (one per tensor; 0: the
-        rate alone). With a per-tensor curve for `fmt`, each call costs a tensor of the calls' mean size, as
-        measured (tensor_unpack_s). KeyError for a format not profiled."""
+        rate alone). With a per-tensor curve for `fmt`, each call costs its tensor's size as measured
+        (tensor_unpack_s): each (tensor weights, count) of `tensor_weights`, else a tensor of the calls' mean size
+        (the curve is not linear in size, so a mean over mixed sizes misprices them: up to ~10 % on the tiny model's
+        VAE blocks). KeyError for a format not profiled."""
         curve = self.dequant_tensor_gweights_per_s.get(fmt)
+        if curve is not None and tensor_weights:
+            return sum(count * tensor_unpack_s(curve, n) for n, count in tensor_weights)
         if curve is not None and calls > 0:
             return calls * tensor_unpack_s(curve, weights / calls)
         return weights / (self.dequant_gweights_per_s[fmt] * 1e9) + calls * self.dequant_call_us.get(fmt, 0.0) * 1e-6

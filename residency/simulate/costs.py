@@ -38,19 +38,19 @@ class CallCost:
 
 def dequant_s(block: BlockSpec, fmt: str, compute_dtype: str, profile: DeviceProfile) -> float:
     """Time to turn the stored blob into compute-dtype weights (0 when they are already that): each tensor a
-    dequant converts (the format's, and vectors fallen back to another) costs its weights at its format's rate
-    plus one unpack call (profile.dequant_call_us; a tiny model's small tensors cost more by calls than by
-    weights)."""
+    dequant converts (the format's, and vectors fallen back to another) costs one unpack call at its own size
+    (profile.dequant_s: the format's curve over tensor size where measured, else its rate plus a call cost; a tiny
+    model's small tensors cost more by calls than by weights)."""
     if get_format(fmt).name == DTYPE_FORMAT[compute_dtype]:
         return 0.0
     seconds = 0.0
-    for stored, calls, weights in block.dequant_work(fmt, compute_dtype):
+    for stored, calls, weights, sizes in block.dequant_work(fmt, compute_dtype):
         if stored not in profile.dequant_gweights_per_s:
             from residency.errors import ResidencyError
 
             raise ResidencyError(f"profile {profile.name!r} has no dequant rate for {stored}",
                                  hint="re-run `residency profile`, or plan without that format")
-        seconds += profile.dequant_s(weights, stored, calls)
+        seconds += profile.dequant_s(weights, stored, calls, sizes)
     return seconds
 
 

@@ -156,23 +156,26 @@ class BlockSpec:
     def _plain_nbytes(self) -> dict[tuple[str, str], tuple[int, ...]]:
         return {}
 
-    def dequant_work(self, fmt: str, compute_dtype: str) -> tuple[tuple[str, int, int], ...]:
-        """(stored format, unpack calls, weights) of what a dequant turns into `compute_dtype` when the block is
-        stored as `fmt` (converted, grouped by format: one unpack call per tensor, as the runtime unpacks);
-        cached per (fmt, compute_dtype), the planner asks it for every candidate."""
+    def dequant_work(self, fmt: str, compute_dtype: str) -> tuple[tuple[str, int, int, tuple[tuple[int, int], ...]], ...]:
+        """(stored format, unpack calls, weights, ((tensor weights, count), ...)) of what a dequant turns into
+        `compute_dtype` when the block is stored as `fmt` (converted, grouped by format: one unpack call per tensor,
+        as the runtime unpacks; each format's tensor sizes, smallest first, for a cost per tensor size); cached per
+        (fmt, compute_dtype), the planner asks it for every candidate."""
         key = (fmt, compute_dtype)
         work = self._dequant_work.get(key)
         if work is None:
-            groups: dict[str, list[int]] = {}
+            groups: dict[str, dict[int, int]] = {}
             for shape, f in self.converted(fmt, compute_dtype):
-                g = groups.setdefault(f.name, [0, 0])
-                g[0] += 1
-                g[1] += math.prod(shape)
-            work = self._dequant_work[key] = tuple((f, calls, n) for f, (calls, n) in groups.items())
+                sizes = groups.setdefault(f.name, {})
+                n = math.prod(shape)
+                sizes[n] = sizes.get(n, 0) + 1
+            work = self._dequant_work[key] = tuple(
+                (f, sum(sizes.values()), sum(n * c for n, c in sizes.items()), tuple(sorted(sizes.items())))
+                for f, sizes in groups.items())
         return work
 
     @cached_property
-    def _dequant_work(self) -> dict[tuple[str, str], tuple[tuple[str, int, int], ...]]:
+    def _dequant_work(self) -> dict[tuple[str, str], tuple[tuple[str, int, int, tuple[tuple[int, int], ...]], ...]]:
         return {}
 
     @cached_property
