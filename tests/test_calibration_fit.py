@@ -232,3 +232,39 @@ def test_a_dequant_fitted_as_a_whole_scales_its_rate_and_its_per_call_cost_alike
     assert fit.profile.dequant_call_us["Q8_0"] == pytest.approx(540.0, rel=0.05)
     true_ms = simulate(w, plan, truth, bound=False).prediction.frame_ms
     assert simulate(w, plan, fit.profile, bound=False).prediction.frame_ms == pytest.approx(true_ms, rel=0.03)
+
+
+def _kv_workload(context_frames: int = 12) -> Workload:
+    """Four DiT blocks whose attention to cached frames is ~half their compute at the full window."""
+    blocks = tuple(dataclasses.replace(linear_block(f"dit.blocks.{i}", 256, 64), context_tokens_per_frame=64,
+                                       kv_channels_per_token=512, context_attn_flops_per_token_pair=4.0 * 256 * 12)
+                   for i in range(4))
+    phases = (PhaseSpec("denoise", "latent_frame", (PassSpec(tuple(b.name for b in blocks), per_step=True,
+                                                             kv="read"),)),)
+    return Workload(name="kv", blocks=blocks, phases=phases, steps=2, context_frames=context_frames)
+
+
+def test_frames_while_the_kv_window_fills_are_fitted_at_the_frames_they_read():
+    from residency.simulate.costs import compute_s
+
+    w = _kv_workload()
+    base = base_profile(link_gbps=20.0)
+    plan = make_plan(w, base)  # all resident: compute only
+    full = compute_s(w.blocks[0], plan.blocks[0], base, 12, True, plan.kv_dtype, 1)
+    assert compute_s(w.blocks[0], plan.blocks[0], base, 2, True, plan.kv_dtype, 1) < 0.7 * full  # it matters here
+    # the recorder's rows of frames 1..16 as the cache fills: frame f reads min(f, 12) cached frames, 1.3× the model
+    rows, frames, t = [], [], 0.0
+    record = dataclasses.make_dataclass("F", ["frame", "frame_ms"])
+    for f in range(1, 17):
+        r = []
+        for _step in range(w.steps):
+            for i, (spec, bp) in enumerate(zip(w.blocks, plan.blocks, strict=True)):
+                d = 1.3 * compute_s(spec, bp, base, min(f, 12), True, plan.kv_dtype, 1)
+                r.append([f, i, t, t, t, t + d, 0.0, 0.0, 0.0, 0, 0.0])
+                t += d
+        rows.append(np.array(r, dtype=np.float64))
+        frames.append(record(f, (r[-1][5] - r[0][2]) * 1e3))
+    snap = TelemetrySnapshot(tuple(frames), tuple(rows), tuple(b.name for b in w.blocks), None, ())
+    fit = calibrate(snap, w, plan, base, model="kv")  # frames 3..16: nine of them before the window is full
+    for key, scale in fit.compute_scale.items():
+        assert scale == pytest.approx(1.3, rel=1e-6), key

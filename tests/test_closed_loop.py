@@ -390,3 +390,20 @@ def test_a_calibration_after_switch_plan_fits_only_the_new_plans_frames(tiny):
         assert rt.calibrated_profile().frames == len(window.frames)
     finally:
         rt.detach()
+
+
+def test_frames_faster_than_predicted_while_the_kv_window_fills_are_not_misses():
+    rt = FakeRuntime()
+    rt.workload = dataclasses.replace(rt.workload, context_frames=12)  # predicted at the full window
+    loop = ClosedLoop(rt, LoopOptions(background=False))
+    predicted = rt.plan.prediction.frame_ms
+    fast, slow = predicted * (1 - 2 * loop.options.margin), predicted * (1 + 2 * loop.options.margin)
+
+    def frame(n, ms):
+        return FrameRecord(n, 0.0, ms, ms, 0, 0, 0, 0, 0, 0, (), predicted)
+
+    assert not loop._missed(frame(5, fast))  # frame 5 reads 5 cached frames of 12: faster is expected
+    assert loop._missed(frame(5, slow))  # slower than even the full window's prediction: off
+    assert loop._missed(frame(12, fast))  # the window is full: a frame this fast is off
+    rt.workload = dataclasses.replace(rt.workload, context_frames=0)  # no KV cache: every frame is steady
+    assert loop._missed(frame(5, fast))

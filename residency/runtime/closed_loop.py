@@ -247,8 +247,13 @@ class ClosedLoop:
         budget = self._budget_ms()
         predicted = self.runtime.plan.prediction.frame_ms if self.runtime.plan.prediction else None
         over = budget is not None and frame.frame_ms > budget
-        off = predicted is not None and predicted > 0 and abs(frame.frame_ms / predicted - 1) > self.options.margin
-        return over or off
+        if predicted is None or predicted <= 0:
+            return over
+        error = frame.frame_ms / predicted - 1
+        # The prediction is of a frame at the full KV window; until it is full a frame reads fewer cached frames
+        # (calibration._frame_ctx) and may run that much faster: only slower is off then.
+        filling = frame.frame < self.runtime.workload.context_frames
+        return over or error > self.options.margin or (not filling and -error > self.options.margin)
 
     # --- calibrate and re-plan ---
     def _start(self, frames: list[tuple[FrameRecord, object]], trigger: bool) -> None:
