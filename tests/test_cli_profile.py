@@ -39,7 +39,7 @@ def test_quick_cpu_profile_end_to_end(tmp_path, capsys):
     assert set(profile.dequant_tensor_gweights_per_s) == set(profile.dequant_gweights_per_s)
     q8 = profile.dequant_tensor_gweights_per_s["Q8_0"]
     assert len(q8.x) >= 3 and all(a < b for a, b in zip(q8.x, q8.x[1:], strict=False)) and min(q8.y) > 0
-    assert "µs/call" in shown and "-weight" in shown
+    assert "µs/call" in shown and "-weight tensor" in shown
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

@@ -98,13 +98,15 @@ def tensor_unpack_s(curve: Curve, weights: float) -> float:
 
 @functools.lru_cache(maxsize=256)
 def _unpack_times(curve: Curve) -> tuple[float, ...]:
-    """Seconds of one call at each sample, never less than at a smaller one: a noisy small sample slower than a
-    larger one would make a smaller tensor cost more (the planner asks this for every candidate: cached)."""
-    times, most = [], 0.0
-    for x, y in zip(curve.x, curve.y, strict=True):
-        most = max(most, x / (y * 1e9))
-        times.append(most)
-    return tuple(times)
+    """Seconds of one call at each sample, never more than at a larger one: timing noise only slows a sample (a
+    median of a few runs on a busy machine), so a small sample slower than a larger one takes the larger's time
+    (a running maximum from below would pass one slow 4 K sample on to every tensor up to it; the planner asks
+    this for every candidate: cached)."""
+    times, least = [], math.inf
+    for x, y in zip(reversed(curve.x), reversed(curve.y), strict=True):
+        least = min(least, x / (y * 1e9))
+        times.append(least)
+    return tuple(reversed(times))
 
 
 @dataclass(frozen=True)

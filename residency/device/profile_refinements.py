@@ -73,7 +73,12 @@ def _dequant_tensor(r: ProfileReader, data: dict[str, Any]) -> dict[str, Curve]:
     key = "dequant_tensor_gweights_per_s"
     doc = r.obj(data.get(key, {}), key)
     no_extra(r, doc, tuple(FORMATS), key)
-    return {f: r.curve(v, f"{key}.{f}", DEQUANT_TENSOR_AXES) for f, v in doc.items()}
+    curves = {f: r.curve(v, f"{key}.{f}", DEQUANT_TENSOR_AXES) for f, v in doc.items()}
+    for f, c in curves.items():
+        if len(c.x) < 2:  # one size tells a rate but not the call cost that dominates small tensors
+            raise r.fail(f"{key}.{f}.tensor_weights", f"= {show(list(c.x))}: needs at least 2 sizes (a call cost "
+                         "and a rate)", hint=f"re-create it with `residency profile -o`, or remove {key}.{f}")
+    return curves
 
 
 def _dequant_call(r: ProfileReader, data: dict[str, Any]) -> dict[str, float]:
