@@ -5,7 +5,14 @@ Flat rates everywhere (one bandwidth at every size, one matmul rate at every row
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
+import pytest
+
+from residency.device import load_profile, profile_from_dict, profile_to_dict
 from residency.device.profile import COMPUTE_DTYPES, LINK_DIRECTIONS, Curve, DeviceProfile, Provenance
+from residency.errors import ResidencyError
 from residency.formats import FORMATS
 from residency.plan import BlockPlan, Budget, Execution, Plan
 from residency.workload import BlockSpec, PassSpec, PhaseSpec, Workload
@@ -43,3 +50,24 @@ def make_plan(workload: Workload, profile: DeviceProfile, placements: dict[str, 
                 profile_fingerprint="test", policy="test", budget=Budget(vram, frame_ms), blocks=blocks,
                 execution=Execution(prefetch_depth=depth, **execution), steps=workload.steps,
                 context_frames=workload.context_frames)
+
+
+def matrices_and_vectors_block(matrices: list[tuple[int, int]], vectors: list[int]) -> BlockSpec:
+    """A DiT block of the given weight matrices and 1-D vectors (norms, biases): what a dequant converts."""
+    tensors = tuple((f"m{i}", s) for i, s in enumerate(matrices)) + tuple((f"v{i}", (n,)) for i, n in enumerate(vectors))
+    return BlockSpec(name="dit.blocks.0", component="dit", tensors=tensors, tokens=16, flops_per_token=1.0)
+
+
+def shipped_doc_with(key: str, value: Any) -> dict:
+    """A shipped profile's JSON document with one measured field added (and its provenance)."""
+    doc = copy.deepcopy(profile_to_dict(load_profile("rx-7800-xt")))
+    doc[key] = value
+    doc["provenance"][key] = {"kind": "measured", "source": "test", "derating": ""}
+    return doc
+
+
+def assert_profile_refused(doc: dict, field: str, words: str) -> None:
+    """Reading `doc` as bad.json fails with an error naming the file, `field` and `words`."""
+    with pytest.raises(ResidencyError) as e:
+        profile_from_dict(doc, "bad.json")
+    assert f"'{field}'" in e.value.message and words in e.value.message and "bad.json" in e.value.message

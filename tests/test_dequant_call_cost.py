@@ -6,18 +6,15 @@ than the large matrix the rate is timed on; the per-call cost is what the rate a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
 import pytest
-from sim_helpers import flat_profile
+from sim_helpers import assert_profile_refused, flat_profile, matrices_and_vectors_block, shipped_doc_with
 
 from residency.device import load_profile, profile_from_dict, profile_to_dict
 from residency.device.measurements import dequant_rate_and_call
-from residency.errors import ResidencyError
 from residency.simulate.costs import dequant_s
-from residency.workload.spec import BlockSpec
 
 
 @pytest.mark.parametrize(("rate_gw", "call_us"), [(0.8, 140.0), (0.3, 400.0), (2.0, 15.0), (50.0, 30.0)])
@@ -38,18 +35,13 @@ def test_a_small_call_timed_faster_per_weight_is_noise_not_a_negative_cost():
     assert rate == pytest.approx(large / 1e-3 / 1e9)
 
 
-def _block(matrices: list[tuple[int, int]], vectors: list[int]) -> BlockSpec:
-    tensors = tuple((f"m{i}", s) for i, s in enumerate(matrices)) + tuple((f"v{i}", (n,)) for i, n in enumerate(vectors))
-    return BlockSpec(name="dit.blocks.0", component="dit", tensors=tensors, tokens=16, flops_per_token=1.0)
-
-
 @pytest.mark.parametrize(("matrices", "vectors"), [
     ([(768, 256), (256, 256), (1024, 256), (256, 1024)], [768, 256, 1024]),
     ([(4096, 4096)], []),
     ([(512, 512)] * 9, [512] * 20),
 ])
 def test_each_converted_tensor_pays_one_call_of_its_stored_format(matrices, vectors):
-    block = _block(matrices, vectors)
+    block = matrices_and_vectors_block(matrices, vectors)
     plain = dataclasses.replace(flat_profile(dequant_gw=0.5, backend="cpu"))
     calls = {"Q8_0": 140.0, "BF16": 12.0}
     costed = dataclasses.replace(plain, dequant_call_us=calls)
@@ -65,10 +57,7 @@ def test_each_converted_tensor_pays_one_call_of_its_stored_format(matrices, vect
 
 
 def _measured_doc() -> dict:
-    doc = copy.deepcopy(profile_to_dict(load_profile("rx-7800-xt")))
-    doc["dequant_call_us"] = {"Q8_0": 140.0, "Q4_K": 400.5, "BF16": 0.0}
-    doc["provenance"]["dequant_call_us"] = {"kind": "measured", "source": "test", "derating": ""}
-    return doc
+    return shipped_doc_with("dequant_call_us", {"Q8_0": 140.0, "Q4_K": 400.5, "BF16": 0.0})
 
 
 def test_the_call_cost_round_trips_and_changes_the_fingerprint():
@@ -94,9 +83,7 @@ def test_the_call_cost_round_trips_and_changes_the_fingerprint():
 def test_a_bad_call_cost_names_the_field(mutate, field, words):
     doc = _measured_doc()
     mutate(doc)
-    with pytest.raises(ResidencyError) as e:
-        profile_from_dict(doc, "bad.json")
-    assert f"'{field}'" in e.value.message and words in e.value.message and "bad.json" in e.value.message
+    assert_profile_refused(doc, field, words)
 
 
 def test_the_cpu_measurement_times_a_small_and_a_large_unpack():

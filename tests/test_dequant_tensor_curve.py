@@ -6,19 +6,16 @@ small model's unpacks (64K-400K weights a tensor) 1.4× slow; the curve costs ea
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
 import pytest
-from sim_helpers import flat_profile
+from sim_helpers import assert_profile_refused, flat_profile, matrices_and_vectors_block, shipped_doc_with
 
 from residency.device import load_profile, profile_from_dict, profile_to_dict
 from residency.device.profile import Curve, tensor_unpack_s
 from residency.device.profile_io import SCHEMA_2_FIELDS
-from residency.errors import ResidencyError
 from residency.simulate.costs import dequant_s
-from residency.workload.spec import BlockSpec
 
 SIZES = (4096.0, 65536.0, 262144.0, 1048576.0, 8388608.0)
 
@@ -69,13 +66,8 @@ def test_one_noisy_sample_neither_halves_a_large_tensor_nor_makes_a_smaller_one_
                 assert tensor_unpack_s(noisy, n) == pytest.approx(tensor_unpack_s(calm, n), rel=0.05), (i, n)
 
 
-def _block(matrices: list[tuple[int, int]], vectors: list[int]) -> BlockSpec:
-    tensors = tuple((f"m{i}", s) for i, s in enumerate(matrices)) + tuple((f"v{i}", (n,)) for i, n in enumerate(vectors))
-    return BlockSpec(name="dit.blocks.0", component="dit", tensors=tensors, tokens=16, flops_per_token=1.0)
-
-
 def test_a_block_costs_each_tensor_at_its_own_size():
-    block = _block([(512, 512)] * 4, [512] * 6)
+    block = matrices_and_vectors_block([(512, 512)] * 4, [512] * 6)
     q8 = Curve(SIZES, (0.2, 2.0, 4.0, 5.0, 4.0))
     bf16 = Curve(SIZES, (0.6, 3.4, 6.8, 11.0, 8.0))
     plain = flat_profile(dequant_gw=0.5, backend="cpu")
@@ -89,7 +81,7 @@ def test_a_block_costs_each_tensor_at_its_own_size():
 
 def test_mixed_sizes_in_one_format_cost_each_tensor_not_their_mean():
     # a VAE-like block: large convolution kernels and small biases, all converted from BF16
-    block = _block([(256, 2304), (256, 2304), (64, 64)], [256, 256, 64])
+    block = matrices_and_vectors_block([(256, 2304), (256, 2304), (64, 64)], [256, 256, 64])
     bf16 = Curve(SIZES, (0.6, 3.4, 6.8, 11.0, 8.0))
     curved = dataclasses.replace(flat_profile(dequant_gw=0.5, backend="cpu"), dequant_tensor_gweights_per_s={"BF16": bf16})
     sizes = [256 * 2304, 256 * 2304, 64 * 64, 256, 256, 64]
@@ -100,11 +92,8 @@ def test_mixed_sizes_in_one_format_cost_each_tensor_not_their_mean():
 
 
 def _measured_doc() -> dict:
-    doc = copy.deepcopy(profile_to_dict(load_profile("rx-7800-xt")))
-    doc["dequant_tensor_gweights_per_s"] = {"Q8_0": {"tensor_weights": [4096, 65536, 8388608],
-                                                     "gweights_per_s": [0.2, 2.0, 4.0], "spread": []}}
-    doc["provenance"]["dequant_tensor_gweights_per_s"] = {"kind": "measured", "source": "test", "derating": ""}
-    return doc
+    return shipped_doc_with("dequant_tensor_gweights_per_s", {"Q8_0": {"tensor_weights": [4096, 65536, 8388608],
+                                                     "gweights_per_s": [0.2, 2.0, 4.0], "spread": []}})
 
 
 def test_the_curve_round_trips_and_older_profiles_keep_their_fingerprint():
@@ -139,9 +128,7 @@ KEY = "dequant_tensor_gweights_per_s"
 def test_a_bad_curve_names_the_field(mutate, field, words):
     doc = _measured_doc()
     mutate(doc)
-    with pytest.raises(ResidencyError) as e:
-        profile_from_dict(doc, "bad.json")
-    assert f"'{field}'" in e.value.message and words in e.value.message and "bad.json" in e.value.message
+    assert_profile_refused(doc, field, words)
 
 
 def test_a_calibrated_dequant_scale_scales_the_curve_as_the_rate():
@@ -149,7 +136,7 @@ def test_a_calibrated_dequant_scale_scales_the_curve_as_the_rate():
     from residency.workload import Workload
 
     base = profile_from_dict(_measured_doc(), "mem")
-    workload = Workload(name="w", blocks=(_block([(512, 512)], []),), phases=(), steps=1, context_frames=0)
+    workload = Workload(name="w", blocks=(matrices_and_vectors_block([(512, 512)], []),), phases=(), steps=1, context_frames=0)
     cal = _calibrated_profile(base, workload, {}, None, {"Q8_0": 1.25}, None, None, None, "m", 16, "2026-12-06")
     got, was = cal.dequant_tensor_gweights_per_s["Q8_0"], base.dequant_tensor_gweights_per_s["Q8_0"]
     assert got.x == was.x
