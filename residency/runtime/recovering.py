@@ -1,0 +1,141 @@
+"""Recovery from out-of-memory: a unit of work (a call of the model, a session's step) that runs out of device
+memory (torch's, or the ledger's after `set_budget` cut the budget) is re-planned for the memory left,
+re-attached and run again — or, where a second run would see a change the first made, re-planned for and
+refused (retry_safety). A mixin of Runtime, whose attach/detach it calls; kept apart so each file holds one
+concern."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from residency.budget_size import vram_bytes
+from residency.errors import ResidencyError
+from residency.formats.dtypes import DTYPE_FORMAT
+from residency.plan import Budget
+from residency.runtime.hooks import ModelHook
+from residency.runtime.ledger import DeviceBudgetExceeded
+from residency.runtime.not_pickled import allow_copies, refuse_copies
+from residency.runtime.plan_switching import check_profile
+from residency.runtime.recovery import MAX_RECOVERIES, RECOVERABLE, recovery_budget
+from residency.runtime.retry_safety import CallState, capture
+from residency.units import MAX_SIZE_BYTES, fmt_bytes, parse_size
+
+if TYPE_CHECKING:
+    from residency.runtime.runtime import Runtime
+
+
+class RetryHook(ModelHook):
+    """On the model itself: one call of it is the unit a recovery retries."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    def init_hook(self, module: nn.Module) -> None:
+        refuse_copies(module)
+
+    def detach_hook(self, module: nn.Module) -> None:
+        allow_copies(module)
+
+    def new_forward(self, module, forward, args, kwargs):
+        rt = self.runtime
+        if rt.call_check is not None:
+            rt.call_check(args, kwargs)
+        return rt._unit(rt._model_call, (forward, args, kwargs), {},
+                        state=lambda: capture(rt._input_names, args, kwargs, rt._model_buffers))
+
+
+class Recovering:
+    """Runtime's recovery and the budget that triggers it; every attribute it reads is Runtime's (see
+    residency.runtime.runtime)."""
+
+    def set_budget(self, budget_bytes: int | str) -> None:
+        """Another program took (or returned) device memory; a cut below use triggers a recovery at the
+        next block call (or step). `budget_bytes`: whole bytes, a size ("6GiB"), or a share of the model's weights at
+        the plan's compute dtype ("50%", as attach(vram=…) reads it). Raises ResidencyError for
+        anything else (a float, a negative number): taken as given, -5 had become the budget. Detached (or
+        let go of the model when no plan fitted a cut), it is the budget the next `attach` holds its plan to."""
+        if isinstance(budget_bytes, str) and budget_bytes.strip().endswith("%"):
+            # each block's weights at its compute dtype: attach's figure when, as every policy plans, there is one
+            weights = sum(self.workload.by_name[bp.name].nbytes(DTYPE_FORMAT[bp.compute_dtype]) for bp in self.plan.blocks)
+            try:
+                budget_bytes = vram_bytes(budget_bytes, weights, 0)
+            except ResidencyError as e:  # its words are attach's (vram=…): named as this call
+                raise ResidencyError(f"set_budget({budget_bytes!r}): {e.message.split(': ', 1)[-1]}",
+                                     hint=e.hint) from None
+        elif isinstance(budget_bytes, str):
+            budget_bytes = parse_size(budget_bytes, "the budget")
+        elif (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral)
+              or not 0 < budget_bytes <= MAX_SIZE_BYTES):
+            raise ResidencyError(f"set_budget({budget_bytes!r}): the device budget is whole bytes from 1 to 2**60",
+                                 hint="e.g. rt.set_budget(6 * 2**30), rt.set_budget('6GiB') or rt.set_budget('50%')")
+        self.ledger.set_budget(int(budget_bytes))
+
+    def _retry(self, call: Callable[..., Any], args: tuple, kwargs: dict,
+               undo: Callable[[], None] | None = None, state: Callable[[], CallState] | None = None) -> Any:
+        """call(*args, **kwargs); after an out-of-memory: undo(), re-plan, re-attach and call again — unless
+        `state` (what the call could change, taken before each attempt) says the attempt changed something a
+        second run would see twice: then re-planned, and the call refused (retry_safety)."""
+        if self._retrying:  # inside a step or an outer call of the model: that one is retried whole
+            return call(*args, **kwargs)
+        self._retrying = True
+        try:
+            for attempt in range(MAX_RECOVERIES + 1):
+                before = state() if state is not None and self.replan is not None else None
+                try:
+                    with self._autograd_guard():  # per attempt: a recovery or switch may have changed the plan
+                        return call(*args, **kwargs)
+                except RECOVERABLE as e:
+                    if undo is not None:
+                        undo()
+                    if self.replan is None or attempt == MAX_RECOVERIES:
+                        raise
+                    changed = before.changed() if before is not None else None
+                    self._recover(e)
+                    if changed is not None:
+                        self._not_run_again(e, changed)
+                    if before is not None:
+                        before.rewind()
+        finally:
+            self._retrying = False
+        raise AssertionError("unreachable")
+
+    def _not_run_again(self, cause: BaseException, changed: str) -> None:
+        """Raise the error of a call that was re-planned for but not run again (`changed`: why not)."""
+        model = type(self._root).__name__ if self._root is not None else "the model"
+        raise ResidencyError(
+            f"{model} ran out of device memory ({type(cause).__name__}) and was re-planned for "
+            f"{fmt_bytes(self.recoveries[-1][1])}, but this call was not run again: {changed}, and a second run "
+            "would see that twice",
+            hint="call it again with its state as it was before this call (a generate(): run it again from the "
+                 "prompt); later calls run under the new plan") from cause
+
+    def _recover(self, cause: BaseException) -> None:
+        budget = recovery_budget(cause, self.ledger.budget_bytes, self.ledger.total_bytes, self.backend.device)
+        pipeline = self.pipeline
+        self._detach_blocks()
+        self.ledger.set_budget(budget)
+        try:
+            plan = self.replan(Budget(budget, self.plan.budget.frame_ms), self.profile)
+            check_profile(plan, self.profile)
+            # A retried call of the model may run under inference_mode; tensors made in it are read-only
+            # outside it, and the copy thread writes the new slots outside it.
+            with torch.inference_mode(False):
+                self._attach(pipeline, plan)
+        except DeviceBudgetExceeded as e:
+            self._remove_retry_hook()  # the model is left plain, as detach() leaves it
+            fewer = ", fewer context frames" if self.workload.kv_cache_bytes() else ""
+            raise DeviceBudgetExceeded(
+                f"no plan fits the device memory left ({fmt_bytes(budget)}): {e.message}; the runtime let go of "
+                "the model, which runs as it did before attach (its own weights, no budget) from now on",
+                hint=f"free device memory and attach again, or attach with a plan of smaller formats{fewer}"
+                ) from cause
+        except BaseException:
+            self._remove_retry_hook()
+            raise
+        self.recorder.prediction = plan.prediction
+        self.recoveries.append((type(cause).__name__, budget))
