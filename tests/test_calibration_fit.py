@@ -268,3 +268,29 @@ def test_frames_while_the_kv_window_fills_are_fitted_at_the_frames_they_read():
     fit = calibrate(snap, w, plan, base, model="kv")  # frames 3..16: nine of them before the window is full
     for key, scale in fit.compute_scale.items():
         assert scale == pytest.approx(1.3, rel=1e-6), key
+
+
+def test_a_fitted_dequant_scales_the_blocks_fallen_back_vectors_too():
+    """A Q8_0 block's norms and biases unpack from BF16 (fp32 compute): its measured dequant is both formats'.
+    Scaling Q8_0 alone left the BF16 share at the profile's time, under-predicting the block's dequant."""
+    from sim_helpers import matrices_and_vectors_block
+
+    from residency.simulate.costs import dequant_s
+
+    one = matrices_and_vectors_block([(512, 512)] * 4, [512] * 6)
+    blocks = tuple(dataclasses.replace(one, name=f"dit.blocks.{i}") for i in range(6))
+    w = Workload(name="vec", blocks=blocks, steps=2, context_frames=0,
+                 phases=(PhaseSpec("denoise", "latent_frame", (PassSpec(tuple(b.name for b in blocks), per_step=True),)),))
+    base = dataclasses.replace(base_profile(link_gbps=20.0), dequant_gweights_per_s={"Q8_0": 2.0, "BF16": 4.0},
+                               dequant_call_us={"Q8_0": 50.0, "BF16": 50.0})
+    truth = dataclasses.replace(base, dequant_gweights_per_s={"Q8_0": 2.0 / 1.5, "BF16": 4.0 / 1.5},
+                                dequant_call_us={"Q8_0": 75.0, "BF16": 75.0})  # the CPU unpacks 1.5× slower
+    plan = make_plan(w, base, {"dit.blocks.1": "streamed", "dit.blocks.3": "streamed"}, fmt="Q8_0")
+    plan = dataclasses.replace(plan, blocks=tuple(dataclasses.replace(bp, compute_dtype="fp32") for bp in plan.blocks))
+    fallback = dequant_s(one, "Q8_0", "fp32", base) - dequant_s(
+        dataclasses.replace(one, tensors=one.tensors[:4]), "Q8_0", "fp32", base)
+    assert fallback > 0.2 * dequant_s(one, "Q8_0", "fp32", base)  # the vectors' share matters here
+    fit = calibrate(telemetry_from(w, plan, truth, noise=0.02), w, plan, base)
+    assert fit.dequant_scale["Q8_0"] == pytest.approx(1.5, rel=0.05)
+    assert dequant_s(one, "Q8_0", "fp32", fit.profile) == pytest.approx(dequant_s(one, "Q8_0", "fp32", truth), rel=0.05)
+    assert fit.profile.dequant_gweights_per_s["BF16"] == pytest.approx(4.0 / 1.5, rel=0.05)

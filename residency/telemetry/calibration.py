@@ -392,9 +392,25 @@ def calibrate(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profi
     # the scales are measured ÷ predicted under the base profile's own scales: the new ones compound them
     base_scale = {b.name: compute_scale_of(profile, b) for b in workload.blocks}
     absolute = {k: base_scale.get(k, 1.0) * v for k, v in comp_scale.items()}
-    new = _calibrated_profile(profile, workload, absolute, copy_scale, deq_scale, fitted_k, fitted_c, host_us,
-                              model or workload.name, frames, date)
+    new = _calibrated_profile(profile, workload, absolute, copy_scale, _with_fallbacks(deq_scale, workload, plan),
+                              fitted_k, fitted_c, host_us, model or workload.name, frames, date)
     return CalibrationFit(new, frames, comp_scale, copy_scale, deq_scale, fitted_k, fitted_c, fit_points, host_us)
+
+
+def _with_fallbacks(deq_scale: dict[str, float], workload: Workload, plan: Plan) -> dict[str, float]:
+    """`deq_scale` and, for each format only seen as the fallback of fitted blocks (the BF16 vectors of a Q8_0
+    block), the median scale of those blocks' formats: a block's points are its whole dequant measured ÷
+    predicted, so scaling its own format alone left its fallen-back tensors' share — up to a third of a small
+    block's dequant with per-call costs — at the base profile's time. A format fitted on its own keeps its fit."""
+    seen: dict[str, list[float]] = defaultdict(list)
+    for bp in plan.blocks:
+        scale = deq_scale.get(bp.format)
+        if scale is None or bp.name not in workload.by_name:
+            continue
+        for stored, *_ in workload.by_name[bp.name].dequant_work(bp.format, bp.compute_dtype):
+            if stored != bp.format and stored not in deq_scale:
+                seen[stored].append(scale)
+    return {**deq_scale, **{f: float(np.median(v)) for f, v in seen.items()}}
 
 
 def _calibrated_profile(base: DeviceProfile, workload: Workload, comp_scale: dict[str, float],
@@ -408,10 +424,8 @@ def _calibrated_profile(base: DeviceProfile, workload: Workload, comp_scale: dic
     changed: dict[str, object] = {}
     if copy_scale is not None:
         changed["link"] = {k: (_scaled_curve(c, copy_scale) if k in LINK_KEYS else c) for k, c in base.link.items()}
-    if deq_scale:  # rate and per-call cost alike: a block's whole dequant time scales. Its fallen-back vectors'
-        # unpacks, in their own format, keep their cost: with per-call costs up to a third of a small block's
-        # dequant (tiny's DiT block: 0.20 of 0.61 ms), a format fitted 1.3× slow under-corrects by up to ~8 %
-        # when those did not slow down alike
+    if deq_scale:  # rate and per-call cost alike: a block's whole dequant time scales (with its fallen-back
+        # tensors' formats: _with_fallbacks)
         changed["dequant_gweights_per_s"] = {f: r / deq_scale.get(f, 1.0) for f, r in base.dequant_gweights_per_s.items()}
         if base.dequant_call_us:
             changed["dequant_call_us"] = {f: c * deq_scale.get(f, 1.0) for f, c in base.dequant_call_us.items()}
