@@ -201,10 +201,13 @@ def test_a_prediction_far_off_gets_the_hint_to_calibrate(machine, capsys, tmp_pa
     save_profile(fast, tmp_path / "fast.json")  # predicts compute 5x faster than it runs
     assert main([*RUN, "--frames", "3", "--profile", str(tmp_path / "fast.json")]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    # 3 frames are too few to calibrate: the hint says how many
-    assert "hint: the prediction is off by more than 20%: add --frames 8 --calibrate" in out
-    assert main([*RUN, "--frames", "5", "--profile", str(tmp_path / "fast.json"), "--calibrate"]) == 0
-    assert "hint: the prediction is off" not in capsys.readouterr().out  # calibrating already
+    # 3 frames are too few to calibrate: the hint says how many, and to calibrate this machine's profile
+    assert "hint: the prediction is off by more than 20%: run it without --profile and with --frames 8 --calibrate" \
+        in out
+    save_profile(fast, cached_profile_path("cpu"))  # this machine's profile predicts 5x fast, and the run calibrates
+    assert main([*RUN, "--frames", "5", "--calibrate"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(+" in out and "hint: the prediction is off" not in out  # far off, but calibrating already
 
 
 def test_a_given_plan_far_off_gets_the_hint_to_calibrate_without_it_and_plan_again(machine, capsys, tmp_path):
@@ -219,3 +222,31 @@ def test_a_given_plan_far_off_gets_the_hint_to_calibrate_without_it_and_plan_aga
     out = " ".join(capsys.readouterr().out.split())
     assert "hint: the prediction is off by more than 20%: run it once without --plan and with --frames 8 " \
            "--calibrate" in out and "residency plan tiny --profile calibrated … -o fast-plan.json" in out
+
+
+def test_calibrating_a_profile_other_than_this_machines_is_refused_before_the_rollout(machine, capsys):
+    """Saved under the same base name, it replaced the machine's calibration and was then discarded as of a changed
+    base at its next use: one run lost a good calibration and kept none."""
+    calibrate_tiny(capsys)
+    Path("out.gif").unlink()
+    kept = {p: p.read_bytes() for p in calibrated_dir().iterdir()}
+    doc = json.loads(MEASURED.read_text())
+    doc["launch_overhead_us"] = doc["launch_overhead_us"] * 2  # measured again: another profile of this machine
+    Path("other.json").write_text(json.dumps(doc))
+    assert main([*RUN, "--frames", "5", "--profile", "other.json", "--calibrate"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "other.json is another profile" in err and "hint:" in err
+    assert not Path("out.gif").exists()
+    assert {p: p.read_bytes() for p in calibrated_dir().iterdir()} == kept
+    shutil.copy(cached_profile_path("cpu"), "same.json")  # this machine's profile at another path: it is
+    assert main([*RUN, "--frames", "5", "--profile", "same.json", "--calibrate"]) == 0
+    assert SAVED.search(capsys.readouterr().out)
+
+
+def test_an_unwritable_calibration_cache_is_refused_before_the_rollout(machine, capsys):
+    calibrated_dir().parent.mkdir(parents=True, exist_ok=True)
+    calibrated_dir().write_text("a file where the cache's folder goes")
+    assert main([*RUN, "--frames", "5", "--calibrate"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot write the calibration cache" in err and "XDG_CACHE_HOME" in err
+    assert not Path("out.gif").exists()

@@ -115,6 +115,29 @@ def check_calibration(other: str | None, frames: int) -> None:
                          hint="drop --profile to calibrate this machine's profile, or drop --calibrate")
 
 
+def check_calibration_base(args: argparse.Namespace) -> None:
+    """Refuse, before the rollout, a --calibrate of a profile that is not this machine's cached one (a file measured
+    at another time, or edited): `--profile calibrated` builds on the cached one, and this calibration, saved under
+    the same base name, would have replaced the machine's and been discarded at its next use as of a changed base.
+    Also refuse an unwritable calibration cache here, not after the rollout. Raises UsageError / ResidencyError."""
+    from residency import session_setup
+    from residency.device import CALIBRATED, cached_profile_path, load_profile, resolve_profile
+    from residency.device.calibrated import check_cache_writable
+
+    if args.profile is not None and args.profile != CALIBRATED and not getattr(args, "plan", None):
+        named = resolve_profile(args.profile)
+        try:
+            cached = load_profile(cached_profile_path(session_setup.device_kind()))
+        except ResidencyError:  # none measured yet (or unreadable): the named one cannot be it
+            cached = None
+        base = named.calibration.base_fingerprint if named.calibration is not None else named.fingerprint()
+        if cached is None or base != cached.fingerprint():
+            raise UsageError(f"--calibrate caches a calibration of this machine's profile, the one `run` plans with "
+                             f"by default and `--profile calibrated` builds on; {args.profile} is another profile",
+                             hint="drop --profile to calibrate this machine's profile, or drop --calibrate")
+    check_cache_writable()
+
+
 def _named_profile_other(args: argparse.Namespace) -> str | None:
     """other_device's words for the profile --profile names (a shipped name or a file), read before planning; None
     when none is named, it is `calibrated` (this machine's), or it is of this runtime's kind."""
@@ -334,6 +357,9 @@ def _calibrate_hint(args: argparse.Namespace, frames: int) -> str | None:
                 f"make the plan again with `residency plan {args.model} --profile calibrated … -o {args.plan}`")
     if args.profile == "calibrated":
         return f"the calibration is off too (the machine may have changed): run again with{more} --calibrate to fit it anew"
+    if args.profile is not None:  # --calibrate fits this machine's cached profile only (check_calibration_base)
+        return (f"run it without --profile and with{more} --calibrate to fit this machine's profile to a run (cached), "
+                "then plan with --profile calibrated")
     return f"add{more} --calibrate to fit this machine's profile to a run (cached), then plan with --profile calibrated"
 
 
@@ -369,6 +395,7 @@ def run(args: argparse.Namespace) -> int:
         named = _named_profile_other(args)
         if args.calibrate:
             check_calibration(named, len(actions))
+            check_calibration_base(args)
         _check_closed_loop(args, named)
     model, plan, replan, other = plan_for(model, args, err)
     if args.calibrate:

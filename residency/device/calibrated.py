@@ -17,6 +17,7 @@ import dataclasses
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,12 +71,22 @@ def save_calibrated(profile: DeviceProfile) -> Path:
     named = dataclasses.replace(profile, name=base + NAME_SUFFIX,
                                 provenance={**profile.provenance, BASE_KEY: Provenance("calibrated", base)})
     path = calibrated_path(base, profile.calibration.workload_fingerprint)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ResidencyError(f"{path.parent}: cannot create the calibration cache ({e.strerror or e})",
-                             hint="set XDG_CACHE_HOME to a writable directory") from None
+    check_cache_writable()
     return save_profile(named, path)
+
+
+def check_cache_writable() -> Path:
+    """calibrated_dir(), created if missing, after creating and removing a file in it; ResidencyError when either
+    fails (a read-only cache: `run --calibrate` checks it before its rollout, not after)."""
+    folder = calibrated_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ResidencyError(f"{folder}: cannot write the calibration cache ({e.strerror or e})",
+                             hint="set XDG_CACHE_HOME to a writable directory") from None
+    return folder
 
 
 def better_cached(profile: DeviceProfile) -> tuple[Path, DeviceProfile] | None:
