@@ -345,7 +345,9 @@ class CalibrationReport:
     def line(self) -> str:
         """"calibrated profile saved to PATH (from N frames): prediction error before +36.2 %, after +3.1 %", or
         where the cache keeps a fit on more frames, the same figures and which file was kept."""
-        errors = f"prediction error before {self.error_before * 100:+.1f} %, after {self.error_after * 100:+.1f} %"
+        errors = (f"prediction error before {self.error_before * 100:+.1f} %, after {self.error_after * 100:+.1f} % "
+                  "(the fitted frames' median against the plan predicted with the starting profile, then with the "
+                  "calibrated one)")
         if self.kept is None:
             return f"calibrated profile saved to {self.path} (from {plural(self.frames, 'frame')}): {errors}"
         from residency.device.calibrated import FULL_FIT_FRAMES

@@ -333,8 +333,11 @@ def report_speed(console: Console, snapshot: TelemetrySnapshot, other: str | Non
             line += f"; the plan's {predicted:.1f} ms is predicted for {other}, so the two do not compare"
         elif predicted:
             line += f"; the plan predicted {predicted:.1f} ms ({(measured - predicted) / predicted:+.0%})"
+            if snapshot.events:  # the prediction the loop last adopted or switched to, not the starting one
+                line += " as the closed loop last re-predicted it"
     if gap > 0:  # nan compares false
-        line += f"; the caller took {gap:.1f} ms more between frames (not in the measurement)"
+        line += (f"; {gap:.1f} ms more passed between frames outside the model (the program around it: drawing, "
+                 "saving; not in the measured frame)")
     console.print(line)
     if predicted and not other and not warm_up and calibrate_hint and abs(measured - predicted) > OFF_BY * predicted:
         console.print(f"hint: the prediction is off by more than {OFF_BY:.0%}: {calibrate_hint}", markup=False,
