@@ -76,6 +76,8 @@ def _pct(spread: float) -> str:
 
 def fmt_elements(n: float) -> str:
     """An element count in binary k or M, e.g. "4 M"."""
+    if n < 2**10:  # "0.5625 k" read oddly for a 576-weight kernel
+        return f"{n:g}"
     return f"{n / 2**20:g} M" if n >= 2**20 else f"{n / 2**10:g} k"
 
 
@@ -124,11 +126,15 @@ def render(profile: DeviceProfile, console: Console) -> None:
         value = f"{rate:.3g} G weights/s"
         if profile.dequant_call_us.get(fmt):
             value += f" +{profile.dequant_call_us[fmt]:.3g} µs/call"
+        spread = ""
         curve = profile.dequant_tensor_gweights_per_s.get(fmt)
-        if curve is not None:  # a middle sample: the size a small model's tensors have, where the rate differs most
+        if curve is not None:
+            # the planner prices each tensor by the curve: a middle sample first (a small model's tensor size, where
+            # the cache makes it differ most from the large matrix's rate and call cost, which follow in brackets)
             mid = len(curve.x) // 2
-            value += f"; {curve.y[mid]:.3g} @ {fmt_elements(curve.x[mid])}-weight tensor"
-        table.add_row(f"dequant {fmt} → {target}", value, "")
+            value = f"{curve.y[mid]:.3g} G weights/s @ {fmt_elements(curve.x[mid])}-weight tensor (large: {value})"
+            spread = _pct(curve.spread[mid]) if curve.spread else ""
+        table.add_row(f"dequant {fmt} → {target}", value, spread)
     if profile.elementwise_gelems_per_s is not None:
         curve = profile.elementwise_gelems_per_s
         for i in sorted({0, len(curve.x) - 1}):
