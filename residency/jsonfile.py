@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from typing import Any
 
@@ -40,18 +41,34 @@ def read_json(path: str | os.PathLike[str], what: str, hint: str, max_bytes: int
         raise ResidencyError(f"{name}: not valid JSON, so not {what} (line {e.lineno}, column {e.colno}: {e.msg})",
                              hint=hint) from None
     except _Duplicate as e:  # before ValueError: it is one
+        lines = _key_lines(text, e.args[0])
+        where = f" (the key is on lines {', '.join(map(str, lines))})" if 1 < len(lines) <= 12 else ""
         raise ResidencyError(f"{name}: {what} gives {_show_key(e.args[0])} twice in one object, with two values (JSON "
-                             "readers keep either; residency would have used the last silently)",
-                             hint=hint + "; keep one of the two") from None
+                             f"readers keep either; residency would have used the last silently){where}",
+                             hint=f"keep one of the two; {hint}") from None
     except _NonFinite as e:
-        raise ResidencyError(f"{name}: {what} holds {e.args[0][:40]}, which is not a finite number",
-                             hint=hint + "; numbers must be finite") from None
+        line = _token_line(text, e.args[0])
+        where = f" at line {line}" if line else ""
+        raise ResidencyError(f"{name}: {what} holds {e.args[0][:40]}{where}, which is not a finite number",
+                             hint=f"numbers must be finite: fix that value; {hint}") from None
     except RecursionError:
         raise ResidencyError(f"{name}: {what} is nested too deeply to be read", hint=hint) from None
     except ValueError:  # an integer literal past Python's int parsing limit (4,300 digits by default)
         raise ResidencyError(f"{name}: {what} holds an integer of more than {_INT_DIGITS} "
                              "digits", hint=hint) from None
     return doc
+
+
+def _key_lines(text: str, key: str) -> list[int]:
+    """1-based lines where `key` is written as an object key (its JSON spelling, then a colon)."""
+    spelled = re.escape(json.dumps(key, ensure_ascii=False))
+    return [text.count("\n", 0, m.start()) + 1 for m in re.finditer(spelled + r"\s*:", text)]
+
+
+def _token_line(text: str, token: str) -> int | None:
+    """1-based line of the first bare `token` (NaN, Infinity, 1e999) outside a string, or None."""
+    m = re.search(r"(?:^|[\s:\[,])" + re.escape(token) + r"(?=[\s,\]}]|$)", text)
+    return text.count("\n", 0, m.start()) + 1 + (text[m.start()] == "\n") if m else None
 
 
 def _shown(path: str | os.PathLike[str], limit: int = 120) -> str:

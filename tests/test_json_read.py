@@ -185,3 +185,13 @@ def test_a_key_given_twice_with_one_value_is_read(tmp_path):
 def test_the_same_key_in_two_objects_is_fine(tmp_path):
     assert read_json(_write(tmp_path, '{"a": {"k": 1}, "b": {"k": 2}}'), "the thing", HINT) == {"a": {"k": 1},
                                                                                                  "b": {"k": 2}}
+
+
+def test_a_duplicate_key_and_a_non_finite_number_say_on_which_lines(tmp_path):
+    """In a profile, Q8_0 is a key of three objects: the message named it but not where."""
+    text = '{\n "rates": {"Q8_0": 1.0},\n "calls": {"Q8_0": 2.0,\n   "Q8_0": 3.0}\n}\n'
+    err = _refused(_write(tmp_path, text))
+    assert "lines 2, 3, 4" in err.message and "keep one" in err.hint
+    err = _refused(_write(tmp_path, '{\n "name": "NaN",\n "x": [1,\n  NaN]\n}\n'))
+    assert "NaN at line 4" in err.message  # the string "NaN" on line 2 is not it
+    assert "finite" in err.hint
