@@ -117,6 +117,8 @@ KEY = "dequant_tensor_gweights_per_s"
     (lambda d: d[KEY]["Q8_0"].update(gweights_per_s=[0.2, 2.0]), f"{KEY}.Q8_0", "equal length"),
     (lambda d: d[KEY]["Q8_0"].update(tensor_weights=[65536], gweights_per_s=[2.0]), f"{KEY}.Q8_0.tensor_weights",
      "at least 2 sizes"),
+    (lambda d: d[KEY]["Q8_0"].update(tensor_weights=[4096.5, 65536, 8388608]), f"{KEY}.Q8_0.tensor_weights",
+     "holds 4096.5: sizes are whole weights"),
     (lambda d: d[KEY].update(Q9_9=d[KEY]["Q8_0"]), f"{KEY}.Q9_9", "not known"),
     (lambda d: d["dequant_gweights_per_s"].pop("Q8_0"), f"{KEY}.Q8_0", "no dequant_gweights_per_s.Q8_0"),
     (lambda d: d["provenance"].pop(KEY), f"provenance.{KEY}", "missing"),

@@ -75,6 +75,10 @@ def _dequant_tensor(r: ProfileReader, data: dict[str, Any]) -> dict[str, Curve]:
     no_extra(r, doc, tuple(FORMATS), key)
     curves = {f: r.curve(v, f"{key}.{f}", DEQUANT_TENSOR_AXES) for f, v in doc.items()}
     for f, c in curves.items():
+        frac = next((x for x in c.x if x != int(x)), None)
+        if frac is not None:  # a tensor holds whole weights: a fraction is a typo or a unit mix-up
+            raise r.fail(f"{key}.{f}.tensor_weights", f"holds {frac:g}: sizes are whole weights of one tensor",
+                         hint=f"re-create it with `residency profile -o`, or remove {key}.{f}")
         if len(c.x) < 2:  # one size tells a rate but not the call cost that dominates small tensors
             raise r.fail(f"{key}.{f}.tensor_weights", f"= {show(list(c.x))}: needs at least 2 sizes (a call cost "
                          "and a rate)", hint=f"re-create it with `residency profile -o`, or remove {key}.{f}")
