@@ -149,7 +149,8 @@ def _measurements(backend: str) -> Measurements:
         elementwise_gelems_per_s=curve, compute_threads=1,
         # what only the CPU measures: attention curves, the re-warm after a matmul
         **({"attention_tflops": {"fp32": curve}, "conv_tflops": {"fp32": curve}, "matmul_rewarm_us": curve,
-            "dequant_tensor_gweights_per_s": {"Q8_0": curve}} if backend == "cpu" else {}),
+            "dequant_tensor_gweights_per_s": {"Q8_0": curve}, "dequant_fresh_factor": {"Q8_0": 0.9}}
+           if backend == "cpu" else {}),
         dequant_call_us={"Q8_0": 20.0},
     )
 
@@ -161,7 +162,7 @@ def _measurements(backend: str) -> Measurements:
 def test_each_backend_says_how_it_measured_every_field_after_the_command(backend, notes):
     profile = to_profile(_measurements(backend), "residency profile --quick", notes)
     optional = ({"attention_tflops", "conv_tflops", "matmul_rewarm_us", "dequant_call_us",
-                 "dequant_tensor_gweights_per_s"} if backend == "cpu"
+                 "dequant_tensor_gweights_per_s", "dequant_fresh_factor"} if backend == "cpu"
                 else {"dequant_call_us"})
     assert set(profile.provenance) == PROVENANCE_FIELDS | optional
     assert all(p.kind == "measured" and p.source.startswith("residency profile --quick — ")

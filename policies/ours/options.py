@@ -96,12 +96,13 @@ def block_options(w: Workload, b: BlockSpec, req: PlanRequest, execution: Execut
         if fmt != plain and (fmt not in req.profile.dequant_gweights_per_s or not b.quantized_weights(fmt)):
             continue  # no rate on this device, or every tensor would fall back to BF16 anyway
         deq = calls * dequant_s(b, fmt, dtype, req.profile)
+        deq_fresh = calls * dequant_s(b, fmt, dtype, req.profile, fresh=True)  # streamed: from the slot just filled
         scratch = scratch_bytes(b, BlockPlan(b.name, "streamed", fmt, dtype))
         move = calls * copy_s(b, fmt, req.profile, execution)
         if fmt != plain:
             out.append(Option("resident-quantized", fmt, "compute", k + deq, 0.0, b.nbytes(fmt), 0, scratch,
                               loss(fmt), exec_mode=exec_mode))
-        out.append(Option("streamed", fmt, "compute", k + deq, move, 0, b.nbytes(fmt), scratch, loss(fmt),
+        out.append(Option("streamed", fmt, "compute", k + deq_fresh, move, 0, b.nbytes(fmt), scratch, loss(fmt),
                           exec_mode=exec_mode))
         if fmt != plain and execution.copy_mode == "async":
             # dequant beside compute on the copy engine: the slot then holds compute-dtype weights, and a

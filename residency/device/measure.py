@@ -25,7 +25,9 @@ from residency.errors import ResidencyError, UsageError
 # 10: the CPU's conv2d rate over kernel size (conv_tflops): a VAE's thin convs ran 2-5× slower than the matmul model.
 # 11: the CPU's unpack rate over tensor size (dequant_tensor_gweights_per_s), its packed input from DRAM: a small
 #     model's tensors unpacked 1.4× faster than the rate timed on an 8M-weight matrix predicted.
-MEASUREMENT_VERSION = 11
+# 12: the CPU's unpack from a just-copied slot against one from DRAM (dequant_fresh_factor): a streamed block's
+#     Q8_0 unpack ran 6-10 % faster than the curve (cold input) predicted, BF16 → fp32 12-29 %.
+MEASUREMENT_VERSION = 12
 
 
 def default_device() -> str:

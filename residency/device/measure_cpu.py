@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from residency.device.bench_inputs import measured_formats, packed_sample
+from residency.device.bench_inputs import measured_formats
 from residency.device.copy_worker import CopyWorker
 from residency.device.host_cpu import cpu_model, usable_cores
 from residency.device.host_memory import HostMemory, cpu_reserve_bytes, host_memory
@@ -33,6 +33,7 @@ from residency.device.measure_cpu_compute import (
     measure_matmul,
     measure_rewarm,
 )
+from residency.device.measure_cpu_dequant import dequant_shapes, dequant_store, measure_dequant
 from residency.device.measurements import (
     DEQUANT_SMALL_SHAPE,
     PROBE_WEIGHTS,
@@ -40,7 +41,6 @@ from residency.device.measurements import (
     ProbeShape,
     block_probe,
     calls_during,
-    dequant_rate_and_call,
     slowdowns,
     to_profile,
 )
@@ -55,8 +55,6 @@ from residency.device.timing import (
     time_samples,
 )
 from residency.errors import ResidencyError
-from residency.formats import get_format
-from residency.formats.staging import new_staging, staging_bytes
 
 KIB, MIB = 2**10, 2**20
 
@@ -160,67 +158,6 @@ def measure_memcpy_gbps(schedule: CpuSchedule) -> tuple[float, Timing]:
     src, dst = _filled(schedule.memcpy_bytes), _filled(schedule.memcpy_bytes)
     t = time_samples(lambda: dst.copy_(src), repeats=5)
     return 2 * schedule.memcpy_bytes / t.median_s / 1e9, t  # bytes read plus bytes written
-
-
-# A model's weights come from DRAM on every call: the matmuls cycle through distinct weights totalling more
-# than a CPU's last-level cache, or the few-row rates (weight-bandwidth bound) would read from cache.
-# The CPU backend computes in fp32 (bf16 matmuls are slow on most CPUs), so a block's weights are unpacked
-# into fp32: a GGUF kernel writes that output in place, while bf16 would add a cast pass over a temporary.
-DEQUANT_OUT_DTYPE = torch.float32
-
-
-# Below the schedule's matrix, the per-tensor curve's shapes: a call-bound one (DEQUANT_SMALL_SHAPE), then tensor
-# sizes a small model's blocks hold (64K-1M weights), whose output still fits the caches while 8M does not.
-DEQUANT_TENSOR_SHAPES = (DEQUANT_SMALL_SHAPE, (64, 1024), (256, 1024), (1024, 1024))
-
-
-def dequant_shapes(schedule: CpuSchedule) -> tuple[tuple[int, int], ...]:
-    """The per-tensor curve's shapes below the schedule's matrix, then that matrix: sizes strictly growing."""
-    large = math.prod(schedule.dequant_shape)
-    return (*(s for s in DEQUANT_TENSOR_SHAPES if math.prod(s) < large), schedule.dequant_shape)
-
-
-def dequant_store(schedule: CpuSchedule) -> torch.Tensor:
-    """The byte store measure_dequant's packed copies tile: COLD_WEIGHT_BYTES plus the largest packed matrix (at
-    most 4 bytes a weight, F32), faulted in once here for every format rather than once per format and size."""
-    return torch.zeros(COLD_WEIGHT_BYTES + 4 * math.prod(schedule.dequant_shape), dtype=torch.uint8)
-
-
-def measure_dequant(name: str, schedule: CpuSchedule, store: torch.Tensor | None = None) -> tuple[float, float, Curve]:
-    """(1e9 weights/s, µs per unpack call, the per-tensor curve) unpacking into preallocated fp32 buffers through
-    one staging buffer, as the runtime's threads do, at DEQUANT_TENSOR_SHAPES and the schedule's matrix. Rate and
-    call cost come from the largest and smallest (measurements.dequant_rate_and_call); the curve holds every size.
-
-    The packed input comes from DRAM, as a streamed or resident block's does: the copies of one packed matrix tile
-    `store` (dequant_store's, made here when None), written in order, and the samples unpack them oldest first
-    (repeating one tensor timed Q8_0 at 256K weights 1.3× faster than the runtime unpacks it). The large matrix
-    gets the point's time, each smaller one a fifth, at least 15 samples: a small call is ~0.02-0.1 ms and noisy."""
-    fmt = get_format(name)
-    shapes = dequant_shapes(schedule)
-    store = dequant_store(schedule) if store is None else store
-    staging = new_staging(staging_bytes("cpu", math.prod(shapes[-1]), DEQUANT_OUT_DTYPE), "cpu")
-    weights, seconds, spread = [], [], []
-    for rows, cols in shapes:
-        large = (rows, cols) == shapes[-1]
-        budget_s, least, most = (schedule.dequant_point_s, 3, 30) if large else (schedule.dequant_point_s / 5, 15, 400)
-        packed = packed_sample(fmt, rows, cols).view(torch.uint8).reshape(-1)
-        tiled = store[: store.numel() // packed.numel() * packed.numel()].view(-1, packed.numel())
-        tiled.copy_(packed.expand_as(tiled))
-        # views of the copies written first (the coldest), one per sample: indexing in the timed call costs ~1 µs
-        copies = itertools.cycle([tiled[i] for i in range(min(tiled.shape[0], most + 1))])
-        out = torch.empty(rows, cols, dtype=DEQUANT_OUT_DTYPE)
-        t0 = time.perf_counter()
-        fmt.unpack(next(copies), out, staging)
-        first = time.perf_counter() - t0
-        t = time_samples(lambda c=copies, o=out: fmt.unpack(next(c), o, staging), repeats_for(first, budget_s, least, most),
-                         warmup=0)
-        weights.append(rows * cols)
-        seconds.append(t.median_s)
-        spread.append(round(t.spread, 4))
-    rate, call_us = dequant_rate_and_call(weights[-1], seconds[-1], weights[0], seconds[0])
-    curve = Curve(tuple(float(n) for n in weights), tuple(n / s / 1e9 for n, s in zip(weights, seconds, strict=True)),
-                  tuple(spread))
-    return rate, call_us, curve
 
 
 def cold_copy() -> Callable[[], None]:
@@ -381,6 +318,9 @@ def provenance_notes(schedule: CpuSchedule, mem: HostMemory, compute_threads: in
         "dequant_tensor_gweights_per_s": "the same unpack, call included, of "
                                          + ", ".join(f"{r}×{c}" for r, c in dequant_shapes(schedule))
                                          + " matrices: a tensor's time at its size",
+        "dequant_fresh_factor": "the same unpack of the {}×{} matrix from a slot its packed copy was just copied "
+                                "into, over the same from DRAM, alternating; ratio of the medians".format(
+                                    *dequant_shapes(schedule)[len(dequant_shapes(schedule)) // 2]),
         "copy_compute_overlap": "copy thread alone (16 MiB loads from a DRAM-cold store), a loop of 16-row matmuls "
                                 "over DRAM-cold weights alone, both at once",
         "copy_slowdown": f"copy thread's {schedule.probe_job_s} s job of 16 MiB loads from a DRAM-cold store, alone "
@@ -446,11 +386,11 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
     attention = {d: measure_attention(d, schedule) for d in COMPUTE_DTYPES}
     step(CONV_STEP)
     conv = {d: measure_conv(d, schedule) for d in COMPUTE_DTYPES}
-    dequant, dequant_call, dequant_tensor = {}, {}, {}
+    dequant, dequant_call, dequant_tensor, dequant_fresh = {}, {}, {}, {}
     store = dequant_store(schedule)
     for f in formats:
         step(f"dequant {f}")
-        dequant[f], dequant_call[f], dequant_tensor[f] = measure_dequant(f, schedule, store)
+        dequant[f], dequant_call[f], dequant_tensor[f], dequant_fresh[f] = measure_dequant(f, schedule, store)
     del store
     step("overlap")
     overlap = measure_overlap(engine, schedule)
@@ -464,7 +404,7 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
         link=link, device_memory_gbps=memcpy_gbps, matmul_tflops=matmul, matmul_weight_dim=schedule.matmul_dim,
         matmul_small_tflops=small, matmul_small_weight_dim=schedule.matmul_small_dim,
         dequant_gweights_per_s=dequant, dequant_call_us=dequant_call,
-        dequant_tensor_gweights_per_s=dequant_tensor, copy_compute_overlap=overlap, copy_slowdown=copy_slowdown,
+        dequant_tensor_gweights_per_s=dequant_tensor, dequant_fresh_factor=dequant_fresh, copy_compute_overlap=overlap, copy_slowdown=copy_slowdown,
         compute_slowdown=compute_slowdown, launch_overhead_us=launch_us,
         elementwise_gelems_per_s=elementwise, compute_threads=compute_threads, attention_tflops=attention,
         conv_tflops=conv, matmul_rewarm_us=rewarm,

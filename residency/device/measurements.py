@@ -26,7 +26,7 @@ PROVENANCE_FIELDS = frozenset({
 # Fields only some backends measure (the CPU: attention and conv curves, the re-warm after a matmul); each one
 # measured records how.
 OPTIONAL_PROVENANCE_FIELDS = frozenset({"attention_tflops", "conv_tflops", "matmul_rewarm_us", "dequant_call_us",
-                                        "dequant_tensor_gweights_per_s"})
+                                        "dequant_tensor_gweights_per_s", "dequant_fresh_factor"})
 # An unpack timed on a small matrix, beside the rate's large one, gives its per-call cost: 16 rows of 256 weights,
 # a whole number of blocks of every format (K-quants' 256), small enough that the call costs more than the weights.
 DEQUANT_SMALL_SHAPE = (16, 256)
@@ -62,6 +62,8 @@ class Measurements:
     dequant_call_us: dict[str, float] = field(default_factory=dict)  # storage format -> µs per unpack call
     # CPU: storage format -> 1e9 weights/s of one unpack call over its tensor's weights, the call included
     dequant_tensor_gweights_per_s: dict[str, Curve] = field(default_factory=dict)
+    # CPU: storage format -> an unpack's time from a just-copied input over its time from DRAM
+    dequant_fresh_factor: dict[str, float] = field(default_factory=dict)
 
 
 def dequant_rate_and_call(large_weights: int, large_s: float, small_weights: int, small_s: float) -> tuple[float, float]:

@@ -26,6 +26,7 @@ EXEC_MODE_FIELDS = ("graph_replay_us_per_kernel", "compiled_dispatch_fraction", 
 # profiles, which therefore keep their fingerprints.
 OPTIONAL_FIELDS = ("matmul_weight_dim", "matmul_small_tflops", "matmul_small_weight_dim", "elementwise_gelems_per_s",
                    "attention_tflops", "conv_tflops", "matmul_rewarm_us", "dequant_call_us", "dequant_tensor_gweights_per_s",
+                   "dequant_fresh_factor",
                    "copy_slowdown",
                    "compute_slowdown", "compute_scale", "call_host_us", "streamed_call_host_us", "calibration", *EXEC_MODE_FIELDS)
 # Bounds of a measured slowdown factor: 1 = no interference; a copy or compute 10× slower beside the other
@@ -178,6 +179,10 @@ class DeviceProfile:
     # 64K weights, 3.8 at 256K, 4.9 at 1M and 3.6 at 8M (the output no longer fits the caches), where the
     # rate-and-call model, timed at 8M, predicted a tiny DiT block's unpack 40 % slow (0.59 ms against 0.42)
     dequant_tensor_gweights_per_s: dict[str, Curve] = field(default_factory=dict)
+    # CPU: storage format -> an unpack's time when its packed input was just copied (a streamed block's slot, in the
+    # cache) over its time from DRAM (the curve's), at the curve's middle size ({} = not measured: 1.0). Measured on
+    # this EPYC at 256 K weights: Q8_0 0.94, BF16 0.78-0.88, Q4_K 0.98 (at 1 M weights: 0.90, 0.71, 0.99)
+    dequant_fresh_factor: dict[str, float] = field(default_factory=dict)
     # Interference, per engine: factor (≥ 1) by which a copy's time grows while compute runs, and compute's while
     # a copy runs; 0 = not measured, the symmetric model of copy_compute_overlap applies (see *_slowdown_factor)
     copy_slowdown: float = 0.0

@@ -46,7 +46,7 @@ PROFILE_SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 SCHEMA_2_FIELDS = ("copy_slowdown", "compute_slowdown", "compute_scale", "call_host_us", "streamed_call_host_us",
                    "calibration", *EXEC_MODE_FIELDS, "attention_tflops", "conv_tflops", "matmul_rewarm_us",
-                   "dequant_call_us", "dequant_tensor_gweights_per_s")
+                   "dequant_call_us", "dequant_tensor_gweights_per_s", "dequant_fresh_factor")
 # Top-level groups of numbers that must each say where they came from.
 PROVENANCE_FIELDS = (
     "memory",
@@ -78,7 +78,7 @@ def schema_version_of(profile: DeviceProfile) -> int:
               or profile.call_host_us or profile.streamed_call_host_us or profile.calibration is not None
               or any(getattr(profile, k) for k in EXEC_MODE_FIELDS)
               or profile.attention_tflops or profile.conv_tflops or profile.matmul_rewarm_us is not None
-              or profile.dequant_call_us or profile.dequant_tensor_gweights_per_s)
+              or profile.dequant_call_us or profile.dequant_tensor_gweights_per_s or profile.dequant_fresh_factor)
     return PROFILE_SCHEMA_VERSION if uses_2 else 1
 
 
@@ -113,6 +113,8 @@ def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
     if profile.dequant_tensor_gweights_per_s:
         doc["dequant_tensor_gweights_per_s"] = {f: _curve_to_dict(c, DEQUANT_TENSOR_AXES)
                                                 for f, c in profile.dequant_tensor_gweights_per_s.items()}
+    if profile.dequant_fresh_factor:
+        doc["dequant_fresh_factor"] = dict(profile.dequant_fresh_factor)
     doc.update(_schema_2_to_dict(profile))
     doc["provenance"] = {
         k: {"kind": p.kind, "source": p.source, "derating": p.derating} for k, p in profile.provenance.items()
@@ -239,7 +241,7 @@ def _provenance(r: ProfileReader, data: dict[str, Any], refinements: dict[str, A
     present = tuple(k for k in ("matmul_small_tflops", "elementwise_gelems_per_s", "copy_slowdown",
                                 "compute_slowdown", *EXEC_MODE_FIELDS, "attention_tflops", "conv_tflops",
                                 "matmul_rewarm_us",
-                                "dequant_call_us", "dequant_tensor_gweights_per_s")
+                                "dequant_call_us", "dequant_tensor_gweights_per_s", "dequant_fresh_factor")
                     if refinements[k])
     for key in PROVENANCE_FIELDS + present:
         if key not in prov_doc:
@@ -265,6 +267,7 @@ def profile_from_dict(data: Any, source: str) -> DeviceProfile:
     refinements = read_refinements(r, data)
     rates_for_calls(r, dequant, refinements["dequant_call_us"], "dequant_call_us")
     rates_for_calls(r, dequant, refinements["dequant_tensor_gweights_per_s"], "dequant_tensor_gweights_per_s")
+    rates_for_calls(r, dequant, refinements["dequant_fresh_factor"], "dequant_fresh_factor")
     provenance = _provenance(r, data, refinements)
     return DeviceProfile(
         **strings,

@@ -33,6 +33,7 @@ UNIT_TEXT = {
     "weight_elements": "elements of a weight matrix",
     "kernel_elements": "elements of a conv kernel (out × in × kernel height × width)",
     "tensor_weights": "weights of one tensor",
+    "fraction": "a fraction of the time from DRAM, above 0 and at most 1",
 }
 MAX_QUANTITY = 1e30  # above any byte count, rate or size a device profile holds; keeps every value a float
 # The least a positive rate can be (a thousand times below the slowest device or link there is): a link of

@@ -15,6 +15,7 @@ from residency.device.profile_reader import (
     ELEMENTWISE_AXES,
     MATMUL_AXES,
     REWARM_AXES,
+    UNIT_TEXT,
     ProfileReader,
     bounded,
     no_extra,
@@ -62,7 +63,7 @@ def _op_kind_fields(r: ProfileReader, data: dict[str, Any]) -> dict[str, Any]:
     if "matmul_rewarm_us" in data:
         rewarm = r.curve(data["matmul_rewarm_us"], "matmul_rewarm_us", REWARM_AXES, positive=False)
     return {**curves, "matmul_rewarm_us": rewarm, "dequant_call_us": _dequant_call(r, data),
-            "dequant_tensor_gweights_per_s": _dequant_tensor(r, data)}
+            "dequant_tensor_gweights_per_s": _dequant_tensor(r, data), "dequant_fresh_factor": _dequant_fresh(r, data)}
 
 
 def _dequant_tensor(r: ProfileReader, data: dict[str, Any]) -> dict[str, Curve]:
@@ -83,6 +84,24 @@ def _dequant_tensor(r: ProfileReader, data: dict[str, Any]) -> dict[str, Curve]:
             raise r.fail(f"{key}.{f}.tensor_weights", f"= {show(list(c.x))}: needs at least 2 sizes (a call cost "
                          "and a rate)", hint=f"re-create it with `residency profile -o`, or remove {key}.{f}")
     return curves
+
+
+def _dequant_fresh(r: ProfileReader, data: dict[str, Any]) -> dict[str, float]:
+    """An unpack's time from a just-copied input over its time from DRAM, by storage format, each in (0, 1] ({} when
+    absent: profiles before MEASUREMENT_VERSION 12, GPU and datasheet ones, under which a streamed block's unpack
+    costs what one from DRAM does)."""
+    from residency.formats import FORMATS
+
+    key = "dequant_fresh_factor"
+    doc = r.obj(data.get(key, {}), key)
+    no_extra(r, doc, tuple(FORMATS), key)
+    factors = {}
+    for f, v in doc.items():
+        factors[f] = r.number(v, f"{key}.{f}", "fraction")
+        if factors[f] > 1.0:  # a warm input is never slower: more than 1 is a broken measurement
+            raise r.fail(f"{key}.{f}", f"= {show(v)}: must be at most 1 ({UNIT_TEXT['fraction']})",
+                         hint=f"re-create it with `residency profile -o`, or remove {key}.{f}")
+    return factors
 
 
 def _dequant_call(r: ProfileReader, data: dict[str, Any]) -> dict[str, float]:

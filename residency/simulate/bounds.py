@@ -90,6 +90,7 @@ def _frame_columns(i: int, workload: Workload, plan: Plan, profile: DeviceProfil
     link = max(profile.link["h2d_pinned"].y) * 1e9
     k = compute_floor_s(workload, plan, profile, name) * 1e3
     d = calls * dequant_s(block, bp.format, bp.compute_dtype, profile) * 1e3
+    d_fresh = calls * dequant_s(block, bp.format, bp.compute_dtype, profile, fresh=True) * 1e3  # from its slot
     move = calls * block.nbytes(bp.format) / link * 1e3
     # dequant on the copy engine: on the CPU that load copies only its plain tensors (costs.copied_tensor_bytes)
     unpacking = calls * copy_bytes(block, bp.format, bp.compute_dtype, profile, True) / link * 1e3
@@ -100,7 +101,7 @@ def _frame_columns(i: int, workload: Workload, plan: Plan, profile: DeviceProfil
     staging = packed if profile.is_gpu and bp.format != DTYPE_FORMAT[bp.compute_dtype] else 0
     return [_Column(i, k, 0.0, plain, maxima={"staging": staging}),
             _Column(i, k + d, 0.0, packed, maxima={"scratch": scratch}),
-            _Column(i, k + d, move, maxima={"slot": packed, "scratch": scratch}),
+            _Column(i, k + d_fresh, move, maxima={"slot": packed, "scratch": scratch}),
             _Column(i, k, unpacking + d, maxima={"slot": plain, "staging": staging})]
 
 

@@ -36,11 +36,19 @@ class CallCost:
     streamed: bool  # occupies a slot
 
 
-def dequant_s(block: BlockSpec, fmt: str, compute_dtype: str, profile: DeviceProfile) -> float:
+def unpacks_fresh(bp: BlockPlan) -> bool:
+    """Whether the block unpacks from a slot its packed bytes were just copied into (streamed, dequant on compute):
+    in the cache, faster than from memory where the profile measured it (dequant_fresh_factor). A resident packed
+    blob, and on the CPU a load that unpacks from the host blob (dequant on copy), read from memory."""
+    return bp.placement == "streamed" and bp.dequant_on == "compute"
+
+
+def dequant_s(block: BlockSpec, fmt: str, compute_dtype: str, profile: DeviceProfile, fresh: bool = False) -> float:
     """Time to turn the stored blob into compute-dtype weights (0 when they are already that): each tensor a
     dequant converts (the format's, and vectors fallen back to another) costs one unpack call at its own size
     (profile.dequant_s: the format's curve over tensor size where measured, else its rate plus a call cost; a tiny
-    model's small tensors cost more by calls than by weights)."""
+    model's small tensors cost more by calls than by weights). `fresh` (unpacks_fresh): each format's time times the
+    profile's dequant_fresh_factor (1.0 where not measured)."""
     if get_format(fmt).name == DTYPE_FORMAT[compute_dtype]:
         return 0.0
     seconds = 0.0
@@ -50,7 +58,8 @@ def dequant_s(block: BlockSpec, fmt: str, compute_dtype: str, profile: DevicePro
 
             raise ResidencyError(f"profile {profile.name!r} has no dequant rate for {stored}",
                                  hint="re-run `residency profile`, or plan without that format")
-        seconds += profile.dequant_s(weights, stored, calls, sizes)
+        t = profile.dequant_s(weights, stored, calls, sizes)
+        seconds += t * profile.dequant_fresh_factor.get(stored, 1.0) if fresh else t
     return seconds
 
 
@@ -235,7 +244,7 @@ def call_cost(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, execution
     base = compute_s(block, bp, profile, context_frames, kv_read, kv_dtype, batch) + profile.call_host_us * 1e-6
     if bp.placement == "resident":
         return CallCost(0.0, 0, 0.0, base, False)
-    deq = dequant_s(block, bp.format, bp.compute_dtype, profile)
+    deq = dequant_s(block, bp.format, bp.compute_dtype, profile, unpacks_fresh(bp))
     if bp.placement == "resident-quantized":
         return CallCost(0.0, 0, deq, base + deq, False)
     unpacks = bp.dequant_on == "copy"  # the load lands in the compute dtype (as the runtime's, sync or not)

@@ -37,7 +37,7 @@ import numpy as np
 from residency.device.profile import Calibration, Curve, DeviceProfile, Provenance
 from residency.errors import ResidencyError
 from residency.plan import Plan
-from residency.simulate.costs import compute_s, compute_scale_of, copy_bytes, copy_s, dequant_s
+from residency.simulate.costs import compute_s, compute_scale_of, copy_bytes, copy_s, dequant_s, unpacks_fresh
 from residency.telemetry.recorder import (
     BLOCK,
     C_COPIED,
@@ -225,7 +225,7 @@ def _collect(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profil
         total = float(measured.sum())
         shared = float((f_compute[idx] * measured).sum() / total) if total > 0 else 0.0
         compute[name].add(total, predictions[ctx][name], shared)
-        deq_pred = dequant_s(spec, bp.format, bp.compute_dtype, profile)
+        deq_pred = dequant_s(spec, bp.format, bp.compute_dtype, profile, unpacks_fresh(bp))
         if deq_pred > 0:
             on_compute = used[idx, T_DEQUANT] - used[idx, T_READY]
             on_copy = np.where(used[idx, HAS_COPY] > 0, used[idx, C_END] - used[idx, C_COPIED], 0.0)
