@@ -42,7 +42,8 @@ def read_json(path: str | os.PathLike[str], what: str, hint: str, max_bytes: int
                              hint=hint) from None
     except _Duplicate as e:  # before ValueError: it is one
         lines = _key_lines(text, e.args[0])
-        where = f" (the key is on lines {', '.join(map(str, lines))})" if 1 < len(lines) <= 12 else ""
+        where = (f" (the key appears on lines {', '.join(map(str, lines))}, in this object and any other)"
+                 if 1 < len(lines) <= 12 else "")
         raise ResidencyError(f"{name}: {what} gives {_show_key(e.args[0])} twice in one object, with two values (JSON "
                              f"readers keep either; residency would have used the last silently){where}",
                              hint=f"keep one of the two; {hint}") from None
@@ -59,16 +60,28 @@ def read_json(path: str | os.PathLike[str], what: str, hint: str, max_bytes: int
     return doc
 
 
-def _key_lines(text: str, key: str) -> list[int]:
-    """1-based lines where `key` is written as an object key (its JSON spelling, then a colon)."""
+def _key_lines(text: str, key: str, most: int = 13) -> list[int]:
+    """1-based lines where `key` is written as an object key (its JSON spelling, then a colon), the first `most`
+    (lines counted on from the last match: one pass over the text, even for a 256 MiB trace)."""
     spelled = re.escape(json.dumps(key, ensure_ascii=False))
-    return [text.count("\n", 0, m.start()) + 1 for m in re.finditer(spelled + r"\s*:", text)]
+    lines, line, at = [], 1, 0
+    for m in re.finditer(spelled + r"\s*:", text):
+        line += text.count("\n", at, m.start())
+        at = m.start()
+        lines.append(line)
+        if len(lines) >= most:
+            break
+    return lines
 
 
 def _token_line(text: str, token: str) -> int | None:
-    """1-based line of the first bare `token` (NaN, Infinity, 1e999) outside a string, or None."""
-    m = re.search(r"(?:^|[\s:\[,])" + re.escape(token) + r"(?=[\s,\]}]|$)", text)
-    return text.count("\n", 0, m.start()) + 1 + (text[m.start()] == "\n") if m else None
+    """1-based line of the first bare `token` (NaN, Infinity, 1e999): outside every string (strings are skipped
+    whole, escapes included), or None."""
+    bare = re.compile(r'"(?:[^"\\]|\\.)*"|(?<![\w.+-])' + re.escape(token) + r"(?![\w.])")
+    for m in bare.finditer(text):
+        if not m.group().startswith('"'):
+            return text.count("\n", 0, m.start()) + 1
+    return None
 
 
 def _shown(path: str | os.PathLike[str], limit: int = 120) -> str:
