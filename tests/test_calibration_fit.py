@@ -244,6 +244,25 @@ def _kv_workload(context_frames: int = 12) -> Workload:
     return Workload(name="kv", blocks=blocks, phases=phases, steps=2, context_frames=context_frames)
 
 
+def _kv_telemetry(w, plan, base, kv_read, kv_said, scale=1.3, frames=16):
+    """Recorder rows of frames 1..`frames` whose blocks took `scale`× the model at kv_read(f) cached frames, each
+    frame's record saying kv_said(f) (None: its session did not say)."""
+    from residency.simulate.costs import compute_s
+
+    rows, records, t = [], [], 0.0
+    record = dataclasses.make_dataclass("F", ["frame", "frame_ms", "kv_frames"])
+    for f in range(1, frames + 1):
+        r = []
+        for _step in range(w.steps):
+            for i, (spec, bp) in enumerate(zip(w.blocks, plan.blocks, strict=True)):
+                d = scale * compute_s(spec, bp, base, kv_read(f), True, plan.kv_dtype, 1)
+                r.append([f, i, t, t, t, t + d, 0.0, 0.0, 0.0, 0, 0.0])
+                t += d
+        rows.append(np.array(r, dtype=np.float64))
+        records.append(record(f, (r[-1][5] - r[0][2]) * 1e3, kv_said(f)))
+    return TelemetrySnapshot(tuple(records), tuple(rows), tuple(b.name for b in w.blocks), None, ())
+
+
 def test_frames_while_the_kv_window_fills_are_fitted_at_the_frames_they_read():
     from residency.simulate.costs import compute_s
 
@@ -252,22 +271,16 @@ def test_frames_while_the_kv_window_fills_are_fitted_at_the_frames_they_read():
     plan = make_plan(w, base)  # all resident: compute only
     full = compute_s(w.blocks[0], plan.blocks[0], base, 12, True, plan.kv_dtype, 1)
     assert compute_s(w.blocks[0], plan.blocks[0], base, 2, True, plan.kv_dtype, 1) < 0.7 * full  # it matters here
-    # the recorder's rows of frames 1..16 as the cache fills: frame f reads min(f, 12) cached frames, 1.3× the model
-    rows, frames, t = [], [], 0.0
-    record = dataclasses.make_dataclass("F", ["frame", "frame_ms"])
-    for f in range(1, 17):
-        r = []
-        for _step in range(w.steps):
-            for i, (spec, bp) in enumerate(zip(w.blocks, plan.blocks, strict=True)):
-                d = 1.3 * compute_s(spec, bp, base, min(f, 12), True, plan.kv_dtype, 1)
-                r.append([f, i, t, t, t, t + d, 0.0, 0.0, 0.0, 0, 0.0])
-                t += d
-        rows.append(np.array(r, dtype=np.float64))
-        frames.append(record(f, (r[-1][5] - r[0][2]) * 1e3))
-    snap = TelemetrySnapshot(tuple(frames), tuple(rows), tuple(b.name for b in w.blocks), None, ())
-    fit = calibrate(snap, w, plan, base, model="kv")  # frames 3..16: nine of them before the window is full
-    for key, scale in fit.compute_scale.items():
-        assert scale == pytest.approx(1.3, rel=1e-6), key
+    # a fresh session: frame f reads min(f, 12) cached frames and says so; nine of frames 3..16 before the window is full
+    filling = _kv_telemetry(w, plan, base, lambda f: min(f, 12), lambda f: min(f, 12))
+    for key, scale in calibrate(filling, w, plan, base, model="kv").compute_scale.items():
+        assert scale == pytest.approx(1.3, rel=1e-6), key  # read at the full window: 1.03
+    # attached to a session long running: its frames are numbered 1.. from the attach, yet read the full window
+    running = _kv_telemetry(w, plan, base, lambda f: 12, lambda f: 12)
+    unsaid = _kv_telemetry(w, plan, base, lambda f: 12, lambda f: None)  # a session that does not say: full
+    for snap in (running, unsaid):
+        for key, scale in calibrate(snap, w, plan, base, model="kv").compute_scale.items():
+            assert scale == pytest.approx(1.3, rel=1e-6), key  # by frame number, 1.84
 
 
 def test_a_fitted_dequant_scales_the_blocks_fallen_back_vectors_too():

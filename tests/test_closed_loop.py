@@ -399,11 +399,35 @@ def test_frames_faster_than_predicted_while_the_kv_window_fills_are_not_misses()
     predicted = rt.plan.prediction.frame_ms
     fast, slow = predicted * (1 - 2 * loop.options.margin), predicted * (1 + 2 * loop.options.margin)
 
-    def frame(n, ms):
-        return FrameRecord(n, 0.0, ms, ms, 0, 0, 0, 0, 0, 0, (), predicted)
+    def frame(n, ms, kv=None):
+        return FrameRecord(n, 0.0, ms, ms, 0, 0, 0, 0, 0, 0, (), predicted, kv_frames=kv)
 
-    assert not loop._missed(frame(5, fast))  # frame 5 reads 5 cached frames of 12: faster is expected
-    assert loop._missed(frame(5, slow))  # slower than even the full window's prediction: off
-    assert loop._missed(frame(12, fast))  # the window is full: a frame this fast is off
+    assert not loop._missed(frame(5, fast, kv=5))  # frame 5 reads 5 cached frames of 12: faster is expected
+    assert loop._missed(frame(5, slow, kv=5))  # slower than even the full window's prediction: off
+    assert loop._missed(frame(12, fast, kv=12))  # the window is full: a frame this fast is off
+    assert loop._missed(frame(5, fast, kv=12))  # frame 5 of a runtime attached to a running session: full
+    assert loop._missed(frame(5, fast))  # its session did not say: taken at the full window
     rt.workload = dataclasses.replace(rt.workload, context_frames=0)  # no KV cache: every frame is steady
-    assert loop._missed(frame(5, fast))
+    assert loop._missed(frame(5, fast, kv=5))
+
+
+
+def test_each_frame_records_the_kv_frames_its_session_read(tiny):
+    """Frame numbers count the runtime's frames, not the session's: the KV fill comes from the session itself."""
+    pipe, w, image = tiny
+    plan = tiny_plan(w, "resident")
+    s = pipe.start(image, seed=3)
+    for a in ACTIONS[:3]:  # the session runs on before a runtime attaches
+        s.step(a)
+    rt = Runtime(plan, "cpu", workload=w).attach(pipe)
+    try:
+        fresh = pipe.start(image, seed=3)
+        for a in ACTIONS[:3]:
+            rt.step(fresh, a)
+        for a in ACTIONS[:3]:
+            rt.step(s, a)  # two sessions taking turns
+        rt.step(fresh, ACTIONS[0])
+    finally:
+        rt.detach()
+    kv = [(f.frame, f.kv_frames) for f in rt.telemetry().frames if f.frame > 0]
+    assert [k for _, k in kv] == [1, 2, 3, 4, 5, 6, 4], kv  # fresh 1-3, then the running session at 4-6, fresh 4

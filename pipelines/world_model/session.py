@@ -80,6 +80,12 @@ class Session:
         self.last_latent = self.anchor
         self.frame_index = 0  # latent frames generated since start/reset
 
+    @property
+    def kv_frames(self) -> int:
+        """Cached latent frames the next step's attention reads (the anchor and the recent ones, up to the window):
+        what a runtime records per frame, so a calibration costs a frame at the window it read."""
+        return self.cache.count
+
     def resolve_action(self, action: str | int) -> int:
         """The index of `action`, given by name or index.
 

@@ -251,8 +251,8 @@ class ClosedLoop:
             return over
         error = frame.frame_ms / predicted - 1
         # The prediction is of a frame at the full KV window; until it is full a frame reads fewer cached frames
-        # (calibration._frame_ctx) and may run that much faster: only slower is off then.
-        filling = frame.frame < self.runtime.workload.context_frames
+        # (FrameRecord.kv_frames, as its session said) and may run that much faster: only slower is off then.
+        filling = frame.kv_frames is not None and frame.kv_frames < self.runtime.workload.context_frames
         return over or error > self.options.margin or (not filling and -error > self.options.margin)
 
     # --- calibrate and re-plan ---

@@ -404,7 +404,12 @@ class Runtime(PlanSwitching, Recovering):
     def _step_once(self, session: RecoverableSession, action: Any):
         self._account_kv(session)
         self.ledger.check()
-        return self._closing(session.step, (action,), {})
+        kv = getattr(session, "kv_frames", None)
+        self.recorder.kv_frames = kv if isinstance(kv, int) and not isinstance(kv, bool) else None
+        try:
+            return self._closing(session.step, (action,), {})
+        finally:
+            self.recorder.kv_frames = None
 
     def _model_call(self, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         return self._closing(forward, args, kwargs, model_call=True)

@@ -24,7 +24,12 @@ class Recoverable(Protocol[Snap]):
 
 
 class RecoverableSession(Recoverable[Snap], Protocol[Snap]):
-    """A session `Runtime.step(session, action)` drives: one latent frame per step."""
+    """A session `Runtime.step(session, action)` drives: one latent frame per step.
+
+    Optionally `kv_frames` (an int attribute or property): the cached latent frames the next step reads. The
+    runtime records it per frame, so that a calibration over the frames while the window fills costs each at the
+    window it read; without it a frame is taken at the full window (after the first).
+    """
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -177,14 +177,17 @@ def _call_predictions(workload: Workload, plan: Plan, profile: DeviceProfile, ct
     return out
 
 
-def _frame_ctx(workload: Workload, frame: int) -> int:
-    """KV frames latent frame `frame` read: the anchor from the session start and the frames since, up to the
-    window (the world model's cache holds min(frame, context_frames) when frame `frame` runs). The simulator takes
-    every frame from the second at the full window (its steady frame); a fit over the frames while the window
-    fills must not: against full-window predictions, frame 3 of a 12-frame window of a block that spends a third of
-    its time in that attention reads 25 % fast, and the fitted scale came out too low for every later frame.
-    Frames are numbered from the session start (the recorder continues them across plan switches)."""
-    return min(frame, workload.context_frames)
+def _frame_ctx(workload: Workload, frame: int, kv_frames: int | None) -> int:
+    """KV frames latent frame `frame` read: what its session said (FrameRecord.kv_frames, up to the window), else
+    as the simulator takes it — frame 1 one cached frame, later frames the full window. The simulator's steady
+    frame is at the full window; a fit over frames while the window fills must not take them so: against
+    full-window predictions, frame 3 of a 12-frame window of a block that spends a third of its time in that
+    attention reads 25 % fast, and the fitted scale came out too low for every later frame. Without the session's
+    figure (a frame not run by Runtime.step) the full window stands: frame numbers count the runtime's frames, not
+    the session's (an attach to a running session, a recovery's retried frame, two sessions taking turns)."""
+    if kv_frames is not None:
+        return min(kv_frames, workload.context_frames)
+    return min(frame, workload.context_frames) if frame == 1 else workload.context_frames
 
 
 def _collect(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profile: DeviceProfile,
@@ -212,9 +215,10 @@ def _collect(snapshot: TelemetrySnapshot, workload: Workload, plan: Plan, profil
     key_rows: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, (frame, block) in enumerate(zip(used[:, FRAME].astype(int), used[:, BLOCK].astype(int), strict=True)):
         key_rows[(frame, block)].append(i)
+    kv_of = {f.frame: getattr(f, "kv_frames", None) for f in snapshot.frames}
     for (frame, block), idx in key_rows.items():
         name = names[block]
-        ctx = _frame_ctx(workload, frame)
+        ctx = _frame_ctx(workload, frame, kv_of.get(frame))
         if ctx not in predictions:
             predictions[ctx] = _call_predictions(workload, plan, profile, ctx)
         spec, bp = workload.by_name[name], plan.by_name[name]

@@ -70,6 +70,9 @@ class FrameRecord:
     # counterparts of compute_busy_ms / copy_busy_ms; None without a prediction (or from an older trace).
     predicted_compute_ms: float | None = None
     predicted_copy_ms: float | None = None
+    # Cached latent frames the frame's attention read, as its session said (RecoverableSession.kv_frames, when the
+    # frame ran in Runtime.step); None where unknown: a frame taken at the full window after the first.
+    kv_frames: int | None = None
 
     @property
     def period_ms(self) -> float:
@@ -140,6 +143,11 @@ class Recorder:
         self.closed_frames = 0  # frames closed since the recorder was made (the deques keep the last ones)
         self.last_frame = 0  # the number of the last frame closed (0 before any): a new plan's frames follow it
         self._events: deque[LoopEvent] = deque(maxlen=KEEP_FRAMES)
+        # The KV frames the step in progress reads (Runtime.step sets it from its session; None outside a step),
+        # taken by each frame number at its first call: a frame closes only at the next frame's first call.
+        self.kv_frames: int | None = None
+        self._kv_of: dict[int, int | None] = {}
+        self._kv_frame = -1
 
     def record(self, frame: int, block: int, t_start: float, t_ready: float, t_dequant: float, t_end: float,
                copy: tuple[float, float, float] | None, link_bytes: int) -> None:
@@ -147,6 +155,9 @@ class Recorder:
 
         `block` is the block's index in block_names; `copy` is (start, copied, end) or None without a load.
         """
+        if frame != self._kv_frame:  # the frame's first call: the KV frames its step reads
+            self._kv_frame = frame
+            self._kv_of[frame] = self.kv_frames
         if copy is None:
             self._open.append((frame, block, t_start, t_ready, t_dequant, t_end, 0.0, 0.0, 0.0, 0, 0.0))
         else:
@@ -193,7 +204,11 @@ class Recorder:
         # the prediction of the plan that ran the frame (a re-plan may replace it before the summary is made)
         p = self.prediction
         predicted = (p.frame_ms, p.compute_ms, p.copy_ms) if p else (None, None, None)
-        self._unsummarised.append((rows, device_bytes, device_peak_bytes, predicted, *span))
+        first = int(rows[0, FRAME])
+        kv = self._kv_of.get(first)
+        for f in [f for f in self._kv_of if f <= self.last_frame and f != self._kv_frame]:
+            del self._kv_of[f]  # closed: only the open frame's stays
+        self._unsummarised.append((rows, device_bytes, device_peak_bytes, predicted, kv, *span))
         self.closed_frames += 1
 
     def _work_span(self, resolve: Callable[[np.ndarray], np.ndarray], first_call_s: float, last_call_s: float,
@@ -228,8 +243,8 @@ class Recorder:
         return self._frames
 
     def _summarise(self, rows: np.ndarray, device_bytes: int, device_peak_bytes: int,
-                   predicted: tuple[float | None, float | None, float | None], start_s: float, end_s: float,
-                   gap_s: float) -> FrameRecord:
+                   predicted: tuple[float | None, float | None, float | None], kv_frames: int | None, start_s: float,
+                   end_s: float, gap_s: float) -> FrameRecord:
         """The FrameRecord of one closed frame; `predicted` is (frame, compute, copy) ms of its plan."""
         has_copy = rows[:, HAS_COPY] > 0
         copy_s = np.where(has_copy, rows[:, C_COPIED] - rows[:, C_START], 0.0)
@@ -256,7 +271,7 @@ class Recorder:
             predicted_frame_ms=predicted[0],
             compute_busy_ms=float((dq_s.sum() + comp_s.sum()) * 1e3),
             copy_busy_ms=float((copy_s.sum() + copy_dq_s.sum()) * 1e3), gap_ms=gap_s * 1e3,
-            predicted_compute_ms=predicted[1], predicted_copy_ms=predicted[2])
+            predicted_compute_ms=predicted[1], predicted_copy_ms=predicted[2], kv_frames=kv_frames)
 
     def latest(self, n: int) -> list[tuple[FrameRecord, np.ndarray]]:
         """The newest `n` closed frames (at most the kept ones) with their resolved call rows, oldest first:
