@@ -235,7 +235,7 @@ def test_calibrating_a_profile_other_than_this_machines_is_refused_before_the_ro
     Path("other.json").write_text(json.dumps(doc))
     assert main([*RUN, "--frames", "5", "--profile", "other.json", "--calibrate"]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "other.json is another profile" in err and "hint:" in err
+    assert "other.json: it is not this machine's cached profile" in err and "hint:" in err
     assert not Path("out.gif").exists()
     assert {p: p.read_bytes() for p in calibrated_dir().iterdir()} == kept
     shutil.copy(cached_profile_path("cpu"), "same.json")  # this machine's profile at another path: it is
@@ -250,3 +250,22 @@ def test_an_unwritable_calibration_cache_is_refused_before_the_rollout(machine, 
     err = " ".join(capsys.readouterr().err.split())
     assert "cannot write the calibration cache" in err and "XDG_CACHE_HOME" in err
     assert not Path("out.gif").exists()
+
+
+def test_calibrating_before_this_machine_was_measured_says_so(machine, capsys):
+    cached_profile_path("cpu").rename("measured.json")  # no machine profile in the cache: the file is not it
+    assert main([*RUN, "--frames", "5", "--profile", "measured.json", "--calibrate"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "this machine's profile has not been measured yet" in err and "drop --profile" in err
+
+
+def test_a_demo_on_another_profile_is_not_calibrated_over_the_machines(machine, capsys):
+    calibrate_tiny(capsys)
+    kept = {p: p.read_bytes() for p in calibrated_dir().iterdir()}
+    doc = json.loads(MEASURED.read_text())
+    doc["launch_overhead_us"] = doc["launch_overhead_us"] * 2
+    Path("other.json").write_text(json.dumps(doc))
+    assert main(["demo", "-o", "demo", "--frames", "6", "--once", "--profile", "other.json"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "not calibrated: the plan's profile is not what a calibration is cached for" in out
+    assert {p: p.read_bytes() for p in calibrated_dir().iterdir()} == kept

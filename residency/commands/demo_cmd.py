@@ -152,7 +152,12 @@ def _output_dir(given: str) -> Path:
 
 def _calibration_line(runtime, start_profile) -> str:
     """The demo's last line: the calibration saved and the prediction error before and after it, or why none
-    was made (too few frames, a fit too far off; the demo itself succeeded)."""
+    was made (too few frames, a fit too far off, a --profile not this machine's; the demo itself succeeded)."""
+    from residency.device.calibrated import not_the_machines
+
+    why = not_the_machines(start_profile)
+    if why is not None:
+        return f"not calibrated: the plan's profile is not what a calibration is cached for ({why})"
     try:
         return session_setup.calibrate_session(runtime, start_profile).line()
     except ResidencyError as e:

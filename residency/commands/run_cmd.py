@@ -117,24 +117,18 @@ def check_calibration(other: str | None, frames: int) -> None:
 
 def check_calibration_base(args: argparse.Namespace) -> None:
     """Refuse, before the rollout, a --calibrate of a profile that is not this machine's cached one (a file measured
-    at another time, or edited): `--profile calibrated` builds on the cached one, and this calibration, saved under
-    the same base name, would have replaced the machine's and been discarded at its next use as of a changed base.
-    Also refuse an unwritable calibration cache here, not after the rollout. Raises UsageError / ResidencyError."""
-    from residency import session_setup
-    from residency.device import CALIBRATED, cached_profile_path, load_profile, resolve_profile
-    from residency.device.calibrated import check_cache_writable
+    at another time, or edited; calibrated.not_the_machines), and an unwritable calibration cache (found after the
+    rollout, the fit was lost). Raises UsageError / ResidencyError."""
+    from residency.device import CALIBRATED, resolve_profile
+    from residency.device.calibrated import check_cache_writable, not_the_machines
 
     if args.profile is not None and args.profile != CALIBRATED and not getattr(args, "plan", None):
-        named = resolve_profile(args.profile)
-        try:
-            cached = load_profile(cached_profile_path(session_setup.device_kind()))
-        except ResidencyError:  # none measured yet (or unreadable): the named one cannot be it
-            cached = None
-        base = named.calibration.base_fingerprint if named.calibration is not None else named.fingerprint()
-        if cached is None or base != cached.fingerprint():
+        why = not_the_machines(resolve_profile(args.profile))
+        if why is not None:
             raise UsageError(f"--calibrate caches a calibration of this machine's profile, the one `run` plans with "
-                             f"by default and `--profile calibrated` builds on; {args.profile} is another profile",
-                             hint="drop --profile to calibrate this machine's profile, or drop --calibrate")
+                             f"by default and `--profile calibrated` builds on; {args.profile}: {why}",
+                             hint="drop --profile to calibrate this machine's profile (measured the first time), or "
+                                  "drop --calibrate")
     check_cache_writable()
 
 
@@ -333,7 +327,7 @@ def report_speed(console: Console, snapshot: TelemetrySnapshot, other: str | Non
             line += f"; the plan's {predicted:.1f} ms is predicted for {other}, so the two do not compare"
         elif predicted:
             line += f"; the plan predicted {predicted:.1f} ms ({(measured - predicted) / predicted:+.0%})"
-            if snapshot.events:  # the prediction the loop last adopted or switched to, not the starting one
+            if any(e.new_predicted_ms is not None for e in snapshot.events):  # the loop's, not the starting one
                 line += " as the closed loop last re-predicted it"
     if gap > 0:  # nan compares false
         line += (f"; {gap:.1f} ms more passed between frames outside the model (the program around it: drawing, "

@@ -75,6 +75,19 @@ def save_calibrated(profile: DeviceProfile) -> Path:
     return save_profile(named, path)
 
 
+def not_the_machines(profile: DeviceProfile) -> str | None:
+    """Why a calibration of `profile` would not be this machine's (the words of a refusal), or None when `profile`
+    is this machine's cached profile or a calibration of it: `--profile calibrated` builds on the cached one, and a
+    calibration of another profile of the same name would replace the machine's in the cache and be discarded at
+    its next use as of a changed base."""
+    try:
+        cached = load_profile(cached_profile_path(device_kind()))
+    except ResidencyError:
+        return "this machine's profile has not been measured yet"
+    base = profile.calibration.base_fingerprint if profile.calibration is not None else profile.fingerprint()
+    return None if base == cached.fingerprint() else "it is not this machine's cached profile"
+
+
 def check_cache_writable() -> Path:
     """calibrated_dir(), created if missing, after creating and removing a file in it; ResidencyError when either
     fails (a read-only cache: `run --calibrate` checks it before its rollout, not after)."""
