@@ -269,3 +269,11 @@ def test_a_demo_on_another_profile_is_not_calibrated_over_the_machines(machine, 
     out = " ".join(capsys.readouterr().out.split())
     assert "not calibrated: the plan's profile is not what a calibration is cached for" in out
     assert {p: p.read_bytes() for p in calibrated_dir().iterdir()} == kept
+
+
+def test_a_calibrated_file_given_for_another_model_plans_without_its_compute_scales(machine, capsys):
+    path, _ = calibrate_tiny(capsys)
+    assert read_profile(path).compute_scale  # tiny's blocks' scales
+    assert main(["plan", "default", "--profile", str(path), "--vram", "24MiB"]) in (0, 3)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "its compute scales belong to that model and are left out" in err

@@ -83,6 +83,7 @@ def make_request(args):
     """
     from policies import PlanRequest
     from residency.device import CALIBRATED, profile_for, resolve_profile
+    from residency.device.calibrated import for_workload_fingerprint
     from residency.device.host_memory import host_memory
     from residency.front_door.vram import frame_budget_ms  # --fps/--frame-ms range-checked by argparse
     from residency.plan import Budget
@@ -106,6 +107,8 @@ def make_request(args):
         profile = cached_profile(device_kind(), make_console(stderr=True))
     elif profile is None:
         profile = profile_for(args.profile, workload.fingerprint(), model=args.model)
+    else:  # a calibrated profile's file, given for another model: its rates, not that model's compute scales
+        profile = for_workload_fingerprint(profile, workload.fingerprint(), make_console(stderr=True).print)
     vram = arg_types.resolve_vram(args.vram, workload, compute_dtype) if args.vram else profile.memory_usable_bytes
     if vram > profile.memory_usable_bytes:
         _note_vram_beyond_the_device(vram, profile)

@@ -245,7 +245,22 @@ def profile_for(name_or_path: str | os.PathLike[str] | DeviceProfile, workload_f
                 kind: str | None = None, model: str = "MODEL",
                 say: Callable[[str], None] = _to_stderr) -> DeviceProfile:
     """What `--profile` means for a workload: "calibrated" is calibrated_profile(...) (it takes precedence over
-    a file of that name), anything else resolve_profile. Raises as those do."""
+    a file of that name), anything else resolve_profile — a calibrated profile's file of another workload without
+    its compute scales (they belong to the model it was fitted on; `say` is told). Raises as those do."""
     if isinstance(name_or_path, str) and name_or_path == CALIBRATED:
         return calibrated_profile(workload_fingerprint, kind=kind, model=model, say=say)
-    return resolve_profile(name_or_path)
+    return for_workload_fingerprint(resolve_profile(name_or_path), workload_fingerprint, say)
+
+
+def for_workload_fingerprint(profile: DeviceProfile, workload_fingerprint: str,
+                             say: Callable[[str], None] | None = None) -> DeviceProfile:
+    """The profile to plan the workload `workload_fingerprint` with: a calibration's compute scales belong to the
+    model it was fitted on, so for another they are dropped (the per-engine rates are kept: they describe the
+    machine)."""
+    c = profile.calibration
+    if c is None or not profile.compute_scale or c.workload_fingerprint == workload_fingerprint:
+        return profile
+    if say is not None:
+        say(f"using the per-engine rates of {profile.name!r}, calibrated on {c.model}; its compute scales belong to "
+            "that model and are left out")
+    return dataclasses.replace(profile, compute_scale={})

@@ -459,11 +459,11 @@ def _same_workload(profile: DeviceProfile, workload: Workload) -> bool:
 
 
 def for_workload(profile: DeviceProfile, workload: Workload) -> DeviceProfile:
-    """The profile to plan `workload` with: a calibration's compute scales belong to the model it was fitted
-    on, so for another model they are dropped (the per-engine rates are kept: they describe the machine)."""
-    if profile.calibration is None or _same_workload(profile, workload) or not profile.compute_scale:
-        return profile
-    return dataclasses.replace(profile, compute_scale={})
+    """The profile to plan `workload` with (calibrated.for_workload_fingerprint: another model's compute scales
+    dropped, the per-engine rates kept)."""
+    from residency.device.calibrated import for_workload_fingerprint
+
+    return for_workload_fingerprint(profile, workload.fingerprint())
 
 
 def prediction_errors(measured_ms: Sequence[float], predicted_ms: float) -> float:
