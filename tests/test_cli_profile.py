@@ -42,6 +42,9 @@ def test_quick_cpu_profile_end_to_end(tmp_path, capsys):
     assert len(q8.x) >= 3 and all(a < b for a, b in zip(q8.x, q8.x[1:], strict=False)) and min(q8.y) > 0
     flat = re.sub(r"[\s│]+", " ", shown)  # the value column wraps at the test console's 80 characters
     assert "µs/call" in flat and "-weight tensor" in flat
+    # and the unpack from a slot just filled, against one from DRAM: never slower
+    assert set(profile.dequant_fresh_factor) == set(profile.dequant_gweights_per_s)
+    assert all(0.2 <= f <= 1.0 for f in profile.dequant_fresh_factor.values()) and "fresh slot ×" in flat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

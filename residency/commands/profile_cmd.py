@@ -134,6 +134,8 @@ def render(profile: DeviceProfile, console: Console) -> None:
             mid = len(curve.x) // 2
             value = f"{curve.y[mid]:.3g} G weights/s @ {fmt_elements(curve.x[mid])}-weight tensor (large: {value})"
             spread = _pct(curve.spread[mid]) if curve.spread else ""
+        if fmt in profile.dequant_fresh_factor:  # a streamed block's unpack, from the slot just filled
+            value += f"; fresh slot ×{profile.dequant_fresh_factor[fmt]:.2f}"
         table.add_row(f"dequant {fmt} → {target}", value, spread)
     if profile.elementwise_gelems_per_s is not None:
         curve = profile.elementwise_gelems_per_s
