@@ -113,7 +113,7 @@ KEY = "dequant_tensor_gweights_per_s"
 @pytest.mark.parametrize(("mutate", "field", "words"), [
     (lambda d: d[KEY]["Q8_0"].update(gweights_per_s=[0.2, 0.0, 4.0]), f"{KEY}.Q8_0.gweights_per_s[1]", "must be positive"),
     (lambda d: d[KEY]["Q8_0"].update(tensor_weights=[4096, 4096, 8e6]), f"{KEY}.Q8_0.tensor_weights",
-     "strictly increasing"),
+     "strictly increasing (4096 then 4096)"),
     (lambda d: d[KEY]["Q8_0"].update(gweights_per_s=[0.2, 2.0]), f"{KEY}.Q8_0", "equal length"),
     (lambda d: d[KEY]["Q8_0"].update(tensor_weights=[65536], gweights_per_s=[2.0]), f"{KEY}.Q8_0.tensor_weights",
      "at least 2 sizes"),

@@ -92,8 +92,9 @@ class ProfileReader(Reader):
                             hint="give one spread per sample, or an empty list")
         for i in range(1, len(xs)):
             if xs[i] <= xs[i - 1]:
-                raise self.fail(f"{field}.{axes[0]}", f"= {show(list(xs))}: must be strictly increasing "
-                                f"({xs[i - 1]!r} then {xs[i]!r})", hint="sort the samples by size")
+                shown = [_plain(x) for x in xs]  # as the file wrote them: 65536, not 65536.0
+                raise self.fail(f"{field}.{axes[0]}", f"= {show(shown)}: must be strictly increasing "
+                                f"({shown[i - 1]!r} then {shown[i]!r})", hint="sort the samples by size")
         return Curve(tuple(xs), tuple(ys), tuple(spread))
 
     def numbers(self, value: Any, field: str, unit: str, strict: bool = True, allow_empty: bool = False) -> list[float]:
@@ -154,3 +155,8 @@ def bounded(r: ProfileReader, data: dict[str, Any], key: str, unit: str, maximum
         raise r.fail(key, f"= {show(data[key])}: must be at most {maximum:g} ({unit})",
                      hint="re-measure it, or remove the field (0: not known)")
     return value
+
+
+def _plain(x: float) -> int | float:
+    """A whole float as an int (an error quotes 65536 as the file wrote it, not 65536.0)."""
+    return int(x) if x.is_integer() else x
