@@ -277,3 +277,15 @@ def test_a_calibrated_file_given_for_another_model_plans_without_its_compute_sca
     assert main(["plan", "default", "--profile", str(path), "--vram", "24MiB"]) in (0, 3)
     err = " ".join(capsys.readouterr().err.split())
     assert "its compute scales belong to that model and are left out" in err
+
+
+def test_profiles_names_this_machines_profile_or_says_it_is_not_measured(machine, capsys):
+    assert main(["profiles", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)["machine"]
+    assert m["measured"] and m["device"] == machine.name and m["path"] == str(cached_profile_path("cpu"))
+    assert main(["profiles"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"this machine (what plan and run use without --profile): {machine.name}, measured {machine.date}" in out
+    cached_profile_path("cpu").unlink()
+    assert main(["profiles"]) == 0
+    assert "this machine: not measured yet" in " ".join(capsys.readouterr().out.split())

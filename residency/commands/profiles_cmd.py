@@ -1,5 +1,6 @@
-"""`residency profiles`: list the shipped device profiles with their headline numbers, then the calibrated
-profiles cached by `residency run --calibrate` and the demo (`--remove-calibrated` deletes those).
+"""`residency profiles`: list the shipped device profiles with their headline numbers, this machine's cached
+profile (what `plan` and `run` use without --profile), then the calibrated profiles cached by
+`residency run --calibrate` and the demo (`--remove-calibrated` deletes those).
 
 Each shipped profile is a datasheet profile until someone measures the card with `residency profile`.
 """
@@ -21,7 +22,9 @@ from residency.device import (
     remove_calibrated,
     shipped_profile_names,
 )
+from residency.device.auto_profile import cached_profile_path, device_kind
 from residency.device.calibrated import base_changed, base_name, calibrated_dir
+from residency.errors import ResidencyError
 from residency.units import fmt_bytes
 
 LINK_AT_BYTES = 64 * 2**20
@@ -82,8 +85,9 @@ def run(args) -> int:
     for c in calibrated:  # the user knows the shipped model as `default`, not by its config's name
         if c["workload_fingerprint"] == default:
             c["model"] = f"default ({c['model']})"
+    machine = machine_summary()
     if args.json:
-        json.dump({"profiles": rows, "calibrated": calibrated}, sys.stdout, indent=2)
+        json.dump({"profiles": rows, "machine": machine, "calibrated": calibrated}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
     table = Table(title="shipped device profiles (--profile NAME)", title_justify="left")
@@ -97,8 +101,32 @@ def run(args) -> int:
                       r["backend"], "+".join(r["provenance"]))
     console = make_console()
     console.print(table)
+    console.print(_machine_line(machine), markup=False, highlight=False)
     _print_calibrated(console, calibrated)
     return 0
+
+
+def machine_summary() -> dict:
+    """This machine's cached profile: its path and, when it reads, its summary; "error" when it does not."""
+    path = cached_profile_path(device_kind())
+    if not path.is_file():
+        return {"path": str(path), "measured": False}
+    try:
+        return {"path": str(path), "measured": True, **summary("machine", load_profile(path)),
+                "date": load_profile(path).date}
+    except ResidencyError as e:  # listed all the same: `plan` without --profile measures it again
+        return {"path": str(path), "measured": True, "error": e.message}
+
+
+def _machine_line(m: dict) -> str:
+    """One line on this machine's profile (what plan and run use without --profile)."""
+    if not m["measured"]:
+        return (f"this machine: not measured yet (`residency plan`/`run` without --profile measure it once in quick "
+                f"mode, ~30-60 s, into {m['path']})")
+    if "error" in m:
+        return f"this machine: {m['path']} does not read ({m['error']}); the next plan or run measures it again"
+    return (f"this machine (what plan and run use without --profile): {m['device']}, measured {m['date']}, "
+            f"{fmt_bytes(m['memory_usable_bytes'])} usable, {m['path']}")
 
 
 def _default_fingerprint() -> str | None:
