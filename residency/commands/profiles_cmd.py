@@ -112,10 +112,10 @@ def machine_summary() -> dict:
     if not path.is_file():
         return {"path": str(path), "measured": False}
     try:
-        return {"path": str(path), "measured": True, **summary("machine", load_profile(path)),
-                "date": load_profile(path).date}
+        profile = load_profile(path)
     except ResidencyError as e:  # listed all the same: `plan` without --profile measures it again
         return {"path": str(path), "measured": True, "error": e.message}
+    return {"path": str(path), "measured": True, **summary("machine", profile), "date": profile.date}
 
 
 def _machine_line(m: dict) -> str:

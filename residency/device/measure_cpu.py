@@ -33,7 +33,7 @@ from residency.device.measure_cpu_compute import (
     measure_matmul,
     measure_rewarm,
 )
-from residency.device.measure_cpu_dequant import dequant_shapes, dequant_store, measure_dequant
+from residency.device.measure_cpu_dequant import dequant_shapes, dequant_store, fresh_shape, measure_dequant
 from residency.device.measurements import (
     DEQUANT_SMALL_SHAPE,
     PROBE_WEIGHTS,
@@ -320,7 +320,7 @@ def provenance_notes(schedule: CpuSchedule, mem: HostMemory, compute_threads: in
                                          + " matrices: a tensor's time at its size",
         "dequant_fresh_factor": "the same unpack of the {}×{} matrix from a slot its packed copy was just copied "
                                 "into, over the same from DRAM, alternating; ratio of the medians".format(
-                                    *dequant_shapes(schedule)[len(dequant_shapes(schedule)) // 2]),
+                                    *fresh_shape(schedule)),
         "copy_compute_overlap": "copy thread alone (16 MiB loads from a DRAM-cold store), a loop of 16-row matmuls "
                                 "over DRAM-cold weights alone, both at once",
         "copy_slowdown": f"copy thread's {schedule.probe_job_s} s job of 16 MiB loads from a DRAM-cold store, alone "

@@ -42,6 +42,12 @@ def dequant_shapes(schedule: CpuSchedule) -> tuple[tuple[int, int], ...]:
     return (*(s for s in DEQUANT_TENSOR_SHAPES if math.prod(s) < large), schedule.dequant_shape)
 
 
+def fresh_shape(schedule: CpuSchedule) -> tuple[int, int]:
+    """The shape the fresh-input factor is timed at: the curve's middle size, as the profile table shows it."""
+    shapes = dequant_shapes(schedule)
+    return shapes[len(shapes) // 2]
+
+
 def dequant_store(schedule: CpuSchedule) -> torch.Tensor:
     """The byte store measure_dequant's packed copies tile: COLD_WEIGHT_BYTES plus the largest packed matrix (at
     most 4 bytes a weight, F32), faulted in once here for every format rather than once per format and size."""
@@ -51,8 +57,7 @@ def dequant_store(schedule: CpuSchedule) -> torch.Tensor:
 def measure_dequant(name: str, schedule: CpuSchedule, store: torch.Tensor | None = None
                     ) -> tuple[float, float, Curve, float]:
     """(1e9 weights/s, µs per unpack call, the per-tensor curve, the fresh-input factor) unpacking into preallocated
-    fp32 buffers through
-    one staging buffer, as the runtime's threads do, at DEQUANT_TENSOR_SHAPES and the schedule's matrix. Rate and
+    fp32 buffers through one staging buffer, as the runtime's threads do, at DEQUANT_TENSOR_SHAPES and the schedule's matrix. Rate and
     call cost come from the largest and smallest (measurements.dequant_rate_and_call); the curve holds every size.
 
     The packed input comes from DRAM, as a streamed or resident block's does: the copies of one packed matrix tile
@@ -77,15 +82,13 @@ def measure_dequant(name: str, schedule: CpuSchedule, store: torch.Tensor | None
         out = torch.empty(rows, cols, dtype=DEQUANT_OUT_DTYPE)
         t0 = time.perf_counter()
         fmt.unpack(next(copies), out, staging)
-        first = time.perf_counter() - t0
-        t = time_samples(lambda c=copies, o=out: fmt.unpack(next(c), o, staging), repeats_for(first, budget_s, least, most),
-                         warmup=0)
+        repeats = repeats_for(time.perf_counter() - t0, budget_s, least, most)
+        t = time_samples(lambda c=copies, o=out: fmt.unpack(next(c), o, staging), repeats, warmup=0)
         weights.append(rows * cols)
         seconds.append(t.median_s)
         spread.append(round(t.spread, 4))
-        if len(weights) == len(shapes) // 2 + 1:  # the middle size, as the profile table shows it
-            fresh = fresh_input_factor(lambda src, o=out: fmt.unpack(src, o, staging), copies, packed,
-                                       repeats_for(first, budget_s, least, most))
+        if (rows, cols) == fresh_shape(schedule):
+            fresh = fresh_input_factor(lambda src, o=out: fmt.unpack(src, o, staging), copies, packed, repeats)
     rate, call_us = dequant_rate_and_call(weights[-1], seconds[-1], weights[0], seconds[0])
     curve = Curve(tuple(float(n) for n in weights), tuple(n / s / 1e9 for n, s in zip(weights, seconds, strict=True)),
                   tuple(spread))

@@ -294,15 +294,12 @@ class DeviceProfile:
     def dequant_s(self, weights: int, fmt: str, calls: int = 0, tensor_weights: tuple[tuple[int, int], ...] = ()
                   ) -> float:
         """Seconds to dequantize `weights` weights stored in `fmt` in `calls` unpack calls (one per tensor; 0: the
-        rate alone). With a per-tensor curve for `fmt`, each call costs its tensor's size as measured
-        (tensor_unpack_s): each (tensor weights, count) of `tensor_weights`, else a tensor of the calls' mean size
-        (the curve is not linear in size, so a mean over mixed sizes misprices them: up to ~10 % on the tiny model's
-        VAE blocks). KeyError for a format not profiled."""
+        rate alone). With a per-tensor curve for `fmt` and the calls' `tensor_weights` ((tensor weights, count), as
+        BlockSpec.dequant_work gives them), each call costs its tensor's size as measured (tensor_unpack_s); without
+        the sizes, the rate and call cost. KeyError for a format not profiled."""
         curve = self.dequant_tensor_gweights_per_s.get(fmt)
         if curve is not None and tensor_weights:
             return sum(count * tensor_unpack_s(curve, n) for n, count in tensor_weights)
-        if curve is not None and calls > 0:
-            return calls * tensor_unpack_s(curve, weights / calls)
         return weights / (self.dequant_gweights_per_s[fmt] * 1e9) + calls * self.dequant_call_us.get(fmt, 0.0) * 1e-6
 
     def fingerprint(self) -> str:
