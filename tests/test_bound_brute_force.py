@@ -16,13 +16,20 @@ GPU_WORKSPACE = 128 * MIB
 FRAME_SIZES = (1024, 512, 1024)  # dim of each frame block's one matrix: two sizes, so the slot's maximum matters
 
 
-def _workload() -> Workload:
-    """An encoder block run once per session, then three frame blocks per denoise step, two steps a frame."""
+def _workload(frame_encoder: bool = False) -> Workload:
+    """An encoder block run once per session, then three frame blocks per denoise step, two steps a frame; with
+    `frame_encoder`, first a per-frame phase of two large blocks with little compute (a text encoder's layers):
+    copies a ring cannot hide under the denoiser's compute."""
     encoder = linear_block("text.blocks.0", 1024, 64, "text")
     frame = tuple(linear_block(f"dit.blocks.{i}", d, 256) for i, d in enumerate(FRAME_SIZES))
     encode = PhaseSpec("encode", "session", (PassSpec(("text.blocks.0",)),))
     denoise = PhaseSpec("denoise", "latent_frame", (PassSpec(tuple(b.name for b in frame), per_step=True),))
-    return Workload("brute", (encoder, *frame), (encode, denoise), steps=2, context_frames=0)
+    if not frame_encoder:
+        return Workload("brute", (encoder, *frame), (encode, denoise), steps=2, context_frames=0)
+    per_frame = tuple(linear_block(f"cond.blocks.{i}", 1024, 8, "cond") for i in range(2))
+    condition = PhaseSpec("encode", "latent_frame", (PassSpec(tuple(b.name for b in per_frame)),))
+    return Workload("brute-phases", (encoder, *per_frame, *frame), (encode, condition, denoise), steps=2,
+                    context_frames=0)
 
 
 def _frame_choices(fmt: str) -> list[tuple[str, str]]:
@@ -55,10 +62,12 @@ PROFILES = {
 
 
 @pytest.mark.parametrize("name", PROFILES)
-@pytest.mark.parametrize("formats", [("BF16",) * 3, ("Q8_0", "BF16", "Q4_K")])
+@pytest.mark.parametrize("formats", [("BF16",) * 3, ("Q8_0", "BF16", "Q4_K"), ("BF16",) * 5,
+                                     ("Q8_0", "BF16", "BF16", "Q4_K", "BF16")])
 def test_no_plan_that_fits_beats_the_bound(name, formats):
-    # Cost: ~500 simulations of a four-block workload, each plan scored once and then held to several budgets
-    profile, work = PROFILES[name], _workload()
+    # Cost: ~500 simulations of a four-block workload (~800 of the six-block one with a per-frame encode phase),
+    # each plan scored once and then held to several budgets
+    profile, work = PROFILES[name], _workload(frame_encoder=len(formats) == 5)
     for depth in (0, 1, 2):
         scored = [(p, simulate(work, p, profile).prediction) for p in _plans(work, formats, depth, 2**40)]
         peaks = sorted(pred.peak_total_bytes for _, pred in scored)
@@ -94,3 +103,20 @@ def test_the_session_phase_memory_counts_beside_the_frame_loop():
     bound_ms = lower_bound_s(work, plan, profile) * 1e3
     every_frame_block_streamed_ms = 2 * sum(d * d * 2 for d in FRAME_SIZES) / 1e9 * 1e3  # two steps, copy-bound
     assert bound_ms == pytest.approx(every_frame_block_streamed_ms)
+
+
+def test_a_phase_copies_hide_only_under_its_own_compute_and_what_the_ring_holds_ahead():
+    # Every block streams (the room holds only the ring). The per-frame encode phase copies two 2 MiB blocks and
+    # computes little; the denoiser computes far longer than it copies. Over the whole frame the copies would hide
+    # under the denoiser (T = its compute); but the ring (one slot at depth 0) holds one encoder copy ahead at most,
+    # so the other lands in the encode phase's own window, and the bound charges it
+    work, profile = _workload(frame_encoder=True), flat_profile(link_gbps=1.0, tflops=0.002)
+    plan = max(_plans(work, ("BF16",) * 5, 0, 2**40), key=lambda p: sum(b.placement == "streamed" for b in p.blocks))
+    plan = dataclasses.replace(plan, budget=Budget(GPU_WORKSPACE + 2 * MIB * 2 + 1024 * 256 * 4 * 2))
+    encoder_copy_ms = 1024 * 1024 * 2 / 1e9 * 1e3
+    encoder_ms = 2 * (2 * 1024 * 1024 * 8) / (0.002 * 1e12) * 1e3
+    denoise_ms = 2 * sum(2 * d * d * 256 for d in FRAME_SIZES) / (0.002 * 1e12) * 1e3
+    assert 2 * encoder_copy_ms + 2 * 2 * sum(d * d for d in FRAME_SIZES) / 1e9 * 1e3 < denoise_ms  # pooled: hidden
+    bound_ms = lower_bound_s(work, plan, profile) * 1e3
+    assert bound_ms == pytest.approx(max(encoder_ms, encoder_copy_ms) + denoise_ms, rel=1e-6)
+    assert bound_ms <= simulate(work, plan, profile).prediction.frame_ms * (1 + 1e-9)

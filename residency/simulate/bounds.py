@@ -5,7 +5,9 @@ packed (dequantized per call) or streamed (copied per call at peak link rate, de
 fraction; each block run only at session start, resident for its phase or streamed. What every such plan also pays
 is charged exactly, not as a fraction: the ring's slots (each as large as the largest streamed block), the dequant
 scratch and (GPU) the staging of a packed blob, each the largest over the blocks that need one, and the session
-phase's memory beside the frame loop's resident blocks. No real plan at those formats beats it.
+phase's memory beside the frame loop's resident blocks. A copy hides under compute of the whole frame, except that a
+frame phase's copies hide only under that phase's compute, beyond the few calls the ring can copy ahead of it. No real
+plan at those formats beats it.
 """
 
 from __future__ import annotations
@@ -26,8 +28,14 @@ from residency.workload.spec import Workload
 
 def compute_floor_s(workload: Workload, plan: Plan, profile: DeviceProfile, block: str | None = None) -> float:
     """Calls of a frame (of one block, or all) as if resident at the plan's compute dtype."""
-    total = 0.0
+    return sum(_phase_compute_s(workload, plan, profile, block))
+
+
+def _phase_compute_s(workload: Workload, plan: Plan, profile: DeviceProfile, block: str | None = None) -> list[float]:
+    """compute_floor_s per frame phase, in the order of workload.frame_phases()."""
+    out = []
     for ph in workload.frame_phases():
+        total = 0.0
         for p in ph.passes:
             kv_read = p.kv != "none"
             for name in p.blocks:
@@ -35,7 +43,13 @@ def compute_floor_s(workload: Workload, plan: Plan, profile: DeviceProfile, bloc
                     total += workload.count(p) * compute_s(workload.by_name[name], plan.by_name[name], profile,
                                                            workload.context_frames, kv_read, plan.kv_dtype,
                                                            workload.batch)
-    return total
+        out.append(total)
+    return out
+
+
+def _phase_calls(workload: Workload, block: str) -> list[int]:
+    """Calls of `block` in each frame phase (workload.frame_phases() order)."""
+    return [sum(workload.count(p) for p in ph.passes if block in p.blocks) for ph in workload.frame_phases()]
 
 
 def interference_coefficients(profile: DeviceProfile) -> tuple[float, float]:
@@ -81,6 +95,10 @@ class _Column:
     phase_bytes: int = 0  # held only while its session phase runs
     phase: int = -1  # that session phase (-1: none)
     maxima: dict[str, int] = field(default_factory=dict)  # its term of each MAX_TERMS it needs (absent: none)
+    # compute_ms and copy_ms split over the frame phases (empty: a session block's, none in the frame)
+    phase_compute_ms: tuple[float, ...] = ()
+    phase_copy_ms: tuple[float, ...] = ()
+    call_copy_ms: float = 0.0  # copy of one call: what one ring slot can hold ahead of its phase
 
 
 def _frame_columns(i: int, workload: Workload, plan: Plan, profile: DeviceProfile, name: str) -> list[_Column]:
@@ -88,7 +106,9 @@ def _frame_columns(i: int, workload: Workload, plan: Plan, profile: DeviceProfil
     block, bp = workload.by_name[name], plan.by_name[name]
     calls = workload.calls_per_frame(name)
     link = max(profile.link["h2d_pinned"].y) * 1e9
-    k = compute_floor_s(workload, plan, profile, name) * 1e3
+    k_by_phase = [s * 1e3 for s in _phase_compute_s(workload, plan, profile, name)]
+    share = [c / calls for c in _phase_calls(workload, name)]
+    k = sum(k_by_phase)
     d = calls * dequant_s(block, bp.format, bp.compute_dtype, profile) * 1e3
     d_fresh = calls * dequant_s(block, bp.format, bp.compute_dtype, profile, fresh=True) * 1e3  # from its slot
     move = calls * block.nbytes(bp.format) / link * 1e3
@@ -99,10 +119,16 @@ def _frame_columns(i: int, workload: Workload, plan: Plan, profile: DeviceProfil
     # a GPU unpacks a blob that is not in the compute dtype's format in a device staging buffer: at load (resident)
     # and on the copy engine (streamed, dequant on copy)
     staging = packed if profile.is_gpu and bp.format != DTYPE_FORMAT[bp.compute_dtype] else 0
-    return [_Column(i, k, 0.0, plain, maxima={"staging": staging}),
-            _Column(i, k + d, 0.0, packed, maxima={"scratch": scratch}),
-            _Column(i, k + d_fresh, move, maxima={"slot": packed, "scratch": scratch}),
-            _Column(i, k, unpacking + d, maxima={"slot": plain, "staging": staging})]
+
+    def column(dequant_ms: float, copy_ms: float, frame_bytes: int, maxima: dict[str, int]) -> _Column:
+        return _Column(i, k + dequant_ms, copy_ms, frame_bytes, maxima=maxima,
+                       phase_compute_ms=tuple(kp + dequant_ms * sh for kp, sh in zip(k_by_phase, share, strict=True)),
+                       phase_copy_ms=tuple(copy_ms * sh for sh in share), call_copy_ms=copy_ms / calls)
+
+    return [column(0.0, 0.0, plain, {"staging": staging}),
+            column(d, 0.0, packed, {"scratch": scratch}),
+            column(d_fresh, move, 0, {"slot": packed, "scratch": scratch}),
+            column(0.0, unpacking + d, 0, {"slot": plain, "staging": staging})]
 
 
 def _own_column(bp: BlockPlan, frame: bool) -> int:
@@ -139,11 +165,31 @@ def _columns(workload: Workload, plan: Plan, profile: DeviceProfile) -> tuple[li
     return cols, own, len(phases)
 
 
-def _frame_ms(cols: list[_Column], chosen: list[int], a_k: float, a_c: float) -> float:
-    """T of whole columns, one per block: max(K + a_k·C, C + a_c·K)."""
+def _window_ms(k: float, c: float, a_k: float, a_c: float) -> float:
+    """The least time in which compute does work k and the copy engine work c beside it [ms]."""
+    return max(k, k + a_k * c, c + a_c * k)
+
+
+def _ahead_ms(cols: list[_Column], n_phases: int, slots: int) -> list[float]:
+    """Per frame phase: the most copy work of its calls that can be done before it starts [ms]. A streamed call's
+    copy holds a ring slot until the call has run, and no call of the phase runs before the phase starts, so at
+    most `slots` of its calls are copied ahead (each at most the phase's largest call copy); the rest of its
+    copies fall between its first call's start and its last call's end."""
+    return [slots * max((c.call_copy_ms for c in cols if c.phase_copy_ms and c.phase_copy_ms[p] > 0), default=0.0)
+            for p in range(n_phases)]
+
+
+def _frame_ms(cols: list[_Column], chosen: list[int], a_k: float, a_c: float, ahead_ms: list[float]) -> float:
+    """T of whole columns, one per block: max(K + a_k·C, C + a_c·K) over the frame, and at least the sum over frame
+    phases of that window's least time for each phase's compute and its copy not done ahead."""
     k = sum(cols[j].compute_ms for j in chosen)
     c = sum(cols[j].copy_ms for j in chosen)
-    return max(k + a_k * c, c + a_c * k)
+    phased = 0.0
+    for p, ahead in enumerate(ahead_ms):
+        kp = sum(cols[j].phase_compute_ms[p] for j in chosen if cols[j].phase_compute_ms)
+        cp = sum(cols[j].phase_copy_ms[p] for j in chosen if cols[j].phase_copy_ms)
+        phased += _window_ms(kp, max(0.0, cp - ahead), a_k, a_c)
+    return max(_window_ms(k, c, a_k, a_c), phased)
 
 
 def _level_rows(rows: LpRows, cols: list[_Column], levels: dict[str, list[int]], z: dict[tuple[str, int], int],
@@ -165,9 +211,34 @@ def _level_rows(rows: LpRows, cols: list[_Column], levels: dict[str, list[int]],
     return charged
 
 
+def _phase_rows(rows: LpRows, cols: list[_Column], ahead_ms: list[float], a_k: float, a_c: float, t_col: int,
+                t_unit: float) -> None:
+    """T ≥ Σ_p T_p, each T_p (column t_col + 1 + p) at least the least time of phase p's window (_window_ms) for its
+    compute K_p and its copy not done ahead, C_p − ahead_p (or none: T_p ≥ K_p). Every frame phase's calls run in a
+    window of the frame's time that no other phase's calls share, and all their copies but those done ahead fall in
+    it; the whole-frame rows let a copy hide under any compute of the frame, a text encoder's large, cheap layers
+    under the denoiser's compute, which no ring of `slots` slots can do."""
+    if not ahead_ms:
+        return
+    phase_cols = range(t_col + 1, t_col + 1 + len(ahead_ms))
+    rows.add({t_col: -1.0, **{tp: 1.0 for tp in phase_cols}}, -np.inf, 0.0)
+    for p, (tp, ahead) in enumerate(zip(phase_cols, ahead_ms, strict=True)):
+        k = {j: c.phase_compute_ms[p] / t_unit for j, c in enumerate(cols) if c.phase_compute_ms}
+        kc = {j: (c.phase_compute_ms[p] + a_k * c.phase_copy_ms[p]) / t_unit for j, c in enumerate(cols)
+              if c.phase_compute_ms}
+        ck = {j: (c.phase_copy_ms[p] + a_c * c.phase_compute_ms[p]) / t_unit for j, c in enumerate(cols)
+              if c.phase_compute_ms}
+        rows.add({**k, tp: -1.0}, -np.inf, 0.0)
+        rows.add({**kc, tp: -1.0}, -np.inf, a_k * ahead / t_unit)
+        rows.add({**ck, tp: -1.0}, -np.inf, ahead / t_unit)
+
+
 def lower_bound_s(workload: Workload, plan: Plan, profile: DeviceProfile) -> float:
     """Seconds: min T with T ≥ K + a_k·C and T ≥ C + a_c·K (compute K, copy C; a_k, a_c from
-    interference_coefficients) — even a perfect pipeline pays the interference the device measured — over
+    interference_coefficients) — even a perfect pipeline pays the interference the device measured — and, where the
+    frame has several phases, T ≥ the sum over them of the same for each phase's compute and its copy the ring
+    cannot do ahead of it (_phase_rows: the text encoder of an image pipeline copies far more than it computes) —
+    over
     fractional placements at the plan's formats, modes and prefetch depth, within the VRAM budget (or the plan's own
     peak, where that is more) in the frame loop and in each session phase.
 
@@ -188,21 +259,25 @@ def lower_bound_s(workload: Workload, plan: Plan, profile: DeviceProfile) -> flo
     room = max(plan.budget.vram_bytes, sum(v for k, v in peak_bytes(workload, plan, profile).items()
                                            if k != "reserve")) - fixed
     resident_ms = sum(min(c.compute_ms for c in cols if c.block == i) for i in range(len(own)))
-    own_ms = _frame_ms(cols, own, a_k, a_c)  # the plan's own placement: the optimum is at most this
+    slots = plan.execution.slots
+    # one frame phase: its window is the frame, where the whole-frame rows already bind
+    n_frame = len(workload.frame_phases())
+    ahead_ms = _ahead_ms(cols, n_frame, slots) if n_frame > 1 else []
+    own_ms = _frame_ms(cols, own, a_k, a_c, ahead_ms)  # the plan's own placement: the optimum is at most this
     if room < 0:  # nothing fits at any placement: what no plan beats at any memory
         return resident_ms / 1e3
-    slots = plan.execution.slots
     levels = {t: sorted({c.maxima[t] for c in cols
                          if c.maxima.get(t, 0) * (slots if t == "slot" else 1) >= MIN_LEVEL_SHARE * room})
               for t in MAX_TERMS}
     nx = len(cols)
     z = {(t, v): nx + i for i, (t, v) in enumerate((t, v) for t in MAX_TERMS for v in levels[t])}
     t_col = nx + len(z)
-    rows = LpRows(t_col + 1)
+    rows = LpRows(t_col + 1 + len(ahead_ms))  # then one T_p per frame phase
     # units: T in the compute floor, memory in the room, so that HiGHS's tolerances sit far below either
     t_unit, m_unit = resident_ms or 1.0, float(max(room, 1))
     rows.add({**{j: (c.compute_ms + a_k * c.copy_ms) / t_unit for j, c in enumerate(cols)}, t_col: -1.0}, -np.inf, 0.0)
     rows.add({**{j: (c.copy_ms + a_c * c.compute_ms) / t_unit for j, c in enumerate(cols)}, t_col: -1.0}, -np.inf, 0.0)
+    _phase_rows(rows, cols, ahead_ms, a_k, a_c, t_col, t_unit)
     for i in range(len(own)):
         rows.add({j: 1.0 for j, c in enumerate(cols) if c.block == i}, 1.0, 1.0)
     charged = _level_rows(rows, cols, levels, z, slots, m_unit)
