@@ -73,6 +73,36 @@ def fastest_modes(req: PlanRequest, plan: Plan) -> Plan:
     return replace(plan, blocks=tuple(blocks))
 
 
+def session_bound_ms(req: PlanRequest, ours: Plan) -> float:
+    """ms per frame that no plan at ours' formats and depth beats over a session of req.session_s once the compile
+    time of its compiled classes is spread over the session's frames (as many as ours runs): min over how many
+    classes compile of max(bound over modes, bound all eager − the largest such number of classes' compute savings)
+    + their compile time per frame. Valid: a mode changes compute only, and a bound falls by at most the compute a
+    mode saves (every term of it counts compute with a coefficient ≤ 1). A graphed class (capture: milliseconds) is
+    charged nothing."""
+    w, fast = req.workload, fastest_modes(req, ours)
+    eager = replace(ours, blocks=tuple(replace(bp, exec_mode="eager") for bp in ours.blocks))
+    frames = req.session_s / (ours.prediction.frame_ms / 1e3)
+    compile_ms = req.profile.compile_s_per_block_class * 1e3 / frames
+    saving: dict[str, float] = {}
+    paid: dict[str, bool] = {}
+    for e, f in zip(eager.blocks, fast.blocks, strict=True):
+        b = w.by_name[e.name]
+        saving[b.block_class] = saving.get(b.block_class, 0.0) + 1e3 * (
+            frame_compute_s(w, b, e, req, ours.kv_dtype) - frame_compute_s(w, b, f, req, ours.kv_dtype))
+        paid[b.block_class] = f.exec_mode == "compiled"
+    floor_ms = lower_bound_s(w, fast, req.profile) * 1e3
+    eager_ms = lower_bound_s(w, eager, req.profile) * 1e3 - sum(v for c, v in saving.items() if not paid[c])
+    savings = sorted((v for c, v in saving.items() if paid[c]), reverse=True)
+    return min(max(floor_ms, eager_ms - sum(savings[:k])) + k * compile_ms for k in range(len(savings) + 1))
+
+
+def session_ms(req: PlanRequest, plan: Plan, frames_of: Plan) -> float:
+    """ms per frame of `plan` with its compile time spread over the session's frames (as many as `frames_of` runs)."""
+    frames = req.session_s / (frames_of.prediction.frame_ms / 1e3)
+    return plan.prediction.frame_ms + req.profile.compile_s_per_block_class * 1e3 * len(compiled_classes(req, plan)) / frames
+
+
 def compiled_classes(req: PlanRequest, plan: Plan) -> set[str]:
     """The block classes `plan` runs compiled: each costs compile_s_per_block_class once."""
     return {req.workload.by_name[bp.name].block_class for bp in plan.blocks if bp.exec_mode == "compiled"}
@@ -140,8 +170,11 @@ def run_mode(workload, profile, budget: Budget, mode: str) -> dict:
         out["ours_over_bound"] = ours.prediction.frame_ms / bound_ms
         # the bound at the modes ours chose (what the plan's own prediction carries)
         out["ours_over_own_modes_bound"] = ours.prediction.frame_ms / ours.prediction.lower_bound_ms
+        # over the session: compile time counted, in ours and in the bound
+        out["ours_over_session_bound"] = session_ms(req, ours, ours) / session_bound_ms(req, ours)
     else:
         out["bound_over_modes_ms"] = out["ours_over_bound"] = out["ours_over_own_modes_bound"] = None
+        out["ours_over_session_bound"] = None
     out["plan_s"] = out["policies"]["ours"]["plan_s"]
     return out
 
@@ -206,6 +239,7 @@ def summarize_mode(cells: list[dict], mode: str) -> dict:
                 if c["must_stream"] and c["world_model"] and r["speedup_vs_best_peer"] and r["ours_over_bound"]]
     bounds = [r["ours_over_bound"] for _, r in rows if r["ours_over_bound"]]
     own = [r["ours_over_own_modes_bound"] for _, r in rows if r["ours_over_own_modes_bound"]]
+    session = [r["ours_over_session_bound"] for _, r in rows if r["ours_over_session_bound"]]
     return {
         "label": MODE_LABEL[mode],
         "cells_ours_fits": sum(r["ours_fits"] for _, r in rows),
@@ -219,6 +253,10 @@ def summarize_mode(cells: list[dict], mode: str) -> dict:
         # the bound at the modes ours chose (a class left eager because its compile does not repay is eager there)
         "max_ours_over_own_modes_bound": max(own) if own else None,
         "cells_over_bound_target_at_own_modes": sum(b > TARGET_BOUND for b in own),
+        # over modes with compile time spread over the session (ours' and any plan's): what the rule that a class
+        # compiles only where that repays over the session can reach
+        "max_ours_over_session_bound": max(session) if session else None,
+        "cells_over_bound_target_over_session": sum(b > TARGET_BOUND for b in session),
         "cells_beaten_by_a_peer": sum(bool(r["beaten_by"]) for _, r in rows),
         "cells_a_peer_is_faster_per_frame_only_by_compiles_ours_declined":
             sum(bool(r["faster_per_frame_only_by_compiles_ours_declined"]) for _, r in rows),
@@ -245,7 +283,8 @@ def report(summary: dict, console: Console) -> None:
             f"over every must-stream cell {f(s['geomean_speedup_where_streaming'])}×; "
             f"max ours÷bound over modes {f(s['max_ours_over_bound'])}, {s['cells_over_bound_target']} cell(s) over "
             f"{TARGET_BOUND} (at ours' own modes {f(s['max_ours_over_own_modes_bound'])}, "
-            f"{s['cells_over_bound_target_at_own_modes']} over); cells beaten by a peer: {s['cells_beaten_by_a_peer']} "
+            f"{s['cells_over_bound_target_at_own_modes']} over; over modes with compile time spread over the session "
+            f"{f(s['max_ours_over_session_bound'])}, {s['cells_over_bound_target_over_session']} over); cells beaten by a peer: {s['cells_beaten_by_a_peer']} "
             f"(on placement, the peer at ours' modes: {s['cells_beaten_by_a_peer_at_ours_modes']}; faster per frame only "
             f"by compiles ours declined: {s['cells_a_peer_is_faster_per_frame_only_by_compiles_ours_declined']}); "
             f"max planning {s['max_plan_s']:.2f} s (target ≤ {TARGET_PLAN_S} under {PLAN_S_MODE}; load-sensitive)",
