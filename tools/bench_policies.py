@@ -7,7 +7,8 @@ Every policy is scored by the same simulator, under three requests (PlanRequest.
   compiled only where a block is fully resident, the others eager);
 - "auto+graphed": graphs simulated too (ComfyUI may capture its resident blocks; simulated, unverified on a GPU).
 Per cell and request: each policy's predicted ms per latent frame (or "does not fit"), ours ÷ best peer, ours ÷
-the lower bound over the modes the request allows (each block at its fastest such mode), whether a peer beats
+the lower bound over the modes the request allows (each block at its fastest such mode; beside it the same with
+compile time spread over the session's frames, in ours and in the bound: session_bound_ms), whether a peer beats
 ours over a session (a peer faster per frame only by compiling classes whose compile time ours found not to repay
 over PlanRequest.session_s is listed apart), and our planning time. A human table, the targets, then one JSON line
 last.
