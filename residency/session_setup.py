@@ -136,9 +136,25 @@ def load_model(name: str) -> Model:
         if kind != userpath.DIRECTORY:  # refuses a FIFO (open() would block), a device, a name the OS refuses
             userpath.require_file(name, "a saved pipeline", hint="give a saved pipeline directory or a "
                                   ".safetensors/.gguf file (WorldModelPipeline.save_pretrained)")
+        else:
+            _refuse_foreign_model_dir(Path(name))
         pipe, label = WorldModelPipeline.from_pretrained(name), Path(name).name
     workload = workload_from_dict(catalog_entry(pipe.config))
     return Model(pipe, workload, label, start, sensitivity, note)
+
+
+def _refuse_foreign_model_dir(path: Path) -> None:
+    """A diffusers or transformers model (or pipeline) directory given to `run`: say what run rolls out and where such
+    a model goes instead (it holds no world model, and "no .safetensors" or "no world model config" misleads)."""
+    from residency.commands.config_source import is_diffusers_pipeline_dir, is_model_dir
+
+    kind = ("a diffusers pipeline directory" if is_diffusers_pipeline_dir(path) else
+            "a diffusers or transformers model directory" if is_model_dir(path) else None)
+    if kind is not None:
+        raise ResidencyError(f"{path}: {kind}; `run` rolls out world-model pipelines (default, tiny, or one saved by "
+                             "WorldModelPipeline.save_pretrained)",
+                             hint=f"plan it with `residency plan {path}` (or inspect it); in Python, "
+                             "residency.attach(model_or_pipeline) runs it under a plan")
 
 
 def start_image(model: Model, path: str | None) -> np.ndarray:
@@ -222,7 +238,8 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
         fix = (f"make the plan with `residency plan {name} --steps {plan.steps} -o …` (steps edited in the file leave "
                "its workload_fingerprint at the old count)")
         if not same_model or plan.steps == model.pipe.config.steps:  # another model: its own error, not steps'
-            plan.check_matches(model.workload, f"model {model.label}", fix=fix if same_model else None)
+            plan.check_matches(model.workload, f"model {model.label}", fix=fix if same_model else
+                               f"make a plan for this model: `residency plan {name} -o plan.json`, then --plan plan.json")
             return model, plan, None
         config, workload = _at_steps(model, plan.steps, plan_path)
         plan.check_matches(workload, f"model {model.label}", fix=fix)

@@ -93,8 +93,11 @@ def run(args: argparse.Namespace) -> int:
     # This machine's profile, DEMO_FPS and a budget below the model's weight bytes.
     model, plan, replan = session_setup.make_plan(model, err, profile=args.profile, fps=DEMO_FPS,
                                                   vram_bytes=_vram_bytes(model))
-    console.print(_plan_line(plan))
-    other = run_cmd.other_device(replan, plan)  # the demo plans here: no profile file to read
+    # the demo plans here: no profile file to read. A plan over its budget is refused, or noted where only a GPU
+    # profile's own memory misses it (as `run` does)
+    other = run_cmd.check_fit(model, plan, run_cmd.plan_device(replan, plan), console, _plan_line(plan),
+                              lambda need: "give another --profile, or use `residency run` with --vram "
+                              f"{need} or more")
     context = session_setup.context_for(model, plan, other)
     board = Dashboard(context)
     runtime = session_setup.attach(model, plan, replan)

@@ -206,10 +206,16 @@ class Plan:
                 hint="make its workload with name= the model's class name (residency.attach names blocks "
                      "<class>.<module path>), e.g. workload_from_module(model, x, name=type(model).__name__)")
         if fingerprint != self.workload_fingerprint:
-            same = " — the same model counted at other shapes, dtypes or settings" if mine == theirs else ""
+            name = getattr(workload, "name", None)
+            if mine != theirs:  # a hand-edited plan can differ in its blocks and in its settings: say both
+                why = f"; its blocks differ too: {_block_difference(mine, theirs)}"
+            elif name is not None and name != self.model:
+                why = f" — another model ({name!r}) whose blocks have the same names, at other sizes or settings"
+            else:
+                why = " — the same model counted at other shapes, dtypes or settings"
             raise ResidencyError(
                 f"the plan was made for model {self.model!r} (fingerprint {self.workload_fingerprint}), "
-                f"not for {what} (fingerprint {fingerprint}){same}",
+                f"not for {what} (fingerprint {fingerprint}){why}",
                 hint=fix or "make a new plan for this model with `residency plan`",
             )
         expected = [b.name for b in workload.blocks]
