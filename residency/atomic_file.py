@@ -7,6 +7,7 @@ traces, GIFs). A foundation module: every layer that saves a file may use it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +24,23 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def create_problem(path: Path, e: OSError) -> str:
+    """Why no file could be created beside `path`, from the OSError creating one raised: the directory missing, not a
+    directory, a file system that takes no new files (/proc answers ENOENT), or the OS's own reason."""
+    parent = path.parent
+    try:
+        exists, is_dir = parent.exists(), parent.is_dir()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL
+        exists = is_dir = False
+    if not exists:
+        return f"its directory {os.fspath(parent)} does not exist"
+    if not is_dir:
+        return f"{os.fspath(parent)} is not a directory"
+    if e.errno == errno.ENOENT:
+        return f"{os.fspath(parent)} takes no new files (a virtual file system such as /proc or /sys)"
+    return f"cannot create a file in {os.fspath(parent)} ({e.strerror})"
+
+
 def check_can_create(path: Path, error: type[ResidencyError] = ResidencyError) -> None:
     """Raise `error` unless a file can be created beside `path` — the temp file atomic_output will need — checked
     by creating one and removing it: a read-only filesystem, a permission, an immutable directory all fail here,
@@ -30,7 +48,7 @@ def check_can_create(path: Path, error: type[ResidencyError] = ResidencyError) -
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=path.parent)
     except OSError as e:
-        raise error(f"{os.fspath(path)}: cannot create a file next to it ({e.strerror})",
+        raise error(f"{os.fspath(path)}: {create_problem(path, e)}",
                     hint="check the directory exists and is writable, or pick another path") from None
     os.close(fd)
     with contextlib.suppress(OSError):
@@ -53,11 +71,7 @@ def atomic_output(path: Path, error: type[ResidencyError] = ResidencyError) -> I
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise broken(
-            path,
-            f"cannot create a file next to it ({e.strerror})",
-            hint="check the directory exists and is writable",
-        ) from None
+        raise broken(path, create_problem(path, e), hint="check the directory exists and is writable") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:

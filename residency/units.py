@@ -22,14 +22,22 @@ _UNITS = {
     "MIB": 2**20,
     "GIB": 2**30,
     "TIB": 2**40,
+    # beyond any memory (MAX_SIZE_BYTES refuses most), read so that "5PiB" is told too large, not unreadable
+    "PB": 10**15,
+    "EB": 10**18,
+    "PIB": 2**50,
+    "EIB": 2**60,
     # A bare K/M/G means binary, as memory is sized in powers of two.
     "K": 2**10,
     "M": 2**20,
     "G": 2**30,
     "T": 2**40,
+    "P": 2**50,
+    "E": 2**60,
 }
 # ASCII digits only: str.isdigit and float() accept other scripts ('٦GiB'); Decimal reads any length exactly.
-_SIZE_RE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]{0,3})\s*", re.ASCII)
+# An exponent ("1e3MiB") of at most 4 digits: Decimal then stays far inside its context (a "1e999999999" overflowed it).
+_SIZE_RE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]{1,4})?)\s*([a-zA-Z]{0,3})\s*", re.ASCII)
 MAX_SIZE_BYTES = 2**60  # 1 EiB: larger than any memory; beyond it a size is a typo
 
 

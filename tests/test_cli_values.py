@@ -35,7 +35,7 @@ OPTIONS = [
     (["plan", "tiny", "--profile", "rtx-5090"], "--steps"),
 ]
 BAD_VALUES = ["nan", "NaN", "inf", "-inf", "infinity", "-1", "0", "1e400", "9" * 400, "²", "٣", "1_0", "",
-              "  ", "0x10", "1e3GB"]
+              "  ", "0x10", "1e3XB"]
 
 
 @pytest.mark.parametrize("before, option", OPTIONS, ids=[f"{b[0]} {o}" for b, o in OPTIONS])

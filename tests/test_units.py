@@ -9,13 +9,14 @@ from residency.units import fmt_bytes, fmt_ms, parse_size, size_at_least
 @pytest.mark.parametrize(
     "text,expected",
     [("6GiB", 6 * 2**30), ("6GB", 6 * 10**9), ("6000MB", 6 * 10**9), ("512MiB", 512 * 2**20),
-     ("1.5G", int(1.5 * 2**30)), ("100", 100), (" 2 gib ", 2 * 2**30)],
+     ("1.5G", int(1.5 * 2**30)), ("100", 100), (" 2 gib ", 2 * 2**30), ("1e3MiB", 1000 * 2**20),
+     ("1.5e2K", 150 * 2**10), ("2PiB", 2 * 2**50)],
 )
 def test_parse_size_accepts_the_documented_spellings(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "GiB", "6 parsecs", "-1GB", "0GB", "1e3GB"])
+@pytest.mark.parametrize("text", ["", "GiB", "6 parsecs", "-1GB", "0GB", "1e3XB", "1e99999GB"])
 def test_parse_size_rejects_bad_values_with_a_hint(text):
     with pytest.raises(UsageError) as err:
         parse_size(text, what="--vram")
@@ -27,11 +28,12 @@ def test_fmt_bytes_uses_binary_units():
     assert fmt_bytes(512) == "512 B"
 
 
-@pytest.mark.parametrize("text", ["0.5", "1KiB", "9" * 400, "2048PiB", "1048577TiB"])
+@pytest.mark.parametrize("text", ["0.5", "1KiB", "9" * 400, "2048PiB", "1048577TiB", "2EiB", "1e999MiB", "1e-9G"])
 def test_parse_size_refuses_sizes_outside_its_range_naming_the_value(text):
     with pytest.raises(UsageError) as err:
         parse_size(text, what="--vram", min_bytes=2**20)
     assert "--vram" in err.value.message and repr(text[:40] + ("…" if len(text) > 40 else "")) in err.value.message
+    assert "at most 2**60 bytes" in err.value.message  # too large or too small, not "cannot read"
 
 
 @pytest.mark.parametrize("text", ["٦GiB", "6²GiB", "1_000MiB", "nan", "inf", "6\u2009GiB"])
