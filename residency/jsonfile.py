@@ -42,8 +42,9 @@ def read_json(path: str | os.PathLike[str], what: str, hint: str, max_bytes: int
                              hint=hint) from None
     except _Duplicate as e:  # before ValueError: it is one
         lines = _key_lines(text, e.args[0])
-        where = (f" (the key appears on lines {', '.join(map(str, lines))}, in this object and any other)"
-                 if 1 < len(lines) <= 12 else "")
+        distinct = sorted(set(lines))  # a one-line document has every occurrence on line 1: "lines 1, 1" said nothing
+        where = (f" (the key appears on lines {', '.join(map(str, distinct))}, in this object and any other)"
+                 if 1 < len(distinct) <= 12 else "")
         raise ResidencyError(f"{name}: {what} gives {_show_key(e.args[0])} twice in one object, with two values (JSON "
                              f"readers keep either; residency would have used the last silently){where}",
                              hint=f"keep one of the two; {hint}") from None

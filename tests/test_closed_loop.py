@@ -290,7 +290,7 @@ def test_misses_no_plan_can_hold_are_decided_with_a_back_off_until_the_machine_c
     assert len(units) == 3, units
     assert 2 * M <= units[1] - units[0] <= 2 * M + loop.options.miss_frames, units
     assert 4 * M <= units[2] - units[1] <= 4 * M + loop.options.miss_frames, units
-    assert loop.switches == 0 and loop.events[-1].kind == "kept" and "re-plan no more" in loop.events[-1].reason
+    assert loop.switches == 0 and loop.events[-1].kind == "kept" and "no re-plan for the next" in loop.events[-1].reason
     level["x"] = 1.5  # the load grows: a change of the machine, decided on again at once
     got = decisions_in(range(220, 260))
     assert len(got) == 1, "\n".join(e.line() for e in loop.events)

@@ -102,8 +102,9 @@ def choose_modes(req: PlanRequest, kv_dtype: str) -> dict[str, ModeChoice]:
         classes.setdefault(b.block_class, []).append(b)
     if not req.exec_mode.startswith("auto"):
         unrun = " (simulated: the runtime does not run graphed blocks yet)" if req.exec_mode == "graphed" else ""
-        return {c: ModeChoice(req.exec_mode, f"{c} {req.exec_mode}: forced by --exec-mode{unrun}" if
-                              req.exec_mode != "eager" else "") for c in classes}
+        # one note for the plan, on its first class, not one per class saying the same thing
+        note = f"every block {req.exec_mode}: forced by --exec-mode{unrun}" if req.exec_mode != "eager" else ""
+        return {c: ModeChoice(req.exec_mode, note if i == 0 else "") for i, c in enumerate(classes)}
     frame_classes = {c: m for c, m in classes.items() if any(w.calls_per_frame(b.name) for b in m)}
     mode_s = {c: _class_mode_s(req, m, _class_frame_s(req, m, "eager", kv_dtype), kv_dtype)
               for c, m in frame_classes.items()}

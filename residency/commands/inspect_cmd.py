@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     """Register `residency inspect PATH|MODEL [--json]` on the subparsers `sub`."""
     p = sub.add_parser("inspect", help="show a checkpoint's or built-in model's blocks and their sizes per format")
     p.add_argument("target", metavar="PATH|MODEL",
-                   help=".safetensors/.gguf file, a directory of shards, a built-in or catalog model, a catalog "
+                   help=".safetensors/.gguf file, a directory of shards, default (the shipped world model), a built-in or "
+                   "catalog model, a catalog "
                    ".json, or a diffusers/transformers model directory (config.json; weights not needed)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     p.set_defaults(run=run)

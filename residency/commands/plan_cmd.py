@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     """Register `residency plan MODEL --profile NAME [--fps|--frame-ms] [--vram] ...` on `sub`."""
     p = sub.add_parser("plan", help="plan residency and precision per block for a VRAM and frame-time budget",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("model", metavar="MODEL", help="catalog model (e.g. lucid-500m, flux-schnell), a catalog .json, "
+    p.add_argument("model", metavar="MODEL", help="default (the shipped world model, as `run default` loads it), a catalog model (e.g. lucid-500m, "
+                   "flux-schnell), a catalog .json, "
                    "a diffusers/transformers model directory (config.json) or a diffusers pipeline directory "
                    "(model_index.json: encode → denoise × steps → decode); weights not needed")
     p.add_argument("--profile", metavar="NAME|PATH",

@@ -329,8 +329,8 @@ class ClosedLoop:
                 wait = self.options.min_frames_between * 2 ** min(self._hopeless_in_row + 1, HOPELESS_BACKOFF_MAX)
                 self._hopeless_in_row += 1
                 self._hopeless = _Hopeless(p.measured_ms, self._decision_key(), self.units + wait)
-                quiet = (f"; no plan holds the budget here: misses near {fmt_ms(p.measured_ms)} ms re-plan no more "
-                         f"for {wait} frames")
+                quiet = (f"; no plan holds the budget here (frames near {fmt_ms(p.measured_ms)} ms): no re-plan for "
+                         f"the next {wait} frames")
             else:
                 self._hopeless, self._hopeless_in_row = None, 0
             self._event("kept", p, f"{p.trigger} — kept the running plan (re-predicted {fmt_ms(running_ms)} ms; "
