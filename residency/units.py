@@ -67,9 +67,13 @@ _BINARY_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
 
 def _shown_unit(n: float) -> tuple[str, int, int] | None:
     """(unit, its bytes, decimals) fmt_bytes shows `n` bytes in: 2 decimals under 10 units, else 1; None: bytes."""
-    for unit, scale in _BINARY_UNITS:
+    for i, (unit, scale) in enumerate(_BINARY_UNITS):
         if abs(n) >= scale:
             return unit, scale, 2 if abs(n) / scale < 10 else 1
+        # just under a unit, shown in the one below, rounds to 1024.0 of it ("1024.0 MiB" beside "1.00 GiB")
+        below = _BINARY_UNITS[i + 1][1] if i + 1 < len(_BINARY_UNITS) else 1
+        if abs(n) / below >= 1023.95:
+            return unit, scale, 2
     return None
 
 

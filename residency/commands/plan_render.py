@@ -147,7 +147,7 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile, model
         return
     console.print(_table("device memory at the peak", _MEMORY_COLUMNS, _memory_rows(plan), console.width))
     noun = "frame" if unit == "latent frame" else unit
-    console.print(f"predicted: [bold]{pred.frame_ms:.2f} ms[/bold] per {unit} "
+    console.print(f"predicted: [bold]{pred.frame_ms:.2f} ms[/bold]{_long(pred.frame_ms)} per {unit} "
                   f"({_rate(workload, pred.frame_ms)} {_rate_name(unit)}); "
                   f"first {noun} {pred.first_frame_ms:.1f} ms; stall {pred.stall_ms:.2f} ms; "
                   f"{fmt_bytes(pred.link_bytes_per_frame)} over the link per {noun}"
@@ -155,7 +155,7 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile, model
                   f"lower bound {pred.lower_bound_ms:.2f} ms; quality loss {pred.quality_loss:.3f}")
     for phase, evicted in plan.phase_actions([(ph.name, ph.blocks) for ph in workload.phases]):
         if evicted:
-            console.print(f"after {phase}: evict {len(evicted)} block(s) "
+            console.print(f"after {phase}: evict {plural(len(evicted), 'block')} "
                           f"({fmt_bytes(sum(workload.by_name[b].nbytes(plan.by_name[b].format) for b in evicted))}"
                           f" as loaded): {_names_label(list(evicted))}")
     console.print(verdict(plan, unit))
@@ -181,11 +181,23 @@ def _folded_notes(notes: list[str]) -> list[str]:
     ranked = sorted((m for _, m in declined), key=lambda m: -float(m["saved"].split()[0]))
     shown, others = ranked[:FOLDED_NAMED], ranked[FOLDED_NAMED:]
     folded = (f"eager where compiling ({m['compile']}) would not repay itself over a {m['session']} session: "
-              + ", ".join(f"{m['name']} (saves {m['saved']})" for m in shown)
-              + (f", and {len(others)} more block classes saving {others[0]['saved']} or less" if others else ""))
+              + ", ".join(f"{m['name']} (saves {_saved(m)})" for m in shown)
+              + (f", and {len(others)} more block classes saving {_saved(others[0])} or less" if others else ""))
     first = notes.index(declined[0][0])
     rest = [n for n in notes if n not in {d for d, _ in declined}]
     return rest[:first] + [folded] + rest[first:]
+
+
+def _long(ms: float) -> str:
+    """Beside a time of 10 s or more, the same in seconds or minutes: "188880.03 ms" is hard to read."""
+    if ms < 10_000:
+        return ""
+    return f" (= {ms / 1e3:.1f} s)" if ms < 600_000 else f" (= {ms / 60e3:.1f} min)"
+
+
+def _saved(m: re.Match) -> str:
+    """A declined compile's saving as shown: "0.0 s" reads as none, so under 0.1 s it says so."""
+    return m["saved"] if float(m["saved"].split()[0]) >= 0.1 else "under 0.1 s"
 
 
 def _cpu_link(plan: Plan, profile) -> str:
