@@ -8,6 +8,7 @@ checkpoint; nothing is allocated (accelerate.init_empty_weights puts every param
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -15,6 +16,7 @@ from typing import Any, NoReturn
 from residency import userpath
 from residency.errors import ResidencyError, UsageError
 from residency.jsonfile import read_json
+from residency.units import fmt_bytes
 
 MODEL_CONFIG = "config.json"  # diffusers: `_class_name` names the class; transformers: `architectures`
 PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline directory: components in subfolders
@@ -145,7 +147,11 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
             from residency.workload.from_module import error_line
 
             huge = "allocat" in str(e)  # sizes so large that even the empty model's buffers do not fit in RAM
-            raise ResidencyError(f"{path / MODEL_CONFIG}: {class_name} refuses the config ({error_line(e)})",
+            asked = re.search(r"allocate (\d+) bytes", str(e))
+            # the allocator's own words ("[enforce fail at alloc_cpu.cpp:127] err == 0 …") tell a user nothing
+            why = (f"building it, even without weights, would allocate {fmt_bytes(int(asked.group(1)))} of host "
+                   "memory for its buffers" if asked else error_line(e))
+            raise ResidencyError(f"{path / MODEL_CONFIG}: {class_name} refuses the config ({why})",
                                  hint="its sizes (heads, widths, positions) are too large to build the model even "
                                       "without weights: fix them" if huge else "fix the field it names, or give the "
                                       "directory save_pretrained wrote for this model") from e
