@@ -33,15 +33,16 @@ class Status:
     between_ms: float = 0.0  # wall time from the step before to this one: drawing, keys, pacing (not the step)
     budget_ms: float = 0.0  # the frame budget per step (0: not known)
 
-    def text(self) -> Text:
+    def text(self, board_shown: bool = True) -> Text:
         """The status as one line, with a red warning when target_fps is not held: the machine's steps, or (when a
-        step fits its budget) drawing the screen between steps."""
+        step fits its budget) drawing the screen between steps — and, while the dashboard is drawn, that a terminal
+        under BOARD_MIN_COLS columns does not draw it."""
         line = Text(f"frame {self.frame} · {self.action:<10} · step {self.step_ms:.1f} ms · "
                     f"between steps {self.between_ms:.1f} ms · {self.achieved_fps:.1f} of {self.target_fps:.0f} fps")
         if self.behind and 0 < self.step_ms <= self.budget_ms:  # "this machine cannot hold" blamed the model
+            narrower = f" (under {BOARD_MIN_COLS} columns the dashboard is not drawn)" if board_shown else ""
             line.append(f"  behind {self.target_fps:.0f} fps: steps fit their {self.budget_ms:.1f} ms, drawing the "
-                        f"screen between them does not (under {BOARD_MIN_COLS} columns the dashboard is not drawn)",
-                        style="bold red")
+                        f"screen between them does not{narrower}", style="bold red")
         elif self.behind:
             line.append(f"  this machine cannot hold {self.target_fps:.0f} fps: running as fast as it can",
                         style="bold red")
@@ -85,7 +86,7 @@ class PlayView:
         lines: list[RenderableType] = [SideBySide(self.frame_view, self.board if self.show_board else None),
                                        Text(HELP, style="dim")]
         if self.status is not None:
-            lines.append(self.status.text())
+            lines.append(self.status.text(self.show_board))
         if not self.show_board:
             lines.append(Text(f"(widen the terminal to {FRAME_MAX_ROWS * 2 + GAP_CELLS + WIDTH_CELLS} columns for the "
                               "dashboard)", style="dim"))
