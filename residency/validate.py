@@ -72,8 +72,8 @@ class Reader:
 
     def fail(self, path: str, problem: str, hint: str | None = None) -> ResidencyError:
         """`problem` starts with "= value: …" when it is about a value, or states what is wrong."""
-        return ResidencyError(f"{self.source}: field '{path or '(top level)'}'{self._in()} {problem}",
-                              hint=hint or self.hint)
+        where = f"field '{path}'" if path else "the document"  # "field '(top level)'" named no field
+        return ResidencyError(f"{self.source}: {where}{self._in()} {problem}", hint=hint or self.hint)
 
     def missing(self, path: str) -> ResidencyError:
         """The error (not raised) for the missing field at `path`."""

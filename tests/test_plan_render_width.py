@@ -66,3 +66,17 @@ def test_every_figure_of_every_table_is_printed_whole(flux_schnell, width):
         assert shown == [row[numeric] for row in rows(wide, columns, numeric.start)] != []
         assert all(FIGURE.match(c) for row in shown for c in row), shown
         assert max(len(line) for line in narrow if line[:1] in "┏┃┡│└") <= width
+
+
+def test_a_long_block_name_breaks_after_a_dot_not_mid_word(flux_schnell):
+    from residency.commands.plan_render import _wrapped_name
+
+    assert _wrapped_name("vae.encoder.blocks.0", 14) == "vae.encoder.\nblocks.0"
+    assert _wrapped_name("dit.blocks.0–3 (×4)", 40) == "dit.blocks.0–3 (×4)"
+    assert _wrapped_name("a_very_long_single_part", 8) == "a_very_long_single_part"  # left to rich's fold
+    # at 80 columns the CLIP encoder's table (room for every figure) breaks its names after "text_encoder."
+    lines = rendered(80, render_plan, flux_schnell["plan"])
+    table = lines[lines.index(next(x for x in lines if x.startswith("text_encoder —"))):]
+    firsts = [line.split("│")[1].strip() for line in table[: table.index(next(x for x in table if x.startswith("└")))]
+              if line.startswith("│")]
+    assert "text_encoder." in firsts and not any(f.startswith("text_encod") and f != "text_encoder." for f in firsts)

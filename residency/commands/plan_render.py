@@ -99,9 +99,27 @@ def _table(title: str, columns: tuple[tuple[str, str], ...], rows: list[tuple[st
             table.add_column(header, justify=justify, width=max(figure, *map(len, header.split())))
         else:
             table.add_column(header, justify=justify, overflow="fold")
+    # the name column's width where every other column has its room (tight: rich shares it out, names fold)
+    name_width = width - frame - sum(roomy)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(row[0] if tight else _wrapped_name(row[0], name_width), *row[1:])
     return table
+
+
+def _wrapped_name(name: str, width: int) -> str:
+    """`name` broken into lines of at most `width` cells after its dots, spaces and commas ("vae.encoder." /
+    "blocks.0"), where rich's fold would cut it mid-word ("vae.encoder.bloc" / "ks.0"); a part longer than a line
+    is left to the fold. A name with markup is left whole."""
+    if len(name) <= width or "[" in name:
+        return name
+    lines, line = [], ""
+    for part in re.split(r"(?<=[.,\s])", name):
+        if line and len(line) + len(part) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += part
+    lines.append(line.rstrip())
+    return "\n".join(lines)
 
 
 def _block_rows(workload: Workload, plan: Plan, blocks, ms) -> list[tuple[str, ...]]:
