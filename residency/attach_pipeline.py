@@ -157,6 +157,24 @@ def _capture(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
                     steps if steps != asked else None, tuple(order))
 
 
+def _check_steps(pipe: Any, call: Mapping[str, Any], given: bool) -> None:
+    """Refuse, before the pipeline runs, a call of more denoise steps than a plan covers (MAX_STEPS: the simulator
+    walks every block of a per-step pass each step), naming the argument and where the value came from (DDPMPipeline
+    defaults to 1000: "steps must be from 1 to 64, got 1000" said neither)."""
+    from residency.workload.spec import MAX_STEPS
+
+    try:
+        steps = _steps_of(pipe, call)
+    except (KeyError, TypeError, ValueError):  # no num_inference_steps at all, or not a number: the call decides
+        return
+    if steps > MAX_STEPS:
+        source = "given" if given else f"{type(pipe).__name__}'s default"
+        raise ResidencyError(f"num_inference_steps={steps} ({source}): residency plans up to {MAX_STEPS} denoise steps "
+                             "per call", hint=f"attach with example_inputs=dict(num_inference_steps=N), N ≤ {MAX_STEPS}, "
+                             "and call the pipeline with that many steps (a scheduler such as DDIM samples a "
+                             "1000-step model in far fewer)")
+
+
 def _steps_of(pipe: Any, call: Mapping[str, Any]) -> int:
     """The call's num_inference_steps, else the pipeline's default."""
     return int(call.get("num_inference_steps", inspect.signature(pipe.__call__).parameters["num_inference_steps"].default))
@@ -227,7 +245,9 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
     """The pipeline's workload at the shapes of `call` (the keyword arguments of `pipe(...)`; what matters is
     SHAPE_ARGUMENTS — a prompt is padded to max_sequence_length): encode → denoise × steps → decode."""
     check_call_names(pipe, call or {})
+    given = "num_inference_steps" in (call or {})
     call = {**_defaults_taken(pipe, call or {}), **(call or {})}
+    _check_steps(pipe, call, given)
     components = _components(pipe)
     refuse_pipeline_hooks(pipe, {name: module for name, module, *_ in components})
     captured = _capture(pipe, components, call)

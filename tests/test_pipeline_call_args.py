@@ -147,3 +147,13 @@ def test_a_call_with_prompt_embeds_plans_without_the_encoders_it_does_not_run():
         assert {bp.name.split(".")[0] for bp in rt.plan.blocks} == {"transformer", "vae"}
         got = rt(**call, generator=torch.Generator().manual_seed(0)).images
     assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("call,source", [(None, "DDPMPipeline's default"), (dict(num_inference_steps=100), "given")])
+def test_more_steps_than_a_plan_covers_are_refused_naming_the_argument_and_its_source(call, source):
+    pipe = tiny_ddpm()  # DDPMPipeline defaults to 1000 steps
+    with pytest.raises(ResidencyError) as err:
+        residency.attach(pipe, vram="100%", profile=PROFILE, backend="cpu", example_inputs=call)
+    assert "num_inference_steps=" in err.value.message and f"({source})" in err.value.message
+    assert "example_inputs=dict(num_inference_steps=N)" in err.value.hint
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in pipe.unet.modules())  # refused before attaching
