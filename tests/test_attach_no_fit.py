@@ -70,3 +70,31 @@ def test_a_small_tensor_shared_by_every_layer_is_named_where_it_makes_them_one_b
             pytest.raises(ResidencyError) as e:
         residency.attach(model, vram="60%", **kw)
     assert "8 modules, layers.0 … layers.7, planned as one: they share a tensor" in e.value.hint
+
+
+class CountingLayers(nn.Module):
+    """Each layer's float buffer updated after the layer returns: read outside its call, so every block is pinned."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(4))
+        for layer in self.layers:
+            layer.register_buffer("seen", torch.zeros(64))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+            layer.seen.add_(1.0)
+        return x
+
+
+def test_blocks_that_must_stay_resident_are_named_in_the_no_fit_error_and_in_the_plan_notes():
+    model, x = CountingLayers().eval(), torch.randn(2, 64)
+    kw = dict(profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=x)
+    with pytest.raises(ResidencyError) as e:
+        residency.attach(model, vram="40%", **kw)
+    assert "4 blocks (CountingLayers.layers.0, CountingLayers.layers.1, CountingLayers.layers.2 and 1 more" in e.value.message
+    assert "must stay resident whatever the plan: the model reads its tensors outside its calls" in e.value.message
+    assert "cannot stream while the model reads their tensors outside their own calls" in e.value.hint
+    with residency.attach(model, vram="400%", **kw) as rt:  # resident anyway: the plan still says why they must be
+        assert any("kept resident for the session whatever the budget" in n for n in rt.plan.notes)

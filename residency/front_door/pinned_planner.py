@@ -42,6 +42,14 @@ def unpinned_enclosing(plan: Plan, workload: Workload, bound: Mapping[str, str] 
             if (plan.by_name[n].placement, plan.by_name[n].lifetime) != ("resident", "session")}
 
 
+def _kept_note(why: Mapping[str, str]) -> str:
+    """One note for the blocks that stay resident whatever the budget (bound_blocks), the plan's own choice too."""
+    names = list(why)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"{shown} kept resident for the session whatever the budget: {why[names[0]]}"
+            + (" (the others for their own reasons)" if len({*why.values()}) > 1 else ""))
+
+
 @dataclass(frozen=True)
 class PinnedPlanner:
     """replan(budget, profile) for the runtime: the policy on the workload, with the blocks that must stay bound
@@ -61,8 +69,8 @@ class PinnedPlanner:
         for _ in range(PIN_ATTEMPTS):
             plan = self.policy(ask)
             wrong = unpinned_enclosing(plan, req.workload, why)
-            if not wrong and ask is req:
-                return plan
+            if not wrong and ask is req:  # the policy kept them resident itself: the plan still says they must be
+                return dataclasses.replace(plan, notes=(*plan.notes, _kept_note(why))) if why else plan
             blocks = [dataclasses.replace(bp, placement="resident", format=fmt, lifetime="session")
                       if bp.name in wrong else bp for bp in plan.blocks]
             notes = [f"{n} kept resident: {why[n]}" for n in wrong]
