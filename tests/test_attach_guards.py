@@ -41,6 +41,21 @@ def test_a_call_with_autograd_on_runs_without_it_and_says_so():
             y.sum().backward()
 
 
+def test_an_input_that_requires_grad_is_refused_where_the_plan_swaps_weights():
+    # the same code works where every block stays resident (below); here the backward would fail in torch, so the
+    # call says why at once, before anything runs
+    model, x = mlp_stack()
+    with attach(model, x) as rt:
+        assert rt.plan.streamed()
+        with pytest.raises(ResidencyError, match="an input of this call requires grad") as err:
+            model(x.clone().requires_grad_())
+        assert "vram='100%'" in err.value.hint
+        with torch.no_grad():  # no autograd asked for: it runs
+            y = model(x.clone().requires_grad_())
+    with torch.no_grad():
+        assert torch.equal(y, model(x))
+
+
 def test_with_every_block_resident_autograd_is_left_alone():
     model, x = mlp_stack()
     with attach(model, x, vram=None) as rt:
