@@ -383,6 +383,9 @@ def attach_pipeline(pipe: Any, *, vram: VramSpec = None, fps: float | None = Non
     weights = built.workload.nbytes(COMPUTE_FORMAT[built.compute_dtype])
     budget = Budget(vram_bytes(vram, weights, prof.memory_usable_bytes),
                     1000.0 / fps if fps is not None else frame_ms)
+    from residency.front_door.checks import warn_budget_beyond_device
+
+    warn_budget_beyond_device(budget.vram_bytes, prof)
     given = load_plan(plan) if isinstance(plan, str | os.PathLike) else plan
     return attach_built(built, budget, profile=prof, backend=backend, policy=policy, plan=given,
                         closed_loop=closed_loop)

@@ -14,7 +14,7 @@ from sim_helpers import flat_profile
 from torch import nn
 
 import residency
-from residency.errors import InferenceOnlyWarning, ResidencyError
+from residency.errors import InferenceOnlyWarning, PlanWarning, ResidencyError
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
 
@@ -417,3 +417,15 @@ def test_entering_a_detached_runtime_is_refused():
         pass
     with pytest.raises(ResidencyError, match="not attached"), rt:
         pass
+
+
+def test_a_budget_beyond_the_device_is_planned_as_asked_and_said_so():
+    model, x = mlp_stack()
+    profile = flat_profile(backend="cpu", memory_bytes=2**30)
+    with pytest.warns(PlanWarning, match=r"vram 2.00 GiB is more than flat has to use \(1.00 GiB\)"):
+        rt = residency.attach(model, vram="2GiB", profile=profile, backend="cpu", example_inputs=x)
+    assert rt.plan.budget.vram_bytes == 2**31
+    rt.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PlanWarning)
+        residency.attach(model, vram="512MiB", profile=profile, backend="cpu", example_inputs=x).detach()

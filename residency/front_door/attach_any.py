@@ -18,7 +18,7 @@ from torch import nn
 from policies import PlanRequest, fits_memory, get_policy
 from residency.device import DeviceProfile, machine_profile, resolve_profile
 from residency.errors import InferenceOnlyWarning, PlanWarning, ResidencyError
-from residency.front_door.checks import backend_name, warn_missed_budget
+from residency.front_door.checks import backend_name, warn_budget_beyond_device, warn_missed_budget
 from residency.front_door.examples import derived_example, is_instance_of
 from residency.front_door.foreign_hooks import refuse_foreign_hooks, refuse_pipeline_hooks
 from residency.front_door.pinned_planner import PinnedPlanner, bound_blocks
@@ -106,6 +106,7 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     workload, guard = _workload(target, example_inputs, dtype)
     budget = Budget(vram_bytes(vram, workload.nbytes(COMPUTE_FORMAT[dtype]), prof.memory_usable_bytes),
                     frame_budget_ms(fps, frame_ms, workload.video_frames_per_latent))
+    warn_budget_beyond_device(budget.vram_bytes, prof)
     # the model's own tensors (a ViT's class token) enclose its blocks: the planner keeps them resident
     replan = PinnedPlanner(get_policy(policy), PlanRequest(workload, prof, budget, compute_dtype=dtype))
     chosen = _given_plan(plan, workload) if plan is not None else _planned(replan, budget, prof)
@@ -355,6 +356,7 @@ def _warn_budget_ignored(chosen: Plan, asked: Budget, **given: Any) -> None:
 def _given_plan(plan: Plan | str | os.PathLike[str], workload: Workload) -> Plan:
     chosen = plan if isinstance(plan, Plan) else load_plan(plan)
     chosen.check_matches(workload, f"model {workload.name}",
-                         fix="leave plan= out to plan this model, or give the plan an attach of this model made "
-                             "(runtime.plan, or residency.save_plan of it)")
+                         fix="leave plan= out to plan this model; or give a plan that an attach of this same model, "
+                             "with the same example inputs, made (its runtime.plan, or the file residency.save_plan "
+                             "wrote of it)")
     return chosen

@@ -31,3 +31,15 @@ def warn_missed_budget(plan: Plan, stacklevel: int) -> None:
         warnings.warn(f"the plan of {plan.model} misses the time budget: {plan.prediction.frame_ms:.2f} ms "
                       f"predicted per call against {plan.budget.frame_ms:.2f} ms; rt.plan.notes say why",
                       PlanWarning, stacklevel=stacklevel)
+
+
+def warn_budget_beyond_device(vram_bytes: int, profile) -> None:
+    """A vram= above what the profile's device has to use is planned for as asked (a what-if, or a profile that
+    undercounts), and said so: "fits" then means fits the budget, not the device (`residency plan` notes the same)."""
+    from residency.runtime.attached_guards import user_stacklevel
+    from residency.units import fmt_bytes
+
+    if vram_bytes > profile.memory_usable_bytes:
+        warnings.warn(f"vram {fmt_bytes(vram_bytes)} is more than {profile.name} has to use "
+                      f"({fmt_bytes(profile.memory_usable_bytes)}): planned for {fmt_bytes(vram_bytes)} as asked; a plan "
+                      "that fits it may not fit the device", PlanWarning, stacklevel=user_stacklevel())
