@@ -429,3 +429,10 @@ def test_a_budget_beyond_the_device_is_planned_as_asked_and_said_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error", PlanWarning)
         residency.attach(model, vram="512MiB", profile=profile, backend="cpu", example_inputs=x).detach()
+
+
+def test_an_example_with_no_elements_is_refused_at_attach():
+    model, x = mlp_stack()
+    with pytest.raises(ResidencyError, match=r"has no elements \(shape \(0, 64\)\)"):
+        residency.attach(model, vram="100%", profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=x[:0])
+    assert not any(m._forward_pre_hooks for m in model.modules())

@@ -250,10 +250,24 @@ def _workload(model: nn.Module, example_inputs: Any, dtype: str) -> tuple[Worklo
         return workload_from_dict(catalog_entry(model.config)), None
     example = example_inputs if example_inputs is not None else derived_example(model)
     label = type(model).__name__
+    _refuse_empty_example(example, label)
     workload = module_workload(model, example, name=label, compute_dtype=dtype).workload
     args, kwargs = split_example(example)
     return workload, ShapeGuard.for_example(model, label, args, kwargs)
 
+
+
+def _refuse_empty_example(example: Any, label: str) -> None:
+    """An example whose first tensor has no elements (x[:0]) plans for calls of nothing, and every real call is then refused as
+    larger than it ("4 against 0"): said at attach, where the example is given."""
+    from torch.utils._pytree import tree_flatten
+
+    # the first tensor only: it carries the batch; another may be empty on purpose (a cache of no past tokens)
+    empty = next((t for t in tree_flatten(example)[0] if isinstance(t, torch.Tensor)), None)
+    if empty is not None and empty.numel() == 0:
+        raise ResidencyError(f"an example input of {label} has no elements (shape {tuple(empty.shape)}): the plan is "
+                             "sized by the example, and every call larger than it is refused",
+                             hint="give example_inputs of the batch and sizes the model will be called with")
 
 
 # device memory every plan holds whatever it does with the weights (simulate.memory's kinds)
