@@ -157,22 +157,19 @@ def _capture(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
                     steps if steps != asked else None, tuple(order))
 
 
-def _check_steps(pipe: Any, call: Mapping[str, Any], given: bool) -> None:
-    """Refuse, before the pipeline runs, a call of more denoise steps than a plan covers (MAX_STEPS: the simulator
-    walks every block of a per-step pass each step), naming the argument and where the value came from (DDPMPipeline
-    defaults to 1000: "steps must be from 1 to 64, got 1000" said neither)."""
+def _check_steps(pipe: Any, steps: int, given: bool) -> None:
+    """Refuse a call of more denoise steps than a plan covers (MAX_STEPS: the simulator walks every block of a
+    per-step pass each step) — the steps it runs (img2img: strength × num_inference_steps), known after the one-step
+    capture — naming the argument and where its value came from (DDPMPipeline defaults to 1000: "steps must be from
+    1 to 64, got 1000" said neither)."""
     from residency.workload.spec import MAX_STEPS
 
-    try:
-        steps = _steps_of(pipe, call)
-    except (KeyError, TypeError, ValueError):  # no num_inference_steps at all, or not a number: the call decides
-        return
     if steps > MAX_STEPS:
         source = "given" if given else f"{type(pipe).__name__}'s default"
-        raise ResidencyError(f"num_inference_steps={steps} ({source}): residency plans up to {MAX_STEPS} denoise steps "
-                             "per call", hint=f"attach with example_inputs=dict(num_inference_steps=N), N ≤ {MAX_STEPS}, "
-                             "and call the pipeline with that many steps (a scheduler such as DDIM samples a "
-                             "1000-step model in far fewer)")
+        raise ResidencyError(f"the call runs {steps} denoise steps (num_inference_steps {source}): residency plans up to "
+                             f"{MAX_STEPS} per call", hint=f"attach with example_inputs=dict(num_inference_steps=N), "
+                             f"N ≤ {MAX_STEPS}, and call the pipeline with that many steps (a scheduler such as DDIM "
+                             "samples a 1000-step model in far fewer)")
 
 
 def _steps_of(pipe: Any, call: Mapping[str, Any]) -> int:
@@ -247,7 +244,6 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
     check_call_names(pipe, call or {})
     given = "num_inference_steps" in (call or {})
     call = {**_defaults_taken(pipe, call or {}), **(call or {})}
-    _check_steps(pipe, call, given)
     components = _components(pipe)
     refuse_pipeline_hooks(pipe, {name: module for name, module, *_ in components})
     captured = _capture(pipe, components, call)
@@ -266,6 +262,7 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
         parts.append(ComponentPart(comp, phase, per_step, traced.workload, calls))
     title = name or type(pipe).__name__
     steps = captured.steps_run or _steps_of(pipe, call)
+    _check_steps(pipe, int(steps), given)
     workload = join_phases(title, parts, int(steps),
                            source=f"{type(pipe).__name__}: " + ", ".join(p.component for p in parts),
                            call_order=captured.order)

@@ -98,6 +98,8 @@ def size_at_least(n: float) -> str:
     v = math.ceil(n / scale * 10**digits - 1e-9) / 10**digits
     if v * scale < n:  # the float division rounded below: one step up
         v += 10**-digits
+    if round(v, digits) >= 1024 and unit != _BINARY_UNITS[0][0]:  # "1024.0KiB": the next unit's 1.00 is the same
+        return size_at_least(1024 * scale)
     return f"{v:.{digits}f}{unit}"
 
 

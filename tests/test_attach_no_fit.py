@@ -95,6 +95,6 @@ def test_blocks_that_must_stay_resident_are_named_in_the_no_fit_error_and_in_the
         residency.attach(model, vram="40%", **kw)
     assert "4 blocks (CountingLayers.layers.0, CountingLayers.layers.1, CountingLayers.layers.2 and 1 more" in e.value.message
     assert "must stay resident whatever the plan: the model reads its tensors outside its calls" in e.value.message
-    assert "cannot stream while the model reads their tensors outside their own calls" in e.value.hint
+    assert "cannot stream: the model reads their tensors outside their own calls" in e.value.hint
     with residency.attach(model, vram="400%", **kw) as rt:  # resident anyway: the plan still says why they must be
         assert any("kept resident for the session whatever the budget" in n for n in rt.plan.notes)

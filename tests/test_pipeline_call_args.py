@@ -154,6 +154,6 @@ def test_more_steps_than_a_plan_covers_are_refused_naming_the_argument_and_its_s
     pipe = tiny_ddpm()  # DDPMPipeline defaults to 1000 steps
     with pytest.raises(ResidencyError) as err:
         residency.attach(pipe, vram="100%", profile=PROFILE, backend="cpu", example_inputs=call)
-    assert "num_inference_steps=" in err.value.message and f"({source})" in err.value.message
+    assert "denoise steps (num_inference_steps" in err.value.message and f"num_inference_steps {source})" in err.value.message
     assert "example_inputs=dict(num_inference_steps=N)" in err.value.hint
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in pipe.unet.modules())  # refused before attaching

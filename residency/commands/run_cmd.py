@@ -321,11 +321,13 @@ def _against_predictions(snapshot: TelemetrySnapshot, line: str, measured: float
     fitted to a late window read -22 % and +51 % in two demos whose calibration was within 3 %). Returns the line
     and the (measured, predicted) pair the hint to calibrate is judged by: the latest."""
     repredicted = [e for e in snapshot.events if e.new_predicted_ms is not None]
+    if not repredicted:  # the running plan's (a re-plan after an out-of-memory logs no event: its plan's, as before)
+        return line + f"; the plan predicted {predicted:.1f} ms ({(measured - predicted) / predicted:+.0%})", \
+            measured, predicted
+    # the loop's starting prediction: the earliest kept frame's (a run past the recorder's window: a later one)
     first = next((f.predicted_frame_ms for f in snapshot.frames if f.frame > 0 and f.predicted_frame_ms), None)
     start = first or predicted
     line += f"; the plan predicted {start:.1f} ms ({(measured - start) / start:+.0%})"
-    if not repredicted:
-        return line, measured, start
     last = repredicted[-1]
     since = [f.frame_ms for f in snapshot.frames if f.frame > STEADY_SKIP and f.start_s >= last.time_s]
     new = last.new_predicted_ms

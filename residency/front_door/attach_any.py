@@ -21,7 +21,7 @@ from residency.errors import InferenceOnlyWarning, PlanWarning, ResidencyError
 from residency.front_door.checks import backend_name, warn_budget_beyond_device, warn_missed_budget
 from residency.front_door.examples import derived_example, is_instance_of
 from residency.front_door.foreign_hooks import refuse_foreign_hooks, refuse_pipeline_hooks
-from residency.front_door.pinned_planner import PinnedPlanner, bound_blocks
+from residency.front_door.pinned_planner import OUTSIDE_READS, PinnedPlanner, bound_blocks
 from residency.front_door.shape_guard import ShapeGuard
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, frame_budget_ms, vram_bytes
 from residency.plan import Budget, Plan, load_plan
@@ -324,8 +324,7 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
                     "the weights only)")
         pinned = _pinned_words(w, fmt, need)
         if pinned and need is not None and pinned[1] >= need / 2:  # most of it is blocks that cannot stream
-            hint += ("; the blocks kept resident cannot stream while the model reads their tensors outside their own "
-                     "calls (a buffer updated after the block returns, a weight another layer reads)")
+            hint += f"; the blocks kept resident cannot stream: {pinned[2]}"
         raise ResidencyError(f"no plan of {w.name} fits vram={budget.vram_bytes} bytes "
                              f"({fmt_bytes(budget.vram_bytes)}) on profile {profile.name!r}"
                              + (f": the smallest plan found needs {_exact(need, budget.vram_bytes)}{parts}"
@@ -334,18 +333,22 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
     return plan
 
 
-def _pinned_words(w: Workload, fmt: str, need: int | None) -> tuple[str, int] | None:
+def _pinned_words(w: Workload, fmt: str, need: int | None) -> tuple[str, int, str] | None:
     """(what the no-fit error says of the blocks that must stay resident whatever the plan — PinnedPlanner's —,
-    their bytes), or None when there are none: a model whose every block is pinned was told to give "a model of
-    more, smaller blocks", its real cause unnamed."""
+    their bytes, why they cannot stream, for the hint), or None when there are none: a model whose every block is
+    pinned was told to give "a model of more, smaller blocks", its real cause unnamed."""
     why = bound_blocks(w)
     if not why:
         return None
     nbytes = sum(w.by_name[n].nbytes(fmt) for n in why)
     names = list(why)
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    outside = any(r == OUTSIDE_READS for r in why.values())
+    cannot = ("the model reads their tensors outside their own calls (a buffer updated after the block returns, a "
+              "weight another layer reads)" if outside else "they enclose other blocks, which the runtime reads "
+              "through the whole call")
     return (f"; {plural(len(names), 'block')} ({shown}, {fmt_bytes(nbytes)}) must stay resident whatever the plan: "
-            f"{why[names[0]]}"), nbytes
+            f"{why[names[0]]}"), nbytes, cannot
 
 
 def _exact(need: int, budget_bytes: int) -> str:

@@ -24,13 +24,16 @@ from residency.workload.pipeline_phases import enclosing_blocks
 PIN_ATTEMPTS = 3
 
 
+OUTSIDE_READS = "the model reads its tensors outside its calls"  # bound_blocks' reason for such a block
+
+
 def bound_blocks(workload: Workload) -> dict[str, str]:
     """Blocks the runtime must keep bound for the whole call (name -> why): enclosing others (it cannot hook
     them: residency.runtime.module_paths) or read outside their own calls (BlockSpec.read_outside_calls)."""
     out = {n: "the runtime reads them all through the call" for n in enclosing_blocks(workload)}
     for b in workload.blocks:
         if b.read_outside_calls and b.name not in out:
-            out[b.name] = "the model reads its tensors outside its calls"
+            out[b.name] = OUTSIDE_READS
     return out
 
 

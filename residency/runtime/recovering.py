@@ -76,7 +76,7 @@ class Recovering:
         self.ledger.set_budget(int(budget_bytes))
 
     def _refuse_grad_inputs(self, args: tuple, kwargs: dict) -> None:
-        """Raise ResidencyError for a call whose input requires grad (a backward is coming) under a plan that swaps
+        """Raise ResidencyError for a call whose input is a leaf that requires grad (a backward is coming) under a plan that swaps
         weights in: it runs without autograd (_autograd_guard), so the output would carry no graph and the backward
         fail in torch ("element 0 of tensors does not require grad") — while the same code works at a budget that
         keeps every block resident. Said here, before anything runs. Cost: one walk over the call's arguments."""
@@ -84,13 +84,16 @@ class Recovering:
             return
         from torch.utils._pytree import tree_flatten
 
-        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten((args, kwargs))[0]):
+        # a leaf the caller marked (x.requires_grad_()): a backward is meant. A tensor another module computed with
+        # autograd on (h = encoder(x) outside no_grad) requires grad too, in plain inference: that one is warned only
+        if any(isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf for t in tree_flatten((args, kwargs))[0]):
             raise ResidencyError("an input of this call requires grad, but the plan streams or packs blocks, so the "
                                  "model runs without autograd: their weights' memory is reused, and gradients through "
                                  "them would be wrong",
-                                 hint="detach the runtime to train; or attach with a budget that keeps every block "
-                                      "resident (vram='100%' or more: autograd then works as without residency); or "
-                                      "call it with inputs that do not require grad (x.detach())")
+                                 hint="detach the runtime to train; or attach with a vram= large enough that the plan "
+                                      "keeps every block resident (autograd then works as without residency; a share "
+                                      "such as '100%' counts the weights only); or call it with inputs that do not "
+                                      "require grad (x.detach())")
 
     def _retry(self, call: Callable[..., Any], args: tuple, kwargs: dict,
                undo: Callable[[], None] | None = None, state: Callable[[], CallState] | None = None) -> Any:
