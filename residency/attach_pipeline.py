@@ -20,7 +20,7 @@ from torch import nn
 from residency.batch_guard import PlannedBatch, batch_arguments, batch_guard, planned_batches
 from residency.device import DeviceProfile, machine_profile, resolve_profile
 from residency.errors import PlanWarning, ResidencyError
-from residency.front_door.checks import backend_name, warn_missed_budget
+from residency.front_door.checks import backend_name, warn_budget_beyond_device, warn_missed_budget
 from residency.front_door.foreign_hooks import refuse_pipeline_hooks
 from residency.front_door.pinned_planner import PinnedPlanner, unpinned_enclosing
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, vram_bytes
@@ -380,8 +380,6 @@ def attach_pipeline(pipe: Any, *, vram: VramSpec = None, fps: float | None = Non
     weights = built.workload.nbytes(COMPUTE_FORMAT[built.compute_dtype])
     budget = Budget(vram_bytes(vram, weights, prof.memory_usable_bytes),
                     1000.0 / fps if fps is not None else frame_ms)
-    from residency.front_door.checks import warn_budget_beyond_device
-
     warn_budget_beyond_device(budget.vram_bytes, prof)
     given = load_plan(plan) if isinstance(plan, str | os.PathLike) else plan
     return attach_built(built, budget, profile=prof, backend=backend, policy=policy, plan=given,

@@ -188,12 +188,12 @@ def plan_for(model: Model, args: argparse.Namespace,
     other = check_fit(model, plan, device, console, f"plan ({plan.policy}, {plan.profile}): {verdict(plan)}",
                       lambda need: f"make the plan again with `residency plan … --vram {need}` or more" if given
                       else f"raise --vram to at least {need}, or leave it out", given)
-    if getattr(args, "plan", None):
+    if given:
         compiled = " Its compiled blocks compile first (once, cached on disk)." if any(
             bp.exec_mode == "compiled" for bp in plan.blocks) else ""
         compare = ("its predictions are that device's, which this run does not compare its measurements with"
                    if other else "this run compares its measurements with the plan's predictions")
-        console.print(f"note: {args.plan} was made for {plan.profile}: {compare}.{compiled}", markup=False,
+        console.print(f"note: {given} was made for {plan.profile}: {compare}.{compiled}", markup=False,
                       highlight=False)
     return model, plan, replan, other
 

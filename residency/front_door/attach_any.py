@@ -21,7 +21,7 @@ from residency.errors import InferenceOnlyWarning, PlanWarning, ResidencyError
 from residency.front_door.checks import backend_name, warn_budget_beyond_device, warn_missed_budget
 from residency.front_door.examples import derived_example, is_instance_of
 from residency.front_door.foreign_hooks import refuse_foreign_hooks, refuse_pipeline_hooks
-from residency.front_door.pinned_planner import OUTSIDE_READS, PinnedPlanner, bound_blocks
+from residency.front_door.pinned_planner import OUTSIDE_READS, PinnedPlanner, bound_blocks, first_names
 from residency.front_door.shape_guard import ShapeGuard
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, frame_budget_ms, vram_bytes
 from residency.plan import Budget, Plan, load_plan
@@ -342,12 +342,11 @@ def _pinned_words(w: Workload, fmt: str, need: int | None) -> tuple[str, int, st
         return None
     nbytes = sum(w.by_name[n].nbytes(fmt) for n in why)
     names = list(why)
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     outside = any(r == OUTSIDE_READS for r in why.values())
     cannot = ("the model reads their tensors outside their own calls (a buffer updated after the block returns, a "
               "weight another layer reads)" if outside else "they enclose other blocks, which the runtime reads "
               "through the whole call")
-    return (f"; {plural(len(names), 'block')} ({shown}, {fmt_bytes(nbytes)}) must stay resident whatever the plan: "
+    return (f"; {plural(len(names), 'block')} ({first_names(names)}, {fmt_bytes(nbytes)}) must stay resident whatever the plan: "
             f"{why[names[0]]}"), nbytes, cannot
 
 

@@ -45,11 +45,15 @@ def unpinned_enclosing(plan: Plan, workload: Workload, bound: Mapping[str, str] 
             if (plan.by_name[n].placement, plan.by_name[n].lifetime) != ("resident", "session")}
 
 
+def first_names(names: list[str], shown: int = 3) -> str:
+    """"a, b, c and 3 more": the first `shown` names, the rest counted."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def _kept_note(why: Mapping[str, str]) -> str:
     """One note for the blocks that stay resident whatever the budget (bound_blocks), the plan's own choice too."""
     names = list(why)
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return (f"{shown} kept resident for the session whatever the budget: {why[names[0]]}"
+    return (f"{first_names(names)} kept resident for the session whatever the budget: {why[names[0]]}"
             + (" (the others for their own reasons)" if len({*why.values()}) > 1 else ""))
 
 

@@ -129,6 +129,25 @@ def warn_inference_only() -> None:
                   InferenceOnlyWarning, stacklevel=user_stacklevel())
 
 
+def refuse_grad_inputs(args: tuple, kwargs: dict) -> None:
+    """Raise ResidencyError for a call, under a plan that swaps weights in, whose input is a leaf that requires grad
+    (x.requires_grad_(): a backward is coming): it runs without autograd (warn_inference_only), so the output would
+    carry no graph and the backward fail in torch ("element 0 of tensors does not require grad") — while the same
+    code works at a budget that keeps every block resident. Cost: one walk over the call's arguments."""
+    from torch.utils._pytree import tree_flatten
+
+    # a tensor another module computed with autograd on (h = encoder(x) outside no_grad) requires grad too, in plain
+    # inference: that one is warned only
+    if any(isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf for t in tree_flatten((args, kwargs))[0]):
+        raise ResidencyError("an input of this call requires grad, but the plan streams or packs blocks, so the "
+                             "model runs without autograd: their weights' memory is reused, and gradients through "
+                             "them would be wrong",
+                             hint="detach the runtime to train; or attach with a vram= large enough that the plan "
+                                  "keeps every block resident (autograd then works as without residency; a share "
+                                  "such as '100%' counts the weights only); or call it with inputs that do not "
+                                  "require grad (x.detach())")
+
+
 _LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
 
 

@@ -17,6 +17,7 @@ from residency.budget_size import vram_bytes
 from residency.errors import ResidencyError
 from residency.formats.dtypes import DTYPE_FORMAT
 from residency.plan import Budget
+from residency.runtime.attached_guards import refuse_grad_inputs
 from residency.runtime.hooks import ModelHook
 from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.runtime.not_pickled import allow_copies, refuse_copies
@@ -75,26 +76,6 @@ class Recovering:
                                  hint="e.g. rt.set_budget(6 * 2**30), rt.set_budget('6GiB') or rt.set_budget('50%')")
         self.ledger.set_budget(int(budget_bytes))
 
-    def _refuse_grad_inputs(self, args: tuple, kwargs: dict) -> None:
-        """Raise ResidencyError for a call whose input is a leaf that requires grad (a backward is coming) under a plan that swaps
-        weights in: it runs without autograd (_autograd_guard), so the output would carry no graph and the backward
-        fail in torch ("element 0 of tensors does not require grad") — while the same code works at a budget that
-        keeps every block resident. Said here, before anything runs. Cost: one walk over the call's arguments."""
-        if not (self._swaps and torch.is_grad_enabled()):
-            return
-        from torch.utils._pytree import tree_flatten
-
-        # a leaf the caller marked (x.requires_grad_()): a backward is meant. A tensor another module computed with
-        # autograd on (h = encoder(x) outside no_grad) requires grad too, in plain inference: that one is warned only
-        if any(isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf for t in tree_flatten((args, kwargs))[0]):
-            raise ResidencyError("an input of this call requires grad, but the plan streams or packs blocks, so the "
-                                 "model runs without autograd: their weights' memory is reused, and gradients through "
-                                 "them would be wrong",
-                                 hint="detach the runtime to train; or attach with a vram= large enough that the plan "
-                                      "keeps every block resident (autograd then works as without residency; a share "
-                                      "such as '100%' counts the weights only); or call it with inputs that do not "
-                                      "require grad (x.detach())")
-
     def _retry(self, call: Callable[..., Any], args: tuple, kwargs: dict,
                undo: Callable[[], None] | None = None, state: Callable[[], CallState] | None = None) -> Any:
         """call(*args, **kwargs); after an out-of-memory: undo(), re-plan, re-attach and call again — unless
@@ -102,7 +83,8 @@ class Recovering:
         second run would see twice: then re-planned, and the call refused (retry_safety)."""
         if self._retrying:  # inside a step or an outer call of the model: that one is retried whole
             return call(*args, **kwargs)
-        self._refuse_grad_inputs(args, kwargs)
+        if self._swaps and torch.is_grad_enabled():  # before anything runs (the call then runs without autograd)
+            refuse_grad_inputs(args, kwargs)
         self._retrying = True
         try:
             for attempt in range(MAX_RECOVERIES + 1):
