@@ -1,5 +1,5 @@
 """A streamed block unpacks from the slot its packed bytes were just copied into, which is in the cache: the profile's
-dequant_fresh_factor (measurement version 12) prices that unpack, and nothing else."""
+dequant_fresh_factor (measurement version 12; 13: the copy thread makes the copy) prices that unpack, and nothing else."""
 
 from __future__ import annotations
 
@@ -76,3 +76,45 @@ def test_a_factor_needs_its_provenance_and_schema_2():
             doc.pop(k, None)
     doc["schema_version"] = 1
     assert_profile_refused(doc, KEY, "needs schema_version 2")
+
+
+def test_the_probe_copies_the_fresh_slot_on_the_copy_engine():
+    # the runtime's loads are the copy thread's, on the other core: a slot copied by the timing thread itself sat in
+    # its own cache and timed a fresher input than a streamed block ever gets
+    import threading
+
+    import torch
+
+    from residency.device.measure_cpu_dequant import fresh_input_factor
+
+    timing_thread = threading.get_ident()
+    copied_on: list[int] = []
+
+    class Engine:
+        def submit(self, job):
+            t = threading.Thread(target=lambda: (copied_on.append(threading.get_ident()), job()))
+            t.start()
+            t.join()
+            return len(copied_on)
+
+        def wait(self, ticket):
+            return None
+
+    packed = torch.arange(64, dtype=torch.uint8)
+    seen: list[torch.Tensor] = []
+    copies = iter([packed + i for i in range(100)])
+    factor = fresh_input_factor(lambda src: seen.append(src.clone()), copies, packed, 15, Engine())
+    assert len(copied_on) == 15 and timing_thread not in copied_on
+    assert 0.2 <= factor <= 1.0
+    # every other unpack reads the slot, holding the copy the engine made just before it
+    assert all(torch.equal(seen[2 * k + 1], packed + 2 * k + 1) for k in range(15))
+
+
+def test_the_probe_unpacks_into_outputs_the_caches_no_longer_hold():
+    from residency.device.measure_cpu_dequant import OUTPUT_RING_BYTES, output_ring
+
+    ring = output_ring(256, 1024)  # 1 MiB each: 8 of them
+    first = [next(ring) for _ in range(OUTPUT_RING_BYTES // 2**20)]
+    assert len({t.data_ptr() for t in first}) == len(first) and next(ring).data_ptr() == first[0].data_ptr()
+    big = output_ring(2048, 2048)  # 16 MiB: one, rewritten by every call
+    assert next(big).data_ptr() == next(big).data_ptr() and next(big).shape == (2048, 2048)

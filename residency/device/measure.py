@@ -27,7 +27,10 @@ from residency.errors import ResidencyError, UsageError
 #     model's tensors unpacked 1.4× faster than the rate timed on an 8M-weight matrix predicted.
 # 12: the CPU's unpack from a just-copied slot against one from DRAM (dequant_fresh_factor): a streamed block's
 #     Q8_0 unpack ran 6-10 % faster than the curve (cold input) predicted, BF16 → fp32 12-29 %.
-MEASUREMENT_VERSION = 12
+# 13: the CPU's unpack probes write outputs rotating through 8 MiB (one output reused stayed in L2: Q8_0 ran 1.25×
+#     faster than into the scratch a block before had written), and the fresh factor's slot is copied by the copy
+#     thread, on the other core, as the runtime's loads are (copied by the timing thread, the input sat in its L2).
+MEASUREMENT_VERSION = 13
 
 
 def default_device() -> str:

@@ -33,7 +33,13 @@ from residency.device.measure_cpu_compute import (
     measure_matmul,
     measure_rewarm,
 )
-from residency.device.measure_cpu_dequant import dequant_shapes, dequant_store, fresh_shape, measure_dequant
+from residency.device.measure_cpu_dequant import (
+    OUTPUT_RING_BYTES,
+    dequant_shapes,
+    dequant_store,
+    fresh_shape,
+    measure_dequant,
+)
 from residency.device.measurements import (
     DEQUANT_SMALL_SHAPE,
     PROBE_WEIGHTS,
@@ -311,15 +317,16 @@ def provenance_notes(schedule: CpuSchedule, mem: HostMemory, compute_threads: in
                          f"{schedule.matmul_max_call_s} s",
         "dequant_gweights_per_s": f"unpack of a {rows}×{cols} matrix into fp32 (the CPU backend's compute dtype) "
                                   f"through one reused staging buffer, the packed copies cycling through "
-                                  f"{COLD_WEIGHT_BYTES // MIB} MiB so they come from DRAM, less the per-call cost; "
+                                  f"{COLD_WEIGHT_BYTES // MIB} MiB so they come from DRAM, the outputs through "
+                                  f"{OUTPUT_RING_BYTES // MIB} MiB, less the per-call cost; "
                                   "Q2_K/Q3_K from random valid blocks",
         "dequant_call_us": f"the same unpack of a {DEQUANT_SMALL_SHAPE[0]}×{DEQUANT_SMALL_SHAPE[1]} matrix, less its "
                            "weights at the rate: the time one call costs beyond its weights (torch's per-op dispatch)",
         "dequant_tensor_gweights_per_s": "the same unpack, call included, of "
                                          + ", ".join(f"{r}×{c}" for r, c in dequant_shapes(schedule))
                                          + " matrices: a tensor's time at its size",
-        "dequant_fresh_factor": "the same unpack of the {}×{} matrix from a slot its packed copy was just copied "
-                                "into, over the same from DRAM, alternating; ratio of the medians".format(
+        "dequant_fresh_factor": "the same unpack of the {}×{} matrix from a slot the copy thread just copied its "
+                                "packed copy into, over the same from DRAM, alternating; ratio of the medians".format(
                                     *fresh_shape(schedule)),
         "copy_compute_overlap": "copy thread alone (16 MiB loads from a DRAM-cold store), a loop of 16-row matmuls "
                                 "over DRAM-cold weights alone, both at once",
@@ -390,7 +397,7 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
     store = dequant_store(schedule)
     for f in formats:
         step(f"dequant {f}")
-        dequant[f], dequant_call[f], dequant_tensor[f], dequant_fresh[f] = measure_dequant(f, schedule, store)
+        dequant[f], dequant_call[f], dequant_tensor[f], dequant_fresh[f] = measure_dequant(f, schedule, store, engine)
     del store
     step("overlap")
     overlap = measure_overlap(engine, schedule)
