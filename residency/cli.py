@@ -26,8 +26,8 @@ class _Parser(argparse.ArgumentParser):
         message's own where it ends "(hint: …)" (an argument type's), else where the options are listed."""
         message, _, hint = message.partition(" (hint: ")
         hint = hint.removesuffix(")") if hint else _close_choice(message) or f"run '{self.prog} --help' for the options"
-        print(f"error: {message}", file=sys.stderr)
-        print(f"hint: {hint}", file=sys.stderr)
+        print(f"error: {printable(message)}", file=sys.stderr)
+        print(f"hint: {printable(hint)}", file=sys.stderr)
         raise _UsageExit(message, hint)
 
 
@@ -90,11 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped ("\\n", "\\x1b"): a path or value a user gave is echoed in an error, and a
+    newline or an ANSI escape in it must not break the line or recolour the terminal."""
+    return _CONTROL.sub(lambda m: repr(m[0])[1:-1], text)
+
+
 def report(err: ResidencyError) -> int:
     """Print `err`'s message and hint to stderr; returns its exit code."""
-    print(f"error: {err.message}", file=sys.stderr)
+    print(f"error: {printable(err.message)}", file=sys.stderr)
     if err.hint:
-        print(f"hint: {err.hint}", file=sys.stderr)
+        print(f"hint: {printable(err.hint)}", file=sys.stderr)
     return err.exit_code
 
 
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # argparse would say so from the top parser, pointing at `residency --help`
         where = f"residency {args.command}" if args.command else "residency"
         message, hint = f"unrecognized arguments: {' '.join(extra)}", f"run '{where} --help' for the options"
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {printable(message)}", file=sys.stderr)
         print(f"hint: {hint}", file=sys.stderr)
         if getattr(args, "json", False):
             _json_error(message, hint, 2)

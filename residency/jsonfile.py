@@ -30,6 +30,8 @@ def read_json(path: str | os.PathLike[str], what: str, hint: str, max_bytes: int
         raise ResidencyError(f"{what}: expected a path, got {type(path).__name__} {path!r:.60}", hint=hint)
     name = _shown(path)
     data = read_file_bytes(path, what, hint, max_bytes)
+    if data.startswith(b"\xef\xbb\xbf"):  # a byte-order mark, as Windows editors save UTF-8: not part of the JSON
+        data = data[3:]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

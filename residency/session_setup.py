@@ -136,11 +136,31 @@ def load_model(name: str) -> Model:
         if kind != userpath.DIRECTORY:  # refuses a FIFO (open() would block), a device, a name the OS refuses
             userpath.require_file(name, "a saved pipeline", hint="give a saved pipeline directory or a "
                                   ".safetensors/.gguf file (WorldModelPipeline.save_pretrained)")
+            _refuse_document(Path(name))
         else:
             _refuse_foreign_model_dir(Path(name))
         pipe, label = WorldModelPipeline.from_pretrained(name), Path(name).name
     workload = workload_from_dict(catalog_entry(pipe.config))
     return Model(pipe, workload, label, start, sensitivity, note)
+
+
+def _refuse_document(path: Path) -> None:
+    """A plan, profile, catalog entry or trace given where the model goes (`run plan.json`): said as what it is and
+    where it goes, not "unknown checkpoint extension '.json'"."""
+    from residency.checkpoint.sniff import JSON, file_kind
+    from residency.jsonfile import read_json
+    from residency.validate import document_kind, use_of
+
+    if file_kind(path) != JSON:
+        return
+    hint = "give the model first — default, tiny or a saved pipeline — and this file where it goes"
+    kind = document_kind(read_json(path, "a JSON document", hint))
+    if kind is None:
+        raise ResidencyError(f"{path}: a JSON document, not a model", hint=hint)
+    use = use_of(kind)
+    raise ResidencyError(f"{path}: this is {kind}, not a model",
+                         hint=f"{use}, with a model first (`residency run default --plan FILE`)" if kind.startswith(
+                             "a plan") else (use or hint))
 
 
 def _refuse_foreign_model_dir(path: Path) -> None:
@@ -230,17 +250,23 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
     if plan_path:
         plan = load_plan(plan_path)
         check_block_formats(plan, plan_path)
-        same_model = plan.model == model.workload.name and \
-            [b.name for b in plan.blocks] == [b.name for b in model.workload.blocks]
+        same_name = plan.model == model.workload.name
+        same_blocks = [b.name for b in plan.blocks] == [b.name for b in model.workload.blocks]
         name = model.label.split(" ", 1)[0]
-        # the same model's blocks: a mismatch is its steps (or another field) edited in the file, even to the
-        # model's own steps (a plan of --steps 8 edited to 4 got the generic "make a new plan")
-        fix = (f"make the plan with `residency plan {name} --steps {plan.steps} -o …` (steps edited in the file leave "
-               "its workload_fingerprint at the old count)")
-        if not same_model or plan.steps == model.pipe.config.steps:  # another model: its own error, not steps'
-            plan.check_matches(model.workload, f"model {model.label}", fix=fix if same_model else
-                               f"make a plan for this model: `residency plan {name} -o plan.json`, then --plan plan.json")
+        other_steps = same_name and plan.steps != model.pipe.config.steps
+        if same_blocks and same_name:
+            # the same model's blocks: a mismatch is its steps (or another field) edited in the file, even to the
+            # model's own steps (a plan of --steps 8 edited to 4 got the generic "make a new plan")
+            fix = (f"make the plan with `residency plan {name} --steps {plan.steps} -o …` (steps edited in the file "
+                   "leave its workload_fingerprint at the old count)")
+        else:  # another model, or this one's plan with blocks edited: made again, at its steps
+            fix = (f"make a plan for this model: `residency plan {name}"
+                   f"{f' --steps {plan.steps}' if other_steps else ''} -o plan.json`, then --plan plan.json")
+        if not other_steps:
+            plan.check_matches(model.workload, f"model {model.label}", fix=fix)
             return model, plan, None
+        # compared at the plan's steps: at the config's, a plan of --steps 8 with a block edited out was said to
+        # differ in its fingerprint too, which was the 4-step model's
         config, workload = _at_steps(model, plan.steps, plan_path)
         plan.check_matches(workload, f"model {model.label}", fix=fix)
         model.pipe.config = config  # once the plan is known to fit: only a session reads it, when it starts

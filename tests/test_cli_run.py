@@ -211,7 +211,9 @@ def test_a_loaded_plan_is_compared_only_on_a_device_of_its_profiles_kind(files, 
     if not torch.cuda.is_available():
         assert main(["run", "tiny", "--image", "start.png", "--plan", "small.json", "-o", "s.gif"]) == 1
         err = " ".join(capsys.readouterr().err.split())
-        assert "no plan fits the 1.00 MiB VRAM budget" in err and not (files / "s.gif").exists()
+        # a plan file is not a search: its own budget, not "the smallest ours found"
+        assert "small.json does not fit its own 1.00 MiB VRAM budget: it needs" in err
+        assert not (files / "s.gif").exists()
 
 
 def test_a_plan_file_without_its_prediction_is_predicted_here_or_said_to_have_none(files, capsys):
@@ -289,7 +291,28 @@ def test_run_takes_a_plans_denoise_steps_and_refuses_steps_edited_into_a_plan(fi
     assert main(["run", "tiny", "--image", "start.png", "--plan", "other30.json", "-o", "e.gif"]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "the plan was made for model" in err and "steps" not in err
+    doc = json.loads((files / "p8.json").read_text())
+    doc["blocks"] = doc["blocks"][1:]  # this model's 8-step plan, a block edited out: compared at its 8 steps
+    (files / "dropped.json").write_text(json.dumps(doc))
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "dropped.json", "-o", "e.gif"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "does not name the blocks of model tiny" in err and "missing block 'vae.encoder.blocks.0'" in err
+    assert "fingerprint" not in err and "residency plan tiny --steps 8 -o plan.json" in err
     assert not (files / "e.gif").exists()
+
+
+def test_a_document_given_as_the_model_is_said_to_be_one(files, capsys):
+    """`run plan.json` said "unknown checkpoint extension '.json'", where inspect said what the file is."""
+    assert main(["plan", "tiny", *PROFILE, "-o", "mine.json"]) in (0, 3)
+    (files / "indented.json").write_text('{\n  "schema_version": 2,\n  "model": "x"\n}')  # no kind told
+    capsys.readouterr()
+    for given, words in (("mine.json", ["this is a plan", "--plan FILE", "residency run default --plan FILE"]),
+                         (str(CPU_PROFILE), ["this is a device profile", "--profile FILE"]),
+                         ("indented.json", ["a JSON document, not a model"])):
+        assert main(["run", given, "-o", "r.gif"]) == 1
+        err = " ".join(capsys.readouterr().err.split())
+        assert all(w in err for w in words) and "extension" not in err, err
+    assert not (files / "r.gif").exists()
 
 
 def test_a_plan_naming_a_dequant_only_format_is_refused_naming_the_file_and_block(files, capsys):

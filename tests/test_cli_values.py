@@ -144,3 +144,20 @@ def test_a_closed_stdout_ends_with_exit_1_and_no_traceback(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdout", _ClosedPipe())
     assert main(["plan", "tiny", "--profile", "rx-7800-xt", "--json"]) == 1
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_control_characters_a_user_gave_are_escaped_in_errors(capsys):
+    # a path echoed raw broke the error line and recoloured the terminal
+    assert main(["inspect", "bad\nname\x1b[31m.safetensors"]) == 1
+    err = capsys.readouterr().err
+    assert "bad\\nname\\x1b[31m.safetensors" in err and "\x1b" not in err and err.count("\n") == 2
+    assert main(["plan", "tiny", "--policy", "no\x07pe"]) == 2
+    err = capsys.readouterr().err
+    assert "\x07" not in err and "no\\x07pe" in err
+
+
+def test_demo_refuses_an_empty_output_directory(tmp_path, monkeypatch, capsys):
+    # Path("") is ".": the demo wrote demo.gif and its trace into the working directory unasked
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--once", "-o", ""]) == 2
+    assert "-o needs a directory" in capsys.readouterr().err and not list(tmp_path.iterdir())

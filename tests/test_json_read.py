@@ -34,6 +34,12 @@ def test_a_plain_document_reads_back(tmp_path):
         "a": [1, 2.5, "x", None, True]}
 
 
+def test_a_byte_order_mark_is_not_part_of_the_document(tmp_path):
+    # Windows editors save UTF-8 with one; it was refused as "Unexpected UTF-8 BOM"
+    assert read_json(_write(tmp_path, b'\xef\xbb\xbf{"a": 1}'), "the thing", HINT) == {"a": 1}
+    assert "line 1, column 1" in _refused(_write(tmp_path, b'\xef\xbb\xbf\xef\xbb\xbf{"a": 1}')).message
+
+
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_literals_are_refused(tmp_path, literal):
     err = _refused(_write(tmp_path, f'{{"frame_ms": {literal}}}'))

@@ -31,7 +31,9 @@ def content_kind(head: bytes, size: int) -> str | None:
     if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
         return SAFETENSORS
     stripped = head.lstrip(b" \t\r\n\xef\xbb\xbf")  # whitespace, a UTF-8 BOM
-    if stripped[:2] in (b'{"', b"{}") or stripped[:2] in (b'[{', b'["', b"[]"):  # not a Markdown "[link]" or CSV
+    # an object or array, then (past the whitespace of an indented document) a key, an object or its end: not a
+    # Markdown "[link]" or CSV
+    if stripped[:1] in (b"{", b"[") and stripped[1:].lstrip(b" \t\r\n")[:1] in (b'"', b"{", b"}", b"]"):
         return JSON
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return PICKLE

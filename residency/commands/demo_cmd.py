@@ -17,7 +17,7 @@ from residency import session_setup, userpath
 from residency.commands import arg_types, run_cmd
 from residency.commands.actions import parse_actions
 from residency.commands.console import command_name, make_console
-from residency.errors import ResidencyError
+from residency.errors import ResidencyError, UsageError
 from residency.units import fmt_bytes, plural
 
 DEMO_FPS = 15.0  # video frames per second the plan must hold
@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _output_dir(given: str) -> Path:
     """The demo's output directory, created when missing. Raises ResidencyError when it cannot be."""
+    if not given:  # Path("") is ".": the files landed in the working directory unasked
+        raise UsageError("-o needs a directory, got an empty name", hint="e.g. -o demo-out, or leave -o out (here)")
     out_dir = Path(given)
     kind, reason = userpath.path_kind(out_dir)
     if kind in (userpath.FILE, userpath.OTHER, userpath.BAD):

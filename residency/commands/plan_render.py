@@ -200,7 +200,7 @@ def _folded_notes(notes: list[str]) -> list[str]:
     shown, others = ranked[:FOLDED_NAMED], ranked[FOLDED_NAMED:]
     folded = (f"eager where compiling ({m['compile']}) would not repay itself over a {m['session']} session: "
               + ", ".join(f"{m['name']} (saves {_saved(m)})" for m in shown)
-              + (f", and {len(others)} more block classes saving {_saved(others[0])} or less" if others else ""))
+              + (f", and {len(others)} more block classes saving {_at_most(others[0])}" if others else ""))
     first = notes.index(declined[0][0])
     rest = [n for n in notes if n not in {d for d, _ in declined}]
     return rest[:first] + [folded] + rest[first:]
@@ -216,6 +216,12 @@ def _long(ms: float) -> str:
 def _saved(m: re.Match) -> str:
     """A declined compile's saving as shown: "0.0 s" reads as none, so under 0.1 s it says so."""
     return m["saved"] if float(m["saved"].split()[0]) >= 0.1 else "under 0.1 s"
+
+
+def _at_most(m: re.Match) -> str:
+    """The largest of the folded classes' savings: "0.6 s or less", or "under 0.1 s" (not "under 0.1 s or less")."""
+    shown = _saved(m)
+    return shown if shown.startswith("under") else f"{shown} or less"
 
 
 def _cpu_link(plan: Plan, profile) -> str:

@@ -215,6 +215,10 @@ def check_fit(model: Model, plan: Plan, device: DeviceProfile | None, console: C
     other = _other_kind(device, plan)
     same_kind = device is not None and other is None
     if same_kind and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
+        if given:  # a plan file, perhaps edited: nothing was searched, so "the smallest found" would be untrue
+            raise ResidencyError(f"{given} does not fit its own {fmt_bytes(plan.budget.vram_bytes)} VRAM budget: it "
+                                 f"needs {fmt_bytes(pred.peak_total_bytes)}",
+                                 hint=hint(size_at_least(pred.peak_total_bytes)))
         raise ResidencyError(f"no plan fits the {fmt_bytes(plan.budget.vram_bytes)} VRAM budget: the smallest "
                              f"{plan.policy} found needs {fmt_bytes(pred.peak_total_bytes)}",
                              hint=hint(size_at_least(pred.peak_total_bytes)))
