@@ -16,6 +16,7 @@ import numpy as np
 
 Job = TypeVar("Job")  # runtime: a LoadRecipe; measurement: a copy callable
 MARK_RING = 4096  # tickets whose timing marks are kept (far more than are ever in flight)
+_BARRIER = object()  # a job that runs nothing: settle's, which completes its ticket in queue order
 
 
 class CopyWorker(Generic[Job]):
@@ -47,10 +48,15 @@ class CopyWorker(Generic[Job]):
         return self._submitted + 1
 
     def submit(self, job: Job) -> int:
-        """Queue `job`; returns its ticket (1, 2, … in submission order)."""
-        self._submitted += 1
-        self._queue.put((self._submitted, job))
-        return self._submitted
+        """Queue `job`; returns its ticket (1, 2, … in submission order).
+
+        Hazard: a Ctrl-C between the count and the put leaves a ticket counted and never queued, which every
+        later wait would wait for: settle() queues it (as a barrier), and the runtime settles after any call that
+        raised."""
+        ticket = self._submitted + 1
+        self._submitted = ticket
+        self._queue.put((ticket, job))
+        return ticket
 
     def wait(self, ticket: int) -> None:
         """Return once jobs 1..ticket have run; re-raises the error of any job that failed."""
@@ -73,6 +79,10 @@ class CopyWorker(Generic[Job]):
 
         For detach: the error already reached the step that waited on the load, and re-raising it here
         would leave the runtime half detached (hooks on, memory held) instead of recovering."""
+        if self._thread.is_alive():
+            # the last ticket counted, queued once more as a barrier: a submit cut short by Ctrl-C after its
+            # count left it unqueued, and the wait below waited for it forever (a ticket queued twice is done twice)
+            self._queue.put((self._submitted, _BARRIER))
         with self._cond:
             while self._done < self._submitted and self._thread.is_alive():
                 self._cond.wait(timeout=1.0)
@@ -101,10 +111,10 @@ class CopyWorker(Generic[Job]):
                 return
             ticket, job = item
             try:
-                if self._error is None:  # after a failure, later loads are skipped, not run on bad state
+                if self._error is None and job is not _BARRIER:  # after a failure, later loads are skipped
                     self.marks[ticket % MARK_RING] = self._execute(job, ticket)
             except BaseException as e:  # reported to the waiting thread, which re-raises it
                 self._error = e
             with self._cond:
-                self._done = ticket
+                self._done = max(self._done, ticket)  # a barrier may repeat a ticket already done
                 self._cond.notify_all()

@@ -143,8 +143,12 @@ class Executor:
             return
         block = sch.call(sch.streamed_position(k)).block
         s = k % self.nslots
+        # the tag last, and invalid meanwhile: a Ctrl-C between the submit and the tag left the slot tagged with
+        # its old call and the new load's ticket, and the next call computed on another block's weights
+        self.slot_tag[s] = -1
         self.slot_ticket[s] = self.backend.submit(self.slot_recipe[(block, s)])
-        self.slot_tag[s], self.slot_block[s] = k, block
+        self.slot_block[s] = block
+        self.slot_tag[s] = k
 
     def _prime(self, first: int) -> None:
         """Refill every slot from streamed call `first` on (after a resynchronisation; all slots are free)."""
@@ -331,6 +335,26 @@ class Executor:
         for i in changed:
             self.keep_write(name, i, self.tensors[name][i], call.volatile)
         self._reload_later(name)
+
+    def resettle(self) -> None:
+        """After a call that raised: Ctrl-C lands between any two lines of before() and after(). Every queued load
+        finishes (a load counted but never queued is queued: CopyWorker.settle), the ring forgets what its slots
+        hold (each is loaded again at its call), and each block's tensors point where `bound` and `views` say — a
+        bind cut short had swapped some of them, and the weight watch then refused every later call as a weight
+        replaced. Cost: the next streamed calls load synchronously; on the error path only."""
+        self.backend.settle()
+        self.slot_tag = [-1] * self.nslots
+        for name, ts in self.tensors.items():
+            binding = self.bound.get(name)
+            views = binding.views if binding is not None else self.views.get(name)
+            if views is None:
+                continue
+            home = self.homes.get(name) if binding is None else None  # unbound: parked, buffers at home
+            parked = set(self.buffer_index[name]) if home is not None else set()
+            for i, (t, v) in enumerate(zip(ts, views, strict=True)):
+                want = home[i] if i in parked else v
+                if t.data_ptr() != want.data_ptr():
+                    t.data = want
 
     def close_frame(self) -> None:
         """End the open frame's record now (detach, snapshot)."""

@@ -425,10 +425,10 @@ class Runtime(PlanSwitching, Recovering):
             self._weights.check()
         if outer and self._structure is not None:
             self._structure.check()
-        if outer:
-            self._in_unit, self._unit_thread = True, threading.get_ident()
-            self.recorder.unit_start(self.backend.clock())
-        try:
+        try:  # the unit's flag is set inside: a Ctrl-C just after it left every later call an inner one, unchecked
+            if outer:
+                self._in_unit, self._unit_thread = True, threading.get_ident()
+                self.recorder.unit_start(self.backend.clock())
             if model_call and self._calls is not None:
                 self._calls.start()
             out = call(*args, **kwargs)
@@ -437,6 +437,8 @@ class Runtime(PlanSwitching, Recovering):
                 self._calls.discard()
             if outer:
                 self.recorder.unit_discard()
+                if self._executor is not None:  # a Ctrl-C may have cut the runtime's own bookkeeping short
+                    self._executor.resettle()
             raise
         finally:
             if outer:
