@@ -5,6 +5,10 @@ The CLI prints them as `error: …` / `hint: …` without a traceback; anything 
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 
 class ResidencyError(Exception):
     """A problem the user can fix: bad input, bad file, a budget that cannot hold."""
@@ -38,3 +42,17 @@ class InferenceOnlyWarning(UserWarning):
 
 class PlanWarning(UserWarning):
     """A plan was made, but it does not hold what was asked (a time budget no plan meets)."""
+
+
+_OURS = tuple(str(Path(__file__).resolve().parent.parent / pkg) + os.sep for pkg in ("residency", "policies", "pipelines"))
+# (frames of the packages above are skipped; a test or a user script beside them is not)
+
+
+def user_stacklevel() -> int:
+    """The stacklevel that points a warnings.warn made by this function's caller at the first frame outside
+    residency's own packages: a warning raised deep inside attach() named residency/front_door/attach_any.py:254,
+    while the same warning from workload_from_module() named the user's line at a fixed stacklevel."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_OURS):
+        frame, level = frame.f_back, level + 1
+    return level

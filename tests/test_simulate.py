@@ -279,3 +279,20 @@ def test_a_cpu_load_that_unpacks_copies_only_the_tensors_it_does_not_convert():
     assert copy_bytes(block, "F32", "fp32", cpu, unpacks=True) == block.nbytes("F32")  # nothing to convert
     execution = Execution(per_tensor_copies=True)
     assert copy_s(block, "Q8_0", cpu, execution, "fp32", unpacks=True) == pytest.approx(cpu.h2d_s(kept))
+
+
+def test_a_sync_load_is_the_copy_engines_time_and_a_stall_as_the_runtime_records_it():
+    # the plan table showed "copy 0.00" for sync-streamed blocks and folded their loads into compute, while the
+    # runtime records a blocking load as copy-engine time and a stall: the dashboard compared 19 ms of copies
+    # with 0 predicted, and a compute stream 0.62x its prediction
+    w, prof = chain_workload(n=3, dim=1024, tokens=16), flat_profile(link_gbps=1.0, overlap=0.0)
+    streamed = {b.name: "streamed" for b in w.blocks}
+    sync = simulate(w, make_plan(w, prof, streamed, fmt="BF16", copy_mode="sync"), prof, bound=False)
+    resident = simulate(w, make_plan(w, prof, fmt="BF16"), prof, bound=False).prediction
+    p = sync.prediction
+    load_ms = 3 * (1024 * 1024 * 2) / 1e9 * 1e3  # three 2 MiB blobs over 1 GB/s, each once per frame
+    assert p.copy_ms == pytest.approx(load_ms, rel=1e-6) and p.stall_ms == pytest.approx(load_ms, rel=1e-6)
+    assert p.compute_ms == pytest.approx(resident.compute_ms, rel=1e-6)
+    assert p.frame_ms == pytest.approx(p.compute_ms + p.copy_ms, rel=1e-6)  # one stream: nothing overlaps
+    tracks = {(e.label, e.track) for e in sync.events if e.frame == sync.steady_frame}
+    assert all((b.name, "copy") in tracks and (b.name, "compute") in tracks for b in w.blocks)

@@ -9,6 +9,7 @@ import torch
 
 from residency.errors import PlanWarning, ResidencyError
 from residency.plan import Plan
+from residency.units import fmt_ms
 
 
 def backend_name(backend: str) -> str:
@@ -28,8 +29,8 @@ def warn_missed_budget(plan: Plan, stacklevel: int) -> None:
     """A PlanWarning when `plan` misses its time budget (no plan holds it: the command line exits 3 there)."""
     if plan.budget.frame_ms is not None and plan.prediction is not None and (
             plan.prediction.frame_ms > plan.budget.frame_ms):
-        warnings.warn(f"the plan of {plan.model} misses the time budget: {plan.prediction.frame_ms:.2f} ms "
-                      f"predicted per call against {plan.budget.frame_ms:.2f} ms; rt.plan.notes say why",
+        warnings.warn(f"the plan of {plan.model} misses the time budget: {fmt_ms(plan.prediction.frame_ms)} ms "
+                      f"predicted per call against {fmt_ms(plan.budget.frame_ms)} ms; rt.plan.notes say why",
                       PlanWarning, stacklevel=stacklevel)
 
 

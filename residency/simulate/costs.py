@@ -34,6 +34,9 @@ class CallCost:
     dequant_s: float  # dequantization, on the compute stream unless dequant_on == "copy"
     compute_s: float  # compute-stream work, including dequant on compute and synchronous copies
     streamed: bool  # occupies a slot
+    # part of compute_s, at its start: the load a copy_mode "sync" call makes on the compute stream itself (its
+    # dequant too when that is on the copy side), which the runtime records as the copy engine's time and a stall
+    blocking_copy_s: float = 0.0
 
 
 def unpacks_fresh(bp: BlockPlan) -> bool:
@@ -253,7 +256,8 @@ def call_cost(block: BlockSpec, bp: BlockPlan, profile: DeviceProfile, execution
     # the execution's host sync per onload (a peer's), and the host time a calibration found per streamed call
     sync_wait = (execution.host_sync_per_onload_us + profile.streamed_call_host_us) * 1e-6
     if execution.copy_mode == "sync":
-        return CallCost(0.0, nbytes, deq, move + deq + base + sync_wait, True)
+        return CallCost(0.0, nbytes, deq, move + deq + base + sync_wait, True,
+                        blocking_copy_s=move + (deq if bp.dequant_on == "copy" else 0.0))
     if bp.dequant_on == "copy":
         return CallCost(move + deq, nbytes, deq, base + sync_wait, True)
     return CallCost(move, nbytes, deq, base + deq + sync_wait, True)

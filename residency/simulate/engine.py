@@ -23,6 +23,7 @@ class Job:
     copy_bytes: int = 0
     uses_slot: bool = False  # the copy lands in a ring slot (streamed), else in the block's own memory
     copy_dequant_s: float = 0.0  # part of copy_s that is dequantization (dequant_on == "copy")
+    blocking_copy_s: float = 0.0  # part of compute_s at its start: a load the compute stream makes (copy_mode sync)
     # filled by run():
     copy_start: float = -1.0
     copy_end: float = -1.0

@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
-from residency.errors import ResidencyError
+from residency.errors import ResidencyError, user_stacklevel
 from residency.formats.dtypes import COMPUTE_DTYPE_BYTES, TORCH_DTYPES
 from residency.workload.example_inputs import Example, split_example
 from residency.workload.fallback_trace import fallback_trace
@@ -389,9 +389,9 @@ def _warn(name: str, unowned: tuple[str, ...], repeated_calls: dict[str, int]) -
         shown = ", ".join(unowned[:5]) + (f" and {len(unowned) - 5} more" if len(unowned) > 5 else "")
         warnings.warn(f"{name}: {len(unowned)} parameters belong to modules the forward never ran nor read "
                       f"({shown}); no block owns them and the plan leaves them out", ModuleWorkloadWarning,
-                      stacklevel=3)
+                      stacklevel=user_stacklevel())
     if repeated_calls:
         shown = ", ".join(f"{b} ×{c}" for b, c in list(repeated_calls.items())[:5])
         warnings.warn(f"{name}: blocks called more than once per forward ({shown}); each call is charged the "
                       "mean of their costs, and the schedule starts a new pass at each repeat",
-                      ModuleWorkloadWarning, stacklevel=3)
+                      ModuleWorkloadWarning, stacklevel=user_stacklevel())
