@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 
 class ResidencyError(Exception):
@@ -44,15 +43,20 @@ class PlanWarning(UserWarning):
     """A plan was made, but it does not hold what was asked (a time budget no plan meets)."""
 
 
-_OURS = tuple(str(Path(__file__).resolve().parent.parent / pkg) + os.sep for pkg in ("residency", "policies", "pipelines"))
-# (frames of the packages above are skipped; a test or a user script beside them is not)
+# residency's own packages (torch's is added where loaded: this module never imports it, the CLI's help stays quick)
+# (abspath, not resolve: a frame's file name is the path as imported, symlinks kept)
+_OWN_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), pkg) + os.sep
+                  for pkg in ("residency", "policies", "pipelines"))
 
 
 def user_stacklevel() -> int:
-    """The stacklevel that points a warnings.warn made by this function's caller at the first frame outside
-    residency's own packages: a warning raised deep inside attach() named residency/front_door/attach_any.py:254,
-    while the same warning from workload_from_module() named the user's line at a fixed stacklevel."""
+    """warnings.warn's stacklevel of the first frame outside residency's packages and torch (the user's call),
+    counted from the function calling warn: the warning then names the user's line, once per line. A fixed
+    stacklevel named residency/front_door/attach_any.py:254 for a warning raised deep inside attach()."""
+    torch_module = sys.modules.get("torch")
+    torch_dir = (os.path.dirname(torch_module.__file__) + os.sep,) if getattr(torch_module, "__file__", None) else ()
+    skipped = _OWN_DIRS + torch_dir
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_OURS):
+    while frame is not None and frame.f_code.co_filename.startswith(skipped):
         frame, level = frame.f_back, level + 1
     return level

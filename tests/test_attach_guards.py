@@ -256,6 +256,9 @@ def test_keep_vars_gives_the_original_weights_and_a_load_while_attached_is_refus
         assert isinstance(kept["0.0.weight"], nn.Parameter)
         with pytest.raises(ResidencyError, match="load_state_dict into .* while a runtime is attached"):
             model.load_state_dict(model.state_dict())
+        part = model[0]  # a module owning no block tensor itself: the refusal names it, not its first child
+        with pytest.raises(ResidencyError, match=f"load_state_dict into {type(part).__name__} while"):
+            part.load_state_dict(part.state_dict())
     model.load_state_dict(model.state_dict())  # detached: as usual
     assert not any(m._load_state_dict_pre_hooks for m in model.modules())
 

@@ -284,3 +284,5 @@ def test_warnings_of_the_workload_builder_reach_the_caller():
         warnings.simplefilter("always", ModuleWorkloadWarning)
         attach(model, example).detach()
     assert any("spare.weight" in str(w.message) for w in caught)
+    # named at this line, the caller's: a fixed stacklevel named residency/front_door/attach_any.py
+    assert all(w.filename == __file__ for w in caught if w.category is ModuleWorkloadWarning)

@@ -37,7 +37,7 @@ def warn_missed_budget(plan: Plan, stacklevel: int) -> None:
 def warn_budget_beyond_device(vram_bytes: int, profile) -> None:
     """A vram= above what the profile's device has to use is planned for as asked (a what-if, or a profile that
     undercounts), and said so: "fits" then means fits the budget, not the device (`residency plan` notes the same)."""
-    from residency.runtime.attached_guards import user_stacklevel
+    from residency.errors import user_stacklevel
     from residency.units import fmt_bytes
 
     if vram_bytes > profile.memory_usable_bytes:

@@ -5,7 +5,6 @@ that keep autograd off plans that swap weights in (inference only).
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from collections.abc import Iterable
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from residency.errors import InferenceOnlyWarning, ResidencyError
+from residency.errors import InferenceOnlyWarning, ResidencyError, user_stacklevel
 from residency.plan import Plan
 from residency.runtime.not_pickled import NotPickled
 
@@ -114,9 +113,23 @@ class _PutOriginals(NotPickled):
 
 
 def _refuse_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    raise ResidencyError(f"load_state_dict into {type(module).__name__} while a runtime is attached: the weights "
+    raise ResidencyError(f"load_state_dict into {type(_loaded_into(module)).__name__} while a runtime is attached: the weights "
                          "would go into its device slots, and detach restores the ones found at attach",
                          hint="detach the runtime (leave its `with`), load the weights, then attach again")
+
+
+def _loaded_into(module: nn.Module) -> nn.Module:
+    """The module whose load_state_dict the user called: the hook fires in the first module under it that owns a
+    block tensor (a block's LayerNorm for `model.blocks[1].load_state_dict(…)`), and named that one. Read from
+    the calling frames (an error path only); `module` itself when no such frame is found."""
+    frame = sys._getframe(1)
+    called = module
+    while frame is not None:
+        owner = frame.f_locals.get("self") if frame.f_code.co_name == "load_state_dict" else None
+        if isinstance(owner, nn.Module):
+            called = owner
+        frame = frame.f_back
+    return called
 
 
 def warn_inference_only() -> None:
@@ -146,15 +159,3 @@ def refuse_grad_inputs(args: tuple, kwargs: dict) -> None:
                                   "keeps every block resident (autograd then works as without residency; a share "
                                   "such as '100%' counts the weights only); or call it with inputs that do not "
                                   "require grad (x.detach())")
-
-
-_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
-
-
-def user_stacklevel() -> int:
-    """warnings.warn's stacklevel of the first frame outside residency and torch (the user's call of the
-    model), counted from the function calling warn: the warning then names the user's line, once per line."""
-    level, frame = 2, sys._getframe(2)
-    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level

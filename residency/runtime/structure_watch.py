@@ -21,8 +21,7 @@ from collections.abc import Callable
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from residency.errors import ResidencyError
-from residency.runtime.attached_guards import user_stacklevel
+from residency.errors import ResidencyError, user_stacklevel
 
 _LOCK = threading.Lock()
 # Weak: a model attached and dropped without detach is collected with its runtime (a strong list kept both alive
