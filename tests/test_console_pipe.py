@@ -24,3 +24,22 @@ def test_a_long_line_of_prose_is_printed_whole_and_tables_keep_the_width(capsys)
     assert max(len(row) for row in out.splitlines() if row.startswith(("┃", "│"))) <= PIPE_WIDTH
     notes = [row for row in out.splitlines() if row.lstrip().startswith("note: no frame budget")]
     assert len(notes) == 1 and len(notes[0]) > PIPE_WIDTH and notes[0].endswith("that plan")  # one line, not cut
+
+
+def test_a_console_too_narrow_for_the_block_columns_lists_each_row_whole(monkeypatch, capsys):
+    # at 40 columns the block tables squeezed the names, placements and formats to nothing ("┃┃┃┃ size ┃ co… ┃")
+    from pipelines.catalog import catalog_paths
+    from residency.workload import load_workload_file
+
+    monkeypatch.setenv("COLUMNS", "40")
+    assert main(["plan", "tiny", "--profile", "rx-7800-xt", "--vram", "8MiB", "--exec-mode", "eager"]) in (0, 3)
+    out = capsys.readouterr().out
+    assert "┃┃" not in out and "││" not in out
+    listed = [row for row in out.splitlines() if ": placement " in row]
+    names = {b.name for b in load_workload_file(catalog_paths()["tiny"]).blocks}
+    shown = {row.split(": placement ")[0] for row in listed}
+    assert all(n in shown or any(n.rsplit(".", 1)[0] in s for s in shown) for n in names)
+    assert all(", format " in row and ", compute " in row for row in listed)
+    monkeypatch.setenv("COLUMNS", "120")  # wide enough: the tables, as before
+    assert main(["plan", "tiny", "--profile", "rx-7800-xt", "--vram", "8MiB", "--exec-mode", "eager"]) in (0, 3)
+    assert ": placement " not in capsys.readouterr().out

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -81,7 +81,8 @@ _BLOCK_COLUMNS = (("blocks", "left"), ("placement", "left"), ("format", "left"),
 _MEMORY_COLUMNS = (("kind", "left"), ("bytes", "right"), ("of budget", "right"))
 
 
-def _table(title: str, columns: tuple[tuple[str, str], ...], rows: list[tuple[str, ...]], width: int) -> Table:
+def _table(title: str, columns: tuple[tuple[str, str], ...], rows: list[tuple[str, ...]],
+           width: int) -> Table | Group:
     """A table for a console `width` columns wide. The first column, a name, takes what is left and folds. A
     right-justified column holds a figure: it is fixed at its widest cell, so a figure is never wrapped, cut or
     squeezed to nothing. When the console is too narrow for every header, headers wrap and the left-justified
@@ -90,6 +91,10 @@ def _table(title: str, columns: tuple[tuple[str, str], ...], rows: list[tuple[st
     roomy = [max(w, len(header)) for w, (header, _) in zip(figures, columns[1:], strict=True)]
     frame = 3 * len(columns) + 1  # a border and two spaces of padding per column, and the closing border
     tight = width - frame - sum(roomy) < _NAME_MIN_WIDTH
+    words = [max((len(w) for w in header.split()), default=1) if justify == "left" else figure
+             for (header, justify), figure in zip(columns[1:], figures, strict=True)]
+    if width - frame - sum(words) < _NAME_MIN_WIDTH:
+        return _listed(title, columns, rows)
     table = Table(title=title, title_justify="left")
     table.add_column(columns[0][0], justify=columns[0][1], overflow="fold")
     for (header, justify), figure, room in zip(columns[1:], figures, roomy, strict=True):
@@ -104,6 +109,19 @@ def _table(title: str, columns: tuple[tuple[str, str], ...], rows: list[tuple[st
     for row in rows:
         table.add_row(row[0] if tight else _wrapped_name(row[0], name_width), *row[1:])
     return table
+
+
+def _listed(title: str, columns: tuple[tuple[str, str], ...], rows: list[tuple[str, ...]]) -> Group:
+    """The table as one line a row, "name: header value, …", for a console too narrow for its columns even folded
+    (at 40 columns the names, placements and formats of a block table were squeezed to nothing)."""
+    lines = [Text(title, style="italic")]
+    for row in rows:
+        line = Text.from_markup(row[0], style="bold")
+        line.append(": ")
+        line.append_text(Text.from_markup(", ".join(f"{header} {cell}" for (header, _), cell in
+                                                    zip(columns[1:], row[1:], strict=True))))
+        lines.append(line)
+    return Group(*lines)
 
 
 def _wrapped_name(name: str, width: int) -> str:
