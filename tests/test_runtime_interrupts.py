@@ -9,6 +9,7 @@ from __future__ import annotations
 import faulthandler
 import sys
 import threading
+from collections import Counter
 
 import pytest
 import torch
@@ -39,8 +40,9 @@ def _lines_of_one_call(model, x) -> int:
     return n
 
 
-def _interrupted_at(model, x, k: int) -> None:
-    """One call of `model` with a KeyboardInterrupt raised at the k-th line of residency code it runs."""
+def _interrupted_at(model, x, k: int, where: Counter) -> None:
+    """One call of `model` with a KeyboardInterrupt raised at the k-th line of residency code it runs; the line is
+    counted in `where`."""
     n = 0
 
     def trace(frame, event, arg):
@@ -48,6 +50,7 @@ def _interrupted_at(model, x, k: int) -> None:
         if OURS in frame.f_code.co_filename and event == "line":
             n += 1
             if n == k:
+                where[(frame.f_code.co_filename, frame.f_lineno)] += 1
                 raise KeyboardInterrupt
         return trace
 
@@ -76,11 +79,17 @@ def test_a_call_interrupted_at_any_line_leaves_the_runtime_exact(vram):
     assert lines > 100
     faulthandler.dump_traceback_later(240, exit=True)  # a hang fails the run (with where), not the CI's clock
     try:
+        where: Counter = Counter()
         for k in range(1, lines + 1):
-            _interrupted_at(model, x, k)
+            _interrupted_at(model, x, k, where)
             with torch.no_grad():
                 got = model(x)
             assert torch.equal(got, expected), f"interrupted at line {k} of a call: the next call differs"
+        # the interrupts spread over the call's code (a record left by each cut call once grew a loop that took
+        # 82 % of them), and the telemetry still pairs each frame with its rows
+        assert max(where.values()) < lines // 10, where.most_common(3)
+        snap = rt.telemetry()
+        assert len(snap.frames) == len(snap.rows) and snap.frames
     finally:
         faulthandler.cancel_dump_traceback_later()
         rt.detach()

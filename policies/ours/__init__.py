@@ -138,8 +138,9 @@ def _keep_small_streamed_resident(req: PlanRequest, found: Found) -> Found:
     before, after = best.prediction, repaired.prediction
     # the stall says why only where it fell: with none before, a block cheaper resident than streamed read "the ring
     # stalled behind them (0.0 → 0.0 ms stall per frame)"
-    why = "the prefetch ring stalled behind them" if after.stall_ms < before.stall_ms - 0.05 else \
-        "each is faster resident than streamed"
+    # a sync plan has no ring: its stall is its blocking loads, which keeping blocks resident removes by definition
+    ring = best.execution.copy_mode != "sync" and after.stall_ms < before.stall_ms - 0.05
+    why = "the prefetch ring stalled behind them" if ring else "each is faster resident than streamed"
     note = (f"{kept} small streamed block(s) kept resident instead: {why} ({before.frame_ms:.1f} → "
             f"{after.frame_ms:.1f} ms per {req.workload.frame_unit()}, {before.stall_ms:.1f} → {after.stall_ms:.1f} ms "
             "stall)")

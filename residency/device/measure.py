@@ -29,7 +29,9 @@ from residency.errors import ResidencyError, UsageError
 #     Q8_0 unpack ran 6-10 % faster than the curve (cold input) predicted, BF16 → fp32 12-29 %.
 # 13: the CPU's unpack probes write outputs rotating through 8 MiB (one output reused stayed in L2: Q8_0 ran 1.25×
 #     faster than into the scratch a block before had written), and the fresh factor's slot is copied by the copy
-#     thread, on the other core, as the runtime's loads are (copied by the timing thread, the input sat in its L2).
+#     thread, on the other core, as the runtime's loads are (copied by the timing thread, the input sat in its L2);
+#     the copy thread runs on one intra-op thread, as the runtime's does (it had every core's: the link and the
+#     interference were timed with multi-threaded copies the runtime never makes).
 MEASUREMENT_VERSION = 13
 
 

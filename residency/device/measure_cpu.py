@@ -112,7 +112,9 @@ def _run_job(job: Callable[[], object], _ticket: int) -> tuple[float, float, flo
 
 def start_copy_engine() -> CopyWorker:
     """The copy engine the measurement times: the runtime's worker thread, running callables."""
-    engine = CopyWorker(_run_job, "residency-profile-copy")
+    # one intra-op thread, as the runtime's worker (backend_cpu): a copy_ split over threads would write part of a
+    # slot from the timing core, whose caches the fresh-input factor must not see filled
+    engine = CopyWorker(_run_job, "residency-profile-copy", on_start=lambda: torch.set_num_threads(1))
     engine.start()
     return engine
 

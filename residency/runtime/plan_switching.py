@@ -129,8 +129,8 @@ class PlanSwitching:
     def clock_s(self) -> float:
         """The end of the last recorded frame's work on the backend clock, in seconds (0.0 before any): where
         a decision between units is placed on the trace (reading the clock itself would sync a GPU)."""
-        frames = self.recorder.frames
-        return frames[-1].start_s + frames[-1].frame_ms / 1e3 if frames else 0.0
+        last = self.recorder.latest(1)
+        return last[0][0].start_s + last[0][0].frame_ms / 1e3 if last else 0.0
 
 
 def check_profile(plan: Plan, profile: DeviceProfile) -> None:

@@ -438,7 +438,10 @@ class Runtime(PlanSwitching, Recovering):
             if outer:
                 self.recorder.unit_discard()
                 if self._executor is not None:  # a Ctrl-C may have cut the runtime's own bookkeeping short
-                    self._executor.resettle()
+                    try:
+                        self._executor.resettle()
+                    except BaseException:  # noqa: BLE001 — the call's own error (an OOM to recover from) is raised,
+                        pass               # not a second one met while settling (a load that failed, a 2nd Ctrl-C)
             raise
         finally:
             if outer:

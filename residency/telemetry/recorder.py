@@ -129,9 +129,10 @@ class Recorder:
         # The open frame's rows as tuples: an append costs ~0.1 µs where six scalar writes into a numpy row
         # cost ~5 µs (per call, on the compute thread); a frame's rows become one array at its end.
         self._open: deque[tuple] = deque(maxlen=RING_CALLS)
-        self._frames: deque[FrameRecord] = deque(maxlen=KEEP_FRAMES)
+        # closed frames' records with their resolved rows, in one deque: two appended apart came apart when a Ctrl-C
+        # landed between the appends (a snapshot's frames and rows then differed in length)
+        self._closed: deque[tuple[FrameRecord, np.ndarray]] = deque(maxlen=KEEP_FRAMES)
         self._unsummarised: deque[tuple] = deque(maxlen=KEEP_FRAMES)  # closed frames' rows, not yet summarised
-        self._resolved: deque[np.ndarray] = deque(maxlen=KEEP_FRAMES)
         # Units of work since the last frame end, as unresolved marks (resolved at the next frame end, before
         # the GPU's event pool reuses them): the first one's start, the last finished one's end, and the start
         # of the one in progress (None when it began before the last frame end: its start is already spent).
@@ -158,6 +159,8 @@ class Recorder:
         if frame != self._kv_frame:  # the frame's first call: the KV frames its step reads
             self._kv_frame = frame
             self._kv_of[frame] = self.kv_frames
+            if len(self._kv_of) > 4:  # end_frame keeps it to the open frame's; one cut short by Ctrl-C left its own
+                self._kv_of = {f: v for f, v in self._kv_of.items() if f >= frame - 1}
         if copy is None:
             self._open.append((frame, block, t_start, t_ready, t_dequant, t_end, 0.0, 0.0, 0.0, 0, 0.0))
         else:
@@ -198,7 +201,6 @@ class Recorder:
             copy_cols = np.ix_(has_copy, [C_START, C_COPIED, C_END])
             rows[copy_cols] = resolve(rows[copy_cols])
         rows.setflags(write=False)
-        self._resolved.append(rows)
         self.last_frame = int(rows[:, FRAME].max())
         span = self._work_span(resolve, float(rows[0, T_START]), float(rows[-1, T_END]), next_start_mark)
         # the prediction of the plan that ran the frame (a re-plan may replace it before the summary is made)
@@ -206,9 +208,9 @@ class Recorder:
         predicted = (p.frame_ms, p.compute_ms, p.copy_ms) if p else (None, None, None)
         first = int(rows[0, FRAME])
         kv = self._kv_of.get(first)
-        for f in [f for f in self._kv_of if f <= self.last_frame and f != self._kv_frame]:
-            del self._kv_of[f]  # closed: only the open frame's stays
-        self._unsummarised.append((rows, device_bytes, device_peak_bytes, predicted, kv, *span))
+        for f in [f for f in self._kv_of if f != self._kv_frame]:
+            del self._kv_of[f]  # closed (or left by a call cut short): only the open frame's stays
+        self._unsummarised.append((rows, device_bytes, device_peak_bytes, predicted, kv, *span))  # one append
         self.closed_frames += 1
 
     def _work_span(self, resolve: Callable[[np.ndarray], np.ndarray], first_call_s: float, last_call_s: float,
@@ -236,11 +238,17 @@ class Recorder:
         return start, end, max(0.0, gap)
 
     @property
-    def frames(self) -> deque[FrameRecord]:
+    def frames(self) -> list[FrameRecord]:
         """Frame records, oldest first (the last KEEP_FRAMES); summarises the frames closed since last read."""
+        return [record for record, _ in self._closed_frames()]
+
+    def _closed_frames(self) -> deque[tuple[FrameRecord, np.ndarray]]:
+        """(record, rows) of the kept frames, the frames closed since last read summarised first (a Ctrl-C between
+        the pop and the append drops that frame whole)."""
         while self._unsummarised:
-            self._frames.append(self._summarise(*self._unsummarised.popleft()))
-        return self._frames
+            item = self._unsummarised.popleft()
+            self._closed.append((self._summarise(*item), item[0]))
+        return self._closed
 
     def _summarise(self, rows: np.ndarray, device_bytes: int, device_peak_bytes: int,
                    predicted: tuple[float | None, float | None, float | None], kv_frames: int | None, start_s: float,
@@ -276,14 +284,15 @@ class Recorder:
     def latest(self, n: int) -> list[tuple[FrameRecord, np.ndarray]]:
         """The newest `n` closed frames (at most the kept ones) with their resolved call rows, oldest first:
         what the closed loop reads after each unit, without copying every kept frame into a snapshot."""
-        frames = self.frames
-        n = min(max(n, 0), len(frames))
-        return list(zip(itertools.islice(frames, len(frames) - n, None),
-                        itertools.islice(self._resolved, len(self._resolved) - n, None), strict=True))
+        closed = self._closed_frames()
+        n = min(max(n, 0), len(closed))
+        return list(itertools.islice(closed, len(closed) - n, None))
 
     def snapshot(self, memory: tuple[tuple[str, int], ...] = ()) -> TelemetrySnapshot:
         """The kept frames and rows as a TelemetrySnapshot, with the ledger's `memory` (kind, bytes)."""
-        return TelemetrySnapshot(tuple(self.frames), tuple(self._resolved), self.block_names, self.prediction, memory,
+        closed = tuple(self._closed_frames())
+        return TelemetrySnapshot(tuple(f for f, _ in closed), tuple(r for _, r in closed), self.block_names,
+                                 self.prediction, memory,
                                  tuple(self._events))
 
     def add_event(self, event: LoopEvent) -> None:
