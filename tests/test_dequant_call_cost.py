@@ -91,7 +91,11 @@ def test_the_cpu_measurement_times_a_small_and_a_large_unpack():
 
     # the schedule's matrix is one of the curve's own sizes: it is timed once, the sizes stay strictly growing
     schedule = dataclasses.replace(measure_cpu.QUICK, dequant_shape=(256, 1024), dequant_point_s=0.05)
-    rate, call_us, curve, fresh = measure_cpu.measure_dequant("Q8_0", schedule)
+    engine = measure_cpu.start_copy_engine()
+    try:
+        rate, call_us, curve, fresh = measure_cpu.measure_dequant("Q8_0", schedule, engine)
+    finally:
+        engine.stop()
     assert rate > 0 and math.isfinite(rate)
     assert 0.2 <= fresh <= 1.0  # an input just copied into a slot unpacks no slower than one from DRAM
     assert 0.0 <= call_us < 1e5

@@ -399,7 +399,7 @@ def measure_all(engine: CopyWorker, schedule: CpuSchedule, formats: list[str], s
     store = dequant_store(schedule)
     for f in formats:
         step(f"dequant {f}")
-        dequant[f], dequant_call[f], dequant_tensor[f], dequant_fresh[f] = measure_dequant(f, schedule, store, engine)
+        dequant[f], dequant_call[f], dequant_tensor[f], dequant_fresh[f] = measure_dequant(f, schedule, engine, store)
     del store
     step("overlap")
     overlap = measure_overlap(engine, schedule)

@@ -71,8 +71,8 @@ def dequant_store(schedule: CpuSchedule) -> torch.Tensor:
     return torch.zeros(COLD_WEIGHT_BYTES + 4 * math.prod(schedule.dequant_shape), dtype=torch.uint8)
 
 
-def measure_dequant(name: str, schedule: CpuSchedule, store: torch.Tensor | None = None,
-                    engine: CopyWorker | None = None) -> tuple[float, float, Curve, float]:
+def measure_dequant(name: str, schedule: CpuSchedule, engine: CopyWorker, store: torch.Tensor | None = None
+                    ) -> tuple[float, float, Curve, float]:
     """(1e9 weights/s, µs per unpack call, the per-tensor curve, the fresh-input factor) unpacking into preallocated
     fp32 buffers (output_ring's: the caches no longer hold them) through one staging buffer, as the runtime's threads
     do, at DEQUANT_TENSOR_SHAPES and the schedule's matrix. Rate and
@@ -83,16 +83,8 @@ def measure_dequant(name: str, schedule: CpuSchedule, store: torch.Tensor | None
     (repeating one tensor timed Q8_0 at 256K weights 1.3× faster than the runtime unpacks it). The large matrix
     gets the point's time, each smaller one a fifth, at least 15 samples: a small call is ~0.02-0.1 ms and noisy.
     At the middle size the same unpack from a slot its input was just copied into (a streamed block's) is timed
-    against one from DRAM, alternately: the factor is the ratio of their medians (fresh_input_factor). `engine` makes
-    those copies, as the runtime's copy worker does (None: a worker started and stopped here)."""
-    if engine is None:
-        from residency.device.measure_cpu import start_copy_engine
-
-        engine = start_copy_engine()
-        try:
-            return measure_dequant(name, schedule, store, engine)
-        finally:
-            engine.stop()
+    against one from DRAM, alternately: the factor is the ratio of their medians (fresh_input_factor). `engine` (the
+    measurement's copy worker, measure_cpu.start_copy_engine) makes those copies, as the runtime's copy worker does."""
     fmt = get_format(name)
     shapes = dequant_shapes(schedule)
     store = dequant_store(schedule) if store is None else store
