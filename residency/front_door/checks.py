@@ -7,9 +7,9 @@ import warnings
 
 import torch
 
-from residency.errors import PlanWarning, ResidencyError
+from residency.errors import PlanWarning, ResidencyError, user_stacklevel
 from residency.plan import Plan
-from residency.units import fmt_ms
+from residency.units import fmt_bytes, fmt_ms
 
 
 def backend_name(backend: str) -> str:
@@ -37,9 +37,6 @@ def warn_missed_budget(plan: Plan, stacklevel: int) -> None:
 def warn_budget_beyond_device(vram_bytes: int, profile) -> None:
     """A vram= above what the profile's device has to use is planned for as asked (a what-if, or a profile that
     undercounts), and said so: "fits" then means fits the budget, not the device (`residency plan` notes the same)."""
-    from residency.errors import user_stacklevel
-    from residency.units import fmt_bytes
-
     if vram_bytes > profile.memory_usable_bytes:
         warnings.warn(f"vram {fmt_bytes(vram_bytes)} is more than {profile.name} has to use "
                       f"({fmt_bytes(profile.memory_usable_bytes)}): planned for {fmt_bytes(vram_bytes)} as asked; a plan "

@@ -113,8 +113,8 @@ class _PutOriginals(NotPickled):
 
 
 def _refuse_load(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    raise ResidencyError(f"load_state_dict into {type(_loaded_into(module)).__name__} while a runtime is attached: the weights "
-                         "would go into its device slots, and detach restores the ones found at attach",
+    raise ResidencyError(f"load_state_dict into {type(_loaded_into(module)).__name__} while a runtime is attached: "
+                         "the weights would go into its device slots, and detach restores the ones found at attach",
                          hint="detach the runtime (leave its `with`), load the weights, then attach again")
 
 

@@ -339,9 +339,9 @@ class Executor:
     def resettle(self) -> None:
         """After a call that raised: Ctrl-C lands between any two lines of before() and after(). Every queued load
         finishes (a load counted but never queued is queued: CopyWorker.settle), the ring forgets what its slots
-        hold (each is loaded again at its call) and so does the phase arena, and each block's tensors point where `bound` and `views` say — a
-        bind cut short had swapped some of them, and the weight watch then refused every later call as a weight
-        replaced. Cost: the next streamed calls load synchronously; on the error path only."""
+        hold (each is loaded again at its call) and so does the phase arena, and each block's tensors point where
+        `bound` and `views` say — a bind cut short had swapped some of them, and the weight watch then refused every
+        later call as a weight replaced. Cost: the next streamed calls load synchronously; on the error path only."""
         self.backend.settle()
         self.slot_tag = [-1] * self.nslots
         self.arena_key = None  # a phase load cut short left the arena part one phase's, part another's

@@ -104,7 +104,7 @@ def _events(jobs: tuple[Job, ...]) -> tuple[TimelineEvent, ...]:
                                      j.copy_bytes))
         if j.end > j.start and j.compute_s > 0:
             stretch = (j.end - j.start) / j.compute_s
-            loaded = j.start + j.blocking_copy_s * stretch  # a sync load, on the compute stream: the copy's time
+            loaded = j.start + _blocking_s(j)  # a sync load, on the compute stream: the copy's time
             if j.blocking_copy_s > 0:
                 out.append(TimelineEvent("copy", j.label, j.frame, j.phase, j.start * 1e3, loaded * 1e3, j.copy_bytes))
             split = loaded + j.dequant_s * stretch

@@ -292,8 +292,7 @@ class Recorder:
         """The kept frames and rows as a TelemetrySnapshot, with the ledger's `memory` (kind, bytes)."""
         closed = tuple(self._closed_frames())
         return TelemetrySnapshot(tuple(f for f, _ in closed), tuple(r for _, r in closed), self.block_names,
-                                 self.prediction, memory,
-                                 tuple(self._events))
+                                 self.prediction, memory, tuple(self._events))
 
     def add_event(self, event: LoopEvent) -> None:
         """Keep one closed-loop decision (the last KEEP_FRAMES) for snapshots, traces and the dashboard."""
