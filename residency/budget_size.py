@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from decimal import Decimal, InvalidOperation
 
 from residency.errors import ResidencyError
@@ -17,6 +18,8 @@ def vram_bytes(vram: VramSpec, weight_bytes: int, usable_bytes: int) -> int:
     is of; `usable_bytes`: the profile's usable memory, the default."""
     if vram is None:
         return usable_bytes
+    if isinstance(vram, numbers.Integral) and not isinstance(vram, bool):
+        vram = int(vram)  # numpy's and torch's integers too (np.int64 from a sum of tensor sizes)
     if isinstance(vram, bool) or not isinstance(vram, (int, str)):
         raise ResidencyError(f"vram={vram!r} ({type(vram).__name__})",
                              hint='give bytes (an int), a size such as "12GiB", or a share of the weights, "50%"')

@@ -31,6 +31,11 @@ class UsageError(ResidencyError):
     exit_code = 2
 
 
+class ForwardReplacedError(ResidencyError, RuntimeError):
+    """Detach refused: a module's forward was wrapped again after residency installed its own, and taking ours off
+    would drop that wrapper. A RuntimeError too, as it was before it carried a hint."""
+
+
 class FormatError(ResidencyError):
     """An unknown storage format, or a shape the format cannot hold."""
 

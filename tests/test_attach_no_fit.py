@@ -98,3 +98,34 @@ def test_blocks_that_must_stay_resident_are_named_in_the_no_fit_error_and_in_the
     assert "cannot stream: the model reads their tensors outside their own calls" in e.value.hint
     with residency.attach(model, vram="400%", **kw) as rt:  # resident anyway: the plan still says why they must be
         assert any("kept resident for the session whatever the budget" in n for n in rt.plan.notes)
+
+
+class ReadsAnotherLayer(nn.Module):
+    """layers.0's weight read again by the model's own code after layer 2; a loose gate makes a second pinned block
+    (the root's tensors) with another reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(128, 128) for _ in range(4))
+        self.gate = nn.Parameter(torch.randn(128))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = torch.tanh(layer(x)) * self.gate
+            if i == 2:
+                x = x + nn.functional.linear(x, self.layers[0].weight)
+        return x
+
+
+def test_each_pinned_block_is_given_its_own_reason_and_the_slot_hint_names_a_block_that_streams():
+    # the first block's reason was said of all ("the runtime reads them all through the call" of layers.0, which
+    # the model reads outside its call), and the hint's "largest block … needs a slot" named that pinned block
+    model, x = ReadsAnotherLayer().eval(), torch.randn(2, 128)
+    kw = dict(profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=x)
+    with pytest.raises(ResidencyError) as e:
+        residency.attach(model, vram="50%", **kw)
+    msg = e.value.message
+    assert "ReadsAnotherLayer.layers.0: the model reads its tensors outside its calls" in msg
+    assert "ReadsAnotherLayer.loose: " in msg
+    assert "its largest block, ReadsAnotherLayer.layers.0" not in e.value.hint
+    assert "its largest block, ReadsAnotherLayer.layers." in e.value.hint

@@ -11,6 +11,7 @@ from sim_helpers import flat_profile
 
 from pipelines.world_model import WorldModelPipeline
 from pipelines.world_model.workload import catalog_entry
+from residency.errors import ResidencyError
 from residency.formats import get_format
 from residency.formats.sizing import effective_format
 from residency.plan import BlockPlan, Budget, Execution, Plan
@@ -272,6 +273,23 @@ def test_detach_refuses_to_drop_a_forward_wrapper_added_after_attach(workload):
     assert rt.pipeline is pipe  # nothing was undone: still attached, hooks in place
     block.forward = ours
     rt.detach()
+    assert not any("forward" in m.__dict__ for m in pipe.modules())
+
+
+def test_detach_after_the_user_deleted_every_forward_wrapper(workload):
+    # `del module.forward` (the hint's way out) takes residency's wrapper with the user's: detach must then
+    # finish, not refuse for good (the model stayed attached for the life of the process)
+    pipe = WorldModelPipeline.from_config("tiny")
+    rt = Runtime(tiny_plan(workload, "resident"), "cpu", workload=workload).attach(pipe)
+    block = next(m for name, m, _ in pipe.blocks() if name == "dit.blocks.0")
+    ours = block.forward
+    block.forward = lambda *a, **k: ours(*a, **k)
+    with pytest.raises(ResidencyError, match="wrapped again") as caught:
+        rt.detach()
+    assert caught.value.hint and "del module.forward" in caught.value.hint
+    del block.forward
+    rt.detach()
+    assert rt.pipeline is None
     assert not any("forward" in m.__dict__ for m in pipe.modules())
 
 

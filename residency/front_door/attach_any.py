@@ -21,7 +21,13 @@ from residency.errors import InferenceOnlyWarning, PlanWarning, ResidencyError
 from residency.front_door.checks import backend_name, warn_budget_beyond_device, warn_missed_budget
 from residency.front_door.examples import derived_example, is_instance_of
 from residency.front_door.foreign_hooks import refuse_foreign_hooks, refuse_pipeline_hooks
-from residency.front_door.pinned_planner import OUTSIDE_READS, PinnedPlanner, bound_blocks, first_names
+from residency.front_door.pinned_planner import (
+    OUTSIDE_READS,
+    PinnedPlanner,
+    bound_blocks,
+    first_names,
+    grouped_reasons,
+)
 from residency.front_door.shape_guard import ShapeGuard
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, frame_budget_ms, vram_bytes
 from residency.plan import Budget, Plan, load_plan
@@ -298,7 +304,9 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
     if not fits_memory(plan):
         w = replan.request.workload
         fmt = COMPUTE_FORMAT[replan.request.compute_dtype]
-        largest = max(w.blocks, key=lambda b: b.nbytes(fmt))
+        # the slot holds the largest block that can stream: one kept resident whatever the plan needs none
+        bound = bound_blocks(w)
+        largest = max([b for b in w.blocks if b.name not in bound] or w.blocks, key=lambda b: b.nbytes(fmt))
         least = _least_memory(plan, replan, budget, profile)
         need = least.prediction.peak_total_bytes if least.prediction else None
         kinds = sorted(((k, n) for k, n in least.prediction.peak_bytes.items() if n and k != "reserve"),
@@ -342,12 +350,13 @@ def _pinned_words(w: Workload, fmt: str, need: int | None) -> tuple[str, int, st
         return None
     nbytes = sum(w.by_name[n].nbytes(fmt) for n in why)
     names = list(why)
-    outside = any(r == OUTSIDE_READS for r in why.values())
-    cannot = ("the model reads their tensors outside their own calls (a buffer updated after the block returns, a "
-              "weight another layer reads)" if outside else "they enclose other blocks, which the runtime reads "
-              "through the whole call")
-    return (f"; {plural(len(names), 'block')} ({first_names(names)}, {fmt_bytes(nbytes)}) must stay resident whatever the plan: "
-            f"{why[names[0]]}"), nbytes, cannot
+    outside = "the model reads their tensors outside their own calls (a buffer updated after the block returns, a " \
+              "weight another layer reads)"
+    enclose = "they enclose other blocks, which the runtime reads through the whole call"
+    kinds = {r == OUTSIDE_READS for r in why.values()}
+    cannot = " or ".join(c for c, k in ((outside, True), (enclose, False)) if k in kinds)
+    return (f"; {plural(len(names), 'block')} ({first_names(names)}, {fmt_bytes(nbytes)}) must stay resident whatever "
+            f"the plan: {grouped_reasons(why)}"), nbytes, cannot
 
 
 def _exact(need: int, budget_bytes: int) -> str:

@@ -50,11 +50,21 @@ def first_names(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
+def grouped_reasons(why: Mapping[str, str]) -> str:
+    """"a, b: reason; c: other reason": the blocks of `why` (name -> reason) grouped by their reason, so that none
+    is given another's (one reason said for all read "the runtime reads them all through the call" of a block the
+    model reads outside its calls)."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in why.items():
+        by_reason.setdefault(reason, []).append(name)
+    if len(by_reason) == 1:
+        return next(iter(by_reason))
+    return "; ".join(f"{first_names(names)}: {reason}" for reason, names in by_reason.items())
+
+
 def _kept_note(why: Mapping[str, str]) -> str:
     """One note for the blocks that stay resident whatever the budget (bound_blocks), the plan's own choice too."""
-    names = list(why)
-    return (f"{first_names(names)} kept resident for the session whatever the budget: {why[names[0]]}"
-            + (" (the others for their own reasons)" if len({*why.values()}) > 1 else ""))
+    return f"{first_names(list(why))} kept resident for the session whatever the budget: {grouped_reasons(why)}"
 
 
 @dataclass(frozen=True)

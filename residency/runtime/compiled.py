@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from residency.errors import ResidencyError
+from residency.errors import ForwardReplacedError, ResidencyError
 from residency.plan import Plan
 
 COMPILE_BACKEND_ENV = "RESIDENCY_COMPILE_BACKEND"  # torch.compile backend of `compiled` blocks
@@ -118,21 +118,26 @@ class CompiledForwards:
     def restore(self) -> None:
         """Put every module's forward back as install found it: the class's.
 
-        Raises RuntimeError when a module's forward is no longer ours (wrapped again and not unwrapped)."""
+        Raises ForwardReplacedError when a module's forward is another wrapper put on after ours."""
         remove_forwards(self._installed, "compiled")
         self._installed = []
 
 
 def remove_forwards(installed: list[tuple[nn.Module, Callable[..., Any]]], verb: str) -> None:
     """Delete the instance forwards residency installed, so each class's own shows through again; all or
-    nothing. Raises RuntimeError, before removing any, when a module's forward is no longer the one
-    installed (another wrapper went on after residency `verb` it and was not taken off)."""
+    nothing. Raises ForwardReplacedError, before removing any, when a module's forward is another wrapper that
+    went on after residency `verb` it and was not taken off (one deleted already is fine: the class's shows)."""
     for module, ours in installed:
-        if module.__dict__.get("forward") is not ours:
-            raise RuntimeError(f"{type(module).__name__}.forward was replaced after residency {verb} it; "
-                               "remove that wrapper before detaching")
-    for module, _ours in installed:
-        del module.forward
+        current = module.__dict__.get("forward")
+        if current is not ours and current is not None:
+            raise ForwardReplacedError(
+                f"{type(module).__name__}.forward was replaced after residency {verb} it; detaching now would drop "
+                "that wrapper",
+                hint="put back the forward that was in place right after attach, or `del module.forward` to drop "
+                     "every instance wrapper, then detach again")
+    for module, ours in installed:
+        if module.__dict__.get("forward") is ours:
+            del module.forward
 
 
 def compile_blocks(plan: Plan, modules: dict[str, tuple[nn.Module, ...]], notes: list[str]) -> CompiledForwards:

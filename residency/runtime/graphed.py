@@ -186,7 +186,7 @@ class GraphedForwards:
     def restore(self) -> None:
         """Put every module's forward back (the class's) and drop the graphs and their buffers.
 
-        Raises RuntimeError when a module's forward is no longer ours (wrapped again and not unwrapped)."""
+        Raises ForwardReplacedError when a module's forward is another wrapper put on after ours."""
         remove_forwards(self._installed, "graphed")
         if self.captures and self.device.type == "cuda":
             # Detach only: the graphs' pool is freed with them, and a replay may still be running on it.

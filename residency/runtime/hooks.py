@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from residency.errors import ForwardReplacedError
 from residency.runtime.not_pickled import NotPickled
 
 _ATTR = "_residency_hook"  # the module attribute holding its hook and the forward it replaced
@@ -174,17 +175,26 @@ def runs_user_forward_hooks(module: nn.Module) -> bool:
 
 
 def check_removable(module: nn.Module) -> None:
-    """Raise if another library wrapped forward after us: removing ours would silently drop theirs."""
+    """Raise if another library wrapped forward after us and left its wrapper on: removing ours would silently
+    drop theirs. A forward put back as it was before us, or deleted (the class's shows through), is fine: our
+    wrapper is already gone and remove_hook only forgets it."""
     entry = module.__dict__.get(_ATTR)
-    if entry is not None and entry[1] is not None and module.__dict__.get("forward") is not entry[1]:
-        raise RuntimeError(f"{type(module).__name__}.forward was wrapped again after residency attached; "
-                           "remove that wrapper before detaching")
+    if entry is None or entry[1] is None:
+        return
+    current = module.__dict__.get("forward")
+    if current is entry[1] or current is None or current is entry[2]:
+        return
+    raise ForwardReplacedError(
+        f"{type(module).__name__}.forward was wrapped again after residency attached; detaching now would drop "
+        "that wrapper",
+        hint="put back the forward that was in place right after attach (keep a reference to it before wrapping), "
+             "or `del module.forward` to drop every instance wrapper, then detach again")
 
 
 def remove_hook(module: nn.Module) -> None:
     """Take the hook off `module` and restore its forward; nothing when it has none.
 
-    Raises RuntimeError when another library wrapped forward after ours (see check_removable).
+    Raises ForwardReplacedError when another library wrapped forward after ours (see check_removable).
     """
     check_removable(module)
     entry = module.__dict__.pop(_ATTR, None)
@@ -193,11 +203,12 @@ def remove_hook(module: nn.Module) -> None:
     hook, ours, own_forward, handles = entry
     for handle in handles:
         handle.remove()
-    if ours is None:  # through torch's hooks: forward was never replaced
+    current = module.__dict__.get("forward")
+    if ours is None or current is own_forward:  # through torch's hooks, or already as it was before us
         pass
     elif own_forward is None:
         del module.forward  # the class's forward shows through again
-    else:
+    else:  # ours, or deleted by the user: the forward that was there before us goes back
         module.forward = own_forward
     hook.detach_hook(module)
 
