@@ -7,6 +7,7 @@ workload, one Runtime over all of them, so an encoder can be evicted, kept packe
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import os
 import warnings
@@ -29,7 +30,7 @@ from residency.runtime import Runtime
 from residency.runtime.attached_guards import refuse_inference_parameters
 from residency.runtime.closed_loop import LoopOptions, enable_loop, loop_options
 from residency.runtime.ledger import DeviceBudgetExceeded
-from residency.units import fmt_bytes
+from residency.units import fmt_bytes, size_at_least
 from residency.workload import ModuleWorkloadWarning, Workload, module_workload
 from residency.workload.from_module import DTYPE_NAMES, dominant_dtype, error_line, parameter_bytes_by_dtype
 from residency.workload.left_as_found import generators_in, left_as_found
@@ -64,6 +65,7 @@ class PipelineModules(nn.Module):
         for name, module in components.items():
             self.add_module(name, module)  # shared with the pipeline, not copied
         self.__dict__["pipe"] = pipe  # not a module: kept out of the tree
+        self.__dict__["model_label"] = type(pipe).__name__  # what messages call it (structure_watch.model_label)
         self.rewind: list[tuple[torch.Generator, torch.Tensor]] = []  # generator states at the call's start
         self.planned: dict[str, PlannedBatch] = {}  # per component, the batch planned for (residency.batch_guard)
         self.batch_set_by: tuple[str, ...] = ()  # the call's arguments that set the batch (batch_guard's message)
@@ -280,6 +282,7 @@ class PipelineRuntime:
 
     def __init__(self, runtime: Runtime, built: PipelineWorkload):
         self.runtime, self.built = runtime, built
+        self._offload_guards = _OffloadGuards(built.modules.pipe, runtime)
 
     @property
     def plan(self) -> Plan:
@@ -339,9 +342,10 @@ class PipelineRuntime:
     def detach(self) -> None:
         """Restore the pipeline's weights and modules exactly; safe to call twice.
 
-        Raises RuntimeError when another library wrapped a forward after attaching.
+        Raises ForwardReplacedError (a RuntimeError) when another library wrapped a forward after attaching.
         """
         self.runtime.detach()
+        self._offload_guards.remove()
 
     def __enter__(self) -> PipelineRuntime:
         self._attached()
@@ -349,6 +353,41 @@ class PipelineRuntime:
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
+
+
+# The pipeline's own offloading, which puts accelerate's hooks on every component's modules: on top of an attach
+# they move weights the runtime holds (to "meta", back at each call), fail in the call, and wrap the forwards residency
+# must take off at detach, so the pipeline could be neither run nor detached. Refused while attached.
+OFFLOAD_METHODS = ("enable_sequential_cpu_offload", "enable_model_cpu_offload", "enable_group_offload")
+
+
+class _OffloadGuards:
+    """Instance attributes over the pipeline's offload methods (found before its class's) that refuse them while
+    `runtime` is attached; remove() puts the class's back. One left behind (the runtime detached some other way)
+    lifts itself at its next call and runs the pipeline's own method."""
+
+    def __init__(self, pipe: Any, runtime: Runtime):
+        self.pipe, self.runtime = pipe, runtime
+        self.installed = {n: functools.partial(self._refuse, n) for n in OFFLOAD_METHODS
+                          if callable(getattr(type(pipe), n, None)) and n not in vars(pipe)}
+        for name, guard in self.installed.items():
+            object.__setattr__(pipe, name, guard)
+
+    def _refuse(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self.runtime.pipeline is None:
+            self.remove()
+            return getattr(self.pipe, name)(*args, **kwargs)
+        raise ResidencyError(
+            f"{type(self.pipe).__name__}.{name}() while residency is attached: the runtime already places the "
+            "components' weights (resident, packed or streamed under its budget), and the offload hooks on top "
+            "would move weights it holds",
+            hint=f"rt.detach() (leave the `with` block) before pipe.{name}(), or keep residency and drop the call")
+
+    def remove(self) -> None:
+        for name, guard in self.installed.items():
+            if vars(self.pipe).get(name) is guard:
+                object.__delattr__(self.pipe, name)
+        self.installed = {}
 
 
 def attach_pipeline(pipe: Any, *, vram: VramSpec = None, fps: float | None = None, frame_ms: float | None = None,
@@ -405,9 +444,9 @@ def attach_built(built: PipelineWorkload, budget: Budget, *, profile: str | os.P
         raise DeviceBudgetExceeded(
             f"no {first.policy} plan of {built.workload.name} fits {fmt_bytes(budget.vram_bytes)}: the best needs "
             f"{fmt_bytes(need)} for the shapes of {_shapes(built.modules.pipe, built.call)}",
-            hint="give more vram=" + (f", or plan for a smaller call: example_inputs=dict({', '.join(f'{k}=…' for k in smaller)}) "
+            hint=f"give vram={size_at_least(need)!r} or more" + (f", or plan for a smaller call: example_inputs=dict({', '.join(f'{k}=…' for k in smaller)}) "
                                       "with residency.attach (call= with attach_pipeline)" if smaller else ""))
-    warn_missed_budget(first, stacklevel=4)
+    warn_missed_budget(first)
     wrong = unpinned_enclosing(first, built.workload)
     if wrong:
         raise ResidencyError(f"the plan keeps {', '.join(wrong)} as {', '.join(wrong.values())}",

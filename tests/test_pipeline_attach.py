@@ -429,3 +429,25 @@ def test_projections_fused_while_a_pipeline_is_attached_refuse_its_next_call(flu
             rt.detach()
         pipe.transformer.unfuse_qkv_projections()
     assert np.array_equal(image(pipe), expected)  # unfused: the pipeline as it was
+
+
+def test_a_direct_pipeline_call_is_refused_after_modules_were_added_and_offloading_is_refused(flux):
+    # pipe(...) goes through no unit of the runtime: after fuse_qkv_projections()-like additions it ran and drew
+    # images from weights built out of a streamed block's shared slot (wrong values, no error); and
+    # enable_sequential_cpu_offload() put accelerate's hooks over the runtime's, leaving the pipeline unable to run or detach
+    pipe, built, expected = flux
+    rt = attach_pipeline(pipe, vram="50%", profile=PROFILE, policy="accelerate-sequential", call=CALL)
+    try:
+        assert np.array_equal(image(pipe), expected)  # called directly, it runs under the plan
+        with pytest.raises(ResidencyError, match="enable_sequential_cpu_offload.. while residency is attached"):
+            pipe.enable_sequential_cpu_offload(device="cpu")
+        pipe.transformer.added = torch.nn.Linear(4, 4)  # a module made from the model while attached
+        with pytest.raises(ResidencyError, match=r"FluxPipeline\.transformer\.added \(a submodule\) was added"):
+            image(pipe)
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rt.detach()
+        del pipe.transformer.added
+    assert "enable_sequential_cpu_offload" not in vars(pipe)  # the pipeline's own method again
+    assert np.array_equal(image(pipe), expected)

@@ -7,6 +7,7 @@ The long form — workload, PlanRequest, policy, Runtime — stays there for tho
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from itertools import chain
@@ -313,10 +314,12 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
                        key=lambda kn: -kn[1])[:3] if least.prediction else []
         parts = f" ({', '.join(f'{k} {fmt_bytes(n)}' for k, n in kinds)})" if kinds else ""
         give = f"vram={size_at_least(need)!r} or more" if need is not None else "a larger vram="
-        several = (f" ({len(largest.modules)} modules, {largest.modules[0]} … {largest.modules[-1]}, planned as one: "
-                   "they share a tensor)") if len(largest.modules) > 2 else ""
-        hint = (f"give {give} (its largest block, {largest.name}{several}, is {fmt_bytes(largest.nbytes(fmt))} in {fmt}: "
-                "every streamed block needs a slot that holds it)"
+        # several modules are one block when they share a tensor or are small siblings called in a row: the
+        # grouping is named, not a cause guessed (it said "they share a tensor" of siblings that share none)
+        several = (f" ({len(largest.modules)} modules, {largest.modules[0]} … {largest.modules[-1]}, planned as one)"
+                   if len(largest.modules) > 2 else "")
+        hint = (f"give {give} (its largest block, {largest.name}{several}, is {fmt_bytes(largest.nbytes(fmt))} in {fmt}"
+                f"{_mostly(largest, fmt)}: every streamed block needs a slot that holds it)"
                 # one tensor (an embedding table) is the least the runtime moves: no smaller blocks to ask for
                 + (", or a model of more, smaller blocks" if len(largest.tensors) > 1 else ""))
         if plan.policy != "ours":  # a peer's placement: the slot advice is ours
@@ -337,7 +340,7 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
                              f"({fmt_bytes(budget.vram_bytes)}) on profile {profile.name!r}"
                              + (f": the smallest plan found needs {_exact(need, budget.vram_bytes)}{parts}"
                                 if need is not None else "") + (pinned[0] if pinned else ""), hint=hint)
-    warn_missed_budget(plan, stacklevel=4)
+    warn_missed_budget(plan)
     return plan
 
 
@@ -357,6 +360,19 @@ def _pinned_words(w: Workload, fmt: str, need: int | None) -> tuple[str, int, st
     cannot = " or ".join(c for c, k in ((outside, True), (enclose, False)) if k in kinds)
     return (f"; {plural(len(names), 'block')} ({first_names(names)}, {fmt_bytes(nbytes)}) must stay resident whatever "
             f"the plan: {grouped_reasons(why)}"), nbytes, cannot
+
+
+def _mostly(block, fmt: str) -> str:
+    """", most of it NAME (SIZE)" when one tensor is at least half of a block of several (a position-embedding
+    buffer sized for the largest image): the tensor to look at, which no smaller block would hold less of."""
+    if len(block.tensors) < 2:
+        return ""
+    sizes = [(math.prod(shape), name) for name, shape in block.tensors]
+    total = sum(n for n, _ in sizes)
+    n, name = max(sizes)
+    if not total or 2 * n < total:
+        return ""
+    return f", most of it {name} ({fmt_bytes(block.nbytes(fmt) * n // total)})"
 
 
 def _exact(need: int, budget_bytes: int) -> str:

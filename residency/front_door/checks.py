@@ -25,13 +25,14 @@ def backend_name(backend: str) -> str:
     return backend
 
 
-def warn_missed_budget(plan: Plan, stacklevel: int) -> None:
-    """A PlanWarning when `plan` misses its time budget (no plan holds it: the command line exits 3 there)."""
+def warn_missed_budget(plan: Plan) -> None:
+    """A PlanWarning when `plan` misses its time budget (no plan holds it: the command line exits 3 there), naming
+    the user's line (a fixed stacklevel named attach_any.py for a pipeline, whose attach goes one call deeper)."""
     if plan.budget.frame_ms is not None and plan.prediction is not None and (
             plan.prediction.frame_ms > plan.budget.frame_ms):
         warnings.warn(f"the plan of {plan.model} misses the time budget: {fmt_ms(plan.prediction.frame_ms)} ms "
                       f"predicted per call against {fmt_ms(plan.budget.frame_ms)} ms; rt.plan.notes say why",
-                      PlanWarning, stacklevel=stacklevel)
+                      PlanWarning, stacklevel=user_stacklevel())
 
 
 def warn_budget_beyond_device(vram_bytes: int, profile) -> None:

@@ -24,6 +24,7 @@ from residency.runtime.not_pickled import allow_copies, refuse_copies
 from residency.runtime.plan_switching import check_profile
 from residency.runtime.recovery import MAX_RECOVERIES, RECOVERABLE, recovery_budget
 from residency.runtime.retry_safety import CallState, capture
+from residency.runtime.structure_watch import model_label
 from residency.units import MAX_SIZE_BYTES, fmt_bytes, parse_size
 
 if TYPE_CHECKING:
@@ -109,7 +110,7 @@ class Recovering:
 
     def _not_run_again(self, cause: BaseException, changed: str) -> None:
         """Raise the error of a call that was re-planned for but not run again (`changed`: why not)."""
-        model = type(self._root).__name__ if self._root is not None else "the model"
+        model = model_label(self._root) if self._root is not None else "the model"
         raise ResidencyError(
             f"{model} ran out of device memory ({type(cause).__name__}) and was re-planned for "
             f"{fmt_bytes(self.recoveries[-1][1])}, but this call was not run again: {changed}, and a second run "

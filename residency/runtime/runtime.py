@@ -49,7 +49,7 @@ from residency.runtime.recovering import Recovering, RetryHook
 from residency.runtime.retry_safety import CallState, input_names, model_buffers
 from residency.runtime.schedule import CallSchedule
 from residency.runtime.session_protocol import RecoverableSession
-from residency.runtime.structure_watch import StructureWatch, weak_busy
+from residency.runtime.structure_watch import StructureWatch, model_label, weak_busy
 from residency.runtime.weight_edits import WeightWatch
 from residency.telemetry.recorder import Recorder, TelemetrySnapshot
 from residency.workload import Workload
@@ -172,7 +172,7 @@ class Runtime(PlanSwitching, Recovering):
             raise
         self._root = pipeline
         self._input_names, self._model_buffers = input_names(pipeline), model_buffers(pipeline)
-        self._structure = StructureWatch(pipeline, type(pipeline).__name__, weak_busy(self, "_running_here"))
+        self._structure = StructureWatch(pipeline, model_label(pipeline), weak_busy(self, "_running_here"))
         return self
 
     def _blob_requests(self, plan: Plan, found: dict[str, tuple[nn.Module, ...]],
@@ -251,6 +251,7 @@ class Runtime(PlanSwitching, Recovering):
         if not on_cpu:
             self._move_buffers(hooked)
         self._calls = calls = BlockCalls(executor, enclosing, self._unit_lock)
+        calls.outside_unit = self._outside_unit_check
         try:  # a failure from here on undoes the attach: a model left half hooked could not be attached again
             self._compiled = block_forwards(plan, modules, self.notes, self.backend)  # beneath the hooks
             for name, mods in modules.items():
@@ -376,6 +377,13 @@ class Runtime(PlanSwitching, Recovering):
                 raise DeviceBudgetExceeded(e.message, hint="let go of the sessions you no longer step (del them), "
                                            "or attach with a budget for every session's KV cache") from e
             self._memory.reserved["kv_cache"] = nbytes
+
+    def _outside_unit_check(self) -> None:
+        """Before a block's call: outside any unit of work (a diffusers pipeline called as pipe(...), which no unit
+        wraps), refuse it after modules or parameters were added while attached, as a unit's start does. A unit's
+        other check, in-place weight edits, reads every tensor's version: per unit, not per block call."""
+        if not self._in_unit and self._structure is not None:
+            self._structure.check()
 
     @property
     def _running_here(self) -> bool:

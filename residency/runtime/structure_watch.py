@@ -30,6 +30,12 @@ _WATCHES: weakref.WeakSet[StructureWatch] = weakref.WeakSet()
 _HANDLES: list = []  # torch's removable handles of the two global hooks, while any watch is open
 
 
+def model_label(model: nn.Module) -> str:
+    """The name messages give the attached model: its class's, or what a stand-in says it is (a diffusers
+    pipeline's components are attached under residency.attach_pipeline.PipelineModules, named after the pipeline)."""
+    return model.__dict__.get("model_label") or type(model).__name__
+
+
 def weak_busy(owner: object, attribute: str) -> Callable[[], bool]:
     """A busy() reading `owner.<attribute>` through a weak reference (False once the owner is gone)."""
     ref = weakref.ref(owner)
