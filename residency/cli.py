@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             _json_error(err.message, err.hint, err.exit_code)
         return report(err)
     except KeyboardInterrupt:
+        if getattr(args, "json", False):  # an error is one document on stdout with --json, this one too
+            _json_error("interrupted", None, 130)
         print("error: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

@@ -114,3 +114,16 @@ def test_calibrated_resolves_through_the_cached_machine_profile(tmp_path):
     assert profile_for("calibrated", "w-one", kind="cpu").compute_scale == {"dit": 1.5}
     assert profile_for("rx-7800-xt", "w-one") == load_profile("rx-7800-xt")
     assert profile_for(BASE, "w-one") is BASE  # anything else resolves as --profile always did
+
+
+def test_an_unreadable_calibrated_profile_is_a_bad_file_not_a_missing_calibration(capsys):
+    # it read "no calibrated profile of …" (exit 2, "run --calibrate first") after a line saying the file was skipped
+    path = cached_profile_path("cpu")
+    path.parent.mkdir(parents=True)
+    save_profile(BASE, path)
+    saved = save_calibrated(calibrated())
+    saved.write_text(saved.read_text()[:200])  # cut short
+    with pytest.raises(ResidencyError, match="no readable calibrated profile of 'test cpu'") as e:
+        profile_for("calibrated", "w-one", kind="cpu")
+    assert e.value.exit_code == 1 and str(saved) in e.value.message and "--remove-calibrated" in e.value.hint
+    assert capsys.readouterr().err == ""  # said once, in the error

@@ -181,7 +181,7 @@ def test_the_writer_refuses_what_the_reader_would(tmp_path, monkeypatch):
 def test_overlong_tensor_names_are_refused(tmp_path):
     path = tmp_path / "n.safetensors"
     path.write_bytes(st_file({"n" * 5000: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)))
-    refused(read_all, path, match="longer than")
+    refused(read_all, path, match="more than the 4096 residency reads")
 
 
 def test_a_fifo_is_refused_without_being_opened(tmp_path):
@@ -197,3 +197,32 @@ def test_json_metadata_text_inside_a_header_is_not_counted_as_structure(tmp_path
     path = save_checkpoint(tmp_path / "c.safetensors", {"w": torch.ones(2)}, metadata={"config": config})
     with open_checkpoint(path) as ck:
         assert ck.metadata["config"] == config
+
+
+@pytest.mark.parametrize("header, data, said", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}, bytes(24), "'b' starts at byte 16"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(108), "100 bytes after the last tensor"),
+])
+def test_a_data_section_with_a_gap_or_trailing_bytes_is_refused_as_the_reference_reader_refuses_it(tmp_path, header,
+                                                                                                    data, said):
+    path = tmp_path / "g.safetensors"
+    path.write_bytes(st_file(header, data))
+    refused(read_all, path, match=said)
+
+
+def test_an_empty_tensor_name_is_blamed_on_the_name_not_on_a_corrupt_file(tmp_path):
+    path = tmp_path / "e.safetensors"
+    path.write_bytes(st_file({"": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)))
+    err = refused(read_all, path, match="a tensor name is empty")
+    assert "rename the tensor" in err.hint
+
+
+def test_a_fifo_among_a_directorys_shards_is_told_to_move_not_to_be_copied_into_place(tmp_path):
+    import os
+
+    (tmp_path / "b.safetensors").write_bytes(st_file({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+                                                     bytes(4)))
+    os.mkfifo(tmp_path / "a.safetensors")
+    err = refused(open_checkpoint, tmp_path, match="is not a file")
+    assert "move it out of the directory" in err.hint

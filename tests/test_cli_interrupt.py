@@ -33,3 +33,16 @@ def test_the_entry_point_runs_the_cli(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["residency", "plan", "no-such-model-anywhere"])
     assert entry.main() == 1
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_ctrl_c_during_a_json_command_still_writes_one_error_document(monkeypatch, capsys):
+    import json
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(residency.cli, "check_outputs_apart", interrupted)
+    assert residency.cli.main(["plan", "tiny", "--json"]) == 130
+    out = capsys.readouterr()
+    assert json.loads(out.out) == {"error": "interrupted", "hint": None, "exit_code": 130}
+    assert out.err == "error: interrupted\n"

@@ -248,3 +248,17 @@ def test_parameters_the_forward_never_runs_are_one_warning_line_not_pythons_form
     lines = [line for line in err.splitlines() if "the forward never ran" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "vision_tower" in lines[0]
     assert "ModuleWorkloadWarning" not in err and "from_module.py" not in err
+
+
+def test_a_shard_index_given_as_the_file_points_at_its_directory(capsys, tmp_path):
+    """model.safetensors.index.json was read as a catalog document: "field 'metadata' is not known"."""
+    from safetensors.torch import save_file
+
+    save_file({"blocks.0.w": torch.zeros(4, 4)}, str(tmp_path / "model-00001-of-00001.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"blocks.0.w": "model-00001-of-00001.safetensors"}}))
+    code, _, err = run(capsys, "inspect", str(index))
+    err = " ".join(err.split())
+    assert code == 1 and "a sharded checkpoint (its shard index), not a catalog document" in err
+    assert f"give its directory: {tmp_path}" in err
+    assert run(capsys, "inspect", str(tmp_path))[0] == 0

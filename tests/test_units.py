@@ -60,3 +60,12 @@ def test_a_size_to_give_back_is_never_below_the_bytes_and_one_shown_step_at_most
                                            (0.0, "0.000"), (1234.5, "1234.5")])
 def test_milliseconds_keep_about_three_figures_and_a_nonzero_time_never_reads_zero(ms, shown):
     assert fmt_ms(ms) == shown
+
+
+@pytest.mark.parametrize("text,bits", [("6Gb", "gigabits"), ("512Mb", "megabits")])
+def test_a_bit_unit_is_refused_rather_than_read_as_bytes(text, bits):
+    # "6Gb" read as 6 GB: a lowercase b after a capital prefix is how bits are written
+    with pytest.raises(UsageError) as err:
+        parse_size(text, what="--vram")
+    assert bits in err.value.message and text[:-1] + "B" in err.value.hint
+    assert parse_size(text.lower()) == parse_size(text[:-1] + "B")  # all lowercase, "6gb", stays bytes

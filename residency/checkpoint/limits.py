@@ -37,11 +37,16 @@ MAX_NAME_BYTES = 4096  # one tensor name; real ones are < 200 bytes (GGUF's own 
 def check_name(path: Path, name: str) -> None:
     """A tensor name as residency reads it: non-empty, at most MAX_NAME_BYTES, printable (an escape sequence in a
     name cleared and recoloured the terminal in `inspect`'s table, a newline split its row)."""
-    if not name or len(name) > MAX_NAME_BYTES:
-        raise broken(path, f"tensor name {name[:80]!r} is empty or longer than {MAX_NAME_BYTES} characters")
+    # the file may be well formed (the safetensors library writes and reads such names): the name is the problem
+    rename = "rename the tensor where the checkpoint is written (a state_dict key) and save it again"
+    if not name:
+        raise broken(path, "a tensor name is empty", hint=rename)
+    if len(name) > MAX_NAME_BYTES:
+        raise broken(path, f"tensor name {name[:80]!r}… is {len(name)} characters, more than the "
+                     f"{MAX_NAME_BYTES} residency reads", hint=rename)
     bad = control_character(name)
     if bad is not None:
-        raise broken(path, f"tensor name {name[:80]!r} holds a control character ({bad!r})")
+        raise broken(path, f"tensor name {name[:80]!r} holds a control character ({bad!r})")  # corruption, likelier
 
 
 def check_tensor_count(path: Path, count: int) -> None:

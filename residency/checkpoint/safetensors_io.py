@@ -203,9 +203,24 @@ def read_safetensors(path: Path, file_size: int) -> tuple[list[TensorEntry], dic
         entries.append(TensorEntry(name, shape, fmt_name, nbytes, path, data_start + begin, encoding))
     entries.sort(key=lambda e: e.offset)  # stable: ties keep header order
     # the left-out tensors' ranges are checked with the others' (no overlap, inside the data section)
-    check_layout(path, [*entries, *(TensorEntry(o.name, o.shape, "BF16", o.nbytes, path, o.offset) for o in others)],
-                 data_start, file_size)
+    every = [*entries, *(TensorEntry(o.name, o.shape, "BF16", o.nbytes, path, o.offset) for o in others)]
+    check_layout(path, every, data_start, file_size)
+    _check_covered(path, every, data_start, file_size)
     return entries, {k: v for k, v in meta.items() if not is_reserved_key(k)}, others
+
+
+def _check_covered(path: Path, entries: Sequence[TensorEntry], data_start: int, file_size: int) -> None:
+    """The data section is the tensors back to back, as the format requires and its reference reader checks (it
+    refuses a gap, "invalid offset", and bytes after the last tensor, "not fully covered"): a file it would not
+    load is not read as a model here either."""
+    at = data_start
+    for start, end, name in sorted((e.offset, e.offset + e.nbytes, e.name) for e in entries):
+        if start != at:
+            raise broken(path, f"tensor {name!r:.80} starts at byte {start - data_start} of the data section, not at "
+                               f"{at - data_start} where the tensor before it ends: a gap the format does not allow")
+        at = end
+    if at != file_size:
+        raise broken(path, f"{file_size - at} bytes after the last tensor: the data section must hold the tensors only")
 
 
 class LeftOut(NamedTuple):

@@ -125,6 +125,8 @@ def _refuse_a_directorys_config(text: str, path: Path) -> None:
     parent = path.parent
     kind = ("a diffusers pipeline" if path.name == "model_index.json" and is_diffusers_pipeline_dir(parent) else
             "a model directory" if path.name == "config.json" and (is_model_dir(parent) or is_world_model_dir(parent))
+            # model.safetensors.index.json: the shard index of a checkpoint split in files, read with its directory
+            else "a sharded checkpoint (its shard index)" if path.name.endswith(".safetensors.index.json")
             else None)
     if kind is not None:
         raise ResidencyError(f"{text[:200]}: the {path.name} of {kind}, not a catalog document",

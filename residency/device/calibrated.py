@@ -37,8 +37,11 @@ FULL_FIT_FRAMES = 16  # a calibration on this many frames (the fit's target wind
 MIN_SAVED_FIT_FRAMES = 3
 
 
+SKIPPED = "skipped the calibrated profile"  # the line an unreadable cache file gets
+
+
 def _to_stderr(message: str) -> None:
-    print(message, file=sys.stderr)
+    print(f"note: {message}", file=sys.stderr)  # as the CLI says its other notes (`residency profiles` too)
 
 
 def calibrated_dir() -> Path:
@@ -135,7 +138,7 @@ def _entries(say: Callable[[str], None] | None) -> list[tuple[Path, DeviceProfil
                 raise ResidencyError("it holds no calibration record")
         except ResidencyError as e:
             if say is not None:
-                say(f"skipped the calibrated profile {path}: unreadable ({e.message}); --remove-calibrated deletes it")
+                say(f"{SKIPPED} {path}: unreadable ({e.message}); --remove-calibrated deletes it")
             continue
         found.append((path, profile))
     return found
@@ -235,7 +238,19 @@ def calibrated_profile(workload_fingerprint: str, *, kind: str | None = None, mo
     except ResidencyError as e:
         raise UsageError(f"no calibrated profile: this machine's cached profile is unreadable ({e.message})",
                          hint=hint) from None
-    found = find_calibrated(base, workload_fingerprint, say)
+    skipped: list[str] = []
+
+    def tell(line: str) -> None:  # unreadable files are said once, in the error when none was found
+        (skipped.append if line.startswith(SKIPPED) else say)(line)
+
+    found = find_calibrated(base, workload_fingerprint, tell)
+    if found is None and skipped:  # a bad file, not a missing calibration (exit 1, and what is wrong with it)
+        raise ResidencyError(f"no readable calibrated profile of {base.name!r}: "
+                             f"{skipped[0].removeprefix(SKIPPED + ' ')}"
+                             + (f" (and {len(skipped) - 1} more unreadable)" if len(skipped) > 1 else ""),
+                             hint="`residency profiles --remove-calibrated` deletes unreadable ones; then " + hint)
+    for line in skipped:
+        say(line)
     if found is None:
         raise UsageError(f"no calibrated profile of {base.name!r} in {calibrated_dir()}", hint=hint)
     return found
