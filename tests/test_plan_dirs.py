@@ -319,3 +319,20 @@ def test_a_video_pipelines_frame_budget_is_its_videos_frames_at_the_fps(capsys, 
     code, out, err = run(capsys, "plan", str(flux), "--profile", "rtx-5090", "--fps", "5")
     assert code in (0, 3), err
     assert "200.0 ms/image" in " ".join(out.split())  # an image is still one frame
+
+
+def test_a_dangling_or_looping_link_is_named_as_a_link_not_as_an_unknown_model(tmp_path, monkeypatch):
+    # "loop1" (no slash, no extension) read as a model name: "unknown model 'loop1'"; a dangling link: "no such file"
+    import os
+
+    from residency.commands.sources import classify
+    from residency.errors import ResidencyError
+
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop2", "loop1")
+    os.symlink("loop1", "loop2")
+    os.symlink(str(tmp_path / "gone" / "x.safetensors"), "dangling.safetensors")
+    with pytest.raises(ResidencyError, match="loop1: a link to 'loop2' that cannot be followed"):
+        classify("loop1")
+    with pytest.raises(ResidencyError, match="dangling.safetensors: a link to .* that is missing"):
+        classify("dangling.safetensors")

@@ -9,6 +9,7 @@ inspecting them costs no memory.
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -72,7 +73,26 @@ def catalog_names() -> list[str]:
 
 def _looks_like_path(text: str) -> bool:
     return (any(sep in text for sep in ("/", "\\")) or text.endswith((*WEIGHT_SUFFIXES, ".json"))
-            or userpath.exists(text))
+            or userpath.exists(text) or _is_link(text))  # a dangling or looping link is a path, not a model name
+
+
+def _is_link(text: str) -> bool:
+    try:
+        return os.path.islink(text)
+    except (OSError, ValueError):  # a name the OS refuses (NUL byte, too long)
+        return False
+
+
+def _missing_reason(path: Path, kind: str, reason: str | None) -> str:
+    """Why `path` cannot be read: a link says where it points (a snapshot copied without its blobs)."""
+    if _is_link(str(path)):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return (f"a link to {target!r} that is missing" if kind == userpath.MISSING else
+                f"a link to {target!r} that cannot be followed ({reason})")
+    return reason or "no such file or directory"
 
 
 def classify(text: str) -> Source:
@@ -90,7 +110,7 @@ def classify(text: str) -> Source:
     path = Path(text)
     kind, reason = userpath.path_kind(path)  # Path.exists raises on a 300-character name
     if kind in (userpath.MISSING, userpath.BAD):
-        raise ResidencyError(f"{text[:200]}: {reason or 'no such file or directory'}",
+        raise ResidencyError(f"{text[:200]}: {_missing_reason(path, kind, reason)}",
                              hint=SOURCES_HINT.format(names=", ".join(catalog_names())))
     if path.is_dir():
         if is_diffusers_pipeline_dir(path):
