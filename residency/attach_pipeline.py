@@ -30,6 +30,7 @@ from residency.runtime import Runtime
 from residency.runtime.attached_guards import refuse_inference_parameters
 from residency.runtime.closed_loop import LoopOptions, enable_loop, loop_options
 from residency.runtime.ledger import DeviceBudgetExceeded
+from residency.runtime.structure_watch import LABEL_KEY
 from residency.units import fmt_bytes, size_at_least
 from residency.workload import ModuleWorkloadWarning, Workload, module_workload
 from residency.workload.from_module import DTYPE_NAMES, dominant_dtype, error_line, parameter_bytes_by_dtype
@@ -65,7 +66,7 @@ class PipelineModules(nn.Module):
         for name, module in components.items():
             self.add_module(name, module)  # shared with the pipeline, not copied
         self.__dict__["pipe"] = pipe  # not a module: kept out of the tree
-        self.__dict__["model_label"] = type(pipe).__name__  # what messages call it (structure_watch.model_label)
+        self.__dict__[LABEL_KEY] = type(pipe).__name__  # what messages call it (structure_watch.model_label)
         self.rewind: list[tuple[torch.Generator, torch.Tensor]] = []  # generator states at the call's start
         self.planned: dict[str, PlannedBatch] = {}  # per component, the batch planned for (residency.batch_guard)
         self.batch_set_by: tuple[str, ...] = ()  # the call's arguments that set the batch (batch_guard's message)
@@ -368,8 +369,10 @@ class _OffloadGuards:
 
     def __init__(self, pipe: Any, runtime: Runtime):
         self.pipe, self.runtime = pipe, runtime
+        # a guard left by an attach that let go some other way (a recovery that gave up) is replaced: kept, it lifted
+        # itself at the next offload call, its own runtime gone, and let the offload through onto this attach
         self.installed = {n: functools.partial(self._refuse, n) for n in OFFLOAD_METHODS
-                          if callable(getattr(type(pipe), n, None)) and n not in vars(pipe)}
+                          if callable(getattr(type(pipe), n, None)) and (n not in vars(pipe) or _is_guard(vars(pipe)[n]))}
         for name, guard in self.installed.items():
             object.__setattr__(pipe, name, guard)
 
@@ -388,6 +391,10 @@ class _OffloadGuards:
             if vars(self.pipe).get(name) is guard:
                 object.__delattr__(self.pipe, name)
         self.installed = {}
+
+
+def _is_guard(value: Any) -> bool:
+    return isinstance(value, functools.partial) and isinstance(getattr(value.func, "__self__", None), _OffloadGuards)
 
 
 def attach_pipeline(pipe: Any, *, vram: VramSpec = None, fps: float | None = None, frame_ms: float | None = None,

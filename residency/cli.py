@@ -148,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         return report(err)
     except KeyboardInterrupt:
         if getattr(args, "json", False):  # an error is one document on stdout with --json, this one too
-            _json_error("interrupted", None, 130)
+            try:
+                _json_error("interrupted", None, 130)
+            except BrokenPipeError:  # the reader went with the same Ctrl-C (`| head`)
+                _stdout_closed()
         print("error: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

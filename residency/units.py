@@ -37,7 +37,7 @@ _UNITS = {
 }
 # ASCII digits only: str.isdigit and float() accept other scripts ('٦GiB'); Decimal reads any length exactly.
 # An exponent ("1e3MiB") of at most 4 digits: Decimal then stays far inside its context (a "1e999999999" overflowed it).
-_BITS = {"K": "kilo", "M": "mega", "G": "giga", "T": "tera", "P": "peta"}
+_BITS = {"K": "kilo", "M": "mega", "G": "giga", "T": "tera", "P": "peta", "E": "exa"}
 _SIZE_RE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]{1,4})?)\s*([a-zA-Z]{0,3})\s*", re.ASCII)
 MAX_SIZE_BYTES = 2**60  # 1 EiB: larger than any memory; beyond it a size is a typo
 
@@ -58,7 +58,7 @@ def parse_size(text: str, what: str = "size", min_bytes: int = 1) -> int:
                          hint="write a number with a unit, e.g. 6GiB, 6GB, 6000MB or 512MiB")
     written = m.group(2)
     if len(written) == 2 and written[0].isupper() and written[1] == "b":  # "6Gb": gigabits, as network speeds are
-        raise UsageError(f"cannot read {what} {shown}: {written} is {_BITS[written[0]]}bits",
+        raise UsageError(f"cannot read {what} {shown}: {written} is {_BITS.get(written[0], '')}bits",
                          hint=f"bytes are a capital B: {m.group(1)}{written[0]}B or {m.group(1)}{written[0]}iB")
     value = Decimal(m.group(1)) * _UNITS[unit]
     if not min_bytes <= value <= MAX_SIZE_BYTES:

@@ -127,3 +127,14 @@ def test_an_unreadable_calibrated_profile_is_a_bad_file_not_a_missing_calibratio
         profile_for("calibrated", "w-one", kind="cpu")
     assert e.value.exit_code == 1 and str(saved) in e.value.message and "--remove-calibrated" in e.value.hint
     assert capsys.readouterr().err == ""  # said once, in the error
+
+
+def test_an_unreadable_calibration_of_another_base_leaves_the_missing_calibration_a_usage_error(capsys):
+    path = cached_profile_path("cpu")
+    path.parent.mkdir(parents=True)
+    save_profile(BASE, path)
+    other = save_calibrated(calibrated(base=dataclasses.replace(BASE, name="other gpu")))
+    other.write_text("{")
+    with pytest.raises(UsageError, match="no calibrated profile of 'test cpu'"):
+        profile_for("calibrated", "w-one", kind="cpu")
+    assert str(other) in capsys.readouterr().err  # still said, as a note

@@ -451,3 +451,19 @@ def test_a_direct_pipeline_call_is_refused_after_modules_were_added_and_offloadi
         del pipe.transformer.added
     assert "enable_sequential_cpu_offload" not in vars(pipe)  # the pipeline's own method again
     assert np.array_equal(image(pipe), expected)
+
+
+def test_an_offload_guard_left_by_an_attach_that_let_go_is_replaced_by_the_next_attach(flux):
+    # kept, the old guard found its runtime gone at the next offload call, lifted itself and let the offload onto the
+    # new attach (whose detach then failed on accelerate's wrappers)
+    pipe, built, expected = flux
+    first = attach_pipeline(pipe, vram="50%", profile=PROFILE, policy="accelerate-sequential", call=CALL)
+    first.runtime.detach()  # let go without the pipeline runtime's own detach (as a recovery that gives up does)
+    second = attach_pipeline(pipe, vram="50%", profile=PROFILE, policy="accelerate-sequential", call=CALL)
+    try:
+        with pytest.raises(ResidencyError, match="while residency is attached"):
+            pipe.enable_model_cpu_offload()
+    finally:
+        second.detach()
+    assert not any(k.startswith("enable_") for k in vars(pipe))
+    assert np.array_equal(image(pipe), expected)

@@ -62,7 +62,7 @@ def test_milliseconds_keep_about_three_figures_and_a_nonzero_time_never_reads_ze
     assert fmt_ms(ms) == shown
 
 
-@pytest.mark.parametrize("text,bits", [("6Gb", "gigabits"), ("512Mb", "megabits")])
+@pytest.mark.parametrize("text,bits", [("6Gb", "gigabits"), ("512Mb", "megabits"), ("1Eb", "exabits")])
 def test_a_bit_unit_is_refused_rather_than_read_as_bytes(text, bits):
     # "6Gb" read as 6 GB: a lowercase b after a capital prefix is how bits are written
     with pytest.raises(UsageError) as err:

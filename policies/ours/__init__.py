@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from policies.base import MODE_NOTE_PREFIX, PlanRequest, PolicyFn, fits_memory, is_device_miss
+from policies.ours.arrange import arrange
 from policies.ours.gap import gap_statement
 from policies.ours.modes import ModeChoice, check_request_mode, choose_modes, mode_notes, with_modes
 from policies.ours.pinning import pin_small_streamed
@@ -78,6 +79,7 @@ def _placed(req: PlanRequest, rivals: Sequence[PolicyFn]) -> tuple[Found, dict[s
     found = _adopt_better(with_rivals_fastest(req, found, rival_plans), rival_plans)
     found = _keep_small_streamed_resident(req, found)
     found = _fastest_of_its_quality(req, found)
+    found = _arranged(req, found)
     return found, choices, _as_ours(req, found, rival_plans)
 
 
@@ -160,6 +162,21 @@ def _fastest_of_its_quality(req: PlanRequest, found: Found) -> Found:
         return found
     faster = pin_small_streamed(req, faster, lambda a, b: better(a, b, found.frame_ms))
     return replace(found, best=faster) if better(best, faster, found.frame_ms) else found
+
+
+def _arranged(req: PlanRequest, found: Found) -> Found:
+    """The arrangement repair (policies.ours.arrange): which members of a class stream, with a note when it moved any."""
+    best = found.best
+    if best is None:
+        return found
+    arranged, moved = arrange(req, best, lambda a, b: better(a, b, found.frame_ms))
+    if arranged is best:
+        return found
+    before, after = best.prediction, arranged.prediction
+    note = (f"placements re-dealt within {', '.join(moved)}: {before.frame_ms:.1f} → {after.frame_ms:.1f} ms "
+            f"per {req.workload.frame_unit()}, {before.stall_ms:.1f} → {after.stall_ms:.1f} ms stall (the ring's copies "
+            "hide under other compute)")
+    return replace(found, best=arranged, notes=(*found.notes, note))
 
 
 def _default_frame_note(req: PlanRequest, found: Found, chosen: Plan) -> str | None:

@@ -146,7 +146,7 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict[Path, dict[str, str]
             if shard_kind != FILE:
                 link = f"a link to {os.readlink(p)!r} that " if p.is_symlink() else ""
                 hint = ("copy the file it names into place (a model snapshot copied without its blobs), or remove it"
-                        if link or shard_kind == MISSING else
+                        if shard_kind == MISSING else
                         "move it out of the directory: every .safetensors or .gguf file in it is read as a shard")
                 raise broken(p, f"{link}{'is missing' if shard_kind == MISSING else f'is not a file ({why or shard_kind})'}",
                              hint=hint)

@@ -216,8 +216,10 @@ def _check_covered(path: Path, entries: Sequence[TensorEntry], data_start: int, 
     at = data_start
     for start, end, name in sorted((e.offset, e.offset + e.nbytes, e.name) for e in entries):
         if start != at:
+            what = "a gap" if start > at else "inside the tensor before it"
             raise broken(path, f"tensor {name!r:.80} starts at byte {start - data_start} of the data section, not at "
-                               f"{at - data_start} where the tensor before it ends: a gap the format does not allow")
+                               f"{at - data_start} where the tensor before it ends: {what}, which the format does not "
+                               "allow")
         at = end
     if at != file_size:
         raise broken(path, f"{file_size - at} bytes after the last tensor: the data section must hold the tensors only")

@@ -38,6 +38,7 @@ MIN_SAVED_FIT_FRAMES = 3
 
 
 SKIPPED = "skipped the calibrated profile"  # the line an unreadable cache file gets
+REMOVE_TAIL = "; --remove-calibrated deletes it"
 
 
 def _to_stderr(message: str) -> None:
@@ -138,7 +139,7 @@ def _entries(say: Callable[[str], None] | None) -> list[tuple[Path, DeviceProfil
                 raise ResidencyError("it holds no calibration record")
         except ResidencyError as e:
             if say is not None:
-                say(f"{SKIPPED} {path}: unreadable ({e.message}); --remove-calibrated deletes it")
+                say(f"{SKIPPED} {path}: unreadable ({e.message}){REMOVE_TAIL}")
             continue
         found.append((path, profile))
     return found
@@ -239,16 +240,18 @@ def calibrated_profile(workload_fingerprint: str, *, kind: str | None = None, mo
         raise UsageError(f"no calibrated profile: this machine's cached profile is unreadable ({e.message})",
                          hint=hint) from None
     skipped: list[str] = []
+    own = f"{SKIPPED} {str(calibrated_path(base.name, '_'))[:-len('_.json')]}"  # this base's files: "<slug>--…"
 
-    def tell(line: str) -> None:  # unreadable files are said once, in the error when none was found
-        (skipped.append if line.startswith(SKIPPED) else say)(line)
+    def tell(line: str) -> None:  # this base's unreadable files are said once, in the error when none was found
+        (skipped.append if line.startswith(own) else say)(line)
 
     found = find_calibrated(base, workload_fingerprint, tell)
     if found is None and skipped:  # a bad file, not a missing calibration (exit 1, and what is wrong with it)
-        raise ResidencyError(f"no readable calibrated profile of {base.name!r}: "
-                             f"{skipped[0].removeprefix(SKIPPED + ' ')}"
-                             + (f" (and {len(skipped) - 1} more unreadable)" if len(skipped) > 1 else ""),
-                             hint="`residency profiles --remove-calibrated` deletes unreadable ones; then " + hint)
+        first = skipped[0].removeprefix(SKIPPED + " ").removesuffix(REMOVE_TAIL)
+        raise ResidencyError(f"no readable calibrated profile of {base.name!r}: {first}"
+                             + (f" (and {len(skipped) - 1} more of it unreadable)" if len(skipped) > 1 else ""),
+                             hint="delete that file (`residency profiles --remove-calibrated` deletes every calibrated "
+                                  "profile, readable or not); then " + hint)
     for line in skipped:
         say(line)
     if found is None:

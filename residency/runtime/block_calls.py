@@ -39,8 +39,8 @@ class BlockCalls:
         self.depth = 0  # hooked forwards running now, nested; only the outermost is an executor call
         self.thread = 0  # the thread that opened the outermost hooked call: depth is its, not another thread's
         self.lock = lock or threading.RLock()  # the runtime's unit lock: a reader's own call takes it
-        # run before each outermost block call: the runtime's checks for a call outside its units (a diffusers
-        # pipeline called as pipe(...), not through the runtime); ~0.2 µs a call
+        # run before each outermost block call once the runtime armed it (something was added to the model): its
+        # check for a call outside its units (a diffusers pipeline called as pipe(...)); None, one test, until then
         self.outside_unit: Callable[[], None] | None = None
 
     def start(self) -> None:

@@ -49,7 +49,7 @@ from residency.runtime.recovering import Recovering, RetryHook
 from residency.runtime.retry_safety import CallState, input_names, model_buffers
 from residency.runtime.schedule import CallSchedule
 from residency.runtime.session_protocol import RecoverableSession
-from residency.runtime.structure_watch import StructureWatch, model_label, weak_busy
+from residency.runtime.structure_watch import StructureWatch, model_label, weak_busy, weak_call
 from residency.runtime.weight_edits import WeightWatch
 from residency.telemetry.recorder import Recorder, TelemetrySnapshot
 from residency.workload import Workload
@@ -172,7 +172,8 @@ class Runtime(PlanSwitching, Recovering):
             raise
         self._root = pipeline
         self._input_names, self._model_buffers = input_names(pipeline), model_buffers(pipeline)
-        self._structure = StructureWatch(pipeline, model_label(pipeline), weak_busy(self, "_running_here"))
+        self._structure = StructureWatch(pipeline, model_label(pipeline), weak_busy(self, "_running_here"),
+                                         weak_call(self, "_arm_outside_check"))
         return self
 
     def _blob_requests(self, plan: Plan, found: dict[str, tuple[nn.Module, ...]],
@@ -251,7 +252,8 @@ class Runtime(PlanSwitching, Recovering):
         if not on_cpu:
             self._move_buffers(hooked)
         self._calls = calls = BlockCalls(executor, enclosing, self._unit_lock)
-        calls.outside_unit = self._outside_unit_check
+        structure = self._structure  # None at the first attach; a re-attach (switch, recovery) keeps what was added
+        calls.outside_unit = self._outside_unit_check if structure is not None and structure.added else None
         try:  # a failure from here on undoes the attach: a model left half hooked could not be attached again
             self._compiled = block_forwards(plan, modules, self.notes, self.backend)  # beneath the hooks
             for name, mods in modules.items():
@@ -378,18 +380,30 @@ class Runtime(PlanSwitching, Recovering):
                                            "or attach with a budget for every session's KV cache") from e
             self._memory.reserved["kv_cache"] = nbytes
 
+    def _arm_outside_check(self) -> None:
+        """Something was added to the model while attached: from now every block call outside a unit checks (until
+        then the hot path pays one `is None` test)."""
+        calls = self._calls
+        if calls is not None:
+            calls.outside_unit = self._outside_unit_check
+
     def _outside_unit_check(self) -> None:
         """Before a block's call: outside any unit of work (a diffusers pipeline called as pipe(...), which no unit
         wraps), refuse it after modules or parameters were added while attached, as a unit's start does. A unit's
         other check, in-place weight edits, reads every tensor's version: per unit, not per block call."""
-        if not self._in_unit and self._structure is not None:
-            self._structure.check()
+        structure = self._structure  # read once: a detach on another thread may clear it
+        if not self._in_unit and structure is not None:
+            structure.check()
 
     @property
     def _running_here(self) -> bool:
-        """A unit of work is running on this thread: what it registers is the model's own (another thread's
-        additions meanwhile are the user's)."""
-        return self._in_unit and self._unit_thread == threading.get_ident()
+        """The model is running on this thread — a unit of work, or a block's call outside any (a pipeline called
+        directly): what it registers is the model's own (another thread's additions meanwhile are the user's)."""
+        here = threading.get_ident()
+        if self._in_unit and self._unit_thread == here:
+            return True
+        calls = self._calls
+        return calls is not None and calls.depth > 0 and calls.thread == here
 
     def _autograd_guard(self):
         """torch.no_grad() (with the warning) when autograd is on and the running plan swaps weights in; else

@@ -30,10 +30,27 @@ _WATCHES: weakref.WeakSet[StructureWatch] = weakref.WeakSet()
 _HANDLES: list = []  # torch's removable handles of the two global hooks, while any watch is open
 
 
+LABEL_KEY = "_residency_label"  # a stand-in model's name for messages, in its __dict__ (private: a user's own
+# attribute of a public name, a tensor, broke attach)
+
+
 def model_label(model: nn.Module) -> str:
     """The name messages give the attached model: its class's, or what a stand-in says it is (a diffusers
     pipeline's components are attached under residency.attach_pipeline.PipelineModules, named after the pipeline)."""
-    return model.__dict__.get("model_label") or type(model).__name__
+    label = model.__dict__.get(LABEL_KEY)
+    return label if isinstance(label, str) and label else type(model).__name__
+
+
+def weak_call(owner: object, method: str) -> Callable[[], None]:
+    """A call of `owner.<method>()` through a weak reference (nothing once the owner is gone)."""
+    ref = weakref.ref(owner)
+
+    def call() -> None:
+        o = ref()
+        if o is not None:
+            getattr(o, method)()
+
+    return call
 
 
 def weak_busy(owner: object, attribute: str) -> Callable[[], bool]:
@@ -69,8 +86,9 @@ class StructureWatch:
     replaced submodules and parameters. `busy()`: whether the runtime is inside a call of the model; hold nothing
     strongly in it (a bound method of the runtime would keep the runtime, and its model, alive: see weak_busy)."""
 
-    def __init__(self, root: nn.Module, label: str, busy: Callable[[], bool]):
-        self.label, self.busy = label, busy
+    def __init__(self, root: nn.Module, label: str, busy: Callable[[], bool],
+                 on_added: Callable[[], None] | None = None):
+        self.label, self.busy, self.on_added = label, busy, on_added  # on_added: weakly held too (weak_call)
         self.paths: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary(
             (m, path) for path, m in root.named_modules())
         self.added: list[tuple[str, str]] = []  # (path, "submodule" | "parameter")
@@ -86,6 +104,8 @@ class StructureWatch:
         if path is None or self.busy():
             return
         self.added.append((f"{self.label}.{path}.{name}" if path else f"{self.label}.{name}", kind))
+        if self.on_added is not None:
+            self.on_added()
 
     def check(self) -> None:
         """Raise ResidencyError naming what was added since attach (once named, the next call raises again: the
