@@ -104,7 +104,7 @@ def test_list_and_remove(cache):
 def test_calibrated_resolves_through_the_cached_machine_profile(tmp_path):
     with pytest.raises(UsageError, match="not been measured") as e:
         calibrated_profile("w-one", kind="cpu", model="tiny")
-    assert e.value.exit_code == 2 and e.value.hint == "run `residency run tiny --image START.png -o out.gif --calibrate` first"
+    assert e.value.exit_code == 2 and e.value.hint == "run `residency run tiny -o out.gif --frames 18 --calibrate` first"
     path = cached_profile_path("cpu")
     path.parent.mkdir(parents=True)
     save_profile(BASE, path)

@@ -344,3 +344,35 @@ def test_a_failed_attach_leaves_no_blob_cached(workload, image):
     got, _ = run_attached(pipe, image, workload, tiny_plan(workload, "streamed"))
     for a, b in zip(got, expected, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_a_second_live_session_over_the_budget_is_recovered_by_a_plan_that_leaves_it_room(workload, image):
+    # every re-plan was made for the budget with one KV cache in it, and failed again on the second session's: four
+    # recoveries, then the error, where a plan streaming a few more blocks held both
+    from policies import PlanRequest, get_policy
+
+    profile = flat_profile(backend="cpu")
+
+    def replan(budget, prof):
+        return get_policy("ours")(PlanRequest(workload, prof, budget, compute_dtype="fp32"))
+
+    pipe = WorldModelPipeline.from_config("tiny")
+    a, b = pipe.start(image, seed=0), pipe.start(image, seed=1)
+    resident = replan(Budget(2**31, None), profile)
+    budget = resident.prediction.peak_total_bytes + a.kv_cache_bytes // 2  # one cache and a half beside the weights
+    rt = Runtime(replan(Budget(budget, None), profile), "cpu", workload=workload, replan=replan, profile=profile)
+    with rt.attach(pipe):
+        rt.step(a, ACTIONS[0])
+        rt.step(b, ACTIONS[0])  # recovered: a plan for the budget less the other session's cache
+        rt.step(a, ACTIONS[1])
+        assert len(rt.recoveries) == 1
+        assert rt.ledger.peak_total_bytes <= budget
+        assert dict(rt.ledger.snapshot().current_bytes)["kv_cache"] == a.kv_cache_bytes + b.kv_cache_bytes
+
+
+def test_step_of_something_not_a_session_is_a_clear_error(workload):
+    pipe = WorldModelPipeline.from_config("tiny")
+    with Runtime(tiny_plan(workload, "resident"), "cpu", workload=workload).attach(pipe) as rt:
+        with pytest.raises(ResidencyError, match="step\\(\\) takes a session, got str") as e:
+            rt.step("notasession", "right")  # an AttributeError from deep inside: 'str' … 'snapshot'
+        assert "pipe.start" in e.value.hint

@@ -25,7 +25,8 @@ def image_to_tensor(image: np.ndarray | torch.Tensor, height: int, width: int) -
     Resizing would pick an aspect-ratio policy (stretch, crop, letterbox) for the caller.
     """
     if isinstance(image, np.ndarray):
-        tensor = torch.from_numpy(np.ascontiguousarray(image))
+        # a read-only array (np.asarray of a PIL image) is copied: torch warns of viewing one, and only reads it
+        tensor = torch.from_numpy(np.ascontiguousarray(image) if image.flags.writeable else np.array(image))
     elif isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
     else:

@@ -40,7 +40,8 @@ class Status:
         line = Text(f"frame {self.frame} · {self.action:<10} · step {self.step_ms:.1f} ms · "
                     f"between steps {self.between_ms:.1f} ms · {self.achieved_fps:.1f} of {self.target_fps:.0f} fps")
         if self.behind and 0 < self.step_ms <= self.budget_ms:  # "this machine cannot hold" blamed the model
-            narrower = f" (under {BOARD_MIN_COLS} columns the dashboard is not drawn)" if board_shown else ""
+            narrower = (f" (a terminal under {BOARD_MIN_COLS} columns skips the dashboard, and draws faster)"
+                        if board_shown else "")
             line.append(f"  behind {self.target_fps:.0f} fps: steps fit their {self.budget_ms:.1f} ms, drawing the "
                         f"screen between them does not{narrower}", style="bold red")
         elif self.behind:

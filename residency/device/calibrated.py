@@ -230,7 +230,7 @@ def calibrated_profile(workload_fingerprint: str, *, kind: str | None = None, mo
 
     Raises UsageError (exit 2) when there is no cached machine profile or no calibration of it; `model` names
     the model in the hint."""
-    hint = f"run `residency run {model} --image START.png -o out.gif --calibrate` first"
+    hint = f"run `residency run {model} -o out.gif --frames 18 --calibrate` first"
     path = cached_profile_path(kind or device_kind())
     if userpath.path_kind(path)[0] != userpath.FILE:
         raise UsageError("no calibrated profile: this machine's profile has not been measured yet", hint=hint)

@@ -26,3 +26,8 @@ class LiveSessions:
             ref = None
         self._held[id(session)] = (ref, int(nbytes))
         return sum(n for _, n in self._held.values()), len(self._held)
+
+    def held_bytes(self) -> int:
+        """The KV bytes of the sessions still alive (as last stepped)."""
+        self._held = {k: (ref, n) for k, (ref, n) in self._held.items() if ref is None or ref() is not None}
+        return sum(n for _, n in self._held.values())

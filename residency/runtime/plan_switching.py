@@ -57,7 +57,7 @@ class PlanSwitching:
             latent = sum(1 for f in snapshot.frames if f.frame > 0)
             raise ResidencyError(f"calibration needs more than {warmup_frames} frames of the running plan (the "
                                  f"first settle the allocator and the copy ring); {latent} recorded",
-                                 hint="run more frames before calibrating (8 or more: `--frames 8` on the command line)")
+                                 hint="step more frames before calibrating (8 or more; `--frames 8` with `residency run`)")
         return calibrate(window, self.workload, self.plan, self.profile, model=self.workload.name,
                          warmup_frames=0)
 

@@ -51,6 +51,9 @@ class RetryHook(ModelHook):
                         state=lambda: capture(rt._input_names, args, kwargs, rt._model_buffers))
 
 
+SESSION_FITS = 4  # plans tried per recovery to make room for the other live sessions' KV caches
+
+
 class Recovering:
     """Runtime's recovery and the budget that triggers it; every attribute it reads is Runtime's (see
     residency.runtime.runtime)."""
@@ -123,13 +126,26 @@ class Recovering:
         pipeline = self.pipeline
         self._detach_blocks()
         self.ledger.set_budget(budget)
+        # a plan counts one session's KV cache: the others alive (two players, an old game kept) are planned around,
+        # or every re-plan was one that fitted one session and failed again on the second (4 tries, then the error)
+        others = max(0, self._sessions.held_bytes() - self.workload.kv_cache_bytes(self.plan.kv_dtype))
+        planned_for = budget - others if 0 < others < budget else budget
         try:
-            plan = self.replan(Budget(budget, self.plan.budget.frame_ms), self.profile)
-            check_profile(plan, self.profile)
-            # A retried call of the model may run under inference_mode; tensors made in it are read-only
-            # outside it, and the copy thread writes the new slots outside it.
-            with torch.inference_mode(False):
-                self._attach(pipeline, plan)
+            for attempt in range(SESSION_FITS):
+                plan = self.replan(Budget(planned_for, self.plan.budget.frame_ms), self.profile)
+                check_profile(plan, self.profile)
+                # A retried call of the model may run under inference_mode; tensors made in it are read-only
+                # outside it, and the copy thread writes the new slots outside it.
+                with torch.inference_mode(False):
+                    self._attach(pipeline, plan)
+                # what the plan holds beside one KV cache, with every live session's: over by the planner's margin
+                # of error (its activations against the ledger's), it is planned again for that much less
+                short = (self.ledger.total_bytes - self._memory.reserved["kv_cache"] + self._sessions.held_bytes()
+                         - budget)
+                if not others or short <= 0 or attempt == SESSION_FITS - 1:
+                    break
+                self._detach_blocks()
+                planned_for -= max(short, budget // 64)  # a plan's step in memory is rarely a few bytes
         except DeviceBudgetExceeded as e:
             self._remove_retry_hook()  # the model is left plain, as detach() leaves it
             fewer = ", fewer context frames" if self.workload.kv_cache_bytes() else ""

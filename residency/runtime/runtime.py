@@ -419,6 +419,9 @@ class Runtime(PlanSwitching, Recovering):
         Cost: the session's snapshot per step (the world model's: one KV slot when the window is full)."""
         if self.pipeline is None:
             raise ResidencyError("the runtime is not attached", hint="attach(pipeline) first")
+        if not all(callable(getattr(session, m, None)) for m in ("snapshot", "restore", "step")):
+            raise ResidencyError(f"step() takes a session, got {type(session).__name__}",
+                                 hint="start one with pipe.start(image, seed=…) and pass it: runtime.step(session, action)")
         snap = session.snapshot(self.protect_kv)
         with torch.no_grad():  # a rollout never trains: no graph, and no InferenceOnlyWarning on every step
             return self._unit(self._step_once, (session, action), {}, lambda: session.restore(snap))
