@@ -431,3 +431,36 @@ def test_each_frame_records_the_kv_frames_its_session_read(tiny):
         rt.detach()
     kv = [(f.frame, f.kv_frames) for f in rt.telemetry().frames if f.frame > 0]
     assert [k for _, k in kv] == [1, 2, 3, 4, 5, 6, 4], kv  # fresh 1-3, then the running session at 4-6, fresh 4
+
+
+def test_a_raised_vram_budget_is_re_planned_for_at_once(tiny, monkeypatch):
+    # set_budget above the running plan's budget changed nothing, loop on or not: no frame missed, so no decision
+    pipe, w, image = tiny
+    profile = flat_profile(backend="cpu")
+    small = tiny_plan(w, "streamed", depth=2, profile=profile, vram=64 * 2**20).with_prediction(prediction(5.0))
+    big = dataclasses.replace(tiny_plan(w, "resident", profile=profile, vram=96 * 2**20)).with_prediction(
+        prediction(1.0))
+    monkeypatch.setattr(cl, "calibrate", lambda *a, **k: _stub_fit(profile, scale=1.0))
+    monkeypatch.setattr(cl, "predict", lambda workload, plan, prof, bound=False: plan)
+    asked = []
+
+    def replan(budget, prof):
+        asked.append(budget)
+        return big if budget.vram_bytes >= big.budget.vram_bytes else small
+
+    rt = Runtime(small, "cpu", workload=w, replan=replan, profile=profile).attach(pipe)
+    loop = rt.enable_closed_loop(LoopOptions(warmup_frames=0, calibrate_frames=10**6, background=False), model="tiny")
+    try:
+        s = pipe.start(image, seed=3)
+        for a in ACTIONS:
+            rt.step(s, a)
+        assert not asked  # no miss, no decision
+        rt.set_budget(96 * 2**20)
+        for a in ACTIONS:
+            rt.step(s, a)
+    finally:
+        rt.detach()
+    assert [b.vram_bytes for b in asked] == [96 * 2**20]  # one decision for the raise
+    switch = next(e for e in loop.events if e.kind == "replanned")
+    assert "the VRAM budget rose to 96.0 MiB (set_budget)" in switch.reason
+    assert rt.plan is big

@@ -43,7 +43,7 @@ from residency.simulate import predict
 from residency.telemetry.calibration import CalibrationFit, calibrate, robust_median
 from residency.telemetry.events import LoopEvent
 from residency.telemetry.recorder import FrameRecord
-from residency.units import fmt_ms
+from residency.units import fmt_bytes, fmt_ms
 
 # Defaults, with their reasons:
 MISS_FRAMES = 4  # K: one slow frame is noise (a page fault, the OS); four in a row is a trend
@@ -169,6 +169,7 @@ class ClosedLoop:
         # decided under run, until the unit its back-off ends
         self._hopeless: _Hopeless | None = None
         self._hopeless_in_row = 0  # such decisions in a row (the back-off's exponent)
+        self._raise_decided = 0  # the raised VRAM budget last re-planned for (one decision per raise)
 
     # --- the two calls around a unit of work ---
     def before_unit(self) -> None:
@@ -199,12 +200,25 @@ class ClosedLoop:
                 self._streak.clear()
         if self._pending is not None:
             return
-        if len(self._streak) >= o.miss_frames and self._decided_already():
+        raised = self._budget_raised()
+        if raised and len(self._segment) >= 2:  # more device memory: a plan for it may run faster, decided at once
+            self._raise_decided = raised
+            self._start(self._segment[-o.window_frames:], trigger=True,
+                        why=f"frame {self.units}: the VRAM budget rose to {fmt_bytes(raised)} (set_budget)")
+        elif len(self._streak) >= o.miss_frames and self._decided_already():
             del self._streak[:-o.miss_frames]  # a later decision fits only frames of the machine as it is then
         elif len(self._streak) >= o.miss_frames and self.units - self.last_decision_unit >= o.min_frames_between:
             self._start(self._streak[-o.window_frames:], trigger=True)
         elif not self._calibrated and len(self._segment) >= o.calibrate_frames:
             self._start(self._segment[-o.window_frames:], trigger=False)
+
+    def _budget_raised(self) -> int | None:
+        """The ledger's budget when set_budget raised it above the running plan's and no decision has been made on
+        that budget yet; else None (a cut is a recovery's, at the next block call)."""
+        vram = self.runtime.ledger.budget_bytes
+        if vram > self.runtime.plan.budget.vram_bytes and vram != self._raise_decided:
+            return vram
+        return None
 
     def _decided_already(self) -> bool:
         """Whether the last `miss_frames` misses are not all off the level of the last decision that found no plan
@@ -256,7 +270,7 @@ class ClosedLoop:
         return over or error > self.options.margin or (not filling and -error > self.options.margin)
 
     # --- calibrate and re-plan ---
-    def _start(self, frames: list[tuple[FrameRecord, object]], trigger: bool) -> None:
+    def _start(self, frames: list[tuple[FrameRecord, object]], trigger: bool, why: str | None = None) -> None:
         """Calibrate on `frames`; re-plan (on the background thread) when they missed (`trigger`) or when the
         running plan, re-predicted under the calibration, misses the frame budget; else adopt the correction."""
         rt = self.runtime
@@ -281,7 +295,9 @@ class ClosedLoop:
         if not trigger and (budget is None or running_ms <= budget):
             rt.adopt_profile(fit.profile, running)  # holds: keep it, with the corrected prediction
             return
-        if not trigger:
+        if why is not None:  # the caller's reason (a raised budget)
+            pass
+        elif not trigger:
             why = (f"frame {self.units}: the running plan re-predicted {fmt_ms(running_ms)} ms, over the "
                    f"{fmt_ms(budget)} ms budget")
         elif budget is not None and measured > budget:
