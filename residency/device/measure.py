@@ -32,7 +32,9 @@ from residency.errors import ResidencyError, UsageError
 #     thread, on the other core, as the runtime's loads are (copied by the timing thread, the input sat in its L2);
 #     the copy thread runs on one intra-op thread, as the runtime's does (it had every core's: the link and the
 #     interference were timed with multi-threaded copies the runtime never makes).
-MEASUREMENT_VERSION = 13
+# 14: the unpack probes time the runtime's unchecked call (StagedUnpack), not fmt.unpack with its argument checks
+#     (~3.6 µs more a call on this EPYC: a small model's 21-tensor BF16 block was priced ~3× its unpack).
+MEASUREMENT_VERSION = 14
 
 
 def default_device() -> str:
