@@ -65,8 +65,8 @@ def test_switching_plans_mid_session_equals_an_uninterrupted_run_of_the_new_plan
     for a, b in zip(got, expected, strict=True):
         assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
     # the session's frames keep their numbers across the switch (they had restarted: [0, 1, 2, 3, 1, 2])
-    assert numbers == list(range(len(ACTIONS))), numbers  # the last frame is still open
-    assert restarted == [len(ACTIONS), 0], restarted
+    assert numbers == list(range(len(ACTIONS) + 1)), numbers  # the last step's frame too: done, closed when read
+    assert restarted == [0, 1], restarted
 
 
 def test_switch_plan_refuses_inside_a_unit_and_when_detached(tiny):

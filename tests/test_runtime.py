@@ -258,7 +258,7 @@ def test_phase_blocks_are_loaded_per_phase_run(workload, image):
     dit_bytes = sum(workload.by_name[b].nbytes("F32") for b in workload.phase("denoise").blocks)
     dec_bytes = sum(workload.by_name[b].nbytes("F32") for b in workload.phase("decode").blocks)
     # every latent frame reloads the denoise and the decode phase's blocks, and nothing else
-    assert [f.link_bytes for f in frames if f.frame >= 1] == [dit_bytes + dec_bytes] * (len(ACTIONS) - 1)
+    assert [f.link_bytes for f in frames if f.frame >= 1] == [dit_bytes + dec_bytes] * len(ACTIONS)  # every step, the last too: a frame closes as its step ends (CPU)
     assert math.isclose(frames[-1].device_peak_bytes, rt.ledger.peak_total_bytes)
 
 

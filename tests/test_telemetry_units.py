@@ -151,7 +151,7 @@ def _forwards_with_sleep(rt, call, n: int = 5):
             call()
             walls.append((time.perf_counter() - t0) * 1e3)
             time.sleep(SLEEP_S)
-        frames = list(rt.telemetry().frames)  # the last forward's frame closes at detach
+        frames = list(rt.telemetry().frames)  # the last forward's too: it closed as its call ended (its gap unknown)
     return frames, dict(zip([f.frame for f in frames], walls, strict=False))
 
 
@@ -160,7 +160,7 @@ def test_a_plain_module_measures_its_forward_and_reports_the_sleep_as_gap():
     model = Small()
     rt = residency.attach(model, vram="50%", profile=PROFILE, backend="cpu", example_inputs=x)
     frames, walls = _forwards_with_sleep(rt, lambda: model(x))
-    assert len(frames) == 4
+    assert len(frames) == 5 and frames[-1].gap_ms == 0.0
     _check_work_and_gap(frames, walls)
 
 
@@ -191,10 +191,11 @@ def test_model_calls_inside_a_step_are_one_unit_split_at_each_frame():
             rt.step(session, None)
             time.sleep(SLEEP_S)
         frames = list(rt.telemetry().frames)
-    assert len(frames) == 5  # two forwards (frames) a step; the sixth closes at detach
+    assert len(frames) == 6  # two forwards (frames) a step, the last closed as its step ended
     firsts, seconds = frames[0::2], frames[1::2]
     assert all(f.gap_ms == 0.0 for f in firsts)  # the step goes on into its second forward
-    assert all(f.gap_ms >= GAP_FLOOR_MS for f in seconds)
+    assert all(f.gap_ms >= GAP_FLOOR_MS for f in seconds[:-1])
+    assert seconds[-1].gap_ms == 0.0  # no next step yet: its gap is not known
     assert all(f.frame_ms < GAP_FLOOR_MS for f in frames)
 
 
@@ -205,7 +206,7 @@ def test_a_diffusers_model_measures_its_forward_and_reports_the_sleep_as_gap():
     sample, t = torch.randn(1, 3, 8, 8), torch.tensor([10])
     rt = residency.attach(unet, vram="100%", profile=PROFILE, backend="cpu", example_inputs=(sample, t))
     frames, walls = _forwards_with_sleep(rt, lambda: unet(sample, t))
-    assert len(frames) == 4
+    assert len(frames) == 5 and frames[-1].gap_ms == 0.0
     _check_work_and_gap(frames, walls)
 
 

@@ -357,6 +357,13 @@ class Executor:
                 if t.data_ptr() != want.data_ptr():
                     t.data = want
 
+    def close_frame_if_done(self) -> None:
+        """Between units: where the calls made finished a frame (the next call would start one), close the frame's
+        record now rather than at that next call (recorder.eager_close only: marks that resolve without waiting)."""
+        if self.frame_open and self.recorder.eager_close and self.schedule.is_frame_start(self.position):
+            self.recorder.close_at_unit_end(self.backend.resolve, self.ledger.total_bytes, self.ledger.peak_total_bytes)
+            self.frame_open = False
+
     def close_frame(self) -> None:
         """End the open frame's record now (detach, snapshot)."""
         if self.frame_open:

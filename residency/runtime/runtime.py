@@ -102,6 +102,7 @@ class Runtime(PlanSwitching, Recovering):
         self.protect_kv = protect_kv  # the session's snapshot copies the KV slot a step overwrites
         self.recoveries: list[tuple[str, int]] = []  # (cause, new budget bytes) per recovery
         self.recorder = Recorder([bp.name for bp in plan.blocks], plan.prediction)
+        self.recorder.eager_close = self.backend.device.type == "cpu"  # CPU marks are seconds: a frame closes as its unit ends
         self._sessions = LiveSessions()  # the sessions stepped, while alive: their KV caches are on the device
         self.plan_started_s = float("-inf")  # set at each attach of a plan (see _attach)
         self.pipeline: nn.Module | None = None
@@ -502,7 +503,12 @@ class Runtime(PlanSwitching, Recovering):
 
     # --- observation ---
     def telemetry(self) -> TelemetrySnapshot:
-        """An immutable snapshot of the recorded frames (the open frame is not included)."""
+        """An immutable snapshot of the recorded frames. On the CPU backend a frame whose calls are all done (the last
+        call or step returned at a frame boundary) is closed for it, its gap filled in when the next unit starts; a
+        GPU's frame closes at the next frame's first call (its marks are events: reading them now would wait)."""
+        executor = self._executor
+        if executor is not None and not self._in_unit:
+            executor.close_frame_if_done()
         return self.recorder.snapshot(self.ledger.snapshot().current_bytes)
 
     @property

@@ -149,6 +149,11 @@ class Recorder:
         self.kv_frames: int | None = None
         self._kv_of: dict[int, int | None] = {}
         self._kv_frame = -1
+        # Marks that are seconds already (the CPU backend's perf_counter): a frame whose calls are done is closed when
+        # telemetry is read (close_at_unit_end), not only at the next frame's first call, and its gap is filled in
+        # when the next unit starts. A GPU's marks are events: resolving them at once would wait for the device.
+        self.eager_close = False
+        self._gap_from_s: float | None = None  # the work end of a frame closed at its unit's end, gap not known yet
 
     def record(self, frame: int, block: int, t_start: float, t_ready: float, t_dequant: float, t_end: float,
                copy: tuple[float, float, float] | None, link_bytes: int) -> None:
@@ -168,6 +173,9 @@ class Recorder:
 
     def unit_start(self, mark: float) -> None:
         """A unit of work (a step, a call of the model) begins at clock `mark`; units never overlap."""
+        if self._gap_from_s is not None:  # the caller's time since the frame closed at its unit's end (mark: seconds)
+            self._set_last_gap(max(0.0, mark - self._gap_from_s))
+            self._gap_from_s = None
         self._in_unit, self._open_unit_start = True, mark
         if self._first_unit_start is None:
             self._first_unit_start = mark
@@ -176,6 +184,23 @@ class Recorder:
         """The unit of work in progress ended at clock `mark`."""
         if self._in_unit:
             self._in_unit, self._open_unit_start, self._last_unit_end = False, None, mark
+
+    def close_at_unit_end(self, resolve: Callable[[np.ndarray], np.ndarray], device_bytes: int,
+                          device_peak_bytes: int) -> None:
+        """The last unit (unit_end) finished a frame's calls: close its record now, so that telemetry read after a call
+        or a step has it (the next unit's start gives its gap). Only where marks are seconds (eager_close)."""
+        closed = self.closed_frames
+        self.end_frame(resolve, device_bytes, device_peak_bytes)
+        if self.closed_frames > closed:
+            self._gap_from_s = self._unsummarised[-1][-2]  # its work end (seconds)
+
+    def _set_last_gap(self, gap_s: float) -> None:
+        """The gap of the frame closed last, summarised or not yet."""
+        if self._unsummarised:
+            self._unsummarised[-1] = (*self._unsummarised[-1][:-1], gap_s)
+        elif self._closed:
+            record, rows = self._closed[-1]
+            self._closed[-1] = (dataclasses.replace(record, gap_ms=gap_s * 1e3), rows)
 
     def unit_discard(self) -> None:
         """The unit in progress failed (or its model was detached during it): its marks are dropped."""
@@ -192,6 +217,7 @@ class Recorder:
         summary (~0.2 ms of small numpy passes for a tiny frame) waits until `frames` or a snapshot is read."""
         if not self._open:
             return
+        self._gap_from_s = None  # a frame closes after the one closed at its unit's end: that one's gap stays unknown
         rows = np.array(self._open, dtype=np.float64).reshape(-1, COLUMNS)  # a new array: resolved in place
         self._open.clear()
         time_cols = [T_START, T_READY, T_DEQUANT, T_END]
