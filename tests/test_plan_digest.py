@@ -44,3 +44,19 @@ def test_a_plan_edited_after_it_was_written_loses_its_prediction(written, change
 
 def test_a_plan_without_a_digest_is_read_as_before(written):
     assert edit(written, lambda d: d.pop("digest")).prediction is not None
+
+
+def test_a_plan_prints_as_a_few_readable_lines(written):
+    # print(rt.plan) was one line of the whole dataclass
+    from residency.plan import load_plan
+
+    plan = load_plan(written)
+    text = str(plan)
+    assert text.splitlines()[0].startswith(f"plan of {plan.model} on {plan.profile} by {plan.policy}: budget ")
+    counts = {}
+    for b in plan.blocks:
+        counts[b.placement] = counts.get(b.placement, 0) + 1
+    for placement, n in counts.items():
+        assert f"{n} {placement} (" in text
+    assert "predicted " in text and "quality loss" in text
+    assert repr(plan).startswith("Plan(")  # the repr is still the dataclass's

@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from residency.errors import ResidencyError
+from residency.units import fmt_bytes, fmt_ms
 from residency.workload.spec import MAX_CONTEXT_FRAMES, MAX_STEPS  # noqa: F401  (bounds a plan shares)
 
 PLACEMENTS = ("resident", "resident-quantized", "streamed")
@@ -188,6 +189,30 @@ class Plan:
     def with_prediction(self, prediction: Prediction) -> Plan:
         """A copy of the plan carrying `prediction`."""
         return replace(self, prediction=prediction)
+
+    def summary(self) -> str:
+        """A few lines for a reader (`print(rt.plan)`): the budget, the prediction, how many blocks each placement
+        holds and in which formats, and the notes. The repr stays the whole dataclass; `residency plan` draws the
+        per-block table."""
+        unit = "latent frame" if self.context_frames else "call"  # a world model's frame; a model's or pipeline's call
+        frame = f", {fmt_ms(self.budget.frame_ms)} ms per {unit}" if self.budget.frame_ms else ""
+        lines = [f"plan of {self.model} on {self.profile} by {self.policy}: budget {fmt_bytes(self.budget.vram_bytes)}"
+                 f"{frame}"]
+        p = self.prediction
+        if p is not None:
+            lines.append(f"predicted {fmt_ms(p.frame_ms)} ms per {unit} (stall {fmt_ms(p.stall_ms)} ms), "
+                         f"{fmt_bytes(p.peak_total_bytes)} at the peak, quality loss {p.quality_loss:.3g}")
+        by_placement: dict[str, Counter] = {}
+        for b in self.blocks:
+            by_placement.setdefault(b.placement, Counter())[b.format] += 1
+        lines.append("blocks: " + "; ".join(
+            f"{sum(c.values())} {placement} ({', '.join(f'{n} {f}' for f, n in c.most_common())})"
+            for placement, c in by_placement.items()))
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
 
     def check_matches(self, workload: PlannedFor, what: str = "this model", fix: str | None = None) -> None:
         """Refuse to apply the plan to a workload it was not made for, or whose blocks it does not name.
