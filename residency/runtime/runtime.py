@@ -507,8 +507,14 @@ class Runtime(PlanSwitching, Recovering):
         call or step returned at a frame boundary) is closed for it, its gap filled in when the next unit starts; a
         GPU's frame closes at the next frame's first call (its marks are events: reading them now would wait)."""
         executor = self._executor
-        if executor is not None and not self._in_unit:
-            executor.close_frame_if_done()
+        # only the thread that ran the last unit, between units: the recorder is not thread-safe, and another thread
+        # (a monitor reading while the model runs) gets the closed frames only, as before
+        if (executor is not None and not self._in_unit and self._unit_thread == threading.get_ident()
+                and self._unit_lock.acquire(blocking=False)):
+            try:
+                executor.close_frame_if_done()
+            finally:
+                self._unit_lock.release()
         return self.recorder.snapshot(self.ledger.snapshot().current_bytes)
 
     @property
