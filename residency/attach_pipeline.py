@@ -7,7 +7,6 @@ workload, one Runtime over all of them, so an encoder can be evicted, kept packe
 from __future__ import annotations
 
 import difflib
-import functools
 import inspect
 import os
 import warnings
@@ -23,6 +22,7 @@ from residency.device import DeviceProfile, machine_profile, resolve_profile
 from residency.errors import PlanWarning, ResidencyError
 from residency.front_door.checks import backend_name, warn_budget_beyond_device, warn_missed_budget
 from residency.front_door.foreign_hooks import refuse_pipeline_hooks
+from residency.front_door.offload_guards import OffloadGuards
 from residency.front_door.pinned_planner import PinnedPlanner, unpinned_enclosing
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, vram_bytes
 from residency.plan import Budget, Plan, load_plan
@@ -283,7 +283,7 @@ class PipelineRuntime:
 
     def __init__(self, runtime: Runtime, built: PipelineWorkload):
         self.runtime, self.built = runtime, built
-        self._offload_guards = _OffloadGuards(built.modules.pipe, runtime)
+        self._offload_guards = OffloadGuards(built.modules.pipe, runtime)
 
     @property
     def plan(self) -> Plan:
@@ -354,47 +354,6 @@ class PipelineRuntime:
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
-
-
-# The pipeline's own offloading, which puts accelerate's hooks on every component's modules: on top of an attach
-# they move weights the runtime holds (to "meta", back at each call), fail in the call, and wrap the forwards residency
-# must take off at detach, so the pipeline could be neither run nor detached. Refused while attached.
-OFFLOAD_METHODS = ("enable_sequential_cpu_offload", "enable_model_cpu_offload", "enable_group_offload")
-
-
-class _OffloadGuards:
-    """Instance attributes over the pipeline's offload methods (found before its class's) that refuse them while
-    `runtime` is attached; remove() puts the class's back. One left behind (the runtime detached some other way)
-    lifts itself at its next call and runs the pipeline's own method."""
-
-    def __init__(self, pipe: Any, runtime: Runtime):
-        self.pipe, self.runtime = pipe, runtime
-        # a guard left by an attach that let go some other way (a recovery that gave up) is replaced: kept, it lifted
-        # itself at the next offload call, its own runtime gone, and let the offload through onto this attach
-        self.installed = {n: functools.partial(self._refuse, n) for n in OFFLOAD_METHODS
-                          if callable(getattr(type(pipe), n, None)) and (n not in vars(pipe) or _is_guard(vars(pipe)[n]))}
-        for name, guard in self.installed.items():
-            object.__setattr__(pipe, name, guard)
-
-    def _refuse(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        if self.runtime.pipeline is None:
-            self.remove()
-            return getattr(self.pipe, name)(*args, **kwargs)
-        raise ResidencyError(
-            f"{type(self.pipe).__name__}.{name}() while residency is attached: the runtime already places the "
-            "components' weights (resident, packed or streamed under its budget), and the offload hooks on top "
-            "would move weights it holds",
-            hint=f"rt.detach() (leave the `with` block) before pipe.{name}(), or keep residency and drop the call")
-
-    def remove(self) -> None:
-        for name, guard in self.installed.items():
-            if vars(self.pipe).get(name) is guard:
-                object.__delattr__(self.pipe, name)
-        self.installed = {}
-
-
-def _is_guard(value: Any) -> bool:
-    return isinstance(value, functools.partial) and isinstance(getattr(value.func, "__self__", None), _OffloadGuards)
 
 
 def attach_pipeline(pipe: Any, *, vram: VramSpec = None, fps: float | None = None, frame_ms: float | None = None,

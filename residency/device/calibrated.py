@@ -37,10 +37,6 @@ FULL_FIT_FRAMES = 16  # a calibration on this many frames (the fit's target wind
 MIN_SAVED_FIT_FRAMES = 3
 
 
-SKIPPED = "skipped the calibrated profile"  # the line an unreadable cache file gets
-REMOVE_TAIL = "; --remove-calibrated deletes it"
-
-
 def _to_stderr(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)  # as the CLI says its other notes (`residency profiles` too)
 
@@ -125,9 +121,16 @@ def better_cached(profile: DeviceProfile) -> tuple[Path, DeviceProfile] | None:
     return path, cached
 
 
-def _entries(say: Callable[[str], None] | None) -> list[tuple[Path, DeviceProfile]]:
+def _skipped(path: Path, why: str) -> str:
+    """The line an unreadable cache file gets."""
+    return f"skipped the calibrated profile {path}: unreadable ({why}); --remove-calibrated deletes it"
+
+
+def _entries(say: Callable[[str], None] | None,
+             unreadable: list[tuple[Path, str]] | None = None) -> list[tuple[Path, DeviceProfile]]:
     """Every readable calibrated profile of the cache, by path. Unreadable files are skipped and kept (a hand
-    edit's typo is the user's to fix; `residency profiles --remove-calibrated` deletes them), `say` told of each."""
+    edit's typo is the user's to fix; `residency profiles --remove-calibrated` deletes them): each (path, why) goes
+    to `unreadable` when given, else `say` is told of it."""
     folder = calibrated_dir()
     if userpath.path_kind(folder)[0] != userpath.DIRECTORY:
         return []
@@ -138,8 +141,10 @@ def _entries(say: Callable[[str], None] | None) -> list[tuple[Path, DeviceProfil
             if profile.calibration is None:
                 raise ResidencyError("it holds no calibration record")
         except ResidencyError as e:
-            if say is not None:
-                say(f"{SKIPPED} {path}: unreadable ({e.message}){REMOVE_TAIL}")
+            if unreadable is not None:
+                unreadable.append((path, e.message))
+            elif say is not None:
+                say(_skipped(path, e.message))
             continue
         found.append((path, profile))
     return found
@@ -154,18 +159,19 @@ def _discard(path: Path, why: str, say: Callable[[str], None]) -> None:
     say(f"discarded the calibrated profile {path}: {why}")
 
 
-def find_calibrated(base: DeviceProfile, workload_fingerprint: str,
-                    say: Callable[[str], None] = _to_stderr) -> DeviceProfile | None:
+def find_calibrated(base: DeviceProfile, workload_fingerprint: str, say: Callable[[str], None] = _to_stderr,
+                    unreadable: list[tuple[Path, str]] | None = None) -> DeviceProfile | None:
     """The calibrated profile to plan the workload `workload_fingerprint` with on the uncalibrated `base`.
 
     The cache's calibration of `base` for that workload; else the newest calibration of `base` for another
     workload, its compute scales dropped (`say` is told so); None without either. Files of `base` whose recorded
     base fingerprint is not `base.fingerprint()` (the base was re-measured or edited) are deleted, each with a line
     to `say`; unreadable files are skipped and kept (a hand edit's typo can be fixed; `residency profiles
-    --remove-calibrated` deletes them), each with a line. Never raises for a bad cache file."""
+    --remove-calibrated` deletes them), each with a line (or collected in `unreadable`, as _entries does). Never
+    raises for a bad cache file."""
     fingerprint = base.fingerprint()
     mine = []
-    for path, profile in _entries(say):
+    for path, profile in _entries(say, unreadable):
         if base_name(profile) != base.name:
             continue
         if profile.calibration.base_fingerprint != fingerprint:
@@ -239,21 +245,18 @@ def calibrated_profile(workload_fingerprint: str, *, kind: str | None = None, mo
     except ResidencyError as e:
         raise UsageError(f"no calibrated profile: this machine's cached profile is unreadable ({e.message})",
                          hint=hint) from None
-    skipped: list[str] = []
-    own = f"{SKIPPED} {str(calibrated_path(base.name, '_'))[:-len('_.json')]}"  # this base's files: "<slug>--…"
-
-    def tell(line: str) -> None:  # this base's unreadable files are said once, in the error when none was found
-        (skipped.append if line.startswith(own) else say)(line)
-
-    found = find_calibrated(base, workload_fingerprint, tell)
-    if found is None and skipped:  # a bad file, not a missing calibration (exit 1, and what is wrong with it)
-        first = skipped[0].removeprefix(SKIPPED + " ").removesuffix(REMOVE_TAIL)
-        raise ResidencyError(f"no readable calibrated profile of {base.name!r}: {first}"
-                             + (f" (and {len(skipped) - 1} more of it unreadable)" if len(skipped) > 1 else ""),
+    unreadable: list[tuple[Path, str]] = []
+    found = find_calibrated(base, workload_fingerprint, say, unreadable)
+    prefix = calibrated_path(base.name, "").name.removesuffix(".json")  # this base's files: "<slug>--…"
+    own = [(path, why) for path, why in unreadable if path.name.startswith(prefix)]
+    if found is None and own:  # a bad file, not a missing calibration (exit 1, and what is wrong with it)
+        path, why = own[0]
+        raise ResidencyError(f"no readable calibrated profile of {base.name!r}: {path}: unreadable ({why})"
+                             + (f" (and {len(own) - 1} more of it unreadable)" if len(own) > 1 else ""),
                              hint="delete that file (`residency profiles --remove-calibrated` deletes every calibrated "
                                   "profile, readable or not); then " + hint)
-    for line in skipped:
-        say(line)
+    for path, why in unreadable:
+        say(_skipped(path, why))
     if found is None:
         raise UsageError(f"no calibrated profile of {base.name!r} in {calibrated_dir()}", hint=hint)
     return found

@@ -333,7 +333,7 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
             hint = (f"what no plan can stream or pack ({shown}) needs {fmt_bytes(sum(fixed.values()))} before any "
                     f"weight: give vram={size_at_least(need)!r} or more (a share like \"100%\" counts "
                     "the weights only)")
-        pinned = _pinned_words(w, fmt, need)
+        pinned = _pinned_words(w, fmt, need, bound)
         if pinned and need is not None and pinned[1] >= need / 2:  # most of it is blocks that cannot stream
             hint += f"; the blocks kept resident cannot stream: {pinned[2]}"
         raise ResidencyError(f"no plan of {w.name} fits vram={budget.vram_bytes} bytes "
@@ -344,11 +344,10 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
     return plan
 
 
-def _pinned_words(w: Workload, fmt: str, need: int | None) -> tuple[str, int, str] | None:
+def _pinned_words(w: Workload, fmt: str, need: int | None, why: dict[str, str]) -> tuple[str, int, str] | None:
     """(what the no-fit error says of the blocks that must stay resident whatever the plan — PinnedPlanner's —,
     their bytes, why they cannot stream, for the hint), or None when there are none: a model whose every block is
-    pinned was told to give "a model of more, smaller blocks", its real cause unnamed."""
-    why = bound_blocks(w)
+    pinned was told to give "a model of more, smaller blocks", its real cause unnamed. `why`: bound_blocks(w)."""
     if not why:
         return None
     nbytes = sum(w.by_name[n].nbytes(fmt) for n in why)

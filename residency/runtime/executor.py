@@ -361,7 +361,7 @@ class Executor:
         """Between units: where the calls made finished a frame (the next call would start one), close the frame's
         record now rather than at that next call (recorder.eager_close only: marks that resolve without waiting)."""
         if self.frame_open and self.recorder.eager_close and self.schedule.is_frame_start(self.position):
-            self.recorder.close_at_unit_end(self.backend.resolve, self.ledger.total_bytes, self.ledger.peak_total_bytes)
+            self.recorder.close_done_frame(self.backend.resolve, self.ledger.total_bytes, self.ledger.peak_total_bytes)
             self.frame_open = False
 
     def close_frame(self) -> None:

@@ -29,5 +29,4 @@ class LiveSessions:
 
     def held_bytes(self) -> int:
         """The KV bytes of the sessions still alive (as last stepped)."""
-        self._held = {k: (ref, n) for k, (ref, n) in self._held.items() if ref is None or ref() is not None}
-        return sum(n for _, n in self._held.values())
+        return sum(n for ref, n in self._held.values() if ref is None or ref() is not None)

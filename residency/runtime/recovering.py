@@ -128,7 +128,8 @@ class Recovering:
         self.ledger.set_budget(budget)
         # a plan counts one session's KV cache: the others alive (two players, an old game kept) are planned around,
         # or every re-plan was one that fitted one session and failed again on the second (4 tries, then the error)
-        others = max(0, self._sessions.held_bytes() - self.workload.kv_cache_bytes(self.plan.kv_dtype))
+        held_kv = self._sessions.held_bytes()
+        others = max(0, held_kv - self.workload.kv_cache_bytes(self.plan.kv_dtype))
         planned_for = budget - others if 0 < others < budget else budget
         try:
             for attempt in range(SESSION_FITS):
@@ -140,8 +141,7 @@ class Recovering:
                     self._attach(pipeline, plan)
                 # what the plan holds beside one KV cache, with every live session's: over by the planner's margin
                 # of error (its activations against the ledger's), it is planned again for that much less
-                short = (self.ledger.total_bytes - self._memory.reserved["kv_cache"] + self._sessions.held_bytes()
-                         - budget)
+                short = self.ledger.total_bytes - self._memory.reserved["kv_cache"] + held_kv - budget
                 if not others or short <= 0 or attempt == SESSION_FITS - 1:
                     break
                 self._detach_blocks()

@@ -102,7 +102,7 @@ class Runtime(PlanSwitching, Recovering):
         self.protect_kv = protect_kv  # the session's snapshot copies the KV slot a step overwrites
         self.recoveries: list[tuple[str, int]] = []  # (cause, new budget bytes) per recovery
         self.recorder = Recorder([bp.name for bp in plan.blocks], plan.prediction)
-        self.recorder.eager_close = self.backend.device.type == "cpu"  # CPU marks are seconds: a frame closes as its unit ends
+        self.recorder.eager_close = self.backend.device.type == "cpu"  # marks are seconds: telemetry() closes a done frame
         self._sessions = LiveSessions()  # the sessions stepped, while alive: their KV caches are on the device
         self.plan_started_s = float("-inf")  # set at each attach of a plan (see _attach)
         self.pipeline: nn.Module | None = None

@@ -150,7 +150,7 @@ class Recorder:
         self._kv_of: dict[int, int | None] = {}
         self._kv_frame = -1
         # Marks that are seconds already (the CPU backend's perf_counter): a frame whose calls are done is closed when
-        # telemetry is read (close_at_unit_end), not only at the next frame's first call, and its gap is filled in
+        # telemetry is read (close_done_frame), not only at the next frame's first call, and its gap is filled in
         # when the next unit starts. A GPU's marks are events: resolving them at once would wait for the device.
         self.eager_close = False
         self._gap_from_s: float | None = None  # the work end of a frame closed at its unit's end, gap not known yet
@@ -185,7 +185,7 @@ class Recorder:
         if self._in_unit:
             self._in_unit, self._open_unit_start, self._last_unit_end = False, None, mark
 
-    def close_at_unit_end(self, resolve: Callable[[np.ndarray], np.ndarray], device_bytes: int,
+    def close_done_frame(self, resolve: Callable[[np.ndarray], np.ndarray], device_bytes: int,
                           device_peak_bytes: int) -> None:
         """The last unit (unit_end) finished a frame's calls: close its record now, so that telemetry read after a call
         or a step has it (the next unit's start gives its gap). Only where marks are seconds (eager_close)."""
