@@ -90,6 +90,25 @@ class IndexParameter(nn.Module):
         return self.b(self.a(x)[:, self.order])
 
 
+class DoubleTable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.register_buffer("table", torch.randn(8, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x)) + self.table.float()
+
+
+class LazyLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor):
+        return (layer(x) for layer in self.layers)
+
+
 def _dynamic_quantized() -> nn.Module:
     import warnings
 
@@ -106,6 +125,11 @@ def _dynamic_quantized() -> nn.Module:
     (_dynamic_quantized, r"Sequential.0 is a torch.ao quantized module \(Linear\)"),
     (lambda: nn.Sequential(nn.LazyLinear(8), nn.Linear(8, 8)), "Sequential.0.weight is not initialised yet"),
     (ComplexScale, "ComplexScale.z is complex64: residency stores real weights"),
+    # "block DoubleTable computes in fp32 (the workload keeps table in fp32) but the model holds torch.float64
+    # weights", with a hint whose other way out failed the same way
+    (DoubleTable, "DoubleTable.table is a float64 buffer"),
+    # "the forward called none of the model's blocks", with a hint about layer.forward(x)
+    (LazyLayers, "LazyLayers: the forward returned a generator"),
 ])
 def test_what_residency_cannot_hook_or_store_is_refused_by_name_before_planning(make, said):
     """Each failed deep in torch: "get_submodule is not supported on ScriptModules", a ValueError of an

@@ -293,6 +293,72 @@ def test_detach_after_the_user_deleted_every_forward_wrapper(workload):
     assert not any("forward" in m.__dict__ for m in pipe.modules())
 
 
+def test_a_call_after_a_block_forward_was_replaced_or_deleted_is_refused(workload, image):
+    # A forward that skips the hook computes the block on whatever its slot holds (streamed: another block's
+    # weights): wrong outputs, no error, until the next call looked at the forwards.
+    from residency.errors import ForwardReplacedError
+
+    pipe = WorldModelPipeline.from_config("tiny")
+    with torch.inference_mode():
+        plain = run_plain(pipe, image, ACTIONS[:2])
+    rt = Runtime(tiny_plan(workload, "streamed", depth=1), "cpu", workload=workload).attach(pipe)
+    block = next(m for name, m, _ in pipe.blocks() if name == "dit.blocks.1")
+    ours = block.forward
+    try:
+        s = pipe.start(image, seed=3)
+        klass = type(block).forward
+        block.forward = lambda *a, **k: klass(block, *a, **k)  # a patch that never calls ours
+        with pytest.raises(ForwardReplacedError, match=r"dit\.blocks\.1 \(") as caught:
+            rt.step(s, ACTIONS[0])
+        assert caught.value.hint and "wrap it" in caught.value.hint
+        block.forward = ours  # put back: runs on, as if nothing happened
+        out = [rt.step(s, a) for a in ACTIONS[:2]]
+        del block.forward  # the class's shows through: refused as well
+        with pytest.raises(ForwardReplacedError):
+            rt.step(s, ACTIONS[2])
+    finally:
+        rt.detach()  # a deleted forward is no obstacle to detach
+    assert all(np.array_equal(a, b) for a, b in zip(out, plain, strict=True))
+    assert not any("forward" in m.__dict__ for m in pipe.modules())
+
+
+def test_a_wrapper_that_reaches_residencys_forward_is_found():
+    import functools
+
+    from residency.runtime.hooks import reaches
+
+    def ours(x):
+        return x
+
+    @functools.wraps(ours)
+    def wrapped(x):
+        return ours(x)
+
+    class Caller:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, x):
+            return self.inner(x)
+
+    class Holder:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def call(self, x):
+            return self.inner(x)
+
+    for fn in (ours, functools.partial(ours), wrapped, lambda x: ours(x), Caller(ours), Holder(ours).call,
+               functools.partial(Caller(wrapped))):
+        assert reaches(fn, ours)
+
+    def other(x):
+        return x
+
+    for fn in (other, functools.partial(other), lambda x: other(x), Caller(other), torch.nn.Linear(2, 2)):
+        assert not reaches(fn, ours)
+
+
 def test_loads_already_in_the_compute_dtype_are_one_whole_copy_with_no_device_staging(workload, image):
     # A GPU backend stages every blob it unpacks on the device; a resident block already in the compute dtype
     # must not go that way (an all-resident BF16 plan sized no staging at all), and whatever does unpack must

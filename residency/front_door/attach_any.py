@@ -231,6 +231,13 @@ def _refuse_unhookable(model: nn.Module) -> None:
             raise ResidencyError(f"{name}.{path} is {str(t.dtype).removeprefix('torch.')}: residency stores real "
                                  "weights (float32, float16, bfloat16) only",
                                  hint="attach the part of the model with real weights, or keep this model unattached")
+        leaf = path.rpartition(".")[2]
+        if not isinstance(t, nn.Parameter) and t.is_floating_point() and t.dtype not in DTYPE_NAMES:
+            # a buffer keeps its own dtype (never quantized), but only one of the three residency stores
+            raise ResidencyError(f"{name}.{path} is a {str(t.dtype).removeprefix('torch.')} buffer: residency keeps "
+                                 "a model's floating buffers in their own dtype, of float32, float16 and bfloat16 "
+                                 "only", hint=f"cast it before attaching (`module.{leaf} = module.{leaf}.float()` keeps it "
+                                 "a registered buffer), or hold it as a plain attribute, which residency leaves alone")
 
 
 def _compute_dtype(model: nn.Module) -> str:

@@ -5,6 +5,7 @@ new_forward for a hook that must wrap the whole call. Attached from outside, rem
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -174,10 +175,10 @@ def runs_user_forward_hooks(module: nn.Module) -> bool:
     return bool(hooks) and any(not isinstance(getattr(h, "__self__", h), _TorchPostHook) for h in hooks.values())
 
 
-def check_removable(module: nn.Module) -> None:
+def check_removable(module: nn.Module, label: str = "") -> None:
     """Raise if another library wrapped forward after us and left its wrapper on: removing ours would silently
     drop theirs. A forward put back as it was before us, or deleted (the class's shows through), is fine: our
-    wrapper is already gone and remove_hook only forgets it."""
+    wrapper is already gone and remove_hook only forgets it. `label`: the module's path, for the message."""
     entry = module.__dict__.get(_ATTR)
     if entry is None or entry[1] is None:
         return
@@ -185,10 +186,78 @@ def check_removable(module: nn.Module) -> None:
     if current is entry[1] or current is None or current is entry[2]:
         return
     raise ForwardReplacedError(
-        f"{type(module).__name__}.forward was wrapped again after residency attached; detaching now would drop "
+        f"{_named(module, label)}.forward was wrapped again after residency attached; detaching now would drop "
         "that wrapper",
         hint="put back the forward that was in place right after attach (keep a reference to it before wrapping), "
              "or `del module.forward` to drop every instance wrapper, then detach again")
+
+
+def _named(module: nn.Module, label: str) -> str:
+    return f"{label} ({type(module).__name__})" if label else type(module).__name__
+
+
+class ForwardWatch:
+    """The hooked modules' forwards, checked before each outermost call of the model: a forward deleted after attach
+    (the class's shows through) or replaced by one that never calls ours skips the hook, and the block computes on
+    whatever its slot holds (a streamed block: another block's weights; 1619 of 3000 outputs wrong, no error).
+    Nothing notifies an instance attribute's change, so it is looked at. Cost: one dict lookup and one identity test
+    per hooked module and call of the model; a wrapper that reaches ours (functools.wraps, partial, a closure) is
+    searched once and then known."""
+
+    def __init__(self) -> None:
+        self._watched: list[tuple[nn.Module, dict, Callable[..., Any]]] = []
+        self._wrappers: dict[int, object] = {}  # id(module) -> a forward found to reach ours
+
+    def add(self, module: nn.Module) -> None:
+        entry = module.__dict__.get(_ATTR)
+        if entry is not None and entry[1] is not None:  # through torch's hooks: any forward still passes them
+            self._watched.append((module, module.__dict__, entry[1]))
+
+    def clear(self) -> None:
+        self._watched, self._wrappers = [], {}
+
+    def bypassed(self) -> nn.Module | None:
+        """The first watched module whose forward no longer reaches ours, else None."""
+        for module, attrs, ours in self._watched:
+            current = attrs.get("forward")
+            if current is ours or (current is not None and self._wrappers.get(id(module)) is current):
+                continue
+            if current is not None and reaches(current, ours):
+                self._wrappers[id(module)] = current
+                continue
+            return module
+        return None
+
+
+def reaches(fn: object, target: object, depth: int = 4) -> bool:
+    """Whether `fn` holds `target` where wrappers keep what they wrap, up to `depth` wrappers deep: itself,
+    functools.partial's function and arguments, __wrapped__ (functools.wraps, accelerate's hooks), a bound method's
+    function and object, a closure's cells, an object's attributes (a callable wrapper, a method's owner)."""
+    todo, seen = [(fn, 0)], set()
+    while todo:
+        f, d = todo.pop()
+        if f is target:
+            return True
+        if d >= depth or id(f) in seen or isinstance(f, (nn.Module, type, torch.Tensor)):
+            continue
+        seen.add(id(f))
+        held: list[object] = [getattr(f, "__wrapped__", None)]
+        if isinstance(f, functools.partial):
+            held += [f.func, *f.args, *f.keywords.values()]
+        elif isinstance(f, types.MethodType):
+            held += [f.__func__, f.__self__]
+        elif isinstance(f, types.FunctionType):
+            for cell in f.__closure__ or ():
+                try:
+                    held.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    pass
+        else:
+            attrs = getattr(f, "__dict__", None)
+            if isinstance(attrs, dict) and len(attrs) <= 64:  # a wrapper object's few fields, not a namespace
+                held += list(attrs.values())
+        todo += [(h, d + 1) for h in held if h is not None]
+    return False
 
 
 def remove_hook(module: nn.Module) -> None:

@@ -87,6 +87,10 @@ def check_block_tensors(plan, workload: Workload, tensors: dict[str, tuple[torch
         spec = workload.by_name[bp.name]
         for t, (tensor, _), own in zip(tensors[bp.name], spec.tensors, spec.tensor_own_dtypes, strict=True):
             # a tensor the workload keeps in its own dtype (a bf16 model's fp32 norm) is stored and bound in it
+            if t.is_floating_point() and t.dtype not in TORCH_DTYPES.values():
+                raise ResidencyError(f"block {bp.name} holds {tensor} in {str(t.dtype).removeprefix('torch.')}: residency "
+                                     "stores tensors in float32, float16 and bfloat16 only",
+                                     hint="cast it before attaching (a buffer assigned its .float() stays a buffer)")
             if t.dtype != TORCH_DTYPES[own or bp.compute_dtype]:
                 kept = f" (the workload keeps {tensor} in {own})" if own else ""
                 raise ResidencyError(

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from residency.device import DeviceProfile
-from residency.errors import ResidencyError
+from residency.errors import ForwardReplacedError, ResidencyError
 from residency.plan import Budget, Plan
 from residency.runtime import block_buffers, weight_readers
 from residency.runtime.attached_guards import (
@@ -32,7 +32,7 @@ from residency.runtime.closed_loop import ClosedLoop
 from residency.runtime.device_memory import DeviceMemory
 from residency.runtime.executor import Executor, version_of
 from residency.runtime.graphed import BlockForwards, block_forwards, check_block_modes
-from residency.runtime.hooks import add_hook, check_removable, has_hook, remove_hook
+from residency.runtime.hooks import ForwardWatch, add_hook, check_removable, has_hook, remove_hook
 from residency.runtime.host_store import BlockBlob, HostStore
 from residency.runtime.ledger import DeviceBudgetExceeded, Ledger
 from residency.runtime.live_sessions import LiveSessions
@@ -110,6 +110,7 @@ class Runtime(PlanSwitching, Recovering):
         self._calls: BlockCalls | None = None
         self._memory: DeviceMemory | None = None
         self._hooked: list[nn.Module] = []  # block modules carrying a hook, and the modules that read their weights
+        self._forwards = ForwardWatch()  # refuses a call once one of their forwards no longer runs the hook
         self._holders: weight_readers.Holders | None = None
         self._root: nn.Module | None = None  # the model, carrying the retry hook
         # for what a failed call changed (retry_safety): the forward's parameter names, the model's buffers
@@ -261,6 +262,7 @@ class Runtime(PlanSwitching, Recovering):
                 for module in mods:
                     add_hook(module, BlockHook(calls, name) if len(mods) == 1 else GroupHook(calls, name))
                     self._hooked.append(module)
+                    self._forwards.add(module)
             # holders: readers of volatile blocks' weights, and on a GPU (weights rebound to device copies) modules
             # whose state_dict() must give the originals; a CPU plan of resident blocks only needs none
             if self._holders is None and (executor.volatile or not on_cpu):
@@ -272,6 +274,7 @@ class Runtime(PlanSwitching, Recovering):
                         if not has_hook(module):  # hooked: a block of a model attached inside this one, its own
                             add_hook(module, ReaderHook(calls, name, inside))
                             self._hooked.append(module)
+                            self._forwards.add(module)
             holders = (h for h, _ in self._holders or ())  # outside the model: their state_dict() too
             self._state_hooks = [*state_dict_hooks(pipeline, originals, holders), *conversion_guards(pipeline)]
         except BaseException:
@@ -303,7 +306,7 @@ class Runtime(PlanSwitching, Recovering):
             self.loop.close()  # a re-plan in flight reads the original weights: let it finish first
         for module in (*self._hooked, self._root):  # before anything changes: a detach that cannot finish
             if module is not None:                  # changes nothing
-                check_removable(module)
+                check_removable(module, self._path_of(module) if module is not self._root else "")
         # blocks first, the model's own hook last: a call arriving meanwhile (another thread) goes through that
         # hook, so it waits for the unit lock and then runs plain; with the hook gone first it ran the block
         # hooks unlocked on an executor being stopped (AttributeError: 'NoneType' … 'submit')
@@ -343,6 +346,7 @@ class Runtime(PlanSwitching, Recovering):
         for module in self._hooked:
             remove_hook(module)
         self._hooked = []
+        self._forwards.clear()
         if self._compiled is not None:
             self._compiled.restore()
         self._compiled = None
@@ -387,6 +391,27 @@ class Runtime(PlanSwitching, Recovering):
         calls = self._calls
         if calls is not None:
             calls.outside_unit = self._outside_unit_check
+
+    def _refuse_bypass(self, module: nn.Module) -> None:
+        """A hooked module's forward was deleted or replaced after attach by one that skips the hook: refused before
+        the call, which would compute that block on its slot's contents (another block's weights)."""
+        path = self._path_of(module)
+        raise ForwardReplacedError(
+            f"{path} ({type(module).__name__}): its forward was deleted or replaced after residency attached, by one "
+            "that does not call residency's; the block would run without its weights in place (a streamed block reads "
+            "whatever its slot holds: another block's)",
+            hint=f"put residency's forward back (the {path}.forward in place right after attach), or wrap it rather "
+                 "than replace it (call the forward you found; functools.wraps keeps it findable); or detach first, "
+                 "change the forward, and attach again")
+
+    def _path_of(self, module: nn.Module) -> str:
+        """`module`'s path in the attached model (the model's name for the model itself), for messages."""
+        root = self.pipeline
+        if root is not None:
+            for path, m in root.named_modules(remove_duplicate=False):
+                if m is module:
+                    return f"{model_label(root)}.{path}" if path else model_label(root)
+        return type(module).__name__
 
     def _outside_unit_check(self) -> None:
         """Before a block's call: outside any unit of work (a diffusers pipeline called as pipe(...), which no unit
@@ -451,6 +476,8 @@ class Runtime(PlanSwitching, Recovering):
             self._weights.check()
         if outer and self._structure is not None:
             self._structure.check()
+        if outer and (bypassed := self._forwards.bypassed()) is not None:
+            self._refuse_bypass(bypassed)
         try:  # the unit's flag is set inside: a Ctrl-C just after it left every later call an inner one, unchecked
             if outer:
                 self._in_unit, self._unit_thread = True, threading.get_ident()

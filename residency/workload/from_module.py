@@ -266,6 +266,12 @@ def _schedule(model: nn.Module, blocks: ModuleBlocks, trace: Trace, name: str, c
                                  hint="residency places a model by the calls of its layers: hold each layer's "
                                       "weights in a module the forward calls (nn.Linear, or a small module of "
                                       "your own) instead of F.linear(x, self.weights[i])")
+        if trace.deferred:
+            raise ResidencyError(f"{name}: the forward returned a {trace.deferred}, and called none of the model's "
+                                 "blocks while it ran: they run later, as the caller consumes it, and residency places "
+                                 "a model by the calls of its layers during the forward",
+                                 hint="attach a module whose forward computes its result before returning it (e.g. "
+                                      "one that returns list(...) of the generator)")
         raise ResidencyError(f"{name}: the forward called none of the model's blocks",
                              hint="pass the module whose forward runs the model; a model that runs its layers as "
                                   "layer.forward(x) skips the module call residency sees: call them as layer(x)")

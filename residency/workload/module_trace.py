@@ -9,6 +9,7 @@ that ran last. Runs on meta tensors or real ones alike; nothing here decides whi
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 import weakref
@@ -85,6 +86,9 @@ class Trace:
     # weight names some op read while no unit owning them was running (glue, or another unit's call): a tied
     # head as F.linear(x, self.emb.weight). The runtime must keep such a block bound beyond its own calls.
     read_outside: set[str] = field(default_factory=set)
+    # the type of what the forward returned when it is work left for later (a generator, a coroutine): its blocks run
+    # only as the caller iterates it, after the traced call; "" otherwise
+    deferred: str = ""
 
 
 def rows_of(t: torch.Tensor) -> int:
@@ -362,13 +366,16 @@ def trace_forward(model: nn.Module, unit_modules: list[tuple[str, ...]], run: Ca
         with torch.inference_mode(False), torch.no_grad(), _FusedAttention(tracer), tracer:
             seg.switch(glue[PROLOGUE])
             try:
-                run()
+                out = run()
             finally:
                 seg.close()
     finally:
         for h in handles:
             h.remove()
-    return Trace(seg.order, units, glue, tracer.read, tracer.read_outside)
+    lazy = inspect.isgenerator(out) or inspect.iscoroutine(out) or inspect.isasyncgen(out)
+    if inspect.iscoroutine(out):
+        out.close()  # never awaited: closed, not warned about
+    return Trace(seg.order, units, glue, tracer.read, tracer.read_outside, type(out).__name__ if lazy else "")
 
 
 def _owners(model: nn.Module, unit_modules: list[tuple[str, ...]], names: list[str]) -> dict[str, frozenset[int]]:
