@@ -52,7 +52,7 @@ def read_image(path: str | os.PathLike[str], height: int, width: int) -> np.ndar
                 declared = img.size
                 if declared != (width, height):
                     raise _wrong_size(name, declared, height, width)
-                rgb = np.array(img.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only arrays
+                rgb = _rgb8(img)
     except ResidencyError:
         raise
     except UnidentifiedImageError:
@@ -67,6 +67,17 @@ def read_image(path: str | os.PathLike[str], height: int, width: int) -> np.ndar
     if rgb.shape != (height, width, 3):  # a decoder that changed its mind about the size (ICO, MPO frames)
         raise _wrong_size(name, (rgb.shape[1], rgb.shape[0]), height, width)
     return np.ascontiguousarray(rgb)
+
+
+def _rgb8(img) -> np.ndarray:
+    """HxWx3 uint8 of a Pillow image, as a writable copy (torch.from_numpy warns on read-only arrays). A 16-bit
+    greyscale image (modes I;16*, and I, as Pillow opens a 16-bit PNG) is scaled from 0..65535: convert("RGB")
+    clipped it at 255, and a mid-grey start image came out white."""
+    if img.mode.startswith("I"):
+        grey = np.asarray(img, dtype=np.float64)
+        grey = np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.array(img.convert("RGB"))
 
 
 def _wrong_size(name: str, size: tuple[int, int], height: int, width: int) -> ResidencyError:

@@ -68,3 +68,34 @@ def test_a_run_trace_written_over_its_plan_is_refused(capsys, tmp_path):
     capsys.readouterr()
     refused(capsys, "run", "tiny", "--plan", plan, "-o", tmp_path / "a.gif", "--trace", plan)
     assert plan.read_bytes() == before and not (tmp_path / "a.gif").exists()
+
+
+def test_an_output_over_a_file_residency_reads_by_name_or_on_its_own_is_refused(capsys, tmp_path, monkeypatch):
+    """`plan tiny --profile rx-7800-xt -o profiles/rx-7800-xt.json` replaced the shipped profile with the plan (exit 0;
+    every later `--profile rx-7800-xt` failed), and `plan tiny -o <cache>/profile-cpu-mN.json` the machine's profile it
+    had just read: inputs named by name, or by nothing, and not caught as paths."""
+    from residency.device.auto_profile import cache_dir, cached_profile_path
+
+    root = Path(__file__).resolve().parents[1]
+    shipped, entry = root / "profiles" / "rx-7800-xt.json", root / "pipelines" / "catalog" / "tiny.json"
+    kept = {p: p.read_bytes() for p in (shipped, entry)}
+    try:
+        for out, said in ((shipped, "the shipped profile rx-7800-xt"), (entry, "the catalog entry tiny")):
+            code = main(["plan", "tiny", "--profile", "rx-7800-xt", "-o", str(out)])
+            err = capsys.readouterr().err
+            assert code == 2 and said in err and "hint: write the output to another file" in err
+    finally:
+        for p, data in kept.items():
+            if p.read_bytes() != data:
+                p.write_bytes(data)
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached = cached_profile_path("cpu")
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(kept[shipped])
+    code = main(["plan", "tiny", "--profile", "rx-7800-xt", "-o", str(cached)])
+    assert code == 2 and "a file of residency's cache" in capsys.readouterr().err
+    assert cached.read_bytes() == kept[shipped] and cache_dir() == tmp_path / "residency"
+    # beside them, a new file is fine: a profile measured into profiles/ under a new name is a developer's to add
+    code = main(["plan", "tiny", "--profile", "rx-7800-xt", "-o", str(tmp_path / "plan.json")])
+    assert code == 0, capsys.readouterr().err

@@ -45,6 +45,16 @@ def test_a_start_image_of_the_model_size_reads_as_rgb(tmp_path):
     assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8 and rgb.flags.writeable
 
 
+def test_a_16_bit_greyscale_start_image_is_scaled_not_clipped(tmp_path):
+    """convert("RGB") clipped 16-bit values at 255: a mid-grey image (20000 of 65535) read as white."""
+    grey = np.random.default_rng(1).integers(0, 65536, (64, 64)).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    rgb = read_image(tmp_path / "g.png", 64, 64)
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    expected = np.rint(grey / 257.0).astype(np.uint8)
+    assert all(np.array_equal(rgb[:, :, c], expected) for c in range(3))
+
+
 @pytest.mark.parametrize("width, height, message", [
     (100_000, 100_000, "more pixels than Pillow will decode"),  # Pillow's bomb error, converted
     (10_000, 10_000, "image is 10000x10000"),  # Pillow only warns; the size check refuses before decoding

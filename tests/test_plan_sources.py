@@ -140,6 +140,19 @@ def test_a_config_naming_no_diffusers_class_is_refused(capsys, tmp_path):
     assert code == 1 and "'NoSuchModel' is not a diffusers model class" in err and "hint:" in err
 
 
+@pytest.mark.parametrize("config, said", [
+    # built, the scheduler failed as "'DDPMScheduler' object has no attribute 'eval'" (a traceback, no --json document)
+    ({"_class_name": "DDPMScheduler"}, "'DDPMScheduler' is a diffusers class but not a model's"),
+    ({"_class_name": "DiffusionPipeline"}, "'DiffusionPipeline' is a diffusers class but not a model's"),
+    # "did not run on the example inputs (StopIteration at fallback_trace.py:29)"
+    ({"architectures": ["PreTrainedModel"], "model_type": "llama"}, "is a base class of transformers's models"),
+])
+def test_a_config_naming_a_class_that_is_no_model_is_refused(capsys, tmp_path, config, said):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, out, err = run(capsys, "plan", str(tmp_path), "--profile", "rtx-5090", "--json")
+    assert code == 1 and said in json.loads(out)["error"] and "Traceback" not in err
+
+
 def test_a_model_whose_inputs_the_config_does_not_fix_is_refused_with_the_python_route(capsys, tmp_path):
     from diffusers import SD3Transformer2DModel
 

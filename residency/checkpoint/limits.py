@@ -39,8 +39,9 @@ def check_name(path: Path, name: str) -> None:
     name cleared and recoloured the terminal in `inspect`'s table, a newline split its row)."""
     # the file may be well formed (the safetensors library writes and reads such names): the name is the problem
     rename = "rename the tensor where the checkpoint is written (a state_dict key) and save it again"
-    if not name:
-        raise broken(path, "a tensor name is empty", hint=rename)
+    if not name:  # or a damaged header: one that lists more tensors than it holds reads on into zero bytes
+        raise broken(path, "a tensor name is empty", hint=f"{rename}; a file not written so is damaged (a header "
+                     "listing more tensors than the file holds reads as this): write it again")
     if len(name) > MAX_NAME_BYTES:
         raise broken(path, f"tensor name {name[:80]!r}… is {len(name)} characters, more than the "
                      f"{MAX_NAME_BYTES} residency reads", hint=rename)

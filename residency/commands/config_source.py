@@ -130,7 +130,19 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
         raise ResidencyError(f"{path}: planning a {library} model needs {library} and accelerate ({e})",
                              hint="pip install 'residency[catalog]'") from e
     cls = getattr(lib, str(class_name), None) if isinstance(class_name, str) else None
-    build = getattr(cls, "from_config" if library == "diffusers" else "_from_config", None)
+    # a scheduler or a pipeline class has from_config too: built, it failed as "'DDPMScheduler' object has no
+    # attribute 'eval'" (a traceback)
+    import torch
+
+    model_class = isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+    build = getattr(cls, "from_config" if library == "diffusers" else "_from_config", None) if model_class else None
+    if cls is not None and not model_class:
+        raise ResidencyError(f"{path / MODEL_CONFIG}: {field} {named!r} is a {library} class but not a model's (no "
+                             "weights to place)", hint="give a model's directory (a pipeline's unet/ or transformer/ "
+                             "folder), or the pipeline's directory itself (the one with model_index.json)")
+    if build is not None and cls.forward is torch.nn.Module.forward:  # PreTrainedModel, ModelMixin: bases, no forward
+        raise ResidencyError(f"{path / MODEL_CONFIG}: {field} {named!r} is a base class of {library}'s models, with "
+                             "no forward of its own", hint=f"name the model's own class: {supported_models()}")
     if build is None:
         known = supported_models() if named_as is None else f"{library} {lib.__version__} has no such class"
         raise ResidencyError(f"{path / MODEL_CONFIG}: {field} {named!r} is not a {library} model class",

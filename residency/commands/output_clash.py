@@ -38,12 +38,42 @@ def check_outputs_apart(args: argparse.Namespace) -> None:
     for flag, out in outputs:
         if flag == "-o" and args.command == "run" and out.lower().endswith(".png"):
             continue  # numbered frames (out-0000.png …), never out.png itself; media refuses existing ones
+        owned = _owned(Path(out))
+        if owned is not None:
+            raise UsageError(f"{flag} {out[:200]}: that is {owned}; writing there would replace it",
+                             hint="write the output to another file")
         for name, value in inputs:
             how = _clash(Path(out), Path(value))
             if how is not None:
                 shown = "the model" if name == "model" else f"--{name}"
                 raise UsageError(f"{flag} {out[:200]}: {how} {shown} {value[:200]}, which this command reads; writing "
                                  "there would replace it", hint="write the output to another file")
+
+
+def _owned(out: Path) -> str | None:
+    """What `out` is when it is an existing file residency reads without its path being given: a shipped profile
+    (`--profile rx-7800-xt`), a catalog entry (`plan flux-schnell`), a file of its cache (this machine's profile,
+    read when no --profile is given; a calibrated one). `plan tiny --profile rx-7800-xt -o profiles/rx-7800-xt.json`
+    replaced the shipped profile with the plan, and every later use of the name failed; named by path they are
+    caught as inputs (_clash). None for anything else."""
+    from pipelines.catalog import catalog_dir
+    from profiles import profiles_dir
+    from residency.device.auto_profile import cache_dir
+
+    try:
+        if not out.is_file():
+            return None
+        at = out.resolve()
+        if at.suffix.lower() == ".json" and at.parent == profiles_dir().resolve():
+            return f"the shipped profile {at.stem}, which `--profile {at.stem}` reads"
+        if at.suffix.lower() == ".json" and at.parent == catalog_dir().resolve():
+            return f"the catalog entry {at.stem}, which `plan {at.stem}` and `inspect {at.stem}` read"
+        cache = cache_dir().resolve()
+        if at.is_relative_to(cache):
+            return f"a file of residency's cache ({cache}), which it reads on its own (this machine's profile)"
+    except (OSError, ValueError, RuntimeError):  # an unreadable or looping path: the command's own checks say why
+        return None
+    return None
 
 
 def _clash(out: Path, source: Path) -> str | None:
