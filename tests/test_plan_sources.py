@@ -153,6 +153,16 @@ def test_a_config_naming_a_class_that_is_no_model_is_refused(capsys, tmp_path, c
     assert code == 1 and said in json.loads(out)["error"] and "Traceback" not in err
 
 
+def test_key_value_heads_that_do_not_divide_the_heads_are_refused(capsys, tmp_path):
+    """It planned (exit 0) a Llama whose forward fails at its first attention."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256}
+    for groups, refused in ((3, True), (2, False)):
+        (tmp_path / "config.json").write_text(json.dumps({**config, "num_key_value_heads": groups}))
+        code, _, err = run(capsys, "plan", str(tmp_path), "--profile", "rtx-5090")
+        assert (code == 1 and "num_key_value_heads is 3, which does not divide" in err) if refused else code == 0, err
+
+
 def test_a_model_whose_inputs_the_config_does_not_fix_is_refused_with_the_python_route(capsys, tmp_path):
     from diffusers import SD3Transformer2DModel
 

@@ -112,6 +112,7 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
     config = read_config(path / MODEL_CONFIG)
     _check_layer_counts(path / MODEL_CONFIG, config)
     _check_sizes(path / MODEL_CONFIG, config)
+    _check_head_groups(path / MODEL_CONFIG, config)
     _note_quantization_config(path / MODEL_CONFIG, config)
     if named_as is not None:
         (library, class_name), field = named_as, "class"
@@ -199,6 +200,19 @@ def _check_sizes(config_path: Path, config: dict[str, Any]) -> None:
                 shown = json.dumps(config[field])[:80]
                 raise ResidencyError(f"{config_path}: {field} is {shown}; a size must be a whole number of 1 or more",
                                      hint=f"fix {field} (save_pretrained writes the model's own)")
+
+
+def _check_head_groups(config_path: Path, config: dict[str, Any]) -> None:
+    """Refuse key/value heads that do not divide the attention heads (grouped-query attention shares each among a
+    whole number of query heads): the config built, and planned (exit 0), a model whose forward fails at its first
+    attention; transformers checks it only when the model runs."""
+    heads, groups = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    whole = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (heads, groups))
+    if whole and heads % groups:
+        raise ResidencyError(f"{config_path}: num_key_value_heads is {groups}, which does not divide "
+                             f"num_attention_heads ({heads}): the model's attention cannot share its key/value heads "
+                             "among the query heads", hint="fix num_key_value_heads (a divisor of num_attention_heads; "
+                             "save_pretrained writes the model's own)")
 
 
 def _note_quantization_config(config_path: Path, config: dict[str, Any]) -> None:
