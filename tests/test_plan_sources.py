@@ -153,6 +153,15 @@ def test_a_config_naming_a_class_that_is_no_model_is_refused(capsys, tmp_path, c
     assert code == 1 and said in json.loads(out)["error"] and "Traceback" not in err
 
 
+def test_a_config_with_a_byte_order_mark_is_refused_by_what_it_is(capsys, tmp_path):
+    """Read by residency, then refused by transformers: "not a valid JSON file", with a hint to fix a field."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256}
+    (tmp_path / "config.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(config).encode())
+    code, _, err = run(capsys, "plan", str(tmp_path), "--profile", "rtx-5090")
+    assert code == 1 and "byte-order mark" in err and "without the mark" in err
+
+
 def test_key_value_heads_that_do_not_divide_the_heads_are_refused(capsys, tmp_path):
     """It planned (exit 0) a Llama whose forward fails at its first attention."""
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,

@@ -98,6 +98,11 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ResidencyError(f"{path}: the config is a JSON {type(doc).__name__}, not an object",
                              hint="give a diffusers model directory written by save_pretrained")
+    with open(path, "rb") as f:  # a regular file read whole just above: its first bytes again
+        if f.read(3) == b"\xef\xbb\xbf":  # read here, then refused by transformers as "not a valid JSON file"
+            raise ResidencyError(f"{path}: the file starts with a UTF-8 byte-order mark, which transformers and "
+                                 "diffusers refuse (they read config files as plain UTF-8 JSON)",
+                                 hint="save it without the mark (UTF-8, not 'UTF-8 with BOM')")
     return doc
 
 
