@@ -68,3 +68,21 @@ def test_a_plan_is_replaced_by_the_fastest_one_of_its_quality():
     assert fast.prediction.frame_ms < slow.prediction.frame_ms * (1 - 1e-3)
     assert fast.prediction.stall_ms == pytest.approx(0.0, abs=1e-9)
     assert all(b.placement == "resident" for b in fast.blocks)
+
+
+def test_formats_the_profile_has_no_dequant_rate_for_are_named_in_the_notes():
+    """The search skips them: a hand-edited profile without Q8_0 planned without it, and said nothing."""
+    from dataclasses import replace
+
+    from policies import get_policy
+
+    w = _encoder_then_dit()
+    full = flat_profile(link_gbps=10, tflops=1, overlap=1.0)
+    assert not [n for n in get_policy("ours")(PlanRequest(w, full, Budget(2**34, None))).notes
+                if n.startswith("not considered")]
+    rates = {f: r for f, r in full.dequant_gweights_per_s.items() if f not in ("Q8_0", "Q6_K")}
+    plan = get_policy("ours")(PlanRequest(w, replace(full, dequant_gweights_per_s=rates), Budget(2**34, None)))
+    said = [n for n in plan.notes if n.startswith("not considered")]
+    assert said == ["not considered: Q8_0, Q6_K (profile 'flat' has no dequant rate for them; `residency profile` "
+                    "measures every format)"]
+    assert not {"Q8_0", "Q6_K"} & {b.format for b in plan.blocks}

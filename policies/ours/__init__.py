@@ -22,6 +22,7 @@ from policies.base import MODE_NOTE_PREFIX, PlanRequest, PolicyFn, fits_memory, 
 from policies.ours.arrange import arrange
 from policies.ours.gap import gap_statement
 from policies.ours.modes import ModeChoice, check_request_mode, choose_modes, mode_notes, with_modes
+from policies.ours.options import CANDIDATE_FORMATS
 from policies.ours.pinning import pin_small_streamed
 from policies.ours.problem import least_memory_plan
 from policies.ours.ranking import MIN_SLACK_MS, QUALITY_SLACK, better
@@ -34,6 +35,7 @@ from policies.ours.search import (
     search,
     with_rivals_fastest,
 )
+from residency.formats.dtypes import weights_format
 from residency.plan import Plan
 from residency.simulate import lower_bound_s, predict
 from residency.units import fmt_ms
@@ -65,9 +67,22 @@ def plan(req: PlanRequest, rivals: Sequence[PolicyFn] = ()) -> Plan:
     gap = gap_statement(req, chosen, found.kv_dtype)
     modes = mode_notes(choices, chosen.blocks, req.workload)
     default = _default_frame_note(req, found, chosen)
+    unrated = _unrated_formats(req)
     notes = (*chosen.notes, *([default] if default else []), *modes, *([declined] if declined else []),
-             *([gap] if gap else []), f"planned in {time.perf_counter() - started:.2f} s")
+             *([gap] if gap else []), *([unrated] if unrated else []),
+             f"planned in {time.perf_counter() - started:.2f} s")
     return replace(chosen, notes=notes)
+
+
+def _unrated_formats(req: PlanRequest) -> str | None:
+    """A note naming the candidate formats the profile has no dequant rate for: the search skips them (a
+    hand-edited profile without Q8_0 planned without it, saying nothing), None when it has every one."""
+    plain = weights_format(req.compute_dtype)
+    missing = [f for f in CANDIDATE_FORMATS if f != plain and f not in req.profile.dequant_gweights_per_s]
+    if not missing:
+        return None
+    return (f"not considered: {', '.join(missing)} (profile {req.profile.name!r} has no dequant rate for "
+            f"{'it' if len(missing) == 1 else 'them'}; `residency profile` measures every format)")
 
 
 def _placed(req: PlanRequest, rivals: Sequence[PolicyFn]) -> tuple[Found, dict[str, ModeChoice], Plan]:
