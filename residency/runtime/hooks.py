@@ -5,7 +5,6 @@ new_forward for a hook that must wrap the whole call. Attached from outside, rem
 from __future__ import annotations
 
 import functools
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +24,7 @@ class ModelHook(NotPickled):
     # module's forward alone (~0.3 µs a call instead of pre and post). Its pre_forward/post_forward must still tell a
     # bypassed call apart: torch's hook path (a module that had torch forward hooks) calls them on every call.
     bypass: Callable[[], bool] | None = None
+    ran = False  # set by the wrapper on each call: what ForwardWatch's probe reads
     # Under torch.compile: True, the module's forward alone is traced into the compiled caller (a submodule of a
     # compiled block: a graph break there made the whole class fall back to eager); False, the hooked call runs
     # eagerly, whole (a graph break), as a block's does.
@@ -86,6 +86,7 @@ def add_hook(module: nn.Module, hook: ModelHook) -> None:
 
     if plain:
         def call(*args: Any, **kwargs: Any) -> Any:
+            hook.ran = True  # for ForwardWatch's probe of a forward replaced after attach
             hook.pre_forward(module, args, kwargs)
             try:  # free on the path that returns (Python 3.11+)
                 output = inner(*args, **kwargs)
@@ -96,6 +97,7 @@ def add_hook(module: nn.Module, hook: ModelHook) -> None:
             return output if replaced is None else replaced
     else:
         def call(*args: Any, **kwargs: Any) -> Any:
+            hook.ran = True
             return hook.new_forward(module, inner, args, kwargs)
     # torch.compile of an attached model would trace into the runtime (locks, telemetry, weight swaps) and
     # fail on its second call: under dynamo the hooked call runs eagerly, whole (a graph break around it).
@@ -117,6 +119,7 @@ def add_hook(module: nn.Module, hook: ModelHook) -> None:
             if torch.compiler.is_compiling():  # before bypass(): dynamo must not guard on the runtime's state
                 return inner(*args, **kwargs) if traced else eager(*args, **kwargs)
             if bypass():
+                hook.ran = True
                 return inner(*args, **kwargs)
             return call(*args, **kwargs)
 
@@ -175,10 +178,10 @@ def runs_user_forward_hooks(module: nn.Module) -> bool:
     return bool(hooks) and any(not isinstance(getattr(h, "__self__", h), _TorchPostHook) for h in hooks.values())
 
 
-def check_removable(module: nn.Module, label: str = "") -> None:
+def check_removable(module: nn.Module, label: Callable[[], str] | None = None) -> None:
     """Raise if another library wrapped forward after us and left its wrapper on: removing ours would silently
     drop theirs. A forward put back as it was before us, or deleted (the class's shows through), is fine: our
-    wrapper is already gone and remove_hook only forgets it. `label`: the module's path, for the message."""
+    wrapper is already gone and remove_hook only forgets it. `label()`: the module's path, asked for the message."""
     entry = module.__dict__.get(_ATTR)
     if entry is None or entry[1] is None:
         return
@@ -186,78 +189,96 @@ def check_removable(module: nn.Module, label: str = "") -> None:
     if current is entry[1] or current is None or current is entry[2]:
         return
     raise ForwardReplacedError(
-        f"{_named(module, label)}.forward was wrapped again after residency attached; detaching now would drop "
-        "that wrapper",
+        f"{_named(module, label() if label else '')}.forward was wrapped again after residency attached; taking "
+        "residency's hook off (a detach, a re-plan, a switch of plans) would drop that wrapper",
         hint="put back the forward that was in place right after attach (keep a reference to it before wrapping), "
-             "or `del module.forward` to drop every instance wrapper, then detach again")
+             "or `del module.forward` to drop every instance wrapper, then try again")
 
 
 def _named(module: nn.Module, label: str) -> str:
     return f"{label} ({type(module).__name__})" if label else type(module).__name__
 
 
-class ForwardWatch:
-    """The hooked modules' forwards, checked before each outermost call of the model: a forward deleted after attach
-    (the class's shows through) or replaced by one that never calls ours skips the hook, and the block computes on
-    whatever its slot holds (a streamed block: another block's weights; 1619 of 3000 outputs wrong, no error).
-    Nothing notifies an instance attribute's change, so it is looked at. Cost: one dict lookup and one identity test
-    per hooked module and call of the model; a wrapper that reaches ours (functools.wraps, partial, a closure) is
-    searched once and then known."""
+def bypass_reads_slot(module: nn.Module) -> bool:
+    """Whether a streamed or packed block's module, its forward run without the hook, would compute on tensors the
+    hook binds: parameters or floating buffers of its own, or buffers of a submodule that owns no parameter. A
+    submodule that owns one carries a reader hook of its own (runtime.weight_readers), which loads the block when it
+    is called outside the block's call: such a block computes right, if slower."""
+    def floating(sub: nn.Module) -> bool:
+        return any(b is not None and b.is_floating_point() for b in sub._buffers.values())
 
-    def __init__(self) -> None:
-        self._watched: list[tuple[nn.Module, dict, Callable[..., Any]]] = []
-        self._wrappers: dict[int, object] = {}  # id(module) -> a forward found to reach ours
+    def params(sub: nn.Module) -> bool:
+        return any(p is not None for p in sub._parameters.values())
+
+    return params(module) or floating(module) or any(
+        floating(sub) and not params(sub) for sub in module.modules() if sub is not module)
+
+
+class ForwardWatch:
+    """Modules whose forward must run our hook, checked before each outermost call of the model: a forward deleted
+    after attach (the class's shows through) or replaced by one that never calls ours skips the hook, and a streamed
+    block that reads tensors of its own then computes on whatever its slot holds (another block's weights; 1619 of
+    3000 outputs wrong, no error). Nothing notifies an instance attribute's change, so it is looked at: one dict
+    lookup and one identity test per watched module and call of the model.
+
+    A deleted forward is refused at once. Any other forward is proven by running it: torch hooks on that module alone,
+    for its next call, see whether ours ran inside it (a wrapper — functools.wraps, a closure, a default argument, a
+    global, accelerate's — does; a patch calling the class's forward does not, and its output is refused rather than
+    returned). A proven forward is remembered until it changes again."""
+
+    def __init__(self, refuse: Callable[[nn.Module], None]):
+        self._refuse = refuse  # raises the error naming the module
+        self._watched: list[tuple[nn.Module, dict, Callable[..., Any], ModelHook]] = []
+        self._proven: dict[int, object] = {}  # id(module) -> a forward seen to run ours
+        self._probes: dict[int, tuple[object, tuple]] = {}  # id(module) -> (the forward on probe, torch handles)
 
     def add(self, module: nn.Module) -> None:
         entry = module.__dict__.get(_ATTR)
         if entry is not None and entry[1] is not None:  # through torch's hooks: any forward still passes them
-            self._watched.append((module, module.__dict__, entry[1]))
+            self._watched.append((module, module.__dict__, entry[1], entry[0]))
+
+    @property
+    def watching(self) -> bool:
+        return bool(self._watched)
 
     def clear(self) -> None:
-        self._watched, self._wrappers = [], {}
+        for _, handles in self._probes.values():
+            for h in handles:
+                h.remove()
+        self._watched, self._proven, self._probes = [], {}, {}
 
-    def bypassed(self) -> nn.Module | None:
-        """The first watched module whose forward no longer reaches ours, else None."""
-        for module, attrs, ours in self._watched:
+    def check(self) -> None:
+        """Refuse a watched module whose forward is gone; put a probe on one whose forward is not ours."""
+        for module, attrs, ours, hook in self._watched:
             current = attrs.get("forward")
-            if current is ours or (current is not None and self._wrappers.get(id(module)) is current):
+            if current is ours or (current is not None and self._proven.get(id(module)) is current):
                 continue
-            if current is not None and reaches(current, ours):
-                self._wrappers[id(module)] = current
-                continue
-            return module
-        return None
+            if current is None:
+                self._refuse(module)
+            probe = self._probes.get(id(module))
+            if probe is None or probe[0] is not current:
+                self._probe(module, current, hook)
 
+    def _probe(self, module: nn.Module, current: object, hook: ModelHook) -> None:
+        key = id(module)
+        if key in self._probes:
+            for h in self._probes[key][1]:
+                h.remove()
 
-def reaches(fn: object, target: object, depth: int = 4) -> bool:
-    """Whether `fn` holds `target` where wrappers keep what they wrap, up to `depth` wrappers deep: itself,
-    functools.partial's function and arguments, __wrapped__ (functools.wraps, accelerate's hooks), a bound method's
-    function and object, a closure's cells, an object's attributes (a callable wrapper, a method's owner)."""
-    todo, seen = [(fn, 0)], set()
-    while todo:
-        f, d = todo.pop()
-        if f is target:
-            return True
-        if d >= depth or id(f) in seen or isinstance(f, (nn.Module, type, torch.Tensor)):
-            continue
-        seen.add(id(f))
-        held: list[object] = [getattr(f, "__wrapped__", None)]
-        if isinstance(f, functools.partial):
-            held += [f.func, *f.args, *f.keywords.values()]
-        elif isinstance(f, types.MethodType):
-            held += [f.__func__, f.__self__]
-        elif isinstance(f, types.FunctionType):
-            for cell in f.__closure__ or ():
-                try:
-                    held.append(cell.cell_contents)
-                except ValueError:  # an empty cell
-                    pass
-        else:
-            attrs = getattr(f, "__dict__", None)
-            if isinstance(attrs, dict) and len(attrs) <= 64:  # a wrapper object's few fields, not a namespace
-                held += list(attrs.values())
-        todo += [(h, d + 1) for h in held if h is not None]
-    return False
+        def enter(mod: nn.Module, args: tuple) -> None:
+            hook.ran = False
+
+        def leave(mod: nn.Module, args: tuple, output: Any) -> None:
+            for h in self._probes.pop(key, (None, ()))[1]:
+                h.remove()
+            if hook.ran:
+                self._proven[key] = current
+            else:
+                self._refuse(mod)
+
+        # prepend: before any hook of the user's that might call into the runtime; the post-hook after theirs
+        self._probes[key] = (current, (module.register_forward_pre_hook(enter, prepend=True),
+                                       module.register_forward_hook(leave)))
 
 
 def remove_hook(module: nn.Module) -> None:

@@ -32,7 +32,14 @@ from residency.runtime.closed_loop import ClosedLoop
 from residency.runtime.device_memory import DeviceMemory
 from residency.runtime.executor import Executor, version_of
 from residency.runtime.graphed import BlockForwards, block_forwards, check_block_modes
-from residency.runtime.hooks import ForwardWatch, add_hook, check_removable, has_hook, remove_hook
+from residency.runtime.hooks import (
+    ForwardWatch,
+    add_hook,
+    bypass_reads_slot,
+    check_removable,
+    has_hook,
+    remove_hook,
+)
 from residency.runtime.host_store import BlockBlob, HostStore
 from residency.runtime.ledger import DeviceBudgetExceeded, Ledger
 from residency.runtime.live_sessions import LiveSessions
@@ -110,7 +117,7 @@ class Runtime(PlanSwitching, Recovering):
         self._calls: BlockCalls | None = None
         self._memory: DeviceMemory | None = None
         self._hooked: list[nn.Module] = []  # block modules carrying a hook, and the modules that read their weights
-        self._forwards = ForwardWatch()  # refuses a call once one of their forwards no longer runs the hook
+        self._forwards = ForwardWatch(self._refuse_bypass)  # refuses a call once a forward no longer runs the hook
         self._holders: weight_readers.Holders | None = None
         self._root: nn.Module | None = None  # the model, carrying the retry hook
         # for what a failed call changed (retry_safety): the forward's parameter names, the model's buffers
@@ -262,7 +269,8 @@ class Runtime(PlanSwitching, Recovering):
                 for module in mods:
                     add_hook(module, BlockHook(calls, name) if len(mods) == 1 else GroupHook(calls, name))
                     self._hooked.append(module)
-                    self._forwards.add(module)
+                    if name in executor.volatile and bypass_reads_slot(module):
+                        self._forwards.add(module)
             # holders: readers of volatile blocks' weights, and on a GPU (weights rebound to device copies) modules
             # whose state_dict() must give the originals; a CPU plan of resident blocks only needs none
             if self._holders is None and (executor.volatile or not on_cpu):
@@ -274,7 +282,10 @@ class Runtime(PlanSwitching, Recovering):
                         if not has_hook(module):  # hooked: a block of a model attached inside this one, its own
                             add_hook(module, ReaderHook(calls, name, inside))
                             self._hooked.append(module)
-                            self._forwards.add(module)
+                            if not inside:  # inside a block, the block's own call has loaded the weights
+                                self._forwards.add(module)
+            if self._forwards.watching:  # a block call outside any unit (pipe(...)) checks the forwards too
+                calls.outside_unit = self._outside_unit_check
             holders = (h for h, _ in self._holders or ())  # outside the model: their state_dict() too
             self._state_hooks = [*state_dict_hooks(pipeline, originals, holders), *conversion_guards(pipeline)]
         except BaseException:
@@ -306,7 +317,7 @@ class Runtime(PlanSwitching, Recovering):
             self.loop.close()  # a re-plan in flight reads the original weights: let it finish first
         for module in (*self._hooked, self._root):  # before anything changes: a detach that cannot finish
             if module is not None:                  # changes nothing
-                check_removable(module, self._path_of(module) if module is not self._root else "")
+                self._check_removable(module)
         # blocks first, the model's own hook last: a call arriving meanwhile (another thread) goes through that
         # hook, so it waits for the unit lock and then runs plain; with the hook gone first it ran the block
         # hooks unlocked on an executor being stopped (AttributeError: 'NoneType' … 'submit')
@@ -339,7 +350,7 @@ class Runtime(PlanSwitching, Recovering):
         """Undo _attach. `checked` False: an attach that failed part way (each hook added is ours, and the
         compiled forwards may not be in place yet)."""
         for module in self._hooked if checked else ():
-            check_removable(module)
+            self._check_removable(module)
         self._calls.discard()  # a call still open here failed (a completed one was closed)
         self._executor.close_frame()
         self._executor.stop()
@@ -398,28 +409,35 @@ class Runtime(PlanSwitching, Recovering):
         path = self._path_of(module)
         raise ForwardReplacedError(
             f"{path} ({type(module).__name__}): its forward was deleted or replaced after residency attached, by one "
-            "that does not call residency's; the block would run without its weights in place (a streamed block reads "
-            "whatever its slot holds: another block's)",
-            hint=f"put residency's forward back (the {path}.forward in place right after attach), or wrap it rather "
-                 "than replace it (call the forward you found; functools.wraps keeps it findable); or detach first, "
-                 "change the forward, and attach again")
+            "that does not run residency's; the block computes without its weights in place (a streamed block reads "
+            "whatever its slot holds: another block's), so this call is refused",
+            hint=f"put residency's forward back (the {path}.forward in place right after attach), or have yours call "
+                 "the forward it replaced; or detach first, change the forward, and attach again")
+
+    def _check_removable(self, module: nn.Module) -> None:
+        check_removable(module, None if module is self._root else lambda: self._path_of(module))
 
     def _path_of(self, module: nn.Module) -> str:
-        """`module`'s path in the attached model (the model's name for the model itself), for messages."""
+        """`module`'s path in the attached model (the model's name for the model itself), for messages; a walk of
+        the model's modules, so only on the way to an error."""
         root = self.pipeline
         if root is not None:
             for path, m in root.named_modules(remove_duplicate=False):
                 if m is module:
                     return f"{model_label(root)}.{path}" if path else model_label(root)
-        return type(module).__name__
+        return f"a {type(module).__name__} outside the attached model"
 
     def _outside_unit_check(self) -> None:
         """Before a block's call: outside any unit of work (a diffusers pipeline called as pipe(...), which no unit
-        wraps), refuse it after modules or parameters were added while attached, as a unit's start does. A unit's
-        other check, in-place weight edits, reads every tensor's version: per unit, not per block call."""
+        wraps), refuse it after modules or parameters were added while attached, or a block's forward replaced, as a
+        unit's start does. A unit's other check, in-place weight edits, reads every tensor's version: per unit, not
+        per block call."""
+        if self._in_unit:
+            return
         structure = self._structure  # read once: a detach on another thread may clear it
-        if not self._in_unit and structure is not None:
+        if structure is not None:
             structure.check()
+        self._forwards.check()
 
     @property
     def _running_here(self) -> bool:
@@ -476,8 +494,8 @@ class Runtime(PlanSwitching, Recovering):
             self._weights.check()
         if outer and self._structure is not None:
             self._structure.check()
-        if outer and (bypassed := self._forwards.bypassed()) is not None:
-            self._refuse_bypass(bypassed)
+        if outer:
+            self._forwards.check()
         try:  # the unit's flag is set inside: a Ctrl-C just after it left every later call an inner one, unchecked
             if outer:
                 self._in_unit, self._unit_thread = True, threading.get_ident()
