@@ -136,12 +136,14 @@ def _capture(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
     int(1 × strength) = 0 of them; PixArt's one-step branch) is run again at the call's own step count, its
     denoiser calls divided by the steps it ran (the pipeline's num_timesteps)."""
     order: list[str] = []
-    try:
-        return Captured(_run_recorded(pipe, components, {**call, "num_inference_steps": 1}, order), None,
-                        tuple(order))
-    except Exception as first:  # noqa: BLE001  (a denoiser never called included: the call at its own steps says)
-        one_step = first
-    order.clear()
+    one_step: Exception | None = None
+    if _schedule_given(call) is None:  # timesteps or sigmas given set the steps whatever num_inference_steps says
+        try:
+            return Captured(_run_recorded(pipe, components, {**call, "num_inference_steps": 1}, order), None,
+                            tuple(order))
+        except Exception as first:  # noqa: BLE001  (a denoiser never called included: the call at its own steps says)
+            one_step = first
+        order.clear()
     try:
         inputs = _run_recorded(pipe, components, call, order)
     except ResidencyError:
@@ -154,8 +156,9 @@ def _capture(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
     asked, run = _steps_of(pipe, call), getattr(pipe, "_num_timesteps", None)
     steps = run if isinstance(run, int) and run > 0 else asked
     per_step = {n for n, _, _, every_step, _ in components if every_step}
-    warnings.warn(f"{type(pipe).__name__} did not run one denoise step ({error_line(one_step)}): planned from a call "
-                  f"at its own {steps} step(s), which took longer", PlanWarning, stacklevel=3)
+    if one_step is not None:
+        warnings.warn(f"{type(pipe).__name__} did not run one denoise step ({error_line(one_step)}): planned from a "
+                      f"call at its own {steps} step(s), which took longer", PlanWarning, stacklevel=3)
     return Captured({n: (a, k, max(1, c // steps) if n in per_step else c) for n, (a, k, c) in inputs.items()},
                     steps if steps != asked else None, tuple(order))
 
@@ -175,8 +178,46 @@ def _check_steps(pipe: Any, steps: int, given: bool) -> None:
                              "samples a 1000-step model in far fewer)")
 
 
+# Arguments that set the denoise schedule outright: given, the pipeline runs one step per entry and ignores
+# num_inference_steps (diffusers' retrieve_timesteps)
+SCHEDULE_ARGUMENTS = ("timesteps", "sigmas")
+
+
+def _schedule_given(call: Mapping[str, Any]) -> str | None:
+    """The schedule argument the call gives (a non-empty sequence), else None."""
+    for key in SCHEDULE_ARGUMENTS:
+        value = call.get(key)
+        if value is not None and hasattr(value, "__len__") and len(value) > 0:
+            return key
+    return None
+
+
+def _effective(pipe: Any, key: str, value: Any) -> Any:
+    """A height or width as the pipeline takes it: None is its default, default_sample_size (else its denoiser's
+    config.sample_size) × vae_scale_factor, as diffusers' text-to-image pipelines resolve it. Compared raw, a plan
+    made at the default refused a call giving that same height ("made for height=None, this call asks height=32").
+    Anything else, or a default the pipeline does not expose, as it is."""
+    if value is not None or key not in ("height", "width"):
+        return value
+    size = getattr(pipe, "default_sample_size", None)
+    if size is None:
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        size = getattr(getattr(denoiser, "config", None), "sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        size = size[0] if key == "height" else size[1]
+    if isinstance(size, int) and isinstance(scale, int):
+        return size * scale
+    return value
+
+
 def _steps_of(pipe: Any, call: Mapping[str, Any]) -> int:
-    """The call's num_inference_steps, else the pipeline's default."""
+    """The denoise steps the call asks: one per entry of its timesteps or sigmas when it gives them (a plan counted
+    the signature's 50 for a call that ran 3: 43× the prediction), else its num_inference_steps, else the pipeline's
+    default."""
+    schedule = _schedule_given(call)
+    if schedule is not None:
+        return len(call[schedule])
     return int(call.get("num_inference_steps", inspect.signature(pipe.__call__).parameters["num_inference_steps"].default))
 
 
@@ -245,7 +286,7 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
     """The pipeline's workload at the shapes of `call` (the keyword arguments of `pipe(...)`; what matters is
     SHAPE_ARGUMENTS — a prompt is padded to max_sequence_length): encode → denoise × steps → decode."""
     check_call_names(pipe, call or {})
-    given = "num_inference_steps" in (call or {})
+    given = "num_inference_steps" in (call or {}) or _schedule_given(call or {}) is not None
     call = {**_defaults_taken(pipe, call or {}), **(call or {})}
     components = _components(pipe)
     refuse_pipeline_hooks(pipe, {name: module for name, module, *_ in components})
@@ -326,12 +367,16 @@ class PipelineRuntime:
     def _check_shapes(self, kwargs: Mapping[str, Any]) -> None:
         """A call at other shapes than the plan's would run under a plan made for others: refused. Each
         argument as the pipeline takes it: given, else its signature's default."""
-        defaults = _call_parameters(self.built.modules.pipe)
+        pipe = self.built.modules.pipe
+        defaults = _call_parameters(pipe)
         for key in SHAPE_ARGUMENTS:
             if key not in defaults:
                 continue
-            planned = self.built.call.get(key, defaults[key].default)
-            asked = kwargs.get(key, defaults[key].default)
+            if key == "num_inference_steps":  # the steps run: timesteps or sigmas given set them
+                planned, asked = _steps_of(pipe, self.built.call), _steps_of(pipe, kwargs)
+            else:
+                planned = _effective(pipe, key, self.built.call.get(key, defaults[key].default))
+                asked = _effective(pipe, key, kwargs.get(key, defaults[key].default))
             if key in AT_MOST and _count(asked) and _count(planned) and asked <= planned:
                 continue  # smaller activations, the same calls: the plan's figures bound it
             if asked != planned:

@@ -157,3 +157,56 @@ def test_more_steps_than_a_plan_covers_are_refused_naming_the_argument_and_its_s
     assert "denoise steps (num_inference_steps" in err.value.message and f"num_inference_steps {source})" in err.value.message
     assert "example_inputs=dict(num_inference_steps=N)" in err.value.hint
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in pipe.unet.modules())  # refused before attaching
+
+
+def tiny_sd_euler():
+    """The text-to-image pipeline of tiny_sd_img2img's components, with a scheduler that takes timesteps=."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    parts = tiny_sd_img2img().components
+    return StableDiffusionPipeline(**{**parts, "scheduler": EulerDiscreteScheduler()})
+
+
+def test_a_call_giving_its_timesteps_is_planned_and_checked_at_their_count():
+    """The plan counted the signature's 50 steps for a call that ran 3 (43× the prediction, a false budget warning),
+    and a call of those same timesteps against a 3-step plan was refused as num_inference_steps=50."""
+    pipe = tiny_sd_euler()
+    call = dict(prompt="a cat", timesteps=[999, 600, 300], guidance_scale=7.5, output_type="np")
+    expected = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    with residency.attach(pipe, vram="100%", profile=PROFILE, backend="cpu", example_inputs=call) as rt:
+        assert rt.workload.steps == 3
+        assert np.array_equal(rt(**call, generator=torch.Generator().manual_seed(0)).images, expected)
+        rt(prompt="a cat", num_inference_steps=3, guidance_scale=7.5, output_type="np")  # the same 3 steps
+        with pytest.raises(ResidencyError, match="made for num_inference_steps=3, this call asks num_inference_steps=4"):
+            rt(**{**call, "timesteps": [999, 700, 400, 100]})
+
+
+def test_a_plan_at_the_default_height_takes_that_height_given_and_a_smaller_one():
+    """Compared raw, the default (None) refused `height=32`, the very height it ran at, and any smaller one."""
+    pipe = tiny_sd_euler()
+    call = dict(prompt="a cat", num_inference_steps=2, output_type="np")
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    with residency.attach(pipe, vram="100%", profile=PROFILE, backend="cpu", example_inputs=call) as rt:
+        assert rt(**call, height=default, width=default).images.shape[1:3] == (default, default)
+        assert rt(**call, height=default // 2, width=default // 2).images.shape[1:3] == (default // 2,) * 2
+        with pytest.raises(ResidencyError, match=f"made for height={default}, this call asks height={2 * default}"):
+            rt(**call, height=2 * default, width=2 * default)
+    with residency.attach(pipe, vram="100%", profile=PROFILE, backend="cpu",
+                          example_inputs={**call, "height": default, "width": default}) as rt:
+        assert rt(**call).images.shape[1:3] == (default, default)  # its default is the height planned
+
+
+def test_the_pipelines_fuse_qkv_projections_is_refused_while_attached_before_it_builds_anything():
+    """Fused while attached, to_qkv was built from shared slots: the next call was refused, but the pipeline stayed
+    fused and wrong after detach (0.20 off) until unfuse_qkv_projections()."""
+    pipe = tiny_sd_euler()
+    call = dict(prompt="a cat", num_inference_steps=2, output_type="np")
+    expected = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    with residency.attach(pipe, vram="100%", profile=PROFILE, backend="cpu", policy="accelerate-sequential",
+                          example_inputs=call) as rt:
+        with pytest.raises(ResidencyError, match=r"fuse_qkv_projections\(\) while residency is attached") as e:
+            pipe.fuse_qkv_projections()
+        assert "fuse before attaching" in e.value.hint
+        assert not any(name.endswith("to_qkv") for name, _ in pipe.unet.named_modules())
+        assert np.array_equal(rt(**call, generator=torch.Generator().manual_seed(0)).images, expected)
+    assert "fuse_qkv_projections" not in vars(pipe)  # the pipeline's own method again
