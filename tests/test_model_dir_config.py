@@ -144,7 +144,7 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_s
 @pytest.mark.parametrize(("change", "words"), [
     ({"torch_dtype": "bogus"}, "bogus"),
     ({"hidden_size": "abc"}, "LlamaForCausalLM refuses the config"),
-    ({"num_attention_heads": 5}, "LlamaForCausalLM refuses the config"),
+    ({"num_attention_heads": 5, "num_key_value_heads": 5}, "LlamaForCausalLM refuses the config"),  # 64 / 5
     ({"model_type": "nonexistent_model"}, "LlamaForCausalLM refuses the config"),
     ({"num_hidden_layers": 100_000}, "from 0 to 4096"),
     # each planned (exit 0): no limit on tokens, an empty vocabulary
