@@ -72,10 +72,15 @@ def read_image(path: str | os.PathLike[str], height: int, width: int) -> np.ndar
 def _rgb8(img) -> np.ndarray:
     """HxWx3 uint8 of a Pillow image, as a writable copy (torch.from_numpy warns on read-only arrays). A 16-bit
     greyscale image (modes I;16*, and I, as Pillow opens a 16-bit PNG) is scaled from 0..65535: convert("RGB")
-    clipped it at 255, and a mid-grey start image came out white."""
-    if img.mode.startswith("I"):
-        grey = np.asarray(img, dtype=np.float64)
-        grey = np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8)
+    clipped it at 255, and a mid-grey start image came out white; a float one (mode F, a TIFF) from 0..1, unless its
+    values pass 1 (then 0..255): converted, a 0..1 image came out black."""
+    if img.mode.startswith("I") or img.mode == "F":
+        grey = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        if img.mode == "F":  # floats: 0..1 as most tools write them, else taken as 0..255
+            scale = 255.0 if grey.size and grey.max() <= 1.0 else 1.0
+        else:
+            scale = 1 / 257.0
+        grey = np.clip(np.rint(grey * scale), 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
     return np.array(img.convert("RGB"))
 

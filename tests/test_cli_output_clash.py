@@ -96,6 +96,20 @@ def test_an_output_over_a_file_residency_reads_by_name_or_on_its_own_is_refused(
     code = main(["plan", "tiny", "--profile", "rx-7800-xt", "-o", str(cached)])
     assert code == 2 and "a file of residency's cache" in capsys.readouterr().err
     assert cached.read_bytes() == kept[shipped] and cache_dir() == tmp_path / "residency"
-    # beside them, a new file is fine: a profile measured into profiles/ under a new name is a developer's to add
+    # beside them, a new file is fine
     code = main(["plan", "tiny", "--profile", "rx-7800-xt", "-o", str(tmp_path / "plan.json")])
     assert code == 0, capsys.readouterr().err
+
+
+def test_profile_may_write_over_the_cached_machine_profile(tmp_path, monkeypatch):
+    """`residency profile -o <cache>/profile-cpu-mN.json` puts a full measurement where residency caches the quick one:
+    deliberate, where a plan or a trace written there is not."""
+    from residency.commands.output_clash import _owned
+    from residency.device.auto_profile import cached_profile_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached = cached_profile_path("cpu")
+    cached.parent.mkdir(parents=True)
+    cached.write_text("{}")
+    assert _owned(cached, "profile") is None
+    assert "residency's cache" in _owned(cached, "plan") and "residency's cache" in _owned(cached, "run")

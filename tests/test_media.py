@@ -55,6 +55,14 @@ def test_a_16_bit_greyscale_start_image_is_scaled_not_clipped(tmp_path):
     assert all(np.array_equal(rgb[:, :, c], expected) for c in range(3))
 
 
+def test_a_float_greyscale_start_image_is_scaled_from_0_to_1(tmp_path):
+    """convert("RGB") of a 0..1 float image (mode F, a TIFF) gave black."""
+    grey = np.random.default_rng(2).random((64, 64)).astype(np.float32)
+    Image.fromarray(grey, mode="F").save(tmp_path / "f.tiff")
+    rgb = read_image(tmp_path / "f.tiff", 64, 64)
+    assert np.array_equal(rgb[:, :, 0], np.rint(grey.astype(np.float64) * 255).astype(np.uint8))
+
+
 @pytest.mark.parametrize("width, height, message", [
     (100_000, 100_000, "more pixels than Pillow will decode"),  # Pillow's bomb error, converted
     (10_000, 10_000, "image is 10000x10000"),  # Pillow only warns; the size check refuses before decoding

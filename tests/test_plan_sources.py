@@ -172,6 +172,18 @@ def test_key_value_heads_that_do_not_divide_the_heads_are_refused(capsys, tmp_pa
         assert (code == 1 and "num_key_value_heads is 3, which does not divide" in err) if refused else code == 0, err
 
 
+def test_key_value_heads_of_a_nested_text_config_are_checked_too(capsys, tmp_path):
+    from residency.commands.config_source import _check_head_groups
+    from residency.errors import ResidencyError
+
+    config = {"architectures": ["LlavaForConditionalGeneration"],
+              "text_config": {"num_attention_heads": 4, "num_key_value_heads": 3}}
+    with pytest.raises(ResidencyError, match=r"text_config\.num_key_value_heads is 3, which does not divide"):
+        _check_head_groups(tmp_path / "config.json", config)
+    _check_head_groups(tmp_path / "config.json", {**config, "text_config": {"num_attention_heads": 4,
+                                                                           "num_key_value_heads": 2}})
+
+
 def test_a_model_whose_inputs_the_config_does_not_fix_is_refused_with_the_python_route(capsys, tmp_path):
     from diffusers import SD3Transformer2DModel
 

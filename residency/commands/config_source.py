@@ -211,13 +211,24 @@ def _check_head_groups(config_path: Path, config: dict[str, Any]) -> None:
     """Refuse key/value heads that do not divide the attention heads (grouped-query attention shares each among a
     whole number of query heads): the config built, and planned (exit 0), a model whose forward fails at its first
     attention; transformers checks it only when the model runs."""
-    heads, groups = config.get("num_attention_heads"), config.get("num_key_value_heads")
-    whole = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (heads, groups))
-    if whole and heads % groups:
-        raise ResidencyError(f"{config_path}: num_key_value_heads is {groups}, which does not divide "
-                             f"num_attention_heads ({heads}): the model's attention cannot share its key/value heads "
-                             "among the query heads", hint="fix num_key_value_heads (a divisor of num_attention_heads; "
-                             "save_pretrained writes the model's own)")
+    for where, part in _sub_configs(config):
+        heads, groups = part.get("num_attention_heads"), part.get("num_key_value_heads")
+        whole = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (heads, groups))
+        if whole and heads % groups:
+            raise ResidencyError(f"{config_path}: {where}num_key_value_heads is {groups}, which does not divide "
+                                 f"{where}num_attention_heads ({heads}): the model's attention cannot share its "
+                                 "key/value heads among the query heads", hint="fix num_key_value_heads (a divisor of "
+                                 "num_attention_heads; save_pretrained writes the model's own)")
+
+
+def _sub_configs(config: dict[str, Any], where: str = "", depth: int = 0):
+    """(prefix, dict) of the config and of the configs nested in it (a multimodal model's text_config, vision_config),
+    a few levels deep."""
+    yield where, config
+    if depth < 3:
+        for key, value in config.items():
+            if isinstance(value, dict) and key.endswith("_config") and key != "quantization_config":
+                yield from _sub_configs(value, f"{where}{key}.", depth + 1)
 
 
 def _note_quantization_config(config_path: Path, config: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ def check_outputs_apart(args: argparse.Namespace) -> None:
     for flag, out in outputs:
         if flag == "-o" and args.command == "run" and out.lower().endswith(".png"):
             continue  # numbered frames (out-0000.png …), never out.png itself; media refuses existing ones
-        owned = _owned(Path(out))
+        owned = _owned(Path(out), args.command)
         if owned is not None:
             raise UsageError(f"{flag} {out[:200]}: that is {owned}; writing there would replace it",
                              hint="write the output to another file")
@@ -50,10 +50,10 @@ def check_outputs_apart(args: argparse.Namespace) -> None:
                                  "there would replace it", hint="write the output to another file")
 
 
-def _owned(out: Path) -> str | None:
+def _owned(out: Path, command: str) -> str | None:
     """What `out` is when it is an existing file residency reads without its path being given: a shipped profile
     (`--profile rx-7800-xt`), a catalog entry (`plan flux-schnell`), a file of its cache (this machine's profile,
-    read when no --profile is given; a calibrated one). `plan tiny --profile rx-7800-xt -o profiles/rx-7800-xt.json`
+    read when no --profile is given; a calibrated one) unless `command` is `profile`, which writes one there. `plan tiny --profile rx-7800-xt -o profiles/rx-7800-xt.json`
     replaced the shipped profile with the plan, and every later use of the name failed; named by path they are
     caught as inputs (_clash). None for anything else."""
     from pipelines.catalog import catalog_dir
@@ -69,8 +69,10 @@ def _owned(out: Path) -> str | None:
         if at.suffix.lower() == ".json" and at.parent == catalog_dir().resolve():
             return f"the catalog entry {at.stem}, which `plan {at.stem}` and `inspect {at.stem}` read"
         cache = cache_dir().resolve()
-        if at.is_relative_to(cache):
-            return f"a file of residency's cache ({cache}), which it reads on its own (this machine's profile)"
+        # `profile -o` there writes what residency caches itself (a full measurement over the quick one): deliberate
+        if at.is_relative_to(cache) and command != "profile":
+            return (f"a file of residency's cache ({cache}), which it reads on its own (the machine's measured and "
+                    "calibrated profiles)")
     except (OSError, ValueError, RuntimeError):  # an unreadable or looping path: the command's own checks say why
         return None
     return None
