@@ -51,7 +51,7 @@ def planned_batches(inputs: Mapping[str, tuple[tuple, dict, int]], methods: Mapp
 
 
 # A pipeline call's arguments that set the batch, as an error names them (those the pipeline's call takes)
-BATCH_ARGUMENTS = {"prompt": "a list of prompts", "batch_size": "batch_size",
+BATCH_ARGUMENTS = {"prompt": "a list of prompts", "class_labels": "a list of class_labels", "batch_size": "batch_size",
                    "num_images_per_prompt": "num_images_per_prompt",
                    "guidance_scale": "classifier-free guidance (guidance_scale)"}
 
@@ -64,7 +64,8 @@ def batch_arguments(parameters: Iterable[str]) -> tuple[str, ...]:
 
 def _guarded(inner: Callable[..., Any], planned: PlannedBatch, set_by: tuple[str, ...]) -> Callable[..., Any]:
     said = " or ".join(BATCH_ARGUMENTS[k] for k in set_by)
-    example = {"prompt": "prompt=[…]", "batch_size": "batch_size=…"}.get(set_by[0] if set_by else "", "…")
+    example = {"prompt": "prompt=[…]", "class_labels": "class_labels=[…]",
+               "batch_size": "batch_size=…"}.get(set_by[0] if set_by else "", "…")
 
     def call(*args: Any, **kwargs: Any) -> Any:
         got = leading_dim(args, kwargs)

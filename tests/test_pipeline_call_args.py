@@ -210,3 +210,17 @@ def test_the_pipelines_fuse_qkv_projections_is_refused_while_attached_before_it_
         assert not any(name.endswith("to_qkv") for name, _ in pipe.unet.named_modules())
         assert np.array_equal(rt(**call, generator=torch.Generator().manual_seed(0)).images, expected)
     assert "fuse_qkv_projections" not in vars(pipe)  # the pipeline's own method again
+
+
+def test_a_larger_batch_of_class_labels_is_named_for_what_sets_it():
+    """A DiT pipeline's call takes class_labels, not a prompt: a longer list read "classifier-free guidance
+    (guidance_scale) sets it", with a hint of `example_inputs=dict(…, …)`."""
+    from residency.batch_guard import batch_arguments, batch_guard, planned_batches
+
+    lin = torch.nn.Linear(4, 4)
+    set_by = batch_arguments(["class_labels", "guidance_scale", "num_inference_steps"])
+    assert set_by == ("class_labels", "guidance_scale")
+    planned = planned_batches({"transformer": ((torch.zeros(2, 4),), {}, 1)}, {"transformer": "forward"})
+    with batch_guard({"transformer": lin}, planned, set_by), pytest.raises(ResidencyError) as e:
+        lin(torch.zeros(4, 4))
+    assert "a list of class_labels or classifier-free guidance" in str(e.value) and "class_labels=[…]" in e.value.hint
