@@ -26,6 +26,14 @@ from residency.units import plural
 FRAME_FORMATS = (".gif", ".png")
 IMAGE_HINT = "give a PNG or JPEG file at the model's size"
 MAX_GIF_FRAME_MS = 655_350  # GIF stores a frame's delay in 1/100 s in 16 bits
+# Browsers and most viewers play a delay under 2/100 s as 1/10 s: a 60 fps GIF (its 17 ms stored as 1/100 s) played at
+# 10 fps. 50 fps is the fastest a GIF plays as written.
+MIN_GIF_FRAME_MS = 20
+
+
+def gif_frame_ms(fps: float) -> int:
+    """A GIF frame's delay for `fps`, as the format stores it: whole 1/100 s, at least MIN_GIF_FRAME_MS."""
+    return min(MAX_GIF_FRAME_MS, max(MIN_GIF_FRAME_MS, 10 * round(100 / fps)))
 
 
 # --- the start image ---------------------------------------------------------------------------------------
@@ -206,7 +214,7 @@ def write_frames(frames: Sequence[np.ndarray], path: str | os.PathLike[str], fps
         images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
         with atomic_output(path) as tmp:
             images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                           duration=min(MAX_GIF_FRAME_MS, max(1, round(1000 / fps))), loop=0)
+                           duration=gif_frame_ms(fps), loop=0)
         return [path]
     return _write_sequence(frames, path)
 

@@ -227,3 +227,16 @@ def test_a_replan_mark_takes_a_frame_cell_and_the_rows_keep_their_width():
                                      width=66).splitlines() if line.startswith(("frame ", "compute ", "copy "))]
     assert len(rows) == 3
     assert all(len(line.rstrip()) == 66 and REPLAN_MARK in line for line in rows)
+
+
+def test_a_panel_with_more_decisions_than_it_lists_says_how_many_it_shows():
+    """"closed loop: 4 decisions, latest last" listed 3, the first dropped without a word."""
+    from residency.dashboard.panels import EVENTS_SHOWN
+
+    snap = _synthetic_snapshot()
+    extra = tuple(LoopEvent(n, "calibrated", f"frame {n}: fitted", 50.0, 40.0, None, 1.0 + n * 0.06) for n in (1, 2))
+    many = dataclasses.replace(snap, events=extra + tuple(snap.events))
+    flat = " ".join(_render(closed_loop(many, width_cells=66)).split())
+    assert f"closed loop: {len(many.events)} decisions, the latest {EVENTS_SHOWN}, last at the bottom" in flat
+    assert "frame 1: fitted" not in flat
+    assert "closed loop: 2 decisions, latest last" in " ".join(_render(closed_loop(snap, width_cells=66)).split())

@@ -206,3 +206,12 @@ def test_a_writer_killed_mid_sequence_leaves_no_frames_and_the_next_run_writes_t
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("f-")]  # no frame was published
     written = write_frames(frames(5), tmp_path / "f.png", 15.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in written]  # the temp dir is gone
+
+
+@pytest.mark.parametrize("fps, delay_ms", [(15.0, 70), (60.0, 20), (50.0, 20), (10.0, 100), (0.001, 655_350)])
+def test_a_gif_frame_delay_is_whole_hundredths_and_never_under_two(tmp_path, fps, delay_ms):
+    """At --fps 60 the 17 ms delay was stored as 1/100 s, which viewers play at 10 fps."""
+    frames = [np.full((4, 4, 3), v, dtype=np.uint8) for v in (0, 255)]
+    (gif,) = write_frames(frames, tmp_path / "o.gif", fps)
+    with Image.open(gif) as img:
+        assert img.info["duration"] == delay_ms

@@ -413,7 +413,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from residency.dashboard import Dashboard, live, require_terminal, write_trace
-    from residency.media import check_output_path, write_frames
+    from residency.media import check_output_path, gif_frame_ms, write_frames
 
     console, err = make_console(), make_console(stderr=True)
     check_loop_arguments(args, args.closed_loop, args.calibrate)
@@ -460,8 +460,13 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if snapshot is None:
             snapshot = final_snapshot(runtime)
-    written = write_frames(video, out, args.fps or GIF_FPS)
+    fps = args.fps or GIF_FPS
+    written = write_frames(video, out, fps)
     console.print(f"wrote {len(video)} frame{'s' if len(video) != 1 else ''} to {written[0]}" + (f" … {written[-1]}" if len(written) > 1 else ""))
+    if written[0].suffix.lower() == ".gif" and abs(1000 / gif_frame_ms(fps) - fps) > 0.05 * fps:
+        console.print(f"note: the GIF plays at {1000 / gif_frame_ms(fps):.3g} fps, not {fps:g}: it stores whole "
+                      f"1/100 s delays, and viewers play one under 2/100 s at 10 fps (PNG frames keep every frame "
+                      f"for a video tool: -o frames.png)")
     if trace is not None:
         write_trace(snapshot, context, trace)
         console.print(f"wrote the trace to {trace} (open in https://ui.perfetto.dev or `residency dashboard`)")

@@ -254,6 +254,8 @@ def closed_loop(snapshot: TelemetrySnapshot, width_cells: int = 66, predicted_fo
             lines.append(_ratio_row(name, [_ratio(*pick(f)) for f in recent], marks))
     events = snapshot.events[-EVENTS_SHOWN:]
     if events:
-        lines.append(Text(f"closed loop: {plural(len(snapshot.events), 'decision')}, latest last", style="dim"))
+        total = len(snapshot.events)
+        shown = f"the latest {len(events)}, last at the bottom" if total > len(events) else "latest last"
+        lines.append(Text(f"closed loop: {plural(total, 'decision')}, {shown}", style="dim"))
     lines += [Text(e.line(), style=EVENT_COLOURS.get(e.kind, "")) for e in events]
     return Group(*lines)
