@@ -223,3 +223,24 @@ def test_replan_needs_the_profile_the_plan_was_made_for():
     other = flat_profile(backend="cpu", link_gbps=3.0)
     with pytest.raises(ResidencyError, match="made for profile"):
         Runtime(make_plan(W), "cpu", workload=W, replan=small_plan, profile=other)
+
+
+def test_a_cut_set_while_detached_is_planned_for_at_the_next_attach():
+    """Set between detach and attach, a cut the plan did not fit was refused at attach (DeviceBudgetExceeded), where the
+    same cut after the first call re-planned and ran."""
+    model = Residual()
+    big = make_plan(W)
+    cut = (_held_bytes(big) + _held_bytes(small_plan(Budget(2**26), PROFILE))) // 2
+    expected = _run_fresh(small_plan(Budget(cut), PROFILE), [X])
+    rt = Runtime(big, "cpu", workload=W, replan=small_plan, profile=PROFILE)
+    rt.set_budget(cut)
+    rt.attach(model)
+    try:
+        assert rt.plan.budget.vram_bytes == cut and rt.ledger.peak_total_bytes <= cut
+        assert torch.equal(_call(model, X), expected[0])
+    finally:
+        rt.detach()
+    without = Runtime(big, "cpu", workload=W)  # no replan callable: the plan as given, refused
+    without.set_budget(cut)
+    with pytest.raises(DeviceBudgetExceeded):
+        without.attach(model)

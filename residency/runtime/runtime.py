@@ -172,7 +172,17 @@ class Runtime(PlanSwitching, Recovering):
             raise ResidencyError("the model is attached to another runtime", hint="detach() that one first")
         self._holders = None  # modules outside the blocks that hold their parameters: looked for once per attach
         with torch.inference_mode(False):  # device memory must be plain tensors: the copy thread writes them
-            self._attach(pipeline, self.plan)
+            try:
+                self._attach(pipeline, self.plan)
+            except DeviceBudgetExceeded:
+                # set_budget cut the budget while detached: re-planned for it, as a cut mid-session is (the plan was
+                # refused where the same cut after the first step re-planned and ran)
+                if self.replan is None or self.ledger.budget_bytes >= self.plan.budget.vram_bytes:
+                    raise
+                plan = self.replan(Budget(self.ledger.budget_bytes, self.plan.budget.frame_ms), self.profile)
+                check_profile(plan, self.profile)
+                self._attach(pipeline, plan)
+                self.recorder.prediction = plan.prediction
         try:
             add_hook(pipeline, RetryHook(self))
         except BaseException:
