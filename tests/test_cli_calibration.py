@@ -289,3 +289,26 @@ def test_profiles_names_this_machines_profile_or_says_it_is_not_measured(machine
     cached_profile_path("cpu").unlink()
     assert main(["profiles"]) == 0
     assert "this machine: not measured yet" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("frames, hinted", [(4, False), (8, True)])
+def test_a_prediction_25_percent_off_is_hinted_from_enough_steady_frames_only(frames, hinted):
+    """From a median of 2 steady frames the hint fired on noise (5 of 11 identical 4-frame runs)."""
+    import io
+
+    from rich.console import Console
+
+    from residency.commands.run_cmd import report_speed
+    from residency.plan import Prediction
+    from residency.telemetry import Recorder
+
+    rec = Recorder(["a"], Prediction(frame_ms=40.0, first_frame_ms=40.0, stall_ms=0.0, copy_ms=0.0, compute_ms=40.0,
+                                     link_bytes_per_frame=0, peak_bytes={}, lower_bound_ms=1.0, quality_loss=0.0))
+    t = 1.0
+    for n in range(frames + 1):
+        rec.record(n, 0, t, t, t, t + 0.050, None, 0)  # 50 ms of work a frame: 25 % over the 40 predicted
+        rec.end_frame(lambda marks: marks, 0, 0, t + 0.050)
+        t += 0.050
+    out = io.StringIO()
+    report_speed(Console(file=out, width=300), rec.snapshot(()), calibrate_hint="calibrate")
+    assert ("hint: the prediction is off by more than 20%: calibrate" in out.getvalue()) == hinted, out.getvalue()
