@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 board.update(snapshot)
         else:
             with Progress(TextColumn("latent frames"), BarColumn(), MofNCompleteColumn(), console=err,
-                          transient=True) as progress:
+                          transient=True, disable=not err.is_terminal) as progress:
                 task = progress.add_task("demo", total=len(actions))
                 video = session_setup.rollout(runtime, model.pipe, image, actions, 0, lambda i, s: progress.advance(task))
     finally:

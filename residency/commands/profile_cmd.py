@@ -165,7 +165,7 @@ def run(args) -> int:
     err = Console(stderr=True)
     started = time.perf_counter()
     with Progress(TextColumn("{task.description:<22}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
+                  TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(f"measuring {device}", total=None)
 
         def progress(label: str, done: int, total: int) -> None:

@@ -460,7 +460,8 @@ def run(args: argparse.Namespace) -> int:
                 board.update(snapshot)
         else:
             with Progress(TextColumn("latent frames"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=err, transient=True) as progress:
+                          console=err, transient=True, disable=not err.is_terminal) as progress:
+                # disabled off a terminal: transient there, it left an empty line in the log
                 task = progress.add_task("rollout", total=len(actions))
                 video = rollout(runtime, model.pipe, image, actions, args.seed,
                                 lambda i, s: progress.advance(task))
