@@ -24,6 +24,7 @@ from residency.front_door.checks import backend_name, warn_budget_beyond_device,
 from residency.front_door.foreign_hooks import refuse_pipeline_hooks
 from residency.front_door.offload_guards import OffloadGuards
 from residency.front_door.pinned_planner import PinnedPlanner, unpinned_enclosing
+from residency.front_door.pipeline_call import effective_size, schedule_given, steps_of
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, vram_bytes
 from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
@@ -137,7 +138,7 @@ def _capture(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
     denoiser calls divided by the steps it ran (the pipeline's num_timesteps)."""
     order: list[str] = []
     one_step: Exception | None = None
-    if _schedule_given(call) is None:  # timesteps or sigmas given set the steps whatever num_inference_steps says
+    if schedule_given(call) is None:  # timesteps or sigmas given set the steps whatever num_inference_steps says
         try:
             return Captured(_run_recorded(pipe, components, {**call, "num_inference_steps": 1}, order), None,
                             tuple(order))
@@ -153,7 +154,7 @@ def _capture(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
                              hint="example_inputs= is the keyword arguments of the pipeline's call, as "
                                   f"pipe(**example_inputs) runs it; check them against {type(pipe).__name__}'s "
                                   "documented arguments") from e
-    asked, run = _steps_of(pipe, call), getattr(pipe, "_num_timesteps", None)
+    asked, run = steps_of(pipe, call), getattr(pipe, "_num_timesteps", None)
     steps = run if isinstance(run, int) and run > 0 else asked
     per_step = {n for n, _, _, every_step, _ in components if every_step}
     if one_step is not None:
@@ -176,49 +177,6 @@ def _check_steps(pipe: Any, steps: int, given: bool) -> None:
                              f"{MAX_STEPS} per call", hint=f"attach with example_inputs=dict(num_inference_steps=N), "
                              f"N ≤ {MAX_STEPS}, and call the pipeline with that many steps (a scheduler such as DDIM "
                              "samples a 1000-step model in far fewer)")
-
-
-# Arguments that set the denoise schedule outright: given, the pipeline runs one step per entry and ignores
-# num_inference_steps (diffusers' retrieve_timesteps)
-SCHEDULE_ARGUMENTS = ("timesteps", "sigmas")
-
-
-def _schedule_given(call: Mapping[str, Any]) -> str | None:
-    """The schedule argument the call gives (a non-empty sequence), else None."""
-    for key in SCHEDULE_ARGUMENTS:
-        value = call.get(key)
-        if value is not None and hasattr(value, "__len__") and len(value) > 0:
-            return key
-    return None
-
-
-def _effective(pipe: Any, key: str, value: Any) -> Any:
-    """A height or width as the pipeline takes it: None is its default, default_sample_size (else its denoiser's
-    config.sample_size) × vae_scale_factor, as diffusers' text-to-image pipelines resolve it. Compared raw, a plan
-    made at the default refused a call giving that same height ("made for height=None, this call asks height=32").
-    Anything else, or a default the pipeline does not expose, as it is."""
-    if value is not None or key not in ("height", "width"):
-        return value
-    size = getattr(pipe, "default_sample_size", None)
-    if size is None:
-        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-        size = getattr(getattr(denoiser, "config", None), "sample_size", None)
-    scale = getattr(pipe, "vae_scale_factor", None)
-    if isinstance(size, (tuple, list)) and len(size) == 2:
-        size = size[0] if key == "height" else size[1]
-    if isinstance(size, int) and isinstance(scale, int):
-        return size * scale
-    return value
-
-
-def _steps_of(pipe: Any, call: Mapping[str, Any]) -> int:
-    """The denoise steps the call asks: one per entry of its timesteps or sigmas when it gives them (a plan counted
-    the signature's 50 for a call that ran 3: 43× the prediction), else its num_inference_steps, else the pipeline's
-    default."""
-    schedule = _schedule_given(call)
-    if schedule is not None:
-        return len(call[schedule])
-    return int(call.get("num_inference_steps", inspect.signature(pipe.__call__).parameters["num_inference_steps"].default))
 
 
 def _run_recorded(pipe: Any, components: list[tuple[str, nn.Module, str, bool, str]],
@@ -286,7 +244,7 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
     """The pipeline's workload at the shapes of `call` (the keyword arguments of `pipe(...)`; what matters is
     SHAPE_ARGUMENTS — a prompt is padded to max_sequence_length): encode → denoise × steps → decode."""
     check_call_names(pipe, call or {})
-    given = "num_inference_steps" in (call or {}) or _schedule_given(call or {}) is not None
+    given = "num_inference_steps" in (call or {}) or schedule_given(call or {}) is not None
     call = {**_defaults_taken(pipe, call or {}), **(call or {})}
     components = _components(pipe)
     refuse_pipeline_hooks(pipe, {name: module for name, module, *_ in components})
@@ -305,7 +263,7 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
                                      name=comp, component=comp, compute_dtype=dtype, weights_dtype=dtype)
         parts.append(ComponentPart(comp, phase, per_step, traced.workload, calls))
     title = name or type(pipe).__name__
-    steps = captured.steps_run or _steps_of(pipe, call)
+    steps = captured.steps_run or steps_of(pipe, call)
     _check_steps(pipe, int(steps), given)
     workload = join_phases(title, parts, int(steps),
                            source=f"{type(pipe).__name__}: " + ", ".join(p.component for p in parts),
@@ -373,10 +331,10 @@ class PipelineRuntime:
             if key not in defaults:
                 continue
             if key == "num_inference_steps":  # the steps run: timesteps or sigmas given set them
-                planned, asked = _steps_of(pipe, self.built.call), _steps_of(pipe, kwargs)
+                planned, asked = steps_of(pipe, self.built.call), steps_of(pipe, kwargs)
             else:
-                planned = _effective(pipe, key, self.built.call.get(key, defaults[key].default))
-                asked = _effective(pipe, key, kwargs.get(key, defaults[key].default))
+                planned = effective_size(pipe, key, self.built.call.get(key, defaults[key].default))
+                asked = effective_size(pipe, key, kwargs.get(key, defaults[key].default))
             if key in AT_MOST and _count(asked) and _count(planned) and asked <= planned:
                 continue  # smaller activations, the same calls: the plan's figures bound it
             if asked != planned:

@@ -52,10 +52,10 @@ def check_outputs_apart(args: argparse.Namespace) -> None:
 
 def _owned(out: Path, command: str) -> str | None:
     """What `out` is when it is an existing file residency reads without its path being given: a shipped profile
-    (`--profile rx-7800-xt`), a catalog entry (`plan flux-schnell`), a file of its cache (this machine's profile,
-    read when no --profile is given; a calibrated one) unless `command` is `profile`, which writes one there. `plan tiny --profile rx-7800-xt -o profiles/rx-7800-xt.json`
-    replaced the shipped profile with the plan, and every later use of the name failed; named by path they are
-    caught as inputs (_clash). None for anything else."""
+    (`--profile rx-7800-xt`), a catalog entry (`plan flux-schnell`), a file of its cache (this machine's profile, read
+    when no --profile is given; a calibrated one) unless `command` is `profile`, which writes one there.
+    `plan tiny --profile rx-7800-xt -o profiles/rx-7800-xt.json` replaced the shipped profile with the plan, and every
+    later use of the name failed; named by path they are caught as inputs (_clash). None for anything else."""
     from pipelines.catalog import catalog_dir
     from profiles import profiles_dir
     from residency.device.auto_profile import cache_dir

@@ -226,8 +226,8 @@ class ForwardWatch:
     global, accelerate's — does; a patch calling the class's forward does not, and its output is refused rather than
     returned). A proven forward is remembered until it changes again."""
 
-    def __init__(self, refuse: Callable[[nn.Module], None]):
-        self._refuse = refuse  # raises the error naming the module
+    def __init__(self, path_of: Callable[[nn.Module], str]):
+        self._path_of = path_of  # a module's path in the model, for the message
         self._watched: list[tuple[nn.Module, dict, Callable[..., Any], ModelHook]] = []
         self._proven: dict[int, object] = {}  # id(module) -> a forward seen to run ours
         self._probes: dict[int, tuple[object, tuple]] = {}  # id(module) -> (the forward on probe, torch handles)
@@ -258,6 +258,17 @@ class ForwardWatch:
             probe = self._probes.get(id(module))
             if probe is None or probe[0] is not current:
                 self._probe(module, current, hook)
+
+    def _refuse(self, module: nn.Module) -> None:
+        """The forward skips the hook: refused, before the call (deleted) or instead of its output (probed), which was
+        computed on the block's slot contents (another block's weights)."""
+        path = self._path_of(module)
+        raise ForwardReplacedError(
+            f"{path} ({type(module).__name__}): its forward was deleted or replaced after residency attached, by one "
+            "that does not run residency's; the block computes without its weights in place (a streamed block reads "
+            "whatever its slot holds: another block's), so this call is refused",
+            hint=f"put residency's forward back (the {path}.forward in place right after attach), or have yours call "
+                 "the forward it replaced; or detach first, change the forward, and attach again")
 
     def _probe(self, module: nn.Module, current: object, hook: ModelHook) -> None:
         key = id(module)

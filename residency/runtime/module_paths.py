@@ -19,6 +19,18 @@ from residency.runtime.host_store import block_tensor
 from residency.workload import BlockSpec, Workload
 
 
+def module_path(root: nn.Module | None, module: nn.Module) -> str:
+    """`module`'s path in the attached model `root` ("UNet2DModel.down_blocks.0"; the model's name for itself), for
+    messages: a walk of the model's modules, so only on the way to an error."""
+    from residency.runtime.structure_watch import model_label
+
+    if root is not None:
+        for path, m in root.named_modules(remove_duplicate=False):
+            if m is module:
+                return f"{model_label(root)}.{path}" if path else model_label(root)
+    return f"a {type(module).__name__} outside the attached model"
+
+
 def block_paths(spec: BlockSpec) -> tuple[str, ...]:
     """The module paths a block owns: BlockSpec.modules where the workload records them, else its name."""
     return spec.modules or (spec.name,)

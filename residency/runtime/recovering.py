@@ -80,6 +80,20 @@ class Recovering:
                                  hint="e.g. rt.set_budget(6 * 2**30), rt.set_budget('6GiB') or rt.set_budget('50%')")
         self.ledger.set_budget(int(budget_bytes))
 
+    def _attach_within_budget(self, pipeline) -> None:
+        """_attach the running plan; one that does not fit a budget set_budget cut while detached is re-planned for it
+        (with a replan callable), as a cut mid-session is: it was refused where the same cut after the first step
+        re-planned and ran."""
+        try:
+            self._attach(pipeline, self.plan)
+        except DeviceBudgetExceeded:
+            if self.replan is None or self.ledger.budget_bytes >= self.plan.budget.vram_bytes:
+                raise
+            plan = self.replan(Budget(self.ledger.budget_bytes, self.plan.budget.frame_ms), self.profile)
+            check_profile(plan, self.profile)
+            self._attach(pipeline, plan)
+            self.recorder.prediction = plan.prediction
+
     def _retry(self, call: Callable[..., Any], args: tuple, kwargs: dict,
                undo: Callable[[], None] | None = None, state: Callable[[], CallState] | None = None) -> Any:
         """call(*args, **kwargs); after an out-of-memory: undo(), re-plan, re-attach and call again — unless

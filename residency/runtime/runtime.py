@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from residency.device import DeviceProfile
-from residency.errors import ForwardReplacedError, ResidencyError
+from residency.errors import ResidencyError
 from residency.plan import Budget, Plan
 from residency.runtime import block_buffers, weight_readers
 from residency.runtime.attached_guards import (
@@ -36,13 +36,13 @@ from residency.runtime.hooks import (
     ForwardWatch,
     add_hook,
     bypass_reads_slot,
-    check_removable,
     has_hook,
     remove_hook,
 )
 from residency.runtime.host_store import BlockBlob, HostStore
 from residency.runtime.ledger import DeviceBudgetExceeded, Ledger
 from residency.runtime.live_sessions import LiveSessions
+from residency.runtime.model_watching import ModelWatching
 from residency.runtime.module_paths import (
     block_modules,
     block_tensors,
@@ -64,7 +64,7 @@ from residency.workload import Workload
 ReplanFn = Callable[[Budget, DeviceProfile], Plan]  # the budget left and the device's profile -> a plan for them
 
 
-class Runtime(PlanSwitching, Recovering):
+class Runtime(PlanSwitching, Recovering, ModelWatching):
     """Executes `plan` on a model through hooks; `attach(model)`, run it as usual, `detach()` (or leave a `with`).
 
     Attach finds every workload block's module(s) by path (`model.get_submodule`: the paths its BlockSpec
@@ -117,7 +117,7 @@ class Runtime(PlanSwitching, Recovering):
         self._calls: BlockCalls | None = None
         self._memory: DeviceMemory | None = None
         self._hooked: list[nn.Module] = []  # block modules carrying a hook, and the modules that read their weights
-        self._forwards = ForwardWatch(self._refuse_bypass)  # refuses a call once a forward no longer runs the hook
+        self._forwards = ForwardWatch(self._path_of)  # refuses a call once a forward no longer runs the hook
         self._holders: weight_readers.Holders | None = None
         self._root: nn.Module | None = None  # the model, carrying the retry hook
         # for what a failed call changed (retry_safety): the forward's parameter names, the model's buffers
@@ -172,17 +172,7 @@ class Runtime(PlanSwitching, Recovering):
             raise ResidencyError("the model is attached to another runtime", hint="detach() that one first")
         self._holders = None  # modules outside the blocks that hold their parameters: looked for once per attach
         with torch.inference_mode(False):  # device memory must be plain tensors: the copy thread writes them
-            try:
-                self._attach(pipeline, self.plan)
-            except DeviceBudgetExceeded:
-                # set_budget cut the budget while detached: re-planned for it, as a cut mid-session is (the plan was
-                # refused where the same cut after the first step re-planned and ran)
-                if self.replan is None or self.ledger.budget_bytes >= self.plan.budget.vram_bytes:
-                    raise
-                plan = self.replan(Budget(self.ledger.budget_bytes, self.plan.budget.frame_ms), self.profile)
-                check_profile(plan, self.profile)
-                self._attach(pipeline, plan)
-                self.recorder.prediction = plan.prediction
+            self._attach_within_budget(pipeline)
         try:
             add_hook(pipeline, RetryHook(self))
         except BaseException:
@@ -271,8 +261,6 @@ class Runtime(PlanSwitching, Recovering):
         if not on_cpu:
             self._move_buffers(hooked)
         self._calls = calls = BlockCalls(executor, enclosing, self._unit_lock)
-        structure = self._structure  # None at the first attach; a re-attach (switch, recovery) keeps what was added
-        calls.outside_unit = self._outside_unit_check if structure is not None and structure.added else None
         try:  # a failure from here on undoes the attach: a model left half hooked could not be attached again
             self._compiled = block_forwards(plan, modules, self.notes, self.backend)  # beneath the hooks
             for name, mods in modules.items():
@@ -294,8 +282,11 @@ class Runtime(PlanSwitching, Recovering):
                             self._hooked.append(module)
                             if not inside:  # inside a block, the block's own call has loaded the weights
                                 self._forwards.add(module)
-            if self._forwards.watching:  # a block call outside any unit (pipe(...)) checks the forwards too
-                calls.outside_unit = self._outside_unit_check
+            # a block call outside any unit (pipe(...)) checks what a unit's start does, once there is something to
+            # check: watched forwards, or what was added (a re-attach, switch or recovery, keeps the watch's record)
+            structure = self._structure
+            armed = self._forwards.watching or (structure is not None and structure.added)
+            calls.outside_unit = self._outside_unit_check if armed else None
             holders = (h for h, _ in self._holders or ())  # outside the model: their state_dict() too
             self._state_hooks = [*state_dict_hooks(pipeline, originals, holders), *conversion_guards(pipeline)]
         except BaseException:
@@ -406,59 +397,6 @@ class Runtime(PlanSwitching, Recovering):
                                            "or attach with a budget for every session's KV cache") from e
             self._memory.reserved["kv_cache"] = nbytes
 
-    def _arm_outside_check(self) -> None:
-        """Something was added to the model while attached: from now every block call outside a unit checks (until
-        then the hot path pays one `is None` test)."""
-        calls = self._calls
-        if calls is not None:
-            calls.outside_unit = self._outside_unit_check
-
-    def _refuse_bypass(self, module: nn.Module) -> None:
-        """A hooked module's forward was deleted or replaced after attach by one that skips the hook: refused before
-        the call, which would compute that block on its slot's contents (another block's weights)."""
-        path = self._path_of(module)
-        raise ForwardReplacedError(
-            f"{path} ({type(module).__name__}): its forward was deleted or replaced after residency attached, by one "
-            "that does not run residency's; the block computes without its weights in place (a streamed block reads "
-            "whatever its slot holds: another block's), so this call is refused",
-            hint=f"put residency's forward back (the {path}.forward in place right after attach), or have yours call "
-                 "the forward it replaced; or detach first, change the forward, and attach again")
-
-    def _check_removable(self, module: nn.Module) -> None:
-        check_removable(module, None if module is self._root else lambda: self._path_of(module))
-
-    def _path_of(self, module: nn.Module) -> str:
-        """`module`'s path in the attached model (the model's name for the model itself), for messages; a walk of
-        the model's modules, so only on the way to an error."""
-        root = self.pipeline
-        if root is not None:
-            for path, m in root.named_modules(remove_duplicate=False):
-                if m is module:
-                    return f"{model_label(root)}.{path}" if path else model_label(root)
-        return f"a {type(module).__name__} outside the attached model"
-
-    def _outside_unit_check(self) -> None:
-        """Before a block's call: outside any unit of work (a diffusers pipeline called as pipe(...), which no unit
-        wraps), refuse it after modules or parameters were added while attached, or a block's forward replaced, as a
-        unit's start does. A unit's other check, in-place weight edits, reads every tensor's version: per unit, not
-        per block call."""
-        if self._in_unit:
-            return
-        structure = self._structure  # read once: a detach on another thread may clear it
-        if structure is not None:
-            structure.check()
-        self._forwards.check()
-
-    @property
-    def _running_here(self) -> bool:
-        """The model is running on this thread — a unit of work, or a block's call outside any (a pipeline called
-        directly): what it registers is the model's own (another thread's additions meanwhile are the user's)."""
-        here = threading.get_ident()
-        if self._in_unit and self._unit_thread == here:
-            return True
-        calls = self._calls
-        return calls is not None and calls.depth > 0 and calls.thread == here
-
     def _autograd_guard(self):
         """torch.no_grad() (with the warning) when autograd is on and the running plan swaps weights in; else
         nothing."""
@@ -500,12 +438,8 @@ class Runtime(PlanSwitching, Recovering):
         start and end go to the recorder as clock marks (GPU: two events, resolved at frame end; no sync).
         """
         outer = not self._in_unit
-        if outer and self._weights is not None:
-            self._weights.check()
-        if outer and self._structure is not None:
-            self._structure.check()
         if outer:
-            self._forwards.check()
+            self._check_unchanged()
         try:  # the unit's flag is set inside: a Ctrl-C just after it left every later call an inner one, unchecked
             if outer:
                 self._in_unit, self._unit_thread = True, threading.get_ident()
