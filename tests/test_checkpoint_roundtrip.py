@@ -36,6 +36,7 @@ def tensors():
     return {
         "blocks.0.attn.weight": torch.randn(3, 256, generator=g),  # non-square 2-D
         "blocks.0.ff.weight": torch.randn(2, 4, 256, generator=g),  # 3-D
+        "blocks.0.conv3d.weight": torch.randn(2, 3, 1, 2, 256, generator=g),  # 5-D: past ggml's 4 dims
         "blocks.0.norm.bias": torch.randn(256, generator=g),  # 1-D: falls back for quantized defaults
         "logit_scale": torch.tensor(2.5),  # 0-D
     }
@@ -81,9 +82,11 @@ def test_gguf_shapes_are_torch_order_and_ggml_dims_reversed(tmp_path, tensors):
     raw = {t.name: [int(d) for d in t.shape] for t in GGUFReader(path).tensors}
     assert raw["blocks.0.attn.weight"] == [256, 3]
     assert raw["blocks.0.ff.weight"] == [256, 4, 2]
+    assert raw["blocks.0.conv3d.weight"] == [256, 2, 1, 6]  # leading dims folded: a file llama.cpp loads
     with open_checkpoint(path) as ck:
         assert ck.entries["blocks.0.attn.weight"].shape == (3, 256)
         assert ck.entries["blocks.0.ff.weight"].shape == (2, 4, 256)
+        assert ck.entries["blocks.0.conv3d.weight"].shape == (2, 3, 1, 2, 256)
 
 
 def test_reads_gguf_written_by_gguf_py_with_reference_quantizer(tmp_path):

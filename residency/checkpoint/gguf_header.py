@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from residency.checkpoint.errors import broken
-from residency.checkpoint.limits import MAX_DIMS, MAX_NAME_BYTES, MAX_TENSORS, check_name, check_tensor_count
+from residency.checkpoint.limits import MAX_NAME_BYTES, MAX_TENSORS, check_name, check_tensor_count
 from residency.checkpoint.sniff import HEAD_BYTES, content_kind, named_otherwise
 
 # GGUFValueType → struct code; 8 = STRING, 9 = ARRAY.
@@ -46,6 +46,7 @@ MAX_ARRAY_DEPTH = 3
 MAX_METADATA_KEYS = 2 * MAX_TENSORS + 4096
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+GGML_MAX_DIMS = 4  # ggml.h; llama.cpp's gguf reader refuses a tensor of more
 MAX_ALIGNMENT = 1 << 16  # llama.cpp writes 32; anything past a large page is a lie
 
 
@@ -222,8 +223,9 @@ def _tensor_infos(c: _Cursor, n_tensors: int) -> list[GGUFTensorInfo]:
         if size - pos < 4:
             c.take(4, f"tensor {name!r:.60} rank")
         n_dims = _U32.unpack_from(buf, pos)[0]
-        if n_dims > MAX_DIMS:
-            raise broken(path, f"GGUF tensor {name!r:.60} claims {n_dims} dimensions")
+        if n_dims > GGML_MAX_DIMS:  # a file no llama.cpp build loads
+            raise broken(path, f"GGUF tensor {name!r:.60} claims {n_dims} dimensions; GGUF allows at most "
+                               f"{GGML_MAX_DIMS}")
         if size - pos < 4 + 8 * n_dims + 12:
             c.take(4 + 8 * n_dims + 12, f"tensor {name!r:.60} dims, type and offset")
         dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)

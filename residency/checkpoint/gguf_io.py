@@ -6,6 +6,7 @@ FP8 and NF4 have no ggml type: they travel as I8 bytes plus residency.* string m
 
 from __future__ import annotations
 
+import math
 import mmap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from residency.checkpoint.entry import (
     shape_to_str,
 )
 from residency.checkpoint.errors import broken
-from residency.checkpoint.gguf_header import STRING, GGUFTensorInfo, parse_gguf_header
+from residency.checkpoint.gguf_header import GGML_MAX_DIMS, STRING, GGUFTensorInfo, parse_gguf_header
 from residency.checkpoint.limits import container_nbytes
 from residency.checkpoint.packing import PackedTensor
 from residency.checkpoint.safetensors_io import LeftOut
@@ -138,6 +139,9 @@ def write_gguf(path: Path, tensors: Sequence[PackedTensor], metadata: Mapping[st
                 continue
             if not t.shape:
                 _add_string(writer, SHAPE_KEY + t.name, "")
+            elif len(shape) > GGML_MAX_DIMS:  # a Conv3d weight: its leading dims folded into one, the shape kept aside
+                _add_string(writer, SHAPE_KEY + t.name, shape_to_str(t.shape))
+                shape = (math.prod(shape[: 1 - GGML_MAX_DIMS]), *shape[1 - GGML_MAX_DIMS :])
             # GGUFWriter infers the ggml shape of a raw uint8 array from its byte shape.
             byte_shape = (*shape[:-1], shape[-1] // fmt.block_weights * fmt.block_bytes)
             writer.add_tensor(t.name, data.reshape(byte_shape), raw_dtype=GGMLQuantizationType(fmt.gguf_type))
