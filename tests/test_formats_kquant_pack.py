@@ -95,6 +95,9 @@ def _edge_blocks() -> dict[str, np.ndarray]:
 def test_edge_cases_decode_finite(name, case):
     w = _edge_blocks()[case]
     r = roundtrip(name, w)
+    if case == "nonfinite":  # carried through as eager would compute with them, never quietly made finite
+        assert np.isnan(r).all()
+        return
     assert np.isfinite(r).all()
     if case == "zeros":
         assert not r.any()
@@ -105,6 +108,35 @@ def test_edge_cases_decode_finite(name, case):
     elif case == "tiny":
         # below fp16's smallest scale step: reconstructed as (near) zero, never blown up
         assert np.abs(r).max() <= 1e-6
+
+
+@pytest.mark.parametrize("name", KQUANTS)
+@pytest.mark.parametrize("std", [1e-4, 3e-5, 1e-5, 3e-6, 1e-6])
+def test_small_weights_keep_their_accuracy(name, std):
+    # a super-scale under fp16's smallest normal (and then subnormal) must not round to 0: Q4_K at std 3e-6
+    # decoded as its mins alone (error 2.2, worse than zeros), Q6_K at 3e-5 as zeros
+    w = np.random.default_rng(11).standard_normal((8, 1024)).astype(np.float32) * std
+    assert rel_err(w, roundtrip(name, w)) < 2 * MAX_REL[name]
+
+
+@pytest.mark.parametrize("name", KQUANTS)
+@pytest.mark.parametrize("std", [1e-7, 3e-8, 1e-8, 1e-9])
+def test_weights_below_any_scale_are_never_worse_than_zeros(name, std):
+    w = np.random.default_rng(12).standard_normal((8, 1024)).astype(np.float32) * std
+    r = roundtrip(name, w)
+    assert rel_err(w, r) <= 1.0
+    # per sub-block too: no block's decoded grid is further from its weights than zeros are
+    per = 16 if name == "Q6_K" else 32
+    wb, rb = w.reshape(-1, per), r.reshape(-1, per)
+    assert (np.square(wb - rb).sum(1) <= np.square(wb).sum(1) * (1 + 1e-5)).all()
+
+
+def test_one_nonfinite_weight_poisons_only_its_super_block():
+    w = np.random.default_rng(13).standard_normal((2, 512)).astype(np.float32)
+    w[1, 300] = np.nan
+    for name in KQUANTS:
+        r = roundtrip(name, w)
+        assert np.isnan(r[1, 256:]).all() and np.isfinite(r[:, :256]).all() and np.isfinite(r[0]).all(), name
 
 
 @pytest.mark.parametrize("name", KQUANTS)

@@ -39,8 +39,13 @@ def _prepare(blocks: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _f16(v: Tensor) -> Tensor:
-    """fp16 of a non-negative super-block scale, saturating instead of overflowing to inf."""
-    return v.clamp(0.0, _F16_MAX).to(torch.float16)
+    """fp16 of a non-negative super-block scale, rounded up (so every sub-block scale codes within the 6/8-bit
+    range) and saturating instead of overflowing to inf. Rounded to nearest, a scale below fp16's smallest
+    subnormal (6e-8: weights of std ~3e-6 at Q4_K) became 0 and its block decoded as its mins alone: twice the
+    error of storing zeros; rounded up it stays a coarse but working step."""
+    h = v.clamp(0.0, _F16_MAX).to(torch.float16)
+    up = (h.float() < v) & (h < _F16_MAX)
+    return torch.where(up, (h.view(torch.int16) + 1).view(torch.float16), h)  # bits + 1: the next fp16 above
 
 
 def _f16_bytes(v: Tensor) -> Tensor:
@@ -136,6 +141,10 @@ def _quant_affine(blocks: Tensor, nmax: int, steps: list[float]) -> tuple[Tensor
                 err = torch.where(better, e2, err)
                 best_ls, best_lm = torch.where(better, ls2, best_ls), torch.where(better, lm2, best_lm)
                 q = torch.where(better.unsqueeze(-1), q2, q)
+    # a sub-block whose coded grid is worse than zeros (a scale that coded to 0 beside a min that did not)
+    # stores zeros
+    zero = err > xb.square().sum(-1)
+    best_ls, best_lm = best_ls.masked_fill(zero, 0), best_lm.masked_fill(zero, 0)
     return d, dmin, _pack_scales_6bit(best_ls.to(torch.uint8), best_lm.to(torch.uint8)), q.to(torch.uint8)
 
 
@@ -217,6 +226,7 @@ def _q6_k(blocks: Tensor) -> Tensor:
         err = torch.where(better, e2, err)
         ls = torch.where(better, ls2, ls)
         q = torch.where(better.unsqueeze(-1), q2, q)
+    ls = ls.masked_fill(err > xb.square().sum(-1), 0)  # worse than zeros: zeros
     q = (q + 32).to(torch.uint8).reshape(nb, 256)
     # low nibbles: byte 64h+j holds weight 128h+j (low) and 128h+64+j (high)
     lo = (q & 0x0F).reshape(nb, 2, 2, 64)
@@ -230,7 +240,14 @@ def _q6_k(blocks: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------- public
 
 
-def _chunked(fn: Callable[[Tensor], Tensor], type_size: int) -> Callable[[Tensor], Tensor]:
+_F16_NAN = torch.tensor([float("nan")], dtype=torch.float16).view(torch.uint8)
+
+
+def _chunked(fn: Callable[[Tensor], Tensor], type_size: int, d_at: int) -> Callable[[Tensor], Tensor]:
+    """`fn` over chunks of super-blocks; a super-block holding NaN or ±inf gets a NaN super-scale (bytes d_at,
+    d_at + 1), so it decodes as NaN as eager would compute with it, not as quiet finite numbers (the legacy
+    formats carry NaN through their scale the same way)."""
+
     def quant(blocks: Tensor) -> Tensor:
         if blocks.dim() != 2 or blocks.shape[1] != QK:
             raise ValueError(f"expected (n_blocks, {QK}) weights, got {tuple(blocks.shape)}")
@@ -238,6 +255,9 @@ def _chunked(fn: Callable[[Tensor], Tensor], type_size: int) -> Callable[[Tensor
         out = torch.empty(blocks.shape[0], type_size, dtype=torch.uint8)
         for i in range(0, blocks.shape[0], _CHUNK):
             out[i : i + _CHUNK] = fn(blocks[i : i + _CHUNK])
+        bad = ~torch.isfinite(blocks).all(1)
+        if bool(bad.any()):
+            out[bad, d_at : d_at + 2] = _F16_NAN
         return out
 
     quant.__name__ = quant.__qualname__ = f"quant{fn.__name__}"
@@ -246,7 +266,7 @@ def _chunked(fn: Callable[[Tensor], Tensor], type_size: int) -> Callable[[Tensor
 
 # f32 (n_blocks, 256) -> uint8 (n_blocks, type_size), readable by gguf.quants.dequantize
 QUANT_K: dict[str, Callable[[Tensor], Tensor]] = {
-    "Q4_K": _chunked(_q4_k, 144),
-    "Q5_K": _chunked(_q5_k, 176),
-    "Q6_K": _chunked(_q6_k, 210),
+    "Q4_K": _chunked(_q4_k, 144, 0),
+    "Q5_K": _chunked(_q5_k, 176, 0),
+    "Q6_K": _chunked(_q6_k, 210, 208),
 }

@@ -385,13 +385,21 @@ def _owners(model: nn.Module, unit_modules: list[tuple[str, ...]], names: list[s
     for n, t in chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
         aliases.setdefault(id(t), []).append(n)
     by_name = {n: group for group in aliases.values() for n in group}
+    # module path -> the units holding it; a weight is looked up by each of its name's dotted prefixes (a scan of
+    # every unit per weight took 200 s on a 4096-layer model)
+    units_at: dict[str, list[int]] = {}
+    for i, paths in enumerate(unit_modules):
+        for p in paths:
+            units_at.setdefault(p, []).append(i)
+    whole = units_at.get("", [])  # a unit of the whole model holds every weight
     out = {}
     for name in names:
-        held = set()
+        held = set(whole)
         for alias in by_name.get(name, [name]):
-            for i, paths in enumerate(unit_modules):
-                if any(p == "" or alias.startswith(p + ".") for p in paths):
-                    held.add(i)
+            dot = alias.find(".")
+            while dot >= 0:
+                held.update(units_at.get(alias[:dot], ()))
+                dot = alias.find(".", dot + 1)
         if held:
             out[name] = frozenset(held)
     return out
