@@ -8,6 +8,7 @@ counter), and the host memory goes back.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from torch import nn
 import residency.device.host_memory as host_ram  # looked up per call: tests patch host_ram.host_memory
 from residency.errors import ResidencyError
 from residency.formats import get_format
+from residency.runtime import pack_loss
+from residency.runtime.pack_loss import LossExcess
 from residency.units import fmt_bytes
 from residency.workload import BlockSpec
 
@@ -56,6 +59,7 @@ class BlockBlob:
     format: str  # the plan's storage format for the block
     layout: BlobLayout
     data: torch.Tensor  # flat uint8, CPU, layout.nbytes long
+    excess: tuple[LossExcess, ...] = ()  # tensors that lost far more when packed than the plan assumed
 
     @property
     def nbytes(self) -> int:
@@ -104,13 +108,18 @@ def pack_block(block: str, module: nn.Module, spec: BlockSpec, fmt_name: str,
     """Quantize every tensor of the block with its effective format into one blob (host, seconds for K-quants)."""
     layout = blob_layout(spec, fmt_name)
     blob = BlockBlob(block, fmt_name, layout, torch.zeros(layout.nbytes, dtype=torch.uint8))
+    excess = []
     for i, e in enumerate(layout.entries):
         weight = tensors[e.name] if tensors is not None else block_tensor(module, e.name)
         if tuple(weight.shape) != e.shape:
             raise ResidencyError(f"block {block}: tensor {e.name} has shape {tuple(weight.shape)}, the workload "
                                  f"says {e.shape}", hint="the plan's workload does not describe this model")
-        blob.repack(i, weight)
-    return blob
+        packed = blob.repack(i, weight)
+        if e.own_dtype is None:
+            found = pack_loss.measure(block, e.name, e.format, weight, packed)
+            if found is not None:
+                excess.append(found)
+    return dataclasses.replace(blob, excess=tuple(excess)) if excess else blob
 
 
 # block module -> {(workload fingerprint, format): (weights token, blob)}; an entry dies with its model.
@@ -176,11 +185,15 @@ class HostStore:
                 "memory.max, whichever is lower)",
                 hint="close other programs, raise the container's memory limit, or plan with a smaller --vram "
                 "or smaller formats")
+        excess = []
         for block, module, spec, fmt, tensors in todo:
             blob = pack_block(block, module, spec, fmt, tensors)
             _CACHE.setdefault(module, {})[(self.fingerprint, fmt)] = (_weights_token(tensors), blob)
             self.blobs[block] = blob
             self.packed_now_bytes += blob.nbytes
+            excess += blob.excess
+        pack_loss.warn_excess(excess + [e for blob in (ready or {}).values() for e in blob.excess
+                                        if self.blobs.get(blob.block) is blob])
 
     def release(self) -> None:
         """Forget every blob of this workload cached on the modules this store packed or reused, and its own:

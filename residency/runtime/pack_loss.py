@@ -1,0 +1,70 @@
+"""The loss a packed weight really has, against the loss the plan assumed for its format.
+
+The planner prices a format by its error on a probe matrix of unit-scale weights (simulate.quality). Real
+weights can lose far more: values too small for a format's fp16 scales (Q8_0 at weight RMS 1e-5 loses 10x its
+nominal error, at 1e-6 nearly everything), outliers no probe has. Packing has both the weights and their bytes,
+so each lossy tensor is decoded once and measured; one far beyond the assumption is reported, not hidden.
+Cost: one unpack into an fp32 temporary per packed tensor (a few ms per 16 M weights, against the seconds a
+K-quant pack takes).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from residency.errors import PlanWarning, user_stacklevel
+from residency.formats import get_format
+from residency.formats.base import relative_rms_error
+from residency.simulate.quality import format_error
+
+# Reported when the measured error exceeds the assumed one by both: a factor (a real weight set spreads ~±30 %
+# around the probe's figure) and an absolute step (F16 at RMS 1e-5 loses 6x its tiny nominal 0.02 %: harmless).
+EXCESS_FACTOR = 3.0
+EXCESS_ABS = 0.02
+
+
+@dataclass(frozen=True)
+class LossExcess:
+    """One packed tensor whose relative RMS error is far beyond what the plan assumed for its format."""
+
+    block: str
+    tensor: str  # relative to the block
+    format: str
+    measured: float  # relative RMS error of the packed bytes against the weights
+    assumed: float  # the format's error as the planner priced it
+    rms: float  # the weights' RMS (small values are the usual cause)
+
+
+def measure(block: str, tensor: str, fmt_name: str, weight: torch.Tensor, packed: torch.Tensor) -> LossExcess | None:
+    """The excess of one packed tensor, or None when its loss is within what the plan assumed (or the format
+    is exact: F32)."""
+    if fmt_name == "F32" or weight.numel() == 0:
+        return None
+    w = weight.detach().to("cpu", torch.float32).reshape(weight.shape)
+    decoded = get_format(fmt_name).dequantize(packed, tuple(w.shape) or (1,), torch.float32).reshape(w.shape)
+    measured = relative_rms_error(w, decoded)
+    if not math.isfinite(measured):  # non-finite weights decode as NaN on purpose (eager computes with them)
+        return None
+    assumed = format_error(fmt_name)
+    if measured <= max(EXCESS_FACTOR * assumed, assumed + EXCESS_ABS):
+        return None
+    rms = float(torch.linalg.vector_norm(w.double()).item() / math.sqrt(w.numel()))
+    return LossExcess(block, tensor, fmt_name, measured, assumed, rms)
+
+
+def warn_excess(excess: list[LossExcess]) -> None:
+    """One PlanWarning naming the worst few tensors (the plan's quality loss did not count them)."""
+    if not excess:
+        return
+    worst = sorted(excess, key=lambda e: -e.measured / max(e.assumed, 1e-12))
+    shown = "; ".join(f"{e.block}.{e.tensor} in {e.format} loses {e.measured:.1%} where {e.assumed:.1%} was assumed "
+                      f"(weights RMS {e.rms:.1e})" for e in worst[:3])
+    more = f"; and {len(worst) - 3} more tensors" if len(worst) > 3 else ""
+    warnings.warn(f"packed weights lose far more than the plan assumed: {shown}{more}. The plan's quality loss does "
+                  "not count this: values this small (or outliers this large) fall outside what the format's scales "
+                  "hold. A larger vram budget keeps such blocks in a float format (or give a plan that does: plan=)",
+                  PlanWarning, stacklevel=user_stacklevel())
