@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # `import residency` (and the CLI's start) must not pay.
 _EXPORTS = {
     "attach": "residency.front_door",
+    "detach": "residency.front_door",
     "Runtime": "residency.runtime",
     "DeviceProfile": "residency.device",
     "load_profile": "residency.device",

@@ -97,12 +97,13 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
                                   "a diffusers pipeline or a WorldModelPipeline")
     if has_hook(target):  # before planning: its counted forward would run through the other runtime
         raise ResidencyError(f"{type(target).__name__} is attached to a runtime already",
-                             hint="detach() that runtime (or leave its `with` block) first")
+                             hint="detach() that runtime (or leave its `with` block) first; without it at hand: "
+                                  "residency.detach(model)")
     inner = next((n for n, m in target.named_modules() if n and has_hook(m)), None)
     if inner is not None:  # before planning too: a tight budget said "no plan fits", hiding this
         raise ResidencyError(f"{type(target).__name__}.{inner} is attached to another runtime",
-                             hint="detach() that runtime (or leave its `with` block) first, then attach the whole "
-                                  "model")
+                             hint="detach() that runtime (or leave its `with` block; residency.detach(that part) "
+                                  "without it at hand) first, then attach the whole model")
     refuse_foreign_hooks(target, type(target).__name__)
     _refuse_unhookable(target)
     refuse_inference_parameters(target)  # before planning (Runtime.attach checks again, for every caller)

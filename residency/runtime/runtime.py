@@ -169,7 +169,7 @@ class Runtime(PlanSwitching, Recovering, ModelWatching):
         if self.pipeline is not None:
             raise ResidencyError("this runtime is already attached", hint="detach() it first")
         if has_hook(pipeline):
-            raise ResidencyError("the model is attached to another runtime", hint="detach() that one first")
+            raise ResidencyError("the model is attached to another runtime", hint="detach() that one first (residency.detach(model), without it at hand)")
         self._holders = None  # modules outside the blocks that hold their parameters: looked for once per attach
         with torch.inference_mode(False):  # device memory must be plain tensors: the copy thread writes them
             self._attach_within_budget(pipeline)
@@ -208,7 +208,7 @@ class Runtime(PlanSwitching, Recovering, ModelWatching):
         modules = {n: tuple({id(m): m for m in mods}.values()) for n, mods in found.items() if n not in enclosing}
         hooked = [m for mods in modules.values() for m in mods]
         if any(has_hook(m) for m in hooked):
-            raise ResidencyError("the model's blocks are attached to another runtime", hint="detach() that one first")
+            raise ResidencyError("the model's blocks are attached to another runtime", hint="detach() that one first (residency.detach(model), without it at hand)")
         check_block_formats(plan)
         tensors = block_tensors(pipeline, self.workload, found)
         check_block_tensors(plan, self.workload, tensors)
