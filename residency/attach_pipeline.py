@@ -31,6 +31,7 @@ from residency.runtime import Runtime
 from residency.runtime.attached_guards import refuse_inference_parameters
 from residency.runtime.closed_loop import LoopOptions, enable_loop, loop_options
 from residency.runtime.ledger import DeviceBudgetExceeded
+from residency.runtime.not_pickled import NotCopiedRuntime
 from residency.runtime.structure_watch import LABEL_KEY
 from residency.units import fmt_bytes, size_at_least
 from residency.workload import ModuleWorkloadWarning, Workload, module_workload
@@ -274,7 +275,7 @@ def pipeline_workload(pipe: Any, call: Mapping[str, Any] | None = None, name: st
     return PipelineWorkload(workload, modules, dtype, call)
 
 
-class PipelineRuntime:
+class PipelineRuntime(NotCopiedRuntime):
     """The runtime attached to a pipeline's components. Call it as the pipeline (`rt(prompt, …)`), or call
     the pipeline itself: both run under the plan, but only a call through the runtime has its shapes checked
     and is retried whole after an out-of-memory (its generators rewound: the retry draws the same noise).

@@ -58,3 +58,16 @@ def test_a_pipeline_is_detached_by_name_offload_guards_and_all():
     assert not any(has_hook(m) for m in pipe.unet.modules())
     with pytest.raises(ResidencyError, match="DDPMPipeline is not attached"):
         residency.detach(pipe)
+
+
+def test_a_runtime_refuses_copy_and_pickling_by_name():
+    import copy
+    import pickle
+
+    model = Small()
+    with attach_small(model, vram="40%") as rt:
+        for op in (copy.deepcopy, copy.copy, pickle.dumps):
+            with pytest.raises(ResidencyError, match="Runtime") as e:
+                op(rt)
+            assert "save_plan" in e.value.hint
+        assert torch.equal(model(X), model(X))  # still attached and running

@@ -53,3 +53,20 @@ def allow_copies(model: Any) -> None:
     for name in ("__deepcopy__", "__reduce_ex__"):
         if isinstance(model.__dict__.get(name), _InstanceRefusal):
             del model.__dict__[name]
+
+
+class NotCopiedRuntime:
+    """A runtime (threads, device memory, the attached model's hooks) refuses copy and pickling by name: they
+    failed deep inside with "cannot pickle '_thread.lock' object"."""
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise ResidencyError(f"copy.deepcopy of a {type(self).__name__}: it holds threads, device memory and the "
+                             "attached model, which a copy cannot share or duplicate", hint=_RUNTIME_HINT)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise ResidencyError(f"pickling (or copying) a {type(self).__name__}: it holds threads, device memory and "
+                             "the attached model", hint=_RUNTIME_HINT)
+
+
+_RUNTIME_HINT = ("keep its plan instead — residency.save_plan(rt.plan, path) — and attach again with plan=path; "
+                 "attach a copy of the model for a second runtime")

@@ -51,6 +51,7 @@ from residency.runtime.module_paths import (
     check_bound_blocks,
     warn_unplanned,
 )
+from residency.runtime.not_pickled import NotCopiedRuntime
 from residency.runtime.plan_switching import PlanSwitching, check_profile
 from residency.runtime.recovering import Recovering, RetryHook
 from residency.runtime.retry_safety import CallState, input_names, model_buffers
@@ -64,7 +65,7 @@ from residency.workload import Workload
 ReplanFn = Callable[[Budget, DeviceProfile], Plan]  # the budget left and the device's profile -> a plan for them
 
 
-class Runtime(PlanSwitching, Recovering, ModelWatching):
+class Runtime(PlanSwitching, Recovering, ModelWatching, NotCopiedRuntime):
     """Executes `plan` on a model through hooks; `attach(model)`, run it as usual, `detach()` (or leave a `with`).
 
     Attach finds every workload block's module(s) by path (`model.get_submodule`: the paths its BlockSpec
