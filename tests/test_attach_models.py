@@ -286,3 +286,17 @@ def test_warnings_of_the_workload_builder_reach_the_caller():
     assert any("spare.weight" in str(w.message) for w in caught)
     # named at this line, the caller's: a fixed stacklevel named residency/front_door/attach_any.py
     assert all(w.filename == __file__ for w in caught if w.category is ModuleWorkloadWarning)
+
+
+def test_a_model_set_up_to_train_is_refused_at_its_call_under_a_plan_that_swaps_weights():
+    model, (ids,) = build("llama")
+    model.gradient_checkpointing_enable()
+    model.train()
+    with residency.attach(model, vram="40%", profile=PROFILE, backend="cpu", example_inputs=(ids,)) as rt:
+        assert any(b.placement != "resident" for b in rt.plan.blocks)
+        with pytest.raises(ResidencyError, match="set up to train") as e:
+            model(input_ids=ids, labels=ids)
+        assert "gradient_checkpointing_disable" in e.value.hint
+        model.eval()  # inference, the same model: runs
+        with torch.inference_mode():
+            model(input_ids=ids)

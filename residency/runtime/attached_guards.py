@@ -159,3 +159,22 @@ def refuse_grad_inputs(args: tuple, kwargs: dict) -> None:
                                   "keeps every block resident (autograd then works as without residency; a share "
                                   "such as '100%' counts the weights only); or call it with inputs that do not "
                                   "require grad (x.detach())")
+
+
+def refuse_training(model: nn.Module | None) -> None:
+    """Raise ResidencyError for a call, under a plan that swaps weights in, of a model set up to train: in training
+    mode with gradient checkpointing on (transformers' gradient_checkpointing_enable(), diffusers' enable_gradient_
+    checkpointing()). It ran without autograd (warned), and the backward after it failed in torch ("element 0 of
+    tensors does not require grad"). Cost: a walk over the modules, on calls with autograd on only."""
+    if model is None or not model.training:
+        return
+    on = getattr(model, "is_gradient_checkpointing", None)
+    if on is None:
+        on = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    if on is True:
+        raise ResidencyError(f"{type(model).__name__} is set up to train (training mode, gradient checkpointing on), "
+                             "but the plan streams or packs blocks, so it runs without autograd: their weights' "
+                             "memory is reused, and gradients through them would be wrong",
+                             hint="detach the runtime to train; or attach with a vram= large enough that the plan "
+                                  "keeps every block resident; for inference, model.eval() (and "
+                                  "gradient_checkpointing_disable())")

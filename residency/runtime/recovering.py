@@ -17,7 +17,7 @@ from residency.budget_size import vram_bytes
 from residency.errors import ResidencyError
 from residency.formats.dtypes import DTYPE_FORMAT
 from residency.plan import Budget
-from residency.runtime.attached_guards import refuse_grad_inputs
+from residency.runtime.attached_guards import refuse_grad_inputs, refuse_training
 from residency.runtime.hooks import ModelHook
 from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.runtime.not_pickled import allow_copies, refuse_copies
@@ -103,6 +103,7 @@ class Recovering:
             return call(*args, **kwargs)
         if self._swaps and torch.is_grad_enabled():  # before anything runs (the call then runs without autograd)
             refuse_grad_inputs(args, kwargs)
+            refuse_training(self.pipeline)
         self._retrying = True
         try:
             for attempt in range(MAX_RECOVERIES + 1):
