@@ -40,3 +40,12 @@ def command_name() -> str:
         except ValueError:  # another drive (Windows)
             return str(script)
     return f"{Path(sys.executable).name} -m residency"
+
+
+def working(text: str):
+    """A spinner on stderr saying what a long step is doing ("tracing the forward of a 4096-layer model" takes a
+    minute), gone when it ends; nothing off a terminal (a log or a pipe gets no control codes)."""
+    import contextlib
+
+    err = make_console(stderr=True)
+    return err.status(text, spinner="dots") if err.is_terminal else contextlib.nullcontext()

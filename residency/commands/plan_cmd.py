@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 
 from residency.commands import arg_types
-from residency.commands.console import make_console
+from residency.commands.console import make_console, working
 from residency.commands.plan_render import render_comparison, render_plan
 from residency.commands.sources import SHIPPED_NAME, resolve_workload, shipped_sensitivity
 from residency.errors import ResidencyError, UsageError
@@ -103,7 +103,9 @@ def make_request(args):
     profile = resolve_profile(args.profile) if named else None
     compute_dtype = args.compute_dtype or compute_dtype_for(
         profile.is_gpu if profile is not None else device_kind() != "cpu")
-    workload = resolve_workload(args.model, steps=args.steps, compute_dtype=compute_dtype, size=size)
+    with working(f"reading {args.model} (its forward is traced on the meta device: a minute for thousands of "
+                 "layers)"):
+        workload = resolve_workload(args.model, steps=args.steps, compute_dtype=compute_dtype, size=size)
     if args.profile is None:  # this machine's, as `run` plans with (measured once, its notes on stderr)
         profile = cached_profile(device_kind(), make_console(stderr=True))
     elif profile is None:
@@ -158,12 +160,13 @@ def run(args) -> int:
             raise UsageError(e.message, hint=f"{e.hint}, or all (every policy side by side)") from None
     _check_plan_output(args.output)
     req = make_request(args)
-    if args.policy == "all":
-        plans = [fn(req) for fn in registry().values()]
-        chosen = plans[0]
-    else:
-        chosen = get_policy(args.policy)(req)
-        plans = [chosen]
+    with working(f"planning {len(req.workload.blocks)} blocks"):
+        if args.policy == "all":
+            plans = [fn(req) for fn in registry().values()]
+            chosen = plans[0]
+        else:
+            chosen = get_policy(args.policy)(req)
+            plans = [chosen]
     if args.output is not None:
         from residency.plan import save_plan
 
