@@ -233,7 +233,33 @@ def test_a_plan_file_without_its_prediction_is_predicted_here_or_said_to_have_no
     assert "bare.json holds no prediction of the plan as it is" in out and "predicted here for Radeon RX 7800 XT" in out and "ms per latent frame" in out
     assert main(["run", "tiny", "--image", "start.png", "--plan", "unknown.json", "--frames", "2", "-o", "u.gif"]) == 0
     out = " ".join("".join(capsys.readouterr()).split())
-    assert "no prediction: the plan holds none, and its profile (Radeon RX 7800 XT) is not one known here" in out
+    assert ("no prediction: the plan holds none, and its profile (Radeon RX 7800 XT) is neither a shipped one nor "
+            "this machine's cached one") in out
+
+
+def test_an_edited_plan_for_a_cpu_profile_file_runs_within_ram_its_model_needs(files, capsys):
+    """A plan made with a CPU profile file (`residency profile -o cpu.json`) and edited since has no prediction and
+    no profile here: the host RAM check took its whole VRAM budget (most of the RAM) as device memory and refused a
+    28 MiB model ("20.8 GiB of device memory in RAM")."""
+    import json
+
+    import dataclasses
+
+    from residency.device import load_profile
+    from residency.device.profile_io import save_profile
+
+    measured = load_profile(CPU_PROFILE)  # made elsewhere: neither shipped nor this cache's
+    save_profile(dataclasses.replace(measured, name="a CPU profile file", memory_total_bytes=2**50,
+                                     memory_usable_bytes=2**50 - measured.memory_reserve_bytes), files / "cpu.json")
+    assert main(["plan", "tiny", "--profile", "cpu.json", "--vram", "900TiB", "-o", "p.json"]) in (0, 3)
+    doc = json.loads((files / "p.json").read_text())
+    doc["blocks"][0]["format"] = "BF16"
+    doc.pop("prediction")
+    (files / "edited.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "edited.json", "--frames", "2", "-o", "e.gif"]) == 0
+    out = " ".join("".join(capsys.readouterr()).split())
+    assert "holds no prediction, so this run measures without comparing" in out and (files / "e.gif").is_file()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU profile's plan is of this runtime's kind there")

@@ -192,7 +192,11 @@ def plan_for(model: Model, args: argparse.Namespace,
         compiled = " Its compiled blocks compile first (once, cached on disk)." if any(
             bp.exec_mode == "compiled" for bp in plan.blocks) else ""
         compare = ("its predictions are that device's, which this run does not compare its measurements with"
-                   if other else "this run compares its measurements with the plan's predictions")
+                   if other else "this run compares its measurements with the plan's predictions"
+                   if plan.prediction is not None else
+                   "it holds no prediction, so this run measures without comparing (an edited plan is predicted "
+                   "again here when it was made for a shipped profile or this machine's cached one: `residency plan "
+                   "… -o` without --profile makes one)")
         console.print(f"note: {given} was made for {plan.profile}: {compare}.{compiled}", markup=False,
                       highlight=False)
     return model, plan, replan, other

@@ -59,6 +59,7 @@ from residency.runtime.schedule import CallSchedule
 from residency.runtime.session_protocol import RecoverableSession
 from residency.runtime.structure_watch import StructureWatch, model_label, weak_busy, weak_call
 from residency.runtime.weight_edits import WeightWatch
+from residency.simulate.memory import peak_bytes
 from residency.telemetry.recorder import Recorder, TelemetrySnapshot
 from residency.workload import Workload
 
@@ -220,7 +221,10 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, NotCopiedRuntime):
         # (the budget is only a ceiling, often most of the RAM, and counting it twice refused every run).
         device_in_ram = 0
         if on_cpu:
-            device_in_ram = plan.prediction.peak_total_bytes if plan.prediction else self.ledger.budget_bytes
+            # a plan without a prediction (a loaded one, edited, its profile not known here): its peak computed as
+            # the CPU runtime holds it; the budget stood in, and a 20 GiB budget refused a 28 MiB model for RAM
+            device_in_ram = plan.prediction.peak_total_bytes if plan.prediction else sum(
+                v for k, v in peak_bytes(self.workload, plan, None).items() if k != "reserve")
         try:  # a failed attach leaves nothing cached: a later edit of the weights must be packed again
             self.store.build(self._blob_requests(plan, found, tensors), extra_host_bytes=device_in_ram,
                              ready=ready, host_budget_bytes=self.host_budget_bytes)

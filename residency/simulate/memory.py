@@ -98,12 +98,14 @@ def phase_arena_bytes(workload: Workload, plan: Plan) -> tuple[int, int]:
     return worst_total - worst_quantized, worst_quantized
 
 
-def peak_bytes(workload: Workload, plan: Plan, profile: DeviceProfile) -> dict[str, int]:
+def peak_bytes(workload: Workload, plan: Plan, profile: DeviceProfile | None) -> dict[str, int]:
     """Predicted device bytes at the plan's peak, by ledger kind (KINDS), plus "reserve".
 
     Phase-lifetime blocks count for their largest phase; "reserve" is the profile's memory held
-    outside the budget and is not part of the plan's total.
+    outside the budget and is not part of the plan's total. profile None: the CPU runtime's bytes, no profile
+    known (a loaded plan's own is not here): memory needs only the device's kind, not its rates.
     """
+    gpu = profile is not None and profile.is_gpu
     by_kind = {k: 0 for k in KINDS}
     session = {"resident": 0, "resident-quantized": 0}
     scratch = 0
@@ -120,16 +122,16 @@ def peak_bytes(workload: Workload, plan: Plan, profile: DeviceProfile) -> dict[s
     # A GPU unpacks on the device: the packed blob of a block dequantized on load (resident) or by the
     # copy engine lands in a staging buffer first. The CPU backend unpacks straight from host memory.
     staging = max((workload.by_name[b.name].nbytes(b.format) for b in plan.blocks if needs_staging(b)),
-                  default=0) if profile.is_gpu else 0
-    device_type = "cuda" if profile.is_gpu else "cpu"
+                  default=0) if gpu else 0
+    device_type = "cuda" if gpu else "cpu"
     by_kind["dequant_scratch"] = scratch + staging + sum(thread_staging_bytes(workload, side, device_type)
                                                          for side in dequant_threads(plan))
     by_kind["kv_cache"] = workload.kv_cache_bytes(plan.kv_dtype)
     by_kind["activations"] = max((workload.by_name[b.name].activation_bytes(b.compute_dtype, workload.batch)
                                   for b in plan.blocks), default=0)
-    by_kind["workspace"] = GPU_WORKSPACE_BYTES if profile.is_gpu else 0
-    pool = graph_pool_bytes(workload, plan, profile)
+    by_kind["workspace"] = GPU_WORKSPACE_BYTES if gpu else 0
+    pool = graph_pool_bytes(workload, plan, profile) if gpu else 0
     if pool:  # only graphed plans carry the kind: an eager plan's peak is the document it always was
         by_kind["graph_pool"] = pool
-    by_kind["reserve"] = profile.memory_reserve_bytes  # outside the plan's budget; shown for the whole card
+    by_kind["reserve"] = profile.memory_reserve_bytes if profile is not None else 0  # outside the plan's budget; shown for the whole card
     return by_kind
