@@ -241,9 +241,8 @@ def test_an_edited_plan_for_a_cpu_profile_file_runs_within_ram_its_model_needs(f
     """A plan made with a CPU profile file (`residency profile -o cpu.json`) and edited since has no prediction and
     no profile here: the host RAM check took its whole VRAM budget (most of the RAM) as device memory and refused a
     28 MiB model ("20.8 GiB of device memory in RAM")."""
-    import json
-
     import dataclasses
+    import json
 
     from residency.device import load_profile
     from residency.device.profile_io import save_profile
