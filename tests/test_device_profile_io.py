@@ -130,6 +130,8 @@ BAD = {
                             "guessed"),
     "unknown format": (lambda d: _set(d, 1.0, "dequant_gweights_per_s", "Q9_9"), "dequant_gweights_per_s.Q9_9",
                        "not known"),
+    "date in words": (lambda d: _set(d, "yesterday", "date"), "date", "ISO date"),
+    "date past the calendar": (lambda d: _set(d, "2999-13-45", "date"), "date", "2999-13-45"),
 }
 
 
@@ -208,6 +210,7 @@ def test_measured_refinements_round_trip(doc):
 
 @pytest.mark.parametrize(("mutate", "field", "words"), [
     (lambda d: d.update(matmul_small_weight_dim=2048), "matmul_small_weight_dim", "below matmul_weight_dim"),
+    (lambda d: d.update(matmul_weight_dim=0), "matmul_weight_dim", "= 0: with matmul_small_tflops"),  # the one wrong
     (lambda d: d["provenance"].pop("elementwise_gelems_per_s"), "provenance.elementwise_gelems_per_s", "missing"),
     (lambda d: d.update(elementwise_gelems_per_s="fast"), "elementwise_gelems_per_s", "expected a JSON object"),
     (lambda d: d["elementwise_gelems_per_s"].update(gelems_per_s=[7.0, 0.0]), "elementwise_gelems_per_s.gelems_per_s[1]",

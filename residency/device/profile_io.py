@@ -6,6 +6,7 @@ Fields are read with profile_reader.ProfileReader; the optional refinements by p
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from pathlib import Path
@@ -186,6 +187,11 @@ def _strings(r: ProfileReader, data: dict[str, Any]) -> dict[str, str]:
     strings = {k: r.text(data, k) for k in _STRINGS}
     if strings["backend"] not in BACKENDS:
         raise r.fail("backend", f"= {show(strings['backend'])}: expected one of {', '.join(BACKENDS)}")
+    try:  # what `residency profile` writes (date.isoformat())
+        datetime.date.fromisoformat(strings["date"])
+    except ValueError:
+        raise r.fail("date", f"= {show(strings['date'])}: expected the ISO date the numbers were measured or looked "
+                             "up, e.g. 2026-11-23") from None
     return strings
 
 

@@ -41,6 +41,9 @@ def read_refinements(r: ProfileReader, data: dict[str, Any]) -> dict[str, Any]:
         doc = r.obj(data["matmul_small_tflops"], "matmul_small_tflops")
         no_extra(r, doc, COMPUTE_DTYPES, "matmul_small_tflops")
         small = {d: r.curve(v, f"matmul_small_tflops.{d}", MATMUL_AXES) for d, v in doc.items()}
+        if small and dims["matmul_weight_dim"] <= 1:  # the larger dim is the one wrong: name it
+            raise r.fail("matmul_weight_dim", f"= {dims['matmul_weight_dim']}: with matmul_small_tflops it must be "
+                         f"above matmul_small_weight_dim = {dims['matmul_small_weight_dim']}")
         if small and not 0 < dims["matmul_small_weight_dim"] < dims["matmul_weight_dim"]:
             raise r.fail("matmul_small_weight_dim", f"= {dims['matmul_small_weight_dim']}: with matmul_small_tflops "
                          f"it must be above 0 and below matmul_weight_dim = {dims['matmul_weight_dim']}")
