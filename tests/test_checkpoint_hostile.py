@@ -218,6 +218,7 @@ GGUF_CASES = {
         b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + gstr("w") + struct.pack("<I", 2**31) + bytes(64),
         "dimensions",
     ),
+    "iq_quant": (gguf_bytes(tensors=[("w", [256, 2], 16, 0)], data=bytes(160)), "IQ2_XXS, a GGUF quant type residency"),
     "five_dims": (gguf_bytes(tensors=[("w", [4, 2, 1, 1, 1], 0, 0)], data=bytes(32)), "at most 4"),
     "tensor_past_end": (gguf_bytes(tensors=[F32_T], data=bytes(16)), "outside"),
     "tensor_offset_huge": (gguf_bytes(tensors=[("w", [4, 2], 0, 2**63)], data=bytes(32)), "outside"),

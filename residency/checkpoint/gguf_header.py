@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from residency.checkpoint.errors import broken
+from residency.checkpoint.errors import BROKEN_HINT, broken
 from residency.checkpoint.limits import MAX_NAME_BYTES, MAX_TENSORS, check_name, check_tensor_count
 from residency.checkpoint.sniff import HEAD_BYTES, content_kind, named_otherwise
 
@@ -173,7 +173,9 @@ def parse_gguf_header(path: Path, buf, size: int) -> GGUFHeader:
     if version & 0xFFFF == 0 and version != 0:
         raise broken(path, "big-endian GGUF files are not supported", hint="convert it to little-endian")
     if version not in SUPPORTED_VERSIONS:
-        raise broken(path, f"GGUF version {version} is not supported (expected 2 or 3)")
+        raise broken(path, f"GGUF version {version} is not supported (expected 2 or 3)",
+                     hint="a newer GGUF than this residency reads: update residency, or write the file as GGUF v3"
+                     if version > max(SUPPORTED_VERSIONS) else BROKEN_HINT)
     n_tensors = c.unpack("<Q", "tensor count")
     n_kv = c.unpack("<Q", "metadata count")
     # Each KV takes ≥ 13 bytes and each tensor info ≥ 24: larger counts are lies.

@@ -112,6 +112,12 @@ def _resolve(path: Path, t: GGUFTensorInfo, overrides: Mapping[str, str]) -> tup
         )
     nbytes = container_nbytes(path, t.name, stored_shape, block, type_size)
     base = format_for_gguf_type(int(qtype))
+    if base is None and qtype != _RAW_TYPE:  # IQ*, TQ*, MXFP4: weights in a quant residency cannot unpack
+        readable = sorted(q.name for q in GGMLQuantizationType if format_for_gguf_type(int(q)) is not None)
+        raise broken(path, f"tensor {t.name!r:.80} is {qtype.name}, a GGUF quant type residency does not read "
+                           f"(it reads {', '.join(readable)})",
+                     hint="quantize the model again to one of those (llama.cpp's llama-quantize --allow-requantize "
+                          "model.gguf out.gguf Q4_K_M), or give the original safetensors")
     fmt_name, shape = resolve(path, t.name, base, stored_shape, nbytes, overrides, qtype == _RAW_TYPE, qtype.name)
     return fmt_name, shape, nbytes
 

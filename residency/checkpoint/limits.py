@@ -13,7 +13,7 @@ from pathlib import Path
 
 from residency.checkpoint.errors import broken
 from residency.formats import StorageFormat, get_format
-from residency.validate import control_character
+from residency.validate import control_character, show
 
 MAX_DIMS = 32  # far above any real tensor (4-5); bounds the work one shape can cause
 # Product of a shape's non-zero dimensions. With a zero dimension the element count is 0 and
@@ -66,7 +66,7 @@ def check_dims(path: Path, name: str, dims: object) -> tuple[int, ...]:
     the shape does not let a 2^64 dimension through.
     """
     if not isinstance(dims, (list, tuple)) or len(dims) > MAX_DIMS:
-        raise broken(path, f"tensor {name!r:.80}: shape {dims!r:.80} is not a list of at most {MAX_DIMS} integers")
+        raise broken(path, f"tensor {name!r:.80}: shape {show(dims)} is not a list of at most {MAX_DIMS} integers")
     extent = 1
     for d in dims:
         if type(d) is not int or d < 0:  # `type`, not isinstance: True is not a dimension
