@@ -41,10 +41,24 @@ def create_problem(path: Path, e: OSError) -> str:
     return f"cannot create a file in {os.fspath(parent)} ({e.strerror})"
 
 
+def _refuse_read_only(path: Path, error: type[ResidencyError]) -> None:
+    """A target the user made read-only (no write bit for anyone) is not replaced: a rename ignores the target's
+    mode, so `-o` silently overwrote a file `chmod a-w` was to protect (as root, os.access says yes to anything)."""
+    try:
+        mode = path.stat().st_mode
+    except (OSError, ValueError):  # none there (or a name the file system refuses: said where it is created)
+        return
+    if path.is_file() and not mode & 0o222:
+        raise error(f"{os.fspath(path)}: the file is read-only (mode {mode & 0o777:o}), so it is not replaced",
+                    hint=f"make it writable (chmod u+w {os.fspath(path)}) or pick another path")
+
+
 def check_can_create(path: Path, error: type[ResidencyError] = ResidencyError) -> None:
     """Raise `error` unless a file can be created beside `path` — the temp file atomic_output will need — checked
     by creating one and removing it: a read-only filesystem, a permission, an immutable directory all fail here,
-    before the work whose result would be written (os.access misses some of them, and says yes to root)."""
+    before the work whose result would be written (os.access misses some of them, and says yes to root). A
+    read-only file at `path` is refused too."""
+    _refuse_read_only(path, error)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=path.parent)
     except OSError as e:
@@ -67,6 +81,8 @@ def atomic_output(path: Path, error: type[ResidencyError] = ResidencyError) -> I
 
     def broken(path: Path, problem: str, hint: str) -> ResidencyError:
         return error(f"{os.fspath(path)}: {problem}", hint)
+
+    _refuse_read_only(path, error)
 
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

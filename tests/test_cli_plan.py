@@ -396,3 +396,14 @@ def test_a_mistyped_choice_gets_the_close_one(capsys, argv, hint):
     """`residency plna` got argparse's list of commands, where a model's or profile's typo got "did you mean"."""
     code, _, err = run(capsys, *argv)
     assert code == 2 and "invalid choice" in err and err.strip().splitlines()[-1] == f"hint: {hint}"
+
+
+def test_an_output_file_made_read_only_is_not_replaced(capsys, tmp_path, monkeypatch):
+    """A rename ignores the target's mode: `-o` overwrote a file chmod a-w was to protect (and kept its mode)."""
+    target = tmp_path / "p.json"
+    target.write_text("{}")
+    target.chmod(0o444)
+    monkeypatch.setattr("residency.commands.plan_cmd.make_request", lambda *a, **k: pytest.fail("planned before -o"))
+    code, _, err = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt", "-o", str(target))
+    assert code == 1 and "is read-only (mode 444)" in err and "chmod u+w" in err
+    assert target.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
