@@ -302,3 +302,29 @@ def test_a_shard_that_is_a_dangling_link_is_refused_naming_it(tmp_path):
     (tmp_path / "b.safetensors").mkdir()
     with pytest.raises(CheckpointError, match=r"b.safetensors: is not a file"):
         open_checkpoint(tmp_path)
+
+
+def test_a_llama_cpp_gguf_beside_the_safetensors_is_one_model_twice_not_shards(tmp_path):
+    """A repository with model.safetensors and the model converted to GGUF (blk.0.… names) read as two shards:
+    twice the parameters, silently. Shards residency writes (architecture "residency") still mix."""
+    save_checkpoint(tmp_path / "model.safetensors", {"model.layers.0.q.weight": torch.zeros(4, 32)})
+    w = GGUFWriter(tmp_path / "model-f16.gguf", "llama")
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 32), np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="GGUF converted for llama.cpp") as e:
+        open_checkpoint(tmp_path)
+    assert "model.safetensors" in e.value.hint and "model-f16.gguf" in e.value.hint
+    with open_checkpoint(tmp_path / "model-f16.gguf") as ck:  # each alone reads
+        assert list(ck.entries) == ["blk.0.attn_q.weight"]
+
+
+def test_two_copies_of_one_model_are_told_to_give_one(tmp_path):
+    t = {"w": torch.zeros(4, 32)}
+    save_checkpoint(tmp_path / "diffusion_pytorch_model.safetensors", t)
+    save_checkpoint(tmp_path / "diffusion_pytorch_model.fp16.safetensors", t, "F16")
+    with pytest.raises(CheckpointError, match="also in") as e:
+        open_checkpoint(tmp_path)
+    assert "two copies of one model" in e.value.hint

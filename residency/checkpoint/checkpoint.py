@@ -19,7 +19,7 @@ import torch
 
 from residency.checkpoint.entry import E4M3, TensorEntry
 from residency.checkpoint.errors import CheckpointError, broken
-from residency.checkpoint.gguf_io import read_gguf
+from residency.checkpoint.gguf_io import DEFAULT_ARCH, read_gguf
 from residency.checkpoint.limits import check_tensor_count
 from residency.checkpoint.safetensors_io import LeftOut, read_safetensors
 from residency.checkpoint.sniff import file_kind, named_otherwise
@@ -246,6 +246,20 @@ def _check_index_matches(indexes: dict[Path, dict[str, str]], entries: dict[str,
                              hint="the index and the shards are not of one download: download them again")
 
 
+def _refuse_model_twice(root: Path, file: Path, meta: dict[str, str], files: list[Path]) -> None:
+    """A directory of safetensors beside a GGUF that llama.cpp converted (its general.architecture is a model's, not
+    ours) holds one model twice under two naming schemes (model.layers.0.… and blk.0.…): read as shards they added
+    up to twice its parameters, silently. Shards residency wrote itself carry general.architecture "residency"."""
+    if file.suffix.lower() != ".gguf" or not root.is_dir():
+        return
+    arch = meta.get("general.architecture", "")
+    others = [f for f in files if f.suffix.lower() == ".safetensors"]
+    if arch and arch != DEFAULT_ARCH and others:
+        raise broken(root, f"holds {others[0].name} and {file.name}, a GGUF converted for llama.cpp (architecture "
+                           f"{arch!r:.40}): most likely one model twice, which read as shards would count twice",
+                     hint=f"give one file: residency inspect {root / others[0].name} (or {root / file.name})")
+
+
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a .safetensors file, a .gguf file, or a directory of shards (both kinds, sorted by name).
 
@@ -275,9 +289,12 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                 raise broken(
                     file,
                     f"tensor {e.name!r:.80} is also in {entries[e.name].path}",
-                    hint="remove the duplicate shard",
+                    hint=f"two files holding the same tensors are most often two copies of one model (fp16 and full "
+                         f"precision, two quantizations): give one of them, e.g. {entries[e.name].path}; the shards "
+                         "of one model hold distinct tensors",
                 )
             entries[e.name] = e
+        _refuse_model_twice(root, file, meta, files)
         check_tensor_count(file, len(entries))  # shards together: the cost is per tensor, not per file
         for key, value in meta.items():
             metadata.setdefault(key, value)
