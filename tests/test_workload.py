@@ -77,6 +77,9 @@ def test_profile_fingerprint_changes_with_a_number():
         (lambda d: d.update(schema_version=9), "unknown version 9"),
         (lambda d: d["blocks"][0].update(tokens=0), "tokens"),
         (lambda d: d["blocks"][0].update(flops_per_token="many"), "flops_per_token"),
+        # read, it predicted 9e21 ms a frame
+        (lambda d: d["blocks"][0].update(flops_per_token=1e30), r"flops_per_token.*= 1e\+30: expected a number ≤"),
+        (lambda d: d["blocks"][0].update(self_attn_flops_per_token_pair=1e12), "self_attn_flops_per_token_pair"),
         (lambda d: d["blocks"][0]["tensors"].append(["x", [2, -1]]), "tensors"),
         (lambda d: d["phases"][0]["passes"][0]["blocks"].append("nope"), "unknown blocks"),
     ],

@@ -51,7 +51,15 @@ MAX_PHASES, MAX_PASSES_PER_PHASE = 64, 256
 MAX_BATCH = 1_024
 MAX_VIDEO_FRAMES_PER_LATENT = 1_024
 MAX_COUNT = 2**53  # element and channel counts: exact as JSON numbers
-MAX_FLOPS = 1e30
+# Bounds of a block's cost figures, each far above any real model's and far below what turns a prediction into
+# nonsense (1e30 FLOPs a token was read and predicted 9e21 ms a frame): a figure past one is a typo or a unit mix-up.
+MAX_BLOCK_NUMBERS = {
+    "flops_per_token": 1e15,  # 2 FLOPs a weight: a block of 500 G weights, a token at a time
+    "fixed_flops": 1e18,  # a call's, whatever its tokens
+    "self_attn_flops_per_token_pair": 1e9,  # Σ 4·width: 4 × 65536 wide × 4096 attention layers
+    "context_attn_flops_per_token_pair": 1e9,
+    "activation_bytes_per_token": 2.0**40,
+}
 MAX_EXTRA_DEPTH = 8  # the free-form facts: the deepest shipped entry nests 3
 _TOP_KNOWN = ("schema_version", "name", "source", "steps", "context_frames", "batch", "kv_dtype",
               "video_frames_per_latent", "blocks", "phases", "extra")
@@ -78,7 +86,7 @@ def _block(r: Reader, doc: Any, path: str) -> BlockSpec:
             raise r.fail(f"{where}[0]", f"= {show(tensor)}: the block lists this tensor twice")
         seen.add(tensor)
         tensors.append((tensor, dims))
-    kwargs: dict[str, Any] = {k: r.number(r.optional(doc, k, 0.0), at(path, k), 0.0, maximum=MAX_FLOPS)
+    kwargs: dict[str, Any] = {k: r.number(r.optional(doc, k, 0.0), at(path, k), 0.0, maximum=MAX_BLOCK_NUMBERS[k])
                               for k in _BLOCK_NUMBERS}
     kwargs.update({k: r.integer(r.optional(doc, k, 0), at(path, k), 0, MAX_COUNT) for k in _BLOCK_INTS})
     by_size = []
