@@ -368,3 +368,24 @@ def test_the_short_form_returns_the_workload_at_the_given_steps_and_component():
 
 def test_a_plain_model_plans_and_simulates():
     plan_and_simulate(build(Stack(d=256)).workload)
+
+
+def test_an_error_inside_the_models_code_is_told_with_the_line_that_raised_it():
+    """A bare assert said only "AssertionError at embeddings.py:921"; its code names what it checks."""
+    from residency.workload.from_module import error_line
+
+    def rope(axes_dim, dim):
+        if sum(axes_dim) != dim:  # as a bare assert raises (pytest rewrites the asserts of this file)
+            raise AssertionError
+
+    try:
+        rope([1, 2, 3], 16)
+    except AssertionError as e:
+        said = error_line(e)
+    assert said.startswith("AssertionError at test_workload_from_module.py:")
+    assert said.endswith(": `raise AssertionError`")
+    try:
+        int("two")
+    except ValueError as e:
+        said = error_line(e)
+    assert said.startswith("ValueError: invalid literal for int()") and said.endswith(': `int("two")`')

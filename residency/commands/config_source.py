@@ -279,4 +279,6 @@ def model_dir_workload(path: Path, compute_dtype: str, size=None):
         return workload_from_module(model, derived.example, name=f"{path.name} at {derived.label}",
                                     component=type(model).__name__, compute_dtype=compute_dtype)
     except ResidencyError as e:  # a forward meta cannot run: no weights here to run it for real
-        raise ResidencyError(f"{path}: {e.message}", hint=PYTHON_ROUTE) from e
+        raise ResidencyError(f"{path}: {e.message}",
+                             hint=f"most often a value of {path / MODEL_CONFIG} the model's code cannot take (the line "
+                                  f"above reads it): fix it; or {PYTHON_ROUTE}") from e

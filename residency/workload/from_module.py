@@ -211,15 +211,19 @@ def _count(model: nn.Module, blocks: ModuleBlocks, args: tuple, kwargs: dict[str
 
 
 def error_line(e: BaseException) -> str:
-    """An exception in one line: its type and first line, or where it was raised when it says nothing (a bare
-    assert: "AssertionError at rotary.py:42")."""
+    """An exception in one line: its type and first line, then where it was raised and that line's code (a bare
+    assert said only "AssertionError at embeddings.py:921"; its code names the config field it checks:
+    "assert sum(self.axes_dim) == dim")."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     first = lines[0] if lines else ""
     if first.endswith(":") and len(lines) > 1:  # "Class validation error for validator 'x':" then the reason
         first = f"{first} {lines[1]}"
     where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
-    said = f": {first}" if first else (f" at {Path(where.filename).name}:{where.lineno}" if where else "")
-    return f"{type(e).__name__}{said}"[:300]
+    said = f": {first[:200]}" if first else ""
+    if where is not None:
+        code = (where.line or "").strip()
+        said += f" at {Path(where.filename).name}:{where.lineno}" + (f": `{code[:120]}`" if code else "")
+    return f"{type(e).__name__}{said}"[:360]
 
 
 def _called_through_parts(model: nn.Module, blocks: ModuleBlocks, trace: Trace) -> set[int]:
