@@ -102,7 +102,7 @@ def test_inspect_json_of_a_catalog_model_groups_by_its_blocks(capsys):
 
 
 def test_inspect_unknown_model_lists_catalog_names(capsys):
-    assert cli_main(["inspect", "no-such-model"]) == 1
+    assert cli_main(["inspect", "no-such-model"]) == 2
     err = capsys.readouterr().err
     assert "flux-schnell" in err and "wan-causal-1.3b" in err
 

@@ -31,7 +31,7 @@ def test_ctrl_c_while_the_arguments_are_read_exits_130(monkeypatch, capsys):
 
 def test_the_entry_point_runs_the_cli(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["residency", "plan", "no-such-model-anywhere"])
-    assert entry.main() == 1
+    assert entry.main() == 2  # an unknown model is a usage error
     assert capsys.readouterr().err.startswith("error: ")
 
 

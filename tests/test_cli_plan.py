@@ -91,8 +91,8 @@ def test_the_default_compute_dtype_is_bf16(capsys):
 @pytest.mark.parametrize(
     "argv, code, message",
     [
-        (["plan", "no-such-model", "--profile", "rtx-5090"], 1, "unknown model 'no-such-model'"),
-        (["plan", "tiny", "--profile", "no-such-gpu"], 1, "no-such-gpu"),
+        (["plan", "no-such-model", "--profile", "rtx-5090"], 2, "unknown model 'no-such-model'"),
+        (["plan", "tiny", "--profile", "no-such-gpu"], 2, "no-such-gpu"),
         (["plan", "tiny", "--profile", "rtx-5090", "--vram", "lots"], 2, "argument --vram: cannot read the size 'lots'"),
         (["plan", "tiny", "--profile", "rtx-5090", "--vram", "50%%"], 2, "cannot read the share '50%%': a number"),
         (["plan", "tiny", "--profile", "rtx-5090", "--vram", "0%"], 2, "must be above 0% and at most 1000%, got"),

@@ -116,7 +116,7 @@ BAD = [
     (["run", "nosuch", "--image", "start.png", *PROFILE, "-o", "o.gif"], 1, "unknown model 'nosuch'"),
     (["run", "lucid-500m", *PROFILE, "-o", "o.gif"], 1, "needs real weights"),
     (["run", "flux-schnell", *PROFILE, "-o", "o.gif"], 1, "flux-schnell is a catalog model"),
-    (["run", "tiny", "--image", "start.png", "--profile", "nosuch-gpu", "-o", "o.gif"], 1, "unknown profile"),
+    (["run", "tiny", "--image", "start.png", "--profile", "nosuch-gpu", "-o", "o.gif"], 2, "unknown profile"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "nodir/o.gif"], 1, "does not exist"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.mp4"], 2, "cannot write .mp4"),  # as --trace x.txt
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "."], 1, "is a directory; frames are written to a file"),

@@ -128,5 +128,5 @@ def test_a_built_in_world_model_is_shown_at_bf16_as_plan_counts_it(capsys):
 
 @pytest.mark.parametrize("typed, meant", [("lucid-5000m", "lucid-500m"), ("flux-schnel", "flux-schnell")])
 def test_a_mistyped_model_name_gets_the_closest_known_one(capsys, typed, meant):
-    assert main(["inspect", typed]) == 1
+    assert main(["inspect", typed]) == 2
     assert f"unknown model '{typed}' (did you mean {meant}?)" in capsys.readouterr().err

@@ -105,7 +105,7 @@ def classify(text: str) -> Source:
         if text in known:
             return Source(CATALOG, text, None)
         close = difflib.get_close_matches(text, [SHIPPED_NAME, *known], n=1)
-        raise ResidencyError(f"unknown model {text!r}" + (f" (did you mean {close[0]}?)" if close else ""),
+        raise UsageError(f"unknown model {text!r}" + (f" (did you mean {close[0]}?)" if close else ""),
                              hint=SOURCES_HINT.format(names=", ".join(catalog_names())))
     path = Path(text)
     kind, reason = userpath.path_kind(path)  # Path.exists raises on a 300-character name

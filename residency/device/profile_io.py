@@ -7,6 +7,7 @@ Fields are read with profile_reader.ProfileReader; the optional refinements by p
 from __future__ import annotations
 
 import datetime
+import difflib
 import json
 import os
 from pathlib import Path
@@ -35,7 +36,7 @@ from residency.device.profile_reader import (
     no_extra,
 )
 from residency.device.profile_refinements import rates_for_calls, read_refinements
-from residency.errors import ResidencyError
+from residency.errors import ResidencyError, UsageError
 from residency.jsonfile import read_json
 from residency.userpath import FILE, MISSING, path_kind
 from residency.validate import document_kind, show, use_of
@@ -322,9 +323,11 @@ def profile_path(name_or_path: str | os.PathLike[str]) -> Path:
         raise ResidencyError(f"{show(text)}: no such profile file",
                              hint="check the path, or give a shipped profile name: "
                              + ", ".join(shipped_profile_names()))
-    raise ResidencyError(f"unknown profile {show(text)}",
-                         hint="shipped profiles: " + ", ".join(shipped_profile_names())
-                         + "; or measure this machine with `residency profile -o PATH`")
+    close = difflib.get_close_matches(text, shipped_profile_names(), n=1)
+    # a name not known is a mistake in the command line (exit 2), as an unknown model's is
+    raise UsageError(f"unknown profile {show(text)}" + (f" (did you mean {close[0]}?)" if close else ""),
+                     hint="shipped profiles: " + ", ".join(shipped_profile_names())
+                     + "; or measure this machine with `residency profile -o PATH`")
 
 
 def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
