@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -162,3 +163,13 @@ def test_plays_status_blames_drawing_not_the_machine_when_steps_fit_their_budget
     slow = Status(50, "left", 80.0, 15.0, 9.5, True, 5.0, 1000 / 15).text().plain
     assert "this machine cannot hold 15 fps" in slow
     assert "cannot" not in Status(50, "left", 50.7, 15.0, 15.0, False, 10.0, 1000 / 15).text().plain
+
+
+def test_a_trace_naming_a_memory_kind_the_ledger_never_accounts_is_refused(snapshot, tmp_path):
+    path = write_trace(snapshot, CONTEXT, tmp_path / "t.json")
+    doc = json.loads(path.read_text())
+    doc["otherData"]["residency"]["memory"]["kv-cache"] = 5
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ResidencyError, match=r"memory names an unknown kind 'kv-cache'") as err:
+        read_trace(path)
+    assert "kv_cache" in err.value.hint

@@ -22,17 +22,21 @@ from residency.errors import ResidencyError
 from residency.jsonfile import read_json
 from residency.plan.plan import MAX_PLAN_BYTES
 from residency.plan.plan_io import prediction_from_dict, prediction_to_dict
+from residency.simulate.memory import LEDGER_KINDS
 from residency.telemetry import FrameRecord, Recorder, TelemetrySnapshot
 from residency.telemetry.chrome_trace import EXTRA_KEY, FRAME_TRACK, LOOP_TRACK, write_chrome_trace
 from residency.telemetry.events import EVENT_KINDS, LoopEvent
 from residency.userpath import FILE, MISSING, path_kind
-from residency.validate import Reader, at, document_kind, use_of
+from residency.validate import Reader, at, document_kind, show, use_of
 from residency.workload.catalog import MAX_VIDEO_FRAMES_PER_LATENT
 
 SAME_TIME_US = 1e-3  # spans written from the same float mark agree to far better than a nanosecond
 SAME_TIME_S = 1e-6  # an event placed at a frame's work end reads back within float rounding of it (~1e-15 s)
 MAX_EVENT_UNIT = 1 << 62  # units of work before an event: any count a run can reach
 PREDICTED_FIELDS = ("predicted_frame_ms", "predicted_compute_ms", "predicted_copy_ms")  # frame span args, ms
+
+# The memory section of a trace that has none of its own: the device total from its last counter event.
+ALL_KINDS = "device (all kinds)"
 
 
 def write_trace(snapshot: TelemetrySnapshot, context: DashboardContext, path: str | os.PathLike[str]) -> Path:
@@ -247,6 +251,15 @@ def _context(r: Reader, value: Any, default_title: str) -> DashboardContext:
                                                                                f"{path}.predicted_for"))
 
 
+def _memory_kind(r: Reader, kind: str) -> str:
+    """A kind of the memory section: one the ledger accounts, or the total a plain trace's counters give."""
+    if kind not in (*LEDGER_KINDS, ALL_KINDS):
+        raise ResidencyError(f"{r.source}: otherData.{EXTRA_KEY}.memory names an unknown kind {show(kind)}",
+                             hint=f"the kinds are {', '.join(LEDGER_KINDS)}; a trace written by `run --trace` or "
+                                  "`demo` holds only those")
+    return kind
+
+
 def read_trace(path: str | os.PathLike[str]) -> tuple[TelemetrySnapshot, DashboardContext]:
     """The telemetry and dashboard context stored in a Chrome trace written by write_trace.
 
@@ -264,7 +277,8 @@ def read_trace(path: str | os.PathLike[str]) -> tuple[TelemetrySnapshot, Dashboa
                   else prediction_from_dict(r, raw_prediction, f"otherData.{EXTRA_KEY}.prediction"))
     context = _context(r, extra.get("context"), Path(path).name)
     memory = r.obj(extra.get("memory", {}), f"otherData.{EXTRA_KEY}.memory")
-    memory_by_kind = tuple((k, r.integer(v, f"otherData.{EXTRA_KEY}.memory.{k}", 0, MAX_PLAN_BYTES, unit="bytes"))
+    memory_by_kind = tuple((_memory_kind(r, k), r.integer(v, f"otherData.{EXTRA_KEY}.memory.{k}", 0, MAX_PLAN_BYTES,
+                                                          unit="bytes"))
                            for k, v in memory.items())
     predicted_ms = other.get("predicted_frame_ms")
     if predicted_ms is not None:
@@ -284,7 +298,7 @@ def read_trace(path: str | os.PathLike[str]) -> tuple[TelemetrySnapshot, Dashboa
         next_start = calls[last][2] if last < len(calls) else None
         recorder.end_frame(lambda marks: np.asarray(marks), device_bytes, peak_bytes, next_start)
     if not memory_by_kind and counters:
-        memory_by_kind = (("device (all kinds)", counters[-1][0]),)
+        memory_by_kind = ((ALL_KINDS, counters[-1][0]),)
     snapshot = recorder.snapshot(memory_by_kind)
     frames = snapshot.frames
     if prediction is None and predicted_ms is not None:  # a plain trace: its one figure, unless a span has its own

@@ -8,12 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from residency.errors import ResidencyError
+from residency.simulate.memory import LEDGER_KINDS
 from residency.units import fmt_bytes
 
-# The simulator's kinds (residency.simulate.memory.KINDS) minus "reserve", which lies outside the budget, plus
-# "graph_pool" (the graphed blocks' private pools), which the simulator counts only for a plan with graphed blocks.
-KINDS = ("resident", "resident_quantized", "slots", "dequant_scratch", "kv_cache", "activations", "workspace",
-         "graph_pool")
+KINDS = LEDGER_KINDS
 
 
 class DeviceBudgetExceeded(ResidencyError):

@@ -17,6 +17,10 @@ from residency.workload.spec import Workload
 
 KINDS = ("resident", "resident_quantized", "slots", "dequant_scratch", "kv_cache", "activations", "workspace",
          "reserve")
+# What the runtime's ledger accounts (and a trace's memory section names): these kinds minus "reserve", which lies
+# outside the budget, plus "graph_pool" (the graphed blocks' private pools), which the simulator counts only for a
+# plan with graphed blocks.
+LEDGER_KINDS = (*(k for k in KINDS if k != "reserve"), "graph_pool")
 # Matmul libraries' workspace (cuBLAS/hipBLASLt) and allocator slack on a GPU; none on the CPU backend.
 GPU_WORKSPACE_BYTES = 128 * 2**20
 
