@@ -15,6 +15,7 @@ from residency.plan import BlockPlan, Budget, Execution, Plan
 from residency.plan.plan import COMPUTE_DTYPES
 from residency.simulate import predict
 from residency.units import fmt_bytes
+from residency.validate import a_type
 from residency.workload import Workload
 
 # A policy's note on the execution modes it runs starts with this, so a plan re-moded by another policy (ours
@@ -62,7 +63,7 @@ class PlanRequest:
                 ("profile", self.profile, DeviceProfile, "residency.load_profile('rx-7800-xt') or machine_profile()"),
                 ("budget", self.budget, Budget, "residency.plan.Budget(vram_bytes, frame_ms)")):
             if isinstance(value, str | int | float | bytes):  # a name or a number where the object goes
-                raise ResidencyError(f"PlanRequest.{name} is a {type(value).__name__}, not a {kind.__name__}",
+                raise ResidencyError(f"PlanRequest.{name} is {a_type(value)}, not a {kind.__name__}",
                                      hint=f"give one: {hint}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ResidencyError(f"PlanRequest.compute_dtype {self.compute_dtype!r} is not one of "

@@ -83,6 +83,8 @@ def atomic_output(path: Path, error: type[ResidencyError] = ResidencyError) -> I
         return error(f"{os.fspath(path)}: {problem}", hint)
 
     _refuse_read_only(path, error)
+    if path.is_dir():  # the rename would fail only after the whole file was written
+        raise broken(path, "is a directory", hint="give a file name, or remove that directory")
 
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

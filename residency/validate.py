@@ -24,6 +24,12 @@ def show(value: Any) -> str:
     return _SHOW.repr(value)
 
 
+def a_type(value: Any) -> str:
+    """The type of `value` with its article, as a message says what was given: "an int", "a list", "a NoneType"."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def at(path: str, key: str | int) -> str:
     """The JSON path of `key` inside `path`: at("blocks", 3) -> "blocks[3]", at("budget", "frame_ms")."""
     if isinstance(key, int):

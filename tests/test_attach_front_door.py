@@ -21,7 +21,7 @@ from torch import nn
 
 import residency
 from pipelines.world_model import WorldModelPipeline
-from residency.device import load_profile, machine_profile, resolve_profile
+from residency.device import cached_profile_path, load_profile, machine_profile, resolve_profile
 from residency.errors import ResidencyError
 from residency.front_door import vram_bytes
 from residency.runtime import Runtime
@@ -155,6 +155,17 @@ def test_the_machine_profile_is_measured_once_then_read_from_the_cache(tmp_path,
     assert again.fingerprint() == first.fingerprint()
     assert len(said) == 1 and "measuring this machine's cpu profile once" in said[0]
     assert (tmp_path / "residency").is_dir()
+
+
+def test_a_directory_where_the_cached_profile_goes_costs_a_remeasure_with_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached_profile_path("cpu").mkdir(parents=True)
+    said = []
+    profile = machine_profile("cpu", say=said.append, measure=lambda device, quick, source=None: load_profile("rx-7800-xt"))
+    assert profile.name == load_profile("rx-7800-xt").name
+    # the error's hint was spliced into the middle of the sentence: "(…: writing failed (Is a directory)\nhint: …)"
+    assert said[1] == (f"could not cache the profile: {cached_profile_path('cpu')}: is a directory; it will be measured "
+                       "again next time\nhint: give a file name, or remove that directory")
 
 
 def test_a_shipped_profile_name_is_accepted():

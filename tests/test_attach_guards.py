@@ -193,6 +193,8 @@ def test_a_numpy_example_and_a_lone_layer_are_refused_with_what_to_give():
     with pytest.raises(ResidencyError, match="example_inputs is a ndarray") as err:
         attach(model, np.zeros((4, 64), np.float32))
     assert "torch.from_numpy" in err.value.hint
+    with pytest.raises(ResidencyError, match="example_inputs is an int"):
+        attach(model, 3)
     with pytest.raises(ResidencyError, match=r"example_inputs\[0\] is a numpy array"):
         attach(model, (np.zeros((4, 64), np.float32),))
     with pytest.raises(ResidencyError, match=r"a single layer \(Linear\) is one block"):

@@ -243,6 +243,18 @@ def test_a_directory_missing_some_shards_is_refused_naming_them(tmp_path, index)
         assert sorted(ck.entries) == ["a", "b", "c"]
 
 
+def test_an_index_whose_shards_are_all_missing_names_them_from_inspect(tmp_path, capsys):
+    import json
+
+    from residency.cli import main
+
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    # was "a directory with no model in it": the download had not started, and the index said which files to fetch
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "2 shard(s) of this checkpoint are missing: model-00001-of-00002.safetensors" in capsys.readouterr().err
+
+
 def test_an_index_of_other_files_does_not_make_shards_missing(tmp_path):
     import json
 

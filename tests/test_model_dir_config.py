@@ -231,6 +231,22 @@ def test_a_configs_quantization_config_is_said_to_be_not_applied(capsys, tmp_pat
     assert code == 0 and "quantization_config" not in err
 
 
+def test_size_fields_a_config_leaves_out_are_said_to_be_the_classs_defaults(capsys, tmp_path):
+    # a hand-written config.json without hidden_size planned a 4096-wide Llama, 6.7 B parameters, with nothing said
+    bare = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1}
+    code, _, err = run(capsys, "inspect", str(model_dir(tmp_path, bare, "bare")))
+    assert code == 0, err
+    assert "gives no hidden_size (so 4096), intermediate_size (so 11008)" in err
+    assert "LlamaForCausalLM's defaults are used" in err
+    # derived fields (head_dim from hidden_size and heads) are not defaults; nor is what the file gives
+    sized = {**bare, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "vocab_size": 100,
+             "max_position_embeddings": 64}
+    code, _, err = run(capsys, "inspect", str(model_dir(tmp_path, sized, "sized")))
+    assert code == 0 and "gives no" not in err, err
+    code, _, err = run(capsys, "inspect", str(model_dir(tmp_path, FLUX, "flux")))
+    assert code == 0 and "gives no" not in err, err
+
+
 def test_parameters_the_forward_never_runs_are_one_warning_line_not_pythons_form(capsys, tmp_path):
     """A Llava read as a text model leaves its vision tower out: said as Python's warning, with our file path and
     a line of our source, among the plan's notes."""

@@ -7,8 +7,13 @@ import json
 
 import pytest
 
+from pipelines.catalog import catalog_paths
 from residency.cli import main
+from residency.errors import ResidencyError
 from residency.plan import load_plan
+from residency.workload import load_workload_file
+
+TINY = load_workload_file(catalog_paths()["tiny"])
 
 
 @pytest.fixture
@@ -60,3 +65,28 @@ def test_a_plan_prints_as_a_few_readable_lines(written):
         assert f"{n} {placement} (" in text
     assert "predicted " in text and "quality loss" in text
     assert repr(plan).startswith("Plan(")  # the repr is still the dataclass's
+
+
+
+@pytest.mark.parametrize("key, change, problem", [
+    ("modules", lambda b: b.update(modules=["dit.nowhere"]), "'dit.nowhere' is not one of the block's modules"),
+    ("tensors", lambda b: b.update(tensors=b["tensors"][1:]), "is missing"),
+    ("tensors", lambda b: b.update(tensors=b["tensors"][::-1]), "another order"),
+])
+def test_a_blocks_modules_or_tensors_edited_are_refused_not_silently_ignored(written, key, change, problem):
+    # they restate the model's blocks for a reader: an edit moved nothing and ran as if it had not been made
+    plan = load_plan(written)
+    name = plan.blocks[3].name
+    with pytest.raises(ResidencyError) as err:
+        edit(written, lambda d: change(d["blocks"][3])).check_matches(TINY)
+    assert f"blocks[3].{key} ({name}) differ" in str(err.value) and problem in str(err.value)
+    assert "editing them moves nothing" in err.value.hint
+    plan.check_matches(TINY)  # as written
+
+
+def test_a_plan_without_modules_or_tensors_is_checked_by_its_block_names_alone(written):
+    def strip(doc):
+        for b in doc["blocks"]:
+            b.pop("modules"), b.pop("tensors")
+
+    edit(written, strip).check_matches(TINY)

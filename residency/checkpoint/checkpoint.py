@@ -26,6 +26,7 @@ from residency.checkpoint.sniff import file_kind, named_otherwise
 from residency.formats import get_format
 from residency.jsonfile import read_json
 from residency.userpath import DIRECTORY, FILE, MISSING, path_kind
+from residency.validate import a_type
 
 
 @contextlib.contextmanager
@@ -150,14 +151,14 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict[Path, dict[str, str]
                         "move it out of the directory: every .safetensors or .gguf file in it is read as a shard")
                 raise broken(p, f"{link}{'is missing' if shard_kind == MISSING else f'is not a file ({why or shard_kind})'}",
                              hint=hint)
-        if not files:
+        indexes = _indexes(path)
+        if not files and not any(indexes.values()):
             raise broken(
                 path,
                 "directory holds no .safetensors or .gguf files",
                 hint="point at a checkpoint file or shard directory",
             )
-        indexes = _indexes(path)
-        _check_shards_complete(path, files, indexes)
+        _check_shards_complete(path, files, indexes)  # an index whose shards are all missing: named here
         return files, indexes
     if kind == MISSING:
         raise broken(path, "no such file or directory", hint="check the path; give a .safetensors or .gguf file or a directory of shards")
@@ -175,6 +176,7 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict[Path, dict[str, str]
     return [path], {}
 
 
+SHARD_INDEX_SUFFIXES = (".safetensors.index.json", ".gguf.index.json")  # the indexes of the files read here
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.(?:safetensors|gguf)$", re.IGNORECASE)
 
 
@@ -184,8 +186,7 @@ def _indexes(directory: Path) -> dict[Path, dict[str, str]]:
     naming shards a safetensors-only download rightly leaves out): index -> its weight_map (tensor -> file).
     Raises CheckpointError for an index that is not one, or names a file outside the directory."""
     out = {}
-    for index in sorted(p for p in directory.iterdir() if p.name.lower().endswith((".safetensors.index.json",
-                                                                                    ".gguf.index.json"))):
+    for index in sorted(p for p in directory.iterdir() if p.name.lower().endswith(SHARD_INDEX_SUFFIXES)):
         doc = read_json(index, "a shard index", "remove it, or download it again")
         weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
@@ -267,7 +268,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     naming the file. Duplicate tensor names across shards are an error.
     """
     if not isinstance(path, (str, os.PathLike)):  # None, bytes: a bare TypeError from pathlib
-        raise CheckpointError(f"open_checkpoint's path is a {type(path).__name__}",
+        raise CheckpointError(f"open_checkpoint's path is {a_type(path)}",
                               hint="give a .safetensors or .gguf file, or a directory of shards, as a str or Path")
     root = Path(os.fspath(path))
     entries: dict[str, TensorEntry] = {}

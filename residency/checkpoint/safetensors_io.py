@@ -36,6 +36,7 @@ from residency.checkpoint.limits import (
 from residency.checkpoint.packing import PackedTensor
 from residency.checkpoint.sniff import HEAD_BYTES, SAFETENSORS, content_kind, named_otherwise
 from residency.formats import get_format
+from residency.validate import a_type
 
 # The header is read into memory whole and parsed by json: ~1 s and ~9× its size in Python
 # objects per 16 MiB on a slow core. Real shard headers are a few MB; 16 MiB holds MAX_TENSORS
@@ -117,7 +118,7 @@ def _metadata(path: Path, header: dict[str, object]) -> dict[str, str]:
         raise broken(path, "__metadata__ is not a JSON object")
     for key, value in meta.items():
         if not isinstance(value, str):
-            raise broken(path, f"__metadata__[{key!r:.80}] is a {type(value).__name__}, not a string")
+            raise broken(path, f"__metadata__[{key!r:.80}] is {a_type(value)}, not a string")
     return meta
 
 

@@ -18,6 +18,7 @@ from residency.checkpoint.errors import CheckpointError, broken
 from residency.checkpoint.gguf_io import write_gguf
 from residency.checkpoint.packing import PackedTensor, check_packed, pack_tensors
 from residency.checkpoint.safetensors_io import write_safetensors
+from residency.validate import a_type
 
 SUFFIXES = (".safetensors", ".gguf")
 _GGUF_RESERVED = ("general.alignment",)  # GGUFReader needs it as uint32; we only write strings
@@ -80,7 +81,7 @@ def save_checkpoint(
     Cost: the whole packed checkpoint is held in host memory before writing.
     """
     if not isinstance(path, (str, os.PathLike)):
-        raise CheckpointError(f"save_checkpoint's path is a {type(path).__name__}",
+        raise CheckpointError(f"save_checkpoint's path is {a_type(path)}",
                               hint="give a file name ending in .safetensors or .gguf")
     if not isinstance(tensors, Mapping):  # a list or one tensor: its names are what the file keys them by
         raise CheckpointError(f"{os.fspath(path)}: save_checkpoint takes a mapping of name -> tensor, not a "

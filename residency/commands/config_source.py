@@ -114,7 +114,7 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
     if _kind(path / MODEL_CONFIG) != userpath.FILE:
         raise ResidencyError(f"{path / MODEL_CONFIG}: no such file",
                              hint="every planned component of a pipeline directory needs its config.json")
-    config = read_config(path / MODEL_CONFIG)
+    config = raw = read_config(path / MODEL_CONFIG)
     _check_layer_counts(path / MODEL_CONFIG, config)
     _check_sizes(path / MODEL_CONFIG, config)
     _check_head_groups(path / MODEL_CONFIG, config)
@@ -173,6 +173,7 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
                                  hint="its sizes (heads, widths, positions) are too large to build the model even "
                                       "without weights: fix them" if huge else "fix the field it names, or give the "
                                       "directory save_pretrained wrote for this model") from e
+    _note_defaulted_sizes(path / MODEL_CONFIG, raw, model)
     if library == "transformers":
         # built under init_empty_weights a transformers model leaves its tied weights untied (T5's shared
         # embedding, a tied lm_head): counted twice, or left unowned; tying outside it shares them, on meta
@@ -243,6 +244,43 @@ def _note_quantization_config(config_path: Path, config: dict[str, Any]) -> None
     print(f"note: {config_path}: its quantization_config{named} is not applied: residency plans the model's "
           "weights in storage formats of its own choosing per block (BF16, Q8_0, Q4_K …), from the unquantized "
           "model's shapes", file=sys.stderr)
+
+
+def _note_defaulted_sizes(config_path: Path, given: dict[str, Any], model: Any) -> None:
+    """Say on stderr which size fields the config leaves out, so the class's defaults are planned: a hand-written
+    config.json without hidden_size planned a 4096-wide Llama with nothing said. save_pretrained writes them all."""
+    built = getattr(model, "config", None)
+    if built is None:
+        return
+    aliases = getattr(type(built), "attribute_map", {}) or {}  # transformers: hidden_size read from n_embd (GPT-2)
+    defaults = _class_defaults(model, built)
+    left = []
+    for field in (*LAYER_COUNT_FIELDS, *SIZE_FIELDS):
+        value = built.get(field) if isinstance(built, dict) else getattr(built, field, None)
+        if value is None or field in given or aliases.get(field) in given or any(
+                k in given for k, v in aliases.items() if v == field):
+            continue
+        # a field derived from given ones (head_dim from hidden_size and heads) differs from the class default
+        shown = json.dumps(value, default=str)
+        if field in defaults and json.dumps(defaults[field], default=str) == shown:
+            left.append(f"{field} (so {shown[:40]})")
+    if left:
+        shown = ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+        print(f"note: {config_path} gives no {shown}: {type(model).__name__}'s defaults are used, as shown",
+              file=sys.stderr)
+
+
+def _class_defaults(model: Any, built: Any) -> dict[str, Any]:
+    """The values a config class (transformers) or a model's __init__ (diffusers) takes for fields not given."""
+    try:
+        if isinstance(built, dict):  # diffusers: the config is the __init__'s arguments
+            import inspect
+
+            params = inspect.signature(type(model).__init__).parameters.values()
+            return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        return type(built)().to_dict()
+    except Exception:  # a class that cannot be built bare: then no field is said to be a default  # noqa: BLE001
+        return {}
 
 
 def _flat(value: Any) -> list[Any]:

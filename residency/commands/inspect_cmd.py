@@ -199,8 +199,9 @@ def render(inv: Inventory, console: Console) -> None:
         console.print(_component_table(component, blocks, sizes, inv.source))
     every = list(sizes.values())
     largest = inv.largest_block()
+    params = sum(s.params for s in every)
     console.print(
-        f"[bold]{escape(inv.source)}[/bold]: {fmt_count(sum(s.params for s in every))} params in "
+        f"[bold]{escape(inv.source)}[/bold]: {fmt_count(params)} param{'' if params == 1 else 's'} in "
         f"{plural(sum(s.tensors for s in every), 'tensor')}, {plural(len(inv.blocks), 'block')}; stored "
         f"{fmt_bytes(sum(s.stored_bytes for s in every))}; "
         + ", ".join(f"{f} {fmt_bytes(_sum(every, f))}" for f in COMPARE_FORMATS)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from residency import userpath
+from residency.checkpoint.checkpoint import SHARD_INDEX_SUFFIXES
 from residency.commands.config_source import (
     empty_model,
     has_model_config,
@@ -43,7 +44,7 @@ PIPELINE_DIR = "diffusers-pipeline"  # model_index.json and one subfolder per co
 WORLD_MODEL_DIR = "world-model-dir"  # a saved WorldModelPipeline (save_pretrained: config.json + weights)
 SHIPPED = "shipped"  # `default`: the world model that ships trained (tiny's config when its weights are absent),
 SHIPPED_NAME = "default"  # as `run`, `play` and `demo` name it (residency.session_setup.load_model)
-WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")  # SHARD_INDEX_SUFFIXES: their shard indexes
 SOURCES_HINT = ("give default (the shipped world model), a catalog model ({names}), a catalog .json, a "
                 "diffusers or transformers model directory (config.json), a diffusers pipeline directory "
                 "(model_index.json), or, for inspect only, a .safetensors/.gguf checkpoint")
@@ -256,7 +257,8 @@ def _workload_inventory(name: str, workload) -> Inventory:
 
 
 def _has_weights(path: Path) -> bool:
-    return any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir())
+    """Weight files, or a shard index naming them (its shards all missing, the checkpoint reader names them)."""
+    return any(p.suffix in WEIGHT_SUFFIXES or p.name.lower().endswith(SHARD_INDEX_SUFFIXES) for p in path.iterdir())
 
 
 def _checkpoint_inventory(path: Path) -> Inventory:

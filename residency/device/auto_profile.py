@@ -64,5 +64,7 @@ def machine_profile(kind: str | None = None, *, say: Callable[[str], None] = _to
         path.parent.mkdir(parents=True, exist_ok=True)
         save_profile(profile, path)
     except (OSError, ResidencyError) as e:  # a read-only home only costs a re-measure next time
-        say(f"could not cache the profile ({e}); it will be measured again next time")
+        why, hint = (e.message, e.hint) if isinstance(e, ResidencyError) else (str(e), None)
+        say(f"could not cache the profile: {why}; it will be measured again next time"
+            + (f"\nhint: {hint}" if hint else ""))
     return profile

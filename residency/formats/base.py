@@ -15,6 +15,7 @@ import torch
 
 from residency.errors import FormatError
 from residency.formats.staging import new_staging, staging_bytes
+from residency.validate import a_type
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -100,7 +101,7 @@ class StorageFormat(ABC):
         """
         for what, t in (("packed", packed), ("out", out)):
             if not isinstance(t, torch.Tensor):
-                raise FormatError(f"{self.name}: unpack's {what} is a {type(t).__name__}, not a torch tensor",
+                raise FormatError(f"{self.name}: unpack's {what} is {a_type(t)}, not a torch tensor",
                                   hint="packed: the uint8 tensor pack() returned; out: torch.empty(shape, dtype=…)")
         if out.dtype not in OUT_DTYPES:
             raise FormatError(f"{self.name}: cannot unpack into dtype {out.dtype}", hint="use float32, float16 or bfloat16")

@@ -37,6 +37,7 @@ from residency.runtime.attached_guards import refuse_inference_parameters
 from residency.runtime.closed_loop import LoopOptions, enable_loop, loop_options
 from residency.runtime.hooks import has_hook
 from residency.units import fmt_bytes, plural, size_at_least
+from residency.validate import a_type
 from residency.workload import Workload, module_workload, workload_from_dict
 from residency.workload.from_module import (
     DTYPE_NAMES,
@@ -135,7 +136,7 @@ def _attach_pipeline(pipe: Any, **options: Any) -> Any:
     refuse_pipeline_hooks(pipe, components)
     call = options.pop("example_inputs")  # for a pipeline: the keyword arguments of the call to plan for
     if call is not None and not isinstance(call, dict):
-        raise ResidencyError(f"example_inputs for the pipeline {type(pipe).__name__} is a {type(call).__name__}",
+        raise ResidencyError(f"example_inputs for the pipeline {type(pipe).__name__} is {a_type(call)}",
                              hint="give the call to plan for as a dict of pipe(...) arguments, e.g. "
                                   "dict(prompt='a cat', height=512, width=512, num_inference_steps=4)")
     try:

@@ -16,6 +16,7 @@ import numpy as np
 
 from residency.errors import ResidencyError
 from residency.units import fmt_bytes, fmt_ms
+from residency.validate import show
 from residency.workload.spec import MAX_CONTEXT_FRAMES, MAX_STEPS  # noqa: F401  (bounds a plan shares)
 
 PLACEMENTS = ("resident", "resident-quantized", "streamed")
@@ -249,6 +250,8 @@ class Plan:
             raise ResidencyError(f"the plan for {self.model!r} does not name the blocks of {what}: "
                                  f"{_block_difference(named, expected)}",
                                  hint=fix or "make a new plan with `residency plan -o` rather than editing block names")
+        for i, (b, spec) in enumerate(zip(self.blocks, workload.blocks, strict=True)):
+            _check_block_contents(i, b, spec, what)
 
     @property
     def holds_budget(self) -> bool:
@@ -259,6 +262,23 @@ class Plan:
         fits = p.peak_total_bytes <= self.budget.vram_bytes
         fast = self.budget.frame_ms is None or p.frame_ms <= self.budget.frame_ms
         return fits and fast
+
+
+def _check_block_contents(i: int, b: BlockPlan, spec: object, what: str) -> None:
+    """A plan's modules and tensors of a block restate the workload's (`plan` writes them for the reader): an
+    edit of them moves nothing, so one that disagrees is refused rather than ignored. Older plans omit them."""
+    want_modules = tuple(getattr(spec, "modules", ()) or (b.name,))
+    want_tensors = tuple(n for n, _ in getattr(spec, "tensors", ()))
+    for key, have, want in (("modules", b.modules, want_modules), ("tensors", b.tensors, want_tensors)):
+        if have and want and have != want:
+            extra = [n for n in have if n not in want]
+            gone = [n for n in want if n not in have]
+            diff = (f"{show(extra[0])} is not one of the block's {key}" if extra else
+                    f"{show(gone[0])} is missing" if gone else "they are in another order")
+            raise ResidencyError(f"the plan's blocks[{i}].{key} ({b.name}) differ from those of {what}: {diff}",
+                                 hint=f"a block's {key} are written by `residency plan` to show what it "
+                                      "holds; editing them moves nothing: make a new plan, or change only placement "
+                                      "and format")
 
 
 def _block_difference(named: list[str], expected: list[str]) -> str:

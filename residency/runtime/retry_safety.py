@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from residency.runtime.executor import version_of
+from residency.validate import a_type
 
 # Argument values a forward cannot change in place: the retry sees them as the first attempt did.
 PLAIN_VALUES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size,
@@ -124,4 +125,4 @@ def _walk(value, where: str, tensors: list, generators: list, depth: int) -> str
             if why is not None:
                 return why
         return None
-    return f"{where} is a {type(value).__name__}, an object the call may have updated (a cache, a state)"
+    return f"{where} is {a_type(value)}, an object the call may have updated (a cache, a state)"

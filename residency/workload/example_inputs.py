@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from residency.errors import ResidencyError
+from residency.validate import a_type
 
 Example = tuple | Mapping[str, Any] | torch.Tensor  # positional inputs, keyword inputs, or one tensor
 
@@ -21,7 +22,7 @@ def split_example(example: Example) -> tuple[tuple, dict[str, Any]]:
     elif isinstance(example, (tuple, list)):
         args, kwargs = tuple(example), {}
     else:  # a numpy array would be unpacked row by row
-        raise ResidencyError(f"example_inputs is a {type(example).__name__}: give a torch tensor, a tuple of "
+        raise ResidencyError(f"example_inputs is {a_type(example)}: give a torch tensor, a tuple of "
                              "the call's positional inputs or a dict of its keyword inputs",
                              hint="e.g. example_inputs=torch.from_numpy(x)")
     arrays = [k for k, v in (*enumerate(args), *kwargs.items()) if type(v).__module__ == "numpy"
