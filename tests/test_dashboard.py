@@ -173,3 +173,16 @@ def test_a_trace_naming_a_memory_kind_the_ledger_never_accounts_is_refused(snaps
     with pytest.raises(ResidencyError, match=r"memory names an unknown kind 'kv-cache'") as err:
         read_trace(path)
     assert "kv_cache" in err.value.hint
+
+
+@pytest.mark.parametrize("sizes, budget", [([10, 10, 10], 21_000), ([1000, 500, 500], 2000), ([1] * 80, 80),
+                                           ([7, 3, 5, 11], 10**9), ([2**30, 1], 2**30)])
+def test_the_memory_bar_is_as_long_as_the_share_held_and_never_longer_than_its_width(snapshot, sizes, budget):
+    from residency.dashboard.panels import vram_map
+
+    kinds = ("resident", "slots", "kv_cache", "activations") * 20
+    snap = dataclasses.replace(snapshot, memory=tuple(zip(kinds, sizes, strict=False)))
+    bar = vram_map(snap, DashboardContext("t", vram_budget_bytes=budget), width_cells=48).renderables[1]
+    held = bar.cell_len - bar.plain.count("░")
+    assert bar.cell_len == 48
+    assert held == max(1, round(min(1.0, sum(sizes) / max(budget, sum(sizes))) * 48))

@@ -118,6 +118,19 @@ def block_bars(snapshot: TelemetrySnapshot, width_cells: int = 30, max_rows: int
     return text
 
 
+def _share_cells(sizes: list[int], scale: int, width_cells: int) -> list[int]:
+    """Cells of a bar for each size: the total's share of `scale` (at least one cell when anything is held), split
+    by largest remainder, so the bar is as long as the total and never longer than `width_cells` (one cell a kind
+    drew 0.14 % of a budget as 3 cells). A kind too small for a cell still has its legend entry."""
+    total = sum(sizes)
+    cells = min(width_cells, max(1 if total else 0, round(total / scale * width_cells)))
+    exact = [b / total * cells if total else 0.0 for b in sizes]
+    out = [int(e) for e in exact]
+    for i in sorted(range(len(sizes)), key=lambda i: out[i] - exact[i])[:cells - sum(out)]:
+        out[i] += 1
+    return out
+
+
 def vram_map(snapshot: TelemetrySnapshot, context: DashboardContext, width_cells: int = 48) -> Group:
     """Device memory held now by kind, as one bar against the budget."""
     held = [(k, b) for k, b in snapshot.memory if b > 0]
@@ -125,9 +138,8 @@ def vram_map(snapshot: TelemetrySnapshot, context: DashboardContext, width_cells
     budget = context.vram_budget_bytes
     scale = max(budget or 0, total) or 1
     bar = Text()
-    for kind, nbytes in held:
-        bar.append(KIND_GLYPHS.get(kind, BAR) * max(1, int(round(nbytes / scale * width_cells))),
-                   style=KIND_COLOURS.get(kind, "white"))
+    for (kind, _), n in zip(held, _share_cells([b for _, b in held], scale, width_cells), strict=True):
+        bar.append(KIND_GLYPHS.get(kind, BAR) * n, style=KIND_COLOURS.get(kind, "white"))
     bar.append("░" * max(0, width_cells - bar.cell_len), style="dim")
     against = f" of {fmt_bytes(budget)} budget" if budget else ""
     legend = Text()
