@@ -45,6 +45,32 @@ def test_pack_produces_gguf_reference_bytes(name):
     assert np.array_equal(ours, ref)
 
 
+def _block_sq_error(w: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+    return ((decoded.reshape(-1, 32).astype(np.float64) - w.reshape(-1, 32)) ** 2).sum(axis=1)
+
+
+@pytest.mark.parametrize("name", LEGACY)
+@pytest.mark.parametrize("std", [3e-4, 1e-5, 1e-6, 1e-7])
+def test_tiny_weights_lose_no_more_than_at_unit_scale_and_never_more_than_the_reference(name, std):
+    # the reference codes against the exact scale and stores it as an fp16 subnormal: Q8_0 at std 1e-5 lost 18× its
+    # error at std 1, and at 1e-6 decoded every block as zeros
+    qtype = GGMLQuantizationType[name]
+    fmt = get_format(name)
+    rng = np.random.default_rng(3)
+    unit = rng.standard_normal((16, 1024)).astype(np.float32)
+    w = unit * np.float32(std)
+    ours = fmt.dequantize(fmt.pack(torch.from_numpy(w)), w.shape).numpy()
+    ref = gguf_quants.dequantize(gguf_quants.quantize(w, qtype), qtype)
+    assert (_block_sq_error(w, ours) <= _block_sq_error(w, ref)).all()
+    nominal = get_format(name).dequantize(fmt.pack(torch.from_numpy(unit)), w.shape).numpy()
+    rel = float(np.sqrt(_block_sq_error(w, ours).sum() / (w.astype(np.float64) ** 2).sum()))
+    rel_nominal = float(np.sqrt(_block_sq_error(unit, nominal).sum() / (unit.astype(np.float64) ** 2).sum()))
+    if std >= 1e-5:
+        assert rel <= 1.5 * rel_nominal
+    else:  # coarser, as fp16's smallest subnormal (6e-8) is the finest step: but never decoded as zeros
+        assert rel < 0.5
+
+
 @pytest.mark.parametrize("name", LEGACY)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_outputs_are_the_rounded_fp32_result(name, dtype):

@@ -1,7 +1,7 @@
 """GGUF "legacy" 32-weight block formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 in pure torch.
 
 Unpack runs on any torch device and matches gguf.quants.dequantize bit for bit in fp32;
-pack delegates to gguf's numpy quantizer, which is the reference for these types.
+pack is gguf's numpy quantizer, the reference for these types, but in blocks of tiny weights (legacy_pack).
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
-from gguf import quants as gguf_quants
 
 from residency.formats.gguf_kquants import f16_fields, f16_viewable
+from residency.formats.legacy_pack import quantize_legacy
 from residency.formats.staging import float_phase
 
 
@@ -164,10 +163,9 @@ def dequant_q5_1(blocks: torch.Tensor, out: torch.Tensor | None = None, work: to
     return float_phase(o, dst, _scaled(q, f16_fields(blocks, 0), f16_fields(blocks, 2)))
 
 
-def _numpy_quantizer(qtype: GGMLQuantizationType):
+def _numpy_quantizer(name: str):
     def quant(blocks: torch.Tensor) -> torch.Tensor:
-        raw = gguf_quants.quantize(blocks.numpy().astype(np.float32, copy=False), qtype)
-        return torch.from_numpy(np.ascontiguousarray(raw))
+        return torch.from_numpy(quantize_legacy(name, blocks.numpy().astype(np.float32, copy=False)))
 
     return quant
 
@@ -180,4 +178,4 @@ DEQUANT_LEGACY = {
     "Q5_1": dequant_q5_1,
 }
 
-QUANT_LEGACY = {name: _numpy_quantizer(GGMLQuantizationType[name]) for name in DEQUANT_LEGACY}
+QUANT_LEGACY = {name: _numpy_quantizer(name) for name in DEQUANT_LEGACY}
