@@ -29,6 +29,7 @@ from residency.runtime.backend import Backend
 from residency.runtime.backends import get_backend
 from residency.runtime.block_calls import BlockCalls, BlockHook, GroupHook, ReaderHook
 from residency.runtime.closed_loop import ClosedLoop
+from residency.runtime.detaching import Detaching
 from residency.runtime.device_memory import DeviceMemory
 from residency.runtime.executor import Executor, version_of
 from residency.runtime.graphed import BlockForwards, block_forwards, check_block_modes
@@ -37,7 +38,6 @@ from residency.runtime.hooks import (
     add_hook,
     bypass_reads_slot,
     has_hook,
-    remove_hook,
 )
 from residency.runtime.host_store import BlockBlob, HostStore
 from residency.runtime.ledger import DeviceBudgetExceeded, Ledger
@@ -66,7 +66,7 @@ from residency.workload import Workload
 ReplanFn = Callable[[Budget, DeviceProfile], Plan]  # the budget left and the device's profile -> a plan for them
 
 
-class Runtime(PlanSwitching, Recovering, ModelWatching, NotCopiedRuntime):
+class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRuntime):
     """Executes `plan` on a model through hooks; `attach(model)`, run it as usual, `detach()` (or leave a `with`).
 
     Attach finds every workload block's module(s) by path (`model.get_submodule`: the paths its BlockSpec
@@ -310,78 +310,9 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, NotCopiedRuntime):
                         self._buffers.append((sub, key, buf))
                         sub._buffers[key] = moved
 
-    def detach(self) -> None:
-        """Restore the model exactly: original weight storages, devices, no hook left. Waits for a unit of work
-        another thread is running (a detach mid-call crashed that call)."""
-        with self._unit_lock:
-            self._detach()
-
-    def _detach(self) -> None:
-        if self.pipeline is None:
-            return
-        if self.loop is not None:
-            self.loop.close()  # a re-plan in flight reads the original weights: let it finish first
-        for module in (*self._hooked, self._root):  # before anything changes: a detach that cannot finish
-            if module is not None:                  # changes nothing
-                self._check_removable(module)
-        # blocks first, the model's own hook last: a call arriving meanwhile (another thread) goes through that
-        # hook, so it waits for the unit lock and then runs plain; with the hook gone first it ran the block
-        # hooks unlocked on an executor being stopped (AttributeError: 'NoneType' … 'submit')
-        self._detach_blocks()
-        self._remove_retry_hook()
-        self._forget_stores()
-        self._holders = None  # no reference kept to modules outside the model
-
     def _keep_buffer_write(self, name: str, index: int, bound: torch.Tensor, binding) -> None:
         """The executor's keep_write: block_buffers.keep_write into this attach's blob and original tensor."""
         block_buffers.keep_write(self.store.blobs[name], self._originals[name][index][1], index, bound, binding)
-
-    def _forget_stores(self) -> None:
-        """The host blobs go with the attach: cached, the next attach would reuse them even after an edit of
-        the weights no token sees (`p.data.mul_(0.5)` keeps storage and version), and they would hold the
-        host memory for as long as the model lives."""
-        if self.store is not None:
-            self.store.release()
-
-    def _remove_retry_hook(self) -> None:
-        """The model's own hook goes (detach, or a let-go after a cut): the model runs plain from here."""
-        if self._root is not None:
-            remove_hook(self._root)
-            self._root = None
-        if self._structure is not None:
-            self._structure.close()  # warns of what was added while attached: detach does not undo it
-            self._structure = None
-
-    def _detach_blocks(self, checked: bool = True) -> None:
-        """Undo _attach. `checked` False: an attach that failed part way (each hook added is ours, and the
-        compiled forwards may not be in place yet)."""
-        for module in self._hooked if checked else ():
-            self._check_removable(module)
-        self._calls.discard()  # a call still open here failed (a completed one was closed)
-        self._executor.close_frame()
-        self._executor.stop()
-        for module in self._hooked:
-            remove_hook(module)
-        self._hooked = []
-        self._forwards.clear()
-        if self._compiled is not None:
-            self._compiled.restore()
-        self._compiled = None
-        block_buffers.keep_resident_writes(self._executor, self._originals, self._buffer_versions)
-        for pairs in self._originals.values():
-            for t, data in pairs:
-                t.data = data
-        for sub, key, buf in self._buffers:
-            moved = sub._buffers[key]
-            self.ledger.release("resident", moved.numel() * moved.element_size())
-            sub._buffers[key] = buf
-        self._buffers.clear()
-        self._originals = {}
-        for handle in self._state_hooks:
-            handle.remove()
-        self._memory.release()
-        self.backend.stop()
-        self.pipeline, self._executor, self._calls, self._memory = None, None, None, None
 
     # --- running ---
     def _account_kv(self, session: RecoverableSession) -> None:
