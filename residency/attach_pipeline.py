@@ -29,7 +29,7 @@ from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, vram_bytes
 from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
 from residency.runtime.attached_guards import refuse_inference_parameters
-from residency.runtime.closed_loop import LoopOptions, enable_loop, loop_options
+from residency.runtime.closed_loop import LoopOptions, check_loop_can_replan, enable_loop, loop_options
 from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.runtime.not_pickled import NotCopiedRuntime
 from residency.runtime.structure_watch import LABEL_KEY
@@ -422,6 +422,7 @@ def attach_built(built: PipelineWorkload, budget: Budget, *, profile: str | os.P
         raise ResidencyError(f"the plan keeps {', '.join(wrong)} as {', '.join(wrong.values())}",
                              hint="blocks enclosing others, and blocks whose tensors the model reads outside their calls, must be "
                                   "resident for the session")
+    check_loop_can_replan(closed_loop, first, prof)
     if first.profile_fingerprint != prof.fingerprint():
         planner = None  # a plan made for another profile runs as given; re-plans need plans for one profile
     runtime = Runtime(first, backend, workload=built.workload, replan=planner,

@@ -69,6 +69,21 @@ def test_a_gpu_profile_on_the_cpu_backend_is_refused_for_the_loop_and_the_model_
         assert rt.loop is None or not rt.loop.options.enabled
 
 
+def test_a_plan_made_for_another_profile_is_refused_for_the_loop_naming_both_profiles():
+    from residency.runtime.hooks import has_hook
+
+    with attach_small() as rt:
+        plan = rt.plan  # made for flat_profile(backend="cpu")
+    model, other = Small(), flat_profile(backend="cpu", link_gbps=3.0, name="slower link")
+    with pytest.raises(residency.ResidencyError, match=f"made for profile {plan.profile!r}") as err:
+        residency.attach(model, plan=plan, profile=other, backend="cpu", example_inputs=X, closed_loop=True)
+    assert "leave plan= out" in err.value.hint  # was "the runtime needs replan=…": attach through residency.attach
+    assert not any(has_hook(m) for m in model.modules())
+    with residency.attach(model, plan=plan, profile=other, backend="cpu", example_inputs=X,
+                          closed_loop=LoopOptions(enabled=False)):
+        pass  # without the loop it runs the plan as given
+
+
 @pytest.mark.parametrize("value", ["yes", {"max_switches": 2}, 1])
 def test_a_wrong_closed_loop_value_is_refused_and_leaves_the_model_as_it_was(value):
     from residency.runtime.hooks import has_hook

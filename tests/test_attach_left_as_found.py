@@ -90,6 +90,57 @@ def test_what_a_block_caches_or_counts_in_the_counting_forward_is_not_kept(vram)
         assert torch.equal(model(x), expected)
 
 
+class LazyBufferBlock(nn.Module):
+    """Registers a buffer on its first call and counts its calls in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "count"):
+            self.register_buffer("count", torch.zeros(64), persistent=False)
+        self.count.add_(1.0)
+        return torch.tanh(self.lin(x)) + self.count
+
+
+class HooksOnce(Stack):
+    """Installs a forward hook on each layer on its first call, behind a flag (as transformers' output capturing)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda: nn.Linear(64, 64), 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if not getattr(self, "_installed", False):
+            self.seen = []
+            for layer in self.layers:
+                layer.register_forward_hook(lambda mod, args, out: self.seen.append(out))
+            self._installed = True
+        self.seen.clear()
+        return super().forward(x), len(self.seen)
+
+
+@pytest.mark.parametrize("vram", [None, "40%"])
+def test_hooks_and_buffers_a_forward_adds_on_its_first_call_are_not_kept_from_the_count(vram):
+    # kept, the flag put back and the hook not, each hook ran twice ever after (transformers: every hidden state
+    # twice); a buffer registered in the count kept its update (a call counter one ahead), detached or not
+    torch.manual_seed(0)
+    model, x = HooksOnce().eval(), torch.randn(4, 64)
+    with attach(model, x, vram), torch.no_grad():
+        assert [len(layer._forward_hooks) for layer in model.layers] == [0, 0, 0]
+        assert model(x)[1] == 3
+    assert model(x)[1] == 3 and [len(layer._forward_hooks) for layer in model.layers] == [1, 1, 1]
+
+    model = Stack(LazyBufferBlock).eval()
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        expected = [plain(x) for _ in range(2)]
+    with attach(model, x, vram), torch.no_grad():
+        assert not any(hasattr(layer, "count") for layer in model.layers)
+        assert all(torch.equal(model(x), e) for e in expected)
+    assert [layer.count[0].item() for layer in model.layers] == [2.0] * 4
+
+
 def test_state_kept_in_plain_attributes_starts_where_the_plain_model_does():
     torch.manual_seed(0)
     model, xs = Recurrent().eval(), [torch.randn(2, 64) for _ in range(3)]

@@ -34,7 +34,7 @@ from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, frame_budget_ms,
 from residency.plan import Budget, Plan, load_plan
 from residency.runtime import Runtime
 from residency.runtime.attached_guards import refuse_inference_parameters
-from residency.runtime.closed_loop import LoopOptions, enable_loop, loop_options
+from residency.runtime.closed_loop import LoopOptions, check_loop_can_replan, enable_loop, loop_options
 from residency.runtime.hooks import has_hook
 from residency.units import fmt_bytes, plural, size_at_least
 from residency.validate import a_type
@@ -121,6 +121,7 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     chosen = _given_plan(plan, workload) if plan is not None else _planned(replan, budget, prof)
     if plan is not None:
         _warn_budget_ignored(chosen, budget, vram=vram, fps=fps, frame_ms=frame_ms)
+    check_loop_can_replan(closed_loop, chosen, prof)
     if chosen.profile_fingerprint != prof.fingerprint():
         replan = None  # a plan made for another profile runs as given; recovery needs plans for one profile
     runtime = Runtime(chosen, chosen_backend, workload=workload, replan=replan,

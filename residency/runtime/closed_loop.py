@@ -404,6 +404,18 @@ def loop_options(closed_loop: bool | LoopOptions) -> LoopOptions | None:
     return LoopOptions() if closed_loop else None
 
 
+def check_loop_can_replan(closed_loop: bool | LoopOptions, plan, profile) -> None:
+    """Refuse, before anything is attached, a closed loop over a plan given for another profile than the one the
+    runtime runs with: every re-plan would be for this one (a plan for one profile and a switch to a plan for
+    another compare nothing). Said as "the runtime needs replan=…", it pointed at the call just made."""
+    options = loop_options(closed_loop)
+    if options is not None and options.enabled and plan.profile_fingerprint != profile.fingerprint():
+        raise ResidencyError(f"closed_loop re-plans for the profile it runs with ({profile.name}), but the plan given "
+                             f"was made for profile {plan.profile!r}",
+                             hint="give a plan made with this profile, or leave plan= out to plan for it, or leave "
+                                  "closed_loop off to run the plan as given")
+
+
 def enable_loop(runtime, closed_loop: bool | LoopOptions) -> None:
     """Turn the attached runtime's closed loop on for True (default options) or a LoopOptions; False leaves it off.
 
@@ -411,7 +423,8 @@ def enable_loop(runtime, closed_loop: bool | LoopOptions) -> None:
     not one of those, or when the runtime cannot re-plan: its plan was made for another profile."""
     try:
         options = loop_options(closed_loop)
-        if options is not None:
+        # a disabled loop over a runtime that cannot re-plan (a plan given for another profile) is no loop at all
+        if options is not None and (options.enabled or runtime.replan is not None):
             runtime.enable_closed_loop(options, model=runtime.workload.name)
     except BaseException:
         runtime.detach()

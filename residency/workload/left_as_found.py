@@ -29,7 +29,8 @@ def generators_in(values: Any) -> list[torch.Generator]:
 @contextmanager
 def left_as_found(modules: Iterable[nn.Module], generators: Iterable[torch.Generator] = ()) -> Iterator[None]:
     """On exit, each of `modules`' trees has the attributes it had on entry (one added is deleted, one rebound
-    is bound back), every plain tensor attribute its values, and torch's global RNG (CPU, and CUDA where it is
+    is bound back), no parameter, buffer, submodule or hook added since (each removed), every plain tensor attribute
+    its values, and torch's global RNG (CPU, and CUDA where it is
     initialised) and each of `generators` its state.
 
     The lists, dicts and sets an attribute holds (a hand-written KV cache `self.kv = {}`, a history list), and
@@ -47,14 +48,15 @@ def left_as_found(modules: Iterable[nn.Module], generators: Iterable[torch.Gener
         for k, v in attrs.items():
             if k not in _MODULE_OWN:
                 containers.walk(v, 0)
-        saved.append((module, attrs, values))
+        saved.append((module, attrs, values, _own_keys(module)))
     gens = [(g, g.get_state()) for g in {id(g): g for g in generators}.values()]
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         yield
     finally:
-        for module, attrs, values in saved:
+        for module, attrs, values, own in saved:
+            _drop_added(module, own)
             current = vars(module)
             for key in [k for k in current if k not in attrs and k not in _REGISTRIES]:
                 del current[key]
@@ -79,6 +81,27 @@ MAX_DEPTH = 4  # containers within containers walked, from an attribute
 # Items of a container past which it is left as it is: a vocabulary or a lookup table, not a cache a forward fills
 # (a 2 M-entry dict cost 2.1 s to copy per count, and attach counts up to 4 times)
 MAX_ITEMS = 10_000
+
+
+def _own_keys(module: nn.Module) -> dict[str, frozenset]:
+    """The keys of a module's registries and hook tables (and the non-persistent buffer set's names)."""
+    return {k: frozenset(v) for k, v in vars(module).items()
+            if (k in _MODULE_OWN or k in _REGISTRIES) and isinstance(v, (dict, set))}
+
+
+def _drop_added(module: nn.Module, own: dict[str, frozenset]) -> None:
+    """Remove what the counted forward added to the module's registries and hook tables: a hook a forward installs
+    once behind a flag (transformers' output capturing) ran twice ever after, the flag put back and its hook kept,
+    and a buffer a block registers on its first call kept the count's update (a call counter one ahead)."""
+    for key, before in own.items():
+        table = vars(module).get(key)
+        if not isinstance(table, (dict, set)):
+            continue
+        for added in [k for k in table if k not in before]:
+            if isinstance(table, dict):
+                table.pop(added)  # the table's own method: an OrderedDict keeps a linked list beside the dict
+            else:
+                table.discard(added)
 
 
 def _plain_tensor(v: Any) -> bool:
