@@ -182,7 +182,7 @@ def _warn_training_statistics(model: nn.Module) -> None:
     if tracking:
         warnings.warn(f"{type(model).__name__} is in training mode: the running statistics of {tracking[0]}"
                       f"{f' and {len(tracking) - 1} more batch norms' if len(tracking) > 1 else ''} would update "
-                      "in place with every call, and the runtime does not keep them (batch norm writes them "
+                      "in place with every call, and the runtime does not keep them, in resident blocks either (batch norm writes them "
                       "without bumping their version counters, which is how it sees a block's own writes); call "
                       "model.eval() before attaching (the runtime is for inference)", InferenceOnlyWarning,
                       stacklevel=3)

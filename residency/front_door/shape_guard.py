@@ -59,7 +59,7 @@ class ShapeGuard:
         raise ResidencyError(
             f"{self.model_label} was called with inputs {_show(got)}; the plan was made for "
             f"{_show(self.planned)} (its example inputs): {why}. It runs calls of the example's structure "
-            "(inputs, tensors per input, dimensions), none larger",
+            "(the same number of tensors per input, no more dimensions), none larger",
             hint="leave this runtime (or detach() it) and attach again with example_inputs= at the largest "
                  "shapes you will call it with: residency.attach(model, vram=…, example_inputs=<those inputs>)")
 

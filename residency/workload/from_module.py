@@ -277,8 +277,10 @@ def _schedule(model: nn.Module, blocks: ModuleBlocks, trace: Trace, name: str, c
                                  hint="attach a module whose forward computes its result before returning it (e.g. "
                                       "one that returns list(...) of the generator)")
         raise ResidencyError(f"{name}: the forward called none of the model's blocks",
-                             hint="pass the module whose forward runs the model; a model that runs its layers as "
-                                  "layer.forward(x) skips the module call residency sees: call them as layer(x)")
+                             hint="residency places a model by the calls of its layers: call them as layer(x); a "
+                                  "forward that runs layer.forward(x), or reads their weights itself "
+                                  "(F.linear(x, layer.weight, layer.bias)), skips the call residency sees. Or pass "
+                                  "the module whose forward runs the model")
     loose_paths, unowned = _loose_and_unowned(model, blocks, trace)
     loose = Draft(LOOSE, [], tuple(dict.fromkeys(p.rpartition(".")[0] for p in loose_paths)),
                   UnitCounts(calls=1, tokens=drafts[0].counts.tokens), calls=1) if loose_paths else None
