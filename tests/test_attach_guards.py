@@ -184,6 +184,19 @@ def test_state_dict_while_attached_is_the_models_own_and_no_hook_is_left():
     assert not any(m._state_dict_hooks for m in model.modules())
 
 
+def test_an_integer_example_reaching_a_float_layer_is_refused_at_attach_not_at_the_first_call():
+    # the meta count does not check dtypes: attach planned int64 inputs into a float32 Linear and the user's first
+    # call failed with torch's "mat1 and mat2 must have the same dtype"
+    from residency.errors import ResidencyError
+
+    model, x = mlp_stack()
+    with pytest.raises(ResidencyError, match=r"\(Linear\) gets its input as torch.int64, its weight is torch.float32"):
+        attach(model, x.long())
+    embed = nn.Sequential(nn.Embedding(50, 64), *[nn.Linear(64, 64) for _ in range(3)]).eval()
+    with attach(embed, torch.arange(8).reshape(2, 4)) as rt:  # token ids into an embedding: as the model takes them
+        assert rt.plan.blocks
+
+
 def test_a_numpy_example_and_a_lone_layer_are_refused_with_what_to_give():
     import numpy as np
 

@@ -26,6 +26,7 @@ from residency.errors import ResidencyError, user_stacklevel
 from residency.formats.dtypes import COMPUTE_DTYPE_BYTES, TORCH_DTYPES
 from residency.workload.example_inputs import Example, split_example
 from residency.workload.fallback_trace import fallback_trace
+from residency.workload.integer_inputs import IntegerInputError, float_layers_refuse_integers
 from residency.workload.left_as_found import generators_in, left_as_found
 from residency.workload.module_blocks import (
     ModuleBlocks,
@@ -195,6 +196,8 @@ def _count(model: nn.Module, blocks: ModuleBlocks, args: tuple, kwargs: dict[str
     with user_hooks_quiet(model), left_as_found([model], generators_in((args, kwargs))):
         try:
             return _meta_trace(model, units, args, kwargs, dtypes[0], batch, dtypes[1]), "meta", ""
+        except IntegerInputError as e:  # the model's own refusal, which meta does not make
+            raise IntegerInputError(e.message.replace(type(model).__name__, name, 1), hint=e.hint) from None
         except Exception as e:  # any failure of the meta run (data-dependent op, CPU tensor kept as attribute)
             meta_error = error_line(e)
             try:
@@ -369,8 +372,9 @@ def _meta_trace(model: nn.Module, units: list[tuple[str, ...]], args: tuple, kwa
     # leaves, every module's own tensors are put back as they were.
     held = [(m, store, dict(getattr(m, store))) for m in model.modules() for store in ("_parameters", "_buffers")]
     try:
-        return trace_forward(model, units, lambda: functional_call(model, state, margs, mkwargs, tie_weights=True),
-                             state.items(), batch)
+        with float_layers_refuse_integers(model, type(model).__name__):
+            return trace_forward(model, units, lambda: functional_call(model, state, margs, mkwargs,
+                                                                        tie_weights=True), state.items(), batch)
     finally:
         for module, store, tensors in held:
             current = getattr(module, store)

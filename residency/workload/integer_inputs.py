@@ -1,0 +1,50 @@
+"""A check the meta device does not make: an integer tensor fed to a float layer.
+
+On meta, `F.linear(ids, weight)` with int64 ids and a float32 weight returns an int64 result; the model run for real
+refuses it ("mat1 and mat2 must have the same dtype"). Left to the meta count, attach planned and attached such an
+example and the user's first call failed with torch's words. Checked only on torch's own layer classes (a quantized
+subclass, bitsandbytes' Linear4bit, takes other dtypes by design), whose forward would run the weight on the input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from residency.errors import ResidencyError
+
+_FLOAT_LAYERS = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                 nn.ConvTranspose3d)
+
+
+class IntegerInputError(ResidencyError):
+    """An example input reaches a float layer as integers: the model itself would refuse the call."""
+
+
+@contextmanager
+def float_layers_refuse_integers(model: nn.Module, name: str) -> Iterator[None]:
+    """While the body runs (the count of `model`'s forward), a call of one of `model`'s own nn.Linear/ConvNd layers
+    with an integer first input raises IntegerInputError naming the layer. Cost: one pre-hook call per module call."""
+    paths = {id(m): p for p, m in model.named_modules() if type(m) in _FLOAT_LAYERS}
+
+    def check(module: nn.Module, args: tuple) -> None:
+        path = paths.get(id(module))
+        if path is None or not args or not isinstance(args[0], torch.Tensor):
+            return
+        x = args[0]
+        if not (x.is_floating_point() or x.is_complex()) and module.weight.is_floating_point():
+            raise IntegerInputError(
+                f"{name}: {path or 'the model'} ({type(module).__name__}) gets its input as {x.dtype}, its weight "
+                f"is {module.weight.dtype}: the model itself refuses that call (torch: mat1 and mat2 must have the "
+                "same dtype)",
+                hint="give example_inputs= as the model takes them: float tensors where its layers compute on them "
+                     "(token ids only where an embedding reads them)")
+
+    handle = nn.modules.module.register_module_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
