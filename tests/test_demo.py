@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 
 import torch
@@ -17,10 +18,11 @@ def test_demo_streams_some_blocks_and_writes_gif_and_trace(tmp_path, monkeypatch
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     (tmp_path / "cache" / "residency").mkdir(parents=True)
     shutil.copy(profile_path("rx-7800-xt"), cached_profile_path("cpu"))
-    out_dir = tmp_path / "out"
+    out_dir = tmp_path / "demo out"  # a space: the printed replay command quotes the path
     out_dir.mkdir()
     assert main(["demo", "--frames", "5", "-o", str(out_dir)]) == 0
     out, err = capsys.readouterr()
+    assert f"dashboard {shlex.quote(str(out_dir / 'demo-trace.json'))}" in out
     assert "streamed" in out.split("plan (", 1)[1].split("\n", 1)[0]  # the budget forces streaming
     assert "ms/frame" in out and "VRAM" in out  # the dashboard's final render, as text
     assert "residency dashboard" in out and "demo-trace.json" in out and "residency play" in out
@@ -53,3 +55,14 @@ def test_the_printed_next_steps_name_a_command_that_runs_here(tmp_path, monkeypa
     assert command_name() == "python -m residency"  # no script: the module form
     (bin_dir / "residency").write_text("#!/bin/sh\n")
     assert command_name() == ".venv/bin/residency"  # the README's form, from the checkout
+
+
+def test_a_demo_refused_for_its_options_leaves_no_directory_it_created(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.json").write_text("")
+    assert main(["demo", "-o", "new/deep/dir", "--profile", "empty.json", "--frames", "2"]) == 1
+    assert "empty.json" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # the three levels made for -o went again
+    (tmp_path / "kept").mkdir()
+    assert main(["demo", "-o", "kept/sub", "--profile", "empty.json", "--frames", "2"]) == 1
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "sub").exists()  # only what it made

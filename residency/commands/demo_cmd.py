@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -73,13 +74,21 @@ def run(args: argparse.Namespace) -> int:
     Raises ResidencyError when the output directory cannot be written, UsageError for `--profile calibrated`
     without a calibration.
     """
+    console, err = make_console(), make_console(stderr=True)
+    out_dir, created = _output_dir(args.output_dir)
+    try:
+        return _run(args, console, err, out_dir)
+    except BaseException:
+        _remove_empty(created)  # a failed demo leaves no empty directory behind (a bad --profile did)
+        raise
+
+
+def _run(args: argparse.Namespace, console, err, out_dir: Path) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from residency.dashboard import Dashboard, build, live, write_trace
     from residency.media import check_output_path, write_frames
 
-    console, err = make_console(), make_console(stderr=True)
-    out_dir = _output_dir(args.output_dir)
     gif = check_output_path(out_dir / "demo.gif")
     trace = run_cmd.check_trace_path(str(out_dir / "demo-trace.json"))
     live_view = console.is_terminal and not args.once
@@ -128,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     run_cmd.report_speed(console, snapshot, other)
     console.print(f"wrote {gif} ({len(video)} frame{'s' if len(video) != 1 else ''}) and {trace}")
     me = command_name()
-    console.print(f"replay the telemetry:  {me} dashboard {trace}", markup=False, highlight=False)
+    console.print(f"replay the telemetry:  {me} dashboard {shlex.quote(str(trace))}", markup=False, highlight=False)
     console.print(f"play it yourself:      {me} play      (arrows/WASD, space, e; q quits)", markup=False,
                   highlight=False)
     say(_calibration_line(runtime, replan.profile) if other is None else
@@ -136,8 +145,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_dir(given: str) -> Path:
-    """The demo's output directory, created when missing. Raises ResidencyError when it cannot be."""
+def _output_dir(given: str) -> tuple[Path, list[Path]]:
+    """The demo's output directory, created when missing, and the directories created for it (the deepest first).
+    Raises ResidencyError when it cannot be."""
     if not given:  # Path("") is ".": the files landed in the working directory unasked
         raise UsageError("-o needs a directory, got an empty name", hint="e.g. -o demo-out, or leave -o out (here)")
     out_dir = Path(given)
@@ -146,13 +156,28 @@ def _output_dir(given: str) -> Path:
         why = reason or "a file, not a directory"
         raise ResidencyError(f"{str(out_dir)[:200]}: cannot write the demo there ({why})",
                              hint="give a directory with -o (it is created if missing)")
+    created = []
     if kind == userpath.MISSING:
+        missing = out_dir
+        while userpath.path_kind(missing)[0] == userpath.MISSING and missing != missing.parent:
+            created.append(missing)
+            missing = missing.parent
         try:  # a new directory for the demo's two files is what `-o DIR` asks for
             out_dir.mkdir(parents=True)
         except OSError as e:
+            _remove_empty(created)
             raise ResidencyError(f"{out_dir}: cannot create the output directory ({e.strerror or e})",
                                  hint="pick a writable place with -o") from None
-    return out_dir
+    return out_dir, created
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the directories the demo created (the deepest first) while they are empty."""
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (the user put something there meanwhile), or already gone
+            return
 
 
 def _calibration_line(runtime, start_profile) -> str:
