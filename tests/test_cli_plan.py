@@ -46,6 +46,16 @@ def test_json_output_is_one_document_with_the_prediction(capsys):
     assert doc["prediction"]["frame_ms"] > 0 and doc["holds_budget"] is True
 
 
+def test_json_output_of_a_plan_that_does_not_fit_says_why_as_the_table_does(capsys):
+    # exit 3 with "holds_budget": false and nothing else: the table's line said what it needs
+    code, out, err = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt", "--vram", "20MiB", "--json")
+    assert code == 3 and err == ""
+    said = json.loads(out)["verdict"]
+    assert said.startswith("✗ does not fit: needs 132.0 MiB, budget 20.0 MiB") and "give --vram 132.1MiB" in said
+    code, out, _ = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt", "--vram", "2GiB", "--json")
+    assert code == 0 and json.loads(out)["verdict"].startswith("✓ fits")
+
+
 def test_policy_all_compares_every_peer(capsys):
     code, out, _ = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt", "--policy", "all")
     assert code == 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from residency.commands import arg_types
 from residency.commands.console import make_console, working
-from residency.commands.plan_render import render_comparison, render_plan
+from residency.commands.plan_render import render_comparison, render_plan, verdict
 from residency.commands.sources import SHIPPED_NAME, resolve_workload, shipped_sensitivity
 from residency.errors import ResidencyError, UsageError
 from residency.plan.plan import COMPUTE_DTYPES
@@ -172,10 +172,14 @@ def run(args) -> int:
 
         save_plan(chosen, args.output)
     if args.json:
+        from rich.text import Text
+
         from residency.plan import plan_to_dict
 
         doc = plan_to_dict(chosen)
         doc["holds_budget"] = chosen.holds_budget
+        # what the table's verdict line says (why exit 3: needs how much, or how far off the frame budget)
+        doc["verdict"] = Text.from_markup(verdict(chosen, req.workload.frame_unit())).plain
         if len(plans) > 1:
             doc["policies"] = {p.policy if i else "ours": plan_to_dict(p) for i, p in enumerate(plans)}
         json.dump(doc, sys.stdout, indent=1)

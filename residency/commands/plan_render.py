@@ -297,7 +297,7 @@ def verdict(plan: Plan, unit: str = "latent frame") -> str:
         fixed = pred.peak_bytes.get("workspace", 0)
         why = (f" (the device's fixed workspace alone is {fmt_bytes(fixed)}: no placement fits under it)"
                if fixed >= budget.vram_bytes else "")
-        give = "" if why else f"; give --vram {size_at_least(pred.peak_total_bytes)} or more"
+        give = f"; give --vram {size_at_least(pred.peak_total_bytes)} or more"
         frame = ""
         if budget.frame_ms is not None and pred.frame_ms > budget.frame_ms:  # said, or it reads as the only miss
             frame = (f"; this plan also misses the frame budget: {pred.frame_ms:.2f} ms > "

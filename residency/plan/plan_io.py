@@ -68,7 +68,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 
 
 # What a hand edit may change without touching what the plan decides: its digest leaves them out.
-_NOT_DIGESTED = ("prediction", "notes", "digest", "profile_backend", "holds_budget", "policies")
+_NOT_DIGESTED = ("prediction", "notes", "digest", "profile_backend", "holds_budget", "verdict", "policies")
 
 
 def plan_digest(doc: dict[str, Any]) -> str:
@@ -91,7 +91,7 @@ _HINT = "re-create the plan with `residency plan -o`"
 _TOP_REQUIRED = ("schema_version", "model", "workload_fingerprint", "profile", "profile_fingerprint", "policy",
                  "budget", "blocks")
 _TOP_KNOWN = (*_TOP_REQUIRED, "execution", "kv_dtype", "steps", "context_frames", "prediction", "notes", "digest", "profile_backend",
-              *("holds_budget", "policies"))  # what `plan --json` adds to the document: read past, not kept
+              *("holds_budget", "verdict", "policies"))  # what `plan --json` adds to the document: read past, not kept
 _PREDICTION_MS = ("frame_ms", "first_frame_ms", "stall_ms", "copy_ms", "compute_ms", "lower_bound_ms")
 
 
@@ -113,6 +113,10 @@ def plan_from_dict(doc: Any, source: str = "<plan>") -> Plan:
     digest = r.optional(doc, "digest", None)
     if digest is not None and r.string(digest, "digest", non_empty=True) != plan_digest(doc):
         prediction = None  # edited since written: its figures are another plan's (run predicts it again)
+    if "verdict" in doc and not isinstance(doc["verdict"], str):
+        raise r.fail("verdict", f"= {show(doc['verdict'])} is not a string",
+                     hint="it is what `plan --json` says of the plan; read past on load: leave it as written or "
+                          "remove it")
     if "holds_budget" in doc and not isinstance(doc["holds_budget"], bool):
         raise r.fail("holds_budget", f"= {show(doc['holds_budget'])} is not true or false",
                      hint="it is what `plan --json` says of the budget; leave it out or as written")
