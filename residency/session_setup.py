@@ -322,7 +322,7 @@ def resolve_for(model: Model, profile: str, console: Console) -> DeviceProfile:
     from residency.device import profile_for
 
     return profile_for(profile, model.workload.fingerprint(), kind=device_kind(),
-                       model=model.label.split(" ", 1)[0], say=console.print)
+                       model=model.label.split(" ", 1)[0], image=model.start_image is None, say=console.print)
 
 
 def attach(model: Model, plan: Plan, replan: Replanner | None) -> Runtime:

@@ -109,7 +109,9 @@ def make_request(args):
     if args.profile is None:  # this machine's, as `run` plans with (measured once, its notes on stderr)
         profile = cached_profile(device_kind(), make_console(stderr=True))
     elif profile is None:
-        profile = profile_for(args.profile, workload.fingerprint(), model=args.model)
+        # the shipped model starts from its own image; the catalog's world models need one given
+        profile = profile_for(args.profile, workload.fingerprint(), model=args.model,
+                              image=args.model != SHIPPED_NAME)
     else:  # a calibrated profile's file, given for another model: its rates, not that model's compute scales
         profile = for_workload_fingerprint(profile, workload.fingerprint(), make_console(stderr=True).print)
     vram = arg_types.resolve_vram(args.vram, workload, compute_dtype) if args.vram else profile.memory_usable_bytes

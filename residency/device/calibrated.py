@@ -230,13 +230,13 @@ def remove_calibrated() -> int:
 
 
 def calibrated_profile(workload_fingerprint: str, *, kind: str | None = None, model: str = "MODEL",
-                       say: Callable[[str], None] = _to_stderr) -> DeviceProfile:
+                       image: bool = False, say: Callable[[str], None] = _to_stderr) -> DeviceProfile:
     """The calibrated profile of this machine's cached `kind` profile ('cpu' or 'cuda'; None: the GPU if torch
     sees one) for the workload `workload_fingerprint` (see find_calibrated). Nothing is measured.
 
     Raises UsageError (exit 2) when there is no cached machine profile or no calibration of it; `model` names
-    the model in the hint."""
-    hint = f"run `residency run {model} -o out.gif --frames 18 --calibrate` first"
+    the model in the hint, with `--image start.png` where `image` says it has no start image of its own."""
+    hint = f"run `residency run {model}{' --image start.png' if image else ''} -o out.gif --frames 18 --calibrate` first"
     path = cached_profile_path(kind or device_kind())
     if userpath.path_kind(path)[0] != userpath.FILE:
         raise UsageError("no calibrated profile: this machine's profile has not been measured yet", hint=hint)
@@ -263,13 +263,13 @@ def calibrated_profile(workload_fingerprint: str, *, kind: str | None = None, mo
 
 
 def profile_for(name_or_path: str | os.PathLike[str] | DeviceProfile, workload_fingerprint: str, *,
-                kind: str | None = None, model: str = "MODEL",
+                kind: str | None = None, model: str = "MODEL", image: bool = False,
                 say: Callable[[str], None] = _to_stderr) -> DeviceProfile:
     """What `--profile` means for a workload: "calibrated" is calibrated_profile(...) (it takes precedence over
     a file of that name), anything else resolve_profile — a calibrated profile's file of another workload without
     its compute scales (they belong to the model it was fitted on; `say` is told). Raises as those do."""
     if isinstance(name_or_path, str) and name_or_path == CALIBRATED:
-        return calibrated_profile(workload_fingerprint, kind=kind, model=model, say=say)
+        return calibrated_profile(workload_fingerprint, kind=kind, model=model, image=image, say=say)
     return for_workload_fingerprint(resolve_profile(name_or_path), workload_fingerprint, say)
 
 
