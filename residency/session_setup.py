@@ -18,6 +18,7 @@ import numpy as np
 from residency import userpath
 from residency.errors import ResidencyError, UsageError
 from residency.units import plural
+from residency.validate import did_you_mean
 
 if TYPE_CHECKING:  # each imports torch (and planning the MILP solver): imported where they are used
     from pipelines.world_model import WorldModelPipeline
@@ -128,7 +129,8 @@ def load_model(name: str) -> Model:
                                  "saved pipeline directory; a diffusers pipeline runs under residency.attach(pipe) "
                                  "in Python")
         if kind == userpath.MISSING:
-            raise ResidencyError(f"unknown model {name[:200]!r}",  # exit 1, as plan's and an unknown profile
+            # a name not known is a mistake in the command line (exit 2), as plan's and an unknown profile's
+            raise UsageError(f"unknown model {name[:200]!r}{did_you_mean(name, ['default', *PRESETS])}",
                              hint="default, tiny, or the path of a saved pipeline "
                              "(WorldModelPipeline.save_pretrained); "
                              f"{', '.join(p for p in PRESETS if p in NEEDS_REAL_WEIGHTS)} ship no weights: plan "

@@ -5,6 +5,7 @@ Every refusal names the file, the field as a JSON path (`blocks[3].placement`) a
 
 from __future__ import annotations
 
+import difflib
 import math
 import reprlib
 from collections.abc import Iterable
@@ -22,6 +23,13 @@ _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxlevel = 
 def show(value: Any) -> str:
     """A value as errors quote it: bounded in length and depth, whatever the document held."""
     return _SHOW.repr(value)
+
+
+def did_you_mean(text: str, known: Iterable[str]) -> str:
+    """" (did you mean X?)" for the known name closest to `text`, case aside (`TINY`, `lucid500m`); "" for none."""
+    by_lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(text.lower(), list(by_lower), n=1)
+    return f" (did you mean {by_lower[close[0]]}?)" if close else ""
 
 
 def a_type(value: Any) -> str:

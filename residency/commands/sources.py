@@ -8,7 +8,6 @@ inspecting them costs no memory.
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from residency.inventory import (
     inventory_from_module,
     inventory_from_named_shapes,
 )
+from residency.validate import did_you_mean
 
 CATALOG = "catalog"  # a name in pipelines/catalog (the built-in world models are catalog names too)
 WORKLOAD_JSON = "workload-json"  # a catalog document written by pipelines.catalog_build or workload_to_dict
@@ -105,8 +105,7 @@ def classify(text: str) -> Source:
         known = [*catalog, *(n for n in builtin_model_names() if n not in catalog)]
         if text in known:
             return Source(CATALOG, text, None)
-        close = difflib.get_close_matches(text, [SHIPPED_NAME, *known], n=1)
-        raise UsageError(f"unknown model {text!r}" + (f" (did you mean {close[0]}?)" if close else ""),
+        raise UsageError(f"unknown model {text!r}{did_you_mean(text, [SHIPPED_NAME, *known])}",
                              hint=SOURCES_HINT.format(names=", ".join(catalog_names())))
     path = Path(text)
     kind, reason = userpath.path_kind(path)  # Path.exists raises on a 300-character name

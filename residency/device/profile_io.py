@@ -7,7 +7,6 @@ Fields are read with profile_reader.ProfileReader; the optional refinements by p
 from __future__ import annotations
 
 import datetime
-import difflib
 import json
 import os
 from pathlib import Path
@@ -39,7 +38,7 @@ from residency.device.profile_refinements import rates_for_calls, read_refinemen
 from residency.errors import ResidencyError, UsageError
 from residency.jsonfile import read_json
 from residency.userpath import FILE, MISSING, path_kind
-from residency.validate import document_kind, show, use_of
+from residency.validate import did_you_mean, document_kind, show, use_of
 
 # 2: per-engine interference (copy_slowdown, compute_slowdown), compute_scale, calibration and what execution
 # modes cost (EXEC_MODE_FIELDS). A profile that
@@ -323,9 +322,8 @@ def profile_path(name_or_path: str | os.PathLike[str]) -> Path:
         raise ResidencyError(f"{show(text)}: no such profile file",
                              hint="check the path, or give a shipped profile name: "
                              + ", ".join(shipped_profile_names()))
-    close = difflib.get_close_matches(text, shipped_profile_names(), n=1)
     # a name not known is a mistake in the command line (exit 2), as an unknown model's is
-    raise UsageError(f"unknown profile {show(text)}" + (f" (did you mean {close[0]}?)" if close else ""),
+    raise UsageError(f"unknown profile {show(text)}{did_you_mean(text, shipped_profile_names())}",
                      hint="shipped profiles: " + ", ".join(shipped_profile_names())
                      + "; or measure this machine with `residency profile -o PATH`")
 
