@@ -31,6 +31,12 @@ class UsageError(ResidencyError):
     exit_code = 2
 
 
+class BudgetError(ResidencyError):
+    """No plan fits the VRAM budget a command was given (exit 3, as `plan`'s for a budget it cannot meet)."""
+
+    exit_code = 3
+
+
 class ForwardReplacedError(ResidencyError, RuntimeError):
     """Detach refused: a module's forward was wrapped again after residency installed its own, and taking ours off
     would drop that wrapper. A RuntimeError too, as it was before it carried a hint."""

@@ -80,7 +80,7 @@ def test_a_gpu_plan_that_misses_its_budget_even_without_the_workspace_is_refused
     capsys.readouterr()
     code = main(["run", "tiny", "--image", "start.png", "--plan", "p.json", "--frames", "2", "-o", "out.gif"])
     err = " ".join(capsys.readouterr().err.split())
-    assert code == 1 and "runs all the same" not in err and not (files / "out.gif").exists()
+    assert code == 3 and "runs all the same" not in err and not (files / "out.gif").exists()
     assert "p.json does not fit its 1.00 MiB VRAM budget even as this CPU runtime holds it (without Radeon RX 7800 " \
            "XT's workspace" in err
     need = err.split("hint: make the plan again with `residency plan … --vram ")[1].split("`")[0]
@@ -89,7 +89,7 @@ def test_a_gpu_plan_that_misses_its_budget_even_without_the_workspace_is_refused
     assert main(["run", "tiny", "--image", "start.png", "--plan", "p.json", "--frames", "2", "-o", "out.gif"]) == 0
     assert "note: it runs all the same" in " ".join(capsys.readouterr().err.split())
     # planned here (no --plan): "the plan", and the --vram to give (it read "None does not fit … make the plan again")
-    assert main(["run", "tiny", "--image", "start.png", *PROFILE, "--vram", "1MiB", "--frames", "2", "-o", "o.gif"]) == 1
+    assert main(["run", "tiny", "--image", "start.png", *PROFILE, "--vram", "1MiB", "--frames", "2", "-o", "o.gif"]) == 3
     err = " ".join(capsys.readouterr().err.split())
     assert "error: the plan does not fit its 1.00 MiB VRAM budget even as this CPU runtime holds it" in err
     assert "hint: raise --vram to at least" in err and "None" not in err
@@ -131,7 +131,7 @@ BAD = [
     (["run", "tiny", "--image", "start.png", *PROFILE, "--fps", "0", "-o", "o.gif"], 2,
      "argument --fps: must be a number of frames per second above 0.01"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.gif", "--dashboard"], 2, "needs a terminal"),
-    (["run", "tiny", "--image", "start.png", "--profile", str(CPU_PROFILE), "--vram", "1MiB", "-o", "o.gif"], 1,
+    (["run", "tiny", "--image", "start.png", "--profile", str(CPU_PROFILE), "--vram", "1MiB", "-o", "o.gif"], 3,
      "no plan fits the 1.00 MiB VRAM budget: the smallest ours found needs"),
     (["run", "tiny", "--image", "start.png", "--plan", "other-plan.json", "--vram", "1MiB", "--fps", "5", "-o",
       "o.gif"], 2, "--fps, --vram would be ignored: a plan from --plan fixes its profile and budgets"),
@@ -210,7 +210,7 @@ def test_a_loaded_plan_is_compared_only_on_a_device_of_its_profiles_kind(files, 
     assert main(["plan", "tiny", "--profile", str(CPU_PROFILE), "--vram", "1MiB", "-o", "small.json"]) == 3
     capsys.readouterr()
     if not torch.cuda.is_available():
-        assert main(["run", "tiny", "--image", "start.png", "--plan", "small.json", "-o", "s.gif"]) == 1
+        assert main(["run", "tiny", "--image", "start.png", "--plan", "small.json", "-o", "s.gif"]) == 3
         err = " ".join(capsys.readouterr().err.split())
         # a plan file is not a search: its own budget, not "the smallest ours found"
         assert "small.json does not fit its own 1.00 MiB VRAM budget: it needs" in err

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from residency.commands import arg_types
 from residency.commands.actions import parse_actions
 from residency.commands.console import make_console
-from residency.errors import ResidencyError, UsageError
+from residency.errors import BudgetError, ResidencyError, UsageError
 from residency.session_setup import (
     Console,
     Model,
@@ -171,7 +171,7 @@ def plan_for(model: Model, args: argparse.Namespace,
     from), its replanner, and the other device its predictions are for (other_device; None: they compare with
     this run's).
 
-    Raises ResidencyError, before anything is loaded on the device, when no plan fits the VRAM budget."""
+    Raises BudgetError (exit 3), before anything is loaded on the device, when no plan fits the VRAM budget."""
     from residency.commands.plan_render import verdict
 
     model, plan, replan = make_plan(model, console, plan_path=getattr(args, "plan", None), profile=args.profile,
@@ -220,10 +220,10 @@ def check_fit(model: Model, plan: Plan, device: DeviceProfile | None, console: C
     same_kind = device is not None and other is None
     if same_kind and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
         if given:  # a plan file, perhaps edited: nothing was searched, so "the smallest found" would be untrue
-            raise ResidencyError(f"{given} does not fit its own {fmt_bytes(plan.budget.vram_bytes)} VRAM budget: it "
+            raise BudgetError(f"{given} does not fit its own {fmt_bytes(plan.budget.vram_bytes)} VRAM budget: it "
                                  f"needs {fmt_bytes(pred.peak_total_bytes)}",
                                  hint=hint(size_at_least(pred.peak_total_bytes)))
-        raise ResidencyError(f"no plan fits the {fmt_bytes(plan.budget.vram_bytes)} VRAM budget: the smallest "
+        raise BudgetError(f"no plan fits the {fmt_bytes(plan.budget.vram_bytes)} VRAM budget: the smallest "
                              f"{plan.policy} found needs {fmt_bytes(pred.peak_total_bytes)}",
                              hint=hint(size_at_least(pred.peak_total_bytes)))
     console.print(line)  # `line` may carry rich markup (plan_render.verdict)
@@ -231,7 +231,7 @@ def check_fit(model: Model, plan: Plan, device: DeviceProfile | None, console: C
     if gpu_plan_on_cpu and pred is not None and pred.peak_total_bytes > plan.budget.vram_bytes:
         held = _held_on_cpu(model, plan, device)
         if held > plan.budget.vram_bytes:  # "it runs all the same" was said, and the ledger refused it next line
-            raise ResidencyError(f"{given or 'the plan'} does not fit its {fmt_bytes(plan.budget.vram_bytes)} VRAM "
+            raise BudgetError(f"{given or 'the plan'} does not fit its {fmt_bytes(plan.budget.vram_bytes)} VRAM "
                                  f"budget even as this CPU runtime holds it (without {plan.profile}'s workspace and "
                                  f"device staging): it needs {fmt_bytes(held)}", hint=hint(size_at_least(held)))
         console.print(f"note: it runs all the same: the miss is {plan.profile}'s workspace, which this CPU runtime "
