@@ -355,3 +355,14 @@ def test_a_plan_naming_a_dequant_only_format_is_refused_naming_the_file_and_bloc
     err = " ".join(err.split())
     assert f"q3.json: blocks[3].format for block {doc['blocks'][3]['name']} is Q3_K" in err and "Q4_K" in err
     assert "holds" not in out + err and not (files / "q.gif").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU captures graphs")
+def test_a_graphed_plan_is_refused_before_the_plan_is_stated_on_the_cpu_backend(files, capsys):
+    # it said "✓ fits" and then failed with the runtime's error for its first block
+    assert main(["plan", "tiny", *PROFILE, "--exec-mode", "graphed", "-o", "g.json"]) == 0
+    capsys.readouterr()
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "g.json", "--frames", "2", "-o", "g.gif"]) == 1
+    out, err = capsys.readouterr()
+    assert "g.json runs 17 blocks graphed" in err and "--exec-mode eager" in err
+    assert "fits" not in out and not (files / "g.gif").exists()

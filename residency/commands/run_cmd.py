@@ -215,6 +215,12 @@ def check_fit(model: Model, plan: Plan, device: DeviceProfile | None, console: C
     from residency import session_setup
     from residency.units import fmt_bytes, size_at_least
 
+    graphed = sum(bp.exec_mode == "graphed" for bp in plan.blocks)
+    if graphed and session_setup.device_kind() == "cpu":  # refused by the runtime too, but after the plan was said
+        raise ResidencyError(f"{given or 'the plan'} runs {plural(graphed, 'block')} graphed (captured as CUDA/HIP "
+                             "graphs): this CPU backend captures none",
+                             hint="make the plan with `residency plan … --exec-mode eager -o plan.json` (or compiled), "
+                                  "or run it where torch sees a GPU")
     pred = plan.prediction
     other = _other_kind(device, plan)
     same_kind = device is not None and other is None
