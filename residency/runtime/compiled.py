@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,6 +26,9 @@ from torch import nn
 from residency.errors import ForwardReplacedError, ResidencyError
 from residency.plan import Plan
 
+# Inductor's CPU codegen warns, once per compile of a block mixing fp16 and bf16 tensors (a GPU plan's fp16 blocks over
+# bf16 norms, run here), in its own words and with its file and line: a note for its developers, not our users.
+warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node", category=UserWarning)
 COMPILE_BACKEND_ENV = "RESIDENCY_COMPILE_BACKEND"  # torch.compile backend of `compiled` blocks
 DEFAULT_COMPILE_BACKEND = "inductor"
 
