@@ -199,15 +199,25 @@ def test_a_shorter_calibration_keeps_the_cached_one_fitted_on_more_frames(machin
 def test_a_prediction_far_off_gets_the_hint_to_calibrate(machine, capsys, tmp_path):
     fast = dataclasses.replace(machine, compute_scale={c: 0.2 for c in ("encoder", "dit", "decoder", "vae")})
     save_profile(fast, tmp_path / "fast.json")  # predicts compute 5x faster than it runs
-    assert main([*RUN, "--frames", "3", "--profile", str(tmp_path / "fast.json")]) == 0
+    assert main([*RUN, "--frames", "4", "--profile", str(tmp_path / "fast.json")]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    # 3 frames are too few to calibrate: the hint says how many, and to calibrate this machine's profile
+    # 4 frames are too few to calibrate: the hint says how many, and to calibrate this machine's profile
     assert "hint: the prediction is off by more than 20%: run it without --profile and with --frames 8 --calibrate" \
         in out
     save_profile(fast, cached_profile_path("cpu"))  # this machine's profile predicts 5x fast, and the run calibrates
     assert main([*RUN, "--frames", "5", "--calibrate"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "(+" in out and "hint: the prediction is off" not in out  # far off, but calibrating already
+
+
+def test_one_steady_frame_is_said_to_be_one_sample_and_gets_no_hint(machine, capsys, tmp_path):
+    # a loaded moment on the one frame after the warm-up read "+135%" with the hint to calibrate; 4+ frames ran 44 ms
+    fast = dataclasses.replace(machine, compute_scale={c: 0.2 for c in ("encoder", "dit", "decoder", "vae")})
+    save_profile(fast, tmp_path / "fast.json")
+    assert main([*RUN, "--frames", "3", "--profile", str(tmp_path / "fast.json")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "for the one steady latent frame (a single sample; --frames 7 or more for a median)" in out
+    assert "hint:" not in out
 
 
 def test_a_given_plan_far_off_gets_the_hint_to_calibrate_without_it_and_plan_again(machine, capsys, tmp_path):
@@ -217,7 +227,7 @@ def test_a_given_plan_far_off_gets_the_hint_to_calibrate_without_it_and_plan_aga
     assert main(["plan", "tiny", "--profile", str(tmp_path / "fast.json"), "--vram", "24MiB", "--exec-mode", "eager",
                  "-o", "fast-plan.json"]) in (0, 3)
     capsys.readouterr()
-    assert main(["run", "tiny", "--image", "start.png", "-o", "out.gif", "--frames", "3", "--plan",
+    assert main(["run", "tiny", "--image", "start.png", "-o", "out.gif", "--frames", "4", "--plan",
                  "fast-plan.json"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "hint: the prediction is off by more than 20%: run it once without --plan and with --frames 8 " \

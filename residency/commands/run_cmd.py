@@ -370,13 +370,16 @@ def report_speed(console: Console, snapshot: TelemetrySnapshot, other: str | Non
         gaps = known_gaps(frames)
         gap = gaps[-1] if gaps else float("nan")
     predicted = snapshot.prediction.frame_ms if snapshot.prediction else None
+    steady = sum(1 for f in snapshot.frames if f.frame > STEADY_SKIP)
     if warm_up:  # its one-time costs (compiles, first touches) are no steady frame: nothing to compare
         line = (f"measured {measured:.1f} ms for the last latent frame, a warm-up frame (the first {STEADY_SKIP} pay "
                 f"one-time costs: compiles, caches); --frames {STEADY_SKIP + 2} or more for a steady figure")
         if predicted:
             line += f"; the plan predicts {predicted:.1f} ms for a steady frame" + (f" on {other}" if other else "")
-    else:
-        line = f"measured {measured:.1f} ms per latent frame"
+    else:  # one steady frame is one sample: a loaded moment read as "+135%" with a hint to calibrate
+        line = (f"measured {measured:.1f} ms per latent frame" if steady > 1 else
+                f"measured {measured:.1f} ms for the one steady latent frame (a single sample; --frames "
+                f"{STEADY_SKIP + 5} or more for a median)")
         if predicted and other:  # a GPU's 8 ms against a CPU's 40 read as "+400%": an error, which it is not
             line += f"; the plan's {predicted:.1f} ms is predicted for {other}, so the two do not compare"
         elif predicted:
@@ -387,9 +390,8 @@ def report_speed(console: Console, snapshot: TelemetrySnapshot, other: str | Non
     console.print(line)
     # a median of 2 steady frames is noise on a loaded machine (the hint fired on 5 of 11 identical 4-frame runs):
     # from so few, only an error no noise makes is worth the hint
-    steady = sum(1 for f in snapshot.frames if f.frame > STEADY_SKIP)
     off = abs(measured - predicted) / predicted if predicted else 0.0
-    if (predicted and not other and not warm_up and calibrate_hint
+    if (predicted and not other and not warm_up and calibrate_hint and steady > 1
             and off > (OFF_BY if steady >= MIN_HINT_FRAMES else FEW_FRAMES_OFF_BY)):
         console.print(f"hint: the prediction is off by more than {OFF_BY:.0%}: {calibrate_hint}", markup=False,
                       highlight=False)
