@@ -131,4 +131,4 @@ def device(text: str) -> str:
 device.__name__ = "device"
 FPS = bounded_float(0.01, 1000.0, "frames per second")
 FRAME_MS = bounded_float(MIN_FRAME_MS, MAX_FRAME_MS, "milliseconds")
-SPEED = bounded_float(0.0, 1000.0, "times the recorded speed")
+SPEED = bounded_float(0.01, 1000.0, "times the recorded speed")  # 0.01: a hundredth, still moving

@@ -70,8 +70,12 @@ def _load(path: str | os.PathLike[str]) -> dict[str, Any]:
     its events traceEvents[i] all the same."""
     if path_kind(path)[0] == MISSING:
         raise ResidencyError(f"{path}: no such trace file", hint=_HINT)
-    doc = read_json(path, "the trace", _HINT + (" (a JSON-array trace must end with its ']')" if _starts_with(path, b"[")
-                                                 else ""), max_bytes=MAX_TRACE_BYTES)
+    try:
+        doc = read_json(path, "the trace", _HINT, max_bytes=MAX_TRACE_BYTES)
+    except ResidencyError as e:  # a cut JSON-array trace (a run killed while writing one) is said to be one
+        cut = "not valid JSON" in e.message and _starts_with(path, b"[")
+        raise ResidencyError(e.message, hint=e.hint + (" (a JSON-array trace must end with its ']')" if cut else "")
+                             ) from None
     if isinstance(doc, list):
         doc = {"traceEvents": doc}
     if not isinstance(doc, dict) or not isinstance(doc.get("traceEvents"), list):
