@@ -336,3 +336,24 @@ def test_a_dangling_or_looping_link_is_named_as_a_link_not_as_an_unknown_model(t
         classify("loop1")
     with pytest.raises(ResidencyError, match="dangling.safetensors: a link to .* that is missing"):
         classify("dangling.safetensors")
+
+
+def test_a_pixel_space_pipeline_without_a_vae_inspects_and_plans(capsys, tmp_path):
+    # DDPMPipeline (a UNet2DModel and a scheduler) was refused as "no vae component", with a hint to give the very
+    # directory save_pretrained wrote; its 1000 default steps are planned at the most a plan holds
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8).eval()
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(tmp_path / "ddpm")
+    code, out, err = run(capsys, "inspect", str(tmp_path / "ddpm"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["params"] == sum(p.numel() for p in unet.parameters())
+    code, out, err = run(capsys, "plan", str(tmp_path / "ddpm"), "--profile", "rx-7800-xt", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["steps"] == 64 and all(b["name"].startswith("unet.") for b in doc["blocks"])
+    code, out, _ = run(capsys, "plan", str(tmp_path / "ddpm"), "--profile", "rx-7800-xt", "--steps", "20", "--json")
+    assert code == 0 and json.loads(out)["steps"] == 20

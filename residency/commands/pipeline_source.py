@@ -26,6 +26,7 @@ from torch import nn
 
 from residency.commands.config_source import PIPELINE_INDEX, empty_model, read_config
 from residency.errors import ResidencyError, UsageError
+from residency.workload.spec import MAX_STEPS
 
 DEFAULT_STEPS = 28  # denoise steps where the pipeline's __call__ names no default (FluxPipeline's own)
 _HINT = "give the directory DiffusionPipeline.save_pretrained wrote (model_index.json and one folder per component)"
@@ -191,11 +192,11 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
     methods = {comp: method for comp, _, _, method in ROLES}
     planned = _planned_components(path, components, classes, roles)
     denoisers = [d for d in DENOISERS if d in planned]
-    if not denoisers or "vae" not in planned:
-        missing = " or ".join(DENOISERS) if not denoisers else "vae"
-        raise ResidencyError(f"{path / PIPELINE_INDEX}: no {missing} component", hint=_HINT)
+    if not denoisers:
+        raise ResidencyError(f"{path / PIPELINE_INDEX}: no {' or '.join(DENOISERS)} component", hint=_HINT)
     denoiser_name = denoisers[0]
-    denoiser, vae = planned[denoiser_name], planned["vae"]
+    # no VAE: a pixel-space pipeline (DDPMPipeline): the denoiser works on the image itself, nothing decodes it
+    denoiser, vae = planned[denoiser_name], planned.get("vae")
     guided = _guided(pipe_class, denoiser)
     encoders = [e for e in ENCODERS if e in planned]
     tokens = {e: _prompt_tokens(path, e, planned[e], _call_default(pipe_class, "max_sequence_length")
@@ -211,7 +212,7 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
                              "model_max_length) and takes no max_sequence_length",
                              hint=f"leave --tokens out (or give --tokens {padded})")
         tokens[encoders[-1]] = size.prompt_tokens
-    spatial, temporal = _vae_scales(vae)
+    spatial, temporal = _vae_scales(vae) if vae is not None else (1, 1)
     batched = guided and denoiser_name == "unet"  # UNet pipelines run both predictions as one batch of 2
     asked = replace(size, prompt_tokens=tokens[encoders[-1]] if encoders else None, batch=2 if batched else 1,
                     vae_scale=spatial, vae_scale_temporal=temporal)
@@ -219,7 +220,8 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
         examples = {e: derive(planned[e], ExampleSize(prompt_tokens=tokens[e])).example for e in encoders}
         denoised = derive(denoiser, asked)
         examples[denoiser_name] = denoised.example
-        examples["vae"] = vae_decode_example(vae, denoised.size, video=denoised.size.frames is not None).example
+        if vae is not None:
+            examples["vae"] = vae_decode_example(vae, denoised.size, video=denoised.size.frames is not None).example
     except ResidencyError as e:
         raise type(e)(f"{path}: {e.message}", hint=e.hint if isinstance(e, UsageError) else
                       "plan the pipeline from Python: residency.attach(pipe, vram=…)") from e
@@ -230,9 +232,11 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
         calls = 2 if guided and comp != "vae" and not (comp == denoiser_name and batched) else 1
         parts.append(ComponentPart(comp, roles[comp], comp == denoiser_name, traced.workload, calls))
     steps = _call_default(pipe_class, "num_inference_steps")
+    steps = steps if isinstance(steps, int) and steps > 0 else DEFAULT_STEPS
     guidance = ", classifier-free guidance" if guided else ""
-    return join_phases(f"{path.name} at {denoised.label}", parts,
-                       steps if isinstance(steps, int) and steps > 0 else DEFAULT_STEPS,
-                       source=f"{pipe_name} directory (configs only{guidance}): "
+    # DDPMPipeline runs 1000 steps by default: planned at the most a plan holds, and said (--steps sets fewer)
+    capped = f"; {MAX_STEPS} of its default {steps} steps, the most a plan holds" if steps > MAX_STEPS else ""
+    return join_phases(f"{path.name} at {denoised.label}", parts, min(steps, MAX_STEPS),
+                       source=f"{pipe_name} directory (configs only{guidance}{capped}): "
                               + ", ".join(p.component for p in parts),
                        video_frames=denoised.size.frames or 1)  # --fps then counts a video's frames

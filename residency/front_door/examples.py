@@ -33,7 +33,7 @@ class ConfigFieldError(ResidencyError):
     """A field of the model's config the example cannot be derived from; its hint names the fix (exit 1)."""
 
 
-DIFFUSERS_CLASSES = ("UNet2DConditionModel", "FluxTransformer2DModel", "WanTransformer3DModel")
+DIFFUSERS_CLASSES = ("UNet2DConditionModel", "FluxTransformer2DModel", "WanTransformer3DModel", "UNet2DModel")
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,8 @@ class Derived:
         if s.height is None:
             return f"{s.prompt_tokens} tokens"
         frames = f", {s.frames} frames" if s.frames is not None else ""
-        return f"{s.height}×{s.width}{frames}, {s.prompt_tokens} prompt tokens"
+        prompt = f", {s.prompt_tokens} prompt tokens" if s.prompt_tokens is not None else ""
+        return f"{s.height}×{s.width}{frames}{prompt}"
 
 
 def is_instance_of(obj: object, module: str, cls: str) -> bool:
@@ -203,6 +204,28 @@ def _unet_example(model: nn.Module, size: ExampleSize) -> Derived:
     return Derived(example, replace(size, height=height, width=width, prompt_tokens=tokens))
 
 
+def _unet2d_example(model: nn.Module, size: ExampleSize) -> Derived:
+    """An unconditional UNet2DModel (DDPMPipeline's, pixel space unless a VAE scale is given): sample and timestep."""
+    c = model.config
+    sample = c.get("sample_size")
+    if c.get("class_embed_type") is not None or not isinstance(sample, int) or sample <= 0:
+        why = (f"its config sets class_embed_type {c.get('class_embed_type')!r}" if c.get("class_embed_type")
+               is not None else f"its config's sample_size is {sample!r}, not one positive side")
+        raise ResidencyError(f"UNet2DModel: {why}; residency cannot build its example inputs",
+                             hint="pass example_inputs=dict(sample=…, timestep=…, …)")
+    _refuse_frames("UNet2DModel", size)
+    height, width = size.height or sample * size.vae_scale, size.width or sample * size.vae_scale
+    for what, v in (("height", height), ("width", width)):
+        _multiple("UNet2DModel", what, v, size.vae_scale)
+    if max(height, width) > MAX_SIDE_PX:
+        raise UsageError(f"UNet2DModel: {max(height, width)} px a side is over the {MAX_SIDE_PX} px residency plans",
+                         hint="give a smaller --height and --width")
+    dtype, b = _dtype(model), size.batch
+    example = {"sample": torch.zeros(b, c.in_channels, height // size.vae_scale, width // size.vae_scale, dtype=dtype),
+               "timestep": torch.ones(b, dtype=dtype), "return_dict": False}
+    return Derived(example, replace(size, height=height, width=width, prompt_tokens=None))
+
+
 def _flux_example(model: nn.Module, size: ExampleSize) -> Derived:
     """FluxPipeline's call: the latent packed 2×2 into tokens of in_channels (4 latent channels each)."""
     c = model.config
@@ -279,4 +302,4 @@ def _check_wan_rope(c: Any, size: ExampleSize, latent: tuple[int, int, int], pix
 
 
 _DIFFUSERS_EXAMPLES = {"UNet2DConditionModel": _unet_example, "FluxTransformer2DModel": _flux_example,
-                       "WanTransformer3DModel": _wan_example}
+                       "WanTransformer3DModel": _wan_example, "UNet2DModel": _unet2d_example}
