@@ -376,3 +376,23 @@ def test_integer_and_f64_tensors_of_a_gguf_are_left_out_listed_as_in_safetensors
     blob = path.read_bytes()
     path.write_bytes(blob[: len(blob) - 30])  # the last tensor's bytes cut
     expect_error(path)
+
+
+def test_float64_weights_are_told_to_be_converted_not_blamed_on_another_quantizer(tmp_path, capsys):
+    from residency.cli import main
+
+    path = tmp_path / "f64.safetensors"
+    path.write_bytes(st_bytes({"w": F32, "big": {"dtype": "F64", "shape": [8, 8], "data_offsets": [16, 528]}},
+                              bytes(528)))
+    assert main(["inspect", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the model's weights are float64, which residency does not store; convert them to F32, F16 or BF16" in out
+    assert "another tool" not in out
+
+
+def test_a_control_character_in_a_name_gets_the_rename_hint(tmp_path):
+    path = tmp_path / "n.safetensors"
+    path.write_bytes(st_bytes({"a\nb": F32}))
+    with pytest.raises(CheckpointError) as err:
+        open_checkpoint(path)
+    assert "rename the tensor" in err.value.hint

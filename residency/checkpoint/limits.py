@@ -47,7 +47,8 @@ def check_name(path: Path, name: str) -> None:
                      f"{MAX_NAME_BYTES} residency reads", hint=rename)
     bad = control_character(name)
     if bad is not None:
-        raise broken(path, f"tensor name {name[:80]!r} holds a control character ({bad!r})")  # corruption, likelier
+        raise broken(path, f"tensor name {name[:80]!r} holds a control character ({bad!r})",
+                     hint=f"{rename} without it; a file not written so is damaged: write it again")
 
 
 def check_tensor_count(path: Path, count: int) -> None:

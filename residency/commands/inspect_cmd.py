@@ -229,7 +229,10 @@ def left_out_note(left_out: list[tuple[str, str, tuple[int, ...], int]], stored_
         f" and {len(left_out) - 3} more" if len(left_out) > 3 else "")
     line = (f"left out: {plural(len(left_out), 'tensor')} of {', '.join(dtypes)} ({fmt_bytes(out_bytes)}), not "
             f"weights residency stores: {shown}")
-    if out_bytes > stored_bytes:  # an I8/F8_E5M2/packed-U8 quantization: the totals above miss the model
+    if out_bytes > stored_bytes and dtypes == ["F64"]:  # float64 weights: an export or training format
+        line += (" — more bytes than the weights counted above: the model's weights are float64, which residency "
+                 "does not store; convert them to F32, F16 or BF16 (the totals miss them)")
+    elif out_bytes > stored_bytes:  # an I8/F8_E5M2/packed-U8 quantization: the totals above miss the model
         line += (" — more bytes than the weights counted above: the model's weights are most likely in a format of "
                  "another tool (int8, fp8 e5m2, bitsandbytes), which residency does not read; the totals miss them")
     return line
