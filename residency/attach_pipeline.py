@@ -410,7 +410,8 @@ def attach_built(built: PipelineWorkload, budget: Budget, *, profile: str | os.P
     first = plan if plan is not None else planner(budget, prof)
     need = first.prediction.peak_total_bytes if first.prediction else 0
     if need > budget.vram_bytes:
-        smaller = [k for k in SMALLER_BY if k in _call_parameters(built.modules.pipe)]
+        params = _call_parameters(built.modules.pipe)
+        smaller = [k for k in SMALLER_BY if k in params and not _at_least(k, built.call, params)]
         raise DeviceBudgetExceeded(
             f"no {first.policy} plan of {built.workload.name} fits {fmt_bytes(budget.vram_bytes)}: the best needs "
             f"{fmt_bytes(need)} for the shapes of {_shapes(built.modules.pipe, built.call)}",
@@ -445,6 +446,14 @@ def check_call_names(pipe: Any, call: Mapping[str, Any]) -> None:
             raise ResidencyError(f"{type(pipe).__name__}'s call has no argument {key!r} (did you mean {close[0]!r}?)",
                                  hint=f"its **kwargs would take {key!r} and ignore it: name the argument as "
                                       f"{type(pipe).__name__}.__call__ does")
+
+
+def _at_least(key: str, call: Mapping[str, Any], params: Mapping[str, inspect.Parameter]) -> bool:
+    """Whether the call's `key` (given, else the pipeline's default) is a count already at its least, 1: a hint to
+    plan for a smaller batch_size=… read as advice when the call's batch was 1 already. Sizes (height, width) and
+    counts defaulting to None (the pipeline decides) are never at their least here."""
+    value = call.get(key, params[key].default)
+    return key in ("batch_size", "num_images_per_prompt", "num_frames") and isinstance(value, int) and value <= 1
 
 
 def _call_parameters(pipe: Any) -> Mapping[str, inspect.Parameter]:

@@ -359,6 +359,14 @@ def test_when_no_plan_fits_attach_says_so_before_touching_the_pipeline(flux):
     assert np.array_equal(image(pipe), expected)
 
 
+def test_the_no_fit_hint_offers_only_the_smaller_calls_there_are(flux):
+    # it offered num_images_per_prompt=… to a call making one image already; height and width can be smaller
+    _, built, _ = flux
+    with pytest.raises(DeviceBudgetExceeded) as err:
+        attach_built(built, Budget(1024), profile=PROFILE, policy="accelerate-sequential")
+    assert "example_inputs=dict(height=…, width=…)" in err.value.hint and "num_images_per_prompt" not in err.value.hint
+
+
 # --- a pipeline that calls its models more than once ------------------------------------------------------
 def tiny_wan() -> WanPipeline:
     """Guidance as two forwards (prompt and negative prompt, cond and uncond), a VAE decoding frame by frame,
