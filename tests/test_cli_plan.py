@@ -417,3 +417,13 @@ def test_an_output_file_made_read_only_is_not_replaced(capsys, tmp_path, monkeyp
     code, _, err = run(capsys, "plan", "tiny", "--profile", "rx-7800-xt", "-o", str(target))
     assert code == 1 and "is read-only (mode 444)" in err and "chmod u+w" in err
     assert target.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+
+
+def test_blocks_dequantized_on_the_copy_engine_say_so_in_the_dequant_column(capsys):
+    # the column read 0.00 for them, as if their dequant were free; its time is in the copy column
+    code, out, _ = run(capsys, "plan", "lucid-500m", "--profile", "rx-7800-xt", "--vram", "1GiB", "--json")
+    on_copy = [b["name"] for b in json.loads(out)["blocks"] if b.get("dequant_on") == "copy"]
+    assert on_copy  # this cell streams K-quant DiT blocks dequantized as they arrive
+    code, out, _ = run(capsys, "plan", "lucid-500m", "--profile", "rx-7800-xt", "--vram", "1GiB")
+    rows = [line for line in out.splitlines() if "in copy" in line]
+    assert rows and all("streamed" in r for r in rows)
