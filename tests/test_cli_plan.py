@@ -425,5 +425,5 @@ def test_blocks_dequantized_on_the_copy_engine_say_so_in_the_dequant_column(caps
     on_copy = [b["name"] for b in json.loads(out)["blocks"] if b.get("dequant_on") == "copy"]
     assert on_copy  # this cell streams K-quant DiT blocks dequantized as they arrive
     code, out, _ = run(capsys, "plan", "lucid-500m", "--profile", "rx-7800-xt", "--vram", "1GiB")
-    rows = [line for line in out.splitlines() if "in copy" in line]
+    rows = [line for line in out.splitlines() if "(copy)" in line]
     assert rows and all("streamed" in r for r in rows)

@@ -13,7 +13,7 @@ import residency.commands.plan_cmd as plan_cmd
 from residency.cli import main
 from residency.commands.plan_render import render_comparison, render_plan
 
-FIGURE = re.compile(r"^(—|\d+\.\d+( [KMG]i?B)?|\d+%|outside)$")
+FIGURE = re.compile(r"^(—|\d+\.\d+( [KMG]i?B)?|\d+%|outside|\(copy\))$")  # (copy): dequantized on the copy engine
 WIDE = 400  # wide enough for every name on one line: the reference rendering
 
 

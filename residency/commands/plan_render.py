@@ -147,10 +147,11 @@ def _block_rows(workload: Workload, plan: Plan, blocks, ms) -> list[tuple[str, .
     for key, names in _grouped(workload, plan, blocks, ms):
         _, placement, fmt, nbytes = key[:4]
         mean = {k: sum(ms[n][k] for n in names) / len(names) for k in ("copy", "dequant", "compute")}
-        # dequantized on the copy engine: its time is in the copy column, not none at all ("0.00" read as free)
+        # dequantized on the copy engine: its time is in the copy column, not none at all ("0.00" read as free); one
+        # word, so a narrow table never breaks it
         on_copy = not mean["dequant"] and all(plan.by_name[n].dequant_on == "copy" for n in names)
         rows.append((_group_label(names), placement, fmt, fmt_bytes(nbytes), f"{mean['copy']:.2f}",
-                     "in copy" if on_copy else f"{mean['dequant']:.2f}", f"{mean['compute']:.2f}"))
+                     "(copy)" if on_copy else f"{mean['dequant']:.2f}", f"{mean['compute']:.2f}"))
     return rows
 
 
