@@ -75,6 +75,7 @@ class Inventory:
     # (name, dtype, shape, bytes) of a checkpoint's tensors of dtypes residency does not store (I64 position
     # ids, masks, F64): in no block, no total
     left_out: list[tuple[str, str, tuple[int, ...], int]] = field(default_factory=list)
+    note: str = ""  # how it was counted, where that is not the files' own tensors (a pipeline directory's configs)
 
     @property
     def tensors(self) -> list[TensorInfo]:

@@ -351,6 +351,8 @@ def test_a_pixel_space_pipeline_without_a_vae_inspects_and_plans(capsys, tmp_pat
     code, out, err = run(capsys, "inspect", str(tmp_path / "ddpm"), "--json")
     assert code == 0, err
     assert json.loads(out)["params"] == sum(p.numel() for p in unet.parameters())
+    # counted from the configs at BF16, not read from the files: said (the text encoder's F32 file read as BF16)
+    assert json.loads(out)["notes"][0].startswith("counted from the configs: the modules one call of the pipeline runs")
     code, out, err = run(capsys, "plan", str(tmp_path / "ddpm"), "--profile", "rx-7800-xt", "--json")
     assert code == 0, err
     doc = json.loads(out)

@@ -143,7 +143,7 @@ def to_json(inv: Inventory) -> dict:
         "bytes_by_format": totals,
         "largest_block": _block_json(largest, sizes[id(largest)]) if largest else None,
         # what the text prints below its totals, in the same words (without its "note: ")
-        "notes": [n.removeprefix("note: ") for n in fallback_notes(inv, totals)],
+        "notes": [*([inv.note] if inv.note else []), *(n.removeprefix("note: ") for n in fallback_notes(inv, totals))],
         "components": components,
         # tensors of dtypes residency does not store (I64 position ids, BOOL masks, F64): in no block, no total
         "left_out": [{"name": n, "dtype": d, "shape": list(sh), "stored_bytes": b} for n, d, sh, b in inv.left_out],
@@ -206,6 +206,8 @@ def render(inv: Inventory, console: Console) -> None:
         f"{fmt_bytes(sum(s.stored_bytes for s in every))}; "
         + ", ".join(f"{f} {fmt_bytes(_sum(every, f))}" for f in COMPARE_FORMATS)
     )
+    if inv.note:
+        console.print(f"note: {inv.note}", markup=False, highlight=False)
     for note in fallback_notes(inv, {f: _sum(every, f) for f in COMPARE_FORMATS}):
         console.print(note, markup=False, highlight=False)
     if inv.left_out:

@@ -315,7 +315,12 @@ def load_inventory(name_or_path: str) -> Inventory:
         # config's dtype), as for a directory with weights; no forward is counted (inspect needs none, and a
         # class whose inputs its config does not give, a UNet2DModel, has none to count)
         return inventory_from_module(name_or_path, _as_saved(empty_model(source.path), source.path))
-    return _workload_inventory(name_or_path, resolve_workload(name_or_path))
+    inv = _workload_inventory(name_or_path, resolve_workload(name_or_path))
+    if source.kind == PIPELINE_DIR:  # its components' files may hold other dtypes, and parts a call never runs
+        inv.note = ("counted from the configs: the modules one call of the pipeline runs (a text-to-image call runs "
+                    "no VAE encoder), each at BF16, as `plan` counts them; `inspect DIR/COMPONENT` reads a "
+                    "component's own files")
+    return inv
 
 
 def _pickled_weights(path) -> str:
