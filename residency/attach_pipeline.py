@@ -52,7 +52,8 @@ SHAPE_ARGUMENTS = ("height", "width", "num_inference_steps", "max_sequence_lengt
 # every activation smaller and leave the calls as they were (steps change the calls: those must match)
 AT_MOST = ("height", "width", "num_images_per_prompt", "max_sequence_length")
 # The call's arguments that make its activations smaller, where the pipeline takes them (a hint names those only)
-SMALLER_BY = ("height", "width", "num_frames", "batch_size", "num_images_per_prompt")
+COUNTS = ("num_frames", "batch_size", "num_images_per_prompt")  # of a call's arguments that can be smaller: counts
+SMALLER_BY = ("height", "width", *COUNTS)
 # A prompt for a pipeline that takes one and was given none (nor its embeddings); the pipeline's own defaults
 # for the rest. An unconditional or class-conditional pipeline (DDPM, DiT) takes no prompt and is given none.
 DEFAULT_CALL = {"prompt": "a photo of a cat"}
@@ -453,7 +454,7 @@ def _at_least(key: str, call: Mapping[str, Any], params: Mapping[str, inspect.Pa
     plan for a smaller batch_size=… read as advice when the call's batch was 1 already. Sizes (height, width) and
     counts defaulting to None (the pipeline decides) are never at their least here."""
     value = call.get(key, params[key].default)
-    return key in ("batch_size", "num_images_per_prompt", "num_frames") and isinstance(value, int) and value <= 1
+    return key in COUNTS and isinstance(value, int) and value <= 1
 
 
 def _call_parameters(pipe: Any) -> Mapping[str, inspect.Parameter]:

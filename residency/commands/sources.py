@@ -241,7 +241,7 @@ def _refuse_checkpoint(name_or_path: str, path: Path) -> NoReturn:
              "model or a catalog .json; `residency inspect` reads a bare checkpoint")
 
 
-def _workload_inventory(name: str, workload) -> Inventory:
+def _workload_inventory(name: str, workload, note: str = "") -> Inventory:
     """A workload's tensors as stored at BF16, grouped by the workload's own blocks and components.
 
     Names are prefixed with the block so they read as checkpoint keys; the grouping is taken from the
@@ -252,7 +252,7 @@ def _workload_inventory(name: str, workload) -> Inventory:
     for b in workload.blocks:
         named = [(f"{b.name}.{n}", shape, "BF16") for n, shape in b.tensors]
         blocks.append(BlockInfo(b.name, b.component, inventory_from_named_shapes(name, named).tensors))
-    return Inventory(name, blocks)
+    return Inventory(name, blocks, note=note)
 
 
 def _has_weights(path: Path) -> bool:
@@ -315,12 +315,11 @@ def load_inventory(name_or_path: str) -> Inventory:
         # config's dtype), as for a directory with weights; no forward is counted (inspect needs none, and a
         # class whose inputs its config does not give, a UNet2DModel, has none to count)
         return inventory_from_module(name_or_path, _as_saved(empty_model(source.path), source.path))
-    inv = _workload_inventory(name_or_path, resolve_workload(name_or_path))
-    if source.kind == PIPELINE_DIR:  # its components' files may hold other dtypes, and parts a call never runs
-        inv.note = ("counted from the configs: the modules one call of the pipeline runs (a text-to-image call runs "
-                    "no VAE encoder), each at BF16, as `plan` counts them; `inspect DIR/COMPONENT` reads a "
-                    "component's own files")
-    return inv
+    # a pipeline's components' files may hold other dtypes, and parts a call never runs
+    note = ("counted from the configs: the modules one call of the pipeline runs (a text-to-image call runs no VAE "
+            "encoder), each at BF16, as `plan` counts them; `inspect DIR/COMPONENT` reads a component's own files"
+            if source.kind == PIPELINE_DIR else "")
+    return _workload_inventory(name_or_path, resolve_workload(name_or_path), note)
 
 
 def _pickled_weights(path) -> str:

@@ -195,9 +195,10 @@ def _count(model: nn.Module, blocks: ModuleBlocks, args: tuple, kwargs: dict[str
     # draws is put back (left_as_found)
     with user_hooks_quiet(model), left_as_found([model], generators_in((args, kwargs))):
         try:
-            return _meta_trace(model, units, args, kwargs, dtypes[0], batch, dtypes[1]), "meta", ""
-        except IntegerInputError as e:  # the model's own refusal, which meta does not make
-            raise IntegerInputError(e.message.replace(type(model).__name__, name, 1), hint=e.hint) from None
+            with float_layers_refuse_integers(model, name):  # a refusal the model makes and meta does not
+                return _meta_trace(model, units, args, kwargs, dtypes[0], batch, dtypes[1]), "meta", ""
+        except IntegerInputError:  # not a meta failure: the real run would refuse it too
+            raise
         except Exception as e:  # any failure of the meta run (data-dependent op, CPU tensor kept as attribute)
             meta_error = error_line(e)
             try:
@@ -372,9 +373,8 @@ def _meta_trace(model: nn.Module, units: list[tuple[str, ...]], args: tuple, kwa
     # leaves, every module's own tensors are put back as they were.
     held = [(m, store, dict(getattr(m, store))) for m in model.modules() for store in ("_parameters", "_buffers")]
     try:
-        with float_layers_refuse_integers(model, type(model).__name__):
-            return trace_forward(model, units, lambda: functional_call(model, state, margs, mkwargs,
-                                                                        tie_weights=True), state.items(), batch)
+        return trace_forward(model, units, lambda: functional_call(model, state, margs, mkwargs, tie_weights=True),
+                             state.items(), batch)
     finally:
         for module, store, tensors in held:
             current = getattr(module, store)
