@@ -200,6 +200,10 @@ def fastest_at_quality(req: PlanRequest, best: Plan) -> Plan:
         best.prediction.quality_loss * (1 + 1e-6)) else best
 
 
+def _holds(plan: Plan, target_ms: float) -> bool:
+    return plan.prediction.frame_ms <= target_ms * (1 + 1e-9) and fits_memory(plan)
+
+
 def _bisect(req: PlanRequest, classes: list[BlockClass], base: Problem, start: tuple[Solution, Plan, int],
             execution: Execution, kv_dtype: str, target_ms: float | None) -> list[Plan]:
     """Plans of better quality than the fastest (`start`) at linear frame budgets up to the target."""
@@ -217,7 +221,19 @@ def _bisect(req: PlanRequest, classes: list[BlockClass], base: Problem, start: t
             break
         candidate = got[1]
         plans.append(candidate)
-        if candidate.prediction.frame_ms <= target_ms * (1 + 1e-9) and fits_memory(candidate):
+        if not _holds(candidate, target_ms) and worth_resolving(candidate):
+            # missed on the ring's stalls, which the linear model does not see; the MILP breaks a tie in quality by
+            # linear time, so at this budget it proposes the same stalling plan again. A plan of its quality that
+            # needs less memory is another placement (often the one a smaller VRAM budget finds, and holds): asked
+            # for once, under the candidate's own peak (bisecting alone lost quality as the budget grew)
+            again = _solve_fitting(req, classes, replace(base, objective="loss", frame_s=linear_s,
+                                                         vram_bytes=candidate.prediction.peak_total_bytes - 1),
+                                   execution, kv_dtype)
+            if again is not None:
+                plans.append(again[1])
+                if _holds(again[1], target_ms):
+                    candidate = again[1]
+        if _holds(candidate, target_ms):
             if linear_s >= target_ms / 1e3 * (1 - 1e-9):
                 break  # confirmed at the full budget: nothing better to find
             lo = linear_s
