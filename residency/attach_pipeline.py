@@ -305,6 +305,16 @@ class PipelineRuntime(NotCopiedRuntime):
         """The runtime's telemetry snapshot (frames, calls, the closed loop's events)."""
         return self.runtime.telemetry()
 
+    def set_budget(self, budget_bytes: int | str) -> None:
+        """The device budget changed (Runtime.set_budget): a cut below use re-plans at the next block call."""
+        self.runtime.set_budget(budget_bytes)
+
+    def calibrated_profile(self, warmup_frames: int | None = None):
+        """The running plan's profile fitted to the frames the runtime recorded (Runtime.calibrated_profile)."""
+        if warmup_frames is None:
+            return self.runtime.calibrated_profile()
+        return self.runtime.calibrated_profile(warmup_frames)
+
     def _attached(self) -> None:
         if self.runtime.pipeline is None:  # a detached runtime ran the pipeline plain, silently
             raise ResidencyError("this pipeline runtime is not attached (detached)",

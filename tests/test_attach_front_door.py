@@ -109,6 +109,14 @@ def test_a_budget_no_plan_fits_is_refused_before_anything_is_attached():
         assert rt.plan.budget.vram_bytes >= rt.plan.prediction.peak_total_bytes - rt.plan.prediction.peak_bytes["reserve"]
 
 
+@pytest.mark.parametrize("options", [{"fps": float("inf")}, {"frame_ms": float("inf")}, {"fps": float("nan")}])
+def test_an_infinite_time_budget_is_named_with_how_to_ask_for_none(options):
+    (name, value), = options.items()  # fps=inf read as 0 ms and was refused in Budget's words
+    with pytest.raises(ResidencyError, match=f"{name}={value} must be a positive, finite number") as e:
+        attach_small(**options)
+    assert f"leave {name} out" in e.value.hint
+
+
 def test_fps_becomes_a_frame_budget_and_both_at_once_are_refused():
     with attach_small(fps=20) as rt:
         assert rt.plan.budget.frame_ms == pytest.approx(50.0)

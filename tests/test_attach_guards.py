@@ -192,6 +192,11 @@ def test_an_integer_example_reaching_a_float_layer_is_refused_at_attach_not_at_t
     model, x = mlp_stack()
     with pytest.raises(ResidencyError, match=r"\(Linear\) gets its input as torch.int64, its weight is torch.float32"):
         attach(model, x.long())
+    with pytest.raises(ResidencyError, match=r"\(Linear\) gets the example input as torch.float64, its weight is "
+                                             r"torch.float32") as e, warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "hook with always_call raised … pop from empty list" was shown too
+        attach(model, x.double())  # the meta count casts inputs to the compute dtype: planned, then the call failed
+    assert "x.to(torch.float32)" in e.value.hint
     embed = nn.Sequential(nn.Embedding(50, 64), *[nn.Linear(64, 64) for _ in range(3)]).eval()
     with attach(embed, torch.arange(8).reshape(2, 4)) as rt:  # token ids into an embedding: as the model takes them
         assert rt.plan.blocks

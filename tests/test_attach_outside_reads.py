@@ -278,3 +278,29 @@ def test_a_block_whose_forward_raises_and_is_caught_leaves_the_later_blocks_call
         got = [model(x) for _ in range(3)]
     for g in got:
         assert torch.equal(g, want)
+
+
+class ReturnsItsCodebook(nn.Module):
+    """A forward that hands one of its layers' weights back whole (a codebook for the loss): no op reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x, self.layers[0].weight
+
+
+def test_a_weight_the_forward_returns_whole_keeps_its_block_bound():
+    # its block streamed: the caller got the weights its slot held next (another block's, 0.25 off), no warning
+    torch.manual_seed(0)
+    model, x = ReturnsItsCodebook().eval(), torch.randn(4, 64)
+    y0, w0 = (t.detach().clone() for t in model(x))
+    with attach(model, x, "60%") as rt, torch.inference_mode():
+        first = rt.plan.by_name["ReturnsItsCodebook.layers.0"]
+        assert (first.placement, first.lifetime) == ("resident", "session") and rt.plan.streamed()
+        for _ in range(3):
+            y, w = model(x)
+        assert torch.equal(w, w0) and torch.equal(y, y0)

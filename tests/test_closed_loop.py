@@ -388,6 +388,14 @@ def test_a_calibration_after_switch_plan_fits_only_the_new_plans_frames(tiny):
         window = calibration_window(rt.telemetry(), since_s=rt.plan_started_s)
         assert window.frames and all(f.link_bytes > 0 for f in window.frames)  # the resident plan moves none
         assert rt.calibrated_profile().frames == len(window.frames)
+        # too few frames of the running plan: counted since the switch (it said "5 recorded", the old plan's too)
+        ran = len(calibration_window(rt.telemetry(), 0, since_s=rt.plan_started_s).frames)
+        with pytest.raises(ResidencyError, match=rf"it has run {ran} since the last plan switch") as e:
+            rt.calibrated_profile(warmup_frames=ran)
+        assert "more frames" in e.value.hint
+        for bad in (-1, 1.5, True):  # -1 fitted the last frame alone; 1.5 raised TypeError from a slice
+            with pytest.raises(ResidencyError, match=rf"warmup_frames={bad!r}.*whole number, 0 or more"):
+                rt.calibrated_profile(warmup_frames=bad)
     finally:
         rt.detach()
 

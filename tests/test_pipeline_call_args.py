@@ -229,3 +229,17 @@ def test_a_larger_batch_of_class_labels_is_named_for_what_sets_it():
     with batch_guard({"transformer": lin}, planned, set_by), pytest.raises(ResidencyError) as e:
         lin(torch.zeros(4, 4))
     assert "a list of class_labels or classifier-free guidance" in str(e.value) and "class_labels=[…]" in e.value.hint
+
+
+def test_a_pipeline_runtime_takes_a_budget_change_and_calibrates_as_a_models_runtime_does():
+    # PipelineRuntime had neither: set_budget / calibrated_profile raised AttributeError (only rt.runtime's worked)
+    pipe = tiny_ddpm()
+    call = dict(batch_size=1, num_inference_steps=2, output_type="np")
+    expected = pipe(**call, generator=torch.Generator().manual_seed(3)).images
+    with residency.attach(pipe, vram="100%", profile=PROFILE, backend="cpu", example_inputs=call) as rt:
+        with pytest.raises(ResidencyError, match="calibration needs more than 0 frames of the running plan"):
+            rt.calibrated_profile(warmup_frames=0)
+        rt.set_budget("50%")
+        got = rt(**call, generator=torch.Generator().manual_seed(3)).images
+        assert rt.plan.streamed()  # the cut re-planned at the call: some blocks stream now
+    assert np.array_equal(got, expected)

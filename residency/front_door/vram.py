@@ -3,6 +3,8 @@ share of the model's weights ("50%")) and `fps=` / `frame_ms=`."""
 
 from __future__ import annotations
 
+import math
+
 from residency.budget_size import VramSpec, vram_bytes
 from residency.errors import ResidencyError
 from residency.formats.dtypes import DTYPE_FORMAT
@@ -22,9 +24,11 @@ def frame_budget_ms(fps: float | None, frame_ms: float | None, video_frames_per_
     if fps is not None and frame_ms is not None:
         raise ResidencyError(f"both fps={fps} and frame_ms={frame_ms}", hint="give one time budget, or neither")
     if fps is not None:
-        if not fps > 0:
-            raise ResidencyError(f"fps={fps} must be positive", hint="e.g. fps=15")
+        if not 0 < fps < math.inf:  # inf read as a frame budget of 0 ms, in Budget's words
+            raise ResidencyError(f"fps={fps} must be a positive, finite number",
+                                 hint="e.g. fps=15; no time budget (the fastest plan that fits): leave fps out")
         return 1000.0 * video_frames_per_latent / fps
-    if frame_ms is not None and not frame_ms > 0:
-        raise ResidencyError(f"frame_ms={frame_ms} must be positive", hint="e.g. frame_ms=50")
+    if frame_ms is not None and not 0 < frame_ms < math.inf:
+        raise ResidencyError(f"frame_ms={frame_ms} must be a positive, finite number",
+                             hint="e.g. frame_ms=50; no time budget (the fastest plan that fits): leave frame_ms out")
     return frame_ms

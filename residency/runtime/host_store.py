@@ -183,8 +183,9 @@ class HostStore:
                 f"the host store needs {fmt_bytes(store)}{extra}: {fmt_bytes(store + extra_host_bytes)} of RAM, "
                 f"{fmt_bytes(available)} is available ({HOST_HEADROOM:.0%} of MemAvailable or of the cgroup "
                 "memory.max, whichever is lower)",
-                hint="close other programs, raise the container's memory limit, or plan with a smaller --vram "
-                "or smaller formats")
+                hint="close other programs or raise the container's memory limit"
+                     + (" (on the CPU backend device memory is RAM too: a smaller budget, --vram or "
+                        "attach(vram=…), holds less of it)" if extra_host_bytes else ""))
         excess = []
         for block, module, spec, fmt, tensors in todo:
             blob = pack_block(block, module, spec, fmt, tensors)

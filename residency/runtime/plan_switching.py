@@ -51,13 +51,20 @@ class PlanSwitching:
         if self.profile is None:
             raise ResidencyError("calibration needs the profile the plan was made for",
                                  hint="pass Runtime(profile=…), or attach through residency.attach")
+        if isinstance(warmup_frames, bool) or not isinstance(warmup_frames, int) or warmup_frames < 0:
+            # a float raised TypeError from a slice; -1 fitted the last frame alone
+            raise ResidencyError(f"calibrated_profile(warmup_frames={warmup_frames!r}): the frames skipped at the "
+                                 "start of the running plan must be a whole number, 0 or more",
+                                 hint=f"calibrated_profile() skips {WARMUP_FRAMES}; pass e.g. warmup_frames=2")
         snapshot = self.telemetry()
         window = calibration_window(snapshot, warmup_frames, since_s=self.plan_started_s)
         if not window.frames:
-            latent = sum(1 for f in snapshot.frames if f.frame > 0)
+            running = len(calibration_window(snapshot, 0, since_s=self.plan_started_s).frames)
+            since = " since the last plan switch" if running < sum(1 for f in snapshot.frames if f.frame > 0) else ""
             raise ResidencyError(f"calibration needs more than {warmup_frames} frames of the running plan (the "
-                                 f"first settle the allocator and the copy ring); {latent} recorded",
-                                 hint="step more frames before calibrating (8 or more; `--frames 8` with `residency run`)")
+                                 f"first settle the allocator and the copy ring); it has run {running}{since}",
+                                 hint=f"run {warmup_frames + 8 - running} more frames (steps, or calls of the "
+                                      "attached model) before calibrating; with `residency run`: --frames 8 or more")
         return calibrate(window, self.workload, self.plan, self.profile, model=self.workload.name,
                          warmup_frames=0)
 

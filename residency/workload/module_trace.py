@@ -293,6 +293,8 @@ class _Segments:
         self.switch(counts)
 
     def leave(self, unit: int, out: Any = None) -> None:
+        if not self.stack:  # the call never entered: a hook before ours refused it (torch still calls always_call)
+            return
         # views of its weights a call returns are the runtime's to copy out of block memory (Executor.unaliased):
         # read afterwards, they are not reads outside the block. A weight itself returned is not marked: the
         # same object read later by attribute could not be told apart (pinned rather than read wrong)
@@ -372,6 +374,12 @@ def trace_forward(model: nn.Module, unit_modules: list[tuple[str, ...]], run: Ca
     finally:
         for h in handles:
             h.remove()
+    for t in tree_flatten(out)[0]:
+        # a weight the forward hands back whole (a codebook for the loss, `return x, self.layers[0].weight`) is read
+        # by the caller after every block call: no op read it here, so without this its block streamed and the
+        # caller got whatever weights its slot held next (another block's)
+        if isinstance(t, torch.Tensor) and id(t) in tracer.weights and id(t) not in tracer.made_inside:
+            tracer.read_outside.add(tracer.weights[id(t)])
     lazy = inspect.isgenerator(out) or inspect.iscoroutine(out) or inspect.isasyncgen(out)
     if inspect.iscoroutine(out):
         out.close()  # never awaited: closed, not warned about
