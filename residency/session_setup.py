@@ -188,8 +188,8 @@ def start_image(model: Model, path: str | None) -> np.ndarray:
         return read_image(path, c.height, c.width)
     if model.start_image is None:
         raise UsageError(f"model {model.label} needs a start image",
-                         hint=f"give --image start.png ({c.width}x{c.height} pixels; `run default --frames 1 "
-                         "-o start.png` writes one: start-0000.png)")
+                         hint=f"give --image with a {c.width}x{c.height} picture; `residency run default --frames 1 "
+                         "-o start.png` writes one, as start-0000.png: then --image start-0000.png")
     return model.start_image
 
 
@@ -239,13 +239,15 @@ def default_vram_bytes(usable_bytes: int, workload: Workload, console: Console) 
 
 
 def make_plan(model: Model, console: Console, *, plan_path: str | None = None, profile: str | None = None,
-              fps: float | None = None, vram_bytes: int | str | None = None) -> tuple[Model, Plan, Replanner | None]:
+              fps: float | None = None, vram_bytes: int | str | None = None,
+              image_path: str | None = None) -> tuple[Model, Plan, Replanner | None]:
     """The model to run, the plan and its replanner: `plan_path` loaded and checked against the model (no
     replanner), the model set to the plan's denoise steps (a plan of `residency plan --steps N`; its sampler ran
     the config's steps, so such a plan was refused, and a plan whose steps were edited ran unchanged, silently);
     or planned now with policy `ours` for `profile` (a name, a path or "calibrated": see resolve_for; default
     this machine's cached measurement), `fps` video frames per second and `vram_bytes` (default: `default_vram_bytes`;
-    a share such as "50%" is of the model's weights at the compute dtype planned for)."""
+    a share such as "50%" is of the model's weights at the compute dtype planned for). `image_path`: the --image
+    given, quoted in hints that name a command to run."""
     from residency.plan import load_plan
     from residency.runtime.module_paths import check_block_formats
 
@@ -278,7 +280,8 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
     from residency.plan import Budget
 
     frame_ms = frame_budget_ms(fps, None, model.workload.video_frames_per_latent)  # fps checked by argparse
-    device_profile = resolve_for(model, profile, console) if profile else cached_profile(device_kind(), console)
+    device_profile = (resolve_for(model, profile, console, image_path) if profile
+                      else cached_profile(device_kind(), console))
     compute_dtype = compute_dtype_for(device_kind() != "cpu")
     if vram_bytes is None:
         vram_bytes = default_vram_bytes(device_profile.memory_usable_bytes, model.workload, console)
@@ -316,7 +319,7 @@ def _at_steps(model: Model, steps: int, source: str) -> tuple[Any, Workload]:
     return config, workload_from_dict(catalog_entry(config))
 
 
-def resolve_for(model: Model, profile: str, console: Console) -> DeviceProfile:
+def resolve_for(model: Model, profile: str, console: Console, image_path: str | None = None) -> DeviceProfile:
     """`--profile` for `model`: a shipped name or a path, or "calibrated" — this machine's cached profile as
     calibrated for the model (residency.device.profile_for; its notes on the console).
 
@@ -324,7 +327,8 @@ def resolve_for(model: Model, profile: str, console: Console) -> DeviceProfile:
     from residency.device import profile_for
 
     return profile_for(profile, model.workload.fingerprint(), kind=device_kind(),
-                       model=model.label.split(" ", 1)[0], image=model.start_image is None, say=console.print)
+                       model=model.label.split(" ", 1)[0], image=image_path or model.start_image is None,
+                       say=console.print)
 
 
 def attach(model: Model, plan: Plan, replan: Replanner | None) -> Runtime:

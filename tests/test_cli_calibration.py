@@ -96,7 +96,7 @@ def test_a_stale_calibration_is_discarded_with_a_note(machine, capsys):
     assert main(["plan", "tiny", "--profile", "calibrated", "--compute-dtype", "fp32"]) == 2
     err = capsys.readouterr().err
     assert "discarded the calibrated profile" in err and "changed since it was calibrated" in err
-    assert "hint: run `residency run tiny --image start.png -o out.gif --frames 18 --calibrate` first" in err
+    assert "hint: run `residency run tiny --image start-0000.png -o out.gif --frames 18 --calibrate` first" in err
     assert not path.exists()
 
 
@@ -118,7 +118,12 @@ def test_profiles_lists_calibrated_ones_and_removes_them(machine, capsys):
 def test_profile_calibrated_without_a_calibration_exits_2_with_the_hint(machine, capsys):
     assert main([*RUN, "--frames", "1", "--profile", "calibrated"]) == 2
     err = capsys.readouterr().err
-    assert "error: no calibrated profile" in err and "hint: run `residency run tiny --image start.png -o out.gif --frames 18 --calibrate` first" in err
+    assert "error: no calibrated profile" in err and "hint: run `residency run tiny --image start.png -o out.gif" in err
+    # the hint runs as given: with the --image of the command that needed it (it named start.png, whatever was given)
+    shutil.copy("start.png", "my pic.png")
+    assert main(["run", "tiny", "--image", "my pic.png", "-o", "out.gif", "--frames", "1", "--profile", "calibrated"]) == 2
+    assert "run `residency run tiny --image 'my pic.png' -o out.gif --frames 18 --calibrate` first" in (
+        capsys.readouterr().err)
     assert not Path("out.gif").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import shutil
 
+import pytest
 import torch
 from PIL import Image
 
@@ -66,3 +67,13 @@ def test_a_demo_refused_for_its_options_leaves_no_directory_it_created(tmp_path,
     (tmp_path / "kept").mkdir()
     assert main(["demo", "-o", "kept/sub", "--profile", "empty.json", "--frames", "2"]) == 1
     assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "sub").exists()  # only what it made
+
+
+@pytest.mark.parametrize("name", ["demo.gif", "demo-trace.json"])
+def test_a_directory_in_place_of_a_demo_output_gets_a_hint_demo_can_follow(tmp_path, monkeypatch, capsys, name):
+    # run's hints were shown: "name a file in it" and "--trace trace.json", neither of which demo takes
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / name).mkdir(parents=True)
+    assert main(["demo", "-o", "out", "--frames", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"the demo writes {name} into its -o directory" in err and "--trace" not in err.split("hint:")[1]

@@ -116,6 +116,9 @@ BAD = {
                      "positive"),
     "wrong unit key": (lambda d: d.update(device_memory_mbps=d.pop("device_memory_gbps") * 1e3),
                        "device_memory_mbps", "GB/s"),
+    # a field beside the one it would be renamed to is not a misnamed unit: renaming it would overwrite that one
+    "unknown field beside its stem": (lambda d: d.update(device_memory_mbps=1.0), "device_memory_mbps",
+                                      "'device_memory_gbps' is given beside it"),
     "unit in a string": (lambda d: _set(d, "25 GB/s", "device_memory_gbps"), "device_memory_gbps",
                          "expected a number in GB/s"),
     "schema version": (lambda d: _set(d, 3, "schema_version"), "schema_version", "3"),

@@ -12,6 +12,7 @@ import argparse
 import itertools
 import shlex
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from residency import session_setup, userpath
@@ -83,14 +84,25 @@ def run(args: argparse.Namespace) -> int:
         raise
 
 
+def _demo_output(check: Callable[[Path], Path], path: Path) -> Path:
+    """`check(path)` for one of the demo's fixed output names; its refusal hinted at run's options (name a file,
+    --trace), which demo has not: the hint says what demo can do."""
+    try:
+        return check(path)
+    except ResidencyError as e:
+        e.hint = (f"the demo writes {path.name} into its -o directory: move {path} out of the way, or give "
+                  f"another directory (-o DIR)")
+        raise
+
+
 def _run(args: argparse.Namespace, console, err, out_dir: Path) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from residency.dashboard import Dashboard, build, live, write_trace
     from residency.media import check_output_path, write_frames
 
-    gif = check_output_path(out_dir / "demo.gif")
-    trace = run_cmd.check_trace_path(str(out_dir / "demo-trace.json"))
+    gif = _demo_output(check_output_path, out_dir / "demo.gif")
+    trace = _demo_output(lambda p: run_cmd.check_trace_path(str(p)), out_dir / "demo-trace.json")
     live_view = console.is_terminal and not args.once
     model = session_setup.load_model("default")
     if model.note:

@@ -175,7 +175,7 @@ def plan_for(model: Model, args: argparse.Namespace,
     from residency.commands.plan_render import verdict
 
     model, plan, replan = make_plan(model, console, plan_path=getattr(args, "plan", None), profile=args.profile,
-                             fps=args.fps, vram_bytes=args.vram)
+                                    fps=args.fps, vram_bytes=args.vram, image_path=getattr(args, "image", None))
     device = plan_device(replan, plan)  # a loaded plan's: its profile file read once, here
     if plan.prediction is None and device is not None:  # a plan file may leave its prediction out (the schema's)
         from residency.simulate import predict

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable
@@ -230,13 +231,16 @@ def remove_calibrated() -> int:
 
 
 def calibrated_profile(workload_fingerprint: str, *, kind: str | None = None, model: str = "MODEL",
-                       image: bool = False, say: Callable[[str], None] = _to_stderr) -> DeviceProfile:
+                       image: bool | str = False, say: Callable[[str], None] = _to_stderr) -> DeviceProfile:
     """The calibrated profile of this machine's cached `kind` profile ('cpu' or 'cuda'; None: the GPU if torch
     sees one) for the workload `workload_fingerprint` (see find_calibrated). Nothing is measured.
 
     Raises UsageError (exit 2) when there is no cached machine profile or no calibration of it; `model` names
-    the model in the hint, with `--image start.png` where `image` says it has no start image of its own."""
-    hint = f"run `residency run {model}{' --image start.png' if image else ''} -o out.gif --frames 18 --calibrate` first"
+    the model in the hint, with `--image` where `image` says the run needs one: the path given (a str), else
+    start-0000.png (what `run default --frames 1 -o start.png` writes) for a model without a start image."""
+    shown = (f" --image {shlex.quote(image)}" if isinstance(image, str)
+             else " --image start-0000.png" if image else "")
+    hint = f"run `residency run {model}{shown} -o out.gif --frames 18 --calibrate` first"
     path = cached_profile_path(kind or device_kind())
     if userpath.path_kind(path)[0] != userpath.FILE:
         raise UsageError("no calibrated profile: this machine's profile has not been measured yet", hint=hint)
@@ -263,7 +267,7 @@ def calibrated_profile(workload_fingerprint: str, *, kind: str | None = None, mo
 
 
 def profile_for(name_or_path: str | os.PathLike[str] | DeviceProfile, workload_fingerprint: str, *,
-                kind: str | None = None, model: str = "MODEL", image: bool = False,
+                kind: str | None = None, model: str = "MODEL", image: bool | str = False,
                 say: Callable[[str], None] = _to_stderr) -> DeviceProfile:
     """What `--profile` means for a workload: "calibrated" is calibrated_profile(...) (it takes precedence over
     a file of that name), anything else resolve_profile — a calibrated profile's file of another workload without

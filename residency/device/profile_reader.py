@@ -131,6 +131,10 @@ def no_extra(r: ProfileReader, doc: dict[str, Any], known: tuple[str, ...], fiel
             continue
         where = f"{field}.{key}" if field else str(key)
         expected = _same_stem(str(key), known)
+        if expected is not None and expected in doc:  # not a misnamed unit: the field is there beside it
+            raise r.fail(where, f"= {show(doc[key])} is not a field this version of residency knows ('{expected}' "
+                         "is given beside it: a field of another version, or a typo?)",
+                         hint=f"remove '{key}' (a measured profile is re-made by `residency profile`)")
         if expected is not None:
             unit = UNIT_TEXT[_unit_of(expected)]
             raise r.fail(where, f"= {show(doc[key])} is in the wrong unit: expected '{expected}' in {unit}",
