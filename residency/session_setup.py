@@ -390,6 +390,7 @@ class CalibrationReport:
     error_after: float  # ... vs the same plan re-predicted with the calibrated profile (+0.031 = 3.1 % slower)
     summary: str  # the factors found (CalibrationFit.summary)
     kept: Calibration | None = None  # the cache's calibration on more frames, kept at `path`; this one not saved
+    poor: bool = False  # the fit missed its own frames (fit_is_poor): not saved, the cache left as it was
 
     def line(self) -> str:
         """"calibrated profile saved to PATH (from N frames): prediction error before +36.2 %, after +3.1 %", or
@@ -397,6 +398,10 @@ class CalibrationReport:
         errors = (f"prediction error before {self.error_before * 100:+.1f} %, after {self.error_after * 100:+.1f} % "
                   "(the fitted frames' median against the plan predicted with the starting profile, then with the "
                   "calibrated one)")
+        if self.poor:
+            return (f"calibrated from {plural(self.frames, 'frame')} ({errors}), not saved: the fit does not predict "
+                    f"the frames it was fitted on within {POOR_FIT_ERROR:.0%}, or no better than before — the "
+                    "machine's speed moved during the run (another program busy?); run again on a quieter machine")
         if self.kept is None:
             return f"calibrated profile saved to {self.path} (from {plural(self.frames, 'frame')}): {errors}"
         from residency.device.calibrated import FULL_FIT_FRAMES
@@ -415,7 +420,7 @@ def calibrate_session(runtime: Runtime, start_profile: DeviceProfile) -> Calibra
 
     Raises ResidencyError with too few frames, an absurd fit, or an unwritable cache."""
     from residency.device import save_calibrated
-    from residency.device.calibrated import MIN_SAVED_FIT_FRAMES, better_cached
+    from residency.device.calibrated import MIN_SAVED_FIT_FRAMES, base_name, better_cached, calibrated_path
     from residency.simulate import predict
     from residency.telemetry.calibration import WARMUP_FRAMES, calibration_window, prediction_errors
 
@@ -427,8 +432,25 @@ def calibrate_session(runtime: Runtime, start_profile: DeviceProfile) -> Calibra
     measured_ms = [f.frame_ms for f in calibration_window(runtime.telemetry(), since_s=runtime.plan_started_s).frames]
     before_ms, after_ms = (predict(runtime.workload, runtime.plan, p, bound=False).prediction.frame_ms
                            for p in (start_profile, fit.profile))
+    before, after = prediction_errors(measured_ms, before_ms), prediction_errors(measured_ms, after_ms)
+    if fit_is_poor(before, after):  # saved, it replaced a good calibration and misled every later plan
+        path = calibrated_path(base_name(fit.profile), fit.profile.calibration.workload_fingerprint)  # left as it was
+        return CalibrationReport(path, fit.frames, before, after, fit.summary(), poor=True)
     kept = better_cached(fit.profile)
     path = save_calibrated(fit.profile) if kept is None else kept[0]
-    return CalibrationReport(path, fit.frames, prediction_errors(measured_ms, before_ms),
-                             prediction_errors(measured_ms, after_ms), fit.summary(),
-                             None if kept is None else kept[1].calibration)
+    return CalibrationReport(path, fit.frames, before, after, fit.summary(), None if kept is None else kept[1].calibration)
+
+
+# A fit whose calibrated profile misses the very frames it was fitted on by more than this (the median), or does no
+# better there than the profile it started from (past NO_GAIN_FLOOR), describes a machine that changed under the run:
+# saving it replaced the cache's calibration with a worse one ("before -14.6 %, after +13.3 %", and the next run read
+# +25 %).
+POOR_FIT_ERROR = 0.10
+NO_GAIN_FLOOR = 0.05
+
+
+def fit_is_poor(before: float, after: float) -> bool:
+    """Is a fit with these median errors on its own frames (before and after calibrating) not worth saving?"""
+    if after != after:  # nan: nothing measured to judge by
+        return False
+    return abs(after) > POOR_FIT_ERROR or (abs(after) > NO_GAIN_FLOOR and abs(after) >= abs(before))
