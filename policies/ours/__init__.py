@@ -92,11 +92,34 @@ def _placed(req: PlanRequest, rivals: Sequence[PolicyFn]) -> tuple[Found, dict[s
     choices = choose_modes(req, found.kv_dtype)
     rival_plans = _rival_plans(req, rivals, choices)
     found = _adopt_better(with_rivals_fastest(req, found, rival_plans), rival_plans)
+    found = _rivals_at_fallback_kv(req, rivals, found)
     found = _keep_small_streamed_resident(req, found)
     found = _fastest_of_its_quality(req, found)
     found = _arranged(req, found)
     return found, choices, _as_ours(req, found, rival_plans)
 
+
+
+def _rivals_at_fallback_kv(req: PlanRequest, rivals: Sequence[PolicyFn], found: Found) -> Found:
+    """Where nothing fits — ours at either KV dtype, nor a rival at the workload's — the rivals' plans with the KV
+    cache at the fallback dtype, as ours' search tries it (a plan streaming tensor by tensor, which the MILP does not
+    model, fits there: `plan default --vram 6.5MiB` said "does not fit: needs 6.77 MiB" where one of 6.45 MiB does)."""
+    wanted = req.workload.kv_dtype
+    if (fits_memory_or_none(found.best) or req.kv_dtype is not None or wanted == KV_FALLBACK
+            or not req.workload.kv_cache_bytes() or not rivals):
+        return found
+    at_fallback = replace(req, kv_dtype=KV_FALLBACK)
+    choices = choose_modes(at_fallback, KV_FALLBACK)
+    rival_plans = _rival_plans(at_fallback, rivals, choices)
+    adopted = _adopt_better(with_rivals_fastest(at_fallback, found, rival_plans), rival_plans)
+    if adopted.best is found.best:
+        return found
+    note = f"KV cache stored as {KV_FALLBACK} (e4m3): nothing fits with {wanted}"
+    return replace(adopted, kv_dtype=KV_FALLBACK, notes=(*adopted.notes, note))
+
+
+def fits_memory_or_none(plan: Plan | None) -> bool:
+    return plan is not None and fits_memory(plan)
 
 
 def _rival_plans(req: PlanRequest, rivals: Sequence[PolicyFn], choices: dict[str, ModeChoice]) -> list[Plan]:

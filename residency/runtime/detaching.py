@@ -43,6 +43,8 @@ class Detaching:
         """The model's own hook goes (detach, or a let-go after a cut): the model runs plain from here."""
         if self._root is not None:
             remove_hook(self._root)
+            if self._kv_config is not None:  # the KV dtype the plan set (runtime.kv_storage) back to the user's
+                self._root.config, self._kv_config = self._kv_config, None
             self._root = None
         if self._structure is not None:
             self._structure.close()  # warns of what was added while attached: detach does not undo it

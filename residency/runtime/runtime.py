@@ -40,6 +40,7 @@ from residency.runtime.hooks import (
     has_hook,
 )
 from residency.runtime.host_store import BlockBlob, HostStore
+from residency.runtime.kv_storage import use_plan_kv_dtype
 from residency.runtime.ledger import DeviceBudgetExceeded, Ledger
 from residency.runtime.live_sessions import LiveSessions
 from residency.runtime.model_watching import ModelWatching
@@ -138,6 +139,7 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRunt
         # not made for (residency.attach refuses inputs of other shapes than the workload's example).
         self.call_check: Callable[[tuple, dict], None] | None = None
         self.notes: list[str] = []  # what the runtime changed of the plan while running (a compile fell back)
+        self._kv_config: Any = None  # a world model's config before the plan's KV dtype was set in it (kv_storage)
         self._compiled: BlockForwards | None = None  # `compiled` and `graphed` blocks' forwards, restored at detach
         self._weights: WeightWatch | None = None  # refuses a call after an in-place edit of a block parameter
         self._structure: StructureWatch | None = None  # refuses a call after modules or parameters were added
@@ -182,10 +184,18 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRunt
             self._forget_stores()
             raise
         self._root = pipeline
+        self._use_plan_kv_dtype()
         self._input_names, self._model_buffers = input_names(pipeline), model_buffers(pipeline)
         self._structure = StructureWatch(pipeline, model_label(pipeline), weak_busy(self, "_running_here"),
                                          weak_call(self, "_arm_outside_check"))
         return self
+
+    def _use_plan_kv_dtype(self) -> None:
+        """Sessions started from now store their KV cache in the plan's dtype (runtime.kv_storage); the user's
+        config is kept for detach."""
+        replaced = use_plan_kv_dtype(self._root, self.plan)
+        if self._kv_config is None:
+            self._kv_config = replaced
 
     def _blob_requests(self, plan: Plan, found: dict[str, tuple[nn.Module, ...]],
                        tensors: dict[str, tuple[torch.Tensor, ...]]) -> list[tuple]:
@@ -258,6 +268,8 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRunt
                                     {name: tuple(data for _, data in pairs) for name, pairs in originals.items()},
                                     executor.views)
         self.plan, self.pipeline, self._hooked, self._compiled, self._state_hooks = plan, pipeline, [], None, []
+        if self._root is pipeline:  # a switch or recovery: the first attach sets it once the attach is whole
+            self._use_plan_kv_dtype()
         # where the frames of this plan start on the telemetry's clock: a calibration fits only those (a
         # switch_plan or a recovery records no closed-loop event, and fitting the old plan's frames to the new
         # plan mixed two plans' timings)
