@@ -101,6 +101,17 @@ def test_list_and_remove(cache):
     assert list_calibrated() == []
 
 
+def test_remove_deletes_nothing_when_one_entry_is_not_a_file(cache):
+    # it deleted the files before a directory named *.json, then failed with a hint on permissions
+    save_calibrated(calibrated(workload="w-one"))
+    (cache / "dir.json").mkdir()
+    with pytest.raises(ResidencyError, match=r"dir\.json: not a calibrated profile \(directory, not a file\); "
+                                             "nothing was deleted") as e:
+        remove_calibrated()
+    assert "move it out of" in e.value.hint
+    assert [p.calibration.workload_fingerprint for _, p in list_calibrated()] == ["w-one"]
+
+
 def test_calibrated_resolves_through_the_cached_machine_profile(tmp_path):
     with pytest.raises(UsageError, match="not been measured") as e:
         calibrated_profile("w-one", kind="cpu", model="tiny")

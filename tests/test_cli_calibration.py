@@ -327,3 +327,17 @@ def test_a_prediction_25_percent_off_is_hinted_from_enough_steady_frames_only(fr
     out = io.StringIO()
     report_speed(Console(file=out, width=300), rec.snapshot(()), calibrate_hint="calibrate")
     assert ("hint: the prediction is off by more than 20%: calibrate" in out.getvalue()) == hinted, out.getvalue()
+
+
+def test_the_hint_to_calibrate_again_asks_for_enough_frames_to_replace_the_cached_fit():
+    # "run again with --calibrate" after 8 frames fitted 6, fewer than the cached fit's 16: not saved, and the same
+    # hint came back on every run
+    import argparse
+
+    from residency.commands.run_cmd import _calibrate_hint
+    from residency.device.calibrated import FULL_FIT_FRAMES
+    from residency.telemetry.calibration import WARMUP_FRAMES
+
+    args = argparse.Namespace(calibrate=False, plan=None, profile="calibrated", model="tiny")
+    assert f"--frames {WARMUP_FRAMES + FULL_FIT_FRAMES} --calibrate" in _calibrate_hint(args, 8)
+    assert "--frames" not in _calibrate_hint(args, WARMUP_FRAMES + FULL_FIT_FRAMES)

@@ -113,3 +113,20 @@ def test_profile_may_write_over_the_cached_machine_profile(tmp_path, monkeypatch
     cached.write_text("{}")
     assert _owned(cached, "profile") is None
     assert "residency's cache" in _owned(cached, "plan") and "residency's cache" in _owned(cached, "run")
+
+
+def test_no_output_goes_into_the_calibration_cache_and_profile_writes_only_the_machines_file_there(tmp_path,
+                                                                                                   monkeypatch):
+    # a plan written as <cache>/calibrated/new.json was read (and skipped with a note) by every later run, and
+    # `profiles --remove-calibrated` would delete it; `profile -o` overwrote an older method's cache file
+    from residency.commands.output_clash import _owned
+    from residency.device.auto_profile import cache_dir, cached_profile_path
+    from residency.device.calibrated import calibrated_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    new = calibrated_dir() / "new.json"  # not there yet
+    for command in ("plan", "profile", "run"):
+        assert "calibration cache" in _owned(new, command)
+    older = cache_dir() / "profile-cpu-m1.json"
+    assert "writes only this machine's cached profile" in _owned(older, "profile")
+    assert _owned(cached_profile_path("cpu"), "profile") is None and _owned(tmp_path / "p.json", "profile") is None

@@ -40,7 +40,7 @@ def check_outputs_apart(args: argparse.Namespace) -> None:
             continue  # numbered frames (out-0000.png …), never out.png itself; media refuses existing ones
         owned = _owned(Path(out), args.command)
         if owned is not None:
-            raise UsageError(f"{flag} {out[:200]}: that is {owned}; writing there would replace it",
+            raise UsageError(f"{flag} {out[:200]}: {owned}",
                              hint="write the output to another file")
         for name, value in inputs:
             how = _clash(Path(out), Path(value))
@@ -51,28 +51,40 @@ def check_outputs_apart(args: argparse.Namespace) -> None:
 
 
 def _owned(out: Path, command: str) -> str | None:
-    """What `out` is when it is an existing file residency reads without its path being given: a shipped profile
-    (`--profile rx-7800-xt`), a catalog entry (`plan flux-schnell`), a file of its cache (this machine's profile, read
-    when no --profile is given; a calibrated one) unless `command` is `profile`, which writes one there.
+    """What `out` is when residency reads it without its path being given: an existing shipped profile
+    (`--profile rx-7800-xt`) or catalog entry (`plan flux-schnell`); any file of its calibration cache, new or not
+    (every .json there is read as a calibrated profile, and `profiles --remove-calibrated` deletes it: a plan written
+    there was skipped with a note on every run); an existing file of the rest of its cache (this machine's profile,
+    read when no --profile is given). `profile` may write this machine's cached profile (a full measurement over the
+    quick one), nothing else there (it overwrote an older method's cache file).
     `plan tiny --profile rx-7800-xt -o profiles/rx-7800-xt.json` replaced the shipped profile with the plan, and every
     later use of the name failed; named by path they are caught as inputs (_clash). None for anything else."""
     from pipelines.catalog import catalog_dir
     from profiles import profiles_dir
-    from residency.device.auto_profile import cache_dir
+    from residency.device.auto_profile import cache_dir, cached_profile_path
+    from residency.device.calibrated import calibrated_dir
 
     try:
+        at = out.resolve()
+        cache = cache_dir().resolve()
+        if at.is_relative_to(calibrated_dir().resolve()):
+            return (f"in residency's calibration cache ({calibrated_dir()}), where every .json is read as a "
+                    "calibrated profile and `residency profiles --remove-calibrated` deletes it")
+        if command == "profile" and at.is_relative_to(cache):
+            if at in (cached_profile_path(kind).resolve() for kind in ("cpu", "cuda")):
+                return None
+            return (f"in residency's cache ({cache}), where `profile -o` writes only this machine's cached profile "
+                    f"({cached_profile_path('cpu').name} or {cached_profile_path('cuda').name})")
         if not out.is_file():
             return None
-        at = out.resolve()
         if at.suffix.lower() == ".json" and at.parent == profiles_dir().resolve():
-            return f"the shipped profile {at.stem}, which `--profile {at.stem}` reads"
+            return f"that is the shipped profile {at.stem}, which `--profile {at.stem}` reads; writing there would replace it"
         if at.suffix.lower() == ".json" and at.parent == catalog_dir().resolve():
-            return f"the catalog entry {at.stem}, which `plan {at.stem}` and `inspect {at.stem}` read"
-        cache = cache_dir().resolve()
-        # `profile -o` there writes what residency caches itself (a full measurement over the quick one): deliberate
+            return (f"that is the catalog entry {at.stem}, which `plan {at.stem}` and `inspect {at.stem}` read; writing "
+                    "there would replace it")
         if at.is_relative_to(cache) and command != "profile":
-            return (f"a file of residency's cache ({cache}), which it reads on its own (the machine's measured and "
-                    "calibrated profiles)")
+            return (f"that is a file of residency's cache ({cache}), which it reads on its own (the machine's measured "
+                    "and calibrated profiles); writing there would replace it")
     except (OSError, ValueError, RuntimeError):  # an unreadable or looping path: the command's own checks say why
         return None
     return None

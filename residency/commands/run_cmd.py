@@ -401,7 +401,7 @@ def _calibrate_hint(args: argparse.Namespace, frames: int) -> str | None:
     """What to do about a prediction far off: calibrate (with enough frames), or fit the calibration again; for a
     given plan (which a run does not calibrate), calibrate without it and make the plan again from the calibration.
     None when the run calibrates already."""
-    from residency.device.calibrated import MIN_SAVED_FIT_FRAMES
+    from residency.device.calibrated import FULL_FIT_FRAMES, MIN_SAVED_FIT_FRAMES
     from residency.telemetry.calibration import WARMUP_FRAMES
 
     if args.calibrate:
@@ -412,7 +412,12 @@ def _calibrate_hint(args: argparse.Namespace, frames: int) -> str | None:
         return (f"run it once without --plan and with{more} --calibrate (this machine's profile fitted, cached), then "
                 f"make the plan again with `residency plan {args.model} --profile calibrated … -o {args.plan}`")
     if args.profile == "calibrated":
-        return f"the calibration is off too (the machine may have changed): run again with{more} --calibrate to fit it anew"
+        # a fit on fewer frames than the cached one is not saved, nor one under FULL_FIT_FRAMES: the hint without
+        # --frames was followed and the stale fit stayed
+        full = WARMUP_FRAMES + FULL_FIT_FRAMES
+        again = f" --frames {full}" if frames < full else ""
+        return ("the calibration is off too (fitted on another plan — one that moved no weights fits no copy engine "
+                f"— or the machine changed since): run again with{again} --calibrate to fit it anew on this plan")
     if args.profile is not None:  # --calibrate fits this machine's cached profile only (check_calibration_base)
         return (f"run it without --profile and with{more} --calibrate to fit this machine's profile to a run (cached), "
                 "then plan with --profile calibrated")

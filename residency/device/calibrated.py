@@ -27,6 +27,7 @@ from residency.device.auto_profile import cache_dir, cached_profile_path, device
 from residency.device.profile import DeviceProfile, Provenance
 from residency.device.profile_io import load_profile, read_profile, resolve_profile, save_profile
 from residency.errors import ResidencyError, UsageError
+from residency.units import plural
 
 CALIBRATED = "calibrated"  # the --profile value that asks for a calibrated profile
 BASE_KEY = "base_profile"  # provenance entry holding the base profile's name
@@ -219,13 +220,20 @@ def remove_calibrated() -> int:
     folder = calibrated_dir()
     if userpath.path_kind(folder)[0] != userpath.DIRECTORY:
         return 0
+    # what is not a file is named before anything is deleted: it failed half way ("Is a directory", with a hint on
+    # permissions), the files before it gone
+    paths = sorted(folder.glob("*.json"))
+    odd = [p for p in paths if userpath.path_kind(p)[0] != userpath.FILE]
+    if odd:
+        raise ResidencyError(f"{odd[0]}: not a calibrated profile ({userpath.path_kind(odd[0])[0]}, not a file); "
+                             "nothing was deleted", hint=f"move it out of {folder}, then run this again")
     removed = 0
-    for path in sorted(folder.glob("*.json")):
+    for path in paths:
         try:
             path.unlink()
         except OSError as e:
-            raise ResidencyError(f"{path}: cannot delete it ({e.strerror or e})",
-                                 hint="check the permissions of the cache directory") from None
+            raise ResidencyError(f"{path}: cannot delete it ({e.strerror or e}); {plural(removed, 'file')} deleted "
+                                 "before it", hint="check the permissions of the cache directory") from None
         removed += 1
     return removed
 
