@@ -200,3 +200,22 @@ def test_the_solvers_own_prints_stay_off_stdout(built, monkeypatch, capfd):
     assert solve(problem) is not None
     print("after", flush=True)
     assert capfd.readouterr().out == "before\nafter\n"
+
+
+def test_the_vram_a_missed_budget_would_hold_with_holds_it_when_asked_for():
+    # the size was found with the FP8 KV cache the smaller budget fell back to; at that size the cache is BF16 again
+    # and the plan missed ("would hold with 596.2 MiB", then at 596.2 MiB "misses … would hold with 709.6 MiB")
+    from pipelines.catalog import catalog_paths
+    from policies import PlanRequest, get_policy
+    from residency.device import load_profile
+    from residency.plan import Budget
+    from residency.workload import load_workload_file
+
+    w = load_workload_file(catalog_paths()["lucid-500m"])
+    profile = load_profile("rx-7800-xt")
+    ours = get_policy("ours")
+    missed = ours(PlanRequest(w, profile, Budget(400 * 2**20, 70.0), exec_mode="auto"))
+    assert missed.kv_dtype == "fp8" and missed.prediction.frame_ms > 70.0
+    said = next(re.search(r"would hold with ([0-9.]+ (?:MiB|GiB))", n) for n in missed.notes if "would hold" in n)
+    asked = ours(PlanRequest(w, profile, Budget(int(_bytes(said.group(1))), 70.0), exec_mode="auto"))
+    assert asked.prediction.frame_ms <= 70.0, (said.group(0), asked.prediction.frame_ms, asked.kv_dtype)

@@ -54,8 +54,12 @@ def gap_statement(req: PlanRequest, best: Plan, kv_dtype: str) -> str | None:
                 f"{resident.prediction.frame_ms:.1f} ms with every block resident")
     parts = []
     # The linear model misses the simulator's stalls: tighten its frame budget until the plan holds.
+    # At the KV dtype the planner takes when memory allows (the workload's, unless the request names one): at the
+    # FP8 cache a smaller budget fell back to, the size named held nothing ("would hold with 596.2 MiB", and at
+    # 596.2 MiB the cache was BF16 again and the plan missed: 709.6 MiB was named then)
+    wanted = req.kv_dtype or req.workload.kv_dtype
     for margin in (1.0, 0.99, 0.97, 0.94, 0.9):
-        enough = _solve_plan(req, kv_dtype, vram_bytes=None, frame_s=frame_ms / 1e3 * margin, objective="memory",
+        enough = _solve_plan(req, wanted, vram_bytes=None, frame_s=frame_ms / 1e3 * margin, objective="memory",
                              budget=roomy)
         if enough is not None and enough.prediction.frame_ms <= frame_ms:
             parts.append(f"would hold with {fmt_bytes(enough.prediction.peak_total_bytes)}")
