@@ -427,3 +427,12 @@ def test_blocks_dequantized_on_the_copy_engine_say_so_in_the_dequant_column(caps
     code, out, _ = run(capsys, "plan", "lucid-500m", "--profile", "rx-7800-xt", "--vram", "1GiB")
     rows = [line for line in out.splitlines() if "(copy)" in line]
     assert rows and all("streamed" in r for r in rows)
+
+
+def test_a_budget_too_large_for_a_plan_file_is_refused_before_planning(capsys, tmp_path):
+    # --vram takes up to 2**60 bytes, a plan file up to 2**53: it planned, then the writer refused its own plan
+    out = tmp_path / "big.json"
+    assert main(["plan", "tiny", "--profile", "rx-7800-xt", "--vram", "9000TiB", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a plan file holds a budget of at most 8 PiB" in err and "leave -o out" in err and not out.exists()
+    assert main(["plan", "tiny", "--profile", "rx-7800-xt", "--vram", "9000TiB"]) == 0  # no file: planned as asked

@@ -15,8 +15,8 @@ from residency.commands.console import make_console, working
 from residency.commands.plan_render import render_comparison, render_plan, verdict
 from residency.commands.sources import SHIPPED_NAME, resolve_workload, shipped_sensitivity
 from residency.errors import ResidencyError, UsageError
-from residency.plan.plan import COMPUTE_DTYPES
-from residency.units import MAX_SIDE_PX
+from residency.plan.plan import COMPUTE_DTYPES, MAX_PLAN_BYTES
+from residency.units import MAX_SIDE_PX, fmt_bytes
 
 EXIT_BUDGET_NOT_MET = 3
 
@@ -115,6 +115,9 @@ def make_request(args):
     else:  # a calibrated profile's file, given for another model: its rates, not that model's compute scales
         profile = for_workload_fingerprint(profile, workload.fingerprint(), make_console(stderr=True).print)
     vram = arg_types.resolve_vram(args.vram, workload, compute_dtype) if args.vram else profile.memory_usable_bytes
+    if vram > MAX_PLAN_BYTES and getattr(args, "output", None) is not None:  # planned, then refused by the writer
+        raise UsageError(f"--vram {fmt_bytes(vram)}: a plan file holds a budget of at most 8 PiB (2**53 bytes), "
+                         "every size exact as a JSON number", hint="give a smaller --vram (no device has more), or leave -o out")
     if vram > profile.memory_usable_bytes:
         _note_vram_beyond_the_device(vram, profile)
     budget = Budget(vram, frame_budget_ms(args.fps, args.frame_ms, workload.video_frames_per_latent))
@@ -127,7 +130,6 @@ def make_request(args):
 def _note_vram_beyond_the_device(vram: int, profile) -> None:
     """A --vram above what the profile's device has is planned for as asked (a what-if), and said so: "fits"
     then means fits the budget, not the card."""
-    from residency.units import fmt_bytes
 
     print(f"note: --vram {fmt_bytes(vram)} is more than {profile.name} has to use ("
           f"{fmt_bytes(profile.memory_usable_bytes)} of {fmt_bytes(profile.memory_total_bytes)}): planned for "
