@@ -186,3 +186,28 @@ def test_the_memory_bar_is_as_long_as_the_share_held_and_never_longer_than_its_w
     held = bar.cell_len - bar.plain.count("░")
     assert bar.cell_len == 48
     assert held == max(1, round(min(1.0, sum(sizes) / max(budget, sum(sizes))) * 48))
+
+
+@pytest.mark.parametrize(("cols", "rows"), [(80, 24), (80, 12), (160, 30), (160, 60)])
+def test_the_play_screen_fits_the_terminals_height_with_its_help_and_status_on_it(snapshot, cols, rows):
+    # at 80×24 the 32-row frame filled the screen: help, status and the size note were cut off, unsaid
+    from rich.console import Console
+
+    from residency.dashboard import Dashboard
+    from residency.dashboard.keyboard import HELP
+    from residency.dashboard.play_view import MIN_FRAME_ROWS, PlayView, Status
+
+    board = Dashboard(CONTEXT)
+    board.update(snapshot)
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    view = PlayView(board, image, cols)
+    view.status = Status(50, "left", 50.7, 15.0, 9.5, True, 35.5, 1000 / 15)
+    console = Console(width=cols, height=rows, record=True, color_system=None)
+    console.print(view)
+    lines = console.export_text().rstrip("\n").split("\n")
+    text = "\n".join(lines)
+    assert HELP in text.replace("\n", "") and "frame 50" in text
+    if rows >= MIN_FRAME_ROWS + 8:
+        assert len(lines) <= rows, (len(lines), rows)
+    else:  # too short for any frame worth drawing: drawn at the least height, and said
+        assert f"the terminal is {rows} lines" in text

@@ -30,12 +30,12 @@ def files(tmp_path_factory):
     return d
 
 
-def spawn(argv: list[str], cols: int = 160, rows: int = 50) -> tuple[int, int]:
+def spawn(argv: list[str], cols: int = 160, rows: int = 50, **env_more: str) -> tuple[int, int]:
     pid, fd = pty.fork()
     if pid == 0:  # the child: the pty is its terminal
         os.chdir(ROOT)
         # pytest exports COLUMNS/LINES, which rich prefers to the terminal's size: give the pty's.
-        env = {**os.environ, "COLUMNS": str(cols), "LINES": str(rows)}
+        env = {**os.environ, "COLUMNS": str(cols), "LINES": str(rows), **env_more}
         os.execve(sys.executable, [sys.executable, "-m", "residency", *argv], env)
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
     return pid, fd
@@ -85,6 +85,24 @@ def test_keys_drive_the_session_and_q_exits_cleanly(files):
         assert done == pid, "play did not exit on q"
         assert os.waitstatus_to_exitcode(status) == 0, screen_text(out)
         assert b"Traceback" not in out
+    finally:
+        if not done:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
+def test_a_dumb_terminal_is_refused_before_any_work(files):
+    # rich's live view draws nothing on TERM=dumb until it stops: 100 frames were played at a blank screen
+    pid, fd = spawn(["play", "tiny", "--image", str(files / "start.png"), "--profile", "rx-7800-xt"], TERM="dumb")
+    out = bytearray()
+    deadline, done = time.monotonic() + 60, 0
+    try:
+        while time.monotonic() < deadline and not done:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            read_until(fd, NEVER, time.monotonic() + 0.2, out)
+        assert done == pid and os.waitstatus_to_exitcode(status) == 2, screen_text(out)
+        assert b"TERM=dumb cannot" in out and b"TERM=xterm-256color" in out
     finally:
         if not done:
             os.kill(pid, 9)

@@ -6,6 +6,7 @@ The rollout hands it immutable snapshots; the Live thread renders whichever is n
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 
@@ -100,6 +101,9 @@ def require_terminal(console: Console, what: str, instead: str) -> None:
     if not console.is_terminal or not sys.stdout.isatty():
         raise UsageError(f"{what} needs a terminal on stdout (it is a pipe or a file)",
                          hint=f"{instead}, or run it in a terminal")
+    if console.is_dumb_terminal:  # rich's live view draws nothing there until it stops: a blank screen while playing
+        raise UsageError(f"{what} redraws the screen in place, which TERM={os.environ.get('TERM', '')} cannot",
+                         hint=f"set TERM to your terminal's (e.g. TERM=xterm-256color), or {instead}")
 
 
 @contextlib.contextmanager

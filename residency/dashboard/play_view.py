@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
+from rich.style import Style
 from rich.text import Text
 
 from residency.dashboard.dashboard import WIDTH_CELLS, Dashboard
@@ -51,17 +52,22 @@ class Status:
 
 
 class SideBySide:
-    """The frame's rows with the dashboard's rendered rows beside them, joined without a rich Table.
+    """The frame's rows with the dashboard's rendered rows beside them, joined without a rich Table; at most
+    `max_rows` rows (the dashboard's last ones give way to a line saying so).
 
     A Table measures and renders both sides twice per refresh (~40 ms for a 64×64 frame here)."""
 
-    def __init__(self, frame: FrameView, board: Dashboard | None):
-        self.frame, self.board = frame, board
+    def __init__(self, frame: FrameView, board: Dashboard | None, max_rows: int | None = None):
+        self.frame, self.board, self.max_rows = frame, board, max_rows
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         rows = self.frame.rows()
         gap = Segment(" " * GAP_CELLS)
         board = self.board.lines(console, options.update(width=WIDTH_CELLS)) if self.board else []
+        if self.max_rows is not None and len(board) > max(self.max_rows, len(rows)):
+            board = [*board[:max(self.max_rows, len(rows)) - 1],
+                     [Segment(f"… {len(board) - self.max_rows + 1} more dashboard lines in a taller terminal",
+                              Style(dim=True))]]
         blank = [Segment(" " * self.frame.cols)]
         for i in range(max(len(rows), len(board))):
             yield from rows[i] if i < len(rows) else blank
@@ -71,24 +77,56 @@ class SideBySide:
             yield Segment.line()
 
 
+MIN_FRAME_ROWS = 4  # below it the frame is drawn at this height anyway, and the screen says it is cut
+
+
+def _lines(text_len: int, width: int) -> int:
+    """Terminal lines a text of `text_len` cells takes at `width` columns."""
+    return max(1, -(-text_len // max(1, width)))
+
+
 class PlayView:
-    """The play screen: the frame, the dashboard beside it when the terminal is wide enough, help, status."""
+    """The play screen: the frame, the dashboard beside it when the terminal is wide enough, help, status — fitted
+    to the terminal's height at each refresh, so that the help and status lines stay on screen (at 80×24 the
+    32-row frame filled the screen and they were cut off, unsaid)."""
     def __init__(self, board: Dashboard, frame: np.ndarray, width_cells: int):
         self.board = board
         self.show_board = width_cells >= BOARD_MIN_COLS
-        self.frame_view = FrameView(frame, max_cols=min(width_cells, 2 * FRAME_MAX_ROWS), max_rows=FRAME_MAX_ROWS)
+        self._max_cols = min(width_cells, 2 * FRAME_MAX_ROWS)
+        self._frame = frame
+        self.frame_view = FrameView(frame, max_cols=self._max_cols, max_rows=FRAME_MAX_ROWS)
         self.status: Status | None = None
 
     def set_frame(self, frame: np.ndarray) -> None:
-        """Show the HxWx3 uint8 `frame`, fitted to the current frame view's width."""
-        self.frame_view = FrameView(frame, max_cols=self.frame_view.cols, max_rows=FRAME_MAX_ROWS)
+        """Show the HxWx3 uint8 `frame`, fitted to the current frame view's size."""
+        self._frame = frame
+        self.frame_view = FrameView(frame, max_cols=self._max_cols, max_rows=self._rows_fitted)
 
-    def __rich__(self) -> RenderableType:
-        lines: list[RenderableType] = [SideBySide(self.frame_view, self.board if self.show_board else None),
-                                       Text(HELP, style="dim")]
+    @property
+    def _rows_fitted(self) -> int:
+        return getattr(self, "_rows", FRAME_MAX_ROWS)
+
+    def _text_lines(self, width: int) -> list[Text]:
+        lines = [Text(HELP, style="dim")]
         if self.status is not None:
             lines.append(self.status.text(self.show_board))
         if not self.show_board:
-            lines.append(Text(f"(widen the terminal to {FRAME_MAX_ROWS * 2 + GAP_CELLS + WIDTH_CELLS} columns for the "
-                              "dashboard)", style="dim"))
-        return Group(*lines)
+            lines.append(Text(f"(widen the terminal to {BOARD_MIN_COLS} columns for the dashboard)", style="dim"))
+        return lines
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width, height = options.max_width, options.height or console.height
+        text = self._text_lines(width)
+        # the status line grows by a warning: room for its longest form, so the frame does not jump as it comes
+        spare = _lines(len(HELP), width) + (_lines(260, width) if self.status is not None else 0) + (
+            0 if self.show_board else _lines(70, width))
+        rows = min(FRAME_MAX_ROWS, height - spare)
+        if rows < MIN_FRAME_ROWS:
+            rows = MIN_FRAME_ROWS
+            text.append(Text(f"(the terminal is {height} lines: {MIN_FRAME_ROWS + spare} or more show the whole "
+                             "screen)", style="dim"))
+        if rows != self._rows_fitted:
+            self._rows = rows
+            self.frame_view = FrameView(self._frame, max_cols=self._max_cols, max_rows=rows)
+        yield SideBySide(self.frame_view, self.board if self.show_board else None, max_rows=rows)
+        yield from text
