@@ -234,8 +234,9 @@ def test_a_plan_file_without_its_prediction_is_predicted_here_or_said_to_have_no
     assert "bare.json holds no prediction of the plan as it is" in out and "predicted here for Radeon RX 7800 XT" in out and "ms per latent frame" in out
     assert main(["run", "tiny", "--image", "start.png", "--plan", "unknown.json", "--frames", "2", "-o", "u.gif"]) == 0
     out = " ".join("".join(capsys.readouterr()).split())
-    assert ("no prediction: the plan holds none, and its profile (Radeon RX 7800 XT) is neither a shipped one nor "
-            "this machine's cached one") in out
+    # the name is a shipped profile's: the mismatch is its fingerprint, and the line says so
+    assert ("no prediction: the plan holds none, and its profile (Radeon RX 7800 XT, fingerprint 0000000000000000) "
+            "matches neither a shipped one nor this machine's cached one by fingerprint") in out
 
 
 def test_an_edited_plan_for_a_cpu_profile_file_runs_within_ram_its_model_needs(files, capsys):

@@ -293,8 +293,10 @@ def verdict(plan: Plan, unit: str = "latent frame") -> str:
     """One rich-markup line: whether the plan fits its VRAM budget and holds its frame budget (ms per `unit`)."""
     pred, budget = plan.prediction, plan.budget
     if pred is None:  # a plan file without one, for a profile not known here
-        return (f"no prediction: the plan holds none, and its profile ({plan.profile}) is neither a shipped one nor "
-                "this machine's cached one, so it cannot be predicted here")
+        return (f"no prediction: the plan holds none, and its profile ({plan.profile}, fingerprint "
+                f"{plan.profile_fingerprint}) matches neither a shipped one nor this machine's cached one by "
+                "fingerprint (a profile of that name measured another time, or the field edited, does not), so it "
+                "cannot be predicted here")
     within = f"within {fmt_bytes(budget.vram_bytes)}"
     if pred.peak_total_bytes > budget.vram_bytes:
         fixed = pred.peak_bytes.get("workspace", 0)
