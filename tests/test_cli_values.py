@@ -161,3 +161,13 @@ def test_demo_refuses_an_empty_output_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--once", "-o", ""]) == 2
     assert "-o needs a directory" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("script", "sep", "fixed"), [("right*8,left*4;idle", ";", "right*8,left*4,idle"),
+                                                      ("right left", " ", "right,left"),
+                                                      ("right|idle", "|", "right,idle")])
+def test_actions_separated_otherwise_than_by_commas_get_the_script_with_commas(script, sep, fixed):
+    # "bad repeat count in 'left*4;idle'" named neither the ';' nor the fix
+    with pytest.raises(UsageError, match=f"holds {sep!r}: actions are separated by commas") as e:
+        parse_actions(script, ("idle", "right", "left"))
+    assert e.value.hint == f"e.g. {fixed}"

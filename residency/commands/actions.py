@@ -35,6 +35,11 @@ def parse_actions(script: str, vocabulary: Sequence[str]) -> list[str]:
         token = raw.strip()
         name, star, count = token.partition("*")
         name = name.strip().lower()
+        sep = next((c for c in ";|/ \t" if c in token), None)
+        if sep is not None and (name not in vocabulary or (star and not _COUNT_RE.fullmatch(count.strip()))):
+            # "up*4;idle" read as one action: "bad repeat count in 'up*4;idle'" named neither the ';' nor the fix
+            fixed = ",".join(t for t in re.split(r"[,;|/\s]+", script) if t)
+            raise UsageError(f"{_shown(token)} holds {sep!r}: actions are separated by commas", hint=f"e.g. {fixed}")
         if not name:
             raise UsageError(f"action {position} of the script {_shown(script)} is empty (two commas in a row, or "
                              "one at an end)", hint=hint)
