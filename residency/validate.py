@@ -189,8 +189,9 @@ class Reader:
         if isinstance(value, float) and not math.isfinite(value):
             raise self.bad(path, value, f"a finite {what[2:]}")
         if minimum is not None and (value <= minimum if strict else value < minimum):
-            relation = "positive" if strict and minimum == 0 else f"{'>' if strict else '≥'} {minimum:g}"
-            raise self.bad(path, value, f"{what} {relation}")
+            if strict and minimum == 0:  # "a number in ms positive" read badly
+                raise self.bad(path, value, f"a positive number{f' in {unit}' if unit else ''}")
+            raise self.bad(path, value, f"{what} {'>' if strict else '≥'} {minimum:g}")
         if maximum is not None and value > maximum:
             raise self.bad(path, value, f"{what} ≤ {maximum:g}")
         try:
