@@ -16,7 +16,18 @@ from residency.errors import ResidencyError
 # Values are shown cut short: a 10 MB string or a list of a million numbers must not become the message.
 MAX_TEXT_CHARS = 4096  # any string of a document a user names (a note, a tensor name)
 MAX_NAME_CHARS = 256  # a name shown in titles and table cells (a model, profile, block or phase)
-_SHOW = reprlib.Repr()
+class _JsonishRepr(reprlib.Repr):
+    """Python's repr, but JSON's words for the values a JSON document holds as words: `true`, `false`, `null` (an
+    error about a file quoted `True` and `None`, which the file does not say)."""
+
+    def repr_bool(self, x: bool, level: int) -> str:
+        return "true" if x else "false"
+
+    def repr_NoneType(self, x: None, level: int) -> str:  # noqa: N802 (reprlib dispatches on the type's name)
+        return "null"
+
+
+_SHOW = _JsonishRepr()
 _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxlevel = 60, 60, 6, 4, 3
 
 
