@@ -105,7 +105,7 @@ def test_remove_deletes_nothing_when_one_entry_is_not_a_file(cache):
     # it deleted the files before a directory named *.json, then failed with a hint on permissions
     save_calibrated(calibrated(workload="w-one"))
     (cache / "dir.json").mkdir()
-    with pytest.raises(ResidencyError, match=r"dir\.json: not a calibrated profile \(directory, not a file\); "
+    with pytest.raises(ResidencyError, match=r"dir\.json: not a calibrated profile \(a directory, not a file\); "
                                              "nothing was deleted") as e:
         remove_calibrated()
     assert "move it out of" in e.value.hint
@@ -149,3 +149,20 @@ def test_an_unreadable_calibration_of_another_base_leaves_the_missing_calibratio
     with pytest.raises(UsageError, match="no calibrated profile of 'test cpu'"):
         profile_for("calibrated", "w-one", kind="cpu")
     assert str(other) in capsys.readouterr().err  # still said, as a note
+
+
+def test_remove_deletes_a_dangling_link_named_like_a_calibration(cache):
+    save_calibrated(calibrated(workload="w-one"))
+    (cache / "gone.json").symlink_to(cache / "nowhere.json")
+    assert remove_calibrated() == 2 and not (cache / "gone.json").is_symlink()
+
+
+def test_a_misspelt_calibrated_is_offered_where_the_cli_takes_it_and_not_by_the_library():
+    from residency.device import resolve_profile
+    from residency.device.calibrated import resolve_cli_profile
+
+    with pytest.raises(UsageError, match=r"unknown profile 'Calibrated' \(did you mean calibrated\?\)"):
+        resolve_cli_profile("Calibrated")
+    with pytest.raises(UsageError) as e:
+        resolve_profile("calibratedd")  # attach(profile=…) takes no "calibrated": not offered there
+    assert "calibrated" not in e.value.message.replace("'calibratedd'", "")

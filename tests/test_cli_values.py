@@ -171,3 +171,9 @@ def test_actions_separated_otherwise_than_by_commas_get_the_script_with_commas(s
     with pytest.raises(UsageError, match=f"holds {sep!r}: actions are separated by commas") as e:
         parse_actions(script, ("idle", "right", "left"))
     assert e.value.hint == f"e.g. {fixed}"
+
+
+def test_a_misspelt_action_with_spaces_is_named_as_unknown_not_as_a_separator():
+    with pytest.raises(UsageError, match=r"unknown action 'rigth'") as e:
+        parse_actions("rigth * 4", ("idle", "right", "left"))
+    assert "actions: idle, right, left" in e.value.hint

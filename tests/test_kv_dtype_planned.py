@@ -62,3 +62,33 @@ def test_nothing_fitting_with_the_workloads_kv_dtype_falls_back_to_fp8_for_the_r
     plan = ours(PlanRequest(w, profile, Budget((lo + hi) // 2), compute_dtype="fp32"))
     assert fits_memory(plan) and plan.kv_dtype == "fp8"
     assert any("KV cache stored as fp8 (e4m3): nothing fits with bf16" in n for n in plan.notes)
+
+
+def test_a_models_own_kv_dtype_field_is_left_alone_where_no_kv_cache_is_planned():
+    # any root with a dataclass config naming kv_dtype had it replaced by the plan's (bf16), the model reading it
+    from torch import nn
+
+    import residency
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        kv_dtype: str = "fp16"
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = Config()
+            self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    model = Net().eval()
+    config = model.config
+    with residency.attach(model, vram="60%", profile=flat_profile(backend="cpu"), backend="cpu",
+                          example_inputs=torch.randn(2, 32)), torch.inference_mode():
+        assert model.config is config
+        model(torch.randn(2, 32))
+    assert model.config is config

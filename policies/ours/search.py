@@ -3,8 +3,9 @@
 For each (KV dtype, depth) the fastest plan is solved for, then the linear model's frame budget is
 bisected for the best quality the simulator confirms. Without a frame budget the frame time ranked by is derived
 from the fastest plan that fits (ranking.default_frame_ms). At the quality finally chosen the time is solved for
-once more, with the ring's stalls charged (fastest_at_quality, policies.ours.stalls). Cost: up to 1 + REPAIRS solves
-and simulations per (KV dtype, depth), then one more, each solve capped by a node count
+once more, with the ring's stalls charged (fastest_at_quality, policies.ours.stalls). Cost: up to 1 + 2·REPAIRS solves
+and simulations per (KV dtype, depth) (a bisection step whose plan stalls past the budget is solved once more under its
+own peak memory), then one more, each solve capped by a node count
 (PlanOptions.milp_node_limit), plus up to MEMORY_REPAIRS more per solve the simulator finds over the VRAM budget:
 bounded by work, not wall time, so the same request gives the same plan under any machine load.
 """
@@ -221,7 +222,7 @@ def _bisect(req: PlanRequest, classes: list[BlockClass], base: Problem, start: t
             break
         candidate = got[1]
         plans.append(candidate)
-        if not _holds(candidate, target_ms) and worth_resolving(candidate):
+        if fits_memory(candidate) and not _holds(candidate, target_ms) and worth_resolving(candidate):
             # missed on the ring's stalls, which the linear model does not see; the MILP breaks a tie in quality by
             # linear time, so at this budget it proposes the same stalling plan again. A plan of its quality that
             # needs less memory is another placement (often the one a smaller VRAM budget finds, and holds): asked

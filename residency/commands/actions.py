@@ -20,6 +20,12 @@ def _shown(token: str) -> str:
     return repr(token if len(token) <= 40 else token[:40] + "…")
 
 
+def _valid(token: str, vocabulary: Sequence[str]) -> bool:
+    """Is `token` one action with an optional repeat ("up", "up*4")?"""
+    name, star, count = token.partition("*")
+    return name.strip().lower() in vocabulary and (not star or bool(_COUNT_RE.fullmatch(count.strip())))
+
+
 def parse_actions(script: str, vocabulary: Sequence[str]) -> list[str]:
     """Expand a script like "right*8,up*4,idle" into one action per latent frame.
 
@@ -36,7 +42,8 @@ def parse_actions(script: str, vocabulary: Sequence[str]) -> list[str]:
         name, star, count = token.partition("*")
         name = name.strip().lower()
         sep = next((c for c in ";|/ \t" if c in token), None)
-        if sep is not None and (name not in vocabulary or (star and not _COUNT_RE.fullmatch(count.strip()))):
+        parts = [t for t in re.split(r"[;|/\s]+", token) if t]
+        if sep is not None and len(parts) > 1 and all(_valid(t, vocabulary) for t in parts):
             # "up*4;idle" read as one action: "bad repeat count in 'up*4;idle'" named neither the ';' nor the fix
             fixed = ",".join(t for t in re.split(r"[,;|/\s]+", script) if t)
             raise UsageError(f"{_shown(token)} holds {sep!r}: actions are separated by commas", hint=f"e.g. {fixed}")

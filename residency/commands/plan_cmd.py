@@ -83,8 +83,8 @@ def make_request(args):
     calibration of this machine's profile, and ResidencyError for an unknown model or profile.
     """
     from policies import PlanRequest
-    from residency.device import CALIBRATED, profile_for, resolve_profile
-    from residency.device.calibrated import for_workload_fingerprint
+    from residency.device import CALIBRATED, profile_for
+    from residency.device.calibrated import for_workload_fingerprint, resolve_cli_profile
     from residency.device.host_memory import host_memory
     from residency.front_door.vram import frame_budget_ms  # --fps/--frame-ms range-checked by argparse
     from residency.plan import Budget
@@ -100,7 +100,7 @@ def make_request(args):
     # "calibrated" is this machine's, found by the workload's fingerprint: its kind is this machine's; so is
     # none given, this machine's own profile, read (or measured, ~15 s) only once the model is known good.
     named = args.profile is not None and args.profile != CALIBRATED
-    profile = resolve_profile(args.profile) if named else None
+    profile = resolve_cli_profile(args.profile) if named else None
     compute_dtype = args.compute_dtype or compute_dtype_for(
         profile.is_gpu if profile is not None else device_kind() != "cpu")
     with working(f"reading {args.model} (its forward is traced on the meta device: a minute for thousands of "

@@ -25,9 +25,16 @@ from pathlib import Path
 from residency import userpath
 from residency.device.auto_profile import cache_dir, cached_profile_path, device_kind
 from residency.device.profile import DeviceProfile, Provenance
-from residency.device.profile_io import load_profile, read_profile, resolve_profile, save_profile
+from residency.device.profile_io import (
+    load_profile,
+    read_profile,
+    resolve_profile,
+    save_profile,
+    shipped_profile_names,
+)
 from residency.errors import ResidencyError, UsageError
 from residency.units import plural
+from residency.validate import did_you_mean, show
 
 CALIBRATED = "calibrated"  # the --profile value that asks for a calibrated profile
 BASE_KEY = "base_profile"  # provenance entry holding the base profile's name
@@ -223,10 +230,10 @@ def remove_calibrated() -> int:
     # what is not a file is named before anything is deleted: it failed half way ("Is a directory", with a hint on
     # permissions), the files before it gone
     paths = sorted(folder.glob("*.json"))
-    odd = [p for p in paths if userpath.path_kind(p)[0] != userpath.FILE]
+    odd = [p for p in paths if p.is_dir() and not p.is_symlink()]  # a link, dangling or not, or a FIFO unlinks
     if odd:
-        raise ResidencyError(f"{odd[0]}: not a calibrated profile ({userpath.path_kind(odd[0])[0]}, not a file); "
-                             "nothing was deleted", hint=f"move it out of {folder}, then run this again")
+        raise ResidencyError(f"{odd[0]}: not a calibrated profile (a directory, not a file); nothing was deleted",
+                             hint=f"move it out of {folder}, then run this again")
     removed = 0
     for path in paths:
         try:
@@ -282,7 +289,21 @@ def profile_for(name_or_path: str | os.PathLike[str] | DeviceProfile, workload_f
     its compute scales (they belong to the model it was fitted on; `say` is told). Raises as those do."""
     if isinstance(name_or_path, str) and name_or_path == CALIBRATED:
         return calibrated_profile(workload_fingerprint, kind=kind, model=model, image=image, say=say)
-    return for_workload_fingerprint(resolve_profile(name_or_path), workload_fingerprint, say)
+    return for_workload_fingerprint(resolve_cli_profile(name_or_path), workload_fingerprint, say)
+
+
+def resolve_cli_profile(name_or_path: str | os.PathLike[str] | DeviceProfile) -> DeviceProfile:
+    """resolve_profile, where `--profile` also takes "calibrated": an unknown name close to it is offered it
+    (`--profile Calibrated` had no suggestion; the library's resolve_profile does not take the name)."""
+    try:
+        return resolve_profile(name_or_path)
+    except UsageError as e:
+        near = did_you_mean(str(name_or_path), [*shipped_profile_names(), CALIBRATED])
+        if CALIBRATED not in near:
+            raise
+        raise UsageError(f"unknown profile {show(str(name_or_path))}{near}",
+                         hint=f"{e.hint}; or '{CALIBRATED}': this machine's profile as `run --calibrate` fitted "
+                              "it") from None
 
 
 def for_workload_fingerprint(profile: DeviceProfile, workload_fingerprint: str,

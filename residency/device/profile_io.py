@@ -323,11 +323,9 @@ def profile_path(name_or_path: str | os.PathLike[str]) -> Path:
                              hint="check the path, or give a shipped profile name: "
                              + ", ".join(shipped_profile_names()))
     # a name not known is a mistake in the command line (exit 2), as an unknown model's is
-    # "calibrated" is read before a name reaches here (residency.device.calibrated.profile_for): offered too
-    raise UsageError(f"unknown profile {show(text)}{did_you_mean(text, [*shipped_profile_names(), 'calibrated'])}",
+    raise UsageError(f"unknown profile {show(text)}{did_you_mean(text, shipped_profile_names())}",
                      hint="shipped profiles: " + ", ".join(shipped_profile_names())
-                     + "; 'calibrated' (this machine's, as `run --calibrate` fitted it); leave --profile out for "
-                       "this machine's own profile, or measure it with `residency profile -o PATH`")
+                     + "; or measure this machine with `residency profile -o PATH`")
 
 
 def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:

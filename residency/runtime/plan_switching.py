@@ -128,7 +128,8 @@ class PlanSwitching:
     def adopt_profile(self, profile: DeviceProfile, plan: Plan) -> None:
         """Keep running the same placements with `plan`'s corrected prediction, and re-plan later with `profile`
         (a calibration that found no better plan). Raises ResidencyError when `plan` places blocks otherwise."""
-        if plan.blocks != self.plan.blocks or plan.execution != self.plan.execution:
+        if (plan.blocks != self.plan.blocks or plan.execution != self.plan.execution
+                or plan.kv_dtype != self.plan.kv_dtype):
             raise ResidencyError("adopt_profile keeps the running placements; use switch_plan for another plan")
         self.profile, self.plan = profile, plan
         self.recorder.prediction = plan.prediction

@@ -184,7 +184,11 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRunt
             self._forget_stores()
             raise
         self._root = pipeline
-        self._use_plan_kv_dtype()
+        try:
+            self._use_plan_kv_dtype()
+        except BaseException:  # a config that refuses the plan's KV dtype: the model is left as it was
+            self._detach()
+            raise
         self._input_names, self._model_buffers = input_names(pipeline), model_buffers(pipeline)
         self._structure = StructureWatch(pipeline, model_label(pipeline), weak_busy(self, "_running_here"),
                                          weak_call(self, "_arm_outside_check"))
@@ -193,6 +197,8 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRunt
     def _use_plan_kv_dtype(self) -> None:
         """Sessions started from now store their KV cache in the plan's dtype (runtime.kv_storage); the user's
         config is kept for detach."""
+        if not self.workload.kv_cache_bytes():  # no KV cache planned: a config's own kv_dtype field is not ours
+            return
         replaced = use_plan_kv_dtype(self._root, self.plan)
         if self._kv_config is None:
             self._kv_config = replaced

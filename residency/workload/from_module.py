@@ -195,9 +195,8 @@ def _count(model: nn.Module, blocks: ModuleBlocks, args: tuple, kwargs: dict[str
     # draws is put back (left_as_found)
     with user_hooks_quiet(model), left_as_found([model], generators_in((args, kwargs))):
         try:
-            given: dict[int, torch.dtype] = {}  # meta stand-in of an example tensor -> its dtype as given
-            with float_layers_refuse_integers(model, name, given):  # a refusal the model makes and meta does not
-                return _meta_trace(model, units, args, kwargs, dtypes[0], batch, dtypes[1], given), "meta", ""
+            with float_layers_refuse_integers(model, name):  # a refusal the model makes and meta does not
+                return _meta_trace(model, units, args, kwargs, dtypes[0], batch, dtypes[1]), "meta", ""
         except IntegerInputError:  # not a meta failure: the real run would refuse it too
             raise
         except Exception as e:  # any failure of the meta run (data-dependent op, CPU tensor kept as attribute)
@@ -356,8 +355,7 @@ def _tied_modules(model: nn.Module, paths: tuple[str, ...]) -> int:
 
 
 def _meta_trace(model: nn.Module, units: list[tuple[str, ...]], args: tuple, kwargs: dict[str, Any],
-                dtype: torch.dtype, batch: int, main: torch.dtype | None = None,
-                given: dict[int, torch.dtype] | None = None) -> Trace:
+                dtype: torch.dtype, batch: int, main: torch.dtype | None = None) -> Trace:
     """The forward with every parameter, buffer and input replaced by a meta tensor (floating ones in the
     compute dtype) for the call only: the model itself is left as it is, weights or not. `main`: a model's
     main dtype when it keeps tensors in others; a tensor (or input) in another stored dtype stays in it, as
@@ -368,14 +366,8 @@ def _meta_trace(model: nn.Module, units: list[tuple[str, ...]], args: tuple, kwa
         own = main is not None and t.dtype != main and t.dtype in DTYPE_NAMES
         return torch.empty(t.shape, dtype=dtype if t.is_floating_point() and not own else t.dtype, device="meta")
 
-    def meta_input(t: Any) -> Any:
-        out = meta(t)
-        if given is not None and isinstance(t, torch.Tensor):
-            given[id(out)] = t.dtype
-        return out
-
     state = {n: meta(t) for n, t in chain(model.named_parameters(), model.named_buffers())}
-    margs, mkwargs = tree_map(meta_input, (args, kwargs))
+    margs, mkwargs = tree_map(meta, (args, kwargs))
     # functional_call swaps the tensors in and back out; a module registered at two places (one layer
     # listed twice in a ModuleList) came back with meta weights, the user's model wrecked. Whatever it
     # leaves, every module's own tensors are put back as they were.

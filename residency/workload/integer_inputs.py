@@ -1,4 +1,4 @@
-"""A check the meta device does not make: an integer tensor (or an example in another float dtype) fed to a float layer.
+"""A check the meta device does not make: an integer tensor fed to a float layer.
 
 On meta, `F.linear(ids, weight)` with int64 ids and a float32 weight returns an int64 result; the model run for real
 refuses it ("mat1 and mat2 must have the same dtype"). Left to the meta count, attach planned and attached such an
@@ -25,35 +25,24 @@ class IntegerInputError(ResidencyError):
 
 
 @contextmanager
-def float_layers_refuse_integers(model: nn.Module, name: str,
-                                 given: dict[int, torch.dtype] | None = None) -> Iterator[None]:
+def float_layers_refuse_integers(model: nn.Module, name: str) -> Iterator[None]:
     """While the body runs (the count of `model`'s forward), a call of one of `model`'s own nn.Linear/ConvNd layers
-    with an integer first input raises IntegerInputError naming the layer; so does an example tensor handed to such a
-    layer as it was given, in another float dtype than the layer's weight (the meta run casts inputs to the compute
-    dtype: a float64 example into a float32 model planned, and the first call failed). `given`: id of each meta
-    stand-in of an example tensor -> the dtype the user gave it in, filled by the count before it calls the forward.
-    Cost: one pre-hook call per module call."""
+    with an integer first input raises IntegerInputError naming the layer. Cost: one pre-hook call per module call.
+
+    Not checked: an example in another float dtype than the layer's weight (float64 into float32). The meta run holds
+    inputs in the compute dtype, so a model's own cast (`x.to(w.dtype)`, `x.float()`, autocast) is the same tensor
+    there as no cast at all: a check by identity refused models that cast their inputs themselves."""
     paths = {id(m): p for p, m in model.named_modules() if type(m) in _FLOAT_LAYERS}
-    weights = {id(m): m.weight.dtype for m in model.modules() if type(m) in _FLOAT_LAYERS}  # as stored, not as counted
-    given = {} if given is None else given
 
     def check(module: nn.Module, args: tuple) -> None:
         path = paths.get(id(module))
         if path is None or not args or not isinstance(args[0], torch.Tensor):
             return
-        x, weight = args[0], weights[id(module)]
-        dtype = given.get(id(x), x.dtype)
-        if not weight.is_floating_point or dtype == weight:
-            return
-        if dtype.is_floating_point and id(x) in given:
+        x = args[0]
+        if not (x.is_floating_point() or x.is_complex()) and module.weight.is_floating_point():
             raise IntegerInputError(
-                f"{name}: {path or 'the model'} ({type(module).__name__}) gets the example input as {dtype}, its "
-                f"weight is {weight}: the model itself refuses that call (torch: mat1 and mat2 must have the same "
-                "dtype)", hint=f"give example_inputs= in the dtype the model computes in: x.to({weight})")
-        if not (dtype.is_floating_point or dtype.is_complex):
-            raise IntegerInputError(
-                f"{name}: {path or 'the model'} ({type(module).__name__}) gets its input as {dtype}, its weight "
-                f"is {weight}: the model itself refuses that call (torch: mat1 and mat2 must have the "
+                f"{name}: {path or 'the model'} ({type(module).__name__}) gets its input as {x.dtype}, its weight "
+                f"is {module.weight.dtype}: the model itself refuses that call (torch: mat1 and mat2 must have the "
                 "same dtype)",
                 hint="give example_inputs= as the model takes them: float tensors where its layers compute on them "
                      "(token ids only where an embedding reads them)")
