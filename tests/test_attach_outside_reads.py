@@ -304,3 +304,29 @@ def test_a_weight_the_forward_returns_whole_keeps_its_block_bound():
         for _ in range(3):
             y, w = model(x)
         assert torch.equal(w, w0) and torch.equal(y, y0)
+
+
+class ReturnsABuffer(nn.Module):
+    """A forward that hands back a block's buffer: buffers keep their own storage between calls, so the block may
+    stream (pinning it cost a resident block for nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(4))
+        self.layers[0].register_buffer("scale", torch.linspace(0.5, 1.5, 64))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x, self.layers[0].scale
+
+
+def test_a_buffer_the_forward_returns_does_not_pin_its_block():
+    torch.manual_seed(0)
+    model, x = ReturnsABuffer().eval(), torch.randn(4, 64)
+    y0, s0 = (t.detach().clone() for t in model(x))
+    with attach(model, x, "60%") as rt, torch.inference_mode():
+        assert not any(b.read_outside_calls for b in rt.workload.blocks) and rt.plan.streamed()
+        for _ in range(3):
+            y, s = model(x)
+        assert torch.equal(s, s0) and torch.equal(y, y0)

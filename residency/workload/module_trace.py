@@ -374,11 +374,13 @@ def trace_forward(model: nn.Module, unit_modules: list[tuple[str, ...]], run: Ca
     finally:
         for h in handles:
             h.remove()
+    buffers = {n for n, _ in model.named_buffers()}  # a buffer keeps its own storage between calls: safe to hand out
     for t in tree_flatten(out)[0]:
         # a weight the forward hands back whole (a codebook for the loss, `return x, self.layers[0].weight`) is read
         # by the caller after every block call: no op read it here, so without this its block streamed and the
         # caller got whatever weights its slot held next (another block's)
-        if isinstance(t, torch.Tensor) and id(t) in tracer.weights and id(t) not in tracer.made_inside:
+        if (isinstance(t, torch.Tensor) and id(t) in tracer.weights and id(t) not in tracer.made_inside
+                and tracer.weights[id(t)] not in buffers):
             tracer.read_outside.add(tracer.weights[id(t)])
     lazy = inspect.isgenerator(out) or inspect.iscoroutine(out) or inspect.isasyncgen(out)
     if inspect.iscoroutine(out):
