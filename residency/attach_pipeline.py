@@ -33,6 +33,7 @@ from residency.runtime.closed_loop import LoopOptions, check_loop_can_replan, en
 from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.runtime.not_pickled import NotCopiedRuntime
 from residency.runtime.structure_watch import LABEL_KEY
+from residency.telemetry.calibration import WARMUP_FRAMES
 from residency.units import fmt_bytes, size_at_least
 from residency.workload import ModuleWorkloadWarning, Workload, module_workload
 from residency.workload.from_module import DTYPE_NAMES, dominant_dtype, error_line, parameter_bytes_by_dtype
@@ -309,10 +310,8 @@ class PipelineRuntime(NotCopiedRuntime):
         """The device budget changed (Runtime.set_budget): a cut below use re-plans at the next block call."""
         self.runtime.set_budget(budget_bytes)
 
-    def calibrated_profile(self, warmup_frames: int | None = None):
+    def calibrated_profile(self, warmup_frames: int = WARMUP_FRAMES):
         """The running plan's profile fitted to the frames the runtime recorded (Runtime.calibrated_profile)."""
-        if warmup_frames is None:
-            return self.runtime.calibrated_profile()
         return self.runtime.calibrated_profile(warmup_frames)
 
     def _attached(self) -> None:

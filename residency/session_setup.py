@@ -420,7 +420,7 @@ def calibrate_session(runtime: Runtime, start_profile: DeviceProfile) -> Calibra
 
     Raises ResidencyError with too few frames, an absurd fit, or an unwritable cache."""
     from residency.device import save_calibrated
-    from residency.device.calibrated import MIN_SAVED_FIT_FRAMES, base_name, better_cached, calibrated_path
+    from residency.device.calibrated import MIN_SAVED_FIT_FRAMES, better_cached, cache_path_of
     from residency.simulate import predict
     from residency.telemetry.calibration import WARMUP_FRAMES, calibration_window, prediction_errors
 
@@ -434,8 +434,7 @@ def calibrate_session(runtime: Runtime, start_profile: DeviceProfile) -> Calibra
                            for p in (start_profile, fit.profile))
     before, after = prediction_errors(measured_ms, before_ms), prediction_errors(measured_ms, after_ms)
     if fit_is_poor(before, after):  # saved, it replaced a good calibration and misled every later plan
-        path = calibrated_path(base_name(fit.profile), fit.profile.calibration.workload_fingerprint)  # left as it was
-        return CalibrationReport(path, fit.frames, before, after, fit.summary(), poor=True)
+        return CalibrationReport(cache_path_of(fit.profile), fit.frames, before, after, fit.summary(), poor=True)
     kept = better_cached(fit.profile)
     path = save_calibrated(fit.profile) if kept is None else kept[0]
     return CalibrationReport(path, fit.frames, before, after, fit.summary(), None if kept is None else kept[1].calibration)

@@ -31,6 +31,7 @@ from policies.ours.search import (
     Found,
     fastest_at_quality,
     fastest_fitting,
+    fits,
     ranked_frame_ms,
     search,
     with_rivals_fastest,
@@ -105,7 +106,7 @@ def _rivals_at_fallback_kv(req: PlanRequest, rivals: Sequence[PolicyFn], found: 
     cache at the fallback dtype, as ours' search tries it (a plan streaming tensor by tensor, which the MILP does not
     model, fits there: `plan default --vram 6.5MiB` said "does not fit: needs 6.77 MiB" where one of 6.45 MiB does)."""
     wanted = req.workload.kv_dtype
-    if (fits_memory_or_none(found.best) or req.kv_dtype is not None or wanted == KV_FALLBACK
+    if (fits(found.best) or req.kv_dtype is not None or wanted == KV_FALLBACK
             or not req.workload.kv_cache_bytes() or not rivals):
         return found
     at_fallback = replace(req, kv_dtype=KV_FALLBACK)
@@ -116,10 +117,6 @@ def _rivals_at_fallback_kv(req: PlanRequest, rivals: Sequence[PolicyFn], found: 
         return found
     note = f"KV cache stored as {KV_FALLBACK} (e4m3): nothing fits with {wanted}"
     return replace(adopted, kv_dtype=KV_FALLBACK, notes=(*adopted.notes, note))
-
-
-def fits_memory_or_none(plan: Plan | None) -> bool:
-    return plan is not None and fits_memory(plan)
 
 
 def _rival_plans(req: PlanRequest, rivals: Sequence[PolicyFn], choices: dict[str, ModeChoice]) -> list[Plan]:

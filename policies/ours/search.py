@@ -49,13 +49,14 @@ class Found:
     fastest: Plan | None = None
 
 
-def _fits(plan: Plan | None) -> bool:
+def fits(plan: Plan | None) -> bool:
+    """A plan that exists and fits its VRAM budget."""
     return plan is not None and fits_memory(plan)
 
 
 def fastest_fitting(plans: Sequence[Plan | None]) -> Plan | None:
     """The fastest of the plans that fit (None when none does)."""
-    fitting = [p for p in plans if _fits(p)]
+    fitting = [p for p in plans if fits(p)]
     return min(fitting, key=lambda p: p.prediction.frame_ms) if fitting else None
 
 
@@ -69,10 +70,10 @@ def search(req: PlanRequest) -> Found:
     fastest = None
     for kv in kv_choices:
         best, fastest = _best_over_depths(req, kv, best, fastest)
-        if _fits(best):
+        if fits(best):
             break
     frame_ms = ranked_frame_ms(req, fastest)
-    if _fits(best) and best.kv_dtype != wanted:
+    if fits(best) and best.kv_dtype != wanted:
         note = f"KV cache stored as {best.kv_dtype} (e4m3): nothing fits with {wanted}"
         return Found(best, best.kv_dtype, (note,), frame_ms, fastest)
     return Found(best, wanted, (), frame_ms, fastest)
@@ -107,7 +108,7 @@ def _best_over_depths(req: PlanRequest, kv_dtype: str, best: Plan | None,
     with Tasks(planning_threads()) as tasks:
         runs = _depth_runs(tasks, req, kv_dtype, fastest)
         for depth, (start_task, bisect_task) in zip(DEPTHS, runs, strict=True):
-            if depth > DEPTHS[0] and _fits(best) and (
+            if depth > DEPTHS[0] and fits(best) and (
                     best.prediction.stall_ms <= DEEPER_IF_STALL * best.prediction.frame_ms):
                 break  # a deeper ring costs slot memory and only pays where copies stall compute
             start = start_task.result()
@@ -197,7 +198,7 @@ def fastest_at_quality(req: PlanRequest, best: Plan) -> Plan:
     base = replace(problem_for(req, classes, execution, kv_dtype, vram_bytes=req.budget.vram_bytes, frame_s=None,
                                objective="time"), loss_cap=best.prediction.quality_loss * (1 + 1e-6))
     got = _solve_fitting(req, classes, base, execution, kv_dtype)
-    return got[1] if got is not None and _fits(got[1]) and got[1].prediction.quality_loss <= (
+    return got[1] if got is not None and fits(got[1]) and got[1].prediction.quality_loss <= (
         best.prediction.quality_loss * (1 + 1e-6)) else best
 
 
@@ -244,5 +245,5 @@ def _bisect(req: PlanRequest, classes: list[BlockClass], base: Problem, start: t
     return plans
 
 
-__all__ = ["DEPTHS", "KV_FALLBACK", "MEMORY_REPAIRS", "Found", "fastest_at_quality", "fastest_fitting",
+__all__ = ["DEPTHS", "KV_FALLBACK", "MEMORY_REPAIRS", "Found", "fastest_at_quality", "fastest_fitting", "fits",
            "ranked_frame_ms", "search", "with_rivals_fastest"]

@@ -412,9 +412,7 @@ def _calibrate_hint(args: argparse.Namespace, frames: int) -> str | None:
         return (f"run it once without --plan and with{more} --calibrate (this machine's profile fitted, cached), then "
                 f"make the plan again with `residency plan {args.model} --profile calibrated … -o {args.plan}`")
     if args.profile == "calibrated":
-        # a fit on fewer frames than the cached one is not saved, nor one under FULL_FIT_FRAMES: the hint without
-        # --frames was followed and the stale fit stayed
-        full = WARMUP_FRAMES + FULL_FIT_FRAMES
+        full = WARMUP_FRAMES + FULL_FIT_FRAMES  # fewer fitted frames do not replace the cached fit: it stayed
         again = f" --frames {full}" if frames < full else ""
         return ("the calibration is off too (fitted on another plan — one that moved no weights fits no copy engine "
                 f"— or the machine changed since): run again with{again} --calibrate to fit it anew on this plan")

@@ -93,20 +93,16 @@ class PlayView:
         self.board = board
         self.show_board = width_cells >= BOARD_MIN_COLS
         self._max_cols = min(width_cells, 2 * FRAME_MAX_ROWS)
-        self._frame = frame
-        self.frame_view = FrameView(frame, max_cols=self._max_cols, max_rows=FRAME_MAX_ROWS)
+        self._frame, self._rows = frame, FRAME_MAX_ROWS  # _rows: the frame's height as last fitted to the terminal
+        self.frame_view = FrameView(frame, max_cols=self._max_cols, max_rows=self._rows)
         self.status: Status | None = None
 
     def set_frame(self, frame: np.ndarray) -> None:
         """Show the HxWx3 uint8 `frame`, fitted to the current frame view's size."""
         self._frame = frame
-        self.frame_view = FrameView(frame, max_cols=self._max_cols, max_rows=self._rows_fitted)
+        self.frame_view = FrameView(frame, max_cols=self._max_cols, max_rows=self._rows)
 
-    @property
-    def _rows_fitted(self) -> int:
-        return getattr(self, "_rows", FRAME_MAX_ROWS)
-
-    def _text_lines(self, width: int) -> list[Text]:
+    def _text_lines(self) -> list[Text]:
         lines = [Text(HELP, style="dim")]
         if self.status is not None:
             lines.append(self.status.text(self.show_board))
@@ -116,7 +112,7 @@ class PlayView:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width, height = options.max_width, options.height or console.height
-        text = self._text_lines(width)
+        text = self._text_lines()
         # the status line grows by a warning: room for its longest form, so the frame does not jump as it comes
         spare = _lines(len(HELP), width) + (_lines(260, width) if self.status is not None else 0) + (
             0 if self.show_board else _lines(70, width))
@@ -125,7 +121,7 @@ class PlayView:
             rows = MIN_FRAME_ROWS
             text.append(Text(f"(the terminal is {height} lines: {MIN_FRAME_ROWS + spare} or more show the whole "
                              "screen)", style="dim"))
-        if rows != self._rows_fitted:
+        if rows != self._rows:
             self._rows = rows
             self.frame_view = FrameView(self._frame, max_cols=self._max_cols, max_rows=rows)
         yield SideBySide(self.frame_view, self.board if self.show_board else None, max_rows=rows)

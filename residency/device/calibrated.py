@@ -67,6 +67,11 @@ def calibrated_path(base: str, workload_fingerprint: str) -> Path:
     return calibrated_dir() / f"{slug}--{workload_fingerprint}.json"
 
 
+def cache_path_of(profile: DeviceProfile) -> Path:
+    """The cache file the calibrated `profile` is saved to (it carries a calibration record)."""
+    return calibrated_path(base_name(profile), profile.calibration.workload_fingerprint)
+
+
 def save_calibrated(profile: DeviceProfile) -> Path:
     """Write the calibrated `profile` to the cache (atomically), named "<base> (calibrated)" with the base's
     name in provenance["base_profile"]; replaces the calibration of the same base and workload.
@@ -79,7 +84,7 @@ def save_calibrated(profile: DeviceProfile) -> Path:
     base = base_name(profile)
     named = dataclasses.replace(profile, name=base + NAME_SUFFIX,
                                 provenance={**profile.provenance, BASE_KEY: Provenance("calibrated", base)})
-    path = calibrated_path(base, profile.calibration.workload_fingerprint)
+    path = cache_path_of(profile)
     check_cache_writable()
     return save_profile(named, path)
 
@@ -118,7 +123,7 @@ def better_cached(profile: DeviceProfile) -> tuple[Path, DeviceProfile] | None:
     replaces any: the machine may have changed since. Never raises for a bad cache file."""
     if profile.calibration is None or profile.calibration.frames >= FULL_FIT_FRAMES:
         return None
-    path = calibrated_path(base_name(profile), profile.calibration.workload_fingerprint)
+    path = cache_path_of(profile)
     try:
         cached = read_profile(path) if userpath.path_kind(path)[0] == userpath.FILE else None
     except ResidencyError:
