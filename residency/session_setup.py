@@ -240,20 +240,25 @@ def default_vram_bytes(usable_bytes: int, workload: Workload, console: Console) 
 
 def make_plan(model: Model, console: Console, *, plan_path: str | None = None, profile: str | None = None,
               fps: float | None = None, vram_bytes: int | str | None = None,
-              image_path: str | None = None) -> tuple[Model, Plan, Replanner | None]:
+              image_path: str | None = None, kv_dtype: str | None = None) -> tuple[Model, Plan, Replanner | None]:
     """The model to run, the plan and its replanner: `plan_path` loaded and checked against the model (no
     replanner), the model set to the plan's denoise steps (a plan of `residency plan --steps N`; its sampler ran
     the config's steps, so such a plan was refused, and a plan whose steps were edited ran unchanged, silently);
     or planned now with policy `ours` for `profile` (a name, a path or "calibrated": see resolve_for; default
     this machine's cached measurement), `fps` video frames per second and `vram_bytes` (default: `default_vram_bytes`;
     a share such as "50%" is of the model's weights at the compute dtype planned for). `image_path`: the --image
-    given, quoted in hints that name a command to run."""
+    given, quoted in hints that name a command to run. `kv_dtype`: the KV cache's dtype (None: the planner's choice);
+    the replanner keeps the first plan's, which a running session's cache was built in."""
     from residency.plan import load_plan
     from residency.runtime.module_paths import check_block_formats
 
     if plan_path:
         plan = load_plan(plan_path)
         check_block_formats(plan, plan_path)
+        if kv_dtype is not None and kv_dtype != plan.kv_dtype:
+            raise UsageError(f"--kv-dtype {kv_dtype}, but {plan_path} stores the KV cache as {plan.kv_dtype}",
+                             hint=f"leave --kv-dtype out to run the plan as made, or make it again with "
+                                  f"`residency plan … --kv-dtype {kv_dtype} -o {plan_path}`")
         same_name = plan.model == model.workload.name
         same_blocks = [b.name for b in plan.blocks] == [b.name for b in model.workload.blocks]
         name = model.label.split(" ", 1)[0]
@@ -298,9 +303,12 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
                           "run may run out of device memory; leave --vram out to plan for what it has",
                           markup=False, highlight=False)
     req = PlanRequest(model.workload, device_profile, Budget(vram_bytes, frame_ms),
-                      sensitivity=model.sensitivity, compute_dtype=compute_dtype)
-    replan = Replanner(get_policy("ours"), req)
-    return model, replan.policy(req), replan
+                      sensitivity=model.sensitivity, compute_dtype=compute_dtype, kv_dtype=kv_dtype)
+    policy = get_policy("ours")
+    plan = policy(req)
+    # re-plans (a budget cut, the closed loop) keep the session's KV dtype: a plan storing the cache otherwise cannot
+    # take over a running session (switch_plan refuses it)
+    return model, plan, Replanner(policy, dataclasses.replace(req, kv_dtype=plan.kv_dtype))
 
 
 def _at_steps(model: Model, steps: int, source: str) -> tuple[Any, Workload]:

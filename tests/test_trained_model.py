@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from pipelines.world_model.trained import load_default, sensitivity
+from residency.formats.dtypes import KV_DTYPE_BYTES
+from residency.simulate.quality import KV_SENSITIVITY_KEY
 from tools.evaluate_world_model import (
     CONTROL_STARTS,
     CONTROL_STEPS,
@@ -77,10 +79,16 @@ def test_quantized_weights_lose_little_psnr_against_bf16(fmt, max_loss_db):
 
 
 def test_sensitivity_table_covers_every_block_and_format():
-    table = sensitivity()
+    table = dict(sensitivity())
+    kv = table.pop(KV_SENSITIVITY_KEY)
     blocks = [name for name, _, _ in _pipe().blocks()]
     assert sorted(table) == sorted(blocks)
     for row in table.values():
         assert set(row) == {"BF16", "FP8", "Q8_0", "Q6_K", "Q5_K", "Q4_K"}
         assert all(v >= 0.0 for v in row.values())
         assert row["BF16"] == 0.0  # the shipped precision
+    # the KV cache's row: every KV dtype, the shipped BF16 cache and fp32 (which holds it) lose nothing, FP8 loses
+    # more than fp16 (3 mantissa bits against 10)
+    assert set(kv) == set(KV_DTYPE_BYTES)
+    assert kv["bf16"] == kv["fp32"] == 0.0
+    assert kv["fp8"] > kv["fp16"] >= 0.0

@@ -23,6 +23,7 @@ from policies.ours.problem import problem_for, to_plan
 from policies.ours.ranking import better, default_frame_ms
 from policies.ours.stalls import charged, class_penalties_s, stall_by_block_s, worth_resolving
 from residency.plan import Execution, Plan
+from residency.simulate.quality import kv_loss
 
 DEPTHS = (1, 2)  # prefetch depths tried; deeper rarely pays for its slot memory on a world model
 DEEPER_IF_STALL = 0.02  # try the deeper ring only when the best plan stalls > 2% of its frame
@@ -61,11 +62,12 @@ def fastest_fitting(plans: Sequence[Plan | None]) -> Plan | None:
 
 
 def search(req: PlanRequest) -> Found:
-    """The best plan over KV dtypes (the workload's, then FP8 only when nothing fits) × prefetch depths."""
+    """The best plan over KV dtypes (the workload's, then FP8 only when nothing fits) × prefetch depths. Where the
+    workload's fits, FP8 may still win on quality or time: the caller weighs that (policies.ours.fallback_may_win)."""
     wanted = req.kv_dtype or req.workload.kv_dtype
     kv_choices = [wanted]
     if req.kv_dtype is None and wanted != KV_FALLBACK and req.workload.kv_cache_bytes():
-        kv_choices.append(KV_FALLBACK)  # halves the cache; taken only when nothing fits without it
+        kv_choices.append(KV_FALLBACK)  # halves the cache; searched here only when nothing fits without it
     best: Plan | None = None
     fastest = None
     for kv in kv_choices:
@@ -77,6 +79,21 @@ def search(req: PlanRequest) -> Found:
         note = f"KV cache stored as {best.kv_dtype} (e4m3): nothing fits with {wanted}"
         return Found(best, best.kv_dtype, (note,), frame_ms, fastest)
     return Found(best, wanted, (), frame_ms, fastest)
+
+
+def fallback_may_win(req: PlanRequest, best: Plan) -> bool:
+    """Could a plan with the KV cache in FP8 rank above `best`, a plan that fits at the workload's KV dtype? Where
+    the request pins no KV dtype, and: there is no frame budget (a faster plan moves the allowance plans are ranked
+    by, ranking.default_frame_ms), `best` misses the budget (the cache's reads halve), or `best` loses more quality
+    than the FP8 cache alone would (kv_loss; halving the cache lends its memory to the weights). Else a search at
+    FP8 (as long as the first) cannot change the plan."""
+    wanted = req.workload.kv_dtype
+    if req.kv_dtype is not None or wanted == KV_FALLBACK or not req.workload.kv_cache_bytes() or not fits(best):
+        return False
+    pred = best.prediction
+    if req.budget.frame_ms is None or pred.frame_ms > req.budget.frame_ms:
+        return True
+    return pred.quality_loss > kv_loss(req.workload, KV_FALLBACK, req.sensitivity) * (1 + 1e-3)
 
 
 def with_rivals_fastest(req: PlanRequest, found: Found, rivals: Sequence[Plan]) -> Found:
@@ -195,8 +212,10 @@ def fastest_at_quality(req: PlanRequest, best: Plan) -> Plan:
     classes = block_classes(req.workload, req, execution, kv_dtype)
     if worth_resolving(best):
         classes = charged(classes, class_penalties_s(classes, best, stall_by_block_s(req, best)))
+    # the MILP's loss is the weights' only: the KV cache's, the same for every plan at this dtype, comes off the cap
+    kv_part = kv_loss(req.workload, kv_dtype, req.sensitivity) if req.workload.kv_cache_bytes() else 0.0
     base = replace(problem_for(req, classes, execution, kv_dtype, vram_bytes=req.budget.vram_bytes, frame_s=None,
-                               objective="time"), loss_cap=best.prediction.quality_loss * (1 + 1e-6))
+                               objective="time"), loss_cap=(best.prediction.quality_loss - kv_part) * (1 + 1e-6))
     got = _solve_fitting(req, classes, base, execution, kv_dtype)
     return got[1] if got is not None and fits(got[1]) and got[1].prediction.quality_loss <= (
         best.prediction.quality_loss * (1 + 1e-6)) else best

@@ -15,6 +15,7 @@ from residency.commands.console import make_console, working
 from residency.commands.plan_render import render_comparison, render_plan, verdict
 from residency.commands.sources import SHIPPED_NAME, resolve_workload, shipped_sensitivity
 from residency.errors import ResidencyError, UsageError
+from residency.formats.dtypes import KV_DTYPE_BYTES
 from residency.plan.plan import COMPUTE_DTYPES, MAX_PLAN_BYTES
 from residency.units import MAX_SIDE_PX, fmt_bytes
 
@@ -57,6 +58,9 @@ def add_parser(sub) -> None:
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=None,
                    help="dtype the matmuls run in (default: bf16 for a GPU profile, fp32 for a CPU one, what "
                    "`residency run` computes in there)")
+    p.add_argument("--kv-dtype", choices=tuple(KV_DTYPE_BYTES), default=None,
+                   help="what a world model's KV cache is stored in (default: the planner's choice: the model's own "
+                   "dtype, or fp8 where that plans better or nothing else fits)")
     p.add_argument("--exec-mode", choices=("auto", "auto+graphed", "eager", "compiled", "graphed"), default="auto",
                    help="how blocks run: auto (default: ours picks eager or compiled per block class where the "
                    "profile has the figures and a compile pays off), auto+graphed (also GPU graphs: simulated, the "
@@ -123,7 +127,8 @@ def make_request(args):
     budget = Budget(vram, frame_budget_ms(args.fps, args.frame_ms, workload.video_frames_per_latent))
     return PlanRequest(workload, profile, budget, host_bytes_available=host_memory().available_bytes,
                        sensitivity=shipped_sensitivity(args.model),
-                       compute_dtype=compute_dtype, exec_mode=getattr(args, "exec_mode", "auto"))
+                       compute_dtype=compute_dtype, exec_mode=getattr(args, "exec_mode", "auto"),
+                       kv_dtype=getattr(args, "kv_dtype", None))
 
 
 

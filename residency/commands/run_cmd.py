@@ -18,6 +18,7 @@ from residency.commands import arg_types
 from residency.commands.actions import parse_actions
 from residency.commands.console import make_console
 from residency.errors import BudgetError, ResidencyError, UsageError
+from residency.formats.dtypes import KV_DTYPE_BYTES
 from residency.session_setup import (
     Console,
     Model,
@@ -58,6 +59,9 @@ def add_model_arguments(p: argparse.ArgumentParser, plan_option: bool = True) ->
     p.add_argument("--vram", type=arg_types.vram_size, metavar="SIZE", help="device memory the plan may use, "
                    "e.g. 20MiB, or a share of the model's weights such as 50%% (default: the profile's usable "
                    "memory; on the CPU no more than the RAM available now less the host store)")
+    p.add_argument("--kv-dtype", choices=tuple(KV_DTYPE_BYTES), default=None,
+                   help="what the KV cache is stored in (default: the planner's choice: the model's own dtype, or "
+                   "fp8 where that plans better or nothing else fits)")
     p.add_argument("--seed", type=arg_types.seed, default=0, help="noise seed of the session (0 to 2**64-1)")
 
 
@@ -175,7 +179,8 @@ def plan_for(model: Model, args: argparse.Namespace,
     from residency.commands.plan_render import verdict
 
     model, plan, replan = make_plan(model, console, plan_path=getattr(args, "plan", None), profile=args.profile,
-                                    fps=args.fps, vram_bytes=args.vram, image_path=getattr(args, "image", None))
+                                    fps=args.fps, vram_bytes=args.vram, image_path=getattr(args, "image", None),
+                                    kv_dtype=args.kv_dtype)
     device = plan_device(replan, plan)  # a loaded plan's: its profile file read once, here
     if plan.prediction is None and device is not None:  # a plan file may leave its prediction out (the schema's)
         from residency.simulate import predict

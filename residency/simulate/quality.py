@@ -1,4 +1,5 @@
-"""Quality loss of a plan: Σ over blocks of sensitivity × the error of the block's storage format.
+"""Quality loss of a plan: Σ over blocks of sensitivity × the error of the block's storage format, plus the KV
+cache's error where the plan stores it in another dtype than the workload's.
 
 Default sensitivity is 1 and the error is the format's relative RMS weight error, measured here.
 """
@@ -13,6 +14,7 @@ import torch
 
 from residency.formats import FORMATS
 from residency.formats.base import relative_rms_error
+from residency.formats.dtypes import KV_TORCH_DTYPES
 from residency.plan.plan import Plan
 from residency.workload.spec import Workload
 
@@ -73,10 +75,53 @@ def block_error(workload: Workload, block: str, fmt: str) -> float:
     return (q * (_error(fmt, held) if q else 0.0) + fallback * rest) / spec.params
 
 
-def quality_loss(workload: Workload, plan: Plan, sensitivity: Mapping[str, Mapping[str, float]] | None = None) -> float:
-    """Σ blocks sensitivity × error. `sensitivity[block][format]`, when given, replaces the product."""
+# The row of a sensitivity table that holds the KV cache's measured loss per KV dtype ({"fp8": …}); no block is
+# named so (block names are module paths).
+KV_SENSITIVITY_KEY = "kv_cache"
+_FP8_MAX = 448.0  # largest finite e4m3: the caches clamp to it on write (e4m3fn has no inf)
+
+
+@cache
+def kv_dtype_error(kv_dtype: str, held: str) -> float:
+    """Relative RMS error of storing values computed for a `held` cache (the workload's KV dtype) in `kv_dtype`,
+    on the probe matrix (heavy-tailed, as attention keys and values are); 0 where `kv_dtype` holds every `held`
+    value (the same dtype, or fp32). Stored as the caches do: fp8 is e4m3 at unit scale, clamped to ±448."""
+    if kv_dtype == held or kv_dtype == "fp32":
+        return 0.0
+    values = _probe().to(KV_TORCH_DTYPES[held]).float()
+    stored = values.clamp(-_FP8_MAX, _FP8_MAX) if kv_dtype == "fp8" else values
+    return relative_rms_error(values, stored.to(KV_TORCH_DTYPES[kv_dtype]).float())
+
+
+def kv_loss(workload: Workload, kv_dtype: str, sensitivity: Mapping[str, Mapping[str, float]] | None = None) -> float:
+    """The quality loss of a KV cache stored in `kv_dtype`: the measured `sensitivity["kv_cache"][kv_dtype]` when
+    given, else the proxy — a relative error e in a block's cached K and V is what the same error in its K and V
+    projections' weights gives, and the weights proxy counts that as e × their share of the block's weights, taken
+    as (K+V channels)² / 2 over the block's parameters (d_model = K channels, as in multi-head attention; smaller
+    under grouped KV heads, as the projections are). 0 for a workload without a KV cache or at its own dtype.
+    On the shipped world model (4 blocks with a cache; tools/measure_sensitivity.py, rollouts against its BF16
+    cache, in the table's units) FP8 measured 0.019 where the proxy says 0.0094: within a factor of two."""
+    measured = sensitivity.get(KV_SENSITIVITY_KEY, {}).get(kv_dtype) if sensitivity else None
+    if measured is not None:
+        return measured
+    err = kv_dtype_error(kv_dtype, workload.kv_dtype)
+    if not err:
+        return 0.0
+    return err * sum(min(1.0, b.kv_channels_per_token ** 2 / 2 / b.params) if b.params else 1.0
+                     for b in workload.blocks if b.kv_channels_per_token)
+
+
+def weights_loss(workload: Workload, plan: Plan, sensitivity: Mapping[str, Mapping[str, float]] | None = None) -> float:
+    """Σ blocks sensitivity × error of the block's format. `sensitivity[block][format]`, when given, replaces the
+    product."""
     total = 0.0
     for bp in plan.blocks:
         measured = sensitivity.get(bp.name, {}).get(bp.format) if sensitivity else None
         total += measured if measured is not None else block_error(workload, bp.name, bp.format)
     return total
+
+
+def quality_loss(workload: Workload, plan: Plan, sensitivity: Mapping[str, Mapping[str, float]] | None = None) -> float:
+    """The weights' loss (weights_loss) plus the KV cache's at the plan's KV dtype (kv_loss)."""
+    return weights_loss(workload, plan, sensitivity) + (kv_loss(workload, plan.kv_dtype, sensitivity)
+                                                        if workload.kv_cache_bytes() else 0.0)

@@ -1,0 +1,121 @@
+"""The KV cache's dtype in the plan's quality loss, and the planner's choice of it: FP8 where it plans better (the
+cache's memory lent to the weights, its reads halved), not only where nothing else fits."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from sim_helpers import flat_profile
+from test_runtime import tiny_plan
+
+from pipelines.world_model.workload import catalog_entry
+from policies import PlanRequest, get_policy
+from policies.base import fits_memory
+from residency import cli
+from residency.commands.sources import resolve_workload
+from residency.device import resolve_profile
+from residency.formats.dtypes import KV_DTYPE_BYTES
+from residency.plan import Budget
+from residency.simulate import predict
+from residency.simulate.quality import KV_SENSITIVITY_KEY, kv_dtype_error, kv_loss, quality_loss, weights_loss
+from residency.workload import workload_from_dict
+
+
+def test_kv_dtype_error_is_zero_where_the_dtype_holds_the_cache_and_grows_as_mantissa_bits_fall():
+    for held in ("bf16", "fp16"):
+        assert kv_dtype_error(held, held) == 0.0
+        assert kv_dtype_error("fp32", held) == 0.0
+    # bf16 (8 significant bits) into fp8 e4m3 (4): about 2^-4 relative rounding, far above bf16's own 2^-8
+    fp8 = kv_dtype_error("fp8", "bf16")
+    assert 2**-8 < fp8 < 2**-3
+    # fp16 holds 11 bits but a narrower range: what it rounds of fp32 values is far below fp8's
+    assert 0 < kv_dtype_error("fp16", "fp32") < fp8 / 10
+
+
+def test_the_plans_quality_loss_adds_the_caches_loss_at_its_dtype_and_only_where_a_cache_is_planned():
+    w = workload_from_dict(catalog_entry("tiny"))
+    profile = flat_profile(backend="cpu")
+    plan = tiny_plan(w, "streamed")
+    assert w.kv_cache_bytes() and plan.kv_dtype == w.kv_dtype
+    at_fp8 = dataclasses.replace(plan, kv_dtype="fp8")
+    assert quality_loss(w, plan) == weights_loss(w, plan)  # the workload's own dtype costs nothing
+    assert quality_loss(w, at_fp8) == pytest.approx(weights_loss(w, plan) + kv_loss(w, "fp8"))
+    assert kv_loss(w, "fp8") > 0
+    # the prediction carries it
+    a, b = (predict(w, p, profile, bound=False).prediction.quality_loss for p in (plan, at_fp8))
+    assert b - a == pytest.approx(kv_loss(w, "fp8"))
+    # a measured row replaces the proxy
+    measured = {KV_SENSITIVITY_KEY: {"fp8": 0.5}}
+    assert kv_loss(w, "fp8", measured) == 0.5
+    assert quality_loss(w, at_fp8, measured) == pytest.approx(weights_loss(w, plan, measured) + 0.5)
+    # a workload without a cache: no term, whatever the plan's field says
+    no_cache = dataclasses.replace(w, context_frames=0)
+    assert not no_cache.kv_cache_bytes()
+    assert quality_loss(no_cache, at_fp8) == weights_loss(no_cache, at_fp8)
+
+
+def test_the_proxy_scales_with_the_share_of_weights_the_k_and_v_projections_hold():
+    # lucid-800m has lucid-500m's attention (same K+V channels) in bigger blocks: a smaller share, a smaller loss
+    small, big = resolve_workload("lucid-500m"), resolve_workload("lucid-800m")
+    per_block = [kv_loss(w, "fp8") / sum(1 for b in w.blocks if b.kv_channels_per_token) for w in (small, big)]
+    assert per_block[1] < per_block[0]
+    ratio = min(b.params for b in small.blocks if b.kv_channels_per_token) / min(
+        b.params for b in big.blocks if b.kv_channels_per_token)
+    assert per_block[1] / per_block[0] == pytest.approx(ratio, rel=0.05)
+
+
+@pytest.fixture(scope="module")
+def lucid_requests():
+    w = resolve_workload("lucid-500m")
+    profile = resolve_profile("rx-7800-xt")
+    return lambda mib, kv=None, frame_ms=100.0: PlanRequest(w, profile, Budget(mib * 2**20, frame_ms),
+                                                            compute_dtype="bf16", kv_dtype=kv)
+
+
+def test_an_fp8_cache_is_chosen_where_it_plans_better_and_a_pinned_dtype_is_kept(lucid_requests):
+    # lucid-500m on the 16 GB card, 600 MiB, 100 ms: at BF16 the cache leaves the weights room for loss 1.32 only;
+    # at FP8 the plan holds the budget at a third of that, the cache's own loss included
+    ours = get_policy("ours")
+    chosen = ours(lucid_requests(600))
+    pinned = ours(lucid_requests(600, "bf16"))
+    assert pinned.kv_dtype == "bf16" and chosen.kv_dtype == "fp8"
+    assert fits_memory(chosen) and chosen.prediction.frame_ms <= 100.0
+    assert chosen.prediction.quality_loss < pinned.prediction.quality_loss
+    note = next(n for n in chosen.notes if n.startswith("KV cache stored as fp8"))
+    assert f"{pinned.prediction.quality_loss:.3g} with bf16" in note
+    assert ours(lucid_requests(600, "fp8")).kv_dtype == "fp8"
+
+
+def test_a_larger_budget_never_plans_a_worse_quality_across_the_kv_switch(lucid_requests):
+    # it did: 450 MiB fell back to FP8 (nothing fit at BF16) at loss 0.574, and 500 MiB, where BF16 fit, kept it at
+    # 0.835; with a frame budget, and plans compared with the cache's loss in them, more memory never loses quality
+    ours = get_policy("ours")
+    losses = []
+    for mib in (450, 500, 600, 800):
+        plan = ours(lucid_requests(mib))
+        assert fits_memory(plan) and plan.prediction.frame_ms <= 100.0, mib
+        losses.append(plan.prediction.quality_loss)
+    assert all(b <= a * (1 + 1e-3) for a, b in itertools.pairwise(losses)), losses
+
+
+def test_plan_kv_dtype_option_pins_the_cache_and_a_conflicting_plan_file_is_refused(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", "tiny", "--profile", "rx-7800-xt", "--vram", "200MiB", "--kv-dtype", "fp8",
+                     "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["plan", "tiny", "--profile", "rx-7800-xt", "--kv-dtype", "bf16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_dtype"] == "bf16"
+    assert set(KV_DTYPE_BYTES) >= {"fp8", "bf16"}
+    image = tmp_path / "start.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    code = cli.main(["run", "tiny", "--image", str(image), "--plan", str(out), "--kv-dtype", "bf16", "--frames", "1",
+                     "-o", str(tmp_path / "o.gif")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--kv-dtype bf16" in err and "fp8" in err and "hint:" in err
+    assert not (tmp_path / "o.gif").exists()
