@@ -59,6 +59,26 @@ def test_an_input_that_requires_grad_is_refused_where_the_plan_swaps_weights():
         assert torch.equal(y, model(x))
 
 
+def test_a_block_called_on_its_own_with_autograd_on_is_guarded_as_the_models_call_is():
+    # a user's own loop over the layers: autograd kept each streamed layer's slot for a backward the next layer's
+    # copy had overwritten (input gradients off by more than their size, no warning)
+    model, x = mlp_stack()
+    with attach(model, x) as rt:
+        assert rt.plan.streamed()
+        with pytest.raises(ResidencyError, match="an input of this call requires grad"):
+            model[0](x.clone().requires_grad_())
+        h = nn.Linear(64, 64)(x)  # requires grad, computed outside: warned, run without autograd
+        with pytest.warns(InferenceOnlyWarning, match="ran without autograd"):
+            y = model[0](h)
+        assert not y.requires_grad and torch.is_grad_enabled()
+        with torch.inference_mode():
+            expected = model(x)
+            y = x
+            for layer in model:  # the loop itself, no autograd asked for: the model's own outputs
+                y = layer(y)
+        assert torch.equal(y, expected)
+
+
 def test_with_every_block_resident_autograd_is_left_alone():
     model, x = mlp_stack()
     with attach(model, x, vram=None) as rt:

@@ -208,6 +208,21 @@ def test_a_causal_lm_generates_under_its_plan_as_the_plain_model_does():
             model(torch.cat([ids, ids], dim=1))  # a longer prompt than planned
 
 
+def test_a_padded_prompt_generates_under_the_plan_made_for_it():
+    # its mask (zeros where padded) grows by one a step with the cache: it was refused at the second step, while an
+    # all-ones mask (which transformers drops) ran
+    model, example = build("llama")
+    ids = next(iter(example.values())) if isinstance(example, dict) else example[0]
+    mask = torch.ones_like(ids)
+    mask[:, :2] = 0
+    with torch.inference_mode():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    with attach(model, dict(input_ids=ids, attention_mask=mask)), torch.inference_mode():
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), expected)
+        with pytest.raises(ResidencyError, match="input_ids is larger than the example"):
+            model(torch.cat([ids, ids], dim=1), attention_mask=torch.cat([mask, mask], dim=1))
+
+
 def test_an_encoder_decoder_generates_greedy_and_beam_under_a_plan_for_the_largest_call():
     """T5's generate() passes encoder_outputs, an input the example lacks: its width is the model's, its other
     dimensions no longer than the example's. The example is the largest call: batch × beams, the longest output."""

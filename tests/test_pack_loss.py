@@ -50,3 +50,20 @@ def test_the_attach_that_packs_them_warns_once_naming_them():
     said = [str(w.message) for w in caught if issubclass(w.category, PlanWarning)]
     assert len(said) == 1, said  # the second build reuses the cached blob: nothing packed, nothing said again
     assert "blocks.0.lin.weight in Q8_0 loses" in said[0] and "RMS 1.0e-08" in said[0]
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q6_K", "Q4_K"])
+def test_outliers_that_take_their_neighbours_scales_are_named_though_the_tensors_error_is_small(fmt):
+    # 0.2 % of the weights at 1000x the rest: they hold most of the tensor's norm, so its relative error is theirs
+    # (small), while the weights sharing their blocks' scales round to nothing
+    m = _module(0.02)
+    with torch.no_grad():
+        w = m.lin.weight
+        w.view(-1)[::512] = 20.0
+    whole = pack_block("blocks.0", m, _spec(), fmt)
+    [e] = whole.excess
+    assert e.tensor == "lin.weight" and e.measured > 3 * format_error(fmt)
+    # the same count of large weights, but ordinary ones (no outliers): nothing to say
+    with torch.no_grad():
+        w.view(-1)[::512] = 0.05
+    assert pack_block("blocks.0", m, _spec(), fmt).excess == ()

@@ -284,6 +284,7 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRunt
         if not on_cpu:
             self._move_buffers(hooked)
         self._calls = calls = BlockCalls(executor, enclosing, self._unit_lock)
+        calls.no_autograd = self._swaps
         try:  # a failure from here on undoes the attach: a model left half hooked could not be attached again
             self._compiled = block_forwards(plan, modules, self.notes, self.backend)  # beneath the hooks
             for name, mods in modules.items():
