@@ -119,3 +119,15 @@ def test_plan_kv_dtype_option_pins_the_cache_and_a_conflicting_plan_file_is_refu
     assert code == 2
     assert "--kv-dtype bf16" in err and "fp8" in err and "hint:" in err
     assert not (tmp_path / "o.gif").exists()
+
+
+def test_re_plans_of_an_attached_world_model_keep_the_kv_dtype_its_sessions_were_built_in():
+    # a re-plan (a budget cut, the closed loop) free to pick the other dtype gave a plan switch_plan must refuse
+    import residency
+    from pipelines.world_model import WorldModelPipeline
+
+    pipe = WorldModelPipeline.from_config("tiny")
+    with residency.attach(pipe, vram="60%", profile=flat_profile(backend="cpu"), backend="cpu") as rt:
+        assert rt.replan is not None and rt.replan.request.kv_dtype == rt.plan.kv_dtype
+        again = rt.replan(Budget(rt.plan.budget.vram_bytes // 2, None), rt.profile)
+        assert again.kv_dtype == rt.plan.kv_dtype

@@ -7,6 +7,7 @@ The long form — workload, PlanRequest, policy, Runtime — stays there for tho
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -124,6 +125,8 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     check_loop_can_replan(closed_loop, chosen, prof)
     if chosen.profile_fingerprint != prof.fingerprint():
         replan = None  # a plan made for another profile runs as given; recovery needs plans for one profile
+    elif workload.kv_cache_bytes():  # re-plans keep the KV dtype a running session's cache was built in
+        replan = dataclasses.replace(replan, request=dataclasses.replace(replan.request, kv_dtype=chosen.kv_dtype))
     runtime = Runtime(chosen, chosen_backend, workload=workload, replan=replan,
                       profile=prof if replan is not None else None)
     runtime.call_check = _with_training_check(guard, target)
