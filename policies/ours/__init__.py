@@ -27,6 +27,7 @@ from policies.ours.pinning import pin_small_streamed
 from policies.ours.problem import least_memory_plan
 from policies.ours.ranking import MIN_SLACK_MS, QUALITY_SLACK, better
 from policies.ours.search import (
+    DEPTHS,
     KV_FALLBACK,
     Found,
     fallback_may_win,
@@ -97,7 +98,9 @@ def _placed(req: PlanRequest, rivals: Sequence[PolicyFn]) -> tuple[Found, dict[s
     if not fallback_may_win(req, chosen):
         return found, choices, chosen
     at_fp8 = replace(req, kv_dtype=KV_FALLBACK)
-    alt_found, alt_choices, alt_chosen = _placed_at(at_fp8, ())
+    # at the chosen plan's prefetch depth only: the depths' search is what a second search costs most of, and a
+    # smaller cache rarely moves the depth that pays
+    alt_found, alt_choices, alt_chosen = _placed_at(at_fp8, (), (chosen.execution.prefetch_depth,))
     fastest = fastest_fitting([found.fastest, alt_found.fastest])
     frame_ms = ranked_frame_ms(req, fastest)
     if not fits_memory(alt_chosen) or not better(chosen, alt_chosen, frame_ms):
@@ -110,10 +113,11 @@ def _placed(req: PlanRequest, rivals: Sequence[PolicyFn]) -> tuple[Found, dict[s
     return alt_found, alt_choices, replace(alt_chosen, notes=(*alt_chosen.notes, note))
 
 
-def _placed_at(req: PlanRequest, rivals: Sequence[PolicyFn]) -> tuple[Found, dict[str, ModeChoice], Plan]:
-    """The search at the request's modes, a rival's better plan adopted, the ring's stalls repaired: what it found,
-    the modes chosen, and the plan under our name (no bound yet)."""
-    found = search(req)
+def _placed_at(req: PlanRequest, rivals: Sequence[PolicyFn],
+               depths: tuple[int, ...] = DEPTHS) -> tuple[Found, dict[str, ModeChoice], Plan]:
+    """The search (over the prefetch `depths`) at the request's modes, a rival's better plan adopted, the ring's
+    stalls repaired: what it found, the modes chosen, and the plan under our name (no bound yet)."""
+    found = search(req, depths)
     choices = choose_modes(req, found.kv_dtype)
     rival_plans = _rival_plans(req, rivals, choices)
     found = _adopt_better(with_rivals_fastest(req, found, rival_plans), rival_plans)

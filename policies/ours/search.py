@@ -61,7 +61,7 @@ def fastest_fitting(plans: Sequence[Plan | None]) -> Plan | None:
     return min(fitting, key=lambda p: p.prediction.frame_ms) if fitting else None
 
 
-def search(req: PlanRequest) -> Found:
+def search(req: PlanRequest, depths: tuple[int, ...] = DEPTHS) -> Found:
     """The best plan over KV dtypes (the workload's, then FP8 only when nothing fits) × prefetch depths. Where the
     workload's fits, FP8 may still win on quality or time: the caller weighs that (policies.ours.fallback_may_win)."""
     wanted = req.kv_dtype or req.workload.kv_dtype
@@ -71,7 +71,7 @@ def search(req: PlanRequest) -> Found:
     best: Plan | None = None
     fastest = None
     for kv in kv_choices:
-        best, fastest = _best_over_depths(req, kv, best, fastest)
+        best, fastest = _best_over_depths(req, kv, best, fastest, depths)
         if fits(best):
             break
     frame_ms = ranked_frame_ms(req, fastest)
@@ -115,17 +115,17 @@ def ranked_frame_ms(req: PlanRequest, fastest: Plan | None) -> float | None:
     return allowance
 
 
-def _best_over_depths(req: PlanRequest, kv_dtype: str, best: Plan | None,
-                      fastest: Plan | None) -> tuple[Plan | None, Plan | None]:
+def _best_over_depths(req: PlanRequest, kv_dtype: str, best: Plan | None, fastest: Plan | None,
+                      depths: tuple[int, ...] = DEPTHS) -> tuple[Plan | None, Plan | None]:
     """The best plan and the fastest fitting one so far, after the depths at `kv_dtype`. Every candidate is
     kept until the end: the frame time ranked by without a frame budget moves as faster plans are found.
     Each depth's solves run as tasks (policies.ours.parallel): on two threads the depths' at once."""
     candidates = [best] if best is not None else []
     ranked_by = ranked_frame_ms(req, fastest)
     with Tasks(planning_threads()) as tasks:
-        runs = _depth_runs(tasks, req, kv_dtype, fastest)
-        for depth, (start_task, bisect_task) in zip(DEPTHS, runs, strict=True):
-            if depth > DEPTHS[0] and fits(best) and (
+        runs = _depth_runs(tasks, req, kv_dtype, fastest, depths)
+        for depth, (start_task, bisect_task) in zip(depths, runs, strict=True):
+            if depth > depths[0] and fits(best) and (
                     best.prediction.stall_ms <= DEEPER_IF_STALL * best.prediction.frame_ms):
                 break  # a deeper ring costs slot memory and only pays where copies stall compute
             start = start_task.result()
@@ -155,11 +155,12 @@ class _Start:
     vram_bytes: int  # the VRAM limit the fastest plan was solved under
 
 
-def _depth_runs(tasks: Tasks, req: PlanRequest, kv_dtype: str, fastest: Plan | None) -> list[tuple[Deferred, Deferred]]:
+def _depth_runs(tasks: Tasks, req: PlanRequest, kv_dtype: str, fastest: Plan | None,
+                depths: tuple[int, ...] = DEPTHS) -> list[tuple[Deferred, Deferred]]:
     """Per depth, the task of its fastest plan and the task of its bisection. A depth's bisection aims at the frame
     time ranked by once the fastest plans of it and the shallower depths are known (as the loop over depths finds
     it), so it waits for those tasks only; every fastest-plan task is submitted before any bisection."""
-    starts = [tasks.submit(_depth_start, req, kv_dtype, depth) for depth in DEPTHS]
+    starts = [tasks.submit(_depth_start, req, kv_dtype, depth) for depth in depths]
 
     def bisection(upto: int) -> list[Plan]:
         start = starts[upto].result()
