@@ -34,6 +34,19 @@ def path_kind(path: str | os.PathLike[str]) -> tuple[str, str | None]:
     return OTHER, "not a regular file (a FIFO, socket or device)"
 
 
+def not_a_directory(parent: str | os.PathLike[str]) -> str:
+    """Why `parent`, which is no directory, cannot hold an output: "directory X does not exist", or what X is
+    ("a.gif is a file, not a directory": `-o a.gif/p.json` was told to create a.gif, which was there)."""
+    kind, reason = path_kind(parent)
+    if kind == FILE:
+        return f"{_show(parent)} is a file, not a directory"
+    if kind == OTHER:
+        return f"{_show(parent)} is {reason}, not a directory"
+    if kind == BAD:
+        return f"directory {_show(parent)} cannot be used ({reason})"
+    return f"directory {_show(parent)} does not exist"
+
+
 def exists(path: str | os.PathLike[str]) -> bool:
     """Path.exists() that answers False for names the OS refuses instead of raising."""
     return path_kind(path)[0] in (FILE, DIRECTORY, OTHER)

@@ -104,3 +104,21 @@ def test_profile_to_a_name_that_is_no_json_file_exits_before_measuring(tmp_path,
     err = capsys.readouterr().err
     assert message in err and "hint:" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stray_file_in_the_shipped_folder_is_skipped_with_a_note_not_the_listings_failure(tmp_path, capsys,
+                                                                                             monkeypatch):
+    # `plan -o profiles/new.json` is allowed; `profiles` then exited 1 with no table
+    import shutil
+
+    from residency.device import profile_io
+
+    name = shipped_profile_names()[0]
+    shutil.copy(profile_io.profile_path(name), tmp_path / f"{name}.json")
+    (tmp_path / "new.json").write_text('{"schema_version": 2, "model": "tiny"}')
+    monkeypatch.setattr(profile_io, "profiles_dir", lambda: tmp_path)
+    monkeypatch.setattr(profile_io, "shipped_profile_paths", lambda: sorted(tmp_path.glob("*.json")))
+    assert main(["profiles", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [r["name"] for r in json.loads(captured.out)["profiles"]] == [name]
+    assert "note: skipped new:" in captured.err

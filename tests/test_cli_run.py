@@ -119,6 +119,9 @@ BAD = [
     (["run", "flux-schnell", *PROFILE, "-o", "o.gif"], 1, "flux-schnell is a catalog model"),
     (["run", "tiny", "--image", "start.png", "--profile", "nosuch-gpu", "-o", "o.gif"], 2, "unknown profile"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "nodir/o.gif"], 1, "does not exist"),
+    # a file where the directory should be: not "directory start.png does not exist; create it first"
+    (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "start.png/o.gif"], 1,
+     "start.png is a file, not a directory"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.mp4"], 2, "cannot write .mp4"),  # as --trace x.txt
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "."], 1, "is a directory; frames are written to a file"),
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "frames/"], 1, "ends with '/', a directory's name"),

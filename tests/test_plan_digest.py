@@ -90,3 +90,31 @@ def test_a_plan_without_modules_or_tensors_is_checked_by_its_block_names_alone(w
             b.pop("modules"), b.pop("tensors")
 
     edit(written, strip).check_matches(TINY)
+
+
+def _run_with(plan_path, tmp_path, capsys) -> str:
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "start.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    assert main(["run", "tiny", "--image", str(image), "--plan", str(plan_path), "--frames", "1",
+                 "-o", str(tmp_path / "o.gif")]) == 0
+    captured = capsys.readouterr()
+    return captured.out + captured.err
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: (d.pop("digest"), d["blocks"][3].update(placement="streamed")),  # no digest to tell the edit by
+    lambda d: d["prediction"].update(frame_ms=1.0),  # the prediction alone edited: outside the digest
+])
+def test_run_predicts_a_plan_file_again_and_says_where_its_prediction_was_not_this_plans(written, tmp_path, capsys,
+                                                                                            change):
+    # it ran under the stale figure: "measured 86.1 ms; the plan predicted 52.8 ms (+63%)", with advice to calibrate
+    assert "is not this plan's" not in _run_with(written, tmp_path, capsys)  # as written: its own figures
+    edit(written, change)
+    file_ms = json.loads(written.read_text())["prediction"]["frame_ms"]
+    out = _run_with(written, tmp_path, capsys)
+    assert f"({file_ms:.2f} ms per latent frame" in out
+    assert "is not this plan's as it is" in out and "predicted here for GeForce RTX 3060 12GB" in out
+

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from residency.commands import arg_types
 from residency.commands.actions import parse_actions
 from residency.commands.console import make_console
+from residency.commands.loaded_plan import predicted_here
 from residency.errors import BudgetError, ResidencyError, UsageError
 from residency.formats.dtypes import KV_DTYPE_BYTES
 from residency.session_setup import (
@@ -182,14 +183,9 @@ def plan_for(model: Model, args: argparse.Namespace,
                                     fps=args.fps, vram_bytes=args.vram, image_path=getattr(args, "image", None),
                                     kv_dtype=args.kv_dtype)
     device = plan_device(replan, plan)  # a loaded plan's: its profile file read once, here
-    if plan.prediction is None and device is not None:  # a plan file may leave its prediction out (the schema's)
-        from residency.simulate import predict
-
-        plan = predict(model.workload, plan, device, bound=False)
-        console.print(f"note: {args.plan} holds no prediction of the plan as it is (left out, or the plan was "
-                      f"edited since `residency plan` wrote it): predicted here for {plan.profile}", markup=False,
-                      highlight=False)
     given = getattr(args, "plan", None)
+    if given and device is not None:
+        plan = predicted_here(model, plan, device, given, console)
     other = check_fit(model, plan, device, console, f"plan ({plan.policy}, {plan.profile}): {verdict(plan)}",
                       lambda need: f"make the plan again with `residency plan … --vram {need}` or more" if given
                       else f"raise --vram to at least {need}, or leave it out", given)

@@ -118,8 +118,11 @@ def _calls(r: Reader, events: list):
     """(frame, block, t_start, t_ready, t_dequant, t_end, copy marks | None, link bytes) per call, in order.
 
     The telemetry writes each call as [copy [, copy-side dequant]] [stall] [compute-side dequant] compute.
-    Every field used is checked here, so a hand-edited or truncated trace fails naming the event."""
+    Every field used is checked here, so a hand-edited or truncated trace fails naming the event. A call's events
+    are read in the order written (a prefetched copy starts before the compute ahead of it ends, so they cannot be
+    re-sorted by time): compute events out of time order are refused (reversed, the replay drew negative times)."""
     row: dict[str, Any] = {}
+    last_compute_us = -math.inf
     for i, e in enumerate(events):
         path = f"traceEvents[{i}]"
         if not isinstance(e, dict):
@@ -146,6 +149,11 @@ def _calls(r: Reader, events: list):
         elif track == "stall":
             row["stall"] = (start_us, end_us)
         else:
+            if start_us < last_compute_us:
+                raise ResidencyError(f"{r.source}: {path} (compute of {name}) starts before the compute event ahead of "
+                                     "it: the events are not in the order residency writes them (sorted or edited?)",
+                                     hint="replay the trace as `residency run --trace` wrote it")
+            last_compute_us = start_us
             frame = _count(r, args, "frame", f"{path}.args")
             t_ready = row["dequant"][0] if "dequant" in row else start_us
             t_start = row["stall"][0] if "stall" in row else t_ready
