@@ -38,6 +38,12 @@ def not_a_directory(parent: str | os.PathLike[str]) -> str:
     """Why `parent`, which is no directory, cannot hold an output: "directory X does not exist", or what X is
     ("a.gif is a file, not a directory": `-o a.gif/p.json` was told to create a.gif, which was there)."""
     kind, reason = path_kind(parent)
+    if kind == MISSING:  # a file further up (a.gif/sub/o.gif) is the reason as well
+        up = Path(parent).parent
+        while up != up.parent and path_kind(up)[0] == MISSING:
+            up = up.parent
+        if path_kind(up)[0] == FILE:
+            return f"{_show(up)} is a file, not a directory"
     if kind == FILE:
         return f"{_show(parent)} is a file, not a directory"
     if kind == OTHER:

@@ -79,6 +79,44 @@ def test_a_block_called_on_its_own_with_autograd_on_is_guarded_as_the_models_cal
         assert torch.equal(y, expected)
 
 
+def test_autograd_comes_back_on_for_each_thread_whose_block_call_turned_it_off():
+    # two threads inside one block's forward at once: a shared record of who turned it off left one thread without
+    # autograd for good and the other's call unguarded
+    class Waiting(nn.Module):
+        barrier: threading.Barrier | None = None  # armed once attached (the attach traces the model alone)
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 64)
+
+        def forward(self, x):
+            if Waiting.barrier is not None:
+                Waiting.barrier.wait(timeout=10)  # both threads are inside the hooked call here
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Waiting() for _ in range(4)]).eval()
+    x = torch.randn(4, 64)
+    seen = {}
+
+    def call(key):
+        h = nn.Linear(64, 64)(x)  # requires grad: run without autograd, warned
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InferenceOnlyWarning)
+            y = model[1](h)
+        seen[key] = (y.requires_grad, torch.is_grad_enabled())
+
+    with attach(model, x) as rt:
+        assert rt.plan.streamed()
+        Waiting.barrier = threading.Barrier(2)
+        threads = [threading.Thread(target=call, args=(k,)) for k in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    assert seen == {"a": (False, True), "b": (False, True)}
+
+
 def test_with_every_block_resident_autograd_is_left_alone():
     model, x = mlp_stack()
     with attach(model, x, vram=None) as rt:

@@ -102,6 +102,11 @@ def _kv_only(pipe, cases, out: Path, console: Console) -> int:
     except (OSError, ValueError, KeyError, TypeError) as err:
         return report(ResidencyError(f"{out}: no measured table to add the KV row to ({err})",
                                      hint="run tools/measure_sensitivity.py without --kv-only first"))
+    rollouts = {"starts": len(cases), "latent_frames": len(cases[0][1]) if cases else 0}
+    if {k: doc.get("rollouts", {}).get(k) for k in rollouts} != rollouts:
+        return report(ResidencyError(f"{out}: its table was measured on other rollouts ({doc.get('rollouts')}) than "
+                                     f"these ({rollouts}): its scale would not hold for the KV row",
+                                     hint="give --starts and --frames as the table was measured, or measure it all"))
     raw = measure_kv(pipe, cases, console)
     doc["loss"][KV_KEY] = {kv: v * scale for kv, v in raw.items()}
     doc["raw_mse"][KV_KEY] = raw

@@ -91,16 +91,18 @@ def _unrated_formats(req: PlanRequest) -> str | None:
 
 def _placed(req: PlanRequest, rivals: Sequence[PolicyFn]) -> tuple[Found, dict[str, ModeChoice], Plan]:
     """The plan at the workload's KV dtype (_placed_at), or ours with the cache in FP8 where that ranks better: the
-    two are weighed as made (placed, repaired), not as the search first proposed them — the repairs took the search's
-    FP8 proposal at 138 MiB to loss 0.038 and its BF16 one to 0.028 (tiny, RTX 4060 Ti, 5.4 ms). The FP8 one is ours'
-    own, no rival's: a peer stores its cache as the model does."""
+    two are weighed as made (placed, repaired), not as the searches first proposed them: weighed as proposed, tiny on
+    the RTX 4060 Ti at 138 MiB and 5.4 ms (with its measured sensitivity table) took FP8 at loss 0.103 against BF16's
+    0.130, and the repairs made those 0.038 and 0.028. The FP8 one is ours' own, no rival's: a peer stores its cache
+    as the model does."""
     found, choices, chosen = _placed_at(req, rivals)
     if not fallback_may_win(req, chosen):
         return found, choices, chosen
     at_fp8 = replace(req, kv_dtype=KV_FALLBACK)
     # at the chosen plan's prefetch depth only: the depths' search is what a second search costs most of, and a
-    # smaller cache rarely moves the depth that pays
-    alt_found, alt_choices, alt_chosen = _placed_at(at_fp8, (), (chosen.execution.prefetch_depth,))
+    # smaller cache rarely moves the depth that pays (a rival's adopted plan may have none of ours': all depths then)
+    depth = chosen.execution.prefetch_depth
+    alt_found, alt_choices, alt_chosen = _placed_at(at_fp8, (), (depth,) if depth in DEPTHS else DEPTHS)
     fastest = fastest_fitting([found.fastest, alt_found.fastest])
     frame_ms = ranked_frame_ms(req, fastest)
     if not fits_memory(alt_chosen) or not better(chosen, alt_chosen, frame_ms):

@@ -88,7 +88,8 @@ def fallback_may_win(req: PlanRequest, best: Plan) -> bool:
     than the FP8 cache alone would (kv_loss; halving the cache lends its memory to the weights). Else a search at
     FP8 (as long as the first) cannot change the plan."""
     wanted = req.workload.kv_dtype
-    if req.kv_dtype is not None or wanted == KV_FALLBACK or not req.workload.kv_cache_bytes() or not fits(best):
+    if (req.kv_dtype is not None or wanted == KV_FALLBACK or not req.workload.kv_cache_bytes() or not fits(best)
+            or best.kv_dtype != wanted):  # at FP8 already: nothing fitted without it
         return False
     pred = best.prediction
     if req.budget.frame_ms is None or pred.frame_ms > req.budget.frame_ms:
@@ -214,7 +215,7 @@ def fastest_at_quality(req: PlanRequest, best: Plan) -> Plan:
     if worth_resolving(best):
         classes = charged(classes, class_penalties_s(classes, best, stall_by_block_s(req, best)))
     # the MILP's loss is the weights' only: the KV cache's, the same for every plan at this dtype, comes off the cap
-    kv_part = kv_loss(req.workload, kv_dtype, req.sensitivity) if req.workload.kv_cache_bytes() else 0.0
+    kv_part = kv_loss(req.workload, kv_dtype, req.sensitivity)
     base = replace(problem_for(req, classes, execution, kv_dtype, vram_bytes=req.budget.vram_bytes, frame_s=None,
                                objective="time"), loss_cap=(best.prediction.quality_loss - kv_part) * (1 + 1e-6))
     got = _solve_fitting(req, classes, base, execution, kv_dtype)

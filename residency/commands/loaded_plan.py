@@ -12,7 +12,7 @@ def predicted_here(model, plan, device, path: str, console):
     its blocks were edited, and advice to calibrate)."""
     from residency.simulate import predict
 
-    fresh = predict(model.workload, plan, device, bound=False)
+    fresh = predict(model.workload, plan, device, model.sensitivity, bound=False)
     said = plan.prediction
     if said is None:
         console.print(f"note: {path} holds no prediction of the plan as it is (left out, or the plan was edited "

@@ -43,8 +43,30 @@ class BlockCalls:
         # check for a call outside its units (a diffusers pipeline called as pipe(...)); None, one test, until then
         self.outside_unit: Callable[[], None] | None = None
         # the plan swaps weights in (attached_guards.swaps_weights): a block called on its own with autograd on runs
-        # without it, as the model's calls do (set by the runtime)
+        # without it, as the model's calls do (set by the runtime); per thread (grad mode is torch's per thread),
+        # a stack of whether each hooked call in progress turned it off
         self.no_autograd = False
+        self._grads = threading.local()
+
+    def autograd_off(self, args: tuple, kwargs: dict) -> None:
+        """At a hooked call's start, before anything is bound (only where no_autograd): with autograd on — a block
+        called on its own, outside the model's call, which turns it off itself — refuse an input that requires grad,
+        else warn and turn it off for the call. Autograd kept the slot's weights for a backward that the next block's
+        copy had overwritten (a user's loop over a streamed MLP's layers: input gradients off by 0.12 against 0.096
+        at most, no error). Balanced by autograd_back. Cost: a thread-local push per call."""
+        stack = self._grads.__dict__.setdefault("stack", [])
+        off = torch.is_grad_enabled()
+        if off:
+            refuse_grad_inputs(args, kwargs)
+            warn_inference_only()
+            torch.set_grad_enabled(False)
+        stack.append(off)
+
+    def autograd_back(self) -> None:
+        """At a hooked call's end (returned or raised): autograd back on where its start turned it off."""
+        stack = self._grads.__dict__.get("stack")
+        if stack and stack.pop():
+            torch.set_grad_enabled(True)
 
     def start(self) -> None:
         """The model's call begins: each enclosing block takes its place in the schedule (the workload
@@ -84,50 +106,31 @@ def _before(calls: BlockCalls, executor: Executor, name: str, scheduled: bool = 
 
 class _DepthHook(ModelHook):
     """A forward that raised (and that the model may catch) leaves the depth as it found it: left raised, every
-    later block of the call was taken for a nested one and computed on whatever its slot held.
-
-    A block called on its own (not inside a call of the model, which turns autograd off itself) with autograd on,
-    under a plan that swaps weights in, runs without autograd too: autograd kept the slot's weights for a backward
-    that the next block's copy had overwritten by then (a user's loop over the layers of a streamed MLP got input
-    gradients off by 0.12 against 0.096 at most, no error). An input that requires grad is refused first, as the
-    model's call refuses it. `grads` holds, per outermost call in progress, the grad mode to restore (None: none
-    changed)."""
+    later block of the call was taken for a nested one and computed on whatever its slot held. Autograd, turned off
+    for the call (BlockCalls.autograd_off), is turned back on. (A KeyboardInterrupt runs no hook: both stay.)"""
 
     calls: BlockCalls
-    grads: list[bool | None]
-
-    def _outermost_autograd_off(self, args: tuple, kwargs: dict) -> None:
-        """At an outermost call's start, before the executor binds anything: refuse or turn autograd off."""
-        off = self.calls.no_autograd and torch.is_grad_enabled()
-        if off:
-            refuse_grad_inputs(args, kwargs)
-            warn_inference_only()
-            torch.set_grad_enabled(False)
-        self.grads.append(True if off else None)
-
-    def _restore_autograd(self) -> None:
-        if self.grads and self.grads.pop():
-            torch.set_grad_enabled(True)
 
     def forward_failed(self, module) -> None:
-        if self.calls.depth == 1:
-            self._restore_autograd()
-        self.calls.depth = max(0, self.calls.depth - 1)
+        calls = self.calls
+        if calls.no_autograd:
+            calls.autograd_back()
+        calls.depth = max(0, calls.depth - 1)
 
 
 class BlockHook(_DepthHook):
-    """On the one module of a block. Cost per call: one attribute test more than the executor's own."""
+    """On the one module of a block. Cost per call: a few attribute tests more than the executor's own (and under a
+    plan that swaps weights in, BlockCalls.autograd_off/back's thread-local push and pop)."""
 
     def __init__(self, calls: BlockCalls, name: str):
         self.calls, self.executor, self.name = calls, calls.executor, name
-        self.grads = []
 
     def pre_forward(self, module, args, kwargs) -> None:
         """Close any open group call, then let the executor bind the block's weights (nothing inside another
         hooked forward)."""
         calls = self.calls
-        if calls.depth == 0:
-            self._outermost_autograd_off(args, kwargs)
+        if calls.no_autograd:
+            calls.autograd_off(args, kwargs)
         calls.depth += 1
         if calls.depth > 1:
             return
@@ -137,7 +140,8 @@ class BlockHook(_DepthHook):
         try:
             _before(calls, self.executor, self.name)
         except BaseException:
-            self._restore_autograd()
+            if calls.no_autograd:
+                calls.autograd_back()
             raise
 
     def post_forward(self, module, output) -> Any:
@@ -147,10 +151,11 @@ class BlockHook(_DepthHook):
         until the next block starts or the model's call ends, so a hook reading the weight reads this block's,
         not what its slot was refilled with."""
         calls = self.calls
+        if calls.no_autograd:
+            calls.autograd_back()
         calls.depth -= 1
         if calls.depth > 0:  # nested: part of the call running around it
             return output
-        self._restore_autograd()
         output = self.executor.unaliased(output)
         if runs_user_forward_hooks(module):
             self.calls.open = self.name
@@ -164,13 +169,12 @@ class GroupHook(_DepthHook):
 
     def __init__(self, calls: BlockCalls, name: str):
         self.calls, self.name = calls, name
-        self.grads = []
 
     def pre_forward(self, module, args, kwargs) -> None:
         """Start the block's call unless this member continues the call in progress."""
         calls = self.calls
-        if calls.depth == 0:
-            self._outermost_autograd_off(args, kwargs)
+        if calls.no_autograd:
+            calls.autograd_off(args, kwargs)
         calls.depth += 1
         if calls.depth > 1 or calls.open == self.name:  # nested, or the next member of the call in progress
             return
@@ -180,16 +184,18 @@ class GroupHook(_DepthHook):
         try:
             _before(calls, calls.executor, self.name)
         except BaseException:
-            self._restore_autograd()
+            if calls.no_autograd:
+                calls.autograd_back()
             raise
 
     def post_forward(self, module, output) -> Any:
         """Leave the call open: the next member, or the next block's call, closes it."""
         calls = self.calls
+        if calls.no_autograd:
+            calls.autograd_back()
         calls.depth -= 1
         if calls.depth > 0:
             return output
-        self._restore_autograd()
         calls.open = self.name
         return calls.executor.unaliased(output)
 

@@ -97,10 +97,13 @@ def kv_loss(workload: Workload, kv_dtype: str, sensitivity: Mapping[str, Mapping
     """The quality loss of a KV cache stored in `kv_dtype`: the measured `sensitivity["kv_cache"][kv_dtype]` when
     given, else the proxy — a relative error e in a block's cached K and V is what the same error in its K and V
     projections' weights gives, and the weights proxy counts that as e × their share of the block's weights, taken
-    as (K+V channels)² / 2 over the block's parameters (d_model = K channels, as in multi-head attention; smaller
-    under grouped KV heads, as the projections are). 0 for a workload without a KV cache or at its own dtype.
+    as (K+V channels)² / 2 over the block's parameters (d_model = K channels, as in multi-head attention; under
+    grouped KV heads the projections shrink with the KV channels and this with their square: an understatement by
+    the KV channels' share of d_model). 0 for a workload without a KV cache, or at its own dtype.
     On the shipped world model (4 blocks with a cache; tools/measure_sensitivity.py, rollouts against its BF16
     cache, in the table's units) FP8 measured 0.019 where the proxy says 0.0094: within a factor of two."""
+    if not workload.kv_cache_bytes():
+        return 0.0
     measured = sensitivity.get(KV_SENSITIVITY_KEY, {}).get(kv_dtype) if sensitivity else None
     if measured is not None:
         return measured
@@ -123,5 +126,4 @@ def weights_loss(workload: Workload, plan: Plan, sensitivity: Mapping[str, Mappi
 
 def quality_loss(workload: Workload, plan: Plan, sensitivity: Mapping[str, Mapping[str, float]] | None = None) -> float:
     """The weights' loss (weights_loss) plus the KV cache's at the plan's KV dtype (kv_loss)."""
-    return weights_loss(workload, plan, sensitivity) + (kv_loss(workload, plan.kv_dtype, sensitivity)
-                                                        if workload.kv_cache_bytes() else 0.0)
+    return weights_loss(workload, plan, sensitivity) + kv_loss(workload, plan.kv_dtype, sensitivity)
