@@ -17,6 +17,7 @@ streamed F32 plan (100-165 ms per frame) was returned where packed plans under 1
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 from sim_helpers import flat_profile
@@ -219,3 +220,22 @@ def test_the_vram_a_missed_budget_would_hold_with_holds_it_when_asked_for():
     said = next(re.search(r"would hold with ([0-9.]+ (?:MiB|GiB))", n) for n in missed.notes if "would hold" in n)
     asked = ours(PlanRequest(w, profile, Budget(int(_bytes(said.group(1))), 70.0), exec_mode="auto"))
     assert asked.prediction.frame_ms <= 70.0, (said.group(0), asked.prediction.frame_ms, asked.kv_dtype)
+
+
+def test_where_no_ring_fits_ours_plans_without_one_before_taking_a_peers_plan():
+    # wan-causal-1.3b on the RTX 3060 at half its memory: the slots of a depth-1 ring fitted at no KV dtype, so a peer's
+    # tensor-by-tensor streaming was adopted (4790.8 ms); one slot and no prefetch fits, and is faster
+    from pipelines.catalog import catalog_paths
+    from policies.base import fits_memory
+    from residency.device import load_profile
+    from residency.plan import Budget
+    from residency.workload import load_workload_file
+
+    w = load_workload_file(catalog_paths()["wan-causal-1.3b"])
+    profile = load_profile("rtx-3060-12gb")
+    req = PlanRequest(w, profile, Budget(int(profile.memory_usable_bytes * 0.5), None), exec_mode="auto")
+    ours = get_policy("ours")(req)
+    peer = get_policy("accelerate-sequential")(replace(req, kv_dtype=ours.kv_dtype))
+    assert fits_memory(ours) and ours.execution.prefetch_depth == 0 and ours.execution.copy_mode == "async"
+    assert not any("policy scored best; adopted" in n for n in ours.notes)
+    assert fits_memory(peer) and ours.prediction.frame_ms < peer.prediction.frame_ms

@@ -26,6 +26,7 @@ from residency.plan import Execution, Plan
 from residency.simulate.quality import kv_loss
 
 DEPTHS = (1, 2)  # prefetch depths tried; deeper rarely pays for its slot memory on a world model
+NO_RING = 0  # the depth tried where nothing fits at DEPTHS: no prefetch, one slot
 DEEPER_IF_STALL = 0.02  # try the deeper ring only when the best plan stalls > 2% of its frame
 REPAIRS = 5  # bisection steps on the linear frame budget when the simulator disagrees
 # Re-solves of one proposal the simulator finds over the VRAM budget, each with the MILP's VRAM limit tightened
@@ -74,6 +75,14 @@ def search(req: PlanRequest, depths: tuple[int, ...] = DEPTHS) -> Found:
         best, fastest = _best_over_depths(req, kv, best, fastest, depths)
         if fits(best):
             break
+    if not fits(best) and NO_RING not in depths:
+        # no prefetch ring (each streamed call waits for its own copy into one slot): the ring's slots are what no
+        # plan at depth 1 or 2 could fit (wan-causal-1.3b on the RTX 3060 at half its memory: nothing of ours fitted,
+        # a peer's tensor-by-tensor streaming at 4790.8 ms was adopted, and ours without a ring fits at 4205.1 ms)
+        for kv in kv_choices:
+            best, fastest = _best_over_depths(req, kv, best, fastest, (NO_RING,))
+            if fits(best):
+                break
     frame_ms = ranked_frame_ms(req, fastest)
     if fits(best) and best.kv_dtype != wanted:
         note = f"KV cache stored as {best.kv_dtype} (e4m3): nothing fits with {wanted}"
