@@ -104,6 +104,17 @@ def _before(calls: BlockCalls, executor: Executor, name: str, scheduled: bool = 
         raise
 
 
+def _bind(calls: BlockCalls, executor: Executor, name: str) -> None:
+    """_before for a block's own hook: a load that raises also turns autograd back on where the call turned it off
+    (its post_forward, which would, does not run)."""
+    try:
+        _before(calls, executor, name)
+    except BaseException:
+        if calls.no_autograd:
+            calls.autograd_back()
+        raise
+
+
 class _DepthHook(ModelHook):
     """A forward that raised (and that the model may catch) leaves the depth as it found it: left raised, every
     later block of the call was taken for a nested one and computed on whatever its slot held. Autograd, turned off
@@ -137,12 +148,7 @@ class BlockHook(_DepthHook):
         calls.thread = threading.get_ident()
         if calls.open is not None:
             calls.close()
-        try:
-            _before(calls, self.executor, self.name)
-        except BaseException:
-            if calls.no_autograd:
-                calls.autograd_back()
-            raise
+        _bind(calls, self.executor, self.name)
 
     def post_forward(self, module, output) -> Any:
         """Tell the executor the block's call ended (timing, next prefetch); the output, copied out of the
@@ -181,12 +187,7 @@ class GroupHook(_DepthHook):
         calls.thread = threading.get_ident()
         if calls.open is not None:
             calls.close()
-        try:
-            _before(calls, calls.executor, self.name)
-        except BaseException:
-            if calls.no_autograd:
-                calls.autograd_back()
-            raise
+        _bind(calls, calls.executor, self.name)
 
     def post_forward(self, module, output) -> Any:
         """Leave the call open: the next member, or the next block's call, closes it."""
