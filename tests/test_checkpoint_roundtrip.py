@@ -340,3 +340,14 @@ def test_two_copies_of_one_model_are_told_to_give_one(tmp_path):
     with pytest.raises(CheckpointError, match="also in") as e:
         open_checkpoint(tmp_path)
     assert "two copies of one model" in e.value.hint
+
+
+def test_a_shard_of_the_series_the_index_misses_names_the_index_not_the_shard_as_wrong(tmp_path):
+    # the index put shard 2's tensor in shard 1: shard 2 read as a stray file, and the hint said to move it away,
+    # which would lose its weights
+    _sharded(tmp_path, {"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                       "b": "model-00001-of-00002.safetensors"}})
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors: no shard index") as err:
+        open_checkpoint(tmp_path)
+    assert "same series" in err.value.message
+    assert "download the index again" in err.value.hint and "move it out" not in err.value.hint

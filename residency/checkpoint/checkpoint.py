@@ -226,9 +226,29 @@ def _check_shards_complete(directory: Path, files: list[Path], indexes: dict[Pat
                           "remove the index and the partial shards")
     stray = sorted(present - listed) if indexes else []
     if stray:
-        raise broken(directory / stray[0], f"no shard index of the directory names it ({', '.join(i.name for i in indexes)})",
+        named = ", ".join(i.name for i in indexes)
+        if _sibling_shard(stray[0], listed):
+            # named as one of the listed shards' series: the index, not the shard, is what is wrong (moving the
+            # shard away, as the hint below says of a stray file, would lose its weights)
+            raise broken(directory / stray[0], f"no shard index of the directory names it ({named}), yet it is named "
+                                               "as a shard of the same series as those the index names",
+                         hint="the index is wrong or of another download: download the index again (keep the shard: "
+                              "moving it away loses its weights)")
+        raise broken(directory / stray[0], f"no shard index of the directory names it ({named})",
                      hint="move it out of the directory (a stray or older shard), or remove the index if it "
                           "belongs")
+
+
+def _sibling_shard(name: str, listed: set[str]) -> bool:
+    """Whether `name` is `STEM-0000k-of-0000n.ext` with the stem, count and extension of a listed shard."""
+    m = _SHARD_NAME.match(name)
+    if m is None:
+        return False
+    for other in listed:
+        o = _SHARD_NAME.match(other)
+        if o is not None and (o["stem"], o["n"]) == (m["stem"], m["n"]) and Path(other).suffix == Path(name).suffix:
+            return True
+    return False
 
 
 def _check_index_matches(indexes: dict[Path, dict[str, str]], entries: dict[str, TensorEntry],
