@@ -140,6 +140,8 @@ def _phase_twice(doc):
     (_phase_twice, "phase names must be unique"),
     (lambda d: d.update(phases=[]), "'phases' holds no phase that runs per latent frame"),  # the error named the workload
     (lambda d: d.update(name="m" * 300), "300 characters, more than the 256"),  # rendering took seconds a 10 k name
+    # a block no pass runs: planned, the plan's table listed it and its totals did not count it
+    (lambda d: d["blocks"].append(dict(d["blocks"][5], name="unused")), "'unused': no pass of any phase runs this block"),
 ])
 def test_a_catalog_document_that_counts_twice_or_names_past_its_bounds_is_refused_naming_the_file(change, words):
     import copy

@@ -165,6 +165,11 @@ def workload_from_dict(doc: Any, source: str = "<catalog>", hint: str = _HINT) -
         raise r.fail("phases", "holds no phase that runs per latent frame (per \"latent_frame\", with a pass): a plan holds a "
                      "frame, and this workload has none to plan",
                      hint="add a phase with \"per\": \"latent_frame\" and the passes one frame runs")
+    run = {b for ph in phases for ps in ph.passes for b in ps.blocks}
+    idle = next((i for i, n in enumerate(names) if n not in run), None)
+    if idle is not None:  # planned, it was counted in the plan's table and not in its totals
+        raise r.fail(f"blocks[{idle}].name", f"= {show(names[idle])}: no pass of any phase runs this block",
+                     hint="name it in a pass of the phase that runs it, or remove the block")
     phase_names = [ph.name for ph in phases]
     for i, n in enumerate(phase_names):
         if n in phase_names[:i]:
