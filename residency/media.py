@@ -119,9 +119,9 @@ def check_writable_target(path: str | os.PathLike[str], suffix: str | None = Non
                              f"{path.suffix or 'no extension'}", hint=f"name it *{suffix}, e.g. {example}")
     parent = path.parent
     if userpath.path_kind(parent)[0] != userpath.DIRECTORY:
-        why = userpath.not_a_directory(parent)
-        raise ResidencyError(f"{path}: {why}", hint="create it first, or pick another path"
-                             if why.endswith("does not exist") else "pick another path")
+        why, creatable = userpath.not_a_directory(parent)
+        raise ResidencyError(f"{path}: {why}", hint="create it first, or pick another path" if creatable
+                             else "pick another path")
     check_can_create(path)  # a read-only filesystem or a permission fails now, not after the work
     return path
 

@@ -34,23 +34,23 @@ def path_kind(path: str | os.PathLike[str]) -> tuple[str, str | None]:
     return OTHER, "not a regular file (a FIFO, socket or device)"
 
 
-def not_a_directory(parent: str | os.PathLike[str]) -> str:
-    """Why `parent`, which is no directory, cannot hold an output: "directory X does not exist", or what X is
-    ("a.gif is a file, not a directory": `-o a.gif/p.json` was told to create a.gif, which was there)."""
+def not_a_directory(parent: str | os.PathLike[str]) -> tuple[str, bool]:
+    """Why `parent`, which is no directory, cannot hold an output, and whether creating it would do: ("directory X
+    does not exist", True), or what X (or a file further up) is ("a.gif is a file, not a directory", False: `-o
+    a.gif/p.json` was told to create a.gif, which was there)."""
     kind, reason = path_kind(parent)
     if kind == MISSING:  # a file further up (a.gif/sub/o.gif) is the reason as well
         up = Path(parent).parent
         while up != up.parent and path_kind(up)[0] == MISSING:
             up = up.parent
         if path_kind(up)[0] == FILE:
-            return f"{_show(up)} is a file, not a directory"
+            return f"{_show(up)} is a file, not a directory", False
+        return f"directory {_show(parent)} does not exist", True
     if kind == FILE:
-        return f"{_show(parent)} is a file, not a directory"
+        return f"{_show(parent)} is a file, not a directory", False
     if kind == OTHER:
-        return f"{_show(parent)} is {reason}, not a directory"
-    if kind == BAD:
-        return f"directory {_show(parent)} cannot be used ({reason})"
-    return f"directory {_show(parent)} does not exist"
+        return f"{_show(parent)} is {reason}, not a directory", False
+    return f"directory {_show(parent)} cannot be used ({reason})", False
 
 
 def exists(path: str | os.PathLike[str]) -> bool:

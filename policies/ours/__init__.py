@@ -34,6 +34,7 @@ from policies.ours.search import (
     fastest_at_quality,
     fastest_fitting,
     fits,
+    may_fall_back,
     ranked_frame_ms,
     search,
     with_rivals_fastest,
@@ -135,9 +136,7 @@ def _rivals_at_fallback_kv(req: PlanRequest, rivals: Sequence[PolicyFn], found: 
     """Where nothing fits — ours at either KV dtype, nor a rival at the workload's — the rivals' plans with the KV
     cache at the fallback dtype, as ours' search tries it (a plan streaming tensor by tensor, which the MILP does not
     model, fits there: `plan default --vram 6.5MiB` said "does not fit: needs 6.77 MiB" where one of 6.45 MiB does)."""
-    wanted = req.workload.kv_dtype
-    if (fits(found.best) or req.kv_dtype is not None or wanted == KV_FALLBACK
-            or not req.workload.kv_cache_bytes() or not rivals):
+    if fits(found.best) or not may_fall_back(req) or not rivals:
         return found
     at_fallback = replace(req, kv_dtype=KV_FALLBACK)
     choices = choose_modes(at_fallback, KV_FALLBACK)
@@ -145,7 +144,7 @@ def _rivals_at_fallback_kv(req: PlanRequest, rivals: Sequence[PolicyFn], found: 
     adopted = _adopt_better(with_rivals_fastest(at_fallback, found, rival_plans), rival_plans)
     if adopted.best is found.best:
         return found
-    note = f"KV cache stored as {KV_FALLBACK} (e4m3): nothing fits with {wanted}"
+    note = f"KV cache stored as {KV_FALLBACK} (e4m3): nothing fits with {req.workload.kv_dtype}"
     return replace(adopted, kv_dtype=KV_FALLBACK, notes=(*adopted.notes, note))
 
 
@@ -279,9 +278,9 @@ def _least_memory(req: PlanRequest, found: Found, rivals: Sequence[Plan]) -> Pla
     The search's own plan was the best by quality and time at its KV dtype, not the smallest: tiny at --vram 7MiB
     showed a BF16 plan needing 10.1 MiB (6.3 of them dequant scratch) where 7.4 MiB fit a plan."""
     wanted = req.kv_dtype or req.workload.kv_dtype
-    kv_dtypes = [wanted] if req.kv_dtype is not None or not req.workload.kv_cache_bytes() else [wanted, KV_FALLBACK]
+    kv_dtypes = [wanted, KV_FALLBACK] if may_fall_back(req) else [wanted]
     candidates = [*([found.best] if found.best is not None else []), *rivals,
-                  *(least_memory_plan(req, kv) for kv in dict.fromkeys(kv_dtypes))]
+                  *(least_memory_plan(req, kv) for kv in kv_dtypes)]
     least = min(candidates, key=lambda p: p.prediction.peak_total_bytes)
     if least.kv_dtype == wanted:
         return least

@@ -62,12 +62,18 @@ def fastest_fitting(plans: Sequence[Plan | None]) -> Plan | None:
     return min(fitting, key=lambda p: p.prediction.frame_ms) if fitting else None
 
 
+def may_fall_back(req: PlanRequest) -> bool:
+    """May the planner store the KV cache in FP8 for this request: it pins no KV dtype, and the workload plans a cache
+    in another dtype?"""
+    return req.kv_dtype is None and req.workload.kv_dtype != KV_FALLBACK and req.workload.kv_cache_bytes() > 0
+
+
 def search(req: PlanRequest, depths: tuple[int, ...] = DEPTHS) -> Found:
     """The best plan over KV dtypes (the workload's, then FP8 only when nothing fits) × prefetch depths. Where the
     workload's fits, FP8 may still win on quality or time: the caller weighs that (policies.ours.fallback_may_win)."""
     wanted = req.kv_dtype or req.workload.kv_dtype
     kv_choices = [wanted]
-    if req.kv_dtype is None and wanted != KV_FALLBACK and req.workload.kv_cache_bytes():
+    if may_fall_back(req):
         kv_choices.append(KV_FALLBACK)  # halves the cache; searched here only when nothing fits without it
     best: Plan | None = None
     fastest = None
@@ -96,9 +102,7 @@ def fallback_may_win(req: PlanRequest, best: Plan) -> bool:
     by, ranking.default_frame_ms), `best` misses the budget (the cache's reads halve), or `best` loses more quality
     than the FP8 cache alone would (kv_loss; halving the cache lends its memory to the weights). Else a search at
     FP8 (as long as the first) cannot change the plan."""
-    wanted = req.workload.kv_dtype
-    if (req.kv_dtype is not None or wanted == KV_FALLBACK or not req.workload.kv_cache_bytes() or not fits(best)
-            or best.kv_dtype != wanted):  # at FP8 already: nothing fitted without it
+    if not may_fall_back(req) or not fits(best) or best.kv_dtype != req.workload.kv_dtype:  # at FP8: nothing else fit
         return False
     pred = best.prediction
     if req.budget.frame_ms is None or pred.frame_ms > req.budget.frame_ms:
@@ -276,4 +280,4 @@ def _bisect(req: PlanRequest, classes: list[BlockClass], base: Problem, start: t
 
 
 __all__ = ["DEPTHS", "KV_FALLBACK", "MEMORY_REPAIRS", "Found", "fastest_at_quality", "fastest_fitting", "fits",
-           "ranked_frame_ms", "search", "with_rivals_fastest"]
+           "may_fall_back", "ranked_frame_ms", "search", "with_rivals_fastest"]

@@ -63,9 +63,9 @@ def _check_output(path: str | Path) -> None:
         raise ResidencyError(f"{str(path)[:200]}: cannot write the profile there ({reason})",
                              hint="give -o a shorter file name")
     if userpath.path_kind(parent)[0] != userpath.DIRECTORY:
-        why = userpath.not_a_directory(parent)
-        raise ResidencyError(f"{path}: {why}", hint="give -o a path in an existing directory" if "is a file" in why
-                             else "create it first, or give -o a path in an existing directory")
+        why, creatable = userpath.not_a_directory(parent)
+        raise ResidencyError(f"{path}: {why}", hint="create it first, or give -o a path in an existing directory"
+                             if creatable else "give -o a path in an existing directory")
     if kind == userpath.DIRECTORY:
         raise ResidencyError(f"{path}: is a directory", hint="give -o a file name, e.g. -o profile.json")
     check_can_create(path)  # a read-only filesystem fails now, not after a minute of measuring
