@@ -250,11 +250,12 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
     given, quoted in hints that name a command to run. `kv_dtype`: the KV cache's dtype (None: the planner's choice);
     the replanner keeps the first plan's, which a running session's cache was built in."""
     from residency.plan import load_plan
-    from residency.runtime.module_paths import check_block_formats
+    from residency.runtime.module_paths import check_block_formats, check_one_compute_dtype
 
     if plan_path:
         plan = load_plan(plan_path)
         check_block_formats(plan, plan_path)
+        check_one_compute_dtype(plan, plan_path)
         if kv_dtype is not None and kv_dtype != plan.kv_dtype:
             raise UsageError(f"--kv-dtype {kv_dtype}, but {plan_path} stores the KV cache as {plan.kv_dtype}",
                              hint=f"leave --kv-dtype out to run the plan as made, or make it again with "

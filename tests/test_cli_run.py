@@ -266,6 +266,25 @@ def test_an_edited_plan_for_a_cpu_profile_file_runs_within_ram_its_model_needs(f
     assert "holds no prediction, so this run measures without comparing" in out and (files / "e.gif").is_file()
 
 
+def test_a_plan_file_whose_blocks_compute_in_two_dtypes_is_refused_naming_the_block(files, capsys):
+    """`run` casts the whole model to one dtype: a plan file with one block edited to fp16 was stated, predicted and
+    then failed at attach with a library hint (make_plan(workload_from_module(…)))."""
+    import json
+
+    assert main(["plan", "tiny", *PROFILE, "--exec-mode", "eager", "-o", "p.json"]) in (0, 3)
+    doc = json.loads((files / "p.json").read_text())
+    first = doc["blocks"][0]["compute_dtype"]
+    doc["blocks"][2]["compute_dtype"] = "fp16" if first != "fp16" else "bf16"
+    (files / "mixed.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "mixed.json", "--frames", "2", "-o", "m.gif"]) == 1
+    out, err = capsys.readouterr()
+    err = " ".join(err.split())
+    assert f"mixed.json: blocks[2].compute_dtype for block {doc['blocks'][2]['name']} is" in err
+    assert "workload_from_module" not in err and "--compute-dtype" in err and "plan (" not in out
+    assert not (files / "m.gif").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU profile's plan is of this runtime's kind there")
 def test_a_plan_made_from_a_gpu_profile_file_known_only_by_its_plan_is_not_compared_with_the_cpu(files, capsys):
     """A GPU plan made from a profile file not shipped nor cached here was compared with the CPU's measurements
