@@ -164,11 +164,13 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
         except Exception as e:  # a config the class refuses: wrong or missing fields
             from residency.workload.from_module import error_line
 
-            huge = "allocat" in str(e)  # sizes so large that even the empty model's buffers do not fit in RAM
+            # sizes so large that what the empty model still builds in RAM does not fit: its buffers, or a weight
+            # its class makes before registering it (init_empty_weights moves a parameter to meta once registered)
+            huge = "allocat" in str(e)
             asked = re.search(r"allocate (\d+) bytes", str(e))
             # the allocator's own words ("[enforce fail at alloc_cpu.cpp:127] err == 0 …") tell a user nothing
             why = (f"building it, even without weights, would allocate {fmt_bytes(int(asked.group(1)))} of host "
-                   "memory for its buffers" if asked else error_line(e))
+                   "memory for its tensors" if asked else error_line(e))
             raise ResidencyError(f"{path / MODEL_CONFIG}: {class_name} refuses the config ({why})",
                                  hint="its sizes (heads, widths, positions) are too large to build the model even "
                                       "without weights: fix them" if huge else "fix the field it names, or give the "
