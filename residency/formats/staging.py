@@ -40,8 +40,8 @@ CHUNK_WEIGHTS = {"cpu": 1 << 21, "cuda": 1 << 20}
 # interleaved rounds, two runs) 256 K beat 512 K in 22 of 24 rows, by 0-15 %: at 512 K a thread's fp32
 # (2 MiB) fills its L2. 256 K is the size that beat 128 K on the one box and 512 K on the other.
 # Re-measured for the bf16 output alone on the 2-vCPU EPYC (1 MiB L2 a core, sysfs), fp32 kept at 256 K, the 6
-# bench formats, 5 fresh processes per size: 96 K and 128 K made bf16 slower than fp32 by up to 27-31 % in every
-# process (the extra fork/joins cost more than the L2 hits gain); 384 K and 512 K beat 256 K by 1-5 % in processes
+# bench formats, 5 fresh processes per size: at 96 K and 128 K the worst format's bf16 ran 1.24-1.97x its fp32 in
+# every process (the extra fork/joins cost more than the L2 hits gain); 384 K and 512 K beat 256 K by 1-5 % in processes
 # that ran fast, and lost by up to 50 % in those that ran the whole process ~1.8x slower (this VM's slow state,
 # fp32 too). 256 K stays.
 FLOAT_SUB_WEIGHTS = {"cpu": 1 << 18}
