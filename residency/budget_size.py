@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 
 from residency.errors import ResidencyError
@@ -29,21 +30,8 @@ def vram_bytes(vram: VramSpec, weight_bytes: int, usable_bytes: int) -> int:
         return vram
     text = vram.strip()
     if not text.endswith("%"):
-        try:
-            float(text)
-        except ValueError:
-            return parse_size(text, "vram")
-        # a string without a unit: vram="12" meant 12 GiB more likely than 12 bytes (an int says bytes)
-        value = float(text)
-        if not (math.isfinite(value) and value > 0):
-            raise ResidencyError(f"vram={vram[:40]!r}: a size must be a positive number with a unit",
-                                 hint='e.g. vram="12GiB", vram="50%" or bytes as an int')
-        whole = value == int(value) and value <= MAX_SIZE_BYTES
-        if whole and value > 1024:  # a byte count written as a string ("1_000_000GiB" is a petabyte: no hint)
-            hint = f"bytes are an int: vram={int(value)}"
-        else:
-            hint = f'did you mean vram="{text}GiB"?' + (f" (bytes are an int: vram={int(value)})" if whole else "")
-        raise ResidencyError(f"vram={vram[:40]!r} has no unit", hint=hint)
+        refuse_unitless(vram, lambda v: f"vram={v}")
+        return parse_size(text, "vram")
     try:
         share = Decimal(text[:-1])
     except InvalidOperation:
@@ -59,3 +47,28 @@ def vram_bytes(vram: VramSpec, weight_bytes: int, usable_bytes: int) -> int:
         raise ResidencyError(f"vram={vram!r} of {fmt_bytes(weight_bytes)} of weights is under one byte",
                              hint="give a larger share or a size such as 64MiB")
     return budget
+
+
+def refuse_unitless(text: str, said: Callable[[str], str]) -> None:
+    """Refuse a size written as a number without a unit: "12" meant 12 GiB more likely than 12 bytes (an int says
+    bytes). `said` writes the call a value was given to (`vram=…`, `rt.set_budget(…)`), for the message and hint."""
+    body = text.strip()
+    try:
+        value = float(body)
+    except ValueError:
+        return  # a unit, or unreadable: parse_size says which
+    shown = said(repr(text[:40]))
+    if not (math.isfinite(value) and value > 0):
+        raise ResidencyError(f"{shown}: a size must be a positive number with a unit",
+                             hint=f"e.g. {said(_quoted('12GiB'))}, {said(_quoted('50%'))} or bytes as an int")
+    whole = value == int(value) and value <= MAX_SIZE_BYTES
+    if whole and value > 1024:  # a byte count written as a string ("1_000_000GiB" is a petabyte: no hint)
+        hint = f"bytes are an int: {said(str(int(value)))}"
+    else:
+        hint = f"did you mean {said(_quoted(body + 'GiB'))}?" + (
+            f" (bytes are an int: {said(str(int(value)))})" if whole else "")
+    raise ResidencyError(f"{shown} has no unit", hint=hint)
+
+
+def _quoted(text: str) -> str:
+    return f'"{text}"'

@@ -158,9 +158,10 @@ def test_a_retried_call_draws_the_same_noise_from_its_generator_argument():
     assert len(rt.recoveries) == 1 and torch.equal(retried, again)
 
 
-@pytest.mark.parametrize("bad", [-5, 0, 1.5, True, "lots", None])
+@pytest.mark.parametrize("bad", [-5, 0, 1.5, True, "lots", None, "50", "12.5", "1e3", " 6 "])
 def test_set_budget_refuses_what_is_no_budget_and_takes_a_size(bad):
-    """-5, 0 and 1.5 were taken as budgets; "1GiB" raised a bare ValueError."""
+    """-5, 0 and 1.5 were taken as budgets; "1GiB" raised a bare ValueError. A string without a unit ("50", "12.5")
+    was 50 or 12 bytes, and the next call let go of the model; attach(vram="50") refuses it."""
     model = Residual()
     rt = Runtime(make_plan(W), "cpu", workload=W).attach(model)
     try:
@@ -172,6 +173,18 @@ def test_set_budget_refuses_what_is_no_budget_and_takes_a_size(bad):
         assert rt.ledger.budget_bytes == 2**30
         rt.set_budget("50%")  # of the weights at the plan's compute dtype, as attach(vram="50%") reads it
         assert rt.ledger.budget_bytes == W.nbytes("F32") // 2
+    finally:
+        rt.detach()
+
+
+def test_set_budget_says_a_number_without_a_unit_has_none_in_its_own_words():
+    rt = Runtime(make_plan(W), "cpu", workload=W).attach(Residual())
+    try:
+        with pytest.raises(ResidencyError) as e:
+            rt.set_budget("12")
+        assert str(e.value).splitlines() == ["rt.set_budget('12') has no unit",
+                                             'hint: did you mean rt.set_budget("12GiB")? (bytes are an int: '
+                                             'rt.set_budget(12))']
     finally:
         rt.detach()
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from residency.budget_size import vram_bytes
+from residency.budget_size import refuse_unitless, vram_bytes
 from residency.errors import ResidencyError
 from residency.formats.dtypes import DTYPE_FORMAT
 from residency.plan import Budget
@@ -73,6 +73,9 @@ class Recovering:
                 raise ResidencyError(f"set_budget({budget_bytes!r}): {e.message.split(': ', 1)[-1]}",
                                      hint=e.hint) from None
         elif isinstance(budget_bytes, str):
+            # "50" is a typo for "50GiB" more likely than 50 bytes, as attach(vram=…) reads it: taken as bytes, the
+            # next call let go of the model
+            refuse_unitless(budget_bytes, lambda v: f"rt.set_budget({v})")
             budget_bytes = parse_size(budget_bytes, "the budget")
         elif (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral)
               or not 0 < budget_bytes <= MAX_SIZE_BYTES):
