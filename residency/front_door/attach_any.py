@@ -214,6 +214,16 @@ def _refuse_unhookable(model: nn.Module) -> None:
         raise ResidencyError(f"{name} is a TorchScript module: its blocks run as compiled code, which residency "
                              "cannot hook to place their weights",
                              hint="attach the nn.Module itself, before torch.jit.script or torch.jit.trace")
+    # a scripted part (layers built as torch.jit.script(Block())): it failed as "did not run on the example inputs
+    # (register_forward_pre_hook is not supported on ScriptModules)", with a hint about the inputs' shapes
+    scripted = next((path for path, m in model.named_modules() if path and isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        part = model.get_submodule(scripted)
+        raise ResidencyError(f"{name}.{scripted} is a TorchScript module (a scripted "
+                             f"{getattr(part, 'original_name', type(part).__name__)}): its calls run as compiled code, "
+                             "which residency cannot hook to place its weights",
+                             hint="build that part as the nn.Module itself (without torch.jit.script or "
+                                  "torch.jit.trace), then attach the model")
     quantized = next((path for path, m in model.named_modules()
                       if type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))), None)
     if quantized is not None:  # its weights are packed in an op's private format: no parameter to place
