@@ -121,7 +121,7 @@ def _dynamic_quantized() -> nn.Module:
     (lambda: torch.jit.script(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))), "is a TorchScript module"),
     # a scripted layer: "did not run on the example inputs (… not supported on ScriptModules)", a hint about shapes
     (lambda: nn.Sequential(nn.Linear(8, 8), torch.jit.script(nn.Linear(8, 8))),
-     r"Sequential.1 is a TorchScript module \(RecursiveScriptModule\)"),
+     r"Sequential.1 is a TorchScript module \(a scripted Linear\)"),
     # refused after planning, with a hint to cast the model (which would turn the indices into floats)
     (IndexParameter, "IndexParameter.order is a parameter of int64"),
     # "Sequential has no floating-point parameters"
