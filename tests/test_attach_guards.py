@@ -413,3 +413,34 @@ def test_an_example_with_no_elements_is_refused_at_attach():
     with pytest.raises(ResidencyError, match=r"has no elements \(shape \(0, 64\)\)"):
         residency.attach(model, vram="100%", profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=x[:0])
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+class TakesAWeight(nn.Module):
+    """A forward that multiplies by a matrix it is given: a caller may hand it one of the model's own weights."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(64, 64), nn.GELU()) for _ in range(6))
+
+    def forward(self, x, w):
+        for layer in self.layers:
+            x = layer(x)
+        return x @ w
+
+
+def test_a_call_given_one_of_its_streamed_weights_is_refused_naming_it_and_a_copy_runs():
+    """The weight of a streamed block points at a slot the ring refills: passed in as an argument it held another
+    block's values (outputs off by 5, no error)."""
+    model, x = TakesAWeight().eval(), torch.randn(4, 64)
+    w = model.layers[0][0].weight
+    copy = w.detach().clone()
+    with torch.inference_mode():
+        expected = model(x, copy)
+    with attach(model, (x, copy)) as rt, torch.inference_mode():
+        assert rt.plan.by_name[rt.plan.blocks[0].name].placement == "streamed"
+        for given in (w, w.t(), w[:8]):
+            with pytest.raises(ResidencyError, match=r"the model's own weight TakesAWeight\.layers\.0\.0\.weight") as e:
+                model(x, given)
+            assert "w.detach().clone()" in e.value.hint
+        assert torch.equal(model(x, copy), expected)

@@ -47,6 +47,8 @@ class RetryHook(ModelHook):
         rt = self.runtime
         if rt.call_check is not None:
             rt.call_check(args, kwargs)
+        if rt._swapped_inputs is not None:
+            rt._swapped_inputs(args, kwargs)
         return rt._unit(rt._model_call, (forward, args, kwargs), {},
                         state=lambda: capture(rt._input_names, args, kwargs, rt._model_buffers))
 

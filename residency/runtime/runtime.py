@@ -59,6 +59,7 @@ from residency.runtime.retry_safety import CallState, input_names, model_buffers
 from residency.runtime.schedule import CallSchedule
 from residency.runtime.session_protocol import RecoverableSession
 from residency.runtime.structure_watch import StructureWatch, model_label, weak_busy, weak_call
+from residency.runtime.swapped_inputs import SwappedInputs
 from residency.runtime.weight_edits import WeightWatch
 from residency.simulate.memory import peak_bytes
 from residency.telemetry.recorder import Recorder, TelemetrySnapshot
@@ -131,6 +132,7 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRunt
         self._unit_thread = 0  # the thread running it (threading.get_ident): its registrations are the model's
         self._unit_lock = threading.RLock()  # one unit at a time across threads; re-entered by nested calls
         self._swaps = False  # the attached plan swaps weights in: autograd is kept off its calls
+        self._swapped_inputs: SwappedInputs | None = None  # refuses a call given one of those weights
         self.loop: ClosedLoop | None = None  # enable_closed_loop() sets it
         self._originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]] = {}
         self._buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
@@ -267,6 +269,7 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRunt
             self.store.release()
             raise
         self._originals, self._memory, self._executor = originals, memory, executor
+        self._swapped_inputs = SwappedInputs(self.workload, tensors, executor.volatile, executor.buffer_index)
         executor.frame_base = self.recorder.last_frame  # a re-attach (switch, recovery): numbers continue
         executor.keep_write = self._keep_buffer_write
         self._buffer_versions = versions
