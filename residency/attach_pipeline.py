@@ -306,6 +306,16 @@ class PipelineRuntime(NotCopiedRuntime):
         """The runtime's telemetry snapshot (frames, calls, the closed loop's events)."""
         return self.runtime.telemetry()
 
+    @property
+    def attached(self) -> bool:
+        """Whether the runtime holds the pipeline now (Runtime.attached)."""
+        return self.runtime.attached
+
+    @property
+    def budget_bytes(self) -> int:
+        """The device budget in force (Runtime.budget_bytes)."""
+        return self.runtime.budget_bytes
+
     def set_budget(self, budget_bytes: int | str) -> None:
         """The device budget changed (Runtime.set_budget): a cut below use re-plans at the next block call."""
         self.runtime.set_budget(budget_bytes)

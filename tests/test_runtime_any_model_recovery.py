@@ -198,13 +198,13 @@ def test_after_no_plan_fitted_a_cut_set_budget_sets_what_the_next_attach_holds()
     rt.set_budget(1)
     with pytest.raises(DeviceBudgetExceeded, match="no plan fits"):
         _call(model)
-    assert rt.pipeline is None
+    assert rt.pipeline is None and not rt.attached and rt.budget_bytes == 1
     with pytest.raises(DeviceBudgetExceeded):
         rt.attach(model)  # still the budget of the cut
     rt.set_budget("1GiB")
     rt.attach(model)
     try:
-        assert rt.ledger.budget_bytes == 2**30 and torch.equal(_call(model), expected)
+        assert rt.attached and rt.budget_bytes == 2**30 and torch.equal(_call(model), expected)
     finally:
         rt.detach()
 

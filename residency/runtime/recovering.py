@@ -60,6 +60,18 @@ class Recovering:
     """Runtime's recovery and the budget that triggers it; every attribute it reads is Runtime's (see
     residency.runtime.runtime)."""
 
+    @property
+    def attached(self) -> bool:
+        """Whether the runtime holds the model now: False once detached, or after it let go of the model when no plan
+        fitted a budget cut (attach() again, after a set_budget the plan fits)."""
+        return self.pipeline is not None
+
+    @property
+    def budget_bytes(self) -> int:
+        """The device budget in force: the last set_budget's (or the plan's). `plan.budget` is the one the running
+        plan was made for, which a cut or raise set_budget did not re-plan for leaves as it was."""
+        return self.ledger.budget_bytes
+
     def set_budget(self, budget_bytes: int | str) -> None:
         """Another program took (or returned) device memory; a cut below use triggers a recovery at the
         next block call (or step). `budget_bytes`: whole bytes, a size ("6GiB"), or a share of the model's weights at
