@@ -71,7 +71,8 @@ class _ConversionGuard(NotPickled):
         tensors = [t for t in (*self.module.parameters(), *self.module.buffers())]
         if all(fn(t) is t for t in tensors):
             return self.module
-        raise ResidencyError(f"{type(self.module).__name__}.to()/.half()/.cuda() while a runtime is attached: its "
+        raise ResidencyError(f"a dtype or device conversion of {type(self.module).__name__} (.to(), .half(), .float(), "
+                             ".cuda(), …) while a runtime is attached: its "
                              "blocks' weights live in the runtime's memory in the plan's dtype and device, and a "
                              "conversion would reach only some of them (calls then fail on mixed dtypes)",
                              hint="detach() (leave the `with` block), convert the model, and attach it again")
