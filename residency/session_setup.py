@@ -264,21 +264,27 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
         same_blocks = [b.name for b in plan.blocks] == [b.name for b in model.workload.blocks]
         name = model.label.split(" ", 1)[0]
         other_steps = same_name and plan.steps != model.pipe.config.steps
+        # compared at the plan's steps: at the config's, a plan of --steps 8 with a block edited out was said to
+        # differ in its fingerprint too, which was the 4-step model's
+        config, workload = _at_steps(model, plan.steps, plan_path) if other_steps else (None, model.workload)
         if same_blocks and same_name:
-            # the same model's blocks: a mismatch is its steps (or another field) edited in the file, even to the
-            # model's own steps (a plan of --steps 8 edited to 4 got the generic "make a new plan")
-            fix = (f"make the plan with `residency plan {name} --steps {plan.steps} -o …` (steps edited in the file "
-                   "leave its workload_fingerprint at the old count)")
+            # the same model's blocks: a mismatch is its steps edited in the file, even to the model's own steps (a
+            # plan of --steps 8 edited to 4 got the generic "make a new plan"), or its fingerprint (said to be steps)
+            made_at = None if plan.workload_fingerprint == workload.fingerprint() else _steps_of(
+                model, plan.workload_fingerprint)
+            if made_at is not None and made_at != plan.steps:
+                fix = (f"make the plan with `residency plan {name} --steps {plan.steps} -o …` (steps edited in the "
+                       f"file from {made_at} leave its workload_fingerprint at the old count)")
+            else:
+                fix = (f"make the plan again: `residency plan {name}{f' --steps {plan.steps}' if other_steps else ''} "
+                       "-o …` (its workload_fingerprint is this model's at no step count: edited, or written by "
+                       "another version of residency)")
         else:  # another model, or this one's plan with blocks edited: made again, at its steps
             fix = (f"make a plan for this model: `residency plan {name}"
                    f"{f' --steps {plan.steps}' if other_steps else ''} -o plan.json`, then --plan plan.json")
+        _check_plan_file(plan, workload, model.label, plan_path, fix)
         if not other_steps:
-            plan.check_matches(model.workload, f"model {model.label}", fix=fix)
             return model, plan, None
-        # compared at the plan's steps: at the config's, a plan of --steps 8 with a block edited out was said to
-        # differ in its fingerprint too, which was the 4-step model's
-        config, workload = _at_steps(model, plan.steps, plan_path)
-        plan.check_matches(workload, f"model {model.label}", fix=fix)
         model.pipe.config = config  # once the plan is known to fit: only a session reads it, when it starts
         return dataclasses.replace(model, workload=workload), plan, None
     from policies import PlanRequest, Replanner, get_policy
@@ -326,6 +332,37 @@ def _at_steps(model: Model, steps: int, source: str) -> tuple[Any, Workload]:
         raise ResidencyError(f"{source}: steps is {steps}, which {model.label} cannot run ({e.message})",
                              hint="make the plan with `residency plan … --steps N` for a count the model takes") from e
     return config, workload_from_dict(catalog_entry(config))
+
+
+def _steps_of(model: Model, fingerprint: str) -> int | None:
+    """The denoise steps at which `model`'s workload has `fingerprint`, or None. Cost: a workload per count the
+    sampler takes (milliseconds each), on an error path only."""
+    from residency.workload.spec import MAX_STEPS
+
+    for steps in range(1, MAX_STEPS + 1):
+        try:
+            if _at_steps(model, steps, "")[1].fingerprint() == fingerprint:
+                return steps
+        except ResidencyError:
+            continue
+    return None
+
+
+def _check_plan_file(plan: Plan, workload, label: str, plan_path: str, fix: str) -> None:
+    """Plan.check_matches for a plan file, its errors naming the file; and its context_frames, which the runtime
+    never reads (the model's own are what it keeps): edited to 1024, a plan ran and said it held within a budget
+    its KV cache alone would overrun."""
+    try:
+        plan.check_matches(workload, f"model {label}", fix=fix)
+    except ResidencyError as e:
+        raise ResidencyError(f"{plan_path}: {e.message}", hint=e.hint) from None
+    if plan.context_frames != workload.context_frames:
+        name = label.split(" ", 1)[0]
+        raise ResidencyError(f"{plan_path}: context_frames is {plan.context_frames}, but model {label} keeps "
+                             f"{workload.context_frames} past latent frames in its KV cache (the plan was made for "
+                             f"{workload.context_frames}: edited since?)",
+                             hint=f"put it back to {workload.context_frames}, or make the plan again: "
+                                  f"`residency plan {name} -o {plan_path}`")
 
 
 def resolve_for(model: Model, profile: str, console: Console, image_path: str | None = None) -> DeviceProfile:

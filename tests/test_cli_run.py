@@ -285,6 +285,30 @@ def test_a_plan_file_whose_blocks_compute_in_two_dtypes_is_refused_naming_the_bl
     assert not (files / "m.gif").exists()
 
 
+def test_edits_a_plan_file_cannot_carry_are_refused_naming_the_file(files, capsys):
+    """context_frames edited to 1024 ran, the plan said to hold within a budget its KV cache alone overran (the runtime
+    reads the model's own); a block named twice was refused without naming the file; an edited fingerprint got a
+    hint that the steps were edited."""
+    import json
+
+    assert main(["plan", "tiny", *PROFILE, "--exec-mode", "eager", "-o", "p.json"]) in (0, 3)
+    doc = json.loads((files / "p.json").read_text())
+    cases = {"ctx": {**doc, "context_frames": doc["context_frames"] + 1000},
+             "twice": {**doc, "blocks": [doc["blocks"][0], *doc["blocks"][:-1]]},
+             "print": {**doc, "workload_fingerprint": "deadbeef"}}
+    said = {}
+    for name, edited in cases.items():
+        (files / f"{name}.json").write_text(json.dumps(edited))
+        capsys.readouterr()
+        assert main(["run", "tiny", "--image", "start.png", "--plan", f"{name}.json", "-o", f"{name}.gif"]) == 1
+        said[name] = " ".join(capsys.readouterr().err.split())
+        assert said[name].startswith(f"error: {name}.json: ") and not (files / f"{name}.gif").exists()
+    assert f"context_frames is {doc['context_frames'] + 1000}, but model tiny" in said["ctx"]
+    assert f"put it back to {doc['context_frames']}" in said["ctx"]
+    assert "does not name the blocks of model tiny" in said["twice"]
+    assert "steps edited" not in said["print"] and "at no step count" in said["print"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU profile's plan is of this runtime's kind there")
 def test_a_plan_made_from_a_gpu_profile_file_known_only_by_its_plan_is_not_compared_with_the_cpu(files, capsys):
     """A GPU plan made from a profile file not shipped nor cached here was compared with the CPU's measurements

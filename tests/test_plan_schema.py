@@ -139,6 +139,8 @@ REFUSED = {
     "pinned as text": _set("execution", "pinned", "yes"),
     "pinned as 1": _set("execution", "pinned", 1),
     "negative host sync": _set("execution", "host_sync_per_onload_us", -1),
+    # read, and a run printed a 300-digit prediction
+    "host sync past a second": _set("execution", "host_sync_per_onload_us", 1e300),
     "execution null": _set("execution", None),
     "unknown top-level field": _set("colour", "red"),
     "missing model": _drop("model"),

@@ -92,6 +92,9 @@ _TOP_REQUIRED = ("schema_version", "model", "workload_fingerprint", "profile", "
                  "budget", "blocks")
 _TOP_KNOWN = (*_TOP_REQUIRED, "execution", "kv_dtype", "steps", "context_frames", "prediction", "notes", "digest", "profile_backend",
               *("holds_budget", "verdict", "policies"))  # what `plan --json` adds to the document: read past, not kept
+# A host wait per streamed block of a second is past any synchronising peer's (a few launches' worth): 1e300 was
+# read, and a run printed a 300-digit prediction
+MAX_HOST_SYNC_US = 1e6
 _PREDICTION_MS = ("frame_ms", "first_frame_ms", "stall_ms", "copy_ms", "compute_ms", "lower_bound_ms")
 
 
@@ -175,7 +178,8 @@ def _execution(r: Reader, value: Any) -> Execution:
         prefetch_depth=r.integer(r.optional(doc, "prefetch_depth", 1), "execution.prefetch_depth", 0,
                                  MAX_PREFETCH_DEPTH, unit="blocks"),
         host_sync_per_onload_us=r.number(r.optional(doc, "host_sync_per_onload_us", 0.0),
-                                         "execution.host_sync_per_onload_us", 0.0, unit="microseconds"),
+                                         "execution.host_sync_per_onload_us", 0.0, maximum=MAX_HOST_SYNC_US,
+                                         unit="microseconds"),
         **flags,
     )
 
