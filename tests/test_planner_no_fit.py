@@ -32,3 +32,20 @@ def test_the_memory_a_no_fit_plan_needs_is_a_budget_some_plan_fits(model, profil
     assert all(peer(starved).prediction.peak_total_bytes >= need for peer in PEERS.values())
     again = ours(PlanRequest(workload, prof, Budget(need), compute_dtype=dtype))
     assert fits_memory(again) and again.prediction.peak_total_bytes <= need
+
+
+def test_the_vram_a_peer_is_told_to_give_is_one_its_plan_fits(tmp_path, monkeypatch, capsys):
+    """A peer keeps more resident when given more: `plan default --policy forge --vram 60%` said "give --vram
+    20.3MiB", where forge then needed 25.8 MiB (and the next hint 25.9)."""
+    import re
+
+    from residency.cli import main
+    from residency.units import parse_size
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    args = ["plan", "default", "--profile", "rx-7800-xt", "--exec-mode", "eager", "--policy", "forge"]
+    assert main([*args, "--vram", "60%"]) == 3
+    said = capsys.readouterr().out
+    need, give = re.search(r"needs ([\d.]+ [KMG]iB), budget .*give --vram (\S+) or more", " ".join(said.split())).groups()
+    assert parse_size(give) > parse_size(need.replace(" ", ""))  # the plan's own peak does not fit: more is asked
+    assert main([*args, "--vram", give]) == 0
