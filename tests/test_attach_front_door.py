@@ -176,6 +176,22 @@ def test_a_directory_where_the_cached_profile_goes_costs_a_remeasure_with_one_cl
                        "again next time\nhint: give a file name, or remove that directory")
 
 
+def test_a_cache_home_that_is_a_file_is_said_before_the_measurement(tmp_path, monkeypatch):
+    """XDG_CACHE_HOME naming a file was found only after the ~40 s measurement ("could not cache"), and every later
+    command measured again."""
+    (tmp_path / "exist.json").write_text("{}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "exist.json"))
+    said = []
+
+    def measure(device, quick, source=None):
+        said.append("measured")
+        return load_profile("rx-7800-xt")
+
+    machine_profile("cpu", say=said.append, measure=measure)
+    assert "it cannot be cached" in said[0] and "exist.json is a file, not a directory" in said[0]
+    assert "XDG_CACHE_HOME" in said[0] and said[1] == "measured"
+
+
 def test_a_shipped_profile_name_is_accepted():
     with attach_small(profile="rx-7800-xt", vram="1GiB") as rt:  # a GPU profile: its matmul workspace too
         assert rt.plan.profile_fingerprint == load_profile("rx-7800-xt").fingerprint()

@@ -57,7 +57,12 @@ def machine_profile(kind: str | None = None, *, say: Callable[[str], None] = _to
             return load_profile(path)
         except ResidencyError as e:  # a damaged cache costs a re-measure, not the run
             say(f"the cached profile is unreadable ({e.message}); measuring again")
-    say(f"measuring this machine's {kind} profile once (quick mode, ~25–60 s); cached in {path}")
+    problem = _uncacheable(path.parent)
+    if problem is None:
+        say(f"measuring this machine's {kind} profile once (quick mode, ~25–60 s); cached in {path}")
+    else:  # said before the measurement: after it, every later command had cost its ~40 s again unannounced
+        say(f"measuring this machine's {kind} profile (quick mode, ~25–60 s); it cannot be cached ({problem}), so "
+            "every command will measure it again\nhint: set XDG_CACHE_HOME to a writable directory")
     profile = measure("cuda:0" if kind == "cuda" else "cpu", quick=True,
                       source=f"residency (cached profile, quick) on {kind}")
     try:
@@ -68,3 +73,14 @@ def machine_profile(kind: str | None = None, *, say: Callable[[str], None] = _to
         say(f"could not cache the profile: {why}; it will be measured again next time"
             + (f"\nhint: {hint}" if hint else ""))
     return profile
+
+
+def _uncacheable(directory: Path) -> str | None:
+    """Why a profile cannot be cached in `directory` (a file where a directory should be, no write access), or None
+    when it can (or may: a directory that does not exist yet is created when the profile is saved)."""
+    kind = userpath.path_kind(directory)[0]
+    if kind == userpath.DIRECTORY:
+        return None if os.access(directory, os.W_OK | os.X_OK) else f"directory {directory} is not writable"
+    why, creatable = userpath.not_a_directory(directory)
+    return None if creatable else why
+
