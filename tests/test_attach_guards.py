@@ -431,11 +431,12 @@ class TakesAWeight(nn.Module):
 
 
 def test_a_call_given_one_of_its_streamed_weights_is_refused_naming_it_and_a_copy_runs():
-    """The weight of a streamed block points at a slot the ring refills: passed in as an argument it held another
-    block's values (outputs off by 5, no error)."""
+    """The weight of a streamed block points at a slot the ring refills: passed in as an argument (itself, a view,
+    its .detach() or .data taken while attached) it held another block's values (outputs off by 5, no error). A view
+    taken before attaching lives in the model's own storage: it holds the right values, and runs."""
     model, x = TakesAWeight().eval(), torch.randn(4, 64)
     w = model.layers[0][0].weight
-    copy = w.detach().clone()
+    copy, early = w.detach().clone(), w[:, :]
     with torch.inference_mode():
         expected = model(x, copy)
     with attach(model, (x, copy)) as rt, torch.inference_mode():
@@ -444,4 +445,8 @@ def test_a_call_given_one_of_its_streamed_weights_is_refused_naming_it_and_a_cop
             with pytest.raises(ResidencyError, match=r"the model's own weight TakesAWeight\.layers\.0\.0\.weight") as e:
                 model(x, given)
             assert "w.detach().clone()" in e.value.hint
-        assert torch.equal(model(x, copy), expected)
+        for given in (w.detach(), w.data):
+            with pytest.raises(ResidencyError, match=r"in the memory the model's weight \S+ is bound to"):
+                model(x, given)
+        assert torch.equal(model(x, copy), expected) and torch.equal(model(x, early), expected)
+    assert rt._swapped_inputs is None and rt._weights is None  # detached: no view of the device memory is held

@@ -180,3 +180,26 @@ def test_blocks_called_on_other_threads_inside_the_forward_are_refused_naming_on
     with pytest.raises(ResidencyError, match=r"calls heads\.\d on another thread") as e:
         attach(HeadsInAThreadPool().eval(), torch.randn(2, 64), "50%")
     assert "forward's own thread" in e.value.hint
+
+
+class ScriptedActivation(nn.Module):
+    """A TorchScript part with no tensors (a scripted activation): nothing of it is placed, so it runs as it is."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.act = torch.jit.script(nn.GELU())
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = self.act(layer(x))
+        return x
+
+
+def test_a_scripted_part_without_weights_attaches_and_computes_as_the_plain_model():
+    model, x = ScriptedActivation().eval(), torch.randn(2, 8)
+    with torch.inference_mode():
+        expected = model(x)
+    with attach(model, x, "50%"), torch.inference_mode():
+        assert torch.equal(model(x), expected)

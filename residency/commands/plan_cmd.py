@@ -17,7 +17,7 @@ from residency.commands.sources import SHIPPED_NAME, resolve_workload, shipped_s
 from residency.errors import ResidencyError, UsageError
 from residency.formats.dtypes import KV_DTYPE_BYTES
 from residency.plan.plan import COMPUTE_DTYPES, MAX_PLAN_BYTES
-from residency.units import MAX_SIDE_PX, fmt_bytes
+from residency.units import MAX_SIDE_PX, fmt_bytes, parse_size, size_at_least
 
 EXIT_BUDGET_NOT_MET = 3
 
@@ -154,25 +154,43 @@ def _check_plan_output(path: str | None):
     return check_writable_target(path, ".json", "plan.json")
 
 
-# re-plans of a peer at the budget its last plan needed, before the hint gives up on naming one that fits
-FIT_SEARCH_STEPS = 8
+# re-plans of a peer at the budget its last plan needed, then halvings of the gap to its all-resident plan's
+FIT_SEARCH_STEPS = 12
 
 
-def fitting_vram(policy, req, plan) -> int | None:
-    """A VRAM budget `policy`'s plan fits in, for the "give --vram" hint of a plan over its budget: a peer keeps more
-    resident when given more (forge at 60 % of default needed 20.3 MiB, at 20.3 MiB 25.8), so its peak is no such
-    budget. Re-planned at each plan's peak until one fits (peaks only grow: each plan is also one the next budget
-    allows); None when FIT_SEARCH_STEPS do not get there. Not for ours, whose least-memory plan fits its own peak.
-    Cost: a peer's planning per step (tens of ms)."""
-    budget = plan.prediction.peak_total_bytes
+def fitting_vram(policy, req, plan) -> str:
+    """What to tell a user whose `policy` plan does not fit: "give --vram X or more" with an X the policy's plan was
+    seen to fit as written (the size rounded up is the budget tried), or "give --vram more than X" when none was
+    found. A peer keeps more resident when given more (forge at 60 % of default needed 20.3 MiB, at 20.3 MiB 25.8), so
+    its plan's peak is no such budget. Re-planned at each plan's peak; a peer whose peak grows a step per budget
+    (ComfyUI's partial loading) then gets a bisection up to its all-resident peak. Not for ours, whose least-memory
+    plan fits its own peak. Cost: a peer's planning per step (tens of ms)."""
+    from policies import get_policy
+
+    def fits_at(shown: str) -> tuple[bool, int]:
+        budget = parse_size(shown)
+        need = policy(replace(req, budget=replace(req.budget, vram_bytes=budget))).prediction.peak_total_bytes
+        return need <= budget, need
+
+    shown = size_at_least(plan.prediction.peak_total_bytes)
     for _ in range(FIT_SEARCH_STEPS):
-        again = policy(replace(req, budget=replace(req.budget, vram_bytes=budget)))
-        if again.prediction is None:
-            return None
-        if again.prediction.peak_total_bytes <= budget:
-            return budget
-        budget = again.prediction.peak_total_bytes
-    return None
+        ok, need = fits_at(shown)
+        if ok:
+            return f"give --vram {shown} or more"
+        shown = size_at_least(max(need, parse_size(shown) + 1))
+    lo = parse_size(shown)  # not yet tried
+    found = size_at_least(max(lo, get_policy("all-resident")(req).prediction.peak_total_bytes))
+    if not fits_at(found)[0]:
+        return f"give --vram more than {shown}"
+    for _ in range(FIT_SEARCH_STEPS):  # the smallest budget seen to fit, between lo and found
+        if lo >= parse_size(found):
+            break
+        mid = size_at_least(lo + (parse_size(found) - lo) // 2)
+        if fits_at(mid)[0]:
+            found = mid
+        else:
+            lo = parse_size(mid) + 1
+    return f"give --vram {found} or more"
 
 
 def run(args) -> int:
@@ -201,11 +219,11 @@ def run(args) -> int:
         from residency.plan import save_plan
 
         save_plan(chosen, args.output)
-    fits_at = None
+    give = None
     if chosen.policy != "ours" and chosen.prediction is not None and \
             chosen.prediction.peak_total_bytes > req.budget.vram_bytes:
         with working("finding the VRAM it fits"):
-            fits_at = fitting_vram(get_policy(chosen.policy), req, chosen)
+            give = fitting_vram(get_policy(chosen.policy), req, chosen)
     if args.json:
         from rich.text import Text
 
@@ -214,7 +232,7 @@ def run(args) -> int:
         doc = plan_to_dict(chosen)
         doc["holds_budget"] = chosen.holds_budget
         # what the table's verdict line says (why exit 3: needs how much, or how far off the frame budget)
-        doc["verdict"] = Text.from_markup(verdict(chosen, req.workload.frame_unit(), fits_at)).plain
+        doc["verdict"] = Text.from_markup(verdict(chosen, req.workload.frame_unit(), give)).plain
         if len(plans) > 1:
             doc["policies"] = {p.policy if i else "ours": plan_to_dict(p) for i, p in enumerate(plans)}
         json.dump(doc, sys.stdout, indent=1)
@@ -223,7 +241,7 @@ def run(args) -> int:
         console = make_console()
         shipped = args.model == SHIPPED_NAME  # its workload is named after its config (game-64), not `default`
         render_plan(console, req.workload, chosen, req.profile,
-                    f"{chosen.model} (the shipped model, `{SHIPPED_NAME}`)" if shipped else None, fits_at)
+                    f"{chosen.model} (the shipped model, `{SHIPPED_NAME}`)" if shipped else None, give)
         if len(plans) > 1:
             render_comparison(console, plans, req)
         if any(bp.exec_mode == "compiled" for bp in chosen.blocks):

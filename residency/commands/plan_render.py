@@ -166,9 +166,9 @@ def _memory_rows(plan: Plan) -> list[tuple[str, ...]]:
 
 
 def render_plan(console: Console, workload: Workload, plan: Plan, profile, model_label: str | None = None,
-                fits_at_bytes: int | None = None) -> None:
+                give: str | None = None) -> None:
     """Print the plan per component: placement, format, size and ms of copy, dequant and compute per block;
-    the header names the model `model_label` (default: the plan's model name); `fits_at_bytes` as verdict's."""
+    the header names the model `model_label` (default: the plan's model name); `give` as verdict's."""
     ms = _per_block_ms(workload, plan, profile)
     pred = plan.prediction
     budget = plan.budget
@@ -198,7 +198,7 @@ def render_plan(console: Console, workload: Workload, plan: Plan, profile, model
             console.print(f"after {phase}: evict {plural(len(evicted), 'block')} "
                           f"({fmt_bytes(sum(workload.by_name[b].nbytes(plan.by_name[b].format) for b in evicted))}"
                           f" as loaded): {_names_label(list(evicted))}")
-    console.print(verdict(plan, unit, fits_at_bytes))
+    console.print(verdict(plan, unit, give))
     for note in _folded_notes([n for n in plan.notes if not is_device_miss(n)]):  # the verdict says the miss
         console.print(f"  note: {escape(note)}")
 
@@ -290,10 +290,10 @@ def frame_unit(workload: Workload) -> str:
     return workload.frame_unit()
 
 
-def verdict(plan: Plan, unit: str = "latent frame", fits_at_bytes: int | None = None) -> str:
+def verdict(plan: Plan, unit: str = "latent frame", give: str | None = None) -> str:
     """One rich-markup line: whether the plan fits its VRAM budget and holds its frame budget (ms per `unit`).
-    `fits_at_bytes`: a budget the policy was found to fit (plan_cmd.fitting_vram) where the plan's own peak is not
-    one (a policy that keeps more resident when given more); None: the plan's peak."""
+    `give`: what to give for a plan over its budget, found by re-planning (plan_cmd.fitting_vram: a policy that keeps
+    more resident when given more); None: "give --vram <the plan's peak> or more"."""
     pred, budget = plan.prediction, plan.budget
     if pred is None:  # a plan file without one, for a profile not known here
         return (f"no prediction: the plan holds none, and its profile ({plan.profile}, fingerprint "
@@ -305,7 +305,7 @@ def verdict(plan: Plan, unit: str = "latent frame", fits_at_bytes: int | None = 
         fixed = pred.peak_bytes.get("workspace", 0)
         why = (f" (the device's fixed workspace alone is {fmt_bytes(fixed)}: no placement fits under it)"
                if fixed >= budget.vram_bytes else "")
-        give = f"; give --vram {size_at_least(fits_at_bytes or pred.peak_total_bytes)} or more"
+        give = f"; {give or f'give --vram {size_at_least(pred.peak_total_bytes)} or more'}"
         frame = ""
         if budget.frame_ms is not None and pred.frame_ms > budget.frame_ms:  # said, or it reads as the only miss
             frame = (f"; this plan also misses the frame budget: {pred.frame_ms:.2f} ms > "

@@ -216,7 +216,9 @@ def _refuse_unhookable(model: nn.Module) -> None:
                              hint="attach the nn.Module itself, before torch.jit.script or torch.jit.trace")
     # a scripted part (layers built as torch.jit.script(Block())): it failed as "did not run on the example inputs
     # (register_forward_pre_hook is not supported on ScriptModules)", with a hint about the inputs' shapes
-    scripted = next((path for path, m in model.named_modules() if path and isinstance(m, torch.jit.ScriptModule)), None)
+    # (one with no tensors, a scripted activation, runs as it is: nothing of it is placed)
+    scripted = next((path for path, m in model.named_modules() if path and isinstance(m, torch.jit.ScriptModule)
+                     and any(True for _ in chain(m.parameters(), m.buffers()))), None)
     if scripted is not None:
         part = model.get_submodule(scripted)
         raise ResidencyError(f"{name}.{scripted} is a TorchScript module (a scripted "

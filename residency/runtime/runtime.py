@@ -269,7 +269,8 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRunt
             self.store.release()
             raise
         self._originals, self._memory, self._executor = originals, memory, executor
-        self._swapped_inputs = SwappedInputs(self.workload, tensors, executor.volatile, executor.buffer_index)
+        self._swapped_inputs = SwappedInputs((*memory.slots, memory.scratch, memory.arena), self.workload, tensors,
+                                             executor.volatile, executor.buffer_index)
         executor.frame_base = self.recorder.last_frame  # a re-attach (switch, recovery): numbers continue
         executor.keep_write = self._keep_buffer_write
         self._buffer_versions = versions
