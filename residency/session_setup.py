@@ -255,7 +255,7 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
     if plan_path:
         plan = load_plan(plan_path)
         check_block_formats(plan, plan_path)
-        check_one_compute_dtype(plan, plan_path)
+        check_one_compute_dtype(plan, plan_path, model.label.split(" ", 1)[0])
         if kv_dtype is not None and kv_dtype != plan.kv_dtype:
             raise UsageError(f"--kv-dtype {kv_dtype}, but {plan_path} stores the KV cache as {plan.kv_dtype}",
                              hint=f"leave --kv-dtype out to run the plan as made, or make it again with "
@@ -358,11 +358,12 @@ def _check_plan_file(plan: Plan, workload, label: str, plan_path: str, fix: str)
         raise ResidencyError(f"{plan_path}: {e.message}", hint=e.hint) from None
     if plan.context_frames != workload.context_frames:
         name = label.split(" ", 1)[0]
-        raise ResidencyError(f"{plan_path}: context_frames is {plan.context_frames}, but model {label} keeps "
-                             f"{workload.context_frames} past latent frames in its KV cache (the plan was made for "
-                             f"{workload.context_frames}: edited since?)",
+        said = (f"context_frames is {plan.context_frames}" if plan.context_frames else
+                "context_frames is 0 (or left out)")
+        raise ResidencyError(f"{plan_path}: {said}, but model {label} keeps {workload.context_frames} past latent "
+                             f"frames in its KV cache (the plan was made for {workload.context_frames}: edited since?)",
                              hint=f"put it back to {workload.context_frames}, or make the plan again: "
-                                  f"`residency plan {name} -o {plan_path}`")
+                                  f"`residency plan {name} --steps {plan.steps} -o {plan_path}`")
 
 
 def resolve_for(model: Model, profile: str, console: Console, image_path: str | None = None) -> DeviceProfile:

@@ -182,9 +182,9 @@ def test_set_budget_says_a_number_without_a_unit_has_none_in_its_own_words():
     try:
         with pytest.raises(ResidencyError) as e:
             rt.set_budget("12")
-        assert str(e.value).splitlines() == ["rt.set_budget('12') has no unit",
-                                             'hint: did you mean rt.set_budget("12GiB")? (bytes are an int: '
-                                             'rt.set_budget(12))']
+        assert str(e.value).splitlines() == ["set_budget('12') has no unit",
+                                             'hint: did you mean set_budget("12GiB")? (bytes are an int: '
+                                             'set_budget(12))']
     finally:
         rt.detach()
 

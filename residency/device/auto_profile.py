@@ -65,6 +65,8 @@ def machine_profile(kind: str | None = None, *, say: Callable[[str], None] = _to
             "every command will measure it again\nhint: set XDG_CACHE_HOME to a writable directory")
     profile = measure("cuda:0" if kind == "cuda" else "cpu", quick=True,
                       source=f"residency (cached profile, quick) on {kind}")
+    if problem is not None:  # said before the measurement: saying it again after adds nothing
+        return profile
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_profile(profile, path)
@@ -76,11 +78,14 @@ def machine_profile(kind: str | None = None, *, say: Callable[[str], None] = _to
 
 
 def _uncacheable(directory: Path) -> str | None:
-    """Why a profile cannot be cached in `directory` (a file where a directory should be, no write access), or None
-    when it can (or may: a directory that does not exist yet is created when the profile is saved)."""
+    """Why a profile cannot be cached in `directory` (a file where a directory should be, a directory that cannot be
+    created or written), or None. The directory is created here, where the profile will be saved."""
     kind = userpath.path_kind(directory)[0]
-    if kind == userpath.DIRECTORY:
-        return None if os.access(directory, os.W_OK | os.X_OK) else f"directory {directory} is not writable"
-    why, creatable = userpath.not_a_directory(directory)
-    return None if creatable else why
-
+    if kind not in (userpath.DIRECTORY, userpath.MISSING):
+        return userpath.not_a_directory(directory)[0]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why, creatable = userpath.not_a_directory(directory)  # a file further up is the clearer reason
+        return why if not creatable else f"{directory} cannot be created: {e.strerror or e}"
+    return None if os.access(directory, os.W_OK | os.X_OK) else f"directory {directory} is not writable"

@@ -89,7 +89,7 @@ class Recovering:
         elif isinstance(budget_bytes, str):
             # "50" is a typo for "50GiB" more likely than 50 bytes, as attach(vram=…) reads it: taken as bytes, the
             # next call let go of the model
-            refuse_unitless(budget_bytes, lambda v: f"rt.set_budget({v})")
+            refuse_unitless(budget_bytes, lambda v: f"set_budget({v})")
             budget_bytes = parse_size(budget_bytes, "the budget")
         elif (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral)
               or not 0 < budget_bytes <= MAX_SIZE_BYTES):
