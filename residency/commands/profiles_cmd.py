@@ -155,7 +155,7 @@ def _default_fingerprint() -> str | None:
 def _print_calibrated(console, calibrated: list[dict]) -> None:
     """The second table: cached calibrated profiles (or a line saying there are none)."""
     if not calibrated:
-        console.print(f"no calibrated profiles in {calibrated_dir()} (`residency run default -o out.gif --frames 18 --calibrate` makes one)",
+        console.print(f"no readable calibrated profiles in {calibrated_dir()} (`residency run default -o out.gif --frames 18 --calibrate` makes one)",
                       markup=False, highlight=False)
         return
     table = Table(title="calibrated profiles (--profile calibrated; remove with --remove-calibrated)",
