@@ -97,7 +97,7 @@ def load_model(name: str) -> Model:
     pipeline, or a catalog model that ships no weights."""
     import torch
 
-    from pipelines.world_model import PRESETS, WorldModelPipeline
+    from pipelines.world_model import WorldModelPipeline
     from pipelines.world_model.workload import catalog_entry
     from residency.workload import workload_from_dict
 
@@ -114,27 +114,8 @@ def load_model(name: str) -> Model:
             note = (f"the trained model is not in {trained_dir()} yet: using tiny with random weights "
                     "(frames are noise; the plan and the runtime are real)")
             start = fallback_image(pipe.config.height, pipe.config.width)
-    elif name in NEEDS_REAL_WEIGHTS:
-        raise ResidencyError(f"{name} needs real weights to run; residency ships none for it",
-                             hint=f"plan it with `residency plan {name} --profile …`; run `default` or `tiny`, "
-                             "or a saved pipeline directory")
     else:
-        kind, _ = userpath.path_kind(name)
-        from pipelines.catalog import catalog_paths  # as sources.catalog_names lists it (which imports us)
-
-        if kind == userpath.MISSING and name in catalog_paths():
-            raise ResidencyError(f"{name} is a catalog model: its architecture, for planning, with no weights; `run` "
-                                 "rolls out a world model it can load",
-                                 hint=f"plan it with `residency plan {name} --profile …`; run `default`, `tiny` or a "
-                                 "saved pipeline directory; a diffusers pipeline runs under residency.attach(pipe) "
-                                 "in Python")
-        if kind == userpath.MISSING:
-            # a name not known is a mistake in the command line (exit 2), as plan's and an unknown profile's
-            raise UsageError(f"unknown model {name[:200]!r}{did_you_mean(name, ['default', *PRESETS])}",
-                             hint="default, tiny, or the path of a saved pipeline "
-                             "(WorldModelPipeline.save_pretrained); "
-                             f"{', '.join(p for p in PRESETS if p in NEEDS_REAL_WEIGHTS)} ship no weights: plan "
-                             "them with `residency plan`")
+        kind = check_model_name(name)
         if kind != userpath.DIRECTORY:  # refuses a FIFO (open() would block), a device, a name the OS refuses
             userpath.require_file(name, "a saved pipeline", hint="give a saved pipeline directory or a "
                                   ".safetensors/.gguf file (WorldModelPipeline.save_pretrained)")
@@ -144,6 +125,33 @@ def load_model(name: str) -> Model:
         pipe, label = WorldModelPipeline.from_pretrained(name), Path(name).name
     workload = workload_from_dict(catalog_entry(pipe.config))
     return Model(pipe, workload, label, start, sensitivity, note)
+
+
+def check_model_name(name: str) -> str:
+    """Refuse a model name `load_model` cannot load before anything is loaded: a catalog model (no weights) or a name
+    that is neither a preset nor a path (exit 2, with "did you mean"). Returns the path's kind (userpath). `play`
+    asks first: off a terminal, a typo was reported as the missing terminal."""
+    from pipelines.catalog import catalog_paths  # as sources.catalog_names lists it (which imports us)
+    from pipelines.world_model import PRESETS
+
+    if name in NEEDS_REAL_WEIGHTS:
+        raise ResidencyError(f"{name} needs real weights to run; residency ships none for it",
+                             hint=f"plan it with `residency plan {name} --profile …`; run `default` or `tiny`, "
+                             "or a saved pipeline directory")
+    kind, _ = userpath.path_kind(name)
+    if kind != userpath.MISSING or name in ("default", "tiny"):
+        return kind
+    if name in catalog_paths():
+        raise ResidencyError(f"{name} is a catalog model: its architecture, for planning, with no weights; `run` "
+                             "rolls out a world model it can load",
+                             hint=f"plan it with `residency plan {name} --profile …`; run `default`, `tiny` or a "
+                             "saved pipeline directory; a diffusers pipeline runs under residency.attach(pipe) "
+                             "in Python")
+    # a name not known is a mistake in the command line (exit 2), as plan's and an unknown profile's
+    raise UsageError(f"unknown model {name[:200]!r}{did_you_mean(name, ['default', *PRESETS])}",
+                     hint="default, tiny, or the path of a saved pipeline (WorldModelPipeline.save_pretrained); "
+                     f"{', '.join(p for p in PRESETS if p in NEEDS_REAL_WEIGHTS)} ship no weights: plan "
+                     "them with `residency plan`")
 
 
 def _refuse_document(path: Path) -> None:

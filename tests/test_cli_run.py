@@ -143,6 +143,8 @@ BAD = [
     # each says what works without a terminal for that command (only `dashboard` has --once)
     (["run", "tiny", "--image", "start.png", *PROFILE, "-o", "o.gif", "--dashboard"], 2, "hint: drop --dashboard"),
     (["play", "tiny", "--image", "start.png", *PROFILE], 2, "use `residency run MODEL --actions"),
+    # a typo off a terminal was reported as the terminal
+    (["play", "tiyn", "--image", "start.png", *PROFILE], 2, "unknown model 'tiyn' (did you mean tiny?)"),
     (["dashboard", "trace.json"], 2, "hint: add --once"),
     (["dashboard", "missing.json", "--once"], 1, "no such trace file"),
     (["dashboard", "notimage.png", "--once"], 1, "not valid JSON"),

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Truecolour is forced: SSH does not forward COLORTERM, and rich would fall back to 16 colours.
     console, err = Console(color_system="truecolor"), make_console(stderr=True)
+    session_setup.check_model_name(args.model)  # a typo first: off a terminal it was reported as the terminal
     require_terminal(console, "play", "to roll out a fixed action script without a terminal use `residency run "
                      "MODEL --actions … -o frames.gif`")
     run_cmd.check_loop_arguments(args, loop=False)  # --plan with --profile/--fps/--vram: refused, not ignored
