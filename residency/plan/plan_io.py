@@ -13,7 +13,6 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from residency.device.profile_reader import MAX_QUANTITY
 from residency.errors import ResidencyError
 from residency.formats import FORMATS
 from residency.jsonfile import read_json
@@ -93,9 +92,10 @@ _TOP_REQUIRED = ("schema_version", "model", "workload_fingerprint", "profile", "
                  "budget", "blocks")
 _TOP_KNOWN = (*_TOP_REQUIRED, "execution", "kv_dtype", "steps", "context_frames", "prediction", "notes", "digest", "profile_backend",
               *("holds_budget", "verdict", "policies"))  # what `plan --json` adds to the document: read past, not kept
-# The bound every figure of a device profile has: a peer's host wait is a profile's launch cost times a count;
-# unbounded, 1e300 was read, and a run printed a 300-digit prediction
-MAX_HOST_SYNC_US = MAX_QUANTITY
+# The bound every figure of a device profile has (residency.device.profile_reader.MAX_QUANTITY; plan may not import
+# device): a peer's host wait is a profile's launch cost times a count; unbounded, 1e300 was read, and a run printed
+# a 300-digit prediction
+MAX_HOST_SYNC_US = 1e30
 _PREDICTION_MS = ("frame_ms", "first_frame_ms", "stall_ms", "copy_ms", "compute_ms", "lower_bound_ms")
 
 
