@@ -386,14 +386,28 @@ def resolve_for(model: Model, profile: str, console: Console, image_path: str | 
                        say=console.print)
 
 
-def attach(model: Model, plan: Plan, replan: Replanner | None) -> Runtime:
-    """The runtime attached to the model, the pipeline cast to the plan's compute dtype first."""
+def attach(model: Model, plan: Plan, replan: Replanner | None, plan_path: str | None = None) -> Runtime:
+    """The runtime attached to the model, the pipeline cast to the plan's compute dtype first. `plan_path`: the plan
+    file the plan came from, named (exit 3, as the fit check says it) where the runtime finds it over its budget:
+    a plan whose profile is not known here (measured again since) has no prediction to check beforehand, and it
+    failed as a bare ledger error (exit 1)."""
+    from residency.errors import BudgetError
     from residency.runtime import Runtime
     from residency.runtime.device_memory import TORCH_DTYPES
+    from residency.runtime.ledger import DeviceBudgetExceeded
+    from residency.units import fmt_bytes
 
     model.pipe.to(TORCH_DTYPES[plan.blocks[0].compute_dtype])
-    return Runtime(plan, device_kind(), workload=model.workload, replan=replan,
-                   profile=replan.profile if replan is not None else None).attach(model.pipe)
+    try:
+        return Runtime(plan, device_kind(), workload=model.workload, replan=replan,
+                       profile=replan.profile if replan is not None else None).attach(model.pipe)
+    except DeviceBudgetExceeded as e:
+        if plan_path is None:
+            raise
+        raise BudgetError(f"{plan_path} does not fit its own {fmt_bytes(plan.budget.vram_bytes)} VRAM budget as "
+                          f"this runtime holds it ({e.message})",
+                          hint=f"make the plan again here: `residency plan {model.label.split(' ', 1)[0]} … -o "
+                               f"{plan_path}` (with more --vram if it says so)") from None
 
 
 def context_for(model: Model, plan: Plan, predicted_for: str | None = None) -> DashboardContext:

@@ -311,6 +311,24 @@ def test_edits_a_plan_file_cannot_carry_are_refused_naming_the_file(files, capsy
     assert "steps edited" not in said["print"] and "at no step count" in said["print"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the plan's CPU profile is not this runtime's kind there")
+def test_a_plan_file_over_its_budget_whose_profile_is_not_known_here_exits_3_naming_the_file(files, capsys):
+    """With its profile measured again since (no prediction to check first), the plan failed at attach as a bare
+    ledger error, exit 1; with its profile known it is exit 3, naming the file."""
+    import json
+
+    assert main(["plan", "tiny", "--profile", str(CPU_PROFILE), "--vram", "64MiB", "-o", "p.json"]) in (0, 3)
+    doc = json.loads((files / "p.json").read_text())
+    doc["profile_fingerprint"] = "0" * 16  # the profile re-measured since: known here by no fingerprint
+    doc["budget"]["vram_bytes"] = 2**20
+    (files / "stale.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "stale.json", "--frames", "2", "-o", "s.gif"]) == 3
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: stale.json does not fit its own 1.00 MiB VRAM budget as this runtime holds it" in err
+    assert "residency plan tiny … -o stale.json" in err and not (files / "s.gif").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU profile's plan is of this runtime's kind there")
 def test_a_plan_made_from_a_gpu_profile_file_known_only_by_its_plan_is_not_compared_with_the_cpu(files, capsys):
     """A GPU plan made from a profile file not shipped nor cached here was compared with the CPU's measurements

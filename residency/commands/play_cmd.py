@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     board = Dashboard(session_setup.context_for(model, plan, other))
     view = PlayView(board, image, console.width)
     vocabulary = model.pipe.config.actions
-    runtime = session_setup.attach(model, plan, replan)
+    runtime = session_setup.attach(model, plan, replan, args.plan)
     # a plan from --plan stays fixed; its decisions show in the dashboard's events
     if not args.no_closed_loop and run_cmd.loop_allowed(other, err) and replan is not None:
         session_setup.enable_loop(runtime, model, None)

@@ -462,7 +462,7 @@ def run(args: argparse.Namespace) -> int:
         check_calibration(other, len(actions))
     _check_closed_loop(args, other)
     context = context_for(model, plan, other)
-    runtime = attach(model, plan, replan)
+    runtime = attach(model, plan, replan, getattr(args, "plan", None))
     if args.closed_loop:  # the live dashboard shows the loop's events; else each is printed as it happens
         enable_loop(runtime, model, None if args.dashboard else print_line(console))
     snapshot = None
