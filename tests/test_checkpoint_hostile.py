@@ -199,7 +199,9 @@ GGUF_CASES = {
     "bad_magic": (b"GGUX" + bytes(60), "not a GGUF"),
     "too_short": (b"GGUF\x03\x00", "too short"),
     "big_endian": (b"GGUF" + struct.pack(">IQQ", 3, 0, 0) + bytes(8), "big-endian"),
-    "version_99": (gguf_bytes(version=99), "version"),
+    "version_99": (gguf_bytes(version=99), "version 99 is not supported"),
+    # the magic then noise: it was "a newer GGUF than this residency reads: update residency"
+    "version_noise": (gguf_bytes(version=3038271173), "version field reads 3038271173, no GGUF version"),
     "tensor_count_huge": (gguf_bytes(counts=(2**60, 0)), "claims"),
     "kv_count_huge": (gguf_bytes(counts=(0, 2**40)), "claims"),
     "array_count_huge": (gguf_bytes([("a", ARRAY, struct.pack("<IQ", UINT8, 2**60))]), "claims"),

@@ -130,3 +130,17 @@ def test_a_built_in_world_model_is_shown_at_bf16_as_plan_counts_it(capsys):
 def test_a_mistyped_model_name_gets_the_closest_known_one(capsys, typed, meant):
     assert main(["inspect", typed]) == 2
     assert f"unknown model '{typed}' (did you mean {meant}?)" in capsys.readouterr().err
+
+
+def test_identical_blocks_collapse_whatever_order_their_shards_list_their_tensors(tmp_path, capsys):
+    """A sharded model listed each block's tensors in shard order, so identical layers split across shards showed as
+    rows of their own (unsharded, the same weights folded into `blocks.0–1 (×2)`)."""
+    a, b = torch.zeros(4, 32), torch.zeros(8)
+    shards = {"model-00001-of-00002.safetensors": {"m.blocks.0.a": a, "m.blocks.1.b": b},
+              "model-00002-of-00002.safetensors": {"m.blocks.0.b": b, "m.blocks.1.a": a}}
+    for name, tensors in shards.items():
+        save_checkpoint(tmp_path / name, tensors)
+    weight_map = {k: name for name, tensors in shards.items() for k in tensors}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "m.blocks.0–1 (×2)" in capsys.readouterr().out

@@ -45,6 +45,7 @@ MAX_ARRAY_DEPTH = 3
 # each costs ~250 bytes of Python objects for ≥ 13 header bytes.
 MAX_METADATA_KEYS = 2 * MAX_TENSORS + 4096
 SUPPORTED_VERSIONS = (2, 3)
+PLAUSIBLE_GGUF_VERSION = 255  # GGUF went 1, 2, 3 in two years: a version field past this is damage, not the future
 DEFAULT_ALIGNMENT = 32
 GGML_MAX_DIMS = 4  # ggml.h; llama.cpp's gguf reader refuses a tensor of more
 MAX_ALIGNMENT = 1 << 16  # llama.cpp writes 32; anything past a large page is a lie
@@ -172,6 +173,9 @@ def parse_gguf_header(path: Path, buf, size: int) -> GGUFHeader:
     version = c.unpack("<I", "version")
     if version & 0xFFFF == 0 and version != 0:
         raise broken(path, "big-endian GGUF files are not supported", hint="convert it to little-endian")
+    if version > PLAUSIBLE_GGUF_VERSION:  # the magic, then noise: read as "a newer GGUF, update residency"
+        raise broken(path, f"GGUF version field reads {version}, no GGUF version (expected 2 or 3): the header is "
+                     "damaged", hint=BROKEN_HINT)
     if version not in SUPPORTED_VERSIONS:
         raise broken(path, f"GGUF version {version} is not supported (expected 2 or 3)",
                      hint="a newer GGUF than this residency reads: update residency, or write the file as GGUF v3"

@@ -70,7 +70,7 @@ def _sizes(b: BlockInfo) -> _Sizes:
 def _signature(b: BlockInfo) -> tuple:
     # Blocks with identical tensors (same suffixes, shapes, formats) collapse into one row.
     prefix = len(b.name) + 1
-    return tuple((t.name[prefix:], t.shape, t.format) for t in b.tensors)
+    return tuple(sorted((t.name[prefix:], t.shape, t.format) for t in b.tensors))  # shards list them in file order
 
 
 @dataclass
