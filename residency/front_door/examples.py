@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from residency.errors import ResidencyError, UsageError
-from residency.units import MAX_SIDE_PX
+from residency.units import MAX_SIDE_PX, plural
 
 EXAMPLE_TOKENS = 16  # prompt tokens of a derived example; a call with another length is refused
 PIPELINE_PROMPT_TOKENS = 512  # FluxPipeline's and WanPipeline's max_sequence_length: T5 prompts are padded to it
@@ -65,9 +65,9 @@ class Derived:
         """The size in words: "1024×1024, 512 prompt tokens", "16 tokens"."""
         s = self.size
         if s.height is None:
-            return f"{s.prompt_tokens} tokens"
-        frames = f", {s.frames} frames" if s.frames is not None else ""
-        prompt = f", {s.prompt_tokens} prompt tokens" if s.prompt_tokens is not None else ""
+            return plural(s.prompt_tokens, "token")
+        frames = f", {plural(s.frames, 'frame')}" if s.frames is not None else ""
+        prompt = f", {plural(s.prompt_tokens, 'prompt token')}" if s.prompt_tokens is not None else ""
         return f"{s.height}×{s.width}{frames}{prompt}"
 
 
