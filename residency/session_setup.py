@@ -308,8 +308,10 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
     else:
         if isinstance(vram_bytes, str):
             from residency.commands.arg_types import resolve_vram
+            from residency.simulate.memory import GPU_WORKSPACE_BYTES
 
-            vram_bytes = resolve_vram(vram_bytes, model.workload, compute_dtype)
+            vram_bytes = resolve_vram(vram_bytes, model.workload, compute_dtype,
+                                      GPU_WORKSPACE_BYTES if device_profile.is_gpu else 0)
         if vram_bytes > device_profile.memory_usable_bytes:  # as `plan` says it (`run` said nothing)
             from residency.units import fmt_bytes
 

@@ -179,8 +179,14 @@ def test_a_bad_share_is_a_usage_error(capsys, share):
 
 
 def test_a_share_under_a_mebibyte_is_refused_naming_the_bytes_it_came_to(capsys):
+    """Its hint named 64MiB, which never fits on a GPU profile (128 MiB of workspace alone): it names a size that
+    holds the weights beside the workspace, and that size fits."""
+    import re
+
     code, _, err = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--vram", "0.001%")
     assert code == 2 and "--vram 0.001% of the model's" in err and "under 1 MiB" in err and "hint:" in err
+    size = re.search(r"a size such as (\S+) \(all of its weights, beside the device workspace", err).group(1)
+    assert run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--vram", size)[0] == 0
 
 
 def test_default_is_the_shipped_model_run_loads(capsys, tmp_path):

@@ -95,15 +95,17 @@ def vram_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{e.message} (hint: {hint})" if hint else e.message) from None
 
 
-def resolve_vram(spec: int | str, workload, compute_dtype: str) -> int:
+def resolve_vram(spec: int | str, workload, compute_dtype: str, fixed_bytes: int = 0) -> int:
     """Bytes of a --vram value from vram_size: a size as it is, a share of the workload's weights at
-    `compute_dtype` (what the plan computes in). Raises UsageError when a share comes to under 1 MiB."""
+    `compute_dtype` (what the plan computes in). Raises UsageError when a share comes to under 1 MiB; its hint names a
+    size that holds the weights beside `fixed_bytes` (a GPU's workspace: 64 MiB was suggested where 128 MiB of
+    workspace alone never fits)."""
     if isinstance(spec, int):
         return spec
     from residency.errors import UsageError
     from residency.formats.dtypes import DTYPE_FORMAT
     from residency.front_door.vram import vram_bytes
-    from residency.units import fmt_bytes
+    from residency.units import fmt_bytes, size_at_least
 
     weight_bytes = workload.nbytes(DTYPE_FORMAT[compute_dtype])
     try:
@@ -112,7 +114,10 @@ def resolve_vram(spec: int | str, workload, compute_dtype: str) -> int:
         nbytes = 0
     if nbytes < MIN_VRAM_BYTES:
         raise UsageError(f"--vram {spec} of the model's {fmt_bytes(weight_bytes)} of {compute_dtype} weights is "
-                         f"{fmt_bytes(nbytes)}, under 1 MiB", hint="give a larger share, or a size such as 64MiB")
+                         f"{fmt_bytes(nbytes)}, under 1 MiB",
+                         hint=f"give a larger share, or a size such as "
+                              f"{size_at_least(max(MIN_VRAM_BYTES, weight_bytes + fixed_bytes))} (all of its weights"
+                              f"{f', beside the device workspace of {fmt_bytes(fixed_bytes)}' if fixed_bytes else ''})")
     return nbytes
 
 

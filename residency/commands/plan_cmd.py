@@ -17,6 +17,7 @@ from residency.commands.sources import SHIPPED_NAME, resolve_workload, shipped_s
 from residency.errors import ResidencyError, UsageError
 from residency.formats.dtypes import KV_DTYPE_BYTES
 from residency.plan.plan import COMPUTE_DTYPES, MAX_PLAN_BYTES
+from residency.simulate.memory import GPU_WORKSPACE_BYTES
 from residency.units import MAX_SIDE_PX, fmt_bytes, parse_size, size_at_least
 
 EXIT_BUDGET_NOT_MET = 3
@@ -118,7 +119,8 @@ def make_request(args):
                               image=args.model != SHIPPED_NAME)
     else:  # a calibrated profile's file, given for another model: its rates, not that model's compute scales
         profile = for_workload_fingerprint(profile, workload.fingerprint(), make_console(stderr=True).print)
-    vram = arg_types.resolve_vram(args.vram, workload, compute_dtype) if args.vram else profile.memory_usable_bytes
+    vram = (arg_types.resolve_vram(args.vram, workload, compute_dtype, GPU_WORKSPACE_BYTES if profile.is_gpu else 0)
+            if args.vram else profile.memory_usable_bytes)
     if vram > MAX_PLAN_BYTES and getattr(args, "output", None) is not None:  # planned, then refused by the writer
         raise UsageError(f"--vram {fmt_bytes(vram)}: a plan file holds a budget of at most 8 PiB (2**53 bytes), "
                          "every size exact as a JSON number", hint="give a smaller --vram (no device has more), or leave -o out")
