@@ -61,14 +61,19 @@ def at(path: str, key: str | int) -> str:
 _KINDS = (("traceEvents", "a Chrome trace (residency run --trace)"),
           ("workload_fingerprint", "a plan (residency plan -o)"),
           ("phases", "a workload (a catalog document, pipelines/catalog)"),
-          ("memory_total_bytes", "a device profile (residency profile -o)"))
+          ("memory_total_bytes", "a device profile (residency profile -o)"),
+          # a model's own config, given where a profile or plan goes (`--profile config.json` was told to re-create it
+          # with `residency profile -o`); after residency's kinds, whose keys come first
+          ("architectures", "a model's config (a transformers config.json)"),
+          ("_class_name", "a model's config (a diffusers config.json or model_index.json)"))
 
 
 # Where each kind of document goes, for the hint when it is given where another is read
 _USES = {"a Chrome trace": "replay it with `residency dashboard FILE`",
          "a plan": "give it as --plan FILE (run, play) or attach(plan=FILE)",
          "a workload": "plan it as `residency plan FILE`",
-         "a device profile": "give it as --profile FILE (plan, run, play, demo)"}
+         "a device profile": "give it as --profile FILE (plan, run, play, demo)",
+         "a model's config": "plan the directory that holds it and its weights: `residency plan DIR`"}
 
 
 def use_of(kind: str) -> str | None:

@@ -147,6 +147,9 @@ def test_each_document_read_as_another_kind_is_named_for_what_it_is(tmp_path, ca
     trace = tmp_path / "t.json"
     trace.write_text('{"traceEvents": []}')
     profile = "profiles/rx-7800-xt.json"
+    config, pipeline = tmp_path / "config.json", tmp_path / "model_index.json"
+    config.write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}')
+    pipeline.write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
     cases = [(["plan", "tiny", "--profile", str(plan)], "this is a plan (residency plan -o), not a device profile"),
              (["inspect", str(plan)], "this is a plan (residency plan -o), not a workload"),
              (["dashboard", str(plan), "--once"], "this is a plan (residency plan -o), not a trace"),
@@ -155,7 +158,12 @@ def test_each_document_read_as_another_kind_is_named_for_what_it_is(tmp_path, ca
              (["plan", "tiny", "--profile", str(trace)], "this is a Chrome trace (residency run --trace), not a "
                                                          "device profile"),
              (["run", "default", "--plan", profile, "-o", str(tmp_path / "x.gif")],
-              "this is a device profile (residency profile -o), not a plan")]
+              "this is a device profile (residency profile -o), not a plan"),
+             # "missing field 'schema_version'", and a hint to re-create it with `residency profile -o`
+             (["plan", "tiny", "--profile", str(config)], "this is a model's config (a transformers config.json), "
+                                                          "not a device profile"),
+             (["run", "default", "--plan", str(pipeline), "-o", str(tmp_path / "x.gif")],
+              "this is a model's config (a diffusers config.json or model_index.json), not a plan")]
     capsys.readouterr()
     for argv, message in cases:
         assert main(argv) != 0, argv
