@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -257,44 +257,11 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
     a share such as "50%" is of the model's weights at the compute dtype planned for). `image_path`: the --image
     given, quoted in hints that name a command to run. `kv_dtype`: the KV cache's dtype (None: the planner's choice);
     the replanner keeps the first plan's, which a running session's cache was built in."""
-    from residency.plan import load_plan
-    from residency.runtime.module_paths import check_block_formats, check_one_compute_dtype
-
     if plan_path:
-        plan = load_plan(plan_path)
-        check_block_formats(plan, plan_path)
-        check_one_compute_dtype(plan, plan_path, model.label.split(" ", 1)[0])
-        if kv_dtype is not None and kv_dtype != plan.kv_dtype:
-            raise UsageError(f"--kv-dtype {kv_dtype}, but {plan_path} stores the KV cache as {plan.kv_dtype}",
-                             hint=f"leave --kv-dtype out to run the plan as made, or make it again with "
-                                  f"`residency plan … --kv-dtype {kv_dtype} -o {plan_path}`")
-        same_name = plan.model == model.workload.name
-        same_blocks = [b.name for b in plan.blocks] == [b.name for b in model.workload.blocks]
-        name = model.label.split(" ", 1)[0]
-        other_steps = same_name and plan.steps != model.pipe.config.steps
-        # compared at the plan's steps: at the config's, a plan of --steps 8 with a block edited out was said to
-        # differ in its fingerprint too, which was the 4-step model's
-        config, workload = _at_steps(model, plan.steps, plan_path) if other_steps else (None, model.workload)
-        if same_blocks and same_name:
-            # the same model's blocks: a mismatch is its steps edited in the file, even to the model's own steps (a
-            # plan of --steps 8 edited to 4 got the generic "make a new plan"), or its fingerprint (said to be steps)
-            made_at = None if plan.workload_fingerprint == workload.fingerprint() else _steps_of(
-                model, plan.workload_fingerprint)
-            if made_at is not None and made_at != plan.steps:
-                fix = (f"make the plan with `residency plan {name} --steps {plan.steps} -o …` (steps edited in the "
-                       f"file from {made_at} leave its workload_fingerprint at the old count)")
-            else:
-                fix = (f"make the plan again: `residency plan {name}{f' --steps {plan.steps}' if other_steps else ''} "
-                       "-o …` (its workload_fingerprint is this model's at no step count: edited, or written by "
-                       "another version of residency)")
-        else:  # another model, or this one's plan with blocks edited: made again, at its steps
-            fix = (f"make a plan for this model: `residency plan {name}"
-                   f"{f' --steps {plan.steps}' if other_steps else ''} -o plan.json`, then --plan plan.json")
-        _check_plan_file(plan, workload, model.label, plan_path, fix)
-        if not other_steps:
-            return model, plan, None
-        model.pipe.config = config  # once the plan is known to fit: only a session reads it, when it starts
-        return dataclasses.replace(model, workload=workload), plan, None
+        from residency.commands.loaded_plan import load_for
+
+        model, plan = load_for(model, plan_path, kv_dtype)
+        return model, plan, None
     from policies import PlanRequest, Replanner, get_policy
     from residency.front_door.vram import frame_budget_ms
     from residency.plan import Budget
@@ -326,54 +293,6 @@ def make_plan(model: Model, console: Console, *, plan_path: str | None = None, p
     # re-plans (a budget cut, the closed loop) keep the session's KV dtype: a plan storing the cache otherwise cannot
     # take over a running session (switch_plan refuses it)
     return model, plan, Replanner(policy, dataclasses.replace(req, kv_dtype=plan.kv_dtype))
-
-
-def _at_steps(model: Model, steps: int, source: str) -> tuple[Any, Workload]:
-    """The pipeline config of `model` with its sampler at `steps` denoise steps per latent frame, and the workload
-    of that config; the model itself is left as it is.
-
-    Raises ResidencyError naming `source` for a count the world model's sampler does not take."""
-    from pipelines.world_model.workload import catalog_entry
-    from residency.workload import workload_from_dict
-
-    try:
-        config = dataclasses.replace(model.pipe.config, steps=steps)
-    except ResidencyError as e:
-        raise ResidencyError(f"{source}: steps is {steps}, which {model.label} cannot run ({e.message})",
-                             hint="make the plan with `residency plan … --steps N` for a count the model takes") from e
-    return config, workload_from_dict(catalog_entry(config))
-
-
-def _steps_of(model: Model, fingerprint: str) -> int | None:
-    """The denoise steps at which `model`'s workload has `fingerprint`, or None. Cost: a workload per count the
-    sampler takes (milliseconds each), on an error path only."""
-    from residency.workload.spec import MAX_STEPS
-
-    for steps in range(1, MAX_STEPS + 1):
-        try:
-            if _at_steps(model, steps, "")[1].fingerprint() == fingerprint:
-                return steps
-        except ResidencyError:
-            continue
-    return None
-
-
-def _check_plan_file(plan: Plan, workload, label: str, plan_path: str, fix: str) -> None:
-    """Plan.check_matches for a plan file, its errors naming the file; and its context_frames, which the runtime
-    never reads (the model's own are what it keeps): edited to 1024, a plan ran and said it held within a budget
-    its KV cache alone would overrun."""
-    try:
-        plan.check_matches(workload, f"model {label}", fix=fix)
-    except ResidencyError as e:
-        raise ResidencyError(f"{plan_path}: {e.message}", hint=e.hint) from None
-    if plan.context_frames != workload.context_frames:
-        name = label.split(" ", 1)[0]
-        said = (f"context_frames is {plan.context_frames}" if plan.context_frames else
-                "context_frames is 0 (or left out)")
-        raise ResidencyError(f"{plan_path}: {said}, but model {label} keeps {workload.context_frames} past latent "
-                             f"frames in its KV cache (the plan was made for {workload.context_frames}: edited since?)",
-                             hint=f"put it back to {workload.context_frames}, or make the plan again: "
-                                  f"`residency plan {name} --steps {plan.steps} -o {plan_path}`")
 
 
 def resolve_for(model: Model, profile: str, console: Console, image_path: str | None = None) -> DeviceProfile:

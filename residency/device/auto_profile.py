@@ -67,8 +67,7 @@ def machine_profile(kind: str | None = None, *, say: Callable[[str], None] = _to
                       source=f"residency (cached profile, quick) on {kind}")
     if problem is not None:  # said before the measurement: saying it again after adds nothing
         return profile
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # its directory was made by _uncacheable
         save_profile(profile, path)
     except (OSError, ResidencyError) as e:  # a read-only home only costs a re-measure next time
         why, hint = (e.message, e.hint) if isinstance(e, ResidencyError) else (str(e), None)

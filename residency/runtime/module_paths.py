@@ -132,22 +132,6 @@ def check_block_formats(plan, source: str = "") -> None:
                                  "files but cannot quantize a model's weights into", hint=f"pick one it packs: {packable}")
 
 
-def check_one_compute_dtype(plan, source: str, model: str = "…") -> None:
-    """Refuse, before anything is predicted, a plan file whose blocks compute in different dtypes: `run`, `play` and
-    `demo` cast the whole model to one (its first block's), so an edited block failed after the plan was stated,
-    with a hint for library users. `plan`: a Plan; `source`: its file, for the message; `model`: the name the
-    command was given, for the hint."""
-    first = plan.blocks[0].compute_dtype if plan.blocks else None
-    for i, bp in enumerate(plan.blocks):
-        if bp.compute_dtype != first:
-            raise ResidencyError(
-                f"{source}: blocks[{i}].compute_dtype for block {bp.name} is {bp.compute_dtype}, and "
-                f"blocks[0].compute_dtype ({plan.blocks[0].name}) is {first}: the command casts the whole model to one "
-                "dtype",
-                hint=f"give every block the same compute_dtype (fp32, bf16 or fp16), or make the plan again with "
-                     f"`residency plan {model} --compute-dtype {first} -o {source}`")
-
-
 def _submodule(model: nn.Module, block: str, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
