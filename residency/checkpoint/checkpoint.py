@@ -151,7 +151,7 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict[Path, dict[str, str]
                         "move it out of the directory: every .safetensors or .gguf file in it is read as a shard")
                 raise broken(p, f"{link}{'is missing' if shard_kind == MISSING else f'is not a file ({why or shard_kind})'}",
                              hint=hint)
-        indexes = _indexes(path)
+        indexes = shard_indexes(path)
         if not files and not any(indexes.values()):
             raise broken(
                 path,
@@ -180,7 +180,7 @@ SHARD_INDEX_SUFFIXES = (".safetensors.index.json", ".gguf.index.json")  # the in
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.(?:safetensors|gguf)$", re.IGNORECASE)
 
 
-def _indexes(directory: Path) -> dict[Path, dict[str, str]]:
+def shard_indexes(directory: Path) -> dict[Path, dict[str, str]]:
     """The shard indexes of the directory (`*.safetensors.index.json`, `*.gguf.index.json`: only those of the
     files read here — a repository shipping .bin shards beside .safetensors ones has a pytorch_model.bin.index.json
     naming shards a safetensors-only download rightly leaves out): index -> its weight_map (tensor -> file).

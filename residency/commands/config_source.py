@@ -180,6 +180,9 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
         # built under init_empty_weights a transformers model leaves its tied weights untied (T5's shared
         # embedding, a tied lm_head): counted twice, or left unowned; tying outside it shares them, on meta
         model.tie_weights()
+    from residency.commands.weights_match import check_weights_match
+
+    check_weights_match(path, model)  # weight files beside the config: the headers are read, no data
     return model.eval()  # built in training mode: its dropouts would be counted as ops an inference never runs
 
 

@@ -1,0 +1,135 @@
+"""Whether a model directory's weight files are the model its config.json describes.
+
+`plan DIR` counts the model the config builds; `inspect DIR` reads the weight files. A config.json beside
+weights of another model (six layers in the config, two in the file; a UNet's config beside a Llama's weights)
+made the two disagree with nothing said. Only the safetensors headers are read (no tensor data).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from residency.errors import ResidencyError
+
+SHOWN = 3  # names shown in a note or an error; the count says how many more
+REPLACE_HINT = ("put back the config.json saved with these weights (save_pretrained writes both), or plan the "
+                "config alone in a directory of its own")
+
+
+def _stored_shapes(path: Path) -> tuple[dict[str, list[tuple[tuple[int, ...], str, bool]]], list[str]] | None:
+    """Per stored tensor name: (shape, file, comparable) in each file holding it (a model saved in two variants,
+    fp16 and full, holds each name twice), and the files read. None where there is nothing to compare: no
+    .safetensors file, or a .gguf beside (llama.cpp names its tensors its own way)."""
+    from residency.checkpoint.checkpoint import shard_indexes
+    from residency.checkpoint.safetensors_io import read_safetensors
+
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    weights = [p for p in files if p.suffix.lower() == ".safetensors"]
+    if not weights or any(p.suffix.lower() == ".gguf" for p in files):
+        return None
+    listed = {v for weight_map in shard_indexes(path).values() for v in weight_map.values()}
+    absent = sorted(listed - {p.name for p in files})
+    if absent:  # its tensors would be said to be missing from the model: the download is what is unfinished
+        raise ResidencyError(f"{len(absent)} shard(s) its index names are missing ({', '.join(absent[:SHOWN])})")
+    stored: dict[str, list[tuple[tuple[int, ...], str, bool]]] = defaultdict(list)
+    for file in weights:
+        found, _meta, others = read_safetensors(file, file.stat().st_size)  # the header only
+        for e in found:
+            stored[e.name].append((tuple(e.shape), file.name, True))
+        for o in others:  # integer tensors (a packed 4-bit weight, an index): present, their shapes not the model's
+            stored[o.name].append((tuple(o.shape), file.name, False))
+    return stored, [p.name for p in weights]
+
+
+def _ignored(model, attribute: str) -> list[re.Pattern]:
+    """transformers' own lists of names it does not miss, or does not expect, on loading (regular expressions)."""
+    patterns = getattr(model, attribute, None) or []
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except (re.error, TypeError):
+            continue
+    return out
+
+
+def check_weights_match(path: Path, model) -> None:
+    """Raise ResidencyError where the weight files in `path` cannot be `model`'s (a tensor of another shape, or
+    none of its tensors there); say on stderr which of its tensors they lack, or hold beyond it. Silent for a
+    directory without safetensors files, and where the config is of a quantized checkpoint (its tensors are named
+    and shaped by the quantizer: qweight, scales)."""
+    config = getattr(model, "config", None)
+    quantized = (config.get("quantization_config") if isinstance(config, dict)
+                 else getattr(config, "quantization_config", None))
+    if quantized:
+        return
+    try:
+        read = _stored_shapes(path)
+    except (ResidencyError, OSError) as e:
+        print(f"note: {path}: its weights were not compared with its config.json: {getattr(e, 'message', e)}",
+              file=sys.stderr)
+        return
+    if read is None:
+        return
+    stored, files = read
+    prefix = getattr(model, "base_model_prefix", "") or ""
+
+    def key(name: str) -> str:  # a checkpoint of the base model (LlamaModel) beside LlamaForCausalLM's config
+        return name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
+
+    by_key = {key(n): v for n, v in stored.items()}
+    tied: dict[int, list[str]] = defaultdict(list)  # a tied lm_head is the embedding: one tensor, either name
+    shapes: dict[int, tuple[int, ...]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        tied[id(p)].append(name)
+        shapes[id(p)] = tuple(p.shape)
+    not_missed = _ignored(model, "_keys_to_ignore_on_load_missing")
+    missing, wrong, claimed = [], [], set()
+    for pid, names in tied.items():
+        hits = [n for n in names if key(n) in by_key]
+        claimed.update(key(n) for n in hits)
+        if not hits:
+            if not any(p.search(n) for p in not_missed for n in names):
+                missing.append(names[0])
+            continue
+        for shape, file, comparable in by_key[key(hits[0])]:
+            if comparable and shape != shapes[pid]:
+                wrong.append((hits[0], shape, file, shapes[pid]))
+                break
+    cls = type(model).__name__
+    if tied and len(claimed) == 0:
+        example, own = next(iter(stored), ""), next(iter(tied.values()))[0]
+        raise ResidencyError(f"{path}: its weights are not the {cls} its config.json describes: none of the "
+                             f"{len(tied)} weights it has (e.g. {own!r:.80}) is in {_files(files)}, which "
+                             f"hold{'s' if len(files) == 1 else ''} {len(stored)} others (e.g. {example!r:.80})",
+                             hint=REPLACE_HINT)
+    if wrong:
+        name, shape, file, expected = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ResidencyError(f"{path}: its weights do not fit its config.json: {name!r:.80} is {list(shape)} in "
+                             f"{file} but {list(expected)} in the {cls} the config describes{more}",
+                             hint=REPLACE_HINT)
+    buffers = {key(n) for n, _ in model.named_buffers()}  # a rotary inv_freq an older checkpoint saved
+    not_expected = _ignored(model, "_keys_to_ignore_on_load_unexpected")
+    extra = [n for n in stored if key(n) not in claimed and key(n) not in buffers
+             and not any(p.search(n) for p in not_expected)]
+    if missing:
+        print(f"note: {path}: {len(missing)} of the {len(tied)} weights of the {cls} its config.json describes are "
+              f"not in {_files(files)} ({_names(missing)}): the plan counts the model the config describes; "
+              "loading these weights into it would leave those freshly initialised", file=sys.stderr)
+    if extra:
+        print(f"note: {path}: {_files(files)} hold{'s' if len(files) == 1 else ''} {len(extra)} tensors the {cls} "
+              f"its config.json describes has no place for ({_names(extra)}): they are not planned",
+              file=sys.stderr)
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(n[:80]) for n in names[:SHOWN])
+    return shown + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
+
+
+def _files(files: list[str]) -> str:
+    return files[0] if len(files) == 1 else f"its {len(files)} weight files"

@@ -1,0 +1,106 @@
+"""A model directory's weights are checked against its config.json when it is planned: `plan` counts the model
+the config builds, `inspect` reads the files, and a config of another model beside the weights went unsaid."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from residency.cli import main
+
+LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128, hidden_size=32,
+             intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             tie_word_embeddings=False)
+
+
+def llama_weights(tied=False, prefix="", **sizes):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**{k: v for k, v in LLAMA.items() if k != "architectures"}, **sizes,
+                            "tie_word_embeddings": tied})
+    model = LlamaForCausalLM(config)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    if prefix:  # the base model's checkpoint (LlamaModel): its names have no `model.`
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def directory(tmp_path, config, weights: dict[str, dict]):
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    for name, state in weights.items():
+        save_file(state, str(path / name))
+    return path
+
+
+def plan(capsys, path):
+    code = main(["plan", str(path), "--profile", "rx-7800-xt"])
+    _, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.mark.parametrize("case", ["own", "tied", "base model", "two variants"])
+def test_a_config_beside_its_own_weights_plans_with_nothing_said(capsys, tmp_path, case):
+    config = {**LLAMA, "tie_word_embeddings": case == "tied"}
+    state = llama_weights(tied=case == "tied", prefix="model." if case == "base model" else "")
+    files = {"model.safetensors": state}
+    if case == "two variants":  # fp16 and full precision side by side: the same names twice, not two models
+        files["model.fp16.safetensors"] = {k: v.half() for k, v in state.items()}
+    code, err = plan(capsys, directory(tmp_path, config, files))
+    assert code == 0, err
+    said = [line for line in err.splitlines() if "weights" in line]
+    # the base model has no lm_head: the one tensor it lacks, said as such
+    assert said == [] if case != "base model" else ("1 of the" in said[0] and "'lm_head.weight'" in said[0]), said
+
+
+def test_a_config_of_more_layers_than_the_weights_says_which_weights_are_missing(capsys, tmp_path):
+    path = directory(tmp_path, {**LLAMA, "num_hidden_layers": 6}, {"model.safetensors": llama_weights()})
+    code, err = plan(capsys, path)
+    assert code == 0, err
+    # 9 tensors per Llama layer: 4 layers the weights do not hold
+    assert "36 of the 57 weights of the LlamaForCausalLM" in err and "'model.layers.2." in err
+
+
+def test_weights_holding_tensors_the_config_has_no_place_for_are_named(capsys, tmp_path):
+    path = directory(tmp_path, {**LLAMA, "num_hidden_layers": 1}, {"model.safetensors": llama_weights()})
+    code, err = plan(capsys, path)
+    assert code == 0 and "holds 9 tensors the LlamaForCausalLM" in err and "'model.layers.1." in err, err
+
+
+def test_a_tensor_of_another_shape_is_refused_naming_it_and_both_shapes(capsys, tmp_path):
+    path = directory(tmp_path, {**LLAMA, "intermediate_size": 96}, {"model.safetensors": llama_weights()})
+    code, err = plan(capsys, path)
+    assert code == 1 and "'model.layers.0.mlp.gate_proj.weight' is [64, 32] in model.safetensors but [96, 32]" in err
+    assert "(and 5 more)" in err and "hint: put back the config.json" in err
+
+
+def test_weights_of_another_model_are_refused(capsys, tmp_path):
+    unet = dict(_class_name="UNet2DModel", sample_size=8, block_out_channels=[8, 16], norm_num_groups=4,
+                layers_per_block=1, down_block_types=["DownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "UpBlock2D"])
+    code, err = plan(capsys, directory(tmp_path, unet, {"diffusion_pytorch_model.safetensors": llama_weights()}))
+    assert code == 1 and "its weights are not the UNet2DModel its config.json describes" in err
+    assert "'lm_head.weight'" in err or "'model." in err
+
+
+def test_a_missing_shard_is_said_and_the_config_still_plans(capsys, tmp_path):
+    state = llama_weights()
+    names = sorted(state)
+    path = directory(tmp_path, LLAMA, {"model-00001-of-00002.safetensors": {k: state[k] for k in names[:5]}})
+    index = {"weight_map": {k: f"model-0000{1 if i < 5 else 2}-of-00002.safetensors" for i, k in enumerate(names)}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, err = plan(capsys, path)
+    assert code == 0 and "were not compared" in err and "model-00002-of-00002.safetensors" in err, err
+    assert "not in" not in err  # the absent shard's tensors are not said to be missing from the model
+
+
+def test_integer_tensors_are_present_but_not_compared_by_shape(capsys, tmp_path):
+    state = llama_weights()
+    state["model.norm.weight"] = torch.zeros(7, dtype=torch.uint8)  # a packed tensor: its shape is not the model's
+    code, err = plan(capsys, directory(tmp_path, LLAMA, {"model.safetensors": state}))
+    assert code == 0 and "weights" not in err, err
