@@ -359,3 +359,24 @@ def test_a_pixel_space_pipeline_without_a_vae_inspects_and_plans(capsys, tmp_pat
     assert doc["steps"] == 64 and all(b["name"].startswith("unet.") for b in doc["blocks"])
     code, out, _ = run(capsys, "plan", str(tmp_path / "ddpm"), "--profile", "rx-7800-xt", "--steps", "20", "--json")
     assert code == 0 and json.loads(out)["steps"] == 20
+
+
+@pytest.mark.parametrize(("component", "named", "own"), [("transformer", "UNet2DModel", "FluxTransformer2DModel"),
+                                                          ("text_encoder_2", "CLIPTextModel", "T5Config")])
+def test_a_component_whose_config_names_another_class_is_refused_naming_both(capsys, pipelines, tmp_path, component,
+                                                                             named, own):
+    """model_index.json's class is built from the component's config: another class's config built a default-sized
+    model, and counting it failed on the meta device ("unsupported operand … NoneType") with a hint about sizes."""
+    library = "diffusers" if component == "transformer" else "transformers"
+    copy = edited_copy(pipelines["flux"][1], tmp_path, lambda ix: ix.update({component: [library, named]}))
+    code, _, err = run(capsys, "plan", str(copy), "--profile", "rtx-5090")
+    assert code == 1 and f"names component {component!r} a {named}, but" in err and own in err, err
+    assert f"hint: make them agree: the entry {component!r} of model_index.json" in err
+
+
+def test_a_transformers_config_of_another_model_type_than_its_architectures_is_refused(capsys, tmp_path):
+    config = {"architectures": ["BertModel"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "plan", str(tmp_path), "--profile", "rtx-5090")
+    assert code == 1 and "architectures names BertModel, but the config is a LlamaConfig (model_type 'llama')" in err

@@ -154,13 +154,21 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
         raise ResidencyError(f"{path / MODEL_CONFIG}: {field} {named!r} is not a {library} model class",
                              hint=f"{known}; fix {field}, or update {library} if it is newer than "
                                   f"{library} {lib.__version__}")
+    if named_as is not None and library == "diffusers":
+        _refuse_other_class(path, class_name, config.get("_class_name"))
     with init_empty_weights():
         try:
             if library == "transformers":
                 # a local directory: nothing is downloaded. It validates fields (a dtype torch lacks, a text
                 # width, heads that do not divide the width, an unknown model_type): refused here, not raised
                 config = lib.AutoConfig.from_pretrained(path)
+                own = getattr(cls, "config_class", None)
+                if isinstance(own, type) and not isinstance(config, own):
+                    _refuse_other_class(path, class_name, f"a {type(config).__name__} (model_type "
+                                                          f"{getattr(config, 'model_type', '?')!r})", named_as)
             model = build(config)
+        except ResidencyError:
+            raise
         except Exception as e:  # a config the class refuses: wrong or missing fields
             from residency.workload.from_module import error_line
 
@@ -184,6 +192,23 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
 
     check_weights_match(path, model)  # weight files beside the config: the headers are read, no data
     return model.eval()  # built in training mode: its dropouts would be counted as ops an inference never runs
+
+
+def _refuse_other_class(path: Path, class_name: str, own: Any, named_as: tuple | None = ("", "")) -> None:
+    """A config of another class than the one built from it: its fields were not the class's, so a default-sized
+    model was built and failed where it first used a field it lacked ("unsupported operand … NoneType"). `own`:
+    the class the config names (a diffusers `_class_name`) or the kind of config it is (transformers)."""
+    if not isinstance(own, str) or not own or own == class_name:
+        return
+    if named_as is not None:  # a pipeline's component: model_index.json names the class
+        index = path.parent / PIPELINE_INDEX
+        raise ResidencyError(f"{index}: names component {path.name!r} a {class_name}, but {path / MODEL_CONFIG} is "
+                             f"the config of {own}", hint=f"make them agree: the entry {path.name!r} of "
+                             f"{PIPELINE_INDEX} names the class whose config and weights are in {path.name}/ "
+                             "(save_pretrained writes both)")
+    raise ResidencyError(f"{path / MODEL_CONFIG}: architectures names {class_name}, but the config is {own}",
+                         hint="name a class of that model type in architectures, or fix model_type "
+                              "(save_pretrained writes both)")
 
 
 def _check_layer_counts(config_path: Path, config: dict[str, Any]) -> None:
