@@ -281,8 +281,6 @@ def edited_copy(path, tmp_path, edit):
      ["'image_encoder' (CLIPVisionModel) holds weights", '"image_encoder": [null, null]']),
     (lambda ix: ix.update(vae=["diffusers"]), ["component 'vae' is ['diffusers'], not [library, class]"]),
     (lambda ix: ix.pop("transformer"), ["no transformer or unet component"]),
-    (lambda ix: ix.update(vae=["diffusers", "AutoencoderTiny"]), ["AutoencoderTiny: residency cannot tell the "
-                                                                  "latent", "residency.attach(pipe"]),
 ])
 def test_a_broken_pipeline_directory_is_refused_naming_the_field(capsys, pipelines, tmp_path, edit, expected):
     copy = edited_copy(pipelines["flux"][1], tmp_path, edit)
@@ -290,6 +288,13 @@ def test_a_broken_pipeline_directory_is_refused_naming_the_field(capsys, pipelin
     assert code == 1 and "hint:" in err, err
     for text in expected:
         assert text in err, err
+
+
+def test_a_pipeline_with_a_vae_whose_latent_residency_cannot_tell_is_refused(capsys, pipelines, tmp_path):
+    copy = edited_copy(pipelines["flux"][1], tmp_path, lambda ix: ix.update(vae=["diffusers", "AutoencoderTiny"]))
+    (copy / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTiny"}))
+    code, _, err = run(capsys, "plan", str(copy), "--profile", "rtx-5090")
+    assert code == 1 and "AutoencoderTiny: residency cannot tell the latent" in err and "residency.attach(pipe" in err
 
 
 def test_a_pipeline_directory_missing_a_components_config_is_refused(capsys, pipelines, tmp_path):
