@@ -53,11 +53,22 @@ def _refuse_read_only(path: Path, error: type[ResidencyError]) -> None:
                     hint=f"make it writable (chmod u+w {os.fspath(path)}) or pick another path")
 
 
+def through_link(path: Path) -> Path:
+    """The file a symbolic link names (followed to the end), else `path`: `-o link` writes where the link points,
+    as a shell's `>` does; replacing the link itself by a file cut it from its target (a plan shared by linking
+    it into several directories stopped being shared, silently)."""
+    try:
+        return Path(os.path.realpath(path)) if os.path.islink(path) else path
+    except (OSError, ValueError):  # a name the file system refuses: said where the file is created
+        return path
+
+
 def check_can_create(path: Path, error: type[ResidencyError] = ResidencyError) -> None:
     """Raise `error` unless a file can be created beside `path` — the temp file atomic_output will need — checked
     by creating one and removing it: a read-only filesystem, a permission, an immutable directory all fail here,
     before the work whose result would be written (os.access misses some of them, and says yes to root). A
     read-only file at `path` is refused too."""
+    path = through_link(Path(path))
     _refuse_read_only(path, error)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=path.parent)
@@ -82,6 +93,7 @@ def atomic_output(path: Path, error: type[ResidencyError] = ResidencyError) -> I
     def broken(path: Path, problem: str, hint: str) -> ResidencyError:
         return error(f"{os.fspath(path)}: {problem}", hint)
 
+    path = through_link(Path(path))
     _refuse_read_only(path, error)
     if path.is_dir():  # the rename would fail only after the whole file was written
         raise broken(path, "is a directory", hint="give a file name, or remove that directory")

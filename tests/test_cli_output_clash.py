@@ -130,3 +130,16 @@ def test_no_output_goes_into_the_calibration_cache_and_profile_writes_only_the_m
     older = cache_dir() / "profile-cpu-m1.json"
     assert "writes only this machine's cached profile" in _owned(older, "profile")
     assert _owned(cached_profile_path("cpu"), "profile") is None and _owned(tmp_path / "p.json", "profile") is None
+
+
+def test_an_output_that_is_a_link_is_written_where_it_points_and_stays_a_link(capsys, tmp_path):
+    """The rename replaced the link itself by a file: a plan shared by linking it into several places stopped
+    being shared, with nothing said."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "plan.json").write_text("old")
+    link = tmp_path / "plan.json"
+    link.symlink_to(shared / "plan.json")
+    assert main(["plan", "tiny", "--profile", "rx-7800-xt", "-o", str(link)]) == 0, capsys.readouterr().err
+    assert link.is_symlink() and (shared / "plan.json").read_text().startswith("{")
+    assert sorted(p.name for p in shared.iterdir()) == ["plan.json"]  # no temp file left beside the target
