@@ -6,6 +6,7 @@ steps → decode, equal to the workload residency.attach_pipeline traces from on
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -385,3 +386,14 @@ def test_a_transformers_config_of_another_model_type_than_its_architectures_is_r
     (tmp_path / "config.json").write_text(json.dumps(config))
     code, _, err = run(capsys, "plan", str(tmp_path), "--profile", "rtx-5090")
     assert code == 1 and "architectures names BertModel, but the config is a LlamaConfig (model_type 'llama')" in err
+
+
+def test_a_pipeline_directory_with_a_models_config_at_the_top_says_which_it_planned(capsys, pipelines, tmp_path):
+    copy = edited_copy(pipelines["flux"][1], tmp_path, lambda ix: None)
+    code, _, err = run(capsys, "plan", str(copy), "--profile", "rtx-5090")
+    assert code == 0 and "holds both" not in err, err
+    shutil.copy(copy / "transformer" / "config.json", copy / "config.json")
+    for command in (("plan", str(copy), "--profile", "rtx-5090"), ("inspect", str(copy))):
+        code, _, err = run(capsys, *command)
+        assert code == 0 and err.count("holds both model_index.json and a model's config.json: planned as the "
+                                       "pipeline") == 1, err

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +25,13 @@ from typing import Any
 
 from torch import nn
 
-from residency.commands.config_source import PIPELINE_INDEX, empty_model, read_config
+from residency.commands.config_source import (
+    MODEL_CONFIG,
+    PIPELINE_INDEX,
+    empty_model,
+    is_model_dir,
+    read_config,
+)
 from residency.errors import ResidencyError, UsageError
 from residency.workload.spec import MAX_STEPS
 
@@ -185,6 +192,9 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
 
     size = size or ExampleSize()
     pipe_name, components = read_index(path)
+    if is_model_dir(path):  # both files at the top: which one the user meant is not known, so say which was read
+        print(f"note: {path} holds both {PIPELINE_INDEX} and a model's {MODEL_CONFIG}: planned as the pipeline "
+              f"{PIPELINE_INDEX} describes; for the one model, give it a directory of its own", file=sys.stderr)
     with _quiet_imports():
         pipe_class = _pipeline_class(path, pipe_name)
         classes = {comp.name: _library_class(path, comp) for comp in components}
