@@ -96,6 +96,8 @@ def test_inspect_reads_the_same_config_only_directory(capsys, unet_dir):
     assert code == 0, err
     doc = json.loads(out)
     assert doc["params"] == sum(p.numel() for p in UNet2DConditionModel.from_config(UNET_CONFIG).parameters())
+    # said to be counted, not read: "stored" sizes of files that are not there
+    assert doc["notes"][0].startswith("counted from config.json (no weights here): the UNet2DConditionModel")
 
 
 def test_a_catalog_json_plans_like_its_catalog_name(capsys, tmp_path):

@@ -314,7 +314,12 @@ def load_inventory(name_or_path: str) -> Inventory:
         # config only: the model built empty, its tensors named and typed as its weights would be stored (the
         # config's dtype), as for a directory with weights; no forward is counted (inspect needs none, and a
         # class whose inputs its config does not give, a UNet2DModel, has none to count)
-        return inventory_from_module(name_or_path, _as_saved(empty_model(source.path), source.path))
+        model = _as_saved(empty_model(source.path), source.path)
+        inv = inventory_from_module(name_or_path, model)
+        dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters()), "float32")
+        inv.note = (f"counted from config.json (no weights here): the {type(model).__name__} it describes, in "
+                    f"{dtype}: its parameters and buffers, as `plan` counts them")
+        return inv
     # a pipeline's components' files may hold other dtypes, and parts a call never runs
     note = ("counted from the configs: the modules one call of the pipeline runs (a text-to-image call runs no VAE "
             "encoder), each at BF16, as `plan` counts them; `inspect DIR/COMPONENT` reads a component's own files"
