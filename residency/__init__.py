@@ -30,6 +30,7 @@ _EXPORTS = {
     "make_plan": "residency.planning",
     "workload_from_module": "residency.workload",
     "ResidencyError": "residency.errors",
+    "BudgetError": "residency.errors",
     "InferenceOnlyWarning": "residency.errors",
     "PlanWarning": "residency.errors",
 }

@@ -320,6 +320,11 @@ class PipelineRuntime(NotCopiedRuntime):
         """The device budget changed (Runtime.set_budget): a cut below use re-plans at the next block call."""
         self.runtime.set_budget(budget_bytes)
 
+    def replan_now(self) -> Plan:
+        """Plan again for the budget in force and run that plan from the next call on (Runtime.replan_now)."""
+        self._attached()
+        return self.runtime.replan_now()
+
     def calibrated_profile(self, warmup_frames: int = WARMUP_FRAMES):
         """The running plan's profile fitted to the frames the runtime recorded (Runtime.calibrated_profile)."""
         return self.runtime.calibrated_profile(warmup_frames)

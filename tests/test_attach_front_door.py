@@ -24,7 +24,7 @@ from pipelines.world_model import WorldModelPipeline
 from residency.device import cached_profile_path, load_profile, machine_profile, resolve_profile
 from residency.errors import ResidencyError
 from residency.front_door import vram_bytes
-from residency.runtime import Runtime
+from residency.runtime import DeviceBudgetExceeded, Runtime
 from residency.runtime.hooks import has_hook
 
 pytestmark = pytest.mark.usefixtures("one_compute_thread")
@@ -100,8 +100,9 @@ def test_a_budget_that_the_fixed_costs_alone_exceed_says_so_not_the_largest_bloc
 
 def test_a_budget_no_plan_fits_is_refused_before_anything_is_attached():
     model = Small()
-    with pytest.raises(ResidencyError, match=r"no plan of Small fits vram=64 bytes") as e:
-        attach_small(model, vram=64)
+    with pytest.raises(residency.BudgetError, match=r"no plan of Small fits vram=64 bytes") as e:
+        attach_small(model, vram=64)  # a BudgetError, as a pipeline's DeviceBudgetExceeded: one except for both
+    assert isinstance(e.value, ResidencyError) and issubclass(DeviceBudgetExceeded, residency.BudgetError)
     assert "its largest block, Small.blocks." in e.value.hint
     assert not any(has_hook(m) for m in model.modules())
     suggested = re.search(r"give vram='([^']+)' or more", e.value.hint).group(1)

@@ -19,7 +19,7 @@ from torch import nn
 
 from policies import PlanRequest, fits_memory, get_policy
 from residency.device import DeviceProfile, machine_profile, resolve_profile
-from residency.errors import InferenceOnlyWarning, PlanWarning, ResidencyError
+from residency.errors import BudgetError, InferenceOnlyWarning, PlanWarning, ResidencyError
 from residency.front_door.checks import backend_name, warn_budget_beyond_device, warn_missed_budget
 from residency.front_door.examples import derived_example, is_instance_of
 from residency.front_door.foreign_hooks import refuse_foreign_hooks, refuse_pipeline_hooks
@@ -361,7 +361,7 @@ def _planned(replan: PinnedPlanner, budget: Budget, profile: DeviceProfile) -> P
         pinned = _pinned_words(w, fmt, need, bound)
         if pinned and need is not None and pinned[1] >= need / 2:  # most of it is blocks that cannot stream
             hint += f"; the blocks kept resident cannot stream: {pinned[2]}"
-        raise ResidencyError(f"no plan of {w.name} fits vram={budget.vram_bytes} bytes "
+        raise BudgetError(f"no plan of {w.name} fits vram={budget.vram_bytes} bytes "
                              f"({fmt_bytes(budget.vram_bytes)}) on profile {profile.name!r}"
                              + (f": the smallest plan found needs {_exact(need, budget.vram_bytes)}{parts}"
                                 if need is not None else "") + (pinned[0] if pinned else ""), hint=hint)

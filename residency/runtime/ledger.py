@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from residency.errors import ResidencyError
+from residency.errors import BudgetError
 from residency.simulate.memory import LEDGER_KINDS
 from residency.units import fmt_bytes
 
 KINDS = LEDGER_KINDS
 
 
-class DeviceBudgetExceeded(ResidencyError):
-    """The device-memory budget cannot hold what the runtime needs (at attach, or after a cut)."""
+class DeviceBudgetExceeded(BudgetError):
+    """The device-memory budget cannot hold what the runtime needs (at attach, or after a cut): a BudgetError, as
+    `attach`'s "no plan fits", so one `except residency.BudgetError` catches both."""
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,14 @@ import torch
 
 from residency.device import DeviceProfile
 from residency.errors import ResidencyError
-from residency.plan import Plan
+from residency.plan import Budget, Plan
 from residency.runtime import block_buffers
 from residency.runtime.closed_loop import ClosedLoop, LoopOptions
 from residency.runtime.host_store import BlockBlob, pack_block
+from residency.runtime.ledger import DeviceBudgetExceeded
 from residency.telemetry.calibration import WARMUP_FRAMES, CalibrationFit, calibrate, calibration_window
 from residency.telemetry.events import LoopEvent
+from residency.units import fmt_bytes
 
 
 class PlanSwitching:
@@ -124,6 +126,36 @@ class PlanSwitching:
         if profile is not None:
             self.profile = profile
         self.recorder.prediction = plan.prediction
+
+    def replan_now(self) -> Plan:
+        """Plan again for the budget in force and run that plan from the next unit of work on; returns it. A cut
+        set_budget re-plans by itself (at the next block call), a raise only through the closed loop: this is the
+        way to use memory given back without it. The new plan is taken whatever it predicts (the running one was made
+        for another budget). Raises ResidencyError without the planner (a Runtime made without replan= and
+        profile=), detached, or inside a unit; DeviceBudgetExceeded (a BudgetError) when no plan fits: below what the
+        running plan holds, as after a cut, the runtime then lets go of the model."""
+        if self.replan is None or self.profile is None:
+            raise ResidencyError("re-planning needs the planner and profile the plan was made with",
+                                 hint="attach through residency.attach, or make the Runtime with replan= and profile=")
+        with self._unit_lock:
+            if self.pipeline is None:
+                raise ResidencyError("the runtime is not attached", hint="attach(pipeline) first")
+            if self._in_unit:
+                raise ResidencyError("plans switch between units of work, not inside one",
+                                     hint="call replan_now between steps (or calls of the model)")
+            budget = self.ledger.budget_bytes
+            plan = self.replan(Budget(budget, self.plan.budget.frame_ms), self.profile)
+            check_profile(plan, self.profile)
+            try:
+                self._switch_plan(plan, None, None)
+            except DeviceBudgetExceeded as e:
+                if self.pipeline is not None:  # the running plan attached again
+                    raise
+                raise DeviceBudgetExceeded(  # as a cut no re-plan fits (recovering.Recovering._recover)
+                    f"no plan fits the budget in force ({fmt_bytes(budget)}): {e.message}; the runtime let go of the "
+                    "model, which runs as it did before attach (its own weights, no budget) from now on",
+                    hint="set a budget the model fits (set_budget) and attach again") from e
+        return plan
 
     def adopt_profile(self, profile: DeviceProfile, plan: Plan) -> None:
         """Keep running the same placements with `plan`'s corrected prediction, and re-plan later with `profile`

@@ -1,0 +1,60 @@
+"""`replan_now()`: memory given back with set_budget is used without the closed loop (a raise was acted on only by
+the loop, or at the next cut's re-plan: a model streamed at its old budget with the memory to hold it all)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sim_helpers import flat_profile
+from torch import nn
+
+import residency
+from residency.errors import ResidencyError
+
+DIM = 64
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(4))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return x
+
+
+X = torch.randn(2, DIM, generator=torch.Generator().manual_seed(1))
+
+
+def attach(model, vram):
+    return residency.attach(model, vram=vram, profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=X)
+
+
+def test_a_raised_budget_is_planned_for_at_once_and_the_outputs_stay_the_same():
+    model = Stack()
+    with torch.no_grad():
+        expected = model(X)
+    with attach(model, "60%") as rt:
+        before = rt.plan
+        assert any(b.placement != "resident" or b.format != "F32" for b in before.blocks)
+        out = rt(X)
+        rt.set_budget("400%")
+        assert rt.plan is before  # a raise alone changes nothing
+        plan = rt.replan_now()
+        assert rt.plan is plan and plan.budget.vram_bytes == rt.budget_bytes
+        assert all(b.placement == "resident" and b.format == "F32" for b in plan.blocks)
+        assert torch.equal(rt(X), expected)  # all of it resident at full precision now
+    assert out.shape == expected.shape
+
+
+def test_replan_now_with_no_plan_fitting_lets_go_as_a_cut_does_and_detached_is_refused():
+    with attach(Stack(), "100%") as rt:
+        rt.ledger.budget_bytes = 64  # a cut far below anything, before the next block call acts on it
+        with pytest.raises(residency.BudgetError, match=r"no plan fits the budget in force \(64 B\).*let go"):
+            rt.replan_now()
+        assert not rt.attached
+        with pytest.raises(ResidencyError, match="not attached"):
+            rt.replan_now()
