@@ -4,7 +4,9 @@ state a model keeps in plain attributes, and the RNG draws of a forward run for 
 from __future__ import annotations
 
 import copy
+import random
 
+import numpy as np
 import pytest
 import torch
 from test_attach_guards import attach
@@ -176,6 +178,9 @@ def test_left_as_found_puts_back_attributes_tensor_values_and_generators():
     torch.manual_seed(5)
     want_global = torch.rand(2)
     torch.manual_seed(5)
+    random.seed(3), np.random.seed(3)
+    want_streams = (random.random(), np.random.rand())
+    random.seed(3), np.random.seed(3)
     with left_as_found([module], generators_in({"g": [gen], "x": 1})):
         module.note = "changed"
         module.added = 1
@@ -183,6 +188,8 @@ def test_left_as_found_puts_back_attributes_tensor_values_and_generators():
         del module.buf
         torch.rand(3, generator=gen)
         torch.rand(4)
+        random.random(), np.random.rand()  # Python's and NumPy's global streams (a LayerDrop draws from them)
+    assert (random.random(), np.random.rand()) == want_streams
     assert module.note == "kept" and not hasattr(module, "added")
     assert torch.equal(module.buf, torch.zeros(3))
     assert torch.equal(torch.rand(2, generator=gen), torch.rand(2, generator=want_gen))

@@ -257,3 +257,20 @@ def test_a_cut_set_while_detached_is_planned_for_at_the_next_attach():
     without.set_budget(cut)
     with pytest.raises(DeviceBudgetExceeded):
         without.attach(model)
+
+
+def test_a_cut_made_between_calls_is_planned_for_before_a_call_that_changes_its_arguments():
+    """set_budget between two generate() steps: the next call found the cut at its first block, re-planned, and was
+    refused as "not run again" for its KV cache, which nothing had touched yet. Planned for before it runs, it runs
+    once, under the new plan."""
+    big = make_plan(W)
+    model = _Counting("object")
+    rt = Runtime(big, "cpu", workload=W, replan=small_plan, profile=PROFILE).attach(model)
+    held = rt.ledger.total_bytes
+    rt.set_budget(int(held * 0.9))
+    cache = _Cache()
+    with torch.no_grad():
+        got = model(X.clone(), cache=cache)
+    rt.detach()
+    assert rt.recoveries == [("DeviceBudgetExceeded", int(held * 0.9))] and cache.seen == [0]
+    assert torch.equal(got, _run_fresh(small_plan(Budget(int(held * 0.9)), PROFILE), [X])[0])

@@ -123,6 +123,14 @@ class Recovering:
             refuse_training(self.pipeline)
         self._retrying = True
         try:
+            if self.replan is not None and self.ledger.over_budget:
+                # a cut set_budget made between calls: re-planned before this call runs, so a call that changes what
+                # it is given (a KV cache it appends to) needs no second run, which it could not be given (a
+                # generate() cut between two tokens was refused as "not run again")
+                try:
+                    self.ledger.check()
+                except DeviceBudgetExceeded as e:
+                    self._recover(e)
             for attempt in range(MAX_RECOVERIES + 1):
                 before = state() if state is not None and self.replan is not None else None
                 try:

@@ -8,10 +8,12 @@ call NaN or a device error, and a seed set before attach no longer gave the unat
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
@@ -52,6 +54,9 @@ def left_as_found(modules: Iterable[nn.Module], generators: Iterable[torch.Gener
     gens = [(g, g.get_state()) for g in {id(g): g for g in generators}.values()]
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    # a forward drawing from Python's or NumPy's global stream (a LayerDrop, a random crop) advanced it: a seeded run
+    # then differed by whether it was attached
+    py_rng, np_rng = random.getstate(), np.random.get_state()
     try:
         yield
     finally:
@@ -70,6 +75,8 @@ def left_as_found(modules: Iterable[nn.Module], generators: Iterable[torch.Gener
         for gen, state in gens:
             gen.set_state(state)
         torch.random.set_rng_state(cpu_rng)
+        random.setstate(py_rng)
+        np.random.set_state(np_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
 
