@@ -324,6 +324,19 @@ def test_attaching_an_attached_model_is_refused_before_planning_and_a_budget_bes
     with pytest.warns(PlanWarning, match=r"plan= runs as given, with its own budget .*: vram= ignored"):
         residency.attach(model, plan=plan, vram="10%", profile=flat_profile(backend="cpu"), backend="cpu",
                          example_inputs=x).detach()
+    # a plan whose blocks its own budget cannot hold: the hint said "raise the budget", which vram= does not do
+    import dataclasses
+
+    resident = dataclasses.replace(plan, prediction=None, blocks=tuple(dataclasses.replace(
+        b, placement="resident") for b in plan.blocks))
+    with pytest.warns(PlanWarning), pytest.raises(residency.BudgetError, match=r"plan= does not fit its own budget "
+                                                  r"\([^)]*, plan\.budget\.vram_bytes\)") as err:
+        residency.attach(model, plan=resident, vram="400%", profile=flat_profile(backend="cpu"), backend="cpu",
+                         example_inputs=x)
+    assert err.value.hint.startswith("vram= does not change a given plan's budget")
+    from residency.runtime.hooks import has_hook
+
+    assert not any(has_hook(m) for m in model.modules())  # left as it was
 
 
 def test_pickling_an_attached_model_is_refused_with_what_to_save_instead():

@@ -33,7 +33,7 @@ from residency.front_door.pinned_planner import (
 from residency.front_door.shape_guard import ShapeGuard
 from residency.front_door.vram import COMPUTE_FORMAT, VramSpec, frame_budget_ms, vram_bytes
 from residency.plan import Budget, Plan, load_plan
-from residency.runtime import Runtime
+from residency.runtime import DeviceBudgetExceeded, Runtime
 from residency.runtime.attached_guards import refuse_inference_parameters
 from residency.runtime.closed_loop import LoopOptions, check_loop_can_replan, enable_loop, loop_options
 from residency.runtime.hooks import has_hook
@@ -130,7 +130,16 @@ def attach(target: Any, *, vram: VramSpec = None, fps: float | None = None, fram
     runtime = Runtime(chosen, chosen_backend, workload=workload, replan=replan,
                       profile=prof if replan is not None else None)
     runtime.call_check = _with_training_check(guard, target)
-    runtime.attach(target)
+    try:
+        runtime.attach(target)
+    except DeviceBudgetExceeded as e:
+        if plan is None:
+            raise
+        # its hint said "raise the budget", which vram= does not do for a given plan: its own budget is the one
+        raise BudgetError(f"plan= does not fit its own budget ({fmt_bytes(chosen.budget.vram_bytes)}, plan.budget."
+                          f"vram_bytes): {e.message}", hint="vram= does not change a given plan's budget: give the plan "
+                          "a larger one (dataclasses.replace(plan, budget=residency.Budget(vram_bytes=…))), or leave "
+                          "plan= out to plan for vram=") from None
     enable_loop(runtime, closed_loop)
     return runtime
 
