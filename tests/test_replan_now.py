@@ -5,36 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sim_helpers import flat_profile
-from torch import nn
+from test_attach_front_door import Small, X, attach_small
 
 import residency
 from residency.errors import ResidencyError
 
-DIM = 64
-
-
-class Stack(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.blocks = nn.ModuleList(nn.Linear(DIM, DIM) for _ in range(4))
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = torch.relu(block(x))
-        return x
-
-
-X = torch.randn(2, DIM, generator=torch.Generator().manual_seed(1))
-
 
 def attach(model, vram):
-    return residency.attach(model, vram=vram, profile=flat_profile(backend="cpu"), backend="cpu", example_inputs=X)
+    return attach_small(model, vram=vram)
 
 
 def test_a_raised_budget_is_planned_for_at_once_and_the_outputs_stay_the_same():
-    model = Stack()
+    model = Small()
     with torch.no_grad():
         expected = model(X)
     with attach(model, "60%") as rt:
@@ -51,7 +33,7 @@ def test_a_raised_budget_is_planned_for_at_once_and_the_outputs_stay_the_same():
 
 
 def test_replan_now_with_no_plan_fitting_lets_go_as_a_cut_does_and_detached_is_refused():
-    with attach(Stack(), "100%") as rt:
+    with attach(Small(), "100%") as rt:
         rt.ledger.budget_bytes = 64  # a cut far below anything, before the next block call acts on it
         with pytest.raises(residency.BudgetError, match=r"no plan fits the budget in force \(64 B\).*let go"):
             rt.replan_now()
