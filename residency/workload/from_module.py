@@ -191,12 +191,17 @@ def _count(model: nn.Module, blocks: ModuleBlocks, args: tuple, kwargs: dict[str
     """One counted forward over `blocks`' units: on the meta device, else as fallback_trace runs it. Returns the
     trace, where it was counted ("meta", "real", "narrow") and why the meta run failed ("" when it did not)."""
     units = [u.modules for u in blocks.units]
+    # a model held in the compute dtype runs its example's floats in their own dtype, as the real call does: a
+    # float16 example into a float32 Linear is then refused here, not at the user's first call (its own cast, x.to(
+    # w.dtype), makes a tensor of the weight's dtype as for real)
+    as_given = dtypes[1] is None and all(t.dtype == dtypes[0] for t in chain(model.parameters(), model.buffers())
+                                         if t.is_floating_point())
     # the user's feature hooks record the user's calls, not this count; whatever the forward caches, counts or
     # draws is put back (left_as_found)
     with user_hooks_quiet(model), left_as_found([model], generators_in((args, kwargs))):
         try:
-            with float_layers_refuse_integers(model, name):  # a refusal the model makes and meta does not
-                return _meta_trace(model, units, args, kwargs, dtypes[0], batch, dtypes[1]), "meta", ""
+            with float_layers_refuse_integers(model, name, floats=as_given):  # refusals the model makes, meta not
+                return _meta_trace(model, units, args, kwargs, dtypes[0], batch, dtypes[1], as_given), "meta", ""
         except IntegerInputError:  # not a meta failure: the real run would refuse it too
             raise
         except Exception as e:  # any failure of the meta run (data-dependent op, CPU tensor kept as attribute)
@@ -355,19 +360,19 @@ def _tied_modules(model: nn.Module, paths: tuple[str, ...]) -> int:
 
 
 def _meta_trace(model: nn.Module, units: list[tuple[str, ...]], args: tuple, kwargs: dict[str, Any],
-                dtype: torch.dtype, batch: int, main: torch.dtype | None = None) -> Trace:
+                dtype: torch.dtype, batch: int, main: torch.dtype | None = None, inputs_as_given: bool = False) -> Trace:
     """The forward with every parameter, buffer and input replaced by a meta tensor (floating ones in the
     compute dtype) for the call only: the model itself is left as it is, weights or not. `main`: a model's
     main dtype when it keeps tensors in others; a tensor (or input) in another stored dtype stays in it, as
-    the model runs it."""
-    def meta(t: Any) -> Any:
+    the model runs it. inputs_as_given: every input keeps its own dtype (a model held in the compute dtype)."""
+    def meta(t: Any, as_given: bool = False) -> Any:
         if not isinstance(t, torch.Tensor):
             return t
-        own = main is not None and t.dtype != main and t.dtype in DTYPE_NAMES
+        own = as_given or (main is not None and t.dtype != main and t.dtype in DTYPE_NAMES)
         return torch.empty(t.shape, dtype=dtype if t.is_floating_point() and not own else t.dtype, device="meta")
 
     state = {n: meta(t) for n, t in chain(model.named_parameters(), model.named_buffers())}
-    margs, mkwargs = tree_map(meta, (args, kwargs))
+    margs, mkwargs = tree_map(lambda t: meta(t, inputs_as_given), (args, kwargs))
     # functional_call swaps the tensors in and back out; a module registered at two places (one layer
     # listed twice in a ModuleList) came back with meta weights, the user's model wrecked. Whatever it
     # leaves, every module's own tensors are put back as they were.

@@ -21,31 +21,36 @@ _FLOAT_LAYERS = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Con
 
 
 class IntegerInputError(ResidencyError):
-    """An example input reaches a float layer as integers: the model itself would refuse the call."""
+    """An example input reaches a float layer as integers, or as floats of another dtype than its weight: the model
+    itself would refuse the call."""
 
 
 @contextmanager
-def float_layers_refuse_integers(model: nn.Module, name: str) -> Iterator[None]:
+def float_layers_refuse_integers(model: nn.Module, name: str, floats: bool = False) -> Iterator[None]:
     """While the body runs (the count of `model`'s forward), a call of one of `model`'s own nn.Linear/ConvNd layers
     with an integer first input raises IntegerInputError naming the layer. Cost: one pre-hook call per module call.
 
-    Not checked: an example in another float dtype than the layer's weight (float64 into float32). The meta run holds
-    inputs in the compute dtype, so a model's own cast (`x.to(w.dtype)`, `x.float()`, autocast) is the same tensor
-    there as no cast at all: a check by identity refused models that cast their inputs themselves."""
+    floats: also a float input of another dtype than the layer's weight (float16 into float32), outside autocast.
+    Only where the meta run holds the inputs in their own dtypes (a model held in the compute dtype): where it holds
+    them in the compute dtype, a model's own cast (`x.to(w.dtype)`) is the same tensor there as no cast at all."""
     paths = {id(m): p for p, m in model.named_modules() if type(m) in _FLOAT_LAYERS}
 
     def check(module: nn.Module, args: tuple) -> None:
         path = paths.get(id(module))
         if path is None or not args or not isinstance(args[0], torch.Tensor):
             return
-        x = args[0]
-        if not (x.is_floating_point() or x.is_complex()) and module.weight.is_floating_point():
+        x, w = args[0], module.weight
+        integer = not (x.is_floating_point() or x.is_complex()) and w.is_floating_point()
+        other_float = (floats and x.is_floating_point() and w.is_floating_point() and x.dtype != w.dtype
+                       and not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")))
+        if integer or other_float:
             raise IntegerInputError(
                 f"{name}: {path or 'the model'} ({type(module).__name__}) gets its input as {x.dtype}, its weight "
-                f"is {module.weight.dtype}: the model itself refuses that call (torch: mat1 and mat2 must have the "
-                "same dtype)",
-                hint="give example_inputs= as the model takes them: float tensors where its layers compute on them "
-                     "(token ids only where an embedding reads them)")
+                f"is {w.dtype}: the model itself refuses that call (torch: mat1 and mat2 must have the same dtype)",
+                hint="give example_inputs= as the model takes them: "
+                     + (f"in {w.dtype}, as its weights (or cast the model to the inputs' dtype)" if other_float else
+                        "float tensors where its layers compute on them (token ids only where an embedding reads "
+                        "them)"))
 
     handle = nn.modules.module.register_module_forward_pre_hook(check)
     try:
