@@ -267,3 +267,22 @@ def test_ours_takes_a_rivals_own_modes_unless_it_compiles_what_ours_declined():
     # an eager request asks nothing more of a rival
     assert modes_of(_rival_plans(dataclasses.replace(req, exec_mode="eager"), [rival("graphed")], declined)) == [
         ["eager"]]
+
+
+def test_a_forced_mode_holds_for_a_rivals_placement_too_and_a_budget_its_pools_miss_says_so():
+    """--exec-mode graphed at a budget the graph pools overran returned a peer's plan as the peer runs it (every
+    block eager), twice as slow as --exec-mode eager, and said nothing of graphs; now it stays graphed and does not
+    fit (exit 3)."""
+    from policies.ours import _rival_plans
+    from policies.ours.modes import ModeChoice
+
+    w = chain_workload()
+    req = PlanRequest(w, _launch_bound_gpu(), Budget(2**34, None), exec_mode="graphed")
+    rival = get_policy("all-resident")
+    plans = _rival_plans(req, [rival], {"dit.blocks.*": ModeChoice("graphed")})
+    assert [sorted({b.exec_mode for b in p.blocks}) for p in plans] == [["graphed"]]  # its own eager plan: not taken
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["plan", "tiny", "--profile", "rx-7800-xt", "--exec-mode", "graphed", "--vram", "200MiB", "--json"])
+    doc = json.loads(out.getvalue())
+    assert code == 3 and {b.get("exec_mode") for b in doc["blocks"]} == {"graphed"}

@@ -160,7 +160,9 @@ def _rival_plans(req: PlanRequest, rivals: Sequence[PolicyFn], choices: dict[str
         out.append(at_ours)
         compiled = {req.workload.by_name[bp.name].block_class for bp in own.blocks
                     if bp.exec_mode == "compiled" and bp.name in req.workload.by_name}
-        if at_ours is not own and not compiled & declined:
+        # a mode the user forced (--exec-mode graphed) holds for a rival's placement too: adopted as the rival runs
+        # it (eager), a plan of no graphs was returned, twice as slow as --exec-mode eager, with nothing said
+        if at_ours is not own and not compiled & declined and req.exec_mode.startswith("auto"):
             out.append(own)
     return out
 
