@@ -143,3 +143,17 @@ def test_an_output_that_is_a_link_is_written_where_it_points_and_stays_a_link(ca
     assert main(["plan", "tiny", "--profile", "rx-7800-xt", "-o", str(link)]) == 0, capsys.readouterr().err
     assert link.is_symlink() and (shared / "plan.json").read_text().startswith("{")
     assert sorted(p.name for p in shared.iterdir()) == ["plan.json"]  # no temp file left beside the target
+
+
+def test_an_output_linking_to_a_file_of_the_model_is_refused_by_its_targets_name(capsys, tmp_path):
+    """plan.json linking to the model directory's model.safetensors: judged by the link's own name it was no file
+    of the model, and the plan replaced the weights (the link is written where it points)."""
+    model_dir = tmp_path / "unet"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(b"weights")
+    link = tmp_path / "plan.json"
+    link.symlink_to(weights)
+    err = refused(capsys, "plan", model_dir, "--profile", "rx-7800-xt", "-o", link)
+    assert "a file of the model" in err and weights.read_bytes() == b"weights"

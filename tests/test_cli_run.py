@@ -433,3 +433,25 @@ def test_a_graphed_plan_is_refused_before_the_plan_is_stated_on_the_cpu_backend(
     out, err = capsys.readouterr()
     assert "g.json runs 17 blocks graphed" in err and "--exec-mode eager" in err
     assert "fits" not in out and not (files / "g.gif").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_a_trace_that_fails_to_write_leaves_the_gif_there_before_and_no_other_file(files, capsys, monkeypatch,
+                                                                                   command):
+    """A full disk at the trace: exit 1, and the GIF written just before had replaced the one there before."""
+    import residency.dashboard
+
+    def full(snapshot, context, path):
+        raise residency.errors.ResidencyError(f"{path}: writing failed (No space left on device)", hint="free space")
+    monkeypatch.setattr(residency.dashboard, "write_trace", full)
+    gif = files / ("out.gif" if command == "run" else "d/demo.gif")
+    gif.parent.mkdir(exist_ok=True)
+    gif.write_bytes(b"old")
+    before = listing(files)
+    argv = (["run", "tiny", "--image", "start.png", "-o", "out.gif", "--trace", "t.json"] if command == "run" else
+            ["demo", "-o", "d"])
+    code = main([*argv, *PROFILE, "--frames", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and "writing failed (No space left on device)" in err and "pending" not in err, err
+    assert f"{'t.json' if command == 'run' else 'demo-trace.json'}: writing failed" in err
+    assert gif.read_bytes() == b"old" and listing(files) == before  # nothing new, nothing half-written

@@ -40,3 +40,26 @@ def test_replan_now_with_no_plan_fitting_lets_go_as_a_cut_does_and_detached_is_r
         assert not rt.attached
         with pytest.raises(ResidencyError, match="not attached"):
             rt.replan_now()
+
+
+def test_a_closed_loop_re_plan_made_against_the_replaced_plan_is_dropped():
+    """A decision the loop had pending was made against the plan replan_now replaced: taken at the next call, its
+    adopt_profile refused the new placements (the user's call failed) or its switch undid the new plan."""
+    from residency.runtime.closed_loop import LoopOptions
+
+    model = Small()
+    with torch.no_grad():
+        expected = model(X)
+    options = LoopOptions(background=False, warmup_frames=0, calibrate_frames=50, miss_frames=2, min_frames_between=1)
+    with pytest.warns(residency.PlanWarning), attach_small(model, vram="60%", closed_loop=options, fps=1e6) as rt:
+        for _ in range(20):
+            if rt.loop._pending is not None:
+                break
+            with torch.no_grad():
+                model(X)
+        assert rt.loop._pending is not None  # a re-plan made, to be decided at the next call
+        rt.set_budget("400%")
+        plan = rt.replan_now()
+        with torch.no_grad():
+            assert torch.equal(model(X), expected)
+        assert rt.plan is plan and rt.loop._pending is None

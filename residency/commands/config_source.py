@@ -154,8 +154,9 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
         raise ResidencyError(f"{path / MODEL_CONFIG}: {field} {named!r} is not a {library} model class",
                              hint=f"{known}; fix {field}, or update {library} if it is newer than "
                                   f"{library} {lib.__version__}")
-    if named_as is not None and library == "diffusers":
-        _refuse_other_class(path, class_name, config.get("_class_name"))
+    # a config of another class than the one built (model_index.json names another; a transformers config of
+    # another model_type): built as the library builds it, the difference named when that fails, noted when not
+    other = config.get("_class_name") if named_as is not None and library == "diffusers" else None
     with init_empty_weights():
         try:
             if library == "transformers":
@@ -163,15 +164,16 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
                 # width, heads that do not divide the width, an unknown model_type): refused here, not raised
                 config = lib.AutoConfig.from_pretrained(path)
                 own = getattr(cls, "config_class", None)
-                if isinstance(own, type) and not isinstance(config, own):
-                    _refuse_other_class(path, class_name, f"a {type(config).__name__} (model_type "
-                                                          f"{getattr(config, 'model_type', '?')!r})", named_as)
+                if isinstance(own, type) and not isinstance(config, own):  # as from_pretrained: the class's own
+                    other = f"a {type(config).__name__} (model_type {getattr(config, 'model_type', '?')!r})"
+                    config = own.from_pretrained(path)
             model = build(config)
         except ResidencyError:
             raise
         except Exception as e:  # a config the class refuses: wrong or missing fields
             from residency.workload.from_module import error_line
 
+            _refuse_other_class(path, class_name, other, named_as, error_line(e))
             # sizes so large that what the empty model still builds in RAM does not fit: its buffers, or a weight
             # its class makes before registering it (init_empty_weights moves a parameter to meta once registered)
             huge = "allocat" in str(e)
@@ -183,6 +185,7 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
                                  hint="its sizes (heads, widths, positions) are too large to build the model even "
                                       "without weights: fix them" if huge else "fix the field it names, or give the "
                                       "directory save_pretrained wrote for this model") from e
+    _note_other_class(path, class_name, other, named_as, library)
     _note_defaulted_sizes(path / MODEL_CONFIG, raw, model)
     if library == "transformers":
         # built under init_empty_weights a transformers model leaves its tied weights untied (T5's shared
@@ -194,21 +197,33 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
     return model.eval()  # built in training mode: its dropouts would be counted as ops an inference never runs
 
 
-def _refuse_other_class(path: Path, class_name: str, own: Any, named_as: tuple | None = ("", "")) -> None:
-    """A config of another class than the one built from it: its fields were not the class's, so a default-sized
-    model was built and failed where it first used a field it lacked ("unsupported operand … NoneType"). `own`:
-    the class the config names (a diffusers `_class_name`) or the kind of config it is (transformers)."""
-    if not isinstance(own, str) or not own or own == class_name:
-        return
+def _other_class_words(path: Path, class_name: str, other: str, named_as: tuple | None) -> tuple[str, str]:
+    """(what differs, where to fix it) for a config of another class than `class_name`, which it was built as."""
     if named_as is not None:  # a pipeline's component: model_index.json names the class
-        index = path.parent / PIPELINE_INDEX
-        raise ResidencyError(f"{index}: names component {path.name!r} a {class_name}, but {path / MODEL_CONFIG} is "
-                             f"the config of {own}", hint=f"make them agree: the entry {path.name!r} of "
-                             f"{PIPELINE_INDEX} names the class whose config and weights are in {path.name}/ "
-                             "(save_pretrained writes both)")
-    raise ResidencyError(f"{path / MODEL_CONFIG}: architectures names {class_name}, but the config is {own}",
-                         hint="name a class of that model type in architectures, or fix model_type "
-                              "(save_pretrained writes both)")
+        return (f"{path.parent / PIPELINE_INDEX} names component {path.name!r} a {class_name}, but "
+                f"{path / MODEL_CONFIG} is the config of {other}",
+                f"make them agree: the entry {path.name!r} of {PIPELINE_INDEX} names the class whose config and "
+                f"weights are in {path.name}/ (save_pretrained writes both)")
+    return (f"{path / MODEL_CONFIG}: architectures names {class_name}, but the config is {other}",
+            "name a class of that model type in architectures, or fix model_type (save_pretrained writes both)")
+
+
+def _refuse_other_class(path: Path, class_name: str, other: Any, named_as: tuple | None, why: str) -> None:
+    """Raise, where the build of a config of another class failed (`why`): the difference is the cause (a Flux
+    transformer's config built as a UNet2DModel failed as "unsupported operand … NoneType" with a hint about
+    sizes). Nothing where the config is the class's own."""
+    if not isinstance(other, str) or not other or other == class_name:
+        return
+    said, hint = _other_class_words(path, class_name, other, named_as)
+    raise ResidencyError(f"{said} ({class_name} fails to build from it: {why})", hint=hint)
+
+
+def _note_other_class(path: Path, class_name: str, other: Any, named_as: tuple | None, library: str) -> None:
+    """Say on stderr that a config of another class was built as `class_name`, as the library builds it (transformers
+    logs it as a warning; an XLM-RoBERTa config read by RobertaModel is a common, working pair)."""
+    if isinstance(other, str) and other and other != class_name:
+        said, _ = _other_class_words(path, class_name, other, named_as)
+        print(f"note: {said}: built as a {class_name}, as {library} builds it", file=sys.stderr)
 
 
 def _check_layer_counts(config_path: Path, config: dict[str, Any]) -> None:

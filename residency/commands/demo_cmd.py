@@ -21,6 +21,7 @@ from residency.commands.actions import parse_actions
 from residency.commands.console import command_name, make_console
 from residency.errors import ResidencyError, UsageError
 from residency.units import fmt_bytes, plural
+from residency.written_together import written_together
 
 DEMO_FPS = 15.0  # video frames per second the plan must hold
 VRAM_FRACTION = 0.75  # of the model's weight bytes at the compute dtype: too small to keep every block resident
@@ -90,6 +91,8 @@ def _demo_output(check: Callable[[Path], Path], path: Path) -> Path:
     try:
         return check(path)
     except ResidencyError as e:
+        if userpath.path_kind(path)[0] == userpath.MISSING:  # the directory's fault (read-only): its own hint
+            raise
         e.hint = (f"the demo writes {path.name} into its -o directory: move {path} out of the way, or give "
                   f"another directory (-o DIR)")
         raise
@@ -144,8 +147,9 @@ def _run(args: argparse.Namespace, console, err, out_dir: Path) -> int:
             snapshot = session_setup.final_snapshot(runtime)
     if not live_view:
         console.print(build(snapshot, context), soft_wrap=False)  # panels wrap their own lines
-    write_frames(video, gif, DEMO_FPS)
-    write_trace(snapshot, context, trace)
+    with written_together(gif, trace) as (gif_pending, trace_pending):  # all or none (a full disk: neither)
+        write_frames(video, gif_pending, DEMO_FPS)
+        write_trace(snapshot, context, trace_pending)
     run_cmd.report_speed(console, snapshot, other)
     console.print(f"wrote {gif} ({len(video)} frame{'s' if len(video) != 1 else ''}) and {trace}")
     me = command_name()

@@ -10,6 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
+from residency.atomic_file import through_link
 from residency.errors import UsageError
 
 # the arguments that name files a command reads, and those it writes (per command: `trace` is dashboard's input)
@@ -38,12 +39,15 @@ def check_outputs_apart(args: argparse.Namespace) -> None:
     for flag, out in outputs:
         if flag == "-o" and args.command == "run" and out.lower().endswith(".png"):
             continue  # numbered frames (out-0000.png …), never out.png itself; media refuses existing ones
-        owned = _owned(Path(out), args.command)
+        # a link is written where it points (atomic_file.through_link): its target is judged too, by its own name
+        # (plan.json linking to the model's model.safetensors replaced the weights with the plan)
+        places = dict.fromkeys((Path(out), through_link(Path(out))))
+        owned = next((o for o in map(lambda p: _owned(p, args.command), places) if o is not None), None)
         if owned is not None:
             raise UsageError(f"{flag} {out[:200]}: {owned}",
                              hint="write the output to another file")
         for name, value in inputs:
-            how = _clash(Path(out), Path(value))
+            how = next((h for h in (_clash(p, Path(value)) for p in places) if h is not None), None)
             if how is not None:
                 shown = "the model" if name == "model" else f"--{name}"
                 raise UsageError(f"{flag} {out[:200]}: {how} {shown} {value[:200]}, which this command reads; writing "

@@ -34,6 +34,7 @@ from residency.session_setup import (
     start_image,
 )
 from residency.units import plural
+from residency.written_together import written_together
 
 if TYPE_CHECKING:  # they import torch
     from policies import Replanner
@@ -485,14 +486,22 @@ def run(args: argparse.Namespace) -> int:
         if snapshot is None:
             snapshot = final_snapshot(runtime)
     fps = args.fps or GIF_FPS
-    written = write_frames(video, out, fps)
+    gif = Path(out) if Path(out).suffix.lower() == ".gif" else None
+    # all or none: a trace that failed to write (a full disk) left the new GIF in place of the old one, exit 1
+    with written_together(gif, trace) as (gif_pending, trace_pending):
+        if trace_pending is not None:
+            write_trace(snapshot, context, trace_pending)
+        if gif_pending is not None:
+            write_frames(video, gif_pending, fps)
+            written = [gif]
+        else:  # numbered PNGs, a set written at once (media._write_sequence): last, after all else is written
+            written = write_frames(video, out, fps)
     console.print(f"wrote {len(video)} frame{'s' if len(video) != 1 else ''} to {written[0]}" + (f" … {written[-1]}" if len(written) > 1 else ""))
     if written[0].suffix.lower() == ".gif" and abs(1000 / gif_frame_ms(fps) - fps) > 0.05 * fps:
         console.print(f"note: the GIF plays at {1000 / gif_frame_ms(fps):.3g} fps, not {fps:g}: it stores whole "
                       f"1/100 s delays, and viewers play one under 2/100 s at 10 fps (PNG frames keep every frame "
                       f"for a video tool: -o frames.png)")
     if trace is not None:
-        write_trace(snapshot, context, trace)
         console.print(f"wrote the trace to {trace} (open in https://ui.perfetto.dev or `residency dashboard`)")
     report_speed(console, snapshot, other, _calibrate_hint(args, len(actions)))
     if args.calibrate:

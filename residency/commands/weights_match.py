@@ -56,11 +56,42 @@ def _ignored(model, attribute: str) -> list[re.Pattern]:
     return out
 
 
+def _source_patterns(model) -> list[str]:
+    """The patterns of stored tensor names the model's library renames or reshapes on loading: transformers v5's
+    conversion mapping (Mixtral's experts.*.w1 fused into gate_up_proj, Qwen3-VL-MoE's experts transposed, Llava's
+    language_model.model moved), v4's `_checkpoint_conversion_mapping`. Empty for diffusers and plain models."""
+    patterns = [str(p) for p in (getattr(model, "_checkpoint_conversion_mapping", None) or {})]
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:  # transformers before v5 (or none): the v4 mapping above is all there is
+        return patterns
+    if isinstance(model, PreTrainedModel):
+        try:
+            transforms = get_model_conversion_mapping(model)
+        except Exception:  # noqa: BLE001 - a library's internal failing: then nothing is compared (patterns ".")
+            return ["."]
+        patterns += [str(p) for t in transforms for p in (getattr(t, "source_patterns", None) or [])]
+    return patterns
+
+
+def _converted_on_load(model, names) -> bool:
+    """Whether a stored name matches a pattern the library converts on loading (then names and shapes as stored are
+    not the model's, and comparing them said weights were missing, or of another shape, that load exactly)."""
+    compiled = []
+    for p in _source_patterns(model):
+        try:
+            compiled.append(re.compile(p))
+        except re.error:
+            compiled.append(re.compile(re.escape(p)))
+    return any(c.search(n) for c in compiled for n in names)
+
+
 def check_weights_match(path: Path, model) -> None:
     """Raise ResidencyError where the weight files in `path` cannot be `model`'s (a tensor of another shape, or
     none of its tensors there); say on stderr which of its tensors they lack, or hold beyond it. Silent for a
-    directory without safetensors files, and where the config is of a quantized checkpoint (its tensors are named
-    and shaped by the quantizer: qweight, scales)."""
+    directory without safetensors files, where the config is of a quantized checkpoint (its tensors are named
+    and shaped by the quantizer: qweight, scales), and where a stored name is one the library converts on loading."""
     config = getattr(model, "config", None)
     quantized = (config.get("quantization_config") if isinstance(config, dict)
                  else getattr(config, "quantization_config", None))
@@ -75,6 +106,8 @@ def check_weights_match(path: Path, model) -> None:
     if read is None:
         return
     stored, files = read
+    if _converted_on_load(model, stored):
+        return
     prefix = getattr(model, "base_model_prefix", "") or ""
 
     def key(name: str) -> str:  # a checkpoint of the base model (LlamaModel) beside LlamaForCausalLM's config

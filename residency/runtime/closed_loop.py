@@ -385,6 +385,15 @@ class ClosedLoop:
         if self.say is not None:
             self.say(event)
 
+    def plan_replaced(self) -> None:
+        """The runtime switched plans outside the loop (Runtime.replan_now): a re-plan in flight was made against the
+        plan replaced, so it is dropped (its adopt_profile refused the new placements; its switch undid the new
+        plan), and the new plan starts a segment of its own."""
+        self.close()
+        self._pending = None
+        self._raise_decided = self.runtime.ledger.budget_bytes  # that budget is planned for: no loop decision on it
+        self._reset_segment(True)
+
     def close(self) -> None:
         """Wait for a re-plan in flight (a detach must not race the packing thread)."""
         if self._pending is not None and self._pending.done is not None:

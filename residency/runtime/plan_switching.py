@@ -144,10 +144,15 @@ class PlanSwitching:
                 raise ResidencyError("plans switch between units of work, not inside one",
                                      hint="call replan_now between steps (or calls of the model)")
             budget = self.ledger.budget_bytes
-            plan = self.replan(Budget(budget, self.plan.budget.frame_ms), self.profile)
+            # a plan counts one session's KV cache: the other live sessions' are planned around (as a recovery does)
+            others = max(0, self._sessions.held_bytes() - self.workload.kv_cache_bytes(self.plan.kv_dtype))
+            plan = self.replan(Budget(budget - others if 0 < others < budget else budget, self.plan.budget.frame_ms),
+                               self.profile)
             check_profile(plan, self.profile)
             try:
                 self._switch_plan(plan, None, None)
+                if self.loop is not None:
+                    self.loop.plan_replaced()
             except DeviceBudgetExceeded as e:
                 if self.pipeline is not None:  # the running plan attached again
                     raise

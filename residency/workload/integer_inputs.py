@@ -8,21 +8,21 @@ subclass, bitsandbytes' Linear4bit, takes other dtypes by design), whose forward
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from residency.errors import ResidencyError
+from residency.errors import PlanWarning, ResidencyError
 
 _FLOAT_LAYERS = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                  nn.ConvTranspose3d)
 
 
 class IntegerInputError(ResidencyError):
-    """An example input reaches a float layer as integers, or as floats of another dtype than its weight: the model
-    itself would refuse the call."""
+    """An example input reaches a float layer as integers: the model itself would refuse the call."""
 
 
 @contextmanager
@@ -30,27 +30,35 @@ def float_layers_refuse_integers(model: nn.Module, name: str, floats: bool = Fal
     """While the body runs (the count of `model`'s forward), a call of one of `model`'s own nn.Linear/ConvNd layers
     with an integer first input raises IntegerInputError naming the layer. Cost: one pre-hook call per module call.
 
-    floats: also a float input of another dtype than the layer's weight (float16 into float32), outside autocast.
-    Only where the meta run holds the inputs in their own dtypes (a model held in the compute dtype): where it holds
+    floats: also say (a PlanWarning, once per layer) where a float input of another dtype than the layer's weight
+    reaches it (float16 into float32) outside autocast, and count the call as if cast: the model refuses that call
+    unless the user runs it under torch.autocast, which attach cannot see (a refusal broke autocast users). Only
+    where the meta run holds the inputs in their own dtypes (a model held in the compute dtype): where it holds
     them in the compute dtype, a model's own cast (`x.to(w.dtype)`) is the same tensor there as no cast at all."""
     paths = {id(m): p for p, m in model.named_modules() if type(m) in _FLOAT_LAYERS}
+    warned: set[str] = set()
 
-    def check(module: nn.Module, args: tuple) -> None:
+    def check(module: nn.Module, args: tuple) -> tuple | None:
         path = paths.get(id(module))
         if path is None or not args or not isinstance(args[0], torch.Tensor):
-            return
+            return None
         x, w = args[0], module.weight
-        integer = not (x.is_floating_point() or x.is_complex()) and w.is_floating_point()
-        other_float = (floats and x.is_floating_point() and w.is_floating_point() and x.dtype != w.dtype
-                       and not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")))
-        if integer or other_float:
+        if not (x.is_floating_point() or x.is_complex()) and w.is_floating_point():
             raise IntegerInputError(
                 f"{name}: {path or 'the model'} ({type(module).__name__}) gets its input as {x.dtype}, its weight "
                 f"is {w.dtype}: the model itself refuses that call (torch: mat1 and mat2 must have the same dtype)",
-                hint="give example_inputs= as the model takes them: "
-                     + (f"in {w.dtype}, as its weights (or cast the model to the inputs' dtype)" if other_float else
-                        "float tensors where its layers compute on them (token ids only where an embedding reads "
-                        "them)"))
+                hint="give example_inputs= as the model takes them: float tensors where its layers compute on them "
+                     "(token ids only where an embedding reads them)")
+        if not (floats and x.is_floating_point() and w.is_floating_point() and x.dtype != w.dtype
+                and not any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda"))):
+            return None
+        if path not in warned:
+            warned.add(path)
+            warnings.warn(f"{name}: {path or 'the model'} ({type(module).__name__}) gets its input as {x.dtype}, its "
+                          f"weight is {w.dtype}: outside torch.autocast the model refuses that call (mat1 and mat2 "
+                          f"must have the same dtype); planned as if the input were cast. Give example_inputs= in "
+                          f"{w.dtype}, or call the model under torch.autocast", PlanWarning, stacklevel=2)
+        return (x.to(w.dtype), *args[1:])
 
     handle = nn.modules.module.register_module_forward_pre_hook(check)
     try:
