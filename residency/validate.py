@@ -173,7 +173,7 @@ class Reader:
         """`value` when it is one of `allowed`; raises ResidencyError otherwise."""
         options = tuple(allowed)
         if not isinstance(value, str) or value not in options:
-            raise self.bad(path, value, f"one of {', '.join(options)}")
+            raise self.bad(path, value, f"one of {', '.join(o if o else chr(34) * 2 for o in options)}")  # "" shown
         return value
 
     def boolean(self, value: Any, path: str) -> bool:

@@ -455,3 +455,22 @@ def test_a_trace_that_fails_to_write_leaves_the_gif_there_before_and_no_other_fi
     assert code == 1 and "writing failed (No space left on device)" in err and "pending" not in err, err
     assert f"{'t.json' if command == 'run' else 'demo-trace.json'}: writing failed" in err
     assert gif.read_bytes() == b"old" and listing(files) == before  # nothing new, nothing half-written
+
+
+def test_a_plan_files_edited_profile_backend_is_said_and_read_from_the_profile(files, capsys):
+    """The digest does not cover profile_backend: edited, the run kept the file's figures and called a GPU profile's
+    plan one for "this CPU" in one line and "a GPU profile" in the next."""
+    import json
+
+    assert main(["plan", "tiny", *PROFILE, "--exec-mode", "eager", "-o", "p.json"]) in (0, 3)
+    doc = json.loads((files / "p.json").read_text())
+    doc["profile_backend"] = "cpu"
+    (files / "edited.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "edited.json", "--frames", "2", "-o", "e.gif"]) == 0
+    out = " ".join("".join(capsys.readouterr()).split())
+    assert "edited.json says its profile's backend is 'cpu'; the profile it names (Radeon RX 7800 XT) is 'rocm'" in out
+    doc["profile_backend"] = "gpu"
+    (files / "bad.json").write_text(json.dumps(doc))
+    assert main(["run", "tiny", "--image", "start.png", "--plan", "bad.json", "--frames", "2", "-o", "b.gif"]) == 1
+    assert "expected one of \"\", cuda, rocm, cpu" in capsys.readouterr().err  # the empty choice shown, not a blank

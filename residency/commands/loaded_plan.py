@@ -127,8 +127,14 @@ def predicted_here(model, plan, device, path: str, console):
     (left out, or dropped as the plan was edited since written) or another: a file without its digest, or with only
     its prediction edited, kept figures that were not this plan's ("+63 %" against a prediction of the plan before
     its blocks were edited, and advice to calibrate)."""
+    from dataclasses import replace
+
     from residency.simulate import predict
 
+    if plan.profile_backend and plan.profile_backend != device.backend:  # an edit the digest does not cover
+        console.print(f"note: {path} says its profile's backend is {plan.profile_backend!r}; the profile it names "
+                      f"({plan.profile}) is {device.backend!r}, as read here", markup=False, highlight=False)
+        plan = replace(plan, profile_backend=device.backend)
     fresh = predict(model.workload, plan, device, model.sensitivity, bound=False)
     said = plan.prediction
     if said is None:
