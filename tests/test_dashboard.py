@@ -229,3 +229,23 @@ def test_the_play_screen_fits_the_terminals_height_with_its_help_and_status_on_i
         assert len(lines) <= rows, (len(lines), rows)
     else:  # too short for any frame worth drawing: drawn at the least height, and said
         assert f"the terminal is {rows} lines" in text
+
+
+def test_the_play_screen_follows_the_terminal_resized_narrower_and_wider(snapshot):
+    """Started at 160 columns and resized to 60, the dashboard was still drawn beside the frame, cut off."""
+    from rich.console import Console
+
+    from residency.dashboard import Dashboard
+    from residency.dashboard.play_view import BOARD_MIN_COLS, PlayView
+
+    board = Dashboard(CONTEXT)
+    board.update(snapshot)
+    view = PlayView(board, np.zeros((64, 64, 3), dtype=np.uint8), 160)
+    for cols in (160, 60, 160):
+        console = Console(width=cols, height=40, record=True, color_system=None)
+        console.print(view)
+        lines = console.export_text().rstrip("\n").split("\n")
+        narrow = cols < BOARD_MIN_COLS
+        assert max(len(line.rstrip()) for line in lines) <= cols
+        text = "".join(lines)
+        assert ("widen the terminal" in text) == narrow and ("frame " in text) == (not narrow)  # the board's header

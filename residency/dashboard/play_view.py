@@ -112,6 +112,11 @@ class PlayView:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width, height = options.max_width, options.height or console.height
+        # the terminal's width as it is now: resized narrower, the dashboard was still drawn beside the frame, cut off
+        show, cols = width >= BOARD_MIN_COLS, min(width, 2 * FRAME_MAX_ROWS)
+        if (show, cols) != (self.show_board, self._max_cols):
+            self.show_board, self._max_cols = show, cols
+            self.frame_view = FrameView(self._frame, max_cols=cols, max_rows=self._rows)
         text = self._text_lines()
         # the status line grows by a warning: room for its longest form, so the frame does not jump as it comes
         spare = _lines(len(HELP), width) + (_lines(260, width) if self.status is not None else 0) + (
