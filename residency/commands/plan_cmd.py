@@ -67,6 +67,8 @@ def add_parser(sub) -> None:
                    "profile has the figures and a compile pays off), auto+graphed (also GPU graphs: simulated, the "
                    "runtime does not capture them yet), or eager, compiled (torch.compile) or graphed for every block")
     p.add_argument("--policy", default="ours", metavar="NAME", help="ours (default), a peer's name, or all")
+    p.add_argument("--plan", metavar="PATH", help="predict this plan file (from `residency plan -o`, hand-edited or "
+                   "not) for MODEL at --profile instead of planning; the file keeps its own budget, formats and modes")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     p.add_argument("-o", "--output", metavar="PATH", help="write the plan as JSON (atomically)")
     p.set_defaults(run=run)
@@ -209,20 +211,31 @@ def run(args) -> int:
         except ResidencyError as e:
             raise UsageError(e.message, hint=f"{e.hint}, or all (every policy side by side)") from None
     _check_plan_output(args.output)
-    req = make_request(args)
-    with working(f"planning {len(req.workload.blocks)} blocks"):
-        if args.policy == "all":
-            plans = [fn(req) for fn in registry().values()]
-            chosen = plans[0]
-        else:
-            chosen = get_policy(args.policy)(req)
-            plans = [chosen]
+    if args.plan is not None:  # a plan file predicted here, not planned (residency.commands.plan_check)
+        from residency.commands.plan_check import predicted_plan_file
+
+        req, chosen = predicted_plan_file(args)
+        plans = [chosen]
+    else:
+        req = make_request(args)
+        with working(f"planning {len(req.workload.blocks)} blocks"):
+            if args.policy == "all":
+                plans = [fn(req) for fn in registry().values()]
+                chosen = plans[0]
+            else:
+                chosen = get_policy(args.policy)(req)
+                plans = [chosen]
     if args.output is not None:
         from residency.plan import save_plan
 
         save_plan(chosen, args.output)
     give = None
-    if chosen.policy != "ours" and chosen.prediction is not None and \
+    if args.plan is not None and chosen.prediction is not None and \
+            chosen.prediction.peak_total_bytes > chosen.budget.vram_bytes:  # --vram is refused with --plan: the file's
+        need = chosen.prediction.peak_total_bytes
+        give = (f"set budget.vram_bytes in {args.plan} to {need} ({fmt_bytes(need)}) or more, or plan anew with "
+                f"--vram {size_at_least(need)}")
+    if chosen.policy != "ours" and args.plan is None and chosen.prediction is not None and \
             chosen.prediction.peak_total_bytes > req.budget.vram_bytes:
         with working("finding the VRAM it fits"):
             give = fitting_vram(get_policy(chosen.policy), req, chosen)

@@ -1,0 +1,57 @@
+"""`residency plan MODEL --plan FILE`: a plan file, hand-edited or not, predicted for MODEL instead of planned.
+
+`run --plan` predicts a file before it runs it, but only the world models run: an edited plan of flux-schnell or of a
+model directory could not be checked at all, short of attaching the model in Python. The file keeps its own budget,
+steps, KV dtype and modes; the prediction is the simulator's at the profile given (default: this machine's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from residency.errors import ResidencyError, UsageError
+
+# flags that choose what a planner makes: a plan file has made those choices (its fields say them)
+_CHOSEN = (("policy", "ours", "--policy", "policy"), ("exec_mode", "auto", "--exec-mode", "each block's exec_mode"),
+           ("kv_dtype", None, "--kv-dtype", "kv_dtype"), ("fps", None, "--fps", "budget.frame_ms"),
+           ("frame_ms", None, "--frame-ms", "budget.frame_ms"), ("vram", None, "--vram", "budget.vram_bytes"))
+
+
+def refuse_planning_flags(args: argparse.Namespace) -> None:
+    """UsageError for a flag that would change the plan file's own choices (it would be silently ignored)."""
+    for attr, default, flag, field in _CHOSEN:
+        if getattr(args, attr, default) != default:
+            raise UsageError(f"{flag} with --plan: the plan file holds its own {field}",
+                             hint=f"edit {field} in {args.plan}, or leave --plan out to plan anew with {flag}")
+
+
+def predicted_plan_file(args: argparse.Namespace):
+    """(request, the file's plan with the prediction made here) for `plan MODEL --plan FILE`. Raises ResidencyError
+    naming the file for a plan of another model, of blocks computing in two dtypes, or not readable."""
+    from residency.commands.loaded_plan import check_one_compute_dtype
+    from residency.commands.plan_cmd import make_request
+    from residency.plan import load_plan
+    from residency.simulate import predict
+
+    refuse_planning_flags(args)
+    plan = load_plan(args.plan)
+    check_one_compute_dtype(plan, args.plan, args.model)
+    if args.compute_dtype is not None and plan.blocks and args.compute_dtype != plan.blocks[0].compute_dtype:
+        raise UsageError(f"--compute-dtype {args.compute_dtype} with --plan: the plan file's blocks compute in "
+                         f"{plan.blocks[0].compute_dtype}", hint=f"leave --compute-dtype out, or edit the blocks' "
+                                                                 f"compute_dtype in {args.plan}")
+    # the workload at the file's steps and compute dtype: its fingerprint then matches an unedited plan's
+    args = argparse.Namespace(**{**vars(args), "compute_dtype": plan.blocks[0].compute_dtype if plan.blocks else None,
+                                 "steps": args.steps if args.steps is not None else plan.steps})
+    req = make_request(args)
+    try:
+        plan.check_matches(req.workload, f"model {args.model}",
+                           fix=f"make the plan again: residency plan {args.model} -o {args.plan}")
+    except ResidencyError as e:
+        raise ResidencyError(f"{args.plan}: {e.message}", hint=e.hint) from None
+    # the file's notes told how its planner chose (and may no longer hold for an edited plan): this one says what it is
+    made_for = "" if plan.profile_fingerprint == req.profile.fingerprint() else f"; it was made for {plan.profile}"
+    plan = dataclasses.replace(plan, notes=(f"the plan in {args.plan}, predicted here for {req.profile.name}"
+                                            f"{made_for}",))
+    return req, predict(req.workload, plan, req.profile, req.sensitivity)
