@@ -48,7 +48,8 @@ ROLES = (*((c, "encode", False, "forward") for c in ENCODERS),
          ("vae", "decode", False, "decode"))  # txt2img runs only the VAE's decoder; its encoder stays unplanned
 # The call's arguments that change the workload (token counts, steps); a prompt's length is bounded by
 # max_sequence_length, to which the text encoders pad.
-SHAPE_ARGUMENTS = ("height", "width", "num_inference_steps", "max_sequence_length", "num_images_per_prompt")
+SHAPE_ARGUMENTS = ("height", "width", "num_inference_steps", "max_sequence_length", "num_images_per_prompt",
+                   "num_frames")  # a video's frames: a causal VAE decodes per latent frame (its calls change: exact)
 # Of those, the ones a call may ask less of than the plan was made for: fewer pixels, images or prompt tokens make
 # every activation smaller and leave the calls as they were (steps change the calls: those must match)
 AT_MOST = ("height", "width", "num_images_per_prompt", "max_sequence_length")

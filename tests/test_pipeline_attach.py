@@ -411,6 +411,10 @@ def test_a_pipeline_calling_its_models_twice_a_step_runs_on_schedule_bit_exactly
         stats = rt.runtime.executor_stats
     assert stats == {"resyncs": 0, "out_of_schedule_calls": 0}
     assert np.array_equal(got, expected)
+    with attach_built(built, Budget(2**26), profile=PROFILE, plan=plan) as rt:
+        # more frames than planned ran 9 latent frames under a plan of 2 (99 ms against 11 predicted), unsaid
+        with pytest.raises(ResidencyError, match=r"made for num_frames=5, this call asks num_frames=33"):
+            rt(**{**WAN_CALL, "num_frames": 33}, output_type="np")
 
 
 def test_a_policy_that_streams_a_components_own_tensors_is_made_to_keep_them_resident():
