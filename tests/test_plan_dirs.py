@@ -363,8 +363,10 @@ def test_a_pixel_space_pipeline_without_a_vae_inspects_and_plans(capsys, tmp_pat
     assert code == 0, err
     doc = json.loads(out)
     assert doc["steps"] == 64 and all(b["name"].startswith("unet.") for b in doc["blocks"])
-    code, out, _ = run(capsys, "plan", str(tmp_path / "ddpm"), "--profile", "rx-7800-xt", "--steps", "20", "--json")
-    assert code == 0 and json.loads(out)["steps"] == 20
+    # said where it is seen (it was in the workload's source, which nothing shows)
+    assert "64 of its default 1000 steps, the most a plan holds: planned at 64 steps (--steps N" in " ".join(err.split())
+    code, out, err = run(capsys, "plan", str(tmp_path / "ddpm"), "--profile", "rx-7800-xt", "--steps", "20", "--json")
+    assert code == 0 and json.loads(out)["steps"] == 20 and "default 1000 steps" not in err
 
 
 @pytest.mark.parametrize(("component", "named", "own", "fails"), [

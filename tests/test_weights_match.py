@@ -117,3 +117,31 @@ def test_weights_the_library_converts_on_loading_are_not_compared(capsys, tmp_pa
     MixtralForCausalLM(config).save_pretrained(tmp_path / "mixtral")
     code, err = plan(capsys, tmp_path / "mixtral")
     assert code == 0 and "weights" not in err, err
+
+
+def test_pickled_weights_are_said_to_be_unread_not_absent(capsys, tmp_path):
+    path = directory(tmp_path, {**LLAMA, "num_hidden_layers": 6}, {})
+    torch.save(llama_weights(), path / "pytorch_model.bin")
+    code, err = plan(capsys, path)
+    said = "its weights are pytorch_model.bin (a pickle, which residency does not read): not compared"
+    assert code == 0 and said in err, err
+    assert main(["inspect", str(path), "--json"]) == 0
+    note = json.loads(capsys.readouterr().out)["notes"][0]
+    assert note.startswith("counted from config.json (its weights are pytorch_model.bin, a pickle residency does not "
+                           "read)")  # it said "no weights here"
+
+
+def test_the_plain_file_is_compared_beside_a_variant_and_a_variants_missing_shard_is_said(capsys, tmp_path):
+    """A Hub download holds model.safetensors and model.fp16.safetensors: from_pretrained loads the plain one, so an
+    odd fp16 file is not the plain one's fault; a variant's shard missing was said as tensors missing."""
+    state = llama_weights()
+    odd = {k: v.half() for k, v in llama_weights(intermediate_size=96).items()}
+    code, err = plan(capsys, directory(tmp_path, LLAMA, {"model.safetensors": state, "model.fp16.safetensors": odd}))
+    assert code == 0 and "weights" not in err, err
+    names = sorted(state)
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "config.json").write_text(json.dumps(LLAMA))
+    save_file({k: state[k].half() for k in names[:5]}, str(only / "model.fp16-00001-of-00002.safetensors"))
+    code, err = plan(capsys, only)
+    assert code == 0 and "were not compared" in err and "model.fp16-00002-of-00002.safetensors" in err, err

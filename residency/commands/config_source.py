@@ -193,7 +193,11 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
         model.tie_weights()
     from residency.commands.weights_match import check_weights_match
 
-    check_weights_match(path, model)  # weight files beside the config: the headers are read, no data
+    # weight files beside the config: the headers are read, no data; built as another class than the config's, a
+    # mismatch is that class's (the hint said to put back a config that matched its weights)
+    other_class = isinstance(other, str) and other and other != class_name
+    check_weights_match(path, model, *([_other_class_words(path, class_name, other, named_as)[1]] if other_class
+                                       else []))
     return model.eval()  # built in training mode: its dropouts would be counted as ops an inference never runs
 
 

@@ -25,6 +25,7 @@ from residency.commands.config_source import (
     read_config,
     refuse_classless,
 )
+from residency.commands.weights_match import pickled_weights
 from residency.errors import ResidencyError, UsageError
 from residency.inventory import (
     BlockInfo,
@@ -123,7 +124,7 @@ def classify(text: str) -> Source:
         if has_model_config(path) and not weights:
             refuse_classless(path)  # a model directory whose config.json names no class: say so, not "no weights"
         if not weights:
-            pickled = _pickled_weights(path)
+            pickled = pickled_weights(path)
             if pickled:  # torch.save files: residency reads no pickles (loading one runs its code)
                 raise ResidencyError(f"{text[:200]}: its weights are {pickled} (a pickle), which residency does not "
                                      "read; and it has no config.json or model_index.json",
@@ -187,6 +188,11 @@ def resolve_workload(name_or_path: str, steps: int | None = None, context_frames
         from residency.commands.pipeline_source import pipeline_dir_workload
 
         workload = pipeline_dir_workload(source.path, compute_dtype, size)
+        if steps is None and "the most a plan holds" in workload.source:  # in the source only, shown nowhere
+            import sys
+
+            print(f"note: {name_or_path}: {workload.source.split('; ', 1)[1].split(')')[0]}: planned at "
+                  f"{workload.steps} steps (--steps N for another count)", file=sys.stderr)
     elif source.kind == WORLD_MODEL_DIR:  # as `run DIR` builds it (residency.session_setup.load_model)
         from pipelines.world_model.pretrained import load_config
         from pipelines.world_model.workload import catalog_entry
@@ -317,19 +323,17 @@ def load_inventory(name_or_path: str) -> Inventory:
         model = _as_saved(empty_model(source.path), source.path)
         inv = inventory_from_module(name_or_path, model)
         dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters()), "float32")
-        inv.note = (f"counted from config.json (no weights here): the {type(model).__name__} it describes, in "
+        pickled = pickled_weights(source.path)
+        where = f"its weights are {pickled}, a pickle residency does not read" if pickled else "no weights here"
+        inv.note = (f"counted from config.json ({where}): the {type(model).__name__} it describes, in "
                     f"{dtype}: its parameters and buffers, as `plan` counts them")
         return inv
     # a pipeline's components' files may hold other dtypes, and parts a call never runs
     note = ("counted from the configs: the modules one call of the pipeline runs (a text-to-image call runs no VAE "
             "encoder), each at BF16, as `plan` counts them; `inspect DIR/COMPONENT` reads a component's own files"
             if source.kind == PIPELINE_DIR else "")
-    return _workload_inventory(name_or_path, resolve_workload(name_or_path), note)
+    # steps=1: tensors do not depend on them (and a capped default steps count is a planning note)
+    return _workload_inventory(name_or_path, resolve_workload(name_or_path, steps=1), note)
 
 
-def _pickled_weights(path) -> str:
-    """The first .bin/.pt/.pth/.ckpt file in `path` ('' when none or unlistable): weights residency cannot read."""
-    try:
-        return next((p.name for p in sorted(path.iterdir()) if p.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt")), "")
-    except OSError:
-        return ""
+

@@ -27,10 +27,11 @@ def _stored_shapes(path: Path) -> tuple[dict[str, list[tuple[tuple[int, ...], st
     from residency.checkpoint.safetensors_io import read_safetensors
 
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    weights = [p for p in files if p.suffix.lower() == ".safetensors"]
+    weights = _one_variant([p for p in files if p.suffix.lower() == ".safetensors"])
     if not weights or any(p.suffix.lower() == ".gguf" for p in files):
         return None
     listed = {v for weight_map in shard_indexes(path).values() for v in weight_map.values()}
+    listed |= _series(weights)  # model.fp16-00001-of-00007 …: the shards its names promise (a variant has no index here)
     absent = sorted(listed - {p.name for p in files})
     if absent:  # its tensors would be said to be missing from the model: the download is what is unfinished
         raise ResidencyError(f"{len(absent)} shard(s) its index names are missing ({', '.join(absent[:SHOWN])})")
@@ -42,6 +43,37 @@ def _stored_shapes(path: Path) -> tuple[dict[str, list[tuple[tuple[int, ...], st
         for o in others:  # integer tensors (a packed 4-bit weight, an index): present, their shapes not the model's
             stored[o.name].append((tuple(o.shape), file.name, False))
     return stored, [p.name for p in weights]
+
+
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$", re.IGNORECASE)
+
+
+def _variant(file: Path) -> str:
+    """"fp16" of diffusion_pytorch_model.fp16.safetensors (or of its shard …fp16-00001-of-00002…); "" for the plain
+    file diffusers and transformers load by default."""
+    m = _SHARD.match(file.name)
+    stem = m["stem"] if m else file.name[: -len(".safetensors")]
+    return stem.partition(".")[2]
+
+
+def _one_variant(weights: list[Path]) -> list[Path]:
+    """The files of one variant: the plain one where it is there (what from_pretrained loads without variant=), else
+    the first variant by name. A Hub download holds both: merged, a tensor was compared twice and one variant's
+    mismatch said of the other."""
+    variants = sorted({_variant(f) for f in weights})
+    chosen = "" if "" in variants else (variants[0] if variants else "")
+    return [f for f in weights if _variant(f) == chosen]
+
+
+def _series(weights: list[Path]) -> set[str]:
+    """Every shard name the files' `-0000k-of-0000n` promise."""
+    out = set()
+    for f in weights:
+        m = _SHARD.match(f.name)
+        if m and 0 < int(m["n"]) <= 100_000:
+            width = len(m["i"])
+            out |= {f"{m['stem']}-{k:0{width}d}-of-{m['n']}.safetensors" for k in range(1, int(m["n"]) + 1)}
+    return out
 
 
 def _ignored(model, attribute: str) -> list[re.Pattern]:
@@ -87,11 +119,12 @@ def _converted_on_load(model, names) -> bool:
     return any(c.search(n) for c in compiled for n in names)
 
 
-def check_weights_match(path: Path, model) -> None:
+def check_weights_match(path: Path, model, hint: str = REPLACE_HINT) -> None:
     """Raise ResidencyError where the weight files in `path` cannot be `model`'s (a tensor of another shape, or
     none of its tensors there); say on stderr which of its tensors they lack, or hold beyond it. Silent for a
     directory without safetensors files, where the config is of a quantized checkpoint (its tensors are named
-    and shaped by the quantizer: qweight, scales), and where a stored name is one the library converts on loading."""
+    and shaped by the quantizer: qweight, scales), and where a stored name is one the library converts on loading.
+    `hint`: the refusals' (where the model was built as another class than its config's, that is the fix)."""
     config = getattr(model, "config", None)
     quantized = (config.get("quantization_config") if isinstance(config, dict)
                  else getattr(config, "quantization_config", None))
@@ -104,6 +137,10 @@ def check_weights_match(path: Path, model) -> None:
               file=sys.stderr)
         return
     if read is None:
+        pickled = pickled_weights(path)
+        if pickled:  # compared with nothing, and said (a 6-layer config beside 2-layer .bin weights went unsaid)
+            print(f"note: {path}: its weights are {pickled} (a pickle, which residency does not read): not compared "
+                  "with its config.json", file=sys.stderr)
         return
     stored, files = read
     if _converted_on_load(model, stored):
@@ -138,13 +175,13 @@ def check_weights_match(path: Path, model) -> None:
         raise ResidencyError(f"{path}: its weights are not the {cls} its config.json describes: none of the "
                              f"{len(tied)} weights it has (e.g. {own!r:.80}) is in {_files(files)}, which "
                              f"hold{'s' if len(files) == 1 else ''} {len(stored)} others (e.g. {example!r:.80})",
-                             hint=REPLACE_HINT)
+                             hint=hint)
     if wrong:
         name, shape, file, expected = wrong[0]
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise ResidencyError(f"{path}: its weights do not fit its config.json: {name!r:.80} is {list(shape)} in "
                              f"{file} but {list(expected)} in the {cls} the config describes{more}",
-                             hint=REPLACE_HINT)
+                             hint=hint)
     buffers = {key(n) for n, _ in model.named_buffers()}  # a rotary inv_freq an older checkpoint saved
     not_expected = _ignored(model, "_keys_to_ignore_on_load_unexpected")
     extra = [n for n in stored if key(n) not in claimed and key(n) not in buffers
@@ -157,6 +194,17 @@ def check_weights_match(path: Path, model) -> None:
         print(f"note: {path}: {_files(files)} hold{'s' if len(files) == 1 else ''} {len(extra)} tensors the {cls} "
               f"its config.json describes has no place for ({_names(extra)}): they are not planned",
               file=sys.stderr)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # torch.save files: loading one runs its code
+
+
+def pickled_weights(path: Path) -> str:
+    """The first .bin/.pt/.pth/.ckpt file in `path` ('' when none or unlistable): weights residency cannot read."""
+    try:
+        return next((p.name for p in sorted(path.iterdir()) if p.suffix.lower() in PICKLE_SUFFIXES), "")
+    except OSError:
+        return ""
 
 
 def _names(names: list[str]) -> str:
