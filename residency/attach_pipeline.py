@@ -204,7 +204,7 @@ def _run_recorded(pipe: Any, components: list[tuple[str, nn.Module, str, bool, s
     # then draws the noise the plain pipeline would), and what the components cache or count in it
     try:
         with torch.inference_mode(), left_as_found([m for _, m, *_ in components], generators_in(call)):
-            pipe(**{**call, "output_type": "np"})
+            pipe(**{"output_type": "np", **call})  # the call's own output_type: "latent" runs no VAE
     finally:
         for module, method in wrapped:
             del module.__dict__[method]

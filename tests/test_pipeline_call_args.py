@@ -243,3 +243,20 @@ def test_a_pipeline_runtime_takes_a_budget_change_and_calibrates_as_a_models_run
         got = rt(**call, generator=torch.Generator().manual_seed(3)).images
         assert rt.plan.streamed()  # the cut re-planned at the call: some blocks stream now
     assert np.array_equal(got, expected)
+
+
+def test_a_call_for_latents_plans_without_the_vae_it_does_not_run():
+    """The planning call was made with output_type="np" whatever the example said: the VAE was planned (and held in
+    the budget) for a user who never decodes, against what the README says."""
+    from residency.errors import PlanWarning
+
+    pipe = tiny_flux()
+    call = dict(prompt="a cat", height=16, width=16, max_sequence_length=16, num_inference_steps=2,
+                output_type="latent")
+    expected = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    with pytest.warns(PlanWarning, match="vae did not run in the call planned for"):
+        rt = residency.attach(pipe, vram="100%", profile=PROFILE, backend="cpu", example_inputs=call)
+    with rt:
+        assert "vae" not in {bp.name.split(".")[0] for bp in rt.plan.blocks}
+        got = rt(**call, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(got, expected)
