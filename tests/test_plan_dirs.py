@@ -281,7 +281,8 @@ def edited_copy(path, tmp_path, edit):
     (lambda ix: ix.update(image_encoder=["transformers", "CLIPVisionModel"]),
      ["'image_encoder' (CLIPVisionModel) holds weights", '"image_encoder": [null, null]']),
     (lambda ix: ix.update(vae=["diffusers"]), ["component 'vae' is ['diffusers'], not [library, class]"]),
-    (lambda ix: ix.pop("transformer"), ["no transformer or unet component"]),
+    (lambda ix: ix.pop("transformer"), ["FluxPipeline takes the components transformer, which the directory does "
+                                        "not name"]),
 ])
 def test_a_broken_pipeline_directory_is_refused_naming_the_field(capsys, pipelines, tmp_path, edit, expected):
     copy = edited_copy(pipelines["flux"][1], tmp_path, edit)
@@ -411,3 +412,11 @@ def test_a_pipeline_directory_with_a_models_config_at_the_top_says_which_it_plan
         code, _, err = run(capsys, *command)
         assert code == 0 and err.count("holds both model_index.json and a model's config.json: planned as the "
                                        "pipeline") == 1, err
+
+
+def test_a_pipeline_class_whose_components_the_directory_lacks_is_refused(capsys, pipelines, tmp_path):
+    """Flux's components under _class_name StableDiffusionPipeline were planned at its 50 steps and guidance; diffusers
+    refuses to load such a directory."""
+    copy = edited_copy(pipelines["flux"][1], tmp_path, lambda ix: ix.update(_class_name="StableDiffusionPipeline"))
+    code, _, err = run(capsys, "plan", str(copy), "--profile", "rtx-5090")
+    assert code == 1 and "_class_name StableDiffusionPipeline takes the components unet" in err, err

@@ -102,6 +102,24 @@ def _library_class(path: Path, comp: Component) -> Any:
     return cls
 
 
+def _refuse_missing_components(path: Path, pipe_class: Any, components: list[Component]) -> None:
+    """Refuse, as DiffusionPipeline.from_pretrained refuses it, a directory lacking components its pipeline class
+    takes without a default: Flux's components under `_class_name` StableDiffusionPipeline were planned at Stable
+    Diffusion's 50 steps and guidance, a directory diffusers does not load. A component saved as None ([null, null])
+    counts as given, as diffusers counts it."""
+    index = read_config(path / PIPELINE_INDEX)
+    given = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
+    optional = set(getattr(pipe_class, "_optional_components", None) or ())
+    params = inspect.signature(pipe_class.__init__).parameters
+    needed = [k for k, p in params.items() if k != "self" and p.default is inspect.Parameter.empty
+              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [k for k in needed if k not in given and k not in optional]
+    if missing:
+        raise ResidencyError(f"{path / PIPELINE_INDEX}: _class_name {pipe_class.__name__} takes the components "
+                             f"{', '.join(missing)}, which the directory does not name (diffusers does not load it)",
+                             hint="fix _class_name to the pipeline these components are of (save_pretrained writes it)")
+
+
 def _pipeline_class(path: Path, name: str) -> Any:
     import diffusers
 
@@ -197,6 +215,7 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
               f"{PIPELINE_INDEX} describes; for the one model, give it a directory of its own", file=sys.stderr)
     with _quiet_imports():
         pipe_class = _pipeline_class(path, pipe_name)
+        _refuse_missing_components(path, pipe_class, components)
         classes = {comp.name: _library_class(path, comp) for comp in components}
     roles = {comp: phase for comp, phase, _, _ in ROLES}  # the phases attach_pipeline plans, and their calls
     methods = {comp: method for comp, _, _, method in ROLES}
