@@ -36,12 +36,8 @@ def written_together(*finals: Path | None) -> Iterator[list[Path | None]]:
     pending = [None if t is None else _pending(t) for t in targets]
     try:
         yield pending
-        for tmp, target in zip(pending, targets, strict=True):
-            if tmp is None or not tmp.exists():
-                continue
-            with contextlib.suppress(OSError):  # the replaced file's mode (a plain 0644 is the writer's already)
-                os.chmod(tmp, target.stat().st_mode & 0o7777)
-            os.replace(tmp, target)
+        _commit([(tmp, target) for tmp, target in zip(pending, targets, strict=True)
+                 if tmp is not None and tmp.exists()])
     except BaseException as e:
         for tmp in pending:
             if tmp is not None:
@@ -55,7 +51,37 @@ def written_together(*finals: Path | None) -> Iterator[list[Path | None]]:
             if message != e.message:
                 e.message = message
                 e.args = (message, *e.args[1:])
-        if isinstance(e, OSError):  # a rename that failed: said as the writers say theirs
-            raise ResidencyError(f"{e.filename or ''}: writing failed ({e.strerror or e})",
+        if isinstance(e, OSError):  # a rename that failed: said as the writers say theirs, of the output's name
+            named = next((str(t) for tmp, t in zip(pending, targets, strict=True)
+                          if t is not None and e.filename in (str(tmp), str(t))), e.filename or "")
+            raise ResidencyError(f"{named}: writing failed ({e.strerror or e})",
                                  hint="check free disk space and permissions") from None
         raise
+
+
+def _commit(moves: list[tuple[Path, Path]]) -> None:
+    """Rename each pending file onto its target, all or none: the files there before are moved aside first and put
+    back if a rename fails (the first output replaced, the second not, was one run's GIF beside another's trace)."""
+    aside: list[tuple[Path, Path | None]] = []  # (target, where its old file waits; None: there was none)
+    try:
+        for tmp, target in moves:
+            with contextlib.suppress(OSError):  # the replaced file's mode (a plain 0644 is the writer's already)
+                os.chmod(tmp, target.stat().st_mode & 0o7777)
+            old = None
+            if target.exists():
+                old = _pending(target).with_suffix(target.suffix + ".old")
+                os.replace(target, old)
+            aside.append((target, old))
+            os.replace(tmp, target)
+    except BaseException:
+        for target, old in reversed(aside):
+            with contextlib.suppress(OSError):
+                if old is not None:
+                    os.replace(old, target)
+                else:
+                    target.unlink()
+        raise
+    for _, old in aside:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.unlink()

@@ -436,25 +436,56 @@ def test_a_graphed_plan_is_refused_before_the_plan_is_stated_on_the_cpu_backend(
 
 
 @pytest.mark.parametrize("command", ["run", "demo"])
-def test_a_trace_that_fails_to_write_leaves_the_gif_there_before_and_no_other_file(files, capsys, monkeypatch,
-                                                                                   command):
-    """A full disk at the trace: exit 1, and the GIF written just before had replaced the one there before."""
+def test_an_output_that_fails_to_write_leaves_the_other_as_it_was_and_no_other_file(files, capsys, monkeypatch,
+                                                                                    command):
+    """A full disk at the second output: exit 1, and the first, written just before, had replaced the one there
+    before (run writes the trace first, demo the GIF: the second of each is made to fail)."""
     import residency.dashboard
+    import residency.media
 
-    def full(snapshot, context, path):
+    def full(*args):
+        path = args[-1] if command == "demo" else args[1]
         raise residency.errors.ResidencyError(f"{path}: writing failed (No space left on device)", hint="free space")
-    monkeypatch.setattr(residency.dashboard, "write_trace", full)
+    monkeypatch.setattr(residency.dashboard if command == "demo" else residency.media,
+                        "write_trace" if command == "demo" else "write_frames", full)
     gif = files / ("out.gif" if command == "run" else "d/demo.gif")
+    trace = files / ("t.json" if command == "run" else "d/demo-trace.json")
     gif.parent.mkdir(exist_ok=True)
     gif.write_bytes(b"old")
+    trace.write_bytes(b"old trace")
     before = listing(files)
     argv = (["run", "tiny", "--image", "start.png", "-o", "out.gif", "--trace", "t.json"] if command == "run" else
             ["demo", "-o", "d"])
     code = main([*argv, *PROFILE, "--frames", "2"])
     err = capsys.readouterr().err
     assert code == 1 and "writing failed (No space left on device)" in err and "pending" not in err, err
-    assert f"{'t.json' if command == 'run' else 'demo-trace.json'}: writing failed" in err
-    assert gif.read_bytes() == b"old" and listing(files) == before  # nothing new, nothing half-written
+    assert f"{(gif if command == 'run' else trace).name}: writing failed" in err
+    assert gif.read_bytes() == b"old" and trace.read_bytes() == b"old trace"
+    assert listing(files) == before  # nothing new, nothing half-written
+
+
+def test_a_rename_that_fails_puts_back_the_outputs_renamed_before_it(tmp_path, monkeypatch):
+    """The renames ran one after another: the second failing left the first output new, the second old, and the
+    error named a pending file that no longer existed."""
+    import os
+
+    from residency.errors import ResidencyError
+    from residency.written_together import written_together
+
+    (tmp_path / "a.gif").write_bytes(b"old gif")
+    (tmp_path / "t.json").write_bytes(b"old trace")
+    real = os.replace
+
+    def refuses_the_trace(src, dst):
+        if str(src).endswith(".pending.json"):
+            raise IsADirectoryError(21, "Is a directory", str(src))
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", refuses_the_trace)
+    with pytest.raises(ResidencyError, match=r"t\.json: writing failed \(Is a directory\)"):
+        with written_together(tmp_path / "a.gif", tmp_path / "t.json") as (gif, trace):
+            gif.write_bytes(b"new gif")
+            trace.write_bytes(b"new trace")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"a.gif": b"old gif", "t.json": b"old trace"}
 
 
 def test_a_plan_files_edited_profile_backend_is_said_and_read_from_the_profile(files, capsys):

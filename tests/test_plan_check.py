@@ -43,14 +43,19 @@ def test_an_edited_plan_is_predicted_as_edited_and_its_budget_is_the_files(capsy
     code, out, _ = plan(capsys, "tiny", "--profile", "rx-7800-xt", "--plan", edited)
     flat = " ".join(out.split())
     assert code == 3 and "does not fit" in flat and f"set budget.vram_bytes in {edited} to" in flat, out
-    code, out, _ = plan(capsys, "tiny", "--profile", "rtx-5090", "--plan", edited, "--json")
-    assert json.loads(out)["notes"][0].endswith("predicted here for GeForce RTX 5090; it was made for Radeon RX 7800 XT")
+    code, out, _ = plan(capsys, "tiny", "--profile", "rtx-5090", "--plan", edited, "--json", "-o",
+                        edited.with_name("for-5090.json"))
+    doc = json.loads(out)
+    assert doc["notes"][0].endswith("predicted here for GeForce RTX 5090; it was made for Radeon RX 7800 XT")
+    # the profile fields follow the prediction: the file written names the profile its figures are for
+    assert json.loads(edited.with_name("for-5090.json").read_text())["profile"] == doc["profile"] == "GeForce RTX 5090"
 
 
 @pytest.mark.parametrize(("extra", "said"), [(("--vram", "1GiB"), "--vram with --plan: the plan file holds its own "
                                                                   "budget.vram_bytes"),
                                              (("--policy", "forge"), "--policy with --plan"),
-                                             (("--compute-dtype", "fp16"), "--compute-dtype fp16 with --plan")])
+                                             (("--compute-dtype", "fp16"), "--compute-dtype fp16 with --plan"),
+                                             (("--steps", "2"), "--steps with --plan")])
 def test_a_flag_that_would_remake_the_plan_is_refused_with_plan(capsys, written, extra, said):
     code, _, err = plan(capsys, "tiny", "--profile", "rx-7800-xt", "--plan", written, *extra)
     assert code == 2 and said in err and "hint:" in err
@@ -59,3 +64,4 @@ def test_a_flag_that_would_remake_the_plan_is_refused_with_plan(capsys, written,
 def test_a_plan_file_of_another_model_is_refused_naming_the_file(capsys, written):
     code, _, err = plan(capsys, "lucid-500m", "--profile", "rx-7800-xt", "--plan", written)
     assert code == 1 and err.startswith(f"error: {written}: the plan was made for model")
+    assert f"-o {written}" not in err  # the hint never says to write over the file being checked

@@ -145,3 +145,22 @@ def test_the_plain_file_is_compared_beside_a_variant_and_a_variants_missing_shar
     save_file({k: state[k].half() for k in names[:5]}, str(only / "model.fp16-00001-of-00002.safetensors"))
     code, err = plan(capsys, only)
     assert code == 0 and "were not compared" in err and "model.fp16-00002-of-00002.safetensors" in err, err
+
+
+@pytest.mark.parametrize("intermediate", [64, 128])
+def test_names_the_library_renames_on_loading_are_compared_renamed(capsys, tmp_path, intermediate):
+    """A Hub CLIP text encoder stores text_model.*, which transformers renames on loading: the whole comparison was
+    skipped for every such directory, a config of other sizes beside it included."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sizes = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                 eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    model = CLIPTextModel(CLIPTextConfig(intermediate_size=64, **sizes))
+    state = {f"text_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    config = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "intermediate_size": intermediate,
+              **sizes}
+    code, err = plan(capsys, directory(tmp_path, config, {"model.safetensors": state}))
+    if intermediate == 64:
+        assert code == 0 and "weights" not in err, err
+    else:
+        assert code == 1 and "'encoder.layers.0.mlp.fc1.weight' is [64, 32] in model.safetensors but [128, 32]" in err

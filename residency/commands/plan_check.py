@@ -15,7 +15,8 @@ from residency.errors import ResidencyError, UsageError
 # flags that choose what a planner makes: a plan file has made those choices (its fields say them)
 _CHOSEN = (("policy", "ours", "--policy", "policy"), ("exec_mode", "auto", "--exec-mode", "each block's exec_mode"),
            ("kv_dtype", None, "--kv-dtype", "kv_dtype"), ("fps", None, "--fps", "budget.frame_ms"),
-           ("frame_ms", None, "--frame-ms", "budget.frame_ms"), ("vram", None, "--vram", "budget.vram_bytes"))
+           ("frame_ms", None, "--frame-ms", "budget.frame_ms"), ("vram", None, "--vram", "budget.vram_bytes"),
+           ("steps", None, "--steps", "steps (and the workload_fingerprint made at them)"))
 
 
 def refuse_planning_flags(args: argparse.Namespace) -> None:
@@ -43,15 +44,20 @@ def predicted_plan_file(args: argparse.Namespace):
                                                                  f"compute_dtype in {args.plan}")
     # the workload at the file's steps and compute dtype: its fingerprint then matches an unedited plan's
     args = argparse.Namespace(**{**vars(args), "compute_dtype": plan.blocks[0].compute_dtype if plan.blocks else None,
-                                 "steps": args.steps if args.steps is not None else plan.steps})
+                                 "steps": plan.steps})
     req = make_request(args)
     try:
+        # not `-o` the file itself: it is the input this command checks (a hand-edited plan would be lost)
         plan.check_matches(req.workload, f"model {args.model}",
-                           fix=f"make the plan again: residency plan {args.model} -o {args.plan}")
+                           fix=f"check that {args.plan} is a plan of {args.model} (its model and workload_fingerprint "
+                               f"say which it is for); a new one: residency plan {args.model} -o another.json")
     except ResidencyError as e:
         raise ResidencyError(f"{args.plan}: {e.message}", hint=e.hint) from None
     # the file's notes told how its planner chose (and may no longer hold for an edited plan): this one says what it is
     made_for = "" if plan.profile_fingerprint == req.profile.fingerprint() else f"; it was made for {plan.profile}"
+    # the profile fields follow the prediction: written with -o, a file naming one profile and holding another's
+    # figures was then said by `run --plan` to be "edited, or written by another version"
     plan = dataclasses.replace(plan, notes=(f"the plan in {args.plan}, predicted here for {req.profile.name}"
-                                            f"{made_for}",))
+                                            f"{made_for}",), profile=req.profile.name,
+                               profile_fingerprint=req.profile.fingerprint(), profile_backend=req.profile.backend)
     return req, predict(req.workload, plan, req.profile, req.sensitivity)

@@ -88,35 +88,49 @@ def _ignored(model, attribute: str) -> list[re.Pattern]:
     return out
 
 
-def _source_patterns(model) -> list[str]:
-    """The patterns of stored tensor names the model's library renames or reshapes on loading: transformers v5's
-    conversion mapping (Mixtral's experts.*.w1 fused into gate_up_proj, Qwen3-VL-MoE's experts transposed, Llava's
-    language_model.model moved), v4's `_checkpoint_conversion_mapping`. Empty for diffusers and plain models."""
-    patterns = [str(p) for p in (getattr(model, "_checkpoint_conversion_mapping", None) or {})]
+def _compile(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error:
+        return re.compile(re.escape(pattern))
+
+
+def _conversions(model) -> tuple[list[tuple[re.Pattern, str]], list[re.Pattern], list[re.Pattern]] | None:
+    """What the model's library does to stored names on loading: (renames as (pattern, replacement): CLIP's
+    `^text_model\\.(.+)` → `\\1`, Llava's language_model prefix; the stored names converters fuse or reshape (Mixtral's
+    experts.*.w1, Qwen3-VL-MoE's transposed experts); the model names they make). transformers v5's conversion
+    mapping, v4's `_checkpoint_conversion_mapping`; nothing for diffusers and plain models. None when the library
+    fails to say (then nothing is compared)."""
+    renames = [(_compile(str(k)), str(v)) for k, v in (getattr(model, "_checkpoint_conversion_mapping", None) or {}).items()]
     try:
         from transformers import PreTrainedModel
-        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.conversion_mapping import WeightConverter, get_model_conversion_mapping
     except ImportError:  # transformers before v5 (or none): the v4 mapping above is all there is
-        return patterns
+        return renames, [], []
+    sources, targets = [], []
     if isinstance(model, PreTrainedModel):
         try:
             transforms = get_model_conversion_mapping(model)
-        except Exception:  # noqa: BLE001 - a library's internal failing: then nothing is compared (patterns ".")
-            return ["."]
-        patterns += [str(p) for t in transforms for p in (getattr(t, "source_patterns", None) or [])]
-    return patterns
+        except Exception:  # noqa: BLE001 - a library's internal failing: then nothing is compared
+            return None
+        for t in transforms:
+            src, tgt = list(getattr(t, "source_patterns", None) or []), list(getattr(t, "target_patterns", None) or [])
+            if isinstance(t, WeightConverter) or not tgt:
+                sources += [_compile(str(p)) for p in src]
+                targets += [_compile(str(p)) for p in tgt]
+            else:
+                renames += [(_compile(str(p)), str(tgt[i] if len(tgt) == len(src) else tgt[0])) for i, p in enumerate(src)]
+    return renames, sources, targets
 
 
-def _converted_on_load(model, names) -> bool:
-    """Whether a stored name matches a pattern the library converts on loading (then names and shapes as stored are
-    not the model's, and comparing them said weights were missing, or of another shape, that load exactly)."""
-    compiled = []
-    for p in _source_patterns(model):
-        try:
-            compiled.append(re.compile(p))
-        except re.error:
-            compiled.append(re.compile(re.escape(p)))
-    return any(c.search(n) for c in compiled for n in names)
+def _renamed(name: str, renames: list[tuple[re.Pattern, str]]) -> str:
+    for pattern, replacement in renames:
+        if pattern.search(name):
+            try:
+                name = pattern.sub(replacement, name, count=1)
+            except (re.error, IndexError):  # a replacement naming a group the pattern lacks: left as stored
+                continue
+    return name
 
 
 def check_weights_match(path: Path, model, hint: str = REPLACE_HINT) -> None:
@@ -143,8 +157,20 @@ def check_weights_match(path: Path, model, hint: str = REPLACE_HINT) -> None:
                   "with its config.json", file=sys.stderr)
         return
     stored, files = read
-    if _converted_on_load(model, stored):
+    conversions = _conversions(model)
+    if conversions is None:
         return
+    renames, fused, made = conversions
+    converted = False  # a stored name the library converts: then only shapes of names met as they are are judged
+    as_loaded: dict[str, list[tuple[tuple[int, ...], str, bool]]] = {}
+    for name, where in stored.items():
+        if any(p.search(name) for p in fused):  # fused or reshaped on loading: not comparable as stored
+            converted = True
+            continue
+        loaded = _renamed(name, renames)
+        converted |= loaded != name
+        as_loaded[loaded] = where
+    stored = as_loaded
     prefix = getattr(model, "base_model_prefix", "") or ""
 
     def key(name: str) -> str:  # a checkpoint of the base model (LlamaModel) beside LlamaForCausalLM's config
@@ -159,6 +185,8 @@ def check_weights_match(path: Path, model, hint: str = REPLACE_HINT) -> None:
     not_missed = _ignored(model, "_keys_to_ignore_on_load_missing")
     missing, wrong, claimed = [], [], set()
     for pid, names in tied.items():
+        if any(p.search(n) for p in made for n in names):  # made on loading from tensors stored otherwise
+            continue
         hits = [n for n in names if key(n) in by_key]
         claimed.update(key(n) for n in hits)
         if not hits:
@@ -170,7 +198,7 @@ def check_weights_match(path: Path, model, hint: str = REPLACE_HINT) -> None:
                 wrong.append((hits[0], shape, file, shapes[pid]))
                 break
     cls = type(model).__name__
-    if tied and len(claimed) == 0:
+    if tied and len(claimed) == 0 and not converted:
         example, own = next(iter(stored), ""), next(iter(tied.values()))[0]
         raise ResidencyError(f"{path}: its weights are not the {cls} its config.json describes: none of the "
                              f"{len(tied)} weights it has (e.g. {own!r:.80}) is in {_files(files)}, which "
@@ -186,6 +214,8 @@ def check_weights_match(path: Path, model, hint: str = REPLACE_HINT) -> None:
     not_expected = _ignored(model, "_keys_to_ignore_on_load_unexpected")
     extra = [n for n in stored if key(n) not in claimed and key(n) not in buffers
              and not any(p.search(n) for p in not_expected)]
+    if converted:  # the library renames or fuses some names on loading: what is missing or extra is not known here
+        return
     if missing:
         print(f"note: {path}: {len(missing)} of the {len(tied)} weights of the {cls} its config.json describes are "
               f"not in {_files(files)} ({_names(missing)}): the plan counts the model the config describes; "
@@ -199,12 +229,19 @@ def check_weights_match(path: Path, model, hint: str = REPLACE_HINT) -> None:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # torch.save files: loading one runs its code
 
 
+# a Trainer's checkpoint directory holds its state beside the model's weights: never the weights
+TRAINER_STATE = ("optimizer", "scheduler", "rng_state", "training_args", "scaler", "trainer_state")
+
+
 def pickled_weights(path: Path) -> str:
-    """The first .bin/.pt/.pth/.ckpt file in `path` ('' when none or unlistable): weights residency cannot read."""
+    """The model's .bin/.pt/.pth/.ckpt weights file in `path` ('' when none or unlistable): weights residency cannot
+    read. pytorch_model*.bin and diffusion_pytorch_model*.bin first; a Trainer's optimizer.pt, rng_state.pth … never."""
     try:
-        return next((p.name for p in sorted(path.iterdir()) if p.suffix.lower() in PICKLE_SUFFIXES), "")
+        files = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES
+                       and not p.name.lower().startswith(TRAINER_STATE))
     except OSError:
         return ""
+    return next((f for f in files if "model" in f.lower()), files[0] if files else "")
 
 
 def _names(names: list[str]) -> str:

@@ -58,7 +58,8 @@ def float_layers_refuse_integers(model: nn.Module, name: str, floats: bool = Fal
                           f"weight is {w.dtype}: outside torch.autocast the model refuses that call (mat1 and mat2 "
                           f"must have the same dtype); planned as if the input were cast. Give example_inputs= in "
                           f"{w.dtype}, or call the model under torch.autocast", PlanWarning, stacklevel=2)
-        return (x.to(w.dtype), *args[1:])
+        # every float input (nn.Bilinear takes two): casting the first alone failed the second as "did not run"
+        return tuple(a.to(w.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
     handle = nn.modules.module.register_module_forward_pre_hook(check)
     try:
