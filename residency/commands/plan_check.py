@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 from residency.errors import ResidencyError, UsageError
 
@@ -27,11 +29,11 @@ def refuse_planning_flags(args: argparse.Namespace) -> None:
                              hint=f"edit {field} in {args.plan}, or leave --plan out to plan anew with {flag}")
 
 
-def predicted_plan_file(args: argparse.Namespace):
-    """(request, the file's plan with the prediction made here) for `plan MODEL --plan FILE`. Raises ResidencyError
-    naming the file for a plan of another model, of blocks computing in two dtypes, or not readable."""
+def predicted_plan_file(args: argparse.Namespace, make_request: Callable[[argparse.Namespace], Any]):
+    """(request, the file's plan with the prediction made here) for `plan MODEL --plan FILE`; `make_request`: the
+    plan command's (plan_cmd.make_request, passed in: plan_cmd imports this module). Raises ResidencyError naming
+    the file for a plan of another model, of blocks computing in two dtypes, or not readable."""
     from residency.commands.loaded_plan import check_one_compute_dtype
-    from residency.commands.plan_cmd import make_request
     from residency.plan import load_plan
     from residency.simulate import predict
 

@@ -214,7 +214,7 @@ def run(args) -> int:
     if args.plan is not None:  # a plan file predicted here, not planned (residency.commands.plan_check)
         from residency.commands.plan_check import predicted_plan_file
 
-        req, chosen = predicted_plan_file(args)
+        req, chosen = predicted_plan_file(args, make_request)
         plans = [chosen]
     else:
         req = make_request(args)
