@@ -34,26 +34,23 @@ def written_together(*finals: Path | None) -> Iterator[list[Path | None]]:
         if target is not None:
             check_can_create(target)
     pending = [None if t is None else _pending(t) for t in targets]
+    pairs = [(tmp, target) for tmp, target in zip(pending, targets, strict=True) if target is not None]
     try:
         yield pending
-        _commit([(tmp, target) for tmp, target in zip(pending, targets, strict=True)
-                 if tmp is not None and tmp.exists()])
+        _commit([(tmp, target) for tmp, target in pairs if tmp.exists()])
     except BaseException as e:
-        for tmp in pending:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+        for tmp, _ in pairs:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         if isinstance(e, ResidencyError):
             message = e.message
-            for tmp, target in zip(pending, targets, strict=True):
-                if tmp is not None:
-                    message = message.replace(str(tmp), str(target))
+            for tmp, target in pairs:
+                message = message.replace(str(tmp), str(target))
             if message != e.message:
                 e.message = message
                 e.args = (message, *e.args[1:])
         if isinstance(e, OSError):  # a rename that failed: said as the writers say theirs, of the output's name
-            named = next((str(t) for tmp, t in zip(pending, targets, strict=True)
-                          if t is not None and e.filename in (str(tmp), str(t))), e.filename or "")
+            named = next((str(t) for tmp, t in pairs if e.filename in (str(tmp), str(t))), e.filename or "")
             raise ResidencyError(f"{named}: writing failed ({e.strerror or e})",
                                  hint="check free disk space and permissions") from None
         raise

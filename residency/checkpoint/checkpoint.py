@@ -203,18 +203,24 @@ def shard_indexes(directory: Path) -> dict[Path, dict[str, str]]:
     return out
 
 
-def _check_shards_complete(directory: Path, files: list[Path], indexes: dict[Path, dict[str, str]]) -> None:
-    """A half-finished download holds some shards: the rest are named by the files' `-0000k-of-0000n` and by an
-    index's weight_map. Read as it is, it would be half a model with nothing said (its totals halved). A file
-    no index names beside an index (a stray or older shard) is refused too: its tensors would be added to the
-    model's."""
-    present = {f.name for f in files}
+def promised_shards(files: list[Path]) -> set[str]:
+    """Every shard name the files' `STEM-0000k-of-0000n.ext` promise (a series of up to 100,000)."""
     expected: set[str] = set()
     for f in files:
         m = _SHARD_NAME.match(f.name)
         if m and 0 < int(m["n"]) <= 100_000:
             width, ext = len(m["i"]), f.suffix
             expected |= {f"{m['stem']}-{k:0{width}d}-of-{m['n']}{ext}" for k in range(1, int(m["n"]) + 1)}
+    return expected
+
+
+def _check_shards_complete(directory: Path, files: list[Path], indexes: dict[Path, dict[str, str]]) -> None:
+    """A half-finished download holds some shards: the rest are named by the files' `-0000k-of-0000n` and by an
+    index's weight_map. Read as it is, it would be half a model with nothing said (its totals halved). A file
+    no index names beside an index (a stray or older shard) is refused too: its tensors would be added to the
+    model's."""
+    present = {f.name for f in files}
+    expected = promised_shards(files)
     listed = {v for weight_map in indexes.values() for v in weight_map.values()
               if v.lower().endswith((".safetensors", ".gguf"))}
     expected |= listed

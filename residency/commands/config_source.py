@@ -157,6 +157,7 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
     # a config of another class than the one built (model_index.json names another; a transformers config of
     # another model_type): built as the library builds it, the difference named when that fails, noted when not
     other = config.get("_class_name") if named_as is not None and library == "diffusers" else None
+    other = other if isinstance(other, str) and other and other != class_name else None  # None: the config's own
     with init_empty_weights():
         try:
             if library == "transformers":
@@ -173,7 +174,10 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
         except Exception as e:  # a config the class refuses: wrong or missing fields
             from residency.workload.from_module import error_line
 
-            _refuse_other_class(path, class_name, other, named_as, error_line(e))
+            if other is not None:  # the difference is the cause: a Flux transformer's config built as a
+                # UNet2DModel failed as "unsupported operand … NoneType", with a hint about sizes
+                said, hint = _other_class_words(path, class_name, other, named_as)
+                raise ResidencyError(f"{said} ({class_name} fails to build from it: {error_line(e)})", hint=hint) from e
             # sizes so large that what the empty model still builds in RAM does not fit: its buffers, or a weight
             # its class makes before registering it (init_empty_weights moves a parameter to meta once registered)
             huge = "allocat" in str(e)
@@ -185,7 +189,12 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
                                  hint="its sizes (heads, widths, positions) are too large to build the model even "
                                       "without weights: fix them" if huge else "fix the field it names, or give the "
                                       "directory save_pretrained wrote for this model") from e
-    _note_other_class(path, class_name, other, named_as, library)
+    # built as the library builds it (transformers logs it as a warning; an XLM-RoBERTa config read by RobertaModel is a
+    # common, working pair): said, and a weights mismatch then hints at the class named, not at the config
+    other_hint = None
+    if other is not None:
+        said, other_hint = _other_class_words(path, class_name, other, named_as)
+        print(f"note: {said}: built as a {class_name}, as {library} builds it", file=sys.stderr)
     _note_defaulted_sizes(path / MODEL_CONFIG, raw, model)
     if library == "transformers":
         # built under init_empty_weights a transformers model leaves its tied weights untied (T5's shared
@@ -193,11 +202,7 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
         model.tie_weights()
     from residency.commands.weights_match import check_weights_match
 
-    # weight files beside the config: the headers are read, no data; built as another class than the config's, a
-    # mismatch is that class's (the hint said to put back a config that matched its weights)
-    other_class = isinstance(other, str) and other and other != class_name
-    check_weights_match(path, model, *([_other_class_words(path, class_name, other, named_as)[1]] if other_class
-                                       else []))
+    check_weights_match(path, model, other_hint)  # weight files beside the config: the headers are read, no data
     return model.eval()  # built in training mode: its dropouts would be counted as ops an inference never runs
 
 
@@ -210,24 +215,6 @@ def _other_class_words(path: Path, class_name: str, other: str, named_as: tuple 
                 f"weights are in {path.name}/ (save_pretrained writes both)")
     return (f"{path / MODEL_CONFIG}: architectures names {class_name}, but the config is {other}",
             "name a class of that model type in architectures, or fix model_type (save_pretrained writes both)")
-
-
-def _refuse_other_class(path: Path, class_name: str, other: Any, named_as: tuple | None, why: str) -> None:
-    """Raise, where the build of a config of another class failed (`why`): the difference is the cause (a Flux
-    transformer's config built as a UNet2DModel failed as "unsupported operand … NoneType" with a hint about
-    sizes). Nothing where the config is the class's own."""
-    if not isinstance(other, str) or not other or other == class_name:
-        return
-    said, hint = _other_class_words(path, class_name, other, named_as)
-    raise ResidencyError(f"{said} ({class_name} fails to build from it: {why})", hint=hint)
-
-
-def _note_other_class(path: Path, class_name: str, other: Any, named_as: tuple | None, library: str) -> None:
-    """Say on stderr that a config of another class was built as `class_name`, as the library builds it (transformers
-    logs it as a warning; an XLM-RoBERTa config read by RobertaModel is a common, working pair)."""
-    if isinstance(other, str) and other and other != class_name:
-        said, _ = _other_class_words(path, class_name, other, named_as)
-        print(f"note: {said}: built as a {class_name}, as {library} builds it", file=sys.stderr)
 
 
 def _check_layer_counts(config_path: Path, config: dict[str, Any]) -> None:

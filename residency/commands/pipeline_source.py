@@ -201,7 +201,7 @@ def _traced(path: Path, comp: str, root: nn.Module, example: Any, compute_dtype:
                                  "plan the pipeline from Python: residency.attach(pipe, vram=…)") from e
 
 
-def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
+def pipeline_dir_workload(path: Path, compute_dtype: str, size=None, steps_given: bool = False):
     """The workload of one call of the pipeline in `path` (encode → denoise × its default steps → decode), at
     `size` (an ExampleSize of height/width/frames; None: the pipeline's defaults), from configs only."""
     from residency.attach_pipeline import DENOISERS, ENCODERS, ROLES
@@ -264,8 +264,10 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None):
     steps = steps if isinstance(steps, int) and steps > 0 else DEFAULT_STEPS
     guidance = ", classifier-free guidance" if guided else ""
     # DDPMPipeline runs 1000 steps by default: planned at the most a plan holds, and said (--steps sets fewer)
-    capped = f"; {MAX_STEPS} of its default {steps} steps, the most a plan holds" if steps > MAX_STEPS else ""
+    capped = f"{MAX_STEPS} of its default {steps} steps, the most a plan holds" if steps > MAX_STEPS else ""
+    if capped and not steps_given:  # in the workload's source alone, it was shown nowhere
+        print(f"note: {path}: {capped}: planned at {MAX_STEPS} steps (--steps N for another count)", file=sys.stderr)
     return join_phases(f"{path.name} at {denoised.label}", parts, min(steps, MAX_STEPS),
-                       source=f"{pipe_name} directory (configs only{guidance}{capped}): "
+                       source=f"{pipe_name} directory (configs only{guidance}{'; ' if capped else ''}{capped}): "
                               + ", ".join(p.component for p in parts),
                        video_frames=denoised.size.frames or 1)  # --fps then counts a video's frames

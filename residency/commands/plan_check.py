@@ -56,10 +56,11 @@ def predicted_plan_file(args: argparse.Namespace, make_request: Callable[[argpar
     except ResidencyError as e:
         raise ResidencyError(f"{args.plan}: {e.message}", hint=e.hint) from None
     # the file's notes told how its planner chose (and may no longer hold for an edited plan): this one says what it is
-    made_for = "" if plan.profile_fingerprint == req.profile.fingerprint() else f"; it was made for {plan.profile}"
+    fingerprint = req.profile.fingerprint()
+    made_for = "" if plan.profile_fingerprint == fingerprint else f"; it was made for {plan.profile}"
     # the profile fields follow the prediction: written with -o, a file naming one profile and holding another's
     # figures was then said by `run --plan` to be "edited, or written by another version"
     plan = dataclasses.replace(plan, notes=(f"the plan in {args.plan}, predicted here for {req.profile.name}"
                                             f"{made_for}",), profile=req.profile.name,
-                               profile_fingerprint=req.profile.fingerprint(), profile_backend=req.profile.backend)
+                               profile_fingerprint=fingerprint, profile_backend=req.profile.backend)
     return req, predict(req.workload, plan, req.profile, req.sensitivity)

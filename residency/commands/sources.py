@@ -187,12 +187,7 @@ def resolve_workload(name_or_path: str, steps: int | None = None, context_frames
     elif source.kind == PIPELINE_DIR:
         from residency.commands.pipeline_source import pipeline_dir_workload
 
-        workload = pipeline_dir_workload(source.path, compute_dtype, size)
-        if steps is None and "the most a plan holds" in workload.source:  # in the source only, shown nowhere
-            import sys
-
-            print(f"note: {name_or_path}: {workload.source.split('; ', 1)[1].split(')')[0]}: planned at "
-                  f"{workload.steps} steps (--steps N for another count)", file=sys.stderr)
+        workload = pipeline_dir_workload(source.path, compute_dtype, size, steps_given=steps is not None)
     elif source.kind == WORLD_MODEL_DIR:  # as `run DIR` builds it (residency.session_setup.load_model)
         from pipelines.world_model.pretrained import load_config
         from pipelines.world_model.workload import catalog_entry

@@ -19,11 +19,14 @@ REPLACE_HINT = ("put back the config.json saved with these weights (save_pretrai
                 "config alone in a directory of its own")
 
 
-def _stored_shapes(path: Path) -> tuple[dict[str, list[tuple[tuple[int, ...], str, bool]]], list[str]] | None:
-    """Per stored tensor name: (shape, file, comparable) in each file holding it (a model saved in two variants,
-    fp16 and full, holds each name twice), and the files read. None where there is nothing to compare: no
-    .safetensors file, or a .gguf beside (llama.cpp names its tensors its own way)."""
-    from residency.checkpoint.checkpoint import shard_indexes
+Stored = dict[str, tuple[tuple[int, ...], str, bool]]  # tensor name -> (shape, file, comparable by shape)
+
+
+def _stored_shapes(path: Path) -> tuple[Stored, list[str]] | None:
+    """Per stored tensor name of one variant (_one_variant): its shape, file, and whether its shape is the model's
+    to compare; and the files read. None where there is nothing to compare: no .safetensors file, or a .gguf beside
+    (llama.cpp names its tensors its own way)."""
+    from residency.checkpoint.checkpoint import promised_shards, shard_indexes
     from residency.checkpoint.safetensors_io import read_safetensors
 
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -31,17 +34,16 @@ def _stored_shapes(path: Path) -> tuple[dict[str, list[tuple[tuple[int, ...], st
     if not weights or any(p.suffix.lower() == ".gguf" for p in files):
         return None
     listed = {v for weight_map in shard_indexes(path).values() for v in weight_map.values()}
-    listed |= _series(weights)  # model.fp16-00001-of-00007 …: the shards its names promise (a variant has no index here)
+    listed |= promised_shards(weights)  # model.fp16-00001-of-00007 …: a variant has no index read here
     absent = sorted(listed - {p.name for p in files})
     if absent:  # its tensors would be said to be missing from the model: the download is what is unfinished
         raise ResidencyError(f"{len(absent)} shard(s) its index names are missing ({', '.join(absent[:SHOWN])})")
-    stored: dict[str, list[tuple[tuple[int, ...], str, bool]]] = defaultdict(list)
+    stored: Stored = {}
     for file in weights:
         found, _meta, others = read_safetensors(file, file.stat().st_size)  # the header only
-        for e in found:
-            stored[e.name].append((tuple(e.shape), file.name, True))
-        for o in others:  # integer tensors (a packed 4-bit weight, an index): present, their shapes not the model's
-            stored[o.name].append((tuple(o.shape), file.name, False))
+        stored.update((e.name, (tuple(e.shape), file.name, True)) for e in found)
+        # integer tensors (a packed 4-bit weight, an index): present, their shapes not the model's
+        stored.update((o.name, (tuple(o.shape), file.name, False)) for o in others)
     return stored, [p.name for p in weights]
 
 
@@ -65,27 +67,9 @@ def _one_variant(weights: list[Path]) -> list[Path]:
     return [f for f in weights if _variant(f) == chosen]
 
 
-def _series(weights: list[Path]) -> set[str]:
-    """Every shard name the files' `-0000k-of-0000n` promise."""
-    out = set()
-    for f in weights:
-        m = _SHARD.match(f.name)
-        if m and 0 < int(m["n"]) <= 100_000:
-            width = len(m["i"])
-            out |= {f"{m['stem']}-{k:0{width}d}-of-{m['n']}.safetensors" for k in range(1, int(m["n"]) + 1)}
-    return out
-
-
 def _ignored(model, attribute: str) -> list[re.Pattern]:
     """transformers' own lists of names it does not miss, or does not expect, on loading (regular expressions)."""
-    patterns = getattr(model, attribute, None) or []
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except (re.error, TypeError):
-            continue
-    return out
+    return [_compile(p) for p in getattr(model, attribute, None) or [] if isinstance(p, str)]
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -133,12 +117,14 @@ def _renamed(name: str, renames: list[tuple[re.Pattern, str]]) -> str:
     return name
 
 
-def check_weights_match(path: Path, model, hint: str = REPLACE_HINT) -> None:
+def check_weights_match(path: Path, model, hint: str | None = None) -> None:
     """Raise ResidencyError where the weight files in `path` cannot be `model`'s (a tensor of another shape, or
     none of its tensors there); say on stderr which of its tensors they lack, or hold beyond it. Silent for a
     directory without safetensors files, where the config is of a quantized checkpoint (its tensors are named
     and shaped by the quantizer: qweight, scales), and where a stored name is one the library converts on loading.
-    `hint`: the refusals' (where the model was built as another class than its config's, that is the fix)."""
+    `hint`: the refusals' (where the model was built as another class than its config's, that is the fix; None:
+    put back the config saved with the weights)."""
+    hint = hint or REPLACE_HINT
     config = getattr(model, "config", None)
     quantized = (config.get("quantization_config") if isinstance(config, dict)
                  else getattr(config, "quantization_config", None))
@@ -162,7 +148,7 @@ def check_weights_match(path: Path, model, hint: str = REPLACE_HINT) -> None:
         return
     renames, fused, made = conversions
     converted = False  # a stored name the library converts: then only shapes of names met as they are are judged
-    as_loaded: dict[str, list[tuple[tuple[int, ...], str, bool]]] = {}
+    as_loaded: Stored = {}
     for name, where in stored.items():
         if any(p.search(name) for p in fused):  # fused or reshaped on loading: not comparable as stored
             converted = True
@@ -193,10 +179,9 @@ def check_weights_match(path: Path, model, hint: str = REPLACE_HINT) -> None:
             if not any(p.search(n) for p in not_missed for n in names):
                 missing.append(names[0])
             continue
-        for shape, file, comparable in by_key[key(hits[0])]:
-            if comparable and shape != shapes[pid]:
-                wrong.append((hits[0], shape, file, shapes[pid]))
-                break
+        shape, file, comparable = by_key[key(hits[0])]
+        if comparable and shape != shapes[pid]:
+            wrong.append((hits[0], shape, file, shapes[pid]))
     cls = type(model).__name__
     if tied and len(claimed) == 0 and not converted:
         example, own = next(iter(stored), ""), next(iter(tied.values()))[0]
@@ -210,12 +195,12 @@ def check_weights_match(path: Path, model, hint: str = REPLACE_HINT) -> None:
         raise ResidencyError(f"{path}: its weights do not fit its config.json: {name!r:.80} is {list(shape)} in "
                              f"{file} but {list(expected)} in the {cls} the config describes{more}",
                              hint=hint)
+    if converted:  # the library renames or fuses some names on loading: what is missing or extra is not known here
+        return
     buffers = {key(n) for n, _ in model.named_buffers()}  # a rotary inv_freq an older checkpoint saved
     not_expected = _ignored(model, "_keys_to_ignore_on_load_unexpected")
     extra = [n for n in stored if key(n) not in claimed and key(n) not in buffers
              and not any(p.search(n) for p in not_expected)]
-    if converted:  # the library renames or fuses some names on loading: what is missing or extra is not known here
-        return
     if missing:
         print(f"note: {path}: {len(missing)} of the {len(tied)} weights of the {cls} its config.json describes are "
               f"not in {_files(files)} ({_names(missing)}): the plan counts the model the config describes; "

@@ -192,8 +192,8 @@ def _count(model: nn.Module, blocks: ModuleBlocks, args: tuple, kwargs: dict[str
     trace, where it was counted ("meta", "real", "narrow") and why the meta run failed ("" when it did not)."""
     units = [u.modules for u in blocks.units]
     # a model held in the compute dtype runs its example's floats in their own dtype, as the real call does: a
-    # float16 example into a float32 Linear is then refused here, not at the user's first call (its own cast, x.to(
-    # w.dtype), makes a tensor of the weight's dtype as for real)
+    # float16 example into a float32 Linear is then said here (a PlanWarning), not at the user's first call (its own
+    # cast, x.to(w.dtype), makes a tensor of the weight's dtype as for real)
     as_given = dtypes[1] is None and all(t.dtype == dtypes[0] for t in chain(model.parameters(), model.buffers())
                                          if t.is_floating_point())
     # the user's feature hooks record the user's calls, not this count; whatever the forward caches, counts or
