@@ -164,3 +164,23 @@ def test_names_the_library_renames_on_loading_are_compared_renamed(capsys, tmp_p
         assert code == 0 and "weights" not in err, err
     else:
         assert code == 1 and "'encoder.layers.0.mlp.fc1.weight' is [64, 32] in model.safetensors but [128, 32]" in err
+
+
+def test_inspect_reads_the_plain_weights_beside_a_variant_and_says_so(capsys, tmp_path):
+    """`inspect DIR` of a Hub download (model.safetensors beside model.fp16 shards and their index) refused it as
+    one model twice; it reads the files from_pretrained loads and names the variant it left out."""
+    state = llama_weights()
+    names = sorted(state)
+    path = directory(tmp_path, LLAMA, {"model.safetensors": state})
+    half = {k: v.half() for k, v in state.items()}
+    shards = {"model.fp16-00001-of-00002.safetensors": names[:5], "model.fp16-00002-of-00002.safetensors": names[5:]}
+    for shard, keys in shards.items():
+        save_file({k: half[k] for k in keys}, str(path / shard))
+    (path / "model.safetensors.index.fp16.json").write_text(
+        json.dumps({"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    assert main(["inspect", str(path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["params"] == sum(v.numel() for v in state.values())
+    assert doc["stored_bytes"] == sum(v.numel() * 4 for v in state.values())  # the plain file's F32, once
+    note = next(n for n in doc["notes"] if "variant" in n)
+    assert note.startswith("read model.safetensors,") and all(s in note for s in shards) and "not counted" in note

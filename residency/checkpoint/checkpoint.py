@@ -11,7 +11,7 @@ import gc
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -134,12 +134,14 @@ class Checkpoint:
         return fmt.dequantize(self.read_packed(name), shape, dtype).reshape(e.shape)
 
 
-def _checkpoint_files(path: Path) -> tuple[list[Path], dict[Path, dict[str, str]]]:
-    """The files to read and, for a directory, its shard indexes (read once: checked before and after)."""
+def _checkpoint_files(path: Path, only: Collection[str] | None = None) -> tuple[list[Path], dict[Path, dict[str, str]]]:
+    """The files to read and, for a directory, its shard indexes (read once: checked before and after); `only`: of
+    a directory, the file names to read (one variant of a model), and the indexes naming only those."""
     kind, reason = path_kind(path)
     if kind == DIRECTORY:
         try:
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in _READERS and not p.name.startswith("."))
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in _READERS and not p.name.startswith(".")
+                           and (only is None or p.name in only))
         except OSError as e:
             raise broken(path, f"cannot list it ({e.strerror or e})", hint="check its permissions") from None
         for p in files:  # skipped, a shard not there was a smaller model, silently (a snapshot copied without blobs)
@@ -152,6 +154,8 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict[Path, dict[str, str]
                 raise broken(p, f"{link}{'is missing' if shard_kind == MISSING else f'is not a file ({why or shard_kind})'}",
                              hint=hint)
         indexes = shard_indexes(path)
+        if only is not None:  # another variant's index names its own shards
+            indexes = {i: m for i, m in indexes.items() if set(m.values()) <= set(only)}
         if not files and not any(indexes.values()):
             raise broken(
                 path,
@@ -201,6 +205,23 @@ def shard_indexes(directory: Path) -> dict[Path, dict[str, str]]:
                          hint="an index names the shards beside it by file name; remove it, or download it again")
         out[index] = weight_map
     return out
+
+
+def variant_of(file: Path) -> str:
+    """"fp16" of diffusion_pytorch_model.fp16.safetensors (or of its shard …fp16-00001-of-00002…); "" for the plain
+    file diffusers and transformers load by default (no `variant=`)."""
+    m = _SHARD_NAME.match(file.name)
+    stem = m["stem"] if m else file.name[: -len(file.suffix)]
+    return stem.partition(".")[2]
+
+
+def one_variant(weights: list[Path]) -> list[Path]:
+    """The files of one variant: the plain one where it is there (what from_pretrained loads without variant=), else
+    the first variant by name. A Hub download holds both (model.safetensors and model.fp16.safetensors): read
+    together, every tensor is there twice."""
+    variants = sorted({variant_of(f) for f in weights})
+    chosen = "" if "" in variants else (variants[0] if variants else "")
+    return [f for f in weights if variant_of(f) == chosen]
 
 
 def promised_shards(files: list[Path]) -> set[str]:
@@ -287,8 +308,9 @@ def _refuse_model_twice(root: Path, file: Path, meta: dict[str, str], files: lis
                      hint=f"give one file: residency inspect {root / others[0].name} (or {root / file.name})")
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open a .safetensors file, a .gguf file, or a directory of shards (both kinds, sorted by name).
+def open_checkpoint(path: str | os.PathLike[str], only: Collection[str] | None = None) -> Checkpoint:
+    """Open a .safetensors file, a .gguf file, or a directory of shards (both kinds, sorted by name; `only`: the
+    names of the directory's files to read, e.g. one_variant's).
 
     Every header is validated before anything is mapped; any problem is a CheckpointError
     naming the file. Duplicate tensor names across shards are an error.
@@ -300,7 +322,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     entries: dict[str, TensorEntry] = {}
     metadata: dict[str, str] = {}
     left_out: list[LeftOut] = []
-    files, indexes = _checkpoint_files(root)
+    files, indexes = _checkpoint_files(root, only)
     for file in files:
         try:
             size = file.stat().st_size

@@ -261,15 +261,32 @@ def _has_weights(path: Path) -> bool:
     return any(p.suffix in WEIGHT_SUFFIXES or p.name.lower().endswith(SHARD_INDEX_SUFFIXES) for p in path.iterdir())
 
 
-def _checkpoint_inventory(path: Path) -> Inventory:
+def _checkpoint_inventory(path: Path, model_dir: bool = False) -> Inventory:
+    """A checkpoint's tensors as stored; of a model directory (`model_dir`), one variant's files, the one
+    from_pretrained loads (model.safetensors before model.fp16.safetensors: both read, every tensor was twice)."""
     from residency.checkpoint import open_checkpoint
+    from residency.checkpoint.checkpoint import one_variant
 
-    with open_checkpoint(path) as ckpt:
+    only, note = None, ""
+    if model_dir:
+        weights = sorted(p for p in path.iterdir() if p.suffix.lower() == ".safetensors" and not p.name.startswith("."))
+        chosen = one_variant(weights)
+        if len(chosen) < len(weights):
+            only = {p.name for p in chosen} | {p.name for p in path.iterdir() if p.suffix.lower() == ".gguf"}
+            skipped = sorted({p.name for p in weights} - only)
+            note = (f"read {_listed(sorted(p.name for p in chosen))}, the weights from_pretrained loads by default; "
+                    f"the variant beside it ({_listed(skipped)}) is another copy of them, not counted")
+    with open_checkpoint(path, only) as ckpt:
         infos = [TensorInfo(e.name, tuple(e.shape), e.format, e.nbytes) for e in ckpt.entries.values()]
         others = [(o.name, o.dtype, o.shape, o.nbytes) for o in ckpt.left_out]
     inv = group_tensors(str(path), infos)
     inv.left_out = others
+    inv.note = note
     return inv
+
+
+def _listed(names: list[str], shown: int = 2) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 # A transformers config's record of the dtype its weights were saved in (`torch_dtype`; `dtype` from v4.56 on)
@@ -301,7 +318,8 @@ def load_inventory(name_or_path: str) -> Inventory:
 
         return inventory_from_module(name_or_path, WorldModelPipeline.from_config("tiny", device="meta"))
     if source.kind == CHECKPOINT or (source.kind in (MODEL_DIR, WORLD_MODEL_DIR) and _has_weights(source.path)):
-        return _checkpoint_inventory(source.path)  # as stored: the real formats, not an assumed BF16
+        # as stored: the real formats, not an assumed BF16
+        return _checkpoint_inventory(source.path, model_dir=source.kind == MODEL_DIR)
     if source.kind == CATALOG and name_or_path in builtin_model_names():
         import torch
 

@@ -23,14 +23,14 @@ Stored = dict[str, tuple[tuple[int, ...], str, bool]]  # tensor name -> (shape, 
 
 
 def _stored_shapes(path: Path) -> tuple[Stored, list[str]] | None:
-    """Per stored tensor name of one variant (_one_variant): its shape, file, and whether its shape is the model's
+    """Per stored tensor name of one variant (checkpoint.one_variant): its shape, file, and whether its shape is the model's
     to compare; and the files read. None where there is nothing to compare: no .safetensors file, or a .gguf beside
     (llama.cpp names its tensors its own way)."""
-    from residency.checkpoint.checkpoint import promised_shards, shard_indexes
+    from residency.checkpoint.checkpoint import one_variant, promised_shards, shard_indexes
     from residency.checkpoint.safetensors_io import read_safetensors
 
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    weights = _one_variant([p for p in files if p.suffix.lower() == ".safetensors"])
+    weights = one_variant([p for p in files if p.suffix.lower() == ".safetensors"])
     if not weights or any(p.suffix.lower() == ".gguf" for p in files):
         return None
     listed = {v for weight_map in shard_indexes(path).values() for v in weight_map.values()}
@@ -45,26 +45,6 @@ def _stored_shapes(path: Path) -> tuple[Stored, list[str]] | None:
         # integer tensors (a packed 4-bit weight, an index): present, their shapes not the model's
         stored.update((o.name, (tuple(o.shape), file.name, False)) for o in others)
     return stored, [p.name for p in weights]
-
-
-_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$", re.IGNORECASE)
-
-
-def _variant(file: Path) -> str:
-    """"fp16" of diffusion_pytorch_model.fp16.safetensors (or of its shard …fp16-00001-of-00002…); "" for the plain
-    file diffusers and transformers load by default."""
-    m = _SHARD.match(file.name)
-    stem = m["stem"] if m else file.name[: -len(".safetensors")]
-    return stem.partition(".")[2]
-
-
-def _one_variant(weights: list[Path]) -> list[Path]:
-    """The files of one variant: the plain one where it is there (what from_pretrained loads without variant=), else
-    the first variant by name. A Hub download holds both: merged, a tensor was compared twice and one variant's
-    mismatch said of the other."""
-    variants = sorted({_variant(f) for f in weights})
-    chosen = "" if "" in variants else (variants[0] if variants else "")
-    return [f for f in weights if _variant(f) == chosen]
 
 
 def _ignored(model, attribute: str) -> list[re.Pattern]:
