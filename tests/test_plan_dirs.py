@@ -368,6 +368,12 @@ def test_a_pixel_space_pipeline_without_a_vae_inspects_and_plans(capsys, tmp_pat
     assert "64 of its default 1000 steps, the most a plan holds: planned at 64 steps (--steps N" in " ".join(err.split())
     code, out, err = run(capsys, "plan", str(tmp_path / "ddpm"), "--profile", "rx-7800-xt", "--steps", "20", "--json")
     assert code == 0 and json.loads(out)["steps"] == 20 and "default 1000 steps" not in err
+    # its unet planned alone is the same pixel-space model: 16×16 px, not 128×128 (a latent's ×8)
+    code, out, err = run(capsys, "plan", str(tmp_path / "ddpm" / "unet"), "--profile", "rx-7800-xt", "--json")
+    assert code == 0 and json.loads(out)["model"] == "unet at 16×16", err
+    code, out, err = run(capsys, "plan", str(tmp_path / "ddpm" / "unet"), "--profile", "rx-7800-xt", "--height", "24",
+                         "--width", "32", "--json")
+    assert code == 0 and json.loads(out)["model"] == "unet at 24×32", err
 
 
 @pytest.mark.parametrize(("component", "named", "own", "fails"), [

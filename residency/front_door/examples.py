@@ -46,7 +46,9 @@ class ExampleSize:
     frames: int | None = None  # video frames (Wan): 4k+1
     prompt_tokens: int | None = None  # text tokens the denoiser attends to (an encoder's padded prompt)
     batch: int = 1  # latents per call: 2 for a UNet run with classifier-free guidance batched
-    vae_scale: int = VAE_SCALE  # pixels per latent pixel (the pipeline's VAE)
+    # pixels per latent pixel (the pipeline's VAE); None: the model's own default, VAE_SCALE, except a bare
+    # UNet2DModel's 1 (DDPMPipeline's, which runs it in pixel space: ×8 planned and labelled 8× its size)
+    vae_scale: int | None = None
     vae_scale_temporal: int = VAE_SCALE_TEMPORAL  # video frames per latent frame (the pipeline's video VAE)
 
     def given(self) -> bool:
@@ -89,6 +91,8 @@ def derive(model: nn.Module, size: ExampleSize | None = None) -> Derived:
         return _transformers_example(model, size)
     for cls in DIFFUSERS_CLASSES:
         if is_instance_of(model, "diffusers", cls):
+            if size.vae_scale is None:
+                size = replace(size, vae_scale=1 if cls == "UNet2DModel" else VAE_SCALE)
             return _DIFFUSERS_EXAMPLES[cls](model, size)
     raise ResidencyError(
         f"{type(model).__name__}: residency cannot tell the shapes of its inputs from the model alone",
@@ -205,7 +209,8 @@ def _unet_example(model: nn.Module, size: ExampleSize) -> Derived:
 
 
 def _unet2d_example(model: nn.Module, size: ExampleSize) -> Derived:
-    """An unconditional UNet2DModel (DDPMPipeline's, pixel space unless a VAE scale is given): sample and timestep."""
+    """An unconditional UNet2DModel (DDPMPipeline's: pixel space, unless a pipeline's VAE scale is given): sample and
+    timestep."""
     c = model.config
     sample = c.get("sample_size")
     if c.get("class_embed_type") is not None or not isinstance(sample, int) or sample <= 0:
