@@ -426,3 +426,21 @@ def test_a_pipeline_class_whose_components_the_directory_lacks_is_refused(capsys
     copy = edited_copy(pipelines["flux"][1], tmp_path, lambda ix: ix.update(_class_name="StableDiffusionPipeline"))
     code, _, err = run(capsys, "plan", str(copy), "--profile", "rtx-5090")
     assert code == 1 and "_class_name StableDiffusionPipeline takes the components unet" in err, err
+
+
+def test_inspect_of_a_pipeline_directory_takes_the_size_its_call_is_traced_at(capsys, pipelines, tmp_path):
+    """A pipeline whose transformer cannot take its default size could not be inspected: the hint said to give
+    --height, --width and --frames, which inspect did not have."""
+    _, path = pipelines["wan"]
+    small = tmp_path / "wan-pipe"
+    shutil.copytree(path, small)
+    config = json.loads((small / "transformer" / "config.json").read_text())
+    (small / "transformer" / "config.json").write_text(json.dumps({**config, "rope_max_seq_len": 8}))
+    code, _, err = run(capsys, "inspect", str(small))
+    assert code == 1 and "rope_max_seq_len (8)" in err and "hint: give --height, --width and --frames" in err
+    code, out, err = run(capsys, "inspect", str(small), "--height", "16", "--width", "16", "--frames", "5", "--json")
+    assert code == 0, err
+    code, other, err = run(capsys, "inspect", str(small), "--height", "32", "--width", "16", "--frames", "9", "--json")
+    assert code == 0 and json.loads(out)["params"] == json.loads(other)["params"] > 0, err  # tensors: size-free
+    code, _, err = run(capsys, "inspect", str(small / "transformer"), "--height", "16")
+    assert code == 2 and "change no tensor" in err and "hint:" in err

@@ -137,3 +137,27 @@ device.__name__ = "device"
 FPS = bounded_float(0.01, 1000.0, "frames per second")
 FRAME_MS = bounded_float(MIN_FRAME_MS, MAX_FRAME_MS, "milliseconds")
 SPEED = bounded_float(0.01, 1000.0, "times the recorded speed")  # 0.01: a hundredth, still moving
+
+
+def add_size_arguments(parser: argparse.ArgumentParser, description: str) -> None:
+    """--height, --width, --frames and --tokens: the generation a model or pipeline directory is counted at."""
+    from residency.units import MAX_SIDE_PX
+
+    size = parser.add_argument_group("size", description)
+    size.add_argument("--height", type=bounded_int(8, MAX_SIDE_PX, "pixels"), metavar="PX",
+                      help="image or video height in pixels")
+    size.add_argument("--width", type=bounded_int(8, MAX_SIDE_PX, "pixels"), metavar="PX",
+                      help="image or video width in pixels")
+    size.add_argument("--frames", type=bounded_int(1, 1024, "video frames"), metavar="N",
+                      help="video frames (Wan: 4k+1, e.g. 81)")
+    size.add_argument("--tokens", type=bounded_int(1, 131072, "tokens"), metavar="N",
+                      help="a text model's tokens per call, or the prompt tokens a denoiser attends to (default: "
+                      "16 for a text model, the pipeline's for a denoiser, e.g. 77 for a UNet's CLIP prompt)")
+
+
+def example_size(args: argparse.Namespace):
+    """The residency.front_door.examples.ExampleSize of add_size_arguments' options (None each: the default)."""
+    from residency.front_door.examples import ExampleSize
+
+    return ExampleSize(getattr(args, "height", None), getattr(args, "width", None), getattr(args, "frames", None),
+                       prompt_tokens=getattr(args, "tokens", None))

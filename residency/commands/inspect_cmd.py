@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from residency.checkpoint.checkpoint import gc_paused
+from residency.commands import arg_types
 from residency.commands.console import make_console
 from residency.commands.sources import load_inventory
 from residency.errors import ResidencyError
@@ -29,6 +30,8 @@ def add_parser(sub) -> None:
                    "catalog model, a catalog "
                    ".json, or a diffusers/transformers model directory (config.json; weights not needed)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    arg_types.add_size_arguments(p, "the call a pipeline directory's modules are found by (default: its "
+                                 "pipeline's, as `plan` takes them; tensors do not depend on it)")
     p.set_defaults(run=run)
 
 
@@ -282,7 +285,7 @@ def run(args) -> int:
     Raises ResidencyError (from load_inventory) for a target it cannot read, or one that holds no weights.
     """
     with gc_paused():  # ~10 objects per tensor, none in a cycle: GC passes would only rescan them
-        inv = load_inventory(args.target)
+        inv = load_inventory(args.target, arg_types.example_size(args))
         if not inv.blocks:
             raise no_weights_error(inv)
         if args.json:

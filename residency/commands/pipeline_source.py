@@ -205,7 +205,7 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None, steps_given
     """The workload of one call of the pipeline in `path` (encode → denoise × its default steps → decode), at
     `size` (an ExampleSize of height/width/frames; None: the pipeline's defaults), from configs only."""
     from residency.attach_pipeline import DENOISERS, ENCODERS, ROLES
-    from residency.front_door.examples import ExampleSize, derive, vae_decode_example
+    from residency.front_door.examples import ConfigFieldError, ExampleSize, derive, vae_decode_example
     from residency.workload.pipeline_phases import ComponentCall, ComponentPart, join_phases
 
     size = size or ExampleSize()
@@ -252,7 +252,8 @@ def pipeline_dir_workload(path: Path, compute_dtype: str, size=None, steps_given
         if vae is not None:
             examples["vae"] = vae_decode_example(vae, denoised.size, video=denoised.size.frames is not None).example
     except ResidencyError as e:
-        raise type(e)(f"{path}: {e.message}", hint=e.hint if isinstance(e, UsageError) else
+        # a size (UsageError) or a config field (ConfigFieldError) the user can fix here: its own hint
+        raise type(e)(f"{path}: {e.message}", hint=e.hint if isinstance(e, (UsageError, ConfigFieldError)) else
                       "plan the pipeline from Python: residency.attach(pipe, vram=…)") from e
     parts = []
     for comp, example in examples.items():

@@ -18,7 +18,7 @@ from residency.errors import ResidencyError, UsageError
 from residency.formats.dtypes import KV_DTYPE_BYTES
 from residency.plan.plan import COMPUTE_DTYPES, MAX_PLAN_BYTES
 from residency.simulate.memory import GPU_WORKSPACE_BYTES
-from residency.units import MAX_SIDE_PX, fmt_bytes, parse_size, size_at_least
+from residency.units import fmt_bytes, parse_size, size_at_least
 
 EXIT_BUDGET_NOT_MET = 3
 
@@ -45,17 +45,9 @@ def add_parser(sub) -> None:
                    "compute dtype, e.g. 50%% (default: the profile's usable memory)")
     p.add_argument("--steps", type=arg_types.bounded_int(1, 64, "denoise steps"), metavar="N",
                    help="denoise steps per latent frame (default: the model's)")
-    size = p.add_argument_group("size", "what a model or pipeline directory is planned at (default: its "
-                                "pipeline's: Flux 1024×1024, Wan 480×832 and 81 frames, a UNet its sample_size × 8)")
-    size.add_argument("--height", type=arg_types.bounded_int(8, MAX_SIDE_PX, "pixels"), metavar="PX",
-                      help="image or video height in pixels")
-    size.add_argument("--width", type=arg_types.bounded_int(8, MAX_SIDE_PX, "pixels"), metavar="PX",
-                      help="image or video width in pixels")
-    size.add_argument("--frames", type=arg_types.bounded_int(1, 1024, "video frames"), metavar="N",
-                      help="video frames (Wan: 4k+1, e.g. 81)")
-    size.add_argument("--tokens", type=arg_types.bounded_int(1, 131072, "tokens"), metavar="N",
-                      help="a text model's tokens per call, or the prompt tokens a denoiser attends to (default: "
-                      "16 for a text model, the pipeline's for a denoiser, e.g. 77 for a UNet's CLIP prompt)")
+    arg_types.add_size_arguments(p, "what a model or pipeline directory is planned at (default: its pipeline's: "
+                                 "Flux 1024×1024, Wan 480×832 and 81 frames, a UNet2DConditionModel its sample_size "
+                                 "× 8, a bare UNet2DModel its sample_size)")
     p.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=None,
                    help="dtype the matmuls run in (default: bf16 for a GPU profile, fp32 for a CPU one, what "
                    "`residency run` computes in there)")
@@ -99,10 +91,7 @@ def make_request(args):
 
     if args.steps is not None and not 1 <= args.steps <= 64:
         raise UsageError(f"--steps must be between 1 and 64, got {args.steps}", hint="e.g. --steps 4")
-    from residency.front_door.examples import ExampleSize
-
-    size = ExampleSize(getattr(args, "height", None), getattr(args, "width", None), getattr(args, "frames", None),
-                       prompt_tokens=getattr(args, "tokens", None))
+    size = arg_types.example_size(args)
     # A named profile is read first: its kind sets the default compute dtype, which the workload is built at.
     # "calibrated" is this machine's, found by the workload's fingerprint: its kind is this machine's; so is
     # none given, this machine's own profile, read (or measured, ~15 s) only once the model is known good.

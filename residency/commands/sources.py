@@ -306,9 +306,15 @@ def _as_saved(model, path: Path):
     return model.to(getattr(torch, named))  # meta tensors: nothing is allocated
 
 
-def load_inventory(name_or_path: str) -> Inventory:
-    """The tensors a source holds, grouped by block: read from a checkpoint where there is one, else counted."""
+def load_inventory(name_or_path: str, size=None) -> Inventory:
+    """The tensors a source holds, grouped by block: read from a checkpoint where there is one, else counted.
+    size: the ExampleSize a pipeline directory's call is traced at (which modules it runs); UsageError for any
+    other source, whose tensors no size changes."""
     source = classify(name_or_path)
+    if size is not None and size.given() and source.kind != PIPELINE_DIR:
+        raise UsageError(f"{name_or_path}: --height, --width, --frames and --tokens change no tensor it holds; they "
+                         "only choose the call a pipeline directory is traced by",
+                         hint="leave them out (`residency plan` takes them, for the compute of a call)")
     if source.kind == SHIPPED:
         from residency.session_setup import has_trained_weights, trained_dir
 
@@ -346,7 +352,7 @@ def load_inventory(name_or_path: str) -> Inventory:
             "encoder), each at BF16, as `plan` counts them; `inspect DIR/COMPONENT` reads a component's own files"
             if source.kind == PIPELINE_DIR else "")
     # steps=1: tensors do not depend on them (and a capped default steps count is a planning note)
-    return _workload_inventory(name_or_path, resolve_workload(name_or_path, steps=1), note)
+    return _workload_inventory(name_or_path, resolve_workload(name_or_path, steps=1, size=size), note)
 
 
 
