@@ -407,6 +407,10 @@ def test_switching_a_batch_normed_model_to_training_while_attached_is_warned_onc
         with warnings.catch_warnings():
             warnings.simplefilter("error", InferenceOnlyWarning)
             model(x)  # said once
+    # detach gives every batch norm back as attach found it: its statistics (not kept) and its batch counter,
+    # which advanced in place on the CPU (statistics of 0 batches counted as of 3)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert all(m.num_batches_tracked.item() == 0 and not m.running_mean.any() for m in norms)
 
 
 def test_entering_a_detached_runtime_is_refused():

@@ -366,6 +366,30 @@ def test_a_block_forward_replaced_by_one_that_skips_the_hook_is_refused_and_a_wr
     assert not any("forward" in m.__dict__ for m in net.modules())
 
 
+def test_a_block_class_patched_after_attach_runs_patched_on_every_block(monkeypatch):
+    """The hook held each block's bound forward from attach: a class-level patch after it (an attention swap) ran
+    only on blocks with a torch hook of their own, the others silently ran the old code."""
+    import residency
+
+    torch.manual_seed(0)
+    net, x = _Net().eval(), torch.randn(3, 64)
+    net.blocks[2].register_forward_hook(lambda *a: None)  # takes torch's hook path
+    original = _ScaledBlock.forward
+
+    def doubled(self, t):
+        return 2 * original(self, t)
+
+    with torch.inference_mode():
+        rt = residency.attach(net, vram="40%", example_inputs=x)
+        try:
+            assert "streamed" in {b.placement for b in rt.plan.blocks}
+            monkeypatch.setattr(_ScaledBlock, "forward", doubled)
+            got = net(x)
+        finally:
+            rt.detach()
+        assert torch.equal(got, net(x))  # as the unattached model runs the patched class
+
+
 def test_loads_already_in_the_compute_dtype_are_one_whole_copy_with_no_device_staging(workload, image):
     # A GPU backend stages every blob it unpacks on the device; a resident block already in the compute dtype
     # must not go that way (an all-resident BF16 plan sized no staging at all), and whatever does unpack must

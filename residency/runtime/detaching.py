@@ -40,7 +40,12 @@ class Detaching:
             self.store.release()
 
     def _remove_retry_hook(self) -> None:
-        """The model's own hook goes (detach, or a let-go after a cut): the model runs plain from here."""
+        """The model's own hook goes (detach, or a let-go after a cut): the model runs plain from here, its integer
+        buffers as attach found them (Runtime._keep_counters)."""
+        for sub, key, buf, saved in self._counters.values():
+            if sub._buffers.get(key) is buf:
+                buf.copy_(saved)
+        self._counters.clear()
         if self._root is not None:
             remove_hook(self._root)
             if self._kv_config is not None:  # the KV dtype the plan set (runtime.kv_storage) back to the user's

@@ -136,6 +136,7 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRunt
         self.loop: ClosedLoop | None = None  # enable_closed_loop() sets it
         self._originals: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], ...]] = {}
         self._buffers: list[tuple[nn.Module, str, torch.Tensor]] = []
+        self._counters: dict[int, tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = {}  # _keep_counters
         self.store: HostStore | None = None
         # Called with each call's (args, kwargs) before the model runs: it may refuse a call the plan was
         # not made for (residency.attach refuses inputs of other shapes than the workload's example).
@@ -287,6 +288,8 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRunt
         self._swaps = swaps_weights(plan)  # per attached plan: a recovery or switch attaches again
         if not on_cpu:
             self._move_buffers(hooked)
+        else:
+            self._keep_counters(hooked)
         self._calls = calls = BlockCalls(executor, enclosing, self._unit_lock)
         calls.no_autograd = self._swaps
         try:  # a failure from here on undoes the attach: a model left half hooked could not be attached again
@@ -332,6 +335,18 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRunt
                         self.ledger.reserve("resident", moved.numel() * moved.element_size(), "buffers")
                         self._buffers.append((sub, key, buf))
                         sub._buffers[key] = moved
+
+    def _keep_counters(self, modules: list[nn.Module]) -> None:
+        """The CPU's twin of _move_buffers for integer buffers (batch norm's num_batches_tracked): a GPU computes on
+        device copies of them and detach puts the originals back, as it does a batch norm's running statistics
+        (which the runtime does not keep); on the CPU the counter advanced in place and its statistics did not.
+        A copy of each at the first attach (bytes: a counter each), written back at detach, not at a switch or
+        recovery (a session's state goes on through those)."""
+        for module in modules:
+            for sub in module.modules():
+                for key, buf in sub._buffers.items():
+                    if buf is not None and not (buf.is_floating_point() or buf.is_complex()):
+                        self._counters.setdefault(id(buf), (sub, key, buf, buf.clone()))
 
     def _keep_buffer_write(self, name: str, index: int, bound: torch.Tensor, binding) -> None:
         """The executor's keep_write: block_buffers.keep_write into this attach's blob and original tensor."""
