@@ -429,18 +429,29 @@ def test_a_pipeline_class_whose_components_the_directory_lacks_is_refused(capsys
 
 
 def test_inspect_of_a_pipeline_directory_takes_the_size_its_call_is_traced_at(capsys, pipelines, tmp_path):
-    """A pipeline whose transformer cannot take its default size could not be inspected: the hint said to give
-    --height, --width and --frames, which inspect did not have."""
-    _, path = pipelines["wan"]
+    """A pipeline whose transformer cannot take its default size could not be inspected (nor an SDXL, SD3 or
+    PixArt pipeline, whose call plan cannot trace): the hint said to give --height, --width and --frames, which
+    inspect did not have. Untraced, every component's tensors are counted, and the note says why."""
+    pipe, path = pipelines["wan"]
     small = tmp_path / "wan-pipe"
     shutil.copytree(path, small)
     config = json.loads((small / "transformer" / "config.json").read_text())
     (small / "transformer" / "config.json").write_text(json.dumps({**config, "rope_max_seq_len": 8}))
-    code, _, err = run(capsys, "inspect", str(small))
+    code, out, err = run(capsys, "plan", str(small), "--profile", "rtx-5090")
     assert code == 1 and "rope_max_seq_len (8)" in err and "hint: give --height, --width and --frames" in err
+    code, every, err = run(capsys, "inspect", str(small), "--json")
+    assert code == 0, err
+    every = json.loads(every)
+    assert "every component's modules" in every["notes"][0] and "rope_max_seq_len (8)" in every["notes"][0]
+    transformer = WanTransformer3DModel.from_config({**pipe.transformer.config, "rope_max_seq_len": 8})
+    modules = [transformer, pipe.vae, pipe.text_encoder]  # the rotary tables' buffers are the edited config's
+    assert every["params"] == sum(t.numel() for m in modules for t in (*m.parameters(), *m.buffers())
+                                  if t.is_floating_point())
+    assert {c["name"] for c in every["components"]} == {"transformer", "vae", "text_encoder"}
     code, out, err = run(capsys, "inspect", str(small), "--height", "16", "--width", "16", "--frames", "5", "--json")
     assert code == 0, err
     code, other, err = run(capsys, "inspect", str(small), "--height", "32", "--width", "16", "--frames", "9", "--json")
     assert code == 0 and json.loads(out)["params"] == json.loads(other)["params"] > 0, err  # tensors: size-free
+    assert json.loads(out)["params"] < every["params"]  # the call runs no VAE encoder
     code, _, err = run(capsys, "inspect", str(small / "transformer"), "--height", "16")
     assert code == 2 and "change no tensor" in err and "hint:" in err

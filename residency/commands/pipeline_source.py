@@ -187,6 +187,29 @@ def _planned_components(path: Path, components, classes: dict, roles: dict[str, 
     return planned
 
 
+def component_tensors(path: Path) -> tuple[list[tuple[str, tuple[int, ...], str]], list[str]]:
+    """(name, shape, "BF16") of every parameter and floating buffer of each weight-bearing component of the
+    pipeline in `path`, built empty from its folder: what its files hold, whichever modules one call runs (inspect
+    when that call cannot be traced); and the components of a pipeline's own module (Stable Diffusion's
+    safety_checker), which are built from no config residency reads, left out. Its components' own errors (a
+    config.json missing) are raised."""
+    _, components = read_index(path)
+    with _quiet_imports():
+        classes = {comp.name: _library_class(path, comp) for comp in components}
+    named: list[tuple[str, tuple[int, ...], str]] = []
+    left_out = []
+    for comp in components:
+        if not issubclass(classes[comp.name], nn.Module):  # a scheduler, a tokenizer, a feature extractor
+            continue
+        if comp.library not in ("diffusers", "transformers"):
+            left_out.append(f"{comp.name} ({comp.class_name})")
+            continue
+        model = empty_model(path / comp.name, (comp.library, comp.class_name))
+        tensors = (*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if b.is_floating_point()))
+        named += [(f"{comp.name}.{n}", tuple(t.shape), "BF16") for n, t in tensors]
+    return named, left_out
+
+
 def _traced(path: Path, comp: str, root: nn.Module, example: Any, compute_dtype: str):
     """One component's workload, traced on meta as the pipeline calls it (`root`: a ComponentCall)."""
     from residency.workload import ModuleWorkloadWarning, module_workload

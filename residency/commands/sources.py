@@ -9,6 +9,7 @@ inspecting them costs no memory.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -351,8 +352,34 @@ def load_inventory(name_or_path: str, size=None) -> Inventory:
     note = ("counted from the configs: the modules one call of the pipeline runs (a text-to-image call runs no VAE "
             "encoder), each at BF16, as `plan` counts them; `inspect DIR/COMPONENT` reads a component's own files"
             if source.kind == PIPELINE_DIR else "")
-    # steps=1: tensors do not depend on them (and a capped default steps count is a planning note)
-    return _workload_inventory(name_or_path, resolve_workload(name_or_path, steps=1, size=size), note)
+    try:
+        # steps=1: tensors do not depend on them (and a capped default steps count is a planning note)
+        workload = resolve_workload(name_or_path, steps=1, size=size)
+    except UsageError:
+        raise
+    except ResidencyError as e:
+        if source.kind != PIPELINE_DIR:
+            raise
+        # a call `plan` cannot trace (an SDXL UNet's added conditioning, a component in no phase it knows): its
+        # tensors are there all the same, every component's
+        from residency.commands.pipeline_source import component_tensors
+
+        try:
+            named, left_out = component_tensors(source.path)
+        except ResidencyError:
+            raise e from None
+        if not named:
+            raise
+        inv = inventory_from_named_shapes(name_or_path, named)
+        for b in inv.blocks:  # `transformer.scale_shift_table` is the transformer's, not a "model" of its own
+            b.component = b.name.split(".")[0]
+        unread = f"; not counted: {', '.join(left_out)}" if left_out else ""
+        why = re.sub(rf"^{re.escape(str(source.path))}(/model_index\.json)?: ", "", e.message)
+        inv.note = ("counted from the configs: every component's modules, each at BF16 (which ones a call runs "
+                    f"is not known: {why}){unread}; `inspect DIR/COMPONENT` "
+                    "reads a component's own files")
+        return inv
+    return _workload_inventory(name_or_path, workload, note)
 
 
 
