@@ -278,3 +278,45 @@ def test_a_shard_index_given_as_the_file_points_at_its_directory(capsys, tmp_pat
     assert code == 1 and "a sharded checkpoint (its shard index), not a catalog document" in err
     assert f"give its directory: {tmp_path}" in err
     assert run(capsys, "inspect", str(tmp_path))[0] == 0
+
+
+UNET = dict(_class_name="UNet2DConditionModel", sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=[16, 32], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=16, norm_num_groups=8,
+            attention_head_dim=4)
+
+
+def test_a_unet_of_height_and_width_sample_sizes_plans_at_them(capsys, tmp_path):
+    """diffusers takes sample_size [height, width]: it was refused as "no single sample_size", even with --height
+    and --width given."""
+    path = model_dir(tmp_path, {**UNET, "sample_size": [8, 12]}, "unet")
+    code, out, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt", "--json")
+    assert code == 0 and json.loads(out)["model"] == "unet at 64×96, 77 prompt tokens", err
+    code, out, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt", "--height", "32", "--width", "48",
+                         "--json")
+    assert code == 0 and json.loads(out)["model"] == "unet at 32×48, 77 prompt tokens", err
+
+
+def test_a_planned_class_whose_config_it_cannot_derive_inputs_for_is_not_hinted_as_planned(capsys, tmp_path):
+    """An SDXL UNet (added conditioning) was refused with a hint saying residency plans UNet2DConditionModel from
+    config.json alone."""
+    path = model_dir(tmp_path, {**UNET, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+                                "projection_class_embeddings_input_dim": 64}, "unet")
+    code, _, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
+    assert code == 1 and "sets addition_embed_type" in err, err
+    hint = err.split("hint: ")[1]
+    assert "UNet2DConditionModel" not in hint and "workload_from_module" in hint and "encoder_hidden_states" in hint
+
+
+def test_a_model_reading_images_beside_token_ids_says_so(capsys, tmp_path):
+    """CLIPModel failed counting on pixel_values.shape, and the hint blamed its config."""
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=16),
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=8), projection_dim=8)
+    CLIPModel(config).save_pretrained(tmp_path / "clip")
+    code, _, err = run(capsys, "plan", str(tmp_path / "clip"), "--profile", "rx-7800-xt")
+    assert code == 1 and "CLIPModel reads 'pixel_values' beside input_ids" in err, err
+    assert "example_inputs=dict(input_ids=…, pixel_values=…)" in err and "config.json the model's code" not in err

@@ -326,20 +326,39 @@ def _flat(value: Any) -> list[Any]:
     return [value]
 
 
+def _input_not_given(model, example: dict, failure: str) -> str | None:
+    """The input of `model`'s forward that the derived `example` left out and its failed forward names (CLIPModel's
+    `pixel_values.shape` on None), else None."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name, p in params.items() if name not in example
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                 and re.search(rf"\b{re.escape(name)}\b", failure)), None)
+
+
 def model_dir_workload(path: Path, compute_dtype: str, size=None):
     """The workload of one forward of the model in `path`, at the example input its config implies for
     `size` (an ExampleSize; None: the model's default generation). Named `<dir> at <size>`, a display label
     only: the blocks are named `<class>.<module path>`, as residency.attach names the same model's blocks, so a
     plan written here applies to it."""
-    from residency.front_door.examples import ConfigFieldError, derive
+    from residency.front_door.examples import DIFFUSERS_CLASSES, ConfigFieldError, derive
     from residency.workload import workload_from_module
 
     model = empty_model(path)
     try:
         derived = derive(model, size)
     except ResidencyError as e:  # a size the model cannot take (UsageError) keeps its own hint
-        hint = e.hint if isinstance(e, (UsageError, ConfigFieldError)) else \
-            f"{supported_models()}; for another model, {PYTHON_ROUTE}"
+        if isinstance(e, (UsageError, ConfigFieldError)):
+            hint = e.hint
+        elif type(model).__name__ in DIFFUSERS_CLASSES:  # a class planned from configs, but not with this one's
+            # fields (an SDXL UNet's added conditioning): the list of classes it does plan would name this one
+            hint = f"{PYTHON_ROUTE}; its {e.hint.removeprefix('pass ')}"
+        else:
+            hint = f"{supported_models()}; for another model, {PYTHON_ROUTE}"
         raise type(e)(f"{path}: {e.message}", hint=hint) from e
     except (RuntimeError, MemoryError) as e:  # a size field so large its example inputs do not fit in RAM
         if not isinstance(e, MemoryError) and "allocat" not in str(e):
@@ -353,6 +372,12 @@ def model_dir_workload(path: Path, compute_dtype: str, size=None):
         return workload_from_module(model, derived.example, name=f"{path.name} at {derived.label}",
                                     component=type(model).__name__, compute_dtype=compute_dtype)
     except ResidencyError as e:  # a forward meta cannot run: no weights here to run it for real
+        needed = _input_not_given(model, derived.example, e.message)
+        if needed is not None:  # CLIPModel, SiglipModel: images beside the token ids, which no config sizes
+            given = ", ".join(derived.example)
+            raise ResidencyError(f"{path}: {type(model).__name__} reads {needed!r} beside {given}: its shape is not "
+                                 "in its config", hint=f"{PYTHON_ROUTE}, with example_inputs=dict({given}=…, "
+                                 f"{needed}=…)") from e
         raise ResidencyError(f"{path}: {e.message}",
                              hint=f"most often a value of {path / MODEL_CONFIG} the model's code cannot take (the line "
                                   f"above reads it): fix it; or {PYTHON_ROUTE}") from e

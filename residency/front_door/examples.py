@@ -182,19 +182,27 @@ def _unet_example(model: nn.Module, size: ExampleSize) -> Derived:
     c = model.config
     extra = [k for k in ("addition_embed_type", "class_embed_type") if c.get(k) is not None]
     sample = c.get("sample_size")
-    if extra or not isinstance(sample, int) or not isinstance(c.get("cross_attention_dim"), int):
-        why = f"its config sets {', '.join(extra)}" if extra else "its config has no single sample_size / width"
+    # one side, or [height, width] (diffusers takes both)
+    sides = (sample, sample) if isinstance(sample, int) else tuple(sample) if isinstance(sample, list | tuple) else ()
+    why = ""
+    if extra:
+        why = f"its config sets {', '.join(extra)}"
+    elif len(sides) != 2 or not all(isinstance(v, int) for v in sides):
+        why = f"its config's sample_size is {sample!r}, not a side or [height, width]"
+    elif not isinstance(c.get("cross_attention_dim"), int):
+        why = "its config has no single cross_attention_dim"
+    if why:
         raise ResidencyError(f"UNet2DConditionModel: {why}; residency cannot build its example inputs",
                              hint="pass example_inputs=dict(sample=…, timestep=…, encoder_hidden_states=…, …)")
     _refuse_frames("UNet2DConditionModel", size)
-    if sample <= 0 and not (size.height and size.width):  # the config's fault, not a flag's (exit 1, not 2)
+    if min(sides) <= 0 and not (size.height and size.width):  # the config's fault, not a flag's (exit 1, not 2)
         raise ConfigFieldError(f"UNet2DConditionModel: its config.json's sample_size is {sample}, not a positive "
                              "number of latent pixels", hint="fix sample_size, or give --height and --width")
-    if sample * size.vae_scale > MAX_SIDE_PX and not (size.height and size.width):  # its example did not fit in RAM
+    if max(sides) * size.vae_scale > MAX_SIDE_PX and not (size.height and size.width):  # its example did not fit in RAM
         raise ConfigFieldError(f"UNet2DConditionModel: its config.json's sample_size is {sample} latent pixels, "
-                             f"{sample * size.vae_scale} px a side at VAE scale {size.vae_scale}: over the "
+                             f"{max(sides) * size.vae_scale} px a side at VAE scale {size.vae_scale}: over the "
                              f"{MAX_SIDE_PX} px residency plans", hint="fix sample_size, or give --height and --width")
-    height, width = size.height or sample * size.vae_scale, size.width or sample * size.vae_scale
+    height, width = size.height or sides[0] * size.vae_scale, size.width or sides[1] * size.vae_scale
     for what, v in (("height", height), ("width", width)):
         _multiple("UNet2DConditionModel", what, v, size.vae_scale)
     tokens = size.prompt_tokens or CLIP_PROMPT_TOKENS
