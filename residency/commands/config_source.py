@@ -20,6 +20,9 @@ from residency.units import fmt_bytes
 
 MODEL_CONFIG = "config.json"  # diffusers: `_class_name` names the class; transformers: `architectures`
 PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline directory: components in subfolders
+# A transformers config's record of the dtype its weights were saved in (`torch_dtype`; `dtype` from v4.56 on)
+SAVED_DTYPE_KEYS = ("torch_dtype", "dtype")
+SAVED_DTYPES = ("float32", "float16", "bfloat16")  # torch attribute names
 PYTHON_ROUTE = ("build the workload in Python (residency.workload.workload_from_module(model, example_inputs, "
                 "name=…)), save it with residency.workload.workload_to_dict as JSON, and plan that file")
 # counts of layers a config may set: each a whole number ≥ 0 (0: a stack the model leaves out — a UNet's per-block
@@ -185,9 +188,10 @@ def empty_model(path: Path, named_as: tuple[str, str] | None = None):
             # the allocator's own words ("[enforce fail at alloc_cpu.cpp:127] err == 0 …") tell a user nothing
             why = (f"building it, even without weights, would allocate {fmt_bytes(int(asked.group(1)))} of host "
                    "memory for its tensors" if asked else error_line(e))
+            named = _blamed_field(raw, str(e))
             raise ResidencyError(f"{path / MODEL_CONFIG}: {class_name} refuses the config ({why})",
                                  hint="its sizes (heads, widths, positions) are too large to build the model even "
-                                      "without weights: fix them" if huge else "fix the field it names, or give the "
+                                      "without weights: fix them" if huge else f"fix {named}, or give the "
                                       "directory save_pretrained wrote for this model") from e
     # built as the library builds it (transformers logs it as a warning; an XLM-RoBERTa config read by RobertaModel is a
     # common, working pair): said, and a weights mismatch then hints at the class named, not at the config
@@ -324,6 +328,16 @@ def _flat(value: Any) -> list[Any]:
     if isinstance(value, list | tuple):
         return [v for item in value for v in _flat(item)] or [value]
     return [value]
+
+
+def _blamed_field(raw: dict, error: str) -> str:
+    """The config field a build error comes from, for its hint: a saved dtype no model is built in ("bfloat61",
+    "auto", "float8_e4m3fn": torch's words name no field), else the one whose value the error quotes."""
+    for key in SAVED_DTYPE_KEYS:
+        if key in raw and raw[key] is not None and raw[key] not in SAVED_DTYPES:
+            return f"the field {key!r} ({raw[key]!r}; one of {', '.join(SAVED_DTYPES)})"
+    quoted = [k for k, v in raw.items() if isinstance(v, str) and len(v) > 2 and f"'{v}'" in error]
+    return f"the field {quoted[0]!r} ({raw[quoted[0]]!r})" if len(quoted) == 1 else "the field it names"
 
 
 def _input_not_given(model, example: dict, failure: str) -> str | None:

@@ -17,6 +17,8 @@ from typing import NoReturn
 from residency import userpath
 from residency.checkpoint.checkpoint import SHARD_INDEX_SUFFIXES
 from residency.commands.config_source import (
+    SAVED_DTYPE_KEYS,
+    SAVED_DTYPES,
     empty_model,
     has_model_config,
     is_diffusers_pipeline_dir,
@@ -290,9 +292,6 @@ def _listed(names: list[str], shown: int = 2) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-# A transformers config's record of the dtype its weights were saved in (`torch_dtype`; `dtype` from v4.56 on)
-SAVED_DTYPE_KEYS = ("torch_dtype", "dtype")
-SAVED_DTYPES = ("float32", "float16", "bfloat16")  # torch attribute names
 
 
 def _as_saved(model, path: Path):
