@@ -65,3 +65,26 @@ def test_a_plan_file_of_another_model_is_refused_naming_the_file(capsys, written
     code, _, err = plan(capsys, "lucid-500m", "--profile", "rx-7800-xt", "--plan", written)
     assert code == 1 and err.startswith(f"error: {written}: the plan was made for model")
     assert f"-o {written}" not in err  # the hint never says to write over the file being checked
+
+
+@pytest.mark.parametrize(("edit", "said"), [
+    (lambda d: d.update(context_frames=0), "context_frames is 0 (or left out), but model tiny keeps 12"),
+    (lambda d: d["blocks"][1].update(format="Q2_K"), "is Q2_K, a format residency reads from GGUF files but cannot"),
+])
+def test_an_edit_run_refuses_is_refused_here_too(capsys, written, edit, said):
+    """`plan --plan` said ✓ fits (exit 0) for a plan `run --plan` refuses: a context edited out (predicted as if
+    not: no fingerprint covers it), a format nothing packs."""
+    doc = json.loads(written.read_text())
+    edit(doc)
+    written.write_text(json.dumps(doc))
+    code, _, err = plan(capsys, "tiny", "--profile", "rx-7800-xt", "--plan", written)
+    assert code == 1 and err.startswith(f"error: {written}: ") and said in err and "hint:" in err, err
+
+
+def test_a_model_field_edited_to_another_model_is_said_and_shown_as_the_model_predicted(capsys, written):
+    doc = json.loads(written.read_text())
+    doc["model"] = "lucid-500m"
+    written.write_text(json.dumps(doc))
+    code, out, err = plan(capsys, "tiny", "--profile", "rx-7800-xt", "--plan", written, "--json")
+    assert code == 0 and json.loads(out)["model"] == "tiny", err
+    assert f"note: {written}: its model field says 'lucid-500m'" in " ".join(err.split())

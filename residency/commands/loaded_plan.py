@@ -4,6 +4,7 @@ made again here, so the figures compared are this plan's."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import TYPE_CHECKING, Any
 
 from residency.errors import ResidencyError, UsageError
@@ -52,6 +53,7 @@ def load_for(model: Model, plan_path: str, kv_dtype: str | None) -> tuple[Model,
         fix = (f"make a plan for this model: `residency plan {name}"
                f"{f' --steps {plan.steps}' if other_steps else ''} -o plan.json`, then --plan plan.json")
     _check_plan_file(plan, workload, model.label, plan_path, fix)
+    plan = named_as_checked(plan, workload.name, plan_path)
     if not other_steps:
         return model, plan
     model.pipe.config = config  # once the plan is known to fit: only a session reads it, when it starts
@@ -104,14 +106,29 @@ def _steps_of(model: Model, fingerprint: str) -> int | None:
     return None
 
 
+def named_as_checked(plan: Plan, name: str, plan_path: str) -> Plan:
+    """`plan` under the name of the model it was checked against (`name`, whose blocks and workload_fingerprint
+    it has): a `model` field edited to another model's headed the output with that model, predicted for this one."""
+    if plan.model == name:
+        return plan
+    print(f"note: {plan_path}: its model field says {plan.model!r}, but its blocks and workload_fingerprint are "
+          f"those of {name!r}: shown as {name!r}", file=sys.stderr)
+    return dataclasses.replace(plan, model=name)
+
+
 def _check_plan_file(plan: Plan, workload, label: str, plan_path: str, fix: str) -> None:
-    """Plan.check_matches for a plan file, its errors naming the file; and its context_frames, which the runtime
-    never reads (the model's own are what it keeps): edited to 1024, a plan ran and said it held within a budget
-    its KV cache alone would overrun."""
+    """Plan.check_matches for a plan file, its errors naming the file; and its context_frames (check_context)."""
     try:
         plan.check_matches(workload, f"model {label}", fix=fix)
     except ResidencyError as e:
         raise ResidencyError(f"{plan_path}: {e.message}", hint=e.hint) from None
+    check_context(plan, workload, label, plan_path)
+
+
+def check_context(plan: Plan, workload, label: str, plan_path: str) -> None:
+    """A plan file's context_frames, which the runtime never reads (the model's own are what it keeps), and no
+    fingerprint covers: edited to 1024, a plan ran and said it held within a budget its KV cache alone would
+    overrun; edited to 0, `plan --plan` predicted it as unedited."""
     if plan.context_frames != workload.context_frames:
         name = label.split(" ", 1)[0]
         said = (f"context_frames is {plan.context_frames}" if plan.context_frames else

@@ -33,12 +33,14 @@ def predicted_plan_file(args: argparse.Namespace, make_request: Callable[[argpar
     """(request, the file's plan with the prediction made here) for `plan MODEL --plan FILE`; `make_request`: the
     plan command's (plan_cmd.make_request, passed in: plan_cmd imports this module). Raises ResidencyError naming
     the file for a plan of another model, of blocks computing in two dtypes, or not readable."""
-    from residency.commands.loaded_plan import check_one_compute_dtype
+    from residency.commands.loaded_plan import check_context, check_one_compute_dtype, named_as_checked
     from residency.plan import load_plan
+    from residency.runtime.module_paths import check_block_formats
     from residency.simulate import predict
 
     refuse_planning_flags(args)
     plan = load_plan(args.plan)
+    check_block_formats(plan, args.plan)  # as `run --plan` refuses it: a plan nothing can run is not one that fits
     check_one_compute_dtype(plan, args.plan, args.model)
     if args.compute_dtype is not None and plan.blocks and args.compute_dtype != plan.blocks[0].compute_dtype:
         raise UsageError(f"--compute-dtype {args.compute_dtype} with --plan: the plan file's blocks compute in "
@@ -55,6 +57,8 @@ def predicted_plan_file(args: argparse.Namespace, make_request: Callable[[argpar
                                f"say which it is for); a new one: residency plan {args.model} -o another.json")
     except ResidencyError as e:
         raise ResidencyError(f"{args.plan}: {e.message}", hint=e.hint) from None
+    check_context(plan, req.workload, args.model, args.plan)
+    plan = named_as_checked(plan, req.workload.name, args.plan)
     # the file's notes told how its planner chose (and may no longer hold for an edited plan): this one says what it is
     fingerprint = req.profile.fingerprint()
     made_for = "" if plan.profile_fingerprint == fingerprint else f"; it was made for {plan.profile}"
