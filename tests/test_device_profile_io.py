@@ -110,6 +110,12 @@ BAD = {
     "absurdly slow dequant": (lambda d: _set(d, 1e-12, "dequant_gweights_per_s", "Q4_K"),
                               "dequant_gweights_per_s.Q4_K", "below any real device's rate"),
     "negative size": (lambda d: _set(d, -5, "memory_total_bytes"), "memory_total_bytes", "positive"),
+    # figures in another unit than the field's, far above any device: planned as given, with nothing said
+    "memory in GiB": (lambda d: _set(d, 16, "memory_total_bytes"), "memory_total_bytes", "below any device's memory"),
+    "TFLOP/s in FLOP/s": (lambda d: _set(d, 3.7e13, "matmul_tflops", "bf16", "tflops", 0),
+                          "matmul_tflops.bf16.tflops[0]", "above any real device's rate"),
+    "link in MB/s": (lambda d: _set(d, 25_000.0, "link", "h2d_pinned", "gbps", 2), "link.h2d_pinned.gbps[2]",
+                     "above any host link"),
     "reserve beyond total": (lambda d: _set(d, 2 * d["memory_total_bytes"], "memory_reserve_bytes"),
                              "memory_reserve_bytes", "usable + reserve ≤ total"),
     "zero dequant": (lambda d: _set(d, 0.0, "dequant_gweights_per_s", "Q4_K"), "dequant_gweights_per_s.Q4_K",

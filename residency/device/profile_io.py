@@ -29,6 +29,7 @@ from residency.device.profile_reader import (
     DEQUANT_TENSOR_AXES,
     ELEMENTWISE_AXES,
     LINK_AXES,
+    LINK_GBPS_CEILING,
     MATMUL_AXES,
     REWARM_AXES,
     ProfileReader,
@@ -60,6 +61,7 @@ PROVENANCE_FIELDS = (
 )
 _STRINGS = ("name", "vendor", "backend", "torch_version", "cuda_version", "hip_version", "driver", "date")
 _MEMORY = ("memory_total_bytes", "memory_reserve_bytes", "memory_usable_bytes")
+MIN_DEVICE_BYTES = 16 * 2**20  # less memory than any device (or host) a profile describes: a figure in GiB, not bytes
 _TOP_KEYS = ("schema_version", *_STRINGS, *_MEMORY, "link", "device_memory_gbps", "matmul_tflops",
              "dequant_gweights_per_s", "copy_compute_overlap", "launch_overhead_us", "compute_threads", "provenance",
              *OPTIONAL_FIELDS)
@@ -198,6 +200,10 @@ def _strings(r: ProfileReader, data: dict[str, Any]) -> dict[str, str]:
 def _memory(r: ProfileReader, data: dict[str, Any]) -> dict[str, int]:
     """The three memory sizes in bytes; usable may not exceed total."""
     total = r.number(r.get(data, "memory_total_bytes"), "memory_total_bytes", "bytes", integer=True)
+    if total < MIN_DEVICE_BYTES:  # 16 written for a 16 GiB card: a device of 16 bytes, planned as such
+        raise r.fail("memory_total_bytes", f"= {int(total)}: below any device's memory (at least "
+                     f"{MIN_DEVICE_BYTES // 2**20} MiB)", hint="write it in bytes, e.g. 17179869184 for 16 GiB; "
+                     "memory_reserve_bytes and memory_usable_bytes are bytes too")
     reserve = r.number(r.get(data, "memory_reserve_bytes"), "memory_reserve_bytes", "bytes", strict=False, integer=True)
     usable = r.number(r.get(data, "memory_usable_bytes"), "memory_usable_bytes", "bytes", integer=True)
     if usable > total:
@@ -214,6 +220,12 @@ def _curves(r: ProfileReader, data: dict[str, Any]) -> tuple[dict[str, Curve], d
     link_doc = r.obj(r.get(data, "link"), "link")
     no_extra(r, link_doc, LINK_DIRECTIONS, "link")
     link = {d: r.curve(r.get(link_doc, d, "link"), f"link.{d}", LINK_AXES) for d in LINK_DIRECTIONS}
+    for d, c in link.items():
+        fast = next((i for i, y in enumerate(c.y) if y > LINK_GBPS_CEILING), None)
+        if fast is not None:
+            raise r.fail(f"link.{d}.gbps[{fast}]", f"= {c.y[fast]:g}: above any host link (at most "
+                         f"{LINK_GBPS_CEILING:g} GB/s)", hint="write it in GB/s, 1e9 bytes per second (a figure in "
+                         "MB/s?); re-create it with `residency profile -o`, or fix the field by hand")
     matmul_doc = r.obj(r.get(data, "matmul_tflops"), "matmul_tflops")
     no_extra(r, matmul_doc, COMPUTE_DTYPES, "matmul_tflops")
     matmul = {d: r.curve(r.get(matmul_doc, d, "matmul_tflops"), f"matmul_tflops.{d}", MATMUL_AXES)

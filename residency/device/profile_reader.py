@@ -39,6 +39,12 @@ MAX_QUANTITY = 1e30  # above any byte count, rate or size a device profile holds
 # The least a positive rate can be (a thousand times below the slowest device or link there is): a link of
 # 1e-300 GB/s made every time overflow and planned "0.00 ms per frame, inf fps" under a lower bound of 72 ms
 RATE_FLOOR = {"gbps": 1e-3, "tflops": 1e-6, "gweights_per_s": 1e-6, "gelems_per_s": 1e-6}
+# The most a rate can be, where a figure in the wrong unit lands far above it (FLOP/s written as TFLOP/s: 3.7e13,
+# planned as a faster card with nothing said): ten thousand times the fastest device there is (~2e3 TFLOP/s dense
+# FP8). A link's own ceiling is LINK_GBPS_CEILING.
+RATE_CEILING = {"tflops": 1e7}
+# No host link reaches 10 TB/s (PCIe 6.0 x16 ~121 GB/s, NVLink-C2C 900 GB/s): above it, MB/s written as GB/s
+LINK_GBPS_CEILING = 1e4
 _FIX_HINT = "re-create it with `residency profile -o`, or fix the field by hand"
 
 
@@ -68,6 +74,11 @@ class ProfileReader(Reader):
         if floor is not None and 0 < value < floor:
             raise self.fail(field, f"= {show(value)}: below any real device's rate (at least {floor:g} "
                             f"{UNIT_TEXT[unit]})")
+        ceiling = RATE_CEILING.get(unit)
+        if ceiling is not None and value > ceiling:
+            raise self.fail(field, f"= {show(value)}: above any real device's rate (at most {ceiling:g} "
+                            f"{UNIT_TEXT[unit]})", hint=f"write it in {UNIT_TEXT[unit]} (a figure in another unit?); "
+                            f"{_FIX_HINT}")
         if value > MAX_QUANTITY:  # an integer of 400 digits has no float; no real figure comes near this
             raise self.fail(field, f"= {show(value)}: must be at most {MAX_QUANTITY:g} ({UNIT_TEXT.get(unit, unit)})")
         return int(value) if integer else float(value)
