@@ -176,10 +176,19 @@ def _refuse_document(path: Path) -> None:
 def _refuse_foreign_model_dir(path: Path) -> None:
     """A diffusers or transformers model (or pipeline) directory given to `run`: say what run rolls out and where such
     a model goes instead (it holds no world model, and "no .safetensors" or "no world model config" misleads)."""
-    from residency.commands.config_source import is_diffusers_pipeline_dir, is_model_dir
+    from residency.commands.config_source import is_diffusers_pipeline_dir, is_model_dir, is_world_model_dir
 
     kind = ("a diffusers pipeline directory" if is_diffusers_pipeline_dir(path) else
             "a diffusers or transformers model directory" if is_model_dir(path) else None)
+    try:
+        weights = any(p.suffix.lower() in (".safetensors", ".gguf") for p in path.iterdir())
+    except OSError:  # unreadable: the checkpoint reader names why
+        weights = True
+    if kind is None and not is_world_model_dir(path) and not weights:
+        # the checkpoint reader's "point at a checkpoint file or shard directory" named none of what run takes
+        raise ResidencyError(f"{path}: no saved world-model pipeline here (no config.json of one, no .safetensors "
+                             "or .gguf file)", hint="give default, tiny, a directory WorldModelPipeline."
+                             "save_pretrained wrote, or its .safetensors/.gguf file")
     if kind is not None:
         raise ResidencyError(f"{path}: {kind}; `run` rolls out world-model pipelines (default, tiny, or one saved by "
                              "WorldModelPipeline.save_pretrained)",

@@ -37,10 +37,29 @@ def show(value: Any) -> str:
 
 
 def did_you_mean(text: str, known: Iterable[str]) -> str:
-    """" (did you mean X?)" for the known name closest to `text`, case aside (`TINY`, `lucid500m`); "" for none."""
+    """" (did you mean X?)" for the known name closest to `text`, case aside (`TINY`, `lucid500m`), or a name at
+    most two typos away from a name of 4 characters or more (`tyni`, which difflib's ratio, 0.5, misses); "" for
+    none."""
     by_lower = {k.lower(): k for k in known}
     close = difflib.get_close_matches(text.lower(), list(by_lower), n=1)
+    if not close:
+        typos = sorted((_typos(text.lower(), k), k) for k in by_lower)
+        close = [k for n, k in typos[:1] if n <= (2 if len(text) >= 4 else 1)]
     return f" (did you mean {by_lower[close[0]]}?)" if close else ""
+
+
+def _typos(a: str, b: str) -> int:
+    """Letters inserted, deleted, replaced or two neighbours swapped to make `a` into `b` (optimal string
+    alignment); names are short: O(len(a) · len(b))."""
+    if abs(len(a) - len(b)) > 3:
+        return abs(len(a) - len(b))
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
 
 
 def a_type(value: Any) -> str:

@@ -95,6 +95,14 @@ def test_a_gpu_plan_that_misses_its_budget_even_without_the_workspace_is_refused
     assert "hint: raise --vram to at least" in err and "None" not in err
 
 
+def test_a_directory_with_no_model_in_it_says_what_run_takes(files, capsys):
+    """It said "point at a checkpoint file or shard directory", which names neither what run rolls out nor how."""
+    (files / "empty").mkdir()
+    code = main(["run", "empty", "--image", "start.png", *PROFILE, "-o", "o.gif"])
+    err = capsys.readouterr().err
+    assert code == 1 and "empty: no saved world-model pipeline here" in err and "WorldModelPipeline.save_pretrained" in err
+
+
 def test_run_writes_numbered_pngs(files, capsys):
     assert main(["run", "tiny", "--image", "start.png", *PROFILE, "--frames", "2", "-o", "f.png"]) == 0
     assert (files / "f-0000.png").is_file() and (files / "f-0001.png").is_file()
@@ -115,6 +123,8 @@ BAD = [
     (["run", "tiny", "--image", "start.png", *PROFILE, "--actions", "right*0", "-o", "o.gif"], 2, "bad repeat"),
     (["run", "nosuch", "--image", "start.png", *PROFILE, "-o", "o.gif"], 2, "unknown model 'nosuch'"),
     (["run", "TINY", "--image", "start.png", *PROFILE, "-o", "o.gif"], 2, "unknown model 'TINY' (did you mean tiny?)"),
+    # two letters swapped across a third: difflib's ratio (0.5) suggested nothing
+    (["run", "tyni", "--image", "start.png", *PROFILE, "-o", "o.gif"], 2, "unknown model 'tyni' (did you mean tiny?)"),
     (["run", "lucid-500m", *PROFILE, "-o", "o.gif"], 1, "needs real weights"),
     (["run", "flux-schnell", *PROFILE, "-o", "o.gif"], 1, "flux-schnell is a catalog model"),
     (["run", "tiny", "--image", "start.png", "--profile", "nosuch-gpu", "-o", "o.gif"], 2, "unknown profile"),
