@@ -37,14 +37,17 @@ def show(value: Any) -> str:
 
 
 def did_you_mean(text: str, known: Iterable[str]) -> str:
-    """" (did you mean X?)" for the known name closest to `text`, case aside (`TINY`, `lucid500m`), or a name at
-    most two typos away from a name of 4 characters or more (`tyni`, which difflib's ratio, 0.5, misses); "" for
-    none."""
+    """" (did you mean X?)" for the known name closest to `text`, case aside (`TINY`, `lucid500m`), or a name a
+    typo away, or two in a scramble of its letters or a name of 6 characters or more (`tyni`, which difflib's
+    ratio, 0.5, misses); "" for none."""
     by_lower = {k.lower(): k for k in known}
     close = difflib.get_close_matches(text.lower(), list(by_lower), n=1)
     if not close:
         typos = sorted((_typos(text.lower(), k), k) for k in by_lower)
-        close = [k for n, k in typos[:1] if n <= (2 if len(text) >= 4 else 1)]
+        # one typo; two only where they are a scramble of the same letters (tyni) or in a longer name: two in
+        # four letters of another word (mini, city) are another word
+        close = [k for n, k in typos[:1]
+                 if n <= 1 or (n == 2 and (sorted(text.lower()) == sorted(k) or min(len(text), len(k)) >= 6))]
     return f" (did you mean {by_lower[close[0]]}?)" if close else ""
 
 

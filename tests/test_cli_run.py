@@ -125,6 +125,7 @@ BAD = [
     (["run", "TINY", "--image", "start.png", *PROFILE, "-o", "o.gif"], 2, "unknown model 'TINY' (did you mean tiny?)"),
     # two letters swapped across a third: difflib's ratio (0.5) suggested nothing
     (["run", "tyni", "--image", "start.png", *PROFILE, "-o", "o.gif"], 2, "unknown model 'tyni' (did you mean tiny?)"),
+    (["run", "mini", "--image", "start.png", *PROFILE, "-o", "o.gif"], 2, "unknown model 'mini'\nhint"),  # a word
     (["run", "lucid-500m", *PROFILE, "-o", "o.gif"], 1, "needs real weights"),
     (["run", "flux-schnell", *PROFILE, "-o", "o.gif"], 1, "flux-schnell is a catalog model"),
     (["run", "tiny", "--image", "start.png", "--profile", "nosuch-gpu", "-o", "o.gif"], 2, "unknown profile"),

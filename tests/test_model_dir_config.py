@@ -146,6 +146,8 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_s
     # torch's words ("no attribute 'bfloat61'", "Float8_e4m3fnStorage") named no field: the hint names it
     ({"torch_dtype": "bfloat61"}, "hint: fix the field 'torch_dtype' ('bfloat61'; one of float32"),
     ({"dtype": "float8_e4m3fn"}, "hint: fix the field 'dtype' ('float8_e4m3fn'; one of float32"),
+    # a float64 model failing on its heads: not its dtype's fault
+    ({"torch_dtype": "float64", "num_attention_heads": 5, "num_key_value_heads": 5}, "hint: fix the field it names"),
     ({"hidden_size": "abc"}, "LlamaForCausalLM refuses the config"),
     ({"num_attention_heads": 5, "num_key_value_heads": 5}, "LlamaForCausalLM refuses the config"),  # 64 / 5
     ({"model_type": "nonexistent_model"}, "LlamaForCausalLM refuses the config"),

@@ -473,3 +473,30 @@ def test_step_of_something_not_a_session_is_a_clear_error(workload):
         with pytest.raises(ResidencyError, match="step\\(\\) takes a session, got str") as e:
             rt.step("notasession", "right")  # an AttributeError from deep inside: 'str' … 'snapshot'
         assert "pipe.start" in e.value.hint
+
+
+def test_a_forward_the_class_holds_as_a_staticmethod_or_a_callable_object_runs_through_the_hook():
+    """The hook called the class's forward with the module as its first argument: a staticmethod (or a callable
+    object) forward raised TypeError once hooked, before and after a class-level patch."""
+    from residency.runtime.hooks import ModelHook, add_hook, remove_hook
+
+    class Doubler:
+        def __call__(self, x):
+            return 2 * x
+
+    class Static(torch.nn.Module):
+        forward = staticmethod(lambda x: 2 * x)
+
+    class Called(torch.nn.Module):
+        forward = Doubler()
+
+    x = torch.ones(3)
+    for cls in (Static, Called):
+        module = cls()
+        add_hook(module, ModelHook())
+        try:
+            assert torch.equal(module(x), 2 * x)
+            cls.forward = staticmethod(lambda t: 3 * t) if cls is Static else Doubler()
+            assert torch.equal(module(x), 3 * x if cls is Static else 2 * x)
+        finally:
+            remove_hook(module)

@@ -171,16 +171,28 @@ def test_inspect_reads_the_plain_weights_beside_a_variant_and_says_so(capsys, tm
     one model twice; it reads the files from_pretrained loads and names the variant it left out."""
     state = llama_weights()
     names = sorted(state)
-    path = directory(tmp_path, LLAMA, {"model.safetensors": state})
+    path = directory(tmp_path, LLAMA, {})
     half = {k: v.half() for k, v in state.items()}
-    shards = {"model.fp16-00001-of-00002.safetensors": names[:5], "model.fp16-00002-of-00002.safetensors": names[5:]}
-    for shard, keys in shards.items():
-        save_file({k: half[k] for k in keys}, str(path / shard))
-    (path / "model.safetensors.index.fp16.json").write_text(
-        json.dumps({"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    # as save_pretrained shards both: each variant's shards and its index (the fp16 one named as transformers does)
+    for variant, index, tensors in (("", "model.safetensors.index.json", state),
+                                    (".fp16", "model.safetensors.index.fp16.json", half)):
+        shards = {f"model{variant}-00001-of-00002.safetensors": names[:5],
+                  f"model{variant}-00002-of-00002.safetensors": names[5:]}
+        for shard, keys in shards.items():
+            save_file({k: tensors[k] for k in keys}, str(path / shard))
+        (path / index).write_text(json.dumps({"weight_map": {k: s for s, keys in shards.items() for k in keys}}))
     assert main(["inspect", str(path), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["params"] == sum(v.numel() for v in state.values())
-    assert doc["stored_bytes"] == sum(v.numel() * 4 for v in state.values())  # the plain file's F32, once
+    assert doc["stored_bytes"] == sum(v.numel() * 4 for v in state.values())  # the plain files' F32, once
     note = next(n for n in doc["notes"] if "variant" in n)
-    assert note.startswith("read model.safetensors,") and all(s in note for s in shards) and "not counted" in note
+    assert note.startswith("read model-00001-of-00002.safetensors, model-00002-of-00002.safetensors, the weights "
+                           "from_pretrained loads by default") and all(s in note for s in shards), note
+    for plain in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"):
+        (path / plain).unlink()  # the fp16 variant alone: read, and said to be one variant of several
+    save_file({k: v.bfloat16() for k, v in state.items()}, str(path / "model.bf16.safetensors"))
+    assert main(["inspect", str(path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    note = next(n for n in doc["notes"] if "variant" in n)
+    assert note.startswith("read model.bf16.safetensors, the bf16 variant, the first by name"), note
+    assert doc["stored_bytes"] == sum(v.numel() * 2 for v in state.values())

@@ -334,8 +334,10 @@ def _blamed_field(raw: dict, error: str) -> str:
     """The config field a build error comes from, for its hint: a saved dtype no model is built in ("bfloat61",
     "auto", "float8_e4m3fn": torch's words name no field), else the one whose value the error quotes."""
     for key in SAVED_DTYPE_KEYS:
-        if key in raw and raw[key] is not None and raw[key] not in SAVED_DTYPES:
-            return f"the field {key!r} ({raw[key]!r}; one of {', '.join(SAVED_DTYPES)})"
+        value = raw.get(key)
+        # only where the error is about it: a float64 model failing on its heads is not its dtype's fault
+        if isinstance(value, str) and value not in SAVED_DTYPES and value.lower() in error.lower():
+            return f"the field {key!r} ({value!r}; one of {', '.join(SAVED_DTYPES)})"
     quoted = [k for k, v in raw.items() if isinstance(v, str) and len(v) > 2 and f"'{v}'" in error]
     return f"the field {quoted[0]!r} ({raw[quoted[0]]!r})" if len(quoted) == 1 else "the field it names"
 
@@ -348,6 +350,8 @@ def _input_not_given(model, example: dict, failure: str) -> str | None:
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
+        return None
+    if "NoneType" not in failure:  # an input left out is None where the forward reads it
         return None
     return next((name for name, p in params.items() if name not in example
                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)

@@ -268,7 +268,7 @@ def _checkpoint_inventory(path: Path, model_dir: bool = False) -> Inventory:
     """A checkpoint's tensors as stored; of a model directory (`model_dir`), one variant's files, the one
     from_pretrained loads (model.safetensors before model.fp16.safetensors: both read, every tensor was twice)."""
     from residency.checkpoint import open_checkpoint
-    from residency.checkpoint.checkpoint import one_variant
+    from residency.checkpoint.checkpoint import one_variant, variant_of
 
     only, note = None, ""
     if model_dir:
@@ -277,8 +277,11 @@ def _checkpoint_inventory(path: Path, model_dir: bool = False) -> Inventory:
         if len(chosen) < len(weights):
             only = {p.name for p in chosen} | {p.name for p in path.iterdir() if p.suffix.lower() == ".gguf"}
             skipped = sorted({p.name for p in weights} - only)
-            note = (f"read {_listed(sorted(p.name for p in chosen))}, the weights from_pretrained loads by default; "
-                    f"the variant beside it ({_listed(skipped)}) is another copy of them, not counted")
+            variant = variant_of(chosen[0])
+            which = (f"the {variant} variant, the first by name (from_pretrained loads one only with variant=)"
+                     if variant else "the weights from_pretrained loads by default")
+            note = (f"read {_listed(sorted(p.name for p in chosen))}, {which}; the other variant beside it "
+                    f"({_listed(skipped)}) is another copy of them, not counted")
     with open_checkpoint(path, only) as ckpt:
         infos = [TensorInfo(e.name, tuple(e.shape), e.format, e.nbytes) for e in ckpt.entries.values()]
         others = [(o.name, o.dtype, o.shape, o.nbytes) for o in ckpt.left_out]

@@ -3,6 +3,8 @@ Runtime (every attribute it reads is Runtime's); kept apart so each file holds o
 
 from __future__ import annotations
 
+import torch
+
 from residency.runtime import block_buffers
 from residency.runtime.hooks import remove_hook
 
@@ -40,12 +42,8 @@ class Detaching:
             self.store.release()
 
     def _remove_retry_hook(self) -> None:
-        """The model's own hook goes (detach, or a let-go after a cut): the model runs plain from here, its integer
-        buffers as attach found them (Runtime._keep_counters)."""
-        for sub, key, buf, saved in self._counters.values():
-            if sub._buffers.get(key) is buf:
-                buf.copy_(saved)
-        self._counters.clear()
+        """The model's own hook goes (detach, or a let-go after a cut): the model runs plain from here, its batch
+        norms' counters as attach found them (Runtime._keep_counters)."""
         if self._root is not None:
             remove_hook(self._root)
             if self._kv_config is not None:  # the KV dtype the plan set (runtime.kv_storage) back to the user's
@@ -54,6 +52,12 @@ class Detaching:
         if self._structure is not None:
             self._structure.close()  # warns of what was added while attached: detach does not undo it
             self._structure = None
+        for sub, key, buf, saved in self._counters.values():
+            if sub._buffers.get(key) is buf:
+                # a counter made under inference_mode is written there (outside it, torch refuses the write)
+                with torch.inference_mode(buf.is_inference()), torch.no_grad():
+                    buf.copy_(saved)
+        self._counters.clear()
 
     def _detach_blocks(self, checked: bool = True) -> None:
         """Undo _attach. `checked` False: an attach that failed part way (each hook added is ours, and the

@@ -5,6 +5,7 @@ new_forward for a hook that must wrap the whole call. Attached from outside, rem
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -86,10 +87,17 @@ def add_hook(module: nn.Module, hook: ModelHook) -> None:
     if had_own:
         inner = bound
     else:
+        as_attached = type(module).forward  # what the class gives at attach (a staticmethod: its function)
+
         def inner(*args: Any, **kwargs: Any) -> Any:
             # the class's forward as it is at the call (one attribute lookup, ~0.1 µs): a class patched after
-            # attach (an attention processor swapped at class level) runs here as it does unattached
-            return type(module).forward(module, *args, **kwargs)
+            # attach (an attention processor swapped at class level) runs here as it does unattached; bound
+            # through its descriptor, as attribute lookup binds it (a staticmethod takes no module)
+            cls = type(module)
+            if cls.forward is as_attached:
+                return bound(*args, **kwargs)
+            raw = inspect.getattr_static(cls, "forward")
+            return (raw.__get__(module, cls) if hasattr(type(raw), "__get__") else raw)(*args, **kwargs)
 
     if plain:
         def call(*args: Any, **kwargs: Any) -> Any:

@@ -178,6 +178,7 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRunt
         if has_hook(pipeline):
             raise ResidencyError("the model is attached to another runtime", hint="detach() that one first (residency.detach(model), without it at hand)")
         self._holders = None  # modules outside the blocks that hold their parameters: looked for once per attach
+        self._counters = {}  # a failed attach's snapshot is not this one's
         with torch.inference_mode(False):  # device memory must be plain tensors: the copy thread writes them
             self._attach_within_budget(pipeline)
         try:
@@ -337,16 +338,18 @@ class Runtime(PlanSwitching, Recovering, ModelWatching, Detaching, NotCopiedRunt
                         sub._buffers[key] = moved
 
     def _keep_counters(self, modules: list[nn.Module]) -> None:
-        """The CPU's twin of _move_buffers for integer buffers (batch norm's num_batches_tracked): a GPU computes on
-        device copies of them and detach puts the originals back, as it does a batch norm's running statistics
-        (which the runtime does not keep); on the CPU the counter advanced in place and its statistics did not.
-        A copy of each at the first attach (bytes: a counter each), written back at detach, not at a switch or
-        recovery (a session's state goes on through those)."""
+        """The CPU's twin of _move_buffers for a batch norm's num_batches_tracked: a GPU computes on device copies
+        of it and detach puts the original back, as it does the norm's running statistics (which the runtime does
+        not keep: batch norm writes them without bumping their version counters); on the CPU the counter advanced
+        in place and its statistics did not. A copy of each (a scalar) at the first attach, written back when the
+        model's hook goes (detach, let-go), not at a switch or recovery (a session goes on through those). Other
+        integer buffers are a model's own state, kept as its float buffers' writes are."""
         for module in modules:
             for sub in module.modules():
-                for key, buf in sub._buffers.items():
-                    if buf is not None and not (buf.is_floating_point() or buf.is_complex()):
-                        self._counters.setdefault(id(buf), (sub, key, buf, buf.clone()))
+                buf = sub._buffers.get("num_batches_tracked") if isinstance(sub, nn.modules.batchnorm._BatchNorm) \
+                    else None
+                if buf is not None and sub.track_running_stats:
+                    self._counters.setdefault(id(buf), (sub, "num_batches_tracked", buf, buf.clone()))
 
     def _keep_buffer_write(self, name: str, index: int, bound: torch.Tensor, binding) -> None:
         """The executor's keep_write: block_buffers.keep_write into this attach's blob and original tensor."""
