@@ -59,6 +59,9 @@ SAFETENSORS_CASES = {
     # printed in inspect's table, the escape sequence cleared and recoloured the terminal, the newline split a row
     "name_escape": (st_bytes({"\x1b[2J\x1b[31mevil.weight": F32}), "holds a control character ('\\x1b')"),
     "name_newline": (st_bytes({"a\nb": F32}), "holds a control character ('\\n')"),
+    # a lone surrogate: json reads it, and printing it raised UnicodeEncodeError out of inspect's table
+    "name_lone_surrogate": (st_bytes(b'{"w\\ud800": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}'),
+                            "is not valid Unicode (a lone surrogate)"),
     "offsets_reversed": (st_bytes({"w": {**F32, "data_offsets": [16, 0]}}, bytes(32)), "data_offsets"),
     "offsets_wrong_arity": (st_bytes({"w": {**F32, "data_offsets": [0]}}), "data_offsets"),
     "offsets_bool": (st_bytes({"w": {**F32, "data_offsets": [False, True]}}), "data_offsets"),
@@ -206,11 +209,15 @@ GGUF_CASES = {
     "kv_count_huge": (gguf_bytes(counts=(0, 2**40)), "claims"),
     "array_count_huge": (gguf_bytes([("a", ARRAY, struct.pack("<IQ", UINT8, 2**60))]), "claims"),
     "string_array_count_huge": (gguf_bytes([("a", ARRAY, struct.pack("<IQ", STRING, 2**40))]), "claims"),
-    "string_len_huge": (gguf_bytes([("a", STRING, struct.pack("<Q", 2**62))]), "truncated"),
+    # refused by length before any byte is read or decoded (a sparse file's 512 MiB name took 1.8 GB to decode)
+    "string_len_huge": (gguf_bytes([("a", STRING, struct.pack("<Q", 2**62))]), "bytes long, more than the 16777216"),
     "key_len_huge": (
         b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 2**63) + bytes(40),
-        "truncated",
+        "bytes long, more than the 16384",
     ),
+    "string_past_the_cap": (gguf_bytes([("general.name", STRING, struct.pack("<Q", 2**24 + 1) + bytes(2**24 + 1))]),
+                            "general.name' is 16777217 bytes long"),
+    "string_past_the_end": (gguf_bytes([("a", STRING, struct.pack("<Q", 2**20))]), "truncated"),
     "unknown_value_type": (gguf_bytes([("a", 77, b"\x00" * 8)]), "unknown value type"),
     "nested_arrays": (
         gguf_bytes([("a", ARRAY, struct.pack("<IQ", ARRAY, 1) * 5 + struct.pack("<IQ", UINT8, 0))]),

@@ -47,6 +47,8 @@ MAX_METADATA_KEYS = 2 * MAX_TENSORS + 4096
 SUPPORTED_VERSIONS = (2, 3)
 PLAUSIBLE_GGUF_VERSION = 255  # GGUF went 1, 2, 3 in two years: a version field past this is damage, not the future
 DEFAULT_ALIGNMENT = 32
+# A metadata string decoded whole (general.name, a chat template: kilobytes): the safetensors reader's header cap
+MAX_STRING_BYTES = 16 * 1024 * 1024
 GGML_MAX_DIMS = 4  # ggml.h; llama.cpp's gguf reader refuses a tensor of more
 MAX_ALIGNMENT = 1 << 16  # llama.cpp writes 32; anything past a large page is a lie
 
@@ -86,8 +88,13 @@ class _Cursor:
     def unpack(self, code: str, what: str):
         return struct.unpack_from(code, self.buf, self.take(struct.calcsize(code), what))[0]
 
-    def string(self, what: str, decode: bool = True) -> str | None:
+    def string(self, what: str, decode: bool = True, limit: int = MAX_STRING_BYTES) -> str | None:
+        """One string: decoded (at most `limit` bytes, refused before anything is decoded: a 512 MiB name in a
+        sparse 8 KB file took 1.8 GB of memory) or skipped (mapped, never read: no cost)."""
         n = self.unpack("<Q", what + " length")
+        if decode and n > limit:
+            raise broken(self.path, f"GGUF {what} is {n} bytes long, more than the {limit} residency reads",
+                         hint="a file not written by a GGUF writer is damaged: write it again")
         start = self.take(n, what)
         if not decode:
             return None
@@ -192,7 +199,7 @@ def parse_gguf_header(path: Path, buf, size: int) -> GGUFHeader:
         raise broken(path, f"GGUF header claims {n_kv} metadata keys, more than the {MAX_METADATA_KEYS} residency reads")
     fields: dict[str, tuple[int, str | None]] = {}
     for i in range(n_kv):
-        key = c.string(f"metadata key #{i}")
+        key = c.string(f"metadata key #{i}", limit=4 * MAX_NAME_BYTES)  # UTF-8: ≤ 4 bytes a character
         if len(key) > MAX_NAME_BYTES:
             raise broken(path, f"GGUF metadata key #{i} {key[:60]!r}… is longer than {MAX_NAME_BYTES} characters")
         vtype = c.unpack("<I", f"metadata {key!r:.60} type")
@@ -223,7 +230,7 @@ def _tensor_infos(c: _Cursor, n_tensors: int) -> list[GGUFTensorInfo]:
     tensors: list[GGUFTensorInfo] = []
     names: set[str] = set()
     for i in range(n_tensors):
-        name = c.string(f"tensor #{i} name")
+        name = c.string(f"tensor #{i} name", limit=4 * MAX_NAME_BYTES)
         check_name(path, name)
         pos = c.pos
         if size - pos < 4:

@@ -49,6 +49,11 @@ def check_name(path: Path, name: str) -> None:
     if bad is not None:
         raise broken(path, f"tensor name {name[:80]!r} holds a control character ({bad!r})",
                      hint=f"{rename} without it; a file not written so is damaged: write it again")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in a JSON header): printing it raised a traceback
+        raise broken(path, f"tensor name {name[:80]!r} is not valid Unicode (a lone surrogate)",
+                     hint=f"{rename}; a file not written so is damaged: write it again") from None
 
 
 def check_tensor_count(path: Path, count: int) -> None:
