@@ -123,6 +123,22 @@ def test_a_bare_checkpoint_is_refused_for_planning_with_what_to_give(capsys, tmp
     assert run(capsys, "inspect", str(path))[0] == 0  # inspect still reads it
 
 
+@pytest.mark.parametrize("name", ["tiny.gguf", "tiny.safetensors"])
+def test_a_world_model_saved_as_one_file_plans_as_run_plans_it(capsys, tmp_path, name):
+    """`run x.gguf` rolled it out, and `plan x.gguf` refused it as a bare checkpoint with a hint about diffusers
+    directories: its config is in the file's metadata."""
+    from pipelines.world_model import WorldModelPipeline
+
+    path = tmp_path / name
+    WorldModelPipeline.from_config("tiny").save_pretrained(path, format="Q8_0")
+    code, by_file, err = run(capsys, "plan", str(path), "--profile", "rtx-5090", "--json")
+    assert code == 0, err
+    _, by_name, _ = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--json")
+    by_file, by_name = json.loads(by_file), json.loads(by_name)
+    assert by_file["workload_fingerprint"] == by_name["workload_fingerprint"]
+    assert [b["format"] for b in by_file["blocks"]] == [b["format"] for b in by_name["blocks"]]
+
+
 def test_a_file_that_is_no_model_is_not_called_a_checkpoint(capsys, tmp_path):
     path = tmp_path / "start.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n")

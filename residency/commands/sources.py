@@ -51,7 +51,8 @@ SHIPPED_NAME = "default"  # as `run`, `play` and `demo` name it (residency.sessi
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")  # SHARD_INDEX_SUFFIXES: their shard indexes
 SOURCES_HINT = ("give default (the shipped world model), a catalog model ({names}), a catalog .json, a "
                 "diffusers or transformers model directory (config.json), a diffusers pipeline directory "
-                "(model_index.json), or, for inspect only, a .safetensors/.gguf checkpoint")
+                "(model_index.json), a world model saved by WorldModelPipeline.save_pretrained, or, for inspect "
+                "only, another .safetensors/.gguf checkpoint")
 
 
 @dataclass(frozen=True)
@@ -169,13 +170,16 @@ def resolve_workload(name_or_path: str, steps: int | None = None, context_frames
     from residency.workload import load_workload_file
 
     source = classify(name_or_path)
-    if source.kind == CHECKPOINT:
+    saved = _saved_world_model(source.path) if source.kind == CHECKPOINT else None
+    if source.kind == CHECKPOINT and saved is None:
         _refuse_checkpoint(name_or_path, source.path)
     if size is not None and size.given() and source.kind not in (MODEL_DIR, PIPELINE_DIR):
         raise UsageError(f"{name_or_path}: a catalog model is described at a fixed size; --height, --width, "
                          "--frames and --tokens apply to a model or pipeline directory",
                          hint="leave them out, or plan the model's diffusers directory")
-    if source.kind == SHIPPED:
+    if saved is not None:
+        workload = saved
+    elif source.kind == SHIPPED:
         workload = shipped_workload()
     elif source.kind == CATALOG:
         from pipelines.catalog import catalog_paths
@@ -231,6 +235,25 @@ def shipped_sensitivity(name_or_path: str) -> dict | None:
     return shipped()
 
 
+def _saved_world_model(path: Path):
+    """The workload of a world model saved as one file (WorldModelPipeline.save_pretrained("x.gguf"): its config in
+    the file's metadata), as `run x.gguf` plans it; None for any other checkpoint."""
+    from pipelines.world_model.pretrained import CONFIG_KEY, load_config
+
+    if not (path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES):
+        return None
+    from residency.checkpoint import open_checkpoint
+    from residency.workload import workload_from_dict
+
+    with open_checkpoint(path) as ckpt:
+        metadata = dict(ckpt.metadata)
+    if CONFIG_KEY not in metadata:
+        return None
+    from pipelines.world_model.workload import catalog_entry
+
+    return workload_from_dict(catalog_entry(load_config(path, metadata)))
+
+
 def _refuse_checkpoint(name_or_path: str, path: Path) -> NoReturn:
     """A checkpoint cannot be planned; one beside a config.json that names no model class is told so."""
     if has_model_config(path):
@@ -241,8 +264,8 @@ def _refuse_checkpoint(name_or_path: str, path: Path) -> NoReturn:
     raise ResidencyError(
         f"{name_or_path}: a checkpoint holds tensors, not the model's forward: the order its blocks run in, "
         "how often, and their FLOPs are not in it, so it cannot be planned",
-        hint="plan the diffusers model directory holding its config.json (weights are not needed), a catalog "
-             "model or a catalog .json; `residency inspect` reads a bare checkpoint")
+        hint="plan the diffusers or transformers model directory holding its config.json (weights are not "
+             "needed), a catalog model or a catalog .json; `residency inspect` reads a bare checkpoint")
 
 
 def _workload_inventory(name: str, workload, note: str = "") -> Inventory:
