@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from residency.checkpoint import CheckpointError, open_checkpoint, save_checkpoint
 
 F32 = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 9876543\n"
 
 
 def st_bytes(header, data: bytes = bytes(16), length: int | None = None) -> bytes:
@@ -168,6 +169,9 @@ def test_paths_that_are_not_checkpoints(tmp_path):
      "model.gguf"),
     ("model.gguf", b"PK\x03\x04" + bytes(40), "a zip archive or a Python pickle", "safetensors.torch.save_file"),
     ("notes.md", b"[see the paper](https://x)", "unknown checkpoint extension '.md'", ".safetensors, .gguf"),
+    # a Hub repository cloned without `git lfs pull`: "magic b'vers'", "a header of 2336927755350992246 bytes"
+    ("model.safetensors", LFS_POINTER, "this is a Git LFS pointer", "git lfs pull"),
+    ("model.gguf", LFS_POINTER, "this is a Git LFS pointer", "git lfs pull"),
 ])
 def test_a_file_named_as_another_kind_is_told_by_its_contents(tmp_path, name, content, said, hint):
     """A GGUF renamed .bin was "unknown checkpoint extension"; a profile JSON renamed .safetensors was read as a

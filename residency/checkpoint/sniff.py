@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HEAD_BYTES = 16  # enough for every signature below
+HEAD_BYTES = 24  # enough for every signature below (an LFS pointer's 23)
 
-GGUF, SAFETENSORS, JSON, PICKLE = "gguf", "safetensors", "json", "pickle"
+GGUF, SAFETENSORS, JSON, PICKLE, LFS = "gguf", "safetensors", "json", "pickle", "lfs"
+LFS_POINTER = b"version https://git-lfs"  # the first bytes of a Git LFS pointer file (a clone without `git lfs pull`)
 SUFFIX = {GGUF: ".gguf", SAFETENSORS: ".safetensors"}
 WORDS = {
     GGUF: "a GGUF file (it starts with the GGUF magic)",
@@ -16,11 +17,15 @@ WORDS = {
     # a zip or a pickle: torch.save writes both (so does numpy's .npz a zip); residency never unpickles
     PICKLE: "a zip archive or a Python pickle (torch.save writes these), which residency never loads: unpickling "
             "runs code",
+    LFS: "a Git LFS pointer (a text file naming the weights), not the weights: the repository was cloned without "
+         "them",
 }
 HINTS = {
     JSON: "give a .safetensors or .gguf checkpoint",
     PICKLE: "if it is a torch.save checkpoint, convert it where you trust it: "
             "safetensors.torch.save_file(torch.load(path), 'model.safetensors')",
+    LFS: "fetch the weights: `git lfs pull` in the clone (or download the file itself, e.g. huggingface-cli "
+         "download)",
 }
 
 
@@ -28,6 +33,8 @@ def content_kind(head: bytes, size: int) -> str | None:
     """The kind of file `head` (its first bytes, of a file of `size` bytes) starts, or None when none is told."""
     if head[:4] == b"GGUF":
         return GGUF
+    if head.startswith(LFS_POINTER[: len(head)]) and len(head) >= min(HEAD_BYTES, len(LFS_POINTER)):
+        return LFS
     if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
         return SAFETENSORS
     stripped = head.lstrip(b" \t\r\n\xef\xbb\xbf")  # whitespace, a UTF-8 BOM
