@@ -89,6 +89,11 @@ def test_a_config_only_transformers_directory_plans(capsys, tmp_path):
     assert activations["256"] == 16 * activations["16"]  # activations grow with the tokens, linearly here
     code, _, err = run(capsys, "plan", "tiny", "--profile", "rtx-5090", "--tokens", "64")
     assert code == 2 and "--tokens apply to a model or pipeline directory" in err
+    # a text model runs no denoise steps: "--steps 4" planned four forwards a call, said nowhere
+    code, _, err = run(capsys, "plan", str(tmp_path / "llama"), "--profile", "rtx-5090", "--steps", "4")
+    assert code == 2 and "--steps 4: a transformers model" in err and "hint: leave --steps out" in err
+    code, out, err = run(capsys, "plan", str(tmp_path / "llama"), "--profile", "rtx-5090", "--steps", "1", "--json")
+    assert code == 0 and json.loads(out)["steps"] == 1, err
 
 
 def test_inspect_reads_the_same_config_only_directory(capsys, unet_dir):

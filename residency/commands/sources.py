@@ -17,6 +17,7 @@ from typing import NoReturn
 from residency import userpath
 from residency.checkpoint.checkpoint import SHARD_INDEX_SUFFIXES
 from residency.commands.config_source import (
+    MODEL_CONFIG,
     SAVED_DTYPE_KEYS,
     SAVED_DTYPES,
     empty_model,
@@ -190,6 +191,11 @@ def resolve_workload(name_or_path: str, steps: int | None = None, context_frames
 
         workload = load_workload_file(source.path, USER_HINT)
     elif source.kind == MODEL_DIR:
+        if steps not in (None, 1) and not read_config(source.path / MODEL_CONFIG).get("_class_name"):
+            # its "frame" was counted as that many forwards: a text model's plan at 4 "denoise steps" per call
+            raise UsageError(f"{name_or_path}: --steps {steps}: a transformers model (a text model, an encoder) runs "
+                             "no denoise steps; they apply to a diffusion model's denoiser",
+                             hint="leave --steps out: one call is one forward")
         workload = model_dir_workload(source.path, compute_dtype, size)
     elif source.kind == PIPELINE_DIR:
         from residency.commands.pipeline_source import pipeline_dir_workload
