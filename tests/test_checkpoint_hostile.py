@@ -409,3 +409,40 @@ def test_a_control_character_in_a_name_gets_the_rename_hint(tmp_path):
     with pytest.raises(CheckpointError) as err:
         open_checkpoint(path)
     assert "rename the tensor" in err.value.hint
+
+
+def _comfy_gguf(path, orig):
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    x = np.random.default_rng(0).standard_normal((320, 4, 3, 3)).astype(np.float32)
+    writer = GGUFWriter(str(path), arch="sdxl")
+    writer.add_array("comfy.gguf.orig_shape.input_blocks.0.0.weight", orig)
+    writer.add_tensor("input_blocks.0.0.weight", quantize(x.reshape(-1, 256), GGMLQuantizationType.Q8_0),
+                      raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return x
+
+
+def test_a_comfyui_gguf_tensor_has_the_shape_its_converter_recorded(tmp_path):
+    """ComfyUI-GGUF stores an SD/SDXL conv weight as (n/256, 256) and its own shape in comfy.gguf.orig_shape.*:
+    inspect showed (45, 256), and sized it per format as a matrix whose rows quantize (a 3×3 kernel does not)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    path = tmp_path / "sdxl.gguf"
+    x = _comfy_gguf(path, [320, 4, 3, 3])
+    with open_checkpoint(path) as ck:
+        e = ck.entry("input_blocks.0.0.weight")
+        assert (e.shape, e.stored_shape, e.format) == ((320, 4, 3, 3), (45, 256), "Q8_0")
+        got = ck.read_tensor("input_blocks.0.0.weight")
+        raw = np.frombuffer(ck.read_packed("input_blocks.0.0.weight").numpy().tobytes(), dtype=np.uint8)
+    want = dequantize(raw.reshape(45, -1), GGMLQuantizationType.Q8_0).reshape(x.shape)
+    assert got.shape == x.shape and np.array_equal(got.numpy(), want)
+    _comfy_gguf(path, [320, 4, 3, 4])  # a shape of other weights than the tensor's: refused, naming the key
+    expect_error(path, "comfy.gguf.orig_shape.input_blocks.0.0.weight' is [320, 4, 3, 4], 15360 weights")

@@ -130,7 +130,7 @@ class Checkpoint:
         """Dequantize `name` into a new CPU tensor of its torch shape (allocates output size)."""
         e = self.entry(name)
         fmt = get_format(e.format)
-        shape = e.shape if e.shape else (1,)
+        shape = e.stored_shape or e.shape or (1,)
         return fmt.dequantize(self.read_packed(name), shape, dtype).reshape(e.shape)
 
 

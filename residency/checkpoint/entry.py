@@ -37,6 +37,9 @@ class TensorEntry(NamedTuple):
     path: Path  # the file holding it
     offset: int  # absolute byte offset in that file
     encoding: str = PACKED  # PACKED, or E4M3 (read_packed then builds the FP8 blob: a copy)
+    # the shape its bytes are laid out in, where the file records another for the tensor (ComfyUI-GGUF keeps a conv
+    # weight as (n/256, 256) and its own shape in a key): `shape` is the model's, this one unpacks; None: `shape`
+    stored_shape: tuple[int, ...] | None = None
 
     @property
     def zero_copy(self) -> bool:

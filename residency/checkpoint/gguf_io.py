@@ -6,6 +6,7 @@ FP8 and NF4 have no ggml type: they travel as I8 bytes plus residency.* string m
 
 from __future__ import annotations
 
+import json
 import math
 import mmap
 from collections.abc import Mapping, Sequence
@@ -83,12 +84,37 @@ def read_gguf(path: Path, file_size: int) -> tuple[list[TensorEntry], dict[str, 
             if not named:
                 seen[key] = resolved
         fmt_name, shape, nbytes = resolved
-        entries.append(TensorEntry(t.name, shape, fmt_name, nbytes, path, data_offset + t.offset))
+        orig = _orig_shape(path, t.name, shape, meta) if meta else None
+        entries.append(TensorEntry(t.name, shape if orig is None else orig, fmt_name, nbytes, path,
+                                   data_offset + t.offset, stored_shape=None if orig is None else shape))
     # the left-out tensors' ranges are checked with the others' (no overlap, inside the data section)
     check_layout(path, [*entries, *(TensorEntry(o.name, o.shape, "BF16", o.nbytes, path, o.offset) for o in others)],
                  header.data_offset, file_size)
     entries.sort(key=lambda e: e.offset)
     return entries, meta, others
+
+
+COMFY_ORIG_SHAPE = "comfy.gguf.orig_shape."  # ComfyUI-GGUF's converter: a reshaped tensor's own shape
+
+
+def _orig_shape(path: Path, name: str, stored: tuple[int, ...], meta: Mapping[str, str]) -> tuple[int, ...] | None:
+    """The shape ComfyUI-GGUF recorded for tensor `name` (SD1/SDXL convs stored as (n/256, 256) to quantize them),
+    checked to hold its weights; None where none is recorded."""
+    text = meta.get(COMFY_ORIG_SHAPE + name)
+    if text is None:
+        return None
+    key = f"metadata {COMFY_ORIG_SHAPE + name!r:.100}"
+    try:
+        shape = json.loads(text)
+    except ValueError:
+        shape = None
+    if not (isinstance(shape, list) and 0 < len(shape) <= 8 and all(type(d) is int and 0 < d < 2**40 for d in shape)):
+        raise broken(path, f"{key} is {text[:80]!r}, not a tensor shape (a list of 1 to 8 positive integers)",
+                     hint="the file's converter wrote it: convert the model again")
+    if math.prod(shape) != math.prod(stored):
+        raise broken(path, f"{key} is {shape}, {math.prod(shape)} weights, but the tensor holds {math.prod(stored)} "
+                           f"(stored as {list(stored)})", hint="the file's converter wrote it: convert the model again")
+    return tuple(shape)
 
 
 def _left_out(path: Path, t: GGUFTensorInfo, data_offset: int) -> LeftOut:
