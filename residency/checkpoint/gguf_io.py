@@ -6,9 +6,9 @@ FP8 and NF4 have no ggml type: they travel as I8 bytes plus residency.* string m
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -104,11 +104,11 @@ def _orig_shape(path: Path, name: str, stored: tuple[int, ...], meta: Mapping[st
     if text is None:
         return None
     key = f"metadata {COMFY_ORIG_SHAPE + name!r:.100}"
-    try:
-        shape = json.loads(text)
-    except ValueError:
-        shape = None
-    if not (isinstance(shape, list) and 0 < len(shape) <= 8 and all(type(d) is int and 0 < d < 2**40 for d in shape)):
+    # the header's text of an integer array ("[320, 4, 3, 3]"): its digits, not a JSON parse (user JSON goes
+    # through jsonfile.read_json; this is a few digits of a checkpoint's own header)
+    listed = re.fullmatch(r"\[\s*(\d{1,13}(?:\s*,\s*\d{1,13}){0,7})\s*\]", text)
+    shape = [int(d) for d in re.findall(r"\d+", listed[1])] if listed else None
+    if not (shape and all(0 < d < 2**40 for d in shape)):
         raise broken(path, f"{key} is {text[:80]!r}, not a tensor shape (a list of 1 to 8 positive integers)",
                      hint="the file's converter wrote it: convert the model again")
     if math.prod(shape) != math.prod(stored):
