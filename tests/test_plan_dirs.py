@@ -455,3 +455,30 @@ def test_inspect_of_a_pipeline_directory_takes_the_size_its_call_is_traced_at(ca
     assert json.loads(out)["params"] < every["params"]  # the call runs no VAE encoder
     code, _, err = run(capsys, "inspect", str(small / "transformer"), "--height", "16")
     assert code == 2 and "change no tensor" in err and "hint:" in err
+
+
+def test_a_component_of_another_class_than_model_index_names_is_hinted_there_when_its_weights_differ(capsys,
+                                                                                                 tmp_path):
+    """A component built as model_index.json's class (a UNet2DModel) from the config of another (a
+    UNet2DConditionModel), its weights of other sizes: the fix is where the two files disagree, model_index.json."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+    from safetensors.torch import save_file
+
+    blocks = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, norm_num_groups=8,
+                  down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    path = tmp_path / "ddpm"
+    DDPMPipeline(unet=UNet2DModel(block_out_channels=(16, 32), **blocks),
+                 scheduler=DDPMScheduler(num_train_timesteps=50)).save_pretrained(path)
+    shutil.rmtree(path / "unet")
+
+    def conditional(widths):
+        return UNet2DConditionModel(block_out_channels=widths, cross_attention_dim=16, mid_block_type=None, **blocks)
+
+    conditional((16, 32)).save_pretrained(path / "unet")
+    save_file({k: v.contiguous() for k, v in conditional((16, 48)).state_dict().items()},
+              str(path / "unet" / "diffusion_pytorch_model.safetensors"))
+    code, _, err = run(capsys, "plan", str(path), "--profile", "rx-7800-xt")
+    flat = " ".join(err.split())
+    assert code == 1 and "names component 'unet' a UNet2DModel, but" in flat, err
+    assert "its weights do not fit its config.json" in flat
+    assert "hint: make them agree: the entry 'unet' of model_index.json names the class" in flat
