@@ -167,10 +167,14 @@ def inventory_from_named_shapes(
     return group_tensors(source, infos)
 
 
-def inventory_from_module(source: str, module: torch.nn.Module) -> Inventory:
-    """Parameters and floating buffers of a module (works on the meta device: no memory needed). Non-persistent
+def module_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Size, torch.dtype]]:
+    """(name, shape, dtype) of a module's parameters and floating buffers (works on the meta device). Non-persistent
     buffers (a rope table computed at load) are in no checkpoint but in device memory, and a workload counted by
-    workload_from_module holds them too (its loose block): counted here, `inspect DIR` and `plan DIR` agree."""
+    workload_from_module holds them too (its loose block): counted, `inspect DIR` and `plan DIR` agree."""
     named = [(n, p.shape, p.dtype) for n, p in module.named_parameters()]
-    named += [(n, b.shape, b.dtype) for n, b in module.named_buffers() if b.is_floating_point()]
-    return inventory_from_named_shapes(source, named)
+    return named + [(n, b.shape, b.dtype) for n, b in module.named_buffers() if b.is_floating_point()]
+
+
+def inventory_from_module(source: str, module: torch.nn.Module) -> Inventory:
+    """module_tensors of `module`, grouped by block: no memory needed."""
+    return inventory_from_named_shapes(source, module_tensors(module))

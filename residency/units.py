@@ -124,6 +124,11 @@ def fmt_count(n: float) -> str:
     return f"{int(n)}"
 
 
+def first_names(names: list[str], shown: int = 3) -> str:
+    """"a, b, c and 3 more": the first `shown` names, the rest counted."""
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def plural(n: int, word: str) -> str:
     """'1 block', '3 blocks': a count with its noun (an 's' added when n is not 1)."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -33,7 +33,7 @@ def content_kind(head: bytes, size: int) -> str | None:
     """The kind of file `head` (its first bytes, of a file of `size` bytes) starts, or None when none is told."""
     if head[:4] == b"GGUF":
         return GGUF
-    if head.startswith(LFS_POINTER[: len(head)]) and len(head) >= min(HEAD_BYTES, len(LFS_POINTER)):
+    if head.startswith(LFS_POINTER):
         return LFS
     if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
         return SAFETENSORS

@@ -33,6 +33,7 @@ from residency.commands.config_source import (
     read_config,
 )
 from residency.errors import ResidencyError, UsageError
+from residency.inventory import module_tensors
 from residency.workload.spec import MAX_STEPS
 
 DEFAULT_STEPS = 28  # denoise steps where the pipeline's __call__ names no default (FluxPipeline's own)
@@ -205,8 +206,7 @@ def component_tensors(path: Path) -> tuple[list[tuple[str, tuple[int, ...], str]
             left_out.append(f"{comp.name} ({comp.class_name})")
             continue
         model = empty_model(path / comp.name, (comp.library, comp.class_name))
-        tensors = (*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if b.is_floating_point()))
-        named += [(f"{comp.name}.{n}", tuple(t.shape), "BF16") for n, t in tensors]
+        named += [(f"{comp.name}.{n}", tuple(shape), "BF16") for n, shape, _ in module_tensors(model)]
     return named, left_out
 
 

@@ -39,6 +39,7 @@ from residency.inventory import (
     inventory_from_module,
     inventory_from_named_shapes,
 )
+from residency.units import first_names
 from residency.validate import did_you_mean
 
 CATALOG = "catalog"  # a name in pipelines/catalog (the built-in world models are catalog names too)
@@ -245,18 +246,16 @@ def _saved_world_model(path: Path):
     """The workload of a world model saved as one file (WorldModelPipeline.save_pretrained("x.gguf"): its config in
     the file's metadata), as `run x.gguf` plans it; None for any other checkpoint."""
     from pipelines.world_model.pretrained import CONFIG_KEY, load_config
-
-    if not (path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES):
-        return None
+    from pipelines.world_model.workload import catalog_entry
     from residency.checkpoint import open_checkpoint
     from residency.workload import workload_from_dict
 
-    with open_checkpoint(path) as ckpt:
+    if not (path.is_file() and path.suffix.lower() in WEIGHT_SUFFIXES):
+        return None
+    with open_checkpoint(path) as ckpt:  # the header only
         metadata = dict(ckpt.metadata)
     if CONFIG_KEY not in metadata:
         return None
-    from pipelines.world_model.workload import catalog_entry
-
     return workload_from_dict(catalog_entry(load_config(path, metadata)))
 
 
@@ -301,16 +300,17 @@ def _checkpoint_inventory(path: Path, model_dir: bool = False) -> Inventory:
 
     only, note = None, ""
     if model_dir:
-        weights = sorted(p for p in path.iterdir() if p.suffix.lower() == ".safetensors" and not p.name.startswith("."))
+        files = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        weights = [p for p in files if p.suffix.lower() == ".safetensors"]
         chosen = one_variant(weights)
         if len(chosen) < len(weights):
-            only = {p.name for p in chosen} | {p.name for p in path.iterdir() if p.suffix.lower() == ".gguf"}
+            only = {p.name for p in chosen} | {p.name for p in files if p.suffix.lower() == ".gguf"}
             skipped = sorted({p.name for p in weights} - only)
             variant = variant_of(chosen[0])
             which = (f"the {variant} variant, the first by name (from_pretrained loads one only with variant=)"
                      if variant else "the weights from_pretrained loads by default")
-            note = (f"read {_listed(sorted(p.name for p in chosen))}, {which}; the other variant beside it "
-                    f"({_listed(skipped)}) is another copy of them, not counted")
+            note = (f"read {first_names([p.name for p in chosen], 2)}, {which}; the other variant beside it "
+                    f"({first_names(skipped, 2)}) is another copy of them, not counted")
     with open_checkpoint(path, only) as ckpt:
         infos = [TensorInfo(e.name, tuple(e.shape), e.format, e.nbytes) for e in ckpt.entries.values()]
         others = [(o.name, o.dtype, o.shape, o.nbytes) for o in ckpt.left_out]
@@ -318,12 +318,6 @@ def _checkpoint_inventory(path: Path, model_dir: bool = False) -> Inventory:
     inv.left_out = others
     inv.note = note
     return inv
-
-
-def _listed(names: list[str], shown: int = 2) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
 
 
 def _as_saved(model, path: Path):
@@ -391,26 +385,29 @@ def load_inventory(name_or_path: str, size=None) -> Inventory:
     except ResidencyError as e:
         if source.kind != PIPELINE_DIR:
             raise
-        # a call `plan` cannot trace (an SDXL UNet's added conditioning, a component in no phase it knows): its
-        # tensors are there all the same, every component's
-        from residency.commands.pipeline_source import component_tensors
-
-        try:
-            named, left_out = component_tensors(source.path)
-        except ResidencyError:
-            raise e from None
-        if not named:
-            raise
-        inv = inventory_from_named_shapes(name_or_path, named)
-        for b in inv.blocks:  # `transformer.scale_shift_table` is the transformer's, not a "model" of its own
-            b.component = b.name.split(".")[0]
-        unread = f"; not counted: {', '.join(left_out)}" if left_out else ""
-        why = re.sub(rf"^{re.escape(str(source.path))}(/model_index\.json)?: ", "", e.message)
-        inv.note = ("counted from the configs: every component's modules, each at BF16 (which ones a call runs "
-                    f"is not known: {why}){unread}; `inspect DIR/COMPONENT` "
-                    "reads a component's own files")
-        return inv
+        return _untraced_pipeline_inventory(name_or_path, source.path, e)
     return _workload_inventory(name_or_path, workload, note)
 
+
+def _untraced_pipeline_inventory(name: str, path: Path, cause: ResidencyError) -> Inventory:
+    """A pipeline directory whose call `plan` cannot trace (an SDXL UNet's added conditioning, a component in no
+    phase it knows): its tensors are there all the same, every component's, counted from its config. `cause` is
+    raised where they cannot be counted either."""
+    from residency.commands.pipeline_source import component_tensors
+
+    try:
+        named, left_out = component_tensors(path)
+    except ResidencyError:
+        raise cause from None
+    if not named:
+        raise cause
+    inv = inventory_from_named_shapes(name, named)
+    for b in inv.blocks:  # `transformer.scale_shift_table` is the transformer's, not a "model" of its own
+        b.component = b.name.split(".")[0]
+    unread = f"; not counted: {', '.join(left_out)}" if left_out else ""
+    why = re.sub(rf"^{re.escape(str(path))}(/model_index\.json)?: ", "", cause.message)
+    inv.note = (f"counted from the configs: every component's modules, each at BF16 (which ones a call runs is not "
+                f"known: {why}){unread}; `inspect DIR/COMPONENT` reads a component's own files")
+    return inv
 
 

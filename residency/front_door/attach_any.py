@@ -27,7 +27,6 @@ from residency.front_door.pinned_planner import (
     OUTSIDE_READS,
     PinnedPlanner,
     bound_blocks,
-    first_names,
     grouped_reasons,
 )
 from residency.front_door.shape_guard import ShapeGuard
@@ -37,7 +36,7 @@ from residency.runtime import DeviceBudgetExceeded, Runtime
 from residency.runtime.attached_guards import refuse_inference_parameters
 from residency.runtime.closed_loop import LoopOptions, check_loop_can_replan, enable_loop, loop_options
 from residency.runtime.hooks import has_hook
-from residency.units import fmt_bytes, plural, size_at_least
+from residency.units import first_names, fmt_bytes, plural, size_at_least
 from residency.validate import a_type
 from residency.workload import Workload, module_workload, workload_from_dict
 from residency.workload.from_module import (

@@ -15,7 +15,7 @@ from typing import Any
 from residency.device import DeviceProfile
 from residency.front_door.vram import COMPUTE_FORMAT
 from residency.plan import Budget, Plan
-from residency.units import fmt_bytes
+from residency.units import first_names, fmt_bytes
 from residency.workload import Workload
 from residency.workload.pipeline_phases import enclosing_blocks
 
@@ -43,11 +43,6 @@ def unpinned_enclosing(plan: Plan, workload: Workload, bound: Mapping[str, str] 
     return {n: f"{plan.by_name[n].placement}/{plan.by_name[n].lifetime}"
             for n in (bound if bound is not None else bound_blocks(workload))
             if (plan.by_name[n].placement, plan.by_name[n].lifetime) != ("resident", "session")}
-
-
-def first_names(names: list[str], shown: int = 3) -> str:
-    """"a, b, c and 3 more": the first `shown` names, the rest counted."""
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def grouped_reasons(why: Mapping[str, str]) -> str:
